@@ -1,0 +1,20 @@
+"""normlab: every normalization layer as one operator.
+
+BatchNorm, LayerNorm, InstanceNorm and GroupNorm differ only in the set of elements their
+statistics run over (Wu & He, ECCV 2018); normlab computes them all with one operator,
+:func:`normlab.functional.normalize`, behind drop-in torch.nn modules (:mod:`normlab.nn`), a
+factory (:func:`create_norm`), model surgery (:func:`convert_norm`) and selectable backends
+(:func:`use_backend`).
+"""
+
+from normlab import functional, nn
+from normlab.backends import available_backends, current_backend, use_backend
+from normlab.convert import convert_norm
+from normlab.factory import create_norm, norm_names, resolve_groups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional", "nn", "available_backends", "current_backend", "use_backend",
+    "convert_norm", "create_norm", "norm_names", "resolve_groups", "__version__",
+]

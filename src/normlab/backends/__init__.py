@@ -1,0 +1,238 @@
+"""Backend registry and selection for the normalization operator.
+
+A backend computes the one operator of :func:`normlab.functional.normalize`. Three exist:
+
+``reference``
+    Readable pure torch (``backends/reference.py``). Correct in float64; the spec that every fast
+    path is tested against. Slow.
+``native``
+    ATen's fused kernels (``F.batch_norm``, ``F.group_norm``, ...) wherever they compute the same
+    thing (``backends/native.py``). The fastest choice on CPU.
+``triton``
+    Fused Triton kernels for CUDA tensors (``backends/triton_norm.py``). Also runs on CPU tensors
+    under ``TRITON_INTERPRET=1`` (slow; for testing only).
+
+Selection, strongest first: the ``backend=`` argument of a functional call, the innermost
+``with normlab.use_backend(name):`` block, the ``NORMLAB_BACKEND`` environment variable, and
+finally ``"auto"``. An explicitly named backend that cannot run the call raises
+:class:`BackendUnavailable`; ``"auto"`` picks the fastest backend that supports the call and
+falls back silently.
+
+Every backend implements the :class:`Backend` interface below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from typing import Iterator, Optional, Protocol, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "available_backends",
+    "current_backend",
+    "get_backend",
+    "register_backend",
+    "resolve_backend",
+    "use_backend",
+    "BACKEND_NAMES",
+]
+
+ENV_VAR = "NORMLAB_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this call (not installed, wrong device, ...)."""
+
+
+class Backend(Protocol):
+    """What a backend provides. All tensors keep their device; shapes are documented per argument.
+
+    ``normalize`` returns ``(y, mean, rstd)``: ``y`` has ``x``'s shape, dtype and memory format;
+    ``mean`` and ``rstd`` are float32 (float64 for float64 input) of shape ``(G,)`` when
+    ``over_batch`` else ``(N, G)``. When ``running_mean``/``running_var`` (shape ``(G,)``) are given,
+    they are updated in place with ``momentum`` (the weight of the new batch statistic; the
+    running variance receives the unbiased batch variance). ``y`` is differentiable with respect to
+    ``x``, ``weight`` and ``bias``; ``mean`` and ``rstd`` are not meant to be differentiated.
+    """
+
+    name: str
+
+    def available(self) -> bool:
+        """Whether this backend can run at all in this process (installed, has a device)."""
+
+    def unsupported_reason(
+        self, x: Tensor, num_groups: int, over_batch: bool, activation: Optional[str]
+    ) -> Optional[str]:
+        """``None`` if the call is supported, else a short human-readable reason."""
+
+    def normalize(
+        self,
+        x: Tensor,  # (N, C, *spatial), any memory format
+        num_groups: int,
+        over_batch: bool,
+        weight: Optional[Tensor],  # (C,)
+        bias: Optional[Tensor],  # (C,)
+        eps: float,
+        activation: Optional[str],
+        running_mean: Optional[Tensor],  # (G,), updated in place
+        running_var: Optional[Tensor],  # (G,), updated in place
+        momentum: float,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        ...
+
+    def normalize_fixed(
+        self,
+        x: Tensor,  # (N, C, *spatial)
+        mean: Tensor,  # (C,) fixed statistics, e.g. BN running mean
+        var: Tensor,  # (C,) fixed biased variance, e.g. BN running var
+        weight: Optional[Tensor],  # (C,)
+        bias: Optional[Tensor],  # (C,)
+        eps: float,
+        activation: Optional[str],
+    ) -> Tensor:
+        """Per-channel normalization with given statistics (BatchNorm in eval)."""
+
+
+BACKEND_NAMES = ("reference", "native", "triton")
+# Modules implementing each backend, imported lazily so that a missing optional dependency
+# (triton) only matters when that backend is asked for.
+_MODULES = {
+    "reference": "normlab.backends.reference",
+    "native": "normlab.backends.native",
+    "triton": "normlab.backends.triton_norm",
+}
+_INSTANCES: dict[str, Optional[Backend]] = {}
+_local = threading.local()
+
+
+def register_backend(name: str, backend: Backend) -> None:
+    """Register (or replace) a backend instance under ``name``."""
+    _INSTANCES[name] = backend
+
+
+def get_backend(name: str) -> Backend:
+    """The backend instance called ``name``; raises BackendUnavailable if it cannot be loaded."""
+    if name not in _INSTANCES:
+        if name not in _MODULES:
+            raise ValueError(
+                f"unknown normalization backend {name!r}; known: 'auto', "
+                + ", ".join(repr(n) for n in sorted(set(_MODULES) | set(_INSTANCES)))
+            )
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except ImportError as e:  # optional dependency missing
+            _INSTANCES[name] = None
+            _IMPORT_ERRORS[name] = f"{type(e).__name__}: {e}"
+        else:
+            _INSTANCES[name] = module.BACKEND
+    backend = _INSTANCES[name]
+    if backend is None:
+        raise BackendUnavailable(
+            f"backend {name!r} cannot be loaded ({_IMPORT_ERRORS.get(name, 'not installed')})"
+        )
+    return backend
+
+
+_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run in this process."""
+    names = []
+    for name in BACKEND_NAMES:
+        try:
+            if get_backend(name).available():
+                names.append(name)
+        except BackendUnavailable:
+            pass
+    return names
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    name = name.strip().lower()
+    if name != "auto" and name not in _MODULES and name not in _INSTANCES:
+        raise ValueError(
+            f"unknown normalization backend {name!r}; known: 'auto', "
+            + ", ".join(repr(n) for n in BACKEND_NAMES)
+        )
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager selecting the backend for every normlab call in this thread.
+
+    Example::
+
+        with normlab.use_backend("reference"):
+            y = model(x)
+    """
+    name = _check_name(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def current_backend() -> str:
+    """The backend name in force here: innermost ``use_backend``, else $NORMLAB_BACKEND, else auto."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        try:
+            return _check_name(env)
+        except ValueError as e:
+            raise ValueError(f"${ENV_VAR}: {e}") from None
+    return "auto"
+
+
+# The order "auto" tries backends in; the first that is available and supports the call wins.
+_AUTO_ORDER = ("triton", "native", "reference")
+
+
+def resolve_backend(
+    name: Optional[str],
+    x: Tensor,
+    num_groups: int,
+    over_batch: bool,
+    activation: Optional[str],
+) -> Backend:
+    """Pick the backend for one call (see the module docstring for the rules)."""
+    name = current_backend() if name is None else _check_name(name)
+    if name != "auto":
+        backend = get_backend(name)
+        if not backend.available():
+            raise BackendUnavailable(f"backend {name!r} is not available in this process")
+        reason = backend.unsupported_reason(x, num_groups, over_batch, activation)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {name!r} cannot run this call: {reason}")
+        return backend
+    for candidate in _AUTO_ORDER:
+        # Triton runs CPU tensors only in the (slow) interpreter: never choose it for them.
+        if candidate == "triton" and x.device.type != "cuda":
+            continue
+        try:
+            backend = get_backend(candidate)
+        except BackendUnavailable:
+            continue
+        if backend.available() and backend.unsupported_reason(
+            x, num_groups, over_batch, activation
+        ) is None:
+            return backend
+    return get_backend("reference")
+

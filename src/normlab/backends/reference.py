@@ -1,0 +1,155 @@
+"""The reference backend: the operator written out in plain torch, the spec for every fast path.
+
+For x of shape (N, C, *spatial) split into G groups of C/G channels (Wu & He 2018, section 3.1)::
+
+    xg      = x viewed as (N, G, C/G * prod(spatial))
+    S       = dims (1: group contents)          if not over_batch   -> mean, rstd of shape (N, G)
+              dims (0: batch, 1: group contents) if over_batch       -> mean, rstd of shape (G,)
+    mean    = sum_S xg / m
+    var     = sum_S (xg - mean)^2 / m           (two passes; biased; never E[x^2] - E[x]^2)
+    rstd    = 1 / sqrt(var + eps)
+    y       = act(gamma_c * (x - mean) * rstd + beta_c)
+
+BN is over_batch with G = C, LN (conv form) G = 1, IN G = C, GN G groups. Half-precision inputs
+are computed in float32; float64 inputs in float64. Autograd is torch's own.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("relu", "silu", "gelu")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def apply_activation(y: Tensor, activation: Optional[str]) -> Tensor:
+    """The activations the operator can fuse after its affine (gelu is the exact erf form)."""
+    if activation is None:
+        return y
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    raise ValueError(f"unknown activation {activation!r}; expected None or one of {ACTIVATIONS}")
+
+
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last(_3d) inputs keep their layout; everything else becomes contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if (
+        x.dim() == 5
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _channel_view(t: Tensor, ndim: int) -> Tensor:
+    """(C,) -> (1, C, 1, ..., 1) broadcastable against an ndim-dimensional (N, C, *spatial) tensor."""
+    return t.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def available(self) -> bool:
+        return True
+
+    def unsupported_reason(self, x, num_groups, over_batch, activation):
+        return None
+
+    def normalize(
+        self,
+        x: Tensor,  # (N, C, *spatial)
+        num_groups: int,
+        over_batch: bool,
+        weight: Optional[Tensor],  # (C,)
+        bias: Optional[Tensor],  # (C,)
+        eps: float,
+        activation: Optional[str],
+        running_mean: Optional[Tensor] = None,  # (G,)
+        running_var: Optional[Tensor] = None,  # (G,)
+        momentum: float = 0.1,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        n, c = x.shape[0], x.shape[1]
+        g = num_groups
+        acc = compute_dtype(x.dtype)
+        xg = x.to(acc).reshape(n, g, -1)  # (N, G, C/G * spatial)
+        dims = (0, 2) if over_batch else (2,)
+        m = xg.shape[2] * (n if over_batch else 1)  # elements per statistic
+
+        mean = xg.mean(dim=dims, keepdim=True)
+        centred = xg - mean
+        var = centred.square().mean(dim=dims, keepdim=True)  # biased, second pass
+        rstd = torch.rsqrt(var + eps)
+        y = (centred * rstd).reshape(x.shape)
+
+        if weight is not None:
+            y = y * _channel_view(weight.to(acc), x.dim())
+        if bias is not None:
+            y = y + _channel_view(bias.to(acc), x.dim())
+        y = apply_activation(y, activation)
+        y = y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
+
+        stat_shape = (g,) if over_batch else (n, g)
+        mean_out = mean.detach().reshape(stat_shape)
+        rstd_out = rstd.detach().reshape(stat_shape)
+        if running_mean is not None or running_var is not None:
+            update_running_stats(
+                running_mean, running_var, mean_out, var.detach().reshape(stat_shape), m, momentum
+            )
+        return y, mean_out, rstd_out
+
+    def normalize_fixed(
+        self,
+        x: Tensor,  # (N, C, *spatial)
+        mean: Tensor,  # (C,)
+        var: Tensor,  # (C,)
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        eps: float,
+        activation: Optional[str],
+    ) -> Tensor:
+        acc = compute_dtype(x.dtype)
+        rstd = torch.rsqrt(var.to(acc) + eps)
+        y = (x.to(acc) - _channel_view(mean.to(acc), x.dim())) * _channel_view(rstd, x.dim())
+        if weight is not None:
+            y = y * _channel_view(weight.to(acc), x.dim())
+        if bias is not None:
+            y = y + _channel_view(bias.to(acc), x.dim())
+        y = apply_activation(y, activation)
+        return y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Optional[Tensor],  # (G,)
+    running_var: Optional[Tensor],  # (G,)
+    batch_mean: Tensor,  # (G,) or (N, G): per-sample statistics are averaged over N
+    batch_var: Tensor,  # biased, same shape as batch_mean
+    count: int,  # elements behind each statistic
+    momentum: float,
+) -> None:
+    """running <- (1 - momentum) * running + momentum * batch; the variance stored is unbiased."""
+    unbiased = batch_var * (count / (count - 1)) if count > 1 else batch_var
+    if batch_mean.dim() == 2:  # per-sample statistics (InstanceNorm with running stats)
+        batch_mean, unbiased = batch_mean.mean(0), unbiased.mean(0)
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
+    if running_var is not None:
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+BACKEND = ReferenceBackend()

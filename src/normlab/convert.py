@@ -1,0 +1,151 @@
+"""convert_norm: replace every BatchNorm of a model by another normalization.
+
+Works on any ``nn.Module``, including models built from torch.nn only. The replacement list is
+collected before anything is changed (no module dict is mutated while it is iterated); a module
+shared under several names is replaced once and stays shared. Affine weights are carried over;
+running statistics too where the target has them (bn, brn, syncbn, frozenbn). BN -> FrozenBN
+reproduces the BN's eval output exactly. GroupNorm targets whose requested group count does not
+divide C get one by :func:`normlab.factory.resolve_groups`.
+
+The returned model carries ``model.normlab_conversion``, a :class:`ConversionSummary` of what was
+replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from normlab.factory import NormSpec, canonical_name, create_norm, get_norm_class
+from normlab.nn.frozen_bn import FrozenBatchNorm2d
+
+__all__ = ["convert_norm", "ConversionSummary", "Replacement"]
+
+_SOURCE_TYPES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+_BN_LIKE = ("bn", "brn", "syncbn")
+
+
+@dataclasses.dataclass
+class Replacement:
+    name: str
+    old: str
+    new: str
+    num_channels: int
+
+
+@dataclasses.dataclass
+class ConversionSummary:
+    target: str
+    replaced: list[Replacement] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.replaced)
+
+    def __str__(self) -> str:
+        lines = [f"convert_norm -> {self.target}: {len(self.replaced)} module(s) replaced"]
+        lines += [f"  {r.name or '<root>'}: {r.old} -> {r.new}" for r in self.replaced]
+        return "\n".join(lines)
+
+
+def _dims_of(module: nn.Module) -> int:
+    name = type(module).__name__
+    for d in (1, 3):
+        if name.endswith(f"{d}d"):
+            return d
+    return 2
+
+
+def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any]) -> nn.Module:
+    c = module.num_features
+    kw = dict(kwargs)
+    key = canonical_name(to) if isinstance(to, str) else None
+    if key is not None:
+        kw.setdefault("eps", module.eps)
+        if key in ("bn", "in", "brn", "frozenbn", "syncbn"):
+            if key != "syncbn":
+                kw.setdefault("dims", _dims_of(module))
+        if key in _BN_LIKE or key == "in":
+            if key != "brn" and hasattr(module, "momentum"):
+                kw.setdefault("momentum", module.momentum)
+            if key != "brn" and hasattr(module, "affine"):
+                kw.setdefault("affine", module.affine)
+        if key in ("bn", "syncbn") and hasattr(module, "track_running_stats"):
+            kw.setdefault("track_running_stats", module.track_running_stats)
+        if key == "gn" and not getattr(module, "affine", True):
+            kw.setdefault("affine", False)
+        if key == "none":
+            kw = {}
+    if key == "frozenbn":
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            new = FrozenBatchNorm2d.from_batchnorm(module)
+            if "eps" in kwargs:
+                new.eps = kwargs["eps"]
+            return new
+    new = create_norm(to, c, **kw)
+    ref = next(iter(list(module.parameters()) + list(module.buffers())), None)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    with torch.no_grad():
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            src, dst = getattr(module, attr, None), getattr(new, attr, None)
+            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
+                dst.copy_(src)
+        src_n = getattr(module, "num_batches_tracked", None)
+        dst_n = getattr(new, "num_batches_tracked", None)
+        if isinstance(src_n, torch.Tensor) and isinstance(dst_n, torch.Tensor):
+            dst_n.copy_(src_n)
+    new.train(module.training)
+    return new
+
+
+def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
+    """Replace every BatchNorm (torch's or normlab's, SyncBatchNorm and FrozenBatchNorm2d
+    included) in ``model`` by ``create_norm(to, C, **kwargs)``.
+
+    Args:
+        model: any module; changed in place (and returned). If ``model`` itself is a BatchNorm,
+            the new module is returned instead.
+        to: a create_norm name ("gn", "frozenbn", "bn", ...), class or partial.
+        **kwargs: for the new modules (e.g. ``num_groups=16``); eps, momentum and affine are
+            carried over from each BatchNorm unless given.
+
+    Returns:
+        The model, with ``model.normlab_conversion`` summarising the replacements.
+
+    Example::
+
+        >>> model = convert_norm(torchvision_resnet50, "gn", num_groups=32)
+        >>> print(model.normlab_conversion)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    target = canonical_name(to) if isinstance(to, str) else getattr(to, "__name__", repr(to))
+    target_cls: Optional[type] = get_norm_class(to) if isinstance(to, str) and target != "bn" else None
+    summary = ConversionSummary(str(target))
+    # 1. collect (parent, attribute, module) before changing anything
+    todo = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        for child_name, child in module.named_children():
+            if isinstance(child, _SOURCE_TYPES) and not (
+                target_cls is not None and type(child) is target_cls
+            ):
+                full = f"{name}.{child_name}" if name else child_name
+                todo.append((module, child_name, child, full))
+    # 2. build one replacement per distinct module, then assign
+    built: dict[int, nn.Module] = {}
+    for parent, child_name, child, full in todo:
+        if id(child) not in built:
+            built[id(child)] = _build(child, to, kwargs)
+            summary.replaced.append(
+                Replacement(full, type(child).__name__, repr(built[id(child)]), child.num_features)
+            )
+        setattr(parent, child_name, built[id(child)])
+    if isinstance(model, _SOURCE_TYPES):
+        new = _build(model, to, kwargs)
+        summary.replaced.append(Replacement("", type(model).__name__, repr(new), model.num_features))
+        model = new
+    model.normlab_conversion = summary
+    return model

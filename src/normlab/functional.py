@@ -1,0 +1,345 @@
+"""normlab.functional: the one normalization operator and torch-compatible wrappers around it.
+
+Every normalization layer in normlab is :func:`normalize` (Wu & He, "Group Normalization",
+ECCV 2018, section 3.1). For ``x`` of shape ``(N, C, *spatial)`` split into ``G`` groups of ``C/G``
+channels::
+
+    y = act(gamma_c * (x - mu) / sqrt(sigma^2 + eps) + beta_c)
+
+with ``mu`` and the biased ``sigma^2`` taken over
+
+=================================  =====================  ==========================
+layer                              ``num_groups``          ``over_batch``
+=================================  =====================  ==========================
+BatchNorm                          C                       True   (N, spatial)
+LayerNorm (conv form)              1                       False  (C, spatial)
+InstanceNorm                       C                       False  (spatial)
+GroupNorm                          G                       False  (C/G, spatial)
+batch-group norm                   G                       True   (N, C/G, spatial)
+=================================  =====================  ==========================
+
+The wrappers :func:`batch_norm`, :func:`layer_norm`, :func:`instance_norm` and :func:`group_norm`
+take the arguments of their ``torch.nn.functional`` namesakes. All take a keyword ``backend``
+(see :mod:`normlab.backends`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from normlab.backends import resolve_backend
+from normlab.backends.reference import ACTIVATIONS
+
+__all__ = [
+    "normalize",
+    "normalize_fixed",
+    "batch_norm",
+    "layer_norm",
+    "instance_norm",
+    "group_norm",
+    "ACTIVATIONS",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks (shared by the modules): every message names the offending value
+# --------------------------------------------------------------------------------------------
+
+
+def check_input(x, what: str = "input") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{what} must have a floating-point dtype (float16, bfloat16, float32, float64), "
+            f"got {x.dtype}"
+        )
+    if x.dim() < 2:
+        raise ValueError(
+            f"{what} must have shape (N, C, *spatial) with at least 2 dims, got shape "
+            f"{tuple(x.shape)} ({x.dim()}D)"
+        )
+
+
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a positive float, got {eps!r}")
+    eps = float(eps)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    return eps
+
+
+def check_groups(num_groups, num_channels: int) -> int:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int, got {num_groups!r}")
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    if num_channels % num_groups != 0:
+        raise ValueError(
+            f"num_channels={num_channels} is not divisible by num_groups={num_groups}"
+        )
+    return num_groups
+
+
+def check_activation(activation: Optional[str]) -> Optional[str]:
+    if activation is None:
+        return None
+    if not isinstance(activation, str) or activation.lower() not in ACTIVATIONS:
+        raise ValueError(
+            f"unknown activation {activation!r}; expected None or one of {', '.join(ACTIVATIONS)}"
+        )
+    return activation.lower()
+
+
+def _check_channel_param(p: Optional[Tensor], c: int, what: str) -> None:
+    if p is None:
+        return
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{what} must be a Tensor or None, got {type(p).__name__}")
+    if p.numel() != c or p.dim() != 1:
+        raise ValueError(
+            f"{what} must have shape ({c},) to match the {c} channels of the input, "
+            f"got shape {tuple(p.shape)}"
+        )
+
+
+def _check_batch_stat_size(x: Tensor, num_groups: int) -> None:
+    """Batch statistics from a single value are undefined (torch raises too)."""
+    per_stat = x.numel() // max(num_groups, 1)
+    if per_stat <= 1 and x.numel() > 0:
+        raise ValueError(
+            "expected more than 1 value per channel when training with batch statistics, got "
+            f"input of shape {tuple(x.shape)} ({per_stat} value per channel)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# the operator
+# --------------------------------------------------------------------------------------------
+
+
+def normalize(
+    x: Tensor,
+    num_groups: int,
+    over_batch: bool,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    activation: Optional[str] = None,
+    backend: Optional[str] = None,
+    *,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    momentum: float = 0.1,
+    return_stats: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
+    """Normalize ``x`` over the statistics set chosen by ``num_groups`` and ``over_batch``.
+
+    Args:
+        x: ``(N, C, *spatial)`` with 0 to 3 spatial dims, contiguous, channels_last or strided.
+            float16/bfloat16 inputs are accumulated in float32.
+        num_groups: G; must divide C. ``C`` for BN/IN, ``1`` for LN, ``G`` for GN.
+        over_batch: take the statistics over the batch too (BN, batch-group norm).
+        weight, bias: per-channel affine ``(C,)`` or None.
+        eps: added to the biased variance inside the square root; > 0.
+        activation: None, ``"relu"``, ``"silu"`` or ``"gelu"`` (exact), applied after the affine.
+        backend: ``"reference"``, ``"native"``, ``"triton"``, ``"auto"`` or None (the backend in
+            force: :func:`normlab.use_backend`, ``$NORMLAB_BACKEND``, else auto).
+        running_mean, running_var: ``(G,)`` buffers updated in place with the batch (or, when not
+            over_batch, the batch-averaged per-sample) statistics; the variance is stored unbiased.
+        momentum: weight of the new statistic in the running update.
+        return_stats: also return ``mean`` and ``rstd`` (float32, or float64 for float64 input),
+            shape ``(G,)`` if over_batch else ``(N, G)``.
+
+    Returns:
+        ``y`` with x's shape, dtype and memory format; ``(y, mean, rstd)`` if return_stats.
+
+    Example::
+
+        >>> x = torch.randn(8, 64, 16, 16)
+        >>> y = normalize(x, num_groups=32, over_batch=False)   # GroupNorm, G = 32
+        >>> torch.allclose(y, torch.nn.functional.group_norm(x, 32), atol=1e-5)
+        True
+    """
+    check_input(x)
+    c = x.shape[1]
+    if x.dim() > 5:
+        raise ValueError(
+            f"input must have 0 to 3 spatial dims (2 to 5 dims in all), got shape {tuple(x.shape)}"
+        )
+    check_groups(num_groups, c)
+    eps = check_eps(eps)
+    activation = check_activation(activation)
+    _check_channel_param(weight, c, "weight")
+    _check_channel_param(bias, c, "bias")
+    if over_batch:
+        _check_batch_stat_size(x, num_groups)
+    for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
+        if buf is not None and buf.shape != (num_groups,):
+            raise ValueError(
+                f"{name} must have shape ({num_groups},) (one entry per group), "
+                f"got {tuple(buf.shape)}"
+            )
+    impl = resolve_backend(backend, x, num_groups, over_batch, activation)
+    y, mean, rstd = impl.normalize(
+        x, num_groups, over_batch, weight, bias, eps, activation, running_mean, running_var,
+        momentum,
+    )
+    return (y, mean, rstd) if return_stats else y
+
+
+def normalize_fixed(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    activation: Optional[str] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Per-channel normalization with given statistics (BatchNorm in eval, FrozenBatchNorm).
+
+    ``y = act(weight_c * (x - mean_c) / sqrt(var_c + eps) + bias_c)``; mean, var: ``(C,)``.
+    """
+    check_input(x)
+    c = x.shape[1]
+    eps = check_eps(eps)
+    activation = check_activation(activation)
+    for name, p in (("weight", weight), ("bias", bias), ("running_mean", mean), ("running_var", var)):
+        _check_channel_param(p, c, name)
+    impl = resolve_backend(backend, x, c, True, activation)
+    return impl.normalize_fixed(x, mean, var, weight, bias, eps, activation)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.nn.functional-compatible wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation: Optional[str] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Batch normalization, as ``torch.nn.functional.batch_norm``: statistics over (N, *spatial).
+
+    In training the batch statistics are used and the running buffers (if given) move by
+    ``momentum``; otherwise the running statistics are used.
+    """
+    check_input(input)
+    if training:
+        return normalize(
+            input, input.shape[1], True, weight, bias, eps, activation, backend,
+            running_mean=running_mean, running_var=running_var, momentum=momentum,
+        )
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+    return normalize_fixed(input, running_mean, running_var, weight, bias, eps, activation, backend)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation: Optional[str] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Instance normalization, as ``torch.nn.functional.instance_norm``: statistics over spatial.
+
+    With ``use_input_stats`` the running buffers (if given) receive the batch-averaged instance
+    statistics; without it the running statistics normalize every instance.
+    """
+    check_input(input)
+    if use_input_stats:
+        spatial = math.prod(input.shape[2:])
+        if spatial <= 1:
+            raise ValueError(
+                "expected more than 1 spatial element when training (use_input_stats=True), "
+                f"got input of shape {tuple(input.shape)}"
+            )
+        c = input.shape[1]
+        return normalize(
+            input, c, False, weight, bias, eps, activation, backend,
+            running_mean=running_mean, running_var=running_var, momentum=momentum,
+        )
+    if running_mean is None or running_var is None:
+        raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
+    return normalize_fixed(input, running_mean, running_var, weight, bias, eps, activation, backend)
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    activation: Optional[str] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Group normalization, as ``torch.nn.functional.group_norm``: statistics over (C/G, *spatial)."""
+    check_input(input)
+    return normalize(input, num_groups, False, weight, bias, eps, activation, backend)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    activation: Optional[str] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Layer normalization, as ``torch.nn.functional.layer_norm``: statistics over the trailing
+    ``normalized_shape`` dims, elementwise affine of that shape.
+
+    Implemented as the operator with G = 1 on ``input`` viewed as (rows, prod(normalized_shape)):
+    the "channels" of that view are the normalized elements, so the per-channel affine is the
+    elementwise one.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must have a floating-point dtype, got {input.dtype}")
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or tuple(input.shape[input.dim() - k :]) != shape or input.dim() < k:
+        raise ValueError(
+            f"normalized_shape={list(shape)} does not match the trailing dims of the input of "
+            f"shape {tuple(input.shape)}"
+        )
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(p.shape)}")
+    numel = math.prod(shape)
+    x2 = input.reshape(-1, numel)
+    y = normalize(
+        x2, 1, False,
+        None if weight is None else weight.reshape(numel),
+        None if bias is None else bias.reshape(numel),
+        eps, activation, backend,
+    )
+    return y.reshape(input.shape)
+

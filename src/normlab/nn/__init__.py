@@ -1,0 +1,34 @@
+"""normlab.nn: drop-in normalization modules on normlab's one operator.
+
+=====================  ======================================  ================================
+module                 statistics over                          file
+=====================  ======================================  ================================
+BatchNorm1d/2d/3d      N, spatial (per channel)                 nn/batchnorm.py
+BatchRenorm1d/2d       as BN, corrected towards running stats   nn/batch_renorm.py
+FrozenBatchNorm2d      fixed (buffers)                          nn/frozen_bn.py
+InstanceNorm1d/2d/3d   spatial (per sample, channel)            nn/instancenorm.py
+GroupNorm              C/G channels, spatial (per sample)       nn/groupnorm.py
+LayerNorm              trailing normalized_shape                nn/layernorm.py
+LayerNorm2d            C (per sample and position)              nn/layernorm.py
+WSConv2d               conv weight, over fan-in                 nn/std_conv.py
+ScaledStdConv2d        conv weight, scaled (NF-ResNets)         nn/std_conv.py
+=====================  ======================================  ================================
+"""
+
+from normlab.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d
+from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.nn.frozen_bn import FrozenBatchNorm2d
+from normlab.nn.groupnorm import GroupNorm
+from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normlab.nn.layernorm import LayerNorm, LayerNorm2d
+from normlab.nn.std_conv import ScaledStdConv2d, WSConv2d, standardize_weight
+
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "BatchRenorm1d", "BatchRenorm2d",
+    "FrozenBatchNorm2d",
+    "GroupNorm",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "LayerNorm", "LayerNorm2d",
+    "ScaledStdConv2d", "WSConv2d", "standardize_weight",
+]

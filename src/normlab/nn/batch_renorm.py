@@ -1,0 +1,133 @@
+"""Batch Renormalization (Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+Batch-Normalized Models", NeurIPS 2017).
+
+In training, the batch-normalized activation is corrected towards the running statistics::
+
+    x_hat = (x - mu_B) / sigma_B * r + d
+    r = stopgrad(clip(sigma_B / sigma, 1 / r_max, r_max))
+    d = stopgrad(clip((mu_B - mu) / sigma, -d_max, d_max))
+
+with sigma = sqrt(running_var + eps), sigma_B = sqrt(var_B + eps). With r_max = 1, d_max = 0 it is
+BatchNorm. The paper's schedule keeps r_max = 1, d_max = 0 for the first 5k steps, then relaxes them
+linearly to r_max = 3 (by step 40k) and d_max = 5 (by step 25k); running statistics move with rate
+0.01. Inference uses the running statistics, exactly like BatchNorm in eval. The buffers and
+state_dict keys are BatchNorm's, so BN checkpoints load into it and back.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from normlab import functional as NF
+from normlab.backends.reference import _channel_view, update_running_stats
+from normlab.nn.batchnorm import check_num_channels
+
+__all__ = ["BatchRenorm1d", "BatchRenorm2d"]
+
+
+class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.01,
+        affine: bool = True,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 5000,
+        r_max_steps: int = 40000,
+        d_max_steps: int = 25000,
+        device=None,
+        dtype=None,
+    ) -> None:
+        NF.check_eps(eps)
+        if not r_max >= 1.0:
+            raise ValueError(f"r_max must be >= 1, got {r_max!r}")
+        if not d_max >= 0.0:
+            raise ValueError(f"d_max must be >= 0, got {d_max!r}")
+        for name, v in (("warmup_steps", warmup_steps), ("r_max_steps", r_max_steps),
+                        ("d_max_steps", d_max_steps)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
+        self.r_max, self.d_max = float(r_max), float(d_max)
+        self.warmup_steps, self.r_max_steps, self.d_max_steps = warmup_steps, r_max_steps, d_max_steps
+
+    def limits(self) -> Tuple[Tensor, Tensor]:
+        """(r_max, d_max) at the current step (``num_batches_tracked``), as 0-d tensors: 1 and 0
+        until ``warmup_steps``, then linear to ``r_max`` at ``r_max_steps`` and ``d_max`` at
+        ``d_max_steps`` (immediately if those are <= ``warmup_steps``)."""
+        step = self.num_batches_tracked.to(torch.float32)
+        after = step - self.warmup_steps
+
+        def ramp(end: int) -> Tensor:
+            span = max(end - self.warmup_steps, 0)
+            if span == 0:
+                return (after > 0).to(torch.float32)
+            return (after / span).clamp(0.0, 1.0)
+
+        return 1.0 + (self.r_max - 1.0) * ramp(self.r_max_steps), self.d_max * ramp(self.d_max_steps)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        NF.check_input(input)
+        check_num_channels(self, input, self.num_features)
+        if not self.training:
+            return NF.normalize_fixed(
+                input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        c = self.num_features
+        x_hat, mean, rstd = NF.normalize(input, c, True, eps=self.eps, return_stats=True)
+        with torch.no_grad():
+            sigma_b = 1.0 / rstd
+            sigma = torch.sqrt(self.running_var.to(sigma_b.dtype) + self.eps)
+            r_max, d_max = self.limits()
+            r = (sigma_b / sigma).clamp(1.0 / r_max, r_max)
+            d = ((mean - self.running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
+            var_b = (sigma_b.square() - self.eps).clamp_min(0.0)
+            count = input.numel() // c
+            update_running_stats(self.running_mean, self.running_var, mean, var_b, count, momentum)
+        scale, shift = r, d
+        if self.weight is not None:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        y = x_hat * _channel_view(scale.to(x_hat.dtype), input.dim())
+        return y + _channel_view(shift.to(x_hat.dtype), input.dim())
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr()
+            + f", r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
+            f"r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}"
+        )
+
+
+class BatchRenorm1d(_BatchRenorm):
+    """Batch Renormalization over (N, C) or (N, C, L); see :class:`BatchRenorm2d`."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class BatchRenorm2d(_BatchRenorm):
+    """Batch Renormalization over (N, C, H, W).
+
+    Args: ``num_features``, ``eps=1e-5``, ``momentum=0.01`` (the paper's rate), ``affine=True``,
+    ``r_max=3``, ``d_max=5`` (final limits), ``warmup_steps=5000``, ``r_max_steps=40000``,
+    ``d_max_steps=25000``. For fixed limits from the first step (the GN paper's comparison uses
+    r_max = 1.5, d_max = 0.5) pass ``warmup_steps=0, r_max_steps=0, d_max_steps=0``.
+
+    Example::
+
+        >>> brn = BatchRenorm2d(64, r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=0, d_max_steps=0)
+        >>> y = brn(torch.randn(4, 64, 8, 8))
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")

@@ -1,0 +1,85 @@
+"""BatchNorm1d/2d/3d (Ioffe & Szegedy, ICML 2015) on normlab's operator.
+
+Statistics over (N, *spatial) per channel: ``normalize(x, num_groups=C, over_batch=True)``.
+Subclasses of the torch.nn classes: the same constructor, parameters (``weight``, ``bias``),
+buffers (``running_mean``, ``running_var``, ``num_batches_tracked``), state_dict keys,
+``momentum=None`` cumulative averaging and train/eval behaviour, so a torch state_dict loads with
+``strict=True`` and ``isinstance(m, torch.nn.BatchNorm2d)`` holds. Only ``forward`` differs: it
+runs through :func:`normlab.functional.batch_norm` and the selected backend.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from normlab import functional as NF
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+def check_num_channels(module: nn.Module, x: Tensor, expected: int, channel_dim: int = 1) -> None:
+    if x.dim() > channel_dim and x.shape[channel_dim] != expected:
+        raise ValueError(
+            f"{type(module).__name__} expects {expected} channels (dim {channel_dim}), got input of "
+            f"shape {tuple(x.shape)} with {x.shape[channel_dim]} channels"
+        )
+
+
+class _BatchNormForward:
+    """forward() of torch's _BatchNorm, routed through normlab.functional.batch_norm."""
+
+    def exponential_average_factor(self) -> float:
+        """Counts the batch (train mode) and returns the weight of its statistics in the running
+        average: ``momentum``, or ``1 / num_batches_tracked`` for ``momentum=None``."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        NF.check_input(input)
+        check_num_channels(self, input, self.num_features)
+        factor = self.exponential_average_factor()
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return NF.batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    """BatchNorm over a (N, C) or (N, C, L) input; see :class:`BatchNorm2d`."""
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    r"""Batch normalization over a 4D input (N, C, H, W), drop-in for ``torch.nn.BatchNorm2d``.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma_c + \beta_c
+
+    mean and biased variance over (N, H, W) per channel in training; the running buffers (which
+    store the unbiased variance) in eval. Args as torch's: ``num_features``, ``eps=1e-5``,
+    ``momentum=0.1`` (None: cumulative average), ``affine=True``, ``track_running_stats=True``,
+    ``device``, ``dtype``.
+
+    Shape: input (N, C, H, W) in any memory format; output the same shape and memory format.
+
+    Example::
+
+        >>> bn = BatchNorm2d(64)
+        >>> y = bn(torch.randn(8, 64, 32, 32))
+    """
+
+
+class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    """BatchNorm over a (N, C, D, H, W) input; see :class:`BatchNorm2d`."""

@@ -1,0 +1,86 @@
+"""FrozenBatchNorm2d: BatchNorm with fixed statistics and affine, for fine-tuning detectors whose
+per-GPU batch is too small for batch statistics (the "frozen BN" baseline of the GN paper's COCO
+experiments).
+
+Everything is a buffer (``weight``, ``bias``, ``running_mean``, ``running_var``): nothing trains and
+``train()``/``eval()`` change nothing. The output is computed by the same call as BatchNorm in eval
+mode, so it is bit-for-bit the eval output of the BatchNorm it was made from.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from normlab import functional as NF
+from normlab.nn.batchnorm import check_num_channels
+
+__all__ = ["FrozenBatchNorm2d"]
+
+
+class FrozenBatchNorm2d(nn.Module):
+    r"""BatchNorm2d with frozen statistics and affine.
+
+    .. math::
+        y = \frac{x - \mu_c}{\sqrt{\sigma^2_c + \epsilon}} \gamma_c + \beta_c
+
+    with the running mean/var and affine of a trained BatchNorm, all buffers.
+
+    Args:
+        num_features: C.
+        eps: added to the variance; > 0.
+
+    Shape: (N, C, H, W), any memory format.
+
+    Example::
+
+        >>> frozen = FrozenBatchNorm2d.from_batchnorm(trained_bn)
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        self.num_features = num_features
+        self.eps = NF.check_eps(eps)
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> "FrozenBatchNorm2d":
+        """A frozen copy of ``bn`` (its running statistics, affine and eps)."""
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"cannot freeze {type(bn).__name__} with track_running_stats=False: "
+                "it has no running statistics"
+            )
+        ref = bn.running_mean
+        out = cls(bn.num_features, bn.eps, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            out.running_mean.copy_(bn.running_mean)
+            out.running_var.copy_(bn.running_var)
+            if bn.weight is not None:
+                out.weight.copy_(bn.weight)
+                out.bias.copy_(bn.bias)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # a BatchNorm state_dict has a counter FrozenBN does not need
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        NF.check_input(input)
+        check_num_channels(self, input, self.num_features)
+        return NF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                             False, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"

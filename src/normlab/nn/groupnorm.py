@@ -1,0 +1,95 @@
+"""GroupNorm (Wu & He, "Group Normalization", ECCV 2018) with optional fused activation.
+
+Statistics over (C/G, *spatial) per sample and group: ``normalize(x, num_groups=G,
+over_batch=False)``. A subclass of ``torch.nn.GroupNorm`` (same positional arguments, ``weight``
+and ``bias`` parameters, state_dict keys), plus:
+
+* ``group_size=``: give the channels per group instead of the number of groups;
+* ``activation=``: "relu", "silu" or "gelu" applied after the affine, fused where the backend
+  can (GN + SiLU is the block of every diffusion U-Net).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from normlab import functional as NF
+from normlab.nn.batchnorm import check_num_channels
+
+__all__ = ["GroupNorm"]
+
+
+class GroupNorm(nn.GroupNorm):
+    r"""Group normalization, drop-in for ``torch.nn.GroupNorm``.
+
+    .. math::
+        y = \mathrm{act}\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}
+            \gamma_c + \beta_c\right)
+
+    mean and biased variance over the C/G channels of a group and all spatial positions, per
+    sample. G = 1 is LayerNorm over (C, *spatial); G = C is InstanceNorm.
+
+    Args:
+        num_groups: G, which must divide ``num_channels``. Give either this or ``group_size``.
+        num_channels: C.
+        eps: added to the variance; > 0.
+        affine: learnable per-channel ``weight`` (init 1) and ``bias`` (init 0).
+        group_size: channels per group (C/G), an alternative to ``num_groups``.
+        activation: None, "relu", "silu" or "gelu", applied after the affine.
+
+    Shape: input (N, C, *spatial) with 0 to 3 spatial dims, any memory format; output the same.
+
+    Example::
+
+        >>> gn = GroupNorm(32, 256, activation="silu")
+        >>> y = gn(torch.randn(2, 256, 64, 64))
+        >>> GroupNorm(num_channels=256, group_size=16).num_groups
+        16
+    """
+
+    def __init__(
+        self,
+        num_groups: Optional[int] = None,
+        num_channels: Optional[int] = None,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        group_size: Optional[int] = None,
+        activation: Optional[str] = None,
+    ) -> None:
+        if num_channels is None:
+            raise TypeError("GroupNorm needs num_channels")
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+        if (num_groups is None) == (group_size is None):
+            raise ValueError(
+                "give exactly one of num_groups and group_size, got "
+                f"num_groups={num_groups!r}, group_size={group_size!r}"
+            )
+        if group_size is not None:
+            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+                raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+            if num_channels % group_size != 0:
+                raise ValueError(
+                    f"num_channels={num_channels} is not divisible by group_size={group_size}"
+                )
+            num_groups = num_channels // group_size
+        NF.check_groups(num_groups, num_channels)
+        NF.check_eps(eps)
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        self.activation = NF.check_activation(activation)
+
+    def forward(self, input: Tensor) -> Tensor:
+        NF.check_input(input)
+        check_num_channels(self, input, self.num_channels)
+        return NF.group_norm(
+            input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation
+        )
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", activation={self.activation!r}" if self.activation else "")

@@ -1,0 +1,52 @@
+"""InstanceNorm1d/2d/3d (Ulyanov et al., 2016) on normlab's operator.
+
+Statistics over spatial dims per sample and channel: ``normalize(x, num_groups=C,
+over_batch=False)``. Subclasses of the torch.nn classes (same defaults: ``affine=False``,
+``track_running_stats=False``; unbatched (C, *spatial) input; state_dict keys); only the
+normalization call differs.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from normlab import functional as NF
+
+__all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
+
+
+class _InstanceNormForward:
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        return NF.instance_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+
+
+class InstanceNorm1d(_InstanceNormForward, nn.InstanceNorm1d):
+    """InstanceNorm over (N, C, L) or unbatched (C, L); see :class:`InstanceNorm2d`."""
+
+
+class InstanceNorm2d(_InstanceNormForward, nn.InstanceNorm2d):
+    r"""Instance normalization, drop-in for ``torch.nn.InstanceNorm2d``.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma_c + \beta_c
+
+    mean and biased variance over (H, W) per sample and channel. Shape: (N, C, H, W) or (C, H, W).
+
+    Example::
+
+        >>> norm = InstanceNorm2d(16, affine=True)
+        >>> y = norm(torch.randn(4, 16, 32, 32))
+    """
+
+
+class InstanceNorm3d(_InstanceNormForward, nn.InstanceNorm3d):
+    """InstanceNorm over (N, C, D, H, W) or unbatched (C, D, H, W); see :class:`InstanceNorm2d`."""

@@ -1,0 +1,107 @@
+"""LayerNorm (Ba, Kiros & Hinton, 2016) and LayerNorm2d on normlab's operator.
+
+* :class:`LayerNorm`: drop-in for ``torch.nn.LayerNorm`` (statistics over the trailing
+  ``normalized_shape`` dims, elementwise affine): the operator with G = 1 on the input viewed as
+  (rows, prod(normalized_shape)).
+* :class:`LayerNorm2d`: statistics over the channels only, per sample and spatial position, with a
+  per-channel affine (the LayerNorm of ConvNeXt-style networks) for NCHW or channels_last input.
+  The operator runs on the (N*H*W, C) view, which is free for channels_last input.
+
+For the GN paper's conv-net "LN" (statistics over C and spatial) use ``GroupNorm(1, C)``, which is
+what ``create_norm("ln", C)`` builds.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from normlab import functional as NF
+from normlab.backends.reference import output_memory_format
+from normlab.nn.batchnorm import check_num_channels
+
+__all__ = ["LayerNorm", "LayerNorm2d"]
+
+
+class LayerNorm(nn.LayerNorm):
+    r"""Layer normalization, drop-in for ``torch.nn.LayerNorm``.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    mean and biased variance over the last ``len(normalized_shape)`` dims; ``weight`` and ``bias``
+    have ``normalized_shape``. Args as torch's (``elementwise_affine``, ``bias``, ...).
+
+    Example::
+
+        >>> ln = LayerNorm(768)
+        >>> y = ln(torch.randn(4, 197, 768))
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        NF.check_eps(eps)
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return NF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class LayerNorm2d(nn.Module):
+    r"""LayerNorm over the channels of a (N, C, *spatial) tensor, per sample and position.
+
+    .. math::
+        y_{n,:,h,w} = \frac{x_{n,:,h,w} - \mathrm{E}_c[x]}{\sqrt{\mathrm{Var}_c[x] + \epsilon}}
+        \gamma + \beta
+
+    Args:
+        num_channels: C.
+        eps: added to the variance (default 1e-6, the usual choice for this layer).
+        affine: learnable per-channel ``weight`` and ``bias``.
+
+    Shape: (N, C, H, W) NCHW or channels_last (or any number of spatial dims); the output keeps
+    the input's memory format. For channels_last input no copy is made.
+
+    Example::
+
+        >>> norm = LayerNorm2d(96)
+        >>> y = norm(torch.randn(2, 96, 56, 56).to(memory_format=torch.channels_last))
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+        self.num_channels = num_channels
+        self.eps = NF.check_eps(eps)
+        self.affine = affine
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
+            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        NF.check_input(input)
+        check_num_channels(self, input, self.num_channels)
+        fmt = output_memory_format(input)
+        # channels to the end: (N, *spatial, C), a free view for channels_last input
+        perm = (0,) + tuple(range(2, input.dim())) + (1,)
+        xt = input.permute(perm)
+        y = NF.normalize(xt.reshape(-1, self.num_channels), 1, False, self.weight, self.bias, self.eps)
+        inv = (0, input.dim() - 1) + tuple(range(1, input.dim() - 1))
+        return y.reshape(xt.shape).permute(inv).contiguous(memory_format=fmt)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
