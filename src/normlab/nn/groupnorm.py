@@ -36,6 +36,7 @@ class GroupNorm(nn.GroupNorm):
         num_channels: C.
         eps: added to the variance; > 0.
         affine: learnable per-channel ``weight`` (init 1) and ``bias`` (init 0).
+        bias: with ``affine``, whether to learn the bias (``False`` registers ``bias = None``).
         group_size: channels per group (C/G), an alternative to ``num_groups``.
         activation: None, "relu", "silu" or "gelu", applied after the affine.
 
@@ -58,6 +59,7 @@ class GroupNorm(nn.GroupNorm):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         group_size: Optional[int] = None,
         activation: Optional[str] = None,
     ) -> None:
@@ -81,6 +83,8 @@ class GroupNorm(nn.GroupNorm):
         NF.check_groups(num_groups, num_channels)
         NF.check_eps(eps)
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        if affine and not bias:  # torch < 2.11 has no bias= argument: drop the bias here
+            self.register_parameter("bias", None)
         self.activation = NF.check_activation(activation)
 
     def forward(self, input: Tensor) -> Tensor:
