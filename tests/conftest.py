@@ -17,3 +17,9 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# Test helpers (tests/formula.py) are imported by name: put this folder on the path.
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))

@@ -128,7 +128,7 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
     # 1. collect (parent, attribute, module) before changing anything
     todo = []
     for name, module in model.named_modules(remove_duplicate=False):
-        for child_name, child in module.named_children():
+        for child_name, child in list(module._modules.items()):  # every name, shared ones too
             if isinstance(child, _SOURCE_TYPES) and not (
                 target_cls is not None and type(child) is target_cls
             ):

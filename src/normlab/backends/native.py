@@ -62,6 +62,7 @@ class NativeBackend:
             return apply_activation(y, activation), mean, rstd
         if not over_batch:
             hxw = math.prod(x.shape[2:])
+            x = x.contiguous(memory_format=output_memory_format(x))  # ATen GN needs a dense layout
             y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hxw, g, eps)
             if running_mean is not None or running_var is not None:
                 with torch.no_grad():
@@ -80,15 +81,20 @@ class NativeBackend:
         # batch-group norm: BN over the groups of a (N, G, rest) view, then the channel affine
         fmt = output_memory_format(x)
         xg = x.reshape(n, g, -1)
+        # unit affine in float32 so that half inputs get float32 statistics (ATen's mixed mode)
+        one = torch.ones(g, device=x.device, dtype=compute_dtype(x.dtype))
         yg, mean, rstd = torch.native_batch_norm(
-            xg, None, None, running_mean, running_var, True, momentum, eps
+            xg, one, torch.zeros_like(one), running_mean, running_var, True, momentum, eps
         )
         y = yg.reshape(x.shape)
-        if weight is not None:
-            y = y * _channel_view(weight, x.dim())
-        if bias is not None:
-            y = y + _channel_view(bias, x.dim())
-        return apply_activation(y, activation).contiguous(memory_format=fmt), mean, rstd
+        if weight is not None or bias is not None or activation is not None:
+            y = y.to(compute_dtype(x.dtype))
+            if weight is not None:
+                y = y * _channel_view(weight.to(y.dtype), x.dim())
+            if bias is not None:
+                y = y + _channel_view(bias.to(y.dtype), x.dim())
+            y = apply_activation(y, activation).to(x.dtype)
+        return y.contiguous(memory_format=fmt), mean, rstd
 
     def normalize_fixed(
         self,

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates ./.venv and installs normlab with what it needs; does nothing that is already done.
+# Used by scripts/main.sh and scripts/test.sh. Override the torch requirement with
+# NORMLAB_TORCH_SPEC (default: torch==2.13.0, the CPU build these machines carry; on a CUDA
+# machine set e.g. NORMLAB_TORCH_SPEC="torch>=2.4" or install torch into the venv first).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="$root/.venv"
+py="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[bootstrap] creating $venv" >&2
+  "$py" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
+  echo "[bootstrap] installing ${NORMLAB_TORCH_SPEC:-torch==2.13.0}" >&2
+  "${pip[@]}" "${NORMLAB_TORCH_SPEC:-torch==2.13.0}"
+fi
+# reinstall normlab (editable, with test extras) only when pyproject.toml changed
+stamp="$venv/.normlab-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$venv/bin/python" -c "import normlab" >/dev/null 2>&1; then
+  echo "[bootstrap] installing normlab and its dependencies" >&2
+  "${pip[@]}" -e ".[test]"
+  echo "$want" > "$stamp"
+fi

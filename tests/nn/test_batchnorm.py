@@ -1,0 +1,103 @@
+"""normlab.nn.BatchNorm1d/2d/3d against torch.nn: outputs, gradients, running statistics over several
+steps, momentum=None, track_running_stats=False, eval, state_dict round trips, layouts, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+import normlab.nn as nlnn
+from formula import off_centre, rel_err
+
+# (normlab class, torch class, input shape)
+KINDS = [
+    (nlnn.BatchNorm1d, nn.BatchNorm1d, (6, 5)),          # (N, C): features only
+    (nlnn.BatchNorm1d, nn.BatchNorm1d, (4, 5, 7)),       # (N, C, L)
+    (nlnn.BatchNorm2d, nn.BatchNorm2d, (4, 5, 6, 3)),    # images, odd sizes
+    (nlnn.BatchNorm3d, nn.BatchNorm3d, (2, 5, 3, 4, 2)), # volumes
+]
+
+
+def _pair(ours_cls, torch_cls, c, **kw):
+    theirs = torch_cls(c, **kw)
+    ours = ours_cls(c, **kw)
+    if theirs.weight is not None:
+        with torch.no_grad():
+            theirs.weight.copy_(torch.rand(c) + 0.5)
+            theirs.bias.copy_(torch.randn(c))
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("ours_cls,torch_cls,shape", KINDS)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},                                # defaults
+        {"momentum": None},                # cumulative moving average
+        {"momentum": 0.3, "eps": 1e-3},    # other constants
+        {"affine": False},                 # no weight/bias
+        {"track_running_stats": False},    # batch statistics in eval too
+    ],
+)
+def test_matches_torch_over_several_steps(backend, ours_cls, torch_cls, shape, kw):
+    import normlab
+
+    ours, theirs = _pair(ours_cls, torch_cls, shape[1], **kw)
+    with normlab.use_backend(backend):
+        for step in range(3):
+            x = off_centre(*shape, offset=step + 1.0)
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = ours(xa), theirs(xb)
+            torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+            g = torch.randn_like(ya)
+            ya.backward(g), yb.backward(g)
+            torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+        if theirs.weight is not None:
+            torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-5)
+        for name, buf in theirs.named_buffers():
+            torch.testing.assert_close(dict(ours.named_buffers())[name], buf, rtol=1e-5, atol=1e-6)
+        ours.eval(), theirs.eval()
+        x = off_centre(*shape, offset=-2.0)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        if theirs.num_batches_tracked is not None:
+            assert int(ours.num_batches_tracked) == 3
+
+
+def test_state_dict_round_trip_and_isinstance():
+    theirs = nn.BatchNorm2d(8)
+    theirs.train()
+    theirs(off_centre(4, 8, 3, 3))
+    ours = nlnn.BatchNorm2d(8)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    back = nn.BatchNorm2d(8)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert isinstance(ours, nn.BatchNorm2d)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_channels_last_and_bf16(dtype):
+    ours, theirs = _pair(nlnn.BatchNorm2d, nn.BatchNorm2d, 6)
+    x = off_centre(4, 6, 5, 5, dtype=dtype).to(memory_format=torch.channels_last)
+    y = ours(x)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, theirs(x.float())) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-2, atol=1e-2)
+
+
+def test_errors():
+    bn = nlnn.BatchNorm2d(4)
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        bn(torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match=r"expects 4 channels.*got input of shape \(2, 3, 5, 5\)"):
+        bn(torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*\(1, 4, 1, 1\)"):
+        bn(torch.randn(1, 4, 1, 1))
+    with pytest.raises(TypeError, match="floating-point"):
+        bn(torch.ones(2, 4, 3, 3, dtype=torch.int32))
+    bn.eval()  # one value per channel is fine in eval (running statistics)
+    assert torch.isfinite(bn(torch.randn(1, 4, 1, 1))).all()

@@ -1,0 +1,52 @@
+"""FrozenBatchNorm2d: bit-for-bit BN eval output, BN state_dicts, nothing trains."""
+
+import pytest
+import torch
+from torch import nn
+
+import normlab
+import normlab.nn as nlnn
+from formula import off_centre
+
+
+def _trained_bn(c=6):
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(c) + 0.5)
+        bn.bias.copy_(torch.randn(c))
+    for _ in range(3):
+        bn(off_centre(4, c, 5, 5))
+    return bn.eval()
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_exactly_bn_eval(backend):
+    bn = _trained_bn()
+    ours_bn = nlnn.BatchNorm2d(6).eval()
+    ours_bn.load_state_dict(bn.state_dict())
+    frozen = nlnn.FrozenBatchNorm2d.from_batchnorm(bn)
+    x = off_centre(3, 6, 4, 4)
+    with normlab.use_backend(backend):
+        assert torch.equal(frozen(x), ours_bn(x))
+        frozen.train()  # train mode changes nothing
+        assert torch.equal(frozen(x), ours_bn(x))
+    if backend == "native":
+        assert torch.equal(frozen(x), bn(x))  # the same ATen call as torch's BN eval
+
+
+def test_state_dict_from_bn_and_no_parameters():
+    bn = _trained_bn()
+    frozen = nlnn.FrozenBatchNorm2d(6)
+    frozen.load_state_dict(bn.state_dict(), strict=True)  # num_batches_tracked is dropped
+    assert list(frozen.parameters()) == []
+    torch.testing.assert_close(frozen.running_var, bn.running_var)
+    x = off_centre(2, 6, 3, 3).requires_grad_()
+    frozen(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        nlnn.FrozenBatchNorm2d.from_batchnorm(nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="expects 6 channels"):
+        nlnn.FrozenBatchNorm2d(6)(torch.randn(2, 5, 3, 3))

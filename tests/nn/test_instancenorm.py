@@ -1,0 +1,49 @@
+"""normlab.nn.InstanceNorm1d/2d/3d against torch.nn."""
+
+import pytest
+import torch
+from torch import nn
+
+import normlab.nn as nlnn
+from formula import off_centre
+
+
+@pytest.mark.parametrize(
+    "ours_cls,torch_cls,shape,c",
+    [
+        (nlnn.InstanceNorm1d, nn.InstanceNorm1d, (3, 4, 9), 4),
+        (nlnn.InstanceNorm1d, nn.InstanceNorm1d, (4, 9), 4),         # unbatched (C, L)
+        (nlnn.InstanceNorm2d, nn.InstanceNorm2d, (3, 4, 5, 6), 4),
+        (nlnn.InstanceNorm2d, nn.InstanceNorm2d, (4, 5, 6), 4),      # unbatched (C, H, W)
+        (nlnn.InstanceNorm3d, nn.InstanceNorm3d, (2, 4, 3, 3, 4), 4),
+    ],
+)
+@pytest.mark.parametrize(
+    "kw", [{}, {"affine": True}, {"affine": True, "track_running_stats": True, "momentum": 0.2}]
+)
+def test_matches_torch(ours_cls, torch_cls, shape, c, kw):
+    theirs, ours = torch_cls(c, **kw), ours_cls(c, **kw)
+    if theirs.weight is not None:
+        with torch.no_grad():
+            theirs.weight.copy_(torch.rand(c) + 0.5)
+            theirs.bias.copy_(torch.randn(c))
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for step in range(2):
+        x = off_centre(*shape, offset=step + 2.0)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ya)
+        ya.backward(g), yb.backward(g)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    for name, buf in theirs.named_buffers():
+        torch.testing.assert_close(dict(ours.named_buffers())[name], buf, rtol=1e-5, atol=1e-6)
+    ours.eval(), theirs.eval()
+    x = off_centre(*shape)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_one_spatial_element_in_training_is_an_error():
+    norm = nlnn.InstanceNorm2d(4)
+    with pytest.raises(ValueError, match=r"more than 1 spatial element.*\(2, 4, 1, 1\)"):
+        norm(torch.randn(2, 4, 1, 1))

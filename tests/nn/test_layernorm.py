@@ -1,0 +1,91 @@
+"""normlab.nn.LayerNorm against torch.nn.LayerNorm; LayerNorm2d against the float64 formula."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normlab
+import normlab.nn as nlnn
+from formula import off_centre, rel_err
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize(
+    "shape,normalized,kw",
+    [
+        ((4, 7, 16), 16, {}),                                   # tokens x features
+        ((3, 5, 6), (5, 6), {}),                                # two trailing dims
+        ((2, 3, 8), 8, {"bias": False}),                        # no bias
+        ((2, 3, 8), 8, {"elementwise_affine": False}),          # no affine
+        ((10,), 10, {}),                                        # a single vector
+    ],
+)
+def test_layernorm_matches_torch(backend, shape, normalized, kw):
+    theirs = nn.LayerNorm(normalized, **kw)
+    if theirs.weight is not None:
+        with torch.no_grad():
+            theirs.weight.copy_(torch.rand_like(theirs.weight) + 0.5)
+            if theirs.bias is not None:
+                theirs.bias.copy_(torch.randn_like(theirs.bias))
+    ours = nlnn.LayerNorm(normalized, **kw)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = off_centre(*shape) if len(shape) > 1 else torch.randn(shape) * 2 + 3
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with normlab.use_backend(backend):
+        ya = ours(xa)
+    yb = theirs(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ya)
+    ya.backward(g), yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    if theirs.weight is not None:
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def _ln2d_64(x, w, b, eps):
+    x64 = x.double().movedim(1, -1)
+    y = F.layer_norm(x64, (x.shape[1],), w.double(), b.double(), eps)
+    return y.movedim(-1, 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((2, 8, 5, 6), "nchw"),           # permute + copy path
+        ((2, 8, 5, 6), "channels_last"),  # free view path; layout must be kept
+        ((3, 8, 7), "nchw"),              # one spatial dim
+    ],
+)
+def test_layernorm2d(backend, shape, layout):
+    norm = nlnn.LayerNorm2d(shape[1])
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(shape[1]) + 0.5)
+        norm.bias.copy_(torch.randn(shape[1]))
+    x = off_centre(*shape)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    with normlab.use_backend(backend):
+        y = norm(x)
+    assert rel_err(y, _ln2d_64(x, norm.weight, norm.bias, norm.eps)) < 1e-6
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert y.is_contiguous()
+    # gradients against float64 autograd of the formula
+    xa = x.detach().clone().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    g = torch.randn(shape)
+    (norm(xa) * g).sum().backward()
+    (_ln2d_64(x64, norm.weight.detach(), norm.bias.detach(), norm.eps) * g.double()).sum().backward()
+    assert rel_err(xa.grad, x64.grad) < 1e-5
+
+
+def test_layernorm2d_errors():
+    with pytest.raises(ValueError, match="num_channels must be a positive int, got 0"):
+        nlnn.LayerNorm2d(0)
+    with pytest.raises(ValueError, match="expects 8 channels"):
+        nlnn.LayerNorm2d(8)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="eps must be a positive"):
+        nlnn.LayerNorm(8, eps=-1.0)

@@ -1,0 +1,94 @@
+"""convert_norm on torch-only models: replacement, carried weights, exact FrozenBN, shared modules."""
+
+import pytest
+import torch
+from torch import nn
+
+import normlab.nn as nlnn
+from normlab import convert_norm
+from formula import off_centre
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.extra = nn.ModuleDict({"bn": nn.BatchNorm2d(c)})
+
+    def forward(self, x):
+        return torch.relu(self.extra["bn"](self.bn(self.conv(x)))) + x
+
+
+def _model():
+    torch.manual_seed(3)
+    m = nn.Sequential(
+        nn.Conv2d(3, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(), Block(48),
+        nn.Flatten(), nn.Linear(48 * 16, 10), nn.BatchNorm1d(10),
+    )
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                mod.weight.copy_(torch.rand_like(mod.weight) + 0.5)
+                mod.bias.copy_(torch.randn_like(mod.bias))
+    m.train()
+    for _ in range(2):
+        m(off_centre(4, 3, 4, 4))
+    return m
+
+
+def test_to_gn_replaces_every_bn_with_group_rule_and_weights():
+    m = _model()
+    old = {n: mod for n, mod in m.named_modules() if isinstance(mod, nn.BatchNorm2d)}
+    convert_norm(m, "gn", num_groups=32)
+    assert not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in m.modules())
+    assert len(m.normlab_conversion) == 4
+    for name, bn in old.items():
+        gn = m.get_submodule(name)
+        assert isinstance(gn, nlnn.GroupNorm) and gn.num_groups == 24  # 48 channels: rule
+        assert torch.equal(gn.weight, bn.weight) and torch.equal(gn.bias, bn.bias)
+    assert isinstance(m[6], nlnn.GroupNorm) and m[6].num_groups == 10  # BatchNorm1d(10)
+    assert m(off_centre(2, 3, 4, 4)).shape == (2, 10)
+    assert "BatchNorm2d -> GroupNorm(24, 48" in str(m.normlab_conversion)
+
+
+def test_to_frozenbn_reproduces_eval_exactly():
+    m = _model().eval()
+    x = off_centre(3, 3, 4, 4)
+    m[6] = nn.Identity()  # FrozenBN is 2-D only
+    expected = m(x)
+    convert_norm(m, "frozenbn")
+    assert sum(isinstance(mod, nlnn.FrozenBatchNorm2d) for mod in m.modules()) == 3
+    assert torch.equal(m(x), expected)
+
+
+def test_torch_bn_to_normlab_bn_keeps_state_and_mode():
+    m = _model()
+    ref = _model()
+    convert_norm(m, "bn")
+    assert isinstance(m[1], nlnn.BatchNorm2d) and isinstance(m[6], nlnn.BatchNorm1d)
+    assert m[1].training
+    for (k, v), (k2, v2) in zip(m.state_dict().items(), ref.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    x = off_centre(4, 3, 4, 4)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+    m.eval(), ref.eval()
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_module_root_and_dtype():
+    bn = nn.BatchNorm2d(8).double()
+    shared = nn.Sequential(bn, nn.ReLU(), bn)
+    convert_norm(shared, "gn", num_groups=4)
+    assert shared[0] is shared[2] and isinstance(shared[0], nlnn.GroupNorm)
+    assert shared[0].weight.dtype == torch.float64
+    root = convert_norm(nn.BatchNorm2d(16), "ln")
+    assert isinstance(root, nlnn.GroupNorm) and root.num_groups == 1
+    assert len(root.normlab_conversion) == 1
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="unknown norm 'groupy'"):
+        convert_norm(_model(), "groupy")
+    with pytest.raises(TypeError, match="model must be an nn.Module, got dict"):
+        convert_norm({}, "gn")

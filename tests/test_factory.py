@@ -1,0 +1,73 @@
+"""create_norm by name, class and partial; the group rule; unknown names."""
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import normlab
+import normlab.nn as nlnn
+from normlab import create_norm, resolve_groups
+
+
+@pytest.mark.parametrize(
+    "name,cls,check",
+    [
+        ("bn", nlnn.BatchNorm2d, lambda m: m.num_features == 64),
+        ("BatchNorm", nlnn.BatchNorm2d, lambda m: True),              # alias, any case
+        ("frozenbn", nlnn.FrozenBatchNorm2d, lambda m: m.num_features == 64),
+        ("brn", nlnn.BatchRenorm2d, lambda m: m.r_max == 3.0),
+        ("gn", nlnn.GroupNorm, lambda m: m.num_groups == 32),
+        ("ln", nlnn.GroupNorm, lambda m: m.num_groups == 1),          # GN paper's conv LN
+        ("ln2d", nlnn.LayerNorm2d, lambda m: m.num_channels == 64),
+        ("in", nlnn.InstanceNorm2d, lambda m: m.affine),
+        ("none", nn.Identity, lambda m: True),
+    ],
+)
+def test_names(name, cls, check):
+    m = create_norm(name, 64)
+    assert type(m) is cls and check(m)
+    x = torch.randn(2, 64, 4, 4) + 1
+    assert m(x).shape == x.shape
+
+
+def test_kwargs_dims_class_partial():
+    assert type(create_norm("bn", 8, dims=1)) is nlnn.BatchNorm1d
+    assert type(create_norm("in", 8, dims=3)) is nlnn.InstanceNorm3d
+    assert create_norm("bn", 8, momentum=0.3, eps=1e-3).momentum == 0.3
+    assert create_norm("gn", 64, num_groups=8, activation="relu").activation == "relu"
+    assert create_norm("gn", 64, group_size=16).num_groups == 4
+    assert create_norm(nlnn.GroupNorm, 64, num_groups=16).num_groups == 16
+    assert create_norm(nn.GroupNorm, 48).num_groups == 24  # torch class, group rule
+    assert type(create_norm(nn.BatchNorm2d, 8)) is nn.BatchNorm2d
+    m = create_norm(functools.partial(nlnn.GroupNorm, 4), 8)
+    assert m.num_groups == 4 and m.num_channels == 8
+
+
+@pytest.mark.parametrize(
+    "c,g,size,expected",
+    [
+        (64, 32, None, 32),   # divisible: unchanged
+        (48, 32, None, 24),   # largest divisor of 48 not above 32
+        (16, 32, None, 16),   # fewer channels than groups: one channel per group
+        (30, 32, None, 30),
+        (3, 32, None, 3),
+        (96, None, 16, 6),    # channels per group 16
+        (40, None, 16, 4),    # largest divisor of 40 <= 16 is 10 -> 4 groups
+        (7, None, 16, 1),     # prime C, group_size > C: one group
+    ],
+)
+def test_group_rule(c, g, size, expected):
+    assert resolve_groups(c, g, size) == expected
+    assert c % expected == 0
+
+
+def test_unknown_name_lists_known_ones():
+    with pytest.raises(ValueError, match=r"unknown norm 'batchnorm9'; known norms: bn, syncbn, .*none"):
+        create_norm("batchnorm9", 8)
+    with pytest.raises(TypeError, match="norm must be a name, a module class or a callable"):
+        create_norm(3, 8)
+    with pytest.raises(ValueError, match="norm 'frozenbn' supports dims=\\[2\\], got dims=3"):
+        create_norm("frozenbn", 8, dims=3)
+    assert set(normlab.norm_names()) >= {"bn", "syncbn", "frozenbn", "brn", "gn", "ln", "in", "none"}

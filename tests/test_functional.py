@@ -1,0 +1,345 @@
+"""The operator (normlab.functional.normalize) and its torch-signature wrappers, on the reference and
+native backends, against the float64 formula (tests/formula.py) and torch.nn.functional."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normlab
+from normlab import functional as NF
+from normlab.backends import BackendUnavailable, register_backend, _INSTANCES
+from formula import normalize64, off_centre, rel_err
+
+BACKENDS = ["reference", "native"]
+
+# (shape, num_groups, over_batch): every method, 0-3 spatial dims
+CASES = [
+    ((6, 8), 8, True),            # BN on (N, C): no spatial dims
+    ((4, 6, 10), 6, True),        # BN1d with length
+    ((3, 8, 5, 7), 8, True),      # BN2d, odd spatial sizes
+    ((2, 4, 3, 4, 5), 4, True),   # BN3d
+    ((3, 12, 5, 6), 4, True),     # batch-group norm: over_batch with 1 < G < C
+    ((5, 12), 1, False),          # LN over features of a 2-D input
+    ((3, 8, 6, 5), 1, False),     # LN conv form (C and spatial), G = 1
+    ((3, 8, 6, 5), 8, False),     # IN, G = C
+    ((2, 12, 4, 5), 3, False),    # GN, 4 channels per group
+    ((2, 6, 9), 2, False),        # GN on 1 spatial dim
+    ((2, 8, 3, 4, 3), 4, False),  # GN on 3 spatial dims
+    ((1, 10, 7, 3), 5, False),    # batch of one, odd C/G = 2
+]
+
+
+def _affine(c, dtype=torch.float32):
+    return torch.randn(c, dtype=dtype) * 0.5 + 1.0, torch.randn(c, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,groups,over_batch", CASES)
+def test_matches_float64_formula(backend, shape, groups, over_batch):
+    x = off_centre(*shape, dtype=torch.float64)
+    w, b = _affine(shape[1], torch.float64)
+    y = NF.normalize(x, groups, over_batch, w, b, eps=1e-5, backend=backend)
+    expected = normalize64(x, groups, over_batch, w, b, 1e-5)
+    assert y.dtype == torch.float64 and y.shape == x.shape
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,groups,over_batch", CASES)
+def test_float32_close_to_formula(backend, shape, groups, over_batch):
+    x = off_centre(*shape)
+    w, b = _affine(shape[1])
+    y = NF.normalize(x, groups, over_batch, w, b, backend=backend)
+    assert y.dtype == torch.float32
+    assert rel_err(y, normalize64(x, groups, over_batch, w, b)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,groups,over_batch", [CASES[2], CASES[4], CASES[6], CASES[8]])
+def test_half_precision_accumulates_in_float32(backend, dtype, shape, groups, over_batch):
+    x = off_centre(*shape, dtype=dtype)
+    w, b = _affine(shape[1])
+    y, mean, rstd = NF.normalize(x, groups, over_batch, w, b, backend=backend, return_stats=True)
+    assert y.dtype == dtype
+    assert mean.dtype == torch.float32 and rstd.dtype == torch.float32
+    # the only error left is the final rounding to the half type (~2^-8 for bf16)
+    tol = 8e-3 if dtype == torch.bfloat16 else 1e-3
+    assert rel_err(y, normalize64(x, groups, over_batch, w, b)) < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "groups,over_batch", [(16, True), (4, True), (1, False), (4, False), (16, False)]
+)
+def test_large_offset_is_stable(backend, groups, over_batch):
+    # mean 1e4, std 0.1: E[x^2] - E[x]^2 loses every digit here (its variance comes out negative
+    # or 0). fp32 cannot even store the mean to better than ~5e-4, so float32 accuracy for this
+    # input is a normalized error of order 1e-2; the variance must still be right to 0.5%
+    # (the reference gets 1e-4, ATen's CPU GroupNorm 2e-3).
+    x = 1e4 + 0.1 * torch.randn(4, 16, 12, 12)
+    y, mean, rstd = NF.normalize(x, groups, over_batch, backend=backend, return_stats=True)
+    x64 = x.double()
+    expected = normalize64(x64, groups, over_batch)
+    assert (y.double() - expected).abs().max().item() < 0.05
+    dims = (0, 2) if over_batch else (2,)
+    true_var = x64.reshape(4, groups, -1).var(dim=dims, unbiased=False)
+    assert torch.allclose(rstd.double().reshape(true_var.shape), torch.rsqrt(true_var + 1e-5), rtol=5e-3)
+    naive = (x.reshape(4, groups, -1) ** 2).mean(dims) - x.reshape(4, groups, -1).mean(dims) ** 2
+    assert not torch.allclose(naive.double(), true_var, rtol=0.5)  # the trap is real
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+def test_fused_activation(backend, activation):
+    x = off_centre(3, 8, 5, 5)
+    w, b = _affine(8)
+    y = NF.normalize(x, 4, False, w, b, activation=activation, backend=backend)
+    expected = normalize64(x, 4, False, w, b, activation=activation)
+    assert rel_err(y, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "channels_last",     # 4-D NHWC strides must be kept in the output
+        "channels_last_3d",  # 5-D NDHWC
+        "transposed",        # neither layout: a permuted view
+        "sliced",            # a strided slice of a larger tensor
+    ],
+)
+def test_memory_formats(backend, layout):
+    if layout == "channels_last":
+        x = off_centre(3, 8, 5, 6).to(memory_format=torch.channels_last)
+    elif layout == "channels_last_3d":
+        x = off_centre(2, 8, 3, 4, 5).to(memory_format=torch.channels_last_3d)
+    elif layout == "transposed":
+        x = off_centre(3, 5, 8, 6).transpose(1, 2)
+    else:
+        x = off_centre(3, 16, 6, 6)[:, ::2]
+    w, b = _affine(8)
+    for groups, over_batch in ((4, False), (8, True), (2, True)):
+        y = NF.normalize(x, groups, over_batch, w, b, backend=backend)
+        assert rel_err(y, normalize64(x, groups, over_batch, w, b)) < 1e-5
+        if layout.startswith("channels_last"):
+            fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            assert y.is_contiguous(memory_format=fmt), (groups, over_batch)
+        else:
+            assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_stats_shapes_and_values(backend):
+    x = off_centre(3, 12, 4, 4)
+    y, mean, rstd = NF.normalize(x, 4, False, backend=backend, return_stats=True)
+    assert mean.shape == (3, 4) and rstd.shape == (3, 4)
+    xg = x.double().reshape(3, 4, -1)
+    torch.testing.assert_close(mean.double(), xg.mean(-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(xg.var(-1, unbiased=False) + 1e-5), rtol=1e-5, atol=0)
+    y, mean, rstd = NF.normalize(x, 12, True, backend=backend, return_stats=True)
+    assert mean.shape == (12,) and rstd.shape == (12,)
+    torch.testing.assert_close(mean.double(), x.double().mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("groups", [6, 3])  # BN (G = C) and batch-group norm
+def test_running_stats_update(backend, groups):
+    x = off_centre(5, 6, 4, 3)
+    rm, rv = torch.randn(groups), torch.rand(groups) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    NF.normalize(x, groups, True, backend=backend, running_mean=rm, running_var=rv, momentum=0.3)
+    xg = x.double().transpose(0, 1).reshape(groups, -1)
+    torch.testing.assert_close(rm.double(), 0.7 * rm0.double() + 0.3 * xg.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv.double(), 0.7 * rv0.double() + 0.3 * xg.var(1, unbiased=True), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape,groups,over_batch,activation",
+    [
+        ((4, 6, 3, 3), 6, True, None),      # BN
+        ((3, 6, 2, 3), 3, True, "relu"),    # batch-group norm + relu
+        ((2, 6, 3, 2), 2, False, "silu"),   # GN + silu
+        ((2, 6, 5), 1, False, "gelu"),      # LN conv form + gelu
+        ((2, 4, 3, 3), 4, False, None),     # IN
+        ((3, 5), 1, False, None),           # LN over features (native: aten layer norm)
+    ],
+)
+def test_gradcheck(backend, shape, groups, over_batch, activation):
+    x = off_centre(*shape, dtype=torch.float64).requires_grad_()
+    w = (torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(shape[1], dtype=torch.float64).requires_grad_()
+
+    def f(x, w, b):
+        return NF.normalize(x, groups, over_batch, w, b, activation=activation, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-5)
+
+
+def test_native_gradients_match_reference():
+    x = off_centre(4, 8, 5, 5).requires_grad_()
+    w, b = _affine(8)
+    w.requires_grad_(), b.requires_grad_()
+    g = torch.randn(4, 8, 5, 5)
+    grads = {}
+    for backend in BACKENDS:
+        for groups, over_batch in ((4, False), (8, True), (2, True)):
+            y = NF.normalize(x, groups, over_batch, w, b, activation="silu", backend=backend)
+            grads[backend, groups, over_batch] = torch.autograd.grad(y, (x, w, b), g)
+    for groups, over_batch in ((4, False), (8, True), (2, True)):
+        for a, r in zip(grads["native", groups, over_batch], grads["reference", groups, over_batch]):
+            assert rel_err(a, r) < 1e-5
+
+
+# ------------------------------------------------------------------- torch-signature wrappers
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrappers_match_torch(backend):
+    x = off_centre(4, 6, 5, 5)
+    w, b = _affine(6)
+    torch.testing.assert_close(
+        NF.group_norm(x, 3, w, b, 1e-5, backend=backend), F.group_norm(x, 3, w, b, 1e-5)
+    )
+    rm, rv = torch.randn(6), torch.rand(6) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    torch.testing.assert_close(
+        NF.batch_norm(x, rm, rv, w, b, True, 0.2, 1e-3, backend=backend),
+        F.batch_norm(x, rm2, rv2, w, b, True, 0.2, 1e-3),
+    )
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)
+    torch.testing.assert_close(
+        NF.batch_norm(x, rm, rv, w, b, False, backend=backend), F.batch_norm(x, rm, rv, w, b, False)
+    )
+    torch.testing.assert_close(
+        NF.instance_norm(x, None, None, w, b, backend=backend), F.instance_norm(x, None, None, w, b)
+    )
+    xl = off_centre(3, 4, 5, 6)
+    wl, bl = torch.randn(5, 6), torch.randn(5, 6)
+    torch.testing.assert_close(
+        NF.layer_norm(xl, (5, 6), wl, bl, backend=backend), F.layer_norm(xl, (5, 6), wl, bl)
+    )
+
+
+# ---------------------------------------------------------------------------- backend choice
+
+
+def test_backend_selection_order(monkeypatch):
+    x = off_centre(2, 4, 3, 3)
+    chosen = []
+
+    class Spy:
+        name = "spy"
+
+        def available(self):
+            return True
+
+        def unsupported_reason(self, *a):
+            return None
+
+        def normalize(self, x, *args):
+            chosen.append("spy")
+            return normlab.backends.get_backend("reference").normalize(x, *args)
+
+        def normalize_fixed(self, x, *args):
+            chosen.append("spy")
+            return normlab.backends.get_backend("reference").normalize_fixed(x, *args)
+
+    register_backend("spy", Spy())
+    try:
+        NF.normalize(x, 2, False, backend="spy")
+        assert chosen == ["spy"]
+        with normlab.use_backend("spy"):
+            NF.group_norm(x, 2)
+            with normlab.use_backend("native"):
+                NF.group_norm(x, 2)  # inner context wins
+        assert chosen == ["spy", "spy"]
+        monkeypatch.setenv("NORMLAB_BACKEND", "spy")
+        NF.group_norm(x, 2)
+        assert chosen == ["spy"] * 3
+        with normlab.use_backend("reference"):  # context beats the environment
+            NF.group_norm(x, 2)
+        assert chosen == ["spy"] * 3
+        monkeypatch.setenv("NORMLAB_BACKEND", "nonsense")
+        with pytest.raises(ValueError, match="NORMLAB_BACKEND.*nonsense"):
+            NF.group_norm(x, 2)
+    finally:
+        _INSTANCES.pop("spy", None)
+
+
+def test_explicit_unsupported_backend_raises_and_auto_falls_back():
+    x = off_centre(2, 4, 3, 3)
+
+    class Picky:
+        name = "picky"
+
+        def available(self):
+            return True
+
+        def unsupported_reason(self, x, *a):
+            return "only float16"
+
+    register_backend("picky", Picky())
+    try:
+        with pytest.raises(BackendUnavailable, match="picky.*only float16"):
+            NF.normalize(x, 2, False, backend="picky")
+        y = NF.normalize(x, 2, False, backend="auto")
+        assert rel_err(y, normalize64(x, 2, False)) < 1e-5
+    finally:
+        _INSTANCES.pop("picky", None)
+    with pytest.raises(ValueError, match="unknown normalization backend 'cuda-magic'"):
+        NF.normalize(x, 2, False, backend="cuda-magic")
+    with pytest.raises(ValueError, match="unknown normalization backend"):
+        with normlab.use_backend("nope"):
+            pass
+
+
+def test_auto_uses_native_on_cpu():
+    assert "native" in normlab.available_backends()
+    assert normlab.backends.resolve_backend("auto", torch.randn(2, 4), 4, True, None).name == "native"
+
+
+# -------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: NF.normalize(torch.randn(2, 6, 4), 4, False), ValueError, "num_channels=6 is not divisible by num_groups=4"),
+        (lambda: NF.normalize(torch.randn(2, 6, 4), 0, False), ValueError, "num_groups must be >= 1, got 0"),
+        (lambda: NF.normalize(torch.randn(6), 1, False), ValueError, r"at least 2 dims, got shape \(6,\)"),
+        (lambda: NF.normalize(torch.randn(2, 3, 1, 1, 1, 1), 3, False), ValueError, "0 to 3 spatial dims"),
+        (lambda: NF.normalize(torch.randint(0, 5, (2, 4, 3)), 2, False), TypeError, "floating-point.*torch.int64"),
+        (lambda: NF.normalize(torch.randn(2, 4, 3), 2, False, eps=0.0), ValueError, "eps must be a positive finite number, got 0.0"),
+        (lambda: NF.normalize(torch.randn(2, 4, 3), 2, False, eps=-1e-5), ValueError, "got -1e-05"),
+        (lambda: NF.normalize(torch.randn(2, 4, 3), 2, False, weight=torch.randn(5)), ValueError, r"weight must have shape \(4,\).*got shape \(5,\)"),
+        (lambda: NF.normalize(torch.randn(2, 4, 3), 2, False, activation="tanh"), ValueError, "unknown activation 'tanh'"),
+        (lambda: NF.normalize(torch.randn(1, 4), 4, True), ValueError, r"more than 1 value per channel.*\(1, 4\)"),
+        (lambda: NF.batch_norm(torch.randn(1, 4, 1, 1), None, None, training=True), ValueError, "more than 1 value per channel"),
+        (lambda: NF.instance_norm(torch.randn(3, 4, 1, 1)), ValueError, r"more than 1 spatial element.*\(3, 4, 1, 1\)"),
+        (lambda: NF.layer_norm(torch.randn(3, 4), (5,)), ValueError, r"normalized_shape=\[5\].*\(3, 4\)"),
+        (lambda: NF.normalize([1.0, 2.0], 1, False), TypeError, "must be a torch.Tensor, got list"),
+        (lambda: NF.normalize(torch.randn(4, 6), 3, True, running_mean=torch.zeros(6)), ValueError, r"running_mean must have shape \(3,\)"),
+    ],
+)
+def test_errors_name_the_values(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("groups,over_batch", [(4, False), (8, True), (1, False)])
+def test_nan_and_inf_propagate(backend, groups, over_batch):
+    x = off_centre(3, 8, 4, 4)
+    x[1, 2, 1, 1] = math.nan
+    x[2, 5, 0, 0] = math.inf
+    y = NF.normalize(x, groups, over_batch, backend=backend)
+    assert y.shape == x.shape
+    assert torch.isnan(y[1, 2, 1, 1]) and not torch.isfinite(y[2, 5]).all()
+    if not over_batch and groups == 4:  # groups without a bad value are untouched
+        assert torch.isfinite(y[0]).all()
+        assert rel_err(y[0], normalize64(x[0:1], groups, False)[0]) < 1e-5
