@@ -333,13 +333,12 @@ def layer_norm(
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(p.shape)}")
+    if k == 1 and input.dim() == 2:  # already (rows, features): no reshapes on the hot path
+        return normalize(input, 1, False, weight, bias, eps, activation, backend)
     numel = math.prod(shape)
-    x2 = input.reshape(-1, numel)
-    y = normalize(
-        x2, 1, False,
-        None if weight is None else weight.reshape(numel),
-        None if bias is None else bias.reshape(numel),
-        eps, activation, backend,
-    )
+    if k > 1:
+        weight = None if weight is None else weight.reshape(numel)
+        bias = None if bias is None else bias.reshape(numel)
+    y = normalize(input.reshape(-1, numel), 1, False, weight, bias, eps, activation, backend)
     return y.reshape(input.shape)
 
