@@ -1,0 +1,558 @@
+"""normlab.distributed: multi-process training on torch.distributed (torchrun + DDP).
+
+The GN paper (Wu & He, ECCV 2018) trains on 8 GPUs with "images per GPU" as its batch size: BN
+statistics are per device. normlab keeps that convention:
+
+* **The batch size is per process.** With ``world_size`` processes of ``N`` images each, one
+  optimizer step sees ``N * world_size`` images; BN (``bn``) normalizes over each process's N,
+  SyncBN (``syncbn``) over all ``N * world_size``, GN/LN/IN are per sample either way.
+* **The learning rate scales with the global batch** (the paper's linear rule, 0.1 per 32 images):
+  ``lr = 0.1 * N * world_size / 32`` by default, see :func:`scaled_lr`.
+
+A training script becomes distributed with a few calls::
+
+    device = setup()                                   # reads torchrun's env; no-op when alone
+    model = wrap_ddp(build_model(), device)            # DDP when distributed
+    sampler = make_sampler(train_set, shuffle=True, seed=seed)
+    loader = DataLoader(train_set, batch_size=N, sampler=sampler)
+    torch.manual_seed(rank_seed(seed))                 # augmentation/dropout differ per rank
+    for epoch in range(epochs):
+        set_epoch(sampler, epoch)
+        ...
+        loss_avg = all_reduce_mean(loss.item(), weight=len(batch))
+        if is_main_process(): store.write(...)
+    cleanup()
+
+and is started with :func:`launch` (``python -m torch.distributed.run`` in a subprocess), e.g.
+``launch(["-m", "normlab.lab.cli", "train", ...], nproc_per_node=2)``.
+
+Backends: nccl for CUDA devices, gloo for CPU. Faults: ``launch`` runs torchrun with no restarts;
+when a worker dies torchrun stops the others and ``launch`` raises :class:`LaunchError`; a worker
+blocked in a collective whose peer hangs gives up after the collective ``timeout`` of
+:func:`setup`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "LaunchError",
+    "ShardSampler",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "default_backend",
+    "is_distributed",
+    "is_main_process",
+    "launch",
+    "local_rank",
+    "make_eval_sampler",
+    "make_sampler",
+    "rank",
+    "rank_seed",
+    "scaled_lr",
+    "set_epoch",
+    "setup",
+    "torchrun_command",
+    "unwrap",
+    "world_size",
+    "wrap_ddp",
+]
+
+#: Collective timeout of :func:`setup` (override with ``$NORMLAB_DIST_TIMEOUT`` in seconds).
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# --------------------------------------------------------------------------------------------
+# who am I
+# --------------------------------------------------------------------------------------------
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"${name} must be an integer, got {raw!r}") from None
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one process is initialized."""
+    return _initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """Global rank: from the process group, else ``$RANK`` (set by torchrun), else 0."""
+    return dist.get_rank() if _initialized() else _env_int("RANK", 0)
+
+
+def world_size() -> int:
+    """Number of processes: from the process group, else ``$WORLD_SIZE``, else 1."""
+    return dist.get_world_size() if _initialized() else _env_int("WORLD_SIZE", 1)
+
+
+def local_rank() -> int:
+    """Rank within this node (``$LOCAL_RANK``, set by torchrun), else 0. Picks the GPU."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process that writes results, checkpoints and progress bars."""
+    return rank() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# process group
+# --------------------------------------------------------------------------------------------
+
+
+def default_backend(device: Union[str, torch.device, None] = None) -> str:
+    """``"nccl"`` for CUDA devices (when nccl is built in), else ``"gloo"``."""
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    )
+    if dev.type == "cuda" and dist.is_available() and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
+def _timeout_from_env(timeout: Optional[datetime.timedelta]) -> datetime.timedelta:
+    if timeout is not None:
+        if not isinstance(timeout, datetime.timedelta) or timeout.total_seconds() <= 0:
+            raise ValueError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
+        return timeout
+    raw = os.environ.get("NORMLAB_DIST_TIMEOUT")
+    if raw:
+        try:
+            seconds = float(raw)
+        except ValueError:
+            raise ValueError(f"$NORMLAB_DIST_TIMEOUT must be seconds, got {raw!r}") from None
+        if not seconds > 0:
+            raise ValueError(f"$NORMLAB_DIST_TIMEOUT must be > 0 seconds, got {raw!r}")
+        return datetime.timedelta(seconds=seconds)
+    return DEFAULT_TIMEOUT
+
+
+def setup(
+    backend: Optional[str] = None,
+    timeout: Optional[datetime.timedelta] = None,
+    device: Union[str, torch.device, None] = None,
+) -> torch.device:
+    """Join the process group described by torchrun's environment; return this rank's device.
+
+    Args:
+        backend: ``"nccl"``, ``"gloo"``, ... or None: nccl when the device is CUDA, else gloo.
+        timeout: collective timeout (default :data:`DEFAULT_TIMEOUT` or
+            ``$NORMLAB_DIST_TIMEOUT`` seconds): a rank blocked in a collective whose peer hangs
+            raises after this long instead of hanging.
+        device: ``"cpu"``, ``"cuda"`` or None (CUDA when available). With CUDA each process
+            takes GPU ``LOCAL_RANK``.
+
+    Returns:
+        The device this process should use (``cuda:LOCAL_RANK`` or ``cpu``).
+
+    Started alone (no ``$WORLD_SIZE``, or ``WORLD_SIZE=1``) it initializes nothing, so the same
+    script runs with and without torchrun. Calling it again is a no-op.
+    """
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    )
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {str(device)!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+        index = local_rank() if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK={index} but only {torch.cuda.device_count()} CUDA device(s) are "
+                "visible: use --nproc-per-node <= the number of GPUs"
+            )
+        dev = torch.device("cuda", index)
+        torch.cuda.set_device(dev)
+    timeout = _timeout_from_env(timeout)
+    if _initialized():
+        return dev
+    if world_size() <= 1:
+        return dev
+    missing = [k for k in _TORCHRUN_ENV if not os.environ.get(k)]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE={world_size()} but {', '.join('$' + m for m in missing)} not set: start "
+            "the job with normlab.distributed.launch or torchrun"
+        )
+    backend = default_backend(dev) if backend is None else backend
+    if not isinstance(backend, str) or not dist.is_backend_available(backend):
+        raise ValueError(f"torch.distributed backend {backend!r} is not available here")
+    dist.init_process_group(backend=backend, timeout=timeout)
+    return dev
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op when none)."""
+    if _initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process (no-op when not distributed)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: Union[float, Sequence[float], torch.Tensor]) -> torch.Tensor:
+    """Sum of ``values`` (a number, a list of numbers or a tensor) over all processes, as a
+    float64 CPU tensor (the values themselves when not distributed). For metrics such as
+    ``(correct, seen)`` counts."""
+    t = torch.as_tensor(values, dtype=torch.float64).detach().cpu().clone()
+    if is_distributed():
+        dev = _comm_device()
+        tt = t.to(dev)
+        dist.all_reduce(tt)
+        t = tt.cpu()
+    return t
+
+
+def all_reduce_mean(value: Union[float, torch.Tensor], weight: Optional[float] = None) -> float:
+    """Mean of a scalar metric over processes, weighted by ``weight`` (e.g. the number of samples
+    behind ``value``; unweighted when None). Every process must call it. Returns a float."""
+    v = float(value)
+    if not is_distributed():
+        return v
+    w = 1.0 if weight is None else float(weight)
+    if w < 0 or not math.isfinite(w):
+        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+    total = all_reduce_sum([v * w, w])
+    if total[1] <= 0:
+        raise ValueError("all_reduce_mean: the weights sum to 0 over all processes")
+    return float(total[0] / total[1])
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every process (picklable objects; e.g. a run id, a path)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# --------------------------------------------------------------------------------------------
+# model, data, learning rate
+# --------------------------------------------------------------------------------------------
+
+
+def wrap_ddp(model: nn.Module, device: Union[str, torch.device, None] = None, **ddp_kwargs: Any
+             ) -> nn.Module:
+    """Move ``model`` to ``device`` and wrap it in DistributedDataParallel when distributed.
+
+    DDP broadcasts rank 0's parameters and buffers at construction (so all ranks start equal)
+    and averages gradients in ``backward``; with the per-process mean loss that is the gradient
+    of the mean loss over the global batch. ``ddp_kwargs`` go to DDP. Returns the model itself
+    when not distributed; :func:`unwrap` gives the inner model either way.
+
+    Use normlab's ``syncbn`` (``convert_norm(model, "syncbn")``) for synchronized BN: torch's
+    ``nn.SyncBatchNorm`` is rejected on CPU, by DDP and here.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    dev = torch.device(device) if device is not None else None
+    if dev is not None:
+        model = model.to(dev)
+    if not is_distributed():
+        return model
+    if dev is None:
+        ref = next(iter(model.parameters()), None)
+        dev = ref.device if ref is not None else torch.device("cpu")
+    if dev.type != "cuda":
+        for name, m in model.named_modules():
+            if isinstance(m, nn.SyncBatchNorm):
+                raise ValueError(
+                    f"module {name or '<root>'!r} is torch.nn.SyncBatchNorm, which works on GPU "
+                    "only; use normlab's: convert_norm(model, 'syncbn')"
+                )
+    if dev.type == "cuda":
+        ddp_kwargs.setdefault("device_ids", [dev.index])
+        ddp_kwargs.setdefault("output_device", dev.index)
+    return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (for state_dicts that load at any process count)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def scaled_lr(batch_per_process: int, world: Optional[int] = None, base_lr: float = 0.1,
+              base_batch: int = 32) -> float:
+    """The linear scaling rule of the GN paper: ``base_lr * batch_per_process * world / base_batch``.
+
+    >>> scaled_lr(32, 1), scaled_lr(4, 2), scaled_lr(2, 8)
+    (0.1, 0.025, 0.05)
+    """
+    world = world_size() if world is None else world
+    for name, v in (("batch_per_process", batch_per_process), ("world", world),
+                    ("base_batch", base_batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not base_lr > 0:
+        raise ValueError(f"base_lr must be > 0, got {base_lr!r}")
+    return base_lr * batch_per_process * world / base_batch
+
+
+def rank_seed(seed: int, this_rank: Optional[int] = None) -> int:
+    """A per-rank seed (``seed + 1009 * rank``) for augmentation and dropout, so processes do not
+    draw identical random numbers. Build the model with the plain ``seed`` (DDP also broadcasts
+    rank 0's weights)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    r = rank() if this_rank is None else this_rank
+    return seed + 1009 * r
+
+
+def make_sampler(dataset: Dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 *, num_replicas: Optional[int] = None, this_rank: Optional[int] = None
+                 ) -> DistributedSampler:
+    """The training sampler: a DistributedSampler over all processes (also with one process).
+
+    Epoch ``e`` uses the permutation of ``seed + e`` (call :func:`set_epoch` each epoch) and rank
+    ``r`` of ``W`` takes positions ``r, r + W, ...`` of it, so the *global* batches are the same
+    for any process count: batch b of 2 processes x 4 images holds exactly the 8 images of batch
+    b of 1 process x 8. Resuming at an epoch reproduces its order, at any process count. Without
+    ``drop_last`` the permutation is padded with its first items to a multiple of W.
+
+    ``num_replicas``/``this_rank`` override the process group (tests, planning).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    w = world_size() if num_replicas is None else num_replicas
+    r = rank() if this_rank is None else this_rank
+    if not 0 <= r < w:
+        raise ValueError(f"rank must be in [0, {w}), got {r}")
+    return DistributedSampler(dataset, num_replicas=w, rank=r, shuffle=shuffle, seed=seed,
+                              drop_last=drop_last)
+
+
+class ShardSampler(Sampler[int]):
+    """Items ``rank, rank + W, rank + 2W, ...`` of the dataset, in order, without padding: every
+    item is seen exactly once over all ranks (ranks may get one item more than others)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, this_rank: int) -> None:
+        if not 0 <= this_rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {this_rank}")
+        self.n = len(dataset)  # type: ignore[arg-type]
+        self.num_replicas, self.rank = num_replicas, this_rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.num_replicas))
+
+
+def make_eval_sampler(dataset: Dataset, *, num_replicas: Optional[int] = None,
+                      this_rank: Optional[int] = None) -> ShardSampler:
+    """The evaluation sampler: each item on exactly one rank. Evaluate ``unwrap(model)`` under
+    ``torch.no_grad()`` (no collectives, so unequal shard sizes are fine), then combine counts
+    with :func:`all_reduce_sum` for exact metrics."""
+    w = world_size() if num_replicas is None else num_replicas
+    r = rank() if this_rank is None else this_rank
+    return ShardSampler(dataset, w, r)
+
+
+def set_epoch(sampler: Any, epoch: int) -> None:
+    """``sampler.set_epoch(epoch)`` when the sampler has it (DistributedSampler), else nothing."""
+    fn = getattr(sampler, "set_epoch", None)
+    if callable(fn):
+        fn(epoch)
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+
+
+class LaunchError(RuntimeError):
+    """A distributed job launched by :func:`launch` failed (a worker died or timed out)."""
+
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+def _check_pos_int(name: str, v: Any, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return v
+
+
+def torchrun_command(
+    argv: Sequence[str],
+    nproc_per_node: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: Optional[int] = None,
+    rdzv_endpoint: Optional[str] = None,
+    *,
+    python: str = sys.executable,
+    monitor_interval: float = 0.5,
+) -> list[str]:
+    """The ``python -m torch.distributed.run ...`` command line that :func:`launch` runs.
+
+    Rendezvous: ``rdzv_endpoint="host:port"`` -> c10d rendezvous (elastic, multi-node); else a
+    single node without ``master_port`` -> ``--standalone`` (a free local port); else static
+    rendezvous at ``master_addr:master_port`` with ``node_rank``. ``argv`` is the program:
+    ``["-m", "package.module", args...]`` or ``["script.py", args...]``.
+    """
+    if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence) or not argv:
+        raise TypeError(f"argv must be a non-empty list of strings, got {argv!r}")
+    if not all(isinstance(a, str) for a in argv):
+        raise TypeError(f"argv must contain only strings, got {list(argv)!r}")
+    if argv[0] == "-m" and len(argv) < 2:
+        raise ValueError(f"argv {list(argv)!r}: '-m' needs a module name")
+    _check_pos_int("nproc_per_node", nproc_per_node)
+    _check_pos_int("nnodes", nnodes)
+    if isinstance(node_rank, bool) or not isinstance(node_rank, int) or not 0 <= node_rank < nnodes:
+        raise ValueError(f"node_rank must be an int in [0, nnodes={nnodes}), got {node_rank!r}")
+    if master_port is not None and (
+        isinstance(master_port, bool) or not isinstance(master_port, int)
+        or not 1 <= master_port <= 65535
+    ):
+        raise ValueError(f"master_port must be an int in [1, 65535], got {master_port!r}")
+    if not isinstance(master_addr, str) or not master_addr:
+        raise ValueError(f"master_addr must be a non-empty host name, got {master_addr!r}")
+    cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
+           "--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
+           "--monitor-interval", str(monitor_interval)]
+    if rdzv_endpoint is not None:
+        host, _, port = str(rdzv_endpoint).rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"rdzv_endpoint must be 'host:port', got {rdzv_endpoint!r}")
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
+                "--rdzv-id", os.environ.get("NORMLAB_RDZV_ID", "normlab")]
+    elif nnodes == 1 and master_port is None:
+        cmd += ["--standalone"]
+    else:
+        if master_port is None:
+            raise ValueError(f"nnodes={nnodes} needs master_port (or rdzv_endpoint)")
+        cmd += ["--node-rank", str(node_rank), "--master-addr", master_addr,
+                "--master-port", str(master_port)]
+    if argv[0] == "-m":
+        cmd += ["-m", *argv[1:]]
+    else:
+        cmd += list(argv)
+    return cmd
+
+
+def _kill_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the launcher's process group, then SIGKILL after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def launch(
+    argv: Sequence[str],
+    nproc_per_node: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: Optional[int] = None,
+    rdzv_endpoint: Optional[str] = None,
+    *,
+    timeout: Optional[float] = None,
+    env: Optional[dict[str, str]] = None,
+    check: bool = True,
+    python: str = sys.executable,
+) -> int:
+    """Run ``argv`` on ``nproc_per_node`` processes (per node) through ``torch.distributed.run``.
+
+    Args:
+        argv: the program, ``["-m", "normlab.lab.cli", "train", ...]`` or ``["script.py", ...]``.
+        nproc_per_node: processes on this node (one per GPU on CUDA).
+        nnodes, node_rank, master_addr, master_port, rdzv_endpoint: multi-node rendezvous, as
+            torchrun's options (see :func:`torchrun_command`); run ``launch`` on every node.
+        timeout: seconds after which the whole job is stopped (None: no limit).
+        env: extra environment variables for the workers.
+        check: raise :class:`LaunchError` on failure (else return the exit code).
+        python: the interpreter.
+
+    Returns:
+        The exit code (0 on success).
+
+    Faults: torchrun runs with ``--max-restarts 0``; when any worker exits with an error or is
+    killed, torchrun terminates the other workers (SIGTERM, then SIGKILL) and exits non-zero,
+    within a few seconds. Workers blocked in a collective on a *hung* (not dead) peer fail after
+    the collective timeout of :func:`setup`. ``OMP_NUM_THREADS`` defaults to the CPU count
+    divided by the processes on the node.
+    """
+    cmd = torchrun_command(argv, nproc_per_node, nnodes, node_rank, master_addr, master_port,
+                           rdzv_endpoint, python=python)
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    child_env = dict(os.environ)
+    child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    if env:
+        child_env.update({str(k): str(v) for k, v in env.items()})
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, env=child_env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc, grace=10.0)
+        rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+        if check:
+            raise LaunchError(
+                f"distributed job stopped after the {timeout:g} s time limit "
+                f"({nproc_per_node} process(es) per node): {' '.join(argv)}", rc) from None
+        return rc
+    except BaseException:  # KeyboardInterrupt: take the workers down with us
+        _kill_group(proc, grace=10.0)
+        raise
+    if rc != 0 and check:
+        raise LaunchError(
+            f"distributed job failed with exit code {rc} after {time.monotonic() - start:.1f} s "
+            f"({nproc_per_node} process(es) per node): a worker exited with an error or was "
+            "killed and torchrun stopped the others; the failing rank's traceback is printed "
+            f"above. Command: {' '.join(argv)}",
+            rc,
+        )
+    return rc
