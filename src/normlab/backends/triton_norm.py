@@ -1,0 +1,791 @@
+"""The Triton backend: one set of fused kernels for BN, LN, IN, GN and batch-group norm.
+
+Wu & He, "Group Normalization" (ECCV 2018), section 3.1: every normalization is the same operator
+with a different statistics set. For ``x`` of shape ``(N, C, *spatial)`` (S = prod(spatial)) split
+into ``G`` groups of ``Cg = C/G`` channels, a *statistic* ``k`` covers
+
+* ``over_batch=False`` (LN, IN, GN): ``k = n*G + g``, the elements ``x[n, g*Cg:(g+1)*Cg, :]``;
+* ``over_batch=True``  (BN, batch-group norm): ``k = g``, the elements ``x[:, g*Cg:(g+1)*Cg, :]``.
+
+Each statistic is a 2-D tile space: *rows* are spatial positions (times samples when over the
+batch), *columns* are the ``Cg`` channels of the group. One address formula serves both layouts::
+
+    addr(n, c, s) = n*sn + c*sc + s*ss      NCHW: (C*S, S, 1)     channels_last: (S*C, 1, C)
+
+so channels_last input is read in place (no layout conversion). Tiles never cross a sample, so
+the row -> (n, s) split is one scalar division per tile, not per element.
+
+Forward (per statistic)::
+
+    mean, M2   per tile by two passes over the tile in registers, merged tile by tile with
+               Chan et al.'s pairwise update (never E[x^2] - E[x]^2):
+               n = na + nb, d = mb - ma, mean = ma + d*nb/n, M2 = M2a + M2b + d^2*na*nb/n
+    rstd       = 1 / sqrt(M2/m + eps)
+    y          = act((x - mean) * rstd * w_c + b_c)
+
+Backward, with z = xhat*w + b and dz = dy * act'(z)::
+
+    db_c = sum dz          dw_c = sum dz * xhat        (over the rows; per-program partials,
+                                                        reduced in a fixed order: deterministic)
+    A = sum_c w_c db_c     B = sum_c w_c dw_c           (over the statistic's elements)
+    dx = rstd * (dz*w - (A + xhat*B) / m)
+
+Parallelism: when there are fewer statistics than ~2 programs per SM (small N*G), a statistic's
+rows are split over ``SPLIT`` programs; partial (count, mean, M2) and partial (A, B) are written
+to scratch and combined with Chan's formula by the next kernel (fixed order, no atomics). With
+enough statistics (``SPLIT == 1``) each program does both passes itself (the second read of its
+slice mostly hits L2): forward one launch, backward two (dx + the dw/db row reduction).
+
+Eval with given per-channel statistics (``normalize_fixed``, BatchNorm in eval) reuses the same
+kernels with G = 1 over the batch and per-channel mean/rstd loaded per column tile.
+
+Launchers are wrapped as ``torch.library`` custom ops (``normlab::triton_norm_fwd`` etc.) with
+fake implementations and registered autograd, so the backend works under
+``torch.compile(fullgraph=True)`` and in CUDA graphs (no host synchronisation, no allocation that
+depends on data). On CPU tensors the kernels run in Triton's interpreter when
+``TRITON_INTERPRET=1`` (tests only: slow).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from normlab.backends.reference import update_running_stats
+
+__all__ = ["TritonBackend", "BACKEND", "TUNING", "plan_launch", "LaunchPlan"]
+
+# activation name -> constexpr code used by the kernels
+ACT_CODES = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Tuning knobs read at launch time. ``None`` means the device default. Tests shrink them to force
+# split reductions and multi-tile groups on tiny shapes.
+TUNING: dict = {
+    "target_programs": None,  # programs to aim for; fewer statistics than this -> split rows
+    "block_elems": None,  # elements per tile (power of two)
+    "max_block_c": None,  # cap on the channel extent of a tile
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+# ============================================================================================
+# kernels
+# ============================================================================================
+
+
+@triton.jit
+def _act_fwd(z, ACT: tl.constexpr):
+    """Fused activation on the float32 pre-activation z (gelu is the exact erf form)."""
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = z * tl.sigmoid(z)
+    elif ACT == 3:
+        z = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    return z
+
+
+@triton.jit
+def _act_bwd(z, dy, ACT: tl.constexpr):
+    """dy * act'(z): relu' = [z > 0], silu' = s(1 + z(1 - s)), gelu' = Phi(z) + z*phi(z)."""
+    if ACT == 1:
+        dz = tl.where(z > 0.0, dy, 0.0)
+    elif ACT == 2:
+        s = tl.sigmoid(z)
+        dz = dy * (s * (1.0 + z * (1.0 - s)))
+    elif ACT == 3:
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        dz = dy * (cdf + z * pdf)
+    else:
+        dz = dy
+    return dz
+
+
+@triton.jit
+def _stat_base(k, G, Cg, sn, sc, OVER_BATCH: tl.constexpr):
+    """(sample of statistic k or 0, group of k, int64 element offset of its first element)."""
+    if OVER_BATCH:
+        n0 = k * 0
+        g = k
+    else:
+        n0 = k // G
+        g = k % G
+    base = n0.to(tl.int64) * sn + (g * Cg).to(tl.int64) * sc
+    return n0, g, base
+
+
+@triton.jit
+def _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH: tl.constexpr, BLOCK_R: tl.constexpr,
+          BLOCK_C: tl.constexpr):
+    """Row tile rt, column tile ct of a statistic -> (int64 offset of the tile's sample,
+    int32 in-sample offsets [BLOCK_R, BLOCK_C], mask, number of valid elements)."""
+    if OVER_BATCH:
+        nn = rt // TPS
+        s0 = (rt - nn * TPS) * BLOCK_R
+        sample = nn.to(tl.int64) * sn
+    else:
+        s0 = rt * BLOCK_R
+        sample = s0.to(tl.int64) * 0
+    c0 = ct * BLOCK_C
+    rows = s0 + tl.arange(0, BLOCK_R)
+    cols = c0 + tl.arange(0, BLOCK_C)
+    offs = rows[:, None] * ss + cols[None, :] * sc
+    mask = (rows[:, None] < S) & (cols[None, :] < Cg)
+    count = (tl.minimum(S - s0, BLOCK_R) * tl.minimum(Cg - c0, BLOCK_C)).to(tl.float32)
+    return sample, offs, mask, count
+
+
+@triton.jit
+def _channel_vectors(W, B, MEAN, VAR, g, ct, Cg, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     PER_CHANNEL: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-column weight, bias (and, for given per-channel statistics, mean and rstd)."""
+    cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < Cg
+    ch = g * Cg + cols
+    if HAS_W:
+        w = tl.load(W + ch, mask=cm, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(cm, 1.0, 0.0)
+    if HAS_B:
+        b = tl.load(B + ch, mask=cm, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if PER_CHANNEL:
+        mu = tl.load(MEAN + ch, mask=cm, other=0.0).to(tl.float32)
+        var = tl.load(VAR + ch, mask=cm, other=1.0).to(tl.float32)
+        rs = 1.0 / tl.sqrt(var + eps)
+    else:
+        mu = tl.zeros([BLOCK_C], dtype=tl.float32)
+        rs = tl.zeros([BLOCK_C], dtype=tl.float32)
+    return cols, cm, ch, w, b, mu, rs
+
+
+@triton.jit
+def _fwd_kernel(
+    X, Y, W, B, MEAN, RSTD, VAR, PART,
+    S, Cg, G, CT, TPS, RT, TPP, sn, sc, ss, eps,
+    OVER_BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    STAGE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Forward. grid = (statistics, SPLIT). STAGE 0: statistics then normalize (SPLIT == 1);
+    1: partial (count, mean, M2) only; 2: combine partials then normalize; 3: normalize with the
+    given per-channel MEAN/VAR (eval)."""
+    k = tl.program_id(0)
+    j = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    n0, g, base = _stat_base(k, G, Cg, sn, sc, OVER_BATCH)
+    rt_lo = j * TPP
+    rt_hi = tl.minimum(rt_lo + TPP, RT)
+
+    mean = 0.0
+    rstd = 0.0
+    if STAGE == 0 or STAGE == 1:
+        cnt = 0.0
+        m2 = 0.0
+        for ct in range(0, CT):
+            for rt in range(rt_lo, rt_hi):
+                sample, offs, mask, tcount = _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH,
+                                                   BLOCK_R, BLOCK_C)
+                x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
+                tmean = tl.sum(tl.sum(x, axis=1), axis=0) / tcount
+                d = tl.where(mask, x - tmean, 0.0)
+                tm2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+                # Chan et al.: merge (cnt, mean, m2) with the tile's (tcount, tmean, tm2)
+                tot = cnt + tcount
+                delta = tmean - mean
+                frac = tcount / tot
+                mean = mean + delta * frac
+                m2 = m2 + tm2 + delta * delta * cnt * frac
+                cnt = tot
+        if STAGE == 1:
+            p = PART + (k * nsplit + j) * 3
+            tl.store(p, cnt)
+            tl.store(p + 1, mean)
+            tl.store(p + 2, m2)
+            return
+        var = m2 / cnt
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(MEAN + k, mean)
+        tl.store(RSTD + k, rstd)
+        tl.store(VAR + k, var)
+    if STAGE == 2:
+        idx = tl.arange(0, SPLIT_BLOCK)
+        pm = idx < nsplit
+        p = PART + (k * nsplit + idx) * 3
+        pc = tl.load(p, mask=pm, other=0.0)
+        pmean = tl.load(p + 1, mask=pm, other=0.0)
+        pm2 = tl.load(p + 2, mask=pm, other=0.0)
+        cnt = tl.sum(pc, axis=0)
+        mean = tl.sum(pc * pmean, axis=0) / cnt
+        dm = pmean - mean
+        var = (tl.sum(pm2, axis=0) + tl.sum(pc * dm * dm, axis=0)) / cnt
+        rstd = 1.0 / tl.sqrt(var + eps)
+        if j == 0:
+            tl.store(MEAN + k, mean)
+            tl.store(RSTD + k, rstd)
+            tl.store(VAR + k, var)
+
+    for ct in range(0, CT):
+        cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g, ct, Cg, eps, HAS_W,
+                                                      HAS_B, STAGE == 3, BLOCK_C)
+        if STAGE != 3:
+            mu = mu + mean
+            rs = rs + rstd
+        scale = (rs * w)[None, :]
+        for rt in range(rt_lo, rt_hi):
+            sample, offs, mask, tcount = _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH,
+                                               BLOCK_R, BLOCK_C)
+            x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
+            z = (x - mu[None, :]) * scale + b[None, :]
+            y = _act_fwd(z, ACT)
+            tl.store(Y + base + sample + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(
+    X, DY, DX, W, B, MEAN, RSTD, VAR, AB, PDW, PDB,
+    S, Cg, G, C, CT, TPS, RT, TPP, sn, sc, ss, eps, inv_m,
+    OVER_BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    STAGE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward. grid = (statistics, SPLIT). STAGE 0: reduce then dx (SPLIT == 1); 1: reduce only
+    (per-channel partials + partial A, B); 2: combine A, B then dx; 3: given per-channel
+    statistics (eval): dx and per-channel partials in one pass.
+
+    Per-channel partial sums go to row ``n*SPLIT + j`` (or ``j`` over the batch) of PDW/PDB
+    (rows x C, float32); ``_reduce_rows_kernel`` sums the rows in order."""
+    k = tl.program_id(0)
+    j = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    n0, g, base = _stat_base(k, G, Cg, sn, sc, OVER_BATCH)
+    rt_lo = j * TPP
+    rt_hi = tl.minimum(rt_lo + TPP, RT)
+    if OVER_BATCH:
+        prow = j
+    else:
+        prow = n0 * nsplit + j
+
+    mean = 0.0
+    rstd = 0.0
+    if STAGE != 3:
+        mean = tl.load(MEAN + k)
+        rstd = tl.load(RSTD + k)
+
+    a_sum = 0.0
+    b_sum = 0.0
+    if STAGE != 2:
+        for ct in range(0, CT):
+            cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g, ct, Cg, eps, HAS_W,
+                                                          HAS_B, STAGE == 3, BLOCK_C)
+            if STAGE != 3:
+                mu = mu + mean
+                rs = rs + rstd
+            db_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            dw_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for rt in range(rt_lo, rt_hi):
+                sample, offs, mask, tcount = _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH,
+                                                   BLOCK_R, BLOCK_C)
+                x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
+                xhat = (x - mu[None, :]) * rs[None, :]
+                dz = _act_bwd(xhat * w[None, :] + b[None, :], dy, ACT)
+                dz = tl.where(mask, dz, 0.0)
+                db_acc += tl.sum(dz, axis=0)
+                dw_acc += tl.sum(dz * xhat, axis=0)
+                if STAGE == 3:
+                    dx = dz * (w * rs)[None, :]
+                    tl.store(DX + base + sample + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_W:
+                tl.store(PDW + prow * C + ch, dw_acc, mask=cm)
+            if HAS_B:
+                tl.store(PDB + prow * C + ch, db_acc, mask=cm)
+            a_sum += tl.sum(db_acc * w, axis=0)
+            b_sum += tl.sum(dw_acc * w, axis=0)
+        if STAGE == 1:
+            tl.store(AB + (k * nsplit + j) * 2, a_sum)
+            tl.store(AB + (k * nsplit + j) * 2 + 1, b_sum)
+        if STAGE == 1 or STAGE == 3:
+            return
+    if STAGE == 2:
+        idx = tl.arange(0, SPLIT_BLOCK)
+        pm = idx < nsplit
+        a_sum = tl.sum(tl.load(AB + (k * nsplit + idx) * 2, mask=pm, other=0.0), axis=0)
+        b_sum = tl.sum(tl.load(AB + (k * nsplit + idx) * 2 + 1, mask=pm, other=0.0), axis=0)
+
+    a_m = a_sum * inv_m
+    b_m = b_sum * inv_m
+    for ct in range(0, CT):
+        cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g, ct, Cg, eps, HAS_W,
+                                                      HAS_B, False, BLOCK_C)
+        for rt in range(rt_lo, rt_hi):
+            sample, offs, mask, tcount = _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH,
+                                               BLOCK_R, BLOCK_C)
+            x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
+            xhat = (x - mean) * rstd
+            dz = _act_bwd(xhat * w[None, :] + b[None, :], dy, ACT)
+            dx = rstd * (dz * w[None, :] - (a_m + xhat * b_m))
+            tl.store(DX + base + sample + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_rows_kernel(PDW, PDB, DW, DB, ROWS, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """DW[c] = sum_r PDW[r, c] (and DB likewise), rows added in order 0..ROWS-1: deterministic."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cm = cols < C
+    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in range(0, ROWS):
+        if HAS_W:
+            acc_w += tl.load(PDW + r * C + cols, mask=cm, other=0.0)
+        if HAS_B:
+            acc_b += tl.load(PDB + r * C + cols, mask=cm, other=0.0)
+    if HAS_W:
+        tl.store(DW + cols, acc_w.to(DW.dtype.element_ty), mask=cm)
+    if HAS_B:
+        tl.store(DB + cols, acc_b.to(DB.dtype.element_ty), mask=cm)
+
+
+# ============================================================================================
+# launch planning (pure Python: shapes, strides, block sizes, split factor)
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How one call maps onto the kernels (all derived from shapes and strides only)."""
+
+    n: int
+    c: int
+    s: int  # prod(spatial)
+    g: int  # groups (1 for per-channel given statistics)
+    cg: int  # channels per group
+    over_batch: bool
+    strides: Tuple[int, int, int]  # (sn, sc, ss) in elements
+    num_stats: int  # K: G if over_batch else N*G
+    count: int  # m: elements behind each statistic
+    block_r: int
+    block_c: int
+    col_tiles: int  # CT
+    tiles_per_sample: int  # TPS
+    row_tiles: int  # RT: row tiles of one statistic
+    tiles_per_program: int  # TPP
+    split: int  # programs per statistic
+    num_warps: int
+
+    @property
+    def partial_rows(self) -> int:
+        """Rows of the per-channel dw/db partial buffers."""
+        return self.split if self.over_batch else self.n * self.split
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+_SM_COUNT: dict = {}
+
+
+def _default_target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: programs run one after another, keep them few
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 2 * _SM_COUNT[idx]
+
+
+def kernel_strides(x: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
+    """x in a layout the kernels read in place, and its (sn, sc, ss) element strides.
+
+    NCHW-contiguous and channels_last(_3d) are used as they are. Any other strides (a slice, a
+    permutation) are first made contiguous: one copy, documented here rather than a silent
+    slow path in the kernels.
+    """
+    n, c = x.shape[0], x.shape[1]
+    s = math.prod(x.shape[2:])
+    if x.is_contiguous():
+        return x, (c * s, s, 1)
+    if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
+        x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return x, (s * c, 1, c)
+    x = x.contiguous()
+    return x, (c * s, s, 1)
+
+
+def plan_launch(
+    shape: Tuple[int, ...],
+    strides: Tuple[int, int, int],
+    num_groups: int,
+    over_batch: bool,
+    device: torch.device = torch.device("cpu"),
+) -> LaunchPlan:
+    """Block sizes and split factor for x of ``shape`` with kernel strides ``strides``.
+
+    Tiles are [BLOCK_R rows, BLOCK_C channels] of about ``block_elems`` elements; the channel
+    extent is capped (64 when rows are contiguous, NCHW; 256 for channels_last; 1024 when there
+    are no spatial positions) so that the contiguous axis gets the larger share. A statistic's
+    row tiles are split over ``split`` programs when there are fewer statistics than the target.
+    """
+    n, c = int(shape[0]), int(shape[1])
+    s = math.prod(int(d) for d in shape[2:])
+    g = num_groups
+    cg = c // g
+    k = g if over_batch else n * g
+    count = cg * s * (n if over_batch else 1)
+    elems = TUNING["block_elems"] or (4096 if device.type == "cuda" else 1024)
+    if TUNING["max_block_c"]:
+        cap_c = TUNING["max_block_c"]
+    elif s == 1:
+        cap_c = 1024
+    elif strides[2] == 1:
+        cap_c = 64
+    else:
+        cap_c = 256
+    block_r = max(1, min(_next_pow2(s), elems // min(_next_pow2(cg), cap_c)))
+    block_c = max(1, min(_next_pow2(cg), cap_c, max(1, elems // block_r)))
+    col_tiles = triton.cdiv(cg, block_c)
+    tps = triton.cdiv(s, block_r)
+    row_tiles = tps * (n if over_batch else 1)
+    target = TUNING["target_programs"] or _default_target_programs(device)
+    split = 1 if k >= target else min(row_tiles, triton.cdiv(target, k))
+    tpp = triton.cdiv(row_tiles, split)
+    split = triton.cdiv(row_tiles, tpp)  # no empty programs
+    tile = block_r * block_c
+    num_warps = max(1, min(8, tile // 256))
+    return LaunchPlan(n, c, s, g, cg, over_batch, strides, k, count, block_r, block_c,
+                      col_tiles, tps, row_tiles, tpp, split, num_warps)
+
+
+def _param(p: Optional[Tensor], like: Tensor) -> Tensor:
+    """A contiguous parameter, or a 1-element dummy pointer when absent (never read)."""
+    return like if p is None else p.contiguous()
+
+
+# ============================================================================================
+# launchers
+# ============================================================================================
+
+
+def _launch_fwd(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
+    over_batch: bool, eps: float, activation: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    x, strides = kernel_strides(x)
+    p = plan_launch(tuple(x.shape), strides, num_groups, over_batch, x.device)
+    y = torch.empty_like(x)
+    stat_shape = (num_groups,) if over_batch else (p.n, num_groups)
+    mean = torch.empty(stat_shape, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    var = torch.empty_like(mean)
+    part = torch.empty((p.num_stats * p.split * 3,) if p.split > 1 else (1,),
+                       device=x.device, dtype=torch.float32)
+    w, b = _param(weight, mean), _param(bias, mean)
+    common = dict(
+        OVER_BATCH=over_batch, HAS_W=weight is not None, HAS_B=bias is not None,
+        ACT=ACT_CODES[activation], SPLIT_BLOCK=_next_pow2(p.split), BLOCK_R=p.block_r,
+        BLOCK_C=p.block_c, num_warps=p.num_warps,
+    )
+    args = (x, y, w, b, mean, rstd, var, part, p.s, p.cg, p.g, p.col_tiles, p.tiles_per_sample,
+            p.row_tiles, p.tiles_per_program, *p.strides, eps)
+    grid = (p.num_stats, p.split)
+    if p.split == 1:
+        _fwd_kernel[grid](*args, STAGE=0, **common)
+    else:
+        _fwd_kernel[grid](*args, STAGE=1, **common)
+        _fwd_kernel[grid](*args, STAGE=2, **common)
+    return y, mean, rstd, var
+
+
+def _launch_fixed(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    eps: float, activation: str,
+) -> Tensor:
+    x, strides = kernel_strides(x)
+    # all channels form one "group" over the batch; statistics are per channel (PER_CHANNEL)
+    p = plan_launch(tuple(x.shape), strides, 1, True, x.device)
+    p = _elementwise_split(p, x.device)
+    y = torch.empty_like(x)
+    mean, var = mean.contiguous(), var.contiguous()
+    w, b = _param(weight, mean), _param(bias, mean)
+    _fwd_kernel[(1, p.split)](
+        x, y, w, b, mean, mean, var, mean, p.s, p.cg, p.g, p.col_tiles, p.tiles_per_sample,
+        p.row_tiles, p.tiles_per_program, *p.strides, eps,
+        OVER_BATCH=True, HAS_W=weight is not None, HAS_B=bias is not None,
+        ACT=ACT_CODES[activation], STAGE=3, SPLIT_BLOCK=1, BLOCK_R=p.block_r,
+        BLOCK_C=p.block_c, num_warps=p.num_warps,
+    )
+    return y
+
+
+def _elementwise_split(p: LaunchPlan, device: torch.device) -> LaunchPlan:
+    """For given statistics every tile is independent: one program per few row tiles."""
+    target = 4 * (TUNING["target_programs"] or _default_target_programs(device))
+    tpp = triton.cdiv(p.row_tiles, min(p.row_tiles, target))
+    split = triton.cdiv(p.row_tiles, tpp)
+    return LaunchPlan(**{**p.__dict__, "tiles_per_program": tpp, "split": split})
+
+
+def _launch_bwd(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+    rstd: Tensor, var: Optional[Tensor], num_groups: int, over_batch: bool, eps: float,
+    activation: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """dx, dweight, dbias. ``var`` given (and ``mean`` per channel) means fixed statistics."""
+    fixed = var is not None
+    x, strides = kernel_strides(x)
+    fmt = torch.contiguous_format if strides[2] == 1 or x.dim() < 4 else (
+        torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    dy = dy.contiguous(memory_format=fmt)  # no-op when autograd hands dy in x's layout
+    if fixed:
+        p = _elementwise_split(plan_launch(tuple(x.shape), strides, 1, True, x.device), x.device)
+    else:
+        p = plan_launch(tuple(x.shape), strides, num_groups, over_batch, x.device)
+    dx = torch.empty_like(x)
+    dev = x.device
+    has_w, has_b = weight is not None, bias is not None
+    rows = p.partial_rows
+    pdw = torch.empty((rows, p.c) if has_w else (1,), device=dev, dtype=torch.float32)
+    pdb = torch.empty((rows, p.c) if has_b else (1,), device=dev, dtype=torch.float32)
+    ab = torch.empty((p.num_stats * p.split * 2,) if p.split > 1 and not fixed else (1,),
+                     device=dev, dtype=torch.float32)
+    mean = mean.contiguous()
+    rstd = rstd.contiguous()
+    var_t = var.contiguous() if fixed else rstd
+    w, b = _param(weight, mean), _param(bias, mean)
+    common = dict(
+        OVER_BATCH=True if fixed else over_batch, HAS_W=has_w, HAS_B=has_b,
+        ACT=ACT_CODES[activation], SPLIT_BLOCK=_next_pow2(p.split), BLOCK_R=p.block_r,
+        BLOCK_C=p.block_c, num_warps=p.num_warps,
+    )
+    args = (x, dy, dx, w, b, mean, rstd, var_t, ab, pdw, pdb, p.s, p.cg, p.g, p.c, p.col_tiles,
+            p.tiles_per_sample, p.row_tiles, p.tiles_per_program, *p.strides, eps,
+            1.0 / p.count)
+    grid = (p.num_stats, p.split)
+    if fixed:
+        _bwd_kernel[grid](*args, STAGE=3, **common)
+    elif p.split == 1:
+        _bwd_kernel[grid](*args, STAGE=0, **common)
+    else:
+        _bwd_kernel[grid](*args, STAGE=1, **common)
+        _bwd_kernel[grid](*args, STAGE=2, **common)
+    dw = torch.empty((p.c,) if has_w else (0,), device=dev,
+                     dtype=weight.dtype if has_w else x.dtype)
+    db = torch.empty((p.c,) if has_b else (0,), device=dev,
+                     dtype=bias.dtype if has_b else x.dtype)
+    if has_w or has_b:
+        block = min(256, _next_pow2(p.c))
+        _reduce_rows_kernel[(triton.cdiv(p.c, block),)](
+            pdw, pdb, dw if has_w else pdw, db if has_b else pdb, rows, p.c,
+            HAS_W=has_w, HAS_B=has_b, BLOCK=block,
+        )
+    return dx, dw, db
+
+
+# ============================================================================================
+# torch.library custom ops: eager impl, fake impl, autograd
+# ============================================================================================
+
+
+def _stat_shape(x: Tensor, num_groups: int, over_batch: bool) -> Tuple[int, ...]:
+    return (num_groups,) if over_batch else (x.shape[0], num_groups)
+
+
+@torch.library.custom_op("normlab::triton_norm_fwd", mutates_args=())
+def triton_norm_fwd(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
+    over_batch: bool, eps: float, activation: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, rstd, biased var) of the operator; statistics float32 of shape (G,) or (N, G)."""
+    return _launch_fwd(x, weight, bias, num_groups, over_batch, eps, activation)
+
+
+@triton_norm_fwd.register_fake
+def _(x, weight, bias, num_groups, over_batch, eps, activation):
+    xk, _ = kernel_strides(x)
+    shape = _stat_shape(x, num_groups, over_batch)
+    stat = lambda: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return torch.empty_like(xk), stat(), stat(), stat()
+
+
+@torch.library.custom_op("normlab::triton_norm_bwd", mutates_args=())
+def triton_norm_bwd(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+    rstd: Tensor, num_groups: int, over_batch: bool, activation: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); dweight/dbias are empty (0,) tensors when weight/bias is None."""
+    return _launch_bwd(dy, x, weight, bias, mean, rstd, None, num_groups, over_batch, 0.0,
+                       activation)
+
+
+def _grad_fakes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+    xk, _ = kernel_strides(x)
+    c = x.shape[1]
+    dw = x.new_empty((c,) if weight is not None else (0,),
+                     dtype=weight.dtype if weight is not None else x.dtype)
+    db = x.new_empty((c,) if bias is not None else (0,),
+                     dtype=bias.dtype if bias is not None else x.dtype)
+    return torch.empty_like(xk), dw, db
+
+
+@triton_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, num_groups, over_batch, activation):
+    return _grad_fakes(x, weight, bias)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, over_batch, eps, activation = inputs
+    y, mean, rstd, var = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.cfg = (num_groups, over_batch, activation)
+    ctx.mark_non_differentiable(mean, rstd, var)
+
+
+def _fwd_backward(ctx, dy, dmean, drstd, dvar):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    num_groups, over_batch, activation = ctx.cfg
+    dx, dw, db = triton_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, over_batch,
+                                 activation)
+    return (dx, dw if weight is not None else None, db if bias is not None else None,
+            None, None, None, None)
+
+
+triton_norm_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+@torch.library.custom_op("normlab::triton_norm_fixed", mutates_args=())
+def triton_norm_fixed(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    eps: float, activation: str,
+) -> Tensor:
+    """act(w_c * (x - mean_c) / sqrt(var_c + eps) + b_c) with given per-channel statistics."""
+    return _launch_fixed(x, mean, var, weight, bias, eps, activation)
+
+
+@triton_norm_fixed.register_fake
+def _(x, mean, var, weight, bias, eps, activation):
+    return torch.empty_like(kernel_strides(x)[0])
+
+
+@torch.library.custom_op("normlab::triton_norm_fixed_bwd", mutates_args=())
+def triton_norm_fixed_bwd(
+    dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+    bias: Optional[Tensor], eps: float, activation: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of :func:`triton_norm_fixed` (the statistics are constants)."""
+    return _launch_bwd(dy, x, weight, bias, mean, mean, var, 1, True, eps, activation)
+
+
+@triton_norm_fixed_bwd.register_fake
+def _(dy, x, mean, var, weight, bias, eps, activation):
+    return _grad_fakes(x, weight, bias)
+
+
+def _fixed_setup_context(ctx, inputs, output):
+    x, mean, var, weight, bias, eps, activation = inputs
+    ctx.save_for_backward(x, mean, var, weight, bias)
+    ctx.cfg = (eps, activation)
+
+
+def _fixed_backward(ctx, dy):
+    x, mean, var, weight, bias = ctx.saved_tensors
+    eps, activation = ctx.cfg
+    dx, dw, db = triton_norm_fixed_bwd(dy, x, mean, var, weight, bias, eps, activation)
+    return (dx, None, None, dw if weight is not None else None,
+            db if bias is not None else None, None, None)
+
+
+triton_norm_fixed.register_autograd(_fixed_backward, setup_context=_fixed_setup_context)
+
+
+# ============================================================================================
+# the backend object
+# ============================================================================================
+
+
+class TritonBackend:
+    """The ``"triton"`` backend (see :mod:`normlab.backends`).
+
+    Example::
+
+        >>> with normlab.use_backend("triton"):
+        ...     y = normlab.nn.GroupNorm(32, 256).cuda()(torch.randn(8, 256, 32, 32, device="cuda"))
+    """
+
+    name = "triton"
+
+    def available(self) -> bool:
+        return torch.cuda.is_available() or _interpreting()
+
+    def unsupported_reason(
+        self, x: Tensor, num_groups: int, over_batch: bool, activation: Optional[str]
+    ) -> Optional[str]:
+        if x.device.type == "cpu":
+            if not _interpreting():
+                return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
+        elif x.device.type != "cuda":
+            return f"device {x.device} is not supported (CUDA only)"
+        if x.dtype not in _SUPPORTED_DTYPES:
+            return f"dtype {x.dtype} is not supported (float16, bfloat16, float32 only)"
+        if not 2 <= x.dim() <= 5:
+            return f"{x.dim()}-D input is not supported (2 to 5 dims)"
+        if x.numel() == 0:
+            return "empty input"
+        if x.numel() // max(x.shape[0], 1) >= 2**31:
+            return "more than 2**31 elements per sample"
+        if activation is not None and activation not in ACT_CODES:
+            return f"activation {activation!r} is not supported"
+        return None
+
+    def normalize(
+        self,
+        x: Tensor,
+        num_groups: int,
+        over_batch: bool,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        eps: float,
+        activation: Optional[str],
+        running_mean: Optional[Tensor] = None,
+        running_var: Optional[Tensor] = None,
+        momentum: float = 0.1,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        xk, _ = kernel_strides(x)  # exotic strides -> one contiguous copy (autograd sees it)
+        y, mean, rstd, var = triton_norm_fwd(xk, weight, bias, num_groups, over_batch,
+                                             float(eps), activation or "none")
+        if running_mean is not None or running_var is not None:
+            n, c = x.shape[0], x.shape[1]
+            count = (c // num_groups) * math.prod(x.shape[2:]) * (n if over_batch else 1)
+            update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        return y, mean, rstd
+
+    def normalize_fixed(
+        self,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        eps: float,
+        activation: Optional[str],
+    ) -> Tensor:
+        xk, _ = kernel_strides(x)
+        return triton_norm_fixed(xk, mean.detach(), var.detach(), weight, bias, float(eps),
+                                 activation or "none")
+
+
+BACKEND = TritonBackend()
