@@ -236,3 +236,19 @@ def resolve_backend(
             return backend
     return get_backend("reference")
 
+
+
+def _preload() -> None:
+    """Load the backends up front, so that resolving one never imports a module inside a
+    torch.compile trace (dynamo cannot trace importlib). Triton is loaded only where it can run
+    (a CUDA device, or the interpreter), and silently left out when it is not installed."""
+    for name in ("reference", "native"):
+        get_backend(name)
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            get_backend("triton")
+        except BackendUnavailable:
+            pass
+
+
+_preload()
