@@ -17,11 +17,12 @@ the row -> (n, s) split is one scalar division per tile, not per element.
 
 Forward (per statistic)::
 
+    shift      the statistic's first element; all sums run over x - shift (shifted data)
     mean, M2   per tile by two passes over the tile in registers, merged tile by tile with
                Chan et al.'s pairwise update (never E[x^2] - E[x]^2):
                n = na + nb, d = mb - ma, mean = ma + d*nb/n, M2 = M2a + M2b + d^2*na*nb/n
     rstd       = 1 / sqrt(M2/m + eps)
-    y          = act((x - mean) * rstd * w_c + b_c)
+    y          = act(((x - shift) - mean') * rstd * w_c + b_c)      mean' = mean - shift
 
 Backward, with z = xhat*w + b and dz = dy * act'(z)::
 
@@ -72,6 +73,7 @@ TUNING: dict = {
     "target_programs": None,  # programs to aim for; fewer statistics than this -> split rows
     "block_elems": None,  # elements per tile (power of two)
     "max_block_c": None,  # cap on the channel extent of a tile
+    "poison": None,  # tests: fill every output and scratch buffer with this before launching
 }
 
 
@@ -189,6 +191,12 @@ def _fwd_kernel(
     rt_lo = j * TPP
     rt_hi = tl.minimum(rt_lo + TPP, RT)
 
+    # Shifted data: every program of statistic k subtracts the same shift (its first element),
+    # so sums run over values of the spread's magnitude, not the offset's (1e4 + 0.1*randn keeps
+    # full float32 accuracy). mean = shift + shifted mean.
+    shift = 0.0
+    if STAGE != 3:
+        shift = tl.load(X + base).to(tl.float32)
     mean = 0.0
     rstd = 0.0
     if STAGE == 0 or STAGE == 1:
@@ -199,6 +207,7 @@ def _fwd_kernel(
                 sample, offs, mask, tcount = _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH,
                                                    BLOCK_R, BLOCK_C)
                 x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
+                x = tl.where(mask, x - shift, 0.0)
                 tmean = tl.sum(tl.sum(x, axis=1), axis=0) / tcount
                 d = tl.where(mask, x - tmean, 0.0)
                 tm2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
@@ -217,7 +226,7 @@ def _fwd_kernel(
             return
         var = m2 / cnt
         rstd = 1.0 / tl.sqrt(var + eps)
-        tl.store(MEAN + k, mean)
+        tl.store(MEAN + k, mean + shift)
         tl.store(RSTD + k, rstd)
         tl.store(VAR + k, var)
     if STAGE == 2:
@@ -233,7 +242,7 @@ def _fwd_kernel(
         var = (tl.sum(pm2, axis=0) + tl.sum(pc * dm * dm, axis=0)) / cnt
         rstd = 1.0 / tl.sqrt(var + eps)
         if j == 0:
-            tl.store(MEAN + k, mean)
+            tl.store(MEAN + k, mean + shift)
             tl.store(RSTD + k, rstd)
             tl.store(VAR + k, var)
 
@@ -248,7 +257,7 @@ def _fwd_kernel(
             sample, offs, mask, tcount = _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH,
                                                BLOCK_R, BLOCK_C)
             x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
-            z = (x - mu[None, :]) * scale + b[None, :]
+            z = ((x - shift) - mu[None, :]) * scale + b[None, :]
             y = _act_fwd(z, ACT)
             tl.store(Y + base + sample + offs, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -471,6 +480,14 @@ def plan_launch(
                       col_tiles, tps, row_tiles, tpp, split, num_warps)
 
 
+def _poison(*tensors: Tensor) -> None:
+    """Test hook: pre-fill buffers so that elements a kernel fails to write are caught."""
+    value = TUNING["poison"]
+    if value is not None:
+        for t in tensors:
+            t.fill_(value)
+
+
 def _param(p: Optional[Tensor], like: Tensor) -> Tensor:
     """A contiguous parameter, or a 1-element dummy pointer when absent (never read)."""
     return like if p is None else p.contiguous()
@@ -494,6 +511,7 @@ def _launch_fwd(
     var = torch.empty_like(mean)
     part = torch.empty((p.num_stats * p.split * 3,) if p.split > 1 else (1,),
                        device=x.device, dtype=torch.float32)
+    _poison(y, mean, rstd, var, part)
     w, b = _param(weight, mean), _param(bias, mean)
     common = dict(
         OVER_BATCH=over_batch, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -520,6 +538,7 @@ def _launch_fixed(
     p = plan_launch(tuple(x.shape), strides, 1, True, x.device)
     p = _elementwise_split(p, x.device)
     y = torch.empty_like(x)
+    _poison(y)
     mean, var = mean.contiguous(), var.contiguous()
     w, b = _param(weight, mean), _param(bias, mean)
     _fwd_kernel[(1, p.split)](
@@ -563,6 +582,7 @@ def _launch_bwd(
     pdb = torch.empty((rows, p.c) if has_b else (1,), device=dev, dtype=torch.float32)
     ab = torch.empty((p.num_stats * p.split * 2,) if p.split > 1 and not fixed else (1,),
                      device=dev, dtype=torch.float32)
+    _poison(dx, pdw, pdb, ab)
     mean = mean.contiguous()
     rstd = rstd.contiguous()
     var_t = var.contiguous() if fixed else rstd
@@ -587,6 +607,7 @@ def _launch_bwd(
                      dtype=weight.dtype if has_w else x.dtype)
     db = torch.empty((p.c,) if has_b else (0,), device=dev,
                      dtype=bias.dtype if has_b else x.dtype)
+    _poison(dw, db)
     if has_w or has_b:
         block = min(256, _next_pow2(p.c))
         _reduce_rows_kernel[(triton.cdiv(p.c, block),)](

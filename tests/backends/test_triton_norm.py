@@ -1,0 +1,408 @@
+"""Tests of the Triton backend (src/normlab/backends/triton_norm.py; Wu & He 2018, section 3.1).
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), which is slow: shapes are tiny, and the tuning knobs (block size, target
+number of programs) are shrunk where a case must reach a code path that real shapes reach on a
+GPU (split reductions, groups spanning several tiles). On a CUDA machine the same tests run on
+the GPU.
+
+Every result is compared with the float64 reference backend (autograd of it for gradients) or
+the independent loop formula in tests/formula.py; outputs and scratch buffers are poisoned (NaN)
+before each launch so that an element no program writes shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import normlab  # noqa: E402
+from formula import normalize64, off_centre, rel_err  # noqa: E402
+from normlab import functional as NF  # noqa: E402
+from normlab.backends import BackendUnavailable, get_backend  # noqa: E402
+from normlab.backends import reference as ref_mod  # noqa: E402
+
+tn = pytest.importorskip("normlab.backends.triton_norm")
+BACKEND = tn.BACKEND
+REF = ref_mod.BACKEND
+
+if not BACKEND.available():
+    pytest.skip("triton backend unavailable (no CUDA and TRITON_INTERPRET != 1)",
+                allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Tuning that forces every statistic to be split over several programs and every group to span
+# several tiles, even on tiny shapes.
+SPLIT = {"target_programs": 64, "block_elems": 8}
+# ... and additionally several column tiles per group (max 2 channels per tile).
+SPLIT_COLS = {"target_programs": 64, "block_elems": 8, "max_block_c": 2}
+
+# fp32 results must match the float64 reference to fp32 accuracy; half-precision outputs are
+# rounded to 8 (bf16) or 11 (fp16) bits.
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+@pytest.fixture(autouse=True)
+def _tuning():
+    """Poison every buffer; restore the default tuning after each test."""
+    saved = dict(tn.TUNING)
+    tn.TUNING["poison"] = float("nan")
+    yield
+    tn.TUNING.clear()
+    tn.TUNING.update(saved)
+
+
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if not channels_last:
+        return x
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return x.contiguous(memory_format=fmt)
+
+
+def _affine(c: int, weight: bool, bias: bool):
+    w = (torch.randn(c, dtype=torch.float64) * 0.5 + 1.0).float() if weight else None
+    b = torch.randn(c, dtype=torch.float64).float() if bias else None
+    return w, b
+
+
+def _check_against_reference(shape, groups, over_batch, *, channels_last=False,
+                             dtype=torch.float32, activation=None, weight=True, bias=True,
+                             running=False):
+    """Forward, statistics, running update and all gradients vs the float64 reference."""
+    c = shape[1]
+    x = _layout(off_centre(*shape, dtype=dtype), channels_last).to(DEVICE)
+    w, b = _affine(c, weight, bias)
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+    dy = _layout(dy, channels_last).to(DEVICE)
+
+    xt = x.clone().requires_grad_()
+    wt = None if w is None else w.to(DEVICE).clone().requires_grad_()
+    bt = None if b is None else b.to(DEVICE).clone().requires_grad_()
+    rm = torch.randn(groups).to(DEVICE) if running else None
+    rv = (torch.rand(groups) + 0.5).to(DEVICE) if running else None
+    rm_ref = None if rm is None else rm.double().cpu().clone()
+    rv_ref = None if rv is None else rv.double().cpu().clone()
+    y, mean, rstd = BACKEND.normalize(xt, groups, over_batch, wt, bt, 1e-5, activation, rm, rv,
+                                      0.1)
+    y.backward(dy)
+
+    x64 = x.detach().cpu().double().requires_grad_()
+    w64 = None if w is None else w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    y64, mean64, rstd64 = REF.normalize(x64, groups, over_batch, w64, b64, 1e-5, activation,
+                                        rm_ref, rv_ref, 0.1)
+    y64.backward(dy.cpu().double())
+
+    tol = TOL[dtype]
+    assert y.dtype == dtype and y.shape == x.shape
+    # the output keeps the input's memory format (no layout conversion)
+    assert y.stride() == x.stride()
+    assert torch.isfinite(y).all()
+    assert rel_err(y.cpu(), y64) < tol
+    # the statistics are float32 whatever the input dtype, computed from the same input values
+    assert mean.dtype == torch.float32 and mean.shape == mean64.shape
+    assert rel_err(mean.cpu(), mean64) < 2e-6
+    assert rel_err(rstd.cpu(), rstd64) < 2e-6
+    assert xt.grad.dtype == dtype and torch.isfinite(xt.grad).all()
+    assert rel_err(xt.grad.cpu(), x64.grad) < tol * 2
+    if w is not None:
+        assert rel_err(wt.grad.cpu(), w64.grad) < 2e-5
+    if b is not None:
+        assert rel_err(bt.grad.cpu(), b64.grad) < 2e-5
+    if running:
+        assert rel_err(rm.cpu(), rm_ref) < 2e-6
+        assert rel_err(rv.cpu(), rv_ref) < 2e-6
+
+
+# (shape, groups, over_batch, channels_last, dtype, activation, tuning); why each is here:
+CASES = [
+    # GN, 2 spatial dims, NCHW: the basic fused path (one program per statistic)
+    ((2, 6, 5, 3), 3, False, False, torch.float32, None, None),
+    # the same in channels_last: channel axis contiguous, read in place
+    ((2, 6, 5, 3), 3, False, True, torch.float32, None, None),
+    # IN (G = C), 1 spatial dim, silu fused
+    ((2, 6, 7), 6, False, False, torch.float32, "silu", None),
+    # LN over features of a 2-D input (G = 1, no spatial dims: S = 1 tiles), exact gelu
+    ((3, 10), 1, False, False, torch.float32, "gelu", None),
+    # 3 spatial dims in channels_last_3d, bf16 in / fp32 statistics
+    ((2, 4, 3, 2, 2), 2, False, True, torch.bfloat16, None, None),
+    # odd C (5) with G = 1 (LN conv form), fp16, relu
+    ((2, 5, 3, 3), 1, False, False, torch.float16, "relu", None),
+    # odd C with G = C (IN on 7 channels), channels_last, bf16, silu
+    ((2, 7, 3, 3), 7, False, True, torch.bfloat16, "silu", None),
+    # GN with N*G = 2 far below the program target: rows split over programs, Chan-combined,
+    # and every group spans many tiles (multi-block groups)
+    ((1, 8, 6, 5), 2, False, False, torch.float32, "gelu", SPLIT),
+    # the same split in channels_last with several column tiles per group
+    ((1, 8, 6, 5), 2, False, True, torch.float32, "relu", SPLIT_COLS),
+    # split + multi-tile with fp16 and 1 spatial dim (tiles end mid-row: S = 13 is odd)
+    ((2, 4, 13), 2, False, False, torch.float16, "silu", SPLIT),
+    # 2-D LN with a row longer than one tile (S = 1, column tiles only), split
+    ((2, 12), 1, False, False, torch.float32, None, SPLIT_COLS),
+]
+
+
+@pytest.mark.parametrize("shape,groups,over_batch,cl,dtype,act,tuning", CASES)
+def test_matches_reference(shape, groups, over_batch, cl, dtype, act, tuning):
+    tn.TUNING.update(tuning or {})
+    _check_against_reference(shape, groups, over_batch, channels_last=cl, dtype=dtype,
+                             activation=act)
+
+
+# BatchNorm (G = C over the batch) and batch-group norm with the running-statistics update.
+BN_CASES = [
+    # BN, NCHW, fused path
+    ((4, 6, 3, 3), 6, False, None),
+    # BN, channels_last, rows span samples: split + multi-tile (tiles never cross a sample)
+    ((3, 4, 3, 3), 4, True, SPLIT),
+    # batch-group norm (G = 3 of C = 6) with split and column tiles
+    ((3, 6, 2, 3), 3, False, SPLIT_COLS),
+    # BN on 2-D input (BatchNorm1d on features: one row per sample)
+    ((5, 3), 3, False, SPLIT),
+]
+
+
+@pytest.mark.parametrize("shape,groups,cl,tuning", BN_CASES)
+def test_batch_statistics_with_running_update(shape, groups, cl, tuning):
+    tn.TUNING.update(tuning or {})
+    _check_against_reference(shape, groups, True, channels_last=cl, running=True)
+
+
+def test_instance_norm_running_stats_average_over_batch():
+    # not over the batch but with running buffers (InstanceNorm track_running_stats)
+    _check_against_reference((3, 4, 3, 2), 4, False, running=True)
+
+
+@pytest.mark.parametrize("weight,bias", [(True, False), (False, True), (False, False)])
+def test_without_affine_parameters(weight, bias):
+    # the HAS_W / HAS_B = False kernel variants, with split to cover the partial buffers too
+    tn.TUNING.update(SPLIT)
+    _check_against_reference((2, 4, 3, 3), 2, False, weight=weight, bias=bias, activation="silu")
+
+
+@pytest.mark.parametrize("cl,act,tuning", [
+    (False, None, None),  # NCHW, given per-channel statistics, one pass
+    (True, "silu", SPLIT_COLS),  # channels_last, activation, many programs and column tiles
+    (False, "gelu", SPLIT),  # NCHW split into many programs
+])
+@pytest.mark.parametrize("affine", [True, False])
+def test_normalize_fixed(cl, act, tuning, affine):
+    """BatchNorm in eval: y = act(w (x - mean_c)/sqrt(var_c + eps) + b) with gradients."""
+    tn.TUNING.update(tuning or {})
+    c = 5
+    x = _layout(off_centre(3, c, 4, 3), cl).to(DEVICE)
+    mean = torch.randn(c).to(DEVICE)
+    var = (torch.rand(c) + 0.3).to(DEVICE)
+    w, b = _affine(c, affine, affine)
+    xt = x.clone().requires_grad_()
+    wt = None if w is None else w.to(DEVICE).clone().requires_grad_()
+    bt = None if b is None else b.to(DEVICE).clone().requires_grad_()
+    y = BACKEND.normalize_fixed(xt, mean, var, wt, bt, 1e-5, act)
+    dy = torch.randn(y.shape).to(DEVICE)
+    y.backward(dy)
+
+    x64 = x.cpu().double().requires_grad_()
+    w64 = None if w is None else w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    y64 = REF.normalize_fixed(x64, mean.cpu().double(), var.cpu().double(), w64, b64, 1e-5, act)
+    y64.backward(dy.cpu().double())
+    assert y.stride() == x.stride()
+    assert rel_err(y.cpu(), y64) < 2e-6
+    assert rel_err(xt.grad.cpu(), x64.grad) < 2e-6
+    if affine:
+        assert rel_err(wt.grad.cpu(), w64.grad) < 2e-5
+        assert rel_err(bt.grad.cpu(), b64.grad) < 2e-5
+
+
+def test_large_offset_is_numerically_stable():
+    """1e4 + 0.1*randn: E[x^2] - E[x]^2 in float32 would lose the variance entirely (the two
+    terms are 1e8 with an ulp of 8, the variance is 0.01), and even a two-pass float32 mean is
+    only good to ulp(1e4)/2 = 5e-4 (5e-3 of a standard deviation). The kernels sum shifted data
+    (x - first element), so y is right to float32 accuracy. Both the fused and the split path
+    (Chan combine of partial statistics)."""
+    x = (1e4 + 0.1 * torch.randn(2, 4, 6, 6, dtype=torch.float64)).float().to(DEVICE)
+    _, mean64, rstd64 = REF.normalize(x.cpu().double(), 2, False, None, None, 1e-5, None)
+    y64 = normalize64(x.cpu(), 2, False)
+    for tuning in (None, SPLIT):
+        tn.TUNING.update(tuning or {})
+        y, mean, rstd = BACKEND.normalize(x, 2, False, None, None, 1e-5, None)
+        assert rel_err(rstd.cpu(), rstd64) < 1e-5
+        assert rel_err(mean.cpu(), mean64) < 1e-7
+        assert (y.cpu().double() - y64).abs().max() < 1e-5
+
+
+def test_gradients_are_deterministic():
+    """dweight/dbias (and dx) are bitwise equal across runs: per-program partials are reduced in a
+    fixed order, never with float atomics. Split path, where partials exist."""
+    tn.TUNING.update(SPLIT_COLS)
+    x = off_centre(2, 8, 5, 5).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    w, b = _affine(8, True, True)
+    dy = torch.randn(x.shape).to(DEVICE)
+    grads = []
+    for _ in range(2):
+        xt = x.clone().requires_grad_()
+        wt, bt = w.to(DEVICE).clone().requires_grad_(), b.to(DEVICE).clone().requires_grad_()
+        BACKEND.normalize(xt, 2, False, wt, bt, 1e-5, "silu")[0].backward(dy)
+        grads.append((xt.grad, wt.grad, bt.grad))
+    for a, b_ in zip(*grads):
+        assert torch.equal(a, b_)
+
+
+def test_strided_input_is_made_contiguous():
+    # neither contiguous nor channels_last (a channel slice): one documented copy, right values
+    x = off_centre(2, 8, 4, 4).to(DEVICE)[:, ::2]
+    y = BACKEND.normalize(x, 2, False, None, None, 1e-5, None)[0]
+    assert y.is_contiguous()
+    assert rel_err(y.cpu(), normalize64(x.cpu(), 2, False)) < 2e-6
+
+
+def test_mixed_precision_parameters():
+    # bf16 activations with float32 weight/bias (a module kept in fp32 under autocast-like use)
+    _check_against_reference((2, 4, 3, 3), 2, False, dtype=torch.bfloat16, activation="relu")
+
+
+# --------------------------------------------------------------------------------------------
+# registry, functional API and modules
+# --------------------------------------------------------------------------------------------
+
+
+def test_registered_and_selected_explicitly():
+    assert get_backend("triton") is BACKEND
+    x = off_centre(2, 4, 3, 3).to(DEVICE)
+    y = NF.normalize(x, 2, False, backend="triton")
+    assert rel_err(y.cpu(), normalize64(x.cpu(), 2, False)) < 2e-6
+
+
+def test_unsupported_reasons(monkeypatch):
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    assert BACKEND.unsupported_reason(x, 2, False, None) is None
+    assert "float64" in BACKEND.unsupported_reason(x.double(), 2, False, None)
+    assert "6-D" in BACKEND.unsupported_reason(x.reshape(2, 4, 3, 3, 1, 1), 2, False, None)
+    assert "empty" in BACKEND.unsupported_reason(x[:0], 2, False, None)
+    with pytest.raises(BackendUnavailable, match="float64"):
+        NF.normalize(x.double(), 2, False, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = BACKEND.unsupported_reason(torch.randn(2, 4), 1, False, None)
+    assert reason is not None and "TRITON_INTERPRET" in reason
+    assert BACKEND.available() == torch.cuda.is_available()
+
+
+def test_groupnorm_module_matches_reference_backend():
+    gn = normlab.nn.GroupNorm(2, 6, activation="silu").to(DEVICE)
+    with torch.no_grad():
+        gn.weight.copy_(torch.randn(6))
+        gn.bias.copy_(torch.randn(6))
+    x = off_centre(2, 6, 4, 4).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    outs = {}
+    for name in ("triton", "reference"):
+        gn.zero_grad()
+        xt = x.clone().requires_grad_()
+        with normlab.use_backend(name):
+            y = gn(xt)
+        y.square().sum().backward()
+        outs[name] = (y.detach().cpu(), xt.grad.cpu(), gn.weight.grad.cpu(), gn.bias.grad.cpu())
+    for a, b in zip(outs["triton"], outs["reference"]):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_batchnorm_module_train_and_eval_match_reference_backend():
+    results = {}
+    x = off_centre(4, 3, 3, 3).to(DEVICE)
+    for name in ("triton", "reference"):
+        torch.manual_seed(1)
+        bn = normlab.nn.BatchNorm2d(3).to(DEVICE)
+        with torch.no_grad():
+            bn.weight.copy_(torch.randn(3))
+            bn.bias.copy_(torch.randn(3))
+        with normlab.use_backend(name):
+            bn.train()
+            y_train = bn(x)
+            bn(x * 2 + 1)  # a second step moves the running statistics again
+            bn.eval()
+            y_eval = bn(x)
+        results[name] = (y_train.cpu(), y_eval.cpu(), bn.running_mean.cpu(),
+                         bn.running_var.cpu())
+    for a, b in zip(results["triton"], results["reference"]):
+        assert rel_err(a, b) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops: opcheck, fake tensors, torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def test_opcheck_forward_and_fixed():
+    """torch.library.opcheck: schema, fake impl, autograd registration, AOT dispatch."""
+    x = off_centre(2, 4, 3, 3).to(DEVICE)
+    w, b = (t.to(DEVICE).clone().requires_grad_() for t in _affine(4, True, True))
+    xt = x.requires_grad_()
+    torch.library.opcheck(tn.triton_norm_fwd, (xt, w, b, 2, False, 1e-5, "silu"))
+    mean, var = torch.randn(4).to(DEVICE), (torch.rand(4) + 0.5).to(DEVICE)
+    torch.library.opcheck(tn.triton_norm_fixed, (xt, mean, var, w, None, 1e-5, "relu"))
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_fake_impl_shapes_and_strides(cl):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = _layout(torch.randn(3, 6, 4, 5), cl)
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(real)
+        w = mode.from_tensor(torch.randn(6))
+        y, mean, rstd, var = tn.triton_norm_fwd(x, w, None, 3, False, 1e-5, "none")
+        assert y.shape == x.shape and y.stride() == real.stride() and y.dtype == x.dtype
+        assert mean.shape == (3, 3) and rstd.dtype == torch.float32 and var.shape == (3, 3)
+        yb, mb, _, _ = tn.triton_norm_fwd(x, w, None, 6, True, 1e-5, "none")
+        assert mb.shape == (6,)
+        dx, dw, db = tn.triton_norm_bwd(y, x, w, None, mean, rstd, 3, False, "none")
+        assert dx.stride() == real.stride() and dw.shape == (6,) and db.shape == (0,)
+        yf = tn.triton_norm_fixed(x, w, w, None, None, 1e-5, "gelu")
+        assert yf.shape == x.shape and yf.stride() == real.stride()
+
+
+def test_torch_compile_fullgraph():
+    """The custom ops trace without graph breaks; compiled fwd+bwd equals eager."""
+    gn = normlab.nn.GroupNorm(2, 4, activation="gelu").to(DEVICE)
+    with torch.no_grad():
+        gn.weight.copy_(torch.randn(4))
+    x = off_centre(2, 4, 3, 3).to(DEVICE)
+
+    def step(inp):
+        with normlab.use_backend("triton"):
+            return gn(inp).square().sum()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        gn.zero_grad()
+        xt = x.clone().requires_grad_()
+        fn(xt).backward()
+        results.append((xt.grad, gn.weight.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay():
+    x = off_centre(2, 8, 6, 6).cuda()
+    w, b = _affine(8, True, True)
+    w, b = w.cuda(), b.cuda()
+    static = x.clone()
+    BACKEND.normalize(static, 2, False, w, b, 1e-5, "silu")  # warm up (compile kernels)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = BACKEND.normalize(static, 2, False, w, b, 1e-5, "silu")[0]
+    static.copy_(x * 3 - 1)
+    graph.replay()
+    expect = normalize64(static.cpu(), 2, False, w.cpu(), b.cpu(), activation="silu")
+    assert rel_err(out.cpu(), expect) < 2e-6
+
+
+def test_interpreter_env_is_set_without_cuda():
+    # the conftest promise this file relies on
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"
