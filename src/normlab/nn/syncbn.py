@@ -115,7 +115,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if running_var is not None:
             unbiased = var64 * (n / (n - 1))
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-        y = NF.normalize_fixed(x, mean, var, weight, bias, eps)
+        # statistics and affine in the accumulation dtype (float32 for half input): ATen's mixed
+        # precision batch norm takes float32 parameters with half input
+        y = NF.normalize_fixed(x, mean, var, None if weight is None else weight.to(acc),
+                               None if bias is None else bias.to(acc), eps)
         rstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.count = n
