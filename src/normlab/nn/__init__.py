@@ -6,6 +6,7 @@ module                 statistics over                          file
 BatchNorm1d/2d/3d      N, spatial (per channel)                 nn/batchnorm.py
 BatchRenorm1d/2d       as BN, corrected towards running stats   nn/batch_renorm.py
 FrozenBatchNorm2d      fixed (buffers)                          nn/frozen_bn.py
+SyncBatchNorm          as BN, over every process                nn/syncbn.py
 InstanceNorm1d/2d/3d   spatial (per sample, channel)            nn/instancenorm.py
 GroupNorm              C/G channels, spatial (per sample)       nn/groupnorm.py
 LayerNorm              trailing normalized_shape                nn/layernorm.py
@@ -22,6 +23,7 @@ from normlab.nn.groupnorm import GroupNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.nn.layernorm import LayerNorm, LayerNorm2d
 from normlab.nn.std_conv import ScaledStdConv2d, WSConv2d, standardize_weight
+from normlab.nn.syncbn import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -31,4 +33,5 @@ __all__ = [
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "LayerNorm2d",
     "ScaledStdConv2d", "WSConv2d", "standardize_weight",
+    "SyncBatchNorm",
 ]
