@@ -1,0 +1,404 @@
+"""The ``normlab`` command line (typer + rich).
+
+Commands::
+
+    normlab reproduce [STUDY] [--quick] [--data NAME] [--data-dir DIR] [--model NAME]
+                      [--device cpu|cuda|auto] [--seeds K] [--variants A,B] [--jobs J]
+                      [--set key=value ...] [--config FILE] [--out DIR]
+    normlab train [--norm bn] [--model resnet20] [--batch-size 32] [--epochs 10] ... [--out DIR]
+    normlab report DIR
+    normlab ls [DIR] [--studies] [--models] [--norms]
+    normlab spp MODEL... [--out DIR]
+
+``normlab reproduce`` with no argument runs the batch-size study (BN vs GN at 32..2 images per
+batch) on the embedded digits data and writes ``./normlab-out/{results.sqlite, report.md,
+report.html, figures/}``. Re-running skips finished runs and resumes interrupted ones.
+
+Bad input (unknown study, model, norm, dataset, bad values) prints one ``error:`` line and one
+``hint:`` line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from normlab.lab.config import (ConfigError, RunConfig, apply_overrides, load_config_file,
+                                parse_set)
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="normlab lab: reproduce the normalization papers' studies.")
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_OUT = "normlab-out"
+
+
+def _fail(msg: str, hint: str = "") -> None:
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    if hint:
+        err_console.print(f"[yellow]hint:[/] {hint}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn: Any) -> Any:
+    """Run fn(); turn our ConfigErrors (and ValueError/TypeError from the library) into one
+    error line + hint, exit status 2."""
+    try:
+        return fn()
+    except ConfigError as e:
+        _fail(str(e), e.hint)
+    except (ValueError, TypeError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__,
+              "see --help for the accepted values")
+    except KeyboardInterrupt:
+        err_console.print("interrupted; re-run the same command to resume")
+        raise typer.Exit(130)
+
+
+def _user_overrides(data: Optional[str], data_dir: Optional[Path], model: Optional[str],
+                    device: Optional[str], config: Optional[Path], sets: Optional[list[str]],
+                    **direct: Any) -> dict[str, Any]:
+    """Overrides in increasing priority: config file, the named flags, --set."""
+    over: dict[str, Any] = {}
+    if config is not None:
+        over.update(load_config_file(config))
+    for key, val in (("data", data), ("data_dir", str(data_dir) if data_dir else None),
+                     ("model", model), ("device", device), *direct.items()):
+        if val is not None:
+            over[key] = val
+    over.update(parse_set(sets))
+    apply_overrides(RunConfig(), over)  # validate early: one clear error
+    return over
+
+
+# ---------------------------------------------------------------------- progress
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, disable=not console.is_terminal, transient=False)
+
+
+def _describe(p: Any) -> str:
+    c = p.cfg
+    return f"{p.label} x={p.x} seed={c.seed}"
+
+
+def _line(p: Any, outcome: str, res: Any) -> None:
+    if outcome == "trained":
+        console.print(f"  {_describe(p)}: test error {res['final_test_error']:.2f}% "
+                      f"({res['wall_time']:.1f}s, {res['images_per_s']:.0f} img/s"
+                      + (f", resumed at epoch {res['resumed_from']}" if res["resumed_from"] else "")
+                      + (f", {res['error']}" if res.get("error") else "") + ")", highlight=False)
+    elif outcome == "skipped":
+        console.print(f"  {_describe(p)}: already done", highlight=False)
+    else:
+        console.print(f"  {_describe(p)}: [red]failed[/]: {res['error']}", highlight=False)
+
+
+def _run_inline(points: list, store: Any) -> dict[str, int]:
+    from normlab.lab.trainer import run_points
+
+    with _progress() as prog:
+        study_task = prog.add_task("runs", total=len(points), info="")
+        run_task = prog.add_task("", total=1, info="")
+
+        def progress_for(p: Any) -> Any:
+            def cb(event: str, info: dict) -> None:
+                if event == "start":
+                    prog.reset(run_task, total=info["total_steps"],
+                               description=f"{_describe(p)} epoch {info['epoch'] + 1}/{p.cfg.epochs}")
+                elif event == "step":
+                    prog.update(run_task, advance=info["advance"],
+                                info=f"loss {info['loss']:.3f} {info['images_per_s']:.0f} img/s")
+            return cb
+
+        def on_run(p: Any, outcome: str, res: Any) -> None:
+            prog.advance(study_task)
+            _line(p, outcome, res)
+
+        return run_points(points, store, on_run=on_run, progress_for=progress_for)
+
+
+def _worker(points: list, out: str, threads: int, parent: int) -> None:
+    """A training process of ``--jobs``: claims runs from the shared store until none is left."""
+    import torch
+
+    from normlab.lab.store import Store
+    from normlab.lab.trainer import run_points
+
+    torch.set_num_threads(threads)
+
+    def progress_for(p: Any) -> Any:
+        def cb(event: str, info: dict) -> None:
+            if os.getppid() != parent:  # the study process died: stop with it
+                os._exit(3)
+        return cb
+
+    with Store(out) as store:
+        run_points(points, store, progress_for=progress_for, poll_s=1.0)
+
+
+def _run_parallel(points: list, store: Any, jobs: int, out: Path) -> dict[str, int]:
+    ctx = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    procs = [ctx.Process(target=_worker, args=(points, str(out), threads, os.getpid()), daemon=True)
+             for _ in range(jobs)]
+    for pr in procs:
+        pr.start()
+    ids = {p.cfg.run_id(): p for p in points}
+    reported: set[str] = set()
+    already = {r["run_id"] for r in store.runs("done") if r["run_id"] in ids}
+    counts = {"skipped": 0, "trained": 0, "failed": 0}
+    with _progress() as prog:
+        task = prog.add_task(f"runs ({jobs} processes)", total=len(ids), info="")
+        while True:
+            alive = any(pr.is_alive() for pr in procs)
+            for r in store.runs():
+                rid = r["run_id"]
+                if rid in ids and rid not in reported and r["status"] in ("done", "failed"):
+                    reported.add(rid)
+                    p = ids[rid]
+                    if rid in already:
+                        counts["skipped"] += 1
+                        _line(p, "skipped", r)
+                    elif r["status"] == "failed":
+                        counts["failed"] += 1
+                        _line(p, "failed", r)
+                    else:
+                        counts["trained"] += 1
+                        _line(p, "trained", {"final_test_error": r["final_test_error"],
+                                             "wall_time": r["wall_time"] or 0.0,
+                                             "images_per_s": r["images_per_s"] or 0.0,
+                                             "resumed_from": 0, "error": r["error"]})
+                    prog.advance(task)
+            if not alive:
+                break
+            time.sleep(0.5)
+    bad = [pr.exitcode for pr in procs if pr.exitcode]
+    if bad:
+        raise RuntimeError(f"{len(bad)} training process(es) exited with status {bad}")
+    return counts
+
+
+# ---------------------------------------------------------------------- commands
+@app.command()
+def reproduce(
+    study: str = typer.Argument("batch-size", help="batch-size | groups | norms | bn-dropout | nf"),
+    quick: bool = typer.Option(False, "--quick", help="tiny preset: a first look in ~1 minute"),
+    data: Optional[str] = typer.Option(None, help="digits (default) | synthetic | cifar10 | "
+                                                  "cifar100 | imagefolder"),
+    data_dir: Optional[Path] = typer.Option(None, help="directory of cifar10/cifar100/imagefolder"),
+    model: Optional[str] = typer.Option(None, help="a normlab.models name (default resnet20)"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto"),
+    seeds: Optional[int] = typer.Option(None, help="seeds per point (default: the preset's)"),
+    variants: Optional[str] = typer.Option(None, help="comma-separated series, e.g. BN,GN,BRN,GN+WS,NF"),
+    jobs: Optional[int] = typer.Option(None, help="training processes (CPU default: one per core)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override: key=value (repeatable)"),
+    config: Optional[Path] = typer.Option(None, help="JSON or TOML file of overrides"),
+    out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory (store, figures, reports)"),
+    no_report: bool = typer.Option(False, "--no-report", help="skip writing the report"),
+) -> None:
+    """Run a study (skipping finished runs), then write report.md, report.html and figures."""
+    def body() -> None:
+        from normlab.lab.report import write_report
+        from normlab.lab.store import Store
+        from normlab.lab.studies import get_study
+
+        st = get_study(study)
+        preset = "quick" if quick else "default"
+        user = _user_overrides(data, data_dir, model, device, config, set_)
+        if seeds is not None and seeds < 1:
+            raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+        vs = [v.strip() for v in variants.split(",")] if variants else None
+        points = st.points(user, preset, seeds, vs)
+        n_jobs = jobs
+        if n_jobs is None:
+            on_cpu = points[0].cfg.device == "cpu" or (points[0].cfg.device == "auto"
+                                                       and not _cuda())
+            n_jobs = min(os.cpu_count() or 1, 4) if on_cpu else 1
+        if n_jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {n_jobs}")
+        n_jobs = min(n_jobs, len({p.cfg.run_id() for p in points}))
+        store = Store(out)
+        store.register(st.name, preset, [(p.cfg.run_id(), p.label, p.x) for p in points])
+        console.print(f"[bold]{st.name}[/] ({preset}): {len(points)} runs -> {out}/", highlight=False)
+        t0 = time.perf_counter()
+        try:
+            if n_jobs > 1:
+                counts = _run_parallel(points, store, n_jobs, out)
+            else:
+                counts = _run_inline(points, store)
+        finally:
+            store.export()
+            store.close()
+        dt = time.perf_counter() - t0
+        console.print(f"trained {counts['trained']}, already done {counts['skipped']}, failed "
+                      f"{counts['failed']} in {dt:.0f}s", highlight=False)
+        if not no_report:
+            md, html_path = write_report(out)
+            console.print(f"report: {md} and {html_path}", highlight=False)
+
+    _guard(body)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@app.command()
+def train(
+    norm: Optional[str] = typer.Option(None, help="a create_norm name (default bn)"),
+    model: Optional[str] = typer.Option(None, help="a normlab.models name (default resnet20)"),
+    data: Optional[str] = typer.Option(None, help="dataset name (default digits)"),
+    data_dir: Optional[Path] = typer.Option(None, help="directory for on-disk datasets"),
+    batch_size: Optional[int] = typer.Option(None, help="images per batch (default 32)"),
+    epochs: Optional[int] = typer.Option(None, help="epochs (default 10)"),
+    lr: Optional[float] = typer.Option(None, help="peak lr (default 0.1 * batch/32)"),
+    seed: Optional[int] = typer.Option(None, help="random seed (default 0)"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override: key=value (repeatable)"),
+    config: Optional[Path] = typer.Option(None, help="JSON or TOML file of overrides"),
+    out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory"),
+) -> None:
+    """Train one run and record it in OUT's store (resumes if interrupted)."""
+    def body() -> None:
+        from normlab.lab.store import Store
+        from normlab.lab.studies import Point
+
+        user = _user_overrides(data, data_dir, model, device, config, set_, norm=norm,
+                               batch_size=batch_size, epochs=epochs, lr=lr, seed=seed)
+        cfg = apply_overrides(RunConfig(), user)
+        cfg = cfg.replace(label=cfg.label or cfg.norm)
+        p = Point(cfg.label, cfg.batch_size, cfg)
+        with Store(out) as store:
+            store.register("train", "single", [(cfg.run_id(), p.label, p.x)])
+            console.print(f"run {cfg.run_id()} -> {out}/", highlight=False)
+            _run_inline([p], store)
+            store.export()
+
+    _guard(body)
+
+
+@app.command()
+def report(out: Path = typer.Argument(..., help="an output directory of `normlab reproduce`")) -> None:
+    """Write report.md, report.html, figures and CSV/JSON exports from OUT's store."""
+    def body() -> None:
+        from normlab.lab.report import write_report
+
+        md, html_path = write_report(out)
+        console.print(f"report: {md} and {html_path}", highlight=False)
+
+    _guard(body)
+
+
+@app.command("ls")
+def ls_(
+    out: Optional[Path] = typer.Argument(None, help="an output directory: list its runs"),
+    studies: bool = typer.Option(False, "--studies", help="list the studies"),
+    models: bool = typer.Option(False, "--models", help="list the models"),
+    norms: bool = typer.Option(False, "--norms", help="list the norms"),
+) -> None:
+    """List the runs in OUT's store, or the known studies, models and norms."""
+    def body() -> None:
+        if studies or models or norms or out is None:
+            from normlab.factory import norm_names
+            from normlab.lab.studies import STUDIES
+
+            if studies or out is None:
+                for s in STUDIES.values():
+                    console.print(f"[bold]{s.name}[/]: {s.title} (series: "
+                                  f"{', '.join(s.variants)})", highlight=False)
+            if models or out is None:
+                try:
+                    from normlab.models import list_models
+
+                    console.print("models: " + ", ".join(list_models()), highlight=False)
+                except ImportError:
+                    console.print("models: (normlab.models not available)")
+            if norms or out is None:
+                console.print("norms: " + ", ".join(norm_names()), highlight=False)
+            return
+        from normlab.lab.store import Store
+
+        with Store(out, create=False) as store:
+            table = Table(title=str(store.path))
+            for col in ("run_id", "studies", "label", "model", "norm", "batch", "seed", "status",
+                        "epochs", "test err %", "time s", "img/s"):
+                table.add_column(col)
+            member = {}
+            for s, _ in store.studies():
+                for r in store.study_runs(s):
+                    member.setdefault(r["run_id"], (set(), r["label"]))[0].add(s)
+            for r in store.runs():
+                c = r["config"]
+                st, label = member.get(r["run_id"], (set(), c.get("label", "")))
+                err = r["final_test_error"]
+                table.add_row(r["run_id"], ",".join(sorted(st)), label, c["model"], c["norm"],
+                              str(c["batch_size"]), str(c["seed"]), r["status"],
+                              f"{r['epochs_done']}/{r['epochs']}",
+                              "-" if err is None else f"{err:.2f}",
+                              "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}",
+                              "-" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}")
+            console.print(table)
+
+    _guard(body)
+
+
+@app.command()
+def spp(
+    models: list[str] = typer.Argument(..., help="normlab.models names, e.g. resnet50 nf_resnet50"),
+    out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory for spp.png"),
+    norm: str = typer.Option("bn", help="norm for the models that take one"),
+    batch: int = typer.Option(8, help="unit-Gaussian batch size"),
+    resolution: int = typer.Option(32, help="input height = width"),
+) -> None:
+    """Signal propagation plots (Brock, De & Smith 2021) of models at initialization."""
+    def body() -> None:
+        try:
+            from normlab import spp as spp_mod
+            from normlab.models import create, model_uses_norm
+        except ImportError as e:
+            raise ConfigError(f"signal propagation is not available: {e}") from None
+        if batch < 1 or resolution < 1:
+            raise ConfigError(f"--batch and --resolution must be >= 1, got {batch}, {resolution}")
+        records = {}
+        for name in models:
+            try:
+                m = create(name, norm=norm) if model_uses_norm(name) else create(name)
+            except ValueError as e:
+                raise ConfigError(str(e), hint="see `normlab ls --models`") from None
+            records[name] = spp_mod.signal_propagation(m, batch_size=batch, resolution=resolution)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "spp.png"
+        spp_mod.plot(records, path)
+        console.print(f"spp: {path}", highlight=False)
+
+    _guard(body)
+
+
+def main() -> None:
+    """Console-script entry point (``normlab``)."""
+    try:
+        app()
+    except SystemExit as e:
+        # typer/click usage errors exit 2 already; keep every other status as is
+        raise SystemExit(e.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""RunConfig: everything that defines one training run, and how users override it.
+
+A run is fully described by a :class:`RunConfig`; its identity (:meth:`RunConfig.run_id`) is a
+hash of every field that can change the result, so re-running a study finds its finished runs in
+the store and skips them. Defaults follow the Group Normalization paper's recipe (Wu & He, ECCV
+2018, REFERENCE section 1): SGD momentum 0.9, weight decay 1e-4 on all weights, learning rate
+``base_lr * batch_size / 32`` with ``base_lr = 0.1``, the same number of epochs at every batch size.
+
+Overrides come from ``--set key=value`` (values parsed as JSON when they parse, else taken as
+strings; dotted keys reach into the dict fields, e.g. ``norm_kwargs.num_groups=8``) and from an
+optional JSON or TOML file whose top-level keys are RunConfig fields::
+
+    >>> cfg = RunConfig(norm="gn", batch_size=4)
+    >>> cfg.effective_lr()
+    0.0125
+    >>> apply_overrides(cfg, parse_set(["epochs=3", "norm_kwargs.num_groups=8"])).norm_kwargs
+    {'num_groups': 8}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+__all__ = [
+    "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
+    "DATASETS", "SCHEDULES",
+]
+
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
+SCHEDULES = ("cosine", "step", "constant")
+DEVICES = ("cpu", "cuda", "auto")
+AMP_MODES = ("auto", "bf16", "off")
+
+# fields that do not change what a run computes (presentation and machine knobs)
+_NOT_IN_ID = ("label", "threads")
+
+
+class ConfigError(ValueError):
+    """A bad user-supplied value. ``hint`` is a one-line suggestion shown by the CLI."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass
+class RunConfig:
+    """One training run.
+
+    Model: ``model`` (a ``normlab.models`` name) with ``norm`` (a :func:`normlab.create_norm`
+    name), ``norm_kwargs`` (e.g. ``num_groups``/``group_size`` for gn), ``model_kwargs`` (e.g.
+    ``width``, ``dropout``, ``bn_conv``); ``ws=True`` swaps every Conv2d for a weight-standardized
+    one (GN+WS, Qiao et al. 2019).
+    Data: ``data`` in :data:`DATASETS`, ``data_dir`` for files on disk, ``data_kwargs`` (synthetic:
+    ``n_train``, ``n_test``, ``image_size``, ``channels``, ``num_classes``; imagefolder:
+    ``image_size``), ``train_limit``/``test_limit`` to subsample, ``augment`` ("auto": pad-crop and
+    flip for cifar and imagefolder only, "on", "off").
+    Optimization: SGD(``momentum``, ``weight_decay``), ``lr`` (None: ``base_lr * batch_size/32``),
+    ``schedule`` in :data:`SCHEDULES` (step: lr/10 at ``milestones`` fractions of the epochs),
+    ``warmup_epochs`` (linear), ``agc`` (adaptive gradient clipping lambda, NFNets), ``seed``.
+    Machine: ``device``, ``amp`` (bf16 autocast on CUDA when "auto"), ``channels_last`` (CUDA when
+    None), ``compile`` (torch.compile), ``threads`` (torch CPU threads).
+    """
+
+    model: str = "resnet20"
+    norm: str = "bn"
+    norm_kwargs: dict = field(default_factory=dict)
+    model_kwargs: dict = field(default_factory=dict)
+    ws: bool = False
+    data: str = "digits"
+    data_dir: Optional[str] = None
+    data_kwargs: dict = field(default_factory=dict)
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    augment: str = "auto"
+    batch_size: int = 32
+    epochs: int = 10
+    lr: Optional[float] = None
+    base_lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    milestones: tuple = (0.5, 0.75)
+    warmup_epochs: float = 0.0
+    agc: Optional[float] = None
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "auto"
+    channels_last: Optional[bool] = None
+    compile: bool = False
+    threads: Optional[int] = None
+    label: str = ""
+
+    # ------------------------------------------------------------------ derived values
+    def effective_lr(self) -> float:
+        """The peak learning rate: ``lr`` if set, else ``base_lr * batch_size / 32`` (GN paper)."""
+        return float(self.lr) if self.lr is not None else self.base_lr * self.batch_size / 32
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define what the run computes (everything but label/threads)."""
+        d = dataclasses.asdict(self)
+        for k in _NOT_IN_ID:
+            d.pop(k)
+        d["milestones"] = list(d["milestones"])
+        if d["data_dir"] is not None:
+            d["data_dir"] = str(Path(d["data_dir"]).expanduser().resolve())
+        return d
+
+    def run_id(self) -> str:
+        """A stable 16-hex-digit id: sha256 of the canonical JSON of :meth:`identity`."""
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(d["milestones"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(d) - known)
+        if extra:
+            raise ConfigError(f"unknown config key(s): {', '.join(extra)}",
+                              hint=f"known keys: {', '.join(sorted(known))}")
+        d = dict(d)
+        if "milestones" in d:
+            d["milestones"] = tuple(d["milestones"])
+        return cls(**d).validate()
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "RunConfig":
+        """Check every field; raise :class:`ConfigError` naming the offending value."""
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("epochs", self.epochs)
+        for name in ("train_limit", "test_limit", "threads"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        for name in ("base_lr", "lr", "agc"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name} must be a positive finite number, got {v!r}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
+            raise ConfigError(
+                f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}")
+        _choice("data", self.data, DATASETS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("device", self.device, DEVICES)
+        _choice("amp", self.amp, AMP_MODES)
+        _choice("augment", self.augment, ("auto", "on", "off"))
+        if any(not (isinstance(m, (int, float)) and 0 < m < 1) for m in self.milestones):
+            raise ConfigError(
+                f"milestones must be fractions of the run in (0, 1), got {list(self.milestones)!r}")
+        from normlab.factory import canonical_name  # the norm must be one create_norm knows
+
+        try:
+            canonical_name(self.norm)
+        except ValueError as e:
+            raise ConfigError(str(e), hint="pick a norm from `normlab ls --norms`") from None
+        if self.data in ("cifar10", "cifar100", "imagefolder") and not self.data_dir:
+            raise ConfigError(f"dataset {self.data!r} reads files from disk but no --data-dir was given",
+                              hint="pass --data-dir DIR (nothing is downloaded)")
+        return self
+
+
+@typing.no_type_check
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(RunConfig)
+
+
+def _check_type(name: str, value: Any, tp: Any) -> None:
+    origin = typing.get_origin(tp)
+    if origin in (Union, getattr(types, "UnionType", Union)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return
+        tp = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(tp)
+    base = origin or tp
+    ok = isinstance(value, base)
+    if base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    if base is tuple:
+        ok = isinstance(value, (tuple, list))
+    if not ok:
+        raise ConfigError(
+            f"{name} must be {getattr(base, '__name__', base)}, got {type(value).__name__} {value!r}")
+
+
+def _positive_int(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"{name} must be a positive int, got {v!r}")
+
+
+def _choice(name: str, v: Any, allowed: tuple) -> None:
+    if v not in allowed:
+        raise ConfigError(f"unknown {name} {v!r}", hint=f"choose one of: {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------------- overrides
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        low = raw.strip().lower()
+        if low in ("true", "yes"):
+            return True
+        if low in ("false", "no"):
+            return False
+        if low in ("none", "null"):
+            return None
+        return raw
+
+
+def parse_set(items: Optional[list[str]]) -> dict[str, Any]:
+    """``["a=1", "b.c=x"]`` -> ``{"a": 1, "b.c": "x"}`` (values parsed as JSON when possible)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}", hint="e.g. --set epochs=5")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set has an empty key in {item!r}", hint="e.g. --set epochs=5")
+        out[key] = _parse_value(raw.strip())
+    return out
+
+
+def load_config_file(path: Union[str, Path]) -> dict[str, Any]:
+    """Read overrides from a JSON (``.json``) or TOML (``.toml``) file: a table of RunConfig keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist", hint="give a .json or .toml file")
+    try:
+        if p.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # pragma: no cover - Python < 3.11
+                raise ConfigError("TOML config files need Python >= 3.11 (tomllib)",
+                                  hint="use a .json file") from None
+            data = tomllib.loads(p.read_text())
+        elif p.suffix.lower() == ".json":
+            data = json.loads(p.read_text())
+        else:
+            raise ConfigError(f"config file {str(p)!r} must end in .json or .toml")
+    except (ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"cannot parse config file {str(p)!r}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a table of keys, got {type(data).__name__}")
+    return _flatten(data)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    dict_fields = {"norm_kwargs", "model_kwargs", "data_kwargs"}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in dict_fields:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Return a copy of ``cfg`` with ``overrides`` applied (dotted keys go into dict fields) and
+    validated. Ints are accepted where floats are expected."""
+    d = cfg.to_dict()
+    known = set(d)
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in known:
+            raise ConfigError(f"unknown config key {key!r}",
+                              hint=f"known keys: {', '.join(sorted(known))}")
+        if rest:
+            if not isinstance(d[head], dict):
+                raise ConfigError(f"{head!r} is not a table; {key!r} cannot set a sub-key")
+            d[head] = {**d[head], rest: value}
+        else:
+            d[head] = value
+    for name in ("base_lr", "lr", "momentum", "weight_decay", "warmup_epochs", "agc"):
+        if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
+            d[name] = float(d[name])
+    return RunConfig.from_dict(d)

@@ -1,0 +1,264 @@
+"""report.md and a self-contained report.html, built from the results store only.
+
+For every study in the store: our table (final test error %, mean ± sample standard deviation
+over seeds, n) beside the paper's table (REFERENCE sections 1-4, cited), the figures, and one
+verdict per qualitative claim, computed from the numbers:
+
+For a point (series, x) with n seeds, mean m and standard deviation s, the standard error is
+``se = max(s, SD_FLOOR) / sqrt(n)`` when n >= 2, and ``SD_ONE_SEED`` when n = 1 (one seed says
+nothing about the spread, so a deliberately large run-to-run spread is assumed). For a difference
+``d`` of two points, ``se_d = sqrt(se_a^2 + se_b^2)`` and the interval is ``d ± Z * se_d``:
+
+* ``less`` (error(a) < error(b) by >= margin): with ``d = m_b - m_a``: **reproduced** if the
+  interval is above 0 and ``d >= margin``; **not reproduced** if the whole interval is below
+  ``margin`` (b is not worse by the claimed amount); otherwise **inconclusive**.
+* ``match`` (|a - b| <= margin): reproduced if ``|d| + Z se_d <= margin``; not reproduced if
+  ``|d| - Z se_d > margin``; else inconclusive.
+* ``flat`` (every point of a series within margin of the reference point): ``match`` for every
+  point; reproduced if all are, not reproduced if any is not, else inconclusive.
+* ``best`` / ``worst``: not reproduced if some other point is better / worse beyond the interval;
+  reproduced if a has the lowest / highest mean and is separated from every other point by its
+  interval; otherwise inconclusive.
+
+A claim whose points were not run is "not run". Nothing else is claimed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from normlab.lab.plots import plot_study
+from normlab.lab.store import Store, summarize
+from normlab.lab.studies import STUDIES, Claim, Study
+
+__all__ = ["verdict", "write_report", "Z", "SD_FLOOR", "SD_ONE_SEED"]
+
+Z = 2.0
+SD_FLOOR = 0.25       # points of error: no spread estimate below this is trusted
+SD_ONE_SEED = 2.0     # points of error assumed for a single seed
+
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_RUN = (
+    "reproduced", "not reproduced", "inconclusive", "not run")
+
+
+def _se(s: dict) -> float:
+    if s["n"] < 2 or s["sd"] is None:
+        return SD_ONE_SEED
+    return max(s["sd"], SD_FLOOR) / math.sqrt(s["n"])
+
+
+def _diff(a: dict, b: dict) -> tuple[float, float]:
+    """(m_b - m_a, its standard error)."""
+    return b["mean"] - a["mean"], math.hypot(_se(a), _se(b))
+
+
+def _match(a: dict, b: dict, margin: float) -> str:
+    d, se = _diff(a, b)
+    if abs(d) + Z * se <= margin:
+        return REPRODUCED
+    if abs(d) - Z * se > margin:
+        return NOT_REPRODUCED
+    return INCONCLUSIVE
+
+
+def verdict(claim: Claim, stats: dict[tuple, dict]) -> tuple[str, str]:
+    """(verdict, the numbers it rests on) for ``claim`` given :func:`summarize` output."""
+    def get(p: tuple) -> Optional[dict]:
+        s = stats.get(tuple(p))
+        return s if s is not None and not math.isnan(s["mean"]) else None
+
+    a = get(claim.a)
+    if a is None:
+        return NOT_RUN, f"no finished run for {claim.a[0]} at {claim.a[1]}"
+    if claim.kind in ("less", "match"):
+        b = get(claim.b)
+        if b is None:
+            return NOT_RUN, f"no finished run for {claim.b[0]} at {claim.b[1]}"
+        d, se = _diff(a, b)
+        why = (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f} vs {claim.b[0]}@{claim.b[1]} "
+               f"{b['mean']:.2f}: difference {d:+.2f} ± {Z * se:.2f}")
+        if claim.kind == "match":
+            return _match(a, b, claim.margin), why + f" (tolerance {claim.margin})"
+        if d - Z * se > 0 and d >= claim.margin:
+            return REPRODUCED, why
+        if d + Z * se < claim.margin or (claim.margin == 0 and d + Z * se < 0):
+            return NOT_REPRODUCED, why
+        return INCONCLUSIVE, why
+    if claim.kind == "flat":
+        series = {x: s for (lab, x), s in stats.items() if lab == claim.a[0] and x != claim.a[1]}
+        if not series:
+            return NOT_RUN, f"only one point of {claim.a[0]}"
+        vs = {x: _match(a, s, claim.margin) for x, s in series.items()}
+        dev = max(series.items(), key=lambda kv: abs(kv[1]["mean"] - a["mean"]))
+        why = (f"{claim.a[0]} ranges {min([a['mean']] + [s['mean'] for s in series.values()]):.2f}"
+               f"-{max([a['mean']] + [s['mean'] for s in series.values()]):.2f}; largest gap to "
+               f"{claim.a[1]}: at {dev[0]} {dev[1]['mean'] - a['mean']:+.2f} "
+               f"(tolerance {claim.margin})")
+        if all(v == REPRODUCED for v in vs.values()):
+            return REPRODUCED, why
+        if any(v == NOT_REPRODUCED for v in vs.values()):
+            return NOT_REPRODUCED, why
+        return INCONCLUSIVE, why
+    if claim.kind in ("best", "worst"):
+        sign = 1 if claim.kind == "best" else -1
+        others = {k: s for k, s in stats.items() if k != tuple(claim.a) and not math.isnan(s["mean"])
+                  and (claim.kind == "best" or k[0] == claim.a[0])}
+        if not others:
+            return NOT_RUN, "nothing to compare with"
+        # gap > 0: the other point is worse (best) / better (worst) than a
+        gaps = {k: sign * _diff(a, s)[0] for k, s in others.items()}
+        ses = {k: _diff(a, s)[1] for k, s in others.items()}
+        rival = min(gaps, key=gaps.get)
+        why = (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f}; closest rival {rival[0]}@{rival[1]} "
+               f"{others[rival]['mean']:.2f} (gap {gaps[rival]:+.2f} ± {Z * ses[rival]:.2f})")
+        if any(g + Z * ses[k] < 0 for k, g in gaps.items()):
+            return NOT_REPRODUCED, why
+        if all(g - Z * ses[k] > 0 for k, g in gaps.items()):
+            return REPRODUCED, why
+        return INCONCLUSIVE, why
+    raise ValueError(f"unknown claim kind {claim.kind!r}")
+
+
+def _fmt(s: Optional[dict]) -> str:
+    if s is None:
+        return "-"
+    if math.isnan(s["mean"]):
+        return "diverged"
+    sd = f" ± {s['sd']:.2f}" if s["sd"] is not None else ""
+    return f"{s['mean']:.2f}{sd} (n={s['n']})"
+
+
+def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str], list[Path]]:
+    runs = store.study_runs(study.name)
+    if not runs:
+        return [], []
+    stats = summarize(runs)
+    preset = runs[0]["preset"]
+    cfg = runs[0]["config"]
+    done = sum(r["status"] == "done" for r in runs)
+    failed = [r for r in runs if r["status"] == "failed"]
+    lines = [f"## {study.name}: {study.title}", "", study.description, "",
+             f"Preset `{preset}`: {done}/{len(runs)} runs done"
+             + (f", {len(failed)} failed" if failed else "")
+             + f"; model `{cfg['model']}`, data `{cfg['data']}`, {cfg['epochs']} epochs, "
+               f"schedule {cfg['schedule']}, base lr {cfg['base_lr']} x N/32, weight decay "
+               f"{cfg['weight_decay']}.", ""]
+    diverged = [r for r in runs if r.get("error") and r["status"] == "done"]
+    if diverged:
+        lines += [f"{len(diverged)} run(s) diverged; their recorded error is the one measured "
+                  f"at divergence.", ""]
+    labels: list[str] = []
+    for r in runs:
+        if r["label"] not in labels:
+            labels.append(r["label"])
+    xs = sorted({r["x"] for r in runs}, reverse=study.x_log2)
+    lines += [f"### Test error (%), this run, mean ± sd over seeds ({study.axis})", "",
+              "| series | " + " | ".join(str(x) for x in xs) + " |",
+              "|---|" + "---|" * len(xs)]
+    for lab in labels:
+        lines.append(f"| {lab} | " + " | ".join(_fmt(stats.get((lab, x))) for x in xs) + " |")
+    if study.paper:
+        pxs = sorted({x for d in study.paper.values() for x in d}, reverse=study.x_log2)
+        lines += ["", f"### The paper's numbers: {study.paper_source}", "",
+                  "| series | " + " | ".join(str(x) for x in pxs) + " |", "|---|" + "---|" * len(pxs)]
+        for lab, d in study.paper.items():
+            lines.append(f"| {lab} | " + " | ".join(str(d.get(x, "-")) for x in pxs) + " |")
+    else:
+        lines += ["", f"Paper: {study.paper_source}."]
+    lines += ["", "### Claims", "", "| claim | verdict | numbers (error %) | source |", "|---|---|---|---|"]
+    for c in study.claims:
+        v, why = verdict(c, stats)
+        lines.append(f"| {c.text} | **{v}** | {why} | {c.source} |")
+    figs = plot_study(store, study, fig_dir)
+    pngs = [p for p in figs if p.suffix == ".png"]
+    lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in pngs] + [""]
+    return lines, pngs
+
+
+def write_report(out_dir: Path | str) -> tuple[Path, Path]:
+    """Write ``OUT/report.md``, ``OUT/report.html`` and ``OUT/figures/*`` from ``OUT``'s store, and
+    refresh the CSV/JSON exports. Returns (md path, html path)."""
+    out_dir = Path(out_dir)
+    store = Store(out_dir, create=False)
+    try:
+        fig_dir = out_dir / "figures"
+        names = [s for s, _ in store.studies()]
+        lines = ["# normlab report", "",
+                 f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{store.path.name}` "
+                 f"({len(store.runs())} runs).", "",
+                 "Verdicts are computed from the stored numbers: a difference counts only when it "
+                 f"exceeds {Z:g} standard errors (run-to-run spread over seeds, at least "
+                 f"{SD_FLOOR} points; {SD_ONE_SEED} points assumed when a point has one seed). "
+                 "The papers trained ResNet-50 on ImageNet; compare orderings, not values.", ""]
+        pngs: list[Path] = []
+        for name in dict.fromkeys(names):
+            if name not in STUDIES:
+                continue
+            sec, p = _study_section(store, STUDIES[name], fig_dir)
+            lines += sec
+            pngs += p
+        runs = store.runs()
+        if runs:
+            r = runs[-1]
+            lines += ["## Environment", "", f"device: {r.get('device')}; versions: "
+                      + ", ".join(f"{k} {v}" for k, v in sorted(r.get("versions", {}).items())), ""]
+        md = "\n".join(lines)
+        md_path = out_dir / "report.md"
+        md_path.write_text(md)
+        html_path = out_dir / "report.html"
+        html_path.write_text(_to_html(md, fig_dir))
+        store.export()
+    finally:
+        store.close()
+    return md_path, html_path
+
+
+def _to_html(md: str, fig_dir: Path) -> str:
+    """A small markdown-to-HTML for what this report uses (headings, tables, images, bold)."""
+    body: list[str] = []
+    table: list[str] = []
+
+    def inline(t: str) -> str:
+        t = html.escape(t)
+        parts = t.split("**")
+        t = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+        parts = t.split("`")
+        return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+    def flush() -> None:
+        if table:
+            rows = [r.strip().strip("|").split("|") for r in table if not set(r) <= set("|-")]
+            head, rest = rows[0], rows[1:]
+            body.append("<table><tr>" + "".join(f"<th>{inline(c.strip())}</th>" for c in head)
+                        + "</tr>" + "".join("<tr>" + "".join(f"<td>{inline(c.strip())}</td>"
+                                                             for c in r) + "</tr>" for r in rest)
+                        + "</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("![") and "](" in line:
+            name = line[line.index("](") + 2:-1].split("/")[-1]
+            p = fig_dir / name
+            if p.is_file():
+                b64 = base64.b64encode(p.read_bytes()).decode()
+                body.append(f'<p><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}"></p>')
+        elif line.strip():
+            body.append(f"<p>{inline(line)}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "font-size:13px}img{max-width:100%}code{background:#f3f3f3}")
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>normlab report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

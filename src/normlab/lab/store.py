@@ -1,0 +1,306 @@
+"""The results store: one SQLite file per output directory, plus CSV and JSON exports.
+
+Layout of ``OUT/results.sqlite`` (WAL journal, every write one ``BEGIN IMMEDIATE`` transaction)::
+
+    runs(run_id PK, config JSON, status running|done|failed, owner host:pid, epochs, epochs_done,
+         wall_time s, images_per_s, device, versions JSON, final_* metrics, error, created, updated)
+    epochs(run_id, epoch PK, train_loss, train_error, test_loss, test_error, lr, wall_time,
+           images_per_s)
+    study_runs(study, preset, run_id, label PK, x JSON, registered)  -- which runs make a study
+
+Why this survives SIGKILL at any moment: SQLite commits are atomic (WAL), a run's per-epoch rows
+are written in one transaction after its checkpoint file was atomically renamed into place (see
+trainer.py), and a run only becomes ``done`` in the transaction that writes its summary. A process
+killed mid-epoch leaves its run ``running`` with an owner that no longer exists; the next process
+claims it and resumes from the checkpoint. Two processes sharing a store serialize their writes
+through SQLite's lock (``busy_timeout`` 60 s) and never train the same run at once: a run owned by
+a live process is skipped (:meth:`Store.claim` returns ``"busy"``).
+
+Example::
+
+    >>> s = Store("normlab-out")
+    >>> s.claim(cfg.run_id(), cfg.to_dict())
+    'claimed'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import socket
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+__all__ = ["Store", "DB_NAME", "EPOCH_FIELDS"]
+
+DB_NAME = "results.sqlite"
+EPOCH_FIELDS = ("train_loss", "train_error", "test_loss", "test_error", "lr", "wall_time",
+                "images_per_s")
+_RUN_FIELDS = ("run_id", "status", "owner", "epochs", "epochs_done", "wall_time", "images_per_s",
+               "device", "final_train_loss", "final_train_error", "final_test_loss",
+               "final_test_error", "error", "created", "updated")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, config TEXT NOT NULL, status TEXT NOT NULL, owner TEXT,
+    epochs INTEGER, epochs_done INTEGER DEFAULT 0, wall_time REAL, images_per_s REAL, device TEXT,
+    versions TEXT, final_train_loss REAL, final_train_error REAL, final_test_loss REAL,
+    final_test_error REAL, error TEXT, created REAL, updated REAL);
+CREATE TABLE IF NOT EXISTS epochs (
+    run_id TEXT NOT NULL, epoch INTEGER NOT NULL, train_loss REAL, train_error REAL,
+    test_loss REAL, test_error REAL, lr REAL, wall_time REAL, images_per_s REAL,
+    PRIMARY KEY (run_id, epoch));
+CREATE TABLE IF NOT EXISTS study_runs (
+    study TEXT NOT NULL, preset TEXT NOT NULL, run_id TEXT NOT NULL, label TEXT NOT NULL,
+    x TEXT, registered REAL, PRIMARY KEY (study, preset, run_id, label));
+"""
+
+
+def _me() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: Optional[str]) -> bool:
+    """Whether the process ``host:pid`` is alive (only decidable on this host; other hosts count
+    as alive, so a shared store never steals a remote run)."""
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid_s = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        pid = int(pid_s)
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed but unreaped child is a zombie: dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class Store:
+    """Results of every run in one output directory (see the module docstring)."""
+
+    def __init__(self, out_dir: Union[str, Path], *, create: bool = True) -> None:
+        self.dir = Path(out_dir)
+        self.path = self.dir / DB_NAME
+        if not create and not self.path.is_file():
+            from normlab.lab.config import ConfigError
+
+            raise ConfigError(f"no results store at {str(self.path)!r}",
+                              hint="run `normlab reproduce --out DIR` first, or check the path")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.con.row_factory = sqlite3.Row
+        self.con.execute("PRAGMA busy_timeout=60000")
+        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con.execute("PRAGMA synchronous=NORMAL")
+        with self.transaction():
+            for stmt in _SCHEMA.strip().split(";"):
+                if stmt.strip():
+                    self.con.execute(stmt)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def checkpoint_path(self, run_id: str) -> Path:
+        return self.checkpoint_dir / f"{run_id}.pt"
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``: takes the write lock up front)."""
+        self.con.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.con
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    # ------------------------------------------------------------------ writes
+    def register(self, study: str, preset: str, members: list[tuple[str, str, Any]]) -> None:
+        """Record that ``study`` (``preset``) consists of the (run_id, label, x) ``members``."""
+        now = time.time()
+        with self.transaction() as c:
+            c.executemany("INSERT OR REPLACE INTO study_runs VALUES (?, ?, ?, ?, ?, ?)",
+                          [(study, preset, rid, label, json.dumps(x), now)
+                           for rid, label, x in members])
+
+    def claim(self, run_id: str, config: dict[str, Any]) -> str:
+        """Take ownership of a run: ``"done"`` (finished, skip it), ``"busy"`` (a live process owns
+        it) or ``"claimed"`` (this process owns it now; status ``running``)."""
+        now = time.time()
+        with self.transaction() as c:
+            row = c.execute("SELECT status, owner FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is not None and row["status"] == "done":
+                return "done"
+            if (row is not None and row["status"] == "running" and row["owner"] != _me()
+                    and _owner_alive(row["owner"])):
+                return "busy"
+            if row is None:
+                c.execute("INSERT INTO runs (run_id, config, status, owner, epochs, epochs_done, "
+                          "created, updated) VALUES (?, ?, 'running', ?, ?, 0, ?, ?)",
+                          (run_id, json.dumps(config, sort_keys=True), _me(),
+                           config.get("epochs"), now, now))
+            else:
+                c.execute("UPDATE runs SET status='running', owner=?, error=NULL, updated=? "
+                          "WHERE run_id=?", (_me(), now, run_id))
+        return "claimed"
+
+    def record_epochs(self, run_id: str, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        """Upsert per-epoch rows (``epoch`` plus :data:`EPOCH_FIELDS`) and the run's running
+        summary (device, versions, wall_time, images_per_s) in one transaction."""
+        with self.transaction() as c:
+            c.executemany(
+                f"INSERT OR REPLACE INTO epochs (run_id, epoch, {', '.join(EPOCH_FIELDS)}) "
+                f"VALUES (?, ?, {', '.join('?' * len(EPOCH_FIELDS))})",
+                [(run_id, r["epoch"], *[r.get(k) for k in EPOCH_FIELDS]) for r in rows])
+            last = max(rows, key=lambda r: r["epoch"]) if rows else {}
+            c.execute(
+                "UPDATE runs SET epochs_done=?, wall_time=?, images_per_s=?, device=?, versions=?, "
+                "final_train_loss=?, final_train_error=?, final_test_loss=?, final_test_error=?, "
+                "updated=? WHERE run_id=?",
+                (len(rows) and last["epoch"] + 1, summary.get("wall_time"),
+                 summary.get("images_per_s"), summary.get("device"),
+                 json.dumps(summary.get("versions", {}), sort_keys=True),
+                 last.get("train_loss"), last.get("train_error"), last.get("test_loss"),
+                 last.get("test_error"), time.time(), run_id))
+
+    def finish(self, run_id: str, status: str = "done", error: Optional[str] = None) -> None:
+        """Mark a run ``done`` or ``failed`` (``error``: one line saying why)."""
+        if status not in ("done", "failed"):
+            raise ValueError(f"status must be 'done' or 'failed', got {status!r}")
+        with self.transaction() as c:
+            c.execute("UPDATE runs SET status=?, error=?, owner=NULL, updated=? WHERE run_id=?",
+                      (status, error, time.time(), run_id))
+
+    # ------------------------------------------------------------------ reads
+    def run(self, run_id: str) -> Optional[dict[str, Any]]:
+        row = self.con.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return _run_dict(row) if row else None
+
+    def runs(self, status: Optional[str] = None) -> list[dict[str, Any]]:
+        q = "SELECT * FROM runs" + (" WHERE status=?" if status else "") + " ORDER BY created"
+        return [_run_dict(r) for r in self.con.execute(q, (status,) if status else ())]
+
+    def epochs(self, run_id: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.con.execute(
+            "SELECT * FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,))]
+
+    def studies(self) -> list[tuple[str, str]]:
+        """(study, preset) pairs, most recently registered last."""
+        return [(r[0], r[1]) for r in self.con.execute(
+            "SELECT study, preset, MAX(registered) AS t FROM study_runs GROUP BY study, preset "
+            "ORDER BY t")]
+
+    def study_runs(self, study: str, preset: Optional[str] = None) -> list[dict[str, Any]]:
+        """The runs of a study (the latest registered preset when ``preset`` is None), each with
+        its ``label``, ``x``, ``config`` and ``history`` (list of epoch rows)."""
+        if preset is None:
+            pairs = [p for s, p in self.studies() if s == study]
+            if not pairs:
+                return []
+            preset = pairs[-1]
+        out = []
+        for m in self.con.execute("SELECT run_id, label, x FROM study_runs WHERE study=? AND "
+                                  "preset=? ORDER BY registered, label, run_id", (study, preset)):
+            r = self.run(m["run_id"])
+            if r is None:
+                continue
+            r["label"] = m["label"]
+            r["x"] = json.loads(m["x"])
+            r["preset"] = preset
+            r["history"] = self.epochs(m["run_id"])
+            out.append(r)
+        return out
+
+    # ------------------------------------------------------------------ exports
+    def export(self) -> list[Path]:
+        """Write ``runs.csv``, ``epochs.csv`` and ``results.json`` next to the database."""
+        runs = self.runs()
+        epochs = [dict(r) for r in self.con.execute("SELECT * FROM epochs ORDER BY run_id, epoch")]
+        members = [dict(r) for r in self.con.execute("SELECT * FROM study_runs ORDER BY study")]
+        paths = []
+        cfg_keys = sorted({k for r in runs for k in r["config"]})
+        p = self.dir / "runs.csv"
+        _atomic_csv(p, [*_RUN_FIELDS, *(f"config.{k}" for k in cfg_keys)],
+                    [[r.get(k) for k in _RUN_FIELDS]
+                     + [_cell(r["config"].get(k)) for k in cfg_keys] for r in runs])
+        paths.append(p)
+        p = self.dir / "epochs.csv"
+        _atomic_csv(p, ["run_id", "epoch", *EPOCH_FIELDS],
+                    [[e[k] for k in ("run_id", "epoch", *EPOCH_FIELDS)] for e in epochs])
+        paths.append(p)
+        p = self.dir / "results.json"
+        by_run: dict[str, list] = {}
+        for e in epochs:
+            by_run.setdefault(e["run_id"], []).append({k: v for k, v in e.items() if k != "run_id"})
+        doc = {"runs": [{**r, "history": by_run.get(r["run_id"], [])} for r in runs],
+               "studies": members}
+        tmp = p.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str))
+        os.replace(tmp, p)
+        paths.append(p)
+        return paths
+
+
+def _cell(v: Any) -> Any:
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+
+
+def _atomic_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["config"] = json.loads(d["config"])
+    d["versions"] = json.loads(d["versions"]) if d.get("versions") else {}
+    return d
+
+
+def summarize(runs: list[dict[str, Any]], metric: str = "final_test_error",
+              done_only: bool = True) -> dict[tuple, dict[str, Any]]:
+    """Group study runs (from :meth:`Store.study_runs`) by (label, x) and give the mean, sample
+    standard deviation (None for one run), n and values of ``metric`` over seeds. Runs that are
+    not done are left out when ``done_only``; a diverged run counts with its recorded error."""
+    import statistics
+
+    groups: dict[tuple, list[float]] = {}
+    for r in runs:
+        if done_only and r["status"] != "done":
+            continue
+        v = r.get(metric)
+        if v is None:
+            continue
+        groups.setdefault((r["label"], r["x"]), []).append(float(v))
+    out = {}
+    for key, vals in groups.items():
+        finite = [v for v in vals if v == v]
+        out[key] = {"mean": statistics.fmean(finite) if finite else float("nan"),
+                    "sd": statistics.stdev(finite) if len(finite) > 1 else None,
+                    "n": len(vals), "values": vals}
+    return out
