@@ -224,6 +224,9 @@ def reproduce(
             raise ConfigError(f"--seeds must be >= 1, got {seeds}")
         vs = [v.strip() for v in variants.split(",")] if variants else None
         points = st.points(user, preset, seeds, vs)
+        from normlab.lab.trainer import preflight
+
+        preflight([p.cfg for p in points])
         n_jobs = jobs
         if n_jobs is None:
             on_cpu = points[0].cfg.device == "cpu" or (points[0].cfg.device == "auto"
@@ -285,6 +288,9 @@ def train(
         cfg = apply_overrides(RunConfig(), user)
         cfg = cfg.replace(label=cfg.label or cfg.norm)
         p = Point(cfg.label, cfg.batch_size, cfg)
+        from normlab.lab.trainer import preflight
+
+        preflight([cfg])
         with Store(out) as store:
             store.register("train", "single", [(cfg.run_id(), p.label, p.x)])
             console.print(f"run {cfg.run_id()} -> {out}/", highlight=False)

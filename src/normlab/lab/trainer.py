@@ -362,3 +362,26 @@ def run_points(points: list, store: Store, *, on_run: Optional[Callable[[Any, st
         if pending:
             time.sleep(poll_s)
     return counts
+
+
+def preflight(configs: list[RunConfig]) -> None:
+    """Fail fast, before anything is written: load every distinct dataset and build every
+    distinct model once (on the CPU), so a missing data directory or an unknown model/norm is
+    one clear ConfigError instead of a study full of failed runs."""
+    seen_data, seen_model = set(), set()
+    for cfg in configs:
+        resolve_device(cfg.device)
+        dkey = (cfg.data, cfg.data_dir, repr(sorted(cfg.data_kwargs.items())))
+        data = load_dataset(cfg.data, cfg.data_dir, train_limit=cfg.train_limit,
+                            test_limit=cfg.test_limit, **cfg.data_kwargs)
+        seen_data.add(dkey)
+        if cfg.batch_size > len(data.y_train):
+            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(data.y_train)} "
+                              f"training examples of {cfg.data}", hint="lower the batch size")
+        mkey = (cfg.model, cfg.norm, repr(cfg.norm_kwargs), repr(cfg.model_kwargs), cfg.ws,
+                data.num_classes, data.in_chans, data.image_size)
+        if mkey not in seen_model:
+            seen_model.add(mkey)
+            build_model(cfg, data.num_classes, data.in_chans, data.image_size)
+            if cfg.agc is not None:
+                _agc_fn(cfg, nn.Linear(1, 1))

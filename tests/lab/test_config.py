@@ -1,0 +1,75 @@
+"""RunConfig: defaults follow the GN paper's recipe, overrides parse, bad values are named."""
+
+import json
+
+import pytest
+
+from normlab.lab.config import ConfigError, RunConfig, apply_overrides, load_config_file, parse_set
+
+
+def test_lr_scales_linearly_with_batch():
+    # the GN paper's rule: 0.1 * N / 32
+    assert RunConfig(batch_size=32).effective_lr() == pytest.approx(0.1)
+    assert RunConfig(batch_size=2).effective_lr() == pytest.approx(0.1 * 2 / 32)
+    assert RunConfig(batch_size=2, lr=0.5).effective_lr() == 0.5
+
+
+def test_run_id_depends_on_results_not_presentation():
+    a = RunConfig(norm="gn", batch_size=4)
+    assert a.run_id() == RunConfig(norm="gn", batch_size=4).run_id()
+    assert a.run_id() == a.replace(label="GN", threads=3).run_id()  # label/threads: not results
+    assert a.run_id() != a.replace(seed=1).run_id()
+    assert a.run_id() != a.replace(norm_kwargs={"num_groups": 8}).run_id()
+
+
+def test_parse_set_and_apply_dotted_keys():
+    over = parse_set(["epochs=3", "norm_kwargs.num_groups=8", "schedule=step", "lr=1",
+                      "milestones=[0.3, 0.6]", "ws=true", "amp=off"])
+    cfg = apply_overrides(RunConfig(norm="gn"), over)
+    assert (cfg.epochs, cfg.norm_kwargs, cfg.schedule, cfg.lr, cfg.ws, cfg.amp) == \
+        (3, {"num_groups": 8}, "step", 1.0, True, "off")
+    assert cfg.milestones == (0.3, 0.6)
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("batch_size=-1", "batch_size must be a positive int, got -1"),
+    ("batch_size=2.5", "batch_size must be int"),
+    ("epochs=0", "epochs must be a positive int, got 0"),
+    ("schedule=linear", "unknown schedule 'linear'"),
+    ("norm=batchnormz", "unknown norm 'batchnormz'"),
+    ("data=mnist", "unknown data 'mnist'"),
+    ("momentum=1.5", "momentum must be in [0, 1), got 1.5"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("lr=-0.1", "lr must be a positive finite number, got -0.1"),
+    ("milestones=[1.5]", "milestones must be fractions"),
+])
+def test_bad_values_name_the_value(item, needle):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(RunConfig(), parse_set([item]))
+    assert needle in str(e.value)
+
+
+def test_set_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set(["epochs"])
+
+
+def test_config_files_json_and_toml(tmp_path):
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"epochs": 2, "norm_kwargs": {"group_size": 4}}))
+    t = tmp_path / "c.toml"
+    t.write_text('epochs = 5\nnorm = "gn"\n[norm_kwargs]\nnum_groups = 4\n')
+    assert apply_overrides(RunConfig(), load_config_file(j)).norm_kwargs == {"group_size": 4}
+    cfg = apply_overrides(RunConfig(), load_config_file(t))
+    assert (cfg.epochs, cfg.norm, cfg.norm_kwargs) == (5, "gn", {"num_groups": 4})
+    bad = tmp_path / "c.yaml"
+    bad.write_text("x: 1")
+    with pytest.raises(ConfigError, match="must end in .json or .toml"):
+        load_config_file(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config_file(tmp_path / "missing.json")
+
+
+def test_disk_datasets_need_a_data_dir():
+    with pytest.raises(ConfigError, match="no --data-dir"):
+        RunConfig(data="cifar10").validate()

@@ -1,0 +1,140 @@
+"""Datasets and the tensor loader: shapes, standardization, augmentation against a loop
+reference, CIFAR-format reading and its documented errors."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from normlab.lab.data import DataError, TensorLoader, load_dataset, pad_crop_flip
+
+
+def test_digits_is_the_sklearn_set_standardized():
+    d = load_dataset("digits")
+    assert d.x_train.shape[1:] == (1, 8, 8) and len(d.y_train) + len(d.y_test) == 1797
+    assert d.num_classes == 10
+    assert abs(float(d.x_train.mean())) < 1e-4 and float(d.x_train.std()) == pytest.approx(1, abs=1e-3)
+
+
+def test_synthetic_seeded_sized_and_not_trivially_separable():
+    a = load_dataset("synthetic", n_train=600, n_test=300, image_size=12, channels=2, num_classes=5)
+    b = load_dataset("synthetic", n_train=600, n_test=300, image_size=12, channels=2, num_classes=5)
+    assert a.x_train.shape == (600, 2, 12, 12) and a.num_classes == 5
+    assert torch.equal(a.x_train, b.x_train)
+    # nearest class-mean on pixels: learnable (above chance) but far from perfect
+    means = torch.stack([a.x_train[a.y_train == k].mean(0) for k in range(5)]).flatten(1)
+    pred = torch.cdist(a.x_test.flatten(1), means).argmin(1)
+    acc = float((pred == a.y_test).float().mean())
+    assert 0.2 < acc < 0.9
+
+
+def test_pad_crop_flip_matches_a_per_sample_loop():
+    x = torch.randn(6, 3, 10, 10) + 3.0
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    y = pad_crop_flip(x, 2, g1)
+    oy = torch.randint(0, 5, (6,), generator=g2)
+    ox = torch.randint(0, 5, (6,), generator=g2)
+    flip = torch.rand(6, generator=g2) < 0.5
+    xp = F.pad(x, (2, 2, 2, 2))
+    for i in range(6):
+        ref = xp[i, :, oy[i]:oy[i] + 10, ox[i]:ox[i] + 10]
+        ref = ref.flip(-1) if flip[i] else ref
+        assert torch.equal(y[i], ref)
+
+
+def test_loader_epochs_are_seeded_and_shards_partition():
+    x, y = torch.randn(40, 1, 4, 4), torch.arange(40)
+    full = TensorLoader(x, y, 4, shuffle=True, drop_last=False, seed=3)
+    full.set_epoch(2)
+    order = torch.cat([b for _, b in full])
+    assert sorted(order.tolist()) == list(range(40))
+    again = TensorLoader(x, y, 4, shuffle=True, drop_last=False, seed=3)
+    again.set_epoch(2)
+    assert torch.equal(order, torch.cat([b for _, b in again]))
+    shards = []
+    for r in range(2):
+        s = TensorLoader(x, y, 4, shuffle=True, drop_last=False, seed=3, rank=r, world_size=2)
+        s.set_epoch(2)
+        shards += torch.cat([b for _, b in s]).tolist()
+    assert sorted(shards) == list(range(40))
+    assert len(TensorLoader(x, y, 16, shuffle=True, drop_last=True)) == 2
+
+
+def _write_cifar10(root, n=20, corrupt=None):
+    """A CIFAR-10 python-format directory of random images; ``corrupt = (file, fn)`` replaces
+    that file's dict d by fn(d) (bytes are written raw)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             b"labels": rng.integers(0, 10, n).tolist()}
+        if corrupt and corrupt[0] == name:
+            d = corrupt[1](d)
+        with open(root / name, "wb") as f:
+            f.write(d if isinstance(d, bytes) else pickle.dumps(d))
+
+
+def test_cifar10_reads_the_python_format(tmp_path):
+    _write_cifar10(tmp_path / "cifar-10-batches-py")
+    d = load_dataset("cifar10", str(tmp_path))  # the parent directory is accepted too
+    assert d.x_train.shape == (100, 3, 32, 32) and d.x_test.shape == (20, 3, 32, 32)
+    assert d.num_classes == 10
+
+
+def test_cifar_missing_directory_and_files(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as e:
+        load_dataset("cifar10", str(tmp_path / "nope"))
+    assert "data_batch_1" in e.value.hint and "nothing is downloaded" in e.value.hint
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "data_batch_1").write_bytes(b"")
+    with pytest.raises(DataError, match="is missing data_batch_2, .*test_batch"):
+        load_dataset("cifar10", str(tmp_path / "c"))
+    with pytest.raises(DataError, match="cifar100: .* is missing train, test"):
+        load_dataset("cifar100", str(tmp_path / "c"))
+
+
+def _rename_labels(d):
+    d[b"fine_labels"] = d.pop(b"labels")
+    return d
+
+
+@pytest.mark.parametrize("corrupt, needle", [
+    # not a pickle at all (a truncated download)
+    (("test_batch", lambda d: b"this is not a pickle"), "is not a readable CIFAR pickle"),
+    # a pickle of the wrong thing
+    (("data_batch_1", lambda d: [1, 2, 3]), "holds a list"),
+    # labels under cifar100's key in a cifar10 file
+    (("data_batch_2", _rename_labels), "lacks key"),
+    # images of the wrong size (a 28x28 dataset renamed)
+    (("data_batch_3", lambda d: {**d, b"data": np.zeros((20, 784), np.uint8)}),
+     "expected (n, 3072) uint8"),
+    # label count disagrees with the image count
+    (("data_batch_4", lambda d: {**d, b"labels": [1, 2]}), "labels for 20 images"),
+    # labels out of range
+    (("data_batch_5", lambda d: {**d, b"labels": [10] * 20}), "labels outside 0..9"),
+])
+def test_malformed_cifar_gives_the_documented_error(tmp_path, corrupt, needle):
+    root = tmp_path / "cifar"
+    _write_cifar10(root, corrupt=corrupt)
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root))
+    assert needle in str(e.value) and corrupt[0] in str(e.value)
+    assert "data_batch_1" in e.value.hint
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (20, 14, 3), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png")
+    d = load_dataset("imagefolder", str(tmp_path), image_size=16)
+    assert d.x_train.shape == (6, 3, 16, 16) and d.info["classes"] == ["cat", "dog"]
+    with pytest.raises(DataError, match="lacks a train/"):
+        load_dataset("imagefolder", str(tmp_path / "train"))

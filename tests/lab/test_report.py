@@ -1,0 +1,87 @@
+"""Report verdicts are computed from the numbers: fed results where a claim holds, fails or is
+within the spread, the verdict follows."""
+
+import pytest
+
+from normlab.lab.report import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED, verdict,
+                                write_report)
+from normlab.lab.store import Store
+from normlab.lab.studies import Claim, get_study
+
+
+def _s(mean, sd=0.3, n=3):
+    return {"mean": mean, "sd": sd, "n": n, "values": []}
+
+
+LESS = Claim("GN beats BN at batch 2", "less", ("GN", 2), ("BN", 2), 0.0)
+
+
+@pytest.mark.parametrize("gn, bn, expected", [
+    (_s(24.0), _s(34.0), REPRODUCED),            # a clear gap in the claimed direction
+    (_s(34.0), _s(24.0), NOT_REPRODUCED),        # a clear gap the other way
+    (_s(24.0, 3.0), _s(25.0, 3.0), INCONCLUSIVE),  # gap within the spread
+    (_s(24.0, n=1), _s(25.0, n=1), INCONCLUSIVE),  # one seed: the assumed spread is wide
+    (_s(24.0, n=1), _s(40.0, n=1), REPRODUCED),    # one seed, a gap far beyond it
+])
+def test_less(gn, bn, expected):
+    assert verdict(LESS, {("GN", 2): gn, ("BN", 2): bn})[0] == expected
+
+
+def test_less_with_margin_not_reached_is_not_reproduced():
+    c = Claim("BN degrades by >= 5 points", "less", ("BN", 32), ("BN", 2), 5.0)
+    assert verdict(c, {("BN", 32): _s(24.0), ("BN", 2): _s(25.0)})[0] == NOT_REPRODUCED
+    assert verdict(c, {("BN", 32): _s(24.0), ("BN", 2): _s(34.0)})[0] == REPRODUCED
+
+
+def test_flat_and_match():
+    flat = Claim("GN flat", "flat", ("GN", 32), None, 1.0)
+    ok = {("GN", x): _s(24.0 + 0.05 * i, sd=0.1) for i, x in enumerate([32, 16, 8, 4, 2])}
+    assert verdict(flat, ok)[0] == REPRODUCED
+    bad = {**ok, ("GN", 2): _s(30.0, sd=0.1)}
+    v, why = verdict(flat, bad)
+    assert v == NOT_REPRODUCED and "at 2 +" in why
+    m = Claim("match", "match", ("A", 1), ("B", 1), 1.0)
+    assert verdict(m, {("A", 1): _s(10.0, 0.1), ("B", 1): _s(10.2, 0.1)})[0] == REPRODUCED
+    assert verdict(m, {("A", 1): _s(10.0, 0.1), ("B", 1): _s(15.0, 0.1)})[0] == NOT_REPRODUCED
+
+
+def test_best_worst_and_missing_points():
+    stats = {("both", 0.4): _s(20.0), ("none", 0.4): _s(30.0), ("conv", 0.0): _s(25.0)}
+    best = Claim("both best", "best", ("both", 0.4))
+    assert verdict(best, stats)[0] == REPRODUCED
+    assert verdict(best, {**stats, ("conv", 0.0): _s(10.0)})[0] == NOT_REPRODUCED
+    worst = Claim("IN worst", "worst", ("C/G", 1))
+    assert verdict(worst, {("C/G", 1): _s(28.0), ("C/G", 16): _s(24.0)})[0] == REPRODUCED
+    assert verdict(worst, {("C/G", 1): _s(20.0), ("C/G", 16): _s(24.0)})[0] == NOT_REPRODUCED
+    assert verdict(LESS, {("GN", 2): _s(1.0)})[0] == NOT_RUN
+
+
+def test_report_states_a_failed_claim(tmp_path):
+    # a store where BN is flat and GN collapses at batch 2: the paper's claims must fail
+    errors = {("BN", 32): 5.0, ("BN", 2): 5.1, ("GN", 32): 5.2, ("GN", 2): 30.0}
+    study = get_study("batch-size")
+    members = []
+    with Store(tmp_path) as s:
+        for (label, x), err in errors.items():
+            for seed in range(3):
+                rid = f"{label}{x}s{seed}"
+                s.claim(rid, {"model": "resnet20", "data": "digits", "epochs": 1, "schedule": "cosine",
+                              "base_lr": 0.1, "weight_decay": 1e-4, "seed": seed})
+                s.record_epochs(rid, [{"epoch": 0, "test_error": err + 0.1 * seed}], {})
+                s.finish(rid)
+                members.append((rid, label, x))
+        s.register(study.name, "default", members)
+    md, html = write_report(tmp_path)
+    text = md.read_text()
+    row = next(l for l in text.splitlines() if l.startswith("| GN beats BN at batch 2"))
+    assert "**not reproduced**" in row
+    row = next(l for l in text.splitlines() if l.startswith("| BN degrades at batch 2"))
+    assert "**not reproduced**" in row
+    row = next(l for l in text.splitlines() if l.startswith("| GN is insensitive"))
+    assert "**not reproduced**" in row
+    assert "| 5.10 ± 0.10 (n=3) |" in text   # BN at 32: mean and spread over seeds
+    assert "23.6" in text                      # the paper's table beside ours
+    h = html.read_text()
+    assert "data:image/png;base64," in h and "not reproduced" in h
+    assert (tmp_path / "figures" / "batch-size_error.png").is_file()
+    assert (tmp_path / "figures" / "batch-size_error.svg").is_file()

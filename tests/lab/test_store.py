@@ -1,0 +1,87 @@
+"""The SQLite results store: claim semantics, upserts, exports, concurrent writers."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+from normlab.lab.store import Store, summarize
+
+
+def _rows(n, base=1.0):
+    return [{"epoch": e, "train_loss": base + e, "train_error": 10.0 + e, "test_loss": base * 2,
+             "test_error": 20.0 - e, "lr": 0.1, "wall_time": e + 1.0, "images_per_s": 99.0}
+            for e in range(n)]
+
+
+def test_claim_record_finish_cycle(tmp_path):
+    with Store(tmp_path) as s:
+        assert s.claim("r1", {"epochs": 3}) == "claimed"
+        assert s.claim("r1", {"epochs": 3}) == "claimed"  # same process: still ours
+        s.record_epochs("r1", _rows(2), {"wall_time": 2.0, "images_per_s": 99.0, "device": "cpu"})
+        s.record_epochs("r1", _rows(2, base=5.0), {"wall_time": 2.0})  # an epoch redone: upsert
+        assert [e["train_loss"] for e in s.epochs("r1")] == [5.0, 6.0]
+        assert s.run("r1")["epochs_done"] == 2 and s.run("r1")["status"] == "running"
+        s.finish("r1")
+        assert s.claim("r1", {"epochs": 3}) == "done"
+        assert s.run("r1")["final_test_error"] == 19.0
+
+
+def test_run_owned_by_a_dead_process_is_taken_over(tmp_path):
+    with Store(tmp_path) as s:
+        s.claim("r2", {"epochs": 1})
+        p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True)
+        dead = int(p.stdout)
+        s.con.execute("UPDATE runs SET owner=? WHERE run_id='r2'",
+                      (f"{s.run('r2')['owner'].rpartition(':')[0]}:{dead}",))
+        assert s.claim("r2", {"epochs": 1}) == "claimed"
+        # a live foreign owner (our parent process) makes it busy
+        s.con.execute("UPDATE runs SET owner=? WHERE run_id='r2'",
+                      (f"{s.run('r2')['owner'].rpartition(':')[0]}:{os.getppid()}",))
+        assert s.claim("r2", {"epochs": 1}) == "busy"
+
+
+def test_study_membership_summary_and_exports(tmp_path):
+    with Store(tmp_path) as s:
+        for rid, label, x, err in [("a", "BN", 2, 10.0), ("b", "BN", 2, 12.0), ("c", "GN", 2, 5.0)]:
+            s.claim(rid, {"epochs": 1, "seed": 0})
+            s.record_epochs(rid, [{"epoch": 0, "test_error": err}], {})
+            s.finish(rid)
+        s.register("batch-size", "quick", [("a", "BN", 2), ("b", "BN", 2), ("c", "GN", 2)])
+        stats = summarize(s.study_runs("batch-size"))
+        assert stats[("BN", 2)]["mean"] == 11.0 and stats[("BN", 2)]["n"] == 2
+        assert abs(stats[("BN", 2)]["sd"] - 2 ** 0.5) < 1e-12 and stats[("GN", 2)]["sd"] is None
+        paths = s.export()
+    assert {p.name for p in paths} == {"runs.csv", "epochs.csv", "results.json"}
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert len(doc["runs"]) == 3 and doc["runs"][0]["history"][0]["test_error"] == 10.0
+    assert (tmp_path / "runs.csv").read_text().count("\n") == 4
+
+
+_WRITER = textwrap.dedent("""
+    import sys
+    from normlab.lab.store import Store
+    s = Store(sys.argv[1])
+    tag = sys.argv[2]
+    for i in range(60):
+        rid = f"{tag}{i}"
+        s.claim(rid, {"epochs": 2, "i": i})
+        s.record_epochs(rid, [{"epoch": e, "test_error": float(i)} for e in range(2)], {})
+        s.finish(rid)
+        s.register("study-" + tag, "default", [(rid, "L", i)])
+""")
+
+
+def test_two_processes_writing_one_store(tmp_path):
+    # two studies at once: every transaction lands, the file passes SQLite's integrity check
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), tag])
+             for tag in ("a", "b")]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 120
+    assert con.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 240
+    assert con.execute("SELECT COUNT(*) FROM study_runs").fetchone()[0] == 120

@@ -1,0 +1,92 @@
+"""The trainer: schedule, a resumed run equals an uninterrupted one, weight standardization."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from normlab.lab.config import ConfigError, RunConfig
+from normlab.lab.store import Store
+from normlab.lab.trainer import lr_at, preflight, train_run, weight_standardize_
+
+# a small, fast run: 8x8 synthetic images, ResNet-20, 3 epochs of 12 steps
+TINY = dict(data="synthetic", data_kwargs={"n_train": 96, "n_test": 64, "image_size": 8,
+                                           "channels": 2, "num_classes": 4},
+            batch_size=8, epochs=3, threads=1)
+
+
+def test_lr_schedules():
+    c = RunConfig(batch_size=16, epochs=10, schedule="step", milestones=(0.5, 0.75))
+    assert [lr_at(c, t) for t in (0, 4.9, 5, 7.5)] == pytest.approx([0.05, 0.05, 0.005, 0.0005])
+    c = RunConfig(batch_size=32, epochs=10, schedule="cosine", warmup_epochs=1)
+    assert lr_at(c, 0.5) == pytest.approx(0.1 * 0.501)
+    assert lr_at(c, 1) == pytest.approx(0.1) and lr_at(c, 5.5) == pytest.approx(0.05)
+    assert lr_at(c, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    cfg = RunConfig(norm="bn", **TINY)
+    with Store(tmp_path / "a") as a:
+        a.claim(cfg.run_id(), cfg.to_dict())
+        full = train_run(cfg, a)
+        hist_a = a.epochs(cfg.run_id())
+
+    def stop_in_epoch_2(event, info):  # dies during the third epoch, after two checkpoints
+        if event == "step" and info.get("advance") and stop_in_epoch_2.epoch == 2:
+            raise _Stop
+        if event == "start":
+            stop_in_epoch_2.epoch = info["epoch"]
+    stop_in_epoch_2.epoch = 0
+    with Store(tmp_path / "b") as b:
+        b.claim(cfg.run_id(), cfg.to_dict())
+        with pytest.raises(_Stop):
+            train_run(cfg, b, progress=stop_in_epoch_2)
+        assert b.run(cfg.run_id())["status"] == "running"
+        assert len(b.epochs(cfg.run_id())) == 2
+        assert b.checkpoint_path(cfg.run_id()).is_file()
+        resumed = train_run(cfg, b)
+        hist_b = b.epochs(cfg.run_id())
+        assert resumed["resumed_from"] == 2 and b.run(cfg.run_id())["status"] == "done"
+        assert not b.checkpoint_path(cfg.run_id()).exists()
+    assert full["resumed_from"] == 0
+    for ra, rb in zip(hist_a, hist_b, strict=True):
+        for k in ("train_loss", "test_loss", "test_error"):
+            assert ra[k] == rb[k], k  # same data order, RNG state and weights: identical
+
+
+def test_records_versions_device_and_throughput(tmp_path):
+    cfg = RunConfig(norm="gn", norm_kwargs={"num_groups": 4}, **{**TINY, "epochs": 1})
+    with Store(tmp_path) as s:
+        s.claim(cfg.run_id(), cfg.to_dict())
+        train_run(cfg, s)
+        r = s.run(cfg.run_id())
+    assert r["device"].startswith("cpu") and r["versions"]["torch"] == torch.__version__
+    assert r["images_per_s"] > 0 and r["wall_time"] > 0
+    assert 0 <= r["final_test_error"] <= 100 and math.isfinite(r["final_test_loss"])
+    assert r["config"]["norm_kwargs"] == {"num_groups": 4}
+
+
+def test_weight_standardize_swaps_every_conv():
+    from normlab.nn import WSConv2d
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(8, 4, 1, bias=False)))
+    w = m[0].weight.detach().clone()
+    weight_standardize_(m)
+    assert isinstance(m[0], WSConv2d) and isinstance(m[2][0], WSConv2d)
+    assert torch.equal(m[0].weight, w) and m[2][0].bias is None
+    y = m(torch.randn(2, 3, 6, 6))
+    assert y.shape == (2, 4, 4, 4)
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"model": "resnet7"}, "unknown model 'resnet7'"),
+    ({"batch_size": 1000}, "batch_size 1000 is larger than the 96"),
+])
+def test_preflight_names_the_problem(changes, needle):
+    with pytest.raises(ConfigError, match=needle):
+        preflight([RunConfig(**{**TINY, **changes})])
