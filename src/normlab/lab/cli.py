@@ -360,7 +360,8 @@ def ls_(
                               "-" if err is None else f"{err:.2f}",
                               "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}",
                               "-" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}")
-            console.print(table)
+            # off a terminal rich assumes 80 columns; keep the table whole for logs and pipes
+            (console if console.is_terminal else Console(width=200)).print(table)
 
     _guard(body)
 

@@ -98,13 +98,17 @@ def build_model(cfg: RunConfig, num_classes: int, in_chans: int, image_size: int
     ``cfg.ws``. Normalizer-free models require ``norm="none"``."""
     from normlab import models
 
+    try:
+        from normlab.models import model_uses_norm
+    except ImportError:  # not re-exported by the package
+        from normlab.models.registry import model_uses_norm
     kwargs = dict(cfg.model_kwargs)
     if cfg.model == "bn_dropout_cnn" and "image_size" not in kwargs:
         kwargs["image_size"] = image_size  # its dense layer's size depends on the input size
     if cfg.norm_kwargs:
         kwargs["norm_kwargs"] = dict(cfg.norm_kwargs)
     try:
-        uses_norm = models.model_uses_norm(cfg.model)
+        uses_norm = model_uses_norm(cfg.model)
         if not uses_norm and cfg.norm not in ("none", "bn"):
             raise ConfigError(f"model {cfg.model!r} is normalizer-free; it takes norm='none', "
                               f"got norm={cfg.norm!r}", hint="drop --set norm=... for NF models")

@@ -1,0 +1,166 @@
+"""The normlab CLI end to end: quick presets on synthetic and digits, SIGKILL and resume, errors."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from normlab.lab.cli import app
+
+runner = CliRunner()
+SMALL = json.dumps({"n_train": 128, "n_test": 64, "image_size": 8, "channels": 1, "num_classes": 4})
+
+
+def _db(out):
+    con = sqlite3.connect(out / "results.sqlite")
+    con.row_factory = sqlite3.Row
+    return con
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "normlab.lab.cli", *args], capture_output=True,
+                          text=True, **kw)
+
+
+def test_quick_synthetic_in_process(tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1",
+                            "--set", f"data_kwargs={SMALL}", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    con = _db(out)
+    rows = con.execute("SELECT r.status, s.label, s.x, r.config FROM runs r JOIN study_runs s "
+                       "USING (run_id) WHERE s.study='batch-size'").fetchall()
+    assert sorted((row["label"], json.loads(row["x"])) for row in rows) == sorted(
+        (lab, x) for lab in ("BN", "GN") for x in (32, 16, 8, 4, 2))
+    assert all(row["status"] == "done" for row in rows)
+    assert all(json.loads(row["config"])["data"] == "synthetic" for row in rows)
+    assert con.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 10 * 2  # quick: 2 epochs
+    for name in ("report.md", "report.html", "runs.csv", "epochs.csv", "results.json",
+                 "figures/batch-size_error.png", "figures/batch-size_error.svg",
+                 "figures/batch-size_curves.png"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    assert "| BN | " in md and "| GN | " in md and "10/10 runs done" in md
+    # a second invocation recomputes nothing
+    r = runner.invoke(app, ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1",
+                            "--set", f"data_kwargs={SMALL}", "--out", str(out), "--no-report"])
+    assert "trained 0, already done 10" in r.output
+    r = runner.invoke(app, ["ls", str(out)])
+    assert r.exit_code == 0 and r.output.count("done") >= 10
+    r = runner.invoke(app, ["report", str(out)])
+    assert r.exit_code == 0 and "report.html" in r.output
+
+
+def test_quick_digits_two_processes(tmp_path):
+    out = tmp_path / "out"
+    p = _cli("reproduce", "norms", "--quick", "--jobs", "2", "--out", str(out), timeout=300)
+    assert p.returncode == 0, p.stderr
+    con = _db(out)
+    labels = {r[0] for r in con.execute("SELECT label FROM study_runs WHERE study='norms'")}
+    assert labels == {"BN", "LN", "IN", "GN", "none"}
+    assert con.execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 5
+    assert {json.loads(r[0])["data"] for r in con.execute("SELECT config FROM runs")} == {"digits"}
+    assert (out / "figures" / "norms_error.png").is_file()
+    md = (out / "report.md").read_text()
+    assert "| GN beats LN |" in md and "23.6" in md
+
+
+def test_sigkill_mid_study_then_resume(tmp_path):
+    args = ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1", "--no-report",
+            "--set", f"data_kwargs={SMALL}", "--set", "epochs=4"]
+    killed = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "normlab.lab.cli", *args, "--out", str(killed)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    caught = False
+    while time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+        if not (killed / "results.sqlite").is_file():
+            continue
+        try:
+            con = _db(killed)
+            done = con.execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0]
+            part = con.execute("SELECT COUNT(*) FROM runs WHERE status='running' AND "
+                               "epochs_done >= 1").fetchone()[0]
+            con.close()
+        except sqlite3.OperationalError:
+            continue
+        if done >= 1 and part >= 1:
+            os.killpg(p.pid, signal.SIGKILL)
+            caught = True
+            break
+    p.wait()
+    assert caught, "the study finished before it could be killed mid-run"
+    con = _db(killed)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    before = {r["run_id"]: r["updated"] for r in con.execute(
+        "SELECT run_id, updated FROM runs WHERE status='done'")}
+    partial = con.execute("SELECT run_id, epochs_done FROM runs WHERE status='running'").fetchone()
+    con.close()
+    r = _cli(*args, "--out", str(killed), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"already done {len(before)}" in r.stdout
+    assert "resumed at epoch" in r.stdout
+    con = _db(killed)
+    after = {row["run_id"]: row for row in con.execute("SELECT * FROM runs")}
+    assert all(after[rid]["updated"] == t for rid, t in before.items())  # not recomputed
+    assert after[partial["run_id"]]["status"] == "done"
+    # an uninterrupted study gives the same set of runs, all done
+    clean = tmp_path / "clean"
+    r = _cli(*args, "--out", str(clean), timeout=300)
+    assert r.returncode == 0, r.stderr
+    ref = {row["run_id"]: row for row in _db(clean).execute("SELECT * FROM runs")}
+    assert set(ref) == set(after) and len(ref) == 10
+    assert all(row["status"] == "done" for row in after.values())
+    assert {k: v["epochs_done"] for k, v in ref.items()} == {k: v["epochs_done"] for k, v in after.items()}
+
+
+def _malformed_cifar(tmp_path):
+    d = tmp_path / "cifar"
+    d.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (d / name).write_bytes(b"not a pickle")
+    return d
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["reproduce", "batchsize"], "unknown study 'batchsize'"),                 # typo in study
+    (["reproduce", "--model", "resnet7"], "unknown model 'resnet7'"),           # unknown model
+    (["reproduce", "--set", "norm=bm"], "unknown norm 'bm'"),                   # unknown norm
+    (["reproduce", "--data", "mnist"], "unknown data 'mnist'"),                 # unknown dataset
+    (["reproduce", "--set", "batch_size=0"], "batch_size must be a positive int, got 0"),
+    (["reproduce", "--seeds", "0"], "seeds must be >= 1, got 0"),
+    (["reproduce", "--variants", "BN,XN"], "no variant(s) XN"),
+    (["reproduce", "--data", "cifar10"], "no --data-dir"),
+    (["reproduce", "--data", "cifar10", "--data-dir", "MALFORMED"], "is not a readable CIFAR pickle"),
+    (["report", "NOWHERE"], "no results store"),
+    (["train", "--norm", "gn", "--batch-size", "-3"], "batch_size must be a positive int, got -3"),
+])
+def test_errors_are_one_line_and_a_hint(tmp_path, args, needle):
+    args = [str(_malformed_cifar(tmp_path)) if a == "MALFORMED" else
+            str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in args]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "o")] if args[0] != "report" else args)
+    assert r.exit_code == 2, r.output
+    assert needle in r.output and r.output.startswith("error:")
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) <= 3
+
+
+@pytest.mark.parametrize("cmd", ["reproduce", "train", "report", "ls", "spp"])
+def test_help(cmd):
+    r = runner.invoke(app, [cmd, "--help"])
+    assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_train_one_run(tmp_path):
+    r = runner.invoke(app, ["train", "--norm", "gn", "--data", "synthetic", "--batch-size", "16",
+                            "--epochs", "1", "--set", f"data_kwargs={SMALL}",
+                            "--set", "norm_kwargs.num_groups=4", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    row = _db(tmp_path).execute("SELECT status, config FROM runs").fetchone()
+    assert row[0] == "done" and json.loads(row[1])["norm_kwargs"] == {"num_groups": 4}
