@@ -129,14 +129,14 @@ class PreActBasicBlock(_PreAct):
         self.norm1, self.conv1 = norm(cin), conv3x3(cin, planes, stride)
         self.norm2, self.conv2 = norm(planes), conv3x3(planes, planes)
         self.has_projection = stride != 1 or cin != planes
-        self.shortcut = conv1x1(cin, planes, stride) if self.has_projection else None
+        self.shortcut = conv1x1(cin, planes, stride) if self.has_projection else nn.Identity()
 
     def last_norm(self) -> nn.Module:
         return self.norm2
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.pre(self.norm1, x)
-        skip = self.shortcut(p) if self.shortcut is not None else x
+        skip = self.shortcut(p) if self.has_projection else x
         r = self.conv1(p)
         r = self.branch_out(self.conv2(self.pre(self.norm2, r)))
         return r + skip
@@ -155,14 +155,14 @@ class PreActBottleneck(_PreAct):
         self.norm2, self.conv2 = norm(planes), conv3x3(planes, planes, stride)
         self.norm3, self.conv3 = norm(planes), conv1x1(planes, cout)
         self.has_projection = stride != 1 or cin != cout
-        self.shortcut = conv1x1(cin, cout, stride) if self.has_projection else None
+        self.shortcut = conv1x1(cin, cout, stride) if self.has_projection else nn.Identity()
 
     def last_norm(self) -> nn.Module:
         return self.norm3
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.pre(self.norm1, x)
-        skip = self.shortcut(p) if self.shortcut is not None else x
+        skip = self.shortcut(p) if self.has_projection else x
         r = self.conv1(p)
         r = self.conv2(self.pre(self.norm2, r))
         r = self.branch_out(self.conv3(self.pre(self.norm3, r)))

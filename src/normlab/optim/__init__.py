@@ -1,0 +1,8 @@
+"""normlab.optim: Adaptive Gradient Clipping (NFNets) for any optimizer.
+
+    >>> from normlab.optim import AGC, adaptive_grad_clip_, agc_parameters
+"""
+
+from normlab.optim.agc import AGC, adaptive_grad_clip_, agc_parameters, unitwise_norm
+
+__all__ = ["AGC", "adaptive_grad_clip_", "agc_parameters", "unitwise_norm"]

@@ -1,0 +1,189 @@
+r"""Adaptive Gradient Clipping (Brock, De, Smith & Simonyan, "High-Performance Large-Scale Image
+Recognition Without Normalization", ICML 2021; REFERENCE section 3).
+
+Unit-wise: for every unit i of a parameter W with gradient G,
+
+.. math::
+    G_i \leftarrow \begin{cases}
+        \lambda \dfrac{\max(\lVert W_i \rVert, \epsilon)}{\lVert G_i \rVert} G_i &
+            \text{if } \dfrac{\lVert G_i \rVert}{\max(\lVert W_i \rVert, \epsilon)} > \lambda \\
+        G_i & \text{otherwise}
+    \end{cases}
+
+with Frobenius norms, ``lambda = clip`` (0.01 at batch 1024-4096) and ``eps = 1e-3`` (so
+zero-initialized parameters can still move). A *unit* is one output row: for a weight of shape
+(out, ...) (Linear (out, in), Conv (out, in/groups, kh, kw), a Scaled-WS gain (out, 1, 1, 1)) the
+unit is ``W[o]``, the whole fan-in of output o. 0-d and 1-d parameters (biases, norm affines,
+SkipInit scalars) are by default one unit each, the whole tensor, as in the official NFNets code
+(``vector_unit="tensor"``); ``vector_unit="element"`` makes every entry its own unit.
+
+The final classifier must not be clipped: :class:`AGC` and :func:`agc_parameters` exclude it
+by module name (``exclude=("fc",)`` for every normlab model), never by position.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["unitwise_norm", "adaptive_grad_clip_", "agc_parameters", "AGC"]
+
+Params = Union[Tensor, Iterable[Tensor]]
+_VECTOR_UNITS = ("tensor", "element")
+
+
+def unitwise_norm(x: Tensor, vector_unit: str = "tensor") -> Tensor:
+    """The L2 norm of every unit of ``x``, broadcastable against ``x``: over dims 1.. for
+    ``x.dim() >= 2``; for 0-d/1-d ``x`` the whole-tensor norm (``"tensor"``) or ``|x|``
+    (``"element"``).
+
+    >>> unitwise_norm(torch.ones(4, 3, 2, 2)).flatten()
+    tensor([3.4641, 3.4641, 3.4641, 3.4641])
+    """
+    if vector_unit not in _VECTOR_UNITS:
+        raise ValueError(f"vector_unit must be one of {_VECTOR_UNITS}, got {vector_unit!r}")
+    if x.dim() >= 2:
+        return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True)
+    if vector_unit == "element":
+        return x.abs()
+    return torch.linalg.vector_norm(x)
+
+
+def _check_number(value: Any, what: str, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{what} must be a {'non-negative' if allow_zero else 'positive'} "
+                         f"finite number, got {value!r}")
+    return float(value)
+
+
+@torch.no_grad()
+def adaptive_grad_clip_(parameters: Params, clip: float = 0.01, eps: float = 1e-3, *,
+                        vector_unit: str = "tensor") -> None:
+    """Clip the gradients of ``parameters`` in place, unit-wise (see the module docstring).
+
+    Parameters whose ``.grad`` is None are skipped. Sparse gradients are a TypeError. Computed in
+    the gradient's dtype (float32 accumulation for half types).
+
+    Args:
+        parameters: a tensor or an iterable of tensors (e.g. ``agc_parameters(model)``).
+        clip: lambda, the largest allowed ``||G_i|| / max(||W_i||, eps)``.
+        eps: the floor on the weight norm.
+        vector_unit: "tensor" or "element", for 0-d/1-d parameters.
+
+    Example::
+
+        >>> loss.backward()
+        >>> adaptive_grad_clip_(agc_parameters(model, exclude=("fc",)), clip=0.01)
+        >>> optimizer.step()
+    """
+    clip = _check_number(clip, "clip")
+    eps = _check_number(eps, "eps", allow_zero=True)
+    if vector_unit not in _VECTOR_UNITS:
+        raise ValueError(f"vector_unit must be one of {_VECTOR_UNITS}, got {vector_unit!r}")
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    for i, p in enumerate(parameters):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"parameters must be tensors, got {type(p).__name__} at index {i}")
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            raise TypeError(f"adaptive_grad_clip_ does not support sparse gradients (index {i})")
+        compute = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+        w_norm = unitwise_norm(p.detach().to(compute), vector_unit).clamp_min(eps)
+        g_norm = unitwise_norm(g.to(compute), vector_unit)
+        max_norm = w_norm * clip
+        # scale = max_norm / ||G_i|| where the ratio exceeds clip, else 1 (no division by 0 there)
+        scale = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(1e-30),
+                            torch.ones_like(g_norm))
+        g.mul_(scale.to(g.dtype))
+
+
+def _matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def agc_parameters(model: nn.Module, exclude: Sequence[str] = ("fc",)) -> list[nn.Parameter]:
+    """The parameters of ``model`` that AGC should clip: all but those of the modules (or
+    parameters) named in ``exclude`` (a name matches itself and everything under it:
+    ``"fc"`` matches ``fc.weight`` and ``fc.bias``, not ``fc2.weight``).
+
+    Each entry of ``exclude`` must match at least one parameter (ValueError otherwise, listing
+    the model's top-level names), so a renamed classifier cannot silently get clipped.
+    """
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    named = list(model.named_parameters())
+    for e in exclude:
+        if not isinstance(e, str) or not e:
+            raise TypeError(f"exclude entries must be non-empty module names, got {e!r}")
+        if not any(_matches(n, e) for n, _ in named):
+            tops = sorted({n.split(".")[0] for n, _ in named})
+            raise ValueError(
+                f"exclude={e!r} matches no parameter of {type(model).__name__}; "
+                f"its top-level names are {tops}"
+            )
+    return [p for n, p in named if not any(_matches(n, e) for e in exclude)]
+
+
+class AGC:
+    """Wrap any optimizer so that each ``step()`` first clips the gradients of ``model``'s
+    parameters unit-wise, except those of the modules named in ``exclude`` (the classifier).
+
+    Everything else (``zero_grad``, ``param_groups``, ``state_dict``, schedulers via
+    ``.optimizer``) is the wrapped optimizer's.
+
+    Example::
+
+        >>> opt = AGC(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
+        ...           clip=0.01, exclude=("fc",))
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, clip: float = 0.01,
+                 eps: float = 1e-3, exclude: Sequence[str] = ("fc",),
+                 vector_unit: str = "tensor") -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.optimizer = optimizer
+        self.clip = _check_number(clip, "clip")
+        self.eps = _check_number(eps, "eps", allow_zero=True)
+        if vector_unit not in _VECTOR_UNITS:
+            raise ValueError(f"vector_unit must be one of {_VECTOR_UNITS}, got {vector_unit!r}")
+        self.vector_unit = vector_unit
+        self.clipped = agc_parameters(model, exclude)
+        self.exclude = tuple((exclude,) if isinstance(exclude, str) else exclude)
+
+    def clip_grads_(self) -> None:
+        """Clip now (``step`` calls this); useful with a GradScaler after ``unscale_``."""
+        adaptive_grad_clip_(self.clipped, self.clip, self.eps, vector_unit=self.vector_unit)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        if closure is not None:  # the closure recomputes the gradients: clip after each call
+            def clipped_closure() -> Any:
+                loss = closure()
+                self.clip_grads_()
+                return loss
+            return self.optimizer.step(clipped_closure)
+        self.clip_grads_()
+        return self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "optimizer":  # not yet set (during unpickling): avoid recursion
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def __repr__(self) -> str:
+        return (f"AGC(clip={self.clip}, eps={self.eps}, exclude={self.exclude}, "
+                f"optimizer={self.optimizer!r})")

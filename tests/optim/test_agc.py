@@ -1,0 +1,171 @@
+"""Adaptive Gradient Clipping (NFNets; REFERENCE section 3) against the formula, unit by unit."""
+
+import pytest
+import torch
+from torch import nn
+
+from normlab import models
+from normlab.optim import AGC, adaptive_grad_clip_, agc_parameters, unitwise_norm
+
+
+def _reference_clip(w: torch.Tensor, g: torch.Tensor, clip: float, eps: float,
+                    vector_unit: str = "tensor") -> torch.Tensor:
+    """The formula, one unit at a time in float64, written independently of the implementation."""
+    w, g = w.double(), g.double().clone()
+    if w.dim() >= 2:
+        units = [(w[i], g[i]) for i in range(w.shape[0])]
+    elif vector_unit == "element":
+        units = [(w.reshape(-1)[i], g.reshape(-1)[i]) for i in range(w.numel())]
+    else:
+        units = [(w, g)]
+    for wi, gi in units:
+        wn = max(wi.norm().item(), eps)
+        gn = gi.norm().item()
+        if gn / wn > clip:
+            gi.mul_(clip * wn / gn)
+    return g
+
+
+# shapes: a conv weight (a unit = the whole fan-in), a linear weight (a row), a Scaled-WS gain
+# (out, 1, 1, 1) (a unit = one element), a bias vector and a 0-d SkipInit scalar
+SHAPES = [(8, 4, 3, 3), (6, 10), (8, 1, 1, 1), (7,), ()]
+
+
+@pytest.mark.parametrize("vector_unit", ["tensor", "element"])
+@pytest.mark.parametrize("clip", [0.01, 0.3])
+def test_clips_exactly_per_formula(clip, vector_unit):
+    params, expected = [], []
+    for shape in SHAPES:
+        p = nn.Parameter(torch.randn(shape) * 0.5 + 0.1)
+        # gradient scales spread over 4 decades so that some units clip and some do not
+        scale = torch.logspace(-4, 0, p.shape[0] if p.dim() else 1).reshape(
+            (-1,) + (1,) * max(p.dim() - 1, 0)) if p.dim() else torch.tensor(0.05)
+        p.grad = (torch.randn(shape) + 0.2) * scale
+        params.append(p)
+        expected.append(_reference_clip(p.detach(), p.grad, clip, 1e-3, vector_unit))
+    adaptive_grad_clip_(params, clip=clip, eps=1e-3, vector_unit=vector_unit)
+    clipped_any = unclipped_any = False
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad.double(), e, rtol=1e-6, atol=1e-12)
+    for p in params[:2]:
+        ratio = unitwise_norm(p.grad) / unitwise_norm(p.detach()).clamp_min(1e-3)
+        clipped_any |= bool((ratio - clip).abs().lt(1e-6).any())
+        unclipped_any |= bool((ratio < clip * 0.999).any())
+    assert clipped_any and unclipped_any
+
+
+def test_eps_floor_lets_zero_weights_move():
+    p = nn.Parameter(torch.zeros(4, 3))
+    p.grad = torch.full((4, 3), 2.0)
+    adaptive_grad_clip_([p], clip=0.01, eps=1e-3)
+    # ||G_i|| = 2*sqrt(3) clipped to 0.01 * 1e-3
+    torch.testing.assert_close(p.grad.norm(dim=1), torch.full((4,), 1e-5))
+
+
+def test_skips_params_without_grad_and_accepts_a_single_tensor():
+    a, b = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3, 3))
+    b.grad = torch.randn(3, 3) * 100
+    adaptive_grad_clip_([a, b])
+    assert a.grad is None
+    single = nn.Parameter(torch.randn(5, 2) + 1)
+    single.grad = torch.randn(5, 2) * 10
+    exp = _reference_clip(single.detach(), single.grad, 0.01, 1e-3)
+    adaptive_grad_clip_(single)
+    torch.testing.assert_close(single.grad.double(), exp)
+
+
+def test_bfloat16_grads():
+    p = nn.Parameter(torch.randn(8, 16).bfloat16())
+    p.grad = (torch.randn(8, 16) * 10).bfloat16()
+    exp = _reference_clip(p.detach(), p.grad, 0.05, 1e-3)
+    adaptive_grad_clip_([p], clip=0.05)
+    torch.testing.assert_close(p.grad.double(), exp, rtol=2e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"clip": 0.0}, ValueError, "clip"), ({"clip": float("nan")}, ValueError, "clip"),
+    ({"eps": -1.0}, ValueError, "eps"), ({"vector_unit": "row"}, ValueError, "row"),
+])
+def test_bad_arguments(kw, exc, match):
+    p = nn.Parameter(torch.randn(2, 2))
+    p.grad = torch.randn(2, 2)
+    with pytest.raises(exc, match=match):
+        adaptive_grad_clip_([p], **kw)
+
+
+def test_non_tensor_parameter_is_a_typeerror():
+    with pytest.raises(TypeError, match="index 1"):
+        adaptive_grad_clip_([nn.Parameter(torch.randn(2)), "fc.weight"])
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 8)   # a name that starts with "fc" but is not the classifier
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc2(torch.relu(self.body(x)))))
+
+
+def test_agc_parameters_excludes_the_classifier_by_name():
+    net = _Net()
+    kept = agc_parameters(net, exclude=("fc",))
+    ids = {id(p) for p in kept}
+    assert id(net.fc.weight) not in ids and id(net.fc.bias) not in ids
+    assert id(net.fc2.weight) in ids and id(net.body.bias) in ids
+    assert len(kept) == 4
+    with pytest.raises(ValueError, match="head"):
+        agc_parameters(net, exclude=("head",))
+
+
+def test_wrapper_clips_all_but_fc_then_steps():
+    torch.manual_seed(0)
+    net, twin = _Net(), _Net()
+    twin.load_state_dict(net.state_dict())
+    opt = AGC(torch.optim.SGD(net.parameters(), lr=0.5), net, clip=0.01)
+    x = torch.randn(16, 6) * 3 + 1
+    for m in (net, twin):
+        m(x).square().sum().backward()
+    # expected: the reference clip on every parameter but fc's, then plain SGD
+    with torch.no_grad():
+        for (n, p), q in zip(twin.named_parameters(), net.parameters()):
+            g = p.grad if n.startswith("fc.") else _reference_clip(p, p.grad, 0.01, 1e-3).float()
+            assert n.startswith("fc.") or not torch.allclose(g, p.grad)  # it did clip
+            p -= 0.5 * g
+    opt.step()
+    for p, q in zip(twin.parameters(), net.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    opt.zero_grad()
+    assert all(p.grad is None for p in net.parameters())
+    assert opt.param_groups[0]["lr"] == 0.5          # delegated to the optimizer
+    assert "exclude=('fc',)" in repr(opt)
+
+
+def test_wrapper_with_closure_clips_the_recomputed_gradients():
+    net = _Net()
+    opt = AGC(torch.optim.SGD(net.parameters(), lr=0.1), net, clip=0.01)
+    x = torch.randn(8, 6) * 3
+    seen = {}
+
+    def closure():
+        opt.zero_grad()
+        loss = net(x).square().sum()
+        loss.backward()
+        seen["raw"] = net.body.weight.grad.clone()
+        return loss
+
+    before = net.body.weight.detach().clone()
+    opt.step(closure)
+    exp = _reference_clip(before, seen["raw"], 0.01, 1e-3).float()
+    torch.testing.assert_close(net.body.weight.detach(), before - 0.1 * exp, rtol=1e-5, atol=1e-7)
+
+
+def test_wrapper_on_normlab_models_default_exclude():
+    m = models.create("nf_resnet20", skipinit=False)
+    opt = AGC(torch.optim.SGD(m.parameters(), lr=0.1), m)
+    assert {id(p) for p in opt.clipped}.isdisjoint({id(m.fc.weight), id(m.fc.bias)})
+    assert len(opt.clipped) == len(list(m.parameters())) - 2
+    with pytest.raises(TypeError, match="Optimizer"):
+        AGC(object(), m)
