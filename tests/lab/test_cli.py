@@ -73,7 +73,7 @@ def test_quick_digits_two_processes(tmp_path):
 
 def test_sigkill_mid_study_then_resume(tmp_path):
     args = ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1", "--no-report",
-            "--set", f"data_kwargs={SMALL}", "--set", "epochs=4"]
+            "--set", f"data_kwargs={SMALL}", "--set", "epochs=3", "--set", "threads=1"]
     killed = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "-m", "normlab.lab.cli", *args, "--out", str(killed)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -164,3 +164,16 @@ def test_train_one_run(tmp_path):
     assert r.exit_code == 0, r.output
     row = _db(tmp_path).execute("SELECT status, config FROM runs").fetchone()
     assert row[0] == "done" and json.loads(row[1])["norm_kwargs"] == {"num_groups": 4}
+
+
+def test_spp_goes_to_the_store_and_the_report(tmp_path):
+    r = runner.invoke(app, ["spp", "resnet20", "nf_resnet20", "--batch", "4", "--resolution", "8",
+                            "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    rows = _db(tmp_path).execute("SELECT model, COUNT(*) FROM spp GROUP BY model").fetchall()
+    assert dict(rows) == {"nf_resnet20": 10, "resnet20": 10}  # stem + 9 residual blocks
+    assert (tmp_path / "figures" / "spp.png").is_file()
+    r = runner.invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code == 0 and "Signal propagation" in (tmp_path / "report.md").read_text()
+    r = runner.invoke(app, ["spp", "resnet7", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown model 'resnet7'" in r.output

@@ -368,32 +368,37 @@ def ls_(
 
 @app.command()
 def spp(
-    models: list[str] = typer.Argument(..., help="normlab.models names, e.g. resnet50 nf_resnet50"),
-    out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory for spp.png"),
+    models: list[str] = typer.Argument(..., help="normlab.models names, e.g. resnet56 nf_resnet56"),
+    out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory (store and figures/spp.*)"),
     norm: str = typer.Option("bn", help="norm for the models that take one"),
-    batch: int = typer.Option(8, help="unit-Gaussian batch size"),
+    batch: int = typer.Option(64, help="unit-Gaussian batch size"),
     resolution: int = typer.Option(32, help="input height = width"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="model keyword: key=value"),
 ) -> None:
-    """Signal propagation plots (Brock, De & Smith 2021) of models at initialization."""
+    """Signal propagation plots (Brock, De & Smith, ICLR 2021) of models at initialization:
+    records go to OUT's store, the figure to OUT/figures/spp.png/.svg and into the report."""
     def body() -> None:
-        try:
-            from normlab import spp as spp_mod
-            from normlab.models import create, model_uses_norm
-        except ImportError as e:
-            raise ConfigError(f"signal propagation is not available: {e}") from None
+        from normlab import spp as spp_mod
+        from normlab.lab.store import Store
+        from normlab.models import create, model_uses_norm
+
         if batch < 1 or resolution < 1:
             raise ConfigError(f"--batch and --resolution must be >= 1, got {batch}, {resolution}")
+        kw = parse_set(set_)
         records = {}
         for name in models:
             try:
-                m = create(name, norm=norm) if model_uses_norm(name) else create(name)
-            except ValueError as e:
-                raise ConfigError(str(e), hint="see `normlab ls --models`") from None
-            records[name] = spp_mod.signal_propagation(m, batch_size=batch, resolution=resolution)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "spp.png"
-        spp_mod.plot(records, path)
-        console.print(f"spp: {path}", highlight=False)
+                m = create(name, norm=norm, **kw) if model_uses_norm(name) else create(name, **kw)
+                recs = spp_mod.signal_propagation(m, batch_size=batch, image_size=resolution)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(str(e).splitlines()[0],
+                                  hint="see `normlab ls --models` and the model's keywords") from None
+            records[name] = [r.as_dict() for r in recs]
+        with Store(out) as store:
+            for name, recs in records.items():
+                store.record_spp(name, recs)
+        paths = spp_mod.plot(records, out / "figures" / "spp.png")
+        console.print("spp: " + ", ".join(str(p) for p in paths), highlight=False)
 
     _guard(body)
 

@@ -152,10 +152,8 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
     if diverged:
         lines += [f"{len(diverged)} run(s) diverged; their recorded error is the one measured "
                   f"at divergence.", ""]
-    labels: list[str] = []
-    for r in runs:
-        if r["label"] not in labels:
-            labels.append(r["label"])
+    present = {r["label"] for r in runs}
+    labels = [v for v in study.variants if v in present] + sorted(present - set(study.variants))
     xs = sorted({r["x"] for r in runs}, reverse=study.x_log2)
     lines += [f"### Test error (%), this run, mean ± sd over seeds ({study.axis})", "",
               "| series | " + " | ".join(str(x) for x in xs) + " |",
@@ -202,6 +200,17 @@ def write_report(out_dir: Path | str) -> tuple[Path, Path]:
             sec, p = _study_section(store, STUDIES[name], fig_dir)
             lines += sec
             pngs += p
+        spp_records = store.spp()
+        if spp_records:
+            from normlab import spp as spp_mod
+
+            spp_mod.plot(spp_records, fig_dir / "spp.png")
+            lines += ["## Signal propagation at initialization", "",
+                      "Brock, De & Smith, ICLR 2021 (REFERENCE section 3): average channel squared "
+                      "mean, average channel variance and residual-branch variance at the stem and "
+                      "every residual block, unit-Gaussian input (`normlab spp`). Models: "
+                      + ", ".join(f"`{m}`" for m in spp_records) + ".", "",
+                      "![spp](figures/spp.png)", ""]
         runs = store.runs()
         if runs:
             r = runs[-1]

@@ -7,6 +7,7 @@ Layout of ``OUT/results.sqlite`` (WAL journal, every write one ``BEGIN IMMEDIATE
     epochs(run_id, epoch PK, train_loss, train_error, test_loss, test_error, lr, wall_time,
            images_per_s)
     study_runs(study, preset, run_id, label PK, x JSON, registered)  -- which runs make a study
+    spp(model, depth PK, name, avg_sq_mean, avg_var, residual_var)   -- signal propagation
 
 Why this survives SIGKILL at any moment: SQLite commits are atomic (WAL), a run's per-epoch rows
 are written in one transaction after its checkpoint file was atomically renamed into place (see
@@ -57,6 +58,9 @@ CREATE TABLE IF NOT EXISTS epochs (
 CREATE TABLE IF NOT EXISTS study_runs (
     study TEXT NOT NULL, preset TEXT NOT NULL, run_id TEXT NOT NULL, label TEXT NOT NULL,
     x TEXT, registered REAL, PRIMARY KEY (study, preset, run_id, label));
+CREATE TABLE IF NOT EXISTS spp (
+    model TEXT NOT NULL, depth INTEGER NOT NULL, name TEXT, avg_sq_mean REAL, avg_var REAL,
+    residual_var REAL, PRIMARY KEY (model, depth));
 """
 
 
@@ -192,7 +196,24 @@ class Store:
             c.execute("UPDATE runs SET status=?, error=?, owner=NULL, updated=? WHERE run_id=?",
                       (status, error, time.time(), run_id))
 
+    def record_spp(self, model: str, records: list[dict[str, Any]]) -> None:
+        """Replace model's signal-propagation records (dicts: depth, name, avg_sq_mean, avg_var,
+        residual_var) in one transaction."""
+        with self.transaction() as c:
+            c.execute("DELETE FROM spp WHERE model=?", (model,))
+            c.executemany("INSERT INTO spp VALUES (?, ?, ?, ?, ?, ?)",
+                          [(model, r["depth"], r["name"], r["avg_sq_mean"], r["avg_var"],
+                            r["residual_var"]) for r in records])
+
     # ------------------------------------------------------------------ reads
+    def spp(self) -> dict[str, list[dict[str, Any]]]:
+        """Signal-propagation records by model, in depth order."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in self.con.execute("SELECT * FROM spp ORDER BY model, depth"):
+            d = dict(r)
+            out.setdefault(d.pop("model"), []).append(d)
+        return out
+
     def run(self, run_id: str) -> Optional[dict[str, Any]]:
         row = self.con.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return _run_dict(row) if row else None
