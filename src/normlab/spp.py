@@ -1,0 +1,266 @@
+"""Signal propagation plots (Brock, De & Smith, "Characterizing signal propagation to close the
+performance gap in unnormalized ResNets", ICLR 2021, section 4; REFERENCE section 3).
+
+Feed a unit-Gaussian batch through a network at initialization and, at the output of the stem and
+of every residual block, for activations ``x`` of shape (N, C, *spatial):
+
+* average channel squared mean: ``mean_c (mean_{n, spatial} x)^2``;
+* average channel variance: ``mean_c Var_{n, spatial}(x)`` (biased);
+* residual average channel variance: the same variance of the block's residual branch output
+  before it is scaled (alpha, SkipInit) and added to the shortcut (``None`` where the measured
+  module has no residual branch, e.g. the stem).
+
+Blocks of normlab models are found automatically (every :class:`normlab.models.ResidualBlock`,
+whose ``branch_out`` identity is hooked for the residual branch, and ``model.stem``); for any other
+``nn.Module`` pass ``blocks=[module names]``. The documented shapes at init: BN-ReLU-Conv's
+variance grows within a stage and resets at transitions and its squared mean grows with depth;
+ReLU-BN-Conv keeps a residual variance near 1; an unnormalized He-init ResNet's squared mean
+explodes; an NF-ResNet with Scaled WS follows ``1 + l alpha^2`` with resets.
+
+Example::
+
+    >>> from normlab import models, spp
+    >>> recs = {n: spp.signal_propagation(models.create(n, skipinit=False))
+    ...         for n in ("nf_resnet56",)}
+    >>> spp.plot(recs, "spp.png")            # writes spp.png and spp.svg
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from normlab.models.residual import DropPath, ResidualBlock
+
+__all__ = ["SPPRecord", "channel_stats", "signal_propagation", "plot"]
+
+
+@dataclass
+class SPPRecord:
+    """One measurement point: the output of module ``name`` at position ``depth`` (stem = 0)."""
+
+    name: str
+    depth: int
+    avg_sq_mean: float
+    avg_var: float
+    residual_var: Optional[float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def channel_stats(x: Tensor) -> tuple[float, float]:
+    """``(mean_c mean_{n,s}(x)^2, mean_c Var_{n,s}(x))`` for x of shape (N, C, *spatial), in
+    float64, any memory format (channels on dim 1; the biased variance)."""
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"expected an (N, C, *spatial) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    dims = (0,) + tuple(range(2, x.dim()))
+    var, mean = torch.var_mean(x.detach().to(torch.float64), dim=dims, correction=0)
+    return float((mean ** 2).mean()), float(var.mean())
+
+
+def _first_tensor(out: Any, name: str) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(f"module {name!r} returned {type(out).__name__}, not a tensor")
+
+
+def _reference_tensor(model: nn.Module) -> Optional[Tensor]:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
+
+
+def _positive_int(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{what} must be a positive int, got {v!r}")
+    return v
+
+
+def signal_propagation(
+    model: nn.Module,
+    x: Optional[Tensor] = None,
+    *,
+    batch_size: int = 64,
+    image_size: Union[int, Sequence[int]] = 32,
+    in_chans: Optional[int] = None,
+    blocks: Optional[Sequence[str]] = None,
+    training: bool = True,
+    channels_last: bool = False,
+    seed: int = 0,
+) -> list[SPPRecord]:
+    """Measure a signal propagation plot's statistics for ``model``.
+
+    Args:
+        model: any ``nn.Module`` taking (N, C, H, W).
+        x: the input batch; default a unit-Gaussian (batch_size, in_chans, H, W) batch drawn from
+            ``seed`` on the model's device and dtype.
+        batch_size, image_size, in_chans: the default batch's shape (``in_chans`` defaults to
+            ``model.in_chans`` or 3).
+        blocks: module names to measure, in place of the automatic stem + residual blocks.
+        training: run normalization layers in training mode (batch statistics, as at the start
+            of training; default) or eval mode. Dropout and stochastic depth are always off.
+            The model's modes and every buffer (BN running statistics) are restored afterwards.
+        channels_last: make the default batch channels_last.
+        seed: seed of the default batch.
+
+    Returns: one :class:`SPPRecord` per measured module in the order the forward pass reached
+    them (a module called twice is recorded once, at its first call). Depth is 0 for the stem
+    and counts up; with ``blocks=`` it is the position in that order.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    modules = dict(model.named_modules())
+    if blocks is None:
+        chosen = [n for n, m in modules.items() if isinstance(m, ResidualBlock)]
+        if not chosen:
+            raise ValueError(
+                f"{type(model).__name__} has no normlab residual blocks; pass blocks=[module "
+                f"names], e.g. {[n for n in modules if n][:5]}"
+            )
+        stem = getattr(model, "stem", None)
+        if isinstance(stem, nn.Module):
+            chosen.insert(0, next(n for n, m in modules.items() if m is stem))
+    else:
+        chosen = [blocks] if isinstance(blocks, str) else list(blocks)
+        if not chosen:
+            raise ValueError("blocks must name at least one module")
+        bad = [b for b in chosen if not isinstance(b, str) or b not in modules]
+        if bad:
+            raise ValueError(f"blocks {bad!r} are not module names of {type(model).__name__}")
+    ref = _reference_tensor(model)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None else torch.float32
+    if x is None:
+        _positive_int(batch_size, "batch_size")
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(hw) != 2:
+            raise ValueError(f"image_size must be an int or an (H, W) pair, got {image_size!r}")
+        for s in hw:
+            _positive_int(s, "image_size")
+        c = in_chans if in_chans is not None else getattr(model, "in_chans", 3)
+        _positive_int(c, "in_chans")
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch_size, c, *hw, generator=gen).to(device=device, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+    elif not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+
+    records: list[SPPRecord] = []
+    seen: set[str] = set()
+    residual: dict[str, float] = {}
+    handles = []
+
+    def block_hook(name: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if name in seen:
+                return
+            seen.add(name)
+            sq, var = channel_stats(_first_tensor(out, name))
+            records.append(SPPRecord(name, len(records), sq, var, residual.pop(name, None)))
+        return hook
+
+    def branch_hook(name: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if name not in seen and name not in residual:
+                residual[name] = channel_stats(_first_tensor(out, name))[1]
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        for n in chosen:
+            m = modules[n]
+            handles.append(m.register_forward_hook(block_hook(n)))
+            branch = getattr(m, "branch_out", None)
+            if isinstance(branch, nn.Module):
+                handles.append(branch.register_forward_hook(branch_hook(n)))
+        model.train(bool(training))
+        for m in model.modules():
+            if isinstance(m, (nn.modules.dropout._DropoutNd, DropPath)):
+                m.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+    missing = [n for n in chosen if n not in seen]
+    if missing:
+        raise ValueError(f"modules {missing!r} were not called by the forward pass")
+    return records
+
+
+def _get(rec: Any, key: str) -> Any:
+    return rec[key] if isinstance(rec, Mapping) else getattr(rec, key)
+
+
+_PANELS = (("avg_sq_mean", "average channel squared mean"),
+           ("avg_var", "average channel variance"),
+           ("residual_var", "residual average channel variance"))
+
+
+def plot(records_by_model: Mapping[str, Sequence[Any]], path: Union[str, Path], *,
+         title: Optional[str] = None) -> list[Path]:
+    """Draw the three SPP panels (squared mean, variance, residual variance against depth), one
+    line per model, and save ``path`` as PNG and SVG (the suffix of ``path``, if .png or .svg, is
+    replaced). Records are :class:`SPPRecord` or dicts with the same keys. Log y-axes (symlog
+    where a value is 0 or negative). Uses matplotlib's Agg canvas, never pyplot.
+
+    Returns the two written paths.
+    """
+    if not isinstance(records_by_model, Mapping) or not records_by_model:
+        raise ValueError("records_by_model must be a non-empty mapping of model name -> records")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    import matplotlib
+
+    base = Path(path)
+    if base.suffix.lower() in (".png", ".svg"):
+        base = base.with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    with matplotlib.rc_context({"svg.hashsalt": "normlab-spp", "svg.fonttype": "path"}):
+        fig = Figure(figsize=(15, 4.2))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 3)
+        for ax, (key, label) in zip(axes, _PANELS):
+            values = []
+            for model_name, recs in records_by_model.items():
+                pts = [(_get(r, "depth"), _get(r, key)) for r in recs]
+                pts = [(d, v) for d, v in pts if v is not None and math.isfinite(v)]
+                if not pts:
+                    continue
+                d, v = zip(*pts)
+                values.extend(v)
+                ax.plot(d, v, marker=".", markersize=3, linewidth=1.2, label=model_name)
+            if values and min(values) > 0:
+                ax.set_yscale("log")
+            elif values:
+                ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_xlabel("depth (stem = 0, then residual blocks)")
+            ax.set_title(label, fontsize=10)
+            ax.grid(True, which="major", alpha=0.3)
+        axes[0].legend(fontsize=8)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        out = [base.with_suffix(".png"), base.with_suffix(".svg")]
+        fig.savefig(out[0], dpi=120, metadata={"Software": None})
+        fig.savefig(out[1], metadata={"Date": None})
+    return out

@@ -1,0 +1,201 @@
+"""Signal propagation plots (Brock, De & Smith, ICLR 2021; REFERENCE section 3): the statistics
+against a float64 formula, hooks, mode/buffer restoration, and the documented shapes at init."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from normlab import models, spp
+from normlab.models import ResidualBlock
+
+KW = dict(batch_size=16, image_size=32)  # 32x32 keeps zero-padding effects small at stage 3
+
+
+def test_channel_stats_against_float64_formula():
+    x = torch.randn(5, 7, 6, 4) * torch.linspace(0.5, 3, 7)[:, None, None] + 4.0
+    xs = x.double().permute(1, 0, 2, 3).reshape(7, -1)
+    means = xs.mean(1)
+    var = ((xs - means[:, None]) ** 2).mean(1)
+    sq, v = spp.channel_stats(x)
+    assert sq == pytest.approx((means ** 2).mean().item(), rel=1e-12)
+    assert v == pytest.approx(var.mean().item(), rel=1e-12)
+    cl = spp.channel_stats(x.contiguous(memory_format=torch.channels_last))
+    assert cl == pytest.approx((sq, v), rel=1e-6)
+
+
+class _Scale(ResidualBlock):
+    """x + 0.5 * branch_out(3 * x): the residual branch's variance is 9 Var(x)."""
+
+    def forward(self, x):
+        return x + 0.5 * self.branch_out(3.0 * x)
+
+
+def test_records_residual_branch_before_scaling():
+    model = nn.Sequential()
+    model.add_module("stem", nn.Identity())
+    model.add_module("b1", _Scale())
+    model.add_module("b2", _Scale())
+    x = torch.randn(8, 4, 5, 5) * 1.5 + 0.5
+    recs = spp.signal_propagation(model, x)
+    assert [r.name for r in recs] == ["stem", "b1", "b2"]
+    assert [r.depth for r in recs] == [0, 1, 2]
+    sq0, v0 = spp.channel_stats(x)
+    assert recs[0].residual_var is None
+    assert recs[0].avg_var == pytest.approx(v0)
+    assert recs[1].residual_var == pytest.approx(9 * v0)
+    assert recs[1].avg_var == pytest.approx(2.5 ** 2 * v0)
+    assert recs[2].residual_var == pytest.approx(9 * 2.5 ** 2 * v0)
+    assert recs[2].avg_sq_mean == pytest.approx(2.5 ** 4 * sq0)
+
+
+def test_blocks_by_name_on_any_module():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Flatten(), nn.Linear(8 * 64, 2))
+    recs = spp.signal_propagation(model, blocks=["0", "2"], batch_size=4, image_size=8)
+    assert [r.name for r in recs] == ["0", "2"] and all(r.residual_var is None for r in recs)
+    with pytest.raises(ValueError, match="no normlab residual blocks"):
+        spp.signal_propagation(model)
+    with pytest.raises(ValueError, match="'7'"):
+        spp.signal_propagation(model, blocks=["0", "7"])
+
+
+def test_default_batch_is_seeded_unit_gaussian_and_channels_last_matches():
+    model = models.create("resnet20", width=4)
+    a = spp.signal_propagation(model, batch_size=4, image_size=8, seed=3)
+    b = spp.signal_propagation(model, batch_size=4, image_size=8, seed=3)
+    c = spp.signal_propagation(model, batch_size=4, image_size=8, seed=3, channels_last=True)
+    assert [r.as_dict() for r in a] == [r.as_dict() for r in b]
+    for ra, rc in zip(a, c):
+        assert rc.avg_var == pytest.approx(ra.avg_var, rel=1e-4)
+        assert rc.avg_sq_mean == pytest.approx(ra.avg_sq_mean, rel=1e-3, abs=1e-9)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    d = spp.signal_propagation(model, x)
+    assert [r.as_dict() for r in a] == [r.as_dict() for r in d]
+    assert len(a) == 1 + 9 and a[0].name == "stem"
+
+
+def test_float64_model_and_in_chans():
+    model = models.create("preact_resnet20", width=4, in_chans=1).double()
+    recs = spp.signal_propagation(model, batch_size=4, image_size=8)
+    assert all(math.isfinite(r.avg_var) for r in recs)
+
+
+def test_restores_modes_and_buffers():
+    model = models.create("resnet20", width=4, norm="bn")
+    model.eval()
+    model.stages[1].train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    recs = spp.signal_propagation(model, batch_size=4, image_size=8)  # BN runs in train mode
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    ev = spp.signal_propagation(model, batch_size=4, image_size=8, training=False)
+    assert ev[-1].avg_var != pytest.approx(recs[-1].avg_var)  # eval uses the running stats
+
+
+def test_dropout_and_stochastic_depth_are_off_during_measurement():
+    model = models.create("nf_resnet20", width=4, skipinit=False, stochastic_depth=0.5,
+                          drop_rate=0.5)
+    a = spp.signal_propagation(model, batch_size=4, image_size=8)
+    b = spp.signal_propagation(model, batch_size=4, image_size=8)
+    assert [r.as_dict() for r in a] == [r.as_dict() for r in b]
+
+
+def test_bad_arguments():
+    m = models.create("resnet20", width=4)
+    with pytest.raises(TypeError, match="nn.Module"):
+        spp.signal_propagation("resnet20")
+    with pytest.raises(ValueError, match="batch_size"):
+        spp.signal_propagation(m, batch_size=0)
+    with pytest.raises(TypeError, match="int64"):
+        spp.signal_propagation(m, torch.ones(2, 3, 8, 8, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------ documented shapes at init
+
+
+def _by_stage(model, recs):
+    """Records of the residual blocks grouped by stage (stem excluded)."""
+    out = []
+    for i, stage in enumerate(model.stages):
+        out.append([r for r in recs if r.name.startswith(f"stages.{i}.")])
+        assert len(out[-1]) == len(stage)
+    return out
+
+
+def test_nf_scaled_ws_follows_analytic_variance_with_resets():
+    model = models.create("nf_resnet56", skipinit=False)
+    recs = spp.signal_propagation(model, batch_size=8, image_size=64)
+    expected = [1.0] + [b.expected_var for b in model.modules() if hasattr(b, "expected_var")]
+    assert len(expected) == len(recs) == 28
+    # Tolerance: every point within 25% of 1 + l*alpha^2. Width 16 at 64x64: zero padding at the
+    # 16x16 stage and the 1x1 transition convs' few, correlated input channels give measured /
+    # analytic in 0.82-1.06 over 10 seeds (0.73-1.01 at 32x32).
+    for r, e in zip(recs, expected):
+        assert r.avg_var / e == pytest.approx(1.0, abs=0.25), (r.name, r.avg_var, e)
+    assert recs[0].avg_var == pytest.approx(1.0, abs=0.06)  # the stem: a Scaled WS conv
+    stages = _by_stage(model, recs)
+    alpha2 = 0.2 ** 2
+    for s, stage in enumerate(stages):
+        growth = (stage[-1].avg_var - stage[0].avg_var) / (len(stage) - 1)
+        assert 0.5 * alpha2 < growth < 1.5 * alpha2, (s, growth)        # ~alpha^2 per block
+        if s > 0:  # reset at the transition: back to ~1 + alpha^2
+            assert stage[0].avg_var < stages[s - 1][-1].avg_var
+            assert stage[0].avg_var == pytest.approx(1 + alpha2, rel=0.25)
+    # no mean shift: Scaled WS maps constant (mean) inputs to zero
+    assert max(r.avg_sq_mean / r.avg_var for r in recs) < 0.02
+    assert all(0.6 < r.residual_var < 1.2 for r in recs[1:])
+
+
+def test_bn_relu_conv_squared_mean_and_variance_grow_within_each_stage():
+    model = models.create("preact_resnet56", norm="bn")
+    recs = spp.signal_propagation(model, **KW)
+    stages = _by_stage(model, recs)
+    for s, stage in enumerate(stages):
+        # measured last/first over 5 seeds: squared mean 3.5-9x, variance 5.7-6.4x
+        assert stage[-1].avg_sq_mean > 2.0 * stage[0].avg_sq_mean, s
+        assert stage[-1].avg_var > 3.0 * stage[0].avg_var, s
+        if s > 0:  # variance resets at transitions (measured ratio 0.15-0.16)
+            assert stage[0].avg_var < 0.5 * stages[s - 1][-1].avg_var
+
+
+def test_relu_bn_conv_has_no_mean_shift_and_flat_residual_variance():
+    model = models.create("preact_resnet56", norm="bn", order="act_norm")
+    recs = spp.signal_propagation(model, **KW)
+    assert max(r.avg_sq_mean / r.avg_var for r in recs[1:]) < 0.01   # measured <= 0.0015
+    res = [r.residual_var for r in recs[1:]]
+    assert max(res) / min(res) < 1.5                                   # measured 1.1-1.2
+
+
+def test_unnormalized_he_init_squared_mean_explodes():
+    model = models.create("preact_resnet56", norm="none")               # He init, no norm
+    recs = spp.signal_propagation(model, **KW)
+    # measured: the squared mean grows 1.5e6-2e7x over 27 blocks and ends at 1e5-1e6
+    assert recs[-1].avg_sq_mean > 1e4 * recs[1].avg_sq_mean
+    assert recs[-1].avg_sq_mean > 1e3
+    sq = [r.avg_sq_mean for r in recs[1:]]
+    assert sum(b > a for a, b in zip(sq, sq[1:])) >= 0.8 * (len(sq) - 1)
+
+
+def test_nf_with_plain_he_init_has_a_growing_mean_shift():
+    he = spp.signal_propagation(models.create("nf_resnet56", skipinit=False, std_conv=False), **KW)
+    # measured over 5 seeds: 23-109x growth, squared mean 0.85-1.7x the variance at the end
+    assert he[-1].avg_sq_mean > 10 * he[1].avg_sq_mean
+    assert he[-1].avg_sq_mean > 0.5 * he[-1].avg_var
+
+
+def test_plot_writes_png_and_svg(tmp_path):
+    a = spp.signal_propagation(models.create("preact_resnet20", width=4), batch_size=4,
+                               image_size=8)
+    b = [r.as_dict() for r in spp.signal_propagation(
+        models.create("nf_resnet20", width=4, skipinit=True), batch_size=4, image_size=8)]
+    out = spp.plot({"bn": a, "nf (dicts)": b}, tmp_path / "sub" / "spp.png", title="t")
+    assert [p.name for p in out] == ["spp.png", "spp.svg"]
+    assert out[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = out[1].read_text()
+    assert "<svg" in svg and len(svg) > 10_000
+    with pytest.raises(ValueError, match="non-empty"):
+        spp.plot({}, tmp_path / "x")
