@@ -217,13 +217,15 @@ _PANELS = (("avg_sq_mean", "average channel squared mean"),
 
 
 def plot(records_by_model: Mapping[str, Sequence[Any]], path: Union[str, Path], *,
-         title: Optional[str] = None) -> list[Path]:
+         title: Optional[str] = None,
+         ylim: Optional[tuple[float, float]] = None) -> list[Path]:
     """Draw the three SPP panels (squared mean, variance, residual variance against depth), one
     line per model, and save ``path`` as PNG and SVG (the suffix of ``path``, if .png or .svg, is
     replaced). Records are :class:`SPPRecord` or dicts with the same keys. Log y-axes (symlog
     where a value is 0 or negative). Uses matplotlib's Agg canvas, never pyplot.
 
-    Returns the two written paths.
+    ``ylim`` fixes the y-range of all three panels (a curve that explodes then leaves the top
+    instead of flattening the others). Returns the two written paths.
     """
     if not isinstance(records_by_model, Mapping) or not records_by_model:
         raise ValueError("records_by_model must be a non-empty mapping of model name -> records")
@@ -253,6 +255,8 @@ def plot(records_by_model: Mapping[str, Sequence[Any]], path: Union[str, Path], 
                 ax.set_yscale("log")
             elif values:
                 ax.set_yscale("symlog", linthresh=1e-3)
+            if ylim is not None:
+                ax.set_ylim(*ylim)
             ax.set_xlabel("depth (stem = 0, then residual blocks)")
             ax.set_title(label, fontsize=10)
             ax.grid(True, which="major", alpha=0.3)
