@@ -199,3 +199,17 @@ def test_plot_writes_png_and_svg(tmp_path):
     assert "<svg" in svg and len(svg) > 10_000
     with pytest.raises(ValueError, match="non-empty"):
         spp.plot({}, tmp_path / "x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_with_channels_last_matches_cpu():
+    model = models.create("nf_resnet20", width=8, skipinit=False)
+    cpu = spp.signal_propagation(model, batch_size=8, image_size=16)
+    gpu_model = models.create("nf_resnet20", width=8, skipinit=False)
+    gpu_model.load_state_dict(model.state_dict())
+    gpu_model = gpu_model.cuda().to(memory_format=torch.channels_last)
+    gpu = spp.signal_propagation(gpu_model, batch_size=8, image_size=16, channels_last=True)
+    for a, b in zip(cpu, gpu):
+        assert b.avg_var == pytest.approx(a.avg_var, rel=1e-3)
+        assert b.residual_var == pytest.approx(a.residual_var, rel=1e-3, abs=1e-9) \
+            if a.residual_var is not None else b.residual_var is None

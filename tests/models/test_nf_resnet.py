@@ -80,9 +80,9 @@ def test_bad_activation(bad, exc):
     ("nf_resnet20", 8, {}), ("nf_resnet32", 8, {}), ("nf_resnet56", 8, {}),
     ("nf_resnet110", 8, {"width": 8}),
     ("nf_resnet18", 32, {}),                                   # full 7x7 stem + max pool
-    ("nf_resnet34", 32, {"small_input": True, "width": 16}),
-    ("nf_resnet50", 32, {"width": 16}),
-    ("nf_resnet101", 8, {"small_input": True, "width": 8}),
+    ("nf_resnet34", 16, {"small_input": True, "width": 8}),
+    ("nf_resnet50", 32, {"width": 8}),
+    ("nf_resnet101", 8, {"width": 8}),                       # full stem: 2x2 after the pool
     ("nf_resnet20", 8, {"activation": "silu", "drop_rate": 0.2, "stochastic_depth": 0.1}),
     ("nf_resnet20", 8, {"activation": F.gelu}),                # callable: numeric gamma
     ("nf_resnet20", 8, {"std_conv": False, "skipinit": False}),
