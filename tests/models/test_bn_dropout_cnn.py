@@ -20,7 +20,8 @@ def test_matches_a_hand_written_forward_without_norm_and_dropout():
     h = F.relu(F.linear(h.flatten(1), d.weight, d.bias))
     ref = F.linear(h, m.fc.weight, m.fc.bias)
     torch.testing.assert_close(m(x), ref)
-    assert (c1.kernel_size, c1.out_channels, c2.out_channels, d.out_features) == ((5, 5), 32, 64, 1024)
+    layout = (c1.kernel_size, c1.out_channels, c2.out_channels, d.out_features)
+    assert layout == ((5, 5), 32, 64, 1024)
 
 
 # (in_chans, size): 8x8 one-channel digits (default image_size 8) and 32x32 CIFAR (default 32)

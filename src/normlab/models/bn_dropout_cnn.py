@@ -79,7 +79,9 @@ class BNDropoutCNN(nn.Module):
             image_size = 8 if in_chans == 1 else 32
         hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 4 for s in hw):
-            raise ValueError(f"image_size must be an int >= 4 or an (H, W) pair, got {image_size!r}")
+            raise ValueError(
+                f"image_size must be an int >= 4 or an (H, W) pair, got {image_size!r}"
+            )
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"hidden must be a positive int, got {hidden!r}")
         kw = dict(norm_kwargs or {})

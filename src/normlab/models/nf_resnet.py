@@ -55,7 +55,8 @@ from normlab.models.residual import DropPath, ResidualBlock
 from normlab.nn import ScaledStdConv2d
 
 __all__ = ["GAMMAS", "ACTIVATIONS", "activation_gamma", "get_activation", "NFResNet",
-           "NFBasicBlock", "NFBottleneck", "analytic_betas", "nf_cifar_resnet", "nf_imagenet_resnet"]
+           "NFBasicBlock", "NFBottleneck", "analytic_betas", "nf_cifar_resnet",
+           "nf_imagenet_resnet"]
 
 #: Official empirical gammas (NFNets code; REFERENCE section 3).
 GAMMAS: dict[str, float] = {

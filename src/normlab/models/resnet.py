@@ -179,7 +179,8 @@ class ResNet(nn.Module):
         widths: base channels per stage (blocks output ``width * block.expansion``).
         stem: "cifar" (3x3 conv), "imagenet" (7x7/2 conv + 3x3/2 max pool) or "small" (3x3 conv,
             no pool). Post-activation stems have norm + ReLU after the conv; pre-activation CIFAR
-            stems are the conv alone, pre-activation ImageNet stems keep norm + ReLU before the pool.
+            stems are the conv alone, pre-activation ImageNet stems keep norm + ReLU before the
+            pool.
         norm: builds a norm layer for C channels.
         order: pre-activation blocks only: "norm_act" or "act_norm".
         num_classes, in_chans: classifier outputs and input channels.
@@ -197,7 +198,8 @@ class ResNet(nn.Module):
             raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
         if stem not in ("cifar", "imagenet", "small"):
             raise ValueError(f"stem must be 'cifar', 'imagenet' or 'small', got {stem!r}")
-        self.in_chans, self.num_classes, self.preact, self.order = in_chans, num_classes, preact, order
+        self.in_chans, self.num_classes = in_chans, num_classes
+        self.preact, self.order = preact, order
         w0 = widths[0]
         if stem == "imagenet":
             conv = nn.Conv2d(in_chans, w0, 7, 2, 3, bias=False)
