@@ -65,9 +65,11 @@ def _error_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> l
         xs, ms, sds = _series(stats, label)
         if xs:
             ax.errorbar(xs, ms, yerr=sds, marker="o", capsize=3, label=label)
-    data = runs[0]["config"]["data"] if runs else "?"
-    model = runs[0]["config"]["model"] if runs else "?"
-    ax.set_title(f"this run: {model} on {data}")
+    cfg = runs[0]["config"]
+    seeds = max(s["n"] for s in stats.values())
+    model = "/".join(sorted({r["config"]["model"] for r in runs}))
+    ax.set_title(f"this run: {model} on {cfg['data']}, {cfg['epochs']} epochs\n"
+                 f"mean ± sd over {seeds} seed(s)", fontsize=9)
     panels = [(ax, "test error (%)")]
     if paper:
         pax = axes[0, 1]
@@ -86,7 +88,7 @@ def _error_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> l
                 a.invert_xaxis()
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
-    fig.suptitle(study.title, fontsize=10)
+    fig.suptitle(study.title, fontsize=10, y=1.06)
     return save(fig, out_dir, f"{study.name}_error")
 
 

@@ -139,7 +139,7 @@ def _add(s: Study) -> None:
 
 _add(Study(
     name="batch-size",
-    title="Error vs batch size: BatchNorm degrades at small batches, GroupNorm does not",
+    title="Test error vs images per batch, by normalization",
     description="BN vs GN (optionally BRN, GN+WS, NF) at 32/16/8/4/2 images per batch, lr 0.1*N/32, "
                 "same epochs for every batch size.",
     axis="images per batch",
