@@ -5,4 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"
 cd "$root"
+# One thread per process: several tests start worker processes on a 2-core machine, and torch's
+# threads spinning against each other made single tests 20x slower when cores were shared.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider --durations=10 "$@"

@@ -7,7 +7,7 @@ factory (:func:`create_norm`), model surgery (:func:`convert_norm`) and selectab
 (:func:`use_backend`).
 """
 
-from normlab import distributed, functional, nn
+from normlab import distributed, functional, models, nn, optim, spp
 from normlab.backends import available_backends, current_backend, use_backend
 from normlab.convert import convert_norm
 from normlab.factory import create_norm, norm_names, resolve_groups
@@ -15,6 +15,6 @@ from normlab.factory import create_norm, norm_names, resolve_groups
 __version__ = "0.1.0"
 
 __all__ = [
-    "distributed", "functional", "nn", "available_backends", "current_backend", "use_backend",
+    "distributed", "functional", "models", "nn", "optim", "spp", "available_backends", "current_backend", "use_backend",
     "convert_norm", "create_norm", "norm_names", "resolve_groups", "__version__",
 ]
