@@ -59,10 +59,15 @@ def _guard(fn: Any) -> Any:
     try:
         return fn()
     except ConfigError as e:
-        _fail(str(e), e.hint)
+        _fail(str(e), e.hint or "see --help for the accepted values; `normlab ls` lists the "
+                                "studies, models and norms")
     except (ValueError, TypeError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__,
               "see --help for the accepted values")
+    except RuntimeError as e:  # a training process died: say so in one line, keep the store
+        err_console.print(f"[bold red]error:[/] {str(e).splitlines()[0]}", highlight=False)
+        err_console.print("[yellow]hint:[/] re-run the same command to resume", highlight=False)
+        raise typer.Exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted; re-run the same command to resume")
         raise typer.Exit(130)

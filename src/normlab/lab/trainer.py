@@ -227,6 +227,9 @@ def train_run(cfg: RunConfig, store: Store, *, progress: Optional[ProgressFn] = 
     history: list[dict[str, Any]] = []
     start_epoch, elapsed, train_time, train_images = 0, 0.0, 0.0, 0
     ckpt = str(store.checkpoint_path(run_id))
+    for stale in store.checkpoint_dir.glob(f"{run_id}.pt.tmp*"):  # a save cut off by a kill
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     if os.path.isfile(ckpt):
         state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
