@@ -177,3 +177,36 @@ def test_spp_goes_to_the_store_and_the_report(tmp_path):
     assert r.exit_code == 0 and "Signal propagation" in (tmp_path / "report.md").read_text()
     r = runner.invoke(app, ["spp", "resnet7", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown model 'resnet7'" in r.output
+
+
+def test_killing_the_study_stops_its_training_processes(tmp_path):
+    # --jobs 2: SIGKILL the study process alone; its workers notice and stop, the store stays
+    # sound, and a re-run finishes every run
+    from normlab.lab.store import _owner_alive
+
+    args = ["reproduce", "--quick", "--data", "synthetic", "--jobs", "2", "--no-report",
+            "--set", f"data_kwargs={SMALL}", "--set", "epochs=3", "--out", str(tmp_path)]
+    p = subprocess.Popen([sys.executable, "-m", "normlab.lab.cli", *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        time.sleep(0.1)
+        try:
+            con = _db(tmp_path)
+            n = con.execute("SELECT COUNT(*) FROM runs WHERE epochs_done >= 1").fetchone()[0]
+            con.close()
+        except sqlite3.OperationalError:
+            continue
+        if n >= 2:
+            break
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    time.sleep(3)
+    con = _db(tmp_path)
+    owners = [r[0] for r in con.execute("SELECT owner FROM runs WHERE status='running'")]
+    assert not any(_owner_alive(o) for o in owners), owners
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    r = _cli(*args, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert _db(tmp_path).execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 10
