@@ -30,7 +30,7 @@ import html
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from normlab.lab.plots import plot_study
 from normlab.lab.store import Store, summarize

@@ -28,7 +28,7 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn import functional as F
 
 from normlab.lab.config import ConfigError, RunConfig
