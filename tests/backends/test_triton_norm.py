@@ -406,3 +406,130 @@ def test_interpreter_env_is_set_without_cuda():
     # the conftest promise this file relies on
     if not torch.cuda.is_available():
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# what can be checked about the GPU build without a GPU
+# --------------------------------------------------------------------------------------------
+
+# Runs in a fresh interpreter without TRITON_INTERPRET: compiles every kernel variant for sm_90
+# (Hopper) down to PTX and cubin (ptxas ships with triton) and counts the global load widths.
+_COMPILE_SCRIPT = r'''
+import inspect, json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from normlab.backends import triton_norm as tn
+
+PTR = {k: "*bf16" for k in ("X", "Y", "DY", "DX")}
+PTR.update({k: "*fp32" for k in ("W", "B", "MEAN", "RSTD", "VAR", "PART", "AB", "PDW", "PDB",
+                                 "DW", "DB")})
+
+def build(kernel, consts, divisible):
+    params = list(inspect.signature(kernel.fn).parameters)
+    sig = {p: "constexpr" if p in consts else PTR.get(p, "fp32" if p in ("eps", "inv_m") else "i32")
+           for p in params}
+    # what the JIT launcher knows at a real launch: torch pointers and these ints are % 16 == 0
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
+             if p in PTR or p in divisible}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert out.asm["cubin"]
+    return re.findall(r"ld\.global((?:\.v[24])?)\.b(16|32)", out.asm["ptx"])
+
+result = {}
+# (name, runtime ints specialised, Cg, BLOCK_R, BLOCK_C): SD-UNet Cg = 10, ResNet-50 Cg = 8
+LAYOUTS = [("nchw", {"ss": 1}, {"S", "sn", "sc"}, 10, 256, 16),
+           ("nhwc", {"sc": 1}, {"S", "sn", "ss"}, 8, 512, 8)]
+for name, ones, div, cg, br, bc in LAYOUTS:
+    for stage in range(4):
+        for kname, kernel in (("fwd", tn._fwd_kernel), ("bwd", tn._bwd_kernel)):
+            consts = dict(OVER_BATCH=stage == 1, HAS_W=True, HAS_B=stage != 2, ACT=stage,
+                          STAGE=stage, SPLIT_BLOCK=8, BLOCK_R=br, BLOCK_C=bc, Cg=cg, **ones)
+            loads = build(kernel, consts, div)
+            result[f"{name}-{kname}-{stage}"] = sorted(set(v for v, _ in loads))
+build(tn._reduce_rows_kernel, dict(HAS_W=True, HAS_B=True, BLOCK=256), {"C"})
+print(json.dumps(result))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every test compiles for real")
+def test_kernels_compile_for_hopper_with_vector_loads():
+    """Every kernel variant compiles for sm_90, and the activation loads of the NCHW path and of
+    the channels_last path with 8 channels per group are 16-byte vectors (ld.global.v4)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode != 0 and "GPUTarget" in proc.stderr and "ImportError" in proc.stderr:
+        pytest.skip("this triton cannot compile for a CUDA target without a GPU")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    widths = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(widths) == 16
+    for key, found in widths.items():
+        assert ".v4" in found, f"{key}: no 16-byte loads, got {found}"
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark scripts' CPU-independent parts
+# --------------------------------------------------------------------------------------------
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_norm_floor_model_matches_reference_section6():
+    """The byte model reproduces REFERENCE section 6's '% of floor' (3006 GB/s copy)."""
+    gb = _load_benchmark("gpu_norm")
+    cases = {(c.shape, c.layout, c.dtype): c for c in gb.build_cases("ref6")}
+    assert len(cases) == 13
+    # bf16 (2,320,64,64) NCHW: torch fwd 53 us = 7% of floor, fwd+bwd 180 us = 5%
+    c = cases[((2, 320, 64, 64), "nchw", "bf16")]
+    assert c.floor_bytes("fwd") == 2 * 2 * 320 * 64 * 64 * 2
+    assert round(100 * gb.floor_us(c, "fwd", 3006) / 53) == 7
+    assert round(100 * gb.floor_us(c, "fwdbwd", 3006) / 180) == 5
+    # fp32 (32,256,56,56) NCHW: 163 us = 42%, 389 us = 44%
+    c = cases[((32, 256, 56, 56), "nchw", "fp32")]
+    assert round(100 * gb.floor_us(c, "fwd", 3006) / 163) == 42
+    assert round(100 * gb.floor_us(c, "fwdbwd", 3006) / 389) == 44
+    full = gb.build_cases("full")
+    assert len({(x.shape, x.layout, x.dtype) for x in full}) == len(full)  # no duplicates
+    assert {x.n for x in full if x.family == "sd-unet"} == set(gb.N_SWEEP)
+    # 10 MiB tensor, 50 MiB L2: 20 buffers for 4x L2, capped at 16; big tensors are not rotated
+    assert gb.rotation_count(10 << 20, 50 << 20) == 16
+    assert gb.rotation_count(40 << 20, 50 << 20) == 5
+    assert gb.rotation_count(400 << 20, 50 << 20) == 1
+    with pytest.raises(ValueError, match="'bogus'"):
+        gb.build_cases("bogus")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA refusal")
+def test_benchmarks_refuse_without_cuda(capsys):
+    assert _load_benchmark("gpu_norm").main([]) == 2
+    assert _load_benchmark("resnet50_step").main([]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_resnet50_builder_without_gpu():
+    """The normlab.models fallback builds a ResNet-50 (25.56M parameters, 53 norm layers) with
+    each of the three normalizations."""
+    rs = _load_benchmark("resnet50_step")
+    if "normlab" not in rs.available_builders():
+        pytest.skip("normlab.models not available")
+    for kind in rs.NORMS:
+        model = rs.build_resnet50(kind, "normlab")
+        assert rs.count_norm_layers(model) == 53
+        assert sum(p.numel() for p in model.parameters()) == 25_557_032

@@ -177,11 +177,13 @@ def _channel_vectors(W, B, MEAN, VAR, g, ct, Cg, eps, HAS_W: tl.constexpr, HAS_B
 @triton.jit
 def _fwd_kernel(
     X, Y, W, B, MEAN, RSTD, VAR, PART,
-    S, Cg, G, CT, TPS, RT, TPP, sn, sc, ss, eps,
+    S, Cg: tl.constexpr, G, CT, TPS, RT, TPP, sn, sc, ss, eps,
     OVER_BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STAGE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Forward. grid = (statistics, SPLIT). STAGE 0: statistics then normalize (SPLIT == 1);
+    """Forward. grid = (statistics, SPLIT). Cg is a compile-time constant so that the compiler
+    knows the alignment of a group's first channel (16-byte vector loads in channels_last when
+    Cg is a multiple of 8 for 2-byte types; one kernel per distinct Cg). STAGE 0: statistics then normalize (SPLIT == 1);
     1: partial (count, mean, M2) only; 2: combine partials then normalize; 3: normalize with the
     given per-channel MEAN/VAR (eval)."""
     k = tl.program_id(0)
@@ -265,7 +267,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_kernel(
     X, DY, DX, W, B, MEAN, RSTD, VAR, AB, PDW, PDB,
-    S, Cg, G, C, CT, TPS, RT, TPP, sn, sc, ss, eps, inv_m,
+    S, Cg: tl.constexpr, G, C, CT, TPS, RT, TPP, sn, sc, ss, eps, inv_m,
     OVER_BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STAGE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
