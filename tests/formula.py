@@ -43,3 +43,20 @@ def off_centre(*shape, dtype=torch.float32, scale=2.0, offset=3.0):
 def rel_err(a, b):
     a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def compare_step(ours, theirs, x, rtol=1e-5, atol=1e-5):
+    """One forward and backward of two modules on the same input and output gradient: outputs and
+    input gradients must agree (parameter gradients accumulate for the caller to compare)."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    torch.testing.assert_close(ya, yb, rtol=rtol, atol=atol)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=10 * rtol, atol=atol)
+
+
+def assert_same_param_grads(ours, theirs, rtol=1e-4, atol=1e-5):
+    for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=name)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import normlab.nn as nlnn
-from formula import off_centre, rel_err
+from formula import assert_same_param_grads, compare_step, off_centre, rel_err
 
 # (normlab class, torch class, input shape)
 KINDS = [
@@ -46,16 +46,8 @@ def test_matches_torch_over_several_steps(backend, ours_cls, torch_cls, shape, k
     ours, theirs = _pair(ours_cls, torch_cls, shape[1], **kw)
     with normlab.use_backend(backend):
         for step in range(3):
-            x = off_centre(*shape, offset=step + 1.0)
-            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-            ya, yb = ours(xa), theirs(xb)
-            torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
-            g = torch.randn_like(ya)
-            ya.backward(g), yb.backward(g)
-            torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
-        if theirs.weight is not None:
-            torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-5)
+            compare_step(ours, theirs, off_centre(*shape, offset=step + 1.0))
+        assert_same_param_grads(ours, theirs)
         for name, buf in theirs.named_buffers():
             torch.testing.assert_close(dict(ours.named_buffers())[name], buf, rtol=1e-5, atol=1e-6)
         ours.eval(), theirs.eval()

@@ -7,7 +7,7 @@ from torch import nn
 
 import normlab
 import normlab.nn as nlnn
-from formula import normalize64, off_centre, rel_err
+from formula import assert_same_param_grads, compare_step, normalize64, off_centre, rel_err
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
@@ -30,16 +30,9 @@ def test_matches_torch(backend, groups, shape):
     ours = nlnn.GroupNorm(groups, c)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = off_centre(*shape)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     with normlab.use_backend(backend):
-        ya = ours(xa)
-    yb = theirs(xb)
-    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(ya)
-    ya.backward(g), yb.backward(g)
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-5)
+        compare_step(ours, theirs, x)
+    assert_same_param_grads(ours, theirs)
     ours.eval()  # no train/eval difference
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 

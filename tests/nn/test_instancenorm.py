@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import normlab.nn as nlnn
-from formula import off_centre
+from formula import assert_same_param_grads, compare_step, off_centre
 
 
 @pytest.mark.parametrize(
@@ -29,13 +29,8 @@ def test_matches_torch(ours_cls, torch_cls, shape, c, kw):
             theirs.bias.copy_(torch.randn(c))
     ours.load_state_dict(theirs.state_dict(), strict=True)
     for step in range(2):
-        x = off_centre(*shape, offset=step + 2.0)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = ours(xa), theirs(xb)
-        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
-        g = torch.randn_like(ya)
-        ya.backward(g), yb.backward(g)
-        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+        compare_step(ours, theirs, off_centre(*shape, offset=step + 2.0))
+    assert_same_param_grads(ours, theirs)
     for name, buf in theirs.named_buffers():
         torch.testing.assert_close(dict(ours.named_buffers())[name], buf, rtol=1e-5, atol=1e-6)
     ours.eval(), theirs.eval()
