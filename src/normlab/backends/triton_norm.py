@@ -31,7 +31,7 @@ Backward, with z = xhat*w + b and dz = dy * act'(z)::
     A = sum_c w_c db_c     B = sum_c w_c dw_c           (over the statistic's elements)
     dx = rstd * (dz*w - (A + xhat*B) / m)
 
-Parallelism: when there are fewer statistics than ~2 programs per SM (small N*G), a statistic's
+Parallelism: when there are fewer statistics than ~4 programs per SM (small N*G), a statistic's
 rows are split over ``SPLIT`` programs; partial (count, mean, M2) and partial (A, B) are written
 to scratch and combined with Chan's formula by the next kernel (fixed order, no atomics). With
 enough statistics (``SPLIT == 1``) each program does both passes itself (the second read of its
@@ -416,7 +416,9 @@ def _default_target_programs(device: torch.device) -> int:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 2 * _SM_COUNT[idx]
+    # 4 programs of 8 warps per SM keep enough loads in flight for a streaming kernel (a guess
+    # to be tuned on the GPU: benchmarks/NOTES.md)
+    return 4 * _SM_COUNT[idx]
 
 
 def kernel_strides(x: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
