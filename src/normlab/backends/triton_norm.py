@@ -87,6 +87,12 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _zero():
+    """A float32 scalar tensor 0 (a loop-carried accumulator's start value)."""
+    return tl.sum(tl.zeros([2], dtype=tl.float32), axis=0)
+
+
+@triton.jit
 def _act_fwd(z, ACT: tl.constexpr):
     """Fused activation on the float32 pre-activation z (gelu is the exact erf form)."""
     if ACT == 1:
@@ -196,14 +202,16 @@ def _fwd_kernel(
     # Shifted data: every program of statistic k subtracts the same shift (its first element),
     # so sums run over values of the spread's magnitude, not the offset's (1e4 + 0.1*randn keeps
     # full float32 accuracy). mean = shift + shifted mean.
-    shift = 0.0
+    shift = _zero()
     if STAGE != 3:
         shift = tl.load(X + base).to(tl.float32)
-    mean = 0.0
-    rstd = 0.0
+    # scalars carried through loops start as float32 tensors, not Python constants (older
+    # Triton versions refuse to re-assign a constexpr inside a loop)
+    mean = _zero()
+    rstd = _zero()
     if STAGE == 0 or STAGE == 1:
-        cnt = 0.0
-        m2 = 0.0
+        cnt = _zero()
+        m2 = _zero()
         for ct in range(0, CT):
             for rt in range(rt_lo, rt_hi):
                 sample, offs, mask, tcount = _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH,
@@ -288,14 +296,14 @@ def _bwd_kernel(
     else:
         prow = n0 * nsplit + j
 
-    mean = 0.0
-    rstd = 0.0
+    mean = _zero()
+    rstd = _zero()
     if STAGE != 3:
         mean = tl.load(MEAN + k)
         rstd = tl.load(RSTD + k)
 
-    a_sum = 0.0
-    b_sum = 0.0
+    a_sum = _zero()
+    b_sum = _zero()
     if STAGE != 2:
         for ct in range(0, CT):
             cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g, ct, Cg, eps, HAS_W,
