@@ -49,6 +49,7 @@ depends on data). On CPU tensors the kernels run in Triton's interpreter when
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -462,15 +463,26 @@ def plan_launch(
     are no spatial positions) so that the contiguous axis gets the larger share. A statistic's
     row tiles are split over ``split`` programs when there are fewer statistics than the target.
     """
+    target = TUNING["target_programs"] or _default_target_programs(device)
+    return _plan_cached(tuple(int(d) for d in shape), tuple(strides), num_groups, over_batch,
+                        device.type == "cuda", target, TUNING["block_elems"],
+                        TUNING["max_block_c"])
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_groups: int,
+                 over_batch: bool, on_gpu: bool, target: int, block_elems: Optional[int],
+                 max_block_c: Optional[int]) -> LaunchPlan:
+    """plan_launch's arithmetic, memoised: eager calls repeat the same few shapes."""
     n, c = int(shape[0]), int(shape[1])
     s = math.prod(int(d) for d in shape[2:])
     g = num_groups
     cg = c // g
     k = g if over_batch else n * g
     count = cg * s * (n if over_batch else 1)
-    elems = TUNING["block_elems"] or (4096 if device.type == "cuda" else 1024)
-    if TUNING["max_block_c"]:
-        cap_c = TUNING["max_block_c"]
+    elems = block_elems or (4096 if on_gpu else 1024)
+    if max_block_c:
+        cap_c = max_block_c
     elif s == 1:
         cap_c = 1024
     elif strides[2] == 1:
@@ -482,7 +494,6 @@ def plan_launch(
     col_tiles = triton.cdiv(cg, block_c)
     tps = triton.cdiv(s, block_r)
     row_tiles = tps * (n if over_batch else 1)
-    target = TUNING["target_programs"] or _default_target_programs(device)
     split = 1 if k >= target else min(row_tiles, triton.cdiv(target, k))
     tpp = triton.cdiv(row_tiles, split)
     split = triton.cdiv(row_tiles, tpp)  # no empty programs
