@@ -70,23 +70,32 @@ def test_half_precision_accumulates_in_float32(backend, dtype, shape, groups, ov
     assert rel_err(y, normalize64(x, groups, over_batch, w, b)) < tol
 
 
+# Normalized-output error allowed at mean 1e4, std 0.1. The reference (and the Triton kernels)
+# sum shifted data and reach ~1e-6. ATen's CPU kernels (native) subtract a float32 mean that
+# cannot be stored closer than ~5e-4 to the truth at 1e4, i.e. 5e-3 of a standard deviation:
+# that is float32's limit for their method, and still usable.
+LARGE_OFFSET_TOL = {"reference": 1e-4, "native": 0.05}
+LARGE_OFFSET_RSTD_TOL = {"reference": 1e-4, "native": 5e-3}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "groups,over_batch", [(16, True), (4, True), (1, False), (4, False), (16, False)]
 )
 def test_large_offset_is_stable(backend, groups, over_batch):
     # mean 1e4, std 0.1: E[x^2] - E[x]^2 loses every digit here (its variance comes out negative
-    # or 0). fp32 cannot even store the mean to better than ~5e-4, so float32 accuracy for this
-    # input is a normalized error of order 1e-2; the variance must still be right to 0.5%
-    # (the reference gets 1e-4, ATen's CPU GroupNorm 2e-3).
+    # or 0); the float64 formula on the same float32 values is the truth.
     x = 1e4 + 0.1 * torch.randn(4, 16, 12, 12)
     y, mean, rstd = NF.normalize(x, groups, over_batch, backend=backend, return_stats=True)
     x64 = x.double()
     expected = normalize64(x64, groups, over_batch)
-    assert (y.double() - expected).abs().max().item() < 0.05
+    assert (y.double() - expected).abs().max().item() < LARGE_OFFSET_TOL[backend]
     dims = (0, 2) if over_batch else (2,)
     true_var = x64.reshape(4, groups, -1).var(dim=dims, unbiased=False)
-    assert torch.allclose(rstd.double().reshape(true_var.shape), torch.rsqrt(true_var + 1e-5), rtol=5e-3)
+    torch.testing.assert_close(
+        rstd.double().reshape(true_var.shape), torch.rsqrt(true_var + 1e-5),
+        rtol=LARGE_OFFSET_RSTD_TOL[backend], atol=0,
+    )
     naive = (x.reshape(4, groups, -1) ** 2).mean(dims) - x.reshape(4, groups, -1).mean(dims) ** 2
     assert not torch.allclose(naive.double(), true_var, rtol=0.5)  # the trap is real
 

@@ -5,7 +5,7 @@ For x of shape (N, C, *spatial) split into G groups of C/G channels (Wu & He 201
     xg      = x viewed as (N, G, C/G * prod(spatial))
     S       = dims (1: group contents)          if not over_batch   -> mean, rstd of shape (N, G)
               dims (0: batch, 1: group contents) if over_batch       -> mean, rstd of shape (G,)
-    mean    = sum_S xg / m
+    mean    = sum_S xg / m                      (summed as shift + sum_S (xg - shift) / m)
     var     = sum_S (xg - mean)^2 / m           (two passes; biased; never E[x^2] - E[x]^2)
     rstd    = 1 / sqrt(var + eps)
     y       = act(gamma_c * (x - mean) * rstd + beta_c)
@@ -90,11 +90,17 @@ class ReferenceBackend:
         dims = (0, 2) if over_batch else (2,)
         m = xg.shape[2] * (n if over_batch else 1)  # elements per statistic
 
-        mean = xg.mean(dim=dims, keepdim=True)
-        centred = xg - mean
+        # Shifted data: subtract one element of each statistic's set first. y does not depend on
+        # the shift, x - shift is exact when the two are close, and the sums then run over small
+        # numbers, so float32 keeps full accuracy even when |mean| >> std (e.g. 1e4 + 0.1 * randn).
+        shift = (xg[:1, :, :1] if over_batch else xg[:, :, :1]).detach()
+        xs = xg - shift
+        mean_s = xs.mean(dim=dims, keepdim=True)
+        centred = xs - mean_s
         var = centred.square().mean(dim=dims, keepdim=True)  # biased, second pass
         rstd = torch.rsqrt(var + eps)
         y = (centred * rstd).reshape(x.shape)
+        mean = mean_s + shift
 
         if weight is not None:
             y = y * _channel_view(weight.to(acc), x.dim())
