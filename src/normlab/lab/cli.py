@@ -6,6 +6,8 @@ Commands::
                       [--device cpu|cuda|auto] [--seeds K] [--variants A,B] [--jobs J]
                       [--set key=value ...] [--config FILE] [--out DIR]
     normlab train [--norm bn] [--model resnet20] [--batch-size 32] [--epochs 10] ... [--out DIR]
+    (train and reproduce also take --nproc-per-node K [--nnodes M --node-rank R
+     --master-addr HOST --master-port P | --rdzv-endpoint HOST:PORT])
     normlab report DIR
     normlab ls [DIR] [--studies] [--models] [--norms]
     normlab spp MODEL... [--out DIR]
@@ -16,6 +18,15 @@ report.html, figures/}``. Re-running skips finished runs and resumes interrupted
 
 Bad input (unknown study, model, norm, dataset, bad values) prints one ``error:`` line and one
 ``hint:`` line on stderr and exits with status 2.
+
+Multi-process: with ``--nproc-per-node K`` (x ``--nnodes M``) the command checks its input, then
+re-runs itself through ``torch.distributed.run`` (:func:`normlab.distributed.launch`) on K
+processes per node; each run trains with DDP (nccl on CUDA, gloo on CPU), ``--batch-size`` /
+``batch_size`` is per process and the default lr scales with the global batch. Rank 0 alone
+writes the store, the report and the progress bars. If a process dies, torchrun stops the others
+and the command prints one error line and exits non-zero; re-running resumes. ``--jobs`` (several
+single-process runs at once) does not combine with it. Started by torchrun directly (``torchrun
+--nproc-per-node K -m normlab.lab.cli reproduce ...``) it behaves the same.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -63,6 +75,8 @@ def _guard(fn: Any) -> Any:
     except (ValueError, TypeError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__,
               "see --help for the accepted values")
+    except typer.Exit:  # already reported (a failed multi-process job)
+        raise
     except RuntimeError as e:  # a training process died: say so in one line, keep the store
         err_console.print(f"[bold red]error:[/] {str(e).splitlines()[0]}", highlight=False)
         err_console.print("[yellow]hint:[/] re-run the same command to resume", highlight=False)
@@ -197,9 +211,121 @@ def _run_parallel(points: list, store: Any, jobs: int, out: Path) -> dict[str, i
     return counts
 
 
+# ---------------------------------------------------------------------- multi-process
+@dataclass
+class _Procs:
+    """The process layout asked for on the command line (``--nproc-per-node`` and friends)."""
+
+    nproc_per_node: Optional[int]
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: Optional[int]
+    rdzv_endpoint: Optional[str]
+
+    def check(self) -> None:
+        if self.nproc_per_node is not None and self.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
+        if self.nnodes < 1:
+            raise ConfigError(f"--nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank must be in [0, --nnodes={self.nnodes}), got "
+                              f"{self.node_rank}")
+        if (self.nnodes > 1 and self.master_port is None and self.rdzv_endpoint is None
+                and not in_worker()):
+            raise ConfigError(f"--nnodes {self.nnodes} needs --master-port (with --master-addr) "
+                              "or --rdzv-endpoint HOST:PORT",
+                              hint="e.g. --master-addr node0 --master-port 29500 on every node")
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the job: torchrun's $WORLD_SIZE inside a worker, else K x M."""
+        if in_worker():
+            from normlab import distributed as nd
+
+            return nd.world_size()
+        return (self.nproc_per_node or 1) * self.nnodes
+
+    @property
+    def relaunch(self) -> bool:
+        """Whether this (parent) process must start the job through torchrun."""
+        return not in_worker() and self.world_size > 1
+
+
+def in_worker() -> bool:
+    """Whether this process is a worker started by torchrun (``$LOCAL_RANK`` is set)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def _argv(ctx: typer.Context) -> list[str]:
+    """The command line of this invocation (subcommand and the options the user gave), rebuilt
+    from the parsed parameters, to run the same command on every worker."""
+    args = [ctx.info_name or ""]
+    positional = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if source is None or source.name == "DEFAULT":
+            continue
+        value = ctx.params[param.name]
+        if param.param_type_name == "argument":
+            positional += [str(v) for v in value] if param.multiple else [str(value)]
+            continue
+        opt = max(param.opts, key=len)
+        if getattr(param, "is_flag", False) and not getattr(param, "secondary_opts", None):
+            if value:
+                args.append(opt)
+        elif getattr(param, "is_flag", False):
+            args.append(opt if value else max(param.secondary_opts, key=len))
+        elif param.multiple:
+            for v in value or ():
+                args += [opt, str(v)]
+        elif value is not None:
+            args += [opt, str(value)]
+    return args + positional
+
+
+def _launch(ctx: typer.Context, procs: _Procs) -> None:
+    """Re-run this command on ``procs`` through torchrun; one error line if the job fails."""
+    from normlab.distributed import LaunchError, launch
+
+    argv = _argv(ctx)
+    console.print(f"launching {procs.nproc_per_node} process(es) per node x {procs.nnodes} "
+                  f"node(s) (torch.distributed.run)", highlight=False)
+    try:
+        launch(["-m", "normlab.lab.cli", *argv], nproc_per_node=procs.nproc_per_node or 1,
+               nnodes=procs.nnodes, node_rank=procs.node_rank, master_addr=procs.master_addr,
+               master_port=procs.master_port, rdzv_endpoint=procs.rdzv_endpoint)
+    except LaunchError as e:
+        err_console.print(f"[bold red]error:[/] {str(e).splitlines()[0]}", highlight=False,
+                          soft_wrap=True)
+        err_console.print("[yellow]hint:[/] the failing rank's traceback is above; re-run the "
+                          "same command to resume (finished runs and epochs are kept)",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(e.returncode if e.returncode > 0 else 1)
+
+
+def _with_world_size(user: dict[str, Any], procs: _Procs) -> dict[str, Any]:
+    """``world_size`` = the job's process count, unless the user set it (``--set world_size=W``
+    pins a run's global batch, e.g. to resume a 2-process run on 1 process)."""
+    if "world_size" not in user:
+        user = {**user, "world_size": procs.world_size}
+    return user
+
+
+def _run_distributed(points: list, store: Any) -> dict[str, int]:
+    """This worker's part of the job: rank 0 shows progress, the others train silently."""
+    from normlab import distributed as nd
+    from normlab.lab.trainer import run_points
+
+    if nd.is_main_process():
+        return _run_inline(points, store)
+    return run_points(points, None)
+
+
 # ---------------------------------------------------------------------- commands
 @app.command()
 def reproduce(
+    ctx: typer.Context,
     study: str = typer.Argument("batch-size", help="batch-size | groups | norms | bn-dropout | nf"),
     quick: bool = typer.Option(False, "--quick", help="tiny preset: a first look in ~1 minute"),
     data: Optional[str] = typer.Option(None, help="digits (default) | synthetic | cifar10 | "
@@ -214,6 +340,15 @@ def reproduce(
     config: Optional[Path] = typer.Option(None, help="JSON or TOML file of overrides"),
     out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory (store, figures, reports)"),
     no_report: bool = typer.Option(False, "--no-report", help="skip writing the report"),
+    nproc_per_node: Optional[int] = typer.Option(
+        None, "--nproc-per-node", help="processes per node: DDP through torch.distributed.run "
+                                       "(one per GPU); batch size is per process"),
+    nnodes: int = typer.Option(1, "--nnodes", help="nodes (run the same command on each)"),
+    node_rank: int = typer.Option(0, "--node-rank", help="this node's rank (static rendezvous)"),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="rank 0's host"),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="rank 0's port"),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint",
+                                                help="HOST:PORT of a c10d rendezvous"),
 ) -> None:
     """Run a study (skipping finished runs), then write report.md, report.html and figures."""
     def body() -> None:
@@ -223,7 +358,9 @@ def reproduce(
 
         st = get_study(study)
         preset = "quick" if quick else "default"
-        user = _user_overrides(data, data_dir, model, device, config, set_)
+        procs = _Procs(nproc_per_node, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
+        procs.check()
+        user = _with_world_size(_user_overrides(data, data_dir, model, device, config, set_), procs)
         if seeds is not None and seeds < 1:
             raise ConfigError(f"--seeds must be >= 1, got {seeds}")
         vs = [v.strip() for v in variants.split(",")] if variants else None
@@ -231,6 +368,15 @@ def reproduce(
         from normlab.lab.trainer import preflight
 
         preflight([p.cfg for p in points])
+        multi = procs.world_size > 1
+        if multi and jobs is not None and jobs > 1:
+            raise ConfigError(f"--jobs {jobs} and --nproc-per-node {nproc_per_node} do not combine: "
+                              "a multi-process job trains one run at a time over all processes",
+                              hint="drop --jobs (or use --jobs without --nproc-per-node)")
+        if procs.relaunch:
+            return _launch(ctx, procs)
+        if in_worker():
+            return _reproduce_worker(st, preset, points, out, no_report)
         n_jobs = jobs
         if n_jobs is None:
             on_cpu = points[0].cfg.device == "cpu" or (points[0].cfg.device == "auto"
@@ -261,6 +407,43 @@ def reproduce(
     _guard(body)
 
 
+def _reproduce_worker(st: Any, preset: str, points: list, out: Path, no_report: bool) -> None:
+    """``reproduce`` inside a torchrun worker: rank 0 registers the study, writes the store and
+    the report; every rank trains every run."""
+    from normlab import distributed as nd
+    from normlab.lab.report import write_report
+    from normlab.lab.store import Store
+
+    nd.setup(device=_device_of(points))
+    main_rank = nd.is_main_process()
+    store = Store(out) if main_rank else None
+    t0 = time.perf_counter()
+    try:
+        if store is not None:
+            store.register(st.name, preset, [(p.cfg.run_id(), p.label, p.x) for p in points])
+            console.print(f"[bold]{st.name}[/] ({preset}): {len(points)} runs on "
+                          f"{nd.world_size()} processes (batch sizes per process) -> {out}/",
+                          highlight=False)
+        counts = _run_distributed(points, store)
+    finally:
+        if store is not None:
+            store.export()
+            store.close()
+    if main_rank:
+        console.print(f"trained {counts['trained']}, already done {counts['skipped']}, failed "
+                      f"{counts['failed']} in {time.perf_counter() - t0:.0f}s", highlight=False)
+        if not no_report:
+            md, html_path = write_report(out)
+            console.print(f"report: {md} and {html_path}", highlight=False)
+    nd.cleanup()
+
+
+def _device_of(points: list) -> Any:
+    from normlab.lab.trainer import resolve_device
+
+    return resolve_device(points[0].cfg.device) if points else None
+
+
 def _cuda() -> bool:
     import torch
 
@@ -269,37 +452,64 @@ def _cuda() -> bool:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     norm: Optional[str] = typer.Option(None, help="a create_norm name (default bn)"),
     model: Optional[str] = typer.Option(None, help="a normlab.models name (default resnet20)"),
     data: Optional[str] = typer.Option(None, help="dataset name (default digits)"),
     data_dir: Optional[Path] = typer.Option(None, help="directory for on-disk datasets"),
-    batch_size: Optional[int] = typer.Option(None, help="images per batch (default 32)"),
+    batch_size: Optional[int] = typer.Option(None, help="images per batch per process (default 32)"),
     epochs: Optional[int] = typer.Option(None, help="epochs (default 10)"),
-    lr: Optional[float] = typer.Option(None, help="peak lr (default 0.1 * batch/32)"),
+    lr: Optional[float] = typer.Option(None, help="peak lr (default 0.1 * batch * processes/32)"),
     seed: Optional[int] = typer.Option(None, help="random seed (default 0)"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | auto"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override: key=value (repeatable)"),
     config: Optional[Path] = typer.Option(None, help="JSON or TOML file of overrides"),
     out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory"),
+    nproc_per_node: Optional[int] = typer.Option(
+        None, "--nproc-per-node", help="processes per node: DDP through torch.distributed.run "
+                                       "(one per GPU); batch size is per process"),
+    nnodes: int = typer.Option(1, "--nnodes", help="nodes (run the same command on each)"),
+    node_rank: int = typer.Option(0, "--node-rank", help="this node's rank (static rendezvous)"),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="rank 0's host"),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="rank 0's port"),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint",
+                                                help="HOST:PORT of a c10d rendezvous"),
 ) -> None:
     """Train one run and record it in OUT's store (resumes if interrupted)."""
     def body() -> None:
         from normlab.lab.store import Store
         from normlab.lab.studies import Point
 
+        procs = _Procs(nproc_per_node, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
+        procs.check()
         user = _user_overrides(data, data_dir, model, device, config, set_, norm=norm,
                                batch_size=batch_size, epochs=epochs, lr=lr, seed=seed)
-        cfg = apply_overrides(RunConfig(), user)
+        cfg = apply_overrides(RunConfig(), _with_world_size(user, procs))
         cfg = cfg.replace(label=cfg.label or cfg.norm)
         p = Point(cfg.label, cfg.batch_size, cfg)
         from normlab.lab.trainer import preflight
 
         preflight([cfg])
+        if procs.relaunch:
+            return _launch(ctx, procs)
+        if in_worker():
+            from normlab import distributed as nd
+
+            nd.setup(device=_device_of([p]))
+            if not nd.is_main_process():
+                _run_distributed([p], None)
+                return nd.cleanup()
         with Store(out) as store:
             store.register("train", "single", [(cfg.run_id(), p.label, p.x)])
-            console.print(f"run {cfg.run_id()} -> {out}/", highlight=False)
+            procs_note = (f" ({cfg.batch_size} images per process x {cfg.world_size} processes)"
+                          if cfg.world_size > 1 else "")
+            console.print(f"run {cfg.run_id()}{procs_note} -> {out}/", highlight=False)
             _run_inline([p], store)
             store.export()
+        if in_worker():
+            from normlab import distributed as nd
+
+            nd.cleanup()
 
     _guard(body)
 
@@ -347,7 +557,7 @@ def ls_(
 
         with Store(out, create=False) as store:
             table = Table(title=str(store.path))
-            for col in ("run_id", "studies", "label", "model", "norm", "batch", "seed", "status",
+            for col in ("run_id", "studies", "label", "model", "norm", "batch/proc", "seed", "status",
                         "epochs", "test err %", "time s", "img/s"):
                 table.add_column(col)
             member = {}
@@ -359,7 +569,7 @@ def ls_(
                 st, label = member.get(r["run_id"], (set(), c.get("label", "")))
                 err = r["final_test_error"]
                 table.add_row(r["run_id"], ",".join(sorted(st)), label, c["model"], c["norm"],
-                              str(c["batch_size"]), str(c["seed"]), r["status"],
+                              _batch_cell(c), str(c["seed"]), r["status"],
                               f"{r['epochs_done']}/{r['epochs']}",
                               "-" if err is None else f"{err:.2f}",
                               "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}",
@@ -368,6 +578,12 @@ def ls_(
             (console if console.is_terminal else Console(width=200)).print(table)
 
     _guard(body)
+
+
+def _batch_cell(c: dict) -> str:
+    """``N`` for a one-process run, ``NxW`` for N images per process on W processes."""
+    w = int(c.get("world_size", 1))
+    return str(c["batch_size"]) + (f"x{w}" if w > 1 else "")
 
 
 @app.command()

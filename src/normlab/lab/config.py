@@ -4,7 +4,10 @@ A run is fully described by a :class:`RunConfig`; its identity (:meth:`RunConfig
 hash of every field that can change the result, so re-running a study finds its finished runs in
 the store and skips them. Defaults follow the Group Normalization paper's recipe (Wu & He, ECCV
 2018, REFERENCE section 1): SGD momentum 0.9, weight decay 1e-4 on all weights, learning rate
-``base_lr * batch_size / 32`` with ``base_lr = 0.1``, the same number of epochs at every batch size.
+``base_lr * batch_size * world_size / 32`` with ``base_lr = 0.1``, the same number of epochs at
+every batch size. ``batch_size`` is per process ("images per GPU", as in the paper) and
+``world_size`` is the number of processes the run is defined for (set by ``--nproc-per-node`` x
+``--nnodes``), so one step sees ``batch_size * world_size`` images.
 
 Overrides come from ``--set key=value`` (values parsed as JSON when they parse, else taken as
 strings; dotted keys reach into the dict fields, e.g. ``norm_kwargs.num_groups=8``) and from an
@@ -13,6 +16,8 @@ optional JSON or TOML file whose top-level keys are RunConfig fields::
     >>> cfg = RunConfig(norm="gn", batch_size=4)
     >>> cfg.effective_lr()
     0.0125
+    >>> cfg.replace(world_size=2).effective_lr()  # 2 processes x 4 images: the global batch is 8
+    0.025
     >>> apply_overrides(cfg, parse_set(["epochs=3", "norm_kwargs.num_groups=8"])).norm_kwargs
     {'num_groups': 8}
 """
@@ -41,6 +46,9 @@ AMP_MODES = ("auto", "bf16", "off")
 
 # fields that do not change what a run computes (presentation and machine knobs)
 _NOT_IN_ID = ("label", "threads")
+# fields left out of the identity at their default, so that ids of runs stored before the field
+# existed do not change (a single-process run keeps its id)
+_ID_DEFAULTS = {"world_size": 1}
 
 
 class ConfigError(ValueError):
@@ -63,7 +71,11 @@ class RunConfig:
     ``n_train``, ``n_test``, ``image_size``, ``channels``, ``num_classes``; imagefolder:
     ``image_size``), ``train_limit``/``test_limit`` to subsample, ``augment`` ("auto": pad-crop and
     flip for cifar and imagefolder only, "on", "off").
-    Optimization: SGD(``momentum``, ``weight_decay``), ``lr`` (None: ``base_lr * batch_size/32``),
+    Processes: ``batch_size`` is per process; ``world_size`` is the number of processes the run is
+    defined for (global batch ``batch_size * world_size``; BN statistics stay per process, SyncBN
+    takes them over all). Resumed on another process count the trainer keeps the global batch.
+    Optimization: SGD(``momentum``, ``weight_decay``), ``lr`` (None: ``base_lr * batch_size *
+    world_size / 32``),
     ``schedule`` in :data:`SCHEDULES` (step: lr/10 at ``milestones`` fractions of the epochs),
     ``warmup_epochs`` (linear), ``agc`` (adaptive gradient clipping lambda, NFNets), ``seed``.
     Machine: ``device``, ``amp`` (bf16 autocast on CUDA when "auto"), ``channels_last`` (CUDA when
@@ -82,6 +94,7 @@ class RunConfig:
     test_limit: Optional[int] = None
     augment: str = "auto"
     batch_size: int = 32
+    world_size: int = 1
     epochs: int = 10
     lr: Optional[float] = None
     base_lr: float = 0.1
@@ -101,14 +114,25 @@ class RunConfig:
 
     # ------------------------------------------------------------------ derived values
     def effective_lr(self) -> float:
-        """The peak learning rate: ``lr`` if set, else ``base_lr * batch_size / 32`` (GN paper)."""
-        return float(self.lr) if self.lr is not None else self.base_lr * self.batch_size / 32
+        """The peak learning rate: ``lr`` if set, else ``base_lr * batch_size * world_size / 32``
+        (the GN paper's linear rule on the global batch)."""
+        if self.lr is not None:
+            return float(self.lr)
+        return self.base_lr * self.batch_size * self.world_size / 32
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all processes: ``batch_size * world_size``."""
+        return self.batch_size * self.world_size
 
     def identity(self) -> dict[str, Any]:
         """The fields that define what the run computes (everything but label/threads)."""
         d = dataclasses.asdict(self)
         for k in _NOT_IN_ID:
             d.pop(k)
+        for k, default in _ID_DEFAULTS.items():
+            if d[k] == default:
+                d.pop(k)
         d["milestones"] = list(d["milestones"])
         if d["data_dir"] is not None:
             d["data_dir"] = str(Path(d["data_dir"]).expanduser().resolve())
@@ -145,6 +169,7 @@ class RunConfig:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
         _positive_int("batch_size", self.batch_size)
+        _positive_int("world_size", self.world_size)
         _positive_int("epochs", self.epochs)
         for name in ("train_limit", "test_limit", "threads"):
             if getattr(self, name) is not None:

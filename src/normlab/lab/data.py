@@ -21,9 +21,14 @@ Every dataset is standardized per channel with the training set's mean and std.
 :class:`TensorLoader` serves shuffled batches from tensors already on the training device and
 augments on that device (random pad-and-crop by ``size // 8`` pixels and horizontal flips, all
 per sample, vectorized), so the loader costs a few index operations per batch. Shuffling and
-augmentation draw from a generator seeded by ``(seed, epoch)``, so an epoch is the same whether or
-not the run was interrupted before it, and ``rank``/``world_size`` shard each epoch's permutation
-for multi-process training.
+augmentation draw from generators seeded by ``(seed, epoch)``, so an epoch is the same whether or
+not the run was interrupted before it. For multi-process training ``rank``/``world_size`` shard
+each epoch's permutation with a :class:`torch.utils.data.DistributedSampler` (rank ``r`` of ``W``
+takes positions ``r, r + W, ...``, padded so every rank gets as many batches: DDP needs every rank
+to take the same number of steps), so the global batch ``b`` of ``W`` processes x ``N`` images
+holds the same images as batch ``b`` of one process x ``N * W``, at any ``W``. Augmentation draws
+from a per-rank seed (:func:`normlab.distributed.rank_seed`). Unshuffled loaders (evaluation)
+give every example to exactly one rank, without padding.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from normlab.distributed import make_sampler, rank_seed
 from normlab.lab.config import ConfigError
 
 __all__ = ["DataError", "DataSplit", "load_dataset", "TensorLoader", "pad_crop_flip",
@@ -351,6 +357,8 @@ class TensorLoader:
                  rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.x = x.to(device)
         self.y = y.to(device)
         self.batch_size = batch_size
@@ -364,12 +372,12 @@ class TensorLoader:
 
     def _indices(self) -> Tensor:
         n = len(self.y)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            idx = torch.randperm(n, generator=g)
-        else:
-            idx = torch.arange(n)
-        return idx[self.rank::self.world_size]
+        if self.shuffle:  # permutation of seed * 100_003 + epoch, sharded and padded to equal
+            sampler = make_sampler(range(n), shuffle=True, seed=self.seed * 100_003,
+                                   num_replicas=self.world_size, this_rank=self.rank)
+            sampler.set_epoch(self.epoch)
+            return torch.tensor(list(sampler), dtype=torch.int64)
+        return torch.arange(self.rank, n, self.world_size)
 
     def __len__(self) -> int:
         n = len(self._indices())
@@ -377,7 +385,8 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         idx = self._indices().to(self.x.device)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_777_777)
+        aug_seed = rank_seed(self.seed, self.rank)  # rank 0 draws what one process draws
+        g = torch.Generator().manual_seed(aug_seed * 100_003 + self.epoch + 7_777_777)
         for i in range(len(self)):
             b = idx[i * self.batch_size:(i + 1) * self.batch_size]
             xb, yb = self.x[b], self.y[b]

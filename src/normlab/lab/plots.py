@@ -68,7 +68,9 @@ def _error_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> l
     cfg = runs[0]["config"]
     seeds = max(s["n"] for s in stats.values())
     model = "/".join(sorted({r["config"]["model"] for r in runs}))
-    ax.set_title(f"this run: {model} on {cfg['data']}, {cfg['epochs']} epochs\n"
+    worlds = sorted({int(r["config"].get("world_size", 1)) for r in runs})
+    procs = "" if worlds == [1] else f", {'/'.join(map(str, worlds))} processes"
+    ax.set_title(f"this run: {model} on {cfg['data']}, {cfg['epochs']} epochs{procs}\n"
                  f"mean ± sd over {seeds} seed(s)", fontsize=9)
     panels = [(ax, "test error (%)")]
     if paper:

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from normlab.lab.config import RunConfig
 from normlab.lab.plots import plot_study
 from normlab.lab.store import Store, summarize
 from normlab.lab.studies import STUDIES, Claim, Study
@@ -133,6 +134,19 @@ def _fmt(s: Optional[dict]) -> str:
     return f"{s['mean']:.2f}{sd} (n={s['n']})"
 
 
+def _processes_line(runs: list[dict], cfg: dict) -> str:
+    """How the batch was split: images per process, number of processes, lr rule."""
+    worlds = sorted({int(r["config"].get("world_size", 1)) for r in runs})
+    batches = sorted({int(r["config"].get("batch_size", RunConfig.batch_size)) for r in runs},
+                     reverse=True)
+    n = "N" if len(batches) > 1 else str(batches[0])
+    w = "/".join(str(x) for x in worlds)
+    statistics = ("" if worlds == [1] else "; BN statistics per process, SyncBN over all "
+                  "processes, GN/LN/IN per sample")
+    return (f"**Images per process: {', '.join(map(str, batches))}; processes: {w}** (global "
+            f"batch {n} x {w}), base lr {cfg['base_lr']} x {n} x {w}/32{statistics}.")
+
+
 def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str], list[Path]]:
     runs = store.study_runs(study.name)
     if not runs:
@@ -146,8 +160,8 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
              f"Preset `{preset}`: {done}/{len(runs)} runs done"
              + (f", {len(failed)} failed" if failed else "")
              + f"; model `{cfg['model']}`, data `{cfg['data']}`, {cfg['epochs']} epochs, "
-               f"schedule {cfg['schedule']}, base lr {cfg['base_lr']} x N/32, weight decay "
-               f"{cfg['weight_decay']}.", ""]
+               f"schedule {cfg['schedule']}, weight decay {cfg['weight_decay']}.", "",
+             _processes_line(runs, cfg), ""]
     diverged = [r for r in runs if r.get("error") and r["status"] == "done"]
     if diverged:
         lines += [f"{len(diverged)} run(s) diverged; their recorded error is the one measured "

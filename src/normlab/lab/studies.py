@@ -7,12 +7,17 @@ every claim's verdict from the store.
 ==============  =================================================  ==================================
 study           runs                                               paper (REFERENCE section)
 ==============  =================================================  ==================================
-batch-size      BN, GN (+ BRN, GN+WS, NF) at 32/16/8/4/2 per batch  Wu & He, ECCV 2018 (1, 2, 3)
+batch-size      BN, GN (+ SyncBN, BRN, GN+WS, NF) at 32..2 per GPU  Wu & He, ECCV 2018 (1, 2, 3)
 groups          GN with G = 1..64 and with C/G = 1..64, batch 32   Wu & He, ECCV 2018 (1)
 norms           BN, LN, IN, GN, none at batch 32                   Wu & He, ECCV 2018 (1)
 bn-dropout      dropout {0, .2, .4} x BN {none, conv, dense, both}  REFERENCE section 4
 nf              NF-ResNet (AGC) vs BN-ResNet across batch sizes    Brock, De & Smith, ICLR 2021 (3)
 ==============  =================================================  ==================================
+
+Batch sizes are per process ("images per GPU", as in the GN paper). Run on K processes
+(``--nproc-per-node K``), the batch-size study adds a SyncBN series to BN and GN: BN keeps
+per-process statistics and degrades at small per-process batches, SyncBN takes its statistics over
+all K processes, GN needs none. ``--variants BN,SyncBN,GN`` asks for them explicitly.
 
 The default model is the CIFAR ResNet-20 (16/32/64 channels). GroupNorm uses the group rule of
 :func:`normlab.resolve_groups`; ``gn`` in these studies means 8 groups (the GN author's CIFAR
@@ -78,6 +83,15 @@ class Study:
     paper_source: str
     claims: list[Claim] = field(default_factory=list)
     x_log2: bool = False
+    # series added to the default ones when the study runs on more than one process (SyncBN:
+    # one process has nothing to synchronize with, so it would repeat BN)
+    multi_process_variants: list[str] = field(default_factory=list)
+
+    def default_series(self, world_size: int = 1) -> list[str]:
+        """The series run when none are asked for: the defaults, plus
+        ``multi_process_variants`` when ``world_size > 1``."""
+        extra = [v for v in self.multi_process_variants if v not in self.default_variants]
+        return self.default_variants + (extra if world_size > 1 else [])
 
     def points(self, user: Optional[dict[str, Any]] = None, preset: str = "default",
                seeds: Optional[int] = None, variants: Optional[list[str]] = None) -> list[Point]:
@@ -86,7 +100,7 @@ class Study:
         choices, which win), then ``seed = user seed + i`` and the series label."""
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}", hint=f"choose one of: {', '.join(PRESETS)}")
-        variants = variants or self.default_variants
+        variants = variants or self.default_series(int(dict(user or {}).get("world_size", 1)))
         bad = [v for v in variants if v not in self.variants]
         if bad:
             raise ConfigError(f"study {self.name!r} has no variant(s) {', '.join(bad)}",
@@ -139,13 +153,14 @@ def _add(s: Study) -> None:
 
 _add(Study(
     name="batch-size",
-    title="Test error vs images per batch, by normalization",
-    description="BN vs GN (optionally BRN, GN+WS, NF) at 32/16/8/4/2 images per batch, lr 0.1*N/32, "
-                "same epochs for every batch size.",
-    axis="images per batch",
-    variants={"BN": {"norm": "bn"}, "GN": _GN, "BRN": {"norm": "brn"},
+    title="Test error vs images per process, by normalization",
+    description="BN vs GN (optionally SyncBN, BRN, GN+WS, NF) at 32/16/8/4/2 images per process "
+                "(per GPU), lr 0.1*N*processes/32, same epochs for every batch size.",
+    axis="images per process",
+    variants={"BN": {"norm": "bn"}, "GN": _GN, "SyncBN": {"norm": "syncbn"}, "BRN": {"norm": "brn"},
               "GN+WS": {**_GN, "ws": True}, "NF": _NF},
     default_variants=["BN", "GN"],
+    multi_process_variants=["SyncBN"],
     xs={"quick": BATCHES, "default": BATCHES},
     presets={"quick": {"epochs": 2, "train_limit": 640}, "default": {"epochs": 6}},
     seeds={"quick": 1, "default": 2},
@@ -162,6 +177,9 @@ _add(Study(
               ("GN", 32), None, 1.0, "GN paper: GN 24.0-24.2 at every batch size"),
         Claim("GN beats BN at batch 2", "less", ("GN", 2), ("BN", 2), 0.0,
               "GN paper: 24.1 vs 34.7"),
+        Claim("SyncBN beats per-process BN at 2 images per process (run on > 1 process)", "less",
+              ("SyncBN", 2), ("BN", 2), 0.0,
+              "GN paper: BN statistics are per GPU, hence its small-batch drop (REFERENCE 1)"),
         Claim("Batch Renorm beats BN at batch 4", "less", ("BRN", 4), ("BN", 4), 0.0,
               "GN paper: BRN 26.3 vs BN 27.3"),
         Claim("GN+WS at batch 2 matches BN at batch 32 (within 1 point)", "match",
@@ -251,8 +269,8 @@ _add(Study(
     name="nf",
     title="Normalizer-free ResNet (with AGC) vs BN-ResNet across batch sizes",
     description="NF-ResNet-20 (Scaled WS, SkipInit-style residual scaling, AGC lambda 0.04) vs "
-                "BN-ResNet-20, lr 0.1*N/32.",
-    axis="images per batch",
+                "BN-ResNet-20, lr 0.1*N*processes/32.",
+    axis="images per process",
     variants={"BN": {"norm": "bn"}, "NF": _NF},
     default_variants=["BN", "NF"],
     xs={"quick": [32, 8, 2], "default": BATCHES},

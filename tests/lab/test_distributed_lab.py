@@ -1,0 +1,193 @@
+"""The lab on several processes (torchrun + DDP, gloo on CPU): ``normlab reproduce/train
+--nproc-per-node 2``, a rank killed mid-run, and a checkpoint resumed on another process count.
+
+Every test launches real 2-process jobs through torch.distributed.run on tiny synthetic data
+(8x8 images), so each job is a few seconds.
+"""
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from normlab.lab import cli as cli_mod
+from normlab.lab.config import ConfigError, RunConfig
+from normlab.lab.trainer import TEST_EXIT_ENV, build_model, per_process_batch
+
+runner = CliRunner()
+SMALL = json.dumps({"n_train": 128, "n_test": 64, "image_size": 8, "channels": 1, "num_classes": 4})
+
+
+def _db(out):
+    con = sqlite3.connect(out / "results.sqlite")
+    con.row_factory = sqlite3.Row
+    return con
+
+
+def _cli(*args, env=None, timeout=180):
+    full_env = {k: v for k, v in os.environ.items() if k != TEST_EXIT_ENV}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "normlab.lab.cli", *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout)
+
+
+def test_reproduce_batch_size_quick_on_two_processes(tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(cli_mod.app, ["reproduce", "batch-size", "--quick", "--data", "synthetic",
+                                    "--set", f"data_kwargs={SMALL}", "--nproc-per-node", "2",
+                                    "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    con = _db(out)
+    rows = con.execute("SELECT r.status, s.label, s.x, r.config FROM runs r JOIN study_runs s "
+                       "USING (run_id) WHERE s.study='batch-size'").fetchall()
+    # on more than one process the study adds SyncBN to BN and GN
+    assert sorted((row["label"], json.loads(row["x"])) for row in rows) == sorted(
+        (lab, x) for lab in ("BN", "GN", "SyncBN") for x in (32, 16, 8, 4, 2))
+    assert all(row["status"] == "done" for row in rows)
+    cfgs = [json.loads(row["config"]) for row in rows]
+    assert all(c["world_size"] == 2 for c in cfgs)
+    assert {c["norm"] for c in cfgs} == {"bn", "gn", "syncbn"}
+    assert all(json.loads(row["config"])["batch_size"] == json.loads(row["x"]) for row in rows)
+    assert con.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 15 * 2  # 2 epochs each
+    # the 2-process runs are not the 1-process runs of the same batch size
+    one = RunConfig.from_dict({k: v for k, v in cfgs[0].items()}).replace(world_size=1)
+    assert one.run_id() not in {r[0] for r in con.execute("SELECT run_id FROM runs")}
+    md = (out / "report.md").read_text()
+    assert "**Images per process: 32, 16, 8, 4, 2; processes: 2**" in md
+    assert "(images per process)" in md and "| SyncBN | " in md and "15/15 runs done" in md
+    assert "SyncBN beats per-process BN at 2 images per process" in md
+    assert (out / "figures" / "batch-size_error.png").is_file()
+    r = runner.invoke(cli_mod.app, ["ls", str(out)])
+    assert r.exit_code == 0 and "4x2" in r.output and "batch/proc" in r.output
+
+
+def _train_args(out, *extra):
+    # 128 images: 16 steps per epoch of 2 processes x 4 images
+    return ["train", "--norm", "gn", "--data", "synthetic", "--set", f"data_kwargs={SMALL}",
+            "--batch-size", "4", "--epochs", "3", "--out", str(out), *extra]
+
+
+def test_killed_rank_ends_the_job_and_reruns_resume_on_any_process_count(tmp_path):
+    killed = tmp_path / "killed"
+    t0 = time.monotonic()
+    # test hook: rank 1 os._exit()s after 20 optimizer steps, i.e. in the second epoch
+    p = _cli(*_train_args(killed, "--nproc-per-node", "2"), env={TEST_EXIT_ENV: "1:20"})
+    elapsed = time.monotonic() - t0
+    assert p.returncode != 0
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to end after a rank died"
+    assert "rank 1 exits after 20 steps" in p.stdout + p.stderr
+    err_lines = [ln for ln in p.stderr.splitlines() if ln.startswith(("error:", "hint:"))]
+    assert err_lines[-2].startswith("error: distributed job failed with exit code"), p.stderr
+    assert err_lines[-1].startswith("hint:") and "re-run" in err_lines[-1]
+    con = _db(killed)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    run = con.execute("SELECT * FROM runs").fetchone()
+    assert run["status"] in ("running", "failed") and run["epochs_done"] == 1
+    first_epoch = dict(con.execute("SELECT * FROM epochs WHERE epoch=0").fetchone())
+    con.close()
+    rid = run["run_id"]
+    assert (killed / "checkpoints" / f"{rid}.pt").is_file()
+    assert not list((killed / "checkpoints").glob("*.tmp*"))
+    copy = tmp_path / "copy"
+    shutil.copytree(killed, copy)
+
+    # the same command again: resumes from the 2-process checkpoint and completes
+    r = _cli(*_train_args(killed, "--nproc-per-node", "2"))
+    assert r.returncode == 0, r.stderr
+    assert "resumed at epoch 1" in r.stdout
+    con = _db(killed)
+    done = con.execute("SELECT * FROM runs").fetchone()
+    assert (done["run_id"], done["status"], done["epochs_done"]) == (rid, "done", 3)
+    assert dict(con.execute("SELECT * FROM epochs WHERE epoch=0").fetchone()) == first_epoch
+    assert not (killed / "checkpoints" / f"{rid}.pt").exists()
+
+    # the 2-process checkpoint resumed on ONE process: the run keeps its global batch (1 x 8)
+    r = _cli(*_train_args(copy, "--set", "world_size=2"))
+    assert r.returncode == 0, r.stderr
+    assert "resumed at epoch 1" in r.stdout
+    con1 = _db(copy)
+    done1 = con1.execute("SELECT * FROM runs").fetchone()
+    assert (done1["run_id"], done1["status"], done1["epochs_done"]) == (rid, "done", 3)
+    h2 = [dict(e) for e in con.execute("SELECT * FROM epochs ORDER BY epoch")]
+    h1 = [dict(e) for e in con1.execute("SELECT * FROM epochs ORDER BY epoch")]
+    assert h1[0] == first_epoch
+    # GN: 2 x 4 images with averaged gradients is 1 x 8 up to float32 rounding, which 32 SGD
+    # steps amplify a little; a wrong resume (other batch, lr or weights) is off by far more
+    for a, b in zip(h1[1:], h2[1:], strict=True):
+        assert a["lr"] == b["lr"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=5e-2)
+
+
+def test_bn_run_does_not_resume_on_another_process_count():
+    data = dict(n_train=32, n_test=8, image_size=8, channels=1, num_classes=4)
+    for norm, ok in (("bn", False), ("brn", False), ("gn", True), ("syncbn", True)):
+        cfg = RunConfig(norm=norm, batch_size=4, world_size=2, data="synthetic", data_kwargs=data)
+        model = build_model(cfg, 4, 1, 8)
+        assert per_process_batch(cfg, 2, model) == 4  # its own process count: as defined
+        if ok:
+            assert per_process_batch(cfg, 1, model) == 8 and per_process_batch(cfg, 4, model) == 2
+        else:
+            with pytest.raises(ConfigError, match="normalizes over each process's batch"):
+                per_process_batch(cfg, 1, model)
+    cfg = RunConfig(norm="gn", batch_size=3, world_size=2)
+    with pytest.raises(ConfigError, match="4 processes cannot split 6 images"):
+        per_process_batch(cfg, 4)
+
+
+def test_world_size_is_in_the_run_id_and_scales_the_lr():
+    one, two = RunConfig(batch_size=4), RunConfig(batch_size=4, world_size=2)
+    assert one.run_id() != two.run_id()
+    assert "world_size" not in one.identity()  # 1-process ids are the ones stored before
+    assert (one.effective_lr(), two.effective_lr()) == (0.0125, 0.025)
+    assert two.global_batch == 8
+    with pytest.raises(ConfigError, match="world_size must be a positive int, got 0"):
+        RunConfig(world_size=0).validate()
+
+
+def test_jobs_and_nproc_do_not_combine(tmp_path):
+    r = runner.invoke(cli_mod.app, ["reproduce", "norms", "--quick", "--data", "synthetic",
+                                    "--set", f"data_kwargs={SMALL}", "--jobs", "2",
+                                    "--nproc-per-node", "2", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert "--jobs 2 and --nproc-per-node 2 do not combine" in r.output
+    assert not (tmp_path / "o").exists()
+    r = runner.invoke(cli_mod.app, ["train", "--nnodes", "2", "--nproc-per-node", "1"])
+    assert r.exit_code == 2 and "needs --master-port" in r.output
+    r = runner.invoke(cli_mod.app, ["train", "--nproc-per-node", "0"])
+    assert r.exit_code == 2 and "--nproc-per-node must be >= 1, got 0" in r.output
+
+
+def test_relaunch_passes_the_same_command_to_torchrun(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_launch(argv, **kw):
+        calls.append((argv, kw))
+        return 0
+
+    monkeypatch.setattr("normlab.distributed.launch", fake_launch)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    args = ["reproduce", "norms", "--quick", "--data", "synthetic", "--set", f"data_kwargs={SMALL}",
+            "--set", "epochs=1", "--no-report", "--nproc-per-node", "2", "--nnodes", "2",
+            "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29511",
+            "--out", str(tmp_path / "o")]
+    r = runner.invoke(cli_mod.app, args)
+    assert r.exit_code == 0, r.output
+    (argv, kw), = calls
+    assert argv[:3] == ["-m", "normlab.lab.cli", "reproduce"] and argv[-1] == "norms"
+    assert kw == dict(nproc_per_node=2, nnodes=2, node_rank=1, master_addr="10.0.0.1",
+                      master_port=29511, rdzv_endpoint=None)
+    # the worker's command line parses to the same options
+    rest = argv[3:-1]
+    pairs = [(rest[i], rest[i + 1]) for i in range(len(rest)) if rest[i].startswith("--")
+             and i + 1 < len(rest) and not rest[i + 1].startswith("--")]
+    assert ("--set", f"data_kwargs={SMALL}") in pairs and ("--set", "epochs=1") in pairs
+    assert ("--master-port", "29511") in pairs and ("--out", str(tmp_path / "o")) in pairs
+    assert "--quick" in rest and "--no-report" in rest
+    assert not (tmp_path / "o").exists()  # the parent writes nothing; rank 0 does
