@@ -240,7 +240,6 @@ def batch_norm(
     In training the batch statistics are used and the running buffers (if given) move by
     ``momentum``; otherwise the running statistics are used.
     """
-    check_input(input)
     if training:
         return normalize(
             input, input.shape[1], True, weight, bias, eps, activation, backend,
@@ -298,7 +297,6 @@ def group_norm(
     backend: Optional[str] = None,
 ) -> Tensor:
     """Group normalization, as ``torch.nn.functional.group_norm``: statistics over (C/G, *spatial)."""
-    check_input(input)
     return normalize(input, num_groups, False, weight, bias, eps, activation, backend)
 
 

@@ -214,6 +214,11 @@ def resolve_backend(
 ) -> Backend:
     """Pick the backend for one call (see the module docstring for the rules)."""
     name = current_backend() if name is None else _check_name(name)
+    if name == "auto" and x.device.type == "cpu":
+        # hot path: on CPU auto always means native (it supports every call)
+        native = _INSTANCES.get("native")
+        if native is not None:
+            return native
     if name != "auto":
         backend = get_backend(name)
         if not backend.available():

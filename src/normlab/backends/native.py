@@ -62,7 +62,8 @@ class NativeBackend:
             return apply_activation(y, activation), mean, rstd
         if not over_batch:
             hxw = math.prod(x.shape[2:])
-            x = x.contiguous(memory_format=output_memory_format(x))  # ATen GN needs a dense layout
+            if not x.is_contiguous():  # ATen GN needs a dense layout (NCHW or channels_last)
+                x = x.contiguous(memory_format=output_memory_format(x))
             y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hxw, g, eps)
             if running_mean is not None or running_var is not None:
                 with torch.no_grad():
