@@ -40,6 +40,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
@@ -58,10 +59,21 @@ DEFAULT_OUT = "normlab-out"
 
 
 def _fail(msg: str, hint: str = "") -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(_rank_prefix() + msg)}", highlight=False,
+                      soft_wrap=True)
     if hint:
-        err_console.print(f"[yellow]hint:[/] {hint}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _rank_prefix() -> str:
+    """``"rank R: "`` inside a torchrun worker (its errors interleave with the other ranks')."""
+    return f"rank {os.environ.get('RANK', '?')}: " if "LOCAL_RANK" in os.environ else ""
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _guard(fn: Any) -> Any:
@@ -78,7 +90,8 @@ def _guard(fn: Any) -> Any:
     except typer.Exit:  # already reported (a failed multi-process job)
         raise
     except RuntimeError as e:  # a training process died: say so in one line, keep the store
-        err_console.print(f"[bold red]error:[/] {str(e).splitlines()[0]}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(_rank_prefix() + _first_line(e))}",
+                          highlight=False, soft_wrap=True)
         err_console.print("[yellow]hint:[/] re-run the same command to resume", highlight=False)
         raise typer.Exit(1)
     except KeyboardInterrupt:
@@ -296,8 +309,8 @@ def _launch(ctx: typer.Context, procs: _Procs) -> None:
                nnodes=procs.nnodes, node_rank=procs.node_rank, master_addr=procs.master_addr,
                master_port=procs.master_port, rdzv_endpoint=procs.rdzv_endpoint)
     except LaunchError as e:
-        err_console.print(f"[bold red]error:[/] {str(e).splitlines()[0]}", highlight=False,
-                          soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(_rank_prefix() + _first_line(e))}",
+                          highlight=False, soft_wrap=True)
         err_console.print("[yellow]hint:[/] the failing rank's traceback is above; re-run the "
                           "same command to resume (finished runs and epochs are kept)",
                           highlight=False, soft_wrap=True)

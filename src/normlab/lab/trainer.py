@@ -490,10 +490,11 @@ def run_points(points: list, store: Optional[Store], *,
                 raise
             except Exception as e:  # noqa: BLE001 - record, report and go on with the study
                 msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-                if writer:
-                    store.finish(rid, "failed", msg)
                 if nd.is_distributed():
+                    if writer:  # often a peer's death seen through the collective that failed
+                        store.finish(rid, "failed", f"multi-process job stopped: {msg}")
                     raise
+                store.finish(rid, "failed", msg)
                 counts["failed"] += 1
                 if on_run:
                     on_run(p, "failed", {"error": msg})
