@@ -383,8 +383,9 @@ def reproduce(
         preflight([p.cfg for p in points])
         multi = procs.world_size > 1
         if multi and jobs is not None and jobs > 1:
-            raise ConfigError(f"--jobs {jobs} and --nproc-per-node {nproc_per_node} do not combine: "
-                              "a multi-process job trains one run at a time over all processes",
+            raise ConfigError(f"--jobs {jobs} and --nproc-per-node {nproc_per_node} do not "
+                              "combine: a multi-process job trains one run at a time over all "
+                              "processes",
                               hint="drop --jobs (or use --jobs without --nproc-per-node)")
         if procs.relaunch:
             return _launch(ctx, procs)
@@ -470,7 +471,8 @@ def train(
     model: Optional[str] = typer.Option(None, help="a normlab.models name (default resnet20)"),
     data: Optional[str] = typer.Option(None, help="dataset name (default digits)"),
     data_dir: Optional[Path] = typer.Option(None, help="directory for on-disk datasets"),
-    batch_size: Optional[int] = typer.Option(None, help="images per batch per process (default 32)"),
+    batch_size: Optional[int] = typer.Option(None,
+                                             help="images per batch per process (default 32)"),
     epochs: Optional[int] = typer.Option(None, help="epochs (default 10)"),
     lr: Optional[float] = typer.Option(None, help="peak lr (default 0.1 * batch * processes/32)"),
     seed: Optional[int] = typer.Option(None, help="random seed (default 0)"),
@@ -570,8 +572,8 @@ def ls_(
 
         with Store(out, create=False) as store:
             table = Table(title=str(store.path))
-            for col in ("run_id", "studies", "label", "model", "norm", "batch/proc", "seed", "status",
-                        "epochs", "test err %", "time s", "img/s"):
+            for col in ("run_id", "studies", "label", "model", "norm", "batch/proc", "seed",
+                        "status", "epochs", "test err %", "time s", "img/s"):
                 table.add_column(col)
             member = {}
             for s, _ in store.studies():

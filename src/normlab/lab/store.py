@@ -105,12 +105,28 @@ class Store:
         self.con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.con.row_factory = sqlite3.Row
         self.con.execute("PRAGMA busy_timeout=60000")
-        self.con.execute("PRAGMA journal_mode=WAL")
+        self._set_wal()
         self.con.execute("PRAGMA synchronous=NORMAL")
         with self.transaction():
             for stmt in _SCHEMA.strip().split(";"):
                 if stmt.strip():
                     self.con.execute(stmt)
+
+    def _set_wal(self, timeout: float = 60.0) -> None:
+        """Switch to WAL. Changing the journal mode needs an exclusive lock and SQLite answers
+        "database is locked" at once, without its busy handler, when another process is creating
+        the same new store: retry until ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            try:
+                self.con.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -42,8 +42,8 @@ from normlab.lab.config import ConfigError, RunConfig
 from normlab.lab.data import DataSplit, TensorLoader, load_dataset
 from normlab.lab.store import Store
 
-__all__ = ["train_run", "run_points", "build_model", "build_loaders", "build_optimizer", "is_writer",
-           "resolve_device", "lr_at", "versions", "RunResult", "weight_standardize_",
+__all__ = ["train_run", "run_points", "build_model", "build_loaders", "build_optimizer",
+           "is_writer", "resolve_device", "lr_at", "versions", "RunResult", "weight_standardize_",
            "per_process_batch", "per_process_stat_modules", "evaluate", "preflight"]
 
 # a callback the CLI passes to show progress: (event, info) with event in
@@ -148,8 +148,9 @@ def build_loaders(cfg: RunConfig, data: DataSplit, device: torch.device, rank: i
                          augment=augment, seed=cfg.seed, device=device, rank=rank,
                          world_size=world_size)
     if len(train) == 0:
-        raise ConfigError(f"batch_size {batch} is larger than the {len(data.y_train) // world_size} "
-                          f"training examples of each of {world_size} process(es)",
+        per_rank = len(data.y_train) // world_size
+        raise ConfigError(f"batch_size {batch} is larger than the {per_rank} training examples "
+                          f"of each of {world_size} process(es)",
                           hint="lower --set batch_size")
     test = TensorLoader(data.x_test, data.y_test, 500, shuffle=False, drop_last=False,
                         device=device, rank=rank, world_size=world_size)
