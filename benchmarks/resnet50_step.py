@@ -130,7 +130,7 @@ def time_steps(model: nn.Module, batch: int, steps: int, warmup: int) -> Tuple[f
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batches", nargs="+", type=int, default=[8, 64])
+    p.add_argument("--batches", nargs="+", type=int, default=[8, 64, 128])
     p.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS)
     p.add_argument("--builder", choices=BUILDERS, default=None)
     p.add_argument("--steps", type=int, default=30)

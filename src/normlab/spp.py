@@ -264,7 +264,8 @@ def plot(records_by_model: Mapping[str, Sequence[Any]], path: Union[str, Path], 
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-        out = [base.with_suffix(".png"), base.with_suffix(".svg")]
+        # append (not replace) the suffix: "out/run.v2" -> "out/run.v2.png"
+        out = [base.parent / (base.name + ".png"), base.parent / (base.name + ".svg")]
         fig.savefig(out[0], dpi=120, metadata={"Software": None})
         fig.savefig(out[1], metadata={"Date": None})
     return out

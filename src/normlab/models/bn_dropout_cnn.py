@@ -93,11 +93,16 @@ class BNDropoutCNN(nn.Module):
                 "use bn_dense=False or another norm"
             )
 
+        # a layer followed by a real norm needs no bias; with norm "none" it keeps its bias
+        has_norm = not (isinstance(norm, str) and canonical_name(norm) == "none")
+        conv_bias = not (bn_conv and has_norm)
+        dense_bias = not (bn_dense and has_norm)
+
         def make(c: int) -> nn.Module:
             return create_norm(norm, c, **kw)
 
         def conv_unit(cin: int, cout: int) -> nn.Sequential:
-            layers = [nn.Conv2d(cin, cout, 5, padding=2, bias=not bn_conv)]
+            layers = [nn.Conv2d(cin, cout, 5, padding=2, bias=conv_bias)]
             if bn_conv:
                 layers.append(make(cout))
             return nn.Sequential(*layers, nn.ReLU(), nn.MaxPool2d(2))
@@ -105,7 +110,7 @@ class BNDropoutCNN(nn.Module):
         self.image_size, self.in_chans, self.num_classes = hw, in_chans, num_classes
         self.features = nn.Sequential(conv_unit(in_chans, 32), conv_unit(32, 64))
         self.flat_features = 64 * (hw[0] // 4) * (hw[1] // 4)
-        dense = [nn.Linear(self.flat_features, hidden, bias=not bn_dense)]
+        dense = [nn.Linear(self.flat_features, hidden, bias=dense_bias)]
         if bn_dense:
             dense.append(_Dense2d(make(hidden)))
         self.dense = nn.Sequential(*dense, nn.ReLU(), nn.Dropout(float(dropout)))
