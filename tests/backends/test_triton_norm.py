@@ -402,6 +402,66 @@ def test_cuda_graph_replay():
     assert rel_err(out.cpu(), expect) < 2e-6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto picks Triton only for CUDA tensors")
+def test_auto_picks_triton_on_cuda_and_falls_back():
+    x = off_centre(2, 8, 4, 4).cuda()
+    assert normlab.backends.resolve_backend("auto", x, 4, False, None).name == "triton"
+    # float64 is not a Triton case: auto falls back silently, an explicit request raises
+    x64 = x.double()
+    assert normlab.backends.resolve_backend("auto", x64, 4, False, None).name == "native"
+    with pytest.raises(BackendUnavailable):
+        NF.normalize(x64, 4, False, backend="triton")
+    assert rel_err(NF.group_norm(x64, 4), normalize64(x64.cpu(), 4, False)) < 1e-10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor with Triton needs a GPU")
+def test_torch_compile_inductor_fullgraph_on_cuda():
+    gn = normlab.nn.GroupNorm(4, 16, activation="silu").cuda()
+    x = off_centre(2, 16, 8, 8).cuda()
+
+    def step(inp):
+        return gn(inp).square().sum()
+
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        gn.zero_grad()
+        xt = x.clone().requires_grad_()
+        fn(xt).backward()
+        grads.append((xt.grad, gn.weight.grad.clone(), gn.bias.grad.clone()))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_forward_and_backward():
+    gn = normlab.nn.GroupNorm(2, 8, activation="gelu").cuda()
+    static_x = off_centre(2, 8, 6, 6).cuda().requires_grad_()
+    static_g = torch.randn(2, 8, 6, 6, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up on a side stream, as graph capture requires
+        for _ in range(2):
+            gn(static_x).backward(static_g)
+    torch.cuda.current_stream().wait_stream(side)
+    gn.zero_grad(set_to_none=True)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gn(static_x)
+        out.backward(static_g)
+    new_x = off_centre(2, 8, 6, 6).cuda()
+    with torch.no_grad():
+        static_x.copy_(new_x)
+    graph.replay()
+    ref = normlab.nn.GroupNorm(2, 8, activation="gelu").double()
+    ref.load_state_dict(gn.state_dict())
+    x64 = new_x.cpu().double().requires_grad_()
+    y64 = ref(x64)
+    y64.backward(static_g.cpu().double())
+    assert rel_err(out.cpu(), y64) < 2e-6
+    assert rel_err(static_x.grad.cpu(), x64.grad) < 1e-5
+
+
 def test_interpreter_env_is_set_without_cuda():
     # the conftest promise this file relies on
     if not torch.cuda.is_available():
