@@ -10,7 +10,8 @@ from normlab import models
 from normlab import nn as nlnn
 from normlab.models.resnet import ResNet, _Block
 
-NORMS = ["bn", "gn", "ln", "in", "brn", "frozenbn", "none", "ln2d"]
+# every create_norm name; syncbn runs here without a process group (then it is BN)
+NORMS = ["bn", "syncbn", "gn", "ln", "in", "brn", "frozenbn", "none", "ln2d"]
 
 # (model, kwargs, input size): the smallest depth of each family and block type for the norm
 # matrix. CIFAR-style nets run on 8x8 (digits-sized: stage 3 is 2x2, enough values for IN);
