@@ -61,6 +61,26 @@ def test_study_membership_summary_and_exports(tmp_path):
     assert (tmp_path / "runs.csv").read_text().count("\n") == 4
 
 
+def test_summary_counts_only_finite_values():
+    # a diverged seed (NaN or inf) is shown but not averaged: n must count the values the mean
+    # and sd rest on, else the standard error sd/sqrt(n) is understated
+    import math
+    import statistics
+
+    vals = [13.7, float("nan"), 9.2, float("inf"), 11.9]
+    runs = [{"status": "done", "label": "BN", "x": 4, "final_test_error": v} for v in vals]
+    runs += [{"status": "done", "label": "GN", "x": 4, "final_test_error": float("nan")},
+             {"status": "failed", "label": "BN", "x": 4, "final_test_error": 50.0}]  # not done
+    stats = summarize(runs)
+    bn = stats[("BN", 4)]
+    finite = [13.7, 9.2, 11.9]
+    assert bn["n"] == 3 and bn["n_nonfinite"] == 2 and len(bn["values"]) == 5
+    assert bn["mean"] == statistics.fmean(finite)
+    assert abs(bn["sd"] - statistics.stdev(finite)) < 1e-12
+    gn = stats[("GN", 4)]
+    assert gn["n"] == 0 and math.isnan(gn["mean"]) and gn["sd"] is None
+
+
 _WRITER = textwrap.dedent("""
     import sys
     from normlab.lab.store import Store

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -322,8 +323,16 @@ def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
 def summarize(runs: list[dict[str, Any]], metric: str = "final_test_error",
               done_only: bool = True) -> dict[tuple, dict[str, Any]]:
     """Group study runs (from :meth:`Store.study_runs`) by (label, x) and give the mean, sample
-    standard deviation (None for one run), n and values of ``metric`` over seeds. Runs that are
-    not done are left out when ``done_only``; a diverged run counts with its recorded error."""
+    standard deviation (None for fewer than two), n and values of ``metric`` over seeds. Runs
+    that are not done are left out when ``done_only``; a diverged run counts with its recorded
+    error. Non-finite values (NaN, inf) stay in ``values`` but are left out of the mean and sd,
+    so ``n`` counts only the finite ones (the standard error is sd / sqrt(n)) and
+    ``n_nonfinite`` the others; a group with no finite value has mean NaN and n 0.
+
+    >>> summarize([{"status": "done", "label": "BN", "x": 2, "final_test_error": v}
+    ...            for v in (10.0, 12.0, float("nan"))])[("BN", 2)]["n"]
+    2
+    """
     import statistics
 
     groups: dict[tuple, list[float]] = {}
@@ -336,8 +345,8 @@ def summarize(runs: list[dict[str, Any]], metric: str = "final_test_error",
         groups.setdefault((r["label"], r["x"]), []).append(float(v))
     out = {}
     for key, vals in groups.items():
-        finite = [v for v in vals if v == v]
+        finite = [v for v in vals if math.isfinite(v)]
         out[key] = {"mean": statistics.fmean(finite) if finite else float("nan"),
                     "sd": statistics.stdev(finite) if len(finite) > 1 else None,
-                    "n": len(vals), "values": vals}
+                    "n": len(finite), "n_nonfinite": len(vals) - len(finite), "values": vals}
     return out
