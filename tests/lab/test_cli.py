@@ -141,6 +141,10 @@ def _malformed_cifar(tmp_path):
     (["reproduce", "--data", "cifar10", "--data-dir", "MALFORMED"], "is not a readable CIFAR pickle"),
     (["report", "NOWHERE"], "no results store"),
     (["train", "--norm", "gn", "--batch-size", "-3"], "batch_size must be a positive int, got -3"),
+    # a norm for a normalizer-free model: the hint names the flag that set it
+    (["train", "--model", "nf_resnet20", "--norm", "gn"], "hint: drop --norm"),
+    (["train", "--model", "nf_resnet20", "--set", "norm=bn"], "hint: drop --set norm="),
+    (["reproduce", "--model", "nf_resnet20"], "series 'GN' of study 'batch-size' uses norm 'gn'"),
 ])
 def test_errors_are_one_line_and_a_hint(tmp_path, args, needle):
     args = [str(_malformed_cifar(tmp_path)) if a == "MALFORMED" else
@@ -164,6 +168,19 @@ def test_train_one_run(tmp_path):
     assert r.exit_code == 0, r.output
     row = _db(tmp_path).execute("SELECT status, config FROM runs").fetchone()
     assert row[0] == "done" and json.loads(row[1])["norm_kwargs"] == {"num_groups": 4}
+
+
+def test_train_nf_model_records_norm_none(tmp_path):
+    # `--model nf_*` without --norm and with --norm none are the same run, stored as norm none
+    args = ["train", "--model", "nf_resnet20", "--data", "synthetic", "--batch-size", "16",
+            "--epochs", "1", "--set", f"data_kwargs={SMALL}", "--out", str(tmp_path)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*args, "--norm", "none"])
+    assert r.exit_code == 0 and "already done" in r.output, r.output
+    rows = _db(tmp_path).execute("SELECT status, config FROM runs").fetchall()
+    assert len(rows) == 1 and rows[0][0] == "done"
+    assert json.loads(rows[0][1])["norm"] == "none"
 
 
 def test_spp_goes_to_the_store_and_the_report(tmp_path):

@@ -73,3 +73,28 @@ def test_config_files_json_and_toml(tmp_path):
 def test_disk_datasets_need_a_data_dir():
     with pytest.raises(ConfigError, match="no --data-dir"):
         RunConfig(data="cifar10").validate()
+
+
+def test_normalizer_free_models_record_norm_none():
+    # an NF model takes no norm: the default "bn" is recorded as "none", so the default and an
+    # explicit "none" are one run (same config and run id), built directly or through overrides
+    default = apply_overrides(RunConfig(), {"model": "nf_resnet18"})
+    explicit = apply_overrides(RunConfig(), {"model": "nf_resnet18", "norm": "none"})
+    assert default.norm == explicit.norm == "none"
+    assert default.run_id() == explicit.run_id() == RunConfig(model="nf_resnet18").run_id()
+    assert RunConfig(model="resnet20").norm == "bn"  # models with a norm keep the default
+    # a bn config switched to an NF model (the BN series of a study run with --model nf_*)
+    assert apply_overrides(RunConfig(norm="bn"), {"model": "nf_resnet20"}).norm == "none"
+
+
+@pytest.mark.parametrize("norm, flag", [
+    ("gn", "--norm"),            # a real norm for an NF model
+    ("bn", "--set norm=..."),    # even bn, when the user asked for it, is not silently dropped
+])
+def test_explicit_norm_for_nf_model_is_rejected_naming_the_flag(norm, flag):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(RunConfig(), {"model": "nf_resnet20", "norm": norm}, norm_flag=flag)
+    assert f"'nf_resnet20' is normalizer-free and takes no norm, got norm={norm!r}" in str(e.value)
+    assert f"drop {flag}" in e.value.hint
+    with pytest.raises(ConfigError, match="normalizer-free"):
+        RunConfig(model="nf_resnet20", norm="gn").validate()

@@ -104,14 +104,20 @@ def _user_overrides(data: Optional[str], data_dir: Optional[Path], model: Option
                     **direct: Any) -> dict[str, Any]:
     """Overrides in increasing priority: config file, the named flags, --set."""
     over: dict[str, Any] = {}
+    norm_flag = ""  # where the norm came from, for the hint of a norm given to an NF model
     if config is not None:
         over.update(load_config_file(config))
+        norm_flag = f"the 'norm' key of {config}" if "norm" in over else ""
     for key, val in (("data", data), ("data_dir", str(data_dir) if data_dir else None),
                      ("model", model), ("device", device), *direct.items()):
         if val is not None:
             over[key] = val
-    over.update(parse_set(sets))
-    apply_overrides(RunConfig(), over)  # validate early: one clear error
+            norm_flag = "--norm" if key == "norm" else norm_flag
+    sets_over = parse_set(sets)
+    over.update(sets_over)
+    if "norm" in sets_over:
+        norm_flag = "--set norm=..."
+    apply_overrides(RunConfig(), over, norm_flag=norm_flag)  # validate early: one clear error
     return over
 
 
@@ -500,7 +506,7 @@ def train(
         user = _user_overrides(data, data_dir, model, device, config, set_, norm=norm,
                                batch_size=batch_size, epochs=epochs, lr=lr, seed=seed)
         cfg = apply_overrides(RunConfig(), _with_world_size(user, procs))
-        cfg = cfg.replace(label=cfg.label or cfg.norm)
+        cfg = cfg.replace(label=cfg.label or (cfg.norm if cfg.norm != "none" else cfg.model))
         p = Point(cfg.label, cfg.batch_size, cfg)
         from normlab.lab.trainer import preflight
 

@@ -36,7 +36,7 @@ from typing import Any, Optional, Union
 
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
-    "DATASETS", "SCHEDULES",
+    "DATASETS", "SCHEDULES", "model_takes_norm", "nf_norm_error",
 ]
 
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
@@ -111,6 +111,13 @@ class RunConfig:
     compile: bool = False
     threads: Optional[int] = None
     label: str = ""
+
+    def __post_init__(self) -> None:
+        # a normalizer-free model takes no norm: the default "bn" means "not chosen" and is
+        # recorded as "none", so `--model nf_resnet20` and `--model nf_resnet20 --norm none` are
+        # one run (same config, same run id); any other norm is rejected by validate()
+        if self.norm == "bn" and model_takes_norm(self.model) is False:
+            self.norm = "none"
 
     # ------------------------------------------------------------------ derived values
     def effective_lr(self) -> float:
@@ -199,6 +206,8 @@ class RunConfig:
             canonical_name(self.norm)
         except ValueError as e:
             raise ConfigError(str(e), hint="pick a norm from `normlab ls --norms`") from None
+        if self.norm != "none" and model_takes_norm(self.model) is False:
+            raise nf_norm_error(self.model, self.norm)
         if self.data in ("cifar10", "cifar100", "imagefolder") and not self.data_dir:
             raise ConfigError(f"dataset {self.data!r} reads files from disk but no --data-dir was given",
                               hint="pass --data-dir DIR (nothing is downloaded)")
@@ -239,6 +248,29 @@ def _positive_int(name: str, v: Any) -> None:
 def _choice(name: str, v: Any, allowed: tuple) -> None:
     if v not in allowed:
         raise ConfigError(f"unknown {name} {v!r}", hint=f"choose one of: {', '.join(allowed)}")
+
+
+def model_takes_norm(model: Any) -> Optional[bool]:
+    """Whether the ``normlab.models`` model ``model`` takes a norm: False for the
+    normalizer-free models, None for an unknown name (reported where the model is built)."""
+    if not isinstance(model, str):
+        return None
+    from normlab.models import model_uses_norm
+
+    try:
+        return model_uses_norm(model)
+    except (ValueError, TypeError):
+        return None
+
+
+def nf_norm_error(model: str, norm: Any, flag: str = "") -> ConfigError:
+    """The error for a norm given to a normalizer-free model; ``flag`` names where the user set
+    it (``--norm``, ``--set norm=``, a config file), for the hint."""
+    where = flag or "the norm setting"
+    return ConfigError(
+        f"model {model!r} is normalizer-free and takes no norm, got norm={norm!r}",
+        hint=f"drop {where} (normalizer-free models run with norm none) or pick a model that "
+             "takes a norm (`normlab ls --models`)")
 
 
 # ---------------------------------------------------------------------- overrides
@@ -308,9 +340,19 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], *, norm_flag: str = ""
+                    ) -> RunConfig:
     """Return a copy of ``cfg`` with ``overrides`` applied (dotted keys go into dict fields) and
-    validated. Ints are accepted where floats are expected."""
+    validated. Ints are accepted where floats are expected.
+
+    Normalizer-free models (``nf_*``) take no norm: a ``norm`` other than ``"none"`` among the
+    ``overrides`` is a ConfigError whose hint names ``norm_flag`` (where the user set it, e.g.
+    ``--norm`` or ``--set norm=``); a ``"bn"`` left over from ``cfg`` (the default) becomes
+    ``"none"``.
+
+    >>> apply_overrides(RunConfig(), {"model": "nf_resnet20"}).norm
+    'none'
+    """
     d = cfg.to_dict()
     known = set(d)
     for key, value in overrides.items():
@@ -327,4 +369,9 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     for name in ("base_lr", "lr", "momentum", "weight_decay", "warmup_epochs", "agc"):
         if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
             d[name] = float(d[name])
+    if model_takes_norm(d["model"]) is False:
+        if "norm" in overrides and overrides["norm"] != "none":
+            raise nf_norm_error(d["model"], overrides["norm"], norm_flag)
+        if d["norm"] == "bn":  # the default, not a choice
+            d["norm"] = "none"
     return RunConfig.from_dict(d)

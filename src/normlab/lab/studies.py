@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from normlab.lab.config import ConfigError, RunConfig, apply_overrides
+from normlab.lab.config import ConfigError, RunConfig, apply_overrides, model_takes_norm
 
 __all__ = ["Study", "Point", "Claim", "STUDIES", "get_study", "PRESETS"]
 
@@ -115,6 +115,14 @@ class Study:
             for x in self.xs[preset]:
                 over = {**self.presets[preset], **self.variants[label], **self.point_overrides(label, x)}
                 cfg = apply_overrides(RunConfig(), over)
+                model = user.get("model", cfg.model)
+                if ("norm" not in user and cfg.norm not in ("bn", "none")
+                        and model_takes_norm(model) is False):
+                    raise ConfigError(
+                        f"series {label!r} of study {self.name!r} uses norm {cfg.norm!r}, which "
+                        f"the normalizer-free model {model!r} does not take",
+                        hint="pick the series to run with --variants (e.g. --variants BN) or a "
+                             "model that takes a norm")
                 cfg = apply_overrides(cfg, user)
                 for seed in range(n_seeds):
                     out.append(Point(label, x, cfg.replace(seed=seed0 + seed, label=label)))

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from normlab import distributed as nd
-from normlab.lab.config import ConfigError, RunConfig
+from normlab.lab.config import ConfigError, RunConfig, nf_norm_error
 from normlab.lab.data import DataSplit, TensorLoader, load_dataset
 from normlab.lab.store import Store
 
@@ -104,7 +104,7 @@ def weight_standardize_(model: nn.Module) -> nn.Module:
 
 def build_model(cfg: RunConfig, num_classes: int, in_chans: int, image_size: int = 32) -> nn.Module:
     """``normlab.models.create(cfg.model, norm=cfg.norm, ...)``, then weight standardization when
-    ``cfg.ws``. Normalizer-free models require ``norm="none"``."""
+    ``cfg.ws``. Normalizer-free models require ``norm="none"`` (what RunConfig records for them)."""
     from normlab import models
 
     try:
@@ -118,9 +118,8 @@ def build_model(cfg: RunConfig, num_classes: int, in_chans: int, image_size: int
         kwargs["norm_kwargs"] = dict(cfg.norm_kwargs)
     try:
         uses_norm = model_uses_norm(cfg.model)
-        if not uses_norm and cfg.norm not in ("none", "bn"):
-            raise ConfigError(f"model {cfg.model!r} is normalizer-free; it takes norm='none', "
-                              f"got norm={cfg.norm!r}", hint="drop --set norm=... for NF models")
+        if not uses_norm and cfg.norm != "none":  # RunConfig records "none" for NF models
+            raise nf_norm_error(cfg.model, cfg.norm)
         norm = cfg.norm if uses_norm else "none"
         model = models.create(cfg.model, norm=norm, num_classes=num_classes, in_chans=in_chans,
                               **kwargs)
