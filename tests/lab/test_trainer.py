@@ -90,3 +90,64 @@ def test_weight_standardize_swaps_every_conv():
 def test_preflight_names_the_problem(changes, needle):
     with pytest.raises(ConfigError, match=needle):
         preflight([RunConfig(**{**TINY, **changes})])
+
+
+def _decay_of(opt):
+    return {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("model_kwargs", [
+    {},                    # default NF-ResNet: SkipInit scalars present
+    {"skipinit": False},   # no SkipInit scalars: gains and biases still excluded
+])
+def test_nf_models_do_not_decay_gains_biases_or_skipinit(model_kwargs):
+    from normlab.lab.trainer import build_model, build_optimizer
+
+    cfg = RunConfig(model="nf_resnet20", model_kwargs=model_kwargs, weight_decay=5e-4)
+    model = build_model(cfg, 4, 3)
+    decay = _decay_of(build_optimizer(cfg, model))
+    named = dict(model.named_parameters())
+    assert set(decay) == {id(p) for p in named.values()}  # every parameter in exactly one group
+    kinds = {}
+    for n, p in named.items():
+        leaf = n.rpartition(".")[2]
+        kinds.setdefault(leaf, set()).add(decay[id(p)])
+    assert kinds["gain"] == kinds["bias"] == {0.0}                  # (C,1,1,1) gains, biases
+    assert kinds.get("skip_gain", {0.0}) == {0.0}
+    assert ("skip_gain" in kinds) == model_kwargs.get("skipinit", True)
+    conv_and_fc = {decay[id(p)] for n, p in named.items() if n.endswith("weight")}
+    assert conv_and_fc == {5e-4}                                     # weights keep decay
+
+
+def test_models_with_a_norm_decay_everything():
+    # the GN paper decays every parameter, gamma and beta included (REFERENCE section 1)
+    from normlab.lab.trainer import build_model, build_optimizer
+
+    cfg = RunConfig(model="resnet20", norm="gn", norm_kwargs={"num_groups": 4}, weight_decay=3e-4)
+    model = build_model(cfg, 4, 3)
+    opt = build_optimizer(cfg, model)
+    assert len(opt.param_groups) == 1
+    assert set(_decay_of(opt).values()) == {3e-4}
+
+
+def test_nf_weight_decay_step_leaves_gains_alone():
+    # one SGD step with zero gradients: decayed weights shrink by lr * wd, excluded ones stay put
+    from normlab.lab.trainer import build_model, build_optimizer
+
+    cfg = RunConfig(model="nf_resnet20", weight_decay=0.1, lr=0.5, momentum=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg, 4, 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.rand_like(p) + 0.5)  # off zero so decay would show
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(cfg, model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        leaf = n.rpartition(".")[2]
+        expect = before[n] if (p.dim() <= 1 or leaf in ("gain", "skip_gain")) else \
+            before[n] * (1 - 0.5 * 0.1)
+        torch.testing.assert_close(p.detach(), expect, msg=n)
+

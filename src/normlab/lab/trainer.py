@@ -1,7 +1,8 @@
 """The trainer: one RunConfig in, per-epoch results and a finished run in the store out.
 
 Recipe (Wu & He, ECCV 2018, REFERENCE section 1): SGD with momentum and weight decay on all
-weights, peak learning rate ``0.1 * N / 32`` for N images per batch, the same number of epochs at
+weights (normalizer-free models: none on gains, biases and SkipInit scalars, REFERENCE section 3),
+peak learning rate ``0.1 * N / 32`` for N images per batch, the same number of epochs at
 every batch size, cosine or step (lr/10 at fixed fractions) schedule with optional linear warmup.
 Optional Adaptive Gradient Clipping (Brock et al. 2021, REFERENCE section 3) on every parameter
 except the classifier. bf16 autocast and channels_last on CUDA, optional ``torch.compile``.
@@ -44,7 +45,8 @@ from normlab.lab.store import Store
 
 __all__ = ["train_run", "run_points", "build_model", "build_loaders", "build_optimizer",
            "is_writer", "resolve_device", "lr_at", "versions", "RunResult", "weight_standardize_",
-           "per_process_batch", "per_process_stat_modules", "evaluate", "preflight"]
+           "per_process_batch", "per_process_stat_modules", "evaluate", "preflight",
+           "no_decay_parameter_names", "NF_NO_DECAY_NAMES"]
 
 # a callback the CLI passes to show progress: (event, info) with event in
 # "start" (info: total_steps, epoch), "step" (info: loss, images_per_s), "epoch" (info: epoch row)
@@ -210,9 +212,37 @@ def lr_at(cfg: RunConfig, t: float) -> float:
     return peak
 
 
+#: Parameter names (last component) that normalizer-free models keep out of weight decay, besides
+#: every parameter with ``dim() <= 1``: the Scaled-WS conv gains (shape (C, 1, 1, 1)) and the
+#: SkipInit scalars of :mod:`normlab.models.nf_resnet`.
+NF_NO_DECAY_NAMES = ("gain", "skip_gain")
+
+
+def no_decay_parameter_names(cfg: RunConfig, model: nn.Module) -> list[str]:
+    """Names of the parameters trained without weight decay: none for models with a norm (the
+    GN paper decays all weights, gamma and beta included, REFERENCE section 1); for
+    normalizer-free models (REFERENCE section 3: no weight decay on gains, biases or SkipInit
+    scalars) every parameter with ``dim() <= 1`` (biases, SkipInit scalars) and those named in
+    :data:`NF_NO_DECAY_NAMES` (Scaled-WS gains)."""
+    from normlab.lab.config import model_takes_norm
+
+    if model_takes_norm(cfg.model) is not False:
+        return []
+    return [n for n, p in model.named_parameters()
+            if p.dim() <= 1 or n.rpartition(".")[2] in NF_NO_DECAY_NAMES]
+
+
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD(lr=peak lr, momentum, weight decay on every parameter, as in the GN paper)."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.effective_lr(), momentum=cfg.momentum,
+    """SGD(lr=peak lr, momentum, weight decay). Models with a norm: decay on every parameter, as
+    in the GN paper. Normalizer-free models: two groups, the parameters of
+    :func:`no_decay_parameter_names` with ``weight_decay=0`` after the decayed ones."""
+    no_decay = set(no_decay_parameter_names(cfg, model))
+    params = list(model.named_parameters())
+    groups = [{"params": [p for n, p in params if n not in no_decay],
+               "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": [p for n, p in params if n in no_decay], "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=cfg.effective_lr(), momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay)
 
 
