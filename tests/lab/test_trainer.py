@@ -151,3 +151,21 @@ def test_nf_weight_decay_step_leaves_gains_alone():
             before[n] * (1 - 0.5 * 0.1)
         torch.testing.assert_close(p.detach(), expect, msg=n)
 
+
+def test_agc_leaves_the_classifier_and_refuses_a_model_without_fc():
+    from normlab.lab.trainer import _agc_fn, build_model
+
+    cfg = RunConfig(model="nf_resnet20", agc=0.01)
+    torch.manual_seed(1)
+    model = build_model(cfg, 4, 3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 100.0  # far above lambda * ||W||: everything clipped
+    fc_grad = model.fc.weight.grad.clone()
+    conv = model.stem[0]
+    conv_grad = conv.weight.grad.clone()
+    _agc_fn(cfg, model)()
+    assert torch.equal(model.fc.weight.grad, fc_grad)            # classifier untouched
+    assert conv.weight.grad.norm() < conv_grad.norm() / 10        # the rest clipped
+    headless = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(ConfigError, match="no classifier named 'fc'"):
+        _agc_fn(cfg, headless)

@@ -247,15 +247,18 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _agc_fn(cfg: RunConfig, model: nn.Module) -> Optional[Callable[[], None]]:
+    """The clipping step of Adaptive Gradient Clipping (lambda ``cfg.agc``) on every parameter
+    but the classifier ``fc`` (:func:`normlab.optim.agc_parameters`; a model without ``fc`` is
+    a ConfigError rather than a silently clipped classifier)."""
     if cfg.agc is None:
         return None
+    from normlab.optim import adaptive_grad_clip_, agc_parameters
+
     try:
-        from normlab.optim import adaptive_grad_clip_
-    except ImportError as e:
-        raise ConfigError(f"agc needs normlab.optim.adaptive_grad_clip_, not available: {e}") from None
-    head = model.get_submodule("fc") if hasattr(model, "fc") else None
-    skip = {id(p) for p in head.parameters()} if head is not None else set()
-    params = [p for p in model.parameters() if id(p) not in skip]  # never clip the classifier
+        params = agc_parameters(model, ("fc",))  # never clip the classifier
+    except ValueError as e:
+        raise ConfigError(f"agc: model {cfg.model!r} has no classifier named 'fc' to leave "
+                          f"unclipped ({e})", hint="drop --set agc=... for this model") from None
     return lambda: adaptive_grad_clip_(params, cfg.agc, 1e-3)
 
 
@@ -555,9 +558,8 @@ def preflight(configs: list[RunConfig]) -> None:
                               f"{len(data.y_train)} training examples of {cfg.data}",
                               hint="lower the batch size")
         mkey = (cfg.model, cfg.norm, repr(cfg.norm_kwargs), repr(cfg.model_kwargs), cfg.ws,
-                data.num_classes, data.in_chans, data.image_size)
+                cfg.agc is not None, data.num_classes, data.in_chans, data.image_size)
         if mkey not in seen_model:
             seen_model.add(mkey)
-            build_model(cfg, data.num_classes, data.in_chans, data.image_size)
-            if cfg.agc is not None:
-                _agc_fn(cfg, nn.Linear(1, 1))
+            model = build_model(cfg, data.num_classes, data.in_chans, data.image_size)
+            _agc_fn(cfg, model)  # with agc: the model must have a classifier to leave unclipped
