@@ -10,7 +10,7 @@ Commands::
      --master-addr HOST --master-port P | --rdzv-endpoint HOST:PORT])
     normlab report DIR
     normlab ls [DIR] [--studies] [--models] [--norms]
-    normlab spp MODEL... [--out DIR]
+    normlab spp MODEL[:key=value,...]... [--out DIR]
 
 ``normlab reproduce`` with no argument runs the batch-size study (BN vs GN at 32..2 images per
 batch) on the embedded digits data and writes ``./normlab-out/{results.sqlite, report.md,
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -607,37 +608,105 @@ def _batch_cell(c: dict) -> str:
     return str(c["batch_size"]) + (f"x{w}" if w > 1 else "")
 
 
+_SPEC_SPLIT = re.compile(r",(?=\s*[A-Za-z_][\w]*\s*=)")  # a comma that starts the next key=value
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME"`` or ``"NAME:key=value[,key=value...]"`` -> ``(NAME, {key: value})``, values
+    parsed as in ``--set`` (JSON when it parses, true/false/none, else a string); a comma
+    belongs to a value unless a ``key=`` follows it, so ``w:widths=[8,16]`` works.
+
+    >>> parse_model_spec("nf_resnet56:std_conv=false,alpha=0.5")
+    ('nf_resnet56', {'std_conv': False, 'alpha': 0.5})
+    """
+    name, sep, rest = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise ConfigError(f"model spec {spec!r} has no model name",
+                          hint="write NAME or NAME:key=value[,key=value], e.g. "
+                               "preact_resnet56:norm=none")
+    if sep and not rest.strip():
+        raise ConfigError(f"model spec {spec!r} has nothing after ':'",
+                          hint="write NAME:key=value[,key=value], e.g. nf_resnet56:std_conv=false")
+    items = [i.strip() for i in _SPEC_SPLIT.split(rest)] if sep else []
+    try:
+        kw = parse_set(items)
+    except ConfigError as e:
+        raise ConfigError(f"model spec {spec!r}: {e}",
+                          hint="write NAME:key=value[,key=value], e.g. "
+                               "nf_resnet56:std_conv=false") from None
+    return name, kw
+
+
 @app.command()
 def spp(
-    models: list[str] = typer.Argument(..., help="normlab.models names, e.g. resnet56 nf_resnet56"),
+    models: list[str] = typer.Argument(
+        ..., help="models, each NAME or NAME:key=value[,key=value] (keywords for that model "
+                  "only, e.g. preact_resnet56:order=act_norm, preact_resnet56:norm=none, "
+                  "nf_resnet56:std_conv=false)"),
     out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory (store and figures/spp.*)"),
-    norm: str = typer.Option("bn", help="norm for the models that take one"),
+    norm: str = typer.Option("bn", help="norm for the models that take one (NAME:norm=... "
+                                        "for one model)"),
     batch: int = typer.Option(64, help="unit-Gaussian batch size"),
     resolution: int = typer.Option(32, help="input height = width"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="model keyword: key=value"),
+    seed: int = typer.Option(0, help="seed of the weights and of the input batch"),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", help="model keyword for every model: key=value (repeatable)"),
 ) -> None:
     """Signal propagation plots (Brock, De & Smith, ICLR 2021) of models at initialization:
-    records go to OUT's store, the figure to OUT/figures/spp.png/.svg and into the report."""
+    records go to OUT's store, the figure to OUT/figures/spp.png/.svg and into the report.
+
+    Normalizer-free models (nf_*) are built with skipinit=False here (their default SkipInit
+    zeroes every residual branch at init, which would plot a flat curve); give
+    nf_resnet56:skipinit=true to see that. The issue-4 comparison in one command:
+    normlab spp preact_resnet56 preact_resnet56:order=act_norm nf_resnet56
+    nf_resnet56:std_conv=false preact_resnet56:norm=none
+    """
     def body() -> None:
+        import torch
+
         from normlab import spp as spp_mod
         from normlab.lab.store import Store
         from normlab.models import create, model_uses_norm
 
         if batch < 1 or resolution < 1:
             raise ConfigError(f"--batch and --resolution must be >= 1, got {batch}, {resolution}")
-        kw = parse_set(set_)
+        common = parse_set(set_)
         records = {}
-        for name in models:
+        for spec in models:
+            name, own = parse_model_spec(spec)
+            label = spec.strip() if own else name
+            if label in records:
+                raise ConfigError(f"model {label!r} is listed twice",
+                                  hint="give each model once (NAME:key=value tells variants apart)")
             try:
-                m = create(name, norm=norm, **kw) if model_uses_norm(name) else create(name, **kw)
-                recs = spp_mod.signal_propagation(m, batch_size=batch, image_size=resolution)
+                kw = {**common, **own}
+                if model_uses_norm(name):
+                    kw.setdefault("norm", norm)
+                else:
+                    if kw.get("norm", "none") != "none":
+                        raise ConfigError(
+                            f"model {name!r} is normalizer-free and takes no norm, got "
+                            f"norm={kw['norm']!r}",
+                            hint=f"drop norm= from {spec!r}" if "norm" in own else
+                            "drop --set norm=... (it applies to every model; use NAME:norm=...)")
+                    kw.pop("norm", None)
+                    kw.setdefault("skipinit", False)  # SkipInit would zero every branch at init
+                torch.manual_seed(seed)
+                m = create(name, **kw)
+                recs = spp_mod.signal_propagation(m, batch_size=batch, image_size=resolution,
+                                                  seed=seed)
+            except ConfigError:
+                raise
             except (ValueError, TypeError) as e:
-                raise ConfigError(str(e).splitlines()[0],
+                where = (" (--set applies to every model; use NAME:key=value for one)"
+                         if common else "")
+                raise ConfigError(f"{spec}: {str(e).splitlines()[0]}{where}",
                                   hint="see `normlab ls --models` and the model's keywords") from None
-            records[name] = [r.as_dict() for r in recs]
+            records[label] = [r.as_dict() for r in recs]
         with Store(out) as store:
-            for name, recs in records.items():
-                store.record_spp(name, recs)
+            for label, recs in records.items():
+                store.record_spp(label, recs)
         paths = spp_mod.plot(records, out / "figures" / "spp.png")
         console.print("spp: " + ", ".join(str(p) for p in paths), highlight=False)
 
