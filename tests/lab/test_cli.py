@@ -155,6 +155,39 @@ def test_errors_are_one_line_and_a_hint(tmp_path, args, needle):
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) <= 3
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["reproduce", "--seeds", "abc"], "Invalid value for '--seeds'"),   # wrong type
+    (["spp", "resnet20", "--batch", "x"], "Invalid value for '--batch'"),
+    (["spp", "resnet20", "--batch", "0"], "--batch and --resolution must be >= 1, got 0"),
+    (["train", "--bogus"], "No such option: --bogus"),                 # unknown option
+    (["nosuchcmd"], "No such command 'nosuchcmd'"),                     # unknown command
+    (["spp"], "Missing argument"),                                      # missing argument
+])
+def test_usage_errors_are_one_line_and_a_hint(argv, needle, capsys):
+    # the entry point (what the `normlab` script runs): the parser's own errors get the same
+    # error/hint pair as the commands' checks, exit 2, no usage box
+    from normlab.lab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert lines[1].startswith("hint: ") and "--help" in lines[1], err
+    assert "╭" not in err and "Traceback" not in err
+
+
+def test_entry_point_exit_status_through_a_subprocess(tmp_path):
+    # the real process: status 2 and two lines for a usage error, 0 for --help and success
+    r = _cli("reproduce", "--seeds", "abc")
+    assert r.returncode == 2 and r.stderr.splitlines()[0].startswith("error: "), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 2
+    assert _cli("ls", "--help").returncode == 0
+    r = _cli("ls", "--norms")
+    assert r.returncode == 0 and "gn" in r.stdout
+
+
 @pytest.mark.parametrize("cmd", ["reproduce", "train", "report", "ls", "spp"])
 def test_help(cmd):
     r = runner.invoke(app, [cmd, "--help"])

@@ -59,11 +59,16 @@ err_console = Console(stderr=True)
 DEFAULT_OUT = "normlab-out"
 
 
-def _fail(msg: str, hint: str = "") -> None:
+def _print_error(msg: str, hint: str = "") -> None:
+    """The one ``error:`` line (and ``hint:`` line) on stderr, for every kind of bad input."""
     err_console.print(f"[bold red]error:[/] {escape(_rank_prefix() + msg)}", highlight=False,
                       soft_wrap=True)
     if hint:
         err_console.print(f"[yellow]hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
+
+
+def _fail(msg: str, hint: str = "") -> None:
+    _print_error(msg, hint)
     raise typer.Exit(2)
 
 
@@ -713,13 +718,34 @@ def spp(
     _guard(body)
 
 
-def main() -> None:
-    """Console-script entry point (``normlab``)."""
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point (``normlab``); ``argv`` defaults to ``sys.argv[1:]``.
+
+    Usage errors of the command line itself (an unknown command or option, a value of the wrong
+    type such as ``--seeds abc``, a missing argument) get the same one ``error:`` line and
+    ``hint:`` line as the commands' own checks, and exit status 2; no traceback, no usage box.
+    """
+    import sys
+
+    from typer.exceptions import TyperException
+
     try:
-        app()
-    except SystemExit as e:
-        # typer/click usage errors exit 2 already; keep every other status as is
-        raise SystemExit(e.code)
+        code = app(args=argv, prog_name="normlab", standalone_mode=False)
+    except TyperException as e:  # click's UsageError / BadParameter / NoSuchOption / ...
+        status = int(getattr(e, "exit_code", 2))
+        if type(e).__name__ == "NoArgsIsHelpError":  # `normlab` alone: the help is printed
+            sys.exit(status)
+        ctx = getattr(e, "ctx", None)
+        lines = e.format_message().strip().splitlines()
+        where = ctx.command_path if ctx is not None else "normlab"
+        _print_error(lines[0] if lines else type(e).__name__,
+                     f"see `{where} --help`" if status == 2 else "")
+        sys.exit(status)
+    except typer.Abort:
+        _print_error("interrupted", "re-run the same command to resume")
+        sys.exit(130)
+    # a command's return value (None: success) or the status of a typer.Exit it raised
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
