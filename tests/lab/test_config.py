@@ -98,3 +98,18 @@ def test_explicit_norm_for_nf_model_is_rejected_naming_the_flag(norm, flag):
     assert f"drop {flag}" in e.value.hint
     with pytest.raises(ConfigError, match="normalizer-free"):
         RunConfig(model="nf_resnet20", norm="gn").validate()
+
+
+def test_default_device_is_auto_and_ids_follow_what_it_resolves_to(monkeypatch):
+    import torch
+
+    cfg = RunConfig(norm="gn")
+    assert cfg.device == "auto"
+    # on a CPU-only machine "auto" is the CPU: the same run as an explicit "cpu" (and as runs
+    # stored when "cpu" was the default)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cfg.run_id() == cfg.replace(device="cpu").run_id() != cfg.replace(device="cuda").run_id()
+    # with a GPU "auto" is CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cfg.run_id() == cfg.replace(device="cuda").run_id() != cfg.replace(device="cpu").run_id()
+    assert cfg.to_dict()["device"] == "auto"  # stored as asked

@@ -169,3 +169,15 @@ def test_agc_leaves_the_classifier_and_refuses_a_model_without_fc():
     headless = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     with pytest.raises(ConfigError, match="no classifier named 'fc'"):
         _agc_fn(cfg, headless)
+
+
+@pytest.mark.lab_gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_default_device_trains_on_the_gpu(tmp_path):
+    # device "auto" (the default) picks CUDA when there is one: bf16 autocast, channels_last
+    cfg = RunConfig(norm="gn", norm_kwargs={"num_groups": 4}, **{**TINY, "epochs": 1})
+    assert cfg.device == "auto"
+    with Store(tmp_path) as s:
+        s.claim(cfg.run_id(), cfg.to_dict())
+        res = train_run(cfg, s)
+    assert res["device"].startswith("cuda:") and math.isfinite(res["final_test_loss"])

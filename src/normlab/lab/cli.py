@@ -357,7 +357,8 @@ def reproduce(
                                                   "cifar100 | imagefolder"),
     data_dir: Optional[Path] = typer.Option(None, help="directory of cifar10/cifar100/imagefolder"),
     model: Optional[str] = typer.Option(None, help="a normlab.models name (default resnet20)"),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto"),
+    device: Optional[str] = typer.Option(
+        None, help="cpu | cuda | auto (default auto: CUDA when available, else CPU)"),
     seeds: Optional[int] = typer.Option(None, help="seeds per point (default: the preset's)"),
     variants: Optional[str] = typer.Option(None, help="comma-separated series, e.g. BN,GN,BRN,GN+WS,NF"),
     jobs: Optional[int] = typer.Option(None, help="training processes (CPU default: one per core)"),
@@ -488,7 +489,8 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="epochs (default 10)"),
     lr: Optional[float] = typer.Option(None, help="peak lr (default 0.1 * batch * processes/32)"),
     seed: Optional[int] = typer.Option(None, help="random seed (default 0)"),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto"),
+    device: Optional[str] = typer.Option(
+        None, help="cpu | cuda | auto (default auto: CUDA when available, else CPU)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override: key=value (repeatable)"),
     config: Optional[Path] = typer.Option(None, help="JSON or TOML file of overrides"),
     out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory"),

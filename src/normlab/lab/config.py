@@ -78,8 +78,11 @@ class RunConfig:
     world_size / 32``),
     ``schedule`` in :data:`SCHEDULES` (step: lr/10 at ``milestones`` fractions of the epochs),
     ``warmup_epochs`` (linear), ``agc`` (adaptive gradient clipping lambda, NFNets), ``seed``.
-    Machine: ``device``, ``amp`` (bf16 autocast on CUDA when "auto"), ``channels_last`` (CUDA when
-    None), ``compile`` (torch.compile), ``threads`` (torch CPU threads).
+    Machine: ``device`` ("auto", the default: CUDA when torch sees a GPU, else the CPU; "cpu";
+    "cuda"; the run's identity holds the device "auto" resolves to, so on a CPU-only machine
+    "auto" and "cpu" are one run), ``amp`` (bf16 autocast on CUDA when "auto"),
+    ``channels_last`` (CUDA when None), ``compile`` (torch.compile), ``threads`` (torch CPU
+    threads).
     """
 
     model: str = "resnet20"
@@ -105,7 +108,7 @@ class RunConfig:
     warmup_epochs: float = 0.0
     agc: Optional[float] = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     amp: str = "auto"
     channels_last: Optional[bool] = None
     compile: bool = False
@@ -140,6 +143,8 @@ class RunConfig:
         for k, default in _ID_DEFAULTS.items():
             if d[k] == default:
                 d.pop(k)
+        if d["device"] == "auto":  # what the run computes on here (ids of runs stored with the
+            d["device"] = _auto_device()  # former default "cpu" stay valid on CPU machines)
         d["milestones"] = list(d["milestones"])
         if d["data_dir"] is not None:
             d["data_dir"] = str(Path(d["data_dir"]).expanduser().resolve())
@@ -238,6 +243,13 @@ def _check_type(name: str, value: Any, tp: Any) -> None:
     if not ok:
         raise ConfigError(
             f"{name} must be {getattr(base, '__name__', base)}, got {type(value).__name__} {value!r}")
+
+
+def _auto_device() -> str:
+    """What device "auto" means on this machine: "cuda" when torch sees a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _positive_int(name: str, v: Any) -> None:
