@@ -181,3 +181,25 @@ def test_default_device_trains_on_the_gpu(tmp_path):
         s.claim(cfg.run_id(), cfg.to_dict())
         res = train_run(cfg, s)
     assert res["device"].startswith("cuda:") and math.isfinite(res["final_test_loss"])
+
+
+def test_nf_checkpoint_of_the_one_group_optimizer_starts_over(tmp_path):
+    # a checkpoint written when NF models had one (all-decayed) parameter group is another
+    # recipe: the run restarts from epoch 0 instead of failing on load at every re-run
+    cfg = RunConfig(model="nf_resnet20", **{**TINY, "epochs": 2})
+    with Store(tmp_path) as s:
+        s.claim(cfg.run_id(), cfg.to_dict())
+        torch.manual_seed(cfg.seed)
+        from normlab.lab.trainer import build_model
+
+        model = build_model(cfg, 4, 2, 8)
+        old_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        ckpt = s.checkpoint_path(cfg.run_id())
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optimizer": old_opt.state_dict(), "epoch": 0,
+                    "history": [{"epoch": 0}], "elapsed": 1.0, "train_time": 1.0,
+                    "train_images": 96, "run_id": cfg.run_id(), "world_size": 1,
+                    "batch_per_process": 8}, ckpt)
+        res = train_run(cfg, s)
+        assert res["resumed_from"] == 0 and s.run(cfg.run_id())["status"] == "done"
+        assert [e["epoch"] for e in s.epochs(cfg.run_id())] == [0, 1]

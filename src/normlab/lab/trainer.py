@@ -365,6 +365,11 @@ def train_run(cfg: RunConfig, store: Optional[Store], *, progress: Optional[Prog
         if os.path.isfile(ckpt):
             state = torch.load(ckpt, map_location="cpu", weights_only=False)
     state = nd.broadcast_object(state)
+    groups = 1 + bool(no_decay_parameter_names(cfg, model))
+    if state is not None and len(state["optimizer"]["param_groups"]) != groups:
+        # written by an older trainer (NF models decayed every parameter, one group): another
+        # recipe, so the run starts over rather than failing on every re-run
+        state = None
     if state is not None:
         model.load_state_dict(state["model"])
     net = nd.wrap_ddp(model, device)  # the state dict is the inner model's at any process count
