@@ -663,9 +663,11 @@ def spp(
     """Signal propagation plots (Brock, De & Smith, ICLR 2021) of models at initialization:
     records go to OUT's store, the figure to OUT/figures/spp.png/.svg and into the report.
 
-    Normalizer-free models (nf_*) are built with skipinit=False here (their default SkipInit
-    zeroes every residual branch at init, which would plot a flat curve); give
-    nf_resnet56:skipinit=true to see that. The issue-4 comparison in one command:
+    Normalizer-free models (nf_*) are built with skipinit=False here: their
+    default SkipInit zeroes every residual branch at init, a flat curve
+    (nf_resnet56:skipinit=true shows it).
+
+    BN-ReLU-Conv, ReLU-BN-Conv, NF + Scaled WS, NF + He init, no norm:
     normlab spp preact_resnet56 preact_resnet56:order=act_norm nf_resnet56
     nf_resnet56:std_conv=false preact_resnet56:norm=none
     """
