@@ -16,7 +16,8 @@ and prints their ratio. The loader runs in the training process, between steps, 
 an epoch spent loading is ``train_img_s / (loader_img_s + train_img_s)``; a ratio of 10 means
 about 9% of the time.
 
-    python benchmarks/loader.py [--batches 2 32] [--threads 2] [--out benchmarks/results/loader_cpu.csv]
+    python benchmarks/loader.py [--batches 2 32] [--threads 2] [--repeats 3] [--steps 40]
+                                [--out benchmarks/results/loader_cpu.csv]
 """
 
 from __future__ import annotations

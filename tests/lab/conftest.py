@@ -10,7 +10,8 @@ import torch
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "lab_gpu: a lab test that may use the GPU (no CPU-only patch)")
+    config.addinivalue_line("markers",
+                            "lab_gpu: a lab test that may use the GPU (no CPU-only patch)")
 
 
 @pytest.fixture(autouse=True)
