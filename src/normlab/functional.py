@@ -68,10 +68,10 @@ def check_input(x, what: str = "input") -> None:
 def check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a positive float, got {eps!r}")
-    eps = float(eps)
-    if not (eps > 0 and math.isfinite(eps)):
+    value = float(eps)
+    if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    return eps
+    return value
 
 
 def check_groups(num_groups, num_channels: int) -> int:
@@ -185,6 +185,31 @@ def normalize(
                 f"{name} must have shape ({num_groups},) (one entry per group), "
                 f"got {tuple(buf.shape)}"
             )
+    return _dispatch(
+        x, num_groups, over_batch, weight, bias, eps, activation, backend, running_mean,
+        running_var, momentum, return_stats,
+    )
+
+
+def _dispatch(
+    x: Tensor,
+    num_groups: int,
+    over_batch: bool,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: Optional[str],
+    backend: Optional[str],
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    momentum: float = 0.1,
+    return_stats: bool = False,
+):
+    """The operator on arguments that are already checked: pick the backend, run it.
+
+    :func:`normalize` checks and then calls this; wrappers that have checked their own
+    arguments (``layer_norm``) call it directly, so a small layer pays for its checks once.
+    """
     impl = resolve_backend(backend, x, num_groups, over_batch, activation)
     y, mean, rstd = impl.normalize(
         x, num_groups, over_batch, weight, bias, eps, activation, running_mean, running_var,
@@ -322,21 +347,27 @@ def layer_norm(
     if not input.is_floating_point():
         raise TypeError(f"input must have a floating-point dtype, got {input.dtype}")
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    k = len(shape)
-    if k == 0 or tuple(input.shape[input.dim() - k :]) != shape or input.dim() < k:
+    k, ndim = len(shape), input.dim()
+    if k == 0 or ndim < k or input.shape[ndim - k :] != shape:
         raise ValueError(
             f"normalized_shape={list(shape)} does not match the trailing dims of the input of "
             f"shape {tuple(input.shape)}"
         )
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and tuple(p.shape) != shape:
+        if p is not None and not isinstance(p, Tensor):
+            raise TypeError(f"{name} must be a Tensor or None, got {type(p).__name__}")
+        if p is not None and p.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(p.shape)}")
-    if k == 1 and input.dim() == 2:  # already (rows, features): no reshapes on the hot path
-        return normalize(input, 1, False, weight, bias, eps, activation, backend)
+    if type(eps) is not float or not 0.0 < eps < math.inf:  # the usual case costs one test
+        eps = check_eps(eps)
+    if activation is not None:
+        activation = check_activation(activation)
+    if k == 1 and ndim == 2:  # already (rows, features): no reshapes on the hot path
+        return _dispatch(input, 1, False, weight, bias, eps, activation, backend)
     numel = math.prod(shape)
     if k > 1:
         weight = None if weight is None else weight.reshape(numel)
         bias = None if bias is None else bias.reshape(numel)
-    y = normalize(input.reshape(-1, numel), 1, False, weight, bias, eps, activation, backend)
+    y = _dispatch(input.reshape(-1, numel), 1, False, weight, bias, eps, activation, backend)
     return y.reshape(input.shape)
 

@@ -109,7 +109,14 @@ _MODULES = {
     "triton": "normlab.backends.triton_norm",
 }
 _INSTANCES: dict[str, Optional[Backend]] = {}
-_local = threading.local()
+class _BackendStack(threading.local):
+    """Per-thread stack of ``use_backend`` names (an attribute read, cheap on the hot path)."""
+
+    def __init__(self) -> None:
+        self.stack: list = []
+
+
+_local = _BackendStack()
 
 
 def register_backend(name: str, backend: Backend) -> None:
@@ -177,9 +184,7 @@ def use_backend(name: str) -> Iterator[None]:
             y = model(x)
     """
     name = _check_name(name)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
+    stack = _local.stack
     stack.append(name)
     try:
         yield
@@ -189,7 +194,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def current_backend() -> str:
     """The backend name in force here: innermost ``use_backend``, else $NORMLAB_BACKEND, else auto."""
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     if stack:
         return stack[-1]
     env = os.environ.get(ENV_VAR, "").strip()
@@ -214,7 +219,7 @@ def resolve_backend(
 ) -> Backend:
     """Pick the backend for one call (see the module docstring for the rules)."""
     name = current_backend() if name is None else _check_name(name)
-    if name == "auto" and x.device.type == "cpu":
+    if name == "auto" and x.is_cpu:
         # hot path: on CPU auto always means native (it supports every call)
         native = _INSTANCES.get("native")
         if native is not None:
