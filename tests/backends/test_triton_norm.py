@@ -42,6 +42,9 @@ SPLIT = {"target_programs": 64, "block_elems": 8}
 # ... and additionally several column tiles per group (max 2 channels per tile).
 SPLIT_COLS = {"target_programs": 64, "block_elems": 8, "max_block_c": 2}
 
+# ... and at most 4 channels per tile: the blocked channels_last path gets several blocks.
+BLOCKS = {"target_programs": 64, "block_elems": 16, "max_block_c": 4}
+
 # fp32 results must match the float64 reference to fp32 accuracy; half-precision outputs are
 # rounded to 8 (bf16) or 11 (fp16) bits.
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -144,6 +147,14 @@ CASES = [
     ((2, 4, 13), 2, False, False, torch.float16, "silu", SPLIT),
     # 2-D LN with a row longer than one tile (S = 1, column tiles only), split
     ((2, 12), 1, False, False, torch.float32, None, SPLIT_COLS),
+    # channels_last with blocks of groups per program (the blocked path): Cg = 3 is not a power
+    # of two (one-hot fold of 3 columns per group), 5 groups in one full block, fp16, gelu
+    ((2, 15, 4, 4), 5, False, True, torch.float16, "gelu", None),
+    # blocks that do not divide G: Cg = 2, G = 5, at most 4 channels per tile -> blocks of 2
+    # groups, the last one half empty (column masks), split over programs
+    ((2, 10, 3, 3), 5, False, True, torch.float32, "silu", BLOCKS),
+    # IN in channels_last (a column is a group) with a partial last block: C = 6 in blocks of 4
+    ((2, 6, 3, 3), 6, False, True, torch.bfloat16, None, {"max_block_c": 4}),
 ]
 
 
@@ -162,8 +173,12 @@ BN_CASES = [
     ((3, 4, 3, 3), 4, True, SPLIT),
     # batch-group norm (G = 3 of C = 6) with split and column tiles
     ((3, 6, 2, 3), 3, False, SPLIT_COLS),
-    # BN on 2-D input (BatchNorm1d on features: one row per sample)
+    # BN on 2-D input (BatchNorm1d on features: one row per sample, a block of 3 channels)
     ((5, 3), 3, False, SPLIT),
+    # BN channels_last in blocks of 4 channels, the last block partial, split over the batch
+    ((3, 6, 3, 3), 6, True, BLOCKS),
+    # BN channels_last, blocks that divide C (no column masks), 2 spatial tiles per sample
+    ((2, 8, 5, 5), 8, True, {"max_block_c": 4, "block_elems": 64}),
 ]
 
 
@@ -498,14 +513,18 @@ def build(kernel, consts, divisible):
     return re.findall(r"ld\.global((?:\.v[24])?)\.b(16|32)", out.asm["ptx"])
 
 result = {}
-# (name, runtime ints specialised, Cg, BLOCK_R, BLOCK_C): SD-UNet Cg = 10, ResNet-50 Cg = 8
-LAYOUTS = [("nchw", {"ss": 1}, {"S", "sn", "sc"}, 10, 256, 16),
-           ("nhwc", {"sc": 1}, {"S", "sn", "ss"}, 8, 512, 8)]
-for name, ones, div, cg, br, bc in LAYOUTS:
+# (name, runtime ints specialised, Cg, BLOCK_R, BLOCK_C, GB, IDENT): SD-UNet Cg = 10 in NCHW
+# (one group per program); ResNet-50 Cg = 8 in channels_last (a block of 32 groups: 256
+# contiguous channels per tile row); BN in channels_last (Cg = 1: 64 channels, a column is a group)
+LAYOUTS = [("nchw", {"ss": 1}, {"S", "sn", "sc"}, 10, 256, 16, 1, False),
+           ("nhwc", {"sc": 1}, {"S", "sn", "ss"}, 8, 16, 256, 32, False),
+           ("nhwc-bn", {"sc": 1}, {"S", "sn", "ss"}, 1, 64, 64, 64, True)]
+for name, ones, div, cg, br, bc, gb, ident in LAYOUTS:
     for stage in range(4):
         for kname, kernel in (("fwd", tn._fwd_kernel), ("bwd", tn._bwd_kernel)):
             consts = dict(OVER_BATCH=stage == 1, HAS_W=True, HAS_B=stage != 2, ACT=stage,
-                          STAGE=stage, SPLIT_BLOCK=8, BLOCK_R=br, BLOCK_C=bc, Cg=cg, **ones)
+                          STAGE=stage, SPLIT_BLOCK=8, BLOCK_R=br, BLOCK_C=bc, Cg=cg, GB=gb,
+                          GBP=gb, IDENT=ident, EVEN=True, **ones)
             loads = build(kernel, consts, div)
             result[f"{name}-{kname}-{stage}"] = sorted(set(v for v, _ in loads))
 build(tn._reduce_rows_kernel, dict(HAS_W=True, HAS_B=True, BLOCK=256), {"C"})
@@ -516,7 +535,8 @@ print(json.dumps(result))
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every test compiles for real")
 def test_kernels_compile_for_hopper_with_vector_loads():
     """Every kernel variant compiles for sm_90, and the activation loads of the NCHW path and of
-    the channels_last path with 8 channels per group are 16-byte vectors (ld.global.v4)."""
+    the channels_last paths (blocks of groups with 8 channels each, BN's blocks of channels)
+    are 16-byte vectors (ld.global.v4)."""
     import json
     import subprocess
     import sys
@@ -528,9 +548,29 @@ def test_kernels_compile_for_hopper_with_vector_loads():
         pytest.skip("this triton cannot compile for a CUDA target without a GPU")
     assert proc.returncode == 0, proc.stderr[-3000:]
     widths = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(widths) == 16
+    assert len(widths) == 24
     for key, found in widths.items():
         assert ".v4" in found, f"{key}: no 16-byte loads, got {found}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every test compiles for real")
+def test_launch_plans_compile_for_hopper():
+    """The launchers' own plans (block sizes, groups per block, stages) for two channels_last
+    benchmark shapes compile to sm_90 cubins without register spills
+    (scripts/triton_aot_check.py: the launch becomes an ahead-of-time compile)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "triton_aot_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script), "--quick"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0 and "GPUTarget" in proc.stderr and "ImportError" in proc.stderr:
+        pytest.skip("this triton cannot compile for a CUDA target without a GPU")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "variants compiled to cubin" in proc.stdout
+    assert "spill registers" not in proc.stdout, proc.stdout
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,13 @@ batch), *columns* are the ``Cg`` channels of the group. One address formula serv
 so channels_last input is read in place (no layout conversion). Tiles never cross a sample, so
 the row -> (n, s) split is one scalar division per tile, not per element.
 
+Blocks of groups: when the channels are the contiguous axis (channels_last, or a 2-D (N, C)
+input) a group's row is only Cg elements (1 for BN and IN: 2 bytes in bf16, a sixteenth of a
+32-byte sector). One program then covers GB consecutive groups, so a tile row is GB*Cg
+contiguous channels; it keeps per-column (count, mean, M2) and folds the columns of each group
+together once per column tile (a [BLOCK_C, GB] one-hot contraction; skipped when a column is a
+group). In NCHW, and for groups as wide as a tile, GB = 1 and the vectors have one entry.
+
 Forward (per statistic)::
 
     shift      the statistic's first element; all sums run over x - shift (shifted data)
@@ -31,7 +38,7 @@ Backward, with z = xhat*w + b and dz = dy * act'(z)::
     A = sum_c w_c db_c     B = sum_c w_c dw_c           (over the statistic's elements)
     dx = rstd * (dz*w - (A + xhat*B) / m)
 
-Parallelism: when there are fewer statistics than ~4 programs per SM (small N*G), a statistic's
+Parallelism: when there are fewer blocks than ~4 programs per SM (small N*G), a block's
 rows are split over ``SPLIT`` programs; partial (count, mean, M2) and partial (A, B) are written
 to scratch and combined with Chan's formula by the next kernel (fixed order, no atomics). With
 enough statistics (``SPLIT == 1``) each program does both passes itself (the second read of its
@@ -123,23 +130,25 @@ def _act_bwd(z, dy, ACT: tl.constexpr):
 
 
 @triton.jit
-def _stat_base(k, G, Cg, sn, sc, OVER_BATCH: tl.constexpr):
-    """(sample of statistic k or 0, group of k, int64 element offset of its first element)."""
+def _block_base(k, NGB, GB: tl.constexpr, Cg: tl.constexpr, sn, sc, OVER_BATCH: tl.constexpr):
+    """Program k -> (its sample, or 0 over the batch; the first group g0 of its block of GB
+    groups; int64 element offset of the block's first element)."""
     if OVER_BATCH:
         n0 = k * 0
-        g = k
+        blk = k
     else:
-        n0 = k // G
-        g = k % G
-    base = n0.to(tl.int64) * sn + (g * Cg).to(tl.int64) * sc
-    return n0, g, base
+        n0 = k // NGB
+        blk = k % NGB
+    g0 = blk * GB
+    base = n0.to(tl.int64) * sn + (g0 * Cg).to(tl.int64) * sc
+    return n0, g0, base
 
 
 @triton.jit
-def _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH: tl.constexpr, BLOCK_R: tl.constexpr,
+def _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH: tl.constexpr, BLOCK_R: tl.constexpr,
           BLOCK_C: tl.constexpr):
-    """Row tile rt, column tile ct of a statistic -> (int64 offset of the tile's sample,
-    int32 in-sample offsets [BLOCK_R, BLOCK_C], mask, number of valid elements)."""
+    """Row tile rt, column tile ct of a block -> (int64 offset of the tile's sample, int32
+    in-sample offsets [BLOCK_R, BLOCK_C], mask, number of valid rows)."""
     if OVER_BATCH:
         nn = rt // TPS
         s0 = (rt - nn * TPS) * BLOCK_R
@@ -151,18 +160,52 @@ def _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH: tl.constexpr, BLOCK_R: tl.
     rows = s0 + tl.arange(0, BLOCK_R)
     cols = c0 + tl.arange(0, BLOCK_C)
     offs = rows[:, None] * ss + cols[None, :] * sc
-    mask = (rows[:, None] < S) & (cols[None, :] < Cg)
-    count = (tl.minimum(S - s0, BLOCK_R) * tl.minimum(Cg - c0, BLOCK_C)).to(tl.float32)
-    return sample, offs, mask, count
+    mask = (rows[:, None] < S) & (cols[None, :] < ncols)
+    nrows = tl.minimum(S - s0, BLOCK_R).to(tl.float32)
+    return sample, offs, mask, nrows
 
 
 @triton.jit
-def _channel_vectors(W, B, MEAN, VAR, g, ct, Cg, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     PER_CHANNEL: tl.constexpr, BLOCK_C: tl.constexpr):
+def _onehot(ct, ncols, Cg: tl.constexpr, GBP: tl.constexpr, BLOCK_C: tl.constexpr,
+            IDENT: tl.constexpr):
+    """[BLOCK_C, GBP] float 0/1: column c of tile ct belongs to group (c // Cg) of the block.
+    With IDENT (Cg == 1 and GBP == BLOCK_C: a column is a group) it is never built."""
+    if IDENT:
+        m = tl.zeros([1, 1], dtype=tl.float32)
+    else:
+        cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+        gid = cols // Cg
+        m = ((gid[:, None] == tl.arange(0, GBP)[None, :]) & (cols < ncols)[:, None]).to(tl.float32)
+    return m
+
+
+@triton.jit
+def _to_groups(v, m, IDENT: tl.constexpr):
+    """Per-column [BLOCK_C] -> per-group [GBP] sums (one small contraction per program)."""
+    if IDENT:
+        r = v
+    else:
+        r = tl.sum(v[:, None] * m, axis=0)
+    return r
+
+
+@triton.jit
+def _to_cols(gv, m, IDENT: tl.constexpr):
+    """Per-group [GBP] -> per-column [BLOCK_C] (each column takes its group's value)."""
+    if IDENT:
+        r = gv
+    else:
+        r = tl.sum(m * gv[None, :], axis=1)
+    return r
+
+
+@triton.jit
+def _channel_vectors(W, B, MEAN, VAR, ch0, ct, ncols, eps, HAS_W: tl.constexpr,
+                     HAS_B: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-column weight, bias (and, for given per-channel statistics, mean and rstd)."""
     cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = cols < Cg
-    ch = g * Cg + cols
+    cm = cols < ncols
+    ch = ch0 + cols
     if HAS_W:
         w = tl.load(W + ch, mask=cm, other=0.0).to(tl.float32)
     else:
@@ -184,91 +227,126 @@ def _channel_vectors(W, B, MEAN, VAR, g, ct, Cg, eps, HAS_W: tl.constexpr, HAS_B
 @triton.jit
 def _fwd_kernel(
     X, Y, W, B, MEAN, RSTD, VAR, PART,
-    S, Cg: tl.constexpr, G, CT, TPS, RT, TPP, sn, sc, ss, eps,
+    S, Cg: tl.constexpr, G, NGB, CT, TPS, RT, TPP, sn, sc, ss, eps,
     OVER_BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STAGE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    GB: tl.constexpr, GBP: tl.constexpr, IDENT: tl.constexpr, EVEN: tl.constexpr,
 ):
-    """Forward. grid = (statistics, SPLIT). Cg is a compile-time constant so that the compiler
-    knows the alignment of a group's first channel (16-byte vector loads in channels_last when
-    Cg is a multiple of 8 for 2-byte types; one kernel per distinct Cg). STAGE 0: statistics then normalize (SPLIT == 1);
-    1: partial (count, mean, M2) only; 2: combine partials then normalize; 3: normalize with the
-    given per-channel MEAN/VAR (eval)."""
+    """Forward. grid = (blocks of GB groups, SPLIT). Cg is a compile-time constant so that the
+    compiler knows the alignment of a group's first channel (one kernel per distinct Cg).
+    STAGE 0: statistics then normalize (SPLIT == 1); 1: partial (count, mean, M2) only;
+    2: combine partials then normalize; 3: normalize with the given per-channel MEAN/VAR (eval).
+
+    Every vector of statistics has one entry per group of the block ([GBP], padded to a power
+    of two); per-column sums are folded into groups once per column tile (``_to_groups``)."""
     k = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    n0, g, base = _stat_base(k, G, Cg, sn, sc, OVER_BATCH)
+    n0, g0, base = _block_base(k, NGB, GB, Cg, sn, sc, OVER_BATCH)
+    gidx = tl.arange(0, GBP)
+    gvalid = (gidx < GB) & (g0 + gidx < G)
+    if EVEN:  # G % GB == 0: every block is full, the column count is a compile-time constant
+        ncols = GB * Cg
+    else:
+        ncols = tl.minimum(G - g0, GB) * Cg  # valid columns of this block
+    if OVER_BATCH:
+        stat = g0 + gidx
+    else:
+        stat = n0 * G + g0 + gidx
     rt_lo = j * TPP
     rt_hi = tl.minimum(rt_lo + TPP, RT)
 
-    # Shifted data: every program of statistic k subtracts the same shift (its first element),
-    # so sums run over values of the spread's magnitude, not the offset's (1e4 + 0.1*randn keeps
-    # full float32 accuracy). mean = shift + shifted mean.
-    shift = _zero()
+    # Shifted data: every program of a statistic subtracts the same shift (the group's first
+    # element), so sums run over values of the spread's magnitude, not the offset's
+    # (1e4 + 0.1*randn keeps full float32 accuracy). mean = shift + shifted mean.
+    shift_g = tl.zeros([GBP], dtype=tl.float32)
     if STAGE != 3:
-        shift = tl.load(X + base).to(tl.float32)
-    # scalars carried through loops start as float32 tensors, not Python constants (older
-    # Triton versions refuse to re-assign a constexpr inside a loop)
-    mean = _zero()
-    rstd = _zero()
+        first = (g0 + gidx) * Cg
+        shift_g = tl.load(X + n0.to(tl.int64) * sn + first.to(tl.int64) * sc, mask=gvalid,
+                          other=0.0).to(tl.float32)
+    mean_g = tl.zeros([GBP], dtype=tl.float32)
+    rstd_g = tl.zeros([GBP], dtype=tl.float32)
     if STAGE == 0 or STAGE == 1:
-        cnt = _zero()
-        m2 = _zero()
+        cnt_g = tl.zeros([GBP], dtype=tl.float32)
+        m2_g = tl.zeros([GBP], dtype=tl.float32)
         for ct in range(0, CT):
+            m = _onehot(ct, ncols, Cg, GBP, BLOCK_C, IDENT)
+            shift_c = _to_cols(shift_g, m, IDENT)
+            # per-column (count, mean, M2) over this program's rows
+            c_cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
+            c_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+            c_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
             for rt in range(rt_lo, rt_hi):
-                sample, offs, mask, tcount = _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH,
-                                                   BLOCK_R, BLOCK_C)
+                sample, offs, mask, nrows = _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH,
+                                                  BLOCK_R, BLOCK_C)
                 x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
-                x = tl.where(mask, x - shift, 0.0)
-                tmean = tl.sum(tl.sum(x, axis=1), axis=0) / tcount
-                d = tl.where(mask, x - tmean, 0.0)
-                tm2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
-                # Chan et al.: merge (cnt, mean, m2) with the tile's (tcount, tmean, tm2)
-                tot = cnt + tcount
-                delta = tmean - mean
-                frac = tcount / tot
-                mean = mean + delta * frac
-                m2 = m2 + tm2 + delta * delta * cnt * frac
-                cnt = tot
+                x = tl.where(mask, x - shift_c[None, :], 0.0)
+                tmean = tl.sum(x, axis=0) / nrows
+                d = tl.where(mask, x - tmean[None, :], 0.0)
+                tm2 = tl.sum(d * d, axis=0)
+                # Chan et al.: merge (cnt, mean, M2) with the tile's (nrows, tmean, tm2)
+                tot = c_cnt + nrows
+                delta = tmean - c_mean
+                frac = nrows / tot
+                c_mean = c_mean + delta * frac
+                c_m2 = c_m2 + tm2 + delta * delta * c_cnt * frac
+                c_cnt = tot
+            # columns -> groups (Chan over the columns of a group), then into the running total
+            t_cnt = _to_groups(c_cnt, m, IDENT)
+            t_safe = tl.where(t_cnt > 0.0, t_cnt, 1.0)
+            t_mean = _to_groups(c_cnt * c_mean, m, IDENT) / t_safe
+            dm = c_mean - _to_cols(t_mean, m, IDENT)
+            t_m2 = _to_groups(c_m2 + c_cnt * dm * dm, m, IDENT)
+            tot = cnt_g + t_cnt
+            delta = t_mean - mean_g
+            frac = t_cnt / tl.where(tot > 0.0, tot, 1.0)
+            mean_g = mean_g + delta * frac
+            m2_g = m2_g + t_m2 + delta * delta * cnt_g * frac
+            cnt_g = tot
         if STAGE == 1:
-            p = PART + (k * nsplit + j) * 3
-            tl.store(p, cnt)
-            tl.store(p + 1, mean)
-            tl.store(p + 2, m2)
+            p = PART + (stat * nsplit + j) * 3
+            tl.store(p, cnt_g, mask=gvalid)
+            tl.store(p + 1, mean_g, mask=gvalid)
+            tl.store(p + 2, m2_g, mask=gvalid)
             return
-        var = m2 / cnt
-        rstd = 1.0 / tl.sqrt(var + eps)
-        tl.store(MEAN + k, mean + shift)
-        tl.store(RSTD + k, rstd)
-        tl.store(VAR + k, var)
+        var_g = m2_g / tl.where(cnt_g > 0.0, cnt_g, 1.0)
+        rstd_g = 1.0 / tl.sqrt(var_g + eps)
+        tl.store(MEAN + stat, mean_g + shift_g, mask=gvalid)
+        tl.store(RSTD + stat, rstd_g, mask=gvalid)
+        tl.store(VAR + stat, var_g, mask=gvalid)
     if STAGE == 2:
         idx = tl.arange(0, SPLIT_BLOCK)
-        pm = idx < nsplit
-        p = PART + (k * nsplit + idx) * 3
+        pm = gvalid[:, None] & (idx < nsplit)[None, :]
+        p = PART + (stat[:, None] * nsplit + idx[None, :]) * 3
         pc = tl.load(p, mask=pm, other=0.0)
         pmean = tl.load(p + 1, mask=pm, other=0.0)
         pm2 = tl.load(p + 2, mask=pm, other=0.0)
-        cnt = tl.sum(pc, axis=0)
-        mean = tl.sum(pc * pmean, axis=0) / cnt
-        dm = pmean - mean
-        var = (tl.sum(pm2, axis=0) + tl.sum(pc * dm * dm, axis=0)) / cnt
-        rstd = 1.0 / tl.sqrt(var + eps)
+        cnt_g = tl.sum(pc, axis=1)
+        cnt_safe = tl.where(cnt_g > 0.0, cnt_g, 1.0)
+        mean_g = tl.sum(pc * pmean, axis=1) / cnt_safe
+        dm = pmean - mean_g[:, None]
+        var_g = (tl.sum(pm2, axis=1) + tl.sum(pc * dm * dm, axis=1)) / cnt_safe
+        rstd_g = 1.0 / tl.sqrt(var_g + eps)
         if j == 0:
-            tl.store(MEAN + k, mean + shift)
-            tl.store(RSTD + k, rstd)
-            tl.store(VAR + k, var)
+            tl.store(MEAN + stat, mean_g + shift_g, mask=gvalid)
+            tl.store(RSTD + stat, rstd_g, mask=gvalid)
+            tl.store(VAR + stat, var_g, mask=gvalid)
 
     for ct in range(0, CT):
-        cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g, ct, Cg, eps, HAS_W,
-                                                      HAS_B, STAGE == 3, BLOCK_C)
+        cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g0 * Cg, ct, ncols, eps,
+                                                      HAS_W, HAS_B, STAGE == 3, BLOCK_C)
+        shift_c = tl.zeros([BLOCK_C], dtype=tl.float32)
         if STAGE != 3:
-            mu = mu + mean
-            rs = rs + rstd
+            m = _onehot(ct, ncols, Cg, GBP, BLOCK_C, IDENT)
+            shift_c = _to_cols(shift_g, m, IDENT)
+            mu = mu + _to_cols(mean_g, m, IDENT)
+            rs = rs + _to_cols(rstd_g, m, IDENT)
         scale = (rs * w)[None, :]
         for rt in range(rt_lo, rt_hi):
-            sample, offs, mask, tcount = _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH,
-                                               BLOCK_R, BLOCK_C)
+            sample, offs, mask, nrows = _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH,
+                                              BLOCK_R, BLOCK_C)
             x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
-            z = ((x - shift) - mu[None, :]) * scale + b[None, :]
+            z = ((x - shift_c[None, :]) - mu[None, :]) * scale + b[None, :]
             y = _act_fwd(z, ACT)
             tl.store(Y + base + sample + offs, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -276,47 +354,57 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_kernel(
     X, DY, DX, W, B, MEAN, RSTD, VAR, AB, PDW, PDB,
-    S, Cg: tl.constexpr, G, C, CT, TPS, RT, TPP, sn, sc, ss, eps, inv_m,
+    S, Cg: tl.constexpr, G, NGB, C, CT, TPS, RT, TPP, sn, sc, ss, eps, inv_m,
     OVER_BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STAGE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    GB: tl.constexpr, GBP: tl.constexpr, IDENT: tl.constexpr, EVEN: tl.constexpr,
 ):
-    """Backward. grid = (statistics, SPLIT). STAGE 0: reduce then dx (SPLIT == 1); 1: reduce only
-    (per-channel partials + partial A, B); 2: combine A, B then dx; 3: given per-channel
-    statistics (eval): dx and per-channel partials in one pass.
+    """Backward. grid = (blocks of GB groups, SPLIT). STAGE 0: reduce then dx (SPLIT == 1);
+    1: reduce only (per-channel partials + partial A, B per group); 2: combine A, B then dx;
+    3: given per-channel statistics (eval): dx and per-channel partials in one pass.
 
     Per-channel partial sums go to row ``n*SPLIT + j`` (or ``j`` over the batch) of PDW/PDB
     (rows x C, float32); ``_reduce_rows_kernel`` sums the rows in order."""
     k = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    n0, g, base = _stat_base(k, G, Cg, sn, sc, OVER_BATCH)
-    rt_lo = j * TPP
-    rt_hi = tl.minimum(rt_lo + TPP, RT)
+    n0, g0, base = _block_base(k, NGB, GB, Cg, sn, sc, OVER_BATCH)
+    gidx = tl.arange(0, GBP)
+    gvalid = (gidx < GB) & (g0 + gidx < G)
+    if EVEN:
+        ncols = GB * Cg
+    else:
+        ncols = tl.minimum(G - g0, GB) * Cg
     if OVER_BATCH:
+        stat = g0 + gidx
         prow = j
     else:
+        stat = n0 * G + g0 + gidx
         prow = n0 * nsplit + j
+    rt_lo = j * TPP
+    rt_hi = tl.minimum(rt_lo + TPP, RT)
 
-    mean = _zero()
-    rstd = _zero()
+    mean_g = tl.zeros([GBP], dtype=tl.float32)
+    rstd_g = tl.zeros([GBP], dtype=tl.float32)
     if STAGE != 3:
-        mean = tl.load(MEAN + k)
-        rstd = tl.load(RSTD + k)
+        mean_g = tl.load(MEAN + stat, mask=gvalid, other=0.0)
+        rstd_g = tl.load(RSTD + stat, mask=gvalid, other=0.0)
 
-    a_sum = _zero()
-    b_sum = _zero()
+    a_g = tl.zeros([GBP], dtype=tl.float32)
+    b_g = tl.zeros([GBP], dtype=tl.float32)
     if STAGE != 2:
         for ct in range(0, CT):
-            cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g, ct, Cg, eps, HAS_W,
-                                                          HAS_B, STAGE == 3, BLOCK_C)
+            cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g0 * Cg, ct, ncols,
+                                                          eps, HAS_W, HAS_B, STAGE == 3, BLOCK_C)
+            m = _onehot(ct, ncols, Cg, GBP, BLOCK_C, IDENT)
             if STAGE != 3:
-                mu = mu + mean
-                rs = rs + rstd
+                mu = mu + _to_cols(mean_g, m, IDENT)
+                rs = rs + _to_cols(rstd_g, m, IDENT)
             db_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
             dw_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
             for rt in range(rt_lo, rt_hi):
-                sample, offs, mask, tcount = _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH,
-                                                   BLOCK_R, BLOCK_C)
+                sample, offs, mask, nrows = _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH,
+                                                  BLOCK_R, BLOCK_C)
                 x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
                 xhat = (x - mu[None, :]) * rs[None, :]
@@ -331,32 +419,36 @@ def _bwd_kernel(
                 tl.store(PDW + prow * C + ch, dw_acc, mask=cm)
             if HAS_B:
                 tl.store(PDB + prow * C + ch, db_acc, mask=cm)
-            a_sum += tl.sum(db_acc * w, axis=0)
-            b_sum += tl.sum(dw_acc * w, axis=0)
+            a_g += _to_groups(db_acc * w, m, IDENT)
+            b_g += _to_groups(dw_acc * w, m, IDENT)
         if STAGE == 1:
-            tl.store(AB + (k * nsplit + j) * 2, a_sum)
-            tl.store(AB + (k * nsplit + j) * 2 + 1, b_sum)
+            tl.store(AB + (stat * nsplit + j) * 2, a_g, mask=gvalid)
+            tl.store(AB + (stat * nsplit + j) * 2 + 1, b_g, mask=gvalid)
         if STAGE == 1 or STAGE == 3:
             return
     if STAGE == 2:
         idx = tl.arange(0, SPLIT_BLOCK)
-        pm = idx < nsplit
-        a_sum = tl.sum(tl.load(AB + (k * nsplit + idx) * 2, mask=pm, other=0.0), axis=0)
-        b_sum = tl.sum(tl.load(AB + (k * nsplit + idx) * 2 + 1, mask=pm, other=0.0), axis=0)
+        pm = gvalid[:, None] & (idx < nsplit)[None, :]
+        p = AB + (stat[:, None] * nsplit + idx[None, :]) * 2
+        a_g = tl.sum(tl.load(p, mask=pm, other=0.0), axis=1)
+        b_g = tl.sum(tl.load(p + 1, mask=pm, other=0.0), axis=1)
 
-    a_m = a_sum * inv_m
-    b_m = b_sum * inv_m
     for ct in range(0, CT):
-        cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g, ct, Cg, eps, HAS_W,
-                                                      HAS_B, False, BLOCK_C)
+        cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g0 * Cg, ct, ncols, eps,
+                                                      HAS_W, HAS_B, False, BLOCK_C)
+        m = _onehot(ct, ncols, Cg, GBP, BLOCK_C, IDENT)
+        mu = _to_cols(mean_g, m, IDENT)
+        rs = _to_cols(rstd_g, m, IDENT)
+        a_m = _to_cols(a_g, m, IDENT) * inv_m
+        b_m = _to_cols(b_g, m, IDENT) * inv_m
         for rt in range(rt_lo, rt_hi):
-            sample, offs, mask, tcount = _tile(rt, ct, TPS, S, Cg, sn, sc, ss, OVER_BATCH,
-                                               BLOCK_R, BLOCK_C)
+            sample, offs, mask, nrows = _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH,
+                                              BLOCK_R, BLOCK_C)
             x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat = (x - mean) * rstd
+            xhat = (x - mu[None, :]) * rs[None, :]
             dz = _act_bwd(xhat * w[None, :] + b[None, :], dy, ACT)
-            dx = rstd * (dz * w[None, :] - (a_m + xhat * b_m))
+            dx = rs[None, :] * (dz * w[None, :] - (a_m[None, :] + xhat * b_m[None, :]))
             tl.store(DX + base + sample + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -399,12 +491,29 @@ class LaunchPlan:
     count: int  # m: elements behind each statistic
     block_r: int
     block_c: int
-    col_tiles: int  # CT
+    col_tiles: int  # CT: column tiles of one block of groups
     tiles_per_sample: int  # TPS
     row_tiles: int  # RT: row tiles of one statistic
     tiles_per_program: int  # TPP
-    split: int  # programs per statistic
+    split: int  # programs per block of groups
     num_warps: int
+    groups_per_block: int = 1  # GB: groups one program covers (> 1 only when channels are contiguous)
+    num_blocks: int = 0  # programs along grid axis 0: blocks of GB groups (times N if not over the batch)
+
+    @property
+    def gbp(self) -> int:
+        """GB padded to a power of two (the length of the per-group vectors in the kernels)."""
+        return _next_pow2(self.groups_per_block)
+
+    @property
+    def ident(self) -> bool:
+        """A column is a group (Cg == 1, one tile of GB columns): no column -> group folding."""
+        return self.cg == 1 and self.block_c == self.gbp and self.col_tiles == 1
+
+    @property
+    def groups_blocks(self) -> int:
+        """NGB: blocks of GB groups per sample (or over the batch)."""
+        return triton.cdiv(self.g, self.groups_per_block)
 
     @property
     def partial_rows(self) -> int:
@@ -414,6 +523,10 @@ class LaunchPlan:
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _prev_pow2(v: int) -> int:
+    return 1 << max(0, int(v).bit_length() - 1)
 
 
 _SM_COUNT: dict = {}
@@ -460,13 +573,35 @@ def plan_launch(
 
     Tiles are [BLOCK_R rows, BLOCK_C channels] of about ``block_elems`` elements; the channel
     extent is capped (64 when rows are contiguous, NCHW; 256 for channels_last; 1024 when there
-    are no spatial positions) so that the contiguous axis gets the larger share. A statistic's
-    row tiles are split over ``split`` programs when there are fewer statistics than the target.
+    are no spatial positions) so that the contiguous axis gets the larger share.
+
+    When the channels are the contiguous axis (channels_last, or a 2-D (N, C) input) and a group
+    is narrower than that cap, one program covers a block of GB consecutive groups, so that a
+    tile row is GB*Cg contiguous channels (whole 32-byte sectors) instead of Cg (for BN, IN and
+    GN with few channels per group: 1 to 16 elements, a fraction of a sector per row).
+
+    The row tiles are split over ``split`` programs when there are fewer blocks than the target.
     """
     target = TUNING["target_programs"] or _default_target_programs(device)
     return _plan_cached(tuple(int(d) for d in shape), tuple(strides), num_groups, over_batch,
                         device.type == "cuda", target, TUNING["block_elems"],
                         TUNING["max_block_c"])
+
+
+def _groups_per_block(g: int, cg: int, max_cols: int) -> int:
+    """GB for the blocked path: as many groups as fit in ``max_cols`` channels, preferring a
+    count that divides G (full blocks: the column count is a constant, no column masks)."""
+    if cg == 1:  # GB is the tile width: a power of two
+        cap = _prev_pow2(max_cols)
+        if _next_pow2(g) <= cap:
+            return _next_pow2(g)
+        d = cap
+        while d >= 8 and g % d:
+            d //= 2
+        return d if d >= 8 else cap
+    most = max(1, min(g, max_cols // cg))
+    best = max(d for d in range(1, most + 1) if g % d == 0)
+    return best if 2 * best > most else most
 
 
 @functools.lru_cache(maxsize=4096)
@@ -489,18 +624,27 @@ def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_grou
         cap_c = 64
     else:
         cap_c = 256
-    block_r = max(1, min(_next_pow2(s), elems // min(_next_pow2(cg), cap_c)))
-    block_c = max(1, min(_next_pow2(cg), cap_c, max(1, elems // block_r)))
-    col_tiles = triton.cdiv(cg, block_c)
+    gb = 1
+    if strides[1] == 1 and g > 1 and cg < min(cap_c, elems):
+        # channels contiguous and a group narrower than a tile row: a block of groups per program
+        gb = _groups_per_block(g, cg, min(cap_c, elems))
+    if gb > 1:
+        block_c = _next_pow2(gb * cg)
+        block_r = max(1, min(_next_pow2(s), elems // block_c))
+    else:
+        block_r = max(1, min(_next_pow2(s), elems // min(_next_pow2(cg), cap_c)))
+        block_c = max(1, min(_next_pow2(cg), cap_c, max(1, elems // block_r)))
+    col_tiles = triton.cdiv(gb * cg, block_c)
     tps = triton.cdiv(s, block_r)
     row_tiles = tps * (n if over_batch else 1)
-    split = 1 if k >= target else min(row_tiles, triton.cdiv(target, k))
+    blocks = triton.cdiv(g, gb) * (1 if over_batch else n)
+    split = 1 if blocks >= target else min(row_tiles, triton.cdiv(target, blocks))
     tpp = triton.cdiv(row_tiles, split)
     split = triton.cdiv(row_tiles, tpp)  # no empty programs
     tile = block_r * block_c
     num_warps = max(1, min(8, tile // 256))
     return LaunchPlan(n, c, s, g, cg, over_batch, strides, k, count, block_r, block_c,
-                      col_tiles, tps, row_tiles, tpp, split, num_warps)
+                      col_tiles, tps, row_tiles, tpp, split, num_warps, gb, blocks)
 
 
 def _poison(*tensors: Tensor) -> None:
@@ -539,11 +683,12 @@ def _launch_fwd(
     common = dict(
         OVER_BATCH=over_batch, HAS_W=weight is not None, HAS_B=bias is not None,
         ACT=ACT_CODES[activation], SPLIT_BLOCK=_next_pow2(p.split), BLOCK_R=p.block_r,
-        BLOCK_C=p.block_c, num_warps=p.num_warps,
+        BLOCK_C=p.block_c, GB=p.groups_per_block, GBP=p.gbp, IDENT=p.ident,
+        EVEN=p.g % p.groups_per_block == 0, num_warps=p.num_warps,
     )
-    args = (x, y, w, b, mean, rstd, var, part, p.s, p.cg, p.g, p.col_tiles, p.tiles_per_sample,
-            p.row_tiles, p.tiles_per_program, *p.strides, eps)
-    grid = (p.num_stats, p.split)
+    args = (x, y, w, b, mean, rstd, var, part, p.s, p.cg, p.g, p.groups_blocks, p.col_tiles,
+            p.tiles_per_sample, p.row_tiles, p.tiles_per_program, *p.strides, eps)
+    grid = (p.num_blocks, p.split)
     if p.split == 1:
         _fwd_kernel[grid](*args, STAGE=0, **common)
     else:
@@ -565,11 +710,11 @@ def _launch_fixed(
     mean, var = mean.contiguous(), var.contiguous()
     w, b = _param(weight, mean), _param(bias, mean)
     _fwd_kernel[(1, p.split)](
-        x, y, w, b, mean, mean, var, mean, p.s, p.cg, p.g, p.col_tiles, p.tiles_per_sample,
+        x, y, w, b, mean, mean, var, mean, p.s, p.cg, p.g, 1, p.col_tiles, p.tiles_per_sample,
         p.row_tiles, p.tiles_per_program, *p.strides, eps,
         OVER_BATCH=True, HAS_W=weight is not None, HAS_B=bias is not None,
         ACT=ACT_CODES[activation], STAGE=3, SPLIT_BLOCK=1, BLOCK_R=p.block_r,
-        BLOCK_C=p.block_c, num_warps=p.num_warps,
+        BLOCK_C=p.block_c, GB=1, GBP=1, IDENT=False, EVEN=True, num_warps=p.num_warps,
     )
     return y
 
@@ -613,12 +758,13 @@ def _launch_bwd(
     common = dict(
         OVER_BATCH=True if fixed else over_batch, HAS_W=has_w, HAS_B=has_b,
         ACT=ACT_CODES[activation], SPLIT_BLOCK=_next_pow2(p.split), BLOCK_R=p.block_r,
-        BLOCK_C=p.block_c, num_warps=p.num_warps,
+        BLOCK_C=p.block_c, GB=p.groups_per_block, GBP=p.gbp, IDENT=p.ident,
+        EVEN=p.g % p.groups_per_block == 0, num_warps=p.num_warps,
     )
-    args = (x, dy, dx, w, b, mean, rstd, var_t, ab, pdw, pdb, p.s, p.cg, p.g, p.c, p.col_tiles,
-            p.tiles_per_sample, p.row_tiles, p.tiles_per_program, *p.strides, eps,
-            1.0 / p.count)
-    grid = (p.num_stats, p.split)
+    args = (x, dy, dx, w, b, mean, rstd, var_t, ab, pdw, pdb, p.s, p.cg, p.g, p.groups_blocks,
+            p.c, p.col_tiles, p.tiles_per_sample, p.row_tiles, p.tiles_per_program, *p.strides,
+            eps, 1.0 / p.count)
+    grid = (p.num_blocks, p.split)
     if fixed:
         _bwd_kernel[grid](*args, STAGE=3, **common)
     elif p.split == 1:
