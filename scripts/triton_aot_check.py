@@ -69,21 +69,21 @@ class CompileOnlyDriver:
 # (label, shape, groups, over_batch, memory format, dtype, activation, affine, why this case)
 FULL_CASES = [
     ("rn50 GN32 C=256 NCHW bf16", (8, 256, 56, 56), 32, False, "nchw", torch.bfloat16, None, True,
-     "ResNet-50 stage 1: Cg = 8, enough statistics (N*G = 256) for one program each"),
+     "ResNet-50 stage 1 in NCHW: Cg = 8, one group per program"),
     ("rn50 GN32 C=256 CL bf16", (8, 256, 56, 56), 32, False, "cl", torch.bfloat16, None, True,
-     "the same in channels_last: 16-byte rows of 8 bf16 channels"),
+     "the same in channels_last: blocks of 2 groups, 32-byte tile rows"),
     ("rn50 GN32 C=2048 CL bf16", (8, 2048, 7, 7), 32, False, "cl", torch.bfloat16, None, True,
      "ResNet-50 stage 4: Cg = 64, small spatial"),
     ("rn50 GN32 C=64 NCHW fp32 N=1", (1, 64, 112, 112), 32, False, "nchw", torch.float32, None, True,
      "N*G = 32 below the SM count: split reduction (STAGE 1/2)"),
     ("sd GN32 C=320 CL fp16 silu", (2, 320, 64, 64), 32, False, "cl", torch.float16, "silu", True,
-     "SD-UNet: Cg = 10 (rows not 16-byte aligned), fused SiLU, split"),
+     "SD-UNet: Cg = 10 (20-byte rows) in blocks of 2 groups, fused SiLU, split"),
     ("sd GN32 C=640 NCHW bf16 silu", (2, 640, 32, 32), 32, False, "nchw", torch.bfloat16, "silu", True,
      "SD-UNet: Cg = 20 in NCHW"),
     ("sd GN32 C=1280 CL bf16 gelu", (2, 1280, 16, 16), 32, False, "cl", torch.bfloat16, "gelu", True,
      "Cg = 40, fused exact GELU (erf)"),
     ("BN C=256 CL bf16 relu", (8, 256, 28, 28), 256, True, "cl", torch.bfloat16, "relu", True,
-     "BN training over the batch, fused ReLU"),
+     "BN training in channels_last: 64 channels (a 128-byte line) per program, fused ReLU"),
     ("BN C=64 NCHW fp32", (32, 64, 32, 32), 64, True, "nchw", torch.float32, None, True,
      "BN NCHW fp32, split over the batch (64 statistics)"),
     ("BGN G=8 C=64 NCHW fp16", (16, 64, 16, 16), 8, True, "nchw", torch.float16, None, True,
@@ -196,6 +196,7 @@ def main(argv=None) -> int:
         rows.append(dict(
             triton=triton.__version__, target=f"sm_{args.arch}", case=info["case"],
             kernel=info["kernel"], dtype=info["dtype"], cg=consts.get("Cg", ""),
+            gb=consts.get("GB", ""),
             stage=consts.get("STAGE", ""), over_batch=consts.get("OVER_BATCH", ""),
             act=consts.get("ACT", ""), block_r=consts.get("BLOCK_R", ""),
             block_c=consts.get("BLOCK_C", consts.get("BLOCK", "")),
@@ -204,10 +205,11 @@ def main(argv=None) -> int:
             cubin_bytes=len(cubin), compile_s=info["seconds"],
         ))
     print(f"\n{len(rows)} variants compiled to cubin")
-    print(f"{'kernel':20s} {'dtype':15s} {'Cg':>4s} {'stage':>5s} {'R x C':>10s} {'warps':>5s} "
+    print(f"{'kernel':20s} {'dtype':15s} {'Cg':>4s} {'GB':>3s} {'stage':>5s} {'R x C':>10s} {'warps':>5s} "
           f"{'smem':>6s} {'regs':>4s} {'spill':>5s}")
     for r in rows:
-        print(f"{r['kernel']:20s} {r['dtype']:15s} {str(r['cg']):>4s} {str(r['stage']):>5s} "
+        print(f"{r['kernel']:20s} {r['dtype']:15s} {str(r['cg']):>4s} {str(r['gb']):>3s} "
+              f"{str(r['stage']):>5s} "
               f"{str(r['block_r']) + 'x' + str(r['block_c']):>10s} {r['num_warps']:>5d} "
               f"{r['shared_bytes']:>6d} {str(r['regs']):>4s} {str(r['local_bytes']):>5s}")
     spills = [r for r in rows if r["local_bytes"] not in ("", 0)]

@@ -568,24 +568,29 @@ def plan_launch(
     num_groups: int,
     over_batch: bool,
     device: torch.device = torch.device("cpu"),
+    elem_bytes: int = 4,
 ) -> LaunchPlan:
-    """Block sizes and split factor for x of ``shape`` with kernel strides ``strides``.
+    """Block sizes and split factor for x of ``shape`` with kernel strides ``strides`` and
+    ``elem_bytes`` bytes per element.
 
     Tiles are [BLOCK_R rows, BLOCK_C channels] of about ``block_elems`` elements; the channel
     extent is capped (64 when rows are contiguous, NCHW; 256 for channels_last; 1024 when there
     are no spatial positions) so that the contiguous axis gets the larger share.
 
-    When the channels are the contiguous axis (channels_last, or a 2-D (N, C) input) and a group
-    is narrower than that cap, one program covers a block of GB consecutive groups, so that a
-    tile row is GB*Cg contiguous channels (whole 32-byte sectors) instead of Cg (for BN, IN and
-    GN with few channels per group: 1 to 16 elements, a fraction of a sector per row).
+    When the channels are the contiguous axis (channels_last, or a 2-D (N, C) input) and a
+    group's row is narrower than a 128-byte line, one program covers a block of GB consecutive
+    groups so that a tile row is GB*Cg contiguous channels instead of Cg (BN and IN: one element,
+    a sixteenth of a 32-byte sector in bf16). Over the batch (BN) the block fills a line; per
+    sample (GN, IN) it is narrowed, down to one sector, while there are too few blocks for the
+    fused path, so that a larger block does not cost a split (an extra launch and read).
 
-    The row tiles are split over ``split`` programs when there are fewer blocks than the target.
+    The row tiles are split over ``split`` programs when there are fewer blocks than half the
+    target (below that the GPU is not filled; above it a split costs more than it gains).
     """
     target = TUNING["target_programs"] or _default_target_programs(device)
     return _plan_cached(tuple(int(d) for d in shape), tuple(strides), num_groups, over_batch,
                         device.type == "cuda", target, TUNING["block_elems"],
-                        TUNING["max_block_c"])
+                        TUNING["max_block_c"], int(elem_bytes))
 
 
 def _groups_per_block(g: int, cg: int, max_cols: int) -> int:
@@ -607,7 +612,7 @@ def _groups_per_block(g: int, cg: int, max_cols: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_groups: int,
                  over_batch: bool, on_gpu: bool, target: int, block_elems: Optional[int],
-                 max_block_c: Optional[int]) -> LaunchPlan:
+                 max_block_c: Optional[int], elem_bytes: int = 4) -> LaunchPlan:
     """plan_launch's arithmetic, memoised: eager calls repeat the same few shapes."""
     n, c = int(shape[0]), int(shape[1])
     s = math.prod(int(d) for d in shape[2:])
@@ -625,9 +630,17 @@ def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_grou
     else:
         cap_c = 256
     gb = 1
-    if strides[1] == 1 and g > 1 and cg < min(cap_c, elems):
-        # channels contiguous and a group narrower than a tile row: a block of groups per program
-        gb = _groups_per_block(g, cg, min(cap_c, elems))
+    max_cols = min(cap_c, elems)
+    fused_min = max(1, target // 2)  # blocks from which one program per block fills the GPU
+    if strides[1] == 1 and g > 1 and cg < max_cols and cg * elem_bytes < 128:
+        # channels contiguous and a group narrower than a line: a block of groups per program
+        want = max(1, min(max_cols, 128 // elem_bytes) // cg)  # groups in a 128-byte row
+        if not over_batch:
+            least = max(1, min(want, -(-32 // (cg * elem_bytes))))  # groups in a 32-byte sector
+            while want > least and n * triton.cdiv(g, want) < fused_min:
+                want = max(least, want // 2)
+        if want > 1:
+            gb = _groups_per_block(g, cg, want * cg)
     if gb > 1:
         block_c = _next_pow2(gb * cg)
         block_r = max(1, min(_next_pow2(s), elems // block_c))
@@ -638,7 +651,7 @@ def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_grou
     tps = triton.cdiv(s, block_r)
     row_tiles = tps * (n if over_batch else 1)
     blocks = triton.cdiv(g, gb) * (1 if over_batch else n)
-    split = 1 if blocks >= target else min(row_tiles, triton.cdiv(target, blocks))
+    split = 1 if blocks >= fused_min else min(row_tiles, triton.cdiv(target, blocks))
     tpp = triton.cdiv(row_tiles, split)
     split = triton.cdiv(row_tiles, tpp)  # no empty programs
     tile = block_r * block_c
@@ -670,7 +683,7 @@ def _launch_fwd(
     over_batch: bool, eps: float, activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     x, strides = kernel_strides(x)
-    p = plan_launch(tuple(x.shape), strides, num_groups, over_batch, x.device)
+    p = plan_launch(tuple(x.shape), strides, num_groups, over_batch, x.device, x.element_size())
     y = torch.empty_like(x)
     stat_shape = (num_groups,) if over_batch else (p.n, num_groups)
     mean = torch.empty(stat_shape, device=x.device, dtype=torch.float32)
@@ -703,7 +716,7 @@ def _launch_fixed(
 ) -> Tensor:
     x, strides = kernel_strides(x)
     # all channels form one "group" over the batch; statistics are per channel (PER_CHANNEL)
-    p = plan_launch(tuple(x.shape), strides, 1, True, x.device)
+    p = plan_launch(tuple(x.shape), strides, 1, True, x.device, x.element_size())
     p = _elementwise_split(p, x.device)
     y = torch.empty_like(x)
     _poison(y)
@@ -739,9 +752,11 @@ def _launch_bwd(
         torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     dy = dy.contiguous(memory_format=fmt)  # no-op when autograd hands dy in x's layout
     if fixed:
-        p = _elementwise_split(plan_launch(tuple(x.shape), strides, 1, True, x.device), x.device)
+        p = _elementwise_split(plan_launch(tuple(x.shape), strides, 1, True, x.device,
+                                           x.element_size()), x.device)
     else:
-        p = plan_launch(tuple(x.shape), strides, num_groups, over_batch, x.device)
+        p = plan_launch(tuple(x.shape), strides, num_groups, over_batch, x.device,
+                        x.element_size())
     dx = torch.empty_like(x)
     dev = x.device
     has_w, has_b = weight is not None, bias is not None
