@@ -9,7 +9,10 @@ implementation is timed eagerly and as a CUDA-graph replay:
 * ``torch_compile``  torch.compile(F.group_norm)
 * ``liger``          Liger-Kernel's GroupNorm, if importable
 * ``normlab``        normlab.functional.group_norm(..., backend="triton")
+* ``normlab_noblock`` the same with one group per program in every layout (the v1 plan; A/B
+  for the blocked channels_last path, benchmarks/NOTES.md v2)
 * ``torch_bn``       F.batch_norm in training mode (the cost GN should match)
+* ``normlab_bn``     normlab's BatchNorm on the Triton backend (checked against torch_bn)
 
 Floor model (minimal bytes / measured copy bandwidth): forward reads x and writes y (2 passes
 over the activation), forward+backward adds reading dy and x and writing dx (5 passes).
@@ -171,6 +174,21 @@ def make_impls(names: Iterable[str]) -> Dict[str, Callable]:
                 impls[name] = lambda x, w, b, g, _f=liger: _f(x, w, b, g)
         elif name == "normlab":
             impls[name] = lambda x, w, b, g: NF.group_norm(x, g, w, b, 1e-5, backend="triton")
+        elif name == "normlab_noblock":
+            # the same kernels with one group per program in every layout (v1's channels_last)
+            from normlab.backends import triton_norm as tn
+
+            def noblock(x, w, b, g, _tn=tn):
+                _tn.TUNING["group_blocks"] = False
+                try:
+                    return NF.group_norm(x, g, w, b, 1e-5, backend="triton")
+                finally:
+                    _tn.TUNING["group_blocks"] = True
+
+            impls[name] = noblock
+        elif name == "normlab_bn":
+            impls[name] = lambda x, w, b, g: NF.batch_norm(x, None, None, w, b, True, 0.1, 1e-5,
+                                                           backend="triton")
         elif name == "torch_bn":
             impls[name] = lambda x, w, b, g: F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
         else:
@@ -247,15 +265,16 @@ def run_benchmarks(cases: List[Case], impl_names: Sequence[str], modes: Sequence
                    graphs: Sequence[bool], copy_gbps: float, l2_bytes: int) -> List[dict]:
     impls = make_impls(impl_names)
     torch_ref = lambda x, w, b, g: F.group_norm(x, g, w, b, 1e-5)  # noqa: E731
+    bn_ref = lambda x, w, b, g: F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)  # noqa: E731
     rows = []
     for case in cases:
         rot = rotation_count(case.numel * ELEM_BYTES[case.dtype], l2_bytes)
         xs, dys, w, b = _inputs(case, rot)
         for name, fn in impls.items():
             err = None
-            if name not in ("torch_bn",):
+            if name != "torch_bn":
                 try:
-                    err = _check(case, fn, torch_ref)
+                    err = _check(case, fn, bn_ref if name == "normlab_bn" else torch_ref)
                 except Exception as e:  # noqa: BLE001 - record, keep benchmarking
                     err = f"error: {type(e).__name__}: {e}"[:200]
             for mode in modes:
@@ -301,7 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     p.add_argument("--layouts", nargs="+", default=["nchw", "nhwc"], choices=("nchw", "nhwc"))
     p.add_argument("--impls", nargs="+",
-                   default=["torch", "torch_compile", "liger", "normlab", "torch_bn"])
+                   default=["torch", "torch_compile", "liger", "normlab", "normlab_noblock",
+                            "torch_bn", "normlab_bn"])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=sorted(PASSES))
     p.add_argument("--no-graph", action="store_true", help="eager timings only")
     p.add_argument("--max-cases", type=int, default=None)

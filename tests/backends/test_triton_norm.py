@@ -633,3 +633,27 @@ def test_resnet50_builder_without_gpu():
         model = rs.build_resnet50(kind, "normlab")
         assert rs.count_norm_layers(model) == 53
         assert sum(p.numel() for p in model.parameters()) == 25_557_032
+
+
+def test_benchmark_impls_compute_their_norms():
+    """gpu_norm's A/B implementations: ``normlab_noblock`` (one group per program, the v1
+    plan, switched by TUNING["group_blocks"]) is GroupNorm, ``normlab_bn`` is BatchNorm; run
+    here on the interpreter, on the channels_last input where the plans differ."""
+    gb = _load_benchmark("gpu_norm")
+    impls = gb.make_impls(["normlab", "normlab_noblock", "normlab_bn"])
+    x = off_centre(2, 8, 4, 3).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    w, b = _affine(8, True, True)
+    w, b = w.to(DEVICE), b.to(DEVICE)
+    _, strides = tn.kernel_strides(x)
+    assert tn.plan_launch(tuple(x.shape), strides, 4, False, x.device).groups_per_block > 1
+    gn64 = torch.nn.functional.group_norm(x.cpu().double(), 4, w.cpu().double(),
+                                          b.cpu().double())
+    for name in ("normlab", "normlab_noblock"):
+        assert rel_err(impls[name](x, w, b, 4).cpu(), gn64) < 2e-6, name
+    assert tn.TUNING["group_blocks"] is True  # restored after the A/B call
+    tn.TUNING["group_blocks"] = False
+    assert tn.plan_launch(tuple(x.shape), strides, 4, False, x.device).groups_per_block == 1
+    tn.TUNING["group_blocks"] = True
+    bn64 = torch.nn.functional.batch_norm(x.cpu().double(), None, None, w.cpu().double(),
+                                          b.cpu().double(), True)
+    assert rel_err(impls["normlab_bn"](x, w, b, 4).cpu(), bn64) < 2e-6

@@ -81,6 +81,7 @@ TUNING: dict = {
     "target_programs": None,  # programs to aim for; fewer statistics than this -> split rows
     "block_elems": None,  # elements per tile (power of two)
     "max_block_c": None,  # cap on the channel extent of a tile
+    "group_blocks": True,  # False: one group per program in every layout (v1; benchmarks A/B)
     "poison": None,  # tests: fill every output and scratch buffer with this before launching
 }
 
@@ -590,7 +591,8 @@ def plan_launch(
     target = TUNING["target_programs"] or _default_target_programs(device)
     return _plan_cached(tuple(int(d) for d in shape), tuple(strides), num_groups, over_batch,
                         device.type == "cuda", target, TUNING["block_elems"],
-                        TUNING["max_block_c"], int(elem_bytes))
+                        TUNING["max_block_c"], int(elem_bytes),
+                        bool(TUNING.get("group_blocks", True)))
 
 
 def _groups_per_block(g: int, cg: int, max_cols: int) -> int:
@@ -612,7 +614,8 @@ def _groups_per_block(g: int, cg: int, max_cols: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_groups: int,
                  over_batch: bool, on_gpu: bool, target: int, block_elems: Optional[int],
-                 max_block_c: Optional[int], elem_bytes: int = 4) -> LaunchPlan:
+                 max_block_c: Optional[int], elem_bytes: int = 4,
+                 group_blocks: bool = True) -> LaunchPlan:
     """plan_launch's arithmetic, memoised: eager calls repeat the same few shapes."""
     n, c = int(shape[0]), int(shape[1])
     s = math.prod(int(d) for d in shape[2:])
@@ -632,7 +635,7 @@ def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_grou
     gb = 1
     max_cols = min(cap_c, elems)
     fused_min = max(1, target // 2)  # blocks from which one program per block fills the GPU
-    if strides[1] == 1 and g > 1 and cg < max_cols and cg * elem_bytes < 128:
+    if group_blocks and strides[1] == 1 and g > 1 and cg < max_cols and cg * elem_bytes < 128:
         # channels contiguous and a group narrower than a line: a block of groups per program
         want = max(1, min(max_cols, 128 // elem_bytes) // cg)  # groups in a 128-byte row
         if not over_batch:
