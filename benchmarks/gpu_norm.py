@@ -262,7 +262,9 @@ def _check(case: Case, impl: Callable, ref: Callable) -> float:
 
 
 def run_benchmarks(cases: List[Case], impl_names: Sequence[str], modes: Sequence[str],
-                   graphs: Sequence[bool], copy_gbps: float, l2_bytes: int) -> List[dict]:
+                   graphs: Sequence[bool], copy_gbps: float, l2_bytes: int,
+                   on_case: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+    """Time every (case, impl, mode, graph); ``on_case(rows so far)`` after each case."""
     impls = make_impls(impl_names)
     torch_ref = lambda x, w, b, g: F.group_norm(x, g, w, b, 1e-5)  # noqa: E731
     bn_ref = lambda x, w, b, g: F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)  # noqa: E731
@@ -296,14 +298,23 @@ def run_benchmarks(cases: List[Case], impl_names: Sequence[str], modes: Sequence
                           f"({100 * fl / us:5.1f}% of floor) {status}", flush=True)
         del xs, dys
         torch.cuda.empty_cache()
+        if on_case is not None:
+            on_case(rows)
     return rows
 
 
-def write_results(rows: List[dict], meta: dict, out_dir: str) -> Tuple[str, str]:
+def result_base(meta: dict, out_dir: str) -> str:
+    """``OUT/gpu_norm_<device>_<utc time>`` (the .csv and .json share it)."""
     os.makedirs(out_dir, exist_ok=True)
     dev = meta["device"].replace(" ", "_").replace("/", "_")
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = os.path.join(out_dir, f"gpu_norm_{dev}_{stamp}")
+    return os.path.join(out_dir, f"gpu_norm_{dev}_{stamp}")
+
+
+def write_results(rows: List[dict], meta: dict, base: str) -> Tuple[str, str]:
+    """(Re)write ``base``.csv and .json with every row so far: called after each case, so a
+    run stopped by a time limit keeps what it measured (``meta['complete']`` says whether it
+    finished)."""
     with open(base + ".csv", "w", newline="") as f:
         if rows:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -357,8 +368,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 time=_dt.datetime.now(_dt.timezone.utc).isoformat())
     print(f"device {props.name}: copy bandwidth {copy_gbps:.0f} GB/s, L2 {l2 >> 20} MiB")
     graphs = [False] if args.no_graph else [False, True]
-    rows = run_benchmarks(cases, args.impls, args.modes, graphs, copy_gbps, l2)
-    csv_path, json_path = write_results(rows, meta, args.out)
+    base = result_base(meta, args.out)
+    meta["complete"] = False
+    rows = run_benchmarks(cases, args.impls, args.modes, graphs, copy_gbps, l2,
+                          on_case=lambda so_far: write_results(so_far, meta, base))
+    meta["complete"] = True
+    csv_path, json_path = write_results(rows, meta, base)
     print(f"wrote {csv_path} and {json_path}")
     return 0
 

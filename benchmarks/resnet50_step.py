@@ -151,6 +151,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     torch.backends.cudnn.benchmark = True
     props = torch.cuda.get_device_properties(0)
+    meta = dict(device=props.name, torch=torch.__version__, python=platform.python_version(),
+                builder=builder, steps=args.steps, warmup=args.warmup,
+                time=_dt.datetime.now(_dt.timezone.utc).isoformat(), complete=False)
+    os.makedirs(args.out, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = os.path.join(args.out, f"resnet50_step_{props.name.replace(' ', '_')}_{stamp}")
     rows: List[Dict] = []
     for batch in args.batches:
         base_ms = None
@@ -169,21 +175,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   + (f"  {row['vs_bn']:.2f}x BN" if row["vs_bn"] else ""), flush=True)
             del model
             torch.cuda.empty_cache()
+            _write(base, meta, rows)  # after every model: a time limit keeps what was measured
 
-    meta = dict(device=props.name, torch=torch.__version__, python=platform.python_version(),
-                builder=builder, steps=args.steps, warmup=args.warmup,
-                time=_dt.datetime.now(_dt.timezone.utc).isoformat())
-    os.makedirs(args.out, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = os.path.join(args.out, f"resnet50_step_{props.name.replace(' ', '_')}_{stamp}")
+    meta["complete"] = True
+    _write(base, meta, rows)
+    print(f"wrote {base}.csv and {base}.json")
+    return 0
+
+
+def _write(base: str, meta: dict, rows: List[Dict]) -> None:
     with open(base + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"wrote {base}.csv and {base}.json")
-    return 0
 
 
 if __name__ == "__main__":

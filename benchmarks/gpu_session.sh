@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Everything a lent GPU session runs, in one or two device calls (each at most 10 minutes).
+#
+#   bash benchmarks/gpu_session.sh check     # environment, GPU tests, a short kernel benchmark (~5 min)
+#   bash benchmarks/gpu_session.sh bench     # the REFERENCE section 6 kernel set + ResNet-50 step (~9 min)
+#
+# Run through the device tool from the repository root. It writes under $OUT (the device tool
+# returns that folder; locally: benchmarks/results/session-<time>): env.txt, tests.log, the
+# benchmarks' CSV/JSON and logs. Copy the CSV/JSON you keep to benchmarks/results/ and record
+# floor, prediction and measurement in benchmarks/NOTES.md.
+#
+# Liger-Kernel (a pure-Python wheel; the device has no package index) is used when a wheel is
+# carried in .whl/ (`pip download liger-kernel --no-deps -d .whl` here, then carry ".whl").
+# Nothing is installed into the device's Python: normlab is put on PYTHONPATH, Liger into a
+# private folder.
+set -u
+part="${1:-check}"
+case "$part" in check|bench) ;; *) echo "usage: $0 check|bench" >&2; exit 2 ;; esac
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+out="${OUT:-$root/benchmarks/results/session-$(date -u +%Y%m%dT%H%M%S)}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+
+if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
+    liger_dir="$(mktemp -d)"
+    "$py" -m pip install -q --no-deps --no-index --target "$liger_dir" .whl/liger_kernel-*.whl \
+        && export PYTHONPATH="$PYTHONPATH:$liger_dir"
+fi
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1
+    "$py" - <<'EOF'
+import torch, triton
+print("torch", torch.__version__, "triton", triton.__version__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(p.name, p.multi_processor_count, "SMs", getattr(p, "L2_cache_size", 0) // 2**20, "MiB L2")
+try:
+    import liger_kernel  # noqa: F401
+    print("liger_kernel available")
+except Exception as e:  # noqa: BLE001
+    print("liger_kernel not available:", type(e).__name__)
+EOF
+} 2>&1 | tee "$out/env.txt"
+
+status=0
+if [ "$part" = check ]; then
+    # every test that uses the GPU: Triton kernels on CUDA (same tests as the interpreter runs),
+    # auto -> triton selection, inductor fullgraph, CUDA-graph fwd+bwd, modules, functional
+    timeout 300 "$py" -m pytest -q -p no:cacheprovider -x tests/backends tests/test_compile.py \
+        tests/nn tests/test_functional.py tests/test_spp.py > "$out/tests.log" 2>&1 || status=1
+    tail -15 "$out/tests.log"
+    # the channels_last cases where v1 and v2 plans differ, plus BN, in eager and graph replay
+    timeout 200 "$py" benchmarks/gpu_norm.py --dtypes bf16 --max-cases 8 --out "$out" \
+        > "$out/gpu_norm_check.log" 2>&1 || status=1
+    tail -40 "$out/gpu_norm_check.log"
+else
+    timeout 330 "$py" benchmarks/gpu_norm.py --set ref6 --out "$out" \
+        > "$out/gpu_norm.log" 2>&1 || status=1
+    tail -25 "$out/gpu_norm.log"
+    timeout 220 "$py" benchmarks/resnet50_step.py --batches 8 64 128 --steps 20 --warmup 5 \
+        --out "$out" > "$out/resnet50_step.log" 2>&1 || status=1
+    tail -12 "$out/resnet50_step.log"
+fi
+echo "results in $out (exit $status)"
+exit $status
