@@ -92,3 +92,40 @@ def test_errors():
         convert_norm(_model(), "groupy")
     with pytest.raises(TypeError, match="model must be an nn.Module, got dict"):
         convert_norm({}, "gn")
+
+
+def _trained_bn(cls, c, **kw):
+    bn = cls(c, **kw)
+    with torch.no_grad():
+        if bn.weight is not None:
+            bn.weight.copy_(torch.rand(c) + 0.5)
+            bn.bias.copy_(torch.randn(c))
+        if bn.running_mean is not None:
+            bn.running_mean.copy_(torch.randn(c))
+            bn.running_var.copy_(torch.rand(c) * 0.1 + 0.01)  # small: eps matters
+    return bn
+
+
+def test_class_and_partial_targets_carry_eps_momentum_affine():
+    import functools
+
+    m = nn.Sequential(_trained_bn(nn.BatchNorm2d, 4, eps=1e-1, momentum=0.3)).eval()
+    x = off_centre(2, 4, 3, 3)
+    expected = m(x)
+    convert_norm(m, nlnn.FrozenBatchNorm2d)  # by class: the same exact freeze as "frozenbn"
+    assert type(m[0]) is nlnn.FrozenBatchNorm2d and m[0].eps == 1e-1
+    assert torch.equal(m(x), expected)
+
+    m = nn.Sequential(_trained_bn(nn.BatchNorm2d, 4, eps=1e-1, momentum=0.3))
+    convert_norm(m, nlnn.BatchNorm2d)
+    assert (m[0].eps, m[0].momentum) == (1e-1, 0.3)
+    m = nn.Sequential(_trained_bn(nn.BatchNorm2d, 4, eps=1e-1, affine=False))
+    convert_norm(m, nn.GroupNorm)
+    assert (m[0].eps, m[0].affine) == (1e-1, False)
+    m = nn.Sequential(_trained_bn(nn.BatchNorm2d, 4, eps=1e-1))
+    convert_norm(m, functools.partial(nlnn.GroupNorm, 2, eps=1e-3))  # bound in the partial: kept
+    assert (m[0].num_groups, m[0].eps) == (2, 1e-3)
+    m = nn.Sequential(_trained_bn(nn.BatchNorm2d, 4, eps=1e-1))
+    convert_norm(m, nlnn.BatchNorm2d, eps=1e-4)  # given: kept
+    assert m[0].eps == 1e-4
+

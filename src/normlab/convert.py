@@ -14,18 +14,22 @@ replaced.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from normlab.factory import NormSpec, canonical_name, create_norm, get_norm_class
+from normlab.nn.batch_renorm import _BatchRenorm
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
 
 __all__ = ["convert_norm", "ConversionSummary", "Replacement"]
 
 _SOURCE_TYPES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 _BN_LIKE = ("bn", "brn", "syncbn")
+_CARRIED = ("eps", "momentum", "affine", "track_running_stats")
 
 
 @dataclasses.dataclass
@@ -58,10 +62,35 @@ def _dims_of(module: nn.Module) -> int:
     return 2
 
 
+def _is_frozen_target(to: NormSpec) -> bool:
+    return inspect.isclass(to) and issubclass(to, FrozenBatchNorm2d)
+
+
+def _carried_by_signature(module: nn.Module, to: NormSpec, kwargs: dict[str, Any]) -> dict:
+    """For a class or partial target: the BatchNorm settings (eps, momentum, affine,
+    track_running_stats) that the target's constructor accepts and that neither ``kwargs`` nor
+    the partial already give."""
+    try:
+        params = inspect.signature(to).parameters
+    except (TypeError, ValueError):  # a callable without a signature: carry nothing
+        return {}
+    bound = to.keywords if isinstance(to, functools.partial) else {}
+    target = to.func if isinstance(to, functools.partial) else to
+    carried = {}
+    for name in _CARRIED:
+        if name in params and name not in kwargs and name not in bound and hasattr(module, name):
+            carried[name] = getattr(module, name)
+    if inspect.isclass(target) and issubclass(target, _BatchRenorm):
+        carried.pop("momentum", None)  # as for "brn": Batch Renorm keeps its own rate
+    return carried
+
+
 def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any]) -> nn.Module:
     c = module.num_features
     kw = dict(kwargs)
     key = canonical_name(to) if isinstance(to, str) else None
+    if key is None:
+        kw.update(_carried_by_signature(module, to, kwargs))
     if key is not None:
         kw.setdefault("eps", module.eps)
         if key in ("bn", "in", "brn", "frozenbn", "syncbn"):
@@ -78,9 +107,10 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any]) -> nn.Module
             kw.setdefault("affine", False)
         if key == "none":
             kw = {}
-    if key == "frozenbn":
+    if key == "frozenbn" or _is_frozen_target(to):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            new = FrozenBatchNorm2d.from_batchnorm(module)
+            cls = to if _is_frozen_target(to) else FrozenBatchNorm2d
+            new = cls.from_batchnorm(module)
             if "eps" in kwargs:
                 new.eps = kwargs["eps"]
             return new
@@ -110,7 +140,10 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
             the new module is returned instead.
         to: a create_norm name ("gn", "frozenbn", "bn", ...), class or partial.
         **kwargs: for the new modules (e.g. ``num_groups=16``); eps, momentum and affine are
-            carried over from each BatchNorm unless given.
+            carried over from each BatchNorm unless given (for a class or partial target: those
+            of eps, momentum, affine and track_running_stats its constructor names and the
+            partial does not bind). A FrozenBatchNorm2d class target freezes exactly, as
+            ``"frozenbn"`` does.
 
     Returns:
         The model, with ``model.normlab_conversion`` summarising the replacements.
