@@ -129,3 +129,10 @@ def test_class_and_partial_targets_carry_eps_momentum_affine():
     convert_norm(m, nlnn.BatchNorm2d, eps=1e-4)  # given: kept
     assert m[0].eps == 1e-4
 
+
+@pytest.mark.parametrize("to", ["ln", "ln2d", "brn", "gn", "in"])
+def test_affine_false_is_carried_to_every_target(to):
+    m = nn.Sequential(nn.BatchNorm2d(8, affine=False))
+    convert_norm(m, to)
+    assert m[0].weight is None and m[0].bias is None and not list(m[0].parameters())
+

@@ -103,8 +103,8 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any]) -> nn.Module
                 kw.setdefault("affine", module.affine)
         if key in ("bn", "syncbn") and hasattr(module, "track_running_stats"):
             kw.setdefault("track_running_stats", module.track_running_stats)
-        if key == "gn" and not getattr(module, "affine", True):
-            kw.setdefault("affine", False)
+        if key in ("gn", "ln", "ln2d", "brn") and not getattr(module, "affine", True):
+            kw.setdefault("affine", False)  # no affine stays no affine (no new parameters)
         if key == "none":
             kw = {}
     if key == "frozenbn" or _is_frozen_target(to):
