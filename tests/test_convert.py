@@ -136,3 +136,12 @@ def test_affine_false_is_carried_to_every_target(to):
     convert_norm(m, to)
     assert m[0].weight is None and m[0].bias is None and not list(m[0].parameters())
 
+
+def test_frozen_parameters_stay_frozen():
+    m = nn.Sequential(_trained_bn(nn.BatchNorm2d, 8), nn.BatchNorm2d(8))
+    m[0].weight.requires_grad_(False)
+    m[0].bias.requires_grad_(False)
+    convert_norm(m, "gn", num_groups=4)
+    assert not m[0].weight.requires_grad and not m[0].bias.requires_grad
+    assert m[1].weight.requires_grad and m[1].bias.requires_grad
+

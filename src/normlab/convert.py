@@ -123,6 +123,8 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any]) -> nn.Module
             src, dst = getattr(module, attr, None), getattr(new, attr, None)
             if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
                 dst.copy_(src)
+                if isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter):
+                    dst.requires_grad_(src.requires_grad)  # frozen affine stays frozen
         src_n = getattr(module, "num_batches_tracked", None)
         dst_n = getattr(new, "num_batches_tracked", None)
         if isinstance(src_n, torch.Tensor) and isinstance(dst_n, torch.Tensor):
