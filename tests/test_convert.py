@@ -145,3 +145,21 @@ def test_frozen_parameters_stay_frozen():
     assert not m[0].weight.requires_grad and not m[0].bias.requires_grad
     assert m[1].weight.requires_grad and m[1].bias.requires_grad
 
+
+
+def test_frozenbn_refuses_non_2d_batchnorm_before_changing_anything():
+    m = nn.Sequential(nn.BatchNorm2d(4), nn.Flatten(), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match=r"'2' \(BatchNorm1d\).*FrozenBatchNorm2d.*4-D"):
+        convert_norm(m, "frozenbn")
+    assert type(m[0]) is nn.BatchNorm2d  # nothing replaced: no half-converted model
+    m = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm3d(4))
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm3d\)"):
+        convert_norm(m, nlnn.FrozenBatchNorm2d)
+    m = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        convert_norm(m, "frozenbn")
+    assert type(m[0]) is nn.BatchNorm2d
+    with pytest.raises(ValueError, match="eps must be a positive finite number, got 0"):
+        convert_norm(nn.Sequential(nn.BatchNorm2d(4)), "frozenbn", eps=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'momentum'"):
+        convert_norm(nn.Sequential(nn.BatchNorm2d(4)), "frozenbn", momentum=0.1)

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from normlab.factory import NormSpec, canonical_name, create_norm, get_norm_class
-from normlab.nn.batch_renorm import _BatchRenorm
+from normlab import functional as NF
+from normlab.nn.batch_renorm import BatchRenorm1d, _BatchRenorm
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
 
 __all__ = ["convert_norm", "ConversionSummary", "Replacement"]
@@ -55,6 +56,10 @@ class ConversionSummary:
 
 
 def _dims_of(module: nn.Module) -> int:
+    if isinstance(module, (nn.BatchNorm1d, nn.LazyBatchNorm1d, BatchRenorm1d)):
+        return 1
+    if isinstance(module, (nn.BatchNorm3d, nn.LazyBatchNorm3d)):
+        return 3
     name = type(module).__name__
     for d in (1, 3):
         if name.endswith(f"{d}d"):
@@ -85,7 +90,32 @@ def _carried_by_signature(module: nn.Module, to: NormSpec, kwargs: dict[str, Any
     return carried
 
 
-def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any]) -> nn.Module:
+def _freeze(module: nn.Module, cls: type, kwargs: dict[str, Any], name: str) -> nn.Module:
+    """BN -> FrozenBN: the exact freeze of :meth:`FrozenBatchNorm2d.from_batchnorm`."""
+    what = f"{name or '<root>'!r} ({type(module).__name__})"
+    extra = sorted(set(kwargs) - {"eps", "device", "dtype"})
+    if extra:
+        raise TypeError(
+            f"convert_norm to {cls.__name__}: unexpected keyword argument(s) "
+            f"{', '.join(map(repr, extra))}; it takes eps"
+        )
+    if _dims_of(module) != 2:
+        raise ValueError(
+            f"cannot convert {what} to {cls.__name__}: it takes 4-D (N, C, H, W) input only; "
+            "convert the 2-D BatchNorms alone, or give those modules another target"
+        )
+    if module.running_mean is None or module.running_var is None:
+        raise ValueError(
+            f"cannot convert {what} to {cls.__name__}: it has track_running_stats=False, so "
+            "there are no running statistics to freeze"
+        )
+    new = cls.from_batchnorm(module)
+    if "eps" in kwargs:
+        new.eps = NF.check_eps(kwargs["eps"])
+    return new
+
+
+def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = "") -> nn.Module:
     c = module.num_features
     kw = dict(kwargs)
     key = canonical_name(to) if isinstance(to, str) else None
@@ -109,11 +139,7 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any]) -> nn.Module
             kw = {}
     if key == "frozenbn" or _is_frozen_target(to):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            cls = to if _is_frozen_target(to) else FrozenBatchNorm2d
-            new = cls.from_batchnorm(module)
-            if "eps" in kwargs:
-                new.eps = kwargs["eps"]
-            return new
+            return _freeze(module, to if _is_frozen_target(to) else FrozenBatchNorm2d, kwargs, name)
     new = create_norm(to, c, **kw)
     ref = next(iter(list(module.parameters()) + list(module.buffers())), None)
     if ref is not None:
@@ -169,18 +195,20 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
             ):
                 full = f"{name}.{child_name}" if name else child_name
                 todo.append((module, child_name, child, full))
-    # 2. build one replacement per distinct module, then assign
+    # 2. build one replacement per distinct module (an error leaves the model untouched) ...
     built: dict[int, nn.Module] = {}
     for parent, child_name, child, full in todo:
         if id(child) not in built:
-            built[id(child)] = _build(child, to, kwargs)
+            built[id(child)] = _build(child, to, kwargs, full)
             summary.replaced.append(
                 Replacement(full, type(child).__name__, repr(built[id(child)]), child.num_features)
             )
+    root = _build(model, to, kwargs) if isinstance(model, _SOURCE_TYPES) else None
+    # 3. ... then assign
+    for parent, child_name, child, full in todo:
         setattr(parent, child_name, built[id(child)])
-    if isinstance(model, _SOURCE_TYPES):
-        new = _build(model, to, kwargs)
-        summary.replaced.append(Replacement("", type(model).__name__, repr(new), model.num_features))
-        model = new
+    if root is not None:
+        summary.replaced.append(Replacement("", type(model).__name__, repr(root), model.num_features))
+        model = root
     model.normlab_conversion = summary
     return model
