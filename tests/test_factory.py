@@ -71,3 +71,41 @@ def test_unknown_name_lists_known_ones():
     with pytest.raises(ValueError, match="norm 'frozenbn' supports dims=\\[2\\], got dims=3"):
         create_norm("frozenbn", 8, dims=3)
     assert set(normlab.norm_names()) >= {"bn", "syncbn", "frozenbn", "brn", "gn", "ln", "in", "none"}
+
+
+def test_module_instance_is_a_type_error():
+    with pytest.raises(TypeError, match=r"norm must be a name, a module class or a callable.*"
+                                        r"got a module instance BatchNorm2d"):
+        create_norm(nn.BatchNorm2d(3), 8)
+
+
+@pytest.mark.parametrize("cls", [nn.GroupNorm, nlnn.GroupNorm])
+def test_partial_of_groupnorm_class_with_keywords(cls):
+    m = create_norm(functools.partial(cls, num_groups=32, eps=1e-3), 48)  # group rule: 24
+    assert type(m) is cls and (m.num_groups, m.num_channels, m.eps) == (24, 48, 1e-3)
+    m = create_norm(functools.partial(cls, num_groups=4), 8, affine=False)
+    assert (m.num_groups, m.affine) == (4, False)
+    m = create_norm(functools.partial(cls, 4), 8)  # positional groups: as before
+    assert (m.num_groups, m.num_channels) == (4, 8)
+    x = torch.randn(2, 8, 3, 3) * 2 + 1
+    torch.testing.assert_close(m(x), nn.functional.group_norm(x, 4, m.weight, m.bias))
+
+
+@pytest.mark.parametrize("name", ["bn", "in", "brn", "frozenbn", "gn", "ln", "ln2d"])
+@pytest.mark.parametrize("c", [0, -3, 8.0, True, "8"])
+def test_bad_num_channels_named(name, c):
+    with pytest.raises((ValueError, TypeError), match=f"num_channels must be a positive int, got {c!r}"):
+        create_norm(name, c)
+
+
+def test_unknown_kwargs_named_with_what_is_accepted():
+    with pytest.raises(TypeError, match=r"create_norm\('bn'\): unexpected keyword argument\(s\) "
+                                        r"'foo'; BatchNorm2d takes .*momentum.*dims"):
+        create_norm("bn", 8, foo=1)
+    with pytest.raises(TypeError, match=r"create_norm\('ln'\): unexpected keyword argument\(s\) "
+                                        r"'num_groups'"):
+        create_norm("ln", 8, num_groups=4)
+    with pytest.raises(TypeError, match=r"'bar', 'foo'; GroupNorm takes .*group_size"):
+        create_norm("gn", 8, foo=1, bar=2)
+    with pytest.raises(TypeError, match=r"'momentum'; FrozenBatchNorm2d takes"):
+        create_norm("frozenbn", 8, momentum=0.1)

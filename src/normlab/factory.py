@@ -164,12 +164,16 @@ def create_norm(norm: NormSpec, num_channels: int, **kwargs: Any) -> nn.Module:
 
     Args:
         norm: a name from the table in this module's docstring (case-insensitive), a module class
-            (called as ``cls(num_channels, **kwargs)``; GroupNorm classes as
+            (called as ``cls(num_channels, **kwargs)``; GroupNorm classes, and partials of them
+            that bind only keywords such as ``partial(nn.GroupNorm, num_groups=32)``, as
             ``cls(num_groups, num_channels, **kwargs)`` with the group rule), or any callable such
-            as a ``functools.partial`` (called as ``norm(num_channels, **kwargs)``).
+            as a ``functools.partial`` (called as ``norm(num_channels, **kwargs)``). A module
+            instance is a TypeError.
         num_channels: C.
         **kwargs: passed to the module (``eps``, ``momentum``, ``affine``, ``activation`` for
-            gn/ln, ``num_groups``/``group_size`` for gn, ``dims`` for bn/in/brn).
+            gn/ln, ``num_groups``/``group_size`` for gn, ``dims`` for bn/in/brn). For a name, a
+            keyword the module does not take is a TypeError naming it and those it takes ("none"
+            takes and ignores any).
 
     Example::
 
@@ -177,8 +181,20 @@ def create_norm(norm: NormSpec, num_channels: int, **kwargs: Any) -> nn.Module:
         >>> create_norm("gn", 48, num_groups=32)        # GroupNorm(24, 48), by the group rule
         >>> create_norm(functools.partial(GroupNorm, 8), 64)
     """
+    if isinstance(norm, nn.Module):  # callable, but its forward is not a factory
+        raise TypeError(
+            "norm must be a name, a module class or a callable that builds a module, got a module "
+            f"instance {type(norm).__name__}; pass its class (or a functools.partial) instead"
+        )
     if isinstance(norm, str):
-        return _BUILDERS[canonical_name(norm)](num_channels, **kwargs)
+        key = canonical_name(norm)
+        if key != "none":
+            _check_num_channels(num_channels)
+            _check_kwargs(norm, key, kwargs)
+        return _BUILDERS[key](num_channels, **kwargs)
+    if _is_groupnorm_partial(norm):  # partial(GroupNorm, num_groups=32, ...): the class path
+        kwargs = {**norm.keywords, **kwargs}
+        norm = norm.func
     if inspect.isclass(norm) and issubclass(norm, nn.GroupNorm):
         groups = resolve_groups(num_channels, kwargs.pop("num_groups", None),
                                 kwargs.pop("group_size", None))
@@ -188,3 +204,44 @@ def create_norm(norm: NormSpec, num_channels: int, **kwargs: Any) -> nn.Module:
     raise TypeError(
         f"norm must be a name, a module class or a callable, got {type(norm).__name__}: {norm!r}"
     )
+
+
+def _is_groupnorm_partial(norm: Any) -> bool:
+    return (
+        isinstance(norm, functools.partial) and not norm.args
+        and inspect.isclass(norm.func) and issubclass(norm.func, nn.GroupNorm)
+    )
+
+
+def _check_num_channels(c: Any) -> None:
+    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+        raise ValueError(f"num_channels must be a positive int, got {c!r}")
+
+
+# keyword arguments create_norm itself takes for a name, besides the module's own
+_BUILDER_KWARGS = {
+    "bn": ("dims",), "syncbn": ("dims",), "frozenbn": ("dims",), "brn": ("dims",),
+    "in": ("dims",), "gn": ("num_groups", "group_size"), "ln": (), "ln2d": (),
+}
+_FIXED = {"gn": ("num_channels",), "ln": ("num_groups", "num_channels", "group_size")}
+
+
+def _check_kwargs(norm: str, key: str, kwargs: dict) -> None:
+    """Unknown keyword arguments for a named norm: one TypeError naming them and what is taken."""
+    dims = kwargs.get("dims", 2)
+    try:
+        cls = get_norm_class(key, dims)
+    except ValueError:
+        return  # a bad dims: the builder says so
+    params = inspect.signature(cls).parameters
+    taken = [n for n, p in params.items()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)][1:]  # after num_features/C
+    if key in _FIXED:
+        taken = [n for n in params if n not in _FIXED[key]]
+    taken += [n for n in _BUILDER_KWARGS[key] if n not in taken]
+    unknown = sorted(set(kwargs) - set(taken))
+    if unknown:
+        raise TypeError(
+            f"create_norm({norm!r}): unexpected keyword argument(s) "
+            f"{', '.join(map(repr, unknown))}; {cls.__name__} takes {', '.join(taken)}"
+        )
