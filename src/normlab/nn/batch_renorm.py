@@ -19,11 +19,11 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from normlab import functional as NF
 from normlab.backends.reference import _channel_view, update_running_stats
-from normlab.nn.batchnorm import check_num_channels
+from normlab.nn.batchnorm import check_num_channels, fx_leaf
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
 
@@ -72,6 +72,8 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         return 1.0 + (self.r_max - 1.0) * ramp(self.r_max_steps), self.d_max * ramp(self.d_max_steps)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return fx_leaf(self, input)
         self._check_input_dim(input)
         NF.check_input(input)
         check_num_channels(self, input, self.num_features)

@@ -10,7 +10,7 @@ runs through :func:`normlab.functional.batch_norm` and the selected backend.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from normlab import functional as NF
 
@@ -23,6 +23,15 @@ def check_num_channels(module: nn.Module, x: Tensor, expected: int, channel_dim:
             f"{type(module).__name__} expects {expected} channels (dim {channel_dim}), got input of "
             f"shape {tuple(x.shape)} with {x.shape[channel_dim]} channels"
         )
+
+
+def fx_leaf(module: nn.Module, input: "fx.Proxy") -> "fx.Proxy":
+    """Under ``torch.fx.symbolic_trace`` (input is a Proxy): record ``module`` as one call_module
+    node, as FX does for torch.nn's own norms (leaves by their module path), instead of tracing
+    into checks on the input's shape that a Proxy cannot answer. The graph then runs the module
+    itself: same output, same buffer updates."""
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
 class _BatchNormForward:
@@ -39,6 +48,8 @@ class _BatchNormForward:
         return factor
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return fx_leaf(self, input)
         self._check_input_dim(input)
         NF.check_input(input)
         check_num_channels(self, input, self.num_features)

@@ -10,10 +10,10 @@ mode, so it is bit-for-bit the eval output of the BatchNorm it was made from.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from normlab import functional as NF
-from normlab.nn.batchnorm import check_num_channels
+from normlab.nn.batchnorm import check_num_channels, fx_leaf
 
 __all__ = ["FrozenBatchNorm2d"]
 
@@ -75,6 +75,8 @@ class FrozenBatchNorm2d(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return fx_leaf(self, input)
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
         NF.check_input(input)

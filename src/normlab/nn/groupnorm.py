@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from normlab import functional as NF
-from normlab.nn.batchnorm import check_num_channels
+from normlab.nn.batchnorm import check_num_channels, fx_leaf
 
 __all__ = ["GroupNorm"]
 
@@ -88,6 +88,8 @@ class GroupNorm(nn.GroupNorm):
         self.activation = NF.check_activation(activation)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return fx_leaf(self, input)
         NF.check_input(input)
         check_num_channels(self, input, self.num_channels)
         return NF.group_norm(

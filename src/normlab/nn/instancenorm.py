@@ -8,14 +8,20 @@ normalization call differs.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from normlab import functional as NF
+from normlab.nn.batchnorm import fx_leaf
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
 class _InstanceNormForward:
+    def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return fx_leaf(self, input)
+        return super().forward(input)  # torch's: unbatched input, num_features checks
+
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         return NF.instance_norm(
             input,

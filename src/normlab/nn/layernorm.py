@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from normlab import functional as NF
 from normlab.backends.reference import output_memory_format
-from normlab.nn.batchnorm import check_num_channels
+from normlab.nn.batchnorm import check_num_channels, fx_leaf
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
 
@@ -46,6 +46,8 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return fx_leaf(self, input)
         return NF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -93,6 +95,8 @@ class LayerNorm2d(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return fx_leaf(self, input)
         NF.check_input(input)
         check_num_channels(self, input, self.num_channels)
         fmt = output_memory_format(input)

@@ -21,9 +21,10 @@ import math
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from normlab import functional as NF
+from normlab.nn.batchnorm import fx_leaf
 
 __all__ = ["WSConv2d", "ScaledStdConv2d", "standardize_weight"]
 
@@ -59,6 +60,8 @@ class WSConv2d(nn.Conv2d):
         self.eps = NF.check_eps(eps)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return fx_leaf(self, input)
         return self._conv_forward(input, standardize_weight(self.weight, self.eps), self.bias)
 
     def extra_repr(self) -> str:
@@ -109,6 +112,8 @@ class ScaledStdConv2d(nn.Conv2d):
         return standardize_weight(self.weight, self.eps, scale)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return fx_leaf(self, input)
         return self._conv_forward(input, self.standardized_weight(), self.bias)
 
     def extra_repr(self) -> str:

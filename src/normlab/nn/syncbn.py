@@ -39,11 +39,11 @@ from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from normlab import functional as NF
 from normlab.backends.reference import compute_dtype, output_memory_format
-from normlab.nn.batchnorm import _BatchNormForward, check_num_channels
+from normlab.nn.batchnorm import _BatchNormForward, check_num_channels, fx_leaf
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "global_batch_stats"]
 
@@ -262,6 +262,8 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         return group, dist.get_world_size(group)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return fx_leaf(self, input)
         self._check_input_dim(input)
         NF.check_input(input)
         check_num_channels(self, input, self.num_features)
