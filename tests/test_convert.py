@@ -163,3 +163,12 @@ def test_frozenbn_refuses_non_2d_batchnorm_before_changing_anything():
         convert_norm(nn.Sequential(nn.BatchNorm2d(4)), "frozenbn", eps=0)
     with pytest.raises(TypeError, match="unexpected keyword argument.*'momentum'"):
         convert_norm(nn.Sequential(nn.BatchNorm2d(4)), "frozenbn", momentum=0.1)
+
+
+def test_uninitialized_lazy_batchnorm_is_named():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"'1' \(LazyBatchNorm2d\).*not initialized.*forward"):
+        convert_norm(m, "gn")
+    m(off_centre(2, 3, 4, 4))  # after one forward it is a BatchNorm2d(4)
+    convert_norm(m, "gn", num_groups=2)
+    assert isinstance(m[1], nlnn.GroupNorm) and m[1].num_channels == 4

@@ -116,6 +116,11 @@ def _freeze(module: nn.Module, cls: type, kwargs: dict[str, Any], name: str) -> 
 
 
 def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = "") -> nn.Module:
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        raise ValueError(
+            f"cannot convert {name or '<root>'!r} ({type(module).__name__}): its parameters are "
+            "not initialized yet, so its channel count is unknown; run one forward pass first"
+        )
     c = module.num_features
     kw = dict(kwargs)
     key = canonical_name(to) if isinstance(to, str) else None

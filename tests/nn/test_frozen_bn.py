@@ -50,3 +50,5 @@ def test_errors():
         nlnn.FrozenBatchNorm2d.from_batchnorm(nn.BatchNorm2d(4, track_running_stats=False))
     with pytest.raises(ValueError, match="expects 6 channels"):
         nlnn.FrozenBatchNorm2d(6)(torch.randn(2, 5, 3, 3))
+    with pytest.raises(TypeError, match="from_batchnorm needs a BatchNorm module, got GroupNorm"):
+        nlnn.FrozenBatchNorm2d.from_batchnorm(nn.GroupNorm(2, 4))

@@ -52,6 +52,10 @@ class FrozenBatchNorm2d(nn.Module):
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> "FrozenBatchNorm2d":
         """A frozen copy of ``bn`` (its running statistics, affine and eps)."""
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise TypeError(
+                f"from_batchnorm needs a BatchNorm module, got {type(bn).__name__}"
+            )
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(
                 f"cannot freeze {type(bn).__name__} with track_running_stats=False: "
