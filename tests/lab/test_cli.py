@@ -305,3 +305,37 @@ def test_killing_the_study_stops_its_training_processes(tmp_path):
     r = _cli(*args, timeout=300)
     assert r.returncode == 0, r.stderr
     assert _db(tmp_path).execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 10
+
+
+def test_ctrl_c_with_jobs_is_one_line_then_the_rerun_finishes(tmp_path):
+    # Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the study process
+    # and its --jobs training processes. No traceback from any of them, status 130, the store
+    # sound; the same command then finishes every run.
+    args = ["reproduce", "norms", "--quick", "--data", "synthetic", "--no-report",
+            "--set", f"data_kwargs={SMALL}", "--set", "epochs=3", "--set", "threads=1",
+            "--out", str(tmp_path)]
+    p = subprocess.Popen([sys.executable, "-m", "normlab.lab.cli", *args, "--jobs", "2"],
+                         stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+        try:
+            con = _db(tmp_path)
+            n = con.execute("SELECT COUNT(*) FROM runs WHERE status='running'").fetchone()[0]
+            con.close()
+        except sqlite3.OperationalError:
+            continue
+        if n >= 1:
+            break
+    assert p.poll() is None, "the study finished before it could be interrupted"
+    time.sleep(0.3)  # the workers are training
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines() == ["interrupted; re-run the same command to resume"], err
+    assert _db(tmp_path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    r = runner.invoke(app, [*args, "--jobs", "1"])  # the same study, here in this process
+    assert r.exit_code == 0, r.output
+    assert _db(tmp_path).execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 5

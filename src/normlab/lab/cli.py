@@ -31,13 +31,15 @@ single-process runs at once) does not combine with it. Started by torchrun direc
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import re
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -194,13 +196,30 @@ def _worker(points: list, out: str, threads: int, parent: int) -> None:
         run_points(points, store, progress_for=progress_for, poll_s=1.0)
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while the block runs (in the main thread; elsewhere a no-op). A process
+    started meanwhile keeps ignoring it: an ignored signal stays ignored through exec, and Python
+    installs its KeyboardInterrupt handler only where SIGINT is not ignored at startup."""
+    try:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _run_parallel(points: list, store: Any, jobs: int, out: Path) -> dict[str, int]:
     ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     procs = [ctx.Process(target=_worker, args=(points, str(out), threads, os.getpid()), daemon=True)
              for _ in range(jobs)]
-    for pr in procs:
-        pr.start()
+    with _sigint_ignored():  # inherited through exec: Ctrl-C (SIGINT to the whole process group)
+        for pr in procs:     # reaches this process alone, which stops them (daemons: SIGTERM at
+            pr.start()       # exit) instead of each printing a KeyboardInterrupt traceback
     ids = {p.cfg.run_id(): p for p in points}
     reported: set[str] = set()
     already = {r["run_id"] for r in store.runs("done") if r["run_id"] in ids}
