@@ -99,6 +99,7 @@ def _trained_bn(cls, c, **kw):
     with torch.no_grad():
         if bn.weight is not None:
             bn.weight.copy_(torch.rand(c) + 0.5)
+        if bn.bias is not None:
             bn.bias.copy_(torch.randn(c))
         if bn.running_mean is not None:
             bn.running_mean.copy_(torch.randn(c))
@@ -172,3 +173,11 @@ def test_uninitialized_lazy_batchnorm_is_named():
     m(off_centre(2, 3, 4, 4))  # after one forward it is a BatchNorm2d(4)
     convert_norm(m, "gn", num_groups=2)
     assert isinstance(m[1], nlnn.GroupNorm) and m[1].num_channels == 4
+
+
+@pytest.mark.parametrize("to", ["bn", "syncbn", "in", "gn", "ln", nn.GroupNorm, nlnn.BatchNorm2d])
+def test_bias_false_is_carried(to):
+    bn = _trained_bn(nn.BatchNorm2d, 8, bias=False)
+    m = convert_norm(nn.Sequential(bn), to)
+    assert m[0].bias is None and torch.equal(m[0].weight, bn.weight)
+    assert [n for n, _ in m[0].named_parameters()] == ["weight"]

@@ -87,7 +87,14 @@ def _carried_by_signature(module: nn.Module, to: NormSpec, kwargs: dict[str, Any
             carried[name] = getattr(module, name)
     if inspect.isclass(target) and issubclass(target, _BatchRenorm):
         carried.pop("momentum", None)  # as for "brn": Batch Renorm keeps its own rate
+    if "bias" in params and "bias" not in kwargs and "bias" not in bound and _no_bias(module):
+        carried["bias"] = False
     return carried
+
+
+def _no_bias(module: nn.Module) -> bool:
+    """An affine BatchNorm built with ``bias=False`` (torch >= 2.11): weight, no bias."""
+    return getattr(module, "affine", False) and getattr(module, "bias", 0) is None
 
 
 def _freeze(module: nn.Module, cls: type, kwargs: dict[str, Any], name: str) -> nn.Module:
@@ -140,6 +147,8 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = 
             kw.setdefault("track_running_stats", module.track_running_stats)
         if key in ("gn", "ln", "ln2d", "brn") and not getattr(module, "affine", True):
             kw.setdefault("affine", False)  # no affine stays no affine (no new parameters)
+        if key in ("bn", "syncbn", "in", "gn", "ln") and _no_bias(module):
+            kw.setdefault("bias", False)  # a weight without bias stays so
         if key == "none":
             kw = {}
     if key == "frozenbn" or _is_frozen_target(to):
