@@ -339,3 +339,24 @@ def test_ctrl_c_with_jobs_is_one_line_then_the_rerun_finishes(tmp_path):
     r = runner.invoke(app, [*args, "--jobs", "1"])  # the same study, here in this process
     assert r.exit_code == 0, r.output
     assert _db(tmp_path).execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 5
+
+
+def test_unusable_out_dir_or_store_is_one_line_and_keeps_the_file(tmp_path):
+    # --out naming a file, and a results.sqlite that is not a database: one error line naming
+    # the path, exit 2, no traceback; the user's file is left as it was
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.sqlite").write_text("not a database")
+    cases = [(["ls", str(bad)], "is not a readable results store"),
+             (["report", str(bad)], "is not a readable results store"),
+             (["spp", "resnet20", "--batch", "2", "--resolution", "8", "--out", str(a_file)],
+              "cannot use output directory")]
+    for args, needle in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith("error:") and needle in r.output, r.output
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 2, r.output
+    assert a_file.read_text() == "mine"
+    assert (bad / "results.sqlite").read_text() == "not a database"

@@ -102,16 +102,30 @@ class Store:
 
             raise ConfigError(f"no results store at {str(self.path)!r}",
                               hint="run `normlab reproduce --out DIR` first, or check the path")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        from normlab.lab.config import ConfigError
+
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file of that name, no permission, a read-only place
+            why = ("it is a file, not a directory" if self.dir.exists() and not self.dir.is_dir()
+                   else e.strerror or type(e).__name__)
+            raise ConfigError(f"cannot use output directory {str(self.dir)!r}: {why}",
+                              hint="pass --out a directory you can write to") from None
         self.con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self.con.row_factory = sqlite3.Row
-        self.con.execute("PRAGMA busy_timeout=60000")
-        self._set_wal()
-        self.con.execute("PRAGMA synchronous=NORMAL")
-        with self.transaction():
-            for stmt in _SCHEMA.strip().split(";"):
-                if stmt.strip():
-                    self.con.execute(stmt)
+        try:
+            self.con.row_factory = sqlite3.Row
+            self.con.execute("PRAGMA busy_timeout=60000")
+            self._set_wal()
+            self.con.execute("PRAGMA synchronous=NORMAL")
+            with self.transaction():
+                for stmt in _SCHEMA.strip().split(";"):
+                    if stmt.strip():
+                        self.con.execute(stmt)
+        except sqlite3.DatabaseError as e:  # not a database, damaged, unwritable, locked
+            self.con.close()
+            raise ConfigError(f"{str(self.path)!r} is not a readable results store ({e})",
+                              hint="it is left as it is: move it away or pass another --out / "
+                                   "DIR") from None
 
     def _set_wal(self, timeout: float = 60.0) -> None:
         """Switch to WAL. Changing the journal mode needs an exclusive lock and SQLite answers
