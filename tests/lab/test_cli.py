@@ -144,7 +144,9 @@ def _malformed_cifar(tmp_path):
     # a norm for a normalizer-free model: the hint names the flag that set it
     (["train", "--model", "nf_resnet20", "--norm", "gn"], "hint: drop --norm"),
     (["train", "--model", "nf_resnet20", "--set", "norm=bn"], "hint: drop --set norm="),
-    (["reproduce", "--model", "nf_resnet20"], "series 'GN' of study 'batch-size' uses norm 'gn'"),
+    (["reproduce", "--model", "nf_resnet20"], "series 'BN' of study 'batch-size' uses norm 'bn'"),
+    (["reproduce", "nf", "--model", "nf_resnet32"], "hint: run the series without a norm "
+                                                    "(--variants NF)"),
 ])
 def test_errors_are_one_line_and_a_hint(tmp_path, args, needle):
     args = [str(_malformed_cifar(tmp_path)) if a == "MALFORMED" else

@@ -52,3 +52,32 @@ def test_optional_series_train(tmp_path, variant):
         res = train_run(p.cfg, s)
         assert s.run(p.cfg.run_id())["status"] == "done"
     assert 0 <= res["final_test_error"] <= 100
+
+
+@pytest.mark.parametrize("name, user, needle", [
+    ("batch-size", {"batch_size": 4}, "batch_size=4"),                 # the x axis itself
+    ("nf", {"batch_size": 8}, "batch_size=8"),
+    ("norms", {"norm": "gn"}, "norm='gn'"),                            # what names a series
+    ("batch-size", {"norm": "ln"}, "norm='ln'"),
+    ("groups", {"norm_kwargs.num_groups": 4}, "norm_kwargs.num_groups=4"),
+    ("groups", {"norm_kwargs": {"eps": 1e-3}}, "norm_kwargs.num_groups=(removed)"),  # whole dict
+    ("bn-dropout", {"model_kwargs.dropout": 0.1}, "model_kwargs.dropout=0.1"),
+])
+def test_overriding_what_the_study_varies_is_an_error(name, user, needle):
+    # a --set/--config value that replaces a study's axis or series-defining key would train
+    # other configs under the study's labels (e.g. every "BN x=32" point at batch 4): refuse
+    with pytest.raises(ConfigError, match=f"study {name!r} sets") as e:
+        get_study(name).points(user, "quick")
+    assert needle in str(e.value) and "--variants" in e.value.hint
+
+
+def test_overrides_the_study_does_not_vary_still_apply():
+    # the same value as the study's, and keys beside its own, are fine
+    pts = get_study("batch-size").points({"norm": "gn", "norm_kwargs.num_groups": 4}, "quick",
+                                         variants=["GN"])
+    assert {(p.cfg.norm, p.cfg.norm_kwargs["num_groups"]) for p in pts} == {("gn", 4)}
+    assert [p.cfg.batch_size for p in pts] == [32, 16, 8, 4, 2]
+    pts = get_study("groups").points({"norm_kwargs.eps": 1e-3}, "quick")
+    assert all(p.cfg.norm_kwargs["eps"] == 1e-3 for p in pts)
+    assert {p.cfg.model for p in get_study("nf").points({"model": "nf_resnet32"}, "quick",
+                                                        variants=["NF"])} == {"nf_resnet32"}

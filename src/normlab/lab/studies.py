@@ -97,7 +97,9 @@ class Study:
                seeds: Optional[int] = None, variants: Optional[list[str]] = None) -> list[Point]:
         """Every run of the study: variants x xs x seeds. Each config is RunConfig defaults, then
         the preset, the variant and the point's own keys, then ``user`` (the --data/--model/--set
-        choices, which win), then ``seed = user seed + i`` and the series label."""
+        choices, which win, except over what the study varies: its axis and the norm or ws a
+        series names are a ConfigError to override), then ``seed = user seed + i`` and the series
+        label."""
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}", hint=f"choose one of: {', '.join(PRESETS)}")
         variants = variants or self.default_series(int(dict(user or {}).get("world_size", 1)))
@@ -116,17 +118,63 @@ class Study:
                 over = {**self.presets[preset], **self.variants[label], **self.point_overrides(label, x)}
                 cfg = apply_overrides(RunConfig(), over)
                 model = user.get("model", cfg.model)
-                if ("norm" not in user and cfg.norm not in ("bn", "none")
+                # a series that names its norm (BN included) cannot run on an NF model: it would
+                # train the NF model under that series' label
+                named = "norm" in self.variants[label] or cfg.norm != "bn"
+                if ("norm" not in user and cfg.norm != "none" and named
                         and model_takes_norm(model) is False):
+                    fit = [v for v in self.variants if self.variants[v].get("norm") in (None, "none")]
                     raise ConfigError(
                         f"series {label!r} of study {self.name!r} uses norm {cfg.norm!r}, which "
                         f"the normalizer-free model {model!r} does not take",
-                        hint="pick the series to run with --variants (e.g. --variants BN) or a "
-                             "model that takes a norm")
-                cfg = apply_overrides(cfg, user)
+                        hint=(f"run the series without a norm (--variants {','.join(fit)}) or "
+                              if fit else "pick ") + "a model that takes a norm "
+                             "(`normlab ls --models`)")
+                study_cfg, cfg = cfg, apply_overrides(cfg, user)
+                self._check_not_overridden(label, x, study_cfg, cfg, user)
                 for seed in range(n_seeds):
                     out.append(Point(label, x, cfg.replace(seed=seed0 + seed, label=label)))
         return out
+
+    def _check_not_overridden(self, label: str, x: Any, study_cfg: RunConfig, cfg: RunConfig,
+                              user: dict[str, Any]) -> None:
+        """A user override (``--set``, ``--config``, flags) must not change what the study varies
+        for the point (label, x): its axis keys (``point_overrides``) and the keys that name its
+        series (:data:`SERIES_KEYS` a variant sets). Otherwise every point would train another
+        config under the study's label and x, and the report would compare mislabelled runs."""
+        paths = _paths(self.point_overrides(label, x))
+        paths += [k for k in SERIES_KEYS if k in self.variants[label]]
+        for path in paths:
+            head, _, sub = path.partition(".")
+            before, after = (_get(c, head, sub) for c in (study_cfg, cfg))
+            if before == after:
+                continue
+            if not any(k == path or k == head for k in user):
+                continue  # changed as a consequence (e.g. an NF model records norm none)
+            shown = "(removed)" if after is _MISSING else f"{after!r}"
+            raise ConfigError(
+                f"study {self.name!r} sets {path} itself (series {label!r} at {x}: {before!r}); "
+                f"the override {path}={shown} would train another config under that label",
+                hint="drop it from --set/--config (--variants picks series; `normlab train` "
+                     "runs a single config)")
+
+
+#: RunConfig keys that name a study's series when a variant sets them (a BN series must run BN);
+#: other variant keys (e.g. an NF series' model or agc) may be tuned with --set
+SERIES_KEYS = ("norm", "ws")
+_MISSING = object()
+
+
+def _paths(over: dict[str, Any]) -> list[str]:
+    """``{"batch_size": 8, "norm_kwargs": {"num_groups": 4}}`` -> ``["batch_size",
+    "norm_kwargs.num_groups"]``."""
+    return [f"{k}.{sub}" if isinstance(v, dict) else k
+            for k, v in over.items() for sub in (v if isinstance(v, dict) else [None])]
+
+
+def _get(cfg: RunConfig, head: str, sub: str) -> Any:
+    v = getattr(cfg, head)
+    return v.get(sub, _MISSING) if sub else v
 
 
 BATCHES = [32, 16, 8, 4, 2]
