@@ -114,6 +114,12 @@ def _rename_labels(d):
     (("data_batch_4", lambda d: {**d, b"labels": [1, 2]}), "labels for 20 images"),
     # labels out of range
     (("data_batch_5", lambda d: {**d, b"labels": [10] * 20}), "labels outside 0..9"),
+    # labels that are not integers: strings (was a numpy ufunc error), fractions (were truncated)
+    (("data_batch_1", lambda d: {**d, b"labels": ["cat"] * 20}), "labels of type <U3, expected"),
+    (("test_batch", lambda d: {**d, b"labels": [1.5] * 20}), "labels of type float64, expected"),
+    # no images at all (was a torch warning, then a batch-size error)
+    (("test_batch", lambda d: {b"data": np.zeros((0, 3072), np.uint8), b"labels": []}),
+     "holds no images"),
 ])
 def test_malformed_cifar_gives_the_documented_error(tmp_path, corrupt, needle):
     root = tmp_path / "cifar"

@@ -201,11 +201,16 @@ def _read_cifar_file(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
         raise DataError(f"{name}: {str(path)!r} has data of shape {data.shape} dtype {data.dtype}, "
                         f"expected (n, 3072) uint8", hint=_cifar_hint(name, path.parent))
+    if data.shape[0] == 0:
+        raise DataError(f"{name}: {str(path)!r} holds no images", hint=_cifar_hint(name, path.parent))
     if labels.shape != (data.shape[0],):
         raise DataError(f"{name}: {str(path)!r} has {labels.shape} labels for {data.shape[0]} images",
                         hint=_cifar_hint(name, path.parent))
     ncls = CIFAR_EXPECTED[name][4]
-    if labels.size and (labels.min() < 0 or labels.max() >= ncls):
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{name}: {str(path)!r} has labels of type {labels.dtype}, expected "
+                        f"integers 0..{ncls - 1}", hint=_cifar_hint(name, path.parent))
+    if labels.min() < 0 or labels.max() >= ncls:
         raise DataError(f"{name}: {str(path)!r} has labels outside 0..{ncls - 1}",
                         hint=_cifar_hint(name, path.parent))
     return data, labels
