@@ -42,6 +42,12 @@ def test_parse_set_and_apply_dotted_keys():
     ("nope=1", "unknown config key 'nope'"),
     ("lr=-0.1", "lr must be a positive finite number, got -0.1"),
     ("milestones=[1.5]", "milestones must be fractions"),
+    # not a list: a number (was "'float' object is not iterable"), a string (was split into
+    # characters)
+    ("milestones=0.5", "milestones must be a list of fractions in (0, 1), got 0.5"),
+    ("milestones=half", "milestones must be a list of fractions in (0, 1), got 'half'"),
+    # a choice read as a boolean: name the choices, not the type
+    ("augment=yes", "unknown augment True"),
 ])
 def test_bad_values_name_the_value(item, needle):
     with pytest.raises(ConfigError) as e:

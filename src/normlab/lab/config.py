@@ -43,6 +43,8 @@ DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("cpu", "cuda", "auto")
 AMP_MODES = ("auto", "bf16", "off")
+_CHOICES = (("data", DATASETS), ("schedule", SCHEDULES), ("device", DEVICES), ("amp", AMP_MODES),
+            ("augment", ("auto", "on", "off")))
 
 # fields that do not change what a run computes (presentation and machine knobs)
 _NOT_IN_ID = ("label", "threads")
@@ -169,6 +171,9 @@ class RunConfig:
                               hint=f"known keys: {', '.join(sorted(known))}")
         d = dict(d)
         if "milestones" in d:
+            if not isinstance(d["milestones"], (list, tuple)):
+                raise ConfigError(f"milestones must be a list of fractions in (0, 1), got "
+                                  f"{d['milestones']!r}", hint="e.g. --set milestones=[0.5,0.75]")
             d["milestones"] = tuple(d["milestones"])
         return cls(**d).validate()
 
@@ -178,6 +183,8 @@ class RunConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> "RunConfig":
         """Check every field; raise :class:`ConfigError` naming the offending value."""
+        for name, allowed in _CHOICES:  # first: "augment=yes" (read as True) names the choices
+            _choice(name, getattr(self, name), allowed)
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
         _positive_int("batch_size", self.batch_size)
@@ -197,11 +204,6 @@ class RunConfig:
         if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
             raise ConfigError(
                 f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}")
-        _choice("data", self.data, DATASETS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("device", self.device, DEVICES)
-        _choice("amp", self.amp, AMP_MODES)
-        _choice("augment", self.augment, ("auto", "on", "off"))
         if any(not (isinstance(m, (int, float)) and 0 < m < 1) for m in self.milestones):
             raise ConfigError(
                 f"milestones must be fractions of the run in (0, 1), got {list(self.milestones)!r}")
@@ -259,7 +261,9 @@ def _positive_int(name: str, v: Any) -> None:
 
 def _choice(name: str, v: Any, allowed: tuple) -> None:
     if v not in allowed:
-        raise ConfigError(f"unknown {name} {v!r}", hint=f"choose one of: {', '.join(allowed)}")
+        raise ConfigError(f"unknown {name} {v!r}", hint=f"choose one of: {', '.join(allowed)}"
+                          + (" (yes/no/true/false are read as booleans)"
+                             if isinstance(v, bool) else ""))
 
 
 def model_takes_norm(model: Any) -> Optional[bool]:
