@@ -321,7 +321,6 @@ def test_auto_uses_native_on_cpu():
         (lambda: NF.normalize(torch.randn(2, 6, 4), 4, False), ValueError, "num_channels=6 is not divisible by num_groups=4"),
         (lambda: NF.normalize(torch.randn(2, 6, 4), 0, False), ValueError, "num_groups must be >= 1, got 0"),
         (lambda: NF.normalize(torch.randn(6), 1, False), ValueError, r"at least 2 dims, got shape \(6,\)"),
-        (lambda: NF.normalize(torch.randn(2, 3, 1, 1, 1, 1), 3, False), ValueError, "0 to 3 spatial dims"),
         (lambda: NF.normalize(torch.randint(0, 5, (2, 4, 3)), 2, False), TypeError, "floating-point.*torch.int64"),
         (lambda: NF.normalize(torch.randn(2, 4, 3), 2, False, eps=0.0), ValueError, "eps must be a positive finite number, got 0.0"),
         (lambda: NF.normalize(torch.randn(2, 4, 3), 2, False, eps=-1e-5), ValueError, "got -1e-05"),
@@ -352,3 +351,53 @@ def test_nan_and_inf_propagate(backend, groups, over_batch):
     if not over_batch and groups == 4:  # groups without a bad value are untouched
         assert torch.isfinite(y[0]).all()
         assert rel_err(y[0], normalize64(x[0:1], groups, False)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_than_three_spatial_dims_match_torch(backend):
+    """torch.nn.functional takes any number of spatial dims for GN, IN and BN; so does the
+    operator (the statistics sets are the same over the flattened spatial dims)."""
+    x = off_centre(2, 4, 3, 2, 2, 3, dtype=torch.float64)  # 4 spatial dims
+    w, b = _affine(4, torch.float64)
+    y = NF.group_norm(x, 2, w, b, backend=backend)
+    assert y.shape == x.shape
+    assert rel_err(y, F.group_norm(x, 2, w, b)) < 1e-12
+    assert rel_err(NF.instance_norm(x, backend=backend), F.instance_norm(x)) < 1e-12
+    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    rm_t, rv_t = rm.clone(), rv.clone()
+    y = NF.batch_norm(x, rm, rv, w, b, True, 0.1, backend=backend)
+    assert rel_err(y, F.batch_norm(x, rm_t, rv_t, w, b, True, 0.1)) < 1e-12
+    assert rel_err(rm, rm_t) < 1e-12 and rel_err(rv, rv_t) < 1e-12
+    y = NF.batch_norm(x, rm, rv, w, b, False, backend=backend)  # eval: given statistics
+    assert rel_err(y, F.batch_norm(x, rm, rv, w, b, False)) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_like_torch(backend):
+    """N = 0 (an empty batch after filtering, a detector with no proposals): an empty output in
+    the autograd graph, zero parameter gradients, running statistics untouched, as torch.nn."""
+    x = torch.randn(0, 4, 3, 3, requires_grad=True)
+    w = (torch.randn(4) + 1).requires_grad_()
+    b = torch.randn(4).requires_grad_()
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = NF.batch_norm(x, rm, rv, w, b, True, 0.1, backend=backend, activation="relu")
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros(4)) and torch.equal(b.grad, torch.zeros(4))
+    for call in (lambda: NF.group_norm(x, 2, w, b, backend=backend),
+                 lambda: NF.instance_norm(x, backend=backend),
+                 lambda: NF.layer_norm(torch.randn(0, 5), (5,), backend=backend)):
+        assert call().numel() == 0
+    xc = torch.randn(0, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert NF.group_norm(xc, 2, backend=backend).is_contiguous(memory_format=torch.channels_last)
+    y, mean, rstd = NF.normalize(x, 4, True, return_stats=True, backend=backend)
+    assert mean.shape == (4,) and torch.isnan(mean).all()
+    _, mean, _ = NF.normalize(x, 2, False, return_stats=True, backend=backend)
+    assert mean.shape == (0, 2)
+    bn, bn_t = normlab.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    bn(x), bn_t(x)
+    assert torch.equal(bn.num_batches_tracked, bn_t.num_batches_tracked)
+    assert torch.equal(bn.running_mean, bn_t.running_mean)

@@ -32,7 +32,12 @@ import torch
 from torch import Tensor
 
 from normlab.backends import resolve_backend
-from normlab.backends.reference import ACTIVATIONS
+from normlab.backends.reference import (
+    ACTIVATIONS,
+    _channel_view,
+    apply_activation,
+    output_memory_format,
+)
 
 __all__ = [
     "normalize",
@@ -141,7 +146,9 @@ def normalize(
     """Normalize ``x`` over the statistics set chosen by ``num_groups`` and ``over_batch``.
 
     Args:
-        x: ``(N, C, *spatial)`` with 0 to 3 spatial dims, contiguous, channels_last or strided.
+        x: ``(N, C, *spatial)``, contiguous, channels_last or strided; 0 to 3 spatial dims
+            reach the backends as they are, more are flattened into one (the statistics sets
+            do not change). An empty ``x`` gives an empty ``y`` and leaves running stats alone.
             float16/bfloat16 inputs are accumulated in float32.
         num_groups: G; must divide C. ``C`` for BN/IN, ``1`` for LN, ``G`` for GN.
         over_batch: take the statistics over the batch too (BN, batch-group norm).
@@ -168,10 +175,6 @@ def normalize(
     """
     check_input(x)
     c = x.shape[1]
-    if x.dim() > 5:
-        raise ValueError(
-            f"input must have 0 to 3 spatial dims (2 to 5 dims in all), got shape {tuple(x.shape)}"
-        )
     check_groups(num_groups, c)
     eps = check_eps(eps)
     activation = check_activation(activation)
@@ -210,12 +213,38 @@ def _dispatch(
     :func:`normalize` checks and then calls this; wrappers that have checked their own
     arguments (``layer_norm``) call it directly, so a small layer pays for its checks once.
     """
+    if x.numel() == 0:
+        y, mean, rstd = _normalize_empty(x, num_groups, over_batch, weight, bias, activation)
+        return (y, mean, rstd) if return_stats else y
+    shape = x.shape
+    if x.dim() > 5:  # more than 3 spatial dims: the statistics sets are the same over one
+        x = x.reshape(shape[0], shape[1], -1)
     impl = resolve_backend(backend, x, num_groups, over_batch, activation)
     y, mean, rstd = impl.normalize(
         x, num_groups, over_batch, weight, bias, eps, activation, running_mean, running_var,
         momentum,
     )
+    if y.shape != shape:
+        y = y.reshape(shape)
     return (y, mean, rstd) if return_stats else y
+
+
+def _normalize_empty(x, num_groups, over_batch, weight, bias, activation):
+    """An input with no elements (N = 0, or a zero-size spatial dim), as torch.nn treats it:
+    an empty output that stays in the autograd graph of x, weight and bias (their gradients are
+    zeros), running statistics untouched, statistics of an empty set (NaN) where they have a
+    shape."""
+    y = x
+    if weight is not None:
+        y = y * _channel_view(weight, x.dim()).to(x.dtype)
+    if bias is not None:
+        y = y + _channel_view(bias, x.dim()).to(x.dtype)
+    y = apply_activation(x.clone() if y is x else y, activation)
+    y = y.contiguous(memory_format=output_memory_format(x))
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stat_shape = (num_groups,) if over_batch else (x.shape[0], num_groups)
+    mean = torch.full(stat_shape, float("nan"), dtype=stat_dtype, device=x.device)
+    return y, mean, mean.clone()
 
 
 def normalize_fixed(
@@ -238,8 +267,12 @@ def normalize_fixed(
     activation = check_activation(activation)
     for name, p in (("weight", weight), ("bias", bias), ("running_mean", mean), ("running_var", var)):
         _check_channel_param(p, c, name)
+    shape = x.shape
+    if x.dim() > 5:  # more than 3 spatial dims: per-channel statistics do not see them
+        x = x.reshape(shape[0], shape[1], -1)
     impl = resolve_backend(backend, x, c, True, activation)
-    return impl.normalize_fixed(x, mean, var, weight, bias, eps, activation)
+    y = impl.normalize_fixed(x, mean, var, weight, bias, eps, activation)
+    return y.reshape(shape) if y.shape != shape else y
 
 
 # --------------------------------------------------------------------------------------------
