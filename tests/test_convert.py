@@ -181,3 +181,30 @@ def test_bias_false_is_carried(to):
     m = convert_norm(nn.Sequential(bn), to)
     assert m[0].bias is None and torch.equal(m[0].weight, bn.weight)
     assert [n for n, _ in m[0].named_parameters()] == ["weight"]
+
+
+@pytest.mark.parametrize("to,kwargs", [("syncbn", {}), ("gn", {"num_groups": 4}), ("bn", {})])
+def test_parameters_are_the_same_objects_so_an_earlier_optimizer_still_trains(to, kwargs):
+    """As torch's convert_sync_batchnorm: the new norm holds the BatchNorm's own Parameter
+    objects, so an optimizer built before the conversion updates the converted model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+    bn_w, bn_b = model[1].weight, model[1].bias
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    convert_norm(model, to, **kwargs)
+    assert not isinstance(model[1], nn.BatchNorm2d) or to != "gn"
+    assert model[1].weight is bn_w and model[1].bias is bn_b
+    before = bn_w.detach().clone()
+    model(off_centre(4, 3, 6, 6)).square().mean().backward()
+    opt.step()
+    assert not torch.equal(model[1].weight.detach(), before)  # the optimizer reached it
+
+
+def test_frozen_affine_stays_frozen_when_shared():
+    src = nn.Sequential(nn.BatchNorm2d(8))
+    src[0].weight.requires_grad_(False)
+    out = convert_norm(src, "gn", num_groups=2)
+    assert not out[0].weight.requires_grad and out[0].bias.requires_grad

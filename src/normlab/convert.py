@@ -162,9 +162,17 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = 
         for attr in ("weight", "bias", "running_mean", "running_var"):
             src, dst = getattr(module, attr, None), getattr(new, attr, None)
             if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
-                dst.copy_(src)
-                if isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter):
-                    dst.requires_grad_(src.requires_grad)  # frozen affine stays frozen
+                same_kind = (isinstance(src, nn.Parameter) == isinstance(dst, nn.Parameter)
+                             and src.dtype == dst.dtype and src.device == dst.device)
+                if same_kind:
+                    # the same tensor objects, as torch's convert_sync_batchnorm: an optimizer
+                    # built before the conversion keeps updating the model's parameters, and a
+                    # frozen affine stays frozen
+                    setattr(new, attr, src)
+                else:
+                    dst.copy_(src)
+                    if isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter):
+                        dst.requires_grad_(src.requires_grad)
         src_n = getattr(module, "num_batches_tracked", None)
         dst_n = getattr(new, "num_batches_tracked", None)
         if isinstance(src_n, torch.Tensor) and isinstance(dst_n, torch.Tensor):
@@ -186,6 +194,11 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
             of eps, momentum, affine and track_running_stats its constructor names and the
             partial does not bind). A FrozenBatchNorm2d class target freezes exactly, as
             ``"frozenbn"`` does.
+
+    The new module takes over the BatchNorm's ``weight`` and ``bias`` Parameter objects and
+    its running buffers where shapes and dtypes agree (as torch's ``convert_sync_batchnorm``
+    does), so an optimizer built before the conversion keeps training the model; otherwise
+    (FrozenBatchNorm2d's buffers, a dtype change) the values are copied.
 
     Returns:
         The model, with ``model.normlab_conversion`` summarising the replacements.
