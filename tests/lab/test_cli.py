@@ -337,7 +337,11 @@ def test_ctrl_c_with_jobs_is_one_line_then_the_rerun_finishes(tmp_path):
     assert p.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines() == ["interrupted; re-run the same command to resume"], err
-    assert _db(tmp_path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con = _db(tmp_path)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # the interrupted runs are released, not left owned by the dead training processes
+    assert con.execute("SELECT COUNT(*) FROM runs WHERE owner IS NOT NULL").fetchone()[0] == 0
+    con.close()
     r = runner.invoke(app, [*args, "--jobs", "1"])  # the same study, here in this process
     assert r.exit_code == 0, r.output
     assert _db(tmp_path).execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 5
@@ -362,3 +366,33 @@ def test_unusable_out_dir_or_store_is_one_line_and_keeps_the_file(tmp_path):
         assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 2, r.output
     assert a_file.read_text() == "mine"
     assert (bad / "results.sqlite").read_text() == "not a database"
+
+
+def test_sigterm_releases_the_run_for_any_host_and_keeps_its_epochs(tmp_path):
+    # SIGTERM (kill, a batch scheduler stopping a job): one line, exit 143, the run keeps its
+    # finished epochs and checkpoint and is owned by nobody, so a re-run on any host (a new
+    # container, another node: where the old pid cannot be checked) resumes it at once
+    args = ["train", "--data", "synthetic", "--set", f"data_kwargs={SMALL}", "--batch-size", "8",
+            "--epochs", "50", "--set", "threads=1", "--out", str(tmp_path)]
+    p = subprocess.Popen([sys.executable, "-m", "normlab.lab.cli", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+        try:
+            con = _db(tmp_path)
+            n = con.execute("SELECT COUNT(*) FROM runs WHERE epochs_done >= 1").fetchone()[0]
+            con.close()
+        except sqlite3.OperationalError:
+            continue
+        if n:
+            break
+    assert p.poll() is None, "the run finished before it could be stopped"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        "terminated; re-run the same command to resume"], err
+    row = _db(tmp_path).execute("SELECT run_id, status, owner, epochs_done FROM runs").fetchone()
+    assert row["status"] == "running" and row["owner"] is None and row["epochs_done"] >= 1
+    assert (tmp_path / "checkpoints" / f"{row['run_id']}.pt").is_file()

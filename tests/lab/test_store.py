@@ -44,6 +44,23 @@ def test_run_owned_by_a_dead_process_is_taken_over(tmp_path):
         assert s.claim("r2", {"epochs": 1}) == "busy"
 
 
+def test_release_frees_only_our_own_unfinished_claim(tmp_path):
+    with Store(tmp_path) as s:
+        s.claim("mine", {"epochs": 2})
+        s.record_epochs("mine", _rows(1), {"wall_time": 1.0})
+        s.release("mine")
+        r = s.run("mine")
+        assert (r["status"], r["owner"], r["epochs_done"]) == ("running", None, 1)
+        s.claim("theirs", {"epochs": 2})
+        s.con.execute("UPDATE runs SET owner='elsewhere:1' WHERE run_id='theirs'")
+        s.release("theirs")  # another process's claim is not ours to give up
+        assert s.run("theirs")["owner"] == "elsewhere:1"
+        s.claim("done", {"epochs": 1})
+        s.finish("done")
+        s.release("done")
+        assert s.run("done")["status"] == "done"
+
+
 def test_study_membership_summary_and_exports(tmp_path):
     with Store(tmp_path) as s:
         for rid, label, x, err in [("a", "BN", 2, 10.0), ("b", "BN", 2, 12.0), ("c", "GN", 2, 5.0)]:

@@ -84,11 +84,43 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+class _Terminated(SystemExit):
+    """Raised by the SIGTERM handler: unwinds like Ctrl-C (the run in progress is released, the
+    exports written), then exits 143."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (kill, a batch scheduler stopping the job) raises :class:`_Terminated` in the main
+    thread while the block runs. Not in a torchrun worker: torchrun's SIGTERM must end a rank
+    blocked in a collective at once."""
+    if in_worker():
+        yield
+        return
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _guard(fn: Any) -> Any:
     """Run fn(); turn our ConfigErrors (and ValueError/TypeError from the library) into one
     error line + hint, exit status 2."""
     try:
-        return fn()
+        with _sigterm_unwinds():
+            return fn()
+    except _Terminated as e:
+        err_console.print("terminated; re-run the same command to resume")
+        raise typer.Exit(int(e.code)) from None
     except ConfigError as e:
         _fail(str(e), e.hint or "see --help for the accepted values; `normlab ls` lists the "
                                 "studies, models and norms")
@@ -185,6 +217,7 @@ def _worker(points: list, out: str, threads: int, parent: int) -> None:
     from normlab.lab.trainer import run_points
 
     torch.set_num_threads(threads)
+    signal.signal(signal.SIGTERM, _raise_terminated)  # stopped by the study: release the run
 
     def progress_for(p: Any) -> Any:
         def cb(event: str, info: dict) -> None:

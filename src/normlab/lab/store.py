@@ -219,6 +219,14 @@ class Store:
                  last.get("train_loss"), last.get("train_error"), last.get("test_loss"),
                  last.get("test_error"), time.time(), run_id))
 
+    def release(self, run_id: str) -> None:
+        """Give up this process's claim on a run it did not finish (interrupted): the run stays
+        ``running`` with its epochs and checkpoint, owned by nobody, so the next process on any
+        host resumes it at once (a dead owner on another host cannot be told from a live one)."""
+        with self.transaction() as c:
+            c.execute("UPDATE runs SET owner=NULL, updated=? WHERE run_id=? AND status='running' "
+                      "AND owner=?", (time.time(), run_id, _me()))
+
     def finish(self, run_id: str, status: str = "done", error: Optional[str] = None) -> None:
         """Mark a run ``done`` or ``failed`` (``error``: one line saying why)."""
         if status not in ("done", "failed"):

@@ -491,6 +491,9 @@ def run_points(points: list, store: Optional[Store], *,
     that process dies. ``on_run(point, outcome, result)`` is called with outcome in "skipped",
     "trained", "failed". Returns the counts of each outcome.
 
+    Interrupted (KeyboardInterrupt, or SystemExit such as the CLI raises on SIGTERM), the run in
+    progress is released (:meth:`Store.release`) and the exception goes on.
+
     Multi-process: every rank calls it with the same points; rank 0 (the only one that needs
     ``store``) claims each run and broadcasts the decision. A run that raises on any rank is
     recorded ``failed`` (rank 0) and ends the job, since the other ranks would wait for that
@@ -537,6 +540,11 @@ def run_points(points: list, store: Optional[Store], *,
                 if on_run:
                     on_run(p, "failed", {"error": msg})
                 continue
+            except BaseException:  # Ctrl-C, SIGTERM (SystemExit): resumable, by anyone
+                if writer:
+                    with contextlib.suppress(Exception):
+                        store.release(rid)
+                raise
             counts["trained"] += 1
             if on_run:
                 on_run(p, "trained", res)
