@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from normlab.lab.config import ConfigError
 from normlab.lab.data import DataError, TensorLoader, load_dataset, pad_crop_flip
 
 
@@ -144,3 +145,38 @@ def test_imagefolder(tmp_path):
     assert d.x_train.shape == (6, 3, 16, 16) and d.info["classes"] == ["cat", "dog"]
     with pytest.raises(DataError, match="lacks a train/"):
         load_dataset("imagefolder", str(tmp_path / "train"))
+
+
+def _image_tree(root, layout):
+    """``layout``: {split: {class: number of images}} of small random PNGs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for split, classes in layout.items():
+        for cls, n in classes.items():
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)).save(
+                    root / split / cls / f"{i}.png")
+
+
+@pytest.mark.parametrize("layout, kwargs, needle", [
+    (None, {}, "does not exist"),                                        # a wrong path
+    # a class folder without images would be a class the model never sees
+    ({"train": {"a": 2, "b": 0}, "val": {"a": 1, "b": 1}}, {}, "class folder 'b' of"),
+    # val classes that train lacks were silently dropped
+    ({"train": {"a": 2, "b": 2}, "val": {"a": 1, "c": 1}}, {}, "class folder(s) c that"),
+    # data_kwargs: named, with the value (were "height and width must be > 0" and a TypeError)
+    ({"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}}, {"image_size": 0},
+     "imagefolder: image_size must be a positive int, got 0"),
+    ({"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}}, {"size": 8},
+     "imagefolder: unknown data_kwargs size"),
+])
+def test_imagefolder_problems_are_named(tmp_path, layout, kwargs, needle):
+    root = tmp_path / "images"
+    if layout is not None:
+        _image_tree(root, layout)
+    with pytest.raises(ConfigError) as e:
+        load_dataset("imagefolder", str(root), **kwargs)
+    assert needle in str(e.value), str(e.value)
+    assert e.value.hint

@@ -235,8 +235,17 @@ def _cifar(name: str, data_dir: Path) -> DataSplit:
 _IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-def _imagefolder(data_dir: Path, image_size: int = 32) -> DataSplit:
+def _imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSplit:
     hint = "expected DIR/train/<class>/<images> and DIR/val/<class>/<images> (or DIR/test/...)"
+    if unknown:
+        raise DataError(f"imagefolder: unknown data_kwargs {', '.join(sorted(unknown))}",
+                        hint="known: image_size (e.g. --set data_kwargs.image_size=32)")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"imagefolder: image_size must be a positive int, got {image_size!r}",
+                        hint="e.g. --set data_kwargs.image_size=32")
+    if not data_dir.is_dir():
+        what = "is not a directory" if data_dir.exists() else "does not exist"
+        raise DataError(f"imagefolder: data directory {str(data_dir)!r} {what}", hint=hint)
     train_dir = data_dir / "train"
     test_dir = next((data_dir / t for t in ("val", "test") if (data_dir / t).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
@@ -246,11 +255,16 @@ def _imagefolder(data_dir: Path, image_size: int = 32) -> DataSplit:
     if len(classes) < 2:
         raise DataError(f"imagefolder: {str(train_dir)!r} has {len(classes)} class folder(s), need >= 2",
                         hint=hint)
+    unknown_cls = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
+    if unknown_cls:  # their images would be left out without a word
+        raise DataError(f"imagefolder: {str(test_dir)!r} has class folder(s) "
+                        f"{', '.join(unknown_cls)} that {str(train_dir)!r} lacks", hint=hint)
     from PIL import Image
 
     def read(root: Path) -> tuple[Tensor, Tensor]:
         xs, ys = [], []
         for k, cls in enumerate(classes):
+            n_before = len(ys)
             for p in sorted((root / cls).glob("*")) if (root / cls).is_dir() else []:
                 if p.suffix.lower() not in _IMG_EXT:
                     continue
@@ -261,6 +275,9 @@ def _imagefolder(data_dir: Path, image_size: int = 32) -> DataSplit:
                 except OSError as e:
                     raise DataError(f"imagefolder: cannot read image {str(p)!r}: {e}", hint=hint) from None
                 ys.append(k)
+            if root == train_dir and len(ys) == n_before:  # a class the model would never see
+                raise DataError(f"imagefolder: class folder {cls!r} of {str(root)!r} holds no "
+                                f"image files (read: {', '.join(sorted(_IMG_EXT))})", hint=hint)
         if not xs:
             raise DataError(f"imagefolder: no images found under {str(root)!r}", hint=hint)
         x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float().div_(255)
