@@ -76,6 +76,14 @@ def test_config_files_json_and_toml(tmp_path):
         load_config_file(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize("data", ["digits", "synthetic"])
+def test_a_data_dir_for_a_built_in_dataset_is_an_error(data):
+    # it was ignored, silently: a forgotten --data cifar10 trained on digits (under a new run id)
+    with pytest.raises(ConfigError, match=f"dataset {data!r} reads no files") as e:
+        apply_overrides(RunConfig(), {"data": data, "data_dir": "/some/cifar"})
+    assert "--data cifar10" in e.value.hint
+
+
 def test_disk_datasets_need_a_data_dir():
     with pytest.raises(ConfigError, match="no --data-dir"):
         RunConfig(data="cifar10").validate()

@@ -218,6 +218,12 @@ class RunConfig:
         if self.data in ("cifar10", "cifar100", "imagefolder") and not self.data_dir:
             raise ConfigError(f"dataset {self.data!r} reads files from disk but no --data-dir was given",
                               hint="pass --data-dir DIR (nothing is downloaded)")
+        if self.data not in ("cifar10", "cifar100", "imagefolder") and self.data_dir is not None:
+            # it would be ignored: a forgotten --data trains on the built-in set instead
+            raise ConfigError(f"dataset {self.data!r} reads no files, but a data directory was "
+                              f"given ({self.data_dir!r})",
+                              hint="name the dataset in it (--data cifar10, cifar100 or "
+                                   "imagefolder) or drop --data-dir")
         return self
 
 
