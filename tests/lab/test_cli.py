@@ -396,3 +396,32 @@ def test_sigterm_releases_the_run_for_any_host_and_keeps_its_epochs(tmp_path):
     row = _db(tmp_path).execute("SELECT run_id, status, owner, epochs_done FROM runs").fetchone()
     assert row["status"] == "running" and row["owner"] is None and row["epochs_done"] >= 1
     assert (tmp_path / "checkpoints" / f"{row['run_id']}.pt").is_file()
+
+
+def test_a_run_another_process_trains_is_waited_for_and_said(tmp_path):
+    # a run claimed by a live process elsewhere (another terminal, host or container on a shared
+    # --out) is waited for: say so, naming the owner, instead of a silent stall
+    import threading
+
+    from normlab.lab.config import RunConfig, apply_overrides, parse_set
+    from normlab.lab.store import Store
+
+    args = ["train", "--data", "synthetic", "--set", f"data_kwargs={SMALL}", "--batch-size", "8",
+            "--epochs", "1", "--out", str(tmp_path)]
+    cfg = apply_overrides(RunConfig(), {**parse_set([f"data_kwargs={SMALL}"]), "data": "synthetic",
+                                        "batch_size": 8, "epochs": 1, "label": "bn"})
+    with Store(tmp_path) as s:
+        s.claim(cfg.run_id(), cfg.to_dict())
+        s.con.execute("UPDATE runs SET owner='otherhost:4242'")  # alive: not checkable here
+
+    def other_process_finishes():
+        time.sleep(1.0)
+        with Store(tmp_path) as s:
+            s.finish(cfg.run_id())
+
+    t = threading.Thread(target=other_process_finishes)
+    t.start()
+    r = runner.invoke(app, args)
+    t.join()
+    assert r.exit_code == 0, r.output
+    assert "being trained by otherhost:4242" in r.output and "already done" in r.output, r.output

@@ -206,7 +206,13 @@ def _run_inline(points: list, store: Any) -> dict[str, int]:
             prog.advance(study_task)
             _line(p, outcome, res)
 
-        return run_points(points, store, on_run=on_run, progress_for=progress_for)
+        def on_wait(p: Any, owner: Optional[str]) -> None:
+            console.print(f"  {_describe(p)}: being trained by {owner or 'another process'} "
+                          "(another normlab process on this --out); waiting for it",
+                          highlight=False)
+
+        return run_points(points, store, on_run=on_run, progress_for=progress_for,
+                          on_wait=on_wait)
 
 
 def _worker(points: list, out: str, threads: int, parent: int) -> None:

@@ -483,13 +483,15 @@ def _device_name(device: torch.device, world: int = 1) -> str:
 def run_points(points: list, store: Optional[Store], *,
                on_run: Optional[Callable[[Any, str, Any], None]] = None,
                progress_for: Optional[Callable[[Any], Optional[ProgressFn]]] = None,
-               poll_s: float = 2.0) -> dict[str, int]:
+               poll_s: float = 2.0,
+               on_wait: Optional[Callable[[Any, Optional[str]], None]] = None) -> dict[str, int]:
     """Run every point (objects with ``.cfg``, ``.label``) not yet done in ``store``.
 
     Finished runs are skipped, interrupted ones resume from their checkpoint, runs that another
     live process is training are waited for (polling every ``poll_s`` seconds) and taken over if
     that process dies. ``on_run(point, outcome, result)`` is called with outcome in "skipped",
-    "trained", "failed". Returns the counts of each outcome.
+    "trained", "failed"; ``on_wait(point, owner)`` once per run found owned by another live
+    process (``owner``: its ``host:pid``). Returns the counts of each outcome.
 
     Interrupted (KeyboardInterrupt, or SystemExit such as the CLI raises on SIGTERM), the run in
     progress is released (:meth:`Store.release`) and the exception goes on.
@@ -507,6 +509,7 @@ def run_points(points: list, store: Optional[Store], *,
         raise ValueError("run_points: rank 0 writes the results, it needs the store")
     pending = list(points)
     seen: set[str] = set()
+    told: set[str] = set()  # runs on_wait was called for
     while pending:
         waiting = []
         for p in pending:
@@ -515,6 +518,9 @@ def run_points(points: list, store: Optional[Store], *,
                 continue
             state = nd.broadcast_object(store.claim(rid, p.cfg.to_dict()) if writer else None)
             if state == "busy":
+                if on_wait and rid not in told:
+                    told.add(rid)
+                    on_wait(p, (store.run(rid) or {}).get("owner") if store is not None else None)
                 waiting.append(p)
                 continue
             seen.add(rid)
