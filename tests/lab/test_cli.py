@@ -196,6 +196,12 @@ def test_help(cmd):
     assert r.exit_code == 0 and "Usage" in r.output
 
 
+def test_reproduce_help_states_the_jobs_default_it_uses():
+    # --jobs defaults to min(cores, 4) on the CPU: the help said "one per core"
+    r = runner.invoke(app, ["reproduce", "--help"], terminal_width=200)
+    assert "one per core, at most 4" in r.output and "ls --studies" in r.output
+
+
 def test_train_one_run(tmp_path):
     r = runner.invoke(app, ["train", "--norm", "gn", "--data", "synthetic", "--batch-size", "16",
                             "--epochs", "1", "--set", f"data_kwargs={SMALL}",

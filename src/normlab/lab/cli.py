@@ -418,8 +418,11 @@ def reproduce(
     device: Optional[str] = typer.Option(
         None, help="cpu | cuda | auto (default auto: CUDA when available, else CPU)"),
     seeds: Optional[int] = typer.Option(None, help="seeds per point (default: the preset's)"),
-    variants: Optional[str] = typer.Option(None, help="comma-separated series, e.g. BN,GN,BRN,GN+WS,NF"),
-    jobs: Optional[int] = typer.Option(None, help="training processes (CPU default: one per core)"),
+    variants: Optional[str] = typer.Option(
+        None, help="comma-separated series of the study, e.g. BN,GN,BRN,GN+WS,NF for batch-size "
+                   "(`normlab ls --studies` lists each study's)"),
+    jobs: Optional[int] = typer.Option(
+        None, help="training processes (default on the CPU: one per core, at most 4; on CUDA: 1)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override: key=value (repeatable)"),
     config: Optional[Path] = typer.Option(None, help="JSON or TOML file of overrides"),
     out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory (store, figures, reports)"),
