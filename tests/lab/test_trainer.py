@@ -92,6 +92,28 @@ def test_preflight_names_the_problem(changes, needle):
         preflight([RunConfig(**{**TINY, **changes})])
 
 
+def test_preflight_checks_the_process_count_the_runs_will_train_on():
+    # a BN run defined for 2 processes cannot train on 1 (per-process statistics): said before
+    # anything is written, instead of failing each run (in --jobs workers: with tracebacks)
+    cfg = RunConfig(**{**TINY, "batch_size": 8, "world_size": 2})
+    with pytest.raises(ConfigError, match="is defined for 2 process"):
+        preflight([cfg], world=1)
+    preflight([cfg], world=2)
+    preflight([cfg.replace(norm="gn")], world=1)  # GN keeps the global batch on any count
+
+
+def test_reproduce_with_a_world_size_it_cannot_train_is_refused_up_front(tmp_path):
+    from typer.testing import CliRunner
+
+    from normlab.lab.cli import app
+
+    r = CliRunner().invoke(app, ["reproduce", "norms", "--quick", "--variants", "BN",
+                                 "--set", "world_size=2", "--jobs", "2", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and r.output.startswith("error:"), r.output
+    assert "is defined for 2 process(es)" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "results.sqlite").exists()  # nothing recorded as failed
+
+
 def _decay_of(opt):
     return {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
 

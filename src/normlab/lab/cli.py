@@ -454,7 +454,7 @@ def reproduce(
         points = st.points(user, preset, seeds, vs)
         from normlab.lab.trainer import preflight
 
-        preflight([p.cfg for p in points])
+        preflight([p.cfg for p in points], world=procs.world_size)
         multi = procs.world_size > 1
         if multi and jobs is not None and jobs > 1:
             raise ConfigError(f"--jobs {jobs} and --nproc-per-node {nproc_per_node} do not "
@@ -579,7 +579,7 @@ def train(
         p = Point(cfg.label, cfg.batch_size, cfg)
         from normlab.lab.trainer import preflight
 
-        preflight([cfg])
+        preflight([cfg], world=procs.world_size)
         if procs.relaunch:
             return _launch(ctx, procs)
         if in_worker():

@@ -560,11 +560,14 @@ def run_points(points: list, store: Optional[Store], *,
     return counts
 
 
-def preflight(configs: list[RunConfig]) -> None:
+def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
     """Fail fast, before anything is written: load every distinct dataset and build every
     distinct model once (on the CPU), so a missing data directory or an unknown model/norm is
-    one clear ConfigError instead of a study full of failed runs."""
-    seen_data, seen_model = set(), set()
+    one clear ConfigError instead of a study full of failed runs. ``world``: the number of
+    processes the runs will train on, checked against each run's own (:func:`per_process_batch`:
+    a BN run defined for 2 processes cannot train on 1)."""
+    seen_data: set = set()
+    seen_model: dict[tuple, Optional[nn.Module]] = {}
     for cfg in configs:
         resolve_device(cfg.device)
         dkey = (cfg.data, cfg.data_dir, repr(sorted(cfg.data_kwargs.items())))
@@ -579,6 +582,9 @@ def preflight(configs: list[RunConfig]) -> None:
         mkey = (cfg.model, cfg.norm, repr(cfg.norm_kwargs), repr(cfg.model_kwargs), cfg.ws,
                 cfg.agc is not None, data.num_classes, data.in_chans, data.image_size)
         if mkey not in seen_model:
-            seen_model.add(mkey)
             model = build_model(cfg, data.num_classes, data.in_chans, data.image_size)
             _agc_fn(cfg, model)  # with agc: the model must have a classifier to leave unclipped
+            # kept only where the process count matters to it (per-process BN statistics)
+            seen_model[mkey] = model if per_process_stat_modules(model) else None
+        if world is not None:
+            per_process_batch(cfg, world, seen_model[mkey])
