@@ -196,6 +196,21 @@ def test_help(cmd):
     assert r.exit_code == 0 and "Usage" in r.output
 
 
+def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
+    # the value is in the file, not on the command line: say where to look
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('epochs = "two"\n')
+    r = runner.invoke(app, ["train", "--config", str(cfg), "--out", str(tmp_path)])
+    assert r.exit_code == 2 and r.output.startswith(f"error: config file {str(cfg)!r}: epochs "
+                                                    "must be int, got str 'two'"), r.output
+    # an error the file alone does not cause is not blamed on it; a file that is fine only
+    # with the command line (data on disk + --data-dir) is accepted
+    cfg.write_text('data = "imagefolder"\n')
+    r = runner.invoke(app, ["train", "--config", str(cfg), "--data-dir", str(tmp_path / "none"),
+                            "--set", "epochs=0", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and r.output.startswith("error: epochs must be a positive int"), r.output
+
+
 def test_reproduce_help_states_the_jobs_default_it_uses():
     # --jobs defaults to min(cores, 4) on the CPU: the help said "one per core"
     r = runner.invoke(app, ["reproduce", "--help"], terminal_width=200)

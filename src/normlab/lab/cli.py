@@ -157,8 +157,23 @@ def _user_overrides(data: Optional[str], data_dir: Optional[Path], model: Option
     over.update(sets_over)
     if "norm" in sets_over:
         norm_flag = "--set norm=..."
-    apply_overrides(RunConfig(), over, norm_flag=norm_flag)  # validate early: one clear error
+    try:
+        apply_overrides(RunConfig(), over, norm_flag=norm_flag)  # validate early: one clear error
+    except ConfigError as e:
+        if config is not None and _file_alone_fails(config, norm_flag, str(e)):
+            raise ConfigError(f"config file {str(config)!r}: {e}", hint=e.hint) from None
+        raise
     return over
+
+
+def _file_alone_fails(config: Path, norm_flag: str, msg: str) -> bool:
+    """Whether the config file's overrides on their own give the error ``msg`` (then the value
+    to fix is in the file, and the error says so)."""
+    try:
+        apply_overrides(RunConfig(), load_config_file(config), norm_flag=norm_flag)
+    except ConfigError as e:
+        return str(e) == msg
+    return False
 
 
 # ---------------------------------------------------------------------- progress
