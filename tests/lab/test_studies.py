@@ -81,3 +81,11 @@ def test_overrides_the_study_does_not_vary_still_apply():
     assert all(p.cfg.norm_kwargs["eps"] == 1e-3 for p in pts)
     assert {p.cfg.model for p in get_study("nf").points({"model": "nf_resnet32"}, "quick",
                                                         variants=["NF"])} == {"nf_resnet32"}
+
+
+def test_a_series_that_cannot_take_an_override_is_named():
+    # --set norm_kwargs.num_groups=4 reaches the BN series too: say which series fails and why
+    pts = get_study("batch-size").points({"norm_kwargs.num_groups": 4}, "quick")
+    with pytest.raises(ConfigError, match="^series 'BN': cannot build model 'resnet20': ") as e:
+        preflight([p.cfg for p in pts])
+    assert "num_groups" in str(e.value) and "--variants" in e.value.hint

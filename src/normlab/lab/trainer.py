@@ -582,8 +582,16 @@ def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
         mkey = (cfg.model, cfg.norm, repr(cfg.norm_kwargs), repr(cfg.model_kwargs), cfg.ws,
                 cfg.agc is not None, data.num_classes, data.in_chans, data.image_size)
         if mkey not in seen_model:
-            model = build_model(cfg, data.num_classes, data.in_chans, data.image_size)
-            _agc_fn(cfg, model)  # with agc: the model must have a classifier to leave unclipped
+            try:
+                model = build_model(cfg, data.num_classes, data.in_chans, data.image_size)
+                _agc_fn(cfg, model)  # with agc: the model must have a classifier to leave unclipped
+            except ConfigError as e:
+                if len({c.label for c in configs}) < 2:
+                    raise
+                # a study: say which series, and that the overrides reach every series
+                raise ConfigError(f"series {cfg.label!r}: {e}",
+                                  hint=f"{e.hint}; --set and --config apply to every series "
+                                       "(--variants picks series)") from None
             # kept only where the process count matters to it (per-process BN statistics)
             seen_model[mkey] = model if per_process_stat_modules(model) else None
         if world is not None:
