@@ -85,3 +85,9 @@ def test_report_states_a_failed_claim(tmp_path):
     assert "data:image/png;base64," in h and "not reproduced" in h
     assert (tmp_path / "figures" / "batch-size_error.png").is_file()
     assert (tmp_path / "figures" / "batch-size_error.svg").is_file()
+
+
+def test_report_of_an_empty_store_says_there_is_nothing_yet(tmp_path):
+    Store(tmp_path).close()
+    md, _ = write_report(tmp_path)
+    assert "No runs in this store yet" in md.read_text()

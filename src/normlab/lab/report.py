@@ -226,6 +226,9 @@ def write_report(out_dir: Path | str) -> tuple[Path, Path]:
                       + ", ".join(f"`{m}`" for m in spp_records) + ".", "",
                       "![spp](figures/spp.png)", ""]
         runs = store.runs()
+        if not runs and not spp_records:
+            lines += ["No runs in this store yet: `normlab reproduce --out DIR` runs a study, "
+                      "`normlab spp MODEL --out DIR` records signal propagation.", ""]
         if runs:
             r = runs[-1]
             lines += ["## Environment", "", f"device: {r.get('device')}; versions: "
