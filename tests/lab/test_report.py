@@ -91,3 +91,20 @@ def test_report_of_an_empty_store_says_there_is_nothing_yet(tmp_path):
     Store(tmp_path).close()
     md, _ = write_report(tmp_path)
     assert "No runs in this store yet" in md.read_text()
+
+
+def test_report_lists_the_single_runs_of_normlab_train(tmp_path):
+    # `normlab train` runs are in the store (study "train"): the report shows them
+    with Store(tmp_path) as s:
+        for rid, norm, err in (("r1", "gn", 12.5), ("r2", "bn", None)):
+            s.claim(rid, {"model": "resnet20", "norm": norm, "data": "digits", "batch_size": 4,
+                          "epochs": 2, "seed": 0})
+            if err is not None:
+                s.record_epochs(rid, [{"epoch": 0, "test_error": 13.0},
+                                      {"epoch": 1, "test_error": err}], {})
+                s.finish(rid)
+            s.register("train", "single", [(rid, norm, 4)])
+    text = write_report(tmp_path)[0].read_text()
+    assert "## Single runs (`normlab train`)" in text
+    assert "| gn | resnet20 | gn | digits | 4 | 0 | 2/2 | done | 12.50 |" in text
+    assert "| bn | resnet20 | bn | digits | 4 | 0 | 0/2 | running | - |" in text

@@ -192,6 +192,24 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
     return lines, pngs
 
 
+def _single_runs_section(store: Store) -> list[str]:
+    """The runs of ``normlab train`` (study "train"): one row each, no claims."""
+    runs = store.study_runs("train")
+    if not runs:
+        return []
+    lines = ["## Single runs (`normlab train`)", "",
+             "| label | model | norm | data | images per process | seed | epochs | status | "
+             "test error % |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        c, err = r["config"], r["final_test_error"]
+        w = int(c.get("world_size", 1))
+        batch = f"{c.get('batch_size')}" + (f" x {w} processes" if w > 1 else "")
+        lines.append(f"| {r['label']} | {c.get('model')} | {c.get('norm')} | {c.get('data')} | "
+                     f"{batch} | {c.get('seed')} | {r['epochs_done']}/{r['epochs']} | "
+                     f"{r['status']} | {'-' if err is None else f'{err:.2f}'} |")
+    return lines + [""]
+
+
 def write_report(out_dir: Path | str) -> tuple[Path, Path]:
     """Write ``OUT/report.md``, ``OUT/report.html`` and ``OUT/figures/*`` from ``OUT``'s store, and
     refresh the CSV/JSON exports. Returns (md path, html path)."""
@@ -214,6 +232,8 @@ def write_report(out_dir: Path | str) -> tuple[Path, Path]:
             sec, p = _study_section(store, STUDIES[name], fig_dir)
             lines += sec
             pngs += p
+        if "train" in names:
+            lines += _single_runs_section(store)
         spp_records = store.spp()
         if spp_records:
             from normlab import spp as spp_mod
