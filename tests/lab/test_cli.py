@@ -208,7 +208,8 @@ def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
     cfg.write_text('data = "imagefolder"\n')
     r = runner.invoke(app, ["train", "--config", str(cfg), "--data-dir", str(tmp_path / "none"),
                             "--set", "epochs=0", "--out", str(tmp_path)])
-    assert r.exit_code == 2 and r.output.startswith("error: epochs must be a positive int"), r.output
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: epochs must be a positive int"), r.output
 
 
 def test_reproduce_help_states_the_jobs_default_it_uses():

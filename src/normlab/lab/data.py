@@ -202,7 +202,8 @@ def _read_cifar_file(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{name}: {str(path)!r} has data of shape {data.shape} dtype {data.dtype}, "
                         f"expected (n, 3072) uint8", hint=_cifar_hint(name, path.parent))
     if data.shape[0] == 0:
-        raise DataError(f"{name}: {str(path)!r} holds no images", hint=_cifar_hint(name, path.parent))
+        raise DataError(f"{name}: {str(path)!r} holds no images",
+                        hint=_cifar_hint(name, path.parent))
     if labels.shape != (data.shape[0],):
         raise DataError(f"{name}: {str(path)!r} has {labels.shape} labels for {data.shape[0]} images",
                         hint=_cifar_hint(name, path.parent))
@@ -255,7 +256,8 @@ def _imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSp
     if len(classes) < 2:
         raise DataError(f"imagefolder: {str(train_dir)!r} has {len(classes)} class folder(s), need >= 2",
                         hint=hint)
-    unknown_cls = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
+    unknown_cls = sorted(p.name for p in test_dir.iterdir()
+                         if p.is_dir() and p.name not in classes)
     if unknown_cls:  # their images would be left out without a word
         raise DataError(f"imagefolder: {str(test_dir)!r} has class folder(s) "
                         f"{', '.join(unknown_cls)} that {str(train_dir)!r} lacks", hint=hint)

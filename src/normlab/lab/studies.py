@@ -123,7 +123,8 @@ class Study:
                 named = "norm" in self.variants[label] or cfg.norm != "bn"
                 if ("norm" not in user and cfg.norm != "none" and named
                         and model_takes_norm(model) is False):
-                    fit = [v for v in self.variants if self.variants[v].get("norm") in (None, "none")]
+                    fit = [v for v in self.variants
+                           if self.variants[v].get("norm") in (None, "none")]
                     raise ConfigError(
                         f"series {label!r} of study {self.name!r} uses norm {cfg.norm!r}, which "
                         f"the normalizer-free model {model!r} does not take",
