@@ -216,16 +216,18 @@ def _dispatch(
     if x.numel() == 0:
         y, mean, rstd = _normalize_empty(x, num_groups, over_batch, weight, bias, activation)
         return (y, mean, rstd) if return_stats else y
-    shape = x.shape
     if x.dim() > 5:  # more than 3 spatial dims: the statistics sets are the same over one
-        x = x.reshape(shape[0], shape[1], -1)
+        y, mean, rstd = _dispatch(
+            x.reshape(x.shape[0], x.shape[1], -1), num_groups, over_batch, weight, bias, eps,
+            activation, backend, running_mean, running_var, momentum, True,
+        )
+        y = y.reshape(x.shape)
+        return (y, mean, rstd) if return_stats else y
     impl = resolve_backend(backend, x, num_groups, over_batch, activation)
     y, mean, rstd = impl.normalize(
         x, num_groups, over_batch, weight, bias, eps, activation, running_mean, running_var,
         momentum,
     )
-    if y.shape != shape:
-        y = y.reshape(shape)
     return (y, mean, rstd) if return_stats else y
 
 
