@@ -7,7 +7,10 @@ import subprocess
 import sys
 import textwrap
 
-from normlab.lab.store import Store, summarize
+import pytest
+
+from normlab.lab.config import ConfigError
+from normlab.lab.store import Store, heartbeat, summarize
 
 
 def _rows(n, base=1.0):
@@ -42,6 +45,44 @@ def test_run_owned_by_a_dead_process_is_taken_over(tmp_path):
         s.con.execute("UPDATE runs SET owner=? WHERE run_id='r2'",
                       (f"{s.run('r2')['owner'].rpartition(':')[0]}:{os.getppid()}",))
         assert s.claim("r2", {"epochs": 1}) == "busy"
+
+
+def test_remote_owner_is_busy_while_it_beats_and_stale_after(tmp_path, monkeypatch):
+    """An owner on another host cannot be asked whether it lives: its run is busy while its
+    row is touched within $NORMLAB_STALE_AFTER seconds, and taken over once it is not (a
+    process killed outright, a lost node), so nobody waits forever."""
+    import time
+
+    with Store(tmp_path) as s:
+        s.claim("r", {"epochs": 1})
+        s.con.execute("UPDATE runs SET owner='other-host:4242', updated=? WHERE run_id='r'",
+                      (time.time() - 10,))
+        assert s.claim("r", {"epochs": 1}) == "busy"  # touched 10 s ago, default 900 s
+        monkeypatch.setenv("NORMLAB_STALE_AFTER", "5")
+        assert s.claim("r", {"epochs": 1}) == "claimed"  # 10 s > 5 s: abandoned
+        assert s.run("r")["owner"] != "other-host:4242"
+        monkeypatch.setenv("NORMLAB_STALE_AFTER", "soon")
+        s.con.execute("UPDATE runs SET owner='other-host:4242' WHERE run_id='r'")
+        with pytest.raises(ConfigError, match="NORMLAB_STALE_AFTER.*'soon'"):
+            s.claim("r", {"epochs": 1})
+
+
+def test_heartbeat_touches_our_run_until_the_block_ends(tmp_path):
+    import threading
+    import time
+
+    with Store(tmp_path) as s:
+        s.claim("r", {"epochs": 1})
+        s.con.execute("UPDATE runs SET updated=0 WHERE run_id='r'")
+        with heartbeat(tmp_path, "r", every_s=0.05):
+            deadline = time.time() + 10
+            while s.run("r")["updated"] == 0 and time.time() < deadline:
+                time.sleep(0.02)
+            assert s.run("r")["updated"] > 0  # the beat reached the store
+        assert not any(t.name.startswith("normlab-heartbeat") for t in threading.enumerate())
+        s.con.execute("UPDATE runs SET owner='other-host:1', updated=0 WHERE run_id='r'")
+        assert s.touch("r") is False  # not ours: a heartbeat never revives another's claim
+        assert s.run("r")["updated"] == 0
 
 
 def test_release_frees_only_our_own_unfinished_claim(tmp_path):

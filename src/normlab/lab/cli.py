@@ -223,8 +223,9 @@ def _run_inline(points: list, store: Any) -> dict[str, int]:
 
         def on_wait(p: Any, owner: Optional[str]) -> None:
             console.print(f"  {_describe(p)}: being trained by {owner or 'another process'} "
-                          "(another normlab process on this --out); waiting for it",
-                          highlight=False)
+                          "(another normlab process on this --out); waiting for it (an owner "
+                          "on another host silent for $NORMLAB_STALE_AFTER s, default 900, "
+                          "is taken over)", highlight=False)
 
         return run_points(points, store, on_run=on_run, progress_for=progress_for,
                           on_wait=on_wait)

@@ -17,6 +17,12 @@ claims it and resumes from the checkpoint. Two processes sharing a store seriali
 through SQLite's lock (``busy_timeout`` 60 s) and never train the same run at once: a run owned by
 a live process is skipped (:meth:`Store.claim` returns ``"busy"``).
 
+Owners on another host: a process cannot be asked whether a remote pid lives, so the owner of a
+run touches its row every :data:`HEARTBEAT_S` seconds while training (:func:`heartbeat`), and a
+remote owner whose row has not been touched for ``$NORMLAB_STALE_AFTER`` seconds (default 900)
+counts as dead: a run whose process was killed outright (SIGKILL, OOM, a lost node) is taken over
+by the next process on any host instead of being waited for forever.
+
 Example::
 
     >>> s = Store("normlab-out")
@@ -33,11 +39,12 @@ import math
 import os
 import socket
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-__all__ = ["Store", "DB_NAME", "EPOCH_FIELDS"]
+__all__ = ["Store", "DB_NAME", "EPOCH_FIELDS", "heartbeat", "HEARTBEAT_S", "stale_after_s"]
 
 DB_NAME = "results.sqlite"
 EPOCH_FIELDS = ("train_loss", "train_error", "test_loss", "test_error", "lr", "wall_time",
@@ -65,18 +72,38 @@ CREATE TABLE IF NOT EXISTS spp (
 """
 
 
+#: seconds between an owner's touches of its run's row while it trains (see heartbeat)
+HEARTBEAT_S = 60.0
+
+
+def stale_after_s() -> float:
+    """Seconds without a touch after which a run's owner on another host counts as dead
+    (``$NORMLAB_STALE_AFTER``, default 900: fifteen missed heartbeats)."""
+    raw = os.environ.get("NORMLAB_STALE_AFTER", "")
+    try:
+        value = float(raw) if raw.strip() else 900.0
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        from normlab.lab.config import ConfigError
+
+        raise ConfigError(f"$NORMLAB_STALE_AFTER must be a positive number of seconds, got {raw!r}",
+                          hint="unset it for the default (900)")
+    return value
+
+
 def _me() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _owner_alive(owner: Optional[str]) -> bool:
-    """Whether the process ``host:pid`` is alive (only decidable on this host; other hosts count
-    as alive, so a shared store never steals a remote run)."""
+def _owner_alive(owner: Optional[str], updated: Optional[float] = None) -> bool:
+    """Whether the process ``host:pid`` is alive: on this host, asked of the OS; on another
+    host, whether it touched its run (``updated``) within :func:`stale_after_s`."""
     if not owner or ":" not in owner:
         return False
     host, _, pid_s = owner.rpartition(":")
     if host != socket.gethostname():
-        return True
+        return updated is None or time.time() - updated < stale_after_s()
     try:
         pid = int(pid_s)
         os.kill(pid, 0)
@@ -184,11 +211,12 @@ class Store:
         it) or ``"claimed"`` (this process owns it now; status ``running``)."""
         now = time.time()
         with self.transaction() as c:
-            row = c.execute("SELECT status, owner FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            row = c.execute("SELECT status, owner, updated FROM runs WHERE run_id=?",
+                            (run_id,)).fetchone()
             if row is not None and row["status"] == "done":
                 return "done"
             if (row is not None and row["status"] == "running" and row["owner"] != _me()
-                    and _owner_alive(row["owner"])):
+                    and _owner_alive(row["owner"], row["updated"])):
                 return "busy"
             if row is None:
                 c.execute("INSERT INTO runs (run_id, config, status, owner, epochs, epochs_done, "
@@ -218,6 +246,14 @@ class Store:
                  json.dumps(summary.get("versions", {}), sort_keys=True),
                  last.get("train_loss"), last.get("train_error"), last.get("test_loss"),
                  last.get("test_error"), time.time(), run_id))
+
+    def touch(self, run_id: str) -> bool:
+        """The owner's heartbeat: refresh ``updated`` of a run this process owns. False when
+        it owns it no longer (finished, released, or taken over as stale)."""
+        with self.transaction() as c:
+            cur = c.execute("UPDATE runs SET updated=? WHERE run_id=? AND owner=? AND "
+                            "status='running'", (time.time(), run_id, _me()))
+        return cur.rowcount == 1
 
     def release(self, run_id: str) -> None:
         """Give up this process's claim on a run it did not finish (interrupted): the run stays
@@ -372,3 +408,35 @@ def summarize(runs: list[dict[str, Any]], metric: str = "final_test_error",
                     "sd": statistics.stdev(finite) if len(finite) > 1 else None,
                     "n": len(finite), "n_nonfinite": len(vals) - len(finite), "values": vals}
     return out
+
+
+@contextlib.contextmanager
+def heartbeat(out_dir: Union[str, Path], run_id: str,
+              every_s: Optional[float] = None) -> Iterator[None]:
+    """While the block runs, touch ``run_id``'s row every ``every_s`` seconds (default
+    :data:`HEARTBEAT_S`) from a daemon thread with its own connection, so that processes on
+    other hosts see the owner alive (:func:`_owner_alive`). A failed touch (store busy) is
+    tried again at the next beat; the thread never raises into the training."""
+    every = HEARTBEAT_S if every_s is None else every_s
+    stop = threading.Event()
+
+    def beat() -> None:
+        store = None
+        try:
+            while not stop.wait(every):
+                try:
+                    store = store or Store(out_dir, create=False)
+                    store.touch(run_id)
+                except Exception:  # noqa: BLE001 - the next beat tries again
+                    pass
+        finally:
+            if store is not None:
+                store.close()
+
+    thread = threading.Thread(target=beat, name=f"normlab-heartbeat-{run_id[:12]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from normlab import distributed as nd
 from normlab.lab.config import ConfigError, RunConfig, nf_norm_error
 from normlab.lab.data import DataSplit, TensorLoader, load_dataset
-from normlab.lab.store import Store
+from normlab.lab.store import Store, heartbeat
 
 __all__ = ["train_run", "run_points", "build_model", "build_loaders", "build_optimizer",
            "is_writer", "resolve_device", "lr_at", "versions", "RunResult", "weight_standardize_",
@@ -530,7 +530,10 @@ def run_points(points: list, store: Optional[Store], *,
                     on_run(p, "skipped", store.run(rid) if store is not None else None)
                 continue
             try:
-                res = train_run(p.cfg, store, progress=progress_for(p) if progress_for else None)
+                # the owner's heartbeat: owners on other hosts are judged by it (store.py)
+                with heartbeat(store.dir, rid) if writer else contextlib.nullcontext():
+                    res = train_run(p.cfg, store,
+                                    progress=progress_for(p) if progress_for else None)
             except ConfigError:
                 if writer:
                     store.finish(rid, "failed", "configuration error")
