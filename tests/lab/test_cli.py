@@ -298,6 +298,22 @@ def test_spp_bad_specs_are_one_line(tmp_path, args, needle):
     assert needle in r.output and len(r.output.strip().splitlines()) <= 3, r.output
 
 
+def _wait_for_count(out, proc, query, at_least, timeout_s):
+    """Poll the store in ``out`` until ``query`` counts ``at_least`` rows, ``proc`` ends, or
+    ``timeout_s`` passes (a store still being created answers OperationalError: poll again)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            con = _db(out)
+            n = con.execute(query).fetchone()[0]
+            con.close()
+        except sqlite3.OperationalError:
+            continue
+        if n >= at_least:
+            return
+
+
 def test_killing_the_study_stops_its_training_processes(tmp_path):
     # --jobs 2: SIGKILL the study process alone; its workers notice and stop, the store stays
     # sound, and a re-run finishes every run
@@ -307,17 +323,7 @@ def test_killing_the_study_stops_its_training_processes(tmp_path):
             "--set", f"data_kwargs={SMALL}", "--set", "epochs=3", "--out", str(tmp_path)]
     p = subprocess.Popen([sys.executable, "-m", "normlab.lab.cli", *args],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:
-        time.sleep(0.1)
-        try:
-            con = _db(tmp_path)
-            n = con.execute("SELECT COUNT(*) FROM runs WHERE epochs_done >= 1").fetchone()[0]
-            con.close()
-        except sqlite3.OperationalError:
-            continue
-        if n >= 2:
-            break
+    _wait_for_count(tmp_path, p, "SELECT COUNT(*) FROM runs WHERE epochs_done >= 1", 2, 120)
     p.send_signal(signal.SIGKILL)
     p.wait()
     time.sleep(3)
@@ -341,17 +347,7 @@ def test_ctrl_c_with_jobs_is_one_line_then_the_rerun_finishes(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "normlab.lab.cli", *args, "--jobs", "2"],
                          stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-        try:
-            con = _db(tmp_path)
-            n = con.execute("SELECT COUNT(*) FROM runs WHERE status='running'").fetchone()[0]
-            con.close()
-        except sqlite3.OperationalError:
-            continue
-        if n >= 1:
-            break
+    _wait_for_count(tmp_path, p, "SELECT COUNT(*) FROM runs WHERE status='running'", 1, 60)
     assert p.poll() is None, "the study finished before it could be interrupted"
     time.sleep(0.3)  # the workers are training
     os.killpg(p.pid, signal.SIGINT)
