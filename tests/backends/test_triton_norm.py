@@ -268,6 +268,34 @@ def test_gradients_are_deterministic():
         assert torch.equal(a, b_)
 
 
+@pytest.mark.parametrize("groups,over_batch,cl", [
+    (4, False, True),   # GN in channels_last: blocks of groups folded by the one-hot (a NaN
+                        # times a 0 of the fold would reach every group of its block)
+    (8, True, True),    # BN in channels_last: a column is a group
+    (4, False, False),  # NCHW: one group per program
+])
+def test_nan_and_inf_stay_in_their_statistics_set(groups, over_batch, cl):
+    """A NaN or inf makes its own statistic (and so its group's outputs and gradients)
+    non-finite and nothing else, as the reference backend says."""
+    x = _layout(off_centre(3, 8, 4, 4), cl).to(DEVICE)
+    x[1, 2, 1, 1] = float("nan")
+    x[2, 5, 0, 0] = float("inf")
+    w, b = (t.to(DEVICE) for t in _affine(8, True, True))
+    xt = x.clone().requires_grad_()
+    y = BACKEND.normalize(xt, groups, over_batch, w, b, 1e-5, "silu")[0]
+    y.backward(torch.ones_like(y))
+    x64 = x.cpu().double().requires_grad_()
+    y64 = REF.normalize(x64, groups, over_batch, w.cpu().double(), b.cpu().double(), 1e-5,
+                        "silu")[0]
+    y64.backward(torch.ones_like(y64))
+    bad = ~torch.isfinite(y64)
+    assert bad.any() and not bad.all()
+    assert torch.equal(~torch.isfinite(y.cpu()), bad)
+    assert rel_err(y.cpu()[~bad], y64[~bad]) < 2e-6
+    bad_dx = ~torch.isfinite(x64.grad)
+    assert torch.equal(~torch.isfinite(xt.grad.cpu()), bad_dx)
+
+
 def test_strided_input_is_made_contiguous():
     # neither contiguous nor channels_last (a channel slice): one documented copy, right values
     x = off_centre(2, 8, 4, 4).to(DEVICE)[:, ::2]

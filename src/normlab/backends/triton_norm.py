@@ -182,11 +182,13 @@ def _onehot(ct, ncols, Cg: tl.constexpr, GBP: tl.constexpr, BLOCK_C: tl.constexp
 
 @triton.jit
 def _to_groups(v, m, IDENT: tl.constexpr):
-    """Per-column [BLOCK_C] -> per-group [GBP] sums (one small contraction per program)."""
+    """Per-column [BLOCK_C] -> per-group [GBP] sums (one small contraction per program).
+    A select, not a product with the 0/1 matrix: NaN * 0 is NaN, and a NaN or inf in one group
+    must not reach the other groups of the block."""
     if IDENT:
         r = v
     else:
-        r = tl.sum(v[:, None] * m, axis=0)
+        r = tl.sum(tl.where(m > 0.0, v[:, None], 0.0), axis=0)
     return r
 
 
@@ -196,7 +198,7 @@ def _to_cols(gv, m, IDENT: tl.constexpr):
     if IDENT:
         r = gv
     else:
-        r = tl.sum(m * gv[None, :], axis=1)
+        r = tl.sum(tl.where(m > 0.0, gv[None, :], 0.0), axis=1)
     return r
 
 
