@@ -280,6 +280,19 @@ def test_backend_selection_order(monkeypatch):
         _INSTANCES.pop("spy", None)
 
 
+def test_environment_variable_is_read_on_every_call(monkeypatch):
+    # current_backend reads $NORMLAB_BACKEND through a cached key lookup: it must follow the
+    # variable as it is set, changed, given odd case/space and removed while the process runs
+    monkeypatch.delenv("NORMLAB_BACKEND", raising=False)
+    assert normlab.backends.current_backend() == "auto"
+    monkeypatch.setenv("NORMLAB_BACKEND", "reference")
+    assert normlab.backends.current_backend() == "reference"
+    monkeypatch.setenv("NORMLAB_BACKEND", " Native ")
+    assert normlab.backends.current_backend() == "native"
+    monkeypatch.delenv("NORMLAB_BACKEND")
+    assert normlab.backends.current_backend() == "auto"
+
+
 def test_explicit_unsupported_backend_raises_and_auto_falls_back():
     x = off_centre(2, 4, 3, 3)
 
