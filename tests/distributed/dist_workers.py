@@ -78,7 +78,9 @@ def syncbn_worker(rank: int, world: int, out: str) -> None:
         name, split, kw = case["name"], case["split"], dict(case["kwargs"])
         x_full = case["x"]
         c = x_full.shape[1]
-        if case.get("process_group"):
+        if case.get("process_group") == "own":  # a group of this rank alone: per-process BN
+            kw["process_group"] = own_groups[rank]
+        elif case.get("process_group"):
             kw["process_group"] = full_group
         m = SyncBatchNorm(c, dtype=x_full.dtype, **kw)
         if m.weight is not None:

@@ -69,30 +69,42 @@ CASES = [
     ("empty_rank", (8, 3, 4, 4), [0, 8], torch.float64, {}, {}),
     # an explicit process_group argument
     ("process_group", (8, 4, 5, 6), [4, 4], torch.float64, {}, dict(process_group=True)),
+    # a rank with a single sample of 2D input: one value per channel there, which per-process BN
+    # refuses; the global statistics still have 8
+    ("one_sample_rank_2d", (8, 5), [1, 7], torch.float64, {}, {}),
 ]
+
+# the process_group argument is honoured: a group of this rank alone gives per-process BN
+# (checked against torch.nn.BatchNorm2d on each rank's part, not against the global batch)
+OWN_GROUP_CASE = ("own_group", (8, 4, 5, 6), [3, 5], torch.float64, {}, dict(process_group="own"))
 
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     torch.manual_seed(1234)
     out = str(tmp_path_factory.mktemp("syncbn"))
-    cases = [make_case(n, s, sp, dt, kw, **ex) for n, s, sp, dt, kw, ex in CASES]
+    cases = [make_case(n, s, sp, dt, kw, **ex) for n, s, sp, dt, kw, ex in CASES + [OWN_GROUP_CASE]]
     torch.save(cases, os.path.join(out, "cases.pt"))
     dist_harness.run_workers(dist_workers.syncbn_worker, 2, out, timeout=90)
     ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
     return {c["name"]: c for c in cases}, ranks
 
 
+def torch_bn(x, kwargs):
+    """torch.nn's BatchNorm for x's dims with the case's options (an independent reference)."""
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+    return cls[x.dim()](x.shape[1], dtype=x.dtype, **kwargs)
+
+
 def reference(case):
-    """Single-process normlab BatchNorm over the whole batch: the same two training steps, the
+    """Single-process torch.nn BatchNorm over the whole batch: the same two training steps, the
     gradients of sum(y * r), then eval."""
     x_full = case["x"]
     if case.get("ref64"):
         case = dict(case, **{k: case[k].to(torch.float64) for k in ("x", "x2", "r", "weight",
                                                                     "bias")})
         x_full = case["x"]
-    kw = {k: v for k, v in case["kwargs"].items()}
-    bn = dist_workers.bn_class(x_full.dim())(x_full.shape[1], dtype=x_full.dtype, **kw)
+    bn = torch_bn(x_full, case["kwargs"])
     with torch.no_grad():
         if bn.weight is not None:
             bn.weight.copy_(case["weight"])
@@ -108,10 +120,6 @@ def reference(case):
         bn(case["x2"])
         bn.eval()
         y_eval = bn(x.detach())
-    # the single-process BN itself against torch's functional batch norm (independent)
-    y_torch = nn.functional.batch_norm(
-        x_full, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-    torch.testing.assert_close(y.detach(), y_torch.detach())
     return dict(y=y.detach(), grad_x=x.grad, y_eval=y_eval,
                 grad_w=None if bn.weight is None else bn.weight.grad,
                 grad_b=None if bn.bias is None else bn.bias.grad,
@@ -179,6 +187,18 @@ def test_plain_bn_over_the_same_split_differs(two_process_run, name):
     for r, y_ref in enumerate(per_rank(ref["y"], cases[name]["split"])):
         gap = (ranks[r][name]["y_plain_bn"] - y_ref).abs().max().item()
         assert gap > 1e-2, f"per-process BN on rank {r} matched the global BN (gap {gap})"
+
+
+def test_process_group_argument_is_honoured(two_process_run):
+    cases, ranks = two_process_run
+    case = cases[OWN_GROUP_CASE[0]]
+    for r in range(2):
+        own = dict(case, x=dist_workers.local_part(case["x"], case["split"], r),
+                   x2=dist_workers.local_part(case["x2"], case["split"], r),
+                   r=dist_workers.local_part(case["r"], case["split"], r))
+        ref, got = reference(own), ranks[r][OWN_GROUP_CASE[0]]
+        for key in ("y", "grad_x", "y_eval", "running_mean", "running_var", "grad_w", "grad_b"):
+            torch.testing.assert_close(got[key], ref[key], **tol(case), msg=lambda m: f"{key}: {m}")
 
 
 def test_too_few_values_over_all_processes_raises_on_every_rank(two_process_run):
