@@ -149,3 +149,55 @@ def test_projection_only_at_transitions():
     assert proj == [[False] * 3, [True, False, False], [True, False, False]]
     m = models.create("resnet50", width=8)
     assert [stage[0].has_projection for stage in m.stages] == [True] * 4
+
+
+# post- and pre-activation, basic and bottleneck: each zeroes its own last norm's gamma
+@pytest.mark.parametrize("name, kw", [
+    ("resnet20", {}), ("preact_resnet20", {}), ("resnet50", {"width": 4}),
+    ("resnet50", {"width": 4, "preact": True}),
+])
+def test_zero_init_last_leaves_a_frozen_gamma_alone(name, kw):
+    # FrozenBatchNorm's gamma is a buffer that never trains: zeroing it switched every residual
+    # branch off for good (the network was its shortcuts only, however long it trained)
+    model = models.create(name, norm="frozenbn", zero_init_last=True, **kw)
+    lasts = [b.last_norm() for b in model.modules() if isinstance(b, _Block)]
+    assert lasts and all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in lasts)
+    # a learnable gamma in the same place is zeroed, and is a parameter the optimizer sees
+    model = models.create(name, norm="bn", zero_init_last=True, **kw)
+    lasts = [b.last_norm() for b in model.modules() if isinstance(b, _Block)]
+    assert all(isinstance(n.weight, nn.Parameter) and n.weight.abs().sum() == 0 for n in lasts)
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("resnet20", {"zero_init_last": 1}),        # truthy non-bools were taken as True
+    ("resnet20", {"preact": "no"}),             # "no" is truthy: a pre-activation net
+    ("resnet18", {"small_input": "yes"}),
+])
+def test_switches_must_be_bools(name, kw):
+    (key,) = kw
+    with pytest.raises(TypeError, match=rf"{key} must be a bool, got {kw[key]!r}"):
+        models.create(name, **kw)
+
+
+# each family once: post- and pre-activation blocks, basic and bottleneck, with BN (running
+# statistics differ in memory format handling) and GN (per-sample statistics)
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+@pytest.mark.parametrize("name, kw, size", [
+    ("resnet20", {}, 8), ("preact_resnet20", {}, 8),
+    ("resnet50", {"width": 4, "small_input": True}, 8),
+])
+def test_channels_last_input_gives_the_same_output_and_grads(name, kw, size, norm):
+    model = models.create(name, norm=norm, norm_kwargs={"num_groups": 4} if norm == "gn" else None,
+                          num_classes=4, **kw).double()
+    twin = models.create(name, norm=norm, num_classes=4,
+                         norm_kwargs={"num_groups": 4} if norm == "gn" else None, **kw).double()
+    twin.load_state_dict(model.state_dict())
+    twin = twin.to(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, size, size, dtype=torch.float64) + 0.3
+    y = model(x)
+    y_cl = twin(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y_cl, y)
+    y.square().sum().backward()
+    y_cl.square().sum().backward()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=n)

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence, Union
 from torch import Tensor, nn
 
 from normlab.factory import canonical_name, create_norm
-from normlab.models.registry import register
+from normlab.models.registry import keyword_names, register
 
 __all__ = ["BNDropoutCNN"]
 
@@ -127,4 +127,5 @@ class BNDropoutCNN(nn.Module):
         return self.fc(self.dense(h.flatten(1)))
 
 
-register("bn_dropout_cnn", lambda **kw: BNDropoutCNN(**kw))
+register("bn_dropout_cnn", lambda **kw: BNDropoutCNN(**kw),
+         options=keyword_names(BNDropoutCNN, ("norm", "num_classes", "in_chans")))

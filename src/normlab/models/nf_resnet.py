@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab.models.registry import register
+from normlab.models.registry import keyword_names, register
 from normlab.models.residual import DropPath, ResidualBlock
 from normlab.nn import ScaledStdConv2d
 
@@ -263,6 +263,10 @@ class NFResNet(nn.Module):
                 raise ValueError(f"{what} must be in [0, 1), got {v!r}")
         if stem not in ("cifar", "imagenet", "small"):
             raise ValueError(f"stem must be 'cifar', 'imagenet' or 'small', got {stem!r}")
+        for v, what in ((skipinit, "skipinit"), (zero_init_last, "zero_init_last"),
+                        (std_conv, "std_conv")):
+            if not isinstance(v, bool):
+                raise TypeError(f"{what} must be a bool, got {v!r}")
         act = get_activation(activation)
         if gamma is None:
             gamma = activation_gamma(activation)
@@ -349,6 +353,8 @@ def nf_imagenet_resnet(depth: int, *, width: int = 64, small_input: bool = False
     """ImageNet-style NF-ResNet-18/34/50/101; ``small_input=True``: 3x3 stride-1 stem, no pool."""
     if depth not in _IMAGENET:
         raise ValueError(f"ImageNet ResNet depth must be one of {sorted(_IMAGENET)}, got {depth!r}")
+    if not isinstance(small_input, bool):
+        raise TypeError(f"small_input must be a bool, got {small_input!r}")
     block, layers = _IMAGENET[depth]
     w = _check_width(width)
     return NFResNet(block, layers, (w, 2 * w, 4 * w, 8 * w),
@@ -357,10 +363,16 @@ def nf_imagenet_resnet(depth: int, *, width: int = 64, small_input: bool = False
 
 
 def _register() -> None:
+    net = keyword_names(NFResNet, ("block", "layers", "widths", "stem", "num_classes",
+                                   "in_chans", "stochastic_depth"))
+    small = keyword_names(nf_cifar_resnet, ("depth",)) + net
+    big = keyword_names(nf_imagenet_resnet, ("depth",)) + net
     for d in (20, 32, 56, 110):
-        register(f"nf_resnet{d}", lambda d=d, **kw: nf_cifar_resnet(d, **kw), uses_norm=False)
+        register(f"nf_resnet{d}", lambda d=d, **kw: nf_cifar_resnet(d, **kw), uses_norm=False,
+                 options=small)
     for d in _IMAGENET:
-        register(f"nf_resnet{d}", lambda d=d, **kw: nf_imagenet_resnet(d, **kw), uses_norm=False)
+        register(f"nf_resnet{d}", lambda d=d, **kw: nf_imagenet_resnet(d, **kw),
+                 uses_norm=False, options=big)
 
 
 _register()

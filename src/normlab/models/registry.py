@@ -2,39 +2,70 @@
 
 Every builder is called as ``builder(norm=..., num_classes=..., in_chans=..., **kwargs)``. Builders
 registered with ``uses_norm=False`` (the normalizer-free ResNets) do not receive ``norm``: for them
-only the default ``norm="bn"`` (the registry's default, i.e. "not chosen"), ``None`` and ``"none"``
-are accepted, anything else is a ValueError.
+``norm`` may be left out, ``None`` or ``"none"``; any other value, ``"bn"`` included, is a
+ValueError (a model asked for with a norm must not silently come without one). Models that take a
+norm get ``norm="bn"`` when it is left out.
+
+A builder registered with ``options=`` (every normlab model) lists its keyword arguments: any
+other keyword is a TypeError naming the model, the keyword and the ones it takes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+import inspect
+from typing import Any, Callable, Iterable, Optional
 
 from torch import nn
 
-__all__ = ["create", "list_models", "register", "model_uses_norm"]
+__all__ = ["create", "list_models", "register", "model_uses_norm", "keyword_names"]
 
 
 @dataclass(frozen=True)
 class _Entry:
     builder: Callable[..., nn.Module]
     uses_norm: bool
+    options: Optional[frozenset[str]]
+
+
+class _Unset:
+    """The default of ``create(norm=...)``: "not chosen" (``"bn"`` for models that take a norm)."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_UNSET: Any = _Unset()
+
+
+def keyword_names(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> tuple[str, ...]:
+    """The parameters of ``fn`` that can be passed by keyword, minus ``exclude`` (for
+    ``register(options=...)``)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    drop = set(exclude) | {"self"}
+    return tuple(n for n, p in inspect.signature(fn).parameters.items()
+                 if p.kind in kinds and n not in drop)
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
 def register(name: str, builder: Optional[Callable[..., nn.Module]] = None, *,
-             uses_norm: bool = True):
-    """Register ``builder`` under ``name`` (usable as a decorator: ``@register("resnet20")``)."""
+             uses_norm: bool = True, options: Optional[Iterable[str]] = None):
+    """Register ``builder`` under ``name`` (usable as a decorator: ``@register("resnet20")``).
+
+    ``options``: the builder's own keyword arguments (besides ``norm``, ``num_classes`` and
+    ``in_chans``); when given, :func:`create` rejects any other keyword with a TypeError that
+    names the model and lists them (see :func:`keyword_names`).
+    """
     if not isinstance(name, str) or not name or name != name.strip().lower():
         raise ValueError(f"model names are non-empty lower-case strings, got {name!r}")
+    opts = None if options is None else frozenset(options)
 
     def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY and _REGISTRY[name].builder is not fn:
             raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = _Entry(fn, uses_norm)
+        _REGISTRY[name] = _Entry(fn, uses_norm, opts)
         return fn
 
     return add if builder is None else add(builder)
@@ -65,14 +96,14 @@ def _check_positive_int(value: Any, what: str) -> int:
     return value
 
 
-def create(name: str, *, norm: Any = "bn", num_classes: int = 10, in_chans: int = 3,
+def create(name: str, *, norm: Any = _UNSET, num_classes: int = 10, in_chans: int = 3,
            **kwargs: Any) -> nn.Module:
     """Build model ``name``.
 
     Args:
         name: one of :func:`list_models` (case-insensitive).
-        norm: a :func:`normlab.create_norm` name, class or partial (ignored-if-default, otherwise
-            rejected, for normalizer-free models).
+        norm: a :func:`normlab.create_norm` name, class or partial; default "bn". Normalizer-free
+            models take only ``None``/``"none"`` (or no ``norm``).
         num_classes: outputs of the classifier (named ``fc`` in every model).
         in_chans: input channels.
         **kwargs: the builder's own options (``width``, ``zero_init_last``, ``norm_kwargs``,
@@ -86,9 +117,19 @@ def create(name: str, *, norm: Any = "bn", num_classes: int = 10, in_chans: int 
     entry = _lookup(name)
     _check_positive_int(num_classes, "num_classes")
     _check_positive_int(in_chans, "in_chans")
+    if entry.options is not None:
+        bad = sorted(k for k in kwargs if k not in entry.options)
+        if bad:
+            common = "norm, num_classes, in_chans" if entry.uses_norm else "num_classes, in_chans"
+            raise TypeError(
+                f"model {name!r} got unexpected keyword argument(s) {', '.join(map(repr, bad))}; "
+                f"it takes {common} and {', '.join(sorted(entry.options))}"
+            )
     if entry.uses_norm:
-        return entry.builder(norm=norm, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    if not (norm is None or (isinstance(norm, str) and norm.strip().lower() in ("bn", "none"))):
+        return entry.builder(norm="bn" if norm is _UNSET else norm, num_classes=num_classes,
+                             in_chans=in_chans, **kwargs)
+    if not (norm is _UNSET or norm is None
+            or (isinstance(norm, str) and norm.strip().lower() == "none")):
         raise ValueError(
             f"model {name!r} is normalizer-free and takes no norm, got norm={norm!r}"
         )

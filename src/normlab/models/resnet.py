@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 from torch import Tensor, nn
 
 from normlab.factory import create_norm
-from normlab.models.registry import register
+from normlab.models.registry import keyword_names, register
 from normlab.models.residual import ResidualBlock
 
 __all__ = [
@@ -184,7 +184,8 @@ class ResNet(nn.Module):
         norm: builds a norm layer for C channels.
         order: pre-activation blocks only: "norm_act" or "act_norm".
         num_classes, in_chans: classifier outputs and input channels.
-        zero_init_last: gamma = 0 on each block's last norm (no effect with ``norm="none"``).
+        zero_init_last: gamma = 0 on each block's last norm, if that gamma is a learnable
+            parameter (no effect with ``norm="none"``, ``"frozenbn"`` or ``affine=False``).
 
     Shape: (N, in_chans, H, W) -> (N, num_classes), any H, W >= 1 (adaptive average pooling).
     """
@@ -194,6 +195,7 @@ class ResNet(nn.Module):
                  in_chans: int = 3, zero_init_last: bool = False) -> None:
         super().__init__()
         preact = issubclass(block, _PreAct)
+        _check_bool(zero_init_last, "zero_init_last")
         if order not in _ORDERS:
             raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
         if stem not in ("cifar", "imagenet", "small"):
@@ -236,7 +238,9 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, _Block):
                     w = getattr(m.last_norm(), "weight", None)
-                    if w is not None:
+                    # only a learnable gamma: a frozen one (FrozenBatchNorm's weight is a buffer)
+                    # set to 0 would switch the residual branch off for good
+                    if isinstance(w, nn.Parameter):
                         nn.init.zeros_(w)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -259,6 +263,12 @@ def _norm_layer(norm: Any, norm_kwargs: Optional[dict]) -> NormLayer:
     return lambda c: create_norm(norm, c, **kw)
 
 
+def _check_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be a bool, got {value!r}")
+    return value
+
+
 def _check_width(width: Any) -> int:
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be a positive int, got {width!r}")
@@ -277,6 +287,7 @@ def cifar_resnet(depth: int, *, preact: bool = False, norm: Any = "bn",
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth!r}")
     w = _check_width(width)
+    _check_bool(preact, "preact")
     n = (depth - 2) // 6
     if not preact and order != "norm_act":
         raise ValueError(f"order={order!r} applies to pre-activation models only")
@@ -304,6 +315,8 @@ def imagenet_resnet(depth: int, *, preact: bool = False, norm: Any = "bn",
         raise ValueError(f"ImageNet ResNet depth must be one of {sorted(_IMAGENET)}, got {depth!r}")
     if not preact and order != "norm_act":
         raise ValueError(f"order={order!r} applies to pre-activation models only")
+    _check_bool(preact, "preact")
+    _check_bool(small_input, "small_input")
     bottleneck, layers = _IMAGENET[depth]
     if preact:
         block = PreActBottleneck if bottleneck else PreActBasicBlock
@@ -317,11 +330,16 @@ def imagenet_resnet(depth: int, *, preact: bool = False, norm: Any = "bn",
 
 
 def _register() -> None:
+    common = ("depth", "norm", "num_classes", "in_chans")
+    post = keyword_names(cifar_resnet, common)
+    pre = keyword_names(cifar_resnet, common + ("preact",))
+    big = keyword_names(imagenet_resnet, common)
     for d in (20, 32, 56, 110):
-        register(f"resnet{d}", lambda d=d, **kw: cifar_resnet(d, **kw))
-        register(f"preact_resnet{d}", lambda d=d, **kw: cifar_resnet(d, preact=True, **kw))
+        register(f"resnet{d}", lambda d=d, **kw: cifar_resnet(d, **kw), options=post)
+        register(f"preact_resnet{d}", lambda d=d, **kw: cifar_resnet(d, preact=True, **kw),
+                 options=pre)
     for d in _IMAGENET:
-        register(f"resnet{d}", lambda d=d, **kw: imagenet_resnet(d, **kw))
+        register(f"resnet{d}", lambda d=d, **kw: imagenet_resnet(d, **kw), options=big)
 
 
 _register()
