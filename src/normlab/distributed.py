@@ -35,9 +35,11 @@ blocked in a collective whose peer hangs gives up after the collective ``timeout
 from __future__ import annotations
 
 import datetime
+import errno
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -221,7 +223,10 @@ def cleanup() -> None:
 def barrier() -> None:
     """Wait for every process (no-op when not distributed)."""
     if is_distributed():
-        dist.barrier()
+        if dist.get_backend() == "nccl":  # without device_ids nccl guesses the GPU (and warns)
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def _comm_device() -> torch.device:
@@ -247,11 +252,11 @@ def all_reduce_mean(value: Union[float, torch.Tensor], weight: Optional[float] =
     """Mean of a scalar metric over processes, weighted by ``weight`` (e.g. the number of samples
     behind ``value``; unweighted when None). Every process must call it. Returns a float."""
     v = float(value)
+    w = 1.0 if weight is None else float(weight)
+    if w < 0 or not math.isfinite(w):  # checked alone too: the same call fails the same way
+        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
     if not is_distributed():
         return v
-    w = 1.0 if weight is None else float(weight)
-    if w < 0 or not math.isfinite(w):
-        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
     total = all_reduce_sum([v * w, w])
     if total[1] <= 0:
         raise ValueError("all_reduce_mean: the weights sum to 0 over all processes")
@@ -429,9 +434,10 @@ def torchrun_command(
 ) -> list[str]:
     """The ``python -m torch.distributed.run ...`` command line that :func:`launch` runs.
 
-    Rendezvous: ``rdzv_endpoint="host:port"`` -> c10d rendezvous (elastic, multi-node); else a
-    single node without ``master_port`` -> ``--standalone`` (a free local port); else static
-    rendezvous at ``master_addr:master_port`` with ``node_rank``. ``argv`` is the program:
+    Rendezvous: ``rdzv_endpoint="host:port"`` -> c10d rendezvous (elastic, multi-node; node
+    ranks are assigned, so ``master_port``/``node_rank`` must be left out); else a single node
+    without ``master_port`` -> ``--standalone`` (a free local port); else static rendezvous at
+    ``master_addr:master_port`` with ``node_rank``. ``argv`` is the program:
     ``["-m", "package.module", args...]`` or ``["script.py", args...]``.
     """
     if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence) or not argv:
@@ -455,9 +461,21 @@ def torchrun_command(
            "--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
            "--monitor-interval", str(monitor_interval)]
     if rdzv_endpoint is not None:
-        host, _, port = str(rdzv_endpoint).rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"rdzv_endpoint must be 'host:port', got {rdzv_endpoint!r}")
+        if not isinstance(rdzv_endpoint, str):
+            raise ValueError(f"rdzv_endpoint must be a 'host:port' string, got {rdzv_endpoint!r}")
+        host, _, port = rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"rdzv_endpoint must be 'host:port' with a port in [1, 65535], got "
+                             f"{rdzv_endpoint!r}")
+        # the c10d rendezvous assigns node ranks and hosts its own store: a static master
+        # address would be silently ignored
+        static = [f"{k} {v!r}" for k, v, unset in (("master_port", master_port, None),
+                                                     ("node_rank", node_rank, 0)) if v != unset]
+        if static:
+            raise ValueError(
+                f"rdzv_endpoint {rdzv_endpoint!r} does not combine with {' and '.join(static)}: "
+                "give either rdzv_endpoint (c10d rendezvous, node ranks assigned) or master_addr, "
+                "master_port and node_rank (static rendezvous)")
         cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
                 "--rdzv-id", os.environ.get("NORMLAB_RDZV_ID", "normlab")]
     elif nnodes == 1 and master_port is None:
@@ -472,6 +490,24 @@ def torchrun_command(
     else:
         cmd += list(argv)
     return cmd
+
+
+def _check_port_free(port: int) -> None:
+    """Raise ValueError naming ``port`` when this host cannot listen on it (another job's
+    rendezvous or any server holds it): torchrun would fail with a traceback instead."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # as the TCPStore server binds: a port in TIME_WAIT from a finished job is free
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("", port))
+    except OSError as e:
+        why = "already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise ValueError(
+            f"master_port {port} cannot be used on this host (node rank 0 hosts the rendezvous "
+            f"there): {why}; pick another port, or leave it out on a single node for a free one"
+        ) from None
+    finally:
+        probe.close()
 
 
 def _kill_group(proc: subprocess.Popen, grace: float) -> None:
@@ -517,6 +553,11 @@ def launch(
     Returns:
         The exit code (0 on success).
 
+    Raises:
+        ValueError: a bad argument, or (static rendezvous, node rank 0) a ``master_port`` this
+            host cannot listen on, e.g. one already in use: before anything is started.
+        LaunchError: the job failed (``check=True``).
+
     Faults: torchrun runs with ``--max-restarts 0``; when any worker exits with an error or is
     killed, torchrun terminates the other workers (SIGTERM, then SIGKILL) and exits non-zero,
     within a few seconds. Workers blocked in a collective on a *hung* (not dead) peer fail after
@@ -527,6 +568,8 @@ def launch(
                            rdzv_endpoint, python=python)
     if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    if rdzv_endpoint is None and master_port is not None and node_rank == 0:
+        _check_port_free(master_port)  # this node hosts the static rendezvous's store
     child_env = dict(os.environ)
     child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     child_env.setdefault("PYTHONUNBUFFERED", "1")

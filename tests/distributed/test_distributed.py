@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import sys
 
 import pytest
@@ -185,11 +186,49 @@ def test_torchrun_command_rendezvous_modes():
       ValueError, "node_rank.*2"),
      (dict(argv=["t.py"], nproc_per_node=2, master_port=70000), ValueError, "70000"),
      (dict(argv=["t.py"], nproc_per_node=2, nnodes=2), ValueError, "needs master_port"),
-     (dict(argv=["t.py"], nproc_per_node=2, rdzv_endpoint="nohost"), ValueError, "nohost")],
+     (dict(argv=["t.py"], nproc_per_node=2, rdzv_endpoint="nohost"), ValueError, "nohost"),
+     # a port out of range: torchrun itself failed on it with a traceback
+     (dict(argv=["t.py"], nproc_per_node=2, rdzv_endpoint="head:99999"), ValueError,
+      "head:99999"),
+     # c10d assigns node ranks and hosts the store: static options were silently dropped
+     (dict(argv=["t.py"], nproc_per_node=2, rdzv_endpoint="head:29400", master_port=29500),
+      ValueError, "does not combine with master_port 29500"),
+     (dict(argv=["t.py"], nproc_per_node=2, nnodes=2, node_rank=1, rdzv_endpoint="head:29400"),
+      ValueError, "does not combine with node_rank 1")],
 )
 def test_launch_rejects_bad_arguments(kwargs, err, needle):
     with pytest.raises(err, match=needle):
         nd.launch(**kwargs)
+
+
+def test_launch_refuses_a_master_port_in_use(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    marker = tmp_path / "started"
+    script = tmp_path / "t.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    try:
+        # node rank 0 of a static rendezvous hosts the store on master_port: one clear error
+        # before torchrun starts (torchrun failed with an EADDRINUSE traceback and the launcher
+        # blamed a worker)
+        with pytest.raises(ValueError, match=f"master_port {port} cannot be used on this host"
+                                             ".*already in use"):
+            nd.launch([str(script)], nproc_per_node=2, master_port=port, timeout=30)
+        # another node's rank does not host it: no check there (the port is on the master)
+        cmd = nd.torchrun_command([str(script)], 2, nnodes=2, node_rank=1, master_port=port)
+        assert cmd[cmd.index("--master-port") + 1] == str(port)
+    finally:
+        busy.close()
+    assert not marker.exists()
+
+
+def test_all_reduce_mean_checks_its_weight_alone_too(no_torchrun_env):
+    # the same bad call fails on one process as on many (it was checked only when distributed)
+    with pytest.raises(ValueError, match="weight must be a finite number >= 0, got -1"):
+        nd.all_reduce_mean(1.0, weight=-1)
+    assert nd.all_reduce_mean(1.5, weight=0) == 1.5
 
 
 def test_setup_rejects_bad_timeout_and_device(no_torchrun_env, monkeypatch):

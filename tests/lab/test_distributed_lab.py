@@ -8,6 +8,7 @@ Every test launches real 2-process jobs through torch.distributed.run on tiny sy
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -163,6 +164,39 @@ def test_jobs_and_nproc_do_not_combine(tmp_path):
     assert r.exit_code == 2 and "needs --master-port" in r.output
     r = runner.invoke(cli_mod.app, ["train", "--nproc-per-node", "0"])
     assert r.exit_code == 2 and "--nproc-per-node must be >= 1, got 0" in r.output
+
+
+# each flag value reached torchrun (or the launcher's checks, after "launching ...") and came
+# back as a traceback or under the Python parameter's name
+@pytest.mark.parametrize("flags,needle", [
+    (["--master-port", "70000"], "--master-port must be an int in [1, 65535], got 70000"),
+    (["--rdzv-endpoint", "head:99999"], "got 'head:99999'"),  # torchrun's traceback before
+    (["--master-addr", ""], "--master-addr must be a non-empty host name, got ''"),
+    # c10d rendezvous assigns node ranks: --master-port was silently ignored
+    (["--nnodes", "2", "--rdzv-endpoint", "head:29400", "--master-port", "29500"],
+     "--rdzv-endpoint 'head:29400' does not combine with --master-port 29500"),
+])
+def test_bad_launcher_flags_are_one_error_line_before_launching(tmp_path, flags, needle):
+    r = runner.invoke(cli_mod.app, _train_args(tmp_path / "o", "--nproc-per-node", "2", *flags))
+    assert r.exit_code == 2, r.output
+    assert needle in r.output and "Traceback" not in r.output and "launching" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_master_port_in_use_is_one_error_line(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        r = runner.invoke(cli_mod.app, _train_args(tmp_path / "o", "--nproc-per-node", "2",
+                                                   "--master-port", str(port)))
+    finally:
+        busy.close()
+    assert r.exit_code == 2, r.output
+    assert f"error: --master-port {port} cannot be used on this host" in r.output
+    assert "already in use" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_relaunch_passes_the_same_command_to_torchrun(tmp_path, monkeypatch):

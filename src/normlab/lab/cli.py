@@ -335,6 +335,13 @@ class _Procs:
             raise ConfigError(f"--nnodes {self.nnodes} needs --master-port (with --master-addr) "
                               "or --rdzv-endpoint HOST:PORT",
                               hint="e.g. --master-addr node0 --master-port 29500 on every node")
+        if self.relaunch:  # the launcher's checks (port range, endpoint) before anything starts
+            from normlab import distributed as nd
+
+            with _launcher_flags():
+                nd.torchrun_command(["-m", "normlab.lab.cli"], self.nproc_per_node or 1,
+                                    self.nnodes, self.node_rank, self.master_addr,
+                                    self.master_port, self.rdzv_endpoint)
 
     @property
     def world_size(self) -> int:
@@ -349,6 +356,22 @@ class _Procs:
     def relaunch(self) -> bool:
         """Whether this (parent) process must start the job through torchrun."""
         return not in_worker() and self.world_size > 1
+
+
+_LAUNCH_ARGS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port",
+                "rdzv_endpoint")
+
+
+@contextlib.contextmanager
+def _launcher_flags() -> Iterator[None]:
+    """normlab.distributed's ValueErrors as ConfigErrors that name the command-line flags
+    (``master_port`` -> ``--master-port``)."""
+    try:
+        yield
+    except ValueError as e:
+        msg = re.sub(r"\b(" + "|".join(_LAUNCH_ARGS) + r")\b",
+                     lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+        raise ConfigError(msg) from None
 
 
 def in_worker() -> bool:
@@ -391,9 +414,11 @@ def _launch(ctx: typer.Context, procs: _Procs) -> None:
     console.print(f"launching {procs.nproc_per_node} process(es) per node x {procs.nnodes} "
                   f"node(s) (torch.distributed.run)", highlight=False)
     try:
-        launch(["-m", "normlab.lab.cli", *argv], nproc_per_node=procs.nproc_per_node or 1,
-               nnodes=procs.nnodes, node_rank=procs.node_rank, master_addr=procs.master_addr,
-               master_port=procs.master_port, rdzv_endpoint=procs.rdzv_endpoint)
+        with _launcher_flags():  # a --master-port already in use: one error line
+            launch(["-m", "normlab.lab.cli", *argv], nproc_per_node=procs.nproc_per_node or 1,
+                   nnodes=procs.nnodes, node_rank=procs.node_rank,
+                   master_addr=procs.master_addr, master_port=procs.master_port,
+                   rdzv_endpoint=procs.rdzv_endpoint)
     except LaunchError as e:
         err_console.print(f"[bold red]error:[/] {escape(_rank_prefix() + _first_line(e))}",
                           highlight=False, soft_wrap=True)
