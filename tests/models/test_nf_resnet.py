@@ -152,3 +152,92 @@ def test_drop_path_per_sample_and_eval_identity():
 def test_bad_nf_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         models.create("nf_resnet20", **kw)
+
+
+def _scaled_ws_reference(conv, gamma):
+    """W_hat = gain * gamma * (W - mean) / (std * sqrt(fan_in)), biased std over the fan-in
+    (REFERENCE section 3), in float64, written without the layer's code."""
+    w = conv.weight.detach().double()
+    flat = w.reshape(w.shape[0], -1)
+    fan_in = flat.shape[1]
+    mean = flat.mean(1, keepdim=True)
+    std = ((flat - mean) ** 2).mean(1, keepdim=True).add(conv.eps).sqrt()
+    gain = conv.gain.detach().double().reshape(-1, 1)
+    return (gain * gamma * (flat - mean) / (std * math.sqrt(fan_in))).reshape(w.shape)
+
+
+def test_bottleneck_transition_block_against_functional_reference():
+    # stage 2's first block: stride 2, width change, so the 1x1 shortcut conv takes act(x/beta)
+    torch.manual_seed(3)
+    m = models.create("nf_resnet50", width=4, skipinit=True).double()
+    b = m.stages[1][0]
+    assert b.has_projection and b.beta == pytest.approx(math.sqrt(1 + 3 * 0.04))
+    with torch.no_grad():  # non-trivial gains, biases and SkipInit scalar
+        for p in b.parameters():
+            p.add_(torch.rand_like(p) * 0.5)
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64) * 1.2 + 0.3
+    g = GAMMAS["relu"]
+
+    def conv(c, h):
+        return F.conv2d(h, _scaled_ws_reference(c, g), c.bias.detach().double(), c.stride,
+                        c.padding)
+
+    h = F.relu(x / b.beta)
+    skip = conv(b.shortcut, h)
+    r = conv(b.conv3, F.relu(conv(b.conv2, F.relu(conv(b.conv1, h)))))
+    ref = skip + 0.2 * b.skip_gain.detach() * r
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), ref)
+    # the stride sits on the 3x3 conv and the 1x1 shortcut conv
+    assert (b.conv1.stride, b.conv2.stride, b.shortcut.stride) == ((1, 1), (2, 2), (2, 2))
+    assert b.shortcut.kernel_size == (1, 1)
+
+
+@pytest.mark.parametrize("name, activation, shortcuts", [
+    ("nf_resnet20", "silu", 2),     # CIFAR stem (3x3); stages 2-3 have a shortcut conv
+    ("nf_resnet18", "relu", 3),     # ImageNet stem (7x7 + pool), basic blocks
+    ("nf_resnet50", "gelu", 4),     # bottlenecks: a shortcut conv in every stage
+])
+def test_every_conv_is_scaled_ws_with_the_activation_gamma(name, activation, shortcuts):
+    m = models.create(name, width=4, activation=activation)
+    convs = [(n, c) for n, c in m.named_modules() if isinstance(c, torch.nn.Conv2d)]
+    assert convs and all(isinstance(c, ScaledStdConv2d) for _, c in convs)
+    stem = [c for n, c in convs if n.startswith("stem.")]
+    assert len(stem) == 1 and stem[0].gamma == 1.0            # its input is the image
+    rest = [c for n, c in convs if not n.startswith("stem.")]
+    assert all(c.gamma == GAMMAS[activation] for c in rest)   # every conv after an activation
+    assert sum(n.endswith("shortcut") for n, _ in convs) == shortcuts
+
+
+@pytest.mark.parametrize("key", ["skipinit", "zero_init_last", "std_conv", "small_input"])
+def test_switches_must_be_bools(key):
+    # "no" is truthy: skipinit="no" built a SkipInit model
+    with pytest.raises(TypeError, match=rf"{key} must be a bool, got 'no'"):
+        models.create("nf_resnet18" if key == "small_input" else "nf_resnet20", **{key: "no"})
+
+
+def test_channels_last_gives_the_same_output_and_grads():
+    torch.manual_seed(1)
+    m = models.create("nf_resnet20", width=4, skipinit=False).double()
+    twin = models.create("nf_resnet20", width=4, skipinit=False).double()
+    twin.load_state_dict(m.state_dict())
+    twin = twin.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    y, y_cl = m(x), twin(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y_cl, y)
+    y.sum().backward()
+    y_cl.sum().backward()
+    for (n, p), q in zip(m.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=n)
+
+
+def test_stochastic_depth_only_in_training():
+    torch.manual_seed(2)
+    m = models.create("nf_resnet20", width=4, skipinit=False, stochastic_depth=0.5)
+    x = torch.randn(4, 3, 8, 8)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m(x))                 # eval: deterministic
+        m.train()
+        outs = [m(x) for _ in range(4)]
+    assert any(not torch.allclose(outs[0], o) for o in outs[1:])  # train: branches dropped
