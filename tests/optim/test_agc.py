@@ -169,3 +169,62 @@ def test_wrapper_on_normlab_models_default_exclude():
     assert len(opt.clipped) == len(list(m.parameters())) - 2
     with pytest.raises(TypeError, match="Optimizer"):
         AGC(object(), m)
+
+
+def test_wrapper_clips_the_optimizers_params_including_added_groups():
+    net = _Net()
+    # the optimizer owns body and fc only; fc2 belongs to another optimizer
+    opt = AGC(torch.optim.SGD(list(net.body.parameters()) + list(net.fc.parameters()), lr=0.1),
+              net)
+    extra = nn.Parameter(torch.randn(4, 3) + 1)                  # e.g. a learnable loss weight
+    opt.add_param_group({"params": [extra]})                      # added after wrapping
+    net(torch.randn(8, 6) * 3).square().sum().backward()
+    extra.grad = torch.randn(4, 3) * 50
+    raw = {n: p.grad.clone() for n, p in net.named_parameters()}
+    raw_extra = extra.grad.clone()
+    opt.clip_grads_()
+    for n, p in net.named_parameters():
+        if n.startswith("body."):
+            want = _reference_clip(p.detach(), raw[n], 0.01, 1e-3).float()
+            assert not torch.allclose(want, raw[n])
+        else:  # fc: excluded by name; fc2: not this optimizer's (was clipped all the same)
+            want = raw[n]
+        torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=1e-9, msg=n)
+    torch.testing.assert_close(
+        extra.grad, _reference_clip(extra.detach(), raw_extra, 0.01, 1e-3).float())
+    assert any(p is extra for p in opt.clipped)
+
+
+def test_wrapper_state_dict_round_trip_and_scheduler_on_the_inner_optimizer():
+    net = _Net()
+    opt = AGC(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net)
+    sched = torch.optim.lr_scheduler.StepLR(opt.optimizer, step_size=1, gamma=0.5)
+    net(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    state = opt.state_dict()
+    other = AGC(torch.optim.SGD(net.parameters(), lr=1.0, momentum=0.9), net)
+    other.load_state_dict(state)
+    assert other.param_groups[0]["lr"] == pytest.approx(0.05)
+    bufs = [other.state[p]["momentum_buffer"] for p in net.parameters()]
+    torch.testing.assert_close(bufs, [opt.state[p]["momentum_buffer"] for p in net.parameters()])
+
+
+def test_grad_scaler_step_clips_the_unscaled_gradients():
+    # scaler.step(agc) unscales through agc.param_groups, then calls agc.step(): the clip must
+    # see the true gradients (clipping the scaled ones would scale the threshold by 1/scale)
+    torch.manual_seed(0)
+    net, twin = _Net(), _Net()
+    twin.load_state_dict(net.state_dict())
+    x = torch.randn(8, 6) * 3
+    opt = AGC(torch.optim.SGD(net.parameters(), lr=0.1), net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler.scale(net(x).square().sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    ref = AGC(torch.optim.SGD(twin.parameters(), lr=0.1), twin)
+    twin(x).square().sum().backward()
+    ref.step()
+    for p, q in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -132,11 +132,15 @@ def agc_parameters(model: nn.Module, exclude: Sequence[str] = ("fc",)) -> list[n
 
 
 class AGC:
-    """Wrap any optimizer so that each ``step()`` first clips the gradients of ``model``'s
-    parameters unit-wise, except those of the modules named in ``exclude`` (the classifier).
+    """Wrap any optimizer so that each ``step()`` first clips, unit-wise, the gradients of the
+    parameters the optimizer updates (its ``param_groups`` at that step, so groups added later
+    with ``add_param_group`` are clipped too), except those of ``model``'s modules named in
+    ``exclude`` (the classifier). Parameters of ``model`` that the optimizer does not hold are
+    left alone (another optimizer may own them).
 
     Everything else (``zero_grad``, ``param_groups``, ``state_dict``, schedulers via
-    ``.optimizer``) is the wrapped optimizer's.
+    ``.optimizer``) is the wrapped optimizer's; with a GradScaler, ``scaler.step(agc)`` unscales
+    first and then calls ``agc.step()``, so the clipping sees the true gradients.
 
     Example::
 
@@ -159,11 +163,25 @@ class AGC:
         if vector_unit not in _VECTOR_UNITS:
             raise ValueError(f"vector_unit must be one of {_VECTOR_UNITS}, got {vector_unit!r}")
         self.vector_unit = vector_unit
-        self.clipped = agc_parameters(model, exclude)
+        kept = {id(p) for p in agc_parameters(model, exclude)}
+        # the excluded tensors themselves (not their ids, which a freed tensor's successor reuses)
+        self._excluded = [p for p in model.parameters() if id(p) not in kept]
         self.exclude = tuple((exclude,) if isinstance(exclude, str) else exclude)
 
+    @property
+    def clipped(self) -> list[Tensor]:
+        """The parameters the next ``step`` clips: the optimizer's, minus the excluded ones."""
+        excluded = {id(p) for p in self._excluded}
+        out, seen = [], set()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in excluded and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
     def clip_grads_(self) -> None:
-        """Clip now (``step`` calls this); useful with a GradScaler after ``unscale_``."""
+        """Clip now (``step`` calls this)."""
         adaptive_grad_clip_(self.clipped, self.clip, self.eps, vector_unit=self.vector_unit)
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
