@@ -195,7 +195,15 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma_c + \beta_c
 
     with E and the biased Var per channel over (N, *spatial) of the *global* batch (all processes
-    of ``process_group``) in training; the running statistics in eval (no communication).
+    of ``process_group``, default the whole job) in training; the running statistics in eval (no
+    communication; with ``track_running_stats=False``, this process's own batch, as torch's).
+
+    Without an initialized process group (a plain single-process script), or with a group of one
+    process, it is exactly :class:`normlab.nn.BatchNorm2d` (any 2-5D input): the same model runs
+    with and without torchrun. Every process of the group must run each training forward (and
+    backward) of the module in the same order, as for any collective; a process may bring an
+    empty batch (it joins the collectives), but all of them together need more than one value
+    per channel.
 
     A drop-in for ``torch.nn.SyncBatchNorm``: the same constructor (``num_features``, ``eps``,
     ``momentum``, ``affine``, ``track_running_stats``, ``process_group``, ``device``, ``dtype``,
