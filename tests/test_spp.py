@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from normlab import models, spp
 from normlab.models import ResidualBlock
@@ -213,3 +214,82 @@ def test_on_cuda_with_channels_last_matches_cpu():
         assert b.avg_var == pytest.approx(a.avg_var, rel=1e-3)
         assert b.residual_var == pytest.approx(a.residual_var, rel=1e-3, abs=1e-9) \
             if a.residual_var is not None else b.residual_var is None
+
+
+class _TorchvisionStyleBlock(nn.Module):
+    """A plain nn.Module residual block (no normlab marker): relu(bn2(conv2(...)) + x)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        r = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(r + x)
+
+
+def _var64(t):
+    """Average channel variance (biased, over N and spatial), float64, written out."""
+    t = t.double().transpose(0, 1).reshape(t.shape[1], -1)
+    return ((t - t.mean(1, keepdim=True)) ** 2).mean(1).mean().item()
+
+
+def test_blocks_mapping_measures_the_residual_branch_of_any_module():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _TorchvisionStyleBlock(6),
+                          _TorchvisionStyleBlock(6))
+    with torch.no_grad():  # make the branch variance differ from BN's 1: gamma per channel
+        for i in (1, 2):
+            model[i].bn2.weight.copy_(torch.linspace(0.5, 2.0, 6) * i)
+    x = torch.randn(4, 3, 8, 8) * 2 + 1
+    recs = spp.signal_propagation(model, x, blocks={"0": None, "1": "1.bn2", "2": "2.bn2"})
+    assert [r.name for r in recs] == ["0", "1", "2"] and recs[0].residual_var is None
+    # independent reference: the same forward written out (BN in training mode, batch stats)
+    with torch.no_grad():
+        h0 = model[0](x)
+        want = []
+        for blk in (model[1], model[2]):
+            r = F.batch_norm(blk.conv2(torch.relu(F.batch_norm(
+                blk.conv1(h0), None, None, blk.bn1.weight, blk.bn1.bias, training=True))),
+                None, None, blk.bn2.weight, blk.bn2.bias, training=True)
+            want.append(_var64(r))
+            h0 = torch.relu(r + h0)
+    assert recs[1].residual_var == pytest.approx(want[0], rel=1e-6)
+    assert recs[2].residual_var == pytest.approx(want[1], rel=1e-6)
+    assert recs[2].avg_var == pytest.approx(_var64(h0), rel=1e-6)
+    with pytest.raises(ValueError, match="'1.bn3'"):
+        spp.signal_propagation(model, x, blocks={"1": "1.bn3"})
+
+
+def test_no_gradients_and_global_rng_untouched():
+    model = models.create("nf_resnet20", width=4, skipinit=False)
+    state = torch.get_rng_state()
+    spp.signal_propagation(model, batch_size=2, image_size=8)
+    assert torch.equal(torch.get_rng_state(), state)          # the default batch has its own
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_channels_last_given_batch_and_bool_switches():
+    model = models.create("resnet20", width=4)
+    x = torch.randn(4, 3, 8, 8)
+    a = spp.signal_propagation(model, x)
+    b = spp.signal_propagation(model, x, channels_last=True)  # applies to a given x too
+    for ra, rb in zip(a, b):
+        assert rb.avg_var == pytest.approx(ra.avg_var, rel=1e-4)
+    # a non-bool was taken by truth value: training="eval" ran the BNs in training mode
+    with pytest.raises(TypeError, match="training must be a bool, got 'eval'"):
+        spp.signal_propagation(model, x, training="eval")
+    with pytest.raises(TypeError, match="channels_last"):
+        spp.signal_propagation(model, x, channels_last=1)
+    with pytest.raises(ValueError, match=r"4-d x, got shape \(4, 3, 8\)"):
+        spp.signal_propagation(model, x[..., 0], channels_last=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_given_cpu_batch_follows_a_cuda_model():
+    model = models.create("nf_resnet20", width=4, skipinit=False)
+    x = torch.randn(4, 3, 8, 8)
+    cpu = spp.signal_propagation(model, x)
+    gpu = spp.signal_propagation(model.cuda(), x)               # x stays on the CPU here
+    for a, b in zip(cpu, gpu):
+        assert b.avg_var == pytest.approx(a.avg_var, rel=1e-3)

@@ -12,7 +12,10 @@ of every residual block, for activations ``x`` of shape (N, C, *spatial):
 
 Blocks of normlab models are found automatically (every :class:`normlab.models.ResidualBlock`,
 whose ``branch_out`` identity is hooked for the residual branch, and ``model.stem``); for any other
-``nn.Module`` pass ``blocks=[module names]``. The documented shapes at init: BN-ReLU-Conv's
+``nn.Module`` pass ``blocks=[module names]``, or ``blocks={block name: residual branch module name}``
+to measure the residual branch too (e.g. a torchvision ResNet's ``{"layer1.0": "layer1.0.bn2",
+...}``: the last module of the branch, whose output is added to the shortcut). The documented
+shapes at init: BN-ReLU-Conv's
 variance grows within a stage and resets at transitions and its squared mean grows with depth;
 ReLU-BN-Conv keeps a residual variance near 1; an unnormalized He-init ResNet's squared mean
 explodes; an NF-ResNet with Scaled WS follows ``1 + l alpha^2`` with resets.
@@ -94,7 +97,7 @@ def signal_propagation(
     batch_size: int = 64,
     image_size: Union[int, Sequence[int]] = 32,
     in_chans: Optional[int] = None,
-    blocks: Optional[Sequence[str]] = None,
+    blocks: Optional[Union[Sequence[str], Mapping[str, Optional[str]]]] = None,
     training: bool = True,
     channels_last: bool = False,
     seed: int = 0,
@@ -107,12 +110,17 @@ def signal_propagation(
             ``seed`` on the model's device and dtype.
         batch_size, image_size, in_chans: the default batch's shape (``in_chans`` defaults to
             ``model.in_chans`` or 3).
-        blocks: module names to measure, in place of the automatic stem + residual blocks.
+        blocks: module names to measure, in place of the automatic stem + residual blocks; or a
+            mapping from those names to the name of the module whose output is that block's
+            residual branch before it is scaled and added (``None``: no branch). A listed normlab
+            :class:`ResidualBlock` is measured through its ``branch_out`` either way.
         training: run normalization layers in training mode (batch statistics, as at the start
             of training; default) or eval mode. Dropout and stochastic depth are always off.
             The model's modes and every buffer (BN running statistics) are restored afterwards.
-        channels_last: make the default batch channels_last.
+        channels_last: make the batch (the default one or ``x``) channels_last.
         seed: seed of the default batch.
+
+    ``x`` is moved to the device of the model's first floating-point parameter or buffer.
 
     Returns: one :class:`SPPRecord` per measured module in the order the forward pass reached
     them (a module called twice is recorded once, at its first call). Depth is 0 for the stem
@@ -120,7 +128,12 @@ def signal_propagation(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {training!r}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be a bool, got {channels_last!r}")
     modules = dict(model.named_modules())
+    branch_names: dict[str, str] = {}
     if blocks is None:
         chosen = [n for n, m in modules.items() if isinstance(m, ResidualBlock)]
         if not chosen:
@@ -132,10 +145,13 @@ def signal_propagation(
         if isinstance(stem, nn.Module):
             chosen.insert(0, next(n for n, m in modules.items() if m is stem))
     else:
+        if isinstance(blocks, Mapping):
+            branch_names = {k: v for k, v in blocks.items() if v is not None}
         chosen = [blocks] if isinstance(blocks, str) else list(blocks)
         if not chosen:
             raise ValueError("blocks must name at least one module")
-        bad = [b for b in chosen if not isinstance(b, str) or b not in modules]
+        bad = [b for b in chosen + list(branch_names.values())
+               if not isinstance(b, str) or b not in modules]
         if bad:
             raise ValueError(f"blocks {bad!r} are not module names of {type(model).__name__}")
     ref = _reference_tensor(model)
@@ -157,6 +173,13 @@ def signal_propagation(
     elif not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got "
                         f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+    else:
+        if ref is not None:
+            x = x.to(device)
+        if channels_last:
+            if x.dim() != 4:
+                raise ValueError(f"channels_last needs a 4-d x, got shape {tuple(x.shape)}")
+            x = x.contiguous(memory_format=torch.channels_last)
 
     records: list[SPPRecord] = []
     seen: set[str] = set()
@@ -184,7 +207,8 @@ def signal_propagation(
         for n in chosen:
             m = modules[n]
             handles.append(m.register_forward_hook(block_hook(n)))
-            branch = getattr(m, "branch_out", None)
+            branch = (modules[branch_names[n]] if n in branch_names
+                      else getattr(m, "branch_out", None))
             if isinstance(branch, nn.Module):
                 handles.append(branch.register_forward_hook(branch_hook(n)))
         model.train(bool(training))
