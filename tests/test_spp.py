@@ -293,3 +293,16 @@ def test_given_cpu_batch_follows_a_cuda_model():
     gpu = spp.signal_propagation(model.cuda(), x)               # x stays on the CPU here
     for a, b in zip(cpu, gpu):
         assert b.avg_var == pytest.approx(a.avg_var, rel=1e-3)
+
+
+def test_plot_bad_arguments_name_the_problem(tmp_path):
+    ok = [{"depth": 0, "avg_sq_mean": 0.1, "avg_var": 1.0, "residual_var": None}]
+    with pytest.raises(TypeError, match="mapping.*list"):
+        spp.plot([ok], tmp_path / "a")
+    with pytest.raises(ValueError, match="model 'nf'.*non-empty"):
+        spp.plot({"bn": ok, "nf": []}, tmp_path / "a")
+    with pytest.raises(ValueError, match="model 'bn': record 0 has no 'avg_sq_mean'"):
+        spp.plot({"bn": [{"depth": 0, "avg_var": 1.0, "residual_var": None}]}, tmp_path / "a")
+    with pytest.raises(TypeError, match="path.*int"):
+        spp.plot({"bn": ok}, 3)
+    assert not list(tmp_path.iterdir())                      # nothing written on a bad call

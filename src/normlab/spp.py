@@ -251,8 +251,25 @@ def plot(records_by_model: Mapping[str, Sequence[Any]], path: Union[str, Path], 
     ``ylim`` fixes the y-range of all three panels (a curve that explodes then leaves the top
     instead of flattening the others). Returns the two written paths.
     """
-    if not isinstance(records_by_model, Mapping) or not records_by_model:
+    if not isinstance(records_by_model, Mapping):
+        raise TypeError(f"records_by_model must be a mapping of model name -> records, got "
+                        f"{type(records_by_model).__name__}")
+    if not records_by_model:
         raise ValueError("records_by_model must be a non-empty mapping of model name -> records")
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or a Path, got {type(path).__name__}: {path!r}")
+    for model_name, recs in records_by_model.items():
+        if isinstance(recs, (str, bytes)) or not isinstance(recs, Sequence) or not recs:
+            raise ValueError(f"model {model_name!r}: expected a non-empty sequence of records, "
+                             f"got {recs!r:.80}")
+        for i, r in enumerate(recs):
+            for key in ("depth",) + tuple(k for k, _ in _PANELS):
+                try:
+                    _get(r, key)
+                except (KeyError, AttributeError, TypeError):
+                    raise ValueError(f"model {model_name!r}: record {i} has no {key!r} "
+                                     f"(records are SPPRecord or dicts with depth, "
+                                     f"avg_sq_mean, avg_var, residual_var)") from None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     import matplotlib
