@@ -199,6 +199,19 @@ def test_master_port_in_use_is_one_error_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_more_processes_than_gpus_is_one_error_line(tmp_path, monkeypatch):
+    # each extra rank failed in setup() with its own error line, then the launcher's
+    # "distributed job failed ... re-run the same command to resume"
+    calls = []
+    monkeypatch.setattr("normlab.distributed.launch", lambda argv, **kw: calls.append(argv))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    r = runner.invoke(cli_mod.app, _train_args(tmp_path / "o", "--nproc-per-node", "3"))
+    assert r.exit_code == 2, r.output
+    assert "--nproc-per-node 3 needs one GPU per process, but 1 CUDA device(s)" in r.output
+    assert "use --nproc-per-node 1 or fewer" in r.output and calls == []
+
+
 def test_relaunch_passes_the_same_command_to_torchrun(tmp_path, monkeypatch):
     calls = []
 

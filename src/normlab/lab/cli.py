@@ -406,10 +406,20 @@ def _argv(ctx: typer.Context) -> list[str]:
     return args + positional
 
 
-def _launch(ctx: typer.Context, procs: _Procs) -> None:
+def _launch(ctx: typer.Context, procs: _Procs, points: list) -> None:
     """Re-run this command on ``procs`` through torchrun; one error line if the job fails."""
     from normlab.distributed import LaunchError, launch
 
+    dev = _device_of(points)
+    if dev is not None and dev.type == "cuda":  # one GPU per process: say so here, not per rank
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if (procs.nproc_per_node or 1) > gpus:
+            raise ConfigError(f"--nproc-per-node {procs.nproc_per_node} needs one GPU per "
+                              f"process, but {gpus} CUDA device(s) are visible",
+                              hint=f"use --nproc-per-node {gpus} or fewer on each node (or "
+                                   "--device cpu)")
     argv = _argv(ctx)
     console.print(f"launching {procs.nproc_per_node} process(es) per node x {procs.nnodes} "
                   f"node(s) (torch.distributed.run)", highlight=False)
@@ -503,7 +513,7 @@ def reproduce(
                               "processes",
                               hint="drop --jobs (or use --jobs without --nproc-per-node)")
         if procs.relaunch:
-            return _launch(ctx, procs)
+            return _launch(ctx, procs, points)
         if in_worker():
             return _reproduce_worker(st, preset, points, out, no_report)
         n_jobs = jobs
@@ -622,7 +632,7 @@ def train(
 
         preflight([cfg], world=procs.world_size)
         if procs.relaunch:
-            return _launch(ctx, procs)
+            return _launch(ctx, procs, [p])
         if in_worker():
             from normlab import distributed as nd
 
