@@ -173,8 +173,9 @@ def main(argv=None) -> int:
         b = torch.empty(c, dtype=torch.float32) if affine else None
         a = act or "none"
         try:
-            y, mean, rstd, var = tn._launch_fwd(x, w, b, g, over_batch, 1e-5, a)
-            tn._launch_bwd(torch.empty_like(x), x, w, b, mean, rstd, None, g, over_batch, 1e-5, a)
+            y, mean, rstd, var, smean = tn._launch_fwd(x, w, b, g, over_batch, 1e-5, a)
+            tn._launch_bwd(torch.empty_like(x), x, w, b, smean, rstd, None, g, over_batch, 1e-5,
+                           a)
             if over_batch and g == c:  # BN eval and its backward: given per-channel statistics
                 stats = torch.empty(c, dtype=torch.float32)
                 tn._launch_fixed(x, stats, stats, w, b, 1e-5, a)

@@ -33,6 +33,10 @@ Forward (per statistic)::
 
 Backward, with z = xhat*w + b and dz = dy * act'(z)::
 
+    xhat = ((x - shift) - mean') * rstd  the forward's shifted mean (SMEAN) and the same shift,
+                                         reloaded from x: (x - mean) * rstd with the rounded
+                                         mean = mean' + shift would lose |mean|/std digits
+
     db_c = sum dz          dw_c = sum dz * xhat        (over the rows; per-program partials,
                                                         reduced in a fixed order: deterministic)
     A = sum_c w_c db_c     B = sum_c w_c dw_c           (over the statistic's elements)
@@ -229,7 +233,15 @@ def _channel_vectors(W, B, MEAN, VAR, ch0, ct, ncols, eps, HAS_W: tl.constexpr,
 
 @triton.jit
 def _fwd_kernel(
-    X, Y, W, B, MEAN, RSTD, VAR, PART,
+    X,  # (N, C, *spatial) input, element strides (sn, sc, ss)
+    Y,  # like X (same strides)
+    W,  # (C,) weight, or a dummy when not HAS_W
+    B,  # (C,) bias, or a dummy when not HAS_B
+    MEAN,  # (K,) float32 mean per statistic; STAGE 3: (C,) given per-channel mean
+    RSTD,  # (K,) float32 1/sqrt(var + eps); unused in STAGE 3
+    VAR,  # (K,) float32 biased variance; STAGE 3: (C,) given per-channel variance
+    SMEAN,  # (K,) float32 mean of x - shift (what the backward needs); unused in STAGE 3
+    PART,  # (K * SPLIT * 3,) float32 partial (count, mean, M2) for STAGE 1/2, else a dummy
     S, Cg: tl.constexpr, G, NGB, CT, TPS, RT, TPP, sn, sc, ss, eps,
     OVER_BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STAGE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -317,6 +329,7 @@ def _fwd_kernel(
         tl.store(MEAN + stat, mean_g + shift_g, mask=gvalid)
         tl.store(RSTD + stat, rstd_g, mask=gvalid)
         tl.store(VAR + stat, var_g, mask=gvalid)
+        tl.store(SMEAN + stat, mean_g, mask=gvalid)
     if STAGE == 2:
         idx = tl.arange(0, SPLIT_BLOCK)
         pm = gvalid[:, None] & (idx < nsplit)[None, :]
@@ -334,6 +347,7 @@ def _fwd_kernel(
             tl.store(MEAN + stat, mean_g + shift_g, mask=gvalid)
             tl.store(RSTD + stat, rstd_g, mask=gvalid)
             tl.store(VAR + stat, var_g, mask=gvalid)
+            tl.store(SMEAN + stat, mean_g, mask=gvalid)
 
     for ct in range(0, CT):
         cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g0 * Cg, ct, ncols, eps,
@@ -356,7 +370,17 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    X, DY, DX, W, B, MEAN, RSTD, VAR, AB, PDW, PDB,
+    X,  # (N, C, *spatial) the forward's input, element strides (sn, sc, ss)
+    DY,  # like X (same strides)
+    DX,  # like X (same strides)
+    W,  # (C,) weight, or a dummy when not HAS_W
+    B,  # (C,) bias, or a dummy when not HAS_B
+    MEAN,  # (K,) float32 shifted mean (the forward's SMEAN); STAGE 3: (C,) given mean
+    RSTD,  # (K,) float32 1/sqrt(var + eps); unused in STAGE 3
+    VAR,  # (C,) float32 given per-channel variance in STAGE 3; unused otherwise
+    AB,  # (K * SPLIT * 2,) float32 partial (A, B) for STAGE 1/2, else a dummy
+    PDW,  # (partial rows, C) float32 per-program dweight partials, or a dummy when not HAS_W
+    PDB,  # (partial rows, C) float32 per-program dbias partials, or a dummy when not HAS_B
     S, Cg: tl.constexpr, G, NGB, C, CT, TPS, RT, TPP, sn, sc, ss, eps, inv_m,
     OVER_BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STAGE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -387,9 +411,15 @@ def _bwd_kernel(
     rt_lo = j * TPP
     rt_hi = tl.minimum(rt_lo + TPP, RT)
 
+    # the forward's shift (the statistic's first element) and shifted mean: xhat is
+    # ((x - shift) - mean') * rstd exactly as in the forward
+    shift_g = tl.zeros([GBP], dtype=tl.float32)
     mean_g = tl.zeros([GBP], dtype=tl.float32)
     rstd_g = tl.zeros([GBP], dtype=tl.float32)
     if STAGE != 3:
+        first = (g0 + gidx) * Cg
+        shift_g = tl.load(X + n0.to(tl.int64) * sn + first.to(tl.int64) * sc, mask=gvalid,
+                          other=0.0).to(tl.float32)
         mean_g = tl.load(MEAN + stat, mask=gvalid, other=0.0)
         rstd_g = tl.load(RSTD + stat, mask=gvalid, other=0.0)
 
@@ -400,7 +430,9 @@ def _bwd_kernel(
             cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g0 * Cg, ct, ncols,
                                                           eps, HAS_W, HAS_B, STAGE == 3, BLOCK_C)
             m = _onehot(ct, ncols, Cg, GBP, BLOCK_C, IDENT)
+            shift_c = tl.zeros([BLOCK_C], dtype=tl.float32)
             if STAGE != 3:
+                shift_c = _to_cols(shift_g, m, IDENT)
                 mu = mu + _to_cols(mean_g, m, IDENT)
                 rs = rs + _to_cols(rstd_g, m, IDENT)
             db_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -410,7 +442,7 @@ def _bwd_kernel(
                                                   BLOCK_R, BLOCK_C)
                 x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
-                xhat = (x - mu[None, :]) * rs[None, :]
+                xhat = ((x - shift_c[None, :]) - mu[None, :]) * rs[None, :]
                 dz = _act_bwd(xhat * w[None, :] + b[None, :], dy, ACT)
                 dz = tl.where(mask, dz, 0.0)
                 db_acc += tl.sum(dz, axis=0)
@@ -440,6 +472,7 @@ def _bwd_kernel(
         cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g0 * Cg, ct, ncols, eps,
                                                       HAS_W, HAS_B, False, BLOCK_C)
         m = _onehot(ct, ncols, Cg, GBP, BLOCK_C, IDENT)
+        shift_c = _to_cols(shift_g, m, IDENT)
         mu = _to_cols(mean_g, m, IDENT)
         rs = _to_cols(rstd_g, m, IDENT)
         a_m = _to_cols(a_g, m, IDENT) * inv_m
@@ -449,15 +482,20 @@ def _bwd_kernel(
                                               BLOCK_R, BLOCK_C)
             x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat = (x - mu[None, :]) * rs[None, :]
+            xhat = ((x - shift_c[None, :]) - mu[None, :]) * rs[None, :]
             dz = _act_bwd(xhat * w[None, :] + b[None, :], dy, ACT)
             dx = rs[None, :] * (dz * w[None, :] - (a_m[None, :] + xhat * b_m[None, :]))
             tl.store(DX + base + sample + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _reduce_rows_kernel(PDW, PDB, DW, DB, ROWS, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _reduce_rows_kernel(
+    PDW,  # (ROWS, C) float32 per-program dweight partials, or a dummy when not HAS_W
+    PDB,  # (ROWS, C) float32 per-program dbias partials, or a dummy when not HAS_B
+    DW,  # (C,) dweight in the weight's dtype, or a dummy when not HAS_W
+    DB,  # (C,) dbias in the bias's dtype, or a dummy when not HAS_B
+    ROWS, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+):
     """DW[c] = sum_r PDW[r, c] (and DB likewise), rows added in order 0..ROWS-1: deterministic."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cm = cols < C
@@ -686,7 +724,9 @@ def _param(p: Optional[Tensor], like: Tensor) -> Tensor:
 def _launch_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
     over_batch: bool, eps: float, activation: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y, mean, rstd, biased var, and the shifted mean (mean of x minus the statistic's first
+    element) that the backward takes in place of the mean."""
     x, strides = kernel_strides(x)
     p = plan_launch(tuple(x.shape), strides, num_groups, over_batch, x.device, x.element_size())
     y = torch.empty_like(x)
@@ -694,9 +734,10 @@ def _launch_fwd(
     mean = torch.empty(stat_shape, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     var = torch.empty_like(mean)
+    smean = torch.empty_like(mean)
     part = torch.empty((p.num_stats * p.split * 3,) if p.split > 1 else (1,),
                        device=x.device, dtype=torch.float32)
-    _poison(y, mean, rstd, var, part)
+    _poison(y, mean, rstd, var, smean, part)
     w, b = _param(weight, mean), _param(bias, mean)
     common = dict(
         OVER_BATCH=over_batch, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -704,7 +745,7 @@ def _launch_fwd(
         BLOCK_C=p.block_c, GB=p.groups_per_block, GBP=p.gbp, IDENT=p.ident,
         EVEN=p.g % p.groups_per_block == 0, num_warps=p.num_warps,
     )
-    args = (x, y, w, b, mean, rstd, var, part, p.s, p.cg, p.g, p.groups_blocks, p.col_tiles,
+    args = (x, y, w, b, mean, rstd, var, smean, part, p.s, p.cg, p.g, p.groups_blocks, p.col_tiles,
             p.tiles_per_sample, p.row_tiles, p.tiles_per_program, *p.strides, eps)
     grid = (p.num_blocks, p.split)
     if p.split == 1:
@@ -712,7 +753,7 @@ def _launch_fwd(
     else:
         _fwd_kernel[grid](*args, STAGE=1, **common)
         _fwd_kernel[grid](*args, STAGE=2, **common)
-    return y, mean, rstd, var
+    return y, mean, rstd, var, smean
 
 
 def _launch_fixed(
@@ -728,7 +769,7 @@ def _launch_fixed(
     mean, var = mean.contiguous(), var.contiguous()
     w, b = _param(weight, mean), _param(bias, mean)
     _fwd_kernel[(1, p.split)](
-        x, y, w, b, mean, mean, var, mean, p.s, p.cg, p.g, 1, p.col_tiles, p.tiles_per_sample,
+        x, y, w, b, mean, mean, var, mean, mean, p.s, p.cg, p.g, 1, p.col_tiles, p.tiles_per_sample,
         p.row_tiles, p.tiles_per_program, *p.strides, eps,
         OVER_BATCH=True, HAS_W=weight is not None, HAS_B=bias is not None,
         ACT=ACT_CODES[activation], STAGE=3, SPLIT_BLOCK=1, BLOCK_R=p.block_r,
@@ -750,7 +791,8 @@ def _launch_bwd(
     rstd: Tensor, var: Optional[Tensor], num_groups: int, over_batch: bool, eps: float,
     activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """dx, dweight, dbias. ``var`` given (and ``mean`` per channel) means fixed statistics."""
+    """dx, dweight, dbias. ``mean`` is the forward's shifted mean (``_launch_fwd``'s fifth
+    result); ``var`` given (and ``mean`` per channel, not shifted) means fixed statistics."""
     fixed = var is not None
     x, strides = kernel_strides(x)
     fmt = torch.contiguous_format if strides[2] == 1 or x.dim() < 4 else (
@@ -819,8 +861,11 @@ def _stat_shape(x: Tensor, num_groups: int, over_batch: bool) -> Tuple[int, ...]
 def triton_norm_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
     over_batch: bool, eps: float, activation: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, mean, rstd, biased var) of the operator; statistics float32 of shape (G,) or (N, G)."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, rstd, biased var, shifted mean) of the operator; statistics float32 of shape
+    (G,) or (N, G). The shifted mean (of x minus the statistic's first element) is what
+    :func:`triton_norm_bwd` takes: it keeps the digits that the rounded mean loses when
+    |mean| >> std."""
     return _launch_fwd(x, weight, bias, num_groups, over_batch, eps, activation)
 
 
@@ -829,16 +874,17 @@ def _(x, weight, bias, num_groups, over_batch, eps, activation):
     xk, _ = kernel_strides(x)
     shape = _stat_shape(x, num_groups, over_batch)
     stat = lambda: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return torch.empty_like(xk), stat(), stat(), stat()
+    return torch.empty_like(xk), stat(), stat(), stat(), stat()
 
 
 @torch.library.custom_op("normlab::triton_norm_bwd", mutates_args=())
 def triton_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], smean: Tensor,
     rstd: Tensor, num_groups: int, over_batch: bool, activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias); dweight/dbias are empty (0,) tensors when weight/bias is None."""
-    return _launch_bwd(dy, x, weight, bias, mean, rstd, None, num_groups, over_batch, 0.0,
+    """(dx, dweight, dbias) given the forward's shifted mean and rstd; dweight/dbias are empty
+    (0,) tensors when weight/bias is None."""
+    return _launch_bwd(dy, x, weight, bias, smean, rstd, None, num_groups, over_batch, 0.0,
                        activation)
 
 
@@ -853,22 +899,22 @@ def _grad_fakes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
 
 
 @triton_norm_bwd.register_fake
-def _(dy, x, weight, bias, mean, rstd, num_groups, over_batch, activation):
+def _(dy, x, weight, bias, smean, rstd, num_groups, over_batch, activation):
     return _grad_fakes(x, weight, bias)
 
 
 def _fwd_setup_context(ctx, inputs, output):
     x, weight, bias, num_groups, over_batch, eps, activation = inputs
-    y, mean, rstd, var = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    y, mean, rstd, var, smean = output
+    ctx.save_for_backward(x, weight, bias, smean, rstd)
     ctx.cfg = (num_groups, over_batch, activation)
-    ctx.mark_non_differentiable(mean, rstd, var)
+    ctx.mark_non_differentiable(mean, rstd, var, smean)
 
 
-def _fwd_backward(ctx, dy, dmean, drstd, dvar, bwd=None):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
+def _fwd_backward(ctx, dy, dmean, drstd, dvar, dsmean, bwd=None):
+    x, weight, bias, smean, rstd = ctx.saved_tensors
     num_groups, over_batch, activation = ctx.cfg
-    dx, dw, db = (bwd or triton_norm_bwd)(dy, x, weight, bias, mean, rstd, num_groups,
+    dx, dw, db = (bwd or triton_norm_bwd)(dy, x, weight, bias, smean, rstd, num_groups,
                                           over_batch, activation)
     return (dx, dw if weight is not None else None, db if bias is not None else None,
             None, None, None, None)
@@ -942,8 +988,8 @@ class _EagerNorm(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dy, dmean, drstd, dvar):
-        return _fwd_backward(ctx, dy, dmean, drstd, dvar, bwd=_bwd_direct)
+    def backward(ctx, dy, dmean, drstd, dvar, dsmean):
+        return _fwd_backward(ctx, dy, dmean, drstd, dvar, dsmean, bwd=_bwd_direct)
 
 
 class _EagerFixed(torch.autograd.Function):
@@ -958,8 +1004,8 @@ class _EagerFixed(torch.autograd.Function):
         return _fixed_backward(ctx, dy, bwd=_fixed_bwd_direct)
 
 
-def _bwd_direct(dy, x, weight, bias, mean, rstd, num_groups, over_batch, activation):
-    return _launch_bwd(dy, x, weight, bias, mean, rstd, None, num_groups, over_batch, 0.0,
+def _bwd_direct(dy, x, weight, bias, smean, rstd, num_groups, over_batch, activation):
+    return _launch_bwd(dy, x, weight, bias, smean, rstd, None, num_groups, over_batch, 0.0,
                        activation)
 
 
@@ -1026,8 +1072,8 @@ class TritonBackend:
     ) -> Tuple[Tensor, Tensor, Tensor]:
         xk, _ = kernel_strides(x)  # exotic strides -> one contiguous copy (autograd sees it)
         op = _EagerNorm.apply if _eager(xk) else triton_norm_fwd
-        y, mean, rstd, var = op(xk, weight, bias, num_groups, over_batch, float(eps),
-                                activation or "none")
+        y, mean, rstd, var, _ = op(xk, weight, bias, num_groups, over_batch, float(eps),
+                                   activation or "none")
         if running_mean is not None or running_var is not None:
             n, c = x.shape[0], x.shape[1]
             count = (c // num_groups) * math.prod(x.shape[2:]) * (n if over_batch else 1)
