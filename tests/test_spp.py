@@ -306,3 +306,31 @@ def test_plot_bad_arguments_name_the_problem(tmp_path):
     with pytest.raises(TypeError, match="path.*int"):
         spp.plot({"bn": ok}, 3)
     assert not list(tmp_path.iterdir())                      # nothing written on a bad call
+
+
+class _ReassigningStats(ResidualBlock):
+    """Updates its running mean by assigning a new tensor (not in place), as some layers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(4))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.running_mean = 0.9 * self.running_mean + 0.1 * x.mean((0, 2, 3))
+            self.steps += 1
+        return x + self.branch_out(x - self.running_mean[:, None, None])
+
+
+def test_buffers_restored_even_when_the_forward_reassigns_them():
+    model = nn.Sequential(_ReassigningStats(), _ReassigningStats())
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    objs = dict(model.named_buffers())
+    spp.signal_propagation(model, torch.randn(2, 4, 3, 3) + 5.0)   # runs in training mode
+    after = model.state_dict()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    assert all(b is objs[k] for k, b in model.named_buffers())     # the same tensor objects
+    assert not model.training and not model[0].training

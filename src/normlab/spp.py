@@ -202,7 +202,10 @@ def signal_propagation(
         return hook
 
     modes = {m: m.training for m in model.modules()}
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    # (module, name, the buffer tensor itself, its values): restored in place, and put back if the
+    # forward assigned a new tensor to the attribute (``self.running_mean = ...``)
+    saved = [(m, k, b, b.detach().clone()) for m in model.modules()
+             for k, b in m._buffers.items() if b is not None]
     try:
         for n in chosen:
             m = modules[n]
@@ -223,8 +226,9 @@ def signal_propagation(
         for m, mode in modes.items():
             m.training = mode
         with torch.no_grad():
-            for b, v in saved:
+            for m, k, b, v in saved:
                 b.copy_(v)
+                m._buffers[k] = b
     missing = [n for n in chosen if n not in seen]
     if missing:
         raise ValueError(f"modules {missing!r} were not called by the forward pass")
