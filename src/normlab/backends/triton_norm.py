@@ -450,10 +450,11 @@ def _bwd_kernel(
                 if STAGE == 3:
                     dx = dz * (w * rs)[None, :]
                     tl.store(DX + base + sample + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            # int64 row offset: N * SPLIT * C can pass 2**31 (a 2-D LN over 2**21 rows of 1024)
             if HAS_W:
-                tl.store(PDW + prow * C + ch, dw_acc, mask=cm)
+                tl.store(PDW + prow.to(tl.int64) * C + ch, dw_acc, mask=cm)
             if HAS_B:
-                tl.store(PDB + prow * C + ch, db_acc, mask=cm)
+                tl.store(PDB + prow.to(tl.int64) * C + ch, db_acc, mask=cm)
             a_g += _to_groups(db_acc * w, m, IDENT)
             b_g += _to_groups(dw_acc * w, m, IDENT)
         if STAGE == 1:
@@ -501,11 +502,13 @@ def _reduce_rows_kernel(
     cm = cols < C
     acc_w = tl.zeros([BLOCK], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    row = (tl.program_id(0) * 0).to(tl.int64)  # int64 row offset: ROWS * C can pass 2**31
     for r in range(0, ROWS):
         if HAS_W:
-            acc_w += tl.load(PDW + r * C + cols, mask=cm, other=0.0)
+            acc_w += tl.load(PDW + row + cols, mask=cm, other=0.0)
         if HAS_B:
-            acc_b += tl.load(PDB + r * C + cols, mask=cm, other=0.0)
+            acc_b += tl.load(PDB + row + cols, mask=cm, other=0.0)
+        row += C
     if HAS_W:
         tl.store(DW + cols, acc_w.to(DW.dtype.element_ty), mask=cm)
     if HAS_B:
