@@ -241,3 +241,15 @@ def test_stochastic_depth_only_in_training():
         m.train()
         outs = [m(x) for _ in range(4)]
     assert any(not torch.allclose(outs[0], o) for o in outs[1:])  # train: branches dropped
+
+
+def test_first_stage_without_projection_does_not_reset():
+    # ResNet-18's first block: 64 -> 64, stride 1, identity shortcut: the variance keeps growing
+    # (a reset there, as after every stage's first block in some implementations, would make
+    # beta too small for block 2 onwards)
+    m = models.create("nf_resnet18", width=8)
+    blocks = [b for b in m.modules() if isinstance(b, _NFBlock)]
+    assert [b.has_projection for b in blocks] == [False, False] + [True, False] * 3
+    inv = [1 / b for b in m.betas()]
+    want = [1 / math.sqrt(v) for v in (1.0, 1.04, 1.08, 1.04, 1.08, 1.04, 1.08, 1.04)]
+    assert inv == pytest.approx(want, abs=1e-12)

@@ -26,7 +26,12 @@ and, the branch and the shortcut being uncorrelated at init,
 Hence within a stage the variance grows as ``1 + k alpha^2`` (k blocks since the reset); for
 ResNet-50 with alpha = 0.2 the 1/beta per block are 1, .9806, .9623 | .9449, .9806, .9623,
 .9449 | .9285, .9806, ... | .8980, .9806, .9623 (REFERENCE section 3). Every block stores its
-``beta`` and ``expected_var`` (= v_{l+1}); :meth:`NFResNet.betas` lists them.
+``beta`` and ``expected_var`` (= v_{l+1}); :meth:`NFResNet.betas` lists them. ``beta`` is the
+same with SkipInit or ``zero_init_last``, but ``expected_var`` describes active branches: with
+either, every branch starts at 0 and the measured variance starts near 1 at every block.
+
+Only a transition *resets* the variance; a first block without a projection (the CIFAR nets' and
+ResNet-18/34's first stage: same width, stride 1) keeps its identity shortcut and grows it.
 
 Activation gamma: ``gamma = 1 / std(act(z))``, z ~ N(0, 1), so ``gamma * act`` is
 variance-preserving on unit-Gaussian input; it is folded into the Scaled-WS conv that follows the
