@@ -12,13 +12,13 @@ of every residual block, for activations ``x`` of shape (N, C, *spatial):
 
 Blocks of normlab models are found automatically (every :class:`normlab.models.ResidualBlock`,
 whose ``branch_out`` identity is hooked for the residual branch, and ``model.stem``); for any other
-``nn.Module`` pass ``blocks=[module names]``, or ``blocks={block name: residual branch module name}``
-to measure the residual branch too (e.g. a torchvision ResNet's ``{"layer1.0": "layer1.0.bn2",
+``nn.Module`` pass ``blocks=[module names]``, or ``blocks={block name: branch module name}`` to
+measure the residual branch too (e.g. a torchvision ResNet's ``{"layer1.0": "layer1.0.bn2",
 ...}``: the last module of the branch, whose output is added to the shortcut). The documented
-shapes at init: BN-ReLU-Conv's
-variance grows within a stage and resets at transitions and its squared mean grows with depth;
-ReLU-BN-Conv keeps a residual variance near 1; an unnormalized He-init ResNet's squared mean
-explodes; an NF-ResNet with Scaled WS follows ``1 + l alpha^2`` with resets.
+shapes at init: BN-ReLU-Conv's variance grows within a stage and resets at transitions and its
+squared mean grows with depth; ReLU-BN-Conv keeps a residual variance near 1; an unnormalized
+He-init ResNet's squared mean explodes; an NF-ResNet with Scaled WS follows ``1 + l alpha^2``
+with resets.
 
 Example::
 
