@@ -292,13 +292,14 @@ def test_gradients_are_deterministic():
         assert torch.equal(a, b_)
 
 
-@pytest.mark.parametrize("groups,over_batch,cl", [
-    (4, False, True),   # GN in channels_last: blocks of groups folded by the one-hot (a NaN
-                        # times a 0 of the fold would reach every group of its block)
-    (8, True, True),    # BN in channels_last: a column is a group
-    (4, False, False),  # NCHW: one group per program
+@pytest.mark.parametrize("groups,over_batch,cl,act", [
+    (4, False, True, "silu"),   # GN in channels_last: blocks of groups folded by the one-hot (a
+                                # NaN times a 0 of the fold would reach every group of its block)
+    (8, True, True, "silu"),    # BN in channels_last: a column is a group
+    (4, False, False, "silu"),  # NCHW: one group per program
+    (4, False, False, "relu"),  # relu keeps NaN (tl.maximum is fmax: it made NaN outputs 0)
 ])
-def test_nan_and_inf_stay_in_their_statistics_set(groups, over_batch, cl):
+def test_nan_and_inf_stay_in_their_statistics_set(groups, over_batch, cl, act):
     """A NaN or inf makes its own statistic (and so its group's outputs and gradients)
     non-finite and nothing else, as the reference backend says."""
     x = _layout(off_centre(3, 8, 4, 4), cl).to(DEVICE)
@@ -306,11 +307,11 @@ def test_nan_and_inf_stay_in_their_statistics_set(groups, over_batch, cl):
     x[2, 5, 0, 0] = float("inf")
     w, b = (t.to(DEVICE) for t in _affine(8, True, True))
     xt = x.clone().requires_grad_()
-    y = BACKEND.normalize(xt, groups, over_batch, w, b, 1e-5, "silu")[0]
+    y = BACKEND.normalize(xt, groups, over_batch, w, b, 1e-5, act)[0]
     y.backward(torch.ones_like(y))
     x64 = x.cpu().double().requires_grad_()
     y64 = REF.normalize(x64, groups, over_batch, w.cpu().double(), b.cpu().double(), 1e-5,
-                        "silu")[0]
+                        act)[0]
     y64.backward(torch.ones_like(y64))
     bad = ~torch.isfinite(y64)
     assert bad.any() and not bad.all()
@@ -318,6 +319,26 @@ def test_nan_and_inf_stay_in_their_statistics_set(groups, over_batch, cl):
     assert rel_err(y.cpu()[~bad], y64[~bad]) < 2e-6
     bad_dx = ~torch.isfinite(x64.grad)
     assert torch.equal(~torch.isfinite(xt.grad.cpu()), bad_dx)
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
+def test_nan_and_inf_propagate_through_given_statistics(act):
+    """BatchNorm eval (given per-channel statistics): a NaN or inf input gives a NaN or inf
+    output where torch's does (relu(NaN) is NaN), and nothing else changes."""
+    x = off_centre(2, 4, 3, 3).to(DEVICE)
+    x[0, 1, 1, 1] = float("nan")
+    x[1, 2, 0, 0] = float("inf")
+    x[1, 3, 2, 2] = -float("inf")
+    mean, var = torch.randn(4).to(DEVICE), (torch.rand(4) + 0.5).to(DEVICE)
+    w, b = (t.to(DEVICE) for t in _affine(4, True, True))
+    y = BACKEND.normalize_fixed(x, mean, var, w, b, 1e-5, act).cpu()
+    y64 = REF.normalize_fixed(x.cpu().double(), mean.cpu().double(), var.cpu().double(),
+                              w.cpu().double(), b.cpu().double(), 1e-5, act)
+    assert torch.equal(torch.isnan(y), torch.isnan(y64))
+    assert torch.equal(torch.isinf(y), torch.isinf(y64))
+    assert torch.isnan(y).any()
+    ok = torch.isfinite(y64)
+    assert rel_err(y[ok], y64[ok]) < 2e-6
 
 
 def test_strided_input_is_made_contiguous():

@@ -107,9 +107,10 @@ def _zero():
 
 @triton.jit
 def _act_fwd(z, ACT: tl.constexpr):
-    """Fused activation on the float32 pre-activation z (gelu is the exact erf form)."""
+    """Fused activation on the float32 pre-activation z (gelu is the exact erf form).
+    relu is a select, not tl.maximum: that is fmax, which maps NaN to 0 (torch.relu keeps it)."""
     if ACT == 1:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)
     elif ACT == 2:
         z = z * tl.sigmoid(z)
     elif ACT == 3:
