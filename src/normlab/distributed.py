@@ -510,6 +510,16 @@ def _check_port_free(port: int) -> None:
         probe.close()
 
 
+def _check_resolvable(host: str, what: str) -> None:
+    """Raise ValueError naming ``host`` when it does not resolve: torchrun would retry the
+    connection until its rendezvous timeout (many minutes) instead of failing."""
+    try:
+        socket.getaddrinfo(host.strip("[]"), None)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"{what} {host!r} is not a known host name or address here: "
+                         f"{getattr(e, 'strerror', None) or e}") from None
+
+
 def _kill_group(proc: subprocess.Popen, grace: float) -> None:
     """SIGTERM the launcher's process group, then SIGKILL after ``grace`` seconds."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
@@ -554,8 +564,9 @@ def launch(
         The exit code (0 on success).
 
     Raises:
-        ValueError: a bad argument, or (static rendezvous, node rank 0) a ``master_port`` this
-            host cannot listen on, e.g. one already in use: before anything is started.
+        ValueError: a bad argument, a rendezvous host name that does not resolve, or (static
+            rendezvous, node rank 0) a ``master_port`` this host cannot listen on, e.g. one
+            already in use: before anything is started.
         LaunchError: the job failed (``check=True``).
 
     Faults: torchrun runs with ``--max-restarts 0``; when any worker exits with an error or is
@@ -568,8 +579,12 @@ def launch(
                            rdzv_endpoint, python=python)
     if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-    if rdzv_endpoint is None and master_port is not None and node_rank == 0:
-        _check_port_free(master_port)  # this node hosts the static rendezvous's store
+    if rdzv_endpoint is not None:
+        _check_resolvable(rdzv_endpoint.rpartition(":")[0], "the host of rdzv_endpoint")
+    elif master_port is not None:  # static rendezvous: every node connects to master_addr
+        _check_resolvable(master_addr, "master_addr")
+        if node_rank == 0:
+            _check_port_free(master_port)  # this node hosts the rendezvous's store
     child_env = dict(os.environ)
     child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     child_env.setdefault("PYTHONUNBUFFERED", "1")

@@ -224,6 +224,22 @@ def test_launch_refuses_a_master_port_in_use(tmp_path):
     assert not marker.exists()
 
 
+# a rendezvous host that does not resolve: torchrun retried it for its whole rendezvous timeout
+# (minutes); ".invalid" never resolves (RFC 2606)
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(master_addr="nosuchhost.invalid", master_port=29581, nnodes=2, node_rank=1),
+     "master_addr 'nosuchhost.invalid' is not a known host"),           # static rendezvous
+    (dict(rdzv_endpoint="nosuchhost.invalid:29400", nnodes=2),
+     "rdzv_endpoint 'nosuchhost.invalid' is not a known host")])        # c10d rendezvous
+def test_launch_refuses_an_unknown_rendezvous_host(tmp_path, kwargs, needle):
+    marker = tmp_path / "started"
+    script = tmp_path / "t.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(ValueError, match=needle):
+        nd.launch([str(script)], nproc_per_node=1, timeout=30, **kwargs)
+    assert not marker.exists()
+
+
 def test_all_reduce_mean_checks_its_weight_alone_too(no_torchrun_env):
     # the same bad call fails on one process as on many (it was checked only when distributed)
     with pytest.raises(ValueError, match="weight must be a finite number >= 0, got -1"):
