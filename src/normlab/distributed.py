@@ -148,15 +148,20 @@ def _timeout_from_env(timeout: Optional[datetime.timedelta]) -> datetime.timedel
             raise ValueError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
         return timeout
     raw = os.environ.get("NORMLAB_DIST_TIMEOUT")
-    if raw:
-        try:
-            seconds = float(raw)
-        except ValueError:
-            raise ValueError(f"$NORMLAB_DIST_TIMEOUT must be seconds, got {raw!r}") from None
-        if not seconds > 0:
-            raise ValueError(f"$NORMLAB_DIST_TIMEOUT must be > 0 seconds, got {raw!r}")
-        return datetime.timedelta(seconds=seconds)
-    return DEFAULT_TIMEOUT
+    return _parse_timeout(raw) if raw else DEFAULT_TIMEOUT
+
+
+def _parse_timeout(raw: str) -> datetime.timedelta:
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"$NORMLAB_DIST_TIMEOUT must be seconds, got {raw!r}") from None
+    try:
+        if seconds > 0:
+            return datetime.timedelta(seconds=seconds)
+    except OverflowError:  # inf, 1e30
+        pass
+    raise ValueError(f"$NORMLAB_DIST_TIMEOUT must be a finite number > 0 of seconds, got {raw!r}")
 
 
 def setup(
@@ -590,6 +595,8 @@ def launch(
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     if env:
         child_env.update({str(k): str(v) for k, v in env.items()})
+    if child_env.get("NORMLAB_DIST_TIMEOUT"):  # else every worker fails on it, one by one
+        _parse_timeout(child_env["NORMLAB_DIST_TIMEOUT"])
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=child_env, start_new_session=True)
     try:

@@ -240,6 +240,19 @@ def test_launch_refuses_an_unknown_rendezvous_host(tmp_path, kwargs, needle):
     assert not marker.exists()
 
 
+# a bad collective timeout for the workers: each of them failed on it in setup(), one
+# traceback per rank, and the launcher blamed "a worker"; "inf" and "1e30" overflowed timedelta
+# there (an OverflowError traceback)
+@pytest.mark.parametrize("raw", ["soon", "-3", "inf", "1e30"])
+def test_launch_checks_the_workers_timeout_first(tmp_path, raw):
+    marker = tmp_path / "started"
+    script = tmp_path / "t.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(ValueError, match=f"NORMLAB_DIST_TIMEOUT must be .*got '{raw}'"):
+        nd.launch([str(script)], nproc_per_node=2, timeout=30, env={"NORMLAB_DIST_TIMEOUT": raw})
+    assert not marker.exists()
+
+
 def test_all_reduce_mean_checks_its_weight_alone_too(no_torchrun_env):
     # the same bad call fails on one process as on many (it was checked only when distributed)
     with pytest.raises(ValueError, match="weight must be a finite number >= 0, got -1"):
