@@ -334,8 +334,9 @@ def scaled_lr(batch_per_process: int, world: Optional[int] = None, base_lr: floa
                     ("base_batch", base_batch)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not base_lr > 0:
-        raise ValueError(f"base_lr must be > 0, got {base_lr!r}")
+    if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not (
+            0 < base_lr < math.inf):
+        raise ValueError(f"base_lr must be a finite number > 0, got {base_lr!r}")
     return base_lr * batch_per_process * world / base_batch
 
 

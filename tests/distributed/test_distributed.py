@@ -133,6 +133,10 @@ def test_scaled_lr_is_the_linear_rule():
         nd.scaled_lr(0, 2)
     with pytest.raises(ValueError, match="world must be a positive int, got 2.5"):
         nd.scaled_lr(4, 2.5)
+    # a string was a TypeError from '>' that did not name the value; inf was accepted
+    for bad in ("0.1", float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match=f"base_lr must be a finite number > 0, got {bad!r}"):
+            nd.scaled_lr(4, 2, base_lr=bad)
 
 
 @pytest.mark.parametrize("world", [2, 3])  # 3 does not divide 10: padding
