@@ -208,3 +208,25 @@ def test_frozen_affine_stays_frozen_when_shared():
     src[0].weight.requires_grad_(False)
     out = convert_norm(src, "gn", num_groups=2)
     assert not out[0].weight.requires_grad and out[0].bias.requires_grad
+
+
+def test_syncbn_to_syncbn_keeps_its_process_group():
+    # a torch SyncBatchNorm synchronizing over a sub-group must stay on that group, not widen to
+    # the whole job (one process, gloo, an in-memory store: no network, no second process)
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4, process_group=group))
+        convert_norm(model, "syncbn")
+        assert isinstance(model[1], nlnn.SyncBatchNorm)
+        assert model[1].process_group is group
+        plain = convert_norm(nn.Sequential(nn.BatchNorm2d(4)), "syncbn")
+        assert plain[0].process_group is None  # a BatchNorm had no group: the default stays
+    finally:
+        dist.destroy_process_group()

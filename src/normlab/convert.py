@@ -143,6 +143,8 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = 
                 kw.setdefault("momentum", module.momentum)
             if key != "brn" and hasattr(module, "affine"):
                 kw.setdefault("affine", module.affine)
+        if key == "syncbn" and getattr(module, "process_group", None) is not None:
+            kw.setdefault("process_group", module.process_group)  # a SyncBN keeps its group
         if key in ("bn", "syncbn") and hasattr(module, "track_running_stats"):
             kw.setdefault("track_running_stats", module.track_running_stats)
         if key in ("gn", "ln", "ln2d", "brn") and not getattr(module, "affine", True):
