@@ -466,6 +466,24 @@ def test_eager_calls_skip_the_custom_op_dispatch_with_identical_results(monkeypa
     assert rel_err(eager[0].cpu(), normalize64(x.cpu(), 3, False, w, b, activation="silu")) < 2e-6
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_double_backward_raises_instead_of_dropping_terms(fixed):
+    """The backward kernels have no derivative. A gradient penalty (create_graph=True) must
+    fail loudly: the eager twins returned dx detached from the graph, so the penalty's
+    second-order part silently vanished (here d/dw of |dx|^2 + sum(w) came out as ones)."""
+    x = off_centre(2, 4, 3, 3).to(DEVICE).requires_grad_()
+    w = (torch.rand(4) + 0.5).to(DEVICE).requires_grad_()
+    mean, var = torch.randn(4).to(DEVICE), (torch.rand(4) + 0.5).to(DEVICE)
+    if fixed:
+        y = BACKEND.normalize_fixed(x, mean, var, w, None, 1e-5, "silu")
+    else:
+        y = BACKEND.normalize(x, 2, False, w, None, 1e-5, "silu")[0]
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    penalty = gx.square().sum() + w.sum()
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(penalty, w)
+
+
 @pytest.mark.parametrize("cl", [False, True])
 def test_fake_impl_shapes_and_strides(cl):
     from torch._subclasses.fake_tensor import FakeTensorMode

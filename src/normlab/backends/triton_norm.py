@@ -981,7 +981,11 @@ triton_norm_fixed.register_autograd(_fixed_backward, setup_context=_fixed_setup_
 # tensors therefore go through these autograd.Functions, which run the same launchers with the
 # same saved tensors and backward formulas; under torch.compile, and for tensor subclasses
 # (fake tensors of export or make_fx), the custom ops are used: tracing needs their fake
-# implementations.
+# implementations. The backward kernels have no derivative: the backward custom ops have no
+# autograd formula, so torch raises when a double backward (a gradient penalty) reaches them;
+# the twins call those ops when the backward itself is recorded (create_graph=True), where a
+# plain launch would return gradients detached from the graph and the second-order terms
+# would silently vanish.
 
 
 class _EagerNorm(torch.autograd.Function):
@@ -993,7 +997,8 @@ class _EagerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dmean, drstd, dvar, dsmean):
-        return _fwd_backward(ctx, dy, dmean, drstd, dvar, dsmean, bwd=_bwd_direct)
+        bwd = triton_norm_bwd if torch.is_grad_enabled() else _bwd_direct  # create_graph: op
+        return _fwd_backward(ctx, dy, dmean, drstd, dvar, dsmean, bwd=bwd)
 
 
 class _EagerFixed(torch.autograd.Function):
@@ -1005,7 +1010,8 @@ class _EagerFixed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return _fixed_backward(ctx, dy, bwd=_fixed_bwd_direct)
+        bwd = triton_norm_fixed_bwd if torch.is_grad_enabled() else _fixed_bwd_direct
+        return _fixed_backward(ctx, dy, bwd=bwd)
 
 
 def _bwd_direct(dy, x, weight, bias, smean, rstd, num_groups, over_batch, activation):
