@@ -414,3 +414,117 @@ def test_empty_batch_like_torch(backend):
     bn(x), bn_t(x)
     assert torch.equal(bn.num_batches_tracked, bn_t.num_batches_tracked)
     assert torch.equal(bn.running_mean, bn_t.running_mean)
+
+
+# ------------------------------------------ parameters, buffers and statistics in other dtypes
+
+# (x dtype, weight/bias dtype, running buffers' / given statistics' dtype)
+DTYPE_MIXES = [
+    (torch.bfloat16, torch.float32, torch.float32),    # autocast: bf16 activations, float32 module
+    (torch.bfloat16, torch.bfloat16, torch.float32),   # bf16 weights, float32 buffers (kept float32 for accuracy)
+    (torch.float16, torch.float16, torch.float32),     # the same in float16
+    (torch.bfloat16, torch.float32, torch.bfloat16),   # float32 weights with bf16 buffers
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),  # a model cast to bf16: nothing mixed
+    (torch.float32, torch.float32, torch.float64),     # float64 buffers (or statistics) with float32 input
+    (torch.float32, torch.float64, torch.float32),     # float64 parameters with float32 input
+    (torch.float64, torch.float32, torch.float32),     # float64 input through a float32 module
+]
+_Y_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# a buffer's update is rounded to its dtype twice (scale, then add)
+_BUF_TOL = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _expected_running(x, groups, over_batch, rm0, rv0, momentum):
+    """The running update written out in float64: unbiased variance over each statistic's set,
+    per-sample statistics (not over the batch) averaged over N."""
+    xg = x.double().reshape(x.shape[0], groups, -1)
+    if over_batch:
+        xg = xg.transpose(0, 1).reshape(groups, -1)
+        mu, var = xg.mean(1), xg.var(1, unbiased=True)
+    else:
+        mu, var = xg.mean(2).mean(0), xg.var(2, unbiased=True).mean(0)
+    return (1 - momentum) * rm0.double() + momentum * mu, (1 - momentum) * rv0.double() + momentum * var
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("xdt,pdt,bdt", DTYPE_MIXES)
+@pytest.mark.parametrize(
+    "groups,over_batch",
+    [
+        (6, True),   # BN: ATen's batch norm updates the buffers itself when their dtype fits
+        (3, True),   # batch-group norm: ATen's batch norm on a grouped view, float32 unit affine
+        (6, False),  # InstanceNorm with running statistics (ATen's group norm + a pass)
+        (2, False),  # GroupNorm with running statistics
+    ],
+)
+def test_mixed_dtypes_with_running_stats(backend, xdt, pdt, bdt, groups, over_batch):
+    # native crashed in ATen ("expected scalar type", "mixed dtype (CPU)") on every BN and
+    # batch-group case here except the autocast one; the reference took them all
+    x = off_centre(4, 6, 3, 3, dtype=xdt).contiguous(memory_format=torch.channels_last)
+    w, b = _affine(6, pdt)
+    rm0 = torch.randn(groups).to(bdt)
+    rv0 = (torch.rand(groups) + 0.5).to(bdt)
+    rm, rv = rm0.clone(), rv0.clone()
+    y = NF.normalize(x, groups, over_batch, w, b, activation="silu", backend=backend,
+                     running_mean=rm, running_var=rv, momentum=0.3)
+    assert y.dtype == xdt and y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, normalize64(x, groups, over_batch, w, b, activation="silu")) < _Y_TOL[xdt]
+    em, ev = _expected_running(x, groups, over_batch, rm0, rv0, 0.3)
+    assert rm.dtype == bdt and rv.dtype == bdt
+    torch.testing.assert_close(rm.double(), em, rtol=_BUF_TOL[bdt], atol=_BUF_TOL[bdt])
+    torch.testing.assert_close(rv.double(), ev, rtol=_BUF_TOL[bdt], atol=_BUF_TOL[bdt])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("xdt,pdt,sdt", DTYPE_MIXES)
+def test_mixed_dtypes_with_given_statistics(backend, xdt, pdt, sdt):
+    # BatchNorm eval / FrozenBatchNorm: the statistics and the affine each in their own dtype
+    x = off_centre(3, 6, 4, 4, dtype=xdt)
+    w, b = _affine(6, pdt)
+    mean, var = (torch.randn(6) + 3).to(sdt), (torch.rand(6) + 0.5).to(sdt)
+    y = NF.batch_norm(x, mean, var, w, b, False, backend=backend)
+    shape = (1, 6, 1, 1)
+    expected = (x.double() - mean.double().reshape(shape)) / torch.sqrt(var.double().reshape(shape) + 1e-5)
+    expected = expected * w.double().reshape(shape) + b.double().reshape(shape)
+    assert y.dtype == xdt
+    assert rel_err(y, expected) < _Y_TOL[xdt] + _Y_TOL[sdt]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape,groups,over_batch",
+    [
+        ((5, 6, 4), 6, True),  # BN: ATen's batch norm takes both buffers or neither
+        ((5, 6, 4), 3, True),  # batch-group norm: the same kernel on a grouped view
+        ((5, 6), 1, False),    # LN over the features of a 2-D input (native's layer-norm path)
+        ((5, 6, 4), 2, False),  # GroupNorm
+    ],
+)
+@pytest.mark.parametrize("which", ["mean", "var"])
+def test_one_running_buffer(backend, shape, groups, over_batch, which):
+    # native raised "running_mean and running_var must either both be None or neither" for BN,
+    # and its 2-D LayerNorm path dropped a lone running_var without updating it
+    x = off_centre(*shape)
+    buf0 = torch.randn(groups) if which == "mean" else torch.rand(groups) + 0.5
+    buf = buf0.clone()
+    kwargs = {"running_mean": buf} if which == "mean" else {"running_var": buf}
+    y = NF.normalize(x, groups, over_batch, backend=backend, momentum=0.25, **kwargs)
+    assert rel_err(y, normalize64(x, groups, over_batch)) < 1e-5
+    em, ev = _expected_running(x, groups, over_batch, buf0, buf0, 0.25)
+    torch.testing.assert_close(buf.double(), em if which == "mean" else ev, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_given_statistics_are_differentiable(backend):
+    # statistics computed by the caller (e.g. gathered across processes) carry gradients; ATen's
+    # batch norm refuses running_mean with requires_grad, so native raised a RuntimeError
+    x = off_centre(3, 4, 5, dtype=torch.float64).requires_grad_()
+    mean = (torch.randn(4, dtype=torch.float64) + 3).requires_grad_()
+    var = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def f(x, mean, var, w):
+        return NF.normalize_fixed(x, mean, var, w, None, activation="silu", backend=backend)
+
+    assert torch.autograd.gradcheck(f, (x, mean, var, w))
+    assert torch.autograd.gradgradcheck(f, (x, mean, var, w))

@@ -9,6 +9,12 @@ autograd formulas, both keep channels_last):
 * over_batch, 1 <= G < C     -> ``aten::native_batch_norm`` on x viewed as (N, G, C/G * spatial),
   then the per-channel affine (batch-group norm has no ATen kernel of its own).
 
+ATen's CPU kernels take weight, bias and statistics all in x's dtype, or all float32 with half
+input; other mixes (float32 buffers of a bf16 model, float64 buffers with float32 input, one
+running buffer alone) are converted here or, for running buffers, updated from a pass of their
+own, so that native accepts what the reference accepts. Given statistics that require grad go
+through the reference formula (ATen does not differentiate them).
+
 The activation is applied after ATen's affine (not fused). Both ATen kernels compute their
 statistics in float32 for half-precision input and use a stable (two-pass / Welford) variance;
 the tests check that claim on a large-offset input.
@@ -23,6 +29,7 @@ import torch
 from torch import Tensor
 
 from normlab.backends.reference import (
+    BACKEND as _REFERENCE,
     _channel_view,
     apply_activation,
     compute_dtype,
@@ -55,8 +62,29 @@ class NativeBackend:
     ) -> Tuple[Tensor, Tensor, Tensor]:
         n, c = x.shape[0], x.shape[1]
         g = num_groups
-        weight, bias = _match_param_dtype(x, weight), _match_param_dtype(x, bias)
-        if not over_batch and g == 1 and x.dim() == 2 and running_mean is None:
+        running = running_mean is not None or running_var is not None
+        # ATen updates the running buffers itself only when both are there in the dtype it takes
+        # (torch.batch_norm's rule); otherwise they are updated here from a var_mean pass (one
+        # buffer alone, float64 buffers with float32 input, half buffers with float32 params).
+        xdt = x.dtype
+        if (
+            (weight is None or weight.dtype is xdt)
+            and (bias is None or bias.dtype is xdt)
+            and (running_mean is None or running_mean.dtype is xdt)
+            and (running_var is None or running_var.dtype is xdt)
+        ):  # the usual case: everything in x's dtype, nothing to convert
+            pdt = xdt
+            aten_running = running_mean is not None and running_var is not None
+        else:
+            pdt = _param_dtype(x, weight, bias, running_mean, running_var)
+            weight, bias = _cast(weight, pdt), _cast(bias, pdt)
+            aten_running = (
+                running_mean is not None
+                and running_var is not None
+                and running_mean.dtype == pdt
+                and running_var.dtype == pdt
+            )
+        if not over_batch and g == 1 and x.dim() == 2 and not running:
             # LayerNorm over the features of a 2-D input: ATen's own layer-norm kernel
             y, mean, rstd = torch.native_layer_norm(x, [c], weight, bias, eps)
             return apply_activation(y, activation), mean, rstd
@@ -65,28 +93,35 @@ class NativeBackend:
             if not x.is_contiguous():  # ATen GN needs a dense layout (NCHW or channels_last)
                 x = x.contiguous(memory_format=output_memory_format(x))
             y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hxw, g, eps)
-            if running_mean is not None or running_var is not None:
-                with torch.no_grad():
-                    var, mu = torch.var_mean(
-                        x.detach().to(compute_dtype(x.dtype)).reshape(n, g, -1), dim=2, correction=0
-                    )
-                update_running_stats(running_mean, running_var, mu, var, hxw * c // g, momentum)
+            if running:
+                _update_from_pass(x.reshape(n, g, -1), (2,), running_mean, running_var, momentum)
             return apply_activation(y, activation), mean, rstd
 
         if g == c:
             y, mean, rstd = torch.native_batch_norm(
-                x, weight, bias, running_mean, running_var, True, momentum, eps
+                x, weight, bias, *((running_mean, running_var) if aten_running else (None, None)),
+                True, momentum, eps,
             )
+            if running and not aten_running:
+                _update_from_pass(x.transpose(0, 1).reshape(c, -1), (1,), running_mean,
+                                  running_var, momentum)
             return apply_activation(y, activation), mean, rstd
 
         # batch-group norm: BN over the groups of a (N, G, rest) view, then the channel affine
         fmt = output_memory_format(x)
         xg = x.reshape(n, g, -1)
-        # unit affine in float32 so that half inputs get float32 statistics (ATen's mixed mode)
-        one = torch.ones(g, device=x.device, dtype=compute_dtype(x.dtype))
+        # unit affine in float32 so that half inputs get float32 statistics (ATen's mixed mode);
+        # running buffers in another dtype are updated from a pass of their own
+        acc = compute_dtype(x.dtype)
+        aten_running = aten_running and running_mean.dtype == acc
+        one = torch.ones(g, device=x.device, dtype=acc)
         yg, mean, rstd = torch.native_batch_norm(
-            xg, one, torch.zeros_like(one), running_mean, running_var, True, momentum, eps
+            xg, one, torch.zeros_like(one),
+            *((running_mean, running_var) if aten_running else (None, None)),
+            True, momentum, eps,
         )
+        if running and not aten_running:
+            _update_from_pass(xg, (0, 2), running_mean, running_var, momentum)
         y = yg.reshape(x.shape)
         if weight is not None or bias is not None or activation is not None:
             y = y.to(compute_dtype(x.dtype))
@@ -107,18 +142,57 @@ class NativeBackend:
         eps: float,
         activation: Optional[str],
     ) -> Tensor:
-        weight, bias = _match_param_dtype(x, weight), _match_param_dtype(x, bias)
+        if (mean.requires_grad or var.requires_grad) and torch.is_grad_enabled():
+            # ATen's batch norm does not differentiate through given statistics; the written-out
+            # formula does
+            return _REFERENCE.normalize_fixed(x, mean, var, weight, bias, eps, activation)
+        xdt = x.dtype
+        if not (
+            mean.dtype is xdt
+            and var.dtype is xdt
+            and (weight is None or weight.dtype is xdt)
+            and (bias is None or bias.dtype is xdt)
+        ):
+            pdt = _param_dtype(x, weight, bias, mean, var)
+            weight, bias = _cast(weight, pdt), _cast(bias, pdt)
+            mean, var = _cast(mean, pdt), _cast(var, pdt)
         y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
         return apply_activation(y, activation)
 
 
-def _match_param_dtype(x: Tensor, p: Optional[Tensor]) -> Optional[Tensor]:
-    """ATen takes float32 parameters with half input (mixed precision) or parameters of x's dtype."""
-    if p is None or p.dtype == x.dtype:
-        return p
-    if x.dtype in (torch.float16, torch.bfloat16) and p.dtype == torch.float32:
-        return p
-    return p.to(x.dtype)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _param_dtype(x: Tensor, *params: Optional[Tensor]) -> torch.dtype:
+    """The one dtype ATen's CPU normalization kernels take for all of weight, bias and the
+    statistics: x's dtype, or float32 for half input (their mixed mode) as soon as one of them
+    is not in x's dtype (float32 parameters with bf16 input under autocast, float32 running
+    buffers of a bf16 model). float64 parameters with float32 input are used in float32, as
+    the reference computes float32 input."""
+    xdt = x.dtype
+    for p in params:
+        if p is not None and p.dtype != xdt:
+            return torch.float32 if xdt in _HALF else xdt
+    return xdt
+
+
+def _cast(p: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return p if p is None or p.dtype == dtype else p.to(dtype)
+
+
+@torch.no_grad()
+def _update_from_pass(
+    xg: Tensor,  # x viewed with the statistics' sets along `dims`
+    dims: Tuple[int, ...],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
+) -> None:
+    """Running statistics from a var_mean pass over x (ATen's kernels did not update them)."""
+    xg = xg.detach().to(compute_dtype(xg.dtype))
+    var, mu = torch.var_mean(xg, dim=dims, correction=0)
+    count = math.prod(xg.shape[d] for d in dims)
+    update_running_stats(running_mean, running_var, mu, var, count, momentum)
 
 
 BACKEND = NativeBackend()
