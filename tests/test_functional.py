@@ -528,3 +528,30 @@ def test_given_statistics_are_differentiable(backend):
 
     assert torch.autograd.gradcheck(f, (x, mean, var, w))
     assert torch.autograd.gradgradcheck(f, (x, mean, var, w))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape,groups,over_batch",
+    [
+        ((4, 6, 5, 5), 6, True),   # BN (BatchRenorm reads these statistics)
+        ((4, 6, 5, 5), 3, True),   # batch-group norm
+        ((4, 6, 5, 5), 2, False),  # GroupNorm
+        ((4, 6, 5, 5), 6, False),  # InstanceNorm
+        ((8, 6), 1, False),        # LN over features (native's layer-norm path)
+    ],
+)
+@pytest.mark.parametrize("affine", ["none", "same dtype"])
+def test_half_input_statistics_are_float32(backend, dtype, shape, groups, over_batch, affine):
+    # ATen hands back half-input statistics in the parameters' dtype: bf16 mean and rstd (3
+    # significant digits) from native unless the weight was float32
+    x = off_centre(*shape, dtype=dtype)
+    w, b = _affine(shape[1], dtype) if affine == "same dtype" else (None, None)
+    y, mean, rstd = NF.normalize(x, groups, over_batch, w, b, backend=backend, return_stats=True)
+    assert mean.dtype == torch.float32 and rstd.dtype == torch.float32
+    dims = (0, 2) if over_batch else (2,)
+    xg = x.double().reshape(shape[0], groups, -1)
+    torch.testing.assert_close(mean.double(), xg.mean(dims), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        rstd.double(), torch.rsqrt(xg.var(dims, unbiased=False) + 1e-5), rtol=1e-4, atol=0
+    )
+    assert rel_err(y, normalize64(x, groups, over_batch, w, b)) < _Y_TOL[dtype]

@@ -217,18 +217,31 @@ def _dispatch(
         y, mean, rstd = _normalize_empty(x, num_groups, over_batch, weight, bias, activation)
         return (y, mean, rstd) if return_stats else y
     if x.dim() > 5:  # more than 3 spatial dims: the statistics sets are the same over one
-        y, mean, rstd = _dispatch(
+        out = _dispatch(
             x.reshape(x.shape[0], x.shape[1], -1), num_groups, over_batch, weight, bias, eps,
-            activation, backend, running_mean, running_var, momentum, True,
+            activation, backend, running_mean, running_var, momentum, return_stats,
         )
-        y = y.reshape(x.shape)
-        return (y, mean, rstd) if return_stats else y
+        if return_stats:
+            return (out[0].reshape(x.shape),) + tuple(out[1:])
+        return out.reshape(x.shape)
     impl = resolve_backend(backend, x, num_groups, over_batch, activation)
+    if return_stats and x.dtype in _HALF and (weight is None or weight.dtype != torch.float32):
+        # ATen's kernels compute half-input statistics in float32 but hand them back in the
+        # parameters' dtype (bf16 mean/rstd: 3 digits); float32 parameters keep them float32.
+        # Only here: without return_stats nobody sees them.
+        weight = (
+            torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
+            if weight is None
+            else weight.float()
+        )
     y, mean, rstd = impl.normalize(
         x, num_groups, over_batch, weight, bias, eps, activation, running_mean, running_var,
         momentum,
     )
     return (y, mean, rstd) if return_stats else y
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _normalize_empty(x, num_groups, over_batch, weight, bias, activation):
