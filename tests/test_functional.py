@@ -345,6 +345,13 @@ def test_auto_uses_native_on_cpu():
         (lambda: NF.layer_norm(torch.randn(3, 4), (5,)), ValueError, r"normalized_shape=\[5\].*\(3, 4\)"),
         (lambda: NF.normalize([1.0, 2.0], 1, False), TypeError, "must be a torch.Tensor, got list"),
         (lambda: NF.normalize(torch.randn(4, 6), 3, True, running_mean=torch.zeros(6)), ValueError, r"running_mean must have shape \(3,\)"),
+        # running buffers that are not float tensors (an AttributeError / ATen RuntimeError before)
+        (lambda: NF.normalize(torch.randn(4, 6), 6, True, running_mean=[0.0] * 6, running_var=torch.ones(6)), TypeError, "running_mean must be a Tensor or None, got list"),
+        (lambda: NF.batch_norm(torch.randn(4, 6), torch.zeros(6), torch.ones(6, dtype=torch.long), training=True), TypeError, "running_var must have a floating-point dtype, got torch.int64"),
+        # given statistics missing (ATen's RuntimeError "running_mean must be defined" before)
+        (lambda: NF.normalize_fixed(torch.randn(4, 6), None, torch.ones(6)), ValueError, "needs the statistics: got mean=None"),
+        # normalized_shape neither an int nor a sequence ("'float' object is not iterable" before)
+        (lambda: NF.layer_norm(torch.randn(3, 4), 4.0), TypeError, "normalized_shape must be an int or a sequence of ints, got 4.0"),
     ],
 )
 def test_errors_name_the_values(call, exc, match):
@@ -555,3 +562,20 @@ def test_half_input_statistics_are_float32(backend, dtype, shape, groups, over_b
         rstd.double(), torch.rsqrt(xg.var(dims, unbiased=False) + 1e-5), rtol=1e-4, atol=0
     )
     assert rel_err(y, normalize64(x, groups, over_batch, w, b)) < _Y_TOL[dtype]
+
+
+def test_numpy_scalars_as_torch_takes_them():
+    # configs computed with numpy give np.int64 groups and np.float32 eps: torch.nn.functional
+    # takes them; normlab raised "num_groups must be an int, got np.int64(2)"
+    np = pytest.importorskip("numpy")
+    x = off_centre(3, 4, 5)
+    for backend in BACKENDS:
+        torch.testing.assert_close(
+            NF.group_norm(x, np.int64(2), eps=np.float32(1e-3), backend=backend),
+            F.group_norm(x, 2, eps=1e-3),
+        )
+    with pytest.raises(TypeError, match="num_groups must be an int, got True"):
+        NF.group_norm(x, True)
+    with pytest.raises(ValueError, match="eps must be a positive finite number, got .*-1.0"):
+        NF.group_norm(x, 2, eps=np.float64(-1.0))
+

@@ -26,6 +26,7 @@ take the arguments of their ``torch.nn.functional`` namesakes. All take a keywor
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -71,7 +72,9 @@ def check_input(x, what: str = "input") -> None:
 
 
 def check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if type(eps) is float and 0.0 < eps < math.inf:  # the usual case, cheaply
+        return eps
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):  # numpy scalars too (torch's rule)
         raise TypeError(f"eps must be a positive float, got {eps!r}")
     value = float(eps)
     if not (value > 0 and math.isfinite(value)):
@@ -80,8 +83,10 @@ def check_eps(eps) -> float:
 
 
 def check_groups(num_groups, num_channels: int) -> int:
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
-        raise TypeError(f"num_groups must be an int, got {num_groups!r}")
+    if type(num_groups) is not int:
+        if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+            raise TypeError(f"num_groups must be an int, got {num_groups!r}")
+        num_groups = int(num_groups)  # a numpy integer, as torch takes it
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
     if num_channels % num_groups != 0:
@@ -111,6 +116,17 @@ def _check_channel_param(p: Optional[Tensor], c: int, what: str) -> None:
             f"{what} must have shape ({c},) to match the {c} channels of the input, "
             f"got shape {tuple(p.shape)}"
         )
+
+
+def _running_buffer_error(buf, num_groups: int, name: str) -> None:
+    """Raise the error for a running buffer that is not a floating (G,) tensor."""
+    if not isinstance(buf, Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(buf).__name__}")
+    if buf.shape != (num_groups,):
+        raise ValueError(
+            f"{name} must have shape ({num_groups},) (one entry per group), got {tuple(buf.shape)}"
+        )
+    raise TypeError(f"{name} must have a floating-point dtype, got {buf.dtype}")
 
 
 def _check_batch_stat_size(x: Tensor, num_groups: int) -> None:
@@ -175,19 +191,21 @@ def normalize(
     """
     check_input(x)
     c = x.shape[1]
-    check_groups(num_groups, c)
+    num_groups = check_groups(num_groups, c)
     eps = check_eps(eps)
     activation = check_activation(activation)
     _check_channel_param(weight, c, "weight")
     _check_channel_param(bias, c, "bias")
     if over_batch:
         _check_batch_stat_size(x, num_groups)
-    for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
-        if buf is not None and buf.shape != (num_groups,):
-            raise ValueError(
-                f"{name} must have shape ({num_groups},) (one entry per group), "
-                f"got {tuple(buf.shape)}"
-            )
+    if running_mean is not None or running_var is not None:
+        for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
+            if buf is not None and (
+                not isinstance(buf, Tensor)
+                or buf.shape != (num_groups,)
+                or not buf.is_floating_point()
+            ):
+                _running_buffer_error(buf, num_groups, name)
     return _dispatch(
         x, num_groups, over_batch, weight, bias, eps, activation, backend, running_mean,
         running_var, momentum, return_stats,
@@ -282,6 +300,11 @@ def normalize_fixed(
     activation = check_activation(activation)
     for name, p in (("weight", weight), ("bias", bias), ("running_mean", mean), ("running_var", var)):
         _check_channel_param(p, c, name)
+    if mean is None or var is None:
+        raise ValueError(
+            "normalize_fixed needs the statistics: got "
+            f"mean={'None' if mean is None else 'a Tensor'}, var={'None' if var is None else 'a Tensor'}"
+        )
     shape = x.shape
     if x.dim() > 5:  # more than 3 spatial dims: per-channel statistics do not see them
         x = x.reshape(shape[0], shape[1], -1)
@@ -394,7 +417,15 @@ def layer_norm(
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise TypeError(f"input must have a floating-point dtype, got {input.dtype}")
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if isinstance(normalized_shape, int):
+        shape = (normalized_shape,)
+    else:
+        try:
+            shape = tuple(normalized_shape)
+        except TypeError:
+            raise TypeError(
+                f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+            ) from None
     k, ndim = len(shape), input.dim()
     if k == 0 or ndim < k or input.shape[ndim - k :] != shape:
         raise ValueError(
