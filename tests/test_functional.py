@@ -579,3 +579,18 @@ def test_numpy_scalars_as_torch_takes_them():
     with pytest.raises(ValueError, match="eps must be a positive finite number, got .*-1.0"):
         NF.group_norm(x, 2, eps=np.float64(-1.0))
 
+
+def test_environment_variable_when_os_environ_is_replaced_or_cleared(monkeypatch):
+    # the cached lookup reads os.environ's own mapping: it must follow clear()/update() on it
+    # (they go through __delitem__/__setitem__) and an os.environ replaced by another mapping
+    import os
+    from unittest import mock
+
+    monkeypatch.setenv("NORMLAB_BACKEND", "reference")
+    with mock.patch.dict(os.environ, clear=True):  # os.environ.clear(), restored afterwards
+        assert normlab.backends.current_backend() == "auto"
+        os.environ.update({"NORMLAB_BACKEND": "native"})
+        assert normlab.backends.current_backend() == "native"
+    assert normlab.backends.current_backend() == "reference"
+    monkeypatch.setattr(os, "environ", {"NORMLAB_BACKEND": "native"})
+    assert normlab.backends.current_backend() == "native"  # was still 'reference'

@@ -204,8 +204,11 @@ def _env_reader(name: str):
     if not isinstance(data, dict) or encodekey is None or decodevalue is None:
         return lambda: os.environ.get(name, "")
     key = encodekey(name)
+    environ = os.environ
 
     def read() -> str:
+        if os.environ is not environ:  # os.environ itself was replaced (a test's setattr)
+            return os.environ.get(name, "")
         value = data.get(key)
         return "" if value is None else decodevalue(value)
 
