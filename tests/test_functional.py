@@ -594,3 +594,26 @@ def test_environment_variable_when_os_environ_is_replaced_or_cleared(monkeypatch
     assert normlab.backends.current_backend() == "reference"
     monkeypatch.setattr(os, "environ", {"NORMLAB_BACKEND": "native"})
     assert normlab.backends.current_backend() == "native"  # was still 'reference'
+
+
+def test_running_buffers_in_another_dtype_under_fullgraph_compile():
+    # native's own running-statistics update (a lone buffer, float64 buffers with float32
+    # input) must trace whole: a generator expression in it broke torch.compile(fullgraph=True)
+    x = off_centre(4, 6, 3, 3)
+    w = torch.randn(6, dtype=torch.float64) + 1
+
+    def f(x, rm, rv64):
+        y1 = NF.normalize(x, 3, True, w, None, backend="native", running_mean=rm)
+        y2 = NF.normalize(x, 6, True, None, None, backend="native", running_mean=rv64 - 1,
+                          running_var=rv64)
+        return y1, y2
+
+    rm, rv = torch.randn(3), torch.rand(6, dtype=torch.float64) + 1
+    rm_c, rv_c, rv0 = rm.clone(), rv.clone(), rv.clone()
+    expected = f(x, rm, rv)
+    got = torch.compile(f, fullgraph=True, backend="eager")(x, rm_c, rv_c)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)
+    torch.testing.assert_close(rm_c, rm)
+    torch.testing.assert_close(rv_c, rv)
+    assert not torch.equal(rv_c, rv0)  # the float64 buffer did move

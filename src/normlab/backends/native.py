@@ -191,7 +191,9 @@ def _update_from_pass(
     """Running statistics from a var_mean pass over x (ATen's kernels did not update them)."""
     xg = xg.detach().to(compute_dtype(xg.dtype))
     var, mu = torch.var_mean(xg, dim=dims, correction=0)
-    count = math.prod(xg.shape[d] for d in dims)
+    count = 1
+    for d in dims:  # (a loop: dynamo's fullgraph does not take a generator here)
+        count *= xg.shape[d]
     update_running_stats(running_mean, running_var, mu, var, count, momentum)
 
 
