@@ -396,6 +396,13 @@ def group_norm(
     return normalize(input, num_groups, False, weight, bias, eps, activation, backend)
 
 
+def _check_elementwise_param(p, shape: tuple, what: str) -> None:
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{what} must be a Tensor or None, got {type(p).__name__}")
+    if p.shape != shape:
+        raise ValueError(f"{what} must have shape {shape}, got {tuple(p.shape)}")
+
+
 def layer_norm(
     input: Tensor,
     normalized_shape: Union[int, Sequence[int]],
@@ -426,17 +433,17 @@ def layer_norm(
             raise TypeError(
                 f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
             ) from None
-    k, ndim = len(shape), input.dim()
-    if k == 0 or ndim < k or input.shape[ndim - k :] != shape:
+    ishape = input.shape
+    k, ndim = len(shape), len(ishape)
+    if k == 0 or ndim < k or (ishape[-1] != shape[0] if k == 1 else ishape[ndim - k :] != shape):
         raise ValueError(
             f"normalized_shape={list(shape)} does not match the trailing dims of the input of "
-            f"shape {tuple(input.shape)}"
+            f"shape {tuple(ishape)}"
         )
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and not isinstance(p, Tensor):
-            raise TypeError(f"{name} must be a Tensor or None, got {type(p).__name__}")
-        if p is not None and p.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(p.shape)}")
+    if weight is not None:
+        _check_elementwise_param(weight, shape, "weight")
+    if bias is not None:
+        _check_elementwise_param(bias, shape, "bias")
     if type(eps) is not float or not 0.0 < eps < math.inf:  # the usual case costs one test
         eps = check_eps(eps)
     if activation is not None:
