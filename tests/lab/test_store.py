@@ -163,3 +163,51 @@ def test_two_processes_writing_one_store(tmp_path):
     assert con.execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 120
     assert con.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 240
     assert con.execute("SELECT COUNT(*) FROM study_runs").fetchone()[0] == 120
+
+
+def test_a_study_rerun_on_other_data_is_not_pooled_with_the_first(tmp_path):
+    """`reproduce --quick` on digits, then on synthetic into the same --out: the report must
+    read the synthetic runs alone (they were pooled into one mean per point, under the first
+    run's 'data digits' header). More seeds or other series of one setup do accumulate."""
+    from normlab.lab.studies import get_study
+
+    st = get_study("batch-size")
+
+    def run(user, seeds=1, variants=None, err=10.0):
+        pts = st.points(user, "quick", seeds, variants)
+        with Store(tmp_path) as s:
+            s.register(st.name, "quick", [(p.cfg.run_id(), p.label, p.x) for p in pts],
+                       setup=pts[0].setup)
+            for p in pts:
+                s.claim(p.cfg.run_id(), p.cfg.to_dict())
+                s.record_epochs(p.cfg.run_id(), [{"epoch": 0, "test_error": err}], {})
+                s.finish(p.cfg.run_id())
+        return pts
+
+    run({}, err=10.0)                                    # digits
+    syn = run({"data": "synthetic"}, err=50.0)
+    with Store(tmp_path) as s:
+        got = s.study_runs(st.name)
+    assert {r["config"]["data"] for r in got} == {"synthetic"}
+    assert sorted(r["run_id"] for r in got) == sorted(p.cfg.run_id() for p in syn)
+    assert summarize(got)[("BN", 2)]["values"] == [50.0]
+    # the same setup again with two seeds and only GN: adds to the synthetic runs
+    run({"data": "synthetic"}, seeds=2, variants=["GN"], err=40.0)
+    with Store(tmp_path) as s:
+        stats = summarize(s.study_runs(st.name))
+    assert stats[("GN", 2)]["n"] == 2 and stats[("BN", 2)]["values"] == [50.0]
+    # naming the default explicitly is the same setup as leaving it out
+    assert st.points({"data": "digits"}, "quick")[0].setup == st.points({}, "quick")[0].setup
+
+
+def test_a_store_from_before_setups_opens_and_reads_its_studies(tmp_path):
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    con.execute("CREATE TABLE study_runs (study TEXT NOT NULL, preset TEXT NOT NULL, run_id TEXT "
+                "NOT NULL, label TEXT NOT NULL, x TEXT, registered REAL, PRIMARY KEY (study, "
+                "preset, run_id, label))")
+    con.execute("INSERT INTO study_runs VALUES ('norms', 'quick', 'r', 'BN', '32', 1.0)")
+    con.commit()
+    con.close()
+    with Store(tmp_path) as s:
+        s.claim("r", {"epochs": 1})
+        assert [r["run_id"] for r in s.study_runs("norms")] == ["r"]

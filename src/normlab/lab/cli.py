@@ -525,7 +525,8 @@ def reproduce(
             raise ConfigError(f"--jobs must be >= 1, got {n_jobs}")
         n_jobs = min(n_jobs, len({p.cfg.run_id() for p in points}))
         store = Store(out)
-        store.register(st.name, preset, [(p.cfg.run_id(), p.label, p.x) for p in points])
+        store.register(st.name, preset, [(p.cfg.run_id(), p.label, p.x) for p in points],
+                       setup=points[0].setup)
         console.print(f"[bold]{st.name}[/] ({preset}): {len(points)} runs -> {out}/", highlight=False)
         t0 = time.perf_counter()
         try:

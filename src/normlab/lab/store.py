@@ -6,7 +6,7 @@ Layout of ``OUT/results.sqlite`` (WAL journal, every write one ``BEGIN IMMEDIATE
          wall_time s, images_per_s, device, versions JSON, final_* metrics, error, created, updated)
     epochs(run_id, epoch PK, train_loss, train_error, test_loss, test_error, lr, wall_time,
            images_per_s)
-    study_runs(study, preset, run_id, label PK, x JSON, registered)  -- which runs make a study
+    study_runs(study, preset, run_id, label PK, x JSON, registered, setup)  -- which runs make a study
     spp(model, depth PK, name, avg_sq_mean, avg_var, residual_var)   -- signal propagation
 
 Why this survives SIGKILL at any moment: SQLite commits are atomic (WAL), a run's per-epoch rows
@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS epochs (
     PRIMARY KEY (run_id, epoch));
 CREATE TABLE IF NOT EXISTS study_runs (
     study TEXT NOT NULL, preset TEXT NOT NULL, run_id TEXT NOT NULL, label TEXT NOT NULL,
-    x TEXT, registered REAL, PRIMARY KEY (study, preset, run_id, label));
+    x TEXT, registered REAL, setup TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (study, preset, run_id, label));
 CREATE TABLE IF NOT EXISTS spp (
     model TEXT NOT NULL, depth INTEGER NOT NULL, name TEXT, avg_sq_mean REAL, avg_var REAL,
     residual_var REAL, PRIMARY KEY (model, depth));
@@ -148,6 +149,10 @@ class Store:
                 for stmt in _SCHEMA.strip().split(";"):
                     if stmt.strip():
                         self.con.execute(stmt)
+                cols = {r[1] for r in self.con.execute("PRAGMA table_info(study_runs)")}
+                if "setup" not in cols:  # a store written before setups were recorded
+                    self.con.execute("ALTER TABLE study_runs ADD COLUMN setup TEXT NOT NULL "
+                                     "DEFAULT ''")
         except sqlite3.DatabaseError as e:  # not a database, damaged, unwritable, locked
             self.con.close()
             raise ConfigError(f"{str(self.path)!r} is not a readable results store ({e})",
@@ -198,12 +203,17 @@ class Store:
         self.con.execute("COMMIT")
 
     # ------------------------------------------------------------------ writes
-    def register(self, study: str, preset: str, members: list[tuple[str, str, Any]]) -> None:
-        """Record that ``study`` (``preset``) consists of the (run_id, label, x) ``members``."""
+    def register(self, study: str, preset: str, members: list[tuple[str, str, Any]],
+                 setup: str = "") -> None:
+        """Record that ``study`` (``preset``) run on ``setup`` (what it was run on: data,
+        model, overrides; :func:`normlab.lab.studies.setup_id`) consists of the (run_id, label,
+        x) ``members``. The members of one setup accumulate (more seeds, other series);
+        :meth:`study_runs` reads the setup registered last."""
         now = time.time()
         with self.transaction() as c:
-            c.executemany("INSERT OR REPLACE INTO study_runs VALUES (?, ?, ?, ?, ?, ?)",
-                          [(study, preset, rid, label, json.dumps(x), now)
+            c.executemany("INSERT OR REPLACE INTO study_runs (study, preset, run_id, label, x, "
+                          "registered, setup) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          [(study, preset, rid, label, json.dumps(x), now, setup)
                            for rid, label, x in members])
 
     def claim(self, run_id: str, config: dict[str, Any]) -> str:
@@ -308,16 +318,23 @@ class Store:
             "ORDER BY t")]
 
     def study_runs(self, study: str, preset: Optional[str] = None) -> list[dict[str, Any]]:
-        """The runs of a study (the latest registered preset when ``preset`` is None), each with
-        its ``label``, ``x``, ``config`` and ``history`` (list of epoch rows)."""
+        """The runs of a study (the latest registered preset when ``preset`` is None) on the
+        setup registered last for it (runs of the same study on other data, another model or
+        other overrides are not pooled with them), each with its ``label``, ``x``, ``config``
+        and ``history`` (list of epoch rows)."""
         if preset is None:
             pairs = [p for s, p in self.studies() if s == study]
             if not pairs:
                 return []
             preset = pairs[-1]
+        latest = self.con.execute("SELECT setup FROM study_runs WHERE study=? AND preset=? "
+                                  "ORDER BY registered DESC LIMIT 1", (study, preset)).fetchone()
+        if latest is None:
+            return []
         out = []
         for m in self.con.execute("SELECT run_id, label, x FROM study_runs WHERE study=? AND "
-                                  "preset=? ORDER BY registered, label, run_id", (study, preset)):
+                                  "preset=? AND setup=? ORDER BY registered, label, run_id",
+                                  (study, preset, latest[0])):
             r = self.run(m["run_id"])
             if r is None:
                 continue

@@ -26,12 +26,14 @@ setting, REFERENCE section 1), because 32 groups on 16 channels would be Instanc
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from normlab.lab.config import ConfigError, RunConfig, apply_overrides, model_takes_norm
 
-__all__ = ["Study", "Point", "Claim", "STUDIES", "get_study", "PRESETS"]
+__all__ = ["Study", "Point", "Claim", "STUDIES", "get_study", "PRESETS", "setup_id"]
 
 PRESETS = ("quick", "default")
 GN_PAPER = "Wu & He, Group Normalization, ECCV 2018 (ResNet-50, ImageNet val error %)"
@@ -39,11 +41,14 @@ GN_PAPER = "Wu & He, Group Normalization, ECCV 2018 (ResNet-50, ImageNet val err
 
 @dataclass
 class Point:
-    """One run of a study: series ``label``, axis value ``x``, and its config."""
+    """One run of a study: series ``label``, axis value ``x``, its config, and ``setup``: what
+    the study was run on (:func:`setup_id` of the user's choices; the store keeps a study's runs
+    of one setup together, so a report never pools runs on other data or another model)."""
 
     label: str
     x: Any
     cfg: RunConfig
+    setup: str = ""
 
 
 @dataclass
@@ -112,6 +117,7 @@ class Study:
             raise ConfigError(f"seeds must be a positive int, got {n_seeds!r}")
         user = dict(user or {})
         seed0 = user.pop("seed", 0)
+        setup = setup_id(user)
         out = []
         for label in variants:
             for x in self.xs[preset]:
@@ -134,7 +140,8 @@ class Study:
                 study_cfg, cfg = cfg, apply_overrides(cfg, user)
                 self._check_not_overridden(label, x, study_cfg, cfg, user)
                 for seed in range(n_seeds):
-                    out.append(Point(label, x, cfg.replace(seed=seed0 + seed, label=label)))
+                    out.append(Point(label, x, cfg.replace(seed=seed0 + seed, label=label),
+                                     setup))
         return out
 
     def _check_not_overridden(self, label: str, x: Any, study_cfg: RunConfig, cfg: RunConfig,
@@ -158,6 +165,22 @@ class Study:
                 f"the override {path}={shown} would train another config under that label",
                 hint="drop it from --set/--config (--variants picks series; `normlab train` "
                      "runs a single config)")
+
+
+def setup_id(user: dict[str, Any]) -> str:
+    """A 16-hex-digit id of the user's choices a study runs with (data, model, epochs, ...:
+    ``user`` without ``seed``), canonical (the RunConfig they give, so ``--data digits`` and the
+    default are one setup). More seeds or other ``--variants`` keep the setup; another dataset,
+    model or ``--set`` does not."""
+    user = {k: v for k, v in user.items() if k not in ("seed", "label")}
+    try:
+        ident = apply_overrides(RunConfig(), user).identity()
+        for k in ("seed", "label"):
+            ident.pop(k, None)
+    except ConfigError:  # only meaningful with the study's own keys: hash the choices as given
+        ident = user
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 #: RunConfig keys that name a study's series when a variant sets them (a BN series must run BN);
