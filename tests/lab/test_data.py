@@ -180,3 +180,20 @@ def test_imagefolder_problems_are_named(tmp_path, layout, kwargs, needle):
         load_dataset("imagefolder", str(root), **kwargs)
     assert needle in str(e.value), str(e.value)
     assert e.value.hint
+
+
+def test_imagefolder_limits_keep_every_class(tmp_path):
+    """imagefolder was read class by class, so train_limit/test_limit ('the first n, the order
+    is already random') kept the first classes only: a run on a subset never saw the others
+    and its test error was measured on one class."""
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 6, "b": 6, "c": 6}, "val": {"a": 4, "b": 4, "c": 4}})
+    d = load_dataset("imagefolder", str(root), train_limit=9, test_limit=6, image_size=6)
+    assert set(d.y_train.tolist()) == {0, 1, 2} and set(d.y_test.tolist()) == {0, 1, 2}
+    full = load_dataset("imagefolder", str(root), image_size=6)
+    assert sorted(full.y_train.tolist()) == [0] * 6 + [1] * 6 + [2] * 6  # every image still in
+    from normlab.lab import data as data_mod
+
+    data_mod._CACHE.clear()  # read the files again
+    again = load_dataset("imagefolder", str(root), image_size=6)
+    assert torch.equal(again.y_train, full.y_train)  # a fixed order: the same on every read

@@ -14,7 +14,8 @@ Datasets (nothing is ever downloaded):
   ``data`` (uint8, rows of 3072 = 3x32x32) and ``labels`` (cifar10) / ``fine_labels`` (cifar100).
   These are pickles: only point ``--data-dir`` at files you trust.
 * ``imagefolder``: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or ``test``), any format
-  Pillow reads, resized to ``image_size`` (default 32).
+  Pillow reads, resized to ``image_size`` (default 32); classes numbered in sorted folder-name
+  order, each split in a fixed random order (so a ``train_limit`` keeps every class).
 
 Every dataset is standardized per channel with the training set's mean and std.
 
@@ -283,7 +284,10 @@ def _imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSp
         if not xs:
             raise DataError(f"imagefolder: no images found under {str(root)!r}", hint=hint)
         x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float().div_(255)
-        return x, torch.tensor(ys, dtype=torch.int64)
+        # read class by class; a fixed permutation makes the order random like the other sets',
+        # so train_limit/test_limit (the first n) keep every class, not the first classes only
+        perm = torch.randperm(len(ys), generator=torch.Generator().manual_seed(12345))
+        return x[perm], torch.tensor(ys, dtype=torch.int64)[perm]
 
     xtr, ytr = read(train_dir)
     xte, yte = read(test_dir)
