@@ -108,3 +108,24 @@ def test_report_lists_the_single_runs_of_normlab_train(tmp_path):
     assert "## Single runs (`normlab train`)" in text
     assert "| gn | resnet20 | gn | digits | 4 | 0 | 2/2 | done | 12.50 |" in text
     assert "| bn | resnet20 | bn | digits | 4 | 0 | 0/2 | running | - |" in text
+
+
+def test_report_states_a_hand_set_lr_instead_of_the_scaling_rule(tmp_path):
+    """`reproduce --set lr=0.05` trains every batch size at 0.05; the report said 'base lr 0.1
+    x N x 1/32' (the rule it did not use), so a reader would credit the numbers to the GN
+    recipe."""
+    study = get_study("batch-size")
+    with Store(tmp_path) as s:
+        members = []
+        for label, x in (("BN", 32), ("BN", 2)):
+            rid = f"{label}{x}"
+            s.claim(rid, {"model": "resnet20", "data": "digits", "epochs": 1, "schedule": "cosine",
+                          "base_lr": 0.1, "lr": 0.05, "batch_size": x, "weight_decay": 1e-4,
+                          "seed": 0})
+            s.record_epochs(rid, [{"epoch": 0, "test_error": 5.0}], {})
+            s.finish(rid)
+            members.append((rid, label, x))
+        s.register(study.name, "default", members)
+    text = write_report(tmp_path)[0].read_text()
+    assert "peak lr 0.05 set by hand (not scaled with the batch)" in text
+    assert "base lr 0.1 x" not in text

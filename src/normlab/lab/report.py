@@ -143,8 +143,17 @@ def _processes_line(runs: list[dict], cfg: dict) -> str:
     w = "/".join(str(x) for x in worlds)
     statistics = ("" if worlds == [1] else "; BN statistics per process, SyncBN over all "
                   "processes, GN/LN/IN per sample")
+    fixed = sorted({float(r["config"]["lr"]) for r in runs
+                    if r["config"].get("lr") is not None}, reverse=True)
+    scaled = f"base lr {cfg.get('base_lr', RunConfig.base_lr)} x {n} x {w}/32"
+    rule = scaled
+    if fixed:  # --set lr=...: one peak lr at every batch size, not the scaling rule
+        rule = (f"peak lr {', '.join(f'{v:g}' for v in fixed)} set by hand (not scaled with "
+                "the batch)")
+        if any(r["config"].get("lr") is None for r in runs):
+            rule += f"; the other runs {scaled}"
     return (f"**Images per process: {', '.join(map(str, batches))}; processes: {w}** (global "
-            f"batch {n} x {w}), base lr {cfg['base_lr']} x {n} x {w}/32{statistics}.")
+            f"batch {n} x {w}), {rule}{statistics}.")
 
 
 def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str], list[Path]]:
