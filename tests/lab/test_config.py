@@ -127,3 +127,14 @@ def test_default_device_is_auto_and_ids_follow_what_it_resolves_to(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert cfg.run_id() == cfg.replace(device="cuda").run_id() != cfg.replace(device="cpu").run_id()
     assert cfg.to_dict()["device"] == "auto"  # stored as asked
+
+
+def test_an_int_for_a_float_field_is_the_same_run():
+    """RunConfig(lr=1) and RunConfig(lr=1.0) train the same run; the id hashed the JSON '1' vs
+    '1.0', so a study built in Python with ints re-trained runs the CLI had finished (the CLI
+    converts ints to floats, the constructor does not)."""
+    ints = RunConfig(lr=1, base_lr=1, momentum=0, weight_decay=0, warmup_epochs=1, agc=1)
+    floats = RunConfig(lr=1.0, base_lr=1.0, momentum=0.0, weight_decay=0.0, warmup_epochs=1.0,
+                       agc=1.0)
+    assert ints.run_id() == floats.run_id()
+    assert RunConfig(lr=1).run_id() != RunConfig(lr=2).run_id()  # values still count

@@ -48,6 +48,8 @@ _CHOICES = (("data", DATASETS), ("schedule", SCHEDULES), ("device", DEVICES), ("
 
 # fields that do not change what a run computes (presentation and machine knobs)
 _NOT_IN_ID = ("label", "threads")
+# float fields: an int given for one (RunConfig(lr=1)) is the same run as the float
+_FLOAT_FIELDS = ("lr", "base_lr", "momentum", "weight_decay", "warmup_epochs", "agc")
 # fields left out of the identity at their default, so that ids of runs stored before the field
 # existed do not change (a single-process run keeps its id)
 _ID_DEFAULTS = {"world_size": 1}
@@ -147,7 +149,10 @@ class RunConfig:
                 d.pop(k)
         if d["device"] == "auto":  # what the run computes on here (ids of runs stored with the
             d["device"] = _auto_device()  # former default "cpu" stay valid on CPU machines)
-        d["milestones"] = list(d["milestones"])
+        d["milestones"] = [float(m) for m in d["milestones"]]
+        for k in _FLOAT_FIELDS:  # 1 and 1.0 are one value: one run (json writes them apart)
+            if isinstance(d.get(k), int) and not isinstance(d[k], bool):
+                d[k] = float(d[k])
         if d["data_dir"] is not None:
             d["data_dir"] = str(Path(d["data_dir"]).expanduser().resolve())
         return d
