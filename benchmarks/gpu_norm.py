@@ -20,13 +20,25 @@ Parameters and statistics are ignored (< 0.1% of the bytes for every shape here)
 bandwidth is measured on the device (a 1 GiB device-to-device copy, bytes read + written).
 
 Inputs that fit in L2 are rotated over several buffers (>= 4x the L2 size in all) so that the
-numbers measure DRAM, not the cache; the time reported is per call.
+numbers measure DRAM, not the cache; the time reported is per call. Timing is triton's do_bench
+(CUDA events, median, L2 flushed before each repetition); torch.compile and Triton compile in
+the accuracy check that precedes the timings, and dynamo starts every case from an empty cache
+(past its recompile limit it would silently run eager). Weight and bias are in the input's
+dtype (``--param-dtype fp32`` for float32): torch's CUDA GroupNorm rejects mixed dtypes.
+
+Every row records the relative error against float64 (max over y, dx, dweight, dbias) and
+``accurate`` (under REL_TOL). A failing impl or case gets ``status`` "error: ..." (Liger:
+"n/a: ...", a limit of its kernel) and the run goes on; ``--time-budget`` starts no case after
+that many seconds. ``--dry-run`` rehearses all of it on the CPU (tiny cases, Triton
+interpreter, wall clock, torch.compile with the "eager" backend) and exits 1 if a non-optional
+impl is wrong: tests/test_benchmarks.py runs it in CI.
 
 Usage (on a CUDA machine)::
 
     python benchmarks/gpu_norm.py                    # the REFERENCE section 6 set
     python benchmarks/gpu_norm.py --set full         # + N sweep, SD-UNet, ResNet-50 shapes
     python benchmarks/gpu_norm.py --impls torch normlab --modes fwd --no-graph
+    TRITON_INTERPRET=1 python benchmarks/gpu_norm.py --dry-run --out /tmp/x   # no GPU
 
 Writes ``benchmarks/results/gpu_norm_<device>_<time>.csv`` and ``.json`` (or ``--out DIR``).
 Without CUDA it prints why and exits with status 2; ``--list`` prints the shape table and the
@@ -36,13 +48,17 @@ floor bytes without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import json
 import math
 import os
 import platform
+import statistics
 import sys
+import tempfile
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -52,6 +68,8 @@ import torch.nn.functional as F
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 PASSES = {"fwd": 2, "fwdbwd": 5}  # passes over the activation tensor in the floor model
+ALL_IMPLS = ("torch", "torch_compile", "liger", "normlab", "normlab_noblock", "torch_bn",
+             "normlab_bn")
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,24 +158,70 @@ def rotation_count(tensor_bytes: int, l2_bytes: int, cap: int = 16) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# implementations (GPU only)
+# implementations
 # --------------------------------------------------------------------------------------------
 
+# relative error (vs float64, max over y, dx, dweight, dbias) under which a row counts as
+# accurate: float32 arithmetic lands far under 1e-4; half inputs and outputs round at 2^-8
+REL_TOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}
 
-def _liger_group_norm() -> Optional[Callable]:
+# impls compared against F.batch_norm (training) instead of F.group_norm
+BN_IMPLS = ("torch_bn", "normlab_bn")
+# impls whose failures are recorded as "n/a" (a limit of a third-party kernel), not "error"
+OPTIONAL_IMPLS = ("liger",)
+
+ROW_FIELDS = (
+    "family", "n", "c", "h", "w", "groups", "layout", "dtype", "param_dtype", "impl", "mode",
+    "graph", "rotate", "time_us", "gbps", "floor_us", "frac_of_floor", "rel_err", "accurate",
+    "status",
+)
+
+
+def _liger_group_norm() -> Tuple[Optional[Callable], str]:
+    """(f(x, w, b, groups), "") or (None, why). Liger-Kernel 0.8's ``LigerGroupNormFunction``
+    takes (X, weight, bias, num_channels, num_groups, eps); its ``ensure_contiguous`` copies a
+    channels_last input to NCHW (timed: that is what Liger costs there) and its output is NCHW."""
     try:  # Liger-Kernel is optional (a pure-Python wheel carried to the device)
         from liger_kernel.ops.group_norm import LigerGroupNormFunction
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return None, f"liger_kernel not importable: {type(e).__name__}: {e}"[:200]
 
     def liger(x, w, b, groups, eps=1e-5):
         return LigerGroupNormFunction.apply(x, w, b, x.shape[1], groups, eps)
 
-    return liger
+    return liger, ""
 
 
-def make_impls(names: Iterable[str]) -> Dict[str, Callable]:
-    """name -> f(x, weight, bias, groups) for the implementations that exist here."""
+class _NoBlock:
+    """normlab with one group per program in every layout (the v1 plan), as a context: the
+    launch plan is read from TUNING at every launch, the backward's too, so the switch must
+    hold around the backward (and around a CUDA-graph capture), not only the forward call."""
+
+    def __init__(self, tn):
+        self.tn = tn
+        self.saved: List[bool] = []
+
+    def __enter__(self):
+        self.saved.append(self.tn.TUNING.get("group_blocks", True))
+        self.tn.TUNING["group_blocks"] = False
+
+    def __exit__(self, *exc):
+        self.tn.TUNING["group_blocks"] = self.saved.pop()
+        return False
+
+
+def _compiled_group_norm(backend: str = "inductor") -> Callable:
+    """A fresh torch.compile of F.group_norm (one per case: see ``run_benchmarks``)."""
+    return torch.compile(lambda x, w, b, g: F.group_norm(x, g, w, b, 1e-5), dynamic=False,
+                         backend=backend)
+
+
+def make_impls(names: Iterable[str], compile_backend: str = "inductor",
+               unavailable: Optional[Dict[str, str]] = None) -> Dict[str, Callable]:
+    """name -> f(x, weight, bias, groups) for the implementations that exist here. An impl
+    that cannot run at all (Liger not installed) is left out and its reason put in
+    ``unavailable``. A callable with a ``context`` attribute must be called inside
+    ``fn.context()`` for its forward and backward (``_impl_context``)."""
     import normlab.functional as NF
 
     impls: Dict[str, Callable] = {}
@@ -165,26 +229,25 @@ def make_impls(names: Iterable[str]) -> Dict[str, Callable]:
         if name == "torch":
             impls[name] = lambda x, w, b, g: F.group_norm(x, g, w, b, 1e-5)
         elif name == "torch_compile":
-            compiled = torch.compile(lambda x, w, b, g: F.group_norm(x, g, w, b, 1e-5),
-                                     dynamic=False)
-            impls[name] = compiled
+            impls[name] = _compiled_group_norm(compile_backend)
         elif name == "liger":
-            liger = _liger_group_norm()
+            liger, why = _liger_group_norm()
             if liger is not None:
                 impls[name] = lambda x, w, b, g, _f=liger: _f(x, w, b, g)
+            elif unavailable is not None:
+                unavailable[name] = why
         elif name == "normlab":
             impls[name] = lambda x, w, b, g: NF.group_norm(x, g, w, b, 1e-5, backend="triton")
         elif name == "normlab_noblock":
-            # the same kernels with one group per program in every layout (v1's channels_last)
             from normlab.backends import triton_norm as tn
 
-            def noblock(x, w, b, g, _tn=tn):
-                _tn.TUNING["group_blocks"] = False
-                try:
-                    return NF.group_norm(x, g, w, b, 1e-5, backend="triton")
-                finally:
-                    _tn.TUNING["group_blocks"] = True
+            ctx = _NoBlock(tn)
 
+            def noblock(x, w, b, g, _ctx=ctx):
+                with _ctx:  # nested inside the benchmark's own context: restores, not sets
+                    return NF.group_norm(x, g, w, b, 1e-5, backend="triton")
+
+            noblock.context = lambda _ctx=ctx: _ctx
             impls[name] = noblock
         elif name == "normlab_bn":
             impls[name] = lambda x, w, b, g: NF.batch_norm(x, None, None, w, b, True, 0.1, 1e-5,
@@ -194,6 +257,11 @@ def make_impls(names: Iterable[str]) -> Dict[str, Callable]:
         else:
             raise ValueError(f"unknown implementation {name!r}")
     return impls
+
+
+def _impl_context(fn: Callable):
+    ctx = getattr(fn, "context", None)
+    return ctx() if ctx is not None else contextlib.nullcontext()
 
 
 def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
@@ -207,34 +275,58 @@ def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def _inputs(case: Case, count: int):
+def measure_copy_gbps_wall(nbytes: int = 1 << 24, reps: int = 5) -> float:
+    """The same on the CPU with a wall clock (dry run only: the floor column gets a number)."""
+    src = torch.randn(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def _inputs(case: Case, count: int, device: str = "cuda", param_dtype: str = "input"):
+    """``count`` (x, dy) pairs in the case's layout, and weight, bias (never zeros: random).
+    The parameters are in x's dtype by default (a bf16 model): torch's CUDA GroupNorm takes no
+    bf16 input with float32 weight (mixed dtypes are a CPU-only feature in ATen), and every
+    impl gets the same parameters. ``param_dtype="fp32"`` gives float32 ones (autocast style)."""
     dtype = DTYPES[case.dtype]
+    pdtype = dtype if param_dtype == "input" else DTYPES[param_dtype]
     fmt = torch.channels_last if case.layout == "nhwc" else torch.contiguous_format
     xs, dys = [], []
     for _ in range(count):
-        x = (torch.randn(case.shape, device="cuda") * 2 + 0.5).to(dtype)
+        x = (torch.randn(case.shape, device=device) * 2 + 0.5).to(dtype)
         xs.append(x.contiguous(memory_format=fmt).requires_grad_())
-        dys.append(torch.randn(case.shape, device="cuda").to(dtype).contiguous(memory_format=fmt))
-    w = (torch.randn(case.c, device="cuda") * 0.5 + 1).requires_grad_()
-    b = torch.randn(case.c, device="cuda").requires_grad_()
+        dys.append(torch.randn(case.shape, device=device).to(dtype).contiguous(memory_format=fmt))
+    w = (torch.randn(case.c, device=device) * 0.5 + 1).to(pdtype).requires_grad_()
+    b = torch.randn(case.c, device=device).to(pdtype).requires_grad_()
     return xs, dys, w, b
 
 
 def _step(fn, xs, dys, w, b, groups, mode):
-    """One timed unit: the op (and its backward) over every rotation buffer."""
+    """One timed unit: the op (and its backward) over every rotation buffer. The backward is
+    ``autograd.grad`` (fresh gradient tensors, nothing accumulates into ``.grad``), so a
+    captured graph replays the same work every time and no gradient needs zeroing."""
     def run():
-        for x, dy in zip(xs, dys):
-            y = fn(x, w, b, groups)
-            if mode == "fwdbwd":
-                torch.autograd.grad(y, (x, w, b), dy)
+        with _impl_context(fn):
+            for x, dy in zip(xs, dys):
+                y = fn(x, w, b, groups)
+                if mode == "fwdbwd":
+                    torch.autograd.grad(y, (x, w, b), dy)
     return run
 
 
 def _time_ms(run: Callable[[], None], graph: bool) -> float:
+    """Median ms of ``run`` on the GPU: triton's do_bench (CUDA events, warm-up, an L2 flush
+    before every repetition), eagerly or as the replay of a CUDA graph captured after a
+    warm-up on a side stream (Triton/inductor compilation happens there, never in capture)."""
     from triton.testing import do_bench
 
     if not graph:
-        return do_bench(run, warmup=25, rep=200, return_mode="median")
+        return do_bench(run, warmup=25, rep=100, return_mode="median")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up on a side stream before capture
@@ -244,60 +336,129 @@ def _time_ms(run: Callable[[], None], graph: bool) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         run()
-    return do_bench(g.replay, warmup=25, rep=200, return_mode="median")
+    return do_bench(g.replay, warmup=25, rep=100, return_mode="median")
 
 
-def _check(case: Case, impl: Callable, ref: Callable) -> float:
-    """Relative error of impl vs torch computed in float64 (forward and dx), on fresh data."""
-    xs, dys, w, b = _inputs(case, 1)
+def _time_ms_wall(run: Callable[[], None], graph: bool, reps: int = 1) -> float:
+    """Dry run (CPU): the median wall-clock time of ``reps`` calls (the accuracy check before
+    it has compiled what needs compiling; the interpreter is slow, so no further warm-up). No
+    CUDA graph exists there: ``graph=True`` rows time the same calls (bookkeeping only)."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _check(case: Case, impl: Callable, ref: Callable, device: str = "cuda",
+           param_dtype: str = "input") -> float:
+    """Relative error of impl vs the reference computed in float64 on fresh data: the largest
+    of y, dx, dweight and dbias (NaN if any is NaN)."""
+    xs, dys, w, b = _inputs(case, 1, device, param_dtype)
     x, dy = xs[0], dys[0]
-    y = impl(x, w, b, case.groups)
-    (dx,) = torch.autograd.grad(y, (x,), dy)
-    x64 = x.detach().double().requires_grad_()
-    y64 = ref(x64, w.detach().double(), b.detach().double(), case.groups)
-    (dx64,) = torch.autograd.grad(y64, (x64,), dy.double())
-    err_y = ((y.double() - y64).norm() / y64.norm()).item()
-    err_dx = ((dx.double() - dx64).norm() / dx64.norm()).item()
-    return max(err_y, err_dx)
+    with _impl_context(impl):
+        y = impl(x, w, b, case.groups)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y64 = ref(*leaves, case.groups)
+    grads64 = torch.autograd.grad(y64, leaves, dy.double())
+    errs = [_rel(y, y64)] + [_rel(g, g64) for g, g64 in zip(grads, grads64)]
+    return float("nan") if any(math.isnan(e) for e in errs) else max(errs)
+
+
+def _sync(device: str) -> None:
+    """Surface an asynchronous CUDA error at the case that caused it (best effort)."""
+    if device == "cuda":
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - a sticky error fails every later case anyway
+            pass
+
+
+def _fail(name: str, e: BaseException) -> str:
+    kind = "n/a" if name in OPTIONAL_IMPLS else "error"
+    return f"{kind}: {type(e).__name__}: {e}"[:240]
 
 
 def run_benchmarks(cases: List[Case], impl_names: Sequence[str], modes: Sequence[str],
                    graphs: Sequence[bool], copy_gbps: float, l2_bytes: int,
-                   on_case: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
-    """Time every (case, impl, mode, graph); ``on_case(rows so far)`` after each case."""
-    impls = make_impls(impl_names)
+                   on_case: Optional[Callable[[List[dict]], None]] = None, *,
+                   device: str = "cuda", compile_backend: str = "inductor",
+                   param_dtype: str = "input", time_budget_s: Optional[float] = None,
+                   unavailable: Optional[Dict[str, str]] = None) -> List[dict]:
+    """Time every (case, impl, mode, graph); ``on_case(rows so far)`` after each case. An
+    exception in one impl or case is recorded in its rows' ``status`` and the run goes on.
+    With ``time_budget_s`` no case is started after that many seconds."""
+    t_start = time.monotonic()
+    impls = make_impls(impl_names, compile_backend, unavailable)
+    timer = _time_ms if device == "cuda" else _time_ms_wall
     torch_ref = lambda x, w, b, g: F.group_norm(x, g, w, b, 1e-5)  # noqa: E731
     bn_ref = lambda x, w, b, g: F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)  # noqa: E731
-    rows = []
+    rows: List[dict] = []
     for case in cases:
+        if time_budget_s is not None and time.monotonic() - t_start > time_budget_s:
+            print(f"time budget of {time_budget_s:.0f} s spent: stopping before {case}",
+                  flush=True)
+            break
+        if "torch_compile" in impls:
+            # dynamo caches one entry per shape/dtype/layout and, past its recompile limit (8),
+            # silently runs eager: start every case from an empty cache with a fresh callable
+            torch._dynamo.reset()
+            impls["torch_compile"] = _compiled_group_norm(compile_backend)
         rot = rotation_count(case.numel * ELEM_BYTES[case.dtype], l2_bytes)
-        xs, dys, w, b = _inputs(case, rot)
+        try:
+            xs, dys, w, b = _inputs(case, rot, device, param_dtype)
+            case_error = None
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: record, next case
+            xs = dys = w = b = None
+            case_error = f"error: inputs: {type(e).__name__}: {e}"[:240]
         for name, fn in impls.items():
-            err = None
-            if name != "torch_bn":
+            err: Optional[float] = None
+            check_status = None
+            if case_error is None:
                 try:
-                    err = _check(case, fn, bn_ref if name == "normlab_bn" else torch_ref)
+                    err = _check(case, fn, bn_ref if name in BN_IMPLS else torch_ref, device,
+                                 param_dtype)
                 except Exception as e:  # noqa: BLE001 - record, keep benchmarking
-                    err = f"error: {type(e).__name__}: {e}"[:200]
+                    check_status = _fail(name, e)
+                    _sync(device)
             for mode in modes:
                 for graph in graphs:
-                    try:
-                        ms = _time_ms(_step(fn, xs, dys, w, b, case.groups, mode), graph) / rot
-                        status = "ok"
-                    except Exception as e:  # noqa: BLE001
-                        ms, status = float("nan"), f"error: {type(e).__name__}: {e}"[:200]
+                    if case_error is not None:
+                        ms, status = float("nan"), case_error
+                    else:
+                        try:
+                            run = _step(fn, xs, dys, w, b, case.groups, mode)
+                            ms = timer(run, graph) / rot
+                            status = check_status or "ok"
+                        except Exception as e:  # noqa: BLE001
+                            ms, status = float("nan"), _fail(name, e)
+                            _sync(device)
                     fl = floor_us(case, mode, copy_gbps)
                     us = ms * 1e3
-                    rows.append(dict(
-                        **asdict(case), impl=name, mode=mode, graph=graph, rotate=rot,
+                    accurate = None if err is None or math.isnan(err) else err <= REL_TOL[
+                        case.dtype]
+                    row = dict(
+                        **asdict(case), param_dtype=case.dtype if param_dtype == "input"
+                        else param_dtype, impl=name, mode=mode, graph=graph, rotate=rot,
                         time_us=us, gbps=case.floor_bytes(mode) / (us * 1e-6) / 1e9,
-                        floor_us=fl, frac_of_floor=fl / us, rel_err=err, status=status,
-                    ))
+                        floor_us=fl, frac_of_floor=fl / us, rel_err=err, accurate=accurate,
+                        status=status,
+                    )
+                    assert tuple(row) == ROW_FIELDS, tuple(row)
+                    rows.append(row)
+                    errs = "n/a" if err is None else f"{err:.1e}"
                     print(f"{case.family:8s} {str(case.shape):20s} {case.layout} {case.dtype} "
-                          f"{name:13s} {mode:6s} graph={int(graph)} {us:9.1f} us "
-                          f"({100 * fl / us:5.1f}% of floor) {status}", flush=True)
+                          f"{name:15s} {mode:6s} graph={int(graph)} {us:9.1f} us "
+                          f"({100 * fl / us:5.1f}% of floor) err {errs} {status}", flush=True)
         del xs, dys
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         if on_case is not None:
             on_case(rows)
     return rows
@@ -306,23 +467,38 @@ def run_benchmarks(cases: List[Case], impl_names: Sequence[str], modes: Sequence
 def result_base(meta: dict, out_dir: str) -> str:
     """``OUT/gpu_norm_<device>_<utc time>`` (the .csv and .json share it)."""
     os.makedirs(out_dir, exist_ok=True)
-    dev = meta["device"].replace(" ", "_").replace("/", "_")
+    dev = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in meta["device"])
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return os.path.join(out_dir, f"gpu_norm_{dev}_{stamp}")
+
+
+def _json_safe(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def write_results(rows: List[dict], meta: dict, base: str) -> Tuple[str, str]:
     """(Re)write ``base``.csv and .json with every row so far: called after each case, so a
     run stopped by a time limit keeps what it measured (``meta['complete']`` says whether it
-    finished)."""
-    with open(base + ".csv", "w", newline="") as f:
-        if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    with open(base + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    finished). Both are written to a temporary name and renamed: a kill mid-write leaves the
+    previous complete file. NaN (no time) is an empty CSV cell and null in the JSON."""
+    tmp = base + ".csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ROW_FIELDS))
+        writer.writeheader()
+        writer.writerows([{k: ("" if _json_safe(v) is None else v) for k, v in r.items()}
+                          for r in rows])
+    os.replace(tmp, base + ".csv")
+    tmp = base + ".json.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"meta": meta, "rows": [{k: _json_safe(v) for k, v in r.items()}
+                                          for r in rows]}, f, indent=1)
+    os.replace(tmp, base + ".json")
     return base + ".csv", base + ".json"
+
+
+# tiny cases for --dry-run (CPU, Triton interpreter): both layouts, a float32 and a bf16 one;
+# C = 8, G = 4 (Cg = 2: channels_last takes normlab's blocked path)
+DRY_CASES = [Case("dry", 2, 8, 4, 3, 4, "nchw", "fp32"), Case("dry", 2, 8, 4, 3, 4, "nhwc", "bf16")]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -330,16 +506,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--set", default="ref6", choices=("ref6", "full"))
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     p.add_argument("--layouts", nargs="+", default=["nchw", "nhwc"], choices=("nchw", "nhwc"))
-    p.add_argument("--impls", nargs="+",
-                   default=["torch", "torch_compile", "liger", "normlab", "normlab_noblock",
-                            "torch_bn", "normlab_bn"])
+    p.add_argument("--impls", nargs="+", default=list(ALL_IMPLS), choices=ALL_IMPLS)
     p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=sorted(PASSES))
     p.add_argument("--no-graph", action="store_true", help="eager timings only")
     p.add_argument("--max-cases", type=int, default=None)
+    p.add_argument("--param-dtype", default="input", choices=("input", "fp32"),
+                   help="weight/bias dtype: the input's (default) or float32")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="start no new case after S seconds (results so far are kept)")
     p.add_argument("--list", action="store_true", help="print the cases and floor bytes, exit")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU only: tiny cases, Triton interpreter, wall clock, torch.compile "
+                        "with the 'eager' backend; checks every impl against float64 and "
+                        "writes the same CSV/JSON (exit 1 if a non-optional impl fails)")
+    p.add_argument("--out", default=None,
+                   help="result folder (default benchmarks/results; dry run: a temp folder)")
     args = p.parse_args(argv)
 
+    if args.dry_run:
+        return _dry_run(args)
     cases = build_cases(args.set, args.dtypes, args.layouts)
     if args.max_cases:
         cases = cases[: args.max_cases]
@@ -354,7 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         print("gpu_norm.py needs triton; nothing was measured.", file=sys.stderr)
         return 2
@@ -364,18 +549,64 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     copy_gbps = measure_copy_gbps()
     meta = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), copy_gbps=copy_gbps, l2_bytes=l2,
-                sm_count=props.multi_processor_count, set=args.set,
+                sm_count=props.multi_processor_count, set=args.set, param_dtype=args.param_dtype,
+                timer="triton.testing.do_bench median (CUDA events, L2 flushed per repetition)",
                 time=_dt.datetime.now(_dt.timezone.utc).isoformat())
-    print(f"device {props.name}: copy bandwidth {copy_gbps:.0f} GB/s, L2 {l2 >> 20} MiB")
+    print(f"device {props.name}: copy bandwidth {copy_gbps:.0f} GB/s, L2 {l2 >> 20} MiB",
+          flush=True)
     graphs = [False] if args.no_graph else [False, True]
-    base = result_base(meta, args.out)
-    meta["complete"] = False
+    return _run_and_write(args, cases, graphs, meta, copy_gbps, l2, "cuda", "inductor")
+
+
+def _run_and_write(args, cases, graphs, meta, copy_gbps, l2, device, compile_backend) -> int:
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    base = result_base(meta, out)
+    unavailable: Dict[str, str] = {}
+    meta.update(complete=False, impls=list(args.impls), unavailable=unavailable)
     rows = run_benchmarks(cases, args.impls, args.modes, graphs, copy_gbps, l2,
-                          on_case=lambda so_far: write_results(so_far, meta, base))
-    meta["complete"] = True
+                          on_case=lambda so_far: write_results(so_far, meta, base),
+                          device=device, compile_backend=compile_backend,
+                          param_dtype=args.param_dtype, time_budget_s=args.time_budget,
+                          unavailable=unavailable)
+    for name, why in unavailable.items():
+        print(f"{name}: n/a ({why})", flush=True)
+    meta["complete"] = len({(r["family"], r["n"], r["c"], r["h"], r["w"], r["layout"],
+                            r["dtype"]) for r in rows}) == len(cases)
     csv_path, json_path = write_results(rows, meta, base)
     print(f"wrote {csv_path} and {json_path}")
-    return 0
+    if device == "cuda":
+        return 0
+    bad = [r for r in rows if r["impl"] not in OPTIONAL_IMPLS
+           and (r["status"] != "ok" or r["accurate"] is not True)]
+    for r in bad:
+        print(f"FAILED: {r['impl']} {r['layout']} {r['dtype']} {r['mode']} "
+              f"rel_err={r['rel_err']} {r['status']}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _dry_run(args) -> int:
+    """CPU rehearsal of the GPU path (see --dry-run): same impls, rows and files."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            print("--dry-run needs TRITON_INTERPRET=1 before triton is imported",
+                  file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"
+    import triton
+
+    cases = [c for c in DRY_CASES if c.dtype in args.dtypes and c.layout in args.layouts]
+    if args.max_cases:
+        cases = cases[: args.max_cases]
+    if args.out is None:
+        args.out = os.path.join(tempfile.gettempdir(), "normlab-dry-run")
+    copy_gbps = measure_copy_gbps_wall()
+    meta = dict(device="cpu-dry-run", torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), copy_gbps=copy_gbps, l2_bytes=0,
+                sm_count=0, set="dry", param_dtype=args.param_dtype,
+                timer="wall clock (dry run; graph rows are not captured)",
+                time=_dt.datetime.now(_dt.timezone.utc).isoformat())
+    graphs = [False] if args.no_graph else [False, True]
+    return _run_and_write(args, cases, graphs, meta, copy_gbps, 0, "cpu", "eager")
 
 
 if __name__ == "__main__":
