@@ -78,3 +78,58 @@ def test_errors():
         nlnn.BatchRenorm2d(4, d_max=-1)
     with pytest.raises(ValueError, match="expected 4D input"):
         nlnn.BatchRenorm2d(4)(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])  # native: ATen hands back stats
+@pytest.mark.parametrize("dtype,tol", [
+    (torch.bfloat16, 1e-2),  # 8-bit mantissa: statistics of this precision move r, d, running stats
+    (torch.float16, 2e-3),   # 11-bit mantissa, the other half type
+])
+def test_half_input_keeps_float32_statistics(backend, dtype, tol):
+    # r, d and the running statistics are built from the batch mean and rstd: those must be the
+    # float32-accumulated values, not values rounded to the input's half type (which would put a
+    # ~1e-3 relative error on the running statistics of every step)
+    import normlab
+
+    brn = nlnn.BatchRenorm2d(4, r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=0,
+                             d_max_steps=0, momentum=0.1)
+    with torch.no_grad():
+        brn.weight.copy_(torch.rand(4) + 0.5)
+        brn.bias.copy_(torch.randn(4))
+        brn.running_mean.copy_(torch.randn(4) + 3.0)
+        brn.running_var.copy_(torch.rand(4) * 6 + 0.5)
+    rm0, rv0 = brn.running_mean.clone(), brn.running_var.clone()
+    x = off_centre(8, 4, 5, 5).to(dtype)
+    xa = x.clone().requires_grad_()
+    x64 = x.double().requires_grad_()
+    with normlab.use_backend(backend):
+        y = brn(xa)
+    assert y.dtype == dtype
+    expected = brn64(x64, rm0, rv0, brn.weight.detach(), brn.bias.detach(), brn.eps, 1.5, 0.5)
+    assert rel_err(y, expected) < tol
+    g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    y.backward(g)
+    expected.backward(g.double())
+    assert rel_err(xa.grad, x64.grad) < 4 * tol
+    assert brn.running_mean.dtype == torch.float32 and brn.running_var.dtype == torch.float32
+    x64 = x64.detach()
+    mean64, var64 = x64.mean((0, 2, 3)), x64.var((0, 2, 3))
+    assert rel_err(brn.running_mean, 0.9 * rm0.double() + 0.1 * mean64) < 1e-6
+    assert rel_err(brn.running_var, 0.9 * rv0.double() + 0.1 * var64) < 1e-6
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: the cumulative average divides by steps
+def test_empty_batch_leaves_running_statistics(momentum):
+    # as torch's BatchNorm: a batch of zero samples (a detector's empty proposal set) gives an
+    # empty output and counts the step, but has no statistics to move the running ones with
+    brn = nlnn.BatchRenorm2d(3, momentum=momentum, warmup_steps=0, r_max_steps=0, d_max_steps=0)
+    with torch.no_grad():
+        brn.running_mean.copy_(torch.randn(3))
+        brn.running_var.copy_(torch.rand(3) + 0.5)
+    rm0, rv0 = brn.running_mean.clone(), brn.running_var.clone()
+    bn = nn.BatchNorm2d(3, momentum=momentum)
+    x = torch.randn(0, 3, 4, 4)
+    y = brn(x)
+    assert y.shape == x.shape and bn(x).shape == x.shape
+    assert torch.equal(brn.running_mean, rm0) and torch.equal(brn.running_var, rv0)
+    assert brn.num_batches_tracked.item() == bn.num_batches_tracked.item() == 1

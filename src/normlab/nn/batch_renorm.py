@@ -93,7 +93,9 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
             d = ((mean - self.running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
             var_b = (sigma_b.square() - self.eps).clamp_min(0.0)
             count = input.numel() // c
-            update_running_stats(self.running_mean, self.running_var, mean, var_b, count, momentum)
+            if count > 0:  # an empty batch has no statistics (NaN): the running ones stay, as BN's
+                update_running_stats(self.running_mean, self.running_var, mean, var_b, count,
+                                     momentum)
         scale, shift = r, d
         if self.weight is not None:
             scale, shift = scale * self.weight, shift * self.weight + self.bias
