@@ -19,9 +19,19 @@ The model comes from torchvision (``resnet50(norm_layer=...)``) if importable, e
 (``resnet50``, ``norm_layer=``), else normlab.models (imported only when needed, so this script
 does not depend on it at import time). ``--builder`` forces one.
 
+A model that fails (out of memory, a kernel error) gets a row with ``status`` "error: ..." and
+the run goes on; the CSV/JSON are rewritten after every model; ``--time-budget`` starts no new
+model after that many seconds. ``meta.normlab_backend`` names the backend normlab's GroupNorm
+resolves to for the step's bf16 channels_last activations (it must be "triton" on the GPU).
+
 Usage (CUDA only; exits with status 2 otherwise)::
 
     python benchmarks/resnet50_step.py --batches 8 64 128
+    python benchmarks/resnet50_step.py --dry-run --out /tmp/x   # CPU rehearsal, 32x32 images
+
+``--dry-run`` runs the same step on the CPU (bf16 CPU autocast, channels_last, wall clock) at
+batch 2 on 32x32 images with 1 warm-up and 2 timed steps: it checks the builders, the three
+norm layers and the result files, not speed.
 """
 
 from __future__ import annotations
@@ -30,10 +40,13 @@ import argparse
 import csv
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -97,48 +110,91 @@ def count_norm_layers(model: nn.Module) -> int:
     return sum(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in model.modules())
 
 
-def time_steps(model: nn.Module, batch: int, steps: int, warmup: int) -> Tuple[float, float]:
-    """(median ms per step, interquartile range ms) of a bf16-autocast channels_last SGD step."""
-    model = model.cuda().to(memory_format=torch.channels_last).train()
+def time_steps(model: nn.Module, batch: int, steps: int, warmup: int, device: str = "cuda",
+               image_size: int = 224) -> Tuple[float, float]:
+    """(median ms per step, interquartile range ms) of a bf16-autocast channels_last SGD step.
+    On CUDA each step is timed with events (host launch gaps included: that is the step's
+    cost); on the CPU (dry run) with a wall clock."""
+    model = model.to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(
+    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(
         memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device="cuda")
+    y = torch.randint(0, 1000, (batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
 
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
     times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(steps):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    if len(times) < 2:
+        return times[0], 0.0
     q = statistics.quantiles(times, n=4)
     return statistics.median(times), q[2] - q[0]
 
 
+def normlab_backend_name(device: str) -> str:
+    """The backend normlab's GroupNorm picks for a bf16 channels_last ResNet activation."""
+    try:
+        from normlab.backends import resolve_backend
+
+        x = torch.empty(2, 64, 8, 8, device=device, dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        backend = resolve_backend(None, x, 32, False, None)
+        return str(getattr(backend, "name", type(backend).__name__))
+    except Exception as e:  # noqa: BLE001 - informational only
+        return f"unknown ({type(e).__name__}: {e})"[:120]
+
+
+ROW_FIELDS = ("batch", "norm", "builder", "ms", "iqr_ms", "img_per_s", "norm_layers", "vs_bn",
+              "status")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batches", nargs="+", type=int, default=[8, 64, 128])
+    p.add_argument("--batches", nargs="+", type=int, default=None,
+                   help="batch sizes (default 8 64 128; dry run: 2)")
     p.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS)
     p.add_argument("--builder", choices=BUILDERS, default=None)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 30; dry run 2)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10; dry 1)")
+    p.add_argument("--image-size", type=int, default=None, help="default 224; dry run 32")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="start no new model after S seconds (results so far are kept)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU rehearsal: bf16 CPU autocast, wall clock, small images")
+    p.add_argument("--out", default=None,
+                   help="result folder (default benchmarks/results; dry run: a temp folder)")
     args = p.parse_args(argv)
+    dry = args.dry_run
+    batches = args.batches or ([2] if dry else [8, 64, 128])
+    steps = args.steps if args.steps is not None else (2 if dry else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if dry else 10)
+    image_size = args.image_size or (32 if dry else 224)
+    out = args.out or (os.path.join(tempfile.gettempdir(), "normlab-dry-run") if dry else
+                       os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 
-    if not torch.cuda.is_available():
+    if not dry and not torch.cuda.is_available():
         print("resnet50_step.py needs a CUDA device (none found); nothing was measured.",
               file=sys.stderr)
         return 2
@@ -149,47 +205,89 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
 
-    torch.backends.cudnn.benchmark = True
-    props = torch.cuda.get_device_properties(0)
-    meta = dict(device=props.name, torch=torch.__version__, python=platform.python_version(),
-                builder=builder, steps=args.steps, warmup=args.warmup,
+    device = "cpu" if dry else "cuda"
+    if dry:
+        dev_name = "cpu-dry-run"
+    else:
+        torch.backends.cudnn.benchmark = True
+        dev_name = torch.cuda.get_device_properties(0).name
+    meta = dict(device=dev_name, torch=torch.__version__, python=platform.python_version(),
+                builder=builder, builders_available=builders, steps=steps, warmup=warmup,
+                image_size=image_size, autocast="bfloat16", memory_format="channels_last",
+                normlab_backend=normlab_backend_name(device) if "normlab_gn" in args.norms
+                else None,
                 time=_dt.datetime.now(_dt.timezone.utc).isoformat(), complete=False)
-    os.makedirs(args.out, exist_ok=True)
+    print(f"device {dev_name}, builder {builder}, normlab backend {meta['normlab_backend']}",
+          flush=True)
+    os.makedirs(out, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = os.path.join(args.out, f"resnet50_step_{props.name.replace(' ', '_')}_{stamp}")
+    safe = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in dev_name)
+    base = os.path.join(out, f"resnet50_step_{safe}_{stamp}")
     rows: List[Dict] = []
-    for batch in args.batches:
+    t_start = time.monotonic()
+    stopped = False
+    for batch in batches:
         base_ms = None
         for kind in args.norms:
-            torch.manual_seed(0)
-            model = build_resnet50(kind, builder)
-            ms, iqr = time_steps(model, batch, args.steps, args.warmup)
-            if kind == "bn":
+            if args.time_budget is not None and time.monotonic() - t_start > args.time_budget:
+                print(f"time budget of {args.time_budget:.0f} s spent: stopping before "
+                      f"batch {batch} {kind}", flush=True)
+                stopped = True
+                break
+            model = None
+            layers = None
+            try:
+                torch.manual_seed(0)
+                model = build_resnet50(kind, builder)
+                layers = count_norm_layers(model)
+                ms, iqr = time_steps(model, batch, steps, warmup, device, image_size)
+                status = "ok"
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: record, go on
+                ms, iqr, status = float("nan"), float("nan"), f"error: {type(e).__name__}: {e}"
+                status = status[:240]
+            if kind == "bn" and status == "ok":
                 base_ms = ms
             row = dict(batch=batch, norm=kind, builder=builder, ms=ms, iqr_ms=iqr,
-                       img_per_s=batch / (ms * 1e-3), norm_layers=count_norm_layers(model),
-                       vs_bn=(ms / base_ms) if base_ms else None)
+                       img_per_s=batch / (ms * 1e-3), norm_layers=layers,
+                       vs_bn=(ms / base_ms) if base_ms and status == "ok" else None,
+                       status=status)
+            assert tuple(row) == ROW_FIELDS, tuple(row)
             rows.append(row)
             print(f"batch {batch:4d} {kind:11s} {ms:8.2f} ms (IQR {iqr:.2f}) "
                   f"{row['img_per_s']:8.0f} img/s"
-                  + (f"  {row['vs_bn']:.2f}x BN" if row["vs_bn"] else ""), flush=True)
+                  + (f"  {row['vs_bn']:.2f}x BN" if row["vs_bn"] else "")
+                  + ("" if status == "ok" else f"  {status}"), flush=True)
             del model
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
             _write(base, meta, rows)  # after every model: a time limit keeps what was measured
+        if stopped:
+            break
 
-    meta["complete"] = True
+    meta["complete"] = not stopped
     _write(base, meta, rows)
     print(f"wrote {base}.csv and {base}.json")
-    return 0
+    failed = [r for r in rows if r["status"] != "ok"]
+    return 1 if dry and failed else 0
+
+
+def _json_safe(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _write(base: str, meta: dict, rows: List[Dict]) -> None:
-    with open(base + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    """(Re)write base.csv and base.json through a temporary name (a kill mid-write leaves the
+    previous file); NaN is an empty CSV cell and null in the JSON."""
+    with open(base + ".csv.tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ROW_FIELDS))
         writer.writeheader()
-        writer.writerows(rows)
-    with open(base + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        writer.writerows([{k: ("" if _json_safe(v) is None else v) for k, v in r.items()}
+                          for r in rows])
+    os.replace(base + ".csv.tmp", base + ".csv")
+    with open(base + ".json.tmp", "w") as f:
+        json.dump({"meta": meta, "rows": [{k: _json_safe(v) for k, v in r.items()}
+                                          for r in rows]}, f, indent=1)
+    os.replace(base + ".json.tmp", base + ".json")
 
 
 if __name__ == "__main__":
