@@ -14,6 +14,10 @@ LayerNorm2d            C (per sample and position)              nn/layernorm.py
 WSConv2d               conv weight, over fan-in                 nn/std_conv.py
 ScaledStdConv2d        conv weight, scaled (NF-ResNets)         nn/std_conv.py
 =====================  ======================================  ================================
+
+TorchScript: unlike torch.nn's, these modules cannot be compiled by ``torch.jit.script`` (forward
+picks a Python backend at call time); scripting a model that holds one raises a TypeError naming
+it. ``torch.compile`` (also ``fullgraph=True``) and ``torch.export`` work.
 """
 
 from normlab.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d

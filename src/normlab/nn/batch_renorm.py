@@ -23,12 +23,14 @@ from torch import Tensor, fx, nn
 
 from normlab import functional as NF
 from normlab.backends.reference import _channel_view, update_running_stats
-from normlab.nn.batchnorm import check_num_channels, fx_leaf
+from normlab.nn.batchnorm import check_num_channels, fx_leaf, not_scriptable
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
 
 
 class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
+    __prepare_scriptable__ = not_scriptable
+
     def __init__(
         self,
         num_features: int,

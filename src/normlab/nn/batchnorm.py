@@ -34,8 +34,23 @@ def fx_leaf(module: nn.Module, input: "fx.Proxy") -> "fx.Proxy":
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
+def not_scriptable(module: nn.Module) -> nn.Module:
+    """``__prepare_scriptable__`` of every normlab module: ``torch.jit.script`` calls it on each
+    module of the model before compiling. normlab's forward() chooses among Python backends at
+    call time, which TorchScript cannot compile (it failed deep inside torch.fx's Proxy with
+    "import statements aren't supported"): one clear TypeError naming the module instead."""
+    raise TypeError(
+        f"{type(module).__module__}.{type(module).__name__} cannot be compiled by "
+        "torch.jit.script: its forward dispatches to normlab's Python backends. Use "
+        "torch.compile or torch.export instead (both supported), or script a model built "
+        "from torch.nn layers"
+    )
+
+
 class _BatchNormForward:
     """forward() of torch's _BatchNorm, routed through normlab.functional.batch_norm."""
+
+    __prepare_scriptable__ = not_scriptable
 
     def exponential_average_factor(self) -> float:
         """Counts the batch (train mode) and returns the weight of its statistics in the running

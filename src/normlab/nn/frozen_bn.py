@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as NF
-from normlab.nn.batchnorm import check_num_channels, fx_leaf
+from normlab.nn.batchnorm import check_num_channels, fx_leaf, not_scriptable
 
 __all__ = ["FrozenBatchNorm2d"]
 
@@ -36,6 +36,8 @@ class FrozenBatchNorm2d(nn.Module):
 
         >>> frozen = FrozenBatchNorm2d.from_batchnorm(trained_bn)
     """
+
+    __prepare_scriptable__ = not_scriptable
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ from typing import Optional
 from torch import Tensor, fx, nn
 
 from normlab import functional as NF
-from normlab.nn.batchnorm import check_num_channels, fx_leaf
+from normlab.nn.batchnorm import check_num_channels, fx_leaf, not_scriptable
 
 __all__ = ["GroupNorm"]
 
@@ -49,6 +49,8 @@ class GroupNorm(nn.GroupNorm):
         >>> GroupNorm(num_channels=256, group_size=16).num_groups
         16
     """
+
+    __prepare_scriptable__ = not_scriptable
 
     def __init__(
         self,

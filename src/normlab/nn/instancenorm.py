@@ -11,12 +11,14 @@ from __future__ import annotations
 from torch import Tensor, fx, nn
 
 from normlab import functional as NF
-from normlab.nn.batchnorm import fx_leaf
+from normlab.nn.batchnorm import fx_leaf, not_scriptable
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
 class _InstanceNormForward:
+    __prepare_scriptable__ = not_scriptable
+
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)

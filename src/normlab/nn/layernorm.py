@@ -20,7 +20,7 @@ from torch import Tensor, fx, nn
 
 from normlab import functional as NF
 from normlab.backends.reference import output_memory_format
-from normlab.nn.batchnorm import check_num_channels, fx_leaf
+from normlab.nn.batchnorm import check_num_channels, fx_leaf, not_scriptable
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
 
@@ -39,6 +39,8 @@ class LayerNorm(nn.LayerNorm):
         >>> ln = LayerNorm(768)
         >>> y = ln(torch.randn(4, 197, 768))
     """
+
+    __prepare_scriptable__ = not_scriptable
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None) -> None:
@@ -71,6 +73,8 @@ class LayerNorm2d(nn.Module):
         >>> norm = LayerNorm2d(96)
         >>> y = norm(torch.randn(2, 96, 56, 56).to(memory_format=torch.channels_last))
     """
+
+    __prepare_scriptable__ = not_scriptable
 
     def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True,
                  device=None, dtype=None) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as NF
-from normlab.nn.batchnorm import fx_leaf
+from normlab.nn.batchnorm import fx_leaf, not_scriptable
 
 __all__ = ["WSConv2d", "ScaledStdConv2d", "standardize_weight"]
 
@@ -51,6 +51,8 @@ class WSConv2d(nn.Conv2d):
         >>> conv = WSConv2d(64, 128, 3, padding=1, bias=False)
         >>> y = conv(torch.randn(2, 64, 32, 32))
     """
+
+    __prepare_scriptable__ = not_scriptable
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
@@ -85,6 +87,8 @@ class ScaledStdConv2d(nn.Conv2d):
         >>> conv = ScaledStdConv2d(64, 64, 3, padding=1, gamma=1.7139588594)
         >>> y = torch.relu(conv(torch.randn(2, 64, 16, 16)))
     """
+
+    __prepare_scriptable__ = not_scriptable
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
