@@ -51,6 +51,10 @@ def test_reproduce_batch_size_quick_on_two_processes(tmp_path):
     assert sorted((row["label"], json.loads(row["x"])) for row in rows) == sorted(
         (lab, x) for lab in ("BN", "GN", "SyncBN") for x in (32, 16, 8, 4, 2))
     assert all(row["status"] == "done" for row in rows)
+    # registered under its setup (data, model, overrides), as a one-process study is: a later
+    # run of the study on other data into this --out must not be pooled with these runs
+    setups = {r[0] for r in con.execute("SELECT setup FROM study_runs WHERE study='batch-size'")}
+    assert len(setups) == 1 and "" not in setups
     cfgs = [json.loads(row["config"]) for row in rows]
     assert all(c["world_size"] == 2 for c in cfgs)
     assert {c["norm"] for c in cfgs} == {"bn", "gn", "syncbn"}

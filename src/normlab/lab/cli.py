@@ -560,7 +560,8 @@ def _reproduce_worker(st: Any, preset: str, points: list, out: Path, no_report: 
     t0 = time.perf_counter()
     try:
         if store is not None:
-            store.register(st.name, preset, [(p.cfg.run_id(), p.label, p.x) for p in points])
+            store.register(st.name, preset, [(p.cfg.run_id(), p.label, p.x) for p in points],
+                           setup=points[0].setup)
             console.print(f"[bold]{st.name}[/] ({preset}): {len(points)} runs on "
                           f"{nd.world_size()} processes (batch sizes per process) -> {out}/",
                           highlight=False)
