@@ -1,0 +1,213 @@
+"""The GPU benchmark scripts, exercised without a GPU.
+
+``benchmarks/gpu_norm.py --dry-run`` and ``benchmarks/resnet50_step.py --dry-run`` run the same
+code paths as on the device (impls, accuracy check, rows, CSV/JSON) on tiny CPU cases, with
+normlab's Triton kernels in the interpreter; they run here as subprocesses, as the device runs
+them. ``gpu_session.sh`` is checked for syntax and for passing only options the scripts accept.
+Nothing here is timed: times are only checked to be present and positive.
+"""
+
+import csv
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_t_{name}", os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def _liger_path(tmp_path):
+    """A temporary extraction of the Liger-Kernel wheel carried in .whl/ (ignored by git, so
+    absent in CI: then None and the dry run must list liger as unavailable)."""
+    wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "liger_kernel-*.whl")))
+    if not wheels:
+        return None
+    dest = tmp_path / "liger"
+    with zipfile.ZipFile(wheels[-1]) as z:
+        z.extractall(dest)
+    return str(dest)
+
+
+def _run(script: str, args, tmp_path, extra_path=None, timeout=120):
+    env = dict(os.environ)
+    env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "src")] + ([extra_path] if extra_path else []))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, script), "--dry-run", "--out", str(tmp_path / "out"), *args],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+    return proc
+
+
+def _results(tmp_path, prefix):
+    (csv_path,) = glob.glob(str(tmp_path / "out" / f"{prefix}_cpu-dry-run_*.csv"))
+    (json_path,) = glob.glob(str(tmp_path / "out" / f"{prefix}_cpu-dry-run_*.json"))
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, list(reader)
+    with open(json_path) as f:
+        data = json.load(f)
+    assert not glob.glob(str(tmp_path / "out" / "*.tmp"))  # atomic rewrites left nothing behind
+    return header, rows, data
+
+
+def test_gpu_norm_dry_run_every_impl_matches_torch(tmp_path):
+    """Both dry cases (fp32 NCHW, bf16 channels_last), both modes, eager and 'graph' rows, every
+    implementation: each row has a time and a floor, and every impl but Liger agrees with
+    float64 torch (y, dx, dweight, dbias) within REL_TOL. Liger runs when its wheel is carried;
+    the Triton interpreter cannot run its kernel (a float eps), which must be recorded as
+    'n/a' after the call bound its arguments (no TypeError: the call signature is right)."""
+    gb = _load("gpu_norm")
+    liger = _liger_path(tmp_path)
+    proc = _run("gpu_norm.py", [], tmp_path, liger)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    header, rows, data = _results(tmp_path, "gpu_norm")
+    assert tuple(header) == gb.ROW_FIELDS
+    meta = data["meta"]
+    assert meta["device"] == "cpu-dry-run" and meta["complete"] is True and meta["copy_gbps"] > 0
+    assert len(data["rows"]) == len(rows)
+
+    expected = set(gb.ALL_IMPLS) - ({"liger"} if liger is None else set())
+    assert {r["impl"] for r in rows} == expected
+    if liger is None:
+        assert "liger" in meta["unavailable"]
+    # every (case, impl) has the four (mode, graph) rows
+    combos = {}
+    for r in rows:
+        combos.setdefault((r["layout"], r["dtype"], r["impl"]), set()).add((r["mode"], r["graph"]))
+    assert len(combos) == 2 * len(expected)
+    assert all(v == {("fwd", "False"), ("fwd", "True"), ("fwdbwd", "False"), ("fwdbwd", "True")}
+               for v in combos.values())
+
+    for r, jr in zip(rows, data["rows"]):
+        assert float(r["floor_us"]) > 0 and jr["floor_us"] > 0
+        # fwd+bwd floor = 5/2 of the forward's (5 passes against 2)
+        n = int(r["n"]) * int(r["c"]) * int(r["h"]) * int(r["w"])
+        assert jr["floor_us"] == pytest.approx(
+            gb.PASSES[r["mode"]] * n * gb.ELEM_BYTES[r["dtype"]] / (meta["copy_gbps"] * 1e3))
+        assert r["param_dtype"] == r["dtype"]
+        if r["impl"] == "liger":
+            assert r["status"] == "ok" or (r["status"].startswith("n/a:")
+                                           and "TypeError" not in r["status"]), r
+            continue
+        assert r["status"] == "ok", r
+        assert float(r["time_us"]) > 0 and jr["time_us"] > 0
+        assert jr["frac_of_floor"] == pytest.approx(jr["floor_us"] / jr["time_us"])
+        assert jr["accurate"] is True and jr["rel_err"] <= gb.REL_TOL[r["dtype"]], r
+
+
+def test_resnet50_dry_run_three_norms(tmp_path):
+    """BN, torch GN and normlab GN each build a ResNet-50 (53 norm layers) and take timed
+    bf16-autocast channels_last SGD steps on the CPU; BN is the 1.0x baseline."""
+    rs = _load("resnet50_step")
+    proc = _run("resnet50_step.py", [], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    header, rows, data = _results(tmp_path, "resnet50_step")
+    assert tuple(header) == rs.ROW_FIELDS
+    assert data["meta"]["complete"] is True and data["meta"]["autocast"] == "bfloat16"
+    assert data["meta"]["normlab_backend"]  # names a backend (native on CPU)
+    assert [r["norm"] for r in rows] == list(rs.NORMS)
+    for r in data["rows"]:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["img_per_s"] > 0, r
+        assert r["norm_layers"] == 53
+    assert data["rows"][0]["vs_bn"] == 1.0
+
+
+def test_gpu_norm_failing_impl_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """An implementation that raises gets rows with status 'error: ...' and no time (empty CSV
+    cells, JSON null); the others are still measured and the files are written per case."""
+    gb = _load("gpu_norm")
+
+    def broken(x, w, b, g):
+        raise RuntimeError("kernel exploded")
+
+    good = lambda x, w, b, g: torch.nn.functional.group_norm(x, g, w, b, 1e-5)  # noqa: E731
+    monkeypatch.setattr(gb, "make_impls", lambda *a, **k: {"torch": good, "broken": broken})
+    base = str(tmp_path / "r")
+    calls = []
+
+    def on_case(rows):
+        calls.append(len(rows))
+        gb.write_results(rows, {"device": "test"}, base)
+
+    rows = gb.run_benchmarks(gb.DRY_CASES, ["torch"], ["fwd"], [False], 10.0, 0, on_case,
+                             device="cpu")
+    assert calls == [2, 4]  # rewritten after each of the two cases
+    assert {r["status"] for r in rows if r["impl"] == "torch"} == {"ok"}
+    bad = [r for r in rows if r["impl"] == "broken"]
+    assert len(bad) == 2 and all(r["status"].startswith("error: RuntimeError: kernel exploded")
+                                 and math.isnan(r["time_us"]) for r in bad)
+    with open(base + ".json") as f:
+        assert [r["time_us"] for r in json.load(f)["rows"] if r["impl"] == "broken"] == [None, None]
+    with open(base + ".csv", newline="") as f:
+        assert [r["time_us"] for r in csv.DictReader(f) if r["impl"] == "broken"] == ["", ""]
+
+
+def test_noblock_switch_holds_through_backward(monkeypatch):
+    """normlab_noblock times the v1 plan: TUNING['group_blocks'] must be False when the
+    backward plans its launch too (autograd runs it after the forward call has returned), and
+    True again afterwards."""
+    gb = _load("gpu_norm")
+    from normlab.backends import triton_norm as tn
+
+    seen = []
+    real = tn.plan_launch
+
+    def spy(*a, **k):
+        seen.append(tn.TUNING["group_blocks"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(tn, "plan_launch", spy)
+    impls = gb.make_impls(["normlab_noblock"])
+    case = gb.DRY_CASES[1]  # channels_last: the blocked and v1 plans differ there
+    xs, dys, w, b = gb._inputs(case, 1, "cpu")
+    gb._step(impls["normlab_noblock"], xs, dys, w, b, case.groups, "fwdbwd")()
+    assert len(seen) >= 2 and not any(seen)  # forward and backward both planned unblocked
+    assert tn.TUNING["group_blocks"] is True
+
+
+def _session_calls():
+    """(script name, argument list) for every Python benchmark call in gpu_session.sh."""
+    with open(os.path.join(BENCH, "gpu_session.sh")) as f:
+        text = f.read().replace("\\\n", " ")
+    calls = []
+    for m in re.finditer(r'"\$py" benchmarks/(\w+)\.py([^>\n]*)>', text):
+        calls.append((m.group(1), shlex.split(m.group(2).replace('"$out"', "OUTDIR"))))
+    return calls
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_session_script_syntax():
+    proc = subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_session.sh")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="would run the benchmarks")
+def test_session_script_passes_only_accepted_options(tmp_path):
+    """Every option gpu_session.sh gives the scripts parses (argparse would exit with a usage
+    error); without CUDA each script then refuses with status 2."""
+    calls = _session_calls()
+    assert {name for name, _ in calls} == {"gpu_norm", "resnet50_step"} and len(calls) == 3
+    for name, args in calls:
+        args = [str(tmp_path) if a == "OUTDIR" else a for a in args]
+        assert _load(name).main(args) == 2, (name, args)
