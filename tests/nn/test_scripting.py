@@ -7,6 +7,9 @@ from torch import nn
 
 import normlab.nn as nlnn
 
+# torch 2.13 deprecates torch.jit.script itself; what is tested here is normlab's own error
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 # one instance of every module class: each carries the hook itself (no shared base class)
 MODULES = [
     lambda: nlnn.BatchNorm2d(4), lambda: nlnn.BatchNorm1d(4), lambda: nlnn.BatchNorm3d(4),
