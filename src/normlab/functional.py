@@ -84,9 +84,14 @@ def check_eps(eps) -> float:
 
 def check_groups(num_groups, num_channels: int) -> int:
     if type(num_groups) is not int:
-        if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+        if (isinstance(num_groups, Tensor) and num_groups.dim() == 0
+                and not num_groups.is_floating_point() and num_groups.dtype != torch.bool):
+            # torch.jit.trace hands sizes (BN's and IN's G = x.shape[1]) over as 0-d tensors
+            num_groups = int(num_groups)
+        elif isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
             raise TypeError(f"num_groups must be an int, got {num_groups!r}")
-        num_groups = int(num_groups)  # a numpy integer, as torch takes it
+        else:
+            num_groups = int(num_groups)  # a numpy integer, as torch takes it
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
     if num_channels % num_groups != 0:

@@ -41,3 +41,19 @@ def test_export_works_instead():
     ep = torch.export.export(bn, (x,))
     torch.testing.assert_close(ep.module()(x), nn.functional.batch_norm(
         x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+# torch.jit.trace records sizes as 0-d tensors: BN and IN pass x.shape[1] as their group count
+@pytest.mark.parametrize("make,train", [
+    (lambda: nlnn.BatchNorm2d(4), True),         # batch statistics, G = C from the input's shape
+    (lambda: nlnn.BatchNorm2d(4), False),        # running statistics
+    (lambda: nlnn.InstanceNorm2d(4, affine=True), True),  # G = C, per sample
+    (lambda: nlnn.GroupNorm(2, 4), True),        # G fixed at construction
+])
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_trace_matches_eager_on_another_batch(make, train):
+    torch.manual_seed(0)
+    module = make().train(train)
+    traced = torch.jit.trace(module, torch.randn(2, 4, 3, 5) + 1, check_trace=False)
+    x = 3 + 2 * torch.randn(3, 4, 6, 2)  # another batch and spatial size than traced with
+    torch.testing.assert_close(traced(x), module(x))
