@@ -230,3 +230,17 @@ def test_syncbn_to_syncbn_keeps_its_process_group():
         assert plain[0].process_group is None  # a BatchNorm had no group: the default stays
     finally:
         dist.destroy_process_group()
+
+
+def test_batch_renorm_layers_are_left_alone_by_a_brn_conversion():
+    # a model that already has Batch Renorm layers (1d and 2d) keeps them, with their own
+    # r_max/d_max: converting to "brn" replaces only the BatchNorms
+    brn1 = nlnn.BatchRenorm1d(6, r_max=2.0, d_max=1.0)
+    brn2 = nlnn.BatchRenorm2d(4, r_max=1.5, d_max=0.5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), brn2, nn.BatchNorm2d(4), nn.Flatten(),
+                          nn.Linear(4, 6), brn1)
+    convert_norm(model, "brn")
+    assert model[1] is brn2 and model[5] is brn1
+    assert isinstance(model[2], nlnn.BatchRenorm2d)
+    assert [r.name for r in model.normlab_conversion.replaced] == ["2"]
+    assert convert_norm(brn1, "brn") is brn1  # a Batch Renorm root stays too

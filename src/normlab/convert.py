@@ -183,6 +183,14 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = 
     return new
 
 
+def _already(module: nn.Module, target: str, target_cls: Optional[type]) -> bool:
+    """Whether ``module`` is already what a conversion to ``target`` would build (left alone, with
+    its own settings: a BatchRenorm1d's r_max/d_max survive a conversion to "brn")."""
+    if target == "brn":
+        return isinstance(module, _BatchRenorm)
+    return target_cls is not None and type(module) is target_cls
+
+
 def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
     """Replace every BatchNorm (torch's or normlab's, SyncBatchNorm and FrozenBatchNorm2d
     included) in ``model`` by ``create_norm(to, C, **kwargs)``.
@@ -219,9 +227,7 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
     todo = []
     for name, module in model.named_modules(remove_duplicate=False):
         for child_name, child in list(module._modules.items()):  # every name, shared ones too
-            if isinstance(child, _SOURCE_TYPES) and not (
-                target_cls is not None and type(child) is target_cls
-            ):
+            if isinstance(child, _SOURCE_TYPES) and not _already(child, target, target_cls):
                 full = f"{name}.{child_name}" if name else child_name
                 todo.append((module, child_name, child, full))
     # 2. build one replacement per distinct module (an error leaves the model untouched) ...
@@ -232,7 +238,8 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
             summary.replaced.append(
                 Replacement(full, type(child).__name__, repr(built[id(child)]), child.num_features)
             )
-    root = _build(model, to, kwargs) if isinstance(model, _SOURCE_TYPES) else None
+    root = (_build(model, to, kwargs)
+            if isinstance(model, _SOURCE_TYPES) and not _already(model, target, target_cls) else None)
     # 3. ... then assign
     for parent, child_name, child, full in todo:
         setattr(parent, child_name, built[id(child)])
