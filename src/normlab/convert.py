@@ -215,8 +215,12 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
 
     Example::
 
-        >>> model = convert_norm(torchvision_resnet50, "gn", num_groups=32)
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.BatchNorm2d(64))
+        >>> model = convert_norm(model, "gn", num_groups=32)
         >>> print(model.normlab_conversion)
+        convert_norm -> gn: 1 module(s) replaced
+          1: BatchNorm2d -> GroupNorm(32, 64, eps=1e-05, affine=True, bias=True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -177,9 +177,14 @@ def create_norm(norm: NormSpec, num_channels: int, **kwargs: Any) -> nn.Module:
 
     Example::
 
-        >>> create_norm("gn", 256)                      # GroupNorm(32, 256)
-        >>> create_norm("gn", 48, num_groups=32)        # GroupNorm(24, 48), by the group rule
+        >>> import functools
+        >>> from normlab.nn import GroupNorm
+        >>> create_norm("gn", 256)
+        GroupNorm(32, 256, eps=1e-05, affine=True, bias=True)
+        >>> create_norm("gn", 48, num_groups=32)        # 24 groups, by the group rule
+        GroupNorm(24, 48, eps=1e-05, affine=True, bias=True)
         >>> create_norm(functools.partial(GroupNorm, 8), 64)
+        GroupNorm(8, 64, eps=1e-05, affine=True, bias=True)
     """
     if isinstance(norm, nn.Module):  # callable, but its forward is not a factory
         raise TypeError(

@@ -22,10 +22,14 @@ with resets.
 
 Example::
 
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> from normlab import models, spp
     >>> recs = {n: spp.signal_propagation(models.create(n, skipinit=False))
     ...         for n in ("nf_resnet56",)}
-    >>> spp.plot(recs, "spp.png")            # writes spp.png and spp.svg
+    >>> out = Path(tempfile.mkdtemp()) / "spp.png"
+    >>> [p.suffix for p in spp.plot(recs, out)]  # writes spp.png and spp.svg
+    ['.png', '.svg']
 """
 
 from __future__ import annotations

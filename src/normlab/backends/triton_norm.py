@@ -1036,9 +1036,10 @@ def _eager(x: Tensor) -> bool:
 class TritonBackend:
     """The ``"triton"`` backend (see :mod:`normlab.backends`).
 
-    Example::
+    Example (needs a CUDA GPU)::
 
-        >>> with normlab.use_backend("triton"):
+        >>> import torch, normlab
+        >>> with normlab.use_backend("triton"):  # doctest: +SKIP
         ...     y = normlab.nn.GroupNorm(32, 256).cuda()(torch.randn(8, 256, 32, 32, device="cuda"))
     """
 

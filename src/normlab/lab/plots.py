@@ -6,9 +6,11 @@
   "Group Normalization" (ECCV 2018). ``norms`` is a bar chart; ``bn-dropout`` a 4 x 3 grid.
 * ``<study>_curves``: test error against epoch (mean over seeds), one panel per x value.
 
-Example::
+Example, on the output directory of a ``normlab reproduce`` run::
 
-    >>> paths = plot_study(store, get_study("batch-size"), Path("normlab-out/figures"))
+    >>> from normlab.lab.studies import get_study
+    >>> store = Store("normlab-out", create=False)  # doctest: +SKIP
+    >>> paths = plot_study(store, get_study("batch-size"), Path("normlab-out/figures"))  # doctest: +SKIP
 """
 
 from __future__ import annotations

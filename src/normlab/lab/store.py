@@ -25,7 +25,10 @@ by the next process on any host instead of being waited for forever.
 
 Example::
 
-    >>> s = Store("normlab-out")
+    >>> import tempfile
+    >>> from normlab.lab.config import RunConfig
+    >>> cfg = RunConfig(norm="gn", batch_size=2)
+    >>> s = Store(tempfile.mkdtemp())                  # normally the --out directory
     >>> s.claim(cfg.run_id(), cfg.to_dict())
     'claimed'
 """

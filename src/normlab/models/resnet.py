@@ -282,7 +282,7 @@ def cifar_resnet(depth: int, *, preact: bool = False, norm: Any = "bn",
 
     Example::
 
-        >>> cifar_resnet(20, norm="gn", norm_kwargs={"num_groups": 8})
+        >>> model = cifar_resnet(20, norm="gn", norm_kwargs={"num_groups": 8})
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth!r}")
@@ -309,7 +309,7 @@ def imagenet_resnet(depth: int, *, preact: bool = False, norm: Any = "bn",
 
     Example::
 
-        >>> imagenet_resnet(50, norm="gn", num_classes=1000, zero_init_last=True)
+        >>> model = imagenet_resnet(50, norm="gn", num_classes=1000, zero_init_last=True)
     """
     if depth not in _IMAGENET:
         raise ValueError(f"ImageNet ResNet depth must be one of {sorted(_IMAGENET)}, got {depth!r}")

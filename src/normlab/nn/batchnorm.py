@@ -102,6 +102,7 @@ class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
 
     Example::
 
+        >>> import torch
         >>> bn = BatchNorm2d(64)
         >>> y = bn(torch.randn(8, 64, 32, 32))
     """

@@ -34,6 +34,8 @@ class FrozenBatchNorm2d(nn.Module):
 
     Example::
 
+        >>> import torch
+        >>> trained_bn = torch.nn.BatchNorm2d(64).eval()       # a trained BN layer
         >>> frozen = FrozenBatchNorm2d.from_batchnorm(trained_bn)
     """
 

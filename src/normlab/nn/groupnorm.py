@@ -44,6 +44,7 @@ class GroupNorm(nn.GroupNorm):
 
     Example::
 
+        >>> import torch
         >>> gn = GroupNorm(32, 256, activation="silu")
         >>> y = gn(torch.randn(2, 256, 64, 64))
         >>> GroupNorm(num_channels=256, group_size=16).num_groups

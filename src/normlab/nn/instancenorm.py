@@ -51,6 +51,7 @@ class InstanceNorm2d(_InstanceNormForward, nn.InstanceNorm2d):
 
     Example::
 
+        >>> import torch
         >>> norm = InstanceNorm2d(16, affine=True)
         >>> y = norm(torch.randn(4, 16, 32, 32))
     """

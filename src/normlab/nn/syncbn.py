@@ -217,8 +217,10 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
 
     Example::
 
+        >>> import torch, normlab
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.BatchNorm2d(64))
         >>> model = normlab.convert_norm(model, "syncbn")     # or create_norm("syncbn", 64)
-        >>> model = normlab.distributed.wrap_ddp(model, device)
+        >>> model = normlab.distributed.wrap_ddp(model, "cpu")  # DDP when torch.distributed is set up
     """
 
     def __init__(

@@ -76,6 +76,11 @@ def adaptive_grad_clip_(parameters: Params, clip: float = 0.01, eps: float = 1e-
 
     Example::
 
+        >>> import torch
+        >>> model = torch.nn.Sequential()
+        >>> model.add_module("conv", torch.nn.Linear(8, 8)); model.add_module("fc", torch.nn.Linear(8, 2))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> loss = model(torch.randn(4, 8)).square().mean()
         >>> loss.backward()
         >>> adaptive_grad_clip_(agc_parameters(model, exclude=("fc",)), clip=0.01)
         >>> optimizer.step()
@@ -144,8 +149,11 @@ class AGC:
 
     Example::
 
+        >>> from normlab.models import create
+        >>> model = create("nf_resnet20")                # its classifier is ``fc``
         >>> opt = AGC(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
         ...           clip=0.01, exclude=("fc",))
+        >>> loss = model(torch.randn(2, 3, 32, 32)).logsumexp(1).mean()
         >>> loss.backward(); opt.step(); opt.zero_grad()
     """
 
