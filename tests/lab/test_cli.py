@@ -190,6 +190,20 @@ def test_entry_point_exit_status_through_a_subprocess(tmp_path):
     assert r.returncode == 0 and "gn" in r.stdout
 
 
+# markers: a study name, a model name, a norm name that appear in their own list only
+@pytest.mark.parametrize("flags,shown,hidden", [
+    (["--studies"], ["batch-size:"], ["resnet20", "frozenbn"]),   # each flag lists its own kind
+    (["--models"], ["resnet20"], ["batch-size:", "frozenbn"]),
+    (["--norms"], ["frozenbn"], ["batch-size:", "resnet20"]),
+    (["--models", "--norms"], ["resnet20", "frozenbn"], ["batch-size:"]),  # flags combine
+    ([], ["batch-size:", "resnet20", "frozenbn"], []),  # no directory, no flag: everything
+])
+def test_ls_lists_what_its_flags_ask_for(flags, shown, hidden):
+    r = runner.invoke(app, ["ls", *flags])
+    assert r.exit_code == 0, r.output
+    assert all(s in r.output for s in shown) and not any(h in r.output for h in hidden), r.output
+
+
 @pytest.mark.parametrize("cmd", ["reproduce", "train", "report", "ls", "spp"])
 def test_help(cmd):
     r = runner.invoke(app, [cmd, "--help"])

@@ -461,7 +461,7 @@ def _run_distributed(points: list, store: Any) -> dict[str, int]:
 def reproduce(
     ctx: typer.Context,
     study: str = typer.Argument("batch-size", help="batch-size | groups | norms | bn-dropout | nf"),
-    quick: bool = typer.Option(False, "--quick", help="tiny preset: a first look in ~1 minute"),
+    quick: bool = typer.Option(False, "--quick", help="tiny preset: a first look in under a minute"),
     data: Optional[str] = typer.Option(None, help="digits (default) | synthetic | cifar10 | "
                                                   "cifar100 | imagefolder"),
     data_dir: Optional[Path] = typer.Option(None, help="directory of cifar10/cifar100/imagefolder"),
@@ -682,18 +682,19 @@ def ls_(
             from normlab.factory import norm_names
             from normlab.lab.studies import STUDIES
 
-            if studies or out is None:
+            every = not (studies or models or norms)  # no flag: all three lists
+            if studies or every:
                 for s in STUDIES.values():
                     console.print(f"[bold]{s.name}[/]: {s.title} (series: "
                                   f"{', '.join(s.variants)})", highlight=False)
-            if models or out is None:
+            if models or every:
                 try:
                     from normlab.models import list_models
 
                     console.print("models: " + ", ".join(list_models()), highlight=False)
                 except ImportError:
                     console.print("models: (normlab.models not available)")
-            if norms or out is None:
+            if norms or every:
                 console.print("norms: " + ", ".join(norm_names()), highlight=False)
             return
         from normlab.lab.store import Store
