@@ -244,3 +244,27 @@ def test_batch_renorm_layers_are_left_alone_by_a_brn_conversion():
     assert isinstance(model[2], nlnn.BatchRenorm2d)
     assert [r.name for r in model.normlab_conversion.replaced] == ["2"]
     assert convert_norm(brn1, "brn") is brn1  # a Batch Renorm root stays too
+
+
+def test_syncbn_to_bn_accepts_the_dims_it_served():
+    # convert_sync_batchnorm turns BatchNorm1d heads into SyncBatchNorm too; converting back to
+    # "bn" cannot know the dims, so the new BN takes any input from (N, C) on
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.SyncBatchNorm(6))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+    convert_norm(model, "bn")
+    norm = model[1]
+    assert isinstance(norm, nlnn.BatchNormXd)
+    assert set(norm.state_dict()) == set(nn.BatchNorm1d(6).state_dict())
+    for shape in [(8, 6), (4, 6, 7), (2, 6, 3, 3)]:  # 1-D features, sequences, images
+        x = off_centre(*shape)
+        ref = nn.BatchNorm1d(6) if len(shape) < 4 else nn.BatchNorm2d(6)
+        ref.load_state_dict(norm.state_dict())
+        torch.testing.assert_close(norm(x), ref(x))
+        torch.testing.assert_close(norm.running_mean, ref.running_mean)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        norm(torch.randn(6))
+    # an explicit dims= still picks the fixed-dims class
+    assert type(convert_norm(nn.SyncBatchNorm(6), "bn", dims=1)) is nlnn.BatchNorm1d

@@ -24,11 +24,14 @@ from torch import nn
 from normlab.factory import NormSpec, canonical_name, create_norm, get_norm_class
 from normlab import functional as NF
 from normlab.nn.batch_renorm import BatchRenorm1d, _BatchRenorm
+from normlab.nn.batchnorm import BatchNormXd
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
+from normlab.nn.syncbn import SyncBatchNorm
 
 __all__ = ["convert_norm", "ConversionSummary", "Replacement"]
 
 _SOURCE_TYPES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+_SYNC_TYPES = (nn.SyncBatchNorm, SyncBatchNorm)
 _BN_LIKE = ("bn", "brn", "syncbn")
 _CARRIED = ("eps", "momentum", "affine", "track_running_stats")
 
@@ -156,7 +159,12 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = 
     if key == "frozenbn" or _is_frozen_target(to):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return _freeze(module, to if _is_frozen_target(to) else FrozenBatchNorm2d, kwargs, name)
-    new = create_norm(to, c, **kw)
+    if key == "bn" and "dims" not in kwargs and isinstance(module, _SYNC_TYPES):
+        # a SyncBatchNorm may have served (N, C), (N, C, L), ... input: keep any dims allowed
+        kw.pop("dims", None)
+        new = BatchNormXd(c, **kw)
+    else:
+        new = create_norm(to, c, **kw)
     ref = next(iter(list(module.parameters()) + list(module.buffers())), None)
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)

@@ -3,7 +3,7 @@
 =====================  ======================================  ================================
 module                 statistics over                          file
 =====================  ======================================  ================================
-BatchNorm1d/2d/3d      N, spatial (per channel)                 nn/batchnorm.py
+BatchNorm1d/2d/3d/Xd   N, spatial (per channel)                 nn/batchnorm.py
 BatchRenorm1d/2d       as BN, corrected towards running stats   nn/batch_renorm.py
 FrozenBatchNorm2d      fixed (buffers)                          nn/frozen_bn.py
 SyncBatchNorm          as BN, over every process                nn/syncbn.py
@@ -21,7 +21,7 @@ it. ``torch.compile`` (also ``fullgraph=True``) and ``torch.export`` work.
 """
 
 from normlab.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d
-from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormXd
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
 from normlab.nn.groupnorm import GroupNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
@@ -30,7 +30,7 @@ from normlab.nn.std_conv import ScaledStdConv2d, WSConv2d, standardize_weight
 from normlab.nn.syncbn import SyncBatchNorm
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd",
     "BatchRenorm1d", "BatchRenorm2d",
     "FrozenBatchNorm2d",
     "GroupNorm",

@@ -14,7 +14,7 @@ from torch import Tensor, fx, nn
 
 from normlab import functional as NF
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd"]
 
 
 def check_num_channels(module: nn.Module, x: Tensor, expected: int, channel_dim: int = 1) -> None:
@@ -110,3 +110,13 @@ class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
 
 class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
     """BatchNorm over a (N, C, D, H, W) input; see :class:`BatchNorm2d`."""
+
+
+class BatchNormXd(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over an input of any dims from (N, C) on: what :func:`normlab.convert_norm`
+    turns a SyncBatchNorm into (a SyncBatchNorm does not know whether it served 1-D, 2-D or 3-D
+    input). Same arguments, parameters, buffers and state_dict keys as BatchNorm2d."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input with at least 2 dims (N, C, ...), got {input.dim()}D")
