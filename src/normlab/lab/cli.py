@@ -101,15 +101,23 @@ def _sigterm_unwinds() -> Iterator[None]:
     if in_worker():
         yield
         return
+    with _signal_handled(signal.SIGTERM, _raise_terminated):
+        yield
+
+
+@contextlib.contextmanager
+def _signal_handled(sig: int, handler: Any) -> Iterator[None]:
+    """``handler`` for ``sig`` while the block runs, the previous one restored after; a no-op
+    outside the main thread (where Python cannot set handlers)."""
     try:
-        old = signal.signal(signal.SIGTERM, _raise_terminated)
+        old = signal.signal(sig, handler)
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(sig, old)
 
 
 def _guard(fn: Any) -> Any:
@@ -256,15 +264,8 @@ def _sigint_ignored() -> Iterator[None]:
     """SIGINT ignored while the block runs (in the main thread; elsewhere a no-op). A process
     started meanwhile keeps ignoring it: an ignored signal stays ignored through exec, and Python
     installs its KeyboardInterrupt handler only where SIGINT is not ignored at startup."""
-    try:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
+    with _signal_handled(signal.SIGINT, signal.SIG_IGN):
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
 
 
 def _run_parallel(points: list, store: Any, jobs: int, out: Path) -> dict[str, int]:
