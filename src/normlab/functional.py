@@ -248,10 +248,12 @@ def _dispatch(
             return (out[0].reshape(x.shape),) + tuple(out[1:])
         return out.reshape(x.shape)
     impl = resolve_backend(backend, x, num_groups, over_batch, activation)
-    if return_stats and x.dtype in _HALF and (weight is None or weight.dtype != torch.float32):
+    if (return_stats and x.dtype in _HALF and impl.name == "native"
+            and (weight is None or weight.dtype != torch.float32)):
         # ATen's kernels compute half-input statistics in float32 but hand them back in the
         # parameters' dtype (bf16 mean/rstd: 3 digits); float32 parameters keep them float32.
-        # Only here: without return_stats nobody sees them.
+        # Only here, where return_stats is known: without it nobody sees them (the other
+        # backends return float32 statistics anyway).
         weight = (
             torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
             if weight is None
