@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from normlab.factory import NormSpec, canonical_name, create_norm, get_norm_class
+from normlab.factory import NORMS, NormSpec, canonical_name, create_norm, get_norm_class
 from normlab import functional as NF
 from normlab.nn.batch_renorm import BatchRenorm1d, _BatchRenorm
 from normlab.nn.batchnorm import BatchNormXd
@@ -32,7 +32,6 @@ __all__ = ["convert_norm", "ConversionSummary", "Replacement"]
 
 _SOURCE_TYPES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 _SYNC_TYPES = (nn.SyncBatchNorm, SyncBatchNorm)
-_BN_LIKE = ("bn", "brn", "syncbn")
 _CARRIED = ("eps", "momentum", "affine", "track_running_stats")
 
 
@@ -100,6 +99,22 @@ def _no_bias(module: nn.Module) -> bool:
     return getattr(module, "affine", False) and getattr(module, "bias", 0) is None
 
 
+_NOTHING = object()
+
+
+def _carried_value(module: nn.Module, attr: str) -> Any:
+    """The value of one setting a named target carries over from ``module`` (see
+    :attr:`normlab.factory.NormEntry.carries`), or _NOTHING where the module has none to carry."""
+    if attr == "dims":
+        return _dims_of(module)
+    if attr == "bias":
+        return False if _no_bias(module) else _NOTHING  # a weight without bias stays so
+    value = getattr(module, attr, _NOTHING)
+    if attr == "process_group" and value is None:
+        return _NOTHING  # only a SyncBatchNorm's own group is kept
+    return value
+
+
 def _freeze(module: nn.Module, cls: type, kwargs: dict[str, Any], name: str) -> nn.Module:
     """BN -> FrozenBN: the exact freeze of :meth:`FrozenBatchNorm2d.from_batchnorm`."""
     what = f"{name or '<root>'!r} ({type(module).__name__})"
@@ -136,26 +151,11 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = 
     key = canonical_name(to) if isinstance(to, str) else None
     if key is None:
         kw.update(_carried_by_signature(module, to, kwargs))
-    if key is not None:
-        kw.setdefault("eps", module.eps)
-        if key in ("bn", "in", "brn", "frozenbn", "syncbn"):
-            if key != "syncbn":
-                kw.setdefault("dims", _dims_of(module))
-        if key in _BN_LIKE or key == "in":
-            if key != "brn" and hasattr(module, "momentum"):
-                kw.setdefault("momentum", module.momentum)
-            if key != "brn" and hasattr(module, "affine"):
-                kw.setdefault("affine", module.affine)
-        if key == "syncbn" and getattr(module, "process_group", None) is not None:
-            kw.setdefault("process_group", module.process_group)  # a SyncBN keeps its group
-        if key in ("bn", "syncbn") and hasattr(module, "track_running_stats"):
-            kw.setdefault("track_running_stats", module.track_running_stats)
-        if key in ("gn", "ln", "ln2d", "brn") and not getattr(module, "affine", True):
-            kw.setdefault("affine", False)  # no affine stays no affine (no new parameters)
-        if key in ("bn", "syncbn", "in", "gn", "ln") and _no_bias(module):
-            kw.setdefault("bias", False)  # a weight without bias stays so
-        if key == "none":
-            kw = {}
+    else:
+        for attr in NORMS[key].carries:
+            value = _carried_value(module, attr)
+            if value is not _NOTHING:
+                kw.setdefault(attr, value)
     if key == "frozenbn" or _is_frozen_target(to):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return _freeze(module, to if _is_frozen_target(to) else FrozenBatchNorm2d, kwargs, name)

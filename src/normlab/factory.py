@@ -21,31 +21,18 @@ largest divisor of C not above the requested number of groups (or channels per g
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib
 import inspect
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 from torch import nn
 
 from normlab import nn as nlnn
 
-__all__ = ["create_norm", "resolve_groups", "norm_names", "get_norm_class"]
+__all__ = ["create_norm", "resolve_groups", "norm_names", "get_norm_class", "NormEntry", "NORMS"]
 
 NormSpec = Union[str, type, Callable[..., nn.Module]]
-
-_ALIASES = {
-    "batchnorm": "bn", "batch_norm": "bn", "syncbatchnorm": "syncbn", "sync_bn": "syncbn",
-    "frozen_bn": "frozenbn", "frozenbatchnorm": "frozenbn", "batchrenorm": "brn",
-    "batch_renorm": "brn", "groupnorm": "gn", "group_norm": "gn", "layernorm": "ln",
-    "layer_norm": "ln", "layernorm2d": "ln2d", "instancenorm": "in", "instance_norm": "in",
-    "identity": "none", "": "none",
-}
-
-_BN_BY_DIMS = {1: nlnn.BatchNorm1d, 2: nlnn.BatchNorm2d, 3: nlnn.BatchNorm3d}
-_IN_BY_DIMS = {1: nlnn.InstanceNorm1d, 2: nlnn.InstanceNorm2d, 3: nlnn.InstanceNorm3d}
-_BRN_BY_DIMS = {1: nlnn.BatchRenorm1d, 2: nlnn.BatchRenorm2d}
-
 
 def resolve_groups(num_channels: int, num_groups: Optional[int] = None,
                    group_size: Optional[int] = None) -> int:
@@ -78,71 +65,101 @@ def resolve_groups(num_channels: int, num_groups: Optional[int] = None,
     return max(d for d in range(1, min(g, num_channels) + 1) if num_channels % d == 0)
 
 
-def _pick(table: dict, dims: int, name: str) -> type:
-    if dims not in table:
-        raise ValueError(f"norm {name!r} supports dims={sorted(table)}, got dims={dims!r}")
-    return table[dims]
+@dataclasses.dataclass(frozen=True)
+class NormEntry:
+    """One named norm: everything create_norm, get_norm_class and convert_norm need to know.
+
+    Attributes:
+        aliases: other spellings of the name (matched case-insensitively).
+        classes: ``{dims: module class}``; ``{None: cls}`` for one class serving any dims.
+        build: ``build(cls, C, **kwargs)`` for norms whose constructor does not take
+            ``(C, **kwargs)`` (GroupNorm's ``(G, C)``); None: ``cls(C, **kwargs)``.
+        builder_kwargs: keywords create_norm itself takes for this name, besides the module's
+            (``dims`` is taken by every norm with more than one class or a fixed dims).
+        fixed: constructor arguments the name fixes (not the user's to give).
+        defaults: keyword defaults the name sets (``in``: ``affine=True``).
+        carries: what :func:`normlab.convert_norm` carries over from the BatchNorm it replaces,
+            unless given: ``eps``, ``momentum``, ``affine``, ``track_running_stats``,
+            ``process_group`` (a SyncBatchNorm's own group), ``dims`` (1/2/3 from the
+            BatchNorm's class), ``bias`` (``bias=False`` for a weight without bias).
+    """
+
+    aliases: Tuple[str, ...]
+    classes: dict  # {dims: class}; the key None: one class for any dims
+    build: Optional[Callable[..., nn.Module]] = None
+    builder_kwargs: Tuple[str, ...] = ()
+    fixed: Tuple[str, ...] = ()
+    defaults: Tuple[Tuple[str, Any], ...] = ()
+    carries: Tuple[str, ...] = ("eps", "affine")
+
+    def cls(self, name: str, dims: int = 2) -> type:
+        table = self.classes
+        if None in table:
+            return table[None]
+        if dims not in table:
+            raise ValueError(f"norm {name!r} supports dims={sorted(table)}, got dims={dims!r}")
+        return table[dims]
 
 
-def _syncbn() -> type:
-    try:
-        return importlib.import_module("normlab.nn.syncbn").SyncBatchNorm
-    except ImportError as e:  # pragma: no cover - arrives with the distributed work
-        raise ValueError(f"norm 'syncbn' is not available: {e}") from None
+def _build_gn(cls: type, c: int, num_groups: Optional[int] = None,
+              group_size: Optional[int] = None, **kw: Any) -> nn.Module:
+    return cls(resolve_groups(c, num_groups, group_size), c, **kw)
 
 
-def _build_gn(c: int, num_groups: Optional[int] = None, group_size: Optional[int] = None,
-              **kw: Any) -> nn.Module:
-    return nlnn.GroupNorm(resolve_groups(c, num_groups, group_size), c, **kw)
+def _build_ln(cls: type, c: int, **kw: Any) -> nn.Module:
+    return cls(1, c, **kw)
 
 
-def _build_bn(c: int, dims: int = 2, **kw: Any) -> nn.Module:
-    return _pick(_BN_BY_DIMS, dims, "bn")(c, **kw)
+def _build_none(cls: type, c: int, **kw: Any) -> nn.Module:
+    return cls()  # takes and ignores any keyword
 
 
-def _build_in(c: int, dims: int = 2, affine: bool = True, **kw: Any) -> nn.Module:
-    return _pick(_IN_BY_DIMS, dims, "in")(c, affine=affine, **kw)
+_BN_CARRIES = ("eps", "momentum", "affine", "track_running_stats", "bias")
 
-
-def _build_brn(c: int, dims: int = 2, **kw: Any) -> nn.Module:
-    return _pick(_BRN_BY_DIMS, dims, "brn")(c, **kw)
-
-
-def _build_frozen(c: int, dims: int = 2, **kw: Any) -> nn.Module:
-    _pick({2: None}, dims, "frozenbn")
-    return nlnn.FrozenBatchNorm2d(c, **kw)
-
-
-def _build_syncbn(c: int, dims: int = 2, **kw: Any) -> nn.Module:
-    return _syncbn()(c, **kw)
-
-
-def _build_none(c: int, **kw: Any) -> nn.Module:
-    return nn.Identity()
-
-
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "bn": _build_bn,
-    "syncbn": _build_syncbn,
-    "frozenbn": _build_frozen,
-    "brn": _build_brn,
-    "gn": _build_gn,
-    "ln": lambda c, **kw: nlnn.GroupNorm(1, c, **kw),
-    "ln2d": lambda c, **kw: nlnn.LayerNorm2d(c, **kw),
-    "in": _build_in,
-    "none": _build_none,
+# The one table of named norms: adding a norm is one entry here.
+NORMS: dict[str, NormEntry] = {
+    "bn": NormEntry(
+        ("batchnorm", "batch_norm"),
+        {1: nlnn.BatchNorm1d, 2: nlnn.BatchNorm2d, 3: nlnn.BatchNorm3d},
+        builder_kwargs=("dims",), carries=_BN_CARRIES + ("dims",)),
+    "syncbn": NormEntry(
+        ("syncbatchnorm", "sync_bn"), {None: nlnn.SyncBatchNorm},
+        builder_kwargs=("dims",), carries=_BN_CARRIES + ("process_group",)),
+    "frozenbn": NormEntry(
+        ("frozen_bn", "frozenbatchnorm"), {2: nlnn.FrozenBatchNorm2d},
+        builder_kwargs=("dims",), carries=("eps", "dims")),
+    "brn": NormEntry(
+        ("batchrenorm", "batch_renorm"),
+        {1: nlnn.BatchRenorm1d, 2: nlnn.BatchRenorm2d}, builder_kwargs=("dims",),
+        carries=("eps", "affine", "dims")),  # Batch Renorm keeps its own (slower) momentum
+    "gn": NormEntry(
+        ("groupnorm", "group_norm"), {None: nlnn.GroupNorm}, _build_gn,
+        builder_kwargs=("num_groups", "group_size"), fixed=("num_channels",),
+        carries=("eps", "affine", "bias")),
+    "ln": NormEntry(
+        ("layernorm", "layer_norm"), {None: nlnn.GroupNorm}, _build_ln,
+        fixed=("num_groups", "num_channels", "group_size"), carries=("eps", "affine", "bias")),
+    "ln2d": NormEntry(("layernorm2d",), {None: nlnn.LayerNorm2d}),
+    "in": NormEntry(
+        ("instancenorm", "instance_norm"),
+        {1: nlnn.InstanceNorm1d, 2: nlnn.InstanceNorm2d, 3: nlnn.InstanceNorm3d},
+        builder_kwargs=("dims",), defaults=(("affine", True),),
+        carries=("eps", "momentum", "affine", "bias", "dims")),
+    "none": NormEntry(("identity", ""), {None: nn.Identity}, _build_none, carries=()),
 }
+
+_ALIASES = {alias: name for name, entry in NORMS.items() for alias in entry.aliases}
 
 
 def norm_names() -> list[str]:
     """The names create_norm knows."""
-    return list(_BUILDERS)
+    return list(NORMS)
 
 
 def canonical_name(name: str) -> str:
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
-    if key not in _BUILDERS:
+    if key not in NORMS:
         raise ValueError(f"unknown norm {name!r}; known norms: {', '.join(norm_names())}")
     return key
 
@@ -150,13 +167,14 @@ def canonical_name(name: str) -> str:
 def get_norm_class(name: str, dims: int = 2) -> type:
     """The module class that ``create_norm(name, ...)`` builds."""
     key = canonical_name(name)
-    return {
-        "bn": lambda: _pick(_BN_BY_DIMS, dims, key), "syncbn": _syncbn,
-        "frozenbn": lambda: nlnn.FrozenBatchNorm2d, "brn": lambda: _pick(_BRN_BY_DIMS, dims, key),
-        "gn": lambda: nlnn.GroupNorm, "ln": lambda: nlnn.GroupNorm,
-        "ln2d": lambda: nlnn.LayerNorm2d, "in": lambda: _pick(_IN_BY_DIMS, dims, key),
-        "none": lambda: nn.Identity,
-    }[key]()
+    return NORMS[key].cls(key, dims)
+
+
+def _build_named(key: str, c: int, kwargs: dict) -> nn.Module:
+    entry = NORMS[key]
+    kw = {**dict(entry.defaults), **kwargs}
+    cls = entry.cls(key, kw.pop("dims", 2) if "dims" in entry.builder_kwargs else 2)
+    return entry.build(cls, c, **kw) if entry.build is not None else cls(c, **kw)
 
 
 def create_norm(norm: NormSpec, num_channels: int, **kwargs: Any) -> nn.Module:
@@ -196,7 +214,7 @@ def create_norm(norm: NormSpec, num_channels: int, **kwargs: Any) -> nn.Module:
         if key != "none":
             _check_num_channels(num_channels)
             _check_kwargs(norm, key, kwargs)
-        return _BUILDERS[key](num_channels, **kwargs)
+        return _build_named(key, num_channels, kwargs)
     if _is_groupnorm_partial(norm):  # partial(GroupNorm, num_groups=32, ...): the class path
         kwargs = {**norm.keywords, **kwargs}
         norm = norm.func
@@ -223,14 +241,6 @@ def _check_num_channels(c: Any) -> None:
         raise ValueError(f"num_channels must be a positive int, got {c!r}")
 
 
-# keyword arguments create_norm itself takes for a name, besides the module's own
-_BUILDER_KWARGS = {
-    "bn": ("dims",), "syncbn": ("dims",), "frozenbn": ("dims",), "brn": ("dims",),
-    "in": ("dims",), "gn": ("num_groups", "group_size"), "ln": (), "ln2d": (),
-}
-_FIXED = {"gn": ("num_channels",), "ln": ("num_groups", "num_channels", "group_size")}
-
-
 def _check_kwargs(norm: str, key: str, kwargs: dict) -> None:
     """Unknown keyword arguments for a named norm: one TypeError naming them and what is taken."""
     dims = kwargs.get("dims", 2)
@@ -241,9 +251,10 @@ def _check_kwargs(norm: str, key: str, kwargs: dict) -> None:
     params = inspect.signature(cls).parameters
     taken = [n for n, p in params.items()
              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)][1:]  # after num_features/C
-    if key in _FIXED:
-        taken = [n for n in params if n not in _FIXED[key]]
-    taken += [n for n in _BUILDER_KWARGS[key] if n not in taken]
+    entry = NORMS[key]
+    if entry.fixed:
+        taken = [n for n in params if n not in entry.fixed]
+    taken += [n for n in entry.builder_kwargs if n not in taken]
     unknown = sorted(set(kwargs) - set(taken))
     if unknown:
         raise TypeError(
