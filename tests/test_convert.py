@@ -268,3 +268,18 @@ def test_syncbn_to_bn_accepts_the_dims_it_served():
         norm(torch.randn(6))
     # an explicit dims= still picks the fixed-dims class
     assert type(convert_norm(nn.SyncBatchNorm(6), "bn", dims=1)) is nlnn.BatchNorm1d
+
+
+def test_convert_sync_batchnorm_classmethod_as_torchs():
+    """SyncBatchNorm.convert_sync_batchnorm (torch's API, implemented without convert_norm): the
+    same Parameter objects and running statistics, the BN's settings, bias=False kept, a module
+    shared under two names stays shared."""
+    bn = _trained_bn(nn.BatchNorm1d, 6, momentum=0.3, eps=1e-3)
+    nobias = _trained_bn(nn.BatchNorm2d, 4, bias=False)
+    model = nn.Sequential(bn, nobias, bn)
+    w, mean = bn.weight, bn.running_mean.clone()
+    out = nlnn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(out[0]) is nlnn.SyncBatchNorm and out[0] is out[2]
+    assert out[0].weight is w and torch.equal(out[0].running_mean, mean)
+    assert (out[0].momentum, out[0].eps) == (0.3, 1e-3)
+    assert out[1].bias is None and torch.equal(out[1].weight, nobias.weight)

@@ -18,13 +18,13 @@ import functools
 import inspect
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
 from normlab.factory import NORMS, NormSpec, canonical_name, create_norm, get_norm_class
-from normlab import functional as NF
+from normlab import functional as NLF
 from normlab.nn.batch_renorm import BatchRenorm1d, _BatchRenorm
 from normlab.nn.batchnorm import BatchNormXd
+from normlab.nn._common import adopt_state, replace_modules
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
 from normlab.nn.syncbn import SyncBatchNorm
 
@@ -136,7 +136,7 @@ def _freeze(module: nn.Module, cls: type, kwargs: dict[str, Any], name: str) -> 
         )
     new = cls.from_batchnorm(module)
     if "eps" in kwargs:
-        new.eps = NF.check_eps(kwargs["eps"])
+        new.eps = NLF.check_eps(kwargs["eps"])
     return new
 
 
@@ -165,30 +165,7 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = 
         new = BatchNormXd(c, **kw)
     else:
         new = create_norm(to, c, **kw)
-    ref = next(iter(list(module.parameters()) + list(module.buffers())), None)
-    if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-    with torch.no_grad():
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            src, dst = getattr(module, attr, None), getattr(new, attr, None)
-            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
-                same_kind = (isinstance(src, nn.Parameter) == isinstance(dst, nn.Parameter)
-                             and src.dtype == dst.dtype and src.device == dst.device)
-                if same_kind:
-                    # the same tensor objects, as torch's convert_sync_batchnorm: an optimizer
-                    # built before the conversion keeps updating the model's parameters, and a
-                    # frozen affine stays frozen
-                    setattr(new, attr, src)
-                else:
-                    dst.copy_(src)
-                    if isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter):
-                        dst.requires_grad_(src.requires_grad)
-        src_n = getattr(module, "num_batches_tracked", None)
-        dst_n = getattr(new, "num_batches_tracked", None)
-        if isinstance(src_n, torch.Tensor) and isinstance(dst_n, torch.Tensor):
-            dst_n.copy_(src_n)
-    new.train(module.training)
-    return new
+    return adopt_state(module, new)
 
 
 def _already(module: nn.Module, target: str, target_cls: Optional[type]) -> bool:
@@ -235,28 +212,12 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
     target = canonical_name(to) if isinstance(to, str) else getattr(to, "__name__", repr(to))
     target_cls: Optional[type] = get_norm_class(to) if isinstance(to, str) and target != "bn" else None
     summary = ConversionSummary(str(target))
-    # 1. collect (parent, attribute, module) before changing anything
-    todo = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        for child_name, child in list(module._modules.items()):  # every name, shared ones too
-            if isinstance(child, _SOURCE_TYPES) and not _already(child, target, target_cls):
-                full = f"{name}.{child_name}" if name else child_name
-                todo.append((module, child_name, child, full))
-    # 2. build one replacement per distinct module (an error leaves the model untouched) ...
-    built: dict[int, nn.Module] = {}
-    for parent, child_name, child, full in todo:
-        if id(child) not in built:
-            built[id(child)] = _build(child, to, kwargs, full)
-            summary.replaced.append(
-                Replacement(full, type(child).__name__, repr(built[id(child)]), child.num_features)
-            )
-    root = (_build(model, to, kwargs)
-            if isinstance(model, _SOURCE_TYPES) and not _already(model, target, target_cls) else None)
-    # 3. ... then assign
-    for parent, child_name, child, full in todo:
-        setattr(parent, child_name, built[id(child)])
-    if root is not None:
-        summary.replaced.append(Replacement("", type(model).__name__, repr(root), model.num_features))
-        model = root
+    model, replaced = replace_modules(
+        model,
+        lambda m: isinstance(m, _SOURCE_TYPES) and not _already(m, target, target_cls),
+        lambda m, name: _build(m, to, kwargs, name),
+    )
+    summary.replaced = [Replacement(name, type(old).__name__, repr(new), old.num_features)
+                        for name, old, new in replaced]
     model.normlab_conversion = summary
     return model

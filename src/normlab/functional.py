@@ -34,9 +34,9 @@ from torch import Tensor
 
 from normlab.backends import resolve_backend
 from normlab.backends.reference import (
-    ACTIVATIONS,
-    _channel_view,
+    FUSED_ACTIVATIONS,
     apply_activation,
+    channel_view,
     output_memory_format,
 )
 
@@ -47,7 +47,7 @@ __all__ = [
     "layer_norm",
     "instance_norm",
     "group_norm",
-    "ACTIVATIONS",
+    "FUSED_ACTIVATIONS",
 ]
 
 
@@ -104,9 +104,10 @@ def check_groups(num_groups, num_channels: int) -> int:
 def check_activation(activation: Optional[str]) -> Optional[str]:
     if activation is None:
         return None
-    if not isinstance(activation, str) or activation.lower() not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation.lower() not in FUSED_ACTIVATIONS:
         raise ValueError(
-            f"unknown activation {activation!r}; expected None or one of {', '.join(ACTIVATIONS)}"
+            f"unknown activation {activation!r}; expected None or one of "
+            f"{', '.join(FUSED_ACTIVATIONS)}"
         )
     return activation.lower()
 
@@ -276,9 +277,9 @@ def _normalize_empty(x, num_groups, over_batch, weight, bias, activation):
     shape."""
     y = x
     if weight is not None:
-        y = y * _channel_view(weight, x.dim()).to(x.dtype)
+        y = y * channel_view(weight, x.dim()).to(x.dtype)
     if bias is not None:
-        y = y + _channel_view(bias, x.dim()).to(x.dtype)
+        y = y + channel_view(bias, x.dim()).to(x.dtype)
     y = apply_activation(x.clone() if y is x else y, activation)
     y = y.contiguous(memory_format=output_memory_format(x))
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from normlab.backends.reference import (
     BACKEND as _REFERENCE,
-    _channel_view,
     apply_activation,
+    channel_view,
     compute_dtype,
     output_memory_format,
     update_running_stats,
@@ -126,9 +126,9 @@ class NativeBackend:
         if weight is not None or bias is not None or activation is not None:
             y = y.to(compute_dtype(x.dtype))
             if weight is not None:
-                y = y * _channel_view(weight.to(y.dtype), x.dim())
+                y = y * channel_view(weight.to(y.dtype), x.dim())
             if bias is not None:
-                y = y + _channel_view(bias.to(y.dtype), x.dim())
+                y = y + channel_view(bias.to(y.dtype), x.dim())
             y = apply_activation(y, activation).to(x.dtype)
         return y.contiguous(memory_format=fmt), mean, rstd
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("relu", "silu", "gelu")
+FUSED_ACTIVATIONS = ("relu", "silu", "gelu")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,7 +40,9 @@ def apply_activation(y: Tensor, activation: Optional[str]) -> Tensor:
         return F.silu(y)
     if activation == "gelu":
         return F.gelu(y)
-    raise ValueError(f"unknown activation {activation!r}; expected None or one of {ACTIVATIONS}")
+    raise ValueError(
+        f"unknown activation {activation!r}; expected None or one of {FUSED_ACTIVATIONS}"
+    )
 
 
 def output_memory_format(x: Tensor) -> torch.memory_format:
@@ -56,7 +58,7 @@ def output_memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _channel_view(t: Tensor, ndim: int) -> Tensor:
+def channel_view(t: Tensor, ndim: int) -> Tensor:
     """(C,) -> (1, C, 1, ..., 1) broadcastable against an ndim-dimensional (N, C, *spatial) tensor."""
     return t.reshape((1, -1) + (1,) * (ndim - 2))
 
@@ -103,9 +105,9 @@ class ReferenceBackend:
         mean = mean_s + shift
 
         if weight is not None:
-            y = y * _channel_view(weight.to(acc), x.dim())
+            y = y * channel_view(weight.to(acc), x.dim())
         if bias is not None:
-            y = y + _channel_view(bias.to(acc), x.dim())
+            y = y + channel_view(bias.to(acc), x.dim())
         y = apply_activation(y, activation)
         y = y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
 
@@ -130,11 +132,11 @@ class ReferenceBackend:
     ) -> Tensor:
         acc = compute_dtype(x.dtype)
         rstd = torch.rsqrt(var.to(acc) + eps)
-        y = (x.to(acc) - _channel_view(mean.to(acc), x.dim())) * _channel_view(rstd, x.dim())
+        y = (x.to(acc) - channel_view(mean.to(acc), x.dim())) * channel_view(rstd, x.dim())
         if weight is not None:
-            y = y * _channel_view(weight.to(acc), x.dim())
+            y = y * channel_view(weight.to(acc), x.dim())
         if bias is not None:
-            y = y + _channel_view(bias.to(acc), x.dim())
+            y = y + channel_view(bias.to(acc), x.dim())
         y = apply_activation(y, activation)
         return y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
 

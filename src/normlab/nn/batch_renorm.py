@@ -21,9 +21,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, fx, nn
 
-from normlab import functional as NF
-from normlab.backends.reference import _channel_view, update_running_stats
-from normlab.nn.batchnorm import check_num_channels, fx_leaf, not_scriptable
+from normlab import functional as NLF
+from normlab.nn._common import (channel_view, check_num_channels, count_batch, fx_leaf,
+                                not_scriptable, running_average_factor, update_running_stats)
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
 
@@ -45,7 +45,7 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         device=None,
         dtype=None,
     ) -> None:
-        NF.check_eps(eps)
+        NLF.check_eps(eps)
         if not r_max >= 1.0:
             raise ValueError(f"r_max must be >= 1, got {r_max!r}")
         if not d_max >= 0.0:
@@ -77,16 +77,16 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
         self._check_input_dim(input)
-        NF.check_input(input)
+        NLF.check_input(input)
         check_num_channels(self, input, self.num_features)
         if not self.training:
-            return NF.normalize_fixed(
+            return NLF.normalize_fixed(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
-        self.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        count_batch(self)  # Batch Renorm always tracks: its limits ramp with the batch count
+        momentum = running_average_factor(self)
         c = self.num_features
-        x_hat, mean, rstd = NF.normalize(input, c, True, eps=self.eps, return_stats=True)
+        x_hat, mean, rstd = NLF.normalize(input, c, True, eps=self.eps, return_stats=True)
         with torch.no_grad():
             sigma_b = 1.0 / rstd
             sigma = torch.sqrt(self.running_var.to(sigma_b.dtype) + self.eps)
@@ -101,8 +101,8 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         scale, shift = r, d
         if self.weight is not None:
             scale, shift = scale * self.weight, shift * self.weight + self.bias
-        y = x_hat * _channel_view(scale.to(x_hat.dtype), input.dim())
-        return y + _channel_view(shift.to(x_hat.dtype), input.dim())
+        y = x_hat * channel_view(scale.to(x_hat.dtype), input.dim())
+        return y + channel_view(shift.to(x_hat.dtype), input.dim())
 
     def extra_repr(self) -> str:
         return (

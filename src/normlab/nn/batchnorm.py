@@ -12,39 +12,11 @@ from __future__ import annotations
 
 from torch import Tensor, fx, nn
 
-from normlab import functional as NF
+from normlab import functional as NLF
+from normlab.nn._common import (check_num_channels, count_batch, fx_leaf, not_scriptable,
+                                running_average_factor)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd"]
-
-
-def check_num_channels(module: nn.Module, x: Tensor, expected: int, channel_dim: int = 1) -> None:
-    if x.dim() > channel_dim and x.shape[channel_dim] != expected:
-        raise ValueError(
-            f"{type(module).__name__} expects {expected} channels (dim {channel_dim}), got input of "
-            f"shape {tuple(x.shape)} with {x.shape[channel_dim]} channels"
-        )
-
-
-def fx_leaf(module: nn.Module, input: "fx.Proxy") -> "fx.Proxy":
-    """Under ``torch.fx.symbolic_trace`` (input is a Proxy): record ``module`` as one call_module
-    node, as FX does for torch.nn's own norms (leaves by their module path), instead of tracing
-    into checks on the input's shape that a Proxy cannot answer. The graph then runs the module
-    itself: same output, same buffer updates."""
-    tracer = input.tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
-
-
-def not_scriptable(module: nn.Module) -> nn.Module:
-    """``__prepare_scriptable__`` of every normlab module: ``torch.jit.script`` calls it on each
-    module of the model before compiling. normlab's forward() chooses among Python backends at
-    call time, which TorchScript cannot compile (it failed deep inside torch.fx's Proxy with
-    "import statements aren't supported"): one clear TypeError naming the module instead."""
-    raise TypeError(
-        f"{type(module).__module__}.{type(module).__name__} cannot be compiled by "
-        "torch.jit.script: its forward dispatches to normlab's Python backends. Use "
-        "torch.compile or torch.export instead (both supported), or script a model built "
-        "from torch.nn layers"
-    )
 
 
 class _BatchNormForward:
@@ -52,26 +24,17 @@ class _BatchNormForward:
 
     __prepare_scriptable__ = not_scriptable
 
-    def exponential_average_factor(self) -> float:
-        """Counts the batch (train mode) and returns the weight of its statistics in the running
-        average: ``momentum``, or ``1 / num_batches_tracked`` for ``momentum=None``."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        return factor
-
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
         self._check_input_dim(input)
-        NF.check_input(input)
+        NLF.check_input(input)
         check_num_channels(self, input, self.num_features)
-        factor = self.exponential_average_factor()
+        count_batch(self)
+        factor = running_average_factor(self)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        return NF.batch_norm(
+        return NLF.batch_norm(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,

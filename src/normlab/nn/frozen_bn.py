@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx, nn
 
-from normlab import functional as NF
-from normlab.nn.batchnorm import check_num_channels, fx_leaf, not_scriptable
+from normlab import functional as NLF
+from normlab.nn._common import check_num_channels, fx_leaf, not_scriptable
 
 __all__ = ["FrozenBatchNorm2d"]
 
@@ -46,7 +46,7 @@ class FrozenBatchNorm2d(nn.Module):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         self.num_features = num_features
-        self.eps = NF.check_eps(eps)
+        self.eps = NLF.check_eps(eps)
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("weight", torch.ones(num_features, **factory))
         self.register_buffer("bias", torch.zeros(num_features, **factory))
@@ -87,9 +87,9 @@ class FrozenBatchNorm2d(nn.Module):
             return fx_leaf(self, input)
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-        NF.check_input(input)
+        NLF.check_input(input)
         check_num_channels(self, input, self.num_features)
-        return NF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+        return NLF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                              False, 0.0, self.eps)
 
     def extra_repr(self) -> str:

@@ -15,8 +15,8 @@ from typing import Optional
 
 from torch import Tensor, fx, nn
 
-from normlab import functional as NF
-from normlab.nn.batchnorm import check_num_channels, fx_leaf, not_scriptable
+from normlab import functional as NLF
+from normlab.nn._common import check_num_channels, fx_leaf, not_scriptable
 
 __all__ = ["GroupNorm"]
 
@@ -83,19 +83,19 @@ class GroupNorm(nn.GroupNorm):
                     f"num_channels={num_channels} is not divisible by group_size={group_size}"
                 )
             num_groups = num_channels // group_size
-        NF.check_groups(num_groups, num_channels)
-        NF.check_eps(eps)
+        NLF.check_groups(num_groups, num_channels)
+        NLF.check_eps(eps)
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         if affine and not bias:  # torch < 2.11 has no bias= argument: drop the bias here
             self.register_parameter("bias", None)
-        self.activation = NF.check_activation(activation)
+        self.activation = NLF.check_activation(activation)
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
-        NF.check_input(input)
+        NLF.check_input(input)
         check_num_channels(self, input, self.num_channels)
-        return NF.group_norm(
+        return NLF.group_norm(
             input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation
         )
 

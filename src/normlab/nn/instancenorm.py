@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor, fx, nn
 
-from normlab import functional as NF
-from normlab.nn.batchnorm import fx_leaf, not_scriptable
+from normlab import functional as NLF
+from normlab.nn._common import fx_leaf, not_scriptable
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -25,7 +25,7 @@ class _InstanceNormForward:
         return super().forward(input)  # torch's: unbatched input, num_features checks
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
-        return NF.instance_norm(
+        return NLF.instance_norm(
             input,
             self.running_mean,
             self.running_var,

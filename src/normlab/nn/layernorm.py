@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor, fx, nn
 
-from normlab import functional as NF
+from normlab import functional as NLF
 from normlab.backends.reference import output_memory_format
-from normlab.nn.batchnorm import check_num_channels, fx_leaf, not_scriptable
+from normlab.nn._common import check_num_channels, fx_leaf, not_scriptable
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
 
@@ -44,13 +44,13 @@ class LayerNorm(nn.LayerNorm):
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None) -> None:
-        NF.check_eps(eps)
+        NLF.check_eps(eps)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
-        return NF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return NLF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class LayerNorm2d(nn.Module):
@@ -82,7 +82,7 @@ class LayerNorm2d(nn.Module):
         if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
         self.num_channels = num_channels
-        self.eps = NF.check_eps(eps)
+        self.eps = NLF.check_eps(eps)
         self.affine = affine
         factory = {"device": device, "dtype": dtype}
         if affine:
@@ -101,13 +101,13 @@ class LayerNorm2d(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
-        NF.check_input(input)
+        NLF.check_input(input)
         check_num_channels(self, input, self.num_channels)
         fmt = output_memory_format(input)
         # channels to the end: (N, *spatial, C), a free view for channels_last input
         perm = (0,) + tuple(range(2, input.dim())) + (1,)
         xt = input.permute(perm)
-        y = NF.normalize(xt.reshape(-1, self.num_channels), 1, False, self.weight, self.bias, self.eps)
+        y = NLF.normalize(xt.reshape(-1, self.num_channels), 1, False, self.weight, self.bias, self.eps)
         inv = (0, input.dim() - 1) + tuple(range(1, input.dim() - 1))
         return y.reshape(xt.shape).permute(inv).contiguous(memory_format=fmt)
 

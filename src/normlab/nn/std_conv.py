@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor, fx, nn
 
-from normlab import functional as NF
-from normlab.nn.batchnorm import fx_leaf, not_scriptable
+from normlab import functional as NLF
+from normlab.nn._common import fx_leaf, not_scriptable
 
 __all__ = ["WSConv2d", "ScaledStdConv2d", "standardize_weight"]
 
@@ -33,7 +33,7 @@ def standardize_weight(weight: Tensor, eps: float, scale: Optional[Tensor] = Non
     """``scale_o * (W_o - mean(W_o)) / sqrt(var(W_o) + eps)`` per output channel o over its fan-in
     (biased variance). ``weight``: (out, in/groups, *kernel); ``scale``: (out,) or None."""
     out = weight.shape[0]
-    w = NF.normalize(weight.reshape(1, out, -1), out, False, scale, None, eps)
+    w = NLF.normalize(weight.reshape(1, out, -1), out, False, scale, None, eps)
     return w.reshape(weight.shape)
 
 
@@ -66,7 +66,7 @@ class WSConv2d(nn.Conv2d):
                  device=None, dtype=None, *, eps: float = 1e-5) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, device=device, dtype=dtype)
-        self.eps = NF.check_eps(eps)
+        self.eps = NLF.check_eps(eps)
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
@@ -106,7 +106,7 @@ class ScaledStdConv2d(nn.Conv2d):
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
             raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
         self.gamma = float(gamma)
-        self.eps = NF.check_eps(eps)
+        self.eps = NLF.check_eps(eps)
         self.gain_init = float(gain_init)
         self.gain = nn.Parameter(
             torch.full((out_channels, 1, 1, 1), self.gain_init, device=device, dtype=dtype)

@@ -41,19 +41,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, fx, nn
 
-from normlab import functional as NF
+from normlab import functional as NLF
 from normlab.backends.reference import compute_dtype, output_memory_format
-from normlab.nn.batchnorm import _BatchNormForward, check_num_channels, fx_leaf
+from normlab.nn._common import (adopt_state, channel_view, check_num_channels, count_batch,
+                                fx_leaf, replace_modules, running_average_factor,
+                                update_running_stats)
+from normlab.nn.batchnorm import _BatchNormForward
+from normlab.nn.frozen_bn import FrozenBatchNorm2d
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "global_batch_stats"]
 
 
 def _reduce_dims(x: Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
-
-
-def _channel_view(t: Tensor, ndim: int) -> Tensor:
-    return t.reshape((1, -1) + (1,) * (ndim - 2))
 
 
 def global_batch_stats(x: Tensor, group: Any = None) -> Tuple[Tensor, Tensor, Tensor]:
@@ -110,14 +110,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             )
         acc = compute_dtype(x.dtype)
         mean, var = mean64.to(acc), var64.to(acc)
-        if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
-        if running_var is not None:
-            unbiased = var64 * (n / (n - 1))
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        update_running_stats(running_mean, running_var, mean64, var64, n, momentum)
         # statistics and affine in the accumulation dtype (float32 for half input): ATen's mixed
         # precision batch norm takes float32 parameters with half input
-        y = NF.normalize_fixed(x, mean, var, None if weight is None else weight.to(acc),
+        y = NLF.normalize_fixed(x, mean, var, None if weight is None else weight.to(acc),
                                None if bias is None else bias.to(acc), eps)
         rstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, rstd)
@@ -133,7 +129,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         acc = mean.dtype
         nd = x.dim()
         dims = _reduce_dims(x)
-        xhat = (x.to(acc) - _channel_view(mean, nd)) * _channel_view(rstd, nd)
+        xhat = (x.to(acc) - channel_view(mean, nd)) * channel_view(rstd, nd)
         dya = dy.to(acc)
         sum_dy = dya.sum(dims)
         sum_dy_xhat = (dya * xhat).sum(dims)
@@ -145,8 +141,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             mean_dy = (both[:c] / ctx.count).to(acc)
             mean_dy_xhat = (both[c:] / ctx.count).to(acc)
             scale = rstd if weight is None else rstd * weight.to(acc)
-            grad_x = (dya - _channel_view(mean_dy, nd) - xhat * _channel_view(mean_dy_xhat, nd)) * (
-                _channel_view(scale, nd)
+            grad_x = (dya - channel_view(mean_dy, nd) - xhat * channel_view(mean_dy_xhat, nd)) * (
+                channel_view(scale, nd)
             )
             grad_x = grad_x.to(x.dtype).contiguous(memory_format=output_memory_format(x))
         if weight is not None and ctx.needs_input_grad[1]:
@@ -180,10 +176,10 @@ def sync_batch_norm(
     Returns:
         y with x's shape, dtype and memory format.
     """
-    NF.check_input(x)
+    NLF.check_input(x)
     if x.dim() > 5:
         raise ValueError(f"input must have 2 to 5 dims, got shape {tuple(x.shape)}")
-    eps = NF.check_eps(eps)
+    eps = NLF.check_eps(eps)
     return _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, eps,
                                         float(momentum), group)
 
@@ -238,7 +234,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        NF.check_eps(eps)
+        NLF.check_eps(eps)
         if momentum is not None and (
             isinstance(momentum, bool) or not isinstance(momentum, (int, float))
             or not 0.0 <= momentum <= 1.0
@@ -275,12 +271,13 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
         self._check_input_dim(input)
-        NF.check_input(input)
+        NLF.check_input(input)
         check_num_channels(self, input, self.num_features)
         group, world = self._sync_group()
         if world <= 1:  # no process group, a group of one, or eval: plain BatchNorm
             return super().forward(input)
-        factor = self.exponential_average_factor()
+        count_batch(self)
+        factor = running_average_factor(self)
         track = self.track_running_stats
         return sync_batch_norm(
             input, self.weight, self.bias,
@@ -295,8 +292,25 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
-        """Replace every BatchNorm in ``module`` by this class (as torch's classmethod);
-        statistics, affine, eps and momentum are carried over. See :func:`normlab.convert_norm`."""
-        from normlab.convert import convert_norm
+        """Replace every BatchNorm in ``module`` (torch's or normlab's, FrozenBatchNorm2d
+        included) by this class, as torch's classmethod: the same Parameter and buffer objects
+        (see :func:`normlab.nn._common.adopt_state`), eps, momentum, affine, bias and
+        track_running_stats carried over. :func:`normlab.convert_norm` with ``"syncbn"`` does the
+        same and reports what it replaced."""
+        return replace_modules(
+            module,
+            lambda m: _is_batchnorm(m) and type(m) is not cls,
+            lambda m, name: adopt_state(m, cls._like(m, process_group)),
+        )[0]
 
-        return convert_norm(module, "syncbn", process_group=process_group)
+    @classmethod
+    def _like(cls, bn: nn.Module, process_group: Any) -> "SyncBatchNorm":
+        """A SyncBatchNorm with ``bn``'s settings (FrozenBatchNorm2d has eps only)."""
+        affine = getattr(bn, "affine", True)
+        return cls(bn.num_features, bn.eps, getattr(bn, "momentum", 0.1), affine,
+                   getattr(bn, "track_running_stats", True), process_group,
+                   bias=not (affine and getattr(bn, "bias", 0) is None))
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))

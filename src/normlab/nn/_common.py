@@ -1,0 +1,137 @@
+"""What normlab's nn modules share: input checks, FX and TorchScript hooks, the running
+statistics, and swapping modules of a model (private; the modules' files import from here).
+
+``channel_view`` and ``update_running_stats`` are the operator's own (defined with the reference
+backend, which every backend follows) and are re-exported here for the modules.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Tuple
+
+import torch
+from torch import Tensor, fx, nn
+
+from normlab.backends.reference import channel_view, update_running_stats
+
+__all__ = [
+    "channel_view", "update_running_stats", "check_num_channels", "fx_leaf", "not_scriptable",
+    "count_batch", "running_average_factor", "adopt_state", "replace_modules",
+]
+
+
+def check_num_channels(module: nn.Module, x: Tensor, expected: int, channel_dim: int = 1) -> None:
+    if x.dim() > channel_dim and x.shape[channel_dim] != expected:
+        raise ValueError(
+            f"{type(module).__name__} expects {expected} channels (dim {channel_dim}), got input of "
+            f"shape {tuple(x.shape)} with {x.shape[channel_dim]} channels"
+        )
+
+
+def fx_leaf(module: nn.Module, input: "fx.Proxy") -> "fx.Proxy":
+    """Under ``torch.fx.symbolic_trace`` (input is a Proxy): record ``module`` as one call_module
+    node, as FX does for torch.nn's own norms (leaves by their module path), instead of tracing
+    into checks on the input's shape that a Proxy cannot answer. The graph then runs the module
+    itself: same output, same buffer updates."""
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+
+
+def not_scriptable(module: nn.Module) -> nn.Module:
+    """``__prepare_scriptable__`` of every normlab module: ``torch.jit.script`` calls it on each
+    module of the model before compiling. normlab's forward() chooses among Python backends at
+    call time, which TorchScript cannot compile (it failed deep inside torch.fx's Proxy with
+    "import statements aren't supported"): one clear TypeError naming the module instead."""
+    raise TypeError(
+        f"{type(module).__module__}.{type(module).__name__} cannot be compiled by "
+        "torch.jit.script: its forward dispatches to normlab's Python backends. Use "
+        "torch.compile or torch.export instead (both supported), or script a model built "
+        "from torch.nn layers"
+    )
+
+
+def _counts_batches(module: nn.Module) -> bool:
+    return (module.training and module.track_running_stats
+            and module.num_batches_tracked is not None)
+
+
+def count_batch(module: nn.Module) -> None:
+    """A training batch of a BatchNorm-like module with running statistics:
+    ``num_batches_tracked += 1`` (what torch's _BatchNorm.forward does first)."""
+    if _counts_batches(module):
+        module.num_batches_tracked.add_(1)
+
+
+def running_average_factor(module: nn.Module) -> float:
+    """The weight of this batch's statistics in the running average: ``momentum``, or for
+    ``momentum=None`` the cumulative ``1 / num_batches_tracked`` (call :func:`count_batch`
+    first; 0.0 where nothing is tracked)."""
+    if module.momentum is not None:
+        return module.momentum
+    return 1.0 / float(module.num_batches_tracked) if _counts_batches(module) else 0.0
+
+
+@torch.no_grad()
+def adopt_state(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Give ``new`` (which replaces ``old``) ``old``'s device, dtype, affine, running statistics,
+    batch count and train/eval mode; returns ``new`` (moved).
+
+    Where shape, kind, dtype and device agree, ``new`` takes the *same* tensor objects, as
+    torch's ``convert_sync_batchnorm``: an optimizer built before the swap keeps updating the
+    model's parameters, and a frozen affine stays frozen. Otherwise the values are copied."""
+    ref = next(iter(list(old.parameters()) + list(old.buffers())), None)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        src, dst = getattr(old, attr, None), getattr(new, attr, None)
+        if not (isinstance(src, Tensor) and isinstance(dst, Tensor) and src.shape == dst.shape):
+            continue
+        if (isinstance(src, nn.Parameter) == isinstance(dst, nn.Parameter)
+                and src.dtype == dst.dtype and src.device == dst.device):
+            setattr(new, attr, src)
+        else:
+            dst.copy_(src)
+            if isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter):
+                dst.requires_grad_(src.requires_grad)
+    src_n = getattr(old, "num_batches_tracked", None)
+    dst_n = getattr(new, "num_batches_tracked", None)
+    if isinstance(src_n, Tensor) and isinstance(dst_n, Tensor):
+        dst_n.copy_(src_n)
+    new.train(old.training)
+    return new
+
+
+Replaced = List[Tuple[str, nn.Module, nn.Module]]
+
+
+def replace_modules(
+    model: nn.Module,
+    match: Callable[[nn.Module], bool],
+    build: Callable[[nn.Module, str], nn.Module],
+) -> Tuple[nn.Module, Replaced]:
+    """Replace every submodule ``m`` of ``model`` with ``match(m)`` (``model`` itself included)
+    by ``build(m, full_name)``.
+
+    Everything is built before anything is assigned, so an error leaves the model untouched;
+    no module dict is mutated while iterated; a module shared under several names is built once
+    and stays shared. Returns ``(model or its replacement, [(name, old, new), ...])``, the
+    root ("" as its name) last.
+    """
+    todo = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        for child_name, child in list(module._modules.items()):  # every name, shared ones too
+            if child is not None and match(child):
+                full = f"{name}.{child_name}" if name else child_name
+                todo.append((module, child_name, child, full))
+    built: dict[int, nn.Module] = {}
+    replaced: Replaced = []
+    for _, _, child, full in todo:
+        if id(child) not in built:
+            built[id(child)] = build(child, full)
+            replaced.append((full, child, built[id(child)]))
+    root = build(model, "") if match(model) else None
+    for parent, child_name, child, _ in todo:
+        setattr(parent, child_name, built[id(child)])
+    if root is None:
+        return model, replaced
+    return root, replaced + [("", model, root)]
