@@ -34,11 +34,11 @@ MODULES = [
     "normlab.models.nf_resnet",
     "normlab.models.bn_dropout_cnn",
     "normlab.models.residual",
-    "normlab.lab.cli",
+    "normlab.lab.cli.spp",
     "normlab.lab.config",
     "normlab.lab.data",
     "normlab.lab.store",
-    "normlab.lab.trainer",
+    "normlab.lab.recipe",
 ]
 
 

@@ -43,6 +43,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
@@ -53,6 +54,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 __all__ = [
     "DEFAULT_TIMEOUT",
     "LaunchError",
+    "LaunchSpec",
     "ShardSampler",
     "all_reduce_mean",
     "all_reduce_sum",
@@ -421,81 +423,120 @@ class LaunchError(RuntimeError):
 
 
 def _check_pos_int(name: str, v: Any, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+    if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
     return v
 
 
-def torchrun_command(
-    argv: Sequence[str],
-    nproc_per_node: int,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    master_addr: str = "127.0.0.1",
-    master_port: Optional[int] = None,
-    rdzv_endpoint: Optional[str] = None,
-    *,
-    python: str = sys.executable,
-    monitor_interval: float = 0.5,
-) -> list[str]:
-    """The ``python -m torch.distributed.run ...`` command line that :func:`launch` runs.
+@dataclass(frozen=True)
+class LaunchSpec:
+    """The process layout of a torchrun job: processes per node and the rendezvous.
 
     Rendezvous: ``rdzv_endpoint="host:port"`` -> c10d rendezvous (elastic, multi-node; node
     ranks are assigned, so ``master_port``/``node_rank`` must be left out); else a single node
     without ``master_port`` -> ``--standalone`` (a free local port); else static rendezvous at
-    ``master_addr:master_port`` with ``node_rank``. ``argv`` is the program:
+    ``master_addr:master_port`` with ``node_rank``. Run the same job on every node.
+    """
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: Optional[int] = None
+    rdzv_endpoint: Optional[str] = None
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the job: ``nproc_per_node * nnodes``."""
+        return self.nproc_per_node * self.nnodes
+
+    def check_counts(self) -> "LaunchSpec":
+        """Check the process counts and the node rank (ValueError naming the field)."""
+        _check_pos_int("nproc_per_node", self.nproc_per_node)
+        _check_pos_int("nnodes", self.nnodes)
+        n, r = self.nnodes, self.node_rank
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < n:
+            raise ValueError(f"node_rank must be an int in [0, nnodes={n}), got {r!r}")
+        return self
+
+    def check(self) -> "LaunchSpec":
+        """Check every field, the rendezvous included (ValueError naming the offending field)."""
+        self.check_counts()
+        n, port = self.nnodes, self.master_port
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                                 or not 1 <= port <= 65535):
+            raise ValueError(f"master_port must be an int in [1, 65535], got {port!r}")
+        if not isinstance(self.master_addr, str) or not self.master_addr:
+            raise ValueError(f"master_addr must be a non-empty host name, got {self.master_addr!r}")
+        if self.rdzv_endpoint is not None:
+            self._check_rdzv()
+        elif n > 1 and port is None:
+            raise ValueError(f"nnodes={n} needs master_port (or rdzv_endpoint)")
+        return self
+
+    def _check_rdzv(self) -> None:
+        ep = self.rdzv_endpoint
+        if not isinstance(ep, str):
+            raise ValueError(f"rdzv_endpoint must be a 'host:port' string, got {ep!r}")
+        host, _, port = ep.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"rdzv_endpoint must be 'host:port' with a port in [1, 65535], got "
+                             f"{ep!r}")
+        # the c10d rendezvous assigns node ranks and hosts its own store: a static master
+        # address would be silently ignored
+        static = [f"{k} {v!r}" for k, v, unset in (("master_port", self.master_port, None),
+                                                     ("node_rank", self.node_rank, 0)) if v != unset]
+        if static:
+            raise ValueError(
+                f"rdzv_endpoint {ep!r} does not combine with {' and '.join(static)}: "
+                "give either rdzv_endpoint (c10d rendezvous, node ranks assigned) or master_addr, "
+                "master_port and node_rank (static rendezvous)")
+
+    def rendezvous_args(self) -> list[str]:
+        """torchrun's rendezvous options for this spec (checked)."""
+        self.check()
+        if self.rdzv_endpoint is not None:
+            return ["--rdzv-backend", "c10d", "--rdzv-endpoint", self.rdzv_endpoint,
+                    "--rdzv-id", os.environ.get("NORMLAB_RDZV_ID", "normlab")]
+        if self.nnodes == 1 and self.master_port is None:
+            return ["--standalone"]
+        return ["--node-rank", str(self.node_rank), "--master-addr", self.master_addr,
+                "--master-port", str(self.master_port)]
+
+
+def _spec(nproc_per_node: Union[int, LaunchSpec], rendezvous: dict[str, Any]) -> LaunchSpec:
+    """``nproc_per_node`` and the rendezvous keywords (the other :class:`LaunchSpec` fields) as
+    one spec, or the spec given in their place."""
+    if isinstance(nproc_per_node, LaunchSpec):
+        if rendezvous:
+            raise TypeError(f"give a LaunchSpec or its fields, not both: {sorted(rendezvous)}")
+        return nproc_per_node
+    return LaunchSpec(nproc_per_node, **rendezvous)
+
+
+def torchrun_command(argv: Sequence[str], nproc_per_node: Union[int, LaunchSpec] = 1, *,
+                     python: str = sys.executable, monitor_interval: float = 0.5,
+                     **rendezvous: Any) -> list[str]:
+    """The ``python -m torch.distributed.run ...`` command line that :func:`launch` runs.
+
+    ``nproc_per_node`` and ``rendezvous`` (``nnodes``, ``node_rank``, ``master_addr``,
+    ``master_port``, ``rdzv_endpoint``) are the fields of a :class:`LaunchSpec` (see it for the
+    rendezvous rules), or ``nproc_per_node`` is the spec itself. ``argv`` is the program:
     ``["-m", "package.module", args...]`` or ``["script.py", args...]``.
     """
+    spec = _spec(nproc_per_node, rendezvous)
     if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence) or not argv:
         raise TypeError(f"argv must be a non-empty list of strings, got {argv!r}")
     if not all(isinstance(a, str) for a in argv):
         raise TypeError(f"argv must contain only strings, got {list(argv)!r}")
     if argv[0] == "-m" and len(argv) < 2:
         raise ValueError(f"argv {list(argv)!r}: '-m' needs a module name")
-    _check_pos_int("nproc_per_node", nproc_per_node)
-    _check_pos_int("nnodes", nnodes)
-    if isinstance(node_rank, bool) or not isinstance(node_rank, int) or not 0 <= node_rank < nnodes:
-        raise ValueError(f"node_rank must be an int in [0, nnodes={nnodes}), got {node_rank!r}")
-    if master_port is not None and (
-        isinstance(master_port, bool) or not isinstance(master_port, int)
-        or not 1 <= master_port <= 65535
-    ):
-        raise ValueError(f"master_port must be an int in [1, 65535], got {master_port!r}")
-    if not isinstance(master_addr, str) or not master_addr:
-        raise ValueError(f"master_addr must be a non-empty host name, got {master_addr!r}")
-    cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
-           "--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
-           "--monitor-interval", str(monitor_interval)]
-    if rdzv_endpoint is not None:
-        if not isinstance(rdzv_endpoint, str):
-            raise ValueError(f"rdzv_endpoint must be a 'host:port' string, got {rdzv_endpoint!r}")
-        host, _, port = rdzv_endpoint.rpartition(":")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"rdzv_endpoint must be 'host:port' with a port in [1, 65535], got "
-                             f"{rdzv_endpoint!r}")
-        # the c10d rendezvous assigns node ranks and hosts its own store: a static master
-        # address would be silently ignored
-        static = [f"{k} {v!r}" for k, v, unset in (("master_port", master_port, None),
-                                                     ("node_rank", node_rank, 0)) if v != unset]
-        if static:
-            raise ValueError(
-                f"rdzv_endpoint {rdzv_endpoint!r} does not combine with {' and '.join(static)}: "
-                "give either rdzv_endpoint (c10d rendezvous, node ranks assigned) or master_addr, "
-                "master_port and node_rank (static rendezvous)")
-        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
-                "--rdzv-id", os.environ.get("NORMLAB_RDZV_ID", "normlab")]
-    elif nnodes == 1 and master_port is None:
-        cmd += ["--standalone"]
-    else:
-        if master_port is None:
-            raise ValueError(f"nnodes={nnodes} needs master_port (or rdzv_endpoint)")
-        cmd += ["--node-rank", str(node_rank), "--master-addr", master_addr,
-                "--master-port", str(master_port)]
-    if argv[0] == "-m":
-        cmd += ["-m", *argv[1:]]
-    else:
-        cmd += list(argv)
-    return cmd
+    cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(spec.nnodes),
+           "--nproc-per-node", str(spec.nproc_per_node), "--max-restarts", "0",
+           "--monitor-interval", str(monitor_interval), *spec.rendezvous_args()]
+    return cmd + (["-m", *argv[1:]] if argv[0] == "-m" else list(argv))
 
 
 def _check_port_free(port: int) -> None:
@@ -540,27 +581,46 @@ def _kill_group(proc: subprocess.Popen, grace: float) -> None:
             continue
 
 
+def _check_reachable(spec: LaunchSpec) -> None:
+    """The rendezvous host resolves and (static rendezvous, node rank 0) its port is free."""
+    if spec.rdzv_endpoint is not None:
+        _check_resolvable(spec.rdzv_endpoint.rpartition(":")[0], "the host of rdzv_endpoint")
+    elif spec.master_port is not None:  # static rendezvous: every node connects to master_addr
+        _check_resolvable(spec.master_addr, "master_addr")
+        if spec.node_rank == 0:
+            _check_port_free(spec.master_port)  # this node hosts the rendezvous's store
+
+
+def _child_env(env: Optional[dict[str, str]], nproc_per_node: int) -> dict[str, str]:
+    """The workers' environment: ours, OMP_NUM_THREADS = cores / processes unless set, ``env``."""
+    child_env = dict(os.environ)
+    child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    if env:
+        child_env.update({str(k): str(v) for k, v in env.items()})
+    if child_env.get("NORMLAB_DIST_TIMEOUT"):  # else every worker fails on it, one by one
+        _parse_timeout(child_env["NORMLAB_DIST_TIMEOUT"])
+    return child_env
+
+
 def launch(
     argv: Sequence[str],
-    nproc_per_node: int,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    master_addr: str = "127.0.0.1",
-    master_port: Optional[int] = None,
-    rdzv_endpoint: Optional[str] = None,
+    nproc_per_node: Union[int, LaunchSpec] = 1,
     *,
     timeout: Optional[float] = None,
     env: Optional[dict[str, str]] = None,
     check: bool = True,
     python: str = sys.executable,
+    **rendezvous: Any,
 ) -> int:
     """Run ``argv`` on ``nproc_per_node`` processes (per node) through ``torch.distributed.run``.
 
     Args:
         argv: the program, ``["-m", "normlab.lab.cli", "train", ...]`` or ``["script.py", ...]``.
-        nproc_per_node: processes on this node (one per GPU on CUDA).
-        nnodes, node_rank, master_addr, master_port, rdzv_endpoint: multi-node rendezvous, as
-            torchrun's options (see :func:`torchrun_command`); run ``launch`` on every node.
+        nproc_per_node: processes on this node (one per GPU on CUDA), or a :class:`LaunchSpec`.
+        **rendezvous: ``nnodes``, ``node_rank``, ``master_addr``, ``master_port``,
+            ``rdzv_endpoint``: the other :class:`LaunchSpec` fields (multi-node rendezvous, as
+            torchrun's options); run ``launch`` on every node.
         timeout: seconds after which the whole job is stopped (None: no limit).
         env: extra environment variables for the workers.
         check: raise :class:`LaunchError` on failure (else return the exit code).
@@ -581,23 +641,13 @@ def launch(
     the collective timeout of :func:`setup`. ``OMP_NUM_THREADS`` defaults to the CPU count
     divided by the processes on the node.
     """
-    cmd = torchrun_command(argv, nproc_per_node, nnodes, node_rank, master_addr, master_port,
-                           rdzv_endpoint, python=python)
+    spec = _spec(nproc_per_node, rendezvous)
+    nproc_per_node = spec.nproc_per_node
+    cmd = torchrun_command(argv, spec, python=python)
     if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-    if rdzv_endpoint is not None:
-        _check_resolvable(rdzv_endpoint.rpartition(":")[0], "the host of rdzv_endpoint")
-    elif master_port is not None:  # static rendezvous: every node connects to master_addr
-        _check_resolvable(master_addr, "master_addr")
-        if node_rank == 0:
-            _check_port_free(master_port)  # this node hosts the rendezvous's store
-    child_env = dict(os.environ)
-    child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-    child_env.setdefault("PYTHONUNBUFFERED", "1")
-    if env:
-        child_env.update({str(k): str(v) for k, v in env.items()})
-    if child_env.get("NORMLAB_DIST_TIMEOUT"):  # else every worker fails on it, one by one
-        _parse_timeout(child_env["NORMLAB_DIST_TIMEOUT"])
+    _check_reachable(spec)
+    child_env = _child_env(env, nproc_per_node)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=child_env, start_new_session=True)
     try:

@@ -34,18 +34,19 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from normlab.models.residual import DropPath, ResidualBlock
 
-__all__ = ["SPPRecord", "channel_stats", "signal_propagation", "plot"]
+__all__ = ["SPPRecord", "channel_stats", "signal_propagation", "preserved_state", "plot"]
 
 
 @dataclass
@@ -130,14 +131,34 @@ def signal_propagation(
     them (a module called twice is recorded once, at its first call). Depth is 0 for the stem
     and counts up; with ``blocks=`` it is the position in that order.
     """
+    _check_flags(model, training, channels_last)
+    modules = dict(model.named_modules())
+    chosen, branch_names = _measured_modules(model, modules, blocks)
+    x = _input_batch(model, x, batch_size, image_size, in_chans, channels_last, seed)
+    rec = _Recorder()
+    with preserved_state(model), rec.hooked(modules, chosen, branch_names):
+        _measuring_mode(model, training)
+        with torch.no_grad():
+            model(x)
+    missing = [n for n in chosen if n not in rec.seen]
+    if missing:
+        raise ValueError(f"modules {missing!r} were not called by the forward pass")
+    return rec.records
+
+
+def _check_flags(model: Any, training: Any, channels_last: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r}")
     if not isinstance(channels_last, bool):
         raise TypeError(f"channels_last must be a bool, got {channels_last!r}")
-    modules = dict(model.named_modules())
-    branch_names: dict[str, str] = {}
+
+
+def _measured_modules(model: nn.Module, modules: dict[str, nn.Module],
+                      blocks: Optional[Union[Sequence[str], Mapping[str, Optional[str]]]]
+                      ) -> tuple[list[str], dict[str, str]]:
+    """(the names of the modules to measure, {block name: its residual branch's module name})."""
     if blocks is None:
         chosen = [n for n, m in modules.items() if isinstance(m, ResidualBlock)]
         if not chosen:
@@ -148,19 +169,24 @@ def signal_propagation(
         stem = getattr(model, "stem", None)
         if isinstance(stem, nn.Module):
             chosen.insert(0, next(n for n, m in modules.items() if m is stem))
-    else:
-        if isinstance(blocks, Mapping):
-            branch_names = {k: v for k, v in blocks.items() if v is not None}
-        chosen = [blocks] if isinstance(blocks, str) else list(blocks)
-        if not chosen:
-            raise ValueError("blocks must name at least one module")
-        bad = [b for b in chosen + list(branch_names.values())
-               if not isinstance(b, str) or b not in modules]
-        if bad:
-            raise ValueError(f"blocks {bad!r} are not module names of {type(model).__name__}")
+        return chosen, {}
+    branch_names = ({k: v for k, v in blocks.items() if v is not None}
+                    if isinstance(blocks, Mapping) else {})
+    chosen = [blocks] if isinstance(blocks, str) else list(blocks)
+    if not chosen:
+        raise ValueError("blocks must name at least one module")
+    bad = [b for b in chosen + list(branch_names.values())
+           if not isinstance(b, str) or b not in modules]
+    if bad:
+        raise ValueError(f"blocks {bad!r} are not module names of {type(model).__name__}")
+    return chosen, branch_names
+
+
+def _input_batch(model: nn.Module, x: Optional[Tensor], batch_size: int,
+                 image_size: Union[int, Sequence[int]], in_chans: Optional[int],
+                 channels_last: bool, seed: int) -> Tensor:
+    """``x`` on the model's device, or the default unit-Gaussian batch drawn from ``seed``."""
     ref = _reference_tensor(model)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None else torch.float32
     if x is None:
         _positive_int(batch_size, "batch_size")
         hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -171,72 +197,92 @@ def signal_propagation(
         c = in_chans if in_chans is not None else getattr(model, "in_chans", 3)
         _positive_int(c, "in_chans")
         gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(batch_size, c, *hw, generator=gen).to(device=device, dtype=dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-    elif not isinstance(x, Tensor) or not x.is_floating_point():
+        x = torch.randn(batch_size, c, *hw, generator=gen).to(
+            device=ref.device if ref is not None else torch.device("cpu"),
+            dtype=ref.dtype if ref is not None else torch.float32)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got "
                         f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
-    else:
-        if ref is not None:
-            x = x.to(device)
-        if channels_last:
-            if x.dim() != 4:
-                raise ValueError(f"channels_last needs a 4-d x, got shape {tuple(x.shape)}")
-            x = x.contiguous(memory_format=torch.channels_last)
+    if ref is not None:
+        x = x.to(ref.device)
+    if channels_last:
+        if x.dim() != 4:
+            raise ValueError(f"channels_last needs a 4-d x, got shape {tuple(x.shape)}")
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
-    records: list[SPPRecord] = []
-    seen: set[str] = set()
-    residual: dict[str, float] = {}
-    handles = []
 
-    def block_hook(name: str):
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if name in seen:
-                return
-            seen.add(name)
-            sq, var = channel_stats(_first_tensor(out, name))
-            records.append(SPPRecord(name, len(records), sq, var, residual.pop(name, None)))
-        return hook
-
-    def branch_hook(name: str):
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if name not in seen and name not in residual:
-                residual[name] = channel_stats(_first_tensor(out, name))[1]
-        return hook
-
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Every module's training mode and every buffer (BN running statistics) of ``model`` as
+    they were before the block, whatever it ran. Buffers are restored in place, and put back if
+    the block assigned a new tensor to the attribute (``self.running_mean = ...``)."""
     modes = {m: m.training for m in model.modules()}
-    # (module, name, the buffer tensor itself, its values): restored in place, and put back if the
-    # forward assigned a new tensor to the attribute (``self.running_mean = ...``)
     saved = [(m, k, b, b.detach().clone()) for m in model.modules()
              for k, b in m._buffers.items() if b is not None]
     try:
-        for n in chosen:
-            m = modules[n]
-            handles.append(m.register_forward_hook(block_hook(n)))
-            branch = (modules[branch_names[n]] if n in branch_names
-                      else getattr(m, "branch_out", None))
-            if isinstance(branch, nn.Module):
-                handles.append(branch.register_forward_hook(branch_hook(n)))
-        model.train(bool(training))
-        for m in model.modules():
-            if isinstance(m, (nn.modules.dropout._DropoutNd, DropPath)):
-                m.eval()
-        with torch.no_grad():
-            model(x)
+        yield
     finally:
-        for h in handles:
-            h.remove()
         for m, mode in modes.items():
             m.training = mode
         with torch.no_grad():
             for m, k, b, v in saved:
                 b.copy_(v)
                 m._buffers[k] = b
-    missing = [n for n in chosen if n not in seen]
-    if missing:
-        raise ValueError(f"modules {missing!r} were not called by the forward pass")
-    return records
+
+
+def _measuring_mode(model: nn.Module, training: bool) -> None:
+    """Normalization layers in training (batch statistics) or eval mode; dropout and stochastic
+    depth off."""
+    model.train(training)
+    for m in model.modules():
+        if isinstance(m, (nn.modules.dropout._DropoutNd, DropPath)):
+            m.eval()
+
+
+class _Recorder:
+    """Forward hooks that record each measured module's output statistics (at its first call)
+    and its residual branch's variance."""
+
+    def __init__(self) -> None:
+        self.records: list[SPPRecord] = []
+        self.seen: set[str] = set()
+        self.residual: dict[str, float] = {}
+
+    def block_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if name in self.seen:
+                return
+            self.seen.add(name)
+            sq, var = channel_stats(_first_tensor(out, name))
+            self.records.append(SPPRecord(name, len(self.records), sq, var,
+                                          self.residual.pop(name, None)))
+        return hook
+
+    def branch_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if name not in self.seen and name not in self.residual:
+                self.residual[name] = channel_stats(_first_tensor(out, name))[1]
+        return hook
+
+    @contextlib.contextmanager
+    def hooked(self, modules: dict[str, nn.Module], chosen: list[str],
+               branch_names: dict[str, str]) -> Iterator[None]:
+        """The hooks on the ``chosen`` modules and their branches while the block runs."""
+        handles = []
+        try:
+            for n in chosen:
+                m = modules[n]
+                handles.append(m.register_forward_hook(self.block_hook(n)))
+                branch = (modules[branch_names[n]] if n in branch_names
+                          else getattr(m, "branch_out", None))
+                if isinstance(branch, nn.Module):
+                    handles.append(branch.register_forward_hook(self.branch_hook(n)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def _get(rec: Any, key: str) -> Any:
@@ -266,18 +312,8 @@ def plot(records_by_model: Mapping[str, Sequence[Any]], path: Union[str, Path], 
         raise ValueError("records_by_model must be a non-empty mapping of model name -> records")
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str or a Path, got {type(path).__name__}: {path!r}")
-    for model_name, recs in records_by_model.items():
-        if isinstance(recs, (str, bytes)) or not isinstance(recs, Sequence) or not recs:
-            raise ValueError(f"model {model_name!r}: expected a non-empty sequence of records, "
-                             f"got {recs!r:.80}")
-        for i, r in enumerate(recs):
-            for key in ("depth",) + tuple(k for k, _ in _PANELS):
-                try:
-                    _get(r, key)
-                except (KeyError, AttributeError, TypeError):
-                    raise ValueError(f"model {model_name!r}: record {i} has no {key!r} "
-                                     f"(records are SPPRecord or dicts with depth, "
-                                     f"avg_sq_mean, avg_var, residual_var)") from None
+    _check_records(records_by_model)
+    # matplotlib is imported here, not at the top: `import normlab` imports this module
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     import matplotlib
@@ -291,24 +327,7 @@ def plot(records_by_model: Mapping[str, Sequence[Any]], path: Union[str, Path], 
         FigureCanvasAgg(fig)
         axes = fig.subplots(1, 3)
         for ax, (key, label) in zip(axes, _PANELS):
-            values = []
-            for model_name, recs in records_by_model.items():
-                pts = [(_get(r, "depth"), _get(r, key)) for r in recs]
-                pts = [(d, v) for d, v in pts if v is not None and math.isfinite(v)]
-                if not pts:
-                    continue
-                d, v = zip(*pts)
-                values.extend(v)
-                ax.plot(d, v, marker=".", markersize=3, linewidth=1.2, label=model_name)
-            if values and min(values) > 0:
-                ax.set_yscale("log")
-            elif values:
-                ax.set_yscale("symlog", linthresh=1e-3)
-            if ylim is not None:
-                ax.set_ylim(*ylim)
-            ax.set_xlabel("depth (stem = 0, then residual blocks)")
-            ax.set_title(label, fontsize=10)
-            ax.grid(True, which="major", alpha=0.3)
+            _draw_panel(ax, records_by_model, key, label, ylim)
         axes[0].legend(fontsize=8)
         if title:
             fig.suptitle(title)
@@ -318,3 +337,41 @@ def plot(records_by_model: Mapping[str, Sequence[Any]], path: Union[str, Path], 
         fig.savefig(out[0], dpi=120, metadata={"Software": None})
         fig.savefig(out[1], metadata={"Date": None})
     return out
+
+
+def _check_records(records_by_model: Mapping[str, Sequence[Any]]) -> None:
+    for model_name, recs in records_by_model.items():
+        if isinstance(recs, (str, bytes)) or not isinstance(recs, Sequence) or not recs:
+            raise ValueError(f"model {model_name!r}: expected a non-empty sequence of records, "
+                             f"got {recs!r:.80}")
+        for i, r in enumerate(recs):
+            for key in ("depth",) + tuple(k for k, _ in _PANELS):
+                try:
+                    _get(r, key)
+                except (KeyError, AttributeError, TypeError):
+                    raise ValueError(f"model {model_name!r}: record {i} has no {key!r} "
+                                     f"(records are SPPRecord or dicts with depth, "
+                                     f"avg_sq_mean, avg_var, residual_var)") from None
+
+
+def _draw_panel(ax: Any, records_by_model: Mapping[str, Sequence[Any]], key: str, label: str,
+                ylim: Optional[tuple[float, float]]) -> None:
+    """One panel: statistic ``key`` against depth, one line per model."""
+    values = []
+    for model_name, recs in records_by_model.items():
+        pts = [(_get(r, "depth"), _get(r, key)) for r in recs]
+        pts = [(d, v) for d, v in pts if v is not None and math.isfinite(v)]
+        if not pts:
+            continue
+        d, v = zip(*pts)
+        values.extend(v)
+        ax.plot(d, v, marker=".", markersize=3, linewidth=1.2, label=model_name)
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+    elif values:
+        ax.set_yscale("symlog", linthresh=1e-3)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel("depth (stem = 0, then residual blocks)")
+    ax.set_title(label, fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)

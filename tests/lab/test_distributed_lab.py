@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from normlab.lab import cli as cli_mod
 from normlab.lab.config import ConfigError, RunConfig
-from normlab.lab.trainer import TEST_EXIT_ENV, build_model, per_process_batch
+from normlab.lab.loop import TEST_EXIT_ENV
+from normlab.lab.recipe import build_model, per_process_batch
 
 runner = CliRunner()
 SMALL = json.dumps({"n_train": 128, "n_test": 64, "image_size": 8, "channels": 1, "num_classes": 4})

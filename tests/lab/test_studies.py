@@ -5,7 +5,8 @@ import pytest
 from normlab.lab.config import ConfigError
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, get_study
-from normlab.lab.trainer import preflight, train_run
+from normlab.lab.loop import train_run
+from normlab.lab.recipe import preflight
 
 # expected runs per seed: series x axis points
 EXPECTED = {("batch-size", "default"): 10, ("batch-size", "quick"): 10,

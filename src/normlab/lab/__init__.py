@@ -1,9 +1,19 @@
 """normlab.lab: reproduce the normalization papers' studies on any model and dataset.
 
-Data flows one way::
+Data flows one way, and each module imports only those below it::
 
-    CLI (cli.py) -> RunConfig (config.py) -> data (data.py) + model (normlab.models, norm by name)
-        -> trainer (trainer.py) -> results store (store.py, SQLite) -> plots.py / report.py
+    cli/          the ``normlab`` command: parse -> run -> print (shared options, one error guard)
+    run.py        a study or a single run end to end -> counts (what the commands call)
+    launch.py     the launcher flags as one LaunchSpec; relaunching through torchrun
+    runner.py     run points in-process, with --jobs workers, or as a torchrun rank
+    loop.py       one run: resume, train an epoch, evaluate, checkpoint, store writes
+    recipe.py     model, optimizer, schedule, loaders for a RunConfig; preflight
+    studies.py    the studies: lists of run configs, the papers' tables and claims
+    report.py / plots.py   report.md/.html and figures, from the store only
+    store.py      the results store (SQLite)
+    data.py       datasets and the tensor loader
+    progress.py / signals.py   progress lines; SIGTERM and SIGINT while a study runs
+    config.py     RunConfig and overrides (the NF-norm rule: normlab.models.check_norm)
 
 The studies (studies.py) are lists of run configs plus the papers' tables and the claims to check:
 ``batch-size`` and ``groups`` (Wu & He, "Group Normalization", ECCV 2018), ``norms`` (same paper),

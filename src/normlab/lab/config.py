@@ -34,9 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from normlab.factory import canonical_name
+from normlab.models import check_norm, is_normalizer_free
+
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
-    "DATASETS", "SCHEDULES", "model_takes_norm", "nf_norm_error",
+    "DATASETS", "SCHEDULES", "check_model_norm",
 ]
 
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
@@ -123,7 +126,7 @@ class RunConfig:
         # a normalizer-free model takes no norm: the default "bn" means "not chosen" and is
         # recorded as "none", so `--model nf_resnet20` and `--model nf_resnet20 --norm none` are
         # one run (same config, same run id); any other norm is rejected by validate()
-        if self.norm == "bn" and model_takes_norm(self.model) is False:
+        if self.norm == "bn" and is_normalizer_free(self.model):
             self.norm = "none"
 
     # ------------------------------------------------------------------ derived values
@@ -212,14 +215,11 @@ class RunConfig:
         if any(not (isinstance(m, (int, float)) and 0 < m < 1) for m in self.milestones):
             raise ConfigError(
                 f"milestones must be fractions of the run in (0, 1), got {list(self.milestones)!r}")
-        from normlab.factory import canonical_name  # the norm must be one create_norm knows
-
         try:
-            canonical_name(self.norm)
+            canonical_name(self.norm)  # the norm must be one create_norm knows
         except ValueError as e:
             raise ConfigError(str(e), hint="pick a norm from `normlab ls --norms`") from None
-        if self.norm != "none" and model_takes_norm(self.model) is False:
-            raise nf_norm_error(self.model, self.norm)
+        check_model_norm(self.model, self.norm)
         if self.data in ("cifar10", "cifar100", "imagefolder") and not self.data_dir:
             raise ConfigError(f"dataset {self.data!r} reads files from disk but no --data-dir was given",
                               hint="pass --data-dir DIR (nothing is downloaded)")
@@ -277,27 +277,17 @@ def _choice(name: str, v: Any, allowed: tuple) -> None:
                              if isinstance(v, bool) else ""))
 
 
-def model_takes_norm(model: Any) -> Optional[bool]:
-    """Whether the ``normlab.models`` model ``model`` takes a norm: False for the
-    normalizer-free models, None for an unknown name (reported where the model is built)."""
-    if not isinstance(model, str):
-        return None
-    from normlab.models import model_uses_norm
-
+def check_model_norm(model: Any, norm: Any, flag: str = "") -> None:
+    """:func:`normlab.models.check_norm` (normalizer-free models take no norm) as a ConfigError
+    whose hint names ``flag``, where the user set the norm (``--norm``, ``--set norm=``, a config
+    file)."""
     try:
-        return model_uses_norm(model)
-    except (ValueError, TypeError):
-        return None
-
-
-def nf_norm_error(model: str, norm: Any, flag: str = "") -> ConfigError:
-    """The error for a norm given to a normalizer-free model; ``flag`` names where the user set
-    it (``--norm``, ``--set norm=``, a config file), for the hint."""
-    where = flag or "the norm setting"
-    return ConfigError(
-        f"model {model!r} is normalizer-free and takes no norm, got norm={norm!r}",
-        hint=f"drop {where} (normalizer-free models run with norm none) or pick a model that "
-             "takes a norm (`normlab ls --models`)")
+        check_norm(model, norm)
+    except ValueError as e:
+        where = flag or "the norm setting"
+        raise ConfigError(str(e), hint=f"drop {where} (normalizer-free models run with norm none) "
+                                       "or pick a model that takes a norm (`normlab ls --models`)"
+                          ) from None
 
 
 # ---------------------------------------------------------------------- overrides
@@ -396,9 +386,6 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], *, norm_flag: str
     for name in ("base_lr", "lr", "momentum", "weight_decay", "warmup_epochs", "agc"):
         if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
             d[name] = float(d[name])
-    if model_takes_norm(d["model"]) is False:
-        if "norm" in overrides and overrides["norm"] != "none":
-            raise nf_norm_error(d["model"], overrides["norm"], norm_flag)
-        if d["norm"] == "bn":  # the default, not a choice
-            d["norm"] = "none"
+    if "norm" in overrides:  # an explicit norm, "bn" included; a default "bn" becomes "none"
+        check_model_norm(d["model"], overrides["norm"], norm_flag)  # in RunConfig.__post_init__
     return RunConfig.from_dict(d)

@@ -31,7 +31,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from normlab.lab.config import ConfigError, RunConfig, apply_overrides, model_takes_norm
+from normlab.lab.config import ConfigError, RunConfig, apply_overrides
+from normlab.models import is_normalizer_free
 
 __all__ = ["Study", "Point", "Claim", "STUDIES", "get_study", "PRESETS", "setup_id"]
 
@@ -128,7 +129,7 @@ class Study:
                 # train the NF model under that series' label
                 named = "norm" in self.variants[label] or cfg.norm != "bn"
                 if ("norm" not in user and cfg.norm != "none" and named
-                        and model_takes_norm(model) is False):
+                        and is_normalizer_free(model)):
                     fit = [v for v in self.variants
                            if self.variants[v].get("norm") in (None, "none")]
                     raise ConfigError(

@@ -23,7 +23,8 @@ Every residual block subclasses :class:`ResidualBlock` (found by :mod:`normlab.s
 classifier is named ``fc`` (excluded by name from adaptive gradient clipping).
 """
 
-from normlab.models.registry import create, list_models, model_uses_norm, register
+from normlab.models.registry import (check_norm, create, is_normalizer_free, list_models,
+                                     model_uses_norm, register)
 from normlab.models.residual import DropPath, ResidualBlock, residual_blocks
 from normlab.models import resnet as _resnet  # noqa: F401  (registers the ResNets)
 from normlab.models import bn_dropout_cnn as _bn_dropout_cnn  # noqa: F401
@@ -33,6 +34,7 @@ from normlab.models.resnet import ResNet
 from normlab.models.bn_dropout_cnn import BNDropoutCNN
 
 __all__ = [
-    "create", "list_models", "register", "model_uses_norm", "ResidualBlock", "DropPath",
+    "create", "list_models", "register", "model_uses_norm", "is_normalizer_free", "check_norm",
+    "ResidualBlock", "DropPath",
     "residual_blocks", "ResNet", "NFResNet", "BNDropoutCNN", "activation_gamma",
 ]

@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Optional
 
 from torch import nn
 
-__all__ = ["create", "list_models", "register", "model_uses_norm", "keyword_names"]
+__all__ = ["create", "list_models", "register", "model_uses_norm", "is_normalizer_free",
+           "check_norm", "keyword_names"]
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,26 @@ def list_models() -> list[str]:
 
 
 def model_uses_norm(name: str) -> bool:
-    """Whether model ``name`` takes a ``norm`` (False for the normalizer-free models)."""
+    """Whether model ``name`` takes a ``norm`` (False for the normalizer-free models); an unknown
+    name is a ValueError."""
     return _lookup(name).uses_norm
+
+
+def is_normalizer_free(name: Any) -> bool:
+    """Whether ``name`` is a registered normalizer-free model. Unlike :func:`model_uses_norm` an
+    unknown name (or a non-string) is not an error here: False, and it is reported where the model
+    is built."""
+    return isinstance(name, str) and name.strip().lower() in _REGISTRY and not _lookup(name).uses_norm
+
+
+def check_norm(name: str, norm: Any) -> None:
+    """The rule "normalizer-free models take no norm", written once: for a normalizer-free model
+    ``norm`` must be left out, ``None`` or ``"none"``; any other value, ``"bn"`` included, is a
+    ValueError naming the model and the norm (a model asked for with a norm must not silently come
+    without one). Models that take a norm, and unknown names, pass."""
+    if is_normalizer_free(name) and not (
+            norm is _UNSET or norm is None or (isinstance(norm, str) and norm.strip().lower() == "none")):
+        raise ValueError(f"model {name!r} is normalizer-free and takes no norm, got norm={norm!r}")
 
 
 def _lookup(name: str) -> _Entry:
@@ -128,9 +147,5 @@ def create(name: str, *, norm: Any = _UNSET, num_classes: int = 10, in_chans: in
     if entry.uses_norm:
         return entry.builder(norm="bn" if norm is _UNSET else norm, num_classes=num_classes,
                              in_chans=in_chans, **kwargs)
-    if not (norm is _UNSET or norm is None
-            or (isinstance(norm, str) and norm.strip().lower() == "none")):
-        raise ValueError(
-            f"model {name!r} is normalizer-free and takes no norm, got norm={norm!r}"
-        )
+    check_norm(name, norm)
     return entry.builder(num_classes=num_classes, in_chans=in_chans, **kwargs)

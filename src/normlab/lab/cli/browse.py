@@ -1,0 +1,85 @@
+"""``normlab report`` and ``normlab ls``: what a store holds, and what the lab knows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from normlab.factory import norm_names
+from normlab.lab.cli.guard import guard
+from normlab.lab.progress import console
+from normlab.lab.run import print_report
+from normlab.lab.store import Store
+from normlab.lab.studies import STUDIES
+from normlab.models import list_models
+
+__all__ = ["report", "ls_"]
+
+_COLUMNS = ("run_id", "studies", "label", "model", "norm", "batch/proc", "seed", "status",
+            "epochs", "test err %", "time s", "img/s")
+
+
+def report(out: Path = typer.Argument(..., help="an output directory of `normlab reproduce`")) -> None:
+    """Write report.md, report.html, figures and CSV/JSON exports from OUT's store."""
+    guard(lambda: print_report(out))
+
+
+def ls_(
+    out: Optional[Path] = typer.Argument(None, help="an output directory: list its runs"),
+    studies: bool = typer.Option(False, "--studies", help="list the studies"),
+    models: bool = typer.Option(False, "--models", help="list the models"),
+    norms: bool = typer.Option(False, "--norms", help="list the norms"),
+) -> None:
+    """List the runs in OUT's store, or the known studies, models and norms."""
+    def body() -> None:
+        if studies or models or norms or out is None:
+            every = not (studies or models or norms)  # no flag: all three lists
+            _print_known(studies or every, models or every, norms or every)
+        else:
+            _print_runs(out)
+
+    guard(body)
+
+
+def _print_known(studies: bool, models: bool, norms: bool) -> None:
+    if studies:
+        for s in STUDIES.values():
+            console.print(f"[bold]{s.name}[/]: {s.title} (series: {', '.join(s.variants)})",
+                          highlight=False)
+    if models:
+        console.print("models: " + ", ".join(list_models()), highlight=False)
+    if norms:
+        console.print("norms: " + ", ".join(norm_names()), highlight=False)
+
+
+def _print_runs(out: Path) -> None:
+    with Store(out, create=False) as store:
+        table = Table(title=str(store.path))
+        for col in _COLUMNS:
+            table.add_column(col)
+        member: dict = {}
+        for s, _ in store.studies():
+            for r in store.study_runs(s):
+                member.setdefault(r["run_id"], (set(), r["label"]))[0].add(s)
+        for r in store.runs():
+            c = r["config"]
+            st, label = member.get(r["run_id"], (set(), c.get("label", "")))
+            err = r["final_test_error"]
+            table.add_row(r["run_id"], ",".join(sorted(st)), label, c["model"], c["norm"],
+                          _batch_cell(c), str(c["seed"]), r["status"],
+                          f"{r['epochs_done']}/{r['epochs']}",
+                          "-" if err is None else f"{err:.2f}",
+                          "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}",
+                          "-" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}")
+    # off a terminal rich assumes 80 columns; keep the table whole for logs and pipes
+    (console if console.is_terminal else Console(width=200)).print(table)
+
+
+def _batch_cell(c: dict) -> str:
+    """``N`` for a one-process run, ``NxW`` for N images per process on W processes."""
+    w = int(c.get("world_size", 1))
+    return str(c["batch_size"]) + (f"x{w}" if w > 1 else "")

@@ -1,0 +1,68 @@
+"""The one error guard of every command: bad input is one ``error:`` line and one ``hint:`` line
+on stderr and exit status 2; a failed job one line and status 1 (or the job's); an interrupt
+unwinds (the run in progress is released, the exports written) and exits 130 or 143."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import typer
+from rich.markup import escape
+
+from normlab.distributed import LaunchError
+from normlab.lab.config import ConfigError
+from normlab.lab.progress import err_console
+from normlab.lab.signals import Terminated, sigterm_unwinds
+
+__all__ = ["print_error", "guard"]
+
+_RESUME = "re-run the same command to resume"
+
+
+def _rank_prefix() -> str:
+    """``"rank R: "`` inside a torchrun worker (its errors interleave with the other ranks')."""
+    return f"rank {os.environ.get('RANK', '?')}: " if "LOCAL_RANK" in os.environ else ""
+
+
+def print_error(msg: str, hint: str = "") -> None:
+    """The one ``error:`` line (and ``hint:`` line) on stderr, for every kind of bad input."""
+    err_console.print(f"[bold red]error:[/] {escape(_rank_prefix() + msg)}", highlight=False,
+                      soft_wrap=True)
+    if hint:
+        err_console.print(f"[yellow]hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def guard(fn: Callable[[], Any]) -> Any:
+    """Run fn(); turn our ConfigErrors (and ValueError/TypeError from the library) into one
+    error line + hint, exit status 2; a failed training process or job into one line."""
+    try:
+        with sigterm_unwinds():
+            return fn()
+    except Terminated as e:
+        err_console.print(f"terminated; {_RESUME}")
+        raise typer.Exit(int(e.code)) from None
+    except ConfigError as e:
+        print_error(str(e), e.hint or "see --help for the accepted values; `normlab ls` lists "
+                                      "the studies, models and norms")
+        raise typer.Exit(2) from None
+    except (ValueError, TypeError) as e:
+        print_error(_first_line(e), "see --help for the accepted values")
+        raise typer.Exit(2) from None
+    except typer.Exit:
+        raise
+    except LaunchError as e:  # a multi-process job failed: its ranks' tracebacks are above
+        print_error(_first_line(e), "the failing rank's traceback is above; re-run the same "
+                                    "command to resume (finished runs and epochs are kept)")
+        raise typer.Exit(e.returncode if e.returncode > 0 else 1) from None
+    except RuntimeError as e:  # a training process died: say so in one line, keep the store
+        print_error(_first_line(e), _RESUME)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; {_RESUME}")
+        raise typer.Exit(130) from None

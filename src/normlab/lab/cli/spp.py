@@ -1,0 +1,130 @@
+"""``normlab spp MODEL[:key=value,...]...``: signal propagation plots of models at init."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import typer
+
+from normlab import spp as spp_mod
+from normlab.lab.cli.guard import guard
+from normlab.lab.cli.options import DEFAULT_OUT
+from normlab.lab.config import ConfigError, parse_set
+from normlab.lab.progress import console
+from normlab.lab.store import Store
+from normlab.models import check_norm, create, model_uses_norm
+
+__all__ = ["spp", "parse_model_spec"]
+
+_SPEC_SPLIT = re.compile(r",(?=\s*[A-Za-z_][\w]*\s*=)")  # a comma that starts the next key=value
+_SPEC_HINT = "write NAME:key=value[,key=value], e.g. nf_resnet56:std_conv=false"
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME"`` or ``"NAME:key=value[,key=value...]"`` -> ``(NAME, {key: value})``, values
+    parsed as in ``--set`` (JSON when it parses, true/false/none, else a string); a comma
+    belongs to a value unless a ``key=`` follows it, so ``w:widths=[8,16]`` works.
+
+    >>> parse_model_spec("nf_resnet56:std_conv=false,alpha=0.5")
+    ('nf_resnet56', {'std_conv': False, 'alpha': 0.5})
+    """
+    name, sep, rest = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise ConfigError(f"model spec {spec!r} has no model name",
+                          hint="write NAME or NAME:key=value[,key=value], e.g. "
+                               "preact_resnet56:norm=none")
+    if sep and not rest.strip():
+        raise ConfigError(f"model spec {spec!r} has nothing after ':'", hint=_SPEC_HINT)
+    items = [i.strip() for i in _SPEC_SPLIT.split(rest)] if sep else []
+    try:
+        kw = parse_set(items)
+    except ConfigError as e:
+        raise ConfigError(f"model spec {spec!r}: {e}", hint=_SPEC_HINT) from None
+    return name, kw
+
+
+def _model_kwargs(spec: str, name: str, own: dict, common: dict, norm: str) -> dict[str, Any]:
+    """The keywords model ``name`` is built with: ``--set``, then its own ``NAME:key=value``;
+    ``--norm`` for a model that takes a norm; a normalizer-free one takes none and is built
+    with skipinit=False unless told (SkipInit would zero every branch at init)."""
+    kw = {**common, **own}
+    if model_uses_norm(name):
+        kw.setdefault("norm", norm)
+        return kw
+    try:
+        check_norm(name, kw.pop("norm", None))
+    except ValueError as e:
+        raise ConfigError(str(e), hint=f"drop norm= from {spec!r}" if "norm" in own else
+                          "drop --set norm=... (it applies to every model; use NAME:norm=...)"
+                          ) from None
+    kw.setdefault("skipinit", False)
+    return kw
+
+
+def _records(spec: str, common: dict, norm: str, batch: int, resolution: int,
+             seed: int) -> list[dict]:
+    """The signal propagation records of the model ``spec`` at init."""
+    name, own = parse_model_spec(spec)
+    try:
+        kw = _model_kwargs(spec, name, own, common, norm)
+        torch.manual_seed(seed)
+        model = create(name, **kw)
+        recs = spp_mod.signal_propagation(model, batch_size=batch, image_size=resolution,
+                                          seed=seed)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        where = " (--set applies to every model; use NAME:key=value for one)" if common else ""
+        raise ConfigError(f"{spec}: {str(e).splitlines()[0]}{where}",
+                          hint="see `normlab ls --models` and the model's keywords") from None
+    return [r.as_dict() for r in recs]
+
+
+def spp(
+    models: list[str] = typer.Argument(
+        ..., help="models, each NAME or NAME:key=value[,key=value] (keywords for that model "
+                  "only, e.g. preact_resnet56:order=act_norm, preact_resnet56:norm=none, "
+                  "nf_resnet56:std_conv=false)"),
+    out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory (store and figures/spp.*)"),
+    norm: str = typer.Option("bn", help="norm for the models that take one (NAME:norm=... "
+                                        "for one model)"),
+    batch: int = typer.Option(64, help="unit-Gaussian batch size"),
+    resolution: int = typer.Option(32, help="input height = width"),
+    seed: int = typer.Option(0, help="seed of the weights and of the input batch"),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", help="model keyword for every model: key=value (repeatable)"),
+) -> None:
+    """Signal propagation plots (Brock, De & Smith, ICLR 2021) of models at initialization:
+    records go to OUT's store, the figure to OUT/figures/spp.png/.svg and into the report.
+
+    Normalizer-free models (nf_*) are built with skipinit=False here: their
+    default SkipInit zeroes every residual branch at init, a flat curve
+    (nf_resnet56:skipinit=true shows it).
+
+    BN-ReLU-Conv, ReLU-BN-Conv, NF + Scaled WS, NF + He init, no norm:
+    normlab spp preact_resnet56 preact_resnet56:order=act_norm nf_resnet56
+    nf_resnet56:std_conv=false preact_resnet56:norm=none
+    """
+    def body() -> None:
+        if batch < 1 or resolution < 1:
+            raise ConfigError(f"--batch and --resolution must be >= 1, got {batch}, {resolution}")
+        common = parse_set(set_)
+        records = {}
+        for spec in models:
+            name, own = parse_model_spec(spec)
+            label = spec.strip() if own else name
+            if label in records:
+                raise ConfigError(f"model {label!r} is listed twice",
+                                  hint="give each model once (NAME:key=value tells variants apart)")
+            records[label] = _records(spec, common, norm, batch, resolution, seed)
+        with Store(out) as store:
+            for label, recs in records.items():
+                store.record_spp(label, recs)
+        paths = spp_mod.plot(records, out / "figures" / "spp.png")
+        console.print("spp: " + ", ".join(str(p) for p in paths), highlight=False)
+
+    guard(body)

@@ -1,0 +1,103 @@
+"""``normlab reproduce`` and ``normlab train``: parse, check, then run here or relaunch through
+torchrun (``--nproc-per-node`` and friends)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from normlab.lab.cli.guard import guard
+from normlab.lab.cli.options import (CONFIG, DATA, DATA_DIR, DEVICE, MODEL, OUT, SETS,
+                                     command_argv, user_overrides, with_launch_spec)
+from normlab.lab.config import ConfigError, RunConfig, apply_overrides
+from normlab.lab.launch import LaunchSpec, check_launch, job_world_size, must_relaunch, relaunch
+from normlab.lab.recipe import preflight
+from normlab.lab.run import device_of, run_single, run_study
+from normlab.lab.studies import Point, get_study
+
+__all__ = ["reproduce", "train"]
+
+
+def _check_jobs(jobs: Optional[int], launch: LaunchSpec) -> None:
+    if job_world_size(launch) > 1 and jobs is not None and jobs > 1:
+        raise ConfigError(f"--jobs {jobs} and --nproc-per-node {launch.nproc_per_node} do not "
+                          "combine: a multi-process job trains one run at a time over all "
+                          "processes", hint="drop --jobs (or use --jobs without --nproc-per-node)")
+
+
+@with_launch_spec
+def reproduce(
+    ctx: typer.Context,
+    study: str = typer.Argument("batch-size", help="batch-size | groups | norms | bn-dropout | nf"),
+    quick: bool = typer.Option(False, "--quick", help="tiny preset: a first look in under a minute"),
+    data: Optional[str] = DATA,
+    data_dir: Optional[Path] = DATA_DIR,
+    model: Optional[str] = MODEL,
+    device: Optional[str] = DEVICE,
+    seeds: Optional[int] = typer.Option(None, help="seeds per point (default: the preset's)"),
+    variants: Optional[str] = typer.Option(
+        None, help="comma-separated series of the study, e.g. BN,GN,BRN,GN+WS,NF for batch-size "
+                   "(`normlab ls --studies` lists each study's)"),
+    jobs: Optional[int] = typer.Option(
+        None, help="training processes (default on the CPU: one per core, at most 4; on CUDA: 1)"),
+    set_: Optional[list[str]] = SETS,
+    config: Optional[Path] = CONFIG,
+    out: Path = OUT,
+    no_report: bool = typer.Option(False, "--no-report", help="skip writing the report"),
+    launch: LaunchSpec = LaunchSpec(),
+) -> None:
+    """Run a study (skipping finished runs), then write report.md, report.html and figures."""
+    def body() -> None:
+        st = get_study(study)
+        preset = "quick" if quick else "default"
+        check_launch(launch)
+        user = user_overrides(data=data, data_dir=data_dir, model=model, device=device,
+                              config=config, sets=set_, launch=launch)
+        if seeds is not None and seeds < 1:
+            raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+        vs = [v.strip() for v in variants.split(",")] if variants else None
+        points = st.points(user, preset, seeds, vs)
+        preflight([p.cfg for p in points], world=job_world_size(launch))
+        _check_jobs(jobs, launch)
+        if must_relaunch(launch):
+            return relaunch(launch, command_argv(ctx), device_of(points))
+        run_study(st, preset, points, out, jobs=jobs, report=not no_report)
+
+    guard(body)
+
+
+@with_launch_spec
+def train(
+    ctx: typer.Context,
+    norm: Optional[str] = typer.Option(None, help="a create_norm name (default bn)"),
+    model: Optional[str] = MODEL,
+    data: Optional[str] = DATA,
+    data_dir: Optional[Path] = DATA_DIR,
+    batch_size: Optional[int] = typer.Option(None,
+                                             help="images per batch per process (default 32)"),
+    epochs: Optional[int] = typer.Option(None, help="epochs (default 10)"),
+    lr: Optional[float] = typer.Option(None, help="peak lr (default 0.1 * batch * processes/32)"),
+    seed: Optional[int] = typer.Option(None, help="random seed (default 0)"),
+    device: Optional[str] = DEVICE,
+    set_: Optional[list[str]] = SETS,
+    config: Optional[Path] = CONFIG,
+    out: Path = OUT,
+    launch: LaunchSpec = LaunchSpec(),
+) -> None:
+    """Train one run and record it in OUT's store (resumes if interrupted)."""
+    def body() -> None:
+        check_launch(launch)
+        user = user_overrides(data=data, data_dir=data_dir, model=model, device=device,
+                              config=config, sets=set_, launch=launch, norm=norm,
+                              batch_size=batch_size, epochs=epochs, lr=lr, seed=seed)
+        cfg = apply_overrides(RunConfig(), user)
+        cfg = cfg.replace(label=cfg.label or (cfg.norm if cfg.norm != "none" else cfg.model))
+        point = Point(cfg.label, cfg.batch_size, cfg)
+        preflight([cfg], world=job_world_size(launch))
+        if must_relaunch(launch):
+            return relaunch(launch, command_argv(ctx), device_of([point]))
+        run_single(point, out)
+
+    guard(body)

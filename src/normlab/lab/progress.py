@@ -1,0 +1,64 @@
+"""What a study shows while it runs: the rich progress bars and one line per finished run.
+
+The consoles live here so that the runners (:mod:`normlab.lab.runner`) and the commands
+(:mod:`normlab.lab.cli`) print through the same ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+__all__ = ["console", "err_console", "progress_bars", "describe", "print_outcome", "print_wait",
+           "epoch_progress"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def progress_bars() -> Progress:
+    """The study's bars (off a terminal: none, the per-run lines only)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, disable=not console.is_terminal, transient=False)
+
+
+def describe(p: Any) -> str:
+    """A point of a study in a few words: ``label x=X seed=S``."""
+    return f"{p.label} x={p.x} seed={p.cfg.seed}"
+
+
+def print_outcome(p: Any, outcome: str, res: Any) -> None:
+    """The line of a finished point: ``outcome`` is "trained", "skipped" or "failed"."""
+    if outcome == "trained":
+        console.print(f"  {describe(p)}: test error {res['final_test_error']:.2f}% "
+                      f"({res['wall_time']:.1f}s, {res['images_per_s']:.0f} img/s"
+                      + (f", resumed at epoch {res['resumed_from']}" if res["resumed_from"] else "")
+                      + (f", {res['error']}" if res.get("error") else "") + ")", highlight=False)
+    elif outcome == "skipped":
+        console.print(f"  {describe(p)}: already done", highlight=False)
+    else:
+        console.print(f"  {describe(p)}: [red]failed[/]: {res['error']}", highlight=False)
+
+
+def print_wait(p: Any, owner: Optional[str]) -> None:
+    """The line of a point another process is training."""
+    console.print(f"  {describe(p)}: being trained by {owner or 'another process'} "
+                  "(another normlab process on this --out); waiting for it (an owner "
+                  "on another host silent for $NORMLAB_STALE_AFTER s, default 900, "
+                  "is taken over)", highlight=False)
+
+
+def epoch_progress(prog: Progress, task: Any, p: Any) -> Any:
+    """The training loop's progress callback for point ``p``: one bar ``task`` per epoch."""
+    def cb(event: str, info: dict) -> None:
+        if event == "start":
+            prog.reset(task, total=info["total_steps"],
+                       description=f"{describe(p)} epoch {info['epoch'] + 1}/{p.cfg.epochs}")
+        elif event == "step":
+            prog.update(task, advance=info["advance"],
+                        info=f"loss {info['loss']:.3f} {info['images_per_s']:.0f} img/s")
+    return cb

@@ -1,0 +1,285 @@
+"""The recipe: what a :class:`RunConfig` trains with - model, optimizer, schedule, loaders.
+
+Recipe (Wu & He, ECCV 2018, REFERENCE section 1): SGD with momentum and weight decay on all
+weights (normalizer-free models: none on gains, biases and SkipInit scalars, REFERENCE section 3),
+peak learning rate ``0.1 * N / 32`` for N images per batch, the same number of epochs at
+every batch size, cosine or step (lr/10 at fixed fractions) schedule with optional linear warmup.
+Optional Adaptive Gradient Clipping (Brock et al. 2021, REFERENCE section 3) on every parameter
+except the classifier. bf16 autocast and channels_last on CUDA.
+
+Multi-process: ``batch_size`` is per process, as in the GN paper ("images per GPU"); a run resumed
+on another process count keeps its global batch (:func:`per_process_batch`), except for
+per-process BN, whose statistics depend on the split. :func:`preflight` builds every distinct
+model and loads every distinct dataset of a study once, before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import math
+import platform
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from normlab import distributed as nd
+from normlab import models
+from normlab.lab.config import ConfigError, RunConfig, check_model_norm
+from normlab.lab.data import DataSplit, TensorLoader, load_dataset
+from normlab.models import is_normalizer_free
+from normlab.nn import ScaledStdConv2d, WSConv2d
+from normlab.nn.syncbn import SyncBatchNorm
+from normlab.optim import adaptive_grad_clip_, agc_parameters
+
+__all__ = ["resolve_device", "run_device", "versions", "weight_standardize_", "build_model",
+           "build_loaders", "per_process_stat_modules", "per_process_batch", "lr_at",
+           "NF_NO_DECAY_NAMES", "no_decay_parameter_names", "build_optimizer", "agc_fn",
+           "autocast_fn", "load_data", "preflight"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (error if unavailable) or ``auto`` (cuda when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but torch sees no CUDA device",
+                          hint="use --device cpu (or auto)")
+    return torch.device(name)
+
+
+
+
+def run_device(cfg: RunConfig) -> torch.device:
+    """The device this process trains ``cfg`` on: :func:`resolve_device`, and in a multi-process
+    CUDA job this rank's GPU."""
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and nd.is_distributed():
+        device = torch.device("cuda", nd.local_rank())
+    return device
+
+
+def versions() -> dict[str, str]:
+    """Versions of python, torch, normlab and numpy, and the platform."""
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "platform": platform.platform()}
+    for pkg in ("normlab", "numpy", "triton"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+
+
+def weight_standardize_(model: nn.Module) -> nn.Module:
+    """Replace every plain ``nn.Conv2d`` in ``model`` by a :class:`normlab.nn.WSConv2d` with the
+    same weights (GN+WS, Qiao et al. 2019). Collects the targets first, then swaps them."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Conv2d) and not isinstance(m, (WSConv2d, ScaledStdConv2d))]
+    for name, m in targets:
+        ws = WSConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                      m.groups, m.bias is not None, m.padding_mode)
+        ws.load_state_dict(m.state_dict())
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, ws)
+    return model
+
+
+
+
+def build_model(cfg: RunConfig, num_classes: int, in_chans: int, image_size: int = 32) -> nn.Module:
+    """``normlab.models.create(cfg.model, norm=cfg.norm, ...)``, then weight standardization when
+    ``cfg.ws``. Normalizer-free models require ``norm="none"`` (what RunConfig records for them)."""
+    check_model_norm(cfg.model, cfg.norm)
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.model == "bn_dropout_cnn" and "image_size" not in kwargs:
+        kwargs["image_size"] = image_size  # its dense layer's size depends on the input size
+    if cfg.norm_kwargs:
+        kwargs["norm_kwargs"] = dict(cfg.norm_kwargs)
+    try:
+        model = models.create(cfg.model, norm=cfg.norm, num_classes=num_classes,
+                              in_chans=in_chans, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"cannot build model {cfg.model!r}: {e}",
+                          hint="see `normlab ls --models` and the model's keyword arguments") from None
+    if cfg.ws:
+        weight_standardize_(model)
+    return model
+
+
+def build_loaders(cfg: RunConfig, data: DataSplit, device: torch.device, rank: int = 0,
+                  world_size: int = 1, batch_size: Optional[int] = None
+                  ) -> tuple[TensorLoader, TensorLoader]:
+    """Training loader (shuffled, last partial batch dropped, augmented per ``cfg.augment``) and
+    test loader (in order). With ``world_size`` processes each rank takes its shard of every
+    epoch (equal batch counts on every rank) and of the test set (each example on one rank).
+    ``batch_size`` is per process (default ``cfg.batch_size``)."""
+    batch = cfg.batch_size if batch_size is None else batch_size
+    augment = cfg.augment == "on" or (cfg.augment == "auto" and cfg.data in
+                                      ("cifar10", "cifar100", "imagefolder"))
+    train = TensorLoader(data.x_train, data.y_train, batch, shuffle=True, drop_last=True,
+                         augment=augment, seed=cfg.seed, device=device, rank=rank,
+                         world_size=world_size)
+    if len(train) == 0:
+        per_rank = len(data.y_train) // world_size
+        raise ConfigError(f"batch_size {batch} is larger than the {per_rank} training examples "
+                          f"of each of {world_size} process(es)",
+                          hint="lower --set batch_size")
+    test = TensorLoader(data.x_test, data.y_test, 500, shuffle=False, drop_last=False,
+                        device=device, rank=rank, world_size=world_size)
+    return train, test
+
+
+def per_process_stat_modules(model: nn.Module) -> list[str]:
+    """Names of the modules whose training output depends on how the batch is split over
+    processes: BatchNorm and Batch Renorm with per-process statistics (normlab's SyncBatchNorm,
+    GN, LN, IN and frozen BN do not)."""
+    return [name or "<root>" for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, SyncBatchNorm)]
+
+
+def per_process_batch(cfg: RunConfig, world: int, model: Optional[nn.Module] = None) -> int:
+    """Images per process when the run ``cfg`` (defined for ``cfg.world_size`` processes of
+    ``cfg.batch_size`` images) trains on ``world`` processes: the global batch is kept, so it is
+    ``cfg.batch_size * cfg.world_size / world``. Raises ConfigError when ``world`` does not divide
+    the global batch, or when ``model`` has per-process batch statistics (BN: on another process
+    count it would normalize over a different number of images, a different run).
+
+    >>> per_process_batch(RunConfig(norm="gn", batch_size=4, world_size=2), 1)
+    8
+    """
+    if world == cfg.world_size:
+        return cfg.batch_size
+    g = cfg.global_batch
+    if g % world:
+        raise ConfigError(
+            f"run {cfg.run_id()} is defined for {cfg.world_size} process(es) x {cfg.batch_size} "
+            f"images (global batch {g}); {world} processes cannot split {g} images evenly",
+            hint=f"launch it with --nproc-per-node x --nnodes dividing {g}")
+    if model is not None:
+        bn = per_process_stat_modules(model)
+        if bn:
+            raise ConfigError(
+                f"run {cfg.run_id()} ({cfg.norm}) is defined for {cfg.world_size} process(es) x "
+                f"{cfg.batch_size} images and normalizes over each process's batch ({bn[0]}); on "
+                f"{world} process(es) it would normalize over {g // world} images, another run",
+                hint=f"launch it on {cfg.world_size} process(es) (norm syncbn or gn resumes on any "
+                     "process count)")
+    return g // world
+
+
+def lr_at(cfg: RunConfig, t: float) -> float:
+    """Learning rate at ``t`` epochs into training (fractional): linear warmup over
+    ``warmup_epochs``, then cosine to 0, step (x0.1 at each milestone fraction) or constant."""
+    peak = cfg.effective_lr()
+    w = cfg.warmup_epochs
+    if t < w:
+        return peak * (t + 1e-3) / w
+    if cfg.schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (t - w) / (cfg.epochs - w))))
+    if cfg.schedule == "step":
+        return peak * 0.1 ** sum(t >= m * cfg.epochs for m in cfg.milestones)
+    return peak
+
+
+#: Parameter names (last component) that normalizer-free models keep out of weight decay, besides
+#: every parameter with ``dim() <= 1``: the Scaled-WS conv gains (shape (C, 1, 1, 1)) and the
+#: SkipInit scalars of :mod:`normlab.models.nf_resnet`.
+NF_NO_DECAY_NAMES = ("gain", "skip_gain")
+
+
+def no_decay_parameter_names(cfg: RunConfig, model: nn.Module) -> list[str]:
+    """Names of the parameters trained without weight decay: none for models with a norm (the
+    GN paper decays all weights, gamma and beta included, REFERENCE section 1); for
+    normalizer-free models (REFERENCE section 3: no weight decay on gains, biases or SkipInit
+    scalars) every parameter with ``dim() <= 1`` (biases, SkipInit scalars) and those named in
+    :data:`NF_NO_DECAY_NAMES` (Scaled-WS gains)."""
+    if not is_normalizer_free(cfg.model):
+        return []
+    return [n for n, p in model.named_parameters()
+            if p.dim() <= 1 or n.rpartition(".")[2] in NF_NO_DECAY_NAMES]
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD(lr=peak lr, momentum, weight decay). Models with a norm: decay on every parameter, as
+    in the GN paper. Normalizer-free models: two groups, the parameters of
+    :func:`no_decay_parameter_names` with ``weight_decay=0`` after the decayed ones."""
+    no_decay = set(no_decay_parameter_names(cfg, model))
+    params = list(model.named_parameters())
+    groups = [{"params": [p for n, p in params if n not in no_decay],
+               "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": [p for n, p in params if n in no_decay], "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=cfg.effective_lr(), momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def agc_fn(cfg: RunConfig, model: nn.Module) -> Optional[Callable[[], None]]:
+    """The clipping step of Adaptive Gradient Clipping (lambda ``cfg.agc``) on every parameter
+    but the classifier ``fc`` (:func:`normlab.optim.agc_parameters`; a model without ``fc`` is
+    a ConfigError rather than a silently clipped classifier)."""
+    if cfg.agc is None:
+        return None
+    try:
+        params = agc_parameters(model, ("fc",))  # never clip the classifier
+    except ValueError as e:
+        raise ConfigError(f"agc: model {cfg.model!r} has no classifier named 'fc' to leave "
+                          f"unclipped ({e})", hint="drop --set agc=... for this model") from None
+    return lambda: adaptive_grad_clip_(params, cfg.agc, 1e-3)
+
+
+
+def autocast_fn(cfg: RunConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """The autocast context of the run's forward passes: bf16 on CUDA when ``cfg.amp`` is "auto"
+    or "bf16", bf16 on the CPU only when asked for ("bf16"), else none."""
+    use_bf16 = device.type == "cuda" and cfg.amp in ("auto", "bf16")
+    if cfg.amp == "bf16" and device.type != "cuda":
+        use_bf16 = True  # explicit request: CPU bf16 autocast
+    return ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16
+            else contextlib.nullcontext)
+
+
+def load_data(cfg: RunConfig) -> DataSplit:
+    """The run's dataset (:func:`normlab.lab.data.load_dataset` with the run's limits)."""
+    return load_dataset(cfg.data, cfg.data_dir, train_limit=cfg.train_limit,
+                        test_limit=cfg.test_limit, **cfg.data_kwargs)
+
+
+def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
+    """Fail fast, before anything is written: load every distinct dataset and build every
+    distinct model once (on the CPU), so a missing data directory or an unknown model/norm is
+    one clear ConfigError instead of a study full of failed runs. ``world``: the number of
+    processes the runs will train on, checked against each run's own (:func:`per_process_batch`:
+    a BN run defined for 2 processes cannot train on 1)."""
+    seen_model: dict[tuple, Optional[nn.Module]] = {}
+    for cfg in configs:
+        resolve_device(cfg.device)
+        data = load_data(cfg)
+        if cfg.global_batch > len(data.y_train):
+            procs = f" x {cfg.world_size} processes" if cfg.world_size > 1 else ""
+            raise ConfigError(f"batch_size {cfg.batch_size}{procs} is larger than the "
+                              f"{len(data.y_train)} training examples of {cfg.data}",
+                              hint="lower the batch size")
+        mkey = (cfg.model, cfg.norm, repr(cfg.norm_kwargs), repr(cfg.model_kwargs), cfg.ws,
+                cfg.agc is not None, data.num_classes, data.in_chans, data.image_size)
+        if mkey not in seen_model:
+            try:
+                model = build_model(cfg, data.num_classes, data.in_chans, data.image_size)
+                agc_fn(cfg, model)  # with agc: the model must have a classifier to leave unclipped
+            except ConfigError as e:
+                if len({c.label for c in configs}) < 2:
+                    raise
+                # a study: say which series, and that the overrides reach every series
+                raise ConfigError(f"series {cfg.label!r}: {e}",
+                                  hint=f"{e.hint}; --set and --config apply to every series "
+                                       "(--variants picks series)") from None
+            # kept only where the process count matters to it (per-process BN statistics)
+            seen_model[mkey] = model if per_process_stat_modules(model) else None
+        if world is not None:
+            per_process_batch(cfg, world, seen_model[mkey])

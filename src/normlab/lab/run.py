@@ -1,0 +1,108 @@
+"""What the commands call: a study or a single run, end to end, in whichever process layout this
+process is in (alone, with ``--jobs`` workers, or as one rank of a torchrun job).
+
+Both share one tail: rank 0 opens the store, registers the points, announces them, runs them,
+writes the CSV/JSON exports and closes the store, whatever happened; then the counts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from normlab import distributed as nd
+from normlab.lab.config import ConfigError
+from normlab.lab.launch import in_worker
+from normlab.lab.progress import console
+from normlab.lab.recipe import resolve_device
+from normlab.lab.report import write_report
+from normlab.lab.runner import Counts, run_distributed, run_inline, run_parallel
+from normlab.lab.store import Store
+from normlab.lab.studies import Point, Study
+
+__all__ = ["run_study", "run_single", "device_of", "jobs_for", "print_report"]
+
+
+def device_of(points: list) -> Optional[torch.device]:
+    """The device the points train on (that of the first; None for no points)."""
+    return resolve_device(points[0].cfg.device) if points else None
+
+
+def jobs_for(points: list, jobs: Optional[int]) -> int:
+    """Training processes for ``--jobs`` (None: on the CPU one per core, at most 4; on CUDA 1),
+    at most one per distinct run."""
+    if jobs is None:
+        device = points[0].cfg.device
+        on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        jobs = min(os.cpu_count() or 1, 4) if on_cpu else 1
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    return min(jobs, len({p.cfg.run_id() for p in points}))
+
+
+def _recorded(study: str, preset: str, points: list, out: Path, announce: str,
+              run: Callable[[list, Optional[Store]], Counts]) -> Counts:
+    """The shared tail: rank 0 registers the points in OUT's store and announces them; every
+    process runs them; rank 0 writes the exports and closes the store, whatever happened."""
+    store = Store(out) if nd.is_main_process() else None
+    try:
+        if store is not None:
+            store.register(study, preset, [(p.cfg.run_id(), p.label, p.x) for p in points],
+                           setup=points[0].setup)
+            console.print(announce, highlight=False)
+        return run(points, store)
+    finally:
+        if store is not None:
+            store.export()
+            store.close()
+
+
+def print_report(out: Path) -> None:
+    """Write OUT's report and say where it is."""
+    md, html_path = write_report(out)
+    console.print(f"report: {md} and {html_path}", highlight=False)
+
+
+def run_study(study: Study, preset: str, points: list[Point], out: Path, *,
+              jobs: Optional[int] = None, report: bool = True) -> Counts:
+    """Run the study's points (skipping finished runs), print the counts and write the report.
+    In a torchrun worker every rank trains every run and rank 0 writes; otherwise ``jobs``
+    processes train (:func:`jobs_for`)."""
+    t0 = time.perf_counter()
+    head = f"[bold]{study.name}[/] ({preset}): {len(points)} runs"
+    if in_worker():
+        nd.setup(device=device_of(points))
+        counts = _recorded(study.name, preset, points, out,
+                           f"{head} on {nd.world_size()} processes (batch sizes per process) "
+                           f"-> {out}/", run_distributed)
+    else:
+        n_jobs = jobs_for(points, jobs)
+        run = ((lambda ps, store: run_parallel(ps, store, n_jobs, out)) if n_jobs > 1
+               else run_inline)
+        counts = _recorded(study.name, preset, points, out, f"{head} -> {out}/", run)
+    if nd.is_main_process():
+        console.print(f"trained {counts['trained']}, already done {counts['skipped']}, failed "
+                      f"{counts['failed']} in {time.perf_counter() - t0:.0f}s", highlight=False)
+        if report:
+            print_report(out)
+    if in_worker():
+        nd.cleanup()
+    return counts
+
+
+def run_single(point: Point, out: Path) -> Counts:
+    """Train (or resume) one run and record it in OUT's store (as study "train")."""
+    cfg = point.cfg
+    procs = (f" ({cfg.batch_size} images per process x {cfg.world_size} processes)"
+             if cfg.world_size > 1 else "")
+    announce = f"run {cfg.run_id()}{procs} -> {out}/"
+    if not in_worker():
+        return _recorded("train", "single", [point], out, announce, run_inline)
+    nd.setup(device=device_of([point]))
+    counts = _recorded("train", "single", [point], out, announce, run_distributed)
+    nd.cleanup()
+    return counts

@@ -1,0 +1,201 @@
+"""Run a list of study points: in-process, with ``--jobs`` worker processes, or as one rank of a
+torchrun job. Every mode goes through :func:`run_points`, which claims each run in the store,
+skips finished ones, waits for runs another live process trains and takes over dead owners' runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from normlab import distributed as nd
+from normlab.lab.config import ConfigError
+from normlab.lab.loop import ProgressFn, RunResult, is_writer, train_run
+from normlab.lab.progress import epoch_progress, print_outcome, print_wait, progress_bars
+from normlab.lab.recipe import resolve_device
+from normlab.lab.signals import raise_terminated, sigint_ignored
+from normlab.lab.store import Store, heartbeat
+
+__all__ = ["run_points", "run_inline", "run_parallel", "run_distributed", "Counts"]
+
+Counts = dict[str, int]  # {"skipped": n, "trained": n, "failed": n}
+
+
+def run_points(points: list, store: Optional[Store], *,
+               on_run: Optional[Callable[[Any, str, Any], None]] = None,
+               progress_for: Optional[Callable[[Any], Optional[ProgressFn]]] = None,
+               poll_s: float = 2.0,
+               on_wait: Optional[Callable[[Any, Optional[str]], None]] = None) -> Counts:
+    """Run every point (objects with ``.cfg``, ``.label``) not yet done in ``store``.
+
+    Finished runs are skipped, interrupted ones resume from their checkpoint, runs that another
+    live process is training are waited for (polling every ``poll_s`` seconds) and taken over if
+    that process dies. ``on_run(point, outcome, result)`` is called with outcome in "skipped",
+    "trained", "failed"; ``on_wait(point, owner)`` once per run found owned by another live
+    process (``owner``: its ``host:pid``). Returns the counts of each outcome.
+
+    Interrupted (KeyboardInterrupt, or SystemExit such as the CLI raises on SIGTERM), the run in
+    progress is released (:meth:`Store.release`) and the exception goes on.
+
+    Multi-process: every rank calls it with the same points; rank 0 (the only one that needs
+    ``store``) claims each run and broadcasts the decision. A run that raises on any rank is
+    recorded ``failed`` (rank 0) and ends the job, since the other ranks would wait for that
+    rank in a collective; re-running resumes it from its last checkpoint.
+    """
+    counts = {"skipped": 0, "trained": 0, "failed": 0}
+    if points:
+        nd.setup(device=resolve_device(points[0].cfg.device))
+    writer = is_writer(nd.rank())
+    if writer and store is None:
+        raise ValueError("run_points: rank 0 writes the results, it needs the store")
+    pending = list(points)
+    seen: set[str] = set()
+    told: set[str] = set()  # runs on_wait was called for
+    while pending:
+        waiting = []
+        for p in pending:
+            rid = p.cfg.run_id()
+            if rid in seen:  # the same config twice in one study (e.g. shared baselines)
+                continue
+            state = nd.broadcast_object(store.claim(rid, p.cfg.to_dict()) if writer else None)
+            if state == "busy":
+                if on_wait and rid not in told:
+                    told.add(rid)
+                    on_wait(p, (store.run(rid) or {}).get("owner") if store is not None else None)
+                waiting.append(p)
+                continue
+            seen.add(rid)
+            if state == "done":
+                outcome, res = "skipped", store.run(rid) if store is not None else None
+            else:
+                outcome, res = _train_point(p, store, progress_for)
+            counts[outcome] += 1
+            if on_run:
+                on_run(p, outcome, res)
+        pending = waiting
+        if pending:
+            time.sleep(poll_s)
+    return counts
+
+
+def _train_point(p: Any, store: Optional[Store],
+                 progress_for: Optional[Callable[[Any], Optional[ProgressFn]]]
+                 ) -> tuple[str, Any]:
+    """Train the claimed point ``p``: ("trained", result) or ("failed", {"error": ...}); a
+    configuration error, a failure in a multi-process job and an interrupt go on up."""
+    rid = p.cfg.run_id()
+    writer = is_writer()
+    try:
+        # the owner's heartbeat: owners on other hosts are judged by it (store.py)
+        with heartbeat(store.dir, rid) if writer else contextlib.nullcontext():
+            return "trained", train_run(p.cfg, store,
+                                        progress=progress_for(p) if progress_for else None)
+    except ConfigError:
+        if writer:
+            store.finish(rid, "failed", "configuration error")
+        raise
+    except Exception as e:  # noqa: BLE001 - record, report and go on with the study
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+        if nd.is_distributed():
+            if writer:  # often a peer's death seen through the collective that failed
+                store.finish(rid, "failed", f"multi-process job stopped: {msg}")
+            raise
+        store.finish(rid, "failed", msg)
+        return "failed", {"error": msg}
+    except BaseException:  # Ctrl-C, SIGTERM (SystemExit): resumable, by anyone
+        if writer:
+            with contextlib.suppress(Exception):
+                store.release(rid)
+        raise
+
+
+def run_inline(points: list, store: Optional[Store]) -> Counts:
+    """Train the points in this process, with progress bars and a line per run."""
+    with progress_bars() as prog:
+        study_task = prog.add_task("runs", total=len(points), info="")
+        run_task = prog.add_task("", total=1, info="")
+
+        def on_run(p: Any, outcome: str, res: Any) -> None:
+            prog.advance(study_task)
+            print_outcome(p, outcome, res)
+
+        return run_points(points, store, on_run=on_run,
+                          progress_for=lambda p: epoch_progress(prog, run_task, p),
+                          on_wait=print_wait)
+
+
+def run_distributed(points: list, store: Optional[Store]) -> Counts:
+    """This torchrun worker's part of the job: rank 0 shows progress, the others train silently."""
+    if nd.is_main_process():
+        return run_inline(points, store)
+    return run_points(points, None)
+
+
+# ---------------------------------------------------------------------- --jobs
+def _worker(points: list, out: str, threads: int, parent: int) -> None:
+    """A training process of ``--jobs``: claims runs from the shared store until none is left."""
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGTERM, raise_terminated)  # stopped by the study: release the run
+
+    def progress_for(p: Any) -> Any:
+        def cb(event: str, info: dict) -> None:
+            if os.getppid() != parent:  # the study process died: stop with it
+                os._exit(3)
+        return cb
+
+    with Store(out) as store:
+        run_points(points, store, progress_for=progress_for, poll_s=1.0)
+
+
+def run_parallel(points: list, store: Store, jobs: int, out: Path) -> Counts:
+    """Train the points in ``jobs`` spawned processes of cores / ``jobs`` threads each; this
+    process follows the store and prints a line per finished run."""
+    ctx = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    procs = [ctx.Process(target=_worker, args=(points, str(out), threads, os.getpid()), daemon=True)
+             for _ in range(jobs)]
+    with sigint_ignored():  # inherited through exec: Ctrl-C (SIGINT to the whole process group)
+        for pr in procs:    # reaches this process alone, which stops them (daemons: SIGTERM at
+            pr.start()      # exit) instead of each printing a KeyboardInterrupt traceback
+    counts = _follow(points, store, procs, jobs)
+    bad = [pr.exitcode for pr in procs if pr.exitcode]
+    if bad:
+        raise RuntimeError(f"{len(bad)} training process(es) exited with status {bad}")
+    return counts
+
+
+def _follow(points: list, store: Store, procs: list, jobs: int) -> Counts:
+    """Poll the store until the workers are gone, reporting each run once it is done or failed."""
+    ids = {p.cfg.run_id(): p for p in points}
+    reported: set[str] = set()
+    already = {r["run_id"] for r in store.runs("done") if r["run_id"] in ids}
+    counts = {"skipped": 0, "trained": 0, "failed": 0}
+    with progress_bars() as prog:
+        task = prog.add_task(f"runs ({jobs} processes)", total=len(ids), info="")
+        while True:
+            alive = any(pr.is_alive() for pr in procs)
+            for r in store.runs():
+                rid = r["run_id"]
+                if rid in ids and rid not in reported and r["status"] in ("done", "failed"):
+                    reported.add(rid)
+                    outcome = ("skipped" if rid in already else
+                               "failed" if r["status"] == "failed" else "trained")
+                    counts[outcome] += 1
+                    print_outcome(ids[rid], outcome, r if outcome != "trained" else _result(r))
+                    prog.advance(task)
+            if not alive:
+                return counts
+            time.sleep(0.5)
+
+
+def _result(r: dict) -> RunResult:
+    """A finished run's store row in the shape :func:`print_outcome` reads."""
+    return RunResult(final_test_error=r["final_test_error"], wall_time=r["wall_time"] or 0.0,
+                     images_per_s=r["images_per_s"] or 0.0, resumed_from=0, error=r["error"])

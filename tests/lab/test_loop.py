@@ -1,0 +1,89 @@
+"""One run: a resumed run equals an uninterrupted one, what a run records, old checkpoints."""
+
+import pytest
+import torch
+
+from normlab.lab.config import RunConfig
+from normlab.lab.loop import train_run
+from normlab.lab.store import Store
+
+# a small, fast run: 8x8 synthetic images, ResNet-20, 3 epochs of 12 steps
+TINY = dict(data="synthetic", data_kwargs={"n_train": 96, "n_test": 64, "image_size": 8,
+                                           "channels": 2, "num_classes": 4},
+            batch_size=8, epochs=3, threads=1)
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    cfg = RunConfig(norm="bn", **TINY)
+    with Store(tmp_path / "a") as a:
+        a.claim(cfg.run_id(), cfg.to_dict())
+        full = train_run(cfg, a)
+        hist_a = a.epochs(cfg.run_id())
+
+    def stop_in_epoch_2(event, info):  # dies during the third epoch, after two checkpoints
+        if event == "step" and info.get("advance") and stop_in_epoch_2.epoch == 2:
+            raise _Stop
+        if event == "start":
+            stop_in_epoch_2.epoch = info["epoch"]
+    stop_in_epoch_2.epoch = 0
+    with Store(tmp_path / "b") as b:
+        b.claim(cfg.run_id(), cfg.to_dict())
+        with pytest.raises(_Stop):
+            train_run(cfg, b, progress=stop_in_epoch_2)
+        assert b.run(cfg.run_id())["status"] == "running"
+        assert len(b.epochs(cfg.run_id())) == 2
+        assert b.checkpoint_path(cfg.run_id()).is_file()
+        resumed = train_run(cfg, b)
+        hist_b = b.epochs(cfg.run_id())
+        assert resumed["resumed_from"] == 2 and b.run(cfg.run_id())["status"] == "done"
+        assert not b.checkpoint_path(cfg.run_id()).exists()
+    assert full["resumed_from"] == 0
+    for ra, rb in zip(hist_a, hist_b, strict=True):
+        for k in ("train_loss", "test_loss", "test_error"):
+            assert ra[k] == rb[k], k  # same data order, RNG state and weights: identical
+
+
+def test_records_versions_device_and_throughput(tmp_path):
+    cfg = RunConfig(norm="gn", norm_kwargs={"num_groups": 4}, **{**TINY, "epochs": 1})
+    with Store(tmp_path) as s:
+        s.claim(cfg.run_id(), cfg.to_dict())
+        train_run(cfg, s)
+        r = s.run(cfg.run_id())
+    assert r["device"].startswith("cpu") and r["versions"]["torch"] == torch.__version__
+    assert r["images_per_s"] > 0 and r["wall_time"] > 0
+    assert 0 <= r["final_test_error"] <= 100 and math.isfinite(r["final_test_loss"])
+    assert r["config"]["norm_kwargs"] == {"num_groups": 4}
+
+
+@pytest.mark.lab_gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_default_device_trains_on_the_gpu(tmp_path):
+    # device "auto" (the default) picks CUDA when there is one: bf16 autocast, channels_last
+    cfg = RunConfig(norm="gn", norm_kwargs={"num_groups": 4}, **{**TINY, "epochs": 1})
+    assert cfg.device == "auto"
+    with Store(tmp_path) as s:
+        s.claim(cfg.run_id(), cfg.to_dict())
+        res = train_run(cfg, s)
+    assert res["device"].startswith("cuda:") and math.isfinite(res["final_test_loss"])
+
+
+def test_nf_checkpoint_of_the_one_group_optimizer_starts_over(tmp_path):
+    # a checkpoint written when NF models had one (all-decayed) parameter group is another
+    # recipe: the run restarts from epoch 0 instead of failing on load at every re-run
+    cfg = RunConfig(model="nf_resnet20", **{**TINY, "epochs": 2})
+    with Store(tmp_path) as s:
+        s.claim(cfg.run_id(), cfg.to_dict())
+        torch.manual_seed(cfg.seed)
+        from normlab.lab.recipe import build_model
+
+        model = build_model(cfg, 4, 2, 8)
+        old_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        ckpt = s.checkpoint_path(cfg.run_id())
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optimizer": old_opt.state_dict(), "epoch": 0,
+                    "history": [{"epoch": 0}], "elapsed": 1.0, "train_time": 1.0,
+                    "train_images": 96, "run_id": cfg.run_id(), "world_size": 1,
+                    "batch_per_process": 8}, ckpt)
+        res = train_run(cfg, s)
+        assert res["resumed_from"] == 0 and s.run(cfg.run_id())["status"] == "done"
+        assert [e["epoch"] for e in s.epochs(cfg.run_id())] == [0, 1]
