@@ -34,6 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import torch
+
+try:
+    import tomllib
+except ImportError:  # pragma: no cover - Python < 3.11 has no TOML reader
+    tomllib = None  # type: ignore[assignment]
+
 from normlab.factory import canonical_name
 from normlab.models import check_norm, is_normalizer_free
 
@@ -260,8 +267,6 @@ def _check_type(name: str, value: Any, tp: Any) -> None:
 
 def _auto_device() -> str:
     """What device "auto" means on this machine: "cuda" when torch sees a GPU, else "cpu"."""
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -326,11 +331,9 @@ def load_config_file(path: Union[str, Path]) -> dict[str, Any]:
         raise ConfigError(f"config file {str(p)!r} does not exist", hint="give a .json or .toml file")
     try:
         if p.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # pragma: no cover - Python < 3.11
+            if tomllib is None:  # pragma: no cover - Python < 3.11
                 raise ConfigError("TOML config files need Python >= 3.11 (tomllib)",
-                                  hint="use a .json file") from None
+                                  hint="use a .json file")
             data = tomllib.loads(p.read_text())
         elif p.suffix.lower() == ".json":
             data = json.loads(p.read_text())
