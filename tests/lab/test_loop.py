@@ -1,5 +1,7 @@
 """One run: a resumed run equals an uninterrupted one, what a run records, old checkpoints."""
 
+import math
+
 import pytest
 import torch
 
@@ -11,6 +13,10 @@ from normlab.lab.store import Store
 TINY = dict(data="synthetic", data_kwargs={"n_train": 96, "n_test": 64, "image_size": 8,
                                            "channels": 2, "num_classes": 4},
             batch_size=8, epochs=3, threads=1)
+
+
+class _Stop(Exception):
+    pass
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path):

@@ -22,10 +22,6 @@ def test_lr_schedules():
     assert lr_at(c, 10) == pytest.approx(0.0, abs=1e-12)
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_weight_standardize_swaps_every_conv():
     from normlab.nn import WSConv2d
 
