@@ -31,6 +31,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from normlab.backends import resolve_backend
 from normlab.backends.reference import (
@@ -82,7 +83,7 @@ def check_eps(eps) -> float:
     return value
 
 
-def check_groups(num_groups, num_channels: int) -> int:
+def check_groups(num_groups, num_channels: int, torch_text: str = "") -> int:
     if type(num_groups) is not int:
         if (isinstance(num_groups, Tensor) and num_groups.dim() == 0
                 and not num_groups.is_floating_point() and num_groups.dtype != torch.bool):
@@ -96,7 +97,7 @@ def check_groups(num_groups, num_channels: int) -> int:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
     if num_channels % num_groups != 0:
         raise ValueError(
-            f"num_channels={num_channels} is not divisible by num_groups={num_groups}"
+            f"{torch_text}num_channels={num_channels} is not divisible by num_groups={num_groups}"
         )
     return num_groups
 
@@ -135,13 +136,29 @@ def _running_buffer_error(buf, num_groups: int, name: str) -> None:
     raise TypeError(f"{name} must have a floating-point dtype, got {buf.dtype}")
 
 
+# torch's fixed texts, which users and libraries match on; the offending values follow
+_DIVISIBLE = "Expected number of channels in input to be divisible by num_groups, but "
+_ONE_VALUE = "Expected more than 1 value per channel when training"
+_ONE_SPATIAL = "Expected more than 1 spatial element when training"
+
+
 def _check_batch_stat_size(x: Tensor, num_groups: int) -> None:
     """Batch statistics from a single value are undefined (torch raises too)."""
     per_stat = x.numel() // max(num_groups, 1)
     if per_stat <= 1 and x.numel() > 0:
         raise ValueError(
-            "expected more than 1 value per channel when training with batch statistics, got "
-            f"input of shape {tuple(x.shape)} ({per_stat} value per channel)"
+            f"{_ONE_VALUE}, got input of shape {tuple(x.shape)} ({per_stat} value per channel "
+            "with batch statistics)"
+        )
+
+
+def _check_group_size(x: Tensor, num_groups: int) -> None:
+    """torch's rule for GroupNorm: one value per group over the whole batch (N * C/G * spatial
+    = 1) is refused; its statistics would be a single value (ATen returns garbage there)."""
+    if x.numel() // num_groups == 1:
+        raise ValueError(
+            f"{_ONE_VALUE}, got input of shape {tuple(x.shape)} with num_groups={num_groups} "
+            "(1 value per group over the batch)"
         )
 
 
@@ -195,9 +212,15 @@ def normalize(
         >>> torch.allclose(y, torch.nn.functional.group_norm(x, 32), atol=1e-5)
         True
     """
+    if has_torch_function_variadic(x, weight, bias, running_mean, running_var):
+        return handle_torch_function(
+            normalize, (x, weight, bias, running_mean, running_var), x, num_groups, over_batch,
+            weight, bias, eps, activation, backend, running_mean=running_mean,
+            running_var=running_var, momentum=momentum, return_stats=return_stats,
+        )
     check_input(x)
     c = x.shape[1]
-    num_groups = check_groups(num_groups, c)
+    num_groups = check_groups(num_groups, c, _DIVISIBLE)
     eps = check_eps(eps)
     activation = check_activation(activation)
     _check_channel_param(weight, c, "weight")
@@ -302,6 +325,11 @@ def normalize_fixed(
 
     ``y = act(weight_c * (x - mean_c) / sqrt(var_c + eps) + bias_c)``; mean, var: ``(C,)``.
     """
+    if has_torch_function_variadic(x, mean, var, weight, bias):
+        return handle_torch_function(
+            normalize_fixed, (x, mean, var, weight, bias), x, mean, var, weight, bias, eps,
+            activation, backend,
+        )
     check_input(x)
     c = x.shape[1]
     eps = check_eps(eps)
@@ -342,8 +370,20 @@ def batch_norm(
     """Batch normalization, as ``torch.nn.functional.batch_norm``: statistics over (N, *spatial).
 
     In training the batch statistics are used and the running buffers (if given) move by
-    ``momentum``; otherwise the running statistics are used.
+    ``momentum``; otherwise the running statistics are used. An input without a channel dim is
+    a ValueError naming its shape, except an empty one in training, which returns empty (as
+    torch does).
     """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
+            running_var, weight, bias, training, momentum, eps, activation=activation,
+            backend=backend,
+        )
+    if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0 and training:
+        check_input(input.unsqueeze(0))  # dtype check; an empty 1-D input has no statistics
+        return input.clone()
+    check_input(input)
     if training:
         return normalize(
             input, input.shape[1], True, weight, bias, eps, activation, backend,
@@ -370,24 +410,33 @@ def instance_norm(
     """Instance normalization, as ``torch.nn.functional.instance_norm``: statistics over spatial.
 
     With ``use_input_stats`` the running buffers (if given) receive the batch-averaged instance
-    statistics; without it the running statistics normalize every instance.
+    statistics; without it the running statistics normalize every instance. The output is
+    contiguous whatever the input's memory format, as torch's.
     """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            instance_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
+            running_var, weight, bias, use_input_stats, momentum, eps, activation=activation,
+            backend=backend,
+        )
     check_input(input)
     if use_input_stats:
         spatial = math.prod(input.shape[2:])
         if spatial <= 1:
             raise ValueError(
-                "expected more than 1 spatial element when training (use_input_stats=True), "
-                f"got input of shape {tuple(input.shape)}"
+                f"{_ONE_SPATIAL}, got input of shape {tuple(input.shape)} (use_input_stats=True)"
             )
         c = input.shape[1]
-        return normalize(
+        y = normalize(
             input, c, False, weight, bias, eps, activation, backend,
             running_mean=running_mean, running_var=running_var, momentum=momentum,
         )
-    if running_mean is None or running_var is None:
+    elif running_mean is None or running_var is None:
         raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
-    return normalize_fixed(input, running_mean, running_var, weight, bias, eps, activation, backend)
+    else:
+        y = normalize_fixed(input, running_mean, running_var, weight, bias, eps, activation,
+                            backend)
+    return y.contiguous()
 
 
 def group_norm(
@@ -400,7 +449,19 @@ def group_norm(
     activation: Optional[str] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """Group normalization, as ``torch.nn.functional.group_norm``: statistics over (C/G, *spatial)."""
+    """Group normalization, as ``torch.nn.functional.group_norm``: statistics over (C/G, *spatial).
+
+    As torch's, an input whose groups hold one value over the whole batch (N * C/G * spatial
+    = 1) is a ValueError.
+    """
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(
+            group_norm, (input, weight, bias), input, num_groups, weight, bias, eps,
+            activation=activation, backend=backend,
+        )
+    check_input(input)
+    num_groups = check_groups(num_groups, input.shape[1], _DIVISIBLE)
+    _check_group_size(input, num_groups)
     return normalize(input, num_groups, False, weight, bias, eps, activation, backend)
 
 
@@ -426,8 +487,14 @@ def layer_norm(
 
     Implemented as the operator with G = 1 on ``input`` viewed as (rows, prod(normalized_shape)):
     the "channels" of that view are the normalized elements, so the per-channel affine is the
-    elementwise one.
+    elementwise one. A ``normalized_shape`` with no elements (or an empty input) gives an empty
+    output, as torch's.
     """
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(
+            layer_norm, (input, weight, bias), input, normalized_shape, weight, bias, eps,
+            activation=activation, backend=backend,
+        )
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -459,6 +526,10 @@ def layer_norm(
     if k == 1 and ndim == 2:  # already (rows, features): no reshapes on the hot path
         return _dispatch(input, 1, False, weight, bias, eps, activation, backend)
     numel = math.prod(shape)
+    if input.numel() == 0:  # nothing to normalize ((rows, 0) has no view): empty, as torch
+        y = input if weight is None else input * weight
+        y = y.clone() if bias is None else y + bias
+        return apply_activation(y, activation)
     if k > 1:
         weight = None if weight is None else weight.reshape(numel)
         bias = None if bias is None else bias.reshape(numel)

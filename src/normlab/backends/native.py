@@ -3,8 +3,10 @@
 Every case of the operator is one of two ATen ops (both return the statistics, both have
 autograd formulas, both keep channels_last):
 
-* not over_batch, G groups  -> ``aten::native_group_norm`` (LN: G = 1, IN: G = C, GN: G);
-  a 2-D input with G = 1 (LayerNorm over features) -> ``aten::native_layer_norm``.
+* not over_batch, G groups  -> ``aten::native_group_norm`` (LN: G = 1, IN: G = C, GN: G) on
+  contiguous NCHW (a channels_last input is copied there and back: ATen's CPU channels_last
+  group-norm kernel is wrong at an offset); a 2-D float32/float64 input with G = 1 (LayerNorm
+  over features) -> ``aten::native_layer_norm``.
 * over_batch, G = C (BN)     -> ``aten::native_batch_norm`` with the running statistics.
 * over_batch, 1 <= G < C     -> ``aten::native_batch_norm`` on x viewed as (N, G, C/G * spatial),
   then the per-channel affine (batch-group norm has no ATen kernel of its own).
@@ -84,18 +86,28 @@ class NativeBackend:
                 and running_mean.dtype == pdt
                 and running_var.dtype == pdt
             )
-        if not over_batch and g == 1 and x.dim() == 2 and not running:
-            # LayerNorm over the features of a 2-D input: ATen's own layer-norm kernel
+        if not over_batch and g == 1 and x.dim() == 2 and not running and xdt not in _HALF:
+            # LayerNorm over the features of a 2-D input: ATen's own layer-norm kernel (not for
+            # half input: its weight and bias gradients are accumulated in half, 5-15x less
+            # accurate than the group-norm kernel's)
             y, mean, rstd = torch.native_layer_norm(x, [c], weight, bias, eps)
             return apply_activation(y, activation), mean, rstd
         if not over_batch:
             hxw = math.prod(x.shape[2:])
-            if not x.is_contiguous():  # ATen GN needs a dense layout (NCHW or channels_last)
-                x = x.contiguous(memory_format=output_memory_format(x))
+            if c // g * hxw == 1:
+                # one value per group: ATen's kernel returns garbage at large values (1e6: errors
+                # of 100); the reference's shifted sums give the exact answer, y = beta
+                return _REFERENCE.normalize(x, g, over_batch, weight, bias, eps, activation,
+                                            running_mean, running_var, momentum)
+            fmt = output_memory_format(x)
+            # contiguous NCHW for ATen: its CPU channels_last group-norm kernel loses the
+            # statistics at an offset (max error ~1 at x = 1000 + randn; torch's F.group_norm
+            # shares it), and it needs a dense layout anyway
+            x = x.contiguous()
             y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hxw, g, eps)
             if running:
                 _update_from_pass(x.reshape(n, g, -1), (2,), running_mean, running_var, momentum)
-            return apply_activation(y, activation), mean, rstd
+            return apply_activation(y, activation).contiguous(memory_format=fmt), mean, rstd
 
         if g == c:
             y, mean, rstd = torch.native_batch_norm(
@@ -190,7 +202,10 @@ def _update_from_pass(
 ) -> None:
     """Running statistics from a var_mean pass over x (ATen's kernels did not update them)."""
     xg = xg.detach().to(compute_dtype(xg.dtype))
-    var, mu = torch.var_mean(xg, dim=dims, correction=0)
+    # the mean as a plain sum (var_mean's gives NaN where a set holds an inf; torch's running
+    # mean is inf there), the variance two-pass
+    mu = xg.mean(dim=dims)
+    var = torch.var(xg, dim=dims, correction=0)
     count = 1
     for d in dims:  # (a loop: dynamo's fullgraph does not take a generator here)
         count *= xg.shape[d]

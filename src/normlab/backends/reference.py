@@ -96,6 +96,7 @@ class ReferenceBackend:
         # the shift, x - shift is exact when the two are close, and the sums then run over small
         # numbers, so float32 keeps full accuracy even when |mean| >> std (e.g. 1e4 + 0.1 * randn).
         shift = (xg[:1, :, :1] if over_batch else xg[:, :, :1]).detach()
+        shift = torch.where(shift.isfinite(), shift, 0.0)  # an inf shift would make inf - inf
         xs = xg - shift
         mean_s = xs.mean(dim=dims, keepdim=True)
         centred = xs - mean_s

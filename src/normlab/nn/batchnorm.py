@@ -59,7 +59,8 @@ class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
     mean and biased variance over (N, H, W) per channel in training; the running buffers (which
     store the unbiased variance) in eval. Args as torch's: ``num_features``, ``eps=1e-5``,
     ``momentum=0.1`` (None: cumulative average), ``affine=True``, ``track_running_stats=True``,
-    ``device``, ``dtype``.
+    ``device``, ``dtype``. ``momentum`` is not validated, as torch's: a value outside [0, 1] is
+    used as given in ``running = (1 - momentum) * running + momentum * batch``.
 
     Shape: input (N, C, H, W) in any memory format; output the same shape and memory format.
 

@@ -47,7 +47,10 @@ class InstanceNorm2d(_InstanceNormForward, nn.InstanceNorm2d):
     .. math::
         y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma_c + \beta_c
 
-    mean and biased variance over (H, W) per sample and channel. Shape: (N, C, H, W) or (C, H, W).
+    mean and biased variance over (H, W) per sample and channel. Shape: (N, C, H, W) or (C, H, W);
+    the output is contiguous whatever the input's memory format (as torch's). Args as torch's;
+    ``momentum`` is not validated (as torch's: a value outside [0, 1] is used as given; None
+    counts as 0 for the running statistics, as torch's instance_norm call does).
 
     Example::
 

@@ -1,0 +1,192 @@
+"""Drop-in against torch itself (issue 13, items 4-7, 9 and the running-stats edge): the same
+input and seed through torch.nn and normlab, and the float64 formula where torch is wrong."""
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import normlab.functional as NLF
+import normlab.nn as nlnn
+from normlab.backends import available_backends, use_backend
+from formula import normalize64, off_centre
+
+BACKENDS = [b for b in ("reference", "native", "triton") if b in available_backends()]
+# float32 rounding at offset 1000: one ulp of 1000 is 6.1e-5 and x - mean carries about one;
+# three ulps leave room for the variance's own rounding (torch.nn's channels_last GN: ~1)
+ULP_1000 = 1000 * torch.finfo(torch.float32).eps / 2
+
+
+def _offset_channels_last(seed, shape=(2, 6, 16, 16)):
+    # (2, 6, 16, 16): the issue's size (256 positions per channel), 6 channels for 2 or 3 groups
+    torch.manual_seed(seed)
+    return (1000 + torch.randn(*shape)).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_group_norm_channels_last_at_offset_matches_the_formula(backend, seed):
+    x = _offset_channels_last(seed)
+    for g in (6, 3):  # IN-like (one channel per group) and 2 channels per group
+        with use_backend(backend):
+            y = nlnn.GroupNorm(g, 6)(x)
+        assert y.is_contiguous(memory_format=torch.channels_last)  # as torch's GN
+        err = (y.double() - normalize64(x, g, False)).abs().max().item()
+        assert err < 3 * 2 * ULP_1000, (backend, g, err)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_instance_norm_channels_last_offset_and_memory_format_as_torch(backend, seed):
+    x = _offset_channels_last(seed)
+    with use_backend(backend):
+        y = nlnn.InstanceNorm2d(6)(x)
+    want = nn.InstanceNorm2d(6)(x)
+    assert y.is_contiguous() and want.is_contiguous()  # torch returns contiguous: .view works
+    y.view(-1)
+    err = (y.double() - normalize64(x, 6, False)).abs().max().item()
+    assert err < 3 * 2 * ULP_1000, (backend, err)
+
+
+def test_instance_norm_3d_channels_last_returns_contiguous_as_torch():
+    # 5-D channels_last_3d: the other layout torch returns contiguous for
+    x = off_centre(2, 3, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)
+    y, want = nlnn.InstanceNorm3d(3)(x), nn.InstanceNorm3d(3)(x)
+    assert y.is_contiguous() and want.is_contiguous()
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_group_norm_one_value_per_group_raises_as_torch():
+    x = torch.tensor([[1e6, 2e6, 3e6, 4e6]])  # the issue's input: 4 groups of one value, N = 1
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as theirs:
+        nn.GroupNorm(4, 4)(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training.*\\(1, 4\\)"):
+        nlnn.GroupNorm(4, 4)(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        NLF.group_norm(x, 4)
+    assert "Expected more than 1 value per channel when training" in str(theirs.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_one_value_per_group_over_a_batch_is_the_bias(backend):
+    # N = 2: torch accepts it (2 values per group over the batch) but returns garbage at 1e6
+    # (ATen's kernel); each sample's group is one value, so the formula gives exactly the bias
+    x = torch.tensor([[1e6, 2e6, 3e6, 4e6], [5e6, 6e6, 7e6, 8e6]])
+    ours = nlnn.GroupNorm(4, 4)
+    with torch.no_grad():
+        ours.bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.25]))
+    with use_backend(backend):
+        torch.testing.assert_close(ours(x), ours.bias.detach().expand(2, 4))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda mod, f: mod.LayerNorm(0)(torch.randn(4, 6, 0)),            # normalized_shape (0,)
+     lambda mod, f: f.layer_norm(torch.randn(0, 8), (0, 8)),           # no element at all
+     lambda mod, f: f.layer_norm(torch.randn(0, 8), (8,)),             # no rows
+     lambda mod, f: f.batch_norm(torch.randn(0), None, None, training=True)],  # empty 1-D
+)
+def test_empty_inputs_return_what_torch_returns(call):
+    torch.manual_seed(0)
+    want = call(nn, F)
+    got = call(nlnn, NLF)
+    assert got.shape == want.shape and got.dtype == want.dtype
+
+
+def test_layer_norm_of_empty_input_keeps_the_parameters_in_the_graph():
+    ln = nlnn.LayerNorm((0,))
+    x = torch.randn(3, 0, requires_grad=True)
+    ln(x).sum().backward()
+    assert x.grad.shape == (3, 0)
+
+
+def test_batch_norm_on_a_1d_input_names_the_shape():
+    # torch: IndexError "Dimension out of range"; normlab: which shape it needs and got
+    with pytest.raises(ValueError, match=r"\(N, C, \*spatial\).*\(5,\)"):
+        NLF.batch_norm(torch.randn(5), None, None, training=True)
+
+
+@pytest.mark.parametrize(
+    "theirs,ours,text",
+    [(lambda: F.batch_norm(torch.randn(1, 3), None, None, training=True),
+      lambda: NLF.batch_norm(torch.randn(1, 3), None, None, training=True),
+      "Expected more than 1 value per channel when training"),
+     (lambda: nn.BatchNorm2d(3)(torch.randn(1, 3, 1, 1)),
+      lambda: nlnn.BatchNorm2d(3)(torch.randn(1, 3, 1, 1)),
+      "Expected more than 1 value per channel when training"),
+     (lambda: F.instance_norm(torch.randn(2, 3, 1)),
+      lambda: NLF.instance_norm(torch.randn(2, 3, 1)),
+      "Expected more than 1 spatial element when training"),
+     (lambda: nn.InstanceNorm1d(3)(torch.randn(2, 3, 1)),
+      lambda: nlnn.InstanceNorm1d(3)(torch.randn(2, 3, 1)),
+      "Expected more than 1 spatial element when training")],
+)
+def test_fixed_error_texts_are_torchs(theirs, ours, text):
+    """The words users and libraries match on are torch's; normlab adds the offending shape."""
+    with pytest.raises(ValueError, match=text):
+        theirs()
+    with pytest.raises(ValueError, match=text):
+        ours()
+
+
+def test_group_norm_bad_groups_text_is_torchs():
+    with pytest.raises(RuntimeError, match="Expected number of channels in input to be divisible by num_groups"):
+        F.group_norm(torch.randn(2, 6, 3), 4)
+    # the same words; ValueError, as normlab's argument errors are (the value named)
+    with pytest.raises(ValueError, match="Expected number of channels in input to be divisible by num_groups.*num_channels=6.*num_groups=4"):
+        NLF.group_norm(torch.randn(2, 6, 3), 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_group_norm_one_group_2d_half_gradients_as_accurate_as_torch(dtype):
+    # (150, 6): the issue's shape, 2-D so that G = 1 is LayerNorm over the features
+    torch.manual_seed(0)
+    x, dy = off_centre(150, 6, dtype=torch.float64), torch.randn(150, 6, dtype=torch.float64)
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+
+    def grads(module, dt):
+        module = module.to(dt)
+        with torch.no_grad():
+            module.weight.copy_(w)
+            module.bias.copy_(b)
+        xx = x.detach().to(dt).clone().requires_grad_()
+        module(xx).backward(dy.to(dt))
+        return [t.double() for t in (module.weight.grad, module.bias.grad, xx.grad)]
+
+    exact = grads(nn.GroupNorm(1, 6), torch.float64)
+    theirs = grads(nn.GroupNorm(1, 6), dtype)
+    ours = grads(nlnn.GroupNorm(1, 6), dtype)
+    for o, t, e, name in zip(ours, theirs, exact, ("dweight", "dbias", "dx")):
+        err_o, err_t = (o - e).abs().max().item(), (t - e).abs().max().item()
+        assert err_o <= 1.5 * err_t + 1e-6, (name, err_o, err_t)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("where", [(0, 0, 0, 0), (0, 0, 1, 2)])  # first element (the shift) or not
+def test_inf_input_running_stats_as_torch(backend, where):
+    torch.manual_seed(0)
+    x = off_centre(2, 3, 4, 4)
+    x[where] = float("inf")
+    theirs = nn.InstanceNorm2d(3, track_running_stats=True)
+    ours = nlnn.InstanceNorm2d(3, track_running_stats=True)
+    theirs(x)
+    with use_backend(backend):
+        ours(x)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, equal_nan=True)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, equal_nan=True)
+    assert ours.running_mean[0] == float("inf")
+
+
+@pytest.mark.parametrize("momentum", [None, -0.5, 1.5])
+@pytest.mark.parametrize("pair", [(nn.BatchNorm2d, nlnn.BatchNorm2d),
+                                  (nn.InstanceNorm2d, nlnn.InstanceNorm2d)])
+def test_momentum_outside_0_1_behaves_as_torch(momentum, pair):
+    """Not validated, as torch (documented): the running average takes it as given."""
+    kwargs = {"track_running_stats": True} if pair[0] is nn.InstanceNorm2d else {}
+    theirs, ours = (cls(3, momentum=momentum, **kwargs) for cls in pair)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        x = off_centre(4, 3, 5, 5)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-5, rtol=1e-5)
