@@ -21,6 +21,11 @@ batch-group norm                   G                       True   (N, C/G, spati
 The wrappers :func:`batch_norm`, :func:`layer_norm`, :func:`instance_norm` and :func:`group_norm`
 take the arguments of their ``torch.nn.functional`` namesakes. All take a keyword ``backend``
 (see :mod:`normlab.backends`).
+
+Like torch.nn.functional, every public op here dispatches ``__torch_function__`` on its tensor
+arguments: ``torch.fx.symbolic_trace`` records a call as one call_function node (a Proxy
+cannot answer the shape checks), and tensor subclasses see the call. ``torch.export`` and
+``torch.compile(fullgraph=True)`` trace through them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,95 @@
+"""normlab.functional under torch.fx.symbolic_trace, torch.export and torch.compile(fullgraph=True),
+as torch.nn.functional (issue 13 item 2): the ops dispatch ``__torch_function__`` so a Proxy
+records them as call_function nodes; the traced programs agree with the eager module and with
+torch.nn.functional on the same input."""
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import normlab.functional as NLF
+import normlab.nn as nlnn
+from formula import off_centre
+
+# (2, 8, 4, 4): 8 channels split into 4 groups, 16 positions: every op has > 1 value per set
+
+
+class _Ops(nn.Module):
+    """Every public op of normlab.functional (or torch's namesake) in one forward."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.weight = nn.Parameter(torch.rand(8) + 0.5)
+        self.bias = nn.Parameter(torch.randn(8))
+        self.register_buffer("running_mean", torch.randn(8))
+        self.register_buffer("running_var", torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        f, w, b = self.fn, self.weight, self.bias
+        y = f.layer_norm(x.permute(0, 2, 3, 1), (8,), w, b).permute(0, 3, 1, 2)
+        y = f.group_norm(y, 4, w, b)
+        y = f.batch_norm(y, self.running_mean, self.running_var, w, b, self.training)
+        return f.instance_norm(y, weight=w, bias=b)
+
+
+def _pair(train):
+    torch.manual_seed(0)
+    ours = _Ops(NLF).train(train)
+    theirs = _Ops(F).train(train)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_symbolic_trace_records_the_ops_and_matches_torch(train):
+    ours, theirs = _pair(train)
+    gm = torch.fx.symbolic_trace(ours)  # was "TypeError: input must be a torch.Tensor, got Proxy"
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    for op in (NLF.layer_norm, NLF.group_norm, NLF.batch_norm, NLF.instance_norm):
+        assert op in targets
+    x = off_centre(2, 8, 4, 4)
+    torch.testing.assert_close(gm(x), theirs(x), atol=1e-4, rtol=1e-4)
+    # the graph module shares the buffers: in training it moved them as torch moved its own
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-5, rtol=1e-5)
+
+
+def test_symbolic_trace_of_the_operator_itself():
+    class Op(nn.Module):
+        def forward(self, x, mean, var):
+            return NLF.normalize(x, 2, False, activation="silu") + NLF.normalize_fixed(x, mean, var)
+
+    gm = torch.fx.symbolic_trace(Op())
+    x, mean, var = off_centre(2, 8, 4, 4), torch.randn(8), torch.rand(8) + 0.5
+    want = F.silu(F.group_norm(x, 2)) + F.batch_norm(x, mean, var)
+    torch.testing.assert_close(gm(x, mean, var), want, atol=1e-5, rtol=1e-5)
+
+
+def test_export_matches_torch():
+    ours, theirs = _pair(False)
+    x = off_centre(2, 8, 4, 4)
+    program = torch.export.export(ours, (x,))
+    torch.testing.assert_close(program.module()(x), theirs(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [(lambda: nlnn.BatchNorm2d(8), (4, 8, 5, 5)),
+     (lambda: nlnn.InstanceNorm2d(8, affine=True), (2, 8, 5, 5)),
+     (lambda: nlnn.GroupNorm(4, 8), (2, 8, 5, 5)),
+     (lambda: nlnn.LayerNorm(8), (3, 5, 8))],
+)
+def test_modules_export_in_eval(make, shape):
+    m = make().eval()
+    x = off_centre(*shape)
+    torch.testing.assert_close(torch.export.export(m, (x,)).module()(x), m(x))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_compile_fullgraph_of_the_ops(train):
+    ours, theirs = _pair(train)
+    x = off_centre(2, 8, 4, 4)
+    compiled = torch.compile(ours, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), theirs(x), atol=1e-4, rtol=1e-4)
