@@ -15,6 +15,9 @@ WSConv2d               conv weight, over fan-in                 nn/std_conv.py
 ScaledStdConv2d        conv weight, scaled (NF-ResNets)         nn/std_conv.py
 =====================  ======================================  ================================
 
+``torch.ao.quantization.fuse_modules`` and ``torch.nn.utils.fusion.fuse_conv_bn_eval`` take
+normlab's BatchNorm1d/2d/3d as torch's (see :mod:`normlab.nn.fusion`).
+
 TorchScript: unlike torch.nn's, these modules cannot be compiled by ``torch.jit.script`` (forward
 picks a Python backend at call time); scripting a model that holds one raises a TypeError naming
 it. ``torch.compile`` (also ``fullgraph=True``) and ``torch.export`` work.
@@ -28,6 +31,7 @@ from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm
 from normlab.nn.layernorm import LayerNorm, LayerNorm2d
 from normlab.nn.std_conv import ScaledStdConv2d, WSConv2d, standardize_weight
 from normlab.nn.syncbn import SyncBatchNorm
+from normlab.nn import fusion  # registers normlab's BN with torch.ao.quantization.fuse_modules
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd",

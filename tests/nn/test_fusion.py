@@ -1,0 +1,79 @@
+"""torch's fusion utilities on normlab BatchNorm (issue 13 item 3): fuse_modules,
+fuse_modules_qat and fuse_conv_bn_eval give what they give for torch's own BN with the same
+state."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.quantization import fuse_modules, fuse_modules_qat
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+import normlab.nn as nlnn
+from formula import off_centre
+
+
+def _pair(first, bn_torch, bn_ours, *rest):
+    """The same model twice, once with torch's BN and once with normlab's, same state."""
+    torch.manual_seed(0)
+    theirs = nn.Sequential(first, bn_torch, *rest)
+    with torch.no_grad():
+        bn_torch.running_mean.normal_()
+        bn_torch.running_var.uniform_(0.5, 2.0)
+        bn_torch.weight.uniform_(0.5, 1.5)
+        bn_torch.bias.normal_()
+    ours = copy.deepcopy(theirs)
+    ours[1] = bn_ours
+    ours[1].load_state_dict(bn_torch.state_dict())
+    return theirs.eval(), ours.eval()
+
+
+@pytest.mark.parametrize(
+    "first,torch_bn,our_bn,shape,relu",
+    [(lambda: nn.Conv1d(3, 6, 3), nn.BatchNorm1d, nlnn.BatchNorm1d, (2, 3, 9), False),
+     (lambda: nn.Conv1d(3, 6, 3), nn.BatchNorm1d, nlnn.BatchNorm1d, (2, 3, 9), True),
+     (lambda: nn.Conv2d(3, 6, 3), nn.BatchNorm2d, nlnn.BatchNorm2d, (2, 3, 7, 7), False),
+     (lambda: nn.Conv2d(3, 6, 3), nn.BatchNorm2d, nlnn.BatchNorm2d, (2, 3, 7, 7), True),
+     (lambda: nn.Conv3d(3, 6, 3), nn.BatchNorm3d, nlnn.BatchNorm3d, (2, 3, 5, 5, 5), False),
+     (lambda: nn.Conv3d(3, 6, 3), nn.BatchNorm3d, nlnn.BatchNorm3d, (2, 3, 5, 5, 5), True),
+     (lambda: nn.Linear(5, 6), nn.BatchNorm1d, nlnn.BatchNorm1d, (4, 5), False)],  # no +ReLU fuser
+)
+def test_fuse_modules_in_eval_as_torch(first, torch_bn, our_bn, shape, relu):
+    theirs, ours = _pair(first(), torch_bn(6), our_bn(6), *([nn.ReLU()] if relu else []))
+    names = ["0", "1", "2"] if relu else ["0", "1"]
+    fused_t = fuse_modules(theirs, [names])   # not in place: copies
+    fused_o = fuse_modules(ours, [names])     # was "did not find fuser method"
+    assert type(fused_o[0]) is type(fused_t[0]) and isinstance(fused_o[1], nn.Identity)
+    x = off_centre(*shape)
+    torch.testing.assert_close(fused_o(x), fused_t(x))
+    torch.testing.assert_close(fused_o(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_conv_bn_eval_as_torch():
+    theirs, ours = _pair(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nlnn.BatchNorm2d(6))
+    fused_t = fuse_conv_bn_eval(theirs[0], theirs[1])
+    fused_o = fuse_conv_bn_eval(ours[0], ours[1])
+    torch.testing.assert_close(fused_o.weight, fused_t.weight)
+    torch.testing.assert_close(fused_o.bias, fused_t.bias)
+    x = off_centre(2, 3, 7, 7)
+    torch.testing.assert_close(fused_o(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_modules_qat_builds_torchs_module_on_the_same_parameters():
+    theirs, ours = _pair(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nlnn.BatchNorm2d(6), nn.ReLU())
+    ours.train()
+    bn_weight = ours[1].weight
+    fused = fuse_modules_qat(ours, [["0", "1", "2"]], inplace=True)
+    want = type(fuse_modules_qat(theirs.train(), [["0", "1", "2"]])[0])
+    assert type(fused[0]) is want
+    assert fused[0][1].weight is bn_weight  # the BN's own Parameter: an optimizer still sees it
+
+
+def test_bn_relu_and_torch_entries_untouched():
+    from torch.ao.quantization.fuser_method_mappings import get_fuser_method
+    assert get_fuser_method((nn.Conv2d, nn.BatchNorm2d)).__name__ == "fuse_conv_bn"
+    _, ours = _pair(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nlnn.BatchNorm2d(6), nn.ReLU())
+    fused = fuse_modules(ours, [["1", "2"]])
+    x = off_centre(2, 6, 5, 5)
+    torch.testing.assert_close(fused[1](x), torch.relu(ours[1](x)))
