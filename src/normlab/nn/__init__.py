@@ -11,6 +11,8 @@ InstanceNorm1d/2d/3d   spatial (per sample, channel)            nn/instancenorm.
 GroupNorm              C/G channels, spatial (per sample)       nn/groupnorm.py
 LayerNorm              trailing normalized_shape                nn/layernorm.py
 LayerNorm2d            C (per sample and position)              nn/layernorm.py
+LazyBatchNorm1d/2d/3d  as BN; C from the first input           nn/lazy.py
+LazyInstanceNorm*d     as IN; C from the first input           nn/lazy.py
 WSConv2d               conv weight, over fan-in                 nn/std_conv.py
 ScaledStdConv2d        conv weight, scaled (NF-ResNets)         nn/std_conv.py
 =====================  ======================================  ================================
@@ -29,6 +31,8 @@ from normlab.nn.frozen_bn import FrozenBatchNorm2d
 from normlab.nn.groupnorm import GroupNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.nn.layernorm import LayerNorm, LayerNorm2d
+from normlab.nn.lazy import (LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d, LazyInstanceNorm1d,
+                             LazyInstanceNorm2d, LazyInstanceNorm3d)
 from normlab.nn.std_conv import ScaledStdConv2d, WSConv2d, standardize_weight
 from normlab.nn.syncbn import SyncBatchNorm
 from normlab.nn import fusion  # registers normlab's BN with torch.ao.quantization.fuse_modules
@@ -40,6 +44,8 @@ __all__ = [
     "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "LayerNorm2d",
+    "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+    "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
     "ScaledStdConv2d", "WSConv2d", "standardize_weight",
     "SyncBatchNorm",
 ]

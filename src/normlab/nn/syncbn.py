@@ -206,7 +206,10 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
     keyword ``bias``),
     the parameters and buffers of BatchNorm (so BN state_dicts load with ``strict=True`` both
     ways) and ``convert_sync_batchnorm``. It is deliberately *not* a subclass of
-    ``torch.nn.SyncBatchNorm``: DDP refuses CPU models containing that class.
+    ``torch.nn.SyncBatchNorm``: DDP refuses every CPU model holding an instance of that class
+    ("SyncBatchNorm layers only work with GPU modules"), and synchronizing BN on CPU/gloo is
+    what this class is for. ``isinstance(m, torch.nn.modules.batchnorm._BatchNorm)`` holds, and
+    code that finds BN state by buffer name (timm's ``distribute_bn``) sees it.
 
     Shape: input ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``, any memory
     format; output the same. N may differ between processes.
