@@ -25,3 +25,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$venv/bin/python"
   "${pip[@]}" -e ".[test]"
   echo "$want" > "$stamp"
 fi
+# timm (tests/test_timm.py checks normlab against timm's models) and the torchvision it imports,
+# both without their declared dependencies, which would replace the CPU torch by a CUDA build.
+# NORMLAB_TORCHVISION_SPEC: the torchvision of the torch in use (0.28 pairs with torch 2.13).
+if ! "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('timm') and u.find_spec('torchvision')))" >/dev/null 2>&1; then
+  echo "[bootstrap] installing timm and torchvision (--no-deps)" >&2
+  "${pip[@]}" --no-deps "timm>=1.0.20,<2" "${NORMLAB_TORCHVISION_SPEC:-torchvision==0.28.0}"
+fi

@@ -7,6 +7,12 @@ running statistics too where the target has them (bn, brn, syncbn, frozenbn). BN
 reproduces the BN's eval output exactly. GroupNorm targets whose requested group count does not
 divide C get one by :func:`normlab.factory.resolve_groups`.
 
+timm's norm-act layers (``BatchNormAct2d``, ``SyncBatchNormAct``: BatchNorms that apply their
+``drop`` and ``act`` submodules after normalizing) stay whole: a ReLU, SiLU or exact GELU after no
+dropout is fused into the new norm (``activation=``) where it takes one; any other activation or
+a dropout stays as the same ``drop`` / ``act`` submodules, run after the new norm by a forward
+hook. The state_dict keys of those layers stay as they were.
+
 The returned model carries ``model.normlab_conversion``, a :class:`ConversionSummary` of what was
 replaced.
 """
@@ -16,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from torch import nn
 
@@ -141,6 +147,21 @@ def _freeze(module: nn.Module, cls: type, kwargs: dict[str, Any], name: str) -> 
 
 
 def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = "") -> nn.Module:
+    """The replacement of one BatchNorm; a norm-act layer's activation and dropout go along."""
+    act, drop = _norm_act_parts(module)
+    fused = _fusable_activation(act, drop) if act is not None else _NOTHING
+    if fused is not _NOTHING and ("activation" in kwargs or not _takes_activation(to, kwargs)):
+        fused = _NOTHING
+    new = _build_norm(module, to, kwargs, name, fused)
+    if act is None or fused is not _NOTHING:
+        return new
+    new.drop, new.act = drop, act  # the same names as timm's: state_dict keys stay
+    new.register_forward_hook(_drop_then_act)
+    return new
+
+
+def _build_norm(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str,
+                fused: Any) -> nn.Module:
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise ValueError(
             f"cannot convert {name or '<root>'!r} ({type(module).__name__}): its parameters are "
@@ -158,7 +179,11 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = 
                 kw.setdefault(attr, value)
     if key == "frozenbn" or _is_frozen_target(to):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return _freeze(module, to if _is_frozen_target(to) else FrozenBatchNorm2d, kwargs, name)
+            new = _freeze(module, to if _is_frozen_target(to) else FrozenBatchNorm2d, kwargs, name)
+            new.activation = None if fused is _NOTHING else fused
+            return new
+    if fused is not _NOTHING:
+        kw["activation"] = fused
     if key == "bn" and "dims" not in kwargs and isinstance(module, _SYNC_TYPES):
         # a SyncBatchNorm may have served (N, C), (N, C, L), ... input: keep any dims allowed
         kw.pop("dims", None)
@@ -166,6 +191,52 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = 
     else:
         new = create_norm(to, c, **kw)
     return adopt_state(module, new)
+
+
+# timm's norm-act layers (BatchNormAct2d, SyncBatchNormAct: BatchNorms that run their ``drop``
+# and ``act`` submodules after the normalization) and the activations normlab fuses
+_FUSED_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu", nn.Identity: None}
+
+
+def _norm_act_parts(module: nn.Module) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
+    """``(act, drop)`` of a norm-act layer, ``(None, None)`` for a plain BatchNorm."""
+    act, drop = module._modules.get("act"), module._modules.get("drop")
+    if isinstance(act, nn.Module) and isinstance(drop, nn.Module):
+        return act, drop
+    return None, None
+
+
+def _fusable_activation(act: nn.Module, drop: nn.Module) -> Any:
+    """The ``activation=`` name that computes ``act(drop(y))`` (None: nothing to apply), or
+    _NOTHING where normlab cannot fuse it (another activation, a real dropout)."""
+    if type(drop) is not nn.Identity:
+        return _NOTHING
+    if type(act) is nn.GELU and act.approximate != "none":
+        return _NOTHING  # normlab fuses the exact (erf) GELU only
+    return _FUSED_NAMES.get(type(act), _NOTHING)
+
+
+def _takes_activation(to: NormSpec, kwargs: dict[str, Any]) -> bool:
+    if isinstance(to, str):
+        key = canonical_name(to)
+        if key == "frozenbn":
+            return True
+        try:
+            target = get_norm_class(key, kwargs.get("dims", 2))
+        except ValueError:
+            return False
+    else:
+        target = to.func if isinstance(to, functools.partial) else to
+    try:
+        return "activation" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _drop_then_act(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook of a converted norm-act layer whose activation or dropout normlab does not
+    fuse: ``act(drop(y))`` after the new norm, as timm's layer computed it."""
+    return module.act(module.drop(output))
 
 
 def _already(module: nn.Module, target: str, target_cls: Optional[type]) -> bool:

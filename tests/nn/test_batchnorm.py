@@ -93,3 +93,25 @@ def test_errors():
         bn(torch.ones(2, 4, 3, 3, dtype=torch.int32))
     bn.eval()  # one value per channel is fine in eval (running statistics)
     assert torch.isfinite(bn(torch.randn(1, 4, 1, 1))).all()
+
+
+@pytest.mark.parametrize("activation,fn", [("relu", torch.relu), ("silu", torch.nn.functional.silu),
+                                           ("gelu", torch.nn.functional.gelu)])
+@pytest.mark.parametrize(
+    "ours,theirs,shape",
+    [(lambda **kw: nlnn.BatchNorm2d(5, **kw), lambda: nn.BatchNorm2d(5), (4, 5, 3, 3)),
+     (lambda **kw: nlnn.InstanceNorm2d(5, affine=True, **kw),
+      lambda: nn.InstanceNorm2d(5, affine=True), (2, 5, 4, 4)),
+     (lambda **kw: nlnn.FrozenBatchNorm2d(5, **kw), lambda: nn.BatchNorm2d(5).eval(), (2, 5, 3, 3))],
+)
+def test_fused_activation_is_torch_norm_then_activation(activation, fn, ours, theirs, shape):
+    # what timm's BatchNormAct2d computes (issue 13 item 1): the activation after the affine
+    m, t = ours(activation=activation), theirs()
+    with torch.no_grad():
+        t.weight.uniform_(0.5, 1.5)
+        t.bias.normal_()
+        m.weight.copy_(t.weight)
+        m.bias.copy_(t.bias)
+    x = off_centre(*shape)
+    torch.testing.assert_close(m(x), fn(t(x)), atol=1e-5, rtol=1e-5)
+    assert f"activation={activation!r}" in repr(m)

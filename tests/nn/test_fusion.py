@@ -77,3 +77,9 @@ def test_bn_relu_and_torch_entries_untouched():
     fused = fuse_modules(ours, [["1", "2"]])
     x = off_centre(2, 6, 5, 5)
     torch.testing.assert_close(fused[1](x), torch.relu(ours[1](x)))
+
+
+def test_a_bn_with_fused_activation_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nlnn.BatchNorm2d(6, activation="silu")).eval()
+    with pytest.raises(ValueError, match="activation='silu'"):
+        fuse_modules(model, [["0", "1"]])

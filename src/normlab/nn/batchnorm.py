@@ -10,6 +10,8 @@ runs through :func:`normlab.functional.batch_norm` and the selected backend.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
@@ -23,6 +25,24 @@ class _BatchNormForward:
     """forward() of torch's _BatchNorm, routed through normlab.functional.batch_norm."""
 
     __prepare_scriptable__ = not_scriptable
+    activation: Optional[str] = None  # (a class default: lazy modules become BN without __init__)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: Optional[str] = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype, bias=bias)
+        self.activation = NLF.check_activation(activation)
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
@@ -43,7 +63,12 @@ class _BatchNormForward:
             use_batch_stats,
             factor,
             self.eps,
+            activation=self.activation,
         )
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", activation={self.activation!r}" if self.activation else "")
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
@@ -59,7 +84,9 @@ class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
     mean and biased variance over (N, H, W) per channel in training; the running buffers (which
     store the unbiased variance) in eval. Args as torch's: ``num_features``, ``eps=1e-5``,
     ``momentum=0.1`` (None: cumulative average), ``affine=True``, ``track_running_stats=True``,
-    ``device``, ``dtype``. ``momentum`` is not validated, as torch's: a value outside [0, 1] is
+    ``device``, ``dtype``, keyword ``bias=True``, and keyword ``activation`` (None, "relu",
+    "silu" or "gelu": fused after the affine, what timm's BatchNormAct2d computes with those
+    activations). ``momentum`` is not validated, as torch's: a value outside [0, 1] is
     used as given in ``running = (1 - momentum) * running + momentum * batch``.
 
     Shape: input (N, C, H, W) in any memory format; output the same shape and memory format.

@@ -9,6 +9,8 @@ mode, so it is bit-for-bit the eval output of the BatchNorm it was made from.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, fx, nn
 
@@ -29,6 +31,7 @@ class FrozenBatchNorm2d(nn.Module):
     Args:
         num_features: C.
         eps: added to the variance; > 0.
+        activation: None, "relu", "silu" or "gelu", fused after the affine (keyword).
 
     Shape: (N, C, H, W), any memory format.
 
@@ -41,8 +44,10 @@ class FrozenBatchNorm2d(nn.Module):
 
     __prepare_scriptable__ = not_scriptable
 
-    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *,
+                 activation: Optional[str] = None) -> None:
         super().__init__()
+        self.activation = NLF.check_activation(activation)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         self.num_features = num_features
@@ -90,7 +95,8 @@ class FrozenBatchNorm2d(nn.Module):
         NLF.check_input(input)
         check_num_channels(self, input, self.num_features)
         return NLF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                             False, 0.0, self.eps)
+                             False, 0.0, self.eps, activation=self.activation)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        return f"{self.num_features}, eps={self.eps}" + (
+            f", activation={self.activation!r}" if self.activation else "")

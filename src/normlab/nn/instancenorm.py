@@ -8,6 +8,8 @@ normalization call differs.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
@@ -18,6 +20,28 @@ __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 class _InstanceNormForward:
     __prepare_scriptable__ = not_scriptable
+    activation: Optional[str] = None  # (a class default: lazy modules become IN without __init__)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: Optional[str] = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype, bias=bias)
+        self.activation = NLF.check_activation(activation)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", activation={self.activation!r}" if self.activation else "")
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
@@ -34,6 +58,7 @@ class _InstanceNormForward:
             self.training or not self.track_running_stats,
             self.momentum if self.momentum is not None else 0.0,
             self.eps,
+            activation=self.activation,
         )
 
 

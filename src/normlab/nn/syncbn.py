@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.backends.reference import compute_dtype, output_memory_format
+from normlab.backends.reference import apply_activation, compute_dtype, output_memory_format
 from normlab.nn._common import (adopt_state, channel_view, check_num_channels, count_batch,
                                 fx_leaf, replace_modules, running_average_factor,
                                 update_running_stats)
@@ -234,6 +234,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         dtype: Optional[torch.dtype] = None,
         *,
         bias: bool = True,
+        activation: Optional[str] = None,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -251,7 +252,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
                 f"{type(process_group).__name__}"
             )
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype, bias=bias)
+                         device=device, dtype=dtype, bias=bias, activation=activation)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -282,11 +283,12 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         count_batch(self)
         factor = running_average_factor(self)
         track = self.track_running_stats
-        return sync_batch_norm(
+        y = sync_batch_norm(
             input, self.weight, self.bias,
             self.running_mean if track else None, self.running_var if track else None,
             self.eps, factor, group,
         )
+        return apply_activation(y, self.activation)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (

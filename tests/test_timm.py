@@ -1,0 +1,160 @@
+"""normlab against timm's own models and layers (issue 13 items 1, 2 and 8): convert_norm keeps
+timm's fused activations and dropout, timm's FX feature extraction traces models built with
+normlab layers, timm's distribute_bn sees normlab's SyncBatchNorm. Small models, random
+initialization (pretrained=False), 64x64 inputs."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import normlab
+import normlab.nn as nlnn
+from normlab.factory import resolve_groups
+from timm_import import import_timm
+
+timm = import_timm()
+from timm.layers import BatchNormAct2d, GroupNormAct, SyncBatchNormAct  # noqa: E402
+from timm.models import create_feature_extractor, get_graph_node_names  # noqa: E402
+
+# efficientnet_b0: the issue's model (SiLU fused into its BatchNormAct2d layers, fusable);
+# regnety_002: ReLU, the smallest RegNet; mobilenetv3_small_050: hard-swish, which normlab does
+# not fuse (the activation module is kept and run after the new norm)
+MODELS = ["efficientnet_b0", "regnety_002", "mobilenetv3_small_050"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def model_and_input(request):
+    torch.manual_seed(0)
+    model = timm.create_model(request.param, pretrained=False).eval()
+    with torch.no_grad():  # trained-looking statistics and affine: not the identity init
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return model, torch.randn(2, 3, 64, 64)
+
+
+def _activation_counts(model):
+    """How many of each activation a model applies: as modules, and fused into normlab norms."""
+    counts = {}
+    for m in model.modules():
+        if isinstance(m, BatchNormAct2d) or isinstance(m, GroupNormAct):
+            continue  # counted through their act submodule
+        name = getattr(m, "activation", None) if hasattr(m, "num_features") or hasattr(
+            m, "num_channels") else None
+        if name is not None:
+            counts[name] = counts.get(name, 0) + 1
+        for cls, key in ((nn.SiLU, "silu"), (nn.ReLU, "relu"), (nn.Hardswish, "hardswish")):
+            if type(m) is cls:
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("to", ["bn", "frozenbn"])
+def test_convert_to_bn_keeps_outputs_keys_and_activations(model_and_input, to):
+    model, x = model_and_input
+    converted = normlab.convert_norm(copy.deepcopy(model), to).eval()
+    assert not any(isinstance(m, BatchNormAct2d) for m in converted.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), atol=1e-4, rtol=1e-4)
+    keys = list(model.state_dict())
+    if to == "frozenbn":  # a frozen BN has no batch counter (it loads BN state_dicts)
+        keys = [k for k in keys if not k.endswith("num_batches_tracked")]
+    assert list(converted.state_dict()) == keys
+    assert _activation_counts(converted) == _activation_counts(model)
+
+
+def _timm_group_norm_act(model):
+    """The expected 'gn' conversion, built from timm's own GroupNormAct with each layer's
+    activation (an independent statement of what convert_norm must compute)."""
+    model = copy.deepcopy(model)
+    for name, m in list(model.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, BatchNormAct2d):
+                c = child.num_features
+                gn = GroupNormAct(c, resolve_groups(c, 32), eps=child.eps, apply_act=False)
+                gn.act = child.act
+                with torch.no_grad():
+                    gn.weight.copy_(child.weight)
+                    gn.bias.copy_(child.bias)
+                setattr(m, child_name, gn)
+            elif type(child) is nn.BatchNorm2d:
+                gn = nn.GroupNorm(resolve_groups(child.num_features, 32), child.num_features,
+                                  eps=child.eps)
+                with torch.no_grad():
+                    gn.weight.copy_(child.weight)
+                    gn.bias.copy_(child.bias)
+                setattr(m, child_name, gn)
+    return model.eval()
+
+
+def test_convert_to_gn_keeps_every_activation_as_timms_group_norm_act(model_and_input):
+    model, x = model_and_input
+    converted = normlab.convert_norm(copy.deepcopy(model), "gn").eval()
+    expected = _timm_group_norm_act(model)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), expected(x), atol=1e-4, rtol=1e-4)
+    assert _activation_counts(converted) == _activation_counts(model)
+
+
+def test_unfusable_dropout_and_activation_run_after_the_new_norm():
+    torch.manual_seed(0)
+    layer = BatchNormAct2d(8, act_layer=nn.Hardswish, drop_layer=lambda: nn.Dropout(0.5))
+    x = torch.randn(4, 8, 5, 5) + 1
+    new = normlab.convert_norm(nn.Sequential(copy.deepcopy(layer)), "bn")[0]
+    assert isinstance(new.act, nn.Hardswish) and isinstance(new.drop, nn.Dropout)
+    torch.manual_seed(1)
+    want = layer(x)  # training: batch statistics, then dropout, then hard-swish
+    torch.manual_seed(1)
+    torch.testing.assert_close(new(x), want, atol=1e-5, rtol=1e-5)
+    assert list(new.state_dict()) == list(layer.state_dict())
+
+
+def test_sync_batchnorm_act_converts_with_its_activation():
+    torch.manual_seed(0)
+    model = timm.layers.convert_sync_batchnorm(
+        nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.SiLU))).eval()
+    assert isinstance(model[1], SyncBatchNormAct)
+    x = torch.randn(2, 3, 9, 9)
+    for to in ("bn", "syncbn"):
+        new = normlab.convert_norm(copy.deepcopy(model), to).eval()
+        assert new[1].activation == "silu"
+        torch.testing.assert_close(new(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("convnext_atto", {"norm_layer": nlnn.LayerNorm2d}),            # conv-net LayerNorm2d
+     ("vit_tiny_patch16_224", {"norm_layer": nlnn.LayerNorm, "img_size": 32})],  # LayerNorm
+)
+def test_timm_fx_feature_extraction_with_normlab_layers(name, kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    assert any(type(m) is kwargs["norm_layer"] for m in model.modules())
+    nodes = get_graph_node_names(model)[1]
+    extractor = create_feature_extractor(model, return_nodes=[nodes[-1]])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(next(iter(extractor(x).values())), model(x))
+
+
+def test_timm_distribute_bn_sees_normlab_sync_batchnorm():
+    from timm.utils import distribute_bn
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nlnn.SyncBatchNorm(4)).train()
+        model(torch.randn(4, 3, 5, 5) + 2)
+        before = model[1].running_mean.clone()
+        distribute_bn(model, 1, reduce=True)  # averages the running buffers it finds by name
+        torch.testing.assert_close(model[1].running_mean, before)
+        assert not torch.equal(before, torch.zeros(4))  # the buffers it averaged were trained
+    finally:
+        dist.destroy_process_group()
