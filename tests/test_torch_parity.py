@@ -48,12 +48,29 @@ def test_instance_norm_channels_last_offset_and_memory_format_as_torch(backend, 
     assert err < 3 * 2 * ULP_1000, (backend, err)
 
 
-def test_instance_norm_3d_channels_last_returns_contiguous_as_torch():
-    # 5-D channels_last_3d: the other layout torch returns contiguous for
-    x = off_centre(2, 3, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)
-    y, want = nlnn.InstanceNorm3d(3)(x), nn.InstanceNorm3d(3)(x)
-    assert y.is_contiguous() and want.is_contiguous()
-    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_5d_channels_last_3d_at_offset_and_instance_norm_contiguous_as_torch(backend):
+    # 5-D channels_last_3d (4x4x4 positions): the other channels_last layout
+    torch.manual_seed(0)
+    x = (1000 + torch.randn(2, 6, 4, 4, 4)).contiguous(memory_format=torch.channels_last_3d)
+    with use_backend(backend):
+        y, g = nlnn.InstanceNorm3d(6)(x), nlnn.GroupNorm(3, 6)(x)
+    assert y.is_contiguous() and nn.InstanceNorm3d(6)(x).is_contiguous()
+    assert g.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (y.double() - normalize64(x, 6, False)).abs().max().item() < 3 * 2 * ULP_1000
+    assert (g.double() - normalize64(x, 3, False)).abs().max().item() < 3 * 2 * ULP_1000
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_channels_last_at_offset_as_accurate_as_contiguous(dtype):
+    # the shifted channels_last path in half precision: no worse than the NCHW path
+    torch.manual_seed(0)
+    x = (100 + torch.randn(2, 6, 8, 8)).to(dtype)
+    exact = normalize64(x, 3, False)
+    err_cl = (nlnn.GroupNorm(3, 6).to(dtype)(x.contiguous(memory_format=torch.channels_last))
+              .double() - exact).abs().max().item()
+    err_nchw = (nlnn.GroupNorm(3, 6).to(dtype)(x).double() - exact).abs().max().item()
+    assert err_cl <= 1.5 * err_nchw + 1e-6, (err_cl, err_nchw)
 
 
 def test_group_norm_one_value_per_group_raises_as_torch():

@@ -104,8 +104,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         n = float(n64)
         if n <= 1:
             raise ValueError(
-                "expected more than 1 value per channel when training with synchronized batch "
-                f"statistics, got {n:g} value(s) per channel over all {dist.get_world_size(group)} "
+                "Expected more than 1 value per channel when training (synchronized batch "
+                f"statistics), got {n:g} value(s) per channel over all {dist.get_world_size(group)} "
                 f"processes (this process: input of shape {tuple(x.shape)})"
             )
         acc = compute_dtype(x.dtype)
