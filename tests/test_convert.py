@@ -283,3 +283,17 @@ def test_convert_sync_batchnorm_classmethod_as_torchs():
     assert out[0].weight is w and torch.equal(out[0].running_mean, mean)
     assert (out[0].momentum, out[0].eps) == (0.3, 1e-3)
     assert out[1].bias is None and torch.equal(out[1].weight, nobias.weight)
+
+
+@pytest.mark.parametrize("to", ["gn", "in", "brn", "none"])
+def test_a_fused_activation_goes_along(to):
+    """A normlab BatchNorm's fused activation survives any target: fused again where the target
+    takes activation= (gn, in), else run after it as an act submodule (brn, none)."""
+    bn = _trained_bn(nlnn.BatchNorm2d, 8, activation="silu").eval()
+    plain = convert_norm(nn.Sequential(_trained_bn(nlnn.BatchNorm2d, 8).eval()), to)[0]
+    new = convert_norm(nn.Sequential(bn), to)[0]
+    x = off_centre(2, 8, 5, 5)
+    with torch.no_grad():
+        plain.load_state_dict(new.state_dict())
+        torch.testing.assert_close(new(x), torch.nn.functional.silu(plain(x)))
+    assert getattr(new, "activation", None) == "silu" or isinstance(new.act, nn.SiLU)

@@ -8,7 +8,8 @@ reproduces the BN's eval output exactly. GroupNorm targets whose requested group
 divide C get one by :func:`normlab.factory.resolve_groups`.
 
 timm's norm-act layers (``BatchNormAct2d``, ``SyncBatchNormAct``: BatchNorms that apply their
-``drop`` and ``act`` submodules after normalizing) stay whole: a ReLU, SiLU or exact GELU after no
+``drop`` and ``act`` submodules after normalizing) and normlab BatchNorms with a fused
+``activation`` stay whole: a ReLU, SiLU or exact GELU after no
 dropout is fused into the new norm (``activation=``) where it takes one; any other activation or
 a dropout stays as the same ``drop`` / ``act`` submodules, run after the new norm by a forward
 hook. The state_dict keys of those layers stay as they were.
@@ -198,8 +199,15 @@ def _build_norm(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: s
 _FUSED_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu", nn.Identity: None}
 
 
+_ACT_MODULES = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+
+
 def _norm_act_parts(module: nn.Module) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
-    """``(act, drop)`` of a norm-act layer, ``(None, None)`` for a plain BatchNorm."""
+    """``(act, drop)`` of a norm-act layer, ``(None, None)`` for a plain BatchNorm. A normlab
+    BatchNorm's fused ``activation`` counts as its act (it goes along too)."""
+    fused = getattr(module, "activation", None)
+    if isinstance(fused, str) and fused in _ACT_MODULES:
+        return _ACT_MODULES[fused](), nn.Identity()
     act, drop = module._modules.get("act"), module._modules.get("drop")
     if isinstance(act, nn.Module) and isinstance(drop, nn.Module):
         return act, drop

@@ -189,7 +189,7 @@ def create_norm(norm: NormSpec, num_channels: int, **kwargs: Any) -> nn.Module:
             instance is a TypeError.
         num_channels: C.
         **kwargs: passed to the module (``eps``, ``momentum``, ``affine``, ``activation`` for
-            gn/ln, ``num_groups``/``group_size`` for gn, ``dims`` for bn/in/brn). For a name, a
+            bn/syncbn/frozenbn/in/gn/ln, ``num_groups``/``group_size`` for gn, ``dims`` for bn/in/brn). For a name, a
             keyword the module does not take is a TypeError naming it and those it takes ("none"
             takes and ignores any).
 
