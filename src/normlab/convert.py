@@ -9,10 +9,10 @@ divide C get one by :func:`normlab.factory.resolve_groups`.
 
 timm's norm-act layers (``BatchNormAct2d``, ``SyncBatchNormAct``: BatchNorms that apply their
 ``drop`` and ``act`` submodules after normalizing) and normlab BatchNorms with a fused
-``activation`` stay whole: a ReLU, SiLU or exact GELU after no
-dropout is fused into the new norm (``activation=``) where it takes one; any other activation or
-a dropout stays as the same ``drop`` / ``act`` submodules, run after the new norm by a forward
-hook. The state_dict keys of those layers stay as they were.
+``activation`` stay whole: a ReLU, SiLU or exact GELU after no dropout is fused into the new
+norm (``activation=``) where it takes one; any other activation or a dropout stays as the same
+``drop`` / ``act`` submodules, run after the new norm by a forward hook. The state_dict keys of
+those layers stay as they were.
 
 The returned model carries ``model.normlab_conversion``, a :class:`ConversionSummary` of what was
 replaced.
@@ -197,8 +197,6 @@ def _build_norm(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: s
 # timm's norm-act layers (BatchNormAct2d, SyncBatchNormAct: BatchNorms that run their ``drop``
 # and ``act`` submodules after the normalization) and the activations normlab fuses
 _FUSED_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu", nn.Identity: None}
-
-
 _ACT_MODULES = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
