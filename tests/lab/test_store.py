@@ -6,11 +6,12 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 from normlab.lab.config import ConfigError
-from normlab.lab.store import Store, heartbeat, summarize
+from normlab.lab.store import Store, _me, _proc_stat, heartbeat, summarize
 
 
 def _rows(n, base=1.0):
@@ -41,10 +42,48 @@ def test_run_owned_by_a_dead_process_is_taken_over(tmp_path):
         s.con.execute("UPDATE runs SET owner=? WHERE run_id='r2'",
                       (f"{s.run('r2')['owner'].rpartition(':')[0]}:{dead}",))
         assert s.claim("r2", {"epochs": 1}) == "claimed"
-        # a live foreign owner (our parent process) makes it busy
-        s.con.execute("UPDATE runs SET owner=? WHERE run_id='r2'",
-                      (f"{s.run('r2')['owner'].rpartition(':')[0]}:{os.getppid()}",))
+        # a live foreign owner (our parent process, its start time recorded) makes it busy
+        s.con.execute("UPDATE runs SET owner=?, owner_start=? WHERE run_id='r2'",
+                      (f"{s.run('r2')['owner'].rpartition(':')[0]}:{os.getppid()}",
+                       _proc_stat(os.getppid())[1]))
         assert s.claim("r2", {"epochs": 1}) == "busy"
+
+
+_CLAIM_AND_EXIT = "import sys; from normlab.lab.store import Store; Store(sys.argv[1]).claim('r', {})"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to tell processes apart")
+def test_a_recycled_local_pid_is_not_the_owner(tmp_path):
+    """The owner of a run was killed and the OS gave its pid to a new, unrelated process: the
+    run was waited for forever (the pid is alive). The claim records the owner's start time;
+    a process at that pid with another start time is not the owner."""
+    subprocess.run([sys.executable, "-c", _CLAIM_AND_EXIT, str(tmp_path)], check=True)
+    reuser = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with Store(tmp_path) as s:
+            host = s.run("r")["owner"].rpartition(":")[0]
+            # the dead owner's pid now belongs to `reuser`; its heartbeat is fresh
+            s.con.execute("UPDATE runs SET owner=?, updated=? WHERE run_id='r'",
+                          (f"{host}:{reuser.pid}", time.time()))
+            assert s.claim("r", {}) == "claimed"
+            assert s.run("r")["owner"] == _me()
+    finally:
+        reuser.kill()
+        reuser.wait()
+
+
+def test_a_live_local_pid_with_a_stale_heartbeat_is_not_the_owner(tmp_path, monkeypatch):
+    """Where the start time cannot tell (a row written before it was recorded), the heartbeat
+    does, on this host as on any other: a live pid that has not touched its run for
+    $NORMLAB_STALE_AFTER seconds is not its owner."""
+    with Store(tmp_path) as s:
+        s.claim("r", {})
+        host = s.run("r")["owner"].rpartition(":")[0]
+        s.con.execute("UPDATE runs SET owner=?, owner_start=NULL, updated=? WHERE run_id='r'",
+                      (f"{host}:{os.getppid()}", time.time() - 60))
+        assert s.claim("r", {}) == "busy"   # touched a minute ago (default: 900 s)
+        monkeypatch.setenv("NORMLAB_STALE_AFTER", "30")
+        assert s.claim("r", {}) == "claimed"
 
 
 def test_remote_owner_is_busy_while_it_beats_and_stale_after(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
 Layout of ``OUT/results.sqlite`` (WAL journal, every write one ``BEGIN IMMEDIATE`` transaction)::
 
     runs(run_id PK, config JSON, status running|done|failed, owner host:pid, epochs, epochs_done,
-         wall_time s, images_per_s, device, versions JSON, final_* metrics, error, created, updated)
+         wall_time s, images_per_s, device, versions JSON, final_* metrics, error, created, updated,
+         owner_start: the owner's start time in clock ticks after its host's boot)
     epochs(run_id, epoch PK, train_loss, train_error, test_loss, test_error, lr, wall_time,
            images_per_s)
     study_runs(study, preset, run_id, label PK, x JSON, registered, setup)  -- which runs make a study
@@ -17,11 +18,13 @@ claims it and resumes from the checkpoint. Two processes sharing a store seriali
 through SQLite's lock (``busy_timeout`` 60 s) and never train the same run at once: a run owned by
 a live process is skipped (:meth:`Store.claim` returns ``"busy"``).
 
-Owners on another host: a process cannot be asked whether a remote pid lives, so the owner of a
-run touches its row every :data:`HEARTBEAT_S` seconds while training (:func:`heartbeat`), and a
-remote owner whose row has not been touched for ``$NORMLAB_STALE_AFTER`` seconds (default 900)
-counts as dead: a run whose process was killed outright (SIGKILL, OOM, a lost node) is taken over
-by the next process on any host instead of being waited for forever.
+Owners: a process cannot be asked whether a remote pid lives, so the owner of a run touches its
+row every :data:`HEARTBEAT_S` seconds while training (:func:`heartbeat`), and an owner whose row
+has not been touched for ``$NORMLAB_STALE_AFTER`` seconds (default 900) counts as dead: a run
+whose process was killed outright (SIGKILL, OOM, a lost node) is taken over by the next process on
+any host instead of being waited for forever. An owner on this host is also asked of the OS at
+once: its pid must exist, not be a zombie, and have the start time recorded with the claim (a
+killed owner's pid given to a new process is not the owner).
 
 Example::
 
@@ -61,7 +64,7 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, config TEXT NOT NULL, status TEXT NOT NULL, owner TEXT,
     epochs INTEGER, epochs_done INTEGER DEFAULT 0, wall_time REAL, images_per_s REAL, device TEXT,
     versions TEXT, final_train_loss REAL, final_train_error REAL, final_test_loss REAL,
-    final_test_error REAL, error TEXT, created REAL, updated REAL);
+    final_test_error REAL, error TEXT, created REAL, updated REAL, owner_start INTEGER);
 CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL, epoch INTEGER NOT NULL, train_loss REAL, train_error REAL,
     test_loss REAL, test_error REAL, lr REAL, wall_time REAL, images_per_s REAL,
@@ -75,6 +78,9 @@ CREATE TABLE IF NOT EXISTS spp (
     residual_var REAL, PRIMARY KEY (model, depth));
 """
 
+#: columns added since the first stores were written: (table, column, declaration)
+_ADDED_COLUMNS = (("study_runs", "setup", "TEXT NOT NULL DEFAULT ''"),
+                  ("runs", "owner_start", "INTEGER"))
 
 #: seconds between an owner's touches of its run's row while it trains (see heartbeat)
 HEARTBEAT_S = 60.0
@@ -100,26 +106,51 @@ def _me() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _owner_alive(owner: Optional[str], updated: Optional[float] = None) -> bool:
-    """Whether the process ``host:pid`` is alive: on this host, asked of the OS; on another
-    host, whether it touched its run (``updated``) within :func:`stale_after_s`."""
+def _owner_alive(owner: Optional[str], updated: Optional[float] = None,
+                 started: Optional[int] = None) -> bool:
+    """Whether the process ``host:pid`` that owns a run (last touched at ``updated``; started
+    ``started`` clock ticks after its host's boot) lives.
+
+    Every owner touches its run every :data:`HEARTBEAT_S` seconds (:func:`heartbeat`), so an
+    owner silent for :func:`stale_after_s` is dead on any host. On another host that is all
+    there is to ask; on this host the OS is asked too: a pid that does not exist, a zombie, or
+    a process with another start time (the owner died and its pid was given to a new process)
+    is not the owner."""
     if not owner or ":" not in owner:
         return False
     host, _, pid_s = owner.rpartition(":")
-    if host != socket.gethostname():
-        return updated is None or time.time() - updated < stale_after_s()
+    fresh = updated is None or time.time() - updated < stale_after_s()
+    if host != socket.gethostname() or not fresh:
+        return fresh
     try:
         pid = int(pid_s)
         os.kill(pid, 0)
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
+        pass  # another user's process: it exists
+    stat = _proc_stat(pid)
+    if stat is None:  # no /proc (or it just exited): the pid exists, the heartbeat is fresh
         return True
-    try:  # a killed but unreaped child is a zombie: dead for our purposes
+    state, ticks = stat
+    return state != "Z" and (started is None or ticks == started)  # Z: killed, not reaped
+
+
+def _proc_stat(pid: int) -> Optional[tuple[str, int]]:
+    """(state, start time in clock ticks after boot) of process ``pid`` from ``/proc``
+    (fields 3 and 22 of proc(5)); None where ``/proc`` cannot tell."""
+    try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _my_start() -> Optional[int]:
+    """This process's start time in clock ticks after boot (recorded with its claims), or None."""
+    stat = _proc_stat(os.getpid())
+    return stat[1] if stat else None
 
 
 class Store:
@@ -152,10 +183,10 @@ class Store:
                 for stmt in _SCHEMA.strip().split(";"):
                     if stmt.strip():
                         self.con.execute(stmt)
-                cols = {r[1] for r in self.con.execute("PRAGMA table_info(study_runs)")}
-                if "setup" not in cols:  # a store written before setups were recorded
-                    self.con.execute("ALTER TABLE study_runs ADD COLUMN setup TEXT NOT NULL "
-                                     "DEFAULT ''")
+                for table, col, decl in _ADDED_COLUMNS:  # a store written before they were
+                    cols = {r[1] for r in self.con.execute(f"PRAGMA table_info({table})")}
+                    if col not in cols:
+                        self.con.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
         except sqlite3.DatabaseError as e:  # not a database, damaged, unwritable, locked
             self.con.close()
             raise ConfigError(f"{str(self.path)!r} is not a readable results store ({e})",
@@ -224,21 +255,21 @@ class Store:
         it) or ``"claimed"`` (this process owns it now; status ``running``)."""
         now = time.time()
         with self.transaction() as c:
-            row = c.execute("SELECT status, owner, updated FROM runs WHERE run_id=?",
-                            (run_id,)).fetchone()
+            row = c.execute("SELECT status, owner, updated, owner_start FROM runs WHERE "
+                            "run_id=?", (run_id,)).fetchone()
             if row is not None and row["status"] == "done":
                 return "done"
             if (row is not None and row["status"] == "running" and row["owner"] != _me()
-                    and _owner_alive(row["owner"], row["updated"])):
+                    and _owner_alive(row["owner"], row["updated"], row["owner_start"])):
                 return "busy"
             if row is None:
-                c.execute("INSERT INTO runs (run_id, config, status, owner, epochs, epochs_done, "
-                          "created, updated) VALUES (?, ?, 'running', ?, ?, 0, ?, ?)",
-                          (run_id, json.dumps(config, sort_keys=True), _me(),
-                           config.get("epochs"), now, now))
+                c.execute("INSERT INTO runs (run_id, config, status, owner, owner_start, epochs, "
+                          "epochs_done, created, updated) VALUES (?, ?, 'running', ?, ?, ?, 0, "
+                          "?, ?)", (run_id, json.dumps(config, sort_keys=True), _me(),
+                                    _my_start(), config.get("epochs"), now, now))
             else:
-                c.execute("UPDATE runs SET status='running', owner=?, error=NULL, updated=? "
-                          "WHERE run_id=?", (_me(), now, run_id))
+                c.execute("UPDATE runs SET status='running', owner=?, owner_start=?, error=NULL, "
+                          "updated=? WHERE run_id=?", (_me(), _my_start(), now, run_id))
         return "claimed"
 
     def record_epochs(self, run_id: str, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
