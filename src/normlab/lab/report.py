@@ -34,7 +34,7 @@ from typing import Optional
 
 from normlab.lab.config import RunConfig
 from normlab.lab.plots import plot_study
-from normlab.lab.store import Store, summarize
+from normlab.lab.store import Store, StoreError, summarize, unwritable
 from normlab.lab.studies import STUDIES, Claim, Study
 
 __all__ = ["verdict", "write_report", "Z", "SD_FLOOR", "SD_ONE_SEED"]
@@ -219,13 +219,19 @@ def _single_runs_section(store: Store) -> list[str]:
     return lines + [""]
 
 
-def write_report(out_dir: Path | str) -> tuple[Path, Path]:
-    """Write ``OUT/report.md``, ``OUT/report.html`` and ``OUT/figures/*`` from ``OUT``'s store, and
-    refresh the CSV/JSON exports. Returns (md path, html path)."""
+def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Path, Path]:
+    """Write ``OUT/report.md``, ``OUT/report.html`` and ``OUT/figures/*`` from ``OUT``'s store
+    (opened read-only), and refresh the CSV/JSON exports; with ``to``, the report and figures go
+    to that directory and ``OUT`` is only read. Returns (md path, html path)."""
     out_dir = Path(out_dir)
-    store = Store(out_dir, create=False)
+    dest = out_dir if to is None else Path(to)
+    store = Store(out_dir, read_only=True)
     try:
-        fig_dir = out_dir / "figures"
+        why = unwritable(dest)
+        if why is not None:
+            raise StoreError(f"cannot write the report into {str(dest)!r}: {why}",
+                             hint="pass --to DIR to write it elsewhere (the store is only read)")
+        fig_dir = dest / "figures"
         names = [s for s, _ in store.studies()]
         lines = ["# normlab report", "",
                  f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{store.path.name}` "
@@ -263,11 +269,12 @@ def write_report(out_dir: Path | str) -> tuple[Path, Path]:
             lines += ["## Environment", "", f"device: {r.get('device')}; versions: "
                       + ", ".join(f"{k} {v}" for k, v in sorted(r.get("versions", {}).items())), ""]
         md = "\n".join(lines)
-        md_path = out_dir / "report.md"
+        md_path = dest / "report.md"
         md_path.write_text(md)
-        html_path = out_dir / "report.html"
+        html_path = dest / "report.html"
         html_path.write_text(_to_html(md, fig_dir))
-        store.export()
+        if to is None:
+            store.export()
     finally:
         store.close()
     return md_path, html_path

@@ -61,9 +61,9 @@ def _recorded(study: str, preset: str, points: list, out: Path, announce: str,
             store.close()
 
 
-def print_report(out: Path) -> None:
-    """Write OUT's report and say where it is."""
-    md, html_path = write_report(out)
+def print_report(out: Path, to: Optional[Path] = None) -> None:
+    """Write OUT's report (into ``to`` when given) and say where it is."""
+    md, html_path = write_report(out, to)
     console.print(f"report: {md} and {html_path}", highlight=False)
 
 

@@ -40,19 +40,27 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
 import socket
 import sqlite3
+import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
-__all__ = ["Store", "DB_NAME", "EPOCH_FIELDS", "heartbeat", "HEARTBEAT_S", "stale_after_s"]
+from normlab.lab.config import ConfigError
+
+__all__ = ["Store", "StoreError", "unwritable", "DB_NAME", "EXPORTS", "EPOCH_FIELDS", "heartbeat", "HEARTBEAT_S", "stale_after_s"]
 
 DB_NAME = "results.sqlite"
+#: the exports written beside the store (:meth:`Store.export`)
+EXPORTS = ("runs.csv", "epochs.csv", "results.json")
+_T = TypeVar("_T")
 EPOCH_FIELDS = ("train_loss", "train_error", "test_loss", "test_error", "lr", "wall_time",
                 "images_per_s")
 _RUN_FIELDS = ("run_id", "status", "owner", "epochs", "epochs_done", "wall_time", "images_per_s",
@@ -78,9 +86,14 @@ CREATE TABLE IF NOT EXISTS spp (
     residual_var REAL, PRIMARY KEY (model, depth));
 """
 
-#: columns added since the first stores were written: (table, column, declaration)
-_ADDED_COLUMNS = (("study_runs", "setup", "TEXT NOT NULL DEFAULT ''"),
-                  ("runs", "owner_start", "INTEGER"))
+#: columns added since the first stores were written: (table, column, declaration, the value
+#: a store written before reads as)
+_ADDED_COLUMNS = (("study_runs", "setup", "TEXT NOT NULL DEFAULT ''", "''"),
+                  ("runs", "owner_start", "INTEGER", "NULL"))
+
+
+def _columns(con: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
 
 #: seconds between an owner's touches of its run's row while it trains (see heartbeat)
 HEARTBEAT_S = 60.0
@@ -95,8 +108,6 @@ def stale_after_s() -> float:
     except ValueError:
         value = float("nan")
     if not value > 0:
-        from normlab.lab.config import ConfigError
-
         raise ConfigError(f"$NORMLAB_STALE_AFTER must be a positive number of seconds, got {raw!r}",
                           hint="unset it for the default (900)")
     return value
@@ -153,45 +164,172 @@ def _my_start() -> Optional[int]:
     return stat[1] if stat else None
 
 
-class Store:
-    """Results of every run in one output directory (see the module docstring)."""
+class StoreError(ConfigError):
+    """A results store that cannot be used as asked: damaged, not a store, not writable."""
 
-    def __init__(self, out_dir: Union[str, Path], *, create: bool = True) -> None:
+
+def _damaged(e: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite says the store's pages are damaged (SQLITE_CORRUPT*; a file that is no
+    database at all is SQLITE_NOTADB, said otherwise)."""
+    name = getattr(e, "sqlite_errorname", "")  # Python >= 3.11
+    return name.startswith("SQLITE_CORRUPT") if name else "malformed" in str(e)
+
+
+def _damage_error(path: Path, e: sqlite3.DatabaseError) -> StoreError:
+    return StoreError(
+        f"results store {str(path)!r} is damaged ({e})",
+        hint=f"the finished runs are exported beside it ({', '.join(EXPORTS)}); move the file "
+             "away (`sqlite3 FILE .recover` may salvage it) and re-run: runs not in a store "
+             "are trained again")
+
+
+def _names_damage(method: Callable[..., _T]) -> Callable[..., _T]:
+    """A store method whose SQLite 'database disk image is malformed' becomes a
+    :class:`StoreError` naming the file and what to do."""
+    @functools.wraps(method)
+    def wrapped(self: "Store", *args: Any, **kwargs: Any) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as e:
+            if _damaged(e):
+                raise _damage_error(self.path, e) from None
+            raise
+    return wrapped
+
+
+def unwritable(directory: Union[str, Path]) -> Optional[str]:
+    """Why no file can be created in ``directory`` (made if missing), or None when one can."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory, prefix=".normlab-probe"):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
+class Store:
+    """Results of every run in one output directory (see the module docstring).
+
+    ``create``: make the directory and the store when missing (else a StoreError says there is
+    none). ``read_only``: open an existing store for reading only (``normlab ls``, ``report``),
+    which works on a read-only mount or without write permission; writes then raise."""
+
+    def __init__(self, out_dir: Union[str, Path], *, create: bool = True,
+                 read_only: bool = False) -> None:
         self.dir = Path(out_dir)
         self.path = self.dir / DB_NAME
-        if not create and not self.path.is_file():
-            from normlab.lab.config import ConfigError
+        self.read_only = read_only
+        if (read_only or not create) and not self.path.is_file():
+            raise StoreError(f"no results store at {str(self.path)!r}",
+                             hint="run `normlab reproduce --out DIR` first, or check the path")
+        if read_only:
+            self.con = self._connect_read_only()
+        else:
+            self._check_writable()
+            self.con = self._connect_writable()
+        if not read_only:
+            try:
+                self._drop_finished_checkpoints()
+            except BaseException:
+                self.con.close()
+                raise
 
-            raise ConfigError(f"no results store at {str(self.path)!r}",
-                              hint="run `normlab reproduce --out DIR` first, or check the path")
-        from normlab.lab.config import ConfigError
-
+    def _check_writable(self) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # a file of that name, no permission, a read-only place
             why = ("it is a file, not a directory" if self.dir.exists() and not self.dir.is_dir()
                    else e.strerror or type(e).__name__)
-            raise ConfigError(f"cannot use output directory {str(self.dir)!r}: {why}",
-                              hint="pass --out a directory you can write to") from None
-        self.con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            raise StoreError(f"cannot use output directory {str(self.dir)!r}: {why}",
+                             hint="pass --out a directory you can write to") from None
+        why = unwritable(self.dir)
+        if why is None and self.path.exists() and not os.access(self.path, os.W_OK):
+            why = "the store file is read-only"
+        if why is not None:
+            raise StoreError(f"cannot write to output directory {str(self.dir)!r}: {why}",
+                             hint="pass --out a directory you can write to (`normlab ls` and "
+                                  "`normlab report --to DIR` read a read-only store)")
+
+    def _connect_writable(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.con = con
         try:
-            self.con.row_factory = sqlite3.Row
-            self.con.execute("PRAGMA busy_timeout=60000")
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA busy_timeout=60000")
             self._set_wal()
-            self.con.execute("PRAGMA synchronous=NORMAL")
+            con.execute("PRAGMA synchronous=NORMAL")
             with self.transaction():
                 for stmt in _SCHEMA.strip().split(";"):
                     if stmt.strip():
-                        self.con.execute(stmt)
-                for table, col, decl in _ADDED_COLUMNS:  # a store written before they were
-                    cols = {r[1] for r in self.con.execute(f"PRAGMA table_info({table})")}
-                    if col not in cols:
-                        self.con.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+                        con.execute(stmt)
+                for table, col, decl, _ in _ADDED_COLUMNS:  # a store written before they were
+                    if col not in _columns(con, table):
+                        con.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
         except sqlite3.DatabaseError as e:  # not a database, damaged, unwritable, locked
-            self.con.close()
-            raise ConfigError(f"{str(self.path)!r} is not a readable results store ({e})",
-                              hint="it is left as it is: move it away or pass another --out / "
-                                   "DIR") from None
+            con.close()
+            raise self._open_error(e) from None
+        return con
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """Reads only. Where the file and its directory are writable, an ordinary connection
+        with ``query_only`` (so SQLite tidies its WAL files away on close as usual); elsewhere
+        ``mode=ro``, or, where SQLite cannot create the WAL index beside the file (a read-only
+        place) and no write-ahead log is pending, ``immutable=1`` (nothing can change it)."""
+        writable = os.access(self.dir, os.W_OK) and os.access(self.path, os.W_OK)
+        uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro"
+        try:
+            con = (sqlite3.connect(self.path, timeout=60, isolation_level=None) if writable
+                   else sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None))
+            con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError:
+            wal = Path(f"{self.path}-wal")
+            if writable or (wal.is_file() and wal.stat().st_size):
+                raise StoreError(f"cannot read results store {str(self.path)!r} where it is",
+                                 hint="copy the directory somewhere writable and read the "
+                                      "copy") from None
+            con = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+        except sqlite3.DatabaseError as e:
+            raise self._open_error(e) from None
+        try:
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA busy_timeout=60000")
+            missing = {"runs", "epochs", "study_runs", "spp"} - {
+                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if missing:
+                raise StoreError(f"{str(self.path)!r} is not a results store (no table "
+                                 f"{', '.join(sorted(missing))})",
+                                 hint=f"check the path (a results directory holds {DB_NAME})")
+            for table, col, _, default in _ADDED_COLUMNS:  # older store: read it as if it had it
+                if col not in _columns(con, table):
+                    con.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {default} AS {col} FROM "
+                                f"main.{table}")
+            con.execute("PRAGMA query_only=ON")
+        except sqlite3.DatabaseError as e:
+            con.close()
+            raise self._open_error(e) from None
+        except StoreError:
+            con.close()
+            raise
+        return con
+
+    def _open_error(self, e: sqlite3.DatabaseError) -> StoreError:
+        if _damaged(e):
+            return _damage_error(self.path, e)
+        return StoreError(f"{str(self.path)!r} is not a readable results store ({e})",
+                          hint="it is left as it is: move it away or pass another --out / DIR")
+
+    @_names_damage
+    def _drop_finished_checkpoints(self) -> None:
+        """Delete the checkpoints of finished runs: a process killed between marking its run
+        done and deleting the file would otherwise leave it forever."""
+        if not self.checkpoint_dir.is_dir():
+            return
+        for ckpt in self.checkpoint_dir.glob("*.pt"):
+            row = self.con.execute("SELECT status FROM runs WHERE run_id=?",
+                                   (ckpt.name[:-len(".pt")],)).fetchone()
+            if row is not None and row["status"] == "done":
+                with contextlib.suppress(FileNotFoundError):
+                    ckpt.unlink()
 
     def _set_wal(self, timeout: float = 60.0) -> None:
         """Switch to WAL. Changing the journal mode needs an exclusive lock and SQLite answers
@@ -237,6 +375,7 @@ class Store:
         self.con.execute("COMMIT")
 
     # ------------------------------------------------------------------ writes
+    @_names_damage
     def register(self, study: str, preset: str, members: list[tuple[str, str, Any]],
                  setup: str = "") -> None:
         """Record that ``study`` (``preset``) run on ``setup`` (what it was run on: data,
@@ -250,6 +389,7 @@ class Store:
                           [(study, preset, rid, label, json.dumps(x), now, setup)
                            for rid, label, x in members])
 
+    @_names_damage
     def claim(self, run_id: str, config: dict[str, Any]) -> str:
         """Take ownership of a run: ``"done"`` (finished, skip it), ``"busy"`` (a live process owns
         it) or ``"claimed"`` (this process owns it now; status ``running``)."""
@@ -272,6 +412,7 @@ class Store:
                           "updated=? WHERE run_id=?", (_me(), _my_start(), now, run_id))
         return "claimed"
 
+    @_names_damage
     def record_epochs(self, run_id: str, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Upsert per-epoch rows (``epoch`` plus :data:`EPOCH_FIELDS`) and the run's running
         summary (device, versions, wall_time, images_per_s) in one transaction."""
@@ -291,6 +432,7 @@ class Store:
                  last.get("train_loss"), last.get("train_error"), last.get("test_loss"),
                  last.get("test_error"), time.time(), run_id))
 
+    @_names_damage
     def touch(self, run_id: str) -> bool:
         """The owner's heartbeat: refresh ``updated`` of a run this process owns. False when
         it owns it no longer (finished, released, or taken over as stale)."""
@@ -299,6 +441,7 @@ class Store:
                             "status='running'", (time.time(), run_id, _me()))
         return cur.rowcount == 1
 
+    @_names_damage
     def release(self, run_id: str) -> None:
         """Give up this process's claim on a run it did not finish (interrupted): the run stays
         ``running`` with its epochs and checkpoint, owned by nobody, so the next process on any
@@ -307,6 +450,7 @@ class Store:
             c.execute("UPDATE runs SET owner=NULL, updated=? WHERE run_id=? AND status='running' "
                       "AND owner=?", (time.time(), run_id, _me()))
 
+    @_names_damage
     def finish(self, run_id: str, status: str = "done", error: Optional[str] = None) -> None:
         """Mark a run ``done`` or ``failed`` (``error``: one line saying why)."""
         if status not in ("done", "failed"):
@@ -315,6 +459,7 @@ class Store:
             c.execute("UPDATE runs SET status=?, error=?, owner=NULL, updated=? WHERE run_id=?",
                       (status, error, time.time(), run_id))
 
+    @_names_damage
     def record_spp(self, model: str, records: list[dict[str, Any]]) -> None:
         """Replace model's signal-propagation records (dicts: depth, name, avg_sq_mean, avg_var,
         residual_var) in one transaction."""
@@ -325,6 +470,7 @@ class Store:
                             r["residual_var"]) for r in records])
 
     # ------------------------------------------------------------------ reads
+    @_names_damage
     def spp(self) -> dict[str, list[dict[str, Any]]]:
         """Signal-propagation records by model, in depth order."""
         out: dict[str, list[dict[str, Any]]] = {}
@@ -333,24 +479,29 @@ class Store:
             out.setdefault(d.pop("model"), []).append(d)
         return out
 
+    @_names_damage
     def run(self, run_id: str) -> Optional[dict[str, Any]]:
         row = self.con.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return _run_dict(row) if row else None
 
+    @_names_damage
     def runs(self, status: Optional[str] = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM runs" + (" WHERE status=?" if status else "") + " ORDER BY created"
         return [_run_dict(r) for r in self.con.execute(q, (status,) if status else ())]
 
+    @_names_damage
     def epochs(self, run_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in self.con.execute(
             "SELECT * FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,))]
 
+    @_names_damage
     def studies(self) -> list[tuple[str, str]]:
         """(study, preset) pairs, most recently registered last."""
         return [(r[0], r[1]) for r in self.con.execute(
             "SELECT study, preset, MAX(registered) AS t FROM study_runs GROUP BY study, preset "
             "ORDER BY t")]
 
+    @_names_damage
     def study_runs(self, study: str, preset: Optional[str] = None) -> list[dict[str, Any]]:
         """The runs of a study (the latest registered preset when ``preset`` is None) on the
         setup registered last for it (runs of the same study on other data, another model or
@@ -380,6 +531,7 @@ class Store:
         return out
 
     # ------------------------------------------------------------------ exports
+    @_names_damage
     def export(self) -> list[Path]:
         """Write ``runs.csv``, ``epochs.csv`` and ``results.json`` next to the database."""
         runs = self.runs()

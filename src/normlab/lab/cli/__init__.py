@@ -8,7 +8,7 @@ Commands::
     normlab train [--norm bn] [--model resnet20] [--batch-size 32] [--epochs 10] ... [--out DIR]
     (train and reproduce also take --nproc-per-node K [--nnodes M --node-rank R
      --master-addr HOST --master-port P | --rdzv-endpoint HOST:PORT])
-    normlab report DIR
+    normlab report DIR [--to DIR2]
     normlab ls [DIR] [--studies] [--models] [--norms]
     normlab spp MODEL[:key=value,...]... [--out DIR]
 

@@ -23,9 +23,12 @@ _COLUMNS = ("run_id", "studies", "label", "model", "norm", "batch/proc", "seed",
             "epochs", "test err %", "time s", "img/s")
 
 
-def report(out: Path = typer.Argument(..., help="an output directory of `normlab reproduce`")) -> None:
+def report(out: Path = typer.Argument(..., help="an output directory of `normlab reproduce`"),
+           to: Optional[Path] = typer.Option(
+               None, "--to", help="write report.md, report.html and figures/ here instead of "
+                                  "OUT (OUT is only read: a read-only store works)")) -> None:
     """Write report.md, report.html, figures and CSV/JSON exports from OUT's store."""
-    guard(lambda: print_report(out))
+    guard(lambda: print_report(out, to))
 
 
 def ls_(
@@ -57,7 +60,7 @@ def _print_known(studies: bool, models: bool, norms: bool) -> None:
 
 
 def _print_runs(out: Path) -> None:
-    with Store(out, create=False) as store:
+    with Store(out, read_only=True) as store:
         table = Table(title=str(store.path))
         for col in _COLUMNS:
             table.add_column(col)

@@ -1,0 +1,211 @@
+"""A results store that is damaged, on a read-only mount, or left with stale files: every command
+says so in one line naming the file and what to do, and reads what can be read (issue 14)."""
+
+import json
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from normlab.lab.cli import app
+from normlab.lab.config import RunConfig
+from normlab.lab.store import Store, StoreError
+
+runner = CliRunner()
+
+
+def _fill(out, n_runs=40):
+    """A store of ``n_runs`` finished batch-size runs of 3 epochs each, exported: 40 runs give
+    about twenty 4 KiB pages, enough to damage some and leave the schema page whole."""
+    with Store(out) as s:
+        members = []
+        for i in range(n_runs):
+            cfg = RunConfig(norm=("bn", "gn")[i % 2], batch_size=2 ** (1 + i % 5), seed=i,
+                            data="synthetic", epochs=3)
+            rid = cfg.run_id()
+            s.claim(rid, cfg.to_dict())
+            s.record_epochs(rid, [{"epoch": e, "test_error": 10.0 + i + e, "train_loss": 1.0}
+                                  for e in range(3)], {"wall_time": 3.0, "images_per_s": 50.0})
+            s.finish(rid)
+            members.append((rid, cfg.norm.upper(), cfg.batch_size))
+        s.register("batch-size", "quick", members)
+        s.export()
+    return out / "results.sqlite"
+
+
+def _damage_pages(path):
+    """Random bytes over every third page after the first (the schema page stays readable, so
+    the store opens and the damage shows in the first query that reaches a bad page)."""
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    rng = random.Random(0)
+    for p in range(2, len(data) // page - 1, 3):
+        data[p * page:(p + 1) * page] = rng.randbytes(page)
+    path.write_bytes(bytes(data))
+
+
+def _one_error(output, *needles):
+    lines = output.strip().splitlines()
+    assert "Traceback" not in output and len(lines) == 2, output
+    assert lines[0].startswith("error:") and lines[1].startswith("hint:"), output
+    for needle in needles:
+        assert needle in output, output
+
+
+def test_a_damaged_store_is_one_line_naming_the_file_and_the_exports(tmp_path):
+    """Issue 14 item 4: `ls`, `report` and `reproduce` on a store with damaged pages gave a raw
+    `sqlite3.DatabaseError: database disk image is malformed` traceback."""
+    out = tmp_path / "out"
+    db = _fill(out)
+    _damage_pages(db)
+    damaged = db.read_bytes()
+    cmds = [["ls", str(out)], ["report", str(out)],
+            ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1", "--set",
+             'data_kwargs={"n_train": 64, "n_test": 32, "image_size": 8, "channels": 1}',
+             "--out", str(out)]]
+    for argv in cmds:
+        r = runner.invoke(app, argv)
+        assert r.exit_code == 2, (argv, r.output)
+        _one_error(r.output, str(db), "is damaged", "runs.csv", "move the file away")
+    assert db.read_bytes() == damaged  # left as it was, for salvage
+    assert (out / "runs.csv").read_text().count("\n") == 41  # the exports are intact
+
+
+def test_store_methods_name_the_damaged_file(tmp_path):
+    db = _fill(tmp_path)
+    _damage_pages(db)
+    with Store(tmp_path, read_only=True) as s, pytest.raises(StoreError, match="is damaged"):
+        s.runs()
+        for r in s.runs():
+            s.epochs(r["run_id"])
+
+
+def test_read_only_store_reads_a_store_written_before_new_columns(tmp_path):
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    con.executescript(
+        "CREATE TABLE runs (run_id TEXT PRIMARY KEY, config TEXT NOT NULL, status TEXT NOT NULL,"
+        " owner TEXT, epochs INTEGER, epochs_done INTEGER DEFAULT 0, wall_time REAL, images_per_s"
+        " REAL, device TEXT, versions TEXT, final_train_loss REAL, final_train_error REAL,"
+        " final_test_loss REAL, final_test_error REAL, error TEXT, created REAL, updated REAL);"
+        "CREATE TABLE epochs (run_id TEXT, epoch INTEGER);"
+        "CREATE TABLE spp (model TEXT, depth INTEGER);"
+        "CREATE TABLE study_runs (study TEXT NOT NULL, preset TEXT NOT NULL, run_id TEXT NOT NULL,"
+        " label TEXT NOT NULL, x TEXT, registered REAL, PRIMARY KEY (study, preset, run_id, label));"
+        "INSERT INTO runs (run_id, config, status) VALUES ('r', '{}', 'done');"
+        "INSERT INTO study_runs VALUES ('norms', 'quick', 'r', 'BN', '32', 1.0);")
+    con.close()
+    with Store(tmp_path, read_only=True) as s:
+        assert [r["run_id"] for r in s.study_runs("norms")] == ["r"]
+        assert s.run("r")["owner_start"] is None
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            s.finish("r")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.sqlite"]  # nothing left beside
+
+
+def test_finished_runs_checkpoints_are_cleaned_up_on_start(tmp_path):
+    """Issue 14 item 8: a process killed between marking its run done and deleting its
+    checkpoint left the .pt forever. Opening the store for writing removes finished runs'
+    checkpoints; an unfinished run's stays (it resumes from it)."""
+    with Store(tmp_path) as s:
+        for rid in ("finished", "unfinished", "failed"):
+            s.claim(rid, {"epochs": 2})
+        s.finish("finished")
+        s.finish("failed", "failed", "boom")
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for name in ("finished", "unfinished", "failed", "not-in-the-store"):
+        (ckpts / f"{name}.pt").write_bytes(b"x")
+    with Store(tmp_path, read_only=True):
+        pass  # reading never deletes
+    assert len(list(ckpts.iterdir())) == 4
+    Store(tmp_path).close()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["failed.pt", "not-in-the-store.pt",
+                                                       "unfinished.pt"]
+
+
+# ---------------------------------------------------------------------- read-only mounts
+_RO_MOUNT = ('for d in "$@"; do case "$d" in --) break;; esac; mount --bind "$d" "$d" && '
+             'mount -o remount,ro,bind "$d" || exit 99; shift; done; shift; exec "$@"')
+
+
+def _read_only(dirs, argv):
+    """Run ``argv`` in a private mount namespace where each of ``dirs`` is mounted read-only
+    (user namespace: needs no root)."""
+    return subprocess.run(["unshare", "-rm", "sh", "-c", _RO_MOUNT, "sh", *map(str, dirs), "--",
+                           *argv], capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+_INVOKE = """
+import json, sys
+from typer.testing import CliRunner
+from normlab.lab.cli import app
+runner = CliRunner()
+print(json.dumps([(r.exit_code, r.output) for r in
+                  (runner.invoke(app, argv) for argv in json.loads(sys.argv[1]))]))
+"""
+
+
+def _cli_read_only(dirs, *argvs):
+    """[(exit code, output)] of the ``normlab`` command lines ``argvs``, run in one process with
+    ``dirs`` mounted read-only (one interpreter start for all of them keeps the test short)."""
+    r = _read_only(dirs, [sys.executable, "-c", _INVOKE, json.dumps(argvs)])
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def ro_mounts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("probe")
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) for a read-only mount")
+    r = _read_only([d], ["sh", "-c", f"! touch {d}/x"])
+    if r.returncode != 0:
+        pytest.skip(f"cannot make a read-only mount here: {r.stderr.strip()[:200]}")
+
+
+def test_a_read_only_store_is_listed_and_reported_elsewhere(tmp_path, ro_mounts):
+    """Issue 14 item 5: on a read-only mount `ls` said "not a readable results store (unable to
+    open database file)" and report failed; training commands gave a traceback."""
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    _fill(out)
+    small = '{"n_train": 64, "n_test": 32, "image_size": 8, "channels": 1}'
+    results = _cli_read_only(
+        [out], ["ls", str(out)], ["report", str(out)], ["report", str(out), "--to", str(elsewhere)],
+        ["train", "--data", "synthetic", "--epochs", "1", "--set", f"data_kwargs={small}",
+         "--out", str(out)],
+        ["reproduce", "--quick", "--data", "synthetic", "--set", f"data_kwargs={small}",
+         "--out", str(out)],
+        ["spp", "resnet20", "--batch", "2", "--resolution", "8", "--out", str(out)])
+    (ls_rc, ls_out), (rep_rc, rep_out), (to_rc, to_out), *training = results
+    assert ls_rc == 0 and ls_out.count(" done ") == 40, ls_out
+    assert rep_rc == 2, rep_out
+    _one_error(rep_out, f"cannot write the report into {str(out)!r}", "Read-only file system",
+               "--to DIR")
+    assert to_rc == 0, to_out
+    assert "| BN |" in (elsewhere / "report.md").read_text()
+    assert (elsewhere / "report.html").is_file() and (elsewhere / "figures").is_dir()
+    for rc, output in training:
+        assert rc == 2, output
+        _one_error(output, f"cannot write to output directory {str(out)!r}",
+                   "Read-only file system")
+
+
+def test_a_read_only_store_with_a_pending_log_is_read_whole(tmp_path, ro_mounts):
+    """A writer killed before SQLite folded its write-ahead log into the file, then the
+    directory mounted read-only: `ls` reads the log's runs too."""
+    live, out = tmp_path / "live", tmp_path / "out"
+    _fill(live, n_runs=4)
+    with Store(live) as s:  # the files of a writer killed now: a copy taken while it is open
+        s.con.execute("PRAGMA wal_autocheckpoint=0")
+        for i in range(3):
+            s.claim(f"late{i}", {"model": "resnet20", "norm": "gn", "batch_size": 2, "seed": 0})
+        shutil.copytree(live, out)
+    assert (out / "results.sqlite-wal").stat().st_size > 0
+    [(rc, output)] = _cli_read_only([out], ["ls", str(out)])
+    assert rc == 0 and output.count(" done ") == 4 and output.count("late") == 3, output
