@@ -1,7 +1,9 @@
 """Datasets and the tensor loader: shapes, standardization, augmentation against a loop
 reference, CIFAR-format reading and its documented errors."""
 
+import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -82,6 +84,57 @@ def test_cifar10_reads_the_python_format(tmp_path):
     d = load_dataset("cifar10", str(tmp_path))  # the parent directory is accepted too
     assert d.x_train.shape == (100, 3, 32, 32) and d.x_test.shape == (20, 3, 32, 32)
     assert d.num_classes == 10
+
+
+class _Planted:
+    """What a planted pickle holds: unpickling it calls os.mkdir(path) (any call would do)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_planted_cifar_pickle_cannot_run_code(tmp_path):
+    """Issue 14 item 1: the CIFAR reader's pickle.load ran whatever a planted data file named.
+    A file naming anything but numpy's array rebuilders is refused before it is looked up."""
+    marker = tmp_path / "payload-ran"
+    root = tmp_path / "cifar"
+    _write_cifar10(root, corrupt=("data_batch_2", lambda d: {**d, b"batch_label": _Planted(marker)}))
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root))
+    assert not marker.exists()
+    assert "data_batch_2" in str(e.value) and "names posix.mkdir" in str(e.value)
+    assert "refused" in str(e.value) and "trust" in e.value.hint
+    # protocol 2's bytes rebuilder is allowed for latin-1 only
+    evil = pickle.dumps({b"data": b"x"}, protocol=2).replace(b"latin1", b"rot13 ")
+    _write_cifar10(root, corrupt=("test_batch", lambda d: evil))
+    with pytest.raises(DataError, match="refused"):
+        load_dataset("cifar10", str(root))
+
+
+# protocol 2 is what the published files use (Python 2's cPickle; they name numpy.core), 4 and 5
+# what numpy 2 under Python 3 writes (numpy._core, and protocol 5's _frombuffer)
+@pytest.mark.parametrize("protocol, numpy1", [(2, True), (2, False), (4, False), (5, False)])
+def test_cifar_pickles_of_every_protocol_load(tmp_path, protocol, numpy1):
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (6, 3072), dtype=np.uint8)
+    d = {b"batch_label": b"training batch 1 of 5", b"labels": [3, 1, 4, 1, 5, 9],
+         b"data": data, b"filenames": [b"a.png"] * 6, b"extra": np.int64(7)}
+    blob = pickle.dumps(d, protocol=protocol)
+    if numpy1:  # protocol 2 names globals as text lines: respell them as numpy 1 did
+        blob = blob.replace(b"numpy._core.", b"numpy.core.")
+    _write_cifar10(tmp_path, corrupt=("data_batch_1", lambda _: blob))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2's numpy.core alias
+        ds = load_dataset("cifar10", str(tmp_path))
+    assert len(ds.y_train) == 6 + 4 * 20
+    assert ds.y_train[:6].tolist() == [3, 1, 4, 1, 5, 9]
+    raw = data.reshape(6, 3, 1024).astype(np.float64)
+    got = ds.x_train[:6].reshape(6, 3, 1024).double().numpy()
+    for c in range(3):  # standardized per channel: an increasing affine map of the bytes
+        assert np.corrcoef(raw[:, c].ravel(), got[:, c].ravel())[0, 1] > 1 - 1e-9
 
 
 def test_cifar_missing_directory_and_files(tmp_path):

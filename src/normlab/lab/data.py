@@ -12,7 +12,9 @@ Datasets (nothing is ever downloaded):
   ``DIR/cifar-10-batches-py``) holding ``data_batch_1`` .. ``data_batch_5`` and ``test_batch``;
   ``DIR`` (or ``DIR/cifar-100-python``) holding ``train`` and ``test``. Each is a pickled dict with
   ``data`` (uint8, rows of 3072 = 3x32x32) and ``labels`` (cifar10) / ``fine_labels`` (cifar100).
-  These are pickles: only point ``--data-dir`` at files you trust.
+  These are pickles: only point ``--data-dir`` at files you trust. They are read by an
+  unpickler that accepts numpy arrays, lists, bytes and numbers only and refuses a file naming
+  anything else (a planted pickle cannot run code through it).
 * ``imagefolder``: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or ``test``), any format
   Pillow reads, resized to ``image_size`` (default 32); classes numbered in sorted folder-name
   order, each split in a fixed random order (so a ``train_limit`` keeps every class).
@@ -181,11 +183,49 @@ def _cifar_hint(name: str, data_dir: Path) -> str:
             f"in {data_dir} or {data_dir / sub} (nothing is downloaded)")
 
 
+#: the only globals a CIFAR pickle may name: numpy's array, dtype and scalar rebuilders (numpy 1
+#: and 2 spellings; pickle protocols 2 to 5) and the latin-1 bytes rebuilder of protocol 2
+_CIFAR_GLOBALS = frozenset(
+    [(f"numpy.{core}.multiarray", f) for core in ("core", "_core")
+     for f in ("_reconstruct", "scalar")]
+    + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")])
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A CIFAR pickle names something other than numpy's array rebuilders."""
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of bytes use it (latin-1 only)."""
+    if encoding not in ("latin1", "latin-1"):
+        raise _RefusedGlobal(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin-1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles the documented dict of arrays and lists and nothing else: a global outside
+    :data:`_CIFAR_GLOBALS` (``os.system``, ``builtins.eval``, any class) is refused before it is
+    looked up, so a planted data file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        return super().find_class(module, name)
+
+
 def _read_cifar_file(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     label_key = CIFAR_EXPECTED[name][3]
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise DataError(f"{name}: {str(path)!r} names {e}, not only numpy arrays and lists: "
+                        "refused (a pickle naming other code could run it)",
+                        hint="use the CIFAR python-version batches as published; only point "
+                             "--data-dir at files you trust") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a malformed file
         raise DataError(f"{name}: {str(path)!r} is not a readable CIFAR pickle ({type(e).__name__}: {e})",
                         hint=_cifar_hint(name, path.parent)) from None
