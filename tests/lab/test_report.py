@@ -129,3 +129,27 @@ def test_report_states_a_hand_set_lr_instead_of_the_scaling_rule(tmp_path):
     text = write_report(tmp_path)[0].read_text()
     assert "peak lr 0.05 set by hand (not scaled with the batch)" in text
     assert "base lr 0.1 x" not in text
+
+
+def test_a_label_cannot_inject_markdown_into_the_report(tmp_path):
+    """Issue 14 item 8: a newline in `--set label=` injected lines into report.md (a heading,
+    table rows). A label is one table cell of literal text, in report.md and report.html."""
+    label = "GN\n## injected heading\n| fake | row |\n**bold** `code` <b>x</b> [l](u) _i_"
+    with Store(tmp_path) as s:
+        for rid, lab, study in (("r1", label, "train"), ("r2", label, "batch-size")):
+            s.claim(rid, {"model": "resnet20", "norm": "gn", "data": "digits", "batch_size": 4,
+                          "epochs": 1, "seed": 0, "schedule": "cosine", "base_lr": 0.1,
+                          "weight_decay": 1e-4})
+            s.record_epochs(rid, [{"epoch": 0, "test_error": 12.5}], {})
+            s.finish(rid)
+            s.register(study, "default", [(rid, lab, 4)])
+    md_path, html_path = write_report(tmp_path)
+    md = md_path.read_text().splitlines()
+    assert not any(line.startswith(("## injected", "| fake")) for line in md)
+    rows = [line for line in md if "injected" in line]
+    assert len(rows) == 2 and all(r.startswith("| GN \\#\\# injected heading \\| fake") for r in rows)
+    h = html_path.read_text()
+    literal = ("GN ## injected heading | fake | row | **bold** `code` &lt;b&gt;x&lt;/b&gt; "
+               "[l](u) _i_")
+    assert h.count(f"<td>{literal}</td>") == 2, h
+    assert "<h2>injected" not in h and "<b>bold</b>" not in h and "<b>x</b>" not in h

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -125,6 +126,12 @@ def verdict(claim: Claim, stats: dict[tuple, dict]) -> tuple[str, str]:
     raise ValueError(f"unknown claim kind {claim.kind!r}")
 
 
+def _md(text: object) -> str:
+    """User text (a ``--set label=``) as inert markdown inside a table cell: line breaks become
+    spaces and markdown's punctuation is backslash-escaped (``_to_html`` undoes the escapes)."""
+    return re.sub(r"([\\`*_\[\]<>|#!])", r"\\\1", " ".join(str(text).split()))
+
+
 def _fmt(s: Optional[dict]) -> str:
     if s is None:
         return "-"
@@ -182,7 +189,8 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
               "| series | " + " | ".join(str(x) for x in xs) + " |",
               "|---|" + "---|" * len(xs)]
     for lab in labels:
-        lines.append(f"| {lab} | " + " | ".join(_fmt(stats.get((lab, x))) for x in xs) + " |")
+        lines.append(f"| {_md(lab)} | " + " | ".join(_fmt(stats.get((lab, x))) for x in xs)
+                     + " |")
     if study.paper:
         pxs = sorted({x for d in study.paper.values() for x in d}, reverse=study.x_log2)
         lines += ["", f"### The paper's numbers: {study.paper_source}", "",
@@ -213,8 +221,8 @@ def _single_runs_section(store: Store) -> list[str]:
         c, err = r["config"], r["final_test_error"]
         w = int(c.get("world_size", 1))
         batch = f"{c.get('batch_size')}" + (f" x {w} processes" if w > 1 else "")
-        lines.append(f"| {r['label']} | {c.get('model')} | {c.get('norm')} | {c.get('data')} | "
-                     f"{batch} | {c.get('seed')} | {r['epochs_done']}/{r['epochs']} | "
+        lines.append(f"| {_md(r['label'])} | {c.get('model')} | {c.get('norm')} | "
+                     f"{c.get('data')} | {batch} | {c.get('seed')} | {r['epochs_done']}/{r['epochs']} | "
                      f"{r['status']} | {'-' if err is None else f'{err:.2f}'} |")
     return lines + [""]
 
@@ -287,14 +295,16 @@ def _to_html(md: str, fig_dir: Path) -> str:
 
     def inline(t: str) -> str:
         t = html.escape(t)
-        parts = t.split("**")
+        parts = re.split(r"(?<!\\)\*\*", t)  # a backslash-escaped character is text (_md)
         t = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-        parts = t.split("`")
-        return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+        parts = re.split(r"(?<!\\)`", t)
+        t = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+        return re.sub(r"\\(.)", r"\1", t)
 
     def flush() -> None:
         if table:
-            rows = [r.strip().strip("|").split("|") for r in table if not set(r) <= set("|-")]
+            rows = [re.split(r"(?<!\\)\|", r.strip().strip("|")) for r in table
+                    if not set(r) <= set("|-")]
             head, rest = rows[0], rows[1:]
             body.append("<table><tr>" + "".join(f"<th>{inline(c.strip())}</th>" for c in head)
                         + "</tr>" + "".join("<tr>" + "".join(f"<td>{inline(c.strip())}</td>"
