@@ -4,11 +4,14 @@
 evaluates, checkpoints and writes the epoch to the store, until the last epoch or a non-finite
 loss. What the run trains with (model, optimizer, schedule, loaders) is :mod:`normlab.lab.recipe`.
 
-Resumability: after every epoch the loop writes a checkpoint (model, optimizer, RNG state,
-history) to ``OUT/checkpoints/<run_id>.pt`` through a temporary file and an atomic rename, *then*
-upserts that epoch's rows into the store. The data order and augmentation of an epoch depend only
-on ``(seed, epoch)``, so a resumed run repeats the interrupted epoch exactly as it would have run.
-A SIGKILL at any point loses at most the epoch in progress.
+Resumability: after every epoch the loop writes a checkpoint (model, optimizer, history) to
+``OUT/checkpoints/<run_id>.pt`` through a temporary file and an atomic rename, *then* upserts that
+epoch's rows into the store. The data order and augmentation of an epoch depend only on
+``(seed, epoch)``, so a resumed run repeats the interrupted epoch exactly as it would have run.
+A SIGKILL at any point loses at most the epoch in progress. Checkpoints are read with
+``torch.load(weights_only=True)`` (:mod:`normlab.lab.checkpoint`): one that does not load or does
+not fit the run (planted, damaged, another recipe's) is moved aside and the run starts over from
+epoch 0, and so does a run whose checkpoint was deleted; either is said in a note.
 
 Multi-process (DDP, started by torchrun through ``normlab train/reproduce --nproc-per-node K``):
 ``batch_size`` is per process, as in the GN paper ("images per GPU"), and the default learning rate
@@ -28,6 +31,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -36,18 +40,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from normlab import distributed as nd
+from normlab.lab import checkpoint
 from normlab.lab.config import RunConfig
 from normlab.lab.data import TensorLoader
 from normlab.lab.recipe import (agc_fn, autocast_fn, build_loaders, build_model, build_optimizer,
-                                load_data, lr_at, no_decay_parameter_names, per_process_batch,
+                                load_data, lr_at, per_process_batch,
                                 resolve_device, run_device, versions)
 from normlab.lab.store import Store
 
 __all__ = ["train_run", "train_epoch", "evaluate", "is_writer", "RunResult", "ProgressFn",
-           "TEST_EXIT_ENV"]
+           "TEST_EXIT_ENV", "TEST_KILL_ENV"]
 
 # a callback the CLI passes to show progress: (event, info) with event in
-# "start" (info: total_steps, epoch), "step" (info: loss, images_per_s), "epoch" (info: epoch row)
+# "start" (info: total_steps, epoch), "step" (info: loss, images_per_s), "epoch" (info: epoch row),
+# "note" (info: message; a checkpoint that could not be used, the run starting over)
 ProgressFn = Callable[[str, dict], None]
 
 
@@ -117,38 +123,46 @@ def _sync_buffers(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------- checkpoints
-def _save_checkpoint(path: str, state: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old or the new checkpoint, never half
-
-
-def _load_checkpoint(cfg: RunConfig, store: Optional[Store], model: nn.Module
-                     ) -> tuple[str, Optional[dict]]:
-    """(checkpoint path, its state or None): read by rank 0 and broadcast, so other nodes need no
-    shared disk. A checkpoint of another recipe is ignored (the run starts over)."""
+def _load_checkpoint(cfg: RunConfig, store: Optional[Store]) -> tuple[str, Optional[dict], str]:
+    """(checkpoint path, its state or None, a note for the user or ""): read by rank 0 with
+    ``weights_only`` (:mod:`normlab.lab.checkpoint`) and broadcast, so other nodes need no shared
+    disk. An unusable checkpoint is moved aside and the run starts over, said in the note; so
+    is a missing one of a run the store has epochs of."""
     run_id = cfg.run_id()
     state: Optional[dict] = None
+    note = ""
     ckpt = str(store.checkpoint_path(run_id)) if store is not None else ""
     if is_writer():
         for stale in store.checkpoint_dir.glob(f"{run_id}.pt.tmp*"):  # a save cut off by a kill
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        if os.path.isfile(ckpt):
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    state = nd.broadcast_object(state)
-    groups = 1 + bool(no_decay_parameter_names(cfg, model))
-    if state is not None and len(state["optimizer"]["param_groups"]) != groups:
-        # written by an older trainer (NF models decayed every parameter, one group): another
-        # recipe, so the run starts over rather than failing on every re-run
-        state = None
-    return ckpt, state
+        state, problem = checkpoint.read(ckpt)
+        if problem:
+            note = checkpoint.discard(ckpt, problem)
+        elif state is None:
+            done = (store.run(run_id) or {}).get("epochs_done") or 0
+            if done:
+                note = (f"checkpoint {ckpt!r} is missing (the store has {done} epoch(s) of this "
+                        "run); the run starts over from epoch 0")
+    state, note = nd.broadcast_object((state, note))
+    return ckpt, state, note
+
+
+def _restore(run_model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's state into the model and optimizer (RuntimeError, ValueError or
+    KeyError when it is another model's or another recipe's)."""
+    groups = state["optimizer"].get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
+        # e.g. written when NF models decayed every parameter (one group): another recipe
+        raise ValueError(f"the optimizer has {len(opt.param_groups)} parameter group(s), the "
+                         f"checkpoint {len(groups) if isinstance(groups, list) else 'no list of'}")
+    run_model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
 
 
 def _write_epoch(run: _Run, epoch: int, summary: dict) -> None:
     """Rank 0: the checkpoint, then the epoch's rows in the store."""
-    _save_checkpoint(run.ckpt, {
+    checkpoint.save(run.ckpt, {
         "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch,
         "history": run.history, "elapsed": run.elapsed, "train_time": run.train_time,
         "train_images": run.train_images, "run_id": run.cfg.run_id(),
@@ -174,6 +188,18 @@ def _test_fault_hook() -> None:
         os._exit(17)
 
 
+# test-only fault injection: a point's name makes rank 0 os._exit(17) there, as a SIGKILL would
+# end it (tests/lab/test_loop_faults.py): "before-done" (the last epoch is checkpointed and in the
+# store, the run not yet done), "before-checkpoint-delete" (done, its checkpoint not yet deleted)
+TEST_KILL_ENV = "NORMLAB_TEST_KILL_AT"
+
+
+def _test_kill_point(name: str) -> None:
+    if os.environ.get(TEST_KILL_ENV) == name and is_writer():
+        print(f"[{TEST_KILL_ENV}] killed at {name} (test hook)", flush=True)
+        os._exit(17)
+
+
 def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
     """The global RNG seed of an epoch (dropout): depends only on (seed, rank, epoch), so a
     resumed epoch draws what it would have drawn, at any process count."""
@@ -188,27 +214,28 @@ def _device_name(device: torch.device, world: int = 1) -> str:
 
 
 # ---------------------------------------------------------------------- the run
-def _prepare(cfg: RunConfig, store: Optional[Store]) -> _Run:
-    """Everything the run trains with, resumed from its checkpoint when there is one."""
+def _prepare(cfg: RunConfig, store: Optional[Store]) -> tuple[_Run, str]:
+    """Everything the run trains with, resumed from its checkpoint when there is one; and a
+    note for the user ("" when there is nothing to say) when a checkpoint could not be used."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = run_device(cfg)
     data = load_data(cfg)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP broadcasts too)
-    model = build_model(cfg, data.num_classes, data.in_chans, data.image_size).to(device)
+    ckpt, state, note = _load_checkpoint(cfg, store)
+    model, opt = _model_and_optimizer(cfg, data, device)
+    if state is not None:
+        try:
+            _restore(model, opt, state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # the same on every rank
+            why = f"does not fit this run ({_first_line(e)})"
+            note = checkpoint.discard(ckpt, why) if is_writer() else why
+            state = None
+            model, opt = _model_and_optimizer(cfg, data, device)  # unspoiled by the partial load
     batch = per_process_batch(cfg, nd.world_size(), model)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ckpt, state = _load_checkpoint(cfg, store, model)
-    if state is not None:
-        model.load_state_dict(state["model"])
     net = nd.wrap_ddp(model, device)  # the state dict is the inner model's at any process count
-    opt = build_optimizer(cfg, model)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
     train_loader, test_loader = build_loaders(cfg, data, device, nd.rank(), nd.world_size(),
                                               batch_size=batch)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     run = _Run(cfg, store, device, model, net, torch.compile(net) if cfg.compile else net, opt,
                train_loader, test_loader, autocast_fn(cfg, device), agc_fn(cfg, model),
                channels_last, batch, ckpt)
@@ -216,7 +243,23 @@ def _prepare(cfg: RunConfig, store: Optional[Store]) -> _Run:
         run.history, run.start_epoch = state["history"], state["epoch"] + 1
         run.elapsed, run.train_time = state["elapsed"], state["train_time"]
         run.train_images = state["train_images"]
-    return run
+    return run, note
+
+
+def _model_and_optimizer(cfg: RunConfig, data: Any, device: torch.device
+                         ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The run's initial model (from its seed: the same on every rank; DDP broadcasts too) and
+    optimizer."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.num_classes, data.in_chans, data.image_size).to(device)
+    if cfg.channels_last if cfg.channels_last is not None else device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, build_optimizer(cfg, model)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,9 +342,17 @@ def train_run(cfg: RunConfig, store: Optional[Store], *, progress: Optional[Prog
     nd.setup(device=resolve_device(cfg.device))
     if is_writer() and store is None:
         raise ValueError("train_run: rank 0 writes the results, it needs the store")
-    run = _prepare(cfg, store)
+    run, note = _prepare(cfg, store)
+    if note:
+        if progress:
+            progress("note", {"message": note})
+        elif is_writer():
+            warnings.warn(note, RuntimeWarning, stacklevel=2)
     resumed_from = run.start_epoch
-    summary = {"device": _device_name(run.device, nd.world_size()), "versions": versions()}
+    # a run killed after its last checkpoint resumes with no epoch left: its sums are the summary
+    summary = {"device": _device_name(run.device, nd.world_size()), "versions": versions(),
+               "wall_time": run.elapsed,
+               "images_per_s": run.train_images / max(run.train_time, 1e-9)}
     diverged: Optional[str] = None
     for epoch in range(run.start_epoch, cfg.epochs):
         row = train_epoch(run, epoch, progress)
@@ -315,20 +366,24 @@ def train_run(cfg: RunConfig, store: Optional[Store], *, progress: Optional[Prog
             progress("epoch", row)
         if diverged:
             break
-    return _finish(run, summary, diverged, resumed_from)
+    return _finish(run, summary, diverged, resumed_from, note)
 
 
-def _finish(run: _Run, summary: dict, diverged: Optional[str], resumed_from: int) -> RunResult:
+def _finish(run: _Run, summary: dict, diverged: Optional[str], resumed_from: int,
+            note: str = "") -> RunResult:
     """Mark the run done in the store (rank 0), drop its checkpoint, and sum it up."""
     run_id = run.cfg.run_id()
     if run.writer:
         run.store.record_epochs(run_id, run.history, summary)
+        _test_kill_point("before-done")
         run.store.finish(run_id, "done", diverged)
+        _test_kill_point("before-checkpoint-delete")
         with contextlib.suppress(FileNotFoundError):
             os.remove(run.ckpt)
     nd.barrier()  # the run is done in the store before any rank moves on
     last = run.history[-1] if run.history else {}
     return RunResult(run_id=run_id, status="done", error=diverged, resumed_from=resumed_from,
+                     note=note,
                      final_test_error=last.get("test_error"), final_test_loss=last.get("test_loss"),
                      final_train_error=last.get("train_error"), world_size=nd.world_size(),
                      batch_per_process=run.batch, **summary)

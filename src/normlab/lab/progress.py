@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 __all__ = ["console", "err_console", "progress_bars", "describe", "print_outcome", "print_wait",
-           "epoch_progress"]
+           "print_note", "epoch_progress"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -61,4 +62,12 @@ def epoch_progress(prog: Progress, task: Any, p: Any) -> Any:
         elif event == "step":
             prog.update(task, advance=info["advance"],
                         info=f"loss {info['loss']:.3f} {info['images_per_s']:.0f} img/s")
+        elif event == "note":
+            print_note(p, info["message"])
     return cb
+
+
+def print_note(p: Any, message: str) -> None:
+    """A line about point ``p`` before it trains (a checkpoint that could not be used)."""
+    err_console.print(f"  {describe(p)}: [yellow]warning:[/] {escape(message)}", highlight=False,
+                      soft_wrap=True)

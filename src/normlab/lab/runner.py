@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import queue
 import signal
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ import torch
 
 from normlab import distributed as nd
 from normlab.lab.config import ConfigError
-from normlab.lab.loop import ProgressFn, RunResult, is_writer, train_run
-from normlab.lab.progress import epoch_progress, print_outcome, print_wait, progress_bars
+from normlab.lab.loop import ProgressFn, is_writer, train_run
+from normlab.lab.progress import (epoch_progress, print_note, print_outcome, print_wait,
+                                  progress_bars)
 from normlab.lab.recipe import resolve_device
 from normlab.lab.signals import raise_terminated, sigint_ignored
 from normlab.lab.store import Store, heartbeat
@@ -139,8 +141,9 @@ def run_distributed(points: list, store: Optional[Store]) -> Counts:
 
 
 # ---------------------------------------------------------------------- --jobs
-def _worker(points: list, out: str, threads: int, parent: int) -> None:
-    """A training process of ``--jobs``: claims runs from the shared store until none is left."""
+def _worker(points: list, out: str, threads: int, parent: int, outcomes: Any) -> None:
+    """A training process of ``--jobs``: claims runs from the shared store until none is left,
+    putting ``(run_id, outcome, result)`` on the ``outcomes`` queue for each."""
     torch.set_num_threads(threads)
     signal.signal(signal.SIGTERM, raise_terminated)  # stopped by the study: release the run
 
@@ -148,54 +151,63 @@ def _worker(points: list, out: str, threads: int, parent: int) -> None:
         def cb(event: str, info: dict) -> None:
             if os.getppid() != parent:  # the study process died: stop with it
                 os._exit(3)
+            if event == "note":
+                print_note(p, info["message"])
         return cb
 
+    def on_run(p: Any, outcome: str, res: Any) -> None:
+        outcomes.put((p.cfg.run_id(), outcome, dict(res or {})))
+
     with Store(out) as store:
-        run_points(points, store, progress_for=progress_for, poll_s=1.0)
+        run_points(points, store, on_run=on_run, progress_for=progress_for, poll_s=1.0)
 
 
 def run_parallel(points: list, store: Store, jobs: int, out: Path) -> Counts:
     """Train the points in ``jobs`` spawned processes of cores / ``jobs`` threads each; this
-    process follows the store and prints a line per finished run."""
+    process prints a line per run its workers finished."""
     ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    procs = [ctx.Process(target=_worker, args=(points, str(out), threads, os.getpid()), daemon=True)
-             for _ in range(jobs)]
+    outcomes = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(points, str(out), threads, os.getpid(), outcomes),
+                         daemon=True) for _ in range(jobs)]
     with sigint_ignored():  # inherited through exec: Ctrl-C (SIGINT to the whole process group)
         for pr in procs:    # reaches this process alone, which stops them (daemons: SIGTERM at
             pr.start()      # exit) instead of each printing a KeyboardInterrupt traceback
-    counts = _follow(points, store, procs, jobs)
+    counts = _follow(points, procs, outcomes, jobs)
     bad = [pr.exitcode for pr in procs if pr.exitcode]
     if bad:
         raise RuntimeError(f"{len(bad)} training process(es) exited with status {bad}")
     return counts
 
 
-def _follow(points: list, store: Store, procs: list, jobs: int) -> Counts:
-    """Poll the store until the workers are gone, reporting each run once it is done or failed."""
+def _follow(points: list, procs: list, outcomes: Any, jobs: int) -> Counts:
+    """Print each run the workers trained or failed as they report it, until they are gone;
+    then the runs they found done. A run counts as trained only where a worker of this process
+    trained it: one that another process (another study on this --out) finished while a worker
+    waited for it is "already done"."""
     ids = {p.cfg.run_id(): p for p in points}
-    reported: set[str] = set()
-    already = {r["run_id"] for r in store.runs("done") if r["run_id"] in ids}
-    counts = {"skipped": 0, "trained": 0, "failed": 0}
+    final: dict[str, str] = {}   # run_id -> trained | failed (reported at once)
+    skipped: set[str] = set()    # run_ids a worker found done (reported at the end)
     with progress_bars() as prog:
         task = prog.add_task(f"runs ({jobs} processes)", total=len(ids), info="")
         while True:
             alive = any(pr.is_alive() for pr in procs)
-            for r in store.runs():
-                rid = r["run_id"]
-                if rid in ids and rid not in reported and r["status"] in ("done", "failed"):
-                    reported.add(rid)
-                    outcome = ("skipped" if rid in already else
-                               "failed" if r["status"] == "failed" else "trained")
-                    counts[outcome] += 1
-                    print_outcome(ids[rid], outcome, r if outcome != "trained" else _result(r))
-                    prog.advance(task)
-            if not alive:
-                return counts
-            time.sleep(0.5)
-
-
-def _result(r: dict) -> RunResult:
-    """A finished run's store row in the shape :func:`print_outcome` reads."""
-    return RunResult(final_test_error=r["final_test_error"], wall_time=r["wall_time"] or 0.0,
-                     images_per_s=r["images_per_s"] or 0.0, resumed_from=0, error=r["error"])
+            try:
+                rid, outcome, res = outcomes.get(timeout=0.5)
+            except queue.Empty:
+                if alive:
+                    continue
+                break
+            if outcome == "skipped":
+                skipped.add(rid)
+            elif rid not in final:
+                final[rid] = outcome
+                print_outcome(ids[rid], outcome, res)
+                prog.advance(task)
+        for rid in sorted(skipped - set(final), key=list(ids).index):
+            print_outcome(ids[rid], "skipped", None)
+            prog.advance(task)
+    counts = {"skipped": len(skipped - set(final)), "trained": 0, "failed": 0}
+    for outcome in final.values():
+        counts[outcome] += 1
+    return counts

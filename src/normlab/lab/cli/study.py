@@ -8,13 +8,14 @@ from typing import Optional
 
 import typer
 
-from normlab.lab.cli.guard import guard
+from normlab.lab.cli.guard import guard, print_error
 from normlab.lab.cli.options import (CONFIG, DATA, DATA_DIR, DEVICE, MODEL, OUT, SETS,
                                      command_argv, user_overrides, with_launch_spec)
 from normlab.lab.config import ConfigError, RunConfig, apply_overrides
 from normlab.lab.launch import LaunchSpec, check_launch, job_world_size, must_relaunch, relaunch
 from normlab.lab.recipe import preflight
 from normlab.lab.run import device_of, run_single, run_study
+from normlab.lab.runner import Counts
 from normlab.lab.studies import Point, get_study
 
 __all__ = ["reproduce", "train"]
@@ -25,6 +26,14 @@ def _check_jobs(jobs: Optional[int], launch: LaunchSpec) -> None:
         raise ConfigError(f"--jobs {jobs} and --nproc-per-node {launch.nproc_per_node} do not "
                           "combine: a multi-process job trains one run at a time over all "
                           "processes", hint="drop --jobs (or use --jobs without --nproc-per-node)")
+
+
+def _exit_if_failed(counts: Counts, out: Path) -> None:
+    """Exit status 1 when a run failed (each failed run's line says why)."""
+    if counts.get("failed"):
+        print_error(f"{counts['failed']} run(s) failed (their lines above say why; "
+                    f"`normlab ls {out}` lists them)", "re-run the same command to retry them")
+        raise typer.Exit(1)
 
 
 @with_launch_spec
@@ -63,7 +72,7 @@ def reproduce(
         _check_jobs(jobs, launch)
         if must_relaunch(launch):
             return relaunch(launch, command_argv(ctx), device_of(points))
-        run_study(st, preset, points, out, jobs=jobs, report=not no_report)
+        _exit_if_failed(run_study(st, preset, points, out, jobs=jobs, report=not no_report), out)
 
     guard(body)
 
@@ -98,6 +107,6 @@ def train(
         preflight([cfg], world=job_world_size(launch))
         if must_relaunch(launch):
             return relaunch(launch, command_argv(ctx), device_of([point]))
-        run_single(point, out)
+        _exit_if_failed(run_single(point, out), out)
 
     guard(body)
