@@ -34,14 +34,17 @@ blocked in a collective whose peer hangs gives up after the collective ``timeout
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import errno
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -54,6 +57,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 __all__ = [
     "DEFAULT_TIMEOUT",
     "LaunchError",
+    "die_with_parent",
     "LaunchSpec",
     "ShardSampler",
     "all_reduce_mean",
@@ -208,6 +212,8 @@ def setup(
         return dev
     if world_size() <= 1:
         return dev
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: die with torchrun
+        die_with_parent(signal.SIGTERM)
     missing = [k for k in _TORCHRUN_ENV if not os.environ.get(k)]
     if missing:
         raise ValueError(
@@ -415,11 +421,57 @@ def set_epoch(sampler: Any, epoch: int) -> None:
 
 
 class LaunchError(RuntimeError):
-    """A distributed job launched by :func:`launch` failed (a worker died or timed out)."""
+    """A distributed job launched by :func:`launch` failed (a worker died or timed out).
+    ``log``: the file holding the job's stderr (torchrun's and every worker's), or None."""
 
-    def __init__(self, message: str, returncode: int) -> None:
+    def __init__(self, message: str, returncode: int, log: Optional[str] = None) -> None:
         super().__init__(message)
         self.returncode = returncode
+        self.log = log
+
+
+# ---------------------------------------------------------------------- process lifetime
+_PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a process gets when its parent dies
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Ask the OS to send this process ``sig`` when its parent dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``; kept across exec). False where it cannot (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _tied_to(parent: int) -> Any:
+    """A ``preexec_fn``: the child dies with ``parent`` (SIGTERM, which torchrun turns into
+    stopping its workers); if ``parent`` is already gone, at once."""
+    def preexec() -> None:
+        die_with_parent(signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(1)
+    return preexec
+
+
+def _failure_line(log_text: str) -> Optional[str]:
+    """From torchrun's report (its "Root Cause (first observed failure)" block) and the ranks'
+    own ``error: rank R: ...`` lines: which rank died first and how, in one line; None when the
+    log has no such report."""
+    _, found, block = log_text.partition("Root Cause (first observed failure)")
+    m_rank = re.search(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)", block)
+    m_code = re.search(r"exitcode\s*:\s*(-?\d+)", block)
+    if not found or m_rank is None or m_code is None:
+        return None
+    m_host = re.search(r"host\s*:\s*(\S+)", block)
+    r, local, code = m_rank.group(1), m_rank.group(2), int(m_code.group(1))
+    how = (f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in
+           signal.valid_signals() else f"exited with status {code}")
+    where = f"local rank {local}" + (f" on {m_host.group(1)}" if m_host else "")
+    own = re.search(rf"^error: rank {r}: (.+)$", log_text, re.MULTILINE)
+    return f"rank {r} ({where}) died first: it {how}" + (f" ({own.group(1)})" if own else "")
 
 
 def _check_pos_int(name: str, v: Any, minimum: int = 1) -> int:
@@ -637,7 +689,12 @@ def launch(
 
     Faults: torchrun runs with ``--max-restarts 0``; when any worker exits with an error or is
     killed, torchrun terminates the other workers (SIGTERM, then SIGKILL) and exits non-zero,
-    within a few seconds. Workers blocked in a collective on a *hung* (not dead) peer fail after
+    within a few seconds. The job's stderr (torchrun's report, every rank's errors) goes to a
+    log file: copied to this process's stderr when the job succeeds (or ``check=False``); on
+    failure the LaunchError says in one line which rank died first and how (its own error line
+    when it printed one) and names the log (``LaunchError.log``), which is kept. torchrun is tied
+    to this process (Linux: ``PR_SET_PDEATHSIG``) and the workers to torchrun (:func:`setup`),
+    so killing this process outright (SIGKILL) stops the whole job. Workers blocked in a collective on a *hung* (not dead) peer fail after
     the collective timeout of :func:`setup`. ``OMP_NUM_THREADS`` defaults to the CPU count
     divided by the processes on the node.
     """
@@ -649,26 +706,44 @@ def launch(
     _check_reachable(spec)
     child_env = _child_env(env, nproc_per_node)
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=child_env, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc, grace=10.0)
-        rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
-        if check:
-            raise LaunchError(
-                f"distributed job stopped after the {timeout:g} s time limit "
-                f"({nproc_per_node} process(es) per node): {' '.join(argv)}", rc) from None
-        return rc
-    except BaseException:  # KeyboardInterrupt: take the workers down with us
-        _kill_group(proc, grace=10.0)
-        raise
-    if rc != 0 and check:
-        raise LaunchError(
-            f"distributed job failed with exit code {rc} after {time.monotonic() - start:.1f} s "
-            f"({nproc_per_node} process(es) per node): a worker exited with an error or was "
-            "killed and torchrun stopped the others; the failing rank's traceback is printed "
-            f"above. Command: {' '.join(argv)}",
-            rc,
-        )
+    with tempfile.NamedTemporaryFile("w+", prefix="normlab-torchrun-", suffix=".log",
+                                     delete=False) as log:
+        # its own session (Ctrl-C reaches this process, which stops the job) but tied to this
+        # process: killed outright, it takes torchrun, and torchrun its workers, down with it
+        proc = subprocess.Popen(cmd, env=child_env, start_new_session=True, stderr=log,
+                                preexec_fn=_tied_to(os.getpid()))
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc, grace=10.0)
+            rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+            if check:  # the job's stderr stays in the log the error names
+                raise LaunchError(
+                    f"distributed job stopped after the {timeout:g} s time limit "
+                    f"({nproc_per_node} process(es) per node): {' '.join(argv)}", rc,
+                    log.name) from None
+            return _replay(log.name, rc)
+        except BaseException:  # KeyboardInterrupt: take the workers down with us
+            _kill_group(proc, grace=10.0)
+            _replay(log.name, 0)
+            raise
+    if rc == 0 or not check:
+        return _replay(log.name, rc)
+    with open(log.name, errors="replace") as f:
+        first = _failure_line(f.read())
+    raise LaunchError(
+        f"distributed job failed (exit code {rc}) after {time.monotonic() - start:.1f} s: "
+        + (f"{first}; torchrun stopped the others" if first else
+           "a worker exited with an error or was killed and torchrun stopped the others"),
+        rc, log.name)
+
+
+def _replay(log: str, rc: int) -> int:
+    """Copy the job's stderr, held in ``log``, to ours and delete the file; return ``rc``."""
+    with open(log, errors="replace") as f:
+        for chunk in iter(lambda: f.read(1 << 16), ""):
+            sys.stderr.write(chunk)
+    sys.stderr.flush()
+    os.unlink(log)
     return rc
+

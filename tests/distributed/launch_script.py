@@ -10,6 +10,8 @@ the step count to OUT_DIR/ckpt.txt after every step and a run resumes from it. M
               step 2 while rank 0 goes on into the next collective (a crash mid-run). Else as ok.
 ``hang``      rank 1 sleeps forever after step 1 (alive, silent); rank 0 blocks in the next
               collective until the collective timeout (NORMLAB_DIST_TIMEOUT) makes it fail.
+``forever``   every rank writes its pid to OUT_DIR/pid<r>.txt, then all-reduces every 0.1 s
+              until it is killed (STEPS is ignored).
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ import normlab.distributed as nd
 def main() -> None:
     out, mode, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     device = nd.setup()
+    if mode == "forever":
+        with open(os.path.join(out, f"pid{nd.rank()}.txt.tmp"), "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(os.path.join(out, f"pid{nd.rank()}.txt.tmp"),
+                   os.path.join(out, f"pid{nd.rank()}.txt"))
+        while True:
+            nd.all_reduce_sum([1.0])
+            time.sleep(0.1)
     ckpt = os.path.join(out, "ckpt.txt")
     start = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
     start = nd.broadcast_object(start)

@@ -7,7 +7,11 @@ timeout ends the job).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -72,3 +76,59 @@ def test_hung_rank_ends_by_collective_timeout(tmp_path):
     elapsed = time.monotonic() - t0
     assert rc != 0
     assert 3 <= elapsed < 30, f"a hung rank kept the job alive {elapsed:.1f} s"
+
+
+def _alive(pid):
+    """Whether process ``pid`` runs (a zombie, killed but not reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid):
+    """Pids whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(d))
+            except OSError:
+                pass
+    return kids
+
+
+_LAUNCHER = ("import sys; from normlab.distributed import launch; "
+             "launch([sys.argv[1], sys.argv[2], 'forever', '0'], nproc_per_node=2)")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the processes through /proc")
+@pytest.mark.parametrize("victim", ["launcher", "torchrun"])
+def test_a_job_dies_with_its_launcher_or_torchrun_killed_outright(tmp_path, victim):
+    """Issue 14 item 7: SIGKILL of the launcher left torchrun and its workers running (in their
+    own session, unwatched). torchrun is tied to the launcher and the workers to torchrun."""
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, SCRIPT, str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"pid{r}.txt").is_file() for r in range(2)):
+            assert time.monotonic() < deadline and launcher.poll() is None, "the job did not start"
+            time.sleep(0.2)
+        workers = [int((tmp_path / f"pid{r}.txt").read_text()) for r in range(2)]
+        (torchrun,) = _children(launcher.pid)
+        assert set(workers) <= set(_children(torchrun))  # the tree this test expects
+        pids = [torchrun, *workers]
+        os.kill(launcher.pid if victim == "launcher" else torchrun, signal.SIGKILL)
+        deadline = time.monotonic() + 45  # torchrun stops its workers within 30 s of a SIGTERM
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in pids if _alive(p)], "processes outlived the kill"
+    finally:
+        for p in [launcher.pid, *pids]:  # only what this test started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        launcher.wait()

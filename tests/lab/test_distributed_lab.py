@@ -88,9 +88,17 @@ def test_killed_rank_ends_the_job_and_reruns_resume_on_any_process_count(tmp_pat
     assert p.returncode != 0
     assert elapsed < 60, f"the job took {elapsed:.0f} s to end after a rank died"
     assert "rank 1 exits after 20 steps" in p.stdout + p.stderr
-    err_lines = [ln for ln in p.stderr.splitlines() if ln.startswith(("error:", "hint:"))]
-    assert err_lines[-2].startswith("error: distributed job failed with exit code"), p.stderr
-    assert err_lines[-1].startswith("hint:") and "re-run" in err_lines[-1]
+    # issue 14 item 7: one error line naming the rank that died first, not torchrun's
+    # ChildFailedError traceback and every rank's gloo error (47 lines)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("error: distributed job failed (exit code 1)"), p.stderr
+    assert "rank 1 (local rank 1 on " in lines[0] and "died first: it exited with status 17" \
+        in lines[0], p.stderr
+    assert lines[1].startswith("hint: every rank's output is in ") and "re-run" in lines[1]
+    log = lines[1].split(" is in ")[1].split(";")[0]
+    assert "Root Cause (first observed failure)" in open(log).read()  # torchrun's report, kept
+    os.unlink(log)
     con = _db(killed)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     run = con.execute("SELECT * FROM runs").fetchone()

@@ -56,9 +56,10 @@ def guard(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(2) from None
     except typer.Exit:
         raise
-    except LaunchError as e:  # a multi-process job failed: its ranks' tracebacks are above
-        print_error(_first_line(e), "the failing rank's traceback is above; re-run the same "
-                                    "command to resume (finished runs and epochs are kept)")
+    except LaunchError as e:  # a multi-process job failed: which rank died first, in one line
+        where = f"every rank's output is in {e.log}; " if e.log else ""
+        print_error(_first_line(e), f"{where}re-run the same command to resume (finished runs "
+                                    "and epochs are kept)")
         raise typer.Exit(e.returncode if e.returncode > 0 else 1) from None
     except RuntimeError as e:  # a training process died: say so in one line, keep the store
         print_error(_first_line(e), _RESUME)
