@@ -39,6 +39,7 @@ MODULES = [
     "normlab.lab.data",
     "normlab.lab.store",
     "normlab.lab.recipe",
+    "normlab.lab.checkpoint",
 ]
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from rich.markup import escape
 
 from normlab import distributed as nd
 from normlab.lab.config import ConfigError
 from normlab.lab.loop import ProgressFn, is_writer, train_run
-from normlab.lab.progress import (epoch_progress, print_note, print_outcome, print_wait,
-                                  progress_bars)
+from normlab.lab.progress import (epoch_progress, err_console, print_note, print_outcome,
+                                  print_wait, progress_bars)
 from normlab.lab.recipe import resolve_device
 from normlab.lab.signals import raise_terminated, sigint_ignored
 from normlab.lab.store import Store, heartbeat
@@ -158,8 +159,13 @@ def _worker(points: list, out: str, threads: int, parent: int, outcomes: Any) ->
     def on_run(p: Any, outcome: str, res: Any) -> None:
         outcomes.put((p.cfg.run_id(), outcome, dict(res or {})))
 
-    with Store(out) as store:
-        run_points(points, store, on_run=on_run, progress_for=progress_for, poll_s=1.0)
+    try:
+        with Store(out) as store:
+            run_points(points, store, on_run=on_run, progress_for=progress_for, poll_s=1.0)
+    except ConfigError as e:  # a damaged store, say: one line, not a worker's traceback
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
+                          soft_wrap=True)
+        raise SystemExit(2) from None
 
 
 def run_parallel(points: list, store: Store, jobs: int, out: Path) -> Counts:
