@@ -90,6 +90,8 @@ def test_nf_checkpoint_of_the_one_group_optimizer_starts_over(tmp_path):
                     "history": [{"epoch": 0}], "elapsed": 1.0, "train_time": 1.0,
                     "train_images": 96, "run_id": cfg.run_id(), "world_size": 1,
                     "batch_per_process": 8}, ckpt)
-        res = train_run(cfg, s)
+        with pytest.warns(RuntimeWarning, match="does not fit this run .*parameter group"):
+            res = train_run(cfg, s)  # said, naming the file, which is moved aside
+        assert not ckpt.exists() and ckpt.with_name(ckpt.name + ".damaged").is_file()
         assert res["resumed_from"] == 0 and s.run(cfg.run_id())["status"] == "done"
         assert [e["epoch"] for e in s.epochs(cfg.run_id())] == [0, 1]
