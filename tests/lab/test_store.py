@@ -27,6 +27,9 @@ def test_claim_record_finish_cycle(tmp_path):
         s.record_epochs("r1", _rows(2), {"wall_time": 2.0, "images_per_s": 99.0, "device": "cpu"})
         s.record_epochs("r1", _rows(2, base=5.0), {"wall_time": 2.0})  # an epoch redone: upsert
         assert [e["train_loss"] for e in s.epochs("r1")] == [5.0, 6.0]
+        s.record_epochs("r1", _rows(1, base=7.0), {"wall_time": 1.0})  # started over (issue 14)
+        assert [e["train_loss"] for e in s.epochs("r1")] == [7.0]  # no stale epoch 1 left
+        s.record_epochs("r1", _rows(2, base=5.0), {"wall_time": 2.0})
         assert s.run("r1")["epochs_done"] == 2 and s.run("r1")["status"] == "running"
         s.finish("r1")
         assert s.claim("r1", {"epochs": 3}) == "done"

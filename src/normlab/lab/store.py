@@ -415,8 +415,11 @@ class Store:
     @_names_damage
     def record_epochs(self, run_id: str, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Upsert per-epoch rows (``epoch`` plus :data:`EPOCH_FIELDS`) and the run's running
-        summary (device, versions, wall_time, images_per_s) in one transaction."""
+        summary (device, versions, wall_time, images_per_s) in one transaction. ``rows`` is the
+        run's whole history: rows of later epochs (a run that started over) are deleted."""
         with self.transaction() as c:
+            c.execute("DELETE FROM epochs WHERE run_id=? AND epoch>?",
+                      (run_id, max((r["epoch"] for r in rows), default=-1)))
             c.executemany(
                 f"INSERT OR REPLACE INTO epochs (run_id, epoch, {', '.join(EPOCH_FIELDS)}) "
                 f"VALUES (?, ?, {', '.join('?' * len(EPOCH_FIELDS))})",
