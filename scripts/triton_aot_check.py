@@ -10,9 +10,17 @@ with the ptxas that ships in the Triton wheel. Nothing runs, so the outputs are 
 never read.
 
 For each distinct compiled variant it reports the kernel, its compile-time constants, warps,
-shared memory, and registers / spill (local memory) bytes from ``cuobjdump -res-usage``.
+shared memory, registers / spill (local memory) bytes from ``cuobjdump -res-usage``, the
+programs that fit on one SM at once (the tightest of the register file, shared memory, warp and
+block limits of the target), and what the code does with memory: ``cp.async`` copies and
+global loads and stores by vector width (counted in the PTX; ``LDGSTS``, the SASS form of
+``cp.async``, from ``cuobjdump -sass``). Per case it counts the launches of each direction.
+Counts are static (instructions in the code, not executions).
 
-    python scripts/triton_aot_check.py [--arch 90] [--quick] [--csv FILE]
+    python scripts/triton_aot_check.py [--arch 90] [--quick] [--csv FILE] [--backend FILE]
+
+``--backend FILE`` compiles another version of the backend module (an older
+``triton_norm.py``, for before/after tables) in place of the installed one.
 
 Exit status 0 when every variant compiled to a cubin, 1 otherwise (each failure is printed).
 Needs the ``triton`` package and must run without ``TRITON_INTERPRET=1`` (the interpreter
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import os
 import re
 import subprocess
@@ -31,6 +40,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("triton_aot_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)")
@@ -42,6 +52,9 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 H100_SMS = 132  # the launch plan aims at 4 programs per SM (triton_norm._default_target_programs)
+# sm_90 per-SM limits (CUDA occupancy rules): 64K 32-bit registers allocated per warp in units
+# of 256, 228 KB shared memory (1 KB reserved per block), 64 warps, 32 blocks
+SM90 = dict(regs=65536, reg_unit=256, smem=228 * 1024, smem_reserved=1024, warps=64, blocks=32)
 
 
 class CompileOnlyDriver:
@@ -102,6 +115,20 @@ FULL_CASES = [
 # SD-UNet in channels_last (blocks of groups folded by the one-hot, split) and BN in
 # channels_last (a column is a group; eval with given statistics too)
 QUICK_CASES = [FULL_CASES[i] for i in (4, 7)]
+# REFERENCE.md section 6: the GroupNorm (G = 32) shapes the device benchmarks time
+REF6_CASES = [
+    (f"ref6 {dt} {','.join(map(str, shape))} {fmt}", shape, 32, False, fmt,
+     {"bf16": torch.bfloat16, "fp32": torch.float32}[dt], None, True, "REFERENCE.md section 6")
+    for dt, shape, fmt in (
+        ("bf16", (2, 320, 64, 64), "nchw"), ("bf16", (2, 320, 64, 64), "cl"),
+        ("bf16", (8, 320, 64, 64), "nchw"), ("bf16", (8, 320, 64, 64), "cl"),
+        ("bf16", (8, 640, 32, 32), "cl"), ("bf16", (8, 1280, 16, 16), "cl"),
+        ("bf16", (32, 256, 56, 56), "nchw"), ("bf16", (32, 256, 56, 56), "cl"),
+        ("bf16", (2, 256, 56, 56), "cl"), ("bf16", (32, 2048, 7, 7), "cl"),
+        ("fp32", (8, 320, 64, 64), "nchw"), ("fp32", (32, 256, 56, 56), "nchw"),
+        ("fp32", (32, 256, 56, 56), "cl"))
+]
+CASE_SETS = {"full": FULL_CASES, "quick": QUICK_CASES, "ref6": REF6_CASES}
 
 
 def _make(shape, fmt, dtype):
@@ -127,24 +154,95 @@ def _resource_usage(cubin: bytes, cuobjdump: Path) -> dict:
     return dict(zip(("regs", "stack", "shared_static", "local"), map(int, m.groups())))
 
 
+def programs_per_sm(regs: int, num_warps: int, shared: int, limits: dict = SM90) -> int:
+    """Programs (CTAs) of one kernel resident on one SM at once."""
+    per_warp = -(-max(regs, 1) * 32 // limits["reg_unit"]) * limits["reg_unit"]
+    by_regs = limits["regs"] // (per_warp * num_warps)
+    by_smem = limits["smem"] // (shared + limits["smem_reserved"])
+    return max(0, min(by_regs, by_smem, limits["warps"] // num_warps, limits["blocks"]))
+
+
+def memory_ops(ptx: str, sass: str) -> dict:
+    """Static counts: cp.async (PTX) and LDGSTS (SASS); global loads/stores by width."""
+    copies = re.findall(r"\bcp\.async\.c[ag]\.shared\.global\S*\s*\[[^]]+\],\s*\[[^]]+\],"
+                        r"\s*(0x[0-9a-f]+|\d+)", ptx)
+    out = {"cp_async": len(copies), "cp_async_16B": sum(int(c, 0) >= 16 for c in copies),
+           "ldgsts": len(re.findall(r"\bLDGSTS", sass)) if sass else ""}
+    for op in ("ld", "st"):
+        found = re.findall(rf"\b{op}\.global(?:\.[a-zL0-9:_]+)*?(\.v[248])?\.(?:b|f|u|s)(8|16|32|64)\b",
+                           ptx)
+        widths = [(int(v[2:]) if v else 1) * int(bits) // 8 for v, bits in found]
+        out[f"{op}_global"] = len(widths)
+        out[f"{op}_16B"] = sum(w >= 16 for w in widths)
+        out[f"{op}_max_bytes"] = max(widths, default=0)
+    return out
+
+
+def _sass(cubin: bytes, cuobjdump: Path) -> str:
+    if not cuobjdump.exists():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True,
+                              text=True).stdout
+
+
+def _load_backend(path: Optional[Path]):
+    if path is None:
+        from normlab.backends import triton_norm
+        return triton_norm
+    spec = importlib.util.spec_from_file_location("normlab_backend_under_check", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_case(tn, x, w, b, g, over_batch, a, launches):
+    """Both directions through the launchers, counting the launches of each."""
+    launches["dir"] = "fwd"
+    out = tn._launch_fwd(x, w, b, g, over_batch, 1e-5, a)
+    if len(out) == 2:  # statistics in one (4, K) buffer: rows mean, rstd, var, shifted mean
+        smean, rstd = out[1][3], out[1][1]
+    else:  # the older five outputs (y, mean, rstd, var, shifted mean)
+        smean, rstd = out[4], out[2]
+    launches["dir"] = "bwd"
+    tn._launch_bwd(torch.empty_like(x), x, w, b, smean, rstd, None, g, over_batch, 1e-5, a)
+    c = x.shape[1]
+    if over_batch and g == c:  # BN eval and its backward: given per-channel statistics
+        stats = torch.empty(c, dtype=torch.float32)
+        launches["dir"] = "fixed_fwd"
+        tn._launch_fixed(x, stats, stats, w, b, 1e-5, a)
+        launches["dir"] = "fixed_bwd"
+        tn._launch_bwd(torch.empty_like(x), x, w, b, stats, stats, stats, c, True, 1e-5, a)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90)")
     ap.add_argument("--quick", action="store_true", help="two cases: the blocked channels_last paths, every stage")
+    ap.add_argument("--cases", choices=sorted(CASE_SETS), default="full",
+                    help="case set (default full; --quick means quick)")
     ap.add_argument("--csv", type=Path, default=None, help="write one row per compiled variant")
+    ap.add_argument("--backend", type=Path, default=None,
+                    help="compile this version of backends/triton_norm.py instead")
     args = ap.parse_args(argv)
 
     driver.set_active(CompileOnlyDriver(args.arch))
-    from normlab.backends import triton_norm as tn
+    tn = _load_backend(args.backend)
 
     # the launch plan a GPU of H100 size gets (on CPU tensors the plan is the interpreter's)
     tn.TUNING.update(target_programs=4 * H100_SMS, block_elems=4096)
 
     compiled: dict = {}
     current = {"case": ""}
+    launches: dict = {"dir": "", "count": {}}
     original_run = JITFunction.run
 
     def compile_only(self, *a, grid, warmup, **kw):
+        key = (current["case"], launches["dir"])
+        launches["count"][key] = launches["count"].get(key, 0) + 1
         t0 = time.perf_counter()
         kernel = original_run(self, *a, grid=grid, warmup=True, **kw)
         # compile-time constants, positional (Cg) or keyword (STAGE, BLOCK_R, ...)
@@ -152,8 +250,8 @@ def main(argv=None) -> int:
         for i in self.constexprs:
             name = self.arg_names[i]
             consts[name] = a[i] if i < len(a) else kw.get(name)
-        if kernel.hash not in compiled:
-            compiled[kernel.hash] = dict(
+        if (current["case"], kernel.hash) not in compiled:  # one row per variant and case
+            compiled[(current["case"], kernel.hash)] = dict(
                 case=current["case"], kernel=self.fn.__name__, dtype=str(a[0].dtype),
                 num_warps=kw.get("num_warps", 4), consts=consts, kernel_obj=kernel,
                 seconds=round(time.perf_counter() - t0, 2))
@@ -162,7 +260,7 @@ def main(argv=None) -> int:
     JITFunction.run = compile_only
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     failures = []
-    cases = QUICK_CASES if args.quick else FULL_CASES
+    cases = QUICK_CASES if args.quick else CASE_SETS[args.cases]
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}; "
           f"{len(cases)} cases")
     for label, shape, g, over_batch, fmt, dtype, act, affine, why in cases:
@@ -173,13 +271,7 @@ def main(argv=None) -> int:
         b = torch.empty(c, dtype=torch.float32) if affine else None
         a = act or "none"
         try:
-            y, mean, rstd, var, smean = tn._launch_fwd(x, w, b, g, over_batch, 1e-5, a)
-            tn._launch_bwd(torch.empty_like(x), x, w, b, smean, rstd, None, g, over_batch, 1e-5,
-                           a)
-            if over_batch and g == c:  # BN eval and its backward: given per-channel statistics
-                stats = torch.empty(c, dtype=torch.float32)
-                tn._launch_fixed(x, stats, stats, w, b, 1e-5, a)
-                tn._launch_bwd(torch.empty_like(x), x, w, b, stats, stats, stats, c, True, 1e-5, a)
+            _run_case(tn, x, w, b, g, over_batch, a, launches)
         except Exception as e:  # a compile error: report it, go on with the other cases
             failures.append((label, e))
             print(f"FAIL  {label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -194,6 +286,8 @@ def main(argv=None) -> int:
         cubin = k.asm.get("cubin", b"")
         usage = _resource_usage(cubin, cuobjdump)
         consts = info["consts"]
+        mem = memory_ops(k.asm.get("ptx", ""), _sass(cubin, cuobjdump))
+        count = launches["count"]
         rows.append(dict(
             triton=triton.__version__, target=f"sm_{args.arch}", case=info["case"],
             kernel=info["kernel"], dtype=info["dtype"], cg=consts.get("Cg", ""),
@@ -202,17 +296,27 @@ def main(argv=None) -> int:
             act=consts.get("ACT", ""), block_r=consts.get("BLOCK_R", ""),
             block_c=consts.get("BLOCK_C", consts.get("BLOCK", "")),
             num_warps=info["num_warps"], shared_bytes=k.metadata.shared,
+            num_stages=consts.get("NUM_STAGES", ""), center=consts.get("CENTER", ""),
             regs=usage.get("regs", ""), local_bytes=usage.get("local", ""),
+            programs_per_sm=(programs_per_sm(usage["regs"], info["num_warps"], k.metadata.shared)
+                             if "regs" in usage else ""),
+            **mem,
+            launches_fwd=count.get((info["case"], "fwd"), 0),
+            launches_bwd=count.get((info["case"], "bwd"), 0),
             cubin_bytes=len(cubin), compile_s=info["seconds"],
         ))
     print(f"\n{len(rows)} variants compiled to cubin")
     print(f"{'kernel':20s} {'dtype':15s} {'Cg':>4s} {'GB':>3s} {'stage':>5s} {'R x C':>10s} {'warps':>5s} "
-          f"{'smem':>6s} {'regs':>4s} {'spill':>5s}")
+          f"{'smem':>6s} {'regs':>4s} {'spill':>5s} {'/SM':>3s} {'cp.as':>5s} {'ld16B':>5s} "
+          f"{'ld':>4s} {'st16B':>5s} {'st':>4s} {'fwd':>3s} {'bwd':>3s}")
     for r in rows:
         print(f"{r['kernel']:20s} {r['dtype']:15s} {str(r['cg']):>4s} {str(r['gb']):>3s} "
               f"{str(r['stage']):>5s} "
               f"{str(r['block_r']) + 'x' + str(r['block_c']):>10s} {r['num_warps']:>5d} "
-              f"{r['shared_bytes']:>6d} {str(r['regs']):>4s} {str(r['local_bytes']):>5s}")
+              f"{r['shared_bytes']:>6d} {str(r['regs']):>4s} {str(r['local_bytes']):>5s} "
+              f"{str(r['programs_per_sm']):>3s} {r['cp_async']:>5d} {r['ld_16B']:>5d} "
+              f"{r['ld_global']:>4d} {r['st_16B']:>5d} {r['st_global']:>4d} "
+              f"{r['launches_fwd']:>3d} {r['launches_bwd']:>3d}")
     spills = [r for r in rows if r["local_bytes"] not in ("", 0)]
     if spills:
         print(f"\n{len(spills)} variants spill registers to local memory")

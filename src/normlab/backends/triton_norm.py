@@ -60,6 +60,7 @@ depends on data). On CPU tensors the kernels run in Triton's interpreter when
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -97,12 +98,6 @@ def _interpreting() -> bool:
 # ============================================================================================
 # kernels
 # ============================================================================================
-
-
-@triton.jit
-def _zero():
-    """A float32 scalar tensor 0 (a loop-carried accumulator's start value)."""
-    return tl.sum(tl.zeros([2], dtype=tl.float32), axis=0)
 
 
 @triton.jit
@@ -151,10 +146,41 @@ def _block_base(k, NGB, GB: tl.constexpr, Cg: tl.constexpr, sn, sc, OVER_BATCH: 
 
 
 @triton.jit
+def _prologue(X, k, j, G, NGB, TPP, RT, sn, sc, Cg: tl.constexpr, OVER_BATCH: tl.constexpr,
+              GB: tl.constexpr, GBP: tl.constexpr, EVEN: tl.constexpr, SHIFT: tl.constexpr):
+    """What a forward or backward program (k, j) works on: (g0, int64 base offset of its block,
+    group validity [GBP], valid columns, statistic index [GBP], its row tiles [rt_lo, rt_hi),
+    the shift [GBP]: each group's first element when SHIFT (centred statistics), else 0).
+
+    Shifted data: every program of a statistic subtracts the same shift, so the sums run over
+    values of the spread's magnitude, not the offset's (1e4 + 0.1*randn keeps full float32
+    accuracy); the forward stores the mean of the shifted data (SMEAN) for the backward."""
+    n0, g0, base = _block_base(k, NGB, GB, Cg, sn, sc, OVER_BATCH)
+    gidx = tl.arange(0, GBP)
+    gvalid = (gidx < GB) & (g0 + gidx < G)
+    if EVEN:  # G % GB == 0: every block is full, the column count is a compile-time constant
+        ncols = GB * Cg
+    else:
+        ncols = tl.minimum(G - g0, GB) * Cg  # valid columns of this block
+    if OVER_BATCH:
+        stat = g0 + gidx
+    else:
+        stat = n0 * G + g0 + gidx
+    rt_lo = j * TPP
+    rt_hi = tl.minimum(rt_lo + TPP, RT)
+    shift_g = tl.zeros([GBP], dtype=tl.float32)
+    if SHIFT:
+        first = (g0 + gidx) * Cg
+        shift_g = tl.load(X + n0.to(tl.int64) * sn + first.to(tl.int64) * sc, mask=gvalid,
+                          other=0.0).to(tl.float32)
+    return g0, base, gvalid, ncols, stat, rt_lo, rt_hi, shift_g
+
+
+@triton.jit
 def _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH: tl.constexpr, BLOCK_R: tl.constexpr,
           BLOCK_C: tl.constexpr):
     """Row tile rt, column tile ct of a block -> (int64 offset of the tile's sample, int32
-    in-sample offsets [BLOCK_R, BLOCK_C], mask, number of valid rows)."""
+    in-sample offsets [BLOCK_R, BLOCK_C], mask, row mask [BLOCK_R])."""
     if OVER_BATCH:
         nn = rt // TPS
         s0 = (rt - nn * TPS) * BLOCK_R
@@ -166,9 +192,9 @@ def _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH: tl.constexpr, BLOCK_R: 
     rows = s0 + tl.arange(0, BLOCK_R)
     cols = c0 + tl.arange(0, BLOCK_C)
     offs = rows[:, None] * ss + cols[None, :] * sc
-    mask = (rows[:, None] < S) & (cols[None, :] < ncols)
-    nrows = tl.minimum(S - s0, BLOCK_R).to(tl.float32)
-    return sample, offs, mask, nrows
+    rmask = rows < S
+    mask = rmask[:, None] & (cols[None, :] < ncols)
+    return sample, offs, mask, rmask
 
 
 @triton.jit
@@ -233,53 +259,84 @@ def _channel_vectors(W, B, MEAN, VAR, ch0, ct, ncols, eps, HAS_W: tl.constexpr,
 
 
 @triton.jit
+def _column_moments(X, base, shift_c, rt_lo, rt_hi, ct, TPS, S, ncols, sn, sc, ss,
+                    OVER_BATCH: tl.constexpr, CENTER: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Per-column (count, mean, M2) of x - shift over row tiles [rt_lo, rt_hi) of column tile ct.
+
+    Each lane keeps its own running (mean, M2) across the tiles (Welford: one update per
+    element, no reduction inside the loop, so the loads of the next tiles can be in flight);
+    the lanes of a column are combined once at the end with Chan et al.'s formula. Rows that a
+    tile masks (the last tile of a sample) keep their lane's values: the count is per row.
+    Without CENTER the moments are about 0: mean 0, M2 = sum of x^2 (RMS statistics)."""
+    l_cnt = tl.zeros([BLOCK_R], dtype=tl.float32)
+    l_mean = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    l_m2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for rt in tl.range(rt_lo, rt_hi, num_stages=NUM_STAGES):
+        sample, offs, mask, rmask = _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH,
+                                          BLOCK_R, BLOCK_C)
+        x = tl.load(X + base + sample + offs, mask=mask, other=0.0,
+                    eviction_policy="evict_last").to(tl.float32)
+        l_cnt += rmask.to(tl.float32)
+        if CENTER:
+            # a masked lane sees its own mean: d = 0 leaves it as it is
+            x = tl.where(mask, x - shift_c[None, :], l_mean)
+            inv = tl.where(rmask, 1.0 / tl.maximum(l_cnt, 1.0), 0.0)
+            d = x - l_mean
+            l_mean += d * inv[:, None]
+            l_m2 += d * (x - l_mean)
+        else:
+            l_m2 += tl.where(mask, x * x, 0.0)
+    c_cnt = tl.zeros([BLOCK_C], dtype=tl.float32) + tl.sum(l_cnt, axis=0)
+    c_m2 = tl.sum(l_m2, axis=0)
+    if CENTER:
+        c_mean = tl.sum(l_cnt[:, None] * l_mean, axis=0) / tl.where(c_cnt > 0.0, c_cnt, 1.0)
+        dm = tl.where(l_cnt[:, None] > 0.0, l_mean - c_mean[None, :], 0.0)
+        c_m2 += tl.sum(l_cnt[:, None] * dm * dm, axis=0)
+    else:
+        c_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    return c_cnt, c_mean, c_m2
+
+
+@triton.jit
+def _store_stats(STATS, K, stat, gvalid, smean_g, shift_g, rstd_g, var_g):
+    """Rows of the (4, K) statistics buffer: mean, rstd, biased var, shifted mean."""
+    tl.store(STATS + stat, smean_g + shift_g, mask=gvalid)
+    tl.store(STATS + K + stat, rstd_g, mask=gvalid)
+    tl.store(STATS + 2 * K + stat, var_g, mask=gvalid)
+    tl.store(STATS + 3 * K + stat, smean_g, mask=gvalid)
+
+
+@triton.jit
 def _fwd_kernel(
     X,  # (N, C, *spatial) input, element strides (sn, sc, ss)
     Y,  # like X (same strides)
     W,  # (C,) weight, or a dummy when not HAS_W
     B,  # (C,) bias, or a dummy when not HAS_B
-    MEAN,  # (K,) float32 mean per statistic; STAGE 3: (C,) given per-channel mean
-    RSTD,  # (K,) float32 1/sqrt(var + eps); unused in STAGE 3
-    VAR,  # (K,) float32 biased variance; STAGE 3: (C,) given per-channel variance
-    SMEAN,  # (K,) float32 mean of x - shift (what the backward needs); unused in STAGE 3
+    STATS,  # (4, K) float32 rows: mean, rstd, biased var, mean of x - shift; STAGE 3: unused
+    MEAN,  # STAGE 3: (C,) given per-channel mean; else unused
+    VAR,  # STAGE 3: (C,) given per-channel variance; else unused
     PART,  # (K * SPLIT * 3,) float32 partial (count, mean, M2) for STAGE 1/2, else a dummy
-    S, Cg: tl.constexpr, G, NGB, CT, TPS, RT, TPP, sn, sc, ss, eps,
+    S, Cg: tl.constexpr, G, NGB, K, CT, TPS, RT, TPP, sn, sc, ss, eps,
     OVER_BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STAGE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     GB: tl.constexpr, GBP: tl.constexpr, IDENT: tl.constexpr, EVEN: tl.constexpr,
+    CENTER: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Forward. grid = (blocks of GB groups, SPLIT). Cg is a compile-time constant so that the
     compiler knows the alignment of a group's first channel (one kernel per distinct Cg).
     STAGE 0: statistics then normalize (SPLIT == 1); 1: partial (count, mean, M2) only;
     2: combine partials then normalize; 3: normalize with the given per-channel MEAN/VAR (eval).
+    CENTER False: statistics about 0 (RMS: mean 0, var = mean of x^2).
 
     Every vector of statistics has one entry per group of the block ([GBP], padded to a power
-    of two); per-column sums are folded into groups once per column tile (``_to_groups``)."""
+    of two); per-column moments are folded into groups once per column tile (``_to_groups``)."""
     k = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    n0, g0, base = _block_base(k, NGB, GB, Cg, sn, sc, OVER_BATCH)
-    gidx = tl.arange(0, GBP)
-    gvalid = (gidx < GB) & (g0 + gidx < G)
-    if EVEN:  # G % GB == 0: every block is full, the column count is a compile-time constant
-        ncols = GB * Cg
-    else:
-        ncols = tl.minimum(G - g0, GB) * Cg  # valid columns of this block
-    if OVER_BATCH:
-        stat = g0 + gidx
-    else:
-        stat = n0 * G + g0 + gidx
-    rt_lo = j * TPP
-    rt_hi = tl.minimum(rt_lo + TPP, RT)
-
-    # Shifted data: every program of a statistic subtracts the same shift (the group's first
-    # element), so sums run over values of the spread's magnitude, not the offset's
-    # (1e4 + 0.1*randn keeps full float32 accuracy). mean = shift + shifted mean.
-    shift_g = tl.zeros([GBP], dtype=tl.float32)
-    if STAGE != 3:
-        first = (g0 + gidx) * Cg
-        shift_g = tl.load(X + n0.to(tl.int64) * sn + first.to(tl.int64) * sc, mask=gvalid,
-                          other=0.0).to(tl.float32)
+    g0, base, gvalid, ncols, stat, rt_lo, rt_hi, shift_g = _prologue(
+        X, k, j, G, NGB, TPP, RT, sn, sc, Cg, OVER_BATCH, GB, GBP, EVEN,
+        STAGE != 3 and CENTER)
     mean_g = tl.zeros([GBP], dtype=tl.float32)
     rstd_g = tl.zeros([GBP], dtype=tl.float32)
     if STAGE == 0 or STAGE == 1:
@@ -287,26 +344,9 @@ def _fwd_kernel(
         m2_g = tl.zeros([GBP], dtype=tl.float32)
         for ct in range(0, CT):
             m = _onehot(ct, ncols, Cg, GBP, BLOCK_C, IDENT)
-            shift_c = _to_cols(shift_g, m, IDENT)
-            # per-column (count, mean, M2) over this program's rows
-            c_cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
-            c_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-            c_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for rt in range(rt_lo, rt_hi):
-                sample, offs, mask, nrows = _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH,
-                                                  BLOCK_R, BLOCK_C)
-                x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
-                x = tl.where(mask, x - shift_c[None, :], 0.0)
-                tmean = tl.sum(x, axis=0) / nrows
-                d = tl.where(mask, x - tmean[None, :], 0.0)
-                tm2 = tl.sum(d * d, axis=0)
-                # Chan et al.: merge (cnt, mean, M2) with the tile's (nrows, tmean, tm2)
-                tot = c_cnt + nrows
-                delta = tmean - c_mean
-                frac = nrows / tot
-                c_mean = c_mean + delta * frac
-                c_m2 = c_m2 + tm2 + delta * delta * c_cnt * frac
-                c_cnt = tot
+            c_cnt, c_mean, c_m2 = _column_moments(
+                X, base, _to_cols(shift_g, m, IDENT), rt_lo, rt_hi, ct, TPS, S, ncols, sn, sc,
+                ss, OVER_BATCH, CENTER, BLOCK_R, BLOCK_C, NUM_STAGES)
             # columns -> groups (Chan over the columns of a group), then into the running total
             t_cnt = _to_groups(c_cnt, m, IDENT)
             t_safe = tl.where(t_cnt > 0.0, t_cnt, 1.0)
@@ -327,10 +367,7 @@ def _fwd_kernel(
             return
         var_g = m2_g / tl.where(cnt_g > 0.0, cnt_g, 1.0)
         rstd_g = 1.0 / tl.sqrt(var_g + eps)
-        tl.store(MEAN + stat, mean_g + shift_g, mask=gvalid)
-        tl.store(RSTD + stat, rstd_g, mask=gvalid)
-        tl.store(VAR + stat, var_g, mask=gvalid)
-        tl.store(SMEAN + stat, mean_g, mask=gvalid)
+        _store_stats(STATS, K, stat, gvalid, mean_g, shift_g, rstd_g, var_g)
     if STAGE == 2:
         idx = tl.arange(0, SPLIT_BLOCK)
         pm = gvalid[:, None] & (idx < nsplit)[None, :]
@@ -345,10 +382,7 @@ def _fwd_kernel(
         var_g = (tl.sum(pm2, axis=1) + tl.sum(pc * dm * dm, axis=1)) / cnt_safe
         rstd_g = 1.0 / tl.sqrt(var_g + eps)
         if j == 0:
-            tl.store(MEAN + stat, mean_g + shift_g, mask=gvalid)
-            tl.store(RSTD + stat, rstd_g, mask=gvalid)
-            tl.store(VAR + stat, var_g, mask=gvalid)
-            tl.store(SMEAN + stat, mean_g, mask=gvalid)
+            _store_stats(STATS, K, stat, gvalid, mean_g, shift_g, rstd_g, var_g)
 
     for ct in range(0, CT):
         cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g0 * Cg, ct, ncols, eps,
@@ -360,10 +394,11 @@ def _fwd_kernel(
             mu = mu + _to_cols(mean_g, m, IDENT)
             rs = rs + _to_cols(rstd_g, m, IDENT)
         scale = (rs * w)[None, :]
-        for rt in range(rt_lo, rt_hi):
-            sample, offs, mask, nrows = _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH,
+        for rt in tl.range(rt_lo, rt_hi, num_stages=NUM_STAGES):
+            sample, offs, mask, rmask = _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH,
                                               BLOCK_R, BLOCK_C)
-            x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + base + sample + offs, mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
             z = ((x - shift_c[None, :]) - mu[None, :]) * scale + b[None, :]
             y = _act_fwd(z, ACT)
             tl.store(Y + base + sample + offs, y.to(Y.dtype.element_ty), mask=mask)
@@ -376,7 +411,7 @@ def _bwd_kernel(
     DX,  # like X (same strides)
     W,  # (C,) weight, or a dummy when not HAS_W
     B,  # (C,) bias, or a dummy when not HAS_B
-    MEAN,  # (K,) float32 shifted mean (the forward's SMEAN); STAGE 3: (C,) given mean
+    MEAN,  # (K,) float32 shifted mean (the forward's STATS[3]); STAGE 3: (C,) given mean
     RSTD,  # (K,) float32 1/sqrt(var + eps); unused in STAGE 3
     VAR,  # (C,) float32 given per-channel variance in STAGE 3; unused otherwise
     AB,  # (K * SPLIT * 2,) float32 partial (A, B) for STAGE 1/2, else a dummy
@@ -386,42 +421,33 @@ def _bwd_kernel(
     OVER_BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STAGE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     GB: tl.constexpr, GBP: tl.constexpr, IDENT: tl.constexpr, EVEN: tl.constexpr,
+    CENTER: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Backward. grid = (blocks of GB groups, SPLIT). STAGE 0: reduce then dx (SPLIT == 1);
     1: reduce only (per-channel partials + partial A, B per group); 2: combine A, B then dx;
     3: given per-channel statistics (eval): dx and per-channel partials in one pass.
+    CENTER False (RMS statistics): the mean is 0 and dx has no A term.
 
-    Per-channel partial sums go to row ``n*SPLIT + j`` (or ``j`` over the batch) of PDW/PDB
+    The per-channel sums are per-lane accumulators across the row tiles, reduced once per
+    column tile; they go to row ``n*SPLIT + j`` (or ``j`` over the batch) of PDW/PDB
     (rows x C, float32); ``_reduce_rows_kernel`` sums the rows in order."""
     k = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    n0, g0, base = _block_base(k, NGB, GB, Cg, sn, sc, OVER_BATCH)
-    gidx = tl.arange(0, GBP)
-    gvalid = (gidx < GB) & (g0 + gidx < G)
-    if EVEN:
-        ncols = GB * Cg
-    else:
-        ncols = tl.minimum(G - g0, GB) * Cg
+    g0, base, gvalid, ncols, stat, rt_lo, rt_hi, shift_g = _prologue(
+        X, k, j, G, NGB, TPP, RT, sn, sc, Cg, OVER_BATCH, GB, GBP, EVEN,
+        STAGE != 3 and CENTER)
     if OVER_BATCH:
-        stat = g0 + gidx
         prow = j
     else:
-        stat = n0 * G + g0 + gidx
-        prow = n0 * nsplit + j
-    rt_lo = j * TPP
-    rt_hi = tl.minimum(rt_lo + TPP, RT)
-
-    # the forward's shift (the statistic's first element) and shifted mean: xhat is
-    # ((x - shift) - mean') * rstd exactly as in the forward
-    shift_g = tl.zeros([GBP], dtype=tl.float32)
+        prow = (k // NGB) * nsplit + j
+    # the forward's shift and shifted mean: xhat is ((x - shift) - mean') * rstd exactly as in
+    # the forward
     mean_g = tl.zeros([GBP], dtype=tl.float32)
     rstd_g = tl.zeros([GBP], dtype=tl.float32)
     if STAGE != 3:
-        first = (g0 + gidx) * Cg
-        shift_g = tl.load(X + n0.to(tl.int64) * sn + first.to(tl.int64) * sc, mask=gvalid,
-                          other=0.0).to(tl.float32)
-        mean_g = tl.load(MEAN + stat, mask=gvalid, other=0.0)
+        if CENTER:
+            mean_g = tl.load(MEAN + stat, mask=gvalid, other=0.0)
         rstd_g = tl.load(RSTD + stat, mask=gvalid, other=0.0)
 
     a_g = tl.zeros([GBP], dtype=tl.float32)
@@ -436,21 +462,25 @@ def _bwd_kernel(
                 shift_c = _to_cols(shift_g, m, IDENT)
                 mu = mu + _to_cols(mean_g, m, IDENT)
                 rs = rs + _to_cols(rstd_g, m, IDENT)
-            db_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-            dw_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for rt in range(rt_lo, rt_hi):
-                sample, offs, mask, nrows = _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH,
+            l_db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+            l_dw = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+            for rt in tl.range(rt_lo, rt_hi, num_stages=NUM_STAGES):
+                sample, offs, mask, rmask = _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH,
                                                   BLOCK_R, BLOCK_C)
-                x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + base + sample + offs, mask=mask, other=0.0,
+                            eviction_policy="evict_last").to(tl.float32)
+                dy = tl.load(DY + base + sample + offs, mask=mask, other=0.0,
+                             eviction_policy="evict_last").to(tl.float32)
                 xhat = ((x - shift_c[None, :]) - mu[None, :]) * rs[None, :]
                 dz = _act_bwd(xhat * w[None, :] + b[None, :], dy, ACT)
                 dz = tl.where(mask, dz, 0.0)
-                db_acc += tl.sum(dz, axis=0)
-                dw_acc += tl.sum(dz * xhat, axis=0)
+                l_db += dz
+                l_dw += dz * xhat
                 if STAGE == 3:
                     dx = dz * (w * rs)[None, :]
                     tl.store(DX + base + sample + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            db_acc = tl.sum(l_db, axis=0)
+            dw_acc = tl.sum(l_dw, axis=0)
             # int64 row offset: N * SPLIT * C can pass 2**31 (a 2-D LN over 2**21 rows of 1024)
             if HAS_W:
                 tl.store(PDW + prow.to(tl.int64) * C + ch, dw_acc, mask=cm)
@@ -469,6 +499,8 @@ def _bwd_kernel(
         p = AB + (stat[:, None] * nsplit + idx[None, :]) * 2
         a_g = tl.sum(tl.load(p, mask=pm, other=0.0), axis=1)
         b_g = tl.sum(tl.load(p + 1, mask=pm, other=0.0), axis=1)
+    if not CENTER:
+        a_g = tl.zeros([GBP], dtype=tl.float32)  # d(mean)/dx = 0: no A term
 
     for ct in range(0, CT):
         cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g0 * Cg, ct, ncols, eps,
@@ -479,11 +511,13 @@ def _bwd_kernel(
         rs = _to_cols(rstd_g, m, IDENT)
         a_m = _to_cols(a_g, m, IDENT) * inv_m
         b_m = _to_cols(b_g, m, IDENT) * inv_m
-        for rt in range(rt_lo, rt_hi):
-            sample, offs, mask, nrows = _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH,
+        for rt in tl.range(rt_lo, rt_hi, num_stages=NUM_STAGES):
+            sample, offs, mask, rmask = _tile(rt, ct, TPS, S, ncols, sn, sc, ss, OVER_BATCH,
                                               BLOCK_R, BLOCK_C)
-            x = tl.load(X + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + base + sample + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + base + sample + offs, mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+            dy = tl.load(DY + base + sample + offs, mask=mask, other=0.0,
+                         eviction_policy="evict_first").to(tl.float32)
             xhat = ((x - shift_c[None, :]) - mu[None, :]) * rs[None, :]
             dz = _act_bwd(xhat * w[None, :] + b[None, :], dy, ACT)
             dx = rs[None, :] * (dz * w[None, :] - (a_m[None, :] + xhat * b_m[None, :]))
@@ -544,6 +578,7 @@ class LaunchPlan:
     num_warps: int
     groups_per_block: int = 1  # GB: groups one program covers (> 1 only when channels are contiguous)
     num_blocks: int = 0  # programs along grid axis 0: blocks of GB groups (times N if not over the batch)
+    num_stages: int = 1  # software-pipelining depth of the row-tile loops (tl.range)
 
     @property
     def gbp(self) -> int:
@@ -678,12 +713,15 @@ def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_grou
         cap_c = 256
     gb = 1
     max_cols = min(cap_c, elems)
-    fused_min = max(1, target // 2)  # blocks from which one program per block fills the GPU
+    # blocks from which one program per block fills the GPU: one per SM (target is 4 per SM).
+    # N*G = 256 (GroupNorm(32) at batch 8) is above it on a 132-SM GPU: one launch per
+    # direction instead of two, and no second read of x
+    fused_min = max(1, target // 4)
     if group_blocks and strides[1] == 1 and g > 1 and cg < max_cols and cg * elem_bytes < 128:
         # channels contiguous and a group narrower than a line: a block of groups per program
         want = max(1, min(max_cols, 128 // elem_bytes) // cg)  # groups in a 128-byte row
         if not over_batch:
-            least = max(1, min(want, -(-32 // (cg * elem_bytes))))  # groups in a 32-byte sector
+            least = max(1, min(want, -(-64 // (cg * elem_bytes))))  # rows of >= 64 bytes
             while want > least and n * triton.cdiv(g, want) < fused_min:
                 want = max(least, want // 2)
         if want > 1:
@@ -703,8 +741,11 @@ def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_grou
     split = triton.cdiv(row_tiles, tpp)  # no empty programs
     tile = block_r * block_c
     num_warps = max(1, min(8, tile // 256))
+    # double-buffered loads (cp.async into shared memory) where a program has several row tiles
+    # (the interpreter ignores the depth)
+    stages = 2 if on_gpu and tpp > 1 else 1
     return LaunchPlan(n, c, s, g, cg, over_batch, strides, k, count, block_r, block_c,
-                      col_tiles, tps, row_tiles, tpp, split, num_warps, gb, blocks)
+                      col_tiles, tps, row_tiles, tpp, split, num_warps, gb, blocks, stages)
 
 
 def _poison(*tensors: Tensor) -> None:
@@ -725,39 +766,66 @@ def _param(p: Optional[Tensor], like: Tensor) -> Tensor:
 # ============================================================================================
 
 
+def _elementwise_split(p: LaunchPlan, device: torch.device) -> LaunchPlan:
+    """For given statistics every tile is independent: one program per few row tiles."""
+    return _elementwise_cached(p, 4 * (TUNING["target_programs"]
+                                       or _default_target_programs(device)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _elementwise_cached(p: LaunchPlan, target: int) -> LaunchPlan:
+    tpp = triton.cdiv(p.row_tiles, min(p.row_tiles, target))
+    split = triton.cdiv(p.row_tiles, tpp)
+    return LaunchPlan(**{**p.__dict__, "tiles_per_program": tpp, "split": split})
+
+
+@functools.lru_cache(maxsize=4096)
+def _constexprs(p: LaunchPlan, has_w: bool, has_b: bool, activation: str, center: bool) -> dict:
+    """The compile-time arguments and launch options of the kernels for one plan and flags,
+    built once (eager calls repeat the same few shapes). Callers must not modify the dict."""
+    return dict(
+        OVER_BATCH=p.over_batch, HAS_W=has_w, HAS_B=has_b, ACT=ACT_CODES[activation],
+        SPLIT_BLOCK=_next_pow2(p.split), BLOCK_R=p.block_r, BLOCK_C=p.block_c,
+        GB=p.groups_per_block, GBP=p.gbp, IDENT=p.ident, EVEN=p.g % p.groups_per_block == 0,
+        CENTER=center, NUM_STAGES=p.num_stages, num_warps=p.num_warps,
+    )
+
+
+def _on_device(x: Tensor):
+    """Launch on x's GPU (Triton launches on the current device): a guard only when they
+    differ, since entering one costs a few microseconds."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def _launch_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
-    over_batch: bool, eps: float, activation: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """y, mean, rstd, biased var, and the shifted mean (mean of x minus the statistic's first
-    element) that the backward takes in place of the mean."""
+    over_batch: bool, eps: float, activation: str, center: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """y and the float32 statistics ``(4, *stat shape)``: mean, rstd, biased var, and the
+    shifted mean (mean of x minus the statistic's first element) that the backward takes in
+    place of the mean. Without ``center`` the mean rows are 0 and var is the mean of x^2."""
     x, strides = kernel_strides(x)
     p = plan_launch(tuple(x.shape), strides, num_groups, over_batch, x.device, x.element_size())
     y = torch.empty_like(x)
-    stat_shape = (num_groups,) if over_batch else (p.n, num_groups)
-    mean = torch.empty(stat_shape, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    var = torch.empty_like(mean)
-    smean = torch.empty_like(mean)
-    part = torch.empty((p.num_stats * p.split * 3,) if p.split > 1 else (1,),
-                       device=x.device, dtype=torch.float32)
-    _poison(y, mean, rstd, var, smean, part)
-    w, b = _param(weight, mean), _param(bias, mean)
-    common = dict(
-        OVER_BATCH=over_batch, HAS_W=weight is not None, HAS_B=bias is not None,
-        ACT=ACT_CODES[activation], SPLIT_BLOCK=_next_pow2(p.split), BLOCK_R=p.block_r,
-        BLOCK_C=p.block_c, GB=p.groups_per_block, GBP=p.gbp, IDENT=p.ident,
-        EVEN=p.g % p.groups_per_block == 0, num_warps=p.num_warps,
-    )
-    args = (x, y, w, b, mean, rstd, var, smean, part, p.s, p.cg, p.g, p.groups_blocks, p.col_tiles,
-            p.tiles_per_sample, p.row_tiles, p.tiles_per_program, *p.strides, eps)
+    stats = torch.empty((4,) + _stat_shape(x, num_groups, over_batch), device=x.device,
+                        dtype=torch.float32)
+    part = (torch.empty((p.num_stats * p.split * 3,), device=x.device, dtype=torch.float32)
+            if p.split > 1 else stats)
+    _poison(y, stats, part)
+    meta = _constexprs(p, weight is not None, bias is not None, activation, center)
+    args = (x, y, _param(weight, stats), _param(bias, stats), stats, stats, stats, part, p.s,
+            p.cg, p.g, p.groups_blocks, p.num_stats, p.col_tiles, p.tiles_per_sample,
+            p.row_tiles, p.tiles_per_program, *p.strides, eps)
     grid = (p.num_blocks, p.split)
-    if p.split == 1:
-        _fwd_kernel[grid](*args, STAGE=0, **common)
-    else:
-        _fwd_kernel[grid](*args, STAGE=1, **common)
-        _fwd_kernel[grid](*args, STAGE=2, **common)
-    return y, mean, rstd, var, smean
+    with _on_device(x):
+        if p.split == 1:
+            _fwd_kernel[grid](*args, STAGE=0, **meta)
+        else:
+            _fwd_kernel[grid](*args, STAGE=1, **meta)
+            _fwd_kernel[grid](*args, STAGE=2, **meta)
+    return y, stats
 
 
 def _launch_fixed(
@@ -766,130 +834,145 @@ def _launch_fixed(
 ) -> Tensor:
     x, strides = kernel_strides(x)
     # all channels form one "group" over the batch; statistics are per channel (PER_CHANNEL)
-    p = plan_launch(tuple(x.shape), strides, 1, True, x.device, x.element_size())
-    p = _elementwise_split(p, x.device)
+    p = _elementwise_split(plan_launch(tuple(x.shape), strides, 1, True, x.device,
+                                       x.element_size()), x.device)
     y = torch.empty_like(x)
     _poison(y)
     mean, var = mean.contiguous(), var.contiguous()
-    w, b = _param(weight, mean), _param(bias, mean)
-    _fwd_kernel[(1, p.split)](
-        x, y, w, b, mean, mean, var, mean, mean, p.s, p.cg, p.g, 1, p.col_tiles, p.tiles_per_sample,
-        p.row_tiles, p.tiles_per_program, *p.strides, eps,
-        OVER_BATCH=True, HAS_W=weight is not None, HAS_B=bias is not None,
-        ACT=ACT_CODES[activation], STAGE=3, SPLIT_BLOCK=1, BLOCK_R=p.block_r,
-        BLOCK_C=p.block_c, GB=1, GBP=1, IDENT=False, EVEN=True, num_warps=p.num_warps,
-    )
+    meta = _constexprs(p, weight is not None, bias is not None, activation, True)
+    with _on_device(x):
+        _fwd_kernel[(1, p.split)](
+            x, y, _param(weight, mean), _param(bias, mean), mean, mean, var, mean, p.s, p.cg,
+            p.g, 1, p.num_stats, p.col_tiles, p.tiles_per_sample, p.row_tiles,
+            p.tiles_per_program, *p.strides, eps, STAGE=3, **meta)
     return y
 
 
-def _elementwise_split(p: LaunchPlan, device: torch.device) -> LaunchPlan:
-    """For given statistics every tile is independent: one program per few row tiles."""
-    target = 4 * (TUNING["target_programs"] or _default_target_programs(device))
-    tpp = triton.cdiv(p.row_tiles, min(p.row_tiles, target))
-    split = triton.cdiv(p.row_tiles, tpp)
-    return LaunchPlan(**{**p.__dict__, "tiles_per_program": tpp, "split": split})
+def _scratch(sizes: Tuple[int, ...], device: torch.device) -> Tuple[Tensor, ...]:
+    """One float32 allocation cut into buffers of ``sizes`` elements, each starting on a
+    16-byte boundary (the kernels' pointers stay 16-byte aligned: vector stores)."""
+    padded = [-(-n // 4) * 4 for n in sizes]
+    flat = torch.empty((sum(padded),), device=device, dtype=torch.float32)
+    out, at = [], 0
+    for n, size in zip(sizes, padded):
+        out.append(flat[at:at + n])
+        at += size
+    return tuple(out)
 
 
 def _launch_bwd(
     dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
     rstd: Tensor, var: Optional[Tensor], num_groups: int, over_batch: bool, eps: float,
-    activation: str,
+    activation: str, center: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """dx, dweight, dbias. ``mean`` is the forward's shifted mean (``_launch_fwd``'s fifth
-    result); ``var`` given (and ``mean`` per channel, not shifted) means fixed statistics."""
+    """dx, dweight, dbias. ``mean`` is the forward's shifted mean (row 3 of ``_launch_fwd``'s
+    statistics); ``var`` given (and ``mean`` per channel, not shifted) means fixed statistics."""
     fixed = var is not None
     x, strides = kernel_strides(x)
     fmt = torch.contiguous_format if strides[2] == 1 or x.dim() < 4 else (
         torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     dy = dy.contiguous(memory_format=fmt)  # no-op when autograd hands dy in x's layout
+    p = plan_launch(tuple(x.shape), strides, 1 if fixed else num_groups, fixed or over_batch,
+                    x.device, x.element_size())
     if fixed:
-        p = _elementwise_split(plan_launch(tuple(x.shape), strides, 1, True, x.device,
-                                           x.element_size()), x.device)
-    else:
-        p = plan_launch(tuple(x.shape), strides, num_groups, over_batch, x.device,
-                        x.element_size())
+        p = _elementwise_split(p, x.device)
     dx = torch.empty_like(x)
     dev = x.device
     has_w, has_b = weight is not None, bias is not None
     rows = p.partial_rows
-    pdw = torch.empty((rows, p.c) if has_w else (1,), device=dev, dtype=torch.float32)
-    pdb = torch.empty((rows, p.c) if has_b else (1,), device=dev, dtype=torch.float32)
-    ab = torch.empty((p.num_stats * p.split * 2,) if p.split > 1 and not fixed else (1,),
-                     device=dev, dtype=torch.float32)
+    pdw, pdb, ab = _scratch((rows * p.c if has_w else 1, rows * p.c if has_b else 1,
+                             p.num_stats * p.split * 2 if p.split > 1 and not fixed else 1), dev)
     _poison(dx, pdw, pdb, ab)
     mean = mean.contiguous()
     rstd = rstd.contiguous()
     var_t = var.contiguous() if fixed else rstd
-    w, b = _param(weight, mean), _param(bias, mean)
-    common = dict(
-        OVER_BATCH=True if fixed else over_batch, HAS_W=has_w, HAS_B=has_b,
-        ACT=ACT_CODES[activation], SPLIT_BLOCK=_next_pow2(p.split), BLOCK_R=p.block_r,
-        BLOCK_C=p.block_c, GB=p.groups_per_block, GBP=p.gbp, IDENT=p.ident,
-        EVEN=p.g % p.groups_per_block == 0, num_warps=p.num_warps,
-    )
-    args = (x, dy, dx, w, b, mean, rstd, var_t, ab, pdw, pdb, p.s, p.cg, p.g, p.groups_blocks,
-            p.c, p.col_tiles, p.tiles_per_sample, p.row_tiles, p.tiles_per_program, *p.strides,
-            eps, 1.0 / p.count)
+    meta = _constexprs(p, has_w, has_b, activation, center)
+    args = (x, dy, dx, _param(weight, mean), _param(bias, mean), mean, rstd, var_t, ab, pdw,
+            pdb, p.s, p.cg, p.g, p.groups_blocks, p.c, p.col_tiles, p.tiles_per_sample,
+            p.row_tiles, p.tiles_per_program, *p.strides, eps, 1.0 / p.count)
     grid = (p.num_blocks, p.split)
-    if fixed:
-        _bwd_kernel[grid](*args, STAGE=3, **common)
-    elif p.split == 1:
-        _bwd_kernel[grid](*args, STAGE=0, **common)
-    else:
-        _bwd_kernel[grid](*args, STAGE=1, **common)
-        _bwd_kernel[grid](*args, STAGE=2, **common)
     dw = torch.empty((p.c,) if has_w else (0,), device=dev,
                      dtype=weight.dtype if has_w else x.dtype)
     db = torch.empty((p.c,) if has_b else (0,), device=dev,
                      dtype=bias.dtype if has_b else x.dtype)
     _poison(dw, db)
-    if has_w or has_b:
-        block = min(256, _next_pow2(p.c))
-        _reduce_rows_kernel[(triton.cdiv(p.c, block),)](
-            pdw, pdb, dw if has_w else pdw, db if has_b else pdb, rows, p.c,
-            HAS_W=has_w, HAS_B=has_b, BLOCK=block,
-        )
+    with _on_device(x):
+        if fixed:
+            _bwd_kernel[grid](*args, STAGE=3, **meta)
+        elif p.split == 1:
+            _bwd_kernel[grid](*args, STAGE=0, **meta)
+        else:
+            _bwd_kernel[grid](*args, STAGE=1, **meta)
+            _bwd_kernel[grid](*args, STAGE=2, **meta)
+        if has_w or has_b:
+            block = min(256, _next_pow2(p.c))
+            _reduce_rows_kernel[(triton.cdiv(p.c, block),)](
+                pdw, pdb, dw if has_w else pdw, db if has_b else pdb, rows, p.c,
+                HAS_W=has_w, HAS_B=has_b, BLOCK=block,
+            )
     return dx, dw, db
 
 
 # ============================================================================================
 # torch.library custom ops: eager impl, fake impl, autograd
 # ============================================================================================
+# Each op's body is a plain function that the eager twins below call too (one path).
 
 
 def _stat_shape(x: Tensor, num_groups: int, over_batch: bool) -> Tuple[int, ...]:
     return (num_groups,) if over_batch else (x.shape[0], num_groups)
 
 
-@torch.library.custom_op("normlab::triton_norm_fwd", mutates_args=())
-def triton_norm_fwd(
+def _norm_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
-    over_batch: bool, eps: float, activation: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, mean, rstd, biased var, shifted mean) of the operator; statistics float32 of shape
-    (G,) or (N, G). The shifted mean (of x minus the statistic's first element) is what
-    :func:`triton_norm_bwd` takes: it keeps the digits that the rounded mean loses when
-    |mean| >> std."""
-    return _launch_fwd(x, weight, bias, num_groups, over_batch, eps, activation)
+    over_batch: bool, eps: float, activation: str, center: bool,
+) -> Tuple[Tensor, Tensor]:
+    """(y, statistics): float32 statistics of shape (4, G) or (4, N, G), rows mean, rstd,
+    biased var, shifted mean. The shifted mean (of x minus the statistic's first element) is
+    what :func:`triton_norm_bwd` takes: it keeps the digits that the rounded mean loses when
+    |mean| >> std. Without ``center`` the statistics are about 0 (RMS: mean rows 0)."""
+    return _launch_fwd(x, weight, bias, num_groups, over_batch, eps, activation, center)
+
+
+def _norm_bwd(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], stats: Tensor,
+    num_groups: int, over_batch: bool, activation: str, center: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) given the forward's statistics; dweight/dbias are empty (0,)
+    tensors when weight/bias is None."""
+    return _launch_bwd(dy, x, weight, bias, stats[3], stats[1], None, num_groups, over_batch,
+                       0.0, activation, center)
+
+
+def _norm_fixed(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    eps: float, activation: str,
+) -> Tensor:
+    """act(w_c * (x - mean_c) / sqrt(var_c + eps) + b_c) with given per-channel statistics."""
+    return _launch_fixed(x, mean, var, weight, bias, eps, activation)
+
+
+def _norm_fixed_bwd(
+    dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+    bias: Optional[Tensor], eps: float, activation: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of :func:`triton_norm_fixed` (the statistics are constants)."""
+    return _launch_bwd(dy, x, weight, bias, mean, mean, var, 1, True, eps, activation)
+
+
+triton_norm_fwd = torch.library.custom_op("normlab::triton_norm_fwd", _norm_fwd, mutates_args=())
+triton_norm_bwd = torch.library.custom_op("normlab::triton_norm_bwd", _norm_bwd, mutates_args=())
+triton_norm_fixed = torch.library.custom_op("normlab::triton_norm_fixed", _norm_fixed,
+                                            mutates_args=())
+triton_norm_fixed_bwd = torch.library.custom_op("normlab::triton_norm_fixed_bwd",
+                                                _norm_fixed_bwd, mutates_args=())
 
 
 @triton_norm_fwd.register_fake
-def _(x, weight, bias, num_groups, over_batch, eps, activation):
+def _(x, weight, bias, num_groups, over_batch, eps, activation, center):
     xk, _ = kernel_strides(x)
-    shape = _stat_shape(x, num_groups, over_batch)
-    stat = lambda: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return torch.empty_like(xk), stat(), stat(), stat(), stat()
-
-
-@torch.library.custom_op("normlab::triton_norm_bwd", mutates_args=())
-def triton_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], smean: Tensor,
-    rstd: Tensor, num_groups: int, over_batch: bool, activation: str,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias) given the forward's shifted mean and rstd; dweight/dbias are empty
-    (0,) tensors when weight/bias is None."""
-    return _launch_bwd(dy, x, weight, bias, smean, rstd, None, num_groups, over_batch, 0.0,
-                       activation)
+    stats = x.new_empty((4,) + _stat_shape(x, num_groups, over_batch), dtype=torch.float32)
+    return torch.empty_like(xk), stats
 
 
 def _grad_fakes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
@@ -903,37 +986,8 @@ def _grad_fakes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
 
 
 @triton_norm_bwd.register_fake
-def _(dy, x, weight, bias, smean, rstd, num_groups, over_batch, activation):
+def _(dy, x, weight, bias, stats, num_groups, over_batch, activation, center):
     return _grad_fakes(x, weight, bias)
-
-
-def _fwd_setup_context(ctx, inputs, output):
-    x, weight, bias, num_groups, over_batch, eps, activation = inputs
-    y, mean, rstd, var, smean = output
-    ctx.save_for_backward(x, weight, bias, smean, rstd)
-    ctx.cfg = (num_groups, over_batch, activation)
-    ctx.mark_non_differentiable(mean, rstd, var, smean)
-
-
-def _fwd_backward(ctx, dy, dmean, drstd, dvar, dsmean, bwd=None):
-    x, weight, bias, smean, rstd = ctx.saved_tensors
-    num_groups, over_batch, activation = ctx.cfg
-    dx, dw, db = (bwd or triton_norm_bwd)(dy, x, weight, bias, smean, rstd, num_groups,
-                                          over_batch, activation)
-    return (dx, dw if weight is not None else None, db if bias is not None else None,
-            None, None, None, None)
-
-
-triton_norm_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
-
-
-@torch.library.custom_op("normlab::triton_norm_fixed", mutates_args=())
-def triton_norm_fixed(
-    x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-    eps: float, activation: str,
-) -> Tensor:
-    """act(w_c * (x - mean_c) / sqrt(var_c + eps) + b_c) with given per-channel statistics."""
-    return _launch_fixed(x, mean, var, weight, bias, eps, activation)
 
 
 @triton_norm_fixed.register_fake
@@ -941,18 +995,27 @@ def _(x, mean, var, weight, bias, eps, activation):
     return torch.empty_like(kernel_strides(x)[0])
 
 
-@torch.library.custom_op("normlab::triton_norm_fixed_bwd", mutates_args=())
-def triton_norm_fixed_bwd(
-    dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
-    bias: Optional[Tensor], eps: float, activation: str,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias) of :func:`triton_norm_fixed` (the statistics are constants)."""
-    return _launch_bwd(dy, x, weight, bias, mean, mean, var, 1, True, eps, activation)
-
-
 @triton_norm_fixed_bwd.register_fake
 def _(dy, x, mean, var, weight, bias, eps, activation):
     return _grad_fakes(x, weight, bias)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, over_batch, eps, activation, center = inputs
+    y, stats = output
+    ctx.save_for_backward(x, weight, bias, stats)
+    ctx.cfg = (num_groups, over_batch, activation, center)
+    ctx.mark_non_differentiable(stats)
+
+
+def _fwd_backward(ctx, dy, dstats, bwd=None):
+    x, weight, bias, stats = ctx.saved_tensors
+    dx, dw, db = (bwd or triton_norm_bwd)(dy, x, weight, bias, stats, *ctx.cfg)
+    return (dx, dw if weight is not None else None, db if bias is not None else None,
+            None, None, None, None, None)
+
+
+triton_norm_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 def _fixed_setup_context(ctx, inputs, output):
@@ -963,8 +1026,7 @@ def _fixed_setup_context(ctx, inputs, output):
 
 def _fixed_backward(ctx, dy, bwd=None):
     x, mean, var, weight, bias = ctx.saved_tensors
-    eps, activation = ctx.cfg
-    dx, dw, db = (bwd or triton_norm_fixed_bwd)(dy, x, mean, var, weight, bias, eps, activation)
+    dx, dw, db = (bwd or triton_norm_fixed_bwd)(dy, x, mean, var, weight, bias, *ctx.cfg)
     return (dx, None, None, dw if weight is not None else None,
             db if bias is not None else None, None, None)
 
@@ -978,8 +1040,8 @@ triton_norm_fixed.register_autograd(_fixed_backward, setup_context=_fixed_setup_
 # torch.library's custom-op dispatch costs ~20 us of CPU per call in eager mode (measured on
 # the 2-core development CPU: 26 us against 6 us for an autograd.Function), which a small
 # layer's launch-bound eager step feels twice (forward and backward). Eager calls on plain
-# tensors therefore go through these autograd.Functions, which run the same launchers with the
-# same saved tensors and backward formulas; under torch.compile, and for tensor subclasses
+# tensors therefore go through these autograd.Functions, which run the ops' own bodies with
+# the same saved tensors and backward formulas; under torch.compile, and for tensor subclasses
 # (fake tensors of export or make_fx), the custom ops are used: tracing needs their fake
 # implementations. The backward kernels have no derivative: the backward custom ops have no
 # autograd formula, so torch raises when a double backward (a gradient penalty) reaches them;
@@ -990,37 +1052,28 @@ triton_norm_fixed.register_autograd(_fixed_backward, setup_context=_fixed_setup_
 
 class _EagerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, over_batch, eps, activation):
-        out = _launch_fwd(x, weight, bias, num_groups, over_batch, eps, activation)
-        _fwd_setup_context(ctx, (x, weight, bias, num_groups, over_batch, eps, activation), out)
+    def forward(ctx, *inputs):
+        out = _norm_fwd(*inputs)
+        _fwd_setup_context(ctx, inputs, out)
         return out
 
     @staticmethod
-    def backward(ctx, dy, dmean, drstd, dvar, dsmean):
-        bwd = triton_norm_bwd if torch.is_grad_enabled() else _bwd_direct  # create_graph: op
-        return _fwd_backward(ctx, dy, dmean, drstd, dvar, dsmean, bwd=bwd)
+    def backward(ctx, dy, dstats):
+        bwd = triton_norm_bwd if torch.is_grad_enabled() else _norm_bwd  # create_graph: op
+        return _fwd_backward(ctx, dy, dstats, bwd=bwd)
 
 
 class _EagerFixed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, eps, activation):
-        y = _launch_fixed(x, mean, var, weight, bias, eps, activation)
-        _fixed_setup_context(ctx, (x, mean, var, weight, bias, eps, activation), y)
+    def forward(ctx, *inputs):
+        y = _norm_fixed(*inputs)
+        _fixed_setup_context(ctx, inputs, y)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        bwd = triton_norm_fixed_bwd if torch.is_grad_enabled() else _fixed_bwd_direct
+        bwd = triton_norm_fixed_bwd if torch.is_grad_enabled() else _norm_fixed_bwd
         return _fixed_backward(ctx, dy, bwd=bwd)
-
-
-def _bwd_direct(dy, x, weight, bias, smean, rstd, num_groups, over_batch, activation):
-    return _launch_bwd(dy, x, weight, bias, smean, rstd, None, num_groups, over_batch, 0.0,
-                       activation)
-
-
-def _fixed_bwd_direct(dy, x, mean, var, weight, bias, eps, activation):
-    return _launch_bwd(dy, x, weight, bias, mean, mean, var, 1, True, eps, activation)
 
 
 def _eager(x: Tensor) -> bool:
@@ -1080,11 +1133,17 @@ class TritonBackend:
         running_mean: Optional[Tensor] = None,
         running_var: Optional[Tensor] = None,
         momentum: float = 0.1,
+        *,
+        center: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
+        """``center=False``: statistics about 0 (RMSNorm: rstd = 1/sqrt(mean(x^2) + eps),
+        y = x * rstd * w (+ b)); the mean returned is zeros and the running variance, if
+        given, receives the mean of x^2."""
         xk, _ = kernel_strides(x)  # exotic strides -> one contiguous copy (autograd sees it)
         op = _EagerNorm.apply if _eager(xk) else triton_norm_fwd
-        y, mean, rstd, var, _ = op(xk, weight, bias, num_groups, over_batch, float(eps),
-                                   activation or "none")
+        y, stats = op(xk, weight, bias, num_groups, over_batch, float(eps), activation or "none",
+                      bool(center))
+        mean, rstd, var = stats[0], stats[1], stats[2]
         if running_mean is not None or running_var is not None:
             n, c = x.shape[0], x.shape[1]
             count = (c // num_groups) * math.prod(x.shape[2:]) * (n if over_batch else 1)
