@@ -233,7 +233,10 @@ def main(argv=None) -> int:
     tn = _load_backend(args.backend)
 
     # the launch plan a GPU of H100 size gets (on CPU tensors the plan is the interpreter's)
-    tn.TUNING.update(target_programs=4 * H100_SMS, block_elems=4096)
+    tn.TUNING.update(target_programs=4 * H100_SMS,
+                     block_elems=getattr(tn, "GPU_BLOCK_ELEMS", 4096))
+    if "num_stages" in tn.TUNING:  # a GPU's pipelining depth (absent in older versions)
+        tn.TUNING["num_stages"] = 2
 
     compiled: dict = {}
     current = {"case": ""}

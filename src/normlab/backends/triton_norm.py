@@ -87,8 +87,16 @@ TUNING: dict = {
     "block_elems": None,  # elements per tile (power of two)
     "max_block_c": None,  # cap on the channel extent of a tile
     "group_blocks": True,  # False: one group per program in every layout (v1; benchmarks A/B)
+    "num_stages": None,  # pipelining depth of the row-tile loops (None: 2 on a GPU, 1 otherwise)
     "poison": None,  # tests: fill every output and scratch buffer with this before launching
 }
+
+
+# elements per tile on a GPU: 8 per thread of 8 warps. Each lane keeps two float32
+# accumulators per element across the row tiles (forward: mean, M2; backward: dbias, dweight
+# sums) and double-buffers its loads; at 4096 elements the backward plans needed up to 154
+# registers (1 program per SM, scripts/triton_aot_check.py)
+GPU_BLOCK_ELEMS = 2048
 
 
 def _interpreting() -> bool:
@@ -671,7 +679,7 @@ def plan_launch(
     return _plan_cached(tuple(int(d) for d in shape), tuple(strides), num_groups, over_batch,
                         device.type == "cuda", target, TUNING["block_elems"],
                         TUNING["max_block_c"], int(elem_bytes),
-                        bool(TUNING.get("group_blocks", True)))
+                        bool(TUNING.get("group_blocks", True)), TUNING.get("num_stages"))
 
 
 def _groups_per_block(g: int, cg: int, max_cols: int) -> int:
@@ -694,7 +702,7 @@ def _groups_per_block(g: int, cg: int, max_cols: int) -> int:
 def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_groups: int,
                  over_batch: bool, on_gpu: bool, target: int, block_elems: Optional[int],
                  max_block_c: Optional[int], elem_bytes: int = 4,
-                 group_blocks: bool = True) -> LaunchPlan:
+                 group_blocks: bool = True, num_stages: Optional[int] = None) -> LaunchPlan:
     """plan_launch's arithmetic, memoised: eager calls repeat the same few shapes."""
     n, c = int(shape[0]), int(shape[1])
     s = math.prod(int(d) for d in shape[2:])
@@ -702,7 +710,7 @@ def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_grou
     cg = c // g
     k = g if over_batch else n * g
     count = cg * s * (n if over_batch else 1)
-    elems = block_elems or (4096 if on_gpu else 1024)
+    elems = block_elems or (GPU_BLOCK_ELEMS if on_gpu else 1024)
     if max_block_c:
         cap_c = max_block_c
     elif s == 1:
@@ -743,7 +751,7 @@ def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_grou
     num_warps = max(1, min(8, tile // 256))
     # double-buffered loads (cp.async into shared memory) where a program has several row tiles
     # (the interpreter ignores the depth)
-    stages = 2 if on_gpu and tpp > 1 else 1
+    stages = (num_stages or (2 if on_gpu else 1)) if tpp > 1 else 1
     return LaunchPlan(n, c, s, g, cg, over_batch, strides, k, count, block_r, block_c,
                       col_tiles, tps, row_tiles, tpp, split, num_warps, gb, blocks, stages)
 
