@@ -22,8 +22,8 @@ bandwidth is measured on the device (a 1 GiB device-to-device copy, bytes read +
 Inputs that fit in L2 are rotated over several buffers (>= 4x the L2 size in all) so that the
 numbers measure DRAM, not the cache; the time reported is per call. Timing is triton's do_bench
 (CUDA events, median, L2 flushed before each repetition); torch.compile and Triton compile in
-the accuracy check that precedes the timings, and dynamo starts every case from an empty cache
-(past its recompile limit it would silently run eager). Weight and bias are in the input's
+the accuracy check that precedes the timings; torch.compile compiles once with dynamic shapes
+(``--compile per-case``: a static compile per case from an empty dynamo cache). Weight and bias are in the input's
 dtype (``--param-dtype fp32`` for float32): torch's CUDA GroupNorm rejects mixed dtypes.
 
 Every row records the relative error against float64 (max over y, dx, dweight, dbias) and
@@ -210,10 +210,20 @@ class _NoBlock:
         return False
 
 
-def _compiled_group_norm(backend: str = "inductor") -> Callable:
-    """A fresh torch.compile of F.group_norm (one per case: see ``run_benchmarks``)."""
-    return torch.compile(lambda x, w, b, g: F.group_norm(x, g, w, b, 1e-5), dynamic=False,
+def _compiled_group_norm(backend: str = "inductor", dynamic: bool = False) -> Callable:
+    """A fresh torch.compile of F.group_norm (see ``run_benchmarks``: once with dynamic
+    shapes, or once per case with static ones)."""
+    return torch.compile(lambda x, w, b, g: F.group_norm(x, g, w, b, 1e-5), dynamic=dynamic,
                          backend=backend)
+
+
+def _allow_recompiles(limit: int = 64) -> None:
+    """Dynamo recompiles a function for every new layout or dtype and, past its limit (8),
+    silently runs it eagerly: raise the limit (the config name changed across versions)."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(limit, getattr(cfg, name)))
 
 
 def make_impls(names: Iterable[str], compile_backend: str = "inductor",
@@ -390,12 +400,18 @@ def run_benchmarks(cases: List[Case], impl_names: Sequence[str], modes: Sequence
                    on_case: Optional[Callable[[List[dict]], None]] = None, *,
                    device: str = "cuda", compile_backend: str = "inductor",
                    param_dtype: str = "input", time_budget_s: Optional[float] = None,
-                   unavailable: Optional[Dict[str, str]] = None) -> List[dict]:
+                   unavailable: Optional[Dict[str, str]] = None,
+                   compile_once: bool = True) -> List[dict]:
     """Time every (case, impl, mode, graph); ``on_case(rows so far)`` after each case. An
     exception in one impl or case is recorded in its rows' ``status`` and the run goes on.
-    With ``time_budget_s`` no case is started after that many seconds."""
+    With ``time_budget_s`` no case is started after that many seconds. ``compile_once``: one
+    torch.compile with dynamic shapes for every case (a recompile per layout and dtype only);
+    else a fresh static compile per case (tens of seconds each on the device)."""
     t_start = time.monotonic()
     impls = make_impls(impl_names, compile_backend, unavailable)
+    if "torch_compile" in impls and compile_once:
+        _allow_recompiles()
+        impls["torch_compile"] = _compiled_group_norm(compile_backend, dynamic=True)
     timer = _time_ms if device == "cuda" else _time_ms_wall
     torch_ref = lambda x, w, b, g: F.group_norm(x, g, w, b, 1e-5)  # noqa: E731
     bn_ref = lambda x, w, b, g: F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)  # noqa: E731
@@ -405,7 +421,7 @@ def run_benchmarks(cases: List[Case], impl_names: Sequence[str], modes: Sequence
             print(f"time budget of {time_budget_s:.0f} s spent: stopping before {case}",
                   flush=True)
             break
-        if "torch_compile" in impls:
+        if "torch_compile" in impls and not compile_once:
             # dynamo caches one entry per shape/dtype/layout and, past its recompile limit (8),
             # silently runs eager: start every case from an empty cache with a fresh callable
             torch._dynamo.reset()
@@ -514,6 +530,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="weight/bias dtype: the input's (default) or float32")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no new case after S seconds (results so far are kept)")
+    p.add_argument("--compile", default="once", choices=("once", "per-case"),
+                   help="torch.compile once with dynamic shapes (default) or per case, static")
     p.add_argument("--list", action="store_true", help="print the cases and floor bytes, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU only: tiny cases, Triton interpreter, wall clock, torch.compile "
@@ -562,12 +580,13 @@ def _run_and_write(args, cases, graphs, meta, copy_gbps, l2, device, compile_bac
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     base = result_base(meta, out)
     unavailable: Dict[str, str] = {}
-    meta.update(complete=False, impls=list(args.impls), unavailable=unavailable)
+    meta.update(complete=False, impls=list(args.impls), unavailable=unavailable,
+                compile=args.compile)
     rows = run_benchmarks(cases, args.impls, args.modes, graphs, copy_gbps, l2,
                           on_case=lambda so_far: write_results(so_far, meta, base),
                           device=device, compile_backend=compile_backend,
                           param_dtype=args.param_dtype, time_budget_s=args.time_budget,
-                          unavailable=unavailable)
+                          unavailable=unavailable, compile_once=args.compile == "once")
     for name, why in unavailable.items():
         print(f"{name}: n/a ({why})", flush=True)
     meta["complete"] = len({(r["family"], r["n"], r["c"], r["h"], r["w"], r["layout"],

@@ -7,7 +7,9 @@ for normlab GN: <= 1.10x the BN step at batch 64 and 128.
 
 One step = forward under bf16 autocast, cross-entropy, backward, SGD (momentum 0.9) update, on
 channels_last input of 224x224 with random labels. The median of ``--steps`` timed steps (CUDA
-events) after ``--warmup`` steps is reported, with images/s.
+events) after ``--warmup`` steps is reported, with images/s. Each step runs eagerly and (``graph``
+rows) as the replay of a CUDA graph of the whole step (forward, backward, optimizer), captured
+after the warm-up: without the host's launch gaps, what the kernels themselves cost.
 
 Normalization variants:
 
@@ -31,7 +33,8 @@ Usage (CUDA only; exits with status 2 otherwise)::
 
 ``--dry-run`` runs the same step on the CPU (bf16 CPU autocast, channels_last, wall clock) at
 batch 2 on 32x32 images with 1 warm-up and 2 timed steps: it checks the builders, the three
-norm layers and the result files, not speed.
+norm layers and the result files, not speed (no CUDA graph exists there: graph rows time the
+eager step, bookkeeping only).
 """
 
 from __future__ import annotations
@@ -111,10 +114,12 @@ def count_norm_layers(model: nn.Module) -> int:
 
 
 def time_steps(model: nn.Module, batch: int, steps: int, warmup: int, device: str = "cuda",
-               image_size: int = 224) -> Tuple[float, float]:
+               image_size: int = 224, graph: bool = False) -> Tuple[float, float]:
     """(median ms per step, interquartile range ms) of a bf16-autocast channels_last SGD step.
     On CUDA each step is timed with events (host launch gaps included: that is the step's
-    cost); on the CPU (dry run) with a wall clock."""
+    cost), or with ``graph`` each replay of the captured step; on the CPU (dry run) with a
+    wall clock. Autocast's weight-cast cache is off (a captured graph must not keep casts
+    made outside it; one forward per autocast region gains nothing from it anyway)."""
     model = model.to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(
@@ -122,15 +127,20 @@ def time_steps(model: nn.Module, batch: int, steps: int, warmup: int, device: st
     y = torch.randint(0, 1000, (batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16):
+    def step(zero: bool = True):
+        if zero:
+            opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
             loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
+    run = step
+    if graph and device == "cuda":
+        run = _capture(step, opt, warmup)
+    else:
+        for _ in range(warmup):
+            step()
     times = []
     if device == "cuda":
         torch.cuda.synchronize()
@@ -138,19 +148,37 @@ def time_steps(model: nn.Module, batch: int, steps: int, warmup: int, device: st
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
-            step()
+            run()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
     else:
         for _ in range(steps):
             t0 = time.perf_counter()
-            step()
+            run()
             times.append((time.perf_counter() - t0) * 1e3)
     if len(times) < 2:
         return times[0], 0.0
     q = statistics.quantiles(times, n=4)
     return statistics.median(times), q[2] - q[0]
+
+
+def _capture(step: Callable[..., None], opt: torch.optim.Optimizer,
+             warmup: int) -> Callable[[], None]:
+    """Warm up on a side stream (optimizer state, cuDNN and Triton choices are made there),
+    then capture one whole step; the gradients are allocated inside the capture (set to None
+    just before it), so every replay rewrites them rather than adding to them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(g):
+        step(zero=False)
+    return g.replay
 
 
 def normlab_backend_name(device: str) -> str:
@@ -166,8 +194,8 @@ def normlab_backend_name(device: str) -> str:
         return f"unknown ({type(e).__name__}: {e})"[:120]
 
 
-ROW_FIELDS = ("batch", "norm", "builder", "ms", "iqr_ms", "img_per_s", "norm_layers", "vs_bn",
-              "status")
+ROW_FIELDS = ("batch", "norm", "builder", "graph", "ms", "iqr_ms", "img_per_s", "norm_layers",
+              "vs_bn", "status")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -181,6 +209,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--image-size", type=int, default=None, help="default 224; dry run 32")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no new model after S seconds (results so far are kept)")
+    p.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=("eager", "graph"),
+                   help="eager steps and/or CUDA-graph replays of the whole step")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU rehearsal: bf16 CPU autocast, wall clock, small images")
     p.add_argument("--out", default=None,
@@ -227,40 +257,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start = time.monotonic()
     stopped = False
     for batch in batches:
-        base_ms = None
-        for kind in args.norms:
-            if args.time_budget is not None and time.monotonic() - t_start > args.time_budget:
-                print(f"time budget of {args.time_budget:.0f} s spent: stopping before "
-                      f"batch {batch} {kind}", flush=True)
-                stopped = True
+        for graph in (m == "graph" for m in args.modes):
+            base_ms = None
+            for kind in args.norms:
+                if args.time_budget is not None and time.monotonic() - t_start > args.time_budget:
+                    print(f"time budget of {args.time_budget:.0f} s spent: stopping before "
+                          f"batch {batch} {kind} graph={graph}", flush=True)
+                    stopped = True
+                    break
+                row = _measure(batch, kind, graph, builder, steps, warmup, device, image_size,
+                               base_ms)
+                if kind == "bn" and row["status"] == "ok":
+                    base_ms = row["ms"]
+                rows.append(row)
+                _write(base, meta, rows)  # after every model: a time limit keeps the rows
+            if stopped:
                 break
-            model = None
-            layers = None
-            try:
-                torch.manual_seed(0)
-                model = build_resnet50(kind, builder)
-                layers = count_norm_layers(model)
-                ms, iqr = time_steps(model, batch, steps, warmup, device, image_size)
-                status = "ok"
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory: record, go on
-                ms, iqr, status = float("nan"), float("nan"), f"error: {type(e).__name__}: {e}"
-                status = status[:240]
-            if kind == "bn" and status == "ok":
-                base_ms = ms
-            row = dict(batch=batch, norm=kind, builder=builder, ms=ms, iqr_ms=iqr,
-                       img_per_s=batch / (ms * 1e-3), norm_layers=layers,
-                       vs_bn=(ms / base_ms) if base_ms and status == "ok" else None,
-                       status=status)
-            assert tuple(row) == ROW_FIELDS, tuple(row)
-            rows.append(row)
-            print(f"batch {batch:4d} {kind:11s} {ms:8.2f} ms (IQR {iqr:.2f}) "
-                  f"{row['img_per_s']:8.0f} img/s"
-                  + (f"  {row['vs_bn']:.2f}x BN" if row["vs_bn"] else "")
-                  + ("" if status == "ok" else f"  {status}"), flush=True)
-            del model
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            _write(base, meta, rows)  # after every model: a time limit keeps what was measured
         if stopped:
             break
 
@@ -269,6 +281,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"wrote {base}.csv and {base}.json")
     failed = [r for r in rows if r["status"] != "ok"]
     return 1 if dry and failed else 0
+
+
+def _measure(batch: int, kind: str, graph: bool, builder: str, steps: int, warmup: int,
+             device: str, image_size: int, base_ms: Optional[float]) -> Dict:
+    """One model's row (an exception is recorded in ``status``; the run goes on)."""
+    model = None
+    layers = None
+    try:
+        torch.manual_seed(0)
+        model = build_resnet50(kind, builder)
+        layers = count_norm_layers(model)
+        ms, iqr = time_steps(model, batch, steps, warmup, device, image_size, graph)
+        status = "ok"
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: record, go on
+        ms, iqr, status = float("nan"), float("nan"), f"error: {type(e).__name__}: {e}"[:240]
+    if kind == "bn":
+        base_ms = ms  # the baseline of its own row: 1.0x
+    row = dict(batch=batch, norm=kind, builder=builder, graph=graph, ms=ms, iqr_ms=iqr,
+               img_per_s=batch / (ms * 1e-3), norm_layers=layers,
+               vs_bn=(ms / base_ms) if base_ms and status == "ok" else None, status=status)
+    assert tuple(row) == ROW_FIELDS, tuple(row)
+    print(f"batch {batch:4d} {kind:11s} graph={int(graph)} {ms:8.2f} ms (IQR {iqr:.2f}) "
+          f"{row['img_per_s']:8.0f} img/s"
+          + (f"  {row['vs_bn']:.2f}x BN" if row["vs_bn"] else "")
+          + ("" if status == "ok" else f"  {status}"), flush=True)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
 def _json_safe(v):

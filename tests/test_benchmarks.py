@@ -1,9 +1,10 @@
 """The GPU benchmark scripts, exercised without a GPU.
 
-``benchmarks/gpu_norm.py --dry-run`` and ``benchmarks/resnet50_step.py --dry-run`` run the same
-code paths as on the device (impls, accuracy check, rows, CSV/JSON) on tiny CPU cases, with
-normlab's Triton kernels in the interpreter; they run here as subprocesses, as the device runs
-them. ``gpu_session.sh`` is checked for syntax and for passing only options the scripts accept.
+``bash benchmarks/gpu_session.sh --dry-run`` rehearses the one device call on the CPU: it runs
+``benchmarks/gpu_norm.py --dry-run`` and ``benchmarks/resnet50_step.py --dry-run`` with the
+session's own options (the same code paths as on the device: impls, accuracy check, rows,
+CSV/JSON, on tiny cases, normlab's Triton kernels in the interpreter), collects the GPU tests,
+and prints its planned time. It runs once here (a module fixture) and the tests read its output.
 Nothing here is timed: times are only checked to be present and positive.
 """
 
@@ -18,7 +19,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import zipfile
 
 import pytest
 import torch
@@ -35,27 +35,25 @@ def _load(name: str):
     return module
 
 
-def _liger_path(tmp_path):
-    """A temporary extraction of the Liger-Kernel wheel carried in .whl/ (ignored by git, so
-    absent in CI: then None and the dry run must list liger as unavailable)."""
+def _liger_wheel():
+    """The Liger-Kernel wheel carried in .whl/ (ignored by git, so absent in CI: then None and
+    the dry run must list liger as unavailable)."""
     wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "liger_kernel-*.whl")))
-    if not wheels:
-        return None
-    dest = tmp_path / "liger"
-    with zipfile.ZipFile(wheels[-1]) as z:
-        z.extractall(dest)
-    return str(dest)
+    return wheels[-1] if wheels else None
 
 
-def _run(script: str, args, tmp_path, extra_path=None, timeout=120):
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """(completed process, its output folder) of the session's dry run."""
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    tmp = tmp_path_factory.mktemp("session")
     env = dict(os.environ)
-    env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "src")] + ([extra_path] if extra_path else []))
-    proc = subprocess.run(
-        [sys.executable, os.path.join(BENCH, script), "--dry-run", "--out", str(tmp_path / "out"), *args],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-    )
-    return proc
+    env.update(OUT=str(tmp / "out"), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)  # the script puts src/ first itself
+    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_session.sh"), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return proc, tmp
 
 
 def _results(tmp_path, prefix):
@@ -70,23 +68,39 @@ def _results(tmp_path, prefix):
     return header, rows, data
 
 
-def test_gpu_norm_dry_run_every_impl_matches_torch(tmp_path):
-    """Both dry cases (fp32 NCHW, bf16 channels_last), both modes, eager and 'graph' rows, every
-    implementation: each row has a time and a floor, and every impl but Liger agrees with
-    float64 torch (y, dx, dweight, dbias) within REL_TOL. Liger runs when its wheel is carried;
-    the Triton interpreter cannot run its kernel (a float eps), which must be recorded as
-    'n/a' after the call bound its arguments (no TypeError: the call signature is right)."""
-    gb = _load("gpu_norm")
-    liger = _liger_path(tmp_path)
-    proc = _run("gpu_norm.py", [], tmp_path, liger)
+def test_session_dry_run_plans_one_call_of_at_most_8_minutes(session):
+    """The session's steps run in the issue's order, each within its limit; the plan (the sum
+    of the limits) is at most 480 s; at most 8 files come back; the GPU test selection
+    collects without errors and leaves the randomized test out."""
+    proc, tmp = session
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    header, rows, data = _results(tmp_path, "gpu_norm")
+    m = re.search(r"planned time: (\d+) s \(limit (\d+) s\)", proc.stdout)
+    assert m and int(m.group(1)) <= int(m.group(2)) == 480, proc.stdout[:500]
+    steps = re.findall(r"^== (\w+)", proc.stdout, re.M)
+    assert steps == ["env", "tests", "kernels", "resnet50"]
+    files = os.listdir(tmp / "out")
+    assert len(files) <= 8, files
+    with open(tmp / "out" / "tests.log") as f:
+        log = f.read()
+    assert re.search(r"\d+ tests? collected", log) and "error" not in log.lower(), log[-2000:]
+    assert "randomized" not in log.split("collected")[0] or "deselected" in log
+
+
+def test_gpu_norm_dry_run_every_impl_matches_torch(session):
+    """Both dry cases (fp32 NCHW, bf16 channels_last), both modes, eager and 'graph' rows, every
+    implementation the session times: each row has a time and a floor, and every impl but Liger
+    agrees with float64 torch (y, dx, dweight, dbias) within REL_TOL. Liger runs when its wheel
+    is carried; the Triton interpreter cannot run its kernel (a float eps), which must be
+    recorded as 'n/a' after the call bound its arguments (no TypeError: the signature is right)."""
+    gb = _load("gpu_norm")
+    liger = _liger_wheel()
+    header, rows, data = _results(session[1], "gpu_norm")
     assert tuple(header) == gb.ROW_FIELDS
     meta = data["meta"]
     assert meta["device"] == "cpu-dry-run" and meta["complete"] is True and meta["copy_gbps"] > 0
     assert len(data["rows"]) == len(rows)
 
-    expected = set(gb.ALL_IMPLS) - ({"liger"} if liger is None else set())
+    expected = set(_session_impls()) - ({"liger"} if liger is None else set())
     assert {r["impl"] for r in rows} == expected
     if liger is None:
         assert "liger" in meta["unavailable"]
@@ -115,21 +129,21 @@ def test_gpu_norm_dry_run_every_impl_matches_torch(tmp_path):
         assert jr["accurate"] is True and jr["rel_err"] <= gb.REL_TOL[r["dtype"]], r
 
 
-def test_resnet50_dry_run_three_norms(tmp_path):
+def test_resnet50_dry_run_three_norms(session):
     """BN, torch GN and normlab GN each build a ResNet-50 (53 norm layers) and take timed
-    bf16-autocast channels_last SGD steps on the CPU; BN is the 1.0x baseline."""
+    bf16-autocast channels_last SGD steps on the CPU, eager and in the 'graph' rows (timed
+    eagerly there: no CUDA graph on the CPU); BN is the 1.0x baseline of each mode."""
     rs = _load("resnet50_step")
-    proc = _run("resnet50_step.py", [], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    header, rows, data = _results(tmp_path, "resnet50_step")
+    header, rows, data = _results(session[1], "resnet50_step")
     assert tuple(header) == rs.ROW_FIELDS
     assert data["meta"]["complete"] is True and data["meta"]["autocast"] == "bfloat16"
     assert data["meta"]["normlab_backend"]  # names a backend (native on CPU)
-    assert [r["norm"] for r in rows] == list(rs.NORMS)
+    assert [r["norm"] for r in rows] == list(rs.NORMS) * 2
+    assert [r["graph"] for r in data["rows"]] == [False] * 3 + [True] * 3
     for r in data["rows"]:
         assert r["status"] == "ok" and r["ms"] > 0 and r["img_per_s"] > 0, r
         assert r["norm_layers"] == 53
-    assert data["rows"][0]["vs_bn"] == 1.0
+    assert data["rows"][0]["vs_bn"] == 1.0 and data["rows"][3]["vs_bn"] == 1.0
 
 
 def test_gpu_norm_failing_impl_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -186,13 +200,30 @@ def test_noblock_switch_holds_through_backward(monkeypatch):
 
 
 def _session_calls():
-    """(script name, argument list) for every Python benchmark call in gpu_session.sh."""
+    """(script name, argument list) for every Python benchmark call in gpu_session.sh, as the
+    device runs it: no --dry-run, the device's sizes."""
     with open(os.path.join(BENCH, "gpu_session.sh")) as f:
         text = f.read().replace("\\\n", " ")
+    sizes = re.search(r'^sizes="([^"]*)"', text, re.M).group(1)
+    budgets = dict(re.findall(r"(\w+_BUDGET)=(\d+)", text))
     calls = []
     for m in re.finditer(r'"\$py" benchmarks/(\w+)\.py([^>\n]*)>', text):
-        calls.append((m.group(1), shlex.split(m.group(2).replace('"$out"', "OUTDIR"))))
+        args = m.group(2).replace('"$out"', "OUTDIR").replace("$dry_flag", "")
+        args = args.replace("$sizes", sizes)
+        for name, value in budgets.items():
+            args = args.replace(f'"${name}"', value)
+        calls.append((m.group(1), shlex.split(args)))
     return calls
+
+
+def _session_impls():
+    (args,) = [a for name, a in _session_calls() if name == "gpu_norm"]
+    i = args.index("--impls") + 1
+    impls = []
+    while i < len(args) and not args[i].startswith("--"):
+        impls.append(args[i])
+        i += 1
+    return impls
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -207,7 +238,7 @@ def test_session_script_passes_only_accepted_options(tmp_path):
     """Every option gpu_session.sh gives the scripts parses (argparse would exit with a usage
     error); without CUDA each script then refuses with status 2."""
     calls = _session_calls()
-    assert {name for name, _ in calls} == {"gpu_norm", "resnet50_step"} and len(calls) == 3
+    assert [name for name, _ in calls] == ["gpu_norm", "resnet50_step"]
     for name, args in calls:
         args = [str(tmp_path) if a == "OUTDIR" else a for a in args]
         assert _load(name).main(args) == 2, (name, args)

@@ -1021,3 +1021,33 @@ def test_benchmark_impls_compute_their_norms():
     bn64 = torch.nn.functional.batch_norm(x.cpu().double(), None, None, w.cpu().double(),
                                           b.cpu().double(), True)
     assert rel_err(impls["normlab_bn"](x, w, b, 4).cpu(), bn64) < 2e-6
+
+
+# REFERENCE.md section 6 (13 GroupNorm G = 32 shapes, bf16 and fp32, NCHW and channels_last):
+# the shapes the device benchmarks time, checked for correctness first (GPU-sized: CUDA only)
+_REF6 = [(dt, shape, layout) for dt, shape, layout in _load_benchmark("gpu_norm").REF6]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="section 6 shapes are GPU-sized")
+@pytest.mark.parametrize("dt,shape,layout", _REF6)
+def test_reference_section6_shapes_on_gpu(dt, shape, layout):
+    """GroupNorm(32) and BatchNorm (batch statistics) forward and all gradients on the
+    section 6 shapes against float64 torch on the same inputs, poisoned outputs."""
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+    x = _layout(off_centre(*shape, dtype=dtype).cuda(), layout == "nhwc")
+    dy = _layout(torch.randn(shape, device="cuda").to(dtype), layout == "nhwc")
+    w, b = (t.cuda() for t in _affine(shape[1], True, True))
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}[dtype]
+    for groups, over_batch, ref in ((32, False, lambda x, w, b: torch.nn.functional.group_norm(
+            x, 32, w, b, 1e-5)), (shape[1], True, lambda x, w, b: torch.nn.functional.batch_norm(
+            x, None, None, w, b, True, 0.1, 1e-5))):
+        xt, wt, bt = (t.clone().requires_grad_() for t in (x, w, b))
+        y = BACKEND.normalize(xt, groups, over_batch, wt, bt, 1e-5, None)[0]
+        grads = torch.autograd.grad(y, (xt, wt, bt), dy)
+        leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+        y64 = ref(*leaves)
+        grads64 = torch.autograd.grad(y64, leaves, dy.double())
+        assert y.stride() == x.stride()
+        assert rel_err(y.detach(), y64.detach()) < tol, (groups, "y")
+        for name, g, g64 in zip(("dx", "dw", "db"), grads, grads64):
+            assert rel_err(g, g64) < (2 * tol if name == "dx" else 1e-4), (groups, name)
