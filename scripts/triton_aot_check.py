@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     tn.TUNING.update(target_programs=4 * H100_SMS,
                      block_elems=getattr(tn, "GPU_BLOCK_ELEMS", 4096))
     if "num_stages" in tn.TUNING:  # a GPU's pipelining depth (absent in older versions)
-        tn.TUNING["num_stages"] = 2
+        tn.TUNING["num_stages"] = tn.GPU_NUM_STAGES
 
     compiled: dict = {}
     current = {"case": ""}

@@ -225,8 +225,10 @@ def test_uncentred_statistics_match_float64(shape, groups, over_batch, cl, dtype
 
 def test_plans_for_the_bandwidth_limit():
     """Plans a 132-SM GPU gets (target 4 programs per SM), checked without one:
-    N*G = 256 (GroupNorm(32) at batch 8) takes the one-launch path; channels_last tile rows
-    are at least 64 bytes (SD-UNet Cg = 10 and 20 in bf16: 20- and 40-byte groups)."""
+    N*G = 256 (GroupNorm(32) at batch 8) takes the one-launch path in NCHW, and in
+    channels_last where 64-byte rows leave >= 3/4 of an SM's worth of blocks (Cg = 20: 128
+    blocks of 2 groups); channels_last tile rows are at least 64 bytes (SD-UNet Cg = 10 and
+    20 in bf16: 20- and 40-byte groups)."""
     tn.TUNING.update(target_programs=4 * 132, block_elems=4096)
     gpu = torch.device("cuda")  # only a name: the plan reads no device property when tuned
     for shape in ((8, 320, 64, 64), (8, 256, 32, 32), (64, 64, 56, 56)):
@@ -239,6 +241,9 @@ def test_plans_for_the_bandwidth_limit():
         _, strides = tn.kernel_strides(x)
         p = tn.plan_launch(tuple(x.shape), strides, 32, False, gpu, 2)
         assert p.groups_per_block * p.cg * 2 >= 64, (c, p)
+    x = torch.empty(8, 640, 32, 32, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    assert tn.plan_launch(tuple(x.shape), tn.kernel_strides(x)[1], 32, False, gpu, 2).split == 1
 
 
 BN_CASES = [

@@ -87,7 +87,7 @@ TUNING: dict = {
     "block_elems": None,  # elements per tile (power of two)
     "max_block_c": None,  # cap on the channel extent of a tile
     "group_blocks": True,  # False: one group per program in every layout (v1; benchmarks A/B)
-    "num_stages": None,  # pipelining depth of the row-tile loops (None: 2 on a GPU, 1 otherwise)
+    "num_stages": None,  # pipelining depth of the row-tile loops (None: 3 on a GPU, 1 otherwise)
     "poison": None,  # tests: fill every output and scratch buffer with this before launching
 }
 
@@ -97,6 +97,8 @@ TUNING: dict = {
 # sums) and double-buffers its loads; at 4096 elements the backward plans needed up to 154
 # registers (1 program per SM, scripts/triton_aot_check.py)
 GPU_BLOCK_ELEMS = 2048
+# software-pipelining depth of the row-tile loops on a GPU (cp.async into shared memory)
+GPU_NUM_STAGES = 3
 
 
 def _interpreting() -> bool:
@@ -721,10 +723,12 @@ def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_grou
         cap_c = 256
     gb = 1
     max_cols = min(cap_c, elems)
-    # blocks from which one program per block fills the GPU: one per SM (target is 4 per SM).
-    # N*G = 256 (GroupNorm(32) at batch 8) is above it on a 132-SM GPU: one launch per
-    # direction instead of two, and no second read of x
-    fused_min = max(1, target // 4)
+    # blocks from which one program per block keeps the GPU busy: 3/4 of the SMs (target is 4
+    # programs per SM). N*G = 256 (GroupNorm(32) at batch 8; 128 blocks of 2 groups in
+    # channels_last at Cg = 20) is above it on a 132-SM GPU: one launch per direction instead
+    # of two, and no second read of x. With few programs per SM the loads in flight come from
+    # the pipelining depth (3 stages), not from more programs
+    fused_min = max(1, 3 * target // 16)
     if group_blocks and strides[1] == 1 and g > 1 and cg < max_cols and cg * elem_bytes < 128:
         # channels contiguous and a group narrower than a line: a block of groups per program
         want = max(1, min(max_cols, 128 // elem_bytes) // cg)  # groups in a 128-byte row
@@ -749,9 +753,10 @@ def _plan_cached(shape: Tuple[int, ...], strides: Tuple[int, int, int], num_grou
     split = triton.cdiv(row_tiles, tpp)  # no empty programs
     tile = block_r * block_c
     num_warps = max(1, min(8, tile // 256))
-    # double-buffered loads (cp.async into shared memory) where a program has several row tiles
-    # (the interpreter ignores the depth)
-    stages = (num_stages or (2 if on_gpu else 1)) if tpp > 1 else 1
+    # loads pipelined 3 deep (cp.async into shared memory: 3 tiles of one operand in flight per
+    # program, ~24 KB per SM at 2 programs of bf16, what a DRAM latency at full bandwidth
+    # needs) where a program has several row tiles; the interpreter ignores the depth
+    stages = (num_stages or (GPU_NUM_STAGES if on_gpu else 1)) if tpp > 1 else 1
     return LaunchPlan(n, c, s, g, cg, over_batch, strides, k, count, block_r, block_c,
                       col_tiles, tps, row_tiles, tpp, split, num_warps, gb, blocks, stages)
 
