@@ -1056,3 +1056,30 @@ def test_reference_section6_shapes_on_gpu(dt, shape, layout):
         assert rel_err(y.detach(), y64.detach()) < tol, (groups, "y")
         for name, g, g64 in zip(("dx", "dw", "db"), grads, grads64):
             assert rel_err(g, g64) < (2 * tol if name == "dx" else 1e-4), (groups, name)
+
+
+@pytest.mark.parametrize("tuning,launches", [
+    # fused (one program per statistic): the backward kernel, then the dw/db row reduction
+    ({"target_programs": 1}, ["bwd", "reduce"]),
+    # split rows: the second backward kernel sums the dw/db rows itself (no third launch)
+    (SPLIT, ["bwd", "bwd"]),
+])
+def test_backward_launches(monkeypatch, tuning, launches):
+    """Launches per backward call (what the GPU pays per launch), with the gradients checked
+    against the float64 reference on the same call (poisoned dw/db must be written)."""
+    tn.TUNING.update(tuning)
+    seen = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            seen.append(self.name)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(tn, "_bwd_kernel", Spy("bwd", tn._bwd_kernel))
+    monkeypatch.setattr(tn, "_reduce_rows_kernel", Spy("reduce", tn._reduce_rows_kernel))
+    # GN, N*G = 4 statistics of 15 elements: tiny, and splits under SPLIT
+    _check_against_reference((2, 4, 5, 3), 2, False)
+    assert seen == launches

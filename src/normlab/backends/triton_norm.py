@@ -415,6 +415,29 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _reduce_rows(PDW, PDB, DW, DB, ROWS, C, ch0, ncols, CT, HAS_W: tl.constexpr,
+                 HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+    """DW[c] = sum_r PDW[r, c] (and DB likewise) for the ncols channels from ch0, rows added in
+    order 0..ROWS-1: deterministic, and the same sums wherever it runs."""
+    for ct in range(0, CT):
+        cols = ch0 + ct * BLOCK + tl.arange(0, BLOCK)
+        cm = ct * BLOCK + tl.arange(0, BLOCK) < ncols
+        acc_w = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+        row = (ch0 * 0).to(tl.int64)  # int64 row offset: ROWS * C can pass 2**31
+        for r in range(0, ROWS):
+            if HAS_W:
+                acc_w += tl.load(PDW + row + cols, mask=cm, other=0.0)
+            if HAS_B:
+                acc_b += tl.load(PDB + row + cols, mask=cm, other=0.0)
+            row += C
+        if HAS_W:
+            tl.store(DW + cols, acc_w.to(DW.dtype.element_ty), mask=cm)
+        if HAS_B:
+            tl.store(DB + cols, acc_b.to(DB.dtype.element_ty), mask=cm)
+
+
+@triton.jit
 def _bwd_kernel(
     X,  # (N, C, *spatial) the forward's input, element strides (sn, sc, ss)
     DY,  # like X (same strides)
@@ -427,7 +450,9 @@ def _bwd_kernel(
     AB,  # (K * SPLIT * 2,) float32 partial (A, B) for STAGE 1/2, else a dummy
     PDW,  # (partial rows, C) float32 per-program dweight partials, or a dummy when not HAS_W
     PDB,  # (partial rows, C) float32 per-program dbias partials, or a dummy when not HAS_B
-    S, Cg: tl.constexpr, G, NGB, C, CT, TPS, RT, TPP, sn, sc, ss, eps, inv_m,
+    DW,  # (C,) dweight (STAGE 2 writes it), or a dummy
+    DB,  # (C,) dbias (STAGE 2 writes it), or a dummy
+    S, Cg: tl.constexpr, G, NGB, C, CT, TPS, RT, TPP, sn, sc, ss, eps, inv_m, ROWS,
     OVER_BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STAGE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     GB: tl.constexpr, GBP: tl.constexpr, IDENT: tl.constexpr, EVEN: tl.constexpr,
@@ -440,7 +465,9 @@ def _bwd_kernel(
 
     The per-channel sums are per-lane accumulators across the row tiles, reduced once per
     column tile; they go to row ``n*SPLIT + j`` (or ``j`` over the batch) of PDW/PDB
-    (rows x C, float32); ``_reduce_rows_kernel`` sums the rows in order."""
+    (ROWS x C, float32). In STAGE 2 (the first kernel has finished: every row is written) the
+    first program of each block of groups sums its channels' rows in order into DW/DB; after
+    STAGE 0 and 3 ``_reduce_rows_kernel`` does (the rows come from programs of one launch)."""
     k = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -509,6 +536,8 @@ def _bwd_kernel(
         p = AB + (stat[:, None] * nsplit + idx[None, :]) * 2
         a_g = tl.sum(tl.load(p, mask=pm, other=0.0), axis=1)
         b_g = tl.sum(tl.load(p + 1, mask=pm, other=0.0), axis=1)
+        if (HAS_W or HAS_B) and j == 0 and k < NGB:  # sample 0's programs (or all, over the batch)
+            _reduce_rows(PDW, PDB, DW, DB, ROWS, C, g0 * Cg, ncols, CT, HAS_W, HAS_B, BLOCK_C)
     if not CENTER:
         a_g = tl.zeros([GBP], dtype=tl.float32)  # d(mean)/dx = 0: no A term
 
@@ -542,22 +571,10 @@ def _reduce_rows_kernel(
     DB,  # (C,) dbias in the bias's dtype, or a dummy when not HAS_B
     ROWS, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """DW[c] = sum_r PDW[r, c] (and DB likewise), rows added in order 0..ROWS-1: deterministic."""
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cm = cols < C
-    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
-    row = (tl.program_id(0) * 0).to(tl.int64)  # int64 row offset: ROWS * C can pass 2**31
-    for r in range(0, ROWS):
-        if HAS_W:
-            acc_w += tl.load(PDW + row + cols, mask=cm, other=0.0)
-        if HAS_B:
-            acc_b += tl.load(PDB + row + cols, mask=cm, other=0.0)
-        row += C
-    if HAS_W:
-        tl.store(DW + cols, acc_w.to(DW.dtype.element_ty), mask=cm)
-    if HAS_B:
-        tl.store(DB + cols, acc_b.to(DB.dtype.element_ty), mask=cm)
+    """The row reduction of PDW/PDB after a backward whose programs all wrote rows (one
+    program per BLOCK channels)."""
+    ch0 = tl.program_id(0) * BLOCK
+    _reduce_rows(PDW, PDB, DW, DB, ROWS, C, ch0, C - ch0, 1, HAS_W, HAS_B, BLOCK)
 
 
 # ============================================================================================
@@ -900,24 +917,26 @@ def _launch_bwd(
     rstd = rstd.contiguous()
     var_t = var.contiguous() if fixed else rstd
     meta = _constexprs(p, has_w, has_b, activation, center)
-    args = (x, dy, dx, _param(weight, mean), _param(bias, mean), mean, rstd, var_t, ab, pdw,
-            pdb, p.s, p.cg, p.g, p.groups_blocks, p.c, p.col_tiles, p.tiles_per_sample,
-            p.row_tiles, p.tiles_per_program, *p.strides, eps, 1.0 / p.count)
-    grid = (p.num_blocks, p.split)
     dw = torch.empty((p.c,) if has_w else (0,), device=dev,
                      dtype=weight.dtype if has_w else x.dtype)
     db = torch.empty((p.c,) if has_b else (0,), device=dev,
                      dtype=bias.dtype if has_b else x.dtype)
     _poison(dw, db)
+    args = (x, dy, dx, _param(weight, mean), _param(bias, mean), mean, rstd, var_t, ab, pdw,
+            pdb, dw if has_w else pdw, db if has_b else pdb, p.s, p.cg, p.g, p.groups_blocks,
+            p.c, p.col_tiles, p.tiles_per_sample, p.row_tiles, p.tiles_per_program, *p.strides,
+            eps, 1.0 / p.count, rows)
+    grid = (p.num_blocks, p.split)
+    split = p.split > 1 and not fixed  # its second kernel sums the dw/db rows itself
     with _on_device(x):
         if fixed:
             _bwd_kernel[grid](*args, STAGE=3, **meta)
-        elif p.split == 1:
+        elif not split:
             _bwd_kernel[grid](*args, STAGE=0, **meta)
         else:
             _bwd_kernel[grid](*args, STAGE=1, **meta)
             _bwd_kernel[grid](*args, STAGE=2, **meta)
-        if has_w or has_b:
+        if (has_w or has_b) and not split:
             block = min(256, _next_pow2(p.c))
             _reduce_rows_kernel[(triton.cdiv(p.c, block),)](
                 pdw, pdb, dw if has_w else pdw, db if has_b else pdb, rows, p.c,
