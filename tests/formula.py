@@ -60,3 +60,91 @@ def compare_step(ours, theirs, x, rtol=1e-5, atol=1e-5):
 def assert_same_param_grads(ours, theirs, rtol=1e-4, atol=1e-5):
     for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# REFERENCE section 7: normalizations whose statistics are not (only) the centred ones.
+# Each written from its paper's formula with explicit loops, in float64, differentiable (for
+# gradcheck against the modules): inputs are converted, not detached.
+# --------------------------------------------------------------------------------------------
+
+
+def _f64(t):
+    return None if t is None else t.to(torch.float64)
+
+
+def _chan(t, ndim):
+    return t.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def rms_norm64(x, normalized_shape, weight=None, eps=None):
+    """Zhang & Sennrich 2019, eq. 4: x / sqrt(mean(x^2) + eps) * g over the trailing dims;
+    eps None = machine epsilon of x's dtype."""
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    x = _f64(x)
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    m = 1
+    for d in dims:
+        m *= x.shape[d]
+    ms = (x * x).sum(dim=dims, keepdim=True) / m
+    y = x / torch.sqrt(ms + eps)
+    return y if weight is None else y * _f64(weight)
+
+
+def uncentred64(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """The operator with center=False, not over the batch: per sample and group,
+    y = gamma_c * x / sqrt(mean(x^2) + eps) + beta_c (loop over groups)."""
+    x = _f64(x)
+    c = x.shape[1]
+    cpg = c // num_groups
+    parts = []
+    for g in range(num_groups):
+        part = x[:, g * cpg : (g + 1) * cpg]
+        ms = (part * part).mean(dim=tuple(range(1, x.dim())), keepdim=True)
+        parts.append(part / torch.sqrt(ms + eps))
+    y = torch.cat(parts, dim=1)
+    if weight is not None:
+        y = y * _chan(_f64(weight), x.dim())
+    if bias is not None:
+        y = y + _chan(_f64(bias), x.dim())
+    return y
+
+
+def frn64(x, weight, bias, tau=None, eps=1e-6):
+    """Singh & Krishnan 2020, eqs. 1-3: nu2 = sum_{h,w} x^2 / (H W) per (n, c);
+    y = gamma x / sqrt(nu2 + eps) + beta; z = max(y, tau)."""
+    x = _f64(x)
+    hw = x.shape[2] * x.shape[3]
+    nu2 = (x * x).sum(dim=(2, 3), keepdim=True) / hw
+    y = _chan(_f64(weight), 4) * x / torch.sqrt(nu2 + eps) + _chan(_f64(bias), 4)
+    return y if tau is None else torch.maximum(y, _chan(_f64(tau), 4))
+
+
+def _var(part, dims):
+    """Biased variance over dims, two passes."""
+    mu = part.mean(dim=dims, keepdim=True)
+    return ((part - mu) ** 2).mean(dim=dims, keepdim=True)
+
+
+def evonorm_s0_64(x, weight, bias, v, num_groups, eps=1e-5):
+    """Liu et al. 2020, Table 1, EvoNorm-S0: x * sigmoid(v x) / sqrt(s2_{w,h,c/g}(x) + eps) *
+    gamma + beta (group variance per sample, loop over groups)."""
+    x = _f64(x)
+    c = x.shape[1]
+    cpg = c // num_groups
+    std = torch.cat(
+        [torch.sqrt(_var(x[:, g * cpg : (g + 1) * cpg], (1, 2, 3)) + eps).expand(-1, cpg, -1, -1)
+         for g in range(num_groups)], dim=1)
+    vx = _chan(_f64(v), 4) * x
+    return x * torch.sigmoid(vx) / std * _chan(_f64(weight), 4) + _chan(_f64(bias), 4)
+
+
+def evonorm_b0_64(x, weight, bias, v, eps=1e-5, running_var=None):
+    """Liu et al. 2020, Table 1, EvoNorm-B0: x / max(sqrt(s2_{b,w,h}(x) + eps),
+    v x + sqrt(s2_{w,h}(x) + eps)) * gamma + beta; with running_var given (eval mode) it takes
+    the place of the batch variance s2_{b,w,h}."""
+    x = _f64(x)
+    batch_var = _var(x, (0, 2, 3)) if running_var is None else _chan(_f64(running_var), 4)
+    inst_std = torch.sqrt(_var(x, (2, 3)) + eps)
+    denom = torch.maximum(torch.sqrt(batch_var + eps), _chan(_f64(v), 4) * x + inst_std)
+    return x / denom * _chan(_f64(weight), 4) + _chan(_f64(bias), 4)

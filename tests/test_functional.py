@@ -617,3 +617,144 @@ def test_running_buffers_in_another_dtype_under_fullgraph_compile():
     torch.testing.assert_close(rm_c, rm)
     torch.testing.assert_close(rv_c, rv)
     assert not torch.equal(rv_c, rv0)  # the float64 buffer did move
+
+
+# --------------------------------------------------------------------------------------------
+# center=False (RMSNorm, FRN), moments, rms_norm
+# --------------------------------------------------------------------------------------------
+
+from formula import rms_norm64, uncentred64  # noqa: E402
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize(
+    "shape,groups",
+    [
+        ((3, 6, 5, 4), 6),   # per sample and channel (FRN's sets)
+        ((3, 6, 5, 4), 2),   # per sample and group
+        ((4, 10), 1),        # (rows, features): RMSNorm's view
+        ((2, 4, 7), 4),      # 1-D spatial
+    ],
+)
+def test_uncentred_matches_float64_formula(backend, shape, groups):
+    x = off_centre(*shape, dtype=torch.float64)
+    c = shape[1]
+    w, b = torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64)
+    y, mean, rstd = NF.normalize(x, groups, False, w, b, 1e-3, backend=backend, center=False,
+                                 return_stats=True)
+    assert rel_err(y, uncentred64(x, groups, w, b, 1e-3)) < 1e-12
+    assert mean.shape == rstd.shape == (shape[0], groups) and not mean.any()
+    ms = x.reshape(shape[0], groups, -1).square().mean(-1)
+    torch.testing.assert_close(rstd, torch.rsqrt(ms + 1e-3))
+    y32 = NF.normalize(x.float(), groups, False, w.float(), b.float(), 1e-3, backend=backend,
+                       center=False)
+    assert rel_err(y32, uncentred64(x, groups, w, b, 1e-3)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_uncentred_half_input_accumulates_in_float32(backend, dtype):
+    x = off_centre(4, 8, 6, 6, dtype=dtype)  # 36 elements per statistic, offset 3
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    y, _, rstd = NF.normalize(x, 8, False, w, b, backend=backend, center=False, return_stats=True)
+    assert y.dtype == dtype and rstd.dtype == torch.float32
+    expect = uncentred64(x, 8, w, b)
+    # one rounding of the float32 result to the half type
+    torch.testing.assert_close(y.double(), expect.to(dtype).double(), rtol=0, atol=2 * (expect.abs().max() * torch.finfo(dtype).eps).item())
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_uncentred_gradcheck(backend):
+    x = off_centre(2, 4, 3, 3, dtype=torch.float64).requires_grad_()
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64).requires_grad_()
+    fn = lambda x, w, b: NF.normalize(x, 2, False, w, b, 1e-3, "silu", backend, center=False)
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    # and the gradient equals the float64 formula's
+    g = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    ours = torch.autograd.grad(fn(x, w, b), (x, w, b), g)
+    ref = torch.autograd.grad(F.silu(uncentred64(x, 2, w, b, 1e-3)), (x, w, b), g)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r)
+
+
+def test_uncentred_over_batch_and_errors():
+    x = off_centre(3, 4, 5, dtype=torch.float64)
+    y = NF.normalize(x, 4, True, center=False, backend="native")  # per channel over (N, L)
+    ms = x.square().mean(dim=(0, 2), keepdim=True)
+    torch.testing.assert_close(y, x / torch.sqrt(ms + 1e-5))
+    with pytest.raises(ValueError, match="center=False with running_mean"):
+        NF.normalize(x, 4, True, running_mean=torch.zeros(4, dtype=torch.float64), center=False)
+    with pytest.raises(TypeError, match="center must be a bool, got 'no'"):
+        NF.normalize(x, 4, True, center="no")
+
+
+def test_backend_without_uncentred_support_is_skipped_or_refused(monkeypatch):
+    class Centred:  # a backend that predates center=False
+        name = "centred"
+
+        def available(self):
+            return True
+
+        def unsupported_reason(self, *a):
+            return None
+
+    register_backend("centred", Centred())
+    monkeypatch.setattr(normlab.backends, "_AUTO_ORDER", ("centred", "native", "reference"))
+    try:
+        x = torch.empty(2, 4, 3, device="meta")  # not CPU: auto walks its order
+        resolve = normlab.backends.resolve_backend
+        assert resolve("auto", x, 2, False, None).name == "centred"
+        assert resolve("auto", x, 2, False, None, center=False).name == "native"
+        with pytest.raises(BackendUnavailable, match="centred.*center=False"):
+            NF.normalize(off_centre(2, 4, 3), 2, False, backend="centred", center=False)
+    finally:
+        _INSTANCES.pop("centred", None)
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("groups,over_batch", [(2, False), (4, True), (1, False)])
+def test_moments_match_formula_and_differentiate(center, groups, over_batch):
+    x = off_centre(3, 4, 5, 2, dtype=torch.float64)
+    mean, var = NF.moments(x, groups, over_batch, center)
+    xg = x.reshape(3, groups, -1)
+    dims = (0, 2) if over_batch else (2,)
+    expect_mean = xg.mean(dims) if center else torch.zeros_like(xg.mean(dims))
+    expect_var = (xg.var(dims, unbiased=False) if center else xg.square().mean(dims))
+    torch.testing.assert_close(mean, expect_mean)
+    torch.testing.assert_close(var, expect_var)
+    xr = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: NF.moments(t, groups, over_batch, center), (xr,))
+    # float32 input far from zero: the centred variance is summed over shifted data
+    big = (1e4 + 0.1 * torch.randn(2, 4, 64, dtype=torch.float64))
+    _, v = NF.moments(big.float(), 4, False)
+    torch.testing.assert_close(v.double(), big.float().double().var(-1, unbiased=False), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize(
+    "shape,normalized,eps",
+    [
+        ((4, 7, 16), [16], None),      # tokens x features, eps = finfo(float32).eps
+        ((3, 5, 6), (5, 6), 1e-6),     # two trailing dims
+        ((10,), 10, None),             # a single vector, an int shape
+    ],
+)
+def test_rms_norm_matches_torch_and_formula(backend, shape, normalized, eps):
+    x = torch.randn(shape) * 2 + 1
+    norm_shape = [normalized] if isinstance(normalized, int) else list(normalized)
+    w = torch.rand(norm_shape) + 0.5
+    y = NF.rms_norm(x, normalized, w, eps, backend=backend)
+    torch.testing.assert_close(y, F.rms_norm(x, norm_shape, w, eps))
+    assert rel_err(y, rms_norm64(x, norm_shape, w, eps)) < 1e-6
+    assert NF.rms_norm(x, normalized, backend=backend).shape == x.shape
+
+
+def test_rms_norm_errors_name_the_values():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"normalized_shape=\[7\] does not match"):
+        NF.rms_norm(x, 7)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\), got \(4,\)"):
+        NF.rms_norm(x, 8, torch.ones(4))
+    with pytest.raises(ValueError, match="eps must be a positive finite number, got -1.0"):
+        NF.rms_norm(x, 8, eps=-1.0)

@@ -18,8 +18,12 @@ GroupNorm                          G                       False  (C/G, spatial)
 batch-group norm                   G                       True   (N, C/G, spatial)
 =================================  =====================  ==========================
 
-The wrappers :func:`batch_norm`, :func:`layer_norm`, :func:`instance_norm` and :func:`group_norm`
-take the arguments of their ``torch.nn.functional`` namesakes. All take a keyword ``backend``
+``center=False`` takes the statistics without centering: ``mu = 0`` and ``sigma^2`` the mean
+square (RMSNorm, Filter Response Normalization). :func:`moments` returns the operator's
+statistics themselves, differentiable (EvoNorm divides by them).
+
+The wrappers :func:`batch_norm`, :func:`layer_norm`, :func:`instance_norm`, :func:`group_norm` and
+:func:`rms_norm` take the arguments of their ``torch.nn.functional`` namesakes. All take a keyword ``backend``
 (see :mod:`normlab.backends`).
 
 Like torch.nn.functional, every public op here dispatches ``__torch_function__`` on its tensor
@@ -42,17 +46,21 @@ from normlab.backends import resolve_backend
 from normlab.backends.reference import (
     FUSED_ACTIVATIONS,
     apply_activation,
+    centred_moments,
     channel_view,
+    compute_dtype,
     output_memory_format,
 )
 
 __all__ = [
     "normalize",
     "normalize_fixed",
+    "moments",
     "batch_norm",
     "layer_norm",
     "instance_norm",
     "group_norm",
+    "rms_norm",
     "FUSED_ACTIVATIONS",
 ]
 
@@ -186,6 +194,7 @@ def normalize(
     running_var: Optional[Tensor] = None,
     momentum: float = 0.1,
     return_stats: bool = False,
+    center: bool = True,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
     """Normalize ``x`` over the statistics set chosen by ``num_groups`` and ``over_batch``.
 
@@ -206,6 +215,9 @@ def normalize(
         momentum: weight of the new statistic in the running update.
         return_stats: also return ``mean`` and ``rstd`` (float32, or float64 for float64 input),
             shape ``(G,)`` if over_batch else ``(N, G)``.
+        center: subtract the mean (default). ``False``: ``y = act(gamma_c * x / sqrt(mean(x^2) +
+            eps) + beta_c)``, the statistics of RMSNorm and FRN; the returned mean is zeros.
+            Not combined with running statistics.
 
     Returns:
         ``y`` with x's shape, dtype and memory format; ``(y, mean, rstd)`` if return_stats.
@@ -221,7 +233,7 @@ def normalize(
         return handle_torch_function(
             normalize, (x, weight, bias, running_mean, running_var), x, num_groups, over_batch,
             weight, bias, eps, activation, backend, running_mean=running_mean,
-            running_var=running_var, momentum=momentum, return_stats=return_stats,
+            running_var=running_var, momentum=momentum, return_stats=return_stats, center=center,
         )
     check_input(x)
     c = x.shape[1]
@@ -232,7 +244,14 @@ def normalize(
     _check_channel_param(bias, c, "bias")
     if over_batch:
         _check_batch_stat_size(x, num_groups)
+    if not isinstance(center, bool):
+        raise TypeError(f"center must be a bool, got {center!r}")
     if running_mean is not None or running_var is not None:
+        if not center:
+            raise ValueError(
+                "running statistics are kept for centred statistics only: got center=False with "
+                "running_mean/running_var"
+            )
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
             if buf is not None and (
                 not isinstance(buf, Tensor)
@@ -242,7 +261,7 @@ def normalize(
                 _running_buffer_error(buf, num_groups, name)
     return _dispatch(
         x, num_groups, over_batch, weight, bias, eps, activation, backend, running_mean,
-        running_var, momentum, return_stats,
+        running_var, momentum, return_stats, center,
     )
 
 
@@ -259,6 +278,7 @@ def _dispatch(
     running_var: Optional[Tensor] = None,
     momentum: float = 0.1,
     return_stats: bool = False,
+    center: bool = True,
 ):
     """The operator on arguments that are already checked: pick the backend, run it.
 
@@ -267,17 +287,19 @@ def _dispatch(
     """
     if x.numel() == 0:
         y, mean, rstd = _normalize_empty(x, num_groups, over_batch, weight, bias, activation)
+        if not center:
+            mean = torch.zeros_like(mean)
         return (y, mean, rstd) if return_stats else y
     if x.dim() > 5:  # more than 3 spatial dims: the statistics sets are the same over one
         out = _dispatch(
             x.reshape(x.shape[0], x.shape[1], -1), num_groups, over_batch, weight, bias, eps,
-            activation, backend, running_mean, running_var, momentum, return_stats,
+            activation, backend, running_mean, running_var, momentum, return_stats, center,
         )
         if return_stats:
             return (out[0].reshape(x.shape),) + tuple(out[1:])
         return out.reshape(x.shape)
-    impl = resolve_backend(backend, x, num_groups, over_batch, activation)
-    if (return_stats and x.dtype in _HALF and impl.name == "native"
+    impl = resolve_backend(backend, x, num_groups, over_batch, activation, center)
+    if (return_stats and center and x.dtype in _HALF and impl.name == "native"
             and (weight is None or weight.dtype != torch.float32)):
         # ATen's kernels compute half-input statistics in float32 but hand them back in the
         # parameters' dtype (bf16 mean/rstd: 3 digits); float32 parameters keep them float32.
@@ -288,10 +310,16 @@ def _dispatch(
             if weight is None
             else weight.float()
         )
-    y, mean, rstd = impl.normalize(
-        x, num_groups, over_batch, weight, bias, eps, activation, running_mean, running_var,
-        momentum,
-    )
+    if center:  # (a backend without center support is called as before)
+        y, mean, rstd = impl.normalize(
+            x, num_groups, over_batch, weight, bias, eps, activation, running_mean, running_var,
+            momentum,
+        )
+    else:
+        y, mean, rstd = impl.normalize(
+            x, num_groups, over_batch, weight, bias, eps, activation, running_mean, running_var,
+            momentum, center=False,
+        )
     return (y, mean, rstd) if return_stats else y
 
 
@@ -352,6 +380,39 @@ def normalize_fixed(
     impl = resolve_backend(backend, x, c, True, activation)
     y = impl.normalize_fixed(x, mean, var, weight, bias, eps, activation)
     return y.reshape(shape) if y.shape != shape else y
+
+
+def moments(
+    x: Tensor, num_groups: int, over_batch: bool, center: bool = True
+) -> Tuple[Tensor, Tensor]:
+    """The operator's statistics of ``x``, differentiable: ``(mean, var)``.
+
+    The sets are :func:`normalize`'s (``num_groups`` G, ``over_batch``); ``var`` is the biased
+    variance, or with ``center=False`` the mean square (``mean`` then zeros). Computed as the
+    reference backend computes them (shifted two-pass sums), in float32 for half input and
+    float64 for float64 input; shape ``(G,)`` if over_batch else ``(N, G)``. For layers that
+    use the statistics other than as ``(x - mean) / sqrt(var + eps)`` (EvoNorm).
+
+    Example::
+
+        >>> x = torch.randn(4, 8, 5, 5) + 3
+        >>> mean, var = moments(x, num_groups=2, over_batch=False)     # GroupNorm's, (N, G)
+        >>> torch.allclose(var, x.reshape(4, 2, -1).var(-1, unbiased=False), atol=1e-5)
+        True
+    """
+    if has_torch_function_variadic(x):
+        return handle_torch_function(moments, (x,), x, num_groups, over_batch, center)
+    check_input(x)
+    num_groups = check_groups(num_groups, x.shape[1], _DIVISIBLE)
+    if not isinstance(center, bool):
+        raise TypeError(f"center must be a bool, got {center!r}")
+    if over_batch:
+        _check_batch_stat_size(x, num_groups)
+    n = x.shape[0]
+    xg = x.to(compute_dtype(x.dtype)).reshape(n, num_groups, -1)
+    _, mean, var = centred_moments(xg, (0, 2) if over_batch else (2,), center)
+    shape = (num_groups,) if over_batch else (n, num_groups)
+    return mean.reshape(shape), var.reshape(shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,6 +538,31 @@ def _check_elementwise_param(p, shape: tuple, what: str) -> None:
         raise ValueError(f"{what} must have shape {shape}, got {tuple(p.shape)}")
 
 
+def _check_trailing(input, normalized_shape) -> tuple:
+    """``normalized_shape`` as a tuple, checked against the trailing dims of ``input``."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must have a floating-point dtype, got {input.dtype}")
+    if isinstance(normalized_shape, int):
+        shape = (normalized_shape,)
+    else:
+        try:
+            shape = tuple(normalized_shape)
+        except TypeError:
+            raise TypeError(
+                f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+            ) from None
+    ishape = input.shape
+    k, ndim = len(shape), len(ishape)
+    if k == 0 or ndim < k or (ishape[-1] != shape[0] if k == 1 else ishape[ndim - k :] != shape):
+        raise ValueError(
+            f"normalized_shape={list(shape)} does not match the trailing dims of the input of "
+            f"shape {tuple(ishape)}"
+        )
+    return shape
+
+
 def layer_norm(
     input: Tensor,
     normalized_shape: Union[int, Sequence[int]],
@@ -500,26 +586,8 @@ def layer_norm(
             layer_norm, (input, weight, bias), input, normalized_shape, weight, bias, eps,
             activation=activation, backend=backend,
         )
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise TypeError(f"input must have a floating-point dtype, got {input.dtype}")
-    if isinstance(normalized_shape, int):
-        shape = (normalized_shape,)
-    else:
-        try:
-            shape = tuple(normalized_shape)
-        except TypeError:
-            raise TypeError(
-                f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
-            ) from None
-    ishape = input.shape
-    k, ndim = len(shape), len(ishape)
-    if k == 0 or ndim < k or (ishape[-1] != shape[0] if k == 1 else ishape[ndim - k :] != shape):
-        raise ValueError(
-            f"normalized_shape={list(shape)} does not match the trailing dims of the input of "
-            f"shape {tuple(ishape)}"
-        )
+    shape = _check_trailing(input, normalized_shape)
+    k, ndim = len(shape), input.dim()
     if weight is not None:
         _check_elementwise_param(weight, shape, "weight")
     if bias is not None:
@@ -541,3 +609,40 @@ def layer_norm(
     y = _dispatch(input.reshape(-1, numel), 1, False, weight, bias, eps, activation, backend)
     return y.reshape(input.shape)
 
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """RMS normalization (Zhang & Sennrich, NeurIPS 2019), as ``torch.nn.functional.rms_norm``:
+    ``y = x / sqrt(mean(x^2) + eps) * weight`` over the trailing ``normalized_shape`` dims, no
+    centering and no bias. ``eps=None`` means the machine epsilon of the dtype the statistics
+    are accumulated in, as torch computes it: ``torch.finfo(input.dtype).eps`` for float32 and
+    float64 input, float32's (1.19e-7) for float16/bfloat16 input (torch's documentation says
+    the input dtype's; its kernels use the accumulation dtype's, measured on torch 2.13).
+
+    The operator with G = 1 and ``center=False`` on ``input`` viewed as
+    (rows, prod(normalized_shape)), as :func:`layer_norm` is.
+
+    Example::
+
+        >>> x = torch.randn(2, 5, 16)
+        >>> torch.allclose(rms_norm(x, [16]), torch.nn.functional.rms_norm(x, [16]), atol=1e-6)
+        True
+    """
+    if has_torch_function_variadic(input, weight):
+        return handle_torch_function(
+            rms_norm, (input, weight), input, normalized_shape, weight, eps, backend=backend,
+        )
+    shape = _check_trailing(input, normalized_shape)
+    if weight is not None:
+        _check_elementwise_param(weight, shape, "weight")
+    eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else check_eps(eps)
+    numel = math.prod(shape)
+    w = None if weight is None else weight.reshape(numel)
+    y = _dispatch(input.reshape(-1, numel), 1, False, w, None, eps, None, backend, center=False)
+    return y.reshape(input.shape)

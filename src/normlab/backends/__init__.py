@@ -60,9 +60,17 @@ class Backend(Protocol):
     they are updated in place with ``momentum`` (the weight of the new batch statistic; the
     running variance receives the unbiased batch variance). ``y`` is differentiable with respect to
     ``x``, ``weight`` and ``bias``; ``mean`` and ``rstd`` are not meant to be differentiated.
+
+    ``center=False`` (keyword-only) takes the statistics without centering (RMSNorm, Filter
+    Response Normalization): ``y = act(gamma_c * x * rstd + beta_c)`` with ``rstd = 1 /
+    sqrt(mean_S(x^2) + eps)``; the returned ``mean`` is zeros. It is never combined with running
+    statistics (:func:`normlab.functional.normalize` rejects that). A backend that takes it sets
+    the class attribute ``supports_uncentered = True``; ``auto`` skips one that does not, and
+    naming it explicitly for such a call raises :class:`BackendUnavailable`.
     """
 
     name: str
+    supports_uncentered: bool
 
     def available(self) -> bool:
         """Whether this backend can run at all in this process (installed, has a device)."""
@@ -84,6 +92,8 @@ class Backend(Protocol):
         running_mean: Optional[Tensor],  # (G,), updated in place
         running_var: Optional[Tensor],  # (G,), updated in place
         momentum: float,
+        *,
+        center: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         ...
 
@@ -242,6 +252,7 @@ def resolve_backend(
     num_groups: int,
     over_batch: bool,
     activation: Optional[str],
+    center: bool = True,
 ) -> Backend:
     """Pick the backend for one call (see the module docstring for the rules)."""
     name = current_backend() if name is None else _check_name(name)
@@ -255,6 +266,8 @@ def resolve_backend(
         if not backend.available():
             raise BackendUnavailable(f"backend {name!r} is not available in this process")
         reason = backend.unsupported_reason(x, num_groups, over_batch, activation)
+        if reason is None and not center and not _uncentered(backend):
+            reason = "statistics without centering (center=False) are not supported"
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} cannot run this call: {reason}")
         return backend
@@ -266,12 +279,15 @@ def resolve_backend(
             backend = get_backend(candidate)
         except BackendUnavailable:
             continue
-        if backend.available() and backend.unsupported_reason(
-            x, num_groups, over_batch, activation
-        ) is None:
+        if (backend.available() and (center or _uncentered(backend))
+                and backend.unsupported_reason(x, num_groups, over_batch, activation) is None):
             return backend
     return get_backend("reference")
 
+
+
+def _uncentered(backend: Backend) -> bool:
+    return getattr(backend, "supports_uncentered", False)
 
 
 def _preload() -> None:

@@ -17,6 +17,11 @@ running buffer alone) are converted here or, for running buffers, updated from a
 own, so that native accepts what the reference accepts. Given statistics that require grad go
 through the reference formula (ATen does not differentiate them).
 
+Statistics without centering (``center=False``: RMSNorm, FRN) not over the batch go to
+``aten::_fused_rms_norm`` on the (N, G, rest) view (float32 statistics for half input, as the
+reference), then the per-channel affine; where that op is missing (torch < 2.8) or the
+statistics run over the batch, the reference computes them.
+
 The activation is applied after ATen's affine (not fused). Both ATen kernels compute their
 statistics in float32 for half-precision input and use a stable (two-pass / Welford) variance;
 the tests check that claim on a large-offset input.
@@ -42,6 +47,7 @@ from normlab.backends.reference import (
 
 class NativeBackend:
     name = "native"
+    supports_uncentered = True  # takes center=False (see normlab.backends.Backend)
 
     def available(self) -> bool:
         return True
@@ -61,7 +67,12 @@ class NativeBackend:
         running_mean: Optional[Tensor] = None,  # (G,)
         running_var: Optional[Tensor] = None,  # (G,)
         momentum: float = 0.1,
+        *,
+        center: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
+        if not center:
+            return _uncentered(x, num_groups, over_batch, weight, bias, eps, activation,
+                               running_mean, running_var, momentum)
         n, c = x.shape[0], x.shape[1]
         g = num_groups
         running = running_mean is not None or running_var is not None
@@ -183,6 +194,31 @@ class NativeBackend:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+_FUSED_RMS = getattr(torch.ops.aten, "_fused_rms_norm", None)  # torch >= 2.8
+
+
+def _uncentered(x, num_groups, over_batch, weight, bias, eps, activation, running_mean,
+                running_var, momentum):
+    """``center=False``: y = act(gamma_c * x / sqrt(mean_S(x^2) + eps) + beta_c) (see the
+    module docstring for which op computes it)."""
+    if over_batch or _FUSED_RMS is None or running_mean is not None or running_var is not None:
+        return _REFERENCE.normalize(x, num_groups, over_batch, weight, bias, eps, activation,
+                                    running_mean, running_var, momentum, center=False)
+    n, g = x.shape[0], num_groups
+    fmt = output_memory_format(x)
+    xg = x.reshape(n, g, -1)
+    plain = weight is None and bias is None and activation is None
+    # with an affine or activation after it, half input is normalized in float32 and rounded once
+    yg, rstd = _FUSED_RMS(xg if plain else xg.to(compute_dtype(x.dtype)), [xg.shape[2]], None, eps)
+    y = yg.reshape(x.shape)
+    if not plain:
+        if weight is not None:
+            y = y * channel_view(weight.to(y.dtype), x.dim())
+        if bias is not None:
+            y = y + channel_view(bias.to(y.dtype), x.dim())
+        y = apply_activation(y, activation).to(x.dtype)
+    rstd = rstd.reshape(n, g).to(compute_dtype(x.dtype))
+    return y.contiguous(memory_format=fmt), torch.zeros_like(rstd), rstd
 
 
 def _param_dtype(x: Tensor, *params: Optional[Tensor]) -> torch.dtype:

@@ -10,6 +10,9 @@ For x of shape (N, C, *spatial) split into G groups of C/G channels (Wu & He 201
     rstd    = 1 / sqrt(var + eps)
     y       = act(gamma_c * (x - mean) * rstd + beta_c)
 
+With ``center=False`` (RMSNorm, Filter Response Normalization) nothing is subtracted: ``mean`` is
+zero and ``var`` is the mean square, ``sum_S xg^2 / m`` (no cancellation, so no shift is needed).
+
 BN is over_batch with G = C, LN (conv form) G = 1, IN G = C, GN G groups. Half-precision inputs
 are computed in float32; float64 inputs in float64. Autograd is torch's own.
 """
@@ -65,6 +68,7 @@ def channel_view(t: Tensor, ndim: int) -> Tensor:
 
 class ReferenceBackend:
     name = "reference"
+    supports_uncentered = True  # takes center=False (see normlab.backends.Backend)
 
     def available(self) -> bool:
         return True
@@ -84,6 +88,8 @@ class ReferenceBackend:
         running_mean: Optional[Tensor] = None,  # (G,)
         running_var: Optional[Tensor] = None,  # (G,)
         momentum: float = 0.1,
+        *,
+        center: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         n, c = x.shape[0], x.shape[1]
         g = num_groups
@@ -91,19 +97,9 @@ class ReferenceBackend:
         xg = x.to(acc).reshape(n, g, -1)  # (N, G, C/G * spatial)
         dims = (0, 2) if over_batch else (2,)
         m = xg.shape[2] * (n if over_batch else 1)  # elements per statistic
-
-        # Shifted data: subtract one element of each statistic's set first. y does not depend on
-        # the shift, x - shift is exact when the two are close, and the sums then run over small
-        # numbers, so float32 keeps full accuracy even when |mean| >> std (e.g. 1e4 + 0.1 * randn).
-        shift = (xg[:1, :, :1] if over_batch else xg[:, :, :1]).detach()
-        shift = torch.where(shift.isfinite(), shift, 0.0)  # an inf shift would make inf - inf
-        xs = xg - shift
-        mean_s = xs.mean(dim=dims, keepdim=True)
-        centred = xs - mean_s
-        var = centred.square().mean(dim=dims, keepdim=True)  # biased, second pass
+        centred, mean, var = centred_moments(xg, dims, center)
         rstd = torch.rsqrt(var + eps)
         y = (centred * rstd).reshape(x.shape)
-        mean = mean_s + shift
 
         if weight is not None:
             y = y * channel_view(weight.to(acc), x.dim())
@@ -140,6 +136,35 @@ class ReferenceBackend:
             y = y + channel_view(bias.to(acc), x.dim())
         y = apply_activation(y, activation)
         return y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
+
+
+def centred_moments(
+    xg: Tensor, dims: Tuple[int, ...], center: bool = True
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The operator's reductions: ``(xg - mean, mean, var)`` over ``dims`` (kept as size 1),
+    differentiable, in ``xg``'s dtype (the caller has cast it to the accumulation dtype).
+
+    ``var`` is biased. With ``center=False`` nothing is subtracted: ``mean`` is zeros and ``var``
+    the mean square. Centred moments are summed over shifted data: one element of each
+    statistic's set is subtracted first. The result does not depend on the shift, ``x - shift``
+    is exact when the two are close, and the sums then run over small numbers, so float32 keeps
+    full accuracy even when |mean| >> std (e.g. 1e4 + 0.1 * randn). The variance takes a second
+    pass over the centred data, never ``E[x^2] - E[x]^2``; the centred data is returned as it was
+    summed (``(x - shift) - mean_s``, not ``x - mean``, which would round ``mean`` first).
+    """
+    if not center:
+        ms = xg.square().mean(dim=dims, keepdim=True)
+        return xg, torch.zeros_like(ms), ms
+    index = [slice(None)] * xg.dim()
+    for d in dims:
+        index[d] = slice(0, 1)
+    shift = xg[tuple(index)].detach()
+    shift = torch.where(shift.isfinite(), shift, 0.0)  # an inf shift would make inf - inf
+    xs = xg - shift
+    mean_s = xs.mean(dim=dims, keepdim=True)
+    centred = xs - mean_s
+    var = centred.square().mean(dim=dims, keepdim=True)  # biased, second pass
+    return centred, mean_s + shift, var
 
 
 @torch.no_grad()

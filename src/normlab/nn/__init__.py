@@ -13,6 +13,10 @@ LayerNorm              trailing normalized_shape                nn/layernorm.py
 LayerNorm2d            C (per sample and position)              nn/layernorm.py
 LazyBatchNorm1d/2d/3d  as BN; C from the first input           nn/lazy.py
 LazyInstanceNorm*d     as IN; C from the first input           nn/lazy.py
+RMSNorm                trailing normalized_shape, uncentred     nn/rmsnorm.py
+FilterResponseNorm2d   spatial, uncentred (+ TLU)               nn/frn.py
+EvoNorm2dS0            as GN (norm + activation)                nn/evonorm.py
+EvoNorm2dB0            as BN and IN (norm + activation)         nn/evonorm.py
 WSConv2d               conv weight, over fan-in                 nn/std_conv.py
 ScaledStdConv2d        conv weight, scaled (NF-ResNets)         nn/std_conv.py
 =====================  ======================================  ================================
@@ -27,12 +31,15 @@ it. ``torch.compile`` (also ``fullgraph=True``) and ``torch.export`` work.
 
 from normlab.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormXd
+from normlab.nn.evonorm import EvoNorm2dB0, EvoNorm2dS0
+from normlab.nn.frn import FilterResponseNorm2d
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
 from normlab.nn.groupnorm import GroupNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.nn.layernorm import LayerNorm, LayerNorm2d
 from normlab.nn.lazy import (LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d, LazyInstanceNorm1d,
                              LazyInstanceNorm2d, LazyInstanceNorm3d)
+from normlab.nn.rmsnorm import RMSNorm
 from normlab.nn.std_conv import ScaledStdConv2d, WSConv2d, standardize_weight
 from normlab.nn.syncbn import SyncBatchNorm
 from normlab.nn import fusion  # registers normlab's BN with torch.ao.quantization.fuse_modules
@@ -40,12 +47,15 @@ from normlab.nn import fusion  # registers normlab's BN with torch.ao.quantizati
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd",
     "BatchRenorm1d", "BatchRenorm2d",
+    "EvoNorm2dB0", "EvoNorm2dS0",
+    "FilterResponseNorm2d",
     "FrozenBatchNorm2d",
     "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "LayerNorm2d",
     "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
     "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
+    "RMSNorm",
     "ScaledStdConv2d", "WSConv2d", "standardize_weight",
     "SyncBatchNorm",
 ]

@@ -1,0 +1,85 @@
+"""normlab.nn.RMSNorm against torch.nn.RMSNorm (same state_dict, eps=None rule) and the float64
+formula (Zhang & Sennrich 2019, eq. 4), gradients included."""
+
+import pytest
+import torch
+from torch import nn
+
+import normlab
+import normlab.nn as nlnn
+from formula import assert_same_param_grads, compare_step, rel_err, rms_norm64
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize(
+    "shape,normalized,kw",
+    [
+        ((4, 7, 16), 16, {}),                                # tokens x features, eps=None
+        ((3, 5, 6), (5, 6), {"eps": 1e-6}),                  # two trailing dims, explicit eps
+        ((2, 3, 8), 8, {"elementwise_affine": False}),       # no weight
+    ],
+)
+def test_rmsnorm_matches_torch(backend, shape, normalized, kw):
+    theirs = nn.RMSNorm(normalized, **kw)
+    if theirs.weight is not None:
+        with torch.no_grad():
+            theirs.weight.copy_(torch.rand_like(theirs.weight) + 0.5)
+    ours = nlnn.RMSNorm(normalized, **kw)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert repr(ours) == repr(theirs) and isinstance(ours, nn.RMSNorm)
+    x = torch.randn(shape) * 2 + 1
+    with normlab.use_backend(backend):
+        compare_step(ours, theirs, x, rtol=1e-6, atol=1e-6)
+    assert_same_param_grads(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_eps_none_is_the_machine_epsilon_as_torch_takes_it(dtype):
+    # tiny values: the mean square (~1e-14) is below float32's eps (1.2e-7), so eps decides.
+    # torch takes the accumulation dtype's epsilon (float32's for bfloat16 input)
+    x = (torch.rand(3, 32, dtype=torch.float64) * 1e-7 + 1e-8).to(dtype)
+    ours = nlnn.RMSNorm(32)
+    y = ours.to(dtype)(x)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    expect = rms_norm64(x, [32], ours.weight, torch.finfo(acc).eps)
+    tol = 1e-12 if dtype == torch.float64 else 10 * torch.finfo(dtype).eps
+    assert rel_err(y, expect) < tol
+    torch.testing.assert_close(y, nn.RMSNorm(32).to(dtype)(x))
+
+
+def test_gradcheck_float64_against_formula():
+    norm = nlnn.RMSNorm((3, 4), eps=1e-4, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(3, 4, dtype=torch.float64) + 0.5)
+    x = (torch.randn(2, 5, 3, 4, dtype=torch.float64) + 1).requires_grad_()
+    assert torch.autograd.gradcheck(norm, (x,))
+    g = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    ours = torch.autograd.grad(norm(x), (x, norm.weight), g)
+    ref = torch.autograd.grad(rms_norm64(x, [3, 4], norm.weight, 1e-4), (x, norm.weight), g)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r)
+
+
+def test_constructor_device_dtype_reset_and_errors():
+    norm = nlnn.RMSNorm(6, dtype=torch.float64, device="cpu")
+    assert norm.weight.dtype == torch.float64 and norm.weight.shape == (6,)
+    with torch.no_grad():
+        norm.weight.mul_(3)
+    norm.reset_parameters()
+    assert torch.equal(norm.weight, torch.ones(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"normalized_shape must be positive ints.*\(4, 0\)"):
+        nlnn.RMSNorm((4, 0))
+    with pytest.raises(TypeError, match="normalized_shape must be an int or a sequence of ints, got 3.5"):
+        nlnn.RMSNorm(3.5)
+    with pytest.raises(ValueError, match="eps must be a positive finite number, got 0.0"):
+        nlnn.RMSNorm(4, eps=0.0)
+    with pytest.raises(ValueError, match=r"normalized_shape=\[4\] does not match .* shape \(2, 5\)"):
+        nlnn.RMSNorm(4)(torch.randn(2, 5))
+
+
+def test_fx_trace_and_compile():
+    model = nn.Sequential(nn.Linear(8, 8), nlnn.RMSNorm(8))
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(gm(x), model(x))
