@@ -16,6 +16,7 @@ MODULES = [
     "normlab.functional",
     "normlab.factory",
     "normlab.convert",
+    "normlab.fold",
     "normlab.distributed",
     "normlab.spp",
     "normlab.nn.batchnorm",

@@ -1,0 +1,224 @@
+"""fold_batchnorm: fold inference-mode BatchNorms into the Conv or Linear before them.
+
+A BatchNorm with fixed statistics is a per-channel affine map,
+``y = gamma_c * (z - mu_c) / sqrt(var_c + eps) + beta_c``, and when its input ``z`` is
+``conv(x) = W * x + b`` and nothing else reads ``z``, the two are one convolution with
+
+    W'_c = W_c * s_c,    b'_c = (b_c - mu_c) * s_c + beta_c,    s_c = gamma_c / sqrt(var_c + eps)
+
+(the folding every inference exporter performs; Jacob et al., "Quantization and Training of
+Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018, section 3.2, fold
+BN this way). Folded: eval-mode ``torch.nn`` BatchNorm1d/2d/3d and SyncBatchNorm with running
+statistics, normlab's BatchNorm (its fused activation stays, as an activation module),
+BatchRenorm (eval mode uses the running statistics), FrozenBatchNorm2d (normlab's, torchvision's),
+timm's BatchNormAct2d and FrozenBatchNormAct2d (their ``drop`` and ``act`` stay).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import fx, nn
+
+from normlab import _trace
+from normlab.nn.batch_renorm import _BatchRenorm
+from normlab.nn.batchnorm import _BatchNormForward
+from normlab.nn.frozen_bn import FrozenBatchNorm2d
+
+__all__ = ["fold_batchnorm", "FoldRecord"]
+
+_ACTIVATION_MODULES = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# norm-act layers of timm whose forward is the BN's affine, then ``drop``, then ``act``
+_TIMM_NORM_ACT = ("BatchNormAct2d", "FrozenBatchNormAct2d")
+_FROZEN_NAMES = ("FrozenBatchNorm2d",)  # torchvision's, timm's re-export
+
+
+@dataclasses.dataclass
+class FoldRecord:
+    """What :func:`fold_batchnorm` did: ``folded`` (conv name, norm name) pairs, and
+    ``skipped`` (norm name, reason) for each BatchNorm left in place."""
+
+    folded: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+    traced: bool = True
+    trace_error: str = ""
+
+    def __str__(self) -> str:
+        how = "traced with torch.fx" if self.traced else f"not traceable ({self.trace_error}); " \
+              "nn.Sequential neighbours only"
+        lines = [f"fold_batchnorm: {len(self.folded)} folded, {len(self.skipped)} left ({how})"]
+        lines += [f"  {norm} folded into {conv}" for conv, norm in self.folded]
+        lines += [f"  left {norm}: {why}" for norm, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _after(norm: nn.Module) -> Optional[list]:
+    """The modules that must still run after the folded affine (activation, dropout), or None
+    when ``norm`` is not a BatchNorm this pass knows how to fold."""
+    cls = type(norm)
+    if cls.__module__.startswith("timm.") and cls.__name__ in _TIMM_NORM_ACT:
+        return [m for m in (norm.drop, norm.act) if not isinstance(m, nn.Identity)]
+    if isinstance(norm, _BatchNormForward):
+        act = getattr(norm, "activation", None)
+        return [_ACTIVATION_MODULES[act]()] if act else []
+    if isinstance(norm, (_BatchRenorm, FrozenBatchNorm2d)):
+        return []
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return [] if cls.forward is nn.modules.batchnorm._BatchNorm.forward or isinstance(
+            norm, nn.SyncBatchNorm) else None
+    if cls.__name__ in _FROZEN_NAMES and all(
+        isinstance(getattr(norm, a, None), torch.Tensor)
+        for a in ("weight", "bias", "running_mean", "running_var")
+    ):
+        return []
+    return None
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return _after(m) is not None
+
+
+def _is_conv(m: nn.Module) -> bool:
+    """A Conv/Linear whose forward is torch's own (a subclass that transforms its weight in
+    forward, such as weight standardization, cannot take a folded weight)."""
+    return isinstance(m, _CONVS) and any(type(m).forward is c.forward for c in _CONVS)
+
+
+def _reason_not_foldable(norm: nn.Module) -> Optional[str]:
+    if getattr(norm, "training", False) and not isinstance(norm, FrozenBatchNorm2d):
+        return "in training mode"
+    if not isinstance(getattr(norm, "running_mean", None), torch.Tensor) or not isinstance(
+        getattr(norm, "running_var", None), torch.Tensor
+    ):
+        return "no running statistics (track_running_stats=False normalizes with batch statistics)"
+    return None
+
+
+@torch.no_grad()
+def _fold(conv: nn.Module, norm: nn.Module) -> None:
+    mean = norm.running_mean.double()
+    var = norm.running_var.double()
+    gamma = norm.weight.double() if norm.weight is not None else torch.ones_like(mean)
+    beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + norm.eps)
+    w = conv.weight
+    w.copy_(w.double() * scale.reshape((-1,) + (1,) * (w.dim() - 1)))
+    b = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
+    new_bias = ((b - mean) * scale + beta).to(w.dtype)
+    if conv.bias is None:
+        conv.bias = nn.Parameter(new_bias.to(w.device), requires_grad=w.requires_grad)
+    else:
+        conv.bias.copy_(new_bias)
+
+
+def _out_features(conv: nn.Module) -> int:
+    return conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
+
+
+def _pairs_from_graph(gm: fx.GraphModule, record: FoldRecord) -> list:
+    counts = _trace.call_counts(gm)
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not _is_norm(gm.get_submodule(node.target)):
+            continue
+        norm = gm.get_submodule(node.target)
+        src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        conv = gm.get_submodule(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        if conv is None or not _is_conv(conv):
+            record.skipped.append((node.target, "its input is not the output of a Conv or Linear"))
+        elif len(src.users) != 1:
+            record.skipped.append((node.target, f"the output of {src.target!r} is read elsewhere too"))
+        elif counts[id(conv)] != 1 or counts[id(norm)] != 1:
+            record.skipped.append((node.target, "the conv or the norm is called more than once"))
+        else:
+            pairs.append((src.target, conv, node.target, norm))
+    return pairs
+
+
+def _pairs_from_sequentials(model: nn.Module, record: FoldRecord) -> list:
+    pairs, seen = [], set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (cname, conv), (nname, norm) in zip(children, children[1:]):
+            if _is_conv(conv) and _is_norm(norm) and id(norm) not in seen:
+                prefix = f"{name}." if name else ""
+                pairs.append((prefix + cname, conv, prefix + nname, norm))
+                seen.add(id(norm))
+    for name, module in model.named_modules():
+        if _is_norm(module) and id(module) not in seen:
+            record.skipped.append((name, "not after a Conv or Linear in an nn.Sequential (the "
+                                         "model could not be traced)"))
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module):
+    """Fold every eval-mode BatchNorm that directly follows a Conv or Linear into it, in place.
+
+    ``model`` must be in eval mode. Its data flow is read with a torch.fx trace (BatchNorm
+    layers as leaves); a BatchNorm is folded when its only input is a Conv/Linear module's
+    output that nothing else reads, and each of the two is called once. The BatchNorm is then
+    replaced by ``nn.Identity`` (or by what must still run after it: a norm-act layer's dropout
+    and activation, normlab's fused activation), and the conv gets the folded weight and bias (a
+    bias is added where it had none). A model torch.fx cannot trace is folded where a
+    BatchNorm follows a Conv/Linear in an ``nn.Sequential``. Everything else is left and listed.
+
+    Args:
+        model: any module, in eval mode.
+
+    Returns:
+        ``(model, record)``: the same model object, and a :class:`FoldRecord` naming each folded
+        pair and each BatchNorm left with the reason.
+
+    Raises:
+        ValueError: if the model, or a BatchNorm in it, is in training mode (its output then
+            depends on the batch, which no folded weight can reproduce).
+
+    Example::
+
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+        ...                             torch.nn.ReLU()).eval()
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> before = model(x)
+        >>> model, record = fold_batchnorm(model)
+        >>> print(record)
+        fold_batchnorm: 1 folded, 0 left (traced with torch.fx)
+          1 folded into 0
+        >>> torch.allclose(model(x), before, atol=1e-5)
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    training = [n or "<root>" for n, m in model.named_modules()
+                if (_is_norm(m) or m is model) and m.training and not isinstance(m, FrozenBatchNorm2d)]
+    if training:
+        raise ValueError(
+            f"fold_batchnorm needs a model in eval mode; in training mode: {', '.join(training[:5])}"
+            f"{' ...' if len(training) > 5 else ''}. Call model.eval() first"
+        )
+    record = FoldRecord()
+    gm, error = _trace.trace(model, lambda m: _is_norm(m) or _is_conv(m))
+    if gm is None:
+        record.traced, record.trace_error = False, error
+        pairs = _pairs_from_sequentials(model, record)
+    else:
+        pairs = _pairs_from_graph(gm, record)
+    for conv_name, conv, norm_name, norm in pairs:
+        reason = _reason_not_foldable(norm)
+        if reason is None and norm.running_mean.numel() != _out_features(conv):
+            reason = (f"{norm.running_mean.numel()} features, but {conv_name!r} has "
+                      f"{_out_features(conv)} outputs")
+        if reason is not None:
+            record.skipped.append((norm_name, reason))
+            continue
+        _fold(conv, norm)
+        after = _after(norm)
+        _trace.replace(model, norm, nn.Sequential(*after) if len(after) > 1 else
+                       (after[0] if after else nn.Identity()))
+        record.folded.append((conv_name, norm_name))
+    return model, record

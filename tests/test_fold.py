@@ -1,0 +1,161 @@
+"""fold_batchnorm: outputs equal within float rounding after folding, on small hand-built
+models, normlab's models (bn, brn, frozenbn) and timm's resnet18 / efficientnet_b0; what is
+not folded is left and named; a model in training mode is refused."""
+
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab import models
+from normlab import nn as nlnn
+from normlab.fold import fold_batchnorm
+
+
+def _randomize_norms(model):
+    """Non-trivial statistics and affine in every BatchNorm (fresh ones are the identity)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(getattr(m, "running_var", None), torch.Tensor):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                if isinstance(getattr(m, "weight", None), torch.Tensor):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, 0.3)
+    return model
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _check_folds(model, x, expect_folded, rtol=2e-6):
+    model = _randomize_norms(model).eval()
+    with torch.no_grad():
+        before = model(x)
+        model, record = fold_batchnorm(model)
+        after = model(x)
+    assert len(record.folded) == expect_folded, str(record)
+    assert _rel(after, before) < rtol, str(record)
+    return model, record
+
+
+@pytest.mark.parametrize(
+    "layers,x_shape",
+    [
+        ([nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU()], (2, 3, 8, 8)),   # no bias
+        ([nn.Conv2d(4, 8, 3, groups=2), nn.BatchNorm2d(8)], (2, 4, 6, 6)),                # grouped, bias
+        ([nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)], (2, 3, 10)),                            # 1-d
+        ([nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4)], (2, 2, 5, 5, 5)),                       # 3-d
+        ([nn.Linear(5, 7), nn.BatchNorm1d(7)], (4, 5)),                                   # Linear -> BN1d
+        ([nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False)], (2, 3, 8, 8)),            # no affine
+        ([nn.Conv2d(3, 8, 3), nlnn.BatchNorm2d(8)], (2, 3, 8, 8)),                        # normlab BN
+        ([nn.Conv2d(3, 8, 3), nlnn.BatchRenorm2d(8)], (2, 3, 8, 8)),                      # Batch Renorm (eval)
+        ([nn.Conv2d(3, 8, 3), nlnn.FrozenBatchNorm2d(8)], (2, 3, 8, 8)),                  # FrozenBN
+    ],
+)
+def test_folds_small_models(layers, x_shape):
+    model, _ = _check_folds(nn.Sequential(*layers), torch.randn(x_shape) + 0.5, 1)
+    assert isinstance(model[1], nn.Identity)
+    assert model[0].bias is not None
+
+
+def test_normlab_bn_with_fused_activation_keeps_the_activation():
+    bn = nlnn.BatchNorm2d(8)
+    bn.activation = "silu"
+    model, _ = _check_folds(nn.Sequential(nn.Conv2d(3, 8, 3), bn), torch.randn(2, 3, 8, 8), 1)
+    assert isinstance(model[1], nn.SiLU)
+
+
+@pytest.mark.parametrize(
+    "name,norm,kwargs,folded,traced",
+    [
+        # post-activation: every BN (stem, 18 in blocks, 2 shortcuts) follows a conv
+        ("resnet20", "bn", {}, 21, True),
+        ("resnet20", "brn", {}, 21, True),         # Batch Renorm in eval: its running statistics
+        ("resnet20", "frozenbn", {}, 21, True),    # FrozenBatchNorm2d
+        # pre-activation: only the BN after each block's first conv follows a conv
+        ("preact_resnet20", "bn", {}, 9, True),
+        # the BN + dropout CNN checks its input size in forward (not traceable): the BNs after
+        # convs in its nn.Sequential stages are folded
+        ("bn_dropout_cnn", "bn", {"image_size": (8, 8)}, 2, False),
+    ],
+)
+def test_normlab_models(name, norm, kwargs, folded, traced):
+    size = 8  # CIFAR-style nets: stage 3 is 2x2
+    model = models.create(name, norm=norm, **kwargs)
+    n_norms = sum(isinstance(getattr(m, "running_var", None), torch.Tensor) for m in model.modules())
+    x = torch.randn(2, 3, size, size)
+    model = _randomize_norms(model).eval()
+    with torch.no_grad():
+        before = model(x)
+        model, record = fold_batchnorm(model)
+        after = model(x)
+    assert record.traced == traced
+    assert len(record.folded) + len(record.skipped) == n_norms
+    assert len(record.folded) == folded, str(record)
+    assert _rel(after, before) < 2e-6
+
+
+@pytest.mark.parametrize("name,folded", [("resnet18", 20), ("efficientnet_b0", 49)])
+def test_timm_models(name, folded):
+    timm = pytest.importorskip("timm_support").import_timm()
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    # 64x64: the smallest input that keeps every stage's map above 1x1
+    _check_folds(model, torch.randn(2, 3, 64, 64), folded)
+
+
+def test_training_mode_is_refused_and_nothing_changes():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    weight = model[0].weight.clone()
+    with pytest.raises(ValueError, match="needs a model in eval mode; in training mode: <root>, 1"):
+        fold_batchnorm(model)
+    model.eval()
+    model[1].train()
+    with pytest.raises(ValueError, match="in training mode: 1. Call model.eval"):
+        fold_batchnorm(model)
+    assert torch.equal(model[0].weight, weight) and isinstance(model[1], nn.BatchNorm2d)
+    with pytest.raises(TypeError, match="model must be an nn.Module, got int"):
+        fold_batchnorm(3)
+
+
+class _ConvReadTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        z = self.conv(x)
+        return self.bn(z) + z  # the conv output is read by the add too: folding would change it
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        self.extra = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.body(x)
+        return self.extra(y) if y.sum() > 0 else y  # fx cannot trace this branch
+
+
+def test_what_is_not_folded_is_left_and_named():
+    model, record = _check_folds(_ConvReadTwice(), torch.randn(2, 3, 8, 8), 0)
+    assert record.skipped == [("bn", "the output of 'conv' is read elsewhere too")]
+    ws = nn.Sequential(nlnn.WSConv2d(3, 8, 3), nn.BatchNorm2d(8))  # standardizes its weight
+    _, record = _check_folds(ws, torch.randn(2, 3, 8, 8), 0)
+    assert "not the output of a Conv or Linear" in record.skipped[0][1]
+    no_stats = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False))
+    _, record = fold_batchnorm(no_stats.eval())
+    assert not record.folded and "no running statistics" in record.skipped[0][1]
+
+
+def test_untraceable_model_folds_sequential_neighbours():
+    x = torch.randn(2, 3, 8, 8)
+    model, record = _check_folds(_DataDependent(), x, 1)
+    assert not record.traced and record.trace_error
+    assert record.folded == [("body.0", "body.1")]
+    assert record.skipped[0][0] == "extra"
+    assert "could not be traced" in str(record)
