@@ -17,6 +17,7 @@ MODULES = [
     "normlab.factory",
     "normlab.convert",
     "normlab.fold",
+    "normlab.optimize",
     "normlab.distributed",
     "normlab.spp",
     "normlab.nn.batchnorm",

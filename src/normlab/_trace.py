@@ -23,10 +23,9 @@ def trace(model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> Tuple[Optio
             return is_leaf(m) or super().is_leaf_module(m, qualname)
 
     try:
-        graph = _Tracer().trace(model)
+        return fx.GraphModule(model, _Tracer().trace(model)), ""
     except Exception as e:  # anything fx cannot trace: the caller falls back
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
-    return fx.GraphModule(model, graph), ""
 
 
 def call_counts(gm: fx.GraphModule) -> dict:

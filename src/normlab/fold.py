@@ -6,9 +6,9 @@ A BatchNorm with fixed statistics is a per-channel affine map,
 
     W'_c = W_c * s_c,    b'_c = (b_c - mu_c) * s_c + beta_c,    s_c = gamma_c / sqrt(var_c + eps)
 
-(the folding every inference exporter performs; Jacob et al., "Quantization and Training of
-Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018, section 3.2, fold
-BN this way). Folded: eval-mode ``torch.nn`` BatchNorm1d/2d/3d and SyncBatchNorm with running
+(the batch normalization folding of inference exporters; described e.g. by Jacob et al.,
+"Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference",
+CVPR 2018). Folded: eval-mode ``torch.nn`` BatchNorm1d/2d/3d and SyncBatchNorm with running
 statistics, normlab's BatchNorm (its fused activation stays, as an activation module),
 BatchRenorm (eval mode uses the running statistics), FrozenBatchNorm2d (normlab's, torchvision's),
 timm's BatchNormAct2d and FrozenBatchNormAct2d (their ``drop`` and ``act`` stay).

@@ -1,0 +1,335 @@
+"""optimize: put normlab's norms into any model and fuse the activation that follows each norm.
+
+Three steps, each recorded:
+
+1. **replace**: every torch.nn norm (BatchNorm1d/2d/3d, GroupNorm, LayerNorm, InstanceNorm1d/2d/3d,
+   RMSNorm) and timm norm layer (GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm and the
+   norm-act layers BatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct, LayerNormAct2d)
+   becomes its normlab twin, in place, holding the same Parameter and buffer objects (same
+   state_dict keys, an optimizer built before keeps training them). A norm-act layer's ``act``
+   is fused into the new norm (ReLU, SiLU, exact GELU; BatchNorm and GroupNorm take a fused
+   activation).
+2. **nn.Sequential**: a ReLU/SiLU/GELU module right after a normlab BatchNorm or GroupNorm is
+   fused into it and replaced by ``nn.Identity`` (indices and state_dict keys stay).
+3. **torch.fx** (``trace=True``): in a model fx can trace, an activation call on a norm's output
+   (``F.relu``/``torch.relu``/``F.silu``/``F.gelu``, ``x.relu()``, or an activation module) that
+   is the output's only reader is fused. This rewrites the forward, so the result is a new
+   ``torch.fx.GraphModule`` (the original model keeps its unfused forward and stays correct; the
+   GraphModule holds the same parameters, and fused norms are new modules sharing them).
+
+Only torch.nn's exact classes and timm's named classes are replaced: a subclass with a forward
+of its own is left alone (recorded). The record lists what was left and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from normlab import _trace
+from normlab import nn as nlnn
+from normlab.nn.batchnorm import _BatchNormForward
+
+__all__ = ["optimize", "OptimizeRecord"]
+
+
+@dataclasses.dataclass
+class OptimizeRecord:
+    """What :func:`optimize` did. ``replaced``: (name, old class, new module repr);
+    ``fused``: (norm name, activation, where: "norm-act", "sequential" or "fx");
+    ``skipped``: (name, reason); ``traced``/``trace_error``: whether fx could trace the model
+    (``traced`` is None when ``trace=False``)."""
+
+    replaced: list = dataclasses.field(default_factory=list)
+    fused: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+    traced: Optional[bool] = None
+    trace_error: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"optimize: {len(self.replaced)} norm(s) replaced, {len(self.fused)} "
+                 f"activation(s) fused, {len(self.skipped)} left"]
+        if self.traced is False:
+            lines.append(f"  (not traceable by torch.fx: {self.trace_error})")
+        lines += [f"  {n or '<root>'}: {old} -> {new}" for n, old, new in self.replaced]
+        lines += [f"  {n}: fused {act} ({how})" for n, act, how in self.fused]
+        lines += [f"  left {n or '<root>'}: {why}" for n, why in self.skipped]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# activations that normlab's norms fuse
+# --------------------------------------------------------------------------------------------
+
+_ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
+_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu", F.gelu: "gelu"}
+_TAKES_ACTIVATION = (_BatchNormForward, nlnn.GroupNorm)
+
+
+def _module_activation(m: nn.Module) -> Optional[str]:
+    """"relu"/"silu"/"gelu" for a module computing exactly that, else None."""
+    cls = type(m)
+    if cls in _ACT_MODULES:
+        return _ACT_MODULES[cls]
+    if cls is nn.GELU:
+        return "gelu" if m.approximate == "none" else None
+    if cls.__module__.startswith("timm.") and cls.__name__ == "GELU":  # F.gelu, exact
+        return "gelu"
+    return None
+
+
+def _call_activation(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
+    """The activation an fx node applies to its first argument alone, or None."""
+    if node.op == "call_module":
+        return _module_activation(gm.get_submodule(node.target))
+    if node.op == "call_function" and node.target in _ACT_FUNCTIONS and len(node.args) == 1:
+        kwargs = dict(node.kwargs)
+        kwargs.pop("inplace", None)
+        if node.target is F.gelu and kwargs.pop("approximate", "none") != "none":
+            return None
+        return None if kwargs else _ACT_FUNCTIONS[node.target]
+    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1:
+        return "relu"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# step 1: the replacements
+# --------------------------------------------------------------------------------------------
+
+_META = {"device": "meta"}
+
+
+def _bn(cls):
+    return lambda m: cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **_META)
+
+
+def _in(cls):
+    return lambda m: cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **_META)
+
+
+def _gn(m):
+    return nlnn.GroupNorm(m.num_groups, m.num_channels, m.eps, m.affine, **_META)
+
+
+def _ln(m):
+    return nlnn.LayerNorm(m.normalized_shape, m.eps, m.elementwise_affine, **_META)
+
+
+def _ln2d(m):
+    return nlnn.LayerNorm2d(m.normalized_shape[0], m.eps, m.elementwise_affine, **_META)
+
+
+def _rms(m):
+    return nlnn.RMSNorm(m.normalized_shape, m.eps, m.elementwise_affine, **_META)
+
+
+# torch.nn's classes, exactly (a subclass may compute something else)
+_TORCH = {
+    nn.BatchNorm1d: _bn(nlnn.BatchNorm1d), nn.BatchNorm2d: _bn(nlnn.BatchNorm2d),
+    nn.BatchNorm3d: _bn(nlnn.BatchNorm3d), nn.GroupNorm: _gn, nn.LayerNorm: _ln,
+    nn.InstanceNorm1d: _in(nlnn.InstanceNorm1d), nn.InstanceNorm2d: _in(nlnn.InstanceNorm2d),
+    nn.InstanceNorm3d: _in(nlnn.InstanceNorm3d), nn.RMSNorm: _rms,
+}
+# timm's classes by name: (builder, whether it is a norm-act layer with ``drop`` and ``act``)
+_TIMM = {
+    "BatchNormAct2d": (_bn(nlnn.BatchNorm2d), True), "GroupNorm": (_gn, False),
+    "GroupNorm1": (_gn, False), "GroupNormAct": (_gn, True), "GroupNorm1Act": (_gn, True),
+    "LayerNorm": (_ln, False), "LayerNormAct": (_ln, True), "LayerNorm2d": (_ln2d, False),
+    "LayerNormAct2d": (_ln2d, True), "RmsNorm": (_rms, False),
+}
+
+
+def _builder(m: nn.Module) -> Tuple[Optional[Callable], bool]:
+    cls = type(m)
+    if cls in _TORCH:
+        return _TORCH[cls], False
+    if cls.__module__.startswith("timm.") and cls.__name__ in _TIMM:
+        return _TIMM[cls.__name__]
+    return None, False
+
+
+def _share(old: nn.Module, new: nn.Module) -> Optional[str]:
+    """Give ``new`` (built on the meta device) ``old``'s Parameter and buffer objects; the
+    reason it cannot (their state_dict keys differ), or None."""
+    own = lambda m: set(m._parameters) | {b for b in m._buffers if b not in m._non_persistent_buffers_set}
+    if own(old) != own(new):
+        return f"state_dict keys differ: {sorted(own(old))} vs normlab's {sorted(own(new))}"
+    for name in new._parameters:
+        new._parameters[name] = old._parameters.get(name)
+    for name in new._buffers:
+        new._buffers[name] = old._buffers.get(name)
+    new.train(old.training)
+    return None
+
+
+def _replacement(m: nn.Module) -> Tuple[Optional[nn.Module], Optional[str], str]:
+    """(new module, fused activation, "") or (None, None, reason) for a known norm class;
+    (None, None, "") for anything else."""
+    build, norm_act = _builder(m)
+    if build is None:
+        return None, None, ""
+    if getattr(m, "_fast_norm", False):
+        return None, None, "timm's fast-norm path (apex kernels) is on"
+    act = None
+    if norm_act:
+        if not isinstance(m.drop, nn.Identity):
+            return None, None, f"its drop layer ({type(m.drop).__name__}) would run between norm and act"
+        if not isinstance(m.act, nn.Identity):
+            act = _module_activation(m.act)
+            if act is None:
+                return None, None, f"its activation {type(m.act).__name__} is not relu/silu/exact gelu"
+    new = build(m)
+    if act is not None and not isinstance(new, _TAKES_ACTIVATION):
+        return None, None, f"normlab's {type(new).__name__} takes no fused activation ({act})"
+    reason = _share(m, new)
+    if reason is not None:
+        return None, None, reason
+    if act is not None:
+        new.activation = act
+    return new, act, ""
+
+
+def _replace_all(model: nn.Module, record: OptimizeRecord) -> nn.Module:
+    names = {}
+    for name, m in model.named_modules():
+        names.setdefault(id(m), name)
+    built = {}
+    for name, m in model.named_modules():
+        new, act, reason = _replacement(m)
+        if reason:
+            record.skipped.append((name, reason))
+        elif new is not None:
+            built[id(m)] = (m, new)
+            record.replaced.append((name, type(m).__name__, repr(new)))
+            if act:
+                record.fused.append((name, act, "norm-act"))
+    for old, new in built.values():
+        _trace.replace(model, old, new)
+    return built[id(model)][1] if id(model) in built else model
+
+
+# --------------------------------------------------------------------------------------------
+# steps 2 and 3: fusing the activation after a norm
+# --------------------------------------------------------------------------------------------
+
+
+def _fusable_norm(m: nn.Module) -> bool:
+    return isinstance(m, _TAKES_ACTIVATION) and getattr(m, "activation", None) is None
+
+
+def _fuse_sequentials(model: nn.Module, record: OptimizeRecord) -> None:
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        for k, k_next in zip(keys, keys[1:]):
+            norm, act_module = seq._modules[k], seq._modules[k_next]
+            act = _module_activation(act_module) if act_module is not None else None
+            if (act and _fusable_norm(norm)
+                    and len(_trace.parents_of(model, norm)) == 1):  # not shared elsewhere
+                norm.activation = act
+                seq._modules[k_next] = nn.Identity()
+                record.fused.append((f"{name}.{k}" if name else k, act, "sequential"))
+
+
+def _with_activation(norm: nn.Module, act: str) -> nn.Module:
+    """A new module computing ``norm`` then ``act``, sharing norm's parameters and buffers."""
+    if isinstance(norm, nlnn.GroupNorm):
+        new = nlnn.GroupNorm(norm.num_groups, norm.num_channels, norm.eps, norm.affine, **_META)
+    else:
+        new = type(norm)(norm.num_features, norm.eps, norm.momentum, norm.affine,
+                         norm.track_running_stats, **_META)
+    _share(norm, new)
+    new.activation = act
+    return new
+
+
+def _drop_identities(gm: fx.GraphModule) -> None:
+    """Take ``nn.Identity`` calls out of the graph (a placeholder such as timm's disabled
+    drop_block between a norm and its activation would hide the pair)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+
+
+def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphModule]:
+    gm, error = _trace.trace(model, lambda m: isinstance(m, _TAKES_ACTIVATION))
+    record.traced, record.trace_error = gm is not None, error
+    if gm is None:
+        return None
+    _drop_identities(gm)
+    counts = _trace.call_counts(gm)
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        norm = gm.get_submodule(node.target)
+        user = next(iter(node.users))
+        act = _call_activation(user, gm) if user.args and user.args[0] is node else None
+        if act is None or not _fusable_norm(norm) or counts[id(norm)] != 1:
+            continue
+        _trace.replace(gm, norm, _with_activation(norm, act))
+        user.replace_all_uses_with(node)
+        gm.graph.erase_node(user)
+        record.fused.append((node.target, act, "fx"))
+        fused += 1
+    if not fused:
+        return None
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def optimize(model: nn.Module, *, trace: bool = True):
+    """Replace the norms of ``model`` by normlab's and fuse the activations that follow them.
+
+    See the module docstring for the three steps. Outputs are those of the model before (the
+    same ATen kernels on CPU, up to float rounding), in training and in eval mode; the
+    state_dict keys and tensors are the model's own, so a state_dict saved before loads after,
+    and the other way round. On CUDA the fused norms run normlab's Triton kernels.
+
+    Args:
+        model: any module; changed in place (if ``model`` itself is a norm, its replacement
+            is returned).
+        trace: also fuse activation calls found by a torch.fx trace (step 3); then a
+            GraphModule is returned when something was fused that way.
+
+    Returns:
+        ``(model, record)``: the model (the same object, its replacement, or a GraphModule, see
+        above) and an :class:`OptimizeRecord`.
+
+    Example::
+
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.GroupNorm(8, 32),
+        ...                             torch.nn.SiLU())
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> before = model(x)
+        >>> model, record = optimize(model)
+        >>> print(record)
+        optimize: 1 norm(s) replaced, 1 activation(s) fused, 0 left
+          1: GroupNorm -> GroupNorm(8, 32, eps=1e-05, affine=True, bias=True)
+          1: fused silu (sequential)
+        >>> model[1], model[2]
+        (GroupNorm(8, 32, eps=1e-05, affine=True, bias=True, activation='silu'), Identity())
+        >>> torch.allclose(model(x), before, rtol=1e-6, atol=1e-6)
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(trace, bool):
+        raise TypeError(f"trace must be a bool, got {trace!r}")
+    record = OptimizeRecord()
+    model = _replace_all(model, record)
+    _fuse_sequentials(model, record)
+    if trace:
+        gm = _fuse_traced(model, record)
+        if gm is not None:
+            model = gm
+    return model, record

@@ -1,0 +1,175 @@
+"""normlab.optimize: outputs equal before and after (float32, 1e-6 relative), state_dicts load
+both ways, the record names what was replaced, fused and left; on small hand-built models, a
+diffusers-style UNet ResNet block written here, and timm's resnet50 / efficientnet_b0 /
+convnext_atto (pretrained=False, 64x64 inputs)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normlab
+from normlab import nn as nlnn
+from normlab.optimize import optimize
+
+
+def _randomize(model):
+    """Non-trivial affine parameters and running statistics in every norm."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(getattr(m, "running_var", None), torch.Tensor):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+            for name, p in m.named_parameters(recurse=False):
+                if name in ("weight", "bias") and p.dim() == 1:
+                    p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _check(model, *inputs, train=False, rtol=1e-6):
+    """optimize a copy of model; outputs equal, state_dicts interchangeable. Returns the
+    optimized model and its record."""
+    model = _randomize(model).train(train)
+    reference = copy.deepcopy(model)
+    state = copy.deepcopy(model.state_dict())
+    ours, record = optimize(model)
+    with torch.no_grad():
+        expect, got = reference(*inputs), ours(*inputs)
+    assert _rel(got, expect) < rtol, str(record)
+    assert set(ours.state_dict()) == set(state)
+    ours.load_state_dict(state, strict=True)
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    if train:  # the running statistics moved the same way
+        for (name, a), (_, b) in zip(reference.named_buffers(), ours.named_buffers()):
+            torch.testing.assert_close(a, b, msg=name)
+    return ours, record
+
+
+class UNetResBlock(nn.Module):
+    """A diffusers-style UNet ResNet block: GroupNorm -> SiLU -> Conv, a time embedding added,
+    GroupNorm -> SiLU -> (dropout) -> Conv, and a 1x1 shortcut; the activations are F.silu calls
+    in forward, so only a torch.fx trace can fuse them."""
+
+    def __init__(self, cin=32, cout=64, temb=16, groups=8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.dropout = nn.Dropout(0.0)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.conv_shortcut(x) + h
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_unet_resnet_block_fuses_the_silu_calls(train):
+    block = UNetResBlock()
+    x, temb = torch.randn(2, 32, 8, 8) + 0.5, torch.randn(2, 16)
+    ours, record = _check(block, x, temb, train=train)
+    assert isinstance(ours, torch.fx.GraphModule) and record.traced
+    assert [(n, a, how) for n, a, how in record.fused] == [
+        ("norm1", "silu", "fx"), ("norm2", "silu", "fx")]
+    assert ours.norm1.activation == "silu" and isinstance(ours.norm1, nlnn.GroupNorm)
+    # the original keeps its forward (F.silu calls) with unfused normlab norms: still correct
+    assert isinstance(block.norm1, nlnn.GroupNorm) and block.norm1.activation is None
+    assert ours.norm1.weight is block.norm1.weight
+    # one F.silu call left: the time embedding's, which reads no norm
+    assert ours.code.count("functional.silu(") == 1
+
+
+def test_sequential_and_what_is_left():
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(inplace=True),     # fused
+        nn.Conv2d(16, 16, 3), nn.GroupNorm(4, 16), nn.GELU(approximate="tanh"),  # not exact GELU
+        nn.InstanceNorm2d(16, affine=True), nn.SiLU(),                       # IN takes no activation
+        nn.Flatten(), nn.LayerNorm(16 * 6 * 6),
+    )
+    ours, record = _check(model, torch.randn(2, 3, 10, 10))
+    assert [type(m).__name__ for m in ours[:3]] == ["Conv2d", "BatchNorm2d", "Identity"]
+    assert ours[1].activation == "relu" and isinstance(ours[1], nlnn.BatchNorm2d)
+    assert isinstance(ours[4], nlnn.GroupNorm) and ours[4].activation is None
+    assert isinstance(ours[6], nlnn.InstanceNorm2d) and isinstance(ours[7], nn.SiLU)
+    assert isinstance(ours[9], nlnn.LayerNorm)
+    assert len(record.replaced) == 4 and record.fused == [("1", "relu", "sequential")]
+
+
+def test_shared_norm_is_not_fused_and_training_matches():
+    shared = nn.BatchNorm2d(8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), shared, nn.ReLU(), shared)  # called twice
+    ours, record = _check(model, torch.randn(4, 3, 5, 5), train=True)
+    assert ours[1] is ours[3] and isinstance(ours[1], nlnn.BatchNorm2d)
+    assert ours[1].activation is None and not record.fused
+
+
+def test_rmsnorm_and_subclasses():
+    class MyLN(nn.LayerNorm):  # its own forward: left alone
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.RMSNorm(8, eps=1e-5), MyLN(8))
+    ours, record = _check(model, torch.randn(3, 8))
+    assert isinstance(ours[1], nlnn.RMSNorm) and type(ours[2]) is MyLN
+    assert [r[0] for r in record.replaced] == ["1"]
+
+
+def test_model_that_is_a_norm_and_errors():
+    norm, record = optimize(nn.GroupNorm(2, 4))
+    assert isinstance(norm, nlnn.GroupNorm) and record.replaced[0][0] == ""
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        optimize("resnet")
+    with pytest.raises(TypeError, match="trace must be a bool, got 'yes'"):
+        optimize(nn.Identity(), trace="yes")
+
+
+def test_untraceable_model_keeps_module_level_fusions():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.SiLU())
+
+        def forward(self, x):
+            y = self.body(x)
+            return y if y.sum() > 0 else -y  # data-dependent: fx cannot trace it
+
+    ours, record = _check(Branchy(), torch.randn(2, 3, 6, 6))
+    assert record.traced is False and record.trace_error
+    assert record.fused == [("body.1", "silu", "sequential")]
+    assert "not traceable by torch.fx" in str(record)
+
+
+# timm: (model, expected replaced norms, expected fusions by kind). 64x64 input: the smallest
+# that keeps every stage above 1x1; eval and train mode both.
+TIMM = [
+    # 53 BatchNorm2d; bn1 -> act1 and bn2 -> (drop_block) -> act2 in each of 16 bottlenecks and
+    # the stem's: 33 ReLU modules, reached through the fx trace
+    ("resnet50", 53, {"fx": 33}),
+    # 49 BatchNormAct2d (SiLU or none): the norm-act acts fused on replacement
+    ("efficientnet_b0", 49, {"norm-act": 33}),
+    # LayerNorm2d (stem, downsamples, blocks) and the head's LayerNorm2d; GELU follows a Linear
+    ("convnext_atto", 17, {}),
+]
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("name,replaced,fused", TIMM)
+def test_timm_models(name, replaced, fused, train):
+    timm = pytest.importorskip("timm_support").import_timm()
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    _, record = _check(model, torch.randn(2, 3, 64, 64), train=train)
+    assert len(record.replaced) == replaced and not record.skipped, str(record)
+    kinds = {}
+    for _, _, how in record.fused:
+        kinds[how] = kinds.get(how, 0) + 1
+    assert kinds == fused, str(record)
