@@ -6,6 +6,7 @@ from torch import nn
 
 import normlab.nn as nlnn
 from normlab import convert_norm
+from normlab.factory import get_norm_class
 from formula import off_centre
 
 
@@ -297,3 +298,24 @@ def test_a_fused_activation_goes_along(to):
         plain.load_state_dict(new.state_dict())
         torch.testing.assert_close(new(x), torch.nn.functional.silu(plain(x)))
     assert getattr(new, "activation", None) == "silu" or isinstance(new.act, nn.SiLU)
+
+
+@pytest.mark.parametrize("to,kwargs,eps", [
+    ("frn", {}, 1e-6),                         # FRN keeps its own eps (on a mean square)
+    ("evonorm_s0", {"num_groups": 4}, 1e-3),   # eps carried from the BatchNorm
+    ("evonorm_b0", {}, 1e-3),
+])
+def test_to_batch_independent_alternatives(to, kwargs, eps):
+    bn = nn.BatchNorm2d(8, eps=1e-3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), bn, nn.ReLU())
+    model = convert_norm(model, to, **kwargs)
+    new = model[1]
+    assert type(new) is get_norm_class(to)
+    assert new.eps == eps and new.weight is bn.weight and new.bias is bn.bias
+    assert model(torch.randn(2, 3, 6, 6)).shape == (2, 8, 4, 4)
+    assert model.normlab_conversion.replaced[0].new == repr(new)
+    with pytest.raises(ValueError, match=f"norm '{to}' supports dims=\\[2\\], got dims=1"):
+        convert_norm(nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8)), to, **kwargs)

@@ -23,6 +23,9 @@ from normlab import create_norm, resolve_groups
         ("ln2d", nlnn.LayerNorm2d, lambda m: m.num_channels == 64),
         ("in", nlnn.InstanceNorm2d, lambda m: m.affine),
         ("none", nn.Identity, lambda m: True),
+        ("frn", nlnn.FilterResponseNorm2d, lambda m: m.eps == 1e-6 and m.tau is not None),
+        ("evonorm_s0", nlnn.EvoNorm2dS0, lambda m: m.num_groups == 32),
+        ("EvoNorm-B0", nlnn.EvoNorm2dB0, lambda m: m.momentum == 0.1),   # alias
     ],
 )
 def test_names(name, cls, check):
@@ -109,3 +112,13 @@ def test_unknown_kwargs_named_with_what_is_accepted():
         create_norm("gn", 8, foo=1, bar=2)
     with pytest.raises(TypeError, match=r"'momentum'; FrozenBatchNorm2d takes"):
         create_norm("frozenbn", 8, momentum=0.1)
+
+
+def test_evonorm_s0_group_rule_and_keywords():
+    assert create_norm("evonorm_s0", 48).num_groups == 24               # the group rule, as gn
+    assert create_norm("evonorm_s0", 64, group_size=16).num_groups == 4
+    assert create_norm("frn", 8, tlu=False).tau is None
+    with pytest.raises(TypeError, match=r"create_norm\('evonorm_b0'\): unexpected keyword argument\(s\) 'num_groups'"):
+        create_norm("evonorm_b0", 8, num_groups=4)
+    with pytest.raises(ValueError, match=r"norm 'frn' supports dims=\[2\], got dims=1"):
+        create_norm("frn", 8, dims=1)

@@ -48,8 +48,3 @@ def parents_of(model: nn.Module, target: nn.Module) -> list:
                 found.append((module, name))
     return found
 
-
-def replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` sits in ``model``."""
-    for parent, name in parents_of(model, old):
-        setattr(parent, name, new)

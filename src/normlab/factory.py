@@ -11,10 +11,14 @@ gn          GroupNorm(G, C)                             G = 32 by default (rule 
 ln          GroupNorm(1, C)                             the GN paper's conv-net LayerNorm
 ln2d        LayerNorm2d                                 over channels per position
 in          InstanceNorm{1,2,3}d(affine=True)           ``dims=`` as for bn
+frn         FilterResponseNorm2d                        FRN + TLU (replaces norm and ReLU)
+evonorm_s0  EvoNorm2dS0                                 G = 32 by default (rule below)
+evonorm_b0  EvoNorm2dB0                                 batch variance, running average
 none        nn.Identity                                 no normalization
 ==========  ==========================================  ===============================
 
-The group rule: when ``num_groups`` (or ``group_size``) does not divide C, GroupNorm gets the
+The group rule: when ``num_groups`` (or ``group_size``) does not divide C, GroupNorm (and
+EvoNorm-S0) gets the
 largest divisor of C not above the requested number of groups (or channels per group): see
 :func:`resolve_groups`. The GroupNorm module itself stays strict, like torch's.
 """
@@ -110,6 +114,11 @@ def _build_ln(cls: type, c: int, **kw: Any) -> nn.Module:
     return cls(1, c, **kw)
 
 
+def _build_evonorm_s0(cls: type, c: int, num_groups: Optional[int] = None,
+                      group_size: Optional[int] = None, **kw: Any) -> nn.Module:
+    return cls(c, resolve_groups(c, num_groups, group_size), **kw)
+
+
 def _build_none(cls: type, c: int, **kw: Any) -> nn.Module:
     return cls()  # takes and ignores any keyword
 
@@ -145,6 +154,17 @@ NORMS: dict[str, NormEntry] = {
         {1: nlnn.InstanceNorm1d, 2: nlnn.InstanceNorm2d, 3: nlnn.InstanceNorm3d},
         builder_kwargs=("dims",), defaults=(("affine", True),),
         carries=("eps", "momentum", "affine", "bias", "dims")),
+    # FRN keeps its own eps (the paper's 1e-6, added to a mean square, not a variance)
+    "frn": NormEntry(
+        ("filterresponsenorm", "filter_response_norm"), {2: nlnn.FilterResponseNorm2d},
+        builder_kwargs=("dims",), carries=("dims",)),
+    "evonorm_s0": NormEntry(
+        ("evonorms0", "evonorm-s0"), {2: nlnn.EvoNorm2dS0}, _build_evonorm_s0,
+        builder_kwargs=("num_groups", "group_size", "dims"), fixed=("num_features",),
+        carries=("eps", "dims")),
+    "evonorm_b0": NormEntry(
+        ("evonormb0", "evonorm-b0"), {2: nlnn.EvoNorm2dB0}, builder_kwargs=("dims",),
+        carries=("eps", "momentum", "dims")),
     "none": NormEntry(("identity", ""), {None: nn.Identity}, _build_none, carries=()),
 }
 

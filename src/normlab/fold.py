@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from normlab import _trace
+from normlab.nn._common import replace_modules
 from normlab.nn.batch_renorm import _BatchRenorm
 from normlab.nn.batchnorm import _BatchNormForward
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
@@ -218,7 +219,7 @@ def fold_batchnorm(model: nn.Module):
             continue
         _fold(conv, norm)
         after = _after(norm)
-        _trace.replace(model, norm, nn.Sequential(*after) if len(after) > 1 else
-                       (after[0] if after else nn.Identity()))
+        new = nn.Sequential(*after) if len(after) > 1 else (after[0] if after else nn.Identity())
+        model, _ = replace_modules(model, lambda m, norm=norm: m is norm, lambda m, _, new=new: new)
         record.folded.append((conv_name, norm_name))
     return model, record

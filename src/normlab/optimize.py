@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from normlab import _trace
 from normlab import nn as nlnn
+from normlab.nn._common import replace_modules
 from normlab.nn.batchnorm import _BatchNormForward
 
 __all__ = ["optimize", "OptimizeRecord"]
@@ -195,22 +196,19 @@ def _replacement(m: nn.Module) -> Tuple[Optional[nn.Module], Optional[str], str]
 
 
 def _replace_all(model: nn.Module, record: OptimizeRecord) -> nn.Module:
-    names = {}
-    for name, m in model.named_modules():
-        names.setdefault(id(m), name)
-    built = {}
+    plans = {}
     for name, m in model.named_modules():
         new, act, reason = _replacement(m)
         if reason:
             record.skipped.append((name, reason))
         elif new is not None:
-            built[id(m)] = (m, new)
-            record.replaced.append((name, type(m).__name__, repr(new)))
-            if act:
-                record.fused.append((name, act, "norm-act"))
-    for old, new in built.values():
-        _trace.replace(model, old, new)
-    return built[id(model)][1] if id(model) in built else model
+            plans[id(m)] = (new, act)
+    model, replaced = replace_modules(model, lambda m: id(m) in plans, lambda m, _: plans[id(m)][0])
+    for name, old, new in replaced:
+        record.replaced.append((name, type(old).__name__, repr(new)))
+        if plans[id(old)][1]:
+            record.fused.append((name, plans[id(old)][1], "norm-act"))
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +272,8 @@ def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphM
         act = _call_activation(user, gm) if user.args and user.args[0] is node else None
         if act is None or not _fusable_norm(norm) or counts[id(norm)] != 1:
             continue
-        _trace.replace(gm, norm, _with_activation(norm, act))
+        fused_norm = _with_activation(norm, act)
+        replace_modules(gm, lambda m, norm=norm: m is norm, lambda m, _, new=fused_norm: new)
         user.replace_all_uses_with(node)
         gm.graph.erase_node(user)
         record.fused.append((node.target, act, "fx"))
