@@ -25,6 +25,10 @@ def _models():
         (lambda: nlnn.SyncBatchNorm(6), (4, 6, 5, 5)),
         (lambda: nlnn.WSConv2d(6, 6, 3, padding=1), (4, 6, 5, 5)),
         (lambda: nlnn.ScaledStdConv2d(6, 6, 3, padding=1, gamma=1.7), (4, 6, 5, 5)),
+        (lambda: nlnn.RMSNorm([5, 5]), (4, 6, 5, 5)),
+        (lambda: nlnn.FilterResponseNorm2d(6), (4, 6, 5, 5)),
+        (lambda: nlnn.EvoNorm2dS0(6, num_groups=3), (4, 6, 5, 5)),
+        (lambda: nlnn.EvoNorm2dB0(6), (4, 6, 5, 5)),
     ]
 
 
