@@ -690,7 +690,7 @@ def test_uncentred_over_batch_and_errors():
 
 
 def test_backend_without_uncentred_support_is_skipped_or_refused(monkeypatch):
-    class Centred:  # a backend that predates center=False
+    class Centred:  # a backend that predates center=False (no center parameter)
         name = "centred"
 
         def available(self):
@@ -698,6 +698,10 @@ def test_backend_without_uncentred_support_is_skipped_or_refused(monkeypatch):
 
         def unsupported_reason(self, *a):
             return None
+
+        def normalize(self, x, num_groups, over_batch, weight, bias, eps, activation,
+                      running_mean, running_var, momentum):
+            raise AssertionError("not called")
 
     register_backend("centred", Centred())
     monkeypatch.setattr(normlab.backends, "_AUTO_ORDER", ("centred", "native", "reference"))
@@ -708,8 +712,19 @@ def test_backend_without_uncentred_support_is_skipped_or_refused(monkeypatch):
         assert resolve("auto", x, 2, False, None, center=False).name == "native"
         with pytest.raises(BackendUnavailable, match="centred.*center=False"):
             NF.normalize(off_centre(2, 4, 3), 2, False, backend="centred", center=False)
+
+        class Uncentred(Centred):  # a center parameter is support; the attribute overrides it
+            def normalize(self, *a, center=True):
+                raise AssertionError("not called")
+
+        register_backend("centred", Uncentred())
+        assert resolve("auto", x, 2, False, None, center=False).name == "centred"
+        Uncentred.supports_uncentered = False
+        normlab.backends._UNCENTERED.clear()
+        assert resolve("auto", x, 2, False, None, center=False).name == "native"
     finally:
         _INSTANCES.pop("centred", None)
+        normlab.backends._UNCENTERED.clear()
 
 
 @pytest.mark.parametrize("center", [True, False])

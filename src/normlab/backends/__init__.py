@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
 import threading
 from typing import Iterator, Optional, Protocol, Tuple
@@ -64,13 +65,13 @@ class Backend(Protocol):
     ``center=False`` (keyword-only) takes the statistics without centering (RMSNorm, Filter
     Response Normalization): ``y = act(gamma_c * x * rstd + beta_c)`` with ``rstd = 1 /
     sqrt(mean_S(x^2) + eps)``; the returned ``mean`` is zeros. It is never combined with running
-    statistics (:func:`normlab.functional.normalize` rejects that). A backend that takes it sets
-    the class attribute ``supports_uncentered = True``; ``auto`` skips one that does not, and
-    naming it explicitly for such a call raises :class:`BackendUnavailable`.
+    statistics (:func:`normlab.functional.normalize` rejects that). A backend takes it when its
+    ``normalize`` has the ``center`` parameter (or it sets the class attribute
+    ``supports_uncentered``, which wins); ``auto`` skips one that does not, and naming it
+    explicitly for such a call raises :class:`BackendUnavailable`.
     """
 
     name: str
-    supports_uncentered: bool
 
     def available(self) -> bool:
         """Whether this backend can run at all in this process (installed, has a device)."""
@@ -286,8 +287,22 @@ def resolve_backend(
 
 
 
+_UNCENTERED: dict = {}  # backend type -> whether its normalize takes center (looked up once)
+
+
 def _uncentered(backend: Backend) -> bool:
-    return getattr(backend, "supports_uncentered", False)
+    """Whether ``backend`` takes ``center=False``: its ``supports_uncentered`` attribute, else
+    whether its ``normalize`` has a ``center`` parameter."""
+    kind = type(backend)
+    if kind not in _UNCENTERED:
+        flag = getattr(backend, "supports_uncentered", None)
+        if flag is None:
+            try:
+                flag = "center" in inspect.signature(backend.normalize).parameters
+            except (TypeError, ValueError):
+                flag = False
+        _UNCENTERED[kind] = bool(flag)
+    return _UNCENTERED[kind]
 
 
 def _preload() -> None:
