@@ -159,3 +159,14 @@ def test_untraceable_model_folds_sequential_neighbours():
     assert record.folded == [("body.0", "body.1")]
     assert record.skipped[0][0] == "extra"
     assert "could not be traced" in str(record)
+
+
+def test_a_frozen_batchnorm_in_training_mode_still_folds():
+    # its output does not depend on the mode (only the model's own flag is checked)
+    model = _randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nlnn.FrozenBatchNorm2d(8))).eval()
+    model[1].train()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        model, record = fold_batchnorm(model)
+        assert record.folded == [("0", "1")] and _rel(model(x), before) < 2e-6

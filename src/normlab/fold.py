@@ -89,8 +89,6 @@ def _is_conv(m: nn.Module) -> bool:
 
 
 def _reason_not_foldable(norm: nn.Module) -> Optional[str]:
-    if getattr(norm, "training", False) and not isinstance(norm, FrozenBatchNorm2d):
-        return "in training mode"
     if not isinstance(getattr(norm, "running_mean", None), torch.Tensor) or not isinstance(
         getattr(norm, "running_var", None), torch.Tensor
     ):
@@ -195,8 +193,10 @@ def fold_batchnorm(model: nn.Module):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    # a frozen BatchNorm's output does not depend on the mode; every other one uses batch
+    # statistics in training
     training = [n or "<root>" for n, m in model.named_modules()
-                if (_is_norm(m) or m is model) and m.training and not isinstance(m, FrozenBatchNorm2d)]
+                if (m is model or isinstance(m, nn.modules.batchnorm._BatchNorm)) and m.training]
     if training:
         raise ValueError(
             f"fold_batchnorm needs a model in eval mode; in training mode: {', '.join(training[:5])}"
