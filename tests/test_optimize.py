@@ -173,3 +173,10 @@ def test_timm_models(name, replaced, fused, train):
     for _, _, how in record.fused:
         kinds[how] = kinds.get(how, 0) + 1
     assert kinds == fused, str(record)
+
+
+def test_syncbatchnorm_is_not_given_an_activation():
+    # its synchronized path (several processes) does not apply one
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nlnn.SyncBatchNorm(8), nn.ReLU())
+    ours, record = _check(model, torch.randn(4, 3, 5, 5))
+    assert isinstance(ours[2], nn.ReLU) and not record.fused

@@ -68,7 +68,6 @@ class OptimizeRecord:
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu", F.gelu: "gelu"}
-_TAKES_ACTIVATION = (_BatchNormForward, nlnn.GroupNorm)
 
 
 def _module_activation(m: nn.Module) -> Optional[str]:
@@ -185,7 +184,7 @@ def _replacement(m: nn.Module) -> Tuple[Optional[nn.Module], Optional[str], str]
             if act is None:
                 return None, None, f"its activation {type(m.act).__name__} is not relu/silu/exact gelu"
     new = build(m)
-    if act is not None and not isinstance(new, _TAKES_ACTIVATION):
+    if act is not None and not _takes_activation(new):
         return None, None, f"normlab's {type(new).__name__} takes no fused activation ({act})"
     reason = _share(m, new)
     if reason is not None:
@@ -216,8 +215,16 @@ def _replace_all(model: nn.Module, record: OptimizeRecord) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 
+def _takes_activation(m: nn.Module) -> bool:
+    """normlab's GroupNorm, and BatchNorms whose forward is the one that applies ``activation``
+    (not SyncBatchNorm's synchronized path, nor another subclass's own forward)."""
+    if isinstance(m, nlnn.GroupNorm):
+        return True
+    return isinstance(m, _BatchNormForward) and type(m).forward is _BatchNormForward.forward
+
+
 def _fusable_norm(m: nn.Module) -> bool:
-    return isinstance(m, _TAKES_ACTIVATION) and getattr(m, "activation", None) is None
+    return _takes_activation(m) and getattr(m, "activation", None) is None
 
 
 def _fuse_sequentials(model: nn.Module, record: OptimizeRecord) -> None:
@@ -257,7 +264,7 @@ def _drop_identities(gm: fx.GraphModule) -> None:
 
 
 def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphModule]:
-    gm, error = _trace.trace(model, lambda m: isinstance(m, _TAKES_ACTIVATION))
+    gm, error = _trace.trace(model, _takes_activation)
     record.traced, record.trace_error = gm is not None, error
     if gm is None:
         return None
