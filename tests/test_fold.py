@@ -10,6 +10,7 @@ import normlab
 from normlab import models
 from normlab import nn as nlnn
 from normlab.fold import fold_batchnorm
+from timm_import import import_timm
 
 
 def _randomize_norms(model):
@@ -99,7 +100,7 @@ def test_normlab_models(name, norm, kwargs, folded, traced):
 
 @pytest.mark.parametrize("name,folded", [("resnet18", 20), ("efficientnet_b0", 49)])
 def test_timm_models(name, folded):
-    timm = pytest.importorskip("timm_support").import_timm()
+    timm = import_timm()
     model = timm.create_model(name, pretrained=False, num_classes=10)
     # 64x64: the smallest input that keeps every stage's map above 1x1
     _check_folds(model, torch.randn(2, 3, 64, 64), folded)

@@ -13,6 +13,7 @@ from torch import nn
 import normlab
 from normlab import nn as nlnn
 from normlab.optimize import optimize
+from timm_import import import_timm
 
 
 def _randomize(model):
@@ -93,16 +94,17 @@ def test_sequential_and_what_is_left():
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(inplace=True),     # fused
         nn.Conv2d(16, 16, 3), nn.GroupNorm(4, 16), nn.GELU(approximate="tanh"),  # not exact GELU
-        nn.InstanceNorm2d(16, affine=True), nn.SiLU(),                       # IN takes no activation
-        nn.Flatten(), nn.LayerNorm(16 * 6 * 6),
+        nn.InstanceNorm2d(16, affine=True), nn.SiLU(),                       # fused
+        nn.Flatten(), nn.LayerNorm(16 * 6 * 6), nn.ReLU(),                   # LayerNorm takes none
     )
     ours, record = _check(model, torch.randn(2, 3, 10, 10))
     assert [type(m).__name__ for m in ours[:3]] == ["Conv2d", "BatchNorm2d", "Identity"]
     assert ours[1].activation == "relu" and isinstance(ours[1], nlnn.BatchNorm2d)
     assert isinstance(ours[4], nlnn.GroupNorm) and ours[4].activation is None
-    assert isinstance(ours[6], nlnn.InstanceNorm2d) and isinstance(ours[7], nn.SiLU)
-    assert isinstance(ours[9], nlnn.LayerNorm)
-    assert len(record.replaced) == 4 and record.fused == [("1", "relu", "sequential")]
+    assert isinstance(ours[6], nlnn.InstanceNorm2d) and ours[6].activation == "silu"
+    assert isinstance(ours[9], nlnn.LayerNorm) and isinstance(ours[10], nn.ReLU)
+    assert len(record.replaced) == 4
+    assert record.fused == [("1", "relu", "sequential"), ("6", "silu", "sequential")]
 
 
 def test_shared_norm_is_not_fused_and_training_matches():
@@ -165,7 +167,7 @@ TIMM = [
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("name,replaced,fused", TIMM)
 def test_timm_models(name, replaced, fused, train):
-    timm = pytest.importorskip("timm_support").import_timm()
+    timm = import_timm()
     model = timm.create_model(name, pretrained=False, num_classes=10)
     _, record = _check(model, torch.randn(2, 3, 64, 64), train=train)
     assert len(record.replaced) == replaced and not record.skipped, str(record)
@@ -175,8 +177,9 @@ def test_timm_models(name, replaced, fused, train):
     assert kinds == fused, str(record)
 
 
-def test_syncbatchnorm_is_not_given_an_activation():
-    # its synchronized path (several processes) does not apply one
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), nlnn.SyncBatchNorm(8), nn.ReLU())
-    ours, record = _check(model, torch.randn(4, 3, 5, 5))
-    assert isinstance(ours[2], nn.ReLU) and not record.fused
+def test_frozen_and_sync_batchnorm_take_the_activation():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nlnn.SyncBatchNorm(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nlnn.FrozenBatchNorm2d(8), nn.GELU())
+    ours, record = _check(model, torch.randn(4, 3, 5, 5), train=True)
+    assert (ours[1].activation, ours[4].activation) == ("relu", "gelu")
+    assert isinstance(ours[2], nn.Identity) and isinstance(ours[5], nn.Identity)

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from normlab import _trace
+from normlab.convert import _ACT_MODULES
 from normlab.nn._common import replace_modules
 from normlab.nn.batch_renorm import _BatchRenorm
 from normlab.nn.batchnorm import _BatchNormForward
@@ -30,7 +31,6 @@ from normlab.nn.frozen_bn import FrozenBatchNorm2d
 
 __all__ = ["fold_batchnorm", "FoldRecord"]
 
-_ACTIVATION_MODULES = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # norm-act layers of timm whose forward is the BN's affine, then ``drop``, then ``act``
 _TIMM_NORM_ACT = ("BatchNormAct2d", "FrozenBatchNormAct2d")
@@ -62,11 +62,9 @@ def _after(norm: nn.Module) -> Optional[list]:
     cls = type(norm)
     if cls.__module__.startswith("timm.") and cls.__name__ in _TIMM_NORM_ACT:
         return [m for m in (norm.drop, norm.act) if not isinstance(m, nn.Identity)]
-    if isinstance(norm, _BatchNormForward):
-        act = getattr(norm, "activation", None)
-        return [_ACTIVATION_MODULES[act]()] if act else []
-    if isinstance(norm, (_BatchRenorm, FrozenBatchNorm2d)):
-        return []
+    if isinstance(norm, (_BatchNormForward, _BatchRenorm, FrozenBatchNorm2d)):
+        act = getattr(norm, "activation", None)  # normlab's fused activation stays
+        return [_ACT_MODULES[act]()] if act else []
     if isinstance(norm, nn.modules.batchnorm._BatchNorm):
         return [] if cls.forward is nn.modules.batchnorm._BatchNorm.forward or isinstance(
             norm, nn.SyncBatchNorm) else None

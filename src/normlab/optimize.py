@@ -7,9 +7,9 @@ Three steps, each recorded:
    norm-act layers BatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct, LayerNormAct2d)
    becomes its normlab twin, in place, holding the same Parameter and buffer objects (same
    state_dict keys, an optimizer built before keeps training them). A norm-act layer's ``act``
-   is fused into the new norm (ReLU, SiLU, exact GELU; BatchNorm and GroupNorm take a fused
-   activation).
-2. **nn.Sequential**: a ReLU/SiLU/GELU module right after a normlab BatchNorm or GroupNorm is
+   is fused into the new norm (ReLU, SiLU, exact GELU; BatchNorm, SyncBatchNorm, GroupNorm,
+   InstanceNorm and FrozenBatchNorm2d take a fused activation, LayerNorm and RMSNorm do not).
+2. **nn.Sequential**: a ReLU/SiLU/GELU module right after a normlab norm that takes one is
    fused into it and replaced by ``nn.Identity`` (indices and state_dict keys stay).
 3. **torch.fx** (``trace=True``): in a model fx can trace, an activation call on a norm's output
    (``F.relu``/``torch.relu``/``F.silu``/``F.gelu``, ``x.relu()``, or an activation module) that
@@ -23,6 +23,7 @@ of its own is left alone (recorded). The record lists what was left and why.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable, Optional, Tuple
 
@@ -32,8 +33,8 @@ from torch import fx, nn
 
 from normlab import _trace
 from normlab import nn as nlnn
+from normlab.convert import _fusable_activation
 from normlab.nn._common import replace_modules
-from normlab.nn.batchnorm import _BatchNormForward
 
 __all__ = ["optimize", "OptimizeRecord"]
 
@@ -66,18 +67,17 @@ class OptimizeRecord:
 # activations that normlab's norms fuse
 # --------------------------------------------------------------------------------------------
 
-_ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu", F.gelu: "gelu"}
 
 
 def _module_activation(m: nn.Module) -> Optional[str]:
-    """"relu"/"silu"/"gelu" for a module computing exactly that, else None."""
+    """"relu"/"silu"/"gelu" for a module computing exactly that (convert_norm's rule, plus
+    timm's GELU class, which is F.gelu), else None."""
+    name = _fusable_activation(m, nn.Identity())
+    if isinstance(name, str):
+        return name
     cls = type(m)
-    if cls in _ACT_MODULES:
-        return _ACT_MODULES[cls]
-    if cls is nn.GELU:
-        return "gelu" if m.approximate == "none" else None
-    if cls.__module__.startswith("timm.") and cls.__name__ == "GELU":  # F.gelu, exact
+    if cls.__module__.startswith("timm.") and cls.__name__ == "GELU":
         return "gelu"
     return None
 
@@ -216,11 +216,9 @@ def _replace_all(model: nn.Module, record: OptimizeRecord) -> nn.Module:
 
 
 def _takes_activation(m: nn.Module) -> bool:
-    """normlab's GroupNorm, and BatchNorms whose forward is the one that applies ``activation``
-    (not SyncBatchNorm's synchronized path, nor another subclass's own forward)."""
-    if isinstance(m, nlnn.GroupNorm):
-        return True
-    return isinstance(m, _BatchNormForward) and type(m).forward is _BatchNormForward.forward
+    """normlab's norms with a fused ``activation`` (BatchNorm, SyncBatchNorm, GroupNorm,
+    InstanceNorm, FrozenBatchNorm2d and their lazy forms)."""
+    return type(m).__module__.startswith("normlab.nn.") and hasattr(m, "activation")
 
 
 def _fusable_norm(m: nn.Module) -> bool:
@@ -243,13 +241,11 @@ def _fuse_sequentials(model: nn.Module, record: OptimizeRecord) -> None:
 
 
 def _with_activation(norm: nn.Module, act: str) -> nn.Module:
-    """A new module computing ``norm`` then ``act``, sharing norm's parameters and buffers."""
-    if isinstance(norm, nlnn.GroupNorm):
-        new = nlnn.GroupNorm(norm.num_groups, norm.num_channels, norm.eps, norm.affine, **_META)
-    else:
-        new = type(norm)(norm.num_features, norm.eps, norm.momentum, norm.affine,
-                         norm.track_running_stats, **_META)
-    _share(norm, new)
+    """A new module computing ``norm`` then ``act``: a shallow copy holding the same Parameter
+    and buffer objects (its own dicts of them, so nothing else of ``norm`` changes)."""
+    new = copy.copy(norm)
+    for attr in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[attr] = dict(norm.__dict__[attr])
     new.activation = act
     return new
 

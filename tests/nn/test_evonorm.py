@@ -7,6 +7,7 @@ import torch
 import normlab
 import normlab.nn as nlnn
 from formula import evonorm_b0_64, evonorm_s0_64, off_centre, rel_err
+from timm_import import import_timm
 
 
 def _randomized(module):
@@ -102,7 +103,7 @@ def test_constructors_state_and_errors():
         nlnn.EvoNorm2dS0(12, group_size=5)
     with pytest.raises(ValueError, match="momentum must be a number in \\[0, 1\\], got 1.5"):
         nlnn.EvoNorm2dB0(8, momentum=1.5)
-    with pytest.raises(ValueError, match="expected more than 1 value per channel"):
+    with pytest.raises(ValueError, match="(?i)expected more than 1 value per channel"):
         nlnn.EvoNorm2dB0(4)(torch.randn(1, 4, 1, 1))
     with pytest.raises(ValueError, match=r"expects 4-D input .* got shape \(2, 4\)"):
         nlnn.EvoNorm2dS0(4, num_groups=2)(torch.randn(2, 4))
@@ -110,7 +111,7 @@ def test_constructors_state_and_errors():
 
 @pytest.mark.parametrize("which", ["s0", "b0"])
 def test_same_as_timm(which):
-    timm = pytest.importorskip("timm_support").import_timm()
+    timm = import_timm()
     if which == "s0":
         theirs = timm.layers.EvoNorm2dS0(8, groups=4, eps=1e-5)
         ours = nlnn.EvoNorm2dS0(8, num_groups=4)

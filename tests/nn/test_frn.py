@@ -7,6 +7,7 @@ import torch
 import normlab
 import normlab.nn as nlnn
 from formula import frn64, off_centre, rel_err
+from timm_import import import_timm
 
 
 def _randomized(module):
@@ -66,7 +67,7 @@ def test_constructor_state_and_errors():
 
 
 def test_same_as_timm():
-    timm_frn = pytest.importorskip("timm_support").import_timm().layers.FilterResponseNormTlu2d
+    timm_frn = import_timm().layers.FilterResponseNormTlu2d
     theirs = _randomized(timm_frn(6, eps=1e-6))
     ours = nlnn.FilterResponseNorm2d(6)
     ours.load_state_dict(theirs.state_dict(), strict=True)
