@@ -40,9 +40,10 @@ def test_user_overrides_win_and_unknown_variants_fail():
     assert sorted(STUDIES) == ["batch-size", "bn-dropout", "groups", "nf", "norms"]
 
 
-@pytest.mark.parametrize("variant", ["BRN", "GN+WS", "NF"])
+@pytest.mark.parametrize("variant", ["BRN", "GN+WS", "NF", "FRN", "EvoNorm-S0", "EvoNorm-B0"])
 def test_optional_series_train(tmp_path, variant):
-    # the optional batch-size series exercise BatchRenorm, weight standardization and NF + AGC
+    # the optional batch-size series exercise BatchRenorm, weight standardization, NF + AGC and
+    # the batch-independent alternatives (FRN, EvoNorm)
     user = {"data": "synthetic", "epochs": 1, "threads": 1,
             "data_kwargs": {"n_train": 64, "n_test": 32, "image_size": 8, "channels": 1,
                             "num_classes": 3}}

@@ -7,9 +7,10 @@ every claim's verdict from the store.
 ==============  =================================================  ==================================
 study           runs                                               paper (REFERENCE section)
 ==============  =================================================  ==================================
-batch-size      BN, GN (+ SyncBN, BRN, GN+WS, NF) at 32..2 per GPU  Wu & He, ECCV 2018 (1, 2, 3)
+batch-size      BN, GN (+ SyncBN, BRN, GN+WS, NF, FRN, EvoNorm-S0/B0)  Wu & He, ECCV 2018 (1, 2, 3);
+                at 32..2 per GPU                                    FRN, EvoNorm papers (7)
 groups          GN with G = 1..64 and with C/G = 1..64, batch 32   Wu & He, ECCV 2018 (1)
-norms           BN, LN, IN, GN, none at batch 32                   Wu & He, ECCV 2018 (1)
+norms           BN, LN, IN, GN, none (+ FRN, EvoNorm-S0/B0), batch 32  Wu & He, ECCV 2018 (1)
 bn-dropout      dropout {0, .2, .4} x BN {none, conv, dense, both}  REFERENCE section 4
 nf              NF-ResNet (AGC) vs BN-ResNet across batch sizes    Brock, De & Smith, ICLR 2021 (3)
 ==============  =================================================  ==================================
@@ -224,6 +225,18 @@ def _dropout(label: str, x: Any) -> dict:
 
 _GN = {"norm": "gn", "norm_kwargs": {"num_groups": 8}}
 _NF = {"model": "nf_resnet20", "norm": "none", "agc": 0.04}
+# The batch-independent alternatives of REFERENCE section 7 (optional series). They replace a
+# norm and the ReLU after it in their papers; the ResNets here keep their ReLU after every norm.
+# EvoNorm-S0 takes GN's 8 groups.
+_ALTERNATIVES = {"FRN": {"norm": "frn"},
+                 "EvoNorm-S0": {"norm": "evonorm_s0", "norm_kwargs": {"num_groups": 8}},
+                 "EvoNorm-B0": {"norm": "evonorm_b0"}}
+FRN_PAPER = ("Singh & Krishnan, Filter Response Normalization, CVPR 2020 (abstract: ImageNet "
+             "top-1 about 0.7-1.0 points above BN at large batches, over 1 point above GN at "
+             "small ones, InceptionV3 and ResNetV2-50; its tables not verified here)")
+EVONORM_PAPER = ("Liu, Brock, Simonyan & Le, Evolving Normalization-Activation Layers, NeurIPS "
+                 "2020 (Table 4: ResNet-50 and MobileNetV2 on ImageNet as the batch shrinks; "
+                 "numbers not verified here)")
 
 STUDIES: dict[str, Study] = {}
 
@@ -235,11 +248,13 @@ def _add(s: Study) -> None:
 _add(Study(
     name="batch-size",
     title="Test error vs images per process, by normalization",
-    description="BN vs GN (optionally SyncBN, BRN, GN+WS, NF) at 32/16/8/4/2 images per process "
-                "(per GPU), lr 0.1*N*processes/32, same epochs for every batch size.",
+    description="BN vs GN (optionally SyncBN, BRN, GN+WS, NF, FRN, EvoNorm-S0, EvoNorm-B0) at "
+                "32/16/8/4/2 images per process (per GPU), lr 0.1*N*processes/32, same epochs for "
+                "every batch size. FRN and EvoNorm are followed by the model's ReLU (their papers "
+                "drop it).",
     axis="images per process",
     variants={"BN": {"norm": "bn"}, "GN": _GN, "SyncBN": {"norm": "syncbn"}, "BRN": {"norm": "brn"},
-              "GN+WS": {**_GN, "ws": True}, "NF": _NF},
+              "GN+WS": {**_GN, "ws": True}, "NF": _NF, **_ALTERNATIVES},
     default_variants=["BN", "GN"],
     multi_process_variants=["SyncBN"],
     xs={"quick": BATCHES, "default": BATCHES},
@@ -248,7 +263,8 @@ _add(Study(
     point_overrides=_batch,
     paper={"BN": {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7},
            "GN": {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1}, "BRN": {4: 26.3}},
-    paper_source=GN_PAPER + "; BRN at batch 4 (r_max 1.5, d_max 0.5) from the same paper",
+    paper_source=GN_PAPER + "; BRN at batch 4 (r_max 1.5, d_max 0.5) from the same paper; FRN: "
+                 + FRN_PAPER + "; EvoNorm: " + EVONORM_PAPER,
     claims=[
         Claim("BN beats GN at the largest batch (32)", "less",
               ("BN", 32), ("GN", 32), 0.0, "GN paper: BN 23.6 vs GN 24.1 at batch 32 (0.5 points)"),
@@ -267,6 +283,19 @@ _add(Study(
               ("GN+WS", 2), ("BN", 32), 1.0, "Qiao et al. 2019"),
         Claim("NF-ResNet beats BN-ResNet at batch 2", "less", ("NF", 2), ("BN", 2), 0.0,
               "Brock, De & Smith 2021"),
+        Claim("FRN is insensitive to batch size (every batch within 1 point of batch 32)", "flat",
+              ("FRN", 32), None, 1.0, "FRN paper: no batch statistics (by construction)"),
+        Claim("FRN beats GN at batch 2", "less", ("FRN", 2), ("GN", 2), 0.0,
+              "FRN paper, abstract: over 1 point above GN at small batches"),
+        Claim("FRN beats BN at batch 2", "less", ("FRN", 2), ("BN", 2), 0.0,
+              "FRN paper: BN degrades at small batches, FRN does not"),
+        Claim("EvoNorm-S0 is insensitive to batch size (every batch within 1 point of batch 32)",
+              "flat", ("EvoNorm-S0", 32), None, 1.0,
+              "EvoNorm paper: S0 uses no batch statistics (by construction)"),
+        Claim("EvoNorm-S0 beats BN at batch 2", "less", ("EvoNorm-S0", 2), ("BN", 2), 0.0,
+              "EvoNorm paper, Table 4 (unverified): S0 above BN-ReLU at small batches"),
+        Claim("EvoNorm-S0 beats GN at batch 2", "less", ("EvoNorm-S0", 2), ("GN", 2), 0.0,
+              "EvoNorm paper, Table 4 (unverified): S0 above GN-ReLU at small batches"),
     ],
     x_log2=True,
 ))
@@ -305,15 +334,19 @@ _add(Study(
     description="One model, five normalizations, batch 32.",
     axis="batch 32",
     variants={"BN": {"norm": "bn"}, "LN": {"norm": "ln"}, "IN": {"norm": "in"}, "GN": _GN,
-              "none": {"norm": "none"}},
+              "none": {"norm": "none"}, **_ALTERNATIVES},
     default_variants=["BN", "LN", "IN", "GN", "none"],
     xs={"quick": [32], "default": [32]},
     presets={"quick": {"epochs": 2, "train_limit": 640}, "default": {"epochs": 8}},
     seeds={"quick": 1, "default": 3},
     point_overrides=_none,
     paper={"BN": {32: 23.6}, "LN": {32: 25.3}, "IN": {32: 28.4}, "GN": {32: 24.1}},
-    paper_source=GN_PAPER + ", batch 32",
+    paper_source=GN_PAPER + ", batch 32; FRN: " + FRN_PAPER + "; EvoNorm: " + EVONORM_PAPER,
     claims=[
+        Claim("FRN beats BN at batch 32", "less", ("FRN", 32), ("BN", 32), 0.0,
+              "FRN paper, abstract: 0.7-1.0 points above BN at large batches (ImageNet top-1)"),
+        Claim("EvoNorm-B0 beats BN at batch 32", "less", ("EvoNorm-B0", 32), ("BN", 32), 0.0,
+              "EvoNorm paper (unverified): B0 above BN-ReLU on most classification models"),
         Claim("GN beats LN", "less", ("GN", 32), ("LN", 32), 0.0, "GN paper: 24.1 vs 25.3"),
         Claim("GN beats IN", "less", ("GN", 32), ("IN", 32), 0.0, "GN paper: 24.1 vs 28.4"),
         Claim("LN beats IN", "less", ("LN", 32), ("IN", 32), 0.0, "GN paper: 25.3 vs 28.4"),
