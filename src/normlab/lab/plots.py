@@ -6,6 +6,11 @@
   "Group Normalization" (ECCV 2018). ``norms`` is a bar chart; ``bn-dropout`` a 4 x 3 grid.
 * ``<study>_curves``: test error against epoch (mean over seeds), one panel per x value.
 
+A series has one colour in every panel and figure of a study (its place in the study's variant
+list), log2 axes are ticked at the measured values written as integers, error bars stop at 0
+(an error rate is never negative), and text on the bn-dropout heatmap is black or white by the
+brightness of its cell.
+
 Example, on the output directory of a ``normlab reproduce`` run::
 
     >>> from normlab.lab.studies import get_study
@@ -16,6 +21,7 @@ Example, on the output directory of a ``normlab reproduce`` run::
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,30 +49,65 @@ def save(fig: Any, out_dir: Path, stem: str) -> list[Path]:
 
 
 def _series(stats: dict, label: str) -> tuple[list, list, list]:
+    """xs, means and [lower, upper] error bars (one sd, the lower one stopping at 0)."""
     pts = sorted((x, s) for (lab, x), s in stats.items() if lab == label)
-    return [p[0] for p in pts], [p[1]["mean"] for p in pts], [p[1]["sd"] or 0.0 for p in pts]
+    ms = [p[1]["mean"] for p in pts]
+    sds = [p[1]["sd"] or 0.0 for p in pts]
+    return [p[0] for p in pts], ms, [[min(sd, max(m, 0.0)) for m, sd in zip(ms, sds)], sds]
 
 
-def _labels(runs: list[dict]) -> list[str]:
+def _colors(study: Study, labels: list[str]) -> dict[str, Any]:
+    """One colour per series for every panel of the study: its index among the study's variants
+    (series outside them follow), in matplotlib's default cycle."""
+    order = list(study.variants) + [lab for lab in labels if lab not in study.variants]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {lab: cycle[order.index(lab) % len(cycle)] for lab in labels}
+
+
+def _fmt_x(x: Any) -> str:
+    """An axis value as written in the study: 1, 2, 32, 0.4 (never 1.0 or 32.0)."""
+    return f"{x:g}" if isinstance(x, (int, float)) else str(x)
+
+
+def _log2_axis(ax: Any, xs: list, inverted: bool) -> None:
+    """Log2 x axis ticked at the measured values ``xs`` only, labelled as integers."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(xs))
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([_fmt_x(x) for x in ticks]))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    if inverted:
+        ax.invert_xaxis()
+
+
+def _labels(runs: list[dict], study: Study) -> list[str]:
+    """The series of ``runs`` in the study's variant order (others after, as first run)."""
     seen: list[str] = []
     for r in runs:
         if r["label"] not in seen:
             seen.append(r["label"])
-    return seen
+    order = list(study.variants)
+    return sorted(seen, key=lambda lab: (order.index(lab) if lab in order else len(order),
+                                         seen.index(lab)))
 
 
 def _error_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> list[Path]:
-    labels = _labels(runs)
+    labels = _labels(runs, study)
     paper = {k: {x: v for x, v in d.items() if isinstance(v, (int, float))}
              for k, d in study.paper.items()}
-    paper = {k: d for k, d in paper.items() if d and k in labels}
-    ncols = 2 if paper else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.8), squeeze=False)
+    paper = {k: paper[k] for k in labels if paper.get(k)}  # this run's series order
+    colors = _colors(study, labels)
+    fig, axes = plt.subplots(1, 2 if paper else 1, figsize=(5.2 * (2 if paper else 1), 3.8),
+                             squeeze=False)
     ax = axes[0, 0]
+    xs_run: list = []
     for label in labels:
-        xs, ms, sds = _series(stats, label)
+        xs, ms, bars = _series(stats, label)
         if xs:
-            ax.errorbar(xs, ms, yerr=sds, marker="o", capsize=3, label=label)
+            ax.errorbar(xs, ms, yerr=bars, marker="o", capsize=3, label=label,
+                        color=colors[label])
+            xs_run += xs
+    ax.set_ylim(bottom=0)
     cfg = runs[0]["config"]
     seeds = max(s["n"] for s in stats.values())
     model = "/".join(sorted({r["config"]["model"] for r in runs}))
@@ -74,22 +115,20 @@ def _error_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> l
     procs = "" if worlds == [1] else f", {'/'.join(map(str, worlds))} processes"
     ax.set_title(f"this run: {model} on {cfg['data']}, {cfg['epochs']} epochs{procs}\n"
                  f"mean ± sd over {seeds} seed(s)", fontsize=9)
-    panels = [(ax, "test error (%)")]
+    panels = [(ax, "test error (%)", xs_run)]
     if paper:
         pax = axes[0, 1]
         for label, d in paper.items():
             xs = sorted(d)
-            pax.plot(xs, [d[x] for x in xs], marker="s", linestyle="--", label=label)
-        pax.set_title("paper (ResNet-50, ImageNet)")
-        panels.append((pax, "val error (%)"))
-    for a, ylabel in panels:
+            pax.plot(xs, [d[x] for x in xs], marker="s", linestyle="--", label=label,
+                     color=colors[label])
+        pax.set_title("paper (ResNet-50, ImageNet)", fontsize=9)
+        panels.append((pax, "val error (%)", [x for d in paper.values() for x in d]))
+    for a, ylabel, xs in panels:
         a.set_xlabel(study.axis)
         a.set_ylabel(ylabel)
         if study.x_log2:
-            a.set_xscale("log", base=2)
-            a.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            if study.name in ("batch-size", "nf"):
-                a.invert_xaxis()
+            _log2_axis(a, xs, inverted=study.name in ("batch-size", "nf"))
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.suptitle(study.title, fontsize=10, y=1.06)
@@ -97,20 +136,36 @@ def _error_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> l
 
 
 def _bar_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> list[Path]:
-    labels = [lab for lab in _labels(runs) if any(k[0] == lab for k in stats)]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ms = [stats[(lab, 32)]["mean"] for lab in labels]
-    sds = [stats[(lab, 32)]["sd"] or 0.0 for lab in labels]
-    ax.bar(labels, ms, yerr=sds, capsize=4, color="tab:blue", alpha=0.8, label="this run")
+    """One bar per series at the study's single x; the paper's number written above each bar's
+    error bar, with head room so no label reaches the title."""
+    x = next(iter(study.xs["default"]))
+    labels = [lab for lab in _labels(runs, study) if (lab, x) in stats]
+    colors = _colors(study, labels)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ms = [stats[(lab, x)]["mean"] for lab in labels]
+    sds = [stats[(lab, x)]["sd"] or 0.0 for lab in labels]
+    lower = [min(sd, max(m, 0.0)) for m, sd in zip(ms, sds)]
+    ax.bar(labels, ms, yerr=[lower, sds], capsize=4, color=[colors[lab] for lab in labels],
+           alpha=0.85)
+    tops = [m + sd for m, sd in zip(ms, sds) if math.isfinite(m + sd)]
+    top = max(tops, default=1.0)
     for i, lab in enumerate(labels):
-        pv = study.paper.get(lab, {}).get(32)
-        if isinstance(pv, (int, float)):
-            ax.annotate(f"paper {pv}", (i, ms[i]), textcoords="offset points", xytext=(0, 12),
-                        ha="center", fontsize=7)
+        pv = study.paper.get(lab, {}).get(x)
+        if isinstance(pv, (int, float)) and math.isfinite(ms[i]):
+            ax.annotate(f"paper {pv}", (i, ms[i] + sds[i]), textcoords="offset points",
+                        xytext=(0, 4), ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, top * 1.18 if top > 0 else 1.0)   # room for the labels above the bars
     ax.set_ylabel("test error (%)")
-    ax.set_title(study.title, fontsize=9)
+    ax.set_title(f"{study.title}\nthis run (bars: mean ± sd over seeds); labels: the paper's "
+                 "ImageNet numbers", fontsize=8, pad=8)
     ax.grid(axis="y", alpha=0.3)
     return save(fig, out_dir, f"{study.name}_error")
+
+
+def _text_color(rgba: tuple) -> str:
+    """Black on light cells, white on dark ones (relative luminance, ITU-R BT.709)."""
+    r, g, b = rgba[:3]
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.5 else "white"
 
 
 def _grid_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> list[Path]:
@@ -122,11 +177,11 @@ def _grid_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> li
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             s = stats.get((r, c))
-            if s:
+            if s and math.isfinite(s["mean"]):
                 sd = f"\n±{s['sd']:.1f}" if s["sd"] is not None else ""
                 ax.text(j, i, f"{s['mean']:.1f}{sd}", ha="center", va="center", fontsize=8,
-                        color="white")
-    ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+                        color=_text_color(im.cmap(im.norm(s["mean"]))))
+    ax.set_xticks(range(len(cols)), [_fmt_x(c) for c in cols])
     ax.set_yticks(range(len(rows)), [f"BN: {r}" for r in rows])
     ax.set_xlabel("dropout")
     fig.colorbar(im, ax=ax, label="test error (%)")
@@ -134,22 +189,31 @@ def _grid_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> li
     return save(fig, out_dir, f"{study.name}_error")
 
 
+def _panel_title(study: Study, x: Any, xs: list) -> str:
+    """``images per process = 2``, ``G or C/G = 8`` (the axis without its parenthesized
+    glosses); a study with one x names it in its axis ("batch 32")."""
+    return study.axis if len(xs) == 1 else f"{re.sub(r' [(][^)]*[)]', '', study.axis)} = {_fmt_x(x)}"
+
+
 def _curves_plot(study: Study, runs: list[dict], out_dir: Path) -> Optional[list[Path]]:
     xs = sorted({r["x"] for r in runs if r["history"]}, reverse=study.name in ("batch-size", "nf"))
     if not xs:
         return None
     xs = xs[:6]
+    labels = _labels(runs, study)
+    colors = _colors(study, labels)
     fig, axes = plt.subplots(1, len(xs), figsize=(3.2 * len(xs), 3.0), squeeze=False, sharey=True)
     for ax, x in zip(axes[0], xs):
-        for label in _labels(runs):
+        for label in labels:
             hs = [r["history"] for r in runs if r["label"] == label and r["x"] == x and r["history"]]
             if not hs:
                 continue
             n = min(len(h) for h in hs)
             mean = [sum(h[e]["test_error"] for h in hs) / len(hs) for e in range(n)]
-            ax.plot(range(1, n + 1), mean, marker=".", label=label)
-        ax.set_title(f"{study.axis}: {x}", fontsize=8)
+            ax.plot(range(1, n + 1), mean, marker=".", label=label, color=colors[label])
+        ax.set_title(_panel_title(study, x, xs), fontsize=8)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("test error (%)")
     axes[0, 0].legend(fontsize=7)
