@@ -253,3 +253,41 @@ def test_a_store_from_before_setups_opens_and_reads_its_studies(tmp_path):
     with Store(tmp_path) as s:
         s.claim("r", {"epochs": 1})
         assert [r["run_id"] for r in s.study_runs("norms")] == ["r"]
+
+
+def test_peak_memory_and_backend_are_recorded_and_exported(tmp_path):
+    with Store(tmp_path) as s:
+        s.claim("r1", {"epochs": 1})
+        s.record_epochs("r1", _rows(1), {"images_per_s": 99.0, "peak_memory_mb": 123.5,
+                                         "backend": "triton"})
+        s.finish("r1")
+        assert (s.run("r1")["peak_memory_mb"], s.run("r1")["backend"]) == (123.5, "triton")
+        s.export()
+    header, row = (tmp_path / "runs.csv").read_text().splitlines()[:2]
+    cols = dict(zip(header.split(","), row.split(",")))
+    assert (cols["peak_memory_mb"], cols["backend"]) == ("123.5", "triton")
+
+
+def test_a_store_from_before_peak_memory_and_spp_analytics_opens(tmp_path):
+    # the runs and spp tables as the first stores wrote them, with a row each
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    con.execute("CREATE TABLE runs (run_id TEXT PRIMARY KEY, config TEXT NOT NULL, status TEXT "
+                "NOT NULL, owner TEXT, epochs INTEGER, epochs_done INTEGER DEFAULT 0, wall_time "
+                "REAL, images_per_s REAL, device TEXT, versions TEXT, final_train_loss REAL, "
+                "final_train_error REAL, final_test_loss REAL, final_test_error REAL, error TEXT, "
+                "created REAL, updated REAL)")
+    con.execute("INSERT INTO runs (run_id, config, status, images_per_s) VALUES "
+                "('old', '{}', 'done', 50.0)")
+    con.execute("CREATE TABLE spp (model TEXT NOT NULL, depth INTEGER NOT NULL, name TEXT, "
+                "avg_sq_mean REAL, avg_var REAL, residual_var REAL, PRIMARY KEY (model, depth))")
+    con.execute("INSERT INTO spp VALUES ('m', 0, 'stem', 0.1, 1.0, NULL)")
+    con.commit()
+    con.close()
+    with Store(tmp_path) as s:
+        old = s.run("old")
+        assert old["images_per_s"] == 50.0 and old["peak_memory_mb"] is None
+        assert s.spp()["m"][0]["expected_var"] is None
+        s.record_spp("n", [{"depth": 0, "name": "b", "avg_sq_mean": 0.1, "avg_var": 1.1,
+                            "residual_var": 1.0, "expected_var": 1.04}], architecture="NF + Scaled WS")
+        rec = s.spp()["n"][0]
+        assert (rec["expected_var"], rec["architecture"]) == (1.04, "NF + Scaled WS")

@@ -4,11 +4,14 @@ Layout of ``OUT/results.sqlite`` (WAL journal, every write one ``BEGIN IMMEDIATE
 
     runs(run_id PK, config JSON, status running|done|failed, owner host:pid, epochs, epochs_done,
          wall_time s, images_per_s, device, versions JSON, final_* metrics, error, created, updated,
-         owner_start: the owner's start time in clock ticks after its host's boot)
+         owner_start: the owner's start time in clock ticks after its host's boot,
+         peak_memory_mb (peak memory of the training, MiB), backend (the normalization backend
+         that ran, e.g. triton))
     epochs(run_id, epoch PK, train_loss, train_error, test_loss, test_error, lr, wall_time,
            images_per_s)
     study_runs(study, preset, run_id, label PK, x JSON, registered, setup)  -- which runs make a study
-    spp(model, depth PK, name, avg_sq_mean, avg_var, residual_var)   -- signal propagation
+    spp(model, depth PK, name, avg_sq_mean, avg_var, residual_var, expected_var (the analytic
+        variance where the model has one), architecture (e.g. BN-ReLU-Conv))  -- signal propagation
 
 Why this survives SIGKILL at any moment: SQLite commits are atomic (WAL), a run's per-epoch rows
 are written in one transaction after its checkpoint file was atomically renamed into place (see
@@ -65,14 +68,15 @@ EPOCH_FIELDS = ("train_loss", "train_error", "test_loss", "test_error", "lr", "w
                 "images_per_s")
 _RUN_FIELDS = ("run_id", "status", "owner", "epochs", "epochs_done", "wall_time", "images_per_s",
                "device", "final_train_loss", "final_train_error", "final_test_loss",
-               "final_test_error", "error", "created", "updated")
+               "final_test_error", "error", "created", "updated", "peak_memory_mb", "backend")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, config TEXT NOT NULL, status TEXT NOT NULL, owner TEXT,
     epochs INTEGER, epochs_done INTEGER DEFAULT 0, wall_time REAL, images_per_s REAL, device TEXT,
     versions TEXT, final_train_loss REAL, final_train_error REAL, final_test_loss REAL,
-    final_test_error REAL, error TEXT, created REAL, updated REAL, owner_start INTEGER);
+    final_test_error REAL, error TEXT, created REAL, updated REAL, owner_start INTEGER,
+    peak_memory_mb REAL, backend TEXT);
 CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL, epoch INTEGER NOT NULL, train_loss REAL, train_error REAL,
     test_loss REAL, test_error REAL, lr REAL, wall_time REAL, images_per_s REAL,
@@ -83,13 +87,15 @@ CREATE TABLE IF NOT EXISTS study_runs (
     PRIMARY KEY (study, preset, run_id, label));
 CREATE TABLE IF NOT EXISTS spp (
     model TEXT NOT NULL, depth INTEGER NOT NULL, name TEXT, avg_sq_mean REAL, avg_var REAL,
-    residual_var REAL, PRIMARY KEY (model, depth));
+    residual_var REAL, expected_var REAL, architecture TEXT, PRIMARY KEY (model, depth));
 """
 
 #: columns added since the first stores were written: (table, column, declaration, the value
 #: a store written before reads as)
 _ADDED_COLUMNS = (("study_runs", "setup", "TEXT NOT NULL DEFAULT ''", "''"),
-                  ("runs", "owner_start", "INTEGER", "NULL"))
+                  ("runs", "owner_start", "INTEGER", "NULL"),
+                  ("runs", "peak_memory_mb", "REAL", "NULL"), ("runs", "backend", "TEXT", "NULL"),
+                  ("spp", "expected_var", "REAL", "NULL"), ("spp", "architecture", "TEXT", "NULL"))
 
 
 def _columns(con: sqlite3.Connection, table: str) -> set[str]:
@@ -415,8 +421,9 @@ class Store:
     @_names_damage
     def record_epochs(self, run_id: str, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Upsert per-epoch rows (``epoch`` plus :data:`EPOCH_FIELDS`) and the run's running
-        summary (device, versions, wall_time, images_per_s) in one transaction. ``rows`` is the
-        run's whole history: rows of later epochs (a run that started over) are deleted."""
+        summary (device, versions, wall_time, images_per_s, peak_memory_mb, backend) in one
+        transaction. ``rows`` is the run's whole history: rows of later epochs (a run that
+        started over) are deleted."""
         with self.transaction() as c:
             c.execute("DELETE FROM epochs WHERE run_id=? AND epoch>?",
                       (run_id, max((r["epoch"] for r in rows), default=-1)))
@@ -427,11 +434,12 @@ class Store:
             last = max(rows, key=lambda r: r["epoch"]) if rows else {}
             c.execute(
                 "UPDATE runs SET epochs_done=?, wall_time=?, images_per_s=?, device=?, versions=?, "
-                "final_train_loss=?, final_train_error=?, final_test_loss=?, final_test_error=?, "
-                "updated=? WHERE run_id=?",
+                "peak_memory_mb=?, backend=?, final_train_loss=?, final_train_error=?, "
+                "final_test_loss=?, final_test_error=?, updated=? WHERE run_id=?",
                 (len(rows) and last["epoch"] + 1, summary.get("wall_time"),
                  summary.get("images_per_s"), summary.get("device"),
                  json.dumps(summary.get("versions", {}), sort_keys=True),
+                 summary.get("peak_memory_mb"), summary.get("backend"),
                  last.get("train_loss"), last.get("train_error"), last.get("test_loss"),
                  last.get("test_error"), time.time(), run_id))
 
@@ -463,14 +471,18 @@ class Store:
                       (status, error, time.time(), run_id))
 
     @_names_damage
-    def record_spp(self, model: str, records: list[dict[str, Any]]) -> None:
+    def record_spp(self, model: str, records: list[dict[str, Any]],
+                   architecture: Optional[str] = None) -> None:
         """Replace model's signal-propagation records (dicts: depth, name, avg_sq_mean, avg_var,
-        residual_var) in one transaction."""
+        residual_var, optional expected_var) in one transaction; ``architecture`` names the
+        model's kind (:func:`normlab.spp.describe`)."""
         with self.transaction() as c:
             c.execute("DELETE FROM spp WHERE model=?", (model,))
-            c.executemany("INSERT INTO spp VALUES (?, ?, ?, ?, ?, ?)",
-                          [(model, r["depth"], r["name"], r["avg_sq_mean"], r["avg_var"],
-                            r["residual_var"]) for r in records])
+            c.executemany("INSERT INTO spp (model, depth, name, avg_sq_mean, avg_var, "
+                          "residual_var, expected_var, architecture) VALUES (?, ?, ?, ?, ?, ?, ?, "
+                          "?)", [(model, r["depth"], r["name"], r["avg_sq_mean"], r["avg_var"],
+                                  r["residual_var"], r.get("expected_var"), architecture)
+                                 for r in records])
 
     # ------------------------------------------------------------------ reads
     @_names_damage
