@@ -34,7 +34,12 @@ from torch import nn
 
 from normlab import nn as nlnn
 
-__all__ = ["create_norm", "resolve_groups", "norm_names", "get_norm_class", "NormEntry", "NORMS"]
+__all__ = ["create_norm", "resolve_groups", "norm_names", "get_norm_class", "NormEntry", "NORMS",
+           "DEFAULT_NUM_GROUPS"]
+
+#: groups of ``create_norm("gn", C)`` when neither num_groups nor group_size is given (the GN
+#: paper's ImageNet default, REFERENCE section 1)
+DEFAULT_NUM_GROUPS = 32
 
 NormSpec = Union[str, type, Callable[..., nn.Module]]
 
@@ -63,7 +68,7 @@ def resolve_groups(num_channels: int, num_groups: Optional[int] = None,
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         size = max(d for d in range(1, min(group_size, num_channels) + 1) if num_channels % d == 0)
         return num_channels // size
-    g = 32 if num_groups is None else num_groups
+    g = DEFAULT_NUM_GROUPS if num_groups is None else num_groups
     if isinstance(g, bool) or not isinstance(g, int) or g < 1:
         raise ValueError(f"num_groups must be a positive int, got {g!r}")
     return max(d for d in range(1, min(g, num_channels) + 1) if num_channels % d == 0)

@@ -37,6 +37,7 @@ from normlab.lab.config import RunConfig
 from normlab.lab.plots import plot_study
 from normlab.lab.store import Store, StoreError, summarize, unwritable
 from normlab.lab.studies import STUDIES, Claim, Study
+from normlab.lab.summary import summary_lines
 
 __all__ = ["verdict", "write_report", "Z", "SD_FLOOR", "SD_ONE_SEED"]
 
@@ -243,8 +244,9 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
         names = [s for s, _ in store.studies()]
         lines = ["# normlab report", "",
                  f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{store.path.name}` "
-                 f"({len(store.runs())} runs).", "",
-                 "Verdicts are computed from the stored numbers: a difference counts only when it "
+                 f"({len(store.runs())} runs).", ""]
+        lines += summary_lines(store, _diff, Z)
+        lines += ["Verdicts are computed from the stored numbers: a difference counts only when it "
                  f"exceeds {Z:g} standard errors (run-to-run spread over seeds, at least "
                  f"{SD_FLOOR} points; {SD_ONE_SEED} points assumed when a point has one seed). "
                  "The papers trained ResNet-50 on ImageNet; compare orderings, not values.", ""]

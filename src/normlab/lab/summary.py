@@ -1,0 +1,200 @@
+"""The report's opening section, ``## Summary``: which normalization had the lowest test error
+at each batch size measured on this data and model, by how much and with what confidence, beside
+what the papers found; and what each normalization cost in the same runs.
+
+It reads the studies whose series are normalizations and whose axis is the batch per process
+(:data:`SUMMARY_STUDIES`), one table each (their setups differ: epochs, seeds).
+
+Confidence. At one batch size let a be the series with the lowest mean error and b the next
+lowest; ``d = m_b - m_a`` and its standard error ``se_d`` follow the verdicts' rule (report.py:
+the spread over seeds, floored, or an assumed spread for one seed). The table gives
+``d ± Z se_d``, the probability that a is really lower, ``Phi(d / se_d)`` (normal
+approximation), and calls the gap *decisive* when ``d > Z se_d``, as the verdicts do.
+
+Cost, measured in the same runs: training images per second (the run's training images over its
+training time, mean over seeds), peak memory in MiB and, where recorded, the normalization
+backend that ran (on CUDA: triton or native). A value the store did not record is shown as "-".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+from normlab.factory import DEFAULT_NUM_GROUPS
+from normlab.lab.store import Store, summarize
+from normlab.lab.studies import STUDIES, Study
+
+__all__ = ["summary_lines", "SUMMARY_STUDIES"]
+
+#: studies whose series are normalizations and whose x is the batch per process, in the order
+#: the summary shows them
+SUMMARY_STUDIES = ("batch-size", "norms", "nf")
+
+Diff = Callable[[dict, dict], tuple[float, float]]
+
+
+def _phi(z: float) -> float:
+    """Standard normal CDF."""
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def _cite(study: Study) -> str:
+    """The paper's short citation: its source text up to the first parenthesis or colon."""
+    src = study.paper_source
+    cut = min((i for i in (src.find(" ("), src.find(":")) if i > 0), default=len(src))
+    return src[:cut]
+
+
+def _fmt_x(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, (int, float)) else str(x)
+
+
+def _paper_cell(study: Study, x: Any, labels: list[str], here_best: str) -> str:
+    """The paper's numbers at ``x`` for the series this run measured, the lowest named, and
+    whether this run's lowest is the same series."""
+    nums = {lab: study.paper.get(lab, {}).get(x) for lab in labels}
+    nums = {lab: v for lab, v in nums.items() if isinstance(v, (int, float))}
+    if not nums:
+        return "-"
+    ranked = sorted(nums.items(), key=lambda kv: kv[1])
+    text = ", ".join(f"{lab} {v:g}" for lab, v in ranked)
+    if len(ranked) > 1:
+        gap = ranked[1][1] - ranked[0][1]
+        same = "same as here" if ranked[0][0] == here_best else f"here: {here_best}"
+        text += f": {ranked[0][0]} lowest by {gap:.1f} ({same})"
+    return text
+
+
+def _winner_row(study: Study, x: Any, points: dict[str, dict], diff: Diff, z: float) -> str:
+    ranked = sorted(points.items(), key=lambda kv: kv[1]["mean"])
+    best, s = ranked[0]
+    paper = _paper_cell(study, x, list(points), best)
+    head = f"| {_fmt_x(x)} | **{best}** {s['mean']:.2f} (n={s['n']}) | "
+    if len(ranked) == 1:
+        return head + f"only {best} measured | - | - | {paper} |"
+    runner, r = ranked[1]
+    d, se = diff(s, r)
+    p = _phi(d / se) if se > 0 else 1.0
+    decisive = d - z * se > 0
+    conf = (">99.9%" if p > 0.999 else f"{p:.1%}") + ", " + (
+        "decisive" if decisive else f"not decisive (gap < {z:g} SE)")
+    return head + f"{runner} {r['mean']:.2f} (n={r['n']}) | {d:.2f} ± {z * se:.2f} | {conf} | {paper} |"
+
+
+def _setup_line(runs: list[dict], stats: dict) -> str:
+    def values(key: str) -> str:
+        return " / ".join(sorted({str(r["config"].get(key)) for r in runs}))
+
+    seeds = sorted({s["n"] for s in stats.values()})
+    n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    return (f"`{values('model')}` on `{values('data')}`, {values('epochs')} epochs, "
+            f"{n} seed(s) per point.")
+
+
+def _winners(study: Study, runs: list[dict], stats: dict, diff: Diff, z: float) -> list[str]:
+    xs = sorted({x for _, x in stats}, reverse=True)
+    lines = [f"### {study.name}: lowest test error at each batch size", "", _setup_line(runs, stats),
+             "", f"| {study.axis} | lowest error % (this run) | next lowest | gap (± {z:g} SE) | "
+             f"P(lowest is really lower) | the paper ({_cite(study)}) |",
+             "|---|---|---|---|---|---|"]
+    rankings = []
+    for x in xs:
+        points = {lab: s for (lab, xx), s in stats.items() if xx == x and s["n"] > 0
+                  and math.isfinite(s["mean"])}
+        if points:
+            lines.append(_winner_row(study, x, points, diff, z))
+        if len(points) > 2:
+            ranked = sorted(points.items(), key=lambda kv: kv[1]["mean"])
+            rankings.append(f"at {_fmt_x(x)}: " + " < ".join(f"{lab} {s['mean']:.2f}"
+                                                             for lab, s in ranked))
+    if rankings:
+        lines += ["", "All series, lowest error first: " + "; ".join(rankings) + "."]
+    if not study.paper:
+        lines += ["", f"The paper: {study.paper_source}."]
+    return lines + [""]
+
+
+def _mean(values: list[Optional[float]]) -> Optional[float]:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _costs(study: Study, runs: list[dict]) -> list[str]:
+    """Per series and batch: images/s (and the ratio to the study's first series), peak MiB."""
+    done = [r for r in runs if r["status"] == "done"]
+    if not done:
+        return []
+    order = list(study.variants)
+    labels = sorted({r["label"] for r in done},
+                    key=lambda lab: order.index(lab) if lab in order else len(order))
+    xs = sorted({r["x"] for r in done}, reverse=True)
+    cell: dict[tuple, tuple] = {}
+    for lab in labels:
+        for x in xs:
+            rs = [r for r in done if r["label"] == lab and r["x"] == x]
+            cell[(lab, x)] = (_mean([r.get("images_per_s") for r in rs]),
+                              _mean([r.get("peak_memory_mb") for r in rs]))
+    ref = labels[0]
+    devices = sorted({str(r.get("device")) for r in done})
+    backends = {lab: sorted({r["backend"] for r in done if r["label"] == lab and r.get("backend")})
+                for lab in labels}
+    lines = [f"What each cost in these runs (training images/s, ratio to {ref} at the same batch, "
+             f"peak memory; device: {', '.join(devices)}):", "",
+             f"| series | " + " | ".join(_fmt_x(x) for x in xs) + " | backend |",
+             "|---|" + "---|" * (len(xs) + 1)]
+    for lab in labels:
+        cells = []
+        for x in xs:
+            ips, mem = cell[(lab, x)]
+            base = cell[(ref, x)][0]
+            text = "-" if ips is None else f"{ips:.0f} img/s"
+            if ips is not None and lab != ref and base:
+                text += f" ({ips / base:.2f}x)"
+            text += f", {mem:.0f} MiB" if mem is not None else ", - MiB"
+            cells.append(text)
+        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {', '.join(backends[lab]) or '-'} |")
+    notes = []
+    if all(m is None for _, m in cell.values()):
+        notes.append("peak memory was not recorded by the runs in this store")
+    if not any(backends.values()):
+        notes.append("the backend was not recorded")
+    if notes:
+        lines += ["", "(" + "; ".join(notes) + ".)"]
+    return lines + [""]
+
+
+def _groups_line(runs: list[dict]) -> list[str]:
+    """The group count GN ran with in these tables, beside create_norm's default."""
+    used = set()
+    for r in runs:
+        c = r["config"]
+        if c.get("norm") == "gn":
+            kw = c.get("norm_kwargs") or {}
+            used.add(f"{kw['group_size']} channels per group" if "group_size" in kw
+                     else f"{kw.get('num_groups', DEFAULT_NUM_GROUPS)} groups")
+    if not used:
+        return []
+    return [f"**GN here is GroupNorm with {' / '.join(sorted(used))}** (a layer with fewer "
+            "channels gets the largest divisor of its channel count not above that); "
+            f"`normlab.create_norm('gn', C)` without `num_groups` uses {DEFAULT_NUM_GROUPS} "
+            "groups, the paper's ImageNet default. The groups study varies the count.", ""]
+
+
+def summary_lines(store: Store, diff: Diff, z: float) -> list[str]:
+    """The ``## Summary`` section of the report for ``store``. ``diff(a, b)`` gives
+    ``(m_b - m_a, its standard error)`` for two :func:`summarize` entries (report.py's rule);
+    ``z``: standard errors for a decisive gap."""
+    lines = ["## Summary", ""]
+    seen: list[dict] = []
+    for name in SUMMARY_STUDIES:
+        runs = store.study_runs(name)
+        stats = {k: s for k, s in summarize(runs).items() if s["n"] > 0}
+        if not stats:
+            continue
+        seen += runs
+        lines += _winners(STUDIES[name], runs, stats, diff, z) + _costs(STUDIES[name], runs)
+    if not seen:
+        return lines + ["No batch-size, norms or nf study has finished runs in this store: "
+                        "`normlab reproduce` runs the batch-size study.", ""]
+    return lines + _groups_line(seen)

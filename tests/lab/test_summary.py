@@ -1,0 +1,98 @@
+"""The report opens with a summary that answers: the lowest-error normalization at each batch
+size, by how much, how sure, what the paper found, and what each cost in the same runs."""
+
+import math
+from statistics import NormalDist, fmean, stdev
+
+from normlab.lab.report import write_report
+from normlab.lab.store import Store
+from normlab.lab.studies import get_study
+
+GN8 = {"norm": "gn", "norm_kwargs": {"num_groups": 8}}
+BASE = {"model": "resnet20", "data": "digits", "epochs": 3, "schedule": "cosine", "base_lr": 0.1,
+        "weight_decay": 1e-4}
+
+
+def _fill(tmp_path, errors, cost):
+    """batch-size study: errors {(label, x): [error per seed]}, cost {label: (img/s, MiB)}."""
+    with Store(tmp_path) as s:
+        members = []
+        for (label, x), errs in errors.items():
+            for seed, err in enumerate(errs):
+                rid = f"{label}-{x}-{seed}"
+                cfg = {**BASE, "batch_size": x, "seed": seed,
+                       **(GN8 if label == "GN" else {"norm": "bn"})}
+                s.claim(rid, cfg)
+                ips, mib = cost[label]
+                s.record_epochs(rid, [{"epoch": 0, "test_error": err}],
+                                {"images_per_s": ips * (1 + 0.1 * seed) if ips else None,
+                                 "peak_memory_mb": mib, "device": "cpu (2 cores, 1 threads)",
+                                 "backend": "native" if ips else None})
+                s.finish(rid)
+                members.append((rid, label, x))
+        s.register("batch-size", "default", members)
+    return write_report(tmp_path)[0].read_text()
+
+
+def _row(text, start):
+    return next(line for line in text.splitlines() if line.startswith(start))
+
+
+def test_summary_opens_the_report_and_names_winner_gap_confidence_and_paper(tmp_path):
+    # batch 32: BN clearly lower; batch 2: GN lower by less than the spread
+    errors = {("BN", 32): [5.0, 5.2, 5.4], ("GN", 32): [8.0, 8.3, 8.6],
+              ("BN", 2): [6.0, 7.0, 8.0], ("GN", 2): [6.5, 6.0, 7.0]}
+    text = _fill(tmp_path, errors, {"BN": (1000.0, 120.0), "GN": (500.0, 150.0)})
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## Summary"
+
+    row32 = _row(text, "| 32 | ")
+    assert "**BN** 5.20 (n=3)" in row32 and "GN 8.30 (n=3)" in row32
+    # gap and its 2-SE interval from the spread over seeds: sd 0.2 -> floor 0.25, sd 0.3
+    se = math.hypot(0.25 / math.sqrt(3), 0.3 / math.sqrt(3))
+    assert f"3.10 ± {2 * se:.2f}" in row32 and ">99.9%, decisive" in row32
+    assert "BN 23.6, GN 24.1: BN lowest by 0.5 (same as here)" in row32
+
+    row2 = _row(text, "| 2 | ")
+    gn, bn = [6.5, 6.0, 7.0], [6.0, 7.0, 8.0]
+    d = fmean(bn) - fmean(gn)
+    se = math.hypot(stdev(gn) / math.sqrt(3), stdev(bn) / math.sqrt(3))
+    assert "**GN** 6.50" in row2 and f"{d:.2f} ± {2 * se:.2f}" in row2
+    assert f"{NormalDist().cdf(d / se):.1%}, not decisive" in row2
+    assert "GN 24.1, BN 34.7: GN lowest by 10.6 (same as here)" in row2
+
+    # cost in the same runs: mean img/s over seeds (x1.0, 1.1, 1.2), ratio to BN, MiB, backend
+    cost = _row(text, "| GN | ")
+    assert "550 img/s (0.50x), 150 MiB" in cost and cost.endswith("| native |")
+    assert "1100 img/s, 120 MiB" in _row(text, "| BN | ")
+    assert "GN here is GroupNorm with 8 groups" in text
+    assert "without `num_groups` uses 32 groups" in text
+
+
+def test_summary_says_what_was_not_recorded(tmp_path):
+    # a store written before peak memory and backends were recorded
+    text = _fill(tmp_path, {("BN", 32): [5.0], ("GN", 32): [6.0]},
+                 {"BN": (None, None), "GN": (None, None)})
+    assert "peak memory was not recorded" in text and "the backend was not recorded" in text
+    assert "| BN | -, - MiB | - |" in text
+
+
+def test_summary_of_a_store_without_a_batch_study(tmp_path):
+    Store(tmp_path).close()
+    text = write_report(tmp_path)[0].read_text()
+    assert "## Summary" in text and "No batch-size, norms or nf study" in text
+
+
+def test_the_norms_summary_ranks_every_series(tmp_path):
+    study = get_study("norms")
+    with Store(tmp_path) as s:
+        members = []
+        for label, err in (("LN", 30.0), ("BN", 5.0), ("IN", 20.0), ("GN", 10.0)):
+            s.claim(label, {**BASE, "seed": 0})
+            s.record_epochs(label, [{"epoch": 0, "test_error": err}], {})
+            s.finish(label)
+            members.append((label, label, 32))
+        s.register(study.name, "default", members)
+    text = write_report(tmp_path)[0].read_text()
+    assert "at 32: BN 5.00 < GN 10.00 < IN 20.00 < LN 30.00" in text
+    assert "BN 23.6, GN 24.1, LN 25.3, IN 28.4: BN lowest by 0.5" in text
