@@ -334,3 +334,61 @@ def test_buffers_restored_even_when_the_forward_reassigns_them():
         assert torch.equal(after[k], before[k]), k
     assert all(b is objs[k] for k, b in model.named_buffers())     # the same tensor objects
     assert not model.training and not model[0].training
+
+
+def test_records_carry_the_analytic_variance_only_where_it_describes_the_model():
+    model = models.create("nf_resnet20", skipinit=False)
+    recs = spp.signal_propagation(model, batch_size=4, image_size=8)
+    # the recurrence written out: v = 1 + k alpha^2 since the last projection, alpha 0.2
+    v, expected = 1.0, []
+    for b in model.modules():
+        if isinstance(b, ResidualBlock):
+            v = (1.0 if b.has_projection else v) + 0.04
+            expected.append(v)
+    assert recs[0].expected_var is None                        # the stem: no claim made
+    assert [r.expected_var for r in recs[1:]] == pytest.approx(expected)
+    for kw in ({"skipinit": True}, {"skipinit": False, "zero_init_last": True},
+               {"skipinit": False, "std_conv": False}):       # branches zero, or He init
+        m = models.create("nf_resnet20", **kw)
+        assert spp.expected_variance(m) == {}, kw
+    assert spp.expected_variance(models.create("preact_resnet20")) == {}
+
+
+@pytest.mark.parametrize("name, kw, kind", [
+    ("preact_resnet20", {}, "BN-ReLU-Conv"),
+    ("preact_resnet20", {"order": "act_norm"}, "ReLU-BN-Conv"),
+    ("preact_resnet20", {"norm": "gn"}, "GN-ReLU-Conv"),
+    ("resnet20", {}, "Conv-BN-ReLU"),
+    ("preact_resnet20", {"norm": "none"}, "no normalization (He init)"),
+    ("nf_resnet20", {}, "NF + Scaled WS"),
+    ("nf_resnet20", {"std_conv": False}, "NF + He init"),
+])
+def test_describe_names_each_kind(name, kw, kind):
+    assert spp.describe(models.create(name, **kw)) == kind
+
+
+def test_describe_an_unknown_model_is_none():
+    assert spp.describe(nn.Sequential(nn.Conv2d(3, 4, 3))) is None
+
+
+def test_plot_adds_the_analytic_panel_when_records_have_it(tmp_path, monkeypatch):
+    nf = spp.signal_propagation(models.create("nf_resnet20", width=4, skipinit=False),
+                                batch_size=4, image_size=8)
+    bn = spp.signal_propagation(models.create("preact_resnet20", width=4), batch_size=4,
+                                image_size=8)
+    figs = []
+    from matplotlib.figure import Figure
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figs.append(self),
+                                                                  real(self, *a, **k)))
+    spp.plot({"bn": bn, "nf": [r.as_dict() for r in nf]}, tmp_path / "spp.png")
+    axes = figs[0].axes
+    assert len(axes) == 4 and "analytic" in axes[3].get_title()
+    lines = {line.get_label(): line for line in axes[3].get_lines()}
+    assert set(lines) == {"nf: measured", "nf: analytic"}
+    assert list(lines["nf: analytic"].get_ydata()) == [r.expected_var for r in nf[1:]]
+    # one colour per model in every panel
+    assert lines["nf: measured"].get_color() == next(
+        line.get_color() for line in axes[2].get_lines() if line.get_label() == "nf")
+    spp.plot({"bn": bn}, tmp_path / "bn.png")
+    assert len(figs[-1].axes) == 3

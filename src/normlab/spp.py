@@ -20,6 +20,23 @@ squared mean grows with depth; ReLU-BN-Conv keeps a residual variance near 1; an
 He-init ResNet's squared mean explodes; an NF-ResNet with Scaled WS follows ``1 + l alpha^2``
 with resets.
 
+Where the model has an analytic variance (an NF-ResNet with Scaled WS and its residual branches
+active at init: :func:`expected_variance`), each record carries it as ``expected_var`` and
+:func:`plot` draws it dashed beside the measured variance. :func:`describe` names a model's
+kind (``BN-ReLU-Conv``, ``NF + Scaled WS``, ...), which the lab's report uses to check each
+kind's documented shape.
+
+Example::
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from normlab import models, spp
+    >>> recs = {n: spp.signal_propagation(models.create(n, skipinit=False))
+    ...         for n in ("nf_resnet56",)}
+    >>> out = Path(tempfile.mkdtemp()) / "spp.png"
+    >>> [p.suffix for p in spp.plot(recs, out)]  # writes spp.png and spp.svg
+    ['.png', '.svg']
+
 Example::
 
     >>> import tempfile
@@ -44,20 +61,27 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from normlab.models.nf_resnet import NFResNet
 from normlab.models.residual import DropPath, ResidualBlock
+from normlab.models.resnet import ResNet
+from normlab.nn import ScaledStdConv2d
 
-__all__ = ["SPPRecord", "channel_stats", "signal_propagation", "preserved_state", "plot"]
+__all__ = ["SPPRecord", "channel_stats", "signal_propagation", "preserved_state", "plot",
+           "expected_variance", "describe"]
 
 
 @dataclass
 class SPPRecord:
-    """One measurement point: the output of module ``name`` at position ``depth`` (stem = 0)."""
+    """One measurement point: the output of module ``name`` at position ``depth`` (stem = 0);
+    ``expected_var`` is the analytic variance there, where the model has one
+    (:func:`expected_variance`), else None."""
 
     name: str
     depth: int
     avg_sq_mean: float
     avg_var: float
     residual_var: Optional[float]
+    expected_var: Optional[float] = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,6 +117,85 @@ def _positive_int(v: Any, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{what} must be a positive int, got {v!r}")
     return v
+
+
+def _branch_active(block: nn.Module) -> bool:
+    """False when a block's residual branch is zero at init: a SkipInit scalar or a last-conv
+    gain (``zero_init_last``) that is all zeros."""
+    gains = [block.skip_gain] if getattr(block, "skip_gain", None) is not None else []
+    gains += [m.gain for m in block.modules() if isinstance(m, ScaledStdConv2d)]
+    return not any(bool((g == 0).all()) for g in gains)
+
+
+def expected_variance(model: nn.Module) -> dict[str, float]:
+    """The analytic variance of every residual block's output, by module name, for an
+    NF-ResNet whose convolutions are all Scaled WS and whose residual branches are active at
+    init (``skipinit=False``, no zero-init gain): ``v = 1 + k alpha^2`` for the k-th block
+    since the last transition (the blocks' own ``expected_var``, :mod:`normlab.models.nf_resnet`).
+    Empty for any other model: with He-init convs, or with branches zeroed, the formula does not
+    describe it.
+
+    >>> from normlab import models
+    >>> v = expected_variance(models.create("nf_resnet20", skipinit=False))
+    >>> [round(v[k], 2) for k in ("stages.0.0", "stages.0.2", "stages.1.0")]
+    [1.04, 1.12, 1.04]
+    >>> expected_variance(models.create("nf_resnet20"))  # SkipInit: every branch starts at 0
+    {}
+    """
+    if not isinstance(model, NFResNet):
+        return {}
+    if not all(isinstance(m, ScaledStdConv2d) for m in model.modules()
+               if isinstance(m, nn.Conv2d)):
+        return {}
+    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, ResidualBlock)]
+    if not all(_branch_active(m) for _, m in blocks):
+        return {}
+    return {n: float(m.expected_var) for n, m in blocks}
+
+
+def _norm_short(model: nn.Module) -> Optional[str]:
+    """BN, GN, LN, IN, ... of the first normalization layer inside the residual blocks (None:
+    no normalization layer)."""
+    for block in model.modules():
+        if not isinstance(block, ResidualBlock):
+            continue
+        for m in block.modules():
+            name = type(m).__name__
+            if "Renorm" in name:
+                return "BRN"
+            if "BatchNorm" in name:
+                return "BN"
+            if "GroupNorm" in name:
+                return "LN" if getattr(m, "num_groups", 0) == 1 else "GN"
+            if "InstanceNorm" in name:
+                return "IN"
+            if "LayerNorm" in name:
+                return "LN"
+    return None
+
+
+def describe(model: nn.Module) -> Optional[str]:
+    """The kind of a normlab ResNet for the signal-propagation claims: ``BN-ReLU-Conv`` /
+    ``ReLU-BN-Conv`` (pre-activation, by order; the norm's short name), ``Conv-BN-ReLU``
+    (post-activation), ``no normalization (He init)``, ``NF + Scaled WS`` or ``NF + He init``;
+    None for a model normlab does not know.
+
+    >>> from normlab import models
+    >>> describe(models.create("preact_resnet20")), describe(models.create("nf_resnet20"))
+    ('BN-ReLU-Conv', 'NF + Scaled WS')
+    """
+    if isinstance(model, NFResNet):
+        scaled = all(isinstance(m, ScaledStdConv2d) for m in model.modules()
+                     if isinstance(m, nn.Conv2d))
+        return "NF + Scaled WS" if scaled else "NF + He init"
+    if not isinstance(model, ResNet):
+        return None
+    norm = _norm_short(model)
+    if norm is None:
+        return "no normalization (He init)"
+    if not model.preact:
+        return f"Conv-{norm}-ReLU"
+    return f"{norm}-ReLU-Conv" if model.order == "norm_act" else f"ReLU-{norm}-Conv"
 
 
 def signal_propagation(
@@ -135,7 +238,7 @@ def signal_propagation(
     modules = dict(model.named_modules())
     chosen, branch_names = _measured_modules(model, modules, blocks)
     x = _input_batch(model, x, batch_size, image_size, in_chans, channels_last, seed)
-    rec = _Recorder()
+    rec = _Recorder(expected_variance(model))
     with preserved_state(model), rec.hooked(modules, chosen, branch_names):
         _measuring_mode(model, training)
         with torch.no_grad():
@@ -243,9 +346,10 @@ def _measuring_mode(model: nn.Module, training: bool) -> None:
 
 class _Recorder:
     """Forward hooks that record each measured module's output statistics (at its first call)
-    and its residual branch's variance."""
+    and its residual branch's variance; ``analytic``: the expected variance by module name."""
 
-    def __init__(self) -> None:
+    def __init__(self, analytic: Mapping[str, float]) -> None:
+        self.analytic = analytic
         self.records: list[SPPRecord] = []
         self.seen: set[str] = set()
         self.residual: dict[str, float] = {}
@@ -257,7 +361,8 @@ class _Recorder:
             self.seen.add(name)
             sq, var = channel_stats(_first_tensor(out, name))
             self.records.append(SPPRecord(name, len(self.records), sq, var,
-                                          self.residual.pop(name, None)))
+                                          self.residual.pop(name, None),
+                                          self.analytic.get(name)))
         return hook
 
     def branch_hook(self, name: str) -> Any:
@@ -289,6 +394,32 @@ def _get(rec: Any, key: str) -> Any:
     return rec[key] if isinstance(rec, Mapping) else getattr(rec, key)
 
 
+def _analytic_panel(ax: Any, records_by_model: Mapping[str, Sequence[Any]],
+                    colors: Mapping[str, str]) -> None:
+    """Measured variance (solid) beside the analytic one (dashed), linear scale, for the models
+    whose records carry ``expected_var``."""
+    for model_name, recs in records_by_model.items():
+        pts = [(_get(r, "depth"), _get(r, "avg_var"), _optional(r, "expected_var"))
+               for r in recs]
+        pts = [p for p in pts if p[2] is not None and math.isfinite(p[1])]
+        d, measured, expected = zip(*pts)
+        ax.plot(d, measured, marker=".", markersize=3, linewidth=1.2, color=colors[model_name],
+                label=f"{model_name}: measured")
+        ax.plot(d, expected, linestyle="--", linewidth=1.2, color=colors[model_name],
+                label=f"{model_name}: analytic")
+    ax.set_ylim(bottom=0)
+    ax.set_title("variance: measured vs analytic 1 + k alpha^2", fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def _optional(rec: Any, key: str) -> Any:
+    """``rec``'s ``key``, or None where the record has none (e.g. no ``expected_var``)."""
+    try:
+        return _get(rec, key)
+    except (KeyError, AttributeError):
+        return None
+
+
 _PANELS = (("avg_sq_mean", "average channel squared mean"),
            ("avg_var", "average channel variance"),
            ("residual_var", "residual average channel variance"))
@@ -298,9 +429,11 @@ def plot(records_by_model: Mapping[str, Sequence[Any]], path: Union[str, Path], 
          title: Optional[str] = None,
          ylim: Optional[tuple[float, float]] = None) -> list[Path]:
     """Draw the three SPP panels (squared mean, variance, residual variance against depth), one
-    line per model, and save ``path`` as PNG and SVG (the suffix of ``path``, if .png or .svg, is
-    replaced). Records are :class:`SPPRecord` or dicts with the same keys. Log y-axes (symlog
-    where a value is 0 or negative). Uses matplotlib's Agg canvas, never pyplot.
+    line per model (one colour per model in every panel), and save ``path`` as PNG and SVG (the
+    suffix of ``path``, if .png or .svg, is replaced). Records are :class:`SPPRecord` or dicts
+    with the same keys; where they carry an ``expected_var``, a fourth panel draws the measured
+    variance beside it (dashed, "analytic") on a linear scale. Log y-axes in the other panels
+    (symlog where a value is 0 or negative). Uses matplotlib's Agg canvas, never pyplot.
 
     ``ylim`` fixes the y-range of all three panels (a curve that explodes then leaves the top
     instead of flattening the others). Returns the two written paths.
@@ -323,12 +456,18 @@ def plot(records_by_model: Mapping[str, Sequence[Any]], path: Union[str, Path], 
         base = base.with_suffix("")
     base.parent.mkdir(parents=True, exist_ok=True)
     with matplotlib.rc_context({"svg.hashsalt": "normlab-spp", "svg.fonttype": "path"}):
-        fig = Figure(figsize=(15, 4.2))
+        analytic = [m for m, recs in records_by_model.items()
+                    if any(_optional(r, "expected_var") is not None for r in recs)]
+        fig = Figure(figsize=(20 if analytic else 15, 4.2))
         FigureCanvasAgg(fig)
-        axes = fig.subplots(1, 3)
+        axes = fig.subplots(1, 4 if analytic else 3)
+        cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+        colors = {m: cycle[i % len(cycle)] for i, m in enumerate(records_by_model)}
         for ax, (key, label) in zip(axes, _PANELS):
-            _draw_panel(ax, records_by_model, key, label, ylim)
+            _draw_panel(ax, records_by_model, key, label, ylim, colors)
         axes[0].legend(fontsize=8)
+        if analytic:
+            _analytic_panel(axes[3], {m: records_by_model[m] for m in analytic}, colors)
         if title:
             fig.suptitle(title)
         fig.tight_layout()
@@ -355,8 +494,8 @@ def _check_records(records_by_model: Mapping[str, Sequence[Any]]) -> None:
 
 
 def _draw_panel(ax: Any, records_by_model: Mapping[str, Sequence[Any]], key: str, label: str,
-                ylim: Optional[tuple[float, float]]) -> None:
-    """One panel: statistic ``key`` against depth, one line per model."""
+                ylim: Optional[tuple[float, float]], colors: Mapping[str, str]) -> None:
+    """One panel: statistic ``key`` against depth, one line per model in its colour."""
     values = []
     for model_name, recs in records_by_model.items():
         pts = [(_get(r, "depth"), _get(r, key)) for r in recs]
@@ -365,7 +504,8 @@ def _draw_panel(ax: Any, records_by_model: Mapping[str, Sequence[Any]], key: str
             continue
         d, v = zip(*pts)
         values.extend(v)
-        ax.plot(d, v, marker=".", markersize=3, linewidth=1.2, label=model_name)
+        ax.plot(d, v, marker=".", markersize=3, linewidth=1.2, label=model_name,
+                color=colors[model_name])
     if values and min(values) > 0:
         ax.set_yscale("log")
     elif values:

@@ -37,6 +37,7 @@ from normlab.lab.config import RunConfig
 from normlab.lab.plots import plot_study
 from normlab.lab.store import Store, StoreError, summarize, unwritable
 from normlab.lab.studies import STUDIES, Claim, Study
+from normlab.lab.spp_verdicts import spp_section
 from normlab.lab.summary import summary_lines
 
 __all__ = ["verdict", "write_report", "Z", "SD_FLOOR", "SD_ONE_SEED"]
@@ -261,15 +262,7 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
             lines += _single_runs_section(store)
         spp_records = store.spp()
         if spp_records:
-            from normlab import spp as spp_mod
-
-            spp_mod.plot(spp_records, fig_dir / "spp.png")
-            lines += ["## Signal propagation at initialization", "",
-                      "Brock, De & Smith, ICLR 2021 (REFERENCE section 3): average channel squared "
-                      "mean, average channel variance and residual-branch variance at the stem and "
-                      "every residual block, unit-Gaussian input (`normlab spp`). Models: "
-                      + ", ".join(f"`{m}`" for m in spp_records) + ".", "",
-                      "![spp](figures/spp.png)", ""]
+            lines += spp_section(spp_records, fig_dir)
         runs = store.runs()
         if not runs and not spp_records:
             lines += ["No runs in this store yet: `normlab reproduce --out DIR` runs a study, "
