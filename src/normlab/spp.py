@@ -22,20 +22,9 @@ with resets.
 
 Where the model has an analytic variance (an NF-ResNet with Scaled WS and its residual branches
 active at init: :func:`expected_variance`), each record carries it as ``expected_var`` and
-:func:`plot` draws it dashed beside the measured variance. :func:`describe` names a model's
-kind (``BN-ReLU-Conv``, ``NF + Scaled WS``, ...), which the lab's report uses to check each
-kind's documented shape.
-
-Example::
-
-    >>> import tempfile
-    >>> from pathlib import Path
-    >>> from normlab import models, spp
-    >>> recs = {n: spp.signal_propagation(models.create(n, skipinit=False))
-    ...         for n in ("nf_resnet56",)}
-    >>> out = Path(tempfile.mkdtemp()) / "spp.png"
-    >>> [p.suffix for p in spp.plot(recs, out)]  # writes spp.png and spp.svg
-    ['.png', '.svg']
+:func:`plot` draws it (dashed) beside the measured variance in a fourth panel. :func:`describe`
+names a model's kind (``BN-ReLU-Conv``, ``NF + Scaled WS``, ...), which the lab's report uses to
+check each kind's documented shape.
 
 Example::
 
