@@ -59,6 +59,19 @@ def test_records_versions_device_and_throughput(tmp_path):
     assert r["images_per_s"] > 0 and r["wall_time"] > 0
     assert 0 <= r["final_test_error"] <= 100 and math.isfinite(r["final_test_loss"])
     assert r["config"]["norm_kwargs"] == {"num_groups": 4}
+    # the report's cost columns: the backend that ran, the training's peak memory (Linux CPU:
+    # resident-set growth, >= 0; None where it is not measured)
+    assert r["backend"] == "native"
+    assert r["peak_memory_mb"] is None or r["peak_memory_mb"] >= 0
+
+
+def test_a_named_backend_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMLAB_BACKEND", "reference")
+    cfg = RunConfig(norm="gn", norm_kwargs={"num_groups": 4}, **{**TINY, "epochs": 1})
+    with Store(tmp_path) as s:
+        s.claim(cfg.run_id(), cfg.to_dict())
+        train_run(cfg, s)
+        assert s.run(cfg.run_id())["backend"] == "reference"
 
 
 @pytest.mark.lab_gpu

@@ -40,9 +40,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from normlab import distributed as nd
+from normlab.backends import available_backends, current_backend
 from normlab.lab import checkpoint
 from normlab.lab.config import RunConfig
 from normlab.lab.data import TensorLoader
+from normlab.lab.memory import PeakMemory
 from normlab.lab.recipe import (agc_fn, autocast_fn, build_loaders, build_model, build_optimizer,
                                 load_data, lr_at, per_process_batch,
                                 resolve_device, run_device, versions)
@@ -213,6 +215,18 @@ def _device_name(device: torch.device, world: int = 1) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads{procs})"
 
 
+def _backend_name(device: torch.device) -> str:
+    """The normalization backend the run's layers use on ``device``: the one named by
+    ``use_backend`` / $NORMLAB_BACKEND, else what "auto" picks first there (on the CPU always
+    native; on CUDA triton where it is installed, for the calls it supports, else native)."""
+    name = current_backend()
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "native"
+    return "triton" if "triton" in available_backends() else "native"
+
+
 # ---------------------------------------------------------------------- the run
 def _prepare(cfg: RunConfig, store: Optional[Store]) -> tuple[_Run, str]:
     """Everything the run trains with, resumed from its checkpoint when there is one; and a
@@ -352,20 +366,24 @@ def train_run(cfg: RunConfig, store: Optional[Store], *, progress: Optional[Prog
     # a run killed after its last checkpoint resumes with no epoch left: its sums are the summary
     summary = {"device": _device_name(run.device, nd.world_size()), "versions": versions(),
                "wall_time": run.elapsed,
-               "images_per_s": run.train_images / max(run.train_time, 1e-9)}
+               "images_per_s": run.train_images / max(run.train_time, 1e-9),
+               "backend": _backend_name(run.device)}
     diverged: Optional[str] = None
-    for epoch in range(run.start_epoch, cfg.epochs):
-        row = train_epoch(run, epoch, progress)
-        if not math.isfinite(row["train_loss"]):  # the same all-reduced value on every rank
-            diverged = f"diverged: non-finite training loss in epoch {epoch}"
-        summary.update(wall_time=run.elapsed,
-                       images_per_s=run.train_images / max(run.train_time, 1e-9))
-        if run.writer:
-            _write_epoch(run, epoch, summary)
-        if progress:
-            progress("epoch", row)
-        if diverged:
-            break
+    # rank 0's peak memory over the training (resumed: since the resume), the report's cost
+    with PeakMemory(run.device) as memory:
+        for epoch in range(run.start_epoch, cfg.epochs):
+            row = train_epoch(run, epoch, progress)
+            if not math.isfinite(row["train_loss"]):  # the same all-reduced value on every rank
+                diverged = f"diverged: non-finite training loss in epoch {epoch}"
+            summary.update(wall_time=run.elapsed,
+                           images_per_s=run.train_images / max(run.train_time, 1e-9),
+                           peak_memory_mb=memory.peak_mib())
+            if run.writer:
+                _write_epoch(run, epoch, summary)
+            if progress:
+                progress("epoch", row)
+            if diverged:
+                break
     return _finish(run, summary, diverged, resumed_from, note)
 
 
