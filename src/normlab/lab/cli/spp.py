@@ -14,6 +14,7 @@ from normlab.lab.cli.guard import guard
 from normlab.lab.cli.options import DEFAULT_OUT
 from normlab.lab.config import ConfigError, parse_set
 from normlab.lab.progress import console
+from normlab.lab.run import print_report
 from normlab.lab.store import Store
 from normlab.models import check_norm, create, model_uses_norm
 
@@ -66,8 +67,9 @@ def _model_kwargs(spec: str, name: str, own: dict, common: dict, norm: str) -> d
 
 
 def _records(spec: str, common: dict, norm: str, batch: int, resolution: int,
-             seed: int) -> list[dict]:
-    """The signal propagation records of the model ``spec`` at init."""
+             seed: int) -> tuple[list[dict], Optional[str]]:
+    """The signal propagation records of the model ``spec`` at init, and its kind
+    (:func:`normlab.spp.describe`: what the report checks its curves against)."""
     name, own = parse_model_spec(spec)
     try:
         kw = _model_kwargs(spec, name, own, common, norm)
@@ -81,7 +83,7 @@ def _records(spec: str, common: dict, norm: str, batch: int, resolution: int,
         where = " (--set applies to every model; use NAME:key=value for one)" if common else ""
         raise ConfigError(f"{spec}: {str(e).splitlines()[0]}{where}",
                           hint="see `normlab ls --models` and the model's keywords") from None
-    return [r.as_dict() for r in recs]
+    return [r.as_dict() for r in recs], spp_mod.describe(model)
 
 
 def spp(
@@ -89,7 +91,8 @@ def spp(
         ..., help="models, each NAME or NAME:key=value[,key=value] (keywords for that model "
                   "only, e.g. preact_resnet56:order=act_norm, preact_resnet56:norm=none, "
                   "nf_resnet56:std_conv=false)"),
-    out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory (store and figures/spp.*)"),
+    out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory (store, figures/spp.*, "
+                                                     "report.md and report.html)"),
     norm: str = typer.Option("bn", help="norm for the models that take one (NAME:norm=... "
                                         "for one model)"),
     batch: int = typer.Option(64, help="unit-Gaussian batch size"),
@@ -99,7 +102,9 @@ def spp(
         None, "--set", help="model keyword for every model: key=value (repeatable)"),
 ) -> None:
     """Signal propagation plots (Brock, De & Smith, ICLR 2021) of models at initialization:
-    records go to OUT's store, the figure to OUT/figures/spp.png/.svg and into the report.
+    records go to OUT's store, the figure to OUT/figures/spp.png/.svg, and OUT's report
+    (report.md/.html) is rewritten with them: the analytic variance beside the measured one and
+    a verdict for each model kind's documented shape.
 
     Normalizer-free models (nf_*) are built with skipinit=False here: their
     default SkipInit zeroes every residual branch at init, a flat curve
@@ -113,18 +118,19 @@ def spp(
         if batch < 1 or resolution < 1:
             raise ConfigError(f"--batch and --resolution must be >= 1, got {batch}, {resolution}")
         common = parse_set(set_)
-        records = {}
+        records, kinds = {}, {}
         for spec in models:
             name, own = parse_model_spec(spec)
             label = spec.strip() if own else name
             if label in records:
                 raise ConfigError(f"model {label!r} is listed twice",
                                   hint="give each model once (NAME:key=value tells variants apart)")
-            records[label] = _records(spec, common, norm, batch, resolution, seed)
+            records[label], kinds[label] = _records(spec, common, norm, batch, resolution, seed)
         with Store(out) as store:
             for label, recs in records.items():
-                store.record_spp(label, recs)
+                store.record_spp(label, recs, architecture=kinds[label])
         paths = spp_mod.plot(records, out / "figures" / "spp.png")
         console.print("spp: " + ", ".join(str(p) for p in paths), highlight=False)
+        print_report(out)  # every model measured into this --out, with their verdicts
 
     guard(body)
