@@ -131,6 +131,7 @@ def _malformed_cifar(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["reproduce", "batchsize"], "unknown study 'batchsize'"),                 # typo in study
+    (["reproduce", "--quick", "true"], "'true' is not a study: --quick and --no-report are flags"),
     (["reproduce", "--model", "resnet7"], "unknown model 'resnet7'"),           # unknown model
     (["reproduce", "--set", "norm=bm"], "unknown norm 'bm'"),                   # unknown norm
     (["reproduce", "--data", "mnist"], "unknown data 'mnist'"),                 # unknown dataset
@@ -461,3 +462,11 @@ def test_a_run_another_process_trains_is_waited_for_and_said(tmp_path):
     t.join()
     assert r.exit_code == 0, r.output
     assert "being trained by otherhost:4242" in r.output and "already done" in r.output, r.output
+
+
+def test_flags_show_no_value_in_help():
+    # `--quick <bool>` in the help made users write `--quick true` (then: "unknown study")
+    out = runner.invoke(app, ["reproduce", "--help"], env={"COLUMNS": "120"}).output
+    line = next(l for l in out.splitlines() if "--quick" in l)
+    assert "<bool>" not in line and "tiny preset" in line
+    assert "<bool>" not in next(l for l in out.splitlines() if "--no-report" in l)

@@ -36,11 +36,24 @@ def _exit_if_failed(counts: Counts, out: Path) -> None:
         raise typer.Exit(1)
 
 
+#: words a user may write after a flag as its value (``--quick true``): the parser takes them
+#: for the study argument
+_FLAG_VALUES = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+def _check_not_a_flag_value(study: str) -> None:
+    if study.strip().lower() in _FLAG_VALUES:
+        raise ConfigError(f"{study!r} is not a study: --quick and --no-report are flags and "
+                          "take no value", hint="write `normlab reproduce [STUDY] --quick` "
+                                                "(studies: `normlab ls --studies`)")
+
+
 @with_launch_spec
 def reproduce(
     ctx: typer.Context,
     study: str = typer.Argument("batch-size", help="batch-size | groups | norms | bn-dropout | nf"),
-    quick: bool = typer.Option(False, "--quick", help="tiny preset: a first look in under a minute"),
+    quick: bool = typer.Option(False, "--quick", metavar="",  # a flag: takes no value
+                               help="tiny preset: a first look in under a minute"),
     data: Optional[str] = DATA,
     data_dir: Optional[Path] = DATA_DIR,
     model: Optional[str] = MODEL,
@@ -54,11 +67,13 @@ def reproduce(
     set_: Optional[list[str]] = SETS,
     config: Optional[Path] = CONFIG,
     out: Path = OUT,
-    no_report: bool = typer.Option(False, "--no-report", help="skip writing the report"),
+    no_report: bool = typer.Option(False, "--no-report", metavar="",
+                                   help="skip writing the report"),
     launch: LaunchSpec = LaunchSpec(),
 ) -> None:
     """Run a study (skipping finished runs), then write report.md, report.html and figures."""
     def body() -> None:
+        _check_not_a_flag_value(study)
         st = get_study(study)
         preset = "quick" if quick else "default"
         check_launch(launch)
