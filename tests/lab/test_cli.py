@@ -47,6 +47,11 @@ def test_quick_synthetic_in_process(tmp_path):
         assert (out / name).is_file(), name
     md = (out / "report.md").read_text()
     assert "| BN | " in md and "| GN | " in md and "10/10 runs done" in md
+    # off a terminal (here: captured) the bars are off and every epoch prints a line
+    for lab in ("BN", "GN"):
+        for e in (1, 2):
+            assert f"  {lab} x=2 seed=0: epoch {e}/2, train loss " in r.output, (lab, e)
+    assert r.output.count(": epoch ") == 10 * 2
     # a second invocation recomputes nothing
     r = runner.invoke(app, ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1",
                             "--set", f"data_kwargs={SMALL}", "--out", str(out), "--no-report"])
@@ -470,3 +475,35 @@ def test_flags_show_no_value_in_help():
     line = next(l for l in out.splitlines() if "--quick" in l)
     assert "<bool>" not in line and "tiny preset" in line
     assert "<bool>" not in next(l for l in out.splitlines() if "--no-report" in l)
+
+
+def test_jobs_follower_shows_each_workers_epochs():
+    """With --jobs the study process shows a bar per run a worker trains, moved by the worker's
+    progress events (it sat at 0/N until a run ended), and off a terminal a line per epoch."""
+    from rich.progress import Progress
+
+    from normlab.lab import progress, runner as runner_mod
+    from normlab.lab.studies import get_study
+
+    pts = get_study("batch-size").points({}, "quick", 1, ["BN"])[:2]
+    ids = {p.cfg.run_id(): p for p in pts}
+    a, b = list(ids)
+    prog, bars = Progress(disable=True), {}
+    events = [(a, "start", {"epoch": 0, "total_steps": 20}),
+              (b, "start", {"epoch": 0, "total_steps": 40}),      # the other worker's run
+              (a, "step", {"advance": 10, "loss": 2.0, "images_per_s": 90.0}),
+              (b, "step", {"advance": 10, "loss": 2.1, "images_per_s": 80.0}),
+              (a, "step", {"advance": 10, "loss": 1.5, "images_per_s": 95.0}),
+              (a, "epoch", {"epoch": 0, "train_loss": 1.7, "test_error": 40.0,
+                            "images_per_s": 95.0}),
+              (a, "start", {"epoch": 1, "total_steps": 20}),
+              ("unknown-run", "start", {"epoch": 0, "total_steps": 5})]   # not this study's
+    with progress.console.capture() as cap:
+        for e in events:
+            runner_mod._on_event(prog, bars, ids, *e)
+    ta, tb = (prog.tasks[bars[r]] for r in (a, b))
+    assert len(bars) == 2
+    assert (ta.completed, ta.total) == (0, 20) and ta.description == "BN x=32 seed=0 epoch 2/2"
+    assert (tb.completed, tb.total) == (10, 40) and tb.description == "BN x=16 seed=0 epoch 1/2"
+    assert cap.get().splitlines() == [
+        "  BN x=32 seed=0: epoch 1/2, train loss 1.700, test error 40.00% (95 img/s)"]

@@ -1,4 +1,5 @@
-"""What a study shows while it runs: the rich progress bars and one line per finished run.
+"""What a study shows while it runs: the rich progress bars and one line per finished run; off
+a terminal (piped, logged), where the bars are off, one line per epoch as well.
 
 The consoles live here so that the runners (:mod:`normlab.lab.runner`) and the commands
 (:mod:`normlab.lab.cli`) print through the same ones.
@@ -14,7 +15,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 __all__ = ["console", "err_console", "progress_bars", "describe", "print_outcome", "print_wait",
-           "print_note", "epoch_progress"]
+           "print_note", "epoch_progress", "print_epoch", "epoch_lines"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -45,6 +46,21 @@ def print_outcome(p: Any, outcome: str, res: Any) -> None:
         console.print(f"  {describe(p)}: [red]failed[/]: {res['error']}", highlight=False)
 
 
+def epoch_lines() -> bool:
+    """Whether to print a line per epoch: when the bars are off (not a terminal)."""
+    return not console.is_terminal
+
+
+def print_epoch(p: Any, row: dict) -> None:
+    """The line of point ``p``'s finished epoch ``row`` (epoch index, train_loss, test_error,
+    images_per_s)."""
+    loss, err, ips = (row.get(k) for k in ("train_loss", "test_error", "images_per_s"))
+    console.print(f"  {describe(p)}: epoch {row['epoch'] + 1}/{p.cfg.epochs}"
+                  + (f", train loss {loss:.3f}" if loss is not None else "")
+                  + (f", test error {err:.2f}%" if err is not None else "")
+                  + (f" ({ips:.0f} img/s)" if ips else ""), highlight=False)
+
+
 def print_wait(p: Any, owner: Optional[str]) -> None:
     """The line of a point another process is training."""
     console.print(f"  {describe(p)}: being trained by {owner or 'another process'} "
@@ -54,7 +70,10 @@ def print_wait(p: Any, owner: Optional[str]) -> None:
 
 
 def epoch_progress(prog: Progress, task: Any, p: Any) -> Any:
-    """The training loop's progress callback for point ``p``: one bar ``task`` per epoch."""
+    """The training loop's progress callback for point ``p``: one bar ``task`` per epoch, and
+    off a terminal a line per finished epoch."""
+    lines = epoch_lines()
+
     def cb(event: str, info: dict) -> None:
         if event == "start":
             prog.reset(task, total=info["total_steps"],
@@ -64,6 +83,8 @@ def epoch_progress(prog: Progress, task: Any, p: Any) -> Any:
                         info=f"loss {info['loss']:.3f} {info['images_per_s']:.0f} img/s")
         elif event == "note":
             print_note(p, info["message"])
+        elif event == "epoch" and lines:
+            print_epoch(p, info)
     return cb
 
 

@@ -20,7 +20,8 @@ from rich.markup import escape
 from normlab import distributed as nd
 from normlab.lab.config import ConfigError
 from normlab.lab.loop import ProgressFn, is_writer, train_run
-from normlab.lab.progress import (epoch_progress, err_console, print_note, print_outcome,
+from normlab.lab.progress import (describe, epoch_lines, epoch_progress, err_console,
+                                  print_epoch, print_note, print_outcome,
                                   print_wait, progress_bars)
 from normlab.lab.recipe import resolve_device
 from normlab.lab.signals import raise_terminated, sigint_ignored
@@ -142,18 +143,24 @@ def run_distributed(points: list, store: Optional[Store]) -> Counts:
 
 
 # ---------------------------------------------------------------------- --jobs
-def _worker(points: list, out: str, threads: int, parent: int, outcomes: Any) -> None:
+def _worker(points: list, out: str, threads: int, parent: int, outcomes: Any,
+            events: Any) -> None:
     """A training process of ``--jobs``: claims runs from the shared store until none is left,
-    putting ``(run_id, outcome, result)`` on the ``outcomes`` queue for each."""
+    putting ``(run_id, outcome, result)`` on the ``outcomes`` queue for each, and its progress
+    (the training loop's events, ``(run_id, event, info)``) on ``events``."""
     torch.set_num_threads(threads)
     signal.signal(signal.SIGTERM, raise_terminated)  # stopped by the study: release the run
 
     def progress_for(p: Any) -> Any:
+        rid = p.cfg.run_id()
+
         def cb(event: str, info: dict) -> None:
             if os.getppid() != parent:  # the study process died: stop with it
                 os._exit(3)
             if event == "note":
                 print_note(p, info["message"])
+            with contextlib.suppress(queue.Full):  # progress is never worth blocking training
+                events.put_nowait((rid, event, dict(info)))
         return cb
 
     def on_run(p: Any, outcome: str, res: Any) -> None:
@@ -173,37 +180,43 @@ def run_parallel(points: list, store: Store, jobs: int, out: Path) -> Counts:
     process prints a line per run its workers finished."""
     ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    outcomes = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(points, str(out), threads, os.getpid(), outcomes),
-                         daemon=True) for _ in range(jobs)]
+    outcomes, events = ctx.Queue(), ctx.Queue(maxsize=10_000)
+    procs = [ctx.Process(target=_worker, daemon=True,
+                         args=(points, str(out), threads, os.getpid(), outcomes, events))
+             for _ in range(jobs)]
     with sigint_ignored():  # inherited through exec: Ctrl-C (SIGINT to the whole process group)
         for pr in procs:    # reaches this process alone, which stops them (daemons: SIGTERM at
             pr.start()      # exit) instead of each printing a KeyboardInterrupt traceback
-    counts = _follow(points, procs, outcomes, jobs)
+    counts = _follow(points, procs, outcomes, jobs, events)
     bad = [pr.exitcode for pr in procs if pr.exitcode]
     if bad:
         raise RuntimeError(f"{len(bad)} training process(es) exited with status {bad}")
     return counts
 
 
-def _follow(points: list, procs: list, outcomes: Any, jobs: int) -> Counts:
+def _follow(points: list, procs: list, outcomes: Any, jobs: int, events: Any) -> Counts:
     """Print each run the workers trained or failed as they report it, until they are gone;
     then the runs they found done. A run counts as trained only where a worker of this process
     trained it: one that another process (another study on this --out) finished while a worker
-    waited for it is "already done"."""
+    waited for it is "already done". Meanwhile a bar per run a worker trains, moved by its
+    progress ``events`` (the steps of its current epoch), and off a terminal a line per epoch."""
     ids = {p.cfg.run_id(): p for p in points}
     final: dict[str, str] = {}   # run_id -> trained | failed (reported at once)
     skipped: set[str] = set()    # run_ids a worker found done (reported at the end)
+    bars: dict[str, Any] = {}    # run_id -> its bar while a worker trains it
     with progress_bars() as prog:
         task = prog.add_task(f"runs ({jobs} processes)", total=len(ids), info="")
         while True:
             alive = any(pr.is_alive() for pr in procs)
+            _drain(events, lambda rid, ev, info: _on_event(prog, bars, ids, rid, ev, info))
             try:
-                rid, outcome, res = outcomes.get(timeout=0.5)
+                rid, outcome, res = outcomes.get(timeout=0.25)
             except queue.Empty:
                 if alive:
                     continue
                 break
+            if rid in bars:
+                prog.remove_task(bars.pop(rid))
             if outcome == "skipped":
                 skipped.add(rid)
             elif rid not in final:
@@ -217,3 +230,31 @@ def _follow(points: list, procs: list, outcomes: Any, jobs: int) -> Counts:
     for outcome in final.values():
         counts[outcome] += 1
     return counts
+
+
+def _drain(events: Any, handle: Callable[[str, str, dict], None]) -> None:
+    """Hand every event waiting in the queue to ``handle(run_id, event, info)``."""
+    while True:
+        try:
+            rid, event, info = events.get_nowait()
+        except queue.Empty:
+            return
+        handle(rid, event, info)
+
+
+def _on_event(prog: Any, bars: dict, ids: dict, rid: str, event: str, info: dict) -> None:
+    """A worker's training-loop event for run ``rid``: its bar (one per run in training, the
+    steps of the current epoch) and, off a terminal, the line of a finished epoch."""
+    p = ids.get(rid)
+    if p is None:
+        return
+    if event == "start":
+        if rid not in bars:
+            bars[rid] = prog.add_task("", total=1, info="")
+        prog.reset(bars[rid], total=info["total_steps"],
+                   description=f"{describe(p)} epoch {info['epoch'] + 1}/{p.cfg.epochs}")
+    elif event == "step" and rid in bars:
+        prog.update(bars[rid], advance=info["advance"],
+                    info=f"loss {info['loss']:.3f} {info['images_per_s']:.0f} img/s")
+    elif event == "epoch" and epoch_lines():
+        print_epoch(p, info)
