@@ -246,7 +246,7 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
         lines = ["# normlab report", "",
                  f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{store.path.name}` "
                  f"({len(store.runs())} runs).", ""]
-        lines += summary_lines(store, _diff, Z)
+        lines += summary_lines(store, summarize, _diff, Z)
         lines += ["Verdicts are computed from the stored numbers: a difference counts only when it "
                  f"exceeds {Z:g} standard errors (run-to-run spread over seeds, at least "
                  f"{SD_FLOOR} points; {SD_ONE_SEED} points assumed when a point has one seed). "

@@ -22,7 +22,7 @@ import math
 from typing import Any, Callable, Optional
 
 from normlab.factory import DEFAULT_NUM_GROUPS
-from normlab.lab.store import Store, summarize
+from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, Study
 
 __all__ = ["summary_lines", "SUMMARY_STUDIES"]
@@ -32,6 +32,7 @@ __all__ = ["summary_lines", "SUMMARY_STUDIES"]
 SUMMARY_STUDIES = ("batch-size", "norms", "nf")
 
 Diff = Callable[[dict, dict], tuple[float, float]]
+StatsOf = Callable[[list[dict]], dict[tuple, dict]]
 
 
 def _phi(z: float) -> float:
@@ -181,15 +182,16 @@ def _groups_line(runs: list[dict]) -> list[str]:
             "groups, the paper's ImageNet default. The groups study varies the count.", ""]
 
 
-def summary_lines(store: Store, diff: Diff, z: float) -> list[str]:
-    """The ``## Summary`` section of the report for ``store``. ``diff(a, b)`` gives
-    ``(m_b - m_a, its standard error)`` for two :func:`summarize` entries (report.py's rule);
+def summary_lines(store: Store, stats_of: StatsOf, diff: Diff, z: float) -> list[str]:
+    """The ``## Summary`` section of the report for ``store``, from the same point statistics
+    and rules as the study tables: ``stats_of(runs)`` gives each (label, x) point's mean, sd
+    and n (the runs that count); ``diff(a, b)`` gives ``(m_b - m_a, its standard error)``;
     ``z``: standard errors for a decisive gap."""
     lines = ["## Summary", ""]
     seen: list[dict] = []
     for name in SUMMARY_STUDIES:
         runs = store.study_runs(name)
-        stats = {k: s for k, s in summarize(runs).items() if s["n"] > 0}
+        stats = {k: s for k, s in stats_of(runs).items() if s["n"] > 0}
         if not stats:
             continue
         seen += runs
