@@ -92,6 +92,7 @@ class _Run:
     elapsed: float = 0.0
     train_time: float = 0.0
     train_images: int = 0
+    memory: Optional[PeakMemory] = None   # measures the first step of every epoch
 
     @property
     def writer(self) -> bool:
@@ -309,7 +310,10 @@ def train_epoch(run: _Run, epoch: int, progress: Optional[ProgressFn]) -> dict[s
     lr = run.cfg.effective_lr()
     for i, (x, y) in enumerate(run.train_loader):
         lr = lr_at(run.cfg, epoch + i / steps)
-        loss, out = _step(run, x, y, lr)
+        # tensor bytes of the epoch's first step (CPU; CUDA reads its allocator); not compiled
+        measure = run.memory is not None and i == 0 and not run.cfg.compile
+        with run.memory.step(run.model, run.opt) if measure else contextlib.nullcontext():
+            loss, out = _step(run, x, y, lr)
         loss_sum += loss.detach().double() * len(y)
         wrong += (out.detach().argmax(1) != y).sum()
         seen += len(y)
@@ -370,14 +374,14 @@ def train_run(cfg: RunConfig, store: Optional[Store], *, progress: Optional[Prog
                "backend": _backend_name(run.device)}
     diverged: Optional[str] = None
     # rank 0's peak memory over the training (resumed: since the resume), the report's cost
-    with PeakMemory(run.device) as memory:
+    with PeakMemory(run.device) as run.memory:
         for epoch in range(run.start_epoch, cfg.epochs):
             row = train_epoch(run, epoch, progress)
             if not math.isfinite(row["train_loss"]):  # the same all-reduced value on every rank
                 diverged = f"diverged: non-finite training loss in epoch {epoch}"
             summary.update(wall_time=run.elapsed,
                            images_per_s=run.train_images / max(run.train_time, 1e-9),
-                           peak_memory_mb=memory.peak_mib())
+                           peak_memory_mb=run.memory.peak_mib())
             if run.writer:
                 _write_epoch(run, epoch, summary)
             if progress:

@@ -12,8 +12,10 @@ the spread over seeds, floored, or an assumed spread for one seed). The table gi
 approximation), and calls the gap *decisive* when ``d > Z se_d``, as the verdicts do.
 
 Cost, measured in the same runs: training images per second (the run's training images over its
-training time, mean over seeds), peak memory in MiB and, where recorded, the normalization
-backend that ran (on CUDA: triton or native). A value the store did not record is shown as "-".
+training time, mean over seeds), peak memory in MiB (:mod:`normlab.lab.memory`: on CUDA the
+allocator's peak, on the CPU the tensor bytes of a training step) and, where recorded, the
+normalization backend that ran (on CUDA: triton or native). A value the store did not record is
+shown as "-".
 """
 
 from __future__ import annotations
