@@ -153,8 +153,9 @@ def spp_section(records: dict[str, Records], fig_dir: Path) -> list[str]:
              "mean, average channel variance and residual-branch variance at the stem and every "
              "residual block, unit-Gaussian input (`normlab spp`). Models: "
              + ", ".join(f"`{m}` ({kinds[m] or 'kind not recorded'})" for m in records) + ".",
-             "Dashed in the variance panel: the analytic variance 1 + k*alpha^2 (k blocks since "
-             "the last transition), for the models that have one.", "",
+             "", "The fourth panel, for the models that have one, draws the analytic variance "
+             "1 + k*alpha^2 (k blocks since the last transition; dashed) beside the measured one.",
+             "",
              "![spp](figures/spp.png)", "",
              "| claim | model | verdict | numbers |", "|---|---|---|---|"]
     for c in SPP_CLAIMS:
