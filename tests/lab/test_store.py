@@ -262,6 +262,9 @@ def test_peak_memory_and_backend_are_recorded_and_exported(tmp_path):
                                          "backend": "triton"})
         s.finish("r1")
         assert (s.run("r1")["peak_memory_mb"], s.run("r1")["backend"]) == (123.5, "triton")
+        # a resumed run with no epoch left records a summary without them: they are kept
+        s.record_epochs("r1", _rows(1), {"images_per_s": 99.0})
+        assert (s.run("r1")["peak_memory_mb"], s.run("r1")["backend"]) == (123.5, "triton")
         s.export()
     header, row = (tmp_path / "runs.csv").read_text().splitlines()[:2]
     cols = dict(zip(header.split(","), row.split(",")))

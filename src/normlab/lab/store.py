@@ -423,7 +423,8 @@ class Store:
         """Upsert per-epoch rows (``epoch`` plus :data:`EPOCH_FIELDS`) and the run's running
         summary (device, versions, wall_time, images_per_s, peak_memory_mb, backend) in one
         transaction. ``rows`` is the run's whole history: rows of later epochs (a run that
-        started over) are deleted."""
+        started over) are deleted. A summary without a peak memory or a backend (a resumed run
+        with no epoch left to measure) keeps the recorded ones."""
         with self.transaction() as c:
             c.execute("DELETE FROM epochs WHERE run_id=? AND epoch>?",
                       (run_id, max((r["epoch"] for r in rows), default=-1)))
@@ -434,7 +435,8 @@ class Store:
             last = max(rows, key=lambda r: r["epoch"]) if rows else {}
             c.execute(
                 "UPDATE runs SET epochs_done=?, wall_time=?, images_per_s=?, device=?, versions=?, "
-                "peak_memory_mb=?, backend=?, final_train_loss=?, final_train_error=?, "
+                "peak_memory_mb=COALESCE(?, peak_memory_mb), backend=COALESCE(?, backend), "
+                "final_train_loss=?, final_train_error=?, "
                 "final_test_loss=?, final_test_error=?, updated=? WHERE run_id=?",
                 (len(rows) and last["epoch"] + 1, summary.get("wall_time"),
                  summary.get("images_per_s"), summary.get("device"),
