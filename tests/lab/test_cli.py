@@ -270,8 +270,8 @@ def test_spp_goes_to_the_store_and_the_report(tmp_path):
     # the command writes the report itself (its --help says so), with each model's kind
     text = (tmp_path / "report.md").read_text()
     assert "Signal propagation" in text and "report:" in r.output
-    assert "`resnet20` (Conv-BN-ReLU)" in text and "`nf_resnet20` (NF + Scaled WS)" in text
-    assert "| `nf_resnet20` | **" in text                 # its analytic-variance verdict row
+    assert "resnet20 (Conv-BN-ReLU)" in text and "nf\\_resnet20 (NF + Scaled WS)" in text
+    assert "| nf\\_resnet20 | **" in text                 # its analytic-variance verdict row
     assert "report.md" in runner.invoke(app, ["spp", "--help"]).output
     r = runner.invoke(app, ["spp", "resnet7", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown model 'resnet7'" in r.output

@@ -147,9 +147,11 @@ def test_a_label_cannot_inject_markdown_into_the_report(tmp_path):
     md = md_path.read_text().splitlines()
     assert not any(line.startswith(("## injected", "| fake")) for line in md)
     rows = [line for line in md if "injected" in line]
-    assert len(rows) == 2 and all(r.startswith("| GN \\#\\# injected heading \\| fake") for r in rows)
+    # the study table, the single runs, and the summary (lowest error, cost) of batch-size
+    assert len(rows) == 5 and all("GN \\#\\# injected heading \\| fake" in r for r in rows)
+    assert sum(r.startswith("| GN \\#\\# injected heading \\| fake") for r in rows) == 3
     h = html_path.read_text()
     literal = ("GN ## injected heading | fake | row | **bold** `code` &lt;b&gt;x&lt;/b&gt; "
                "[l](u) _i_")
-    assert h.count(f"<td>{literal}</td>") == 2, h
+    assert h.count(f"<td>{literal}</td>") == 3, h
     assert "<h2>injected" not in h and "<b>bold</b>" not in h and "<b>x</b>" not in h

@@ -72,11 +72,11 @@ def test_report_gives_each_measured_kind_its_verdict(tmp_path):
         s.record_spp("old", _growing(lambda st, b: 1.0))   # a store row without a kind
     text = write_report(tmp_path)[0].read_text()
     rows = {line.split(" | ")[1]: line for line in text.splitlines()
-            if line.startswith("| ") and " | `" in line}
-    assert "**reproduced**" in rows["`nf`"] and "drops at 2/2 transitions" in rows["`nf`"]
-    assert "**reproduced**" in rows["`bnrelu`"]
+            if line.startswith("| ") and " | **" in line}
+    assert "**reproduced**" in rows["nf"] and "drops at 2/2 transitions" in rows["nf"]
+    assert "**reproduced**" in rows["bnrelu"]
     assert "| - | **not run** | no no normalization (He init) model measured" in text
-    assert "The kind of `old` was not recorded" in text
+    assert "The kind of old was not recorded" in text
     assert (tmp_path / "figures" / "spp.png").is_file()
 
 

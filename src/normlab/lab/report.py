@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from normlab.lab.config import RunConfig
+from normlab.lab.markdown import md_cell as _md
 from normlab.lab.plots import plot_study
 from normlab.lab.store import Store, StoreError, summarize, unwritable
 from normlab.lab.studies import STUDIES, Claim, Study
@@ -126,12 +127,6 @@ def verdict(claim: Claim, stats: dict[tuple, dict]) -> tuple[str, str]:
             return REPRODUCED, why
         return INCONCLUSIVE, why
     raise ValueError(f"unknown claim kind {claim.kind!r}")
-
-
-def _md(text: object) -> str:
-    """User text (a ``--set label=``) as inert markdown inside a table cell: line breaks become
-    spaces and markdown's punctuation is backslash-escaped (``_to_html`` undoes the escapes)."""
-    return re.sub(r"([\\`*_\[\]<>|#!])", r"\\\1", " ".join(str(text).split()))
 
 
 def _fmt(s: Optional[dict]) -> str:

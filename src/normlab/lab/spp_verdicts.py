@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from normlab import spp as spp_mod
+from normlab.lab.markdown import md_cell
 
 __all__ = ["spp_section", "SPP_CLAIMS", "ANALYTIC_TOLERANCE", "GROWTH", "EXPLOSION"]
 
@@ -152,7 +153,8 @@ def spp_section(records: dict[str, Records], fig_dir: Path) -> list[str]:
              "Brock, De & Smith, ICLR 2021 (REFERENCE section 3): average channel squared "
              "mean, average channel variance and residual-branch variance at the stem and every "
              "residual block, unit-Gaussian input (`normlab spp`). Models: "
-             + ", ".join(f"`{m}` ({kinds[m] or 'kind not recorded'})" for m in records) + ".",
+             + ", ".join(f"{md_cell(m)} ({md_cell(kinds[m] or 'kind not recorded')})"
+                         for m in records) + ".",
              "", "The fourth panel, for the models that have one, draws the analytic variance "
              "1 + k*alpha^2 (k blocks since the last transition; dashed) beside the measured one.",
              "",
@@ -165,10 +167,10 @@ def spp_section(records: dict[str, Records], fig_dir: Path) -> list[str]:
                          f"(e.g. `normlab spp {c.example}`) |")
         for m in models:
             v, why = c.check(records[m])
-            lines.append(f"| {c.text} | `{m}` | **{v}** | {why} |")
+            lines.append(f"| {c.text} | {md_cell(m)} | **{v}** | {md_cell(why)} |")
     unknown = [m for m, k in kinds.items() if k is None]
     if unknown:
-        lines += ["", "The kind of " + ", ".join(f"`{m}`" for m in unknown) + " was not "
+        lines += ["", "The kind of " + ", ".join(md_cell(m) for m in unknown) + " was not "
                   "recorded (a store from before kinds were): re-run `normlab spp` on it for its "
                   "verdicts."]
     return lines + [f"", f"Source of the claims: {SOURCE}; thresholds: analytic within "

@@ -24,6 +24,7 @@ import math
 from typing import Any, Callable, Optional
 
 from normlab.factory import DEFAULT_NUM_GROUPS
+from normlab.lab.markdown import md_cell
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, Study
 
@@ -61,11 +62,11 @@ def _paper_cell(study: Study, x: Any, labels: list[str], here_best: str) -> str:
     if not nums:
         return "-"
     ranked = sorted(nums.items(), key=lambda kv: kv[1])
-    text = ", ".join(f"{lab} {v:g}" for lab, v in ranked)
+    text = ", ".join(f"{md_cell(lab)} {v:g}" for lab, v in ranked)
     if len(ranked) > 1:
         gap = ranked[1][1] - ranked[0][1]
-        same = "same as here" if ranked[0][0] == here_best else f"here: {here_best}"
-        text += f": {ranked[0][0]} lowest by {gap:.1f} ({same})"
+        same = "same as here" if ranked[0][0] == here_best else f"here: {md_cell(here_best)}"
+        text += f": {md_cell(ranked[0][0])} lowest by {gap:.1f} ({same})"
     return text
 
 
@@ -73,21 +74,22 @@ def _winner_row(study: Study, x: Any, points: dict[str, dict], diff: Diff, z: fl
     ranked = sorted(points.items(), key=lambda kv: kv[1]["mean"])
     best, s = ranked[0]
     paper = _paper_cell(study, x, list(points), best)
-    head = f"| {_fmt_x(x)} | **{best}** {s['mean']:.2f} (n={s['n']}) | "
+    head = f"| {_fmt_x(x)} | **{md_cell(best)}** {s['mean']:.2f} (n={s['n']}) | "
     if len(ranked) == 1:
-        return head + f"only {best} measured | - | - | {paper} |"
+        return head + f"only {md_cell(best)} measured | - | - | {paper} |"
     runner, r = ranked[1]
     d, se = diff(s, r)
     p = _phi(d / se) if se > 0 else 1.0
     decisive = d - z * se > 0
     conf = (">99.9%" if p > 0.999 else f"{p:.1%}") + ", " + (
         "decisive" if decisive else f"not decisive (gap < {z:g} SE)")
-    return head + f"{runner} {r['mean']:.2f} (n={r['n']}) | {d:.2f} ± {z * se:.2f} | {conf} | {paper} |"
+    return (head + f"{md_cell(runner)} {r['mean']:.2f} (n={r['n']}) | {d:.2f} ± {z * se:.2f} | "
+            f"{conf} | {paper} |")
 
 
 def _setup_line(runs: list[dict], stats: dict) -> str:
     def values(key: str) -> str:
-        return " / ".join(sorted({str(r["config"].get(key)) for r in runs}))
+        return md_cell(" / ".join(sorted({str(r["config"].get(key)) for r in runs})))
 
     seeds = sorted({s["n"] for s in stats.values()})
     n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
@@ -109,7 +111,7 @@ def _winners(study: Study, runs: list[dict], stats: dict, diff: Diff, z: float) 
             lines.append(_winner_row(study, x, points, diff, z))
         if len(points) > 2:
             ranked = sorted(points.items(), key=lambda kv: kv[1]["mean"])
-            rankings.append(f"at {_fmt_x(x)}: " + " < ".join(f"{lab} {s['mean']:.2f}"
+            rankings.append(f"at {_fmt_x(x)}: " + " < ".join(f"{md_cell(lab)} {s['mean']:.2f}"
                                                              for lab, s in ranked))
     if rankings:
         lines += ["", "All series, lowest error first: " + "; ".join(rankings) + "."]
@@ -142,7 +144,8 @@ def _costs(study: Study, runs: list[dict]) -> list[str]:
     devices = sorted({str(r.get("device")) for r in done})
     backends = {lab: sorted({r["backend"] for r in done if r["label"] == lab and r.get("backend")})
                 for lab in labels}
-    lines = [f"What each cost in these runs (training images/s, ratio to {ref} at the same batch, "
+    lines = [f"What each cost in these runs (training images/s, ratio to {md_cell(ref)} at the "
+             "same batch, "
              f"peak memory; device: {', '.join(devices)}):", "",
              f"| series | " + " | ".join(_fmt_x(x) for x in xs) + " | backend |",
              "|---|" + "---|" * (len(xs) + 1)]
@@ -156,7 +159,8 @@ def _costs(study: Study, runs: list[dict]) -> list[str]:
                 text += f" ({ips / base:.2f}x)"
             text += f", {mem:.0f} MiB" if mem is not None else ", - MiB"
             cells.append(text)
-        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {', '.join(backends[lab]) or '-'} |")
+        lines.append(f"| {md_cell(lab)} | " + " | ".join(cells)
+                     + f" | {md_cell(', '.join(backends[lab]) or '-')} |")
     notes = []
     if all(m is None for _, m in cell.values()):
         notes.append("peak memory was not recorded by the runs in this store")
