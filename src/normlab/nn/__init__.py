@@ -6,6 +6,7 @@ module                 statistics over                          file
 BatchNorm1d/2d/3d/Xd   N, spatial (per channel)                 nn/batchnorm.py
 BatchRenorm1d/2d       as BN, corrected towards running stats   nn/batch_renorm.py
 FrozenBatchNorm2d      fixed (buffers)                          nn/frozen_bn.py
+GhostBatchNorm1d/2d/3d as BN, per slice of virtual_batch        nn/ghost_batchnorm.py
 SyncBatchNorm          as BN, over every process                nn/syncbn.py
 InstanceNorm1d/2d/3d   spatial (per sample, channel)            nn/instancenorm.py
 GroupNorm              C/G channels, spatial (per sample)       nn/groupnorm.py
@@ -34,6 +35,7 @@ from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNor
 from normlab.nn.evonorm import EvoNorm2dB0, EvoNorm2dS0
 from normlab.nn.frn import FilterResponseNorm2d
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
+from normlab.nn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from normlab.nn.groupnorm import GroupNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.nn.layernorm import LayerNorm, LayerNorm2d
@@ -50,6 +52,7 @@ __all__ = [
     "EvoNorm2dB0", "EvoNorm2dS0",
     "FilterResponseNorm2d",
     "FrozenBatchNorm2d",
+    "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
     "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "LayerNorm2d",
