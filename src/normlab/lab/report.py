@@ -2,23 +2,8 @@
 
 For every study in the store: our table (final test error %, mean ± sample standard deviation
 over seeds, n) beside the paper's table (REFERENCE sections 1-4, cited), the figures, and one
-verdict per qualitative claim, computed from the numbers:
-
-For a point (series, x) with n seeds, mean m and standard deviation s, the standard error is
-``se = max(s, SD_FLOOR) / sqrt(n)`` when n >= 2, and ``SD_ONE_SEED`` when n = 1 (one seed says
-nothing about the spread, so a deliberately large run-to-run spread is assumed). For a difference
-``d`` of two points, ``se_d = sqrt(se_a^2 + se_b^2)`` and the interval is ``d ± Z * se_d``:
-
-* ``less`` (error(a) < error(b) by >= margin): with ``d = m_b - m_a``: **reproduced** if the
-  interval is above 0 and ``d >= margin``; **not reproduced** if the whole interval is below
-  ``margin`` (b is not worse by the claimed amount); otherwise **inconclusive**.
-* ``match`` (|a - b| <= margin): reproduced if ``|d| + Z se_d <= margin``; not reproduced if
-  ``|d| - Z se_d > margin``; else inconclusive.
-* ``flat`` (every point of a series within margin of the reference point): ``match`` for every
-  point; reproduced if all are, not reproduced if any is not, else inconclusive.
-* ``best`` / ``worst``: not reproduced if some other point is better / worse beyond the interval;
-  reproduced if a has the lowest / highest mean and is separated from every other point by its
-  interval; otherwise inconclusive.
+verdict per qualitative claim, computed from the numbers by :mod:`normlab.lab.analysis` (which
+runs count, the standard errors, the verdict rules and the seeds an open claim would need).
 
 A claim whose points were not run is "not run". Nothing else is claimed.
 """
@@ -33,100 +18,19 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED,
+                                  SD_FLOOR, SD_ONE_SEED, Z, difference, point_stats, verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
 from normlab.lab.plots import plot_study
-from normlab.lab.store import Store, StoreError, summarize, unwritable
-from normlab.lab.studies import STUDIES, Claim, Study
 from normlab.lab.spp_verdicts import spp_section
+from normlab.lab.store import Store, StoreError, unwritable
+from normlab.lab.studies import STUDIES, Study
 from normlab.lab.summary import summary_lines
 
-__all__ = ["verdict", "write_report", "Z", "SD_FLOOR", "SD_ONE_SEED"]
-
-Z = 2.0
-SD_FLOOR = 0.25       # points of error: no spread estimate below this is trusted
-SD_ONE_SEED = 2.0     # points of error assumed for a single seed
-
-REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_RUN = (
-    "reproduced", "not reproduced", "inconclusive", "not run")
-
-
-def _se(s: dict) -> float:
-    if s["n"] < 2 or s["sd"] is None:
-        return SD_ONE_SEED
-    return max(s["sd"], SD_FLOOR) / math.sqrt(s["n"])
-
-
-def _diff(a: dict, b: dict) -> tuple[float, float]:
-    """(m_b - m_a, its standard error)."""
-    return b["mean"] - a["mean"], math.hypot(_se(a), _se(b))
-
-
-def _match(a: dict, b: dict, margin: float) -> str:
-    d, se = _diff(a, b)
-    if abs(d) + Z * se <= margin:
-        return REPRODUCED
-    if abs(d) - Z * se > margin:
-        return NOT_REPRODUCED
-    return INCONCLUSIVE
-
-
-def verdict(claim: Claim, stats: dict[tuple, dict]) -> tuple[str, str]:
-    """(verdict, the numbers it rests on) for ``claim`` given :func:`summarize` output."""
-    def get(p: tuple) -> Optional[dict]:
-        s = stats.get(tuple(p))
-        return s if s is not None and not math.isnan(s["mean"]) else None
-
-    a = get(claim.a)
-    if a is None:
-        return NOT_RUN, f"no finished run for {claim.a[0]} at {claim.a[1]}"
-    if claim.kind in ("less", "match"):
-        b = get(claim.b)
-        if b is None:
-            return NOT_RUN, f"no finished run for {claim.b[0]} at {claim.b[1]}"
-        d, se = _diff(a, b)
-        why = (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f} vs {claim.b[0]}@{claim.b[1]} "
-               f"{b['mean']:.2f}: difference {d:+.2f} ± {Z * se:.2f}")
-        if claim.kind == "match":
-            return _match(a, b, claim.margin), why + f" (tolerance {claim.margin})"
-        if d - Z * se > 0 and d >= claim.margin:
-            return REPRODUCED, why
-        if d + Z * se < claim.margin or (claim.margin == 0 and d + Z * se < 0):
-            return NOT_REPRODUCED, why
-        return INCONCLUSIVE, why
-    if claim.kind == "flat":
-        series = {x: s for (lab, x), s in stats.items() if lab == claim.a[0] and x != claim.a[1]}
-        if not series:
-            return NOT_RUN, f"only one point of {claim.a[0]}"
-        vs = {x: _match(a, s, claim.margin) for x, s in series.items()}
-        dev = max(series.items(), key=lambda kv: abs(kv[1]["mean"] - a["mean"]))
-        why = (f"{claim.a[0]} ranges {min([a['mean']] + [s['mean'] for s in series.values()]):.2f}"
-               f"-{max([a['mean']] + [s['mean'] for s in series.values()]):.2f}; largest gap to "
-               f"{claim.a[1]}: at {dev[0]} {dev[1]['mean'] - a['mean']:+.2f} "
-               f"(tolerance {claim.margin})")
-        if all(v == REPRODUCED for v in vs.values()):
-            return REPRODUCED, why
-        if any(v == NOT_REPRODUCED for v in vs.values()):
-            return NOT_REPRODUCED, why
-        return INCONCLUSIVE, why
-    if claim.kind in ("best", "worst"):
-        sign = 1 if claim.kind == "best" else -1
-        others = {k: s for k, s in stats.items() if k != tuple(claim.a) and not math.isnan(s["mean"])
-                  and (claim.kind == "best" or k[0] == claim.a[0])}
-        if not others:
-            return NOT_RUN, "nothing to compare with"
-        # gap > 0: the other point is worse (best) / better (worst) than a
-        gaps = {k: sign * _diff(a, s)[0] for k, s in others.items()}
-        ses = {k: _diff(a, s)[1] for k, s in others.items()}
-        rival = min(gaps, key=gaps.get)
-        why = (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f}; closest rival {rival[0]}@{rival[1]} "
-               f"{others[rival]['mean']:.2f} (gap {gaps[rival]:+.2f} ± {Z * ses[rival]:.2f})")
-        if any(g + Z * ses[k] < 0 for k, g in gaps.items()):
-            return NOT_REPRODUCED, why
-        if all(g - Z * ses[k] > 0 for k, g in gaps.items()):
-            return REPRODUCED, why
-        return INCONCLUSIVE, why
-    raise ValueError(f"unknown claim kind {claim.kind!r}")
+# the verdict names and rules are analysis.py's, re-exported for the report's readers
+__all__ = ["verdict", "write_report", "Z", "SD_FLOOR", "SD_ONE_SEED", "REPRODUCED",
+           "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN"]
 
 
 def _fmt(s: Optional[dict]) -> str:
@@ -164,7 +68,7 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
     runs = store.study_runs(study.name)
     if not runs:
         return [], []
-    stats = summarize(runs)
+    stats = point_stats(runs)
     preset = runs[0]["preset"]
     cfg = runs[0]["config"]
     done = sum(r["status"] == "done" for r in runs)
@@ -241,7 +145,7 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
         lines = ["# normlab report", "",
                  f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{store.path.name}` "
                  f"({len(store.runs())} runs).", ""]
-        lines += summary_lines(store, summarize, _diff, Z)
+        lines += summary_lines(store, point_stats, difference, Z)
         lines += ["Verdicts are computed from the stored numbers: a difference counts only when it "
                  f"exceeds {Z:g} standard errors (run-to-run spread over seeds, at least "
                  f"{SD_FLOOR} points; {SD_ONE_SEED} points assumed when a point has one seed). "

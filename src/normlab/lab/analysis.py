@@ -1,0 +1,291 @@
+"""What a study's runs say: which runs count, each point's statistics, each claim's verdict, and
+how many seeds would decide a claim that is still open.
+
+Runs that count: a finished run is **flagged** and left out of its point's mean (kept in the
+store and listed in the point's ``excluded``) when it
+
+* diverged (a non-finite training loss ended it: the trainer records ``error``), or
+* did not learn: its final training loss is not below its start (``ln(num_classes)``, the loss
+  of a uniform guess, or the first epoch's mean loss when the run had more than one epoch), or
+  its final test error is within ``100 * (1 - CHANCE_FRACTION)`` % of chance
+  (``100 * (1 - 1/num_classes)``; e.g. >= 81% for 10 classes).
+
+Statistics of a point (series, x) over its kept seeds: mean m, sample sd s, n, and the standard
+error ``se = max(s, SD_FLOOR) / sqrt(n)`` (n >= 2) or ``SD_ONE_SEED`` (n = 1: one seed says
+nothing about the spread, a deliberately large one is assumed). ``bar`` is ``m ± s`` clipped to
+[0, 100] (an error rate has no negative values). For two points, ``d = m_b - m_a`` and
+``se_d = sqrt(se_a^2 + se_b^2)``; a verdict is decisive when ``d ± Z se_d`` settles it:
+
+* ``less`` (error(a) < error(b) by >= margin): **reproduced** if ``d - Z se_d > 0`` and
+  ``d >= margin``; **not reproduced** if ``d + Z se_d < margin``; else **inconclusive**.
+* ``match`` (|a - b| <= margin): reproduced if ``|d| + Z se_d <= margin``; not reproduced if
+  ``|d| - Z se_d > margin``; else inconclusive.
+* ``flat``: ``match`` of every point of the series with the reference point; reproduced if all
+  are, not reproduced if any is not, else inconclusive.
+* ``best`` / ``worst``: not reproduced if another point is better / worse beyond the interval;
+  reproduced if a is separated from every other point; else inconclusive.
+
+Seeds needed (:func:`seeds_needed`): with the observed sds (floored) held fixed and n seeds at
+each point, ``se_d = sqrt(s_a^2 + s_b^2) / sqrt(n)``, and an inconclusive ``less``/``match``
+claim becomes decisive once ``Z se_d`` is below the distance ``g`` from d to the boundary it
+must clear (``|d|`` or ``|margin - d|``): ``n = ceil(Z^2 (s_a^2 + s_b^2) / g^2)``. None when a
+point has a single seed (no spread to extrapolate) or when d sits on the boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Iterable, Optional
+
+from normlab.lab.studies import Claim, Study
+
+__all__ = [
+    "Z", "SD_FLOOR", "SD_ONE_SEED", "CHANCE_FRACTION", "REPRODUCED", "NOT_REPRODUCED",
+    "INCONCLUSIVE", "NOT_RUN", "num_classes", "run_flag", "point_stats", "difference", "verdict",
+    "seeds_needed", "claim_points", "claims_status", "seeds_to_add",
+]
+
+Z = 2.0
+SD_FLOOR = 0.25       # points of error: no spread estimate below this is trusted
+SD_ONE_SEED = 2.0     # points of error assumed for a single seed
+CHANCE_FRACTION = 0.9  # a test error above this fraction of chance's is "near chance"
+
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_RUN = (
+    "reproduced", "not reproduced", "inconclusive", "not run")
+
+_CLASSES = {"digits": 10, "mnist5k": 10, "cifar10": 10, "cifar100": 100}
+
+
+def num_classes(run: dict[str, Any]) -> Optional[int]:
+    """Classes of a stored run's dataset (from its config; the trainer's ``num_classes`` in the
+    run's summary when the dataset does not fix it, e.g. an imagefolder)."""
+    if run.get("num_classes"):
+        return int(run["num_classes"])
+    cfg = run.get("config", {})
+    if cfg.get("data") == "synthetic":
+        return int(cfg.get("data_kwargs", {}).get("num_classes", 10))
+    return _CLASSES.get(cfg.get("data"))
+
+
+def run_flag(run: dict[str, Any]) -> Optional[str]:
+    """Why a finished run is left out of the means (module docstring), or None if it counts."""
+    if run.get("error"):
+        return f"diverged ({run['error']})"
+    loss = run.get("final_train_loss")
+    if loss is not None and not math.isfinite(loss):
+        return "diverged (non-finite training loss)"
+    c = num_classes(run)
+    history = run.get("history") or []
+    start = math.log(c) if c else None
+    if len(history) > 1 and history[0].get("train_loss") is not None:
+        first = history[0]["train_loss"]
+        start = first if start is None else min(start, first)
+    if start is not None and loss is not None and loss >= start:
+        return f"unconverged (final train loss {loss:.3f} not below its start {start:.3f})"
+    err = run.get("final_test_error")
+    if c and err is not None:
+        chance = 100.0 * (1 - 1 / c)
+        if err >= CHANCE_FRACTION * chance:
+            return f"unconverged (test error {err:.1f}% near chance, {chance:.0f}%)"
+    return None
+
+
+def point_stats(runs: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """Group finished study runs (:meth:`Store.study_runs`) by (label, x): ``mean``, ``sd``
+    (None below 2 seeds), ``n``, ``values`` and ``se`` over the runs that count, ``bar`` (mean ±
+    sd in [0, 100]) and ``excluded``: ``{"run_id", "seed", "error", "flag"}`` of each flagged
+    run. A point whose every run is flagged has mean NaN and n 0."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for r in runs:
+        if r.get("status") != "done" or r.get("final_test_error") is None:
+            continue
+        g = groups.setdefault((r["label"], r["x"]), {"values": [], "excluded": []})
+        flag = run_flag(r)
+        if flag:
+            g["excluded"].append({"run_id": r.get("run_id"), "seed": r["config"].get("seed"),
+                                  "error": r["final_test_error"], "flag": flag})
+        else:
+            g["values"].append(float(r["final_test_error"]))
+    out = {}
+    for key, g in groups.items():
+        vals = g["values"]
+        n = len(vals)
+        mean = statistics.fmean(vals) if vals else float("nan")
+        sd = statistics.stdev(vals) if n > 1 else None
+        s = {"mean": mean, "sd": sd, "n": n, "values": vals, "excluded": g["excluded"]}
+        s["se"] = _se(s) if n else float("nan")
+        half = sd or 0.0
+        s["bar"] = (max(0.0, mean - half), min(100.0, mean + half)) if n else None
+        out[key] = s
+    return out
+
+
+def _se(s: dict) -> float:
+    if s["n"] < 2 or s["sd"] is None:
+        return SD_ONE_SEED
+    return max(s["sd"], SD_FLOOR) / math.sqrt(s["n"])
+
+
+def difference(a: dict, b: dict) -> tuple[float, float]:
+    """(m_b - m_a, its standard error) of two points' statistics."""
+    return b["mean"] - a["mean"], math.hypot(_se(a), _se(b))
+
+
+_diff = difference
+
+
+def _match(a: dict, b: dict, margin: float) -> str:
+    d, se = _diff(a, b)
+    if abs(d) + Z * se <= margin:
+        return REPRODUCED
+    if abs(d) - Z * se > margin:
+        return NOT_REPRODUCED
+    return INCONCLUSIVE
+
+
+def _get(stats: dict[tuple, dict], p: tuple) -> Optional[dict]:
+    s = stats.get(tuple(p))
+    return s if s is not None and s["n"] > 0 and not math.isnan(s["mean"]) else None
+
+
+def _rivals(claim: Claim, stats: dict[tuple, dict]) -> dict[tuple, dict]:
+    return {k: s for k, s in stats.items() if k != tuple(claim.a) and _get(stats, k)
+            and (claim.kind == "best" or k[0] == claim.a[0])}
+
+
+def verdict(claim: Claim, stats: dict[tuple, dict]) -> tuple[str, str]:
+    """(verdict, the numbers it rests on) for ``claim`` given :func:`point_stats` output."""
+    a = _get(stats, claim.a)
+    if a is None:
+        return NOT_RUN, f"no finished run that counts for {claim.a[0]} at {claim.a[1]}"
+    if claim.kind in ("less", "match"):
+        b = _get(stats, claim.b)
+        if b is None:
+            return NOT_RUN, f"no finished run that counts for {claim.b[0]} at {claim.b[1]}"
+        d, se = _diff(a, b)
+        why = (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f} vs {claim.b[0]}@{claim.b[1]} "
+               f"{b['mean']:.2f}: difference {d:+.2f} ± {Z * se:.2f}")
+        if claim.kind == "match":
+            return _match(a, b, claim.margin), why + f" (tolerance {claim.margin})"
+        if d - Z * se > 0 and d >= claim.margin:
+            return REPRODUCED, why
+        if d + Z * se < claim.margin:
+            return NOT_REPRODUCED, why
+        return INCONCLUSIVE, why
+    if claim.kind == "flat":
+        series = {k[1]: s for k, s in _rivals(claim, stats).items()}
+        if not series:
+            return NOT_RUN, f"only one point of {claim.a[0]}"
+        vs = {x: _match(a, s, claim.margin) for x, s in series.items()}
+        means = [a["mean"]] + [s["mean"] for s in series.values()]
+        dev = max(series.items(), key=lambda kv: abs(kv[1]["mean"] - a["mean"]))
+        why = (f"{claim.a[0]} ranges {min(means):.2f}-{max(means):.2f}; largest gap to "
+               f"{claim.a[1]}: at {dev[0]} {dev[1]['mean'] - a['mean']:+.2f} "
+               f"(tolerance {claim.margin})")
+        if all(v == REPRODUCED for v in vs.values()):
+            return REPRODUCED, why
+        if any(v == NOT_REPRODUCED for v in vs.values()):
+            return NOT_REPRODUCED, why
+        return INCONCLUSIVE, why
+    if claim.kind in ("best", "worst"):
+        others = _rivals(claim, stats)
+        if not others:
+            return NOT_RUN, "nothing to compare with"
+        gaps, ses = _gaps(claim, a, others)
+        rival = min(gaps, key=gaps.get)
+        why = (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f}; closest rival {rival[0]}@{rival[1]} "
+               f"{others[rival]['mean']:.2f} (gap {gaps[rival]:+.2f} ± {Z * ses[rival]:.2f})")
+        if any(g + Z * ses[k] < 0 for k, g in gaps.items()):
+            return NOT_REPRODUCED, why
+        if all(g - Z * ses[k] > 0 for k, g in gaps.items()):
+            return REPRODUCED, why
+        return INCONCLUSIVE, why
+    raise ValueError(f"unknown claim kind {claim.kind!r}")
+
+
+def _gaps(claim: Claim, a: dict, others: dict) -> tuple[dict, dict]:
+    """gap > 0: the other point is worse (best) / better (worst) than a; and its se."""
+    sign = 1 if claim.kind == "best" else -1
+    return ({k: sign * _diff(a, s)[0] for k, s in others.items()},
+            {k: _diff(a, s)[1] for k, s in others.items()})
+
+
+def _n_for(sa: dict, sb: dict, gap: float) -> Optional[int]:
+    """Seeds per point for Z se_d < gap at the observed (floored) sds; None if unknowable."""
+    if sa["n"] < 2 or sb["n"] < 2 or gap <= 0:
+        return None
+    var = max(sa["sd"], SD_FLOOR) ** 2 + max(sb["sd"], SD_FLOOR) ** 2
+    return max(2, math.floor(Z * Z * var / (gap * gap)) + 1)
+
+
+def seeds_needed(claim: Claim, stats: dict[tuple, dict]) -> Optional[int]:
+    """Seeds per point that the observed spread would need for ``claim`` to be decisive
+    (module docstring); the current seed count if it already is; None if not computable (a
+    point with one seed or not run, or a difference exactly on the boundary)."""
+    v, _ = verdict(claim, stats)
+    if v == NOT_RUN:
+        return None
+    a = _get(stats, claim.a)
+    if v != INCONCLUSIVE:
+        return min(s["n"] for s in (_get(stats, p) for p in claim_points(claim, stats)) if s)
+    if claim.kind in ("less", "match"):
+        b = _get(stats, claim.b)
+        d = b["mean"] - a["mean"]
+        if claim.kind == "match":
+            return _n_for(a, b, abs(claim.margin - abs(d)))
+        return _n_for(a, b, d if d >= claim.margin else claim.margin - d)
+    others = _rivals(claim, stats)
+    if claim.kind == "flat":
+        needs = [_n_for(a, s, abs(claim.margin - abs(s["mean"] - a["mean"])))
+                 for s in others.values() if _match(a, s, claim.margin) == INCONCLUSIVE]
+    else:
+        gaps, _ = _gaps(claim, a, others)
+        needs = [_n_for(a, others[k], abs(g)) for k, g in gaps.items()]
+        if min(gaps.values()) < 0:  # a is not the best/worst: one rival separated decides it
+            needs = [min((n for n in needs if n is not None), default=None)]
+    if not needs or any(n is None for n in needs):
+        return None
+    return max(needs)
+
+
+def claim_points(claim: Claim, stats: dict[tuple, dict]) -> list[tuple]:
+    """The (label, x) points a claim's verdict rests on (those more seeds would help)."""
+    if claim.kind in ("less", "match"):
+        return [tuple(claim.a), tuple(claim.b)]
+    if claim.kind == "flat":
+        return [tuple(claim.a)] + [k for k in stats if k[0] == claim.a[0] and k != tuple(claim.a)]
+    return [tuple(claim.a)] + list(_rivals(claim, stats))
+
+
+def claims_status(study: Study, stats: dict[tuple, dict]) -> list[dict[str, Any]]:
+    """Per claim of ``study``: ``text``, ``verdict``, ``why``, ``seeds`` (the largest seed count
+    among its points) and ``seeds_needed`` (:func:`seeds_needed`)."""
+    out = []
+    for c in study.claims:
+        v, why = verdict(c, stats)
+        pts = [_get(stats, p) for p in claim_points(c, stats)] if v != NOT_RUN else []
+        out.append({"text": c.text, "verdict": v, "why": why,
+                    "seeds": max((s["n"] for s in pts if s), default=0),
+                    "seeds_needed": seeds_needed(c, stats)})
+    return out
+
+
+def seeds_to_add(study: Study, stats: dict[tuple, dict], max_seeds: int) -> dict[tuple, int]:
+    """One power round: for every inconclusive claim, each of its points below ``max_seeds``
+    (and below what the claim needs, when that is known) gets one more seed. Returns
+    ``{(label, x): seeds it should have}``; empty when every claim is decisive, not run, or
+    out of reach within ``max_seeds``."""
+    want: dict[tuple, int] = {}
+    for c in study.claims:
+        v, _ = verdict(c, stats)
+        if v != INCONCLUSIVE:
+            continue
+        need = seeds_needed(c, stats)
+        if need is not None and need > max_seeds:
+            continue  # beyond the cap: the report states the count instead
+        for p in claim_points(c, stats):
+            have = stats[p]["n"] + len(stats[p]["excluded"]) if p in stats else 0
+            if have < max_seeds and (need is None or stats.get(p, {"n": 0})["n"] < need):
+                want[p] = max(want.get(p, 0), have + 1)
+    return want

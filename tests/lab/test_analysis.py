@@ -1,0 +1,86 @@
+"""analysis.py: which runs count (flags), point statistics, and the seeds a claim needs, checked
+against hand-computed cases."""
+
+import math
+
+import pytest
+
+from normlab.lab.analysis import (INCONCLUSIVE, NOT_RUN, REPRODUCED, point_stats, run_flag,
+                                  seeds_needed, seeds_to_add, verdict)
+from normlab.lab.studies import Claim, get_study
+
+
+def _run(label, x, err, seed=0, loss=0.05, first=1.5, error=None, data="digits", epochs=3):
+    history = [{"epoch": e, "train_loss": first if e == 0 else loss} for e in range(epochs)]
+    return {"run_id": f"{label}{x}s{seed}", "status": "done", "label": label, "x": x,
+            "final_test_error": err, "final_train_loss": loss, "error": error,
+            "config": {"data": data, "seed": seed}, "history": history}
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"error": "diverged: non-finite training loss in epoch 2"}, "diverged"),  # trainer's record
+    ({"loss": math.nan}, "diverged"),                                          # loss NaN
+    ({"loss": 2.4, "first": 2.6}, "not below its start 2.303"),   # above ln(10): learnt nothing
+    ({"loss": 1.6, "first": 1.5}, "not below its start 1.500"),   # worse than its first epoch
+    ({"err": 85.0}, "near chance"),                               # 85% >= 0.9 x 90%
+])
+def test_flagged_runs(kw, needle):
+    err = kw.pop("err", 3.0)
+    flag = run_flag(_run("BN", 2, err, **kw))
+    assert flag is not None and needle in flag
+
+
+def test_a_learning_run_counts_and_synthetic_chance_uses_its_class_count():
+    assert run_flag(_run("BN", 2, 3.0)) is None
+    assert run_flag(_run("BN", 2, 60.0, data="synthetic")) is None
+    r = _run("BN", 2, 62.0, data="synthetic")
+    r["config"]["data_kwargs"] = {"num_classes": 3}  # chance 66.7%: 62% is near it
+    assert "near chance" in run_flag(r)
+
+
+def test_point_stats_leave_flagged_runs_out_and_bars_stay_above_zero():
+    runs = [_run("BN", 2, 1.0, 0), _run("BN", 2, 3.0, 1), _run("BN", 2, 85.0, 2),
+            _run("GN", 2, 0.5, 0), _run("GN", 2, 0.1, 1, loss=math.inf)]
+    st = point_stats(runs)
+    bn, gn = st[("BN", 2)], st[("GN", 2)]
+    assert bn["values"] == [1.0, 3.0] and bn["mean"] == 2.0 and bn["n"] == 2
+    assert [e["seed"] for e in bn["excluded"]] == [2] and "near chance" in bn["excluded"][0]["flag"]
+    assert bn["bar"] == pytest.approx((2.0 - math.sqrt(2), 2.0 + math.sqrt(2)))
+    assert gn["n"] == 1 and gn["bar"] == (0.5, 0.5)
+    spread = point_stats([_run("A", 1, v, s) for s, v in enumerate([0.2, 0.3, 9.0])])[("A", 1)]
+    assert spread["bar"][0] == 0.0  # mean 3.2 - sd 5.0 would be below 0
+
+
+def _s(mean, sd, n):
+    return {"mean": mean, "sd": sd, "n": n, "values": [], "excluded": []}
+
+
+def test_seeds_needed_is_the_count_at_which_the_verdict_turns_decisive():
+    c = Claim("GN beats BN", "less", ("GN", 2), ("BN", 2), 0.0)
+    stats = {("GN", 2): _s(10.0, 1.0, 2), ("BN", 2): _s(11.1, 1.0, 2)}
+    assert verdict(c, stats)[0] == INCONCLUSIVE
+    need = seeds_needed(c, stats)
+    assert need == 7  # Z^2 (1 + 1) / 1.1^2 = 6.6
+    at = {k: _s(v["mean"], 1.0, need) for k, v in stats.items()}
+    assert verdict(c, at)[0] == REPRODUCED
+    before = {k: _s(v["mean"], 1.0, need - 1) for k, v in stats.items()}
+    assert verdict(c, before)[0] == INCONCLUSIVE
+    # with a margin the boundary is the margin: d = 1.1 short of 1.7 by 0.6 -> 8 / 0.36 = 22.2
+    m = Claim("BN degrades", "less", ("GN", 2), ("BN", 2), 1.7)
+    assert seeds_needed(m, stats) == 23
+    assert seeds_needed(c, {("GN", 2): _s(10.0, None, 1), ("BN", 2): _s(11.0, None, 1)}) is None
+
+
+def test_seeds_to_add_targets_the_open_claims_points_only():
+    study = get_study("batch-size")
+    # BN beats GN at 32: open, and 3 seeds would decide it (4 x 0.18 / 0.55^2 = 2.4)
+    stats = {("BN", 32): _s(2.0, 0.3, 2), ("GN", 32): _s(2.55, 0.3, 2),
+             ("BN", 2): _s(9.0, 0.3, 2), ("GN", 2): _s(2.1, 0.3, 2)}   # decided
+    want = seeds_to_add(study, stats, max_seeds=6)
+    assert want[("BN", 32)] == 3 and want[("GN", 32)] == 3
+    assert ("BN", 2) not in want or want[("BN", 2)] == 3  # only through an open claim
+    assert seeds_to_add(study, stats, max_seeds=2) == {}  # the cap is reached
+    far = {**stats, ("GN", 32): _s(2.25, 0.3, 2)}  # 0.72 / 0.25^2 = 11.5: beyond a cap of 6
+    assert seeds_needed(study.claims[0], far) == 12
+    assert ("BN", 32) not in seeds_to_add(study, far, max_seeds=6)
+    assert verdict(study.claims[4], stats)[0] == NOT_RUN   # SyncBN not run: no seeds for it
