@@ -5,6 +5,7 @@ name        module                                      notes
 ==========  ==========================================  ===============================
 bn          BatchNorm{1,2,3}d                           ``dims=`` picks 1/2/3 (default 2)
 syncbn      SyncBatchNorm                               statistics across processes
+ghostbn     GhostBatchNorm{1,2,3}d                      per slice of ``virtual_batch=``
 frozenbn    FrozenBatchNorm2d                           fixed statistics and affine
 brn         BatchRenorm{1,2}d                           Batch Renormalization
 gn          GroupNorm(G, C)                             G = 32 by default (rule below)
@@ -139,6 +140,10 @@ NORMS: dict[str, NormEntry] = {
     "syncbn": NormEntry(
         ("syncbatchnorm", "sync_bn"), {None: nlnn.SyncBatchNorm},
         builder_kwargs=("dims",), carries=_BN_CARRIES + ("process_group",)),
+    "ghostbn": NormEntry(
+        ("ghost_bn", "ghostbatchnorm", "virtual_bn"),
+        {1: nlnn.GhostBatchNorm1d, 2: nlnn.GhostBatchNorm2d, 3: nlnn.GhostBatchNorm3d},
+        builder_kwargs=("dims",), carries=_BN_CARRIES + ("dims",)),
     "frozenbn": NormEntry(
         ("frozen_bn", "frozenbatchnorm"), {2: nlnn.FrozenBatchNorm2d},
         builder_kwargs=("dims",), carries=("eps", "dims")),

@@ -169,3 +169,16 @@ def test_batch_not_a_multiple_of_the_virtual_batch():
 def test_one_value_per_slice_and_channel():
     with pytest.raises(ValueError, match="virtual_batch=1 gives 1 value"):
         GhostBatchNorm1d(3, virtual_batch=1)(off_centre(4, 3))
+
+
+def test_factory_and_convert_norm_build_it():
+    import normlab
+
+    built = normlab.create_norm("ghostbn", 8, virtual_batch=2, dims=1)
+    assert isinstance(built, GhostBatchNorm1d) and built.virtual_batch == 2
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=0.2), nn.ReLU())
+    model[1](off_centre(2, 8, 4, 4))
+    stats = model[1].running_mean.clone()
+    converted = normlab.convert_norm(model, "ghostbn", virtual_batch=4)
+    assert isinstance(converted[1], GhostBatchNorm2d) and converted[1].momentum == 0.2
+    assert converted[1].virtual_batch == 4 and torch.equal(converted[1].running_mean, stats)

@@ -29,16 +29,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, fx, nn
 
-from normlab import functional as NF
+from normlab import functional as NLF
 from normlab.backends.reference import output_memory_format
-from normlab.nn.batchnorm import (
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    _BatchNormForward,
-    check_num_channels,
-    fx_leaf,
-)
+from normlab.nn._common import check_num_channels, count_batch, fx_leaf, running_average_factor
+from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormForward
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "ghost_batch_norm"]
 
@@ -94,7 +88,7 @@ def ghost_batch_norm(
             f"shape {tuple(x.shape)}; batch statistics need more than 1"
         )
     if k == 1:
-        return NF.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+        return NLF.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     # (K*n, C, *S) -> (n, K*C, *S): slice k's channel c is channel k*C + c
     xs = x.reshape((k, virtual_batch, c) + spatial).transpose(0, 1).reshape(
         (virtual_batch, k * c) + spatial)
@@ -102,7 +96,7 @@ def ghost_batch_norm(
     bb = None if bias is None else bias.repeat(k)
     rm = None if running_mean is None else running_mean.repeat(k)
     rv = None if running_var is None else running_var.repeat(k)
-    ys = NF.batch_norm(xs, rm, rv, w, bb, True, momentum, eps)
+    ys = NLF.batch_norm(xs, rm, rv, w, bb, True, momentum, eps)
     with torch.no_grad():
         if running_mean is not None:
             running_mean.copy_(rm[:c])
@@ -138,12 +132,13 @@ class _GhostBatchNorm(_BatchNormForward):
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
         self._check_input_dim(input)
-        NF.check_input(input)
+        NLF.check_input(input)
         check_num_channels(self, input, self.num_features)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch_stats:
             return super().forward(input)
-        factor = self.exponential_average_factor()
+        count_batch(self)
+        factor = running_average_factor(self)
         track = self.training and self.track_running_stats
         return ghost_batch_norm(
             input, self.virtual_batch,
