@@ -294,3 +294,20 @@ def test_a_store_from_before_peak_memory_and_spp_analytics_opens(tmp_path):
                             "residual_var": 1.0, "expected_var": 1.04}], architecture="NF + Scaled WS")
         rec = s.spp()["n"][0]
         assert (rec["expected_var"], rec["architecture"]) == (1.04, "NF + Scaled WS")
+
+
+def test_setup_info_is_kept_per_setup_and_merged(tmp_path):
+    # the protocol a study's setup ran with, and the power rounds' outcome added later
+    with Store(tmp_path) as s:
+        s.claim("r1", {"epochs": 1})
+        s.register("batch-size", "default", [("r1", "BN", 2)], setup="A",
+                   info={"protocol": {"name": "per device", "devices": 8}})
+        s.update_setup_info("batch-size", "default", "A", {"power": {"rounds": 2}})
+        assert s.setup_info("batch-size") == {"protocol": {"name": "per device", "devices": 8},
+                                              "power": {"rounds": 2}}
+        s.register("batch-size", "default", [("r1", "BN", 2)], setup="B")  # another setup
+        assert s.setup_info("batch-size") == {}
+        assert s.setup_info("norms") == {}
+        s.export()
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["setups"][0]["info"]["protocol"]["devices"] == 8

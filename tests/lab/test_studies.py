@@ -13,7 +13,8 @@ EXPECTED = {("batch-size", "default"): 10, ("batch-size", "quick"): 10,
             ("groups", "default"): 14, ("groups", "quick"): 6,
             ("norms", "default"): 5, ("norms", "quick"): 5,
             ("bn-dropout", "default"): 12, ("bn-dropout", "quick"): 12,
-            ("nf", "default"): 10, ("nf", "quick"): 6}
+            ("nf", "default"): 10, ("nf", "quick"): 6,
+            ("stats-batch", "default"): 6, ("stats-batch", "quick"): 4}
 
 
 @pytest.mark.parametrize("name, preset", sorted(EXPECTED))
@@ -32,12 +33,12 @@ def test_user_overrides_win_and_unknown_variants_fail():
                                          seeds=1, variants=["GN"])
     assert {p.cfg.epochs for p in pts} == {1} and {p.cfg.seed for p in pts} == {5}
     assert {p.cfg.data for p in pts} == {"synthetic"}
-    assert [p.cfg.batch_size for p in pts] == [32, 16, 8, 4, 2]
+    assert [p.cfg.batch_size for p in pts] == [8 * n for n in (32, 16, 8, 4, 2)]  # 8 devices
     with pytest.raises(ConfigError, match="no variant"):
         get_study("norms").points({}, "quick", variants=["XN"])
     with pytest.raises(ConfigError, match="unknown study"):
         get_study("batchsize")
-    assert sorted(STUDIES) == ["batch-size", "bn-dropout", "groups", "nf", "norms"]
+    assert sorted(STUDIES) == ["batch-size", "bn-dropout", "groups", "nf", "norms", "stats-batch"]
 
 
 @pytest.mark.parametrize("variant", ["BRN", "GN+WS", "NF", "FRN", "EvoNorm-S0", "EvoNorm-B0"])
@@ -47,7 +48,9 @@ def test_optional_series_train(tmp_path, variant):
     user = {"data": "synthetic", "epochs": 1, "threads": 1,
             "data_kwargs": {"n_train": 64, "n_test": 32, "image_size": 8, "channels": 1,
                             "num_classes": 3}}
-    p = next(p for p in get_study("batch-size").points(user, "quick", 1, [variant])
+    # BRN has no ghost-batch form: it runs with one device (the single-batch protocol)
+    devices = 1 if variant == "BRN" else 2
+    p = next(p for p in get_study("batch-size").points(user, "quick", 1, [variant], devices)
              if p.x == 8)
     with Store(tmp_path) as s:
         s.claim(p.cfg.run_id(), p.cfg.to_dict())
@@ -78,7 +81,7 @@ def test_overrides_the_study_does_not_vary_still_apply():
     pts = get_study("batch-size").points({"norm": "gn", "norm_kwargs.num_groups": 4}, "quick",
                                          variants=["GN"])
     assert {(p.cfg.norm, p.cfg.norm_kwargs["num_groups"]) for p in pts} == {("gn", 4)}
-    assert [p.cfg.batch_size for p in pts] == [32, 16, 8, 4, 2]
+    assert [p.cfg.batch_size for p in pts] == [8 * n for n in (32, 16, 8, 4, 2)]
     pts = get_study("groups").points({"norm_kwargs.eps": 1e-3}, "quick")
     assert all(p.cfg.norm_kwargs["eps"] == 1e-3 for p in pts)
     assert {p.cfg.model for p in get_study("nf").points({"model": "nf_resnet32"}, "quick",
@@ -91,3 +94,56 @@ def test_a_series_that_cannot_take_an_override_is_named():
     with pytest.raises(ConfigError, match="^series 'BN': cannot build model 'resnet20': ") as e:
         preflight([p.cfg for p in pts])
     assert "num_groups" in str(e.value) and "--variants" in e.value.hint
+
+
+def test_the_per_device_protocol_emulates_k_devices():
+    """N images per device on K devices (Wu & He section 4): SGD batch K x N, lr 0.1 x N/32,
+    BN statistics per N (ghostbn); GN unchanged but for the batch and lr."""
+    pts = {(p.label, p.x): p.cfg for p in get_study("batch-size").points({}, "default", 1,
+                                                                          devices=4)}
+    bn2, gn2 = pts[("BN", 2)], pts[("GN", 2)]
+    assert (bn2.batch_size, bn2.lr, bn2.norm, bn2.norm_kwargs) == (8, 0.1 * 2 / 32, "ghostbn",
+                                                                   {"virtual_batch": 2})
+    assert (gn2.batch_size, gn2.lr, gn2.norm, gn2.norm_kwargs) == (8, 0.1 * 2 / 32, "gn",
+                                                                   {"num_groups": 8})
+    one = {(p.label, p.x): p.cfg for p in get_study("batch-size").points({}, "default", 1,
+                                                                          devices=1)}
+    assert (one[("BN", 2)].batch_size, one[("BN", 2)].lr, one[("BN", 2)].norm) == (2, None, "bn")
+    setups = {p.setup for d in (1, 4, 8) for p in get_study("batch-size").points({}, "quick", 1,
+                                                                                 devices=d)}
+    assert len(setups) == 3  # another protocol is another table
+    assert get_study("batch-size").protocol(4)["sgd_batch"] == "4 x N"
+
+
+def test_the_stats_batch_study_holds_the_sgd_batch():
+    st = get_study("stats-batch")
+    pts = st.points({}, "default", 1)
+    assert {(p.cfg.batch_size, p.cfg.lr) for p in pts} == {(256, 0.1)}
+    assert {p.x: p.cfg.norm_kwargs.get("virtual_batch") for p in pts if p.label == "BN"} == {
+        32: 32, 16: 16, 8: 8, 4: 4, 2: 2}
+    assert [p.x for p in pts if p.label == "GN"] == [32]  # GN does not see the statistics batch
+    # its BN at 32 is the batch-size study's BN at 32: one run in a shared store
+    bs = {(p.label, p.x): p.cfg.run_id() for p in get_study("batch-size").points({}, "default", 1)}
+    assert bs[("BN", 32)] == next(p.cfg.run_id() for p in pts if p.label == "BN" and p.x == 32)
+
+
+@pytest.mark.parametrize("study, user, devices, needle", [
+    ("bn-dropout", {}, 2, "no per-device batch"),            # its batch is not per device
+    ("batch-size", {"world_size": 2}, 2, "processes are the devices"),
+    ("batch-size", {}, 0, "devices must be a positive int, got 0"),
+])
+def test_bad_devices(study, user, devices, needle):
+    with pytest.raises(ConfigError, match=needle):
+        get_study(study).points(user, "quick", devices=devices)
+
+
+def test_batch_renorm_cannot_be_emulated_per_slice():
+    with pytest.raises(ConfigError, match="Batch Renorm has no per-slice") as e:
+        get_study("batch-size").points({}, "quick", variants=["BRN"])
+    assert "--devices 1" in e.value.hint
+
+
+def test_seeds_per_point_for_power_rounds():
+    pts = get_study("norms").points({}, "quick", seeds={("BN", 32): 3})
+    assert sorted(p.cfg.seed for p in pts if p.label == "BN") == [0, 1, 2]
+    assert [p.cfg.seed for p in pts if p.label == "LN"] == [0]  # the preset's one seed

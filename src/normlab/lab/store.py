@@ -10,6 +10,8 @@ Layout of ``OUT/results.sqlite`` (WAL journal, every write one ``BEGIN IMMEDIATE
     epochs(run_id, epoch PK, train_loss, train_error, test_loss, test_error, lr, wall_time,
            images_per_s)
     study_runs(study, preset, run_id, label PK, x JSON, registered, setup)  -- which runs make a study
+    setups(study, preset, setup PK, info JSON, registered)  -- how a study's setup was run: the
+         protocol (:meth:`normlab.lab.studies.Study.protocol`), the power rounds' outcome
     spp(model, depth PK, name, avg_sq_mean, avg_var, residual_var, expected_var (the analytic
         variance where the model has one), architecture (e.g. BN-ReLU-Conv))  -- signal propagation
 
@@ -85,6 +87,9 @@ CREATE TABLE IF NOT EXISTS study_runs (
     study TEXT NOT NULL, preset TEXT NOT NULL, run_id TEXT NOT NULL, label TEXT NOT NULL,
     x TEXT, registered REAL, setup TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (study, preset, run_id, label));
+CREATE TABLE IF NOT EXISTS setups (
+    study TEXT NOT NULL, preset TEXT NOT NULL, setup TEXT NOT NULL, info TEXT NOT NULL,
+    registered REAL, PRIMARY KEY (study, preset, setup));
 CREATE TABLE IF NOT EXISTS spp (
     model TEXT NOT NULL, depth INTEGER NOT NULL, name TEXT, avg_sq_mean REAL, avg_var REAL,
     residual_var REAL, expected_var REAL, architecture TEXT, PRIMARY KEY (model, depth));
@@ -383,17 +388,56 @@ class Store:
     # ------------------------------------------------------------------ writes
     @_names_damage
     def register(self, study: str, preset: str, members: list[tuple[str, str, Any]],
-                 setup: str = "") -> None:
+                 setup: str = "", info: Optional[dict[str, Any]] = None) -> None:
         """Record that ``study`` (``preset``) run on ``setup`` (what it was run on: data,
         model, overrides; :func:`normlab.lab.studies.setup_id`) consists of the (run_id, label,
         x) ``members``. The members of one setup accumulate (more seeds, other series);
-        :meth:`study_runs` reads the setup registered last."""
+        :meth:`study_runs` reads the setup registered last. ``info`` (JSON-able; e.g.
+        ``{"protocol": ...}``) is merged into the setup's (:meth:`setup_info`)."""
         now = time.time()
         with self.transaction() as c:
             c.executemany("INSERT OR REPLACE INTO study_runs (study, preset, run_id, label, x, "
                           "registered, setup) VALUES (?, ?, ?, ?, ?, ?, ?)",
                           [(study, preset, rid, label, json.dumps(x), now, setup)
                            for rid, label, x in members])
+            if info:
+                self._merge_info(c, study, preset, setup, info, now)
+
+    def update_setup_info(self, study: str, preset: str, setup: str,
+                          info: dict[str, Any]) -> None:
+        """Merge ``info`` (top-level keys replace) into what the store keeps about a setup."""
+        with self.transaction() as c:
+            self._merge_info(c, study, preset, setup, info, time.time())
+
+    @staticmethod
+    def _merge_info(c: sqlite3.Connection, study: str, preset: str, setup: str,
+                    info: dict[str, Any], now: float) -> None:
+        row = c.execute("SELECT info FROM setups WHERE study=? AND preset=? AND setup=?",
+                        (study, preset, setup)).fetchone()
+        merged = {**(json.loads(row[0]) if row else {}), **info}
+        c.execute("INSERT OR REPLACE INTO setups (study, preset, setup, info, registered) "
+                  "VALUES (?, ?, ?, ?, ?)",
+                  (study, preset, setup, json.dumps(merged, sort_keys=True, default=str), now))
+
+    def setup_info(self, study: str, preset: Optional[str] = None) -> dict[str, Any]:
+        """What the store keeps about the setup :meth:`study_runs` reads (the latest one):
+        ``protocol`` (:meth:`normlab.lab.studies.Study.protocol`: devices, SGD batch, lr rule,
+        where the statistics run), ``power`` (the power rounds: seeds added, budget, why they
+        stopped); ``{}`` for a study registered without it."""
+        preset = preset or self._latest_preset(study)
+        if preset is None:
+            return {}
+        latest = self.con.execute("SELECT setup FROM study_runs WHERE study=? AND preset=? "
+                                  "ORDER BY registered DESC LIMIT 1", (study, preset)).fetchone()
+        if latest is None:
+            return {}
+        row = self.con.execute("SELECT info FROM setups WHERE study=? AND preset=? AND setup=?",
+                               (study, preset, latest[0])).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def _latest_preset(self, study: str) -> Optional[str]:
+        pairs = [p for s, p in self.studies() if s == study]
+        return pairs[-1] if pairs else None
 
     @_names_damage
     def claim(self, run_id: str, config: dict[str, Any]) -> str:
@@ -525,10 +569,9 @@ class Store:
         other overrides are not pooled with them), each with its ``label``, ``x``, ``config``
         and ``history`` (list of epoch rows)."""
         if preset is None:
-            pairs = [p for s, p in self.studies() if s == study]
-            if not pairs:
+            preset = self._latest_preset(study)
+            if preset is None:
                 return []
-            preset = pairs[-1]
         latest = self.con.execute("SELECT setup FROM study_runs WHERE study=? AND preset=? "
                                   "ORDER BY registered DESC LIMIT 1", (study, preset)).fetchone()
         if latest is None:
@@ -569,8 +612,10 @@ class Store:
         by_run: dict[str, list] = {}
         for e in epochs:
             by_run.setdefault(e["run_id"], []).append({k: v for k, v in e.items() if k != "run_id"})
+        setups = [{**dict(r), "info": json.loads(r["info"])}
+                  for r in self.con.execute("SELECT * FROM setups ORDER BY study, registered")]
         doc = {"runs": [{**r, "history": by_run.get(r["run_id"], [])} for r in runs],
-               "studies": members}
+               "studies": members, "setups": setups}
         tmp = p.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str))
         os.replace(tmp, p)

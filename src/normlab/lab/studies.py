@@ -15,6 +15,20 @@ bn-dropout      dropout {0, .2, .4} x BN {none, conv, dense, both}  REFERENCE se
 nf              NF-ResNet (AGC) vs BN-ResNet across batch sizes    Brock, De & Smith, ICLR 2021 (3)
 ==============  =================================================  ==================================
 
+The paper's protocol on one device. In the GN paper (Wu & He, ECCV 2018, section 4; REFERENCE
+section 1) "N images per GPU" means BN statistics over N images inside an SGD step over the
+K x N images of K = 8 GPUs, at lr 0.1 x N/32. The studies marked ``per_device`` emulate that on one
+process by default (``devices`` K, default :data:`PAPER_DEVICES`): a run takes SGD steps over
+K x N images at lr ``base_lr x N / 32``, and BN normalizes each slice of N images on its own
+(``ghostbn``, :class:`normlab.nn.GhostBatchNorm2d`: exactly K-process DDP with per-process BN,
+running statistics as rank 0 keeps them); SyncBN's statistics over the whole K x N batch are
+one process's plain BN over it; GN, LN and IN are per sample either way. The ``stats-batch``
+study holds the SGD batch at K x 32 (lr ``base_lr``) and varies only BN's statistics batch,
+which separates the statistics' effect from the SGD noise of a smaller step. ``devices=1``
+gives the former single-batch protocol (one batch of N images per step, lr ``base_lr x N x
+processes / 32``). :meth:`Study.protocol` describes the protocol a run list used; the runner
+records it with the study's setup in the store, for the report.
+
 Batch sizes are per process ("images per GPU", as in the GN paper). Run on K processes
 (``--nproc-per-node K``), the batch-size study adds a SyncBN series to BN and GN: BN keeps
 per-process statistics and degrades at small per-process batches, SyncBN takes its statistics over
@@ -32,13 +46,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from normlab.factory import canonical_name
 from normlab.lab.config import ConfigError, RunConfig, apply_overrides
 from normlab.models import is_normalizer_free
 
-__all__ = ["Study", "Point", "Claim", "STUDIES", "get_study", "PRESETS", "setup_id"]
+__all__ = ["Study", "Point", "Claim", "STUDIES", "get_study", "PRESETS", "setup_id",
+           "PAPER_DEVICES", "emulate_devices"]
 
 PRESETS = ("quick", "default")
 GN_PAPER = "Wu & He, Group Normalization, ECCV 2018 (ResNet-50, ImageNet val error %)"
+#: the GN paper's 8 GPUs (REFERENCE section 1): the devices a per-device study emulates by default
+PAPER_DEVICES = 8
 
 
 @dataclass
@@ -93,6 +111,12 @@ class Study:
     # series added to the default ones when the study runs on more than one process (SyncBN:
     # one process has nothing to synchronize with, so it would repeat BN)
     multi_process_variants: list[str] = field(default_factory=list)
+    # the batch is per device: the K-device protocol applies (module docstring)
+    per_device: bool = False
+    # x is BN's statistics batch inside a fixed SGD batch (the stats-batch study)
+    stats_batch_axis: bool = False
+    # series run at some x only (label -> xs): a GN run does not depend on BN's statistics batch
+    series_xs: dict[str, list] = field(default_factory=dict)
 
     def default_series(self, world_size: int = 1) -> list[str]:
         """The series run when none are asked for: the defaults, plus
@@ -100,13 +124,60 @@ class Study:
         extra = [v for v in self.multi_process_variants if v not in self.default_variants]
         return self.default_variants + (extra if world_size > 1 else [])
 
+    def devices(self, user: Optional[dict[str, Any]] = None, devices: Optional[int] = None
+                ) -> int:
+        """The number of devices the study's runs emulate: ``devices`` if given, else
+        :data:`PAPER_DEVICES` for a per-device study on one process, else 1. Real processes
+        (``world_size`` > 1) are the devices themselves: emulating more on top is an error."""
+        world = int(dict(user or {}).get("world_size", 1))
+        if devices is not None:
+            if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+                raise ConfigError(f"devices must be a positive int, got {devices!r}")
+            if devices > 1 and not self.per_device:
+                raise ConfigError(f"study {self.name!r} has no per-device batch to emulate "
+                                  f"devices for (got devices={devices})", hint="drop --devices")
+            if devices > 1 and world > 1:
+                raise ConfigError(
+                    f"devices={devices} emulated on each of {world} processes: the processes "
+                    "are the devices already", hint="drop --devices or --nproc-per-node")
+            return devices
+        return PAPER_DEVICES if self.per_device and world == 1 else 1
+
+    def protocol(self, devices: int) -> dict[str, Any]:
+        """What a run list with ``devices`` emulated devices computes (for the store and the
+        report): ``name``, ``devices``, ``sgd_batch``, ``lr``, ``statistics``, ``source``."""
+        k = devices
+        if self.stats_batch_axis:
+            return {"name": "fixed SGD batch", "devices": k, "sgd_batch": f"{k} x 32",
+                    "lr": "base_lr (the paper's lr at 32 images per device)",
+                    "statistics": "BN per slice of x images of the SGD batch (running statistics "
+                                  "of slice 0, as rank 0 keeps them); GN per sample (one run, "
+                                  "the same at every x)",
+                    "source": "ghost batches (Hoffer et al., NeurIPS 2017) inside the GN "
+                              "paper's SGD batch of 8 x 32"}
+        if not self.per_device or k == 1:
+            return {"name": "single batch", "devices": 1, "sgd_batch": "N x processes",
+                    "lr": "base_lr x N x processes / 32",
+                    "statistics": "BN per process (its N images); SyncBN over all processes; "
+                                  "GN/LN/IN per sample", "source": ""}
+        return {"name": "per device", "devices": k, "sgd_batch": f"{k} x N",
+                "lr": "base_lr x N / 32",
+                "statistics": f"BN per N images of the {k} x N batch (ghost batches: {k}-process "
+                              "DDP with per-process BN; running statistics of slice 0, as rank "
+                              f"0 keeps them); SyncBN over all {k} x N; GN/LN/IN per sample",
+                "source": "Wu & He, ECCV 2018, section 4: N images per GPU on 8 GPUs, lr "
+                          "0.1 x N/32"}
+
     def points(self, user: Optional[dict[str, Any]] = None, preset: str = "default",
-               seeds: Optional[int] = None, variants: Optional[list[str]] = None) -> list[Point]:
+               seeds: Optional[int] = None, variants: Optional[list[str]] = None,
+               devices: Optional[int] = None) -> list[Point]:
         """Every run of the study: variants x xs x seeds. Each config is RunConfig defaults, then
         the preset, the variant and the point's own keys, then ``user`` (the --data/--model/--set
         choices, which win, except over what the study varies: its axis and the norm or ws a
-        series names are a ConfigError to override), then ``seed = user seed + i`` and the series
-        label."""
+        series names are a ConfigError to override), then the protocol for ``devices``
+        (:meth:`devices`, :func:`emulate_devices`), then ``seed = user seed + i`` and the series
+        label. ``seeds`` is a count, or ``{(label, x): count}`` (the power rounds' targets;
+        points not named get the preset's)."""
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}", hint=f"choose one of: {', '.join(PRESETS)}")
         variants = variants or self.default_series(int(dict(user or {}).get("world_size", 1)))
@@ -114,15 +185,20 @@ class Study:
         if bad:
             raise ConfigError(f"study {self.name!r} has no variant(s) {', '.join(bad)}",
                               hint=f"known variants: {', '.join(self.variants)}")
-        n_seeds = self.seeds[preset] if seeds is None else seeds
-        if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
-            raise ConfigError(f"seeds must be a positive int, got {n_seeds!r}")
+        per_point = seeds if isinstance(seeds, dict) else {}
+        n_seeds = self.seeds[preset] if seeds is None or per_point else seeds
+        for n in [n_seeds, *per_point.values()]:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"seeds must be a positive int, got {n!r}")
+        k = self.devices(user, devices)
         user = dict(user or {})
         seed0 = user.pop("seed", 0)
         setup = setup_id(user)
+        if k != 1:  # another protocol: another table
+            setup = hashlib.sha256(f"{setup}|devices={k}".encode()).hexdigest()[:16]
         out = []
         for label in variants:
-            for x in self.xs[preset]:
+            for x in self.series_xs.get(label, self.xs[preset]):
                 over = {**self.presets[preset], **self.variants[label], **self.point_overrides(label, x)}
                 cfg = apply_overrides(RunConfig(), over)
                 model = user.get("model", cfg.model)
@@ -141,7 +217,8 @@ class Study:
                              "(`normlab ls --models`)")
                 study_cfg, cfg = cfg, apply_overrides(cfg, user)
                 self._check_not_overridden(label, x, study_cfg, cfg, user)
-                for seed in range(n_seeds):
+                cfg = emulate_devices(cfg, k, x if self.stats_batch_axis else None)
+                for seed in range(per_point.get((label, x), n_seeds)):
                     out.append(Point(label, x, cfg.replace(seed=seed0 + seed, label=label),
                                      setup))
         return out
@@ -167,6 +244,41 @@ class Study:
                 f"the override {path}={shown} would train another config under that label",
                 hint="drop it from --set/--config (--variants picks series; `normlab train` "
                      "runs a single config)")
+
+
+def emulate_devices(cfg: RunConfig, devices: int, stats_batch: Optional[int] = None
+                    ) -> RunConfig:
+    """The run that ``devices`` devices of ``cfg.batch_size`` images each compute, on one
+    process (module docstring): SGD batch ``devices * batch_size``, lr ``base_lr * batch_size /
+    32`` (unless ``cfg.lr`` is set), BN statistics per ``stats_batch`` images (default: the
+    per-device batch) through ``ghostbn``. ``devices == 1`` with no ``stats_batch`` returns
+    ``cfg`` (the single-batch protocol). Batch Renorm has no per-slice form here: a
+    ConfigError.
+
+    >>> c = emulate_devices(RunConfig(norm="bn", batch_size=2), 8)
+    >>> c.batch_size, c.lr, c.norm, c.norm_kwargs
+    (16, 0.00625, 'ghostbn', {'virtual_batch': 2})
+    """
+    n = cfg.batch_size
+    stats = n if stats_batch is None else stats_batch
+    if devices == 1 and stats == n:
+        return cfg
+    total = devices * n
+    if total % stats:
+        raise ConfigError(f"a statistics batch of {stats} does not divide the SGD batch of "
+                          f"{devices} x {n} = {total} images")
+    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * n / 32
+    changes: dict[str, Any] = {"batch_size": total, "lr": lr}
+    norm = canonical_name(cfg.norm)
+    if norm in ("bn", "ghostbn") and stats < total:
+        changes["norm"] = "ghostbn"
+        changes["norm_kwargs"] = {**cfg.norm_kwargs, "virtual_batch": stats}
+    elif norm == "brn" and stats < total:
+        raise ConfigError(f"Batch Renorm has no per-slice (ghost batch) form: {devices} "
+                          f"emulated devices cannot keep its statistics per {stats} images",
+                          hint="run BRN with --devices 1, or on real processes "
+                               "(--nproc-per-node)")
+    return cfg.replace(**changes).validate()
 
 
 def setup_id(user: dict[str, Any]) -> str:
@@ -298,6 +410,37 @@ _add(Study(
               "EvoNorm paper, Table 4 (unverified): S0 above GN-ReLU at small batches"),
     ],
     x_log2=True,
+    per_device=True,
+))
+
+_add(Study(
+    name="stats-batch",
+    title="Test error vs BN's statistics batch, the SGD batch held fixed",
+    description="BN with statistics per x images (ghost batches) inside the same SGD step of "
+                "devices x 32 images at lr 0.1, for x = 32..2; GN, which takes no statistics over "
+                "the batch, is one run. Only the statistics batch changes: the SGD noise is the "
+                "same at every x (Hoffer et al., NeurIPS 2017; Wu & Johnson 2021).",
+    axis="BN statistics batch",
+    variants={"BN": {"norm": "bn"}, "GN": _GN},
+    default_variants=["BN", "GN"],
+    xs={"quick": [32, 8, 2], "default": BATCHES},
+    presets={"quick": {"epochs": 2, "train_limit": 640}, "default": {"epochs": 6}},
+    seeds={"quick": 1, "default": 2},
+    point_overrides=_none,
+    paper={},
+    paper_source="no paper table for this protocol: the GN paper (section 4) varied the SGD "
+                 "batch with the statistics batch; its BN drop (23.6 at 32 -> 34.7 at 2 per GPU) "
+                 "is the claim tested here with the SGD batch fixed",
+    claims=[
+        Claim("BN degrades at statistics batch 2 (error at least 1 point above 32)", "less",
+              ("BN", 32), ("BN", 2), 1.0, "GN paper: BN 23.6 -> 34.7 per GPU"),
+        Claim("GN beats BN at statistics batch 2", "less", ("GN", 32), ("BN", 2), 0.0,
+              "GN paper: 24.1 vs 34.7 (GN does not depend on the statistics batch)"),
+    ],
+    x_log2=True,
+    per_device=True,
+    stats_batch_axis=True,
+    series_xs={"GN": [32]},
 ))
 
 _G_XS = [64, 32, 16, 8, 4, 2, 1]
@@ -326,6 +469,7 @@ _add(Study(
               ("C/G", 1), None, 0.0, "GN paper: 28.4, next worst 25.6"),
     ],
     x_log2=True,
+    per_device=True,
 ))
 
 _add(Study(
@@ -354,6 +498,7 @@ _add(Study(
               "GN paper: 23.6 vs 24.1 (0.5 points)"),
         Claim("BN beats no normalization", "less", ("BN", 32), ("none", 32), 0.0, ""),
     ],
+    per_device=True,
 ))
 
 _add(Study(
@@ -401,6 +546,7 @@ _add(Study(
               "NF better at very small batches"),
     ],
     x_log2=True,
+    per_device=True,
 ))
 
 
