@@ -1,0 +1,117 @@
+"""Power rounds: a study adds seeds where its claims are still open, within a budget.
+
+After the study's first run list (the preset's seeds) has run, each round reads the study's
+runs back from the store, computes every claim's verdict (:mod:`normlab.lab.analysis`) and gives
+one more seed to each point of every inconclusive claim that more seeds could decide
+(:func:`normlab.lab.analysis.seeds_to_add`: at most ``max_seeds`` per point, not for a claim
+whose observed spread would need more). Rounds stop when no claim is left to decide that way,
+or when the budget is spent: ``budget_runs`` runs added by the rounds, or ``budget_minutes``
+of wall time since the study started (a round that has started finishes). What happened is
+recorded with the setup (:meth:`Store.update_setup_info`, key ``power``), so the report can
+say which claims stayed open and why.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+from normlab.lab.analysis import INCONCLUSIVE, claims_status, point_stats, seeds_to_add
+from normlab.lab.config import ConfigError
+from normlab.lab.store import Store
+from normlab.lab.studies import Point, Study
+
+__all__ = ["DEFAULT_MAX_SEEDS", "run_with_power", "check_budget"]
+
+#: seeds per point the rounds go up to by default
+DEFAULT_MAX_SEEDS = 8
+
+
+def check_budget(budget_runs: Optional[int], budget_minutes: Optional[float],
+                 max_seeds: int) -> None:
+    """A ConfigError naming a bad budget value."""
+    if budget_runs is not None and (isinstance(budget_runs, bool) or not isinstance(
+            budget_runs, int) or budget_runs < 0):
+        raise ConfigError(f"--budget-runs must be an int >= 0, got {budget_runs!r}")
+    if budget_minutes is not None and not budget_minutes >= 0:
+        raise ConfigError(f"--budget-minutes must be a number >= 0, got {budget_minutes!r}")
+    if isinstance(max_seeds, bool) or not isinstance(max_seeds, int) or max_seeds < 1:
+        raise ConfigError(f"--max-seeds must be a positive int, got {max_seeds!r}")
+
+
+def run_with_power(
+    study: Study,
+    preset: str,
+    store: Store,
+    points_for: Callable[[Optional[dict]], list[Point]],
+    run: Callable[[list[Point]], dict[str, int]],
+    *,
+    budget_runs: Optional[int] = None,
+    budget_minutes: Optional[float] = None,
+    max_seeds: int = DEFAULT_MAX_SEEDS,
+    info: Optional[dict[str, Any]] = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Run ``study``: its first run list, then power rounds (module docstring).
+
+    Args:
+        points_for: ``points_for(None)`` gives the first run list, ``points_for({(label, x):
+            seeds})`` the list with those seed counts (the study's :meth:`Study.points` with
+            the user's choices bound).
+        run: trains the points not yet done (skipping finished ones) and returns the outcome
+            counts (``trained``, ``skipped``, ``failed``).
+        budget_runs: runs the rounds may add (None: no limit but ``max_seeds``; 0: no rounds).
+        budget_minutes: wall-clock minutes from the start after which no round starts.
+        info: recorded with the setup when it is registered (e.g. ``{"protocol": ...}``).
+
+    Returns:
+        the ``power`` record: rounds, runs added, why the rounds stopped (``decided``: nothing
+        left that more seeds could decide within ``max_seeds``; ``budget-runs``;
+        ``budget-minutes``), the budget, and the claims still open with the seeds they need.
+    """
+    check_budget(budget_runs, budget_minutes, max_seeds)
+    t0 = clock()
+    points = points_for(None)
+    setup = points[0].setup if points else ""
+    _register(store, study, preset, points, setup, info)
+    counts = dict(run(points))
+    targets: dict[tuple, int] = {}
+    added, rounds, stopped = 0, 0, "decided"
+    while True:
+        stats = point_stats(store.study_runs(study.name, preset))
+        want = {p: n for p, n in seeds_to_add(study, stats, max_seeds).items()
+                if n > targets.get(p, 0)}
+        if not want:
+            break
+        if budget_minutes is not None and clock() - t0 >= 60.0 * budget_minutes:
+            stopped = "budget-minutes"
+            break
+        targets.update(want)
+        new = [p for p in points_for(targets) if (p.label, p.x) in want]
+        known = {p.cfg.run_id() for p in points}
+        new = [p for p in new if p.cfg.run_id() not in known]
+        if budget_runs is not None and added + len(new) > budget_runs:
+            stopped = "budget-runs"
+            break
+        if not new:
+            break
+        rounds += 1
+        added += len(new)
+        points = points + new
+        _register(store, study, preset, new, setup, None)
+        for k, v in run(new).items():
+            counts[k] = counts.get(k, 0) + v
+    stats = point_stats(store.study_runs(study.name, preset))
+    open_claims = [{"claim": c["text"], "seeds": c["seeds"], "seeds_needed": c["seeds_needed"]}
+                   for c in claims_status(study, stats) if c["verdict"] == INCONCLUSIVE]
+    record = {"rounds": rounds, "runs_added": added, "stopped": stopped,
+              "budget_runs": budget_runs, "budget_minutes": budget_minutes,
+              "max_seeds": max_seeds, "open": open_claims, "counts": counts}
+    store.update_setup_info(study.name, preset, setup, {"power": record})
+    return record
+
+
+def _register(store: Store, study: Study, preset: str, points: list[Point], setup: str,
+              info: Optional[dict[str, Any]]) -> None:
+    store.register(study.name, preset, [(p.cfg.run_id(), p.label, p.x) for p in points],
+                   setup=setup, info=info)

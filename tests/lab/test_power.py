@@ -1,0 +1,91 @@
+"""Power rounds (lab/power.py) on a real study's run lists, with the training replaced by
+recorded results (so the loop's decisions are checked, not SGD): seeds are added only where a
+claim is open, until it is decided, the seed cap or the budget stops them."""
+
+import itertools
+
+import pytest
+
+from normlab.lab.analysis import INCONCLUSIVE, claims_status, point_stats
+from normlab.lab.config import ConfigError
+from normlab.lab.power import run_with_power
+from normlab.lab.store import Store
+from normlab.lab.studies import get_study
+
+# true error per series; the seed adds an alternating +-0.3 (sd about 0.3)
+MEANS = {"BN": 2.0, "GN": 2.6, "LN": 2.7, "IN": 5.0, "none": 9.0}
+
+
+def _fake_run(store, trained):
+    def run(points):
+        n = 0
+        for p in points:
+            rid = p.cfg.run_id()
+            if store.claim(rid, p.cfg.to_dict()) == "done":
+                continue
+            err = MEANS[p.label] + (0.3 if p.cfg.seed % 2 else -0.3) * (1 + 0.1 * p.cfg.seed)
+            store.record_epochs(rid, [{"epoch": 0, "train_loss": 0.1, "test_error": err}], {})
+            store.finish(rid)
+            trained.append((p.label, p.cfg.seed))
+            n += 1
+        return {"trained": n, "skipped": len(points) - n, "failed": 0}
+    return run
+
+
+def _study(tmp_path, **kw):
+    study = get_study("norms")
+    store = Store(tmp_path)
+    trained = []
+    rec = run_with_power(study, "quick", store,
+                         lambda seeds: study.points({}, "quick", seeds=seeds),
+                         _fake_run(store, trained), info={"protocol": study.protocol(8)}, **kw)
+    return study, store, trained, rec
+
+
+def test_rounds_add_seeds_only_to_open_claims_until_decided(tmp_path):
+    study, store, trained, rec = _study(tmp_path, max_seeds=6)
+    stats = point_stats(store.study_runs("norms", "quick"))
+    status = {c["text"]: c for c in claims_status(study, stats)}
+    # IN and none are far from the rest: decided with few seeds; GN vs LN (0.1 apart) is not
+    assert status["BN beats no normalization"]["verdict"] == "reproduced"
+    assert status["GN beats IN"]["verdict"] == "reproduced"
+    assert status["GN beats LN"]["verdict"] == INCONCLUSIVE
+    assert stats[("none", 32)]["n"] < stats[("GN", 32)]["n"]  # no seeds where nothing is open
+    assert all(s["n"] <= 6 for s in stats.values())
+    assert rec["stopped"] == "decided" and rec["rounds"] >= 1
+    assert len(trained) == 5 + rec["runs_added"]
+    open_claims = {o["claim"]: o for o in rec["open"]}
+    assert open_claims["GN beats LN"]["seeds_needed"] > 6  # what the spread would need
+    info = store.setup_info("norms")
+    assert info["power"]["runs_added"] == rec["runs_added"] and info["protocol"]["devices"] == 8
+
+
+def test_the_run_budget_stops_the_rounds(tmp_path):
+    _, store, trained, rec = _study(tmp_path, budget_runs=3)
+    assert rec["runs_added"] <= 3 and rec["stopped"] == "budget-runs"
+    assert len(trained) == 5 + rec["runs_added"]
+
+
+def test_the_minutes_budget_stops_the_rounds(tmp_path):
+    ticks = itertools.count()
+    study = get_study("norms")
+    store = Store(tmp_path)
+    rec = run_with_power(study, "quick", store, lambda s: study.points({}, "quick", seeds=s),
+                         _fake_run(store, []), budget_minutes=1.5,
+                         clock=lambda: 60.0 * next(ticks))  # a minute per clock reading
+    assert rec["stopped"] == "budget-minutes" and rec["rounds"] == 1
+
+
+def test_zero_budget_runs_the_preset_only(tmp_path):
+    _, _, trained, rec = _study(tmp_path, budget_runs=0)
+    assert len(trained) == 5 and rec["runs_added"] == 0 and rec["open"]
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"budget_runs": -1}, "--budget-runs must be an int >= 0, got -1"),
+    ({"budget_minutes": -2.0}, "--budget-minutes must be a number >= 0, got -2.0"),
+    ({"max_seeds": 0}, "--max-seeds must be a positive int, got 0"),
+])
+def test_bad_budgets(tmp_path, kw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        _study(tmp_path, **kw)
