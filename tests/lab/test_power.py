@@ -37,7 +37,7 @@ def _study(tmp_path, **kw):
     store = Store(tmp_path)
     trained = []
     rec = run_with_power(study, "quick", store,
-                         lambda seeds: study.points({}, "quick", seeds=seeds),
+                         lambda at: study.points({}, "quick", seeds_at=at),
                          _fake_run(store, trained), info={"protocol": study.protocol(8)}, **kw)
     return study, store, trained, rec
 
@@ -70,7 +70,7 @@ def test_the_minutes_budget_stops_the_rounds(tmp_path):
     ticks = itertools.count()
     study = get_study("norms")
     store = Store(tmp_path)
-    rec = run_with_power(study, "quick", store, lambda s: study.points({}, "quick", seeds=s),
+    rec = run_with_power(study, "quick", store, lambda at: study.points({}, "quick", seeds_at=at),
                          _fake_run(store, []), budget_minutes=1.5,
                          clock=lambda: 60.0 * next(ticks))  # a minute per clock reading
     assert rec["stopped"] == "budget-minutes" and rec["rounds"] == 1

@@ -144,6 +144,6 @@ def test_batch_renorm_cannot_be_emulated_per_slice():
 
 
 def test_seeds_per_point_for_power_rounds():
-    pts = get_study("norms").points({}, "quick", seeds={("BN", 32): 3})
+    pts = get_study("norms").points({}, "quick", seeds_at={("BN", 32): 3})
     assert sorted(p.cfg.seed for p in pts if p.label == "BN") == [0, 1, 2]
     assert [p.cfg.seed for p in pts if p.label == "LN"] == [0]  # the preset's one seed

@@ -56,8 +56,8 @@ def run_with_power(
 
     Args:
         points_for: ``points_for(None)`` gives the first run list, ``points_for({(label, x):
-            seeds})`` the list with those seed counts (the study's :meth:`Study.points` with
-            the user's choices bound).
+            seeds})`` the list with those points at those seed counts (the study's
+            :meth:`Study.points` with the user's choices bound, the dict as ``seeds_at``).
         run: trains the points not yet done (skipping finished ones) and returns the outcome
             counts (``trained``, ``skipped``, ``failed``).
         budget_runs: runs the rounds may add (None: no limit but ``max_seeds``; 0: no rounds).

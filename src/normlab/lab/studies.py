@@ -170,14 +170,14 @@ class Study:
 
     def points(self, user: Optional[dict[str, Any]] = None, preset: str = "default",
                seeds: Optional[int] = None, variants: Optional[list[str]] = None,
-               devices: Optional[int] = None) -> list[Point]:
+               devices: Optional[int] = None, seeds_at: Optional[dict] = None) -> list[Point]:
         """Every run of the study: variants x xs x seeds. Each config is RunConfig defaults, then
         the preset, the variant and the point's own keys, then ``user`` (the --data/--model/--set
         choices, which win, except over what the study varies: its axis and the norm or ws a
         series names are a ConfigError to override), then the protocol for ``devices``
         (:meth:`devices`, :func:`emulate_devices`), then ``seed = user seed + i`` and the series
-        label. ``seeds`` is a count, or ``{(label, x): count}`` (the power rounds' targets;
-        points not named get the preset's)."""
+        label. ``seeds`` (default the preset's) is the seed count of every point but those
+        ``seeds_at`` names (``{(label, x): count}``: the power rounds' targets)."""
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}", hint=f"choose one of: {', '.join(PRESETS)}")
         variants = variants or self.default_series(int(dict(user or {}).get("world_size", 1)))
@@ -185,8 +185,8 @@ class Study:
         if bad:
             raise ConfigError(f"study {self.name!r} has no variant(s) {', '.join(bad)}",
                               hint=f"known variants: {', '.join(self.variants)}")
-        per_point = seeds if isinstance(seeds, dict) else {}
-        n_seeds = self.seeds[preset] if seeds is None or per_point else seeds
+        per_point = dict(seeds_at or {})
+        n_seeds = self.seeds[preset] if seeds is None else seeds
         for n in [n_seeds, *per_point.values()]:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ConfigError(f"seeds must be a positive int, got {n!r}")
