@@ -182,3 +182,12 @@ def test_factory_and_convert_norm_build_it():
     converted = normlab.convert_norm(model, "ghostbn", virtual_batch=4)
     assert isinstance(converted[1], GhostBatchNorm2d) and converted[1].momentum == 0.2
     assert converted[1].virtual_batch == 4 and torch.equal(converted[1].running_mean, stats)
+
+
+def test_fused_activation_per_slice():
+    x = off_centre(8, 3, 4, 4)
+    ghost = GhostBatchNorm2d(3, virtual_batch=4, activation="silu")
+    ref = torch.cat([nn.functional.silu(nn.functional.batch_norm(
+        x[i:i + 4], None, None, ghost.weight, ghost.bias, True)) for i in (0, 4)])
+    torch.testing.assert_close(ghost(x), ref, rtol=1e-5, atol=1e-5)
+    assert "activation='silu'" in repr(ghost)

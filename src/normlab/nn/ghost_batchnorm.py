@@ -52,6 +52,7 @@ def ghost_batch_norm(
     bias: Optional[Tensor] = None,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    activation: Optional[str] = None,
 ) -> Tensor:
     """Batch norm with training statistics per slice of ``virtual_batch`` samples.
 
@@ -63,6 +64,7 @@ def ghost_batch_norm(
             unbiased variance), or None.
         weight, bias: ``(C,)`` affine shared by all slices, or None.
         momentum, eps: as in BatchNorm.
+        activation: None, "relu", "silu" or "gelu", fused after the affine (as BatchNorm's).
 
     Returns:
         y with x's shape, dtype and memory format.
@@ -88,7 +90,8 @@ def ghost_batch_norm(
             f"shape {tuple(x.shape)}; batch statistics need more than 1"
         )
     if k == 1:
-        return NLF.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+        return NLF.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps,
+                              activation=activation)
     # (K*n, C, *S) -> (n, K*C, *S): slice k's channel c is channel k*C + c
     xs = x.reshape((k, virtual_batch, c) + spatial).transpose(0, 1).reshape(
         (virtual_batch, k * c) + spatial)
@@ -96,7 +99,7 @@ def ghost_batch_norm(
     bb = None if bias is None else bias.repeat(k)
     rm = None if running_mean is None else running_mean.repeat(k)
     rv = None if running_var is None else running_var.repeat(k)
-    ys = NLF.batch_norm(xs, rm, rv, w, bb, True, momentum, eps)
+    ys = NLF.batch_norm(xs, rm, rv, w, bb, True, momentum, eps, activation=activation)
     with torch.no_grad():
         if running_mean is not None:
             running_mean.copy_(rm[:c])
@@ -122,10 +125,11 @@ class _GhostBatchNorm(_BatchNormForward):
         dtype: Optional[torch.dtype] = None,
         *,
         bias: bool = True,
+        activation: Optional[str] = None,
     ) -> None:
         virtual_batch = _check_virtual_batch(virtual_batch)  # before any allocation
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype, bias=bias)
+                         device=device, dtype=dtype, bias=bias, activation=activation)
         self.virtual_batch = virtual_batch
 
     def forward(self, input: Tensor) -> Tensor:
@@ -143,7 +147,7 @@ class _GhostBatchNorm(_BatchNormForward):
         return ghost_batch_norm(
             input, self.virtual_batch,
             self.running_mean if track else None, self.running_var if track else None,
-            self.weight, self.bias, factor, self.eps,
+            self.weight, self.bias, factor, self.eps, self.activation,
         )
 
     def extra_repr(self) -> str:
@@ -166,8 +170,8 @@ class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
     with the mean and biased variance over ``(n, H, W)`` of slice ``k``, per channel: exactly
     ``K``-process DDP with per-process BatchNorm, process ``k`` holding slice ``k``. Running
     statistics follow slice 0 (what rank 0 keeps and checkpoints); eval uses them and is
-    exactly :class:`BatchNorm2d`. Args as BatchNorm2d plus ``virtual_batch`` (a positive int;
-    a training batch must be a multiple of it). Parameters, buffers and state_dict keys are
+    exactly :class:`BatchNorm2d`. Args as BatchNorm2d (``activation`` included) plus
+    ``virtual_batch`` (a positive int; a training batch must be a multiple of it). Parameters, buffers and state_dict keys are
     BatchNorm2d's, so checkpoints load both ways.
 
     Shape: input (K * virtual_batch, C, H, W), any memory format; output the same.
