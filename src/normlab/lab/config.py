@@ -49,7 +49,7 @@ __all__ = [
     "DATASETS", "SCHEDULES", "check_model_norm",
 ]
 
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "mnist5k", "synthetic", "cifar10", "cifar100", "imagefolder")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("cpu", "cuda", "auto")
 AMP_MODES = ("auto", "bf16", "off")
@@ -81,7 +81,8 @@ class RunConfig:
     name), ``norm_kwargs`` (e.g. ``num_groups``/``group_size`` for gn), ``model_kwargs`` (e.g.
     ``width``, ``dropout``, ``bn_conv``); ``ws=True`` swaps every Conv2d for a weight-standardized
     one (GN+WS, Qiao et al. 2019).
-    Data: ``data`` in :data:`DATASETS`, ``data_dir`` for files on disk, ``data_kwargs`` (synthetic:
+    Data: ``data`` in :data:`DATASETS`, ``data_dir`` for files on disk, ``data_kwargs`` (mnist5k:
+    ``image_size`` 28/14/7; synthetic:
     ``n_train``, ``n_test``, ``image_size``, ``channels``, ``num_classes``; imagefolder:
     ``image_size``), ``train_limit``/``test_limit`` to subsample, ``augment`` ("auto": pad-crop and
     flip for cifar and imagefolder only, "on", "off").

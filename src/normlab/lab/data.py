@@ -54,7 +54,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from normlab.distributed import make_sampler, rank_seed
-from normlab.lab.config import ConfigError
+from normlab.lab.config import DATASETS, ConfigError
 
 __all__ = ["DataError", "DataSplit", "load_dataset", "TensorLoader", "pad_crop_flip",
            "CIFAR_EXPECTED"]
@@ -430,7 +430,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, train_limit: Opti
             split = _imagefolder(Path(data_dir).expanduser(), **kwargs)
         else:
             raise ConfigError(f"unknown dataset {name!r}",
-                              hint="choose one of: digits, mnist5k, synthetic, cifar10, cifar100, imagefolder")
+                              hint=f"choose one of: {', '.join(DATASETS)}")
         _CACHE.clear()  # keep one dataset in memory
         _CACHE[key] = split
     s = _CACHE[key]

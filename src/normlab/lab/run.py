@@ -17,6 +17,7 @@ import torch
 from normlab import distributed as nd
 from normlab.lab.config import ConfigError
 from normlab.lab.launch import in_worker
+from normlab.lab.power import run_with_power
 from normlab.lab.progress import console
 from normlab.lab.recipe import resolve_device
 from normlab.lab.report import write_report
@@ -45,14 +46,16 @@ def jobs_for(points: list, jobs: Optional[int]) -> int:
 
 
 def _recorded(study: str, preset: str, points: list, out: Path, announce: str,
-              run: Callable[[list, Optional[Store]], Counts]) -> Counts:
-    """The shared tail: rank 0 registers the points in OUT's store and announces them; every
-    process runs them; rank 0 writes the exports and closes the store, whatever happened."""
+              run: Callable[[list, Optional[Store]], Counts],
+              info: Optional[dict] = None) -> Counts:
+    """The shared tail: rank 0 registers the points in OUT's store (with ``info``, e.g. the
+    study's protocol) and announces them; every process runs them; rank 0 writes the exports
+    and closes the store, whatever happened."""
     store = Store(out) if nd.is_main_process() else None
     try:
         if store is not None:
             store.register(study, preset, [(p.cfg.run_id(), p.label, p.x) for p in points],
-                           setup=points[0].setup)
+                           setup=points[0].setup, info=info)
             console.print(announce, highlight=False)
         return run(points, store)
     finally:
@@ -68,22 +71,30 @@ def print_report(out: Path, to: Optional[Path] = None) -> None:
 
 
 def run_study(study: Study, preset: str, points: list[Point], out: Path, *,
-              jobs: Optional[int] = None, report: bool = True) -> Counts:
+              jobs: Optional[int] = None, report: bool = True,
+              more_seeds: Optional[Callable[[dict], list[Point]]] = None,
+              power: Optional[dict] = None, info: Optional[dict] = None) -> Counts:
     """Run the study's points (skipping finished runs), print the counts and write the report.
     In a torchrun worker every rank trains every run and rank 0 writes; otherwise ``jobs``
-    processes train (:func:`jobs_for`)."""
+    processes train (:func:`jobs_for`) and, given ``more_seeds`` (the study's points at
+    ``seeds_at`` counts), power rounds follow (:func:`normlab.lab.power.run_with_power` with
+    the ``power`` budget keywords). ``info`` is stored with the setup (the protocol)."""
     t0 = time.perf_counter()
     head = f"[bold]{study.name}[/] ({preset}): {len(points)} runs"
-    if in_worker():
+    if in_worker():  # every rank would have to agree on each round: the first run list only
         nd.setup(device=device_of(points))
         counts = _recorded(study.name, preset, points, out,
                            f"{head} on {nd.world_size()} processes (batch sizes per process) "
-                           f"-> {out}/", run_distributed)
+                           f"-> {out}/", run_distributed, info)
     else:
         n_jobs = jobs_for(points, jobs)
         run = ((lambda ps, store: run_parallel(ps, store, n_jobs, out)) if n_jobs > 1
                else run_inline)
-        counts = _recorded(study.name, preset, points, out, f"{head} -> {out}/", run)
+        if more_seeds is None:
+            counts = _recorded(study.name, preset, points, out, f"{head} -> {out}/", run, info)
+        else:
+            counts = _with_power(study, preset, points, out, f"{head} -> {out}/", run,
+                                 more_seeds, power or {}, info)
     if nd.is_main_process():
         console.print(f"trained {counts['trained']}, already done {counts['skipped']}, failed "
                       f"{counts['failed']} in {time.perf_counter() - t0:.0f}s", highlight=False)
@@ -92,6 +103,32 @@ def run_study(study: Study, preset: str, points: list[Point], out: Path, *,
     if in_worker():
         nd.cleanup()
     return counts
+
+
+def _with_power(study: Study, preset: str, points: list[Point], out: Path, announce: str,
+                run: Callable[[list, Optional[Store]], Counts],
+                more_seeds: Callable[[dict], list[Point]], power: dict,
+                info: Optional[dict]) -> Counts:
+    """The study's first run list, then its power rounds, in OUT's store; exports written and
+    the store closed whatever happened. Says what the rounds did."""
+    store = Store(out)
+    try:
+        console.print(announce, highlight=False)
+        record = run_with_power(
+            study, preset, store, lambda at: points if at is None else more_seeds(at),
+            lambda ps: run(ps, store), info=info, **power)
+    finally:
+        store.export()
+        store.close()
+    if record["rounds"]:
+        console.print(f"power: {record['rounds']} round(s) added {record['runs_added']} "
+                      f"run(s); stopped: {record['stopped']}", highlight=False)
+    for o in record["open"]:
+        need = (f"about {o['seeds_needed']} seeds per point" if o["seeds_needed"]
+                else "more seeds")
+        console.print(f"open at {o['seeds']} seeds: {o['claim']} (the spread would need "
+                      f"{need})", highlight=False)
+    return record["counts"]
 
 
 def run_single(point: Point, out: Path) -> Counts:

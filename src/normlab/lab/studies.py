@@ -113,6 +113,8 @@ class Study:
     multi_process_variants: list[str] = field(default_factory=list)
     # the batch is per device: the K-device protocol applies (module docstring)
     per_device: bool = False
+    # devices emulated when none are asked for (per-device studies on one process)
+    default_devices: int = PAPER_DEVICES
     # x is BN's statistics batch inside a fixed SGD batch (the stats-batch study)
     stats_batch_axis: bool = False
     # series run at some x only (label -> xs): a GN run does not depend on BN's statistics batch
@@ -126,8 +128,8 @@ class Study:
 
     def devices(self, user: Optional[dict[str, Any]] = None, devices: Optional[int] = None
                 ) -> int:
-        """The number of devices the study's runs emulate: ``devices`` if given, else
-        :data:`PAPER_DEVICES` for a per-device study on one process, else 1. Real processes
+        """The number of devices the study's runs emulate: ``devices`` if given, else the
+        study's ``default_devices`` for a per-device study on one process, else 1. Real processes
         (``world_size`` > 1) are the devices themselves: emulating more on top is an error."""
         world = int(dict(user or {}).get("world_size", 1))
         if devices is not None:
@@ -141,7 +143,7 @@ class Study:
                     f"devices={devices} emulated on each of {world} processes: the processes "
                     "are the devices already", hint="drop --devices or --nproc-per-node")
             return devices
-        return PAPER_DEVICES if self.per_device and world == 1 else 1
+        return self.default_devices if self.per_device and world == 1 else 1
 
     def protocol(self, devices: int) -> dict[str, Any]:
         """What a run list with ``devices`` emulated devices computes (for the store and the
@@ -369,8 +371,8 @@ _add(Study(
               "GN+WS": {**_GN, "ws": True}, "NF": _NF, **_ALTERNATIVES},
     default_variants=["BN", "GN"],
     multi_process_variants=["SyncBN"],
-    xs={"quick": BATCHES, "default": BATCHES},
-    presets={"quick": {"epochs": 2, "train_limit": 640}, "default": {"epochs": 6}},
+    xs={"quick": [32, 2], "default": BATCHES},
+    presets={"quick": {"epochs": 20}, "default": {"epochs": 20}},
     seeds={"quick": 1, "default": 2},
     point_overrides=_batch,
     paper={"BN": {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7},
@@ -423,8 +425,8 @@ _add(Study(
     axis="BN statistics batch",
     variants={"BN": {"norm": "bn"}, "GN": _GN},
     default_variants=["BN", "GN"],
-    xs={"quick": [32, 8, 2], "default": BATCHES},
-    presets={"quick": {"epochs": 2, "train_limit": 640}, "default": {"epochs": 6}},
+    xs={"quick": [32, 2], "default": BATCHES},
+    presets={"quick": {"epochs": 20}, "default": {"epochs": 20}},
     seeds={"quick": 1, "default": 2},
     point_overrides=_none,
     paper={},
@@ -454,7 +456,7 @@ _add(Study(
     variants={"G": {"norm": "gn"}, "C/G": {"norm": "gn"}},
     default_variants=["G", "C/G"],
     xs={"quick": [32, 8, 1], "default": _G_XS},
-    presets={"quick": {"epochs": 2, "train_limit": 640}, "default": {"epochs": 6}},
+    presets={"quick": {"epochs": 8}, "default": {"epochs": 8}},
     seeds={"quick": 1, "default": 2},
     point_overrides=_groups,
     paper={"G": dict(zip(_G_XS, [24.6, 24.1, 24.6, 24.4, 24.6, 24.7, 25.3])),
@@ -470,6 +472,7 @@ _add(Study(
     ],
     x_log2=True,
     per_device=True,
+    default_devices=1,
 ))
 
 _add(Study(
@@ -481,7 +484,7 @@ _add(Study(
               "none": {"norm": "none"}, **_ALTERNATIVES},
     default_variants=["BN", "LN", "IN", "GN", "none"],
     xs={"quick": [32], "default": [32]},
-    presets={"quick": {"epochs": 2, "train_limit": 640}, "default": {"epochs": 8}},
+    presets={"quick": {"epochs": 8}, "default": {"epochs": 8}},
     seeds={"quick": 1, "default": 3},
     point_overrides=_none,
     paper={"BN": {32: 23.6}, "LN": {32: 25.3}, "IN": {32: 28.4}, "GN": {32: 24.1}},
@@ -499,6 +502,7 @@ _add(Study(
         Claim("BN beats no normalization", "less", ("BN", 32), ("none", 32), 0.0, ""),
     ],
     per_device=True,
+    default_devices=1,
 ))
 
 _add(Study(
@@ -509,8 +513,8 @@ _add(Study(
     axis="dropout",
     variants={"none": {}, "conv": {}, "dense": {}, "conv+dense": {}},
     default_variants=["none", "conv", "dense", "conv+dense"],
-    xs={"quick": [0.0, 0.2, 0.4], "default": [0.0, 0.2, 0.4]},
-    presets={"quick": {"epochs": 2, "train_limit": 640, "model": "bn_dropout_cnn", "base_lr": 0.05},
+    xs={"quick": [0.0, 0.4], "default": [0.0, 0.2, 0.4]},
+    presets={"quick": {"epochs": 6, "model": "bn_dropout_cnn", "base_lr": 0.05},
              "default": {"epochs": 6, "model": "bn_dropout_cnn", "base_lr": 0.05}},
     seeds={"quick": 1, "default": 2},
     point_overrides=_dropout,
@@ -532,8 +536,8 @@ _add(Study(
     axis="images per process",
     variants={"BN": {"norm": "bn"}, "NF": _NF},
     default_variants=["BN", "NF"],
-    xs={"quick": [32, 8, 2], "default": BATCHES},
-    presets={"quick": {"epochs": 2, "train_limit": 640}, "default": {"epochs": 6}},
+    xs={"quick": [32, 2], "default": BATCHES},
+    presets={"quick": {"epochs": 20}, "default": {"epochs": 20}},
     seeds={"quick": 1, "default": 2},
     point_overrides=_batch,
     paper={},

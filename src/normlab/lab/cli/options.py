@@ -21,7 +21,8 @@ __all__ = ["DEFAULT_OUT", "DATA", "DATA_DIR", "MODEL", "DEVICE", "SETS", "CONFIG
 DEFAULT_OUT = "normlab-out"
 
 # typer copies an Option given as a default, so one object serves every command
-DATA = typer.Option(None, help="digits (default) | synthetic | cifar10 | cifar100 | imagefolder")
+DATA = typer.Option(None, help="digits (default) | mnist5k | synthetic | cifar10 | cifar100 | "
+                                "imagefolder")
 DATA_DIR = typer.Option(None, help="directory of cifar10/cifar100/imagefolder")
 MODEL = typer.Option(None, help="a normlab.models name (default resnet20)")
 DEVICE = typer.Option(None, help="cpu | cuda | auto (default auto: CUDA when available, else CPU)")

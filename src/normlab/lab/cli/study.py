@@ -13,6 +13,7 @@ from normlab.lab.cli.options import (CONFIG, DATA, DATA_DIR, DEVICE, MODEL, OUT,
                                      command_argv, user_overrides, with_launch_spec)
 from normlab.lab.config import ConfigError, RunConfig, apply_overrides
 from normlab.lab.launch import LaunchSpec, check_launch, job_world_size, must_relaunch, relaunch
+from normlab.lab.power import DEFAULT_MAX_SEEDS, check_budget
 from normlab.lab.recipe import preflight
 from normlab.lab.run import device_of, run_single, run_study
 from normlab.lab.runner import Counts
@@ -51,9 +52,10 @@ def _check_not_a_flag_value(study: str) -> None:
 @with_launch_spec
 def reproduce(
     ctx: typer.Context,
-    study: str = typer.Argument("batch-size", help="batch-size | groups | norms | bn-dropout | nf"),
+    study: str = typer.Argument("batch-size", help="batch-size | stats-batch | groups | norms | "
+                                                   "bn-dropout | nf"),
     quick: bool = typer.Option(False, "--quick", metavar="",  # a flag: takes no value
-                               help="tiny preset: a first look in under a minute"),
+                               help="fewer points and seeds, converged models: a first look"),
     data: Optional[str] = DATA,
     data_dir: Optional[Path] = DATA_DIR,
     model: Optional[str] = MODEL,
@@ -69,9 +71,21 @@ def reproduce(
     out: Path = OUT,
     no_report: bool = typer.Option(False, "--no-report", metavar="",
                                    help="skip writing the report"),
+    devices: Optional[int] = typer.Option(
+        None, help="devices to emulate on one process: SGD batch devices x N, BN statistics "
+                   "per N (default 8, the GN paper's, for the per-device studies; 1: one batch "
+                   "of N)"),
+    budget_runs: Optional[int] = typer.Option(
+        None, "--budget-runs", help="runs the power rounds may add (default: as many as the "
+                                    "first run list; 0: no rounds)"),
+    budget_minutes: Optional[float] = typer.Option(
+        None, "--budget-minutes", help="no power round starts after this many minutes"),
+    max_seeds: int = typer.Option(DEFAULT_MAX_SEEDS, "--max-seeds",
+                                  help="seeds per point the power rounds go up to"),
     launch: LaunchSpec = LaunchSpec(),
 ) -> None:
-    """Run a study (skipping finished runs), then write report.md, report.html and figures."""
+    """Run a study (skipping finished runs), add seeds where its claims are still open (power
+    rounds, within the budget), then write report.md, report.html and figures."""
     def body() -> None:
         _check_not_a_flag_value(study)
         st = get_study(study)
@@ -82,12 +96,18 @@ def reproduce(
         if seeds is not None and seeds < 1:
             raise ConfigError(f"--seeds must be >= 1, got {seeds}")
         vs = [v.strip() for v in variants.split(",")] if variants else None
-        points = st.points(user, preset, seeds, vs)
+        points = st.points(user, preset, seeds, vs, devices)
+        check_budget(budget_runs, budget_minutes, max_seeds)
         preflight([p.cfg for p in points], world=job_world_size(launch))
         _check_jobs(jobs, launch)
         if must_relaunch(launch):
             return relaunch(launch, command_argv(ctx), device_of(points))
-        _exit_if_failed(run_study(st, preset, points, out, jobs=jobs, report=not no_report), out)
+        power = {"budget_runs": len(points) if budget_runs is None else budget_runs,
+                 "budget_minutes": budget_minutes, "max_seeds": max_seeds}
+        counts = run_study(st, preset, points, out, jobs=jobs, report=not no_report,
+                           more_seeds=lambda at: st.points(user, preset, seeds, vs, devices, at),
+                           power=power, info={"protocol": st.protocol(st.devices(user, devices))})
+        _exit_if_failed(counts, out)
 
     guard(body)
 
