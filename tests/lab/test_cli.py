@@ -15,6 +15,9 @@ from normlab.lab.cli import app
 
 runner = CliRunner()
 SMALL = json.dumps({"n_train": 128, "n_test": 64, "image_size": 8, "channels": 1, "num_classes": 4})
+# on SMALL's 128 images: one device (the single-batch protocol: batches <= 32), no power rounds
+# (these tests check the CLI's mechanics; tests/lab/test_power.py checks the rounds)
+TINY = ["--devices", "1", "--budget-runs", "0"]
 
 
 def _db(out):
@@ -30,41 +33,44 @@ def _cli(*args, **kw):
 
 def test_quick_synthetic_in_process(tmp_path):
     out = tmp_path / "out"
-    r = runner.invoke(app, ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1",
-                            "--set", f"data_kwargs={SMALL}", "--out", str(out)])
+    r = runner.invoke(app, ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1", *TINY,
+                            "--set", "epochs=2", "--set", f"data_kwargs={SMALL}", "--out",
+                            str(out)])
     assert r.exit_code == 0, r.output
     con = _db(out)
     rows = con.execute("SELECT r.status, s.label, s.x, r.config FROM runs r JOIN study_runs s "
                        "USING (run_id) WHERE s.study='batch-size'").fetchall()
     assert sorted((row["label"], json.loads(row["x"])) for row in rows) == sorted(
-        (lab, x) for lab in ("BN", "GN") for x in (32, 16, 8, 4, 2))
+        (lab, x) for lab in ("BN", "GN") for x in (32, 2))  # quick: the two ends
     assert all(row["status"] == "done" for row in rows)
     assert all(json.loads(row["config"])["data"] == "synthetic" for row in rows)
-    assert con.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 10 * 2  # quick: 2 epochs
+    assert con.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 4 * 2  # 2 epochs each
     for name in ("report.md", "report.html", "runs.csv", "epochs.csv", "results.json",
                  "figures/batch-size_error.png", "figures/batch-size_error.svg",
                  "figures/batch-size_curves.png"):
         assert (out / name).is_file(), name
     md = (out / "report.md").read_text()
-    assert "| BN | " in md and "| GN | " in md and "10/10 runs done" in md
+    assert "| BN | " in md and "| GN | " in md and "4/4 runs done" in md
     # off a terminal (here: captured) the bars are off and every epoch prints a line
     for lab in ("BN", "GN"):
         for e in (1, 2):
             assert f"  {lab} x=2 seed=0: epoch {e}/2, train loss " in r.output, (lab, e)
-    assert r.output.count(": epoch ") == 10 * 2
+    assert r.output.count(": epoch ") == 4 * 2
     # a second invocation recomputes nothing
-    r = runner.invoke(app, ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1",
-                            "--set", f"data_kwargs={SMALL}", "--out", str(out), "--no-report"])
-    assert "trained 0, already done 10" in r.output
+    r = runner.invoke(app, ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1", *TINY,
+                            "--set", "epochs=2", "--set", f"data_kwargs={SMALL}", "--out",
+                            str(out), "--no-report"])
+    assert "trained 0, already done 4" in r.output
     r = runner.invoke(app, ["ls", str(out)])
-    assert r.exit_code == 0 and r.output.count("done") >= 10
+    assert r.exit_code == 0 and r.output.count("done") >= 4
     r = runner.invoke(app, ["report", str(out)])
     assert r.exit_code == 0 and "report.html" in r.output
 
 
 def test_quick_digits_two_processes(tmp_path):
     out = tmp_path / "out"
-    p = _cli("reproduce", "norms", "--quick", "--jobs", "2", "--out", str(out), timeout=300)
+    p = _cli("reproduce", "norms", "--quick", "--jobs", "2", "--budget-runs", "0", "--set",
+             "epochs=2", "--out", str(out), timeout=300)
     assert p.returncode == 0, p.stderr
     con = _db(out)
     labels = {r[0] for r in con.execute("SELECT label FROM study_runs WHERE study='norms'")}
@@ -77,7 +83,7 @@ def test_quick_digits_two_processes(tmp_path):
 
 
 def test_sigkill_mid_study_then_resume(tmp_path):
-    args = ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1", "--no-report",
+    args = ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1", "--no-report", *TINY,
             "--set", f"data_kwargs={SMALL}", "--set", "epochs=3", "--set", "threads=1"]
     killed = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "-m", "normlab.lab.cli", *args, "--out", str(killed)],
@@ -343,7 +349,7 @@ def test_killing_the_study_stops_its_training_processes(tmp_path):
     # sound, and a re-run finishes every run
     from normlab.lab.store import _owner_alive
 
-    args = ["reproduce", "--quick", "--data", "synthetic", "--jobs", "2", "--no-report",
+    args = ["reproduce", "--quick", "--data", "synthetic", "--jobs", "2", "--no-report", *TINY,
             "--set", f"data_kwargs={SMALL}", "--set", "epochs=3", "--out", str(tmp_path)]
     p = subprocess.Popen([sys.executable, "-m", "normlab.lab.cli", *args],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -365,7 +371,7 @@ def test_ctrl_c_with_jobs_is_one_line_then_the_rerun_finishes(tmp_path):
     # Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the study process
     # and its --jobs training processes. No traceback from any of them, status 130, the store
     # sound; the same command then finishes every run.
-    args = ["reproduce", "norms", "--quick", "--data", "synthetic", "--no-report",
+    args = ["reproduce", "norms", "--quick", "--data", "synthetic", "--no-report", *TINY,
             "--set", f"data_kwargs={SMALL}", "--set", "epochs=3", "--set", "threads=1",
             "--out", str(tmp_path)]
     p = subprocess.Popen([sys.executable, "-m", "normlab.lab.cli", *args, "--jobs", "2"],

@@ -18,7 +18,10 @@ nf              NF-ResNet (AGC) vs BN-ResNet across batch sizes    Brock, De & S
 The paper's protocol on one device. In the GN paper (Wu & He, ECCV 2018, section 4; REFERENCE
 section 1) "N images per GPU" means BN statistics over N images inside an SGD step over the
 K x N images of K = 8 GPUs, at lr 0.1 x N/32. The studies marked ``per_device`` emulate that on one
-process by default (``devices`` K, default :data:`PAPER_DEVICES`): a run takes SGD steps over
+process (``devices`` K; default :data:`PAPER_DEVICES` for batch-size, stats-batch and nf; 1 for
+norms and groups, whose BN statistics batch is the paper's 32 either way and whose LN and
+no-norm runs did not converge in 20 epochs of 5 steps on digits at 8 x 32; docs/datasets.md):
+a run takes SGD steps over
 K x N images at lr ``base_lr x N / 32``, and BN normalizes each slice of N images on its own
 (``ghostbn``, :class:`normlab.nn.GhostBatchNorm2d`: exactly K-process DDP with per-process BN,
 running statistics as rank 0 keeps them); SyncBN's statistics over the whole K x N batch are
