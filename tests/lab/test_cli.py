@@ -15,9 +15,9 @@ from normlab.lab.cli import app
 
 runner = CliRunner()
 SMALL = json.dumps({"n_train": 128, "n_test": 64, "image_size": 8, "channels": 1, "num_classes": 4})
-# on SMALL's 128 images: one device (the single-batch protocol: batches <= 32), no power rounds
-# (these tests check the CLI's mechanics; tests/lab/test_power.py checks the rounds)
-TINY = ["--devices", "1", "--budget-runs", "0"]
+# on SMALL's 128 images: one device (the single-batch protocol: batches <= 32); --quick runs
+# no power rounds (tests/lab/test_power.py checks the rounds)
+TINY = ["--devices", "1"]
 
 
 def _db(out):
@@ -69,7 +69,7 @@ def test_quick_synthetic_in_process(tmp_path):
 
 def test_quick_digits_two_processes(tmp_path):
     out = tmp_path / "out"
-    p = _cli("reproduce", "norms", "--quick", "--jobs", "2", "--budget-runs", "0", "--set",
+    p = _cli("reproduce", "norms", "--quick", "--jobs", "2", "--set",
              "epochs=2", "--out", str(out), timeout=300)
     assert p.returncode == 0, p.stderr
     con = _db(out)
@@ -127,7 +127,7 @@ def test_sigkill_mid_study_then_resume(tmp_path):
     r = _cli(*args, "--out", str(clean), timeout=300)
     assert r.returncode == 0, r.stderr
     ref = {row["run_id"]: row for row in _db(clean).execute("SELECT * FROM runs")}
-    assert set(ref) == set(after) and len(ref) == 10
+    assert set(ref) == set(after) and len(ref) == 4  # quick: BN, GN at 32 and 2
     assert all(row["status"] == "done" for row in after.values())
     assert {k: v["epochs_done"] for k, v in ref.items()} == {k: v["epochs_done"] for k, v in after.items()}
 
@@ -364,7 +364,7 @@ def test_killing_the_study_stops_its_training_processes(tmp_path):
     con.close()
     r = _cli(*args, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert _db(tmp_path).execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 10
+    assert _db(tmp_path).execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 4
 
 
 def test_ctrl_c_with_jobs_is_one_line_then_the_rerun_finishes(tmp_path):

@@ -76,8 +76,8 @@ def reproduce(
                    "per N (default 8, the GN paper's, for the per-device studies; 1: one batch "
                    "of N)"),
     budget_runs: Optional[int] = typer.Option(
-        None, "--budget-runs", help="runs the power rounds may add (default: as many as the "
-                                    "first run list; 0: no rounds)"),
+        None, "--budget-runs", help="runs the power rounds may add (default: half the first "
+                                    "run list; --quick: 0, no rounds)"),
     budget_minutes: Optional[float] = typer.Option(
         None, "--budget-minutes", help="no power round starts after this many minutes"),
     max_seeds: int = typer.Option(DEFAULT_MAX_SEEDS, "--max-seeds",
@@ -102,7 +102,8 @@ def reproduce(
         _check_jobs(jobs, launch)
         if must_relaunch(launch):
             return relaunch(launch, command_argv(ctx), device_of(points))
-        power = {"budget_runs": len(points) if budget_runs is None else budget_runs,
+        default_budget = 0 if quick else len(points) // 2  # quick: a first look, no rounds
+        power = {"budget_runs": default_budget if budget_runs is None else budget_runs,
                  "budget_minutes": budget_minutes, "max_seeds": max_seeds}
         counts = run_study(st, preset, points, out, jobs=jobs, report=not no_report,
                            more_seeds=lambda at: st.points(user, preset, seeds, vs, devices, at),
