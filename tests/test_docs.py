@@ -31,6 +31,7 @@ MODULES = [
     "normlab.nn.evonorm",
     "normlab.nn.std_conv",
     "normlab.nn.syncbn",
+    "normlab.nn.ghost_batchnorm",
     "normlab.optim",
     "normlab.optim.agc",
     "normlab.models",
@@ -45,6 +46,7 @@ MODULES = [
     "normlab.lab.store",
     "normlab.lab.recipe",
     "normlab.lab.checkpoint",
+    "normlab.lab.studies",
 ]
 
 
