@@ -48,8 +48,8 @@ def test_optional_series_train(tmp_path, variant):
     user = {"data": "synthetic", "epochs": 1, "threads": 1,
             "data_kwargs": {"n_train": 64, "n_test": 32, "image_size": 8, "channels": 1,
                             "num_classes": 3}}
-    # BRN has no ghost-batch form: it runs with one device (the single-batch protocol)
-    devices = 1 if variant == "BRN" else 2
+    # BRN and EvoNorm-B0 have no ghost-batch form: one device (the single-batch protocol)
+    devices = 1 if variant in ("BRN", "EvoNorm-B0") else 2
     p = next(p for p in get_study("batch-size").points(user, "quick", 1, [variant], devices)
              if p.x == 2)
     with Store(tmp_path) as s:
@@ -137,9 +137,11 @@ def test_bad_devices(study, user, devices, needle):
         get_study(study).points(user, "quick", devices=devices)
 
 
-def test_batch_renorm_cannot_be_emulated_per_slice():
-    with pytest.raises(ConfigError, match="Batch Renorm has no per-slice") as e:
-        get_study("batch-size").points({}, "quick", variants=["BRN"])
+@pytest.mark.parametrize("variant, name", [("BRN", "Batch Renorm"), ("EvoNorm-B0", "EvoNorm-B0")])
+def test_batch_statistics_without_a_ghost_form_are_refused(variant, name):
+    # their statistics would run over the whole K x N batch, not per device
+    with pytest.raises(ConfigError, match=f"{name} has no per-slice") as e:
+        get_study("batch-size").points({}, "quick", variants=[variant])
     assert "--devices 1" in e.value.hint
 
 

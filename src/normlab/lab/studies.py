@@ -257,8 +257,8 @@ def emulate_devices(cfg: RunConfig, devices: int, stats_batch: Optional[int] = N
     process (module docstring): SGD batch ``devices * batch_size``, lr ``base_lr * batch_size /
     32`` (unless ``cfg.lr`` is set), BN statistics per ``stats_batch`` images (default: the
     per-device batch) through ``ghostbn``. ``devices == 1`` with no ``stats_batch`` returns
-    ``cfg`` (the single-batch protocol). Batch Renorm has no per-slice form here: a
-    ConfigError.
+    ``cfg`` (the single-batch protocol). Batch Renorm and EvoNorm-B0 have no per-slice form
+    here: a ConfigError.
 
     >>> c = emulate_devices(RunConfig(norm="bn", batch_size=2), 8)
     >>> c.batch_size, c.lr, c.norm, c.norm_kwargs
@@ -278,12 +278,17 @@ def emulate_devices(cfg: RunConfig, devices: int, stats_batch: Optional[int] = N
     if norm in ("bn", "ghostbn") and stats < total:
         changes["norm"] = "ghostbn"
         changes["norm_kwargs"] = {**cfg.norm_kwargs, "virtual_batch": stats}
-    elif norm == "brn" and stats < total:
-        raise ConfigError(f"Batch Renorm has no per-slice (ghost batch) form: {devices} "
-                          f"emulated devices cannot keep its statistics per {stats} images",
-                          hint="run BRN with --devices 1, or on real processes "
+    elif norm in _NO_GHOST_FORM and stats < total:
+        raise ConfigError(f"{_NO_GHOST_FORM[norm]} has no per-slice (ghost batch) form: "
+                          f"{devices} emulated devices cannot keep its batch statistics per "
+                          f"{stats} images",
+                          hint=f"run it with --devices 1, or on real processes "
                                "(--nproc-per-node)")
     return cfg.replace(**changes).validate()
+
+
+#: norms with batch statistics that ghostbn does not cover (they would see the whole K x N batch)
+_NO_GHOST_FORM = {"brn": "Batch Renorm", "evonorm_b0": "EvoNorm-B0"}
 
 
 def setup_id(user: dict[str, Any]) -> str:
