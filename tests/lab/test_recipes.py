@@ -66,7 +66,9 @@ def _imagefolder(root: Path) -> Path:
 
 # scaled-down sizes the test appends (later --set values win); the recipe's flags stay
 # (GN only: the five batch sizes of one series run every flag of the recipe at half the cost)
-SMALL = ["--seeds", "1", "--variants", "GN", "--set", "epochs=1", "--set", "test_limit=16"]
+# (no power rounds: the recipe's mechanics are tested here, tests/lab/test_power.py the rounds)
+SMALL = ["--seeds", "1", "--variants", "GN", "--set", "epochs=1", "--set", "test_limit=16",
+         "--budget-runs", "0"]
 SMALL_IMAGES = 8   # image side for the imagefolder recipes: ResNet-50 at 8 px keeps them fast
 
 
@@ -86,7 +88,9 @@ def test_recipe_runs_on_tiny_data_of_its_format(name, tmp_path):
     multi = "--nproc-per-node" in args
     size = {"--nproc-per-node": "2", "--nnodes": "1", "--master-port": str(_free_port())}
     args = [size.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
-    extra = SMALL + ["--set", f"train_limit={64 if multi else 32}"]
+    # one process emulates devices (the paper's 8 by default; 2 here: SGD batch 2 x N, up to 64
+    # of the tiny sets' images)
+    extra = SMALL + ["--set", "train_limit=64"] + ([] if multi else ["--devices", "2"])
     if "imagefolder" in name:
         extra += ["--set", f"data_kwargs.image_size={SMALL_IMAGES}"]
     if not multi:
@@ -105,7 +109,8 @@ def test_recipe_runs_on_tiny_data_of_its_format(name, tmp_path):
     assert {c["data"] for c in cfgs} == {data}
     assert {c["model"] for c in cfgs} == {"resnet50" if data == "imagefolder" else "resnet20"}
     assert {c["world_size"] for c in cfgs} == {2 if multi else 1}
-    assert sorted({c["batch_size"] for c in cfgs}) == [2, 4, 8, 16, 32]
+    devices = 1 if multi else 2  # torchrun: the processes are the devices
+    assert sorted({c["batch_size"] for c in cfgs}) == [devices * n for n in (2, 4, 8, 16, 32)]
     headings = [h for h in (out / "report.md").read_text().splitlines() if h.startswith("## ")]
     assert headings[0] == "## Summary"
 
