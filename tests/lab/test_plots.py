@@ -79,8 +79,9 @@ def test_groups_figure_one_colour_per_series_and_integer_ticks(tmp_path, figures
 
 def test_norms_bar_labels_stay_below_the_title(tmp_path, figures):
     study = get_study("norms")
-    # LN highest: its "paper 25.3" label sat on the title
-    errors = {("BN", 32): 6.0, ("LN", 32): 87.0, ("IN", 32): 37.0, ("GN", 32): 27.0,
+    # LN highest: its "paper 25.3" label sat on the title (75%: high, yet below 81%, the
+    # near-chance line that would flag it and leave it out of the figure)
+    errors = {("BN", 32): 6.0, ("LN", 32): 75.0, ("IN", 32): 37.0, ("GN", 32): 27.0,
               ("none", 32): 55.0}
     with _store(tmp_path, study, errors) as s:
         plots.plot_study(s, study, tmp_path)
@@ -137,3 +138,34 @@ def test_error_bars_stop_at_zero(tmp_path, figures):
     segments = [seg for c in ax.collections for seg in c.get_segments()]
     assert segments and min(y for seg in segments for _, y in seg) == pytest.approx(0.0)
     assert ax.get_ylim()[0] == 0.0
+
+
+def test_plots_use_the_report_statistics_flagged_runs_out_bars_within_0_100(tmp_path, figures):
+    # BN at 32: 0.3%, 2.5% and one run stuck at 85% (>= 0.9 x chance on 10 classes: flagged
+    # "unconverged"). Counted, the bar was 29.3 ± 48; the report's point is 1.4 ± 1.56, whose
+    # lower end (-0.16) must stop at 0. GN at 32: every run flagged, so no point is drawn.
+    study = get_study("batch-size")
+    with Store(tmp_path) as s:
+        members = []
+        for (label, errs) in (("BN", (0.3, 2.5, 85.0)), ("GN", (86.0, 88.0))):
+            for seed, err in enumerate(errs):
+                rid = f"{label}-{seed}"
+                s.claim(rid, {"model": "resnet20", "data": "digits", "epochs": 2, "seed": seed})
+                s.record_epochs(rid, [{"epoch": 0, "test_error": err + 5.0},
+                                      {"epoch": 1, "test_error": err}], {})
+                s.finish(rid)
+                members.append((rid, label, 32))
+        s.register(study.name, "default", members)
+    with Store(tmp_path, create=False) as s:
+        plots.plot_study(s, study, tmp_path)
+    ax = figures["batch-size_error"].axes[0]
+    (point,) = [line for line in ax.lines if line.get_label() == "BN"] or ax.lines[:1]
+    assert list(point.get_ydata()) == pytest.approx([1.4])            # the flagged run is out
+    assert not any(line.get_label() == "GN" for line in ax.lines)     # all flagged: no point
+    (bar,) = [seg for c in ax.collections for seg in c.get_segments()]
+    lows, highs = sorted(y for _, y in bar)
+    assert lows == pytest.approx(0.0) and highs == pytest.approx(1.4 + 1.5556, abs=1e-3)
+    assert "left out: 3 unconverged" in ax.get_title()
+    curves = figures["batch-size_curves"].axes[0]
+    (bn,) = [line for line in curves.lines if line.get_label() == "BN"]
+    assert list(bn.get_ydata()) == pytest.approx([6.4, 1.4])          # mean of the kept runs

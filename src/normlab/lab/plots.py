@@ -1,14 +1,18 @@
 """Figures for the studies, drawn from the results store only (matplotlib, PNG + SVG).
 
-* ``<study>_error``: final test error (mean over seeds, bars = one standard deviation) against the
-  study's axis, one line per series, beside the paper's numbers when there are any. For the
+* ``<study>_error``: final test error (mean over seeds, bars = one standard deviation, clipped to
+  [0, 100]) against the study's axis, one line per series, beside the paper's numbers when there are any. For the
   batch-size studies the x axis runs from 32 down to 2 images per batch, as in Figure 1 of Wu & He,
   "Group Normalization" (ECCV 2018). ``norms`` is a bar chart; ``bn-dropout`` a 4 x 3 grid.
 * ``<study>_curves``: test error against epoch (mean over seeds), one panel per x value.
 
+The statistics are the report tables': :func:`normlab.lab.analysis.point_stats`, so a run the
+analysis flags (diverged, or unconverged: it did not learn) is left out of every mean and bar
+here as it is there, and the figure's title counts the runs left out.
+
 A series has one colour in every panel and figure of a study (its place in the study's variant
 list), log2 axes are ticked at the measured values written as integers, error bars stop at 0
-(an error rate is never negative), and text on the bn-dropout heatmap is black or white by the
+and 100 (an error rate is a percentage), and text on the bn-dropout heatmap is black or white by the
 brightness of its cell.
 
 Example, on the output directory of a ``normlab reproduce`` run::
@@ -30,7 +34,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from normlab.lab.store import Store, summarize  # noqa: E402
+from normlab.lab.analysis import flags_text, point_stats, run_flag  # noqa: E402
+from normlab.lab.store import Store  # noqa: E402
 from normlab.lab.studies import Study  # noqa: E402
 
 __all__ = ["plot_study", "save"]
@@ -48,12 +53,33 @@ def save(fig: Any, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
+def _kept(stats: dict) -> dict:
+    """The points with at least one run that counts (a point whose runs are all flagged has no
+    mean to draw)."""
+    return {k: s for k, s in stats.items() if s["n"] > 0}
+
+
+def _yerr(points: list[dict]) -> list[list[float]]:
+    """[lower, upper] error-bar lengths of the points' ``bar`` (mean ± sd within [0, 100])."""
+    return [[s["mean"] - s["bar"][0] for s in points], [s["bar"][1] - s["mean"] for s in points]]
+
+
+def _flagged_note(stats: dict) -> str:
+    """``; left out: 1 diverged, 2 unconverged`` (the flagged runs of the figure), or ``""``."""
+    text = flags_text([e for s in stats.values() for e in s["excluded"]])
+    return f"; left out: {text}" if text else ""
+
+
+def _seeds(stats: dict) -> str:
+    """Seeds per point that count: ``3`` or ``2-3``."""
+    ns = sorted({s["n"] for s in _kept(stats).values()})
+    return str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+
+
 def _series(stats: dict, label: str) -> tuple[list, list, list]:
-    """xs, means and [lower, upper] error bars (one sd, the lower one stopping at 0)."""
-    pts = sorted((x, s) for (lab, x), s in stats.items() if lab == label)
-    ms = [p[1]["mean"] for p in pts]
-    sds = [p[1]["sd"] or 0.0 for p in pts]
-    return [p[0] for p in pts], ms, [[min(sd, max(m, 0.0)) for m, sd in zip(ms, sds)], sds]
+    """xs, means and [lower, upper] error bars of the series' points that have runs counting."""
+    pts = sorted((x, s) for (lab, x), s in _kept(stats).items() if lab == label)
+    return [p[0] for p in pts], [p[1]["mean"] for p in pts], _yerr([p[1] for p in pts])
 
 
 def _colors(study: Study, labels: list[str]) -> dict[str, Any]:
@@ -109,12 +135,11 @@ def _error_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> l
             xs_run += xs
     ax.set_ylim(bottom=0)
     cfg = runs[0]["config"]
-    seeds = max(s["n"] for s in stats.values())
     model = "/".join(sorted({r["config"]["model"] for r in runs}))
     worlds = sorted({int(r["config"].get("world_size", 1)) for r in runs})
     procs = "" if worlds == [1] else f", {'/'.join(map(str, worlds))} processes"
     ax.set_title(f"this run: {model} on {cfg['data']}, {cfg['epochs']} epochs{procs}\n"
-                 f"mean ± sd over {seeds} seed(s)", fontsize=9)
+                 f"mean ± sd over {_seeds(stats)} seed(s){_flagged_note(stats)}", fontsize=9)
     panels = [(ax, "test error (%)", xs_run)]
     if paper:
         pax = axes[0, 1]
@@ -139,25 +164,25 @@ def _bar_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> lis
     """One bar per series at the study's single x; the paper's number written above each bar's
     error bar, with head room so no label reaches the title."""
     x = next(iter(study.xs["default"]))
-    labels = [lab for lab in _labels(runs, study) if (lab, x) in stats]
+    kept = _kept(stats)
+    labels = [lab for lab in _labels(runs, study) if (lab, x) in kept]
     colors = _colors(study, labels)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ms = [stats[(lab, x)]["mean"] for lab in labels]
-    sds = [stats[(lab, x)]["sd"] or 0.0 for lab in labels]
-    lower = [min(sd, max(m, 0.0)) for m, sd in zip(ms, sds)]
-    ax.bar(labels, ms, yerr=[lower, sds], capsize=4, color=[colors[lab] for lab in labels],
+    points = [kept[(lab, x)] for lab in labels]
+    ms = [s["mean"] for s in points]
+    highs = [s["bar"][1] for s in points]
+    ax.bar(labels, ms, yerr=_yerr(points), capsize=4, color=[colors[lab] for lab in labels],
            alpha=0.85)
-    tops = [m + sd for m, sd in zip(ms, sds) if math.isfinite(m + sd)]
-    top = max(tops, default=1.0)
+    top = max(highs, default=1.0)
     for i, lab in enumerate(labels):
         pv = study.paper.get(lab, {}).get(x)
-        if isinstance(pv, (int, float)) and math.isfinite(ms[i]):
-            ax.annotate(f"paper {pv}", (i, ms[i] + sds[i]), textcoords="offset points",
+        if isinstance(pv, (int, float)):
+            ax.annotate(f"paper {pv}", (i, highs[i]), textcoords="offset points",
                         xytext=(0, 4), ha="center", va="bottom", fontsize=7)
     ax.set_ylim(0, top * 1.18 if top > 0 else 1.0)   # room for the labels above the bars
     ax.set_ylabel("test error (%)")
-    ax.set_title(f"{study.title}\nthis run (bars: mean ± sd over seeds); labels: the paper's "
-                 "ImageNet numbers", fontsize=8, pad=8)
+    ax.set_title(f"{study.title}\nthis run (bars: mean ± sd over seeds{_flagged_note(stats)}); "
+                 "labels: the paper's ImageNet numbers", fontsize=8, pad=8)
     ax.grid(axis="y", alpha=0.3)
     return save(fig, out_dir, f"{study.name}_error")
 
@@ -177,15 +202,17 @@ def _grid_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> li
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             s = stats.get((r, c))
-            if s and math.isfinite(s["mean"]):
+            if s and s["n"] > 0:
                 sd = f"\n±{s['sd']:.1f}" if s["sd"] is not None else ""
                 ax.text(j, i, f"{s['mean']:.1f}{sd}", ha="center", va="center", fontsize=8,
                         color=_text_color(im.cmap(im.norm(s["mean"]))))
+            elif s:  # every run flagged: no mean, say why
+                ax.text(j, i, flags_text(s["excluded"]), ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(cols)), [_fmt_x(c) for c in cols])
     ax.set_yticks(range(len(rows)), [f"BN: {r}" for r in rows])
     ax.set_xlabel("dropout")
     fig.colorbar(im, ax=ax, label="test error (%)")
-    ax.set_title(study.title, fontsize=9)
+    ax.set_title(study.title + _flagged_note(stats).replace(";", "\n", 1), fontsize=9)
     return save(fig, out_dir, f"{study.name}_error")
 
 
@@ -222,10 +249,10 @@ def _curves_plot(study: Study, runs: list[dict], out_dir: Path) -> Optional[list
 
 def plot_study(store: Store, study: Study, out_dir: Path, preset: Optional[str] = None) -> list[Path]:
     """Draw the study's figures from ``store`` into ``out_dir``; returns the written paths (empty
-    when the study has no finished run)."""
+    when the study has no finished run that counts)."""
     runs = store.study_runs(study.name, preset)
-    stats = summarize(runs)
-    if not stats:
+    stats = point_stats(runs)
+    if not _kept(stats):
         return []
     if study.name == "norms":
         paths = _bar_plot(study, runs, stats, out_dir)
@@ -233,5 +260,6 @@ def plot_study(store: Store, study: Study, out_dir: Path, preset: Optional[str] 
         paths = _grid_plot(study, runs, stats, out_dir)
     else:
         paths = _error_plot(study, runs, stats, out_dir)
-    paths += _curves_plot(study, [r for r in runs if r["status"] == "done"], out_dir) or []
+    counted = [r for r in runs if r["status"] == "done" and not run_flag(r)]
+    paths += _curves_plot(study, counted, out_dir) or []
     return paths
