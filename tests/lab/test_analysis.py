@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from normlab.lab.analysis import (INCONCLUSIVE, NOT_RUN, REPRODUCED, point_stats, run_flag,
-                                  seeds_needed, seeds_to_add, verdict)
+from normlab.lab.analysis import (INCONCLUSIVE, NOT_RUN, REPRODUCED, flags_text, point_stats,
+                                  run_flag, seeds_needed, seeds_to_add, verdict)
 from normlab.lab.studies import Claim, get_study
 
 
@@ -49,6 +49,14 @@ def test_point_stats_leave_flagged_runs_out_and_bars_stay_above_zero():
     assert gn["n"] == 1 and gn["bar"] == (0.5, 0.5)
     spread = point_stats([_run("A", 1, v, s) for s, v in enumerate([0.2, 0.3, 9.0])])[("A", 1)]
     assert spread["bar"][0] == 0.0  # mean 3.2 - sd 5.0 would be below 0
+
+
+def test_flags_text_counts_each_kind_in_the_flags_own_words():
+    runs = [_run("GN", 2, 85.0, 0), _run("GN", 2, 86.0, 1, loss=2.4, first=2.6),
+            _run("GN", 2, 3.0, 2, loss=math.nan)]
+    assert flags_text(point_stats(runs)[("GN", 2)]["excluded"]) == "1 diverged, 2 unconverged"
+    assert flags_text(point_stats(runs[:1])[("GN", 2)]["excluded"]) == "1 unconverged"
+    assert flags_text([]) == ""
 
 
 def _s(mean, sd, n):

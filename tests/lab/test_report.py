@@ -155,3 +155,34 @@ def test_a_label_cannot_inject_markdown_into_the_report(tmp_path):
                "[l](u) _i_")
     assert h.count(f"<td>{literal}</td>") == 3, h
     assert "<h2>injected" not in h and "<b>bold</b>" not in h and "<b>x</b>" not in h
+
+
+def test_report_cells_name_the_flag_of_the_runs_left_out(tmp_path):
+    """Issue 12 item 2: a point whose runs were all unconverged (near chance) read "diverged".
+    Each cell says which flags left runs out: unconverged, diverged, or both, with counts."""
+    study = get_study("batch-size")
+    runs = {("BN", 32): [(0.3, None), (2.5, None), (85.0, None)],   # one near chance (>= 81%)
+            ("GN", 32): [(86.0, None), (88.0, None)],               # every run near chance
+            ("GN", 2): [(40.0, "diverged: non-finite training loss in epoch 1"), (87.0, None)]}
+    with Store(tmp_path) as s:
+        members = []
+        for (label, x), results in runs.items():
+            for seed, (err, error) in enumerate(results):
+                rid = f"{label}{x}s{seed}"
+                s.claim(rid, {"model": "resnet20", "data": "digits", "epochs": 1,
+                              "schedule": "cosine", "base_lr": 0.1, "weight_decay": 1e-4,
+                              "seed": seed})
+                s.record_epochs(rid, [{"epoch": 0, "test_error": err}], {})
+                s.finish(rid, "done", error)
+                members.append((rid, label, x))
+        s.register(study.name, "default", members)
+    text = write_report(tmp_path)[0].read_text()
+    table = text.split("### Test error (%)")[1].split("###")[0].splitlines()
+    bn = next(l for l in table if l.startswith("| BN |"))
+    gn = next(l for l in table if l.startswith("| GN |"))
+    assert "| 1.40 ± 1.56 (n=2; 1 unconverged left out) |" in bn
+    assert "| 2 unconverged (left out) |" in gn and "| 1 diverged, 1 unconverged (left out) |" in gn
+    assert "- GN at 32, seed 1 (run GN32s1): test error 88.00%, unconverged (test error 88.0% " \
+           "near chance, 90%)" in text
+    assert "- GN at 2, seed 0 (run GN2s0): test error 40.00%, diverged (diverged: non-finite " \
+           "training loss in epoch 1)" in text

@@ -43,7 +43,7 @@ from normlab.lab.studies import Claim, Study
 __all__ = [
     "Z", "SD_FLOOR", "SD_ONE_SEED", "CHANCE_FRACTION", "REPRODUCED", "NOT_REPRODUCED",
     "INCONCLUSIVE", "NOT_RUN", "num_classes", "run_flag", "point_stats", "difference", "verdict",
-    "seeds_needed", "claim_points", "claims_status", "seeds_to_add",
+    "seeds_needed", "claim_points", "claims_status", "seeds_to_add", "flag_kind", "flags_text",
 ]
 
 Z = 2.0
@@ -89,6 +89,18 @@ def run_flag(run: dict[str, Any]) -> Optional[str]:
         if err >= CHANCE_FRACTION * chance:
             return f"unconverged (test error {err:.1f}% near chance, {chance:.0f}%)"
     return None
+
+
+def flag_kind(flag: str) -> str:
+    """The word a :func:`run_flag` flag starts with: ``diverged`` or ``unconverged``."""
+    return flag.split(" ", 1)[0]
+
+
+def flags_text(excluded: list[dict[str, Any]]) -> str:
+    """A point's flagged runs (its ``excluded``) counted by kind, in words: ``2 unconverged``,
+    ``1 diverged, 1 unconverged``; empty when none is flagged."""
+    kinds = [flag_kind(e["flag"]) for e in excluded]
+    return ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds)))
 
 
 def point_stats(runs: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import re
 import time
 from pathlib import Path
 from typing import Optional
 
 from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED,
-                                  SD_FLOOR, SD_ONE_SEED, Z, difference, point_stats, verdict)
+                                  SD_FLOOR, SD_ONE_SEED, Z, difference, flags_text, point_stats,
+                                  verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
 from normlab.lab.plots import plot_study
@@ -34,12 +34,27 @@ __all__ = ["verdict", "write_report", "Z", "SD_FLOOR", "SD_ONE_SEED", "REPRODUCE
 
 
 def _fmt(s: Optional[dict]) -> str:
+    """A table cell: ``mean ± sd (n=k)``, plus the flagged runs left out of it by kind
+    (``; 1 unconverged left out``); a point whose every run is flagged says what they were
+    (``2 unconverged (left out)``, ``1 diverged, 1 unconverged (left out)``)."""
     if s is None:
         return "-"
-    if math.isnan(s["mean"]):
-        return "diverged"
+    flagged = flags_text(s["excluded"])
+    if s["n"] == 0:
+        return f"{flagged} (left out)"
     sd = f" ± {s['sd']:.2f}" if s["sd"] is not None else ""
-    return f"{s['mean']:.2f}{sd} (n={s['n']})"
+    left_out = f"; {flagged} left out" if flagged else ""
+    return f"{s['mean']:.2f}{sd} (n={s['n']}{left_out})"
+
+
+def _flagged_lines(stats: dict) -> list[str]:
+    """The note under the table: each flagged run, the point it belongs to and its flag."""
+    rows = [(key, e) for key, s in stats.items() for e in s["excluded"]]
+    if not rows:
+        return []
+    return (["", "Flagged runs, kept in the store and left out of the means, bars and verdicts:", ""]
+            + [f"- {_md(str(lab))} at {x}, seed {e['seed']} (run {_md(str(e['run_id']))}): test error "
+               f"{e['error']:.2f}%, {_md(e['flag'])}" for (lab, x), e in rows])
 
 
 def _processes_line(runs: list[dict], cfg: dict) -> str:
@@ -79,10 +94,6 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
              + f"; model `{cfg['model']}`, data `{cfg['data']}`, {cfg['epochs']} epochs, "
                f"schedule {cfg['schedule']}, weight decay {cfg['weight_decay']}.", "",
              _processes_line(runs, cfg), ""]
-    diverged = [r for r in runs if r.get("error") and r["status"] == "done"]
-    if diverged:
-        lines += [f"{len(diverged)} run(s) diverged; their recorded error is the one measured "
-                  f"at divergence.", ""]
     present = {r["label"] for r in runs}
     labels = [v for v in study.variants if v in present] + sorted(present - set(study.variants))
     xs = sorted({r["x"] for r in runs}, reverse=study.x_log2)
@@ -92,6 +103,7 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
     for lab in labels:
         lines.append(f"| {_md(lab)} | " + " | ".join(_fmt(stats.get((lab, x))) for x in xs)
                      + " |")
+    lines += _flagged_lines(stats)
     if study.paper:
         pxs = sorted({x for d in study.paper.values() for x in d}, reverse=study.x_log2)
         lines += ["", f"### The paper's numbers: {study.paper_source}", "",
