@@ -186,3 +186,26 @@ def test_report_cells_name_the_flag_of_the_runs_left_out(tmp_path):
            "near chance, 90%)" in text
     assert "- GN at 2, seed 0 (run GN2s0): test error 40.00%, diverged (diverged: non-finite " \
            "training loss in epoch 1)" in text
+
+
+def test_an_open_claim_states_the_seeds_its_spread_would_need(tmp_path):
+    # BN@32 1.0/1.5, GN@32 1.3/1.8: d = 0.3, sd 0.354 each, se_d = 0.354 -> inconclusive;
+    # n = floor(Z^2 (0.125 + 0.125) / 0.3^2) + 1 = floor(11.1) + 1 = 12 seeds per point
+    study = get_study("batch-size")
+    with Store(tmp_path) as s:
+        members = []
+        for (label, errs) in (("BN", (1.0, 1.5)), ("GN", (1.3, 1.8))):
+            for seed, err in enumerate(errs):
+                rid = f"{label}s{seed}"
+                s.claim(rid, {"model": "resnet20", "data": "digits", "epochs": 1,
+                              "schedule": "cosine", "base_lr": 0.1, "weight_decay": 1e-4,
+                              "seed": seed})
+                s.record_epochs(rid, [{"epoch": 0, "test_error": err}], {})
+                s.finish(rid)
+                members.append((rid, label, 32))
+        s.register(study.name, "default", members)
+    text = write_report(tmp_path)[0].read_text()
+    row = next(l for l in text.splitlines() if l.startswith("| BN beats GN at the largest"))
+    assert "**inconclusive**" in row and "| 2; about 12 would decide it |" in row
+    row = next(l for l in text.splitlines() if l.startswith("| GN beats BN at batch 2"))
+    assert "**not run**" in row and "| - |" in row

@@ -4,6 +4,9 @@ For every study in the store: our table (final test error %, mean ± sample stan
 over seeds, n) beside the paper's table (REFERENCE sections 1-4, cited), the figures, and one
 verdict per qualitative claim, computed from the numbers by :mod:`normlab.lab.analysis` (which
 runs count, the standard errors, the verdict rules and the seeds an open claim would need).
+A table cell counts the runs its point left out by flag (diverged, unconverged), a note under the
+table lists them, and the claims table gives the seeds behind each verdict and, for an open
+claim, the seeds its observed spread would need.
 
 A claim whose points were not run is "not run". Nothing else is claimed.
 """
@@ -18,8 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED,
-                                  SD_FLOOR, SD_ONE_SEED, Z, difference, flags_text, point_stats,
-                                  verdict)
+                                  SD_FLOOR, SD_ONE_SEED, Z, claims_status, difference, flags_text,
+                                  point_stats, verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
 from normlab.lab.plots import plot_study
@@ -55,6 +58,19 @@ def _flagged_lines(stats: dict) -> list[str]:
     return (["", "Flagged runs, kept in the store and left out of the means, bars and verdicts:", ""]
             + [f"- {_md(str(lab))} at {x}, seed {e['seed']} (run {_md(str(e['run_id']))}): test error "
                f"{e['error']:.2f}%, {_md(e['flag'])}" for (lab, x), e in rows])
+
+
+def _seeds_cell(st: dict) -> str:
+    """Seeds behind a claim's verdict; for an open one, how many the observed spread would need
+    (:func:`normlab.lab.analysis.seeds_needed`) or why that is unknown."""
+    if st["verdict"] == NOT_RUN:
+        return "-"
+    if st["verdict"] != INCONCLUSIVE:
+        return str(st["seeds"])
+    need = st["seeds_needed"]
+    return f"{st['seeds']}; about {need} would decide it" if need else (
+        f"{st['seeds']}; unknown how many would decide it (a point with one seed, or a "
+        "difference on the boundary)")
 
 
 def _processes_line(runs: list[dict], cfg: dict) -> str:
@@ -112,10 +128,11 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
             lines.append(f"| {lab} | " + " | ".join(str(d.get(x, "-")) for x in pxs) + " |")
     else:
         lines += ["", f"Paper: {study.paper_source}."]
-    lines += ["", "### Claims", "", "| claim | verdict | numbers (error %) | source |", "|---|---|---|---|"]
-    for c in study.claims:
-        v, why = verdict(c, stats)
-        lines.append(f"| {c.text} | **{v}** | {why} | {c.source} |")
+    lines += ["", "### Claims", "", "| claim | verdict | numbers (error %) | seeds per point | "
+              "source |", "|---|---|---|---|---|"]
+    for c, st in zip(study.claims, claims_status(study, stats)):
+        lines.append(f"| {c.text} | **{st['verdict']}** | {st['why']} | {_seeds_cell(st)} | "
+                     f"{c.source} |")
     figs = plot_study(store, study, fig_dir)
     pngs = [p for p in figs if p.suffix == ".png"]
     lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in pngs] + [""]
