@@ -347,7 +347,7 @@ def _wait_for_count(out, proc, query, at_least, timeout_s):
 def test_killing_the_study_stops_its_training_processes(tmp_path):
     # --jobs 2: SIGKILL the study process alone; its workers notice and stop, the store stays
     # sound, and a re-run finishes every run
-    from normlab.lab.store import _owner_alive
+    from normlab.lab.owners import _owner_alive
 
     args = ["reproduce", "--quick", "--data", "synthetic", "--jobs", "2", "--no-report", *TINY,
             "--set", f"data_kwargs={SMALL}", "--set", "epochs=3", "--out", str(tmp_path)]

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from normlab.lab.config import ConfigError
-from normlab.lab.store import Store, _me, _proc_stat, heartbeat, summarize
+from normlab.lab.owners import _me, _proc_stat
+from normlab.lab.store import Store, heartbeat, summarize
 
 
 def _rows(n, base=1.0):

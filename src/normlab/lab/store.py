@@ -17,7 +17,7 @@ Layout of ``OUT/results.sqlite`` (WAL journal, every write one ``BEGIN IMMEDIATE
 
 Why this survives SIGKILL at any moment: SQLite commits are atomic (WAL), a run's per-epoch rows
 are written in one transaction after its checkpoint file was atomically renamed into place (see
-trainer.py), and a run only becomes ``done`` in the transaction that writes its summary. A process
+loop.py), and a run only becomes ``done`` in the transaction that writes its summary. A process
 killed mid-epoch leaves its run ``running`` with an owner that no longer exists; the next process
 claims it and resumes from the checkpoint. Two processes sharing a store serialize their writes
 through SQLite's lock (``busy_timeout`` 60 s) and never train the same run at once: a run owned by
@@ -39,184 +39,33 @@ Example::
     >>> s = Store(tempfile.mkdtemp())                  # normally the --out directory
     >>> s.claim(cfg.run_id(), cfg.to_dict())
     'claimed'
+
+Where the parts live: the schema, opening (read-only too) and the damaged-store errors in
+:mod:`normlab.lab.store_open`; owners and their liveness in :mod:`normlab.lab.owners`; the CSV
+and JSON exports in :mod:`normlab.lab.store_export`. This module holds :class:`Store` (claims,
+writes, reads), :func:`heartbeat` and :func:`summarize`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import functools
 import json
 import math
-import os
-import socket
 import sqlite3
-import tempfile
+import statistics
 import threading
 import time
-import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TypeVar, Union
+from typing import Any, Iterator, Optional, Union
 
-from normlab.lab.config import ConfigError
+from normlab.lab.owners import HEARTBEAT_S, _me, _my_start, _owner_alive, stale_after_s
+from normlab.lab.store_export import write_exports
+from normlab.lab.store_open import (DB_NAME, EPOCH_FIELDS, EXPORTS, StoreError, _names_damage,
+                                    check_writable, connect_read_only, create_schema, open_error,
+                                    set_wal, unwritable)
 
-__all__ = ["Store", "StoreError", "unwritable", "DB_NAME", "EXPORTS", "EPOCH_FIELDS", "heartbeat", "HEARTBEAT_S", "stale_after_s"]
-
-DB_NAME = "results.sqlite"
-#: the exports written beside the store (:meth:`Store.export`)
-EXPORTS = ("runs.csv", "epochs.csv", "results.json")
-_T = TypeVar("_T")
-EPOCH_FIELDS = ("train_loss", "train_error", "test_loss", "test_error", "lr", "wall_time",
-                "images_per_s")
-_RUN_FIELDS = ("run_id", "status", "owner", "epochs", "epochs_done", "wall_time", "images_per_s",
-               "device", "final_train_loss", "final_train_error", "final_test_loss",
-               "final_test_error", "error", "created", "updated", "peak_memory_mb", "backend")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, config TEXT NOT NULL, status TEXT NOT NULL, owner TEXT,
-    epochs INTEGER, epochs_done INTEGER DEFAULT 0, wall_time REAL, images_per_s REAL, device TEXT,
-    versions TEXT, final_train_loss REAL, final_train_error REAL, final_test_loss REAL,
-    final_test_error REAL, error TEXT, created REAL, updated REAL, owner_start INTEGER,
-    peak_memory_mb REAL, backend TEXT);
-CREATE TABLE IF NOT EXISTS epochs (
-    run_id TEXT NOT NULL, epoch INTEGER NOT NULL, train_loss REAL, train_error REAL,
-    test_loss REAL, test_error REAL, lr REAL, wall_time REAL, images_per_s REAL,
-    PRIMARY KEY (run_id, epoch));
-CREATE TABLE IF NOT EXISTS study_runs (
-    study TEXT NOT NULL, preset TEXT NOT NULL, run_id TEXT NOT NULL, label TEXT NOT NULL,
-    x TEXT, registered REAL, setup TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (study, preset, run_id, label));
-CREATE TABLE IF NOT EXISTS setups (
-    study TEXT NOT NULL, preset TEXT NOT NULL, setup TEXT NOT NULL, info TEXT NOT NULL,
-    registered REAL, PRIMARY KEY (study, preset, setup));
-CREATE TABLE IF NOT EXISTS spp (
-    model TEXT NOT NULL, depth INTEGER NOT NULL, name TEXT, avg_sq_mean REAL, avg_var REAL,
-    residual_var REAL, expected_var REAL, architecture TEXT, PRIMARY KEY (model, depth));
-"""
-
-#: columns added since the first stores were written: (table, column, declaration, the value
-#: a store written before reads as)
-_ADDED_COLUMNS = (("study_runs", "setup", "TEXT NOT NULL DEFAULT ''", "''"),
-                  ("runs", "owner_start", "INTEGER", "NULL"),
-                  ("runs", "peak_memory_mb", "REAL", "NULL"), ("runs", "backend", "TEXT", "NULL"),
-                  ("spp", "expected_var", "REAL", "NULL"), ("spp", "architecture", "TEXT", "NULL"))
-
-
-def _columns(con: sqlite3.Connection, table: str) -> set[str]:
-    return {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
-
-#: seconds between an owner's touches of its run's row while it trains (see heartbeat)
-HEARTBEAT_S = 60.0
-
-
-def stale_after_s() -> float:
-    """Seconds without a touch after which a run's owner on another host counts as dead
-    (``$NORMLAB_STALE_AFTER``, default 900: fifteen missed heartbeats)."""
-    raw = os.environ.get("NORMLAB_STALE_AFTER", "")
-    try:
-        value = float(raw) if raw.strip() else 900.0
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise ConfigError(f"$NORMLAB_STALE_AFTER must be a positive number of seconds, got {raw!r}",
-                          hint="unset it for the default (900)")
-    return value
-
-
-def _me() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _owner_alive(owner: Optional[str], updated: Optional[float] = None,
-                 started: Optional[int] = None) -> bool:
-    """Whether the process ``host:pid`` that owns a run (last touched at ``updated``; started
-    ``started`` clock ticks after its host's boot) lives.
-
-    Every owner touches its run every :data:`HEARTBEAT_S` seconds (:func:`heartbeat`), so an
-    owner silent for :func:`stale_after_s` is dead on any host. On another host that is all
-    there is to ask; on this host the OS is asked too: a pid that does not exist, a zombie, or
-    a process with another start time (the owner died and its pid was given to a new process)
-    is not the owner."""
-    if not owner or ":" not in owner:
-        return False
-    host, _, pid_s = owner.rpartition(":")
-    fresh = updated is None or time.time() - updated < stale_after_s()
-    if host != socket.gethostname() or not fresh:
-        return fresh
-    try:
-        pid = int(pid_s)
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        pass  # another user's process: it exists
-    stat = _proc_stat(pid)
-    if stat is None:  # no /proc (or it just exited): the pid exists, the heartbeat is fresh
-        return True
-    state, ticks = stat
-    return state != "Z" and (started is None or ticks == started)  # Z: killed, not reaped
-
-
-def _proc_stat(pid: int) -> Optional[tuple[str, int]]:
-    """(state, start time in clock ticks after boot) of process ``pid`` from ``/proc``
-    (fields 3 and 22 of proc(5)); None where ``/proc`` cannot tell."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _my_start() -> Optional[int]:
-    """This process's start time in clock ticks after boot (recorded with its claims), or None."""
-    stat = _proc_stat(os.getpid())
-    return stat[1] if stat else None
-
-
-class StoreError(ConfigError):
-    """A results store that cannot be used as asked: damaged, not a store, not writable."""
-
-
-def _damaged(e: sqlite3.DatabaseError) -> bool:
-    """Whether SQLite says the store's pages are damaged (SQLITE_CORRUPT*; a file that is no
-    database at all is SQLITE_NOTADB, said otherwise)."""
-    name = getattr(e, "sqlite_errorname", "")  # Python >= 3.11
-    return name.startswith("SQLITE_CORRUPT") if name else "malformed" in str(e)
-
-
-def _damage_error(path: Path, e: sqlite3.DatabaseError) -> StoreError:
-    return StoreError(
-        f"results store {str(path)!r} is damaged ({e})",
-        hint=f"the finished runs are exported beside it ({', '.join(EXPORTS)}); move the file "
-             "away (`sqlite3 FILE .recover` may salvage it) and re-run: runs not in a store "
-             "are trained again")
-
-
-def _names_damage(method: Callable[..., _T]) -> Callable[..., _T]:
-    """A store method whose SQLite 'database disk image is malformed' becomes a
-    :class:`StoreError` naming the file and what to do."""
-    @functools.wraps(method)
-    def wrapped(self: "Store", *args: Any, **kwargs: Any) -> _T:
-        try:
-            return method(self, *args, **kwargs)
-        except sqlite3.DatabaseError as e:
-            if _damaged(e):
-                raise _damage_error(self.path, e) from None
-            raise
-    return wrapped
-
-
-def unwritable(directory: Union[str, Path]) -> Optional[str]:
-    """Why no file can be created in ``directory`` (made if missing), or None when one can."""
-    try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory, prefix=".normlab-probe"):
-            return None
-    except OSError as e:
-        return e.strerror or type(e).__name__
-
+__all__ = ["Store", "StoreError", "unwritable", "DB_NAME", "EXPORTS", "EPOCH_FIELDS", "heartbeat",
+           "HEARTBEAT_S", "stale_after_s"]
 
 class Store:
     """Results of every run in one output directory (see the module docstring).
@@ -234,9 +83,9 @@ class Store:
             raise StoreError(f"no results store at {str(self.path)!r}",
                              hint="run `normlab reproduce --out DIR` first, or check the path")
         if read_only:
-            self.con = self._connect_read_only()
+            self.con = connect_read_only(self.dir, self.path)
         else:
-            self._check_writable()
+            check_writable(self.dir, self.path)
             self.con = self._connect_writable()
         if not read_only:
             try:
@@ -245,21 +94,6 @@ class Store:
                 self.con.close()
                 raise
 
-    def _check_writable(self) -> None:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # a file of that name, no permission, a read-only place
-            why = ("it is a file, not a directory" if self.dir.exists() and not self.dir.is_dir()
-                   else e.strerror or type(e).__name__)
-            raise StoreError(f"cannot use output directory {str(self.dir)!r}: {why}",
-                             hint="pass --out a directory you can write to") from None
-        why = unwritable(self.dir)
-        if why is None and self.path.exists() and not os.access(self.path, os.W_OK):
-            why = "the store file is read-only"
-        if why is not None:
-            raise StoreError(f"cannot write to output directory {str(self.dir)!r}: {why}",
-                             hint="pass --out a directory you can write to (`normlab ls` and "
-                                  "`normlab report --to DIR` read a read-only store)")
 
     def _connect_writable(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
@@ -267,67 +101,15 @@ class Store:
         try:
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA busy_timeout=60000")
-            self._set_wal()
+            set_wal(con)
             con.execute("PRAGMA synchronous=NORMAL")
             with self.transaction():
-                for stmt in _SCHEMA.strip().split(";"):
-                    if stmt.strip():
-                        con.execute(stmt)
-                for table, col, decl, _ in _ADDED_COLUMNS:  # a store written before they were
-                    if col not in _columns(con, table):
-                        con.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+                create_schema(con)
         except sqlite3.DatabaseError as e:  # not a database, damaged, unwritable, locked
             con.close()
-            raise self._open_error(e) from None
+            raise open_error(self.path, e) from None
         return con
 
-    def _connect_read_only(self) -> sqlite3.Connection:
-        """Reads only. Where the file and its directory are writable, an ordinary connection
-        with ``query_only`` (so SQLite tidies its WAL files away on close as usual); elsewhere
-        ``mode=ro``, or, where SQLite cannot create the WAL index beside the file (a read-only
-        place) and no write-ahead log is pending, ``immutable=1`` (nothing can change it)."""
-        writable = os.access(self.dir, os.W_OK) and os.access(self.path, os.W_OK)
-        uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro"
-        try:
-            con = (sqlite3.connect(self.path, timeout=60, isolation_level=None) if writable
-                   else sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None))
-            con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-        except sqlite3.OperationalError:
-            wal = Path(f"{self.path}-wal")
-            if writable or (wal.is_file() and wal.stat().st_size):
-                raise StoreError(f"cannot read results store {str(self.path)!r} where it is",
-                                 hint="copy the directory somewhere writable and read the "
-                                      "copy") from None
-            con = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
-        except sqlite3.DatabaseError as e:
-            raise self._open_error(e) from None
-        try:
-            con.row_factory = sqlite3.Row
-            con.execute("PRAGMA busy_timeout=60000")
-            missing = {"runs", "epochs", "study_runs", "spp"} - {
-                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if missing:
-                raise StoreError(f"{str(self.path)!r} is not a results store (no table "
-                                 f"{', '.join(sorted(missing))})",
-                                 hint=f"check the path (a results directory holds {DB_NAME})")
-            for table, col, _, default in _ADDED_COLUMNS:  # older store: read it as if it had it
-                if col not in _columns(con, table):
-                    con.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {default} AS {col} FROM "
-                                f"main.{table}")
-            con.execute("PRAGMA query_only=ON")
-        except sqlite3.DatabaseError as e:
-            con.close()
-            raise self._open_error(e) from None
-        except StoreError:
-            con.close()
-            raise
-        return con
-
-    def _open_error(self, e: sqlite3.DatabaseError) -> StoreError:
-        if _damaged(e):
-            return _damage_error(self.path, e)
-        return StoreError(f"{str(self.path)!r} is not a readable results store ({e})",
-                          hint="it is left as it is: move it away or pass another --out / DIR")
 
     @_names_damage
     def _drop_finished_checkpoints(self) -> None:
@@ -342,21 +124,6 @@ class Store:
                 with contextlib.suppress(FileNotFoundError):
                     ckpt.unlink()
 
-    def _set_wal(self, timeout: float = 60.0) -> None:
-        """Switch to WAL. Changing the journal mode needs an exclusive lock and SQLite answers
-        "database is locked" at once, without its busy handler, when another process is creating
-        the same new store: retry until ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        delay = 0.01
-        while True:
-            try:
-                self.con.execute("PRAGMA journal_mode=WAL")
-                return
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -594,46 +361,7 @@ class Store:
     @_names_damage
     def export(self) -> list[Path]:
         """Write ``runs.csv``, ``epochs.csv`` and ``results.json`` next to the database."""
-        runs = self.runs()
-        epochs = [dict(r) for r in self.con.execute("SELECT * FROM epochs ORDER BY run_id, epoch")]
-        members = [dict(r) for r in self.con.execute("SELECT * FROM study_runs ORDER BY study")]
-        paths = []
-        cfg_keys = sorted({k for r in runs for k in r["config"]})
-        p = self.dir / "runs.csv"
-        _atomic_csv(p, [*_RUN_FIELDS, *(f"config.{k}" for k in cfg_keys)],
-                    [[r.get(k) for k in _RUN_FIELDS]
-                     + [_cell(r["config"].get(k)) for k in cfg_keys] for r in runs])
-        paths.append(p)
-        p = self.dir / "epochs.csv"
-        _atomic_csv(p, ["run_id", "epoch", *EPOCH_FIELDS],
-                    [[e[k] for k in ("run_id", "epoch", *EPOCH_FIELDS)] for e in epochs])
-        paths.append(p)
-        p = self.dir / "results.json"
-        by_run: dict[str, list] = {}
-        for e in epochs:
-            by_run.setdefault(e["run_id"], []).append({k: v for k, v in e.items() if k != "run_id"})
-        setups = [{**dict(r), "info": json.loads(r["info"])}
-                  for r in self.con.execute("SELECT * FROM setups ORDER BY study, registered")]
-        doc = {"runs": [{**r, "history": by_run.get(r["run_id"], [])} for r in runs],
-               "studies": members, "setups": setups}
-        tmp = p.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str))
-        os.replace(tmp, p)
-        paths.append(p)
-        return paths
-
-
-def _cell(v: Any) -> Any:
-    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
-
-
-def _atomic_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
+        return write_exports(self.dir, self.con, self.runs())
 
 
 def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
@@ -656,8 +384,6 @@ def summarize(runs: list[dict[str, Any]], metric: str = "final_test_error",
     ...            for v in (10.0, 12.0, float("nan"))])[("BN", 2)]["n"]
     2
     """
-    import statistics
-
     groups: dict[tuple, list[float]] = {}
     for r in runs:
         if done_only and r["status"] != "done":

@@ -1,0 +1,64 @@
+"""The exports written beside a results store: ``runs.csv``, ``epochs.csv`` and ``results.json``
+(each written to a temporary file and renamed into place, so a reader never sees half of one).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from normlab.lab.store_open import EPOCH_FIELDS
+
+_RUN_FIELDS = ("run_id", "status", "owner", "epochs", "epochs_done", "wall_time", "images_per_s",
+               "device", "final_train_loss", "final_train_error", "final_test_loss",
+               "final_test_error", "error", "created", "updated", "peak_memory_mb", "backend")
+
+
+def write_exports(directory: Path, con: sqlite3.Connection,
+                  runs: list[dict[str, Any]]) -> list[Path]:
+    """Write ``runs.csv``, ``epochs.csv`` and ``results.json`` into ``directory`` (beside the
+    store ``con`` reads); ``runs`` as :meth:`normlab.lab.store.Store.runs` gives them."""
+    epochs = [dict(r) for r in con.execute("SELECT * FROM epochs ORDER BY run_id, epoch")]
+    members = [dict(r) for r in con.execute("SELECT * FROM study_runs ORDER BY study")]
+    paths = []
+    cfg_keys = sorted({k for r in runs for k in r["config"]})
+    p = directory / "runs.csv"
+    _atomic_csv(p, [*_RUN_FIELDS, *(f"config.{k}" for k in cfg_keys)],
+                [[r.get(k) for k in _RUN_FIELDS]
+                 + [_cell(r["config"].get(k)) for k in cfg_keys] for r in runs])
+    paths.append(p)
+    p = directory / "epochs.csv"
+    _atomic_csv(p, ["run_id", "epoch", *EPOCH_FIELDS],
+                [[e[k] for k in ("run_id", "epoch", *EPOCH_FIELDS)] for e in epochs])
+    paths.append(p)
+    p = directory / "results.json"
+    by_run: dict[str, list] = {}
+    for e in epochs:
+        by_run.setdefault(e["run_id"], []).append({k: v for k, v in e.items() if k != "run_id"})
+    setups = [{**dict(r), "info": json.loads(r["info"])}
+              for r in con.execute("SELECT * FROM setups ORDER BY study, registered")]
+    doc = {"runs": [{**r, "history": by_run.get(r["run_id"], [])} for r in runs],
+           "studies": members, "setups": setups}
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, p)
+    paths.append(p)
+    return paths
+
+
+def _cell(v: Any) -> Any:
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+
+
+def _atomic_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
