@@ -78,18 +78,14 @@ def run_with_power(
     targets: dict[tuple, int] = {}
     added, rounds, stopped = 0, 0, "decided"
     while True:
-        stats = point_stats(store.study_runs(study.name, preset))
-        want = {p: n for p, n in seeds_to_add(study, stats, max_seeds).items()
-                if n > targets.get(p, 0)}
+        want = _wanted(store, study, preset, max_seeds, targets)
         if not want:
             break
         if budget_minutes is not None and clock() - t0 >= 60.0 * budget_minutes:
             stopped = "budget-minutes"
             break
         targets.update(want)
-        new = [p for p in points_for(targets) if (p.label, p.x) in want]
-        known = {p.cfg.run_id() for p in points}
-        new = [p for p in new if p.cfg.run_id() not in known]
+        new = _new_points(points, points_for(targets), want)
         if budget_runs is not None and added + len(new) > budget_runs:
             stopped = "budget-runs"
             break
@@ -101,12 +97,9 @@ def run_with_power(
         _register(store, study, preset, new, setup, None)
         for k, v in run(new).items():
             counts[k] = counts.get(k, 0) + v
-    stats = point_stats(store.study_runs(study.name, preset))
-    open_claims = [{"claim": c["text"], "seeds": c["seeds"], "seeds_needed": c["seeds_needed"]}
-                   for c in claims_status(study, stats) if c["verdict"] == INCONCLUSIVE]
     record = {"rounds": rounds, "runs_added": added, "stopped": stopped,
               "budget_runs": budget_runs, "budget_minutes": budget_minutes,
-              "max_seeds": max_seeds, "open": open_claims, "counts": counts}
+              "max_seeds": max_seeds, "open": _open_claims(store, study, preset), "counts": counts}
     store.update_setup_info(study.name, preset, setup, {"power": record})
     return record
 
@@ -115,3 +108,25 @@ def _register(store: Store, study: Study, preset: str, points: list[Point], setu
               info: Optional[dict[str, Any]]) -> None:
     store.register(study.name, preset, [(p.cfg.run_id(), p.label, p.x) for p in points],
                    setup=setup, info=info)
+
+
+def _wanted(store: Store, study: Study, preset: str, max_seeds: int,
+            targets: dict[tuple, int]) -> dict[tuple, int]:
+    """Seeds per (label, x) that the study's open claims need, where above ``targets``."""
+    stats = point_stats(store.study_runs(study.name, preset))
+    return {p: n for p, n in seeds_to_add(study, stats, max_seeds).items()
+            if n > targets.get(p, 0)}
+
+
+def _new_points(points: list[Point], candidates: list[Point], want: dict[tuple, int]
+                ) -> list[Point]:
+    """The ``candidates`` at a (label, x) in ``want`` that are not among ``points``."""
+    known = {p.cfg.run_id() for p in points}
+    return [p for p in candidates if (p.label, p.x) in want and p.cfg.run_id() not in known]
+
+
+def _open_claims(store: Store, study: Study, preset: str) -> list[dict[str, Any]]:
+    """The study's inconclusive claims with the seeds they have and need."""
+    stats = point_stats(store.study_runs(study.name, preset))
+    return [{"claim": c["text"], "seeds": c["seeds"], "seeds_needed": c["seeds_needed"]}
+            for c in claims_status(study, stats) if c["verdict"] == INCONCLUSIVE]
