@@ -8,10 +8,16 @@ Data flows one way, and each module imports only those below it::
     runner.py     run points in-process, with --jobs workers, or as a torchrun rank
     loop.py       one run: resume, train an epoch, evaluate, checkpoint, store writes
     recipe.py     model, optimizer, schedule, loaders for a RunConfig; preflight
-    studies.py    the studies: lists of run configs, the papers' tables and claims
     report.py / plots.py   report.md/.html and figures, from the store only
-    store.py      the results store (SQLite)
-    data.py       datasets and the tensor loader
+    studies.py    the studies: lists of run configs, the papers' tables and claims
+    study.py      what a study is: Study, Point, Claim, emulate_devices, setup_id
+    store.py      the results store (SQLite): claims, writes, reads, heartbeat
+    store_export.py   runs.csv, epochs.csv, results.json beside the store
+    store_open.py     schema and added columns, read-only opening, damaged-store errors
+    owners.py     a run's owner (host:pid): heartbeat interval, liveness
+    data.py       the dataset registry (load_dataset) and the tensor loader
+    cifar.py      CIFAR-10/100 through a restricted unpickler
+    datasets.py   DataSplit and the digits, mnist5k, synthetic, imagefolder loaders
     progress.py / signals.py   progress lines; SIGTERM and SIGINT while a study runs
     config.py     RunConfig and overrides (the NF-norm rule: normlab.models.check_norm)
 
