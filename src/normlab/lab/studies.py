@@ -52,6 +52,9 @@ from normlab.lab.study import PAPER_DEVICES, PRESETS, Claim, Point, Study, emula
 __all__ = ["Study", "Point", "Claim", "STUDIES", "get_study", "PRESETS", "setup_id",
            "PAPER_DEVICES", "emulate_devices"]
 
+#: doctest also runs the protocol's example (defined in study.py) with this module's examples
+__test__ = {"emulate_devices": emulate_devices}
+
 GN_PAPER = "Wu & He, Group Normalization, ECCV 2018 (ResNet-50, ImageNet val error %)"
 
 BATCHES = [32, 16, 8, 4, 2]
@@ -292,6 +295,12 @@ _add(Study(
 
 
 def get_study(name: str) -> Study:
+    """The study called ``name`` (case and ``_`` for ``-`` do not matter).
+
+    >>> s = get_study("Batch_Size")
+    >>> s.name, s.per_device
+    ('batch-size', True)
+    """
     key = name.strip().lower().replace("_", "-")
     if key not in STUDIES:
         raise ConfigError(f"unknown study {name!r}", hint=f"choose one of: {', '.join(STUDIES)}")

@@ -223,6 +223,7 @@ def emulate_devices(cfg: RunConfig, devices: int, stats_batch: Optional[int] = N
     ``cfg`` (the single-batch protocol). Batch Renorm and EvoNorm-B0 have no per-slice form
     here: a ConfigError.
 
+    >>> from normlab.lab.config import RunConfig
     >>> c = emulate_devices(RunConfig(norm="bn", batch_size=2), 8)
     >>> c.batch_size, c.lr, c.norm, c.norm_kwargs
     (16, 0.00625, 'ghostbn', {'virtual_batch': 2})
