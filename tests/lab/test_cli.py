@@ -479,7 +479,7 @@ def test_flags_show_no_value_in_help():
     # `--quick <bool>` in the help made users write `--quick true` (then: "unknown study")
     out = runner.invoke(app, ["reproduce", "--help"], env={"COLUMNS": "120"}).output
     line = next(l for l in out.splitlines() if "--quick" in l)
-    assert "<bool>" not in line and "tiny preset" in line
+    assert "<bool>" not in line and "first look" in line
     assert "<bool>" not in next(l for l in out.splitlines() if "--no-report" in l)
 
 

@@ -136,7 +136,7 @@ def test_killed_after_the_last_checkpoint_the_rerun_finishes_and_trains_the_rest
     crashed with KeyError 'wall_time', left the run done with wall_time NULL, and (--jobs 1)
     trained none of the runs after it."""
     out = tmp_path / "out"
-    argv = ["reproduce", "--quick", "--data", "synthetic", "--variants", "GN", "--jobs", "1",
+    argv = ["reproduce", "--quick", "--devices", "1", "--data", "synthetic", "--variants", "GN", "--jobs", "1",
             "--set", f"data_kwargs={SMALL}", "--set", "epochs=1", "--no-report", "--out", str(out)]
     p = _cli(argv, **{TEST_KILL_ENV: "before-done"})
     assert p.returncode == 17 and "killed at before-done" in p.stdout, p.stdout + p.stderr
@@ -198,7 +198,7 @@ def test_a_failed_run_makes_train_and_reproduce_exit_non_zero(tmp_path, monkeypa
     assert r.exit_code == 1, r.output
     assert "failed: RuntimeError: a fault in the training step (test)" in r.output
     assert "error: 1 run(s) failed" in r.output
-    r = runner.invoke(app, ["reproduce", "--quick", "--data", "synthetic", "--variants", "GN",
+    r = runner.invoke(app, ["reproduce", "--quick", "--devices", "1", "--data", "synthetic", "--variants", "GN",
                             "--jobs", "1", "--set", f"data_kwargs={SMALL}", "--no-report",
                             "--out", str(tmp_path / "r")])
     assert r.exit_code == 1 and "failed 5" in r.output and "error: 5 run(s) failed" in r.output
@@ -216,7 +216,7 @@ def test_parallel_jobs_count_only_what_this_process_trained(tmp_path):
     held = get_study("batch-size").points(user, "quick", None, ["GN"])[0].cfg
     with Store(out) as store:
         assert store.claim(held.run_id(), held.to_dict()) == "claimed"  # owned by this process
-        argv = ["reproduce", "--quick", "--data", "synthetic", "--variants", "GN", "--jobs", "2",
+        argv = ["reproduce", "--quick", "--devices", "1", "--data", "synthetic", "--variants", "GN", "--jobs", "2",
                 "--no-report", "--out", str(out)] + [a for s_ in sets for a in ("--set", s_)]
         study = subprocess.Popen([sys.executable, "-m", "normlab.lab.cli", *argv],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

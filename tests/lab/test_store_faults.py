@@ -65,7 +65,7 @@ def test_a_damaged_store_is_one_line_naming_the_file_and_the_exports(tmp_path):
     _damage_pages(db)
     damaged = db.read_bytes()
     cmds = [["ls", str(out)], ["report", str(out)],
-            ["reproduce", "--quick", "--data", "synthetic", "--jobs", "1", "--set",
+            ["reproduce", "--quick", "--devices", "1", "--data", "synthetic", "--jobs", "1", "--set",
              'data_kwargs={"n_train": 64, "n_test": 32, "image_size": 8, "channels": 1}',
              "--out", str(out)]]
     for argv in cmds:
@@ -179,7 +179,7 @@ def test_a_read_only_store_is_listed_and_reported_elsewhere(tmp_path, ro_mounts)
         [out], ["ls", str(out)], ["report", str(out)], ["report", str(out), "--to", str(elsewhere)],
         ["train", "--data", "synthetic", "--epochs", "1", "--set", f"data_kwargs={small}",
          "--out", str(out)],
-        ["reproduce", "--quick", "--data", "synthetic", "--set", f"data_kwargs={small}",
+        ["reproduce", "--quick", "--devices", "1", "--data", "synthetic", "--set", f"data_kwargs={small}",
          "--out", str(out)],
         ["spp", "resnet20", "--batch", "2", "--resolution", "8", "--out", str(out)])
     (ls_rc, ls_out), (rep_rc, rep_out), (to_rc, to_out), *training = results

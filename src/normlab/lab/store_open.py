@@ -136,6 +136,22 @@ def check_writable(directory: Path, path: Path) -> None:
 
 
 
+def _view_added_columns(con: sqlite3.Connection) -> None:
+    """An older store lacks the columns added since: read each such table through one temp
+    view that adds all of its missing columns with their defaults (one view per table), and a
+    table added since as an empty temp table."""
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "setups" not in tables:  # added with the per-device protocol: an empty one to read
+        con.execute("CREATE TEMP TABLE setups (study TEXT, preset TEXT, setup TEXT, info TEXT, "
+                    "registered REAL)")
+    absent: dict = {}
+    for table, col, _, default in _ADDED_COLUMNS:
+        if col not in _columns(con, table):
+            absent.setdefault(table, []).append(f"{default} AS {col}")
+    for table, cols in absent.items():
+        con.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {', '.join(cols)} FROM main.{table}")
+
+
 def connect_read_only(directory: Path, path: Path) -> sqlite3.Connection:
     """Reads only. Where the file and its directory are writable, an ordinary connection
     with ``query_only`` (so SQLite tidies its WAL files away on close as usual); elsewhere
@@ -165,10 +181,7 @@ def connect_read_only(directory: Path, path: Path) -> sqlite3.Connection:
             raise StoreError(f"{str(path)!r} is not a results store (no table "
                              f"{', '.join(sorted(missing))})",
                              hint=f"check the path (a results directory holds {DB_NAME})")
-        for table, col, _, default in _ADDED_COLUMNS:  # older store: read it as if it had it
-            if col not in _columns(con, table):
-                con.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {default} AS {col} FROM "
-                            f"main.{table}")
+        _view_added_columns(con)
         con.execute("PRAGMA query_only=ON")
     except sqlite3.DatabaseError as e:
         con.close()
