@@ -509,7 +509,7 @@ def test_jobs_follower_shows_each_workers_epochs():
             runner_mod._on_event(prog, bars, ids, *e)
     ta, tb = (prog.tasks[bars[r]] for r in (a, b))
     assert len(bars) == 2
-    assert (ta.completed, ta.total) == (0, 20) and ta.description == "BN x=32 seed=0 epoch 2/2"
-    assert (tb.completed, tb.total) == (10, 40) and tb.description == "BN x=16 seed=0 epoch 1/2"
+    assert (ta.completed, ta.total) == (0, 20) and ta.description == "BN x=32 seed=0 epoch 2/20"
+    assert (tb.completed, tb.total) == (10, 40) and tb.description == "BN x=2 seed=0 epoch 1/20"
     assert cap.get().splitlines() == [
-        "  BN x=32 seed=0: epoch 1/2, train loss 1.700, test error 40.00% (95 img/s)"]
+        "  BN x=32 seed=0: epoch 1/20, train loss 1.700, test error 40.00% (95 img/s)"]

@@ -50,6 +50,7 @@ def run_with_power(
     budget_minutes: Optional[float] = None,
     max_seeds: int = DEFAULT_MAX_SEEDS,
     info: Optional[dict[str, Any]] = None,
+    registered: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
     """Run ``study``: its first run list, then power rounds (module docstring).
@@ -63,6 +64,8 @@ def run_with_power(
         budget_runs: runs the rounds may add (None: no limit but ``max_seeds``; 0: no rounds).
         budget_minutes: wall-clock minutes from the start after which no round starts.
         info: recorded with the setup when it is registered (e.g. ``{"protocol": ...}``).
+        registered: called once the first run list is in the store (the caller announces
+            the runs then, so that a store that cannot be written stops before any output).
 
     Returns:
         the ``power`` record: rounds, runs added, why the rounds stopped (``decided``: nothing
@@ -74,6 +77,7 @@ def run_with_power(
     points = points_for(None)
     setup = points[0].setup if points else ""
     _register(store, study, preset, points, setup, info)
+    registered()
     counts = dict(run(points))
     targets: dict[tuple, int] = {}
     added, rounds, stopped = 0, 0, "decided"

@@ -113,10 +113,10 @@ def _with_power(study: Study, preset: str, points: list[Point], out: Path, annou
     the store closed whatever happened. Says what the rounds did."""
     store = Store(out)
     try:
-        console.print(announce, highlight=False)
         record = run_with_power(
             study, preset, store, lambda at: points if at is None else more_seeds(at),
-            lambda ps: run(ps, store), info=info, **power)
+            lambda ps: run(ps, store), info=info,
+            registered=lambda: console.print(announce, highlight=False), **power)
     finally:
         store.export()
         store.close()
