@@ -209,3 +209,28 @@ def test_an_open_claim_states_the_seeds_its_spread_would_need(tmp_path):
     assert "**inconclusive**" in row and "| 2; about 12 would decide it |" in row
     row = next(l for l in text.splitlines() if l.startswith("| GN beats BN at batch 2"))
     assert "**not run**" in row and "| - |" in row
+
+
+def test_report_states_the_emulated_device_protocol_its_runs_used(tmp_path):
+    """Runs of the per-device protocol (8 emulated devices: SGD batch 8 x N, lr 0.1 x N/32
+    written into each config, BN through ghost batches) were described from their configs as
+    'Images per process: 256, ...; processes: 1 ... peak lr set by hand', which is not what ran.
+    The report states the protocol the store recorded with the study's setup."""
+    study = get_study("batch-size")
+    protocol = study.protocol(8)
+    with Store(tmp_path) as s:
+        members = []
+        for x in (32, 2):  # the emulation's configs: 8 x N images per step, lr set from N
+            rid = f"BN{x}"
+            s.claim(rid, {"model": "resnet20", "data": "digits", "epochs": 1, "schedule": "cosine",
+                          "base_lr": 0.1, "lr": 0.1 * x / 32, "batch_size": 8 * x,
+                          "norm": "ghostbn", "norm_kwargs": {"virtual_batch": x},
+                          "weight_decay": 1e-4, "seed": 0})
+            s.record_epochs(rid, [{"epoch": 0, "test_error": 5.0}], {})
+            s.finish(rid)
+            members.append((rid, "BN", x))
+        s.register(study.name, "default", members, info={"protocol": protocol})
+    text = write_report(tmp_path)[0].read_text()
+    assert "**Protocol: per device, 8 emulated devices on one process**" in text
+    assert "SGD batch 8 x N images, lr base\\_lr x N / 32" in text
+    assert "set by hand" not in text and "Images per process: 256" not in text

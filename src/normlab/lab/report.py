@@ -95,6 +95,18 @@ def _processes_line(runs: list[dict], cfg: dict) -> str:
             f"batch {n} x {w}), {rule}{statistics}.")
 
 
+def _protocol_line(protocol: Optional[dict]) -> str:
+    """The protocol the study's runs used, as the store recorded it (:meth:`Study.protocol`);
+    empty for the single-batch protocol and stores written before protocols were recorded
+    (then :func:`_processes_line` describes the runs from their configs)."""
+    if not protocol or protocol.get("name") == "single batch":
+        return ""
+    source = f" ({_md(protocol['source'])})" if protocol.get("source") else ""
+    return (f"**Protocol: {_md(protocol['name'])}, {protocol['devices']} emulated devices on "
+            f"one process**: SGD batch {_md(protocol['sgd_batch'])} images, lr "
+            f"{_md(protocol['lr'])}; statistics: {_md(protocol['statistics'])}{source}.")
+
+
 def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str], list[Path]]:
     runs = store.study_runs(study.name)
     if not runs:
@@ -109,7 +121,8 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
              + (f", {len(failed)} failed" if failed else "")
              + f"; model `{cfg['model']}`, data `{cfg['data']}`, {cfg['epochs']} epochs, "
                f"schedule {cfg['schedule']}, weight decay {cfg['weight_decay']}.", "",
-             _processes_line(runs, cfg), ""]
+             _protocol_line(store.setup_info(study.name, preset).get("protocol"))
+             or _processes_line(runs, cfg), ""]
     present = {r["label"] for r in runs}
     labels = [v for v in study.variants if v in present] + sorted(present - set(study.variants))
     xs = sorted({r["x"] for r in runs}, reverse=study.x_log2)
