@@ -12,10 +12,11 @@ from typing import Callable, List, Tuple
 import torch
 from torch import Tensor, fx, nn
 
+from normlab import functional as NLF
 from normlab.backends.reference import channel_view, update_running_stats
 
 __all__ = [
-    "channel_view", "update_running_stats", "check_num_channels", "fx_leaf", "not_scriptable",
+    "channel_view", "update_running_stats", "check_num_channels", "check_bn_input", "fx_leaf", "not_scriptable",
     "count_batch", "running_average_factor", "adopt_state", "replace_modules",
 ]
 
@@ -26,6 +27,14 @@ def check_num_channels(module: nn.Module, x: Tensor, expected: int, channel_dim:
             f"{type(module).__name__} expects {expected} channels (dim {channel_dim}), got input of "
             f"shape {tuple(x.shape)} with {x.shape[channel_dim]} channels"
         )
+
+
+def check_bn_input(module: nn.Module, x: Tensor) -> None:
+    """The checks every BatchNorm-like module runs on its input first: torch's dimension check
+    (``_check_input_dim``), a tensor of a floating dtype, and ``num_features`` channels."""
+    module._check_input_dim(x)
+    NLF.check_input(x)
+    check_num_channels(module, x, module.num_features)
 
 
 def fx_leaf(module: nn.Module, input: "fx.Proxy") -> "fx.Proxy":

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.nn._common import (channel_view, check_num_channels, count_batch, fx_leaf,
-                                not_scriptable, running_average_factor, update_running_stats)
+from normlab.nn._common import (
+    channel_view, check_bn_input, count_batch, fx_leaf, not_scriptable, running_average_factor,
+    update_running_stats)
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
 
@@ -76,9 +77,7 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
-        self._check_input_dim(input)
-        NLF.check_input(input)
-        check_num_channels(self, input, self.num_features)
+        check_bn_input(self, input)
         if not self.training:
             return NLF.normalize_fixed(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps

@@ -15,8 +15,8 @@ from typing import Optional
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.nn._common import (check_num_channels, count_batch, fx_leaf, not_scriptable,
-                                running_average_factor)
+from normlab.nn._common import (
+    check_bn_input, count_batch, fx_leaf, not_scriptable, running_average_factor)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd"]
 
@@ -47,9 +47,7 @@ class _BatchNormForward:
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
-        self._check_input_dim(input)
-        NLF.check_input(input)
-        check_num_channels(self, input, self.num_features)
+        check_bn_input(self, input)
         count_batch(self)
         factor = running_average_factor(self)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)

@@ -27,11 +27,11 @@ import math
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, fx
 
 from normlab import functional as NLF
 from normlab.backends.reference import output_memory_format
-from normlab.nn._common import check_num_channels, count_batch, fx_leaf, running_average_factor
+from normlab.nn._common import check_bn_input, count_batch, fx_leaf, running_average_factor
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormForward
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "ghost_batch_norm"]
@@ -135,9 +135,7 @@ class _GhostBatchNorm(_BatchNormForward):
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
-        self._check_input_dim(input)
-        NLF.check_input(input)
-        check_num_channels(self, input, self.num_features)
+        check_bn_input(self, input)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch_stats:
             return super().forward(input)

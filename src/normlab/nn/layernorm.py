@@ -13,7 +13,6 @@ what ``create_norm("ln", C)`` builds.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import Tensor, fx, nn

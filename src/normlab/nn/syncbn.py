@@ -43,9 +43,9 @@ from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
 from normlab.backends.reference import apply_activation, compute_dtype, output_memory_format
-from normlab.nn._common import (adopt_state, channel_view, check_num_channels, count_batch,
-                                fx_leaf, replace_modules, running_average_factor,
-                                update_running_stats)
+from normlab.nn._common import (
+    adopt_state, channel_view, check_bn_input, count_batch, fx_leaf, replace_modules,
+    running_average_factor, update_running_stats)
 from normlab.nn.batchnorm import _BatchNormForward
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
 
@@ -274,9 +274,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
-        self._check_input_dim(input)
-        NLF.check_input(input)
-        check_num_channels(self, input, self.num_features)
+        check_bn_input(self, input)
         group, world = self._sync_group()
         if world <= 1:  # no process group, a group of one, or eval: plain BatchNorm
             return super().forward(input)
