@@ -2,7 +2,7 @@
 
 Each of K gloo processes trains the same small conv net with torch.nn.BatchNorm2d (per-process
 statistics) under DistributedDataParallel: at every step it takes slice ``rank`` (``n``
-consecutive images) of the global batch, and records its state_dict and loss after the step.
+consecutive images, or interleaved: images ``rank, rank + K, ...``) of the global batch, and records its state_dict and loss after the step.
 The parent compares rank 0's record with one process running GhostBatchNorm2d on the whole
 global batch. The worker asserts nothing itself.
 """
@@ -40,7 +40,9 @@ def ddp_bn_worker(rank: int, world: int, out: str) -> None:
     opt = sgd(model, data["lr"])
     record = []
     for x, y in zip(data["x"], data["y"]):
-        xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+        # interleaved: rank r gets images r, r + K, ... (how DistributedSampler deals them)
+        mine = slice(rank, None, world) if data["interleaved"] else slice(rank * n, (rank + 1) * n)
+        xs, ys = x[mine], y[mine]
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(xs), ys)
         loss.backward()

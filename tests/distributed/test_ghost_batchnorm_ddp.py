@@ -3,7 +3,8 @@ for step: the GN paper's "images per GPU" protocol emulated on one device (Wu & 
 ghost batches: Hoffer et al., NeurIPS 2017).
 
 The same images, the same initial weights, SGD with momentum and weight decay, a few steps;
-process k of the DDP job holds slice k (n consecutive images) of each global batch. After every
+process k of the DDP job holds slice k of each global batch: n consecutive images, or
+(``interleaved=True``) images k, k + K, ..., the rank's share under a DistributedSampler. After every
 step the one-process model's parameters and buffers must equal rank 0's (the buffers rank 0
 keeps and checkpoints) to float32 rounding, and its loss the mean of the ranks' losses.
 """
@@ -26,8 +27,9 @@ from normlab.nn import GhostBatchNorm2d  # noqa: E402
 K, N, STEPS = 3, 2, 3  # 3 processes (not a power of 2) x 2 images: the paper's smallest batch
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["consecutive", "interleaved"])
+def runs(request, tmp_path_factory):
+    interleaved = request.param
     out = str(tmp_path_factory.mktemp("ghost_ddp"))
     g = torch.Generator().manual_seed(7)
     # off-centre images with per-slice differences, so every slice's statistics differ
@@ -35,11 +37,13 @@ def runs(tmp_path_factory):
          + torch.arange(K * N).view(-1, 1, 1, 1) * 0.3 for _ in range(STEPS)]
     y = [torch.randint(0, 5, (K * N,), generator=g) for _ in range(STEPS)]
     lr = 0.2  # large enough that three steps move the weights visibly
-    torch.save({"x": x, "y": y, "n": N, "lr": lr}, os.path.join(out, "data.pt"))
+    torch.save({"x": x, "y": y, "n": N, "lr": lr, "interleaved": interleaved},
+               os.path.join(out, "data.pt"))
     dist_harness.run_workers(ghost_workers.ddp_bn_worker, K, out, timeout=120)
     ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(K)]
 
-    model = ghost_workers.small_net(lambda c: GhostBatchNorm2d(c, virtual_batch=N))
+    model = ghost_workers.small_net(
+        lambda c: GhostBatchNorm2d(c, virtual_batch=N, interleaved=interleaved))
     opt = ghost_workers.sgd(model, lr)
     emulated = []
     for xb, yb in zip(x, y):

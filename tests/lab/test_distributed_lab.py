@@ -252,3 +252,31 @@ def test_relaunch_passes_the_same_command_to_torchrun(tmp_path, monkeypatch):
     assert ("--master-port", "29511") in pairs and ("--out", str(tmp_path / "o")) in pairs
     assert "--quick" in rest and "--no-report" in rest
     assert not (tmp_path / "o").exists()  # the parent writes nothing; rank 0 does
+
+
+def test_emulated_devices_equal_the_labs_own_ddp_run(tmp_path):
+    """Issue 12: the per-device studies' one-process emulation (ghostbn, interleaved slices) is
+    the lab's own 2-process DDP run with per-process BN: the DistributedSampler deals rank k
+    images k, k + 2, ... of each global batch, which is slice k. Same data, seed and lr (set:
+    the DDP default lr scales with the process count); 2 epochs of 4 steps (over many steps
+    at batch 2 the float rounding of the gradient all-reduce grows chaotically). Consecutive
+    slices hold other images: their run differs, so the equality is not a constant's."""
+    data = json.dumps({"n_train": 16, "n_test": 64, "image_size": 8, "channels": 1,
+                       "num_classes": 4})
+    common = ["--data", "synthetic", "--set", f"data_kwargs={data}", "--epochs", "2",
+              "--set", "lr=0.05"]
+    ghost = ["--norm", "ghostbn", "--batch-size", "4", "--set"]
+    runs = {"ddp": ["--norm", "bn", "--batch-size", "2", "--nproc-per-node", "2"],
+            "interleaved": ghost + ['norm_kwargs={"virtual_batch": 2, "interleaved": true}'],
+            "consecutive": ghost + ['norm_kwargs={"virtual_batch": 2}']}
+    hist = {}
+    for name, args in runs.items():
+        r = _cli("train", *args, "--out", str(tmp_path / name), *common)
+        assert r.returncode == 0, r.stdout + r.stderr
+        hist[name] = [tuple(row) for row in _db(tmp_path / name).execute(
+            "SELECT train_loss, test_loss, test_error FROM epochs ORDER BY epoch")]
+    assert len(hist["ddp"]) == 2
+    for got, want in zip(hist["interleaved"], hist["ddp"]):
+        assert got == pytest.approx(want, rel=1e-5)
+    assert hist["consecutive"][0][0] != pytest.approx(hist["ddp"][0][0], rel=1e-3)
+    assert hist["ddp"][0][0] != pytest.approx(hist["ddp"][1][0], rel=1e-3)  # it trained

@@ -103,7 +103,7 @@ def test_the_per_device_protocol_emulates_k_devices():
                                                                           devices=4)}
     bn2, gn2 = pts[("BN", 2)], pts[("GN", 2)]
     assert (bn2.batch_size, bn2.lr, bn2.norm, bn2.norm_kwargs) == (8, 0.1 * 2 / 32, "ghostbn",
-                                                                   {"virtual_batch": 2})
+                                                                   {"virtual_batch": 2, "interleaved": True})
     assert (gn2.batch_size, gn2.lr, gn2.norm, gn2.norm_kwargs) == (8, 0.1 * 2 / 32, "gn",
                                                                    {"num_groups": 8})
     one = {(p.label, p.x): p.cfg for p in get_study("batch-size").points({}, "default", 1,

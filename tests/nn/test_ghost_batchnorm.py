@@ -32,16 +32,29 @@ def _setup(ghost_cls, torch_cls, c, n, **kw):
 
 
 def _torch_copy(ghost, torch_cls, c, kw):
-    m = torch_cls(c, **kw)
+    m = torch_cls(c, **{k: v for k, v in kw.items() if k != "interleaved"})
     m.load_state_dict(ghost.state_dict(), strict=True)
     return m
 
 
-def _per_slice_reference(slice_bns, x, n, g):
+def _slice(k, num_slices, n, interleaved):
+    """The samples of slice k: k*n .. k*n + n - 1, or interleaved k, k + K, k + 2K, ..."""
+    if interleaved:
+        return torch.arange(k, num_slices * n, num_slices)
+    return torch.arange(k * n, (k + 1) * n)
+
+
+def _through_slices(fns, x, n, interleaved):
+    """y with slice k of x through fns[k], put back in x's sample order."""
+    idx = [_slice(k, len(fns), n, interleaved) for k in range(len(fns))]
+    y = torch.cat([f(x[i]) for f, i in zip(fns, idx)])
+    return y[torch.argsort(torch.cat(idx))]
+
+
+def _per_slice_reference(slice_bns, x, n, g, interleaved=False):
     """Each slice through its own torch BN; loss sum(y * g). Returns y and dx."""
     x = x.clone().requires_grad_()
-    ys = [bn(x[k * n:(k + 1) * n]) for k, bn in enumerate(slice_bns)]
-    y = torch.cat(ys)
+    y = _through_slices(slice_bns, x, n, interleaved)
     (y * g).sum().backward()
     return y.detach(), x.grad
 
@@ -57,9 +70,11 @@ def _per_slice_reference(slice_bns, x, n, g):
         {"track_running_stats": False},  # batch statistics (per slice) in eval too
     ],
 )
-def test_equals_torch_bn_per_slice_over_several_steps(ghost_cls, torch_cls, shape, n, kw):
+@pytest.mark.parametrize("interleaved", [False, True])  # consecutive / DistributedSampler slices
+def test_equals_torch_bn_per_slice_over_several_steps(ghost_cls, torch_cls, shape, n, kw,
+                                                      interleaved):
     k = shape[0] // n
-    ghost, make = _setup(ghost_cls, torch_cls, shape[1], n, **kw)
+    ghost, make = _setup(ghost_cls, torch_cls, shape[1], n, interleaved=interleaved, **kw)
     rank0 = make()  # slice 0's module: it keeps the running statistics, as rank 0 does
     for step in range(3):
         others = [make() for _ in range(k - 1)]  # the other ranks' BN, re-synced every step
@@ -68,7 +83,7 @@ def test_equals_torch_bn_per_slice_over_several_steps(ghost_cls, torch_cls, shap
                 m.load_state_dict(rank0.state_dict())
         x = off_centre(*shape, offset=step + 1.0)
         g = torch.randn(shape)
-        y_ref, dx_ref = _per_slice_reference([rank0] + others, x, n, g)
+        y_ref, dx_ref = _per_slice_reference([rank0] + others, x, n, g, interleaved)
         xg = x.clone().requires_grad_()
         y = ghost(xg)
         (y * g).sum().backward()
@@ -88,7 +103,7 @@ def test_equals_torch_bn_per_slice_over_several_steps(ghost_cls, torch_cls, shap
     if rank0.running_mean is not None:  # eval: the running statistics, exactly BN
         torch.testing.assert_close(ghost(x), rank0(x), rtol=1e-5, atol=1e-5)
     else:  # no running statistics: batch statistics per slice, as each process would
-        y_ref = torch.cat([make()(x[i * n:(i + 1) * n]) for i in range(k)])
+        y_ref = _through_slices([make() for _ in range(k)], x, n, interleaved)
         torch.testing.assert_close(ghost(x), y_ref, rtol=1e-5, atol=1e-5)
 
 
@@ -116,23 +131,44 @@ def test_one_slice_is_exactly_batchnorm():
     assert torch.equal(ghost.running_var, bn.running_var)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gradcheck_float64(interleaved):
     x = off_centre(6, 2, 3, dtype=torch.float64).requires_grad_()
-    ghost = GhostBatchNorm1d(2, virtual_batch=3, dtype=torch.float64)
+    ghost = GhostBatchNorm1d(2, virtual_batch=3, dtype=torch.float64, interleaved=interleaved)
     with torch.no_grad():
         ghost.weight.copy_(torch.tensor([0.7, 1.6], dtype=torch.float64))
         ghost.bias.copy_(torch.tensor([0.2, -0.5], dtype=torch.float64))
     assert torch.autograd.gradcheck(ghost, (x,))
 
 
-def test_channels_last_kept():
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_channels_last_kept(interleaved):
     x = off_centre(8, 4, 5, 6).contiguous(memory_format=torch.channels_last)
-    ghost = GhostBatchNorm2d(4, virtual_batch=2)
+    ghost = GhostBatchNorm2d(4, virtual_batch=2, interleaved=interleaved)
+    with torch.no_grad():
+        ghost.weight.copy_(torch.rand(4) + 0.5)
+        ghost.bias.copy_(torch.randn(4))
     y = ghost(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    ref = torch.cat([nn.functional.batch_norm(x[i:i + 2], None, None, ghost.weight, ghost.bias,
-                                              True) for i in range(0, 8, 2)])
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    bn = [lambda s: nn.functional.batch_norm(s, None, None, ghost.weight, ghost.bias, True)] * 4
+    torch.testing.assert_close(y, _through_slices(bn, x, 2, interleaved), rtol=1e-5, atol=1e-5)
+
+
+def test_interleaved_slices_are_not_the_consecutive_ones():
+    """The two slicings give different outputs on a batch whose consecutive halves differ, so
+    the parametrized tests above tell them apart."""
+    x = off_centre(8, 3, 4, 4)
+    x[4:] = x[4:] * 3 + 10
+    a = GhostBatchNorm2d(3, virtual_batch=4)(x)
+    b = GhostBatchNorm2d(3, virtual_batch=4, interleaved=True)(x)
+    assert (a - b).abs().max() > 0.5
+
+
+def test_interleaved_is_a_bool_and_shown_in_repr():
+    with pytest.raises(TypeError, match="interleaved must be a bool, got 'yes'"):
+        GhostBatchNorm2d(3, virtual_batch=2, interleaved="yes")
+    assert "interleaved=True" in repr(GhostBatchNorm2d(3, virtual_batch=2, interleaved=True))
+    assert "interleaved" not in repr(GhostBatchNorm2d(3, virtual_batch=2))
 
 
 def test_state_dict_is_batchnorms_and_isinstance():

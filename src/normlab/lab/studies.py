@@ -23,8 +23,9 @@ norms and groups, whose BN statistics batch is the paper's 32 either way and who
 no-norm runs did not converge in 20 epochs of 5 steps on digits at 8 x 32; docs/datasets.md):
 a run takes SGD steps over
 K x N images at lr ``base_lr x N / 32``, and BN normalizes each slice of N images on its own
-(``ghostbn``, :class:`normlab.nn.GhostBatchNorm2d`: exactly K-process DDP with per-process BN,
-running statistics as rank 0 keeps them); SyncBN's statistics over the whole K x N batch are
+(``ghostbn`` with interleaved slices, :class:`normlab.nn.GhostBatchNorm2d`: exactly K-process
+DDP with per-process BN, device k holding what a DistributedSampler deals rank k, running
+statistics as rank 0 keeps them); SyncBN's statistics over the whole K x N batch are
 one process's plain BN over it; GN, LN and IN are per sample either way. The ``stats-batch``
 study holds the SGD batch at K x 32 (lr ``base_lr``) and varies only BN's statistics batch,
 which separates the statistics' effect from the SGD noise of a smaller step. ``devices=1``

@@ -219,14 +219,17 @@ def emulate_devices(cfg: RunConfig, devices: int, stats_batch: Optional[int] = N
     """The run that ``devices`` devices of ``cfg.batch_size`` images each compute, on one
     process (module docstring): SGD batch ``devices * batch_size``, lr ``base_lr * batch_size /
     32`` (unless ``cfg.lr`` is set), BN statistics per ``stats_batch`` images (default: the
-    per-device batch) through ``ghostbn``. ``devices == 1`` with no ``stats_batch`` returns
+    per-device batch) through ``ghostbn`` with interleaved slices (device k's images are
+    k, k + K, ... of the SGD batch: what the lab's DistributedSampler gives rank k of a
+    ``--nproc-per-node K`` run, and a view of the batch, no copy). ``devices == 1`` with no
+    ``stats_batch`` returns
     ``cfg`` (the single-batch protocol). Batch Renorm and EvoNorm-B0 have no per-slice form
     here: a ConfigError.
 
     >>> from normlab.lab.config import RunConfig
     >>> c = emulate_devices(RunConfig(norm="bn", batch_size=2), 8)
     >>> c.batch_size, c.lr, c.norm, c.norm_kwargs
-    (16, 0.00625, 'ghostbn', {'virtual_batch': 2})
+    (16, 0.00625, 'ghostbn', {'virtual_batch': 2, 'interleaved': True})
     """
     n = cfg.batch_size
     stats = n if stats_batch is None else stats_batch
@@ -241,7 +244,7 @@ def emulate_devices(cfg: RunConfig, devices: int, stats_batch: Optional[int] = N
     norm = canonical_name(cfg.norm)
     if norm in ("bn", "ghostbn") and stats < total:
         changes["norm"] = "ghostbn"
-        changes["norm_kwargs"] = {**cfg.norm_kwargs, "virtual_batch": stats}
+        changes["norm_kwargs"] = {**cfg.norm_kwargs, "virtual_batch": stats, "interleaved": True}
     elif norm in _NO_GHOST_FORM and stats < total:
         raise ConfigError(f"{_NO_GHOST_FORM[norm]} has no per-slice (ghost batch) form: "
                           f"{devices} emulated devices cannot keep its batch statistics per "

@@ -1,12 +1,18 @@
 """Ghost (virtual-batch) BatchNorm: batch statistics per slice of the batch (Hoffer, Hubara &
 Soudry, "Train longer, generalize better", NeurIPS 2017).
 
-A training batch of ``B = K * n`` samples is cut into ``K`` consecutive slices of
-``n = virtual_batch`` samples; slice ``k`` (samples ``k*n .. k*n + n - 1``) is normalized with
-its own per-channel mean and biased variance over ``(n, *spatial)``. That is what ``K``
-processes of DistributedDataParallel with per-process BatchNorm compute when process ``k`` holds
-slice ``k`` of the global batch: the GN paper's "images per GPU" (Wu & He, ECCV 2018; its BN
-statistics are per GPU of 8), emulated on one device.
+A training batch of ``B = K * n`` samples is cut into ``K`` slices of ``n = virtual_batch``
+samples, each normalized with its own per-channel mean and biased variance over
+``(n, *spatial)``. That is what ``K`` processes of DistributedDataParallel with per-process
+BatchNorm compute when process ``k`` holds slice ``k`` of the global batch: the GN paper's
+"images per GPU" (Wu & He, ECCV 2018; its BN statistics are per GPU of 8), emulated on one
+device. Slice ``k`` is samples ``k*n .. k*n + n - 1`` (consecutive, the default), or with
+``interleaved=True`` samples ``k, k + K, k + 2K, ...``: how a DistributedSampler deals an
+epoch's permutation out to ``K`` ranks, so rank ``k``'s batch is slice ``k`` of the global
+batch (the lab's emulated devices use it). Interleaved slices of a contiguous (NCHW) input are
+a view of ``x`` as ``(n, K * C, *spatial)``, one BatchNorm call over ``K * C`` channels with
+no copy, and the layer costs about what BatchNorm does; consecutive slices (and channels_last
+input) are copied into that layout and back.
 
 The running statistics follow slice 0 only, as rank 0 of such a DDP job keeps them: DDP
 broadcasts rank 0's buffers to every process before each forward (``broadcast_buffers=True``,
@@ -53,6 +59,7 @@ def ghost_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     activation: Optional[str] = None,
+    interleaved: bool = False,
 ) -> Tensor:
     """Batch norm with training statistics per slice of ``virtual_batch`` samples.
 
@@ -65,6 +72,7 @@ def ghost_batch_norm(
         weight, bias: ``(C,)`` affine shared by all slices, or None.
         momentum, eps: as in BatchNorm.
         activation: None, "relu", "silu" or "gelu", fused after the affine (as BatchNorm's).
+        interleaved: slice ``k`` is samples ``k, k + K, ...`` (False: ``k*n .. k*n + n - 1``).
 
     Returns:
         y with x's shape, dtype and memory format.
@@ -72,7 +80,8 @@ def ghost_batch_norm(
     The K slices are normalized in one call of the operator: ``x`` is viewed as
     ``(n, K * C, *spatial)`` (slice k's channel c becomes channel ``k * C + c``), which is
     BatchNorm over ``K * C`` channels; running buffers of ``K * C`` channels start from the
-    module's and slice 0's part is copied back.
+    module's and slice 0's part is copied back. Interleaved slices of a contiguous ``x`` are
+    that view as they are; consecutive ones are a transposed copy.
     """
     virtual_batch = _check_virtual_batch(virtual_batch)
     b, c = x.shape[0], x.shape[1]
@@ -92,9 +101,11 @@ def ghost_batch_norm(
     if k == 1:
         return NLF.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps,
                               activation=activation)
-    # (K*n, C, *S) -> (n, K*C, *S): slice k's channel c is channel k*C + c
-    xs = x.reshape((k, virtual_batch, c) + spatial).transpose(0, 1).reshape(
-        (virtual_batch, k * c) + spatial)
+    # (K*n, C, *S) -> (n, K*C, *S): slice k's channel c is channel k*C + c; interleaved, x is
+    # already in that order (sample i*K + k is slice k's i-th): a view of contiguous x
+    xs = (x.reshape((virtual_batch, k * c) + spatial) if interleaved else
+          x.reshape((k, virtual_batch, c) + spatial).transpose(0, 1).reshape(
+              (virtual_batch, k * c) + spatial))
     w = None if weight is None else weight.repeat(k)
     bb = None if bias is None else bias.repeat(k)
     rm = None if running_mean is None else running_mean.repeat(k)
@@ -105,7 +116,10 @@ def ghost_batch_norm(
             running_mean.copy_(rm[:c])
         if running_var is not None:
             running_var.copy_(rv[:c])
-    y = ys.reshape((virtual_batch, k, c) + spatial).transpose(0, 1).reshape(x.shape)
+    if interleaved:
+        y = ys.reshape(x.shape)
+    else:
+        y = ys.reshape((virtual_batch, k, c) + spatial).transpose(0, 1).reshape(x.shape)
     return y.contiguous(memory_format=output_memory_format(x))
 
 
@@ -126,11 +140,15 @@ class _GhostBatchNorm(_BatchNormForward):
         *,
         bias: bool = True,
         activation: Optional[str] = None,
+        interleaved: bool = False,
     ) -> None:
         virtual_batch = _check_virtual_batch(virtual_batch)  # before any allocation
+        if not isinstance(interleaved, bool):
+            raise TypeError(f"interleaved must be a bool, got {interleaved!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype, bias=bias, activation=activation)
         self.virtual_batch = virtual_batch
+        self.interleaved = interleaved
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
@@ -145,11 +163,12 @@ class _GhostBatchNorm(_BatchNormForward):
         return ghost_batch_norm(
             input, self.virtual_batch,
             self.running_mean if track else None, self.running_var if track else None,
-            self.weight, self.bias, factor, self.eps, self.activation,
+            self.weight, self.bias, factor, self.eps, self.activation, self.interleaved,
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, virtual_batch={self.virtual_batch}"
+        extra = ", interleaved=True" if self.interleaved else ""
+        return f"{super().extra_repr()}, virtual_batch={self.virtual_batch}{extra}"
 
 
 class GhostBatchNorm1d(_GhostBatchNorm, BatchNorm1d):
@@ -160,7 +179,9 @@ class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
     r"""BatchNorm with training statistics per slice of ``virtual_batch`` images (ghost batches).
 
     For a training batch of ``K * n`` images (``n = virtual_batch``), slice ``k`` (images
-    ``k*n .. k*n + n - 1``) is normalized with its own statistics:
+    ``k*n .. k*n + n - 1``; ``interleaved=True``: images ``k, k + K, k + 2K, ...``, how a
+    DistributedSampler deals a global batch out to ``K`` ranks, and on NCHW input a view of it,
+    as cheap as one BatchNorm call) is normalized with its own statistics:
 
     .. math::
         y = \frac{x - \mathrm{E}_k[x]}{\sqrt{\mathrm{Var}_k[x] + \epsilon}} \gamma_c + \beta_c
@@ -169,7 +190,8 @@ class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
     ``K``-process DDP with per-process BatchNorm, process ``k`` holding slice ``k``. Running
     statistics follow slice 0 (what rank 0 keeps and checkpoints); eval uses them and is
     exactly :class:`BatchNorm2d`. Args as BatchNorm2d (``activation`` included) plus
-    ``virtual_batch`` (a positive int; a training batch must be a multiple of it). Parameters, buffers and state_dict keys are
+    ``virtual_batch`` (a positive int; a training batch must be a multiple of it) and
+    ``interleaved`` (a bool, default False). Parameters, buffers and state_dict keys are
     BatchNorm2d's, so checkpoints load both ways.
 
     Shape: input (K * virtual_batch, C, H, W), any memory format; output the same.
