@@ -92,3 +92,28 @@ def test_seeds_to_add_targets_the_open_claims_points_only():
     assert seeds_needed(study.claims[0], far) == 12
     assert ("BN", 32) not in seeds_to_add(study, far, max_seeds=6)
     assert verdict(study.claims[4], stats)[0] == NOT_RUN   # SyncBN not run: no seeds for it
+
+
+def test_equal_means_are_on_the_boundary_not_a_huge_seed_count():
+    """The full norms study on digits gave GN 2.51 and LN 2.51 (the same images wrong on
+    average): d is float rounding, and no seed count decides 'GN beats LN'."""
+    c = Claim("GN beats LN", "less", ("GN", 32), ("LN", 32), 0.0)
+    mean = 100.0 * 9 / 359
+    stats = {("GN", 32): _s(mean, 0.94, 5), ("LN", 32): _s(sum([mean] * 3) / 3, 0.74, 3)}
+    assert verdict(c, stats)[0] == INCONCLUSIVE
+    assert seeds_needed(c, stats) is None
+    close = {**stats, ("LN", 32): _s(mean + 0.01, 0.74, 3)}  # 4 (0.94^2 + 0.74^2) / 0.01^2 = 57248
+    assert seeds_needed(c, close) == 57_249  # shown as "over 1000" (tests/lab/test_report.py)
+
+
+def test_worst_claim_names_the_rival_that_decided_it():
+    """'IN is the worst': not reproduced by the rival clearly worse than it, which the numbers
+    must name (not the closest rival, whose gap may be within the interval)."""
+    c = Claim("one channel per group is the worst", "worst", ("C/G", 1))
+    stats = {("C/G", 1): _s(0.97, 0.59, 2), ("C/G", 16): _s(2.92, 1.38, 2),
+             ("C/G", 64): _s(2.93, 0.20, 2)}
+    v, why = verdict(c, stats)
+    assert v == "not reproduced" and "rival C/G@64 2.93" in why
+    stats[("C/G", 64)] = _s(2.0, 1.38, 2)  # now no rival is separated: the closest is named
+    v, why = verdict(c, stats)
+    assert v == INCONCLUSIVE and "closest rival C/G@16 2.92" in why

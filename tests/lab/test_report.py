@@ -234,3 +234,12 @@ def test_report_states_the_emulated_device_protocol_its_runs_used(tmp_path):
     assert "**Protocol: per device, 8 emulated devices on one process**" in text
     assert "SGD batch 8 x N images, lr base\\_lr x N / 32" in text
     assert "set by hand" not in text and "Images per process: 256" not in text
+
+
+def test_a_seed_count_beyond_reason_is_said_as_such():
+    from normlab.lab.report import _seeds_cell
+    open_claim = {"verdict": "inconclusive", "seeds": 5}
+    assert _seeds_cell({**open_claim, "seeds_needed": 12}) == "5; about 12 would decide it"
+    assert _seeds_cell({**open_claim, "seeds_needed": 57_249}).startswith(
+        "5; over 1000 would decide it (the difference is close to the claim's boundary)")
+    assert "unknown how many" in _seeds_cell({**open_claim, "seeds_needed": None})

@@ -49,6 +49,8 @@ __all__ = [
 Z = 2.0
 SD_FLOOR = 0.25       # points of error: no spread estimate below this is trusted
 SD_ONE_SEED = 2.0     # points of error assumed for a single seed
+BOUNDARY = 1e-9       # points of error: a difference this close to a claim's boundary is on it
+SEEDS_SHOWN = 1000    # seed counts above this are reported as "over 1000"
 CHANCE_FRACTION = 0.9  # a test error above this fraction of chance's is "near chance"
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_RUN = (
@@ -205,15 +207,21 @@ def verdict(claim: Claim, stats: dict[tuple, dict]) -> tuple[str, str]:
         if not others:
             return NOT_RUN, "nothing to compare with"
         gaps, ses = _gaps(claim, a, others)
-        rival = min(gaps, key=gaps.get)
-        why = (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f}; closest rival {rival[0]}@{rival[1]} "
-               f"{others[rival]['mean']:.2f} (gap {gaps[rival]:+.2f} ± {Z * ses[rival]:.2f})")
-        if any(g + Z * ses[k] < 0 for k, g in gaps.items()):
-            return NOT_REPRODUCED, why
+        beaten = min(gaps, key=lambda k: gaps[k] + Z * ses[k])  # most clearly on the wrong side
+        if gaps[beaten] + Z * ses[beaten] < 0:
+            return NOT_REPRODUCED, _rival_why(claim, a, others, beaten, gaps, ses, "rival")
+        closest = min(gaps, key=gaps.get)
+        why = _rival_why(claim, a, others, closest, gaps, ses, "closest rival")
         if all(g - Z * ses[k] > 0 for k, g in gaps.items()):
             return REPRODUCED, why
         return INCONCLUSIVE, why
     raise ValueError(f"unknown claim kind {claim.kind!r}")
+
+
+def _rival_why(claim: Claim, a: dict, others: dict, rival: tuple, gaps: dict, ses: dict,
+               what: str) -> str:
+    return (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f}; {what} {rival[0]}@{rival[1]} "
+            f"{others[rival]['mean']:.2f} (gap {gaps[rival]:+.2f} ± {Z * ses[rival]:.2f})")
 
 
 def _gaps(claim: Claim, a: dict, others: dict) -> tuple[dict, dict]:
@@ -224,8 +232,9 @@ def _gaps(claim: Claim, a: dict, others: dict) -> tuple[dict, dict]:
 
 
 def _n_for(sa: dict, sb: dict, gap: float) -> Optional[int]:
-    """Seeds per point for Z se_d < gap at the observed (floored) sds; None if unknowable."""
-    if sa["n"] < 2 or sb["n"] < 2 or gap <= 0:
+    """Seeds per point for Z se_d < gap at the observed (floored) sds; None if unknowable (a
+    gap of float rounding, e.g. two equal means, is on the boundary: no count decides it)."""
+    if sa["n"] < 2 or sb["n"] < 2 or gap <= BOUNDARY:
         return None
     var = max(sa["sd"], SD_FLOOR) ** 2 + max(sb["sd"], SD_FLOOR) ** 2
     return max(2, math.floor(Z * Z * var / (gap * gap)) + 1)

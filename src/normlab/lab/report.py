@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED,
-                                  SD_FLOOR, SD_ONE_SEED, Z, claims_status, difference, flags_text,
-                                  point_stats, verdict)
+                                  SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, Z, claims_status, difference,
+                                  flags_text, point_stats, verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
 from normlab.lab.plots import plot_study
@@ -68,6 +68,9 @@ def _seeds_cell(st: dict) -> str:
     if st["verdict"] != INCONCLUSIVE:
         return str(st["seeds"])
     need = st["seeds_needed"]
+    if need and need > SEEDS_SHOWN:
+        return (f"{st['seeds']}; over {SEEDS_SHOWN} would decide it (the difference is close "
+                "to the claim's boundary)")
     return f"{st['seeds']}; about {need} would decide it" if need else (
         f"{st['seeds']}; unknown how many would decide it (a point with one seed, or a "
         "difference on the boundary)")

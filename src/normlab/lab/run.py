@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from normlab import distributed as nd
+from normlab.lab.analysis import SEEDS_SHOWN
 from normlab.lab.config import ConfigError
 from normlab.lab.launch import in_worker
 from normlab.lab.power import run_with_power
@@ -124,8 +125,9 @@ def _with_power(study: Study, preset: str, points: list[Point], out: Path, annou
         console.print(f"power: {record['rounds']} round(s) added {record['runs_added']} "
                       f"run(s); stopped: {record['stopped']}", highlight=False)
     for o in record["open"]:
-        need = (f"about {o['seeds_needed']} seeds per point" if o["seeds_needed"]
-                else "more seeds")
+        n = o["seeds_needed"]
+        need = ("more seeds" if not n else f"over {SEEDS_SHOWN} seeds per point"
+                if n > SEEDS_SHOWN else f"about {n} seeds per point")
         console.print(f"open at {o['seeds']} seeds: {o['claim']} (the spread would need "
                       f"{need})", highlight=False)
     return record["counts"]
