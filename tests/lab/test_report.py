@@ -242,4 +242,7 @@ def test_a_seed_count_beyond_reason_is_said_as_such():
     assert _seeds_cell({**open_claim, "seeds_needed": 12}) == "5; about 12 would decide it"
     assert _seeds_cell({**open_claim, "seeds_needed": 57_249}).startswith(
         "5; over 1000 would decide it (the difference is close to the claim's boundary)")
-    assert "unknown how many" in _seeds_cell({**open_claim, "seeds_needed": None})
+    assert "a point has one seed" in _seeds_cell({**open_claim, "seeds_needed": None,
+                                                  "fewest_seeds": 1})
+    assert "on the claim's boundary (equal means)" in _seeds_cell(
+        {**open_claim, "seeds_needed": None, "fewest_seeds": 3})

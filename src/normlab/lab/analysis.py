@@ -280,14 +280,16 @@ def claim_points(claim: Claim, stats: dict[tuple, dict]) -> list[tuple]:
 
 
 def claims_status(study: Study, stats: dict[tuple, dict]) -> list[dict[str, Any]]:
-    """Per claim of ``study``: ``text``, ``verdict``, ``why``, ``seeds`` (the largest seed count
-    among its points) and ``seeds_needed`` (:func:`seeds_needed`)."""
+    """Per claim of ``study``: ``text``, ``verdict``, ``why``, ``seeds`` and ``fewest_seeds``
+    (the largest and smallest seed counts among its points) and ``seeds_needed``
+    (:func:`seeds_needed`)."""
     out = []
     for c in study.claims:
         v, why = verdict(c, stats)
         pts = [_get(stats, p) for p in claim_points(c, stats)] if v != NOT_RUN else []
         out.append({"text": c.text, "verdict": v, "why": why,
                     "seeds": max((s["n"] for s in pts if s), default=0),
+                    "fewest_seeds": min((s["n"] for s in pts if s), default=0),
                     "seeds_needed": seeds_needed(c, stats)})
     return out
 

@@ -71,9 +71,12 @@ def _seeds_cell(st: dict) -> str:
     if need and need > SEEDS_SHOWN:
         return (f"{st['seeds']}; over {SEEDS_SHOWN} would decide it (the difference is close "
                 "to the claim's boundary)")
-    return f"{st['seeds']}; about {need} would decide it" if need else (
-        f"{st['seeds']}; unknown how many would decide it (a point with one seed, or a "
-        "difference on the boundary)")
+    if need:
+        return f"{st['seeds']}; about {need} would decide it"
+    if st.get("fewest_seeds", 0) < 2:
+        return f"{st['seeds']}; unknown how many would decide it (a point has one seed: no spread)"
+    return (f"{st['seeds']}; no count follows from these runs: the difference is on the "
+            "claim's boundary (equal means)")
 
 
 def _processes_line(runs: list[dict], cfg: dict) -> str:

@@ -106,6 +106,12 @@ def run_study(study: Study, preset: str, points: list[Point], out: Path, *,
     return counts
 
 
+#: why the power rounds stopped (power.run_with_power's record), in the user's words
+_STOPPED = {"decided": "every claim is decided or needs more than --max-seeds",
+            "budget-runs": "the --budget-runs budget is spent",
+            "budget-minutes": "the --budget-minutes budget is spent"}
+
+
 def _with_power(study: Study, preset: str, points: list[Point], out: Path, announce: str,
                 run: Callable[[list, Optional[Store]], Counts],
                 more_seeds: Callable[[dict], list[Point]], power: dict,
@@ -123,7 +129,7 @@ def _with_power(study: Study, preset: str, points: list[Point], out: Path, annou
         store.close()
     if record["rounds"]:
         console.print(f"power: {record['rounds']} round(s) added {record['runs_added']} "
-                      f"run(s); stopped: {record['stopped']}", highlight=False)
+                      f"run(s); stopped: {_STOPPED[record['stopped']]}", highlight=False)
     for o in record["open"]:
         n = o["seeds_needed"]
         need = ("more seeds" if not n else f"over {SEEDS_SHOWN} seeds per point"
