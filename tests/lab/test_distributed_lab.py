@@ -60,12 +60,15 @@ def test_reproduce_batch_size_quick_on_two_processes(tmp_path):
     assert all(c["world_size"] == 2 for c in cfgs)
     assert {c["norm"] for c in cfgs} == {"bn", "gn", "syncbn"}
     assert all(json.loads(row["config"])["batch_size"] == json.loads(row["x"]) for row in rows)
+    # the processes are the paper's devices: lr 0.1 x N/32 (N per process), as when emulated
+    assert all(c["lr"] == pytest.approx(0.1 * c["batch_size"] / 32) for c in cfgs)
     assert con.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 6 * 2  # 2 epochs each
     # the 2-process runs are not the 1-process runs of the same batch size
     one = RunConfig.from_dict({k: v for k, v in cfgs[0].items()}).replace(world_size=1)
     assert one.run_id() not in {r[0] for r in con.execute("SELECT run_id FROM runs")}
     md = (out / "report.md").read_text()
     assert "**Images per process: 32, 2; processes: 2**" in md
+    assert "**Protocol: per device**: SGD batch 2 x N images, lr base\\_lr x N / 32" in md
     assert "(images per process)" in md and "| SyncBN | " in md and "6/6 runs done" in md
     assert "SyncBN beats per-process BN at 2 images per process" in md
     assert (out / "figures" / "batch-size_error.png").is_file()

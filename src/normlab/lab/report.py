@@ -101,16 +101,22 @@ def _processes_line(runs: list[dict], cfg: dict) -> str:
             f"batch {n} x {w}), {rule}{statistics}.")
 
 
-def _protocol_line(protocol: Optional[dict]) -> str:
+def _protocol_line(protocol: Optional[dict], runs: list[dict]) -> str:
     """The protocol the study's runs used, as the store recorded it (:meth:`Study.protocol`);
     empty for the single-batch protocol and stores written before protocols were recorded
     (then :func:`_processes_line` describes the runs from their configs)."""
     if not protocol or protocol.get("name") == "single batch":
         return ""
     source = f" ({_md(protocol['source'])})" if protocol.get("source") else ""
+    rest = (f"SGD batch {_md(protocol['sgd_batch'])} images, lr {_md(protocol['lr'])}; "
+            f"statistics: {_md(protocol['statistics'])}{source}.")
+    if protocol.get("processes"):  # real processes are the devices
+        batches = sorted({int(r["config"].get("batch_size", RunConfig.batch_size))
+                          for r in runs}, reverse=True)
+        return (f"**Images per process: {', '.join(map(str, batches))}; processes: "
+                f"{protocol['processes']}**. **Protocol: {_md(protocol['name'])}**: {rest}")
     return (f"**Protocol: {_md(protocol['name'])}, {protocol['devices']} emulated devices on "
-            f"one process**: SGD batch {_md(protocol['sgd_batch'])} images, lr "
-            f"{_md(protocol['lr'])}; statistics: {_md(protocol['statistics'])}{source}.")
+            f"one process**: {rest}")
 
 
 def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str], list[Path]]:
@@ -127,7 +133,7 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
              + (f", {len(failed)} failed" if failed else "")
              + f"; model `{cfg['model']}`, data `{cfg['data']}`, {cfg['epochs']} epochs, "
                f"schedule {cfg['schedule']}, weight decay {cfg['weight_decay']}.", "",
-             _protocol_line(store.setup_info(study.name, preset).get("protocol"))
+             _protocol_line(store.setup_info(study.name, preset).get("protocol"), runs)
              or _processes_line(runs, cfg), ""]
     present = {r["label"] for r in runs}
     labels = [v for v in study.variants if v in present] + sorted(present - set(study.variants))

@@ -23,6 +23,7 @@ __all__ = ["Study", "Point", "Claim", "PRESETS", "setup_id", "PAPER_DEVICES", "e
 PRESETS = ("quick", "default")
 #: the GN paper's 8 GPUs (REFERENCE section 1): the devices a per-device study emulates by default
 PAPER_DEVICES = 8
+PAPER_PROTOCOL = "Wu & He, ECCV 2018, section 4: N images per GPU on 8 GPUs, lr 0.1 x N/32"
 
 
 @dataclass
@@ -111,10 +112,18 @@ class Study:
             return devices
         return self.default_devices if self.per_device and world == 1 else 1
 
-    def protocol(self, devices: int) -> dict[str, Any]:
-        """What a run list with ``devices`` emulated devices computes (for the store and the
-        report): ``name``, ``devices``, ``sgd_batch``, ``lr``, ``statistics``, ``source``."""
+    def protocol(self, devices: int, world: int = 1) -> dict[str, Any]:
+        """What a run list with ``devices`` emulated devices on ``world`` processes computes (for
+        the store and the report): ``name``, ``devices``, ``sgd_batch``, ``lr``, ``statistics``,
+        ``source``."""
         k = devices
+        if self.per_device and world > 1 and not self.stats_batch_axis:
+            return {"name": "per device", "devices": world, "processes": world,
+                    "sgd_batch": f"{world} x N",
+                    "lr": "base_lr x N / 32",
+                    "statistics": f"BN per process (its N images; {world} processes); SyncBN "
+                                  "over all processes; GN/LN/IN per sample",
+                    "source": PAPER_PROTOCOL}
         if self.stats_batch_axis:
             return {"name": "fixed SGD batch", "devices": k, "sgd_batch": f"{k} x 32",
                     "lr": "base_lr (the paper's lr at 32 images per device)",
@@ -133,8 +142,7 @@ class Study:
                 "statistics": f"BN per N images of the {k} x N batch (ghost batches: {k}-process "
                               "DDP with per-process BN; running statistics of slice 0, as rank "
                               f"0 keeps them); SyncBN over all {k} x N; GN/LN/IN per sample",
-                "source": "Wu & He, ECCV 2018, section 4: N images per GPU on 8 GPUs, lr "
-                          "0.1 x N/32"}
+                "source": PAPER_PROTOCOL}
 
     def points(self, user: Optional[dict[str, Any]] = None, preset: str = "default",
                seeds: Optional[int] = None, variants: Optional[list[str]] = None,
@@ -143,7 +151,9 @@ class Study:
         the preset, the variant and the point's own keys, then ``user`` (the --data/--model/--set
         choices, which win, except over what the study varies: its axis and the norm or ws a
         series names are a ConfigError to override), then the protocol for ``devices``
-        (:meth:`devices`, :func:`emulate_devices`), then ``seed = user seed + i`` and the series
+        (:meth:`devices`, :func:`emulate_devices`; on real processes a per-device study sets
+        the paper's lr ``base_lr x N / 32`` unless ``lr`` is set), then ``seed = user seed + i``
+        and the series
         label. ``seeds`` (default the preset's) is the seed count of every point but those
         ``seeds_at`` names (``{(label, x): count}``: the power rounds' targets)."""
         if preset not in PRESETS:
@@ -186,6 +196,10 @@ class Study:
                 study_cfg, cfg = cfg, apply_overrides(cfg, user)
                 self._check_not_overridden(label, x, study_cfg, cfg, user)
                 cfg = emulate_devices(cfg, k, x if self.stats_batch_axis else None)
+                if self.per_device and cfg.world_size > 1 and cfg.lr is None:
+                    # real processes are the devices: the paper's lr 0.1 x N/32 (N per
+                    # process), as on emulated ones, not the linear rule on the global batch
+                    cfg = cfg.replace(lr=cfg.base_lr * cfg.batch_size / 32)
                 for seed in range(per_point.get((label, x), n_seeds)):
                     out.append(Point(label, x, cfg.replace(seed=seed0 + seed, label=label),
                                      setup))

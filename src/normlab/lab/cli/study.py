@@ -107,7 +107,8 @@ def reproduce(
                  "budget_minutes": budget_minutes, "max_seeds": max_seeds}
         counts = run_study(st, preset, points, out, jobs=jobs, report=not no_report,
                            more_seeds=lambda at: st.points(user, preset, seeds, vs, devices, at),
-                           power=power, info={"protocol": st.protocol(st.devices(user, devices))})
+                           power=power, info={"protocol": st.protocol(
+                               st.devices(user, devices), int(user.get("world_size", 1)))})
         _exit_if_failed(counts, out)
 
     guard(body)
