@@ -91,7 +91,7 @@ class ReferenceBackend:
         *,
         center: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        n, c = x.shape[0], x.shape[1]
+        n = x.shape[0]
         g = num_groups
         acc = compute_dtype(x.dtype)
         xg = x.to(acc).reshape(n, g, -1)  # (N, G, C/G * spatial)

@@ -173,6 +173,6 @@ def spp_section(records: dict[str, Records], fig_dir: Path) -> list[str]:
         lines += ["", "The kind of " + ", ".join(md_cell(m) for m in unknown) + " was not "
                   "recorded (a store from before kinds were): re-run `normlab spp` on it for its "
                   "verdicts."]
-    return lines + [f"", f"Source of the claims: {SOURCE}; thresholds: analytic within "
+    return lines + ["", f"Source of the claims: {SOURCE}; thresholds: analytic within "
                     f"{ANALYTIC_TOLERANCE:.0%}, grows >= {GROWTH:g}x, explodes >= "
                     f"{EXPLOSION:g}x (normlab.lab.spp_verdicts).", ""]

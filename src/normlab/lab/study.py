@@ -263,7 +263,7 @@ def emulate_devices(cfg: RunConfig, devices: int, stats_batch: Optional[int] = N
         raise ConfigError(f"{_NO_GHOST_FORM[norm]} has no per-slice (ghost batch) form: "
                           f"{devices} emulated devices cannot keep its batch statistics per "
                           f"{stats} images",
-                          hint=f"run it with --devices 1, or on real processes "
+                          hint="run it with --devices 1, or on real processes "
                                "(--nproc-per-node)")
     return cfg.replace(**changes).validate()
 

@@ -147,7 +147,7 @@ def _costs(study: Study, runs: list[dict]) -> list[str]:
     lines = [f"What each cost in these runs (training images/s, ratio to {md_cell(ref)} at the "
              "same batch, "
              f"peak memory; device: {', '.join(devices)}):", "",
-             f"| series | " + " | ".join(_fmt_x(x) for x in xs) + " | backend |",
+             "| series | " + " | ".join(_fmt_x(x) for x in xs) + " | backend |",
              "|---|" + "---|" * (len(xs) + 1)]
     for lab in labels:
         cells = []
