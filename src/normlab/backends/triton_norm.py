@@ -105,6 +105,47 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+def _use_triton_op() -> bool:
+    """``$NORMLAB_TRITON_OP=1``: register the ops through ``torch.library.triton_op`` (read at
+    import). Their bodies then launch through ``torch.library.wrap_triton``, so a torch.compile
+    trace records the kernel launches themselves (Inductor schedules them, CUDA graphs capture
+    them) instead of one opaque custom op. Off by default until a GPU run has checked it
+    (benchmarks/NOTES.md). Under the interpreter it has no effect: ``wrap_triton`` hands an
+    interpreted kernel back unwrapped, and a trace would run it on fake tensors."""
+    value = os.environ.get("NORMLAB_TRITON_OP", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"$NORMLAB_TRITON_OP must be 0 or 1, got {value!r}")
+    if value == "0" or _interpreting():
+        return False
+    if not hasattr(torch.library, "triton_op"):
+        raise RuntimeError(f"$NORMLAB_TRITON_OP=1 needs torch.library.triton_op (torch >= 2.6); "
+                           f"this is torch {torch.__version__}")
+    return True
+
+
+TRITON_OP = _use_triton_op()
+
+
+def _unwrapped(kernel):
+    return kernel
+
+
+# how the launchers call a kernel: ``wrap_triton(kernel)[grid](...)``. With TRITON_OP it is
+# torch.library.wrap_triton (inside a trace the launch becomes a graph node; inside
+# ``_direct_launches`` and the triton_op's own eager kernel it is the kernel itself); under the
+# same name, torch.library's source analysis finds which kernels an op launches
+wrap_triton = torch.library.wrap_triton if TRITON_OP else _unwrapped
+
+
+def _direct_launches():
+    """Eager launches that skip wrap_triton's tracing dispatch (about a millisecond of CPU per
+    launch), as triton_op's own eager kernel does. A lazy attribute: torch._library.triton is
+    private and only needed when TRITON_OP."""
+    if TRITON_OP:
+        return torch._library.triton.set_wrap_triton_enabled(False)
+    return contextlib.nullcontext()
+
+
 # ============================================================================================
 # kernels
 # ============================================================================================
@@ -156,15 +197,13 @@ def _block_base(k, NGB, GB: tl.constexpr, Cg: tl.constexpr, sn, sc, OVER_BATCH: 
 
 
 @triton.jit
-def _prologue(X, k, j, G, NGB, TPP, RT, sn, sc, Cg: tl.constexpr, OVER_BATCH: tl.constexpr,
-              GB: tl.constexpr, GBP: tl.constexpr, EVEN: tl.constexpr, SHIFT: tl.constexpr):
+def _prologue(k, j, G, NGB, TPP, RT, sn, sc, Cg: tl.constexpr, OVER_BATCH: tl.constexpr,
+              GB: tl.constexpr, GBP: tl.constexpr, EVEN: tl.constexpr):
     """What a forward or backward program (k, j) works on: (g0, int64 base offset of its block,
-    group validity [GBP], valid columns, statistic index [GBP], its row tiles [rt_lo, rt_hi),
-    the shift [GBP]: each group's first element when SHIFT (centred statistics), else 0).
-
-    Shifted data: every program of a statistic subtracts the same shift, so the sums run over
-    values of the spread's magnitude, not the offset's (1e4 + 0.1*randn keeps full float32
-    accuracy); the forward stores the mean of the shifted data (SMEAN) for the backward."""
+    group validity [GBP], valid columns, statistic index [GBP], its row tiles [rt_lo, rt_hi)).
+    No pointer argument: torch.library's analysis of which tensors a kernel writes (triton_op
+    registration) counts every pointer passed to a helper whose result feeds a store address
+    as written, and a written input is copied before each launch."""
     n0, g0, base = _block_base(k, NGB, GB, Cg, sn, sc, OVER_BATCH)
     gidx = tl.arange(0, GBP)
     gvalid = (gidx < GB) & (g0 + gidx < G)
@@ -178,12 +217,22 @@ def _prologue(X, k, j, G, NGB, TPP, RT, sn, sc, Cg: tl.constexpr, OVER_BATCH: tl
         stat = n0 * G + g0 + gidx
     rt_lo = j * TPP
     rt_hi = tl.minimum(rt_lo + TPP, RT)
+    return g0, base, gvalid, ncols, stat, rt_lo, rt_hi
+
+
+@triton.jit
+def _load_shift(X, base, gvalid, sc, Cg: tl.constexpr, GBP: tl.constexpr, SHIFT: tl.constexpr):
+    """The shift [GBP]: each group's first element when SHIFT (centred statistics), else 0.
+
+    Shifted data: every program of a statistic subtracts the same shift, so the sums run over
+    values of the spread's magnitude, not the offset's (1e4 + 0.1*randn keeps full float32
+    accuracy); the forward stores the mean of the shifted data (SMEAN) for the backward."""
     shift_g = tl.zeros([GBP], dtype=tl.float32)
     if SHIFT:
-        first = (g0 + gidx) * Cg
-        shift_g = tl.load(X + n0.to(tl.int64) * sn + first.to(tl.int64) * sc, mask=gvalid,
+        first = tl.arange(0, GBP) * Cg
+        shift_g = tl.load(X + base + first.to(tl.int64) * sc, mask=gvalid,
                           other=0.0).to(tl.float32)
-    return g0, base, gvalid, ncols, stat, rt_lo, rt_hi, shift_g
+    return shift_g
 
 
 @triton.jit
@@ -244,12 +293,17 @@ def _to_cols(gv, m, IDENT: tl.constexpr):
 
 
 @triton.jit
-def _channel_vectors(W, B, MEAN, VAR, ch0, ct, ncols, eps, HAS_W: tl.constexpr,
-                     HAS_B: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-column weight, bias (and, for given per-channel statistics, mean and rstd)."""
+def _columns(ch0, ct, ncols, BLOCK_C: tl.constexpr):
+    """Column tile ct of a block whose first channel is ch0: (columns, their mask, channels)."""
     cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = cols < ncols
-    ch = ch0 + cols
+    return cols, cols < ncols, ch0 + cols
+
+
+@triton.jit
+def _channel_vectors(W, B, MEAN, VAR, ch, cm, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     PER_CHANNEL: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-column weight, bias (and, for given per-channel statistics, mean and rstd) of the
+    channels ch (a separate helper from ``_columns``: see ``_prologue`` on pointers)."""
     if HAS_W:
         w = tl.load(W + ch, mask=cm, other=0.0).to(tl.float32)
     else:
@@ -265,7 +319,7 @@ def _channel_vectors(W, B, MEAN, VAR, ch0, ct, ncols, eps, HAS_W: tl.constexpr,
     else:
         mu = tl.zeros([BLOCK_C], dtype=tl.float32)
         rs = tl.zeros([BLOCK_C], dtype=tl.float32)
-    return cols, cm, ch, w, b, mu, rs
+    return w, b, mu, rs
 
 
 @triton.jit
@@ -344,9 +398,9 @@ def _fwd_kernel(
     k = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    g0, base, gvalid, ncols, stat, rt_lo, rt_hi, shift_g = _prologue(
-        X, k, j, G, NGB, TPP, RT, sn, sc, Cg, OVER_BATCH, GB, GBP, EVEN,
-        STAGE != 3 and CENTER)
+    g0, base, gvalid, ncols, stat, rt_lo, rt_hi = _prologue(
+        k, j, G, NGB, TPP, RT, sn, sc, Cg, OVER_BATCH, GB, GBP, EVEN)
+    shift_g = _load_shift(X, base, gvalid, sc, Cg, GBP, STAGE != 3 and CENTER)
     mean_g = tl.zeros([GBP], dtype=tl.float32)
     rstd_g = tl.zeros([GBP], dtype=tl.float32)
     if STAGE == 0 or STAGE == 1:
@@ -395,8 +449,9 @@ def _fwd_kernel(
             _store_stats(STATS, K, stat, gvalid, mean_g, shift_g, rstd_g, var_g)
 
     for ct in range(0, CT):
-        cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g0 * Cg, ct, ncols, eps,
-                                                      HAS_W, HAS_B, STAGE == 3, BLOCK_C)
+        cols, cm, ch = _columns(g0 * Cg, ct, ncols, BLOCK_C)
+        w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, ch, cm, eps, HAS_W, HAS_B, STAGE == 3,
+                                        BLOCK_C)
         shift_c = tl.zeros([BLOCK_C], dtype=tl.float32)
         if STAGE != 3:
             m = _onehot(ct, ncols, Cg, GBP, BLOCK_C, IDENT)
@@ -471,9 +526,9 @@ def _bwd_kernel(
     k = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    g0, base, gvalid, ncols, stat, rt_lo, rt_hi, shift_g = _prologue(
-        X, k, j, G, NGB, TPP, RT, sn, sc, Cg, OVER_BATCH, GB, GBP, EVEN,
-        STAGE != 3 and CENTER)
+    g0, base, gvalid, ncols, stat, rt_lo, rt_hi = _prologue(
+        k, j, G, NGB, TPP, RT, sn, sc, Cg, OVER_BATCH, GB, GBP, EVEN)
+    shift_g = _load_shift(X, base, gvalid, sc, Cg, GBP, STAGE != 3 and CENTER)
     if OVER_BATCH:
         prow = j
     else:
@@ -491,8 +546,9 @@ def _bwd_kernel(
     b_g = tl.zeros([GBP], dtype=tl.float32)
     if STAGE != 2:
         for ct in range(0, CT):
-            cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g0 * Cg, ct, ncols,
-                                                          eps, HAS_W, HAS_B, STAGE == 3, BLOCK_C)
+            cols, cm, ch = _columns(g0 * Cg, ct, ncols, BLOCK_C)
+            w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, ch, cm, eps, HAS_W, HAS_B,
+                                            STAGE == 3, BLOCK_C)
             m = _onehot(ct, ncols, Cg, GBP, BLOCK_C, IDENT)
             shift_c = tl.zeros([BLOCK_C], dtype=tl.float32)
             if STAGE != 3:
@@ -542,8 +598,9 @@ def _bwd_kernel(
         a_g = tl.zeros([GBP], dtype=tl.float32)  # d(mean)/dx = 0: no A term
 
     for ct in range(0, CT):
-        cols, cm, ch, w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, g0 * Cg, ct, ncols, eps,
-                                                      HAS_W, HAS_B, False, BLOCK_C)
+        cols, cm, ch = _columns(g0 * Cg, ct, ncols, BLOCK_C)
+        w, b, mu, rs = _channel_vectors(W, B, MEAN, VAR, ch, cm, eps, HAS_W, HAS_B, False,
+                                        BLOCK_C)
         m = _onehot(ct, ncols, Cg, GBP, BLOCK_C, IDENT)
         shift_c = _to_cols(shift_g, m, IDENT)
         mu = _to_cols(mean_g, m, IDENT)
@@ -851,10 +908,10 @@ def _launch_fwd(
     grid = (p.num_blocks, p.split)
     with _on_device(x):
         if p.split == 1:
-            _fwd_kernel[grid](*args, STAGE=0, **meta)
+            wrap_triton(_fwd_kernel)[grid](*args, STAGE=0, **meta)
         else:
-            _fwd_kernel[grid](*args, STAGE=1, **meta)
-            _fwd_kernel[grid](*args, STAGE=2, **meta)
+            wrap_triton(_fwd_kernel)[grid](*args, STAGE=1, **meta)
+            wrap_triton(_fwd_kernel)[grid](*args, STAGE=2, **meta)
     return y, stats
 
 
@@ -871,7 +928,7 @@ def _launch_fixed(
     mean, var = mean.contiguous(), var.contiguous()
     meta = _constexprs(p, weight is not None, bias is not None, activation, True)
     with _on_device(x):
-        _fwd_kernel[(1, p.split)](
+        wrap_triton(_fwd_kernel)[(1, p.split)](
             x, y, _param(weight, mean), _param(bias, mean), mean, mean, var, mean, p.s, p.cg,
             p.g, 1, p.num_stats, p.col_tiles, p.tiles_per_sample, p.row_tiles,
             p.tiles_per_program, *p.strides, eps, STAGE=3, **meta)
@@ -930,15 +987,15 @@ def _launch_bwd(
     split = p.split > 1 and not fixed  # its second kernel sums the dw/db rows itself
     with _on_device(x):
         if fixed:
-            _bwd_kernel[grid](*args, STAGE=3, **meta)
+            wrap_triton(_bwd_kernel)[grid](*args, STAGE=3, **meta)
         elif not split:
-            _bwd_kernel[grid](*args, STAGE=0, **meta)
+            wrap_triton(_bwd_kernel)[grid](*args, STAGE=0, **meta)
         else:
-            _bwd_kernel[grid](*args, STAGE=1, **meta)
-            _bwd_kernel[grid](*args, STAGE=2, **meta)
+            wrap_triton(_bwd_kernel)[grid](*args, STAGE=1, **meta)
+            wrap_triton(_bwd_kernel)[grid](*args, STAGE=2, **meta)
         if (has_w or has_b) and not split:
             block = min(256, _next_pow2(p.c))
-            _reduce_rows_kernel[(triton.cdiv(p.c, block),)](
+            wrap_triton(_reduce_rows_kernel)[(triton.cdiv(p.c, block),)](
                 pdw, pdb, dw if has_w else pdw, db if has_b else pdb, rows, p.c,
                 HAS_W=has_w, HAS_B=has_b, BLOCK=block,
             )
@@ -992,12 +1049,14 @@ def _norm_fixed_bwd(
     return _launch_bwd(dy, x, weight, bias, mean, mean, var, 1, True, eps, activation)
 
 
-triton_norm_fwd = torch.library.custom_op("normlab::triton_norm_fwd", _norm_fwd, mutates_args=())
-triton_norm_bwd = torch.library.custom_op("normlab::triton_norm_bwd", _norm_bwd, mutates_args=())
-triton_norm_fixed = torch.library.custom_op("normlab::triton_norm_fixed", _norm_fixed,
-                                            mutates_args=())
-triton_norm_fixed_bwd = torch.library.custom_op("normlab::triton_norm_fixed_bwd",
-                                                _norm_fixed_bwd, mutates_args=())
+# triton_op registers its body as the fake impl too; the register_fake calls below replace it
+# with the shape-only fakes, the same for both registrations
+_register = torch.library.triton_op if TRITON_OP else torch.library.custom_op
+triton_norm_fwd = _register("normlab::triton_norm_fwd", _norm_fwd, mutates_args=())
+triton_norm_bwd = _register("normlab::triton_norm_bwd", _norm_bwd, mutates_args=())
+triton_norm_fixed = _register("normlab::triton_norm_fixed", _norm_fixed, mutates_args=())
+triton_norm_fixed_bwd = _register("normlab::triton_norm_fixed_bwd", _norm_fixed_bwd,
+                                  mutates_args=())
 
 
 @triton_norm_fwd.register_fake
@@ -1085,27 +1144,31 @@ triton_norm_fixed.register_autograd(_fixed_backward, setup_context=_fixed_setup_
 class _EagerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
-        out = _norm_fwd(*inputs)
+        with _direct_launches():
+            out = _norm_fwd(*inputs)
         _fwd_setup_context(ctx, inputs, out)
         return out
 
     @staticmethod
     def backward(ctx, dy, dstats):
         bwd = triton_norm_bwd if torch.is_grad_enabled() else _norm_bwd  # create_graph: op
-        return _fwd_backward(ctx, dy, dstats, bwd=bwd)
+        with _direct_launches():
+            return _fwd_backward(ctx, dy, dstats, bwd=bwd)
 
 
 class _EagerFixed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
-        y = _norm_fixed(*inputs)
+        with _direct_launches():
+            y = _norm_fixed(*inputs)
         _fixed_setup_context(ctx, inputs, y)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         bwd = triton_norm_fixed_bwd if torch.is_grad_enabled() else _norm_fixed_bwd
-        return _fixed_backward(ctx, dy, bwd=bwd)
+        with _direct_launches():
+            return _fixed_backward(ctx, dy, bwd=bwd)
 
 
 def _eager(x: Tensor) -> bool:
