@@ -10,7 +10,11 @@
 #   2. tests     the GPU tests of the Triton backend (torch.compile, CUDA graphs, auto
 #                selection, the REFERENCE section 6 shapes against float64), in parallel
 #                with pytest-xdist; the randomized differential test is left out (it runs
-#                under the interpreter in CI)                                    -> tests.log
+#                under the interpreter in CI); beside them, in one more process, the
+#                torch.library.triton_op registration (NORMLAB_TRITON_OP=1): Inductor and
+#                CUDA-graph replay of the traced kernels, opcheck, the compile tests
+#                (its log is appended to tests.log; the dry run runs its CPU trace test)
+#                                                                                -> tests.log
 #   3. kernels   GroupNorm / BatchNorm fwd and fwd+bwd on the section 6 shapes: torch eager,
 #                torch.compile (compiled once), Liger, normlab; eager and CUDA-graph replay
 #                                                        -> gpu_norm.log, gpu_norm_*.csv/.json
@@ -114,6 +118,21 @@ step_start tests
 xdist=""
 if "$py" -c "import xdist" 2>/dev/null; then xdist="-n 8"; fi
 tests="tests/backends tests/test_compile.py"
+# the triton_op registration, off by default (benchmarks/NOTES.md, "triton_op"): its own
+# process, as the flag is read at import, running alongside the main selection
+op_tests="tests/backends/test_triton_op.py tests/backends/test_triton_norm.py"
+op_select="triton_op or compile or cuda_graph or opcheck or eager_calls or fake_impl"
+op_log="$(mktemp)"
+if [ "$dry" = 1 ]; then
+    # here the flag has no effect (interpreter): the CPU trace test builds the traced graph
+    # in a process without the interpreter
+    NORMLAB_TRITON_OP=1 timeout -s INT -k 10 "$((TESTS_LIMIT - 10))" "$py" -m pytest -q \
+        -p no:cacheprovider -rfE tests/backends/test_triton_op.py > "$op_log" 2>&1 &
+else
+    NORMLAB_TRITON_OP=1 timeout -s INT -k 10 "$((TESTS_LIMIT - 10))" "$py" -m pytest -q \
+        -p no:cacheprovider -rfE --durations=5 -k "$op_select" $op_tests > "$op_log" 2>&1 &
+fi
+op_pid=$!
 if [ "$dry" = 1 ]; then
     # the selection must collect here; running it needs the GPU (and minutes in the interpreter)
     timeout -s INT -k 10 "$((TESTS_LIMIT - 10))" "$py" -m pytest -q -p no:cacheprovider \
@@ -122,7 +141,10 @@ else
     timeout -s INT -k 10 "$((TESTS_LIMIT - 10))" "$py" -m pytest -q -p no:cacheprovider -rfE \
         $xdist --durations=10 -k "not randomized" $tests > "$out/tests.log" 2>&1 || status=1
 fi
-tail -15 "$out/tests.log"
+wait "$op_pid" || status=1
+{ echo "== NORMLAB_TRITON_OP=1"; cat "$op_log"; } >> "$out/tests.log"
+rm -f "$op_log"
+tail -22 "$out/tests.log"
 
 step_start kernels
 timeout -k 10 "$((KERNELS_LIMIT - 10))" "$py" benchmarks/gpu_norm.py $dry_flag --set ref6 \

@@ -54,8 +54,9 @@ kernels with G = 1 over the batch and per-channel mean/rstd loaded per column ti
 Launchers are wrapped as ``torch.library`` custom ops (``normlab::triton_norm_fwd`` etc.) with
 fake implementations and registered autograd, so the backend works under
 ``torch.compile(fullgraph=True)`` and in CUDA graphs (no host synchronisation, no allocation that
-depends on data). On CPU tensors the kernels run in Triton's interpreter when
-``TRITON_INTERPRET=1`` (tests only: slow).
+depends on data). With ``$NORMLAB_TRITON_OP=1`` they are ``torch.library.triton_op`` ops
+instead, whose traced graph holds the kernel launches themselves (``_use_triton_op``). On CPU
+tensors the kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` (tests only: slow).
 """
 
 from __future__ import annotations
