@@ -142,7 +142,7 @@ else
         $xdist --durations=10 -k "not randomized" $tests > "$out/tests.log" 2>&1 || status=1
 fi
 wait "$op_pid" || status=1
-{ echo "== NORMLAB_TRITON_OP=1"; cat "$op_log"; } >> "$out/tests.log"
+{ echo "-- triton_op registration (NORMLAB_TRITON_OP=1):"; cat "$op_log"; } >> "$out/tests.log"
 rm -f "$op_log"
 tail -22 "$out/tests.log"
 
