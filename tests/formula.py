@@ -148,3 +148,24 @@ def evonorm_b0_64(x, weight, bias, v, eps=1e-5, running_var=None):
     inst_std = torch.sqrt(_var(x, (2, 3)) + eps)
     denom = torch.maximum(torch.sqrt(batch_var + eps), _chan(_f64(v), 4) * x + inst_std)
     return x / denom * _chan(_f64(weight), 4) + _chan(_f64(bias), 4)
+
+
+def group_norm64(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """The operator not over the batch (GN; IN with G = C; LN with G = 1), differentiable in
+    float64 for gradient references: per sample and group, centred two-pass statistics."""
+    x = _f64(x)
+    c = x.shape[1]
+    cpg = c // num_groups
+    dims = tuple(range(1, x.dim()))
+    parts = []
+    for g in range(num_groups):
+        part = x[:, g * cpg : (g + 1) * cpg]
+        mu = part.mean(dim=dims, keepdim=True)
+        var = ((part - mu) ** 2).mean(dim=dims, keepdim=True)
+        parts.append((part - mu) / torch.sqrt(var + eps))
+    y = torch.cat(parts, dim=1)
+    if weight is not None:
+        y = y * _chan(_f64(weight), x.dim())
+    if bias is not None:
+        y = y + _chan(_f64(bias), x.dim())
+    return y

@@ -4,9 +4,11 @@ Every case of the operator is one of two ATen ops (both return the statistics, b
 autograd formulas, both keep channels_last):
 
 * not over_batch, G groups  -> ``aten::native_group_norm`` (LN: G = 1, IN: G = C, GN: G); a
-  channels_last CPU input goes in shifted by one element per group (ATen's CPU channels_last
-  group-norm kernel is wrong at an offset, accurate near 0); a 2-D float32/float64 input with
-  G = 1 (LayerNorm over features) -> ``aten::native_layer_norm``.
+  2-D float32/float64 input with G = 1 (LayerNorm over features) ->
+  ``aten::native_layer_norm``. Channels_last CPU input does not go to ATen's kernel (wrong at
+  an offset, its backward 10-50x slower than NCHW): ``native_channels_last`` computes it from
+  per-channel sums of x minus one element per group on the (N, positions, C) view, with a
+  closed-form backward, no layout copies.
 * over_batch, G = C (BN)     -> ``aten::native_batch_norm`` with the running statistics.
 * over_batch, 1 <= G < C     -> ``aten::native_batch_norm`` on x viewed as (N, G, C/G * spatial),
   then the per-channel affine (batch-group norm has no ATen kernel of its own).
@@ -43,6 +45,7 @@ from normlab.backends.reference import (
     output_memory_format,
     update_running_stats,
 )
+from normlab.backends.native_channels_last import group_norm_channels_last
 
 
 class NativeBackend:
@@ -111,21 +114,13 @@ class NativeBackend:
                 return _REFERENCE.normalize(x, g, over_batch, weight, bias, eps, activation,
                                             running_mean, running_var, momentum)
             fmt = output_memory_format(x)
-            shift = None
             if fmt != torch.contiguous_format and x.is_cpu:
-                # ATen's CPU channels_last group-norm kernel loses the statistics at an offset
-                # (max error ~1 at x = 1000 + randn; torch's F.group_norm shares it): it gets
-                # x minus one element of each group, on which it is accurate. y is the same
-                # function of x (GN does not see a constant shift); the mean gets it back.
-                # (Copying to NCHW and back instead costs ~20x the kernel.)
-                shift = _group_shift(x, g)
-                xk = x - shift.to(xdt).repeat_interleave(c // g, dim=1).reshape(
-                    (n, c) + (1,) * (x.dim() - 2))
+                # ATen's CPU channels_last group-norm kernel is inaccurate at an offset and
+                # slow (its backward 10-50x its NCHW one); see native_channels_last
+                y, mean, rstd = group_norm_channels_last(x, weight, bias, g, eps, pdt)
             else:  # ATen GN needs a dense layout (NCHW or channels_last)
                 xk = x if x.is_contiguous() else x.contiguous(memory_format=fmt)
-            y, mean, rstd = torch.native_group_norm(xk, weight, bias, n, c, hxw, g, eps)
-            if shift is not None:
-                mean = mean + shift.to(mean.dtype)
+                y, mean, rstd = torch.native_group_norm(xk, weight, bias, n, c, hxw, g, eps)
             if running:
                 _update_from_pass(x.reshape(n, g, -1), (2,), running_mean, running_var, momentum)
             return apply_activation(y, activation), mean, rstd
@@ -236,13 +231,6 @@ def _param_dtype(x: Tensor, *params: Optional[Tensor]) -> torch.dtype:
 
 def _cast(p: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return p if p is None or p.dtype == dtype else p.to(dtype)
-
-
-def _group_shift(x: Tensor, num_groups: int) -> Tensor:
-    """(N, G): the first element of each group of x (0 where it is not finite), detached."""
-    first = x.detach()[(slice(None), slice(None)) + (0,) * (x.dim() - 2)]  # (N, C)
-    shift = first.reshape(x.shape[0], num_groups, -1)[:, :, 0]
-    return torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
 
 
 @torch.no_grad()

@@ -1,0 +1,142 @@
+"""The native backend on channels_last CPU input (src/normlab/backends/native_channels_last.py):
+GN, IN and LayerNorm over C at offset 1000 - output, statistics and gradients against the float64
+formula (tests/formula.py), the forward-only path, a recorded backward, half precision."""
+
+import math
+
+import pytest
+import torch
+
+import normlab.functional as NF
+from normlab.backends import use_backend
+from normlab.backends.native_channels_last import ATEN_VECTORIZED_POSITIONS
+from formula import group_norm64, rel_err
+
+# float32 rounding at offset 1000: one ulp of 1000 is 6.1e-5 (see tests/test_torch_parity.py)
+ULP_1000 = 1000 * torch.finfo(torch.float32).eps / 2
+
+
+def _case(shape, dtype=torch.float32, offset=1000.0, seed=0):
+    """x = offset + randn in channels_last(_3d), random affine, a random output gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = (offset + torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+    w = (1 + 0.5 * torch.randn(shape[1], generator=gen, dtype=torch.float64)).to(dtype)
+    b = torch.randn(shape[1], generator=gen, dtype=torch.float64).to(dtype)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    return x.contiguous(memory_format=fmt), w, b, dy.contiguous(memory_format=fmt)
+
+
+def _native(x, groups, w, b, dy):
+    """y and the gradients of (y * dy).sum() w.r.t. x, w, b on the native backend."""
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    with use_backend("native"):
+        y = NF.group_norm(xr, groups, wr, br)
+    y.backward(dy)
+    return y.detach(), xr.grad, wr.grad, br.grad
+
+
+def _float64(x, groups, w, b, dy):
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y = group_norm64(xr, groups, wr, br)
+    y.backward(dy.double())
+    return y.detach(), xr.grad, wr.grad, br.grad
+
+
+# (shape, groups); why each is here:
+CASES = [
+    ((2, 6, 16, 16), 3),     # GN, 2 channels per group, 256 positions (< ATen's 1024 switch)
+    ((2, 6, 16, 16), 6),     # IN (G = C): a group is one channel column of the rows view
+    ((2, 6, 16, 16), 1),     # LayerNorm over (C, H, W): one group spans all channels
+    ((1, 4, 32, 32), 2),     # 1024 positions: with grad the sums path, not ATen's forward
+    ((2, 4, 3, 4, 4), 2),    # 5-D channels_last_3d
+]
+
+
+@pytest.mark.parametrize("shape,groups", CASES)
+def test_float32_at_offset_matches_the_formula(shape, groups):
+    x, w, b, dy = _case(shape)
+    y, dx, dw, db = _native(x, groups, w, b, dy)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+    y64, dx64, dw64, db64 = _float64(x, groups, w, b, dy)
+    assert (y.double() - y64).abs().max().item() < 3 * 2 * ULP_1000
+    # measured 1e-7 - 8e-7 on these inputs (ATen's NCHW kernel on the same input: 1e-5 - 7e-4)
+    for name, got, want in (("y", y, y64), ("dx", dx, dx64), ("dw", dw, dw64), ("db", db, db64)):
+        assert rel_err(got, want) < 3e-6, (name, rel_err(got, want))
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 6, 16, 16), 3), ((1, 4, 32, 32), 4)])
+def test_bfloat16_as_accurate_as_the_nchw_path(shape, groups):
+    # bf16 input: float32 statistics; errors are bf16 rounding, no worse than contiguous input
+    x, w, b, dy = _case(shape, torch.bfloat16, offset=100.0)
+    cl = _native(x, groups, w, b, dy)
+    nchw = _native(x.contiguous(), groups, w, b, dy.contiguous())
+    ref = _float64(x, groups, w, b, dy)
+    for name, a, n, r in zip(("y", "dx", "dw", "db"), cl, nchw, ref):
+        assert rel_err(a, r) <= 1.5 * rel_err(n, r) + 1e-3, (name, rel_err(a, r), rel_err(n, r))
+
+
+def test_statistics_and_dtype_as_the_nchw_path():
+    x, w, b, _ = _case((2, 6, 16, 16))
+    x.requires_grad_()
+    _, mean, rstd = NF.normalize(x, 3, False, w, b, backend="native", return_stats=True)
+    _, mean_n, rstd_n = NF.normalize(x.detach().contiguous(), 3, False, w, b, backend="native",
+                                     return_stats=True)
+    xg = x.detach().double().reshape(2, 3, -1)
+    var64, mean64 = torch.var_mean(xg, dim=2, correction=0)
+    assert mean.dtype == mean_n.dtype and rstd.dtype == rstd_n.dtype
+    assert (mean.double() - mean64).abs().max() < 2 * ULP_1000
+    assert rel_err(rstd, torch.rsqrt(var64 + 1e-5)) < 1e-5
+
+
+def test_forward_only_at_many_positions_uses_aten_and_stays_accurate():
+    # no grad and >= 1024 positions: ATen's vectorized channels_last forward on shifted input
+    x, w, b, _ = _case((2, 4, 32, 32))
+    assert 32 * 32 >= ATEN_VECTORIZED_POSITIONS
+    with torch.no_grad():
+        y, mean, rstd = NF.normalize(x, 2, False, w, b, backend="native", return_stats=True)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert (y.double() - group_norm64(x, 2, w, b)).abs().max().item() < 3 * 2 * ULP_1000
+    xr = x.clone().requires_grad_()  # with grad: the sums path, the same statistics
+    _, mean_g, rstd_g = NF.normalize(xr, 2, False, w, b, backend="native", return_stats=True)
+    assert (mean - mean_g).abs().max() < 2 * ULP_1000 and rel_err(rstd, rstd_g) < 1e-5
+
+
+def test_output_gradient_in_another_layout():
+    # an NCHW output gradient (here from multiplying by an NCHW tensor) and an expanded one
+    x, w, b, dy = _case((2, 6, 16, 16))
+    y, dx, _, _ = _native(x, 3, w, b, dy.contiguous())
+    assert rel_err(dx, _float64(x, 3, w, b, dy)[1]) < 3e-6
+    xr = x.detach().clone().requires_grad_()
+    NF.group_norm(xr, 3, w, b, backend="native").sum().backward()  # dy = ones, expanded
+    assert rel_err(xr.grad, _float64(x, 3, w, b, torch.ones_like(dy))[1]) < 3e-5
+
+
+def test_gradient_penalty_second_order_matches_the_formula():
+    # create_graph=True: the backward is recorded (ATen's differentiable ops on shifted input)
+    x, w, b, dy = _case((2, 6, 4, 4), offset=10.0)
+
+    def penalty_grads(f, x, w, b):
+        xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        (gx,) = torch.autograd.grad((f(xr, wr, b) * dy.to(xr.dtype)).sum(), xr, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (xr, wr))
+
+    ours = penalty_grads(lambda xr, wr, b: NF.group_norm(xr, 3, wr, b, backend="native"), x, w, b)
+    ref = penalty_grads(lambda xr, wr, b: group_norm64(xr, 3, wr, b), x.double(), w.double(),
+                        b.double())
+    for got, want in zip(ours, ref):
+        assert rel_err(got, want) < 1e-4
+
+
+def test_nan_and_inf_stay_in_their_group():
+    x, w, b, dy = _case((2, 6, 8, 8))
+    x[0, 1, 2, 3] = math.nan  # sample 0, group 0
+    x[1, 4, 0, 0] = math.inf  # sample 1, group 2: the group's shift element itself
+    y, dx, _, _ = _native(x, 3, w, b, dy)
+    assert torch.isnan(y[0, :2]).all() and not torch.isfinite(y[1, 4:]).any()
+    clean = [(0, slice(2, 6)), (1, slice(0, 4))]
+    y64, dx64, _, _ = _float64(x, 3, w, b, dy)
+    for n, ch in clean:
+        assert torch.isfinite(dx[n, ch]).all()
+        assert rel_err(y[n, ch], y64[n, ch]) < 3e-6 and rel_err(dx[n, ch], dx64[n, ch]) < 3e-6
