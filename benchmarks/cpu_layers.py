@@ -2,7 +2,8 @@
 
 On CPU only ratios measured in one run mean anything (absolute times depend on the machine and
 its load), so each pair is timed in interleaved rounds - ours, torch, ours, torch, ... - and the
-ratio of the medians is reported. Target (issue: core): normlab within 10% of torch.nn.
+ratio of the medians is reported. Target (issue: core): normlab within 10% of torch.nn. Cases
+labelled NHWC take channels_last input (see also benchmarks/cpu_channels_last.py).
 
     python benchmarks/cpu_layers.py [--repeats 30] [--out benchmarks/results/cpu_layers.csv]
 """
@@ -35,6 +36,11 @@ CASES = [
     ("LN (64,64)", lambda: nlnn.LayerNorm(64), lambda: nn.LayerNorm(64), (64, 64)),
     ("IN (8,64,56,56)", lambda: nlnn.InstanceNorm2d(64, affine=True), lambda: nn.InstanceNorm2d(64, affine=True), (8, 64, 56, 56)),
     ("IN (16,32,16,16)", lambda: nlnn.InstanceNorm2d(32, affine=True), lambda: nn.InstanceNorm2d(32, affine=True), (16, 32, 16, 16)),
+    # channels_last input (labels end in "NHWC"): native's own path against ATen's channels_last
+    # kernel, which torch.nn calls (inaccurate at an offset, and its backward is slow)
+    ("GN32 (8,64,32,32) NHWC", lambda: nlnn.GroupNorm(32, 64), lambda: nn.GroupNorm(32, 64), (8, 64, 32, 32)),
+    ("GN32 (16,256,8,8) NHWC", lambda: nlnn.GroupNorm(32, 256), lambda: nn.GroupNorm(32, 256), (16, 256, 8, 8)),
+    ("IN (8,64,32,32) NHWC", lambda: nlnn.InstanceNorm2d(64, affine=True), lambda: nn.InstanceNorm2d(64, affine=True), (8, 64, 32, 32)),
 ]
 
 
@@ -55,8 +61,9 @@ def measure(repeats: int) -> list[dict]:
     rows = []
     for label, make_ours, make_torch, shape in CASES:
         torch.manual_seed(0)
-        x = (torch.randn(shape) * 2 + 1).requires_grad_()
-        g = torch.randn(shape)
+        fmt = torch.channels_last if label.endswith("NHWC") else torch.contiguous_format
+        x = (torch.randn(shape) * 2 + 1).contiguous(memory_format=fmt).requires_grad_()
+        g = torch.randn(shape).contiguous(memory_format=fmt)
         ours, theirs = make_ours(), make_torch()
         ours.load_state_dict(theirs.state_dict())
         # warm-up, and choose an inner loop of about 20 ms

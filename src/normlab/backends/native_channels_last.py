@@ -76,7 +76,9 @@ def group_shift(x: Tensor, num_groups: int) -> Tensor:
 
 def _repeat(t: Tensor, cpg: int) -> Tensor:
     """(..., G) -> (..., C): each group's value repeated over its cpg channels."""
-    return t if cpg == 1 else t.repeat_interleave(cpg, dim=-1)
+    if cpg == 1:
+        return t
+    return t.unsqueeze(-1).expand(t.shape + (cpg,)).reshape(t.shape[:-1] + (-1,))
 
 
 def _fold(t: Tensor, g: int) -> Tensor:

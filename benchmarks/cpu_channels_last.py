@@ -1,0 +1,150 @@
+"""Channels_last CPU group norm (GN, IN): normlab's native path against torch and the accurate
+alternatives, time and accuracy at offset 1000 (benchmarks/NOTES.md, "CPU: channels_last").
+
+Routes, each on x = 1000 + randn (float32 or bfloat16) with a random affine:
+
+* torch_cl:     F.group_norm on channels_last input (ATen's channels_last kernel; inaccurate here)
+* torch_nchw:   F.group_norm on the same values in NCHW (input and output NCHW: the floor)
+* native:       normlab.functional.group_norm (backend native) on channels_last input
+* shifted_aten: ATen's channels_last kernel on x minus one element per group (native before)
+* nchw_copy:    x.contiguous() -> ATen NCHW kernel -> output back to channels_last
+
+Times are the minimum over interleaved rounds (all routes of a case take turns, so load drift
+on a shared machine hits each alike); each is reported as a ratio to torch_cl of the same run.
+
+    python benchmarks/cpu_channels_last.py [--threads 1 2] [--repeats 7] [--accuracy]
+        [--out benchmarks/results/cpu_channels_last.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import normlab
+import normlab.functional as NF
+from normlab.backends.native_channels_last import shifted_aten_group_norm
+
+CL = torch.channels_last
+# (N, C, H, W): a mid ResNet stage, a small-map batch, a wide small map, a large map at batch 2
+SHAPES = [(8, 64, 32, 32), (32, 32, 16, 16), (16, 256, 8, 8), (2, 128, 64, 64)]
+
+
+def _nchw_copy(x, g, w, b):
+    n, c = x.shape[:2]
+    y = torch.native_group_norm(x.contiguous(), w, b, n, c, x[0, 0].numel(), g, 1e-5)[0]
+    return y.contiguous(memory_format=CL)
+
+
+ROUTES = {
+    "torch_cl": lambda x, g, w, b: F.group_norm(x, g, w, b),
+    "torch_nchw": lambda x, g, w, b: F.group_norm(x, g, w, b),  # fed NCHW input
+    "native": lambda x, g, w, b: NF.group_norm(x, g, w, b, backend="native"),
+    "shifted_aten": lambda x, g, w, b: shifted_aten_group_norm(x, w, b, g, 1e-5)[0],
+    "nchw_copy": _nchw_copy,
+}
+
+
+def _inputs(route, x0, dy0):
+    fmt = torch.contiguous_format if route == "torch_nchw" else CL
+    return x0.contiguous(memory_format=fmt).requires_grad_(), dy0.contiguous(memory_format=fmt)
+
+
+def _time(f, x, g, w, b, dy, backward: bool, inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        if backward:
+            x.grad = w.grad = b.grad = None
+            f(x, g, w, b).backward(dy)
+        else:
+            with torch.no_grad():
+                f(x, g, w, b)
+    return (time.perf_counter() - t0) / inner
+
+
+def measure(threads: int, repeats: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    rows = []
+    for shape, g_name, dtype in itertools.product(SHAPES, ("32", "C"), (torch.float32, torch.bfloat16)):
+        g = 32 if g_name == "32" else shape[1]
+        torch.manual_seed(0)
+        x0 = (1000 + torch.randn(shape)).to(dtype)
+        dy0 = torch.randn(shape).to(dtype)
+        w = torch.randn(shape[1], dtype=dtype).requires_grad_()
+        b = torch.randn(shape[1], dtype=dtype).requires_grad_()
+        for backward in (False, True):
+            setup, best = {}, {}
+            for name, f in ROUTES.items():
+                x, dy = _inputs(name, x0, dy0)
+                _time(f, x, g, w, b, dy, backward, 2)  # warm-up
+                one = _time(f, x, g, w, b, dy, backward, 1)
+                setup[name] = (f, x, dy, max(1, int(0.005 / max(one, 1e-6))))
+                best[name] = float("inf")
+            for _ in range(repeats):
+                for name, (f, x, dy, inner) in setup.items():
+                    best[name] = min(best[name], _time(f, x, g, w, b, dy, backward, inner))
+            base = best["torch_cl"]
+            row = {"threads": threads, "shape": "x".join(map(str, shape)), "groups": g_name,
+                   "dtype": str(dtype).replace("torch.", ""),
+                   "pass": "fwd+bwd" if backward else "fwd", "torch_cl_us": round(base * 1e6, 1)}
+            row.update({f"{k}_ratio": round(v / base, 3) for k, v in best.items() if k != "torch_cl"})
+            rows.append(row)
+            print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def accuracy() -> None:
+    """Relative max error of y, dx, dw, db against float64 (torch's NCHW kernel in float64)."""
+    for shape, g_name, dtype in itertools.product(SHAPES, ("32", "C"), (torch.float32, torch.bfloat16)):
+        g = 32 if g_name == "32" else shape[1]
+        torch.manual_seed(0)
+        x = (1000 + torch.randn(shape, dtype=torch.float64)).to(dtype)
+        w, b = (1 + 0.5 * torch.randn(shape[1])).to(dtype), torch.randn(shape[1]).to(dtype)
+        dy = torch.randn(shape).to(dtype)
+        ref = [t.double().requires_grad_() for t in (x, w, b)]
+        y_ref = F.group_norm(ref[0], g, ref[1], ref[2])
+        y_ref.backward(dy.double())
+        want = [y_ref.detach()] + [t.grad for t in ref]
+        for name, f in ROUTES.items():
+            xi, dyi = _inputs(name, x, dy)
+            wi, bi = w.clone().requires_grad_(), b.clone().requires_grad_()
+            y = f(xi, g, wi, bi)
+            y.backward(dyi)
+            errs = [(a.double() - r).abs().max().item() / r.abs().max().item()
+                    for a, r in zip((y, xi.grad, wi.grad, bi.grad), want)]
+            print(f"{str(shape):17s} G={g_name:2s} {str(dtype)[6:]:8s} {name:12s} "
+                  + " ".join(f"{k} {e:.1e}" for k, e in zip(("y", "dx", "dw", "db"), errs)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--accuracy", action="store_true", help="print errors at offset 1000 instead")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_channels_last.csv"))
+    args = ap.parse_args()
+    if args.accuracy:
+        return accuracy()
+    print(f"torch {torch.__version__}, normlab {normlab.__version__}, "
+          f"{platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}", flush=True)
+    rows = [r for t in args.threads for r in measure(t, args.repeats)]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["device", "torch", "load"] + list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({"device": f"cpu:{platform.machine()}", "torch": torch.__version__,
+                        "load": f"{os.getloadavg()[0]:.1f}", **r})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
