@@ -6,7 +6,7 @@ autograd formulas, both keep channels_last):
 * not over_batch, G groups  -> ``aten::native_group_norm`` (LN: G = 1, IN: G = C, GN: G); a
   2-D float32/float64 input with G = 1 (LayerNorm over features) ->
   ``aten::native_layer_norm``. Channels_last CPU input does not go to ATen's kernel (wrong at
-  an offset, its backward 10-50x slower than NCHW): ``native_channels_last`` computes it from
+  an offset, its backward 4-100x slower than NCHW): ``native_channels_last`` computes it from
   per-channel sums of x minus one element per group on the (N, positions, C) view, with a
   closed-form backward, no layout copies.
 * over_batch, G = C (BN)     -> ``aten::native_batch_norm`` with the running statistics.
@@ -116,7 +116,7 @@ class NativeBackend:
             fmt = output_memory_format(x)
             if fmt != torch.contiguous_format and x.is_cpu:
                 # ATen's CPU channels_last group-norm kernel is inaccurate at an offset and
-                # slow (its backward 10-50x its NCHW one); see native_channels_last
+                # slow (its backward 4-100x its NCHW one); see native_channels_last
                 y, mean, rstd = group_norm_channels_last(x, weight, bias, g, eps, pdt)
             else:  # ATen GN needs a dense layout (NCHW or channels_last)
                 xk = x if x.is_contiguous() else x.contiguous(memory_format=fmt)

@@ -2,22 +2,30 @@
 
 Why not ATen's kernel: its CPU channels_last group norm sums x and x^2 in one pass, so at an
 offset (x = 1000 + randn) the variance cancels away (y off by ~1); fed x minus one element per
-group it is accurate, but its backward is 10-50x slower than its NCHW backward (3-44 ms where
+group it is accurate, but its backward is 4-100x slower than its NCHW backward (0.4-44 ms where
 NCHW takes 0.1-0.5 ms on (8,64,32,32) .. (2,128,64,64), one thread), its forward below 1024
 positions per channel is 10-50x slower than NCHW for small groups, and copying to NCHW and back
-costs more than the kernel (a channels_last <-> NCHW copy of a 2 MB activation takes 0.3-3 ms).
+costs more than the kernel (a channels_last <-> NCHW copy of 1-4 MB takes 0.3-3 ms; the NCHW
+kernel is also less accurate at an offset). Measurements: benchmarks/NOTES.md.
 
 What is done instead, on the (N, HW, C) view of channels_last memory (a view, no copy), where a
 sum over positions is a reduction along the outer dimension, vectorized over C:
 
 * forward: ``xs = x - shift`` (shift: the first element of each group, detached); per-channel
   sums of xs and xs^2 in the accumulation dtype (float32 for half input), folded into the
-  groups; ``var = E[xs^2] - E[xs]^2`` (xs is centred to within the spread of the group, so the
-  one-pass form loses only a few bits, as ATen's kernel on shifted input); then
-  ``y = xs * (rstd * gamma) + (beta - mean_s * rstd * gamma)`` in one pass. mean = mean_s + shift.
-* backward (closed form, Wu & He's GN gradient): per-channel sums of dy and dy * xs, folded into
-  the groups, then ``dx = dy * rstd * gamma + xs * c2 + c3`` in two passes. xs is recomputed
-  from x (x is what is saved: one activation kept, as ATen keeps its input).
+  groups; ``var = E[xs^2] - E[xs]^2``: one-pass, as ATen's kernel, but on shifted data, whose
+  mean is a few standard deviations at most unless the group's first element is an outlier, so
+  few bits cancel; then ``y = xs * (rstd * gamma) + (beta - mean_s * rstd * gamma)`` in one
+  pass, and mean = mean_s + shift.
+* backward, closed form over a group of M elements, with a = sum(gamma * dy * xs) and
+  b = sum(gamma * dy) from per-channel sums: ``dx = rstd * gamma * dy + c2 * xs + c3``,
+  ``c2 = (b * mean_s - a) * rstd^3 / M``, ``c3 = -c2 * mean_s - b * rstd / M`` (ATen's formula,
+  on xs instead of x: no cancellation at an offset); dgamma = sum((ds - db * mean_s) * rstd),
+  dbeta = sum(db) over the batch. xs is recomputed from x (x is what is saved: one activation
+  kept, as ATen keeps its input).
+* forward-only calls (no input requires grad) with >= 1024 positions per channel go to ATen's
+  forward on the shifted input: there its channels_last forward is vectorized over C and
+  faster than these sums.
 * a backward that is itself recorded (create_graph=True, a gradient penalty) recomputes the
   forward through ATen's differentiable ops on shifted input and differentiates that, so
   higher derivatives are exact, only slower.
@@ -108,7 +116,7 @@ def _shifted_rows(x: Tensor, shift_c: Tensor) -> Tensor:
 class _ChannelsLastGroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, g, eps, stats_dtype):
-        n, c = x.shape[0], x.shape[1]
+        c = x.shape[1]
         acc = compute_dtype(x.dtype)
         shift = group_shift(x, g).to(acc)
         shift_c = _repeat(shift, c // g)
