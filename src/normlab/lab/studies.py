@@ -104,7 +104,7 @@ _add(Study(
     name="batch-size",
     title="Test error vs images per process, by normalization",
     description="BN vs GN (optionally SyncBN, BRN, GN+WS, NF, FRN, EvoNorm-S0, EvoNorm-B0) at "
-                "32/16/8/4/2 images per process (per GPU), lr 0.1*N*processes/32, same epochs for "
+                "32/16/8/4/2 images per process (per GPU), lr 0.1 x N/32, same epochs for "
                 "every batch size. FRN and EvoNorm are followed by the model's ReLU (their papers "
                 "drop it).",
     axis="images per process",
@@ -273,7 +273,7 @@ _add(Study(
     name="nf",
     title="Normalizer-free ResNet (with AGC) vs BN-ResNet across batch sizes",
     description="NF-ResNet-20 (Scaled WS, SkipInit-style residual scaling, AGC lambda 0.04) vs "
-                "BN-ResNet-20, lr 0.1*N*processes/32.",
+                "BN-ResNet-20, lr 0.1 x N/32.",
     axis="images per process",
     variants={"BN": {"norm": "bn"}, "NF": _NF},
     default_variants=["BN", "NF"],
