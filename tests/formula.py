@@ -91,23 +91,28 @@ def rms_norm64(x, normalized_shape, weight=None, eps=None):
     return y if weight is None else y * _f64(weight)
 
 
-def uncentred64(x, num_groups, weight=None, bias=None, eps=1e-5):
-    """The operator with center=False, not over the batch: per sample and group,
-    y = gamma_c * x / sqrt(mean(x^2) + eps) + beta_c (loop over groups)."""
+def _per_group64(x, num_groups, normalize_part, weight, bias):
+    """Each sample's group of channels through ``normalize_part(part, dims)``, then the
+    per-channel affine; float64, differentiable."""
     x = _f64(x)
-    c = x.shape[1]
-    cpg = c // num_groups
-    parts = []
-    for g in range(num_groups):
-        part = x[:, g * cpg : (g + 1) * cpg]
-        ms = (part * part).mean(dim=tuple(range(1, x.dim())), keepdim=True)
-        parts.append(part / torch.sqrt(ms + eps))
-    y = torch.cat(parts, dim=1)
+    cpg = x.shape[1] // num_groups
+    dims = tuple(range(1, x.dim()))
+    y = torch.cat([normalize_part(x[:, g * cpg : (g + 1) * cpg], dims)
+                   for g in range(num_groups)], dim=1)
     if weight is not None:
         y = y * _chan(_f64(weight), x.dim())
     if bias is not None:
         y = y + _chan(_f64(bias), x.dim())
     return y
+
+
+def uncentred64(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """The operator with center=False, not over the batch: per sample and group,
+    y = gamma_c * x / sqrt(mean(x^2) + eps) + beta_c (loop over groups)."""
+    return _per_group64(
+        x, num_groups,
+        lambda part, dims: part / torch.sqrt((part * part).mean(dim=dims, keepdim=True) + eps),
+        weight, bias)
 
 
 def frn64(x, weight, bias, tau=None, eps=1e-6):
@@ -153,19 +158,8 @@ def evonorm_b0_64(x, weight, bias, v, eps=1e-5, running_var=None):
 def group_norm64(x, num_groups, weight=None, bias=None, eps=1e-5):
     """The operator not over the batch (GN; IN with G = C; LN with G = 1), differentiable in
     float64 for gradient references: per sample and group, centred two-pass statistics."""
-    x = _f64(x)
-    c = x.shape[1]
-    cpg = c // num_groups
-    dims = tuple(range(1, x.dim()))
-    parts = []
-    for g in range(num_groups):
-        part = x[:, g * cpg : (g + 1) * cpg]
+    def centred(part, dims):
         mu = part.mean(dim=dims, keepdim=True)
         var = ((part - mu) ** 2).mean(dim=dims, keepdim=True)
-        parts.append((part - mu) / torch.sqrt(var + eps))
-    y = torch.cat(parts, dim=1)
-    if weight is not None:
-        y = y * _chan(_f64(weight), x.dim())
-    if bias is not None:
-        y = y + _chan(_f64(bias), x.dim())
-    return y
+        return (part - mu) / torch.sqrt(var + eps)
+    return _per_group64(x, num_groups, centred, weight, bias)
