@@ -378,8 +378,11 @@ def test_ctrl_c_with_jobs_is_one_line_then_the_rerun_finishes(tmp_path):
     # Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the study process
     # and its --jobs training processes. No traceback from any of them, status 130, the store
     # sound; the same command then finishes every run.
+    # 1024 images, 3 epochs: a run lasts about 2 s, so the study is still training when the
+    # signal comes (on 128 images the five runs could all end in the 0.3 s below: exit 0)
+    data = json.dumps({**json.loads(SMALL), "n_train": 1024})
     args = ["reproduce", "norms", "--quick", "--data", "synthetic", "--no-report", *TINY,
-            "--set", f"data_kwargs={SMALL}", "--set", "epochs=3", "--set", "threads=1",
+            "--set", f"data_kwargs={data}", "--set", "epochs=3", "--set", "threads=1",
             "--out", str(tmp_path)]
     p = subprocess.Popen([sys.executable, "-m", "normlab.lab.cli", *args, "--jobs", "2"],
                          stdout=subprocess.PIPE,
