@@ -38,7 +38,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from normlab.backends.reference import compute_dtype
+from normlab.backends.reference import compute_dtype, output_memory_format
 
 
 def group_norm_channels_last(
@@ -146,7 +146,7 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         g, c = ctx.g, x.shape[1]
         cpg = c // g
         xs = _shifted_rows(x, shift_c)
-        dyr = _rows(dy.contiguous(memory_format=_layout(x)))
+        dyr = _rows(dy.contiguous(memory_format=output_memory_format(x)))
         if dyr.dtype != xs.dtype:  # half dy: converted once (mixed-dtype ops take a slow loop)
             dyr = dyr.to(xs.dtype)
         count = xs.shape[1] * cpg
@@ -168,10 +168,6 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dbias = db.sum(0).to(bias.dtype)
         return dx, dw, dbias, None, None, None
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
 
 
 def _recorded_backward(ctx, x, weight, bias, dy):

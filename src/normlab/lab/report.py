@@ -79,11 +79,16 @@ def _seeds_cell(st: dict) -> str:
             "claim's boundary (equal means)")
 
 
+def _batches(runs: list[dict]) -> list[int]:
+    """The images per process the runs used, largest first."""
+    return sorted({int(r["config"].get("batch_size", RunConfig.batch_size)) for r in runs},
+                  reverse=True)
+
+
 def _processes_line(runs: list[dict], cfg: dict) -> str:
     """How the batch was split: images per process, number of processes, lr rule."""
     worlds = sorted({int(r["config"].get("world_size", 1)) for r in runs})
-    batches = sorted({int(r["config"].get("batch_size", RunConfig.batch_size)) for r in runs},
-                     reverse=True)
+    batches = _batches(runs)
     n = "N" if len(batches) > 1 else str(batches[0])
     w = "/".join(str(x) for x in worlds)
     statistics = ("" if worlds == [1] else "; BN statistics per process, SyncBN over all "
@@ -111,8 +116,7 @@ def _protocol_line(protocol: Optional[dict], runs: list[dict]) -> str:
     rest = (f"SGD batch {_md(protocol['sgd_batch'])} images, lr {_md(protocol['lr'])}; "
             f"statistics: {_md(protocol['statistics'])}{source}.")
     if protocol.get("processes"):  # real processes are the devices
-        batches = sorted({int(r["config"].get("batch_size", RunConfig.batch_size))
-                          for r in runs}, reverse=True)
+        batches = _batches(runs)
         return (f"**Images per process: {', '.join(map(str, batches))}; processes: "
                 f"{protocol['processes']}**. **Protocol: {_md(protocol['name'])}**: {rest}")
     return (f"**Protocol: {_md(protocol['name'])}, {protocol['devices']} emulated devices on "

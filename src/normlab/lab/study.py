@@ -196,10 +196,10 @@ class Study:
                 study_cfg, cfg = cfg, apply_overrides(cfg, user)
                 self._check_not_overridden(label, x, study_cfg, cfg, user)
                 cfg = emulate_devices(cfg, k, x if self.stats_batch_axis else None)
-                if self.per_device and cfg.world_size > 1 and cfg.lr is None:
-                    # real processes are the devices: the paper's lr 0.1 x N/32 (N per
-                    # process), as on emulated ones, not the linear rule on the global batch
-                    cfg = cfg.replace(lr=cfg.base_lr * cfg.batch_size / 32)
+                if self.per_device and cfg.world_size > 1:
+                    # real processes are the devices: the paper's lr, as on emulated ones,
+                    # not the linear rule on the global batch
+                    cfg = cfg.replace(lr=paper_lr(cfg))
                 for seed in range(per_point.get((label, x), n_seeds)):
                     out.append(Point(label, x, cfg.replace(seed=seed0 + seed, label=label),
                                      setup))
@@ -253,8 +253,7 @@ def emulate_devices(cfg: RunConfig, devices: int, stats_batch: Optional[int] = N
     if total % stats:
         raise ConfigError(f"a statistics batch of {stats} does not divide the SGD batch of "
                           f"{devices} x {n} = {total} images")
-    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * n / 32
-    changes: dict[str, Any] = {"batch_size": total, "lr": lr}
+    changes: dict[str, Any] = {"batch_size": total, "lr": paper_lr(cfg)}
     norm = canonical_name(cfg.norm)
     if norm in ("bn", "ghostbn") and stats < total:
         changes["norm"] = "ghostbn"
@@ -266,6 +265,12 @@ def emulate_devices(cfg: RunConfig, devices: int, stats_batch: Optional[int] = N
                           hint="run it with --devices 1, or on real processes "
                                "(--nproc-per-node)")
     return cfg.replace(**changes).validate()
+
+
+def paper_lr(cfg: RunConfig) -> float:
+    """The GN paper's lr for ``cfg.batch_size`` images per device: ``base_lr x N / 32``
+    (``cfg.lr`` when the user set it)."""
+    return cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 32
 
 
 #: norms with batch statistics that ghostbn does not cover (they would see the whole K x N batch)
