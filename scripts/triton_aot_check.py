@@ -14,10 +14,11 @@ shared memory, registers / spill (local memory) bytes from ``cuobjdump -res-usag
 programs that fit on one SM at once (the tightest of the register file, shared memory, warp and
 block limits of the target), and what the code does with memory: ``cp.async`` copies and
 global loads and stores by vector width (counted in the PTX; ``LDGSTS``, the SASS form of
-``cp.async``, from ``cuobjdump -sass``). Per case it counts the launches of each direction.
+``cp.async``, from ``cuobjdump -sass``), and atomics. Per case it counts the launches of each
+direction; ``--fold`` compiles the backward that sums its dw/db rows itself (``$NORMLAB_TRITON_FOLD``).
 Counts are static (instructions in the code, not executions).
 
-    python scripts/triton_aot_check.py [--arch 90] [--quick] [--csv FILE] [--backend FILE]
+    python scripts/triton_aot_check.py [--arch 90] [--quick] [--csv FILE] [--backend FILE] [--fold]
 
 ``--backend FILE`` compiles another version of the backend module (an older
 ``triton_norm.py``, for before/after tables) in place of the installed one.
@@ -163,11 +164,13 @@ def programs_per_sm(regs: int, num_warps: int, shared: int, limits: dict = SM90)
 
 
 def memory_ops(ptx: str, sass: str) -> dict:
-    """Static counts: cp.async (PTX) and LDGSTS (SASS); global loads/stores by width."""
+    """Static counts: cp.async (PTX) and LDGSTS (SASS); global loads/stores by width;
+    atomics (the folded backward's arrival)."""
     copies = re.findall(r"\bcp\.async\.c[ag]\.shared\.global\S*\s*\[[^]]+\],\s*\[[^]]+\],"
                         r"\s*(0x[0-9a-f]+|\d+)", ptx)
     out = {"cp_async": len(copies), "cp_async_16B": sum(int(c, 0) >= 16 for c in copies),
-           "ldgsts": len(re.findall(r"\bLDGSTS", sass)) if sass else ""}
+           "ldgsts": len(re.findall(r"\bLDGSTS", sass)) if sass else "",
+           "atomics": len(re.findall(r"\batom\.", ptx))}
     for op in ("ld", "st"):
         found = re.findall(rf"\b{op}\.global(?:\.[a-zL0-9:_]+)*?(\.v[248])?\.(?:b|f|u|s)(8|16|32|64)\b",
                            ptx)
@@ -203,12 +206,16 @@ def _run_case(tn, x, w, b, g, over_batch, a, launches):
     """Both directions through the launchers, counting the launches of each."""
     launches["dir"] = "fwd"
     out = tn._launch_fwd(x, w, b, g, over_batch, 1e-5, a)
-    if len(out) == 2:  # statistics in one (4, K) buffer: rows mean, rstd, var, shifted mean
+    counters = {}
+    if len(out) == 2:  # statistics in one buffer: rows mean, rstd, var, shifted mean (, 0)
         smean, rstd = out[1][3], out[1][1]
+        if out[1].shape[0] == 5:  # row 4: the backward's arrival counters (FOLD 2)
+            counters = {"counters": out[1][4]}
     else:  # the older five outputs (y, mean, rstd, var, shifted mean)
         smean, rstd = out[4], out[2]
     launches["dir"] = "bwd"
-    tn._launch_bwd(torch.empty_like(x), x, w, b, smean, rstd, None, g, over_batch, 1e-5, a)
+    tn._launch_bwd(torch.empty_like(x), x, w, b, smean, rstd, None, g, over_batch, 1e-5, a,
+                   **counters)
     c = x.shape[1]
     if over_batch and g == c:  # BN eval and its backward: given per-channel statistics
         stats = torch.empty(c, dtype=torch.float32)
@@ -227,6 +234,8 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", type=Path, default=None, help="write one row per compiled variant")
     ap.add_argument("--backend", type=Path, default=None,
                     help="compile this version of backends/triton_norm.py instead")
+    ap.add_argument("--fold", action="store_true",
+                    help="the fused backward sums its dw/db rows itself (TUNING fold_rows)")
     args = ap.parse_args(argv)
 
     driver.set_active(CompileOnlyDriver(args.arch))
@@ -237,6 +246,10 @@ def main(argv=None) -> int:
                      block_elems=getattr(tn, "GPU_BLOCK_ELEMS", 4096))
     if "num_stages" in tn.TUNING:  # a GPU's pipelining depth (absent in older versions)
         tn.TUNING["num_stages"] = tn.GPU_NUM_STAGES
+    if args.fold:
+        if "fold_rows" not in tn.TUNING:
+            sys.exit("triton_aot_check: --fold needs a backend with TUNING['fold_rows']")
+        tn.TUNING["fold_rows"] = True
 
     compiled: dict = {}
     current = {"case": ""}
@@ -300,6 +313,7 @@ def main(argv=None) -> int:
             block_c=consts.get("BLOCK_C", consts.get("BLOCK", "")),
             num_warps=info["num_warps"], shared_bytes=k.metadata.shared,
             num_stages=consts.get("NUM_STAGES", ""), center=consts.get("CENTER", ""),
+            fold=consts.get("FOLD", ""),
             regs=usage.get("regs", ""), local_bytes=usage.get("local", ""),
             programs_per_sm=(programs_per_sm(usage["regs"], info["num_warps"], k.metadata.shared)
                              if "regs" in usage else ""),

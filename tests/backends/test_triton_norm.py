@@ -372,6 +372,74 @@ def test_gradients_are_deterministic():
         assert torch.equal(a, b_)
 
 
+def _count_launches(monkeypatch) -> list:
+    """Record the name of every kernel the launchers start (``wrap_triton`` is their one door)."""
+    names = []
+
+    def record(kernel):
+        names.append(kernel.fn.__name__)
+        return kernel
+
+    monkeypatch.setattr(tn, "wrap_triton", record)
+    return names
+
+
+# (shape, groups, channels_last, dtype, activation, tuning, weight, bias) on the fused path with
+# several samples: each block's dw/db rows come from N programs of one launch (FOLD 2 sums them)
+FOLD_CASES = [
+    # GN NCHW, 3 samples (3 rows per block), 2 channels per column tile: several column tiles
+    ((3, 8, 5, 3), 2, False, torch.float32, None, {"max_block_c": 2}, True, True),
+    # channels_last blocks of groups, the last one half empty (Cg = 2, G = 5, 4 channels per
+    # tile), fp16, gelu, weight only
+    ((2, 10, 3, 3), 5, True, torch.float16, "gelu", {"max_block_c": 4}, True, False),
+    # LayerNorm over the features of a 2-D input (4 rows of 12), bias only
+    ((4, 12), 1, False, torch.float32, "silu", None, False, True),
+]
+
+
+@pytest.mark.parametrize("shape,groups,cl,dtype,act,tuning,weight,bias", FOLD_CASES)
+def test_folded_row_reduction_equals_the_separate_kernel(monkeypatch, shape, groups, cl, dtype,
+                                                         act, tuning, weight, bias):
+    """FOLD 2 (``TUNING["fold_rows"]``): one backward launch instead of two, the float64
+    reference's gradients, bitwise the dw/db of the separate row-reduction kernel (the same
+    rows summed in the same order), and the arrival counters (row 4 of the statistics) back to
+    zero, so that a second backward over the same statistics (a retained graph) gives the same
+    bits. The interpreter runs programs one after another, so this checks the arithmetic and
+    the counting, not the cross-program ordering (a GPU test below)."""
+    tn.TUNING.update(tuning or {}, fold_rows=True)
+    _check_against_reference(shape, groups, False, channels_last=cl, dtype=dtype,
+                             activation=act, weight=weight, bias=bias)
+    x = _layout(off_centre(*shape, dtype=dtype), cl).to(DEVICE)
+    w, b = (None if t is None else t.to(DEVICE) for t in _affine(shape[1], weight, bias))
+    dy = _layout(torch.randn(shape).to(dtype), cl).to(DEVICE)
+    _, stats = tn._launch_fwd(x, w, b, groups, False, 1e-5, act or "none")
+    assert stats[4].view(torch.int32).eq(0).all()  # the forward zeroed the counters
+    launched = _count_launches(monkeypatch)
+    grads = {}
+    for fold in (True, True, False):
+        tn.TUNING["fold_rows"] = fold
+        grads.setdefault(fold, []).append(tn._launch_bwd(
+            dy, x, w, b, stats[3], stats[1], None, groups, False, 0.0, act or "none", True,
+            stats[4]))
+        assert stats[4].view(torch.int32).eq(0).all()
+    assert launched == ["_bwd_kernel", "_bwd_kernel", "_bwd_kernel", "_reduce_rows_kernel"]
+    for first, again, separate in zip(grads[True][0], grads[True][1], grads[False][0]):
+        assert torch.equal(first, again) and torch.equal(first, separate)
+
+
+@pytest.mark.parametrize("shape,groups,over_batch", [
+    ((4, 6, 3, 3), 6, True),    # BN on the fused path: one program covers a channel's N*S rows
+    ((1, 8, 4, 4), 2, False),   # GN at batch 1: one sample, one row per block
+])
+def test_one_row_per_block_stores_dweight_dbias_in_the_backward_itself(monkeypatch, shape,
+                                                                      groups, over_batch):
+    """FOLD 1 (always on): where each block's dw/db have one row, the backward program stores
+    them itself (one launch, no row scratch), matching float64 with poisoned dw/db."""
+    launched = _count_launches(monkeypatch)
+    _check_against_reference(shape, groups, over_batch)
+    assert launched == ["_fwd_kernel", "_bwd_kernel"]
+
+
 @pytest.mark.parametrize("groups,over_batch,cl,act", [
     (4, False, True, "silu"),   # GN in channels_last: blocks of groups folded by the one-hot (a
                                 # NaN times a 0 of the fold would reach every group of its block)
@@ -733,10 +801,10 @@ def test_fake_impl_shapes_and_strides(cl):
         w = mode.from_tensor(torch.randn(6))
         y, stats = tn.triton_norm_fwd(x, w, None, 3, False, 1e-5, "none", True)
         assert y.shape == x.shape and y.stride() == real.stride() and y.dtype == x.dtype
-        # rows: mean, rstd, var, shifted mean
-        assert stats.shape == (4, 3, 3) and stats.dtype == torch.float32
+        # rows: mean, rstd, var, shifted mean, the backward's arrival counters
+        assert stats.shape == (5, 3, 3) and stats.dtype == torch.float32
         yb, sb = tn.triton_norm_fwd(x, w, None, 6, True, 1e-5, "none", False)
-        assert sb.shape == (4, 6)
+        assert sb.shape == (5, 6)
         dx, dw, db = tn.triton_norm_bwd(y, x, w, None, stats, 3, False, "none", True)
         assert dx.stride() == real.stride() and dw.shape == (6,) and db.shape == (0,)
         yf = tn.triton_norm_fixed(x, w, w, None, None, 1e-5, "gelu")
@@ -861,7 +929,7 @@ from normlab.backends import triton_norm as tn
 
 PTR = {k: "*bf16" for k in ("X", "Y", "DY", "DX")}
 PTR.update({k: "*fp32" for k in ("W", "B", "MEAN", "RSTD", "VAR", "STATS", "PART", "AB", "PDW",
-                                 "PDB", "DW", "DB")})
+                                 "PDB", "DW", "DB", "CNT")})
 
 def build(kernel, consts, divisible):
     params = list(inspect.signature(kernel.fn).parameters)
@@ -874,6 +942,11 @@ def build(kernel, consts, divisible):
     out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     assert out.asm["cubin"]
     ptx = out.asm["ptx"]
+    if consts.get("FOLD") == 2:  # the arrival: its atomics, and what precedes the first one
+        atoms = re.findall(r"^\s*(@%p\d+ )?atom\.(\S+)", ptx, re.M)
+        before = ptx[:ptx.index("atom.")].rstrip().splitlines()[-12:]
+        result["fold"] = dict(atoms=[[bool(g), op] for g, op in atoms],
+                              barrier_before=any("bar.sync" in line for line in before))
     # plain loads by width, and the pipelined loads: 16-byte cp.async into shared memory
     return (re.findall(r"ld\.global((?:\.v[24])?)\.b(16|32)", ptx)
             + [(".cp16", "") for _ in re.findall(r"cp\.async\.c[ag]\.shared\.global\S*\s*"
@@ -893,6 +966,8 @@ for name, ones, div, cg, br, bc, gb, ident in LAYOUTS:
                           STAGE=stage, SPLIT_BLOCK=8, BLOCK_R=br, BLOCK_C=bc, Cg=cg, GB=gb,
                           GBP=gb, IDENT=ident, EVEN=True, CENTER=stage != 1, NUM_STAGES=2,
                           **ones)
+            if kname == "bwd":  # dw/db: the last arrival sums the rows (0), stored directly (3)
+                consts["FOLD"] = {0: 2, 3: 1}.get(stage, 0)
             loads = build(kernel, consts, div)
             result[f"{name}-{kname}-{stage}"] = sorted(set(v for v, _ in loads))
 build(tn._reduce_rows_kernel, dict(HAS_W=True, HAS_B=True, BLOCK=256), {"C"})
@@ -917,6 +992,12 @@ def test_kernels_compile_for_hopper_with_vector_loads():
         pytest.skip("this triton cannot compile for a CUDA target without a GPU")
     assert proc.returncode == 0, proc.stderr[-3000:]
     widths = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the fused backward's arrival (FOLD 2; the last layout's): one acq_rel atomic add at GPU
+    # scope, issued by one thread (predicated), after a barrier that orders every thread's row
+    # stores before it
+    fold = widths.pop("fold")
+    assert fold["atoms"] == [[True, "global.gpu.acq_rel.add.u32"]], fold
+    assert fold["barrier_before"], fold
     assert len(widths) == 24
     for key, found in widths.items():
         assert ".v4" in found or ".cp16" in found, f"{key}: no 16-byte loads, got {found}"
@@ -1056,6 +1137,60 @@ def test_reference_section6_shapes_on_gpu(dt, shape, layout):
         assert rel_err(y.detach(), y64.detach()) < tol, (groups, "y")
         for name, g, g64 in zip(("dx", "dw", "db"), grads, grads64):
             assert rel_err(g, g64) < (2 * tol if name == "dx" else 1e-4), (groups, name)
+        if not over_batch:  # the folded row reduction: the same bits as the separate kernel
+            tn.TUNING["fold_rows"] = True
+            folded = torch.autograd.grad(BACKEND.normalize(xt, groups, False, wt, bt, 1e-5,
+                                                           None)[0], (xt, wt, bt), dy)
+            tn.TUNING["fold_rows"] = None
+            for name, g, f in zip(("dx", "dw", "db"), grads, folded):
+                assert torch.equal(g, f), (groups, "folded " + name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programs run concurrently on a GPU")
+def test_folded_row_reduction_under_concurrency():
+    """FOLD 2 where it can race: ResNet-50's first GroupNorm at batch 64 (C = 64, G = 32: 64
+    programs arrive at each block's counter; 2048 programs at once), repeated on two streams at
+    a time (each backward has its own statistics, so its own counters) and replayed from a CUDA
+    graph (the counters reset in place): every result bitwise the separate kernel's."""
+    shape = (64, 64, 56, 56)  # 64 rows per block of groups, bf16 channels_last
+    x = off_centre(*shape, dtype=torch.bfloat16).cuda().contiguous(
+        memory_format=torch.channels_last)
+    dy = torch.randn(shape, device="cuda").to(torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    w, b = (t.cuda() for t in _affine(64, True, True))
+    _, stats = tn._launch_fwd(x, w, b, 32, False, 1e-5, "relu")
+    _, stats2 = tn._launch_fwd(x, w, b, 32, False, 1e-5, "relu")
+
+    def bwd(st):
+        return tn._launch_bwd(dy, x, w, b, st[3], st[1], None, 32, False, 0.0, "relu", True,
+                              st[4])
+
+    want = bwd(stats)  # fold off (the default): the separate row-reduction kernel
+    tn.TUNING["fold_rows"] = True
+    streams = (torch.cuda.Stream(), torch.cuda.Stream())
+    got = []
+    for _ in range(20):
+        for stream, st in zip(streams, (stats, stats2)):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                got.append(bwd(st))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        bwd(stats)  # warm-up outside the capture (compiles the kernel)
+        with torch.cuda.graph(graph, stream=side):
+            replayed = bwd(stats)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(10):
+        graph.replay()
+        torch.cuda.synchronize()
+        got.append(tuple(t.clone() for t in replayed))
+    for result in got:
+        for name, g, f in zip(("dx", "dw", "db"), want, result):
+            assert torch.equal(g, f), name
+    assert stats[4].view(torch.int32).eq(0).all() and stats2[4].view(torch.int32).eq(0).all()
 
 
 @pytest.mark.parametrize("tuning,launches", [

@@ -72,7 +72,7 @@ torch.manual_seed(0)
 # plus the dw/db row reduction)
 x, dy = torch.randn(2, 8, 4, 4) + 3, torch.randn(2, 8, 4, 4)
 w, b = torch.randn(8).requires_grad_(), torch.randn(8).requires_grad_()
-stats = torch.randn(4, 2, 4)
+stats = torch.randn(5, 2, 4)
 mean, var = torch.randn(8), torch.rand(8) + 0.5
 wd, bd = w.detach(), b.detach()  # the backward ops have no derivative: traced without grad
 out["fwd"] = traced(lambda x, w, b: tn.triton_norm_fwd(x, w, b, 4, False, 1e-5, "silu", True)[0],
@@ -80,6 +80,11 @@ out["fwd"] = traced(lambda x, w, b: tn.triton_norm_fwd(x, w, b, 4, False, 1e-5, 
 out["fixed"] = traced(lambda x: tn.triton_norm_fixed(x, mean, var, w, b, 1e-5, "relu"), x)
 out["bwd"] = traced(lambda dy, x: tn.triton_norm_bwd(dy, x, wd, bd, stats, 4, False, "silu", True),
                     dy, x.detach())
+# the fused backward summing its dw/db rows itself (FOLD 2): one launch, the counters written
+tn.TUNING["fold_rows"] = True
+out["bwd_fold"] = traced(
+    lambda dy, x: tn.triton_norm_bwd(dy, x, wd, bd, stats, 4, False, "silu", True), dy, x.detach())
+tn.TUNING["fold_rows"] = None
 out["fixed_bwd"] = traced(
     lambda dy, x: tn.triton_norm_fixed_bwd(dy, x, mean, var, wd, None, 1e-5, "none"), dy,
     x.detach())
@@ -93,7 +98,7 @@ print(json.dumps(out))
 '''
 
 # the buffers each kernel writes (its outputs and scratch): only these may be copied
-_WRITTEN = {"Y", "STATS", "PART", "DX", "AB", "PDW", "PDB", "DW", "DB"}
+_WRITTEN = {"Y", "STATS", "PART", "DX", "AB", "PDW", "PDB", "DW", "DB", "CNT"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled graph runs (below)")
@@ -102,7 +107,8 @@ def test_triton_op_traces_into_kernel_launches_that_copy_no_input():
     kernels), and a fullgraph trace of every op, forward and backward, fused and split, holds
     one node per kernel launch and no opaque normlab op. The launches copy only the buffers the
     kernels write: never x, dy, the parameters or the statistics (a copy of x would add two
-    passes over the activation to every forward)."""
+    passes over the activation to every forward), except, for the backward that folds its row
+    reduction, the statistics' counter row (K int32, counted up and put back to zero)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["NORMLAB_TRITON_OP"] = "1"
     proc = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], env=env, capture_output=True,
@@ -113,7 +119,8 @@ def test_triton_op_traces_into_kernel_launches_that_copy_no_input():
     assert out["kernels"] == {"fwd": ["_fwd_kernel"], "fixed": ["_fwd_kernel"],
                               "bwd": ["_bwd_kernel", "_reduce_rows_kernel"],
                               "fixed_bwd": ["_bwd_kernel", "_reduce_rows_kernel"]}
-    stages = {"fwd": [0], "fixed": [3], "bwd": [0, None], "fixed_bwd": [3, None],
+    stages = {"fwd": [0], "fixed": [3], "bwd": [0, None], "bwd_fold": [0],
+              "fixed_bwd": [3, None],
               "fwd_split": [1, 2], "bwd_split": [1, 2]}  # None: _reduce_rows_kernel
     for name, expect in stages.items():
         graph = out[name]
@@ -121,6 +128,10 @@ def test_triton_op_traces_into_kernel_launches_that_copy_no_input():
         assert [stage for stage, _ in graph["launches"]] == expect, (name, graph["launches"])
         for stage, copied in graph["launches"]:
             assert copied and set(copied) <= _WRITTEN, (name, stage, copied)
+    assert "CNT" in out["bwd_fold"]["launches"][0][1]
+    assert all("CNT" not in copied for name, graph in out.items() if name != "bwd_fold"
+               and isinstance(graph, dict) and "launches" in graph
+               for _, copied in graph["launches"])
 
 
 @pytest.mark.parametrize("value", ["2", "yes", "true"])

@@ -46,7 +46,10 @@ Parallelism: when there are fewer blocks than ~4 programs per SM (small N*G), a 
 rows are split over ``SPLIT`` programs; partial (count, mean, M2) and partial (A, B) are written
 to scratch and combined with Chan's formula by the next kernel (fixed order, no atomics). With
 enough statistics (``SPLIT == 1``) each program does both passes itself (the second read of its
-slice mostly hits L2): forward one launch, backward two (dx + the dw/db row reduction).
+slice mostly hits L2): forward one launch; backward one where each block of groups has one
+dw/db row (BN on the fused path, batch 1), else two (dx, then the dw/db row reduction), or one
+with ``$NORMLAB_TRITON_FOLD=1``: the last program of a block to arrive at its counter (row 4
+of the forward's statistics, zeroed by the forward) sums the block's rows, in row order.
 
 Eval with given per-channel statistics (``normalize_fixed``, BatchNorm in eval) reuses the same
 kernels with G = 1 over the batch and per-channel mean/rstd loaded per column tile.
@@ -89,6 +92,7 @@ TUNING: dict = {
     "max_block_c": None,  # cap on the channel extent of a tile
     "group_blocks": True,  # False: one group per program in every layout (v1; benchmarks A/B)
     "num_stages": None,  # pipelining depth of the row-tile loops (None: 3 on a GPU, 1 otherwise)
+    "fold_rows": None,  # the fused backward sums its dw/db rows itself (None: $NORMLAB_TRITON_FOLD)
     "poison": None,  # tests: fill every output and scratch buffer with this before launching
 }
 
@@ -106,6 +110,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+def _env_flag(name: str) -> bool:
+    """A 0/1 switch from the environment (default 0)."""
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"${name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def _use_triton_op() -> bool:
     """``$NORMLAB_TRITON_OP=1``: register the ops through ``torch.library.triton_op`` (read at
     import). Their bodies then launch through ``torch.library.wrap_triton``, so a torch.compile
@@ -113,10 +125,7 @@ def _use_triton_op() -> bool:
     them) instead of one opaque custom op. Off by default until a GPU run has checked it
     (benchmarks/NOTES.md). Under the interpreter it has no effect: ``wrap_triton`` hands an
     interpreted kernel back unwrapped, and a trace would run it on fake tensors."""
-    value = os.environ.get("NORMLAB_TRITON_OP", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"$NORMLAB_TRITON_OP must be 0 or 1, got {value!r}")
-    if value == "0" or _interpreting():
+    if not _env_flag("NORMLAB_TRITON_OP") or _interpreting():
         return False
     if not hasattr(torch.library, "triton_op"):
         raise RuntimeError(f"$NORMLAB_TRITON_OP=1 needs torch.library.triton_op (torch >= 2.6); "
@@ -125,6 +134,12 @@ def _use_triton_op() -> bool:
 
 
 TRITON_OP = _use_triton_op()
+# ``$NORMLAB_TRITON_FOLD=1`` (read at import; ``TUNING["fold_rows"]`` overrides it): the fused
+# per-sample backward sums its dw/db rows itself, the last program of each block to arrive
+# (``_fold_rows``), instead of in a second launch. Off by default until a GPU run has checked
+# the cross-program ordering, which the interpreter (programs one after another) cannot
+# exercise (benchmarks/NOTES.md)
+FOLD_ROWS = _env_flag("NORMLAB_TRITON_FOLD")
 
 
 def _unwrapped(kernel):
@@ -365,11 +380,14 @@ def _column_moments(X, base, shift_c, rt_lo, rt_hi, ct, TPS, S, ncols, sn, sc, s
 
 @triton.jit
 def _store_stats(STATS, K, stat, gvalid, smean_g, shift_g, rstd_g, var_g):
-    """Rows of the (4, K) statistics buffer: mean, rstd, biased var, shifted mean."""
+    """Rows of the (5, K) statistics buffer: mean, rstd, biased var, shifted mean, and zeros:
+    row 4 holds the backward's int32 arrival counters (``_fold_rows``), zero after every
+    forward and after every backward that used them."""
     tl.store(STATS + stat, smean_g + shift_g, mask=gvalid)
     tl.store(STATS + K + stat, rstd_g, mask=gvalid)
     tl.store(STATS + 2 * K + stat, var_g, mask=gvalid)
     tl.store(STATS + 3 * K + stat, smean_g, mask=gvalid)
+    tl.store(STATS + 4 * K + stat, tl.zeros_like(rstd_g), mask=gvalid)
 
 
 @triton.jit
@@ -378,7 +396,7 @@ def _fwd_kernel(
     Y,  # like X (same strides)
     W,  # (C,) weight, or a dummy when not HAS_W
     B,  # (C,) bias, or a dummy when not HAS_B
-    STATS,  # (4, K) float32 rows: mean, rstd, biased var, mean of x - shift; STAGE 3: unused
+    STATS,  # (5, K) float32 rows: mean, rstd, biased var, mean of x - shift, 0; STAGE 3: unused
     MEAN,  # STAGE 3: (C,) given per-channel mean; else unused
     VAR,  # STAGE 3: (C,) given per-channel variance; else unused
     PART,  # (K * SPLIT * 3,) float32 partial (count, mean, M2) for STAGE 1/2, else a dummy
@@ -474,23 +492,49 @@ def _fwd_kernel(
 def _reduce_rows(PDW, PDB, DW, DB, ROWS, C, ch0, ncols, CT, HAS_W: tl.constexpr,
                  HAS_B: tl.constexpr, BLOCK: tl.constexpr):
     """DW[c] = sum_r PDW[r, c] (and DB likewise) for the ncols channels from ch0, rows added in
-    order 0..ROWS-1: deterministic, and the same sums wherever it runs."""
+    order 0..ROWS-1: deterministic, and the same sums wherever it runs. The rows are read from
+    L2 (``.cg``): other programs of the same launch may have written them (``_fold_rows``).
+    Four rows per iteration, added one after another (the same order and bits as one row per
+    iteration; a row past ROWS adds an exact 0): their loads do not wait for each other, so a
+    batch of 64 rows costs 16 L2 round trips in sequence instead of 64."""
     for ct in range(0, CT):
         cols = ch0 + ct * BLOCK + tl.arange(0, BLOCK)
         cm = ct * BLOCK + tl.arange(0, BLOCK) < ncols
         acc_w = tl.zeros([BLOCK], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK], dtype=tl.float32)
         row = (ch0 * 0).to(tl.int64)  # int64 row offset: ROWS * C can pass 2**31
-        for r in range(0, ROWS):
-            if HAS_W:
-                acc_w += tl.load(PDW + row + cols, mask=cm, other=0.0)
-            if HAS_B:
-                acc_b += tl.load(PDB + row + cols, mask=cm, other=0.0)
-            row += C
+        for r in range(0, ROWS, 4):
+            for u in tl.static_range(4):
+                rm = cm & (tl.full([BLOCK], r + u, tl.int32) < ROWS)  # a vector: the
+                # interpreter rejects a vector & scalar-bool mask
+                if HAS_W:
+                    acc_w += tl.load(PDW + row + cols, mask=rm, other=0.0, cache_modifier=".cg")
+                if HAS_B:
+                    acc_b += tl.load(PDB + row + cols, mask=rm, other=0.0, cache_modifier=".cg")
+                row += C
         if HAS_W:
             tl.store(DW + cols, acc_w.to(DW.dtype.element_ty), mask=cm)
         if HAS_B:
             tl.store(DB + cols, acc_b.to(DB.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _fold_rows(CNT, blk, PDW, PDB, DW, DB, ROWS, C, ch0, ncols, CT, HAS_W: tl.constexpr,
+               HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+    """The last of a block's ROWS programs to arrive sums the block's dw/db rows (FOLD 2).
+
+    Each program has stored its rows of PDW/PDB. The barrier orders every thread's stores
+    before the arrival; the arrival is one acq_rel atomic at GPU scope (Triton issues a scalar
+    atomic from one thread and hands its result to all), so the program that counts ROWS - 1
+    sees every other program's rows. It sums them in row order (``_reduce_rows``: the same
+    sums as the separate kernel, whoever arrives last) and puts the counter back to 0 for the
+    next backward over the same statistics (a retained graph)."""
+    tl.debug_barrier()
+    cnt = CNT.to(tl.pointer_type(tl.int32), bitcast=True) + blk
+    arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+    if arrived == ROWS - 1:
+        _reduce_rows(PDW, PDB, DW, DB, ROWS, C, ch0, ncols, CT, HAS_W, HAS_B, BLOCK)
+        tl.store(cnt, 0)
 
 
 @triton.jit
@@ -508,11 +552,12 @@ def _bwd_kernel(
     PDB,  # (partial rows, C) float32 per-program dbias partials, or a dummy when not HAS_B
     DW,  # (C,) dweight (STAGE 2 writes it), or a dummy
     DB,  # (C,) dbias (STAGE 2 writes it), or a dummy
+    CNT,  # (K,) the forward's STATS[4], int32 arrival counters (zero) when FOLD == 2, else a dummy
     S, Cg: tl.constexpr, G, NGB, C, CT, TPS, RT, TPP, sn, sc, ss, eps, inv_m, ROWS,
     OVER_BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STAGE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     GB: tl.constexpr, GBP: tl.constexpr, IDENT: tl.constexpr, EVEN: tl.constexpr,
-    CENTER: tl.constexpr, NUM_STAGES: tl.constexpr,
+    CENTER: tl.constexpr, NUM_STAGES: tl.constexpr, FOLD: tl.constexpr,
 ):
     """Backward. grid = (blocks of GB groups, SPLIT). STAGE 0: reduce then dx (SPLIT == 1);
     1: reduce only (per-channel partials + partial A, B per group); 2: combine A, B then dx;
@@ -522,8 +567,11 @@ def _bwd_kernel(
     The per-channel sums are per-lane accumulators across the row tiles, reduced once per
     column tile; they go to row ``n*SPLIT + j`` (or ``j`` over the batch) of PDW/PDB
     (ROWS x C, float32). In STAGE 2 (the first kernel has finished: every row is written) the
-    first program of each block of groups sums its channels' rows in order into DW/DB; after
-    STAGE 0 and 3 ``_reduce_rows_kernel`` does (the rows come from programs of one launch)."""
+    first program of each block of groups sums its channels' rows in order into DW/DB. After
+    STAGE 0 and 3 (the rows come from programs of one launch), by FOLD: 0, the separate
+    ``_reduce_rows_kernel``; 1 (ROWS == 1: the program's own sums are the whole), DW/DB stored
+    directly; 2 (STAGE 0 per sample), the last program of each block to arrive
+    (``_fold_rows``)."""
     k = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -575,11 +623,18 @@ def _bwd_kernel(
                     tl.store(DX + base + sample + offs, dx.to(DX.dtype.element_ty), mask=mask)
             db_acc = tl.sum(l_db, axis=0)
             dw_acc = tl.sum(l_dw, axis=0)
-            # int64 row offset: N * SPLIT * C can pass 2**31 (a 2-D LN over 2**21 rows of 1024)
-            if HAS_W:
-                tl.store(PDW + prow.to(tl.int64) * C + ch, dw_acc, mask=cm)
-            if HAS_B:
-                tl.store(PDB + prow.to(tl.int64) * C + ch, db_acc, mask=cm)
+            if FOLD == 1:  # the only row: it is the sum
+                if HAS_W:
+                    tl.store(DW + ch, dw_acc.to(DW.dtype.element_ty), mask=cm)
+                if HAS_B:
+                    tl.store(DB + ch, db_acc.to(DB.dtype.element_ty), mask=cm)
+            else:
+                # int64 row offset: N * SPLIT * C can pass 2**31 (a 2-D LN over 2**21 rows of
+                # 1024)
+                if HAS_W:
+                    tl.store(PDW + prow.to(tl.int64) * C + ch, dw_acc, mask=cm)
+                if HAS_B:
+                    tl.store(PDB + prow.to(tl.int64) * C + ch, db_acc, mask=cm)
             a_g += _to_groups(db_acc * w, m, IDENT)
             b_g += _to_groups(dw_acc * w, m, IDENT)
         if STAGE == 1:
@@ -619,6 +674,9 @@ def _bwd_kernel(
             dz = _act_bwd(xhat * w[None, :] + b[None, :], dy, ACT)
             dx = rs[None, :] * (dz * w[None, :] - (a_m[None, :] + xhat * b_m[None, :]))
             tl.store(DX + base + sample + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    if FOLD == 2:  # after the dx pass: the rows were stored long before the arrival
+        _fold_rows(CNT, k % NGB, PDW, PDB, DW, DB, ROWS, C, g0 * Cg, ncols, CT, HAS_W, HAS_B,
+                   BLOCK_C)
 
 
 @triton.jit
@@ -891,13 +949,14 @@ def _launch_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
     over_batch: bool, eps: float, activation: str, center: bool = True,
 ) -> Tuple[Tensor, Tensor]:
-    """y and the float32 statistics ``(4, *stat shape)``: mean, rstd, biased var, and the
+    """y and the float32 statistics ``(5, *stat shape)``: mean, rstd, biased var, the
     shifted mean (mean of x minus the statistic's first element) that the backward takes in
-    place of the mean. Without ``center`` the mean rows are 0 and var is the mean of x^2."""
+    place of the mean, and zeros (the backward's arrival counters). Without ``center`` the
+    mean rows are 0 and var is the mean of x^2."""
     x, strides = kernel_strides(x)
     p = plan_launch(tuple(x.shape), strides, num_groups, over_batch, x.device, x.element_size())
     y = torch.empty_like(x)
-    stats = torch.empty((4,) + _stat_shape(x, num_groups, over_batch), device=x.device,
+    stats = torch.empty((5,) + _stat_shape(x, num_groups, over_batch), device=x.device,
                         dtype=torch.float32)
     part = (torch.empty((p.num_stats * p.split * 3,), device=x.device, dtype=torch.float32)
             if p.split > 1 else stats)
@@ -948,13 +1007,27 @@ def _scratch(sizes: Tuple[int, ...], device: torch.device) -> Tuple[Tensor, ...]
     return tuple(out)
 
 
+def _fold_mode(p: LaunchPlan, stage: int, has_w: bool, has_b: bool, counters: bool) -> int:
+    """How a one-kernel backward (STAGE 0 or 3) turns its dw/db rows into dw/db: 1 when there
+    is one row (the program's own sums are the whole: stored directly), 2 when the last program
+    of each block sums the rows (``_fold_rows``; STAGE 0 with the forward's zeroed counters, and
+    only when switched on), else 0 (a second launch, ``_reduce_rows_kernel``)."""
+    if not (has_w or has_b):
+        return 0
+    if p.partial_rows == 1:
+        return 1
+    on = TUNING["fold_rows"] if TUNING["fold_rows"] is not None else FOLD_ROWS
+    return 2 if on and stage == 0 and counters else 0
+
+
 def _launch_bwd(
     dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
     rstd: Tensor, var: Optional[Tensor], num_groups: int, over_batch: bool, eps: float,
-    activation: str, center: bool = True,
+    activation: str, center: bool = True, counters: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """dx, dweight, dbias. ``mean`` is the forward's shifted mean (row 3 of ``_launch_fwd``'s
-    statistics); ``var`` given (and ``mean`` per channel, not shifted) means fixed statistics."""
+    statistics); ``var`` given (and ``mean`` per channel, not shifted) means fixed statistics.
+    ``counters`` is the forward's zeroed row 4 (the arrival counters of ``_fold_rows``)."""
     fixed = var is not None
     x, strides = kernel_strides(x)
     fmt = torch.contiguous_format if strides[2] == 1 or x.dim() < 4 else (
@@ -967,9 +1040,12 @@ def _launch_bwd(
     dx = torch.empty_like(x)
     dev = x.device
     has_w, has_b = weight is not None, bias is not None
+    split = p.split > 1 and not fixed  # its second kernel sums the dw/db rows itself
+    fold = 0 if split else _fold_mode(p, 3 if fixed else 0, has_w, has_b, counters is not None)
     rows = p.partial_rows
-    pdw, pdb, ab = _scratch((rows * p.c if has_w else 1, rows * p.c if has_b else 1,
-                             p.num_stats * p.split * 2 if p.split > 1 and not fixed else 1), dev)
+    part = rows * p.c if fold != 1 else 1  # fold 1: no rows, the program stores dw/db itself
+    pdw, pdb, ab = _scratch((part if has_w else 1, part if has_b else 1,
+                             p.num_stats * p.split * 2 if split else 1), dev)
     _poison(dx, pdw, pdb, ab)
     mean = mean.contiguous()
     rstd = rstd.contiguous()
@@ -981,20 +1057,20 @@ def _launch_bwd(
                      dtype=bias.dtype if has_b else x.dtype)
     _poison(dw, db)
     args = (x, dy, dx, _param(weight, mean), _param(bias, mean), mean, rstd, var_t, ab, pdw,
-            pdb, dw if has_w else pdw, db if has_b else pdb, p.s, p.cg, p.g, p.groups_blocks,
+            pdb, dw if has_w else pdw, db if has_b else pdb,
+            counters if fold == 2 else mean, p.s, p.cg, p.g, p.groups_blocks,
             p.c, p.col_tiles, p.tiles_per_sample, p.row_tiles, p.tiles_per_program, *p.strides,
             eps, 1.0 / p.count, rows)
     grid = (p.num_blocks, p.split)
-    split = p.split > 1 and not fixed  # its second kernel sums the dw/db rows itself
     with _on_device(x):
         if fixed:
-            wrap_triton(_bwd_kernel)[grid](*args, STAGE=3, **meta)
+            wrap_triton(_bwd_kernel)[grid](*args, STAGE=3, FOLD=fold, **meta)
         elif not split:
-            wrap_triton(_bwd_kernel)[grid](*args, STAGE=0, **meta)
+            wrap_triton(_bwd_kernel)[grid](*args, STAGE=0, FOLD=fold, **meta)
         else:
-            wrap_triton(_bwd_kernel)[grid](*args, STAGE=1, **meta)
-            wrap_triton(_bwd_kernel)[grid](*args, STAGE=2, **meta)
-        if (has_w or has_b) and not split:
+            wrap_triton(_bwd_kernel)[grid](*args, STAGE=1, FOLD=0, **meta)
+            wrap_triton(_bwd_kernel)[grid](*args, STAGE=2, FOLD=0, **meta)
+        if (has_w or has_b) and not split and fold == 0:
             block = min(256, _next_pow2(p.c))
             wrap_triton(_reduce_rows_kernel)[(triton.cdiv(p.c, block),)](
                 pdw, pdb, dw if has_w else pdw, db if has_b else pdb, rows, p.c,
@@ -1017,8 +1093,9 @@ def _norm_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
     over_batch: bool, eps: float, activation: str, center: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """(y, statistics): float32 statistics of shape (4, G) or (4, N, G), rows mean, rstd,
-    biased var, shifted mean. The shifted mean (of x minus the statistic's first element) is
+    """(y, statistics): float32 statistics of shape (5, G) or (5, N, G), rows mean, rstd,
+    biased var, shifted mean, and zeros that the backward uses as arrival counters (and leaves
+    zero). The shifted mean (of x minus the statistic's first element) is
     what :func:`triton_norm_bwd` takes: it keeps the digits that the rounded mean loses when
     |mean| >> std. Without ``center`` the statistics are about 0 (RMS: mean rows 0)."""
     return _launch_fwd(x, weight, bias, num_groups, over_batch, eps, activation, center)
@@ -1031,7 +1108,7 @@ def _norm_bwd(
     """(dx, dweight, dbias) given the forward's statistics; dweight/dbias are empty (0,)
     tensors when weight/bias is None."""
     return _launch_bwd(dy, x, weight, bias, stats[3], stats[1], None, num_groups, over_batch,
-                       0.0, activation, center)
+                       0.0, activation, center, stats[4])
 
 
 def _norm_fixed(
@@ -1063,7 +1140,7 @@ triton_norm_fixed_bwd = _register("normlab::triton_norm_fixed_bwd", _norm_fixed_
 @triton_norm_fwd.register_fake
 def _(x, weight, bias, num_groups, over_batch, eps, activation, center):
     xk, _ = kernel_strides(x)
-    stats = x.new_empty((4,) + _stat_shape(x, num_groups, over_batch), dtype=torch.float32)
+    stats = x.new_empty((5,) + _stat_shape(x, num_groups, over_batch), dtype=torch.float32)
     return torch.empty_like(xk), stats
 
 
