@@ -7,23 +7,44 @@ backend, which every backend follows) and are re-exported here for the modules.
 
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+import numbers
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, fx, nn
+from torch.fx.proxy import TraceError
 
 from normlab import functional as NLF
 from normlab.backends.reference import channel_view, update_running_stats
 
 __all__ = [
-    "channel_view", "update_running_stats", "check_num_channels", "check_bn_input", "fx_leaf", "not_scriptable",
-    "count_batch", "running_average_factor", "adopt_state", "replace_modules",
+    "channel_view", "update_running_stats", "InputShapeError", "check_count", "check_num_channels",
+    "check_bn_input", "fx_leaf", "not_scriptable", "count_batch", "running_average_factor",
+    "adopt_state", "replace_modules",
 ]
+
+
+class InputShapeError(ValueError, RuntimeError):
+    """An input whose channel count does not fit the module: a ValueError, as normlab's input
+    errors are, and also the RuntimeError that torch.nn raises for the same input ("running_mean
+    should contain 3 elements not 4", "Expected weight to be a vector of size equal to the number
+    of channels"), so code written for torch.nn (``except RuntimeError``) still catches it."""
+
+
+def check_count(value, name: str) -> int:
+    """A count argument of a constructor (``num_features``, ``num_channels``, ``group_size``):
+    an int (a numpy integer too, not a bool) of at least 1. Another type is a TypeError, as
+    torch's constructors raise for it (``BatchNorm2d(3.0)``); a value below 1 a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def check_num_channels(module: nn.Module, x: Tensor, expected: int, channel_dim: int = 1) -> None:
     if x.dim() > channel_dim and x.shape[channel_dim] != expected:
-        raise ValueError(
+        raise InputShapeError(
             f"{type(module).__name__} expects {expected} channels (dim {channel_dim}), got input of "
             f"shape {tuple(x.shape)} with {x.shape[channel_dim]} channels"
         )
@@ -37,13 +58,33 @@ def check_bn_input(module: nn.Module, x: Tensor) -> None:
     check_num_channels(module, x, module.num_features)
 
 
-def fx_leaf(module: nn.Module, input: "fx.Proxy") -> "fx.Proxy":
+def fx_leaf(
+    module: nn.Module,
+    input: "fx.Proxy",
+    root_forward: Optional[Callable[["fx.Proxy"], "fx.Proxy"]] = None,
+) -> "fx.Proxy":
     """Under ``torch.fx.symbolic_trace`` (input is a Proxy): record ``module`` as one call_module
     node, as FX does for torch.nn's own norms (leaves by their module path), instead of tracing
     into checks on the input's shape that a Proxy cannot answer. The graph then runs the module
-    itself: same output, same buffer updates."""
+    itself: same output, same buffer updates.
+
+    A module traced as the root of the trace (``symbolic_trace(module)``) has no path to call;
+    there ``root_forward(input)``, the module's normlab.functional call without the checks, is
+    traced instead (call_function nodes on the parameters, as torch's GroupNorm, LayerNorm,
+    RMSNorm and Conv2d trace). A module without one (the batch-statistics modules, whose
+    running-statistics update FX cannot record, as torch's BatchNorm and InstanceNorm cannot be
+    the root either) raises torch's TraceError naming it."""
     tracer = input.tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+    path = tracer.path_of_module(module)
+    if path:
+        return tracer.create_proxy("call_module", path, (input,), {})
+    if root_forward is None:
+        raise TraceError(
+            f"{type(module).__name__} cannot be the root of torch.fx.symbolic_trace (neither can "
+            "torch.nn's BatchNorm and InstanceNorm); trace a model that holds it, where it is "
+            "recorded as one call_module node, e.g. symbolic_trace(torch.nn.Sequential(module))"
+        )
+    return root_forward(input)
 
 
 def not_scriptable(module: nn.Module) -> nn.Module:

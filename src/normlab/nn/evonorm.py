@@ -18,8 +18,9 @@ from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
 from normlab.backends.reference import compute_dtype, output_memory_format
-from normlab.nn._common import channel_view, fx_leaf, not_scriptable, update_running_stats
-from normlab.nn.frn import check_4d, check_features
+from normlab.nn._common import (channel_view, check_count, fx_leaf, not_scriptable,
+                                update_running_stats)
+from normlab.nn.frn import check_4d
 
 __all__ = ["EvoNorm2dS0", "EvoNorm2dB0"]
 
@@ -32,7 +33,7 @@ class _EvoNorm(nn.Module):
     def __init__(self, num_features: int, eps: float, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.num_features = check_features(num_features)
+        self.num_features = check_count(num_features, "num_features")
         self.eps = NLF.check_eps(eps)
         self.weight = nn.Parameter(torch.empty(num_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_features, **factory))
@@ -79,8 +80,7 @@ class EvoNorm2dS0(_EvoNorm):
                  device=None, dtype=None, *, group_size: Optional[int] = None) -> None:
         super().__init__(num_features, eps, device, dtype)
         if group_size is not None:
-            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-                raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+            group_size = check_count(group_size, "group_size")
             if num_features % group_size:
                 raise ValueError(
                     f"num_features={num_features} is not divisible by group_size={group_size}"

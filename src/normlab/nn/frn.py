@@ -13,15 +13,10 @@ import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.nn._common import channel_view, check_num_channels, fx_leaf, not_scriptable
+from normlab.nn._common import (channel_view, check_count, check_num_channels, fx_leaf,
+                                not_scriptable)
 
 __all__ = ["FilterResponseNorm2d"]
-
-
-def check_features(num_features) -> int:
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    return num_features
 
 
 def check_4d(module: nn.Module, x: Tensor, num_features: int) -> None:
@@ -70,7 +65,7 @@ class FilterResponseNorm2d(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.num_features = check_features(num_features)
+        self.num_features = check_count(num_features, "num_features")
         self.eps = NLF.check_eps(eps)
         if not isinstance(tlu, bool):
             raise TypeError(f"tlu must be a bool, got {tlu!r}")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.nn._common import check_num_channels, fx_leaf, not_scriptable
+from normlab.nn._common import check_count, check_num_channels, fx_leaf, not_scriptable
 
 __all__ = ["FrozenBatchNorm2d"]
 
@@ -48,9 +48,7 @@ class FrozenBatchNorm2d(nn.Module):
                  activation: Optional[str] = None) -> None:
         super().__init__()
         self.activation = NLF.check_activation(activation)
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        self.num_features = num_features
+        self.num_features = check_count(num_features, "num_features")
         self.eps = NLF.check_eps(eps)
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("weight", torch.ones(num_features, **factory))
@@ -89,11 +87,14 @@ class FrozenBatchNorm2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
-            return fx_leaf(self, input)
+            return fx_leaf(self, input, self._normalize)
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
         NLF.check_input(input)
         check_num_channels(self, input, self.num_features)
+        return self._normalize(input)
+
+    def _normalize(self, input: Tensor) -> Tensor:
         return NLF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                              False, 0.0, self.eps, activation=self.activation)
 

@@ -93,6 +93,9 @@ def ghost_batch_norm(
         )
     k = b // virtual_batch
     spatial = tuple(x.shape[2:])
+    if k == 0:  # an empty batch: what BatchNorm does with it (an empty output)
+        return NLF.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps,
+                              activation=activation)
     if virtual_batch * math.prod(spatial) <= 1:
         raise ValueError(
             f"virtual_batch={virtual_batch} gives 1 value per channel and slice for input of "

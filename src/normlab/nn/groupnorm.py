@@ -16,7 +16,7 @@ from typing import Optional
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.nn._common import check_num_channels, fx_leaf, not_scriptable
+from normlab.nn._common import check_count, check_num_channels, fx_leaf, not_scriptable
 
 __all__ = ["GroupNorm"]
 
@@ -67,17 +67,18 @@ class GroupNorm(nn.GroupNorm):
         activation: Optional[str] = None,
     ) -> None:
         if num_channels is None:
-            raise TypeError("GroupNorm needs num_channels")
-        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
-            raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
-        if (num_groups is None) == (group_size is None):
+            raise TypeError("GroupNorm() missing required argument: 'num_channels'")
+        num_channels = check_count(num_channels, "num_channels")
+        if num_groups is None and group_size is None:
+            raise TypeError(
+                "GroupNorm() missing required argument: 'num_groups' (or give group_size)")
+        if num_groups is not None and group_size is not None:
             raise ValueError(
                 "give exactly one of num_groups and group_size, got "
                 f"num_groups={num_groups!r}, group_size={group_size!r}"
             )
         if group_size is not None:
-            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-                raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+            group_size = check_count(group_size, "group_size")
             if num_channels % group_size != 0:
                 raise ValueError(
                     f"num_channels={num_channels} is not divisible by group_size={group_size}"
@@ -92,9 +93,12 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
-            return fx_leaf(self, input)
+            return fx_leaf(self, input, self._normalize)
         NLF.check_input(input)
         check_num_channels(self, input, self.num_channels)
+        return self._normalize(input)
+
+    def _normalize(self, input: Tensor) -> Tensor:
         return NLF.group_norm(
             input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation
         )

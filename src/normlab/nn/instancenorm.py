@@ -35,6 +35,7 @@ class _InstanceNormForward:
         bias: bool = True,
         activation: Optional[str] = None,
     ) -> None:
+        NLF.check_eps(eps)  # > 0 and finite: at construction, as the other modules check it
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
                          dtype=dtype, bias=bias)
         self.activation = NLF.check_activation(activation)

@@ -19,7 +19,7 @@ from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
 from normlab.backends.reference import output_memory_format
-from normlab.nn._common import check_num_channels, fx_leaf, not_scriptable
+from normlab.nn._common import check_count, check_num_channels, fx_leaf, not_scriptable
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
 
@@ -48,7 +48,10 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
-            return fx_leaf(self, input)
+            return fx_leaf(self, input, self._normalize)
+        return self._normalize(input)
+
+    def _normalize(self, input: Tensor) -> Tensor:
         return NLF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -78,9 +81,7 @@ class LayerNorm2d(nn.Module):
     def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
-        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
-            raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
-        self.num_channels = num_channels
+        self.num_channels = check_count(num_channels, "num_channels")
         self.eps = NLF.check_eps(eps)
         self.affine = affine
         factory = {"device": device, "dtype": dtype}

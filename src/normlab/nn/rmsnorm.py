@@ -63,9 +63,11 @@ class RMSNorm(nn.RMSNorm):
             raise TypeError(
                 f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
             ) from None
-        if not shape or any(
-            isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in shape
-        ):
+        if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in shape):
+            raise TypeError(
+                f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+            )
+        if not shape or any(d < 1 for d in shape):
             raise ValueError(
                 f"normalized_shape must be positive ints (at least one), got {normalized_shape!r}"
             )
@@ -76,5 +78,8 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
-            return fx_leaf(self, input)
+            return fx_leaf(self, input, self._normalize)
+        return self._normalize(input)
+
+    def _normalize(self, input: Tensor) -> Tensor:
         return NLF.rms_norm(input, self.normalized_shape, self.weight, self.eps)

@@ -70,7 +70,10 @@ class WSConv2d(nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
-            return fx_leaf(self, input)
+            return fx_leaf(self, input, self._standardized_conv)
+        return self._standardized_conv(input)
+
+    def _standardized_conv(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, standardize_weight(self.weight, self.eps), self.bias)
 
     def extra_repr(self) -> str:
@@ -111,7 +114,7 @@ class ScaledStdConv2d(nn.Conv2d):
         self.gain = nn.Parameter(
             torch.full((out_channels, 1, 1, 1), self.gain_init, device=device, dtype=dtype)
         )
-        self.fan_in = self.weight[0].numel()
+        self.fan_in = math.prod(self.weight.shape[1:])  # (out_channels may be 0, as torch allows)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -124,7 +127,10 @@ class ScaledStdConv2d(nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
-            return fx_leaf(self, input)
+            return fx_leaf(self, input, self._standardized_conv)
+        return self._standardized_conv(input)
+
+    def _standardized_conv(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.standardized_weight(), self.bias)
 
     def extra_repr(self) -> str:

@@ -44,7 +44,7 @@ from torch import Tensor, fx, nn
 from normlab import functional as NLF
 from normlab.backends.reference import apply_activation, compute_dtype, output_memory_format
 from normlab.nn._common import (
-    adopt_state, channel_view, check_bn_input, count_batch, fx_leaf, replace_modules,
+    adopt_state, channel_view, check_bn_input, check_count, count_batch, fx_leaf, replace_modules,
     running_average_factor, update_running_stats)
 from normlab.nn.batchnorm import _BatchNormForward
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
@@ -236,8 +236,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         bias: bool = True,
         activation: Optional[str] = None,
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        num_features = check_count(num_features, "num_features")
         NLF.check_eps(eps)
         if momentum is not None and (
             isinstance(momentum, bool) or not isinstance(momentum, (int, float))
