@@ -207,3 +207,45 @@ def test_momentum_outside_0_1_behaves_as_torch(momentum, pair):
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-5, rtol=1e-5)
+
+
+# an input with 3 channels for modules of 4: torch raises RuntimeError ("running_mean should
+# contain 3 elements not 4", "Expected weight to be a vector of size ..."); normlab's error is
+# a ValueError naming the shape that code written for torch also catches as RuntimeError
+@pytest.mark.parametrize("make,shape", [
+    (lambda m: m.BatchNorm2d(4), (2, 3, 4, 4)),
+    (lambda m: m.BatchNorm1d(4, track_running_stats=False), (5, 3)),  # weight, not running_mean
+    (lambda m: m.GroupNorm(2, 4), (2, 3, 4)),                          # 3 channels, 2 groups
+    (lambda m: m.GroupNorm(1, 4), (2, 6, 4)),                          # divisible, still not 4
+])
+def test_wrong_channel_count_is_the_runtime_error_torch_raises(make, shape):
+    x = off_centre(*shape)
+    with pytest.raises(RuntimeError):
+        make(nn)(x)
+    with pytest.raises(RuntimeError, match=rf"expects 4 channels.*{tuple(shape)}") as ours:
+        make(nlnn)(x)
+    assert isinstance(ours.value, ValueError)
+
+
+# a wrong type for a count argument: torch raises TypeError (from torch.empty, or a missing
+# argument); normlab the same type, naming the argument and the value
+@pytest.mark.parametrize("make,text", [
+    (lambda m: m.SyncBatchNorm(3.0), "num_features must be a positive int, got 3.0"),
+    (lambda m: m.SyncBatchNorm("3"), "num_features must be a positive int, got '3'"),
+    (lambda m: m.GroupNorm(2, 4.0), "num_channels must be a positive int, got 4.0"),
+    (lambda m: m.GroupNorm(num_channels=4), "missing required argument: 'num_groups'"),
+    (lambda m: m.GroupNorm(2), "missing required argument: 'num_channels'"),
+    (lambda m: m.RMSNorm("4"), "normalized_shape must be an int or a sequence of ints, got '4'"),
+    (lambda m: m.RMSNorm([4, 2.0]), r"got \[4, 2.0\]"),
+])
+def test_wrong_argument_types_are_torchs_type_error(make, text):
+    with pytest.raises(TypeError):
+        make(nn)
+    with pytest.raises(TypeError, match=text):
+        make(nlnn)
+
+
+def test_rmsnorm_input_is_named_x_as_torchs():
+    x = off_centre(3, 5)
+    ours, theirs = nlnn.RMSNorm(5), nn.RMSNorm(5)
+    torch.testing.assert_close(ours(x=x), theirs(x=x), rtol=1e-5, atol=1e-6)

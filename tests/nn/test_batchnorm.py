@@ -115,3 +115,14 @@ def test_fused_activation_is_torch_norm_then_activation(activation, fn, ours, th
     x = off_centre(*shape)
     torch.testing.assert_close(m(x), fn(t(x)), atol=1e-5, rtol=1e-5)
     assert f"activation={activation!r}" in repr(m)
+
+
+@pytest.mark.parametrize("cls", [nlnn.BatchNorm2d, nlnn.InstanceNorm2d, nlnn.SyncBatchNorm])
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_eps_is_checked_at_construction(cls, eps):
+    # a deliberate difference (normlab.nn docstring): torch builds these and divides by
+    # sqrt(var + eps) <= sqrt(var); normlab's operator needs eps > 0 and now says so when the
+    # module is built, as its GroupNorm and LayerNorm did, not at the first forward
+    getattr(nn, cls.__name__)(4, eps=eps)
+    with pytest.raises(ValueError, match=f"eps must be a positive finite number, got {eps}"):
+        cls(4, eps=eps)

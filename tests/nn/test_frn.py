@@ -73,3 +73,16 @@ def test_same_as_timm():
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = off_centre(2, 6, 5, 5)
     torch.testing.assert_close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("make", [
+    lambda c: nlnn.FilterResponseNorm2d(c), lambda c: nlnn.EvoNorm2dB0(c),
+    lambda c: nlnn.EvoNorm2dS0(c, num_groups=1), lambda c: nlnn.FrozenBatchNorm2d(c),
+    lambda c: nlnn.LayerNorm2d(c),
+])
+def test_a_float_channel_count_is_a_type_error_as_in_torch(make):
+    # the extras have no torch namesake: the rule is torch.nn.BatchNorm2d's (4.0 -> TypeError)
+    with pytest.raises(TypeError):
+        torch.nn.BatchNorm2d(4.0)
+    with pytest.raises(TypeError, match=r"must be a positive int, got 4\.0"):
+        make(4.0)

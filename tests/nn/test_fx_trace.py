@@ -51,3 +51,54 @@ def test_symbolic_trace_records_one_call_module(make, shape, train):
     # the graph ran the real module: its buffers moved as the twin's did
     for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+# the module itself as the root of the trace, as `symbolic_trace(norm)`: torch's GroupNorm,
+# LayerNorm, RMSNorm and Conv2d trace into their functional call; normlab's did not (an
+# AttributeError naming the attribute '')
+ROOTS = [
+    (lambda m: m.GroupNorm(2, 6), (3, 6, 4)),                    # 2 groups of 3 channels, 1-D
+    (lambda m: m.LayerNorm((5, 5)), (4, 6, 5, 5)),               # two trailing dims
+    (lambda m: m.RMSNorm(5, eps=1e-5), (4, 6, 5)),               # the last dim
+]
+
+
+@pytest.mark.parametrize("make,shape", ROOTS)
+def test_traced_as_the_root_as_torchs(make, shape):
+    torch.manual_seed(0)
+    ours, theirs = make(nlnn), make(nn)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)
+    ours.load_state_dict(theirs.state_dict())
+    gm_ours, gm_theirs = torch.fx.symbolic_trace(ours), torch.fx.symbolic_trace(theirs)
+    assert [n.op for n in gm_ours.graph.nodes] == [n.op for n in gm_theirs.graph.nodes]
+    x = off_centre(*shape)
+    torch.testing.assert_close(gm_ours(x), gm_theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nlnn.WSConv2d(4, 6, 3, padding=1, padding_mode="reflect"),  # padding_mode's F.pad too
+    lambda: nlnn.ScaledStdConv2d(4, 6, 3, groups=2, gamma=1.7),         # grouped, gain and gamma
+    lambda: nlnn.FrozenBatchNorm2d(4, activation="relu"),               # buffers only, fused act
+])
+def test_traced_as_the_root_computes_the_module(make):
+    torch.manual_seed(0)
+    norm = make()
+    with torch.no_grad():
+        for t in list(norm.parameters()) + [b for b in norm.buffers() if b.is_floating_point()]:
+            t.add_(torch.rand_like(t))
+    gm = torch.fx.symbolic_trace(norm)
+    assert not [n for n in gm.graph.nodes if n.op == "call_module"]
+    x = off_centre(2, 4, 5, 5)  # (2, 4, 5, 5): 4 input channels, room for a 3x3 kernel
+    torch.testing.assert_close(gm(x), norm(x))
+
+
+@pytest.mark.parametrize("make", [lambda m: m.BatchNorm2d(4), lambda m: m.InstanceNorm2d(4)])
+def test_batch_statistics_modules_as_the_root_raise_torchs_trace_error(make):
+    # torch's BatchNorm/InstanceNorm cannot be the root either (their forward branches on the
+    # input): the same exception type, and ours names the module and the way out
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(make(nn))
+    with pytest.raises(torch.fx.proxy.TraceError, match=r"(BatchNorm2d|InstanceNorm2d) cannot be the root.*Sequential"):
+        torch.fx.symbolic_trace(make(nlnn))

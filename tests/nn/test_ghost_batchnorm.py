@@ -227,3 +227,14 @@ def test_fused_activation_per_slice():
         x[i:i + 4], None, None, ghost.weight, ghost.bias, True)) for i in (0, 4)])
     torch.testing.assert_close(ghost(x), ref, rtol=1e-5, atol=1e-5)
     assert "activation='silu'" in repr(ghost)
+
+
+def test_empty_batch_in_training_is_batchnorms():
+    # (0, 3, 4, 4): no sample (a last, empty batch); was "num_groups must be >= 1, got 0"
+    ghost, bn = GhostBatchNorm2d(3, virtual_batch=2), nn.BatchNorm2d(3)
+    bn.load_state_dict(ghost.state_dict())
+    x = off_centre(0, 3, 4, 4)
+    y, want = ghost(x), bn(x)
+    assert y.shape == want.shape == (0, 3, 4, 4)
+    for k, v in bn.state_dict().items():
+        torch.testing.assert_close(ghost.state_dict()[k], v, msg=k)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import normlab.nn as nlnn
 from formula import rel_err
@@ -63,3 +64,11 @@ def test_errors():
         nlnn.ScaledStdConv2d(4, 4, 3, gamma=-1)
     with pytest.raises(ValueError, match="eps must be a positive finite number, got 0"):
         nlnn.WSConv2d(4, 4, 3, eps=0)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")  # torch's own
+def test_count_arguments_as_torchs_conv():
+    # out_channels=0 builds in torch (an empty weight); ScaledStdConv2d indexed weight[0]
+    theirs, ours = nn.Conv2d(3, 0, 3), nlnn.ScaledStdConv2d(3, 0, 3)
+    assert ours.weight.shape == theirs.weight.shape and ours.fan_in == 27
+    assert list(ours.state_dict()) == list(theirs.state_dict()) + ["gain"]

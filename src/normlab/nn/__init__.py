@@ -28,6 +28,30 @@ normlab's BatchNorm1d/2d/3d as torch's (see :mod:`normlab.nn.fusion`).
 TorchScript: unlike torch.nn's, these modules cannot be compiled by ``torch.jit.script`` (forward
 picks a Python backend at call time); scripting a model that holds one raises a TypeError naming
 it. ``torch.compile`` (also ``fullgraph=True``) and ``torch.export`` work.
+
+``torch.fx.symbolic_trace`` records a module inside a model as one call_module node (as torch's
+own norms). Traced as the root itself, GroupNorm, LayerNorm, RMSNorm, WSConv2d, ScaledStdConv2d
+and FrozenBatchNorm2d become their functional call on the parameters (as torch's GroupNorm,
+LayerNorm, RMSNorm and Conv2d do); the batch-statistics modules and the other extras raise
+torch's ``TraceError`` (torch's BatchNorm and InstanceNorm cannot be the root either).
+
+Where the drop-in modules deliberately differ from torch.nn (everything else, including the
+error types, is torch's; ``tests/test_torch_parity.py`` holds both sides to it):
+
+* ``eps`` must be a positive finite number, checked at construction (ValueError); torch accepts
+  0, negative and NaN values.
+* An input with another channel count than the module's is an error naming the shape, also
+  for ``GroupNorm(affine=False)`` (torch's checks only that the groups divide it). The error is
+  a ValueError that is also the RuntimeError torch raises for it.
+* Parameters and buffers of another floating dtype than the input are used, not refused: the
+  statistics and affine run in the input's accumulation dtype and the output has the input's
+  dtype (torch's CPU kernels raise "mixed dtype"). An integer input is a TypeError (torch:
+  NotImplementedError or RuntimeError, depending on the layer).
+* An empty batch (N = 0) gives an empty output, as torch's BatchNorm, GroupNorm and LayerNorm
+  do; InstanceNorm with ``affine=True`` too (torch's raises IndexError).
+* SyncBatchNorm validates ``num_features >= 1`` and ``momentum`` in [0, 1] (torch's, and
+  normlab's BatchNorm, use any momentum as given); RMSNorm needs a non-empty
+  ``normalized_shape`` of positive sizes.
 """
 
 from normlab.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d

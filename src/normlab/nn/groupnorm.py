@@ -41,6 +41,8 @@ class GroupNorm(nn.GroupNorm):
         activation: None, "relu", "silu" or "gelu", applied after the affine.
 
     Shape: input (N, C, *spatial) with 0 to 3 spatial dims, any memory format; output the same.
+    C must be ``num_channels`` also with ``affine=False`` (torch's then takes any C that G
+    divides).
 
     Example::
 

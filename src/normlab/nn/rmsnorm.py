@@ -76,10 +76,10 @@ class RMSNorm(nn.RMSNorm):
         super().__init__(tuple(int(d) for d in shape), eps, elementwise_affine,
                          device=device, dtype=dtype)
 
-    def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, fx.Proxy):
-            return fx_leaf(self, input, self._normalize)
-        return self._normalize(input)
+    def forward(self, x: Tensor) -> Tensor:  # named x as torch's (``norm(x=...)`` works)
+        if isinstance(x, fx.Proxy):
+            return fx_leaf(self, x, self._normalize)
+        return self._normalize(x)
 
-    def _normalize(self, input: Tensor) -> Tensor:
-        return NLF.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+    def _normalize(self, x: Tensor) -> Tensor:
+        return NLF.rms_norm(x, self.normalized_shape, self.weight, self.eps)
