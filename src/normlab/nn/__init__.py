@@ -52,6 +52,11 @@ error types, is torch's; ``tests/test_torch_parity.py`` holds both sides to it):
 * SyncBatchNorm validates ``num_features >= 1`` and ``momentum`` in [0, 1] (torch's, and
   normlab's BatchNorm, use any momentum as given) and takes 2-D to 5-D input (torch's: any
   number of spatial dims); RMSNorm needs a non-empty ``normalized_shape`` of positive sizes.
+* Tools that look modules up by their exact type in a pattern table of their own
+  (``torch.fx.experimental.optimization.fuse``, the fusion step of FX-mode quantization's
+  ``prepare_fx``) do not match normlab's classes: they leave the BatchNorm unfused, and the
+  outputs stay correct. :func:`normlab.fold_batchnorm` folds it, and the eager
+  ``torch.ao.quantization.fuse_modules`` takes it (above).
 """
 
 from normlab.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d
