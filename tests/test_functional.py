@@ -773,3 +773,35 @@ def test_rms_norm_errors_name_the_values():
         NF.rms_norm(x, 8, torch.ones(4))
     with pytest.raises(ValueError, match="eps must be a positive finite number, got -1.0"):
         NF.rms_norm(x, 8, eps=-1.0)
+
+
+# (normlab call, torch call) on the same bad input: torch raises RuntimeError for each; ours is
+# a ValueError naming the shapes that is also a RuntimeError (InputShapeError)
+_SHAPE_ERRORS = [
+    # trailing dims that do not match normalized_shape
+    (lambda: NF.layer_norm(torch.randn(2, 5), (4,)),
+     lambda: torch.nn.functional.layer_norm(torch.randn(2, 5), (4,))),
+    (lambda: NF.rms_norm(torch.randn(2, 5), (4,)),
+     lambda: torch.nn.functional.rms_norm(torch.randn(2, 5), (4,))),
+    # a 1-D input has no channel dim
+    (lambda: NF.group_norm(torch.randn(4), 2),
+     lambda: torch.nn.functional.group_norm(torch.randn(4), 2)),
+    # channels not divisible by the groups
+    (lambda: NF.group_norm(torch.randn(2, 6, 3), 4),
+     lambda: torch.nn.functional.group_norm(torch.randn(2, 6, 3), 4)),
+    # a weight of the wrong size
+    (lambda: NF.group_norm(torch.randn(2, 6, 3), 3, torch.randn(5)),
+     lambda: torch.nn.functional.group_norm(torch.randn(2, 6, 3), 3, torch.randn(5))),
+    # layer_norm's weight of the wrong shape
+    (lambda: NF.layer_norm(torch.randn(2, 5), (5,), torch.randn(4)),
+     lambda: torch.nn.functional.layer_norm(torch.randn(2, 5), (5,), torch.randn(4))),
+]
+
+
+@pytest.mark.parametrize("ours,theirs", _SHAPE_ERRORS)
+def test_shape_errors_are_the_runtime_errors_torch_raises(ours, theirs):
+    with pytest.raises(RuntimeError):
+        theirs()
+    with pytest.raises(NF.InputShapeError) as err:
+        ours()
+    assert isinstance(err.value, ValueError) and isinstance(err.value, RuntimeError)

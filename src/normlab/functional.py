@@ -61,6 +61,7 @@ __all__ = [
     "instance_norm",
     "group_norm",
     "rms_norm",
+    "InputShapeError",
     "FUSED_ACTIVATIONS",
 ]
 
@@ -68,6 +69,14 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # argument checks (shared by the modules): every message names the offending value
 # --------------------------------------------------------------------------------------------
+
+
+class InputShapeError(ValueError, RuntimeError):
+    """An input (or parameter) whose shape does not fit the call: a ValueError, as normlab's
+    input errors are, and also the RuntimeError torch raises for the same input ("Expected
+    weight to be a vector of size equal to the number of channels", "Given normalized_shape=...,
+    expected input with shape ..."), so code written for torch (``except RuntimeError``) still
+    catches it."""
 
 
 def check_input(x, what: str = "input") -> None:
@@ -79,7 +88,7 @@ def check_input(x, what: str = "input") -> None:
             f"got {x.dtype}"
         )
     if x.dim() < 2:
-        raise ValueError(
+        raise InputShapeError(
             f"{what} must have shape (N, C, *spatial) with at least 2 dims, got shape "
             f"{tuple(x.shape)} ({x.dim()}D)"
         )
@@ -109,7 +118,7 @@ def check_groups(num_groups, num_channels: int, torch_text: str = "") -> int:
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
     if num_channels % num_groups != 0:
-        raise ValueError(
+        raise InputShapeError(
             f"{torch_text}num_channels={num_channels} is not divisible by num_groups={num_groups}"
         )
     return num_groups
@@ -132,7 +141,7 @@ def _check_channel_param(p: Optional[Tensor], c: int, what: str) -> None:
     if not isinstance(p, Tensor):
         raise TypeError(f"{what} must be a Tensor or None, got {type(p).__name__}")
     if p.numel() != c or p.dim() != 1:
-        raise ValueError(
+        raise InputShapeError(
             f"{what} must have shape ({c},) to match the {c} channels of the input, "
             f"got shape {tuple(p.shape)}"
         )
@@ -409,7 +418,8 @@ def moments(
     if over_batch:
         _check_batch_stat_size(x, num_groups)
     n = x.shape[0]
-    xg = x.to(compute_dtype(x.dtype)).reshape(n, num_groups, -1)
+    per_group = (x.shape[1] // num_groups) * math.prod(x.shape[2:])  # not -1: N may be 0
+    xg = x.to(compute_dtype(x.dtype)).reshape(n, num_groups, per_group)
     _, mean, var = centred_moments(xg, (0, 2) if over_batch else (2,), center)
     shape = (num_groups,) if over_batch else (n, num_groups)
     return mean.reshape(shape), var.reshape(shape)
@@ -535,7 +545,7 @@ def _check_elementwise_param(p, shape: tuple, what: str) -> None:
     if not isinstance(p, Tensor):
         raise TypeError(f"{what} must be a Tensor or None, got {type(p).__name__}")
     if p.shape != shape:
-        raise ValueError(f"{what} must have shape {shape}, got {tuple(p.shape)}")
+        raise InputShapeError(f"{what} must have shape {shape}, got {tuple(p.shape)}")
 
 
 def _check_trailing(input, normalized_shape) -> tuple:
@@ -556,7 +566,7 @@ def _check_trailing(input, normalized_shape) -> tuple:
     ishape = input.shape
     k, ndim = len(shape), len(ishape)
     if k == 0 or ndim < k or (ishape[-1] != shape[0] if k == 1 else ishape[ndim - k :] != shape):
-        raise ValueError(
+        raise InputShapeError(
             f"normalized_shape={list(shape)} does not match the trailing dims of the input of "
             f"shape {tuple(ishape)}"
         )

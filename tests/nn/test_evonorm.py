@@ -126,3 +126,19 @@ def test_same_as_timm(which):
         torch.testing.assert_close(ours.running_var, theirs.running_var)
         ours.eval(), theirs.eval()
         torch.testing.assert_close(ours(x[:1]), theirs(x[:1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["s0", "b0"])
+def test_empty_batch_gives_an_empty_output_and_keeps_the_running_var(which):
+    """N = 0 (a detector's empty crop batch) in training: an empty output and gradient, as
+    torch's BatchNorm gives, and B0's running variance untouched (no statistics to average)."""
+    norm = nlnn.EvoNorm2dS0(8, num_groups=4) if which == "s0" else nlnn.EvoNorm2dB0(8)
+    norm.train()
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    x = torch.randn(0, 8, 3, 3, requires_grad=True)
+    y = norm(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert torch.nn.BatchNorm2d(8)(torch.randn(0, 8, 3, 3)).shape == y.shape  # torch's answer
+    for k, v in norm.state_dict().items():
+        assert torch.equal(v, before[k]), k

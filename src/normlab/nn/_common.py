@@ -15,6 +15,7 @@ from torch import Tensor, fx, nn
 from torch.fx.proxy import TraceError
 
 from normlab import functional as NLF
+from normlab.functional import InputShapeError  # noqa: F401 (re-exported for the modules)
 from normlab.backends.reference import channel_view, update_running_stats
 
 __all__ = [
@@ -22,13 +23,6 @@ __all__ = [
     "check_bn_input", "fx_leaf", "not_scriptable", "count_batch", "running_average_factor",
     "adopt_state", "replace_modules",
 ]
-
-
-class InputShapeError(ValueError, RuntimeError):
-    """An input whose channel count does not fit the module: a ValueError, as normlab's input
-    errors are, and also the RuntimeError that torch.nn raises for the same input ("running_mean
-    should contain 3 elements not 4", "Expected weight to be a vector of size equal to the number
-    of channels"), so code written for torch.nn (``except RuntimeError``) still catches it."""
 
 
 def check_count(value, name: str) -> int:

@@ -158,7 +158,7 @@ class EvoNorm2dB0(_EvoNorm):
         check_4d(self, input, self.num_features)
         n, c = input.shape[:2]
         acc = compute_dtype(input.dtype)
-        if self.training:
+        if self.training and n > 0:  # an empty batch has no statistics: no update (as BN)
             mean_b, var_b = NLF.moments(input, c, True)  # (C,), differentiable
             update_running_stats(None, self.running_var, mean_b.detach(), var_b.detach(),
                                  input.numel() // c, self.momentum)
