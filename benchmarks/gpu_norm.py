@@ -11,6 +11,8 @@ implementation is timed eagerly and as a CUDA-graph replay:
 * ``normlab``        normlab.functional.group_norm(..., backend="triton")
 * ``normlab_noblock`` the same with one group per program in every layout (the v1 plan; A/B
   for the blocked channels_last path, benchmarks/NOTES.md v2)
+* ``normlab_fold``   the same with the one-launch backward (``$NORMLAB_TRITON_FOLD``: the last
+  program of each block sums the dw/db rows; A/B for benchmarks/NOTES.md "One-launch backward")
 * ``torch_bn``       F.batch_norm in training mode (the cost GN should match)
 * ``normlab_bn``     normlab's BatchNorm on the Triton backend (checked against torch_bn)
 
@@ -68,8 +70,8 @@ import torch.nn.functional as F
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 PASSES = {"fwd": 2, "fwdbwd": 5}  # passes over the activation tensor in the floor model
-ALL_IMPLS = ("torch", "torch_compile", "liger", "normlab", "normlab_noblock", "torch_bn",
-             "normlab_bn")
+ALL_IMPLS = ("torch", "torch_compile", "liger", "normlab", "normlab_noblock", "normlab_fold",
+             "torch_bn", "normlab_bn")
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,22 +194,27 @@ def _liger_group_norm() -> Tuple[Optional[Callable], str]:
     return liger, ""
 
 
-class _NoBlock:
-    """normlab with one group per program in every layout (the v1 plan), as a context: the
+class _Tuned:
+    """normlab with one TUNING entry switched (``group_blocks=False``: one group per program in
+    every layout, the v1 plan; ``fold_rows=True``: the one-launch backward), as a context: the
     launch plan is read from TUNING at every launch, the backward's too, so the switch must
     hold around the backward (and around a CUDA-graph capture), not only the forward call."""
 
-    def __init__(self, tn):
-        self.tn = tn
-        self.saved: List[bool] = []
+    def __init__(self, tn, key: str, value):
+        self.tn, self.key, self.value = tn, key, value
+        self.saved: List[object] = []
 
     def __enter__(self):
-        self.saved.append(self.tn.TUNING.get("group_blocks", True))
-        self.tn.TUNING["group_blocks"] = False
+        self.saved.append(self.tn.TUNING.get(self.key))
+        self.tn.TUNING[self.key] = self.value
 
     def __exit__(self, *exc):
-        self.tn.TUNING["group_blocks"] = self.saved.pop()
+        self.tn.TUNING[self.key] = self.saved.pop()
         return False
+
+
+# A/B variants of ``normlab``: impl name -> the TUNING entry it switches
+_TUNED_IMPLS = {"normlab_noblock": ("group_blocks", False), "normlab_fold": ("fold_rows", True)}
 
 
 def _compiled_group_norm(backend: str = "inductor", dynamic: bool = False) -> Callable:
@@ -248,17 +255,17 @@ def make_impls(names: Iterable[str], compile_backend: str = "inductor",
                 unavailable[name] = why
         elif name == "normlab":
             impls[name] = lambda x, w, b, g: NF.group_norm(x, g, w, b, 1e-5, backend="triton")
-        elif name == "normlab_noblock":
+        elif name in _TUNED_IMPLS:
             from normlab.backends import triton_norm as tn
 
-            ctx = _NoBlock(tn)
+            ctx = _Tuned(tn, *_TUNED_IMPLS[name])
 
-            def noblock(x, w, b, g, _ctx=ctx):
+            def tuned(x, w, b, g, _ctx=ctx):
                 with _ctx:  # nested inside the benchmark's own context: restores, not sets
                     return NF.group_norm(x, g, w, b, 1e-5, backend="triton")
 
-            noblock.context = lambda _ctx=ctx: _ctx
-            impls[name] = noblock
+            tuned.context = lambda _ctx=ctx: _ctx
+            impls[name] = tuned
         elif name == "normlab_bn":
             impls[name] = lambda x, w, b, g: NF.batch_norm(x, None, None, w, b, True, 0.1, 1e-5,
                                                            backend="triton")

@@ -178,10 +178,12 @@ def test_gpu_norm_failing_impl_is_recorded_and_the_run_goes_on(tmp_path, monkeyp
         assert [r["time_us"] for r in csv.DictReader(f) if r["impl"] == "broken"] == ["", ""]
 
 
-def test_noblock_switch_holds_through_backward(monkeypatch):
-    """normlab_noblock times the v1 plan: TUNING['group_blocks'] must be False when the
-    backward plans its launch too (autograd runs it after the forward call has returned), and
-    True again afterwards."""
+@pytest.mark.parametrize("impl,key,value", [("normlab_noblock", "group_blocks", False),
+                                            ("normlab_fold", "fold_rows", True)])
+def test_tuned_impls_hold_their_switch_through_backward(monkeypatch, impl, key, value):
+    """normlab_noblock times the v1 plan, normlab_fold the one-launch backward: their TUNING
+    entry must be switched when the backward plans its launch too (autograd runs it after the
+    forward call has returned), and restored afterwards."""
     gb = _load("gpu_norm")
     from normlab.backends import triton_norm as tn
 
@@ -189,16 +191,17 @@ def test_noblock_switch_holds_through_backward(monkeypatch):
     real = tn.plan_launch
 
     def spy(*a, **k):
-        seen.append(tn.TUNING["group_blocks"])
+        seen.append(tn.TUNING[key])
         return real(*a, **k)
 
     monkeypatch.setattr(tn, "plan_launch", spy)
-    impls = gb.make_impls(["normlab_noblock"])
+    before = tn.TUNING[key]
+    impls = gb.make_impls([impl])
     case = gb.DRY_CASES[1]  # channels_last: the blocked and v1 plans differ there
     xs, dys, w, b = gb._inputs(case, 1, "cpu")
-    gb._step(impls["normlab_noblock"], xs, dys, w, b, case.groups, "fwdbwd")()
-    assert len(seen) >= 2 and not any(seen)  # forward and backward both planned unblocked
-    assert tn.TUNING["group_blocks"] is True
+    gb._step(impls[impl], xs, dys, w, b, case.groups, "fwdbwd")()
+    assert len(seen) >= 2 and all(v == value for v in seen)  # forward and backward
+    assert tn.TUNING[key] == before
 
 
 def _session_calls():
