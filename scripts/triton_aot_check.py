@@ -107,7 +107,9 @@ FULL_CASES = [
     ("IN C=64 NCHW bf16 no affine", (4, 64, 32, 32), 64, False, "nchw", torch.bfloat16, None, False,
      "IN: Cg = 1, no weight and bias (HAS_W = HAS_B = False)"),
     ("LN features (rows, 768) bf16", (4096, 768), 1, False, "nchw", torch.bfloat16, None, True,
-     "2-D input (no spatial dims): LayerNorm over features"),
+     "2-D input (no spatial dims): LayerNorm over features, the rows backward"),
+    ("LN features (rows, 4096) bf16", (8192, 4096), 1, False, "nchw", torch.bfloat16, None, True,
+     "an LLM's LayerNorm: the widest row the rows backward takes (ROWS_MAX_C)"),
     ("GN 3-D CL3d fp16", (2, 64, 8, 16, 16), 16, False, "cl3d", torch.float16, "relu", True,
      "5-D channels_last_3d input"),
     ("GN 1-D fp32", (8, 64, 1000), 8, False, "nchw", torch.float32, "gelu", True,
@@ -129,7 +131,9 @@ REF6_CASES = [
         ("fp32", (8, 320, 64, 64), "nchw"), ("fp32", (32, 256, 56, 56), "nchw"),
         ("fp32", (32, 256, 56, 56), "cl"))
 ]
-CASE_SETS = {"full": FULL_CASES, "quick": QUICK_CASES, "ref6": REF6_CASES}
+# LayerNorm over the features of (rows, C): the rows backward
+ROWS_CASES = [case for case in FULL_CASES if case[0].startswith("LN features")]
+CASE_SETS = {"full": FULL_CASES, "quick": QUICK_CASES, "ref6": REF6_CASES, "rows": ROWS_CASES}
 
 
 def _make(shape, fmt, dtype):

@@ -39,12 +39,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Tuning that forces every statistic to be split over several programs and every group to span
 # several tiles, even on tiny shapes.
-SPLIT = {"target_programs": 64, "block_elems": 8}
+# (rows_max_c=0: 2-D inputs too take the general kernels, not the rows backward)
+SPLIT = {"target_programs": 64, "block_elems": 8, "rows_max_c": 0}
 # ... and additionally several column tiles per group (max 2 channels per tile).
-SPLIT_COLS = {"target_programs": 64, "block_elems": 8, "max_block_c": 2}
+SPLIT_COLS = {"target_programs": 64, "block_elems": 8, "max_block_c": 2, "rows_max_c": 0}
 
 # ... and at most 4 channels per tile: the blocked channels_last path gets several blocks.
-BLOCKS = {"target_programs": 64, "block_elems": 16, "max_block_c": 4}
+BLOCKS = {"target_programs": 64, "block_elems": 16, "max_block_c": 4, "rows_max_c": 0}
 
 # fp32 results must match the float64 reference to fp32 accuracy; half-precision outputs are
 # rounded to 8 (bf16) or 11 (fp16) bits.
@@ -392,8 +393,9 @@ FOLD_CASES = [
     # channels_last blocks of groups, the last one half empty (Cg = 2, G = 5, 4 channels per
     # tile), fp16, gelu, weight only
     ((2, 10, 3, 3), 5, True, torch.float16, "gelu", {"max_block_c": 4}, True, False),
-    # LayerNorm over the features of a 2-D input (4 rows of 12), bias only
-    ((4, 12), 1, False, torch.float32, "silu", None, False, True),
+    # LayerNorm over the features of a 2-D input (4 rows of 12) on the general kernels (the
+    # rows backward has its own tests), bias only
+    ((4, 12), 1, False, torch.float32, "silu", {"rows_max_c": 0}, False, True),
 ]
 
 
@@ -425,6 +427,67 @@ def test_folded_row_reduction_equals_the_separate_kernel(monkeypatch, shape, gro
     assert launched == ["_bwd_kernel", "_bwd_kernel", "_bwd_kernel", "_reduce_rows_kernel"]
     for first, again, separate in zip(grads[True][0], grads[True][1], grads[False][0]):
         assert torch.equal(first, again) and torch.equal(first, separate)
+
+
+# (shape, dtype, activation, weight, bias, center, target programs) for the rows kernels of
+# LayerNorm / RMSNorm over the features of (rows, C)
+ROWS_CASES = [
+    # 5 rows over 2 programs (3 + 2: the last program's range is short), C = 12 in a 16 tile
+    ((5, 12), torch.float32, None, True, True, True, None),
+    # bf16, silu, 70 rows over 35 programs of 2: the partial rows need two 32-row tiles
+    ((70, 96), torch.bfloat16, "silu", True, True, True, 128),
+    # fp16, weight only, C = 300 (not a power of two: 212 masked lanes)
+    ((7, 300), torch.float16, "gelu", True, False, True, None),
+    # no affine: dx only, no partial rows
+    ((6, 64), torch.float32, "relu", False, False, True, None),
+    # RMSNorm (center=False): no shift, no A term
+    ((9, 40), torch.float32, None, True, False, False, None),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,act,weight,bias,center,target", ROWS_CASES)
+def test_rows_kernels_match_float64(monkeypatch, shape, dtype, act, weight, bias, center,
+                                    target):
+    """LN / RMSNorm over features: each program takes several rows, forward and backward; the
+    backward keeps dw/db per program, then ``_sum_rows_kernel`` sums the programs' rows (two
+    launches whatever the row count; partials of programs x C, not rows x C). Output,
+    statistics and gradients against float64, outputs poisoned, the same bits on a second
+    run."""
+    tn.TUNING.update(target_programs=target or 4)
+    launched = _count_launches(monkeypatch)
+    c = shape[1]
+    x = off_centre(*shape, dtype=dtype).to(DEVICE)
+    w, b = _affine(c, weight, bias)
+    dy = torch.randn(shape).to(dtype).to(DEVICE)
+    grads = []
+    for _ in range(2):
+        xt = x.clone().requires_grad_()
+        wt, bt = (None if t is None else t.to(DEVICE).clone().requires_grad_() for t in (w, b))
+        y, mean, rstd = BACKEND.normalize(xt, 1, False, wt, bt, 1e-5, act, center=center)
+        leaves = [t for t in (xt, wt, bt) if t is not None]
+        grads.append(torch.autograd.grad(y, leaves, dy))
+    one_step = ["_rows_fwd_kernel", "_rows_bwd_kernel"] + (
+        ["_sum_rows_kernel"] if weight or bias else [])
+    assert launched == one_step * 2
+    for first, again in zip(*grads):
+        assert torch.equal(first, again)
+    x64 = x.cpu().double().requires_grad_()
+    w64, b64 = (None if t is None else t.double().requires_grad_() for t in (w, b))
+    if center:
+        y64 = REF.normalize(x64, 1, False, w64, b64, 1e-5, act)[0]
+    else:
+        y64 = _rms64(x64, 1, False, w64, b64, 1e-5, act)[0]
+    grads64 = torch.autograd.grad(y64, [t for t in (x64, w64, b64) if t is not None],
+                                  dy.cpu().double())
+    tol = TOL[dtype]
+    assert y.dtype == dtype and rel_err(y.detach().cpu(), y64.detach()) < tol
+    xs = x.cpu().double()
+    var64 = xs.var(1, unbiased=False) if center else xs.square().mean(1)
+    assert rel_err(rstd.cpu().flatten(), (var64 + 1e-5).rsqrt()) < 2e-6
+    assert rel_err(mean.cpu().flatten(), xs.mean(1) if center else 0 * var64) < 2e-6
+    assert rel_err(grads[0][0].cpu(), grads64[0]) < 2 * tol  # dx in the input's dtype
+    for g, g64 in zip(grads[0][1:], grads64[1:]):
+        assert rel_err(g.cpu(), g64) < 2e-5  # dw/db from float32 sums
 
 
 @pytest.mark.parametrize("shape,groups,over_batch", [
@@ -971,6 +1034,14 @@ for name, ones, div, cg, br, bc, gb, ident in LAYOUTS:
             loads = build(kernel, consts, div)
             result[f"{name}-{kname}-{stage}"] = sorted(set(v for v, _ in loads))
 build(tn._reduce_rows_kernel, dict(HAS_W=True, HAS_B=True, BLOCK=256), {"C"})
+# the rows kernels (LayerNorm over 768 features: a 1024 tile, pipelined rows) and the sum
+rows = build(tn._rows_bwd_kernel, dict(HAS_W=True, HAS_B=True, ACT=2, CENTER=True,
+                                       BLOCK_C=1024, NUM_STAGES=2), {"C", "sn"})
+result["rows-bwd"] = sorted(set(v for v, _ in rows))
+rows = build(tn._rows_fwd_kernel, dict(HAS_W=True, HAS_B=True, ACT=2, CENTER=True,
+                                       BLOCK_C=1024, NUM_STAGES=2), {"C", "sn"})
+result["rows-fwd"] = sorted(set(v for v, _ in rows))
+build(tn._sum_rows_kernel, dict(HAS_W=True, HAS_B=True, BLOCK_R=32, BLOCK=64), {"C"})
 print(json.dumps(result))
 '''
 
@@ -998,7 +1069,7 @@ def test_kernels_compile_for_hopper_with_vector_loads():
     fold = widths.pop("fold")
     assert fold["atoms"] == [[True, "global.gpu.acq_rel.add.u32"]], fold
     assert fold["barrier_before"], fold
-    assert len(widths) == 24
+    assert len(widths) == 26
     for key, found in widths.items():
         assert ".v4" in found or ".cp16" in found, f"{key}: no 16-byte loads, got {found}"
 

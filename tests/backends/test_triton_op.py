@@ -85,6 +85,11 @@ tn.TUNING["fold_rows"] = True
 out["bwd_fold"] = traced(
     lambda dy, x: tn.triton_norm_bwd(dy, x, wd, bd, stats, 4, False, "silu", True), dy, x.detach())
 tn.TUNING["fold_rows"] = None
+# LayerNorm over the features of (6, 8): the rows backward and its sum of partial rows
+x2, dy2 = torch.randn(6, 8) + 3, torch.randn(6, 8)
+out["bwd_rows"] = traced(
+    lambda dy, x: tn.triton_norm_bwd(dy, x, wd, bd, torch.randn(5, 6, 1), 1, False, "none", True),
+    dy2, x2)
 out["fixed_bwd"] = traced(
     lambda dy, x: tn.triton_norm_fixed_bwd(dy, x, mean, var, wd, None, 1e-5, "none"), dy,
     x.detach())
@@ -116,12 +121,12 @@ def test_triton_op_traces_into_kernel_launches_that_copy_no_input():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["registered_as_triton_op"]
-    assert out["kernels"] == {"fwd": ["_fwd_kernel"], "fixed": ["_fwd_kernel"],
-                              "bwd": ["_bwd_kernel", "_reduce_rows_kernel"],
-                              "fixed_bwd": ["_bwd_kernel", "_reduce_rows_kernel"]}
+    bwd_kernels = ["_bwd_kernel", "_reduce_rows_kernel", "_rows_bwd_kernel", "_sum_rows_kernel"]
+    assert out["kernels"] == {"fwd": ["_rows_fwd_kernel", "_fwd_kernel"], "fixed": ["_fwd_kernel"],
+                              "bwd": bwd_kernels, "fixed_bwd": bwd_kernels}
     stages = {"fwd": [0], "fixed": [3], "bwd": [0, None], "bwd_fold": [0],
-              "fixed_bwd": [3, None],
-              "fwd_split": [1, 2], "bwd_split": [1, 2]}  # None: _reduce_rows_kernel
+              "bwd_rows": [None, None], "fixed_bwd": [3, None],
+              "fwd_split": [1, 2], "bwd_split": [1, 2]}  # None: a kernel without stages
     for name, expect in stages.items():
         graph = out[name]
         assert graph["opaque"] == [], (name, graph["opaque"])

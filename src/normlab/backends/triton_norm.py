@@ -93,6 +93,7 @@ TUNING: dict = {
     "group_blocks": True,  # False: one group per program in every layout (v1; benchmarks A/B)
     "num_stages": None,  # pipelining depth of the row-tile loops (None: 3 on a GPU, 1 otherwise)
     "fold_rows": None,  # the fused backward sums its dw/db rows itself (None: $NORMLAB_TRITON_FOLD)
+    "rows_max_c": None,  # widest (rows, C) row for the rows backward (None: ROWS_MAX_C; 0: never)
     "poison": None,  # tests: fill every output and scratch buffer with this before launching
 }
 
@@ -693,6 +694,151 @@ def _reduce_rows_kernel(
     _reduce_rows(PDW, PDB, DW, DB, ROWS, C, ch0, C - ch0, 1, HAS_W, HAS_B, BLOCK)
 
 
+@triton.jit
+def _rows_fwd_kernel(
+    X,  # (R, C) input, row stride sn, contiguous rows
+    Y,  # (R, C) like X
+    W,  # (C,) weight, or a dummy when not HAS_W
+    B,  # (C,) bias, or a dummy when not HAS_B
+    STATS,  # (5, R) float32 rows: mean, rstd, biased var, mean of x - shift, 0
+    R, C, RPP, sn, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, CENTER: tl.constexpr,
+    BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Forward of LayerNorm / RMSNorm over the features of (rows, C), a whole row in one tile:
+    program p normalizes rows [p*RPP, (p+1)*RPP), loads pipelined. A row's statistics are two
+    passes over it in registers (shift by its first element, mean, then the sum of squared
+    deviations: never E[x^2] - E[x]^2); the same five statistics rows as ``_fwd_kernel``."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    cm = cols < C
+    if HAS_W:
+        w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(cm, 1.0, 0.0)
+    if HAS_B:
+        b = tl.load(B + cols, mask=cm, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    r_lo = pid * RPP
+    r_hi = tl.minimum(r_lo + RPP, R)
+    base = r_lo.to(tl.int64) * sn  # int64: R * C can pass 2**31
+    for r in tl.range(r_lo, r_hi, num_stages=NUM_STAGES):
+        x = tl.load(X + base + cols, mask=cm, other=0.0).to(tl.float32)
+        if CENTER:  # shifted data (the row's first element), as the general kernels
+            shift = tl.load(X + base).to(tl.float32)
+            xs = tl.where(cm, x - shift, 0.0)
+            smean = tl.sum(xs, axis=0) / C
+            d = tl.where(cm, xs - smean, 0.0)
+        else:
+            shift = 0.0
+            smean = 0.0
+            d = x
+        var = tl.sum(d * d, axis=0) / C
+        rstd = 1.0 / tl.sqrt(var + eps)
+        y = _act_fwd(d * rstd * w + b, ACT)
+        tl.store(Y + base + cols, y.to(Y.dtype.element_ty), mask=cm)
+        tl.store(STATS + r, smean + shift)
+        tl.store(STATS + R + r, rstd)
+        tl.store(STATS + 2 * R + r, var)
+        tl.store(STATS + 3 * R + r, smean)
+        tl.store(STATS + 4 * R + r, 0.0)
+        base += sn
+
+
+@triton.jit
+def _rows_bwd_kernel(
+    X,  # (R, C) the forward's input, row stride sn, contiguous rows
+    DY,  # (R, C) like X
+    DX,  # (R, C) like X
+    W,  # (C,) weight, or a dummy when not HAS_W
+    B,  # (C,) bias, or a dummy when not HAS_B
+    MEAN,  # (R,) float32 shifted mean (the forward's STATS[3])
+    RSTD,  # (R,) float32 1/sqrt(var + eps)
+    PDW,  # (programs, C) float32 dweight partial of each program's rows, or a dummy
+    PDB,  # (programs, C) float32 dbias partial of each program's rows, or a dummy
+    R, C, RPP, sn, inv_m,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, CENTER: tl.constexpr,
+    BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Backward of LayerNorm / RMSNorm over the features of a 2-D (rows, C) input, the
+    transformer case: one statistic per row, a whole row in one tile (C <= BLOCK_C). grid =
+    (programs,): program p takes rows [p*RPP, (p+1)*RPP), one after another (loads pipelined),
+    and keeps dbias/dweight in per-lane registers across its rows; it writes one partial row.
+    So the partials are (programs, C) floats, not (R, C) (as large as the activation, in
+    float32), and ``_sum_rows_kernel`` sums a few hundred rows instead of R."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    cm = cols < C
+    if HAS_W:
+        w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(cm, 1.0, 0.0)
+    if HAS_B:
+        b = tl.load(B + cols, mask=cm, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    r_lo = pid * RPP
+    r_hi = tl.minimum(r_lo + RPP, R)
+    base = r_lo.to(tl.int64) * sn  # int64: R * C can pass 2**31
+    for r in tl.range(r_lo, r_hi, num_stages=NUM_STAGES):
+        x = tl.load(X + base + cols, mask=cm, other=0.0).to(tl.float32)
+        dy = tl.load(DY + base + cols, mask=cm, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + r)
+        if CENTER:  # the forward's shift (the row's first element) and shifted mean
+            xhat = ((x - tl.load(X + base).to(tl.float32)) - tl.load(MEAN + r)) * rstd
+        else:
+            xhat = x * rstd
+        dz = tl.where(cm, _act_bwd(xhat * w + b, dy, ACT), 0.0)
+        acc_db += dz
+        acc_dw += dz * xhat
+        dzw = dz * w
+        b_sum = tl.sum(dzw * xhat, axis=0)
+        if CENTER:
+            a_sum = tl.sum(dzw, axis=0)
+        else:
+            a_sum = 0.0  # d(mean)/dx = 0: no A term
+        dx = rstd * (dzw - (a_sum + xhat * b_sum) * inv_m)
+        tl.store(DX + base + cols, dx.to(DX.dtype.element_ty), mask=cm)
+        base += sn
+    if HAS_W:
+        tl.store(PDW + pid.to(tl.int64) * C + cols, acc_dw, mask=cm)
+    if HAS_B:
+        tl.store(PDB + pid.to(tl.int64) * C + cols, acc_db, mask=cm)
+
+
+@triton.jit
+def _sum_rows_kernel(
+    PDW,  # (ROWS, C) float32 partial rows, or a dummy when not HAS_W
+    PDB,  # (ROWS, C) float32 partial rows, or a dummy when not HAS_B
+    DW,  # (C,) dweight in the weight's dtype, or a dummy when not HAS_W
+    DB,  # (C,) dbias in the bias's dtype, or a dummy when not HAS_B
+    ROWS, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """DW[c] = sum_r PDW[r, c] (DB likewise) for BLOCK channels per program: [BLOCK_R, BLOCK]
+    tiles added lane by lane, then one reduction over the tile's rows: few round trips for a
+    few hundred rows, and a fixed order (deterministic)."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cm = cols < C
+    acc_w = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
+    for r0 in range(0, ROWS, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        m = (rows < ROWS)[:, None] & cm[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        if HAS_W:
+            acc_w += tl.load(PDW + offs, mask=m, other=0.0)
+        if HAS_B:
+            acc_b += tl.load(PDB + offs, mask=m, other=0.0)
+    if HAS_W:
+        tl.store(DW + cols, tl.sum(acc_w, axis=0).to(DW.dtype.element_ty), mask=cm)
+    if HAS_B:
+        tl.store(DB + cols, tl.sum(acc_b, axis=0).to(DB.dtype.element_ty), mask=cm)
+
+
 # ============================================================================================
 # launch planning (pure Python: shapes, strides, block sizes, split factor)
 # ============================================================================================
@@ -958,6 +1104,17 @@ def _launch_fwd(
     y = torch.empty_like(x)
     stats = torch.empty((5,) + _stat_shape(x, num_groups, over_batch), device=x.device,
                         dtype=torch.float32)
+    if _rows_path(p):  # LayerNorm / RMSNorm over (rows, C): several rows per program
+        _poison(y, stats)
+        rpp, programs, block_c, stages, warps = _rows_plan(p, x.device)
+        with _on_device(x):
+            wrap_triton(_rows_fwd_kernel)[(programs,)](
+                x, y, _param(weight, stats), _param(bias, stats), stats, p.n, p.c, rpp,
+                p.strides[0], eps, HAS_W=weight is not None, HAS_B=bias is not None,
+                ACT=ACT_CODES[activation], CENTER=center, BLOCK_C=block_c, NUM_STAGES=stages,
+                num_warps=warps,
+            )
+        return y, stats
     part = (torch.empty((p.num_stats * p.split * 3,), device=x.device, dtype=torch.float32)
             if p.split > 1 else stats)
     _poison(y, stats, part)
@@ -1020,6 +1177,61 @@ def _fold_mode(p: LaunchPlan, stage: int, has_w: bool, has_b: bool, counters: bo
     return 2 if on and stage == 0 and counters else 0
 
 
+# the widest row the rows backward takes in one tile (elements): wider rows keep the general
+# path (scripts/triton_aot_check.py: no spills up to here at 8 warps)
+ROWS_MAX_C = 4096
+
+
+def _rows_path(p: LaunchPlan) -> bool:
+    """LayerNorm / RMSNorm over the features of (rows, C) (one statistic per row, no spatial
+    positions) with the row in one tile: the rows backward (``_rows_bwd_kernel``)."""
+    widest = TUNING["rows_max_c"] if TUNING["rows_max_c"] is not None else ROWS_MAX_C
+    return p.s == 1 and p.g == 1 and not p.over_batch and p.n > 1 and p.c <= widest
+
+
+def _rows_plan(p: LaunchPlan, device: torch.device) -> Tuple[int, int, int, int, int]:
+    """(rows per program, programs, BLOCK_C, pipelining stages, warps) of the rows kernels:
+    about 2 programs per SM (a few hundred on a GPU), each taking a contiguous range of rows."""
+    target = TUNING["target_programs"] or _default_target_programs(device)
+    rpp = triton.cdiv(p.n, min(p.n, max(1, target // 2)))
+    block_c = _next_pow2(p.c)
+    stages = (TUNING["num_stages"] or (GPU_NUM_STAGES if device.type == "cuda" else 1)
+              if rpp > 1 else 1)
+    return rpp, triton.cdiv(p.n, rpp), block_c, stages, max(1, min(8, block_c // 256))
+
+
+def _launch_rows_bwd(
+    p: LaunchPlan, dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    mean: Tensor, rstd: Tensor, activation: str, center: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """dx, dweight, dbias of ``_rows_path`` calls: a few rows per program (dbias/dweight kept
+    per program, not per row), then the partial rows summed by ``_sum_rows_kernel``."""
+    dev = x.device
+    has_w, has_b = weight is not None, bias is not None
+    rpp, programs, block_c, stages, warps = _rows_plan(p, dev)
+    dx = torch.empty_like(x)
+    pdw, pdb = _scratch((programs * p.c if has_w else 1, programs * p.c if has_b else 1), dev)
+    dw = torch.empty((p.c,) if has_w else (0,), device=dev,
+                     dtype=weight.dtype if has_w else x.dtype)
+    db = torch.empty((p.c,) if has_b else (0,), device=dev,
+                     dtype=bias.dtype if has_b else x.dtype)
+    _poison(dx, pdw, pdb, dw, db)
+    with _on_device(x):
+        wrap_triton(_rows_bwd_kernel)[(programs,)](
+            x, dy, dx, _param(weight, rstd), _param(bias, rstd), mean.contiguous(),
+            rstd.contiguous(), pdw, pdb, p.n, p.c, rpp, p.strides[0], 1.0 / p.c,
+            HAS_W=has_w, HAS_B=has_b, ACT=ACT_CODES[activation], CENTER=center,
+            BLOCK_C=block_c, NUM_STAGES=stages, num_warps=warps,
+        )
+        if has_w or has_b:
+            block = min(64, block_c)
+            wrap_triton(_sum_rows_kernel)[(triton.cdiv(p.c, block),)](
+                pdw, pdb, dw if has_w else pdw, db if has_b else pdb, programs, p.c,
+                HAS_W=has_w, HAS_B=has_b, BLOCK_R=32, BLOCK=block,
+            )
+    return dx, dw, db
+
+
 def _launch_bwd(
     dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
     rstd: Tensor, var: Optional[Tensor], num_groups: int, over_batch: bool, eps: float,
@@ -1037,6 +1249,8 @@ def _launch_bwd(
                     x.device, x.element_size())
     if fixed:
         p = _elementwise_split(p, x.device)
+    elif _rows_path(p):
+        return _launch_rows_bwd(p, dy, x, weight, bias, mean, rstd, activation, center)
     dx = torch.empty_like(x)
     dev = x.device
     has_w, has_b = weight is not None, bias is not None
