@@ -42,7 +42,7 @@ from normlab.backends.reference import compute_dtype, output_memory_format
 
 
 def group_norm_channels_last(
-    x: Tensor,  # (N, C, *spatial), channels_last or channels_last_3d
+    x: Tensor,  # (N, C, *spatial), dense channels_last or channels_last_3d
     weight: Optional[Tensor],  # (C,) in the statistics' dtype
     bias: Optional[Tensor],  # (C,)
     num_groups: int,
@@ -50,11 +50,15 @@ def group_norm_channels_last(
     stats_dtype: torch.dtype,  # the dtype ATen would give mean and rstd (weight's, or x's)
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(y channels_last, mean (N, G), rstd (N, G)), differentiable in x, weight and bias."""
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
-    if not grad and x[0, 0].numel() >= ATEN_VECTORIZED_POSITIONS:
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return _ChannelsLastGroupNorm.apply(x, weight, bias, num_groups, eps, stats_dtype)
+    if x[0, 0].numel() >= ATEN_VECTORIZED_POSITIONS:
         return shifted_aten_group_norm(x, weight, bias, num_groups, eps)
-    return _ChannelsLastGroupNorm.apply(x, weight, bias, num_groups, eps, stats_dtype)
+    return _forward(x, weight, bias, num_groups, eps, stats_dtype)[:3]
 
 
 # From this many positions per channel on, ATen's channels_last forward runs its algorithm
@@ -68,106 +72,123 @@ def shifted_aten_group_norm(x, weight, bias, num_groups: int, eps: float):
     order, slow backward in channels_last): the forward-only path at many positions, and what
     a recorded backward differentiates."""
     n, c = x.shape[0], x.shape[1]
-    shift = group_shift(x, num_groups)
-    xk = x - _repeat(shift.to(x.dtype), c // num_groups).reshape((n, c) + (1,) * (x.dim() - 2))
-    y, mean, rstd = torch.native_group_norm(xk, weight, bias, n, c, x[0, 0].numel(), num_groups,
-                                            eps)
+    p = x[0, 0].numel()
+    shift = _group_shift(_rows(x.detach(), n, p, c), c // num_groups)  # (N, G)
+    shift_c = _per_channel(shift, c // num_groups).to(x.dtype)
+    xk = x - shift_c.view((n, c) + (1,) * (x.dim() - 2))  # channels_last, as x
+    y, mean, rstd = torch.native_group_norm(xk, weight, bias, n, c, p, num_groups, eps)
     return y, mean + shift.to(mean.dtype), rstd
 
 
-def group_shift(x: Tensor, num_groups: int) -> Tensor:
-    """(N, G): the first element of each group of x (0 where it is not finite), detached."""
-    first = x.detach()[(slice(None), slice(None)) + (0,) * (x.dim() - 2)]  # (N, C)
-    return torch.nan_to_num(first[:, :: x.shape[1] // num_groups], nan=0.0, posinf=0.0,
+def _rows(t: Tensor, n: int, p: int, c: int) -> Tensor:
+    """Dense channels_last (N, C, *spatial) -> its (N, positions, C) view (one op; the strides
+    of size-1 dims, free in such a tensor, do not matter)."""
+    return t.as_strided((n, p, c), (p * c, c, 1))
+
+
+def _group_shift(rows: Tensor, cpg: int) -> Tensor:
+    """(N, G): the first element of each group (0 where it is not finite), from the rows view."""
+    first = rows[:, 0]  # (N, C)
+    return torch.nan_to_num(first if cpg == 1 else first[:, ::cpg], nan=0.0, posinf=0.0,
                             neginf=0.0)
 
 
-def _repeat(t: Tensor, cpg: int) -> Tensor:
+def _per_channel(t: Tensor, cpg: int) -> Tensor:
     """(..., G) -> (..., C): each group's value repeated over its cpg channels."""
-    if cpg == 1:
-        return t
-    return t.unsqueeze(-1).expand(t.shape + (cpg,)).reshape(t.shape[:-1] + (-1,))
+    return t if cpg == 1 else t.repeat_interleave(cpg, -1)
 
 
-def _fold(t: Tensor, g: int) -> Tensor:
-    """(..., C) per-channel sums -> (..., G) per-group sums."""
-    return t.reshape(t.shape[:-1] + (g, -1)).sum(-1)
-
-
-def _rows(t: Tensor) -> Tensor:
-    """(N, C, *spatial) channels_last -> its (N, positions, C) view."""
-    return t.movedim(1, -1).reshape(t.shape[0], -1, t.shape[1])
-
-
-def _from_rows(rows: Tensor, like: Tensor) -> Tensor:
-    """(N, positions, C) -> (N, C, *spatial) in channels_last layout (a view)."""
-    return rows.reshape((like.shape[0],) + like.shape[2:] + (like.shape[1],)).movedim(-1, 1)
-
-
-def _shifted_rows(x: Tensor, shift_c: Tensor) -> Tensor:
-    """(N, P, C) rows of x minus each channel's group shift (N, C), in shift_c's dtype (half
-    input is converted first, then shifted in place: exact where x is near the shift)."""
-    rows = _rows(x)
-    if rows.dtype == shift_c.dtype:
-        return rows - shift_c.unsqueeze(1)
-    return rows.to(shift_c.dtype).sub_(shift_c.unsqueeze(1))
+def _forward(x, weight, bias, g: int, eps: float, stats_dtype: torch.dtype):
+    """The sums path's forward: (y, mean, rstd) as returned, then shift_c (N, C), mean_s and
+    rstd (N, G) in the accumulation dtype for the backward."""
+    n, c = x.shape[0], x.shape[1]
+    p, cpg = x[0, 0].numel(), c // g
+    acc = compute_dtype(x.dtype)
+    rows = _rows(x, n, p, c)
+    shift = _group_shift(rows, cpg).to(acc)
+    shift_c = _per_channel(shift, cpg)
+    y = torch.empty_like(x)  # not a view: the caller may modify it in place (relu_)
+    yr = _rows(y, n, p, c)
+    if acc == x.dtype:
+        xs = rows - shift_c.unsqueeze(1)  # (N, P, C)
+        sq = torch.mul(xs, xs, out=yr)  # y's buffer as scratch: one activation-sized temporary
+    else:  # half input: converted once, shifted in place (exact where x is near the shift)
+        xs = rows.to(acc).sub_(shift_c.unsqueeze(1))
+        sq = xs * xs
+    # E[xs], E[xs^2] per group
+    sums = torch.stack((xs.sum(1), sq.sum(1)))  # (2, N, C)
+    if cpg > 1:
+        sums = sums.view(2, n, g, cpg).sum(3)
+    mean_s, ex2 = sums.div_(p * cpg)
+    rstd = torch.addcmul(ex2, mean_s, mean_s, value=-1).clamp_min_(0).add_(eps).rsqrt_()
+    # y = xs * scale + offset, per channel; computed in acc, rounded once into y
+    r, m = rstd.unsqueeze(2), mean_s.unsqueeze(2)  # (N, G, 1)
+    scale = _per_channel(rstd, cpg).view(n, g, cpg) if weight is None else r * weight.view(g, cpg)
+    if bias is None:
+        offset = torch.mul(m, scale).neg_()
+    else:
+        offset = torch.addcmul(bias.view(g, cpg), m, scale, value=-1)
+    torch.addcmul(offset.view(n, 1, c), xs, scale.view(n, 1, c), out=yr)
+    mean = mean_s + shift
+    return y, mean.to(stats_dtype), rstd.to(stats_dtype), shift_c, mean_s, rstd
 
 
 class _ChannelsLastGroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, g, eps, stats_dtype):
-        c = x.shape[1]
-        acc = compute_dtype(x.dtype)
-        shift = group_shift(x, g).to(acc)
-        shift_c = _repeat(shift, c // g)
-        xs = _shifted_rows(x, shift_c)  # (N, P, C)
-        count = xs.shape[1] * (c // g)
-        # E[xs], E[xs^2] per group: (2, N, G)
-        moments = _fold(torch.stack((xs.sum(1), (xs * xs).sum(1))), g) / count
-        mean_s = moments[0]
-        rstd = (moments[1] - mean_s * mean_s).clamp_min_(0).add_(eps).rsqrt_()
-        mean_c, rstd_c = _repeat(torch.stack((mean_s, rstd)), c // g)  # (N, C) each
-        scale = rstd_c if weight is None else rstd_c * weight.to(acc)
-        offset = -mean_c * scale if bias is None else torch.addcmul(bias.to(acc), mean_c, scale,
-                                                                      value=-1)
-        y = torch.addcmul(offset.unsqueeze(1), xs, scale.unsqueeze(1)).to(x.dtype)
+        y, mean, rstd_out, shift_c, mean_s, rstd = _forward(x, weight, bias, g, eps, stats_dtype)
         ctx.save_for_backward(x, weight, bias, shift_c, mean_s, rstd)
         ctx.g, ctx.eps = g, eps
-        mean = (mean_s + shift).to(stats_dtype)
-        rstd_out = rstd.to(stats_dtype)
         ctx.mark_non_differentiable(mean, rstd_out)
-        return _from_rows(y, x), mean, rstd_out
+        return y, mean, rstd_out
 
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd):
         x, weight, bias, shift_c, mean_s, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate a recorded recomputation
             return _recorded_backward(ctx, x, weight, bias, dy) + (None, None, None)
-        g, c = ctx.g, x.shape[1]
-        cpg = c // g
-        xs = _shifted_rows(x, shift_c)
-        dyr = _rows(dy.contiguous(memory_format=output_memory_format(x)))
-        if dyr.dtype != xs.dtype:  # half dy: converted once (mixed-dtype ops take a slow loop)
-            dyr = dyr.to(xs.dtype)
-        count = xs.shape[1] * cpg
-        db = dyr.sum(1)  # (N, C)
-        ds = (dyr * xs).sum(1)  # (N, C): sum of dy * (x - shift)
-        gamma = None if weight is None else weight.to(xs.dtype)
-        sums = torch.stack((ds, db)) if gamma is None else torch.stack((ds, db)) * gamma
-        a, b = _fold(sums, g)  # (N, G): sums of gamma * dy * xs and gamma * dy over the group
-        c2 = (b * mean_s - a) * (rstd * rstd * rstd) / count
-        c3 = -c2 * mean_s - b * rstd / count
-        mean_c, rstd_c, c2, c3 = _repeat(torch.stack((mean_s, rstd, c2, c3)), cpg)  # (N, C)
-        dx = dw = dbias = None
-        if ctx.needs_input_grad[0]:
-            k1 = rstd_c if gamma is None else rstd_c * gamma
-            dx = torch.addcmul(c3.unsqueeze(1), xs, c2.unsqueeze(1)).addcmul_(dyr, k1.unsqueeze(1))
-            dx = _from_rows(dx.to(x.dtype), x)
-        if ctx.needs_input_grad[1]:
-            dw = ((ds - db * mean_c) * rstd_c).sum(0).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            dbias = db.sum(0).to(bias.dtype)
-        return dx, dw, dbias, None, None, None
+        return _backward(ctx.needs_input_grad, x, weight, bias, ctx.g, shift_c, mean_s, rstd,
+                         dy) + (None, None, None)
+
+
+def _backward(needs, x, weight, bias, g: int, shift_c, mean_s, rstd, dy):
+    """dx, dweight, dbias of the sums path (closed form, see the module docstring)."""
+    n, c = x.shape[0], x.shape[1]
+    p, cpg = x[0, 0].numel(), c // g
+    rows = _rows(x, n, p, c)
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    dyr = _rows(dy.contiguous(memory_format=fmt), n, p, c)
+    dx = torch.empty_like(x) if needs[0] else None
+    if rstd.dtype == x.dtype:
+        xs = rows - shift_c.unsqueeze(1)
+        prod = torch.mul(dyr, xs, out=None if dx is None else _rows(dx, n, p, c))
+    else:  # half: converted once (mixed-dtype ops take a slow loop)
+        xs = rows.to(rstd.dtype).sub_(shift_c.unsqueeze(1))
+        dyr = dyr.to(rstd.dtype)
+        prod = dyr * xs
+    sums = torch.stack((prod.sum(1), dyr.sum(1)))  # (2, N, C): sums of dy * xs and of dy
+    gsums = sums if weight is None else sums * weight
+    if cpg > 1:
+        gsums = gsums.view(2, n, g, cpg).sum(3)
+    a, b = gsums  # (N, G): sums of gamma * dy * xs and gamma * dy over the group
+    k = rstd / (p * cpg)
+    c2 = torch.addcmul(a, b, mean_s, value=-1).mul_(rstd * rstd).mul_(k).neg_()
+    c3 = torch.addcmul(b * k, c2, mean_s).neg_()
+    c2, c3, mean_c, rstd_c = _per_channel(torch.stack((c2, c3, mean_s, rstd)), cpg)  # (N, C)
+    dw = dbias = None
+    if needs[0]:
+        k1 = rstd_c if weight is None else rstd_c * weight
+        # dx = c2 * xs + c3 + k1 * dy, into prod's buffer (dx's own for full precision)
+        torch.addcmul(c3.unsqueeze(1), xs, c2.unsqueeze(1), out=prod).addcmul_(
+            dyr, k1.unsqueeze(1))
+        if prod.dtype != dx.dtype:
+            _rows(dx, n, p, c).copy_(prod)
+    ds, db = sums
+    if needs[1]:
+        dw = torch.addcmul(ds, db, mean_c, value=-1).mul_(rstd_c).sum(0).to(weight.dtype)
+    if needs[2]:
+        dbias = db.sum(0).to(bias.dtype)
+    return dx, dw, dbias
 
 
 def _recorded_backward(ctx, x, weight, bias, dy):
