@@ -33,6 +33,7 @@ sum over positions is a reduction along the outer dimension, vectorized over C:
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -56,7 +57,7 @@ def group_norm_channels_last(
         or (bias is not None and bias.requires_grad)
     ):
         return _ChannelsLastGroupNorm.apply(x, weight, bias, num_groups, eps, stats_dtype)
-    if x[0, 0].numel() >= ATEN_VECTORIZED_POSITIONS:
+    if math.prod(x.shape[2:]) >= ATEN_VECTORIZED_POSITIONS:
         return shifted_aten_group_norm(x, weight, bias, num_groups, eps)
     return _forward(x, weight, bias, num_groups, eps, stats_dtype)[:3]
 
@@ -72,12 +73,11 @@ def shifted_aten_group_norm(x, weight, bias, num_groups: int, eps: float):
     order, slow backward in channels_last): the forward-only path at many positions, and what
     a recorded backward differentiates."""
     n, c = x.shape[0], x.shape[1]
-    p = x[0, 0].numel()
-    shift = _group_shift(_rows(x.detach(), n, p, c), c // num_groups)  # (N, G)
-    shift_c = _per_channel(shift, c // num_groups).to(x.dtype)
+    p = math.prod(x.shape[2:])
+    shift_c = _channel_shift(_rows(x.detach(), n, p, c), num_groups)  # (N, C)
     xk = x - shift_c.view((n, c) + (1,) * (x.dim() - 2))  # channels_last, as x
     y, mean, rstd = torch.native_group_norm(xk, weight, bias, n, c, p, num_groups, eps)
-    return y, mean + shift.to(mean.dtype), rstd
+    return y, mean + shift_c[:, :: c // num_groups].to(mean.dtype), rstd
 
 
 def _rows(t: Tensor, n: int, p: int, c: int) -> Tensor:
@@ -86,11 +86,12 @@ def _rows(t: Tensor, n: int, p: int, c: int) -> Tensor:
     return t.as_strided((n, p, c), (p * c, c, 1))
 
 
-def _group_shift(rows: Tensor, cpg: int) -> Tensor:
-    """(N, G): the first element of each group (0 where it is not finite), from the rows view."""
-    first = rows[:, 0]  # (N, C)
-    return torch.nan_to_num(first if cpg == 1 else first[:, ::cpg], nan=0.0, posinf=0.0,
-                            neginf=0.0)
+def _channel_shift(rows: Tensor, g: int) -> Tensor:
+    """(N, C): for each channel the first element of its group (0 where it is not finite), from
+    the (N, P, C) rows view: a stride-0 view copied once by nan_to_num."""
+    n, c = rows.shape[0], rows.shape[2]
+    first = rows.as_strided((n, g, c // g), (rows.stride(0), c // g, 0))
+    return torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0).view(n, c)
 
 
 def _per_channel(t: Tensor, cpg: int) -> Tensor:
@@ -102,11 +103,10 @@ def _forward(x, weight, bias, g: int, eps: float, stats_dtype: torch.dtype):
     """The sums path's forward: (y, mean, rstd) as returned, then shift_c (N, C), mean_s and
     rstd (N, G) in the accumulation dtype for the backward."""
     n, c = x.shape[0], x.shape[1]
-    p, cpg = x[0, 0].numel(), c // g
+    p, cpg = math.prod(x.shape[2:]), c // g
     acc = compute_dtype(x.dtype)
     rows = _rows(x, n, p, c)
-    shift = _group_shift(rows, cpg).to(acc)
-    shift_c = _per_channel(shift, cpg)
+    shift_c = _channel_shift(rows, g).to(acc)  # (N, C)
     y = torch.empty_like(x)  # not a view: the caller may modify it in place (relu_)
     yr = _rows(y, n, p, c)
     if acc == x.dtype:
@@ -129,7 +129,7 @@ def _forward(x, weight, bias, g: int, eps: float, stats_dtype: torch.dtype):
     else:
         offset = torch.addcmul(bias.view(g, cpg), m, scale, value=-1)
     torch.addcmul(offset.view(n, 1, c), xs, scale.view(n, 1, c), out=yr)
-    mean = mean_s + shift
+    mean = mean_s + shift_c[:, ::cpg]
     return y, mean.to(stats_dtype), rstd.to(stats_dtype), shift_c, mean_s, rstd
 
 
@@ -139,11 +139,14 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         y, mean, rstd_out, shift_c, mean_s, rstd = _forward(x, weight, bias, g, eps, stats_dtype)
         ctx.save_for_backward(x, weight, bias, shift_c, mean_s, rstd)
         ctx.g, ctx.eps = g, eps
+        ctx.set_materialize_grads(False)  # mean and rstd get no gradient: no zeros made for them
         ctx.mark_non_differentiable(mean, rstd_out)
         return y, mean, rstd_out
 
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd):
+        if dy is None:
+            return (None,) * 6
         x, weight, bias, shift_c, mean_s, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate a recorded recomputation
             return _recorded_backward(ctx, x, weight, bias, dy) + (None, None, None)
@@ -154,7 +157,7 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
 def _backward(needs, x, weight, bias, g: int, shift_c, mean_s, rstd, dy):
     """dx, dweight, dbias of the sums path (closed form, see the module docstring)."""
     n, c = x.shape[0], x.shape[1]
-    p, cpg = x[0, 0].numel(), c // g
+    p, cpg = math.prod(x.shape[2:]), c // g
     rows = _rows(x, n, p, c)
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     dyr = _rows(dy.contiguous(memory_format=fmt), n, p, c)
