@@ -51,15 +51,39 @@ def group_norm_channels_last(
     stats_dtype: torch.dtype,  # the dtype ATen would give mean and rstd (weight's, or x's)
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(y channels_last, mean (N, G), rstd (N, G)), differentiable in x, weight and bias."""
+    sums = uses_sums_path(x, num_groups)
     if torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        return _ChannelsLastGroupNorm.apply(x, weight, bias, num_groups, eps, stats_dtype)
-    if math.prod(x.shape[2:]) >= ATEN_VECTORIZED_POSITIONS:
+        if sums:
+            return _ChannelsLastGroupNorm.apply(x, weight, bias, num_groups, eps, stats_dtype)
+        return shifted_aten_group_norm(x, weight, bias, num_groups, eps)
+    if not sums or math.prod(x.shape[2:]) >= ATEN_VECTORIZED_POSITIONS:
         return shifted_aten_group_norm(x, weight, bias, num_groups, eps)
     return _forward(x, weight, bias, num_groups, eps, stats_dtype)[:3]
+
+
+# dtype -> (channels per group from which ATen's channels_last kernel on shifted input is the
+# faster at every size measured, elements per channel of a group from which the sums path is
+# the faster below that width): forward + backward, one thread, benchmarks/NOTES.md
+# ("channels_last GN/IN on CPU", the size rule). Other dtypes take float32's.
+SUMS_PATH_LIMITS = {
+    torch.float32: (8, 32768),
+    torch.float64: (2, 32768),
+    torch.bfloat16: (16, 8192),
+    torch.float16: (16, 8192),
+}
+
+
+def uses_sums_path(x: Tensor, num_groups: int) -> bool:
+    """The size rule: the sums path for groups narrower than the dtype's limit holding at least
+    its number of elements per channel (x.numel() >= limit * C/G); ATen's kernel on shifted
+    input otherwise (its per-call cost is lower, and for wide groups its kernel is faster)."""
+    cpg = x.shape[1] // num_groups
+    max_cpg, numel_per_cpg = SUMS_PATH_LIMITS.get(x.dtype, SUMS_PATH_LIMITS[torch.float32])
+    return cpg < max_cpg and x.numel() >= numel_per_cpg * cpg
 
 
 # From this many positions per channel on, ATen's channels_last forward runs its algorithm
@@ -107,16 +131,18 @@ def _forward(x, weight, bias, g: int, eps: float, stats_dtype: torch.dtype):
     acc = compute_dtype(x.dtype)
     rows = _rows(x, n, p, c)
     shift_c = _channel_shift(rows, g).to(acc)  # (N, C)
-    y = torch.empty_like(x)  # not a view: the caller may modify it in place (relu_)
-    yr = _rows(y, n, p, c)
     if acc == x.dtype:
+        y = torch.empty_like(x)  # not a view: the caller may modify it in place (relu_)
         xs = rows - shift_c.unsqueeze(1)  # (N, P, C)
-        sq = torch.mul(xs, xs, out=yr)  # y's buffer as scratch: one activation-sized temporary
+        sq = torch.mul(xs, xs, out=_rows(y, n, p, c))  # y's buffer as scratch
     else:  # half input: converted once, shifted in place (exact where x is near the shift)
         xs = rows.to(acc).sub_(shift_c.unsqueeze(1))
         sq = xs * xs
     # E[xs], E[xs^2] per group
     sums = torch.stack((xs.sum(1), sq.sum(1)))  # (2, N, C)
+    del sq  # (half input: freed before y is allocated, one buffer less at the peak)
+    if acc != x.dtype:
+        y = torch.empty_like(x)
     if cpg > 1:
         sums = sums.view(2, n, g, cpg).sum(3)
     mean_s, ex2 = sums.div_(p * cpg)
@@ -128,7 +154,7 @@ def _forward(x, weight, bias, g: int, eps: float, stats_dtype: torch.dtype):
         offset = torch.mul(m, scale).neg_()
     else:
         offset = torch.addcmul(bias.view(g, cpg), m, scale, value=-1)
-    torch.addcmul(offset.view(n, 1, c), xs, scale.view(n, 1, c), out=yr)
+    torch.addcmul(offset.view(n, 1, c), xs, scale.view(n, 1, c), out=_rows(y, n, p, c))
     mean = mean_s + shift_c[:, ::cpg]
     return y, mean.to(stats_dtype), rstd.to(stats_dtype), shift_c, mean_s, rstd
 
@@ -161,7 +187,7 @@ def _backward(needs, x, weight, bias, g: int, shift_c, mean_s, rstd, dy):
     rows = _rows(x, n, p, c)
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     dyr = _rows(dy.contiguous(memory_format=fmt), n, p, c)
-    dx = torch.empty_like(x) if needs[0] else None
+    dx = torch.empty_like(x) if needs[0] and rstd.dtype == x.dtype else None
     if rstd.dtype == x.dtype:
         xs = rows - shift_c.unsqueeze(1)
         prod = torch.mul(dyr, xs, out=None if dx is None else _rows(dx, n, p, c))
@@ -181,10 +207,15 @@ def _backward(needs, x, weight, bias, g: int, shift_c, mean_s, rstd, dy):
     dw = dbias = None
     if needs[0]:
         k1 = rstd_c if weight is None else rstd_c * weight
-        # dx = c2 * xs + c3 + k1 * dy, into prod's buffer (dx's own for full precision)
+        # dx = c2 * xs + c3 + k1 * dy: into dx's buffer (holding prod), or for half input into
+        # xs's (prod freed first), rounded once into dx
+        if dx is None:
+            del prod
+            prod = xs
         torch.addcmul(c3.unsqueeze(1), xs, c2.unsqueeze(1), out=prod).addcmul_(
             dyr, k1.unsqueeze(1))
-        if prod.dtype != dx.dtype:
+        if dx is None:
+            dx = torch.empty_like(x)
             _rows(dx, n, p, c).copy_(prod)
     ds, db = sums
     if needs[1]:
