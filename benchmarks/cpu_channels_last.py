@@ -5,8 +5,11 @@ Routes, each on x = 1000 + randn (float32 or bfloat16) with a random affine:
 
 * torch_cl:     F.group_norm on channels_last input (ATen's channels_last kernel; inaccurate here)
 * torch_nchw:   F.group_norm on the same values in NCHW (input and output NCHW: the floor)
-* native:       normlab.functional.group_norm (backend native) on channels_last input
-* shifted_aten: ATen's channels_last kernel on x minus one element per group (native before)
+* native:       normlab.functional.group_norm (backend native) on channels_last input (the
+                sums path or the shifted ATen kernel, by native_channels_last.uses_sums_path)
+* shifted_aten: ATen's channels_last kernel on x minus one element per group (native before
+                the sums path; what native runs where the size rule says so)
+* sums_path:    native's sums path, whatever the size rule says (forward-only calls too)
 * nchw_copy:    x.contiguous() -> ATen NCHW kernel -> output back to channels_last
 
 Times are the minimum over interleaved rounds (all routes of a case take turns, so load drift
@@ -31,11 +34,18 @@ import torch.nn.functional as F
 
 import normlab
 import normlab.functional as NF
-from normlab.backends.native_channels_last import shifted_aten_group_norm
+from normlab.backends.native_channels_last import shifted_aten_group_norm, sums_group_norm
 
 CL = torch.channels_last
-# (N, C, H, W): a mid ResNet stage, a small-map batch, a wide small map, a large map at batch 2
-SHAPES = [(8, 64, 32, 32), (32, 32, 16, 16), (16, 256, 8, 8), (2, 128, 64, 64)]
+# (N, C, H, W), G = 32 and G = C each
+SHAPES = [
+    (8, 64, 32, 32),  # a mid ResNet stage: 1024 positions, ATen's vectorized forward
+    (32, 32, 16, 16),  # a small-map batch, one channel per group even at G = 32
+    (16, 256, 8, 8),  # a wide small map: G = 32 has 8 channels per group, where ATen is fast
+    (2, 128, 64, 64),  # a large map at batch 2
+    (8, 64, 8, 8),  # a small layer (32k elements): near the size rule's edge for narrow groups
+    (2, 32, 4, 4),  # a tiny layer (1k elements): the per-call cost alone
+]
 
 
 def _nchw_copy(x, g, w, b):
@@ -49,6 +59,7 @@ ROUTES = {
     "torch_nchw": lambda x, g, w, b: F.group_norm(x, g, w, b),  # fed NCHW input
     "native": lambda x, g, w, b: NF.group_norm(x, g, w, b, backend="native"),
     "shifted_aten": lambda x, g, w, b: shifted_aten_group_norm(x, w, b, g, 1e-5)[0],
+    "sums_path": lambda x, g, w, b: sums_group_norm(x, w, b, g, 1e-5, w.dtype)[0],
     "nchw_copy": _nchw_copy,
 }
 

@@ -1,6 +1,8 @@
 """The native backend on channels_last CPU input (src/normlab/backends/native_channels_last.py):
 GN, IN and LayerNorm over C at offset 1000 - output, statistics and gradients against the float64
-formula (tests/formula.py), the forward-only path, a recorded backward, half precision."""
+formula (tests/formula.py), the forward-only path, a recorded backward, half precision - on both
+of its paths (the sums path and ATen's kernel on shifted input, each forced through the size
+rule's limits), and the size rule itself at its edges."""
 
 import math
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 import normlab.functional as NF
-from normlab.backends import use_backend
+from normlab.backends import native_channels_last as ncl, use_backend
 from normlab.backends.native_channels_last import ATEN_VECTORIZED_POSITIONS
 from formula import group_norm64, rel_err
 
@@ -25,6 +27,21 @@ def _case(shape, dtype=torch.float32, offset=1000.0, seed=0):
     b = torch.randn(shape[1], generator=gen, dtype=torch.float64).to(dtype)
     dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
     return x.contiguous(memory_format=fmt), w, b, dy.contiguous(memory_format=fmt)
+
+
+@pytest.fixture(params=["sums", "shifted"])
+def path(request, monkeypatch):
+    """Forces one path through the size rule's limits: every width and size to the sums path,
+    or none."""
+    limits = (math.inf, 0) if request.param == "sums" else (0, 0)
+    for dtype in list(ncl.SUMS_PATH_LIMITS):
+        monkeypatch.setitem(ncl.SUMS_PATH_LIMITS, dtype, limits)
+    return request.param
+
+
+def _path_of(y):
+    """Which path made y (with grad): the sums path's autograd.Function or ATen's kernel."""
+    return "sums" if "ChannelsLastGroupNorm" in type(y.grad_fn).__name__ else "shifted"
 
 
 def _native(x, groups, w, b, dy):
@@ -54,20 +71,23 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape,groups", CASES)
-def test_float32_at_offset_matches_the_formula(shape, groups):
+def test_float32_at_offset_matches_the_formula(shape, groups, path):
     x, w, b, dy = _case(shape)
+    xr = x.clone().requires_grad_()
+    assert _path_of(NF.group_norm(xr, groups, w, b, backend="native")) == path
     y, dx, dw, db = _native(x, groups, w, b, dy)
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
     y64, dx64, dw64, db64 = _float64(x, groups, w, b, dy)
     assert (y.double() - y64).abs().max().item() < 3 * 2 * ULP_1000
-    # measured 1e-7 - 8e-7 on these inputs (ATen's NCHW kernel on the same input: 1e-5 - 7e-4)
+    # measured 1e-7 - 8e-7 on these inputs, shifted ATen kernel 1e-7 - 1.1e-6 (ATen's NCHW kernel
+    # on the same input: 1e-5 - 7e-4)
     for name, got, want in (("y", y, y64), ("dx", dx, dx64), ("dw", dw, dw64), ("db", db, db64)):
         assert rel_err(got, want) < 3e-6, (name, rel_err(got, want))
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 6, 16, 16), 3), ((1, 4, 32, 32), 4)])
-def test_bfloat16_as_accurate_as_the_nchw_path(shape, groups):
+def test_bfloat16_as_accurate_as_the_nchw_path(shape, groups, path):
     # bf16 input: float32 statistics; errors are bf16 rounding, no worse than contiguous input
     x, w, b, dy = _case(shape, torch.bfloat16, offset=100.0)
     cl = _native(x, groups, w, b, dy)
@@ -90,20 +110,22 @@ def test_statistics_and_dtype_as_the_nchw_path():
     assert rel_err(rstd, torch.rsqrt(var64 + 1e-5)) < 1e-5
 
 
-def test_forward_only_at_many_positions_uses_aten_and_stays_accurate():
-    # no grad and >= 1024 positions: ATen's vectorized channels_last forward on shifted input
+def test_forward_only_at_many_positions_uses_aten_and_stays_accurate(path):
+    # no grad and >= 1024 positions: ATen's vectorized channels_last forward on shifted input,
+    # even where the size rule picks the sums path for training calls
     x, w, b, _ = _case((2, 4, 32, 32))
     assert 32 * 32 >= ATEN_VECTORIZED_POSITIONS
     with torch.no_grad():
         y, mean, rstd = NF.normalize(x, 2, False, w, b, backend="native", return_stats=True)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert (y.double() - group_norm64(x, 2, w, b)).abs().max().item() < 3 * 2 * ULP_1000
-    xr = x.clone().requires_grad_()  # with grad: the sums path, the same statistics
-    _, mean_g, rstd_g = NF.normalize(xr, 2, False, w, b, backend="native", return_stats=True)
+    xr = x.clone().requires_grad_()  # with grad: the forced path, the same statistics
+    y_g, mean_g, rstd_g = NF.normalize(xr, 2, False, w, b, backend="native", return_stats=True)
+    assert _path_of(y_g) == path
     assert (mean - mean_g).abs().max() < 2 * ULP_1000 and rel_err(rstd, rstd_g) < 1e-5
 
 
-def test_output_gradient_in_another_layout():
+def test_output_gradient_in_another_layout(path):
     # an NCHW output gradient (here from multiplying by an NCHW tensor) and an expanded one
     x, w, b, dy = _case((2, 6, 16, 16))
     y, dx, _, _ = _native(x, 3, w, b, dy.contiguous())
@@ -113,7 +135,7 @@ def test_output_gradient_in_another_layout():
     assert rel_err(xr.grad, _float64(x, 3, w, b, torch.ones_like(dy))[1]) < 3e-5
 
 
-def test_gradient_penalty_second_order_matches_the_formula():
+def test_gradient_penalty_second_order_matches_the_formula(path):
     # create_graph=True: the backward is recorded (ATen's differentiable ops on shifted input)
     x, w, b, dy = _case((2, 6, 4, 4), offset=10.0)
 
@@ -129,7 +151,7 @@ def test_gradient_penalty_second_order_matches_the_formula():
         assert rel_err(got, want) < 1e-4
 
 
-def test_nan_and_inf_stay_in_their_group():
+def test_nan_and_inf_stay_in_their_group(path):
     x, w, b, dy = _case((2, 6, 8, 8))
     x[0, 1, 2, 3] = math.nan  # sample 0, group 0
     x[1, 4, 0, 0] = math.inf  # sample 1, group 2: the group's shift element itself
@@ -140,3 +162,50 @@ def test_nan_and_inf_stay_in_their_group():
     for n, ch in clean:
         assert torch.isfinite(dx[n, ch]).all()
         assert rel_err(y[n, ch], y64[n, ch]) < 3e-6 and rel_err(dx[n, ch], dx64[n, ch]) < 3e-6
+
+
+def test_no_affine_and_forward_only_below_1024_positions(path):
+    # weight and bias None (the sums path then spreads rstd over the channels itself); the same
+    # forward without grad (the sums path's forward outside autograd below 1024 positions)
+    x, _, _, dy = _case((2, 6, 8, 8))
+    y, dx, _, _ = _native(x, 3, torch.ones(6), torch.zeros(6), dy)
+    xr = x.clone().requires_grad_()
+    y_none = NF.group_norm(xr, 3, backend="native")
+    y_none.backward(dy)
+    assert _path_of(y_none) == path
+    y64, dx64, _, _ = _float64(x, 3, torch.ones(6), torch.zeros(6), dy)
+    assert rel_err(y_none, y64) < 3e-6 and rel_err(xr.grad, dx64) < 3e-6
+    with torch.no_grad():
+        y_fwd = NF.group_norm(x, 3, backend="native")
+    assert y_fwd.is_contiguous(memory_format=torch.channels_last) and rel_err(y_fwd, y64) < 3e-6
+
+
+def test_output_can_be_modified_in_place(path):
+    # y is a tensor of its own, not a view made inside the autograd.Function: an in-place
+    # activation after the norm (nn.ReLU(inplace=True)) works and its gradient is right
+    x, w, b, dy = _case((2, 6, 8, 8))
+    xr = x.clone().requires_grad_()
+    y = NF.group_norm(xr, 3, w, b, backend="native")
+    assert not y._is_view()
+    y.relu_().backward(dy)
+    xd = x.double().requires_grad_()
+    group_norm64(xd, 3, w.double(), b.double()).relu().backward(dy.double())
+    assert rel_err(xr.grad, xd.grad) < 3e-6
+
+
+# The size rule's edges (C/G below max_cpg and x.numel() >= numel_per_cpg * C/G take the sums
+# path), on shapes built from the limits: (1, C, 1, positions) with 2 groups.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_size_rule_edges_pick_the_path_the_rule_says(dtype):
+    max_cpg, numel_per_cpg = ncl.SUMS_PATH_LIMITS[dtype]
+
+    def path_for(c, positions):
+        x = _case((1, c, 1, positions), dtype, offset=100.0)[0].requires_grad_()
+        return _path_of(NF.group_norm(x, 2, backend="native"))
+
+    for cpg in (1, max_cpg - 1):  # the narrowest and the widest groups the rule sends to sums
+        at_edge = numel_per_cpg // 2  # 2 * cpg channels: numel_per_cpg * cpg elements exactly
+        assert path_for(2 * cpg, at_edge) == "sums"
+        assert path_for(2 * cpg, at_edge - 1) == "shifted"  # 2 * cpg elements fewer
+    # one channel per group more: ATen's kernel on shifted input, even at twice the size
+    assert path_for(2 * max_cpg, numel_per_cpg) == "shifted"

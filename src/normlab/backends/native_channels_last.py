@@ -50,19 +50,30 @@ def group_norm_channels_last(
     eps: float,
     stats_dtype: torch.dtype,  # the dtype ATen would give mean and rstd (weight's, or x's)
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y channels_last, mean (N, G), rstd (N, G)), differentiable in x, weight and bias."""
-    sums = uses_sums_path(x, num_groups)
-    if torch.is_grad_enabled() and (
+    """(y channels_last, mean (N, G), rstd (N, G)), differentiable in x, weight and bias: the
+    sums path where uses_sums_path says so (forward-only calls there only below
+    ATEN_VECTORIZED_POSITIONS positions), ATen's kernel on shifted input otherwise."""
+    if uses_sums_path(x, num_groups) and (
+        math.prod(x.shape[2:]) < ATEN_VECTORIZED_POSITIONS or _needs_grad(x, weight, bias)
+    ):
+        return sums_group_norm(x, weight, bias, num_groups, eps, stats_dtype)
+    return shifted_aten_group_norm(x, weight, bias, num_groups, eps)
+
+
+def sums_group_norm(x, weight, bias, num_groups: int, eps: float, stats_dtype: torch.dtype):
+    """The sums path on dense channels_last x (same arguments and results as
+    group_norm_channels_last), whatever the size rule says."""
+    if _needs_grad(x, weight, bias):
+        return _ChannelsLastGroupNorm.apply(x, weight, bias, num_groups, eps, stats_dtype)
+    return _forward(x, weight, bias, num_groups, eps, stats_dtype)[:3]
+
+
+def _needs_grad(x, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
-    ):
-        if sums:
-            return _ChannelsLastGroupNorm.apply(x, weight, bias, num_groups, eps, stats_dtype)
-        return shifted_aten_group_norm(x, weight, bias, num_groups, eps)
-    if not sums or math.prod(x.shape[2:]) >= ATEN_VECTORIZED_POSITIONS:
-        return shifted_aten_group_norm(x, weight, bias, num_groups, eps)
-    return _forward(x, weight, bias, num_groups, eps, stats_dtype)[:3]
+    )
 
 
 # dtype -> (channels per group from which ATen's channels_last kernel on shifted input is the
