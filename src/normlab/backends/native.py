@@ -5,10 +5,11 @@ autograd formulas, both keep channels_last):
 
 * not over_batch, G groups  -> ``aten::native_group_norm`` (LN: G = 1, IN: G = C, GN: G); a
   2-D float32/float64 input with G = 1 (LayerNorm over features) ->
-  ``aten::native_layer_norm``. Channels_last CPU input does not go to ATen's kernel (wrong at
-  an offset, its backward 4-100x slower than NCHW): ``native_channels_last`` computes it from
-  per-channel sums of x minus one element per group on the (N, positions, C) view, with a
-  closed-form backward, no layout copies.
+  ``aten::native_layer_norm``. Channels_last CPU input does not go to ATen's kernel as it is
+  (wrong at an offset, its backward 4-100x slower than NCHW for narrow groups):
+  ``native_channels_last`` computes it from per-channel sums of x minus one element per group
+  on the (N, positions, C) view, with a closed-form backward, no layout copies - or, for small
+  inputs and wide groups (its size rule), runs ATen's kernel on x minus one element per group.
 * over_batch, G = C (BN)     -> ``aten::native_batch_norm`` with the running statistics.
 * over_batch, 1 <= G < C     -> ``aten::native_batch_norm`` on x viewed as (N, G, C/G * spatial),
   then the per-channel affine (batch-group norm has no ATen kernel of its own).

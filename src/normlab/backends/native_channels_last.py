@@ -1,31 +1,48 @@
 """Group statistics (GN, IN, LayerNorm over C) of channels_last CPU input, without layout copies.
 
-Why not ATen's kernel: its CPU channels_last group norm sums x and x^2 in one pass, so at an
-offset (x = 1000 + randn) the variance cancels away (y off by ~1); fed x minus one element per
-group it is accurate, but its backward is 4-100x slower than its NCHW backward (0.4-44 ms where
-NCHW takes 0.1-0.5 ms on (8,64,32,32) .. (2,128,64,64), one thread), its forward below 1024
-positions per channel is 10-50x slower than NCHW for small groups, and copying to NCHW and back
-costs more than the kernel (a channels_last <-> NCHW copy of 1-4 MB takes 0.3-3 ms; the NCHW
-kernel is also less accurate at an offset). Measurements: benchmarks/NOTES.md.
+Why not ATen's kernel as it is: its CPU channels_last group norm sums x and x^2 in one pass, so
+at an offset (x = 1000 + randn) the variance cancels away (y off by ~1); fed x minus one element
+per group it is accurate (2e-7 - 1e-6 relative against float64 at offset 1000, float32), but
+for narrow groups its backward is 4-100x slower than its NCHW backward (0.4-44 ms where NCHW
+takes 0.1-0.5 ms on (8,64,32,32) .. (2,128,64,64), one thread) and its forward below 1024
+positions per channel 10-50x slower than NCHW, and copying to NCHW and back costs more than
+the kernel (a channels_last <-> NCHW copy of 1-4 MB takes 0.3-3 ms; the NCHW kernel is also
+less accurate at an offset). Measurements: benchmarks/NOTES.md.
 
-What is done instead, on the (N, HW, C) view of channels_last memory (a view, no copy), where a
-sum over positions is a reduction along the outer dimension, vectorized over C:
+Two paths, both accurate at an offset:
+
+* the sums path, on the (N, HW, C) view of channels_last memory (a view, no copy), where a sum
+  over positions is a reduction along the outer dimension, vectorized over C (below);
+* ATen's kernel on x minus one element per group (``shifted_aten_group_norm``), differentiated
+  by autograd.
+
+The size rule (``uses_sums_path``, limits in ``SUMS_PATH_LIMITS``): the sums path where a group
+is narrower than a per-dtype width (float32: 8 channels, bfloat16 / float16: 16, float64: 2) and
+x holds at least a per-dtype number of elements per channel of a group (x.numel() >= 32768 *
+C/G in float32 and float64, 8192 * C/G in half precision); ATen's kernel on shifted input
+otherwise. The sums path costs ~0.15 ms more per forward + backward in Python and small ops
+(75 ATen calls, 32 forward + 43 backward, against 18) and saves per element what ATen's
+channels_last kernel loses on narrow groups; for wide groups that kernel is vectorized and
+faster at every size measured.
+Forward-only calls (no input requires grad) with >= 1024 positions per channel take ATen's
+forward on shifted input whatever the rule says: there its channels_last forward is vectorized
+over C and faster than these sums.
+
+The sums path:
 
 * forward: ``xs = x - shift`` (shift: the first element of each group, detached); per-channel
   sums of xs and xs^2 in the accumulation dtype (float32 for half input), folded into the
   groups; ``var = E[xs^2] - E[xs]^2``: one-pass, as ATen's kernel, but on shifted data, whose
   mean is a few standard deviations at most unless the group's first element is an outlier, so
   few bits cancel; then ``y = xs * (rstd * gamma) + (beta - mean_s * rstd * gamma)`` in one
-  pass, and mean = mean_s + shift.
+  pass, and mean = mean_s + shift. Two activation-sized buffers (xs, and y's, which holds xs^2
+  first); y is a tensor of its own, so it can be modified in place.
 * backward, closed form over a group of M elements, with a = sum(gamma * dy * xs) and
   b = sum(gamma * dy) from per-channel sums: ``dx = rstd * gamma * dy + c2 * xs + c3``,
   ``c2 = (b * mean_s - a) * rstd^3 / M``, ``c3 = -c2 * mean_s - b * rstd / M`` (ATen's formula,
   on xs instead of x: no cancellation at an offset); dgamma = sum((ds - db * mean_s) * rstd),
   dbeta = sum(db) over the batch. xs is recomputed from x (x is what is saved: one activation
   kept, as ATen keeps its input).
-* forward-only calls (no input requires grad) with >= 1024 positions per channel go to ATen's
-  forward on the shifted input: there its channels_last forward is vectorized over C and
-  faster than these sums.
 * a backward that is itself recorded (create_graph=True, a gradient penalty) recomputes the
   forward through ATen's differentiable ops on shifted input and differentiates that, so
   higher derivatives are exact, only slower.
