@@ -194,18 +194,34 @@ def test_output_can_be_modified_in_place(path):
 
 
 # The size rule's edges (C/G below max_cpg and x.numel() >= numel_per_cpg * C/G take the sums
-# path), on shapes built from the limits: (1, C, 1, positions) with 2 groups.
+# path; a quarter of that for a forward alone, below 1024 positions), on shapes built from the
+# limits: (1, C, 1, positions), 2 groups with grad, 16 without (to stay below 1024 positions).
+@pytest.mark.parametrize("backward", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_size_rule_edges_pick_the_path_the_rule_says(dtype):
+def test_size_rule_edges_pick_the_path_the_rule_says(dtype, backward, monkeypatch):
     max_cpg, numel_per_cpg = ncl.SUMS_PATH_LIMITS[dtype]
+    groups = 2 if backward else 16
+    at_edge = numel_per_cpg // (1 if backward else ncl.FORWARD_ONLY_DIVISOR) // groups
+    sums_forward = ncl._forward
+    calls = []
 
-    def path_for(c, positions):
-        x = _case((1, c, 1, positions), dtype, offset=100.0)[0].requires_grad_()
-        return _path_of(NF.group_norm(x, 2, backend="native"))
+    def spy(*args):  # the sums path's forward, with grad or without
+        calls.append(args[0].shape)
+        return sums_forward(*args)
+
+    monkeypatch.setattr(ncl, "_forward", spy)
+
+    def path_for(cpg, positions):
+        x = _case((1, groups * cpg, 1, positions), dtype, offset=100.0)[0]
+        calls.clear()
+        with torch.set_grad_enabled(backward):
+            y = NF.group_norm(x.requires_grad_(backward), groups, backend="native")
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        return "sums" if calls else "shifted"
 
     for cpg in (1, max_cpg - 1):  # the narrowest and the widest groups the rule sends to sums
-        at_edge = numel_per_cpg // 2  # 2 * cpg channels: numel_per_cpg * cpg elements exactly
-        assert path_for(2 * cpg, at_edge) == "sums"
-        assert path_for(2 * cpg, at_edge - 1) == "shifted"  # 2 * cpg elements fewer
-    # one channel per group more: ATen's kernel on shifted input, even at twice the size
-    assert path_for(2 * max_cpg, numel_per_cpg) == "shifted"
+        assert path_for(cpg, at_edge) == "sums"  # numel_per_cpg * cpg elements (/ 4) exactly
+        assert path_for(cpg, at_edge - 1) == "shifted"  # groups * cpg elements fewer
+    assert path_for(max_cpg, at_edge) == "shifted"  # one channel per group more
+    if not backward:  # 1024 positions: ATen's vectorized forward however narrow the groups
+        assert path_for(1, ATEN_VECTORIZED_POSITIONS) == "shifted"

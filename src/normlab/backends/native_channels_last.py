@@ -19,14 +19,14 @@ Two paths, both accurate at an offset:
 The size rule (``uses_sums_path``, limits in ``SUMS_PATH_LIMITS``): the sums path where a group
 is narrower than a per-dtype width (float32: 8 channels, bfloat16 / float16: 16, float64: 2) and
 x holds at least a per-dtype number of elements per channel of a group (x.numel() >= 32768 *
-C/G in float32 and float64, 8192 * C/G in half precision); ATen's kernel on shifted input
-otherwise. The sums path costs ~0.15 ms more per forward + backward in Python and small ops
-(75 ATen calls, 32 forward + 43 backward, against 18) and saves per element what ATen's
-channels_last kernel loses on narrow groups; for wide groups that kernel is vectorized and
-faster at every size measured.
-Forward-only calls (no input requires grad) with >= 1024 positions per channel take ATen's
-forward on shifted input whatever the rule says: there its channels_last forward is vectorized
-over C and faster than these sums.
+C/G in float32 and float64, 8192 * C/G in half precision; a quarter of that for a forward
+alone, i.e. no input requiring grad); ATen's kernel on shifted input otherwise. The sums path
+costs ~0.15 ms more per forward + backward in Python and small ops (75 ATen calls, 32 forward
++ 43 backward, against 18) and saves per element what ATen's channels_last kernel loses on
+narrow groups; for wide groups that kernel is vectorized and faster at every size measured.
+A forward alone with >= 1024 positions per channel takes ATen's forward on shifted input
+whatever the width: there its channels_last forward is vectorized over C and faster than
+these sums.
 
 The sums path:
 
@@ -68,13 +68,13 @@ def group_norm_channels_last(
     stats_dtype: torch.dtype,  # the dtype ATen would give mean and rstd (weight's, or x's)
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(y channels_last, mean (N, G), rstd (N, G)), differentiable in x, weight and bias: the
-    sums path where uses_sums_path says so (forward-only calls there only below
-    ATEN_VECTORIZED_POSITIONS positions), ATen's kernel on shifted input otherwise."""
-    if uses_sums_path(x, num_groups) and (
-        math.prod(x.shape[2:]) < ATEN_VECTORIZED_POSITIONS or _needs_grad(x, weight, bias)
-    ):
-        return sums_group_norm(x, weight, bias, num_groups, eps, stats_dtype)
-    return shifted_aten_group_norm(x, weight, bias, num_groups, eps)
+    sums path where uses_sums_path says so, ATen's kernel on shifted input otherwise."""
+    grad = _needs_grad(x, weight, bias)
+    if not uses_sums_path(x, num_groups, grad):
+        return shifted_aten_group_norm(x, weight, bias, num_groups, eps)
+    if grad:
+        return _ChannelsLastGroupNorm.apply(x, weight, bias, num_groups, eps, stats_dtype)
+    return _forward(x, weight, bias, num_groups, eps, stats_dtype)[:3]
 
 
 def sums_group_norm(x, weight, bias, num_groups: int, eps: float, stats_dtype: torch.dtype):
@@ -103,21 +103,28 @@ SUMS_PATH_LIMITS = {
     torch.bfloat16: (16, 8192),
     torch.float16: (16, 8192),
 }
-
-
-def uses_sums_path(x: Tensor, num_groups: int) -> bool:
-    """The size rule: the sums path for groups narrower than the dtype's limit holding at least
-    its number of elements per channel (x.numel() >= limit * C/G); ATen's kernel on shifted
-    input otherwise (its per-call cost is lower, and for wide groups its kernel is faster)."""
-    cpg = x.shape[1] // num_groups
-    max_cpg, numel_per_cpg = SUMS_PATH_LIMITS.get(x.dtype, SUMS_PATH_LIMITS[torch.float32])
-    return cpg < max_cpg and x.numel() >= numel_per_cpg * cpg
-
-
+# A forward alone pays a quarter of the sums path's per-call cost (no autograd.Function, no
+# backward): it wins from a quarter of those sizes (measured alike).
+FORWARD_ONLY_DIVISOR = 4
 # From this many positions per channel on, ATen's channels_last forward runs its algorithm
 # vectorized over C (aten/src/ATen/native/cpu/group_norm_kernel.cpp, feature_map_threshold),
 # 1.7-2x faster than the sums here (forward only); below it, 10-50x slower for small groups.
 ATEN_VECTORIZED_POSITIONS = 1024
+
+
+def uses_sums_path(x: Tensor, num_groups: int, backward: bool) -> bool:
+    """The size rule: the sums path for groups narrower than the dtype's limit where x holds at
+    least its number of elements per channel of a group (x.numel() >= limit * C/G; a quarter of
+    that for a forward alone, and then only below ATEN_VECTORIZED_POSITIONS positions); ATen's
+    kernel on shifted input otherwise (it costs less per call, and for wide groups its kernel
+    is faster)."""
+    max_cpg, numel_per_cpg = SUMS_PATH_LIMITS.get(x.dtype, SUMS_PATH_LIMITS[torch.float32])
+    if not backward:
+        if math.prod(x.shape[2:]) >= ATEN_VECTORIZED_POSITIONS:
+            return False
+        numel_per_cpg //= FORWARD_ONLY_DIVISOR
+    cpg = x.shape[1] // num_groups
+    return cpg < max_cpg and x.numel() >= numel_per_cpg * cpg
 
 
 def shifted_aten_group_norm(x, weight, bias, num_groups: int, eps: float):
