@@ -66,7 +66,8 @@ ROUTES = {
 
 def _inputs(route, x0, dy0):
     fmt = torch.contiguous_format if route == "torch_nchw" else CL
-    return x0.contiguous(memory_format=fmt).requires_grad_(), dy0.contiguous(memory_format=fmt)
+    # detached first: x0 itself, already in the layout, must not become a leaf that requires grad
+    return x0.detach().contiguous(memory_format=fmt).requires_grad_(), dy0.contiguous(memory_format=fmt)
 
 
 # wall: elapsed time (what a caller waits); cpu: this process's CPU time (all its threads), which
