@@ -11,12 +11,13 @@ Routes, each on x = 1000 + randn (float32 or bfloat16) with a random affine:
                 the sums path; what native runs where the size rule says so)
 * sums_path:    native's sums path, whatever the size rule says (forward-only calls too)
 * nchw_copy:    x.contiguous() -> ATen NCHW kernel -> output back to channels_last
+* native_REV:   with --before REV, native with native_channels_last.py as of git revision REV
 
 Times are the minimum over interleaved rounds (all routes of a case take turns, so load drift
 on a shared machine hits each alike); each is reported as a ratio to torch_cl of the same run.
 
     python benchmarks/cpu_channels_last.py [--threads 1 2] [--repeats 7] [--clock wall|cpu]
-        [--accuracy] [--out benchmarks/results/cpu_channels_last.csv]
+        [--before REV] [--accuracy] [--out benchmarks/results/cpu_channels_last.csv]
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ import csv
 import itertools
 import os
 import platform
+import subprocess
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
 
 import normlab
 import normlab.functional as NF
+import normlab.backends.native as native_backend
 from normlab.backends.native_channels_last import shifted_aten_group_norm, sums_group_norm
 
 CL = torch.channels_last
@@ -62,6 +66,25 @@ ROUTES = {
     "sums_path": lambda x, g, w, b: sums_group_norm(x, w, b, g, 1e-5, w.dtype)[0],
     "nchw_copy": _nchw_copy,
 }
+
+
+def native_at(rev: str):
+    """A route: native through normlab's dispatch as now, with native_channels_last.py as of git
+    revision rev (loaded from `git show`; the dispatch calls group_norm_channels_last by name)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = subprocess.run(["git", "show", f"{rev}:src/normlab/backends/native_channels_last.py"],
+                         cwd=root, capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType(f"native_channels_last@{rev}")
+    exec(compile(src, f"{rev}:native_channels_last.py", "exec"), module.__dict__)
+
+    def route(x, g, w, b):
+        current = native_backend.group_norm_channels_last
+        native_backend.group_norm_channels_last = module.group_norm_channels_last
+        try:
+            return NF.group_norm(x, g, w, b, backend="native")
+        finally:
+            native_backend.group_norm_channels_last = current
+    return route
 
 
 def _inputs(route, x0, dy0):
@@ -150,8 +173,12 @@ def main() -> None:
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="what is timed (cpu: for one thread on a loaded machine)")
     ap.add_argument("--accuracy", action="store_true", help="print errors at offset 1000 instead")
+    ap.add_argument("--before", metavar="REV",
+                    help="also time native with native_channels_last.py as of this git revision")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_channels_last.csv"))
     args = ap.parse_args()
+    if args.before:
+        ROUTES[f"native_{args.before}"] = native_at(args.before)
     if args.accuracy:
         return accuracy()
     print(f"torch {torch.__version__}, normlab {normlab.__version__}, "

@@ -129,8 +129,8 @@ def uses_sums_path(x: Tensor, num_groups: int, backward: bool) -> bool:
 
 def shifted_aten_group_norm(x, weight, bias, num_groups: int, eps: float):
     """ATen's group norm on x minus one element of each group (accurate, differentiable to any
-    order, slow backward in channels_last): the forward-only path at many positions, and what
-    a recorded backward differentiates."""
+    order, its backward slow in channels_last for narrow groups): the path where the size rule
+    does not pick the sums path, and what a recorded backward differentiates."""
     n, c = x.shape[0], x.shape[1]
     p = math.prod(x.shape[2:])
     shift_c = _channel_shift(_rows(x.detach(), n, p, c), num_groups)  # (N, C)
@@ -220,8 +220,7 @@ def _backward(needs, x, weight, bias, g: int, shift_c, mean_s, rstd, dy):
     n, c = x.shape[0], x.shape[1]
     p, cpg = math.prod(x.shape[2:]), c // g
     rows = _rows(x, n, p, c)
-    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-    dyr = _rows(dy.contiguous(memory_format=fmt), n, p, c)
+    dyr = _rows(dy.contiguous(memory_format=output_memory_format(x)), n, p, c)
     dx = torch.empty_like(x) if needs[0] and rstd.dtype == x.dtype else None
     if rstd.dtype == x.dtype:
         xs = rows - shift_c.unsqueeze(1)
