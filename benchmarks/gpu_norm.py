@@ -14,6 +14,8 @@ implementation is timed eagerly and as a CUDA-graph replay:
 * ``normlab_fold``   the same with the one-launch backward (``$NORMLAB_TRITON_FOLD``: the last
   program of each block sums the dw/db rows; A/B for benchmarks/NOTES.md "One-launch backward")
 * ``torch_bn``       F.batch_norm in training mode (the cost GN should match)
+* ``torch_ln``       F.layer_norm over (C, 1, 1), for the LayerNorm cases only (torch's LN
+  kernel; ``torch`` there is its GroupNorm with G = 1)
 * ``normlab_bn``     normlab's BatchNorm on the Triton backend (checked against torch_bn)
 
 Floor model (minimal bytes / measured copy bandwidth): forward reads x and writes y (2 passes
@@ -71,7 +73,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 PASSES = {"fwd": 2, "fwdbwd": 5}  # passes over the activation tensor in the floor model
 ALL_IMPLS = ("torch", "torch_compile", "liger", "normlab", "normlab_noblock", "normlab_fold",
-             "torch_bn", "normlab_bn")
+             "torch_bn", "normlab_bn", "torch_ln")
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ ALL_IMPLS = ("torch", "torch_compile", "liger", "normlab", "normlab_noblock", "n
 
 @dataclass(frozen=True)
 class Case:
-    family: str  # "ref6" (REFERENCE section 6), "sd-unet", "resnet50", "n-sweep"
+    family: str  # "ref6" (REFERENCE section 6), "sd-unet", "resnet50", "n-sweep", "ln"
     n: int
     c: int
     h: int
@@ -119,14 +121,25 @@ SD_UNET = [(320, 64, 64), (640, 32, 32), (1280, 16, 16), (1280, 8, 8), (960, 32,
 RESNET50 = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
             (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7)]
 N_SWEEP = (1, 2, 4, 8, 16, 32)
+# LayerNorm over the features of (rows, C), run as (rows, C, 1, 1) with G = 1 (the same
+# statistics as F.layer_norm over C; normlab takes its rows kernels): (dtype, rows, C)
+LN_ROWS = [
+    ("bf16", 12608, 768),   # ViT-B/16 at batch 64: 197 tokens x 64 images, 768 features
+    ("bf16", 8192, 4096),   # an LLM block: 8192 tokens, 4096 features (the widest rows kernel)
+    ("fp32", 4096, 1024),   # float32, BERT-large width
+]
+
+
+CASE_SETS = ("ref6", "full", "ref6+ln")
 
 
 def build_cases(which: str = "ref6", dtypes: Sequence[str] = ("bf16", "fp32"),
                 layouts: Sequence[str] = ("nchw", "nhwc"), groups: int = 32) -> List[Case]:
     """The benchmark shape set. ``ref6``: REFERENCE section 6 exactly; ``full``: ref6 plus every
-    SD-UNet and ResNet-50 shape at N in N_SWEEP for each dtype and layout. Duplicates dropped."""
-    if which not in ("ref6", "full"):
-        raise ValueError(f"unknown case set {which!r}; expected 'ref6' or 'full'")
+    SD-UNet and ResNet-50 shape at N in N_SWEEP for each dtype and layout; ``ref6+ln``: ref6,
+    then the LayerNorm rows of LN_ROWS. Duplicates dropped."""
+    if which not in CASE_SETS:
+        raise ValueError(f"unknown case set {which!r}; expected one of {', '.join(CASE_SETS)}")
     cases: List[Case] = []
     for dt, (n, c, h, w), layout in REF6:
         if dt in dtypes and layout in layouts:
@@ -138,6 +151,9 @@ def build_cases(which: str = "ref6", dtypes: Sequence[str] = ("bf16", "fp32"),
                     for dt in dtypes:
                         for layout in layouts:
                             cases.append(Case(family, n, c, h, w, groups, layout, dt))
+    if which == "ref6+ln":
+        cases += [Case("ln", rows, c, 1, 1, 1, "nchw", dt) for dt, rows, c in LN_ROWS
+                  if dt in dtypes]
     seen, unique = set(), []
     for case in cases:
         key = (case.shape, case.layout, case.dtype, case.groups)
@@ -169,6 +185,14 @@ REL_TOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}
 
 # impls compared against F.batch_norm (training) instead of F.group_norm
 BN_IMPLS = ("torch_bn", "normlab_bn")
+# the impls that run on the LayerNorm cases (family "ln"); torch_ln runs on nothing else
+LN_IMPLS = ("torch", "torch_ln", "normlab")
+
+
+def applies(name: str, case: Case) -> bool:
+    """Whether impl ``name`` is timed on ``case``: the LayerNorm rows get LN_IMPLS only."""
+    return name in LN_IMPLS if case.family == "ln" else name != "torch_ln"
+
 # impls whose failures are recorded as "n/a" (a limit of a third-party kernel), not "error"
 OPTIONAL_IMPLS = ("liger",)
 
@@ -269,6 +293,9 @@ def make_impls(names: Iterable[str], compile_backend: str = "inductor",
         elif name == "normlab_bn":
             impls[name] = lambda x, w, b, g: NF.batch_norm(x, None, None, w, b, True, 0.1, 1e-5,
                                                            backend="triton")
+        elif name == "torch_ln":
+            impls[name] = lambda x, w, b, g: F.layer_norm(x, x.shape[1:], w.view(-1, 1, 1),
+                                                          b.view(-1, 1, 1), 1e-5)
         elif name == "torch_bn":
             impls[name] = lambda x, w, b, g: F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
         else:
@@ -441,6 +468,8 @@ def run_benchmarks(cases: List[Case], impl_names: Sequence[str], modes: Sequence
             xs = dys = w = b = None
             case_error = f"error: inputs: {type(e).__name__}: {e}"[:240]
         for name, fn in impls.items():
+            if not applies(name, case):
+                continue
             err: Optional[float] = None
             check_status = None
             if case_error is None:
@@ -521,12 +550,13 @@ def write_results(rows: List[dict], meta: dict, base: str) -> Tuple[str, str]:
 
 # tiny cases for --dry-run (CPU, Triton interpreter): both layouts, a float32 and a bf16 one;
 # C = 8, G = 4 (Cg = 2: channels_last takes normlab's blocked path)
-DRY_CASES = [Case("dry", 2, 8, 4, 3, 4, "nchw", "fp32"), Case("dry", 2, 8, 4, 3, 4, "nhwc", "bf16")]
+DRY_CASES = [Case("dry", 2, 8, 4, 3, 4, "nchw", "fp32"), Case("dry", 2, 8, 4, 3, 4, "nhwc", "bf16"),
+             Case("ln", 6, 8, 1, 1, 1, "nchw", "fp32")]  # LN rows: torch_ln, the rows kernels
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--set", default="ref6", choices=("ref6", "full"))
+    p.add_argument("--set", default="ref6", choices=CASE_SETS)
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     p.add_argument("--layouts", nargs="+", default=["nchw", "nhwc"], choices=("nchw", "nhwc"))
     p.add_argument("--impls", nargs="+", default=list(ALL_IMPLS), choices=ALL_IMPLS)

@@ -17,7 +17,8 @@
 #                                                                                -> tests.log
 #   3. kernels   GroupNorm / BatchNorm fwd and fwd+bwd on the section 6 shapes: torch eager,
 #                torch.compile (compiled once), Liger, normlab, normlab with the one-launch
-#                backward (normlab_fold); eager and CUDA-graph replay
+#                backward (normlab_fold); then LayerNorm over (rows, C) (ViT, LLM widths):
+#                torch's LN and GN against normlab's rows kernels; eager and CUDA-graph replay
 #                                                        -> gpu_norm.log, gpu_norm_*.csv/.json
 #   4. resnet50  timm ResNet-50 training step (bf16 autocast, channels_last) at batch 64 and
 #                128 with BN, torch GN and normlab GN, eager and CUDA graph
@@ -148,8 +149,9 @@ rm -f "$op_log"
 tail -22 "$out/tests.log"
 
 step_start kernels
-timeout -k 10 "$((KERNELS_LIMIT - 10))" "$py" benchmarks/gpu_norm.py $dry_flag --set ref6 \
-    --impls torch normlab torch_bn normlab_bn liger torch_compile normlab_fold --compile once \
+timeout -k 10 "$((KERNELS_LIMIT - 10))" "$py" benchmarks/gpu_norm.py $dry_flag --set ref6+ln \
+    --impls torch normlab torch_bn normlab_bn liger torch_compile normlab_fold torch_ln \
+    --compile once \
     --time-budget "$KERNELS_BUDGET" --out "$out" > "$out/gpu_norm.log" 2>&1 || status=1
 tail -30 "$out/gpu_norm.log"
 

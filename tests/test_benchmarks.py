@@ -89,8 +89,8 @@ def test_session_dry_run_plans_one_call_of_at_most_8_minutes(session):
 
 
 def test_gpu_norm_dry_run_every_impl_matches_torch(session):
-    """Both dry cases (fp32 NCHW, bf16 channels_last), both modes, eager and 'graph' rows, every
-    implementation the session times: each row has a time and a floor, and every impl but Liger
+    """The dry cases (fp32 NCHW, bf16 channels_last, a LayerNorm row set), both modes, eager
+    and 'graph' rows, every implementation the session times: each row has a time and a floor, and every impl but Liger
     agrees with float64 torch (y, dx, dweight, dbias) within REL_TOL. Liger runs when its wheel
     is carried; the Triton interpreter cannot run its kernel (a float eps), which must be
     recorded as 'n/a' after the call bound its arguments (no TypeError: the signature is right)."""
@@ -106,11 +106,14 @@ def test_gpu_norm_dry_run_every_impl_matches_torch(session):
     assert {r["impl"] for r in rows} == expected
     if liger is None:
         assert "liger" in meta["unavailable"]
-    # every (case, impl) has the four (mode, graph) rows
+    # every (case, impl) that applies (LayerNorm rows: torch, torch_ln, normlab) has the four
+    # (mode, graph) rows
     combos = {}
     for r in rows:
-        combos.setdefault((r["layout"], r["dtype"], r["impl"]), set()).add((r["mode"], r["graph"]))
-    assert len(combos) == 2 * len(expected)
+        combos.setdefault((r["family"], r["layout"], r["dtype"], r["impl"]), set()).add(
+            (r["mode"], r["graph"]))
+    assert set(combos) == {(c.family, c.layout, c.dtype, name) for c in gb.DRY_CASES
+                           for name in expected if gb.applies(name, c)}
     assert all(v == {("fwd", "False"), ("fwd", "True"), ("fwdbwd", "False"), ("fwdbwd", "True")}
                for v in combos.values())
 
@@ -165,7 +168,7 @@ def test_gpu_norm_failing_impl_is_recorded_and_the_run_goes_on(tmp_path, monkeyp
         calls.append(len(rows))
         gb.write_results(rows, {"device": "test"}, base)
 
-    rows = gb.run_benchmarks(gb.DRY_CASES, ["torch"], ["fwd"], [False], 10.0, 0, on_case,
+    rows = gb.run_benchmarks(gb.DRY_CASES[:2], ["torch"], ["fwd"], [False], 10.0, 0, on_case,
                              device="cpu")
     assert calls == [2, 4]  # rewritten after each of the two cases
     assert {r["status"] for r in rows if r["impl"] == "torch"} == {"ok"}
@@ -247,3 +250,18 @@ def test_session_script_passes_only_accepted_options(tmp_path):
     for name, args in calls:
         args = [str(tmp_path) if a == "OUTDIR" else a for a in args]
         assert _load(name).main(args) == 2, (name, args)
+
+
+def test_layer_norm_cases_follow_the_section6_shapes():
+    """``ref6+ln``: the 13 section 6 GroupNorms first (the issue's order), then the LayerNorm
+    rows as (rows, C, 1, 1) with one group; torch_ln is timed on those only, the BatchNorm and
+    A/B impls not on them."""
+    gb = _load("gpu_norm")
+    cases = gb.build_cases("ref6+ln")
+    assert [c.family for c in cases] == ["ref6"] * 13 + ["ln"] * len(gb.LN_ROWS)
+    ln = cases[-1]
+    assert (ln.h, ln.w, ln.groups) == (1, 1, 1)
+    assert gb.applies("torch_ln", ln) and not gb.applies("torch_ln", cases[0])
+    assert not gb.applies("torch_bn", ln) and not gb.applies("normlab_fold", ln)
+    with pytest.raises(ValueError, match="'ln2'"):
+        gb.build_cases("ln2")

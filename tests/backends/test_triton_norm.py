@@ -1217,6 +1217,33 @@ def test_reference_section6_shapes_on_gpu(dt, shape, layout):
                 assert torch.equal(g, f), (groups, "folded " + name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-sized LayerNorm rows")
+@pytest.mark.parametrize("dt,rows,c", _load_benchmark("gpu_norm").LN_ROWS)
+def test_layer_norm_rows_on_gpu(dt, rows, c):
+    """The rows kernels on the benchmark's LayerNorm shapes (ViT-B, an LLM width, fp32 BERT-
+    large): y and every gradient against float64 torch LayerNorm, for LN and RMSNorm."""
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+    x = off_centre(rows, c, dtype=dtype).cuda()
+    dy = torch.randn(rows, c, device="cuda").to(dtype)
+    w, b = (t.cuda() for t in _affine(c, True, True))
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}[dtype]
+    for center in (True, False):
+        xt, wt, bt = (t.clone().requires_grad_() for t in (x, w, b))
+        y = BACKEND.normalize(xt, 1, False, wt, bt if center else None, 1e-5, None,
+                              center=center)[0]
+        leaves = [xt, wt, bt] if center else [xt, wt]
+        grads = torch.autograd.grad(y, leaves, dy)
+        ref = [t.detach().double().requires_grad_() for t in leaves]
+        if center:
+            y64 = torch.nn.functional.layer_norm(ref[0], (c,), ref[1], ref[2], 1e-5)
+        else:
+            y64 = torch.nn.functional.rms_norm(ref[0], (c,), ref[1], 1e-5)
+        grads64 = torch.autograd.grad(y64, ref, dy.double())
+        assert rel_err(y.detach(), y64.detach()) < tol, (center, "y")
+        for name, g, g64 in zip(("dx", "dw", "db"), grads, grads64):
+            assert rel_err(g, g64) < (2 * tol if name == "dx" else 1e-4), (center, name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programs run concurrently on a GPU")
 def test_folded_row_reduction_under_concurrency():
     """FOLD 2 where it can race: ResNet-50's first GroupNorm at batch 64 (C = 64, G = 32: 64
