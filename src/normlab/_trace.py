@@ -2,9 +2,13 @@
 
 The passes change modules in place and need to know only who reads what: which module's output
 a norm takes, and whether anything else reads it. A symbolic trace with the given module types
-as leaves answers that. A model that torch.fx cannot trace (data-dependent control flow,
-unsupported calls) gives None and the reason; the passes then fall back to what needs no trace
-(neighbours in an ``nn.Sequential``).
+as leaves answers that. A module that is not installed in the model but only traced through
+(``self.features[:2](x)``: nn.Sequential's slice is a new container of the model's own modules)
+is traced through as well, so the graph shows every read of those modules' outputs. A model that
+torch.fx cannot trace (data-dependent control flow, unsupported calls) gives None and the reason;
+the passes then fall back to what needs no trace (neighbours in an ``nn.Sequential``). So does a
+model with hooks on a module that the trace would go through: fx would run those hooks on
+proxies, and a hook reads outputs the graph cannot show.
 """
 
 from __future__ import annotations
@@ -13,17 +17,61 @@ from typing import Callable, Optional, Tuple
 
 from torch import fx, nn
 
+# the hook dicts of torch.nn.Module that change or observe a module's call
+_HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
-def trace(model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> Tuple[Optional[fx.GraphModule], str]:
-    """``(graph_module, "")`` or ``(None, reason)``. Modules for which ``is_leaf`` holds (and
-    torch.nn's own, as usual) are single call_module nodes."""
 
+def hooks_of(module: nn.Module) -> list:
+    """The kinds of hooks registered on ``module`` ("forward_hooks", ...), empty if none."""
+    return [kind.lstrip("_") for kind in _HOOK_KINDS if getattr(module, kind, None)]
+
+
+def _tracer(is_leaf: Callable[[nn.Module], bool]) -> fx.Tracer:
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return is_leaf(m) or super().is_leaf_module(m, qualname)
 
+        def path_of_module(self, mod: nn.Module) -> str:
+            try:
+                return super().path_of_module(mod)
+            except NameError:
+                if self.is_leaf_module(mod, ""):
+                    raise  # a leaf needs a path to be called from the graph
+                return f"<{type(mod).__name__} not installed in the model>"
+
+    return _Tracer()
+
+
+def hooked_inner_modules(model: nn.Module, tracer: fx.Tracer) -> list:
+    """``(name, hook kinds)`` of the modules below the root that a trace goes through (not
+    leaves, not inside leaves) and that have hooks."""
+    found = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if tracer.is_leaf_module(child, full):
+                continue
+            if hooks_of(child):
+                found.append((full, hooks_of(child)))
+            walk(child, full + ".")
+
+    walk(model, "")
+    return found
+
+
+def trace(model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> Tuple[Optional[fx.GraphModule], str]:
+    """``(graph_module, "")`` or ``(None, reason)``. Modules for which ``is_leaf`` holds (and
+    torch.nn's own, as usual) are single call_module nodes. The root's own hooks are not run by
+    the trace (the caller decides about them)."""
+    tracer = _tracer(is_leaf)
+    hooked = hooked_inner_modules(model, tracer)
+    if hooked:
+        name, kinds = hooked[0]
+        return None, (f"module {name!r} has {', '.join(kinds)}, which a torch.fx trace would run "
+                      "on proxies (what they read is not in the graph)")
     try:
-        return fx.GraphModule(model, _Tracer().trace(model)), ""
+        return fx.GraphModule(model, tracer.trace(model)), ""
     except Exception as e:  # anything fx cannot trace: the caller falls back
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
 
@@ -48,3 +96,10 @@ def parents_of(model: nn.Module, target: nn.Module) -> list:
                 found.append((module, name))
     return found
 
+
+def paths_count(model: nn.Module) -> dict:
+    """id(module) -> under how many names it sits in ``model`` (2 or more: shared)."""
+    counts: dict = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        counts[id(module)] = counts.get(id(module), 0) + 1
+    return counts

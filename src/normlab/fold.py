@@ -8,10 +8,17 @@ A BatchNorm with fixed statistics is a per-channel affine map,
 
 (the batch normalization folding of inference exporters; described e.g. by Jacob et al.,
 "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference",
-CVPR 2018). Folded: eval-mode ``torch.nn`` BatchNorm1d/2d/3d and SyncBatchNorm with running
-statistics, normlab's BatchNorm (its fused activation stays, as an activation module),
+CVPR 2018); for a ConvTranspose, whose weight holds the output channels in its second dimension
+(per group), the same scale applies there. Folded: eval-mode ``torch.nn`` BatchNorm1d/2d/3d and
+SyncBatchNorm with running statistics, normlab's BatchNorm (its fused activation stays, as an activation module),
 BatchRenorm (eval mode uses the running statistics), FrozenBatchNorm2d (normlab's, torchvision's),
 timm's BatchNormAct2d and FrozenBatchNormAct2d (their ``drop`` and ``act`` stay).
+
+Left in place, with the reason: a pair where the conv or the norm has hooks (they would see the
+folded output, or no longer run: a conv's forward pre-hook such as the old ``weight_norm``
+recomputes the weight), a conv whose weight is a parametrization or is shared with another
+module (tied: folding would change the other), and, without a trace, a conv or norm that sits
+in the model under more than one name.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Optional
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from normlab import _trace
 from normlab.convert import _ACT_MODULES
@@ -31,7 +39,8 @@ from normlab.nn.frozen_bn import FrozenBatchNorm2d
 
 __all__ = ["fold_batchnorm", "FoldRecord"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+          nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # norm-act layers of timm whose forward is the BN's affine, then ``drop``, then ``act``
 _TIMM_NORM_ACT = ("BatchNormAct2d", "FrozenBatchNormAct2d")
 _FROZEN_NAMES = ("FrozenBatchNorm2d",)  # torchvision's, timm's re-export
@@ -86,12 +95,33 @@ def _is_conv(m: nn.Module) -> bool:
     return isinstance(m, _CONVS) and any(type(m).forward is c.forward for c in _CONVS)
 
 
-def _reason_not_foldable(norm: nn.Module) -> Optional[str]:
+def _reason_not_foldable(conv_name: str, conv: nn.Module, norm: nn.Module,
+                         tied: set) -> Optional[str]:
+    """Why the pair cannot be folded, or None."""
     if not isinstance(getattr(norm, "running_mean", None), torch.Tensor) or not isinstance(
         getattr(norm, "running_var", None), torch.Tensor
     ):
         return "no running statistics (track_running_stats=False normalizes with batch statistics)"
+    if norm.running_mean.numel() != _out_features(conv):
+        return (f"{norm.running_mean.numel()} features, but {conv_name!r} has "
+                f"{_out_features(conv)} outputs")
+    for what, module in (("it", norm), (repr(conv_name), conv)):
+        if _trace.hooks_of(module):
+            return (f"{what} has {', '.join(_trace.hooks_of(module))}, which would see the folded "
+                    "output or no longer run")
+    if parametrize.is_parametrized(conv):
+        return f"the weight of {conv_name!r} is computed by a parametrization"
+    if any(id(p) in tied for p in (conv.weight, conv.bias) if p is not None):
+        return f"a parameter of {conv_name!r} is shared with another module (tied)"
     return None
+
+
+def _tied_parameters(model: nn.Module) -> set:
+    """id of each parameter that sits in ``model`` under more than one name."""
+    seen: dict = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {key for key, n in seen.items() if n > 1}
 
 
 @torch.no_grad()
@@ -102,13 +132,24 @@ def _fold(conv: nn.Module, norm: nn.Module) -> None:
     beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(mean)
     scale = gamma / torch.sqrt(var + norm.eps)
     w = conv.weight
-    w.copy_(w.double() * scale.reshape((-1,) + (1,) * (w.dim() - 1)))
+    w.copy_(_scaled(conv, w.double(), scale))
     b = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
     new_bias = ((b - mean) * scale + beta).to(w.dtype)
     if conv.bias is None:
         conv.bias = nn.Parameter(new_bias.to(w.device), requires_grad=w.requires_grad)
     else:
         conv.bias.copy_(new_bias)
+
+
+def _scaled(conv: nn.Module, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The weight with output channel c scaled by ``scale[c]``: dim 0 of a Conv or Linear
+    weight; of a ConvTranspose's ``(in, out / groups, *kernel)`` weight, dim 1 within each
+    group."""
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        g = conv.groups
+        grouped = w.reshape((g, w.shape[0] // g) + tuple(w.shape[1:]))
+        return (grouped * scale.reshape((g, 1, -1) + (1,) * (w.dim() - 2))).reshape(w.shape)
+    return w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
 
 
 def _out_features(conv: nn.Module) -> int:
@@ -137,6 +178,7 @@ def _pairs_from_graph(gm: fx.GraphModule, record: FoldRecord) -> list:
 
 def _pairs_from_sequentials(model: nn.Module, record: FoldRecord) -> list:
     pairs, seen = [], set()
+    paths = _trace.paths_count(model)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Sequential):
             continue
@@ -144,8 +186,13 @@ def _pairs_from_sequentials(model: nn.Module, record: FoldRecord) -> list:
         for (cname, conv), (nname, norm) in zip(children, children[1:]):
             if _is_conv(conv) and _is_norm(norm) and id(norm) not in seen:
                 prefix = f"{name}." if name else ""
-                pairs.append((prefix + cname, conv, prefix + nname, norm))
                 seen.add(id(norm))
+                if paths[id(conv)] > 1 or paths[id(norm)] > 1:
+                    record.skipped.append((prefix + nname, "the conv or the norm sits in the model "
+                                           "under more than one name (the model could not be "
+                                           "traced to see how each is called)"))
+                    continue
+                pairs.append((prefix + cname, conv, prefix + nname, norm))
     for name, module in model.named_modules():
         if _is_norm(module) and id(module) not in seen:
             record.skipped.append((name, "not after a Conv or Linear in an nn.Sequential (the "
@@ -207,11 +254,9 @@ def fold_batchnorm(model: nn.Module):
         pairs = _pairs_from_sequentials(model, record)
     else:
         pairs = _pairs_from_graph(gm, record)
+    tied = _tied_parameters(model)
     for conv_name, conv, norm_name, norm in pairs:
-        reason = _reason_not_foldable(norm)
-        if reason is None and norm.running_mean.numel() != _out_features(conv):
-            reason = (f"{norm.running_mean.numel()} features, but {conv_name!r} has "
-                      f"{_out_features(conv)} outputs")
+        reason = _reason_not_foldable(conv_name, conv, norm, tied)
         if reason is not None:
             record.skipped.append((norm_name, reason))
             continue
