@@ -27,8 +27,10 @@ largest divisor of C not above the requested number of groups (or channels per g
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import inspect
+import numbers
 from typing import Any, Callable, Optional, Tuple, Union
 
 from torch import nn
@@ -44,6 +46,11 @@ DEFAULT_NUM_GROUPS = 32
 
 NormSpec = Union[str, type, Callable[..., nn.Module]]
 
+def _is_count(value: Any) -> bool:
+    """A positive int (a numpy integer too; not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def resolve_groups(num_channels: int, num_groups: Optional[int] = None,
                    group_size: Optional[int] = None) -> int:
     """The number of groups for C = ``num_channels``.
@@ -57,20 +64,21 @@ def resolve_groups(num_channels: int, num_groups: Optional[int] = None,
     >>> resolve_groups(48, 32), resolve_groups(16, 32), resolve_groups(96, group_size=16)
     (24, 16, 6)
     """
-    if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+    if not _is_count(num_channels):
         raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+    num_channels = int(num_channels)
     if num_groups is not None and group_size is not None:
         raise ValueError(
             f"give one of num_groups and group_size, got num_groups={num_groups}, "
             f"group_size={group_size}"
         )
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        if not _is_count(group_size):
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         size = max(d for d in range(1, min(group_size, num_channels) + 1) if num_channels % d == 0)
         return num_channels // size
     g = DEFAULT_NUM_GROUPS if num_groups is None else num_groups
-    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+    if not _is_count(g):
         raise ValueError(f"num_groups must be a positive int, got {g!r}")
     return max(d for d in range(1, min(g, num_channels) + 1) if num_channels % d == 0)
 
@@ -187,10 +195,16 @@ def norm_names() -> list[str]:
 
 
 def canonical_name(name: str) -> str:
+    """The table's name for ``name`` or one of its aliases (any case, surrounding spaces
+    ignored); a ValueError naming it, the known names and the closest of them otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"a norm name must be a str, got {type(name).__name__}: {name!r}")
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in NORMS:
-        raise ValueError(f"unknown norm {name!r}; known norms: {', '.join(norm_names())}")
+        close = difflib.get_close_matches(key, [*NORMS, *_ALIASES], n=1, cutoff=0.6)
+        hint = f"; did you mean {_ALIASES.get(close[0], close[0])!r}?" if close else ""
+        raise ValueError(f"unknown norm {name!r}; known norms: {', '.join(norm_names())}{hint}")
     return key
 
 
@@ -245,6 +259,20 @@ def create_norm(norm: NormSpec, num_channels: int, **kwargs: Any) -> nn.Module:
             _check_num_channels(num_channels)
             _check_kwargs(norm, key, kwargs)
         return _build_named(key, num_channels, kwargs)
+    return _checked_module(norm, _build_from_callable(norm, num_channels, kwargs))
+
+
+def _checked_module(norm: NormSpec, built: Any) -> nn.Module:
+    """What a class or callable norm built: a module, else a TypeError naming both."""
+    if not isinstance(built, nn.Module):
+        raise TypeError(
+            f"norm {norm!r} must build an nn.Module, but it returned {type(built).__name__}: "
+            f"{built!r}"
+        )
+    return built
+
+
+def _build_from_callable(norm: NormSpec, num_channels: int, kwargs: dict) -> Any:
     if _is_groupnorm_partial(norm):  # partial(GroupNorm, num_groups=32, ...): the class path
         kwargs = {**norm.keywords, **kwargs}
         norm = norm.func
@@ -267,7 +295,7 @@ def _is_groupnorm_partial(norm: Any) -> bool:
 
 
 def _check_num_channels(c: Any) -> None:
-    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+    if not _is_count(c):
         raise ValueError(f"num_channels must be a positive int, got {c!r}")
 
 
@@ -290,4 +318,13 @@ def _check_kwargs(norm: str, key: str, kwargs: dict) -> None:
         raise TypeError(
             f"create_norm({norm!r}): unexpected keyword argument(s) "
             f"{', '.join(map(repr, unknown))}; {cls.__name__} takes {', '.join(taken)}"
+        )
+    required = [n for n, p in list(params.items())[1:]
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                and n not in entry.fixed and n not in kwargs]
+    if required:
+        raise TypeError(
+            f"create_norm({norm!r}): missing required keyword argument(s) "
+            f"{', '.join(map(repr, required))} (e.g. create_norm({norm!r}, C, "
+            f"{required[0]}=...))"
         )

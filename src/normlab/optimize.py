@@ -18,7 +18,14 @@ Three steps, each recorded:
    GraphModule holds the same parameters, and fused norms are new modules sharing them).
 
 Only torch.nn's exact classes and timm's named classes are replaced: a subclass with a forward
-of its own is left alone (recorded). The record lists what was left and why.
+of its own is left alone (recorded). A replaced norm keeps the hooks registered on it (the same
+hook dicts: their handles still remove them). A fusion happens only where nothing else can see
+the norm's output: not where the norm or the activation module has hooks, not where the trace
+shows another reader of the norm's output (a loop over the nn.Sequential that keeps it, a slice
+``seq[:2]``), and the fx rewrite not where a module it would inline, or the root, has hooks (a
+GraphModule runs none of them). Where fx cannot trace the model, step 2 assumes that each
+nn.Sequential is run whole (it cannot see otherwise), and the record says the model was not
+traced. The record lists what was left and why.
 """
 
 from __future__ import annotations
@@ -163,8 +170,19 @@ def _share(old: nn.Module, new: nn.Module) -> Optional[str]:
         new._parameters[name] = old._parameters.get(name)
     for name in new._buffers:
         new._buffers[name] = old._buffers.get(name)
+    for attr in _HOOK_DICTS:  # the same dicts: hooks run, and their handles still remove them
+        if attr in old.__dict__:
+            new.__dict__[attr] = old.__dict__[attr]
     new.train(old.training)
     return None
+
+
+# what nn.Module keeps its hooks in (forward, backward, state_dict)
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
 
 
 def _replacement(m: nn.Module) -> Tuple[Optional[nn.Module], Optional[str], str]:
@@ -177,6 +195,9 @@ def _replacement(m: nn.Module) -> Tuple[Optional[nn.Module], Optional[str], str]
         return None, None, "timm's fast-norm path (apex kernels) is on"
     act = None
     if norm_act:
+        hooked = [part for part in ("drop", "act") if _trace.hooks_of(getattr(m, part))]
+        if hooked:
+            return None, None, f"its {hooked[0]} module has hooks, which fusing would drop"
         if not isinstance(m.drop, nn.Identity):
             return None, None, f"its drop layer ({type(m.drop).__name__}) would run between norm and act"
         if not isinstance(m.act, nn.Identity):
@@ -225,7 +246,35 @@ def _fusable_norm(m: nn.Module) -> bool:
     return _takes_activation(m) and getattr(m, "activation", None) is None
 
 
-def _fuse_sequentials(model: nn.Module, record: OptimizeRecord) -> None:
+def _hooks_in_the_way(norm: nn.Module, act_module: Optional[nn.Module]) -> str:
+    """Why hooks forbid fusing (a hook on the norm would see the activation's output, one on
+    the activation module would no longer run), or ""."""
+    for what, module in (("the norm", norm), ("the activation", act_module)):
+        if module is not None and _trace.hooks_of(module):
+            return f"not fused: {what} has {', '.join(_trace.hooks_of(module))}"
+    return ""
+
+
+def _only_reader(gm: fx.GraphModule, counts: dict, norm: nn.Module, act_module: nn.Module) -> bool:
+    """Whether the trace shows ``act_module`` as the only reader of ``norm``'s output, each of
+    the two called once."""
+    if counts.get(id(norm)) != 1 or counts.get(id(act_module)) != 1:
+        return False
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and gm.get_submodule(node.target) is norm:
+            users = list(node.users)
+            return (len(users) == 1 and users[0].op == "call_module"
+                    and gm.get_submodule(users[0].target) is act_module
+                    and users[0].args[:1] == (node,))
+    return False
+
+
+def _fuse_sequentials(model: nn.Module, record: OptimizeRecord,
+                      gm: Optional[fx.GraphModule]) -> None:
+    """Step 2. With a trace (``gm``), only where it shows the activation module as the norm
+    output's only reader; without one, each nn.Sequential is assumed to be run whole."""
+    counts = _trace.call_counts(gm) if gm is not None else {}
+    paths = _trace.paths_count(model)
     for name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
@@ -233,11 +282,16 @@ def _fuse_sequentials(model: nn.Module, record: OptimizeRecord) -> None:
         for k, k_next in zip(keys, keys[1:]):
             norm, act_module = seq._modules[k], seq._modules[k_next]
             act = _module_activation(act_module) if act_module is not None else None
-            if (act and _fusable_norm(norm)
-                    and len(_trace.parents_of(model, norm)) == 1):  # not shared elsewhere
+            if not (act and _fusable_norm(norm)) or paths[id(norm)] != 1:  # shared: left
+                continue
+            full = f"{name}.{k}" if name else k
+            hooks = _hooks_in_the_way(norm, act_module)
+            if hooks:
+                record.skipped.append((full, hooks))
+            elif gm is None or _only_reader(gm, counts, norm, act_module):
                 norm.activation = act
                 seq._modules[k_next] = nn.Identity()
-                record.fused.append((f"{name}.{k}" if name else k, act, "sequential"))
+                record.fused.append((full, act, "sequential"))
 
 
 def _with_activation(norm: nn.Module, act: str) -> nn.Module:
@@ -252,9 +306,10 @@ def _with_activation(norm: nn.Module, act: str) -> nn.Module:
 
 def _drop_identities(gm: fx.GraphModule) -> None:
     """Take ``nn.Identity`` calls out of the graph (a placeholder such as timm's disabled
-    drop_block between a norm and its activation would hide the pair)."""
+    drop_block between a norm and its activation would hide the pair); one with hooks stays."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if type(module) is nn.Identity and not _trace.hooks_of(module):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
 
@@ -263,6 +318,11 @@ def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphM
     gm, error = _trace.trace(model, _takes_activation)
     record.traced, record.trace_error = gm is not None, error
     if gm is None:
+        return None
+    if _trace.hooks_of(model):
+        record.skipped.append(("", f"activation calls not fused: the model has "
+                                   f"{', '.join(_trace.hooks_of(model))}, which the GraphModule "
+                                   "that fusing them returns would not run"))
         return None
     _drop_identities(gm)
     counts = _trace.call_counts(gm)
@@ -274,6 +334,11 @@ def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphM
         user = next(iter(node.users))
         act = _call_activation(user, gm) if user.args and user.args[0] is node else None
         if act is None or not _fusable_norm(norm) or counts[id(norm)] != 1:
+            continue
+        hooks = _hooks_in_the_way(
+            norm, gm.get_submodule(user.target) if user.op == "call_module" else None)
+        if hooks:
+            record.skipped.append((node.target, hooks))
             continue
         fused_norm = _with_activation(norm, act)
         replace_modules(gm, lambda m, norm=norm: m is norm, lambda m, _, new=fused_norm: new)
@@ -329,7 +394,9 @@ def optimize(model: nn.Module, *, trace: bool = True):
         raise TypeError(f"trace must be a bool, got {trace!r}")
     record = OptimizeRecord()
     model = _replace_all(model, record)
-    _fuse_sequentials(model, record)
+    gm, error = _trace.trace(model, _takes_activation)
+    record.traced, record.trace_error = (gm is not None, error) if trace else (None, "")
+    _fuse_sequentials(model, record, gm)
     if trace:
         gm = _fuse_traced(model, record)
         if gm is not None:
