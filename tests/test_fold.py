@@ -171,3 +171,118 @@ def test_a_frozen_batchnorm_in_training_mode_still_folds():
         before = model(x)
         model, record = fold_batchnorm(model)
         assert record.folded == [("0", "1")] and _rel(model(x), before) < 2e-6
+
+
+def _equal_in_float64(model, x, folded):
+    """fold a float64 copy of ``model``; outputs equal to the unfolded model's (1e-12
+    relative: only rounding differs); the record names ``folded`` pairs."""
+    model = _randomize_norms(model).double().eval()
+    x = x.double()
+    with torch.no_grad():
+        before = model(x)
+        model, record = fold_batchnorm(model)
+        assert _rel(model(x), before) < 1e-12, str(record)
+    assert len(record.folded) == folded, str(record)
+    return model, record
+
+
+@pytest.mark.parametrize(
+    "conv,x_shape",
+    [
+        (nn.ConvTranspose2d(3, 8, 3, stride=2), (2, 3, 5, 5)),                # upsampling, bias
+        (nn.ConvTranspose2d(4, 6, 3, groups=2, bias=False), (2, 4, 5, 5)),    # out channels per group
+        (nn.ConvTranspose1d(3, 4, 2, stride=2), (2, 3, 7)),                   # 1-d
+    ],
+)
+def test_folds_conv_transpose(conv, x_shape):
+    # a ConvTranspose weight is (in, out / groups, *kernel): the scale goes along dim 1
+    norm = nn.BatchNorm1d(conv.out_channels) if conv.weight.dim() == 3 else nn.BatchNorm2d(
+        conv.out_channels)
+    model, _ = _equal_in_float64(nn.Sequential(conv, norm), torch.randn(x_shape) + 0.5, 1)
+    assert isinstance(model[1], nn.Identity) and model[0].bias is not None
+
+
+def test_channels_last_weight_keeps_its_layout():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
+    model = model.to(memory_format=torch.channels_last)
+    x = (torch.randn(2, 3, 7, 7) + 0.5).to(memory_format=torch.channels_last)  # 7x7: odd size
+    model, _ = _equal_in_float64(model, x, 1)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.other = nn.Conv2d(3, 8, 1)
+        self.other.weight = self.conv.weight  # tied: folding would rescale `other` too
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.other(x)
+
+
+def _conv_bn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+
+
+def _hooked(where, kind):
+    model = _conv_bn()
+    if kind == "pre":
+        model[where].register_forward_pre_hook(lambda m, args: (args[0] * args[0],))
+    else:
+        model[where].register_forward_hook(lambda m, args, out: out * out)
+    return model
+
+
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        # the old weight_norm recomputes conv.weight in a forward pre-hook: a folded weight is lost
+        (lambda: nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 8, 3)), nn.BatchNorm2d(8)),
+         "'0' has forward_pre_hooks"),
+        (lambda: nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3)),
+                               nn.BatchNorm2d(8)), "weight of '0' is computed by a parametrization"),
+        (_Tied, "a parameter of 'conv' is shared with another module (tied)"),
+        (lambda: _hooked(0, "forward"), "'0' has forward_hooks"),   # would see the folded output
+        (lambda: _hooked(1, "pre"), "it has forward_pre_hooks"),    # would no longer run
+    ],
+)
+def test_a_fold_that_would_change_the_model_is_left(make, reason):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # nn.utils.weight_norm is deprecated
+        model = make()
+    _, record = _equal_in_float64(model, torch.randn(2, 3, 7, 7) + 0.5, 0)
+    assert len(record.skipped) == 1 and reason in record.skipped[0][1], str(record)
+
+
+class _SliceReader(nn.Module):
+    """Reads the conv's output through a slice of its nn.Sequential (a container that is not
+    installed in the model): traced through, so the second reader is seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        return self.f(x).mean((2, 3)) + self.f[:1](x).mean((2, 3))
+
+
+class _SharedUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        bn = nn.BatchNorm2d(8)
+        self.seq = nn.Sequential(nn.Conv2d(8, 8, 1), bn, nn.Conv2d(8, 8, 1), bn)  # bn twice
+
+    def forward(self, x):
+        y = self.seq(x)
+        return y if y.sum() > -1e9 else -y  # data-dependent: fx cannot trace it
+
+
+def test_slices_are_traced_and_shared_modules_are_not_folded_untraced():
+    _, record = _equal_in_float64(_SliceReader(), torch.randn(2, 3, 7, 7) + 0.5, 0)
+    assert record.traced and record.skipped == [("f.1", "the conv or the norm is called more than once")]
+    _, record = _equal_in_float64(_SharedUntraceable(), torch.randn(2, 8, 5, 5) + 0.5, 0)
+    assert not record.traced and "under more than one name" in record.skipped[0][1]
