@@ -183,3 +183,103 @@ def test_frozen_and_sync_batchnorm_take_the_activation():
     ours, record = _check(model, torch.randn(4, 3, 5, 5), train=True)
     assert (ours[1].activation, ours[4].activation) == ("relu", "gelu")
     assert isinstance(ours[2], nn.Identity) and isinstance(ours[5], nn.Identity)
+
+
+class _LoopReader(nn.Module):
+    """Runs its nn.Sequential layer by layer and keeps the BN's output (pre-ReLU) as a feature:
+    the ReLU after the BN is not the only reader of its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3))
+
+    def forward(self, x):
+        kept = None
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i == 1:
+                kept = x
+        return kept.mean((2, 3)) + x.mean((2, 3))
+
+
+class _SliceReader(_LoopReader):
+    """Reads the BN's output through a slice ``features[:2]`` (a container the model does not
+    hold)."""
+
+    def forward(self, x):
+        return self.features[:2](x).mean((2, 3)) + self.features(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("cls", [_LoopReader, _SliceReader])
+def test_a_norm_read_elsewhere_is_not_fused_into(cls, train):
+    ours, record = _check(cls(), torch.randn(2, 3, 8, 8) + 0.5, train=train)
+    assert record.traced and not record.fused, str(record)
+    assert isinstance(ours.features[2], nn.ReLU) and ours.features[1].activation is None
+
+
+def _hooked_model():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+
+
+def test_hooks_stay_and_keep_their_place():
+    x = torch.randn(2, 3, 6, 6) + 0.5
+    # a hook that changes the norm's output (before the ReLU): kept on the replacement, which
+    # then takes no ReLU (the hook would see ReLU's output)
+    model = _randomize(_hooked_model()).eval()
+    handle = model[1].register_forward_hook(lambda m, args, out: out - 1.0)
+    reference = copy.deepcopy(model)
+    ours, record = optimize(model)
+    with torch.no_grad():
+        assert _rel(ours(x), reference(x)) < 1e-6
+    assert isinstance(ours[1], nlnn.BatchNorm2d) and not record.fused
+    assert record.skipped == [("1", "not fused: the norm has forward_hooks")]
+    handle.remove()  # its handle still removes it from the replacement
+    with torch.no_grad():  # forward(): the reference's BN without its hook
+        torch.testing.assert_close(ours(x), F.relu(reference[1].forward(reference[0](x))))
+    # a hook on the activation module: it still runs
+    model, calls = _hooked_model().eval(), []
+    model[2].register_forward_hook(lambda m, args, out: calls.append(out.shape))
+    ours, record = optimize(model)
+    ours(x)
+    assert calls == [(2, 8, 4, 4)]  # 6x6 input, 3x3 conv
+    assert record.skipped == [("1", "not fused: the activation has forward_hooks")]
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.GroupNorm(2, 8)
+
+    def forward(self, x):
+        return F.relu(self.norm(self.conv(x)))
+
+
+def test_hooks_a_graph_module_would_not_run_keep_the_model_unrewritten():
+    x = torch.randn(2, 3, 6, 6) + 0.5
+    seen = []
+    # a feature hook on a block fx would trace through: the model is not traced
+    model = nn.Sequential(_Block(), nn.Conv2d(8, 4, 1))
+    model[0].register_forward_hook(lambda m, args, out: seen.append(out))
+    ours, record = _check(model, x)
+    assert ours is model and not record.traced and "'0' has forward_hooks" in record.trace_error
+    seen.clear()
+    ours(x)
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor)  # not a proxy, and it ran
+    # a hook on the root: traced, but no GraphModule replaces the model
+    block = _Block()
+    block.register_forward_hook(lambda m, args, out: seen.append(out))
+    ours, record = _check(block, x)
+    assert ours is block and record.traced and not record.fused
+    assert record.skipped[0][0] == "" and "would not run" in record.skipped[0][1]
+
+
+def test_a_timm_norm_act_whose_act_has_hooks_is_left():
+    timm = import_timm()
+    layer = timm.layers.BatchNormAct2d(8, act_layer=nn.ReLU)
+    layer.act.register_forward_hook(lambda m, args, out: out * 2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), layer)
+    ours, record = _check(model, torch.randn(2, 3, 5, 5) + 0.5)
+    assert ours[1] is layer and record.skipped == [("1", "its act module has hooks, which fusing would drop")]

@@ -269,6 +269,12 @@ def _only_reader(gm: fx.GraphModule, counts: dict, norm: nn.Module, act_module: 
     return False
 
 
+def _left(record: OptimizeRecord, name: str, reason: str) -> None:
+    """Record a norm left unfused, once (steps 2 and 3 may both find it)."""
+    if (name, reason) not in record.skipped:
+        record.skipped.append((name, reason))
+
+
 def _fuse_sequentials(model: nn.Module, record: OptimizeRecord,
                       gm: Optional[fx.GraphModule]) -> None:
     """Step 2. With a trace (``gm``), only where it shows the activation module as the norm
@@ -287,7 +293,7 @@ def _fuse_sequentials(model: nn.Module, record: OptimizeRecord,
             full = f"{name}.{k}" if name else k
             hooks = _hooks_in_the_way(norm, act_module)
             if hooks:
-                record.skipped.append((full, hooks))
+                _left(record, full, hooks)
             elif gm is None or _only_reader(gm, counts, norm, act_module):
                 norm.activation = act
                 seq._modules[k_next] = nn.Identity()
@@ -338,7 +344,7 @@ def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphM
         hooks = _hooks_in_the_way(
             norm, gm.get_submodule(user.target) if user.op == "call_module" else None)
         if hooks:
-            record.skipped.append((node.target, hooks))
+            _left(record, node.target, hooks)
             continue
         fused_norm = _with_activation(norm, act)
         replace_modules(gm, lambda m, norm=norm: m is norm, lambda m, _, new=fused_norm: new)
