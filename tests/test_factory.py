@@ -122,3 +122,43 @@ def test_evonorm_s0_group_rule_and_keywords():
         create_norm("evonorm_b0", 8, num_groups=4)
     with pytest.raises(ValueError, match=r"norm 'frn' supports dims=\[2\], got dims=1"):
         create_norm("frn", 8, dims=1)
+
+
+def test_unknown_name_suggests_the_closest():
+    with pytest.raises(ValueError, match=r"unknown norm 'groupnrom'; known norms: .*none; "
+                                         r"did you mean 'gn'\?"):  # alias groupnorm -> gn
+        create_norm("groupnrom", 8)
+    with pytest.raises(ValueError, match=r"did you mean 'syncbn'\?"):
+        normlab.convert_norm(nn.Sequential(nn.BatchNorm2d(8)), "syncbm")
+    with pytest.raises(ValueError, match=r"unknown norm 'xyz'; known norms: [^?]*$"):
+        create_norm("xyz", 8)  # nothing close: no guess
+
+
+def test_missing_required_keyword_is_named():
+    with pytest.raises(TypeError, match=r"create_norm\('ghostbn'\): missing required keyword "
+                                        r"argument\(s\) 'virtual_batch'"):
+        create_norm("ghostbn", 8)
+    with pytest.raises(TypeError, match=r"'ghostbn'.*'virtual_batch'"):
+        normlab.convert_norm(nn.Sequential(nn.BatchNorm2d(8)), "ghostbn")
+    assert create_norm("ghostbn", 8, virtual_batch=4).virtual_batch == 4
+
+
+def test_a_callable_that_builds_no_module_is_a_type_error():
+    def builder(c):
+        return c * 2  # not a module
+
+    with pytest.raises(TypeError, match=r"norm <function .*builder.*> must build an nn.Module, "
+                                        r"but it returned int: 16"):
+        create_norm(builder, 8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+    with pytest.raises(TypeError, match="must build an nn.Module, but it returned int"):
+        normlab.convert_norm(model, builder)
+    assert type(model[1]) is nn.BatchNorm2d  # nothing replaced
+
+
+def test_numpy_integer_counts_as_in_normlab_nn():
+    np = pytest.importorskip("numpy")
+    m = create_norm("gn", np.int64(48))  # a channel count read from an array
+    assert (m.num_groups, m.num_channels) == (24, 48) and type(m.num_channels) is int
+    assert nlnn.GroupNorm(np.int64(24), np.int64(48)).num_groups == 24  # the module takes it too
+    assert resolve_groups(np.int64(48), np.int64(32)) == 24
