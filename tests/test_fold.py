@@ -286,3 +286,15 @@ def test_slices_are_traced_and_shared_modules_are_not_folded_untraced():
     assert record.traced and record.skipped == [("f.1", "the conv or the norm is called more than once")]
     _, record = _equal_in_float64(_SharedUntraceable(), torch.randn(2, 8, 5, 5) + 0.5, 0)
     assert not record.traced and "under more than one name" in record.skipped[0][1]
+
+
+@pytest.mark.parametrize("to", ["bn", "frozenbn", nn.BatchNorm2d])
+def test_convert_norms_kept_timm_activation_stays_after_the_fold(to):
+    # convert_norm runs a timm norm-act layer's unfusable act (hard-swish) in a forward hook of
+    # the new norm; folding that norm keeps the act (it was dropped: 78x relative error on
+    # mobilenetv3_small_050)
+    timm = import_timm()
+    layer = timm.layers.BatchNormAct2d(8, act_layer=nn.Hardswish)
+    model = normlab.convert_norm(nn.Sequential(nn.Conv2d(3, 8, 3), layer), to)
+    model, record = _equal_in_float64(model, torch.randn(2, 3, 7, 7) + 0.5, 1)
+    assert isinstance(model[1], nn.Hardswish) and not record.skipped

@@ -12,7 +12,8 @@ CVPR 2018); for a ConvTranspose, whose weight holds the output channels in its s
 (per group), the same scale applies there. Folded: eval-mode ``torch.nn`` BatchNorm1d/2d/3d and
 SyncBatchNorm with running statistics, normlab's BatchNorm (its fused activation stays, as an activation module),
 BatchRenorm (eval mode uses the running statistics), FrozenBatchNorm2d (normlab's, torchvision's),
-timm's BatchNormAct2d and FrozenBatchNormAct2d (their ``drop`` and ``act`` stay).
+timm's BatchNormAct2d and FrozenBatchNormAct2d (their ``drop`` and ``act`` stay, as they do for
+the norms :func:`normlab.convert_norm` built from those layers).
 
 Left in place, with the reason: a pair where the conv or the norm has hooks (they would see the
 folded output, or no longer run: a conv's forward pre-hook such as the old ``weight_norm``
@@ -31,7 +32,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from normlab import _trace
-from normlab.convert import _ACT_MODULES
+from normlab.convert import _ACT_MODULES, _drop_then_act
 from normlab.nn._common import replace_modules
 from normlab.nn.batch_renorm import _BatchRenorm
 from normlab.nn.batchnorm import _BatchNormForward
@@ -68,6 +69,13 @@ class FoldRecord:
 def _after(norm: nn.Module) -> Optional[list]:
     """The modules that must still run after the folded affine (activation, dropout), or None
     when ``norm`` is not a BatchNorm this pass knows how to fold."""
+    after = _after_own(norm)
+    if after is not None and _converted_norm_act(norm):  # timm's drop and act, as the hook ran them
+        after += [m for m in (norm.drop, norm.act) if not isinstance(m, nn.Identity)]
+    return after
+
+
+def _after_own(norm: nn.Module) -> Optional[list]:
     cls = type(norm)
     if cls.__module__.startswith("timm.") and cls.__name__ in _TIMM_NORM_ACT:
         return [m for m in (norm.drop, norm.act) if not isinstance(m, nn.Identity)]
@@ -83,6 +91,13 @@ def _after(norm: nn.Module) -> Optional[list]:
     ):
         return []
     return None
+
+
+def _converted_norm_act(norm: nn.Module) -> bool:
+    """A norm that :func:`normlab.convert_norm` built for a timm norm-act layer whose ``drop``
+    and ``act`` it could not fuse: they run in its one forward hook, and nothing else hooks it."""
+    return (list(norm._forward_hooks.values()) == [_drop_then_act]
+            and _trace.hooks_of(norm) == ["forward_hooks"])
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -106,7 +121,7 @@ def _reason_not_foldable(conv_name: str, conv: nn.Module, norm: nn.Module,
         return (f"{norm.running_mean.numel()} features, but {conv_name!r} has "
                 f"{_out_features(conv)} outputs")
     for what, module in (("it", norm), (repr(conv_name), conv)):
-        if _trace.hooks_of(module):
+        if _trace.hooks_of(module) and not (module is norm and _converted_norm_act(norm)):
             return (f"{what} has {', '.join(_trace.hooks_of(module))}, which would see the folded "
                     "output or no longer run")
     if parametrize.is_parametrized(conv):
