@@ -216,15 +216,20 @@ def _pairs_from_sequentials(model: nn.Module, record: FoldRecord) -> list:
 
 
 def fold_batchnorm(model: nn.Module):
-    """Fold every eval-mode BatchNorm that directly follows a Conv or Linear into it, in place.
+    """Fold every eval-mode BatchNorm that directly follows a Conv, ConvTranspose or Linear into
+    it, in place.
 
     ``model`` must be in eval mode. Its data flow is read with a torch.fx trace (BatchNorm
     layers as leaves); a BatchNorm is folded when its only input is a Conv/Linear module's
-    output that nothing else reads, and each of the two is called once. The BatchNorm is then
+    output that nothing else reads, and each of the two is called once. Pairs with hooks, a
+    parametrized or tied conv weight are left (see the module docstring). A Linear + BatchNorm1d
+    pair is folded as for ``(N, C)`` input (on ``(N, L, C)`` input BatchNorm1d normalizes over L,
+    which the trace does not show: do not fold such a model). The BatchNorm is then
     replaced by ``nn.Identity`` (or by what must still run after it: a norm-act layer's dropout
     and activation, normlab's fused activation), and the conv gets the folded weight and bias (a
     bias is added where it had none). A model torch.fx cannot trace is folded where a
-    BatchNorm follows a Conv/Linear in an ``nn.Sequential``. Everything else is left and listed.
+    BatchNorm follows a Conv/Linear in an ``nn.Sequential`` (assuming the Sequential is run
+    whole, which cannot be checked without a trace). Everything else is left and listed.
 
     Args:
         model: any module, in eval mode.
