@@ -319,3 +319,19 @@ def test_to_batch_independent_alternatives(to, kwargs, eps):
     assert model.normlab_conversion.replaced[0].new == repr(new)
     with pytest.raises(ValueError, match=f"norm '{to}' supports dims=\\[2\\], got dims=1"):
         convert_norm(nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8)), to, **kwargs)
+
+
+@pytest.mark.parametrize("to", ["frozenbn", nlnn.FrozenBatchNorm2d, "gn", "bn"])
+@pytest.mark.parametrize("train", [False, True])
+def test_the_new_norm_takes_the_mode_of_the_one_it_replaces(to, train):
+    # a FrozenBatchNorm2d built by the freeze was in training mode inside an eval model
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), _trained_bn(nn.BatchNorm2d, 8)).train(train)
+    convert_norm(model, to)
+    assert model[1].training is train
+
+
+def test_a_builder_that_returns_no_module_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+    with pytest.raises(TypeError, match=r"must build an nn.Module, but it returned tuple"):
+        convert_norm(model, lambda c: (c,))  # was AttributeError: 'tuple' has no attribute 'to'
+    assert type(model[1]) is nn.BatchNorm2d

@@ -144,7 +144,7 @@ def _freeze(module: nn.Module, cls: type, kwargs: dict[str, Any], name: str) -> 
     new = cls.from_batchnorm(module)
     if "eps" in kwargs:
         new.eps = NLF.check_eps(kwargs["eps"])
-    return new
+    return new.train(module.training)  # the mode of the model it joins, as every other target
 
 
 def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = "") -> nn.Module:
