@@ -270,7 +270,9 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
     The new module takes over the BatchNorm's ``weight`` and ``bias`` Parameter objects and
     its running buffers where shapes and dtypes agree (as torch's ``convert_sync_batchnorm``
     does), so an optimizer built before the conversion keeps training the model; otherwise
-    (FrozenBatchNorm2d's buffers, a dtype change) the values are copied.
+    (FrozenBatchNorm2d's buffers, a dtype change) the values are copied. Hooks registered on a
+    replaced BatchNorm are not carried over (as with torch's ``convert_sync_batchnorm``: the new
+    module is another kind of norm); register them on the new module.
 
     Returns:
         The model, with ``model.normlab_conversion`` summarising the replacements.
