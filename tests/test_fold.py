@@ -298,3 +298,21 @@ def test_convert_norms_kept_timm_activation_stays_after_the_fold(to):
     model = normlab.convert_norm(nn.Sequential(nn.Conv2d(3, 8, 3), layer), to)
     model, record = _equal_in_float64(model, torch.randn(2, 3, 7, 7) + 0.5, 1)
     assert isinstance(model[1], nn.Hardswish) and not record.skipped
+
+
+class _SequentialKeepingAll(nn.Sequential):
+    """A Sequential subclass whose forward also returns each layer's output (feature
+    extraction): the conv's output is read, which no trace of this model can show."""
+
+    def forward(self, x):
+        outs = []
+        for layer in self:
+            x = layer(x)
+            outs.append(x.mean())
+        return torch.stack(outs) if x.sum() > -1e9 else -torch.stack(outs)  # untraceable
+
+
+def test_untraced_sequential_subclass_with_its_own_forward_is_not_folded():
+    model = _SequentialKeepingAll(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    _, record = _equal_in_float64(model, torch.randn(2, 3, 7, 7) + 0.5, 0)
+    assert not record.traced and record.skipped[0][0] == "1"

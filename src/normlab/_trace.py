@@ -97,6 +97,12 @@ def parents_of(model: nn.Module, target: nn.Module) -> list:
     return found
 
 
+def plain_sequential(module: nn.Module) -> bool:
+    """An nn.Sequential whose forward is nn.Sequential's own (runs its children in order; a
+    subclass with another forward may return what it likes)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
 def paths_count(model: nn.Module) -> dict:
     """id(module) -> under how many names it sits in ``model`` (2 or more: shared)."""
     counts: dict = {}

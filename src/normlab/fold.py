@@ -195,7 +195,7 @@ def _pairs_from_sequentials(model: nn.Module, record: FoldRecord) -> list:
     pairs, seen = [], set()
     paths = _trace.paths_count(model)
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Sequential):
+        if not _trace.plain_sequential(module):
             continue
         children = list(module.named_children())
         for (cname, conv), (nname, norm) in zip(children, children[1:]):

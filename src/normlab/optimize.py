@@ -25,7 +25,8 @@ shows another reader of the norm's output (a loop over the nn.Sequential that ke
 ``seq[:2]``), and the fx rewrite not where a module it would inline, or the root, has hooks (a
 GraphModule runs none of them). Where fx cannot trace the model, step 2 assumes that each
 nn.Sequential is run whole (it cannot see otherwise), and the record says the model was not
-traced. The record lists what was left and why.
+traced; a Sequential subclass with a forward of its own is not fused into then). The record
+lists what was left and why.
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ def _fuse_sequentials(model: nn.Module, record: OptimizeRecord,
     counts = _trace.call_counts(gm) if gm is not None else {}
     paths = _trace.paths_count(model)
     for name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
+        if not (_trace.plain_sequential(seq) or gm is not None and isinstance(seq, nn.Sequential)):
             continue
         keys = list(seq._modules)
         for k, k_next in zip(keys, keys[1:]):
