@@ -52,3 +52,21 @@ def test_errors():
         nlnn.FrozenBatchNorm2d(6)(torch.randn(2, 5, 3, 3))
     with pytest.raises(TypeError, match="from_batchnorm needs a BatchNorm module, got GroupNorm"):
         nlnn.FrozenBatchNorm2d.from_batchnorm(nn.GroupNorm(2, 4))
+
+
+def test_from_batchnorm_without_bias_equals_the_eval_batchnorm():
+    """torch's BatchNorm2d(bias=False) (a weight, no bias): the frozen copy keeps a zero bias
+    and gives the eval BatchNorm's output (it raised copying a None bias)."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(8, bias=False).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.running_mean.normal_(3.0, 1.0)
+        bn.running_var.uniform_(0.5, 2.0)
+    bn.eval()
+    frozen = nlnn.FrozenBatchNorm2d.from_batchnorm(bn)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64) + 3
+    assert torch.equal(frozen.bias, torch.zeros_like(frozen.bias))
+    assert torch.allclose(frozen(x), bn(x), rtol=0, atol=1e-12)
+    converted = normlab.convert_norm(torch.nn.Sequential(bn), "frozenbn")
+    assert torch.allclose(converted(x), bn(x), rtol=0, atol=1e-12)

@@ -73,8 +73,9 @@ class FrozenBatchNorm2d(nn.Module):
         with torch.no_grad():
             out.running_mean.copy_(bn.running_mean)
             out.running_var.copy_(bn.running_var)
-            if bn.weight is not None:
+            if bn.weight is not None:  # affine=False: FrozenBN's weight 1, bias 0 stay
                 out.weight.copy_(bn.weight)
+            if bn.bias is not None:  # BatchNorm(..., bias=False): the bias 0 stays
                 out.bias.copy_(bn.bias)
         return out
 
