@@ -11,6 +11,7 @@ from normlab import models
 from normlab import nn as nlnn
 from normlab.fold import fold_batchnorm
 from timm_import import import_timm
+from pass_models import SequentialKeepingAll
 
 
 def _randomize_norms(model):
@@ -300,19 +301,7 @@ def test_convert_norms_kept_timm_activation_stays_after_the_fold(to):
     assert isinstance(model[1], nn.Hardswish) and not record.skipped
 
 
-class _SequentialKeepingAll(nn.Sequential):
-    """A Sequential subclass whose forward also returns each layer's output (feature
-    extraction): the conv's output is read, which no trace of this model can show."""
-
-    def forward(self, x):
-        outs = []
-        for layer in self:
-            x = layer(x)
-            outs.append(x.mean())
-        return torch.stack(outs) if x.sum() > -1e9 else -torch.stack(outs)  # untraceable
-
-
 def test_untraced_sequential_subclass_with_its_own_forward_is_not_folded():
-    model = _SequentialKeepingAll(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    model = SequentialKeepingAll(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
     _, record = _equal_in_float64(model, torch.randn(2, 3, 7, 7) + 0.5, 0)
     assert not record.traced and record.skipped[0][0] == "1"

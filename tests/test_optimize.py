@@ -14,6 +14,7 @@ import normlab
 from normlab import nn as nlnn
 from normlab.optimize import optimize
 from timm_import import import_timm
+from pass_models import SequentialKeepingAll
 
 
 def _randomize(model):
@@ -285,19 +286,7 @@ def test_a_timm_norm_act_whose_act_has_hooks_is_left():
     assert ours[1] is layer and record.skipped == [("1", "its act module has hooks, which fusing would drop")]
 
 
-class _SequentialKeepingAll(nn.Sequential):
-    """A Sequential subclass whose forward also returns each layer's output; fx cannot trace it,
-    so only its own forward tells that the norm's output is read."""
-
-    def forward(self, x):
-        outs = []
-        for layer in self:
-            x = layer(x)
-            outs.append(x.mean())
-        return torch.stack(outs) if x.sum() > -1e9 else -torch.stack(outs)  # untraceable
-
-
 def test_untraced_sequential_subclass_with_its_own_forward_is_not_fused():
-    model = _SequentialKeepingAll(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU())
+    model = SequentialKeepingAll(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU())
     ours, record = _check(model, torch.randn(2, 3, 6, 6) + 0.5)
     assert record.traced is False and not record.fused and isinstance(ours[2], nn.ReLU)

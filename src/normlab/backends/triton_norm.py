@@ -695,6 +695,14 @@ def _reduce_rows_kernel(
 
 
 @triton.jit
+def _rows_range(pid, RPP, R, sn):
+    """Program pid's rows [r_lo, r_hi) of the rows kernels and the int64 offset of its first
+    (R * C can pass 2**31)."""
+    r_lo = pid * RPP
+    return r_lo, tl.minimum(r_lo + RPP, R), r_lo.to(tl.int64) * sn
+
+
+@triton.jit
 def _rows_fwd_kernel(
     X,  # (R, C) input, row stride sn, contiguous rows
     Y,  # (R, C) like X
@@ -712,17 +720,8 @@ def _rows_fwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     cm = cols < C
-    if HAS_W:
-        w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
-    else:
-        w = tl.where(cm, 1.0, 0.0)
-    if HAS_B:
-        b = tl.load(B + cols, mask=cm, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    r_lo = pid * RPP
-    r_hi = tl.minimum(r_lo + RPP, R)
-    base = r_lo.to(tl.int64) * sn  # int64: R * C can pass 2**31
+    w, b, _, _ = _channel_vectors(W, B, W, W, cols, cm, 0.0, HAS_W, HAS_B, False, BLOCK_C)
+    r_lo, r_hi, base = _rows_range(pid, RPP, R, sn)
     for r in tl.range(r_lo, r_hi, num_stages=NUM_STAGES):
         x = tl.load(X + base + cols, mask=cm, other=0.0).to(tl.float32)
         if CENTER:  # shifted data (the row's first element), as the general kernels
@@ -770,19 +769,10 @@ def _rows_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     cm = cols < C
-    if HAS_W:
-        w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
-    else:
-        w = tl.where(cm, 1.0, 0.0)
-    if HAS_B:
-        b = tl.load(B + cols, mask=cm, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    w, b, _, _ = _channel_vectors(W, B, W, W, cols, cm, 0.0, HAS_W, HAS_B, False, BLOCK_C)
     acc_dw = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    r_lo = pid * RPP
-    r_hi = tl.minimum(r_lo + RPP, R)
-    base = r_lo.to(tl.int64) * sn  # int64: R * C can pass 2**31
+    r_lo, r_hi, base = _rows_range(pid, RPP, R, sn)
     for r in tl.range(r_lo, r_hi, num_stages=NUM_STAGES):
         x = tl.load(X + base + cols, mask=cm, other=0.0).to(tl.float32)
         dy = tl.load(DY + base + cols, mask=cm, other=0.0).to(tl.float32)
