@@ -46,7 +46,7 @@ from normlab.models import check_norm, is_normalizer_free
 
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
-    "DATASETS", "SCHEDULES", "check_model_norm",
+    "DATASETS", "SCHEDULES", "check_model_norm", "check_field",
 ]
 
 DATASETS = ("digits", "mnist5k", "synthetic", "cifar10", "cifar100", "imagefolder")
@@ -243,6 +243,14 @@ class RunConfig:
 @typing.no_type_check
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(RunConfig)
+
+
+def check_field(name: str, value: Any) -> None:
+    """A ConfigError when ``name`` is a RunConfig field and ``value`` is not of its type (what a
+    stored config is checked with when read back); other names pass."""
+    types_ = _field_types()
+    if name in types_:
+        _check_type(name, value, types_[name])
 
 
 def _check_type(name: str, value: Any, tp: Any) -> None:

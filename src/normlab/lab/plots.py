@@ -135,10 +135,10 @@ def _error_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> l
             xs_run += xs
     ax.set_ylim(bottom=0)
     cfg = runs[0]["config"]
-    model = "/".join(sorted({r["config"]["model"] for r in runs}))
+    model = "/".join(sorted({str(r["config"].get("model", "?")) for r in runs}))
     worlds = sorted({int(r["config"].get("world_size", 1)) for r in runs})
     procs = "" if worlds == [1] else f", {'/'.join(map(str, worlds))} processes"
-    ax.set_title(f"this run: {model} on {cfg['data']}, {cfg['epochs']} epochs{procs}\n"
+    ax.set_title(f"this run: {model} on {cfg.get('data', '?')}, {cfg.get('epochs', '?')} epochs{procs}\n"
                  f"mean ± sd over {_seeds(stats)} seed(s){_flagged_note(stats)}", fontsize=9)
     panels = [(ax, "test error (%)", xs_run)]
     if paper:

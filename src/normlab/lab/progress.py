@@ -29,8 +29,9 @@ def progress_bars() -> Progress:
 
 
 def describe(p: Any) -> str:
-    """A point of a study in a few words: ``label x=X seed=S``."""
-    return f"{p.label} x={p.x} seed={p.cfg.seed}"
+    """A point of a study in a few words, ``label x=X seed=S``, as literal text for rich (a
+    label such as ``[/x]`` is printed as written, never read as markup)."""
+    return escape(f"{p.label} x={p.x} seed={p.cfg.seed}")
 
 
 def print_outcome(p: Any, outcome: str, res: Any) -> None:
@@ -39,11 +40,13 @@ def print_outcome(p: Any, outcome: str, res: Any) -> None:
         console.print(f"  {describe(p)}: test error {res['final_test_error']:.2f}% "
                       f"({res['wall_time']:.1f}s, {res['images_per_s']:.0f} img/s"
                       + (f", resumed at epoch {res['resumed_from']}" if res["resumed_from"] else "")
-                      + (f", {res['error']}" if res.get("error") else "") + ")", highlight=False)
+                      + (f", {escape(str(res['error']))}" if res.get("error") else "") + ")",
+                      highlight=False)
     elif outcome == "skipped":
         console.print(f"  {describe(p)}: already done", highlight=False)
     else:
-        console.print(f"  {describe(p)}: [red]failed[/]: {res['error']}", highlight=False)
+        console.print(f"  {describe(p)}: [red]failed[/]: {escape(str(res['error']))}",
+                      highlight=False)
 
 
 def epoch_lines() -> bool:
@@ -63,7 +66,7 @@ def print_epoch(p: Any, row: dict) -> None:
 
 def print_wait(p: Any, owner: Optional[str]) -> None:
     """The line of a point another process is training."""
-    console.print(f"  {describe(p)}: being trained by {owner or 'another process'} "
+    console.print(f"  {describe(p)}: being trained by {escape(owner or 'another process')} "
                   "(another normlab process on this --out); waiting for it (an owner "
                   "on another host silent for $NORMLAB_STALE_AFTER s, default 900, "
                   "is taken over)", highlight=False)

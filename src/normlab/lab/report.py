@@ -56,7 +56,7 @@ def _flagged_lines(stats: dict) -> list[str]:
     if not rows:
         return []
     return (["", "Flagged runs, kept in the store and left out of the means, bars and verdicts:", ""]
-            + [f"- {_md(str(lab))} at {x}, seed {e['seed']} (run {_md(str(e['run_id']))}): test error "
+            + [f"- {_md(str(lab))} at {_md(x)}, seed {_md(e['seed'])} (run {_md(str(e['run_id']))}): test error "
                f"{e['error']:.2f}%, {_md(e['flag'])}" for (lab, x), e in rows])
 
 
@@ -112,14 +112,15 @@ def _protocol_line(protocol: Optional[dict], runs: list[dict]) -> str:
     (then :func:`_processes_line` describes the runs from their configs)."""
     if not protocol or protocol.get("name") == "single batch":
         return ""
-    source = f" ({_md(protocol['source'])})" if protocol.get("source") else ""
-    rest = (f"SGD batch {_md(protocol['sgd_batch'])} images, lr {_md(protocol['lr'])}; "
-            f"statistics: {_md(protocol['statistics'])}{source}.")
+    field = lambda key: _md(protocol.get(key, "?"))  # noqa: E731 - stored text, inert
+    source = f" ({field('source')})" if protocol.get("source") else ""
+    rest = (f"SGD batch {field('sgd_batch')} images, lr {field('lr')}; "
+            f"statistics: {field('statistics')}{source}.")
     if protocol.get("processes"):  # real processes are the devices
         batches = _batches(runs)
         return (f"**Images per process: {', '.join(map(str, batches))}; processes: "
-                f"{protocol['processes']}**. **Protocol: {_md(protocol['name'])}**: {rest}")
-    return (f"**Protocol: {_md(protocol['name'])}, {protocol['devices']} emulated devices on "
+                f"{field('processes')}**. **Protocol: {field('name')}**: {rest}")
+    return (f"**Protocol: {field('name')}, {field('devices')} emulated devices on "
             f"one process**: {rest}")
 
 
@@ -135,15 +136,16 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
     lines = [f"## {study.name}: {study.title}", "", study.description, "",
              f"Preset `{preset}`: {done}/{len(runs)} runs done"
              + (f", {len(failed)} failed" if failed else "")
-             + f"; model `{cfg['model']}`, data `{cfg['data']}`, {cfg['epochs']} epochs, "
-               f"schedule {cfg['schedule']}, weight decay {cfg['weight_decay']}.", "",
+             + f"; model `{_md(cfg.get('model', '?'))}`, data `{_md(cfg.get('data', '?'))}`, "
+               f"{_md(cfg.get('epochs', '?'))} epochs, schedule {_md(cfg.get('schedule', '?'))}, "
+               f"weight decay {_md(cfg.get('weight_decay', '?'))}.", "",
              _protocol_line(store.setup_info(study.name, preset).get("protocol"), runs)
              or _processes_line(runs, cfg), ""]
     present = {r["label"] for r in runs}
     labels = [v for v in study.variants if v in present] + sorted(present - set(study.variants))
     xs = sorted({r["x"] for r in runs}, reverse=study.x_log2)
     lines += [f"### Test error (%), this run, mean ± sd over seeds ({study.axis})", "",
-              "| series | " + " | ".join(str(x) for x in xs) + " |",
+              "| series | " + " | ".join(_md(x) for x in xs) + " |",
               "|---|" + "---|" * len(xs)]
     for lab in labels:
         lines.append(f"| {_md(lab)} | " + " | ".join(_fmt(stats.get((lab, x))) for x in xs)
@@ -180,9 +182,10 @@ def _single_runs_section(store: Store) -> list[str]:
         c, err = r["config"], r["final_test_error"]
         w = int(c.get("world_size", 1))
         batch = f"{c.get('batch_size')}" + (f" x {w} processes" if w > 1 else "")
-        lines.append(f"| {_md(r['label'])} | {c.get('model')} | {c.get('norm')} | "
-                     f"{c.get('data')} | {batch} | {c.get('seed')} | {r['epochs_done']}/{r['epochs']} | "
-                     f"{r['status']} | {'-' if err is None else f'{err:.2f}'} |")
+        cells = [r["label"], c.get("model"), c.get("norm"), c.get("data"), batch, c.get("seed"),
+                 f"{r['epochs_done']}/{r['epochs']}", r["status"],
+                 "-" if err is None else f"{err:.2f}"]
+        lines.append("| " + " | ".join(_md(v) for v in cells) + " |")  # stored text: inert
     return lines + [""]
 
 
@@ -226,8 +229,8 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
                       "`normlab spp MODEL --out DIR` records signal propagation.", ""]
         if runs:
             r = runs[-1]
-            lines += ["## Environment", "", f"device: {r.get('device')}; versions: "
-                      + ", ".join(f"{k} {v}" for k, v in sorted(r.get("versions", {}).items())), ""]
+            lines += ["## Environment", "", f"device: {_md(r.get('device'))}; versions: "
+                      + ", ".join(_md(f"{k} {v}") for k, v in sorted(r["versions"].items())), ""]
         md = "\n".join(lines)
         md_path = dest / "report.md"
         md_path.write_text(md)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from rich.markup import escape
 
 from normlab import distributed as nd
 from normlab.lab.analysis import SEEDS_SHOWN
@@ -68,7 +69,7 @@ def _recorded(study: str, preset: str, points: list, out: Path, announce: str,
 def print_report(out: Path, to: Optional[Path] = None) -> None:
     """Write OUT's report (into ``to`` when given) and say where it is."""
     md, html_path = write_report(out, to)
-    console.print(f"report: {md} and {html_path}", highlight=False)
+    console.print(escape(f"report: {md} and {html_path}"), highlight=False)
 
 
 def run_study(study: Study, preset: str, points: list[Point], out: Path, *,
@@ -86,15 +87,16 @@ def run_study(study: Study, preset: str, points: list[Point], out: Path, *,
         nd.setup(device=device_of(points))
         counts = _recorded(study.name, preset, points, out,
                            f"{head} on {nd.world_size()} processes (batch sizes per process) "
-                           f"-> {out}/", run_distributed, info)
+                           f"-> {escape(str(out))}/", run_distributed, info)
     else:
         n_jobs = jobs_for(points, jobs)
+        where = escape(f"{out}/")  # a path is text, not rich markup
         run = ((lambda ps, store: run_parallel(ps, store, n_jobs, out)) if n_jobs > 1
                else run_inline)
         if more_seeds is None:
-            counts = _recorded(study.name, preset, points, out, f"{head} -> {out}/", run, info)
+            counts = _recorded(study.name, preset, points, out, f"{head} -> {where}", run, info)
         else:
-            counts = _with_power(study, preset, points, out, f"{head} -> {out}/", run,
+            counts = _with_power(study, preset, points, out, f"{head} -> {where}", run,
                                  more_seeds, power or {}, info)
     if nd.is_main_process():
         console.print(f"trained {counts['trained']}, already done {counts['skipped']}, failed "
@@ -144,7 +146,7 @@ def run_single(point: Point, out: Path) -> Counts:
     cfg = point.cfg
     procs = (f" ({cfg.batch_size} images per process x {cfg.world_size} processes)"
              if cfg.world_size > 1 else "")
-    announce = f"run {cfg.run_id()}{procs} -> {out}/"
+    announce = escape(f"run {cfg.run_id()}{procs} -> {out}/")
     if not in_worker():
         return _recorded("train", "single", [point], out, announce, run_inline)
     nd.setup(device=device_of([point]))

@@ -60,6 +60,8 @@ from typing import Any, Iterator, Optional, Union
 
 from normlab.lab.owners import HEARTBEAT_S, _me, _my_start, _owner_alive, stale_after_s
 from normlab.lab.store_export import write_exports
+from normlab.lab.store_rows import (RUN_NUMBERS, SPP_NUMBERS, epoch_row, json_object, member_x,
+                                    numbers, run_config)
 from normlab.lab.store_open import (DB_NAME, EPOCH_FIELDS, EXPORTS, StoreError, _names_damage,
                                     check_writable, connect_read_only, create_schema, open_error,
                                     set_wal, unwritable)
@@ -176,12 +178,11 @@ class Store:
         with self.transaction() as c:
             self._merge_info(c, study, preset, setup, info, time.time())
 
-    @staticmethod
-    def _merge_info(c: sqlite3.Connection, study: str, preset: str, setup: str,
+    def _merge_info(self, c: sqlite3.Connection, study: str, preset: str, setup: str,
                     info: dict[str, Any], now: float) -> None:
         row = c.execute("SELECT info FROM setups WHERE study=? AND preset=? AND setup=?",
                         (study, preset, setup)).fetchone()
-        merged = {**(json.loads(row[0]) if row else {}), **info}
+        merged = {**(_setup_info(self.path, study, row[0]) if row else {}), **info}
         c.execute("INSERT OR REPLACE INTO setups (study, preset, setup, info, registered) "
                   "VALUES (?, ?, ?, ?, ?)",
                   (study, preset, setup, json.dumps(merged, sort_keys=True, default=str), now))
@@ -200,7 +201,7 @@ class Store:
             return {}
         row = self.con.execute("SELECT info FROM setups WHERE study=? AND preset=? AND setup=?",
                                (study, preset, latest[0])).fetchone()
-        return json.loads(row[0]) if row else {}
+        return _setup_info(self.path, study, row[0]) if row else {}
 
     def _latest_preset(self, study: str) -> Optional[str]:
         pairs = [p for s, p in self.studies() if s == study]
@@ -303,23 +304,24 @@ class Store:
         """Signal-propagation records by model, in depth order."""
         out: dict[str, list[dict[str, Any]]] = {}
         for r in self.con.execute("SELECT * FROM spp ORDER BY model, depth"):
-            d = dict(r)
+            d = numbers(self.path, f"signal-propagation model {r['model']!r}", dict(r),
+                        SPP_NUMBERS)
             out.setdefault(d.pop("model"), []).append(d)
         return out
 
     @_names_damage
     def run(self, run_id: str) -> Optional[dict[str, Any]]:
         row = self.con.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
-        return _run_dict(row) if row else None
+        return _run_dict(self.path, row) if row else None
 
     @_names_damage
     def runs(self, status: Optional[str] = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM runs" + (" WHERE status=?" if status else "") + " ORDER BY created"
-        return [_run_dict(r) for r in self.con.execute(q, (status,) if status else ())]
+        return [_run_dict(self.path, r) for r in self.con.execute(q, (status,) if status else ())]
 
     @_names_damage
     def epochs(self, run_id: str) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.con.execute(
+        return [epoch_row(self.path, dict(r)) for r in self.con.execute(
             "SELECT * FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,))]
 
     @_names_damage
@@ -351,7 +353,7 @@ class Store:
             if r is None:
                 continue
             r["label"] = m["label"]
-            r["x"] = json.loads(m["x"])
+            r["x"] = member_x(self.path, study, m["run_id"], m["x"])
             r["preset"] = preset
             r["history"] = self.epochs(m["run_id"])
             out.append(r)
@@ -364,11 +366,22 @@ class Store:
         return write_exports(self.dir, self.con, self.runs())
 
 
-def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
-    d = dict(row)
-    d["config"] = json.loads(d["config"])
-    d["versions"] = json.loads(d["versions"]) if d.get("versions") else {}
+def _run_dict(path: Path, row: sqlite3.Row) -> dict[str, Any]:
+    """A ``runs`` row with its JSON parsed, every value checked (:mod:`normlab.lab.store_rows`)."""
+    d = numbers(path, f"run {row['run_id']!r}", dict(row), RUN_NUMBERS)
+    d["config"] = run_config(path, d["run_id"], d["config"])
+    d["versions"] = json_object(path, f"run {d['run_id']!r}", "versions", d.get("versions"),
+                                empty=True)
     return d
+
+
+def _setup_info(path: Path, study: str, raw: Any) -> dict[str, Any]:
+    """A setup's stored ``info``: a JSON object whose ``protocol``, where present, is one too."""
+    info = json_object(path, f"the setup of study {study!r}", "info", raw)
+    if "protocol" in info and not isinstance(info["protocol"], dict):
+        json_object(path, f"the setup of study {study!r}", "protocol",
+                    json.dumps(info["protocol"]))  # raises: names the value
+    return info
 
 
 def summarize(runs: list[dict[str, Any]], metric: str = "final_test_error",

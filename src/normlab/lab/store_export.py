@@ -11,7 +11,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from normlab.lab.store_open import EPOCH_FIELDS
+from normlab.lab.store_open import DB_NAME, EPOCH_FIELDS
+from normlab.lab.store_rows import epoch_row, json_object
 
 _RUN_FIELDS = ("run_id", "status", "owner", "epochs", "epochs_done", "wall_time", "images_per_s",
                "device", "final_train_loss", "final_train_error", "final_test_loss",
@@ -22,7 +23,8 @@ def write_exports(directory: Path, con: sqlite3.Connection,
                   runs: list[dict[str, Any]]) -> list[Path]:
     """Write ``runs.csv``, ``epochs.csv`` and ``results.json`` into ``directory`` (beside the
     store ``con`` reads); ``runs`` as :meth:`normlab.lab.store.Store.runs` gives them."""
-    epochs = [dict(r) for r in con.execute("SELECT * FROM epochs ORDER BY run_id, epoch")]
+    epochs = [epoch_row(directory / DB_NAME, dict(r))
+              for r in con.execute("SELECT * FROM epochs ORDER BY run_id, epoch")]
     members = [dict(r) for r in con.execute("SELECT * FROM study_runs ORDER BY study")]
     paths = []
     cfg_keys = sorted({k for r in runs for k in r["config"]})
@@ -39,7 +41,8 @@ def write_exports(directory: Path, con: sqlite3.Connection,
     by_run: dict[str, list] = {}
     for e in epochs:
         by_run.setdefault(e["run_id"], []).append({k: v for k, v in e.items() if k != "run_id"})
-    setups = [{**dict(r), "info": json.loads(r["info"])}
+    setups = [{**dict(r), "info": json_object(directory / DB_NAME, f"the setup of study "
+                                              f"{r['study']!r}", "info", r["info"])}
               for r in con.execute("SELECT * FROM setups ORDER BY study, registered")]
     doc = {"runs": [{**r, "history": by_run.get(r["run_id"], [])} for r in runs],
            "studies": members, "setups": setups}

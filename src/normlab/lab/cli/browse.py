@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from normlab.factory import norm_names
@@ -61,7 +62,7 @@ def _print_known(studies: bool, models: bool, norms: bool) -> None:
 
 def _print_runs(out: Path) -> None:
     with Store(out, read_only=True) as store:
-        table = Table(title=str(store.path))
+        table = Table(title=escape(str(store.path)))
         for col in _COLUMNS:
             table.add_column(col)
         member: dict = {}
@@ -72,12 +73,13 @@ def _print_runs(out: Path) -> None:
             c = r["config"]
             st, label = member.get(r["run_id"], (set(), c.get("label", "")))
             err = r["final_test_error"]
-            table.add_row(r["run_id"], ",".join(sorted(st)), label, c["model"], c["norm"],
-                          _batch_cell(c), str(c["seed"]), r["status"],
-                          f"{r['epochs_done']}/{r['epochs']}",
-                          "-" if err is None else f"{err:.2f}",
-                          "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}",
-                          "-" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}")
+            cells = (r["run_id"], ",".join(sorted(st)), label, c.get("model", "?"),
+                     c.get("norm", "?"), _batch_cell(c), c.get("seed", "?"), r["status"], f"{r['epochs_done']}/{r['epochs']}",
+                     "-" if err is None else f"{err:.2f}",
+                     "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}",
+                     "-" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}")
+            # the store's text is shown as written, never read as rich markup
+            table.add_row(*(escape(str(v)) for v in cells))
     # off a terminal rich assumes 80 columns; keep the table whole for logs and pipes
     (console if console.is_terminal else Console(width=200)).print(table)
 
@@ -85,4 +87,4 @@ def _print_runs(out: Path) -> None:
 def _batch_cell(c: dict) -> str:
     """``N`` for a one-process run, ``NxW`` for N images per process on W processes."""
     w = int(c.get("world_size", 1))
-    return str(c["batch_size"]) + (f"x{w}" if w > 1 else "")
+    return str(c.get("batch_size", "?")) + (f"x{w}" if w > 1 else "")

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 import typer
+from rich.markup import escape
 
 from normlab import spp as spp_mod
 from normlab.lab.cli.guard import guard
@@ -130,7 +131,7 @@ def spp(
             for label, recs in records.items():
                 store.record_spp(label, recs, architecture=kinds[label])
         paths = spp_mod.plot(records, out / "figures" / "spp.png")
-        console.print("spp: " + ", ".join(str(p) for p in paths), highlight=False)
+        console.print(escape("spp: " + ", ".join(str(p) for p in paths)), highlight=False)
         print_report(out)  # every model measured into this --out, with their verdicts
 
     guard(body)
