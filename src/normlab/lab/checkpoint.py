@@ -34,6 +34,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from normlab.lab.outfiles import write_via
+
 __all__ = ["save", "read", "discard", "REQUIRED"]
 
 #: what every checkpoint holds, and its type
@@ -46,9 +48,7 @@ def save(path: Union[str, Path], state: dict[str, Any]) -> None:
     the old or the new checkpoint, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_via(path, lambda f: torch.save(state, f))  # <name>.tmp<pid>.<hex>, then renamed
 
 
 def read(path: Union[str, Path]) -> tuple[Optional[dict[str, Any]], Optional[str]]:

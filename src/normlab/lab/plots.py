@@ -35,6 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from normlab.lab.analysis import flags_text, point_stats, run_flag  # noqa: E402
+from normlab.lab.outfiles import write_via  # noqa: E402
 from normlab.lab.store import Store  # noqa: E402
 from normlab.lab.studies import Study  # noqa: E402
 
@@ -42,12 +43,14 @@ __all__ = ["plot_study", "save"]
 
 
 def save(fig: Any, out_dir: Path, stem: str) -> list[Path]:
-    """Write ``stem.png`` and ``stem.svg`` under out_dir; close the figure."""
+    """Write ``stem.png`` and ``stem.svg`` under out_dir (each through a new file renamed into
+    place: :mod:`normlab.lab.outfiles`); close the figure."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in ("png", "svg"):
         p = out_dir / f"{stem}.{ext}"
-        fig.savefig(p, dpi=130 if ext == "png" else None, bbox_inches="tight")
+        write_via(p, lambda f: fig.savefig(f, format=ext, dpi=130 if ext == "png" else None,
+                                           bbox_inches="tight"))
         paths.append(p)
     plt.close(fig)
     return paths

@@ -25,6 +25,7 @@ from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODU
                                   flags_text, point_stats, verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
+from normlab.lab.outfiles import subdir, write_text
 from normlab.lab.plots import plot_study
 from normlab.lab.spp_verdicts import spp_section
 from normlab.lab.store import Store, StoreError, unwritable
@@ -201,7 +202,7 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
         if why is not None:
             raise StoreError(f"cannot write the report into {str(dest)!r}: {why}",
                              hint="pass --to DIR to write it elsewhere (the store is only read)")
-        fig_dir = dest / "figures"
+        fig_dir = subdir(dest, "figures")  # a real folder inside dest, not a link out of it
         names = [s for s, _ in store.studies()]
         lines = ["# normlab report", "",
                  f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{store.path.name}` "
@@ -233,9 +234,9 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
                       + ", ".join(_md(f"{k} {v}") for k, v in sorted(r["versions"].items())), ""]
         md = "\n".join(lines)
         md_path = dest / "report.md"
-        md_path.write_text(md)
+        write_text(md_path, md)
         html_path = dest / "report.html"
-        html_path.write_text(_to_html(md, fig_dir))
+        write_text(html_path, _to_html(md, fig_dir))
         if to is None:
             store.export()
     finally:
@@ -278,7 +279,7 @@ def _to_html(md: str, fig_dir: Path) -> str:
         elif line.startswith("![") and "](" in line:
             name = line[line.index("](") + 2:-1].split("/")[-1]
             p = fig_dir / name
-            if p.is_file():
+            if p.is_file() and not p.is_symlink():  # only the figures written just now
                 b64 = base64.b64encode(p.read_bytes()).decode()
                 body.append(f'<p><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}"></p>')
         elif line.strip():

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 
 from normlab import spp as spp_mod
 from normlab.lab.markdown import md_cell
+from normlab.lab.outfiles import staged
 
 __all__ = ["spp_section", "SPP_CLAIMS", "ANALYTIC_TOLERANCE", "GROWTH", "EXPLOSION"]
 
@@ -147,7 +148,8 @@ def _architecture(recs: Records) -> Optional[str]:
 def spp_section(records: dict[str, Records], fig_dir: Path) -> list[str]:
     """The report's section for the stored signal-propagation ``records`` (by model); draws
     ``fig_dir/spp.png``."""
-    spp_mod.plot(records, fig_dir / "spp.png")
+    with staged(fig_dir) as stage:  # renamed into fig_dir: a planted link is replaced
+        spp_mod.plot(records, stage / "spp.png")
     kinds = {m: _architecture(recs) for m, recs in records.items()}
     lines = ["## Signal propagation at initialization", "",
              "Brock, De & Smith, ICLR 2021 (REFERENCE section 3): average channel squared "

@@ -5,12 +5,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+from normlab.lab.outfiles import write_text
 from normlab.lab.store_open import DB_NAME, EPOCH_FIELDS
 from normlab.lab.store_rows import epoch_row, json_object
 
@@ -46,9 +47,7 @@ def write_exports(directory: Path, con: sqlite3.Connection,
               for r in con.execute("SELECT * FROM setups ORDER BY study, registered")]
     doc = {"runs": [{**r, "history": by_run.get(r["run_id"], [])} for r in runs],
            "studies": members, "setups": setups}
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, p)
+    write_text(p, json.dumps(doc, indent=1, sort_keys=True, default=str))
     paths.append(p)
     return paths
 
@@ -58,10 +57,9 @@ def _cell(v: Any) -> Any:
 
 
 def _atomic_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    w.writerows(rows)
+    write_text(path, text.getvalue())
 

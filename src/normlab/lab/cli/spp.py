@@ -14,6 +14,7 @@ from normlab import spp as spp_mod
 from normlab.lab.cli.guard import guard
 from normlab.lab.cli.options import DEFAULT_OUT
 from normlab.lab.config import ConfigError, parse_set
+from normlab.lab.outfiles import staged, subdir
 from normlab.lab.progress import console
 from normlab.lab.run import print_report
 from normlab.lab.store import Store
@@ -130,7 +131,9 @@ def spp(
         with Store(out) as store:
             for label, recs in records.items():
                 store.record_spp(label, recs, architecture=kinds[label])
-        paths = spp_mod.plot(records, out / "figures" / "spp.png")
+        figures = subdir(out, "figures")
+        with staged(figures) as stage:  # renamed into figures/: a planted link is replaced
+            paths = [figures / p.name for p in spp_mod.plot(records, stage / "spp.png")]
         console.print(escape("spp: " + ", ".join(str(p) for p in paths)), highlight=False)
         print_report(out)  # every model measured into this --out, with their verdicts
 

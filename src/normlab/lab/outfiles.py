@@ -1,0 +1,83 @@
+"""Writing files into a results directory (``--out``, a report's ``--to``) so that nothing found
+there makes normlab write outside it.
+
+Every file is written to a new temporary file beside its place, created exclusively
+(``O_EXCL``: a name planted there in advance, a symbolic link included, is never opened), then
+renamed into place: a symbolic link at the final name is replaced, not written through, and a
+reader sees the old file or the new one, never half of one. The folders normlab writes into
+(``figures/``, ``checkpoints/``) and the store file itself must not be symbolic links: one is a
+ConfigError naming it.
+
+>>> import tempfile
+>>> from pathlib import Path
+>>> d = Path(tempfile.mkdtemp())
+>>> write_text(d / "report.md", "# hi\\n")
+>>> (d / "report.md").read_text()
+'# hi\\n'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+from normlab.lab.config import ConfigError
+
+__all__ = ["not_a_link", "subdir", "write_via", "write_text", "staged"]
+
+
+def not_a_link(path: Path, inside: Path) -> Path:
+    """``path`` (a folder or file normlab writes into, inside ``inside``); a ConfigError when it
+    is a symbolic link (writing through it would write outside ``inside``)."""
+    if path.is_symlink():
+        raise ConfigError(f"{str(path)!r} is a symbolic link (to {os.readlink(path)!r}); normlab "
+                          f"writes only inside {str(inside)!r}",
+                          hint="move the link away (a real folder or file there is used as is)")
+    return path
+
+
+def subdir(directory: Path, name: str) -> Path:
+    """``directory/name`` as a real folder, made when missing (see :func:`not_a_link`)."""
+    d = not_a_link(directory / name, directory)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write_via(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a new temporary file beside ``path`` (mode 0666 less the umask, as
+    ``open`` makes files), then rename it to ``path`` (module docstring); on an error the
+    temporary file is removed and ``path`` left as it was."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` (UTF-8) to ``path`` through :func:`write_via`."""
+    write_via(path, lambda f: f.write(text.encode("utf-8")))
+
+
+@contextlib.contextmanager
+def staged(directory: Path) -> Iterator[Path]:
+    """A new empty folder inside ``directory`` for a writer that takes a path (matplotlib,
+    :func:`normlab.spp.plot`); when the block ends without error the files made in it are
+    renamed into ``directory`` (replacing whatever is at their names), and it is removed."""
+    stage = directory / f".normlab-stage{os.getpid()}.{secrets.token_hex(4)}"
+    stage.mkdir()
+    try:
+        yield stage
+        for p in stage.iterdir():
+            os.replace(p, directory / p.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
