@@ -34,7 +34,8 @@ def _cifar_dir(name: str, data_dir: Path) -> Path:
         if all((cand / f).is_file() for f in want):
             return cand
     if not data_dir.is_dir():
-        raise DataError(f"{name}: data directory {str(data_dir)!r} does not exist",
+        what = "is not a directory" if data_dir.exists() else "does not exist"
+        raise DataError(f"{name}: data directory {str(data_dir)!r} {what}",
                         hint=cifar_hint(name, data_dir))
     root = data_dir / sub if (data_dir / sub).is_dir() else data_dir
     missing = [f for f in want if not (root / f).is_file()]

@@ -63,6 +63,9 @@ _FLOAT_FIELDS = ("lr", "base_lr", "momentum", "weight_decay", "warmup_epochs", "
 # fields left out of the identity at their default, so that ids of runs stored before the field
 # existed do not change (a single-process run keeps its id)
 _ID_DEFAULTS = {"world_size": 1}
+#: seeds are ints in [0, SEED_LIMIT) (numpy's rule): torch takes the per-epoch seeds derived from
+#: them (seed x 100003 + ...) only below 2**64, and a larger one failed the run after it started
+SEED_LIMIT = 2**32
 
 
 class ConfigError(ValueError):
@@ -206,6 +209,8 @@ class RunConfig:
         _positive_int("batch_size", self.batch_size)
         _positive_int("world_size", self.world_size)
         _positive_int("epochs", self.epochs)
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         for name in ("train_limit", "test_limit", "threads"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))

@@ -20,6 +20,7 @@ from normlab.lab.analysis import INCONCLUSIVE, claims_status, point_stats, seeds
 from normlab.lab.config import ConfigError
 from normlab.lab.store import Store
 from normlab.lab.studies import Point, Study
+from normlab.lab.study import MAX_SEEDS
 
 __all__ = ["DEFAULT_MAX_SEEDS", "run_with_power", "check_budget"]
 
@@ -37,6 +38,8 @@ def check_budget(budget_runs: Optional[int], budget_minutes: Optional[float],
         raise ConfigError(f"--budget-minutes must be a number >= 0, got {budget_minutes!r}")
     if isinstance(max_seeds, bool) or not isinstance(max_seeds, int) or max_seeds < 1:
         raise ConfigError(f"--max-seeds must be a positive int, got {max_seeds!r}")
+    if max_seeds > MAX_SEEDS:
+        raise ConfigError(f"--max-seeds must be at most {MAX_SEEDS}, got {max_seeds!r}")
 
 
 def run_with_power(

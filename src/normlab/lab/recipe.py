@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import math
+import os
 import platform
 from typing import Callable, Optional
 
@@ -251,6 +252,15 @@ def load_data(cfg: RunConfig) -> DataSplit:
                         test_limit=cfg.test_limit, **cfg.data_kwargs)
 
 
+def _check_threads(threads: Optional[int]) -> None:
+    """At most one torch thread per core of this machine: more only slows a run down, and far
+    more (``threads=100000``) crashed the training process inside OpenMP."""
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        raise ConfigError(f"threads {threads} is more than the {cores} CPU cores of this machine",
+                          hint=f"use --set threads={cores} or fewer (or leave it unset)")
+
+
 def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
     """Fail fast, before anything is written: load every distinct dataset and build every
     distinct model once (on the CPU), so a missing data directory or an unknown model/norm is
@@ -260,6 +270,7 @@ def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
     seen_model: dict[tuple, Optional[nn.Module]] = {}
     for cfg in configs:
         resolve_device(cfg.device)
+        _check_threads(cfg.threads)
         data = load_data(cfg)
         if cfg.global_batch > len(data.y_train):
             procs = f" x {cfg.world_size} processes" if cfg.world_size > 1 else ""

@@ -17,8 +17,12 @@ from normlab.factory import canonical_name
 from normlab.lab.config import ConfigError, RunConfig, apply_overrides
 from normlab.models import is_normalizer_free
 
+#: seeds per point a study builds at most (``--seeds``, ``--max-seeds``): a bound on its run
+#: list, which a typo such as ``--seeds 100000000`` would otherwise grow until memory runs out
+MAX_SEEDS = 1000
+
 __all__ = ["Study", "Point", "Claim", "PRESETS", "setup_id", "PAPER_DEVICES", "emulate_devices",
-           "SERIES_KEYS"]
+           "SERIES_KEYS", "MAX_SEEDS"]
 
 PRESETS = ("quick", "default")
 #: the GN paper's 8 GPUs (REFERENCE section 1): the devices a per-device study emulates by default
@@ -168,6 +172,8 @@ class Study:
         for n in [n_seeds, *per_point.values()]:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ConfigError(f"seeds must be a positive int, got {n!r}")
+            if n > MAX_SEEDS:
+                raise ConfigError(f"seeds per point must be at most {MAX_SEEDS}, got {n!r}")
         k = self.devices(user, devices)
         user = dict(user or {})
         seed0 = user.pop("seed", 0)
