@@ -246,3 +246,27 @@ def test_a_seed_count_beyond_reason_is_said_as_such():
                                                   "fewest_seeds": 1})
     assert "on the claim's boundary (equal means)" in _seeds_cell(
         {**open_claim, "seeds_needed": None, "fewest_seeds": 3})
+
+
+def test_no_stored_string_can_inject_markdown_or_html(tmp_path):
+    """A store from elsewhere holds any text: config values, the device, versions and the
+    recorded protocol went into report.md as written (a newline made a heading, a '|' a cell),
+    beside the labels that were already escaped. Every stored string is literal text now."""
+    evil = "x\n# injected | cell <script>alert(1)</script>"
+    with Store(tmp_path) as s:
+        for rid, study in (("r1", "train"), ("r2", "batch-size")):
+            s.claim(rid, {"model": evil, "norm": evil, "data": evil, "batch_size": 4,
+                          "epochs": 1, "seed": 0, "schedule": evil, "weight_decay": 1e-4})
+            s.record_epochs(rid, [{"epoch": 0, "test_error": 12.5}],
+                            {"device": evil, "versions": {evil: evil}})
+            s.finish(rid)
+            s.register(study, "default", [(rid, "GN", 4)],
+                       info={"protocol": {k: evil for k in ("name", "devices", "sgd_batch", "lr",
+                                                            "statistics", "source")}})
+    md_path, html_path = write_report(tmp_path)
+    md = md_path.read_text()
+    assert not any(line.startswith("# injected") for line in md.splitlines())
+    assert md.count("x \\# injected \\| cell \\<script\\>") >= 10, md
+    h = html_path.read_text()
+    assert "<script" not in h and "<h1>injected" not in h
+    assert h.count("x # injected | cell &lt;script&gt;alert(1)&lt;/script&gt;") >= 10, h

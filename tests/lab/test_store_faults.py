@@ -210,3 +210,83 @@ def test_a_read_only_store_with_a_pending_log_is_read_whole(tmp_path, ro_mounts)
     assert (out / "results.sqlite-wal").stat().st_size > 0
     [(rc, output)] = _cli_read_only([out], ["ls", str(out)])
     assert rc == 0 and output.count(" done ") == 4 and output.count("late") == 3, output
+
+
+# a value of the wrong kind in each place the readers use one (a store edited by hand or
+# written by another program): the SQL that plants it, the words the error line says
+@pytest.mark.parametrize("sql, needle", [
+    ("UPDATE runs SET config='[1, 2]'", "config is not a JSON object: [1, 2]"),
+    ("UPDATE runs SET config='{not json'", "config is not JSON: '{not json'"),
+    ("UPDATE runs SET config=json_set(config, '$.epochs', 'ten')",
+     "config: epochs must be int, got str 'ten'"),
+    ("UPDATE runs SET versions='[1]'", "versions is not a JSON object: [1]"),
+    ("UPDATE runs SET final_test_error='abc'", "final_test_error is not a number: 'abc'"),
+    ("UPDATE epochs SET train_loss='x'", "train_loss is not a number: 'x'"),
+    ("UPDATE study_runs SET x='{\"a\": 1}'", "x is not a number or a string: {'a': 1}"),
+    # (ls does not read a setup's info: the report does)
+    ("INSERT OR REPLACE INTO setups SELECT DISTINCT study, preset, setup, '[1]', 0 "
+     "FROM study_runs", "the setup of study 'batch-size': info is not a JSON object: [1]"),
+])
+def test_a_value_of_the_wrong_kind_in_a_store_is_one_line_naming_it(tmp_path, sql, needle):
+    # these were tracebacks (AttributeError, KeyError) or lines naming neither file nor value
+    # ("unhashable type: 'dict'"); the store is left as it is
+    db = _fill(tmp_path / "out", n_runs=2)
+    con = sqlite3.connect(db)
+    con.executescript(sql)
+    con.close()
+    before = db.read_bytes()
+    commands = [["report", str(db.parent), "--to", str(tmp_path / "r")]]
+    commands += [] if "setups" in sql else [["ls", str(db.parent)]]
+    for args in commands:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, r.output
+        _one_error(r.output, f"results store {str(db)!r}", needle)
+    assert db.read_bytes() == before
+
+
+def _links(out, victim):
+    """Symbolic links planted in a results directory, each to a file or folder of ``victim``
+    (outside it): where the exports and the report write their temporary and final files."""
+    for name in ("runs.csv", "runs.csv.tmp", "results.json.tmp", "report.md", "report.html"):
+        os.symlink(victim / "file", out / name)
+
+
+def test_nothing_planted_in_a_results_directory_makes_normlab_write_outside_it(tmp_path):
+    # a results directory from elsewhere, with links where `normlab report` writes: the report
+    # wrote through them (the link's target overwritten with CSV, report.md created beside it)
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    _fill(out, n_runs=2)
+    victim.mkdir()
+    (victim / "file").write_text("mine")
+    (out / "runs.csv").unlink()
+    _links(out, victim)
+    r = runner.invoke(app, ["report", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (victim / "file").read_text() == "mine" and os.listdir(victim) == ["file"]
+    for name in ("runs.csv", "report.md", "report.html"):  # the links replaced by our files
+        assert (out / name).is_file() and not (out / name).is_symlink(), name
+    assert "batch-size" in (out / "report.md").read_text()
+    assert not list(out.glob("*.tmp[0-9]*"))  # our temporary files were renamed into place
+
+
+@pytest.mark.parametrize("name, args", [
+    ("figures", ["report", "STORE"]),                                    # the report's figures
+    ("figures", ["spp", "resnet20", "--batch", "2", "--resolution", "8", "--out", "STORE"]),
+    ("checkpoints", ["train", "--out", "STORE"]),                       # the runs' checkpoints
+    ("results.sqlite", ["train", "--out", "STORE"]),                    # the store itself
+])
+def test_a_link_where_normlab_writes_a_folder_or_the_store_is_one_line(tmp_path, name, args):
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    db = _fill(out, n_runs=2)
+    victim.mkdir()
+    target = victim / name
+    if name == "results.sqlite":
+        db.rename(target)
+    else:
+        target.mkdir()
+    os.symlink(target, out / name)
+    before = sorted(p.name for p in victim.rglob("*"))
+    r = runner.invoke(app, [str(out) if a == "STORE" else a for a in args])
+    assert r.exit_code == 2, r.output
+    _one_error(r.output, f"{str(out / name)!r} is a symbolic link", "writes only inside")
+    assert sorted(p.name for p in victim.rglob("*")) == before

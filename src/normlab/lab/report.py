@@ -137,7 +137,7 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
     lines = [f"## {study.name}: {study.title}", "", study.description, "",
              f"Preset `{preset}`: {done}/{len(runs)} runs done"
              + (f", {len(failed)} failed" if failed else "")
-             + f"; model `{_md(cfg.get('model', '?'))}`, data `{_md(cfg.get('data', '?'))}`, "
+             + f"; model {_md(cfg.get('model', '?'))}, data {_md(cfg.get('data', '?'))}, "
                f"{_md(cfg.get('epochs', '?'))} epochs, schedule {_md(cfg.get('schedule', '?'))}, "
                f"weight decay {_md(cfg.get('weight_decay', '?'))}.", "",
              _protocol_line(store.setup_info(study.name, preset).get("protocol"), runs)

@@ -51,7 +51,7 @@ def _cite(study: Study) -> str:
 
 
 def _fmt_x(x: Any) -> str:
-    return f"{x:g}" if isinstance(x, (int, float)) else str(x)
+    return f"{x:g}" if isinstance(x, (int, float)) else md_cell(x)  # stored text: inert
 
 
 def _paper_cell(study: Study, x: Any, labels: list[str], here_best: str) -> str:
@@ -146,7 +146,7 @@ def _costs(study: Study, runs: list[dict]) -> list[str]:
                 for lab in labels}
     lines = [f"What each cost in these runs (training images/s, ratio to {md_cell(ref)} at the "
              "same batch, "
-             f"peak memory; device: {', '.join(devices)}):", "",
+             f"peak memory; device: {md_cell(', '.join(devices))}):", "",
              "| series | " + " | ".join(_fmt_x(x) for x in xs) + " | backend |",
              "|---|" + "---|" * (len(xs) + 1)]
     for lab in labels:

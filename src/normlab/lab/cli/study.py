@@ -49,6 +49,18 @@ def _check_not_a_flag_value(study: str) -> None:
                                                 "(studies: `normlab ls --studies`)")
 
 
+def _series(variants: Optional[str]) -> Optional[list[str]]:
+    """``--variants A,B`` as a list (each name once); None when not given."""
+    if variants is None:
+        return None
+    names = [v.strip() for v in variants.split(",")]
+    if not all(names):
+        raise ConfigError(f"--variants {variants!r} has an empty series name",
+                          hint="give comma-separated series, e.g. --variants BN,GN (`normlab ls "
+                               "--studies` lists each study's)")
+    return list(dict.fromkeys(names))
+
+
 @with_launch_spec
 def reproduce(
     ctx: typer.Context,
@@ -95,7 +107,7 @@ def reproduce(
                               config=config, sets=set_, launch=launch)
         if seeds is not None and seeds < 1:
             raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-        vs = [v.strip() for v in variants.split(",")] if variants else None
+        vs = _series(variants)
         points = st.points(user, preset, seeds, vs, devices)
         check_budget(budget_runs, budget_minutes, max_seeds)
         preflight([p.cfg for p in points], world=job_world_size(launch))
