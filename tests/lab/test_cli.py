@@ -166,10 +166,22 @@ def _malformed_cifar(tmp_path):
     (["reproduce", "--model", "nf_resnet20"], "series 'BN' of study 'batch-size' uses norm 'bn'"),
     (["reproduce", "nf", "--model", "nf_resnet32"], "hint: run the series without a norm "
                                                     "(--variants NF)"),
+    # sizes that ran and then failed or hung: a run list of 10**9 configs, a seed torch cannot
+    # take (the run failed after the store recorded it), OpenMP asked for 100000 threads (the
+    # training process crashed)
+    (["reproduce", "--seeds", "100000000"], "seeds per point must be at most 1000, got 100000000"),
+    (["reproduce", "--max-seeds", "5000"], "--max-seeds must be at most 1000, got 5000"),
+    (["train", "--set", "seed=100000000000000000000"],
+     "seed must be an int in [0, 2**32), got 100000000000000000000"),
+    (["train", "--set", "threads=100000"], "threads 100000 is more than the"),
+    (["reproduce", "--variants", ","], "--variants ',' has an empty series name"),
+    (["reproduce", "--data", "cifar10", "--data-dir", "AFILE"], "is not a directory"),
 ])
 def test_errors_are_one_line_and_a_hint(tmp_path, args, needle):
+    (tmp_path / "afile").write_text("x")
     args = [str(_malformed_cifar(tmp_path)) if a == "MALFORMED" else
-            str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in args]
+            str(tmp_path / "nowhere") if a == "NOWHERE" else
+            str(tmp_path / "afile") if a == "AFILE" else a for a in args]
     r = runner.invoke(app, [*args, "--out", str(tmp_path / "o")] if args[0] != "report" else args)
     assert r.exit_code == 2, r.output
     assert needle in r.output and r.output.startswith("error:")
@@ -526,3 +538,23 @@ def test_jobs_follower_shows_each_workers_epochs():
     assert (tb.completed, tb.total) == (10, 40) and tb.description == "BN x=2 seed=0 epoch 1/20"
     assert cap.get().splitlines() == [
         "  BN x=32 seed=0: epoch 1/20, train loss 1.700, test error 40.00% (95 img/s)"]
+
+
+def test_a_label_or_path_that_looks_like_rich_markup_is_printed_as_written(tmp_path):
+    # rich read '[/x]' in a label as a closing tag: the run's line raised MarkupError after its
+    # epoch trained, the run was marked failed, and `ls` of that store was a traceback; a
+    # `report --to` path with it likewise
+    out = tmp_path / "o[/x]"
+    r = runner.invoke(app, ["train", "--data", "synthetic", "--set", f"data_kwargs={SMALL}",
+                            "--epochs", "1", "--batch-size", "16", "--set", "label=[/x]",
+                            "--set", "threads=1", "--out", str(out)], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    assert "  [/x] x=16 seed=0: test error " in r.output
+    assert f"{out}/" in r.output.replace("\n", "")  # rich may break the line before a path
+    assert _db(out).execute("SELECT status FROM runs").fetchone()[0] == "done"
+    r = runner.invoke(app, ["ls", str(out)], terminal_width=300)
+    assert r.exit_code == 0 and "[/x]" in r.output and "done" in r.output, r.output
+    r = runner.invoke(app, ["report", str(out), "--to", str(tmp_path / "r[/y]")],
+                      terminal_width=300)
+    assert r.exit_code == 0, r.output
+    assert f"{tmp_path / 'r[/y]' / 'report.md'}" in r.output.replace("\n", ""), r.output

@@ -48,6 +48,10 @@ def test_parse_set_and_apply_dotted_keys():
     ("milestones=half", "milestones must be a list of fractions in (0, 1), got 'half'"),
     # a choice read as a boolean: name the choices, not the type
     ("augment=yes", "unknown augment True"),
+    # seeds torch cannot take once the per-epoch seeds are derived (the run failed after it
+    # started), and a negative one, outside the same [0, 2**32) rule
+    ("seed=100000000000000000000", "seed must be an int in [0, 2**32), got 1000000000000000000"),
+    ("seed=-1", "seed must be an int in [0, 2**32), got -1"),
 ])
 def test_bad_values_name_the_value(item, needle):
     with pytest.raises(ConfigError) as e:
