@@ -11,6 +11,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
+from normlab import spp as spp_lib
 from normlab.lab.cli import app
 
 runner = CliRunner()
@@ -339,6 +340,8 @@ def test_spp_per_model_specs_and_nf_branches_active(tmp_path):
     (["resnet20:width"], "expects key=value"),                      # no '='
     (["resnet20", "resnet20"], "listed twice"),                     # duplicate
     (["resnet20:nope=1"], "resnet20:nope=1: "),                     # unknown keyword, named
+    # a seed torch cannot take: the error named the model and "Overflow when unpacking"
+    (["resnet20", "--seed", "100000000000000000000"], "--seed must be an int in [0, 2**32)"),
 ])
 def test_spp_bad_specs_are_one_line(tmp_path, args, needle):
     r = runner.invoke(app, ["spp", *args, "--batch", "2", "--resolution", "8",
@@ -558,3 +561,19 @@ def test_a_label_or_path_that_looks_like_rich_markup_is_printed_as_written(tmp_p
                       terminal_width=300)
     assert r.exit_code == 0, r.output
     assert f"{tmp_path / 'r[/y]' / 'report.md'}" in r.output.replace("\n", ""), r.output
+
+
+def test_an_spp_batch_too_large_for_memory_names_batch_and_resolution(tmp_path, monkeypatch):
+    # the allocator's failure was "re-run the same command to resume", exit 1; the size is the
+    # user's --batch x --resolution (a real one would take the test machine's memory: the
+    # allocator's error is raised where the measurement allocates)
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 26214400000 bytes")
+
+    monkeypatch.setattr(spp_lib, "signal_propagation", out_of_memory)
+    r = runner.invoke(app, ["spp", "resnet20", "--batch", "100000", "--resolution", "64",
+                            "--out", str(tmp_path)])
+    assert r.exit_code == 2 and r.output.startswith("error: resnet20: --batch 100000 at "
+                                                    "--resolution 64 does not fit"), r.output
+    assert "hint: lower --batch or --resolution" in r.output

@@ -46,7 +46,7 @@ from normlab.models import check_norm, is_normalizer_free
 
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
-    "DATASETS", "SCHEDULES", "check_model_norm", "check_field",
+    "DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed",
 ]
 
 DATASETS = ("digits", "mnist5k", "synthetic", "cifar10", "cifar100", "imagefolder")
@@ -209,8 +209,7 @@ class RunConfig:
         _positive_int("batch_size", self.batch_size)
         _positive_int("world_size", self.world_size)
         _positive_int("epochs", self.epochs)
-        if not 0 <= self.seed < SEED_LIMIT:
-            raise ConfigError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        check_seed(self.seed)
         for name in ("train_limit", "test_limit", "threads"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
@@ -248,6 +247,12 @@ class RunConfig:
 @typing.no_type_check
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(RunConfig)
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    """A ConfigError unless ``seed`` is in [0, :data:`SEED_LIMIT`) (``name``: the option)."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{name} must be an int in [0, 2**32), got {seed!r}")
 
 
 def check_field(name: str, value: Any) -> None:

@@ -13,7 +13,7 @@ from rich.markup import escape
 from normlab import spp as spp_mod
 from normlab.lab.cli.guard import guard
 from normlab.lab.cli.options import DEFAULT_OUT
-from normlab.lab.config import ConfigError, parse_set
+from normlab.lab.config import ConfigError, check_seed, parse_set
 from normlab.lab.outfiles import staged, subdir
 from normlab.lab.progress import console
 from normlab.lab.run import print_report
@@ -81,6 +81,12 @@ def _records(spec: str, common: dict, norm: str, batch: int, resolution: int,
                                           seed=seed)
     except ConfigError:
         raise
+    except RuntimeError as e:
+        if "allocate" not in str(e):  # not the input batch outgrowing memory
+            raise
+        raise ConfigError(f"{spec}: --batch {batch} at --resolution {resolution} does not fit in "
+                          f"memory ({str(e).splitlines()[0][:160]})",
+                          hint="lower --batch or --resolution") from None
     except (ValueError, TypeError) as e:
         where = " (--set applies to every model; use NAME:key=value for one)" if common else ""
         raise ConfigError(f"{spec}: {str(e).splitlines()[0]}{where}",
@@ -119,6 +125,7 @@ def spp(
     def body() -> None:
         if batch < 1 or resolution < 1:
             raise ConfigError(f"--batch and --resolution must be >= 1, got {batch}, {resolution}")
+        check_seed(seed, "--seed")
         common = parse_set(set_)
         records, kinds = {}, {}
         for spec in models:
