@@ -141,7 +141,8 @@ def _error_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> l
     model = "/".join(sorted({str(r["config"].get("model", "?")) for r in runs}))
     worlds = sorted({int(r["config"].get("world_size", 1)) for r in runs})
     procs = "" if worlds == [1] else f", {'/'.join(map(str, worlds))} processes"
-    ax.set_title(f"this run: {model} on {cfg.get('data', '?')}, {cfg.get('epochs', '?')} epochs{procs}\n"
+    ax.set_title(f"this run: {model} on {cfg.get('data', '?')}, {cfg.get('epochs', '?')} "
+                 f"epochs{procs}\n"
                  f"mean ± sd over {_seeds(stats)} seed(s){_flagged_note(stats)}", fontsize=9)
     panels = [(ax, "test error (%)", xs_run)]
     if paper:

@@ -57,7 +57,8 @@ def _flagged_lines(stats: dict) -> list[str]:
     if not rows:
         return []
     return (["", "Flagged runs, kept in the store and left out of the means, bars and verdicts:", ""]
-            + [f"- {_md(str(lab))} at {_md(x)}, seed {_md(e['seed'])} (run {_md(str(e['run_id']))}): test error "
+            + [f"- {_md(str(lab))} at {_md(x)}, seed {_md(e['seed'])} "
+               f"(run {_md(str(e['run_id']))}): test error "
                f"{e['error']:.2f}%, {_md(e['flag'])}" for (lab, x), e in rows])
 
 

@@ -4,15 +4,16 @@ written by something else (edited by hand, another program's, planted) is one
 traceback from deep inside ``ls`` or the report.
 
 What is checked: a run's ``config`` is a JSON object, each field of a known name of its
-:class:`~normlab.lab.config.RunConfig` type (a missing one is shown as ``?``); ``versions`` and a setup's ``info`` are JSON objects (``info["protocol"]`` too, where
-present); metrics and counts are numbers or NULL; a study member's ``x`` is a JSON number or
-string. Text is not checked: the readers show it as literal text (:mod:`normlab.lab.markdown`,
-rich's ``escape``).
+:class:`~normlab.lab.config.RunConfig` type (a missing one is shown as ``?``); ``versions`` and
+a setup's ``info`` are JSON objects (``info["protocol"]`` too, where present); metrics and
+counts are numbers or NULL; a study member's ``x`` is a JSON number or string. Text is not
+checked: the readers show it as literal text (:mod:`normlab.lab.markdown`, rich's ``escape``).
 
->>> run_config("s.sqlite", "r1", '{"model": "resnet20", "epochs": "ten"}')
-Traceback (most recent call last):
-...
-normlab.lab.store_open.StoreError: results store 's.sqlite': run 'r1': config: epochs must be int, got str 'ten'
+>>> try:
+...     run_config("s.sqlite", "r1", '{"model": "resnet20", "epochs": "ten"}')
+... except StoreError as e:
+...     print(e)
+results store 's.sqlite': run 'r1': config: epochs must be int, got str 'ten'
 """
 
 from __future__ import annotations

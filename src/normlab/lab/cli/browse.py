@@ -74,7 +74,8 @@ def _print_runs(out: Path) -> None:
             st, label = member.get(r["run_id"], (set(), c.get("label", "")))
             err = r["final_test_error"]
             cells = (r["run_id"], ",".join(sorted(st)), label, c.get("model", "?"),
-                     c.get("norm", "?"), _batch_cell(c), c.get("seed", "?"), r["status"], f"{r['epochs_done']}/{r['epochs']}",
+                     c.get("norm", "?"), _batch_cell(c), c.get("seed", "?"), r["status"],
+                     f"{r['epochs_done']}/{r['epochs']}",
                      "-" if err is None else f"{err:.2f}",
                      "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}",
                      "-" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}")
