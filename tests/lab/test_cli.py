@@ -149,7 +149,7 @@ def _malformed_cifar(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["reproduce", "batchsize"], "unknown study 'batchsize'"),                 # typo in study
+    (["reproduce", "batchsize"], "unknown study 'batchsize'; did you mean 'batch-size'?"),
     (["reproduce", "--quick", "true"], "'true' is not a study: --quick and --no-report are flags"),
     (["reproduce", "--model", "resnet7"], "unknown model 'resnet7'"),           # unknown model
     (["reproduce", "--set", "norm=bm"], "unknown norm 'bm'"),                   # unknown norm
@@ -176,6 +176,10 @@ def _malformed_cifar(tmp_path):
      "seed must be an int in [0, 2**32), got 100000000000000000000"),
     (["train", "--set", "threads=100000"], "threads 100000 is more than the"),
     (["reproduce", "--variants", ","], "--variants ',' has an empty series name"),
+    # the closest known name, as create_norm says it for norms
+    (["reproduce", "--data", "mnsit5k"], "unknown data 'mnsit5k'; did you mean 'mnist5k'?"),
+    (["reproduce", "--set", "epoch=1"], "unknown config key 'epoch'; did you mean 'epochs'?"),
+    (["reproduce", "--variants", "BN,gn"], "no variant(s) gn; did you mean 'GN'?"),
     (["reproduce", "--data", "cifar10", "--data-dir", "AFILE"], "is not a directory"),
 ])
 def test_errors_are_one_line_and_a_hint(tmp_path, args, needle):

@@ -25,6 +25,7 @@ optional JSON or TOML file whose top-level keys are RunConfig fields::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -46,7 +47,7 @@ from normlab.models import check_norm, is_normalizer_free
 
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
-    "DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed",
+    "DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed", "did_you_mean",
 ]
 
 DATASETS = ("digits", "mnist5k", "synthetic", "cifar10", "cifar100", "imagefolder")
@@ -294,9 +295,22 @@ def _positive_int(name: str, v: Any) -> None:
         raise ConfigError(f"{name} must be a positive int, got {v!r}")
 
 
+def did_you_mean(name: Any, known: Any) -> str:
+    """``"; did you mean 'x'?"`` for the known name closest to ``name`` (as create_norm says it
+    for norms), or ``""`` when none is close.
+
+    >>> did_you_mean("epoch", ["epochs", "seed"])
+    "; did you mean 'epochs'?"
+    """
+    by_lower = {str(k).lower(): str(k) for k in known}  # case does not make a name far
+    close = difflib.get_close_matches(str(name).lower(), by_lower, n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
+
+
 def _choice(name: str, v: Any, allowed: tuple) -> None:
     if v not in allowed:
-        raise ConfigError(f"unknown {name} {v!r}", hint=f"choose one of: {', '.join(allowed)}"
+        close = did_you_mean(v, allowed) if isinstance(v, str) else ""
+        raise ConfigError(f"unknown {name} {v!r}{close}", hint=f"choose one of: {', '.join(allowed)}"
                           + (" (yes/no/true/false are read as booleans)"
                              if isinstance(v, bool) else ""))
 
@@ -397,7 +411,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], *, norm_flag: str
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if head not in known:
-            raise ConfigError(f"unknown config key {key!r}",
+            raise ConfigError(f"unknown config key {key!r}{did_you_mean(head, known)}",
                               hint=f"known keys: {', '.join(sorted(known))}")
         if rest:
             if not isinstance(d[head], dict):

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from normlab.lab.config import ConfigError
+from normlab.lab.config import ConfigError, did_you_mean
 from normlab.lab.study import PAPER_DEVICES, PRESETS, Claim, Point, Study, emulate_devices, setup_id
 
 __all__ = ["Study", "Point", "Claim", "STUDIES", "get_study", "PRESETS", "setup_id",
@@ -304,5 +304,6 @@ def get_study(name: str) -> Study:
     """
     key = name.strip().lower().replace("_", "-")
     if key not in STUDIES:
-        raise ConfigError(f"unknown study {name!r}", hint=f"choose one of: {', '.join(STUDIES)}")
+        raise ConfigError(f"unknown study {name!r}{did_you_mean(key, STUDIES)}",
+                          hint=f"choose one of: {', '.join(STUDIES)}")
     return STUDIES[key]

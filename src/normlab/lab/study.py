@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from normlab.factory import canonical_name
-from normlab.lab.config import ConfigError, RunConfig, apply_overrides
+from normlab.lab.config import ConfigError, RunConfig, apply_overrides, did_you_mean
 from normlab.models import is_normalizer_free
 
 #: seeds per point a study builds at most (``--seeds``, ``--max-seeds``): a bound on its run
@@ -165,7 +165,8 @@ class Study:
         variants = variants or self.default_series(int(dict(user or {}).get("world_size", 1)))
         bad = [v for v in variants if v not in self.variants]
         if bad:
-            raise ConfigError(f"study {self.name!r} has no variant(s) {', '.join(bad)}",
+            raise ConfigError(f"study {self.name!r} has no variant(s) {', '.join(bad)}"
+                              f"{did_you_mean(bad[0], self.variants)}",
                               hint=f"known variants: {', '.join(self.variants)}")
         per_point = dict(seeds_at or {})
         n_seeds = self.seeds[preset] if seeds is None else seeds
