@@ -47,6 +47,8 @@ MODULES = [
     "normlab.lab.recipe",
     "normlab.lab.checkpoint",
     "normlab.lab.studies",
+    "normlab.lab.outfiles",
+    "normlab.lab.store_rows",
 ]
 
 

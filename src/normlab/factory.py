@@ -37,8 +37,8 @@ from torch import nn
 
 from normlab import nn as nlnn
 
-__all__ = ["create_norm", "resolve_groups", "norm_names", "get_norm_class", "NormEntry", "NORMS",
-           "DEFAULT_NUM_GROUPS"]
+__all__ = ["create_norm", "resolve_groups", "norm_names", "get_norm_class", "did_you_mean",
+           "NormEntry", "NORMS", "DEFAULT_NUM_GROUPS"]
 
 #: groups of ``create_norm("gn", C)`` when neither num_groups nor group_size is given (the GN
 #: paper's ImageNet default, REFERENCE section 1)
@@ -194,6 +194,23 @@ def norm_names() -> list[str]:
     return list(NORMS)
 
 
+def did_you_mean(name: Any, known: Any, rename: Optional[dict] = None) -> str:
+    """``"; did you mean 'x'?"`` for the known name closest to ``name`` (case ignored), or
+    ``""`` when none is close: the hint every unknown-name error of normlab (norms here, the
+    lab's studies, choices, config keys and series) ends with. ``rename`` maps a close alias to
+    the name to suggest.
+
+    >>> did_you_mean("epoch", ["epochs", "seed"])
+    "; did you mean 'epochs'?"
+    """
+    by_lower = {str(k).lower(): str(k) for k in known}
+    close = difflib.get_close_matches(str(name).lower(), by_lower, n=1, cutoff=0.6)
+    if not close:
+        return ""
+    found = by_lower[close[0]]
+    return f"; did you mean {(rename or {}).get(found, found)!r}?"
+
+
 def canonical_name(name: str) -> str:
     """The table's name for ``name`` or one of its aliases (any case, surrounding spaces
     ignored); a ValueError naming it, the known names and the closest of them otherwise."""
@@ -202,8 +219,7 @@ def canonical_name(name: str) -> str:
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in NORMS:
-        close = difflib.get_close_matches(key, [*NORMS, *_ALIASES], n=1, cutoff=0.6)
-        hint = f"; did you mean {_ALIASES.get(close[0], close[0])!r}?" if close else ""
+        hint = did_you_mean(key, [*NORMS, *_ALIASES], _ALIASES)
         raise ValueError(f"unknown norm {name!r}; known norms: {', '.join(norm_names())}{hint}")
     return key
 

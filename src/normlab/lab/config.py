@@ -25,7 +25,6 @@ optional JSON or TOML file whose top-level keys are RunConfig fields::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -42,12 +41,12 @@ try:
 except ImportError:  # pragma: no cover - Python < 3.11 has no TOML reader
     tomllib = None  # type: ignore[assignment]
 
-from normlab.factory import canonical_name
+from normlab.factory import canonical_name, did_you_mean
 from normlab.models import check_norm, is_normalizer_free
 
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
-    "DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed", "did_you_mean",
+    "DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed",
 ]
 
 DATASETS = ("digits", "mnist5k", "synthetic", "cifar10", "cifar100", "imagefolder")
@@ -293,18 +292,6 @@ def _auto_device() -> str:
 def _positive_int(name: str, v: Any) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ConfigError(f"{name} must be a positive int, got {v!r}")
-
-
-def did_you_mean(name: Any, known: Any) -> str:
-    """``"; did you mean 'x'?"`` for the known name closest to ``name`` (as create_norm says it
-    for norms), or ``""`` when none is close.
-
-    >>> did_you_mean("epoch", ["epochs", "seed"])
-    "; did you mean 'epochs'?"
-    """
-    by_lower = {str(k).lower(): str(k) for k in known}  # case does not make a name far
-    close = difflib.get_close_matches(str(name).lower(), by_lower, n=1, cutoff=0.6)
-    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 def _choice(name: str, v: Any, allowed: tuple) -> None:

@@ -47,7 +47,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from normlab.lab.config import ConfigError, did_you_mean
+from normlab.factory import did_you_mean
+from normlab.lab.config import ConfigError
 from normlab.lab.study import PAPER_DEVICES, PRESETS, Claim, Point, Study, emulate_devices, setup_id
 
 __all__ = ["Study", "Point", "Claim", "STUDIES", "get_study", "PRESETS", "setup_id",

@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from normlab.factory import canonical_name
-from normlab.lab.config import ConfigError, RunConfig, apply_overrides, did_you_mean
+from normlab.factory import canonical_name, did_you_mean
+from normlab.lab.config import ConfigError, RunConfig, apply_overrides
 from normlab.models import is_normalizer_free
 
 #: seeds per point a study builds at most (``--seeds``, ``--max-seeds``): a bound on its run
