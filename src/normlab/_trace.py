@@ -86,26 +86,16 @@ def call_counts(gm: fx.GraphModule) -> dict:
     return counts
 
 
-def parents_of(model: nn.Module, target: nn.Module) -> list:
-    """Every (parent, attribute name) under which ``target`` sits in ``model`` (shared modules
-    have several)."""
-    found = []
-    for module in model.modules():
-        for name, child in module._modules.items():
-            if child is target:
-                found.append((module, name))
-    return found
-
-
 def plain_sequential(module: nn.Module) -> bool:
     """An nn.Sequential whose forward is nn.Sequential's own (runs its children in order; a
     subclass with another forward may return what it likes)."""
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def paths_count(model: nn.Module) -> dict:
-    """id(module) -> under how many names it sits in ``model`` (2 or more: shared)."""
+def paths_count(named) -> dict:
+    """id(x) -> under how many names x sits, from ``(name, x)`` pairs such as
+    ``model.named_modules(remove_duplicate=False)`` (2 or more: shared, or tied parameters)."""
     counts: dict = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        counts[id(module)] = counts.get(id(module), 0) + 1
+    for _, x in named:
+        counts[id(x)] = counts.get(id(x), 0) + 1
     return counts

@@ -131,14 +131,6 @@ def _reason_not_foldable(conv_name: str, conv: nn.Module, norm: nn.Module,
     return None
 
 
-def _tied_parameters(model: nn.Module) -> set:
-    """id of each parameter that sits in ``model`` under more than one name."""
-    seen: dict = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {key for key, n in seen.items() if n > 1}
-
-
 @torch.no_grad()
 def _fold(conv: nn.Module, norm: nn.Module) -> None:
     mean = norm.running_mean.double()
@@ -193,7 +185,7 @@ def _pairs_from_graph(gm: fx.GraphModule, record: FoldRecord) -> list:
 
 def _pairs_from_sequentials(model: nn.Module, record: FoldRecord) -> list:
     pairs, seen = [], set()
-    paths = _trace.paths_count(model)
+    paths = _trace.paths_count(model.named_modules(remove_duplicate=False))
     for name, module in model.named_modules():
         if not _trace.plain_sequential(module):
             continue
@@ -274,7 +266,8 @@ def fold_batchnorm(model: nn.Module):
         pairs = _pairs_from_sequentials(model, record)
     else:
         pairs = _pairs_from_graph(gm, record)
-    tied = _tied_parameters(model)
+    tied = {key for key, n in _trace.paths_count(
+        model.named_parameters(remove_duplicate=False)).items() if n > 1}  # tied parameters
     for conv_name, conv, norm_name, norm in pairs:
         reason = _reason_not_foldable(conv_name, conv, norm, tied)
         if reason is not None:

@@ -281,7 +281,7 @@ def _fuse_sequentials(model: nn.Module, record: OptimizeRecord,
     """Step 2. With a trace (``gm``), only where it shows the activation module as the norm
     output's only reader; without one, each nn.Sequential is assumed to be run whole."""
     counts = _trace.call_counts(gm) if gm is not None else {}
-    paths = _trace.paths_count(model)
+    paths = _trace.paths_count(model.named_modules(remove_duplicate=False))
     for name, seq in model.named_modules():
         if not (_trace.plain_sequential(seq) or gm is not None and isinstance(seq, nn.Sequential)):
             continue
