@@ -21,7 +21,8 @@
 #                torch's LN and GN against normlab's rows kernels; eager and CUDA-graph replay
 #                                                        -> gpu_norm.log, gpu_norm_*.csv/.json
 #   4. resnet50  timm ResNet-50 training step (bf16 autocast, channels_last) at batch 64 and
-#                128 with BN, torch GN and normlab GN, eager and CUDA graph
+#                128 with BN, torch GN and normlab GN, eager and CUDA graph; then, while
+#                its budget lasts, normlab GN with its ReLUs fused by normlab.optimize
 #                                               -> resnet50_step.log, resnet50_step_*.csv/.json
 # That is 8 files under $OUT, the most the device tool returns. The dry run runs the same
 # steps with tiny cases (Triton interpreter, wall clock), collects the tests instead of

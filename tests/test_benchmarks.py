@@ -137,18 +137,47 @@ def test_gpu_norm_dry_run_every_impl_matches_torch(session):
 def test_resnet50_dry_run_three_norms(session):
     """BN, torch GN and normlab GN each build a ResNet-50 (53 norm layers) and take timed
     bf16-autocast channels_last SGD steps on the CPU, eager and in the 'graph' rows (timed
-    eagerly there: no CUDA graph on the CPU); BN is the 1.0x baseline of each mode."""
+    eagerly there: no CUDA graph on the CPU); BN is the 1.0x baseline of each mode. Then the
+    extra variant, normlab GN with its ReLUs fused by normlab.optimize, at the same points
+    (its ratio against the BN row of the same batch and mode)."""
     rs = _load("resnet50_step")
     header, rows, data = _results(session[1], "resnet50_step")
     assert tuple(header) == rs.ROW_FIELDS
     assert data["meta"]["complete"] is True and data["meta"]["autocast"] == "bfloat16"
     assert data["meta"]["normlab_backend"]  # names a backend (native on CPU)
-    assert [r["norm"] for r in rows] == list(rs.NORMS) * 2
-    assert [r["graph"] for r in data["rows"]] == [False] * 3 + [True] * 3
+    assert [r["norm"] for r in rows] == list(rs.NORMS) * 2 + list(rs.EXTRA_NORMS) * 2
+    assert [r["graph"] for r in data["rows"]] == [False] * 3 + [True] * 3 + [False, True]
     for r in data["rows"]:
         assert r["status"] == "ok" and r["ms"] > 0 and r["img_per_s"] > 0, r
         assert r["norm_layers"] == 53
     assert data["rows"][0]["vs_bn"] == 1.0 and data["rows"][3]["vs_bn"] == 1.0
+    for extra, bn in ((6, 0), (7, 3)):
+        ratio = data["rows"][extra]["ms"] / data["rows"][bn]["ms"]
+        assert data["rows"][extra]["vs_bn"] == pytest.approx(ratio)
+
+
+def test_resnet50_fused_variant_fuses_the_relus():
+    """normlab_gn_act is the normlab_gn model with the ReLUs that only read a GN's output
+    fused into it by normlab.optimize: the stem's and the first two of each of the 16
+    bottlenecks (33); the one after each residual add is not a GN's output. Same outputs as
+    the unfused model on the same weights."""
+    rs = _load("resnet50_step")
+    torch.manual_seed(0)
+    plain = rs.build_resnet50("normlab_gn", "normlab", num_classes=10)
+    torch.manual_seed(0)
+    fused = rs.build_resnet50("normlab_gn_act", "normlab", num_classes=10)
+    acts = [m.activation for m in fused.modules() if hasattr(m, "activation")]
+    assert sum(a == "relu" for a in acts) == 33 and len(acts) == 53
+    x = torch.randn(2, 3, 32, 32) * 2 + 0.5
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_resnet50_measure_order_puts_the_extras_last():
+    rs = _load("resnet50_step")
+    order = rs.measure_order([64, 128], ["eager", "graph"], ["normlab_gn_act", "bn", "torch_gn"])
+    assert order[:4] == [(64, False, "bn"), (64, False, "torch_gn"), (64, True, "bn"),
+                         (64, True, "torch_gn")]
+    assert [k for _, _, k in order[-4:]] == ["normlab_gn_act"] * 4 and len(order) == 12
 
 
 def test_gpu_norm_failing_impl_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
