@@ -64,3 +64,31 @@ def test_docstring_examples(name, tmp_path, monkeypatch):
         runner.run(t)
     result = runner.summarize(verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
+
+
+def _ratio_range(rows, key="ratio"):
+    values = [float(r[key]) for r in rows]
+    return f"{min(values):.2f}-{max(values):.2f}x"
+
+
+def test_choosing_guide_cpu_costs_are_the_committed_measurements():
+    """docs/choosing.md's CPU cost cell quotes benchmarks/results CSVs: its ranges are those
+    files' numbers (re-measuring changes the CSV, and this test says which line to update)."""
+    import csv
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    guide = open(os.path.join(root, "docs", "choosing.md")).read()
+    with open(os.path.join(root, "benchmarks", "results", "cpu_layers_1thread.csv")) as f:
+        layers = [r for r in csv.DictReader(f) if "NHWC" not in r["case"]]
+    for norm in ("GN", "BN", "LN", "IN"):
+        rows = [r for r in layers if r["case"].startswith(norm)]
+        assert f"{norm} {_ratio_range(rows)}" in guide, norm
+    with open(os.path.join(root, "benchmarks", "results",
+                           "cpu_channels_last_1thread_cpu.csv")) as f:
+        cl = [r for r in csv.DictReader(f) if r["pass"] == "fwd+bwd"]
+    at_most_1 = [r for r in cl if float(r["native_ratio"]) < 1]
+    tiny = [r for r in cl if r["shape"] == "2x32x4x4"]
+    assert (f"{_ratio_range(at_most_1, 'native_ratio')[:-1]}x on {len(at_most_1)} of {len(cl)}"
+            in guide)
+    assert f"{_ratio_range(tiny, 'native_ratio')} on a tiny (2, 32, 4, 4)" in guide

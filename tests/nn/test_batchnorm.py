@@ -126,3 +126,24 @@ def test_eps_is_checked_at_construction(cls, eps):
     getattr(nn, cls.__name__)(4, eps=eps)
     with pytest.raises(ValueError, match=f"eps must be a positive finite number, got {eps}"):
         cls(4, eps=eps)
+
+
+@pytest.mark.parametrize(
+    "make,slice0",
+    [(lambda: nlnn.BatchNorm2d(4), False),
+     (lambda: nlnn.SyncBatchNorm(4), False),            # one process: BN of its own batch
+     (lambda: nlnn.BatchRenorm2d(4), False),            # renorm's r, d touch y, not the stats
+     (lambda: nlnn.GhostBatchNorm2d(4, virtual_batch=3), True)],  # follows slice 0 (docstring)
+)
+def test_update_bn_recomputes_the_population_statistics(make, slice0):
+    """torch.optim.swa_utils.update_bn (the equal-weight re-estimate docs/choosing.md points to,
+    PreciseBN of Wu & Johnson 2021) resets the buffers, runs the batches with momentum None and
+    restores the momentum: the running stats are torch BN's through the same procedure."""
+    batches = [off_centre(6, 4, 3, 5) for _ in range(4)]  # 4 batches: 6 images = 2 slices of 3
+    ours, ref = nn.Sequential(make()), nn.Sequential(nn.BatchNorm2d(4))
+    momentum = ours[0].momentum
+    torch.optim.swa_utils.update_bn(batches, ours)
+    torch.optim.swa_utils.update_bn([b[:3] for b in batches] if slice0 else batches, ref)
+    torch.testing.assert_close(ours[0].running_mean, ref[0].running_mean)
+    torch.testing.assert_close(ours[0].running_var, ref[0].running_var)
+    assert ours[0].momentum == momentum and int(ours[0].num_batches_tracked) == 4
