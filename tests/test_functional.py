@@ -393,6 +393,20 @@ def test_more_than_three_spatial_dims_match_torch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_normalized_shape_like_torch(backend):
+    """normalized_shape with no elements: (3, 0) over (0,) has no (rows, features) view; the
+    output is the empty input (times an empty weight), in the graph, as torch's layer_norm and
+    rms_norm give (rms_norm raised "cannot reshape tensor of 0 elements")."""
+    x = torch.randn(3, 0, requires_grad=True)
+    w = torch.randn(0, requires_grad=True)
+    for ours, theirs in ((NF.rms_norm(x, (0,), w, backend=backend), F.rms_norm(x, (0,), w)),
+                         (NF.layer_norm(x, (0,), w, backend=backend), F.layer_norm(x, (0,), w))):
+        assert ours.shape == theirs.shape == (3, 0)
+        ours.sum().backward()
+        assert x.grad.shape == (3, 0) and w.grad.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_like_torch(backend):
     """N = 0 (an empty batch after filtering, a detector with no proposals): an empty output in
     the autograd graph, zero parameter gradients, running statistics untouched, as torch.nn."""

@@ -653,6 +653,8 @@ def rms_norm(
         _check_elementwise_param(weight, shape, "weight")
     eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else check_eps(eps)
     numel = math.prod(shape)
+    if input.numel() == 0:  # nothing to normalize ((rows, 0) has no view): empty, as torch
+        return input.clone() if weight is None else input * weight
     w = None if weight is None else weight.reshape(numel)
     y = _dispatch(input.reshape(-1, numel), 1, False, w, None, eps, None, backend, center=False)
     return y.reshape(input.shape)

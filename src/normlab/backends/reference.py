@@ -176,14 +176,15 @@ def update_running_stats(
     count: int,  # elements behind each statistic
     momentum: float,
 ) -> None:
-    """running <- (1 - momentum) * running + momentum * batch; the variance stored is unbiased."""
+    """running <- (1 - momentum) * running + momentum * batch; the variance stored is unbiased.
+    One ``lerp_`` per buffer (that formula, one kernel), plus the unbiasing scale."""
     unbiased = batch_var * (count / (count - 1)) if count > 1 else batch_var
     if batch_mean.dim() == 2:  # per-sample statistics (InstanceNorm with running stats)
         batch_mean, unbiased = batch_mean.mean(0), unbiased.mean(0)
     if running_mean is not None:
-        running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
+        running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
     if running_var is not None:
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
 
 
 BACKEND = ReferenceBackend()
