@@ -279,7 +279,14 @@ def test_emulated_devices_equal_the_labs_own_ddp_run(tmp_path):
         hist[name] = [tuple(row) for row in _db(tmp_path / name).execute(
             "SELECT train_loss, test_loss, test_error FROM epochs ORDER BY epoch")]
     assert len(hist["ddp"]) == 2
-    for got, want in zip(hist["interleaved"], hist["ddp"]):
-        assert got == pytest.approx(want, rel=1e-5)
+    # epoch 0: the same arithmetic up to float32 summation order (3-4e-7 measured). At batch 2
+    # the training is chaotic: that rounding grows about 1000x per epoch and depends on the
+    # CPU's reduction kernels (epoch 1: 6e-5 train, 5e-4 test loss on one 2-core machine,
+    # below 1e-5 on another), so epoch 1 is held to 1e-2; consecutive slices differ by 3.5%
+    # (train) and 43% (test loss) in epoch 0 already, 2% and 40% in epoch 1.
+    for epoch, tol in enumerate((1e-5, 1e-2)):
+        got, want = hist["interleaved"][epoch], hist["ddp"][epoch]
+        assert got == pytest.approx(want, rel=tol), (epoch, got, want)
+    assert hist["consecutive"][1][1] != pytest.approx(hist["ddp"][1][1], rel=1e-1)
     assert hist["consecutive"][0][0] != pytest.approx(hist["ddp"][0][0], rel=1e-3)
     assert hist["ddp"][0][0] != pytest.approx(hist["ddp"][1][0], rel=1e-3)  # it trained
