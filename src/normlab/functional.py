@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from normlab.backends import resolve_backend
+from normlab.backends import get_backend, resolve_backend
 from normlab.backends.reference import (
     FUSED_ACTIVATIONS,
     apply_activation,
@@ -366,6 +366,7 @@ def normalize_fixed(
     """Per-channel normalization with given statistics (BatchNorm in eval, FrozenBatchNorm).
 
     ``y = act(weight_c * (x - mean_c) / sqrt(var_c + eps) + bias_c)``; mean, var: ``(C,)``.
+    An empty ``x`` gives an empty ``y`` whatever the backend, as :func:`normalize`.
     """
     if has_torch_function_variadic(x, mean, var, weight, bias):
         return handle_torch_function(
@@ -383,6 +384,12 @@ def normalize_fixed(
             "normalize_fixed needs the statistics: got "
             f"mean={'None' if mean is None else 'a Tensor'}, var={'None' if var is None else 'a Tensor'}"
         )
+    if x.numel() == 0:
+        # nothing to compute (normalize takes its empty path before any backend too): the
+        # reference arithmetic gives the empty output in the graph of weight and bias, where a
+        # kernel backend may refuse an empty launch (and (0, C, -1) is no shape for a reshape)
+        return get_backend("reference").normalize_fixed(x, mean, var, weight, bias, eps,
+                                                        activation)
     shape = x.shape
     if x.dim() > 5:  # more than 3 spatial dims: per-channel statistics do not see them
         x = x.reshape(shape[0], shape[1], -1)

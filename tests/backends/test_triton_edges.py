@@ -1,0 +1,69 @@
+"""Edge cases of the Triton backend reached through normlab's public entry points
+(normlab.functional with ``backend="triton"``, normlab.nn modules under
+``normlab.use_backend("triton")``), against torch.nn in float64.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py): shapes are tiny.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import normlab  # noqa: E402
+from normlab import functional as NF  # noqa: E402
+from normlab.backends import BackendUnavailable  # noqa: E402
+
+tn = pytest.importorskip("normlab.backends.triton_norm")
+
+if not tn.BACKEND.available():
+    pytest.skip("triton backend unavailable (no CUDA and TRITON_INTERPRET != 1)",
+                allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("module,shape", [
+    # BatchNorm2d in eval on an empty batch (N = 0)
+    (torch.nn.BatchNorm2d, (0, 4, 3, 3)),
+    # ... on an empty spatial dim (N > 0, H = 0)
+    (torch.nn.BatchNorm2d, (2, 4, 0, 3)),
+    # BatchNorm1d on features, empty batch: the 2-D input of the given-statistics path
+    (torch.nn.BatchNorm1d, (0, 4)),
+])
+def test_eval_batchnorm_of_an_empty_input_is_empty(module, shape):
+    """BatchNorm in eval (given statistics) of an empty input gives an empty output, as it does
+    in training and as torch's: the triton backend refused it ("empty input") in eval only."""
+    ours = getattr(normlab.nn, module.__name__)(4).to(DEVICE).eval()
+    ref = module(4).double().eval()
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.arange(1.0, 5.0))
+            m.bias.copy_(torch.arange(4.0) - 1.5)
+            m.running_mean.copy_(torch.arange(4.0) + 0.5)
+            m.running_var.copy_(torch.arange(4.0) + 1.0)
+    x = torch.randn(shape, device=DEVICE).requires_grad_()
+    with normlab.use_backend("triton"):
+        y = ours(x)
+    y64 = ref(x.detach().cpu().double())
+    assert y.shape == y64.shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(ours.weight.grad.cpu(), torch.zeros(4))
+    assert torch.equal(ours.bias.grad.cpu(), torch.zeros(4))
+
+
+@pytest.mark.parametrize("shape", [
+    (0, 3, 2, 2),  # InstanceNorm with running statistics (use_input_stats=False), N = 0
+    (0, 3, 2, 1, 2, 2),  # 4 spatial dims, N = 0: was "cannot reshape ... into [0, 3, -1]"
+])
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_given_statistics_of_an_empty_input_are_empty(shape, backend):
+    x = torch.randn(shape, device=DEVICE)
+    mean, var = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    y = NF.instance_norm(x, mean, var, use_input_stats=False, backend=backend)
+    assert y.shape == x.shape
+    y = NF.batch_norm(x, mean, var, training=False, backend=backend)
+    assert y.shape == x.shape
