@@ -67,3 +67,23 @@ def test_given_statistics_of_an_empty_input_are_empty(shape, backend):
     assert y.shape == x.shape
     y = NF.batch_norm(x, mean, var, training=False, backend=backend)
     assert y.shape == x.shape
+
+
+def test_too_many_elements_per_sample_names_the_count():
+    """The kernels' in-sample offsets are int32: 2**31 elements per sample are refused, and the
+    error says how many there are (an expanded tensor: nothing is allocated)."""
+    x = torch.empty(1, 1, 1, device=DEVICE).expand(2, 2**16, 2**15)  # exactly 2**31 per sample
+    with pytest.raises(BackendUnavailable, match="2147483648 elements per sample"):
+        NF.normalize(x, 1, False, backend="triton")
+
+
+def test_interpreter_switched_on_after_import_is_a_clear_error(monkeypatch):
+    """TRITON_INTERPRET=1 set after this module was imported: its kernels were built for the
+    GPU (Triton decides at decoration), and a CPU launch failed deep in Triton ("0 active
+    drivers"). The backend refuses CPU tensors then, saying when the variable must be set."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(tn, "KERNELS_INTERPRETED", False)
+    x = torch.randn(2, 4, 3)
+    after = "TRITON_INTERPRET=1 was set after .*imported.*set it before"
+    with pytest.raises(BackendUnavailable, match=after):
+        NF.group_norm(x, 2, backend="triton")

@@ -141,6 +141,9 @@ TRITON_OP = _use_triton_op()
 # the cross-program ordering, which the interpreter (programs one after another) cannot
 # exercise (benchmarks/NOTES.md)
 FOLD_ROWS = _env_flag("NORMLAB_TRITON_FOLD")
+# whether the kernels below are interpreted: Triton decides when it decorates them (this
+# module's import), so TRITON_INTERPRET=1 set later does not make them run CPU tensors
+KERNELS_INTERPRETED = _interpreting()
 
 
 def _unwrapped(kernel):
@@ -1489,6 +1492,10 @@ class TritonBackend:
         if x.device.type == "cpu":
             if not _interpreting():
                 return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
+            if not KERNELS_INTERPRETED:
+                return ("CPU tensors run only in Triton's interpreter, and TRITON_INTERPRET=1 "
+                        "was set after normlab.backends.triton_norm was imported (its kernels "
+                        "are built for the GPU): set it before the first import")
         elif x.device.type != "cuda":
             return f"device {x.device} is not supported (CUDA only)"
         if x.dtype not in _SUPPORTED_DTYPES:
@@ -1497,8 +1504,9 @@ class TritonBackend:
             return f"{x.dim()}-D input is not supported (2 to 5 dims)"
         if x.numel() == 0:
             return "empty input"
-        if x.numel() // max(x.shape[0], 1) >= 2**31:
-            return "more than 2**31 elements per sample"
+        per_sample = x.numel() // max(x.shape[0], 1)
+        if per_sample >= 2**31:  # the kernels' in-sample offsets are int32
+            return f"{per_sample} elements per sample (at most 2**31 - 1)"
         if activation is not None and activation not in ACT_CODES:
             return f"activation {activation!r} is not supported"
         return None
