@@ -128,6 +128,14 @@ def syncbn_worker(rank: int, world: int, out: str) -> None:
     except ValueError as e:
         results["too_few"] = str(e)
 
+    # the group of another rank alone: new_group gave this rank torch's placeholder for "not a
+    # member" (an int), which was refused as "got int"
+    try:
+        SyncBatchNorm(3, process_group=own_groups[(rank + 1) % world])
+        results["not_a_member"] = None
+    except (TypeError, ValueError) as e:
+        results["not_a_member"] = f"{type(e).__name__}: {e}"
+
     # the backward formula against finite differences (a group of one process: the
     # communication is the identity, the arithmetic is the distributed one)
     g = torch.Generator().manual_seed(10 + rank)

@@ -208,6 +208,14 @@ def test_too_few_values_over_all_processes_raises_on_every_rank(two_process_run)
         assert msg is not None and "more than 1 value per channel" in msg and "1 value" in msg
 
 
+def test_a_group_this_process_is_not_in_is_named(two_process_run):
+    _, ranks = two_process_run
+    for r in range(2):
+        msg = ranks[r]["not_a_member"]
+        assert msg is not None and msg.startswith("ValueError: "), msg
+        assert f"this process (rank {r}) is not a member of process_group" in msg, msg
+
+
 def test_sync_backward_passes_gradcheck(two_process_run):
     _, ranks = two_process_run
     assert ranks[0]["gradcheck"] is True and ranks[1]["gradcheck"] is True

@@ -50,8 +50,10 @@ error types, is torch's; ``tests/test_torch_parity.py`` holds both sides to it):
 * An empty batch (N = 0) gives an empty output, as torch's BatchNorm, GroupNorm and LayerNorm
   do; InstanceNorm with ``affine=True`` too (torch's raises IndexError).
 * SyncBatchNorm validates ``num_features >= 1`` and ``momentum`` in [0, 1] (torch's, and
-  normlab's BatchNorm, use any momentum as given) and takes 2-D to 5-D input (torch's: any
-  number of spatial dims); RMSNorm needs a non-empty ``normalized_shape`` of positive sizes.
+  normlab's BatchNorm, use any momentum as given), takes 2-D to 5-D input (torch's: any
+  number of spatial dims) and refuses a ``process_group`` this process is not a member of
+  (torch's then normalizes over this process's batch alone); RMSNorm needs a non-empty
+  ``normalized_shape`` of positive sizes.
 * Tools that look modules up by their exact type in a pattern table of their own
   (``torch.fx.experimental.optimization.fuse``, the fusion step of FX-mode quantization's
   ``prepare_fx``) do not match normlab's classes: they leave the BatchNorm unfused, and the

@@ -243,6 +243,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
             or not 0.0 <= momentum <= 1.0
         ):
             raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
+        _check_membership(process_group)
         if process_group is not None and not (
             dist.is_available() and isinstance(process_group, dist.ProcessGroup)
         ):
@@ -312,6 +313,18 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         return cls(bn.num_features, bn.eps, getattr(bn, "momentum", 0.1), affine,
                    getattr(bn, "track_running_stats", True), process_group,
                    bias=not (affine and getattr(bn, "bias", 0) is None))
+
+
+def _check_membership(process_group: Any) -> None:
+    """``new_group(ranks)`` returns, on a process outside ``ranks``, torch's placeholder
+    ``GroupMember.NON_GROUP_MEMBER`` (an int) instead of a group. torch's SyncBatchNorm then
+    silently normalizes per process; here it is a ValueError that says so."""
+    if (type(process_group) is int and dist.is_available() and dist.is_initialized()
+            and process_group == dist.GroupMember.NON_GROUP_MEMBER):
+        raise ValueError(
+            f"this process (rank {dist.get_rank()}) is not a member of process_group (got "
+            f"{process_group!r}, torch.distributed.GroupMember.NON_GROUP_MEMBER, what new_group "
+            "returns to a process outside its ranks); give each process a group it belongs to")
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
