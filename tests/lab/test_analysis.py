@@ -2,11 +2,12 @@
 against hand-computed cases."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
-from normlab.lab.analysis import (INCONCLUSIVE, NOT_RUN, REPRODUCED, flags_text, point_stats,
-                                  run_flag, seeds_needed, seeds_to_add, verdict)
+from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED, flags_text,
+                                  point_stats, run_flag, seeds_needed, seeds_to_add, verdict)
 from normlab.lab.studies import Claim, get_study
 
 
@@ -117,3 +118,41 @@ def test_worst_claim_names_the_rival_that_decided_it():
     stats[("C/G", 64)] = _s(2.0, 1.38, 2)  # now no rival is separated: the closest is named
     v, why = verdict(c, stats)
     assert v == INCONCLUSIVE and "closest rival C/G@16 2.92" in why
+
+
+def _decides_at(claim, stats, n):
+    """The verdict with every point of ``stats`` at ``n`` seeds (means and sds kept)."""
+    return verdict(claim, {k: _s(s["mean"], s["sd"], n) for k, s in stats.items()})[0]
+
+
+def test_a_beaten_best_claim_needs_the_seeds_of_the_rival_that_beats_it():
+    """'a is the best' with a rival 0.4 below a and another far above: only the rival below can
+    decide it (not reproduced at 4 x 0.5 / 0.4^2 = 12.5 -> 13 seeds); the rival far above is
+    separated already and decides nothing (it gave 2, the seeds a point has: no round added any)."""
+    c = Claim("a is the best", "best", ("S", 0))
+    stats = {("S", 0): _s(2.0, 0.5, 2), ("S", 1): _s(1.6, 0.5, 2), ("S", 2): _s(5.0, 0.5, 2)}
+    assert verdict(c, stats)[0] == INCONCLUSIVE
+    assert seeds_needed(c, stats) == 13
+    assert _decides_at(c, stats, 12) == INCONCLUSIVE and _decides_at(c, stats, 13) == NOT_REPRODUCED
+    assert seeds_to_add(SimpleNamespace(claims=[c]), stats, max_seeds=20) == {
+        k: 3 for k in stats}
+    worst = Claim("a is the worst", "worst", ("S", 0))
+    mirrored = {k: _s(10.0 - s["mean"], s["sd"], 2) for k, s in stats.items()}
+    assert seeds_needed(worst, mirrored) == 13
+
+
+def test_a_flat_claim_outside_its_tolerance_needs_the_seeds_of_its_farthest_point():
+    """GN at 16 is 1.2 points from GN at 32 and GN at 8 1.05 (tolerance 1): the claim is not
+    reproduced as soon as one point is decisively outside, the farther one at 4 x 0.5 / 0.2^2
+    = 50 -> 51 seeds; the nearer one would need 800, which the report stated."""
+    c = Claim("GN is flat", "flat", ("GN", 32), None, 1.0)
+    stats = {("GN", 32): _s(2.0, 0.5, 2), ("GN", 16): _s(0.8, 0.5, 2),
+             ("GN", 8): _s(0.95, 0.5, 2)}
+    assert verdict(c, stats)[0] == INCONCLUSIVE
+    assert seeds_needed(c, stats) == 51
+    assert _decides_at(c, stats, 50) == INCONCLUSIVE and _decides_at(c, stats, 51) == NOT_REPRODUCED
+    # both within 1 (0.8 and 0.9 away): reproduced needs both, the nearer to 1 at about 200 seeds
+    inside = {**stats, ("GN", 16): _s(1.2, 0.5, 2), ("GN", 8): _s(1.1, 0.5, 2)}
+    need = seeds_needed(c, inside)
+    assert need in (200, 201) and _decides_at(c, inside, need - 1) == INCONCLUSIVE
+    assert _decides_at(c, inside, need) == REPRODUCED

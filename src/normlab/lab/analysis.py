@@ -28,8 +28,11 @@ nothing about the spread, a deliberately large one is assumed). ``bar`` is ``m Â
 Seeds needed (:func:`seeds_needed`): with the observed sds (floored) held fixed and n seeds at
 each point, ``se_d = sqrt(s_a^2 + s_b^2) / sqrt(n)``, and an inconclusive ``less``/``match``
 claim becomes decisive once ``Z se_d`` is below the distance ``g`` from d to the boundary it
-must clear (``|d|`` or ``|margin - d|``): ``n = ceil(Z^2 (s_a^2 + s_b^2) / g^2)``. None when a
-point has a single seed (no spread to extrapolate) or when d sits on the boundary.
+must clear (``|d|`` or ``|margin - d|``): ``n = ceil(Z^2 (s_a^2 + s_b^2) / g^2)``. A
+``flat``/``best``/``worst`` claim takes that count for each point against a: the smallest over
+the points that decide the claim alone (outside the tolerance; a rival on the wrong side of a),
+when there are any, else the largest (every point must be separated). None when a point has a
+single seed (no spread to extrapolate) or when d sits on the boundary.
 """
 
 from __future__ import annotations
@@ -258,13 +261,16 @@ def seeds_needed(claim: Claim, stats: dict[tuple, dict]) -> Optional[int]:
         return _n_for(a, b, d if d >= claim.margin else claim.margin - d)
     others = _rivals(claim, stats)
     if claim.kind == "flat":
-        needs = [_n_for(a, s, abs(claim.margin - abs(s["mean"] - a["mean"])))
-                 for s in others.values() if _match(a, s, claim.margin) == INCONCLUSIVE]
+        # > 0: the point is outside the tolerance
+        out = {k: abs(s["mean"] - a["mean"]) - claim.margin for k, s in others.items()}
+        needs = [_n_for(a, others[k], abs(g)) for k, g in out.items()
+                 if _match(a, others[k], claim.margin) == INCONCLUSIVE]
     else:
         gaps, _ = _gaps(claim, a, others)
+        out = {k: -g for k, g in gaps.items()}  # > 0: the rival is on the wrong side of a
         needs = [_n_for(a, others[k], abs(g)) for k, g in gaps.items()]
-        if min(gaps.values()) < 0:  # a is not the best/worst: one rival separated decides it
-            needs = [min((n for n in needs if n is not None), default=None)]
+    if max(out.values()) > 0:  # one such point separated decides the claim: the first to be
+        needs = [min((_n_for(a, others[k], g) for k, g in out.items() if g > 0), default=None)]
     if not needs or any(n is None for n in needs):
         return None
     return max(needs)
