@@ -16,12 +16,16 @@ from normlab.lab.studies import get_study
 MEANS = {"BN": 2.0, "GN": 2.6, "LN": 2.7, "IN": 5.0, "none": 9.0}
 
 
-def _fake_run(store, trained):
+def _fake_run(store, trained, fail=()):
+    """Records each point's error; the (label, seed) pairs in ``fail`` end ``failed``."""
     def run(points):
         n = 0
         for p in points:
             rid = p.cfg.run_id()
             if store.claim(rid, p.cfg.to_dict()) == "done":
+                continue
+            if (p.label, p.cfg.seed) in fail:
+                store.finish(rid, "failed", "worker died")
                 continue
             err = MEANS[p.label] + (0.3 if p.cfg.seed % 2 else -0.3) * (1 + 0.1 * p.cfg.seed)
             store.record_epochs(rid, [{"epoch": 0, "train_loss": 0.1, "test_error": err}], {})
@@ -58,6 +62,20 @@ def test_rounds_add_seeds_only_to_open_claims_until_decided(tmp_path):
     assert open_claims["GN beats LN"]["seeds_needed"] > 6  # what the spread would need
     info = store.setup_info("norms")
     assert info["power"]["runs_added"] == rec["runs_added"] and info["protocol"]["devices"] == 8
+
+
+def test_a_failed_run_does_not_stop_its_point_from_getting_seeds(tmp_path):
+    """GN's second seed fails: the next round gives GN a third seed (its run list holds the
+    failed one), so 'GN beats IN' is decided as without the failure, not left open at one GN
+    seed while the other points go on to the cap."""
+    study = get_study("norms")
+    store = Store(tmp_path)
+    run_with_power(study, "quick", store, lambda at: study.points({}, "quick", seeds_at=at),
+                   _fake_run(store, [], fail={("GN", 1)}), max_seeds=6)
+    stats = point_stats(store.study_runs("norms", "quick"))
+    assert stats[("GN", 32)]["n"] >= 2
+    status = {c["text"]: c["verdict"] for c in claims_status(study, stats)}
+    assert status["GN beats IN"] == "reproduced"
 
 
 def test_the_run_budget_stops_the_rounds(tmp_path):

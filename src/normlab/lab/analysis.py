@@ -300,11 +300,14 @@ def claims_status(study: Study, stats: dict[tuple, dict]) -> list[dict[str, Any]
     return out
 
 
-def seeds_to_add(study: Study, stats: dict[tuple, dict], max_seeds: int) -> dict[tuple, int]:
+def seeds_to_add(study: Study, stats: dict[tuple, dict], max_seeds: int,
+                 failed: Optional[dict[tuple, int]] = None) -> dict[tuple, int]:
     """One power round: for every inconclusive claim, each of its points below ``max_seeds``
     (and below what the claim needs, when that is known) gets one more seed. Returns
     ``{(label, x): seeds it should have}``; empty when every claim is decisive, not run, or
-    out of reach within ``max_seeds``."""
+    out of reach within ``max_seeds``. ``failed``: runs per point that failed (not in
+    ``stats``); their seeds are taken, so a point's next seed comes after them."""
+    failed = failed or {}
     want: dict[tuple, int] = {}
     for c in study.claims:
         v, _ = verdict(c, stats)
@@ -314,7 +317,8 @@ def seeds_to_add(study: Study, stats: dict[tuple, dict], max_seeds: int) -> dict
         if need is not None and need > max_seeds:
             continue  # beyond the cap: the report states the count instead
         for p in claim_points(c, stats):
-            have = stats[p]["n"] + len(stats[p]["excluded"]) if p in stats else 0
+            have = failed.get(p, 0) + (
+                stats[p]["n"] + len(stats[p]["excluded"]) if p in stats else 0)
             if have < max_seeds and (need is None or stats.get(p, {"n": 0})["n"] < need):
                 want[p] = max(want.get(p, 0), have + 1)
     return want

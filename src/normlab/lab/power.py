@@ -14,6 +14,7 @@ say which claims stayed open and why.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any, Callable, Optional
 
 from normlab.lab.analysis import INCONCLUSIVE, claims_status, point_stats, seeds_to_add
@@ -120,8 +121,9 @@ def _register(store: Store, study: Study, preset: str, points: list[Point], setu
 def _wanted(store: Store, study: Study, preset: str, max_seeds: int,
             targets: dict[tuple, int]) -> dict[tuple, int]:
     """Seeds per (label, x) that the study's open claims need, where above ``targets``."""
-    stats = point_stats(store.study_runs(study.name, preset))
-    return {p: n for p, n in seeds_to_add(study, stats, max_seeds).items()
+    runs = store.study_runs(study.name, preset)
+    failed = Counter((r["label"], r["x"]) for r in runs if r["status"] == "failed")
+    return {p: n for p, n in seeds_to_add(study, point_stats(runs), max_seeds, failed).items()
             if n > targets.get(p, 0)}
 
 
