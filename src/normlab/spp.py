@@ -390,7 +390,9 @@ def _analytic_panel(ax: Any, records_by_model: Mapping[str, Sequence[Any]],
     for model_name, recs in records_by_model.items():
         pts = [(_get(r, "depth"), _get(r, "avg_var"), _optional(r, "expected_var"))
                for r in recs]
-        pts = [p for p in pts if p[2] is not None and math.isfinite(p[1])]
+        pts = [p for p in pts if p[2] is not None and p[1] is not None and math.isfinite(p[1])]
+        if not pts:
+            continue
         d, measured, expected = zip(*pts)
         ax.plot(d, measured, marker=".", markersize=3, linewidth=1.2, color=colors[model_name],
                 label=f"{model_name}: measured")

@@ -87,3 +87,21 @@ def test_every_claim_names_an_example_of_its_kind(claim):
     kw = dict(kv.split("=") for kv in spec.split(",")) if spec else {}
     kw = {k: {"false": False, "true": True}.get(v, v) for k, v in kw.items()}
     assert spp.describe(models.create(name.replace("56", "20"), **kw)) == claim.architecture
+
+
+def test_a_measurement_the_store_holds_as_null_is_named_not_a_traceback(tmp_path):
+    """A non-finite measurement is stored as NULL (SQLite has no NaN): the report still writes,
+    and the model's rows say which block lacks which value instead of dividing None."""
+    nf = _nf()
+    nf[5]["avg_var"] = float("nan")
+    unnormalized = _growing(lambda s, b: 10.0 ** (s + b))
+    unnormalized[-1]["avg_sq_mean"] = float("nan")
+    with Store(tmp_path) as s:
+        s.record_spp("nf", nf, architecture="NF + Scaled WS")
+        s.record_spp("plain", unnormalized, architecture="no normalization (He init)")
+    text = write_report(tmp_path)[0].read_text()
+    rows = {line.split(" | ")[1]: line for line in text.splitlines()
+            if line.startswith("| ") and " | **" in line}
+    assert "**not run**" in rows["nf"] and "no measured avg\\_var at stages.1.0" in rows["nf"]
+    assert "**not run**" in rows["plain"] and "avg\\_sq\\_mean at stages.2.3" in rows["plain"]
+    assert (tmp_path / "figures" / "spp.png").is_file()

@@ -17,7 +17,8 @@ variance drops (a projection shortcut resets it).
 
 Each is **reproduced** when its condition holds and **not reproduced** otherwise (the
 measurement is one deterministic batch: there is no spread to be inconclusive about); a claim
-with no model of its kind in the store is **not run**.
+with no model of its kind in the store is **not run**, and so is a model whose records lack a
+measured value (named in its row).
 """
 
 from __future__ import annotations
@@ -141,6 +142,16 @@ SPP_CLAIMS = (
 )
 
 
+def _unmeasured(recs: Records) -> Optional[str]:
+    """Why a model's records cannot be judged: the first block whose measured variance or
+    squared mean the store does not hold (a non-finite measurement is stored as NULL)."""
+    for r in _blocks(recs):
+        for key in ("avg_var", "avg_sq_mean"):
+            if r[key] is None:
+                return f"no measured {key} at {r['name']} (not finite when measured, or missing)"
+    return None
+
+
 def _architecture(recs: Records) -> Optional[str]:
     return next((r.get("architecture") for r in recs if r.get("architecture")), None)
 
@@ -168,7 +179,8 @@ def spp_section(records: dict[str, Records], fig_dir: Path) -> list[str]:
             lines.append(f"| {c.text} | - | **{NOT_RUN}** | no {c.architecture} model measured "
                          f"(e.g. `normlab spp {c.example}`) |")
         for m in models:
-            v, why = c.check(records[m])
+            gap = _unmeasured(records[m])
+            v, why = (NOT_RUN, gap) if gap else c.check(records[m])
             lines.append(f"| {c.text} | {md_cell(m)} | **{v}** | {md_cell(why)} |")
     unknown = [m for m, k in kinds.items() if k is None]
     if unknown:
