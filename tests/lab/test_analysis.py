@@ -156,3 +156,17 @@ def test_a_flat_claim_outside_its_tolerance_needs_the_seeds_of_its_farthest_poin
     need = seeds_needed(c, inside)
     assert need in (200, 201) and _decides_at(c, inside, need - 1) == INCONCLUSIVE
     assert _decides_at(c, inside, need) == REPRODUCED
+
+
+def test_a_difference_of_exactly_the_margin_meets_it_whatever_the_float_rounding():
+    """On 1000 test images (mnist5k) errors are k/10 %: 14 vs 4 images wrong is 1.0 point, the
+    'at least 1 point' of 'BN degrades at batch 2', but 1.4 - 0.4 rounds to 0.9999999999999999.
+    The rule says d >= margin; rounding must not leave it inconclusive for ever ('no count
+    follows')."""
+    c = Claim("BN degrades at batch 2", "less", ("BN", 32), ("BN", 2), 1.0)
+    runs = ([_run("BN", 32, 100 * 4 / 1000, s) for s in range(3)]
+            + [_run("BN", 2, 100 * 14 / 1000, s) for s in range(3)])
+    stats = point_stats(runs)
+    assert stats[("BN", 2)]["mean"] - stats[("BN", 32)]["mean"] < 1.0  # the rounding
+    assert verdict(c, stats)[0] == REPRODUCED
+    assert seeds_needed(c, stats) == 3

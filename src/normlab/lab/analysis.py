@@ -17,7 +17,8 @@ nothing about the spread, a deliberately large one is assumed). ``bar`` is ``m �
 ``se_d = sqrt(se_a^2 + se_b^2)``; a verdict is decisive when ``d ± Z se_d`` settles it:
 
 * ``less`` (error(a) < error(b) by >= margin): **reproduced** if ``d - Z se_d > 0`` and
-  ``d >= margin``; **not reproduced** if ``d + Z se_d < margin``; else **inconclusive**.
+  ``d >= margin`` (a d within float rounding, ``BOUNDARY``, of the margin meets it);
+  **not reproduced** if ``d + Z se_d < margin``; else **inconclusive**.
 * ``match`` (|a - b| <= margin): reproduced if ``|d| + Z se_d <= margin``; not reproduced if
   ``|d| - Z se_d > margin``; else inconclusive.
 * ``flat``: ``match`` of every point of the series with the reference point; reproduced if all
@@ -152,6 +153,12 @@ def difference(a: dict, b: dict) -> tuple[float, float]:
 _diff = difference
 
 
+def _meets(d: float, margin: float) -> bool:
+    """d >= margin, where a d within float rounding (BOUNDARY) of the margin meets it: on 1000
+    test images 1.4 - 0.4 is 0.9999999999999999, 10 images wrong, exactly 1 point."""
+    return d >= margin - BOUNDARY
+
+
 def _match(a: dict, b: dict, margin: float) -> str:
     d, se = _diff(a, b)
     if abs(d) + Z * se <= margin:
@@ -185,7 +192,7 @@ def verdict(claim: Claim, stats: dict[tuple, dict]) -> tuple[str, str]:
                f"{b['mean']:.2f}: difference {d:+.2f} ± {Z * se:.2f}")
         if claim.kind == "match":
             return _match(a, b, claim.margin), why + f" (tolerance {claim.margin})"
-        if d - Z * se > 0 and d >= claim.margin:
+        if d - Z * se > 0 and _meets(d, claim.margin):
             return REPRODUCED, why
         if d + Z * se < claim.margin:
             return NOT_REPRODUCED, why
@@ -258,7 +265,7 @@ def seeds_needed(claim: Claim, stats: dict[tuple, dict]) -> Optional[int]:
         d = b["mean"] - a["mean"]
         if claim.kind == "match":
             return _n_for(a, b, abs(claim.margin - abs(d)))
-        return _n_for(a, b, d if d >= claim.margin else claim.margin - d)
+        return _n_for(a, b, d if _meets(d, claim.margin) else claim.margin - d)
     others = _rivals(claim, stats)
     if claim.kind == "flat":
         # > 0: the point is outside the tolerance
