@@ -96,3 +96,17 @@ def test_the_norms_summary_ranks_every_series(tmp_path):
     text = write_report(tmp_path)[0].read_text()
     assert "at 32: BN 5.00 < GN 10.00 < IN 20.00 < LN 30.00" in text
     assert "BN 23.6, GN 24.1, LN 25.3, IN 28.4: BN lowest by 0.5" in text
+
+
+def test_a_series_whose_every_run_was_flagged_is_named_not_called_unmeasured(tmp_path):
+    """GN at batch 2 stuck near chance in both seeds: the summary must not say 'only BN
+    measured' there; it says GN's runs were left out and why."""
+    errors = {("BN", 32): [5.0, 5.2], ("GN", 32): [8.0, 8.3],
+              ("BN", 2): [6.0, 7.0], ("GN", 2): [90.0, 91.0]}
+    text = _fill(tmp_path, errors, {"BN": (1000.0, 120.0), "GN": (500.0, 150.0)})
+    row2 = _row(text, "| 2 | ")
+    assert "only BN measured" not in row2
+    assert "only BN has runs that count (GN: 2 unconverged, left out)" in row2
+    errors[("BN", 2)] = [92.0, 93.0]  # and a batch size where no run counts keeps its row
+    assert "| 2 | no run counts (BN: 2 unconverged, left out; GN: 2 unconverged, left out) |" in (
+        _fill(tmp_path / "none", errors, {"BN": (1000.0, 120.0), "GN": (500.0, 150.0)}))

@@ -9,7 +9,9 @@ Confidence. At one batch size let a be the series with the lowest mean error and
 lowest; ``d = m_b - m_a`` and its standard error ``se_d`` follow the verdicts' rule (report.py:
 the spread over seeds, floored, or an assumed spread for one seed). The table gives
 ``d ± Z se_d``, the probability that a is really lower, ``Phi(d / se_d)`` (normal
-approximation), and calls the gap *decisive* when ``d > Z se_d``, as the verdicts do.
+approximation), and calls the gap *decisive* when ``d > Z se_d``, as the verdicts do. A series
+whose every run at that batch size was flagged (diverged, unconverged) has no mean to rank: the
+row names it and its flags.
 
 Cost, measured in the same runs: training images per second (the run's training images over its
 training time, mean over seeds), peak memory in MiB (:mod:`normlab.lab.memory`: on CUDA the
@@ -24,6 +26,7 @@ import math
 from typing import Any, Callable, Optional
 
 from normlab.factory import DEFAULT_NUM_GROUPS
+from normlab.lab.analysis import flags_text
 from normlab.lab.markdown import md_cell
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, Study
@@ -70,20 +73,32 @@ def _paper_cell(study: Study, x: Any, labels: list[str], here_best: str) -> str:
     return text
 
 
-def _winner_row(study: Study, x: Any, points: dict[str, dict], diff: Diff, z: float) -> str:
+def _left_out_text(left_out: dict[str, dict]) -> str:
+    """``GN: 2 unconverged, left out``: the series whose every run at a batch size was flagged."""
+    return "; ".join(f"{md_cell(lab)}: {flags_text(s['excluded'])}, left out"
+                     for lab, s in left_out.items())
+
+
+def _winner_row(study: Study, x: Any, points: dict[str, dict], diff: Diff, z: float,
+                left_out: dict[str, dict]) -> str:
+    """``left_out``: the series at ``x`` whose every run was flagged (no mean to rank)."""
     ranked = sorted(points.items(), key=lambda kv: kv[1]["mean"])
     best, s = ranked[0]
     paper = _paper_cell(study, x, list(points), best)
     head = f"| {_fmt_x(x)} | **{md_cell(best)}** {s['mean']:.2f} (n={s['n']}) | "
+    flagged = _left_out_text(left_out)
     if len(ranked) == 1:
-        return head + f"only {md_cell(best)} measured | - | - | {paper} |"
+        only = f"has runs that count ({flagged})" if flagged else "measured"
+        return head + f"only {md_cell(best)} {only} | - | - | {paper} |"
     runner, r = ranked[1]
     d, se = diff(s, r)
     p = _phi(d / se) if se > 0 else 1.0
     decisive = d - z * se > 0
     conf = (">99.9%" if p > 0.999 else f"{p:.1%}") + ", " + (
         "decisive" if decisive else f"not decisive (gap < {z:g} SE)")
-    return (head + f"{md_cell(runner)} {r['mean']:.2f} (n={r['n']}) | {d:.2f} ± {z * se:.2f} | "
+    more = f" ({flagged})" if flagged else ""
+    return (head + f"{md_cell(runner)} {r['mean']:.2f} (n={r['n']}){more} | "
+            f"{d:.2f} ± {z * se:.2f} | "
             f"{conf} | {paper} |")
 
 
@@ -97,8 +112,10 @@ def _setup_line(runs: list[dict], stats: dict) -> str:
             f"{n} seed(s) per point.")
 
 
-def _winners(study: Study, runs: list[dict], stats: dict, diff: Diff, z: float) -> list[str]:
-    xs = sorted({x for _, x in stats}, reverse=True)
+def _winners(study: Study, runs: list[dict], all_stats: dict, diff: Diff, z: float
+             ) -> list[str]:
+    stats = {k: s for k, s in all_stats.items() if s["n"] > 0}
+    xs = sorted({x for _, x in all_stats}, reverse=True)
     lines = [f"### {study.name}: lowest test error at each batch size", "", _setup_line(runs, stats),
              "", f"| {study.axis} | lowest error % (this run) | next lowest | gap (± {z:g} SE) | "
              f"P(lowest is really lower) | the paper ({_cite(study)}) |",
@@ -107,8 +124,12 @@ def _winners(study: Study, runs: list[dict], stats: dict, diff: Diff, z: float) 
     for x in xs:
         points = {lab: s for (lab, xx), s in stats.items() if xx == x and s["n"] > 0
                   and math.isfinite(s["mean"])}
+        left_out = {lab: s for (lab, xx), s in all_stats.items() if xx == x and s["n"] == 0}
         if points:
-            lines.append(_winner_row(study, x, points, diff, z))
+            lines.append(_winner_row(study, x, points, diff, z, left_out))
+        else:
+            lines.append(f"| {_fmt_x(x)} | no run counts ({_left_out_text(left_out)}) | - | - | "
+                         "- | - |")
         if len(points) > 2:
             ranked = sorted(points.items(), key=lambda kv: kv[1]["mean"])
             rankings.append(f"at {_fmt_x(x)}: " + " < ".join(f"{md_cell(lab)} {s['mean']:.2f}"
@@ -197,8 +218,8 @@ def summary_lines(store: Store, stats_of: StatsOf, diff: Diff, z: float) -> list
     seen: list[dict] = []
     for name in SUMMARY_STUDIES:
         runs = store.study_runs(name)
-        stats = {k: s for k, s in stats_of(runs).items() if s["n"] > 0}
-        if not stats:
+        stats = stats_of(runs)
+        if not any(s["n"] > 0 for s in stats.values()):
             continue
         seen += runs
         lines += _winners(STUDIES[name], runs, stats, diff, z) + _costs(STUDIES[name], runs)
