@@ -136,6 +136,8 @@ def test_a_beaten_best_claim_needs_the_seeds_of_the_rival_that_beats_it():
     assert _decides_at(c, stats, 12) == INCONCLUSIVE and _decides_at(c, stats, 13) == NOT_REPRODUCED
     assert seeds_to_add(SimpleNamespace(claims=[c]), stats, max_seeds=20) == {
         k: 3 for k in stats}
+    one_seed = {**stats, ("S", 3): _s(1.0, None, 1)}  # below a too, but no spread to go on
+    assert seeds_needed(c, one_seed) == 13
     worst = Claim("a is the worst", "worst", ("S", 0))
     mirrored = {k: _s(10.0 - s["mean"], s["sd"], 2) for k, s in stats.items()}
     assert seeds_needed(worst, mirrored) == 13

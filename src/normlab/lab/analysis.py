@@ -277,7 +277,8 @@ def seeds_needed(claim: Claim, stats: dict[tuple, dict]) -> Optional[int]:
         out = {k: -g for k, g in gaps.items()}  # > 0: the rival is on the wrong side of a
         needs = [_n_for(a, others[k], abs(g)) for k, g in gaps.items()]
     if max(out.values()) > 0:  # one such point separated decides the claim: the first to be
-        needs = [min((_n_for(a, others[k], g) for k, g in out.items() if g > 0), default=None)]
+        alone = [_n_for(a, others[k], g) for k, g in out.items() if g > 0]
+        needs = [min((n for n in alone if n is not None), default=None)]
     if not needs or any(n is None for n in needs):
         return None
     return max(needs)
