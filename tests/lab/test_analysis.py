@@ -172,3 +172,15 @@ def test_a_difference_of_exactly_the_margin_meets_it_whatever_the_float_rounding
     assert stats[("BN", 2)]["mean"] - stats[("BN", 32)]["mean"] < 1.0  # the rounding
     assert verdict(c, stats)[0] == REPRODUCED
     assert seeds_needed(c, stats) == 3
+
+
+def test_a_flat_claim_says_which_points_had_every_run_flagged():
+    """GN at batch 2 diverged in every seed: the claim is judged on the points that count (as
+    documented), and its numbers name the point left out instead of shrinking the range
+    silently."""
+    c = Claim("GN is flat", "flat", ("GN", 32), None, 1.0)
+    runs = ([_run("GN", 32, 2.0 + 0.1 * s, s) for s in range(3)]
+            + [_run("GN", 16, 2.1 + 0.1 * s, s) for s in range(3)]
+            + [_run("GN", 2, 3.0, s, loss=math.nan) for s in range(3)])
+    v, why = verdict(c, point_stats(runs))
+    assert v == REPRODUCED and "every run flagged, left out: GN@2 (3 diverged)" in why

@@ -179,7 +179,21 @@ def _rivals(claim: Claim, stats: dict[tuple, dict]) -> dict[tuple, dict]:
 
 
 def verdict(claim: Claim, stats: dict[tuple, dict]) -> tuple[str, str]:
-    """(verdict, the numbers it rests on) for ``claim`` given :func:`point_stats` output."""
+    """(verdict, the numbers it rests on) for ``claim`` given :func:`point_stats` output. A
+    flat/best/worst claim names the points it compares with whose every run was flagged: they
+    are left out, and the numbers say so rather than the range silently shrinking."""
+    v, why = _verdict(claim, stats)
+    if claim.kind not in ("flat", "best", "worst"):
+        return v, why
+    gone = [(k, s) for k, s in stats.items() if k != tuple(claim.a) and s["n"] == 0
+            and s["excluded"] and (claim.kind == "best" or k[0] == claim.a[0])]
+    if not gone:
+        return v, why
+    return v, why + "; every run flagged, left out: " + ", ".join(
+        f"{k[0]}@{k[1]} ({flags_text(s['excluded'])})" for k, s in gone)
+
+
+def _verdict(claim: Claim, stats: dict[tuple, dict]) -> tuple[str, str]:
     a = _get(stats, claim.a)
     if a is None:
         return NOT_RUN, f"no finished run that counts for {claim.a[0]} at {claim.a[1]}"
