@@ -5,6 +5,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from scipy import stats as stats_mod
 
 from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED, flags_text,
                                   point_stats, run_flag, seeds_needed, seeds_to_add, verdict)
@@ -64,33 +65,45 @@ def _s(mean, sd, n):
     return {"mean": mean, "sd": sd, "n": n, "values": [], "excluded": []}
 
 
+def _t_count(var_sum, gap):
+    """The documented rule, computed here with scipy: the fewest seeds n per point at which
+    Student's t (one-sided tail of 2 normal SEs, df 2(n - 1) for equal sds) times
+    sqrt(var_sum / n) is below the gap."""
+    level, n = stats_mod.norm.cdf(2.0), 2
+    while stats_mod.t.ppf(level, 2 * (n - 1)) * math.sqrt(var_sum / n) >= gap:
+        n += 1
+    return n
+
+
 def test_seeds_needed_is_the_count_at_which_the_verdict_turns_decisive():
     c = Claim("GN beats BN", "less", ("GN", 2), ("BN", 2), 0.0)
     stats = {("GN", 2): _s(10.0, 1.0, 2), ("BN", 2): _s(11.1, 1.0, 2)}
     assert verdict(c, stats)[0] == INCONCLUSIVE
     need = seeds_needed(c, stats)
-    assert need == 7  # Z^2 (1 + 1) / 1.1^2 = 6.6
+    assert need == 8  # t(df 14) = 2.195: 2.195 sqrt(2/8) = 1.10 < 1.1; at 7, 2.24 x 0.53 = 1.2
+    assert need == _t_count(1.0 + 1.0, 1.1)
     at = {k: _s(v["mean"], 1.0, need) for k, v in stats.items()}
     assert verdict(c, at)[0] == REPRODUCED
     before = {k: _s(v["mean"], 1.0, need - 1) for k, v in stats.items()}
     assert verdict(c, before)[0] == INCONCLUSIVE
-    # with a margin the boundary is the margin: d = 1.1 short of 1.7 by 0.6 -> 8 / 0.36 = 22.2
+    # with a margin the boundary is the margin: d = 1.1 short of 1.7 by 0.6 (normal: 22.2)
     m = Claim("BN degrades", "less", ("GN", 2), ("BN", 2), 1.7)
-    assert seeds_needed(m, stats) == 23
+    assert seeds_needed(m, stats) == _t_count(2.0, 0.6) == 24
     assert seeds_needed(c, {("GN", 2): _s(10.0, None, 1), ("BN", 2): _s(11.0, None, 1)}) is None
 
 
 def test_seeds_to_add_targets_the_open_claims_points_only():
     study = get_study("batch-size")
-    # BN beats GN at 32: open, and 3 seeds would decide it (4 x 0.18 / 0.55^2 = 2.4)
+    # BN beats GN at 32: open, and 4 seeds would decide it (normal count: 4 x 0.18 / 0.55^2 = 2.4)
     stats = {("BN", 32): _s(2.0, 0.3, 2), ("GN", 32): _s(2.55, 0.3, 2),
              ("BN", 2): _s(9.0, 0.3, 2), ("GN", 2): _s(2.1, 0.3, 2)}   # decided
+    assert seeds_needed(study.claims[0], stats) == _t_count(0.18, 0.55) == 4
     want = seeds_to_add(study, stats, max_seeds=6)
-    assert want[("BN", 32)] == 3 and want[("GN", 32)] == 3
+    assert want[("BN", 32)] == 3 and want[("GN", 32)] == 3  # one more seed per round
     assert ("BN", 2) not in want or want[("BN", 2)] == 3  # only through an open claim
     assert seeds_to_add(study, stats, max_seeds=2) == {}  # the cap is reached
-    far = {**stats, ("GN", 32): _s(2.25, 0.3, 2)}  # 0.72 / 0.25^2 = 11.5: beyond a cap of 6
-    assert seeds_needed(study.claims[0], far) == 12
+    far = {**stats, ("GN", 32): _s(2.25, 0.3, 2)}  # beyond a cap of 6 (normal count: 11.5)
+    assert seeds_needed(study.claims[0], far) == _t_count(0.18, 0.25) == 13
     assert ("BN", 32) not in seeds_to_add(study, far, max_seeds=6)
     assert verdict(study.claims[4], stats)[0] == NOT_RUN   # SyncBN not run: no seeds for it
 
@@ -111,13 +124,14 @@ def test_worst_claim_names_the_rival_that_decided_it():
     """'IN is the worst': not reproduced by the rival clearly worse than it, which the numbers
     must name (not the closest rival, whose gap may be within the interval)."""
     c = Claim("one channel per group is the worst", "worst", ("C/G", 1))
-    stats = {("C/G", 1): _s(0.97, 0.59, 2), ("C/G", 16): _s(2.92, 1.38, 2),
-             ("C/G", 64): _s(2.93, 0.20, 2)}
+    stats = {("C/G", 1): _s(0.97, 0.59, 5), ("C/G", 16): _s(2.92, 1.38, 5),
+             ("C/G", 64): _s(2.93, 0.20, 5)}  # 5 seeds: t(df 5.4) ~ 2.6
     v, why = verdict(c, stats)
     assert v == "not reproduced" and "rival C/G@64 2.93" in why
-    stats[("C/G", 64)] = _s(2.0, 1.38, 2)  # now no rival is separated: the closest is named
+    stats[("C/G", 64)] = _s(2.0, 1.38, 5)  # now no rival is separated: the closest is named
+    stats[("C/G", 16)] = _s(2.42, 1.38, 5)
     v, why = verdict(c, stats)
-    assert v == INCONCLUSIVE and "closest rival C/G@16 2.92" in why
+    assert v == INCONCLUSIVE and "closest rival C/G@16 2.42" in why
 
 
 def _decides_at(claim, stats, n):
@@ -127,36 +141,38 @@ def _decides_at(claim, stats, n):
 
 def test_a_beaten_best_claim_needs_the_seeds_of_the_rival_that_beats_it():
     """'a is the best' with a rival 0.4 below a and another far above: only the rival below can
-    decide it (not reproduced at 4 x 0.5 / 0.4^2 = 12.5 -> 13 seeds); the rival far above is
-    separated already and decides nothing (it gave 2, the seeds a point has: no round added any)."""
+    decide it (not reproduced at 14 seeds; the normal count 4 x 0.5 / 0.4^2 = 12.5); the rival
+    far above is separated already and decides nothing (it gave 2, the seeds a point has: no
+    round added any)."""
     c = Claim("a is the best", "best", ("S", 0))
     stats = {("S", 0): _s(2.0, 0.5, 2), ("S", 1): _s(1.6, 0.5, 2), ("S", 2): _s(5.0, 0.5, 2)}
     assert verdict(c, stats)[0] == INCONCLUSIVE
-    assert seeds_needed(c, stats) == 13
-    assert _decides_at(c, stats, 12) == INCONCLUSIVE and _decides_at(c, stats, 13) == NOT_REPRODUCED
+    assert seeds_needed(c, stats) == _t_count(0.5, 0.4) == 14
+    assert _decides_at(c, stats, 13) == INCONCLUSIVE and _decides_at(c, stats, 14) == NOT_REPRODUCED
     assert seeds_to_add(SimpleNamespace(claims=[c]), stats, max_seeds=20) == {
         k: 3 for k in stats}
     one_seed = {**stats, ("S", 3): _s(1.0, None, 1)}  # below a too, but no spread to go on
-    assert seeds_needed(c, one_seed) == 13
+    assert seeds_needed(c, one_seed) == 14
     worst = Claim("a is the worst", "worst", ("S", 0))
     mirrored = {k: _s(10.0 - s["mean"], s["sd"], 2) for k, s in stats.items()}
-    assert seeds_needed(worst, mirrored) == 13
+    assert seeds_needed(worst, mirrored) == 14
 
 
 def test_a_flat_claim_outside_its_tolerance_needs_the_seeds_of_its_farthest_point():
     """GN at 16 is 1.2 points from GN at 32 and GN at 8 1.05 (tolerance 1): the claim is not
-    reproduced as soon as one point is decisively outside, the farther one at 4 x 0.5 / 0.2^2
-    = 50 -> 51 seeds; the nearer one would need 800, which the report stated."""
+    reproduced as soon as one point is decisively outside, the farther one at 52 seeds (the
+    normal count 4 x 0.5 / 0.2^2 = 50); the nearer one would need about 800, which the report
+    stated."""
     c = Claim("GN is flat", "flat", ("GN", 32), None, 1.0)
     stats = {("GN", 32): _s(2.0, 0.5, 2), ("GN", 16): _s(0.8, 0.5, 2),
              ("GN", 8): _s(0.95, 0.5, 2)}
     assert verdict(c, stats)[0] == INCONCLUSIVE
-    assert seeds_needed(c, stats) == 51
-    assert _decides_at(c, stats, 50) == INCONCLUSIVE and _decides_at(c, stats, 51) == NOT_REPRODUCED
+    assert seeds_needed(c, stats) == _t_count(0.5, 0.2) == 52
+    assert _decides_at(c, stats, 51) == INCONCLUSIVE and _decides_at(c, stats, 52) == NOT_REPRODUCED
     # both within 1 (0.8 and 0.9 away): reproduced needs both, the nearer to 1 at about 200 seeds
     inside = {**stats, ("GN", 16): _s(1.2, 0.5, 2), ("GN", 8): _s(1.1, 0.5, 2)}
     need = seeds_needed(c, inside)
-    assert need in (200, 201) and _decides_at(c, inside, need - 1) == INCONCLUSIVE
+    assert need == _t_count(0.5, 0.1) == 202 and _decides_at(c, inside, need - 1) == INCONCLUSIVE
     assert _decides_at(c, inside, need) == REPRODUCED
 
 

@@ -190,7 +190,8 @@ def test_report_cells_name_the_flag_of_the_runs_left_out(tmp_path):
 
 def test_an_open_claim_states_the_seeds_its_spread_would_need(tmp_path):
     # BN@32 1.0/1.5, GN@32 1.3/1.8: d = 0.3, sd 0.354 each, se_d = 0.354 -> inconclusive;
-    # n = floor(Z^2 (0.125 + 0.125) / 0.3^2) + 1 = floor(11.1) + 1 = 12 seeds per point
+    # the fewest n with t(df 2(n - 1)) sqrt(0.25 / n) < 0.3: 13 seeds per point (t(24) = 2.11;
+    # the normal count floor(4 x 0.25 / 0.3^2) + 1 = 12)
     study = get_study("batch-size")
     with Store(tmp_path) as s:
         members = []
@@ -206,7 +207,7 @@ def test_an_open_claim_states_the_seeds_its_spread_would_need(tmp_path):
         s.register(study.name, "default", members)
     text = write_report(tmp_path)[0].read_text()
     row = next(l for l in text.splitlines() if l.startswith("| BN beats GN at the largest"))
-    assert "**inconclusive**" in row and "| 2; about 12 would decide it |" in row
+    assert "**inconclusive**" in row and "| 2; about 13 would decide it |" in row
     row = next(l for l in text.splitlines() if l.startswith("| GN beats BN at batch 2"))
     assert "**not run**" in row and "| - |" in row
 

@@ -4,6 +4,8 @@ size, by how much, how sure, what the paper found, and what each cost in the sam
 import math
 from statistics import NormalDist, fmean, stdev
 
+from scipy import stats as scipy_stats
+
 from normlab.lab.report import write_report
 from normlab.lab.store import Store
 from normlab.lab.studies import get_study
@@ -38,6 +40,16 @@ def _row(text, start):
     return next(line for line in text.splitlines() if line.startswith(start))
 
 
+def _welch(sa, sb, n):
+    """Welch-Satterthwaite degrees of freedom of two points of n seeds with sds sa, sb."""
+    qa, qb = sa * sa / n, sb * sb / n
+    return (qa + qb) ** 2 / ((qa * qa + qb * qb) / (n - 1))
+
+
+def _t(df):
+    return scipy_stats.t.ppf(NormalDist().cdf(2.0), df)
+
+
 def test_summary_opens_the_report_and_names_winner_gap_confidence_and_paper(tmp_path):
     # batch 32: BN clearly lower; batch 2: GN lower by less than the spread
     errors = {("BN", 32): [5.0, 5.2, 5.4], ("GN", 32): [8.0, 8.3, 8.6],
@@ -48,17 +60,20 @@ def test_summary_opens_the_report_and_names_winner_gap_confidence_and_paper(tmp_
 
     row32 = _row(text, "| 32 | ")
     assert "**BN** 5.20 (n=3)" in row32 and "GN 8.30 (n=3)" in row32
-    # gap and its 2-SE interval from the spread over seeds: sd 0.2 -> floor 0.25, sd 0.3
+    # gap and its t interval from the spread over seeds: sd 0.2 -> floor 0.25, sd 0.3; Welch's
+    # degrees of freedom, t at the one-sided tail of 2 normal SEs
     se = math.hypot(0.25 / math.sqrt(3), 0.3 / math.sqrt(3))
-    assert f"3.10 ± {2 * se:.2f}" in row32 and ">99.9%, decisive" in row32
+    t = _t(_welch(0.25, 0.3, 3))
+    assert f"3.10 ± {t * se:.2f}" in row32 and ">99.9%, decisive" in row32
     assert "BN 23.6, GN 24.1: BN lowest by 0.5 (same as here)" in row32
 
     row2 = _row(text, "| 2 | ")
     gn, bn = [6.5, 6.0, 7.0], [6.0, 7.0, 8.0]
     d = fmean(bn) - fmean(gn)
     se = math.hypot(stdev(gn) / math.sqrt(3), stdev(bn) / math.sqrt(3))
-    assert "**GN** 6.50" in row2 and f"{d:.2f} ± {2 * se:.2f}" in row2
-    assert f"{NormalDist().cdf(d / se):.1%}, not decisive" in row2
+    df = _welch(stdev(gn), stdev(bn), 3)
+    assert "**GN** 6.50" in row2 and f"{d:.2f} ± {_t(df) * se:.2f}" in row2
+    assert f"{scipy_stats.t.cdf(d / se, df):.1%}, not decisive" in row2
     assert "GN 24.1, BN 34.7: GN lowest by 10.6 (same as here)" in row2
 
     # cost in the same runs: mean img/s over seeds (x1.0, 1.1, 1.2), ratio to BN, MiB, backend

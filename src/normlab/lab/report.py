@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED,
-                                  SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, Z, claims_status, difference,
-                                  flags_text, point_stats, verdict)
+                                  SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, Z, claims_status, critical,
+                                  flags_text, interval, point_stats, prob_lower, verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
 from normlab.lab.outfiles import subdir, write_text
@@ -208,10 +208,14 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
         lines = ["# normlab report", "",
                  f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{store.path.name}` "
                  f"({len(store.runs())} runs).", ""]
-        lines += summary_lines(store, point_stats, difference, Z)
+        lines += summary_lines(store, point_stats, interval, prob_lower)
         lines += ["Verdicts are computed from the stored numbers: a difference counts only when it "
-                 f"exceeds {Z:g} standard errors (run-to-run spread over seeds, at least "
-                 f"{SD_FLOOR} points; {SD_ONE_SEED} points assumed when a point has one seed). "
+                 "exceeds t standard errors (run-to-run spread over seeds, at least "
+                 f"{SD_FLOOR} points; {SD_ONE_SEED} points assumed when a point has one seed), "
+                 "t being Student's at Welch's degrees of freedom for the one-sided tail of "
+                 f"{Z:g} normal standard errors ({critical(2):.1f} at 2 seeds per point, "
+                 f"{critical(4):.1f} at 3, {Z:g} with many; with a one-seed point the normal "
+                 f"{Z:g}). "
                  "The papers trained ResNet-50 on ImageNet; compare orderings, not values.", ""]
         pngs: list[Path] = []
         for name in dict.fromkeys(names):

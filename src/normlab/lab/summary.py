@@ -6,10 +6,11 @@ It reads the studies whose series are normalizations and whose axis is the batch
 (:data:`SUMMARY_STUDIES`), one table each (their setups differ: epochs, seeds).
 
 Confidence. At one batch size let a be the series with the lowest mean error and b the next
-lowest; ``d = m_b - m_a`` and its standard error ``se_d`` follow the verdicts' rule (report.py:
-the spread over seeds, floored, or an assumed spread for one seed). The table gives
-``d ± Z se_d``, the probability that a is really lower, ``Phi(d / se_d)`` (normal
-approximation), and calls the gap *decisive* when ``d > Z se_d``, as the verdicts do. A series
+lowest; ``d = m_b - m_a`` and its half-width ``h`` follow the verdicts' rule
+(:mod:`normlab.lab.analysis`: Student's t times the standard error, from the spread over seeds,
+floored, or an assumed spread for one seed). The table gives ``d ± h``, the probability that a
+is really lower (from the same t distribution), and calls the gap *decisive* when ``d > h``, as
+the verdicts do. A series
 whose every run at that batch size was flagged (diverged, unconverged) has no mean to rank: the
 row names it and its flags.
 
@@ -37,13 +38,9 @@ __all__ = ["summary_lines", "SUMMARY_STUDIES"]
 #: the summary shows them
 SUMMARY_STUDIES = ("batch-size", "norms", "nf")
 
-Diff = Callable[[dict, dict], tuple[float, float]]
+Interval = Callable[[dict, dict], tuple[float, float, float]]  # (d, se, half-width)
+Prob = Callable[[dict, dict], float]  # P(a's error is really below b's)
 StatsOf = Callable[[list[dict]], dict[tuple, dict]]
-
-
-def _phi(z: float) -> float:
-    """Standard normal CDF."""
-    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
 def _cite(study: Study) -> str:
@@ -79,7 +76,7 @@ def _left_out_text(left_out: dict[str, dict]) -> str:
                      for lab, s in left_out.items())
 
 
-def _winner_row(study: Study, x: Any, points: dict[str, dict], diff: Diff, z: float,
+def _winner_row(study: Study, x: Any, points: dict[str, dict], interval: Interval, prob: Prob,
                 left_out: dict[str, dict]) -> str:
     """``left_out``: the series at ``x`` whose every run was flagged (no mean to rank)."""
     ranked = sorted(points.items(), key=lambda kv: kv[1]["mean"])
@@ -91,14 +88,14 @@ def _winner_row(study: Study, x: Any, points: dict[str, dict], diff: Diff, z: fl
         only = f"has runs that count ({flagged})" if flagged else "measured"
         return head + f"only {md_cell(best)} {only} | - | - | {paper} |"
     runner, r = ranked[1]
-    d, se = diff(s, r)
-    p = _phi(d / se) if se > 0 else 1.0
-    decisive = d - z * se > 0
+    d, _, h = interval(s, r)
+    p = prob(s, r)
+    decisive = d - h > 0
     conf = (">99.9%" if p > 0.999 else f"{p:.1%}") + ", " + (
-        "decisive" if decisive else f"not decisive (gap < {z:g} SE)")
+        "decisive" if decisive else "not decisive (gap < t SE)")
     more = f" ({flagged})" if flagged else ""
     return (head + f"{md_cell(runner)} {r['mean']:.2f} (n={r['n']}){more} | "
-            f"{d:.2f} ± {z * se:.2f} | "
+            f"{d:.2f} ± {h:.2f} | "
             f"{conf} | {paper} |")
 
 
@@ -112,12 +109,12 @@ def _setup_line(runs: list[dict], stats: dict) -> str:
             f"{n} seed(s) per point.")
 
 
-def _winners(study: Study, runs: list[dict], all_stats: dict, diff: Diff, z: float
+def _winners(study: Study, runs: list[dict], all_stats: dict, interval: Interval, prob: Prob
              ) -> list[str]:
     stats = {k: s for k, s in all_stats.items() if s["n"] > 0}
     xs = sorted({x for _, x in all_stats}, reverse=True)
     lines = [f"### {study.name}: lowest test error at each batch size", "", _setup_line(runs, stats),
-             "", f"| {study.axis} | lowest error % (this run) | next lowest | gap (± {z:g} SE) | "
+             "", f"| {study.axis} | lowest error % (this run) | next lowest | gap (± t SE) | "
              f"P(lowest is really lower) | the paper ({_cite(study)}) |",
              "|---|---|---|---|---|---|"]
     rankings = []
@@ -126,7 +123,7 @@ def _winners(study: Study, runs: list[dict], all_stats: dict, diff: Diff, z: flo
                   and math.isfinite(s["mean"])}
         left_out = {lab: s for (lab, xx), s in all_stats.items() if xx == x and s["n"] == 0}
         if points:
-            lines.append(_winner_row(study, x, points, diff, z, left_out))
+            lines.append(_winner_row(study, x, points, interval, prob, left_out))
         else:
             lines.append(f"| {_fmt_x(x)} | no run counts ({_left_out_text(left_out)}) | - | - | "
                          "- | - |")
@@ -209,11 +206,12 @@ def _groups_line(runs: list[dict]) -> list[str]:
             "groups, the paper's ImageNet default. The groups study varies the count.", ""]
 
 
-def summary_lines(store: Store, stats_of: StatsOf, diff: Diff, z: float) -> list[str]:
+def summary_lines(store: Store, stats_of: StatsOf, interval: Interval, prob: Prob) -> list[str]:
     """The ``## Summary`` section of the report for ``store``, from the same point statistics
     and rules as the study tables: ``stats_of(runs)`` gives each (label, x) point's mean, sd
-    and n (the runs that count); ``diff(a, b)`` gives ``(m_b - m_a, its standard error)``;
-    ``z``: standard errors for a decisive gap."""
+    and n (the runs that count); ``interval(a, b)`` gives ``(m_b - m_a, its standard error,
+    the half-width a decisive gap must exceed)``; ``prob(a, b)`` the probability that a's error
+    is really below b's."""
     lines = ["## Summary", ""]
     seen: list[dict] = []
     for name in SUMMARY_STUDIES:
@@ -222,7 +220,8 @@ def summary_lines(store: Store, stats_of: StatsOf, diff: Diff, z: float) -> list
         if not any(s["n"] > 0 for s in stats.values()):
             continue
         seen += runs
-        lines += _winners(STUDIES[name], runs, stats, diff, z) + _costs(STUDIES[name], runs)
+        lines += (_winners(STUDIES[name], runs, stats, interval, prob)
+                  + _costs(STUDIES[name], runs))
     if not seen:
         return lines + ["No batch-size, norms or nf study has finished runs in this store: "
                         "`normlab reproduce` runs the batch-size study.", ""]
