@@ -78,7 +78,7 @@ def _seeds_cell(st: dict) -> str:
     if st.get("fewest_seeds", 0) < 2:
         return f"{st['seeds']}; unknown how many would decide it (a point has one seed: no spread)"
     return (f"{st['seeds']}; no count follows from these runs: the difference is on the "
-            "claim's boundary (equal means)")
+            "claim's boundary (equal means, or a gap equal to the claim's margin)")
 
 
 def _batches(runs: list[dict]) -> list[int]:
