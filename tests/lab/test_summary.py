@@ -95,7 +95,7 @@ def test_summary_says_what_was_not_recorded(tmp_path):
 def test_summary_of_a_store_without_a_batch_study(tmp_path):
     Store(tmp_path).close()
     text = write_report(tmp_path)[0].read_text()
-    assert "## Summary" in text and "No batch-size, norms or nf study" in text
+    assert "## Summary" in text and "No batch-size, norms, nf or groups study" in text
 
 
 def test_the_norms_summary_ranks_every_series(tmp_path):
@@ -125,3 +125,36 @@ def test_a_series_whose_every_run_was_flagged_is_named_not_called_unmeasured(tmp
     errors[("BN", 2)] = [92.0, 93.0]  # and a batch size where no run counts keeps its row
     assert "| 2 | no run counts (BN: 2 unconverged, left out; GN: 2 unconverged, left out) |" in (
         _fill(tmp_path / "none", errors, {"BN": (1000.0, 120.0), "GN": (500.0, 150.0)}))
+
+
+def test_the_groups_study_gets_its_answer_in_the_summary(tmp_path):
+    """A store with only the groups study: the summary names the group setting with the lowest
+    error (G groups or C/G channels per group), the next lowest, the gap with its t interval
+    and probability, and the paper's lowest (G = 32, 24.1; next C/G = 16, 24.2)."""
+    errors = {("G", 32): [1.0, 1.4, 1.2], ("G", 1): [3.0, 3.5, 3.1],
+              ("C/G", 16): [1.6, 2.0, 1.5], ("C/G", 1): [4.0, 4.4, 3.9]}
+    with Store(tmp_path) as s:
+        members = []
+        for (label, x), errs in errors.items():
+            for seed, err in enumerate(errs):
+                rid = f"{label}-{x}-{seed}"
+                kw = {"num_groups": x} if label == "G" else {"group_size": x}
+                s.claim(rid, {**BASE, "batch_size": 32, "seed": seed, "norm": "gn",
+                              "norm_kwargs": kw})
+                s.record_epochs(rid, [{"epoch": 0, "test_error": err}], {})
+                s.finish(rid)
+                members.append((rid, label, x))
+        s.register("groups", "default", members)
+    text = write_report(tmp_path)[0].read_text()
+    assert "No batch-size" not in text and "GN here is GroupNorm" not in text
+    row = _row(text, "| **G = 32** 1.20 (n=3) | ")
+    a, b = errors[("G", 32)], errors[("C/G", 16)]
+    d = fmean(b) - fmean(a)
+    sa, sb = max(stdev(a), 0.25), stdev(b)  # G = 32's sd 0.2 is floored at 0.25
+    se = math.hypot(sa / math.sqrt(3), sb / math.sqrt(3))
+    df = _welch(sa, sb, 3)
+    assert f"| C/G = 16 1.70 (n=3) | {d:.2f} ± {_t(df) * se:.2f} | " in row
+    assert f"{scipy_stats.t.cdf(d / se, df):.1%}, not decisive" in row
+    assert row.endswith("| G = 32 24.1, next C/G = 16 24.2 (same as here) |")
+    assert ("All settings, lowest error first: G = 32 1.20 < C/G = 16 1.70 < G = 1 3.20 < "
+            "C/G = 1 4.10.") in text

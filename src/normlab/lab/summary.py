@@ -3,7 +3,9 @@ at each batch size measured on this data and model, by how much and with what co
 what the papers found; and what each normalization cost in the same runs.
 
 It reads the studies whose series are normalizations and whose axis is the batch per process
-(:data:`SUMMARY_STUDIES`), one table each (their setups differ: epochs, seeds).
+(:data:`SUMMARY_STUDIES`), one table each (their setups differ: epochs, seeds), then the groups
+study's answer: the group setting (G groups or C/G channels per group) with the lowest error,
+the next lowest and how sure, beside the paper's lowest.
 
 Confidence. At one batch size let a be the series with the lowest mean error and b the next
 lowest; ``d = m_b - m_a`` and its half-width ``h`` follow the verdicts' rule
@@ -88,15 +90,18 @@ def _winner_row(study: Study, x: Any, points: dict[str, dict], interval: Interva
         only = f"has runs that count ({flagged})" if flagged else "measured"
         return head + f"only {md_cell(best)} {only} | - | - | {paper} |"
     runner, r = ranked[1]
-    d, _, h = interval(s, r)
-    p = prob(s, r)
-    decisive = d - h > 0
-    conf = (">99.9%" if p > 0.999 else f"{p:.1%}") + ", " + (
-        "decisive" if decisive else "not decisive (gap < t SE)")
     more = f" ({flagged})" if flagged else ""
     return (head + f"{md_cell(runner)} {r['mean']:.2f} (n={r['n']}){more} | "
-            f"{d:.2f} ± {h:.2f} | "
-            f"{conf} | {paper} |")
+            f"{_gap_cells(s, r, interval, prob)} | {paper} |")
+
+
+def _gap_cells(s: dict, r: dict, interval: Interval, prob: Prob) -> str:
+    """``d ± h | P, decisive or not``: the lowest point s against the next lowest r."""
+    d, _, h = interval(s, r)
+    p = prob(s, r)
+    conf = (">99.9%" if p > 0.999 else f"{p:.1%}") + ", " + (
+        "decisive" if d - h > 0 else "not decisive (gap < t SE)")
+    return f"{d:.2f} ± {h:.2f} | {conf}"
 
 
 def _setup_line(runs: list[dict], stats: dict) -> str:
@@ -206,6 +211,39 @@ def _groups_line(runs: list[dict]) -> list[str]:
             "groups, the paper's ImageNet default. The groups study varies the count.", ""]
 
 
+def _point_name(point: tuple) -> str:
+    return f"{md_cell(point[0])} = {_fmt_x(point[1])}"
+
+
+def _groups_winner(study: Study, runs: list[dict], all_stats: dict, interval: Interval,
+                   prob: Prob) -> list[str]:
+    """The groups study's answer: the group setting (G groups or C/G channels per group) with
+    the lowest error, the next lowest and how sure, beside the paper's lowest."""
+    stats = {k: s for k, s in all_stats.items() if s["n"] > 0 and math.isfinite(s["mean"])}
+    ranked = sorted(stats.items(), key=lambda kv: kv[1]["mean"])
+    best, s = ranked[0]
+    head = f"| **{_point_name(best)}** {s['mean']:.2f} (n={s['n']}) | "
+    if len(ranked) == 1:
+        row = head + "only one setting has runs that count | - | - |"
+    else:
+        runner, r = ranked[1]
+        row = (head + f"{_point_name(runner)} {r['mean']:.2f} (n={r['n']}) | "
+               f"{_gap_cells(s, r, interval, prob)} |")
+    paper = sorted(((lab, x), v) for lab, xs in study.paper.items() for x, v in xs.items())
+    paper = sorted(paper, key=lambda kv: kv[1])
+    same = ("same as here" if paper[0][0] == best
+            else f"here: {_point_name(best)}")
+    row += (f" {_point_name(paper[0][0])} {paper[0][1]:g}, next {_point_name(paper[1][0])} "
+            f"{paper[1][1]:g} ({same}) |")
+    order = " < ".join(f"{_point_name(k)} {v['mean']:.2f}" for k, v in ranked)
+    return [f"### {study.name}: the group setting with the lowest test error", "",
+            _setup_line(runs, stats), "",
+            "| lowest error % (this run) | next lowest | gap (± t SE) | "
+            f"P(lowest is really lower) | the paper's lowest ({_cite(study)}) |",
+            "|---|---|---|---|---|", row, "",
+            f"All settings, lowest error first: {order}.", ""]
+
+
 def summary_lines(store: Store, stats_of: StatsOf, interval: Interval, prob: Prob) -> list[str]:
     """The ``## Summary`` section of the report for ``store``, from the same point statistics
     and rules as the study tables: ``stats_of(runs)`` gives each (label, x) point's mean, sd
@@ -222,7 +260,12 @@ def summary_lines(store: Store, stats_of: StatsOf, interval: Interval, prob: Pro
         seen += runs
         lines += (_winners(STUDIES[name], runs, stats, interval, prob)
                   + _costs(STUDIES[name], runs))
-    if not seen:
-        return lines + ["No batch-size, norms or nf study has finished runs in this store: "
-                        "`normlab reproduce` runs the batch-size study.", ""]
-    return lines + _groups_line(seen)
+    runs = store.study_runs("groups")
+    stats = stats_of(runs)
+    groups = any(st["n"] > 0 and math.isfinite(st["mean"]) for st in stats.values())
+    if groups:
+        lines += _groups_winner(STUDIES["groups"], runs, stats, interval, prob)
+    if not seen and not groups:
+        return lines + ["No batch-size, norms, nf or groups study has finished runs in this "
+                        "store: `normlab reproduce` runs the batch-size study.", ""]
+    return lines + _groups_line(seen)  # the GN of the batch and norms tables
