@@ -287,6 +287,15 @@ def test_bad_constructor_arguments(build, err, needle):
         build()
 
 
+def test_numpy_momentum_is_a_number():
+    """A momentum read from a numpy config (np.float32(0.1)) is a number in [0, 1], as for
+    torch's BatchNorm; it was refused as not an int or float."""
+    np = pytest.importorskip("numpy")
+    assert SyncBatchNorm(3, momentum=np.float32(0.1)).momentum == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="1.5"):
+        SyncBatchNorm(3, momentum=np.float64(1.5))
+
+
 @pytest.mark.parametrize(
     "x,err,needle",
     [(torch.randn(4), ValueError, r"\(4,\)"),                  # 1D: no channel dim

@@ -35,6 +35,8 @@ and the module is exactly :class:`normlab.nn.BatchNorm2d` (for 2-5D input).
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Any, Optional, Tuple
 
 import torch
@@ -238,8 +240,8 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
     ) -> None:
         num_features = check_count(num_features, "num_features")
         NLF.check_eps(eps)
-        if momentum is not None and (
-            isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+        if momentum is not None and (  # numbers.Real: numpy scalars (a config's np.float32) too
+            isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
             or not 0.0 <= momentum <= 1.0
         ):
             raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
