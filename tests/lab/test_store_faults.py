@@ -222,6 +222,9 @@ def test_a_read_only_store_with_a_pending_log_is_read_whole(tmp_path, ro_mounts)
     ("UPDATE runs SET versions='[1]'", "versions is not a JSON object: [1]"),
     ("UPDATE runs SET final_test_error='abc'", "final_test_error is not a number: 'abc'"),
     ("UPDATE epochs SET train_loss='x'", "train_loss is not a number: 'x'"),
+    ("UPDATE runs SET final_test_error=250.0", "final_test_error is not a percentage in "
+     "[0, 100]: 250.0"),                                    # was taken into the verdicts
+    ("UPDATE epochs SET test_error=-3.0", "test_error is not a percentage in [0, 100]: -3.0"),
     ("UPDATE study_runs SET x='{\"a\": 1}'", "x is not a number or a string: {'a': 1}"),
     # (ls does not read a setup's info: the report does)
     ("INSERT OR REPLACE INTO setups SELECT DISTINCT study, preset, setup, '[1]', 0 "

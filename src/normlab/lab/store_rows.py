@@ -6,7 +6,7 @@ traceback from deep inside ``ls`` or the report.
 What is checked: a run's ``config`` is a JSON object, each field of a known name of its
 :class:`~normlab.lab.config.RunConfig` type (a missing one is shown as ``?``); ``versions`` and
 a setup's ``info`` are JSON objects (``info["protocol"]`` too, where present); metrics and
-counts are numbers or NULL; a study member's ``x`` is a JSON number or string. Text is not
+counts are numbers or NULL, error rates within [0, 100]; a study member's ``x`` is a JSON number or string. Text is not
 checked: the readers show it as literal text (:mod:`normlab.lab.markdown`, rich's ``escape``).
 
 >>> try:
@@ -26,13 +26,15 @@ from normlab.lab.config import ConfigError, check_field
 from normlab.lab.store_open import EPOCH_FIELDS, StoreError
 
 __all__ = ["run_config", "json_object", "numbers", "member_x", "epoch_row", "RUN_NUMBERS",
-           "SPP_NUMBERS"]
+           "SPP_NUMBERS", "PERCENT_COLUMNS"]
 
 #: the number columns of ``runs`` and ``spp`` (NULL allowed); ``epochs`` rows: EPOCH_FIELDS
 RUN_NUMBERS = ("epochs", "epochs_done", "wall_time", "images_per_s", "final_train_loss",
                "final_train_error", "final_test_loss", "final_test_error", "created", "updated",
                "peak_memory_mb")
 SPP_NUMBERS = ("depth", "avg_sq_mean", "avg_var", "residual_var", "expected_var")
+#: the columns that hold error rates in %
+PERCENT_COLUMNS = ("final_train_error", "final_test_error", "train_error", "test_error")
 
 _HINT = ("the file was not written by normlab or was edited; move it away (the CSV/JSON exports "
          "beside it keep the finished runs) or pass another directory")
@@ -77,11 +79,14 @@ def run_config(path: Union[str, Path], run_id: Any, raw: Any) -> dict[str, Any]:
 
 def numbers(path: Union[str, Path], where: str, row: dict[str, Any],
             columns: tuple[str, ...]) -> dict[str, Any]:
-    """``row`` after checking that its ``columns`` hold numbers or NULL."""
+    """``row`` after checking that its ``columns`` hold numbers or NULL, and its error rates
+    percentages (the verdicts and bars take them as such)."""
     for col in columns:
         v = row.get(col)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise _bad(path, where, f"{col} is not a number: {_show(v)}")
+        if v is not None and col in PERCENT_COLUMNS and not 0.0 <= v <= 100.0:
+            raise _bad(path, where, f"{col} is not a percentage in [0, 100]: {_show(v)}")
     return row
 
 
