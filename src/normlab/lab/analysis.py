@@ -64,7 +64,6 @@ __all__ = [
 ]
 
 Z = 2.0               # the level: the one-sided tail of 2 normal standard errors (2.28%)
-_LEVEL = 0.5 * (1.0 + math.erf(Z / math.sqrt(2.0)))  # Phi(Z) = 0.97725
 SD_FLOOR = 0.25       # points of error: no spread estimate below this is trusted
 SD_ONE_SEED = 2.0     # points of error assumed for a single seed
 BOUNDARY = 1e-9       # points of error: a difference this close to a claim's boundary is on it
@@ -164,6 +163,14 @@ def difference(a: dict, b: dict) -> tuple[float, float]:
     return b["mean"] - a["mean"], math.hypot(_se(a), _se(b))
 
 
+def _phi(z: float) -> float:
+    """Standard normal CDF."""
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+_LEVEL = _phi(Z)  # 0.97725
+
+
 def _welch_df(va: float, na: int, vb: float, nb: int) -> float:
     """Welch-Satterthwaite degrees of freedom of se_d^2 = va/na + vb/nb (va, vb: variances)."""
     qa, qb = va / na, vb / nb
@@ -198,9 +205,7 @@ def prob_lower(a: dict, b: dict) -> float:
         return 1.0 if d > 0 else 0.5
     df = _df(a, b)
     z = d / se
-    if math.isinf(df):
-        return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
-    return float(_scipy_stats.t.cdf(z, df))
+    return _phi(z) if math.isinf(df) else float(_scipy_stats.t.cdf(z, df))
 
 
 def _diff(a: dict, b: dict) -> tuple[float, float]:

@@ -12,9 +12,8 @@ lowest; ``d = m_b - m_a`` and its half-width ``h`` follow the verdicts' rule
 (:mod:`normlab.lab.analysis`: Student's t times the standard error, from the spread over seeds,
 floored, or an assumed spread for one seed). The table gives ``d ± h``, the probability that a
 is really lower (from the same t distribution), and calls the gap *decisive* when ``d > h``, as
-the verdicts do. A series
-whose every run at that batch size was flagged (diverged, unconverged) has no mean to rank: the
-row names it and its flags.
+the verdicts do. A series whose every run at that batch size was flagged (diverged,
+unconverged) has no mean to rank: the row names it and its flags.
 
 Cost, measured in the same runs: training images per second (the run's training images over its
 training time, mean over seeds), peak memory in MiB (:mod:`normlab.lab.memory`: on CUDA the
@@ -229,8 +228,8 @@ def _groups_winner(study: Study, runs: list[dict], all_stats: dict, interval: In
         runner, r = ranked[1]
         row = (head + f"{_point_name(runner)} {r['mean']:.2f} (n={r['n']}) | "
                f"{_gap_cells(s, r, interval, prob)} |")
-    paper = sorted(((lab, x), v) for lab, xs in study.paper.items() for x, v in xs.items())
-    paper = sorted(paper, key=lambda kv: kv[1])
+    paper = sorted((((lab, x), v) for lab, xs in study.paper.items() for x, v in xs.items()),
+                   key=lambda kv: kv[1])
     same = ("same as here" if paper[0][0] == best
             else f"here: {_point_name(best)}")
     row += (f" {_point_name(paper[0][0])} {paper[0][1]:g}, next {_point_name(paper[1][0])} "
