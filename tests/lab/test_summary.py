@@ -95,7 +95,7 @@ def test_summary_says_what_was_not_recorded(tmp_path):
 def test_summary_of_a_store_without_a_batch_study(tmp_path):
     Store(tmp_path).close()
     text = write_report(tmp_path)[0].read_text()
-    assert "## Summary" in text and "No batch-size, norms, nf or groups study" in text
+    assert "## Summary" in text and "No batch-size, norms, nf, groups or bn-dropout study" in text
 
 
 def test_the_norms_summary_ranks_every_series(tmp_path):
@@ -155,6 +155,36 @@ def test_the_groups_study_gets_its_answer_in_the_summary(tmp_path):
     df = _welch(sa, sb, 3)
     assert f"| C/G = 16 1.70 (n=3) | {d:.2f} ± {_t(df) * se:.2f} | " in row
     assert f"{scipy_stats.t.cdf(d / se, df):.1%}, not decisive" in row
-    assert row.endswith("| G = 32 24.1, next C/G = 16 24.2 (same as here) |")
-    assert ("All settings, lowest error first: G = 32 1.20 < C/G = 16 1.70 < G = 1 3.20 < "
+    assert row.endswith("| G = 32 24.1, next C/G = 16 24.2 (same as here) |"), row
+    assert ("All, lowest error first: G = 32 1.20 < C/G = 16 1.70 < G = 1 3.20 < "
             "C/G = 1 4.10.") in text
+
+
+def test_the_bn_dropout_study_names_its_best_configuration(tmp_path):
+    """bn-dropout's answer: the configuration (BN placement, dropout) with the lowest error,
+    the next lowest with its t interval, and the paper's values as quoted (accuracies, not
+    numbers to rank)."""
+    errors = {("conv+dense", 0.4): [20.0, 21.0], ("none", 0.4): [40.0, 42.0],
+              ("conv", 0.0): [25.0, 26.5]}
+    with Store(tmp_path) as s:
+        members = []
+        for (label, x), errs in errors.items():
+            for seed, err in enumerate(errs):
+                rid = f"{label}-{x}-{seed}"
+                s.claim(rid, {**BASE, "model": "bn_dropout_cnn", "seed": seed,
+                              "model_kwargs": {"dropout": x}})
+                s.record_epochs(rid, [{"epoch": 0, "test_error": err}], {})
+                s.finish(rid)
+                members.append((rid, label, x))
+        s.register("bn-dropout", "default", members)
+    text = write_report(tmp_path)[0].read_text()
+    assert "### bn-dropout: the configuration with the lowest test error" in text
+    row = _row(text, "| **BN conv+dense, dropout 0.4** 20.50 (n=2) | ")
+    a, b = errors[("conv+dense", 0.4)], errors[("conv", 0.0)]
+    sa, sb = stdev(a), stdev(b)
+    se = math.hypot(sa / math.sqrt(2), sb / math.sqrt(2))
+    assert (f"| BN conv, dropout 0 25.75 (n=2) | {fmean(b) - fmean(a):.2f} ± "
+            f"{_t(_welch(sa, sb, 2)) * se:.2f} | ") in row
+    # (the quoted text is a markdown cell: its < and > escaped)
+    assert ("BN conv+dense, dropout 0.4: ~25 (acc ~0.75); BN none, dropout 0.4: \\> 40 "
+            "(acc \\< 0.6)") in row

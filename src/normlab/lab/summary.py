@@ -3,9 +3,10 @@ at each batch size measured on this data and model, by how much and with what co
 what the papers found; and what each normalization cost in the same runs.
 
 It reads the studies whose series are normalizations and whose axis is the batch per process
-(:data:`SUMMARY_STUDIES`), one table each (their setups differ: epochs, seeds), then the groups
-study's answer: the group setting (G groups or C/G channels per group) with the lowest error,
-the next lowest and how sure, beside the paper's lowest.
+(:data:`SUMMARY_STUDIES`), one table each (their setups differ: epochs, seeds), then the answer
+of each study that asks for one setting (:data:`SETTING_STUDIES`: the groups study's G groups
+or C/G channels per group, bn-dropout's configuration): the setting with the lowest error, the
+next lowest and how sure, beside the paper's.
 
 Confidence. At one batch size let a be the series with the lowest mean error and b the next
 lowest; ``d = m_b - m_a`` and its half-width ``h`` follow the verdicts' rule
@@ -210,37 +211,52 @@ def _groups_line(runs: list[dict]) -> list[str]:
             "groups, the paper's ImageNet default. The groups study varies the count.", ""]
 
 
-def _point_name(point: tuple) -> str:
-    return f"{md_cell(point[0])} = {_fmt_x(point[1])}"
+#: studies whose answer is one setting (a point of series x axis), and how a point is named
+SETTING_STUDIES = {
+    "groups": ("group setting", lambda p: f"{md_cell(p[0])} = {_fmt_x(p[1])}"),
+    "bn-dropout": ("configuration", lambda p: f"BN {md_cell(p[0])}, dropout {_fmt_x(p[1])}"),
+}
 
 
-def _groups_winner(study: Study, runs: list[dict], all_stats: dict, interval: Interval,
-                   prob: Prob) -> list[str]:
-    """The groups study's answer: the group setting (G groups or C/G channels per group) with
-    the lowest error, the next lowest and how sure, beside the paper's lowest."""
+def _paper_setting(study: Study, best: tuple, name: Callable[[tuple], str]) -> str:
+    """The paper's lowest two settings and whether here's lowest is the same one; the values
+    as given where the paper's are not numbers (quoted accuracies)."""
+    paper = [((lab, x), v) for lab, xs in study.paper.items() for x, v in xs.items()]
+    if not paper:
+        return "-"
+    if not all(isinstance(v, (int, float)) for _, v in paper):
+        return "; ".join(f"{name(p)}: {md_cell(str(v))}" for p, v in paper)
+    paper.sort(key=lambda kv: kv[1])
+    same = "same as here" if paper[0][0] == best else f"here: {name(best)}"
+    text = f"{name(paper[0][0])} {paper[0][1]:g}"
+    if len(paper) > 1:
+        text += f", next {name(paper[1][0])} {paper[1][1]:g}"
+    return f"{text} ({same})"
+
+
+def _setting_winner(study: Study, runs: list[dict], all_stats: dict, interval: Interval,
+                    prob: Prob) -> list[str]:
+    """The answer of a study in :data:`SETTING_STUDIES`: the setting with the lowest error, the
+    next lowest and how sure, beside the paper's."""
+    what, name = SETTING_STUDIES[study.name]
     stats = {k: s for k, s in all_stats.items() if s["n"] > 0 and math.isfinite(s["mean"])}
     ranked = sorted(stats.items(), key=lambda kv: kv[1]["mean"])
     best, s = ranked[0]
-    head = f"| **{_point_name(best)}** {s['mean']:.2f} (n={s['n']}) | "
+    row = f"| **{name(best)}** {s['mean']:.2f} (n={s['n']}) | "
     if len(ranked) == 1:
-        row = head + "only one setting has runs that count | - | - |"
+        row += f"only one {what} has runs that count | - | - |"
     else:
         runner, r = ranked[1]
-        row = (head + f"{_point_name(runner)} {r['mean']:.2f} (n={r['n']}) | "
-               f"{_gap_cells(s, r, interval, prob)} |")
-    paper = sorted((((lab, x), v) for lab, xs in study.paper.items() for x, v in xs.items()),
-                   key=lambda kv: kv[1])
-    same = ("same as here" if paper[0][0] == best
-            else f"here: {_point_name(best)}")
-    row += (f" {_point_name(paper[0][0])} {paper[0][1]:g}, next {_point_name(paper[1][0])} "
-            f"{paper[1][1]:g} ({same}) |")
-    order = " < ".join(f"{_point_name(k)} {v['mean']:.2f}" for k, v in ranked)
-    return [f"### {study.name}: the group setting with the lowest test error", "",
+        row += (f"{name(runner)} {r['mean']:.2f} (n={r['n']}) | "
+                f"{_gap_cells(s, r, interval, prob)} |")
+    row += f" {_paper_setting(study, best, name)} |"
+    order = " < ".join(f"{name(k)} {v['mean']:.2f}" for k, v in ranked)
+    return [f"### {study.name}: the {what} with the lowest test error", "",
             _setup_line(runs, stats), "",
             "| lowest error % (this run) | next lowest | gap (± t SE) | "
-            f"P(lowest is really lower) | the paper's lowest ({_cite(study)}) |",
+            f"P(lowest is really lower) | the paper ({_cite(study)}) |",
             "|---|---|---|---|---|", row, "",
-            f"All settings, lowest error first: {order}.", ""]
+            f"All, lowest error first: {order}.", ""]
 
 
 def summary_lines(store: Store, stats_of: StatsOf, interval: Interval, prob: Prob) -> list[str]:
@@ -259,12 +275,14 @@ def summary_lines(store: Store, stats_of: StatsOf, interval: Interval, prob: Pro
         seen += runs
         lines += (_winners(STUDIES[name], runs, stats, interval, prob)
                   + _costs(STUDIES[name], runs))
-    runs = store.study_runs("groups")
-    stats = stats_of(runs)
-    groups = any(st["n"] > 0 and math.isfinite(st["mean"]) for st in stats.values())
-    if groups:
-        lines += _groups_winner(STUDIES["groups"], runs, stats, interval, prob)
-    if not seen and not groups:
-        return lines + ["No batch-size, norms, nf or groups study has finished runs in this "
-                        "store: `normlab reproduce` runs the batch-size study.", ""]
+    answered = False
+    for name in SETTING_STUDIES:
+        runs = store.study_runs(name)
+        stats = stats_of(runs)
+        if any(st["n"] > 0 and math.isfinite(st["mean"]) for st in stats.values()):
+            lines += _setting_winner(STUDIES[name], runs, stats, interval, prob)
+            answered = True
+    if not seen and not answered:
+        return lines + ["No batch-size, norms, nf, groups or bn-dropout study has finished runs "
+                        "in this store: `normlab reproduce` runs the batch-size study.", ""]
     return lines + _groups_line(seen)  # the GN of the batch and norms tables
