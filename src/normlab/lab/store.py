@@ -62,7 +62,7 @@ from normlab.lab.owners import HEARTBEAT_S, _me, _my_start, _owner_alive, stale_
 from normlab.lab.outfiles import not_a_link
 from normlab.lab.store_export import write_exports
 from normlab.lab.store_rows import (RUN_NUMBERS, SPP_NUMBERS, epoch_row, json_object, member_x,
-                                    numbers, run_config)
+                                    numbers, run_config, stored_setup_info)
 from normlab.lab.store_open import (DB_NAME, EPOCH_FIELDS, EXPORTS, StoreError, _names_damage,
                                     check_writable, connect_read_only, create_schema, open_error,
                                     set_wal, unwritable)
@@ -185,7 +185,7 @@ class Store:
                     info: dict[str, Any], now: float) -> None:
         row = c.execute("SELECT info FROM setups WHERE study=? AND preset=? AND setup=?",
                         (study, preset, setup)).fetchone()
-        merged = {**(_setup_info(self.path, study, row[0]) if row else {}), **info}
+        merged = {**(stored_setup_info(self.path, study, row[0]) if row else {}), **info}
         c.execute("INSERT OR REPLACE INTO setups (study, preset, setup, info, registered) "
                   "VALUES (?, ?, ?, ?, ?)",
                   (study, preset, setup, json.dumps(merged, sort_keys=True, default=str), now))
@@ -204,7 +204,7 @@ class Store:
             return {}
         row = self.con.execute("SELECT info FROM setups WHERE study=? AND preset=? AND setup=?",
                                (study, preset, latest[0])).fetchone()
-        return _setup_info(self.path, study, row[0]) if row else {}
+        return stored_setup_info(self.path, study, row[0]) if row else {}
 
     def _latest_preset(self, study: str) -> Optional[str]:
         pairs = [p for s, p in self.studies() if s == study]
@@ -376,15 +376,6 @@ def _run_dict(path: Path, row: sqlite3.Row) -> dict[str, Any]:
     d["versions"] = json_object(path, f"run {d['run_id']!r}", "versions", d.get("versions"),
                                 empty=True)
     return d
-
-
-def _setup_info(path: Path, study: str, raw: Any) -> dict[str, Any]:
-    """A setup's stored ``info``: a JSON object whose ``protocol``, where present, is one too."""
-    info = json_object(path, f"the setup of study {study!r}", "info", raw)
-    if "protocol" in info and not isinstance(info["protocol"], dict):
-        json_object(path, f"the setup of study {study!r}", "protocol",
-                    json.dumps(info["protocol"]))  # raises: names the value
-    return info
 
 
 def summarize(runs: list[dict[str, Any]], metric: str = "final_test_error",

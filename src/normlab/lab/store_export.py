@@ -13,7 +13,7 @@ from typing import Any
 
 from normlab.lab.outfiles import write_text
 from normlab.lab.store_open import DB_NAME, EPOCH_FIELDS
-from normlab.lab.store_rows import epoch_row, json_object
+from normlab.lab.store_rows import epoch_row, stored_setup_info
 
 _RUN_FIELDS = ("run_id", "status", "owner", "epochs", "epochs_done", "wall_time", "images_per_s",
                "device", "final_train_loss", "final_train_error", "final_test_loss",
@@ -42,8 +42,7 @@ def write_exports(directory: Path, con: sqlite3.Connection,
     by_run: dict[str, list] = {}
     for e in epochs:
         by_run.setdefault(e["run_id"], []).append({k: v for k, v in e.items() if k != "run_id"})
-    setups = [{**dict(r), "info": json_object(directory / DB_NAME, f"the setup of study "
-                                              f"{r['study']!r}", "info", r["info"])}
+    setups = [{**dict(r), "info": stored_setup_info(directory / DB_NAME, r["study"], r["info"])}
               for r in con.execute("SELECT * FROM setups ORDER BY study, registered")]
     doc = {"runs": [{**r, "history": by_run.get(r["run_id"], [])} for r in runs],
            "studies": members, "setups": setups}

@@ -6,8 +6,9 @@ traceback from deep inside ``ls`` or the report.
 What is checked: a run's ``config`` is a JSON object, each field of a known name of its
 :class:`~normlab.lab.config.RunConfig` type (a missing one is shown as ``?``); ``versions`` and
 a setup's ``info`` are JSON objects (``info["protocol"]`` too, where present); metrics and
-counts are numbers or NULL, error rates within [0, 100]; a study member's ``x`` is a JSON number or string. Text is not
-checked: the readers show it as literal text (:mod:`normlab.lab.markdown`, rich's ``escape``).
+counts are numbers or NULL, error rates within [0, 100]; a study member's ``x`` is a JSON number
+or string. Text is not checked: the readers show it as literal text
+(:mod:`normlab.lab.markdown`, rich's ``escape``).
 
 >>> try:
 ...     run_config("s.sqlite", "r1", '{"model": "resnet20", "epochs": "ten"}')
@@ -25,8 +26,8 @@ from typing import Any, Union
 from normlab.lab.config import ConfigError, check_field
 from normlab.lab.store_open import EPOCH_FIELDS, StoreError
 
-__all__ = ["run_config", "json_object", "numbers", "member_x", "epoch_row", "RUN_NUMBERS",
-           "SPP_NUMBERS", "PERCENT_COLUMNS"]
+__all__ = ["run_config", "json_object", "stored_setup_info", "numbers", "member_x",
+           "epoch_row", "RUN_NUMBERS", "SPP_NUMBERS", "PERCENT_COLUMNS"]
 
 #: the number columns of ``runs`` and ``spp`` (NULL allowed); ``epochs`` rows: EPOCH_FIELDS
 RUN_NUMBERS = ("epochs", "epochs_done", "wall_time", "images_per_s", "final_train_loss",
@@ -60,9 +61,22 @@ def json_object(path: Union[str, Path], where: str, column: str, raw: Any,
         value = json.loads(raw)
     except (TypeError, ValueError):
         raise _bad(path, where, f"{column} is not JSON: {_show(raw)}") from None
+    return _an_object(path, where, column, value)
+
+
+def _an_object(path: Union[str, Path], where: str, column: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _bad(path, where, f"{column} is not a JSON object: {_show(value)}")
     return value
+
+
+def stored_setup_info(path: Union[str, Path], study: Any, raw: Any) -> dict[str, Any]:
+    """A setup's stored ``info``: a JSON object whose ``protocol``, where present, is one too."""
+    where = f"the setup of study {study!r}"
+    info = json_object(path, where, "info", raw)
+    if "protocol" in info:
+        _an_object(path, where, "protocol", info["protocol"])
+    return info
 
 
 def run_config(path: Union[str, Path], run_id: Any, raw: Any) -> dict[str, Any]:
