@@ -19,6 +19,13 @@ from torch import fx, nn
 
 # the hook dicts of torch.nn.Module that change or observe a module's call
 _HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+# everything nn.Module keeps its hooks in (forward, backward, state_dict): what a module that
+# takes another's place takes over
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+              "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+              "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+              "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+              "_load_state_dict_post_hooks")
 
 
 def hooks_of(module: nn.Module) -> list:

@@ -171,19 +171,11 @@ def _share(old: nn.Module, new: nn.Module) -> Optional[str]:
         new._parameters[name] = old._parameters.get(name)
     for name in new._buffers:
         new._buffers[name] = old._buffers.get(name)
-    for attr in _HOOK_DICTS:  # the same dicts: hooks run, and their handles still remove them
+    for attr in _trace.HOOK_DICTS:  # the same dicts: hooks run, their handles still remove them
         if attr in old.__dict__:
             new.__dict__[attr] = old.__dict__[attr]
     new.train(old.training)
     return None
-
-
-# what nn.Module keeps its hooks in (forward, backward, state_dict)
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
-               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-               "_load_state_dict_post_hooks")
 
 
 def _replacement(m: nn.Module) -> Tuple[Optional[nn.Module], Optional[str], str]:
