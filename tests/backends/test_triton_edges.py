@@ -87,3 +87,15 @@ def test_interpreter_switched_on_after_import_is_a_clear_error(monkeypatch):
     after = "TRITON_INTERPRET=1 was set after .*imported.*set it before"
     with pytest.raises(BackendUnavailable, match=after):
         NF.group_norm(x, 2, backend="triton")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "On", "yes", "0", "false", "2", ""])
+def test_interpreter_switch_is_read_as_triton_reads_it(monkeypatch, value):
+    """normlab and Triton agree on whether $TRITON_INTERPRET asks for the interpreter: normlab
+    read only "1", so TRITON_INTERPRET=true ran Triton's interpreter while normlab refused CPU
+    tensors. The reference is Triton's own knob, read from the same environment."""
+    import triton.knobs
+    from normlab.backends import triton_interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpreting() is bool(triton.knobs.runtime.interpret)

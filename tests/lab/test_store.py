@@ -10,9 +10,10 @@ import time
 
 import pytest
 
+from normlab.lab.analysis import point_stats
 from normlab.lab.config import ConfigError
 from normlab.lab.owners import _me, _proc_stat
-from normlab.lab.store import Store, heartbeat, summarize
+from normlab.lab.store import Store, heartbeat
 
 
 def _rows(n, base=1.0):
@@ -152,7 +153,7 @@ def test_study_membership_summary_and_exports(tmp_path):
             s.record_epochs(rid, [{"epoch": 0, "test_error": err}], {})
             s.finish(rid)
         s.register("batch-size", "quick", [("a", "BN", 2), ("b", "BN", 2), ("c", "GN", 2)])
-        stats = summarize(s.study_runs("batch-size"))
+        stats = point_stats(s.study_runs("batch-size"))
         assert stats[("BN", 2)]["mean"] == 11.0 and stats[("BN", 2)]["n"] == 2
         assert abs(stats[("BN", 2)]["sd"] - 2 ** 0.5) < 1e-12 and stats[("GN", 2)]["sd"] is None
         paths = s.export()
@@ -160,26 +161,6 @@ def test_study_membership_summary_and_exports(tmp_path):
     doc = json.loads((tmp_path / "results.json").read_text())
     assert len(doc["runs"]) == 3 and doc["runs"][0]["history"][0]["test_error"] == 10.0
     assert (tmp_path / "runs.csv").read_text().count("\n") == 4
-
-
-def test_summary_counts_only_finite_values():
-    # a diverged seed (NaN or inf) is shown but not averaged: n must count the values the mean
-    # and sd rest on, else the standard error sd/sqrt(n) is understated
-    import math
-    import statistics
-
-    vals = [13.7, float("nan"), 9.2, float("inf"), 11.9]
-    runs = [{"status": "done", "label": "BN", "x": 4, "final_test_error": v} for v in vals]
-    runs += [{"status": "done", "label": "GN", "x": 4, "final_test_error": float("nan")},
-             {"status": "failed", "label": "BN", "x": 4, "final_test_error": 50.0}]  # not done
-    stats = summarize(runs)
-    bn = stats[("BN", 4)]
-    finite = [13.7, 9.2, 11.9]
-    assert bn["n"] == 3 and bn["n_nonfinite"] == 2 and len(bn["values"]) == 5
-    assert bn["mean"] == statistics.fmean(finite)
-    assert abs(bn["sd"] - statistics.stdev(finite)) < 1e-12
-    gn = stats[("GN", 4)]
-    assert gn["n"] == 0 and math.isnan(gn["mean"]) and gn["sd"] is None
 
 
 _WRITER = textwrap.dedent("""
@@ -233,11 +214,11 @@ def test_a_study_rerun_on_other_data_is_not_pooled_with_the_first(tmp_path):
         got = s.study_runs(st.name)
     assert {r["config"]["data"] for r in got} == {"synthetic"}
     assert sorted(r["run_id"] for r in got) == sorted(p.cfg.run_id() for p in syn)
-    assert summarize(got)[("BN", 2)]["values"] == [50.0]
+    assert point_stats(got)[("BN", 2)]["values"] == [50.0]
     # the same setup again with two seeds and only GN: adds to the synthetic runs
     run({"data": "synthetic"}, seeds=2, variants=["GN"], err=40.0)
     with Store(tmp_path) as s:
-        stats = summarize(s.study_runs(st.name))
+        stats = point_stats(s.study_runs(st.name))
     assert stats[("GN", 2)]["n"] == 2 and stats[("BN", 2)]["values"] == [50.0]
     # naming the default explicitly is the same setup as leaving it out
     assert st.points({"data": "digits"}, "quick")[0].setup == st.points({}, "quick")[0].setup

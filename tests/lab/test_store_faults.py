@@ -226,6 +226,9 @@ def test_a_read_only_store_with_a_pending_log_is_read_whole(tmp_path, ro_mounts)
      "[0, 100]: 250.0"),                                    # was taken into the verdicts
     ("UPDATE epochs SET test_error=-3.0", "test_error is not a percentage in [0, 100]: -3.0"),
     ("UPDATE study_runs SET x='{\"a\": 1}'", "x is not a number or a string: {'a': 1}"),
+    # a text point among numbers: the axis was sorted ("'<' not supported between ...")
+    ("UPDATE study_runs SET x='\"two\"' WHERE label='GN'",
+     "x is 'two' where the study's first run has a number: 2"),
     # (ls does not read a setup's info: the report does)
     ("INSERT OR REPLACE INTO setups SELECT DISTINCT study, preset, setup, '[1]', 0 "
      "FROM study_runs", "the setup of study 'batch-size': info is not a JSON object: [1]"),

@@ -112,6 +112,16 @@ class Backend(Protocol):
 
 
 BACKEND_NAMES = ("reference", "native", "triton")
+
+# the values of $TRITON_INTERPRET that turn Triton's interpreter on, as Triton reads them
+# (any case)
+_INTERPRET_ON = ("1", "true", "on", "yes")
+
+
+def triton_interpreting() -> bool:
+    """Whether ``$TRITON_INTERPRET`` asks for Triton's interpreter (``1``, ``true``, ``on`` or
+    ``yes``, in any case, as Triton itself reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _INTERPRET_ON
 # Modules implementing each backend, imported lazily so that a missing optional dependency
 # (triton) only matters when that backend is asked for.
 _MODULES = {
@@ -311,7 +321,7 @@ def _preload() -> None:
     (a CUDA device, or the interpreter), and silently left out when it is not installed."""
     for name in ("reference", "native"):
         get_backend(name)
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    if torch.cuda.is_available() or triton_interpreting():
         try:
             get_backend("triton")
         except BackendUnavailable:

@@ -76,6 +76,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from normlab.backends import triton_interpreting
 from normlab.backends.reference import update_running_stats
 
 __all__ = ["TritonBackend", "BACKEND", "TUNING", "plan_launch", "LaunchPlan"]
@@ -107,10 +108,6 @@ GPU_BLOCK_ELEMS = 2048
 GPU_NUM_STAGES = 3
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 def _env_flag(name: str) -> bool:
     """A 0/1 switch from the environment (default 0)."""
     value = os.environ.get(name, "0")
@@ -126,7 +123,7 @@ def _use_triton_op() -> bool:
     them) instead of one opaque custom op. Off by default until a GPU run has checked it
     (benchmarks/NOTES.md). Under the interpreter it has no effect: ``wrap_triton`` hands an
     interpreted kernel back unwrapped, and a trace would run it on fake tensors."""
-    if not _env_flag("NORMLAB_TRITON_OP") or _interpreting():
+    if not _env_flag("NORMLAB_TRITON_OP") or triton_interpreting():
         return False
     if not hasattr(torch.library, "triton_op"):
         raise RuntimeError(f"$NORMLAB_TRITON_OP=1 needs torch.library.triton_op (torch >= 2.6); "
@@ -143,7 +140,7 @@ TRITON_OP = _use_triton_op()
 FOLD_ROWS = _env_flag("NORMLAB_TRITON_FOLD")
 # whether the kernels below are interpreted: Triton decides when it decorates them (this
 # module's import), so TRITON_INTERPRET=1 set later does not make them run CPU tensors
-KERNELS_INTERPRETED = _interpreting()
+KERNELS_INTERPRETED = triton_interpreting()
 
 
 def _unwrapped(kernel):
@@ -1484,13 +1481,13 @@ class TritonBackend:
     name = "triton"
 
     def available(self) -> bool:
-        return torch.cuda.is_available() or _interpreting()
+        return torch.cuda.is_available() or triton_interpreting()
 
     def unsupported_reason(
         self, x: Tensor, num_groups: int, over_batch: bool, activation: Optional[str]
     ) -> Optional[str]:
         if x.device.type == "cpu":
-            if not _interpreting():
+            if not triton_interpreting():
                 return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
             if not KERNELS_INTERPRETED:
                 return ("CPU tensors run only in Triton's interpreter, and TRITON_INTERPRET=1 "

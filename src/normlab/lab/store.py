@@ -43,16 +43,14 @@ Example::
 Where the parts live: the schema, opening (read-only too) and the damaged-store errors in
 :mod:`normlab.lab.store_open`; owners and their liveness in :mod:`normlab.lab.owners`; the CSV
 and JSON exports in :mod:`normlab.lab.store_export`. This module holds :class:`Store` (claims,
-writes, reads), :func:`heartbeat` and :func:`summarize`.
+writes, reads) and :func:`heartbeat`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sqlite3
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -62,7 +60,7 @@ from normlab.lab.owners import HEARTBEAT_S, _me, _my_start, _owner_alive, stale_
 from normlab.lab.outfiles import not_a_link
 from normlab.lab.store_export import write_exports
 from normlab.lab.store_rows import (RUN_NUMBERS, SPP_NUMBERS, epoch_row, json_object, member_x,
-                                    numbers, run_config, stored_setup_info)
+                                    numbers, one_kind_of_x, run_config, stored_setup_info)
 from normlab.lab.store_open import (DB_NAME, EPOCH_FIELDS, EXPORTS, StoreError, _names_damage,
                                     check_writable, connect_read_only, create_schema, open_error,
                                     set_wal, unwritable)
@@ -360,6 +358,7 @@ class Store:
             r["preset"] = preset
             r["history"] = self.epochs(m["run_id"])
             out.append(r)
+        one_kind_of_x(self.path, study, out)
         return out
 
     # ------------------------------------------------------------------ exports
@@ -376,36 +375,6 @@ def _run_dict(path: Path, row: sqlite3.Row) -> dict[str, Any]:
     d["versions"] = json_object(path, f"run {d['run_id']!r}", "versions", d.get("versions"),
                                 empty=True)
     return d
-
-
-def summarize(runs: list[dict[str, Any]], metric: str = "final_test_error",
-              done_only: bool = True) -> dict[tuple, dict[str, Any]]:
-    """Group study runs (from :meth:`Store.study_runs`) by (label, x) and give the mean, sample
-    standard deviation (None for fewer than two), n and values of ``metric`` over seeds. Runs
-    that are not done are left out when ``done_only``; a diverged run counts with its recorded
-    error. Non-finite values (NaN, inf) stay in ``values`` but are left out of the mean and sd,
-    so ``n`` counts only the finite ones (the standard error is sd / sqrt(n)) and
-    ``n_nonfinite`` the others; a group with no finite value has mean NaN and n 0.
-
-    >>> summarize([{"status": "done", "label": "BN", "x": 2, "final_test_error": v}
-    ...            for v in (10.0, 12.0, float("nan"))])[("BN", 2)]["n"]
-    2
-    """
-    groups: dict[tuple, list[float]] = {}
-    for r in runs:
-        if done_only and r["status"] != "done":
-            continue
-        v = r.get(metric)
-        if v is None:
-            continue
-        groups.setdefault((r["label"], r["x"]), []).append(float(v))
-    out = {}
-    for key, vals in groups.items():
-        finite = [v for v in vals if math.isfinite(v)]
-        out[key] = {"mean": statistics.fmean(finite) if finite else float("nan"),
-                    "sd": statistics.stdev(finite) if len(finite) > 1 else None,
-                    "n": len(finite), "n_nonfinite": len(vals) - len(finite), "values": vals}
-    return out
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ What is checked: a run's ``config`` is a JSON object, each field of a known name
 :class:`~normlab.lab.config.RunConfig` type (a missing one is shown as ``?``); ``versions`` and
 a setup's ``info`` are JSON objects (``info["protocol"]`` too, where present); metrics and
 counts are numbers or NULL, error rates within [0, 100]; a study member's ``x`` is a JSON number
-or string. Text is not checked: the readers show it as literal text
+or string, of one kind across the study. Text is not checked: the readers show it as literal text
 (:mod:`normlab.lab.markdown`, rich's ``escape``).
 
 >>> try:
@@ -27,7 +27,7 @@ from normlab.lab.config import ConfigError, check_field
 from normlab.lab.store_open import EPOCH_FIELDS, StoreError
 
 __all__ = ["run_config", "json_object", "stored_setup_info", "numbers", "member_x",
-           "epoch_row", "RUN_NUMBERS", "SPP_NUMBERS", "PERCENT_COLUMNS"]
+           "one_kind_of_x", "epoch_row", "RUN_NUMBERS", "SPP_NUMBERS", "PERCENT_COLUMNS"]
 
 #: the number columns of ``runs`` and ``spp`` (NULL allowed); ``epochs`` rows: EPOCH_FIELDS
 RUN_NUMBERS = ("epochs", "epochs_done", "wall_time", "images_per_s", "final_train_loss",
@@ -114,6 +114,20 @@ def member_x(path: Union[str, Path], study: Any, run_id: Any, raw: Any) -> Union
     if isinstance(x, bool) or not isinstance(x, (int, float, str)):
         raise _bad(path, where, f"x is not a number or a string: {_show(x)}")
     return x
+
+
+def one_kind_of_x(path: Union[str, Path], study: Any, runs: list[dict[str, Any]]) -> None:
+    """A study's points are all numbers or all strings (its axis is sorted): the first run
+    whose ``x`` is of the other kind than the first run's is named."""
+    if not runs:
+        return
+    text = isinstance(runs[0]["x"], str)
+    for r in runs[1:]:
+        if isinstance(r["x"], str) != text:
+            first = "a string" if text else "a number"
+            raise _bad(path, f"study {study!r}, run {r['run_id']!r}",
+                       f"x is {_show(r['x'])} where the study's first run has {first}: "
+                       f"{_show(runs[0]['x'])}")
 
 
 def epoch_row(path: Union[str, Path], row: dict[str, Any]) -> dict[str, Any]:
