@@ -72,7 +72,9 @@ def test_quick_synthetic_in_process(tmp_path):
     r = runner.invoke(app, ["ls", str(out)])
     assert r.exit_code == 0 and r.output.count("done") >= 4
     r = runner.invoke(app, ["report", str(out)])
-    assert r.exit_code == 0 and "report.html" in r.output
+    # one line, whole: off a terminal rich broke lines at 80 columns, inside the paths
+    assert r.exit_code == 0
+    assert f"report: {out / 'report.md'} and {out / 'report.html'}\n" in r.output, r.output
 
 
 def test_quick_digits_two_processes(tmp_path):

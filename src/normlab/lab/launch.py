@@ -19,7 +19,7 @@ import torch
 from normlab import distributed as nd
 from normlab.distributed import LaunchSpec
 from normlab.lab.config import ConfigError
-from normlab.lab.progress import console
+from normlab.lab.progress import say
 
 __all__ = ["LaunchSpec", "LAUNCH_FIELDS", "CLI_MODULE", "in_worker", "check_launch",
            "job_world_size", "must_relaunch", "relaunch"]
@@ -81,7 +81,7 @@ def relaunch(spec: LaunchSpec, argv: list[str], device: Optional[torch.device]) 
     """Re-run the command ``argv`` (``[subcommand, options...]``) on the spec's processes through
     torchrun; :class:`normlab.distributed.LaunchError` when the job fails."""
     _check_gpus(spec, device)
-    console.print(f"launching {spec.nproc_per_node} process(es) per node x {spec.nnodes} "
-                  f"node(s) (torch.distributed.run)", highlight=False)
+    say(f"launching {spec.nproc_per_node} process(es) per node x {spec.nnodes} "
+        f"node(s) (torch.distributed.run)")
     with launcher_flags():  # a --master-port already in use: one error line
         nd.launch(["-m", CLI_MODULE, *argv], **dataclasses.asdict(spec))

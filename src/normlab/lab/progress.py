@@ -14,11 +14,18 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-__all__ = ["console", "err_console", "progress_bars", "describe", "print_outcome", "print_wait",
-           "print_note", "epoch_progress", "print_epoch", "epoch_lines"]
+__all__ = ["console", "err_console", "say", "progress_bars", "describe", "print_outcome",
+           "print_wait", "print_note", "epoch_progress", "print_epoch", "epoch_lines"]
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def say(markup: str) -> None:
+    """One line on stdout (rich markup, no highlighting), never broken into several: off a
+    terminal rich would break it at 80 columns, inside a path or a run's message; a terminal
+    wraps it for the eye only."""
+    console.print(markup, highlight=False, soft_wrap=True)
 
 
 def progress_bars() -> Progress:
@@ -37,16 +44,14 @@ def describe(p: Any) -> str:
 def print_outcome(p: Any, outcome: str, res: Any) -> None:
     """The line of a finished point: ``outcome`` is "trained", "skipped" or "failed"."""
     if outcome == "trained":
-        console.print(f"  {describe(p)}: test error {res['final_test_error']:.2f}% "
-                      f"({res['wall_time']:.1f}s, {res['images_per_s']:.0f} img/s"
-                      + (f", resumed at epoch {res['resumed_from']}" if res["resumed_from"] else "")
-                      + (f", {escape(str(res['error']))}" if res.get("error") else "") + ")",
-                      highlight=False)
+        say(f"  {describe(p)}: test error {res['final_test_error']:.2f}% "
+            f"({res['wall_time']:.1f}s, {res['images_per_s']:.0f} img/s"
+            + (f", resumed at epoch {res['resumed_from']}" if res["resumed_from"] else "")
+            + (f", {escape(str(res['error']))}" if res.get("error") else "") + ")")
     elif outcome == "skipped":
-        console.print(f"  {describe(p)}: already done", highlight=False)
+        say(f"  {describe(p)}: already done")
     else:
-        console.print(f"  {describe(p)}: [red]failed[/]: {escape(str(res['error']))}",
-                      highlight=False)
+        say(f"  {describe(p)}: [red]failed[/]: {escape(str(res['error']))}")
 
 
 def epoch_lines() -> bool:
@@ -58,18 +63,18 @@ def print_epoch(p: Any, row: dict) -> None:
     """The line of point ``p``'s finished epoch ``row`` (epoch index, train_loss, test_error,
     images_per_s)."""
     loss, err, ips = (row.get(k) for k in ("train_loss", "test_error", "images_per_s"))
-    console.print(f"  {describe(p)}: epoch {row['epoch'] + 1}/{p.cfg.epochs}"
-                  + (f", train loss {loss:.3f}" if loss is not None else "")
-                  + (f", test error {err:.2f}%" if err is not None else "")
-                  + (f" ({ips:.0f} img/s)" if ips else ""), highlight=False)
+    say(f"  {describe(p)}: epoch {row['epoch'] + 1}/{p.cfg.epochs}"
+        + (f", train loss {loss:.3f}" if loss is not None else "")
+        + (f", test error {err:.2f}%" if err is not None else "")
+        + (f" ({ips:.0f} img/s)" if ips else ""))
 
 
 def print_wait(p: Any, owner: Optional[str]) -> None:
     """The line of a point another process is training."""
-    console.print(f"  {describe(p)}: being trained by {escape(owner or 'another process')} "
-                  "(another normlab process on this --out); waiting for it (an owner "
-                  "on another host silent for $NORMLAB_STALE_AFTER s, default 900, "
-                  "is taken over)", highlight=False)
+    say(f"  {describe(p)}: being trained by {escape(owner or 'another process')} "
+        "(another normlab process on this --out); waiting for it (an owner "
+        "on another host silent for $NORMLAB_STALE_AFTER s, default 900, "
+        "is taken over)")
 
 
 def epoch_progress(prog: Progress, task: Any, p: Any) -> Any:

@@ -20,7 +20,7 @@ from normlab.lab.analysis import SEEDS_SHOWN
 from normlab.lab.config import ConfigError
 from normlab.lab.launch import in_worker
 from normlab.lab.power import run_with_power
-from normlab.lab.progress import console
+from normlab.lab.progress import say
 from normlab.lab.recipe import resolve_device
 from normlab.lab.report import write_report
 from normlab.lab.runner import Counts, run_distributed, run_inline, run_parallel
@@ -58,7 +58,7 @@ def _recorded(study: str, preset: str, points: list, out: Path, announce: str,
         if store is not None:
             store.register(study, preset, [(p.cfg.run_id(), p.label, p.x) for p in points],
                            setup=points[0].setup, info=info)
-            console.print(announce, highlight=False)
+            say(announce)
         return run(points, store)
     finally:
         if store is not None:
@@ -69,7 +69,7 @@ def _recorded(study: str, preset: str, points: list, out: Path, announce: str,
 def print_report(out: Path, to: Optional[Path] = None) -> None:
     """Write OUT's report (into ``to`` when given) and say where it is."""
     md, html_path = write_report(out, to)
-    console.print(escape(f"report: {md} and {html_path}"), highlight=False)
+    say(escape(f"report: {md} and {html_path}"))
 
 
 def run_study(study: Study, preset: str, points: list[Point], out: Path, *,
@@ -99,8 +99,8 @@ def run_study(study: Study, preset: str, points: list[Point], out: Path, *,
             counts = _with_power(study, preset, points, out, f"{head} -> {where}", run,
                                  more_seeds, power or {}, info)
     if nd.is_main_process():
-        console.print(f"trained {counts['trained']}, already done {counts['skipped']}, failed "
-                      f"{counts['failed']} in {time.perf_counter() - t0:.0f}s", highlight=False)
+        say(f"trained {counts['trained']}, already done {counts['skipped']}, failed "
+            f"{counts['failed']} in {time.perf_counter() - t0:.0f}s")
         if report:
             print_report(out)
     if in_worker():
@@ -125,19 +125,19 @@ def _with_power(study: Study, preset: str, points: list[Point], out: Path, annou
         record = run_with_power(
             study, preset, store, lambda at: points if at is None else more_seeds(at),
             lambda ps: run(ps, store), info=info,
-            registered=lambda: console.print(announce, highlight=False), **power)
+            registered=lambda: say(announce), **power)
     finally:
         store.export()
         store.close()
     if record["rounds"]:
-        console.print(f"power: {record['rounds']} round(s) added {record['runs_added']} "
-                      f"run(s); stopped: {_STOPPED[record['stopped']]}", highlight=False)
+        say(f"power: {record['rounds']} round(s) added {record['runs_added']} "
+            f"run(s); stopped: {_STOPPED[record['stopped']]}")
     for o in record["open"]:
         n = o["seeds_needed"]
         need = ("more seeds" if not n else f"over {SEEDS_SHOWN} seeds per point"
                 if n > SEEDS_SHOWN else f"about {n} seeds per point")
-        console.print(f"open at {o['seeds']} seeds: {o['claim']} (the spread would need "
-                      f"{need})", highlight=False)
+        say(f"open at {o['seeds']} seeds: {o['claim']} (the spread would need "
+            f"{need})")
     return record["counts"]
 
 

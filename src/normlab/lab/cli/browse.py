@@ -12,7 +12,7 @@ from rich.table import Table
 
 from normlab.factory import norm_names
 from normlab.lab.cli.guard import guard
-from normlab.lab.progress import console
+from normlab.lab.progress import console, say
 from normlab.lab.run import print_report
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES
@@ -52,12 +52,11 @@ def ls_(
 def _print_known(studies: bool, models: bool, norms: bool) -> None:
     if studies:
         for s in STUDIES.values():
-            console.print(f"[bold]{s.name}[/]: {s.title} (series: {', '.join(s.variants)})",
-                          highlight=False)
+            say(f"[bold]{s.name}[/]: {s.title} (series: {', '.join(s.variants)})")
     if models:
-        console.print("models: " + ", ".join(list_models()), highlight=False)
+        say("models: " + ", ".join(list_models()))
     if norms:
-        console.print("norms: " + ", ".join(norm_names()), highlight=False)
+        say("norms: " + ", ".join(norm_names()))
 
 
 def _print_runs(out: Path) -> None:

@@ -15,7 +15,7 @@ from normlab.lab.cli.guard import guard
 from normlab.lab.cli.options import DEFAULT_OUT
 from normlab.lab.config import ConfigError, check_seed, parse_set
 from normlab.lab.outfiles import staged, subdir
-from normlab.lab.progress import console
+from normlab.lab.progress import say
 from normlab.lab.run import print_report
 from normlab.lab.store import Store
 from normlab.models import check_norm, create, model_uses_norm
@@ -141,7 +141,7 @@ def spp(
         figures = subdir(out, "figures")
         with staged(figures) as stage:  # renamed into figures/: a planted link is replaced
             paths = [figures / p.name for p in spp_mod.plot(records, stage / "spp.png")]
-        console.print(escape("spp: " + ", ".join(str(p) for p in paths)), highlight=False)
+        say(escape("spp: " + ", ".join(str(p) for p in paths)))
         print_report(out)  # every model measured into this --out, with their verdicts
 
     guard(body)
