@@ -248,6 +248,17 @@ def test_help(cmd):
     assert r.exit_code == 0 and "Usage" in r.output
 
 
+def test_each_command_is_summed_up_in_one_line_of_the_main_help():
+    # the summary is the docstring's first paragraph, its line breaks kept: `reproduce` and
+    # `spp` had two-line summaries broken mid-sentence in `normlab --help`
+    r = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    rows = [line for line in r.output.splitlines()
+            if line.startswith("│ ") and "--help" not in line]
+    cmds = [row.split()[1] for row in rows]
+    assert cmds == ["reproduce", "train", "report", "ls", "spp"], r.output
+    assert all(row.rstrip(" │").endswith(".") for row in rows), r.output
+
+
 def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
     # the value is in the file, not on the command line: say where to look
     cfg = tmp_path / "exp.toml"

@@ -109,18 +109,20 @@ def spp(
     set_: Optional[list[str]] = typer.Option(
         None, "--set", help="model keyword for every model: key=value (repeatable)"),
 ) -> None:
-    """Signal propagation plots (Brock, De & Smith, ICLR 2021) of models at initialization:
-    records go to OUT's store, the figure to OUT/figures/spp.png/.svg, and OUT's report
-    (report.md/.html) is rewritten with them: the analytic variance beside the measured one and
-    a verdict for each model kind's documented shape.
+    """Signal propagation of models at initialization (Brock, De & Smith, ICLR 2021).
 
-    Normalizer-free models (nf_*) are built with skipinit=False here: their
-    default SkipInit zeroes every residual branch at init, a flat curve
-    (nf_resnet56:skipinit=true shows it).
+    Records go to OUT's store, the figure to OUT/figures/spp.png/.svg, and OUT's report
+    (report.md/.html) is rewritten with every model measured into OUT: the analytic variance
+    beside the measured one and a verdict for each model kind's documented shape.
 
-    BN-ReLU-Conv, ReLU-BN-Conv, NF + Scaled WS, NF + He init, no norm:
+    Normalizer-free models (nf_*) are built with skipinit=False here: their default SkipInit
+    zeroes every residual branch at init, a flat curve (nf_resnet56:skipinit=true shows it).
+
+    BN-ReLU-Conv, ReLU-BN-Conv and NF + Scaled WS, then NF + He init and no norm, into one OUT:
+
     normlab spp preact_resnet56 preact_resnet56:order=act_norm nf_resnet56
-    nf_resnet56:std_conv=false preact_resnet56:norm=none
+
+    normlab spp nf_resnet56:std_conv=false preact_resnet56:norm=none
     """
     def body() -> None:
         if batch < 1 or resolution < 1:

@@ -96,8 +96,10 @@ def reproduce(
                                   help="seeds per point the power rounds go up to"),
     launch: LaunchSpec = LaunchSpec(),
 ) -> None:
-    """Run a study (skipping finished runs), add seeds where its claims are still open (power
-    rounds, within the budget), then write report.md, report.html and figures."""
+    """Run a study, add seeds where its claims are still open, and write its report.
+
+    Finished runs are skipped. Power rounds add seeds within the budget (--budget-runs,
+    --budget-minutes, --max-seeds). report.md, report.html and the figures go to OUT."""
     def body() -> None:
         _check_not_a_flag_value(study)
         st = get_study(study)
