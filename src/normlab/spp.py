@@ -1,5 +1,5 @@
 """Signal propagation plots (Brock, De & Smith, "Characterizing signal propagation to close the
-performance gap in unnormalized ResNets", ICLR 2021, section 4; REFERENCE section 3).
+performance gap in unnormalized ResNets", ICLR 2021, section 4).
 
 Feed a unit-Gaussian batch through a network at initialization and, at the output of the stem and
 of every residual block, for activations ``x`` of shape (N, C, *spatial):

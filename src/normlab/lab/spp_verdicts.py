@@ -38,7 +38,7 @@ GROWTH = 2.0               # squared mean, last block / first block, for "grows"
 EXPLOSION = 100.0          # last block / first block, for "explodes"
 
 REPRODUCED, NOT_REPRODUCED, NOT_RUN = "reproduced", "not reproduced", "not run"
-SOURCE = "Brock, De & Smith, ICLR 2021 (REFERENCE 3)"
+SOURCE = "Brock, De & Smith, ICLR 2021"
 
 Records = list[dict]
 
@@ -163,7 +163,7 @@ def spp_section(records: dict[str, Records], fig_dir: Path) -> list[str]:
         spp_mod.plot(records, stage / "spp.png")
     kinds = {m: _architecture(recs) for m, recs in records.items()}
     lines = ["## Signal propagation at initialization", "",
-             "Brock, De & Smith, ICLR 2021 (REFERENCE section 3): average channel squared "
+             "Brock, De & Smith, ICLR 2021: average channel squared "
              "mean, average channel variance and residual-branch variance at the stem and every "
              "residual block, unit-Gaussian input (`normlab spp`). Models: "
              + ", ".join(f"{md_cell(m)} ({md_cell(kinds[m] or 'kind not recorded')})"

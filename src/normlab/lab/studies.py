@@ -132,7 +132,7 @@ _add(Study(
               "GN paper: 24.1 vs 34.7"),
         Claim("SyncBN beats per-process BN at 2 images per process (run on > 1 process)", "less",
               ("SyncBN", 2), ("BN", 2), 0.0,
-              "GN paper: BN statistics are per GPU, hence its small-batch drop (REFERENCE 1)"),
+              "GN paper: BN statistics are per GPU, hence its small-batch drop"),
         Claim("Batch Renorm beats BN at batch 4", "less", ("BRN", 4), ("BN", 4), 0.0,
               "GN paper: BRN 26.3 vs BN 27.3"),
         Claim("GN+WS at batch 2 matches BN at batch 32 (within 1 point)", "match",
@@ -251,7 +251,8 @@ _add(Study(
     name="bn-dropout",
     title="BatchNorm x dropout ablation (12 configurations)",
     description="dropout {0, 0.2, 0.4} after the dense layer x BN {none, after convs, after the "
-                "dense layer, both} on the small CNN of REFERENCE section 4.",
+                "dense layer, both} on a small CNN (conv 5x5 32, conv 5x5 64, dense 1024; "
+                "`normlab.models` bn_dropout_cnn).",
     axis="dropout",
     variants={"none": {}, "conv": {}, "dense": {}, "conv+dense": {}},
     default_variants=["none", "conv", "dense", "conv+dense"],

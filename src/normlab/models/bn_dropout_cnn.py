@@ -1,4 +1,4 @@
-"""The small CNN of the BatchNorm + dropout ablation (REFERENCE section 4; BN: Ioffe & Szegedy,
+"""The small CNN of the BatchNorm + dropout ablation (CIFAR-10; BN: Ioffe & Szegedy,
 ICML 2015; dropout: Srivastava et al., JMLR 2014).
 
     conv 5x5, 32  [+ norm] + ReLU, max-pool 2

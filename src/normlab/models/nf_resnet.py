@@ -1,5 +1,5 @@
 r"""Normalizer-free ResNets (Brock, De & Smith, "Characterizing signal propagation to close the
-performance gap in unnormalized ResNets", ICLR 2021; REFERENCE section 3).
+performance gap in unnormalized ResNets", ICLR 2021).
 
 No normalization layer anywhere. Each residual block computes
 
@@ -25,7 +25,7 @@ and, the branch and the shortcut being uncorrelated at init,
 
 Hence within a stage the variance grows as ``1 + k alpha^2`` (k blocks since the reset); for
 ResNet-50 with alpha = 0.2 the 1/beta per block are 1, .9806, .9623 | .9449, .9806, .9623,
-.9449 | .9285, .9806, ... | .8980, .9806, .9623 (REFERENCE section 3). Every block stores its
+.9449 | .9285, .9806, ... | .8980, .9806, .9623. Every block stores its
 ``beta`` and ``expected_var`` (= v_{l+1}); :meth:`NFResNet.betas` lists them. ``beta`` is the
 same with SkipInit or ``zero_init_last``, but ``expected_var`` describes active branches: with
 either, every branch starts at 0 and the measured variance starts near 1 at every block.
@@ -63,7 +63,7 @@ __all__ = ["GAMMAS", "ACTIVATIONS", "activation_gamma", "get_activation", "NFRes
            "NFBasicBlock", "NFBottleneck", "analytic_betas", "nf_cifar_resnet",
            "nf_imagenet_resnet"]
 
-#: Official empirical gammas (NFNets code; REFERENCE section 3).
+#: Official empirical gammas (the NFNets code of Brock et al. 2021).
 GAMMAS: dict[str, float] = {
     "identity": 1.0, "relu": 1.7139588594, "gelu": 1.7015043498, "silu": 1.7881293297,
     "tanh": 1.5939117670, "elu": 1.2716004849, "leaky_relu": 1.7059034109,

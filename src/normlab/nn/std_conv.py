@@ -47,9 +47,9 @@ class WSConv2d(nn.Conv2d):
     over the fan-in ``in_channels/groups * kh * kw`` of output channel o (biased variance).
 
     eps sits inside the square root, as in the paper's equation (and timm's ``StdConv2d``). The
-    authors' released code and REFERENCE section 2 write ``(W - mean) / (std + eps)`` instead (the
-    code with the unbiased std); the two agree to within ``eps / (2 var)`` relative, about 0.6%
-    for a He-initialized 3x3x256 kernel at the default eps = 1e-5: lower ``eps`` to come closer.
+    authors' released code writes ``(W - mean) / (std + eps)`` instead (with the unbiased std);
+    the two agree to within ``eps / (2 var)`` relative, about 0.6% for a He-initialized 3x3x256
+    kernel at the default eps = 1e-5: lower ``eps`` to come closer.
     The inside form keeps the gradient finite for a constant row (a fan-in of 1).
     The weight is standardized again at every call (train and eval), so it never goes stale.
 
@@ -88,7 +88,8 @@ class ScaledStdConv2d(nn.Conv2d):
 
     with N = fan-in = ``in_channels/groups * kh * kw``, mu and the biased sigma^2 over the fan-in,
     ``gain`` g (shape (out, 1, 1, 1), init ``gain_init``) learnable, and ``gamma`` the activation's
-    variance-restoring constant (see REFERENCE section 3: relu 1.7139588594, silu 1.7881293297, ...).
+    variance-restoring constant (Brock, De & Smith, ICLR 2021: relu 1.7139588594, silu
+    1.7881293297, ...; :data:`normlab.models.nf_resnet.GAMMAS`).
 
     Args: those of ``torch.nn.Conv2d``, plus ``gamma=1.0``, ``eps=1e-6`` and ``gain_init=1.0``.
 

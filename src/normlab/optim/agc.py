@@ -1,5 +1,5 @@
 r"""Adaptive Gradient Clipping (Brock, De, Smith & Simonyan, "High-Performance Large-Scale Image
-Recognition Without Normalization", ICML 2021; REFERENCE section 3).
+Recognition Without Normalization", ICML 2021).
 
 Unit-wise: for every unit i of a parameter W with gradient G,
 
