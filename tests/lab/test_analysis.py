@@ -8,7 +8,7 @@ import pytest
 from scipy import stats as stats_mod
 
 from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED, flags_text,
-                                  point_stats, run_flag, seeds_needed, seeds_to_add, verdict)
+                                  point_stats, run_flag, seeds_by_claim, seeds_needed, verdict)
 from normlab.lab.studies import Claim, get_study
 
 
@@ -92,6 +92,14 @@ def test_seeds_needed_is_the_count_at_which_the_verdict_turns_decisive():
     assert seeds_needed(c, {("GN", 2): _s(10.0, None, 1), ("BN", 2): _s(11.0, None, 1)}) is None
 
 
+def seeds_to_add(study, stats, max_seeds):
+    """A whole power round: every open claim's seeds, as one {(label, x): seeds}."""
+    want = {}
+    for _, claim_want in seeds_by_claim(study, stats, max_seeds):
+        want.update({p: max(n, want.get(p, 0)) for p, n in claim_want.items()})
+    return want
+
+
 def test_seeds_to_add_targets_the_open_claims_points_only():
     study = get_study("batch-size")
     # BN beats GN at 32: open, and 4 seeds would decide it (normal count: 4 x 0.18 / 0.55^2 = 2.4)
@@ -132,6 +140,23 @@ def test_worst_claim_names_the_rival_that_decided_it():
     stats[("C/G", 16)] = _s(2.42, 1.38, 5)
     v, why = verdict(c, stats)
     assert v == INCONCLUSIVE and "closest rival C/G@16 2.42" in why
+
+
+def test_a_round_lists_the_claims_that_need_the_fewest_seeds_first():
+    """seeds_by_claim orders the open claims by the seeds they need (an unknown need last): a
+    power round short of budget spends it where it decides soonest (lab/power.py)."""
+    far = Claim("A beats B", "less", ("A", 0), ("B", 0), 0.0)
+    near = Claim("C beats D", "less", ("C", 0), ("D", 0), 0.0)
+    unknown = Claim("E beats F", "less", ("E", 0), ("F", 0), 0.0)   # one seed each: no spread
+    stats = {("A", 0): _s(2.0, 0.3, 2), ("B", 0): _s(2.25, 0.3, 2),
+             ("C", 0): _s(2.0, 0.3, 2), ("D", 0): _s(2.55, 0.3, 2),
+             ("E", 0): _s(1.0, None, 1), ("F", 0): _s(1.5, None, 1)}
+    study = SimpleNamespace(claims=[unknown, far, near])
+    assert seeds_by_claim(study, stats, max_seeds=20) == [
+        (_t_count(0.18, 0.55), {("C", 0): 3, ("D", 0): 3}),
+        (_t_count(0.18, 0.25), {("A", 0): 3, ("B", 0): 3}),
+        (None, {("E", 0): 2, ("F", 0): 2})]
+    assert [need for need, _ in seeds_by_claim(study, stats, max_seeds=6)] == [4, None]
 
 
 def _decides_at(claim, stats, n):

@@ -84,6 +84,18 @@ def test_the_run_budget_stops_the_rounds(tmp_path):
     assert len(trained) == 5 + rec["runs_added"]
 
 
+def test_a_round_too_big_for_the_budget_gives_the_runs_left_to_the_claims_that_fit(tmp_path):
+    """The first round wants a seed at GN, LN, IN and BN (4 runs: four open claims, none of
+    them with a known need at one seed); with a budget of 3 the rounds stopped there, adding
+    nothing. Now the claims that fit take the 3 runs, each claim's points whole: GN, LN and IN
+    (GN beats LN, GN beats IN, and the IN-LN claim), not BN, whose claim needed a fourth run."""
+    _, store, trained, rec = _study(tmp_path, budget_runs=3, max_seeds=6)
+    assert rec["rounds"] == 1 and rec["runs_added"] == 3 and rec["stopped"] == "budget-runs"
+    assert sorted(trained[5:]) == [("GN", 1), ("IN", 1), ("LN", 1)]
+    _, _, trained, rec = _study(tmp_path / "two", budget_runs=2, max_seeds=6)
+    assert rec["runs_added"] == 2 and sorted(trained[5:]) == [("GN", 1), ("LN", 1)]
+
+
 def test_the_minutes_budget_stops_the_rounds(tmp_path):
     ticks = itertools.count()
     study = get_study("norms")

@@ -60,7 +60,8 @@ __all__ = [
     "Z", "SD_FLOOR", "SD_ONE_SEED", "CHANCE_FRACTION", "REPRODUCED", "NOT_REPRODUCED",
     "INCONCLUSIVE", "NOT_RUN", "num_classes", "run_flag", "point_stats", "difference",
     "interval", "critical", "prob_lower", "verdict",
-    "seeds_needed", "claim_points", "claims_status", "seeds_to_add", "flag_kind", "flags_text",
+    "seeds_needed", "claim_points", "claims_status", "seeds_by_claim",
+    "flag_kind", "flags_text",
 ]
 
 Z = 2.0               # the level: the one-sided tail of 2 normal standard errors (2.28%)
@@ -389,15 +390,17 @@ def claims_status(study: Study, stats: dict[tuple, dict]) -> list[dict[str, Any]
     return out
 
 
-def seeds_to_add(study: Study, stats: dict[tuple, dict], max_seeds: int,
-                 failed: Optional[dict[tuple, int]] = None) -> dict[tuple, int]:
-    """One power round: for every inconclusive claim, each of its points below ``max_seeds``
-    (and below what the claim needs, when that is known) gets one more seed. Returns
-    ``{(label, x): seeds it should have}``; empty when every claim is decisive, not run, or
-    out of reach within ``max_seeds``. ``failed``: runs per point that failed (not in
-    ``stats``); their seeds are taken, so a point's next seed comes after them."""
+def seeds_by_claim(study: Study, stats: dict[tuple, dict], max_seeds: int,
+                   failed: Optional[dict[tuple, int]] = None
+                   ) -> list[tuple[Optional[int], dict[tuple, int]]]:
+    """One power round, claim by claim: for every inconclusive claim that more seeds could
+    decide, ``(seeds it needs, {(label, x): seeds that point should have})``, each of its points
+    below ``max_seeds`` (and below the need, when known) getting one more seed; fewest seeds
+    needed first, an unknown need last. Empty when every claim is decisive, not run, or out of
+    reach within ``max_seeds``. ``failed``: runs per point that failed (not in ``stats``); their
+    seeds are taken, so a point's next seed comes after them."""
     failed = failed or {}
-    want: dict[tuple, int] = {}
+    out = []
     for c in study.claims:
         v, _ = verdict(c, stats)
         if v != INCONCLUSIVE:
@@ -405,9 +408,12 @@ def seeds_to_add(study: Study, stats: dict[tuple, dict], max_seeds: int,
         need = seeds_needed(c, stats)
         if need is not None and need > max_seeds:
             continue  # beyond the cap: the report states the count instead
+        want: dict[tuple, int] = {}
         for p in claim_points(c, stats):
             have = failed.get(p, 0) + (
                 stats[p]["n"] + len(stats[p]["excluded"]) if p in stats else 0)
             if have < max_seeds and (need is None or stats.get(p, {"n": 0})["n"] < need):
-                want[p] = max(want.get(p, 0), have + 1)
-    return want
+                want[p] = have + 1
+        if want:
+            out.append((need, want))
+    return sorted(out, key=lambda cw: math.inf if cw[0] is None else cw[0])

@@ -3,10 +3,12 @@
 After the study's first run list (the preset's seeds) has run, each round reads the study's
 runs back from the store, computes every claim's verdict (:mod:`normlab.lab.analysis`) and gives
 one more seed to each point of every inconclusive claim that more seeds could decide
-(:func:`normlab.lab.analysis.seeds_to_add`: at most ``max_seeds`` per point, not for a claim
-whose observed spread would need more). Rounds stop when no claim is left to decide that way,
-or when the budget is spent: ``budget_runs`` runs added by the rounds, or ``budget_minutes``
-of wall time since the study started (a round that has started finishes). What happened is
+(:func:`normlab.lab.analysis.seeds_by_claim`: at most ``max_seeds`` per point, not for a claim
+whose observed spread would need more). When that round would go over ``budget_runs``, the
+runs left go to the claims that fit, fewest seeds needed first (each claim's points whole).
+Rounds stop when no claim is left to decide that way, or when the budget is spent: no claim's
+next seeds fit in the ``budget_runs`` runs left, or ``budget_minutes`` of wall time have passed
+since the study started (a round that has started finishes). What happened is
 recorded with the setup (:meth:`Store.update_setup_info`, key ``power``), so the report can
 say which claims stayed open and why.
 """
@@ -17,7 +19,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Optional
 
-from normlab.lab.analysis import INCONCLUSIVE, claims_status, point_stats, seeds_to_add
+from normlab.lab.analysis import INCONCLUSIVE, claims_status, point_stats, seeds_by_claim
 from normlab.lab.config import ConfigError
 from normlab.lab.store import Store
 from normlab.lab.studies import Point, Study
@@ -86,19 +88,18 @@ def run_with_power(
     targets: dict[tuple, int] = {}
     added, rounds, stopped = 0, 0, "decided"
     while True:
-        want = _wanted(store, study, preset, max_seeds, targets)
-        if not want:
+        claims = _wanted(store, study, preset, max_seeds, targets)
+        if not claims:
             break
         if budget_minutes is not None and clock() - t0 >= 60.0 * budget_minutes:
             stopped = "budget-minutes"
             break
-        targets.update(want)
-        new = _new_points(points, points_for(targets), want)
-        if budget_runs is not None and added + len(new) > budget_runs:
-            stopped = "budget-runs"
-            break
+        room = None if budget_runs is None else budget_runs - added
+        want, new = _next_round(points, points_for, targets, claims, room)
         if not new:
+            stopped = "budget-runs" if want is None else stopped
             break
+        targets.update(want)
         rounds += 1
         added += len(new)
         points = points + new
@@ -118,13 +119,35 @@ def _register(store: Store, study: Study, preset: str, points: list[Point], setu
                    setup=setup, info=info)
 
 
-def _wanted(store: Store, study: Study, preset: str, max_seeds: int,
-            targets: dict[tuple, int]) -> dict[tuple, int]:
-    """Seeds per (label, x) that the study's open claims need, where above ``targets``."""
+def _wanted(store: Store, study: Study, preset: str, max_seeds: int, targets: dict[tuple, int]
+            ) -> list[tuple[Optional[int], dict[tuple, int]]]:
+    """The study's open claims that more seeds could decide, fewest seeds needed first, each
+    with the seeds per (label, x) it needs, where above ``targets``."""
     runs = store.study_runs(study.name, preset)
     failed = Counter((r["label"], r["x"]) for r in runs if r["status"] == "failed")
-    return {p: n for p, n in seeds_to_add(study, point_stats(runs), max_seeds, failed).items()
-            if n > targets.get(p, 0)}
+    claims = [(need, {p: n for p, n in want.items() if n > targets.get(p, 0)})
+              for need, want in seeds_by_claim(study, point_stats(runs), max_seeds, failed)]
+    return [(need, want) for need, want in claims if want]
+
+
+def _next_round(points: list[Point], points_for: Callable[[Optional[dict]], list[Point]],
+                targets: dict[tuple, int], claims: list[tuple[Optional[int], dict[tuple, int]]],
+                room: Optional[int]) -> tuple[Optional[dict[tuple, int]], list[Point]]:
+    """``(seeds per (label, x), new points)`` of the next round: a seed for every open claim
+    when that fits in ``room`` runs (None: no limit), else the claims that fit, fewest seeds
+    needed first, each with all its points (a seed at some of them decides nothing). ``(None,
+    [])`` when not even one claim fits."""
+    want: dict[tuple, int] = {}
+    new: list[Point] = []
+    over = False
+    for _, claim_want in claims:
+        trial = {**want, **{p: max(n, want.get(p, 0)) for p, n in claim_want.items()}}
+        trial_new = _new_points(points, points_for({**targets, **trial}), trial)
+        if room is None or len(trial_new) <= room:
+            want, new = trial, trial_new
+        else:
+            over = True
+    return (None if over and not new else want), new
 
 
 def _new_points(points: list[Point], candidates: list[Point], want: dict[tuple, int]

@@ -110,7 +110,8 @@ def run_study(study: Study, preset: str, points: list[Point], out: Path, *,
 
 #: why the power rounds stopped (power.run_with_power's record), in the user's words
 _STOPPED = {"decided": "every claim is decided or needs more than --max-seeds",
-            "budget-runs": "the --budget-runs budget is spent",
+            "budget-runs": "the --budget-runs budget is spent (no open claim's next seeds fit "
+                           "in the runs left)",
             "budget-minutes": "the --budget-minutes budget is spent"}
 
 
