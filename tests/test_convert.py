@@ -335,3 +335,25 @@ def test_a_builder_that_returns_no_module_is_named():
     with pytest.raises(TypeError, match=r"must build an nn.Module, but it returned tuple"):
         convert_norm(model, lambda c: (c,))  # was AttributeError: 'tuple' has no attribute 'to'
     assert type(model[1]) is nn.BatchNorm2d
+
+
+@pytest.mark.parametrize("convert", [
+    lambda m: convert_norm(m, "gn", num_groups=2),
+    nlnn.SyncBatchNorm.convert_sync_batchnorm,
+])
+def test_hooks_left_behind_on_a_replaced_norm_are_named_in_a_warning(convert):
+    """A forward hook on a BatchNorm (a feature probe) does not move to the new norm, as with
+    torch's convert_sync_batchnorm, which says nothing: the hook then silently stopped
+    firing. A warning names the module and the kinds of hooks; a norm without hooks gets none."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))
+    seen = []
+    model[1].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    model[1].register_state_dict_pre_hook(lambda *a: None)
+    with pytest.warns(UserWarning) as record:
+        model = convert(model)
+    [w] = record  # the hook-free BatchNorm at '3' is not named
+    assert "'1' (BatchNorm2d: forward_hooks, state_dict_pre_hooks) are not carried over" in str(
+        w.message)
+    if isinstance(model[1], nlnn.GroupNorm):
+        model(off_centre(2, 3, 6, 6))
+        assert seen == []  # the hook did not come along: what the warning is about

@@ -31,7 +31,7 @@ from normlab.factory import NORMS, NormSpec, canonical_name, create_norm, get_no
 from normlab import functional as NLF
 from normlab.nn.batch_renorm import BatchRenorm1d, _BatchRenorm
 from normlab.nn.batchnorm import BatchNormXd
-from normlab.nn._common import adopt_state, replace_modules
+from normlab.nn._common import adopt_state, replace_modules, warn_dropped_hooks
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
 from normlab.nn.syncbn import SyncBatchNorm
 
@@ -272,7 +272,8 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
     does), so an optimizer built before the conversion keeps training the model; otherwise
     (FrozenBatchNorm2d's buffers, a dtype change) the values are copied. Hooks registered on a
     replaced BatchNorm are not carried over (as with torch's ``convert_sync_batchnorm``: the new
-    module is another kind of norm); register them on the new module.
+    module is another kind of norm), and a warning names each such module; register them on
+    the new module.
 
     Returns:
         The model, with ``model.normlab_conversion`` summarising the replacements.
@@ -296,6 +297,7 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
         lambda m: isinstance(m, _SOURCE_TYPES) and not _already(m, target, target_cls),
         lambda m, name: _build(m, to, kwargs, name),
     )
+    warn_dropped_hooks(replaced, "convert_norm")
     summary.replaced = [Replacement(name, type(old).__name__, repr(new), old.num_features)
                         for name, old, new in replaced]
     model.normlab_conversion = summary

@@ -8,6 +8,7 @@ backend, which every backend follows) and are re-exported here for the modules.
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, fx, nn
 from torch.fx.proxy import TraceError
 
 from normlab import functional as NLF
+from normlab._trace import HOOK_DICTS
 from normlab.functional import InputShapeError  # noqa: F401 (re-exported for the modules)
 from normlab.backends.reference import channel_view, update_running_stats
 
@@ -179,3 +181,15 @@ def replace_modules(
     if root is None:
         return model, replaced
     return root, replaced + [("", model, root)]
+
+
+def warn_dropped_hooks(replaced: Replaced, what: str) -> None:
+    """A warning for each replaced module that had hooks (forward, backward, state_dict): its
+    replacement, another kind of norm, does not take them over (torch's
+    ``convert_sync_batchnorm`` drops them without a word)."""
+    for name, old, _ in replaced:
+        kinds = [k.lstrip("_") for k in HOOK_DICTS if getattr(old, k, None)]
+        if kinds:
+            warnings.warn(f"{what}: the hooks of {name or 'the model'!r} ({type(old).__name__}: "
+                          f"{', '.join(kinds)}) are not carried over to its replacement; "
+                          "register them on the new module", stacklevel=3)

@@ -47,7 +47,7 @@ from normlab import functional as NLF
 from normlab.backends.reference import apply_activation, compute_dtype, output_memory_format
 from normlab.nn._common import (
     adopt_state, channel_view, check_bn_input, check_count, count_batch, fx_leaf, replace_modules,
-    running_average_factor, update_running_stats)
+    running_average_factor, update_running_stats, warn_dropped_hooks)
 from normlab.nn.batchnorm import _BatchNormForward
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
 
@@ -302,11 +302,13 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         (see :func:`normlab.nn._common.adopt_state`), eps, momentum, affine, bias and
         track_running_stats carried over. :func:`normlab.convert_norm` with ``"syncbn"`` does the
         same and reports what it replaced."""
-        return replace_modules(
+        module, replaced = replace_modules(
             module,
             lambda m: _is_batchnorm(m) and type(m) is not cls,
             lambda m, name: adopt_state(m, cls._like(m, process_group)),
-        )[0]
+        )
+        warn_dropped_hooks(replaced, "convert_sync_batchnorm")
+        return module
 
     @classmethod
     def _like(cls, bn: nn.Module, process_group: Any) -> "SyncBatchNorm":
