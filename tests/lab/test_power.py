@@ -119,3 +119,36 @@ def test_zero_budget_runs_the_preset_only(tmp_path):
 def test_bad_budgets(tmp_path, kw, needle):
     with pytest.raises(ConfigError, match=needle):
         _study(tmp_path, **kw)
+
+
+def test_a_rerun_with_budget_left_adds_new_seeds_not_the_earlier_rounds_runs(tmp_path):
+    """`reproduce` again on the same --out after the budget stopped the rounds: the earlier
+    rounds' finished runs are in the store, not new. They were listed again (then skipped)
+    and counted against the new budget: here GN's seed 1 made the one open claim's round 3
+    runs for a budget of 2, and the rerun added nothing."""
+    _, store, trained, first = _study(tmp_path, budget_runs=3, max_seeds=6)
+    store.close()
+    assert first["runs_added"] == 3 and ("GN", 1) in trained
+    _, store, again, rec = _study(tmp_path, budget_runs=2, max_seeds=6)
+    assert rec["runs_added"] == 2 and sorted(again) == [("BN", 1), ("GN", 2)]
+
+
+def test_the_report_says_what_the_rounds_did_and_why_they_stopped(tmp_path):
+    """The rounds' record was stored with the setup but no report showed it: a reader of
+    report.md saw claims open at 2 seeds without learning that the budget, not the spread,
+    stopped the seeds. A stored record's text is shown inert."""
+    from normlab.lab.report import write_report
+
+    _, store, _, rec = _study(tmp_path, budget_runs=3, max_seeds=6)
+    store.close()
+    md = write_report(tmp_path)[0].read_text()
+    assert ("Power rounds: 1 round(s) added 3 run(s) (budget: 3 runs, up to 6 seeds per point); "
+            "stopped: the --budget-runs budget is spent (no open claim's next seeds fit in the "
+            "runs left). Running the study again with a larger budget") in md
+    with Store(tmp_path) as s:  # an edited record: markup where numbers were, an unknown reason
+        setup = s.con.execute("SELECT setup FROM study_runs WHERE study='norms'").fetchone()[0]
+        s.update_setup_info("norms", "quick", setup,
+                            {"power": {**rec, "rounds": "<b>2</b>", "stopped": "*x*"}})
+    md = write_report(tmp_path)[0].read_text()
+    assert r"Power rounds: \<b\>2\</b\> round(s) added 3 run(s)" in md
+    assert r"stopped: \*x\*." in md and "Running the study again" not in md

@@ -232,6 +232,8 @@ def test_a_read_only_store_with_a_pending_log_is_read_whole(tmp_path, ro_mounts)
     # (ls does not read a setup's info: the report does)
     ("INSERT OR REPLACE INTO setups SELECT DISTINCT study, preset, setup, '[1]', 0 "
      "FROM study_runs", "the setup of study 'batch-size': info is not a JSON object: [1]"),
+    ("INSERT OR REPLACE INTO setups SELECT DISTINCT study, preset, setup, '{\"power\": 3}', 0 "
+     "FROM study_runs", "the setup of study 'batch-size': power is not a JSON object: 3"),
 ])
 def test_a_value_of_the_wrong_kind_in_a_store_is_one_line_naming_it(tmp_path, sql, needle):
     # these were tracebacks (AttributeError, KeyError) or lines naming neither file nor value

@@ -57,8 +57,8 @@ from scipy import stats as _scipy_stats
 from normlab.lab.studies import Claim, Study
 
 __all__ = [
-    "Z", "SD_FLOOR", "SD_ONE_SEED", "CHANCE_FRACTION", "REPRODUCED", "NOT_REPRODUCED",
-    "INCONCLUSIVE", "NOT_RUN", "num_classes", "run_flag", "point_stats", "difference",
+    "Z", "SD_FLOOR", "SD_ONE_SEED", "CHANCE_FRACTION", "SEEDS_SHOWN", "POWER_STOPPED",
+    "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "num_classes", "run_flag", "point_stats", "difference",
     "interval", "critical", "prob_lower", "verdict",
     "seeds_needed", "claim_points", "claims_status", "seeds_by_claim",
     "flag_kind", "flags_text",
@@ -69,6 +69,12 @@ SD_FLOOR = 0.25       # points of error: no spread estimate below this is truste
 SD_ONE_SEED = 2.0     # points of error assumed for a single seed
 BOUNDARY = 1e-9       # points of error: a difference this close to a claim's boundary is on it
 SEEDS_SHOWN = 1000    # seed counts above this are reported as "over 1000"
+#: why a study's power rounds stopped (the ``stopped`` of lab/power.py's record), in the user's
+#: words: what the command prints and the report says
+POWER_STOPPED = {"decided": "every claim is decided or needs more than --max-seeds",
+                 "budget-runs": "the --budget-runs budget is spent (no open claim's next seeds "
+                                "fit in the runs left)",
+                 "budget-minutes": "the --budget-minutes budget is spent"}
 CHANCE_FRACTION = 0.9  # a test error above this fraction of chance's is "near chance"
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_RUN = (

@@ -88,14 +88,17 @@ def run_with_power(
     targets: dict[tuple, int] = {}
     added, rounds, stopped = 0, 0, "decided"
     while True:
-        claims = _wanted(store, study, preset, max_seeds, targets)
+        runs = store.study_runs(study.name, preset)
+        claims = _wanted(runs, study, max_seeds, targets)
         if not claims:
             break
         if budget_minutes is not None and clock() - t0 >= 60.0 * budget_minutes:
             stopped = "budget-minutes"
             break
         room = None if budget_runs is None else budget_runs - added
-        want, new = _next_round(points, points_for, targets, claims, room)
+        known = ({p.cfg.run_id() for p in points}
+                 | {r["run_id"] for r in runs if r["status"] == "done"})
+        want, new = _next_round(known, points_for, targets, claims, room)
         if not new:
             stopped = "budget-runs" if want is None else stopped
             break
@@ -119,30 +122,32 @@ def _register(store: Store, study: Study, preset: str, points: list[Point], setu
                    setup=setup, info=info)
 
 
-def _wanted(store: Store, study: Study, preset: str, max_seeds: int, targets: dict[tuple, int]
-            ) -> list[tuple[Optional[int], dict[tuple, int]]]:
-    """The study's open claims that more seeds could decide, fewest seeds needed first, each
-    with the seeds per (label, x) it needs, where above ``targets``."""
-    runs = store.study_runs(study.name, preset)
+def _wanted(runs: list[dict[str, Any]], study: Study, max_seeds: int,
+            targets: dict[tuple, int]) -> list[tuple[Optional[int], dict[tuple, int]]]:
+    """The open claims of the study whose stored ``runs`` are given that more seeds could
+    decide, fewest seeds needed first, each with the seeds per (label, x) it needs, where above
+    ``targets``."""
     failed = Counter((r["label"], r["x"]) for r in runs if r["status"] == "failed")
     claims = [(need, {p: n for p, n in want.items() if n > targets.get(p, 0)})
               for need, want in seeds_by_claim(study, point_stats(runs), max_seeds, failed)]
     return [(need, want) for need, want in claims if want]
 
 
-def _next_round(points: list[Point], points_for: Callable[[Optional[dict]], list[Point]],
+def _next_round(known: set[str], points_for: Callable[[Optional[dict]], list[Point]],
                 targets: dict[tuple, int], claims: list[tuple[Optional[int], dict[tuple, int]]],
                 room: Optional[int]) -> tuple[Optional[dict[tuple, int]], list[Point]]:
     """``(seeds per (label, x), new points)`` of the next round: a seed for every open claim
     when that fits in ``room`` runs (None: no limit), else the claims that fit, fewest seeds
     needed first, each with all its points (a seed at some of them decides nothing). ``(None,
-    [])`` when not even one claim fits."""
+    [])`` when not even one claim fits. ``known``: the run ids this invocation listed and those
+    the store holds finished (an earlier invocation's rounds), which are not new; a failed or
+    interrupted one is listed again, to be retried or resumed."""
     want: dict[tuple, int] = {}
     new: list[Point] = []
     over = False
     for _, claim_want in claims:
         trial = {**want, **{p: max(n, want.get(p, 0)) for p, n in claim_want.items()}}
-        trial_new = _new_points(points, points_for({**targets, **trial}), trial)
+        trial_new = _new_points(known, points_for({**targets, **trial}), trial)
         if room is None or len(trial_new) <= room:
             want, new = trial, trial_new
         else:
@@ -150,10 +155,9 @@ def _next_round(points: list[Point], points_for: Callable[[Optional[dict]], list
     return (None if over and not new else want), new
 
 
-def _new_points(points: list[Point], candidates: list[Point], want: dict[tuple, int]
+def _new_points(known: set[str], candidates: list[Point], want: dict[tuple, int]
                 ) -> list[Point]:
-    """The ``candidates`` at a (label, x) in ``want`` that are not among ``points``."""
-    known = {p.cfg.run_id() for p in points}
+    """The ``candidates`` at a (label, x) in ``want`` whose run ids are not ``known``."""
     return [p for p in candidates if (p.label, p.x) in want and p.cfg.run_id() not in known]
 
 

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED,
-                                  SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, Z, claims_status, critical,
+from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, POWER_STOPPED,
+                                  REPRODUCED, SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, Z, claims_status, critical,
                                   flags_text, interval, point_stats, prob_lower, verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
@@ -126,6 +126,29 @@ def _protocol_line(protocol: Optional[dict], runs: list[dict]) -> str:
             f"one process**: {rest}")
 
 
+def _power_line(power: Optional[dict]) -> str:
+    """What the study's power rounds did, as the store recorded it (lab/power.py's record; its
+    values shown as inert text); empty when none ran (a study run under torchrun, or a store
+    from before the rounds were recorded)."""
+    if not power:
+        return ""
+    field = lambda key: _md(str(power.get(key, "?")))  # noqa: E731 - stored text, inert
+    did = (f"{field('rounds')} round(s) added {field('runs_added')} run(s)"
+           if power.get("rounds") else "none ran")
+    budget = [f"{field('budget_runs')} runs" if power.get("budget_runs") is not None else None,
+              f"{field('budget_minutes')} minutes"
+              if power.get("budget_minutes") is not None else None,
+              f"up to {field('max_seeds')} seeds per point"]
+    stopped = power.get("stopped")
+    why = POWER_STOPPED.get(stopped) if isinstance(stopped, str) else None
+    line = (f"Power rounds: {did} (budget: {', '.join(b for b in budget if b)}); stopped: "
+            f"{_md(why or str(stopped))}.")
+    if stopped in ("budget-runs", "budget-minutes"):
+        line += (" Running the study again with a larger budget goes on from these runs (the "
+                 "finished ones are kept).")
+    return line
+
+
 def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str], list[Path]]:
     runs = store.study_runs(study.name)
     if not runs:
@@ -135,14 +158,16 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
     cfg = runs[0]["config"]
     done = sum(r["status"] == "done" for r in runs)
     failed = [r for r in runs if r["status"] == "failed"]
+    info = store.setup_info(study.name, preset)
     lines = [f"## {study.name}: {study.title}", "", study.description, "",
              f"Preset `{preset}`: {done}/{len(runs)} runs done"
              + (f", {len(failed)} failed" if failed else "")
              + f"; model {_md(cfg.get('model', '?'))}, data {_md(cfg.get('data', '?'))}, "
                f"{_md(cfg.get('epochs', '?'))} epochs, schedule {_md(cfg.get('schedule', '?'))}, "
                f"weight decay {_md(cfg.get('weight_decay', '?'))}.", "",
-             _protocol_line(store.setup_info(study.name, preset).get("protocol"), runs)
-             or _processes_line(runs, cfg), ""]
+             _protocol_line(info.get("protocol"), runs) or _processes_line(runs, cfg), ""]
+    power = _power_line(info.get("power"))
+    lines += [power, ""] if power else []
     present = {r["label"] for r in runs}
     labels = [v for v in study.variants if v in present] + sorted(present - set(study.variants))
     xs = sorted({r["x"] for r in runs}, reverse=study.x_log2)

@@ -16,7 +16,7 @@ import torch
 from rich.markup import escape
 
 from normlab import distributed as nd
-from normlab.lab.analysis import SEEDS_SHOWN
+from normlab.lab.analysis import POWER_STOPPED, SEEDS_SHOWN
 from normlab.lab.config import ConfigError
 from normlab.lab.launch import in_worker
 from normlab.lab.power import run_with_power
@@ -108,13 +108,6 @@ def run_study(study: Study, preset: str, points: list[Point], out: Path, *,
     return counts
 
 
-#: why the power rounds stopped (power.run_with_power's record), in the user's words
-_STOPPED = {"decided": "every claim is decided or needs more than --max-seeds",
-            "budget-runs": "the --budget-runs budget is spent (no open claim's next seeds fit "
-                           "in the runs left)",
-            "budget-minutes": "the --budget-minutes budget is spent"}
-
-
 def _with_power(study: Study, preset: str, points: list[Point], out: Path, announce: str,
                 run: Callable[[list, Optional[Store]], Counts],
                 more_seeds: Callable[[dict], list[Point]], power: dict,
@@ -132,7 +125,7 @@ def _with_power(study: Study, preset: str, points: list[Point], out: Path, annou
         store.close()
     if record["rounds"]:
         say(f"power: {record['rounds']} round(s) added {record['runs_added']} "
-            f"run(s); stopped: {_STOPPED[record['stopped']]}")
+            f"run(s); stopped: {POWER_STOPPED[record['stopped']]}")
     for o in record["open"]:
         n = o["seeds_needed"]
         need = ("more seeds" if not n else f"over {SEEDS_SHOWN} seeds per point"

@@ -5,10 +5,10 @@ traceback from deep inside ``ls`` or the report.
 
 What is checked: a run's ``config`` is a JSON object, each field of a known name of its
 :class:`~normlab.lab.config.RunConfig` type (a missing one is shown as ``?``); ``versions`` and
-a setup's ``info`` are JSON objects (``info["protocol"]`` too, where present); metrics and
-counts are numbers or NULL, error rates within [0, 100]; a study member's ``x`` is a JSON number
-or string, of one kind across the study. Text is not checked: the readers show it as literal text
-(:mod:`normlab.lab.markdown`, rich's ``escape``).
+a setup's ``info`` are JSON objects (``info["protocol"]`` and ``info["power"]`` too, where
+present); metrics and counts are numbers or NULL, error rates within [0, 100]; a study member's
+``x`` is a JSON number or string, of one kind across the study. Text is not checked: the readers
+show it as literal text (:mod:`normlab.lab.markdown`, rich's ``escape``).
 
 >>> try:
 ...     run_config("s.sqlite", "r1", '{"model": "resnet20", "epochs": "ten"}')
@@ -71,11 +71,13 @@ def _an_object(path: Union[str, Path], where: str, column: str, value: Any) -> d
 
 
 def stored_setup_info(path: Union[str, Path], study: Any, raw: Any) -> dict[str, Any]:
-    """A setup's stored ``info``: a JSON object whose ``protocol``, where present, is one too."""
+    """A setup's stored ``info``: a JSON object whose ``protocol`` and ``power``, where present,
+    are ones too."""
     where = f"the setup of study {study!r}"
     info = json_object(path, where, "info", raw)
-    if "protocol" in info:
-        _an_object(path, where, "protocol", info["protocol"])
+    for key in ("protocol", "power"):
+        if key in info:
+            _an_object(path, where, key, info[key])
     return info
 
 
