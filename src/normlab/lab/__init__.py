@@ -23,7 +23,8 @@ Data flows one way, and each module imports only those below it::
 
 The studies (studies.py) are lists of run configs plus the papers' tables and the claims to check:
 ``batch-size`` and ``groups`` (Wu & He, "Group Normalization", ECCV 2018), ``norms`` (same paper),
-``bn-dropout`` (BN x dropout on a small CNN), ``nf`` (Brock, De & Smith, ICLR 2021; Brock et al. 2021).
+``bn-dropout`` (BN x dropout on a small CNN), ``nf`` (Brock, De & Smith, ICLR 2021; Brock et al.
+2021).
 Plots and reports read only the store, so ``normlab report DIR`` works on any finished or partial
 output directory.
 """

@@ -58,10 +58,9 @@ from normlab.lab.studies import Claim, Study
 
 __all__ = [
     "Z", "SD_FLOOR", "SD_ONE_SEED", "CHANCE_FRACTION", "SEEDS_SHOWN", "POWER_STOPPED",
-    "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "num_classes", "run_flag", "point_stats", "difference",
-    "interval", "critical", "prob_lower", "verdict",
-    "seeds_needed", "claim_points", "claims_status", "seeds_by_claim",
-    "flag_kind", "flags_text",
+    "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "num_classes", "run_flag",
+    "point_stats", "difference", "interval", "critical", "prob_lower", "verdict", "seeds_needed",
+    "claim_points", "claims_status", "seeds_by_claim", "flag_kind", "flags_text",
 ]
 
 Z = 2.0               # the level: the one-sided tail of 2 normal standard errors (2.28%)

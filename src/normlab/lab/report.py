@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Optional
 
 from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, POWER_STOPPED,
-                                  REPRODUCED, SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, Z, claims_status, critical,
-                                  flags_text, interval, point_stats, prob_lower, verdict)
+                                  REPRODUCED, SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, Z,
+                                  claims_status, critical, flags_text, interval, point_stats,
+                                  prob_lower, verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
 from normlab.lab.outfiles import subdir, write_text

@@ -130,8 +130,7 @@ def _with_power(study: Study, preset: str, points: list[Point], out: Path, annou
         n = o["seeds_needed"]
         need = ("more seeds" if not n else f"over {SEEDS_SHOWN} seeds per point"
                 if n > SEEDS_SHOWN else f"about {n} seeds per point")
-        say(f"open at {o['seeds']} seeds: {o['claim']} (the spread would need "
-            f"{need})")
+        say(f"open at {o['seeds']} seeds: {o['claim']} (the spread would need {need})")
     return record["counts"]
 
 
