@@ -152,3 +152,7 @@ def test_the_report_says_what_the_rounds_did_and_why_they_stopped(tmp_path):
     md = write_report(tmp_path)[0].read_text()
     assert r"Power rounds: \<b\>2\</b\> round(s) added 3 run(s)" in md
     assert r"stopped: \*x\*." in md and "Running the study again" not in md
+    _, store, _, _ = _study(tmp_path / "quick", budget_runs=0)  # --quick's default
+    store.close()
+    md = write_report(tmp_path / "quick")[0].read_text()
+    assert "Power rounds: none (a budget of 0 runs, `--quick`'s default; `--budget-runs N`" in md

@@ -133,6 +133,9 @@ def _power_line(power: Optional[dict]) -> str:
     from before the rounds were recorded)."""
     if not power:
         return ""
+    if power.get("budget_runs") == 0:
+        return ("Power rounds: none (a budget of 0 runs, `--quick`'s default; `--budget-runs N` "
+                "adds seeds where claims are open).")
     field = lambda key: _md(str(power.get(key, "?")))  # noqa: E731 - stored text, inert
     did = (f"{field('rounds')} round(s) added {field('runs_added')} run(s)"
            if power.get("rounds") else "none ran")
