@@ -28,9 +28,10 @@ HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_
               "_load_state_dict_post_hooks")
 
 
-def hooks_of(module: nn.Module) -> list:
-    """The kinds of hooks registered on ``module`` ("forward_hooks", ...), empty if none."""
-    return [kind.lstrip("_") for kind in _HOOK_KINDS if getattr(module, kind, None)]
+def hooks_of(module: nn.Module, kinds: tuple[str, ...] = _HOOK_KINDS) -> list:
+    """The kinds of hooks registered on ``module`` ("forward_hooks", ...), empty if none;
+    ``kinds``: the hook dicts looked at (by default those that change or observe a call)."""
+    return [kind.lstrip("_") for kind in kinds if getattr(module, kind, None)]
 
 
 def _tracer(is_leaf: Callable[[nn.Module], bool]) -> fx.Tracer:

@@ -318,8 +318,8 @@ def _rival_why(claim: Claim, a: dict, others: dict, rival: tuple, gaps: dict, hw
 def _gaps(claim: Claim, a: dict, others: dict) -> tuple[dict, dict]:
     """gap > 0: the other point is worse (best) / better (worst) than a; and its half-width."""
     sign = 1 if claim.kind == "best" else -1
-    return ({k: sign * _diff(a, s)[0] for k, s in others.items()},
-            {k: _diff(a, s)[1] for k, s in others.items()})
+    diffs = {k: _diff(a, s) for k, s in others.items()}
+    return {k: sign * d for k, (d, _) in diffs.items()}, {k: h for k, (_, h) in diffs.items()}
 
 
 def _n_for(sa: dict, sb: dict, gap: float) -> Optional[int]:
@@ -357,15 +357,15 @@ def seeds_needed(claim: Claim, stats: dict[tuple, dict]) -> Optional[int]:
     if claim.kind == "flat":
         # > 0: the point is outside the tolerance
         out = {k: abs(s["mean"] - a["mean"]) - claim.margin for k, s in others.items()}
-        needs = [_n_for(a, others[k], abs(g)) for k, g in out.items()
-                 if _match(a, others[k], claim.margin) == INCONCLUSIVE]
+        open_points = [k for k in out if _match(a, others[k], claim.margin) == INCONCLUSIVE]
     else:
         gaps, _ = _gaps(claim, a, others)
         out = {k: -g for k, g in gaps.items()}  # > 0: the rival is on the wrong side of a
-        needs = [_n_for(a, others[k], abs(g)) for k, g in gaps.items()]
+        open_points = list(gaps)
     if max(out.values()) > 0:  # one such point separated decides the claim: the first to be
         alone = [_n_for(a, others[k], g) for k, g in out.items() if g > 0]
-        needs = [min((n for n in alone if n is not None), default=None)]
+        return min((n for n in alone if n is not None), default=None)
+    needs = [_n_for(a, others[k], abs(out[k])) for k in open_points]
     if not needs or any(n is None for n in needs):
         return None
     return max(needs)

@@ -22,8 +22,7 @@ from typing import Optional
 
 from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, POWER_STOPPED,
                                   REPRODUCED, SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, Z,
-                                  claims_status, critical, flags_text, interval, point_stats,
-                                  prob_lower, verdict)
+                                  claims_status, critical, flags_text, point_stats, verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
 from normlab.lab.outfiles import subdir, write_text
@@ -237,7 +236,7 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
         lines = ["# normlab report", "",
                  f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{store.path.name}` "
                  f"({len(store.runs())} runs).", ""]
-        lines += summary_lines(store, point_stats, interval, prob_lower)
+        lines += summary_lines(store)
         lines += ["Verdicts are computed from the stored numbers: a difference counts only when it "
                  "exceeds t standard errors (run-to-run spread over seeds, at least "
                  f"{SD_FLOOR} points; {SD_ONE_SEED} points assumed when a point has one seed), "

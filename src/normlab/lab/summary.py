@@ -29,7 +29,7 @@ import math
 from typing import Any, Callable, Optional
 
 from normlab.factory import DEFAULT_NUM_GROUPS
-from normlab.lab.analysis import flags_text
+from normlab.lab.analysis import flags_text, interval, point_stats, prob_lower
 from normlab.lab.markdown import md_cell
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, Study
@@ -40,9 +40,6 @@ __all__ = ["summary_lines", "SUMMARY_STUDIES"]
 #: the summary shows them
 SUMMARY_STUDIES = ("batch-size", "norms", "nf")
 
-Interval = Callable[[dict, dict], tuple[float, float, float]]  # (d, se, half-width)
-Prob = Callable[[dict, dict], float]  # P(a's error is really below b's)
-StatsOf = Callable[[list[dict]], dict[tuple, dict]]
 
 
 def _cite(study: Study) -> str:
@@ -78,8 +75,8 @@ def _left_out_text(left_out: dict[str, dict]) -> str:
                      for lab, s in left_out.items())
 
 
-def _winner_row(study: Study, x: Any, points: dict[str, dict], interval: Interval, prob: Prob,
-                left_out: dict[str, dict]) -> str:
+def _winner_row(study: Study, x: Any, points: dict[str, dict], left_out: dict[str, dict]
+                ) -> str:
     """``left_out``: the series at ``x`` whose every run was flagged (no mean to rank)."""
     ranked = sorted(points.items(), key=lambda kv: kv[1]["mean"])
     best, s = ranked[0]
@@ -92,13 +89,13 @@ def _winner_row(study: Study, x: Any, points: dict[str, dict], interval: Interva
     runner, r = ranked[1]
     more = f" ({flagged})" if flagged else ""
     return (head + f"{md_cell(runner)} {r['mean']:.2f} (n={r['n']}){more} | "
-            f"{_gap_cells(s, r, interval, prob)} | {paper} |")
+            f"{_gap_cells(s, r)} | {paper} |")
 
 
-def _gap_cells(s: dict, r: dict, interval: Interval, prob: Prob) -> str:
+def _gap_cells(s: dict, r: dict) -> str:
     """``d ± h | P, decisive or not``: the lowest point s against the next lowest r."""
     d, _, h = interval(s, r)
-    p = prob(s, r)
+    p = prob_lower(s, r)
     conf = (">99.9%" if p > 0.999 else f"{p:.1%}") + ", " + (
         "decisive" if d - h > 0 else "not decisive (gap < t SE)")
     return f"{d:.2f} ± {h:.2f} | {conf}"
@@ -114,8 +111,7 @@ def _setup_line(runs: list[dict], stats: dict) -> str:
             f"{n} seed(s) per point.")
 
 
-def _winners(study: Study, runs: list[dict], all_stats: dict, interval: Interval, prob: Prob
-             ) -> list[str]:
+def _winners(study: Study, runs: list[dict], all_stats: dict) -> list[str]:
     stats = {k: s for k, s in all_stats.items() if s["n"] > 0}
     xs = sorted({x for _, x in all_stats}, reverse=True)
     lines = [f"### {study.name}: lowest test error at each batch size", "", _setup_line(runs, stats),
@@ -128,7 +124,7 @@ def _winners(study: Study, runs: list[dict], all_stats: dict, interval: Interval
                   and math.isfinite(s["mean"])}
         left_out = {lab: s for (lab, xx), s in all_stats.items() if xx == x and s["n"] == 0}
         if points:
-            lines.append(_winner_row(study, x, points, interval, prob, left_out))
+            lines.append(_winner_row(study, x, points, left_out))
         else:
             lines.append(f"| {_fmt_x(x)} | no run counts ({_left_out_text(left_out)}) | - | - | "
                          "- | - |")
@@ -234,8 +230,7 @@ def _paper_setting(study: Study, best: tuple, name: Callable[[tuple], str]) -> s
     return f"{text} ({same})"
 
 
-def _setting_winner(study: Study, runs: list[dict], all_stats: dict, interval: Interval,
-                    prob: Prob) -> list[str]:
+def _setting_winner(study: Study, runs: list[dict], all_stats: dict) -> list[str]:
     """The answer of a study in :data:`SETTING_STUDIES`: the setting with the lowest error, the
     next lowest and how sure, beside the paper's."""
     what, name = SETTING_STUDIES[study.name]
@@ -248,7 +243,7 @@ def _setting_winner(study: Study, runs: list[dict], all_stats: dict, interval: I
     else:
         runner, r = ranked[1]
         row += (f"{name(runner)} {r['mean']:.2f} (n={r['n']}) | "
-                f"{_gap_cells(s, r, interval, prob)} |")
+                f"{_gap_cells(s, r)} |")
     row += f" {_paper_setting(study, best, name)} |"
     order = " < ".join(f"{name(k)} {v['mean']:.2f}" for k, v in ranked)
     return [f"### {study.name}: the {what} with the lowest test error", "",
@@ -259,28 +254,27 @@ def _setting_winner(study: Study, runs: list[dict], all_stats: dict, interval: I
             f"All, lowest error first: {order}.", ""]
 
 
-def summary_lines(store: Store, stats_of: StatsOf, interval: Interval, prob: Prob) -> list[str]:
+def summary_lines(store: Store) -> list[str]:
     """The ``## Summary`` section of the report for ``store``, from the same point statistics
-    and rules as the study tables: ``stats_of(runs)`` gives each (label, x) point's mean, sd
-    and n (the runs that count); ``interval(a, b)`` gives ``(m_b - m_a, its standard error,
-    the half-width a decisive gap must exceed)``; ``prob(a, b)`` the probability that a's error
-    is really below b's."""
+    and rules as the study tables (:mod:`normlab.lab.analysis`: the runs that count, the
+    half-width a decisive gap must exceed, the probability that one error is really below
+    another)."""
     lines = ["## Summary", ""]
     seen: list[dict] = []
     for name in SUMMARY_STUDIES:
         runs = store.study_runs(name)
-        stats = stats_of(runs)
+        stats = point_stats(runs)
         if not any(s["n"] > 0 for s in stats.values()):
             continue
         seen += runs
-        lines += (_winners(STUDIES[name], runs, stats, interval, prob)
+        lines += (_winners(STUDIES[name], runs, stats)
                   + _costs(STUDIES[name], runs))
     answered = False
     for name in SETTING_STUDIES:
         runs = store.study_runs(name)
-        stats = stats_of(runs)
+        stats = point_stats(runs)
         if any(st["n"] > 0 and math.isfinite(st["mean"]) for st in stats.values()):
-            lines += _setting_winner(STUDIES[name], runs, stats, interval, prob)
+            lines += _setting_winner(STUDIES[name], runs, stats)
             answered = True
     if not seen and not answered:
         return lines + ["No batch-size, norms, nf, groups or bn-dropout study has finished runs "

@@ -16,7 +16,7 @@ from torch import Tensor, fx, nn
 from torch.fx.proxy import TraceError
 
 from normlab import functional as NLF
-from normlab._trace import HOOK_DICTS
+from normlab._trace import HOOK_DICTS, hooks_of
 from normlab.functional import InputShapeError  # noqa: F401 (re-exported for the modules)
 from normlab.backends.reference import channel_view, update_running_stats
 
@@ -188,7 +188,7 @@ def warn_dropped_hooks(replaced: Replaced, what: str) -> None:
     replacement, another kind of norm, does not take them over (torch's
     ``convert_sync_batchnorm`` drops them without a word)."""
     for name, old, _ in replaced:
-        kinds = [k.lstrip("_") for k in HOOK_DICTS if getattr(old, k, None)]
+        kinds = hooks_of(old, HOOK_DICTS)
         if kinds:
             warnings.warn(f"{what}: the hooks of {name or 'the model'!r} ({type(old).__name__}: "
                           f"{', '.join(kinds)}) are not carried over to its replacement; "

@@ -36,7 +36,6 @@ and the module is exactly :class:`normlab.nn.BatchNorm2d` (for 2-5D input).
 from __future__ import annotations
 
 import numbers
-
 from typing import Any, Optional, Tuple
 
 import torch
