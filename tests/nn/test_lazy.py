@@ -41,3 +41,38 @@ def test_lazy_in_a_model_materializes_and_scripting_names_it():
         torch.jit.script(model)
     model(off_centre(2, 3, 8, 8))
     assert isinstance(model[1], nlnn.BatchNorm2d) and model[1].weight.shape == (6,)
+
+
+# torch leaves num_features 0 where nothing is materialized at the first call (no affine, no
+# running stats) or the state was loaded first; torch's BN never reads it, normlab's forward
+# checks the channels against it and refused every call after the first
+@pytest.mark.parametrize("kwargs,load", [({"affine": False, "track_running_stats": False}, False),
+                                         ({}, True), ({"affine": False}, True)])
+def test_num_features_set_where_torch_leaves_it_zero(kwargs, load):
+    ours, theirs = nlnn.LazyBatchNorm2d(**kwargs), nn.LazyBatchNorm2d(**kwargs)
+    if load:
+        src = nn.BatchNorm2d(5, **kwargs)
+        src(off_centre(4, 5, 3, 3))  # running statistics that are not the initial ones
+        if src.weight is not None:
+            with torch.no_grad():
+                src.weight.uniform_(0.5, 1.5)
+                src.bias.normal_()
+        ours.load_state_dict(src.state_dict())
+        theirs.load_state_dict(src.state_dict())
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        x = off_centre(4, 5, 3, 3)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    assert ours.num_features == 5 and type(ours) is nlnn.BatchNorm2d
+
+
+def test_first_call_runs_normlabs_forward():
+    # the first call ran torch's BN forward (the class switches inside the call): normlab's
+    # documented acceptance of parameters in another dtype failed there with "mixed dtype"
+    bn = nlnn.LazyBatchNorm2d(dtype=torch.float64)
+    x = off_centre(4, 5, 3, 3)
+    y = bn(x)
+    want = nn.functional.batch_norm(x.double(), None, None, training=True)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bn.running_mean, 0.1 * x.double().mean((0, 2, 3)))
