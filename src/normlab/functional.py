@@ -148,11 +148,12 @@ def _check_channel_param(p: Optional[Tensor], c: int, what: str) -> None:
 
 
 def _running_buffer_error(buf, num_groups: int, name: str) -> None:
-    """Raise the error for a running buffer that is not a floating (G,) tensor."""
+    """Raise the error for a running buffer that is not a floating (G,) tensor (a wrong shape:
+    torch's RuntimeError too, as for weight and bias)."""
     if not isinstance(buf, Tensor):
         raise TypeError(f"{name} must be a Tensor or None, got {type(buf).__name__}")
     if buf.shape != (num_groups,):
-        raise ValueError(
+        raise InputShapeError(
             f"{name} must have shape ({num_groups},) (one entry per group), got {tuple(buf.shape)}"
         )
     raise TypeError(f"{name} must have a floating-point dtype, got {buf.dtype}")

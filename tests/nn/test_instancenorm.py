@@ -42,3 +42,18 @@ def test_one_spatial_element_in_training_is_an_error():
     norm = nlnn.InstanceNorm2d(4)
     with pytest.raises(ValueError, match=r"more than 1 spatial element.*\(2, 4, 1, 1\)"):
         norm(torch.randn(2, 4, 1, 1))
+
+
+# 3 channels for a module of 4 with running statistics: torch raises RuntimeError ("running_mean
+# should contain 6 elements not 8"); normlab raised a plain ValueError, which code written for
+# torch (except RuntimeError) does not catch
+@pytest.mark.parametrize("train", [True, False])
+def test_wrong_channel_count_with_running_stats_is_torchs_runtime_error(train):
+    x = off_centre(2, 3, 5, 5)
+    theirs = nn.InstanceNorm2d(4, track_running_stats=True).train(train)
+    ours = nlnn.InstanceNorm2d(4, track_running_stats=True).train(train)
+    with pytest.raises(RuntimeError):
+        theirs(x)
+    with pytest.raises(RuntimeError, match=r"running_mean must have shape \(3,\).*got (shape )?\(4,\)") as err:
+        ours(x)
+    assert isinstance(err.value, ValueError)
