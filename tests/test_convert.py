@@ -1,5 +1,7 @@
 """convert_norm on torch-only models: replacement, carried weights, exact FrozenBN, shared modules."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -284,6 +286,21 @@ def test_convert_sync_batchnorm_classmethod_as_torchs():
     assert out[0].weight is w and torch.equal(out[0].running_mean, mean)
     assert (out[0].momentum, out[0].eps) == (0.3, 1e-3)
     assert out[1].bias is None and torch.equal(out[1].weight, nobias.weight)
+
+
+def test_convert_sync_batchnorm_keeps_the_qconfig_as_torchs():
+    # torch's classmethod carries a BN's qconfig (eager-mode quantization reads it per module);
+    # normlab's dropped it. The converted modules otherwise compute what torch's converted BN does
+    qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 3), _trained_bn(nn.BatchNorm2d, 4))
+    ours = copy.deepcopy(theirs)
+    theirs[1].qconfig = ours[1].qconfig = qconfig
+    theirs = nn.SyncBatchNorm.convert_sync_batchnorm(theirs)
+    ours = nlnn.SyncBatchNorm.convert_sync_batchnorm(ours)
+    assert theirs[1].qconfig is qconfig and ours[1].qconfig is qconfig
+    assert not hasattr(ours[0], "qconfig")  # only where the BN had one
+    x = off_centre(2, 3, 6, 6)
+    torch.testing.assert_close(ours(x), theirs(x))  # one process, training: batch statistics
 
 
 @pytest.mark.parametrize("to", ["gn", "in", "brn", "none"])

@@ -299,12 +299,13 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         """Replace every BatchNorm in ``module`` (torch's or normlab's, FrozenBatchNorm2d
         included) by this class, as torch's classmethod: the same Parameter and buffer objects
         (see :func:`normlab.nn._common.adopt_state`), eps, momentum, affine, bias and
-        track_running_stats carried over. :func:`normlab.convert_norm` with ``"syncbn"`` does the
-        same and reports what it replaced."""
+        track_running_stats carried over, and a ``qconfig`` as torch's classmethod carries it.
+        :func:`normlab.convert_norm` with ``"syncbn"`` makes the same replacement (the
+        ``qconfig`` left behind) and reports what it replaced."""
         module, replaced = replace_modules(
             module,
             lambda m: _is_batchnorm(m) and type(m) is not cls,
-            lambda m, name: adopt_state(m, cls._like(m, process_group)),
+            lambda m, name: _keep_qconfig(m, adopt_state(m, cls._like(m, process_group))),
         )
         warn_dropped_hooks(replaced, "convert_sync_batchnorm")
         return module
@@ -316,6 +317,14 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         return cls(bn.num_features, bn.eps, getattr(bn, "momentum", 0.1), affine,
                    getattr(bn, "track_running_stats", True), process_group,
                    bias=not (affine and getattr(bn, "bias", 0) is None))
+
+
+def _keep_qconfig(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` with ``old``'s quantization config, if it has one (torch's
+    ``convert_sync_batchnorm`` carries it over, so eager-mode QAT prepares the new module)."""
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
+    return new
 
 
 def _check_membership(process_group: Any) -> None:
