@@ -42,7 +42,10 @@ error types, is torch's; ``tests/test_torch_parity.py`` holds both sides to it):
   0, negative and NaN values.
 * An input with another channel count than the module's is an error naming the shape, also
   for ``GroupNorm(affine=False)`` (torch's checks only that the groups divide it). The error is
-  a ValueError that is also the RuntimeError torch raises for it.
+  a ValueError that is also the RuntimeError torch raises for it. InstanceNorm keeps torch's
+  own check instead: with ``affine`` torch's ValueError; with running statistics only, the
+  error above naming the running buffers' shape; with neither, torch's warning, and the input
+  is normalized as it is.
 * Parameters and buffers of another floating dtype than the input are used, not refused: the
   statistics and affine run in the input's accumulation dtype and the output has the input's
   dtype (torch's CPU kernels raise "mixed dtype"). An integer input is a TypeError (torch:
