@@ -4,7 +4,8 @@ operator.
 Statistics over the trailing ``normalized_shape`` dims without centering:
 ``normalize(x viewed as (rows, prod(normalized_shape)), num_groups=1, over_batch=False,
 center=False)``. A subclass of ``torch.nn.RMSNorm``: the same constructor (``eps=None`` meaning
-the input's machine epsilon), ``weight`` parameter and state_dict keys.
+the machine epsilon of the input's accumulation dtype, float32's for half input, as torch
+computes it), ``weight`` parameter and state_dict keys.
 """
 
 from __future__ import annotations
