@@ -19,6 +19,8 @@ from formula import assert_same_param_grads, compare_step, normalize64, off_cent
         (6, (2, 6, 7)),           # InstanceNorm, one spatial dim
         (3, (4, 9)),              # no spatial dims
         (2, (2, 4, 2, 3, 3)),     # 3 spatial dims
+        # 4 spatial dims: the docstring promises any number (normalize flattens the 4th on)
+        (2, (2, 4, 2, 3, 2, 3)),
     ],
 )
 def test_matches_torch(backend, groups, shape):

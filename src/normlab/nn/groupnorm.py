@@ -40,7 +40,8 @@ class GroupNorm(nn.GroupNorm):
         group_size: channels per group (C/G), an alternative to ``num_groups``.
         activation: None, "relu", "silu" or "gelu", applied after the affine.
 
-    Shape: input (N, C, *spatial) with 0 to 3 spatial dims, any memory format; output the same.
+    Shape: input (N, C, *spatial) with any number of spatial dims, any memory format; output the
+    same.
     C must be ``num_channels`` also with ``affine=False`` (torch's then takes any C that G
     divides).
 
