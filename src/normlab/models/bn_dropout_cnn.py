@@ -8,11 +8,12 @@ ICML 2015; dropout: Srivastava et al., JMLR 2014).
 
 Switches: ``bn_conv`` (norm after both convs), ``bn_dense`` (norm after the hidden dense layer),
 ``dropout`` (p after the hidden dense layer). The twelve configurations of the ablation are
-dropout in {0, 0.2, 0.4} x (bn_conv, bn_dense) in {F, T}^2; the default is the reported best
-(BN on conv and dense layers, dropout 0.4). Convs pad 2 ("same"), so an HxW input reaches the
-dense layer as 64 x (H//4) x (W//4): ``image_size`` (default 8 for one-channel input, the 8x8
-digits, else 32 for CIFAR) fixes that size; another input size raises a ValueError naming the
-``image_size`` to use.
+dropout in {0, 0.2, 0.4} x (bn_conv, bn_dense) in {F, T}^2; the default is the configuration
+the ablation reports best (BN on conv and dense layers, dropout 0.4; the lab's ``bn-dropout``
+study quotes it and states that the ablation's paper is not named in this project's sources).
+Convs pad 2 ("same"), so an HxW input reaches the dense layer as 64 x (H//4) x (W//4):
+``image_size`` (default 8 for one-channel input, the 8x8 digits, else 32 for CIFAR) fixes that
+size; another input size raises a ValueError naming the ``image_size`` to use.
 
 ``norm`` is any :func:`normlab.create_norm` spec. The dense layer's norm is the 2-D module applied
 to the (N, 1024) activations viewed as (N, 1024, 1, 1), so "bn" there is exactly BatchNorm1d
