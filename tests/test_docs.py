@@ -1,4 +1,5 @@
-"""The docstring examples run and print what they show (CPU; a few seconds in all).
+"""The docstring examples run and print what they show, and the Python blocks of the README
+and docs/ run as written (CPU; a few seconds in all).
 
 Left out: ``normlab.backends.triton_norm`` (its example needs a CUDA GPU) and
 ``normlab.lab.plots`` (its example needs a finished store); both are marked ``+SKIP``.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +67,33 @@ def test_docstring_examples(name, tmp_path, monkeypatch):
         runner.run(t)
     result = runner.summarize(verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _python_blocks():
+    """(file:line, code) of every fenced ```python block of the README and docs/*.md."""
+    found = []
+    for path in DOC_FILES:
+        text = path.read_text()
+        for m in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+            line = text.count("\n", 0, m.start()) + 1
+            found.append((f"{path.relative_to(ROOT)}:{line}", m.group(1)))
+    return found
+
+
+@pytest.mark.parametrize("where,code", [pytest.param(w, c, id=w) for w, c in _python_blocks()])
+def test_doc_python_blocks_run_as_written(where, code, tmp_path, monkeypatch, capsys):
+    """A snippet in the README or docs/ runs as written, on its own (imports included): a
+    reader copies it whole, so it may not lean on names from another block."""
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, where, "exec"), {"__name__": "__doc_snippet__"})
+
+
+def test_doc_python_blocks_are_found():
+    assert len(_python_blocks()) >= 2  # the README's GhostBatchNorm and Example blocks
 
 
 def _ratio_range(rows, key="ratio"):
