@@ -16,9 +16,10 @@ whose ``branch_out`` identity is hooked for the residual branch, and ``model.ste
 measure the residual branch too (e.g. a torchvision ResNet's ``{"layer1.0": "layer1.0.bn2",
 ...}``: the last module of the branch, whose output is added to the shortcut). The documented
 shapes at init: BN-ReLU-Conv's variance grows within a stage and resets at transitions and its
-squared mean grows with depth; ReLU-BN-Conv keeps a residual variance near 1; an unnormalized
-He-init ResNet's squared mean explodes; an NF-ResNet with Scaled WS follows ``1 + l alpha^2``
-with resets.
+squared mean grows with depth; ReLU-BN-Conv has no mean shift and a residual variance flat with
+depth (about 2 in normlab's ResNets: a He-init conv on BN's unit-variance output); an
+unnormalized He-init ResNet's squared mean explodes; an NF-ResNet with Scaled WS follows
+``1 + l alpha^2`` with resets.
 
 Where the model has an analytic variance (an NF-ResNet with Scaled WS and its residual branches
 active at init: :func:`expected_variance`), each record carries it as ``expected_var`` and
