@@ -75,7 +75,7 @@ def test_report_gives_each_measured_kind_its_verdict(tmp_path):
             if line.startswith("| ") and " | **" in line}
     assert "**reproduced**" in rows["nf"] and "drops at 2/2 transitions" in rows["nf"]
     assert "**reproduced**" in rows["bnrelu"]
-    assert "| - | **not run** | no no normalization (He init) model measured" in text
+    assert "| - | **not run** | no model of the kind 'no normalization (He init)' measured" in text
     assert "The kind of old was not recorded" in text
     assert (tmp_path / "figures" / "spp.png").is_file()
 
