@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
 
+import torch
 from torch import fx, nn
 
 # the hook dicts of torch.nn.Module that change or observe a module's call
@@ -71,17 +72,25 @@ def hooked_inner_modules(model: nn.Module, tracer: fx.Tracer) -> list:
 def trace(model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> Tuple[Optional[fx.GraphModule], str]:
     """``(graph_module, "")`` or ``(None, reason)``. Modules for which ``is_leaf`` holds (and
     torch.nn's own, as usual) are single call_module nodes. The root's own hooks are not run by
-    the trace (the caller decides about them)."""
+    the trace (the caller decides about them). Buffers are not proxied by fx: an in-place op on
+    one in a traced-through forward (timm's BatchNormAct2d counts ``num_batches_tracked`` in
+    training) really runs, so each buffer the trace changed gets its value back."""
     tracer = _tracer(is_leaf)
     hooked = hooked_inner_modules(model, tracer)
     if hooked:
         name, kinds = hooked[0]
         return None, (f"module {name!r} has {', '.join(kinds)}, which a torch.fx trace would run "
                       "on proxies (what they read is not in the graph)")
+    saved = [(b, b._version, b.clone()) for b in model.buffers()]
     try:
         return fx.GraphModule(model, tracer.trace(model)), ""
     except Exception as e:  # anything fx cannot trace: the caller falls back
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+    finally:
+        with torch.no_grad():
+            for b, version, value in saved:
+                if b._version != version:
+                    b.copy_(value)
 
 
 def call_counts(gm: fx.GraphModule) -> dict:
