@@ -305,3 +305,24 @@ def test_untraced_sequential_subclass_with_its_own_forward_is_not_folded():
     model = SequentialKeepingAll(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
     _, record = _equal_in_float64(model, torch.randn(2, 3, 7, 7) + 0.5, 0)
     assert not record.traced and record.skipped[0][0] == "1"
+
+
+class _ScaledSyncBatchNorm(nn.SyncBatchNorm):
+    """A SyncBatchNorm subclass with a forward of its own (its output is not the BN's)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_sync_batchnorm_act_keeps_its_activation_and_a_subclass_forward_is_left():
+    # timm's SyncBatchNormAct (what timm.layers.convert_sync_batchnorm makes of BatchNormAct2d)
+    # subclasses torch's SyncBatchNorm: it was folded as a plain BN and its act dropped (0.57
+    # absolute error here); a SyncBatchNorm subclass with its own forward was folded the same way
+    timm = import_timm()
+    layer = timm.layers.BatchNormAct2d(8, act_layer=nn.Hardswish)
+    model = timm.layers.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), layer))
+    assert type(model[1]).__name__ == "SyncBatchNormAct"
+    model, record = _equal_in_float64(model, torch.randn(2, 3, 7, 7) + 0.5, 1)
+    assert isinstance(model[1], nn.Hardswish) and not record.skipped
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _ScaledSyncBatchNorm(8))
+    _equal_in_float64(model, torch.randn(2, 3, 7, 7) + 0.5, 0)

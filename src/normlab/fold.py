@@ -10,10 +10,11 @@ A BatchNorm with fixed statistics is a per-channel affine map,
 "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference",
 CVPR 2018); for a ConvTranspose, whose weight holds the output channels in its second dimension
 (per group), the same scale applies there. Folded: eval-mode ``torch.nn`` BatchNorm1d/2d/3d and
-SyncBatchNorm with running statistics, normlab's BatchNorm (its fused activation stays, as an activation module),
-BatchRenorm (eval mode uses the running statistics), FrozenBatchNorm2d (normlab's, torchvision's),
-timm's BatchNormAct2d and FrozenBatchNormAct2d (their ``drop`` and ``act`` stay, as they do for
-the norms :func:`normlab.convert_norm` built from those layers).
+SyncBatchNorm with running statistics, normlab's BatchNorm (its fused activation stays, as an
+activation module), BatchRenorm (eval mode uses the running statistics), FrozenBatchNorm2d
+(normlab's, torchvision's), timm's BatchNormAct2d, SyncBatchNormAct and FrozenBatchNormAct2d
+(their ``drop`` and ``act`` stay, as they do for the norms :func:`normlab.convert_norm` built
+from those layers). A subclass of a torch BatchNorm with a forward of its own is left.
 
 Left in place, with the reason: a pair where the conv or the norm has hooks (they would see the
 folded output, or no longer run: a conv's forward pre-hook such as the old ``weight_norm``
@@ -43,7 +44,7 @@ __all__ = ["fold_batchnorm", "FoldRecord"]
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
           nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # norm-act layers of timm whose forward is the BN's affine, then ``drop``, then ``act``
-_TIMM_NORM_ACT = ("BatchNormAct2d", "FrozenBatchNormAct2d")
+_TIMM_NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
 _FROZEN_NAMES = ("FrozenBatchNorm2d",)  # torchvision's, timm's re-export
 
 
@@ -82,9 +83,9 @@ def _after_own(norm: nn.Module) -> Optional[list]:
     if isinstance(norm, (_BatchNormForward, _BatchRenorm, FrozenBatchNorm2d)):
         act = getattr(norm, "activation", None)  # normlab's fused activation stays
         return [_ACT_MODULES[act]()] if act else []
-    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        return [] if cls.forward is nn.modules.batchnorm._BatchNorm.forward or isinstance(
-            norm, nn.SyncBatchNorm) else None
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):  # torch's forward: nothing after
+        return [] if cls.forward in (nn.modules.batchnorm._BatchNorm.forward,
+                                     nn.SyncBatchNorm.forward) else None
     if cls.__name__ in _FROZEN_NAMES and all(
         isinstance(getattr(norm, a, None), torch.Tensor)
         for a in ("weight", "bias", "running_mean", "running_var")
