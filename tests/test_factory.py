@@ -162,3 +162,31 @@ def test_numpy_integer_counts_as_in_normlab_nn():
     assert (m.num_groups, m.num_channels) == (24, 48) and type(m.num_channels) is int
     assert nlnn.GroupNorm(np.int64(24), np.int64(48)).num_groups == 24  # the module takes it too
     assert resolve_groups(np.int64(48), np.int64(32)) == 24
+
+
+def test_groupnorm_subclasses_that_take_channels_first():
+    # timm's GroupNorm and GroupNormAct take (num_channels, num_groups=32), GroupNorm1 only
+    # num_channels: create_norm called them as (G, C), swapping the two ("num_channels (4) must
+    # be divisible by num_groups (8)", or GroupNorm1(G, C) a TypeError)
+    from timm_import import import_timm
+    layers = import_timm().layers
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 3, 3, dtype=torch.float64) * 2 + 1
+    for norm, kwargs, groups in [
+        (layers.GroupNorm, {}, 24),                                 # group rule: 32 -> 24
+        (layers.GroupNorm, {"num_groups": 4}, 4),
+        (functools.partial(layers.GroupNormAct, num_groups=6, apply_act=False), {}, 6),
+        (layers.GroupNormAct, {"group_size": 8, "act_layer": nn.SiLU}, 3),
+        (layers.GroupNorm1, {"eps": 1e-3}, 1),
+    ]:
+        m = create_norm(norm, 24, **kwargs).double()
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_()
+        want = nn.functional.group_norm(x, groups, m.weight, m.bias, m.eps)
+        if kwargs.get("act_layer"):
+            want = nn.functional.silu(want)
+        assert (m.num_groups, m.num_channels) == (groups, 24)
+        torch.testing.assert_close(m(x), want)
+    with pytest.raises(TypeError, match="num_groups"):  # GroupNorm1 has one group
+        create_norm(layers.GroupNorm1, 24, num_groups=4)

@@ -244,7 +244,9 @@ def create_norm(norm: NormSpec, num_channels: int, **kwargs: Any) -> nn.Module:
         norm: a name from the table in this module's docstring (case-insensitive), a module class
             (called as ``cls(num_channels, **kwargs)``; GroupNorm classes, and partials of them
             that bind only keywords such as ``partial(nn.GroupNorm, num_groups=32)``, as
-            ``cls(num_groups, num_channels, **kwargs)`` with the group rule), or any callable such
+            ``cls(num_groups, num_channels, **kwargs)`` with the group rule, or, for a subclass
+            that takes ``num_channels`` first such as timm's GroupNorm, as
+            ``cls(num_channels, num_groups=G, **kwargs)``), or any callable such
             as a ``functools.partial`` (called as ``norm(num_channels, **kwargs)``). A module
             instance is a TypeError.
         num_channels: C.
@@ -293,14 +295,29 @@ def _build_from_callable(norm: NormSpec, num_channels: int, kwargs: dict) -> Any
         kwargs = {**norm.keywords, **kwargs}
         norm = norm.func
     if inspect.isclass(norm) and issubclass(norm, nn.GroupNorm):
-        groups = resolve_groups(num_channels, kwargs.pop("num_groups", None),
-                                kwargs.pop("group_size", None))
+        asked = {k: kwargs.pop(k) for k in ("num_groups", "group_size") if k in kwargs}
+        groups = resolve_groups(num_channels, asked.get("num_groups"), asked.get("group_size"))
+        if _positional_names(norm)[:1] == ["num_channels"]:
+            # a subclass that takes C first (timm's GroupNorm and GroupNormAct: C, num_groups;
+            # GroupNorm1: C only, where a group request is the class's to refuse)
+            takes_groups = "num_groups" in inspect.signature(norm).parameters
+            return norm(num_channels, **kwargs,
+                        **({"num_groups": groups} if takes_groups else asked))
         return norm(groups, num_channels, **kwargs)
     if isinstance(norm, functools.partial) or callable(norm):
         return norm(num_channels, **kwargs)
     raise TypeError(
         f"norm must be a name, a module class or a callable, got {type(norm).__name__}: {norm!r}"
     )
+
+
+def _positional_names(cls: type) -> list:
+    """The names of the positional parameters of ``cls``'s constructor ([] if unknown)."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _is_groupnorm_partial(norm: Any) -> bool:
