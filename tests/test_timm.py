@@ -4,6 +4,7 @@ normlab layers, timm's distribute_bn sees normlab's SyncBatchNorm. Small models,
 initialization (pretrained=False), 64x64 inputs."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -158,3 +159,23 @@ def test_timm_distribute_bn_sees_normlab_sync_batchnorm():
         assert not torch.equal(before, torch.zeros(4))  # the buffers it averaged were trained
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("to,groups", [
+    (GroupNormAct, 8), (functools.partial(GroupNormAct, num_groups=2), 2), (BatchNormAct2d, None)])
+def test_norm_act_target_runs_the_activation_once(to, groups):
+    # a timm norm-act class as the target runs its own drop and act: convert_norm gave it the
+    # BatchNormAct2d's hard-swish and also ran it again in a forward hook (hard-swish twice)
+    torch.manual_seed(0)
+    layer = BatchNormAct2d(8, act_layer=nn.Hardswish).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    new = normlab.convert_norm(nn.Sequential(copy.deepcopy(layer)), to)[0]
+    x = torch.randn(4, 8, 5, 5, dtype=torch.float64) + 1
+    if groups is None:  # training mode: batch statistics
+        want = nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+    else:
+        want = nn.functional.group_norm(x, groups, layer.weight, layer.bias, layer.eps)
+    torch.testing.assert_close(new(x), nn.functional.hardswish(want))
+    assert isinstance(new.act, nn.Hardswish) and not new._forward_hooks

@@ -11,8 +11,9 @@ timm's norm-act layers (``BatchNormAct2d``, ``SyncBatchNormAct``: BatchNorms tha
 ``drop`` and ``act`` submodules after normalizing) and normlab BatchNorms with a fused
 ``activation`` stay whole: a ReLU, SiLU or exact GELU after no dropout is fused into the new
 norm (``activation=``) where it takes one; any other activation or a dropout stays as the same
-``drop`` / ``act`` submodules, run after the new norm by a forward hook. The state_dict keys of
-those layers stay as they were.
+``drop`` / ``act`` submodules, run after the new norm by a forward hook (or, for a norm-act
+target such as timm's GroupNormAct, in place of its own). The state_dict keys of those layers
+stay as they were.
 
 The returned model carries ``model.normlab_conversion``, a :class:`ConversionSummary` of what was
 replaced.
@@ -156,8 +157,11 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = 
     new = _build_norm(module, to, kwargs, name, fused)
     if act is None or fused is not _NOTHING:
         return new
+    # a norm-act target (timm's GroupNormAct, BatchNormAct2d) runs its own drop and act
+    runs_its_own = all(isinstance(new._modules.get(k), nn.Module) for k in ("drop", "act"))
     new.drop, new.act = drop, act  # the same names as timm's: state_dict keys stay
-    new.register_forward_hook(_drop_then_act)
+    if not runs_its_own:  # (there: in its place, not a second time after it)
+        new.register_forward_hook(_drop_then_act)
     return new
 
 
