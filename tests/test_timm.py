@@ -179,3 +179,33 @@ def test_norm_act_target_runs_the_activation_once(to, groups):
         want = nn.functional.group_norm(x, groups, layer.weight, layer.bias, layer.eps)
     torch.testing.assert_close(new(x), nn.functional.hardswish(want))
     assert isinstance(new.act, nn.Hardswish) and not new._forward_hooks
+
+
+@pytest.mark.parametrize("to", ["frozenbn", "bn", "gn"])
+def test_timm_frozen_batchnorms_are_converted(to):
+    # timm.layers.freeze_batch_norm_2d gives torchvision's FrozenBatchNorm2d and timm's
+    # FrozenBatchNormAct2d, which convert_norm did not recognise: nothing was replaced
+    from timm.layers import freeze_batch_norm_2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8),
+                          nn.Conv2d(8, 8, 1), BatchNormAct2d(8, act_layer=nn.SiLU),
+                          nn.Conv2d(8, 8, 1), BatchNormAct2d(8, act_layer=nn.Hardswish))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.3)
+    frozen = freeze_batch_norm_2d(copy.deepcopy(model).eval())
+    converted = normlab.convert_norm(copy.deepcopy(frozen), to)
+    assert len(converted.normlab_conversion) == 3
+    assert [type(converted[i]).__module__.split(".")[0] for i in (1, 3, 5)] == ["normlab"] * 3
+    x = torch.randn(2, 3, 7, 7)
+    if to == "gn":  # the affine carried over, the statistics now GN's own
+        want = _timm_group_norm_act(model)(x)
+    else:
+        want = model.eval()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(x), want)

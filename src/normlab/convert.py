@@ -7,8 +7,9 @@ running statistics too where the target has them (bn, brn, syncbn, frozenbn). BN
 reproduces the BN's eval output exactly. GroupNorm targets whose requested group count does not
 divide C get one by :func:`normlab.factory.resolve_groups`.
 
-timm's norm-act layers (``BatchNormAct2d``, ``SyncBatchNormAct``: BatchNorms that apply their
-``drop`` and ``act`` submodules after normalizing) and normlab BatchNorms with a fused
+timm's norm-act layers (``BatchNormAct2d``, ``SyncBatchNormAct``, ``FrozenBatchNormAct2d``:
+BatchNorms that apply their ``drop`` and ``act`` submodules after normalizing; torchvision's
+FrozenBatchNorm2d is replaced too) and normlab BatchNorms with a fused
 ``activation`` stay whole: a ReLU, SiLU or exact GELU after no dropout is fused into the new
 norm (``activation=``) where it takes one; any other activation or a dropout stays as the same
 ``drop`` / ``act`` submodules, run after the new norm by a forward hook (or, for a norm-act
@@ -26,7 +27,7 @@ import functools
 import inspect
 from typing import Any, Optional, Tuple
 
-from torch import nn
+from torch import Tensor, nn
 
 from normlab.factory import NORMS, NormSpec, canonical_name, create_norm, get_norm_class
 from normlab import functional as NLF
@@ -39,6 +40,11 @@ from normlab.nn.syncbn import SyncBatchNorm
 __all__ = ["convert_norm", "ConversionSummary", "Replacement"]
 
 _SOURCE_TYPES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+# torchvision's FrozenBatchNorm2d (timm's too: it re-exports it) and timm's FrozenBatchNormAct2d,
+# what timm.layers.freeze_batch_norm_2d makes of BatchNorm2d and BatchNormAct2d
+_FOREIGN_FROZEN = {"torchvision.ops.misc": ("FrozenBatchNorm2d",),
+                   "timm.layers.norm_act": ("FrozenBatchNormAct2d",)}
+_FROZEN_STATE = ("weight", "bias", "running_mean", "running_var")
 _SYNC_TYPES = (nn.SyncBatchNorm, SyncBatchNorm)
 _CARRIED = ("eps", "momentum", "affine", "track_running_stats")
 
@@ -75,6 +81,21 @@ def _dims_of(module: nn.Module) -> int:
         if name.endswith(f"{d}d"):
             return d
     return 2
+
+
+def _is_source(module: nn.Module) -> bool:
+    """A BatchNorm convert_norm replaces: torch's and normlab's, and the frozen ones of
+    torchvision and timm (fixed statistics and affine, all four as buffers)."""
+    if isinstance(module, _SOURCE_TYPES):
+        return True
+    cls = type(module)
+    return (cls.__name__ in _FOREIGN_FROZEN.get(cls.__module__, ())
+            and all(isinstance(getattr(module, a, None), Tensor) for a in _FROZEN_STATE))
+
+
+def _num_features(module: nn.Module) -> int:
+    """C of a source norm (torchvision's FrozenBatchNorm2d keeps no num_features)."""
+    return getattr(module, "num_features", None) or module.running_mean.numel()
 
 
 def _is_frozen_target(to: NormSpec) -> bool:
@@ -172,7 +193,7 @@ def _build_norm(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: s
             f"cannot convert {name or '<root>'!r} ({type(module).__name__}): its parameters are "
             "not initialized yet, so its channel count is unknown; run one forward pass first"
         )
-    c = module.num_features
+    c = _num_features(module)
     kw = dict(kwargs)
     key = canonical_name(to) if isinstance(to, str) else None
     if key is None:
@@ -259,7 +280,8 @@ def _already(module: nn.Module, target: str, target_cls: Optional[type]) -> bool
 
 def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
     """Replace every BatchNorm (torch's or normlab's, SyncBatchNorm and FrozenBatchNorm2d
-    included) in ``model`` by ``create_norm(to, C, **kwargs)``.
+    included, and torchvision's FrozenBatchNorm2d and timm's FrozenBatchNormAct2d) in ``model``
+    by ``create_norm(to, C, **kwargs)``.
 
     Args:
         model: any module; changed in place (and returned). If ``model`` itself is a BatchNorm,
@@ -298,11 +320,11 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
     summary = ConversionSummary(str(target))
     model, replaced = replace_modules(
         model,
-        lambda m: isinstance(m, _SOURCE_TYPES) and not _already(m, target, target_cls),
+        lambda m: _is_source(m) and not _already(m, target, target_cls),
         lambda m, name: _build(m, to, kwargs, name),
     )
     warn_dropped_hooks(replaced, "convert_norm")
-    summary.replaced = [Replacement(name, type(old).__name__, repr(new), old.num_features)
+    summary.replaced = [Replacement(name, type(old).__name__, repr(new), _num_features(old))
                         for name, old, new in replaced]
     model.normlab_conversion = summary
     return model
