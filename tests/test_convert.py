@@ -374,3 +374,31 @@ def test_hooks_left_behind_on_a_replaced_norm_are_named_in_a_warning(convert):
     if isinstance(model[1], nlnn.GroupNorm):
         model(off_centre(2, 3, 6, 6))
         assert seen == []  # the hook did not come along: what the warning is about
+
+
+def test_fx_trace_of_a_converted_model_runs_each_hook_once():
+    # the act that convert_norm keeps in a forward hook (here: GELU, which LayerNorm2d cannot
+    # fuse) and a user's hooks on a normlab module: torch.fx traces through normlab modules,
+    # running their hooks on the proxies, and the module's call_module node ran them again
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nlnn.BatchNorm2d(8, activation="gelu"),
+                          nn.Conv2d(8, 8, 1), nlnn.BatchNorm2d(8))
+    with torch.no_grad():
+        for bn in (model[1], model[3]):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    model = convert_norm(model.eval(), "ln2d")
+    model[3].register_forward_pre_hook(lambda m, args: (args[0] + 1,))
+    model[3].register_forward_hook(lambda m, args, out: out * 2)
+    x = torch.randn(2, 3, 7, 7)
+    gm = torch.fx.symbolic_trace(model)
+    h = nn.functional.gelu(nn.functional.layer_norm(
+        model[0](x).permute(0, 2, 3, 1), (8,), model[1].weight, model[1].bias, model[1].eps))
+    h = model[2](h.permute(0, 3, 1, 2)) + 1
+    want = 2 * nn.functional.layer_norm(h.permute(0, 2, 3, 1), (8,), model[3].weight,
+                                        model[3].bias, model[3].eps).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
+        torch.testing.assert_close(gm(x), want)

@@ -69,9 +69,18 @@ def fx_leaf(
     traced instead (call_function nodes on the parameters, as torch's GroupNorm, LayerNorm,
     RMSNorm and Conv2d trace). A module without one (the batch-statistics modules, whose
     running-statistics update FX cannot record, as torch's BatchNorm and InstanceNorm cannot be
-    the root either) raises torch's TraceError naming it."""
+    the root either) raises torch's TraceError naming it.
+
+    A module with forward (pre-)hooks is the exception: the trace runs them on the proxies (a
+    module it goes through), so their ops are in the graph, and a call_module node would run
+    them again; its node calls the module's forward alone instead."""
     tracer = input.tracer
     path = tracer.path_of_module(module)
+    if path and (module._forward_pre_hooks or module._forward_hooks):
+        # the trace runs this call's forward (pre-)hooks on the proxies, so the graph holds
+        # their ops already; a call_module node would run them a second time: the forward alone
+        mod = tracer.create_proxy("get_attr", path, (), {})
+        return tracer.create_proxy("call_function", _forward_only, (mod, input), {})
     if path:
         return tracer.create_proxy("call_module", path, (input,), {})
     if root_forward is None:
@@ -81,6 +90,11 @@ def fx_leaf(
             "recorded as one call_module node, e.g. symbolic_trace(torch.nn.Sequential(module))"
         )
     return root_forward(input)
+
+
+def _forward_only(module: nn.Module, input: Tensor) -> Tensor:
+    """A module's forward without its hooks (see :func:`fx_leaf`)."""
+    return module.forward(input)
 
 
 def not_scriptable(module: nn.Module) -> nn.Module:
