@@ -70,3 +70,24 @@ def test_from_batchnorm_without_bias_equals_the_eval_batchnorm():
     assert torch.allclose(frozen(x), bn(x), rtol=0, atol=1e-12)
     converted = normlab.convert_norm(torch.nn.Sequential(bn), "frozenbn")
     assert torch.allclose(converted(x), bn(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
+def test_from_batchnorm_keeps_normlab_fused_activation(act):
+    # a normlab BatchNorm2d(activation=...) frozen: the activation was dropped (2.9 absolute
+    # error for silu here), so the copy was not the BN's eval output
+    torch.manual_seed(0)
+    bn = nlnn.BatchNorm2d(6, activation=act).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_(1.0, 1.0)
+        bn.running_var.uniform_(0.5, 2.0)
+    bn.eval()
+    frozen = nlnn.FrozenBatchNorm2d.from_batchnorm(bn)
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64) + 1
+    plain = nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                     False, 0.0, bn.eps)
+    want = {"relu": torch.relu, "silu": nn.functional.silu, "gelu": nn.functional.gelu}[act](plain)
+    assert frozen.activation == act
+    torch.testing.assert_close(frozen(x), want)

@@ -58,7 +58,8 @@ class FrozenBatchNorm2d(nn.Module):
 
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> "FrozenBatchNorm2d":
-        """A frozen copy of ``bn`` (its running statistics, affine and eps)."""
+        """A frozen copy of ``bn`` (its running statistics, affine, eps and, for normlab's
+        BatchNorm, its fused ``activation``)."""
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise TypeError(
                 f"from_batchnorm needs a BatchNorm module, got {type(bn).__name__}"
@@ -69,7 +70,9 @@ class FrozenBatchNorm2d(nn.Module):
                 "it has no running statistics"
             )
         ref = bn.running_mean
-        out = cls(bn.num_features, bn.eps, device=ref.device, dtype=ref.dtype)
+        act = getattr(bn, "activation", None)  # normlab's BatchNorm: "relu", "silu", "gelu"
+        out = cls(bn.num_features, bn.eps, device=ref.device, dtype=ref.dtype,
+                  activation=act if isinstance(act, str) else None)
         with torch.no_grad():
             out.running_mean.copy_(bn.running_mean)
             out.running_var.copy_(bn.running_var)
