@@ -402,3 +402,15 @@ def test_fx_trace_of_a_converted_model_runs_each_hook_once():
     with torch.no_grad():
         torch.testing.assert_close(model(x), want)
         torch.testing.assert_close(gm(x), want)
+
+
+@pytest.mark.parametrize("to", ["frozenbn", nlnn.FrozenBatchNorm2d])
+def test_frozenbn_target_takes_an_activation_as_create_norm_does(to):
+    # create_norm("frozenbn", C, activation="relu") works, but convert_norm to frozenbn refused
+    # the keyword ("it takes eps") while every other BatchNorm target took it
+    bn = _model()[1].eval()
+    model = convert_norm(nn.Sequential(bn), to, activation="relu")
+    x = off_centre(2, 48, 3, 3)
+    assert model[0].activation == "relu"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.relu(bn(x)))

@@ -147,11 +147,11 @@ def _carried_value(module: nn.Module, attr: str) -> Any:
 def _freeze(module: nn.Module, cls: type, kwargs: dict[str, Any], name: str) -> nn.Module:
     """BN -> FrozenBN: the exact freeze of :meth:`FrozenBatchNorm2d.from_batchnorm`."""
     what = f"{name or '<root>'!r} ({type(module).__name__})"
-    extra = sorted(set(kwargs) - {"eps", "device", "dtype"})
+    extra = sorted(set(kwargs) - {"eps", "activation", "device", "dtype"})
     if extra:
         raise TypeError(
             f"convert_norm to {cls.__name__}: unexpected keyword argument(s) "
-            f"{', '.join(map(repr, extra))}; it takes eps"
+            f"{', '.join(map(repr, extra))}; it takes eps, activation"
         )
     if _dims_of(module) != 2:
         raise ValueError(
@@ -166,6 +166,8 @@ def _freeze(module: nn.Module, cls: type, kwargs: dict[str, Any], name: str) -> 
     new = cls.from_batchnorm(module)
     if "eps" in kwargs:
         new.eps = NLF.check_eps(kwargs["eps"])
+    if "activation" in kwargs:
+        new.activation = NLF.check_activation(kwargs["activation"])
     return new.train(module.training)  # the mode of the model it joins, as every other target
 
 
@@ -206,7 +208,8 @@ def _build_norm(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: s
     if key == "frozenbn" or _is_frozen_target(to):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             new = _freeze(module, to if _is_frozen_target(to) else FrozenBatchNorm2d, kwargs, name)
-            new.activation = None if fused is _NOTHING else fused
+            if fused is not _NOTHING:
+                new.activation = fused
             return new
     if fused is not _NOTHING:
         kw["activation"] = fused
