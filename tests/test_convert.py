@@ -274,7 +274,7 @@ def test_syncbn_to_bn_accepts_the_dims_it_served():
 
 
 def test_convert_sync_batchnorm_classmethod_as_torchs():
-    """SyncBatchNorm.convert_sync_batchnorm (torch's API, implemented without convert_norm): the
+    """SyncBatchNorm.convert_sync_batchnorm (torch's API, convert_norm's builder): the
     same Parameter objects and running statistics, the BN's settings, bias=False kept, a module
     shared under two names stays shared."""
     bn = _trained_bn(nn.BatchNorm1d, 6, momentum=0.3, eps=1e-3)
@@ -414,3 +414,16 @@ def test_frozenbn_target_takes_an_activation_as_create_norm_does(to):
     assert model[0].activation == "relu"
     with torch.no_grad():
         torch.testing.assert_close(model(x), torch.relu(bn(x)))
+
+
+def test_convert_sync_batchnorm_keeps_a_fused_activation():
+    # normlab's BatchNorm2d(activation="silu") became a SyncBatchNorm without it (the silu
+    # dropped); convert_norm(..., "syncbn") kept it
+    bn = _trained_bn(nn.BatchNorm2d, 6)
+    ours = nlnn.BatchNorm2d(6, activation="silu")
+    ours.load_state_dict(bn.state_dict())
+    out = nlnn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(ours.eval()))
+    x = off_centre(2, 6, 3, 3)
+    assert out[0].activation == "silu"
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), nn.functional.silu(bn.eval()(x)))

@@ -221,3 +221,15 @@ def test_timm_fx_feature_extraction_of_a_converted_model():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(next(iter(extractor(x).values())), model(x))
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, nn.Hardswish])
+def test_normlab_convert_sync_batchnorm_keeps_timms_activation(act):
+    # SyncBatchNorm.convert_sync_batchnorm made a plain SyncBatchNorm of a BatchNormAct2d and
+    # dropped its act (torch's classmethod does the same; timm has its own for that reason)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=act)).train()
+    x = torch.randn(4, 3, 7, 7)
+    new = nlnn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert type(new[1]) is nlnn.SyncBatchNorm
+    torch.testing.assert_close(new(x), model(x))  # training: batch statistics, then the act

@@ -45,7 +45,7 @@ from torch import Tensor, fx, nn
 from normlab import functional as NLF
 from normlab.backends.reference import apply_activation, compute_dtype, output_memory_format
 from normlab.nn._common import (
-    adopt_state, channel_view, check_bn_input, check_count, count_batch, fx_leaf, replace_modules,
+    channel_view, check_bn_input, check_count, count_batch, fx_leaf, replace_modules,
     running_average_factor, update_running_stats, warn_dropped_hooks)
 from normlab.nn.batchnorm import _BatchNormForward
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
@@ -300,23 +300,20 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         included) by this class, as torch's classmethod: the same Parameter and buffer objects
         (see :func:`normlab.nn._common.adopt_state`), eps, momentum, affine, bias and
         track_running_stats carried over, and a ``qconfig`` as torch's classmethod carries it.
+        A fused activation (normlab's ``activation``, timm's BatchNormAct2d ``act``) stays, as
+        convert_norm keeps it (torch's classmethod drops timm's).
         :func:`normlab.convert_norm` with ``"syncbn"`` makes the same replacement (the
         ``qconfig`` left behind) and reports what it replaced."""
+        from normlab.convert import _build  # (normlab.convert imports this module)
+
         module, replaced = replace_modules(
             module,
             lambda m: _is_batchnorm(m) and type(m) is not cls,
-            lambda m, name: _keep_qconfig(m, adopt_state(m, cls._like(m, process_group))),
+            lambda m, name: _keep_qconfig(
+                m, _build(m, cls, {"process_group": process_group}, name)),
         )
         warn_dropped_hooks(replaced, "convert_sync_batchnorm")
         return module
-
-    @classmethod
-    def _like(cls, bn: nn.Module, process_group: Any) -> "SyncBatchNorm":
-        """A SyncBatchNorm with ``bn``'s settings (FrozenBatchNorm2d has eps only)."""
-        affine = getattr(bn, "affine", True)
-        return cls(bn.num_features, bn.eps, getattr(bn, "momentum", 0.1), affine,
-                   getattr(bn, "track_running_stats", True), process_group,
-                   bias=not (affine and getattr(bn, "bias", 0) is None))
 
 
 def _keep_qconfig(old: nn.Module, new: nn.Module) -> nn.Module:
