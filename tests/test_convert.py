@@ -95,6 +95,12 @@ def test_errors():
         convert_norm(_model(), "groupy")
     with pytest.raises(TypeError, match="model must be an nn.Module, got dict"):
         convert_norm({}, "gn")
+    # dims=3 is carried over from a BatchNorm3d, not given: the error names that module
+    model = nn.Sequential(nn.Conv3d(2, 4, 1), nn.BatchNorm3d(4))
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm3d\): norm 'brn' supports dims=\[1, 2\], "
+                                         r"got dims=3"):
+        convert_norm(model, "brn")
+    assert type(model[1]) is nn.BatchNorm3d  # nothing changed
 
 
 def _trained_bn(cls, c, **kw):

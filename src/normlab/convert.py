@@ -218,7 +218,15 @@ def _build_norm(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: s
         kw.pop("dims", None)
         new = BatchNormXd(c, **kw)
     else:
-        new = create_norm(to, c, **kw)
+        try:
+            new = create_norm(to, c, **kw)
+        except (TypeError, ValueError) as e:
+            if type(e) not in (TypeError, ValueError):
+                raise
+            # the settings carried over (dims=3 of a BatchNorm3d) are not the caller's: name
+            # the module they came from
+            raise type(e)(f"cannot convert {name or '<root>'!r} ({type(module).__name__}): "
+                          f"{e}") from e
     return adopt_state(module, new)
 
 
