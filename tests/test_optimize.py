@@ -303,3 +303,16 @@ def test_tracing_a_timm_norm_act_left_in_place_does_not_count_batches():
                           timm.layers.BatchNormAct2d(8, momentum=None, act_layer=nn.Hardswish))
     ours, record = _check(model, torch.randn(4, 3, 6, 6), train=True)
     assert record.traced and record.skipped[0][0] == "1", str(record)
+
+
+def test_a_model_built_in_inference_mode():
+    # its buffers are inference tensors, which keep no version counter: the trace's check for
+    # buffers it changed must not read one
+    with torch.inference_mode():
+        model = _randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())).eval()
+        reference = copy.deepcopy(model)
+    ours, record = optimize(model)
+    assert record.traced and record.fused == [("1", "relu", "sequential")]
+    x = torch.randn(2, 3, 6, 6)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), reference(x))

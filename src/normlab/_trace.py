@@ -81,15 +81,15 @@ def trace(model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> Tuple[Optio
         name, kinds = hooked[0]
         return None, (f"module {name!r} has {', '.join(kinds)}, which a torch.fx trace would run "
                       "on proxies (what they read is not in the graph)")
-    saved = [(b, b._version, b.clone()) for b in model.buffers()]
+    saved = [(b, b.clone()) for b in model.buffers()]
     try:
         return fx.GraphModule(model, tracer.trace(model)), ""
     except Exception as e:  # anything fx cannot trace: the caller falls back
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
     finally:
         with torch.no_grad():
-            for b, version, value in saved:
-                if b._version != version:
+            for b, value in saved:
+                if not torch.equal(b, value):  # (NaN too: copied back, unchanged)
                     b.copy_(value)
 
 
