@@ -316,3 +316,32 @@ def test_a_model_built_in_inference_mode():
     x = torch.randn(2, 3, 6, 6)
     with torch.inference_mode():
         torch.testing.assert_close(ours(x), reference(x))
+
+
+class _TrainOnlyScale(nn.Module):
+    """GroupNorm -> F.silu (an fx fusion), then a branch on ``self.training`` (as timm's
+    DropPath has): a torch.fx graph keeps the branch of the mode it was traced in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.GroupNorm(2, 8)
+
+    def forward(self, x):
+        h = F.silu(self.norm(self.conv(x)))
+        return h * 0.5 if self.training else h
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_mode_dependent_forward_is_not_rewritten(train):
+    # optimize returned a GraphModule traced in one mode: after .train()/.eval() it still ran
+    # that mode's branch (timm's resnet18 with drop_path_rate: stochastic depth in eval)
+    model = _randomize(_TrainOnlyScale()).train(train)
+    reference = copy.deepcopy(model)
+    ours, record = optimize(model)
+    assert not isinstance(ours, torch.fx.GraphModule) and not record.fused
+    assert "depends on train/eval mode" in record.skipped[0][1], str(record)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        for mode in (train, not train):
+            torch.testing.assert_close(ours.train(mode)(x), reference.train(mode)(x))

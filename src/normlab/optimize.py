@@ -23,7 +23,8 @@ hook dicts: their handles still remove them). A fusion happens only where nothin
 the norm's output: not where the norm or the activation module has hooks, not where the trace
 shows another reader of the norm's output (a loop over the nn.Sequential that keeps it, a slice
 ``seq[:2]``), and the fx rewrite not where a module it would inline, or the root, has hooks (a
-GraphModule runs none of them). Where fx cannot trace the model, step 2 assumes that each
+GraphModule runs none of them), nor where the traced forward depends on train/eval mode (a
+GraphModule keeps the mode's branch it was traced in). Where fx cannot trace the model, step 2 assumes that each
 nn.Sequential is run whole (it cannot see otherwise; a subclass with a forward of its own is
 not fused into then), and the record says the model was not traced. The record lists what was
 left and why.
@@ -313,6 +314,21 @@ def _drop_identities(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
 
 
+def _same_in_both_modes(model: nn.Module, code: str) -> bool:
+    """Whether a trace of ``model`` with every module in the other mode (train/eval) gives the
+    same ``code`` as its trace in its own mode: fx runs a traced-through forward's
+    ``if self.training`` once, so a GraphModule would keep that branch after ``.train()`` /
+    ``.eval()``."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(not model.training)
+        other, _ = _trace.trace(model, _takes_activation)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return other is not None and other.code == code
+
+
 def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphModule]:
     gm, error = _trace.trace(model, _takes_activation)
     record.traced, record.trace_error = gm is not None, error
@@ -323,6 +339,7 @@ def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphM
                                    f"{', '.join(_trace.hooks_of(model))}, which the GraphModule "
                                    "that fusing them returns would not run"))
         return None
+    code = gm.code
     _drop_identities(gm)
     counts = _trace.call_counts(gm)
     fused = 0
@@ -339,6 +356,11 @@ def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphM
         if hooks:
             _left(record, node.target, hooks)
             continue
+        if not fused and not _same_in_both_modes(model, code):  # before the first rewrite
+            record.skipped.append(("", "activation calls not fused: the traced forward depends "
+                                       "on train/eval mode (timm's DropPath, a norm-act layer "
+                                       "left in place), which a GraphModule keeps as traced"))
+            return None
         fused_norm = _with_activation(norm, act)
         replace_modules(gm, lambda m, norm=norm: m is norm, lambda m, _, new=fused_norm: new)
         user.replace_all_uses_with(node)
