@@ -233,3 +233,26 @@ def test_normlab_convert_sync_batchnorm_keeps_timms_activation(act):
     new = nlnn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
     assert type(new[1]) is nlnn.SyncBatchNorm
     torch.testing.assert_close(new(x), model(x))  # training: batch statistics, then the act
+
+
+@pytest.mark.parametrize("to", ["frozenbn", "gn"])
+def test_converting_a_converted_norm_act_again_keeps_its_act_without_a_warning(to):
+    # the forward hook convert_norm gave the first replacement for hard-swish is rebuilt on the
+    # second; the warning that named it as a user's hook left behind was wrong
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.Hardswish)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 1.5)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+    once = normlab.convert_norm(copy.deepcopy(model), "bn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twice = normlab.convert_norm(copy.deepcopy(once), to)
+    x = torch.randn(2, 3, 7, 7)
+    want = model(x) if to == "frozenbn" else _timm_group_norm_act(model)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(twice(x), want)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from normlab.factory import NORMS, NormSpec, canonical_name, create_norm, get_norm_class
 from normlab import functional as NLF
+from normlab._trace import HOOK_DICTS, hooks_of
 from normlab.nn.batch_renorm import BatchRenorm1d, _BatchRenorm
 from normlab.nn.batchnorm import BatchNormXd
 from normlab.nn._common import adopt_state, replace_modules, warn_dropped_hooks
@@ -281,6 +282,12 @@ def _drop_then_act(module: nn.Module, args: Any, output: Any) -> Any:
     return module.act(module.drop(output))
 
 
+def _only_our_hook(module: nn.Module) -> bool:
+    """Whether the only hook of ``module`` is the one :func:`_build` registers."""
+    return (list(module._forward_hooks.values()) == [_drop_then_act]
+            and hooks_of(module, HOOK_DICTS) == ["forward_hooks"])
+
+
 def _already(module: nn.Module, target: str, target_cls: Optional[type]) -> bool:
     """Whether ``module`` is already what a conversion to ``target`` would build (left alone, with
     its own settings: a BatchRenorm1d's r_max/d_max survive a conversion to "brn")."""
@@ -334,7 +341,9 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
         lambda m: _is_source(m) and not _already(m, target, target_cls),
         lambda m, name: _build(m, to, kwargs, name),
     )
-    warn_dropped_hooks(replaced, "convert_norm")
+    # the forward hook an earlier convert_norm gave a norm for its drop and act is not the
+    # user's: the replacement gets the drop and act again
+    warn_dropped_hooks([r for r in replaced if not _only_our_hook(r[1])], "convert_norm")
     summary.replaced = [Replacement(name, type(old).__name__, repr(new), _num_features(old))
                         for name, old, new in replaced]
     model.normlab_conversion = summary
