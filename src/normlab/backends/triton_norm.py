@@ -68,6 +68,7 @@ import contextlib
 import functools
 import math
 import os
+import typing
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -1338,7 +1339,15 @@ def _norm_fixed_bwd(
 
 # triton_op registers its body as the fake impl too; the register_fake calls below replace it
 # with the shape-only fakes, the same for both registrations
-_register = torch.library.triton_op if TRITON_OP else torch.library.custom_op
+def _register(name: str, fn, mutates_args: tuple):
+    """``torch.library.triton_op`` (TRITON_OP) or ``custom_op``, given ``fn`` with its annotations
+    resolved: torch < 2.5 infers the schema from ``__annotations__`` without evaluating the
+    strings ``from __future__ import annotations`` leaves there."""
+    fn.__annotations__ = typing.get_type_hints(fn)
+    op = torch.library.triton_op if TRITON_OP else torch.library.custom_op
+    return op(name, fn, mutates_args=mutates_args)
+
+
 triton_norm_fwd = _register("normlab::triton_norm_fwd", _norm_fwd, mutates_args=())
 triton_norm_bwd = _register("normlab::triton_norm_bwd", _norm_bwd, mutates_args=())
 triton_norm_fixed = _register("normlab::triton_norm_fixed", _norm_fixed, mutates_args=())

@@ -23,7 +23,7 @@ from normlab.backends.reference import channel_view, update_running_stats
 __all__ = [
     "channel_view", "update_running_stats", "InputShapeError", "check_count", "check_num_channels",
     "check_bn_input", "fx_leaf", "not_scriptable", "count_batch", "running_average_factor",
-    "adopt_state", "replace_modules",
+    "adopt_state", "replace_modules", "drop_bias", "reset_affine",
 ]
 
 
@@ -52,6 +52,23 @@ def check_bn_input(module: nn.Module, x: Tensor) -> None:
     module._check_input_dim(x)
     NLF.check_input(x)
     check_num_channels(module, x, module.num_features)
+
+
+def drop_bias(module: nn.Module, affine: bool, bias: bool) -> None:
+    """``bias=False`` with ``affine`` on every torch: normlab's BatchNorm, InstanceNorm and
+    GroupNorm build torch's module with a bias and drop it here (torch < 2.11 has no ``bias=``
+    argument; from 2.11 torch's modules derive everything from ``bias is None``, as here)."""
+    if affine and not bias:
+        module.register_parameter("bias", None)
+
+
+def reset_affine(module: nn.Module) -> None:
+    """weight 1 and bias 0 where the module has them (torch < 2.11's ``reset_parameters``
+    assumes a bias with ``affine``)."""
+    if module.affine:
+        nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def fx_leaf(

@@ -16,7 +16,8 @@ from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
 from normlab.nn._common import (
-    check_bn_input, count_batch, fx_leaf, not_scriptable, running_average_factor)
+    check_bn_input, count_batch, drop_bias, fx_leaf, not_scriptable, reset_affine,
+    running_average_factor)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd"]
 
@@ -42,8 +43,13 @@ class _BatchNormForward:
     ) -> None:
         NLF.check_eps(eps)  # > 0 and finite: at construction, as the other modules check it
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
-                         dtype=dtype, bias=bias)
+                         dtype=dtype)
+        drop_bias(self, affine, bias)
         self.activation = NLF.check_activation(activation)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):

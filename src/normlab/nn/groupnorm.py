@@ -16,7 +16,8 @@ from typing import Optional
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.nn._common import check_count, check_num_channels, fx_leaf, not_scriptable
+from normlab.nn._common import (
+    check_count, check_num_channels, drop_bias, fx_leaf, not_scriptable, reset_affine)
 
 __all__ = ["GroupNorm"]
 
@@ -90,9 +91,11 @@ class GroupNorm(nn.GroupNorm):
         NLF.check_groups(num_groups, num_channels)
         NLF.check_eps(eps)
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
-        if affine and not bias:  # torch < 2.11 has no bias= argument: drop the bias here
-            self.register_parameter("bias", None)
+        drop_bias(self, affine, bias)
         self.activation = NLF.check_activation(activation)
+
+    def reset_parameters(self) -> None:
+        reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):

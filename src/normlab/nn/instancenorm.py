@@ -13,7 +13,7 @@ from typing import Optional
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.nn._common import fx_leaf, not_scriptable
+from normlab.nn._common import drop_bias, fx_leaf, not_scriptable, reset_affine
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -37,8 +37,13 @@ class _InstanceNormForward:
     ) -> None:
         NLF.check_eps(eps)  # > 0 and finite: at construction, as the other modules check it
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
-                         dtype=dtype, bias=bias)
+                         dtype=dtype)
+        drop_bias(self, affine, bias)
         self.activation = NLF.check_activation(activation)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        reset_affine(self)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
