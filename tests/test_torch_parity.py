@@ -1,6 +1,8 @@
 """Drop-in against torch itself (issue 13, items 4-7, 9 and the running-stats edge): the same
 input and seed through torch.nn and normlab, and the float64 formula where torch is wrong."""
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -249,3 +251,33 @@ def test_rmsnorm_input_is_named_x_as_torchs():
     x = off_centre(3, 5)
     ours, theirs = nlnn.RMSNorm(5), nn.RMSNorm(5)
     torch.testing.assert_close(ours(x=x), theirs(x=x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("bias" not in inspect.signature(nn.GroupNorm).parameters,
+                    reason="torch < 2.11's norms take no bias=")
+@pytest.mark.parametrize("ours,theirs", [
+    # each module that takes bias= by building torch's module with a bias and dropping it
+    # (nn._common.drop_bias: torch < 2.11 has no bias= argument)
+    (lambda: nlnn.BatchNorm2d(6, bias=False), lambda: nn.BatchNorm2d(6, bias=False)),
+    (lambda: nlnn.InstanceNorm2d(6, affine=True, track_running_stats=True, bias=False),
+     lambda: nn.InstanceNorm2d(6, affine=True, track_running_stats=True, bias=False)),
+    (lambda: nlnn.GroupNorm(3, 6, bias=False), lambda: nn.GroupNorm(3, 6, bias=False)),
+    (lambda: nlnn.SyncBatchNorm(6, bias=False), lambda: nn.SyncBatchNorm(6, bias=False)),
+])
+def test_bias_false_state_repr_reset_and_output_as_torch(ours, theirs):
+    torch.manual_seed(0)
+    a, b = ours(), theirs()
+    assert a.bias is None and list(a.state_dict()) == list(b.state_dict())
+    assert repr(a) == repr(b)
+    with torch.no_grad():  # random affine and running statistics, then reset both
+        for m in (a, b):
+            m.weight.uniform_(0.5, 1.5)
+            if getattr(m, "running_mean", None) is not None:
+                m.running_mean.normal_(); m.running_var.uniform_(0.5, 2.0)
+    b.load_state_dict(a.state_dict())
+    x = off_centre(4, 6, 5, 5)
+    torch.testing.assert_close(a(x), b(x))  # training: the batch statistics, weight, no bias
+    a.reset_parameters(); b.reset_parameters()
+    assert a.bias is None
+    for (name, t), u in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(t, u, msg=name)
