@@ -80,10 +80,11 @@ def test_float32_at_offset_matches_the_formula(shape, groups, path):
     assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
     y64, dx64, dw64, db64 = _float64(x, groups, w, b, dy)
     assert (y.double() - y64).abs().max().item() < 3 * 2 * ULP_1000
-    # measured 1e-7 - 8e-7 on these inputs, shifted ATen kernel 1e-7 - 1.1e-6 (ATen's NCHW kernel
-    # on the same input: 1e-5 - 7e-4)
+    # measured 1e-7 - 8e-7 on these inputs, shifted ATen kernel 1e-7 - 1.1e-6 at one thread and
+    # up to 3.4e-6 (dw) at two, whose sums run in another order (ATen's NCHW kernel on the same
+    # input: 1e-5 - 7e-4)
     for name, got, want in (("y", y, y64), ("dx", dx, dx64), ("dw", dw, dw64), ("db", db, db64)):
-        assert rel_err(got, want) < 3e-6, (name, rel_err(got, want))
+        assert rel_err(got, want) < 5e-6, (name, rel_err(got, want))
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 6, 16, 16), 3), ((1, 4, 32, 32), 4)])
