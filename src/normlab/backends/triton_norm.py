@@ -655,8 +655,10 @@ def _bwd_kernel(
         p = AB + (stat[:, None] * nsplit + idx[None, :]) * 2
         a_g = tl.sum(tl.load(p, mask=pm, other=0.0), axis=1)
         b_g = tl.sum(tl.load(p + 1, mask=pm, other=0.0), axis=1)
-        if (HAS_W or HAS_B) and j == 0 and k < NGB:  # sample 0's programs (or all, over the batch)
-            _reduce_rows(PDW, PDB, DW, DB, ROWS, C, g0 * Cg, ncols, CT, HAS_W, HAS_B, BLOCK_C)
+        if HAS_W or HAS_B:  # (two ifs: triton 3.0 refuses a chain of three and/or operands)
+            if j == 0 and k < NGB:  # sample 0's programs (or all, over the batch)
+                _reduce_rows(PDW, PDB, DW, DB, ROWS, C, g0 * Cg, ncols, CT, HAS_W, HAS_B,
+                             BLOCK_C)
     if not CENTER:
         a_g = tl.zeros([GBP], dtype=tl.float32)  # d(mean)/dx = 0: no A term
 
