@@ -23,7 +23,7 @@ from normlab.backends.reference import channel_view, update_running_stats
 __all__ = [
     "channel_view", "update_running_stats", "InputShapeError", "check_count", "check_num_channels",
     "check_bn_input", "fx_leaf", "not_scriptable", "count_batch", "running_average_factor",
-    "adopt_state", "replace_modules", "drop_bias", "reset_affine",
+    "adopt_state", "replace_modules", "drop_bias", "reset_affine", "norm_repr",
 ]
 
 
@@ -69,6 +69,16 @@ def reset_affine(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def norm_repr(module: nn.Module, torch_repr: str) -> str:
+    """torch's ``extra_repr`` of a BatchNorm, InstanceNorm or GroupNorm, with ``bias=`` after
+    ``affine=`` where that torch leaves it out (< 2.11: normlab's modules take ``bias`` on every
+    torch) and normlab's ``activation`` last."""
+    if "bias=" not in torch_repr:
+        affine = f"affine={module.affine}"
+        torch_repr = torch_repr.replace(affine, f"{affine}, bias={module.bias is not None}", 1)
+    return torch_repr + (f", activation={module.activation!r}" if module.activation else "")
 
 
 def fx_leaf(

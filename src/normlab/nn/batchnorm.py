@@ -16,7 +16,7 @@ from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
 from normlab.nn._common import (
-    check_bn_input, count_batch, drop_bias, fx_leaf, not_scriptable, reset_affine,
+    check_bn_input, count_batch, drop_bias, fx_leaf, norm_repr, not_scriptable, reset_affine,
     running_average_factor)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormXd"]
@@ -72,8 +72,7 @@ class _BatchNormForward:
         )
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s + (f", activation={self.activation!r}" if self.activation else "")
+        return norm_repr(self, super().extra_repr())
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):

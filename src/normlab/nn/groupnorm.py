@@ -17,7 +17,8 @@ from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
 from normlab.nn._common import (
-    check_count, check_num_channels, drop_bias, fx_leaf, not_scriptable, reset_affine)
+    check_count, check_num_channels, drop_bias, fx_leaf, norm_repr, not_scriptable,
+    reset_affine)
 
 __all__ = ["GroupNorm"]
 
@@ -110,5 +111,4 @@ class GroupNorm(nn.GroupNorm):
         )
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s + (f", activation={self.activation!r}" if self.activation else "")
+        return norm_repr(self, super().extra_repr())

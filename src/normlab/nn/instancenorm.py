@@ -13,7 +13,8 @@ from typing import Optional
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.nn._common import drop_bias, fx_leaf, not_scriptable, reset_affine
+from normlab.nn._common import (
+    drop_bias, fx_leaf, norm_repr, not_scriptable, reset_affine)
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -46,8 +47,7 @@ class _InstanceNormForward:
         reset_affine(self)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s + (f", activation={self.activation!r}" if self.activation else "")
+        return norm_repr(self, super().extra_repr())
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
