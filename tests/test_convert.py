@@ -10,6 +10,7 @@ import normlab.nn as nlnn
 from normlab import convert_norm
 from normlab.factory import get_norm_class
 from formula import off_centre
+from versions import needs_torch_norm_bias
 
 
 class Block(nn.Module):
@@ -184,6 +185,7 @@ def test_uninitialized_lazy_batchnorm_is_named():
     assert isinstance(m[1], nlnn.GroupNorm) and m[1].num_channels == 4
 
 
+@needs_torch_norm_bias
 @pytest.mark.parametrize("to", ["bn", "syncbn", "in", "gn", "ln", nn.GroupNorm, nlnn.BatchNorm2d])
 def test_bias_false_is_carried(to):
     bn = _trained_bn(nn.BatchNorm2d, 8, bias=False)
@@ -279,6 +281,7 @@ def test_syncbn_to_bn_accepts_the_dims_it_served():
     assert type(convert_norm(nn.SyncBatchNorm(6), "bn", dims=1)) is nlnn.BatchNorm1d
 
 
+@needs_torch_norm_bias
 def test_convert_sync_batchnorm_classmethod_as_torchs():
     """SyncBatchNorm.convert_sync_batchnorm (torch's API, convert_norm's builder): the
     same Parameter objects and running statistics, the BN's settings, bias=False kept, a module

@@ -1,8 +1,6 @@
 """Drop-in against torch itself (issue 13, items 4-7, 9 and the running-stats edge): the same
 input and seed through torch.nn and normlab, and the float64 formula where torch is wrong."""
 
-import inspect
-
 import pytest
 import torch
 from torch import nn
@@ -12,6 +10,7 @@ import normlab.functional as NLF
 import normlab.nn as nlnn
 from normlab.backends import available_backends, use_backend
 from formula import normalize64, off_centre
+from versions import needs_torch_norm_bias
 
 BACKENDS = [b for b in ("reference", "native", "triton") if b in available_backends()]
 # float32 rounding at offset 1000: one ulp of 1000 is 6.1e-5 and x - mean carries about one;
@@ -253,8 +252,7 @@ def test_rmsnorm_input_is_named_x_as_torchs():
     torch.testing.assert_close(ours(x=x), theirs(x=x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif("bias" not in inspect.signature(nn.GroupNorm).parameters,
-                    reason="torch < 2.11's norms take no bias=")
+@needs_torch_norm_bias
 @pytest.mark.parametrize("ours,theirs", [
     # each module that takes bias= by building torch's module with a bias and dropping it
     # (nn._common.drop_bias: torch < 2.11 has no bias= argument)

@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 import normlab  # noqa: E402
 from normlab import functional as NF  # noqa: E402
 from normlab.backends import BackendUnavailable  # noqa: E402
+from versions import needs_triton_knobs  # noqa: E402
 
 tn = pytest.importorskip("normlab.backends.triton_norm")
 
@@ -89,6 +90,7 @@ def test_interpreter_switched_on_after_import_is_a_clear_error(monkeypatch):
         NF.group_norm(x, 2, backend="triton")
 
 
+@needs_triton_knobs
 @pytest.mark.parametrize("value", ["1", "true", "TRUE", "On", "yes", "0", "false", "2", ""])
 def test_interpreter_switch_is_read_as_triton_reads_it(monkeypatch, value):
     """normlab and Triton agree on whether $TRITON_INTERPRET asks for the interpreter: normlab

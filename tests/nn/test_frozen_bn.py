@@ -7,6 +7,7 @@ from torch import nn
 import normlab
 import normlab.nn as nlnn
 from formula import off_centre
+from versions import needs_torch_norm_bias
 
 
 def _trained_bn(c=6):
@@ -54,6 +55,7 @@ def test_errors():
         nlnn.FrozenBatchNorm2d.from_batchnorm(nn.GroupNorm(2, 4))
 
 
+@needs_torch_norm_bias
 def test_from_batchnorm_without_bias_equals_the_eval_batchnorm():
     """torch's BatchNorm2d(bias=False) (a weight, no bias): the frozen copy keeps a zero bias
     and gives the eval BatchNorm's output (it raised copying a None bias)."""

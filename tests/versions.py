@@ -1,0 +1,19 @@
+"""Skip marks for the tests whose reference needs a newer torch or Triton than normlab's floor
+(pyproject: torch>=2.4, triton>=3.0). normlab itself works there (README, "Versions"); these
+tests compare with a torch or Triton feature that older versions lack."""
+
+import importlib.util
+import inspect
+
+import pytest
+from torch import nn
+
+# torch >= 2.11: BatchNorm, InstanceNorm, GroupNorm and SyncBatchNorm take bias=
+needs_torch_norm_bias = pytest.mark.skipif(
+    "bias" not in inspect.signature(nn.BatchNorm2d).parameters,
+    reason="the reference is torch's norm with bias=, which this torch lacks (< 2.11)")
+
+# triton.knobs (not in Triton 3.0-3.2): Triton's own reading of its environment
+needs_triton_knobs = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.knobs") is None,
+    reason="the reference is triton.knobs, which this Triton lacks")
