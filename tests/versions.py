@@ -9,8 +9,9 @@ import pytest
 from torch import nn
 
 # torch >= 2.11: BatchNorm, InstanceNorm, GroupNorm and SyncBatchNorm take bias=
+TORCH_NORM_BIAS = "bias" in inspect.signature(nn.BatchNorm2d).parameters
 needs_torch_norm_bias = pytest.mark.skipif(
-    "bias" not in inspect.signature(nn.BatchNorm2d).parameters,
+    not TORCH_NORM_BIAS,
     reason="the reference is torch's norm with bias=, which this torch lacks (< 2.11)")
 
 # triton.knobs (not in Triton 3.0-3.2): Triton's own reading of its environment
