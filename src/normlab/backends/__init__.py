@@ -130,6 +130,8 @@ _MODULES = {
     "triton": "normlab.backends.triton_norm",
 }
 _INSTANCES: dict[str, Optional[Backend]] = {}
+
+
 class _BackendStack(threading.local):
     """Per-thread stack of ``use_backend`` names (an attribute read, cheap on the hot path)."""
 
