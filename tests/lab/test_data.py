@@ -235,6 +235,26 @@ def test_imagefolder_problems_are_named(tmp_path, layout, kwargs, needle):
     assert e.value.hint
 
 
+def test_imagefolder_image_too_large_is_named(tmp_path):
+    """A PNG whose header claims 20000x20000 pixels made Pillow raise DecompressionBombError
+    (not an OSError), which escaped as a traceback instead of the one error line."""
+    import struct
+    import zlib
+
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    (root / "train" / "a" / "big.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match=r"cannot read image .*big\.png.*DecompressionBombError"):
+        load_dataset("imagefolder", str(root))
+
+
 def test_imagefolder_limits_keep_every_class(tmp_path):
     """imagefolder was read class by class, so train_limit/test_limit ('the first n, the order
     is already random') kept the first classes only: a run on a subset never saw the others

@@ -216,8 +216,10 @@ def imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSpl
                     with Image.open(p) as im:
                         im = im.convert("RGB").resize((image_size, image_size))
                         xs.append(np.asarray(im, dtype=np.uint8))
-                except OSError as e:
-                    raise DataError(f"imagefolder: cannot read image {str(p)!r}: {e}", hint=hint) from None
+                except Exception as e:  # noqa: BLE001 - OSError, and Pillow's others: a
+                    # DecompressionBombError, a SyntaxError or ValueError from a malformed file
+                    raise DataError(f"imagefolder: cannot read image {str(p)!r} "
+                                    f"({type(e).__name__}: {e})", hint=hint) from None
                 ys.append(k)
             if root == train_dir and len(ys) == n_before:  # a class the model would never see
                 raise DataError(f"imagefolder: class folder {cls!r} of {str(root)!r} holds no "
