@@ -580,6 +580,23 @@ def test_a_label_or_path_that_looks_like_rich_markup_is_printed_as_written(tmp_p
     assert f"{tmp_path / 'r[/y]' / 'report.md'}" in r.output.replace("\n", ""), r.output
 
 
+def test_control_characters_in_a_label_never_reach_the_terminal(tmp_path):
+    # an escape sequence in a label (typed, or edited into a store) went to the terminal as
+    # is, in the run's lines and in `ls` (rich drops a bell, not ESC): it could recolour,
+    # clear or retitle the user's terminal; it is shown as its escape, \x1b
+    out = tmp_path / "o"
+    label = "GN\x1b[2J\x1b]0;title\x07"
+    r = runner.invoke(app, ["train", "--data", "synthetic", "--set", f"data_kwargs={SMALL}",
+                            "--epochs", "1", "--batch-size", "16", "--set", f"label={label}",
+                            "--set", "threads=1", "--out", str(out)], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    assert "  GN\\x1b[2J\\x1b]0;title\\x07 x=16 seed=0: test error " in r.output, r.output
+    r = runner.invoke(app, ["ls", str(out)], terminal_width=300)
+    assert r.exit_code == 0 and "GN\\x1b[2J\\x1b]0;title\\x07" in r.output, r.output
+    for r in (r, runner.invoke(app, ["train", "--norm", "bn\x1b[31m", "--out", str(out)])):
+        assert "\x1b" not in r.output and "\x07" not in r.output, r.output
+
+
 def test_an_spp_batch_too_large_for_memory_names_batch_and_resolution(tmp_path, monkeypatch):
     # the allocator's failure was "re-run the same command to resume", exit 1; the size is the
     # user's --batch x --resolution (a real one would take the test machine's memory: the

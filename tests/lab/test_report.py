@@ -271,3 +271,21 @@ def test_no_stored_string_can_inject_markdown_or_html(tmp_path):
     h = html_path.read_text()
     assert "<script" not in h and "<h1>injected" not in h
     assert h.count("x # injected | cell &lt;script&gt;alert(1)&lt;/script&gt;") >= 10, h
+
+
+def test_control_characters_in_stored_text_are_shown_as_escapes(tmp_path):
+    """A label (or any stored string) holding an ANSI escape sequence or a bell went into
+    report.md and report.html byte for byte: `cat report.md` recoloured or cleared the
+    terminal. Control characters are written as their escapes (\\x1b), as on the console."""
+    evil = "GN\x1b[2J\x1b[31mred\x07\x9b1m"
+    with Store(tmp_path) as s:
+        s.claim("r1", {"model": "resnet20", "norm": "gn", "data": "digits", "batch_size": 4,
+                       "epochs": 1, "seed": 0, "schedule": evil, "weight_decay": 1e-4})
+        s.record_epochs("r1", [{"epoch": 0, "test_error": 12.5}], {"device": evil})
+        s.finish("r1")
+        s.register("batch-size", "default", [("r1", evil, 4)])
+    md_path, html_path = write_report(tmp_path)
+    for text in (md_path.read_text(), html_path.read_text()):
+        assert not any(ch in text for ch in "\x1b\x07\x9b")
+    assert "GN\\\\x1b\\[2J\\\\x1b\\[31mred\\\\x07\\\\x9b1m" in md_path.read_text()
+    assert "GN\\x1b[2J\\x1b[31mred\\x07\\x9b1m" in html_path.read_text()

@@ -14,7 +14,9 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-__all__ = ["console", "err_console", "say", "progress_bars", "describe", "print_outcome",
+from normlab.lab.markdown import visible
+
+__all__ = ["console", "err_console", "say", "literal", "progress_bars", "describe", "print_outcome",
            "print_wait", "print_note", "epoch_progress", "print_epoch", "epoch_lines"]
 
 console = Console()
@@ -28,6 +30,12 @@ def say(markup: str) -> None:
     console.print(markup, highlight=False, soft_wrap=True)
 
 
+def literal(text: object) -> str:
+    """Text for rich as written: never read as markup, control characters shown as escapes
+    (:func:`normlab.lab.markdown.visible`: a stored label cannot drive the terminal)."""
+    return escape(visible(text))
+
+
 def progress_bars() -> Progress:
     """The study's bars (off a terminal: none, the per-run lines only)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -38,7 +46,7 @@ def progress_bars() -> Progress:
 def describe(p: Any) -> str:
     """A point of a study in a few words, ``label x=X seed=S``, as literal text for rich (a
     label such as ``[/x]`` is printed as written, never read as markup)."""
-    return escape(f"{p.label} x={p.x} seed={p.cfg.seed}")
+    return literal(f"{p.label} x={p.x} seed={p.cfg.seed}")
 
 
 def print_outcome(p: Any, outcome: str, res: Any) -> None:
@@ -47,11 +55,11 @@ def print_outcome(p: Any, outcome: str, res: Any) -> None:
         say(f"  {describe(p)}: test error {res['final_test_error']:.2f}% "
             f"({res['wall_time']:.1f}s, {res['images_per_s']:.0f} img/s"
             + (f", resumed at epoch {res['resumed_from']}" if res["resumed_from"] else "")
-            + (f", {escape(str(res['error']))}" if res.get("error") else "") + ")")
+            + (f", {literal(res['error'])}" if res.get("error") else "") + ")")
     elif outcome == "skipped":
         say(f"  {describe(p)}: already done")
     else:
-        say(f"  {describe(p)}: [red]failed[/]: {escape(str(res['error']))}")
+        say(f"  {describe(p)}: [red]failed[/]: {literal(res['error'])}")
 
 
 def epoch_lines() -> bool:
@@ -71,7 +79,7 @@ def print_epoch(p: Any, row: dict) -> None:
 
 def print_wait(p: Any, owner: Optional[str]) -> None:
     """The line of a point another process is training."""
-    say(f"  {describe(p)}: being trained by {escape(owner or 'another process')} "
+    say(f"  {describe(p)}: being trained by {literal(owner or 'another process')} "
         "(another normlab process on this --out); waiting for it (an owner "
         "on another host silent for $NORMLAB_STALE_AFTER s, default 900, "
         "is taken over)")
@@ -98,5 +106,5 @@ def epoch_progress(prog: Progress, task: Any, p: Any) -> Any:
 
 def print_note(p: Any, message: str) -> None:
     """A line about point ``p`` before it trains (a checkpoint that could not be used)."""
-    err_console.print(f"  {describe(p)}: [yellow]warning:[/] {escape(message)}", highlight=False,
+    err_console.print(f"  {describe(p)}: [yellow]warning:[/] {literal(message)}", highlight=False,
                       soft_wrap=True)

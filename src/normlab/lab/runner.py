@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from rich.markup import escape
 
 from normlab import distributed as nd
 from normlab.lab.config import ConfigError
 from normlab.lab.loop import ProgressFn, is_writer, train_run
-from normlab.lab.progress import (describe, epoch_lines, epoch_progress, err_console,
+from normlab.lab.progress import (describe, epoch_lines, epoch_progress, err_console, literal,
                                   print_epoch, print_note, print_outcome,
                                   print_wait, progress_bars)
 from normlab.lab.recipe import resolve_device
@@ -170,7 +169,7 @@ def _worker(points: list, out: str, threads: int, parent: int, outcomes: Any,
         with Store(out) as store:
             run_points(points, store, on_run=on_run, progress_for=progress_for, poll_s=1.0)
     except ConfigError as e:  # a damaged store, say: one line, not a worker's traceback
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
+        err_console.print(f"[bold red]error:[/] {literal(e)}", highlight=False,
                           soft_wrap=True)
         raise SystemExit(2) from None
 

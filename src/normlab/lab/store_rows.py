@@ -8,7 +8,8 @@ What is checked: a run's ``config`` is a JSON object, each field of a known name
 a setup's ``info`` are JSON objects (``info["protocol"]`` and ``info["power"]`` too, where
 present); metrics and counts are numbers or NULL, error rates within [0, 100]; a study member's
 ``x`` is a JSON number or string, of one kind across the study. Text is not checked: the readers
-show it as literal text (:mod:`normlab.lab.markdown`, rich's ``escape``).
+show it as literal text, control characters as escapes (:mod:`normlab.lab.markdown`,
+:func:`normlab.lab.progress.literal`).
 
 >>> try:
 ...     run_config("s.sqlite", "r1", '{"model": "resnet20", "epochs": "ten"}')

@@ -7,12 +7,11 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from normlab.factory import norm_names
 from normlab.lab.cli.guard import guard
-from normlab.lab.progress import console, say
+from normlab.lab.progress import console, literal, say
 from normlab.lab.run import print_report
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES
@@ -61,7 +60,7 @@ def _print_known(studies: bool, models: bool, norms: bool) -> None:
 
 def _print_runs(out: Path) -> None:
     with Store(out, read_only=True) as store:
-        table = Table(title=escape(str(store.path)))
+        table = Table(title=literal(store.path))
         for col in _COLUMNS:
             table.add_column(col)
         member: dict = {}
@@ -79,7 +78,7 @@ def _print_runs(out: Path) -> None:
                      "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}",
                      "-" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}")
             # the store's text is shown as written, never read as rich markup
-            table.add_row(*(escape(str(v)) for v in cells))
+            table.add_row(*(literal(v) for v in cells))
     # off a terminal rich assumes 80 columns; keep the table whole for logs and pipes
     (console if console.is_terminal else Console(width=200)).print(table)
 

@@ -8,11 +8,10 @@ import os
 from typing import Any, Callable
 
 import typer
-from rich.markup import escape
 
 from normlab.distributed import LaunchError
 from normlab.lab.config import ConfigError
-from normlab.lab.progress import err_console
+from normlab.lab.progress import err_console, literal
 from normlab.lab.signals import Terminated, sigterm_unwinds
 
 __all__ = ["print_error", "guard"]
@@ -27,10 +26,10 @@ def _rank_prefix() -> str:
 
 def print_error(msg: str, hint: str = "") -> None:
     """The one ``error:`` line (and ``hint:`` line) on stderr, for every kind of bad input."""
-    err_console.print(f"[bold red]error:[/] {escape(_rank_prefix() + msg)}", highlight=False,
+    err_console.print(f"[bold red]error:[/] {literal(_rank_prefix() + msg)}", highlight=False,
                       soft_wrap=True)
     if hint:
-        err_console.print(f"[yellow]hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]hint:[/] {literal(hint)}", highlight=False, soft_wrap=True)
 
 
 def _first_line(e: BaseException) -> str:
