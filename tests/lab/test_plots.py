@@ -169,3 +169,14 @@ def test_plots_use_the_report_statistics_flagged_runs_out_bars_within_0_100(tmp_
     curves = figures["batch-size_curves"].axes[0]
     (bn,) = [line for line in curves.lines if line.get_label() == "BN"]
     assert list(bn.get_ydata()) == pytest.approx([6.4, 1.4])          # mean of the kept runs
+
+
+def test_a_label_with_dollar_signs_is_drawn_as_text(tmp_path):
+    """matplotlib reads '$...$' as mathtext: a stored label such as '$\\foo{$' (edited, or from
+    another program) made savefig raise and the whole report fail, with an empty error line.
+    The lab's figures draw every string as written."""
+    study = get_study("norms")
+    with _store(tmp_path, study, {("$\\foo{$", 32): 5.0, ("GN", 32): 6.0}) as s:
+        paths = plots.plot_study(s, study, tmp_path / "figures")
+    assert {p.name for p in paths} >= {"norms_error.png", "norms_error.svg"}
+    assert "$\\foo{$" in (tmp_path / "figures" / "norms_error.svg").read_text()

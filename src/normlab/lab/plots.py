@@ -32,6 +32,9 @@ from typing import Any, Optional
 import matplotlib
 
 matplotlib.use("Agg")
+# the figures draw stored text (labels, model names): a '$' in it is a dollar sign, never
+# mathtext that matplotlib parses (an unknown command in it made the report fail)
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 
 from normlab.lab.analysis import flags_text, point_stats, run_flag  # noqa: E402
