@@ -597,6 +597,20 @@ def test_control_characters_in_a_label_never_reach_the_terminal(tmp_path):
         assert "\x1b" not in r.output and "\x07" not in r.output, r.output
 
 
+def test_an_error_whose_message_starts_with_a_newline_is_not_an_empty_line(tmp_path,
+                                                                              monkeypatch):
+    # matplotlib's mathtext errors read "\n<the text>\n^\n<why>": the error line was "error: "
+    # and nothing else
+    from normlab.lab.cli import browse
+
+    def fails(out, to):
+        raise ValueError("\n\\foo{\n^\nParseFatalException: Unknown symbol")
+
+    monkeypatch.setattr(browse, "print_report", fails)
+    r = runner.invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code == 2 and r.output.startswith("error: \\foo{\n"), r.output
+
+
 def test_an_spp_batch_too_large_for_memory_names_batch_and_resolution(tmp_path, monkeypatch):
     # the allocator's failure was "re-run the same command to resume", exit 1; the size is the
     # user's --batch x --resolution (a real one would take the test machine's memory: the

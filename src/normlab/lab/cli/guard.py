@@ -33,7 +33,9 @@ def print_error(msg: str, hint: str = "") -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = str(e).splitlines()
+    """The first line of ``e``'s message that says something (matplotlib's parse errors, for
+    one, start with a newline)."""
+    lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 
 
