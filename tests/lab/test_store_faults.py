@@ -93,8 +93,10 @@ def test_read_only_store_reads_a_store_written_before_new_columns(tmp_path):
         " owner TEXT, epochs INTEGER, epochs_done INTEGER DEFAULT 0, wall_time REAL, images_per_s"
         " REAL, device TEXT, versions TEXT, final_train_loss REAL, final_train_error REAL,"
         " final_test_loss REAL, final_test_error REAL, error TEXT, created REAL, updated REAL);"
-        "CREATE TABLE epochs (run_id TEXT, epoch INTEGER);"
-        "CREATE TABLE spp (model TEXT, depth INTEGER);"
+        "CREATE TABLE epochs (run_id TEXT, epoch INTEGER, train_loss REAL, train_error REAL,"
+        " test_loss REAL, test_error REAL, lr REAL, wall_time REAL, images_per_s REAL);"
+        "CREATE TABLE spp (model TEXT, depth INTEGER, name TEXT, avg_sq_mean REAL, avg_var REAL,"
+        " residual_var REAL);"
         "CREATE TABLE study_runs (study TEXT NOT NULL, preset TEXT NOT NULL, run_id TEXT NOT NULL,"
         " label TEXT NOT NULL, x TEXT, registered REAL, PRIMARY KEY (study, preset, run_id, label));"
         "INSERT INTO runs (run_id, config, status) VALUES ('r', '{}', 'done');"
@@ -106,6 +108,30 @@ def test_read_only_store_reads_a_store_written_before_new_columns(tmp_path):
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             s.finish("r")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.sqlite"]  # nothing left beside
+
+
+@pytest.mark.parametrize("command", [["ls"], ["report"], ["train", "--epochs", "1"]])
+def test_a_store_whose_tables_lack_columns_is_one_line_and_left_as_it_is(tmp_path, command):
+    # a results.sqlite with the store's table names but not its columns (another program's,
+    # an edited one) was SQLite's "no such column" traceback from inside `ls`, `report` or a
+    # run, after a writer had already switched its journal and added columns to it
+    db = tmp_path / "results.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript("CREATE TABLE runs (run_id TEXT PRIMARY KEY, status TEXT);"
+                      "CREATE TABLE epochs (run_id TEXT, epoch INTEGER);"
+                      "CREATE TABLE study_runs (study TEXT, preset TEXT, run_id TEXT, label TEXT,"
+                      " x TEXT);"
+                      "CREATE TABLE spp (model TEXT, depth INTEGER);"
+                      "INSERT INTO runs VALUES ('r1', 'done');")
+    con.close()
+    before = db.read_bytes()
+    r = runner.invoke(app, [*command, str(tmp_path)] if command[0] != "train"
+                      else [*command, "--out", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(f"error: {str(db)!r} is not a results store of this normlab "
+                               "(table epochs lacks images_per_s, lr, test_error,"), r.output
+    assert "table runs lacks config, created," in r.output and "hint: it is left" in r.output
+    assert db.read_bytes() == before
 
 
 def test_finished_runs_checkpoints_are_cleaned_up_on_start(tmp_path):

@@ -62,8 +62,8 @@ from normlab.lab.store_export import write_exports
 from normlab.lab.store_rows import (RUN_NUMBERS, SPP_NUMBERS, epoch_row, json_object, member_x,
                                     numbers, one_kind_of_x, run_config, stored_setup_info)
 from normlab.lab.store_open import (DB_NAME, EPOCH_FIELDS, EXPORTS, StoreError, _names_damage,
-                                    check_writable, connect_read_only, create_schema, open_error,
-                                    set_wal, unwritable)
+                                    check_columns, check_writable, connect_read_only, create_schema,
+                                    open_error, set_wal, unwritable)
 
 __all__ = ["Store", "StoreError", "unwritable", "DB_NAME", "EXPORTS", "EPOCH_FIELDS", "heartbeat",
            "HEARTBEAT_S", "stale_after_s"]
@@ -104,6 +104,7 @@ class Store:
         try:
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA busy_timeout=60000")
+            check_columns(con, self.path)  # another program's file is left as it is
             set_wal(con)
             con.execute("PRAGMA synchronous=NORMAL")
             with self.transaction():
@@ -111,6 +112,9 @@ class Store:
         except sqlite3.DatabaseError as e:  # not a database, damaged, unwritable, locked
             con.close()
             raise open_error(self.path, e) from None
+        except StoreError:
+            con.close()
+            raise
         return con
 
 

@@ -78,6 +78,27 @@ class StoreError(ConfigError):
     """A results store that cannot be used as asked: damaged, not a store, not writable."""
 
 
+def check_columns(con: sqlite3.Connection, path: Path) -> None:
+    """A StoreError when a table of the store lacks a column of :data:`_SCHEMA` that every
+    store has had (a file of another program's, or an edited one): said before anything is
+    written to it, not as SQLite's "no such column" from deep inside a read or a write. The
+    columns of :data:`_ADDED_COLUMNS` and absent tables are the schema's to add."""
+    model = sqlite3.connect(":memory:")
+    try:
+        model.executescript(_SCHEMA)
+        want = {t: _columns(model, t) - {c for tab, c, _, _ in _ADDED_COLUMNS if tab == t}
+                for (t,) in model.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        model.close()
+    have = {t: _columns(con, t) for t in want}
+    lacking = [f"{t} lacks {', '.join(sorted(cols - have[t]))}"
+               for t, cols in sorted(want.items()) if have[t] and cols - have[t]]
+    if lacking:
+        raise StoreError(f"{str(path)!r} is not a results store of this normlab (table "
+                         f"{'; table '.join(lacking)})",
+                         hint="it is left as it is: move it away or pass another --out / DIR")
+
+
 def _damaged(e: sqlite3.DatabaseError) -> bool:
     """Whether SQLite says the store's pages are damaged (SQLITE_CORRUPT*; a file that is no
     database at all is SQLITE_NOTADB, said otherwise)."""
@@ -182,6 +203,7 @@ def connect_read_only(directory: Path, path: Path) -> sqlite3.Connection:
                              f"{', '.join(sorted(missing))})",
                              hint=f"check the path (a results directory holds {DB_NAME})")
         _view_added_columns(con)
+        check_columns(con, path)
         con.execute("PRAGMA query_only=ON")
     except sqlite3.DatabaseError as e:
         con.close()
