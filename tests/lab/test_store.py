@@ -91,6 +91,20 @@ def test_a_live_local_pid_with_a_stale_heartbeat_is_not_the_owner(tmp_path, monk
         assert s.claim("r", {}) == "claimed"
 
 
+@pytest.mark.parametrize("pid", ["0", "-1", "99999999999999999999"])
+def test_an_owner_pid_that_is_no_process_is_not_the_owner(tmp_path, pid):
+    """An edited store's owner 'thishost:99999999999999999999' made os.kill raise
+    OverflowError (a traceback out of reproduce); 0 and -1 name process groups to kill(), so
+    the run counted as busy (waited for) while its heartbeat was fresh."""
+    with Store(tmp_path) as s:
+        s.claim("r", {})
+        host = s.run("r")["owner"].rpartition(":")[0]
+        s.con.execute("UPDATE runs SET owner=?, owner_start=NULL, updated=? WHERE run_id='r'",
+                      (f"{host}:{pid}", time.time()))
+        assert s.claim("r", {}) == "claimed"
+        assert s.run("r")["owner"] == _me()
+
+
 def test_remote_owner_is_busy_while_it_beats_and_stale_after(tmp_path, monkeypatch):
     """An owner on another host cannot be asked whether it lives: its run is busy while its
     row is touched within $NORMLAB_STALE_AFTER seconds, and taken over once it is not (a

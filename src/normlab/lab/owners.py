@@ -55,8 +55,10 @@ def _owner_alive(owner: Optional[str], updated: Optional[float] = None,
         return fresh
     try:
         pid = int(pid_s)
+        if pid < 1:  # not a process: kill(0) and kill(-n) would ask about process groups
+            return False
         os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
+    except (ValueError, OverflowError, ProcessLookupError):  # no pid, beyond C's, no such
         return False
     except PermissionError:
         pass  # another user's process: it exists
