@@ -33,6 +33,22 @@ def test_synthetic_seeded_sized_and_not_trivially_separable():
     assert 0.2 < acc < 0.9
 
 
+@pytest.mark.parametrize("kwargs, needle", [
+    # a seed past torch's range was a RuntimeError after the run started ("re-run to resume")
+    ({"seed": 10**30}, "synthetic: seed must be an int in [0, 2**32), got 10000000000000000"),
+    ({"seed": -1}, "synthetic: seed must be an int in [0, 2**32), got -1"),
+    ({"seed": 1.5}, "synthetic: seed must be an int, got 1.5"),
+    # NaN noise made every image NaN and every run diverge; a string was a torch indexing error
+    ({"noise": float("nan")}, "synthetic: noise must be a finite number >= 0, got nan"),
+    ({"noise": -0.5}, "synthetic: noise must be a finite number >= 0, got -0.5"),
+    ({"noise": "x"}, "synthetic: noise must be a finite number >= 0, got 'x'"),
+])
+def test_synthetic_bad_seed_or_noise_is_named(kwargs, needle):
+    with pytest.raises(ConfigError) as e:
+        load_dataset("synthetic", n_train=8, n_test=4, image_size=4, **kwargs)
+    assert needle in str(e.value), str(e.value)
+
+
 def test_pad_crop_flip_matches_a_per_sample_loop():
     x = torch.randn(6, 3, 10, 10) + 3.0
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from normlab.lab.config import ConfigError
+from normlab.lab.config import ConfigError, check_seed
 
 __all__ = ["DataError", "DataSplit", "digits", "mnist5k", "synthetic", "imagefolder",
            "mnist5k_path"]
@@ -134,6 +134,12 @@ def synthetic(n_train: int = 2000, n_test: int = 500, image_size: int = 16, chan
             raise ConfigError(f"synthetic: {name} must be a positive int, got {v!r}")
     if num_classes < 2:
         raise ConfigError(f"synthetic: num_classes must be >= 2, got {num_classes}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"synthetic: seed must be an int, got {seed!r}")
+    check_seed(seed, "synthetic: seed")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) \
+            or not (math.isfinite(noise) and noise >= 0):
+        raise ConfigError(f"synthetic: noise must be a finite number >= 0, got {noise!r}")
     g = torch.Generator().manual_seed(10_000 + seed)
     s = image_size
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
