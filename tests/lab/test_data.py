@@ -49,6 +49,27 @@ def test_synthetic_bad_seed_or_noise_is_named(kwargs, needle):
     assert needle in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate "
+                 "memory: you tried to allocate 1200000000000 bytes"),
+    MemoryError("Unable to allocate 1.1 TiB for an array"),
+])
+def test_a_dataset_too_large_for_memory_is_named(monkeypatch, error):
+    # data_kwargs.image_size=100000 for synthetic: the allocator's error came out as a failed
+    # run, "re-run the same command to resume" (which fails the same way), exit 1; a real
+    # allocation that large would take the test machine's memory, so the loader raises it
+    from normlab.lab import data as data_mod
+
+    def too_large(**kwargs):
+        raise error
+
+    monkeypatch.setattr(data_mod, "synthetic", too_large)
+    with pytest.raises(DataError, match=r"synthetic: the dataset does not fit in memory "
+                                        r"\(data_kwargs \{'image_size': 100000\}; ") as e:
+        load_dataset("synthetic", image_size=100000)
+    assert "lower data_kwargs" in e.value.hint
+
+
 def test_pad_crop_flip_matches_a_per_sample_loop():
     x = torch.randn(6, 3, 10, 10) + 3.0
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)

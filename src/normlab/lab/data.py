@@ -79,31 +79,14 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, train_limit: Opti
     """
     key = repr((name, str(data_dir), sorted(kwargs.items())))
     if key not in _CACHE:
-        if name == "digits":
-            if kwargs:
-                raise ConfigError(f"digits takes no data_kwargs, got {sorted(kwargs)}")
-            split = digits()
-        elif name == "mnist5k":
-            split = mnist5k(**kwargs)
-        elif name == "synthetic":
-            try:
-                split = synthetic(**kwargs)
-            except TypeError as e:
-                raise ConfigError(f"synthetic: bad data_kwargs {kwargs}: {e}",
-                                  hint="known: n_train, n_test, image_size, channels, num_classes, "
-                                       "seed, noise") from None
-        elif name in CIFAR_EXPECTED:
-            if data_dir is None:
-                raise DataError(f"{name} needs --data-dir", hint=cifar_hint(name, Path("DIR")))
-            split = cifar(name, Path(data_dir).expanduser())
-        elif name == "imagefolder":
-            if data_dir is None:
-                raise DataError("imagefolder needs --data-dir",
-                                hint="DIR/train/<class>/* and DIR/val/<class>/*")
-            split = imagefolder(Path(data_dir).expanduser(), **kwargs)
-        else:
-            raise ConfigError(f"unknown dataset {name!r}",
-                              hint=f"choose one of: {', '.join(DATASETS)}")
+        try:
+            split = _read(name, data_dir, kwargs)
+        except (MemoryError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and "allocate" not in str(e):
+                raise
+            raise DataError(f"{name}: the dataset does not fit in memory (data_kwargs "
+                            f"{kwargs}; {type(e).__name__}: {str(e).strip()[:160]})",
+                            hint="lower data_kwargs (image_size, n_train, ...)") from None
         _CACHE.clear()  # keep one dataset in memory
         _CACHE[key] = split
     s = _CACHE[key]
@@ -111,6 +94,35 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, train_limit: Opti
         return s
     return DataSplit(s.name, s.x_train[:train_limit], s.y_train[:train_limit], s.x_test[:test_limit],
                      s.y_test[:test_limit], s.num_classes, dict(s.info))
+
+
+def _read(name: str, data_dir: Optional[str], kwargs: dict[str, Any]) -> DataSplit:
+    """Dataset ``name`` read or generated (what :func:`load_dataset` keeps in memory)."""
+    if name == "digits":
+        if kwargs:
+            raise ConfigError(f"digits takes no data_kwargs, got {sorted(kwargs)}")
+        return digits()
+    elif name == "mnist5k":
+        return mnist5k(**kwargs)
+    elif name == "synthetic":
+        try:
+            return synthetic(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"synthetic: bad data_kwargs {kwargs}: {e}",
+                              hint="known: n_train, n_test, image_size, channels, num_classes, "
+                                   "seed, noise") from None
+    elif name in CIFAR_EXPECTED:
+        if data_dir is None:
+            raise DataError(f"{name} needs --data-dir", hint=cifar_hint(name, Path("DIR")))
+        return cifar(name, Path(data_dir).expanduser())
+    elif name == "imagefolder":
+        if data_dir is None:
+            raise DataError("imagefolder needs --data-dir",
+                            hint="DIR/train/<class>/* and DIR/val/<class>/*")
+        return imagefolder(Path(data_dir).expanduser(), **kwargs)
+    else:
+        raise ConfigError(f"unknown dataset {name!r}",
+                          hint=f"choose one of: {', '.join(DATASETS)}")
 
 
 
