@@ -308,6 +308,11 @@ def test_nothing_planted_in_a_results_directory_makes_normlab_write_outside_it(t
     ("figures", ["spp", "resnet20", "--batch", "2", "--resolution", "8", "--out", "STORE"]),
     ("checkpoints", ["train", "--out", "STORE"]),                       # the runs' checkpoints
     ("results.sqlite", ["train", "--out", "STORE"]),                    # the store itself
+    # SQLite's own files beside the store: it refuses to open a link, but said only "unable to
+    # open database file" (train) or "copy the directory somewhere writable" (ls, report)
+    ("results.sqlite-wal", ["train", "--out", "STORE"]),
+    ("results.sqlite-shm", ["ls", "STORE"]),
+    ("results.sqlite-wal", ["report", "STORE"]),
 ])
 def test_a_link_where_normlab_writes_a_folder_or_the_store_is_one_line(tmp_path, name, args):
     out, victim = tmp_path / "out", tmp_path / "victim"
@@ -316,6 +321,8 @@ def test_a_link_where_normlab_writes_a_folder_or_the_store_is_one_line(tmp_path,
     target = victim / name
     if name == "results.sqlite":
         db.rename(target)
+    elif name.startswith("results.sqlite-"):
+        target.write_text("mine")
     else:
         target.mkdir()
     os.symlink(target, out / name)

@@ -83,6 +83,8 @@ class Store:
         if (read_only or not create) and not self.path.is_file():
             raise StoreError(f"no results store at {str(self.path)!r}",
                              hint="run `normlab reproduce --out DIR` first, or check the path")
+        for p in (Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):  # SQLite writes them,
+            not_a_link(p, self.dir)  # reading too; it refuses links, saying "unable to open"
         if read_only:
             self.con = connect_read_only(self.dir, self.path)
         else:
