@@ -83,6 +83,18 @@ def test_an_unusable_checkpoint_is_named_and_moved_aside(tmp_path, damage, needl
     assert read(p) == (None, None)
 
 
+def test_a_second_damaged_checkpoint_does_not_replace_the_first(tmp_path):
+    # os.replace moved the second one over run1.pt.damaged: the first file set aside "for a
+    # look" (another recipe's checkpoint, say) was gone
+    p = tmp_path / "run1.pt"
+    for i, text in enumerate(("first", "second", "third")):
+        p.write_text(text)
+        assert f"moved to {['run1.pt.damaged', 'run1.pt.damaged.1', 'run1.pt.damaged.2'][i]};" \
+            in discard(p, "does not load")
+    assert [(tmp_path / n).read_text() for n in ("run1.pt.damaged", "run1.pt.damaged.1",
+                                                 "run1.pt.damaged.2")] == ["first", "second", "third"]
+
+
 # seeds of 2048 random bytes whose torch.load(weights_only=True) raises something other than
 # UnpicklingError (found by trying seeds 0-299): read() let these through and the run crashed
 @pytest.mark.parametrize("seed, raised", [(2, "IndexError"), (20, "KeyError"),

@@ -8,7 +8,8 @@ RNG states, and its configuration is in the store. It is read with
 ``--out`` (run ids are predictable) cannot run code.
 
 A checkpoint that cannot be used (not a checkpoint, truncated, planted, another run's, another
-recipe's) is treated as absent: :func:`discard` moves it aside to ``<run_id>.pt.damaged`` and
+recipe's) is treated as absent: :func:`discard` moves it aside to ``<run_id>.pt.damaged`` (or
+``.damaged.N``, never over an earlier one) and
 returns the line that says so, and the run starts over from epoch 0.
 
 Example::
@@ -75,9 +76,14 @@ def read(path: Union[str, Path]) -> tuple[Optional[dict[str, Any]], Optional[str
 
 def discard(path: Union[str, Path], why: str) -> str:
     """Move the unusable checkpoint ``path`` aside to ``<name>.damaged`` (kept for a look, never
-    read again) and return the line that says so."""
+    read again; ``<name>.damaged.1``, ``.2``, ... when one was moved there before) and return
+    the line that says so."""
     path = Path(path)
     aside = path.with_name(path.name + ".damaged")
+    n = 0
+    while os.path.lexists(aside):  # an earlier one is kept too
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged.{n}")
     try:
         os.replace(path, aside)
         where = f"moved to {aside.name}"
