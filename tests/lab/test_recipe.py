@@ -37,10 +37,20 @@ def test_weight_standardize_swaps_every_conv():
 @pytest.mark.parametrize("changes, needle", [
     ({"model": "resnet7"}, "unknown model 'resnet7'"),
     ({"batch_size": 1000}, "batch_size 1000 is larger than the 96"),
+    # BN over 1 image of 1x1 maps (2x2 images, ResNet-20's last stage) failed every run at its
+    # first step, each re-run again ("re-run the same command to retry them")
+    ({"batch_size": 1, "data_kwargs": {**TINY["data_kwargs"], "image_size": 2}},
+     "batch_size 1: Expected more than 1 value per channel when training"),
 ])
 def test_preflight_names_the_problem(changes, needle):
     with pytest.raises(ConfigError, match=needle):
         preflight([RunConfig(**{**TINY, **changes})])
+
+
+def test_preflight_lets_batch_size_1_through_where_it_trains():
+    preflight([RunConfig(**{**TINY, "batch_size": 1})])  # 8x8 images: 2x2 maps at the end
+    preflight([RunConfig(**{**TINY, "batch_size": 1, "norm": "ln",
+                            "data_kwargs": {**TINY["data_kwargs"], "image_size": 2}})])
 
 
 def test_preflight_checks_the_process_count_the_runs_will_train_on():

@@ -261,6 +261,17 @@ def _check_threads(threads: Optional[int]) -> None:
                           hint=f"use --set threads={cores} or fewer (or leave it unset)")
 
 
+def _one_image_step(model: nn.Module, data: DataSplit) -> None:
+    """A ConfigError when the model cannot train on batches of one image of ``data``."""
+    try:
+        with torch.no_grad():
+            model.train()(data.x_train[:1])
+    except ValueError as e:
+        raise ConfigError(f"batch_size 1: {str(e).strip().splitlines()[0]}",
+                          hint="use a batch size >= 2 or larger images "
+                               "(data_kwargs.image_size)") from None
+
+
 def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
     """Fail fast, before anything is written: load every distinct dataset and build every
     distinct model once (on the CPU), so a missing data directory or an unknown model/norm is
@@ -283,6 +294,8 @@ def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
             try:
                 model = build_model(cfg, data.num_classes, data.in_chans, data.image_size)
                 agc_fn(cfg, model)  # with agc: the model must have a classifier to leave unclipped
+                if cfg.batch_size == 1:  # a batch statistic over 1 value (1x1 maps) fails
+                    _one_image_step(model, data)  # the first step of every run
             except ConfigError as e:
                 if len({c.label for c in configs}) < 2:
                     raise
