@@ -331,3 +331,31 @@ def test_a_link_where_normlab_writes_a_folder_or_the_store_is_one_line(tmp_path,
     assert r.exit_code == 2, r.output
     _one_error(r.output, f"{str(out / name)!r} is a symbolic link", "writes only inside")
     assert sorted(p.name for p in victim.rglob("*")) == before
+
+
+@pytest.mark.parametrize("name, kind, args, needle", [
+    # a folder where normlab renames its file: IsADirectoryError tracebacks from the report
+    # and the exports
+    ("report.md", "folder", ["report", "STORE"], "cannot write {path}: Is a directory"),
+    ("runs.csv", "folder", ["report", "STORE"], "cannot write {path}: Is a directory"),
+    # a file where normlab makes its folder: a FileExistsError traceback from the report; a
+    # train run "failed" (its checkpoint "does not load", then FileExistsError), every re-run
+    ("figures", "file", ["report", "STORE"], "{path} is a file; normlab writes its files into"),
+    ("checkpoints", "file", ["train", "--out", "STORE"],
+     "{path} is a file; normlab writes its files into"),
+])
+def test_something_else_where_normlab_writes_is_one_line_and_kept(tmp_path, name, kind, args,
+                                                                  needle):
+    out = tmp_path / "out"
+    _fill(out, n_runs=2)
+    (out / name).unlink(missing_ok=True)
+    if kind == "folder":
+        (out / name).mkdir()
+        (out / name / "mine").write_text("mine")
+    else:
+        (out / name).write_text("mine")
+    r = runner.invoke(app, [str(out) if a == "STORE" else a for a in args])
+    assert r.exit_code == 2, r.output
+    _one_error(r.output, needle.format(path=repr(str(out / name))))
+    assert (out / name / "mine" if kind == "folder" else out / name).read_text() == "mine"
+    assert not list(out.glob("*.tmp[0-9]*"))  # the temporary file went too

@@ -5,8 +5,8 @@ Every file is written to a new temporary file beside its place, created exclusiv
 (``O_EXCL``: a name planted there in advance, a symbolic link included, is never opened), then
 renamed into place: a symbolic link at the final name is replaced, not written through, and a
 reader sees the old file or the new one, never half of one. The folders normlab writes into
-(``figures/``, ``checkpoints/``) and the store file itself must not be symbolic links: one is a
-ConfigError naming it.
+(``figures/``, ``checkpoints/``) and the store file itself must not be symbolic links, nor a
+folder a file, nor a file's name a folder: each is a ConfigError naming it.
 
 >>> import tempfile
 >>> from pathlib import Path
@@ -27,7 +27,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from normlab.lab.config import ConfigError
 
-__all__ = ["not_a_link", "subdir", "write_via", "write_text", "staged"]
+__all__ = ["not_a_link", "a_folder", "subdir", "write_via", "write_text", "staged"]
 
 
 def not_a_link(path: Path, inside: Path) -> Path:
@@ -40,11 +40,30 @@ def not_a_link(path: Path, inside: Path) -> Path:
     return path
 
 
+def a_folder(path: Path, inside: Path) -> Path:
+    """``path``, a folder normlab writes into (see :func:`not_a_link`); a ConfigError when a
+    file is at its name."""
+    if not_a_link(path, inside).exists() and not path.is_dir():
+        raise ConfigError(f"{str(path)!r} is a file; normlab writes its files into a folder of "
+                          "that name", hint="move the file away (normlab makes the folder)")
+    return path
+
+
 def subdir(directory: Path, name: str) -> Path:
-    """``directory/name`` as a real folder, made when missing (see :func:`not_a_link`)."""
-    d = not_a_link(directory / name, directory)
+    """``directory/name`` as a real folder, made when missing (see :func:`a_folder`)."""
+    d = a_folder(directory / name, directory)
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def _place(src: Path, path: Path) -> None:
+    """Rename ``src`` to ``path``; a ConfigError naming ``path`` when a folder is in the way."""
+    try:
+        os.replace(src, path)
+    except OSError as e:  # a folder at the name (a file cannot replace it), or no permission
+        raise ConfigError(f"cannot write {str(path)!r}: {e.strerror or type(e).__name__}",
+                          hint="move away what is at that name (normlab writes its own file "
+                               "there)") from None
 
 
 def write_via(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -56,7 +75,7 @@ def write_via(path: Path, write: Callable[[BinaryIO], None]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.replace(tmp, path)
+        _place(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -78,6 +97,6 @@ def staged(directory: Path) -> Iterator[Path]:
     try:
         yield stage
         for p in stage.iterdir():
-            os.replace(p, directory / p.name)
+            _place(p, directory / p.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from normlab.lab.owners import HEARTBEAT_S, _me, _my_start, _owner_alive, stale_after_s
-from normlab.lab.outfiles import not_a_link
+from normlab.lab.outfiles import a_folder, not_a_link
 from normlab.lab.store_export import write_exports
 from normlab.lab.store_rows import (RUN_NUMBERS, SPP_NUMBERS, epoch_row, json_object, member_x,
                                     numbers, one_kind_of_x, run_config, stored_setup_info)
@@ -89,8 +89,8 @@ class Store:
             self.con = connect_read_only(self.dir, self.path)
         else:
             check_writable(self.dir, self.path)
-            for p in (self.path, self.checkpoint_dir):  # written into: not a link out of --out
-                not_a_link(p, self.dir)
+            not_a_link(self.path, self.dir)  # written into: not a link out of --out
+            a_folder(self.checkpoint_dir, self.dir)
             self.con = self._connect_writable()
         if not read_only:
             try:
