@@ -597,6 +597,17 @@ def test_control_characters_in_a_label_never_reach_the_terminal(tmp_path):
         assert "\x1b" not in r.output and "\x07" not in r.output, r.output
 
 
+def test_a_newline_in_user_text_cannot_add_a_line_to_the_error(tmp_path):
+    # the model spec is echoed into the error: its newline printed a second line that read as
+    # normlab's own "hint:"
+    r = runner.invoke(app, ["spp", "resnet20:width=0\nhint: run `rm -rf ~`", "--out",
+                            str(tmp_path)])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 2, r.output
+    assert lines[0].startswith("error: resnet20:width=0\\nhint: run `rm -rf ~`: ")
+    assert lines[1].startswith("hint: see `normlab ls --models`")
+
+
 def test_an_error_whose_message_starts_with_a_newline_is_not_an_empty_line(tmp_path,
                                                                               monkeypatch):
     # matplotlib's mathtext errors read "\n<the text>\n^\n<why>": the error line was "error: "

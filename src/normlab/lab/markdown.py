@@ -16,13 +16,14 @@ import re
 
 __all__ = ["md_cell", "visible"]
 
-# C0 controls but tab and newline, DEL, C1 controls (0x9b is a terminal's one-byte CSI)
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 controls but tab, DEL, C1 controls (0x9b is a terminal's one-byte CSI)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def visible(text: object) -> str:
-    """``text`` with each control character written as its escape (``\\x1b``), so that a
-    stored string cannot move a terminal's cursor, recolour it or ring it."""
+    """``text`` with each control character written as its escape (``\\x1b``, ``\\n``), so
+    that a stored string cannot move a terminal's cursor, recolour it or ring it, and a line
+    of output stays one line (a newline in a label cannot fake an ``error:`` or ``hint:``)."""
     return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(text))
 
 
