@@ -47,6 +47,23 @@ def test_preflight_names_the_problem(changes, needle):
         preflight([RunConfig(**{**TINY, **changes})])
 
 
+def test_a_model_too_large_for_memory_is_named(monkeypatch):
+    # model_kwargs.width=100000: the allocator's error was "re-run the same command to resume"
+    # with exit 1, though every re-run fails the same way (a real one would take the test
+    # machine's memory, so the model constructor raises it)
+    from normlab import models
+
+    def too_large(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 360000000000 bytes")
+
+    monkeypatch.setattr(models, "create", too_large)
+    with pytest.raises(ConfigError, match=r"model 'resnet20' with model_kwargs \{'width': "
+                                          r"100000\} does not fit in memory") as e:
+        preflight([RunConfig(**{**TINY, "model_kwargs": {"width": 100000}})])
+    assert "lower model_kwargs" in e.value.hint
+
+
 def test_preflight_lets_batch_size_1_through_where_it_trains():
     preflight([RunConfig(**{**TINY, "batch_size": 1})])  # 8x8 images: 2x2 maps at the end
     preflight([RunConfig(**{**TINY, "batch_size": 1, "norm": "ln",

@@ -46,7 +46,7 @@ from normlab.models import check_norm, is_normalizer_free
 
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
-    "DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed",
+    "DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed", "out_of_memory",
 ]
 
 DATASETS = ("digits", "mnist5k", "synthetic", "cifar10", "cifar100", "imagefolder")
@@ -74,6 +74,12 @@ class ConfigError(ValueError):
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)
         self.hint = hint
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that memory refused (numpy's MemoryError, torch's
+    "can't allocate memory" RuntimeError): a size the user chose, said as bad input."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "allocate" in str(e))
 
 
 @dataclass

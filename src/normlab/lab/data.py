@@ -55,7 +55,7 @@ from torch.nn import functional as F
 
 from normlab.distributed import make_sampler, rank_seed
 from normlab.lab.cifar import CIFAR_EXPECTED, cifar, cifar_hint
-from normlab.lab.config import DATASETS, ConfigError
+from normlab.lab.config import DATASETS, ConfigError, out_of_memory
 from normlab.lab.datasets import DataError, DataSplit, digits, imagefolder, mnist5k, synthetic
 
 __all__ = ["DataError", "DataSplit", "load_dataset", "TensorLoader", "pad_crop_flip",
@@ -82,7 +82,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, train_limit: Opti
         try:
             split = _read(name, data_dir, kwargs)
         except (MemoryError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and "allocate" not in str(e):
+            if not out_of_memory(e):
                 raise
             raise DataError(f"{name}: the dataset does not fit in memory (data_kwargs "
                             f"{kwargs}; {type(e).__name__}: {str(e).strip()[:160]})",

@@ -27,7 +27,7 @@ from torch import nn
 
 from normlab import distributed as nd
 from normlab import models
-from normlab.lab.config import ConfigError, RunConfig, check_model_norm
+from normlab.lab.config import ConfigError, RunConfig, check_model_norm, out_of_memory
 from normlab.lab.data import DataSplit, TensorLoader, load_dataset
 from normlab.models import is_normalizer_free
 from normlab.nn import ScaledStdConv2d, WSConv2d
@@ -109,6 +109,12 @@ def build_model(cfg: RunConfig, num_classes: int, in_chans: int, image_size: int
     except (ValueError, TypeError) as e:
         raise ConfigError(f"cannot build model {cfg.model!r}: {e}",
                           hint="see `normlab ls --models` and the model's keyword arguments") from None
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        raise ConfigError(f"model {cfg.model!r} with model_kwargs {cfg.model_kwargs} does not "
+                          f"fit in memory ({type(e).__name__}: {str(e).strip()[:160]})",
+                          hint="lower model_kwargs (e.g. width)") from None
     if cfg.ws:
         weight_standardize_(model)
     return model

@@ -13,7 +13,7 @@ from rich.markup import escape
 from normlab import spp as spp_mod
 from normlab.lab.cli.guard import guard
 from normlab.lab.cli.options import DEFAULT_OUT
-from normlab.lab.config import ConfigError, check_seed, parse_set
+from normlab.lab.config import ConfigError, check_seed, out_of_memory, parse_set
 from normlab.lab.outfiles import staged, subdir
 from normlab.lab.progress import say
 from normlab.lab.run import print_report
@@ -81,8 +81,8 @@ def _records(spec: str, common: dict, norm: str, batch: int, resolution: int,
                                           seed=seed)
     except ConfigError:
         raise
-    except RuntimeError as e:
-        if "allocate" not in str(e):  # not the input batch outgrowing memory
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):  # not the input batch outgrowing memory
             raise
         raise ConfigError(f"{spec}: --batch {batch} at --resolution {resolution} does not fit in "
                           f"memory ({str(e).splitlines()[0][:160]})",
