@@ -83,6 +83,17 @@ def test_an_unusable_checkpoint_is_named_and_moved_aside(tmp_path, damage, needl
     assert read(p) == (None, None)
 
 
+def test_a_checkpoint_that_is_no_regular_file_is_moved_aside_unread(tmp_path):
+    # a FIFO planted at a run's checkpoint name (run ids are predictable) blocked torch.load,
+    # and the run, forever; a link to a device the same
+    p = tmp_path / "run1.pt"
+    os.mkfifo(p)
+    assert read(p) == (None, "is not a regular file")
+    assert "moved to run1.pt.damaged" in discard(p, "is not a regular file")
+    os.symlink("/dev/zero", p)
+    assert read(p) == (None, "is not a regular file")
+
+
 def test_a_second_damaged_checkpoint_does_not_replace_the_first(tmp_path):
     # os.replace moved the second one over run1.pt.damaged: the first file set aside "for a
     # look" (another recipe's checkpoint, say) was gone

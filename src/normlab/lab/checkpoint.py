@@ -55,6 +55,8 @@ def save(path: Union[str, Path], state: dict[str, Any]) -> None:
 def read(path: Union[str, Path]) -> tuple[Optional[dict[str, Any]], Optional[str]]:
     """``(state, None)``; ``(None, None)`` when there is no checkpoint; ``(None, why)`` when the
     file is not a usable checkpoint (it is left where it is; see :func:`discard`)."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a planted FIFO would block the
+        return None, "is not a regular file"  # read forever, a device (/dev/zero) never end
     try:
         with warnings.catch_warnings():  # torch's notes on a plain pickle's protocol
             warnings.simplefilter("ignore")
