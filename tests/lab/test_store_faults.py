@@ -359,3 +359,17 @@ def test_something_else_where_normlab_writes_is_one_line_and_kept(tmp_path, name
     _one_error(r.output, needle.format(path=repr(str(out / name))))
     assert (out / name / "mine" if kind == "folder" else out / name).read_text() == "mine"
     assert not list(out.glob("*.tmp[0-9]*"))  # the temporary file went too
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_store_name_that_is_no_file_is_one_line(tmp_path, kind):
+    # SQLite's "disk I/O error" / "unable to open database file" came from sqlite3.connect,
+    # outside the errors the store names: a traceback
+    out = tmp_path / "out"
+    out.mkdir()
+    db = out / "results.sqlite"
+    os.mkfifo(db) if kind == "fifo" else db.mkdir()
+    r = runner.invoke(app, ["train", "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    _one_error(r.output, f"{str(db)!r} is not a readable results store", "left as it is")
+    assert db.is_fifo() if kind == "fifo" else db.is_dir()

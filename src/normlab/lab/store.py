@@ -101,7 +101,10 @@ class Store:
 
 
     def _connect_writable(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        except sqlite3.DatabaseError as e:  # a folder, a FIFO at the store's name
+            raise open_error(self.path, e) from None
         self.con = con
         try:
             con.row_factory = sqlite3.Row
