@@ -102,8 +102,8 @@ def test_a_second_damaged_checkpoint_does_not_replace_the_first(tmp_path):
         p.write_text(text)
         assert f"moved to {['run1.pt.damaged', 'run1.pt.damaged.1', 'run1.pt.damaged.2'][i]};" \
             in discard(p, "does not load")
-    assert [(tmp_path / n).read_text() for n in ("run1.pt.damaged", "run1.pt.damaged.1",
-                                                 "run1.pt.damaged.2")] == ["first", "second", "third"]
+    kept = ("run1.pt.damaged", "run1.pt.damaged.1", "run1.pt.damaged.2")
+    assert [(tmp_path / n).read_text() for n in kept] == ["first", "second", "third"]
 
 
 # seeds of 2048 random bytes whose torch.load(weights_only=True) raises something other than

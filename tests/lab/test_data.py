@@ -282,7 +282,8 @@ def test_imagefolder_image_too_large_is_named(tmp_path):
     _image_tree(root, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
 
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
 
     header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
     (root / "train" / "a" / "big.png").write_bytes(
