@@ -256,3 +256,19 @@ def test_converting_a_converted_norm_act_again_keeps_its_act_without_a_warning(t
     want = model(x) if to == "frozenbn" else _timm_group_norm_act(model)(x)
     with torch.no_grad():
         torch.testing.assert_close(twice(x), want)
+
+
+def test_convert_sync_batchnorm_of_a_converted_norm_act_keeps_its_act_without_a_warning():
+    # convert_sync_batchnorm warned about the forward hook convert_norm gave the first
+    # replacement for hard-swish (not a user's hook: the SyncBatchNorm gets the act again)
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.Hardswish)).train()
+    once = normlab.convert_norm(copy.deepcopy(model), "bn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        synced = nlnn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(once))
+    assert type(synced[1]) is nlnn.SyncBatchNorm
+    x = torch.randn(4, 3, 7, 7) + 1.5
+    torch.testing.assert_close(synced(x), model(x))  # training: batch statistics, then the act

@@ -288,6 +288,13 @@ def _only_our_hook(module: nn.Module) -> bool:
             and hooks_of(module, HOOK_DICTS) == ["forward_hooks"])
 
 
+def _warn_user_hooks(replaced: list, what: str) -> None:
+    """The dropped-hooks warning for the replaced modules with hooks of the user's: the forward
+    hook an earlier conversion gave a norm for its drop and act is not one (the replacement
+    gets the drop and act again)."""
+    warn_dropped_hooks([r for r in replaced if not _only_our_hook(r[1])], what)
+
+
 def _already(module: nn.Module, target: str, target_cls: Optional[type]) -> bool:
     """Whether ``module`` is already what a conversion to ``target`` would build (left alone, with
     its own settings: a BatchRenorm1d's r_max/d_max survive a conversion to "brn")."""
@@ -341,9 +348,7 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
         lambda m: _is_source(m) and not _already(m, target, target_cls),
         lambda m, name: _build(m, to, kwargs, name),
     )
-    # the forward hook an earlier convert_norm gave a norm for its drop and act is not the
-    # user's: the replacement gets the drop and act again
-    warn_dropped_hooks([r for r in replaced if not _only_our_hook(r[1])], "convert_norm")
+    _warn_user_hooks(replaced, "convert_norm")
     summary.replaced = [Replacement(name, type(old).__name__, repr(new), _num_features(old))
                         for name, old, new in replaced]
     model.normlab_conversion = summary

@@ -46,7 +46,7 @@ from normlab import functional as NLF
 from normlab.backends.reference import apply_activation, compute_dtype, output_memory_format
 from normlab.nn._common import (
     channel_view, check_bn_input, check_count, count_batch, fx_leaf, replace_modules,
-    running_average_factor, update_running_stats, warn_dropped_hooks)
+    running_average_factor, update_running_stats)
 from normlab.nn.batchnorm import _BatchNormForward
 from normlab.nn.frozen_bn import FrozenBatchNorm2d
 
@@ -304,7 +304,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         convert_norm keeps it (torch's classmethod drops timm's).
         :func:`normlab.convert_norm` with ``"syncbn"`` makes the same replacement (the
         ``qconfig`` left behind) and reports what it replaced."""
-        from normlab.convert import _build  # (normlab.convert imports this module)
+        from normlab.convert import _build, _warn_user_hooks  # (convert imports this module)
 
         module, replaced = replace_modules(
             module,
@@ -312,7 +312,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
             lambda m, name: _keep_qconfig(
                 m, _build(m, cls, {"process_group": process_group}, name)),
         )
-        warn_dropped_hooks(replaced, "convert_sync_batchnorm")
+        _warn_user_hooks(replaced, "convert_sync_batchnorm")
         return module
 
 
