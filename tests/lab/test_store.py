@@ -119,6 +119,11 @@ def test_remote_owner_is_busy_while_it_beats_and_stale_after(tmp_path, monkeypat
         monkeypatch.setenv("NORMLAB_STALE_AFTER", "5")
         assert s.claim("r", {"epochs": 1}) == "claimed"  # 10 s > 5 s: abandoned
         assert s.run("r")["owner"] != "other-host:4242"
+        # touched "in an hour" (an edited row, a clock far ahead): not believed, taken over now
+        monkeypatch.delenv("NORMLAB_STALE_AFTER")
+        s.con.execute("UPDATE runs SET owner='other-host:4242', updated=? WHERE run_id='r'",
+                      (time.time() + 3600,))
+        assert s.claim("r", {"epochs": 1}) == "claimed"
         monkeypatch.setenv("NORMLAB_STALE_AFTER", "soon")
         s.con.execute("UPDATE runs SET owner='other-host:4242' WHERE run_id='r'")
         with pytest.raises(ConfigError, match="NORMLAB_STALE_AFTER.*'soon'"):

@@ -43,14 +43,17 @@ def _owner_alive(owner: Optional[str], updated: Optional[float] = None,
     ``started`` clock ticks after its host's boot) lives.
 
     Every owner touches its run every :data:`HEARTBEAT_S` seconds (:func:`heartbeat`), so an
-    owner silent for :func:`stale_after_s` is dead on any host. On another host that is all
+    owner silent for :func:`stale_after_s` (or touching the run that far in the future) is
+    dead on any host. On another host that is all
     there is to ask; on this host the OS is asked too: a pid that does not exist, a zombie, or
     a process with another start time (the owner died and its pid was given to a new process)
     is not the owner."""
     if not owner or ":" not in owner:
         return False
     host, _, pid_s = owner.rpartition(":")
-    fresh = updated is None or time.time() - updated < stale_after_s()
+    # a touch in the future counts as old as in the past: an edited row (or a clock ahead by
+    # more than the limit) cannot keep a run busy until then
+    fresh = updated is None or abs(time.time() - updated) < stale_after_s()
     if host != socket.gethostname() or not fresh:
         return fresh
     try:
