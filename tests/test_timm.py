@@ -174,7 +174,8 @@ def test_norm_act_target_runs_the_activation_once(to, groups):
     new = normlab.convert_norm(nn.Sequential(copy.deepcopy(layer)), to)[0]
     x = torch.randn(4, 8, 5, 5, dtype=torch.float64) + 1
     if groups is None:  # training mode: batch statistics
-        want = nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+        want = nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0,
+                                        layer.eps)
     else:
         want = nn.functional.group_norm(x, groups, layer.weight, layer.bias, layer.eps)
     torch.testing.assert_close(new(x), nn.functional.hardswish(want))

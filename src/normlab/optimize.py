@@ -24,10 +24,10 @@ the norm's output: not where the norm or the activation module has hooks, not wh
 shows another reader of the norm's output (a loop over the nn.Sequential that keeps it, a slice
 ``seq[:2]``), and the fx rewrite not where a module it would inline, or the root, has hooks (a
 GraphModule runs none of them), nor where the traced forward depends on train/eval mode (a
-GraphModule keeps the mode's branch it was traced in). Where fx cannot trace the model, step 2 assumes that each
-nn.Sequential is run whole (it cannot see otherwise; a subclass with a forward of its own is
-not fused into then), and the record says the model was not traced. The record lists what was
-left and why.
+GraphModule keeps the mode's branch it was traced in). Where fx cannot trace the model, step 2
+assumes that each nn.Sequential is run whole (it cannot see otherwise; a subclass with a
+forward of its own is not fused into then), and the record says the model was not traced. The
+record lists what was left and why.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ def test_wrong_channel_count_with_running_stats_is_torchs_runtime_error(train):
     ours = nlnn.InstanceNorm2d(4, track_running_stats=True).train(train)
     with pytest.raises(RuntimeError):
         theirs(x)
-    with pytest.raises(RuntimeError, match=r"running_mean must have shape \(3,\).*got (shape )?\(4,\)") as err:
+    text = r"running_mean must have shape \(3,\).*got (shape )?\(4,\)"
+    with pytest.raises(RuntimeError, match=text) as err:
         ours(x)
     assert isinstance(err.value, ValueError)

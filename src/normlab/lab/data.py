@@ -125,7 +125,6 @@ def _read(name: str, data_dir: Optional[str], kwargs: dict[str, Any]) -> DataSpl
                           hint=f"choose one of: {', '.join(DATASETS)}")
 
 
-
 # ---------------------------------------------------------------------- augmentation and loader
 def pad_crop_flip(x: Tensor, pad: int, generator: torch.Generator, flip: bool = True) -> Tensor:
     """Random crop of each zero-padded image back to its size, and random horizontal flip.

@@ -176,8 +176,8 @@ def spp_section(records: dict[str, Records], fig_dir: Path) -> list[str]:
     for c in SPP_CLAIMS:
         models = [m for m, k in kinds.items() if k == c.architecture]
         if not models:
-            lines.append(f"| {c.text} | - | **{NOT_RUN}** | no model of the kind {c.architecture!r} measured "
-                         f"(e.g. `normlab spp {c.example}`) |")
+            lines.append(f"| {c.text} | - | **{NOT_RUN}** | no model of the kind "
+                         f"{c.architecture!r} measured (e.g. `normlab spp {c.example}`) |")
         for m in models:
             gap = _unmeasured(records[m])
             v, why = (NOT_RUN, gap) if gap else c.check(records[m])
