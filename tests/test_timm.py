@@ -29,15 +29,21 @@ MODELS = ["efficientnet_b0", "regnety_002", "mobilenetv3_small_050"]
 @pytest.fixture(scope="module", params=MODELS)
 def model_and_input(request):
     torch.manual_seed(0)
-    model = timm.create_model(request.param, pretrained=False).eval()
-    with torch.no_grad():  # trained-looking statistics and affine: not the identity init
+    model = _trained_looking(timm.create_model(request.param, pretrained=False).eval(), 0.1)
+    return model, torch.randn(2, 3, 64, 64)
+
+
+def _trained_looking(model, spread):
+    """``model`` with random running statistics and affine in every BatchNorm2d (timm's
+    norm-act layers included): not the identity init, means and biases ~ N(0, spread)."""
+    with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
+                m.running_mean.normal_(0, spread)
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    return model, torch.randn(2, 3, 64, 64)
+                m.bias.normal_(0, spread)
+    return model
 
 
 def _activation_counts(model):
@@ -192,13 +198,7 @@ def test_timm_frozen_batchnorms_are_converted(to):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8),
                           nn.Conv2d(8, 8, 1), BatchNormAct2d(8, act_layer=nn.SiLU),
                           nn.Conv2d(8, 8, 1), BatchNormAct2d(8, act_layer=nn.Hardswish))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.3)
+    _trained_looking(model, 0.3)
     frozen = freeze_batch_norm_2d(copy.deepcopy(model).eval())
     converted = normlab.convert_norm(copy.deepcopy(frozen), to)
     assert len(converted.normlab_conversion) == 3

@@ -64,8 +64,8 @@ def test_a_dataset_too_large_for_memory_is_named(monkeypatch, error):
         raise error
 
     monkeypatch.setattr(data_mod, "synthetic", too_large)
-    with pytest.raises(DataError, match=r"synthetic: the dataset does not fit in memory "
-                                        r"\(data_kwargs \{'image_size': 100000\}; ") as e:
+    with pytest.raises(DataError, match=r"synthetic: the dataset \(data_kwargs \{'image_size': "
+                                        r"100000\}\) does not fit in memory \(") as e:
         load_dataset("synthetic", image_size=100000)
     assert "lower data_kwargs" in e.value.hint
 

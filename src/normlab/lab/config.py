@@ -24,6 +24,7 @@ optional JSON or TOML file whose top-level keys are RunConfig fields::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,7 +33,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -47,6 +48,7 @@ from normlab.models import check_norm, is_normalizer_free
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
     "DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed", "out_of_memory",
+    "fits_in_memory",
 ]
 
 DATASETS = ("digits", "mnist5k", "synthetic", "cifar10", "cifar100", "imagefolder")
@@ -80,6 +82,21 @@ def out_of_memory(e: BaseException) -> bool:
     """Whether ``e`` is an allocation that memory refused (numpy's MemoryError, torch's
     "can't allocate memory" RuntimeError): a size the user chose, said as bad input."""
     return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "allocate" in str(e))
+
+
+@contextlib.contextmanager
+def fits_in_memory(what: str, hint: str, error: type = ConfigError) -> Iterator[None]:
+    """Run the block; an allocation in it that memory refused (:func:`out_of_memory`) is one
+    ``error`` line, "``what`` does not fit in memory (...)", with ``hint`` saying which size
+    to lower."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise error(f"{what} does not fit in memory ({type(e).__name__}: {first})",
+                    hint=hint) from None
 
 
 @dataclass

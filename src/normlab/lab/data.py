@@ -55,7 +55,7 @@ from torch.nn import functional as F
 
 from normlab.distributed import make_sampler, rank_seed
 from normlab.lab.cifar import CIFAR_EXPECTED, cifar, cifar_hint
-from normlab.lab.config import DATASETS, ConfigError, out_of_memory
+from normlab.lab.config import DATASETS, ConfigError, fits_in_memory
 from normlab.lab.datasets import DataError, DataSplit, digits, imagefolder, mnist5k, synthetic
 
 __all__ = ["DataError", "DataSplit", "load_dataset", "TensorLoader", "pad_crop_flip",
@@ -79,14 +79,9 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, train_limit: Opti
     """
     key = repr((name, str(data_dir), sorted(kwargs.items())))
     if key not in _CACHE:
-        try:
+        with fits_in_memory(f"{name}: the dataset (data_kwargs {kwargs})",
+                            "lower data_kwargs (image_size, n_train, ...)", DataError):
             split = _read(name, data_dir, kwargs)
-        except (MemoryError, RuntimeError) as e:
-            if not out_of_memory(e):
-                raise
-            raise DataError(f"{name}: the dataset does not fit in memory (data_kwargs "
-                            f"{kwargs}; {type(e).__name__}: {str(e).strip()[:160]})",
-                            hint="lower data_kwargs (image_size, n_train, ...)") from None
         _CACHE.clear()  # keep one dataset in memory
         _CACHE[key] = split
     s = _CACHE[key]

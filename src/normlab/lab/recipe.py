@@ -27,7 +27,7 @@ from torch import nn
 
 from normlab import distributed as nd
 from normlab import models
-from normlab.lab.config import ConfigError, RunConfig, check_model_norm, out_of_memory
+from normlab.lab.config import ConfigError, RunConfig, check_model_norm, fits_in_memory
 from normlab.lab.data import DataSplit, TensorLoader, load_dataset
 from normlab.models import is_normalizer_free
 from normlab.nn import ScaledStdConv2d, WSConv2d
@@ -103,18 +103,14 @@ def build_model(cfg: RunConfig, num_classes: int, in_chans: int, image_size: int
         kwargs["image_size"] = image_size  # its dense layer's size depends on the input size
     if cfg.norm_kwargs:
         kwargs["norm_kwargs"] = dict(cfg.norm_kwargs)
-    try:
-        model = models.create(cfg.model, norm=cfg.norm, num_classes=num_classes,
-                              in_chans=in_chans, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"cannot build model {cfg.model!r}: {e}",
-                          hint="see `normlab ls --models` and the model's keyword arguments") from None
-    except (MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):
-            raise
-        raise ConfigError(f"model {cfg.model!r} with model_kwargs {cfg.model_kwargs} does not "
-                          f"fit in memory ({type(e).__name__}: {str(e).strip()[:160]})",
-                          hint="lower model_kwargs (e.g. width)") from None
+    with fits_in_memory(f"model {cfg.model!r} with model_kwargs {cfg.model_kwargs}",
+                        "lower model_kwargs (e.g. width)"):
+        try:
+            model = models.create(cfg.model, norm=cfg.norm, num_classes=num_classes,
+                                  in_chans=in_chans, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"cannot build model {cfg.model!r}: {e}", hint="see `normlab ls "
+                              "--models` and the model's keyword arguments") from None
     if cfg.ws:
         weight_standardize_(model)
     return model

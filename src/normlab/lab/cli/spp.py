@@ -13,7 +13,7 @@ from rich.markup import escape
 from normlab import spp as spp_mod
 from normlab.lab.cli.guard import guard
 from normlab.lab.cli.options import DEFAULT_OUT
-from normlab.lab.config import ConfigError, check_seed, out_of_memory, parse_set
+from normlab.lab.config import ConfigError, check_seed, fits_in_memory, parse_set
 from normlab.lab.outfiles import staged, subdir
 from normlab.lab.progress import say
 from normlab.lab.run import print_report
@@ -76,17 +76,13 @@ def _records(spec: str, common: dict, norm: str, batch: int, resolution: int,
     try:
         kw = _model_kwargs(spec, name, own, common, norm)
         torch.manual_seed(seed)
-        model = create(name, **kw)
-        recs = spp_mod.signal_propagation(model, batch_size=batch, image_size=resolution,
-                                          seed=seed)
+        with fits_in_memory(f"{spec}: --batch {batch} at --resolution {resolution}",
+                            "lower --batch or --resolution"):
+            model = create(name, **kw)
+            recs = spp_mod.signal_propagation(model, batch_size=batch, image_size=resolution,
+                                              seed=seed)
     except ConfigError:
         raise
-    except (MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):  # not the input batch outgrowing memory
-            raise
-        raise ConfigError(f"{spec}: --batch {batch} at --resolution {resolution} does not fit in "
-                          f"memory ({str(e).splitlines()[0][:160]})",
-                          hint="lower --batch or --resolution") from None
     except (ValueError, TypeError) as e:
         where = " (--set applies to every model; use NAME:key=value for one)" if common else ""
         raise ConfigError(f"{spec}: {str(e).splitlines()[0]}{where}",
