@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import normlab
 from normlab import functional as NF
 from normlab.backends import BackendUnavailable, register_backend, _INSTANCES
-from formula import normalize64, off_centre, rel_err
+from formula import group_norm64, normalize64, off_centre, rel_err
 
 BACKENDS = ["reference", "native"]
 
@@ -138,6 +138,43 @@ def test_memory_formats(backend, layout):
             assert y.is_contiguous(memory_format=fmt), (groups, over_batch)
         else:
             assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("params", ["strided", "expanded"])
+@pytest.mark.parametrize(
+    "shape,groups,dtype,cl",
+    [
+        ((2, 6, 3, 4), 3, torch.float32, False),  # GN
+        ((2, 6, 3, 4), 6, torch.float32, True),   # IN, channels_last
+        ((3, 6), 1, torch.bfloat16, False),       # LN over features of half input (GN kernel)
+    ],
+)
+def test_strided_and_expanded_parameters(backend, params, shape, groups, dtype, cl):
+    # weight/bias that are views (every other element of a buffer, one value expanded over C):
+    # native handed them to ATen's group-norm kernel, which reads them as dense vectors
+    c = shape[1]
+    if params == "strided":
+        w = (torch.randn(2 * c) * 0.5 + 1).to(dtype)[::2].requires_grad_()
+        b = torch.randn(2 * c).to(dtype)[1::2].requires_grad_()
+    else:
+        w = (torch.rand(1) + 0.5).to(dtype).expand(c).requires_grad_()
+        b = torch.randn(1).to(dtype).expand(c).requires_grad_()
+    x = off_centre(*shape).to(dtype)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = NF.normalize(x, groups, False, w, b, backend=backend)
+    assert rel_err(y, normalize64(x, groups, False, w, b)) < (1e-5 if dtype == torch.float32
+                                                              else 1e-2)
+    dy = torch.randn(shape)
+    y.backward(dy.to(dtype))
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    group_norm64(x64, groups, w64, b64).backward(dy.double())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert rel_err(x.grad, x64.grad) < tol
+    assert rel_err(w.grad, w64.grad) < tol and rel_err(b.grad, b64.grad) < tol
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -108,6 +108,10 @@ class NativeBackend:
             y, mean, rstd = torch.native_layer_norm(x, [c], weight, bias, eps)
             return apply_activation(y, activation), mean, rstd
         if not over_batch:
+            # ATen's group-norm kernel reads weight and bias as dense vectors (F.group_norm makes
+            # them contiguous first): a strided or expanded one read the wrong elements
+            weight = None if weight is None else weight.contiguous()
+            bias = None if bias is None else bias.contiguous()
             hxw = math.prod(x.shape[2:])
             if c // g * hxw == 1:
                 # one value per group: ATen's kernel returns garbage at large values (1e6: errors
