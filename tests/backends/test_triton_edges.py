@@ -16,6 +16,7 @@ import normlab  # noqa: E402
 from normlab import functional as NF  # noqa: E402
 from normlab.backends import BackendUnavailable  # noqa: E402
 from versions import needs_triton_knobs  # noqa: E402
+from formula import off_centre, rel_err  # noqa: E402
 
 tn = pytest.importorskip("normlab.backends.triton_norm")
 
@@ -101,3 +102,25 @@ def test_interpreter_switch_is_read_as_triton_reads_it(monkeypatch, value):
 
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert triton_interpreting() is bool(triton.knobs.runtime.interpret)
+
+
+def test_given_statistics_that_require_grad_get_their_gradients():
+    """Statistics computed by the caller (gathered across processes, a BatchRenorm correction)
+    that require grad: the triton backend detached them, so their .grad stayed None while
+    reference and native differentiate them. Reference: the formula in float64 by autograd."""
+    gen = torch.Generator().manual_seed(0)
+    x = off_centre(3, 4, 5).to(DEVICE).requires_grad_()
+    mean = (torch.randn(4, generator=gen) + 3).to(DEVICE).requires_grad_()
+    var = (torch.rand(4, generator=gen) + 0.5).to(DEVICE).requires_grad_()
+    w = (torch.rand(4, generator=gen) + 0.5).to(DEVICE).requires_grad_()
+    b = torch.randn(4, generator=gen).to(DEVICE).requires_grad_()
+    dy = torch.randn(3, 4, 5, generator=gen).to(DEVICE)
+    NF.normalize_fixed(x, mean, var, w, b, activation="silu", backend="triton").backward(dy)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, mean, var, w, b)]
+    x64, m64, v64, w64, b64 = leaves
+    chan = (1, 4, 1)
+    z = (x64 - m64.view(chan)) / torch.sqrt(v64.view(chan) + 1e-5) * w64.view(chan) + b64.view(chan)
+    torch.nn.functional.silu(z).backward(dy.cpu().double())
+    for ours, ref in zip((x, mean, var, w, b), leaves):
+        assert ours.grad is not None
+        assert rel_err(ours.grad.cpu(), ref.grad) < 1e-5

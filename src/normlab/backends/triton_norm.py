@@ -78,7 +78,7 @@ import triton.language as tl
 from torch import Tensor
 
 from normlab.backends import triton_interpreting
-from normlab.backends.reference import update_running_stats
+from normlab.backends.reference import BACKEND as _REFERENCE, update_running_stats
 
 __all__ = ["TritonBackend", "BACKEND", "TUNING", "plan_launch", "LaunchPlan"]
 
@@ -1558,6 +1558,10 @@ class TritonBackend:
         eps: float,
         activation: Optional[str],
     ) -> Tensor:
+        if (mean.requires_grad or var.requires_grad) and torch.is_grad_enabled():
+            # the kernels do not differentiate the given statistics (detached below, their
+            # gradients were silently None): the written-out formula does, as in native
+            return _REFERENCE.normalize_fixed(x, mean, var, weight, bias, eps, activation)
         xk, _ = kernel_strides(x)
         op = _EagerFixed.apply if _eager(xk) else triton_norm_fixed
         return op(xk, mean.detach(), var.detach(), weight, bias, float(eps), activation or "none")
