@@ -389,6 +389,12 @@ def test_auto_uses_native_on_cpu():
         (lambda: NF.normalize_fixed(torch.randn(4, 6), None, torch.ones(6)), ValueError, "needs the statistics: got mean=None"),
         # normalized_shape neither an int nor a sequence ("'float' object is not iterable" before)
         (lambda: NF.layer_norm(torch.randn(3, 4), 4.0), TypeError, "normalized_shape must be an int or a sequence of ints, got 4.0"),
+        # parameters that are not float tensors: int/bool weights were silently used as floats
+        # (torch refuses them), a complex one was a KeyError 'complex64' in the triton backend
+        (lambda: NF.normalize(torch.randn(2, 4, 3), 2, False, weight=torch.ones(4, dtype=torch.long)), TypeError, "weight must have a floating-point dtype, got torch.int64"),
+        (lambda: NF.normalize(torch.randn(2, 4, 3), 2, False, bias=torch.zeros(4, dtype=torch.complex64)), TypeError, "bias must have a floating-point dtype, got torch.complex64"),
+        (lambda: NF.normalize_fixed(torch.randn(2, 4, 3), torch.zeros(4, dtype=torch.long), torch.ones(4)), TypeError, "running_mean must have a floating-point dtype, got torch.int64"),
+        (lambda: NF.layer_norm(torch.randn(3, 4), 4, torch.ones(4, dtype=torch.bool)), TypeError, "weight must have a floating-point dtype, got torch.bool"),
     ],
 )
 def test_errors_name_the_values(call, exc, match):

@@ -145,6 +145,8 @@ def _check_channel_param(p: Optional[Tensor], c: int, what: str) -> None:
             f"{what} must have shape ({c},) to match the {c} channels of the input, "
             f"got shape {tuple(p.shape)}"
         )
+    if not p.is_floating_point():  # (int/bool were used as float, complex crashed triton)
+        raise TypeError(f"{what} must have a floating-point dtype, got {p.dtype}")
 
 
 def _running_buffer_error(buf, num_groups: int, name: str) -> None:
@@ -554,6 +556,8 @@ def _check_elementwise_param(p, shape: tuple, what: str) -> None:
         raise TypeError(f"{what} must be a Tensor or None, got {type(p).__name__}")
     if p.shape != shape:
         raise InputShapeError(f"{what} must have shape {shape}, got {tuple(p.shape)}")
+    if not p.is_floating_point():
+        raise TypeError(f"{what} must have a floating-point dtype, got {p.dtype}")
 
 
 def _check_trailing(input, normalized_shape) -> tuple:
