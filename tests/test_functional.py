@@ -395,6 +395,9 @@ def test_auto_uses_native_on_cpu():
         (lambda: NF.normalize(torch.randn(2, 4, 3), 2, False, bias=torch.zeros(4, dtype=torch.complex64)), TypeError, "bias must have a floating-point dtype, got torch.complex64"),
         (lambda: NF.normalize_fixed(torch.randn(2, 4, 3), torch.zeros(4, dtype=torch.long), torch.ones(4)), TypeError, "running_mean must have a floating-point dtype, got torch.int64"),
         (lambda: NF.layer_norm(torch.randn(3, 4), 4, torch.ones(4, dtype=torch.bool)), TypeError, "weight must have a floating-point dtype, got torch.bool"),
+        # momentum=None (the modules' cumulative average) reached lerp_ / ATen: an argument error
+        # that did not say which argument (reference, triton)
+        (lambda: NF.batch_norm(torch.randn(4, 6), torch.zeros(6), torch.ones(6), training=True, momentum=None, backend="reference"), TypeError, "momentum must be a float.*got None"),
     ],
 )
 def test_errors_name_the_values(call, exc, match):

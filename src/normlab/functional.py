@@ -271,6 +271,12 @@ def normalize(
                 or not buf.is_floating_point()
             ):
                 _running_buffer_error(buf, num_groups, name)
+        if isinstance(momentum, (str, bytes)) or not isinstance(
+            momentum, (numbers.Real, Tensor, torch.SymInt, torch.SymFloat)
+        ):  # (None, the modules' cumulative average, was a lerp_ or ATen argument error)
+            raise TypeError(
+                f"momentum must be a float when running statistics are given, got {momentum!r}"
+            )
     return _dispatch(
         x, num_groups, over_batch, weight, bias, eps, activation, backend, running_mean,
         running_var, momentum, return_stats, center,
