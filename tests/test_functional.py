@@ -225,6 +225,27 @@ def test_gradcheck(backend, shape, groups, over_batch, activation):
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("cl", [False, True])
+def test_bias_without_weight_gradients(backend, groups, cl):
+    # a bias without a weight, with gradients: ATen's group-norm backward raised "tensor does
+    # not have a device" there (torch's F.group_norm does too), so native failed in backward
+    x = off_centre(2, 4, 3, 3)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    b = torch.randn(4).requires_grad_()
+    dy = torch.randn(2, 4, 3, 3)
+    y = NF.normalize(x, groups, False, None, b, activation="gelu", backend=backend)
+    y.backward(dy)
+    x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    y64 = F.gelu(group_norm64(x64, groups, None, b64))
+    y64.backward(dy.double())
+    assert rel_err(y, y64) < 1e-5
+    assert rel_err(x.grad, x64.grad) < 1e-4 and rel_err(b.grad, b64.grad) < 1e-5
+
+
 def test_native_gradients_match_reference():
     x = off_centre(4, 8, 5, 5).requires_grad_()
     w, b = _affine(8)

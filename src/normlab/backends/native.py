@@ -112,6 +112,10 @@ class NativeBackend:
             # them contiguous first): a strided or expanded one read the wrong elements
             weight = None if weight is None else weight.contiguous()
             bias = None if bias is None else bias.contiguous()
+            if weight is None and bias is not None:
+                # ATen's group-norm backward fails for a bias without weight ("tensor does not
+                # have a device", torch's F.group_norm too): a unit weight, no gradient
+                weight = torch.ones_like(bias)
             hxw = math.prod(x.shape[2:])
             if c // g * hxw == 1:
                 # one value per group: ATen's kernel returns garbage at large values (1e6: errors
