@@ -13,8 +13,7 @@ from typing import Optional
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.nn._common import (
-    drop_bias, fx_leaf, norm_repr, not_scriptable, reset_affine)
+from normlab.nn._common import drop_bias, fx_leaf, norm_repr, not_scriptable, reset_affine
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
