@@ -6,10 +6,11 @@ import itertools
 
 import pytest
 
-from normlab.lab.analysis import INCONCLUSIVE, claims_status, point_stats
+from normlab.lab.analysis import INCONCLUSIVE, claims_status, level_z, point_stats
 from normlab.lab.config import ConfigError
 from normlab.lab.power import run_with_power
 from normlab.lab.store import Store
+from normlab.lab.store_open import StoreError
 from normlab.lab.studies import get_study
 
 # true error per series; the seed adds an alternating +-0.3 (sd about 0.3)
@@ -130,7 +131,7 @@ def test_a_rerun_with_budget_left_adds_new_seeds_not_the_earlier_rounds_runs(tmp
     store.close()
     assert first["runs_added"] == 3 and ("GN", 1) in trained
     _, store, again, rec = _study(tmp_path, budget_runs=2, max_seeds=6)
-    assert rec["runs_added"] == 2 and sorted(again) == [("BN", 1), ("GN", 2)]
+    assert rec["runs_added"] == 2 and sorted(again) == [("GN", 2), ("IN", 2)]
 
 
 def test_the_report_says_what_the_rounds_did_and_why_they_stopped(tmp_path):
@@ -156,3 +157,37 @@ def test_the_report_says_what_the_rounds_did_and_why_they_stopped(tmp_path):
     store.close()
     md = write_report(tmp_path / "quick")[0].read_text()
     assert "Power rounds: none (a budget of 0 runs, `--quick`'s default; `--budget-runs N`" in md
+
+
+def test_power_rounds_record_their_looks_and_the_report_judges_and_says_so(tmp_path):
+    from normlab.lab.report import write_report
+
+    _, store, _, rec = _study(tmp_path, max_seeds=6)
+    assert rec["looks"] == [1, 6]  # the quick preset's one seed per point, up to --max-seeds
+    assert store.setup_info("norms")["power"]["looks"] == [1, 6]
+    store.close()
+    md = write_report(tmp_path)[0].read_text()
+    assert (f"verdict is set for looks after each seed from 1 to 6 per point: decisive beyond "
+            f"{level_z((1, 6)):.2f} normal standard errors") in md
+    # a rerun with no rounds keeps the looks already planned: they were taken
+    _, store, _, again = _study(tmp_path, budget_runs=0)
+    assert again["looks"] == [1, 6]
+    store.close()
+    _, store, _, none = _study(tmp_path / "quick", budget_runs=0)
+    assert none["looks"] == [1, 1]
+    store.close()
+    assert "verdict is set for looks" not in write_report(tmp_path / "quick")[0].read_text()
+
+
+@pytest.mark.parametrize("looks", [[0, 8], [3, 2], [2, 10**9], "2-8", [True, 8]])
+def test_a_stored_looks_value_that_is_not_two_seed_counts_is_one_error_line(tmp_path, looks):
+    """An edited record must not set the verdicts' level, nor start a boundary computation
+    over a billion looks."""
+    from normlab.lab.report import write_report
+
+    _, store, _, rec = _study(tmp_path, max_seeds=3)
+    setup = store.con.execute("SELECT setup FROM study_runs WHERE study='norms'").fetchone()[0]
+    store.update_setup_info("norms", "quick", setup, {"power": {**rec, "looks": looks}})
+    store.close()
+    with pytest.raises(StoreError, match="power looks is not two seed counts"):
+        write_report(tmp_path)

@@ -11,6 +11,13 @@ next seeds fit in the ``budget_runs`` runs left, or ``budget_minutes`` of wall t
 since the study started (a round that has started finishes). What happened is
 recorded with the setup (:meth:`Store.update_setup_info`, key ``power``), so the report can
 say which claims stayed open and why.
+
+Every look at a claim is another chance to call two equal points different, so when rounds may
+run, every verdict (the first list's included) uses the sequential level for looks after each
+seed from the first list's seeds to ``max_seeds`` (:func:`normlab.lab.analysis.level_z`): the
+record's ``looks``, ``[first, last]``, widened to cover the looks an earlier invocation on the
+same setup planned. With no rounds possible (a budget of 0 runs or 0 minutes, or the first list
+already at ``max_seeds``) it is one look: ``[first, first]``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import time
 from collections import Counter
 from typing import Any, Callable, Optional
 
-from normlab.lab.analysis import INCONCLUSIVE, claims_status, point_stats, seeds_by_claim
+from normlab.lab.analysis import (INCONCLUSIVE, claims_status, level_z, point_stats,
+                                  seeds_by_claim)
 from normlab.lab.config import ConfigError
 from normlab.lab.store import Store
 from normlab.lab.studies import Point, Study
@@ -76,7 +84,8 @@ def run_with_power(
     Returns:
         the ``power`` record: rounds, runs added, why the rounds stopped (``decided``: nothing
         left that more seeds could decide within ``max_seeds``; ``budget-runs``;
-        ``budget-minutes``), the budget, and the claims still open with the seeds they need.
+        ``budget-minutes``), the budget, the ``looks`` the verdicts' level is set for (module
+        docstring), and the claims still open with the seeds they need.
     """
     check_budget(budget_runs, budget_minutes, max_seeds)
     t0 = clock()
@@ -84,12 +93,15 @@ def run_with_power(
     setup = points[0].setup if points else ""
     _register(store, study, preset, points, setup, info)
     registered()
+    looks = _looks(points, max_seeds, budget_runs, budget_minutes,
+                   store.setup_info(study.name, preset).get("power", {}).get("looks"))
+    z = level_z(looks)
     counts = dict(run(points))
     targets: dict[tuple, int] = {}
     added, rounds, stopped = 0, 0, "decided"
     while True:
         runs = store.study_runs(study.name, preset)
-        claims = _wanted(runs, study, max_seeds, targets)
+        claims = _wanted(runs, study, max_seeds, targets, z)
         if not claims:
             break
         if budget_minutes is not None and clock() - t0 >= 60.0 * budget_minutes:
@@ -111,7 +123,8 @@ def run_with_power(
             counts[k] = counts.get(k, 0) + v
     record = {"rounds": rounds, "runs_added": added, "stopped": stopped,
               "budget_runs": budget_runs, "budget_minutes": budget_minutes,
-              "max_seeds": max_seeds, "open": _open_claims(store, study, preset), "counts": counts}
+              "max_seeds": max_seeds, "looks": list(looks),
+              "open": _open_claims(store, study, preset, z), "counts": counts}
     store.update_setup_info(study.name, preset, setup, {"power": record})
     return record
 
@@ -122,14 +135,29 @@ def _register(store: Store, study: Study, preset: str, points: list[Point], setu
                    setup=setup, info=info)
 
 
+def _looks(points: list[Point], max_seeds: int, budget_runs: Optional[int],
+           budget_minutes: Optional[float], earlier: Optional[list[int]]) -> tuple[int, int]:
+    """The seed counts per point from which to which the claims may be looked at (module
+    docstring): the first list's fewest seeds at a point, to ``max_seeds`` when rounds may run,
+    covering ``earlier`` (a stored record's ``looks``)."""
+    seeds = Counter((p.label, p.x) for p in points)
+    first = min(seeds.values(), default=1)
+    rounds = budget_runs != 0 and budget_minutes != 0
+    last = max(first, max_seeds) if rounds else first
+    if earlier:
+        first, last = min(first, earlier[0]), max(last, earlier[1])
+    return first, last
+
+
 def _wanted(runs: list[dict[str, Any]], study: Study, max_seeds: int,
-            targets: dict[tuple, int]) -> list[tuple[Optional[int], dict[tuple, int]]]:
+            targets: dict[tuple, int], z: float
+            ) -> list[tuple[Optional[int], dict[tuple, int]]]:
     """The open claims of the study whose stored ``runs`` are given that more seeds could
     decide, fewest seeds needed first, each with the seeds per (label, x) it needs, where above
     ``targets``."""
     failed = Counter((r["label"], r["x"]) for r in runs if r["status"] == "failed")
     claims = [(need, {p: n for p, n in want.items() if n > targets.get(p, 0)})
-              for need, want in seeds_by_claim(study, point_stats(runs), max_seeds, failed)]
+              for need, want in seeds_by_claim(study, point_stats(runs), max_seeds, failed, z)]
     return [(need, want) for need, want in claims if want]
 
 
@@ -161,8 +189,8 @@ def _new_points(known: set[str], candidates: list[Point], want: dict[tuple, int]
     return [p for p in candidates if (p.label, p.x) in want and p.cfg.run_id() not in known]
 
 
-def _open_claims(store: Store, study: Study, preset: str) -> list[dict[str, Any]]:
+def _open_claims(store: Store, study: Study, preset: str, z: float) -> list[dict[str, Any]]:
     """The study's inconclusive claims with the seeds they have and need."""
     stats = point_stats(store.study_runs(study.name, preset))
     return [{"claim": c["text"], "seeds": c["seeds"], "seeds_needed": c["seeds_needed"]}
-            for c in claims_status(study, stats) if c["verdict"] == INCONCLUSIVE]
+            for c in claims_status(study, stats, z) if c["verdict"] == INCONCLUSIVE]

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Optional
 
 from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, POWER_STOPPED,
-                                  REPRODUCED, SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, Z,
-                                  claims_status, critical, flags_text, point_stats, verdict)
+                                  REPRODUCED, SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, TAIL, Z,
+                                  claims_status, critical, flags_text, level_z, point_stats,
+                                  verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
 from normlab.lab.outfiles import subdir, write_text
@@ -149,7 +150,19 @@ def _power_line(power: Optional[dict]) -> str:
     if stopped in ("budget-runs", "budget-minutes"):
         line += (" Running the study again with a larger budget goes on from these runs (the "
                  "finished ones are kept).")
-    return line
+    return line + _level_text(power.get("looks"))
+
+
+def _level_text(looks: Optional[list[int]]) -> str:
+    """The level the claims below are judged at, when rounds could look more than once."""
+    if not looks or looks[1] <= looks[0]:
+        return ""
+    return (f" Every look at a claim is another chance to call equal points different, so its "
+            f"verdict is set for looks after each seed from {looks[0]} to {looks[1]} per point: "
+            f"decisive beyond {level_z(looks):.2f} normal standard errors (t at the seeds' "
+            f"degrees of freedom) instead of {Z:g}, Pocock's constant boundary for those looks, "
+            f"which keeps the chance of ever calling two equal points different at one look's "
+            f"{TAIL:.2%}.")
 
 
 def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str], list[Path]]:
@@ -191,7 +204,8 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
         lines += ["", f"Paper: {study.paper_source}."]
     lines += ["", "### Claims", "", "| claim | verdict | numbers (error %) | seeds per point | "
               "source |", "|---|---|---|---|---|"]
-    for c, st in zip(study.claims, claims_status(study, stats)):
+    z = level_z(info.get("power", {}).get("looks"))
+    for c, st in zip(study.claims, claims_status(study, stats, z)):
         lines.append(f"| {c.text} | **{st['verdict']}** | {st['why']} | {_seeds_cell(st)} | "
                      f"{c.source} |")
     figs = plot_study(store, study, fig_dir)

@@ -26,6 +26,7 @@ from typing import Any, Union
 
 from normlab.lab.config import ConfigError, check_field
 from normlab.lab.store_open import EPOCH_FIELDS, StoreError
+from normlab.lab.study import MAX_SEEDS
 
 __all__ = ["run_config", "json_object", "stored_setup_info", "numbers", "member_x",
            "one_kind_of_x", "epoch_row", "RUN_NUMBERS", "SPP_NUMBERS", "PERCENT_COLUMNS"]
@@ -79,7 +80,17 @@ def stored_setup_info(path: Union[str, Path], study: Any, raw: Any) -> dict[str,
     for key in ("protocol", "power"):
         if key in info:
             _an_object(path, where, key, info[key])
+    looks = info.get("power", {}).get("looks")
+    if looks is not None and not _looks_ok(looks):
+        raise _bad(path, where, f"power looks is not two seed counts 1 <= first <= last <= "
+                                f"{MAX_SEEDS}: {_show(looks)}")
     return info
+
+
+def _looks_ok(looks: Any) -> bool:
+    return (isinstance(looks, list) and len(looks) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in looks)
+            and 1 <= looks[0] <= looks[1] <= MAX_SEEDS)
 
 
 def run_config(path: Union[str, Path], run_id: Any, raw: Any) -> dict[str, Any]:

@@ -13,7 +13,8 @@ lowest; ``d = m_b - m_a`` and its half-width ``h`` follow the verdicts' rule
 (:mod:`normlab.lab.analysis`: Student's t times the standard error, from the spread over seeds,
 floored, or an assumed spread for one seed). The table gives ``d ± h``, the probability that a
 is really lower (from the same t distribution), and calls the gap *decisive* when ``d > h``, as
-the verdicts do. A series whose every run at that batch size was flagged (diverged,
+the verdicts do (at the study's level: the sequential one when its power rounds could look
+after each added seed). A series whose every run at that batch size was flagged (diverged,
 unconverged) has no mean to rank: the row names it and its flags.
 
 Cost, measured in the same runs: training images per second (the run's training images over its
@@ -29,7 +30,7 @@ import math
 from typing import Any, Callable, Optional
 
 from normlab.factory import DEFAULT_NUM_GROUPS
-from normlab.lab.analysis import flags_text, interval, point_stats, prob_lower
+from normlab.lab.analysis import flags_text, interval, level_z, point_stats, prob_lower
 from normlab.lab.markdown import md_cell
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, Study
@@ -75,8 +76,8 @@ def _left_out_text(left_out: dict[str, dict]) -> str:
                      for lab, s in left_out.items())
 
 
-def _winner_row(study: Study, x: Any, points: dict[str, dict], left_out: dict[str, dict]
-                ) -> str:
+def _winner_row(study: Study, x: Any, points: dict[str, dict], left_out: dict[str, dict],
+                z: float) -> str:
     """``left_out``: the series at ``x`` whose every run was flagged (no mean to rank)."""
     ranked = sorted(points.items(), key=lambda kv: kv[1]["mean"])
     best, s = ranked[0]
@@ -89,12 +90,13 @@ def _winner_row(study: Study, x: Any, points: dict[str, dict], left_out: dict[st
     runner, r = ranked[1]
     more = f" ({flagged})" if flagged else ""
     return (head + f"{md_cell(runner)} {r['mean']:.2f} (n={r['n']}){more} | "
-            f"{_gap_cells(s, r)} | {paper} |")
+            f"{_gap_cells(s, r, z)} | {paper} |")
 
 
-def _gap_cells(s: dict, r: dict) -> str:
-    """``d ± h | P, decisive or not``: the lowest point s against the next lowest r."""
-    d, _, h = interval(s, r)
+def _gap_cells(s: dict, r: dict, z: float) -> str:
+    """``d ± h | P, decisive or not``: the lowest point s against the next lowest r, h at the
+    study's level z."""
+    d, _, h = interval(s, r, z)
     p = prob_lower(s, r)
     conf = (">99.9%" if p > 0.999 else f"{p:.1%}") + ", " + (
         "decisive" if d - h > 0 else "not decisive (gap < t SE)")
@@ -111,7 +113,7 @@ def _setup_line(runs: list[dict], stats: dict) -> str:
             f"{n} seed(s) per point.")
 
 
-def _winners(study: Study, runs: list[dict], all_stats: dict) -> list[str]:
+def _winners(study: Study, runs: list[dict], all_stats: dict, z: float) -> list[str]:
     stats = {k: s for k, s in all_stats.items() if s["n"] > 0}
     xs = sorted({x for _, x in all_stats}, reverse=True)
     lines = [f"### {study.name}: lowest test error at each batch size", "", _setup_line(runs, stats),
@@ -124,7 +126,7 @@ def _winners(study: Study, runs: list[dict], all_stats: dict) -> list[str]:
                   and math.isfinite(s["mean"])}
         left_out = {lab: s for (lab, xx), s in all_stats.items() if xx == x and s["n"] == 0}
         if points:
-            lines.append(_winner_row(study, x, points, left_out))
+            lines.append(_winner_row(study, x, points, left_out, z))
         else:
             lines.append(f"| {_fmt_x(x)} | no run counts ({_left_out_text(left_out)}) | - | - | "
                          "- | - |")
@@ -230,7 +232,7 @@ def _paper_setting(study: Study, best: tuple, name: Callable[[tuple], str]) -> s
     return f"{text} ({same})"
 
 
-def _setting_winner(study: Study, runs: list[dict], all_stats: dict) -> list[str]:
+def _setting_winner(study: Study, runs: list[dict], all_stats: dict, z: float) -> list[str]:
     """The answer of a study in :data:`SETTING_STUDIES`: the setting with the lowest error, the
     next lowest and how sure, beside the paper's."""
     what, name = SETTING_STUDIES[study.name]
@@ -243,7 +245,7 @@ def _setting_winner(study: Study, runs: list[dict], all_stats: dict) -> list[str
     else:
         runner, r = ranked[1]
         row += (f"{name(runner)} {r['mean']:.2f} (n={r['n']}) | "
-                f"{_gap_cells(s, r)} |")
+                f"{_gap_cells(s, r, z)} |")
     row += f" {_paper_setting(study, best, name)} |"
     order = " < ".join(f"{name(k)} {v['mean']:.2f}" for k, v in ranked)
     return [f"### {study.name}: the {what} with the lowest test error", "",
@@ -252,6 +254,11 @@ def _setting_winner(study: Study, runs: list[dict], all_stats: dict) -> list[str
             f"P(lowest is really lower) | the paper ({_cite(study)}) |",
             "|---|---|---|---|---|", row, "",
             f"All, lowest error first: {order}.", ""]
+
+
+def _level(store: Store, study: str) -> float:
+    """The level the study's verdicts use (its power rounds' looks, as the store recorded them)."""
+    return level_z(store.setup_info(study).get("power", {}).get("looks"))
 
 
 def summary_lines(store: Store) -> list[str]:
@@ -267,14 +274,14 @@ def summary_lines(store: Store) -> list[str]:
         if not any(s["n"] > 0 for s in stats.values()):
             continue
         seen += runs
-        lines += (_winners(STUDIES[name], runs, stats)
+        lines += (_winners(STUDIES[name], runs, stats, _level(store, name))
                   + _costs(STUDIES[name], runs))
     answered = False
     for name in SETTING_STUDIES:
         runs = store.study_runs(name)
         stats = point_stats(runs)
         if any(st["n"] > 0 and math.isfinite(st["mean"]) for st in stats.values()):
-            lines += _setting_winner(STUDIES[name], runs, stats)
+            lines += _setting_winner(STUDIES[name], runs, stats, _level(store, name))
             answered = True
     if not seen and not answered:
         return lines + ["No batch-size, norms, nf, groups or bn-dropout study has finished runs "
