@@ -31,7 +31,9 @@ being crossed by equal points is one look's ``Phi(-Z)`` (:mod:`normlab.lab.seque
 2.48 normal standard errors for 2 to 8, 2.63 for 2 to 16). Simulated with this module's rules
 (``scripts/verdict_error_rates.py --pairs 4000``: 4000 pairs per cell, sd 0.3-2), 0.25-1.05%
 of equal pairs then end "a lower" from 2 to 8 seeds and 0.4-1.4% from 2 to 16 (one look at
-2, 3 or 5 seeds: 0-2.25%). The rules:
+2, 3 or 5 seeds: 0-2.25%). Each claim is its own test: nothing corrects across the claims of a
+study, so the chance that some claim among k whose points are truly equal comes out decided
+grows with k (up to k times one claim's). The rules:
 
 * ``less`` (error(a) < error(b) by >= margin): **reproduced** if ``d - h > 0`` and
   ``d - h >= margin`` (the whole interval clears the margin; within float rounding,
