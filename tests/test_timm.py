@@ -273,3 +273,86 @@ def test_convert_sync_batchnorm_of_a_converted_norm_act_keeps_its_act_without_a_
     assert type(synced[1]) is nlnn.SyncBatchNorm
     x = torch.randn(4, 3, 7, 7) + 1.5
     torch.testing.assert_close(synced(x), model(x))  # training: batch statistics, then the act
+
+
+def _split_bn_model():
+    """timm's convert_splitbn_model (3 splits) of a conv net with a plain BatchNorm2d and a
+    BatchNormAct2d (hard-swish: its drop and act go to the SplitBatchNorm2d), then a conv and a
+    BatchNorm2d added after the split: every BatchNorm, main and aux, with statistics and
+    affine of its own."""
+    from timm.layers import convert_splitbn_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), BatchNormAct2d(8, act_layer=nn.Hardswish))
+    model = nn.Sequential(convert_splitbn_model(model, num_splits=3), nn.Conv2d(8, 4, 1),
+                          nn.BatchNorm2d(4))
+    return _trained_looking(model, 0.3)
+
+
+def _split_reference_check(new, reference, x):
+    """``new`` computes what timm's split-BN ``reference`` computes, in training (each third of
+    the batch through its own BatchNorm, running statistics updated alike) and in eval, and
+    holds the same state_dict keys."""
+    assert list(new.state_dict()) == list(reference.state_dict())
+    for mode in (True, False):
+        new.train(mode)
+        reference.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(new(x), reference(x))
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(new.state_dict()[key], value, msg=key)
+
+
+@pytest.mark.parametrize("convert", ["bn", "gn", "frozenbn", "syncbn", "sync_classmethod"])
+def test_split_batchnorms_are_left_whole_by_the_conversions(convert):
+    # convert_norm and convert_sync_batchnorm replaced each SplitBatchNorm2d by one norm over the
+    # whole batch and lost its aux_bn (their state_dict keys too); they are now left, named
+    from formula import off_centre
+
+    model = _split_bn_model()
+    reference = copy.deepcopy(model)
+    left = r"left 2 timm SplitBatchNorm2d layer\(s\) as they are \('0.1', '0.4'\)"
+    with pytest.warns(UserWarning, match=left):
+        if convert == "sync_classmethod":
+            new = nlnn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            new = normlab.convert_norm(model, convert)
+            summary = new.normlab_conversion
+            assert [r.name for r in summary.replaced] == ["2"]  # the BatchNorm after the split
+            assert [name for name, _ in summary.left] == ["0.1", "0.4"]
+            assert "left 0.4: timm's SplitBatchNorm2d" in str(summary)
+    assert type(new[0][1]).__name__ == type(new[0][4]).__name__ == "SplitBatchNorm2d"
+    if convert in ("bn", "syncbn", "sync_classmethod"):  # the one BN after the split: same output
+        _split_reference_check(new, reference, off_centre(6, 3, 7, 7))
+    else:
+        _split_reference_check(new[0], reference[0], off_centre(6, 3, 7, 7))
+
+
+def test_fold_batchnorm_folds_split_batchnorms_as_their_eval_forward():
+    # a SplitBatchNorm2d in eval mode is its main BatchNorm (then its drop and act): folded
+    # like one; it was traced through (not traceable: torch's input check) and nothing folded
+    from formula import off_centre
+
+    model = _split_bn_model().double().eval()
+    x = off_centre(2, 3, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        folded, record = normlab.fold_batchnorm(model)
+        assert record.traced and len(record.folded) == 3 and not record.skipped, str(record)
+        torch.testing.assert_close(folded(x), want, rtol=1e-12, atol=1e-12)
+    assert isinstance(folded[0][4], nn.Hardswish)
+    assert not any("aux_bn" in key for key in folded.state_dict())
+
+
+def test_optimize_keeps_split_batchnorms_and_their_outputs():
+    # the aux BNs (torch.nn.BatchNorm2d, called by the SplitBatchNorm2d) become normlab's, the
+    # SplitBatchNorm2d itself stays: train and eval outputs, running statistics and keys as timm's
+    from formula import off_centre
+
+    model = _split_bn_model()
+    reference = copy.deepcopy(model)
+    new, record = normlab.optimize(model)
+    assert type(new[0][1]).__name__ == "SplitBatchNorm2d"
+    assert isinstance(new[0][1].aux_bn[0], nlnn.BatchNorm2d)
+    _split_reference_check(new, reference, off_centre(6, 3, 7, 7))

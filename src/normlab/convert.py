@@ -16,8 +16,15 @@ norm (``activation=``) where it takes one; any other activation or a dropout sta
 target such as timm's GroupNormAct, in place of its own). The state_dict keys of those layers
 stay as they were.
 
+timm's ``SplitBatchNorm2d`` (what ``timm.layers.convert_splitbn_model`` makes of each BatchNorm for
+AugMix / AdvProp split-BN training: a BatchNorm2d that, in training, normalizes the first part of
+the batch itself and each other part with one of its ``aux_bn`` BatchNorms) is left as it is,
+aux BNs included: one new norm in its place would normalize the whole batch together and drop
+the aux BNs and their state_dict keys. A warning and the summary's ``left`` name each such
+layer; convert the model before ``convert_splitbn_model`` instead.
+
 The returned model carries ``model.normlab_conversion``, a :class:`ConversionSummary` of what was
-replaced.
+replaced and what was left.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Any, Optional, Tuple
 
 from torch import Tensor, nn
@@ -60,8 +68,13 @@ class Replacement:
 
 @dataclasses.dataclass
 class ConversionSummary:
+    """``replaced``: one :class:`Replacement` per new module (``len()`` counts them);
+    ``left``: ``(name, reason)`` for each BatchNorm deliberately not converted (timm's
+    SplitBatchNorm2d)."""
+
     target: str
     replaced: list[Replacement] = dataclasses.field(default_factory=list)
+    left: list = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.replaced)
@@ -69,6 +82,7 @@ class ConversionSummary:
     def __str__(self) -> str:
         lines = [f"convert_norm -> {self.target}: {len(self.replaced)} module(s) replaced"]
         lines += [f"  {r.name or '<root>'}: {r.old} -> {r.new}" for r in self.replaced]
+        lines += [f"  left {name or '<root>'}: {why}" for name, why in self.left]
         return "\n".join(lines)
 
 
@@ -92,6 +106,46 @@ def _is_source(module: nn.Module) -> bool:
     cls = type(module)
     return (cls.__name__ in _FOREIGN_FROZEN.get(cls.__module__, ())
             and all(isinstance(getattr(module, a, None), Tensor) for a in _FROZEN_STATE))
+
+
+def split_batchnorm_class(module: nn.Module) -> Optional[type]:
+    """timm's SplitBatchNorm2d class if ``module`` is one (or of a subclass), else None: a
+    BatchNorm2d whose training forward splits the batch between itself and its ``aux_bn``
+    BatchNorms."""
+    return next((c for c in type(module).__mro__ if c.__name__ == "SplitBatchNorm2d"
+                 and c.__module__ == "timm.layers.split_batchnorm"), None)
+
+
+def is_split_batchnorm(module: nn.Module) -> bool:
+    return split_batchnorm_class(module) is not None
+
+
+SPLIT_REASON = ("timm's SplitBatchNorm2d: in training it normalizes each split of the batch with "
+                "its own BatchNorm (itself and its aux_bn), which one new norm would not do; left "
+                "as it is, aux_bn included")
+
+
+def split_batchnorms(model: nn.Module) -> Tuple[set, list]:
+    """``(ids, names)``: the ids of timm's SplitBatchNorm2d layers in ``model`` and of every
+    module inside them (their aux BNs), which the conversions leave; the layers' names."""
+    ids, names = set(), []
+    for name, module in model.named_modules():
+        if is_split_batchnorm(module) and id(module) not in ids:
+            names.append(name)
+            ids.update(id(m) for m in module.modules())
+    return ids, names
+
+
+def warn_split_left(names: list, what: str) -> None:
+    """One warning naming the SplitBatchNorm2d layers a conversion left as they were."""
+    if not names:
+        return
+    shown = ", ".join(repr(n or "<root>") for n in names[:5])
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    warnings.warn(f"{what}: left {len(names)} timm SplitBatchNorm2d layer(s) as they are "
+                  f"({shown}{more}): they split the batch between the layer and its aux_bn "
+                  "BatchNorms in training, which the replacement would not; convert the model "
+                  "before timm's convert_splitbn_model", stacklevel=3)
 
 
 def _num_features(module: nn.Module) -> int:
@@ -306,7 +360,8 @@ def _already(module: nn.Module, target: str, target_cls: Optional[type]) -> bool
 def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
     """Replace every BatchNorm (torch's or normlab's, SyncBatchNorm and FrozenBatchNorm2d
     included, and torchvision's FrozenBatchNorm2d and timm's FrozenBatchNormAct2d) in ``model``
-    by ``create_norm(to, C, **kwargs)``.
+    by ``create_norm(to, C, **kwargs)``. timm's SplitBatchNorm2d layers are left as they are
+    (see the module docstring), named in a warning and in the summary's ``left``.
 
     Args:
         model: any module; changed in place (and returned). If ``model`` itself is a BatchNorm,
@@ -343,13 +398,16 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
     target = canonical_name(to) if isinstance(to, str) else getattr(to, "__name__", repr(to))
     target_cls: Optional[type] = get_norm_class(to) if isinstance(to, str) and target != "bn" else None
     summary = ConversionSummary(str(target))
+    split, split_names = split_batchnorms(model)
     model, replaced = replace_modules(
         model,
-        lambda m: _is_source(m) and not _already(m, target, target_cls),
+        lambda m: _is_source(m) and not _already(m, target, target_cls) and id(m) not in split,
         lambda m, name: _build(m, to, kwargs, name),
     )
     _warn_user_hooks(replaced, "convert_norm")
+    warn_split_left(split_names, "convert_norm")
     summary.replaced = [Replacement(name, type(old).__name__, repr(new), _num_features(old))
                         for name, old, new in replaced]
+    summary.left = [(name, SPLIT_REASON) for name in split_names]
     model.normlab_conversion = summary
     return model

@@ -14,7 +14,9 @@ SyncBatchNorm with running statistics, normlab's BatchNorm (its fused activation
 activation module), BatchRenorm (eval mode uses the running statistics), FrozenBatchNorm2d
 (normlab's, torchvision's), timm's BatchNormAct2d, SyncBatchNormAct and FrozenBatchNormAct2d
 (their ``drop`` and ``act`` stay, as they do for the norms :func:`normlab.convert_norm` built
-from those layers). A subclass of a torch BatchNorm with a forward of its own is left.
+from those layers), and timm's SplitBatchNorm2d (AugMix split BN: in eval mode it is its main
+BatchNorm, then its ``drop`` and ``act`` where it has them; its training-only ``aux_bn`` goes
+with it). Another subclass of a torch BatchNorm with a forward of its own is left.
 
 Left in place, with the reason: a pair where the conv or the norm has hooks (they would see the
 folded output, or no longer run: a conv's forward pre-hook such as the old ``weight_norm``
@@ -33,7 +35,8 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from normlab import _trace
-from normlab.convert import _ACT_MODULES, _drop_then_act
+from normlab.convert import (_ACT_MODULES, _drop_then_act, is_split_batchnorm,
+                             split_batchnorm_class)
 from normlab.nn._common import replace_modules
 from normlab.nn.batch_renorm import _BatchRenorm
 from normlab.nn.batchnorm import _BatchNormForward
@@ -80,6 +83,8 @@ def _after_own(norm: nn.Module) -> Optional[list]:
     cls = type(norm)
     if cls.__module__.startswith("timm.") and cls.__name__ in _TIMM_NORM_ACT:
         return [m for m in (norm.drop, norm.act) if not isinstance(m, nn.Identity)]
+    if is_split_batchnorm(norm):
+        return _split_after(norm)
     if isinstance(norm, (_BatchNormForward, _BatchRenorm, FrozenBatchNorm2d)):
         act = getattr(norm, "activation", None)  # normlab's fused activation stays
         return [_ACT_MODULES[act]()] if act else []
@@ -92,6 +97,23 @@ def _after_own(norm: nn.Module) -> Optional[list]:
     ):
         return []
     return None
+
+
+def _split_after(norm: nn.Module) -> Optional[list]:
+    """timm's SplitBatchNorm2d in eval mode: the main BatchNorm, then ``drop`` and ``act`` if it
+    has them (convert_splitbn_model gives them to the layer made of a BatchNormAct2d). A subclass
+    with a forward of its own: None."""
+    if type(norm).forward is not split_batchnorm_class(norm).forward:
+        return None
+    after = []
+    for part in ("drop", "act"):
+        if hasattr(norm, part):
+            module = getattr(norm, part)
+            if not isinstance(module, nn.Module):
+                return None
+            if not isinstance(module, nn.Identity):
+                after.append(module)
+    return after
 
 
 def _converted_norm_act(norm: nn.Module) -> bool:
@@ -201,8 +223,9 @@ def _pairs_from_sequentials(model: nn.Module, record: FoldRecord) -> list:
                                            "traced to see how each is called)"))
                     continue
                 pairs.append((prefix + cname, conv, prefix + nname, norm))
+    inner = {id(sub) for m in model.modules() if _is_norm(m) for sub in m.modules() if sub is not m}
     for name, module in model.named_modules():
-        if _is_norm(module) and id(module) not in seen:
+        if _is_norm(module) and id(module) not in seen and id(module) not in inner:  # (not an aux BN)
             record.skipped.append((name, "not after a Conv or Linear in an nn.Sequential (the "
                                          "model could not be traced)"))
     return pairs

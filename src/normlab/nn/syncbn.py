@@ -303,16 +303,22 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         A fused activation (normlab's ``activation``, timm's BatchNormAct2d ``act``) stays, as
         convert_norm keeps it (torch's classmethod drops timm's).
         :func:`normlab.convert_norm` with ``"syncbn"`` makes the same replacement (the
-        ``qconfig`` left behind) and reports what it replaced."""
-        from normlab.convert import _build, _warn_user_hooks  # (convert imports this module)
+        ``qconfig`` left behind) and reports what it replaced. timm's SplitBatchNorm2d layers
+        are left as they are, aux BNs included, with a warning naming them (as convert_norm
+        leaves them; torch's and timm's functions make each one SyncBatchNorm that normalizes
+        the whole batch, its aux BNs kept but never called)."""
+        # (convert imports this module)
+        from normlab.convert import _build, _warn_user_hooks, split_batchnorms, warn_split_left
 
+        split, split_names = split_batchnorms(module)
         module, replaced = replace_modules(
             module,
-            lambda m: _is_batchnorm(m) and type(m) is not cls,
+            lambda m: _is_batchnorm(m) and type(m) is not cls and id(m) not in split,
             lambda m, name: _keep_qconfig(
                 m, _build(m, cls, {"process_group": process_group}, name)),
         )
         _warn_user_hooks(replaced, "convert_sync_batchnorm")
+        warn_split_left(split_names, "convert_sync_batchnorm")
         return module
 
 
