@@ -12,6 +12,7 @@ from normlab import nn as nlnn
 from normlab.fold import fold_batchnorm
 from timm_import import import_timm
 from pass_models import SequentialKeepingAll
+from formula import off_centre
 
 
 def _randomize_norms(model):
@@ -49,7 +50,6 @@ def _check_folds(model, x, expect_folded, rtol=2e-6):
         ([nn.Conv2d(4, 8, 3, groups=2), nn.BatchNorm2d(8)], (2, 4, 6, 6)),                # grouped, bias
         ([nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)], (2, 3, 10)),                            # 1-d
         ([nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4)], (2, 2, 5, 5, 5)),                       # 3-d
-        ([nn.Linear(5, 7), nn.BatchNorm1d(7)], (4, 5)),                                   # Linear -> BN1d
         ([nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False)], (2, 3, 8, 8)),            # no affine
         ([nn.Conv2d(3, 8, 3), nlnn.BatchNorm2d(8)], (2, 3, 8, 8)),                        # normlab BN
         ([nn.Conv2d(3, 8, 3), nlnn.BatchRenorm2d(8)], (2, 3, 8, 8)),                      # Batch Renorm (eval)
@@ -174,14 +174,15 @@ def test_a_frozen_batchnorm_in_training_mode_still_folds():
         assert record.folded == [("0", "1")] and _rel(model(x), before) < 2e-6
 
 
-def _equal_in_float64(model, x, folded):
-    """fold a float64 copy of ``model``; outputs equal to the unfolded model's (1e-12
-    relative: only rounding differs); the record names ``folded`` pairs."""
+def _equal_in_float64(model, x, folded, example=False):
+    """fold a float64 copy of ``model`` (with ``example_inputs=x`` if ``example``); outputs
+    equal to the unfolded model's (1e-12 relative: only rounding differs); the record names
+    ``folded`` pairs."""
     model = _randomize_norms(model).double().eval()
     x = x.double()
     with torch.no_grad():
         before = model(x)
-        model, record = fold_batchnorm(model)
+        model, record = fold_batchnorm(model, example_inputs=x if example else None)
         assert _rel(model(x), before) < 1e-12, str(record)
     assert len(record.folded) == folded, str(record)
     return model, record
@@ -326,3 +327,66 @@ def test_sync_batchnorm_act_keeps_its_activation_and_a_subclass_forward_is_left(
     assert isinstance(model[1], nn.Hardswish) and not record.skipped
     model = nn.Sequential(nn.Conv2d(3, 8, 3), _ScaledSyncBatchNorm(8))
     _equal_in_float64(model, torch.randn(2, 3, 7, 7) + 0.5, 0)
+
+
+_LINEAR_UNKNOWN = "'0' is a Linear: the norm normalizes dim 1"
+
+
+def test_linear_batchnorm_folds_on_2d_output_given_example_inputs():
+    # (N, C) output: dim 1 is the Linear's output features; checked on the example input
+    model, record = _equal_in_float64(nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7)),
+                                      off_centre(4, 5), 1, example=True)
+    assert isinstance(model[1], nn.Identity) and not record.skipped
+    # without example_inputs the rank is unknown: left, with the reason
+    _, record = _equal_in_float64(nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7)),
+                                  off_centre(4, 5), 0)
+    assert record.skipped[0][0] == "1" and _LINEAR_UNKNOWN in record.skipped[0][1]
+    assert "pass example_inputs= to check and fold" in record.skipped[0][1]
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_linear_batchnorm_on_3d_output_is_not_folded(example):
+    # Linear(C, L) on (N, L, C) input gives (N, L, L): BatchNorm1d(L) normalizes dim 1 (the
+    # L positions), not the Linear's output features (dim 2). It was folded as if over the
+    # features: 0.6 relative error, without a word
+    n, length, c = 4, 6, 5
+    x = off_centre(n, length, c)
+    model, record = _equal_in_float64(nn.Sequential(nn.Linear(c, length), nn.BatchNorm1d(length)),
+                                      x, 0, example=example)
+    assert isinstance(model[1], nn.BatchNorm1d) and len(record.skipped) == 1
+    if example:
+        assert record.skipped[0][1] == ("its input on example_inputs is 3-D: dim 1, which it "
+                                        "normalizes, holds the outputs of '0' only on 2-D input")
+    else:
+        assert _LINEAR_UNKNOWN in record.skipped[0][1]
+
+
+def test_example_inputs_check_convs_too():
+    # an unbatched Conv1d input (C, L) gives (C_out, L): BatchNorm1d takes that as (N, C) and
+    # normalizes over L. Without example_inputs a conv's input is taken to be batched (folded
+    # then, documented); with them the rank decides
+    model = nn.Sequential(nn.Conv1d(3, 8, 1), nn.BatchNorm1d(8))
+    _, record = _equal_in_float64(model, off_centre(3, 8), 0, example=True)
+    assert "is 2-D: dim 1, which it normalizes, holds the outputs of '0' only on 3-D" in str(record)
+    model = nn.Sequential(nn.Conv1d(3, 8, 1), nn.BatchNorm1d(8))  # batched: folded
+    _equal_in_float64(model, off_centre(2, 3, 8), 1, example=True)
+
+
+class _LinearOnABranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7))
+
+    def forward(self, x):
+        return self.body(x) if x.sum() > 0 else x  # data-dependent: fx cannot trace it
+
+
+def test_a_norm_not_run_on_example_inputs_is_left_and_bad_example_inputs_are_refused():
+    model = _randomize_norms(_LinearOnABranch()).eval()
+    _, record = fold_batchnorm(model, example_inputs=(-off_centre(4, 5),))  # body not run
+    assert not record.traced and record.skipped == [
+        ("body.1", "not run on example_inputs, so the rank of its input is unknown")]
+    assert not model.body[0]._forward_pre_hooks and not model.body[1]._forward_pre_hooks
+    with pytest.raises(TypeError, match="example_inputs must be a Tensor or a tuple of the "
+                                        "model's positional inputs, got dict"):
+        fold_batchnorm(model, example_inputs={"x": off_centre(4, 5)})

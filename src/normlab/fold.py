@@ -21,8 +21,9 @@ with it). Another subclass of a torch BatchNorm with a forward of its own is lef
 Left in place, with the reason: a pair where the conv or the norm has hooks (they would see the
 folded output, or no longer run: a conv's forward pre-hook such as the old ``weight_norm``
 recomputes the weight), a conv whose weight is a parametrization or is shared with another
-module (tied: folding would change the other), and, without a trace, a conv or norm that sits
-in the model under more than one name.
+module (tied: folding would change the other), a Linear pair unless ``example_inputs`` show the
+norm a 2-D input (else dim 1, which the norm normalizes, is not the Linear's output features),
+and, without a trace, a conv or norm that sits in the model under more than one name.
 """
 
 from __future__ import annotations
@@ -134,8 +135,9 @@ def _is_conv(m: nn.Module) -> bool:
 
 
 def _reason_not_foldable(conv_name: str, conv: nn.Module, norm: nn.Module,
-                         tied: set) -> Optional[str]:
-    """Why the pair cannot be folded, or None."""
+                         tied: set, ranks: Optional[dict]) -> Optional[str]:
+    """Why the pair cannot be folded, or None. ``ranks``: id(norm) -> the ranks of its inputs
+    on the example inputs, None without them."""
     if not isinstance(getattr(norm, "running_mean", None), torch.Tensor) or not isinstance(
         getattr(norm, "running_var", None), torch.Tensor
     ):
@@ -143,6 +145,9 @@ def _reason_not_foldable(conv_name: str, conv: nn.Module, norm: nn.Module,
     if norm.running_mean.numel() != _out_features(conv):
         return (f"{norm.running_mean.numel()} features, but {conv_name!r} has "
                 f"{_out_features(conv)} outputs")
+    reason = _reason_of_rank(conv_name, conv, norm, ranks)
+    if reason is not None:
+        return reason
     for what, module in (("it", norm), (repr(conv_name), conv)):
         if _trace.hooks_of(module) and not (module is norm and _converted_norm_act(norm)):
             return (f"{what} has {', '.join(_trace.hooks_of(module))}, which would see the folded "
@@ -152,6 +157,59 @@ def _reason_not_foldable(conv_name: str, conv: nn.Module, norm: nn.Module,
     if any(id(p) in tied for p in (conv.weight, conv.bias) if p is not None):
         return f"a parameter of {conv_name!r} is shared with another module (tied)"
     return None
+
+
+def _reason_of_rank(conv_name: str, conv: nn.Module, norm: nn.Module,
+                    ranks: Optional[dict]) -> Optional[str]:
+    """A norm normalizes dim 1 of its input. That dim holds the conv's output channels on
+    batched input, whose rank is the conv weight's (a Linear's: 2, ``(N, C)``); on a Linear's
+    ``(N, L, C)`` output, or an unbatched conv's, it is another dim, which the folded weight
+    would not scale. With example inputs the rank seen there decides; without them a Linear
+    pair is left (3-D input is common there) and a conv pair folded (batched input assumed)."""
+    want = conv.weight.dim()
+    if ranks is None:
+        if isinstance(conv, nn.Linear):
+            return (f"{conv_name!r} is a Linear: the norm normalizes dim 1, which holds its "
+                    "output features only on 2-D (N, C) output (on (N, L, C), L), and without "
+                    "example_inputs the rank is unknown; pass example_inputs= to check and fold")
+        return None
+    seen = sorted(ranks.get(id(norm), ()))
+    if not seen:
+        return "not run on example_inputs, so the rank of its input is unknown"
+    if seen != [want]:
+        return (f"its input on example_inputs is {'-D, '.join(map(str, seen))}-D: dim 1, which "
+                f"it normalizes, holds the outputs of {conv_name!r} only on {want}-D input")
+    return None
+
+
+@torch.no_grad()
+def _input_ranks(model: nn.Module, norms: list, args: tuple) -> dict:
+    """id(norm) -> the set of ranks of the tensors each of ``norms`` gets when ``model`` runs
+    on ``args`` (once, in eval mode, without autograd)."""
+    ranks: dict = {id(n): set() for n in norms}
+
+    def record(module: nn.Module, inputs: tuple) -> None:
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            ranks[id(module)].add(inputs[0].dim())
+
+    handles = [n.register_forward_pre_hook(record) for n in {id(n): n for n in norms}.values()]
+    try:
+        model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ranks
+
+
+def _example_args(example_inputs) -> Optional[tuple]:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError("example_inputs must be a Tensor or a tuple of the model's positional "
+                    f"inputs, got {type(example_inputs).__name__}")
 
 
 @torch.no_grad()
@@ -231,16 +289,20 @@ def _pairs_from_sequentials(model: nn.Module, record: FoldRecord) -> list:
     return pairs
 
 
-def fold_batchnorm(model: nn.Module):
+def fold_batchnorm(model: nn.Module, *, example_inputs=None):
     """Fold every eval-mode BatchNorm that directly follows a Conv, ConvTranspose or Linear into
     it, in place.
 
     ``model`` must be in eval mode. Its data flow is read with a torch.fx trace (BatchNorm
     layers as leaves); a BatchNorm is folded when its only input is a Conv/Linear module's
     output that nothing else reads, and each of the two is called once. Pairs with hooks, a
-    parametrized or tied conv weight are left (see the module docstring). A Linear + BatchNorm1d
-    pair is folded as for ``(N, C)`` input (on ``(N, L, C)`` input BatchNorm1d normalizes over L,
-    which the trace does not show: do not fold such a model). The BatchNorm is then
+    parametrized or tied conv weight are left (see the module docstring). A BatchNorm
+    normalizes dim 1 of its input, which holds a Linear's output features only when that output
+    is 2-D ``(N, C)``: on ``(N, L, C)`` a BatchNorm1d normalizes over L, and no trace shows
+    which. So a Linear + BatchNorm pair is folded only when ``example_inputs`` are given and
+    the norm's input is 2-D on them; without them it is left, with the reason. With them, a
+    conv pair is checked the same way (a conv on unbatched input has its channels in dim 0);
+    without them a conv's input is taken to be batched. The BatchNorm is then
     replaced by ``nn.Identity`` (or by what must still run after it: a norm-act layer's dropout
     and activation, normlab's fused activation), and the conv gets the folded weight and bias (a
     bias is added where it had none). A model torch.fx cannot trace is folded where a
@@ -249,6 +311,9 @@ def fold_batchnorm(model: nn.Module):
 
     Args:
         model: any module, in eval mode.
+        example_inputs: (keyword) a Tensor, or a tuple of the model's positional inputs, of the
+            input ranks the model will see: the model is run on them once (no autograd) to see
+            the rank of each BatchNorm's input. Needed to fold a Linear + BatchNorm pair.
 
     Returns:
         ``(model, record)``: the same model object, and a :class:`FoldRecord` naming each folded
@@ -274,6 +339,7 @@ def fold_batchnorm(model: nn.Module):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    example = _example_args(example_inputs)
     # a frozen BatchNorm's output does not depend on the mode; every other one uses batch
     # statistics in training
     training = [n or "<root>" for n, m in model.named_modules()
@@ -292,8 +358,11 @@ def fold_batchnorm(model: nn.Module):
         pairs = _pairs_from_graph(gm, record)
     tied = {key for key, n in _trace.paths_count(
         model.named_parameters(remove_duplicate=False)).items() if n > 1}  # tied parameters
+    ranks = None
+    if example is not None:  # (before anything changes: an error there leaves the model)
+        ranks = _input_ranks(model, [norm for *_, norm in pairs], example) if pairs else {}
     for conv_name, conv, norm_name, norm in pairs:
-        reason = _reason_not_foldable(conv_name, conv, norm, tied)
+        reason = _reason_not_foldable(conv_name, conv, norm, tied, ranks)
         if reason is not None:
             record.skipped.append((norm_name, reason))
             continue
