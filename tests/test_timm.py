@@ -356,3 +356,44 @@ def test_optimize_keeps_split_batchnorms_and_their_outputs():
     assert type(new[0][1]).__name__ == "SplitBatchNorm2d"
     assert isinstance(new[0][1].aux_bn[0], nlnn.BatchNorm2d)
     _split_reference_check(new, reference, off_centre(6, 3, 7, 7))
+
+
+def test_readme_advice_on_timms_freeze_sync_and_reparameterize():
+    # README (Drop-in): timm's freeze_batch_norm_2d and convert_sync_batchnorm drop a normlab
+    # BatchNorm's fused activation, normlab's conversions keep it; timm's reparameterize_model
+    # takes normlab's BatchNorm2d and asserts torch.nn.BatchNorm2d (so: reparameterize first)
+    from formula import off_centre
+    from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
+    from timm.models.byobnet import RepVggBlock
+    from timm.utils import reparameterize_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nlnn.BatchNorm2d(8, activation="silu"))
+    model = _trained_looking(model, 0.3).double().eval()
+    x = off_centre(4, 3, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        bn = model[1]
+        no_act = nn.functional.batch_norm(model[0](x), bn.running_mean, bn.running_var, bn.weight,
+                                          bn.bias, False, 0.0, bn.eps)
+        torch.testing.assert_close(want, nn.functional.silu(no_act))
+        for timms in (freeze_batch_norm_2d, convert_sync_batchnorm):  # the activation is gone
+            converted = timms(copy.deepcopy(model)).eval()
+            assert not hasattr(converted[1], "activation")
+            torch.testing.assert_close(converted(x), no_act)
+        frozen = normlab.convert_norm(copy.deepcopy(model), "frozenbn")
+        synced = nlnn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+        for ours in (frozen, synced):
+            assert ours[1].activation == "silu"
+            torch.testing.assert_close(ours(x), want)
+
+        block = _trained_looking(nn.Sequential(RepVggBlock(8, 8)), 0.3).double().eval()
+        x = off_centre(2, 8, 7, 7, dtype=torch.float64)
+        want = block(x)
+        optimized, _ = normlab.optimize(copy.deepcopy(block))
+        assert isinstance(optimized[0].identity, nlnn.BatchNorm2d)
+        fused = reparameterize_model(optimized)
+        assert fused[0].reparam_conv is not None
+        torch.testing.assert_close(fused(x), want, rtol=1e-12, atol=1e-12)
+        with pytest.raises(AssertionError):  # FrozenBatchNorm2d is no torch.nn.BatchNorm2d
+            reparameterize_model(normlab.convert_norm(copy.deepcopy(block), "frozenbn"))
