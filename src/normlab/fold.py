@@ -16,7 +16,8 @@ activation module), BatchRenorm (eval mode uses the running statistics), FrozenB
 (their ``drop`` and ``act`` stay, as they do for the norms :func:`normlab.convert_norm` built
 from those layers), and timm's SplitBatchNorm2d (AugMix split BN: in eval mode it is its main
 BatchNorm, then its ``drop`` and ``act`` where it has them; its training-only ``aux_bn`` goes
-with it). Another subclass of a torch BatchNorm with a forward of its own is left.
+with it). Another subclass of a torch BatchNorm with a forward of its own is left (named in
+the record).
 
 Left in place, with the reason: a pair where the conv or the norm has hooks (they would see the
 folded output, or no longer run: a conv's forward pre-hook such as the old ``weight_norm``
@@ -356,6 +357,10 @@ def fold_batchnorm(model: nn.Module, *, example_inputs=None):
         pairs = _pairs_from_sequentials(model, record)
     else:
         pairs = _pairs_from_graph(gm, record)
+    for name, module in model.named_modules():  # (neither a leaf of the trace nor listed above)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not _is_norm(module):
+            record.skipped.append((name, f"{type(module).__name__} subclasses a torch BatchNorm "
+                                         "with a forward of its own, which a fold cannot know"))
     tied = {key for key, n in _trace.paths_count(
         model.named_parameters(remove_duplicate=False)).items() if n > 1}  # tied parameters
     ranks = None
