@@ -18,3 +18,20 @@ needs_torch_norm_bias = pytest.mark.skipif(
 needs_triton_knobs = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.knobs") is None,
     reason="the reference is triton.knobs, which this Triton lacks")
+
+
+def _has_triton_kernels_for_op() -> bool:
+    try:
+        from torch._library import triton as library_triton
+    except ImportError:  # torch 2.4: no torch._library.triton
+        return False
+    return hasattr(library_triton, "get_triton_kernels_for_op")
+
+
+# torch._library.triton.get_triton_kernels_for_op (absent from torch 2.4 and 2.6; 2.4 has no
+# torch.library.triton_op either): torch's record of a triton_op's kernels, which the test of
+# the ops registered as triton_ops ($NORMLAB_TRITON_OP=1) reads
+needs_triton_kernels_for_op = pytest.mark.skipif(
+    not _has_triton_kernels_for_op(),
+    reason="the test reads torch._library.triton.get_triton_kernels_for_op (torch's record of "
+           "a triton_op's kernels), which this torch lacks")

@@ -22,6 +22,7 @@ import torch
 
 import normlab
 from formula import normalize64, off_centre, rel_err
+from versions import needs_triton_kernels_for_op
 
 tn = pytest.importorskip("normlab.backends.triton_norm")
 
@@ -107,6 +108,7 @@ _WRITTEN = {"Y", "STATS", "PART", "DX", "AB", "PDW", "PDB", "DW", "DB", "CNT"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled graph runs (below)")
+@needs_triton_kernels_for_op
 def test_triton_op_traces_into_kernel_launches_that_copy_no_input():
     """With $NORMLAB_TRITON_OP=1 each op is a triton_op (torch.library's own record names its
     kernels), and a fullgraph trace of every op, forward and backward, fused and split, holds
