@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import inspect
 import os
+import sys
 import threading
 from typing import Iterator, Optional, Protocol, Tuple
 
@@ -132,14 +133,14 @@ _MODULES = {
 _INSTANCES: dict[str, Optional[Backend]] = {}
 
 
-class _BackendStack(threading.local):
-    """Per-thread stack of ``use_backend`` names (an attribute read, cheap on the hot path)."""
-
-    def __init__(self) -> None:
-        self.stack: list = []
-
-
-_local = _BackendStack()
+# Per-thread stack of ``use_backend`` names: the attribute ``stack`` of a plain
+# ``threading.local`` (an attribute read, cheap on the hot path), made by a thread's first
+# use_backend or current_backend. Not a subclass of threading.local that makes it in
+# ``__init__``: TorchDynamo 2.4 cannot read such a subclass's attributes (it saw a placeholder
+# object, truthy, and failed on ``stack[-1]``), while it reads and guards a plain
+# threading.local's on every torch normlab supports, so torch.compile retraces when the stack
+# changes.
+_local = threading.local()
 
 
 def register_backend(name: str, backend: Backend) -> None:
@@ -207,7 +208,9 @@ def use_backend(name: str) -> Iterator[None]:
             y = model(x)
     """
     name = _check_name(name)
-    stack = _local.stack
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
     stack.append(name)
     try:
         yield
@@ -228,6 +231,14 @@ def _env_reader(name: str):
         return lambda: os.environ.get(name, "")
     key = encodekey(name)
     environ = os.environ
+    if isinstance(key, bytes):
+        # POSIX: the values are bytes, which os.environ decodes with the filesystem encoding and
+        # surrogateescape. Decoded here as str(value, ...), the same thing, which TorchDynamo
+        # 2.4 can trace (it cannot trace bytes.decode, os.environ's decodevalue)
+        encoding = sys.getfilesystemencoding()
+
+        def decodevalue(value: bytes) -> str:
+            return str(value, encoding, "surrogateescape")
 
     def read() -> str:
         if os.environ is not environ:  # os.environ itself was replaced (a test's setattr)
@@ -243,9 +254,14 @@ _read_env = _env_reader(ENV_VAR)
 
 def current_backend() -> str:
     """The backend name in force here: innermost ``use_backend``, else $NORMLAB_BACKEND, else auto."""
-    stack = _local.stack
+    stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
+    if stack is None and not torch.compiler.is_compiling():
+        # this thread's first call: make its (empty) stack, so that later reads find it (a
+        # missing attribute costs an AttributeError, ~1.5 us a read). Not in a torch.compile
+        # trace: TorchDynamo 2.4 cannot trace the creation (the trace guards on the absence)
+        _local.stack = []
     env = _read_env().strip()
     if env:
         try:
