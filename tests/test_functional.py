@@ -2,6 +2,7 @@
 native backends, against the float64 formula (tests/formula.py) and torch.nn.functional."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -424,6 +425,51 @@ def test_auto_uses_native_on_cpu():
 def test_errors_name_the_values(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    "value", ["yes", "", None, 0, 1, 2, 1.0, torch.tensor(True), torch.tensor([True])],
+    ids=repr,
+)
+def test_over_batch_must_be_a_bool(value):
+    """over_batch chooses the statistics set: "yes" was truthy (batch statistics), None and ""
+    falsy, a one-element tensor read through bool(); every one silently. A TypeError naming the
+    value now, in normalize and moments; 0 and 1 too (an int is no flag here, as a bool is no
+    int for num_groups)."""
+    x = off_centre(3, 4, 5)
+    match = re.escape(f"over_batch must be a bool, got {value!r}")
+    with pytest.raises(TypeError, match=match):
+        NF.normalize(x, 2, value)
+    with pytest.raises(TypeError, match=match):
+        NF.moments(x, 2, value)
+    with pytest.raises(TypeError, match=re.escape(f"center must be a bool, got {value!r}")):
+        NF.normalize(x, 2, False, center=value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("over_batch", [False, True])
+def test_over_batch_numpy_bool_is_the_python_bool(backend, over_batch, monkeypatch):
+    """A numpy bool (a config's np.bool_) is taken as the Python bool and reaches the backend as
+    one (a kernel's constexpr, a plan cache key)."""
+    np = pytest.importorskip("numpy")
+    x = off_centre(4, 6, 5, 3)
+    w, b = _affine(6)
+    seen = []
+    impl = normlab.backends.get_backend(backend)
+    real = impl.normalize
+
+    def spy(x, num_groups, over_batch, *args, **kwargs):
+        seen.append(over_batch)
+        return real(x, num_groups, over_batch, *args, **kwargs)
+
+    monkeypatch.setattr(impl, "normalize", spy)
+    y = NF.normalize(x, 3, np.bool_(over_batch), w, b, backend=backend)
+    assert seen == [over_batch] and type(seen[0]) is bool
+    assert rel_err(y, normalize64(x, 3, over_batch, w, b)) < 1e-5
+    mean, var = NF.moments(x, 3, np.bool_(over_batch), center=np.bool_(True))
+    mean64, var64 = NF.moments(x.double(), 3, over_batch)
+    assert mean.shape == ((3,) if over_batch else (4, 3))
+    assert rel_err(mean, mean64) < 1e-6 and rel_err(var, var64) < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

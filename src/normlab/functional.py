@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -122,6 +123,19 @@ def check_groups(num_groups, num_channels: int, torch_text: str = "") -> int:
             f"{torch_text}num_channels={num_channels} is not divisible by num_groups={num_groups}"
         )
     return num_groups
+
+
+def check_flag(value, what: str) -> bool:
+    """A flag of the operator (``over_batch``, ``center``) as a Python bool: a bool, or a numpy
+    bool (a config's ``np.bool_``). An int (0/1 too) is refused, as a bool is where an int or a
+    float is asked (``num_groups``, ``eps``): a flag that chooses the statistics set is not a
+    number; nor is a tensor, None or a string ("yes" was truthy, None falsy, both silently)."""
+    if type(value) is bool:
+        return value
+    numpy = sys.modules.get("numpy")  # (not imported: then the value is no numpy bool)
+    if numpy is not None and isinstance(value, numpy.bool_):
+        return bool(value)
+    raise TypeError(f"{what} must be a bool, got {value!r}")
 
 
 def check_activation(activation: Optional[str]) -> Optional[str]:
@@ -216,7 +230,8 @@ def normalize(
             do not change). An empty ``x`` gives an empty ``y`` and leaves running stats alone.
             float16/bfloat16 inputs are accumulated in float32.
         num_groups: G; must divide C. ``C`` for BN/IN, ``1`` for LN, ``G`` for GN.
-        over_batch: take the statistics over the batch too (BN, batch-group norm).
+        over_batch: take the statistics over the batch too (BN, batch-group norm). A bool (a
+            numpy bool too); anything else, 0 and 1 included, is a TypeError.
         weight, bias: per-channel affine ``(C,)`` or None.
         eps: added to the biased variance inside the square root; > 0.
         activation: None, ``"relu"``, ``"silu"`` or ``"gelu"`` (exact), applied after the affine.
@@ -254,10 +269,10 @@ def normalize(
     activation = check_activation(activation)
     _check_channel_param(weight, c, "weight")
     _check_channel_param(bias, c, "bias")
+    over_batch = check_flag(over_batch, "over_batch")
     if over_batch:
         _check_batch_stat_size(x, num_groups)
-    if not isinstance(center, bool):
-        raise TypeError(f"center must be a bool, got {center!r}")
+    center = check_flag(center, "center")
     if running_mean is not None or running_var is not None:
         if not center:
             raise ValueError(
@@ -429,8 +444,8 @@ def moments(
         return handle_torch_function(moments, (x,), x, num_groups, over_batch, center)
     check_input(x)
     num_groups = check_groups(num_groups, x.shape[1], _DIVISIBLE)
-    if not isinstance(center, bool):
-        raise TypeError(f"center must be a bool, got {center!r}")
+    over_batch = check_flag(over_batch, "over_batch")
+    center = check_flag(center, "center")
     if over_batch:
         _check_batch_stat_size(x, num_groups)
     n = x.shape[0]
