@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import normlab
+import normlab.nn as nlnn
 from normlab import functional as NF
 from normlab.backends import BackendUnavailable, register_backend, _INSTANCES
 from formula import group_norm64, normalize64, off_centre, rel_err
@@ -646,6 +647,83 @@ def test_one_running_buffer(backend, shape, groups, over_batch, which):
     assert rel_err(y, normalize64(x, groups, over_batch)) < 1e-5
     em, ev = _expected_running(x, groups, over_batch, buf0, buf0, 0.25)
     torch.testing.assert_close(buf.double(), em if which == "mean" else ev, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+@pytest.mark.parametrize(
+    "groups,over_batch",
+    [
+        (6, True),   # BN (native: ATen's batch norm raised its own error here only)
+        (3, True),   # batch-group norm
+        (6, False),  # InstanceNorm with running statistics (native updated silently)
+    ],
+)
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_running_buffer_that_requires_grad(backend, groups, over_batch, which):
+    """A running buffer that requires grad, in training with grad enabled: a RuntimeError naming
+    it on every backend (triton: in Triton's interpreter on CPU), as torch's batch_norm and
+    instance_norm raise; before, reference and triton updated it silently and native raised
+    only on its batch-norm paths. Under torch.no_grad() and inference_mode it is updated, as
+    torch updates it."""
+    if backend not in normlab.available_backends():
+        pytest.skip(f"backend {backend!r} is not available here")
+    x = off_centre(4, 6, 5)
+    w, b = _affine(6)
+    rm0, rv0 = torch.randn(groups), torch.rand(groups) + 0.5
+
+    def buffers():
+        bufs = {"running_mean": rm0.clone(), "running_var": rv0.clone()}
+        bufs[which].requires_grad_()
+        return bufs
+
+    bufs = buffers()
+    with pytest.raises(RuntimeError, match=f"{which} cannot have requires_grad True"):
+        NF.normalize(x, groups, over_batch, w, b, backend=backend, momentum=0.3, **bufs)
+    with pytest.raises(RuntimeError, match=f"{which} cannot have requires_grad True"):
+        NF.normalize(x, groups, over_batch, backend=backend, **{which: bufs[which]})  # alone
+    assert torch.equal(bufs["running_mean"].detach(), rm0)  # refused before any update
+    assert torch.equal(bufs["running_var"].detach(), rv0)
+    if groups == 6:  # torch's own op for the case refuses it likewise
+        torch_op = F.batch_norm if over_batch else F.instance_norm
+        theirs = buffers()
+        with pytest.raises(RuntimeError, match=which):
+            torch_op(x, theirs["running_mean"], theirs["running_var"], w, b, True, 0.3)
+    # an empty input leaves the buffers alone: no error (torch's batch_norm neither)
+    NF.normalize(x[:0], groups, over_batch, backend=backend, **buffers())
+
+    em, ev = _expected_running(x, groups, over_batch, rm0, rv0, 0.3)
+    for no_grad in (torch.no_grad, torch.inference_mode):
+        bufs = buffers()
+        with no_grad():
+            y = NF.normalize(x, groups, over_batch, w, b, backend=backend, momentum=0.3, **bufs)
+        assert rel_err(y, normalize64(x, groups, over_batch, w, b)) < 1e-5
+        torch.testing.assert_close(bufs["running_mean"].detach().double(), em, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bufs["running_var"].detach().double(), ev, rtol=1e-5, atol=1e-6)
+        assert bufs[which].requires_grad  # updated in place, still the caller's leaf
+        if groups == 6:
+            theirs = buffers()
+            with no_grad():
+                torch_op(x, theirs["running_mean"], theirs["running_var"], w, b, True, 0.3)
+            torch.testing.assert_close(bufs["running_mean"], theirs["running_mean"])
+            torch.testing.assert_close(bufs["running_var"], theirs["running_var"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_module_buffer_that_requires_grad_raises_like_torch(backend):
+    """The modules pass their buffers to the operator: a BatchNorm whose running_var requires
+    grad raises in training as torch's does, and trains under torch.no_grad()."""
+    ours, theirs = nlnn.BatchNorm1d(6), torch.nn.BatchNorm1d(6)
+    for m in (ours, theirs):
+        m.running_var.requires_grad_()
+    x = off_centre(8, 6)
+    with pytest.raises(RuntimeError, match="running_var"):
+        theirs(x)
+    with normlab.use_backend(backend):
+        with pytest.raises(RuntimeError, match="running_var cannot have requires_grad True"):
+            ours(x)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

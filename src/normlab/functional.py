@@ -175,6 +175,20 @@ def _running_buffer_error(buf, num_groups: int, name: str) -> None:
     raise TypeError(f"{name} must have a floating-point dtype, got {buf.dtype}")
 
 
+def _running_buffer_grad_error(name: str) -> None:
+    """A running buffer that requires grad, with grad enabled: refused for every backend, as
+    torch's batch_norm and instance_norm refuse it (ATen's RuntimeError, the buffer named; the
+    reference and triton backends updated it silently, native raised on its batch-norm paths
+    only). The running update is in place and outside autograd, so no gradient could follow it.
+    Under torch.no_grad() or inference_mode it is updated, as torch does; an empty input, which
+    leaves the buffers alone, passes, as in torch's batch_norm."""
+    raise RuntimeError(
+        f"{name} cannot have requires_grad True while grad is enabled: the running statistics "
+        "are updated in place, outside autograd (torch's batch_norm refuses it too); detach it, "
+        "or update it under torch.no_grad()"
+    )
+
+
 # torch's fixed texts, which users and libraries match on; the offending values follow
 _DIVISIBLE = "Expected number of channels in input to be divisible by num_groups, but "
 _ONE_VALUE = "Expected more than 1 value per channel when training"
@@ -239,6 +253,7 @@ def normalize(
             force: :func:`normlab.use_backend`, ``$NORMLAB_BACKEND``, else auto).
         running_mean, running_var: ``(G,)`` buffers updated in place with the batch (or, when not
             over_batch, the batch-averaged per-sample) statistics; the variance is stored unbiased.
+            One that requires grad is a RuntimeError while grad is enabled, as in torch.
         momentum: weight of the new statistic in the running update.
         return_stats: also return ``mean`` and ``rstd`` (float32, or float64 for float64 input),
             shape ``(G,)`` if over_batch else ``(N, G)``.
@@ -280,12 +295,16 @@ def normalize(
                 "running_mean/running_var"
             )
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
-            if buf is not None and (
+            if buf is None:
+                continue
+            if (
                 not isinstance(buf, Tensor)
                 or buf.shape != (num_groups,)
                 or not buf.is_floating_point()
             ):
                 _running_buffer_error(buf, num_groups, name)
+            if buf.requires_grad and x.numel() > 0 and torch.is_grad_enabled():
+                _running_buffer_grad_error(name)
         if isinstance(momentum, (str, bytes)) or not isinstance(
             momentum, (numbers.Real, Tensor, torch.SymInt, torch.SymFloat)
         ):  # (None, the modules' cumulative average, was a lerp_ or ATen argument error)

@@ -62,6 +62,9 @@ class Backend(Protocol):
     they are updated in place with ``momentum`` (the weight of the new batch statistic; the
     running variance receives the unbiased batch variance). ``y`` is differentiable with respect to
     ``x``, ``weight`` and ``bias``; ``mean`` and ``rstd`` are not meant to be differentiated.
+    :func:`normlab.functional.normalize` checks the arguments for every backend: running buffers
+    arrive as floating ``(G,)`` tensors, and never requiring grad while grad is enabled (that is
+    its RuntimeError, as torch's batch_norm raises one).
 
     ``center=False`` (keyword-only) takes the statistics without centering (RMSNorm, Filter
     Response Normalization): ``y = act(gamma_c * x * rstd + beta_c)`` with ``rstd = 1 /

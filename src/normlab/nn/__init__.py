@@ -50,6 +50,9 @@ error types, is torch's; ``tests/test_torch_parity.py`` holds both sides to it):
   statistics and affine run in the input's accumulation dtype and the output has the input's
   dtype (torch's CPU kernels raise "mixed dtype"). An integer input is a TypeError (torch:
   NotImplementedError or RuntimeError, depending on the layer).
+* Running buffers that require grad: in training with grad enabled a RuntimeError naming the
+  buffer, as torch's; in eval they are used as given statistics and differentiated (torch
+  raises there too; :func:`normlab.functional.normalize_fixed` differentiates its statistics).
 * An empty batch (N = 0) gives an empty output, as torch's BatchNorm, GroupNorm and LayerNorm
   do; InstanceNorm with ``affine=True`` too (torch's raises IndexError).
 * SyncBatchNorm validates ``num_features >= 1`` and ``momentum`` in [0, 1] (torch's, and
