@@ -8,6 +8,13 @@ reader sees the old file or the new one, never half of one. The folders normlab 
 (``figures/``, ``checkpoints/``) and the store file itself must not be symbolic links, nor a
 folder a file, nor a file's name a folder: each is a ConfigError naming it.
 
+A process killed while writing (SIGKILL, a power cut) leaves its temporary file, named
+``<name>.tmp<pid>.<8 hex digits>``. The next write of ``<name>`` removes such files older than
+``STALE_TMP_SECONDS`` (an hour: no write takes that long, and a younger one may be another
+process's write in progress); the same holds for :func:`staged`'s folders,
+``.normlab-stage<pid>.<8 hex digits>``, at the next staging in that folder. Nothing else is
+removed, and a symbolic link of such a name is removed as a link, never followed.
+
 >>> import tempfile
 >>> from pathlib import Path
 >>> d = Path(tempfile.mkdtemp())
@@ -20,14 +27,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
+import stat
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from normlab.lab.config import ConfigError
 
-__all__ = ["not_a_link", "a_folder", "subdir", "write_via", "write_text", "staged"]
+__all__ = ["not_a_link", "a_folder", "subdir", "write_via", "write_text", "staged",
+           "STALE_TMP_SECONDS"]
+
+#: a temporary file or staging folder of a killed writer is removed once this old (seconds)
+STALE_TMP_SECONDS = 3600.0
+_TAG = r"\d+\.[0-9a-f]{8}"  # <pid>.<8 hex digits>, as the writers below name their files
 
 
 def not_a_link(path: Path, inside: Path) -> Path:
@@ -80,6 +95,29 @@ def write_via(path: Path, write: Callable[[BinaryIO], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _sweep(path.parent, re.escape(path.name) + r"\.tmp" + _TAG)
+
+
+def _sweep(directory: Path, pattern: str) -> None:
+    """Remove the entries of ``directory`` whose whole name matches ``pattern`` and that were
+    last changed over STALE_TMP_SECONDS ago: a killed writer's leftovers (module docstring)."""
+    name = re.compile(pattern)
+    now = time.time()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for e in entries:
+        if not name.fullmatch(e.name):
+            continue
+        with contextlib.suppress(OSError):
+            st = e.stat(follow_symlinks=False)
+            if now - st.st_mtime < STALE_TMP_SECONDS:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(e.path)  # not a link: rmtree removes links inside, never follows
+            else:
+                os.unlink(e.path)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -92,6 +130,7 @@ def staged(directory: Path) -> Iterator[Path]:
     """A new empty folder inside ``directory`` for a writer that takes a path (matplotlib,
     :func:`normlab.spp.plot`); when the block ends without error the files made in it are
     renamed into ``directory`` (replacing whatever is at their names), and it is removed."""
+    _sweep(directory, r"\.normlab-stage" + _TAG)
     stage = directory / f".normlab-stage{os.getpid()}.{secrets.token_hex(4)}"
     stage.mkdir()
     try:
