@@ -48,8 +48,13 @@ from normlab.models import check_norm, is_normalizer_free
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
     "DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed", "out_of_memory",
-    "fits_in_memory",
+    "fits_in_memory", "MAX_SEEDS",
 ]
+
+#: seeds per point a study builds at most (``--seeds``, ``--max-seeds``): a bound on its run
+#: list, which a typo such as ``--seeds 100000000`` would otherwise grow until memory runs out,
+#: and on the seed counts a stored record may name (power rounds' looks)
+MAX_SEEDS = 1000
 
 DATASETS = ("digits", "mnist5k", "synthetic", "cifar10", "cifar100", "imagefolder")
 SCHEDULES = ("cosine", "step", "constant")

@@ -24,9 +24,8 @@ import json
 from pathlib import Path
 from typing import Any, Union
 
-from normlab.lab.config import ConfigError, check_field
+from normlab.lab.config import MAX_SEEDS, ConfigError, check_field
 from normlab.lab.store_open import EPOCH_FIELDS, StoreError
-from normlab.lab.study import MAX_SEEDS
 
 __all__ = ["run_config", "json_object", "stored_setup_info", "numbers", "member_x",
            "one_kind_of_x", "epoch_row", "RUN_NUMBERS", "SPP_NUMBERS", "PERCENT_COLUMNS"]

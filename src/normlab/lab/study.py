@@ -14,12 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from normlab.factory import canonical_name, did_you_mean
-from normlab.lab.config import ConfigError, RunConfig, apply_overrides
+from normlab.lab.config import MAX_SEEDS, ConfigError, RunConfig, apply_overrides
 from normlab.models import is_normalizer_free
 
-#: seeds per point a study builds at most (``--seeds``, ``--max-seeds``): a bound on its run
-#: list, which a typo such as ``--seeds 100000000`` would otherwise grow until memory runs out
-MAX_SEEDS = 1000
 
 __all__ = ["Study", "Point", "Claim", "PRESETS", "setup_id", "PAPER_DEVICES", "emulate_devices",
            "SERIES_KEYS", "MAX_SEEDS"]
