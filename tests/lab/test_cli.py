@@ -406,6 +406,46 @@ def test_killing_the_study_stops_its_training_processes(tmp_path):
     assert _db(tmp_path).execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 4
 
 
+_INTERRUPTED_AT_START = """
+import sys, time
+from multiprocessing import util
+from pathlib import Path
+
+
+def main():
+    from normlab.lab import runner
+    from normlab.lab.store import Store
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    runner._follow = interrupted  # Ctrl-C the moment the --jobs workers are started
+    # an exit handler that runs after the queues' semaphores are removed and before daemonic
+    # processes are stopped: the window a slow exit leaves a worker that is still starting
+    util.Finalize(None, time.sleep, (5,), exitpriority=0)
+    out = Path(sys.argv[1])
+    try:
+        runner.run_parallel([], Store(out), 2, out)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_ctrl_c_while_the_jobs_workers_start_prints_no_worker_traceback(tmp_path):
+    """Seen in CI: Ctrl-C came while a --jobs worker was still starting; this process's exit
+    removed the queues' semaphores before it stopped the workers, and the worker printed a
+    FileNotFoundError traceback. The workers are now stopped before the exit handlers run."""
+    script = tmp_path / "interrupt_at_start.py"
+    script.write_text(_INTERRUPTED_AT_START)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "interrupted\n", r.stderr
+
+
 def test_ctrl_c_with_jobs_is_one_line_then_the_rerun_finishes(tmp_path):
     # Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the study process
     # and its --jobs training processes. No traceback from any of them, status 130, the store

@@ -186,11 +186,27 @@ def run_parallel(points: list, store: Store, jobs: int, out: Path) -> Counts:
     with sigint_ignored():  # inherited through exec: Ctrl-C (SIGINT to the whole process group)
         for pr in procs:    # reaches this process alone, which stops them (daemons: SIGTERM at
             pr.start()      # exit) instead of each printing a KeyboardInterrupt traceback
-    counts = _follow(points, procs, outcomes, jobs, events)
+    try:
+        counts = _follow(points, procs, outcomes, jobs, events)
+    except BaseException:  # Ctrl-C, SIGTERM's SystemExit, an error: the workers stop first
+        _stop(procs)
+        raise
     bad = [pr.exitcode for pr in procs if pr.exitcode]
     if bad:
         raise RuntimeError(f"{len(bad)} training process(es) exited with status {bad}")
     return counts
+
+
+def _stop(procs: list) -> None:
+    """Stop the workers now (SIGTERM: a training one releases its run) and wait for them.
+    Left to this process's exit, they would be stopped only after its exit handlers removed the
+    queues' semaphores, and a worker still starting would fail to open them and print a
+    traceback."""
+    for pr in procs:
+        if pr.is_alive():
+            pr.terminate()
+    for pr in procs:
+        pr.join(timeout=60)
 
 
 def _follow(points: list, procs: list, outcomes: Any, jobs: int, events: Any) -> Counts:
