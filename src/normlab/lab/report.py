@@ -257,7 +257,8 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
                  "t being Student's at Welch's degrees of freedom for the one-sided tail of "
                  f"{Z:g} normal standard errors ({critical(2):.1f} at 2 seeds per point, "
                  f"{critical(4):.1f} at 3, {Z:g} with many; with a one-seed point the normal "
-                 f"{Z:g}); a claimed margin (\"at least 1 point\") is met when the whole interval, "
+                 f"{Z:g}; a study whose power rounds may look again after each added seed uses "
+                 "the stricter level its section names); a claimed margin (\"at least 1 point\") is met when the whole interval, "
                  "the difference less t standard errors, clears it. "
                  "The papers trained ResNet-50 on ImageNet; compare orderings, not values.", ""]
         pngs: list[Path] = []
