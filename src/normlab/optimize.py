@@ -179,12 +179,25 @@ def _share(old: nn.Module, new: nn.Module) -> Optional[str]:
     return None
 
 
+def _subclass_left(m: nn.Module) -> str:
+    """Why a subclass of one of torch's norms (not normlab's own, not a timm class in the
+    table) is left: only the exact classes are known to compute what the replacement does.
+    "" for anything else."""
+    cls = type(m)
+    base = next((b for b in _TORCH if isinstance(m, b)), None)
+    if base is None or cls.__module__.startswith("normlab."):
+        return ""
+    own = "with a forward of its own" if cls.forward is not base.forward else "of its own class"
+    return (f"{cls.__name__} is a subclass of torch.nn.{base.__name__} {own}: only torch's "
+            "exact classes and timm's known ones are replaced")
+
+
 def _replacement(m: nn.Module) -> Tuple[Optional[nn.Module], Optional[str], str]:
     """(new module, fused activation, "") or (None, None, reason) for a known norm class;
     (None, None, "") for anything else."""
     build, norm_act = _builder(m)
     if build is None:
-        return None, None, ""
+        return None, None, _subclass_left(m)
     if getattr(m, "_fast_norm", False):
         return None, None, "timm's fast-norm path (apex kernels) is on"
     act = None
