@@ -445,6 +445,8 @@ def test_over_batch_must_be_a_bool(value):
         NF.moments(x, 2, value)
     with pytest.raises(TypeError, match=re.escape(f"center must be a bool, got {value!r}")):
         NF.normalize(x, 2, False, center=value)
+    with pytest.raises(TypeError, match=re.escape(f"return_stats must be a bool, got {value!r}")):
+        NF.normalize(x, 2, False, return_stats=value)  # "yes" returned a tuple, "" a tensor
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

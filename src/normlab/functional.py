@@ -255,7 +255,8 @@ def normalize(
             over_batch, the batch-averaged per-sample) statistics; the variance is stored unbiased.
             One that requires grad is a RuntimeError while grad is enabled, as in torch.
         momentum: weight of the new statistic in the running update.
-        return_stats: also return ``mean`` and ``rstd`` (float32, or float64 for float64 input),
+        return_stats: also return ``mean`` and ``rstd`` (float32, or float64 for float64 input; a
+            bool, as ``over_batch``),
             shape ``(G,)`` if over_batch else ``(N, G)``.
         center: subtract the mean (default). ``False``: ``y = act(gamma_c * x / sqrt(mean(x^2) +
             eps) + beta_c)``, the statistics of RMSNorm and FRN; the returned mean is zeros.
@@ -288,6 +289,7 @@ def normalize(
     if over_batch:
         _check_batch_stat_size(x, num_groups)
     center = check_flag(center, "center")
+    return_stats = check_flag(return_stats, "return_stats")
     if running_mean is not None or running_var is not None:
         if not center:
             raise ValueError(
