@@ -191,3 +191,27 @@ def test_a_stored_looks_value_that_is_not_two_seed_counts_is_one_error_line(tmp_
     store.close()
     with pytest.raises(StoreError, match="power looks is not two seed counts"):
         write_report(tmp_path)
+
+
+def test_an_interrupted_study_is_judged_at_the_level_planned_before_its_first_look(tmp_path):
+    """The looks are stored before any run: a study stopped by Ctrl-C during its first list
+    (no power record written at the end) is reported at the sequential level its rounds would
+    have used, not at one look's."""
+    from normlab.lab.report import write_report
+
+    study = get_study("norms")
+    store = Store(tmp_path)
+    inner = _fake_run(store, [])
+
+    def interrupted(points):
+        inner(points[:3])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_with_power(study, "quick", store, lambda at: study.points({}, "quick", seeds_at=at),
+                       interrupted, max_seeds=6)
+    assert store.setup_info("norms")["power"] == {"looks": [1, 6]}
+    store.close()
+    md = write_report(tmp_path)[0].read_text()
+    assert "Power rounds: did not finish (the study was interrupted" in md
+    assert f"decisive beyond {level_z((1, 6)):.2f} normal standard errors" in md

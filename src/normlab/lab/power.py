@@ -93,9 +93,11 @@ def run_with_power(
     setup = points[0].setup if points else ""
     _register(store, study, preset, points, setup, info)
     registered()
-    looks = _looks(points, max_seeds, budget_runs, budget_minutes,
-                   store.setup_info(study.name, preset).get("power", {}).get("looks"))
-    z = level_z(looks)
+    earlier = store.setup_info(study.name, preset).get("power", {})
+    looks = _looks(points, max_seeds, budget_runs, budget_minutes, earlier.get("looks"))
+    z = level_z(looks)  # fixed, and stored, before the first look: an interrupted study's
+    store.update_setup_info(study.name, preset, setup,  # report judges at it too
+                            {"power": {**earlier, "looks": list(looks)}})
     counts = dict(run(points))
     targets: dict[tuple, int] = {}
     added, rounds, stopped = 0, 0, "decided"
