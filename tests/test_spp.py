@@ -151,6 +151,29 @@ def test_nf_scaled_ws_follows_analytic_variance_with_resets():
     assert all(0.6 < r.residual_var < 1.2 for r in recs[1:])
 
 
+def test_no_analytic_variance_after_the_imagenet_max_pool_stem():
+    # NF-ResNet-18: 7x7/2 conv + 3x3/2 max pool, then a first stage with identity shortcuts.
+    # Width 8, 64x64 input (16x16 after the stem), float64, 8 samples: ~1 s. The formula starts
+    # from a zero-mean unit-variance stem output; the max pool's has mean ~1.5, variance ~0.36.
+    torch.manual_seed(0)
+    model = models.create("nf_resnet18", width=8, skipinit=False).double()
+    x = torch.randn(8, 3, 64, 64, dtype=torch.float64)
+    outs = {}
+    for n in ("stem", "stages.0.1"):
+        dict(model.named_modules())[n].register_forward_hook(
+            lambda mod, i, o, n=n: outs.__setitem__(n, o))
+    with torch.no_grad():
+        model(x)
+    assert _var64(outs["stem"]) == pytest.approx(0.36, abs=0.05)
+    v = _var64(outs["stages.0.1"])                       # 1 + 2 alpha^2 = 1.08 by the formula
+    assert v < 0.6 * (1 + 2 * 0.2 ** 2)                   # measured ~0.48
+    assert spp.expected_variance(model) == {}
+    # the same blocks after a 3x3 stem (no pool) keep their analytic curve
+    small = models.create("nf_resnet18", width=8, skipinit=False, small_input=True)
+    assert list(spp.expected_variance(small).values()) == pytest.approx(
+        [1 + k * 0.2 ** 2 for k in (1, 2, 1, 2, 1, 2, 1, 2)])
+
+
 def test_bn_relu_conv_squared_mean_and_variance_grow_within_each_stage():
     model = models.create("preact_resnet56", norm="bn")
     recs = spp.signal_propagation(model, **KW)

@@ -123,7 +123,8 @@ def expected_variance(model: nn.Module) -> dict[str, float]:
     init (``skipinit=False``, no zero-init gain): ``v = 1 + k alpha^2`` for the k-th block
     since the last transition (the blocks' own ``expected_var``, :mod:`normlab.models.nf_resnet`).
     Empty for any other model: with He-init convs, or with branches zeroed, the formula does not
-    describe it.
+    describe it; nor with the ImageNet stem, whose max pool's output (mean ~1.5, variance ~0.36)
+    is not the zero-mean unit-variance ``v_0 = 1`` the formula starts from.
 
     >>> from normlab import models
     >>> v = expected_variance(models.create("nf_resnet20", skipinit=False))
@@ -136,6 +137,8 @@ def expected_variance(model: nn.Module) -> dict[str, float]:
         return {}
     if not all(isinstance(m, ScaledStdConv2d) for m in model.modules()
                if isinstance(m, nn.Conv2d)):
+        return {}
+    if any(isinstance(m, nn.MaxPool2d) for m in model.stem.modules()):
         return {}
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, ResidualBlock)]
     if not all(_branch_active(m) for _, m in blocks):

@@ -68,7 +68,9 @@ def _rises(stages: list[Records], key: str) -> tuple[int, int]:
 def follows_analytic(recs: Records) -> tuple[str, str]:
     blocks = [r for r in _blocks(recs) if r.get("expected_var") is not None]
     if not blocks:
-        return NOT_RUN, "no analytic variance recorded (re-run `normlab spp` on this model)"
+        return NOT_RUN, ("no analytic variance recorded (a model it does not describe, e.g. "
+                         "one with the ImageNet max-pool stem; or an older store: re-run "
+                         "`normlab spp` on this model)")
     dev = max(blocks, key=lambda r: abs(r["avg_var"] / r["expected_var"] - 1))
     worst = dev["avg_var"] / dev["expected_var"] - 1
     trans = [i for i in range(1, len(blocks))

@@ -33,6 +33,13 @@ either, every branch starts at 0 and the measured variance starts near 1 at ever
 Only a transition *resets* the variance; a first block without a projection (the CIFAR nets' and
 ResNet-18/34's first stage: same width, stride 1) keeps its identity shortcut and grows it.
 
+``v_0 = 1`` holds for the 3x3 stems (``stem="cifar"``/``"small"``), not after the ImageNet stem's
+3x3/2 max pool: a max of ~9 near-independent unit Gaussians has mean ~1.49 and variance ~0.36.
+The betas assume 1 all the same, as the official NF-ResNet code does (its nets are bottlenecks,
+whose first block is a transition). With that stem the ``expected_var`` do not describe the net:
+measured at init, NF-ResNet-18/34's first stage runs at ~0.4 of them, with a squared channel mean
+~2, and the next transitions ~1.2x; :func:`normlab.spp.expected_variance` leaves such nets out.
+
 Activation gamma: ``gamma = 1 / std(act(z))``, z ~ N(0, 1), so ``gamma * act`` is
 variance-preserving on unit-Gaussian input; it is folded into the Scaled-WS conv that follows the
 activation. Known activations use the official empirical values (:data:`GAMMAS`);
