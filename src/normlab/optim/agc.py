@@ -17,6 +17,10 @@ unit is ``W[o]``, the whole fan-in of output o. 0-d and 1-d parameters (biases, 
 SkipInit scalars) are by default one unit each, the whole tensor, as in the official NFNets code
 (``vector_unit="tensor"``); ``vector_unit="element"`` makes every entry its own unit.
 
+The Scaled-WS gain differs from the official code: there it is a vector (out,) and so one unit,
+the whole tensor; here it has the shape (out, 1, 1, 1) and each output channel's gain is its own
+unit, clipped to ``lambda * max(|g_o|, eps)`` (as timm's AGC does with its gains of that shape).
+
 The final classifier must not be clipped: :class:`AGC` and :func:`agc_parameters` exclude it
 by module name (``exclude=("fc",)`` for every normlab model), never by position.
 """
