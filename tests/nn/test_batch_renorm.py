@@ -133,3 +133,33 @@ def test_empty_batch_leaves_running_statistics(momentum):
     assert y.shape == x.shape and bn(x).shape == x.shape
     assert torch.equal(brn.running_mean, rm0) and torch.equal(brn.running_var, rv0)
     assert brn.num_batches_tracked.item() == bn.num_batches_tracked.item() == 1
+
+
+def test_float64_module_clips_at_float64_bounds():
+    # a float64 module must clip r and d at the float64 values of r_max and d_max: 1.3 and 0.3
+    # are not float32 numbers, and bounds rounded to float32 put a ~1e-8 relative error on the
+    # output where a clip engages (float64 agrees to ~1e-16 otherwise)
+    torch.manual_seed(0)
+    brn = nlnn.BatchRenorm2d(3, r_max=1.3, d_max=0.3, warmup_steps=0, r_max_steps=0,
+                             d_max_steps=0, momentum=0.1, dtype=torch.float64)
+    with torch.no_grad():
+        brn.weight.copy_(torch.rand(3) + 0.5)
+        brn.bias.copy_(torch.randn(3))
+        brn.running_mean.copy_(torch.tensor([4.0, -1.0, 0.5]))  # far from the batch: d clips
+        brn.running_var.copy_(torch.tensor([0.2, 30.0, 4.0]))   # r clips above and below
+    rm0, rv0 = brn.running_mean.clone(), brn.running_var.clone()
+    x = off_centre(4, 3, 3, 3, dtype=torch.float64)  # N*H*W = 36 values per channel
+    y = brn(x)
+    expected = brn64(x, rm0, rv0, brn.weight.detach(), brn.bias.detach(), brn.eps, 1.3, 0.3)
+    sigma = torch.sqrt(rv0 + brn.eps)
+    r = torch.sqrt(x.var((0, 2, 3), unbiased=False) + brn.eps) / sigma
+    d = (x.mean((0, 2, 3)) - rm0) / sigma
+    assert (r > 1.3).any() and (r < 1 / 1.3).any() and (d.abs() > 0.3).any()  # clips engage
+    assert rel_err(y, expected) < 1e-12
+    # mid-ramp limits too: step 3 of a ramp from step 1 to step 7 is 1/3 of the way
+    ramped = nlnn.BatchRenorm2d(3, r_max=1.3, d_max=0.3, warmup_steps=1, r_max_steps=7,
+                                d_max_steps=7, dtype=torch.float64)
+    ramped.num_batches_tracked.fill_(3)
+    r_max, d_max = ramped.limits()
+    assert r_max.item() == pytest.approx(1 + 0.3 / 3, rel=1e-15)
+    assert d_max.item() == pytest.approx(0.3 / 3, rel=1e-15)

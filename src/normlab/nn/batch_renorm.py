@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
+from normlab.backends.reference import compute_dtype
 from normlab.nn._common import (
     channel_view, check_bn_input, count_batch, fx_leaf, not_scriptable, running_average_factor,
     update_running_stats)
@@ -62,14 +63,15 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
     def limits(self) -> Tuple[Tensor, Tensor]:
         """(r_max, d_max) at the current step (``num_batches_tracked``), as 0-d tensors: 1 and 0
         until ``warmup_steps``, then linear to ``r_max`` at ``r_max_steps`` and ``d_max`` at
-        ``d_max_steps`` (immediately if those are <= ``warmup_steps``)."""
-        step = self.num_batches_tracked.to(torch.float32)
+        ``d_max_steps`` (immediately if those are <= ``warmup_steps``). float64 for a float64
+        module (its clip bounds are not rounded to float32), float32 otherwise."""
+        step = self.num_batches_tracked.to(compute_dtype(self.running_var.dtype))
         after = step - self.warmup_steps
 
         def ramp(end: int) -> Tensor:
             span = max(end - self.warmup_steps, 0)
             if span == 0:
-                return (after > 0).to(torch.float32)
+                return (after > 0).to(step.dtype)
             return (after / span).clamp(0.0, 1.0)
 
         return 1.0 + (self.r_max - 1.0) * ramp(self.r_max_steps), self.d_max * ramp(self.d_max_steps)
