@@ -12,6 +12,11 @@ BatchNorm. The paper's schedule keeps r_max = 1, d_max = 0 for the first 5k step
 linearly to r_max = 3 (by step 40k) and d_max = 5 (by step 25k); running statistics move with rate
 0.01. Inference uses the running statistics, exactly like BatchNorm in eval. The buffers and
 state_dict keys are BatchNorm's, so BN checkpoints load into it and back.
+
+One choice differs from the paper on purpose: its Algorithm 1 keeps a moving average of
+sigma_B itself (``sigma += rate * (sigma_B - sigma)``, eps inside sigma_B); this layer keeps
+BatchNorm's moving average of the unbiased batch variance in ``running_var`` and takes
+sigma = sqrt(running_var + eps), which is what makes BN checkpoints interchangeable.
 """
 
 from __future__ import annotations

@@ -93,6 +93,12 @@ class ScaledStdConv2d(nn.Conv2d):
 
     Args: those of ``torch.nn.Conv2d``, plus ``gamma=1.0``, ``eps=1e-6`` and ``gain_init=1.0``.
 
+    The paper's formula has no eps; this layer puts it inside the square root, as timm's
+    ``ScaledStdConv2d`` (same default). The authors' released code (deepmind-research ``nfnets``)
+    writes ``rsqrt(max(N * sigma^2, 1e-4))`` instead, and applies ``gamma`` after the
+    activation rather than in the weight; the two eps forms agree unless ``N * sigma^2`` is
+    near 1e-4.
+
     Example::
 
         >>> conv = ScaledStdConv2d(64, 64, 3, padding=1, gamma=1.7139588594)
