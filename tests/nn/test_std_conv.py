@@ -72,3 +72,12 @@ def test_count_arguments_as_torchs_conv():
     theirs, ours = nn.Conv2d(3, 0, 3), nlnn.ScaledStdConv2d(3, 0, 3)
     assert ours.weight.shape == theirs.weight.shape and ours.fan_in == 27
     assert list(ours.state_dict()) == list(theirs.state_dict()) + ["gain"]
+
+
+def test_scaled_std_conv_repr_names_a_non_default_gain_init():
+    # gain_init sets the gain that reset_parameters() restores (0 for a zero-init residual
+    # branch): a repr without it hides the argument; the default 1.0 stays out, as torch's
+    # reprs leave defaults out
+    conv = nlnn.ScaledStdConv2d(4, 6, 3, gamma=1.7139588594, gain_init=0.0)
+    assert repr(conv).endswith("gamma=1.7139588594, eps=1e-06, gain_init=0.0)")
+    assert "gain_init" not in repr(nlnn.ScaledStdConv2d(4, 6, 3))

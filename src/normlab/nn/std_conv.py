@@ -141,4 +141,5 @@ class ScaledStdConv2d(nn.Conv2d):
         return self._conv_forward(input, self.standardized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", gamma={self.gamma}, eps={self.eps}"
+        gain = f", gain_init={self.gain_init}" if self.gain_init != 1.0 else ""
+        return super().extra_repr() + f", gamma={self.gamma}, eps={self.eps}{gain}"
