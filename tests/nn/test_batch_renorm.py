@@ -163,3 +163,19 @@ def test_float64_module_clips_at_float64_bounds():
     r_max, d_max = ramped.limits()
     assert r_max.item() == pytest.approx(1 + 0.3 / 3, rel=1e-15)
     assert d_max.item() == pytest.approx(0.3 / 3, rel=1e-15)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_running_var_of_a_small_variance_channel_is_the_batch_variance(backend):
+    # activations of scale 1e-4 (variance 1e-8, far below eps = 1e-5): the running variance
+    # must be the unbiased batch variance as BatchNorm stores it, not sigma_B^2 - eps rebuilt
+    # from the float32 rstd, which cancels to a ~1e-4 relative error there
+    import normlab
+
+    brn = nlnn.BatchRenorm2d(4, momentum=1.0, warmup_steps=0, r_max_steps=0, d_max_steps=0)
+    x = off_centre(8, 4, 5, 5, scale=1e-4, offset=3e-4)  # 200 values per channel
+    with normlab.use_backend(backend):
+        brn(x)
+    x64 = x.double()
+    assert rel_err(brn.running_var, x64.var((0, 2, 3))) < 1e-6
+    assert rel_err(brn.running_mean, x64.mean((0, 2, 3))) < 1e-6

@@ -29,8 +29,7 @@ from torch import Tensor, fx, nn
 from normlab import functional as NLF
 from normlab.backends.reference import compute_dtype
 from normlab.nn._common import (
-    channel_view, check_bn_input, count_batch, fx_leaf, not_scriptable, running_average_factor,
-    update_running_stats)
+    channel_view, check_bn_input, count_batch, fx_leaf, not_scriptable, running_average_factor)
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
 
@@ -91,19 +90,19 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
             )
         count_batch(self)  # Batch Renorm always tracks: its limits ramp with the batch count
         momentum = running_average_factor(self)
-        c = self.num_features
-        x_hat, mean, rstd = NLF.normalize(input, c, True, eps=self.eps, return_stats=True)
+        # r and d use the running statistics from before this batch: the operator moves the
+        # buffers (from the batch variance itself, as BN's; an empty batch leaves them alone)
+        running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
+        x_hat, mean, rstd = NLF.normalize(
+            input, self.num_features, True, eps=self.eps, running_mean=self.running_mean,
+            running_var=self.running_var, momentum=momentum, return_stats=True,
+        )
         with torch.no_grad():
             sigma_b = 1.0 / rstd
-            sigma = torch.sqrt(self.running_var.to(sigma_b.dtype) + self.eps)
+            sigma = torch.sqrt(running_var.to(sigma_b.dtype) + self.eps)
             r_max, d_max = self.limits()
             r = (sigma_b / sigma).clamp(1.0 / r_max, r_max)
-            d = ((mean - self.running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
-            var_b = (sigma_b.square() - self.eps).clamp_min(0.0)
-            count = input.numel() // c
-            if count > 0:  # an empty batch has no statistics (NaN): the running ones stay, as BN's
-                update_running_stats(self.running_mean, self.running_var, mean, var_b, count,
-                                     momentum)
+            d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
         scale, shift = r, d
         if self.weight is not None:
             scale, shift = scale * self.weight, shift * self.weight + self.bias
