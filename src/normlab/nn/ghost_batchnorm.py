@@ -18,8 +18,8 @@ The running statistics follow slice 0 only, as rank 0 of such a DDP job keeps th
 broadcasts rank 0's buffers to every process before each forward (``broadcast_buffers=True``,
 its default), so rank 0's running averages see rank 0's slices and nothing else, and rank 0
 writes the checkpoint. ``num_batches_tracked`` counts one per forward, as on every rank.
-This differs on purpose from Hoffer et al.'s Algorithm 1, which folds the statistics of every
-ghost batch of the step into the running averages, one after another.
+This differs on purpose from a ghost-batch layer that folds the statistics of every slice of
+the step into the running averages.
 
 The affine parameters are shared by every slice; their gradient is the sum over slices, which,
 for a loss that is the mean over the whole batch, is what DDP's gradient averaging of the
