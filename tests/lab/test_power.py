@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from normlab.lab.analysis import INCONCLUSIVE, claims_status, level_z, point_stats
+from normlab.lab.analysis import INCONCLUSIVE, claims_status, level_for, point_stats
 from normlab.lab.config import ConfigError
 from normlab.lab.power import run_with_power
 from normlab.lab.store import Store
@@ -167,8 +167,10 @@ def test_power_rounds_record_their_looks_and_the_report_judges_and_says_so(tmp_p
     assert store.setup_info("norms")["power"]["looks"] == [1, 6]
     store.close()
     md = write_report(tmp_path)[0].read_text()
-    assert (f"verdict is set for looks after each seed from 1 to 6 per point: decisive beyond "
-            f"{level_z((1, 6)):.2f} normal standard errors") in md
+    level = level_for((1, 6))
+    assert ("verdict is set for looks after each seed from 1 to 6 per point: decisive beyond "
+            f"c sqrt(6 / n) normal standard errors at n seeds per point ({level(1):.2f} at 1, "
+            f"{level(3):.2f} at 3, {level(6):.2f} at 6;") in md
     # a rerun with no rounds keeps the looks already planned: they were taken
     _, store, _, again = _study(tmp_path, budget_runs=0)
     assert again["looks"] == [1, 6]
@@ -214,4 +216,4 @@ def test_an_interrupted_study_is_judged_at_the_level_planned_before_its_first_lo
     store.close()
     md = write_report(tmp_path)[0].read_text()
     assert "Power rounds: did not finish (the study was interrupted" in md
-    assert f"decisive beyond {level_z((1, 6)):.2f} normal standard errors" in md
+    assert f"({level_for((1, 6))(1):.2f} at 1, " in md

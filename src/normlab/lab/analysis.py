@@ -25,13 +25,14 @@ a one-seed point (its spread assumed, no degrees of freedom) t is ``Z``.
 Power rounds (lab/power.py) look at a claim again after each added seed, and every look is
 another chance to cross: judged at ``Z`` from 2 to 8 seeds one round at a time, 1.3-4.2% of
 equal pairs end "a lower" (sd 0.3-2), and 2.9-5.8% from 2 to 16. So where rounds may run,
-every verdict uses ``level_z(looks)``: t at the one-sided tail of the constant boundary over
-looks after each seed from ``looks[0]`` to ``looks[1]`` seeds per point whose chance of ever
-being crossed by equal points is one look's ``Phi(-Z)`` (:mod:`normlab.lab.sequential`;
-2.48 normal standard errors for 2 to 8, 2.63 for 2 to 16). Simulated with this module's rules
-(``scripts/verdict_error_rates.py --pairs 4000``: 4000 pairs per cell, sd 0.3-2), 0.25-1.05%
-of equal pairs then end "a lower" from 2 to 8 seeds and 0.4-1.4% from 2 to 16 (one look at
-2, 3 or 5 seeds: 0-2.25%). Each claim is its own test: nothing corrects across the claims of a
+every verdict uses ``level_for(looks)``: t at the one-sided tail of O'Brien & Fleming's
+boundary for looks after each seed from ``looks[0]`` to ``looks[1]`` seeds per point, taken
+at the seeds of the look (the fewer of the two points'), whose chance of ever being crossed by
+equal points is one look's ``Phi(-Z)`` (:mod:`normlab.lab.sequential`: for 2 to 8 seeds, 4.22
+normal standard errors at 2, 2.98 at 4, 2.11 at 8). Simulated with this module's rules
+(``scripts/verdict_error_rates.py --pairs 4000``: 4000 pairs per cell, sd 0.3-2), 0.45-0.80%
+of equal pairs then end "a lower" from 2 to 8 seeds, 0.53-0.95% from 3 to 8 and 0.45-0.65%
+from 2 to 16 (one look at 2, 3 or 5 seeds: 0-2.25%). Each claim is its own test: nothing corrects across the claims of a
 study, so the chance that some claim among k whose points are truly equal comes out decided
 grows with k (up to k times one claim's). The rules:
 
@@ -62,17 +63,18 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from scipy import stats as _scipy_stats
 
-from normlab.lab.sequential import sequential_z
+from normlab.lab.sequential import boundary
 from normlab.lab.studies import Claim, Study
 
 __all__ = [
     "Z", "SD_FLOOR", "SD_ONE_SEED", "CHANCE_FRACTION", "SEEDS_SHOWN", "POWER_STOPPED",
     "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "num_classes", "run_flag",
-    "TAIL", "point_stats", "difference", "interval", "critical", "level_z", "prob_lower", "verdict",
+    "TAIL", "point_stats", "difference", "interval", "critical", "Level", "one_look", "level_for", "prob_lower",
+    "verdict",
     "seeds_needed",
     "claim_points", "claims_status", "seeds_by_claim", "flag_kind", "flags_text",
 ]
@@ -81,6 +83,7 @@ Z = 2.0               # the level: the one-sided tail of 2 normal standard error
 SD_FLOOR = 0.25       # points of error: no spread estimate below this is trusted
 SD_ONE_SEED = 2.0     # points of error assumed for a single seed
 BOUNDARY = 1e-9       # points of error: a difference this close to a claim's boundary is on it
+_MANY = 10**9         # a seed count beyond any plan: a level's last-look value
 SEEDS_SHOWN = 1000    # seed counts above this are reported as "over 1000"
 #: why a study's power rounds stopped (the ``stopped`` of lab/power.py's record), in the user's
 #: words: what the command prints and the report says
@@ -204,16 +207,28 @@ def critical(df: float, z: float = Z) -> float:
     is infinite (a one-seed point: its spread is assumed, not estimated)."""
     if math.isinf(df):
         return z
-    return float(_scipy_stats.t.ppf(_LEVEL if z == Z else _phi(z), df))
+    if z == Z:
+        return float(_scipy_stats.t.ppf(_LEVEL, df))
+    return float(_scipy_stats.t.isf(_scipy_stats.norm.sf(z), df))
 
 
-def level_z(looks: Optional[tuple[int, int]]) -> float:
-    """The z the verdicts use: ``Z`` for one look at the seeds (``looks`` None, or from n to n
-    seeds per point), the sequential boundary (:func:`normlab.lab.sequential.sequential_z`)
-    for looks after each seed from ``looks[0]`` to ``looks[1]`` (power rounds)."""
+#: the level of a verdict: seeds per point at the look -> the normal standard errors a
+#: decisive difference must exceed (t is taken at that one-sided tail)
+Level = Callable[[int], float]
+
+
+def one_look(n: int) -> float:
+    """The level of one look at the seeds: ``Z`` whatever their count."""
+    return Z
+
+
+def level_for(looks: Optional[Sequence[int]]) -> Level:
+    """The level the verdicts use: :func:`one_look` for one look (``looks`` None, or from n to
+    n seeds per point); for looks after each seed from ``looks[0]`` to ``looks[1]`` (power
+    rounds), O'Brien & Fleming's boundary (:func:`normlab.lab.sequential.boundary`)."""
     if looks is None or looks[1] <= looks[0]:
-        return Z
-    return sequential_z(int(looks[0]), int(looks[1]), TAIL)
+        return one_look
+    return boundary(int(looks[0]), int(looks[1]), TAIL)
 
 
 def _df(a: dict, b: dict) -> float:
@@ -224,10 +239,11 @@ def _df(a: dict, b: dict) -> float:
     return _welch_df(max(a["sd"], SD_FLOOR) ** 2, a["n"], max(b["sd"], SD_FLOOR) ** 2, b["n"])
 
 
-def interval(a: dict, b: dict, z: float = Z) -> tuple[float, float, float]:
-    """(d = m_b - m_a, its standard error, the half-width t se_d the verdicts use at level z)."""
+def interval(a: dict, b: dict, level: Level = one_look) -> tuple[float, float, float]:
+    """(d = m_b - m_a, its standard error, the half-width t se_d the verdicts use at ``level``,
+    taken at the fewer of the two points' seeds)."""
     d, se = difference(a, b)
-    return d, se, critical(_df(a, b), z) * se
+    return d, se, critical(_df(a, b), level(min(a["n"], b["n"]))) * se
 
 
 def prob_lower(a: dict, b: dict) -> float:
@@ -241,9 +257,9 @@ def prob_lower(a: dict, b: dict) -> float:
     return _phi(z) if math.isinf(df) else float(_scipy_stats.t.cdf(z, df))
 
 
-def _diff(a: dict, b: dict, z: float) -> tuple[float, float]:
+def _diff(a: dict, b: dict, level: Level) -> tuple[float, float]:
     """(d, half-width) of two points: what every verdict tests."""
-    d, _, h = interval(a, b, z)
+    d, _, h = interval(a, b, level)
     return d, h
 
 
@@ -253,8 +269,8 @@ def _meets(low: float, margin: float) -> bool:
     return low >= margin - BOUNDARY
 
 
-def _match(a: dict, b: dict, margin: float, z: float) -> str:
-    d, h = _diff(a, b, z)
+def _match(a: dict, b: dict, margin: float, level: Level) -> str:
+    d, h = _diff(a, b, level)
     if abs(d) + h <= margin:
         return REPRODUCED
     if abs(d) - h > margin:
@@ -272,12 +288,13 @@ def _rivals(claim: Claim, stats: dict[tuple, dict]) -> dict[tuple, dict]:
             and (claim.kind == "best" or k[0] == claim.a[0])}
 
 
-def verdict(claim: Claim, stats: dict[tuple, dict], z: float = Z) -> tuple[str, str]:
+def verdict(claim: Claim, stats: dict[tuple, dict], level: Level = one_look
+            ) -> tuple[str, str]:
     """(verdict, the numbers it rests on) for ``claim`` given :func:`point_stats` output, at
-    level ``z`` (:func:`level_z`). A flat/best/worst claim names the points it compares with
+    ``level`` (:func:`level_for`). A flat/best/worst claim names the points it compares with
     whose every run was flagged: they are left out, and the numbers say so rather than the range
     silently shrinking."""
-    v, why = _verdict(claim, stats, z)
+    v, why = _verdict(claim, stats, level)
     if claim.kind not in ("flat", "best", "worst"):
         return v, why
     gone = [(k, s) for k, s in stats.items() if k != tuple(claim.a) and s["n"] == 0
@@ -288,7 +305,7 @@ def verdict(claim: Claim, stats: dict[tuple, dict], z: float = Z) -> tuple[str, 
         f"{k[0]}@{k[1]} ({flags_text(s['excluded'])})" for k, s in gone)
 
 
-def _verdict(claim: Claim, stats: dict[tuple, dict], z: float) -> tuple[str, str]:
+def _verdict(claim: Claim, stats: dict[tuple, dict], level: Level) -> tuple[str, str]:
     a = _get(stats, claim.a)
     if a is None:
         return NOT_RUN, f"no finished run that counts for {claim.a[0]} at {claim.a[1]}"
@@ -296,11 +313,11 @@ def _verdict(claim: Claim, stats: dict[tuple, dict], z: float) -> tuple[str, str
         b = _get(stats, claim.b)
         if b is None:
             return NOT_RUN, f"no finished run that counts for {claim.b[0]} at {claim.b[1]}"
-        d, h = _diff(a, b, z)
+        d, h = _diff(a, b, level)
         why = (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f} vs {claim.b[0]}@{claim.b[1]} "
                f"{b['mean']:.2f}: difference {d:+.2f} ± {h:.2f}")
         if claim.kind == "match":
-            return _match(a, b, claim.margin, z), why + f" (tolerance {claim.margin})"
+            return _match(a, b, claim.margin, level), why + f" (tolerance {claim.margin})"
         if d - h > 0 and _meets(d - h, claim.margin):
             return REPRODUCED, why
         if d + h < claim.margin:
@@ -310,7 +327,7 @@ def _verdict(claim: Claim, stats: dict[tuple, dict], z: float) -> tuple[str, str
         series = {k[1]: s for k, s in _rivals(claim, stats).items()}
         if not series:
             return NOT_RUN, f"only one point of {claim.a[0]}"
-        vs = {x: _match(a, s, claim.margin, z) for x, s in series.items()}
+        vs = {x: _match(a, s, claim.margin, level) for x, s in series.items()}
         means = [a["mean"]] + [s["mean"] for s in series.values()]
         dev = max(series.items(), key=lambda kv: abs(kv[1]["mean"] - a["mean"]))
         why = (f"{claim.a[0]} ranges {min(means):.2f}-{max(means):.2f}; largest gap to "
@@ -325,7 +342,7 @@ def _verdict(claim: Claim, stats: dict[tuple, dict], z: float) -> tuple[str, str
         others = _rivals(claim, stats)
         if not others:
             return NOT_RUN, "nothing to compare with"
-        gaps, hws = _gaps(claim, a, others, z)
+        gaps, hws = _gaps(claim, a, others, level)
         beaten = min(gaps, key=lambda k: gaps[k] + hws[k])  # most clearly on the wrong side
         if gaps[beaten] + hws[beaten] < 0:
             return NOT_REPRODUCED, _rival_why(claim, a, others, beaten, gaps, hws, "rival")
@@ -343,33 +360,35 @@ def _rival_why(claim: Claim, a: dict, others: dict, rival: tuple, gaps: dict, hw
             f"{others[rival]['mean']:.2f} (gap {gaps[rival]:+.2f} ± {hws[rival]:.2f})")
 
 
-def _gaps(claim: Claim, a: dict, others: dict, z: float) -> tuple[dict, dict]:
+def _gaps(claim: Claim, a: dict, others: dict, level: Level) -> tuple[dict, dict]:
     """gap > 0: the other point is worse (best) / better (worst) than a; and its half-width."""
     sign = 1 if claim.kind == "best" else -1
-    diffs = {k: _diff(a, s, z) for k, s in others.items()}
+    diffs = {k: _diff(a, s, level) for k, s in others.items()}
     return {k: sign * d for k, (d, _) in diffs.items()}, {k: h for k, (_, h) in diffs.items()}
 
 
-def _n_for(sa: dict, sb: dict, gap: float, z: float) -> Optional[int]:
+def _n_for(sa: dict, sb: dict, gap: float, level: Level) -> Optional[int]:
     """Seeds per point for t se_d < gap at the observed (floored) sds, t at the degrees of
     freedom of that many seeds at both points; None if unknowable (a gap of float rounding,
     e.g. two equal means, is on the boundary: no count decides it)."""
     if sa["n"] < 2 or sb["n"] < 2 or gap <= BOUNDARY:
         return None
     va, vb = max(sa["sd"], SD_FLOOR) ** 2, max(sb["sd"], SD_FLOOR) ** 2
-    n = max(2, math.floor(z * z * (va + vb) / (gap * gap)) + 1)  # the normal count: a floor
+    low = level(_MANY)  # the level's lowest (the last look's): the normal count below is a floor
+    n = max(2, math.floor(low * low * (va + vb) / (gap * gap)) + 1)
     if n > SEEDS_SHOWN:  # t is Z there to within 0.2%: the report says "over 1000" anyway
         return n
-    while critical(_welch_df(va, n, vb, n), z) * math.sqrt((va + vb) / n) >= gap:
+    while critical(_welch_df(va, n, vb, n), level(n)) * math.sqrt((va + vb) / n) >= gap:
         n += 1
     return n
 
 
-def seeds_needed(claim: Claim, stats: dict[tuple, dict], z: float = Z) -> Optional[int]:
+def seeds_needed(claim: Claim, stats: dict[tuple, dict], level: Level = one_look
+                 ) -> Optional[int]:
     """Seeds per point that the observed spread would need for ``claim`` to be decisive at
-    level ``z`` (module docstring); the current seed count if it already is; None if not
+    ``level`` (module docstring); the current seed count if it already is; None if not
     computable (a point with one seed or not run, or a difference exactly on the boundary)."""
-    v, _ = verdict(claim, stats, z)
+    v, _ = verdict(claim, stats, level)
     if v == NOT_RUN:
         return None
     a = _get(stats, claim.a)
@@ -379,21 +398,22 @@ def seeds_needed(claim: Claim, stats: dict[tuple, dict], z: float = Z) -> Option
         b = _get(stats, claim.b)
         d = b["mean"] - a["mean"]
         if claim.kind == "match":
-            return _n_for(a, b, abs(claim.margin - abs(d)), z)
-        return _n_for(a, b, abs(d - claim.margin), z)
+            return _n_for(a, b, abs(claim.margin - abs(d)), level)
+        return _n_for(a, b, abs(d - claim.margin), level)
     others = _rivals(claim, stats)
     if claim.kind == "flat":
         # > 0: the point is outside the tolerance
         out = {k: abs(s["mean"] - a["mean"]) - claim.margin for k, s in others.items()}
-        open_points = [k for k in out if _match(a, others[k], claim.margin, z) == INCONCLUSIVE]
+        open_points = [k for k in out
+                       if _match(a, others[k], claim.margin, level) == INCONCLUSIVE]
     else:
-        gaps, _ = _gaps(claim, a, others, z)
+        gaps, _ = _gaps(claim, a, others, level)
         out = {k: -g for k, g in gaps.items()}  # > 0: the rival is on the wrong side of a
         open_points = list(gaps)
     if max(out.values()) > 0:  # one such point separated decides the claim: the first to be
-        alone = [_n_for(a, others[k], g, z) for k, g in out.items() if g > 0]
+        alone = [_n_for(a, others[k], g, level) for k, g in out.items() if g > 0]
         return min((n for n in alone if n is not None), default=None)
-    needs = [_n_for(a, others[k], abs(out[k]), z) for k in open_points]
+    needs = [_n_for(a, others[k], abs(out[k]), level) for k in open_points]
     if not needs or any(n is None for n in needs):
         return None
     return max(needs)
@@ -408,24 +428,24 @@ def claim_points(claim: Claim, stats: dict[tuple, dict]) -> list[tuple]:
     return [tuple(claim.a)] + list(_rivals(claim, stats))
 
 
-def claims_status(study: Study, stats: dict[tuple, dict], z: float = Z
+def claims_status(study: Study, stats: dict[tuple, dict], level: Level = one_look
                   ) -> list[dict[str, Any]]:
-    """Per claim of ``study`` at level ``z``: ``text``, ``verdict``, ``why``, ``seeds`` and
+    """Per claim of ``study`` at ``level``: ``text``, ``verdict``, ``why``, ``seeds`` and
     ``fewest_seeds`` (the largest and smallest seed counts among its points) and
     ``seeds_needed`` (:func:`seeds_needed`)."""
     out = []
     for c in study.claims:
-        v, why = verdict(c, stats, z)
+        v, why = verdict(c, stats, level)
         pts = [_get(stats, p) for p in claim_points(c, stats)] if v != NOT_RUN else []
         out.append({"text": c.text, "verdict": v, "why": why,
                     "seeds": max((s["n"] for s in pts if s), default=0),
                     "fewest_seeds": min((s["n"] for s in pts if s), default=0),
-                    "seeds_needed": seeds_needed(c, stats, z)})
+                    "seeds_needed": seeds_needed(c, stats, level)})
     return out
 
 
 def seeds_by_claim(study: Study, stats: dict[tuple, dict], max_seeds: int,
-                   failed: Optional[dict[tuple, int]] = None, z: float = Z
+                   failed: Optional[dict[tuple, int]] = None, level: Level = one_look
                    ) -> list[tuple[Optional[int], dict[tuple, int]]]:
     """One power round, claim by claim: for every inconclusive claim that more seeds could
     decide, ``(seeds it needs, {(label, x): seeds that point should have})``, each of its points
@@ -436,10 +456,10 @@ def seeds_by_claim(study: Study, stats: dict[tuple, dict], max_seeds: int,
     failed = failed or {}
     out = []
     for c in study.claims:
-        v, _ = verdict(c, stats, z)
+        v, _ = verdict(c, stats, level)
         if v != INCONCLUSIVE:
             continue
-        need = seeds_needed(c, stats, z)
+        need = seeds_needed(c, stats, level)
         if need is not None and need > max_seeds:
             continue  # beyond the cap: the report states the count instead
         want: dict[tuple, int] = {}

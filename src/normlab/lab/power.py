@@ -14,7 +14,7 @@ say which claims stayed open and why.
 
 Every look at a claim is another chance to call two equal points different, so when rounds may
 run, every verdict (the first list's included) uses the sequential level for looks after each
-seed from the first list's seeds to ``max_seeds`` (:func:`normlab.lab.analysis.level_z`): the
+seed from the first list's seeds to ``max_seeds`` (:func:`normlab.lab.analysis.level_for`): the
 record's ``looks``, ``[first, last]``, widened to cover the looks an earlier invocation on the
 same setup planned. With no rounds possible (a budget of 0 runs or 0 minutes, or the first list
 already at ``max_seeds``) it is one look: ``[first, first]``.
@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Optional
 
-from normlab.lab.analysis import (INCONCLUSIVE, claims_status, level_z, point_stats,
+from normlab.lab.analysis import (INCONCLUSIVE, Level, claims_status, level_for, point_stats,
                                   seeds_by_claim)
 from normlab.lab.config import ConfigError
 from normlab.lab.store import Store
@@ -95,7 +95,7 @@ def run_with_power(
     registered()
     earlier = store.setup_info(study.name, preset).get("power", {})
     looks = _looks(points, max_seeds, budget_runs, budget_minutes, earlier.get("looks"))
-    z = level_z(looks)  # fixed, and stored, before the first look: an interrupted study's
+    level = level_for(looks)  # fixed, and stored, before the first look: an interrupted study's
     store.update_setup_info(study.name, preset, setup,  # report judges at it too
                             {"power": {**earlier, "looks": list(looks)}})
     counts = dict(run(points))
@@ -103,7 +103,7 @@ def run_with_power(
     added, rounds, stopped = 0, 0, "decided"
     while True:
         runs = store.study_runs(study.name, preset)
-        claims = _wanted(runs, study, max_seeds, targets, z)
+        claims = _wanted(runs, study, max_seeds, targets, level)
         if not claims:
             break
         if budget_minutes is not None and clock() - t0 >= 60.0 * budget_minutes:
@@ -126,7 +126,7 @@ def run_with_power(
     record = {"rounds": rounds, "runs_added": added, "stopped": stopped,
               "budget_runs": budget_runs, "budget_minutes": budget_minutes,
               "max_seeds": max_seeds, "looks": list(looks),
-              "open": _open_claims(store, study, preset, z), "counts": counts}
+              "open": _open_claims(store, study, preset, level), "counts": counts}
     store.update_setup_info(study.name, preset, setup, {"power": record})
     return record
 
@@ -152,14 +152,15 @@ def _looks(points: list[Point], max_seeds: int, budget_runs: Optional[int],
 
 
 def _wanted(runs: list[dict[str, Any]], study: Study, max_seeds: int,
-            targets: dict[tuple, int], z: float
+            targets: dict[tuple, int], level: Level
             ) -> list[tuple[Optional[int], dict[tuple, int]]]:
     """The open claims of the study whose stored ``runs`` are given that more seeds could
     decide, fewest seeds needed first, each with the seeds per (label, x) it needs, where above
     ``targets``."""
     failed = Counter((r["label"], r["x"]) for r in runs if r["status"] == "failed")
     claims = [(need, {p: n for p, n in want.items() if n > targets.get(p, 0)})
-              for need, want in seeds_by_claim(study, point_stats(runs), max_seeds, failed, z)]
+              for need, want in seeds_by_claim(study, point_stats(runs), max_seeds, failed,
+                                                level)]
     return [(need, want) for need, want in claims if want]
 
 
@@ -191,8 +192,9 @@ def _new_points(known: set[str], candidates: list[Point], want: dict[tuple, int]
     return [p for p in candidates if (p.label, p.x) in want and p.cfg.run_id() not in known]
 
 
-def _open_claims(store: Store, study: Study, preset: str, z: float) -> list[dict[str, Any]]:
+def _open_claims(store: Store, study: Study, preset: str, level: Level
+                 ) -> list[dict[str, Any]]:
     """The study's inconclusive claims with the seeds they have and need."""
     stats = point_stats(store.study_runs(study.name, preset))
     return [{"claim": c["text"], "seeds": c["seeds"], "seeds_needed": c["seeds_needed"]}
-            for c in claims_status(study, stats, z) if c["verdict"] == INCONCLUSIVE]
+            for c in claims_status(study, stats, level) if c["verdict"] == INCONCLUSIVE]

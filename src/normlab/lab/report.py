@@ -22,7 +22,7 @@ from typing import Optional
 
 from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, POWER_STOPPED,
                                   REPRODUCED, SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, TAIL, Z,
-                                  claims_status, critical, flags_text, level_z, point_stats,
+                                  claims_status, critical, flags_text, level_for, point_stats,
                                   verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
@@ -160,12 +160,15 @@ def _level_text(looks: Optional[list[int]]) -> str:
     """The level the claims below are judged at, when rounds could look more than once."""
     if not looks or looks[1] <= looks[0]:
         return ""
+    level = level_for(looks)
+    shown = sorted({looks[0], (looks[0] + looks[1]) // 2, looks[1]})
+    at = ", ".join(f"{level(n):.2f} at {n}" for n in shown)
     return (f" Every look at a claim is another chance to call equal points different, so its "
             f"verdict is set for looks after each seed from {looks[0]} to {looks[1]} per point: "
-            f"decisive beyond {level_z(looks):.2f} normal standard errors (t at the seeds' "
-            f"degrees of freedom) instead of {Z:g}, Pocock's constant boundary for those looks, "
-            f"which keeps the chance of ever calling two equal points different at one look's "
-            f"{TAIL:.2%}.")
+            f"decisive beyond c sqrt({looks[1]} / n) normal standard errors at n seeds per point "
+            f"({at}; t at the seeds' degrees of freedom) instead of {Z:g} at every look, "
+            f"O'Brien and Fleming's boundary for those looks, which keeps the chance of ever "
+            f"calling two equal points different at one look's {TAIL:.2%}.")
 
 
 def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str], list[Path]]:
@@ -207,8 +210,8 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
         lines += ["", f"Paper: {study.paper_source}."]
     lines += ["", "### Claims", "", "| claim | verdict | numbers (error %) | seeds per point | "
               "source |", "|---|---|---|---|---|"]
-    z = level_z(info.get("power", {}).get("looks"))
-    for c, st in zip(study.claims, claims_status(study, stats, z)):
+    level = level_for(info.get("power", {}).get("looks"))
+    for c, st in zip(study.claims, claims_status(study, stats, level)):
         lines.append(f"| {c.text} | **{st['verdict']}** | {st['why']} | {_seeds_cell(st)} | "
                      f"{c.source} |")
     figs = plot_study(store, study, fig_dir)

@@ -30,7 +30,7 @@ import math
 from typing import Any, Callable, Optional
 
 from normlab.factory import DEFAULT_NUM_GROUPS
-from normlab.lab.analysis import flags_text, interval, level_z, point_stats, prob_lower
+from normlab.lab.analysis import Level, flags_text, interval, level_for, point_stats, prob_lower
 from normlab.lab.markdown import md_cell
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, Study
@@ -77,7 +77,7 @@ def _left_out_text(left_out: dict[str, dict]) -> str:
 
 
 def _winner_row(study: Study, x: Any, points: dict[str, dict], left_out: dict[str, dict],
-                z: float) -> str:
+                level: Level) -> str:
     """``left_out``: the series at ``x`` whose every run was flagged (no mean to rank)."""
     ranked = sorted(points.items(), key=lambda kv: kv[1]["mean"])
     best, s = ranked[0]
@@ -90,13 +90,13 @@ def _winner_row(study: Study, x: Any, points: dict[str, dict], left_out: dict[st
     runner, r = ranked[1]
     more = f" ({flagged})" if flagged else ""
     return (head + f"{md_cell(runner)} {r['mean']:.2f} (n={r['n']}){more} | "
-            f"{_gap_cells(s, r, z)} | {paper} |")
+            f"{_gap_cells(s, r, level)} | {paper} |")
 
 
-def _gap_cells(s: dict, r: dict, z: float) -> str:
+def _gap_cells(s: dict, r: dict, level: Level) -> str:
     """``d ± h | P, decisive or not``: the lowest point s against the next lowest r, h at the
-    study's level z."""
-    d, _, h = interval(s, r, z)
+    study's level."""
+    d, _, h = interval(s, r, level)
     p = prob_lower(s, r)
     conf = (">99.9%" if p > 0.999 else f"{p:.1%}") + ", " + (
         "decisive" if d - h > 0 else "not decisive (gap < t SE)")
@@ -113,7 +113,7 @@ def _setup_line(runs: list[dict], stats: dict) -> str:
             f"{n} seed(s) per point.")
 
 
-def _winners(study: Study, runs: list[dict], all_stats: dict, z: float) -> list[str]:
+def _winners(study: Study, runs: list[dict], all_stats: dict, level: Level) -> list[str]:
     stats = {k: s for k, s in all_stats.items() if s["n"] > 0}
     xs = sorted({x for _, x in all_stats}, reverse=True)
     lines = [f"### {study.name}: lowest test error at each batch size", "", _setup_line(runs, stats),
@@ -126,7 +126,7 @@ def _winners(study: Study, runs: list[dict], all_stats: dict, z: float) -> list[
                   and math.isfinite(s["mean"])}
         left_out = {lab: s for (lab, xx), s in all_stats.items() if xx == x and s["n"] == 0}
         if points:
-            lines.append(_winner_row(study, x, points, left_out, z))
+            lines.append(_winner_row(study, x, points, left_out, level))
         else:
             lines.append(f"| {_fmt_x(x)} | no run counts ({_left_out_text(left_out)}) | - | - | "
                          "- | - |")
@@ -232,7 +232,8 @@ def _paper_setting(study: Study, best: tuple, name: Callable[[tuple], str]) -> s
     return f"{text} ({same})"
 
 
-def _setting_winner(study: Study, runs: list[dict], all_stats: dict, z: float) -> list[str]:
+def _setting_winner(study: Study, runs: list[dict], all_stats: dict, level: Level
+                    ) -> list[str]:
     """The answer of a study in :data:`SETTING_STUDIES`: the setting with the lowest error, the
     next lowest and how sure, beside the paper's."""
     what, name = SETTING_STUDIES[study.name]
@@ -245,7 +246,7 @@ def _setting_winner(study: Study, runs: list[dict], all_stats: dict, z: float) -
     else:
         runner, r = ranked[1]
         row += (f"{name(runner)} {r['mean']:.2f} (n={r['n']}) | "
-                f"{_gap_cells(s, r, z)} |")
+                f"{_gap_cells(s, r, level)} |")
     row += f" {_paper_setting(study, best, name)} |"
     order = " < ".join(f"{name(k)} {v['mean']:.2f}" for k, v in ranked)
     return [f"### {study.name}: the {what} with the lowest test error", "",
@@ -256,9 +257,9 @@ def _setting_winner(study: Study, runs: list[dict], all_stats: dict, z: float) -
             f"All, lowest error first: {order}.", ""]
 
 
-def _level(store: Store, study: str) -> float:
+def _level(store: Store, study: str) -> Level:
     """The level the study's verdicts use (its power rounds' looks, as the store recorded them)."""
-    return level_z(store.setup_info(study).get("power", {}).get("looks"))
+    return level_for(store.setup_info(study).get("power", {}).get("looks"))
 
 
 def summary_lines(store: Store) -> list[str]:
