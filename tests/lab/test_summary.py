@@ -188,3 +188,16 @@ def test_the_bn_dropout_study_names_its_best_configuration(tmp_path):
     # (the quoted text is a markdown cell: its < and > escaped)
     assert ("BN conv+dense, dropout 0.4: ~25 (acc ~0.75); BN none, dropout 0.4: \\> 40 "
             "(acc \\< 0.6)") in row
+
+
+def test_a_half_width_beyond_100_points_is_shown_as_such():
+    """At an early look of power rounds (4.22 normal standard errors at 2 seeds of looks 2-8)
+    with one or two degrees of freedom, t is in the thousands: '± 1741.69' points of error,
+    where no two error rates differ by more than 100. Shown as '>100'; a usual one as is."""
+    from normlab.lab.analysis import half_width_text, interval, level_for
+
+    a = {"mean": 1.11, "sd": 0.79, "n": 2, "excluded": []}
+    b = {"mean": 1.34, "sd": 0.46, "n": 5, "excluded": []}
+    _, _, h = interval(a, b, level_for((2, 8)))
+    assert h > 100 and half_width_text(h) == ">100"
+    assert half_width_text(0.987) == "0.99" and half_width_text(100.0) == "100.00"

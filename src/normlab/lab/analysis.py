@@ -73,7 +73,8 @@ from normlab.lab.studies import Claim, Study
 __all__ = [
     "Z", "SD_FLOOR", "SD_ONE_SEED", "CHANCE_FRACTION", "SEEDS_SHOWN", "POWER_STOPPED",
     "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "num_classes", "run_flag",
-    "TAIL", "point_stats", "difference", "interval", "critical", "Level", "one_look", "level_for", "prob_lower",
+    "TAIL", "point_stats", "difference", "interval", "critical", "Level", "one_look", "level_for", "half_width_text",
+    "prob_lower",
     "verdict",
     "seeds_needed",
     "claim_points", "claims_status", "seeds_by_claim", "flag_kind", "flags_text",
@@ -246,6 +247,13 @@ def interval(a: dict, b: dict, level: Level = one_look) -> tuple[float, float, f
     return d, se, critical(_df(a, b), level(min(a["n"], b["n"]))) * se
 
 
+def half_width_text(h: float) -> str:
+    """A half-width as shown: points of error to 2 decimals; ``>100`` beyond 100 points, which
+    no two error rates can differ by (an early look's level at one or two degrees of freedom
+    gives t in the thousands: the interval says nothing, and its digits would not either)."""
+    return f"{h:.2f}" if h <= 100.0 else ">100"
+
+
 def prob_lower(a: dict, b: dict) -> float:
     """The probability that a's error is really below b's, from the t distribution of the
     difference (the normal one where a point has one seed)."""
@@ -315,7 +323,7 @@ def _verdict(claim: Claim, stats: dict[tuple, dict], level: Level) -> tuple[str,
             return NOT_RUN, f"no finished run that counts for {claim.b[0]} at {claim.b[1]}"
         d, h = _diff(a, b, level)
         why = (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f} vs {claim.b[0]}@{claim.b[1]} "
-               f"{b['mean']:.2f}: difference {d:+.2f} ± {h:.2f}")
+               f"{b['mean']:.2f}: difference {d:+.2f} ± {half_width_text(h)}")
         if claim.kind == "match":
             return _match(a, b, claim.margin, level), why + f" (tolerance {claim.margin})"
         if d - h > 0 and _meets(d - h, claim.margin):
@@ -357,7 +365,7 @@ def _verdict(claim: Claim, stats: dict[tuple, dict], level: Level) -> tuple[str,
 def _rival_why(claim: Claim, a: dict, others: dict, rival: tuple, gaps: dict, hws: dict,
                what: str) -> str:
     return (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f}; {what} {rival[0]}@{rival[1]} "
-            f"{others[rival]['mean']:.2f} (gap {gaps[rival]:+.2f} ± {hws[rival]:.2f})")
+            f"{others[rival]['mean']:.2f} (gap {gaps[rival]:+.2f} ± {half_width_text(hws[rival])})")
 
 
 def _gaps(claim: Claim, a: dict, others: dict, level: Level) -> tuple[dict, dict]:

@@ -30,7 +30,8 @@ import math
 from typing import Any, Callable, Optional
 
 from normlab.factory import DEFAULT_NUM_GROUPS
-from normlab.lab.analysis import Level, flags_text, interval, level_for, point_stats, prob_lower
+from normlab.lab.analysis import (Level, flags_text, half_width_text, interval, level_for,
+                                  point_stats, prob_lower)
 from normlab.lab.markdown import md_cell
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, Study
@@ -100,7 +101,7 @@ def _gap_cells(s: dict, r: dict, level: Level) -> str:
     p = prob_lower(s, r)
     conf = (">99.9%" if p > 0.999 else f"{p:.1%}") + ", " + (
         "decisive" if d - h > 0 else "not decisive (gap < t SE)")
-    return f"{d:.2f} ± {h:.2f} | {conf}"
+    return f"{d:.2f} ± {half_width_text(h)} | {conf}"
 
 
 def _setup_line(runs: list[dict], stats: dict) -> str:
