@@ -32,9 +32,9 @@ equal points is one look's ``Phi(-Z)`` (:mod:`normlab.lab.sequential`: for 2 to 
 normal standard errors at 2, 2.98 at 4, 2.11 at 8). Simulated with this module's rules
 (``scripts/verdict_error_rates.py --pairs 4000``: 4000 pairs per cell, sd 0.3-2), 0.45-0.80%
 of equal pairs then end "a lower" from 2 to 8 seeds, 0.53-0.95% from 3 to 8 and 0.45-0.65%
-from 2 to 16 (one look at 2, 3 or 5 seeds: 0-2.25%). Each claim is its own test: nothing corrects across the claims of a
-study, so the chance that some claim among k whose points are truly equal comes out decided
-grows with k (up to k times one claim's). The rules:
+from 2 to 16 (one look at 2, 3 or 5 seeds: 0-2.25%). Each claim is its own test: nothing
+corrects across the claims of a study, so the chance that some claim among k whose points are
+truly equal comes out decided grows with k (up to k times one claim's). The rules:
 
 * ``less`` (error(a) < error(b) by >= margin): **reproduced** if ``d - h > 0`` and
   ``d - h >= margin`` (the whole interval clears the margin; within float rounding,
@@ -72,12 +72,10 @@ from normlab.lab.studies import Claim, Study
 
 __all__ = [
     "Z", "SD_FLOOR", "SD_ONE_SEED", "CHANCE_FRACTION", "SEEDS_SHOWN", "POWER_STOPPED",
-    "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "num_classes", "run_flag",
-    "TAIL", "point_stats", "difference", "interval", "critical", "Level", "one_look", "level_for", "half_width_text",
-    "prob_lower",
-    "verdict",
-    "seeds_needed",
-    "claim_points", "claims_status", "seeds_by_claim", "flag_kind", "flags_text",
+    "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "TAIL", "Level", "num_classes",
+    "run_flag", "point_stats", "difference", "interval", "critical", "one_look", "level_for",
+    "half_width_text", "prob_lower", "verdict", "seeds_needed", "claim_points", "claims_status",
+    "seeds_by_claim", "flag_kind", "flags_text",
 ]
 
 Z = 2.0               # the level: the one-sided tail of 2 normal standard errors (2.28%)
@@ -365,7 +363,8 @@ def _verdict(claim: Claim, stats: dict[tuple, dict], level: Level) -> tuple[str,
 def _rival_why(claim: Claim, a: dict, others: dict, rival: tuple, gaps: dict, hws: dict,
                what: str) -> str:
     return (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f}; {what} {rival[0]}@{rival[1]} "
-            f"{others[rival]['mean']:.2f} (gap {gaps[rival]:+.2f} ± {half_width_text(hws[rival])})")
+            f"{others[rival]['mean']:.2f} "
+            f"(gap {gaps[rival]:+.2f} ± {half_width_text(hws[rival])})")
 
 
 def _gaps(claim: Claim, a: dict, others: dict, level: Level) -> tuple[dict, dict]:
