@@ -263,14 +263,17 @@ def all_reduce_sum(values: Union[float, Sequence[float], torch.Tensor]) -> torch
 
 def all_reduce_mean(value: Union[float, torch.Tensor], weight: Optional[float] = None) -> float:
     """Mean of a scalar metric over processes, weighted by ``weight`` (e.g. the number of samples
-    behind ``value``; unweighted when None). Every process must call it. Returns a float."""
+    behind ``value``; unweighted when None); a process with weight 0 contributes nothing, its
+    value ignored (the NaN mean of an empty batch). Every process must call it. Returns a float."""
     v = float(value)
     w = 1.0 if weight is None else float(weight)
     if w < 0 or not math.isfinite(w):  # checked alone too: the same call fails the same way
         raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
     if not is_distributed():
         return v
-    total = all_reduce_sum([v * w, w])
+    # a weight of 0 contributes nothing, whatever the value: a rank without samples reports the
+    # NaN mean of nothing (NaN * 0 is NaN, which made the mean NaN on every rank)
+    total = all_reduce_sum([v * w if w > 0 else 0.0, w])
     if total[1] <= 0:
         raise ValueError("all_reduce_mean: the weights sum to 0 over all processes")
     return float(total[0] / total[1])

@@ -176,6 +176,10 @@ def ddp_worker(rank: int, world: int, out: str) -> None:
         results[f"{name}_loss_mean"] = nd.all_reduce_mean(loss.item(), weight=len(yb))
     results["sum"] = nd.all_reduce_sum([rank + 1.0, 2.0 * rank]).tolist()
     results["mean_unweighted"] = nd.all_reduce_mean(float(rank))
+    # unequal weights (3 and 1 samples), and a rank with no samples whose own mean is NaN
+    results["mean_weighted"] = nd.all_reduce_mean(float(rank), weight=[3, 1][rank])
+    results["mean_empty_rank"] = nd.all_reduce_mean(2.5 if rank == 0 else float("nan"),
+                                                    weight=4 if rank == 0 else 0)
     results["broadcast"] = nd.broadcast_object({"run": f"from-rank-{rank}"})
     try:
         nd.wrap_ddp(nn.Sequential(nn.Conv2d(3, 3, 1), nn.SyncBatchNorm(3)), "cpu")

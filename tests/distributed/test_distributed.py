@@ -81,6 +81,9 @@ def test_metric_collectives_and_identity(ddp_run):
             r, 2, True, r == 0)
         assert rk["sum"] == [1.0 + 2.0, 0.0 + 2.0]
         assert rk["mean_unweighted"] == pytest.approx(0.5)
+        assert rk["mean_weighted"] == pytest.approx(0.25)  # (0 * 3 + 1 * 1) / 4
+        # weight 0 contributes nothing, not even its NaN (NaN * 0 made every rank's mean NaN)
+        assert rk["mean_empty_rank"] == 2.5
         assert rk["broadcast"] == {"run": "from-rank-0"}
         assert "convert_norm(model, 'syncbn')" in rk["torch_syncbn_error"]
 
