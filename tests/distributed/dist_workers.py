@@ -61,6 +61,11 @@ def no_collectives():
             setattr(dist, n, f)
 
 
+def channels_last_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for 4D input, channels_last_3d for 5D."""
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
 def local_part(t: torch.Tensor, split: list[int], rank: int) -> torch.Tensor:
     start = sum(split[:rank])
     return t[start : start + split[rank]]
@@ -91,7 +96,7 @@ def syncbn_worker(rank: int, world: int, out: str) -> None:
                 m.bias.copy_(case["bias"])
         x = local_part(x_full, split, rank).clone()
         if case.get("channels_last"):
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=channels_last_of(x))
         x.requires_grad_(True)
         backend = case.get("backend") or "auto"
         with use_backend(backend):
@@ -104,8 +109,8 @@ def syncbn_worker(rank: int, world: int, out: str) -> None:
                 y_eval = m(x.detach())
         res = {
             "y": y.detach(), "grad_x": x.grad, "y_eval": y_eval,
-            "channels_last_out": y.is_contiguous(memory_format=torch.channels_last),
-            "channels_last_grad": x.grad.is_contiguous(memory_format=torch.channels_last),
+            "channels_last_out": y.is_contiguous(memory_format=channels_last_of(x)),
+            "channels_last_grad": x.grad.is_contiguous(memory_format=channels_last_of(x)),
             "grad_w": None if m.weight is None else m.weight.grad,
             "grad_b": None if m.bias is None else m.bias.grad,
             "running_mean": None if m.running_mean is None else m.running_mean.clone(),

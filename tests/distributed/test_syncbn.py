@@ -66,6 +66,9 @@ CASES = [
     # channels_last input through the reference backend: any backend, layout kept
     ("channels_last_reference", (8, 4, 5, 6), [3, 5], torch.float64, {},
      dict(channels_last=True, backend="reference")),
+    # 5D channels_last_3d input, unequal split: the synchronized path keeps that layout for the
+    # output and the input gradient (only 4D channels_last was covered)
+    ("channels_last_3d_5d", (4, 3, 2, 3, 4), [1, 3], torch.float64, {}, dict(channels_last=True)),
     # a rank with no samples still joins the collectives and contributes nothing
     ("empty_rank", (8, 3, 4, 4), [0, 8], torch.float64, {}, {}),
     # an explicit process_group argument
@@ -113,7 +116,7 @@ def reference(case):
             bn.bias.copy_(case["bias"])
     x = x_full.clone()
     if case.get("channels_last"):
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=dist_workers.channels_last_of(x))
     x.requires_grad_(True)
     y = bn(x)
     (y * case["r"]).sum().backward()
