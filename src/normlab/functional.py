@@ -29,7 +29,10 @@ The wrappers :func:`batch_norm`, :func:`layer_norm`, :func:`instance_norm`, :fun
 Like torch.nn.functional, every public op here dispatches ``__torch_function__`` on its tensor
 arguments: ``torch.fx.symbolic_trace`` records a call as one call_function node (a Proxy
 cannot answer the shape checks), and tensor subclasses see the call. ``torch.export`` and
-``torch.compile(fullgraph=True)`` trace through them.
+``torch.compile(fullgraph=True)`` trace through them. Under ``torch.onnx.export``'s TorchScript
+exporter (``dynamo=False``, torch's default before 2.9) every call is traced as ops that have an
+ONNX form (see :func:`_onnx_traced`); the exporter of ``torch.export`` (``dynamo=True``) takes the
+backends' ops as they are.
 """
 
 from __future__ import annotations
@@ -333,11 +336,14 @@ def _dispatch(
     momentum: float = 0.1,
     return_stats: bool = False,
     center: bool = True,
+    *,
+    exporting: Optional[bool] = None,
 ):
     """The operator on arguments that are already checked: pick the backend, run it.
 
     :func:`normalize` checks and then calls this; wrappers that have checked their own
-    arguments (``layer_norm``) call it directly, so a small layer pays for its checks once.
+    arguments (``layer_norm``) call it directly, so a small layer pays for its checks once
+    (``exporting``: what :func:`_legacy_onnx_export` told the caller; None: ask it here).
     """
     if x.numel() == 0:
         y, mean, rstd = _normalize_empty(x, num_groups, over_batch, weight, bias, activation)
@@ -352,6 +358,11 @@ def _dispatch(
         if return_stats:
             return (out[0].reshape(x.shape),) + tuple(out[1:])
         return out.reshape(x.shape)
+    if exporting is None:
+        exporting = _legacy_onnx_export()
+    if exporting:
+        return _onnx_traced(x, num_groups, over_batch, weight, bias, eps, activation, running_mean,
+                            running_var, momentum, return_stats, center)
     impl = resolve_backend(backend, x, num_groups, over_batch, activation, center)
     if (return_stats and center and x.dtype in _HALF and impl.name == "native"
             and (weight is None or weight.dtype != torch.float32)):
@@ -378,6 +389,34 @@ def _dispatch(
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _legacy_onnx_export() -> bool:
+    """Whether ``torch.onnx.export``'s TorchScript exporter (``dynamo=False``) is tracing the call.
+    The ATen kernels the native backend calls have no ONNX form there (``native_group_norm``,
+    ``_fused_rms_norm``) or need a constant width (``native_layer_norm``), and Triton's have none."""
+    return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
+
+
+def _same_dtype(x: Tensor, *params: Optional[Tensor]) -> bool:
+    return all(p is None or p.dtype == x.dtype for p in params)
+
+
+def _onnx_traced(x, num_groups, over_batch, weight, bias, eps, activation, running_mean,
+                 running_var, momentum, return_stats, center):
+    """The call as the TorchScript ONNX exporter can write it, whatever backend is in force:
+    torch's group norm (ONNX InstanceNormalization on the (N, G, rest) view, then the affine)
+    for centred statistics per sample, the reference backend's plain tensor ops otherwise
+    (statistics over the batch, without centering, statistics returned, mixed dtypes)."""
+    if (center and not over_batch and not return_stats and running_mean is None
+            and running_var is None and _same_dtype(x, weight, bias)):
+        y = torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
+        return apply_activation(y, activation)
+    kwargs = {} if center else {"center": False}
+    y, mean, rstd = get_backend("reference").normalize(
+        x, num_groups, over_batch, weight, bias, eps, activation, running_mean, running_var,
+        momentum, **kwargs)
+    return (y, mean, rstd) if return_stats else y
 
 
 def _normalize_empty(x, num_groups, over_batch, weight, bias, activation):
@@ -438,7 +477,10 @@ def normalize_fixed(
     shape = x.shape
     if x.dim() > 5:  # more than 3 spatial dims: per-channel statistics do not see them
         x = x.reshape(shape[0], shape[1], -1)
-    impl = resolve_backend(backend, x, c, True, activation)
+    if _legacy_onnx_export():  # torch.batch_norm: ONNX BatchNormalization
+        impl = get_backend("native")
+    else:
+        impl = resolve_backend(backend, x, c, True, activation)
     y = impl.normalize_fixed(x, mean, var, weight, bias, eps, activation)
     return y.reshape(shape) if y.shape != shape else y
 
@@ -660,8 +702,15 @@ def layer_norm(
         eps = check_eps(eps)
     if activation is not None:
         activation = check_activation(activation)
+    exporting = _legacy_onnx_export()
+    if exporting and _same_dtype(input, weight, bias):
+        # ONNX LayerNormalization, whose width must be a constant (the exporter traces the
+        # input's sizes): normalized_shape is one
+        y = torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
+        return apply_activation(y, activation)
     if k == 1 and ndim == 2:  # already (rows, features): no reshapes on the hot path
-        return _dispatch(input, 1, False, weight, bias, eps, activation, backend)
+        return _dispatch(input, 1, False, weight, bias, eps, activation, backend,
+                         exporting=exporting)
     numel = math.prod(shape)
     if input.numel() == 0:  # nothing to normalize ((rows, 0) has no view): empty, as torch
         y = input if weight is None else input * weight
@@ -670,7 +719,8 @@ def layer_norm(
     if k > 1:
         weight = None if weight is None else weight.reshape(numel)
         bias = None if bias is None else bias.reshape(numel)
-    y = _dispatch(input.reshape(-1, numel), 1, False, weight, bias, eps, activation, backend)
+    y = _dispatch(input.reshape(-1, numel), 1, False, weight, bias, eps, activation, backend,
+                  exporting=exporting)
     return y.reshape(input.shape)
 
 
