@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 
 import pytest
+import torch
 from torch import nn
 
 # torch >= 2.11: BatchNorm, InstanceNorm, GroupNorm and SyncBatchNorm take bias=
@@ -35,3 +36,10 @@ needs_triton_kernels_for_op = pytest.mark.skipif(
     not _has_triton_kernels_for_op(),
     reason="the test reads torch._library.triton.get_triton_kernels_for_op (torch's record of "
            "a triton_op's kernels), which this torch lacks")
+
+# torch >= 2.5: torch.onnx.export(..., dynamo=True), the exporter of torch.export's programs
+TORCH_ONNX_DYNAMO = "dynamo" in inspect.signature(torch.onnx.export).parameters
+needs_torch_onnx_dynamo = pytest.mark.skipif(
+    not TORCH_ONNX_DYNAMO,
+    reason="torch.onnx.export has no dynamo= in this torch (< 2.5): the torch.export-based "
+           "exporter is not there to test")
