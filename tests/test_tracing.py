@@ -93,3 +93,26 @@ def test_compile_fullgraph_of_the_ops(train):
     x = off_centre(2, 8, 4, 4)
     compiled = torch.compile(ours, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), theirs(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nlnn.BatchNorm2d(8),                        # per channel, over the batch
+     lambda: nlnn.GroupNorm(4, 8),                       # ATen's group norm, symbolic HxW
+     lambda: nlnn.InstanceNorm2d(8, affine=True),        # G = C
+     lambda: nlnn.LayerNorm2d(8),                        # permuted rows of C
+     lambda: nlnn.FilterResponseNorm2d(8),               # uncentred over HxW: the fused RMS op
+                                                         # took an int width (guard HxW == 42)
+     lambda: nlnn.EvoNorm2dS0(8, num_groups=4)],         # moments
+)
+@pytest.mark.parametrize("train", [False, True])
+def test_modules_export_with_dynamic_batch_and_spatial_sizes(make, train):
+    # detectors and segmenters export with dynamic image sizes: one program for 6x7 and 9x5
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), make()).train(train)
+    dims = {0: Dim("n", min=2), 2: Dim("h", min=2), 3: Dim("w", min=2)}
+    program = torch.export.export(m, (off_centre(2, 3, 6, 7),), dynamic_shapes=(dims,))
+    x = off_centre(3, 3, 9, 5)
+    torch.testing.assert_close(program.module()(x), m(x))

@@ -205,15 +205,19 @@ def _uncentered(x, num_groups, over_batch, weight, bias, eps, activation, runnin
                 running_var, momentum):
     """``center=False``: y = act(gamma_c * x / sqrt(mean_S(x^2) + eps) + beta_c) (see the
     module docstring for which op computes it)."""
-    if over_batch or _FUSED_RMS is None or running_mean is not None or running_var is not None:
+    n, g = x.shape[0], num_groups
+    width = x.shape[1] // g * math.prod(x.shape[2:])  # the elements of one statistic
+    if (over_batch or _FUSED_RMS is None or running_mean is not None or running_var is not None
+            or type(width) is not int):
+        # (a symbolic width - torch.export or torch.compile with dynamic spatial sizes - would
+        # be specialized by the op's int[] normalized_shape: the export fails, compile recompiles)
         return _REFERENCE.normalize(x, num_groups, over_batch, weight, bias, eps, activation,
                                     running_mean, running_var, momentum, center=False)
-    n, g = x.shape[0], num_groups
     fmt = output_memory_format(x)
-    xg = x.reshape(n, g, -1)
+    xg = x.reshape(n, g, width)
     plain = weight is None and bias is None and activation is None
     # with an affine or activation after it, half input is normalized in float32 and rounded once
-    yg, rstd = _FUSED_RMS(xg if plain else xg.to(compute_dtype(x.dtype)), [xg.shape[2]], None, eps)
+    yg, rstd = _FUSED_RMS(xg if plain else xg.to(compute_dtype(x.dtype)), [width], None, eps)
     y = yg.reshape(x.shape)
     if not plain:
         if weight is not None:
