@@ -116,3 +116,24 @@ def test_modules_export_with_dynamic_batch_and_spatial_sizes(make, train):
     program = torch.export.export(m, (off_centre(2, 3, 6, 7),), dynamic_shapes=(dims,))
     x = off_centre(3, 3, 9, 5)
     torch.testing.assert_close(program.module()(x), m(x))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks' constants
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nlnn.BatchNorm2d(8), lambda: nlnn.BatchRenorm2d(8),
+     lambda: nlnn.FrozenBatchNorm2d(8), lambda: nlnn.GroupNorm(4, 8),
+     lambda: nlnn.InstanceNorm2d(8, affine=True), lambda: nlnn.LayerNorm([8, 5, 5]),
+     lambda: nlnn.LayerNorm2d(8), lambda: nlnn.WSConv2d(8, 8, 3),
+     lambda: nlnn.ScaledStdConv2d(8, 8, 3), lambda: nlnn.RMSNorm([8, 5, 5]),
+     lambda: nlnn.FilterResponseNorm2d(8), lambda: nlnn.EvoNorm2dS0(8, num_groups=4),
+     lambda: nlnn.EvoNorm2dB0(8), lambda: nlnn.GhostBatchNorm2d(8, virtual_batch=2)],
+)
+@pytest.mark.parametrize("train", [False, True])
+def test_modules_under_torch_jit_trace(make, train):
+    # torch.jit.script is refused (tests/nn/test_scripting.py); its error points to
+    # torch.jit.trace, which records every module's ops: the trace at batch 4 runs batch 6
+    m = make().train(train)
+    traced = torch.jit.trace(m, (off_centre(4, 8, 5, 5),), check_trace=False)
+    x = off_centre(6, 8, 5, 5)
+    torch.testing.assert_close(traced(x), m(x))

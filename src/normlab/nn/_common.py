@@ -132,8 +132,8 @@ def not_scriptable(module: nn.Module) -> nn.Module:
     raise TypeError(
         f"{type(module).__module__}.{type(module).__name__} cannot be compiled by "
         "torch.jit.script: its forward dispatches to normlab's Python backends. Use "
-        "torch.compile or torch.export instead (both supported), or script a model built "
-        "from torch.nn layers"
+        "torch.compile, torch.export, torch.jit.trace or torch.onnx.export instead (all "
+        "supported), or script a model built from torch.nn layers"
     )
 
 
