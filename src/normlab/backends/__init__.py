@@ -323,7 +323,6 @@ def resolve_backend(
     return get_backend("reference")
 
 
-
 def _onnx_exporting() -> bool:
     """Whether torch.onnx.export (``dynamo=True``) is running torch.export on the call
     (``is_exporting`` first: 30 ns, where ``is_in_onnx_export`` takes a microsecond)."""
