@@ -137,3 +137,25 @@ def test_modules_under_torch_jit_trace(make, train):
     traced = torch.jit.trace(m, (off_centre(4, 8, 5, 5),), check_trace=False)
     x = off_centre(6, 8, 5, 5)
     torch.testing.assert_close(traced(x), m(x))
+
+
+    [lambda: nlnn.BatchNorm2d(8),  # ATen's own running-statistics update (the baseline)
+     # slices' statistics copied into the buffers after the call: was a torch.no_grad() block
+     lambda: nlnn.GhostBatchNorm2d(8, virtual_batch=2),
+     # running variance updated through update_running_stats (was decorated torch.no_grad())
+     lambda: nlnn.EvoNorm2dB0(8)],
+)
+def test_training_export_saves_loads_and_runs(make, tmp_path):
+    # a no_grad block that only mutates buffers was exported as a wrap_with_set_grad_enabled
+    # node without outputs, which torch.export.load refused ("Node.meta
+    # wrap_with_set_grad_enabled is missing val field"): the program saved but did not load
+    torch.manual_seed(0)
+    m = make().train()
+    x = off_centre(4, 8, 5, 5)
+    program = torch.export.export(m, (x,))
+    torch.export.save(program, tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2").module()
+    twin = make().train()
+    twin.load_state_dict(m.state_dict())
+    torch.testing.assert_close(loaded(x), twin(x))
+    torch.testing.assert_close(loaded.state_dict()["running_var"], twin.running_var)

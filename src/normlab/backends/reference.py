@@ -167,7 +167,6 @@ def centred_moments(
     return centred, mean_s + shift, var
 
 
-@torch.no_grad()
 def update_running_stats(
     running_mean: Optional[Tensor],  # (G,)
     running_var: Optional[Tensor],  # (G,)
@@ -177,7 +176,17 @@ def update_running_stats(
     momentum: float,
 ) -> None:
     """running <- (1 - momentum) * running + momentum * batch; the variance stored is unbiased.
-    One ``lerp_`` per buffer (that formula, one kernel), plus the unbiasing scale."""
+    One ``lerp_`` per buffer (that formula, one kernel), plus the unbiasing scale.
+
+    Outside autograd through detached statistics, with a ``torch.no_grad()`` block only where a
+    buffer requires grad: torch.export records a no_grad block that only mutates buffers as a
+    node that ``torch.export.load`` refuses ("wrap_with_set_grad_enabled is missing val")."""
+    batch_mean, batch_var = batch_mean.detach(), batch_var.detach()
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (running_mean, running_var)):
+        with torch.no_grad():
+            return update_running_stats(running_mean, running_var, batch_mean, batch_var,
+                                        count, momentum)
     unbiased = batch_var * (count / (count - 1)) if count > 1 else batch_var
     if batch_mean.dim() == 2:  # per-sample statistics (InstanceNorm with running stats)
         batch_mean, unbiased = batch_mean.mean(0), unbiased.mean(0)

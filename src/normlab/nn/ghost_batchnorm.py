@@ -116,11 +116,13 @@ def ghost_batch_norm(
     rm = None if running_mean is None else running_mean.repeat(k)
     rv = None if running_var is None else running_var.repeat(k)
     ys = NLF.batch_norm(xs, rm, rv, w, bb, True, momentum, eps, activation=activation)
-    with torch.no_grad():
-        if running_mean is not None:
-            running_mean.copy_(rm[:c])
-        if running_var is not None:
-            running_var.copy_(rv[:c])
+    # slice 0's statistics into the buffers; no torch.no_grad() block (the repeats hold no
+    # graph): torch.export records a block that only mutates buffers as a node that
+    # torch.export.load refuses
+    if running_mean is not None:
+        running_mean.copy_(rm[:c].detach())
+    if running_var is not None:
+        running_var.copy_(rv[:c].detach())
     if interleaved:
         y = ys.reshape(x.shape)
     else:
