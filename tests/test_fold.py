@@ -393,3 +393,15 @@ def test_a_norm_not_run_on_example_inputs_is_left_and_bad_example_inputs_are_ref
     with pytest.raises(TypeError, match="example_inputs must be a Tensor or a tuple of the "
                                         "model's positional inputs, got dict"):
         fold_batchnorm(model, example_inputs={"x": off_centre(4, 5)})
+
+
+def test_an_uninitialized_lazy_pair_is_left_with_the_reason():
+    # torch's LazyConv2d + LazyBatchNorm2d before their first forward: the fold read the
+    # norm's UninitializedBuffer (and the trace cloned it) and raised torch's "Attempted to use
+    # an uninitialized parameter"; now the pair is left, saying to run a forward pass first
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.LazyBatchNorm2d()).eval()
+    model, record = fold_batchnorm(model)
+    assert not record.folded and "not initialized yet" in record.skipped[0][1], str(record)
+    x = off_centre(2, 3, 6, 6)
+    model(x)  # materialized: Conv2d + BatchNorm2d, which then fold
+    _check_folds(model, x, expect_folded=1)

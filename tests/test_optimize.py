@@ -368,3 +368,20 @@ def test_a_subclass_of_a_torch_norm_is_left_and_named_in_the_record():
     assert "TaggedGN is a subclass of torch.nn.GroupNorm of its own class" in left["2"]
     assert "3" not in left
     torch.testing.assert_close(out(x), want)
+
+
+def test_a_model_with_uninitialized_lazy_modules():
+    # torch's LazyConv2d and LazyBatchNorm2d before their first forward: their buffers are
+    # UninitializedBuffers, which the trace's save-and-restore of buffers cloned ("Attempted to
+    # use an uninitialized parameter in clone"); now nothing is replaced and the model runs
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.LazyBatchNorm2d(), nn.ReLU())
+    out, record = optimize(model)
+    assert not record.replaced and not record.fused, str(record)
+    x = torch.randn(2, 3, 6, 6) + 3.0
+    out(x)  # initialized: torch's Conv2d and BatchNorm2d (a lazy model cannot be deep-copied)
+    twin = _randomize(copy.deepcopy(out)).eval()
+    out.load_state_dict(twin.state_dict())
+    # the same model now optimizes as any other
+    out, record = optimize(out.eval())
+    assert record.fused == [("1", "relu", "sequential")], str(record)
+    torch.testing.assert_close(out(x), twin(x))

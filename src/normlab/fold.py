@@ -143,6 +143,10 @@ def _reason_not_foldable(conv_name: str, conv: nn.Module, norm: nn.Module,
         getattr(norm, "running_var", None), torch.Tensor
     ):
         return "no running statistics (track_running_stats=False normalizes with batch statistics)"
+    for what, module in (("it", norm), (repr(conv_name), conv)):
+        if nn.modules.lazy.LazyModuleMixin.has_uninitialized_params(module):
+            return (f"{what} is a lazy module not initialized yet (its size is unknown); run one "
+                    "forward pass first")
     if norm.running_mean.numel() != _out_features(conv):
         return (f"{norm.running_mean.numel()} features, but {conv_name!r} has "
                 f"{_out_features(conv)} outputs")
