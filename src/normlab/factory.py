@@ -158,7 +158,7 @@ NORMS: dict[str, NormEntry] = {
     "brn": NormEntry(
         ("batchrenorm", "batch_renorm"),
         {1: nlnn.BatchRenorm1d, 2: nlnn.BatchRenorm2d}, builder_kwargs=("dims",),
-        carries=("eps", "affine", "dims")),  # Batch Renorm keeps its own (slower) momentum
+        carries=("eps", "affine", "bias", "dims")),  # Batch Renorm keeps its own (slower) momentum
     "gn": NormEntry(
         ("groupnorm", "group_norm"), {None: nlnn.GroupNorm}, _build_gn,
         builder_kwargs=("num_groups", "group_size"), fixed=("num_channels",),

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import normlab
 import normlab.nn as nlnn
 from formula import off_centre, rel_err
 
@@ -61,6 +62,34 @@ def test_warmup_equals_batchnorm_and_eval_equals_bn_eval():
     brn.eval(), bn.eval()
     x = off_centre(2, 5, 3, 3)
     torch.testing.assert_close(brn(x), bn(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls,shape", [(nlnn.BatchRenorm2d, (6, 4, 3, 3)),
+                                       (nlnn.BatchRenorm1d, (8, 4))])  # both dims
+def test_bias_false_as_batchnorm_and_converted_from_one(cls, shape):
+    # BatchNorm's keyword bias=False (a weight without a shift): BatchRenorm had no such
+    # argument, so convert_norm(model, "brn") gave a bias-free BN a trainable bias, and a
+    # BN(bias=False) state_dict did not load strictly
+    brn = cls(4, r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=0, d_max_steps=0,
+              momentum=0.1, bias=False)
+    assert brn.bias is None and "bias=False" in repr(brn)
+    with torch.no_grad():
+        brn.weight.copy_(torch.rand(4) + 0.5)
+        brn.running_mean.copy_(torch.randn(4))  # far from the batch: the clips engage
+        brn.running_var.copy_(torch.rand(4) * 3 + 0.1)
+    rm0, rv0 = brn.running_mean.clone(), brn.running_var.clone()
+    x = off_centre(*shape)
+    expected = brn64(x.double(), rm0, rv0, brn.weight.detach(), torch.zeros(4), brn.eps, 1.5, 0.5)
+    assert rel_err(brn(x), expected) < 1e-6
+    brn.reset_parameters()  # torch < 2.11's reset_parameters assumed a bias with affine
+    bn = (nn.BatchNorm2d if cls is nlnn.BatchRenorm2d else nn.BatchNorm1d)(4)
+    bn.register_parameter("bias", None)  # BatchNorm(4, bias=False) on every torch
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(4) + 0.5)
+    brn.load_state_dict(bn.state_dict(), strict=True)
+    torch.testing.assert_close(brn.eval()(x), bn.eval()(x), rtol=1e-6, atol=1e-6)
+    converted = normlab.convert_norm(nn.Sequential(bn), "brn")[0]
+    assert converted.bias is None and converted.state_dict().keys() == bn.state_dict().keys()
 
 
 def test_schedule():

@@ -29,7 +29,8 @@ from torch import Tensor, fx, nn
 from normlab import functional as NLF
 from normlab.backends.reference import compute_dtype
 from normlab.nn._common import (
-    channel_view, check_bn_input, count_batch, fx_leaf, not_scriptable, running_average_factor)
+    channel_view, check_bn_input, count_batch, drop_bias, fx_leaf, not_scriptable, reset_affine,
+    running_average_factor)
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
 
@@ -50,6 +51,8 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         d_max_steps: int = 25000,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
         NLF.check_eps(eps)
         if not r_max >= 1.0:
@@ -61,8 +64,13 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
+        drop_bias(self, affine, bias)  # BatchNorm's keyword: a BN(bias=False) converts exactly
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_steps, self.r_max_steps, self.d_max_steps = warmup_steps, r_max_steps, d_max_steps
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        reset_affine(self)
 
     def limits(self) -> Tuple[Tensor, Tensor]:
         """(r_max, d_max) at the current step (``num_batches_tracked``), as 0-d tensors: 1 and 0
@@ -105,7 +113,9 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
             d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
         scale, shift = r, d
         if self.weight is not None:
-            scale, shift = scale * self.weight, shift * self.weight + self.bias
+            scale, shift = scale * self.weight, shift * self.weight
+            if self.bias is not None:
+                shift = shift + self.bias
         y = x_hat * channel_view(scale.to(x_hat.dtype), input.dim())
         return y + channel_view(shift.to(x_hat.dtype), input.dim())
 
@@ -130,8 +140,9 @@ class BatchRenorm2d(_BatchRenorm):
 
     Args: ``num_features``, ``eps=1e-5``, ``momentum=0.01`` (the paper's rate), ``affine=True``,
     ``r_max=3``, ``d_max=5`` (final limits), ``warmup_steps=5000``, ``r_max_steps=40000``,
-    ``d_max_steps=25000``. For fixed limits from the first step (the GN paper's comparison uses
-    r_max = 1.5, d_max = 0.5) pass ``warmup_steps=0, r_max_steps=0, d_max_steps=0``.
+    ``d_max_steps=25000``, keyword ``bias=True`` (False: no shift, as BatchNorm's). For fixed
+    limits from the first step (the GN paper's comparison uses r_max = 1.5, d_max = 0.5) pass
+    ``warmup_steps=0, r_max_steps=0, d_max_steps=0``.
 
     Example::
 
