@@ -359,8 +359,8 @@ def test_optimize_keeps_split_batchnorms_and_their_outputs():
 
 
 def test_readme_advice_on_timms_freeze_sync_and_reparameterize():
-    # README (Drop-in): timm's freeze_batch_norm_2d and convert_sync_batchnorm drop a normlab
-    # BatchNorm's fused activation, normlab's conversions keep it; timm's reparameterize_model
+    # README (Drop-in): timm's freeze_batch_norm_2d and convert_sync_batchnorm (and torch's
+    # nn.SyncBatchNorm.convert_sync_batchnorm) drop a normlab BatchNorm's fused activation, normlab's conversions keep it; timm's reparameterize_model
     # takes normlab's BatchNorm2d and asserts torch.nn.BatchNorm2d (so: reparameterize first)
     from formula import off_centre
     from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
@@ -377,7 +377,10 @@ def test_readme_advice_on_timms_freeze_sync_and_reparameterize():
         no_act = nn.functional.batch_norm(model[0](x), bn.running_mean, bn.running_var, bn.weight,
                                           bn.bias, False, 0.0, bn.eps)
         torch.testing.assert_close(want, nn.functional.silu(no_act))
-        for timms in (freeze_batch_norm_2d, convert_sync_batchnorm):  # the activation is gone
+        # the activation is gone; torch's own classmethod too (its SyncBatchNorm runs on the
+        # CPU in eval)
+        for timms in (freeze_batch_norm_2d, convert_sync_batchnorm,
+                      nn.SyncBatchNorm.convert_sync_batchnorm):
             converted = timms(copy.deepcopy(model)).eval()
             assert not hasattr(converted[1], "activation")
             torch.testing.assert_close(converted(x), no_act)
