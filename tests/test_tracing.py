@@ -143,16 +143,25 @@ def test_modules_under_torch_jit_trace(make, train):
      # slices' statistics copied into the buffers after the call: was a torch.no_grad() block
      lambda: nlnn.GhostBatchNorm2d(8, virtual_batch=2),
      # running variance updated through update_running_stats (was decorated torch.no_grad())
-     lambda: nlnn.EvoNorm2dB0(8)],
+     lambda: nlnn.EvoNorm2dB0(8),
+     # running statistics from native's _update_from_pass, still decorated torch.no_grad():
+     # the default (non-strict) export drops that block, strict=True keeps it (below)
+     lambda: nlnn.InstanceNorm2d(8, track_running_stats=True)],
 )
-def test_training_export_saves_loads_and_runs(make, tmp_path):
+@pytest.mark.parametrize("strict", [False, True])
+def test_training_export_saves_loads_and_runs(make, strict, tmp_path, request):
+    if strict and "InstanceNorm" in type(make()).__name__:
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="backends/native.py's _update_from_pass is decorated "
+            "torch.no_grad(); the export fix is to drop that decorator (it detaches its input "
+            "and update_running_stats guards buffers that require grad itself)"))
     # a no_grad block that only mutates buffers was exported as a wrap_with_set_grad_enabled
     # node without outputs, which torch.export.load refused ("Node.meta
     # wrap_with_set_grad_enabled is missing val field"): the program saved but did not load
     torch.manual_seed(0)
     m = make().train()
     x = off_centre(4, 8, 5, 5)
-    program = torch.export.export(m, (x,))
+    program = torch.export.export(m, (x,), strict=strict)
     torch.export.save(program, tmp_path / "m.pt2")
     loaded = torch.export.load(tmp_path / "m.pt2").module()
     twin = make().train()
