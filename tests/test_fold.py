@@ -405,3 +405,19 @@ def test_an_uninitialized_lazy_pair_is_left_with_the_reason():
     x = off_centre(2, 3, 6, 6)
     model(x)  # materialized: Conv2d + BatchNorm2d, which then fold
     _check_folds(model, x, expect_folded=1)
+
+
+def test_a_model_on_the_meta_device_folds_its_structure():
+    # the trace's save-and-restore of buffers compared meta tensors (torch.equal has no meta
+    # kernel): NotImplementedError. On meta the fold gives the folded structure (a conv with a
+    # bias, the norm an Identity), into which a folded model's state_dict loads
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
+    with torch.device("meta"):
+        model = build().eval()
+    model, record = fold_batchnorm(model)
+    assert len(record.folded) == 1, str(record)
+    folded, _ = fold_batchnorm(_randomize_norms(build()).eval())
+    model.to_empty(device="cpu").load_state_dict(folded.state_dict(), strict=True)
+    x = off_centre(2, 3, 6, 6)
+    torch.testing.assert_close(model(x), folded(x))

@@ -385,3 +385,21 @@ def test_a_model_with_uninitialized_lazy_modules():
     out, record = optimize(out.eval())
     assert record.fused == [("1", "relu", "sequential")], str(record)
     torch.testing.assert_close(out(x), twin(x))
+
+
+def test_a_model_built_on_the_meta_device():
+    # built on the meta device to load its weights later (a large model's usual start): the
+    # trace's check for buffers it changed ran torch.equal on meta tensors (NotImplementedError
+    # "aten::equal ... Meta tensors"); replacing norms and fusing activations needs no values
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 1), nn.GroupNorm(2, 8), nn.SiLU())
+    with torch.device("meta"):
+        model = build()
+    ours, record = optimize(model)
+    assert len(record.replaced) == 2 and len(record.fused) == 2, str(record)
+    ours.to_empty(device="cpu")
+    reference = _randomize(build()).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 6, 6) + 3.0
+    torch.testing.assert_close(ours.eval()(x), reference(x))

@@ -81,9 +81,11 @@ def trace(model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> Tuple[Optio
         name, kinds = hooked[0]
         return None, (f"module {name!r} has {', '.join(kinds)}, which a torch.fx trace would run "
                       "on proxies (what they read is not in the graph)")
-    # (an uninitialized lazy buffer, torch's LazyBatchNorm before its first forward, holds no
-    # value to restore, and cloning it raises)
-    saved = [(b, b.clone()) for b in model.buffers() if not nn.parameter.is_lazy(b)]
+    # (an uninitialized lazy buffer, torch's LazyBatchNorm before its first forward, and a
+    # buffer on the meta device, a model built there to load its weights later, hold no value
+    # to restore; cloning the one and comparing the other raise)
+    saved = [(b, b.clone()) for b in model.buffers()
+             if not (nn.parameter.is_lazy(b) or b.is_meta)]
     try:
         return fx.GraphModule(model, tracer.trace(model)), ""
     except Exception as e:  # anything fx cannot trace: the caller falls back
