@@ -360,8 +360,9 @@ def test_optimize_keeps_split_batchnorms_and_their_outputs():
 
 def test_readme_advice_on_timms_freeze_sync_and_reparameterize():
     # README (Drop-in): timm's freeze_batch_norm_2d and convert_sync_batchnorm (and torch's
-    # nn.SyncBatchNorm.convert_sync_batchnorm) drop a normlab BatchNorm's fused activation, normlab's conversions keep it; timm's reparameterize_model
-    # takes normlab's BatchNorm2d and asserts torch.nn.BatchNorm2d (so: reparameterize first)
+    # nn.SyncBatchNorm.convert_sync_batchnorm) drop a normlab BatchNorm's fused activation,
+    # normlab's conversions keep it; timm's reparameterize_model takes normlab's BatchNorm2d
+    # and asserts torch.nn.BatchNorm2d (so: reparameterize first)
     from formula import off_centre
     from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
     from timm.models.byobnet import RepVggBlock
