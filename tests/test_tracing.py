@@ -139,22 +139,19 @@ def test_modules_under_torch_jit_trace(make, train):
     torch.testing.assert_close(traced(x), m(x))
 
 
+@pytest.mark.parametrize(
+    "make",
     [lambda: nlnn.BatchNorm2d(8),  # ATen's own running-statistics update (the baseline)
      # slices' statistics copied into the buffers after the call: was a torch.no_grad() block
      lambda: nlnn.GhostBatchNorm2d(8, virtual_batch=2),
      # running variance updated through update_running_stats (was decorated torch.no_grad())
      lambda: nlnn.EvoNorm2dB0(8),
-     # running statistics from native's _update_from_pass, still decorated torch.no_grad():
-     # the default (non-strict) export drops that block, strict=True keeps it (below)
+     # running statistics from native's _update_from_pass (was decorated torch.no_grad():
+     # the default, non-strict export dropped that block, strict=True kept it)
      lambda: nlnn.InstanceNorm2d(8, track_running_stats=True)],
 )
 @pytest.mark.parametrize("strict", [False, True])
-def test_training_export_saves_loads_and_runs(make, strict, tmp_path, request):
-    if strict and "InstanceNorm" in type(make()).__name__:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="backends/native.py's _update_from_pass is decorated "
-            "torch.no_grad(); the export fix is to drop that decorator (it detaches its input "
-            "and update_running_stats guards buffers that require grad itself)"))
+def test_training_export_saves_loads_and_runs(make, strict, tmp_path):
     # a no_grad block that only mutates buffers was exported as a wrap_with_set_grad_enabled
     # node without outputs, which torch.export.load refused ("Node.meta
     # wrap_with_set_grad_enabled is missing val field"): the program saved but did not load
@@ -168,3 +165,19 @@ def test_training_export_saves_loads_and_runs(make, strict, tmp_path, request):
     twin.load_state_dict(m.state_dict())
     torch.testing.assert_close(loaded(x), twin(x))
     torch.testing.assert_close(loaded.state_dict()["running_var"], twin.running_var)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_ghost_batchnorm_training_export_with_a_dynamic_batch(interleaved):
+    # K slices of 2 with K dynamic: the operator's G = K * C is symbolic (check_groups took
+    # only ints: "num_groups must be an int, got 16*((s31//2))")
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    m = nlnn.GhostBatchNorm2d(8, virtual_batch=2, interleaved=interleaved).train()
+    twin = nlnn.GhostBatchNorm2d(8, virtual_batch=2, interleaved=interleaved).train()
+    twin.load_state_dict(m.state_dict())
+    program = torch.export.export(m, (off_centre(4, 8, 5, 5),),
+                                  dynamic_shapes=({0: 2 * Dim("k", min=2)},))
+    x = off_centre(8, 8, 5, 5)  # four slices where the export saw two
+    torch.testing.assert_close(program.module()(x), twin(x))

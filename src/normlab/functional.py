@@ -115,6 +115,8 @@ def check_groups(num_groups, num_channels: int, torch_text: str = "") -> int:
                 and not num_groups.is_floating_point() and num_groups.dtype != torch.bool):
             # torch.jit.trace hands sizes (BN's and IN's G = x.shape[1]) over as 0-d tensors
             num_groups = int(num_groups)
+        elif isinstance(num_groups, torch.SymInt):
+            pass  # a symbolic size (torch.export / compile with a dynamic dim): int() would fix it
         elif isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
             raise TypeError(f"num_groups must be an int, got {num_groups!r}")
         else:

@@ -246,7 +246,6 @@ def _cast(p: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return p if p is None or p.dtype == dtype else p.to(dtype)
 
 
-@torch.no_grad()
 def _update_from_pass(
     xg: Tensor,  # x viewed with the statistics' sets along `dims`
     dims: Tuple[int, ...],
@@ -254,7 +253,9 @@ def _update_from_pass(
     running_var: Optional[Tensor],
     momentum: float,
 ) -> None:
-    """Running statistics from a var_mean pass over x (ATen's kernels did not update them)."""
+    """Running statistics from a var_mean pass over x (ATen's kernels did not update them);
+    outside autograd through the detached x (no ``torch.no_grad()`` block: see
+    ``update_running_stats``)."""
     xg = xg.detach().to(compute_dtype(xg.dtype))
     # the mean as a plain sum (var_mean's gives NaN where a set holds an inf; torch's running
     # mean is inf there), the variance two-pass
