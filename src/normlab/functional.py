@@ -763,4 +763,5 @@ def rms_norm(
         return input.clone() if weight is None else input * weight
     w = None if weight is None else weight.reshape(numel)
     y = _dispatch(input.reshape(-1, numel), 1, False, w, None, eps, None, backend, center=False)
-    return y.reshape(input.shape)
+    # channels_last(_3d) input gives channels_last output, as torch's rms_norm
+    return y.reshape(input.shape).contiguous(memory_format=output_memory_format(input))

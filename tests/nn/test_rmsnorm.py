@@ -7,7 +7,7 @@ from torch import nn
 
 import normlab
 import normlab.nn as nlnn
-from formula import assert_same_param_grads, compare_step, rel_err, rms_norm64
+from formula import assert_same_param_grads, compare_step, off_centre, rel_err, rms_norm64
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
@@ -83,3 +83,23 @@ def test_fx_trace_and_compile():
     gm = torch.fx.symbolic_trace(model)
     x = torch.randn(3, 8)
     torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "make_x",
+    [lambda: off_centre(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),  # was NCHW out
+     lambda: off_centre(2, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d),
+     lambda: off_centre(2, 5, 4).transpose(1, 2),   # a strided 3-D input: contiguous out
+     lambda: off_centre(2, 3, 4, 10)[..., ::2]],    # not dense: contiguous out
+)
+@pytest.mark.parametrize("trailing", [1, 2])
+def test_output_layout_is_torchs(make_x, trailing):
+    x = make_x()
+    shape = list(x.shape[-trailing:])
+    theirs, ours = nn.RMSNorm(shape), nlnn.RMSNorm(shape)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.rand(shape) + 0.5)
+        ours.weight.copy_(theirs.weight)
+    want, got = theirs(x), ours(x)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
