@@ -122,3 +122,43 @@ def test_choosing_guide_cpu_costs_are_the_committed_measurements():
     assert (f"{_ratio_range(at_most_1, 'native_ratio')[:-1]}x on {len(at_most_1)} of {len(cl)}"
             in guide)
     assert f"{_ratio_range(tiny, 'native_ratio')} on a tiny (2, 32, 4, 4)" in guide
+
+
+def _readme_table_paths():
+    """Each path the README's "What is where" table names in its code and tests columns,
+    resolved: from the repository root, else beside the cell's previous path (``studies.py``,
+    ``plots.py``), else under ``src/normlab/`` (``backends/``). Unresolved ones map to None."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## What is where"):text.index("## Backends")]
+    found = {}
+    for row in table.splitlines()[4:]:
+        for cell in row.split("|")[2:4]:
+            base = None
+            for name in re.findall(r"`([^`]+)`", cell):
+                if "/" not in name and "." not in name:
+                    continue  # a symbol, such as `_onnx_traced`
+                for where in (ROOT, base, ROOT / "src" / "normlab"):
+                    if where is not None and (where / name).exists():
+                        found[name] = (where / name).resolve()
+                        base = found[name].parent
+                        break
+                else:
+                    found[name] = None
+    return found
+
+
+def test_readme_table_paths_exist_and_cover_the_package_and_tests():
+    """Every file or folder the README's table names exists, and every module of
+    src/normlab/ and every test file is named by it (itself or a folder above it)."""
+    found = _readme_table_paths()
+    assert not [n for n, p in found.items() if p is None], "README table names missing paths"
+    named = {p for p in found.values()}
+
+    def covered(path):
+        return any(p == path or p in path.parents for p in named)
+
+    modules = [p for p in (ROOT / "src" / "normlab").rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")]
+    tests = list((ROOT / "tests").rglob("test_*.py"))
+    missing = [str(p.relative_to(ROOT)) for p in modules + tests if not covered(p.resolve())]
+    assert not missing, f"the README's 'What is where' table does not name {missing}"
