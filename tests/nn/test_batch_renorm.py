@@ -208,3 +208,17 @@ def test_running_var_of_a_small_variance_channel_is_the_batch_variance(backend):
     x64 = x.double()
     assert rel_err(brn.running_var, x64.var((0, 2, 3))) < 1e-6
     assert rel_err(brn.running_mean, x64.mean((0, 2, 3))) < 1e-6
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_without_running_statistics_the_error_says_why(train):
+    # torch.func.replace_all_batch_norm_modules_ (functorch's vmap recipe) sets every
+    # BatchNorm's buffers to None; Batch Renorm cannot run without them (was
+    # "'NoneType' object has no attribute 'clone'" in training, a normalize_fixed error in eval)
+    from torch.func import replace_all_batch_norm_modules_
+
+    model = nn.Sequential(nlnn.BatchRenorm2d(4)).train(train)
+    replace_all_batch_norm_modules_(model)
+    with pytest.raises(RuntimeError, match=r"BatchRenorm2d needs its running statistics.*"
+                       r"running_mean and running_var are None"):
+        model(off_centre(2, 4, 3, 3))

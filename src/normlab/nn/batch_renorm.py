@@ -92,6 +92,14 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
         check_bn_input(self, input)
+        if self.running_mean is None or self.running_var is None:
+            missing = [n for n in ("running_mean", "running_var") if getattr(self, n) is None]
+            raise RuntimeError(
+                f"{type(self).__name__} needs its running statistics (r and d, and eval, use "
+                f"them), but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} None "
+                "(as torch.func.replace_all_batch_norm_modules_ leaves a BatchNorm); use "
+                "BatchNorm or GroupNorm where no running statistics may be kept"
+            )
         if not self.training:
             return NLF.normalize_fixed(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
