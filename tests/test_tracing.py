@@ -181,3 +181,29 @@ def test_ghost_batchnorm_training_export_with_a_dynamic_batch(interleaved):
                                   dynamic_shapes=({0: 2 * Dim("k", min=2)},))
     x = off_centre(8, 8, 5, 5)  # four slices where the export saw two
     torch.testing.assert_close(program.module()(x), twin(x))
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_exported_batchnorm_is_the_op_torchs_batchnorm_gives(train, fused):
+    # tools that find BatchNorm in an exported program by its op (PT2E QAT's conv-BN fusion and
+    # its quantizers' conv-bn-relu patterns) look for aten.batch_norm, what torch's BatchNorm
+    # gives; training normlab BN gave aten.native_batch_norm (checked with torchao 0.18's
+    # prepare_qat_pt2e: torch's BN fused into the conv, normlab's not, before this)
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).train(train)
+    ours = nn.Sequential(nn.Conv2d(3, 8, 3), nlnn.BatchNorm2d(8, activation="relu")
+                         if fused else nlnn.BatchNorm2d(8), *([] if fused else [nn.ReLU()]))
+    ours.train(train).load_state_dict(theirs.state_dict())
+    x = off_centre(4, 3, 8, 8)
+
+    def ops(model):
+        program = torch.export.export(model, (x,))
+        return [str(n.target) for n in program.graph.nodes if n.op == "call_function"], program
+
+    want, _ = ops(theirs)
+    got, program = ops(ours)
+    assert got == want
+    twin = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).train(train)
+    twin.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(program.module()(x), twin(x))

@@ -366,6 +366,11 @@ def _dispatch(
         return _onnx_traced(x, num_groups, over_batch, weight, bias, eps, activation, running_mean,
                             running_var, momentum, return_stats, center)
     impl = resolve_backend(backend, x, num_groups, over_batch, activation, center)
+    if (over_batch and not return_stats and impl.name == "native"
+            and _torch_batch_norm_exported(x, num_groups, weight, bias, running_mean, running_var)):
+        y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps,
+                             False)
+        return apply_activation(y, activation)
     if (return_stats and center and x.dtype in _HALF and impl.name == "native"
             and (weight is None or weight.dtype != torch.float32)):
         # ATen's kernels compute half-input statistics in float32 but hand them back in the
@@ -398,6 +403,18 @@ def _legacy_onnx_export() -> bool:
     The ATen kernels the native backend calls have no ONNX form there (``native_group_norm``,
     ``_fused_rms_norm``) or need a constant width (``native_layer_norm``), and Triton's have none."""
     return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
+
+
+def _torch_batch_norm_exported(x, num_groups, weight, bias, running_mean, running_var) -> bool:
+    """Whether torch.export is tracing a training BatchNorm call that ``torch.batch_norm``
+    computes as native would (G = C, one dtype, both running buffers or none). The program then
+    holds ``aten.batch_norm``, the op torch's BatchNorm gives, where tools look for it (PT2E
+    QAT's conv-BN fusion and its quantizers' conv-bn-relu patterns; native's
+    ``native_batch_norm``, which also returns the statistics, was not matched)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # (torch >= 2.5)
+    return (is_exporting is not None and is_exporting() and num_groups == x.shape[1]
+            and (running_mean is None) == (running_var is None)
+            and _same_dtype(x, weight, bias, running_mean, running_var))
 
 
 def _same_dtype(x: Tensor, *params: Optional[Tensor]) -> bool:
