@@ -77,6 +77,39 @@ def test_quick_synthetic_in_process(tmp_path):
     assert f"report: {out / 'report.md'} and {out / 'report.html'}\n" in r.output, r.output
 
 
+def _stored_study(out, study, user, preset="quick"):
+    """Register ``study``'s points (``user`` choices) in OUT's store as finished runs, untrained."""
+    from normlab.lab.store import Store
+    from normlab.lab.studies import get_study
+    points = get_study(study).points(user, preset)
+    with Store(out) as s:
+        s.register(study, preset, [(p.cfg.run_id(), p.label, p.x) for p in points],
+                   setup=points[0].setup)
+        for p in points:
+            s.claim(p.cfg.run_id(), p.cfg.to_dict())
+            s.record_epochs(p.cfg.run_id(), [{"epoch": 0, "test_error": 5.0}], {})
+            s.finish(p.cfg.run_id())
+    return points
+
+
+def test_ls_names_each_runs_point_as_the_report_does(tmp_path):
+    # with 8 emulated devices BN "at 2 images per process" is a ghostbn run of batch 16 and GN's
+    # is a plain gn run of batch 16: `ls` showed only that, so its rows could not be matched
+    # with the report's points; and after a re-run on another setup the earlier runs had an
+    # empty studies cell (they are in the store, not in the report)
+    first = _stored_study(tmp_path, "batch-size", {"epochs": 1})
+    r = runner.invoke(app, ["ls", str(tmp_path)], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    for p in first:
+        row = next(line for line in r.output.splitlines() if p.cfg.run_id() in line)
+        assert f"batch-size@{p.x} " in row and "earlier" not in row, row
+    _stored_study(tmp_path, "batch-size", {"epochs": 2})  # another setup: a new table
+    r = runner.invoke(app, ["ls", str(tmp_path)], terminal_width=300)
+    for p in first:
+        row = next(line for line in r.output.splitlines() if p.cfg.run_id() in line)
+        assert f"batch-size@{p.x} (earlier setup, not in the report)" in row, row
+
+
 def test_quick_digits_two_processes(tmp_path):
     out = tmp_path / "out"
     p = _cli("reproduce", "norms", "--quick", "--jobs", "2", "--set",

@@ -19,7 +19,7 @@ from normlab.models import list_models
 
 __all__ = ["report", "ls_"]
 
-_COLUMNS = ("run_id", "studies", "label", "model", "norm", "batch/proc", "seed", "status",
+_COLUMNS = ("run_id", "study@x", "label", "model", "norm", "batch/proc", "seed", "status",
             "epochs", "test err %", "time s", "img/s")
 
 
@@ -63,15 +63,20 @@ def _print_runs(out: Path) -> None:
         table = Table(title=literal(store.path))
         for col in _COLUMNS:
             table.add_column(col)
+        for s, _ in store.studies():  # read (and check) what the report reads of each study
+            store.study_runs(s)
         member: dict = {}
-        for s, _ in store.studies():
-            for r in store.study_runs(s):
-                member.setdefault(r["run_id"], (set(), r["label"]))[0].add(s)
+        for m in store.memberships():
+            points, _ = member.setdefault(m["run_id"], ({}, m["label"]))
+            key = f"{m['study']}@{_fmt_x(m['x'])}"  # the run's point, as the report names it
+            points[key] = points.get(key, False) or m["current"]
         for r in store.runs():
             c = r["config"]
-            st, label = member.get(r["run_id"], (set(), c.get("label", "")))
+            points, label = member.get(r["run_id"], ({}, c.get("label", "")))
+            st = [k if current else f"{k} (earlier setup, not in the report)"
+                  for k, current in points.items()]
             err = r["final_test_error"]
-            cells = (r["run_id"], ",".join(sorted(st)), label, c.get("model", "?"),
+            cells = (r["run_id"], ", ".join(st), label, c.get("model", "?"),
                      c.get("norm", "?"), _batch_cell(c), c.get("seed", "?"), r["status"],
                      f"{r['epochs_done']}/{r['epochs']}",
                      "-" if err is None else f"{err:.2f}",
@@ -81,6 +86,10 @@ def _print_runs(out: Path) -> None:
             table.add_row(*(literal(v) for v in cells))
     # off a terminal rich assumes 80 columns; keep the table whole for logs and pipes
     (console if console.is_terminal else Console(width=200)).print(table)
+
+
+def _fmt_x(x) -> str:
+    return f"{x:g}" if isinstance(x, (int, float)) else str(x)
 
 
 def _batch_cell(c: dict) -> str:
