@@ -336,6 +336,24 @@ def test_train_nf_model_records_norm_none(tmp_path):
     assert json.loads(rows[0][1])["norm"] == "none"
 
 
+def test_spp_report_states_the_input_each_model_was_measured_on(tmp_path):
+    # the curves and verdicts depend on the input (nf_resnet20's analytic-variance verdict is
+    # reproduced at the default 64 x 32x32 and not at 8 x 8x8): models measured into one --out
+    # by separate calls on other inputs were drawn and judged side by side, the input unsaid
+    args = ["--out", str(tmp_path)]
+    r = runner.invoke(app, ["spp", "resnet20", "--batch", "4", "--resolution", "8", *args])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "report.md").read_text()
+    assert "input (unit-Gaussian): batch 4 at 8x8, seed 0." in md, md
+    r = runner.invoke(app, ["spp", "nf_resnet20", "--batch", "2", "--resolution", "16",
+                            "--seed", "3", *args])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "report.md").read_text()
+    assert "measured on different inputs" in md, md
+    assert "resnet20 (Conv-BN-ReLU; batch 4 at 8x8, seed 0)" in md, md
+    assert "nf\\_resnet20 (NF + Scaled WS; batch 2 at 16x16, seed 3)" in md, md
+
+
 def test_spp_goes_to_the_store_and_the_report(tmp_path):
     r = runner.invoke(app, ["spp", "resnet20", "nf_resnet20", "--batch", "4", "--resolution", "8",
                             "--out", str(tmp_path)])

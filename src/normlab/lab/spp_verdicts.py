@@ -163,6 +163,30 @@ def _architecture(recs: Records) -> Optional[str]:
     return next((r.get("architecture") for r in recs if r.get("architecture")), None)
 
 
+def _models_text(records: dict[str, Records], kinds: dict[str, Optional[str]]) -> str:
+    """The models with their kinds and the input they were measured on: once when every model
+    had the same input, else per model (separate ``normlab spp`` calls into one --out)."""
+    inputs = {m: next((r.get("measured_on") for r in recs if r.get("measured_on")), None)
+              for m, recs in records.items()}
+    same = len(set(inputs.values())) == 1 and None not in inputs.values()
+
+    def one(m: str) -> str:
+        kind = md_cell(kinds[m] or "kind not recorded")
+        return f"{md_cell(m)} ({kind})" if same else (
+            f"{md_cell(m)} ({kind}; {md_cell(inputs[m] or 'input not recorded')})")
+
+    if not any(inputs.values()):  # a store from before the input was recorded
+        return ("Models: " + ", ".join(f"{md_cell(m)} ({md_cell(kinds[m] or 'kind not recorded')})"
+                                       for m in records) + "; the input was not recorded.")
+    models = ", ".join(one(m) for m in records)
+    if same:
+        return (f"Models: {models}; input (unit-Gaussian): "
+                f"{md_cell(next(iter(inputs.values())))}.")
+    return (f"Models, measured on different inputs (the curves and verdicts depend on the "
+            f"batch and resolution: re-run `normlab spp` with one --batch, --resolution and "
+            f"--seed to compare them): {models}.")
+
+
 def spp_section(records: dict[str, Records], fig_dir: Path) -> list[str]:
     """The report's section for the stored signal-propagation ``records`` (by model); draws
     ``fig_dir/spp.png``."""
@@ -172,9 +196,8 @@ def spp_section(records: dict[str, Records], fig_dir: Path) -> list[str]:
     lines = ["## Signal propagation at initialization", "",
              "Brock, De & Smith, ICLR 2021: average channel squared "
              "mean, average channel variance and residual-branch variance at the stem and every "
-             "residual block, unit-Gaussian input (`normlab spp`). Models: "
-             + ", ".join(f"{md_cell(m)} ({md_cell(kinds[m] or 'kind not recorded')})"
-                         for m in records) + ".",
+             "residual block, unit-Gaussian input (`normlab spp`). "
+             + _models_text(records, kinds),
              "", "The fourth panel, for the models that have one, draws the analytic variance "
              "1 + k*alpha^2 (k blocks since the last transition; dashed) beside the measured one.",
              "",

@@ -13,7 +13,8 @@ Layout of ``OUT/results.sqlite`` (WAL journal, every write one ``BEGIN IMMEDIATE
     setups(study, preset, setup PK, info JSON, registered)  -- how a study's setup was run: the
          protocol (:meth:`normlab.lab.studies.Study.protocol`), the power rounds' outcome
     spp(model, depth PK, name, avg_sq_mean, avg_var, residual_var, expected_var (the analytic
-        variance where the model has one), architecture (e.g. BN-ReLU-Conv))  -- signal propagation
+        variance where the model has one), architecture (e.g. BN-ReLU-Conv), measured_on (the
+        input: batch, resolution, seed))  -- signal propagation
 
 Why this survives SIGKILL at any moment: SQLite commits are atomic (WAL), a run's per-epoch rows
 are written in one transaction after its checkpoint file was atomically renamed into place (see
@@ -296,17 +297,20 @@ class Store:
 
     @_names_damage
     def record_spp(self, model: str, records: list[dict[str, Any]],
-                   architecture: Optional[str] = None) -> None:
+                   architecture: Optional[str] = None,
+                   measured_on: Optional[str] = None) -> None:
         """Replace model's signal-propagation records (dicts: depth, name, avg_sq_mean, avg_var,
         residual_var, optional expected_var) in one transaction; ``architecture`` names the
-        model's kind (:func:`normlab.spp.describe`)."""
+        model's kind (:func:`normlab.spp.describe`), ``measured_on`` the input (e.g. ``batch 64
+        at 32x32, seed 0``)."""
         with self.transaction() as c:
             c.execute("DELETE FROM spp WHERE model=?", (model,))
             c.executemany("INSERT INTO spp (model, depth, name, avg_sq_mean, avg_var, "
-                          "residual_var, expected_var, architecture) VALUES (?, ?, ?, ?, ?, ?, ?, "
-                          "?)", [(model, r["depth"], r["name"], r["avg_sq_mean"], r["avg_var"],
-                                  r["residual_var"], r.get("expected_var"), architecture)
-                                 for r in records])
+                          "residual_var, expected_var, architecture, measured_on) VALUES (?, ?, "
+                          "?, ?, ?, ?, ?, ?, ?)",
+                          [(model, r["depth"], r["name"], r["avg_sq_mean"], r["avg_var"],
+                            r["residual_var"], r.get("expected_var"), architecture, measured_on)
+                           for r in records])
 
     # ------------------------------------------------------------------ reads
     @_names_damage

@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS setups (
     registered REAL, PRIMARY KEY (study, preset, setup));
 CREATE TABLE IF NOT EXISTS spp (
     model TEXT NOT NULL, depth INTEGER NOT NULL, name TEXT, avg_sq_mean REAL, avg_var REAL,
-    residual_var REAL, expected_var REAL, architecture TEXT, PRIMARY KEY (model, depth));
+    residual_var REAL, expected_var REAL, architecture TEXT, measured_on TEXT,
+    PRIMARY KEY (model, depth));
 """
 
 #: columns added since the first stores were written: (table, column, declaration, the value
@@ -56,7 +57,8 @@ CREATE TABLE IF NOT EXISTS spp (
 _ADDED_COLUMNS = (("study_runs", "setup", "TEXT NOT NULL DEFAULT ''", "''"),
                   ("runs", "owner_start", "INTEGER", "NULL"),
                   ("runs", "peak_memory_mb", "REAL", "NULL"), ("runs", "backend", "TEXT", "NULL"),
-                  ("spp", "expected_var", "REAL", "NULL"), ("spp", "architecture", "TEXT", "NULL"))
+                  ("spp", "expected_var", "REAL", "NULL"), ("spp", "architecture", "TEXT", "NULL"),
+                  ("spp", "measured_on", "TEXT", "NULL"))
 
 
 def _columns(con: sqlite3.Connection, table: str) -> set[str]:

@@ -135,7 +135,8 @@ def spp(
             records[label], kinds[label] = _records(spec, common, norm, batch, resolution, seed)
         with Store(out) as store:
             for label, recs in records.items():
-                store.record_spp(label, recs, architecture=kinds[label])
+                store.record_spp(label, recs, architecture=kinds[label], measured_on=(
+                    f"batch {batch} at {resolution}x{resolution}, seed {seed}"))
         figures = subdir(out, "figures")
         with staged(figures) as stage:  # renamed into figures/: a planted link is replaced
             paths = [figures / p.name for p in spp_mod.plot(records, stage / "spp.png")]
