@@ -56,6 +56,20 @@ def test_best_worst_and_missing_points():
     assert verdict(LESS, {("GN", 2): _s(1.0)})[0] == NOT_RUN
 
 
+def test_a_claim_whose_point_was_run_but_all_flagged_says_so():
+    # "no finished run that counts for G at 32" read as if G at 32 was never run, while its
+    # runs trained and were flagged (the table cell and the note under it say so)
+    gone = {"mean": float("nan"), "sd": None, "n": 0, "values": [],
+            "excluded": [{"run_id": "r", "seed": 0, "error": 88.0,
+                          "flag": "unconverged (final train loss 2.6 not below its start 2.3)"}]}
+    for stats, who in (({("GN", 2): gone, ("BN", 2): _s(5.0)}, "GN at 2"),
+                       ({("GN", 2): _s(5.0), ("BN", 2): gone}, "BN at 2")):
+        v, why = verdict(LESS, stats)
+        assert v == NOT_RUN
+        assert why == f"every run of {who} flagged, left out (1 unconverged)", why
+    assert verdict(LESS, {("GN", 2): _s(1.0)})[1] == "no finished run of BN at 2"
+
+
 def test_report_states_a_failed_claim(tmp_path):
     # a store where BN is flat and GN collapses at batch 2: the paper's claims must fail
     errors = {("BN", 32): 5.0, ("BN", 2): 5.1, ("GN", 32): 5.2, ("GN", 2): 30.0}

@@ -311,14 +311,22 @@ def verdict(claim: Claim, stats: dict[tuple, dict], level: Level = one_look
         f"{k[0]}@{k[1]} ({flags_text(s['excluded'])})" for k, s in gone)
 
 
+def _missing(stats: dict[tuple, dict], p: tuple) -> str:
+    """Why point ``p`` has no mean: never finished, or every run of it flagged."""
+    s = stats.get(tuple(p))
+    if s is not None and s.get("excluded"):
+        return f"every run of {p[0]} at {p[1]} flagged, left out ({flags_text(s['excluded'])})"
+    return f"no finished run of {p[0]} at {p[1]}"
+
+
 def _verdict(claim: Claim, stats: dict[tuple, dict], level: Level) -> tuple[str, str]:
     a = _get(stats, claim.a)
     if a is None:
-        return NOT_RUN, f"no finished run that counts for {claim.a[0]} at {claim.a[1]}"
+        return NOT_RUN, _missing(stats, claim.a)
     if claim.kind in ("less", "match"):
         b = _get(stats, claim.b)
         if b is None:
-            return NOT_RUN, f"no finished run that counts for {claim.b[0]} at {claim.b[1]}"
+            return NOT_RUN, _missing(stats, claim.b)
         d, h = _diff(a, b, level)
         why = (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f} vs {claim.b[0]}@{claim.b[1]} "
                f"{b['mean']:.2f}: difference {d:+.2f} ± {half_width_text(h)}")
