@@ -216,13 +216,23 @@ def _malformed_cifar(tmp_path):
     (["reproduce", "--set", "epoch=1"], "unknown config key 'epoch'; did you mean 'epochs'?"),
     (["reproduce", "--variants", "BN,gn"], "no variant(s) gn; did you mean 'GN'?"),
     (["reproduce", "--data", "cifar10", "--data-dir", "AFILE"], "is not a directory"),
+    # the store file itself named for OUT: "no results store at '.../results.sqlite/results.sqlite'"
+    (["report", "STOREFILE"], "is the store file, not its output directory"),
+    (["ls", "STOREFILE"], "hint: pass its directory"),
+    # a directory for --config: "config file ... does not exist"
+    (["reproduce", "--config", "ADIR"], "is a directory, not a .json or .toml file"),
 ])
 def test_errors_are_one_line_and_a_hint(tmp_path, args, needle):
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "results.sqlite").write_text("")
     args = [str(_malformed_cifar(tmp_path)) if a == "MALFORMED" else
+            str(tmp_path / "s" / "results.sqlite") if a == "STOREFILE" else
+            str(tmp_path / "s") if a == "ADIR" else
             str(tmp_path / "nowhere") if a == "NOWHERE" else
             str(tmp_path / "afile") if a == "AFILE" else a for a in args]
-    r = runner.invoke(app, [*args, "--out", str(tmp_path / "o")] if args[0] != "report" else args)
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "o")]
+                      if args[0] not in ("report", "ls") else args)
     assert r.exit_code == 2, r.output
     assert needle in r.output and r.output.startswith("error:")
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) <= 3

@@ -375,6 +375,9 @@ def parse_set(items: Optional[list[str]]) -> dict[str, Any]:
 def load_config_file(path: Union[str, Path]) -> dict[str, Any]:
     """Read overrides from a JSON (``.json``) or TOML (``.toml``) file: a table of RunConfig keys."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory, not a .json or .toml file",
+                          hint="give a .json or .toml file")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist", hint="give a .json or .toml file")
     try:

@@ -81,6 +81,9 @@ class Store:
         self.dir = Path(out_dir)
         self.path = self.dir / DB_NAME
         self.read_only = read_only
+        if (read_only or not create) and self.dir.name == DB_NAME and self.dir.is_file():
+            raise StoreError(f"{str(self.dir)!r} is the store file, not its output directory",
+                             hint=f"pass its directory: {str(self.dir.parent)!r}")
         if (read_only or not create) and not self.path.is_file():
             raise StoreError(f"no results store at {str(self.path)!r}",
                              hint="run `normlab reproduce --out DIR` first, or check the path")
