@@ -75,6 +75,11 @@ def test_summary_opens_the_report_and_names_winner_gap_confidence_and_paper(tmp_
     assert "**GN** 6.50" in row2 and f"{d:.2f} ± {_t(df) * se:.2f}" in row2
     assert f"{scipy_stats.t.cdf(d / se, df):.1%}, not decisive" in row2
     assert "GN 24.1, BN 34.7: GN lowest by 10.6 (same as here)" in row2
+    # the paper's numbers as the paper gives them (and as the report's paper table shows
+    # them): GN's 24.0 at batch 8 read "GN 24, BN 24.8"
+    from normlab.lab.summary import _paper_cell
+    from normlab.lab.studies import STUDIES
+    assert _paper_cell(STUDIES["batch-size"], 8, ["BN", "GN"], "GN").startswith("GN 24.0, BN 24.8")
 
     # cost in the same runs: mean img/s over seeds (x1.0, 1.1, 1.2), ratio to BN, MiB, backend
     cost = _row(text, "| GN | ")

@@ -63,7 +63,7 @@ def _paper_cell(study: Study, x: Any, labels: list[str], here_best: str) -> str:
     if not nums:
         return "-"
     ranked = sorted(nums.items(), key=lambda kv: kv[1])
-    text = ", ".join(f"{md_cell(lab)} {v:g}" for lab, v in ranked)
+    text = ", ".join(f"{md_cell(lab)} {v:.1f}" for lab, v in ranked)  # the paper's one decimal
     if len(ranked) > 1:
         gap = ranked[1][1] - ranked[0][1]
         same = "same as here" if ranked[0][0] == here_best else f"here: {md_cell(here_best)}"
@@ -227,9 +227,9 @@ def _paper_setting(study: Study, best: tuple, name: Callable[[tuple], str]) -> s
         return "; ".join(f"{name(p)}: {md_cell(str(v))}" for p, v in paper)
     paper.sort(key=lambda kv: kv[1])
     same = "same as here" if paper[0][0] == best else f"here: {name(best)}"
-    text = f"{name(paper[0][0])} {paper[0][1]:g}"
+    text = f"{name(paper[0][0])} {paper[0][1]:.1f}"
     if len(paper) > 1:
-        text += f", next {name(paper[1][0])} {paper[1][1]:g}"
+        text += f", next {name(paper[1][0])} {paper[1][1]:.1f}"
     return f"{text} ({same})"
 
 
