@@ -346,6 +346,24 @@ def test_train_nf_model_records_norm_none(tmp_path):
     assert json.loads(rows[0][1])["norm"] == "none"
 
 
+def test_a_rerun_on_another_setup_says_the_earlier_runs_leave_the_report(tmp_path):
+    # the report's section shows the setup a study was last run with: re-running it with other
+    # --set values replaced the section without a word, and a user's earlier table was gone
+    args = ["reproduce", "--quick", "--variants", "GN", "--data", "synthetic", "--jobs", "1",
+            *TINY, "--set", f"data_kwargs={SMALL}", "--set", "train_limit=32", "--set",
+            "test_limit=16", "--set", "epochs=1", "--out", str(tmp_path), "--no-report"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "earlier setup" not in r.output, r.output
+    r = runner.invoke(app, [*args, "--seeds", "2"])  # the same setup: adds to it
+    assert r.exit_code == 0 and "earlier setup" not in r.output, r.output
+    r = runner.invoke(app, [*args, "--set", "weight_decay=0.001"])  # another setup
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert ("note: batch-size was last run on another setup (data, model, --set values) or "
+            "preset: its 4 runs of the earlier setup stay in the store and runs.csv, not in the "
+            "report's batch-size section") in out, out
+
+
 def test_spp_report_states_the_input_each_model_was_measured_on(tmp_path):
     # the curves and verdicts depend on the input (nf_resnet20's analytic-variance verdict is
     # reproduced at the default 64 x 32x32 and not at 8 x 8x8): models measured into one --out

@@ -47,6 +47,24 @@ def jobs_for(points: list, jobs: Optional[int]) -> int:
     return min(jobs, len({p.cfg.run_id() for p in points}))
 
 
+def left_out_of_report(store: Store, study: str, preset: str, points: list) -> int:
+    """How many runs the report's section of ``study`` shows now that registering ``points``
+    (``preset``, their setup) takes out of it: the study was last run on another setup (data,
+    model, --set values) or preset, and the report shows the latest one only."""
+    now = [m for m in store.memberships() if m["study"] == study and m["current"]]
+    if not now or not points or (now[0]["preset"], now[0]["setup"]) == (preset, points[0].setup):
+        return 0
+    return len({m["run_id"] for m in now} - {p.cfg.run_id() for p in points})
+
+
+def _say_left_out(study: str, n: int) -> None:
+    if n:
+        say(escape(f"note: {study} was last run on another setup (data, model, --set values) "
+                   f"or preset: its {n} runs of the earlier setup stay in the store and "
+                   f"runs.csv, not in the report's {study} section (`normlab ls` marks them; "
+                   "another --out keeps both reports)"))
+
+
 def _recorded(study: str, preset: str, points: list, out: Path, announce: str,
               run: Callable[[list, Optional[Store]], Counts],
               info: Optional[dict] = None) -> Counts:
@@ -56,9 +74,11 @@ def _recorded(study: str, preset: str, points: list, out: Path, announce: str,
     store = Store(out) if nd.is_main_process() else None
     try:
         if store is not None:
+            hidden = left_out_of_report(store, study, preset, points)
             store.register(study, preset, [(p.cfg.run_id(), p.label, p.x) for p in points],
                            setup=points[0].setup, info=info)
             say(announce)
+            _say_left_out(study, hidden)
         return run(points, store)
     finally:
         if store is not None:
@@ -116,10 +136,11 @@ def _with_power(study: Study, preset: str, points: list[Point], out: Path, annou
     the store closed whatever happened. Says what the rounds did."""
     store = Store(out)
     try:
+        hidden = left_out_of_report(store, study.name, preset, points)
         record = run_with_power(
             study, preset, store, lambda at: points if at is None else more_seeds(at),
             lambda ps: run(ps, store), info=info,
-            registered=lambda: say(announce), **power)
+            registered=lambda: (say(announce), _say_left_out(study.name, hidden)), **power)
     finally:
         store.export()
         store.close()

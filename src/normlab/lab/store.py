@@ -351,7 +351,7 @@ class Store:
     @_names_damage
     def memberships(self) -> list[dict[str, Any]]:
         """Every (study, preset, setup) a run was registered in, as dicts with ``study``,
-        ``preset``, ``run_id``, ``label``, ``x`` and ``current``: whether it is in what
+        ``preset``, ``setup``, ``run_id``, ``label``, ``x`` and ``current``: whether it is in what
         :meth:`study_runs` reads for the study (its latest preset and, in it, the setup
         registered last), i.e. in the report's table; a run of an earlier setup or preset is
         kept in the store but not shown there."""
@@ -360,8 +360,9 @@ class Store:
             row = self.con.execute("SELECT setup FROM study_runs WHERE study=? AND preset=? "
                                    "ORDER BY registered DESC LIMIT 1", (study, preset)).fetchone()
             latest[study] = (preset, row[0])
-        return [{"study": m["study"], "preset": m["preset"], "run_id": m["run_id"],
-                 "label": m["label"], "x": member_x(self.path, m["study"], m["run_id"], m["x"]),
+        return [{"study": m["study"], "preset": m["preset"], "setup": m["setup"],
+                 "run_id": m["run_id"], "label": m["label"],
+                 "x": member_x(self.path, m["study"], m["run_id"], m["x"]),
                  "current": latest.get(m["study"]) == (m["preset"], m["setup"])}
                 for m in self.con.execute("SELECT study, preset, run_id, label, x, setup FROM "
                                           "study_runs ORDER BY registered, study, run_id")]
