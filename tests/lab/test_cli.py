@@ -110,6 +110,30 @@ def test_ls_names_each_runs_point_as_the_report_does(tmp_path):
         assert f"batch-size@{p.x} (earlier setup, not in the report)" in row, row
 
 
+def test_a_jobs_worker_reports_a_runs_epochs_before_its_outcome_on_one_queue(tmp_path):
+    # with --jobs the epoch lines came on a progress queue and the run's outcome on another:
+    # read in whichever order the two queues delivered, a run's last epoch line could follow
+    # its "test error ..." line (seen on digits with --jobs 2), and a full progress queue
+    # dropped epoch lines; one worker's queue keeps its order
+    import queue as queue_mod
+    import torch
+    from normlab.lab import runner as runner_mod
+    from normlab.lab.studies import get_study
+    points = get_study("batch-size").points(
+        {"data": "synthetic", "data_kwargs": json.loads(SMALL), "epochs": 2, "threads": 1,
+         "train_limit": 32, "test_limit": 16}, "quick", variants=["GN"], devices=1)[:1]
+    outcomes, events = queue_mod.Queue(), queue_mod.Queue(maxsize=1)  # progress: full at once
+    threads = torch.get_num_threads()
+    try:
+        runner_mod._worker(points, str(tmp_path), 1, os.getppid(), outcomes, events)
+    finally:
+        torch.set_num_threads(threads)
+    got = []
+    while not outcomes.empty():
+        got.append(outcomes.get_nowait()[1])
+    assert got == ["epoch", "epoch", "trained"], got
+
+
 def test_quick_digits_two_processes(tmp_path):
     out = tmp_path / "out"
     p = _cli("reproduce", "norms", "--quick", "--jobs", "2", "--set",

@@ -146,7 +146,9 @@ def _worker(points: list, out: str, threads: int, parent: int, outcomes: Any,
             events: Any) -> None:
     """A training process of ``--jobs``: claims runs from the shared store until none is left,
     putting ``(run_id, outcome, result)`` on the ``outcomes`` queue for each, and its progress
-    (the training loop's events, ``(run_id, event, info)``) on ``events``."""
+    (the training loop's events, ``(run_id, event, info)``) on ``events``, but for the finished
+    epochs: those go on ``outcomes`` as ``(run_id, "epoch", info)``, so that they reach the
+    study process before the run's outcome and are never dropped by a full ``events``."""
     torch.set_num_threads(threads)
     signal.signal(signal.SIGTERM, raise_terminated)  # stopped by the study: release the run
 
@@ -158,6 +160,9 @@ def _worker(points: list, out: str, threads: int, parent: int, outcomes: Any,
                 os._exit(3)
             if event == "note":
                 print_note(p, info["message"])
+            if event == "epoch":  # its line: in order with the run's outcome, never dropped
+                outcomes.put((rid, event, dict(info)))
+                return
             with contextlib.suppress(queue.Full):  # progress is never worth blocking training
                 events.put_nowait((rid, event, dict(info)))
         return cb
@@ -230,6 +235,9 @@ def _follow(points: list, procs: list, outcomes: Any, jobs: int, events: Any) ->
                 if alive:
                     continue
                 break
+            if outcome == "epoch":  # a finished epoch of a run in training (its line)
+                _on_event(prog, bars, ids, rid, outcome, res)
+                continue
             if rid in bars:
                 prog.remove_task(bars.pop(rid))
             if outcome == "skipped":
