@@ -97,6 +97,16 @@ def test_summary_says_what_was_not_recorded(tmp_path):
     assert "| BN | -, - MiB | - |" in text
 
 
+def test_a_probability_from_one_seed_says_its_spread_was_assumed(tmp_path):
+    # `--quick` (one seed per point): "94.2%, not decisive" read as measured, while it comes
+    # from the 2-point spread the verdicts assume for a point with one seed
+    text = _fill(tmp_path, {("BN", 32): [22.0], ("GN", 32): [26.5], ("BN", 2): [5.0, 5.4],
+                            ("GN", 2): [2.5, 2.9]}, {"BN": (1000.0, 1.0), "GN": (900.0, 1.0)})
+    row32, row2 = _row(text, "| 32 | "), _row(text, "| 2 | ")
+    assert "not decisive (gap < t SE; spread assumed: a point has one seed)" in row32, row32
+    assert "spread assumed" not in row2, row2
+
+
 def test_summary_of_a_store_without_a_batch_study(tmp_path):
     Store(tmp_path).close()
     text = write_report(tmp_path)[0].read_text()

@@ -100,7 +100,12 @@ def _gap_cells(s: dict, r: dict, level: Level) -> str:
     d, _, h = interval(s, r, level)
     p = prob_lower(s, r)
     conf = (">99.9%" if p > 0.999 else f"{p:.1%}") + ", " + (
-        "decisive" if d - h > 0 else "not decisive (gap < t SE)")
+        "decisive" if d - h > 0 else "not decisive (gap < t SE")
+    one = min(s["n"], r["n"]) < 2  # no spread measured: the verdicts' assumed one
+    if d - h > 0:
+        conf += " (spread assumed: a point has one seed)" if one else ""
+    else:
+        conf += "; spread assumed: a point has one seed)" if one else ")"
     return f"{d:.2f} ± {half_width_text(h)} | {conf}"
 
 
