@@ -134,8 +134,10 @@ def _power_line(power: Optional[dict]) -> str:
     if not power:
         return ""
     if "stopped" not in power:  # the looks were planned, the rounds never ended
-        return ("Power rounds: did not finish (the study was interrupted; running it again goes "
-                "on from the stored runs)." + _level_text(power.get("looks")))
+        # the store cannot tell a study in progress (a report written meanwhile, `--to`)
+        # from one that was stopped
+        return ("Power rounds: not finished (the study is still running, or was interrupted: "
+                "running it again goes on from the stored runs)." + _level_text(power.get("looks")))
     if power.get("budget_runs") == 0:
         return ("Power rounds: none (a budget of 0 runs, `--quick`'s default; `--budget-runs N` "
                 "adds seeds where claims are open).")
