@@ -77,8 +77,9 @@ def test_quick_synthetic_in_process(tmp_path):
     assert f"report: {out / 'report.md'} and {out / 'report.html'}\n" in r.output, r.output
 
 
-def _stored_study(out, study, user, preset="quick"):
-    """Register ``study``'s points (``user`` choices) in OUT's store as finished runs, untrained."""
+def _stored_study(out, study, user, preset="quick", error=lambda p: 5.0):
+    """Register ``study``'s points (``user`` choices) in OUT's store as finished runs, untrained,
+    each with the test error ``error(point)``."""
     from normlab.lab.store import Store
     from normlab.lab.studies import get_study
     points = get_study(study).points(user, preset)
@@ -87,7 +88,7 @@ def _stored_study(out, study, user, preset="quick"):
                    setup=points[0].setup)
         for p in points:
             s.claim(p.cfg.run_id(), p.cfg.to_dict())
-            s.record_epochs(p.cfg.run_id(), [{"epoch": 0, "test_error": 5.0}], {})
+            s.record_epochs(p.cfg.run_id(), [{"epoch": 0, "test_error": error(p)}], {})
             s.finish(p.cfg.run_id())
     return points
 
@@ -108,6 +109,19 @@ def test_ls_names_each_runs_point_as_the_report_does(tmp_path):
     for p in first:
         row = next(line for line in r.output.splitlines() if p.cfg.run_id() in line)
         assert f"batch-size@{p.x} (earlier setup, not in the report)" in row, row
+
+
+def test_ls_says_which_runs_the_report_leaves_out(tmp_path):
+    # a run stuck near chance is flagged and left out of the report's means and verdicts; `ls`
+    # showed it as "done" like any other, its error beside theirs
+    points = _stored_study(tmp_path, "batch-size", {"epochs": 1},
+                           error=lambda p: 89.0 if (p.label, p.x) == ("GN", 2) else 5.0)
+    r = runner.invoke(app, ["ls", str(tmp_path)], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    for p in points:
+        row = next(line for line in r.output.splitlines() if p.cfg.run_id() in line)
+        flagged = (p.label, p.x) == ("GN", 2)
+        assert ("done (unconverged, left out)" in row) == flagged, row
 
 
 def test_a_jobs_worker_reports_a_runs_epochs_before_its_outcome_on_one_queue(tmp_path):

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from normlab.factory import norm_names
+from normlab.lab.analysis import flag_kind, run_flag
 from normlab.lab.cli.guard import guard
 from normlab.lab.progress import console, literal, say
 from normlab.lab.run import print_report
@@ -76,8 +77,14 @@ def _print_runs(out: Path) -> None:
             st = [k if current else f"{k} (earlier setup, not in the report)"
                   for k, current in points.items()]
             err = r["final_test_error"]
+            flag = (run_flag({**r, "history": store.epochs(r["run_id"])})
+                    if r["status"] == "done" else None)
+            # flagged: left out of a study's means and verdicts (a `train` run has none)
+            means = any(not k.startswith("train@") for k in points)
+            status = (f"done ({flag_kind(flag)}{', left out' if means else ''})" if flag
+                      else r["status"])
             cells = (r["run_id"], ", ".join(st), label, c.get("model", "?"),
-                     c.get("norm", "?"), _batch_cell(c), c.get("seed", "?"), r["status"],
+                     c.get("norm", "?"), _batch_cell(c), c.get("seed", "?"), status,
                      f"{r['epochs_done']}/{r['epochs']}",
                      "-" if err is None else f"{err:.2f}",
                      "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}",
