@@ -124,6 +124,20 @@ def test_report_lists_the_single_runs_of_normlab_train(tmp_path):
     assert "| bn | resnet20 | bn | digits | 4 | 0 | 0/2 | running | - |" in text
 
 
+def test_the_single_runs_table_says_a_run_diverged(tmp_path):
+    # `normlab train --lr 1000`: a NaN loss in epoch 0, the run stopped "diverged" (its line
+    # said so, and `ls` does); the report's table called it "done" beside its 91% error
+    with Store(tmp_path) as s:
+        s.claim("r1", {"model": "resnet20", "norm": "bn", "data": "digits", "batch_size": 32,
+                       "epochs": 2, "seed": 0})
+        s.record_epochs("r1", [{"epoch": 0, "train_loss": float("nan"), "test_error": 91.09}],
+                        {})
+        s.finish("r1", error="non-finite training loss in epoch 0")
+        s.register("train", "single", [("r1", "bn", 32)])
+    text = write_report(tmp_path)[0].read_text()
+    assert "| 1/2 | done, diverged (non-finite training loss in epoch 0) | 91.09 |" in text, text
+
+
 def test_report_states_a_hand_set_lr_instead_of_the_scaling_rule(tmp_path):
     """`reproduce --set lr=0.05` trains every batch size at 0.05; the report said 'base lr 0.1
     x N x 1/32' (the rule it did not use), so a reader would credit the numbers to the GN

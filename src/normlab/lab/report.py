@@ -23,7 +23,7 @@ from typing import Optional
 from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, POWER_STOPPED,
                                   REPRODUCED, SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, TAIL, Z,
                                   claims_status, critical, flags_text, level_for, point_stats,
-                                  verdict)
+                                  run_flag, verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
 from normlab.lab.outfiles import subdir, write_text
@@ -234,8 +234,9 @@ def _single_runs_section(store: Store) -> list[str]:
         c, err = r["config"], r["final_test_error"]
         w = int(c.get("world_size", 1))
         batch = f"{c.get('batch_size')}" + (f" x {w} processes" if w > 1 else "")
+        flag = run_flag(r) if r["status"] == "done" else None  # diverged, unconverged: say so
         cells = [r["label"], c.get("model"), c.get("norm"), c.get("data"), batch, c.get("seed"),
-                 f"{r['epochs_done']}/{r['epochs']}", r["status"],
+                 f"{r['epochs_done']}/{r['epochs']}", f"done, {flag}" if flag else r["status"],
                  "-" if err is None else f"{err:.2f}"]
         lines.append("| " + " | ".join(_md(v) for v in cells) + " |")  # stored text: inert
     return lines + [""]
