@@ -181,6 +181,31 @@ def test_power_rounds_record_their_looks_and_the_report_judges_and_says_so(tmp_p
     assert "verdict is set for looks" not in write_report(tmp_path / "quick")[0].read_text()
 
 
+def test_a_rerun_without_rounds_keeps_what_earlier_rounds_did_in_the_report(tmp_path):
+    # `reproduce` with --budget-runs 3, then again with --budget-runs 0: the report said "Power
+    # rounds: none (a budget of 0 runs, `--quick`'s default ...)" beside points with the
+    # seeds the first invocation's round added, and no longer named the sequential level its
+    # verdicts are still judged at
+    from normlab.lab.report import write_report
+
+    _, store, _, first = _study(tmp_path, budget_runs=3, max_seeds=6)
+    store.close()
+    assert first["rounds"] == 1 and first["runs_added"] == 3
+    _, store, _, again = _study(tmp_path, budget_runs=0)
+    store.close()
+    assert again["rounds"] == 0 and again["before"] == {"rounds": 1, "runs_added": 3}
+    md = write_report(tmp_path)[0].read_text()
+    assert "`--quick`'s default" not in md
+    assert ("Power rounds: none this time (a budget of 0 runs); earlier invocations' 1 round(s) "
+            "added 3 run(s)") in md, md
+    assert "verdict is set for looks after each seed from 1 to 6 per point" in md
+    _, store, _, third = _study(tmp_path, budget_runs=2, max_seeds=6)  # rounds again: summed
+    store.close()
+    assert third["before"] == {"rounds": 1, "runs_added": 3} and third["runs_added"] == 2
+    md = write_report(tmp_path)[0].read_text()
+    assert "Power rounds: 1 round(s) added 2 run(s); earlier invocations' 1 round(s) added 3 run(s) (budget:" in md, md
+
+
 @pytest.mark.parametrize("looks", [[0, 8], [3, 2], [2, 10**9], "2-8", [True, 8]])
 def test_a_stored_looks_value_that_is_not_two_seed_counts_is_one_error_line(tmp_path, looks):
     """An edited record must not set the verdicts' level, nor start a boundary computation

@@ -123,12 +123,24 @@ def run_with_power(
         _register(store, study, preset, new, setup, None)
         for k, v in run(new).items():
             counts[k] = counts.get(k, 0) + v
-    record = {"rounds": rounds, "runs_added": added, "stopped": stopped,
+    record = {"rounds": rounds, "runs_added": added, "before": _before(earlier),
+              "stopped": stopped,
               "budget_runs": budget_runs, "budget_minutes": budget_minutes,
               "max_seeds": max_seeds, "looks": list(looks),
               "open": _open_claims(store, study, preset, level), "counts": counts}
     store.update_setup_info(study.name, preset, setup, {"power": record})
     return record
+
+
+def _before(earlier: dict[str, Any]) -> dict[str, int]:
+    """What the rounds of the earlier invocations on this setup did, all together (from the
+    stored ``power`` record; a value that is not a count, an edited record, counts as 0)."""
+    def count(d: Any, key: str) -> int:
+        v = d.get(key) if isinstance(d, dict) else None
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+    prior = earlier.get("before")
+    return {k: count(earlier, k) + count(prior, k) for k in ("rounds", "runs_added")}
 
 
 def _register(store: Store, study: Study, preset: str, points: list[Point], setup: str,

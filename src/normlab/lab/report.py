@@ -138,12 +138,19 @@ def _power_line(power: Optional[dict]) -> str:
         # from one that was stopped
         return ("Power rounds: not finished (the study is still running, or was interrupted: "
                 "running it again goes on from the stored runs)." + _level_text(power.get("looks")))
+    before = power.get("before") if isinstance(power.get("before"), dict) else {}
+    earlier = (f"earlier invocations' {_md(str(before.get('rounds')))} round(s) added "
+               f"{_md(str(before.get('runs_added')))} run(s)" if before.get("rounds") else "")
     if power.get("budget_runs") == 0:
+        if earlier:  # a re-run without rounds: the seeds the earlier ones added are still here
+            return (f"Power rounds: none this time (a budget of 0 runs); {earlier}. "
+                    "`--budget-runs N` adds seeds where claims are open."
+                    + _level_text(power.get("looks")))
         return ("Power rounds: none (a budget of 0 runs, `--quick`'s default; `--budget-runs N` "
-                "adds seeds where claims are open).")
+                "adds seeds where claims are open)." + _level_text(power.get("looks")))
     field = lambda key: _md(str(power.get(key, "?")))  # noqa: E731 - stored text, inert
     did = (f"{field('rounds')} round(s) added {field('runs_added')} run(s)"
-           if power.get("rounds") else "none ran")
+           if power.get("rounds") else "none ran") + (f"; {earlier}" if earlier else "")
     budget = [f"{field('budget_runs')} runs" if power.get("budget_runs") is not None else None,
               f"{field('budget_minutes')} minutes"
               if power.get("budget_minutes") is not None else None,
