@@ -124,6 +124,23 @@ def test_ls_says_which_runs_the_report_leaves_out(tmp_path):
         assert ("done (unconverged, left out)" in row) == flagged, row
 
 
+def test_ls_tells_an_interrupted_run_from_one_in_training(tmp_path):
+    # a run stopped by Ctrl-C or `timeout` (released) or by SIGKILL (its owner gone) stayed
+    # "running" in `ls`, as if it still trained; it waits for a re-run to resume it
+    from normlab.lab.store import Store
+    with Store(tmp_path) as s:
+        for rid in ("released", "training"):
+            s.claim(rid, {"epochs": 4, "seed": 0})
+            s.record_epochs(rid, [{"epoch": 0, "test_error": 9.0}], {})
+        s.release("released")
+    r = runner.invoke(app, ["ls", str(tmp_path)], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    rows = {rid: next(line for line in r.output.splitlines() if rid in line)
+            for rid in ("released", "training")}
+    assert "interrupted" in rows["released"] and "running" not in rows["released"], rows
+    assert "running" in rows["training"], rows  # this process owns it and lives
+
+
 def test_a_jobs_worker_reports_a_runs_epochs_before_its_outcome_on_one_queue(tmp_path):
     # with --jobs the epoch lines came on a progress queue and the run's outcome on another:
     # read in whichever order the two queues delivered, a run's last epoch line could follow

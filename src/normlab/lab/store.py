@@ -348,6 +348,13 @@ class Store:
             "SELECT study, preset, MAX(registered) AS t FROM study_runs GROUP BY study, preset "
             "ORDER BY t")]
 
+    @staticmethod
+    def in_training(run: dict[str, Any]) -> bool:
+        """Whether a ``running`` run (a :meth:`run` dict) has a live owner training it; False
+        for one that was interrupted (released, or its owner is gone: a re-run resumes it)."""
+        return run.get("status") == "running" and _owner_alive(
+            run.get("owner"), run.get("updated"), run.get("owner_start"))
+
     @_names_damage
     def memberships(self) -> list[dict[str, Any]]:
         """Every (study, preset, setup) a run was registered in, as dicts with ``study``,
