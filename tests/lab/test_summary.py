@@ -107,6 +107,18 @@ def test_a_probability_from_one_seed_says_its_spread_was_assumed(tmp_path):
     assert "spread assumed" not in row2, row2
 
 
+def test_one_epoch_is_said_in_the_singular(tmp_path):
+    # `--set epochs=1`: "1 epochs" in the summary and in the study's preset line
+    with Store(tmp_path) as s:
+        s.claim("r", {**BASE, "epochs": 1, "batch_size": 32, "seed": 0, "norm": "bn"})
+        s.record_epochs("r", [{"epoch": 0, "test_error": 5.0}], {})
+        s.finish("r")
+        s.register("batch-size", "default", [("r", "BN", 32)])
+    text = write_report(tmp_path)[0].read_text()
+    assert "1 epochs" not in text
+    assert "`digits`, 1 epoch, 1 seed(s)" in text and "data digits, 1 epoch, schedule" in text
+
+
 def test_summary_of_a_store_without_a_batch_study(tmp_path):
     Store(tmp_path).close()
     text = write_report(tmp_path)[0].read_text()

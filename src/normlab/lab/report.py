@@ -194,7 +194,8 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
              f"Preset `{preset}`: {done}/{len(runs)} runs done"
              + (f", {len(failed)} failed" if failed else "")
              + f"; model {_md(cfg.get('model', '?'))}, data {_md(cfg.get('data', '?'))}, "
-               f"{_md(cfg.get('epochs', '?'))} epochs, schedule {_md(cfg.get('schedule', '?'))}, "
+               f"{_md(cfg.get('epochs', '?'))} epoch{'' if cfg.get('epochs') == 1 else 's'}, "
+               f"schedule {_md(cfg.get('schedule', '?'))}, "
                f"weight decay {_md(cfg.get('weight_decay', '?'))}.", "",
              _protocol_line(info.get("protocol"), runs) or _processes_line(runs, cfg), ""]
     power = _power_line(info.get("power"))

@@ -115,7 +115,8 @@ def _setup_line(runs: list[dict], stats: dict) -> str:
 
     seeds = sorted({s["n"] for s in stats.values()})
     n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-    return (f"`{values('model')}` on `{values('data')}`, {values('epochs')} epochs, "
+    epochs = values("epochs")
+    return (f"`{values('model')}` on `{values('data')}`, {epochs} epoch{'' if epochs == '1' else 's'}, "
             f"{n} seed(s) per point.")
 
 
