@@ -274,6 +274,8 @@ def _malformed_cifar(tmp_path):
     # the store file itself named for OUT: "no results store at '.../results.sqlite/results.sqlite'"
     (["report", "STOREFILE"], "is the store file, not its output directory"),
     (["ls", "STOREFILE"], "hint: pass its directory"),
+    # a study labels its runs by series: the label was dropped without a word
+    (["reproduce", "--set", "label=mine"], "study 'batch-size' labels its runs by series"),
     # a directory for --config: "config file ... does not exist"
     (["reproduce", "--config", "ADIR"], "is a directory, not a .json or .toml file"),
 ])

@@ -174,6 +174,11 @@ class Study:
                 raise ConfigError(f"seeds per point must be at most {MAX_SEEDS}, got {n!r}")
         k = self.devices(user, devices)
         user = dict(user or {})
+        if "label" in user:
+            raise ConfigError(f"study {self.name!r} labels its runs by series (label="
+                              f"{user['label']!r} would be dropped)",
+                              hint="drop label from --set/--config (--variants picks series; "
+                                   "`normlab train --set label=...` names a single run)")
         seed0 = user.pop("seed", 0)
         setup = setup_id(user)
         if k != 1:  # another protocol: another table
