@@ -359,6 +359,18 @@ def test_each_command_is_summed_up_in_one_line_of_the_main_help():
     assert all(row.rstrip(" │").endswith(".") for row in rows), r.output
 
 
+def test_help_paragraphs_are_reflowed_not_broken_at_the_docstrings_line_ends():
+    # `normlab reproduce --help` printed "... within the budget" / "(--budget-runs," /
+    # "--budget-minutes, --max-seeds). ..." on three short lines: the docstring's own line
+    # breaks were kept inside each paragraph
+    r = runner.invoke(app, ["reproduce", "--help"], env={"COLUMNS": "200"})
+    assert ("Power rounds add seeds within the budget (--budget-runs, --budget-minutes, "
+            "--max-seeds).") in r.output, r.output
+    r = runner.invoke(app, ["spp", "--help"], env={"COLUMNS": "200"})
+    assert "and OUT's report (report.md/.html) is rewritten" in r.output, r.output
+    assert "normlab spp preact_resnet56 preact_resnet56:order=act_norm nf_resnet56" in r.output
+
+
 def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
     # the value is in the file, not on the command line: say where to look
     cfg = tmp_path / "exp.toml"

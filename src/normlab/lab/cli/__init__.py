@@ -35,8 +35,9 @@ Where things are: ``study.py`` (reproduce, train), ``browse.py`` (report, ls), `
 
 from __future__ import annotations
 
+import inspect
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from typer.exceptions import TyperException
@@ -50,11 +51,18 @@ __all__ = ["app", "main", "parse_model_spec"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="normlab lab: reproduce the normalization papers' studies.")
-app.command()(reproduce)
-app.command()(train)
-app.command()(report)
-app.command("ls")(ls_)
-app.command()(spp)
+
+
+def _help(command: Callable) -> str:
+    """The command's docstring with each paragraph on one line: the help reflows it to the
+    terminal's width (rich keeps a docstring's line breaks inside a paragraph)."""
+    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
+    return "\n\n".join(" ".join(p.split("\n")) for p in paragraphs)
+
+
+for _name, _command in (("reproduce", reproduce), ("train", train), ("report", report),
+                        ("ls", ls_), ("spp", spp)):
+    app.command(_name, help=_help(_command))(_command)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
