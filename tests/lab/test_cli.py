@@ -141,6 +141,18 @@ def test_ls_tells_an_interrupted_run_from_one_in_training(tmp_path):
     assert "running" in rows["training"], rows  # this process owns it and lives
 
 
+def test_ls_says_why_a_run_failed(tmp_path):
+    # a failed run's exit says "`normlab ls OUT` lists them", but ls showed "failed" alone:
+    # the reason was only in the lines printed while it ran (and in runs.csv)
+    from normlab.lab.store import Store
+    with Store(tmp_path) as s:
+        s.claim("broken", {"epochs": 2, "seed": 0})
+        s.finish("broken", "failed", "RuntimeError: CUDA error: device-side assert triggered")
+    r = runner.invoke(app, ["ls", str(tmp_path)], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    assert "failed: RuntimeError: CUDA error: device-side assert triggered" in r.output, r.output
+
+
 def test_a_jobs_worker_reports_a_runs_epochs_before_its_outcome_on_one_queue(tmp_path):
     # with --jobs the epoch lines came on a progress queue and the run's outcome on another:
     # read in whichever order the two queues delivered, a run's last epoch line could follow

@@ -83,6 +83,7 @@ def _print_runs(out: Path) -> None:
             means = any(not k.startswith("train@") for k in points)
             status = (f"done ({flag_kind(flag)}{', left out' if means else ''})" if flag
                       else "interrupted" if r["status"] == "running" and not store.in_training(r)
+                      else f"failed: {r['error']}" if r["status"] == "failed" and r.get("error")
                       else r["status"])
             cells = (r["run_id"], ", ".join(st), label, c.get("model", "?"),
                      c.get("norm", "?"), _batch_cell(c), c.get("seed", "?"), status,
