@@ -206,6 +206,19 @@ def test_a_rerun_without_rounds_keeps_what_earlier_rounds_did_in_the_report(tmp_
     assert "Power rounds: 1 round(s) added 2 run(s); earlier invocations' 1 round(s) added 3 run(s) (budget:" in md, md
 
 
+def test_a_zero_budget_on_the_default_preset_is_not_called_quicks_default(tmp_path):
+    from normlab.lab.report import write_report
+
+    study = get_study("norms")
+    store = Store(tmp_path)
+    run_with_power(study, "default", store, lambda at: study.points({}, "default", seeds_at=at),
+                   _fake_run(store, []), budget_runs=0)
+    store.close()
+    md = write_report(tmp_path)[0].read_text()
+    assert "`--quick`'s default" not in md
+    assert "Power rounds: none (a budget of 0 runs, `--budget-runs 0`; `--budget-runs N`" in md
+
+
 @pytest.mark.parametrize("looks", [[0, 8], [3, 2], [2, 10**9], "2-8", [True, 8]])
 def test_a_stored_looks_value_that_is_not_two_seed_counts_is_one_error_line(tmp_path, looks):
     """An edited record must not set the verdicts' level, nor start a boundary computation

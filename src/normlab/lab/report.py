@@ -127,7 +127,7 @@ def _protocol_line(protocol: Optional[dict], runs: list[dict]) -> str:
             f"one process**: {rest}")
 
 
-def _power_line(power: Optional[dict]) -> str:
+def _power_line(power: Optional[dict], preset: str = "") -> str:
     """What the study's power rounds did, as the store recorded it (lab/power.py's record; its
     values shown as inert text); empty when none ran (a study run under torchrun, or a store
     from before the rounds were recorded)."""
@@ -146,7 +146,8 @@ def _power_line(power: Optional[dict]) -> str:
             return (f"Power rounds: none this time (a budget of 0 runs); {earlier}. "
                     "`--budget-runs N` adds seeds where claims are open."
                     + _level_text(power.get("looks")))
-        return ("Power rounds: none (a budget of 0 runs, `--quick`'s default; `--budget-runs N` "
+        why = "`--quick`'s default" if preset == "quick" else "`--budget-runs 0`"
+        return (f"Power rounds: none (a budget of 0 runs, {why}; `--budget-runs N` "
                 "adds seeds where claims are open)." + _level_text(power.get("looks")))
     field = lambda key: _md(str(power.get(key, "?")))  # noqa: E731 - stored text, inert
     did = (f"{field('rounds')} round(s) added {field('runs_added')} run(s)"
@@ -198,7 +199,7 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
                f"schedule {_md(cfg.get('schedule', '?'))}, "
                f"weight decay {_md(cfg.get('weight_decay', '?'))}.", "",
              _protocol_line(info.get("protocol"), runs) or _processes_line(runs, cfg), ""]
-    power = _power_line(info.get("power"))
+    power = _power_line(info.get("power"), preset)
     lines += [power, ""] if power else []
     present = {r["label"] for r in runs}
     labels = [v for v in study.variants if v in present] + sorted(present - set(study.variants))
