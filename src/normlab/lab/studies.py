@@ -9,6 +9,8 @@ study           runs                                               paper (REFERE
 ==============  =================================================  ==================================
 batch-size      BN, GN (+ SyncBN, BRN, GN+WS, NF, FRN, EvoNorm-S0/B0)  Wu & He, ECCV 2018 (1, 2, 3);
                 at 32..2 per GPU                                    FRN, EvoNorm papers (7)
+stats-batch     BN with statistics per 32..2 images, SGD batch     Wu & He's BN claim; Hoffer et
+                held at devices x 32; GN                            al., NeurIPS 2017 (7)
 groups          GN with G = 1..64 and with C/G = 1..64, batch 32   Wu & He, ECCV 2018 (1)
 norms           BN, LN, IN, GN, none (+ FRN, EvoNorm-S0/B0), batch 32  Wu & He, ECCV 2018 (1)
 bn-dropout      dropout {0, .2, .4} x BN {none, conv, dense, both}  REFERENCE section 4

@@ -74,8 +74,9 @@ def reproduce(
     device: Optional[str] = DEVICE,
     seeds: Optional[int] = typer.Option(None, help="seeds per point (default: the preset's)"),
     variants: Optional[str] = typer.Option(
-        None, help="comma-separated series of the study, e.g. BN,GN,BRN,GN+WS,NF for batch-size "
-                   "(`normlab ls --studies` lists each study's)"),
+        None, help="comma-separated series of the study, e.g. BN,GN,GN+WS,NF for batch-size "
+                   "(`normlab ls --studies` lists each study's; BRN and EvoNorm-B0 have no "
+                   "per-slice form: with --devices 1)"),
     jobs: Optional[int] = typer.Option(
         None, help="training processes (default on the CPU: one per core, at most 4; on CUDA: 1)"),
     set_: Optional[list[str]] = SETS,
