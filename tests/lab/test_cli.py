@@ -836,3 +836,11 @@ def test_an_spp_batch_too_large_for_memory_names_batch_and_resolution(tmp_path, 
     assert r.exit_code == 2 and r.output.startswith("error: resnet20: --batch 100000 at "
                                                     "--resolution 64 does not fit"), r.output
     assert "hint: lower --batch or --resolution" in r.output
+
+
+def test_ls_with_a_directory_and_a_list_flag_says_it_takes_one_or_the_other(tmp_path):
+    # `ls OUT --studies` printed the studies and ignored OUT without a word
+    r = runner.invoke(app, ["ls", str(tmp_path), "--studies", "--norms"])
+    assert r.exit_code == 2
+    assert "a directory lists its runs and --studies/--norms what normlab knows" in r.output
+    assert "batch-size:" not in r.output

