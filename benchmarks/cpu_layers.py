@@ -5,7 +5,7 @@ its load), so each pair is timed in interleaved rounds - ours, torch, ours, torc
 ratio of the medians is reported. Target (issue: core): normlab within 10% of torch.nn. Cases
 labelled NHWC take channels_last input (see also benchmarks/cpu_channels_last.py).
 
-    python benchmarks/cpu_layers.py [--repeats 30] [--out benchmarks/results/cpu_layers.csv]
+    python benchmarks/cpu_layers.py [--repeats 30] [--cases RMS] [--out benchmarks/results/cpu_layers.csv]
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ CASES = [
     ("GN32 (8,64,32,32) NHWC", lambda: nlnn.GroupNorm(32, 64), lambda: nn.GroupNorm(32, 64), (8, 64, 32, 32)),
     ("GN32 (16,256,8,8) NHWC", lambda: nlnn.GroupNorm(32, 256), lambda: nn.GroupNorm(32, 256), (16, 256, 8, 8)),
     ("IN (8,64,32,32) NHWC", lambda: nlnn.InstanceNorm2d(64, affine=True), lambda: nn.InstanceNorm2d(64, affine=True), (8, 64, 32, 32)),
+    # RMSNorm over the features (the transformer case): tokens of ViT-B, an LLM width, a tiny one
+    ("RMS (32,196,768)", lambda: nlnn.RMSNorm(768), lambda: nn.RMSNorm(768), (32, 196, 768)),
+    ("RMS (8,512,2048)", lambda: nlnn.RMSNorm(2048), lambda: nn.RMSNorm(2048), (8, 512, 2048)),
+    ("RMS (64,64)", lambda: nlnn.RMSNorm(64), lambda: nn.RMSNorm(64), (64, 64)),
 ]
 
 
@@ -57,9 +61,11 @@ def _time_once(module, x, g, inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def measure(repeats: int) -> list[dict]:
+def measure(repeats: int, only: str = "") -> list[dict]:
     rows = []
     for label, make_ours, make_torch, shape in CASES:
+        if only and not label.startswith(only):
+            continue
         torch.manual_seed(0)
         fmt = torch.channels_last if label.endswith("NHWC") else torch.contiguous_format
         x = (torch.randn(shape) * 2 + 1).contiguous(memory_format=fmt).requires_grad_()
@@ -89,11 +95,12 @@ def measure(repeats: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--cases", default="", help="only the cases whose label starts with this")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_layers.csv"))
     args = ap.parse_args()
     print(f"torch {torch.__version__}, normlab {normlab.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; backend auto -> native on CPU", flush=True)
-    rows = measure(args.repeats)
+    rows = measure(args.repeats, args.cases)
     geo = 1.0
     for r in rows:
         geo *= r["ratio"]

@@ -366,8 +366,9 @@ def _dispatch(
         return _onnx_traced(x, num_groups, over_batch, weight, bias, eps, activation, running_mean,
                             running_var, momentum, return_stats, center)
     impl = resolve_backend(backend, x, num_groups, over_batch, activation, center)
-    if (over_batch and not return_stats and impl.name == "native"
-            and _torch_batch_norm_exported(x, num_groups, weight, bias, running_mean, running_var)):
+    if (over_batch and not return_stats and _IS_EXPORTING is not None and _IS_EXPORTING()
+            and impl.name == "native"
+            and _batch_norm_as_torchs(x, num_groups, weight, bias, running_mean, running_var)):
         y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps,
                              False)
         return apply_activation(y, activation)
@@ -402,18 +403,21 @@ def _legacy_onnx_export() -> bool:
     """Whether ``torch.onnx.export``'s TorchScript exporter (``dynamo=False``) is tracing the call.
     The ATen kernels the native backend calls have no ONNX form there (``native_group_norm``,
     ``_fused_rms_norm``) or need a constant width (``native_layer_norm``), and Triton's have none."""
-    return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
+    return _IS_TRACING() and torch.onnx.is_in_onnx_export()
 
 
-def _torch_batch_norm_exported(x, num_groups, weight, bias, running_mean, running_var) -> bool:
-    """Whether torch.export is tracing a training BatchNorm call that ``torch.batch_norm``
+# torch.compiler.is_exporting (torch >= 2.5; 30 ns) and torch.jit.is_tracing, looked up once
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)
+_IS_TRACING = torch.jit.is_tracing
+
+
+def _batch_norm_as_torchs(x, num_groups, weight, bias, running_mean, running_var) -> bool:
+    """Whether a training BatchNorm call that torch.export is tracing is one ``torch.batch_norm``
     computes as native would (G = C, one dtype, both running buffers or none). The program then
     holds ``aten.batch_norm``, the op torch's BatchNorm gives, where tools look for it (PT2E
     QAT's conv-BN fusion and its quantizers' conv-bn-relu patterns; native's
     ``native_batch_norm``, which also returns the statistics, was not matched)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # (torch >= 2.5)
-    return (is_exporting is not None and is_exporting() and num_groups == x.shape[1]
-            and (running_mean is None) == (running_var is None)
+    return (num_groups == x.shape[1] and (running_mean is None) == (running_var is None)
             and _same_dtype(x, weight, bias, running_mean, running_var))
 
 
@@ -778,7 +782,11 @@ def rms_norm(
     numel = math.prod(shape)
     if input.numel() == 0:  # nothing to normalize ((rows, 0) has no view): empty, as torch
         return input.clone() if weight is None else input * weight
+    if len(shape) == 1 and input.dim() == 2:  # already (rows, features): no reshapes
+        return _dispatch(input, 1, False, weight, None, eps, None, backend, center=False)
     w = None if weight is None else weight.reshape(numel)
     y = _dispatch(input.reshape(-1, numel), 1, False, w, None, eps, None, backend, center=False)
-    # channels_last(_3d) input gives channels_last output, as torch's rms_norm
-    return y.reshape(input.shape).contiguous(memory_format=output_memory_format(input))
+    y = y.reshape(input.shape)
+    if input.dim() >= 4:  # channels_last(_3d) input gives channels_last output, as torch's
+        y = y.contiguous(memory_format=output_memory_format(input))
+    return y
