@@ -207,3 +207,16 @@ def test_exported_batchnorm_is_the_op_torchs_batchnorm_gives(train, fused):
     twin = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).train(train)
     twin.load_state_dict(theirs.state_dict())
     torch.testing.assert_close(program.module()(x), twin(x))
+
+
+def test_exported_uncentred_statistics_over_the_batch_stay_uncentred():
+    # only BatchNorm's centred call is written as torch.batch_norm in an export: the operator
+    # over the batch without centering keeps its own statistics (mean square, no mean)
+    class Op(nn.Module):
+        def forward(self, x):
+            return NLF.normalize(x, 8, True, center=False)
+
+    x = off_centre(4, 8, 5, 5)
+    program = torch.export.export(Op(), (x,))
+    want = x / torch.sqrt(x.pow(2).mean(dim=(0, 2, 3), keepdim=True) + 1e-5)
+    torch.testing.assert_close(program.module()(x), want, atol=1e-5, rtol=1e-5)

@@ -366,7 +366,8 @@ def _dispatch(
         return _onnx_traced(x, num_groups, over_batch, weight, bias, eps, activation, running_mean,
                             running_var, momentum, return_stats, center)
     impl = resolve_backend(backend, x, num_groups, over_batch, activation, center)
-    if (over_batch and not return_stats and _IS_EXPORTING is not None and _IS_EXPORTING()
+    if (over_batch and center and not return_stats and _IS_EXPORTING is not None
+            and _IS_EXPORTING()
             and impl.name == "native"
             and _batch_norm_as_torchs(x, num_groups, weight, bias, running_mean, running_var)):
         y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps,
@@ -400,9 +401,10 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _legacy_onnx_export() -> bool:
-    """Whether ``torch.onnx.export``'s TorchScript exporter (``dynamo=False``) is tracing the call.
-    The ATen kernels the native backend calls have no ONNX form there (``native_group_norm``,
-    ``_fused_rms_norm``) or need a constant width (``native_layer_norm``), and Triton's have none."""
+    """Whether ``torch.onnx.export``'s TorchScript exporter (``dynamo=False``) is tracing the
+    call. The ATen kernels the native backend calls have no ONNX form there
+    (``native_group_norm``, ``_fused_rms_norm``) or need a constant width
+    (``native_layer_norm``), and Triton's have none."""
     return _IS_TRACING() and torch.onnx.is_in_onnx_export()
 
 
@@ -412,11 +414,11 @@ _IS_TRACING = torch.jit.is_tracing
 
 
 def _batch_norm_as_torchs(x, num_groups, weight, bias, running_mean, running_var) -> bool:
-    """Whether a training BatchNorm call that torch.export is tracing is one ``torch.batch_norm``
-    computes as native would (G = C, one dtype, both running buffers or none). The program then
-    holds ``aten.batch_norm``, the op torch's BatchNorm gives, where tools look for it (PT2E
-    QAT's conv-BN fusion and its quantizers' conv-bn-relu patterns; native's
-    ``native_batch_norm``, which also returns the statistics, was not matched)."""
+    """Whether a centred training call over the batch that torch.export is tracing is one
+    ``torch.batch_norm`` computes as native would (G = C, one dtype, both running buffers or
+    none). The program then holds ``aten.batch_norm``, the op torch's BatchNorm gives, where
+    tools look for it (PT2E QAT's conv-BN fusion and its quantizers' conv-bn-relu patterns;
+    native's ``native_batch_norm``, which also returns the statistics, was not matched)."""
     return (num_groups == x.shape[1] and (running_mean is None) == (running_var is None)
             and _same_dtype(x, weight, bias, running_mean, running_var))
 
