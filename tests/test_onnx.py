@@ -202,8 +202,9 @@ def test_mixed_dtype_layer_norm_exports_through_the_plain_ops(tmp_path):
                          ids=["torchscript", "dynamo"])
 def test_export_with_the_triton_backend_in_force(dynamo, tmp_path):
     # on a GPU auto picks the Triton kernels, whose custom ops have no ONNX form: under either
-    # exporter the call is written with torch's ops whatever the backend in force (here Triton
-    # under its interpreter, on CPU tensors); a plain torch.export keeps the kernel's op
+    # exporter the call is written with torch's ops whatever the backend in force (Triton on
+    # the GPU, or under its interpreter on CPU tensors); a plain torch.export keeps the
+    # kernel's op
     from normlab.backends import BackendUnavailable, get_backend
 
     try:
@@ -211,13 +212,15 @@ def test_export_with_the_triton_backend_in_force(dynamo, tmp_path):
             pytest.skip("the triton backend is unavailable (no CUDA and TRITON_INTERPRET != 1)")
     except BackendUnavailable as e:
         pytest.skip(f"the triton backend is unavailable: {e}")
-    model = _model(lambda: nlnn.GroupNorm(4, C, activation="silu"))
-    x = off_centre(2, 3, HW, HW)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs CUDA tensors there
+    model = _model(lambda: nlnn.GroupNorm(4, C, activation="silu")).to(device)
+    x = off_centre(2, 3, HW, HW).to(device)
     with normlab.use_backend("triton"):
         ops = {str(n.target) for n in torch.export.export(model, (x,)).graph.nodes}
         assert any(op.startswith("normlab.") for op in ops), sorted(ops)  # Triton's op
         path = str(tmp_path / "triton.onnx")
-        _export(model, path, dynamo)
+        _export(model, path, dynamo, x=x)
         with torch.no_grad():
             for xx in _inputs():
-                torch.testing.assert_close(_run(path, xx), model(xx), atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(_run(path, xx), model(xx.to(device)).cpu(),
+                                           atol=2e-5, rtol=1e-5)
