@@ -3,8 +3,8 @@ within the spread, the verdict follows."""
 
 import pytest
 
-from normlab.lab.report import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED, verdict,
-                                write_report)
+from normlab.lab.report import (INCONCLUSIVE, NO_USABLE_RUN, NOT_REPRODUCED, NOT_RUN, REPRODUCED,
+                                verdict, write_report)
 from normlab.lab.store import Store
 from normlab.lab.studies import Claim, get_study
 
@@ -65,7 +65,7 @@ def test_a_claim_whose_point_was_run_but_all_flagged_says_so():
     for stats, who in (({("GN", 2): gone, ("BN", 2): _s(5.0)}, "GN at 2"),
                        ({("GN", 2): _s(5.0), ("BN", 2): gone}, "BN at 2")):
         v, why = verdict(LESS, stats)
-        assert v == NOT_RUN
+        assert v == NO_USABLE_RUN  # was "not run", beside numbers that said the runs ran
         assert why == f"every run of {who} flagged, left out (1 unconverged)", why
     assert verdict(LESS, {("GN", 2): _s(1.0)})[1] == "no finished run of BN at 2"
 
@@ -214,6 +214,10 @@ def test_report_cells_name_the_flag_of_the_runs_left_out(tmp_path):
            "near chance, 90%)" in text
     assert "- GN at 2, seed 0 (run GN2s0): test error 40.00%, diverged (diverged: non-finite " \
            "training loss in epoch 1)" in text
+    # GN at 32 trained and was flagged: its claim is "no usable run", not "not run"
+    row = next(l for l in text.splitlines() if l.startswith("| BN beats GN at the largest"))
+    assert "| **no usable run** | every run of GN at 32 flagged, left out (2 unconverged) | - |" \
+        in row, row
 
 
 def test_an_open_claim_states_the_seeds_its_spread_would_need(tmp_path):

@@ -72,7 +72,8 @@ from normlab.lab.studies import Claim, Study
 
 __all__ = [
     "Z", "SD_FLOOR", "SD_ONE_SEED", "CHANCE_FRACTION", "SEEDS_SHOWN", "POWER_STOPPED",
-    "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "TAIL", "Level", "num_classes",
+    "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "NO_USABLE_RUN", "UNMEASURED",
+    "TAIL", "Level", "num_classes",
     "run_flag", "point_stats", "difference", "interval", "critical", "one_look", "level_for",
     "half_width_text", "prob_lower", "verdict", "seeds_needed", "claim_points", "claims_status",
     "seeds_by_claim", "flag_kind", "flags_text",
@@ -94,6 +95,10 @@ CHANCE_FRACTION = 0.9  # a test error above this fraction of chance's is "near c
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_RUN = (
     "reproduced", "not reproduced", "inconclusive", "not run")
+# a point whose runs all trained but every one was flagged (diverged, unconverged): measured,
+# but nothing to judge with; as NOT_RUN, no seeds are counted or asked for
+NO_USABLE_RUN = "no usable run"
+UNMEASURED = (NOT_RUN, NO_USABLE_RUN)
 
 _CLASSES = {"digits": 10, "mnist5k": 10, "cifar10": 10, "cifar100": 100}
 
@@ -311,22 +316,24 @@ def verdict(claim: Claim, stats: dict[tuple, dict], level: Level = one_look
         f"{k[0]}@{k[1]} ({flags_text(s['excluded'])})" for k, s in gone)
 
 
-def _missing(stats: dict[tuple, dict], p: tuple) -> str:
-    """Why point ``p`` has no mean: never finished, or every run of it flagged."""
+def _missing(stats: dict[tuple, dict], p: tuple) -> tuple[str, str]:
+    """(verdict, why) for a claim whose point ``p`` has no mean: never finished (not run), or
+    every run of it flagged (no usable run)."""
     s = stats.get(tuple(p))
     if s is not None and s.get("excluded"):
-        return f"every run of {p[0]} at {p[1]} flagged, left out ({flags_text(s['excluded'])})"
-    return f"no finished run of {p[0]} at {p[1]}"
+        return NO_USABLE_RUN, (f"every run of {p[0]} at {p[1]} flagged, left out "
+                               f"({flags_text(s['excluded'])})")
+    return NOT_RUN, f"no finished run of {p[0]} at {p[1]}"
 
 
 def _verdict(claim: Claim, stats: dict[tuple, dict], level: Level) -> tuple[str, str]:
     a = _get(stats, claim.a)
     if a is None:
-        return NOT_RUN, _missing(stats, claim.a)
+        return _missing(stats, claim.a)
     if claim.kind in ("less", "match"):
         b = _get(stats, claim.b)
         if b is None:
-            return NOT_RUN, _missing(stats, claim.b)
+            return _missing(stats, claim.b)
         d, h = _diff(a, b, level)
         why = (f"{claim.a[0]}@{claim.a[1]} {a['mean']:.2f} vs {claim.b[0]}@{claim.b[1]} "
                f"{b['mean']:.2f}: difference {d:+.2f} ± {half_width_text(h)}")
@@ -404,7 +411,7 @@ def seeds_needed(claim: Claim, stats: dict[tuple, dict], level: Level = one_look
     ``level`` (module docstring); the current seed count if it already is; None if not
     computable (a point with one seed or not run, or a difference exactly on the boundary)."""
     v, _ = verdict(claim, stats, level)
-    if v == NOT_RUN:
+    if v in UNMEASURED:
         return None
     a = _get(stats, claim.a)
     if v != INCONCLUSIVE:
@@ -451,7 +458,7 @@ def claims_status(study: Study, stats: dict[tuple, dict], level: Level = one_loo
     out = []
     for c in study.claims:
         v, why = verdict(c, stats, level)
-        pts = [_get(stats, p) for p in claim_points(c, stats)] if v != NOT_RUN else []
+        pts = [_get(stats, p) for p in claim_points(c, stats)] if v not in UNMEASURED else []
         out.append({"text": c.text, "verdict": v, "why": why,
                     "seeds": max((s["n"] for s in pts if s), default=0),
                     "fewest_seeds": min((s["n"] for s in pts if s), default=0),

@@ -8,7 +8,8 @@ A table cell counts the runs its point left out by flag (diverged, unconverged),
 table lists them, and the claims table gives the seeds behind each verdict and, for an open
 claim, the seeds its observed spread would need.
 
-A claim whose points were not run is "not run". Nothing else is claimed.
+A claim whose points were not run is "not run"; one whose point's runs were all flagged is "no
+usable run". Nothing else is claimed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, POWER_STOPPED,
-                                  REPRODUCED, SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN, TAIL, Z,
+from normlab.lab.analysis import (INCONCLUSIVE, NO_USABLE_RUN, NOT_REPRODUCED, NOT_RUN,
+                                  POWER_STOPPED, REPRODUCED, SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN,
+                                  TAIL, UNMEASURED, Z,
                                   claims_status, critical, flags_text, level_for, point_stats,
                                   run_flag, verdict)
 from normlab.lab.config import RunConfig
@@ -35,7 +37,7 @@ from normlab.lab.summary import summary_lines
 
 # the verdict names and rules are analysis.py's, re-exported for the report's readers
 __all__ = ["verdict", "write_report", "Z", "SD_FLOOR", "SD_ONE_SEED", "REPRODUCED",
-           "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN"]
+           "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "NO_USABLE_RUN"]
 
 
 def _fmt(s: Optional[dict]) -> str:
@@ -66,7 +68,7 @@ def _flagged_lines(stats: dict) -> list[str]:
 def _seeds_cell(st: dict) -> str:
     """Seeds behind a claim's verdict; for an open one, how many the observed spread would need
     (:func:`normlab.lab.analysis.seeds_needed`) or why that is unknown."""
-    if st["verdict"] == NOT_RUN:
+    if st["verdict"] in UNMEASURED:
         return "-"
     if st["verdict"] != INCONCLUSIVE:
         return str(st["seeds"])
