@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from normlab.backends import get_backend, resolve_backend
+from normlab.backends import IS_EXPORTING, get_backend, resolve_backend
 from normlab.backends.reference import (
     FUSED_ACTIVATIONS,
     apply_activation,
@@ -366,8 +366,8 @@ def _dispatch(
         return _onnx_traced(x, num_groups, over_batch, weight, bias, eps, activation, running_mean,
                             running_var, momentum, return_stats, center)
     impl = resolve_backend(backend, x, num_groups, over_batch, activation, center)
-    if (over_batch and center and not return_stats and _IS_EXPORTING is not None
-            and _IS_EXPORTING()
+    if (over_batch and center and not return_stats and IS_EXPORTING is not None
+            and IS_EXPORTING()
             and impl.name == "native"
             and _batch_norm_as_torchs(x, num_groups, weight, bias, running_mean, running_var)):
         y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps,
@@ -408,9 +408,7 @@ def _legacy_onnx_export() -> bool:
     return _IS_TRACING() and torch.onnx.is_in_onnx_export()
 
 
-# torch.compiler.is_exporting (torch >= 2.5; 30 ns) and torch.jit.is_tracing, looked up once
-_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)
-_IS_TRACING = torch.jit.is_tracing
+_IS_TRACING = torch.jit.is_tracing  # (looked up once)
 
 
 def _batch_norm_as_torchs(x, num_groups, weight, bias, running_mean, running_var) -> bool:
@@ -502,10 +500,8 @@ def normalize_fixed(
     shape = x.shape
     if x.dim() > 5:  # more than 3 spatial dims: per-channel statistics do not see them
         x = x.reshape(shape[0], shape[1], -1)
-    if _legacy_onnx_export():  # torch.batch_norm: ONNX BatchNormalization
-        impl = get_backend("native")
-    else:
-        impl = resolve_backend(backend, x, c, True, activation)
+    # (under torch.onnx.export native: torch.batch_norm, ONNX BatchNormalization)
+    impl = resolve_backend(backend, x, c, True, activation)
     y = impl.normalize_fixed(x, mean, var, weight, bias, eps, activation)
     return y.reshape(shape) if y.shape != shape else y
 

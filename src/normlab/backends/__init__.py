@@ -16,9 +16,10 @@ Selection, strongest first: the ``backend=`` argument of a functional call, the 
 ``with normlab.use_backend(name):`` block, the ``NORMLAB_BACKEND`` environment variable, and
 finally ``"auto"``. An explicitly named backend that cannot run the call raises
 :class:`BackendUnavailable`; ``"auto"`` picks the fastest backend that supports the call and
-falls back silently. Under ``torch.onnx.export`` the backend in force is not used: the program
-is written with ATen's ops (``native``; the TorchScript exporter's case is in functional.py),
-since a Triton kernel's custom op has no ONNX form. A plain ``torch.export`` keeps that op.
+falls back silently. Under ``torch.onnx.export`` (either exporter) the backend in force is not
+used: the program is written with ATen's ops (``native``; functional.py writes the TorchScript
+exporter's other calls with torch's own ops), since a Triton kernel's custom op has no ONNX
+form. A plain ``torch.export`` keeps that op.
 
 Every backend implements the :class:`Backend` interface below.
 """
@@ -295,9 +296,7 @@ def resolve_backend(
         native = _INSTANCES.get("native")
         if native is not None:
             return native
-    if _onnx_exporting():
-        # torch.onnx.export of torch.export's program: ATen's ops have ONNX forms, a Triton
-        # kernel's custom op has none (the TorchScript exporter is handled in functional.py)
+    if onnx_exporting():  # ATen's ops have ONNX forms, a Triton kernel's custom op has none
         return get_backend("native")
     if name != "auto":
         backend = get_backend(name)
@@ -323,11 +322,16 @@ def resolve_backend(
     return get_backend("reference")
 
 
-def _onnx_exporting() -> bool:
-    """Whether torch.onnx.export (``dynamo=True``) is running torch.export on the call
-    (``is_exporting`` first: 30 ns, where ``is_in_onnx_export`` takes a microsecond)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # (torch >= 2.5)
-    return is_exporting is not None and is_exporting() and torch.onnx.is_in_onnx_export()
+#: torch.compiler.is_exporting (torch >= 2.5, else None), looked up once: 30 ns a call
+IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)
+
+
+def onnx_exporting() -> bool:
+    """Whether torch.onnx.export is tracing the call, with either exporter: torch.export's
+    (``dynamo=True``) or the TorchScript one (a torch.jit trace). ``is_exporting`` and
+    ``is_tracing`` first (30 and 170 ns), where ``is_in_onnx_export`` takes a microsecond."""
+    return (((IS_EXPORTING is not None and IS_EXPORTING()) or torch.jit.is_tracing())
+            and torch.onnx.is_in_onnx_export())
 
 
 _UNCENTERED: dict = {}  # backend type -> whether its normalize takes center (looked up once)
