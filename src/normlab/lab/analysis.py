@@ -75,7 +75,7 @@ __all__ = [
     "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "NO_USABLE_RUN", "UNMEASURED",
     "TAIL", "Level", "num_classes",
     "run_flag", "point_stats", "difference", "interval", "critical", "one_look", "level_for",
-    "half_width_text", "prob_lower", "verdict", "seeds_needed", "claim_points", "claims_status",
+    "setup_level", "half_width_text", "prob_lower", "verdict", "seeds_needed", "claim_points", "claims_status",
     "seeds_by_claim", "flag_kind", "flags_text",
 ]
 
@@ -233,6 +233,12 @@ def level_for(looks: Optional[Sequence[int]]) -> Level:
     if looks is None or looks[1] <= looks[0]:
         return one_look
     return boundary(int(looks[0]), int(looks[1]), TAIL)
+
+
+def setup_level(info: dict[str, Any]) -> Level:
+    """The level a study's verdicts use, from its stored setup info (the ``looks`` its power
+    rounds recorded; one look when there are none)."""
+    return level_for(info.get("power", {}).get("looks"))
 
 
 def _df(a: dict, b: dict) -> float:

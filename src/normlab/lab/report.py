@@ -25,7 +25,7 @@ from normlab.lab.analysis import (INCONCLUSIVE, NO_USABLE_RUN, NOT_REPRODUCED, N
                                   POWER_STOPPED, REPRODUCED, SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN,
                                   TAIL, UNMEASURED, Z,
                                   claims_status, critical, flags_text, level_for, point_stats,
-                                  run_flag, verdict)
+                                  run_flag, setup_level, verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
 from normlab.lab.outfiles import subdir, write_text
@@ -223,8 +223,7 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
         lines += ["", f"Paper: {study.paper_source}."]
     lines += ["", "### Claims", "", "| claim | verdict | numbers (error %) | seeds per point | "
               "source |", "|---|---|---|---|---|"]
-    level = level_for(info.get("power", {}).get("looks"))
-    for c, st in zip(study.claims, claims_status(study, stats, level)):
+    for c, st in zip(study.claims, claims_status(study, stats, setup_level(info))):
         lines.append(f"| {c.text} | **{st['verdict']}** | {st['why']} | {_seeds_cell(st)} | "
                      f"{c.source} |")
     figs = plot_study(store, study, fig_dir)

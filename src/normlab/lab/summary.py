@@ -30,8 +30,8 @@ import math
 from typing import Any, Callable, Optional
 
 from normlab.factory import DEFAULT_NUM_GROUPS
-from normlab.lab.analysis import (Level, flags_text, half_width_text, interval, level_for,
-                                  point_stats, prob_lower)
+from normlab.lab.analysis import (Level, flags_text, half_width_text, interval, point_stats,
+                                  prob_lower, setup_level)
 from normlab.lab.markdown import md_cell
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, Study
@@ -264,11 +264,6 @@ def _setting_winner(study: Study, runs: list[dict], all_stats: dict, level: Leve
             f"All, lowest error first: {order}.", ""]
 
 
-def _level(store: Store, study: str) -> Level:
-    """The level the study's verdicts use (its power rounds' looks, as the store recorded them)."""
-    return level_for(store.setup_info(study).get("power", {}).get("looks"))
-
-
 def summary_lines(store: Store) -> list[str]:
     """The ``## Summary`` section of the report for ``store``, from the same point statistics
     and rules as the study tables (:mod:`normlab.lab.analysis`: the runs that count, the
@@ -282,14 +277,15 @@ def summary_lines(store: Store) -> list[str]:
         if not any(s["n"] > 0 for s in stats.values()):
             continue
         seen += runs
-        lines += (_winners(STUDIES[name], runs, stats, _level(store, name))
+        lines += (_winners(STUDIES[name], runs, stats, setup_level(store.setup_info(name)))
                   + _costs(STUDIES[name], runs))
     answered = False
     for name in SETTING_STUDIES:
         runs = store.study_runs(name)
         stats = point_stats(runs)
         if any(st["n"] > 0 and math.isfinite(st["mean"]) for st in stats.values()):
-            lines += _setting_winner(STUDIES[name], runs, stats, _level(store, name))
+            lines += _setting_winner(STUDIES[name], runs, stats,
+                                     setup_level(store.setup_info(name)))
             answered = True
     if not seen and not answered:
         return lines + ["No batch-size, norms, nf, groups or bn-dropout study has finished runs "
