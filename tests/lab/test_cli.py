@@ -844,3 +844,24 @@ def test_ls_with_a_directory_and_a_list_flag_says_it_takes_one_or_the_other(tmp_
     assert r.exit_code == 2
     assert "a directory lists its runs and --studies/--norms what normlab knows" in r.output
     assert "batch-size:" not in r.output
+
+
+def test_train_a_timm_model_with_a_normlab_norm(tmp_path):
+    from timm_import import import_timm
+
+    import_timm()  # in-process: the CLI finds the timm this imported
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["train", "--model", "timm:resnet10t", "--norm", "gn", "--set",
+                            "epochs=1", "--set", f"data_kwargs={SMALL}", "--data", "synthetic",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    row = _db(out).execute("SELECT status, config, versions FROM runs").fetchone()
+    assert row["status"] == "done"
+    assert json.loads(row["config"])["model"] == "timm:resnet10t"
+    assert "timm" in json.loads(row["versions"])  # timm's version defines the model
+    r = runner.invoke(app, ["train", "--model", "timm:convnext_atto", "--out", str(out)])
+    assert r.exit_code == 2 and "has no BatchNorm layer" in r.output, r.output
+    assert "timm:<name>" in runner.invoke(app, ["ls", "--models"]).output
+    # spp finds normlab's residual blocks only; a timm model (its name holds a ':') is told how
+    r = runner.invoke(app, ["spp", "timm:resnet10t:drop_rate=0.1", "--out", str(out)])
+    assert r.exit_code == 2 and "signal_propagation(model, blocks=" in r.output, r.output

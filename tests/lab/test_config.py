@@ -142,3 +142,11 @@ def test_an_int_for_a_float_field_is_the_same_run():
                        agc=1.0)
     assert ints.run_id() == floats.run_id()
     assert RunConfig(lr=1).run_id() != RunConfig(lr=2).run_id()  # values still count
+
+
+def test_a_model_has_one_spelling():
+    # --model ResNet20 and --model resnet20 built the same model but were two runs (two run ids,
+    # two report tables)
+    a, b = RunConfig(model=" ResNet20"), RunConfig(model="resnet20")
+    assert a.model == "resnet20" and a.identity() == b.identity()
+    assert RunConfig(model="TIMM:ResNet18").model == "timm:resnet18"

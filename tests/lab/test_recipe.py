@@ -169,3 +169,35 @@ def test_agc_leaves_the_classifier_and_refuses_a_model_without_fc():
     headless = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     with pytest.raises(ConfigError, match="no classifier named 'fc'"):
         _agc_fn(cfg, headless)
+
+
+def test_weight_standardize_refuses_a_conv_subclass_it_would_change():
+    class SamePadConv(nn.Conv2d):  # like timm's Conv2dSame: its own padding in forward
+        def forward(self, x):
+            return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), SamePadConv(8, 4, 3))
+    with pytest.raises(ConfigError, match=r"cannot weight-standardize '1' \(.*SamePadConv\)"):
+        weight_standardize_(m)
+    assert type(m[0]) is nn.Conv2d  # nothing swapped before the refusal
+
+
+def test_timm_models_build_with_the_norm_and_ws_and_are_refused_without_batchnorm():
+    from timm_import import import_timm
+
+    import_timm()
+    from normlab.lab.recipe import build_model
+    from normlab.nn import GroupNorm, WSConv2d
+
+    cfg = RunConfig(**{**TINY, "model": "TIMM:ResNet10t", "norm": "gn",
+                       "norm_kwargs": {"num_groups": 8}, "ws": True})
+    assert cfg.model == "timm:resnet10t"  # one spelling: one run id, one report table
+    m = build_model(cfg, num_classes=4, in_chans=2)
+    convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+    assert convs and all(isinstance(c, WSConv2d) for c in convs)
+    assert sum(isinstance(g, GroupNorm) for g in m.modules()) == 14  # every BN of resnet10t
+    assert m(torch.randn(2, 2, 8, 8) + 1).shape == (2, 4)
+    with pytest.raises(ConfigError, match="'convnext_atto' has no BatchNorm layer"):
+        preflight([RunConfig(**{**TINY, "model": "timm:convnext_atto"})])
+    with pytest.raises(ConfigError, match=r"cannot weight-standardize 'conv_stem' \(.*Conv2dSame"):
+        build_model(RunConfig(**{**TINY, "model": "timm:tf_efficientnet_b0", "ws": True}), 4, 2)

@@ -160,3 +160,19 @@ def test_norms_and_groups_keep_one_batch_of_32_by_default():
         assert {(c.batch_size, c.lr) for c in cfgs} == {(32, None)}
     assert {p.cfg.batch_size for p in get_study("norms").points({}, "quick", 1, devices=8)} == {
         256}
+
+
+@pytest.mark.parametrize("study", ["nf", "batch-size"])
+def test_an_nf_series_on_the_users_model_trains_its_normalizer_free_twin(study):
+    # --model resnet56 once trained the NF series as resnet56 with its norms removed (no Scaled
+    # WS, no analytic scaling) and reported it as the NF-ResNet
+    pts = get_study(study).points({"model": "ResNet56"}, preset="quick", variants=["BN", "NF"])
+    models_of = {(p.label, p.cfg.model) for p in pts}
+    assert models_of == {("BN", "resnet56"), ("NF", "nf_resnet56")}
+    pre = get_study(study).points({"model": "preact_resnet32"}, preset="quick", variants=["NF"])
+    assert {p.cfg.model for p in pre} == {"nf_resnet32"}
+    with pytest.raises(ConfigError, match="'timm:resnet18' has no normalizer-free counterpart"):
+        get_study(study).points({"model": "timm:resnet18"}, preset="quick", variants=["NF"])
+    assert {p.cfg.model for p in get_study(study).points({"model": "timm:resnet18"},
+                                                         preset="quick", variants=["BN"])
+            } == {"timm:resnet18"}

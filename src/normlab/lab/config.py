@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - Python < 3.11 has no TOML reader
     tomllib = None  # type: ignore[assignment]
 
 from normlab.factory import canonical_name, did_you_mean
-from normlab.models import check_norm, is_normalizer_free
+from normlab.models import canonical_model, check_norm, is_normalizer_free
 
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
@@ -108,7 +108,8 @@ def fits_in_memory(what: str, hint: str, error: type = ConfigError) -> Iterator[
 class RunConfig:
     """One training run.
 
-    Model: ``model`` (a ``normlab.models`` name) with ``norm`` (a :func:`normlab.create_norm`
+    Model: ``model`` (a ``normlab.models`` name, or ``timm:<name>``: a timm model whose
+    BatchNorms ``norm`` replaces) with ``norm`` (a :func:`normlab.create_norm`
     name), ``norm_kwargs`` (e.g. ``num_groups``/``group_size`` for gn), ``model_kwargs`` (e.g.
     ``width``, ``dropout``, ``bn_conv``); ``ws=True`` swaps every Conv2d for a weight-standardized
     one (GN+WS, Qiao et al. 2019).
@@ -162,6 +163,7 @@ class RunConfig:
     label: str = ""
 
     def __post_init__(self) -> None:
+        self.model = canonical_model(self.model)  # "ResNet20" and "resnet20" are one run
         # a normalizer-free model takes no norm: the default "bn" means "not chosen" and is
         # recorded as "none", so `--model nf_resnet20` and `--model nf_resnet20 --norm none` are
         # one run (same config, same run id); any other norm is rejected by validate()

@@ -65,7 +65,7 @@ def versions() -> dict[str, str]:
     """Versions of python, torch, normlab and numpy, and the platform."""
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "platform": platform.platform()}
-    for pkg in ("normlab", "numpy", "triton"):
+    for pkg in ("normlab", "numpy", "triton", "timm"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -79,9 +79,19 @@ def versions() -> dict[str, str]:
 
 def weight_standardize_(model: nn.Module) -> nn.Module:
     """Replace every plain ``nn.Conv2d`` in ``model`` by a :class:`normlab.nn.WSConv2d` with the
-    same weights (GN+WS, Qiao et al. 2019). Collects the targets first, then swaps them."""
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Conv2d) and not isinstance(m, (WSConv2d, ScaledStdConv2d))]
+    same weights (GN+WS, Qiao et al. 2019). Collects the targets first, then swaps them. Another
+    Conv2d subclass (timm's Conv2dSame, StdConv2d, ...) computes something a WSConv2d would not
+    keep (its padding, its own standardization): a ConfigError naming it."""
+    targets = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Conv2d) or isinstance(m, (WSConv2d, ScaledStdConv2d)):
+            continue
+        if type(m) is not nn.Conv2d:
+            raise ConfigError(f"ws: cannot weight-standardize {name!r} ({type(m).__module__}."
+                              f"{type(m).__qualname__}), only plain torch.nn.Conv2d layers",
+                              hint="drop ws (the GN+WS series) or pick a model built of plain "
+                                   "Conv2d layers")
+        targets.append((name, m))
     for name, m in targets:
         ws = WSConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                       m.groups, m.bias is not None, m.padding_mode)
@@ -111,6 +121,10 @@ def build_model(cfg: RunConfig, num_classes: int, in_chans: int, image_size: int
         except (ValueError, TypeError) as e:
             raise ConfigError(f"cannot build model {cfg.model!r}: {e}", hint="see `normlab ls "
                               "--models` and the model's keyword arguments") from None
+        except ImportError as e:  # timm:<name> without a working timm
+            raise ConfigError(f"cannot build model {cfg.model!r}: {e}",
+                              hint="install timm, or pick a normlab model (`normlab ls "
+                                   "--models`)") from None
     if cfg.ws:
         weight_standardize_(model)
     return model

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 from normlab.factory import canonical_name, did_you_mean
 from normlab.lab.config import MAX_SEEDS, ConfigError, RunConfig, apply_overrides
-from normlab.models import is_normalizer_free
+from normlab.models import is_normalizer_free, normalizer_free_counterpart
 
 
 __all__ = ["Study", "Point", "Claim", "PRESETS", "setup_id", "PAPER_DEVICES", "emulate_devices",
@@ -203,6 +203,8 @@ class Study:
                               if fit else "pick ") + "a model that takes a norm "
                              "(`normlab ls --models`)")
                 study_cfg, cfg = cfg, apply_overrides(cfg, user)
+                if "model" in user and is_normalizer_free(self.variants[label].get("model")):
+                    cfg = self._normalizer_free(label, cfg)
                 self._check_not_overridden(label, x, study_cfg, cfg, user)
                 cfg = emulate_devices(cfg, k, x if self.stats_batch_axis else None)
                 if self.per_device and cfg.world_size > 1:
@@ -213,6 +215,20 @@ class Study:
                     out.append(Point(label, x, cfg.replace(seed=seed0 + seed, label=label),
                                      setup))
         return out
+
+    def _normalizer_free(self, label: str, cfg: RunConfig) -> RunConfig:
+        """A series that trains a normalizer-free model (the nf study's NF) on the user's
+        ``--model``: that model's normalizer-free counterpart (``resnet56`` -> ``nf_resnet56``),
+        not the model itself with its norms removed, which is no NF-ResNet (no Scaled WS, no
+        analytic scaling) but would be reported as one; a ConfigError when it has none."""
+        nf = normalizer_free_counterpart(cfg.model)
+        if nf is None:
+            raise ConfigError(
+                f"series {label!r} of study {self.name!r} trains a normalizer-free ResNet, and "
+                f"model {cfg.model!r} has no normalizer-free counterpart in normlab.models",
+                hint="pick a normlab ResNet (resnet20/32/56/110, resnet18/34/50/101: the series "
+                     "trains its nf_ twin) or leave the series out (--variants)")
+        return cfg.replace(model=nf).validate()
 
     def _check_not_overridden(self, label: str, x: Any, study_cfg: RunConfig, cfg: RunConfig,
                               user: dict[str, Any]) -> None:

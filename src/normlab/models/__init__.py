@@ -9,6 +9,7 @@ resnet18/34/50/101              ImageNet-style ResNet (``small_input=``, ``preac
 bn_dropout_cnn                  the BN + dropout ablation CNN         (bn_dropout_cnn.py)
 nf_resnet20/32/56/110           CIFAR-style normalizer-free ResNet       (nf_resnet.py)
 nf_resnet18/34/50/101           ImageNet-style normalizer-free ResNet    (nf_resnet.py)
+timm:<name>                     a timm model with BatchNorms, any norm   (timm_models.py)
 ==============================  ===========================================================
 
 Example::
@@ -23,8 +24,9 @@ Every residual block subclasses :class:`ResidualBlock` (found by :mod:`normlab.s
 classifier is named ``fc`` (excluded by name from adaptive gradient clipping).
 """
 
-from normlab.models.registry import (check_norm, create, is_normalizer_free, list_models,
-                                     model_uses_norm, register)
+from normlab.models.registry import (canonical_model, check_norm, create, is_normalizer_free,
+                                     list_models, model_uses_norm, normalizer_free_counterpart,
+                                     register)
 from normlab.models.residual import DropPath, ResidualBlock, residual_blocks
 from normlab.models import resnet as _resnet  # noqa: F401  (registers the ResNets)
 from normlab.models import bn_dropout_cnn as _bn_dropout_cnn  # noqa: F401
@@ -35,6 +37,7 @@ from normlab.models.bn_dropout_cnn import BNDropoutCNN
 
 __all__ = [
     "create", "list_models", "register", "model_uses_norm", "is_normalizer_free", "check_norm",
+    "canonical_model", "normalizer_free_counterpart",
     "ResidualBlock", "DropPath",
     "residual_blocks", "ResNet", "NFResNet", "BNDropoutCNN", "activation_gamma",
 ]

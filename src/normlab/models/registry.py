@@ -8,6 +8,9 @@ norm get ``norm="bn"`` when it is left out.
 
 A builder registered with ``options=`` (every normlab model) lists its keyword arguments: any
 other keyword is a TypeError naming the model, the keyword and the ones it takes.
+
+``timm:<name>`` names a model of timm's registry, built by :mod:`normlab.models.timm_models`
+with its BatchNorms replaced by ``norm``; its other keywords go to ``timm.create_model``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from typing import Any, Callable, Iterable, Optional
 
 from torch import nn
 
+from normlab.models.timm_models import PREFIX, create_timm, is_timm_name, timm_name
+
 __all__ = ["create", "list_models", "register", "model_uses_norm", "is_normalizer_free",
-           "check_norm", "keyword_names"]
+           "check_norm", "keyword_names", "canonical_model", "normalizer_free_counterpart"]
 
 
 @dataclass(frozen=True)
@@ -77,9 +82,25 @@ def list_models() -> list[str]:
     return list(_REGISTRY)
 
 
+def canonical_model(name: Any) -> Any:
+    """The one spelling of a model name: stripped and lower-case (``timm:<name>`` too), so
+    ``ResNet20`` and ``resnet20`` are one model; a non-string is returned as it is (and reported
+    where the model is built).
+
+    >>> canonical_model(" ResNet20 "), canonical_model("TIMM: resnet18")
+    ('resnet20', 'timm:resnet18')
+    """
+    if not isinstance(name, str):
+        return name
+    key = name.strip().lower()
+    return PREFIX + key[len(PREFIX):].strip() if key.startswith(PREFIX) else key
+
+
 def model_uses_norm(name: str) -> bool:
-    """Whether model ``name`` takes a ``norm`` (False for the normalizer-free models); an unknown
-    name is a ValueError."""
+    """Whether model ``name`` takes a ``norm`` (False for the normalizer-free models; True for
+    ``timm:<name>``, whose BatchNorms the norm replaces); an unknown name is a ValueError."""
+    if is_timm_name(name):
+        return True
     return _lookup(name).uses_norm
 
 
@@ -88,6 +109,24 @@ def is_normalizer_free(name: Any) -> bool:
     unknown name (or a non-string) is not an error here: False, and it is reported where the model
     is built."""
     return isinstance(name, str) and name.strip().lower() in _REGISTRY and not _lookup(name).uses_norm
+
+
+def normalizer_free_counterpart(name: Any) -> Optional[str]:
+    """The registered normalizer-free model of the same depth and kind as ``name``:
+    ``nf_resnet56`` for ``resnet56`` and ``preact_resnet56`` (NF-ResNets are pre-activation
+    ResNets), ``nf_resnet50`` for ``resnet50``; ``name`` itself when it is normalizer-free; None
+    when there is none (``bn_dropout_cnn``, ``timm:<name>``, unknown names).
+
+    >>> normalizer_free_counterpart("preact_resnet56"), normalizer_free_counterpart("bn_dropout_cnn")
+    ('nf_resnet56', None)
+    """
+    if not isinstance(name, str) or is_timm_name(name):
+        return None
+    key = canonical_model(name)
+    if is_normalizer_free(key):
+        return key
+    nf = "nf_" + key.removeprefix("preact_")
+    return nf if is_normalizer_free(nf) else None
 
 
 def check_norm(name: str, norm: Any) -> None:
@@ -120,10 +159,11 @@ def create(name: str, *, norm: Any = _UNSET, num_classes: int = 10, in_chans: in
     """Build model ``name``.
 
     Args:
-        name: one of :func:`list_models` (case-insensitive).
+        name: one of :func:`list_models` (case-insensitive), or ``timm:<name>`` for a timm
+            model whose BatchNorms ``norm`` replaces (:mod:`normlab.models.timm_models`).
         norm: a :func:`normlab.create_norm` name, class or partial; default "bn". Normalizer-free
             models take only ``None``/``"none"`` (or no ``norm``).
-        num_classes: outputs of the classifier (named ``fc`` in every model).
+        num_classes: outputs of the classifier (named ``fc`` in every normlab model).
         in_chans: input channels.
         **kwargs: the builder's own options (``width``, ``zero_init_last``, ``norm_kwargs``,
             ``small_input``, ``dropout``, ``alpha``, ``activation``, ...).
@@ -133,9 +173,12 @@ def create(name: str, *, norm: Any = _UNSET, num_classes: int = 10, in_chans: in
         >>> model = create("resnet20", norm="gn", num_classes=10)
         >>> nf = create("nf_resnet50", num_classes=1000, stochastic_depth=0.1)
     """
-    entry = _lookup(name)
     _check_positive_int(num_classes, "num_classes")
     _check_positive_int(in_chans, "in_chans")
+    if is_timm_name(name):
+        return create_timm(timm_name(name), norm="bn" if norm is _UNSET else norm,
+                           num_classes=num_classes, in_chans=in_chans, **kwargs)
+    entry = _lookup(name)
     if entry.options is not None:
         bad = sorted(k for k in kwargs if k not in entry.options)
         if bad:

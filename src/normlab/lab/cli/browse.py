@@ -18,6 +18,7 @@ from normlab.lab.run import print_report
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES
 from normlab.models import list_models
+from normlab.models.timm_models import timm_status
 
 __all__ = ["report", "ls_"]
 
@@ -63,6 +64,8 @@ def _print_known(studies: bool, models: bool, norms: bool) -> None:
             say(f"[bold]{s.name}[/]: {s.title} (series: {', '.join(s.variants)})")
     if models:
         say("models: " + ", ".join(list_models()))
+        say("and timm:<name> for a model of timm's registry that has BatchNorm layers (the "
+            f"norm replaces them): {timm_status()}")
     if norms:
         say("norms: " + ", ".join(norm_names()))
 

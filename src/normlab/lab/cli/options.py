@@ -24,7 +24,8 @@ DEFAULT_OUT = "normlab-out"
 DATA = typer.Option(None, help="digits (default) | mnist5k | synthetic | cifar10 | cifar100 | "
                                 "imagefolder")
 DATA_DIR = typer.Option(None, help="directory of cifar10/cifar100/imagefolder")
-MODEL = typer.Option(None, help="a normlab.models name (default resnet20)")
+MODEL = typer.Option(None, help="a normlab.models name (default resnet20), or timm:<name> for "
+                     "a timm model whose BatchNorms the study's norms replace")
 DEVICE = typer.Option(None, help="cpu | cuda | auto (default auto: CUDA when available, else CPU)")
 SETS = typer.Option(None, "--set", help="override: key=value (repeatable)")
 CONFIG = typer.Option(None, help="JSON or TOML file of overrides")

@@ -19,6 +19,7 @@ from normlab.lab.progress import say
 from normlab.lab.run import print_report
 from normlab.lab.store import Store
 from normlab.models import check_norm, create, model_uses_norm
+from normlab.models.timm_models import is_timm_name
 
 __all__ = ["spp", "parse_model_spec"]
 
@@ -33,8 +34,13 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
     >>> parse_model_spec("nf_resnet56:std_conv=false,alpha=0.5")
     ('nf_resnet56', {'std_conv': False, 'alpha': 0.5})
+    >>> parse_model_spec("timm:resnet18:drop_rate=0.1")
+    ('timm:resnet18', {'drop_rate': 0.1})
     """
     name, sep, rest = spec.partition(":")
+    if is_timm_name(spec):  # timm:<name>[:key=value,...]: the name holds the first ':'
+        tail, sep, rest = rest.partition(":")
+        name = f"{name}:{tail}"
     name = name.strip()
     if not name:
         raise ConfigError(f"model spec {spec!r} has no model name",
@@ -85,8 +91,11 @@ def _records(spec: str, common: dict, norm: str, batch: int, resolution: int,
         raise
     except (ValueError, TypeError) as e:
         where = " (--set applies to every model; use NAME:key=value for one)" if common else ""
-        raise ConfigError(f"{spec}: {str(e).splitlines()[0]}{where}",
-                          hint="see `normlab ls --models` and the model's keywords") from None
+        hint = ("this command finds normlab models' residual blocks; for a timm model name them "
+                "from Python: normlab.spp.signal_propagation(model, blocks=[...])"
+                if is_timm_name(name) and "blocks" in str(e) else
+                "see `normlab ls --models` and the model's keywords")
+        raise ConfigError(f"{spec}: {str(e).splitlines()[0]}{where}", hint=hint) from None
     return [r.as_dict() for r in recs], spp_mod.describe(model)
 
 

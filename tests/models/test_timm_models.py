@@ -1,0 +1,108 @@
+"""``normlab.models.create("timm:<name>", norm=...)``: timm's own models, their BatchNorms replaced.
+
+The reference is timm itself: the same model built by timm with the norm given as its
+``norm_layer`` (torch.nn's GroupNorm), from the same seed, must compute the same function as the
+one normlab builds by conversion; with ``norm="bn"`` the model must be timm's own, layer by layer.
+"""
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from normlab import models
+from normlab.models import timm_models
+from normlab.nn import BatchNorm2d, GroupNorm
+from timm_import import import_timm
+
+
+@pytest.fixture(scope="module")
+def timm():
+    return import_timm()
+
+
+def _torch_gn8(num_channels, **kwargs):  # a function: timm maps a partial of nn.GroupNorm to its own
+    return nn.GroupNorm(8, num_channels, **kwargs)
+
+
+def _train_outputs(model, x):
+    torch.manual_seed(5)
+    return model.train()(x)
+
+
+def test_gn_is_timms_model_built_with_groupnorm(timm):
+    # 2 images of 1 x 16 x 16 (random, off-centre): resnet10t's deep stem keeps a 4 x 4 map to its
+    # last stage, so every GroupNorm sees more than one value per group
+    x = torch.randn(2, 1, 16, 16) * 1.5 + 0.7
+    torch.manual_seed(0)
+    ours = models.create("timm:resnet10t", norm="gn", norm_kwargs={"num_groups": 8},
+                         num_classes=5, in_chans=1)
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet10t", num_classes=5, in_chans=1, norm_layer=_torch_gn8)
+    n_ref = sum(isinstance(m, nn.GroupNorm) for m in ref.modules())
+    assert sum(isinstance(m, GroupNorm) for m in ours.modules()) == n_ref == 14
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ours.modules())
+    theirs = dict(ref.named_parameters())
+    assert list(dict(ours.named_parameters())) == list(theirs)
+    with torch.no_grad():  # timm zero-inits each block's last norm: random affine parameters
+        for name, p in ours.named_parameters():
+            if p.dim() == 1:
+                theirs[name].copy_(torch.randn_like(p) * 0.5 + 1.0)
+            p.copy_(theirs[name])
+    torch.testing.assert_close(_train_outputs(ours, x), _train_outputs(ref, x),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_bn_is_timms_own_model_with_normlab_batchnorm(timm):
+    # 4 images of 3 x 24 x 24: batch statistics over 4 x spatial values in every layer
+    x = torch.randn(4, 3, 24, 24) - 0.4
+    torch.manual_seed(1)
+    ours = models.create("timm:resnet10t", num_classes=3)  # norm left out: bn
+    torch.manual_seed(1)
+    ref = timm.create_model("resnet10t", num_classes=3)
+    bns = [m for m in ours.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(type(m) is BatchNorm2d for m in bns)
+    assert list(ours.state_dict()) == list(ref.state_dict())  # a timm checkpoint loads as it is
+    torch.testing.assert_close(_train_outputs(ours, x), _train_outputs(ref, x))
+    for a, b in zip(ours.buffers(), ref.buffers()):  # running statistics updated alike
+        torch.testing.assert_close(a, b)
+
+
+def test_norm_act_layers_keep_their_activation(timm):
+    # efficientnet_b0 normalizes with timm's BatchNormAct2d (BN + SiLU); 2 images of 3 x 32 x 32
+    torch.manual_seed(2)
+    ours = models.create("timm:efficientnet_b0", norm="gn", norm_kwargs={"num_groups": 8},
+                         num_classes=4)
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for m in timm.create_model("efficientnet_b0").modules())
+    assert len(ours.normlab_conversion) == n_bn
+    acts = {getattr(m, "activation", None) for m in ours.modules() if isinstance(m, GroupNorm)}
+    assert "silu" in acts  # fused into the GroupNorm, not dropped
+    assert ours.eval()(torch.randn(2, 3, 32, 32) + 0.3).shape == (2, 4)
+
+
+def test_names_are_one_spelling():
+    assert models.canonical_model(" TIMM: ResNet18 ") == "timm:resnet18"
+    assert models.canonical_model("ResNet20") == "resnet20"
+    assert models.model_uses_norm("timm:resnet18") and not models.is_normalizer_free("timm:x")
+
+
+@pytest.mark.parametrize("name, kwargs, match", [
+    # ConvNeXt normalizes with LayerNorm: no BatchNorm for the norm to replace
+    ("timm:convnext_atto", {}, "'convnext_atto' has no BatchNorm layer"),
+    ("timm:resnet_18", {}, "unknown timm model 'resnet_18'.*did you mean 'resnet18'"),
+    ("timm:", {}, "names no timm model"),
+    ("timm:resnet18", {"pretrained": True}, "pretrained is not taken"),
+    ("timm:resnet18", {"checkpoint_path": "x.pth"}, "checkpoint_path is not taken"),
+])
+def test_bad_names_and_arguments(timm, name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        models.create(name, **kwargs)
+
+
+def test_without_timm_an_importerror_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # what `import timm` finds uninstalled
+    with pytest.raises(ImportError, match="pip install timm"):
+        models.create("timm:resnet18")
+    assert timm_models.timm_status().startswith("timm ")
