@@ -414,6 +414,26 @@ def test_train_one_run(tmp_path):
     assert row[0] == "done" and json.loads(row[1])["norm_kwargs"] == {"num_groups": 4}
 
 
+def test_dataset_and_norm_names_in_any_case_are_one_run_and_one_setup(tmp_path):
+    # `--data Synthetic` was an error while `reproduce Batch_Size` worked; the store records
+    # the lower-case names, so the run below is the same run (skipped) and the same setup
+    from normlab.lab.studies import get_study
+
+    args = ["--batch-size", "16", "--epochs", "1", "--set", f"data_kwargs={SMALL}", "--out",
+            str(tmp_path)]
+    r = runner.invoke(app, ["train", "--data", " Synthetic", "--norm", "GN", *args])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--data", "synthetic", "--norm", "gn", *args])
+    assert r.exit_code == 0 and "already done" in r.output, r.output
+    rows = _db(tmp_path).execute("SELECT config FROM runs").fetchall()
+    assert [(c["data"], c["norm"], c["label"]) for c in map(json.loads, (r[0] for r in rows))] \
+        == [("synthetic", "gn", "gn")]
+    st = get_study("batch-size")
+    a, b = (st.points({"data": d}, "quick") for d in ("MNIST5K ", "mnist5k"))
+    assert [p.setup for p in a] == [p.setup for p in b]
+    assert [p.cfg.run_id() for p in a] == [p.cfg.run_id() for p in b]
+
+
 def test_train_nf_model_records_norm_none(tmp_path):
     # `--model nf_*` without --norm and with --norm none are the same run, stored as norm none
     args = ["train", "--model", "nf_resnet20", "--data", "synthetic", "--batch-size", "16",

@@ -93,6 +93,20 @@ def test_disk_datasets_need_a_data_dir():
         RunConfig(data="cifar10").validate()
 
 
+@pytest.mark.parametrize("given, data, norm", [
+    ({"data": "Digits"}, "digits", "bn"),
+    ({"data": " MNIST5K ", "norm": "GN"}, "mnist5k", "gn"),
+    ({"data": "Synthetic", "norm": " GroupNorm"}, "synthetic", "gn"),  # an alias, any case
+])
+def test_dataset_and_norm_names_in_any_case_are_recorded_as_the_registry_spells_them(
+        given, data, norm):
+    # as study names: `--data Digits` was "unknown data 'Digits'", and `--norm GN` was stored
+    # as "GN", another run id (and label) than `--norm gn` for the same computation
+    cfg = apply_overrides(RunConfig(), given)
+    assert (cfg.data, cfg.norm) == (data, norm)
+    assert cfg.run_id() == RunConfig(data=data, norm=norm).run_id()
+
+
 def test_normalizer_free_models_record_norm_none():
     # an NF model takes no norm: the default "bn" is recorded as "none", so the default and an
     # explicit "none" are one run (same config and run id), built directly or through overrides

@@ -19,6 +19,9 @@ def test_digits_is_the_sklearn_set_standardized():
     assert d.x_train.shape[1:] == (1, 8, 8) and len(d.y_train) + len(d.y_test) == 1797
     assert d.num_classes == 10
     assert abs(float(d.x_train.mean())) < 1e-4 and float(d.x_train.std()) == pytest.approx(1, abs=1e-3)
+    # the name in any case, as a RunConfig records it (" Digits" was an unknown dataset)
+    e = load_dataset(" Digits")
+    assert e.name == "digits" and torch.equal(e.x_train, d.x_train)
 
 
 def test_synthetic_seeded_sized_and_not_trivially_separable():

@@ -48,7 +48,7 @@ from normlab.models import canonical_model, check_norm, is_normalizer_free
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
     "DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed", "out_of_memory",
-    "fits_in_memory", "MAX_SEEDS",
+    "fits_in_memory", "MAX_SEEDS", "canonical_data",
 ]
 
 #: seeds per point a study builds at most (``--seeds``, ``--max-seeds``): a bound on its run
@@ -169,6 +169,13 @@ class RunConfig:
         # one run (same config, same run id); any other norm is rejected by validate()
         if self.norm == "bn" and is_normalizer_free(self.model):
             self.norm = "none"
+        # names in any case, spaces around them ignored (as study names): recorded as the
+        # registry spells them, so `--data Digits --norm GN` is the run `--data digits --norm gn`
+        # (one run id, one setup, one table); a name that is not known is left for validate()
+        self.data = canonical_data(self.data)
+        if isinstance(self.norm, str):
+            with contextlib.suppress(ValueError):
+                self.norm = canonical_name(self.norm)
 
     # ------------------------------------------------------------------ derived values
     def effective_lr(self) -> float:
@@ -277,6 +284,17 @@ class RunConfig:
 @typing.no_type_check
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(RunConfig)
+
+
+def canonical_data(name: Any) -> Any:
+    """A dataset name as :data:`DATASETS` spells it: case and surrounding spaces do not matter
+    (``" MNIST5K"`` -> ``"mnist5k"``); anything but a string is returned as it is (validation
+    names it).
+
+    >>> canonical_data(" CIFAR10 ")
+    'cifar10'
+    """
+    return name.strip().lower() if isinstance(name, str) else name
 
 
 def check_seed(seed: int, name: str = "seed") -> None:

@@ -55,7 +55,7 @@ from torch.nn import functional as F
 
 from normlab.distributed import make_sampler, rank_seed
 from normlab.lab.cifar import CIFAR_EXPECTED, cifar, cifar_hint
-from normlab.lab.config import DATASETS, ConfigError, fits_in_memory
+from normlab.lab.config import DATASETS, ConfigError, canonical_data, fits_in_memory
 from normlab.lab.datasets import DataError, DataSplit, digits, imagefolder, mnist5k, synthetic
 
 __all__ = ["DataError", "DataSplit", "load_dataset", "TensorLoader", "pad_crop_flip",
@@ -77,6 +77,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, train_limit: Opti
     >>> d.x_train.shape, d.num_classes
     (torch.Size([1438, 1, 8, 8]), 10)
     """
+    name = canonical_data(name)  # any case, as RunConfig records it
     key = repr((name, str(data_dir), sorted(kwargs.items())))
     if key not in _CACHE:
         with fits_in_memory(f"{name}: the dataset (data_kwargs {kwargs})",
