@@ -500,6 +500,31 @@ def test_spp_goes_to_the_store_and_the_report(tmp_path):
     assert r.exit_code == 2 and "unknown model 'resnet7'" in r.output
 
 
+def test_spp_records_are_in_the_csv_and_json_exports(tmp_path):
+    # the exports keep what the store holds when the store is damaged (README); the spp records
+    # were in the store and the report only
+    import csv
+
+    r = runner.invoke(app, ["spp", "resnet20", "nf_resnet20:alpha=0.5", "--batch", "2",
+                            "--resolution", "8", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    con = _db(tmp_path)
+    stored = [dict(row) for row in con.execute("SELECT * FROM spp ORDER BY model, depth")]
+    assert len(stored) == 20 and {s["architecture"] for s in stored} >= {"NF + Scaled WS"}
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["spp"] == stored
+    with open(tmp_path / "spp.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["model"] for row in rows] == [s["model"] for s in stored]
+    for row, s in zip(rows, stored):
+        assert int(row["depth"]) == s["depth"] and row["name"] == s["name"]
+        assert row["measured_on"] == s["measured_on"] == "batch 2 at 8x8, seed 0"
+        for k in ("avg_sq_mean", "avg_var", "residual_var", "expected_var"):
+            # csv writes a float's repr (the same float back) and NULL as an empty cell
+            assert (None if row[k] == "" else float(row[k])) == s[k], (k, row)
+    assert any(s["expected_var"] is not None for s in stored)  # the NF model's analytic curve
+
+
 def test_spp_per_model_specs_and_nf_branches_active(tmp_path):
     # the issue-4 comparison in one command: each NAME:key=value reaches that model only
     specs = ["preact_resnet20", "preact_resnet20:order=act_norm", "nf_resnet20",

@@ -18,7 +18,7 @@ Data flows one way, and each module imports only those below it::
     studies.py    the studies: lists of run configs, the papers' tables and claims
     study.py      what a study is: Study, Point, Claim, emulate_devices, setup_id
     store.py      the results store (SQLite): claims, writes, reads, heartbeat
-    store_export.py   runs.csv, epochs.csv, results.json beside the store
+    store_export.py   runs.csv, epochs.csv, spp.csv, results.json beside the store
     store_rows.py     rows read back, each value checked for its kind
     store_open.py     schema and added columns, read-only opening, damaged-store errors
     owners.py     a run's owner (host:pid): heartbeat interval, liveness

@@ -406,7 +406,8 @@ class Store:
     # ------------------------------------------------------------------ exports
     @_names_damage
     def export(self) -> list[Path]:
-        """Write ``runs.csv``, ``epochs.csv`` and ``results.json`` next to the database."""
+        """Write ``runs.csv``, ``epochs.csv``, ``spp.csv`` and ``results.json`` next to the
+        database (:mod:`normlab.lab.store_export`)."""
         return write_exports(self.dir, self.con, self.runs())
 
 

@@ -22,7 +22,7 @@ __all__ = ["StoreError", "unwritable", "DB_NAME", "EXPORTS", "EPOCH_FIELDS"]
 
 DB_NAME = "results.sqlite"
 #: the exports written beside the store (:meth:`Store.export`)
-EXPORTS = ("runs.csv", "epochs.csv", "results.json")
+EXPORTS = ("runs.csv", "epochs.csv", "spp.csv", "results.json")
 _T = TypeVar("_T")
 #: the per-epoch metrics, in the order of the ``epochs`` table and ``epochs.csv``
 EPOCH_FIELDS = ("train_loss", "train_error", "test_loss", "test_error", "lr", "wall_time",
@@ -111,9 +111,9 @@ def _damaged(e: sqlite3.DatabaseError) -> bool:
 def _damage_error(path: Path, e: sqlite3.DatabaseError) -> StoreError:
     return StoreError(
         f"results store {str(path)!r} is damaged ({e})",
-        hint=f"the finished runs are exported beside it ({', '.join(EXPORTS)}); move the file "
-             "away (`sqlite3 FILE .recover` may salvage it) and re-run: runs not in a store "
-             "are trained again")
+        hint=f"the finished runs and spp records are exported beside it ({', '.join(EXPORTS)}); "
+             "move the file away (`sqlite3 FILE .recover` may salvage it) and re-run: runs not "
+             "in a store are trained again")
 
 
 def _names_damage(method: Callable[..., _T]) -> Callable[..., _T]:
