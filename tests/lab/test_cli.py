@@ -706,6 +706,30 @@ def test_unusable_out_dir_or_store_is_one_line_and_keeps_the_file(tmp_path):
     assert (bad / "results.sqlite").read_text() == "not a database"
 
 
+def test_a_file_or_folder_where_ls_and_report_read_or_write_says_what_it_is(tmp_path):
+    # these said "no results store at 'notes.txt/results.sqlite'" (and at a results.sqlite that
+    # is a folder) and "cannot write the report into 'notes.txt': File exists"
+    from normlab.lab.store import Store
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    folder = tmp_path / "odd"
+    (folder / "results.sqlite").mkdir(parents=True)
+    Store(tmp_path / "out").close()
+    cases = [(["ls", str(a_file)], f"{str(a_file)!r} is a file, not a results directory"),
+             (["report", str(a_file)], f"{str(a_file)!r} is a file, not a results directory"),
+             (["ls", str(folder)], f"{str(folder / 'results.sqlite')!r} is not a file"),
+             (["report", str(tmp_path / "out"), "--to", str(a_file)],
+              f"cannot write the report into {str(a_file)!r}: it is a file, not a directory")]
+    for args, needle in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, r.output
+        out = " ".join(r.output.split())
+        assert out.startswith("error:") and needle in out, out
+        assert len(r.output.strip().splitlines()) == 2, r.output
+    assert a_file.read_text() == "mine" and (folder / "results.sqlite").is_dir()
+
+
 def test_sigterm_releases_the_run_for_any_host_and_keeps_its_epochs(tmp_path):
     # SIGTERM (kill, a batch scheduler stopping a job): one line, exit 143, the run keeps its
     # finished epochs and checkpoint and is owned by nobody, so a re-run on any host (a new

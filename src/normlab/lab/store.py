@@ -84,6 +84,13 @@ class Store:
         if (read_only or not create) and self.dir.name == DB_NAME and self.dir.is_file():
             raise StoreError(f"{str(self.dir)!r} is the store file, not its output directory",
                              hint=f"pass its directory: {str(self.dir.parent)!r}")
+        if (read_only or not create) and self.dir.exists() and not self.dir.is_dir():
+            raise StoreError(f"{str(self.dir)!r} is a file, not a results directory",
+                             hint=f"pass the directory that holds {DB_NAME}")
+        if (read_only or not create) and self.path.exists() and not self.path.is_file():
+            raise StoreError(f"{str(self.path)!r} is not a file (a folder or a device where the "
+                             "results store should be)",
+                             hint="it is left as it is: move it away or pass another directory")
         if (read_only or not create) and not self.path.is_file():
             raise StoreError(f"no results store at {str(self.path)!r}",
                              hint="run `normlab reproduce --out DIR` first, or check the path")

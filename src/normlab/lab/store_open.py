@@ -136,7 +136,9 @@ def unwritable(directory: Union[str, Path]) -> Optional[str]:
         Path(directory).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory, prefix=".normlab-probe"):
             return None
-    except OSError as e:
+    except OSError as e:  # a file of that name said as such, not as mkdir's "File exists"
+        if Path(directory).exists() and not Path(directory).is_dir():
+            return "it is a file, not a directory"
         return e.strerror or type(e).__name__
 
 
