@@ -411,6 +411,19 @@ def _legacy_onnx_export() -> bool:
 _IS_TRACING = torch.jit.is_tracing  # (looked up once)
 
 
+def _is_dtensor(x: Tensor) -> bool:
+    """Whether ``x`` is a ``DTensor`` (torch.distributed's sharded tensor; its class lives in
+    ``torch.distributed._tensor`` before torch 2.5). Not imported here: a DTensor exists only
+    where its module is loaded."""
+    if type(x) is Tensor:  # the usual case, cheaply
+        return False
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        cls = getattr(sys.modules.get(name), "DTensor", None)
+        if cls is not None and isinstance(x, cls):
+            return True
+    return False
+
+
 def _batch_norm_as_torchs(x, num_groups, weight, bias, running_mean, running_var) -> bool:
     """Whether a centred training call over the batch that torch.export is tracing is one
     ``torch.batch_norm`` computes as native would (G = C, one dtype, both running buffers or
@@ -617,6 +630,13 @@ def instance_norm(
             raise ValueError(
                 f"{_ONE_SPATIAL}, got input of shape {tuple(input.shape)} (use_input_stats=True)"
             )
+        if _is_dtensor(input) and _same_dtype(input, weight, bias, running_mean, running_var):
+            # torch's own op (a batch norm of the (1, N*C, *spatial) view), which DTensor
+            # shards; its rule for the group-norm backward that normlab's backends call fails on
+            # sharded input, and it has none for a call without weight
+            y = torch.nn.functional.instance_norm(input, running_mean, running_var, weight, bias,
+                                                  True, momentum, eps)
+            return apply_activation(y, activation).contiguous()
         c = input.shape[1]
         y = normalize(
             input, c, False, weight, bias, eps, activation, backend,
