@@ -743,6 +743,12 @@ def layer_norm(
         eps = check_eps(eps)
     if activation is not None:
         activation = check_activation(activation)
+    if _is_dtensor(input) and _same_dtype(input, weight, bias):
+        # torch's op on the input's own shape, which DTensor shards: the (rows, features) view
+        # below has no sharding where a flattened dim is sharded unevenly (a batch of 3 on 2
+        # ranks: "Cannot flatten unevenly sharded tensor")
+        y = torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
+        return apply_activation(y, activation)
     exporting = _legacy_onnx_export()
     if exporting and _same_dtype(input, weight, bias):
         # ONNX LayerNormalization, whose width must be a constant (the exporter traces the
@@ -797,6 +803,9 @@ def rms_norm(
     if weight is not None:
         _check_elementwise_param(weight, shape, "weight")
     eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else check_eps(eps)
+    if _is_dtensor(input) and _same_dtype(input, weight):
+        # torch's op on the input's own shape, which DTensor shards (see layer_norm)
+        return torch.nn.functional.rms_norm(input, shape, weight, eps)
     numel = math.prod(shape)
     if input.numel() == 0:  # nothing to normalize ((rows, 0) has no view): empty, as torch
         return input.clone() if weight is None else input * weight

@@ -107,9 +107,10 @@ class LayerNorm2d(nn.Module):
         # channels to the end: (N, *spatial, C), a free view for channels_last input
         perm = (0,) + tuple(range(2, input.dim())) + (1,)
         xt = input.permute(perm)
-        y = NLF.normalize(xt.reshape(-1, self.num_channels), 1, False, self.weight, self.bias, self.eps)
+        # (layer_norm: the (N*H*W, C) view, or for a DTensor torch's op on (N, *spatial, C))
+        y = NLF.layer_norm(xt, (self.num_channels,), self.weight, self.bias, self.eps)
         inv = (0, input.dim() - 1) + tuple(range(1, input.dim() - 1))
-        return y.reshape(xt.shape).permute(inv).contiguous(memory_format=fmt)
+        return y.permute(inv).contiguous(memory_format=fmt)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
