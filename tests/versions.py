@@ -43,3 +43,26 @@ needs_torch_onnx_dynamo = pytest.mark.skipif(
     not TORCH_ONNX_DYNAMO,
     reason="torch.onnx.export has no dynamo= in this torch (< 2.5): the torch.export-based "
            "exporter is not there to test")
+
+
+def _has_sharding_apis() -> bool:
+    """FSDP2's public fully_shard, the public DTensor module, tensor parallel and DCP's
+    state_dict helpers (all public from torch 2.6; 2.4 keeps fully_shard and DTensor private)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    try:
+        import torch.distributed.checkpoint.state_dict  # noqa: F401
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        from torch.distributed.tensor import DTensor  # noqa: F401
+        from torch.distributed.tensor.parallel import SequenceParallel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_torch_sharding = pytest.mark.skipif(
+    not _has_sharding_apis(),
+    reason="the reference is torch.distributed's public fully_shard (FSDP2), DTensor, tensor "
+           "parallel and DCP state_dict APIs, which this torch lacks (< 2.6)")

@@ -56,6 +56,15 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
+    def reset_parameters(self) -> None:
+        """The identity of a new module: weight 1, bias 0, mean 0, variance 1 (for a model built
+        on the meta device and materialized with ``to_empty``, as FSDP2 users do)."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> "FrozenBatchNorm2d":
         """A frozen copy of ``bn`` (its running statistics, affine, eps and, for normlab's
