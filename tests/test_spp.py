@@ -417,3 +417,45 @@ def test_plot_adds_the_analytic_panel_when_records_have_it(tmp_path, monkeypatch
         line.get_color() for line in axes[2].get_lines() if line.get_label() == "nf")
     spp.plot({"bn": bn}, tmp_path / "bn.png")
     assert len(figs[-1].axes) == 3
+
+
+class _ResNetLayout(nn.Module):
+    """torchvision's and timm's ResNet layout: conv stem ending in maxpool, then layer1, layer2."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.maxpool = nn.MaxPool2d(2)
+        self.layer1 = nn.Sequential(_TorchvisionStyleBlock(6), _TorchvisionStyleBlock(6))
+        self.layer2 = nn.Sequential(_TorchvisionStyleBlock(6))
+
+    def forward(self, x):
+        return self.layer2(self.layer1(self.maxpool(self.conv1(x))))
+
+
+def test_a_torchvision_or_timm_resnet_layout_is_found_without_naming_blocks():
+    model = _ResNetLayout()
+    with torch.no_grad():  # branch variances other than BN's 1
+        for i, blk in enumerate([*model.layer1, *model.layer2]):
+            blk.bn2.weight.copy_(torch.linspace(0.5, 2.0, 6) * (i + 1))
+    x = torch.randn(4, 3, 8, 8) * 2 + 1  # 4 off-centre images; 4 x 4 maps after the pool
+    auto = spp.signal_propagation(model, x)
+    named = spp.signal_propagation(model, x, blocks={  # the mapping checked above by hand
+        "maxpool": None, "layer1.0": "layer1.0.bn2", "layer1.1": "layer1.1.bn2",
+        "layer2.0": "layer2.0.bn2"})
+    assert [r.as_dict() for r in auto] == [r.as_dict() for r in named]
+    assert auto[0].residual_var is None and all(r.residual_var > 0 for r in auto[1:])
+
+
+def test_timm_resnets_blocks_and_their_branch_ends():
+    from timm_import import import_timm
+
+    import_timm()
+    # zero_init_last=False: timm zero-inits each block's last norm, which would zero every branch
+    model = models.create("timm:resnet10t", norm="gn", norm_kwargs={"num_groups": 8},
+                          zero_init_last=False)
+    recs = spp.signal_propagation(model, batch_size=4, image_size=32)
+    assert [r.name for r in recs] == ["maxpool", "layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    assert all(r.residual_var > 0 for r in recs[1:])  # bn2 (a GroupNorm now) of each block
+    se = spp.resnet_layout_blocks(dict(models.create("timm:seresnet18").named_modules()))
+    assert se["layer1.0"] == "layer1.0.se"  # squeeze-excite ends the branch, after bn2

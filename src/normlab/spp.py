@@ -11,7 +11,9 @@ of every residual block, for activations ``x`` of shape (N, C, *spatial):
   module has no residual branch, e.g. the stem).
 
 Blocks of normlab models are found automatically (every :class:`normlab.models.ResidualBlock`,
-whose ``branch_out`` identity is hooked for the residual branch, and ``model.stem``); for any other
+whose ``branch_out`` identity is hooked for the residual branch, and ``model.stem``), and so are
+those of ResNets laid out as torchvision's and timm's (:func:`resnet_layout_blocks`: the blocks
+of ``layer1`` ... ``layer4``, each branch ending at its ``se`` or last norm); for any other
 ``nn.Module`` pass ``blocks=[module names]``, or ``blocks={block name: branch module name}`` to
 measure the residual branch too (e.g. a torchvision ResNet's ``{"layer1.0": "layer1.0.bn2",
 ...}``: the last module of the branch, whose output is added to the shortcut). The documented
@@ -57,7 +59,7 @@ from normlab.models.resnet import ResNet
 from normlab.nn import ScaledStdConv2d
 
 __all__ = ["SPPRecord", "channel_stats", "signal_propagation", "preserved_state", "plot",
-           "expected_variance", "describe"]
+           "expected_variance", "describe", "resnet_layout_blocks"]
 
 
 @dataclass
@@ -258,6 +260,9 @@ def _measured_modules(model: nn.Module, modules: dict[str, nn.Module],
     if blocks is None:
         chosen = [n for n, m in modules.items() if isinstance(m, ResidualBlock)]
         if not chosen:
+            layout = resnet_layout_blocks(modules)
+            if layout:
+                return list(layout), {k: v for k, v in layout.items() if v is not None}
             raise ValueError(
                 f"{type(model).__name__} has no normlab residual blocks; pass blocks=[module "
                 f"names], e.g. {[n for n in modules if n][:5]}"
@@ -276,6 +281,26 @@ def _measured_modules(model: nn.Module, modules: dict[str, nn.Module],
     if bad:
         raise ValueError(f"blocks {bad!r} are not module names of {type(model).__name__}")
     return chosen, branch_names
+
+
+def resnet_layout_blocks(modules: Mapping[str, nn.Module]) -> dict[str, Optional[str]]:
+    """The blocks of a ResNet laid out as torchvision's and timm's are (stages ``layer1`` ...
+    ``layer4``, each an ``nn.Sequential`` of residual blocks, after a stem that ends in
+    ``maxpool``): ``{"maxpool": None, "layer1.0": "layer1.0.bn2", ...}``, each block mapped to
+    the end of its residual branch (its ``se`` module where it has one, else its last norm:
+    ``bn3`` of a bottleneck, ``bn2`` of a basic block, whatever norm a conversion put there);
+    empty for any other model."""
+    stages = [f"layer{i}" for i in range(1, 5)
+              if isinstance(modules.get(f"layer{i}"), nn.Sequential)]
+    if not stages or stages[0] != "layer1":
+        return {}
+    out: dict[str, Optional[str]] = {"maxpool": None} if "maxpool" in modules else {}
+    for stage in stages:
+        for child, _ in modules[stage].named_children():
+            block = f"{stage}.{child}"
+            ends = [f"{block}.{n}" for n in ("se", "bn3", "bn2")]
+            out[block] = next((e for e in ends if isinstance(modules.get(e), nn.Module)), None)
+    return out
 
 
 def _input_batch(model: nn.Module, x: Optional[Tensor], batch_size: int,

@@ -931,6 +931,16 @@ def test_train_a_timm_model_with_a_normlab_norm(tmp_path):
     r = runner.invoke(app, ["train", "--model", "timm:convnext_atto", "--out", str(out)])
     assert r.exit_code == 2 and "has no BatchNorm layer" in r.output, r.output
     assert "timm:<name>" in runner.invoke(app, ["ls", "--models"]).output
-    # spp finds normlab's residual blocks only; a timm model (its name holds a ':') is told how
-    r = runner.invoke(app, ["spp", "timm:resnet10t:drop_rate=0.1", "--out", str(out)])
+    # spp: a timm ResNet's blocks are found (its name holds a ':' before its own key=value);
+    # its kind is none the report checks, which the report says (not "not recorded")
+    r = runner.invoke(app, ["spp", "timm:resnet10t:zero_init_last=false", "--batch", "4",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    names = [n for (n,) in _db(out).execute(
+        "SELECT name FROM spp WHERE model='timm:resnet10t:zero_init_last=false' ORDER BY depth")]
+    assert names == ["maxpool", "layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    text = (out / "report.md").read_text()
+    assert "zero\\_init\\_last=false (none of the documented kinds)" in text, text
+    assert "was not recorded" not in text
+    r = runner.invoke(app, ["spp", "timm:efficientnet_b0", "--out", str(out)])
     assert r.exit_code == 2 and "signal_propagation(model, blocks=" in r.output, r.output

@@ -33,7 +33,7 @@ from normlab import spp as spp_mod
 from normlab.lab.markdown import md_cell
 from normlab.lab.outfiles import staged
 
-__all__ = ["spp_section", "SPP_CLAIMS", "ANALYTIC_TOLERANCE", "GROWTH", "EXPLOSION"]
+__all__ = ["spp_section", "SPP_CLAIMS", "ANALYTIC_TOLERANCE", "GROWTH", "EXPLOSION", "OTHER_KIND"]
 
 ANALYTIC_TOLERANCE = 0.2   # relative deviation of the measured from the analytic variance
 GROWTH = 2.0               # squared mean, last block / first block, for "grows"
@@ -124,6 +124,11 @@ def _explodes(keys: tuple[str, ...]) -> Callable[[Records], tuple[str, str]]:
         return (REPRODUCED if ok else NOT_REPRODUCED), why + (
             f"; explodes means the {' or '.join(names[k] for k in keys)} grows >= {EXPLOSION:g}x")
     return check
+
+
+#: the kind ``normlab spp`` records for a model :func:`normlab.spp.describe` does not classify
+#: (a timm ResNet, say): measured and drawn, with no documented shape to check
+OTHER_KIND = "none of the documented kinds"
 
 
 @dataclass(frozen=True)

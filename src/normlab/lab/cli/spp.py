@@ -17,6 +17,7 @@ from normlab.lab.config import ConfigError, check_seed, fits_in_memory, parse_se
 from normlab.lab.outfiles import staged, subdir
 from normlab.lab.progress import say
 from normlab.lab.run import print_report
+from normlab.lab.spp_verdicts import OTHER_KIND
 from normlab.lab.store import Store
 from normlab.models import check_norm, create, model_uses_norm
 from normlab.models.timm_models import is_timm_name
@@ -75,9 +76,10 @@ def _model_kwargs(spec: str, name: str, own: dict, common: dict, norm: str) -> d
 
 
 def _records(spec: str, common: dict, norm: str, batch: int, resolution: int,
-             seed: int) -> tuple[list[dict], Optional[str]]:
+             seed: int) -> tuple[list[dict], str]:
     """The signal propagation records of the model ``spec`` at init, and its kind
-    (:func:`normlab.spp.describe`: what the report checks its curves against)."""
+    (:func:`normlab.spp.describe`: what the report checks its curves against; ``OTHER_KIND``
+    for a model it does not classify)."""
     name, own = parse_model_spec(spec)
     try:
         kw = _model_kwargs(spec, name, own, common, norm)
@@ -91,12 +93,13 @@ def _records(spec: str, common: dict, norm: str, batch: int, resolution: int,
         raise
     except (ValueError, TypeError) as e:
         where = " (--set applies to every model; use NAME:key=value for one)" if common else ""
-        hint = ("this command finds normlab models' residual blocks; for a timm model name them "
-                "from Python: normlab.spp.signal_propagation(model, blocks=[...])"
+        hint = ("this command finds the residual blocks of normlab's models and of ResNets laid "
+                "out as timm's (layer1..layer4); for another model name them from Python: "
+                "normlab.spp.signal_propagation(model, blocks=[...])"
                 if is_timm_name(name) and "blocks" in str(e) else
                 "see `normlab ls --models` and the model's keywords")
         raise ConfigError(f"{spec}: {str(e).splitlines()[0]}{where}", hint=hint) from None
-    return [r.as_dict() for r in recs], spp_mod.describe(model)
+    return [r.as_dict() for r in recs], spp_mod.describe(model) or OTHER_KIND
 
 
 def spp(
