@@ -944,3 +944,41 @@ def test_train_a_timm_model_with_a_normlab_norm(tmp_path):
     assert "was not recorded" not in text
     r = runner.invoke(app, ["spp", "timm:efficientnet_b0", "--out", str(out)])
     assert r.exit_code == 2 and "signal_propagation(model, blocks=" in r.output, r.output
+
+
+_OWN_MODEL_SCRIPT = '''
+from torch import nn
+import normlab
+from normlab import models
+
+
+@models.register("tinynet")  # at the top level: the --jobs workers re-import this script
+def tinynet(norm="bn", num_classes=10, in_chans=3, norm_kwargs=None):
+    kw = dict(norm_kwargs or {})
+    return nn.Sequential(nn.Conv2d(in_chans, 8, 3, padding=1, bias=False),
+                         normlab.create_norm(norm, 8, **kw), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+if __name__ == "__main__":
+    from normlab.lab.cli import app
+    app()
+'''
+
+
+def test_a_users_own_model_registered_in_a_script_that_runs_the_cli(tmp_path):
+    # README ("Your own model"): the script registers its builder, then is the CLI; the study's
+    # --jobs workers (spawned) re-import it, so they build the same model
+    script = tmp_path / "my_study.py"
+    script.write_text(_OWN_MODEL_SCRIPT)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(script), "reproduce", "--quick", "--model", "tinynet",
+                        "--data", "synthetic", "--set", f"data_kwargs={SMALL}", "--set",
+                        "epochs=1", "--jobs", "2", *TINY, "--no-report", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = _db(out).execute("SELECT status, config FROM runs").fetchall()
+    assert len(rows) == 4 and all(row["status"] == "done" for row in rows)
+    cfgs = [json.loads(row["config"]) for row in rows]
+    assert {c["model"] for c in cfgs} == {"tinynet"}
+    assert {c["norm"] for c in cfgs} == {"bn", "gn"}
