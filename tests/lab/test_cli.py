@@ -982,3 +982,20 @@ def test_a_users_own_model_registered_in_a_script_that_runs_the_cli(tmp_path):
     cfgs = [json.loads(row["config"]) for row in rows]
     assert {c["model"] for c in cfgs} == {"tinynet"}
     assert {c["norm"] for c in cfgs} == {"bn", "gn"}
+
+
+def test_a_users_own_model_trains_on_torchrun_processes(tmp_path):
+    # --nproc-per-node relaunches the command through torchrun: each worker runs the user's
+    # script (which registers the model), not `python -m normlab.lab.cli` (which does not know it)
+    script = tmp_path / "my_study.py"
+    script.write_text(_OWN_MODEL_SCRIPT)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(script), "train", "--model", "tinynet", "--norm",
+                        "syncbn", "--data", "synthetic", "--set", f"data_kwargs={SMALL}", "--set",
+                        "epochs=1", "--batch-size", "8", "--nproc-per-node", "2", "--out",
+                        str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    row = _db(out).execute("SELECT status, config FROM runs").fetchone()
+    assert row["status"] == "done"
+    cfg = json.loads(row["config"])
+    assert (cfg["model"], cfg["world_size"]) == ("tinynet", 2)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import sys
 from typing import Iterator, Optional
 
 import torch
@@ -20,12 +21,13 @@ from normlab import distributed as nd
 from normlab.distributed import LaunchSpec
 from normlab.lab.config import ConfigError
 from normlab.lab.progress import say
+from normlab.models.registry import registered_in
 
 __all__ = ["LaunchSpec", "LAUNCH_FIELDS", "CLI_MODULE", "in_worker", "check_launch",
-           "job_world_size", "must_relaunch", "relaunch"]
+           "job_world_size", "must_relaunch", "relaunch", "worker_program"]
 
 LAUNCH_FIELDS = tuple(f.name for f in dataclasses.fields(LaunchSpec))
-CLI_MODULE = "normlab.lab.cli"  # what every torchrun worker runs: ``python -m normlab.lab.cli``
+CLI_MODULE = "normlab.lab.cli"  # what torchrun workers run (but see worker_program)
 _HINT = ("--nproc-per-node K on one node; on several: --nnodes M --node-rank R --master-addr HOST "
          "--master-port P (or --rdzv-endpoint HOST:PORT), the same command on every node")
 
@@ -77,6 +79,16 @@ def _check_gpus(spec: LaunchSpec, device: Optional[torch.device]) -> None:
                                "--device cpu)")
 
 
+def worker_program() -> list[str]:
+    """What each torchrun worker runs: ``-m normlab.lab.cli``; or, when the script being run
+    registered a model (a user's own model, README "Your own model in the lab"), that script,
+    which registers it again in every worker before it runs the CLI."""
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    if script and registered_in("__main__"):
+        return [os.path.abspath(script)]
+    return ["-m", CLI_MODULE]
+
+
 def relaunch(spec: LaunchSpec, argv: list[str], device: Optional[torch.device]) -> None:
     """Re-run the command ``argv`` (``[subcommand, options...]``) on the spec's processes through
     torchrun; :class:`normlab.distributed.LaunchError` when the job fails."""
@@ -84,4 +96,4 @@ def relaunch(spec: LaunchSpec, argv: list[str], device: Optional[torch.device]) 
     say(f"launching {spec.nproc_per_node} process(es) per node x {spec.nnodes} "
         f"node(s) (torch.distributed.run)")
     with launcher_flags():  # a --master-port already in use: one error line
-        nd.launch(["-m", CLI_MODULE, *argv], **dataclasses.asdict(spec))
+        nd.launch([*worker_program(), *argv], **dataclasses.asdict(spec))

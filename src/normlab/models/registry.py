@@ -24,7 +24,8 @@ from torch import nn
 from normlab.models.timm_models import PREFIX, create_timm, is_timm_name, timm_name
 
 __all__ = ["create", "list_models", "register", "model_uses_norm", "is_normalizer_free",
-           "check_norm", "keyword_names", "canonical_model", "normalizer_free_counterpart"]
+           "check_norm", "keyword_names", "canonical_model", "normalizer_free_counterpart",
+           "registered_in"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,12 @@ def register(name: str, builder: Optional[Callable[..., nn.Module]] = None, *,
 def list_models() -> list[str]:
     """The registered model names, in registration order."""
     return list(_REGISTRY)
+
+
+def registered_in(module: str) -> list[str]:
+    """The models whose builder was defined in module ``module`` (``"__main__"``: by the script
+    being run, which the lab's torchrun workers must then run too)."""
+    return [n for n, e in _REGISTRY.items() if getattr(e.builder, "__module__", None) == module]
 
 
 def canonical_model(name: Any) -> Any:
