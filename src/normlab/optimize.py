@@ -13,7 +13,9 @@ Three steps, each recorded:
    fused into it and replaced by ``nn.Identity`` (indices and state_dict keys stay).
 3. **torch.fx** (``trace=True``): in a model fx can trace, an activation call on a norm's output
    (``F.relu``/``torch.relu``/``F.silu``/``F.gelu``, ``x.relu()``, or an activation module) that
-   is the output's only reader is fused. This rewrites the forward, so the result is a new
+   is the output's only reader is fused, and so is SiLU written out, ``x * torch.sigmoid(x)``
+   (the product and the sigmoid its only readers). One beside another reader (a residual) is
+   left, recorded with that reader's node name. This rewrites the forward, so the result is a new
    ``torch.fx.GraphModule`` (the original model keeps its unfused forward and stays correct; the
    GraphModule holds the same parameters, and fused norms are new modules sharing them).
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -89,6 +92,40 @@ def _module_activation(m: nn.Module) -> Optional[str]:
     if cls.__module__.startswith("timm.") and cls.__name__ == "GELU":
         return "gelu"
     return None
+
+
+_SIGMOID = (torch.sigmoid, F.sigmoid, torch.special.expit)
+_MUL = (operator.mul, torch.mul)
+
+
+def _sigmoid_of(node: fx.Node, x: fx.Node) -> bool:
+    """Whether ``node`` computes ``sigmoid(x)`` alone (``torch.sigmoid``, ``F.sigmoid``,
+    ``x.sigmoid()``)."""
+    if node.args != (x,) or node.kwargs:
+        return False
+    return (node.op == "call_function" and node.target in _SIGMOID
+            or node.op == "call_method" and node.target == "sigmoid")
+
+
+def _silu_product(x: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
+    """``(mul, sigmoid)`` where x's readers are exactly ``sigmoid(x)`` and ``x * sigmoid(x)``
+    (either order; ``torch.mul`` or ``*``), the sigmoid read by that product alone: SiLU
+    written out, as the original latent-diffusion code's ``nonlinearity``. Else None."""
+    if len(x.users) != 2:
+        return None
+    sig = next((u for u in x.users if _sigmoid_of(u, x)), None)
+    mul = next((u for u in x.users if u is not sig), None)
+    if sig is None or list(sig.users) != [mul] or mul.kwargs:
+        return None
+    if not (mul.op == "call_function" and mul.target in _MUL or
+            mul.op == "call_method" and mul.target == "mul"):
+        return None
+    return (mul, sig) if set(mul.args) == {x, sig} and len(mul.args) == 2 else None
+
+
+def _other_readers(node: fx.Node, act_user: fx.Node) -> str:
+    """The readers of ``node`` other than ``act_user``, named for the record."""
+    return ", ".join(u.name for u in node.users if u is not act_user)
 
 
 def _call_activation(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
@@ -357,12 +394,26 @@ def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphM
     counts = _trace.call_counts(gm)
     fused = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or len(node.users) != 1:
+        if node.op != "call_module" or not _fusable_norm(gm.get_submodule(node.target)):
             continue
         norm = gm.get_submodule(node.target)
-        user = next(iter(node.users))
-        act = _call_activation(user, gm) if user.args and user.args[0] is node else None
-        if act is None or not _fusable_norm(norm) or counts[id(norm)] != 1:
+        product = _silu_product(node)
+        if product is not None:  # x * sigmoid(x): the product is the activation's output
+            user, act, erase = product[0], "silu", product
+        else:
+            acts = [(u, _call_activation(u, gm)) for u in node.users if u.args[:1] == (node,)]
+            user, act = next(((u, a) for u, a in acts if a is not None), (None, None))
+            erase = (user,)
+            if act is not None and len(node.users) != 1:  # a residual reads the norm's output
+                _left(record, node.target,
+                      f"not fused: the {act} is not the only reader of the norm's output "
+                      f"(also read by {_other_readers(node, user)})")
+                continue
+        if act is None:
+            continue
+        if counts[id(norm)] != 1:
+            _left(record, node.target, f"not fused: the norm is called {counts[id(norm)]} "
+                                       f"times, and the {act} follows only one call")
             continue
         hooks = _hooks_in_the_way(
             norm, gm.get_submodule(user.target) if user.op == "call_module" else None)
@@ -377,7 +428,8 @@ def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphM
         fused_norm = _with_activation(norm, act)
         replace_modules(gm, lambda m, norm=norm: m is norm, lambda m, _, new=fused_norm: new)
         user.replace_all_uses_with(node)
-        gm.graph.erase_node(user)
+        for n in erase:
+            gm.graph.erase_node(n)
         record.fused.append((node.target, act, "fx"))
         fused += 1
     if not fused:
