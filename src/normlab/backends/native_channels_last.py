@@ -71,7 +71,7 @@ def group_norm_channels_last(
     sums path where uses_sums_path says so, ATen's kernel on shifted input otherwise."""
     grad = _needs_grad(x, weight, bias)
     if not uses_sums_path(x, num_groups, grad):
-        return shifted_aten_group_norm(x, weight, bias, num_groups, eps)
+        return shifted_aten_group_norm(x, weight, bias, num_groups, eps, stats_dtype)
     if grad:
         return _ChannelsLastGroupNorm.apply(x, weight, bias, num_groups, eps, stats_dtype)
     return _forward(x, weight, bias, num_groups, eps, stats_dtype)[:3]
@@ -127,16 +127,29 @@ def uses_sums_path(x: Tensor, num_groups: int, backward: bool) -> bool:
     return cpg < max_cpg and x.numel() >= numel_per_cpg * cpg
 
 
-def shifted_aten_group_norm(x, weight, bias, num_groups: int, eps: float):
+def shifted_aten_group_norm(x, weight, bias, num_groups: int, eps: float,
+                            stats_dtype: Optional[torch.dtype] = None):
     """ATen's group norm on x minus one element of each group (accurate, differentiable to any
     order, its backward slow in channels_last for narrow groups): the path where the size rule
-    does not pick the sums path, and what a recorded backward differentiates."""
+    does not pick the sums path, and what a recorded backward differentiates. Half input is
+    shifted and normalized in float32 and y rounded once (x - shift rounded to half lost up to
+    half a unit of the shifted value's last place: y off by 1-2 units where torch's is off by
+    half of one, on data that straddles zero). ``stats_dtype``: that of mean and rstd (None:
+    what ATen returns)."""
     n, c = x.shape[0], x.shape[1]
     p = math.prod(x.shape[2:])
     shift_c = _channel_shift(_rows(x.detach(), n, p, c), num_groups)  # (N, C)
-    xk = x - shift_c.view((n, c) + (1,) * (x.dim() - 2))  # channels_last, as x
+    acc = compute_dtype(x.dtype)
+    if acc != x.dtype:
+        shift_c = shift_c.to(acc)
+        weight = None if weight is None else weight.to(acc)
+        bias = None if bias is None else bias.to(acc)
+    xk = x.to(acc) - shift_c.view((n, c) + (1,) * (x.dim() - 2))  # channels_last, as x
     y, mean, rstd = torch.native_group_norm(xk, weight, bias, n, c, p, num_groups, eps)
-    return y, mean + shift_c[:, :: c // num_groups].to(mean.dtype), rstd
+    mean = mean + shift_c[:, :: c // num_groups].to(mean.dtype)
+    if stats_dtype is not None:
+        mean, rstd = mean.to(stats_dtype), rstd.to(stats_dtype)
+    return y.to(x.dtype), mean, rstd
 
 
 def _rows(t: Tensor, n: int, p: int, c: int) -> Tensor:
