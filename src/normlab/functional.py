@@ -673,7 +673,36 @@ def group_norm(
     check_input(input)
     num_groups = check_groups(num_groups, input.shape[1], _DIVISIBLE)
     _check_group_size(input, num_groups)
+    if input.dtype in _HALF and _autocasts_to_float32(input, _GROUP_NORM_FP32_AUTOCAST):
+        # torch's group_norm runs in float32 under autocast on these devices (CUDA, ...): its
+        # output is float32, as a drop-in's must be
+        input, weight, bias = (None if t is None else t.float() for t in (input, weight, bias))
     return normalize(input, num_groups, False, weight, bias, eps, activation, backend)
+
+
+def _autocast_fp32_devices(op: str) -> frozenset:
+    """The device types on which autocast runs ATen's ``op`` in float32 (its fp32 cast policy),
+    read from the dispatcher: on torch 2.13, ``aten::group_norm`` on cuda, xpu, mps, mtia and
+    maia, not on cpu. Where the dispatcher cannot be asked, CUDA's (torch's documented list)."""
+    keys = {"cuda": "AutocastCUDA", "xpu": "AutocastXPU", "mps": "AutocastMPS",
+            "mtia": "AutocastMTIA", "maia": "AutocastMAIA", "cpu": "AutocastCPU"}
+    found = set()
+    for device, key in keys.items():
+        try:
+            if torch._C._dispatch_has_kernel_for_dispatch_key(op, key):
+                found.add(device)
+        except Exception:  # (a key this torch does not know)
+            continue
+    return frozenset(found) if found else frozenset({"cuda"})
+
+
+_GROUP_NORM_FP32_AUTOCAST = _autocast_fp32_devices("aten::group_norm")
+
+
+def _autocasts_to_float32(x: Tensor, devices: frozenset) -> bool:
+    """Whether autocast is on for x's device and runs the op of ``devices`` in float32 there."""
+    device = x.device.type
+    return device in devices and torch.is_autocast_enabled(device)
 
 
 def _check_elementwise_param(p, shape: tuple, what: str) -> None:
