@@ -45,7 +45,8 @@ class GroupNorm(nn.GroupNorm):
     Shape: input (N, C, *spatial) with any number of spatial dims, any memory format; output the
     same.
     C must be ``num_channels`` also with ``affine=False`` (torch's then takes any C that G
-    divides).
+    divides). Under autocast on a device where torch runs group_norm in float32 (CUDA, not the
+    CPU) half input is computed in float32 and the output is float32, as torch's.
 
     Example::
 
