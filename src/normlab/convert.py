@@ -233,13 +233,13 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = 
     if fused is not _NOTHING and ("activation" in kwargs or not _takes_activation(to, kwargs)):
         fused = _NOTHING
     new = _build_norm(module, to, kwargs, name, fused)
-    if act is None or fused is not _NOTHING:
-        return new
-    # a norm-act target (timm's GroupNormAct, BatchNormAct2d) runs its own drop and act
-    runs_its_own = all(isinstance(new._modules.get(k), nn.Module) for k in ("drop", "act"))
-    new.drop, new.act = drop, act  # the same names as timm's: state_dict keys stay
-    if not runs_its_own:  # (there: in its place, not a second time after it)
-        new.register_forward_hook(_drop_then_act)
+    if act is not None and fused is _NOTHING:
+        # a norm-act target (timm's GroupNormAct, BatchNormAct2d) runs its own drop and act
+        runs_its_own = all(isinstance(new._modules.get(k), nn.Module) for k in ("drop", "act"))
+        new.drop, new.act = drop, act  # the same names as timm's: state_dict keys stay
+        if not runs_its_own:  # (there: in its place, not a second time after it)
+            new.register_forward_hook(_drop_then_act)
+    _carry_feature_hooks(module, new)  # after _drop_then_act: they see the activation's output
     return new
 
 
@@ -336,17 +336,53 @@ def _drop_then_act(module: nn.Module, args: Any, output: Any) -> Any:
     return module.act(module.drop(output))
 
 
-def _only_our_hook(module: nn.Module) -> bool:
-    """Whether the only hook of ``module`` is the one :func:`_build` registers."""
-    return (list(module._forward_hooks.values()) == [_drop_then_act]
-            and hooks_of(module, HOOK_DICTS) == ["forward_hooks"])
+# the hook dicts timm's FeatureHooks registers in, with the flags torch keeps beside each
+_FEATURE_HOOK_DICTS = {"_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+                       "_forward_hooks": ("_forward_hooks_with_kwargs",
+                                          "_forward_hooks_always_called")}
+
+
+def _is_feature_hook(hook: Any) -> bool:
+    """Whether ``hook`` is one of timm's feature-extraction hooks: ``FeatureHooks`` (what
+    ``features_only=True`` models with ``feature_cls="hook"``, FeatureHookNet, or
+    ``feature_location="expansion"`` register on the module whose output, or input, is a
+    feature map) records the tensor and nothing else."""
+    func = getattr(hook, "func", None)
+    owner = getattr(func, "__self__", None)
+    return (isinstance(hook, functools.partial)
+            and getattr(func, "__name__", None) == "_collect_output_hook"
+            and type(owner).__name__ == "FeatureHooks"
+            and type(owner).__module__.split(".")[0] == "timm")
+
+
+def _carry_feature_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Register on ``new``, under their ids, the timm feature-extraction hooks of ``old``: the
+    model would otherwise return fewer feature maps, silently. They only record what the norm
+    (with its activation) computes, which the replacement computes in its place. ``old`` keeps
+    them too (its hook handles, which timm never removes, still refer to it)."""
+    for attr, flags in _FEATURE_HOOK_DICTS.items():
+        for hook_id, hook in getattr(old, attr).items():
+            if _is_feature_hook(hook):
+                getattr(new, attr)[hook_id] = hook
+                for flag in flags:
+                    if hook_id in getattr(old, flag):
+                        getattr(new, flag)[hook_id] = getattr(old, flag)[hook_id]
+
+
+def _only_carried_hooks(module: nn.Module) -> bool:
+    """Whether every hook of ``module`` is one a conversion carries over: the forward hook
+    :func:`_build` registers for a kept drop and act (the replacement gets them again) and
+    timm's feature-extraction hooks."""
+    kinds = hooks_of(module, HOOK_DICTS)
+    return (set(kinds) <= {"forward_hooks", "forward_pre_hooks"}
+            and all(h is _drop_then_act or _is_feature_hook(h)
+                    for attr in _FEATURE_HOOK_DICTS for h in getattr(module, attr).values()))
 
 
 def _warn_user_hooks(replaced: list, what: str) -> None:
-    """The dropped-hooks warning for the replaced modules with hooks of the user's: the forward
-    hook an earlier conversion gave a norm for its drop and act is not one (the replacement
-    gets the drop and act again)."""
-    warn_dropped_hooks([r for r in replaced if not _only_our_hook(r[1])], what)
+    """The dropped-hooks warning for the replaced modules with hooks of the user's (not for
+    those :func:`_only_carried_hooks` accepts)."""
+    warn_dropped_hooks([r for r in replaced if not _only_carried_hooks(r[1])], what)
 
 
 def _already(module: nn.Module, target: str, target_cls: Optional[type]) -> bool:
