@@ -228,15 +228,37 @@ def test_fold_and_optimize_of_frozen_backbones():
                     assert _rel(f, want) < 1e-5 and _rel(o, want) < 1e-5
 
 
-def test_fold_of_a_feature_hook_net_says_why_it_left_pairs():
-    model = normlab.convert_norm(_backbone("resnet18", {"feature_cls": "hook"}), "frozenbn")
+class _UntraceableDetector(nn.Module):
+    """A torchvision FPN backbone (BatchNorm2d, eval) under a forward torch.fx cannot trace, as
+    a detector's (GeneralizedRCNN checks its inputs' values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torchvision.models.detection.backbone_utils.resnet_fpn_backbone(
+            backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d)
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # data-dependent: fx cannot trace it
+            return self.backbone(x)
+        return {}
+
+
+@pytest.mark.parametrize("make,folded,left", [
+    (lambda: _backbone("resnet18", {"feature_cls": "hook"}), 19, ["body.bn1"]),  # stem pair in body
+    (lambda: _trained_looking(_UntraceableDetector()).eval(), 20, []),
+], ids=["feature_hook_net", "untraceable_detector"])
+def test_fold_of_an_untraceable_model_traces_its_submodules(make, folded, left):
+    # without: the trace of the whole model failed (hooks on the stages, control flow), and only
+    # nn.Sequential neighbours were folded (the 3 downsample pairs of 20)
+    model = normlab.convert_norm(make(), "frozenbn")
     with torch.no_grad():
         expected = _levels(model(X))
-        folded, record = normlab.fold_batchnorm(model)
-        for got, want in zip(_levels(folded(X)), expected):
+        model, record = normlab.fold_batchnorm(model)
+        for got, want in zip(_levels(model(X)), expected):
             assert _rel(got, want) < 1e-5
-    assert not record.traced and "forward_hooks" in record.trace_error
-    assert len(record.folded) + len(record.skipped) == 20  # resnet18's BNs
+    assert not record.traced and len(record.folded) == folded, str(record)
+    assert record.traced_parts and "submodules traced instead" in str(record)
+    assert [name for name, _ in record.skipped] == left
     assert all("could not be traced" in why for _, why in record.skipped)
 
 

@@ -62,10 +62,17 @@ class FoldRecord:
     skipped: list = dataclasses.field(default_factory=list)
     traced: bool = True
     trace_error: str = ""
+    #: where the model does not trace: the submodules that were traced instead
+    traced_parts: list = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
+        parts = ""
+        if self.traced_parts:
+            shown = ", ".join(self.traced_parts[:5])
+            more = f" and {len(self.traced_parts) - 5} more" if len(self.traced_parts) > 5 else ""
+            parts = f"submodules traced instead: {shown}{more}; elsewhere "
         how = "traced with torch.fx" if self.traced else f"not traceable ({self.trace_error}); " \
-              "nn.Sequential neighbours only"
+              f"{parts}nn.Sequential neighbours only"
         lines = [f"fold_batchnorm: {len(self.folded)} folded, {len(self.skipped)} left ({how})"]
         lines += [f"  {norm} folded into {conv}" for conv, norm in self.folded]
         lines += [f"  left {norm}: {why}" for norm, why in self.skipped]
@@ -249,7 +256,14 @@ def _out_features(conv: nn.Module) -> int:
     return conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
 
 
-def _pairs_from_graph(gm: fx.GraphModule, record: FoldRecord) -> list:
+_SHARED_UNTRACED = ("the conv or the norm sits in the model under more than one name (the "
+                    "model could not be traced to see how each is called)")
+
+
+def _pairs_from_graph(gm: fx.GraphModule, record: FoldRecord, prefix: str = "",
+                      paths: Optional[dict] = None) -> list:
+    """The foldable pairs of a trace: of the model, or (``prefix``: its name) of a submodule
+    traced alone, where ``paths`` counts the names each module has in the whole model."""
     counts = _trace.call_counts(gm)
     pairs = []
     for node in gm.graph.nodes:
@@ -258,22 +272,62 @@ def _pairs_from_graph(gm: fx.GraphModule, record: FoldRecord) -> list:
         norm = gm.get_submodule(node.target)
         src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
         conv = gm.get_submodule(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        name = prefix + node.target
         if conv is None or not _is_conv(conv):
-            record.skipped.append((node.target, "its input is not the output of a Conv or Linear"))
+            record.skipped.append((name, "its input is not the output of a Conv or Linear"))
         elif len(src.users) != 1:
-            record.skipped.append((node.target, f"the output of {src.target!r} is read elsewhere too"))
+            record.skipped.append((name, f"the output of {prefix + src.target!r} is read elsewhere too"))
+        elif paths is not None and (paths[id(conv)] > 1 or paths[id(norm)] > 1):
+            record.skipped.append((name, _SHARED_UNTRACED))
         elif counts[id(conv)] != 1 or counts[id(norm)] != 1:
-            record.skipped.append((node.target, "the conv or the norm is called more than once"))
+            record.skipped.append((name, "the conv or the norm is called more than once"))
         else:
-            pairs.append((src.target, conv, node.target, norm))
+            pairs.append((prefix + src.target, conv, name, norm))
     return pairs
 
 
-def _pairs_from_sequentials(model: nn.Module, record: FoldRecord) -> list:
+def _traced_parts(model: nn.Module) -> list:
+    """``(name, module, graph_module)`` for the largest submodules of an untraceable ``model``
+    that trace (and hold a BatchNorm): a FeatureHookNet's hooked stages, a detector's backbone
+    under a forward with data-dependent control flow. Each is assumed to be called through its
+    own forward only, as an untraced nn.Sequential is assumed to be run whole."""
+    parts, seen = [], set()
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            if id(child) in seen or _is_norm(child) or _is_conv(child):
+                continue
+            seen.add(id(child))
+            if not any(_is_norm(m) for m in child.modules()):
+                continue
+            gm, _ = _trace.trace(child, lambda m: _is_norm(m) or _is_conv(m))
+            if gm is not None:
+                parts.append((prefix + name, child, gm))
+            else:
+                walk(child, f"{prefix}{name}.")
+
+    walk(model, "")
+    return parts
+
+
+def _pairs_untraced(model: nn.Module, record: FoldRecord) -> list:
+    """The pairs of a model torch.fx cannot trace: from the traces of its submodules that
+    trace, and elsewhere from nn.Sequential neighbours."""
+    pairs = []
+    paths = _trace.paths_count(model.named_modules(remove_duplicate=False))
+    inside = set()  # the modules of the traced parts
+    for name, part, gm in _traced_parts(model):
+        record.traced_parts.append(name)
+        pairs += _pairs_from_graph(gm, record, f"{name}.", paths)
+        inside.update(id(m) for m in part.modules())
+    return pairs + _pairs_from_sequentials(model, record, inside)
+
+
+def _pairs_from_sequentials(model: nn.Module, record: FoldRecord, inside: set) -> list:
     pairs, seen = [], set()
     paths = _trace.paths_count(model.named_modules(remove_duplicate=False))
     for name, module in model.named_modules():
-        if not _trace.plain_sequential(module):
+        if not _trace.plain_sequential(module) or id(module) in inside:
             continue
         children = list(module.named_children())
         for (cname, conv), (nname, norm) in zip(children, children[1:]):
@@ -281,14 +335,13 @@ def _pairs_from_sequentials(model: nn.Module, record: FoldRecord) -> list:
                 prefix = f"{name}." if name else ""
                 seen.add(id(norm))
                 if paths[id(conv)] > 1 or paths[id(norm)] > 1:
-                    record.skipped.append((prefix + nname, "the conv or the norm sits in the model "
-                                           "under more than one name (the model could not be "
-                                           "traced to see how each is called)"))
+                    record.skipped.append((prefix + nname, _SHARED_UNTRACED))
                     continue
                 pairs.append((prefix + cname, conv, prefix + nname, norm))
     inner = {id(sub) for m in model.modules() if _is_norm(m) for sub in m.modules() if sub is not m}
     for name, module in model.named_modules():
-        if _is_norm(module) and id(module) not in seen and id(module) not in inner:  # (not an aux BN)
+        if (_is_norm(module) and id(module) not in seen and id(module) not in inner  # (an aux BN)
+                and id(module) not in inside):  # (listed from its part's trace)
             record.skipped.append((name, "not after a Conv or Linear in an nn.Sequential (the "
                                          "model could not be traced)"))
     return pairs
@@ -310,9 +363,11 @@ def fold_batchnorm(model: nn.Module, *, example_inputs=None):
     without them a conv's input is taken to be batched. The BatchNorm is then
     replaced by ``nn.Identity`` (or by what must still run after it: a norm-act layer's dropout
     and activation, normlab's fused activation), and the conv gets the folded weight and bias (a
-    bias is added where it had none). A model torch.fx cannot trace is folded where a
-    BatchNorm follows a Conv/Linear in an ``nn.Sequential`` (assuming the Sequential is run
-    whole, which cannot be checked without a trace). Everything else is left and listed.
+    bias is added where it had none). In a model torch.fx cannot trace, the largest submodules
+    that trace are traced alone and folded as above (assuming each is called through its own
+    forward: a FeatureHookNet's hooked stages, a detector's backbone), and elsewhere a BatchNorm
+    is folded where it follows a Conv/Linear in an ``nn.Sequential`` (assuming the Sequential is
+    run whole); neither can be checked without a trace. Everything else is left and listed.
 
     Args:
         model: any module, in eval mode.
@@ -358,7 +413,7 @@ def fold_batchnorm(model: nn.Module, *, example_inputs=None):
     gm, error = _trace.trace(model, lambda m: _is_norm(m) or _is_conv(m))
     if gm is None:
         record.traced, record.trace_error = False, error
-        pairs = _pairs_from_sequentials(model, record)
+        pairs = _pairs_untraced(model, record)
     else:
         pairs = _pairs_from_graph(gm, record)
     for name, module in model.named_modules():  # (neither a leaf of the trace nor listed above)
