@@ -697,6 +697,10 @@ def _autocast_fp32_devices(op: str) -> frozenset:
 
 
 _GROUP_NORM_FP32_AUTOCAST = _autocast_fp32_devices("aten::group_norm")
+_LAYER_NORM_FP32_AUTOCAST = _autocast_fp32_devices("aten::layer_norm")
+#: (cuda and xpu on torch 2.13: the kernel registered for rms_norm there is the float32 policy,
+#: the one autocast gives the norms)
+_RMS_NORM_FP32_AUTOCAST = _autocast_fp32_devices("aten::rms_norm")
 
 
 def _autocasts_to_float32(x: Tensor, devices: frozenset) -> bool:
@@ -784,6 +788,10 @@ def layer_norm(
         # input's sizes): normalized_shape is one
         y = torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
         return apply_activation(y, activation)
+    if input.dtype in _HALF and _autocasts_to_float32(input, _LAYER_NORM_FP32_AUTOCAST):
+        # torch's layer_norm runs in float32 under autocast on these devices (CUDA, ...): its
+        # output is float32, as a drop-in's must be
+        input, weight, bias = (None if t is None else t.float() for t in (input, weight, bias))
     if k == 1 and ndim == 2:  # already (rows, features): no reshapes on the hot path
         return _dispatch(input, 1, False, weight, bias, eps, activation, backend,
                          exporting=exporting)
@@ -831,6 +839,9 @@ def rms_norm(
     shape = _check_trailing(input, normalized_shape)
     if weight is not None:
         _check_elementwise_param(weight, shape, "weight")
+    if input.dtype in _HALF and _autocasts_to_float32(input, _RMS_NORM_FP32_AUTOCAST):
+        # as layer_norm: torch's rms_norm runs in float32 under autocast on these devices
+        input, weight = (None if t is None else t.float() for t in (input, weight))
     eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else check_eps(eps)
     if _is_dtensor(input) and _same_dtype(input, weight):
         # torch's op on the input's own shape, which DTensor shards (see layer_norm)

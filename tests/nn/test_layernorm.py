@@ -82,3 +82,39 @@ def test_layernorm2d_errors():
         nlnn.LayerNorm2d(8)(torch.randn(2, 4, 3, 3))
     with pytest.raises(ValueError, match="eps must be a positive"):
         nlnn.LayerNorm(8, eps=-1.0)
+
+
+def test_torch_layer_norm_autocasts_to_float32_on_cuda():
+    # what the next test emulates on the CPU: the dispatcher holds an autocast kernel (torch's
+    # documented float32 policy) for aten::layer_norm on CUDA, none on the CPU
+    from normlab import functional as NLF
+
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has("aten::layer_norm", "AutocastCUDA") and "cuda" in NLF._LAYER_NORM_FP32_AUTOCAST
+    assert has("aten::layer_norm", "AutocastCPU") == ("cpu" in NLF._LAYER_NORM_FP32_AUTOCAST)
+
+
+@pytest.mark.parametrize("kind", ["LayerNorm", "LayerNorm2d"])
+def test_layer_norm_follows_torchs_float32_autocast(monkeypatch, kind):
+    # under CUDA autocast torch's LayerNorm computes half input in float32 and returns float32;
+    # normlab's returned the half dtype. The CPU has no such policy: emulated by naming the CPU
+    # among the devices where autocast runs layer_norm in float32
+    from normlab import functional as NLF
+
+    monkeypatch.setattr(NLF, "_LAYER_NORM_FP32_AUTOCAST", frozenset({"cpu"}))
+    torch.manual_seed(0)
+    if kind == "LayerNorm":  # (batch 2, 5 tokens, 48 features): a transformer's LN
+        ours, x = nlnn.LayerNorm(48), off_centre(2, 5, 48, dtype=torch.bfloat16)
+        ref = lambda t: F.layer_norm(t, (48,), ours.weight, ours.bias, ours.eps)  # noqa: E731
+    else:  # (2, 16, 3, 3): ConvNeXt's norm over channels, channels at dim 1
+        ours, x = nlnn.LayerNorm2d(16), off_centre(2, 16, 3, 3, dtype=torch.bfloat16)
+        ref = lambda t: F.layer_norm(t.permute(0, 2, 3, 1), (16,), ours.weight, ours.bias,  # noqa
+                                     ours.eps).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(ours.weight.shape) * 0.5 + 1)
+        ours.bias.copy_(torch.randn(ours.bias.shape) * 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref(x.float()), rtol=1e-5, atol=1e-5)
+    assert ours(x).dtype == torch.bfloat16  # autocast off: the input's dtype

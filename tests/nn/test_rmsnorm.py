@@ -103,3 +103,25 @@ def test_output_layout_is_torchs(make_x, trailing):
     want, got = theirs(x), ours(x)
     assert got.stride() == want.stride()
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_rms_norm_follows_torchs_float32_autocast(monkeypatch):
+    # under CUDA autocast torch runs rms_norm in float32 (the dispatcher holds its autocast
+    # kernel there, none on the CPU) and returns float32; normlab's returned the half dtype.
+    # Emulated on the CPU by naming it among the devices where autocast does so
+    from normlab import functional as NLF
+
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has("aten::rms_norm", "AutocastCUDA") and "cuda" in NLF._RMS_NORM_FP32_AUTOCAST
+    monkeypatch.setattr(NLF, "_RMS_NORM_FP32_AUTOCAST", frozenset({"cpu"}))
+    torch.manual_seed(0)
+    ours = nlnn.RMSNorm(64)  # an LLM's pre-norm over 64 features; 2 x 7 tokens of off-centre data
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(64) * 0.5 + 1)
+    x = off_centre(2, 7, 64, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x.float(), (64,), ours.weight),
+                               rtol=1e-5, atol=1e-5)
+    assert ours(x).dtype == torch.bfloat16  # autocast off: the input's dtype
