@@ -403,3 +403,45 @@ def test_a_model_built_on_the_meta_device():
     ours.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, 6, 6) + 3.0
     torch.testing.assert_close(ours.eval()(x), reference(x))
+
+
+class _SharedHead(nn.Module):
+    """A RetinaNet/FCOS-style head: one conv-GN-ReLU tower run on every pyramid level."""
+
+    def __init__(self, relu_on_every_call=True):
+        super().__init__()
+        self.tower = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU())
+        self.gn = nn.GroupNorm(4, 16)
+        self.relu_on_every_call = relu_on_every_call
+
+    def forward(self, x):
+        levels = [x, F.avg_pool2d(x, 2), F.avg_pool2d(x, 4)]
+        outs = [self.tower(f) for f in levels]
+        shared = [self.gn(o) for o in outs]  # a second shared norm, its ReLU on some calls only
+        shared = [F.relu(s) if self.relu_on_every_call or i == 0 else s
+                  for i, s in enumerate(shared)]
+        return torch.cat([s.flatten(1) for s in shared], 1)
+
+
+@pytest.mark.parametrize("relu_on_every_call", [True, False])
+def test_a_norm_shared_by_every_level_of_a_head_is_fused_at_every_call(relu_on_every_call):
+    # 3 levels of 2 images of 16 x 8 x 8 (8, 4 and 2 px: the GroupNorm sees 4 channels a group)
+    torch.manual_seed(0)
+    model = _SharedHead(relu_on_every_call)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.copy_(torch.randn(16) * 0.5 + 1)
+                m.bias.copy_(torch.randn(16) * 0.5)
+    x = torch.randn(2, 16, 8, 8) * 2 + 1
+    ref = model(x)
+    out, record = normlab.optimize(model)
+    fused = {name for name, _, _ in record.fused}
+    assert {"tower.1", "tower.4"} <= fused  # one module, three calls, each followed by a ReLU
+    if relu_on_every_call:
+        assert "gn" in fused
+    else:
+        assert "gn" not in fused and ("gn", "not fused: the norm is called 3 times, and the relu "
+                                            "follows 1 of them") in record.skipped
+    torch.testing.assert_close(out(x), ref, rtol=1e-5, atol=1e-5)

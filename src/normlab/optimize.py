@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -379,6 +379,23 @@ def _same_in_both_modes(model: nn.Module, code: str) -> bool:
     return other is not None and other.code == code
 
 
+def _activation_after(node: fx.Node, gm: fx.GraphModule) -> Any:
+    """For one call of a norm: ``(user, activation, nodes to erase)`` when an activation is the
+    only reader of its output (SiLU written out as ``x * sigmoid(x)`` included); ``""`` when no
+    activation follows it; else why it cannot be fused (the activation shares the output)."""
+    product = _silu_product(node)
+    if product is not None:  # x * sigmoid(x): the product is the activation's output
+        return product[0], "silu", product
+    acts = [(u, _call_activation(u, gm)) for u in node.users if u.args[:1] == (node,)]
+    user, act = next(((u, a) for u, a in acts if a is not None), (None, None))
+    if act is None:
+        return ""
+    if len(node.users) != 1:  # a residual reads the norm's output
+        return (f"not fused: the {act} is not the only reader of the norm's output "
+                f"(also read by {_other_readers(node, user)})")
+    return user, act, (user,)
+
+
 def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphModule]:
     gm, error = _trace.trace(model, _takes_activation)
     record.traced, record.trace_error = gm is not None, error
@@ -391,34 +408,35 @@ def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphM
         return None
     code = gm.code
     _drop_identities(gm)
-    counts = _trace.call_counts(gm)
+    calls: dict = {}  # id(norm) -> its call nodes, in graph order (a shared head: several)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and _fusable_norm(gm.get_submodule(node.target)):
+            calls.setdefault(id(gm.get_submodule(node.target)), []).append(node)
     fused = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not _fusable_norm(gm.get_submodule(node.target)):
+    for nodes in calls.values():
+        name, norm = nodes[0].target, gm.get_submodule(nodes[0].target)
+        found = [_activation_after(n, gm) for n in nodes]
+        reason = next((f for f in found if isinstance(f, str) and f), None)
+        fusable = [f for f in found if not isinstance(f, str)]
+        acts = sorted({f[1] for f in fusable})
+        if reason is None and fusable and len(fusable) < len(nodes):
+            reason = (f"not fused: the norm is called {len(nodes)} times, and the {acts[0]} "
+                      f"follows {len(fusable)} of them")
+        elif reason is None and len(acts) > 1:
+            reason = (f"not fused: the norm's {len(nodes)} calls are followed by different "
+                      f"activations ({', '.join(acts)})")
+        if reason is not None:
+            _left(record, name, reason)
             continue
-        norm = gm.get_submodule(node.target)
-        product = _silu_product(node)
-        if product is not None:  # x * sigmoid(x): the product is the activation's output
-            user, act, erase = product[0], "silu", product
-        else:
-            acts = [(u, _call_activation(u, gm)) for u in node.users if u.args[:1] == (node,)]
-            user, act = next(((u, a) for u, a in acts if a is not None), (None, None))
-            erase = (user,)
-            if act is not None and len(node.users) != 1:  # a residual reads the norm's output
-                _left(record, node.target,
-                      f"not fused: the {act} is not the only reader of the norm's output "
-                      f"(also read by {_other_readers(node, user)})")
-                continue
-        if act is None:
+        if not fusable:
             continue
-        if counts[id(norm)] != 1:
-            _left(record, node.target, f"not fused: the norm is called {counts[id(norm)]} "
-                                       f"times, and the {act} follows only one call")
-            continue
-        hooks = _hooks_in_the_way(
-            norm, gm.get_submodule(user.target) if user.op == "call_module" else None)
+        act = acts[0]
+        hooks = ""
+        for user, _, _ in fusable:
+            act_module = gm.get_submodule(user.target) if user.op == "call_module" else None
+            hooks = hooks or _hooks_in_the_way(norm, act_module)
         if hooks:
-            _left(record, node.target, hooks)
+            _left(record, name, hooks)
             continue
         if not fused and not _same_in_both_modes(model, code):  # before the first rewrite
             record.skipped.append(("", "activation calls not fused: the traced forward depends "
@@ -427,10 +445,11 @@ def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphM
             return None
         fused_norm = _with_activation(norm, act)
         replace_modules(gm, lambda m, norm=norm: m is norm, lambda m, _, new=fused_norm: new)
-        user.replace_all_uses_with(node)
-        for n in erase:
-            gm.graph.erase_node(n)
-        record.fused.append((node.target, act, "fx"))
+        for node, (user, _, erase) in zip(nodes, fusable):
+            user.replace_all_uses_with(node)
+            for n in erase:
+                gm.graph.erase_node(n)
+        record.fused.append((name, act, "fx"))
         fused += 1
     if not fused:
         return None
