@@ -349,3 +349,28 @@ def test_frozen_backbone_under_torchs_sync_conversion_and_jit_trace():
     with torch.no_grad():
         for a, b, want in zip(_levels(synced(X)), _levels(traced(X)), expected):
             assert torch.equal(a, want) and torch.equal(b, want)
+
+
+def test_optimize_replaces_torchvisions_frozen_bn_and_fuses_its_relu():
+    # a torchvision ResNet-18 with torchvision's FrozenBatchNorm2d (a detector's frozen backbone):
+    # optimize said "0 replaced, 0 fused, 0 left" and left it all as it was
+    TVFrozen = TVFrozenBatchNorm2d
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, norm_layer=TVFrozen, num_classes=5)
+    with torch.no_grad():  # random frozen statistics and affine: an identity would hide errors
+        for m in model.modules():
+            if isinstance(m, TVFrozen):
+                c = m.weight.shape[0]
+                m.weight.copy_(torch.rand(c) + 0.5)
+                m.bias.copy_(torch.randn(c) * 0.2)
+                m.running_mean.copy_(torch.randn(c) * 0.3)
+                m.running_var.copy_(torch.rand(c) + 0.5)
+    x = torch.randn(2, 3, 64, 64) + 0.5  # 2 images at 64 px: 2 x 2 maps in the last stage
+    keys, ref = list(model.state_dict()), model.eval()(x)
+    out, record = normlab.optimize(model)
+    n_frozen = 20  # resnet18: bn1, 2 per basic block x 8, 3 downsample
+    assert sum(r[1] == "FrozenBatchNorm2d" for r in record.replaced) == n_frozen
+    assert not any(isinstance(m, TVFrozen) for m in out.modules())
+    assert len(record.fused) == 9  # bn1 and each block's bn1 take the ReLU after them
+    assert list(out.state_dict()) == keys
+    torch.testing.assert_close(out.eval()(x), ref, rtol=1e-5, atol=1e-5)

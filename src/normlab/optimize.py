@@ -3,8 +3,9 @@
 Three steps, each recorded:
 
 1. **replace**: every torch.nn norm (BatchNorm1d/2d/3d, GroupNorm, LayerNorm, InstanceNorm1d/2d/3d,
-   RMSNorm) and timm norm layer (GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm and the
-   norm-act layers BatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct, LayerNormAct2d)
+   RMSNorm), timm norm layer (GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm and the
+   norm-act layers BatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct, LayerNormAct2d,
+   FrozenBatchNormAct2d) and torchvision's FrozenBatchNorm2d (a detector's frozen backbone)
    becomes its normlab twin, in place, holding the same Parameter and buffer objects (same
    state_dict keys, an optimizer built before keeps training them). A norm-act layer's ``act``
    is fused into the new norm (ReLU, SiLU, exact GELU; BatchNorm, SyncBatchNorm, GroupNorm,
@@ -15,7 +16,9 @@ Three steps, each recorded:
    (``F.relu``/``torch.relu``/``F.silu``/``F.gelu``, ``x.relu()``, or an activation module) that
    is the output's only reader is fused, and so is SiLU written out, ``x * torch.sigmoid(x)``
    (the product and the sigmoid its only readers). One beside another reader (a residual) is
-   left, recorded with that reader's node name. This rewrites the forward, so the result is a new
+   left, recorded with that reader's node name. A norm called several times (a detection
+   head's tower run on every pyramid level) is fused where the same activation is the only
+   reader of every call, and recorded as left otherwise. This rewrites the forward, so the result is a new
    ``torch.fx.GraphModule`` (the original model keeps its unfused forward and stays correct; the
    GraphModule holds the same parameters, and fused norms are new modules sharing them).
 
@@ -181,8 +184,13 @@ _TORCH = {
     nn.InstanceNorm1d: _in(nlnn.InstanceNorm1d), nn.InstanceNorm2d: _in(nlnn.InstanceNorm2d),
     nn.InstanceNorm3d: _in(nlnn.InstanceNorm3d), nn.RMSNorm: _rms,
 }
+def _frozen(m):
+    return nlnn.FrozenBatchNorm2d(m.weight.shape[0], m.eps, **_META)
+
+
 # timm's classes by name: (builder, whether it is a norm-act layer with ``drop`` and ``act``)
 _TIMM = {
+    "FrozenBatchNormAct2d": (_frozen, True),
     "BatchNormAct2d": (_bn(nlnn.BatchNorm2d), True), "GroupNorm": (_gn, False),
     "GroupNorm1": (_gn, False), "GroupNormAct": (_gn, True), "GroupNorm1Act": (_gn, True),
     "LayerNorm": (_ln, False), "LayerNormAct": (_ln, True), "LayerNorm2d": (_ln2d, False),
@@ -194,6 +202,8 @@ def _builder(m: nn.Module) -> Tuple[Optional[Callable], bool]:
     cls = type(m)
     if cls in _TORCH:
         return _TORCH[cls], False
+    if (cls.__module__, cls.__name__) == ("torchvision.ops.misc", "FrozenBatchNorm2d"):
+        return _frozen, False  # torchvision's (timm's FrozenBatchNorm2d is this class too)
     if cls.__module__.startswith("timm.") and cls.__name__ in _TIMM:
         return _TIMM[cls.__name__]
     return None, False
