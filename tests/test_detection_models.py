@@ -374,3 +374,23 @@ def test_optimize_replaces_torchvisions_frozen_bn_and_fuses_its_relu():
     assert len(record.fused) == 9  # bn1 and each block's bn1 take the ReLU after them
     assert list(out.state_dict()) == keys
     torch.testing.assert_close(out.eval()(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_optimize_replaces_timms_frozen_norm_act_and_keeps_its_activation():
+    # regnetx_002 frozen by timm (BatchNormAct2d -> FrozenBatchNormAct2d, ReLU inside)
+    from timm.layers import freeze_batch_norm_2d
+
+    torch.manual_seed(1)
+    model = freeze_batch_norm_2d(timm.create_model("regnetx_002", num_classes=3))
+    frozen = [m for m in model.modules() if type(m).__name__ == "FrozenBatchNormAct2d"]
+    with torch.no_grad():
+        for m in frozen:
+            c = m.weight.shape[0]
+            m.weight.copy_(torch.rand(c) + 0.5)
+            m.running_mean.copy_(torch.randn(c) * 0.3)
+            m.running_var.copy_(torch.rand(c) + 0.5)
+    ref = model.eval()(X)
+    out, record = normlab.optimize(model)
+    assert sum(r[1] == "FrozenBatchNormAct2d" for r in record.replaced) == len(frozen) > 0
+    assert not any(type(m).__name__ == "FrozenBatchNormAct2d" for m in out.modules())
+    torch.testing.assert_close(out.eval()(X), ref, rtol=1e-5, atol=1e-5)
