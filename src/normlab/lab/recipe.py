@@ -123,8 +123,8 @@ def build_model(cfg: RunConfig, num_classes: int, in_chans: int, image_size: int
                               "--models` and the model's keyword arguments") from None
         except ImportError as e:  # timm:<name> without a working timm
             raise ConfigError(f"cannot build model {cfg.model!r}: {e}",
-                              hint="install timm, or pick a normlab model (`normlab ls "
-                                   "--models`)") from None
+                              hint="install timm (and a torchvision built for this torch), or "
+                                   "pick a normlab model (`normlab ls --models`)") from None
     if cfg.ws:
         weight_standardize_(model)
     return model
