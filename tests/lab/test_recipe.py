@@ -201,3 +201,15 @@ def test_timm_models_build_with_the_norm_and_ws_and_are_refused_without_batchnor
         preflight([RunConfig(**{**TINY, "model": "timm:convnext_atto"})])
     with pytest.raises(ConfigError, match=r"cannot weight-standardize 'conv_stem' \(.*Conv2dSame"):
         build_model(RunConfig(**{**TINY, "model": "timm:tf_efficientnet_b0", "ws": True}), 4, 2)
+
+
+def test_a_timm_model_without_timm_is_one_config_error(monkeypatch):
+    import sys
+
+    from normlab.lab.recipe import build_model
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # what `import timm` finds uninstalled
+    with pytest.raises(ConfigError, match="cannot build model 'timm:resnet18': timm models need "
+                                          "the timm package") as e:
+        build_model(RunConfig(**{**TINY, "model": "timm:resnet18"}), num_classes=4, in_chans=2)
+    assert "torchvision built for this torch" in e.value.hint
