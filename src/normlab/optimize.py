@@ -170,7 +170,11 @@ def _ln(m):
 
 
 def _ln2d(m):
-    return nlnn.LayerNorm2d(m.normalized_shape[0], m.eps, m.elementwise_affine, **_META)
+    # timm's LayerNorm2d returns its (N, H, W, C) result permuted, in channels_last strides: the
+    # layers after it (ConvNeXt's convs) run channels_last on NCHW input; a copy back to NCHW
+    # cost convnext_atto's CPU training step 1.2-1.4x (benchmarks/NOTES.md)
+    return nlnn.LayerNorm2d(m.normalized_shape[0], m.eps, m.elementwise_affine,
+                            channels_last_output=True, **_META)
 
 
 def _rms(m):

@@ -75,6 +75,26 @@ def test_layernorm2d(backend, shape, layout):
     assert rel_err(xa.grad, x64.grad) < 1e-5
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_layernorm2d_channels_last_output(layout):
+    """channels_last_output=True: the same values, returned as the permuted (N, H, W, C) result
+    (channels_last strides, no copy back to NCHW), as timm's LayerNorm2d returns them."""
+    plain, cl = nlnn.LayerNorm2d(8), nlnn.LayerNorm2d(8, channels_last_output=True)
+    assert "channels_last_output=True" in repr(cl) and "channels_last" not in repr(plain)
+    x = off_centre(2, 8, 5, 6)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    y = cl(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, plain(x))
+    xa = x.detach().clone().requires_grad_()
+    xb = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 8, 5, 6)
+    (cl(xa) * g).sum().backward()
+    (plain(xb) * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
+
+
 def test_layernorm2d_errors():
     with pytest.raises(ValueError, match="num_channels must be a positive int, got 0"):
         nlnn.LayerNorm2d(0)

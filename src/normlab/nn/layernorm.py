@@ -66,9 +66,15 @@ class LayerNorm2d(nn.Module):
         num_channels: C.
         eps: added to the variance (default 1e-6, the usual choice for this layer).
         affine: learnable per-channel ``weight`` and ``bias``.
+        channels_last_output: return the normalized (N, *spatial, C) tensor permuted back to
+            (N, C, *spatial) without a copy, whatever the input's memory format, as timm's
+            ``LayerNorm2d`` does (so the layers after it run in channels_last). Default False:
+            the output keeps the input's memory format. :func:`normlab.optimize` sets it on the
+            norms that replace timm's, so a model's layout stays the one timm gave it.
 
     Shape: (N, C, H, W) NCHW or channels_last (or any number of spatial dims); the output keeps
-    the input's memory format. For channels_last input no copy is made.
+    the input's memory format (unless ``channels_last_output``). For channels_last input no copy
+    is made.
 
     Example::
 
@@ -78,12 +84,15 @@ class LayerNorm2d(nn.Module):
 
     __prepare_scriptable__ = not_scriptable
 
+    channels_last_output: bool = False
+
     def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, *, channels_last_output: bool = False) -> None:
         super().__init__()
         self.num_channels = check_count(num_channels, "num_channels")
         self.eps = NLF.check_eps(eps)
         self.affine = affine
+        self.channels_last_output = bool(channels_last_output)
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, **factory))
@@ -110,7 +119,9 @@ class LayerNorm2d(nn.Module):
         # (layer_norm: the (N*H*W, C) view, or for a DTensor torch's op on (N, *spatial, C))
         y = NLF.layer_norm(xt, (self.num_channels,), self.weight, self.bias, self.eps)
         inv = (0, input.dim() - 1) + tuple(range(1, input.dim() - 1))
-        return y.permute(inv).contiguous(memory_format=fmt)
+        y = y.permute(inv)
+        return y if self.channels_last_output else y.contiguous(memory_format=fmt)
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+        return (f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+                + (", channels_last_output=True" if self.channels_last_output else ""))
