@@ -294,3 +294,35 @@ def test_layer_norm_cases_follow_the_section6_shapes():
     assert not gb.applies("torch_bn", ln) and not gb.applies("normlab_fold", ln)
     with pytest.raises(ValueError, match="'ln2'"):
         gb.build_cases("ln2")
+
+
+def test_cpu_models_tiny_case(tmp_path):
+    """cpu_models.py on its one tiny case (resnet18, batch 2, 32 px, one round, one thread):
+    both pairs (timm vs normlab.optimize, torch GN vs normlab GN), both layouts, train step and
+    eval forward; each row has two positive times and its ratio, and each pair computes the same
+    outputs. Nothing is timed against anything."""
+    cm = _load("cpu_models")
+    import_timm = pytest.importorskip("timm_import").import_timm
+    import_timm()  # skips when timm or torchvision is missing
+    out = tmp_path / "cpu_models.csv"
+    threads = torch.get_num_threads()
+    try:
+        assert cm.main(["--tiny", "--rounds", "1", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == tuple(cm.FIELDS)
+        rows = list(reader)
+    assert {(r["variant"], r["layout"], r["mode"]) for r in rows} == {
+        (v, lay, m) for v in ("optimize", "gn") for lay in ("nchw", "cl") for m in ("train", "eval")}
+    assert len(rows) == 8
+    for r in rows:
+        assert r["model"] == "resnet18" and r["threads"] == "1" and r["cpu"] and r["torch"]
+        b, c = float(r["base_ms"]), float(r["cand_ms"])
+        assert b > 0 and c > 0 and float(r["ratio"]) == pytest.approx(c / b, rel=0.02, abs=2e-3)
+        assert float(r["max_diff"]) < 1e-4
+    opt = next(r for r in rows if r["variant"] == "optimize")
+    assert opt["record"].startswith("20 replaced, ") and "relu" in opt["record"]
+    gn = next(r for r in rows if r["variant"] == "gn")
+    assert gn["record"].startswith("20 GN")
