@@ -676,7 +676,7 @@ def group_norm(
     if input.dtype in _HALF and _autocasts_to_float32(input, _GROUP_NORM_FP32_AUTOCAST):
         # torch's group_norm runs in float32 under autocast on these devices (CUDA, ...): its
         # output is float32, as a drop-in's must be
-        input, weight, bias = (None if t is None else t.float() for t in (input, weight, bias))
+        input, weight, bias = _float32(input, weight, bias)
     return normalize(input, num_groups, False, weight, bias, eps, activation, backend)
 
 
@@ -701,6 +701,11 @@ _LAYER_NORM_FP32_AUTOCAST = _autocast_fp32_devices("aten::layer_norm")
 #: (cuda and xpu on torch 2.13: the kernel registered for rms_norm there is the float32 policy,
 #: the one autocast gives the norms)
 _RMS_NORM_FP32_AUTOCAST = _autocast_fp32_devices("aten::rms_norm")
+
+
+def _float32(*tensors: Optional[Tensor]) -> tuple:
+    """The tensors in float32 (None stays None): what autocast's float32 policy computes on."""
+    return tuple(None if t is None else t.float() for t in tensors)
 
 
 def _autocasts_to_float32(x: Tensor, devices: frozenset) -> bool:
@@ -791,7 +796,7 @@ def layer_norm(
     if input.dtype in _HALF and _autocasts_to_float32(input, _LAYER_NORM_FP32_AUTOCAST):
         # torch's layer_norm runs in float32 under autocast on these devices (CUDA, ...): its
         # output is float32, as a drop-in's must be
-        input, weight, bias = (None if t is None else t.float() for t in (input, weight, bias))
+        input, weight, bias = _float32(input, weight, bias)
     if k == 1 and ndim == 2:  # already (rows, features): no reshapes on the hot path
         return _dispatch(input, 1, False, weight, bias, eps, activation, backend,
                          exporting=exporting)
@@ -841,7 +846,7 @@ def rms_norm(
         _check_elementwise_param(weight, shape, "weight")
     if input.dtype in _HALF and _autocasts_to_float32(input, _RMS_NORM_FP32_AUTOCAST):
         # as layer_norm: torch's rms_norm runs in float32 under autocast on these devices
-        input, weight = (None if t is None else t.float() for t in (input, weight))
+        input, weight = _float32(input, weight)
     eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else check_eps(eps)
     if _is_dtensor(input) and _same_dtype(input, weight):
         # torch's op on the input's own shape, which DTensor shards (see layer_norm)

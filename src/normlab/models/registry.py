@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from torch import nn
 
-from normlab.models.timm_models import PREFIX, create_timm, is_timm_name, timm_name
+from normlab.models.timm_models import PREFIX, create_timm, is_timm_name
 
 __all__ = ["create", "list_models", "register", "model_uses_norm", "is_normalizer_free",
            "check_norm", "keyword_names", "canonical_model", "normalizer_free_counterpart",
@@ -183,7 +183,7 @@ def create(name: str, *, norm: Any = _UNSET, num_classes: int = 10, in_chans: in
     _check_positive_int(num_classes, "num_classes")
     _check_positive_int(in_chans, "in_chans")
     if is_timm_name(name):
-        return create_timm(timm_name(name), norm="bn" if norm is _UNSET else norm,
+        return create_timm(name, norm="bn" if norm is _UNSET else norm,
                            num_classes=num_classes, in_chans=in_chans, **kwargs)
     entry = _lookup(name)
     if entry.options is not None:
