@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from normlab.models import registry as model_registry
+
 MODULES = [
     "normlab.functional",
     "normlab.factory",
@@ -89,6 +91,9 @@ def test_doc_python_blocks_run_as_written(where, code, tmp_path, monkeypatch, ca
     """A snippet in the README or docs/ runs as written, on its own (imports included): a
     reader copies it whole, so it may not lean on names from another block."""
     monkeypatch.chdir(tmp_path)
+    # A snippet may register a model (the README's "mynet"); the registry is process-wide, so
+    # it is restored afterwards: a test that later lists the models sees only normlab's own.
+    monkeypatch.setattr(model_registry, "_REGISTRY", dict(model_registry._REGISTRY))
     exec(compile(code, where, "exec"), {"__name__": "__doc_snippet__"})
 
 
