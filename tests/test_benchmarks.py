@@ -326,3 +326,22 @@ def test_cpu_models_tiny_case(tmp_path):
     assert opt["record"].startswith("20 replaced, ") and "relu" in opt["record"]
     gn = next(r for r in rows if r["variant"] == "gn")
     assert gn["record"].startswith("20 GN")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_cpu_layers_tiny_cases_in_both_modes(mode):
+    """cpu_layers.py on its per-call ("tiny") cases, one repeat: a row per case with two
+    positive times and their ratio, in the mode asked for. Nothing is timed against anything."""
+    cl = _load("cpu_layers")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        rows = [r for c in ("GN32 (2,", "BN (2,", "LN (2,", "RMS (2,")
+                for r in cl.measure(1, c, mode)]
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["case"].split()[0] for r in rows] == ["GN32", "BN", "LN", "RMS"]
+    for r in rows:
+        assert r["case"].endswith("tiny") and r["mode"] == mode
+        ours, theirs = r["normlab_us"], r["torch_us"]
+        assert ours > 0 and theirs > 0 and r["ratio"] == pytest.approx(ours / theirs, rel=0.02)

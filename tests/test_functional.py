@@ -1012,3 +1012,115 @@ def test_shape_errors_are_the_runtime_errors_torch_raises(ours, theirs):
     with pytest.raises(NF.InputShapeError) as err:
         ours()
     assert isinstance(err.value, ValueError) and isinstance(err.value, RuntimeError)
+
+
+# --------------------------------------------------------------------------------------------
+# torch's own op where native would run it (layer_norm, rms_norm, group_norm): a few us a call
+# --------------------------------------------------------------------------------------------
+
+# (function, input shape, normalized_shape or groups, dtype, affine, activation)
+TORCH_OP_CASES = [
+    ("layer_norm", (2, 16, 64), (64,), torch.float32, True, None),    # tokens: (batch, seq, C)
+    ("layer_norm", (5, 12), (12,), torch.float64, False, None),       # already (rows, features)
+    ("layer_norm", (3, 4, 5, 6), (5, 6), torch.float32, True, "gelu"),  # two trailing dims
+    ("rms_norm", (2, 16, 64), (64,), torch.float32, True, None),      # tokens
+    ("rms_norm", (3, 4, 5, 6), (5, 6), torch.float64, False, None),   # two trailing dims, no weight
+    ("group_norm", (2, 12, 4, 5), 3, torch.float32, True, "relu"),    # GN, fused ReLU
+    ("group_norm", (2, 6, 9), 2, torch.float64, False, None),         # 1 spatial dim, no affine
+    ("group_norm", (3, 8, 2, 3, 2), 4, torch.bfloat16, True, "silu"),  # 3 spatial dims, half
+]
+
+
+def _torch_op_call(fn, x, arg, w, b, act, backend=None):
+    if fn == "layer_norm":
+        return NF.layer_norm(x, arg, w, b, 1e-5, activation=act, backend=backend)
+    if fn == "rms_norm":
+        return NF.rms_norm(x, arg, w, 1e-6, backend=backend)
+    return NF.group_norm(x, arg, w, b, 1e-5, activation=act, backend=backend)
+
+
+def _operator_call(fn, x, arg, w, b, act):
+    """The same call through the operator's native backend on its (N, C, ...) view."""
+    if fn == "group_norm":
+        return NF._dispatch(x, arg, False, w, b, 1e-5, act, "native")
+    numel = math.prod(arg)
+    flat = lambda t: None if t is None else t.reshape(numel)  # noqa: E731
+    eps, center, bias = (1e-5, True, flat(b)) if fn == "layer_norm" else (1e-6, False, None)
+    y = NF._dispatch(x.reshape(-1, numel), 1, False, flat(w), bias, eps, act, "native",
+                     center=center)
+    return y.reshape(x.shape)
+
+
+@pytest.mark.parametrize("fn,shape,arg,dtype,affine,act", TORCH_OP_CASES)
+def test_torch_op_path_equals_the_operators_native_bitwise(fn, shape, arg, dtype, affine, act):
+    """On the native backend a dense input goes to torch's own op (torch.layer_norm, ...) as it
+    is, without the operator's views and returned statistics: output and every gradient equal,
+    bit for bit, to the operator's native path on its view, whose accuracy the other tests show."""
+    torch.manual_seed(0)
+    x = off_centre(*shape, dtype=dtype)
+    width = shape[1] if fn == "group_norm" else arg
+    w = (torch.randn(width, dtype=dtype) * 0.5 + 1).requires_grad_() if affine else None
+    b = torch.randn(width, dtype=dtype).requires_grad_() if affine and fn != "rms_norm" else None
+    g = torch.randn(shape, dtype=dtype)
+    outs = []
+    for call in (lambda xi: _torch_op_call(fn, xi, arg, w, b, act),
+                 lambda xi: _operator_call(fn, xi, arg, w, b, act)):
+        xi = x.clone().requires_grad_()
+        y = call(xi)
+        params = [p for p in (xi, w, b) if p is not None]
+        outs.append((y.detach(), *torch.autograd.grad(y, params, g)))
+    for ours, operator in zip(*outs):
+        assert ours.dtype == operator.dtype and torch.equal(ours, operator)
+
+
+def test_torch_op_path_is_taken_only_where_native_would_run_that_op(monkeypatch):
+    """The operator is skipped only for normlab's own native backend and inputs it would hand
+    to that op as they are; every other call reaches the operator (``_dispatch``)."""
+    calls = []
+    dispatch = NF._dispatch
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return dispatch(*args, **kwargs)
+
+    monkeypatch.setattr(NF, "_dispatch", spy)
+    x3, x4 = off_centre(2, 16, 8), off_centre(2, 8, 4, 4)
+    NF.layer_norm(x3, (8,))
+    NF.rms_norm(x3, (8,))
+    NF.group_norm(x4, 4)
+    NF.group_norm(x4, 4, backend="native")
+    assert calls == []  # CPU auto and native named: torch's ops
+    NF.group_norm(x4.to(memory_format=torch.channels_last), 4)  # native's own channels_last path
+    NF.group_norm(x4[:, :, :, :2], 4)                          # strided: not as it is
+    NF.group_norm(off_centre(2, 8, 1, 1), 8)                  # one value per group: reference
+    NF.group_norm(x4, 4, None, torch.randn(8))                 # bias without weight: unit weight
+    NF.group_norm(x4, 4, torch.randn(8, dtype=torch.float64))  # parameters in another dtype
+    NF.layer_norm(x3.bfloat16(), (8,))                         # half: the group-norm kernel
+    NF.rms_norm(x3.transpose(0, 1), (8,))                      # strided
+    NF.layer_norm(x3, (8,), backend="reference")
+    with normlab.use_backend("reference"):
+        NF.rms_norm(x3, (8,))
+    assert calls == [x4.shape, (2, 8, 4, 2), (2, 8, 1, 1), x4.shape, x4.shape] + [(32, 8)] * 4
+    replaced = []
+
+    class Native:  # a backend registered under native's name replaces it: it is called
+        name = "native"
+
+        def available(self):
+            return True
+
+        def unsupported_reason(self, *a):
+            return None
+
+        def normalize(self, x, *args, **kwargs):
+            replaced.append(x.shape)
+            return normlab.backends.get_backend("reference").normalize(x, *args, **kwargs)
+
+    builtin = _INSTANCES["native"]
+    register_backend("native", Native())
+    try:
+        NF.group_norm(x4, 4)
+        NF.layer_norm(x3, (8,))
+    finally:
+        register_backend("native", builtin)
+    assert replaced == [x4.shape, (32, 8)]

@@ -12,6 +12,7 @@ Every export has a dynamic batch dim, checked at two batch sizes and a channels_
 
 import contextlib
 import io
+import re
 import warnings
 
 import pytest
@@ -174,12 +175,17 @@ def test_a_timm_model_converted_to_normlab_group_norm_exports(tmp_path):
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks' constants
 def test_torch_jit_trace_outside_an_export_keeps_the_native_kernels():
     # only the ONNX exporter's trace takes the exportable ops: a plain torch.jit.trace (TorchScript
-    # deployment) still records ATen's fused group-norm kernel
+    # deployment) still records ATen's fused kernels - group norm's, and RMSNorm's, which the
+    # exporter's trace writes as the reference's plain ops instead (it has no ONNX form there)
     model = _model(lambda: nlnn.GroupNorm(4, C))
     x = off_centre(2, 3, HW, HW)
     traced = torch.jit.trace(model, (x,))
-    assert "native_group_norm" in str(traced.inlined_graph)
+    assert re.search(r"aten::(native_)?group_norm", str(traced.inlined_graph))
     torch.testing.assert_close(traced(x), model(x))
+    rms = nn.Sequential(nlnn.RMSNorm(C)).eval()
+    xr = off_centre(2, 3, C)
+    graph = str(torch.jit.trace(rms, (xr,)).inlined_graph)
+    assert re.search(r"aten::(_fused_)?rms_norm", graph) and "aten::pow" not in graph
 
 
 def test_mixed_dtype_layer_norm_exports_through_the_plain_ops(tmp_path):

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from normlab.backends import IS_EXPORTING, get_backend, resolve_backend
+from normlab.backends import IS_EXPORTING, get_backend, native_in_force, resolve_backend
 from normlab.backends.reference import (
     FUSED_ACTIVATIONS,
     apply_activation,
@@ -398,6 +398,8 @@ def _dispatch(
 
 
 _HALF = (torch.float16, torch.bfloat16)
+#: whether ATen has the fused RMS kernel native runs (torch >= 2.8)
+_FUSED_RMS = hasattr(torch.ops.aten, "_fused_rms_norm")
 
 
 def _legacy_onnx_export() -> bool:
@@ -435,7 +437,11 @@ def _batch_norm_as_torchs(x, num_groups, weight, bias, running_mean, running_var
 
 
 def _same_dtype(x: Tensor, *params: Optional[Tensor]) -> bool:
-    return all(p is None or p.dtype == x.dtype for p in params)
+    dtype = x.dtype
+    for p in params:  # (a loop: all() over a generator costs twice as much on this hot path)
+        if p is not None and p.dtype != dtype:
+            return False
+    return True
 
 
 def _onnx_traced(x, num_groups, over_batch, weight, bias, eps, activation, running_mean,
@@ -671,13 +677,42 @@ def group_norm(
             activation=activation, backend=backend,
         )
     check_input(input)
-    num_groups = check_groups(num_groups, input.shape[1], _DIVISIBLE)
+    c = input.shape[1]
+    num_groups = check_groups(num_groups, c, _DIVISIBLE)
     _check_group_size(input, num_groups)
+    _check_channel_param(weight, c, "weight")
+    _check_channel_param(bias, c, "bias")
+    eps = check_eps(eps)
+    activation = check_activation(activation)
     if input.dtype in _HALF and _autocasts_to_float32(input, _GROUP_NORM_FP32_AUTOCAST):
         # torch's group_norm runs in float32 under autocast on these devices (CUDA, ...): its
         # output is float32, as a drop-in's must be
         input, weight, bias = _float32(input, weight, bias)
-    return normalize(input, num_groups, False, weight, bias, eps, activation, backend)
+    if _native_runs_torchs_group_norm(input, num_groups, weight, bias) and native_in_force(
+            backend, input):
+        # what native computes (ATen's group-norm kernel on the input as it is) through torch's
+        # own op: no statistics handed back, none of the operator's layers (a few us a call:
+        # benchmarks/NOTES.md, "Per-call overhead")
+        return apply_activation(torch.group_norm(input, num_groups, weight, bias, eps), activation)
+    return _dispatch(input, num_groups, False, weight, bias, eps, activation, backend)
+
+
+def _native_runs_torchs_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor],
+                                   bias: Optional[Tensor]) -> bool:
+    """Whether the native backend would run ``torch.native_group_norm`` on ``x`` as it is, with
+    ``weight`` and ``bias`` as they are - what ``torch.group_norm`` runs: a dense NCHW input
+    with 0 to 3 spatial dims, more than one value per group and sample, parameters dense and
+    in x's dtype, no bias without a weight (see native.py for each other case)."""
+    if x.dim() > 5 or not x.is_contiguous():
+        return False
+    n = x.shape[0]
+    if n == 0 or x.numel() // (n * num_groups) <= 1:
+        return False
+    dtype = x.dtype
+    if weight is None:
+        return bias is None
+    return (weight.dtype == dtype and weight.is_contiguous()
+            and (bias is None or (bias.dtype == dtype and bias.is_contiguous())))
 
 
 def _autocast_fp32_devices(op: str) -> frozenset:
@@ -797,6 +832,12 @@ def layer_norm(
         # torch's layer_norm runs in float32 under autocast on these devices (CUDA, ...): its
         # output is float32, as a drop-in's must be
         input, weight, bias = _float32(input, weight, bias)
+    if (input.dtype not in _HALF and _same_dtype(input, weight, bias) and input.is_contiguous()
+            and input.numel() > 0 and native_in_force(backend, input)):
+        # what native computes (ATen's layer-norm kernel on the (rows, features) view) through
+        # torch's own op on the input as it is: no views, no statistics handed back (a few us a
+        # call: benchmarks/NOTES.md, "Per-call overhead")
+        return apply_activation(torch.layer_norm(input, shape, weight, bias, eps), activation)
     if k == 1 and ndim == 2:  # already (rows, features): no reshapes on the hot path
         return _dispatch(input, 1, False, weight, bias, eps, activation, backend,
                          exporting=exporting)
@@ -811,6 +852,17 @@ def layer_norm(
     y = _dispatch(input.reshape(-1, numel), 1, False, weight, bias, eps, activation, backend,
                   exporting=exporting)
     return y.reshape(input.shape)
+
+
+_MACHINE_EPS: dict = {}
+
+
+def _machine_eps(dtype: torch.dtype) -> float:
+    """``torch.finfo`` of the dtype ``dtype`` is accumulated in (float32 for half), cached."""
+    eps = _MACHINE_EPS.get(dtype)
+    if eps is None:
+        eps = _MACHINE_EPS[dtype] = torch.finfo(compute_dtype(dtype)).eps
+    return eps
 
 
 def rms_norm(
@@ -847,10 +899,18 @@ def rms_norm(
     if input.dtype in _HALF and _autocasts_to_float32(input, _RMS_NORM_FP32_AUTOCAST):
         # as layer_norm: torch's rms_norm runs in float32 under autocast on these devices
         input, weight = _float32(input, weight)
-    eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else check_eps(eps)
+    eps = _machine_eps(input.dtype) if eps is None else check_eps(eps)
     if _is_dtensor(input) and _same_dtype(input, weight):
         # torch's op on the input's own shape, which DTensor shards (see layer_norm)
         return torch.nn.functional.rms_norm(input, shape, weight, eps)
+    if (_FUSED_RMS and input.dtype not in _HALF and _same_dtype(input, weight)
+            and input.is_contiguous() and input.numel() > 0 and native_in_force(backend, input)
+            and not _legacy_onnx_export()):
+        # what native computes (ATen's fused RMS kernel on the (rows, features) view, torch >=
+        # 2.8) through torch's own op on the input as it is (as layer_norm). Not under the
+        # TorchScript ONNX exporter, which has no form for aten::rms_norm (_dispatch writes
+        # the reference's ops there)
+        return torch.rms_norm(input, shape, weight, eps)
     numel = math.prod(shape)
     if input.numel() == 0:  # nothing to normalize ((rows, 0) has no view): empty, as torch
         return input.clone() if weight is None else input * weight

@@ -168,7 +168,7 @@ def get_backend(name: str) -> Backend:
             _INSTANCES[name] = None
             _IMPORT_ERRORS[name] = f"{type(e).__name__}: {e}"
         else:
-            _INSTANCES[name] = module.BACKEND
+            _INSTANCES[name] = _BUILTIN[name] = module.BACKEND
     backend = _INSTANCES[name]
     if backend is None:
         raise BackendUnavailable(
@@ -178,6 +178,7 @@ def get_backend(name: str) -> Backend:
 
 
 _IMPORT_ERRORS: dict[str, str] = {}
+_BUILTIN: dict[str, Backend] = {}  # name -> normlab's own instance, once loaded
 
 
 def available_backends() -> list[str]:
@@ -320,6 +321,21 @@ def resolve_backend(
                 and backend.unsupported_reason(x, num_groups, over_batch, activation) is None):
             return backend
     return get_backend("reference")
+
+
+def native_in_force(name: Optional[str], x: Tensor) -> bool:
+    """Whether :func:`resolve_backend` gives normlab's own native backend for a call on ``x``
+    whatever its shape and options: ``native`` named (argument, :func:`use_backend`,
+    $NORMLAB_BACKEND), or ``auto`` on a CPU tensor, and not replaced through
+    :func:`register_backend`. A caller that knows this may call the one ATen op that native
+    runs for the call directly (``torch.layer_norm`` on the input as it is, where the operator
+    takes a (rows, features) view): the same arithmetic, without the views and the returned
+    statistics. False until native is loaded (the first call through the operator loads it)."""
+    name = current_backend() if name is None else _check_name(name)
+    if name != "native" and not (name == "auto" and x.is_cpu):
+        return False
+    native = _INSTANCES.get("native")
+    return native is not None and native is _BUILTIN.get("native")
 
 
 #: torch.compiler.is_exporting (torch >= 2.5, else None), looked up once: 30 ns a call
