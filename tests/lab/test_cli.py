@@ -330,6 +330,30 @@ def test_usage_errors_are_one_line_and_a_hint(argv, needle, capsys):
     assert "╭" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, name", [
+    (["train", "--data", "cifar10", "--data-dir", ""], "--data-dir"),  # "$CIFAR" unset
+    (["reproduce", "--quick", "--out", ""], "--out"),                 # would write into the cwd
+    (["train", "--config", " "], "--config"),                         # blank
+    (["spp", "resnet20", "--out", ""], "--out"),
+    (["report", ""], "'out'"),                                        # the argument
+    (["report", "somewhere", "--to", ""], "--to"),
+    (["ls", ""], "'out'"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_working_directory(argv, name, tmp_path,
+                                                                     monkeypatch, capsys):
+    """``Path("")`` is ``.``: an empty path on the command line (a shell variable that is not
+    set) is a usage error naming the option, and nothing is read or written in the cwd."""
+    from normlab.lab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.startswith("error: ") and name in err and "an empty path" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_entry_point_exit_status_through_a_subprocess(tmp_path):
     # the real process: status 2 and two lines for a usage error, 0 for --help and success
     r = _cli("reproduce", "--seeds", "abc")

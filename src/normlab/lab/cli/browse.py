@@ -12,6 +12,7 @@ from rich.table import Table
 from normlab.factory import norm_names
 from normlab.lab.analysis import flag_kind, run_flag
 from normlab.lab.cli.guard import guard
+from normlab.lab.cli.options import path_argument, path_option
 from normlab.lab.config import ConfigError
 from normlab.lab.progress import console, literal, say
 from normlab.lab.run import print_report
@@ -26,8 +27,8 @@ _COLUMNS = ("run_id", "study@x", "label", "model", "norm", "batch/proc", "seed",
             "epochs", "test err %", "time s", "img/s")
 
 
-def report(out: Path = typer.Argument(..., help="an output directory of `normlab reproduce`"),
-           to: Optional[Path] = typer.Option(
+def report(out: Path = path_argument(..., help="an output directory of `normlab reproduce`"),
+           to: Optional[Path] = path_option(
                None, "--to", help="write report.md, report.html and figures/ here instead of "
                                   "OUT (OUT is only read: a read-only store works)")) -> None:
     """Write report.md, report.html, figures and CSV/JSON exports from OUT's store."""
@@ -35,7 +36,7 @@ def report(out: Path = typer.Argument(..., help="an output directory of `normlab
 
 
 def ls_(
-    out: Optional[Path] = typer.Argument(None, help="an output directory: list its runs"),
+    out: Optional[Path] = path_argument(None, help="an output directory: list its runs"),
     studies: bool = typer.Option(False, "--studies", help="list the studies"),
     models: bool = typer.Option(False, "--models", help="list the models"),
     norms: bool = typer.Option(False, "--norms", help="list the norms"),

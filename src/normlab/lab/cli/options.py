@@ -16,20 +16,42 @@ from normlab.lab.config import ConfigError, RunConfig, apply_overrides, load_con
 from normlab.lab.launch import LAUNCH_FIELDS, LaunchSpec, job_world_size
 
 __all__ = ["DEFAULT_OUT", "DATA", "DATA_DIR", "MODEL", "DEVICE", "SETS", "CONFIG", "OUT",
-           "with_launch_spec", "user_overrides", "command_argv"]
+           "non_empty_path", "path_option", "path_argument", "with_launch_spec", "user_overrides", "command_argv"]
 
 DEFAULT_OUT = "normlab-out"
+
+
+def non_empty_path(value: Any) -> Path:
+    """A path on the command line, refused when empty: ``Path("")`` is ``.``, so ``--out ""``
+    (``--out "$DIR"`` with DIR unset) wrote the store into the working directory and
+    ``--data-dir ""`` read the data from it."""
+    if isinstance(value, Path):
+        return value
+    if not str(value).strip():
+        raise typer.BadParameter(f"an empty path ({value!r}); is a shell variable unset? (for "
+                                 "the working directory write .)")
+    return Path(value)
+
+
+def path_option(default: Any, *decls: str, help: str) -> Any:
+    """A ``typer.Option`` for a path: :func:`non_empty_path` parses it (shown as ``<path>``)."""
+    return typer.Option(default, *decls, help=help, parser=non_empty_path, metavar="<path>")
+
+
+def path_argument(default: Any, help: str) -> Any:
+    """A ``typer.Argument`` for a path, as :func:`path_option`."""
+    return typer.Argument(default, help=help, parser=non_empty_path)
 
 # typer copies an Option given as a default, so one object serves every command
 DATA = typer.Option(None, help="digits (default) | mnist5k | synthetic | cifar10 | cifar100 | "
                                 "imagefolder")
-DATA_DIR = typer.Option(None, help="directory of cifar10/cifar100/imagefolder")
+DATA_DIR = path_option(None, help="directory of cifar10/cifar100/imagefolder")
 MODEL = typer.Option(None, help="a normlab.models name (default resnet20), or timm:<name> for "
                      "a timm model whose BatchNorms the study's norms replace")
 DEVICE = typer.Option(None, help="cpu | cuda | auto (default auto: CUDA when available, else CPU)")
 SETS = typer.Option(None, "--set", help="override: key=value (repeatable)")
-CONFIG = typer.Option(None, help="JSON or TOML file of overrides")
-OUT = typer.Option(Path(DEFAULT_OUT), help="output directory (store, figures, reports)")
+CONFIG = path_option(None, help="JSON or TOML file of overrides")
+OUT = path_option(Path(DEFAULT_OUT), help="output directory (store, figures, reports)")
 
 _KW = inspect.Parameter.KEYWORD_ONLY
 _LAUNCH_OPTIONS = [  # the LaunchSpec fields, in order, as command-line options

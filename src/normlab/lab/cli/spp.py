@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from normlab import spp as spp_mod
 from normlab.lab.cli.guard import guard
-from normlab.lab.cli.options import DEFAULT_OUT
+from normlab.lab.cli.options import DEFAULT_OUT, path_option
 from normlab.lab.config import ConfigError, check_seed, fits_in_memory, parse_set
 from normlab.lab.outfiles import staged, subdir
 from normlab.lab.progress import say
@@ -107,8 +107,8 @@ def spp(
         ..., help="models, each NAME or NAME:key=value[,key=value] (keywords for that model "
                   "only, e.g. preact_resnet56:order=act_norm, preact_resnet56:norm=none, "
                   "nf_resnet56:std_conv=false)"),
-    out: Path = typer.Option(Path(DEFAULT_OUT), help="output directory (store, figures/spp.*, "
-                                                     "report.md and report.html)"),
+    out: Path = path_option(Path(DEFAULT_OUT), help="output directory (store, figures/spp.*, "
+                                                    "report.md and report.html)"),
     norm: str = typer.Option("bn", help="norm for the models that take one (NAME:norm=... "
                                         "for one model)"),
     batch: int = typer.Option(64, help="unit-Gaussian batch size"),
