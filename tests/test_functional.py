@@ -1083,6 +1083,7 @@ def test_torch_op_path_is_taken_only_where_native_would_run_that_op(monkeypatch)
         calls.append(args[0].shape)
         return dispatch(*args, **kwargs)
 
+    normlab.backends.get_backend("native")  # loaded (a process's first call loads it)
     monkeypatch.setattr(NF, "_dispatch", spy)
     x3, x4 = off_centre(2, 16, 8), off_centre(2, 8, 4, 4)
     NF.layer_norm(x3, (8,))
