@@ -16,7 +16,8 @@ from normlab.lab.config import ConfigError, RunConfig, apply_overrides, load_con
 from normlab.lab.launch import LAUNCH_FIELDS, LaunchSpec, job_world_size
 
 __all__ = ["DEFAULT_OUT", "DATA", "DATA_DIR", "MODEL", "DEVICE", "SETS", "CONFIG", "OUT",
-           "non_empty_path", "path_option", "path_argument", "with_launch_spec", "user_overrides", "command_argv"]
+           "non_empty_path", "path_option", "path_argument", "with_launch_spec",
+           "user_overrides", "command_argv"]
 
 DEFAULT_OUT = "normlab-out"
 
@@ -41,6 +42,7 @@ def path_option(default: Any, *decls: str, help: str) -> Any:
 def path_argument(default: Any, help: str) -> Any:
     """A ``typer.Argument`` for a path, as :func:`path_option`."""
     return typer.Argument(default, help=help, parser=non_empty_path)
+
 
 # typer copies an Option given as a default, so one object serves every command
 DATA = typer.Option(None, help="digits (default) | mnist5k | synthetic | cifar10 | cifar100 | "
