@@ -354,6 +354,31 @@ def test_an_empty_path_is_refused_not_read_as_the_working_directory(argv, name, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, planted, kind", [
+    (["train", "--data", "synthetic"], "runs.csv", "dir"),              # an export of the store
+    (["train", "--data", "synthetic"], "results.json", "dir"),
+    (["reproduce", "--quick", "--data", "synthetic"], "report.md", "dir"),  # the report's
+    (["reproduce", "--quick", "--data", "synthetic"], "figures", "file"),
+    (["spp", "resnet20"], "report.html", "dir"),
+    (["spp", "resnet20"], "figures", "file"),
+])
+def test_what_would_stop_the_exports_or_report_is_said_before_anything_runs(
+        argv, planted, kind, tmp_path, capsys):
+    """A folder where normlab writes a file (or a file where it makes its folder) in OUT is an
+    error naming it before any training or measuring - it was the error at the end, after the
+    study's runs - and nothing is created in OUT."""
+    from normlab.lab.cli import main
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / planted).mkdir() if kind == "dir" else (out / planted).write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and planted in err, err
+    assert sorted(p.name for p in out.iterdir()) == [planted]
+
+
 def test_entry_point_exit_status_through_a_subprocess(tmp_path):
     # the real process: status 2 and two lines for a usage error, 0 for --help and success
     r = _cli("reproduce", "--seeds", "abc")

@@ -37,7 +37,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from normlab.lab.config import ConfigError
 
-__all__ = ["not_a_link", "a_folder", "subdir", "write_via", "write_text", "staged",
+__all__ = ["not_a_link", "a_folder", "a_file", "subdir", "write_via", "write_text", "staged",
            "STALE_TMP_SECONDS"]
 
 #: a temporary file or staging folder of a killed writer is removed once this old (seconds)
@@ -61,6 +61,16 @@ def a_folder(path: Path, inside: Path) -> Path:
     if not_a_link(path, inside).exists() and not path.is_dir():
         raise ConfigError(f"{str(path)!r} is a file; normlab writes its files into a folder of "
                           "that name", hint="move the file away (normlab makes the folder)")
+    return path
+
+
+def a_file(path: Path) -> Path:
+    """``path``, a file normlab writes (renaming a new file onto it); a ConfigError when a
+    folder is at its name (no rename replaces a folder). Checked before a study trains, so the
+    error comes first rather than when its exports are written."""
+    if path.is_dir() and not path.is_symlink():
+        raise ConfigError(f"{str(path)!r} is a folder; normlab writes its own file at that name",
+                          hint="move the folder away (or pass another --out)")
     return path
 
 

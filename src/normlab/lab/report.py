@@ -28,7 +28,7 @@ from normlab.lab.analysis import (INCONCLUSIVE, NO_USABLE_RUN, NOT_REPRODUCED, N
                                   run_flag, setup_level, verdict)
 from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
-from normlab.lab.outfiles import subdir, write_text
+from normlab.lab.outfiles import a_file, a_folder, subdir, write_text
 from normlab.lab.plots import plot_study
 from normlab.lab.spp_verdicts import spp_section
 from normlab.lab.store import Store, StoreError, unwritable
@@ -36,8 +36,8 @@ from normlab.lab.studies import STUDIES, Study
 from normlab.lab.summary import summary_lines
 
 # the verdict names and rules are analysis.py's, re-exported for the report's readers
-__all__ = ["verdict", "write_report", "Z", "SD_FLOOR", "SD_ONE_SEED", "REPRODUCED",
-           "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "NO_USABLE_RUN"]
+__all__ = ["verdict", "write_report", "check_report_places", "Z", "SD_FLOOR", "SD_ONE_SEED",
+           "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "NO_USABLE_RUN"]
 
 
 def _fmt(s: Optional[dict]) -> str:
@@ -252,6 +252,19 @@ def _single_runs_section(store: Store) -> list[str]:
     return lines + [""]
 
 
+#: the files :func:`write_report` writes into its directory, and its figures folder
+REPORT_FILES = ("report.md", "report.html")
+FIGURES = "figures"
+
+
+def check_report_places(dest: Path) -> None:
+    """A ConfigError, before a study trains, when :func:`write_report` could not write into
+    ``dest`` at the end: a folder at a report file's name, a file at ``figures``."""
+    for name in REPORT_FILES:
+        a_file(dest / name)
+    a_folder(dest / FIGURES, dest)
+
+
 def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Path, Path]:
     """Write ``OUT/report.md``, ``OUT/report.html`` and ``OUT/figures/*`` from ``OUT``'s store
     (opened read-only), and refresh the CSV/JSON exports; with ``to``, the report and figures go
@@ -264,7 +277,7 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
         if why is not None:
             raise StoreError(f"cannot write the report into {str(dest)!r}: {why}",
                              hint="pass --to DIR to write it elsewhere (the store is only read)")
-        fig_dir = subdir(dest, "figures")  # a real folder inside dest, not a link out of it
+        fig_dir = subdir(dest, FIGURES)  # a real folder inside dest, not a link out of it
         names = [s for s, _ in store.studies()]
         lines = ["# normlab report", "",
                  f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{store.path.name}` "
@@ -303,9 +316,9 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
             lines += ["## Environment", "", f"device: {_md(r.get('device'))}; versions: "
                       + ", ".join(_md(f"{k} {v}") for k, v in sorted(r["versions"].items())), ""]
         md = "\n".join(lines)
-        md_path = dest / "report.md"
+        md_path = dest / REPORT_FILES[0]
         write_text(md_path, md)
-        html_path = dest / "report.html"
+        html_path = dest / REPORT_FILES[1]
         write_text(html_path, _to_html(md, fig_dir))
         if to is None:
             store.export()

@@ -22,7 +22,7 @@ from normlab.lab.launch import in_worker
 from normlab.lab.power import run_with_power
 from normlab.lab.progress import say
 from normlab.lab.recipe import resolve_device
-from normlab.lab.report import write_report
+from normlab.lab.report import check_report_places, write_report
 from normlab.lab.runner import Counts, run_distributed, run_inline, run_parallel
 from normlab.lab.store import Store
 from normlab.lab.studies import Point, Study
@@ -101,6 +101,8 @@ def run_study(study: Study, preset: str, points: list[Point], out: Path, *,
     processes train (:func:`jobs_for`) and, given ``more_seeds`` (the study's points at
     ``seeds_at`` counts), power rounds follow (:func:`normlab.lab.power.run_with_power` with
     the ``power`` budget keywords). ``info`` is stored with the setup (the protocol)."""
+    if report:  # what would stop the report at the end, said before anything trains
+        check_report_places(out)
     t0 = time.perf_counter()
     head = f"[bold]{study.name}[/] ({preset}): {len(points)} runs"
     if in_worker():  # every rank would have to agree on each round: the first run list only

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from normlab.lab.owners import HEARTBEAT_S, _me, _my_start, _owner_alive, stale_after_s
-from normlab.lab.outfiles import a_folder, not_a_link
+from normlab.lab.outfiles import a_file, a_folder, not_a_link
 from normlab.lab.store_export import write_exports
 from normlab.lab.store_rows import (RUN_NUMBERS, SPP_NUMBERS, epoch_row, json_object, member_x,
                                     numbers, one_kind_of_x, run_config, stored_setup_info)
@@ -102,6 +102,8 @@ class Store:
             check_writable(self.dir, self.path)
             not_a_link(self.path, self.dir)  # written into: not a link out of --out
             a_folder(self.checkpoint_dir, self.dir)
+            for name in EXPORTS:  # written when the store closes: said now, not after a study
+                a_file(self.dir / name)
             self.con = self._connect_writable()
         if not read_only:
             try:

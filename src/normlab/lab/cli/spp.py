@@ -16,6 +16,7 @@ from normlab.lab.cli.options import DEFAULT_OUT, path_option
 from normlab.lab.config import ConfigError, check_seed, fits_in_memory, parse_set
 from normlab.lab.outfiles import staged, subdir
 from normlab.lab.progress import say
+from normlab.lab.report import check_report_places
 from normlab.lab.run import print_report
 from normlab.lab.spp_verdicts import OTHER_KIND
 from normlab.lab.store import Store
@@ -137,6 +138,7 @@ def spp(
             raise ConfigError(f"--batch and --resolution must be >= 1, got {batch}, {resolution}")
         check_seed(seed, "--seed")
         common = parse_set(set_)
+        check_report_places(out)  # before measuring, not when the report is written
         records, kinds = {}, {}
         for spec in models:
             name, own = parse_model_spec(spec)
