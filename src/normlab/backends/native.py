@@ -32,6 +32,7 @@ the tests check that claim on a large-offset input.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -123,7 +124,16 @@ class NativeBackend:
                 return _REFERENCE.normalize(x, g, over_batch, weight, bias, eps, activation,
                                             running_mean, running_var, momentum)
             fmt = output_memory_format(x)
-            if fmt != torch.contiguous_format and x.is_cpu:
+            if (fmt != torch.contiguous_format and not torch.compiler.is_compiling()
+                    and _FUNCTORCH_WRAPPED(x)):
+                # under torch.func (jvp, grad, vmap) on NCHW data: ATen's forward-AD formula for
+                # a channels_last group norm fails on a view ("view size is not compatible"),
+                # torch.nn's GroupNorm too
+                y, mean, rstd = torch.native_group_norm(x.contiguous(), weight, bias, n, c, hxw,
+                                                        g, eps)
+                with contextlib.suppress(RuntimeError):  # (inside vmap functorch refuses a
+                    y = y.contiguous(memory_format=fmt)  # layout: the values are the same)
+            elif fmt != torch.contiguous_format and x.is_cpu:
                 # ATen's CPU channels_last group-norm kernel is inaccurate at an offset and
                 # slow (its backward 4-100x its NCHW one); see native_channels_last
                 y, mean, rstd = group_norm_channels_last(x, weight, bias, g, eps, pdt)
@@ -198,6 +208,9 @@ class NativeBackend:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+#: whether a tensor is wrapped by a torch.func transform (jvp, grad, vmap); not traceable by
+#: TorchDynamo, so asked outside torch.compile only
+_FUNCTORCH_WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
 # torch >= 2.8; through torch.ops (torch._fused_rms_norm is 3 us faster, but dynamo cannot
 # trace that binding)
 _FUSED_RMS = getattr(torch.ops.aten, "_fused_rms_norm", None)

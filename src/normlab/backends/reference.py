@@ -49,16 +49,26 @@ def apply_activation(y: Tensor, activation: Optional[str]) -> Tensor:
 
 
 def output_memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last(_3d) inputs keep their layout; everything else becomes contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    """channels_last(_3d) inputs keep their layout; everything else becomes contiguous (so does
+    a sample inside ``torch.func.vmap``, whose layout functorch does not tell)."""
+    if x.dim() == 4 and not x.is_contiguous() and _laid_out_as(x, torch.channels_last):
         return torch.channels_last
-    if (
-        x.dim() == 5
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
+    if x.dim() == 5 and not x.is_contiguous() and _laid_out_as(x, torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+def _laid_out_as(x: Tensor, fmt: torch.memory_format) -> bool:
+    """``x.is_contiguous(memory_format=fmt)``; False for a tensor batched by ``torch.func.vmap``,
+    where functorch refuses the question for any format but the default ("NYI: querying
+    is_contiguous inside of vmap"): per-sample GN/IN/LN2d over a channels_last batch
+    (per-sample gradients) then computes on contiguous samples instead of failing."""
+    try:
+        return x.is_contiguous(memory_format=fmt)
+    except RuntimeError:
+        if torch._C._functorch.is_batchedtensor(x):
+            return False
+        raise
 
 
 def channel_view(t: Tensor, ndim: int) -> Tensor:
