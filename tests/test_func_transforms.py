@@ -119,3 +119,26 @@ def test_batchnorm_training_under_grad_transforms_is_torchs_and_the_usual_fix_wo
         replace_all_batch_norm_modules_(m)
         results.append(jvp(m, (x,), (t,))[1])
     torch.testing.assert_close(results[0], results[1], atol=2e-5, rtol=1e-5)
+
+
+OWN = {  # normlab's modules with no torch.nn twin: checked against autograd, one sample at a time
+    "frn": lambda: nlnn.FilterResponseNorm2d(8),
+    "evonorm_b0_eval": lambda: nlnn.EvoNorm2dB0(8).eval(),
+    "evonorm_s0": lambda: nlnn.EvoNorm2dS0(8, group_size=2),
+    "layernorm2d": lambda: nlnn.LayerNorm2d(8),
+    "frozen_bn": lambda: nlnn.FrozenBatchNorm2d(8),
+    "ws_conv": lambda: nlnn.WSConv2d(8, 8, 3, padding=1),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", list(OWN))
+def test_per_sample_input_gradients_of_normlabs_own_layers(name, channels_last):
+    torch.manual_seed(0)
+    m = OWN[name]()
+    x, t = _input(SHAPE, channels_last), torch.randn(SHAPE)
+    per_sample = TRANSFORMS["per_sample_grad"](m, x, t)
+    for i in range(SHAPE[0]):
+        xi = x[i:i + 1].clone().requires_grad_()
+        (m(xi) * t[i:i + 1]).sum().backward()
+        torch.testing.assert_close(per_sample[i], xi.grad[0], atol=2e-5, rtol=1e-5)

@@ -32,7 +32,6 @@ the tests check that claim on a large-offset input.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -126,13 +125,12 @@ class NativeBackend:
             fmt = output_memory_format(x)
             if (fmt != torch.contiguous_format and not torch.compiler.is_compiling()
                     and _FUNCTORCH_WRAPPED(x)):
-                # under torch.func (jvp, grad, vmap) on NCHW data: ATen's forward-AD formula for
-                # a channels_last group norm fails on a view ("view size is not compatible"),
-                # torch.nn's GroupNorm too
+                # under torch.func (jvp, grad) on NCHW data: ATen's forward-AD formula for a
+                # channels_last group norm fails on a view ("view size is not compatible"),
+                # torch.nn's GroupNorm too (inside vmap, fmt is already contiguous)
                 y, mean, rstd = torch.native_group_norm(x.contiguous(), weight, bias, n, c, hxw,
                                                         g, eps)
-                with contextlib.suppress(RuntimeError):  # (inside vmap functorch refuses a
-                    y = y.contiguous(memory_format=fmt)  # layout: the values are the same)
+                y = y.contiguous(memory_format=fmt)
             elif fmt != torch.contiguous_format and x.is_cpu:
                 # ATen's CPU channels_last group-norm kernel is inaccurate at an offset and
                 # slow (its backward 4-100x its NCHW one); see native_channels_last

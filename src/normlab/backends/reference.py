@@ -50,7 +50,7 @@ def apply_activation(y: Tensor, activation: Optional[str]) -> Tensor:
 
 def output_memory_format(x: Tensor) -> torch.memory_format:
     """channels_last(_3d) inputs keep their layout; everything else becomes contiguous (so does
-    a sample inside ``torch.func.vmap``, whose layout functorch does not tell)."""
+    a sample inside ``torch.func.vmap``: :func:`_laid_out_as`)."""
     if x.dim() == 4 and not x.is_contiguous() and _laid_out_as(x, torch.channels_last):
         return torch.channels_last
     if x.dim() == 5 and not x.is_contiguous() and _laid_out_as(x, torch.channels_last_3d):
@@ -59,16 +59,25 @@ def output_memory_format(x: Tensor) -> torch.memory_format:
 
 
 def _laid_out_as(x: Tensor, fmt: torch.memory_format) -> bool:
-    """``x.is_contiguous(memory_format=fmt)``; False for a tensor batched by ``torch.func.vmap``,
-    where functorch refuses the question for any format but the default ("NYI: querying
-    is_contiguous inside of vmap"): per-sample GN/IN/LN2d over a channels_last batch
-    (per-sample gradients) then computes on contiguous samples instead of failing."""
-    try:
-        return x.is_contiguous(memory_format=fmt)
-    except RuntimeError:
-        if torch._C._functorch.is_batchedtensor(x):
-            return False
-        raise
+    """``x.is_contiguous(memory_format=fmt)``; False inside ``torch.func.vmap``, where a sample
+    has no layout of its own (functorch refuses to answer for any format but the default, and
+    to make one): per-sample GN/IN/FRN/LN2d over a channels_last batch (per-sample gradients)
+    compute on contiguous samples. (The check is not traceable by TorchDynamo: not under
+    torch.compile, whose tensors are never functorch's.)"""
+    if not torch.compiler.is_compiling() and _FUNCTORCH_WRAPPED(x) and _inside_vmap():
+        return False
+    return x.is_contiguous(memory_format=fmt)
+
+
+_FUNCTORCH_WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _inside_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` transform is active (on functorch's interpreter stack)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
 def channel_view(t: Tensor, ndim: int) -> Tensor:
