@@ -42,9 +42,7 @@ def _pair(name):
         for b in ours.buffers():
             if b.is_floating_point():
                 b.copy_(torch.rand_like(b) + 0.5)
-    theirs.load_state_dict(ours.state_dict(), strict=False)
-    if isinstance(theirs, nn.Sequential):
-        theirs[0].load_state_dict(ours.state_dict())
+    (theirs[0] if isinstance(theirs, nn.Sequential) else theirs).load_state_dict(ours.state_dict())
     return ours, theirs, shape
 
 
