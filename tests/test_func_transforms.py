@@ -4,7 +4,9 @@ Per-sample gradients (``vmap(grad(...))`` over ``functional_call``) are how DP-S
 attribution run a model, and GroupNorm is the norm they use (BatchNorm mixes the samples);
 forward-mode AD (``jvp``) is used by consistency-model training. Each check compares normlab's
 module with torch.nn's on the same input and parameters, or with plain autograd one sample at a
-time; where torch.nn's module fails under a transform, normlab's must fail the same way.
+time. Where torch.nn's module fails under a transform (GroupNorm's jvp on channels_last input),
+normlab's is checked against torch.nn's on the same values in NCHW; BatchNorm in training fails
+as torch.nn's does (test at the end).
 """
 
 import pytest
