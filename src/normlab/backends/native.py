@@ -44,6 +44,7 @@ from normlab.backends.reference import (
     channel_view,
     compute_dtype,
     output_memory_format,
+    under_torch_func,
     update_running_stats,
 )
 from normlab.backends.native_channels_last import group_norm_channels_last
@@ -123,8 +124,7 @@ class NativeBackend:
                 return _REFERENCE.normalize(x, g, over_batch, weight, bias, eps, activation,
                                             running_mean, running_var, momentum)
             fmt = output_memory_format(x)
-            if (fmt != torch.contiguous_format and not torch.compiler.is_compiling()
-                    and _FUNCTORCH_WRAPPED(x)):
+            if fmt != torch.contiguous_format and under_torch_func(x):
                 # under torch.func (jvp, grad) on NCHW data: ATen's forward-AD formula for a
                 # channels_last group norm fails on a view ("view size is not compatible"),
                 # torch.nn's GroupNorm too (inside vmap, fmt is already contiguous)
@@ -206,9 +206,6 @@ class NativeBackend:
 
 
 _HALF = (torch.float16, torch.bfloat16)
-#: whether a tensor is wrapped by a torch.func transform (jvp, grad, vmap); not traceable by
-#: TorchDynamo, so asked outside torch.compile only
-_FUNCTORCH_WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
 # torch >= 2.8; through torch.ops (torch._fused_rms_norm is 3 us faster, but dynamo cannot
 # trace that binding)
 _FUSED_RMS = getattr(torch.ops.aten, "_fused_rms_norm", None)

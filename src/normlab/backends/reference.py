@@ -62,14 +62,20 @@ def _laid_out_as(x: Tensor, fmt: torch.memory_format) -> bool:
     """``x.is_contiguous(memory_format=fmt)``; False inside ``torch.func.vmap``, where a sample
     has no layout of its own (functorch refuses to answer for any format but the default, and
     to make one): per-sample GN/IN/FRN/LN2d over a channels_last batch (per-sample gradients)
-    compute on contiguous samples. (The check is not traceable by TorchDynamo: not under
-    torch.compile, whose tensors are never functorch's.)"""
-    if not torch.compiler.is_compiling() and _FUNCTORCH_WRAPPED(x) and _inside_vmap():
+    compute on contiguous samples."""
+    if under_torch_func(x) and _inside_vmap():
         return False
     return x.is_contiguous(memory_format=fmt)
 
 
 _FUNCTORCH_WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def under_torch_func(x: Tensor) -> bool:
+    """Whether ``x`` is wrapped by a torch.func transform (jvp, grad, vmap). Asked outside
+    torch.compile only: TorchDynamo cannot trace the question, and its tensors are never
+    functorch's."""
+    return not torch.compiler.is_compiling() and _FUNCTORCH_WRAPPED(x)
 
 
 def _inside_vmap() -> bool:
