@@ -4,10 +4,11 @@ BatchNorm, LayerNorm, InstanceNorm and GroupNorm differ only in the set of eleme
 statistics run over (Wu & He, ECCV 2018); normlab computes them all with one operator,
 :func:`normlab.functional.normalize`, behind drop-in torch.nn modules (:mod:`normlab.nn`), a
 factory (:func:`create_norm`), model surgery (:func:`convert_norm`, :func:`optimize`,
-:func:`fold_batchnorm`) and selectable backends (:func:`use_backend`).
+:func:`fold_batchnorm`, :func:`precise_bn`) and selectable backends (:func:`use_backend`).
 
-``normlab.optimize`` is the function (its module is ``normlab.optimize`` in ``sys.modules``,
-importable as ``from normlab.optimize import OptimizeRecord``).
+``normlab.optimize`` and ``normlab.precise_bn`` are the functions (their modules are in
+``sys.modules`` under those names, importable as ``from normlab.optimize import OptimizeRecord``,
+``from normlab.precise_bn import PreciseBNRecord``).
 """
 
 from normlab import distributed, functional, models, nn, optim, spp
@@ -16,11 +17,12 @@ from normlab.convert import convert_norm
 from normlab.factory import create_norm, norm_names, resolve_groups
 from normlab.fold import fold_batchnorm
 from normlab.optimize import optimize
+from normlab.precise_bn import precise_bn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "distributed", "functional", "models", "nn", "optim", "spp", "available_backends", "current_backend", "use_backend",
     "convert_norm", "create_norm", "norm_names", "resolve_groups", "fold_batchnorm", "optimize",
-    "__version__",
+    "precise_bn", "__version__",
 ]
