@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import normlab
 from normlab.lab.config import RunConfig
 from normlab.lab.loop import train_run
 from normlab.lab.store import Store
@@ -109,3 +110,49 @@ def test_nf_checkpoint_of_the_one_group_optimizer_starts_over(tmp_path):
         assert not ckpt.exists() and ckpt.with_name(ckpt.name + ".damaged").is_file()
         assert res["resumed_from"] == 0 and s.run(cfg.run_id())["status"] == "done"
         assert [e["epoch"] for e in s.epochs(cfg.run_id())] == [0, 1]
+
+
+def test_precise_bn_evaluates_a_copy_and_leaves_training_alone(tmp_path, monkeypatch):
+    """--set precise_bn=B: every epoch tests a copy whose BN statistics precise_bn recomputed
+    over B training batches; the training itself is bit for bit the same."""
+    from normlab.lab import loop
+
+    calls = []
+
+    def spy(model, batches, num_batches, **kw):
+        record = normlab.precise_bn(model, batches, num_batches, **kw)
+        calls.append((record.batches, sorted(record.recomputed)))
+        return record
+
+    monkeypatch.setattr(loop, "precise_bn", spy)
+    histories = {}
+    for b in (0, 5, 50):
+        cfg = RunConfig(norm="bn", precise_bn=b, **TINY)
+        with Store(tmp_path / f"p{b}") as store:
+            store.claim(cfg.run_id(), cfg.to_dict())
+            train_run(cfg, store)
+            histories[b] = store.epochs(cfg.run_id())
+    bns = sorted(_resnet20_bn_names())
+    assert calls == [(5, bns)] * 3 + [(12, bns)] * 3  # 12 steps per epoch: all of them
+    for b in (5, 50):
+        for plain, precise in zip(histories[0], histories[b], strict=True):
+            assert precise["train_loss"] == plain["train_loss"]  # training unchanged
+            assert precise["test_loss"] != plain["test_loss"]  # other statistics tested
+    assert histories[5][-1]["test_loss"] != histories[50][-1]["test_loss"]
+
+
+def _resnet20_bn_names():
+    from normlab import models
+
+    net = models.create("resnet20", norm="bn", num_classes=4, in_chans=2)
+    return [n for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def test_precise_bn_is_in_the_run_id_only_when_on():
+    assert "precise_bn" not in RunConfig().identity()  # ids of runs stored before it stay
+    assert RunConfig(precise_bn=0).run_id() == RunConfig().run_id()
+    assert RunConfig(precise_bn=20).identity()["precise_bn"] == 20
+    for bad, kind in ((-1, "must be a number of batches >= 0"), (True, "precise_bn"),
+                      (2.5, "precise_bn")):
+        with pytest.raises(ValueError, match=kind):
+            RunConfig(precise_bn=bad).validate()

@@ -321,3 +321,25 @@ def test_control_characters_in_stored_text_are_shown_as_escapes(tmp_path):
         assert not any(ch in text for ch in "\x1b\x07\x9b")
     assert "GN\\\\x1b\\[2J\\\\x1b\\[31mred\\\\x07\\\\x9b1m" in md_path.read_text()
     assert "GN\\x1b[2J\\x1b[31mred\\x07\\x9b1m" in html_path.read_text()
+
+
+@pytest.mark.parametrize("precise", [0, 40])
+def test_report_says_when_runs_were_tested_with_precise_bn_statistics(tmp_path, precise):
+    """`--set precise_bn=B` changes every test error of a BN series: the summary and the
+    study's section say so, and a study without it says nothing of it."""
+    study = get_study("batch-size")
+    with Store(tmp_path) as s:
+        members = []
+        for label, x in (("BN", 32), ("GN", 32), ("BN", 2), ("GN", 2)):
+            rid = f"{label}{x}"
+            s.claim(rid, {"model": "resnet20", "data": "digits", "epochs": 1, "schedule": "cosine",
+                          "batch_size": x, "weight_decay": 1e-4, "seed": 0,
+                          "norm": label.lower(), "precise_bn": precise})
+            s.record_epochs(rid, [{"epoch": 0, "test_error": 5.0 + x / 10}], {})
+            s.finish(rid)
+            members.append((rid, label, x))
+        s.register(study.name, "default", members)
+    text = write_report(tmp_path)[0].read_text()
+    said = "running statistic recomputed over 40 training batches"
+    assert text.count(said) == (2 if precise else 0)  # the summary and the study's section
+    assert ("PreciseBN" in text) == bool(precise)

@@ -69,7 +69,7 @@ _NOT_IN_ID = ("label", "threads")
 _FLOAT_FIELDS = ("lr", "base_lr", "momentum", "weight_decay", "warmup_epochs", "agc")
 # fields left out of the identity at their default, so that ids of runs stored before the field
 # existed do not change (a single-process run keeps its id)
-_ID_DEFAULTS = {"world_size": 1}
+_ID_DEFAULTS = {"world_size": 1, "precise_bn": 0}
 #: seeds are ints in [0, SEED_LIMIT) (numpy's rule): torch takes the per-epoch seeds derived from
 #: them (seed x 100003 + ...) only below 2**64, and a larger one failed the run after it started
 SEED_LIMIT = 2**32
@@ -130,6 +130,9 @@ class RunConfig:
     "auto" and "cpu" are one run), ``amp`` (bf16 autocast on CUDA when "auto"),
     ``channels_last`` (CUDA when None), ``compile`` (torch.compile), ``threads`` (torch CPU
     threads).
+    Evaluation: ``precise_bn`` B > 0 tests, after every epoch, a copy of the model whose running
+    statistics :func:`normlab.precise_bn` recomputed over B training batches (PreciseBN, Wu &
+    Johnson 2021) in place of the moving averages; training is unchanged (0: off, the default).
     """
 
     model: str = "resnet20"
@@ -160,6 +163,7 @@ class RunConfig:
     channels_last: Optional[bool] = None
     compile: bool = False
     threads: Optional[int] = None
+    precise_bn: int = 0
     label: str = ""
 
     def __post_init__(self) -> None:
@@ -247,6 +251,9 @@ class RunConfig:
         _positive_int("world_size", self.world_size)
         _positive_int("epochs", self.epochs)
         check_seed(self.seed)
+        if self.precise_bn < 0:
+            raise ConfigError(f"precise_bn must be a number of batches >= 0 (0: off), got "
+                              f"{self.precise_bn!r}")
         for name in ("train_limit", "test_limit", "threads"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))

@@ -28,6 +28,7 @@ depend on the split.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -49,6 +50,7 @@ from normlab.lab.recipe import (agc_fn, autocast_fn, build_loaders, build_model,
                                 load_data, lr_at, per_process_batch,
                                 resolve_device, run_device, versions)
 from normlab.lab.store import Store
+from normlab.precise_bn import precise_bn
 
 __all__ = ["train_run", "train_epoch", "evaluate", "is_writer", "RunResult", "ProgressFn",
            "TEST_EXIT_ENV", "TEST_KILL_ENV"]
@@ -333,7 +335,8 @@ def _end_epoch(run: _Run, epoch: int, sums: list[float], lr: float, t0: float,
     """All-reduce the epoch's training sums, evaluate, and add the epoch's row to the history."""
     loss_total, wrong_total, seen_total = nd.all_reduce_sum(sums).tolist()
     _sync_buffers(run.model)
-    test_loss, test_error = evaluate(run.model, run.test_loader, run.autocast)
+    tested = _with_precise_statistics(run) if run.cfg.precise_bn else run.model
+    test_loss, test_error = evaluate(tested, run.test_loader, run.autocast)
     run.elapsed += time.perf_counter() - t0
     run.train_time += t_train
     run.train_images += int(seen_total)
@@ -343,6 +346,23 @@ def _end_epoch(run: _Run, epoch: int, sums: list[float], lr: float, t0: float,
            "images_per_s": seen_total / t_train}
     run.history.append(row)
     return row
+
+
+def _with_precise_statistics(run: _Run) -> nn.Module:
+    """A copy of the model whose running statistics :func:`normlab.precise_bn` recomputed over
+    ``cfg.precise_bn`` training batches, as training runs them (layout, autocast; every process
+    its shard, merged); the model that trains on keeps its moving averages."""
+    model = copy.deepcopy(run.model)
+
+    def forward(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = batch[0]
+        if run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with run.autocast():
+            return m(x)
+
+    precise_bn(model, run.train_loader, run.cfg.precise_bn, forward=forward)
+    return model
 
 
 def train_run(cfg: RunConfig, store: Optional[Store], *, progress: Optional[ProgressFn] = None

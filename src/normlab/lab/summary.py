@@ -109,6 +109,17 @@ def _gap_cells(s: dict, r: dict, level: Level) -> str:
     return f"{d:.2f} ± {half_width_text(h)} | {conf}"
 
 
+def precise_bn_text(runs: list[dict]) -> str:
+    """How the runs' BN-type layers were tested when ``precise_bn`` was set ("" when not)."""
+    counts = sorted({int(r["config"].get("precise_bn") or 0) for r in runs})
+    if counts == [0]:
+        return ""
+    b = " / ".join(str(c) for c in counts)
+    return (f"tested with PreciseBN statistics: every running statistic recomputed over {b} "
+            f"training batches of the trained model (`normlab.precise_bn`, Wu & Johnson 2021) in "
+            f"place of the moving averages; the training is the same as without")
+
+
 def _setup_line(runs: list[dict], stats: dict) -> str:
     def values(key: str) -> str:
         return md_cell(" / ".join(sorted({str(r["config"].get(key)) for r in runs})))
@@ -116,8 +127,9 @@ def _setup_line(runs: list[dict], stats: dict) -> str:
     seeds = sorted({s["n"] for s in stats.values()})
     n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
     epochs = values("epochs")
+    precise = precise_bn_text(runs)
     return (f"`{values('model')}` on `{values('data')}`, {epochs} epoch{'' if epochs == '1' else 's'}, "
-            f"{n} seed(s) per point.")
+            f"{n} seed(s) per point" + (f"; {precise}." if precise else "."))
 
 
 def _winners(study: Study, runs: list[dict], all_stats: dict, level: Level) -> list[str]:
