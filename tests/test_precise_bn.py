@@ -92,7 +92,8 @@ def reference(model, batches, names, train_others=True, seed=3):
             layer = m.get_submodule(name)
             layer.train()
             hooks.append(layer.register_forward_pre_hook(
-                lambda _m, a, name=name: seen[name].append(a[0].detach().double())))
+                lambda _m, a, kw, name=name: seen[name].append(
+                    (a[0] if a else kw["input"]).detach().double()), with_kwargs=True))
         with torch.no_grad():
             m(x)
         for h in hooks:
@@ -294,3 +295,19 @@ def test_a_failing_batch_leaves_the_model_as_it_was():
         assert torch.equal(a, b), k
     assert not any(m.training for m in model.modules())
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_layer_called_with_its_input_by_keyword():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(input=x)
+
+    batches = _batches()
+    model = _randomize(Keyword().double())
+    ref = reference(copy.deepcopy(model), batches, ["bn"])
+    assert normlab.precise_bn(model, batches).recomputed == ["bn"]
+    _check(model, ref, ["bn"])

@@ -212,6 +212,13 @@ def _accumulator(m: nn.Module) -> tuple[Optional[Any], str]:
     return None, ""
 
 
+def _collector(acc: Any) -> Callable:
+    """A forward pre-hook handing the layer's input (``input=`` when passed by keyword) on."""
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        acc.add(args[0] if args else kwargs.get("input", next(iter(kwargs.values()))))
+    return hook
+
+
 def _to(batch: Any, device: Optional[torch.device]) -> Any:
     if device is None:
         return batch
@@ -309,7 +316,7 @@ def precise_bn(
     modes = {m: m.training for m in model.modules()}
     buffers = [b for b in model.buffers()]
     saved = [b.detach().clone() for b in buffers]
-    hooks = [acc.module.register_forward_pre_hook(lambda _m, args, a=acc: a.add(args[0]))
+    hooks = [acc.module.register_forward_pre_hook(_collector(acc), with_kwargs=True)
              for acc in layers.values()]
     try:
         if train_others:
