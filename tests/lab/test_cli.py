@@ -354,6 +354,27 @@ def test_an_empty_path_is_refused_not_read_as_the_working_directory(argv, name, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_leading_tilde_in_a_path_option_is_the_home_directory(tmp_path, monkeypatch):
+    """``--out=~/runs`` and ``--config "~/c.json"`` reach normlab with the ``~`` as written
+    (the shell expands it only at the start of a word): it made a folder named ``~`` in the
+    working directory, and the config file was not found. The paths are the home directory's,
+    as ``--data-dir``'s already were."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    (home / "c.json").write_text(json.dumps({"epochs": 1, "batch_size": 16}))
+    r = runner.invoke(app, ["train", "--data", "synthetic", "--set", f"data_kwargs={SMALL}",
+                            "--config", "~/c.json", "--out=~/runs"])
+    assert r.exit_code == 0, r.output
+    assert list(cwd.iterdir()) == []  # no folder named ~
+    row = _db(home / "runs").execute("SELECT status, config FROM runs").fetchone()
+    assert row[0] == "done" and json.loads(row[1])["batch_size"] == 16
+    r = runner.invoke(app, ["ls", "~/runs"])
+    assert r.exit_code == 0 and "done" in r.output, r.output
+
+
 @pytest.mark.parametrize("argv, planted, kind", [
     (["train", "--data", "synthetic"], "runs.csv", "dir"),              # an export of the store
     (["train", "--data", "synthetic"], "results.json", "dir"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,13 +26,16 @@ DEFAULT_OUT = "normlab-out"
 def non_empty_path(value: Any) -> Path:
     """A path on the command line, refused when empty: ``Path("")`` is ``.``, so ``--out ""``
     (``--out "$DIR"`` with DIR unset) wrote the store into the working directory and
-    ``--data-dir ""`` read the data from it."""
+    ``--data-dir ""`` read the data from it. A leading ``~`` is the home directory, as the
+    shell expands it in ``--out ~/runs`` but not in ``--out=~/runs`` or ``--out "~/runs"``
+    (there it made a folder named ``~`` in the working directory, and ``--config=~/c.toml`` was
+    not found); ``os.path.expanduser`` leaves a ``~user`` it cannot resolve as written."""
     if isinstance(value, Path):
         return value
     if not str(value).strip():
         raise typer.BadParameter(f"an empty path ({value!r}); is a shell variable unset? (for "
                                  "the working directory write .)")
-    return Path(value)
+    return Path(os.path.expanduser(value))
 
 
 def path_option(default: Any, *decls: str, help: str) -> Any:
