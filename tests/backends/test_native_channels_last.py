@@ -225,3 +225,54 @@ def test_size_rule_edges_pick_the_path_the_rule_says(dtype, backward, monkeypatc
     assert path_for(max_cpg, at_edge) == "shifted"  # one channel per group more
     if not backward:  # 1024 positions: ATen's vectorized forward however narrow the groups
         assert path_for(1, ATEN_VECTORIZED_POSITIONS) == "shifted"
+
+
+# A trainable norm whose gradient w.r.t. its input is not asked for: ATen's CPU channels_last
+# backward, asked for dweight/dbias without dx, crashes the process (torch.nn's GroupNorm too,
+# torch 2.13). The probe runs in a subprocess so that the crash is a failure, not the end of
+# the test run.
+_FROZEN_INPUT_PROBE = """
+import torch, normlab.functional as NF
+x = (100 + torch.randn(3, 8, 5, 5)).contiguous(memory_format=torch.channels_last)
+w = torch.randn(8, requires_grad=True)
+b = torch.randn(8, requires_grad=True)
+NF.group_norm(x, 4, w, b, backend="native").sum().backward()      # x does not require grad
+xr = x.clone().requires_grad_()
+torch.autograd.grad(NF.group_norm(xr, 4, w, b, backend="native").sum(), [w])  # dw alone
+print("ok")
+"""
+
+
+def test_trainable_affine_on_an_input_without_grad(path):
+    """A GroupNorm after a frozen backbone (its input does not require grad), or
+    ``torch.autograd.grad`` of the weight alone: it crashed the process (segmentation fault)
+    on ATen's kernel on shifted input; dweight and dbias now match the float64 formula, and
+    with create_graph a penalty on dweight differentiated in x too."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _FROZEN_INPUT_PROBE], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+    x, w, b, dy = _case((2, 6, 8, 8), offset=10.0)
+    ref_y, ref_dx, ref_dw, ref_db = _float64(x, 3, w, b, dy)
+    for needs in ("wb", "w", "b"):  # the input without grad; weight and/or bias trainable
+        wr, br = w.clone().requires_grad_("w" in needs), b.clone().requires_grad_("b" in needs)
+        y = NF.group_norm(x, 3, wr, br, backend="native")
+        assert _path_of(y) == path
+        y.backward(dy)
+        assert rel_err(y, ref_y) < 3e-6
+        assert ("w" not in needs or rel_err(wr.grad, ref_dw) < 3e-6) and (
+            "b" not in needs or rel_err(br.grad, ref_db) < 3e-6)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()  # dw alone, x with grad
+    (dw,) = torch.autograd.grad((NF.group_norm(xr, 3, wr, b, backend="native") * dy).sum(), [wr])
+    assert rel_err(dw, ref_dw) < 3e-6
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()  # create_graph: dw alone,
+    (dw,) = torch.autograd.grad((NF.group_norm(xr, 3, wr, b, backend="native") * dy).sum(), [wr],
+                                create_graph=True)  # then a penalty on it differentiated in x
+    (ddx,) = torch.autograd.grad(dw.square().sum(), [xr])
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    (dw64,) = torch.autograd.grad((group_norm64(x64, 3, w64, b.double()) * dy.double()).sum(),
+                                  [w64], create_graph=True)
+    (ddx64,) = torch.autograd.grad(dw64.square().sum(), [x64])
+    assert rel_err(dw, dw64) < 3e-6 and rel_err(ddx, ddx64) < 1e-4

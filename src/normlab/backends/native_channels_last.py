@@ -145,11 +145,54 @@ def shifted_aten_group_norm(x, weight, bias, num_groups: int, eps: float,
         weight = None if weight is None else weight.to(acc)
         bias = None if bias is None else bias.to(acc)
     xk = x.to(acc) - shift_c.view((n, c) + (1,) * (x.dim() - 2))  # channels_last, as x
-    y, mean, rstd = torch.native_group_norm(xk, weight, bias, n, c, p, num_groups, eps)
+    if weight is not None and torch.is_grad_enabled() and (
+            weight.requires_grad or (bias is not None and bias.requires_grad)):
+        # ATen's backward computes dx too (see _AtenGroupNormWithDx)
+        y, mean, rstd = _AtenGroupNormWithDx.apply(xk, weight, bias, n, c, p, num_groups, eps)
+    else:
+        y, mean, rstd = torch.native_group_norm(xk, weight, bias, n, c, p, num_groups, eps)
     mean = mean + shift_c[:, :: c // num_groups].to(mean.dtype)
     if stats_dtype is not None:
         mean, rstd = mean.to(stats_dtype), rstd.to(stats_dtype)
     return y.to(x.dtype), mean, rstd
+
+
+class _AtenGroupNormWithDx(torch.autograd.Function):
+    """``torch.native_group_norm`` whose backward always asks ATen for dx. ATen's CPU
+    channels_last group-norm backward crashes the process (a segmentation fault, torch 2.13;
+    torch.nn's GroupNorm too) when asked for dweight or dbias without dx: a trainable norm on an
+    input that does not require grad (a frozen backbone's features, the data itself), or
+    ``torch.autograd.grad(loss, [norm.weight])``. Here dx is computed and dropped where it is
+    not needed; the kernels and the results are those autograd runs otherwise. A backward that
+    is recorded (create_graph=True) differentiates ATen's op through autograd, whose formula
+    then is the composite one (no such kernel call)."""
+
+    @staticmethod
+    def forward(ctx, xk, weight, bias, n, c, p, g, eps):
+        y, mean, rstd = torch.native_group_norm(xk, weight, bias, n, c, p, g, eps)
+        ctx.save_for_backward(xk, weight, bias, mean, rstd)
+        ctx.sizes = (n, c, p, g, eps)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(mean, rstd)
+        return y, mean, rstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _drstd):
+        if dy is None:
+            return (None,) * 8
+        xk, weight, bias, mean, rstd = ctx.saved_tensors
+        n, c, p, g, eps = ctx.sizes
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: autograd's differentiable formula
+            inputs = [t for t, need in zip((xk, weight, bias), needs) if need]
+            y = torch.native_group_norm(xk, weight, bias, n, c, p, g, eps)[0]
+            grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True))
+            return tuple(next(grads) if need else None for need in needs) + (None,) * 5
+        fmt = output_memory_format(xk)  # dy and x laid out as autograd's formula lays them
+        dx, dw, db = torch.ops.aten.native_group_norm_backward(
+            dy.contiguous(memory_format=fmt), xk.contiguous(memory_format=fmt), mean, rstd,
+            weight, n, c, p, g, [True, needs[1], bias is not None and needs[2]])
+        return (dx if needs[0] else None, dw, db) + (None,) * 5
 
 
 def _rows(t: Tensor, n: int, p: int, c: int) -> Tensor:
