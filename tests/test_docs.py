@@ -23,6 +23,7 @@ MODULES = [
     "normlab.convert",
     "normlab.fold",
     "normlab.optimize",
+    "normlab.precise_bn",
     "normlab.distributed",
     "normlab.spp",
     "normlab.nn.batchnorm",
