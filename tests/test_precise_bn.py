@@ -311,3 +311,19 @@ def test_a_layer_called_with_its_input_by_keyword():
     ref = reference(copy.deepcopy(model), batches, ["bn"])
     assert normlab.precise_bn(model, batches).recomputed == ["bn"]
     _check(model, ref, ["bn"])
+
+
+@pytest.mark.parametrize("cls", [nn.InstanceNorm2d, nln.InstanceNorm2d, nn.InstanceNorm3d,
+                                 nln.InstanceNorm3d])
+def test_unbatched_instance_norm_input_is_one_instance(cls):
+    """InstanceNorm2d/3d take an unbatched (C, H, W) / (C, D, H, W) input as one instance, as
+    InstanceNorm1d takes (C, L). They were read as C instances of their second size's channels:
+    with C equal to that size, wrong statistics and no error (here); else a size mismatch."""
+    g = torch.Generator().manual_seed(0)
+    shape = (4, 4, 6) if "2d" in cls.__name__ else (4, 4, 3, 5)  # C == the next size
+    batches = [torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1 + b
+               for b in range(3)]
+    model = _randomize(cls(4, affine=True, track_running_stats=True).double())
+    assert normlab.precise_bn(model, batches).recomputed == [""]
+    per = torch.stack([x.reshape(4, -1) for x in batches])  # (instances, C, values)
+    _check(model, {"": (per.mean(-1).mean(0), per.var(-1, unbiased=True).mean(0))}, [""])

@@ -128,7 +128,7 @@ class _Instance:
         self.count = self.sum_mean = self.sum_var = None
 
     def add(self, x: Tensor) -> None:
-        if x.dim() == 2:  # InstanceNorm1d's unbatched (C, L)
+        if x.dim() == self._unbatched_dim():  # one instance: (C, L), (C, H, W), (C, D, H, W)
             x = x.unsqueeze(0)
         if x.numel() == 0:
             return
@@ -143,6 +143,11 @@ class _Instance:
         else:
             self.count, self.sum_mean, self.sum_var = (
                 a + b for a, b in zip((self.count, self.sum_mean, self.sum_var), parts))
+
+    def _unbatched_dim(self) -> int:
+        """The dimensions of an unbatched input (torch's InstanceNorm1d/2d/3d: 2/3/4)."""
+        get = getattr(self.module, "_get_no_batch_dim", None)
+        return get() if get is not None else 2
 
     def gather(self, group: Any) -> None:
         local = (torch.stack([self.count, self.sum_mean, self.sum_var]) if self.count is not None
