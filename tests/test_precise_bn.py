@@ -327,3 +327,34 @@ def test_unbatched_instance_norm_input_is_one_instance(cls):
     assert normlab.precise_bn(model, batches).recomputed == [""]
     per = torch.stack([x.reshape(4, -1) for x in batches])  # (instances, C, values)
     _check(model, {"": (per.mean(-1).mean(0), per.var(-1, unbiased=True).mean(0))}, [""])
+
+
+def test_a_module_with_running_statistics_it_does_not_know_is_in_the_record():
+    """timm's EvoNorm2dB0 (not normlab's class) and a module of one's own with running
+    statistics are left as they are, and said so; they were missing from the record."""
+    from timm_import import import_timm
+
+    import_timm()
+    from timm.layers import EvoNorm2dB0 as TimmEvoNormB0
+
+    class Own(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("running_mean", torch.zeros(4))
+            self.register_buffer("running_var", torch.ones(4))
+
+        def forward(self, x):
+            return x - self.running_mean.view(1, -1, 1, 1)
+
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 1), TimmEvoNormB0(4), Own(),
+                                     nn.BatchNorm2d(4)))
+    before = copy.deepcopy(model)
+    record = normlab.precise_bn(model, [x for x, _ in _batches(dtype=torch.float32)])
+    assert record.recomputed == ["3"]
+    reasons = dict(record.skipped)
+    assert sorted(reasons) == ["1", "2"]
+    assert "timm" in reasons["1"] and "EvoNorm2dB0 is not a layer precise_bn knows" in reasons["1"]
+    assert "Own is not a layer precise_bn knows" in reasons["2"]
+    for name in ("1", "2"):
+        assert torch.equal(model.get_submodule(name).running_var,
+                           before.get_submodule(name).running_var)

@@ -36,8 +36,9 @@ SplitBatchNorm2d (itself over the first split of each batch, its ``aux_bn`` over
 B0 (``running_var`` only), and InstanceNorm with running statistics (the mean over instances of
 each instance's mean and unbiased variance, which is what its running average estimates). Left
 as they are, with the reason in the returned record: frozen BatchNorms (nothing to recompute),
-another subclass with a forward of its own (what it normalizes over is unknown), and a layer the
-batches did not reach.
+another subclass with a forward of its own (what it normalizes over is unknown), a layer the
+batches did not reach, and any other module with a ``running_var`` (timm's EvoNorm2dB0, a layer
+of one's own: what its statistics are taken over is unknown).
 """
 
 from __future__ import annotations
@@ -214,7 +215,9 @@ def _accumulator(m: nn.Module) -> tuple[Optional[Any], str]:
     if isinstance(m, (nn.modules.batchnorm._NormBase, EvoNorm2dB0)):
         return None, (f"{type(m).__module__}.{type(m).__qualname__} has a forward of its own: "
                       f"what its statistics are taken over is unknown")
-    return None, ""
+    # any other module with running statistics (timm's EvoNorm2dB0, a layer of the user's own)
+    return None, (f"{type(m).__module__}.{type(m).__qualname__} is not a layer precise_bn "
+                  f"knows: what its statistics are taken over is unknown")
 
 
 def _collector(acc: Any) -> Callable:
