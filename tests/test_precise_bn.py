@@ -358,3 +358,27 @@ def test_a_module_with_running_statistics_it_does_not_know_is_in_the_record():
     for name in ("1", "2"):
         assert torch.equal(model.get_submodule(name).running_var,
                            before.get_submodule(name).running_var)
+
+
+def test_a_buffer_the_forward_assigns_anew_is_restored_too():
+    """A forward that assigns a new tensor to a buffer (``self.ema = ...``, not ``.copy_``):
+    every batch still sees the model as it was, and the model ends with its own tensor and
+    value; the new tensor was kept, and fed into the next batch."""
+
+    class Rebinds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("ema", torch.full((3,), 0.5, dtype=torch.float64))
+            self.bn = nn.BatchNorm2d(3).double()
+
+        def forward(self, x):
+            self.ema = 0.5 * self.ema + 0.5 * x.mean((0, 2, 3))
+            return self.bn(x - self.ema.view(1, -1, 1, 1))
+
+    batches = _batches()
+    model = _randomize(Rebinds())
+    ema = model.ema
+    ref = reference(model, batches, ["bn"])
+    assert normlab.precise_bn(model, batches).recomputed == ["bn"]
+    _check(model, ref, ["bn"])
+    assert model.ema is ema and torch.equal(ema, torch.full((3,), 0.5, dtype=torch.float64))

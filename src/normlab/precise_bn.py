@@ -220,6 +220,23 @@ def _accumulator(m: nn.Module) -> tuple[Optional[Any], str]:
                   f"knows: what its statistics are taken over is unknown")
 
 
+class _Buffers:
+    """Every buffer of a model, as it is now: :meth:`restore` puts the values back, and the
+    tensors too where a forward assigned a new one (``self.ema = ...`` in place of ``.copy_``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        copies: dict[int, Tensor] = {}  # a tensor two modules share: one copy
+        self.slots = [(m, name, b, copies.setdefault(id(b), b.detach().clone()))
+                      for m in model.modules() for name, b in m._buffers.items()
+                      if b is not None]
+
+    def restore(self) -> None:
+        for m, name, b, copy in self.slots:
+            if m._buffers.get(name) is not b:
+                m._buffers[name] = b
+            b.copy_(copy)
+
+
 def _collector(acc: Any) -> Callable:
     """A forward pre-hook handing the layer's input (``input=`` when passed by keyword) on."""
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -322,8 +339,7 @@ def precise_bn(
         elif reason and _has_running_stats(m):
             record.skipped.append((name, reason))
     modes = {m: m.training for m in model.modules()}
-    buffers = [b for b in model.buffers()]
-    saved = [b.detach().clone() for b in buffers]
+    saved = _Buffers(model)
     hooks = [acc.module.register_forward_pre_hook(_collector(acc), with_kwargs=True)
              for acc in layers.values()]
     try:
@@ -335,14 +351,12 @@ def precise_bn(
             for batch in itertools.islice(batches, num_batches):
                 call(model, _to(batch, device))
                 record.batches += 1
-                for b, s in zip(buffers, saved):
-                    b.copy_(s)
+                saved.restore()
     finally:
         for h in hooks:
             h.remove()
         with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
+            saved.restore()
         for m, training in modes.items():
             m.train(training)
     group = _group(process_group) if layers else None
