@@ -131,8 +131,9 @@ class RunConfig:
     ``channels_last`` (CUDA when None), ``compile`` (torch.compile), ``threads`` (torch CPU
     threads).
     Evaluation: ``precise_bn`` B > 0 tests, after every epoch, a copy of the model whose running
-    statistics :func:`normlab.precise_bn` recomputed over B training batches (PreciseBN, Wu &
-    Johnson 2021) in place of the moving averages; training is unchanged (0: off, the default).
+    statistics :func:`normlab.precise_bn` recomputed over B training batches (at most an epoch's;
+    PreciseBN, Wu & Johnson 2021) in place of the moving averages; training is unchanged (0: off,
+    the default).
     """
 
     model: str = "resnet20"

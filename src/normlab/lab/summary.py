@@ -115,9 +115,11 @@ def precise_bn_text(runs: list[dict]) -> str:
     if counts == [0]:
         return ""
     b = " / ".join(str(c) for c in counts)
+    # precise_bn takes at most an epoch of the training loader: B past it is the whole epoch
     return (f"tested with PreciseBN statistics: every running statistic recomputed over {b} "
-            f"training batches of the trained model (`normlab.precise_bn`, Wu & Johnson 2021) in "
-            f"place of the moving averages; the training is the same as without")
+            f"training batches (all of an epoch's where it has fewer) of the trained model "
+            f"(`normlab.precise_bn`, Wu & Johnson 2021) in place of the moving averages; the "
+            f"training is the same as without")
 
 
 def _setup_line(runs: list[dict], stats: dict) -> str:
