@@ -124,6 +124,21 @@ def test_report_lists_the_single_runs_of_normlab_train(tmp_path):
     assert "| bn | resnet20 | bn | digits | 4 | 0 | 0/2 | running | - |" in text
 
 
+def test_the_single_runs_table_says_which_runs_were_tested_with_precise_bn(tmp_path):
+    # `normlab train` and `normlab train --set precise_bn=50` into one OUT: two runs whose rows
+    # were the same but for the test error, with nothing saying which was tested how
+    with Store(tmp_path) as s:
+        for rid, precise, err in (("r1", 0, 6.96), ("r2", 50, 6.69)):
+            s.claim(rid, {"model": "resnet20", "norm": "bn", "data": "digits", "batch_size": 32,
+                          "epochs": 1, "seed": 0, "precise_bn": precise})
+            s.record_epochs(rid, [{"epoch": 0, "test_error": err}], {})
+            s.finish(rid)
+            s.register("train", "single", [(rid, "bn", 32)])
+    text = write_report(tmp_path)[0].read_text()
+    assert "| 1/1 | done | 6.96 |" in text, text
+    assert "| 1/1 | done | 6.69 (PreciseBN statistics, 50 batches) |" in text, text
+
+
 def test_the_single_runs_table_says_a_run_diverged(tmp_path):
     # `normlab train --lr 1000`: a NaN loss in epoch 0, the run stopped "diverged" (its line
     # said so, and `ls` does); the report's table called it "done" beside its 91% error

@@ -246,9 +246,11 @@ def _single_runs_section(store: Store) -> list[str]:
         w = int(c.get("world_size", 1))
         batch = f"{c.get('batch_size')}" + (f" x {w} processes" if w > 1 else "")
         flag = run_flag(r) if r["status"] == "done" else None  # diverged, unconverged: say so
+        precise = int(c.get("precise_bn") or 0)  # tested with other statistics: say which
         cells = [r["label"], c.get("model"), c.get("norm"), c.get("data"), batch, c.get("seed"),
                  f"{r['epochs_done']}/{r['epochs']}", f"done, {flag}" if flag else r["status"],
-                 "-" if err is None else f"{err:.2f}"]
+                 ("-" if err is None else f"{err:.2f}")
+                 + (f" (PreciseBN statistics, {precise} batches)" if precise else "")]
         lines.append("| " + " | ".join(_md(v) for v in cells) + " |")  # stored text: inert
     return lines + [""]
 
