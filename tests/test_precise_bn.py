@@ -330,12 +330,8 @@ def test_unbatched_instance_norm_input_is_one_instance(cls):
 
 
 def test_a_module_with_running_statistics_it_does_not_know_is_in_the_record():
-    """timm's EvoNorm2dB0 (not normlab's class) and a module of one's own with running
-    statistics are left as they are, and said so; they were missing from the record."""
-    from timm_import import import_timm
-
-    import_timm()
-    from timm.layers import EvoNorm2dB0 as TimmEvoNormB0
+    """A module of one's own with running statistics is left as it is, and said so (it was
+    missing from the record)."""
 
     class Own(nn.Module):
         def __init__(self):
@@ -346,18 +342,31 @@ def test_a_module_with_running_statistics_it_does_not_know_is_in_the_record():
         def forward(self, x):
             return x - self.running_mean.view(1, -1, 1, 1)
 
-    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 1), TimmEvoNormB0(4), Own(),
-                                     nn.BatchNorm2d(4)))
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 1), Own(), nn.BatchNorm2d(4)))
     before = copy.deepcopy(model)
     record = normlab.precise_bn(model, [x for x, _ in _batches(dtype=torch.float32)])
-    assert record.recomputed == ["3"]
+    assert record.recomputed == ["2"]
     reasons = dict(record.skipped)
-    assert sorted(reasons) == ["1", "2"]
-    assert "timm" in reasons["1"] and "EvoNorm2dB0 is not a layer precise_bn knows" in reasons["1"]
-    assert "Own is not a layer precise_bn knows" in reasons["2"]
-    for name in ("1", "2"):
-        assert torch.equal(model.get_submodule(name).running_var,
-                           before.get_submodule(name).running_var)
+    assert sorted(reasons) == ["1"]
+    assert "Own is not a layer precise_bn knows" in reasons["1"]
+    assert torch.equal(model[1].running_var, before[1].running_var)
+    assert torch.equal(model[1].running_mean, before[1].running_mean)
+
+
+def test_timms_batch_evonorms():
+    """timm's EvoNorm2dB0/B1/B2 keep running_var, the unbiased variance over (N, H, W)."""
+    from timm_import import import_timm
+
+    import_timm()
+    from timm.layers import EvoNorm2dB0, EvoNorm2dB1, EvoNorm2dB2
+
+    torch.manual_seed(0)
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), EvoNorm2dB0(4), nn.Conv2d(4, 4, 1),
+                                     EvoNorm2dB1(4), nn.Conv2d(4, 4, 1), EvoNorm2dB2(4))).double()
+    batches = _batches()
+    ref = reference(copy.deepcopy(model), batches, ["1", "3", "5"])
+    assert normlab.precise_bn(model, batches).recomputed == ["1", "3", "5"]
+    _check(model, ref, ["1", "3", "5"])
 
 
 def test_a_buffer_the_forward_assigns_anew_is_restored_too():

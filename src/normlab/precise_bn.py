@@ -33,12 +33,12 @@ Recomputed (``track_running_stats`` with running statistics): torch.nn's and nor
 BatchNorm1d/2d/3d, SyncBatchNorm, normlab's GhostBatchNorm (statistics over all its values, not
 per ghost batch) and BatchRenorm, timm's BatchNormAct2d and SyncBatchNormAct, timm's
 SplitBatchNorm2d (itself over the first split of each batch, its ``aux_bn`` over theirs), EvoNorm
-B0 (``running_var`` only), and InstanceNorm with running statistics (the mean over instances of
+B0 (normlab's, and timm's EvoNorm2dB0/B1/B2: ``running_var`` only), and InstanceNorm with running statistics (the mean over instances of
 each instance's mean and unbiased variance, which is what its running average estimates). Left
 as they are, with the reason in the returned record: frozen BatchNorms (nothing to recompute),
 another subclass with a forward of its own (what it normalizes over is unknown), a layer the
-batches did not reach, and any other module with a ``running_var`` (timm's EvoNorm2dB0, a layer
-of one's own: what its statistics are taken over is unknown).
+batches did not reach, and any other module with a ``running_var`` (a layer of one's own: what
+its statistics are taken over is unknown).
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ from normlab.nn.instancenorm import _InstanceNormForward
 
 __all__ = ["precise_bn", "PreciseBNRecord"]
 
-# timm's norm-act layers: BatchNorm over the whole input, then their drop and act
-_TIMM_NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct")
+# timm's norm-act layers: BatchNorm over the whole input, then their drop and act; timm's
+# batch EvoNorms: running_var, the unbiased variance over (N, H, W) per channel
+_TIMM_BATCH = ("BatchNormAct2d", "SyncBatchNormAct", "EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2")
 _TORCH_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 _TORCH_IN_FORWARDS = (nn.modules.instancenorm._InstanceNorm.forward,)
 
@@ -203,7 +204,8 @@ def _accumulator(m: nn.Module) -> tuple[Optional[Any], str]:
         return None, "no running statistics"
     if split_batchnorm_class(m) is not None:
         return _Batch(m, first_split=True), ""
-    if isinstance(m, (_BatchNormForward, _BatchRenorm, EvoNorm2dB0)) or name in _TIMM_NORM_ACT:
+    if isinstance(m, (_BatchNormForward, _BatchRenorm, EvoNorm2dB0)) or (
+            name in _TIMM_BATCH and type(m).__module__.startswith("timm.")):
         return _Batch(m), ""
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward in _TORCH_BN_FORWARDS:
         return _Batch(m), ""
