@@ -169,8 +169,9 @@ def test_the_spread_of_batch_means_is_kept_where_a_cumulative_average_drops_it()
     torch.testing.assert_close(ours.running_mean, data.mean(1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours.running_var, data.var(1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours.running_mean, torchs.running_mean, rtol=1e-12, atol=1e-12)
-    # the batch means are 3 apart: the population variance is about 1 + 5 (the var of 0,3,6,9)
-    assert (ours.running_var > 4 * torchs.running_var).all()
+    # the batch means are 3 apart: the variance of all values is about 1 + 11.25 (the biased
+    # variance of 0, 3, 6, 9), where the average of the batch variances is about 1
+    assert (ours.running_var > 10 * torchs.running_var).all()
 
 
 def test_timm_layers_split_bn_and_norm_act():
