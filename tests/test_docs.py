@@ -121,7 +121,7 @@ def test_choosing_guide_cpu_costs_are_the_committed_measurements():
         rows = [r for r in layers if r["case"].startswith(norm)]
         assert f"{norm} {_ratio_range(rows)}" in guide, norm
     with open(os.path.join(root, "benchmarks", "results",
-                           "cpu_channels_last_1thread_cpu.csv")) as f:
+                           "cpu_channels_last_1thread_cpu_dx.csv")) as f:
         cl = [r for r in csv.DictReader(f) if r["pass"] == "fwd+bwd"]
     at_most_1 = [r for r in cl if float(r["native_ratio"]) < 1]
     tiny = [r for r in cl if r["shape"] == "2x32x4x4"]
