@@ -153,6 +153,22 @@ def test_ls_says_why_a_run_failed(tmp_path):
     assert "failed: RuntimeError: CUDA error: device-side assert triggered" in r.output, r.output
 
 
+def test_ls_says_which_runs_were_tested_with_precise_bn_statistics(tmp_path):
+    # `train` and `train --set precise_bn=B` into one --out: two rows alike but for the error
+    from normlab.lab.store import Store
+    with Store(tmp_path) as s:
+        for rid, b in (("ema", 0), ("precise", 40)):
+            s.claim(rid, {"epochs": 1, "seed": 0, "norm": "bn", "precise_bn": b})
+            s.record_epochs(rid, [{"epoch": 0, "test_error": 3.0 + b / 100}], {})
+            s.finish(rid)
+    r = runner.invoke(app, ["ls", str(tmp_path)], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[1]: line for line in r.output.splitlines() if "ema" in line
+            or "precise " in line}
+    assert "3.40 (PreciseBN statistics, 40 batches)" in rows["precise"], r.output
+    assert "PreciseBN" not in rows["ema"] and "3.00" in rows["ema"], r.output
+
+
 def test_a_jobs_worker_reports_a_runs_epochs_before_its_outcome_on_one_queue(tmp_path):
     # with --jobs the epoch lines came on a progress queue and the run's outcome on another:
     # read in whichever order the two queues delivered, a run's last epoch line could follow

@@ -33,7 +33,7 @@ from normlab.lab.plots import plot_study
 from normlab.lab.spp_verdicts import spp_section
 from normlab.lab.store import Store, StoreError, unwritable
 from normlab.lab.studies import STUDIES, Study
-from normlab.lab.summary import precise_bn_text, summary_lines
+from normlab.lab.summary import precise_bn_note, precise_bn_text, summary_lines
 
 # the verdict names and rules are analysis.py's, re-exported for the report's readers
 __all__ = ["verdict", "write_report", "check_report_places", "Z", "SD_FLOOR", "SD_ONE_SEED",
@@ -246,11 +246,9 @@ def _single_runs_section(store: Store) -> list[str]:
         w = int(c.get("world_size", 1))
         batch = f"{c.get('batch_size')}" + (f" x {w} processes" if w > 1 else "")
         flag = run_flag(r) if r["status"] == "done" else None  # diverged, unconverged: say so
-        precise = int(c.get("precise_bn") or 0)  # tested with other statistics: say which
         cells = [r["label"], c.get("model"), c.get("norm"), c.get("data"), batch, c.get("seed"),
                  f"{r['epochs_done']}/{r['epochs']}", f"done, {flag}" if flag else r["status"],
-                 ("-" if err is None else f"{err:.2f}")
-                 + (f" (PreciseBN statistics, {precise} batches)" if precise else "")]
+                 ("-" if err is None else f"{err:.2f}") + precise_bn_note(c)]
         lines.append("| " + " | ".join(_md(v) for v in cells) + " |")  # stored text: inert
     return lines + [""]
 

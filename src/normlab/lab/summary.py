@@ -109,6 +109,13 @@ def _gap_cells(s: dict, r: dict, level: Level) -> str:
     return f"{d:.2f} ± {half_width_text(h)} | {conf}"
 
 
+def precise_bn_note(config: dict) -> str:
+    """What a run's test error cell adds when it was tested with PreciseBN statistics ("" when
+    not), so that two runs differing only in that do not read as one run twice."""
+    b = int(config.get("precise_bn") or 0)
+    return f" (PreciseBN statistics, {b} batches)" if b else ""
+
+
 def precise_bn_text(runs: list[dict]) -> str:
     """How the runs' BN-type layers were tested when ``precise_bn`` was set ("" when not)."""
     counts = sorted({int(r["config"].get("precise_bn") or 0) for r in runs})

@@ -18,6 +18,7 @@ from normlab.lab.progress import console, literal, say
 from normlab.lab.run import print_report
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES
+from normlab.lab.summary import precise_bn_note
 from normlab.models import list_models
 from normlab.models.timm_models import timm_status
 
@@ -100,7 +101,7 @@ def _print_runs(out: Path) -> None:
             cells = (r["run_id"], ", ".join(st), label, c.get("model", "?"),
                      c.get("norm", "?"), _batch_cell(c), c.get("seed", "?"), status,
                      f"{r['epochs_done']}/{r['epochs']}",
-                     "-" if err is None else f"{err:.2f}",
+                     ("-" if err is None else f"{err:.2f}") + precise_bn_note(c),
                      "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}",
                      "-" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}")
             # the store's text is shown as written, never read as rich markup
