@@ -392,3 +392,16 @@ def test_a_buffer_the_forward_assigns_anew_is_restored_too():
     assert normlab.precise_bn(model, batches).recomputed == ["bn"]
     _check(model, ref, ["bn"])
     assert model.ema is ema and torch.equal(ema, torch.full((3,), 0.5, dtype=torch.float64))
+
+
+def test_a_namedtuple_batch_moved_to_a_device():
+    import collections
+
+    Pair = collections.namedtuple("Pair", "images labels")
+    batches = [(x.float().double(), y) for x, y in _batches()]
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double())
+    ref = reference(copy.deepcopy(model), batches, ["1"])
+    record = normlab.precise_bn(model, [Pair(x.float(), y) for x, y in batches], device="cpu",
+                                forward=lambda m, b: m(b.images.double()))
+    assert record.recomputed == ["1"]
+    _check(model, ref, ["1"])

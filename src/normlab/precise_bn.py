@@ -217,7 +217,7 @@ def _accumulator(m: nn.Module) -> tuple[Optional[Any], str]:
     if isinstance(m, (nn.modules.batchnorm._NormBase, EvoNorm2dB0)):
         return None, (f"{type(m).__module__}.{type(m).__qualname__} has a forward of its own: "
                       f"what its statistics are taken over is unknown")
-    # any other module with running statistics (timm's EvoNorm2dB0, a layer of the user's own)
+    # any other module with running statistics (a layer of the user's own)
     return None, (f"{type(m).__module__}.{type(m).__qualname__} is not a layer precise_bn "
                   f"knows: what its statistics are taken over is unknown")
 
@@ -228,9 +228,13 @@ class _Buffers:
 
     def __init__(self, model: nn.Module) -> None:
         copies: dict[int, Tensor] = {}  # a tensor two modules share: one copy
-        self.slots = [(m, name, b, copies.setdefault(id(b), b.detach().clone()))
-                      for m in model.modules() for name, b in m._buffers.items()
-                      if b is not None]
+        self.slots = []
+        for m in model.modules():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    if id(b) not in copies:
+                        copies[id(b)] = b.detach().clone()
+                    self.slots.append((m, name, b, copies[id(b)]))
 
     def restore(self) -> None:
         for m, name, b, copy in self.slots:
@@ -252,7 +256,8 @@ def _to(batch: Any, device: Optional[torch.device]) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(b, device) for b in batch)
+        moved = [_to(b, device) for b in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     if isinstance(batch, Mapping):
         return {k: _to(v, device) for k, v in batch.items()}
     return batch
