@@ -416,6 +416,21 @@ def test_what_would_stop_the_exports_or_report_is_said_before_anything_runs(
     assert sorted(p.name for p in out.iterdir()) == [planted]
 
 
+def test_ls_keys_are_every_field_a_set_or_config_file_takes(tmp_path):
+    """`ls --keys` lists every RunConfig field (what `--set` and `--config` take), in order;
+    with a directory it is refused, as the other lists are."""
+    import dataclasses
+
+    from normlab.lab.config import RunConfig
+
+    r = runner.invoke(app, ["ls", "--keys"], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    listed = [line.split(" = ")[0].strip() for line in r.output.splitlines()[1:]]
+    assert listed == [f.name for f in dataclasses.fields(RunConfig)]
+    r = runner.invoke(app, ["ls", str(tmp_path), "--keys"])
+    assert r.exit_code == 2 and "one or the other" in r.output, r.output
+
+
 def test_entry_point_exit_status_through_a_subprocess(tmp_path):
     # the real process: status 2 and two lines for a usage error, 0 for --help and success
     r = _cli("reproduce", "--seeds", "abc")
@@ -432,7 +447,9 @@ def test_entry_point_exit_status_through_a_subprocess(tmp_path):
     (["--models"], ["resnet20"], ["batch-size:", "frozenbn"]),
     (["--norms"], ["frozenbn"], ["batch-size:", "resnet20"]),
     (["--models", "--norms"], ["resnet20", "frozenbn"], ["batch-size:"]),  # flags combine
-    ([], ["batch-size:", "resnet20", "frozenbn"], []),  # no directory, no flag: everything
+    ([], ["batch-size:", "resnet20", "frozenbn"], ["precise_bn"]),  # no flag: all but keys
+    (["--keys"], ["precise_bn = 0  (int)", "lr = None  (Optional[float])"],
+     ["batch-size:", "frozenbn"]),
 ])
 def test_ls_lists_what_its_flags_ask_for(flags, shown, hidden):
     r = runner.invoke(app, ["ls", *flags])

@@ -48,7 +48,7 @@ from normlab.models import canonical_model, check_norm, is_normalizer_free
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
     "DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed", "out_of_memory",
-    "fits_in_memory", "MAX_SEEDS", "canonical_data",
+    "fits_in_memory", "MAX_SEEDS", "canonical_data", "field_types",
 ]
 
 #: seeds per point a study builds at most (``--seeds``, ``--max-seeds``): a bound on its run
@@ -247,7 +247,7 @@ class RunConfig:
         for name, allowed in _CHOICES:  # first: "augment=yes" (read as True) names the choices
             _choice(name, getattr(self, name), allowed)
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
+            _check_type(f.name, getattr(self, f.name), field_types()[f.name])
         _positive_int("batch_size", self.batch_size)
         _positive_int("world_size", self.world_size)
         _positive_int("epochs", self.epochs)
@@ -290,7 +290,7 @@ class RunConfig:
 
 
 @typing.no_type_check
-def _field_types() -> dict[str, Any]:
+def field_types() -> dict[str, Any]:
     return typing.get_type_hints(RunConfig)
 
 
@@ -314,7 +314,7 @@ def check_seed(seed: int, name: str = "seed") -> None:
 def check_field(name: str, value: Any) -> None:
     """A ConfigError when ``name`` is a RunConfig field and ``value`` is not of its type (what a
     stored config is checked with when read back); other names pass."""
-    types_ = _field_types()
+    types_ = field_types()
     if name in types_:
         _check_type(name, value, types_[name])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +14,7 @@ from normlab.factory import norm_names
 from normlab.lab.analysis import flag_kind, run_flag
 from normlab.lab.cli.guard import guard
 from normlab.lab.cli.options import path_argument, path_option
-from normlab.lab.config import ConfigError
+from normlab.lab.config import ConfigError, RunConfig, field_types
 from normlab.lab.progress import console, literal, say
 from normlab.lab.run import print_report
 from normlab.lab.store import Store
@@ -41,19 +42,22 @@ def ls_(
     studies: bool = typer.Option(False, "--studies", help="list the studies"),
     models: bool = typer.Option(False, "--models", help="list the models"),
     norms: bool = typer.Option(False, "--norms", help="list the norms"),
+    keys: bool = typer.Option(False, "--keys", help="list the --set keys and their defaults"),
 ) -> None:
-    """List the runs in OUT's store, or the known studies, models and norms."""
+    """List the runs in OUT's store, or the known studies, models and norms (and --set keys)."""
     def body() -> None:
         asked = [f for f, on in (("--studies", studies), ("--models", models),
-                                 ("--norms", norms)) if on]
+                                 ("--norms", norms), ("--keys", keys)) if on]
         if asked and out is not None:  # (OUT was ignored)
             raise ConfigError(
                 f"`normlab ls {out} {' '.join(asked)}`: a directory lists its runs and "
                 f"{'/'.join(asked)} what normlab knows; one or the other",
                 hint=f"normlab ls {out}   or   normlab ls {' '.join(asked)}")
         if asked or out is None:
-            every = not (studies or models or norms)  # no flag: all three lists
+            every = not asked  # no flag: the studies, models and norms
             _print_known(studies or every, models or every, norms or every)
+            if keys:
+                _print_keys()
         else:
             _print_runs(out)
 
@@ -70,6 +74,19 @@ def _print_known(studies: bool, models: bool, norms: bool) -> None:
             f"norm replaces them): {timm_status()}")
     if norms:
         say("norms: " + ", ".join(norm_names()))
+
+
+def _print_keys() -> None:
+    """Every RunConfig field: what ``--set key=value`` and a ``--config`` file may set."""
+    say("--set keys (`--set key=value`, a value read as JSON where it parses; dotted keys reach "
+        "into the dict ones, e.g. norm_kwargs.num_groups=8), with a single run's defaults (a "
+        "study's preset sets its own epochs, batch sizes and norms; "
+        "`help(normlab.lab.config.RunConfig)` says what each key does):")
+    types = field_types()
+    for f in dataclasses.fields(RunConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kind = str(types[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        say(literal(f"  {f.name} = {default!r}  ({kind})"))
 
 
 def _print_runs(out: Path) -> None:
