@@ -137,6 +137,42 @@ def test_model_that_is_a_norm_and_errors():
         optimize(nn.Identity(), trace="yes")
 
 
+class _Stem(nn.Module):
+    """A traced-through module reading a non-persistent buffer (an input std, as detectors keep
+    their pixel statistics) and a plain tensor attribute: neither is in its state_dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("std", torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1),
+                             persistent=False)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.scale = torch.tensor(2.0)
+
+    def forward(self, x):
+        return self.conv(x / self.std) * self.scale
+
+
+class _NetWithStateFxDoesNotRead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1),
+                             persistent=False)
+        self.stem = _Stem()
+        self.bn = nn.BatchNorm2d(8)
+        self.aux = nn.Sequential(nn.Linear(2, 2))  # a head forward does not call (its keys stay)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.stem(x - self.mean)))  # F.relu: fused by the fx step alone
+
+
+def test_fx_fusion_keeps_the_state_dict_keys_fx_would_change():
+    # the GraphModule fx builds holds only what its graph reads, each tensor as a persistent
+    # buffer: the keys of aux went missing and mean, stem.std, stem.scale appeared
+    ours, record = _check(_NetWithStateFxDoesNotRead(), torch.randn(2, 3, 6, 6) + 1)
+    assert isinstance(ours, torch.fx.GraphModule) and record.fused == [("bn", "relu", "fx")]
+    assert "aux.0.weight" in ours.state_dict() and "mean" not in ours.state_dict()
+
+
 def test_untraceable_model_keeps_module_level_fusions():
     class Branchy(nn.Module):
         def __init__(self):

@@ -469,7 +469,32 @@ def _fuse_traced(model: nn.Module, record: OptimizeRecord) -> Optional[fx.GraphM
         return None
     gm.graph.lint()
     gm.recompile()
+    _keep_state_dict(model, gm)
     return gm
+
+
+def _keep_state_dict(original: nn.Module, copy_of: nn.Module) -> None:
+    """Give ``copy_of`` (the GraphModule, or one of the plain ``nn.Module`` shells fx builds
+    along a traced-through path) ``original``'s state_dict keys. fx copies only the attributes
+    its graph reads, and each tensor it reads as a persistent buffer: a module no call reaches
+    would lose its keys, and a non-persistent buffer (a model's input mean) or a plain tensor
+    attribute would gain one. The missing parameters, buffers and modules are added (the same
+    objects, as the GraphModule's leaves are the model's own); a buffer that is not in
+    ``original``'s state_dict is kept out of the copy's."""
+    for name, p in original._parameters.items():
+        if name not in copy_of._parameters:
+            copy_of.register_parameter(name, p)
+    for name, b in original._buffers.items():
+        if name not in copy_of._buffers:
+            copy_of.register_buffer(name, b)
+    persistent = set(original._buffers) - original._non_persistent_buffers_set
+    copy_of._non_persistent_buffers_set.update(set(copy_of._buffers) - persistent)
+    for name, child in original._modules.items():
+        mine = copy_of._modules.get(name)
+        if name not in copy_of._modules:
+            copy_of.add_module(name, child)
+        elif type(mine) is nn.Module and mine is not child:  # a shell fx built: fill it in
+            _keep_state_dict(child, mine)
 
 
 def optimize(model: nn.Module, *, trace: bool = True):
