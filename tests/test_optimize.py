@@ -173,6 +173,27 @@ def test_fx_fusion_keeps_the_state_dict_keys_fx_would_change():
     assert "aux.0.weight" in ours.state_dict() and "mean" not in ours.state_dict()
 
 
+def test_hooks_on_the_fx_fused_norm_do_not_reach_the_original_model():
+    # the fused norm is a shallow copy of the model's norm: it shared the model norm's hook
+    # dicts, so a hook registered on the GraphModule's norm ran with the original model too
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return F.relu(self.bn(self.conv(x)))  # F.relu: the fx step makes a new norm
+
+    model = Net()
+    ours, _ = optimize(model)
+    assert ours.bn is not model.bn
+    calls = []
+    ours.bn.register_forward_hook(lambda *args: calls.append(1))
+    ours.bn.register_state_dict_post_hook(lambda m, state, prefix, meta: state.clear())
+    model(torch.randn(2, 3, 4, 4))
+    assert calls == [] and "bn.running_mean" in model.state_dict()
+
+
 def test_untraceable_model_keeps_module_level_fusions():
     class Branchy(nn.Module):
         def __init__(self):

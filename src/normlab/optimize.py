@@ -360,10 +360,14 @@ def _fuse_sequentials(model: nn.Module, record: OptimizeRecord,
 
 def _with_activation(norm: nn.Module, act: str) -> nn.Module:
     """A new module computing ``norm`` then ``act``: a shallow copy holding the same Parameter
-    and buffer objects (its own dicts of them, so nothing else of ``norm`` changes)."""
+    and buffer objects (its own dicts of them, and of hooks, so nothing else of ``norm``
+    changes: a hook registered on the one is not run by, or on the state_dict of, the other)."""
     new = copy.copy(norm)
     for attr in ("_parameters", "_buffers", "_modules"):
         new.__dict__[attr] = dict(norm.__dict__[attr])
+    for attr in _trace.HOOK_DICTS + ("_non_persistent_buffers_set",):
+        if attr in norm.__dict__:
+            new.__dict__[attr] = copy.copy(norm.__dict__[attr])
     new.activation = act
     return new
 
