@@ -771,6 +771,29 @@ def test_half_input_statistics_are_float32(backend, dtype, shape, groups, over_b
     assert rel_err(y, normalize64(x, groups, over_batch, w, b)) < _Y_TOL[dtype]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("groups,over_batch", [
+    (3, True),   # batch-group norm (native: ATen's BN on a (N, G, rest) view, affine after it)
+    (6, True),   # BN (ATen's mixed mode: float32 parameters, one rounding)
+    (2, False),  # GroupNorm
+])
+def test_half_input_with_float32_affine_is_rounded_once(backend, dtype, groups, over_batch):
+    # y = gamma * xhat + beta computed in float32 and rounded once to the half type: within one
+    # unit in the last place of the float64 result, also where beta cancels gamma * xhat (y
+    # near 0). Native's batch-group norm rounded xhat to the half type before the affine: up
+    # to 15 (bf16) - 35 (fp16) units off there, where torch's BN in the same setting is half
+    # of one
+    torch.manual_seed(0)
+    x = off_centre(8, 6, 5, 5, dtype=dtype)
+    w, b = torch.rand(6) * 4 + 0.5, torch.randn(6) * 3
+    y = NF.normalize(x, groups, over_batch, w, b, backend=backend)
+    assert y.dtype == dtype
+    expected = normalize64(x, groups, over_batch, w, b)
+    ulp = torch.finfo(dtype).eps * expected.abs() + 1e-5  # (+ float32's error at y ~ 0)
+    assert ((y.double() - expected).abs() <= ulp).all()
+
+
 def test_numpy_scalars_as_torch_takes_them():
     # configs computed with numpy give np.int64 groups and np.float32 eps: torch.nn.functional
     # takes them; normlab raised "num_groups must be an int, got np.int64(2)"

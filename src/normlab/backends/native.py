@@ -159,6 +159,11 @@ class NativeBackend:
         # running buffers in another dtype are updated from a pass of their own
         acc = compute_dtype(x.dtype)
         aten_running = aten_running and running_mean.dtype == acc
+        if xg.dtype != acc and not (weight is None and bias is None and activation is None):
+            # with an affine or activation after it, half input is normalized in float32 and
+            # rounded once (as _uncentered): ATen's half yg, then the affine, rounded twice (up
+            # to 35 units in the last place where the bias cancels; torch's BN: half of one)
+            xg = xg.to(acc)
         one = torch.ones(g, device=x.device, dtype=acc)
         yg, mean, rstd = torch.native_batch_norm(
             xg, one, torch.zeros_like(one),
