@@ -147,6 +147,37 @@ def test_half_input_keeps_float32_statistics(backend, dtype, tol):
     assert rel_err(brn.running_var, 0.9 * rv0.double() + 0.1 * var64) < 1e-6
 
 
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("clip", [False, True])  # False: the warm-up (r = 1, d = 0), BatchNorm
+def test_half_input_to_a_float32_module_is_rounded_once(backend, dtype, clip):
+    # a float32 module on half input (a bf16 forward of a float32 model): x_hat * (r * gamma) +
+    # (d * gamma + beta) in float32, rounded once to the half type, as torch's BatchNorm2d does
+    # in that setting (within half a unit in the last place). x_hat rounded to the half type
+    # and the float32 scale and shift rounded to it before the affine were 58-260 units off
+    # where the bias cancels (y near 0)
+    import normlab
+
+    torch.manual_seed(0)
+    kw = dict(r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=0, d_max_steps=0) if clip else {}
+    brn = nlnn.BatchRenorm2d(6, momentum=0.1, **kw)
+    with torch.no_grad():
+        brn.weight.copy_(torch.rand(6) * 3 + 0.5)
+        brn.bias.copy_(torch.randn(6) * 3)
+        brn.running_mean.copy_(torch.randn(6) + 3.0)
+        brn.running_var.copy_(torch.rand(6) * 4 + 0.5)
+    rm0, rv0 = brn.running_mean.clone(), brn.running_var.clone()
+    x = off_centre(8, 6, 4, 4).to(dtype)
+    with normlab.use_backend(backend):
+        y = brn(x)
+    assert y.dtype == dtype
+    r_max, d_max = (1.5, 0.5) if clip else (1.0, 0.0)
+    expected = brn64(x.double(), rm0, rv0, brn.weight.detach(), brn.bias.detach(), brn.eps,
+                     r_max, d_max)
+    ulp = torch.finfo(dtype).eps * expected.abs() + 1e-5  # (+ float32's error at y ~ 0)
+    assert ((y.double() - expected).abs() <= ulp).all()
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])  # None: the cumulative average divides by steps
 def test_empty_batch_leaves_running_statistics(momentum):
     # as torch's BatchNorm: a batch of zero samples (a detector's empty proposal set) gives an

@@ -109,8 +109,12 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         # r and d use the running statistics from before this batch: the operator moves the
         # buffers (from the batch variance itself, as BN's; an empty batch leaves them alone)
         running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
+        # x_hat and the affine in the accumulation dtype, rounded once (half input: x_hat and
+        # the float32 scale and shift rounded to the half type first put y up to hundreds of
+        # units in the last place off where the bias cancels; BatchNorm's is within half a unit)
+        acc = compute_dtype(input.dtype)
         x_hat, mean, rstd = NLF.normalize(
-            input, self.num_features, True, eps=self.eps, running_mean=self.running_mean,
+            input.to(acc), self.num_features, True, eps=self.eps, running_mean=self.running_mean,
             running_var=self.running_var, momentum=momentum, return_stats=True,
         )
         with torch.no_grad():
@@ -124,8 +128,8 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
             scale, shift = scale * self.weight, shift * self.weight
             if self.bias is not None:
                 shift = shift + self.bias
-        y = x_hat * channel_view(scale.to(x_hat.dtype), input.dim())
-        return y + channel_view(shift.to(x_hat.dtype), input.dim())
+        y = x_hat * channel_view(scale.to(acc), input.dim())
+        return (y + channel_view(shift.to(acc), input.dim())).to(input.dtype)
 
     def extra_repr(self) -> str:
         return (
