@@ -20,7 +20,11 @@ Three steps, each recorded:
    head's tower run on every pyramid level) is fused where the same activation is the only
    reader of every call, and recorded as left otherwise. This rewrites the forward, so the result is a new
    ``torch.fx.GraphModule`` (the original model keeps its unfused forward and stays correct; the
-   GraphModule holds the same parameters, and fused norms are new modules sharing them).
+   GraphModule holds the same parameters, and fused norms are new modules sharing them). Its
+   state_dict has the original's keys, but a module fx traces through becomes a plain
+   ``nn.Module`` there: its own ``_load_from_state_dict`` and state_dict hooks (a model that
+   renames an old checkpoint's keys as it loads) do not come along, so load such a checkpoint
+   into the original model.
 
 Only torch.nn's exact classes and timm's named classes are replaced: a subclass with a forward
 of its own is left alone (recorded). A replaced norm keeps the hooks registered on it (the same

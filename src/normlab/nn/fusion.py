@@ -14,7 +14,9 @@ Its fuser first turns the normlab BN into the torch BN it subclasses, holding th
 Parameter and buffer objects, then calls torch's fuser: the fused result is exactly what torch
 builds from its own BN (a folded Conv2d in eval; torch's ConvBn2d / BNReLU2d for QAT, which
 accept torch's BN class only). A BN with a fused ``activation`` is refused (folding it into the
-conv would drop the activation).
+conv would drop the activation). ``fuse_conv_bn_eval`` cannot be reached that way: given a BN
+with a fused ``activation`` it folds the affine and drops the activation with no error, so fold
+such a BN with :func:`normlab.fold_batchnorm`, which keeps it.
 """
 
 from __future__ import annotations
