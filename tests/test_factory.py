@@ -21,6 +21,8 @@ from normlab import create_norm, resolve_groups
         ("gn", nlnn.GroupNorm, lambda m: m.num_groups == 32),
         ("ln", nlnn.GroupNorm, lambda m: m.num_groups == 1),          # GN paper's conv LN
         ("ln2d", nlnn.LayerNorm2d, lambda m: m.num_channels == 64),
+        ("rms", nlnn.RMSNorm2d, lambda m: m.num_channels == 64 and m.eps == 1e-6),
+        ("RMSNorm", nlnn.RMSNorm2d, lambda m: True),                  # alias
         ("in", nlnn.InstanceNorm2d, lambda m: m.affine),
         ("none", nn.Identity, lambda m: True),
         ("frn", nlnn.FilterResponseNorm2d, lambda m: m.eps == 1e-6 and m.tau is not None),

@@ -126,6 +126,7 @@ OWN = {  # normlab's modules with no torch.nn twin: checked against autograd, on
     "evonorm_b0_eval": lambda: nlnn.EvoNorm2dB0(8).eval(),
     "evonorm_s0": lambda: nlnn.EvoNorm2dS0(8, group_size=2),
     "layernorm2d": lambda: nlnn.LayerNorm2d(8),
+    "rmsnorm2d": lambda: nlnn.RMSNorm2d(8),
     "frozen_bn": lambda: nlnn.FrozenBatchNorm2d(8),
     "ws_conv": lambda: nlnn.WSConv2d(8, 8, 3, padding=1),
 }

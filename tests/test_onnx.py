@@ -54,6 +54,8 @@ CASES = {
                   "LayerNormalization"),
     # LN over the channels at each position (ConvNeXt's), through permutes
     "layernorm2d": (lambda: nlnn.LayerNorm2d(C), None, None),
+    # the same without centering: RMS over the channels
+    "rmsnorm2d": (lambda: nlnn.RMSNorm2d(C), None, None),
     # was aten::_fused_rms_norm; torch.nn.RMSNorm itself does not export with dynamo=False
     "rmsnorm": (lambda: nlnn.RMSNorm([C, HW, HW]), None, None),
     # uncentred statistics per channel, then the TLU

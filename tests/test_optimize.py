@@ -253,6 +253,19 @@ def test_timm_layernorm2d_keeps_timms_output_strides():
     assert y.stride() == ref.stride() and torch.equal(y, ref)
 
 
+def test_timm_rmsnorm2d_becomes_normlabs():
+    # timm's RmsNorm2d (ConvNeXt-style RMS over the channels) has a normlab twin: replaced,
+    # holding the same weight, with the same values (_check)
+    timm = import_timm()
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), timm.layers.RmsNorm2d(8), nn.Conv2d(8, 8, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.rand(8) + 0.5)
+    x = torch.randn(2, 3, 6, 6) + 1
+    ours, record = _check(model, x)
+    assert len(record.replaced) == 1 and type(ours[1]) is nlnn.RMSNorm2d
+    assert ours[1].weight is model[1].weight
+
+
 def test_frozen_and_sync_batchnorm_take_the_activation():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nlnn.SyncBatchNorm(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 1), nlnn.FrozenBatchNorm2d(8), nn.GELU())

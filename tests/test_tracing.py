@@ -101,6 +101,7 @@ def test_compile_fullgraph_of_the_ops(train):
      lambda: nlnn.GroupNorm(4, 8),                       # ATen's group norm, symbolic HxW
      lambda: nlnn.InstanceNorm2d(8, affine=True),        # G = C
      lambda: nlnn.LayerNorm2d(8),                        # permuted rows of C
+     lambda: nlnn.RMSNorm2d(8),                          # the same, uncentred
      lambda: nlnn.FilterResponseNorm2d(8),               # uncentred over HxW: the fused RMS op
                                                          # took an int width (guard HxW == 42)
      lambda: nlnn.EvoNorm2dS0(8, num_groups=4)],         # moments
@@ -124,7 +125,7 @@ def test_modules_export_with_dynamic_batch_and_spatial_sizes(make, train):
     [lambda: nlnn.BatchNorm2d(8), lambda: nlnn.BatchRenorm2d(8),
      lambda: nlnn.FrozenBatchNorm2d(8), lambda: nlnn.GroupNorm(4, 8),
      lambda: nlnn.InstanceNorm2d(8, affine=True), lambda: nlnn.LayerNorm([8, 5, 5]),
-     lambda: nlnn.LayerNorm2d(8), lambda: nlnn.WSConv2d(8, 8, 3),
+     lambda: nlnn.LayerNorm2d(8), lambda: nlnn.RMSNorm2d(8), lambda: nlnn.WSConv2d(8, 8, 3),
      lambda: nlnn.ScaledStdConv2d(8, 8, 3), lambda: nlnn.RMSNorm([8, 5, 5]),
      lambda: nlnn.FilterResponseNorm2d(8), lambda: nlnn.EvoNorm2dS0(8, num_groups=4),
      lambda: nlnn.EvoNorm2dB0(8), lambda: nlnn.GhostBatchNorm2d(8, virtual_batch=2)],

@@ -11,6 +11,7 @@ brn         BatchRenorm{1,2}d                           Batch Renormalization
 gn          GroupNorm(G, C)                             G = 32 by default (rule below)
 ln          GroupNorm(1, C)                             the GN paper's conv-net LayerNorm
 ln2d        LayerNorm2d                                 over channels per position
+rms         RMSNorm2d                                   ln2d without centering (RMSNorm)
 in          InstanceNorm{1,2,3}d(affine=True)           ``dims=`` as for bn
 frn         FilterResponseNorm2d                        FRN + TLU (replaces norm and ReLU)
 evonorm_s0  EvoNorm2dS0                                 G = 32 by default (rule below)
@@ -167,6 +168,7 @@ NORMS: dict[str, NormEntry] = {
         ("layernorm", "layer_norm"), {None: nlnn.GroupNorm}, _build_ln,
         fixed=("num_groups", "num_channels", "group_size"), carries=("eps", "affine", "bias")),
     "ln2d": NormEntry(("layernorm2d",), {None: nlnn.LayerNorm2d}),
+    "rms": NormEntry(("rmsnorm", "rms_norm", "rmsnorm2d"), {None: nlnn.RMSNorm2d}),
     "in": NormEntry(
         ("instancenorm", "instance_norm"),
         {1: nlnn.InstanceNorm1d, 2: nlnn.InstanceNorm2d, 3: nlnn.InstanceNorm3d},

@@ -3,7 +3,7 @@
 Three steps, each recorded:
 
 1. **replace**: every torch.nn norm (BatchNorm1d/2d/3d, GroupNorm, LayerNorm, InstanceNorm1d/2d/3d,
-   RMSNorm), timm norm layer (GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm and the
+   RMSNorm), timm norm layer (GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d and the
    norm-act layers BatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct, LayerNormAct2d,
    FrozenBatchNormAct2d) and torchvision's FrozenBatchNorm2d (a detector's frozen backbone)
    becomes its normlab twin, in place, holding the same Parameter and buffer objects (same
@@ -185,6 +185,10 @@ def _rms(m):
     return nlnn.RMSNorm(m.normalized_shape, m.eps, m.elementwise_affine, **_META)
 
 
+def _rms2d(m):
+    return nlnn.RMSNorm2d(m.normalized_shape[0], m.eps, m.elementwise_affine, **_META)
+
+
 # torch.nn's classes, exactly (a subclass may compute something else)
 _TORCH = {
     nn.BatchNorm1d: _bn(nlnn.BatchNorm1d), nn.BatchNorm2d: _bn(nlnn.BatchNorm2d),
@@ -202,7 +206,7 @@ _TIMM = {
     "BatchNormAct2d": (_bn(nlnn.BatchNorm2d), True), "GroupNorm": (_gn, False),
     "GroupNorm1": (_gn, False), "GroupNormAct": (_gn, True), "GroupNorm1Act": (_gn, True),
     "LayerNorm": (_ln, False), "LayerNormAct": (_ln, True), "LayerNorm2d": (_ln2d, False),
-    "LayerNormAct2d": (_ln2d, True), "RmsNorm": (_rms, False),
+    "LayerNormAct2d": (_ln2d, True), "RmsNorm": (_rms, False), "RmsNorm2d": (_rms2d, False),
 }
 
 

@@ -78,7 +78,7 @@ def test_same_as_timm():
 @pytest.mark.parametrize("make", [
     lambda c: nlnn.FilterResponseNorm2d(c), lambda c: nlnn.EvoNorm2dB0(c),
     lambda c: nlnn.EvoNorm2dS0(c, num_groups=1), lambda c: nlnn.FrozenBatchNorm2d(c),
-    lambda c: nlnn.LayerNorm2d(c),
+    lambda c: nlnn.LayerNorm2d(c), lambda c: nlnn.RMSNorm2d(c),
 ])
 def test_a_float_channel_count_is_a_type_error_as_in_torch(make):
     # the extras have no torch namesake: the rule is torch.nn.BatchNorm2d's (4.0 -> TypeError)

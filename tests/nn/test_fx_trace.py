@@ -20,6 +20,7 @@ def _models():
         (lambda: nlnn.GroupNorm(3, 6, activation="silu"), (4, 6, 5, 5)),
         (lambda: nlnn.LayerNorm([5, 5]), (4, 6, 5, 5)),
         (lambda: nlnn.LayerNorm2d(6), (4, 6, 5, 5)),
+        (lambda: nlnn.RMSNorm2d(6), (4, 6, 5, 5)),
         (lambda: nlnn.FrozenBatchNorm2d(6), (4, 6, 5, 5)),
         (lambda: nlnn.BatchRenorm2d(6, warmup_steps=0, r_max_steps=0, d_max_steps=0), (4, 6, 5, 5)),
         (lambda: nlnn.SyncBatchNorm(6), (4, 6, 5, 5)),

@@ -125,3 +125,67 @@ def test_rms_norm_follows_torchs_float32_autocast(monkeypatch):
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(x.float(), (64,), ours.weight),
                                rtol=1e-5, atol=1e-5)
     assert ours(x).dtype == torch.bfloat16  # autocast off: the input's dtype
+
+
+def _rms2d_64(x, weight, eps):
+    """RMSNorm2d's formula in float64: eq. 4 over the C values at each position."""
+    return rms_norm64(x.movedim(1, -1), (x.shape[1],), weight, eps).movedim(-1, 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((2, 8, 5, 6), "nchw"),           # permute, normalized as rows of C, copied back
+        ((2, 8, 5, 6), "channels_last"),  # a free view; the layout must be kept
+        ((3, 8, 7), "nchw"),              # one spatial dim
+    ],
+)
+def test_rmsnorm2d_against_the_formula(backend, shape, layout):
+    norm = nlnn.RMSNorm2d(shape[1])
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(shape[1]) + 0.5)
+    x = off_centre(*shape)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    xa = x.detach().clone().requires_grad_()
+    with normlab.use_backend(backend):
+        y = norm(xa)
+    assert rel_err(y, _rms2d_64(x, norm.weight, norm.eps)) < 1e-6
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    x64 = x.detach().double().requires_grad_()
+    w64 = norm.weight.detach().double().requires_grad_()
+    g = torch.randn(shape)
+    (y * g).sum().backward()
+    (_rms2d_64(x64, w64, norm.eps) * g.double()).sum().backward()
+    assert rel_err(xa.grad, x64.grad) < 1e-5
+    assert rel_err(norm.weight.grad, w64.grad) < 1e-5
+
+
+def test_rmsnorm2d_equals_timms_rmsnorm2d():
+    # timm's RmsNorm2d (ConvNeXt-style nets): the same parameter, state_dict key and values
+    from timm_import import import_timm
+
+    theirs = import_timm().layers.RmsNorm2d(6)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.rand(6) + 0.5)
+    ours = nlnn.RMSNorm2d(6)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = off_centre(2, 6, 5, 5)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+def test_rmsnorm2d_constructor_and_errors():
+    norm = nlnn.RMSNorm2d(4, eps=1e-5, affine=False, dtype=torch.float64)
+    assert norm.weight is None and list(norm.state_dict()) == []
+    assert repr(norm) == "RMSNorm2d(4, eps=1e-05, affine=False)"
+    w = nlnn.RMSNorm2d(4, dtype=torch.float64).weight
+    assert w.dtype == torch.float64 and torch.equal(w, torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="num_channels must be a positive int, got 0"):
+        nlnn.RMSNorm2d(0)
+    with pytest.raises(ValueError, match="eps must be a positive"):
+        nlnn.RMSNorm2d(4, eps=0.0)
+    with pytest.raises(ValueError, match=r"RMSNorm2d expects 4 channels \(dim 1\), got input of "
+                                         r"shape \(2, 3, 5, 5\)"):
+        norm(torch.randn(2, 3, 5, 5, dtype=torch.float64))

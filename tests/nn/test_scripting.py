@@ -16,6 +16,7 @@ MODULES = [
     lambda: nlnn.BatchRenorm2d(4), lambda: nlnn.BatchRenorm1d(4),
     lambda: nlnn.FrozenBatchNorm2d(4), lambda: nlnn.GroupNorm(2, 4),
     lambda: nlnn.InstanceNorm2d(4), lambda: nlnn.LayerNorm(4), lambda: nlnn.LayerNorm2d(4),
+    lambda: nlnn.RMSNorm2d(4),
     lambda: nlnn.WSConv2d(4, 4, 3), lambda: nlnn.ScaledStdConv2d(4, 4, 3),
     lambda: nlnn.RMSNorm(4), lambda: nlnn.FilterResponseNorm2d(4),
     lambda: nlnn.EvoNorm2dS0(4, num_groups=2), lambda: nlnn.EvoNorm2dB0(4),

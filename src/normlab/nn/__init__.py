@@ -15,6 +15,7 @@ LayerNorm2d            C (per sample and position)              nn/layernorm.py
 LazyBatchNorm1d/2d/3d  as BN; C from the first input           nn/lazy.py
 LazyInstanceNorm*d     as IN; C from the first input           nn/lazy.py
 RMSNorm                trailing normalized_shape, uncentred     nn/rmsnorm.py
+RMSNorm2d              C (per sample and position), uncentred  nn/rmsnorm.py
 FilterResponseNorm2d   spatial, uncentred (+ TLU)               nn/frn.py
 EvoNorm2dS0            as GN (norm + activation)                nn/evonorm.py
 EvoNorm2dB0            as BN and IN (norm + activation)         nn/evonorm.py
@@ -78,7 +79,7 @@ from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm
 from normlab.nn.layernorm import LayerNorm, LayerNorm2d
 from normlab.nn.lazy import (LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d, LazyInstanceNorm1d,
                              LazyInstanceNorm2d, LazyInstanceNorm3d)
-from normlab.nn.rmsnorm import RMSNorm
+from normlab.nn.rmsnorm import RMSNorm, RMSNorm2d
 from normlab.nn.std_conv import ScaledStdConv2d, WSConv2d, standardize_weight
 from normlab.nn.syncbn import SyncBatchNorm
 from normlab.nn import fusion  # registers normlab's BN with torch.ao.quantization.fuse_modules
@@ -96,6 +97,7 @@ __all__ = [
     "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
     "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
     "RMSNorm",
+    "RMSNorm2d",
     "ScaledStdConv2d", "WSConv2d", "standardize_weight",
     "SyncBatchNorm",
 ]

@@ -1,11 +1,15 @@
-"""RMSNorm (Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019) on normlab's
-operator.
+"""RMSNorm (Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019) and
+RMSNorm2d on normlab's operator.
 
-Statistics over the trailing ``normalized_shape`` dims without centering:
-``normalize(x viewed as (rows, prod(normalized_shape)), num_groups=1, over_batch=False,
-center=False)``. A subclass of ``torch.nn.RMSNorm``: the same constructor (``eps=None`` meaning
-the machine epsilon of the input's accumulation dtype, float32's for half input, as torch
-computes it), ``weight`` parameter and state_dict keys.
+* :class:`RMSNorm`: statistics over the trailing ``normalized_shape`` dims without centering:
+  ``normalize(x viewed as (rows, prod(normalized_shape)), num_groups=1, over_batch=False,
+  center=False)``. A subclass of ``torch.nn.RMSNorm``: the same constructor (``eps=None``
+  meaning the machine epsilon of the input's accumulation dtype, float32's for half input, as
+  torch computes it), ``weight`` parameter and state_dict keys.
+* :class:`RMSNorm2d`: the same over the channels only, per sample and spatial position, with a
+  per-channel weight: :class:`normlab.nn.LayerNorm2d` without the centering (the RMSNorm of
+  ConvNeXt-style networks; timm's ``RmsNorm2d``), for NCHW or channels_last input. What
+  ``create_norm("rms", C)`` builds.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from __future__ import annotations
 import numbers
 from typing import Optional, Sequence, Union
 
+import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.nn._common import fx_leaf, not_scriptable
+from normlab.backends.reference import output_memory_format
+from normlab.nn._common import check_count, check_num_channels, fx_leaf, not_scriptable
 
-__all__ = ["RMSNorm"]
+__all__ = ["RMSNorm", "RMSNorm2d"]
 
 
 class RMSNorm(nn.RMSNorm):
@@ -84,3 +90,64 @@ class RMSNorm(nn.RMSNorm):
 
     def _normalize(self, x: Tensor) -> Tensor:
         return NLF.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class RMSNorm2d(nn.Module):
+    r"""RMSNorm over the channels of a (N, C, *spatial) tensor, per sample and position.
+
+    .. math::
+        y_{n,:,h,w} = \frac{x_{n,:,h,w}}{\sqrt{\mathrm{E}_c[x^2] + \epsilon}} \gamma
+
+    No mean is subtracted and there is no bias (Zhang & Sennrich, NeurIPS 2019, eq. 4, taken
+    over the C values at each position).
+
+    Args:
+        num_channels: C.
+        eps: added to the mean square (default 1e-6, as :class:`normlab.nn.LayerNorm2d`'s and
+            timm's ``RmsNorm2d``'s).
+        affine: a learnable per-channel ``weight`` (init 1).
+
+    Shape: (N, C, H, W) NCHW or channels_last (or any number of spatial dims); the output keeps
+    the input's memory format. For channels_last input no copy is made.
+
+    Example::
+
+        >>> norm = RMSNorm2d(96)
+        >>> y = norm(torch.randn(2, 96, 14, 14) + 1)
+        >>> ms = (y / norm.weight.view(1, -1, 1, 1)).pow(2).mean(1)
+        >>> torch.allclose(ms, torch.ones_like(ms), atol=1e-3)
+        True
+    """
+
+    __prepare_scriptable__ = not_scriptable
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_channels = check_count(num_channels, "num_channels")
+        self.eps = NLF.check_eps(eps)
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return fx_leaf(self, input)
+        NLF.check_input(input)
+        check_num_channels(self, input, self.num_channels)
+        fmt = output_memory_format(input)
+        # channels to the end: (N, *spatial, C), a free view for channels_last input
+        perm = (0,) + tuple(range(2, input.dim())) + (1,)
+        y = NLF.rms_norm(input.permute(perm), (self.num_channels,), self.weight, self.eps)
+        inv = (0, input.dim() - 1) + tuple(range(1, input.dim() - 1))
+        return y.permute(inv).contiguous(memory_format=fmt)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
