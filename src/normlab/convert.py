@@ -69,18 +69,20 @@ class Replacement:
 @dataclasses.dataclass
 class ConversionSummary:
     """``replaced``: one :class:`Replacement` per new module (``len()`` counts them);
-    ``left``: ``(name, reason)`` for each BatchNorm deliberately not converted (timm's
-    SplitBatchNorm2d)."""
+    ``left``: ``(name, reason)`` for each norm deliberately not converted (timm's
+    SplitBatchNorm2d); ``function``: the conversion that made it (``convert_norm`` or
+    :func:`normlab.convert_layer_norm`)."""
 
     target: str
     replaced: list[Replacement] = dataclasses.field(default_factory=list)
     left: list = dataclasses.field(default_factory=list)
+    function: str = "convert_norm"
 
     def __len__(self) -> int:
         return len(self.replaced)
 
     def __str__(self) -> str:
-        lines = [f"convert_norm -> {self.target}: {len(self.replaced)} module(s) replaced"]
+        lines = [f"{self.function} -> {self.target}: {len(self.replaced)} module(s) replaced"]
         lines += [f"  {r.name or '<root>'}: {r.old} -> {r.new}" for r in self.replaced]
         lines += [f"  left {name or '<root>'}: {why}" for name, why in self.left]
         return "\n".join(lines)

@@ -1018,6 +1018,22 @@ def test_ls_with_a_directory_and_a_list_flag_says_it_takes_one_or_the_other(tmp_
     assert "batch-size:" not in r.output
 
 
+def test_train_a_timm_vit_with_rmsnorm(tmp_path):
+    # a transformer: its LayerNorms become RMSNorm; a 1-block ViT on the 8 x 8 images in
+    # 2 x 2 patches (img_size and patch_size through model_kwargs, as a user gives them)
+    from timm_import import import_timm
+
+    import_timm()
+    out = tmp_path / "out"
+    vit = json.dumps({"img_size": 8, "patch_size": 2, "depth": 1})
+    r = runner.invoke(app, ["train", "--model", "timm:vit_tiny_patch16_224", "--norm", "rms",
+                            "--set", f"model_kwargs={vit}", "--set", "epochs=1", "--set",
+                            f"data_kwargs={SMALL}", "--data", "synthetic", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    row = _db(out).execute("SELECT status, config FROM runs").fetchone()
+    assert row["status"] == "done" and json.loads(row["config"])["norm"] == "rms"
+
+
 def test_train_a_timm_model_with_a_normlab_norm(tmp_path):
     from timm_import import import_timm
 
@@ -1031,8 +1047,9 @@ def test_train_a_timm_model_with_a_normlab_norm(tmp_path):
     assert row["status"] == "done"
     assert json.loads(row["config"])["model"] == "timm:resnet10t"
     assert "timm" in json.loads(row["versions"])  # timm's version defines the model
+    # a LayerNorm model (ConvNeXt) with the default bn: refused before anything trains
     r = runner.invoke(app, ["train", "--model", "timm:convnext_atto", "--out", str(out)])
-    assert r.exit_code == 2 and "has no BatchNorm layer" in r.output, r.output
+    assert r.exit_code == 2 and "norm 'bn' has no form; it takes ln, rms, none" in r.output
     assert "timm:<name>" in runner.invoke(app, ["ls", "--models"]).output
     # spp: a timm ResNet's blocks are found (its name holds a ':' before its own key=value);
     # its kind is none the report checks, which the report says (not "not recorded")

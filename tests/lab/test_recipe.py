@@ -197,8 +197,8 @@ def test_timm_models_build_with_the_norm_and_ws_and_are_refused_without_batchnor
     assert convs and all(isinstance(c, WSConv2d) for c in convs)
     assert sum(isinstance(g, GroupNorm) for g in m.modules()) == 14  # every BN of resnet10t
     assert m(torch.randn(2, 2, 8, 8) + 1).shape == (2, 4)
-    with pytest.raises(ConfigError, match="'convnext_atto' has no BatchNorm layer"):
-        preflight([RunConfig(**{**TINY, "model": "timm:convnext_atto"})])
+    with pytest.raises(ConfigError, match="'nf_resnet26' has no BatchNorm or LayerNorm layer"):
+        preflight([RunConfig(**{**TINY, "model": "timm:nf_resnet26"})])
     with pytest.raises(ConfigError, match=r"cannot weight-standardize 'conv_stem' \(.*Conv2dSame"):
         build_model(RunConfig(**{**TINY, "model": "timm:tf_efficientnet_b0", "ws": True}), 4, 2)
 

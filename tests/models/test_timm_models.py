@@ -1,8 +1,10 @@
-"""``normlab.models.create("timm:<name>", norm=...)``: timm's own models, their BatchNorms replaced.
+"""``normlab.models.create("timm:<name>", norm=...)``: timm's own models, their BatchNorms (or,
+in a LayerNorm model, their LayerNorms) replaced.
 
 The reference is timm itself: the same model built by timm with the norm given as its
-``norm_layer`` (torch.nn's GroupNorm), from the same seed, must compute the same function as the
-one normlab builds by conversion; with ``norm="bn"`` the model must be timm's own, layer by layer.
+``norm_layer`` (torch.nn's GroupNorm or RMSNorm, timm's RmsNorm2d), from the same seed, must
+compute the same function as the one normlab builds by conversion; with ``norm="bn"`` (``"ln"``
+for a LayerNorm model) the model must be timm's own, layer by layer.
 """
 
 import sys
@@ -88,9 +90,55 @@ def test_names_are_one_spelling():
     assert models.model_uses_norm("timm:resnet18") and not models.is_normalizer_free("timm:x")
 
 
+def _torch_rms(dim, **kwargs):  # ViT's own eps; a function, so timm takes it as it is
+    return nn.RMSNorm(dim, eps=1e-6)
+
+
+# a 2-block ViT on 1 x 8 x 8 images in 2 x 2 patches (16 tokens of 192 features); ConvNeXt-atto
+# on 1 x 32 x 32 (its LayerNorm2d over the channels, the head's too)
+VIT = ("vit_tiny_patch16_224", dict(img_size=8, patch_size=2, depth=2, in_chans=1), (8, 8))
+CONVNEXT = ("convnext_atto", dict(in_chans=1), (32, 32))
+
+
+@pytest.mark.parametrize("model, norm, norm_layer, count", [
+    (VIT, "ln", None, 5),                 # timm's own ViT: its LayerNorm, eps 1e-6
+    (VIT, "rms", _torch_rms, 5),          # norm1, norm2 of 2 blocks and the final norm
+    (VIT, "none", nn.Identity, 5),
+    (CONVNEXT, "ln", None, 17),           # timm's own ConvNeXt: LayerNorm2d
+    (CONVNEXT, "rms", "RmsNorm2d", 17),   # stem, 4 downsamples/stages' blocks, the head
+])
+def test_layernorm_models_are_timms_built_with_that_norm(timm, model, norm, norm_layer, count):
+    name, kwargs, size = model
+    if isinstance(norm_layer, str):
+        norm_layer = getattr(timm.layers, norm_layer)
+    extra = {} if norm_layer is None else {"norm_layer": norm_layer}
+    torch.manual_seed(0)
+    ours = models.create(f"timm:{name}", norm=norm, num_classes=5, **kwargs)
+    torch.manual_seed(0)
+    ref = timm.create_model(name, num_classes=5, **kwargs, **extra)
+    assert len(ours.normlab_conversion) == count and not ours.normlab_conversion.left
+    assert list(ours.state_dict()) == list(ref.state_dict())  # a timm checkpoint loads as it is
+    with torch.no_grad():  # random norm weights: every LayerNorm/RMSNorm shows
+        for p in ours.parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.5 + 1.0)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 1, *size) * 1.5 + 0.7
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name, kwargs, match", [
-    # ConvNeXt normalizes with LayerNorm: no BatchNorm for the norm to replace
-    ("timm:convnext_atto", {}, "'convnext_atto' has no BatchNorm layer"),
+    # timm's NF-ResNet has neither BatchNorm nor LayerNorm: nothing for the norm to replace
+    ("timm:nf_resnet26", {}, "'nf_resnet26' has no BatchNorm or LayerNorm layer"),
+    # a ViT's LayerNorms take ln, rms or none: the others need a batch or channel groups
+    ("timm:vit_tiny_patch16_224", {"norm": "gn"}, "where norm 'gn' has no form; it takes ln, "
+                                                  "rms, none"),
+    ("timm:vit_tiny_patch16_224", {"norm": "bn"}, "norm 'bn' has no form"),  # the default too
+    ("timm:vit_tiny_patch16_224", {"norm": "rms", "norm_kwargs": {"num_groups": 8}},
+     r"norm 'rms' in place of its LayerNorms takes no norm_kwargs, got \{'num_groups': 8\}"),
+    # PoolFormer: one LayerNorm2d and 24 GroupNorm1 (GN over all channels); a partial swap
+    ("timm:poolformer_s12", {"norm": "rms"}, r"and with other norm layers "
+                                             r"\(stages.0.blocks.0.norm1: GroupNorm1 and 23 more"),
     ("timm:resnet_18", {}, "unknown timm model 'resnet_18'.*did you mean 'resnet18'"),
     ("timm:", {}, "names no timm model"),
     ("timm:resnet18", {"pretrained": True}, "pretrained is not taken"),

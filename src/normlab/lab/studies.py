@@ -12,7 +12,8 @@ batch-size      BN, GN (+ SyncBN, BRN, GN+WS, NF, FRN, EvoNorm-S0/B0)  Wu & He, 
 stats-batch     BN with statistics per 32..2 images, SGD batch     Wu & He's BN claim; Hoffer et
                 held at devices x 32; GN                            al., NeurIPS 2017 (7)
 groups          GN with G = 1..64 and with C/G = 1..64, batch 32   Wu & He, ECCV 2018 (1)
-norms           BN, LN, IN, GN, none (+ FRN, EvoNorm-S0/B0), batch 32  Wu & He, ECCV 2018 (1)
+norms           BN, LN, IN, GN, none (+ RMS, FRN, EvoNorm-S0/B0),   Wu & He, ECCV 2018 (1)
+                batch 32
 bn-dropout      dropout {0, .2, .4} x BN {none, conv, dense, both}  REFERENCE section 4
 nf              NF-ResNet (AGC) vs BN-ResNet across batch sizes    Brock, De & Smith, ICLR 2021 (3)
 ==============  =================================================  ==================================
@@ -39,6 +40,12 @@ Batch sizes are per process ("images per GPU", as in the GN paper). Run on K pro
 (``--nproc-per-node K``), the batch-size study adds a SyncBN series to BN and GN: BN keeps
 per-process statistics and degrades at small per-process batches, SyncBN takes its statistics over
 all K processes, GN needs none. ``--variants BN,SyncBN,GN`` asks for them explicitly.
+
+On a transformer (``--model timm:vit_tiny_patch16_224``, a LayerNorm model:
+:mod:`normlab.models.timm_models`) the norms study takes ``--variants LN,RMS,none``: LN and RMS
+are then the per-token LayerNorm and RMSNorm in place of the model's own; the series that need a
+batch or channel groups are refused before anything trains. On a conv net RMS is RMSNorm over
+the channels at each position (``create_norm("rms")``).
 
 The default model is the CIFAR ResNet-20 (16/32/64 channels). GroupNorm uses the group rule of
 :func:`normlab.resolve_groups`; ``gn`` in these studies means 8 groups (the GN author's CIFAR
@@ -225,7 +232,7 @@ _add(Study(
     description="One model, five normalizations, batch 32.",
     axis="batch 32",
     variants={"BN": {"norm": "bn"}, "LN": {"norm": "ln"}, "IN": {"norm": "in"}, "GN": _GN,
-              "none": {"norm": "none"}, **_ALTERNATIVES},
+              "none": {"norm": "none"}, "RMS": {"norm": "rms"}, **_ALTERNATIVES},
     default_variants=["BN", "LN", "IN", "GN", "none"],
     xs={"quick": [32], "default": [32]},
     presets={"quick": {"epochs": 8}, "default": {"epochs": 8}},

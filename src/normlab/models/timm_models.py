@@ -1,15 +1,25 @@
 """timm's networks as normlab models: ``create("timm:<name>", norm=...)``.
 
-Any model in timm's registry (``timm.list_models()``) that normalizes with BatchNorm can be built
-with any normlab norm: the model is built untrained by ``timm.create_model(name,
-pretrained=False, num_classes=..., in_chans=..., **kwargs)``, then every BatchNorm in it (timm's
-norm-act layers included, their activation kept) is replaced by :func:`normlab.convert_norm`.
-``norm="bn"`` replaces them too, by normlab's BatchNorm (the same computation and state_dict
-keys), so every series of a study runs normlab's layers.
+The model is built untrained by ``timm.create_model(name, pretrained=False,
+num_classes=..., in_chans=..., **kwargs)``; then its norm layers are replaced, so that every
+series of a study runs normlab's layers:
 
-A model without BatchNorm layers (ConvNeXt, ViT, BiT's ResNetV2, timm's NF-ResNets: they use
-LayerNorm, GroupNorm or no norm) is a ValueError: there is nothing the norm could replace, and the
-run would train the model's own norm under another name. Pretrained weights are not loaded
+* A model that normalizes with BatchNorm (ResNets, EfficientNets, RegNets, ...; hybrids such as
+  CoAtNet and MobileViT too, whose other norms stay) takes any normlab norm: every BatchNorm in
+  it (timm's norm-act layers included, their activation kept) is replaced by
+  :func:`normlab.convert_norm`. ``norm="bn"`` replaces them too, by normlab's BatchNorm (the
+  same computation and state_dict keys).
+* A model that normalizes with LayerNorm or RMSNorm only (ViT, DeiT, Swin, MLP-Mixer, CaiT,
+  ConvNeXt) takes ``ln``, ``rms`` or ``none``: every such layer is replaced by
+  :func:`normlab.convert_layer_norm`, each in its own form (over a token's features, or over
+  the channels at each position for ConvNeXt's LayerNorm2d). The norms that need a batch or
+  groups of channels are a ValueError there, and so is a model whose LayerNorms come with
+  other norm layers (PoolFormer's GroupNorm) or with LayerNorm-like layers the conversion does
+  not know: part of its norms would stay the model's own under another norm's name.
+
+A model with neither (BiT's ResNetV2, timm's NF-ResNets: GroupNorm or no norm) is a ValueError:
+there is nothing the norm could replace, and the run would train the model's own norm under
+another name. Pretrained weights are not loaded
 (``pretrained``, ``pretrained_cfg``, ``pretrained_cfg_overlay`` and ``checkpoint_path`` are
 refused): a normalization comparison trains every norm from the same random start.
 
@@ -27,7 +37,9 @@ from typing import Any, Optional
 from torch import nn
 
 from normlab.convert import convert_norm
-from normlab.factory import did_you_mean
+from normlab.convert_ln import TARGETS as LAYER_NORM_TARGETS
+from normlab.convert_ln import convert_layer_norm, is_layer_norm_family
+from normlab.factory import canonical_name, did_you_mean
 
 __all__ = ["PREFIX", "is_timm_name", "timm_name", "create_timm", "import_timm", "timm_status"]
 
@@ -97,9 +109,46 @@ def create_timm(name: str, *, norm: Any = "bn", num_classes: int = 10, in_chans:
                          f"{did_you_mean(key, timm.list_models())}")
     model = timm.create_model(key, pretrained=False, num_classes=num_classes, in_chans=in_chans,
                               **kwargs)
-    if not _has_batchnorm(model):
-        raise ValueError(f"timm model {key!r} has no BatchNorm layer for norm {norm!r} to "
-                         "replace (it uses another norm or none); pick a model that normalizes "
-                         "with BatchNorm, e.g. timm:resnet18, timm:efficientnet_b0, "
-                         "timm:regnetx_002")
-    return convert_norm(model, norm, **dict(norm_kwargs or {}))
+    if _has_batchnorm(model):
+        return convert_norm(model, norm, **dict(norm_kwargs or {}))
+    if any(is_layer_norm_family(m) for m in model.modules()):
+        return _convert_layer_norms(key, model, norm, norm_kwargs)
+    raise ValueError(f"timm model {key!r} has no BatchNorm or LayerNorm layer for norm {norm!r} "
+                     "to replace (it uses another norm or none); pick a model that normalizes "
+                     "with BatchNorm (e.g. timm:resnet18, timm:efficientnet_b0) or LayerNorm "
+                     "(e.g. timm:vit_tiny_patch16_224, timm:convnext_atto)")
+
+
+def _other_norms(model: nn.Module) -> list[str]:
+    """The names of the norm layers that are neither BatchNorm nor LayerNorm/RMSNorm (GroupNorm,
+    InstanceNorm): what a LayerNorm model's conversion would leave as they are."""
+    kinds = (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+    return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def _convert_layer_norms(key: str, model: nn.Module, norm: Any,
+                         norm_kwargs: Optional[dict]) -> nn.Module:
+    """A LayerNorm model (no BatchNorm) with its LayerNorms and RMSNorms replaced by ``norm``:
+    ``ln``, ``rms`` or ``none`` (module docstring); a ValueError for any other norm, for norm
+    keywords (those norms take none) and for a model whose norms would not all be replaced."""
+    takes = ", ".join(LAYER_NORM_TARGETS)
+    target = canonical_name(norm) if isinstance(norm, str) else None
+    if target not in LAYER_NORM_TARGETS:
+        raise ValueError(f"timm model {key!r} normalizes with LayerNorm (over each token's "
+                         f"features or each position's channels), where norm {norm!r} has no "
+                         f"form; it takes {takes}")
+    if norm_kwargs:
+        raise ValueError(f"timm model {key!r}: norm {target!r} in place of its LayerNorms takes "
+                         f"no norm_kwargs, got {dict(norm_kwargs)!r}")
+    others = _other_norms(model)
+    if others:
+        raise ValueError(f"timm model {key!r} normalizes with LayerNorm and with other norm "
+                         f"layers ({others[0]}: {type(model.get_submodule(others[0])).__name__}"
+                         f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}), which "
+                         f"norm {target!r} would leave as they are")
+    model = convert_layer_norm(model, target)
+    left = model.normlab_conversion.left
+    if left:
+        raise ValueError(f"timm model {key!r}: norm {target!r} cannot replace {left[0][0]}: "
+                         f"{left[0][1]}")
+    return model
