@@ -122,6 +122,31 @@ def test_unfusable_dropout_and_activation_run_after_the_new_norm():
     assert list(new.state_dict()) == list(layer.state_dict())
 
 
+class _PreActBlock(nn.Module):
+    """x + act(norm(x)), as timm's pre-activation blocks (ResNetV2, DPN) feed their input both
+    to a BatchNormAct2d and to the shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = BatchNormAct2d(4)  # timm's default act: ReLU(inplace=True)
+
+    def forward(self, x):
+        return x + self.norm(x)
+
+
+def test_norm_none_keeps_the_input_of_an_in_place_activation():
+    # norm "none" is an nn.Identity, which returns its input: timm's in-place ReLU, run after
+    # it, overwrote the block's input, so the shortcut added relu(x) (timm:resnetv2_50 and
+    # timm:dpn48b computed other functions; dpn48b's backward raised). Reference: x + relu(x)
+    block = normlab.convert_norm(_PreActBlock(), "none")
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    x_in = x.detach().clone()
+    y = block(x * 1)  # x * 1: not a leaf (an in-place op on a leaf that needs grad raises)
+    torch.testing.assert_close(y, x_in + x_in.relu())
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 1 + (x_in > 0).float())
+
+
 def test_sync_batchnorm_act_converts_with_its_activation():
     torch.manual_seed(0)
     model = timm.layers.convert_sync_batchnorm(

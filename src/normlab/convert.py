@@ -334,7 +334,12 @@ def _takes_activation(to: NormSpec, kwargs: dict[str, Any]) -> bool:
 
 def _drop_then_act(module: nn.Module, args: Any, output: Any) -> Any:
     """Forward hook of a converted norm-act layer whose activation or dropout normlab does not
-    fuse: ``act(drop(y))`` after the new norm, as timm's layer computed it."""
+    fuse: ``act(drop(y))`` after the new norm, as timm's layer computed it. A norm that returns
+    its input (``"none"``: nn.Identity) gets a copy first: timm's act and drop work in place
+    (``ReLU(inplace=True)``) and must not change the tensor its caller still holds (a
+    pre-activation block's shortcut)."""
+    if any(output is a for a in args):
+        output = output.clone()
     return module.act(module.drop(output))
 
 
