@@ -84,6 +84,19 @@ def test_norm_act_layers_keep_their_activation(timm):
     assert ours.eval()(torch.randn(2, 3, 32, 32) + 0.3).shape == (2, 4)
 
 
+def test_norm_none_as_none_builds_without_norms(timm):
+    # norm=None means "none" for normlab's builders, and `normlab spp NAME:norm=none` passes None
+    # (its key=value parser reads none as None): a timm model raised "norm must be a name ...,
+    # got NoneType" from its first BatchNorm. Reference: the same model built with norm="none"
+    torch.manual_seed(3)
+    ours = models.create("timm:resnet10t", norm=None, num_classes=3, in_chans=1)
+    torch.manual_seed(3)
+    ref = models.create("timm:resnet10t", norm="none", num_classes=3, in_chans=1)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ours.modules())
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+
+
 def test_names_are_one_spelling():
     assert models.canonical_model(" TIMM: ResNet18 ") == "timm:resnet18"
     assert models.canonical_model("ResNet20") == "resnet20"

@@ -92,13 +92,15 @@ def create_timm(name: str, *, norm: Any = "bn", num_classes: int = 10, in_chans:
                 norm_kwargs: Optional[dict] = None, **kwargs: Any) -> nn.Module:
     """timm model ``name`` (``timm:<name>`` or the bare registry name), untrained, with every
     BatchNorm replaced by ``norm`` (a :func:`normlab.create_norm` name, class or partial, built
-    with ``norm_kwargs``). ``kwargs`` go to ``timm.create_model`` (e.g. ``drop_rate``).
+    with ``norm_kwargs``; None is ``"none"``). ``kwargs`` go to ``timm.create_model`` (e.g. ``drop_rate``).
 
     Example::
 
         >>> net = create_timm("timm:resnet18", norm="gn", norm_kwargs={"num_groups": 8})
     """
     key = timm_name(name) if is_timm_name(name) else name.strip().lower()
+    if norm is None:  # "no norm", as normlab's own builders (and `spp NAME:norm=none`) mean it
+        norm = "none"
     refused = sorted(k for k in kwargs if k in _REFUSED)
     if refused:
         raise ValueError(f"model {PREFIX}{key}: {', '.join(refused)} is not taken; normlab builds "
