@@ -97,6 +97,16 @@ def test_norm_none_as_none_builds_without_norms(timm):
     torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bad", ["abc", [8], [("num_groups", 8)]])
+def test_norm_kwargs_must_be_a_dict(timm, bad):
+    # as for normlab's own models: `normlab spp timm:resnet10t:norm_kwargs=abc` said only
+    # "dictionary update sequence element #0 has length 1", and a list of pairs was taken
+    with pytest.raises(TypeError, match=r"norm_kwargs must be a dict, got (str|list)"):
+        models.create("timm:resnet10t", norm="gn", norm_kwargs=bad)
+    with pytest.raises(TypeError, match=r"norm_kwargs must be a dict, got (str|list)"):
+        models.create("resnet20", norm="gn", norm_kwargs=bad)  # the registry's own rule
+
+
 def test_names_are_one_spelling():
     assert models.canonical_model(" TIMM: ResNet18 ") == "timm:resnet18"
     assert models.canonical_model("ResNet20") == "resnet20"

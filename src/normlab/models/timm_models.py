@@ -101,6 +101,9 @@ def create_timm(name: str, *, norm: Any = "bn", num_classes: int = 10, in_chans:
     key = timm_name(name) if is_timm_name(name) else name.strip().lower()
     if norm is None:  # "no norm", as normlab's own builders (and `spp NAME:norm=none`) mean it
         norm = "none"
+    if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
+        raise TypeError(f"norm_kwargs must be a dict, got {type(norm_kwargs).__name__}: "
+                        f"{norm_kwargs!r}")
     refused = sorted(k for k in kwargs if k in _REFUSED)
     if refused:
         raise ValueError(f"model {PREFIX}{key}: {', '.join(refused)} is not taken; normlab builds "
