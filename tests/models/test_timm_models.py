@@ -164,6 +164,10 @@ def test_layernorm_models_are_timms_built_with_that_norm(timm, model, norm, norm
                                              r"\(stages.0.blocks.0.norm1: GroupNorm1 and 23 more"),
     ("timm:resnet_18", {}, "unknown timm model 'resnet_18'.*did you mean 'resnet18'"),
     ("timm:", {}, "names no timm model"),
+    # a tag timm does not have: timm's RuntimeError reached the lab as an unexpected error
+    # (hint: "re-run the same command to resume"); a bad name is a ValueError naming it
+    ("timm:resnet10t.a1_in1k", {},
+     "'resnet10t' has no pretrained tag 'a1_in1k'.*did you mean 'resnet10t.c3_in1k'"),
     ("timm:resnet18", {"pretrained": True}, "pretrained is not taken"),
     ("timm:resnet18", {"checkpoint_path": "x.pth"}, "checkpoint_path is not taken"),
 ])

@@ -21,7 +21,9 @@ A model with neither (BiT's ResNetV2, timm's NF-ResNets: GroupNorm or no norm) i
 there is nothing the norm could replace, and the run would train the model's own norm under
 another name. Pretrained weights are not loaded
 (``pretrained``, ``pretrained_cfg``, ``pretrained_cfg_overlay`` and ``checkpoint_path`` are
-refused): a normalization comparison trains every norm from the same random start.
+refused): a normalization comparison trains every norm from the same random start. A name
+with a pretrained tag (``timm:resnet50.a1_in1k``) picks that tag's pretrained config, not its
+weights; a tag timm does not have is a ValueError.
 
 timm is imported when such a model is first asked for (it is an optional dependency); importing
 it fails when torchvision was built for another torch, which the error then says.
@@ -88,6 +90,18 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def _check_tag(timm: ModuleType, key: str) -> None:
+    """A ValueError when ``key`` (``arch.tag``) names a pretrained tag timm does not have for
+    that architecture (timm raises a RuntimeError, which the lab took for an unexpected error).
+    A valid tag only picks a pretrained config: the model is built untrained all the same."""
+    arch, _, tag = key.partition(".")
+    tagged = timm.list_pretrained(f"{arch}.*")
+    if tag and tagged and key not in tagged:
+        raise ValueError(f"timm model {arch!r} has no pretrained tag {tag!r} (its tags: "
+                         f"{', '.join(t.partition('.')[2] for t in tagged)})"
+                         f"{did_you_mean(key, tagged)}")
+
+
 def create_timm(name: str, *, norm: Any = "bn", num_classes: int = 10, in_chans: int = 3,
                 norm_kwargs: Optional[dict] = None, **kwargs: Any) -> nn.Module:
     """timm model ``name`` (``timm:<name>`` or the bare registry name), untrained, with every
@@ -112,6 +126,7 @@ def create_timm(name: str, *, norm: Any = "bn", num_classes: int = 10, in_chans:
     if not timm.is_model(key):
         raise ValueError(f"unknown timm model {key!r} (`timm.list_models()` lists them)"
                          f"{did_you_mean(key, timm.list_models())}")
+    _check_tag(timm, key)
     model = timm.create_model(key, pretrained=False, num_classes=num_classes, in_chans=in_chans,
                               **kwargs)
     if _has_batchnorm(model):
