@@ -169,6 +169,12 @@ def test_layernorm_models_are_timms_built_with_that_norm(timm, model, norm, norm
     ("timm:resnet10t.a1_in1k", {},
      "'resnet10t' has no pretrained tag 'a1_in1k'.*did you mean 'resnet10t.c3_in1k'"),
     ("timm:resnet18", {"pretrained": True}, "pretrained is not taken"),
+    # timm checks its arguments with assert: the AssertionError escaped the lab's model errors
+    # as a traceback; a ValueError naming the arguments and timm's check (its message, or the
+    # assert's line where it has none)
+    ("timm:resnet10t", {"global_pool": "bogus"},
+     "refused its arguments .*global_pool='bogus'\\): Invalid pool type: bogus"),
+    ("timm:resnet10t", {"output_stride": 7}, "assert output_stride in \\(8, 16, 32\\)"),
     ("timm:resnet18", {"checkpoint_path": "x.pth"}, "checkpoint_path is not taken"),
 ])
 def test_bad_names_and_arguments(timm, name, kwargs, match):

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
+import traceback
 from types import ModuleType
 from typing import Any, Optional
 
@@ -102,6 +104,19 @@ def _check_tag(timm: ModuleType, key: str) -> None:
                          f"{did_you_mean(key, tagged)}")
 
 
+def _build(timm: ModuleType, key: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(key, pretrained=False, **kwargs)``; timm checks its arguments with
+    ``assert`` (``output_stride``, ``global_pool``, ...): such a failure is a ValueError naming
+    the model, the arguments and the check, not a traceback from the lab."""
+    try:
+        return timm.create_model(key, pretrained=False, **kwargs)
+    except AssertionError as e:
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        why = str(e) or f"{frame.line} ({os.path.basename(frame.filename)}:{frame.lineno})"
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ValueError(f"timm model {key!r} refused its arguments ({args}): {why}") from None
+
+
 def create_timm(name: str, *, norm: Any = "bn", num_classes: int = 10, in_chans: int = 3,
                 norm_kwargs: Optional[dict] = None, **kwargs: Any) -> nn.Module:
     """timm model ``name`` (``timm:<name>`` or the bare registry name), untrained, with every
@@ -127,8 +142,7 @@ def create_timm(name: str, *, norm: Any = "bn", num_classes: int = 10, in_chans:
         raise ValueError(f"unknown timm model {key!r} (`timm.list_models()` lists them)"
                          f"{did_you_mean(key, timm.list_models())}")
     _check_tag(timm, key)
-    model = timm.create_model(key, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                              **kwargs)
+    model = _build(timm, key, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if _has_batchnorm(model):
         return convert_norm(model, norm, **dict(norm_kwargs or {}))
     if any(is_layer_norm_family(m) for m in model.modules()):
