@@ -122,6 +122,30 @@ def test_running_statistics_follow_slice_zero_only():
     assert (ghost.running_mean - whole.running_mean).abs().max() > 1.0
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_checkpoint_recompute_moves_the_buffers_as_torch_bn_on_slice_zero(interleaved, momentum):
+    """Why: under non-reentrant torch.utils.checkpoint the recompute stops at the last tensor
+    saved for backward. torch's BatchNorm (rank 0's module, on slice 0) updates its buffers
+    inside its op, so the recompute moves them a second time; GhostBN copied slice 0's part
+    back after its op, which the recompute never reached: buffers moved once, batches counted
+    twice (with momentum=None the cumulative average then used the wrong weights)."""
+    from torch.utils.checkpoint import checkpoint
+
+    ghost, make = _setup(GhostBatchNorm2d, nn.BatchNorm2d, 3, 2, interleaved=interleaved,
+                         momentum=momentum)
+    rank0 = make()
+    for step in range(2):
+        x = off_centre(6, 3, 4, 4, offset=step + 1.0).requires_grad_()
+        idx = _slice(0, 3, 2, interleaved)
+        for module, inp in ((ghost, x), (rank0, x[idx])):  # the norm ends the segment
+            checkpoint(module, inp, use_reentrant=False).square().sum().backward()
+        for name, buf in rank0.named_buffers():
+            torch.testing.assert_close(dict(ghost.named_buffers())[name], buf, rtol=1e-6,
+                                       atol=1e-6)
+    assert int(ghost.num_batches_tracked) == 4  # forward and recompute, as torch's
+
+
 def test_one_slice_is_exactly_batchnorm():
     """virtual_batch == batch: one slice, the BN code path, bit for bit."""
     x = off_centre(4, 6, 5, 5)

@@ -81,9 +81,9 @@ def ghost_batch_norm(
 
     The K slices are normalized in one call of the operator: ``x`` is viewed as
     ``(n, K * C, *spatial)`` (slice k's channel c becomes channel ``k * C + c``), which is
-    BatchNorm over ``K * C`` channels; running buffers of ``K * C`` channels start from the
-    module's and slice 0's part is copied back. Interleaved slices of a contiguous ``x`` are
-    that view as they are; consecutive ones are a transposed copy.
+    BatchNorm over ``K * C`` channels; the running buffers are moved first by BatchNorm's
+    update on slice 0 alone (a detached pass over ``1/K`` of the batch). Interleaved slices of
+    a contiguous ``x`` are that view as they are; consecutive ones are a transposed copy.
     """
     virtual_batch = _check_virtual_batch(virtual_batch)
     b, c = x.shape[0], x.shape[1]
@@ -111,18 +111,20 @@ def ghost_batch_norm(
     xs = (x.reshape((virtual_batch, k * c) + spatial) if interleaved else
           x.reshape((k, virtual_batch, c) + spatial).transpose(0, 1).reshape(
               (virtual_batch, k * c) + spatial))
+    if running_mean is not None or running_var is not None:
+        # slice 0's statistics move the buffers first, by BatchNorm's own update on slice 0
+        # (detached: no graph, and no torch.no_grad() block, which torch.export records as a
+        # node that torch.export.load refuses). Before the normalizing call, not copied back
+        # after it: non-reentrant torch.utils.checkpoint stops its recompute at the last
+        # tensor saved for backward, which a copy-back after that call never reached (the
+        # buffers moved once while num_batches_tracked counted twice; torch's BatchNorm, the
+        # rank-0 module this layer stands for, moves them on the recompute too)
+        slice0 = x[::k] if interleaved else x[:virtual_batch]
+        NLF.batch_norm(slice0.detach(), running_mean, running_var, None, None, True, momentum,
+                       eps)
     w = None if weight is None else weight.repeat(k)
     bb = None if bias is None else bias.repeat(k)
-    rm = None if running_mean is None else running_mean.repeat(k)
-    rv = None if running_var is None else running_var.repeat(k)
-    ys = NLF.batch_norm(xs, rm, rv, w, bb, True, momentum, eps, activation=activation)
-    # slice 0's statistics into the buffers; no torch.no_grad() block (the repeats hold no
-    # graph): torch.export records a block that only mutates buffers as a node that
-    # torch.export.load refuses
-    if running_mean is not None:
-        running_mean.copy_(rm[:c].detach())
-    if running_var is not None:
-        running_var.copy_(rv[:c].detach())
+    ys = NLF.batch_norm(xs, None, None, w, bb, True, momentum, eps, activation=activation)
     if interleaved:
         y = ys.reshape(x.shape)
     else:
