@@ -34,6 +34,10 @@ from normlab.nn._common import (
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
 
+# the autograd graph task this thread runs (-1 outside backward): a forward inside one is a
+# checkpoint's recompute (torch has no public question for it)
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
 
 class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
     __prepare_scriptable__ = not_scriptable
@@ -88,6 +92,29 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
 
         return 1.0 + (self.r_max - 1.0) * ramp(self.r_max_steps), self.d_max * ramp(self.d_max_steps)
 
+    def _buffer_versions(self) -> Tuple[int, int, int]:
+        return (self.running_mean._version, self.running_var._version,
+                self.num_batches_tracked._version)
+
+    def _recomputed_inputs(self) -> Optional[Tuple[Tensor, Tensor, Tuple[Tensor, Tensor]]]:
+        """The running statistics and limits of the training forward that this call
+        recomputes, or None (an ordinary forward).
+
+        torch.utils.checkpoint (reentrant or not) runs the forward again during backward, where
+        the buffers have already moved: r and d from them made gradients of another function
+        than the forward computed (torch's BatchNorm does not read its buffers in training, so
+        only its buffers move twice, as these still do). A recompute is a training forward
+        inside a backward pass that finds the buffers as the last training forward left them;
+        it takes that forward's r and d inputs. (A module run several times before one
+        backward finds them moved and recomputes with the buffers as they are.)"""
+        if torch.compiler.is_compiling():
+            return None
+        last = self.__dict__.get("_last_inputs")
+        if (last is None or not torch.is_grad_enabled() or _graph_task_id() == -1
+                or last[0] != self._buffer_versions()):
+            return None
+        return last[1]
+
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
@@ -104,11 +131,16 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
             return NLF.normalize_fixed(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
+        recomputed = self._recomputed_inputs()
         count_batch(self)  # Batch Renorm always tracks: its limits ramp with the batch count
         momentum = running_average_factor(self)
         # r and d use the running statistics from before this batch: the operator moves the
         # buffers (from the batch variance itself, as BN's; an empty batch leaves them alone)
-        running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
+        if recomputed is not None:
+            running_mean, running_var, limits = recomputed
+        else:
+            running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
+            limits = self.limits()
         # x_hat and the affine in the accumulation dtype, rounded once (half input: x_hat and
         # the float32 scale and shift rounded to the half type first put y up to hundreds of
         # units in the last place off where the bias cancels; BatchNorm's is within half a unit)
@@ -120,9 +152,12 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         with torch.no_grad():
             sigma_b = 1.0 / rstd
             sigma = torch.sqrt(running_var.to(sigma_b.dtype) + self.eps)
-            r_max, d_max = self.limits()
+            r_max, d_max = limits
             r = (sigma_b / sigma).clamp(1.0 / r_max, r_max)
             d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
+        if (recomputed is None and not torch.compiler.is_compiling()
+                and not torch.is_inference_mode_enabled()):  # (reentrant: under no_grad)
+            self._last_inputs = (self._buffer_versions(), (running_mean, running_var, limits))
         scale, shift = r, d
         if self.weight is not None:
             scale, shift = scale * self.weight, shift * self.weight
