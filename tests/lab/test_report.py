@@ -361,3 +361,28 @@ def test_report_says_when_runs_were_tested_with_precise_bn_statistics(tmp_path, 
     # loader's epoch is all there is, which the text said nothing of
     assert text.count(said + " (all of an epoch's where it has fewer)") == text.count(said)
     assert ("PreciseBN" in text) == bool(precise)
+
+
+def test_a_stored_label_or_preset_cannot_inject_markdown_through_the_claims_or_preset_line(
+        tmp_path):
+    """A best claim's numbers name its closest rival by its stored label, and the study's line
+    names its stored preset: both went into report.md as written, so a newline in either made
+    a heading and a '|' split the claims row. They are literal text, as every other cell."""
+    evil = "ev\n## injected | cell"
+    with Store(tmp_path) as s:
+        members = []
+        for rid, label, err in (("a", "conv+dense", 20.0), ("b", evil, 30.0)):
+            s.claim(rid, {"model": "bn_dropout_cnn", "data": "digits", "epochs": 1, "seed": 0})
+            s.record_epochs(rid, [{"epoch": 0, "test_error": err}], {})
+            s.finish(rid)
+            members.append((rid, label, 0.4))
+        s.register("bn-dropout", "pre\n# injected preset", members)
+    md_path, html_path = write_report(tmp_path)
+    md = md_path.read_text().splitlines()
+    assert not any(line.startswith(("## injected", "# injected")) for line in md), md
+    row = next(line for line in md if line.startswith("| BN on conv and dense layers"))
+    assert "closest rival ev \\#\\# injected \\| cell@0.4 30.00" in row, row
+    assert "Preset `pre \\# injected preset`: 2/2 runs done" in md_path.read_text()
+    h = html_path.read_text()
+    assert "<h2>injected" not in h and "<h1>injected" not in h
+    assert "<td>conv+dense@0.4 20.00; closest rival ev ## injected | cell@0.4 30.00" in h

@@ -194,7 +194,7 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
     failed = [r for r in runs if r["status"] == "failed"]
     info = store.setup_info(study.name, preset)
     lines = [f"## {study.name}: {study.title}", "", study.description, "",
-             f"Preset `{preset}`: {done}/{len(runs)} runs done"
+             f"Preset `{_md(preset)}`: {done}/{len(runs)} runs done"
              + (f", {len(failed)} failed" if failed else "")
              + f"; model {_md(cfg.get('model', '?'))}, data {_md(cfg.get('data', '?'))}, "
                f"{_md(cfg.get('epochs', '?'))} epoch{'' if cfg.get('epochs') == 1 else 's'}, "
@@ -225,7 +225,8 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
     lines += ["", "### Claims", "", "| claim | verdict | numbers (error %) | seeds per point | "
               "source |", "|---|---|---|---|---|"]
     for c, st in zip(study.claims, claims_status(study, stats, setup_level(info))):
-        lines.append(f"| {c.text} | **{st['verdict']}** | {st['why']} | {_seeds_cell(st)} | "
+        # the numbers name the points compared, stored labels among them (a best claim's rivals)
+        lines.append(f"| {c.text} | **{st['verdict']}** | {_md(st['why'])} | {_seeds_cell(st)} | "
                      f"{c.source} |")
     figs = plot_study(store, study, fig_dir)
     pngs = [p for p in figs if p.suffix == ".png"]
