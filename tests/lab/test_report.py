@@ -386,3 +386,25 @@ def test_a_stored_label_or_preset_cannot_inject_markdown_through_the_claims_or_p
     h = html_path.read_text()
     assert "<h2>injected" not in h and "<h1>injected" not in h
     assert "<td>conv+dense@0.4 20.00; closest rival ev ## injected | cell@0.4 30.00" in h
+
+
+def test_the_seeds_of_a_claim_whose_points_have_unequal_seeds_are_a_range(tmp_path):
+    """BN at 32 with 6 seeds, BN at 2 with 2 (power rounds give seeds point by point): the
+    claims table said "6; about 4 would decide it", as if more seeds than needed were there
+    already. Its points have 2 to 6: "2-6; about 4 would decide it"."""
+    errs = {("BN", 32): [1.0, 1.1, 1.05, 1.3, 0.9, 1.2], ("BN", 2): [0.8, 1.5]}
+    with Store(tmp_path) as s:
+        members = []
+        for (label, x), es in errs.items():
+            for seed, err in enumerate(es):
+                rid = f"{label}{x}s{seed}"
+                s.claim(rid, {"model": "resnet20", "data": "digits", "epochs": 1, "seed": seed})
+                s.record_epochs(rid, [{"epoch": 0, "test_error": err}], {})
+                s.finish(rid)
+                members.append((rid, label, x))
+        s.register("batch-size", "default", members)
+    text = write_report(tmp_path)[0].read_text()
+    row = next(l for l in text.splitlines() if l.startswith("| BN degrades at batch 2"))
+    # d = 1.15 - 1.09 = 0.06, 0.94 short of the margin: sds 0.143 (floored 0.25) and 0.495;
+    # t(Welch df) sqrt((0.25^2 + 0.495^2) / n) is 1.07 at n = 3, 0.76 at n = 4 (scipy)
+    assert "**inconclusive**" in row and "| 2-6; about 4 would decide it |" in row, row

@@ -66,21 +66,26 @@ def _flagged_lines(stats: dict) -> list[str]:
 
 
 def _seeds_cell(st: dict) -> str:
-    """Seeds behind a claim's verdict; for an open one, how many the observed spread would need
+    """Seeds per point behind a claim's verdict (``2-6`` when its points have 2 to 6); for an
+    open one, how many the observed spread would need at every point
     (:func:`normlab.lab.analysis.seeds_needed`) or why that is unknown."""
     if st["verdict"] in UNMEASURED:
         return "-"
+    # the fewest to the most seeds among the claim's points: "6; about 6 would decide it" read
+    # as if 6 seeds were there, where the verdict's other point had 2
+    fewest = st.get("fewest_seeds", st["seeds"])
+    seeds = str(st["seeds"]) if fewest == st["seeds"] else f"{fewest}-{st['seeds']}"
     if st["verdict"] != INCONCLUSIVE:
-        return str(st["seeds"])
+        return seeds
     need = st["seeds_needed"]
     if need and need > SEEDS_SHOWN:
-        return (f"{st['seeds']}; over {SEEDS_SHOWN} would decide it (the difference is close "
+        return (f"{seeds}; over {SEEDS_SHOWN} would decide it (the difference is close "
                 "to the claim's boundary)")
     if need:
-        return f"{st['seeds']}; about {need} would decide it"
-    if st.get("fewest_seeds", 0) < 2:
-        return f"{st['seeds']}; unknown how many would decide it (a point has one seed: no spread)"
-    return (f"{st['seeds']}; no count follows from these runs: the difference is on the "
+        return f"{seeds}; about {need} would decide it"
+    if fewest < 2:
+        return f"{seeds}; unknown how many would decide it (a point has one seed: no spread)"
+    return (f"{seeds}; no count follows from these runs: the difference is on the "
             "claim's boundary (equal means, or a gap equal to the claim's margin)")
 
 
