@@ -408,3 +408,19 @@ def test_the_seeds_of_a_claim_whose_points_have_unequal_seeds_are_a_range(tmp_pa
     # d = 1.15 - 1.09 = 0.06, 0.94 short of the margin: sds 0.143 (floored 0.25) and 0.495;
     # t(Welch df) sqrt((0.25^2 + 0.495^2) / n) is 1.07 at n = 3, 0.76 at n = 4 (scipy)
     assert "**inconclusive**" in row and "| 2-6; about 4 would decide it |" in row, row
+
+
+def test_a_stored_string_ending_in_a_backslash_keeps_the_html_markup_after_it(tmp_path):
+    """report.md escapes a backslash as '\\\\'; the HTML writer took the second backslash of
+    that pair for the escape of the '**' after it, so a label ending in a backslash left the
+    summary's bold open ('<b>C:\\** 5.00 ...</b>') and a model name ending in one shifted every
+    code span of its line. An escaped backslash is one literal backslash, the markup after it
+    is markup."""
+    with Store(tmp_path) as s:
+        s.claim("r", {"model": "m\\", "data": "digits", "epochs": 1, "seed": 0, "batch_size": 4})
+        s.record_epochs("r", [{"epoch": 0, "test_error": 5.0}], {})
+        s.finish("r")
+        s.register("batch-size", "default", [("r", "C:\\", 4)])
+    h = write_report(tmp_path)[1].read_text()
+    assert "<td><b>C:\\</b> 5.00 (n=1)</td>" in h, h
+    assert "**" not in h and "<b>C:\\** " not in h

@@ -334,23 +334,46 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
     return md_path, html_path
 
 
+#: report.md's inline text, token by token: a backslash-escaped character (``\\|``, ``\\\\``:
+#: text, so an escaped backslash before ``**`` does not hide the markup), bold and code markers,
+#: a cell separator, and runs of plain text
+_TOKENS = re.compile(r"\\.|\*\*|[`|]|[^\\*`|]+|.", re.S)
+_MARKUP = {"**": "b", "`": "code"}
+
+
+def _cells(row: str) -> list[str]:
+    """A table row's cells (``| a | b\\|c |`` -> ``[" a ", " b\\|c "]``), their escapes kept."""
+    cells = [""]
+    for tok in _TOKENS.findall(row):
+        if tok == "|":
+            cells.append("")
+        else:
+            cells[-1] += tok
+    cells = cells[1:] if row.startswith("|") else cells
+    return cells[:-1] if cells and cells[-1] == "" else cells  # "" after the closing "|"
+
+
 def _to_html(md: str, fig_dir: Path) -> str:
     """A small markdown-to-HTML for what this report uses (headings, tables, images, bold)."""
     body: list[str] = []
     table: list[str] = []
 
     def inline(t: str) -> str:
-        t = html.escape(t)
-        parts = re.split(r"(?<!\\)\*\*", t)  # a backslash-escaped character is text (_md)
-        t = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-        parts = re.split(r"(?<!\\)`", t)
-        t = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-        return re.sub(r"\\(.)", r"\1", t)
+        out, open_tags = [], []
+        for tok in _TOKENS.findall(t):
+            tag = _MARKUP.get(tok)
+            if tag is None:  # text; a backslash-escaped character is text (_md)
+                out.append(html.escape(tok[1:] if len(tok) == 2 and tok[0] == "\\" else tok))
+            elif open_tags and open_tags[-1] == tag:
+                out.append(f"</{open_tags.pop()}>")
+            else:
+                out.append(f"<{tag}>")
+                open_tags.append(tag)
+        return "".join(out) + "".join(f"</{tag}>" for tag in reversed(open_tags))
 
     def flush() -> None:
         if table:
-            rows = [re.split(r"(?<!\\)\|", r.strip().strip("|")) for r in table
-                    if not set(r) <= set("|-")]
+            rows = [_cells(r.strip()) for r in table if not set(r) <= set("|-")]
             head, rest = rows[0], rows[1:]
             body.append("<table><tr>" + "".join(f"<th>{inline(c.strip())}</th>" for c in head)
                         + "</tr>" + "".join("<tr>" + "".join(f"<td>{inline(c.strip())}</td>"
