@@ -2,6 +2,7 @@
 size, by how much, how sure, what the paper found, and what each cost in the same runs."""
 
 import math
+import re
 from statistics import NormalDist, fmean, stdev
 
 from scipy import stats as scipy_stats
@@ -116,7 +117,7 @@ def test_one_epoch_is_said_in_the_singular(tmp_path):
         s.register("batch-size", "default", [("r", "BN", 32)])
     text = write_report(tmp_path)[0].read_text()
     assert "1 epochs" not in text
-    assert "`digits`, 1 epoch, 1 seed(s)" in text and "data digits, 1 epoch, schedule" in text
+    assert "digits, 1 epoch, 1 seed(s)" in text and "data digits, 1 epoch, schedule" in text
 
 
 def test_summary_of_a_store_without_a_batch_study(tmp_path):
@@ -228,3 +229,22 @@ def test_a_half_width_beyond_100_points_is_shown_as_such():
     _, _, h = interval(a, b, level_for((2, 8)))
     assert h > 100 and half_width_text(h) == ">100"
     assert half_width_text(0.987) == "0.99" and half_width_text(100.0) == "100.00"
+
+
+def test_model_names_in_the_summary_are_not_code_spans_holding_escapes(tmp_path):
+    """The summary wrote the models as a code span of escaped text, `nf\\_resnet20 / resnet20`:
+    markdown shows a code span's content as written, so report.md named a model nf\\_resnet20
+    that does not exist. The names are plain escaped text, as in the study's own line."""
+    with Store(tmp_path) as s:
+        members = []
+        for label, model in (("BN", "resnet20"), ("NF", "nf_resnet20")):
+            s.claim(label, {**BASE, "model": model, "batch_size": 32, "seed": 0})
+            s.record_epochs(label, [{"epoch": 0, "test_error": 5.0}], {})
+            s.finish(label)
+            members.append((label, label, 32))
+        s.register("nf", "default", members)
+    md_path, html_path = write_report(tmp_path)
+    text = md_path.read_text()
+    assert "nf\\_resnet20 / resnet20 on digits, 3 epochs" in text, text
+    assert not re.search(r"`[^`\n]*\\[^`\n]*`", text)  # no code span holds an escape
+    assert "nf_resnet20 / resnet20 on digits, 3 epochs" in html_path.read_text()

@@ -137,7 +137,9 @@ def _setup_line(runs: list[dict], stats: dict) -> str:
     n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
     epochs = values("epochs")
     precise = precise_bn_text(runs)
-    return (f"`{values('model')}` on `{values('data')}`, {epochs} epoch{'' if epochs == '1' else 's'}, "
+    # plain text, not code spans: markdown shows a code span's backslash escapes as written
+    # (`nf\_resnet20`), and the names are escaped (md_cell)
+    return (f"{values('model')} on {values('data')}, {epochs} epoch{'' if epochs == '1' else 's'}, "
             f"{n} seed(s) per point" + (f"; {precise}." if precise else "."))
 
 
