@@ -424,3 +424,20 @@ def test_a_stored_string_ending_in_a_backslash_keeps_the_html_markup_after_it(tm
     h = write_report(tmp_path)[1].read_text()
     assert "<td><b>C:\\</b> 5.00 (n=1)</td>" in h, h
     assert "**" not in h and "<b>C:\\** " not in h
+
+
+def test_the_study_line_names_every_model_its_runs_trained(tmp_path):
+    """The nf study trains BN on resnet20 and NF on nf_resnet20; its section said "model
+    resnet20" (the first run's), a model half its runs did not train."""
+    with Store(tmp_path) as s:
+        members = []
+        for label, model in (("BN", "resnet20"), ("NF", "nf_resnet20")):
+            s.claim(label, {"model": model, "data": "digits", "epochs": 1, "seed": 0,
+                            "schedule": "cosine", "weight_decay": 1e-4, "batch_size": 32})
+            s.record_epochs(label, [{"epoch": 0, "test_error": 5.0}], {})
+            s.finish(label)
+            members.append((label, label, 32))
+        s.register("nf", "default", members)
+    text = write_report(tmp_path)[0].read_text()
+    assert ("2/2 runs done; model nf\\_resnet20 / resnet20, data digits, 1 epoch, schedule "
+            "cosine, weight decay 0.0001.") in text, text

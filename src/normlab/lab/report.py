@@ -33,7 +33,7 @@ from normlab.lab.plots import plot_study
 from normlab.lab.spp_verdicts import spp_section
 from normlab.lab.store import Store, StoreError, unwritable
 from normlab.lab.studies import STUDIES, Study
-from normlab.lab.summary import precise_bn_note, precise_bn_text, summary_lines
+from normlab.lab.summary import config_values, precise_bn_note, precise_bn_text, summary_lines
 
 # the verdict names and rules are analysis.py's, re-exported for the report's readers
 __all__ = ["verdict", "write_report", "check_report_places", "Z", "SD_FLOOR", "SD_ONE_SEED",
@@ -198,13 +198,14 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
     done = sum(r["status"] == "done" for r in runs)
     failed = [r for r in runs if r["status"] == "failed"]
     info = store.setup_info(study.name, preset)
+    epochs = config_values(runs, "epochs")  # every run's, as model and data: not the first's
     lines = [f"## {study.name}: {study.title}", "", study.description, "",
              f"Preset `{_md(preset)}`: {done}/{len(runs)} runs done"
              + (f", {len(failed)} failed" if failed else "")
-             + f"; model {_md(cfg.get('model', '?'))}, data {_md(cfg.get('data', '?'))}, "
-               f"{_md(cfg.get('epochs', '?'))} epoch{'' if cfg.get('epochs') == 1 else 's'}, "
-               f"schedule {_md(cfg.get('schedule', '?'))}, "
-               f"weight decay {_md(cfg.get('weight_decay', '?'))}"
+             + f"; model {config_values(runs, 'model')}, data {config_values(runs, 'data')}, "
+               f"{epochs} epoch{'' if epochs == '1' else 's'}, "
+               f"schedule {config_values(runs, 'schedule')}, "
+               f"weight decay {config_values(runs, 'weight_decay')}"
              + (f"; {precise_bn_text(runs)}." if precise_bn_text(runs) else "."), "",
              _protocol_line(info.get("protocol"), runs) or _processes_line(runs, cfg), ""]
     power = _power_line(info.get("power"), preset)

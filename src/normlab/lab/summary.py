@@ -36,7 +36,7 @@ from normlab.lab.markdown import md_cell
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, Study
 
-__all__ = ["summary_lines", "SUMMARY_STUDIES"]
+__all__ = ["summary_lines", "SUMMARY_STUDIES", "config_values"]
 
 #: studies whose series are normalizations and whose x is the batch per process, in the order
 #: the summary shows them
@@ -129,9 +129,15 @@ def precise_bn_text(runs: list[dict]) -> str:
             f"training is the same as without")
 
 
+def config_values(runs: list[dict], key: str) -> str:
+    """Every value the runs' configs hold for ``key``, as inert text: ``nf_resnet20 /
+    resnet20`` where the series train different models (the nf study); ``?`` where missing."""
+    return md_cell(" / ".join(sorted({str(r["config"].get(key, "?")) for r in runs})))
+
+
 def _setup_line(runs: list[dict], stats: dict) -> str:
     def values(key: str) -> str:
-        return md_cell(" / ".join(sorted({str(r["config"].get(key)) for r in runs})))
+        return config_values(runs, key)
 
     seeds = sorted({s["n"] for s in stats.values()})
     n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
