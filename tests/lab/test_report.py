@@ -441,3 +441,25 @@ def test_the_study_line_names_every_model_its_runs_trained(tmp_path):
     text = write_report(tmp_path)[0].read_text()
     assert ("2/2 runs done; model nf\\_resnet20 / resnet20, data digits, 1 epoch, schedule "
             "cosine, weight decay 0.0001.") in text, text
+
+
+def test_the_environment_is_the_latest_run_that_recorded_one(tmp_path):
+    """A run claimed after the finished ones (a report written while a study runs, or a run
+    that failed before its first epoch) records no device or versions: the Environment said
+    "device: None; versions: " beside finished runs that had recorded them, and the summary's
+    cost line "device: None"."""
+    with Store(tmp_path) as s:
+        s.claim("done", {"model": "resnet20", "data": "digits", "epochs": 1, "seed": 0,
+                         "batch_size": 32, "norm": "bn"})
+        s.record_epochs("done", [{"epoch": 0, "test_error": 5.0}],
+                        {"device": "cpu (2 cores)", "versions": {"torch": "2.0"}})
+        s.finish("done")
+        s.claim("later", {"model": "resnet20", "data": "digits", "epochs": 1, "seed": 1,
+                          "batch_size": 32, "norm": "bn"})
+        s.record_epochs("later", [{"epoch": 0, "test_error": 6.0}], {})  # no device recorded
+        s.finish("later")
+        s.register("batch-size", "default", [("done", "BN", 32), ("later", "BN", 32)])
+    text = write_report(tmp_path)[0].read_text()
+    assert "None" not in text
+    assert "## Environment\n\ndevice: cpu (2 cores); versions: torch 2.0\n" in text, text
+    assert "peak memory; device: cpu (2 cores)):" in text

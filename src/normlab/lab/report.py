@@ -260,6 +260,16 @@ def _single_runs_section(store: Store) -> list[str]:
     return lines + [""]
 
 
+def _environment_lines(runs: list[dict]) -> list[str]:
+    """The device and versions of the latest run that recorded them: a run that failed or was
+    claimed before its first epoch (a report written while a study runs) has none."""
+    recorded = [r for r in runs if r.get("device") or r.get("versions")]
+    r = recorded[-1] if recorded else {}
+    versions = ", ".join(_md(f"{k} {v}") for k, v in sorted((r.get("versions") or {}).items()))
+    return ["## Environment", "", f"device: {_md(r.get('device') or '-')}; versions: "
+            f"{versions or '-'}", ""]
+
+
 #: the files :func:`write_report` writes into its directory, and its figures folder
 REPORT_FILES = ("report.md", "report.html")
 FIGURES = "figures"
@@ -320,9 +330,7 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
             lines += ["No runs in this store yet: `normlab reproduce --out DIR` runs a study, "
                       "`normlab spp MODEL --out DIR` records signal propagation.", ""]
         if runs:
-            r = runs[-1]
-            lines += ["## Environment", "", f"device: {_md(r.get('device'))}; versions: "
-                      + ", ".join(_md(f"{k} {v}") for k, v in sorted(r["versions"].items())), ""]
+            lines += _environment_lines(runs)
         md = "\n".join(lines)
         md_path = dest / REPORT_FILES[0]
         write_text(md_path, md)

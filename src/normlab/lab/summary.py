@@ -198,7 +198,7 @@ def _costs(study: Study, runs: list[dict]) -> list[str]:
             cell[(lab, x)] = (_mean([r.get("images_per_s") for r in rs]),
                               _mean([r.get("peak_memory_mb") for r in rs]))
     ref = labels[0]
-    devices = sorted({str(r.get("device")) for r in done})
+    devices = sorted({str(r["device"]) for r in done if r.get("device")}) or ["-"]
     backends = {lab: sorted({r["backend"] for r in done if r["label"] == lab and r.get("backend")})
                 for lab in labels}
     lines = [f"What each cost in these runs (training images/s, ratio to {md_cell(ref)} at the "
