@@ -180,3 +180,17 @@ def test_a_label_with_dollar_signs_is_drawn_as_text(tmp_path):
         paths = plots.plot_study(s, study, tmp_path / "figures")
     assert {p.name for p in paths} >= {"norms_error.png", "norms_error.svg"}
     assert "$\\foo{$" in (tmp_path / "figures" / "norms_error.svg").read_text()
+
+
+def test_a_figure_drawn_twice_from_one_store_is_the_same_file(tmp_path):
+    """`normlab report --to A` then `--to B` on one store: the SVGs differed by their creation
+    date and by the random salt of their element ids, so every report rewrote every SVG with
+    other bytes though nothing in the store had changed."""
+    study = get_study("nf")
+    store = _store(tmp_path / "s", study, {("BN", 32): 5.0, ("NF", 32): 6.0}, seeds=1)
+    first = plots.plot_study(store, study, tmp_path / "a")
+    second = plots.plot_study(store, study, tmp_path / "b")
+    store.close()
+    assert [p.name for p in first] == [p.name for p in second] and first
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.name

@@ -35,6 +35,9 @@ matplotlib.use("Agg")
 # the figures draw stored text (labels, model names): a '$' in it is a dollar sign, never
 # mathtext that matplotlib parses (an unknown command in it made the report fail)
 matplotlib.rcParams["text.parse_math"] = False
+# a figure drawn twice from one store is the same file: SVG ids from a fixed salt (not a random
+# one per process) and no creation date (save's metadata)
+matplotlib.rcParams["svg.hashsalt"] = "normlab"
 import matplotlib.pyplot as plt  # noqa: E402
 
 from normlab.lab.analysis import flags_text, point_stats, run_flag  # noqa: E402
@@ -53,7 +56,7 @@ def save(fig: Any, out_dir: Path, stem: str) -> list[Path]:
     for ext in ("png", "svg"):
         p = out_dir / f"{stem}.{ext}"
         write_via(p, lambda f: fig.savefig(f, format=ext, dpi=130 if ext == "png" else None,
-                                           bbox_inches="tight"))
+                                           bbox_inches="tight", metadata={"Date": None}))
         paths.append(p)
     plt.close(fig)
     return paths
