@@ -180,6 +180,8 @@ def test_study_membership_summary_and_exports(tmp_path):
     doc = json.loads((tmp_path / "results.json").read_text())
     assert len(doc["runs"]) == 3 and doc["runs"][0]["history"][0]["test_error"] == 10.0
     assert (tmp_path / "runs.csv").read_text().count("\n") == 4
+    # a member's x is the number it is: it was its JSON text, "2", which sorts "16" < "2" < "32"
+    assert [m["x"] for m in doc["studies"]] == [2, 2, 2]
 
 
 _WRITER = textwrap.dedent("""

@@ -16,7 +16,8 @@ from typing import Any
 
 from normlab.lab.outfiles import write_text
 from normlab.lab.store_open import DB_NAME, EPOCH_FIELDS
-from normlab.lab.store_rows import SPP_NUMBERS, epoch_row, numbers, stored_setup_info
+from normlab.lab.store_rows import (SPP_NUMBERS, epoch_row, member_x, numbers,
+                                    stored_setup_info)
 
 _RUN_FIELDS = ("run_id", "status", "owner", "epochs", "epochs_done", "wall_time", "images_per_s",
                "device", "final_train_loss", "final_train_error", "final_test_loss",
@@ -36,7 +37,9 @@ def write_exports(directory: Path, con: sqlite3.Connection,
     spp = [numbers(directory / DB_NAME, f"signal-propagation model {r['model']!r}",
                    {k: r[k] for k in SPP_FIELDS}, SPP_NUMBERS)
            for r in con.execute("SELECT * FROM spp ORDER BY model, depth")]
-    members = [dict(r) for r in con.execute("SELECT * FROM study_runs ORDER BY study")]
+    # x as the number (or text) it is, as `ls` and the report read it, not its JSON text
+    members = [{**dict(r), "x": member_x(directory / DB_NAME, r["study"], r["run_id"], r["x"])}
+               for r in con.execute("SELECT * FROM study_runs ORDER BY study")]
     paths = []
     cfg_keys = sorted({k for r in runs for k in r["config"]})
     p = directory / "runs.csv"
