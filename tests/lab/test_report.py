@@ -463,3 +463,17 @@ def test_the_environment_is_the_latest_run_that_recorded_one(tmp_path):
     assert "None" not in text
     assert "## Environment\n\ndevice: cpu (2 cores); versions: torch 2.0\n" in text, text
     assert "peak memory; device: cpu (2 cores)):" in text
+
+
+def test_an_entity_or_a_strikethrough_in_a_label_is_literal_text(tmp_path):
+    """A label 'a&lt;b ~~c~~' read 'a<b' with 'c' struck through wherever report.md is shown
+    (markdown decodes entities; '~~' is GitHub's strikethrough): the stored text, literally."""
+    label = "a&lt;b ~~c~~"
+    with Store(tmp_path) as s:
+        s.claim("r", {"model": "resnet20", "data": "digits", "epochs": 1, "seed": 0})
+        s.record_epochs("r", [{"epoch": 0, "test_error": 5.0}], {})
+        s.finish("r")
+        s.register("batch-size", "default", [("r", label, 4)])
+    md_path, html_path = write_report(tmp_path)
+    assert "| a\\&lt;b \\~\\~c\\~\\~ | 5.00 (n=1) |" in md_path.read_text()
+    assert "<td>a&amp;lt;b ~~c~~</td>" in html_path.read_text()

@@ -213,8 +213,8 @@ def test_the_bn_dropout_study_names_its_best_configuration(tmp_path):
     se = math.hypot(sa / math.sqrt(2), sb / math.sqrt(2))
     assert (f"| BN conv, dropout 0 25.75 (n=2) | {fmean(b) - fmean(a):.2f} ± "
             f"{_t(_welch(sa, sb, 2)) * se:.2f} | ") in row
-    # (the quoted text is a markdown cell: its < and > escaped)
-    assert ("BN conv+dense, dropout 0.4: ~25 (acc ~0.75); BN none, dropout 0.4: \\> 40 "
+    # (the quoted text is a markdown cell: its ~, < and > escaped)
+    assert ("BN conv+dense, dropout 0.4: \\~25 (acc \\~0.75); BN none, dropout 0.4: \\> 40 "
             "(acc \\< 0.6)") in row
 
 

@@ -29,6 +29,8 @@ def visible(text: object) -> str:
 
 def md_cell(text: object) -> str:
     """User text as inert markdown inside a table cell: line breaks become spaces, control
-    characters their escapes (:func:`visible`), and markdown's punctuation is backslash-escaped
+    characters their escapes (:func:`visible`), and markdown's punctuation (entities' ``&``
+    and strikethrough's ``~`` included) is backslash-escaped
     (the report's HTML writer undoes the escapes)."""
-    return re.sub(r"([\\`*_\[\]<>|#!])", r"\\\1", visible(" ".join(str(text).split())))
+    # & and ~ too: "&lt;" is an entity markdown shows as "<", "~~x~~" is struck through
+    return re.sub(r"([\\`*_\[\]<>|#!&~])", r"\\\1", visible(" ".join(str(text).split())))
