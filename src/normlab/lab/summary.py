@@ -136,16 +136,13 @@ def config_values(runs: list[dict], key: str) -> str:
 
 
 def _setup_line(runs: list[dict], stats: dict) -> str:
-    def values(key: str) -> str:
-        return config_values(runs, key)
-
     seeds = sorted({s["n"] for s in stats.values()})
     n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-    epochs = values("epochs")
+    epochs = config_values(runs, "epochs")
     precise = precise_bn_text(runs)
     # plain text, not code spans: markdown shows a code span's backslash escapes as written
     # (`nf\_resnet20`), and the names are escaped (md_cell)
-    return (f"{values('model')} on {values('data')}, {epochs} epoch{'' if epochs == '1' else 's'}, "
+    return (f"{config_values(runs, 'model')} on {config_values(runs, 'data')}, {epochs} epoch{'' if epochs == '1' else 's'}, "
             f"{n} seed(s) per point" + (f"; {precise}." if precise else "."))
 
 
