@@ -142,7 +142,8 @@ def _setup_line(runs: list[dict], stats: dict) -> str:
     precise = precise_bn_text(runs)
     # plain text, not code spans: markdown shows a code span's backslash escapes as written
     # (`nf\_resnet20`), and the names are escaped (md_cell)
-    return (f"{config_values(runs, 'model')} on {config_values(runs, 'data')}, {epochs} epoch{'' if epochs == '1' else 's'}, "
+    return (f"{config_values(runs, 'model')} on {config_values(runs, 'data')}, "
+            f"{epochs} epoch{'' if epochs == '1' else 's'}, "
             f"{n} seed(s) per point" + (f"; {precise}." if precise else "."))
 
 
