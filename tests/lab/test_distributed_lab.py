@@ -290,3 +290,47 @@ def test_emulated_devices_equal_the_labs_own_ddp_run(tmp_path):
     assert hist["consecutive"][1][1] != pytest.approx(hist["ddp"][1][1], rel=1e-1)
     assert hist["consecutive"][0][0] != pytest.approx(hist["ddp"][0][0], rel=1e-3)
     assert hist["ddp"][0][0] != pytest.approx(hist["ddp"][1][0], rel=1e-3)  # it trained
+
+
+_WORKER_SCRIPT = '''
+import atexit, sys
+import typer
+from normlab.lab.cli.guard import guard
+from normlab.lab.config import ConfigError
+
+atexit.register(lambda: open(sys.argv[2], "w").close())  # runs only if the teardown does
+
+
+def body():
+    print("all runs written")
+    if sys.argv[1] == "bad":
+        raise ConfigError("a bad value", hint="a hint")
+    raise typer.Exit(int(sys.argv[1]))
+
+
+try:
+    guard(body)
+except typer.Exit as e:  # what typer's app does with it (outside a worker)
+    sys.exit(e.exit_code)
+'''
+
+
+@pytest.mark.parametrize("outcome, status", [("0", 0), ("1", 1), ("bad", 2)])
+def test_a_torchrun_worker_leaves_with_the_commands_status_before_the_teardown(
+        tmp_path, outcome, status):
+    # a worker that had finished every run was once killed by SIGABRT in the interpreter's
+    # teardown ("terminate called without an active exception"), and torchrun called the job
+    # failed: in a worker the guard leaves with os._exit, so the atexit handler never runs
+    script, marker = tmp_path / "worker.py", tmp_path / "teardown-ran"
+    script.write_text(_WORKER_SCRIPT)
+    env = {**os.environ, "LOCAL_RANK": "0", "RANK": "0"}
+    r = subprocess.run([sys.executable, str(script), outcome, str(marker)], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == status and r.stdout == "all runs written\n"  # flushed before leaving
+    assert not marker.exists()
+    if outcome == "bad":
+        assert "error: rank 0: a bad value" in r.stderr and "hint: a hint" in r.stderr
+    del env["LOCAL_RANK"]  # not a worker: the interpreter ends as usual
+    r = subprocess.run([sys.executable, str(script), outcome, str(marker)], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == status and marker.exists()
