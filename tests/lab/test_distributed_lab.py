@@ -305,7 +305,8 @@ def body():
     print("all runs written")
     if sys.argv[1] == "bad":
         raise ConfigError("a bad value", hint="a hint")
-    raise typer.Exit(int(sys.argv[1]))
+    if sys.argv[1] != "0":  # a run failed: the commands' typer.Exit(1)
+        raise typer.Exit(int(sys.argv[1]))
 
 
 try:
@@ -316,21 +317,22 @@ except typer.Exit as e:  # what typer's app does with it (outside a worker)
 
 
 @pytest.mark.parametrize("outcome, status", [("0", 0), ("1", 1), ("bad", 2)])
-def test_a_torchrun_worker_leaves_with_the_commands_status_before_the_teardown(
-        tmp_path, outcome, status):
+def test_a_torchrun_worker_that_succeeded_leaves_before_the_teardown(tmp_path, outcome, status):
     # a worker that had finished every run was once killed by SIGABRT in the interpreter's
     # teardown ("terminate called without an active exception"), and torchrun called the job
-    # failed: in a worker the guard leaves with os._exit, so the atexit handler never runs
+    # failed: a worker whose command succeeded leaves with os._exit(0), so the atexit handler
+    # never runs. A failing one ends as usual (leaving at once, it could end before the rank
+    # whose failure caused its own, and torchrun would name it as the first to die)
     script, marker = tmp_path / "worker.py", tmp_path / "teardown-ran"
     script.write_text(_WORKER_SCRIPT)
-    env = {**os.environ, "LOCAL_RANK": "0", "RANK": "0"}
-    r = subprocess.run([sys.executable, str(script), outcome, str(marker)], env=env,
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == status and r.stdout == "all runs written\n"  # flushed before leaving
-    assert not marker.exists()
-    if outcome == "bad":
-        assert "error: rank 0: a bad value" in r.stderr and "hint: a hint" in r.stderr
-    del env["LOCAL_RANK"]  # not a worker: the interpreter ends as usual
-    r = subprocess.run([sys.executable, str(script), outcome, str(marker)], env=env,
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == status and marker.exists()
+    for worker in (True, False):
+        env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
+        env.update({"RANK": "0", "LOCAL_RANK": "0"} if worker else {"RANK": "0"})
+        r = subprocess.run([sys.executable, str(script), outcome, str(marker)], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == status and r.stdout == "all runs written\n"  # flushed
+        assert marker.exists() == (not worker or status != 0), (worker, outcome)
+        marker.unlink(missing_ok=True)
+        if outcome == "bad":
+            prefix = "rank 0: " if worker else ""
+            assert f"error: {prefix}a bad value" in r.stderr and "hint: a hint" in r.stderr

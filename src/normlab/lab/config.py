@@ -109,7 +109,8 @@ class RunConfig:
     """One training run.
 
     Model: ``model`` (a ``normlab.models`` name, or ``timm:<name>``: a timm model whose
-    BatchNorms ``norm`` replaces) with ``norm`` (a :func:`normlab.create_norm`
+    BatchNorms ``norm`` replaces, or whose LayerNorms ``ln``, ``rms`` or ``none`` replace in a
+    LayerNorm model) with ``norm`` (a :func:`normlab.create_norm`
     name), ``norm_kwargs`` (e.g. ``num_groups``/``group_size`` for gn), ``model_kwargs`` (e.g.
     ``width``, ``dropout``, ``bn_conv``); ``ws=True`` swaps every Conv2d for a weight-standardized
     one (GN+WS, Qiao et al. 2019).

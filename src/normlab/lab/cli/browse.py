@@ -71,7 +71,8 @@ def _print_known(studies: bool, models: bool, norms: bool) -> None:
     if models:
         say("models: " + ", ".join(list_models()))
         say("and timm:<name> for a model of timm's registry that has BatchNorm layers (the "
-            f"norm replaces them): {timm_status()}")
+            "norm replaces them) or only LayerNorm/RMSNorm layers (a ViT, Swin, ConvNeXt: ln, rms "
+            f"or none replaces them): {timm_status()}")
     if norms:
         say("norms: " + ", ".join(norm_names()))
 

@@ -2,19 +2,20 @@
 on stderr and exit status 2; a failed job one line and status 1 (or the job's); an interrupt
 unwinds (the run in progress is released, the exports written) and exits 130 or 143.
 
-In a torchrun worker the command, once done (everything written, the process group left),
-leaves with ``os._exit`` and its status, skipping the interpreter's teardown: there a C++
-thread of torch's has aborted a worker that had finished every run ("terminate called without
-an active exception", SIGABRT), which torchrun then reports as a failed job (seen in 2 of about
-40 two-process runs on the development machine, torch 2.13; the tests' own process harness
-leaves the same way). A user's ``atexit`` handlers do not run in a worker.
+In a torchrun worker a command that succeeded (everything written, the process group left)
+leaves with ``os._exit(0)``, skipping the interpreter's teardown: there a C++ thread of
+torch's has aborted a worker that had finished every run ("terminate called without an active
+exception", SIGABRT), which torchrun then reports as a failed job (seen in 2 of about 40
+two-process runs on the development machine, torch 2.13; the tests' own process harness leaves
+the same way). A user's ``atexit`` handlers then do not run in that worker. A failing worker
+ends as usual: leaving at once would let it end before the rank whose failure caused its own,
+and torchrun would name it as the rank that died first.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import traceback
 from typing import Any, Callable
 
 import typer
@@ -51,29 +52,20 @@ def _first_line(e: BaseException) -> str:
 
 def guard(fn: Callable[[], Any]) -> Any:
     """Run fn(); turn our ConfigErrors (and ValueError/TypeError from the library) into one
-    error line + hint, exit status 2; a failed training process or job into one line. In a
-    torchrun worker, then leave the process with the command's status (module docstring)."""
+    error line + hint, exit status 2; a failed training process or job into one line. A torchrun
+    worker whose command succeeded then leaves at once (module docstring)."""
+    result = _guarded(fn)  # raises typer.Exit on failure: the usual exit
     if "LOCAL_RANK" in os.environ:
-        _exit_when_done(lambda: _guarded(fn))
-    return _guarded(fn)
+        _leave_worker()
+    return result
 
 
-def _exit_when_done(command: Callable[[], Any]) -> None:
-    """Run ``command``, flush the output, and ``os._exit`` with its status: 0, a
-    ``typer.Exit``'s or ``SystemExit``'s code, or 1 after printing any other exception."""
-    status = 0
-    try:
-        command()
-    except typer.Exit as e:
-        status = int(e.exit_code)
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-        status = 1
+def _leave_worker() -> None:
+    """A torchrun worker's command succeeded: flush the output and leave with status 0, before
+    the interpreter's teardown (module docstring)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(status)
+    os._exit(0)
 
 
 def _guarded(fn: Callable[[], Any]) -> Any:

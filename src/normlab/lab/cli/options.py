@@ -53,7 +53,8 @@ DATA = typer.Option(None, help="digits (default) | mnist5k | synthetic | cifar10
                                 "imagefolder")
 DATA_DIR = path_option(None, help="directory of cifar10/cifar100/imagefolder")
 MODEL = typer.Option(None, help="a normlab.models name (default resnet20), or timm:<name> for "
-                     "a timm model whose BatchNorms the study's norms replace")
+                     "a timm model whose BatchNorms the study's norms replace (or, in a "
+                     "LayerNorm model such as a ViT, whose LayerNorms ln, rms or none replace)")
 DEVICE = typer.Option(None, help="cpu | cuda | auto (default auto: CUDA when available, else CPU)")
 SETS = typer.Option(None, "--set", help="override: key=value (repeatable)")
 CONFIG = path_option(None, help="JSON or TOML file of overrides")

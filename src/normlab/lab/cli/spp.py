@@ -122,7 +122,9 @@ def spp(
 
     Records go to OUT's store, the figure to OUT/figures/spp.png/.svg, and OUT's report
     (report.md/.html) is rewritten with every model measured into OUT: the analytic variance
-    beside the measured one and a verdict for each model kind's documented shape.
+    beside the measured one and a verdict for the documented shape of BN-ReLU-Conv, no
+    normalization, NF + Scaled WS and NF + He init (a ReLU-BN-Conv or post-activation model is
+    drawn, with no verdict row).
 
     Normalizer-free models (nf_*) are built with skipinit=False here: their default SkipInit
     zeroes every residual branch at init, a flat curve (nf_resnet56:skipinit=true shows it).
