@@ -57,12 +57,30 @@ def test_rounds_add_seeds_only_to_open_claims_until_decided(tmp_path):
     assert status["GN beats LN"]["verdict"] == INCONCLUSIVE
     assert stats[("none", 32)]["n"] < stats[("GN", 32)]["n"]  # no seeds where nothing is open
     assert all(s["n"] <= 6 for s in stats.values())
-    assert rec["stopped"] == "decided" and rec["rounds"] >= 1
+    assert rec["stopped"] == "decided"
     assert len(trained) == 5 + rec["runs_added"]
     open_claims = {o["claim"]: o for o in rec["open"]}
     assert open_claims["GN beats LN"]["seeds_needed"] > 6  # what the spread would need
     info = store.setup_info("norms")
     assert info["power"]["runs_added"] == rec["runs_added"] and info["protocol"]["devices"] == 8
+
+
+def test_series_that_no_claim_covers_say_so_rather_than_decided(tmp_path):
+    # --variants LN,none on a transformer: every claim of the norms study needs BN, GN or IN,
+    # so no claim has runs; "every claim is decided" was said, as if something had been judged
+    study = get_study("norms")
+    store = Store(tmp_path)
+    rec = run_with_power(study, "default", store,
+                         lambda at: study.points({}, "default", variants=["LN", "none"],
+                                                 seeds_at=at),
+                         _fake_run(store, []), info={"protocol": study.protocol(1)})
+    assert rec["rounds"] == 0 and rec["stopped"] == "no-claim"
+    # with a claim among the runs (GN beats LN, 0.1 apart: past --max-seeds) it is "decided"
+    rec = run_with_power(study, "default", Store(tmp_path / "b"),
+                         lambda at: study.points({}, "default", variants=["LN", "GN"],
+                                                 seeds_at=at),
+                         _fake_run(Store(tmp_path / "b"), []), info={}, max_seeds=4)
+    assert rec["stopped"] == "decided"
 
 
 def test_a_failed_run_does_not_stop_its_point_from_getting_seeds(tmp_path):

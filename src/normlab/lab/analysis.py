@@ -88,6 +88,8 @@ SEEDS_SHOWN = 1000    # seed counts above this are reported as "over 1000"
 #: why a study's power rounds stopped (the ``stopped`` of lab/power.py's record), in the user's
 #: words: what the command prints and the report says
 POWER_STOPPED = {"decided": "every claim is decided or needs more than --max-seeds",
+                 "no-claim": "none of the study's claims has its series among those run (they "
+                             "add seeds to claims only: --seeds N gives every point N)",
                  "budget-runs": "the --budget-runs budget is spent (no open claim's next seeds "
                                 "fit in the runs left)",
                  "budget-minutes": "the --budget-minutes budget is spent"}

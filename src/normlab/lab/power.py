@@ -26,8 +26,8 @@ import time
 from collections import Counter
 from typing import Any, Callable, Optional
 
-from normlab.lab.analysis import (INCONCLUSIVE, Level, claims_status, level_for, point_stats,
-                                  seeds_by_claim)
+from normlab.lab.analysis import (INCONCLUSIVE, NOT_RUN, Level, claims_status, level_for,
+                                  point_stats, seeds_by_claim)
 from normlab.lab.config import ConfigError
 from normlab.lab.store import Store
 from normlab.lab.studies import Point, Study
@@ -83,7 +83,8 @@ def run_with_power(
 
     Returns:
         the ``power`` record: rounds, runs added, why the rounds stopped (``decided``: nothing
-        left that more seeds could decide within ``max_seeds``; ``budget-runs``;
+        left that more seeds could decide within ``max_seeds``; ``no-claim``: no claim of the
+        study has its points among the runs, e.g. ``--variants LN,RMS,none``; ``budget-runs``;
         ``budget-minutes``), the budget, the ``looks`` the verdicts' level is set for (module
         docstring), and the claims still open with the seeds they need.
     """
@@ -123,6 +124,8 @@ def run_with_power(
         _register(store, study, preset, new, setup, None)
         for k, v in run(new).items():
             counts[k] = counts.get(k, 0) + v
+    if stopped == "decided" and _no_claim_run(store, study, preset, level):
+        stopped = "no-claim"
     record = {"rounds": rounds, "runs_added": added, "before": _before(earlier),
               "stopped": stopped,
               "budget_runs": budget_runs, "budget_minutes": budget_minutes,
@@ -202,6 +205,13 @@ def _new_points(known: set[str], candidates: list[Point], want: dict[tuple, int]
                 ) -> list[Point]:
     """The ``candidates`` at a (label, x) in ``want`` whose run ids are not ``known``."""
     return [p for p in candidates if (p.label, p.x) in want and p.cfg.run_id() not in known]
+
+
+def _no_claim_run(store: Store, study: Study, preset: str, level: Level) -> bool:
+    """Whether every claim of the study lacks a run of one of its points (the series the user
+    picked leave each claim "not run"): the rounds then had nothing to add seeds to."""
+    stats = point_stats(store.study_runs(study.name, preset))
+    return all(c["verdict"] == NOT_RUN for c in claims_status(study, stats, level))
 
 
 def _open_claims(store: Store, study: Study, preset: str, level: Level
