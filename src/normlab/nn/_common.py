@@ -18,12 +18,12 @@ from torch.fx.proxy import TraceError
 from normlab import functional as NLF
 from normlab._trace import HOOK_DICTS, hooks_of
 from normlab.functional import InputShapeError  # noqa: F401 (re-exported for the modules)
-from normlab.backends.reference import channel_view, update_running_stats
+from normlab.backends.reference import channel_view, output_memory_format, update_running_stats
 
 __all__ = [
     "channel_view", "update_running_stats", "InputShapeError", "check_count", "check_num_channels",
     "check_bn_input", "fx_leaf", "not_scriptable", "count_batch", "running_average_factor",
-    "adopt_state", "replace_modules", "drop_bias", "reset_affine", "norm_repr",
+    "adopt_state", "replace_modules", "drop_bias", "reset_affine", "norm_repr", "per_position",
 ]
 
 
@@ -36,6 +36,19 @@ def check_count(value, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def per_position(module: nn.Module, input: Tensor, normalize: Callable[[Tensor], Tensor]
+                 ) -> Tuple[Tensor, torch.memory_format]:
+    """A norm over the channels at each position (LayerNorm2d, RMSNorm2d): ``input`` (N, C,
+    *spatial) checked against ``module.num_channels``, ``normalize`` applied to its (N,
+    *spatial, C) view (free for channels_last input), and the result permuted back to (N, C,
+    *spatial), in channels_last strides; with it, the memory format the output should keep."""
+    NLF.check_input(input)
+    check_num_channels(module, input, module.num_channels)
+    y = normalize(input.permute((0,) + tuple(range(2, input.dim())) + (1,)))
+    return y.permute((0, input.dim() - 1) + tuple(range(1, input.dim() - 1))), \
+        output_memory_format(input)
 
 
 def check_num_channels(module: nn.Module, x: Tensor, expected: int, channel_dim: int = 1) -> None:

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.backends.reference import output_memory_format
-from normlab.nn._common import check_count, check_num_channels, fx_leaf, not_scriptable
+from normlab.nn._common import check_count, fx_leaf, not_scriptable, per_position
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
 
@@ -110,16 +109,9 @@ class LayerNorm2d(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
-        NLF.check_input(input)
-        check_num_channels(self, input, self.num_channels)
-        fmt = output_memory_format(input)
-        # channels to the end: (N, *spatial, C), a free view for channels_last input
-        perm = (0,) + tuple(range(2, input.dim())) + (1,)
-        xt = input.permute(perm)
         # (layer_norm: the (N*H*W, C) view, or for a DTensor torch's op on (N, *spatial, C))
-        y = NLF.layer_norm(xt, (self.num_channels,), self.weight, self.bias, self.eps)
-        inv = (0, input.dim() - 1) + tuple(range(1, input.dim() - 1))
-        y = y.permute(inv)
+        y, fmt = per_position(self, input, lambda xt: NLF.layer_norm(
+            xt, (self.num_channels,), self.weight, self.bias, self.eps))
         return y if self.channels_last_output else y.contiguous(memory_format=fmt)
 
     def extra_repr(self) -> str:

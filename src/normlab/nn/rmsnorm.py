@@ -21,8 +21,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.backends.reference import output_memory_format
-from normlab.nn._common import check_count, check_num_channels, fx_leaf, not_scriptable
+from normlab.nn._common import check_count, fx_leaf, not_scriptable, per_position
 
 __all__ = ["RMSNorm", "RMSNorm2d"]
 
@@ -140,14 +139,9 @@ class RMSNorm2d(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
-        NLF.check_input(input)
-        check_num_channels(self, input, self.num_channels)
-        fmt = output_memory_format(input)
-        # channels to the end: (N, *spatial, C), a free view for channels_last input
-        perm = (0,) + tuple(range(2, input.dim())) + (1,)
-        y = NLF.rms_norm(input.permute(perm), (self.num_channels,), self.weight, self.eps)
-        inv = (0, input.dim() - 1) + tuple(range(1, input.dim() - 1))
-        return y.permute(inv).contiguous(memory_format=fmt)
+        y, fmt = per_position(self, input, lambda xt: NLF.rms_norm(
+            xt, (self.num_channels,), self.weight, self.eps))
+        return y.contiguous(memory_format=fmt)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
