@@ -77,6 +77,19 @@ def test_groups_figure_one_colour_per_series_and_integer_ticks(tmp_path, figures
     assert all(_colors(a) == _colors(run_ax) for a in curves)
 
 
+def test_every_x_of_the_groups_sweep_gets_a_curves_panel(tmp_path, figures):
+    # the groups study's 7 x values: the curves figure drew the first 6 and dropped G = 64 and
+    # C/G = 64 without a word; now a second row holds the seventh
+    study = get_study("groups")
+    xs = (1, 2, 4, 8, 16, 32, 64)
+    errors = {(lab, x): 20.0 + i + 0.1 * j for i, lab in enumerate(("C/G", "G"))
+              for j, x in enumerate(xs)}
+    with _store(tmp_path, study, errors) as s:
+        plots.plot_study(s, study, tmp_path)
+    shown = [a.get_title() for a in figures["groups_curves"].axes if a.get_visible()]
+    assert shown == [f"G or C/G = {x}" for x in xs]
+
+
 def test_norms_bar_labels_stay_below_the_title(tmp_path, figures):
     study = get_study("norms")
     # LN highest: its "paper 25.3" label sat on the title (75%: high, yet below 81%, the

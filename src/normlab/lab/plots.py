@@ -232,14 +232,24 @@ def _panel_title(study: Study, x: Any, xs: list) -> str:
     return study.axis if len(xs) == 1 else f"{re.sub(r' [(][^)]*[)]', '', study.axis)} = {_fmt_x(x)}"
 
 
+_PANELS_PER_ROW = 6
+
+
 def _curves_plot(study: Study, runs: list[dict], out_dir: Path) -> Optional[list[Path]]:
+    """Test error per epoch, a panel per x (rows of at most :data:`_PANELS_PER_ROW`: every x
+    is drawn, the groups study's 7 included)."""
     xs = sorted({r["x"] for r in runs if r["history"]}, reverse=study.name in ("batch-size", "nf"))
     if not xs:
         return None
-    xs = xs[:6]
     labels = _labels(runs, study)
     colors = _colors(study, labels)
-    fig, axes = plt.subplots(1, len(xs), figsize=(3.2 * len(xs), 3.0), squeeze=False, sharey=True)
+    cols = min(len(xs), _PANELS_PER_ROW)
+    rows = -(-len(xs) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False,
+                             sharey=True)
+    axes = grid.reshape(1, -1)
+    for ax in axes[0][len(xs):]:  # the last row's empty places
+        ax.set_visible(False)
     for ax, x in zip(axes[0], xs):
         for label in labels:
             hs = [r["history"] for r in runs if r["label"] == label and r["x"] == x and r["history"]]
