@@ -31,6 +31,13 @@ def test_parse_set_and_apply_dotted_keys():
     assert cfg.milestones == (0.3, 0.6)
 
 
+def test_set_norm_none_is_the_norm_named_none():
+    # "none" was read as null for every key, so `--set norm=none` said "norm must be str, got
+    # NoneType"; a plain string field keeps the word, an Optional one still reads it as None
+    assert apply_overrides(RunConfig(), parse_set(["norm=None"])).norm == "none"
+    assert parse_set(["lr=none", "label=none"]) == {"lr": None, "label": "none"}
+
+
 @pytest.mark.parametrize("item, needle", [
     ("batch_size=-1", "batch_size must be a positive int, got -1"),
     ("batch_size=2.5", "batch_size must be int"),

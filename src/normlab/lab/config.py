@@ -388,7 +388,9 @@ def _parse_value(raw: str) -> Any:
 
 
 def parse_set(items: Optional[list[str]]) -> dict[str, Any]:
-    """``["a=1", "b.c=x"]`` -> ``{"a": 1, "b.c": "x"}`` (values parsed as JSON when possible)."""
+    """``["a=1", "b.c=x"]`` -> ``{"a": 1, "b.c": "x"}`` (values parsed as JSON when possible;
+    for a field that is a plain string, ``none`` stays the word: ``--set norm=none`` is the
+    norm named none)."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -397,7 +399,10 @@ def parse_set(items: Optional[list[str]]) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise ConfigError(f"--set has an empty key in {item!r}", hint="e.g. --set epochs=5")
-        out[key] = _parse_value(raw.strip())
+        value = _parse_value(raw.strip())
+        if value is None and field_types().get(key) is str:
+            value = raw.strip()
+        out[key] = value
     return out
 
 
