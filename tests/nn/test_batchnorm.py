@@ -147,3 +147,29 @@ def test_update_bn_recomputes_the_population_statistics(make, slice0):
     torch.testing.assert_close(ours[0].running_mean, ref[0].running_mean)
     torch.testing.assert_close(ours[0].running_var, ref[0].running_var)
     assert ours[0].momentum == momentum and int(ours[0].num_batches_tracked) == 4
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("kind", ["bn", "in"])
+def test_checkpoint_recompute_moves_the_buffers_as_torch_does(backend, kind):
+    # non-reentrant torch.utils.checkpoint recomputes up to the last tensor saved for backward:
+    # torch's BatchNorm moves its buffers again there, its InstanceNorm does not. The reference
+    # backend updated BN's buffers after its saved tensors: once, while counting the batch twice
+    from torch.utils.checkpoint import checkpoint
+
+    import normlab
+
+    make = {"bn": (lambda lib: lib.BatchNorm2d(3, momentum=None)),  # cumulative: weights count
+            "in": (lambda lib: lib.InstanceNorm2d(3, affine=True, track_running_stats=True))}[kind]
+    ours, theirs = make(nlnn), make(nn)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.rand(3) + 0.5)
+        theirs.bias.copy_(torch.randn(3))
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(2):  # (4, 3, 5, 5), off-centre: each step's statistics differ
+        x = off_centre(4, 3, 5, 5, offset=step + 1.0)
+        with normlab.use_backend(backend):
+            checkpoint(ours, x.clone().requires_grad_(), use_reentrant=False).square().sum().backward()
+        checkpoint(theirs, x.clone().requires_grad_(), use_reentrant=False).square().sum().backward()
+        for name, buf in theirs.named_buffers():
+            torch.testing.assert_close(dict(ours.named_buffers())[name], buf, msg=name)

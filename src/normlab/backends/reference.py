@@ -124,6 +124,14 @@ class ReferenceBackend:
         m = xg.shape[2] * (n if over_batch else 1)  # elements per statistic
         centred, mean, var = centred_moments(xg, dims, center)
         rstd = torch.rsqrt(var + eps)
+        stat_shape = (g,) if over_batch else (n, g)
+        running = running_mean is not None or running_var is not None
+        if running and over_batch:
+            # before the tensors y's backward saves: a non-reentrant checkpoint recomputes up to
+            # the last of them, so BN's buffers move again there, as torch's BatchNorm's do (its
+            # InstanceNorm's move once: the update after them, below)
+            update_running_stats(running_mean, running_var, mean.detach().reshape(stat_shape),
+                                 var.detach().reshape(stat_shape), m, momentum)
         y = (centred * rstd).reshape(x.shape)
 
         if weight is not None:
@@ -133,10 +141,9 @@ class ReferenceBackend:
         y = apply_activation(y, activation)
         y = y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
 
-        stat_shape = (g,) if over_batch else (n, g)
         mean_out = mean.detach().reshape(stat_shape)
         rstd_out = rstd.detach().reshape(stat_shape)
-        if running_mean is not None or running_var is not None:
+        if running and not over_batch:
             update_running_stats(
                 running_mean, running_var, mean_out, var.detach().reshape(stat_shape), m, momentum
             )
