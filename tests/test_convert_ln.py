@@ -119,6 +119,19 @@ def test_a_replaced_layernorm2d_keeps_timms_output_strides():
     assert y.stride() == expect.stride() and torch.equal(y, expect)
 
 
+
+def test_a_layernorm2d_without_bias_stays_without_bias():
+    # timm's LayerNorm2d(C, bias=False) -> ln: the LayerNorm2d in its place had a zero bias
+    # Parameter of its own (a shift the model never had, trained by any optimizer built after)
+    timm = import_timm()
+    theirs = _randomize(timm.layers.LayerNorm2d(8, bias=False))
+    x = off_centre(2, 8, 5, 5)
+    expect = theirs(x)
+    ours = normlab.convert_layer_norm(copy.deepcopy(theirs), "ln")
+    assert [n for n, _ in ours.named_parameters()] == ["weight"] and ours.bias is None
+    assert "bias=False" in repr(ours)
+    torch.testing.assert_close(ours(x), expect)
+
 def test_errors_left_layers_and_hooks():
     class OwnLN(nn.LayerNorm):  # a subclass with a forward of its own: not known, left
         def forward(self, x):

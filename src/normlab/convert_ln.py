@@ -123,7 +123,8 @@ def _build(module: nn.Module, to: str) -> nn.Module:
     elif cls is nlnn.RMSNorm:
         new = cls(shape, module.eps, affine, **factory)
     elif cls is nlnn.LayerNorm2d:
-        new = cls(shape[0], eps, affine, channels_last_output=_is_timm(type(module)), **factory)
+        new = cls(shape[0], eps, affine, channels_last_output=_is_timm(type(module)),
+                  bias=_bias(module) is not False, **factory)
     else:
         new = cls(shape[0], eps, affine, **factory)
     _take_parameters(module, new)
@@ -132,8 +133,10 @@ def _build(module: nn.Module, to: str) -> nn.Module:
 
 
 def _bias(module: nn.Module) -> Optional[bool]:
-    """False for a LayerNorm with a weight but no bias (``bias=False``); None otherwise."""
-    if isinstance(module, nn.LayerNorm) and module.elementwise_affine and module.bias is None:
+    """False for a LayerNorm (torch's, timm's LayerNorm2d, normlab's LayerNorm2d) with a weight
+    but no bias (``bias=False``); None otherwise."""
+    if (isinstance(module, (nn.LayerNorm, nlnn.LayerNorm2d))
+            and getattr(module, "weight", None) is not None and module.bias is None):
         return False
     return None
 

@@ -65,6 +65,8 @@ class LayerNorm2d(nn.Module):
         num_channels: C.
         eps: added to the variance (default 1e-6, the usual choice for this layer).
         affine: learnable per-channel ``weight`` and ``bias``.
+        bias: with ``affine``, whether there is a ``bias`` (False: a weight only, as timm's
+            ``LayerNorm2d(C, bias=False)`` and torch's ``LayerNorm(bias=False)``).
         channels_last_output: return the normalized (N, *spatial, C) tensor permuted back to
             (N, C, *spatial) without a copy, whatever the input's memory format, as timm's
             ``LayerNorm2d`` does (so the layers after it run in channels_last). Default False:
@@ -86,7 +88,8 @@ class LayerNorm2d(nn.Module):
     channels_last_output: bool = False
 
     def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True,
-                 device=None, dtype=None, *, channels_last_output: bool = False) -> None:
+                 device=None, dtype=None, *, channels_last_output: bool = False,
+                 bias: bool = True) -> None:
         super().__init__()
         self.num_channels = check_count(num_channels, "num_channels")
         self.eps = NLF.check_eps(eps)
@@ -95,15 +98,18 @@ class LayerNorm2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
         else:
             self.register_parameter("weight", None)
+        if affine and bias:
+            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         if self.affine:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -116,4 +122,5 @@ class LayerNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+                + (", bias=False" if self.affine and self.bias is None else "")
                 + (", channels_last_output=True" if self.channels_last_output else ""))
