@@ -132,6 +132,33 @@ def test_a_layernorm2d_without_bias_stays_without_bias():
     assert "bias=False" in repr(ours)
     torch.testing.assert_close(ours(x), expect)
 
+
+@pytest.mark.parametrize("to", ["rms", "none"])
+def test_torchs_transformer_encoder_in_eval_mode_calls_its_new_norms(to):
+    # torch's TransformerEncoderLayer in eval mode computes LayerNorm itself from norm1/norm2's
+    # eps, weight and bias (its fast path): with RMSNorm or Identity there it raised an
+    # AttributeError. The reference: torch's layer with torch's RMSNorm / Identity put in by
+    # hand, run with the fast path off (what calls the norms)
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1,
+                                enable_nested_tensor=True).eval()
+    ref = copy.deepcopy(enc)
+    for layer in ref.layers:
+        layer.norm1, layer.norm2 = [nn.RMSNorm(8, eps=1e-5) if to == "rms" else nn.Identity()
+                                    for _ in range(2)]
+    x = torch.randn(2, 5, 8)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])  # the nested-tensor path
+    ours = normlab.convert_layer_norm(enc, to)
+    with torch.no_grad():
+        for kwargs in ({}, {"src_key_padding_mask": pad}):
+            was = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                expect = ref(x, **kwargs)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(was)
+            torch.testing.assert_close(ours(x, **kwargs), expect)
+
 def test_errors_left_layers_and_hooks():
     class OwnLN(nn.LayerNorm):  # a subclass with a forward of its own: not known, left
         def forward(self, x):

@@ -28,7 +28,9 @@ becomes LayerNorm's default 1e-5) and whether it has a weight, and takes over th
 bias, and a LayerNorm made from an RMSNorm starts with a zero bias), so an optimizer built
 before keeps training them. Hooks on a replaced layer are not carried over (a warning names
 it), as with :func:`normlab.convert_norm`. A LayerNorm2d replacing timm's returns channels_last strides as
-timm's does (``channels_last_output``). The returned model carries ``model.normlab_conversion``,
+timm's does (``channels_last_output``). torch's ``nn.TransformerEncoderLayer`` whose norms become
+RMSNorm or none runs its unfused path (its fused one computes LayerNorm from the norms'
+parameters itself). The returned model carries ``model.normlab_conversion``,
 a :class:`normlab.convert.ConversionSummary`.
 """
 
@@ -148,6 +150,26 @@ def _take_parameters(old: nn.Module, new: nn.Module) -> None:
             new._parameters[name] = theirs
 
 
+def _slow_path_for_torch_encoder_layers(model: nn.Module) -> None:
+    """torch's ``nn.TransformerEncoderLayer`` has a fast path (eval mode, ``batch_first``, ...)
+    that does not call ``norm1`` and ``norm2`` but computes LayerNorm itself from their ``eps``,
+    ``weight`` and ``bias``: an RMSNorm or Identity there raised an AttributeError (and a norm
+    with those attributes would be computed as a LayerNorm). Such a layer is put on its other
+    path, which calls the modules, as torch does for an activation it has no fused form of
+    (``activation_relu_or_gelu`` 0); a ``nn.TransformerEncoder`` holding one no longer packs
+    its input into a nested tensor (``use_nested_tensor``), that path reading the first layer's
+    norms the same way."""
+    def off(layer: nn.Module) -> bool:
+        return isinstance(layer, nn.TransformerEncoderLayer) and not all(
+            isinstance(getattr(layer, n, None), nn.LayerNorm) for n in ("norm1", "norm2"))
+
+    for m in model.modules():
+        if off(m):
+            m.activation_relu_or_gelu = 0
+        elif isinstance(m, nn.TransformerEncoder) and any(off(layer) for layer in m.layers):
+            m.use_nested_tensor = False
+
+
 def convert_layer_norm(model: nn.Module, to: Any) -> nn.Module:
     """Replace every LayerNorm and RMSNorm in ``model`` by ``to``: ``"ln"``, ``"rms"`` or
     ``"none"``, each in the form of the layer it replaces (module docstring).
@@ -182,6 +204,7 @@ def convert_layer_norm(model: nn.Module, to: Any) -> nn.Module:
     left = [(name, _left_reason(m)) for name, m in model.named_modules()
             if is_layer_norm_family(m) and layer_norm_kind(m) is None]
     model, replaced = replace_modules(model, replaced_here, lambda m, name: _build(m, target))
+    _slow_path_for_torch_encoder_layers(model)
     _warn_user_hooks(replaced, "convert_layer_norm")
     summary = ConversionSummary(target, function="convert_layer_norm")
     summary.replaced = [Replacement(name, type(old).__name__, repr(new),
