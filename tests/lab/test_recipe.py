@@ -1,5 +1,7 @@
 """The recipe: schedule, weight standardization, preflight, weight decay groups, AGC."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -150,6 +152,41 @@ def test_nf_weight_decay_step_leaves_gains_alone():
         expect = before[n] if (p.dim() <= 1 or leaf in ("gain", "skip_gain")) else \
             before[n] * (1 - 0.5 * 0.1)
         torch.testing.assert_close(p.detach(), expect, msg=n)
+
+
+def test_adamw_is_torchs_adamw_with_the_runs_lr_and_decay():
+    # optimizer=adamw (transformers): one step equals torch.optim.AdamW's on a copy of the same
+    # model, with the run's peak lr, its weight decay and the NF groups as with SGD
+    from normlab.lab.recipe import build_model, build_optimizer
+
+    cfg = RunConfig(model="nf_resnet20", optimizer="adamw", lr=0.01, weight_decay=0.05)
+    torch.manual_seed(0)
+    model = build_model(cfg, 4, 3)
+    opt = build_optimizer(cfg, model)
+    assert type(opt) is torch.optim.AdamW and {g["lr"] for g in opt.param_groups} == {0.01}
+    assert set(_decay_of(opt).values()) == {0.05, 0.0}  # gains and biases undecayed, as SGD's
+    twin = copy.deepcopy(model)
+    ref = torch.optim.AdamW([{"params": g["params_twin"], "weight_decay": g["weight_decay"]}
+                             for g in _twin_groups(opt, model, twin)], lr=0.01)
+    for m in (model, twin):
+        for p in m.parameters():
+            p.grad = torch.full_like(p, 0.3)
+    opt.step()
+    ref.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+    assert RunConfig().run_id() == RunConfig(optimizer="sgd").run_id()  # stored ids unchanged
+    assert RunConfig().run_id() != RunConfig(optimizer="adamw").run_id()
+    with pytest.raises(ConfigError, match="unknown optimizer 'adam'"):
+        RunConfig(optimizer="adam").validate()
+
+
+def _twin_groups(opt, model, twin):
+    """``opt``'s groups with each parameter replaced by the same-named one of ``twin``."""
+    index = {id(p): n for n, p in model.named_parameters()}
+    named = dict(twin.named_parameters())
+    return [{**g, "params_twin": [named[index[id(p)]] for p in g["params"]]}
+            for g in opt.param_groups]
 
 
 def test_agc_leaves_the_classifier_and_refuses_a_model_without_fc():

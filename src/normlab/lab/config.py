@@ -58,10 +58,11 @@ MAX_SEEDS = 1000
 
 DATASETS = ("digits", "mnist5k", "synthetic", "cifar10", "cifar100", "imagefolder")
 SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("cpu", "cuda", "auto")
 AMP_MODES = ("auto", "bf16", "off")
 _CHOICES = (("data", DATASETS), ("schedule", SCHEDULES), ("device", DEVICES), ("amp", AMP_MODES),
-            ("augment", ("auto", "on", "off")))
+            ("augment", ("auto", "on", "off")), ("optimizer", OPTIMIZERS))
 
 # fields that do not change what a run computes (presentation and machine knobs)
 _NOT_IN_ID = ("label", "threads")
@@ -69,7 +70,7 @@ _NOT_IN_ID = ("label", "threads")
 _FLOAT_FIELDS = ("lr", "base_lr", "momentum", "weight_decay", "warmup_epochs", "agc")
 # fields left out of the identity at their default, so that ids of runs stored before the field
 # existed do not change (a single-process run keeps its id)
-_ID_DEFAULTS = {"world_size": 1, "precise_bn": 0}
+_ID_DEFAULTS = {"world_size": 1, "precise_bn": 0, "optimizer": "sgd"}
 #: seeds are ints in [0, SEED_LIMIT) (numpy's rule): torch takes the per-epoch seeds derived from
 #: them (seed x 100003 + ...) only below 2**64, and a larger one failed the run after it started
 SEED_LIMIT = 2**32
@@ -122,8 +123,11 @@ class RunConfig:
     Processes: ``batch_size`` is per process; ``world_size`` is the number of processes the run is
     defined for (global batch ``batch_size * world_size``; BN statistics stay per process, SyncBN
     takes them over all). Resumed on another process count the trainer keeps the global batch.
-    Optimization: SGD(``momentum``, ``weight_decay``), ``lr`` (None: ``base_lr * batch_size *
-    world_size / 32``),
+    Optimization: ``optimizer`` "sgd" (the papers': SGD with ``momentum`` and ``weight_decay``)
+    or "adamw" (AdamW, Loshchilov & Hutter, ICLR 2019, betas (0.9, 0.999), ``weight_decay``
+    its decoupled decay, ``momentum`` unused: what transformers train with, e.g. ``--set
+    optimizer=adamw --set base_lr=0.001 --set weight_decay=0.05``), ``lr`` (None: ``base_lr *
+    batch_size * world_size / 32``),
     ``schedule`` in :data:`SCHEDULES` (step: lr/10 at ``milestones`` fractions of the epochs),
     ``warmup_epochs`` (linear), ``agc`` (adaptive gradient clipping lambda, NFNets), ``seed``.
     Machine: ``device`` ("auto", the default: CUDA when torch sees a GPU, else the CPU; "cpu";
@@ -155,6 +159,7 @@ class RunConfig:
     base_lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    optimizer: str = "sgd"
     schedule: str = "cosine"
     milestones: tuple = (0.5, 0.75)
     warmup_epochs: float = 0.0

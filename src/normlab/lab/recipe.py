@@ -224,15 +224,18 @@ def no_decay_parameter_names(cfg: RunConfig, model: nn.Module) -> list[str]:
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD(lr=peak lr, momentum, weight decay). Models with a norm: decay on every parameter, as
-    in the GN paper. Normalizer-free models: two groups, the parameters of
-    :func:`no_decay_parameter_names` with ``weight_decay=0`` after the decayed ones."""
+    """SGD(lr=peak lr, momentum, weight decay), or AdamW(lr=peak lr, weight decay) with
+    ``optimizer="adamw"``. Models with a norm: decay on every parameter, as in the GN paper.
+    Normalizer-free models: two groups, the parameters of :func:`no_decay_parameter_names`
+    with ``weight_decay=0`` after the decayed ones."""
     no_decay = set(no_decay_parameter_names(cfg, model))
     params = list(model.named_parameters())
     groups = [{"params": [p for n, p in params if n not in no_decay],
                "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": [p for n, p in params if n in no_decay], "weight_decay": 0.0})
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.effective_lr(), momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay)
 
