@@ -439,8 +439,23 @@ def test_the_study_line_names_every_model_its_runs_trained(tmp_path):
             members.append((label, label, 32))
         s.register("nf", "default", members)
     text = write_report(tmp_path)[0].read_text()
-    assert ("2/2 runs done; model nf\\_resnet20 / resnet20, data digits, 1 epoch, schedule "
-            "cosine, weight decay 0.0001.") in text, text
+    # (optimizer: the configs predate the field, so they trained with SGD)
+    assert ("2/2 runs done; model nf\\_resnet20 / resnet20, data digits, 1 epoch, optimizer sgd, "
+            "schedule cosine, weight decay 0.0001.") in text, text
+
+
+def test_the_study_line_names_the_optimizer(tmp_path):
+    # --set optimizer=adamw (a transformer's study): the section said "schedule cosine, weight
+    # decay 0.05" without saying that the decay was AdamW's
+    with Store(tmp_path) as s:
+        s.claim("r", {"model": "timm:vit_tiny_patch16_224", "data": "digits", "epochs": 1,
+                      "seed": 0, "optimizer": "adamw", "schedule": "cosine",
+                      "weight_decay": 0.05, "batch_size": 32})
+        s.record_epochs("r", [{"epoch": 0, "test_error": 5.0}], {})
+        s.finish("r")
+        s.register("norms", "default", [("r", "LN", 32)])
+    text = write_report(tmp_path)[0].read_text()
+    assert "1 epoch, optimizer adamw, schedule cosine, weight decay 0.05." in text, text
 
 
 def test_the_environment_is_the_latest_run_that_recorded_one(tmp_path):

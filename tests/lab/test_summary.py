@@ -117,7 +117,7 @@ def test_one_epoch_is_said_in_the_singular(tmp_path):
         s.register("batch-size", "default", [("r", "BN", 32)])
     text = write_report(tmp_path)[0].read_text()
     assert "1 epochs" not in text
-    assert "digits, 1 epoch, 1 seed(s)" in text and "data digits, 1 epoch, schedule" in text
+    assert "digits, 1 epoch, 1 seed(s)" in text and "data digits, 1 epoch, optimizer" in text
 
 
 def test_summary_of_a_store_without_a_batch_study(tmp_path):

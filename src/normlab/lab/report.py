@@ -204,6 +204,7 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
              + (f", {len(failed)} failed" if failed else "")
              + f"; model {config_values(runs, 'model')}, data {config_values(runs, 'data')}, "
                f"{epochs} epoch{'' if epochs == '1' else 's'}, "
+               f"optimizer {config_values(runs, 'optimizer', 'sgd')}, "  # (stored before: SGD)
                f"schedule {config_values(runs, 'schedule')}, "
                f"weight decay {config_values(runs, 'weight_decay')}"
              + (f"; {precise_bn_text(runs)}." if precise_bn_text(runs) else "."), "",

@@ -129,10 +129,11 @@ def precise_bn_text(runs: list[dict]) -> str:
             f"training is the same as without")
 
 
-def config_values(runs: list[dict], key: str) -> str:
+def config_values(runs: list[dict], key: str, missing: str = "?") -> str:
     """Every value the runs' configs hold for ``key``, as inert text: ``nf_resnet20 /
-    resnet20`` where the series train different models (the nf study); ``?`` where missing."""
-    return md_cell(" / ".join(sorted({str(r["config"].get(key, "?")) for r in runs})))
+    resnet20`` where the series train different models (the nf study); ``missing`` (``?``)
+    for a config without it."""
+    return md_cell(" / ".join(sorted({str(r["config"].get(key, missing)) for r in runs})))
 
 
 def _setup_line(runs: list[dict], stats: dict) -> str:
