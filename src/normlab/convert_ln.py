@@ -46,7 +46,7 @@ from normlab.convert import ConversionSummary, Replacement, _warn_user_hooks
 from normlab.factory import canonical_name
 from normlab.nn._common import replace_modules
 
-__all__ = ["convert_layer_norm", "TARGETS", "layer_norm_kind"]
+__all__ = ["convert_layer_norm", "TARGETS", "layer_norm_kind", "is_layer_norm_family"]
 
 #: the norms a LayerNorm or RMSNorm can become
 TARGETS = ("ln", "rms", "none")

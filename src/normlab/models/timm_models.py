@@ -121,7 +121,9 @@ def create_timm(name: str, *, norm: Any = "bn", num_classes: int = 10, in_chans:
                 norm_kwargs: Optional[dict] = None, **kwargs: Any) -> nn.Module:
     """timm model ``name`` (``timm:<name>`` or the bare registry name), untrained, with every
     BatchNorm replaced by ``norm`` (a :func:`normlab.create_norm` name, class or partial, built
-    with ``norm_kwargs``; None is ``"none"``). ``kwargs`` go to ``timm.create_model`` (e.g. ``drop_rate``).
+    with ``norm_kwargs``; None is ``"none"``), or, in a LayerNorm model, every LayerNorm and
+    RMSNorm by ``ln``, ``rms`` or ``none`` (module docstring). ``kwargs`` go to
+    ``timm.create_model`` (e.g. ``drop_rate``).
 
     Example::
 
