@@ -5,9 +5,9 @@ unwinds (the run in progress is released, the exports written) and exits 130 or 
 In a torchrun worker a command that succeeded (everything written, the process group left)
 leaves with ``os._exit(0)``, skipping the interpreter's teardown: there a C++ thread of
 torch's has aborted a worker that had finished every run ("terminate called without an active
-exception", SIGABRT), which torchrun then reports as a failed job (seen in 2 of about 40
-two-process runs on the development machine, torch 2.13; the tests' own process harness leaves
-the same way). A user's ``atexit`` handlers then do not run in that worker. A failing worker
+exception", SIGABRT), which torchrun then reports as a failed job (seen twice on the
+development machine, torch 2.13: once in a whole test-suite run, once in 6 runs of the torchrun
+tests beside the other distributed tests; the tests' own process harness leaves the same way). A user's ``atexit`` handlers then do not run in that worker. A failing worker
 ends as usual: leaving at once would let it end before the rank whose failure caused its own,
 and torchrun would name it as the rank that died first.
 """
