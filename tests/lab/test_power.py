@@ -75,6 +75,9 @@ def test_series_that_no_claim_covers_say_so_rather_than_decided(tmp_path):
                                                  seeds_at=at),
                          _fake_run(store, []), info={"protocol": study.protocol(1)})
     assert rec["rounds"] == 0 and rec["stopped"] == "no-claim"
+    # no round could run: the verdicts are judged at one look (3 seeds), not at the sequential
+    # level planned for looks up to --max-seeds, known from the run list before any run
+    assert rec["looks"] == [3, 3]
     # with a claim among the runs (GN beats LN, 0.1 apart: past --max-seeds) it is "decided"
     rec = run_with_power(study, "default", Store(tmp_path / "b"),
                          lambda at: study.points({}, "default", variants=["LN", "GN"],

@@ -95,7 +95,7 @@ def run_with_power(
     _register(store, study, preset, points, setup, info)
     registered()
     earlier = store.setup_info(study.name, preset).get("power", {})
-    looks = _looks(points, max_seeds, budget_runs, budget_minutes, earlier.get("looks"))
+    looks = _looks(study, points, max_seeds, budget_runs, budget_minutes, earlier.get("looks"))
     level = level_for(looks)  # fixed, and stored, before the first look: an interrupted study's
     store.update_setup_info(study.name, preset, setup,  # report judges at it too
                             {"power": {**earlier, "looks": list(looks)}})
@@ -152,18 +152,28 @@ def _register(store: Store, study: Study, preset: str, points: list[Point], setu
                    setup=setup, info=info)
 
 
-def _looks(points: list[Point], max_seeds: int, budget_runs: Optional[int],
+def _looks(study: Study, points: list[Point], max_seeds: int, budget_runs: Optional[int],
            budget_minutes: Optional[float], earlier: Optional[list[int]]) -> tuple[int, int]:
     """The seed counts per point from which to which the claims may be looked at (module
-    docstring): the first list's fewest seeds at a point, to ``max_seeds`` when rounds may run,
+    docstring): the first list's fewest seeds at a point, to ``max_seeds`` when rounds may run
+    (a budget, and a claim whose points the list holds: rounds add seeds to claims only),
     covering ``earlier`` (a stored record's ``looks``)."""
     seeds = Counter((p.label, p.x) for p in points)
     first = min(seeds.values(), default=1)
-    rounds = budget_runs != 0 and budget_minutes != 0
+    rounds = budget_runs != 0 and budget_minutes != 0 and _a_claim_is_planned(study, seeds)
     last = max(first, max_seeds) if rounds else first
     if earlier:
         first, last = min(first, earlier[0]), max(last, earlier[1])
     return first, last
+
+
+def _a_claim_is_planned(study: Study, planned: Counter) -> bool:
+    """Whether the run list holds the points of one of the study's claims (its a, and its b
+    where it has one): ``--variants LN,RMS,none`` on the norms study holds none, so no round
+    could add a seed, and its verdicts are judged at one look. Known from the list, before any
+    run."""
+    return any(tuple(c.a) in planned and (c.b is None or tuple(c.b) in planned)
+               for c in study.claims)
 
 
 def _wanted(runs: list[dict[str, Any]], study: Study, max_seeds: int,
