@@ -23,15 +23,16 @@ of those families (a subclass, timm's norm-act and float32 layers) is left, and 
 reason in the summary's ``left``.
 
 The new norm keeps the layer's shape, ``eps`` (an RMSNorm's ``eps=None``, the machine epsilon,
-becomes LayerNorm's default 1e-5) and whether it has a weight, and takes over the layer's
-``weight`` Parameter (and a LayerNorm's ``bias`` when the target is LayerNorm; RMSNorm has no
-bias, and a LayerNorm made from an RMSNorm starts with a zero bias), so an optimizer built
-before keeps training them. Hooks on a replaced layer are not carried over (a warning names
-it), as with :func:`normlab.convert_norm`. A LayerNorm2d replacing timm's returns channels_last strides as
-timm's does (``channels_last_output``). torch's ``nn.TransformerEncoderLayer`` whose norms become
-RMSNorm or none runs its unfused path (its fused one computes LayerNorm from the norms'
-parameters itself). The returned model carries ``model.normlab_conversion``,
-a :class:`normlab.convert.ConversionSummary`.
+becomes LayerNorm's default 1e-5), whether it has a weight and whether a LayerNorm has a bias,
+and takes over the layer's ``weight`` Parameter (and a LayerNorm's ``bias`` when the target is
+LayerNorm; RMSNorm has no bias, and a LayerNorm made from an RMSNorm starts with a zero bias),
+so an optimizer built before keeps training them. Hooks on a replaced layer are not carried
+over (a warning names it), as with :func:`normlab.convert_norm`. A LayerNorm2d replacing one of
+timm's layers returns channels_last strides, as timm's LayerNorm2d does
+(``channels_last_output``). torch's ``nn.TransformerEncoderLayer`` whose norms become RMSNorm
+or none runs its unfused path (its fused one computes LayerNorm from the norms' parameters
+itself). The returned model carries ``model.normlab_conversion``, a
+:class:`normlab.convert.ConversionSummary`.
 """
 
 from __future__ import annotations

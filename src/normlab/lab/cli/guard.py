@@ -7,9 +7,10 @@ leaves with ``os._exit(0)``, skipping the interpreter's teardown: there a C++ th
 torch's has aborted a worker that had finished every run ("terminate called without an active
 exception", SIGABRT), which torchrun then reports as a failed job (seen twice on the
 development machine, torch 2.13: once in a whole test-suite run, once in 6 runs of the torchrun
-tests beside the other distributed tests; the tests' own process harness leaves the same way). A user's ``atexit`` handlers then do not run in that worker. A failing worker
-ends as usual: leaving at once would let it end before the rank whose failure caused its own,
-and torchrun would name it as the rank that died first.
+tests beside the other distributed tests; the tests' own process harness leaves the same way).
+A user's ``atexit`` handlers then do not run in that worker. A failing worker ends as usual:
+leaving at once would let it end before the rank whose failure caused its own, and torchrun
+would name it as the rank that died first.
 """
 
 from __future__ import annotations
