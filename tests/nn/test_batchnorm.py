@@ -149,7 +149,7 @@ def test_update_bn_recomputes_the_population_statistics(make, slice0):
     assert ours[0].momentum == momentum and int(ours[0].num_batches_tracked) == 4
 
 
-@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 @pytest.mark.parametrize("kind", ["bn", "in"])
 def test_checkpoint_recompute_moves_the_buffers_as_torch_does(backend, kind):
     # non-reentrant torch.utils.checkpoint recomputes up to the last tensor saved for backward:

@@ -1440,10 +1440,19 @@ triton_norm_fixed.register_autograd(_fixed_backward, setup_context=_fixed_setup_
 
 
 class _EagerNorm(torch.autograd.Function):
+    """The last input, ``running``: None, or ``(running_mean, running_var, count, momentum)`` to
+    update from the batch statistics inside forward, before autograd packs the saved tensors:
+    a non-reentrant checkpoint recomputes up to the last of them, so BN's buffers move again
+    there, as torch's BatchNorm's do."""
+
     @staticmethod
     def forward(ctx, *inputs):
+        *inputs, running = inputs
         with _direct_launches():
             out = _norm_fwd(*inputs)
+        if running is not None:
+            stats = out[1]
+            update_running_stats(running[0], running[1], stats[0], stats[2], *running[2:])
         _fwd_setup_context(ctx, inputs, out)
         return out
 
@@ -1451,7 +1460,7 @@ class _EagerNorm(torch.autograd.Function):
     def backward(ctx, dy, dstats):
         bwd = triton_norm_bwd if torch.is_grad_enabled() else _norm_bwd  # create_graph: op
         with _direct_launches():
-            return _fwd_backward(ctx, dy, dstats, bwd=bwd)
+            return _fwd_backward(ctx, dy, dstats, bwd=bwd) + (None,)
 
 
 class _EagerFixed(torch.autograd.Function):
@@ -1538,13 +1547,23 @@ class TritonBackend:
         y = x * rstd * w (+ b)); the mean returned is zeros and the running variance, if
         given, receives the mean of x^2."""
         xk, _ = kernel_strides(x)  # exotic strides -> one contiguous copy (autograd sees it)
-        op = _EagerNorm.apply if _eager(xk) else triton_norm_fwd
-        y, stats = op(xk, weight, bias, num_groups, over_batch, float(eps), activation or "none",
-                      bool(center))
-        mean, rstd, var = stats[0], stats[1], stats[2]
+        inputs = (xk, weight, bias, num_groups, over_batch, float(eps), activation or "none",
+                  bool(center))
+        running = None
         if running_mean is not None or running_var is not None:
             n, c = x.shape[0], x.shape[1]
             count = (c // num_groups) * math.prod(x.shape[2:]) * (n if over_batch else 1)
+            running = (running_mean, running_var, count, momentum)
+        # BN's update inside the eager op (see _EagerNorm); InstanceNorm's after it, once under
+        # a checkpoint's recompute, as torch's; under a trace after the op, which has no
+        # mutable arguments
+        inside = running is not None and over_batch and _eager(xk)
+        if _eager(xk):
+            y, stats = _EagerNorm.apply(*inputs, running if inside else None)
+        else:
+            y, stats = triton_norm_fwd(*inputs)
+        mean, rstd, var = stats[0], stats[1], stats[2]
+        if running is not None and not inside:
             update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return y, mean, rstd
 
