@@ -42,11 +42,43 @@ def test_weight_standardize_swaps_every_conv():
     # BN over 1 image of 1x1 maps (2x2 images, ResNet-20's last stage) failed every run at its
     # first step, each re-run again ("re-run the same command to retry them")
     ({"batch_size": 1, "data_kwargs": {**TINY["data_kwargs"], "image_size": 2}},
-     "batch_size 1: Expected more than 1 value per channel when training"),
+     r"model 'resnet20' with norm 'bn' cannot train on 2x2 images of synthetic, 1 image per "
+     r"statistics batch: layer 'stages.1.0.norm1' \(BatchNorm2d\) normalizes 1x1 feature "
+     r"maps \(Expected more than 1 value per channel when training"),
 ])
 def test_preflight_names_the_problem(changes, needle):
     with pytest.raises(ConfigError, match=needle):
         preflight([RunConfig(**{**TINY, **changes})])
+
+
+def test_instance_norm_on_1x1_maps_is_refused_before_anything_trains(tmp_path):
+    # InstanceNorm over a 1x1 map (4x4 images: ResNet-20's last stage; digits' 8x8 images under
+    # a stride-32 timm model) raised at the IN run's first step, after the study's other runs
+    # had trained; now the study is refused up front, naming model, norm, layer and map size
+    small = {**TINY["data_kwargs"], "image_size": 4}
+    with pytest.raises(ConfigError, match=r"model 'resnet20' with norm 'in' cannot train on 4x4 "
+                                          r"images of synthetic: layer 'stages.2.0.norm1' "
+                                          r"\(InstanceNorm2d\) normalizes 1x1 feature maps") as e:
+        preflight([RunConfig(**{**TINY, "norm": "in", "data_kwargs": small})])
+    assert "data_kwargs.image_size" in e.value.hint and "--variants" in e.value.hint
+    preflight([RunConfig(**{**TINY, "norm": "in"})])  # 8x8 images: 2x2 maps, it trains
+    preflight([RunConfig(**{**TINY, "norm": "gn", "data_kwargs": small})])  # GN needs no map
+    # an emulated device's statistics batch of 2 images (ghost batches) over 1x1 maps trains
+    preflight([RunConfig(**{**TINY, "norm": "ghostbn", "data_kwargs": small,
+                            "norm_kwargs": {"virtual_batch": 2, "interleaved": True}})])
+
+    from typer.testing import CliRunner
+
+    from normlab.lab.cli import app
+
+    r = CliRunner().invoke(app, ["reproduce", "norms", "--quick", "--variants", "BN,IN",
+                                 "--data", "synthetic", "--set", "data_kwargs.image_size=4",
+                                 "--set", "data_kwargs.n_train=64", "--jobs", "1",
+                                 "--out", str(tmp_path)])
+    assert r.exit_code == 2 and r.output.startswith("error: series 'IN': model 'resnet20' "
+                                                    "with norm 'in'"), r.output
+    assert "'stages.2.0.norm1'" in " ".join(r.output.split()) and "Traceback" not in r.output
+    assert not (tmp_path / "results.sqlite").exists()  # refused before BN's run trained
 
 
 def test_a_model_too_large_for_memory_is_named(monkeypatch):

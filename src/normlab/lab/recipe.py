@@ -280,15 +280,77 @@ def _check_threads(threads: Optional[int]) -> None:
                           hint=f"use --set threads={cores} or fewer (or leave it unset)")
 
 
-def _one_image_step(model: nn.Module, data: DataSplit) -> None:
-    """A ConfigError when the model cannot train on batches of one image of ``data``."""
+def _train_forward(model: nn.Module, x: torch.Tensor) -> None:
+    """Run ``model`` in training mode on ``x`` (no grad). An exception goes on up with the
+    innermost module whose forward was running when it was raised, ``(name, its input shape)``,
+    as its ``layer`` attribute."""
+    stack: list[tuple[str, Optional[tuple]]] = []
+
+    def pre(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            first = args[0] if args else None
+            stack.append((name, tuple(first.shape) if isinstance(first, torch.Tensor) else None))
+        return hook
+
+    def post(module: nn.Module, args: tuple, out: object) -> None:
+        stack.pop()
+
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(pre(name or "<root>")))
+        handles.append(m.register_forward_hook(post))
     try:
         with torch.no_grad():
-            model.train()(data.x_train[:1])
+            model.train()(x)
+    except Exception as e:
+        e.layer = stack[-1] if stack else (None, None)  # type: ignore[attr-defined]
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _statistics_batch(cfg: RunConfig) -> int:
+    """The images a run's batch statistics see at most per slice, for :func:`_train_step_check`:
+    an emulated device's ``virtual_batch`` (ghost batches), else 2 of the batch (1 at
+    ``batch_size`` 1): per-sample statistics (IN) fail on any batch, batch statistics over a
+    1x1 map need 2 images."""
+    vb = cfg.norm_kwargs.get("virtual_batch") if isinstance(cfg.norm_kwargs, dict) else None
+    if isinstance(vb, int) and not isinstance(vb, bool) and 1 <= vb <= cfg.batch_size:
+        return vb
+    return min(cfg.batch_size, 2)
+
+
+def _train_step_check(cfg: RunConfig, model: nn.Module, data: DataSplit) -> None:
+    """A ConfigError when a norm layer of ``model`` cannot take its statistics in training on
+    ``data`` (a map too small: InstanceNorm over a 1x1 map, BN over 1 image of 1x1 maps), which
+    the run's first training step would raise after the study's other runs had trained. One
+    training-mode forward of the images one statistics slice sees (:func:`_statistics_batch`);
+    the error names the model, norm, layer and its map size. Any other error of that forward is
+    left to the run, which records it (the probe runs on the CPU, the run maybe not)."""
+    n = _statistics_batch(cfg)
+    try:
+        _train_forward(model, data.x_train[:n])
     except ValueError as e:
-        raise ConfigError(f"batch_size 1: {str(e).strip().splitlines()[0]}",
-                          hint="use a batch size >= 2 or larger images "
-                               "(data_kwargs.image_size)") from None
+        name, shape = getattr(e, "layer", (None, None))
+        cause = str(e).strip().splitlines()[0]
+        size = "x".join(str(d) for d in shape[2:]) if shape and len(shape) > 2 else None
+        kind = type(model.get_submodule("" if name == "<root>" else name)).__name__ if name else ""
+        where = f"layer {name!r} ({kind})" if name else "a layer"
+        maps = f" normalizes {size} feature maps" if size else ""
+        per_sample = "spatial element" in cause
+        imgs = f"{data.image_size}x{data.image_size} images of {cfg.data}"
+        batch = "" if per_sample else f", {n} image{'s' if n > 1 else ''} per statistics batch"
+        msg = (f"model {cfg.model!r} with norm {cfg.norm!r} cannot train on {imgs}{batch}: "
+               f"{where}{maps} ({cause})")
+        if per_sample:
+            hint = ("per-sample statistics need more than 1 value per map: use larger images "
+                    "(--set data_kwargs.image_size=..., or other data) or leave this norm out "
+                    "(--variants)")
+        else:
+            hint = ("use a batch size >= 2, larger images (--set data_kwargs.image_size=..., "
+                    "or other data), or leave this series out (--variants)")
+        raise ConfigError(msg, hint=hint) from None
 
 
 def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
@@ -313,8 +375,8 @@ def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
             try:
                 model = build_model(cfg, data.num_classes, data.in_chans, data.image_size)
                 agc_fn(cfg, model)  # with agc: the model must have a classifier to leave unclipped
-                if cfg.batch_size == 1:  # a batch statistic over 1 value (1x1 maps) fails
-                    _one_image_step(model, data)  # the first step of every run
+                # a statistic over 1 value (IN on 1x1 maps; BN on 1 image of them) fails at
+                _train_step_check(cfg, model, data)  # the first step of the run: said now
             except ConfigError as e:
                 if len({c.label for c in configs}) < 2:
                     raise
