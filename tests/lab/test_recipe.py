@@ -221,7 +221,7 @@ def _twin_groups(opt, model, twin):
             for g in opt.param_groups]
 
 
-def test_agc_leaves_the_classifier_and_refuses_a_model_without_fc():
+def test_agc_leaves_the_classifier_and_refuses_a_model_without_one():
     from normlab.lab.recipe import agc_fn as _agc_fn, build_model
 
     cfg = RunConfig(model="nf_resnet20", agc=0.01)
@@ -235,9 +235,30 @@ def test_agc_leaves_the_classifier_and_refuses_a_model_without_fc():
     _agc_fn(cfg, model)()
     assert torch.equal(model.fc.weight.grad, fc_grad)            # classifier untouched
     assert conv.weight.grad.norm() < conv_grad.norm() / 10        # the rest clipped
-    headless = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
-    with pytest.raises(ConfigError, match="no classifier named 'fc'"):
-        _agc_fn(cfg, headless)
+
+    class Headless(nn.Module):  # no get_classifier(), no fc, not a Sequential
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    with pytest.raises(ConfigError, match="agc: cannot tell which layer of model 'nf_resnet20' "
+                                          "is the classifier") as e:
+        _agc_fn(cfg, Headless())
+    assert "get_classifier()" in e.value.hint
+    # a timm model's classifier is get_classifier()'s, here `classifier` (the lab refused it:
+    # it looked for `fc`)
+    from timm_import import import_timm
+
+    import_timm()
+    cfg = RunConfig(model="timm:mobilenetv3_small_050", agc=0.01)
+    model = build_model(cfg, 4, 3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 100.0
+    head_grad = model.classifier.weight.grad.clone()
+    stem_grad = model.conv_stem.weight.grad.clone()
+    _agc_fn(cfg, model)()
+    assert torch.equal(model.classifier.weight.grad, head_grad)
+    assert model.conv_stem.weight.grad.norm() < stem_grad.norm() / 10
 
 
 def test_weight_standardize_refuses_a_conv_subclass_it_would_change():

@@ -228,3 +228,69 @@ def test_grad_scaler_step_clips_the_unscaled_gradients():
     ref.step()
     for p, q in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# timm models name their classifier otherwise than normlab's ``fc``; the lab's AGC looked for
+# ``fc`` only, so ``--set agc=...`` refused every one of these
+_TIMM_HEADS = [("resnet10t", "fc"), ("efficientnet_b0", "classifier"),
+               ("convnext_atto", "head.fc"), ("vit_tiny_patch16_224", "head"),
+               ("mobilenetv3_small_050", "classifier"), ("regnetx_002", "head.fc")]
+
+
+@pytest.mark.parametrize("name, head", _TIMM_HEADS)
+def test_classifier_of_timm_models_is_timms_and_clips_as_timms_agc(name, head):
+    from timm_import import import_timm
+
+    timm = import_timm()
+    from timm.models import model_parameters
+    from timm.utils.agc import adaptive_clip_grad
+
+    from normlab.optim import classifier_names
+
+    torch.manual_seed(0)
+    m = timm.create_model(name, num_classes=5)
+    assert classifier_names(m) == (head,)
+    assert m.get_submodule(head) is m.get_classifier()
+    twin = timm.create_model(name, num_classes=5)
+    twin.load_state_dict(m.state_dict())
+    for p, q in zip(m.parameters(), twin.parameters()):
+        p.grad = torch.randn_like(p) * p.detach().abs().mean().clamp_min(1e-3) * 10
+        q.grad = p.grad.clone()
+    adaptive_grad_clip_(agc_parameters(m, classifier_names(m)), 0.01, 1e-3)
+    # timm's train.py leaves the last 2 parameters (the head's weight and bias) unclipped
+    adaptive_clip_grad(model_parameters(twin, exclude_head=True), 0.01, 1e-3)
+    for (n, p), q in zip(m.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+    assert torch.equal(m.get_submodule(head).weight.grad, twin.get_submodule(head).weight.grad)
+
+
+def test_classifier_names_of_other_models_and_the_error_when_there_is_none():
+    from normlab.optim import classifier_names
+
+    timm = pytest.importorskip("timm_import").import_timm()
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=3, img_size=32,
+                             patch_size=8, depth=1)
+    assert classifier_names(deit) == ("head", "head_dist")  # get_classifier() gives both
+    with pytest.raises(ValueError, match=r"get_classifier\(\) returned \('fc',\) with no "
+                                         "parameters"):
+        classifier_names(timm.create_model("resnet10t", num_classes=0))
+    assert classifier_names(models.create("nf_resnet20")) == ("fc",)
+    assert classifier_names(models.create("bn_dropout_cnn")) == ("fc",)
+    # the README's own model: an nn.Sequential ending in its Linear classifier
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Sequential(nn.Linear(8, 4), nn.Dropout()))
+    assert classifier_names(seq) == ("4.0",)
+
+    class Own(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.body(x))
+
+    with pytest.raises(ValueError, match=r"cannot tell the classifier of Own.*\['body', 'out'\]"):
+        classifier_names(Own())
+    Own.get_classifier = lambda self: self.out
+    assert classifier_names(Own()) == ("out",)
+    assert classifier_names(_Net()) == ("fc",)

@@ -32,7 +32,7 @@ from normlab.lab.data import DataSplit, TensorLoader, load_dataset
 from normlab.models import is_normalizer_free
 from normlab.nn import ScaledStdConv2d, WSConv2d
 from normlab.nn.syncbn import SyncBatchNorm
-from normlab.optim import adaptive_grad_clip_, agc_parameters
+from normlab.optim import adaptive_grad_clip_, agc_parameters, classifier_names
 
 __all__ = ["resolve_device", "run_device", "versions", "weight_standardize_", "build_model",
            "build_loaders", "per_process_stat_modules", "per_process_batch", "lr_at",
@@ -242,15 +242,19 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 def agc_fn(cfg: RunConfig, model: nn.Module) -> Optional[Callable[[], None]]:
     """The clipping step of Adaptive Gradient Clipping (lambda ``cfg.agc``) on every parameter
-    but the classifier ``fc`` (:func:`normlab.optim.agc_parameters`; a model without ``fc`` is
-    a ConfigError rather than a silently clipped classifier)."""
+    but the classifier's (:func:`normlab.optim.classifier_names`: timm's ``get_classifier()``,
+    normlab's ``fc``, a Sequential's last Linear); a model whose classifier it cannot tell is a
+    ConfigError naming the model rather than a silently clipped classifier."""
     if cfg.agc is None:
         return None
     try:
-        params = agc_parameters(model, ("fc",))  # never clip the classifier
+        params = agc_parameters(model, classifier_names(model))  # never clip the classifier
     except ValueError as e:
-        raise ConfigError(f"agc: model {cfg.model!r} has no classifier named 'fc' to leave "
-                          f"unclipped ({e})", hint="drop --set agc=... for this model") from None
+        raise ConfigError(f"agc: cannot tell which layer of model {cfg.model!r} is the "
+                          f"classifier to leave unclipped ({e})",
+                          hint="give the model a get_classifier() method returning its final "
+                               "layer (timm's convention) or name that layer fc; or drop "
+                               "--set agc=... for this model") from None
     return lambda: adaptive_grad_clip_(params, cfg.agc, 1e-3)
 
 

@@ -23,6 +23,9 @@ unit, clipped to ``lambda * max(|g_o|, eps)`` (as timm's AGC does with its gains
 
 The final classifier must not be clipped: :class:`AGC` and :func:`agc_parameters` exclude it
 by module name (``exclude=("fc",)`` for every normlab model), never by position.
+:func:`classifier_names` finds that name for normlab's and timm's models (timm's
+``get_classifier()``: ``fc``, ``head.fc``, ``classifier``, ``head``, ...) and for an
+``nn.Sequential`` that ends in a Linear layer.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["unitwise_norm", "adaptive_grad_clip_", "agc_parameters", "AGC"]
+__all__ = ["unitwise_norm", "adaptive_grad_clip_", "agc_parameters", "classifier_names",
+           "AGC"]
 
 Params = Union[Tensor, Iterable[Tensor]]
 _VECTOR_UNITS = ("tensor", "element")
@@ -115,6 +119,64 @@ def adaptive_grad_clip_(parameters: Params, clip: float = 0.01, eps: float = 1e-
 
 def _matches(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
+
+
+def _last_linear(seq: nn.Sequential) -> Optional[str]:
+    """The name, under ``seq``, of the layer it ends in when that is a Linear (through trailing
+    Sequentials, and past trailing parameter-free layers such as Dropout or Flatten)."""
+    for name, child in reversed(list(seq.named_children())):
+        if isinstance(child, nn.Linear):
+            return name
+        if isinstance(child, nn.Sequential):
+            sub = _last_linear(child)
+            return None if sub is None else f"{name}.{sub}"
+        if any(True for _ in child.parameters()):
+            return None
+    return None
+
+
+def classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """The module names of ``model``'s final classifier, for ``exclude`` of
+    :func:`agc_parameters` and :class:`AGC`:
+
+    * what ``model.get_classifier()`` returns, timm's convention (``fc``, ``head.fc``,
+      ``classifier``, ``head``; a tuple of layers, as distilled DeiT's head and head_dist, gives
+      each); a model of your own may define it too;
+    * else a module named ``fc`` (every normlab model's classifier);
+    * else, for an ``nn.Sequential``, the Linear layer it ends in.
+
+    A ValueError, listing the model's top-level names, when none of these gives a layer with
+    parameters (e.g. a timm model built with ``num_classes=0``: no classifier).
+
+    >>> classifier_names(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+    ...                                      torch.nn.Linear(8, 2)))
+    ('2',)
+    """
+    where = {id(m): n for n, m in model.named_modules()}
+    tops = sorted({n.split(".")[0] for n, _ in model.named_parameters()})
+    what = type(model).__name__
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        found = get()
+        layers = tuple(found) if isinstance(found, (tuple, list)) else (found,)
+        names = tuple(where.get(id(m)) for m in layers)
+        if any(n is None for n in names):
+            raise ValueError(f"{what}.get_classifier() returned a module that is not one of "
+                             f"the model's: {layers!r}")
+        if not all(any(True for _ in model.get_submodule(n).parameters()) for n in names):
+            raise ValueError(f"{what}.get_classifier() returned {names} with no parameters "
+                             f"(a model without a classifier, e.g. num_classes=0)")
+        return names
+    if isinstance(getattr(model, "fc", None), nn.Module) and any(
+            True for _ in model.fc.parameters()):
+        return ("fc",)
+    if isinstance(model, nn.Sequential):
+        name = _last_linear(model)
+        if name is not None:
+            return (name,)
+    raise ValueError(f"cannot tell the classifier of {what}: it has no get_classifier() "
+                     f"method (timm's convention), no module named 'fc', and is not an "
+                     f"nn.Sequential ending in a Linear layer; its top-level names are {tops}")
 
 
 def agc_parameters(model: nn.Module, exclude: Sequence[str] = ("fc",)) -> list[nn.Parameter]:
