@@ -90,6 +90,22 @@ def test_summary_opens_the_report_and_names_winner_gap_confidence_and_paper(tmp_
     assert "without `num_groups` uses 32 groups" in text
 
 
+def test_the_costs_leave_out_the_flagged_runs_as_the_error_tables_do(tmp_path):
+    # GN's seed 2 did not learn (test error near chance: flagged, left out of the error table);
+    # the costs averaged it in all the same (img/s 500, 550, 600 -> 550 instead of 525), and a
+    # point whose every run was flagged showed numbers its error cell does not
+    text = _fill(tmp_path, {("BN", 32): [5.0, 5.2], ("GN", 32): [8.0, 8.3, 85.0],
+                            ("GN", 2): [86.0, 87.0], ("BN", 2): [6.0, 6.5]},
+                 {"BN": (1000.0, 120.0), "GN": (500.0, 150.0)})
+    assert "(n=2; 1 unconverged left out)" in text  # the error table's cell
+    gn = _row(text, "| GN | ")
+    cells = gn.split(" | ")
+    assert cells[1] == "525 img/s (0.50x), 150 MiB; 1 unconverged left out", gn
+    assert cells[2] == "2 unconverged (left out)", gn
+    assert "3 flagged runs (diverged or unconverged) are left out" in text
+    assert _row(text, "| BN | ").split(" | ")[1] == "1050 img/s, 120 MiB"
+
+
 def test_summary_says_what_was_not_recorded(tmp_path):
     # a store written before peak memory and backends were recorded
     text = _fill(tmp_path, {("BN", 32): [5.0], ("GN", 32): [6.0]},

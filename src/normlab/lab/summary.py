@@ -18,7 +18,8 @@ after each added seed). A series whose every run at that batch size was flagged 
 unconverged) has no mean to rank: the row names it and its flags.
 
 Cost, measured in the same runs: training images per second (the run's training images over its
-training time, mean over seeds), peak memory in MiB (:mod:`normlab.lab.memory`: on CUDA the
+training time, mean over the seeds that count: flagged runs are left out, as in the error
+tables, and counted in the cell), peak memory in MiB (:mod:`normlab.lab.memory`: on CUDA the
 allocator's peak, on the CPU the tensor bytes of a training step) and, where recorded, the
 normalization backend that ran (on CUDA: triton or native). A value the store did not record is
 shown as "-".
@@ -31,7 +32,7 @@ from typing import Any, Callable, Optional
 
 from normlab.factory import DEFAULT_NUM_GROUPS
 from normlab.lab.analysis import (Level, flags_text, half_width_text, interval, point_stats,
-                                  prob_lower, setup_level)
+                                  prob_lower, run_flag, setup_level)
 from normlab.lab.markdown import md_cell
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, Study
@@ -182,24 +183,33 @@ def _mean(values: list[Optional[float]]) -> Optional[float]:
 
 
 def _costs(study: Study, runs: list[dict]) -> list[str]:
-    """Per series and batch: images/s (and the ratio to the study's first series), peak MiB."""
+    """Per series and batch: images/s (and the ratio to the study's first series), peak MiB,
+    over the runs that count: a flagged run (:func:`normlab.lab.analysis.run_flag`: diverged,
+    unconverged) is left out as in the error tables, its cell says so (``; 1 unconverged left
+    out``, ``2 unconverged (left out)`` when none counts) and a note counts them."""
     done = [r for r in runs if r["status"] == "done"]
     if not done:
         return []
+    flag = {id(r): run_flag(r) for r in done}
+    counted = [r for r in done if not flag[id(r)]]
     order = list(study.variants)
     labels = sorted({r["label"] for r in done},
                     key=lambda lab: order.index(lab) if lab in order else len(order))
     xs = sorted({r["x"] for r in done}, reverse=True)
     cell: dict[tuple, tuple] = {}
+    left_out: dict[tuple, str] = {}
     for lab in labels:
         for x in xs:
-            rs = [r for r in done if r["label"] == lab and r["x"] == x]
+            rs = [r for r in counted if r["label"] == lab and r["x"] == x]
             cell[(lab, x)] = (_mean([r.get("images_per_s") for r in rs]),
                               _mean([r.get("peak_memory_mb") for r in rs]))
+            left_out[(lab, x)] = flags_text([{"flag": flag[id(r)]} for r in done
+                                             if r["label"] == lab and r["x"] == x
+                                             and flag[id(r)]])
     ref = labels[0]
-    devices = sorted({str(r["device"]) for r in done if r.get("device")}) or ["-"]
-    backends = {lab: sorted({r["backend"] for r in done if r["label"] == lab and r.get("backend")})
-                for lab in labels}
+    devices = sorted({str(r["device"]) for r in counted if r.get("device")}) or ["-"]
+    backends = {lab: sorted({r["backend"] for r in counted
+                             if r["label"] == lab and r.get("backend")}) for lab in labels}
     lines = [f"What each cost in these runs (training images/s, ratio to {md_cell(ref)} at the "
              "same batch, "
              f"peak memory; device: {md_cell(', '.join(devices))}):", "",
@@ -209,18 +219,27 @@ def _costs(study: Study, runs: list[dict]) -> list[str]:
         cells = []
         for x in xs:
             ips, mem = cell[(lab, x)]
+            flagged = left_out[(lab, x)]
+            if flagged and not any(r["label"] == lab and r["x"] == x for r in counted):
+                cells.append(f"{flagged} (left out)")
+                continue
             base = cell[(ref, x)][0]
             text = "-" if ips is None else f"{ips:.0f} img/s"
             if ips is not None and lab != ref and base:
                 text += f" ({ips / base:.2f}x)"
             text += f", {mem:.0f} MiB" if mem is not None else ", - MiB"
-            cells.append(text)
+            cells.append(text + (f"; {flagged} left out" if flagged else ""))
         lines.append(f"| {md_cell(lab)} | " + " | ".join(cells)
                      + f" | {md_cell(', '.join(backends[lab]) or '-')} |")
     notes = []
-    if all(m is None for _, m in cell.values()):
+    n_flagged = len(done) - len(counted)
+    if n_flagged:
+        notes.append(f"{n_flagged} flagged run{'s' if n_flagged > 1 else ''} (diverged or "
+                     f"unconverged) {'are' if n_flagged > 1 else 'is'} left out, as in the "
+                     "error tables")
+    if counted and all(m is None for _, m in cell.values()):
         notes.append("peak memory was not recorded by the runs in this store")
-    if not any(backends.values()):
+    if counted and not any(backends.values()):
         notes.append("the backend was not recorded")
     if notes:
         lines += ["", "(" + "; ".join(notes) + ".)"]
