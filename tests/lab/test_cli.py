@@ -77,15 +77,15 @@ def test_quick_synthetic_in_process(tmp_path):
     assert f"report: {out / 'report.md'} and {out / 'report.html'}\n" in r.output, r.output
 
 
-def _stored_study(out, study, user, preset="quick", error=lambda p: 5.0):
+def _stored_study(out, study, user, preset="quick", error=lambda p: 5.0, info=None):
     """Register ``study``'s points (``user`` choices) in OUT's store as finished runs, untrained,
-    each with the test error ``error(point)``."""
+    each with the test error ``error(point)``; ``info(study)``: the setup's info."""
     from normlab.lab.store import Store
     from normlab.lab.studies import get_study
     points = get_study(study).points(user, preset)
     with Store(out) as s:
         s.register(study, preset, [(p.cfg.run_id(), p.label, p.x) for p in points],
-                   setup=points[0].setup)
+                   setup=points[0].setup, info=info(get_study(study)) if info else None)
         for p in points:
             s.claim(p.cfg.run_id(), p.cfg.to_dict())
             s.record_epochs(p.cfg.run_id(), [{"epoch": 0, "test_error": error(p)}], {})
@@ -109,6 +109,24 @@ def test_ls_names_each_runs_point_as_the_report_does(tmp_path):
     for p in first:
         row = next(line for line in r.output.splitlines() if p.cfg.run_id() in line)
         assert f"batch-size@{p.x} (earlier setup, not in the report)" in row, row
+
+
+def test_ls_shows_the_batch_per_device_the_report_names_its_points_by(tmp_path):
+    # with 8 emulated devices the run of batch-size@2 stores the SGD batch, 16: `ls` showed 16
+    # (and 256 at @32) in its batch column where the report and the study vary 2 (and 32)
+    protocol = lambda st: {"protocol": st.protocol(st.devices({}))}  # as `reproduce` stores it
+    per_device = _stored_study(tmp_path, "batch-size", {"epochs": 1}, info=protocol)
+    fixed_sgd = _stored_study(tmp_path, "stats-batch", {"epochs": 1}, info=protocol)
+    one = _stored_study(tmp_path, "norms", {"epochs": 1}, info=protocol)  # one device
+    r = runner.invoke(app, ["ls", str(tmp_path)], terminal_width=300)
+    assert r.exit_code == 0 and "batch/dev" in r.output, r.output
+    cell = lambda p: next(line for line in r.output.splitlines()
+                          if p.cfg.run_id() in line).split("│")[6].strip()
+    assert {(p.label, p.x): cell(p) for p in per_device} == {
+        (lab, x): f"{x}x8 emulated" for lab in ("BN", "GN") for x in (32, 2)}
+    # stats-batch: 32 images per device (SGD batch 8 x 32), BN's statistics batch is its x
+    assert {cell(p) for p in fixed_sgd} == {"32x8 emulated"}
+    assert {cell(p) for p in one} == {"32"}
 
 
 def test_ls_says_which_runs_the_report_leaves_out(tmp_path):

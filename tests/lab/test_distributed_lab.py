@@ -73,7 +73,7 @@ def test_reproduce_batch_size_quick_on_two_processes(tmp_path):
     assert "SyncBN beats per-process BN at 2 images per process" in md
     assert (out / "figures" / "batch-size_error.png").is_file()
     r = runner.invoke(cli_mod.app, ["ls", str(out)])
-    assert r.exit_code == 0 and "2x2" in r.output and "batch/proc" in r.output
+    assert r.exit_code == 0 and "2x2" in r.output and "batch/dev" in r.output
 
 
 def _train_args(out, *extra):

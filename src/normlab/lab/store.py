@@ -367,10 +367,14 @@ class Store:
     @_names_damage
     def memberships(self) -> list[dict[str, Any]]:
         """Every (study, preset, setup) a run was registered in, as dicts with ``study``,
-        ``preset``, ``setup``, ``run_id``, ``label``, ``x`` and ``current``: whether it is in what
+        ``preset``, ``setup``, ``run_id``, ``label``, ``x``, ``current``: whether it is in what
         :meth:`study_runs` reads for the study (its latest preset and, in it, the setup
         registered last), i.e. in the report's table; a run of an earlier setup or preset is
-        kept in the store but not shown there."""
+        kept in the store but not shown there; and ``protocol``: that setup's stored protocol
+        (:meth:`setup_info`; ``{}`` where none was stored)."""
+        protocols = {(r[0], r[1], r[2]): stored_setup_info(self.path, r[0], r[3]).get(
+            "protocol", {}) for r in self.con.execute(
+                "SELECT study, preset, setup, info FROM setups")}
         latest = {}
         for study, preset in self.studies():  # most recently registered last: its preset wins
             row = self.con.execute("SELECT setup FROM study_runs WHERE study=? AND preset=? "
@@ -379,7 +383,8 @@ class Store:
         return [{"study": m["study"], "preset": m["preset"], "setup": m["setup"],
                  "run_id": m["run_id"], "label": m["label"],
                  "x": member_x(self.path, m["study"], m["run_id"], m["x"]),
-                 "current": latest.get(m["study"]) == (m["preset"], m["setup"])}
+                 "current": latest.get(m["study"]) == (m["preset"], m["setup"]),
+                 "protocol": protocols.get((m["study"], m["preset"], m["setup"]), {})}
                 for m in self.con.execute("SELECT study, preset, run_id, label, x, setup FROM "
                                           "study_runs ORDER BY registered, study, run_id")]
 

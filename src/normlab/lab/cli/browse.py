@@ -25,7 +25,7 @@ from normlab.models.timm_models import timm_status
 
 __all__ = ["report", "ls_"]
 
-_COLUMNS = ("run_id", "study@x", "label", "model", "norm", "batch/proc", "seed", "status",
+_COLUMNS = ("run_id", "study@x", "label", "model", "norm", "batch/dev", "seed", "status",
             "epochs", "test err %", "time s", "img/s")
 
 
@@ -98,10 +98,12 @@ def _print_runs(out: Path) -> None:
         for s, _ in store.studies():  # read (and check) what the report reads of each study
             store.study_runs(s)
         member: dict = {}
+        emulated: dict[str, set] = {}  # run_id -> the devices its setups emulated
         for m in store.memberships():
             points, _ = member.setdefault(m["run_id"], ({}, m["label"]))
             key = f"{m['study']}@{_fmt_x(m['x'])}"  # the run's point, as the report names it
             points[key] = points.get(key, False) or m["current"]
+            emulated.setdefault(m["run_id"], set()).add(_emulated_devices(m["protocol"]))
         for r in store.runs():
             c = r["config"]
             points, label = member.get(r["run_id"], ({}, c.get("label", "")))
@@ -117,7 +119,8 @@ def _print_runs(out: Path) -> None:
                       else f"failed: {r['error']}" if r["status"] == "failed" and r.get("error")
                       else r["status"])
             cells = (r["run_id"], ", ".join(st), label, c.get("model", "?"),
-                     c.get("norm", "?"), _batch_cell(c), c.get("seed", "?"), status,
+                     c.get("norm", "?"), _batch_cell(c, emulated.get(r["run_id"], set())),
+                     c.get("seed", "?"), status,
                      f"{r['epochs_done']}/{r['epochs']}",
                      ("-" if err is None else f"{err:.2f}") + precise_bn_note(c),
                      "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}",
@@ -132,7 +135,24 @@ def _fmt_x(x) -> str:
     return f"{x:g}" if isinstance(x, (int, float)) else str(x)
 
 
-def _batch_cell(c: dict) -> str:
-    """``N`` for a one-process run, ``NxW`` for N images per process on W processes."""
+def _emulated_devices(protocol: dict) -> int:
+    """The devices a setup's protocol emulated on one process (1: none; real processes are
+    the run's ``world_size``)."""
+    k = protocol.get("devices")
+    if "processes" in protocol or isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        return 1
+    return k
+
+
+def _batch_cell(c: dict, emulated: set) -> str:
+    """Images per device, as the report's points count them: ``N`` for a one-process run,
+    ``NxW`` for N images per process on W processes, ``NxK emulated`` for K devices emulated
+    on one process (its setups' protocol: an SGD batch of K x N, BN statistics per N), whose
+    stored ``batch_size`` is the SGD batch K x N."""
     w = int(c.get("world_size", 1))
-    return str(c.get("batch_size", "?")) + (f"x{w}" if w > 1 else "")
+    batch = c.get("batch_size", "?")
+    if w == 1 and len(emulated) == 1:
+        k = next(iter(emulated))
+        if k > 1 and isinstance(batch, int) and batch % k == 0:
+            return f"{batch // k}x{k} emulated"
+    return str(batch) + (f"x{w}" if w > 1 else "")
