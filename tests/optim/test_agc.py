@@ -256,7 +256,11 @@ def test_classifier_of_timm_models_is_timms_and_clips_as_timms_agc(name, head):
     for p, q in zip(m.parameters(), twin.parameters()):
         p.grad = torch.randn_like(p) * p.detach().abs().mean().clamp_min(1e-3) * 10
         q.grad = p.grad.clone()
-    adaptive_grad_clip_(agc_parameters(m, classifier_names(m)), 0.01, 1e-3)
+    # the defaults (exclude=None) find the same classifier: the wrapper and the parameter list
+    opt = AGC(torch.optim.SGD(m.parameters(), lr=0.1), m)
+    assert opt.exclude == (head,)
+    assert [id(p) for p in opt.clipped] == [id(p) for p in agc_parameters(m)]
+    adaptive_grad_clip_(agc_parameters(m), 0.01, 1e-3)
     # timm's train.py leaves the last 2 parameters (the head's weight and bias) unclipped
     adaptive_clip_grad(model_parameters(twin, exclude_head=True), 0.01, 1e-3)
     for (n, p), q in zip(m.named_parameters(), twin.parameters()):

@@ -22,10 +22,10 @@ the whole tensor; here it has the shape (out, 1, 1, 1) and each output channel's
 unit, clipped to ``lambda * max(|g_o|, eps)`` (as timm's AGC does with its gains of that shape).
 
 The final classifier must not be clipped: :class:`AGC` and :func:`agc_parameters` exclude it
-by module name (``exclude=("fc",)`` for every normlab model), never by position.
-:func:`classifier_names` finds that name for normlab's and timm's models (timm's
-``get_classifier()``: ``fc``, ``head.fc``, ``classifier``, ``head``, ...) and for an
-``nn.Sequential`` that ends in a Linear layer.
+by module name, never by position. By default (``exclude=None``) the names are
+:func:`classifier_names`'s, which finds the classifier of normlab's models (``fc``), timm's
+(``get_classifier()``: ``fc``, ``head.fc``, ``classifier``, ``head``, ...) and an
+``nn.Sequential`` that ends in a Linear layer; ``exclude=()`` clips every parameter.
 """
 
 from __future__ import annotations
@@ -179,14 +179,18 @@ def classifier_names(model: nn.Module) -> tuple[str, ...]:
                      f"nn.Sequential ending in a Linear layer; its top-level names are {tops}")
 
 
-def agc_parameters(model: nn.Module, exclude: Sequence[str] = ("fc",)) -> list[nn.Parameter]:
+def agc_parameters(model: nn.Module,
+                   exclude: Optional[Sequence[str]] = None) -> list[nn.Parameter]:
     """The parameters of ``model`` that AGC should clip: all but those of the modules (or
     parameters) named in ``exclude`` (a name matches itself and everything under it:
-    ``"fc"`` matches ``fc.weight`` and ``fc.bias``, not ``fc2.weight``).
+    ``"fc"`` matches ``fc.weight`` and ``fc.bias``, not ``fc2.weight``); ``None``: the
+    classifier, :func:`classifier_names` (a ValueError where it cannot tell it).
 
     Each entry of ``exclude`` must match at least one parameter (ValueError otherwise, listing
     the model's top-level names), so a renamed classifier cannot silently get clipped.
     """
+    if exclude is None:
+        exclude = classifier_names(model)
     if isinstance(exclude, str):
         exclude = (exclude,)
     named = list(model.named_parameters())
@@ -206,7 +210,7 @@ class AGC:
     """Wrap any optimizer so that each ``step()`` first clips, unit-wise, the gradients of the
     parameters the optimizer updates (its ``param_groups`` at that step, so groups added later
     with ``add_param_group`` are clipped too), except those of ``model``'s modules named in
-    ``exclude`` (the classifier). Parameters of ``model`` that the optimizer does not hold are
+    ``exclude`` (default: the classifier, :func:`classifier_names`). Parameters of ``model`` that the optimizer does not hold are
     left alone (another optimizer may own them).
 
     Everything else (``zero_grad``, ``param_groups``, ``state_dict``, schedulers via
@@ -224,7 +228,7 @@ class AGC:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, clip: float = 0.01,
-                 eps: float = 1e-3, exclude: Sequence[str] = ("fc",),
+                 eps: float = 1e-3, exclude: Optional[Sequence[str]] = None,
                  vector_unit: str = "tensor") -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
@@ -237,6 +241,8 @@ class AGC:
         if vector_unit not in _VECTOR_UNITS:
             raise ValueError(f"vector_unit must be one of {_VECTOR_UNITS}, got {vector_unit!r}")
         self.vector_unit = vector_unit
+        if exclude is None:
+            exclude = classifier_names(model)
         kept = {id(p) for p in agc_parameters(model, exclude)}
         # the excluded tensors themselves (not their ids, which a freed tensor's successor reuses)
         self._excluded = [p for p in model.parameters() if id(p) not in kept]
