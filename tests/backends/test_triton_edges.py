@@ -124,3 +124,52 @@ def test_given_statistics_that_require_grad_get_their_gradients():
     for ours, ref in zip((x, mean, var, w, b), leaves):
         assert ours.grad is not None
         assert rel_err(ours.grad.cpu(), ref.grad) < 1e-5
+
+
+# (3, 6, 4, 5): 3 samples to map over, 6 channels in 3 groups, odd spatial size;
+# (3, 5, 8): 3 samples of 5 tokens with 8 features (LayerNorm's rows)
+_FUNC_MODULES = {
+    "groupnorm": (lambda: normlab.nn.GroupNorm(3, 6), (3, 6, 4, 5)),
+    "batchnorm_eval": (lambda: normlab.nn.BatchNorm2d(6).eval(), (3, 6, 4, 5)),
+    "layernorm": (lambda: normlab.nn.LayerNorm(8), (3, 5, 8)),
+}
+_FUNC_TRANSFORMS = {
+    # per-sample outputs: x is a BatchedTensor
+    "vmap": lambda m, x, t: torch.func.vmap(lambda xi: m(xi.unsqueeze(0)).squeeze(0))(x),
+    # forward-mode AD of the input
+    "jvp": lambda m, x, t: torch.func.jvp(m, (x,), (t,))[1],
+    # gradient of the parameters only: x stays a plain tensor, the weight is wrapped
+    "grad_params": lambda m, x, t: torch.func.grad(
+        lambda p: (torch.func.functional_call(m, p, (x,)) * t).sum())(dict(m.named_parameters())),
+}
+
+
+@pytest.mark.parametrize("transform", list(_FUNC_TRANSFORMS))
+@pytest.mark.parametrize("name", list(_FUNC_MODULES))
+def test_torch_func_transforms_are_unsupported_not_a_functorch_error(name, transform):
+    """Under a torch.func transform the triton backend's eager autograd.Functions (no
+    setup_context) failed with functorch's RuntimeError, and since ``auto`` picks triton for
+    every CUDA call, per-sample gradients (vmap(grad)) and jvp failed for every normlab module
+    on a GPU. The backend now says it cannot run the call (auto moves on to native; named, it
+    raises BackendUnavailable naming the transforms), whichever tensor the transform wraps."""
+    make, shape = _FUNC_MODULES[name]
+    m = make().to(DEVICE)
+    with torch.no_grad():  # random affine and statistics, off the defaults
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + 1.0)
+        for b in m.buffers():
+            if b.is_floating_point():
+                b.copy_(torch.rand_like(b) + 0.5)
+    x = off_centre(*shape).to(DEVICE)
+    t = torch.randn(shape).to(DEVICE)
+    fn = _FUNC_TRANSFORMS[transform]
+    with normlab.use_backend("triton"):
+        with pytest.raises(BackendUnavailable, match="torch.func"):
+            fn(m, x, t)
+    # what auto asks before it takes triton: a reason under the transform, none outside
+    c = x.shape[1]
+    reasons = []
+    torch.func.vmap(lambda xi: reasons.append(tn.BACKEND.unsupported_reason(xi, c, False, None))
+                    or xi)(x)
+    assert reasons and reasons[0] is not None and "torch.func" in reasons[0]
+    assert tn.BACKEND.unsupported_reason(x, c, False, None) is None

@@ -1478,6 +1478,18 @@ class _EagerFixed(torch.autograd.Function):
             return _fixed_backward(ctx, dy, bwd=bwd)
 
 
+_PEEK_FUNCTORCH = torch._C._functorch.peek_interpreter_stack
+
+
+def _under_torch_func() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, ...) is active, whichever tensors it
+    wraps (grad of the parameters leaves x plain): neither the eager twins (autograd.Functions
+    without setup_context, which functorch refuses) nor the custom ops (no vmap or jvp rules)
+    run under one, so ``auto`` takes another backend and a named ``triton`` raises. Not asked
+    inside torch.compile: TorchDynamo cannot trace the question."""
+    return not torch.compiler.is_compiling() and _PEEK_FUNCTORCH() is not None
+
+
 def _eager(x: Tensor) -> bool:
     """Plain tensors outside a torch.compile trace take the eager twins."""
     return type(x) is torch.Tensor and not torch.compiler.is_compiling()
@@ -1526,6 +1538,8 @@ class TritonBackend:
             return f"{per_sample} elements per sample (at most 2**31 - 1)"
         if activation is not None and activation not in ACT_CODES:
             return f"activation {activation!r} is not supported"
+        if _under_torch_func():
+            return "torch.func transforms (vmap, grad, jvp, ...) are not supported"
         return None
 
     def normalize(
