@@ -173,3 +173,25 @@ def test_torch_func_transforms_are_unsupported_not_a_functorch_error(name, trans
                     or xi)(x)
     assert reasons and reasons[0] is not None and "torch.func" in reasons[0]
     assert tn.BACKEND.unsupported_reason(x, c, False, None) is None
+
+
+@pytest.mark.parametrize("name", list(_FUNC_MODULES))
+def test_forward_mode_ad_is_unsupported_not_a_missing_jvp(name):
+    """Forward-mode AD with torch.autograd.forward_ad (dual tensors, no torch.func transform):
+    the eager autograd.Functions have no jvp, so every normlab module on a GPU (auto picks
+    triton) failed with "You must implement the jvp function", where torch.nn's modules give
+    the tangent. Now the backend declines the call inside a dual_level (auto moves on; named,
+    BackendUnavailable), and declines nothing once the level is closed."""
+    import torch.autograd.forward_ad as fwAD
+
+    make, shape = _FUNC_MODULES[name]
+    m = make().to(DEVICE)
+    x = off_centre(*shape).to(DEVICE)
+    t = torch.randn(shape).to(DEVICE)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, t)
+        with normlab.use_backend("triton"):
+            with pytest.raises(BackendUnavailable, match="forward-mode AD"):
+                m(dual)
+        assert tn.BACKEND.unsupported_reason(x, x.shape[1], False, None) is not None
+    assert tn.BACKEND.unsupported_reason(x, x.shape[1], False, None) is None

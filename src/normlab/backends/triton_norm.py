@@ -1479,15 +1479,23 @@ class _EagerFixed(torch.autograd.Function):
 
 
 _PEEK_FUNCTORCH = torch._C._functorch.peek_interpreter_stack
+_FORWARD_AD = torch.autograd.forward_ad
 
 
-def _under_torch_func() -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp, ...) is active, whichever tensors it
-    wraps (grad of the parameters leaves x plain): neither the eager twins (autograd.Functions
-    without setup_context, which functorch refuses) nor the custom ops (no vmap or jvp rules)
-    run under one, so ``auto`` takes another backend and a named ``triton`` raises. Not asked
-    inside torch.compile: TorchDynamo cannot trace the question."""
-    return not torch.compiler.is_compiling() and _PEEK_FUNCTORCH() is not None
+def _transform_reason() -> Optional[str]:
+    """Why a call cannot run here under a torch.func transform (vmap, grad, jvp, ...; whichever
+    tensors it wraps: grad of the parameters leaves x plain) or inside a forward-mode AD
+    ``dual_level``, else None. Neither the eager twins (autograd.Functions without
+    setup_context or jvp, which functorch and forward AD refuse) nor the custom ops (no vmap or
+    jvp rules) run there, so ``auto`` takes another backend and a named ``triton`` raises. Not
+    asked inside torch.compile: TorchDynamo cannot trace the question."""
+    if torch.compiler.is_compiling():
+        return None
+    if _PEEK_FUNCTORCH() is not None:
+        return "torch.func transforms (vmap, grad, jvp, ...) are not supported"
+    if getattr(_FORWARD_AD, "_current_level", -1) >= 0:
+        return "forward-mode AD (inside torch.autograd.forward_ad.dual_level) is not supported"
+    return None
 
 
 def _eager(x: Tensor) -> bool:
@@ -1538,9 +1546,7 @@ class TritonBackend:
             return f"{per_sample} elements per sample (at most 2**31 - 1)"
         if activation is not None and activation not in ACT_CODES:
             return f"activation {activation!r} is not supported"
-        if _under_torch_func():
-            return "torch.func transforms (vmap, grad, jvp, ...) are not supported"
-        return None
+        return _transform_reason()
 
     def normalize(
         self,
