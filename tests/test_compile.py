@@ -111,3 +111,37 @@ def test_compiled_module_follows_the_backend_choice(monkeypatch):
         run(False)
     finally:
         _INSTANCES.pop("spy", None)
+
+
+def test_frn_compiles_once_for_every_spatial_size():
+    # the uncentred statistics over H*W went to ATen's fused RMS op, whose int[] width TorchDynamo
+    # specialized (it shows a SymInt to type() as an int): with dynamic shapes, one recompile per
+    # new H*W (and a strict torch.export with dynamic H, W failed). torch's GroupNorm, the
+    # centred twin, compiles once for all of them
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    m = nlnn.FilterResponseNorm2d(8)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_()
+        m.tau.normal_(0.0, 0.3)
+    # H != W everywhere (no duck-sized H == W guard), and H*W differs from shape to shape
+    xs = [off_centre(*s) for s in [(2, 8, 5, 7), (3, 8, 6, 9), (4, 8, 9, 4), (2, 8, 11, 3)]]
+
+    def graphs(module):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(module, backend="eager", dynamic=True)
+        outs = [compiled(x) for x in xs]
+        return counters["stats"]["unique_graphs"], outs
+
+    want, _ = graphs(torch.nn.GroupNorm(4, 8))
+    got, outs = graphs(m)
+    assert got == want == 1
+    w, b, tau = (p.detach().double().reshape(1, -1, 1, 1) for p in (m.weight, m.bias, m.tau))
+    for x, y in zip(xs, outs):  # the float64 formula: x / sqrt(mean_HW(x^2) + eps), TLU
+        x = x.double()
+        exact = torch.maximum(x / torch.sqrt(x.pow(2).mean(dim=(2, 3), keepdim=True) + m.eps)
+                              * w + b, tau)
+        torch.testing.assert_close(y.double(), exact, atol=1e-5, rtol=1e-5)

@@ -226,9 +226,12 @@ def _uncentered(x, num_groups, over_batch, weight, bias, eps, activation, runnin
     n, g = x.shape[0], num_groups
     width = x.shape[1] // g * math.prod(x.shape[2:])  # the elements of one statistic
     if (over_batch or _FUSED_RMS is None or running_mean is not None or running_var is not None
-            or type(width) is not int):
+            or type(width) is not int or (x.dim() > 2 and torch.compiler.is_compiling())):
         # (a symbolic width - torch.export or torch.compile with dynamic spatial sizes - would
-        # be specialized by the op's int[] normalized_shape: the export fails, compile recompiles)
+        # be specialized by the op's int[] normalized_shape: the export fails, compile recompiles.
+        # TorchDynamo shows a SymInt to type() as an int, so under torch.compile and strict
+        # export a width over spatial dims, which may be symbolic, takes the reference's ops,
+        # which Inductor fuses: FRN recompiled for every new H*W, strict export failed)
         return _REFERENCE.normalize(x, num_groups, over_batch, weight, bias, eps, activation,
                                     running_mean, running_var, momentum, center=False)
     if (g == 1 and x.dim() == 2 and bias is None and activation is None
