@@ -225,3 +225,34 @@ def test_exported_uncentred_statistics_over_the_batch_stay_uncentred():
     program = torch.export.export(Op(), (x,))
     want = x / torch.sqrt(x.pow(2).mean(dim=(0, 2, 3), keepdim=True) + 1e-5)
     torch.testing.assert_close(program.module()(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda m: m.GroupNorm(4, 8),                     # 2 channels per group
+     lambda m: m.InstanceNorm2d(8, affine=True)],     # G = C: one channel per group
+)
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("strict", [False, True])
+def test_channels_last_export_with_dynamic_sizes_runs_every_size(make, train, strict):
+    # channels_last CPU input picks its path by a size rule (native_channels_last); its
+    # comparisons on the dynamic sizes became guards of the program: exported at a small size,
+    # it refused the sizes where the rule picks another path ("Guard failed: 8 * ... < 65536";
+    # strict=True failed to export: "argument of type LazyProxy"). torch.nn's runs them all
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    theirs = make(nn).train(train)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.normal_()
+    ours = make(nlnn).train(train)
+    ours.load_state_dict(theirs.state_dict())
+    dims = {0: Dim("n", min=2), 2: Dim("h", min=2), 3: Dim("w", min=2)}
+    x = off_centre(2, 8, 6, 7).contiguous(memory_format=torch.channels_last)
+    program = torch.export.export(ours, (x,), dynamic_shapes=(dims,), strict=strict).module()
+    for shape in [(3, 8, 9, 5),      # small: ATen's kernel on shifted input, as exported
+                  (64, 8, 30, 31),   # 476k elements, 930 positions: the sums path's size
+                  (2, 8, 40, 40)]:   # 1600 positions: ATen's vectorized forward's size
+        xx = off_centre(*shape).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(program(xx), theirs(xx), atol=1e-5, rtol=1e-5)

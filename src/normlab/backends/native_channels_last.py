@@ -70,7 +70,7 @@ def group_norm_channels_last(
     """(y channels_last, mean (N, G), rstd (N, G)), differentiable in x, weight and bias: the
     sums path where uses_sums_path says so, ATen's kernel on shifted input otherwise."""
     grad = _needs_grad(x, weight, bias)
-    if not uses_sums_path(x, num_groups, grad):
+    if _exporting(x) or not uses_sums_path(x, num_groups, grad):
         return shifted_aten_group_norm(x, weight, bias, num_groups, eps, stats_dtype)
     if grad:
         return _ChannelsLastGroupNorm.apply(x, weight, bias, num_groups, eps, stats_dtype)
@@ -83,6 +83,20 @@ def sums_group_norm(x, weight, bias, num_groups: int, eps: float, stats_dtype: t
     if _needs_grad(x, weight, bias):
         return _ChannelsLastGroupNorm.apply(x, weight, bias, num_groups, eps, stats_dtype)
     return _forward(x, weight, bias, num_groups, eps, stats_dtype)[:3]
+
+
+# torch.compiler.is_exporting (torch >= 2.5), looked up once
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def _exporting(x: Tensor) -> bool:
+    """Under torch.export (or with symbolic sizes, which only an export shows as SymInts here):
+    one path, ATen's op on shifted input, without the size rule, whose comparisons on dynamic
+    sizes became guards of the exported program (a program exported with dynamic dims at a
+    small size refused a larger input: "Guard failed: 8 * ... < 65536"), and without the
+    autograd.Functions, which an export inlines (non-strict) or cannot speculate with symbolic
+    sizes (strict: "argument of type LazyProxy")."""
+    return type(x.numel()) is not int or _IS_EXPORTING()
 
 
 def _needs_grad(x, weight, bias) -> bool:
@@ -145,7 +159,7 @@ def shifted_aten_group_norm(x, weight, bias, num_groups: int, eps: float,
         weight = None if weight is None else weight.to(acc)
         bias = None if bias is None else bias.to(acc)
     xk = x.to(acc) - shift_c.view((n, c) + (1,) * (x.dim() - 2))  # channels_last, as x
-    if weight is not None and torch.is_grad_enabled() and (
+    if weight is not None and torch.is_grad_enabled() and not _exporting(x) and (
             weight.requires_grad or (bias is not None and bias.requires_grad)):
         # ATen's backward computes dx too (see _AtenGroupNormWithDx)
         y, mean, rstd = _AtenGroupNormWithDx.apply(xk, weight, bias, n, c, p, num_groups, eps)
