@@ -83,3 +83,65 @@ def test_a_bn_with_fused_activation_is_refused_by_name():
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nlnn.BatchNorm2d(6, activation="silu")).eval()
     with pytest.raises(ValueError, match="activation='silu'"):
         fuse_modules(model, [["0", "1"]])
+
+
+class _Quantizable(nn.Module):
+    """conv -> ReLU -> norm, between eager quantization's stubs: the norm not after a conv, so
+    it is not fused but swapped on its own by convert (pre-activation ResNets, U-Nets)."""
+
+    def __init__(self, norm, conv):
+        super().__init__()
+        from torch.ao.quantization import DeQuantStub, QuantStub
+        self.quant, self.conv, self.relu = QuantStub(), conv, nn.ReLU()
+        self.norm, self.dequant = norm, DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.norm(self.relu(self.conv(self.quant(x)))))
+
+
+@pytest.mark.parametrize(
+    "make,conv,shape",
+    [(lambda m: m.BatchNorm2d(6), lambda: nn.Conv2d(3, 6, 3), (4, 3, 7, 7)),
+     (lambda m: m.BatchNorm3d(6), lambda: nn.Conv3d(3, 6, 3), (2, 3, 5, 5, 5)),
+     (lambda m: m.GroupNorm(3, 6), lambda: nn.Conv2d(3, 6, 3), (4, 3, 7, 7)),  # 2 ch per group
+     (lambda m: m.InstanceNorm2d(6, affine=True), lambda: nn.Conv2d(3, 6, 3), (4, 3, 7, 7)),
+     (lambda m: m.LayerNorm([6, 5, 5]), lambda: nn.Conv2d(3, 6, 3), (4, 3, 7, 7))],  # C, H, W
+)
+def test_eager_static_quantization_swaps_an_unfused_norm_as_torchs(make, conv, shape):
+    # convert looks the float module's exact type up (nn.BatchNorm2d -> nnq.BatchNorm2d, ...):
+    # normlab's was neither observed nor swapped, and got a quint8 tensor ("TypeError: input
+    # must have a floating-point dtype ... got torch.quint8")
+    from torch.ao.quantization import convert, get_default_qconfig, prepare
+
+    torch.manual_seed(0)
+    theirs = _Quantizable(make(nn), conv())
+    with torch.no_grad():
+        for name, t in theirs.norm.state_dict().items():
+            if t.is_floating_point():  # random affine, running statistics off 0 and 1
+                t.copy_(torch.rand_like(t) + 0.5 if "var" in name or "weight" in name
+                        else torch.randn_like(t))
+    ours = _Quantizable(make(nlnn), conv())
+    ours.load_state_dict(theirs.state_dict())
+    engine = torch.backends.quantized.engine
+    x = off_centre(*shape)
+    outs = []
+    for model in (theirs, ours):
+        model.eval().qconfig = get_default_qconfig(engine)
+        prepared = prepare(model)
+        prepared(x)  # calibration
+        converted = convert(prepared)
+        outs.append((type(converted.norm), converted(x)))
+    (want_type, want), (got_type, got) = outs
+    assert got_type is want_type  # torch's quantized module itself
+    torch.testing.assert_close(got, want)
+
+
+def test_eager_static_quantization_refuses_a_norm_with_fused_activation():
+    from torch.ao.quantization import convert, get_default_qconfig, prepare
+
+    model = _Quantizable(nlnn.GroupNorm(3, 6, activation="silu"), nn.Conv2d(3, 6, 3)).eval()
+    model.qconfig = get_default_qconfig(torch.backends.quantized.engine)
+    prepared = prepare(model)
+    prepared(off_centre(2, 3, 7, 7))
+    with pytest.raises(ValueError, match="activation='silu'"):
+        convert(prepared)

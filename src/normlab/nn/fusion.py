@@ -17,6 +17,13 @@ accept torch's BN class only). A BN with a fused ``activation`` is refused (fold
 conv would drop the activation). ``fuse_conv_bn_eval`` cannot be reached that way: given a BN
 with a fused ``activation`` it folds the affine and drops the activation with no error, so fold
 such a BN with :func:`normlab.fold_batchnorm`, which keeps it.
+
+``torch.ao.quantization.convert`` (eager-mode static quantization) swaps modules by the same
+kind of exact-type table (``nn.BatchNorm2d -> nnq.BatchNorm2d``, GroupNorm, InstanceNorm,
+LayerNorm), and ``prepare`` observes only the types in it: a normlab norm left unfused was
+neither observed nor swapped, and the converted model fed it a quantized tensor (TypeError).
+Importing normlab also adds its subclasses of those torch classes to that table; ``convert``
+gives torch's quantized module for them (one with a fused ``activation`` is refused by name).
 """
 
 from __future__ import annotations
@@ -24,12 +31,15 @@ from __future__ import annotations
 from typing import Callable
 
 from torch import nn
-from torch.ao.quantization import fuser_method_mappings
+from torch.ao.quantization import fuser_method_mappings, quantization_mappings
 
 from normlab.nn._common import adopt_state
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.nn.groupnorm import GroupNorm
+from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normlab.nn.layernorm import LayerNorm
 
-__all__ = ["as_torch_batchnorm", "register_fusers"]
+__all__ = ["as_torch_batchnorm", "register_fusers", "register_quantized"]
 
 _TORCH_OF = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, BatchNorm3d: nn.BatchNorm3d}
 
@@ -72,4 +82,42 @@ def register_fusers() -> None:
             table[ours] = _on_torch_bn(fuser)
 
 
+# normlab's subclasses of the torch.nn norms that eager static quantization swaps
+_SUBCLASSES = (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
+               InstanceNorm3d, LayerNorm)
+
+
+def _check_no_activation(module: nn.Module) -> None:
+    if getattr(module, "activation", None) is not None:
+        raise ValueError(
+            f"cannot quantize {type(module).__name__} with activation={module.activation!r}: "
+            "torch's quantized module would drop the activation; quantize a norm without one"
+        )
+
+
+def _from_normlab(qcls: type) -> type:
+    """``qcls`` (torch's quantized module) whose ``from_float`` also takes normlab's module:
+    refuses a fused activation, then builds ``qcls`` itself, as for torch's float module."""
+
+    class FromNormlab(qcls):
+        @classmethod
+        def from_float(cls, mod, use_precomputed_fake_quant=False):
+            _check_no_activation(mod)
+            return qcls.from_float(mod, use_precomputed_fake_quant=use_precomputed_fake_quant)
+
+    FromNormlab.__name__ = FromNormlab.__qualname__ = f"Normlab{qcls.__name__}"
+    return FromNormlab
+
+
+def register_quantized() -> None:
+    """Add normlab's norms to torch.ao.quantization's static-quantization table next to the
+    torch.nn class each subclasses (idempotent; torch's own entries are untouched)."""
+    table = quantization_mappings.DEFAULT_STATIC_QUANT_MODULE_MAPPINGS
+    for ours in _SUBCLASSES:
+        theirs = next((t for t in ours.__mro__[1:] if t in table), None)
+        if theirs is not None and ours not in table:
+            table[ours] = _from_normlab(table[theirs])
+
+
 register_fusers()
+register_quantized()
