@@ -837,21 +837,41 @@ def test_eager_calls_skip_the_custom_op_dispatch_with_identical_results(monkeypa
 
 
 @pytest.mark.parametrize("fixed", [False, True])
-def test_double_backward_raises_instead_of_dropping_terms(fixed):
-    """The backward kernels have no derivative. A gradient penalty (create_graph=True) must
-    fail loudly: the eager twins returned dx detached from the graph, so the penalty's
-    second-order part silently vanished (here d/dw of |dx|^2 + sum(w) came out as ones)."""
-    x = off_centre(2, 4, 3, 3).to(DEVICE).requires_grad_()
-    w = (torch.rand(4) + 0.5).to(DEVICE).requires_grad_()
-    mean, var = torch.randn(4).to(DEVICE), (torch.rand(4) + 0.5).to(DEVICE)
+@pytest.mark.parametrize("wants_x", [True, False])
+def test_double_backward_is_the_formulas(fixed, wants_x):
+    """A gradient penalty (create_graph=True) differentiates the backward: the eager twins take
+    the reference formula's recorded gradients there, since the backward kernels have no
+    derivative (it raised "no autograd formula"; before that the second-order part silently
+    vanished: d/dw of |dx|^2 + sum(w) came out as ones). Checked against torch.nn's functional
+    norms in float64, for the penalty on dx and dw (wants_x) and on dw alone (x frozen)."""
+    x0 = off_centre(2, 4, 3, 3)  # (2, 4, 3, 3): 2 groups of 2 channels, off-centre
+    w0, b0 = torch.rand(4) + 0.5, torch.randn(4)  # random affine
+    mean, var = torch.randn(4), torch.rand(4) + 0.5
+    dy0 = torch.randn(2, 4, 3, 3)
+
+    def penalty_grads(f, dtype, device):
+        x = x0.to(device, dtype).requires_grad_(wants_x)
+        w = w0.to(device, dtype).requires_grad_()
+        b = b0.to(device, dtype).requires_grad_()
+        y = f(x, w, b)
+        inputs = [x, w] if wants_x else [w]
+        first = torch.autograd.grad((y * dy0.to(device, dtype)).sum(), inputs, create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        return [g.cpu().double() for g in torch.autograd.grad(penalty, [w, b] + inputs[:1])]
+
     if fixed:
-        y = BACKEND.normalize_fixed(x, mean, var, w, None, 1e-5, "silu")
+        ours = penalty_grads(lambda x, w, b: BACKEND.normalize_fixed(
+            x, mean.to(DEVICE), var.to(DEVICE), w, b, 1e-5, "silu"), torch.float32, DEVICE)
+        ref = penalty_grads(lambda x, w, b: torch.nn.functional.silu(
+            torch.nn.functional.batch_norm(x, mean.double(), var.double(), w, b, False, 0.0,
+                                           1e-5)), torch.float64, "cpu")
     else:
-        y = BACKEND.normalize(x, 2, False, w, None, 1e-5, "silu")[0]
-    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    penalty = gx.square().sum() + w.sum()
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        torch.autograd.grad(penalty, w)
+        ours = penalty_grads(lambda x, w, b: BACKEND.normalize(x, 2, False, w, b, 1e-5, "silu")[0],
+                             torch.float32, DEVICE)
+        ref = penalty_grads(lambda x, w, b: torch.nn.functional.silu(  # torch.nn, float64
+            torch.nn.functional.group_norm(x, 2, w, b, 1e-5)), torch.float64, "cpu")
+    for a, r in zip(ours, ref):
+        assert rel_err(a, r) < 1e-4
 
 
 @pytest.mark.parametrize("cl", [False, True])

@@ -1432,11 +1432,25 @@ triton_norm_fixed.register_autograd(_fixed_backward, setup_context=_fixed_setup_
 # tensors therefore go through these autograd.Functions, which run the ops' own bodies with
 # the same saved tensors and backward formulas; under torch.compile, and for tensor subclasses
 # (fake tensors of export or make_fx), the custom ops are used: tracing needs their fake
-# implementations. The backward kernels have no derivative: the backward custom ops have no
-# autograd formula, so torch raises when a double backward (a gradient penalty) reaches them;
-# the twins call those ops when the backward itself is recorded (create_graph=True), where a
-# plain launch would return gradients detached from the graph and the second-order terms
-# would silently vanish.
+# implementations. The backward kernels have no derivative (the backward custom ops have no
+# autograd formula, so torch raises when a double backward reaches them under torch.compile);
+# when the backward itself is recorded (create_graph=True: a gradient penalty) the twins take
+# the gradients of the reference formula instead, whose backward is differentiable (a plain
+# launch would return gradients detached from the graph: the second-order terms would
+# silently vanish).
+
+
+def _recorded_grads(forward, dy: Tensor, inputs: tuple) -> tuple:
+    """The gradients of ``forward()`` (the reference backend's formula for what a kernel
+    computed) for the tensors of ``inputs`` that require grad (None for the others), with the
+    backward recorded: under ``create_graph=True`` (a gradient penalty) the twins' backward is
+    itself differentiated, which the backward kernels are not. Slower than the kernels; only
+    then."""
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(forward(), wanted, dy, create_graph=True,
+                                         allow_unused=True)) if wanted else iter(())
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
 
 class _EagerNorm(torch.autograd.Function):
@@ -1454,13 +1468,20 @@ class _EagerNorm(torch.autograd.Function):
             stats = out[1]
             update_running_stats(running[0], running[1], stats[0], stats[2], *running[2:])
         _fwd_setup_context(ctx, inputs, out)
+        ctx.eps = inputs[5]
         return out
 
     @staticmethod
     def backward(ctx, dy, dstats):
-        bwd = triton_norm_bwd if torch.is_grad_enabled() else _norm_bwd  # create_graph: op
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            x, weight, bias, _ = ctx.saved_tensors
+            num_groups, over_batch, activation, center = ctx.cfg
+            return _recorded_grads(
+                lambda: _REFERENCE.normalize(x, num_groups, over_batch, weight, bias, ctx.eps,
+                                             activation, center=center)[0],
+                dy, (x, weight, bias)) + (None,) * 6
         with _direct_launches():
-            return _fwd_backward(ctx, dy, dstats, bwd=bwd) + (None,)
+            return _fwd_backward(ctx, dy, dstats, bwd=_norm_bwd) + (None,)
 
 
 class _EagerFixed(torch.autograd.Function):
@@ -1473,9 +1494,15 @@ class _EagerFixed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        bwd = triton_norm_fixed_bwd if torch.is_grad_enabled() else _norm_fixed_bwd
+        if torch.is_grad_enabled():  # create_graph=True (see _recorded_grads)
+            x, mean, var, weight, bias = ctx.saved_tensors
+            eps, activation = ctx.cfg
+            dx, dw, db = _recorded_grads(
+                lambda: _REFERENCE.normalize_fixed(x, mean, var, weight, bias, eps, activation),
+                dy, (x, weight, bias))
+            return dx, None, None, dw, db, None, None
         with _direct_launches():
-            return _fixed_backward(ctx, dy, bwd=bwd)
+            return _fixed_backward(ctx, dy, bwd=_norm_fixed_bwd)
 
 
 _PEEK_FUNCTORCH = torch._C._functorch.peek_interpreter_stack

@@ -24,7 +24,9 @@ ScaledStdConv2d        conv weight, scaled (NF-ResNets)         nn/std_conv.py
 =====================  ======================================  ================================
 
 ``torch.ao.quantization.fuse_modules`` and ``torch.nn.utils.fusion.fuse_conv_bn_eval`` take
-normlab's BatchNorm1d/2d/3d as torch's (see :mod:`normlab.nn.fusion`).
+normlab's BatchNorm1d/2d/3d as torch's, and eager static quantization (``prepare`` /
+``convert``) swaps its BatchNorm2d/3d, GroupNorm, InstanceNorm and LayerNorm as torch's (see
+:mod:`normlab.nn.fusion`).
 
 TorchScript: unlike torch.nn's, these modules cannot be compiled by ``torch.jit.script`` (forward
 picks a Python backend at call time); scripting a model that holds one raises a TypeError naming
