@@ -837,8 +837,8 @@ def test_eager_calls_skip_the_custom_op_dispatch_with_identical_results(monkeypa
 
 
 @pytest.mark.parametrize("fixed", [False, True])
-@pytest.mark.parametrize("wants_x", [True, False])
-def test_double_backward_is_the_formulas(fixed, wants_x):
+@pytest.mark.parametrize("wants_x, act", [(True, "silu"), (False, "silu"), (True, None)])
+def test_double_backward_is_the_formulas(fixed, wants_x, act):
     """A gradient penalty (create_graph=True) differentiates the backward: the eager twins take
     the reference formula's recorded gradients there, since the backward kernels have no
     derivative (it raised "no autograd formula"; before that the second-order part silently
@@ -857,21 +857,58 @@ def test_double_backward_is_the_formulas(fixed, wants_x):
         inputs = [x, w] if wants_x else [w]
         first = torch.autograd.grad((y * dy0.to(device, dtype)).sum(), inputs, create_graph=True)
         penalty = sum(g.square().sum() for g in first)
-        return [g.cpu().double() for g in torch.autograd.grad(penalty, [w, b] + inputs[:1])]
+        wrt = [w, b] + inputs[:1]  # without an activation dx does not depend on b
+        second = torch.autograd.grad(penalty, wrt, allow_unused=True)
+        return [(torch.zeros_like(t) if g is None else g).cpu().double()
+                for g, t in zip(second, wrt)]
 
     if fixed:
         ours = penalty_grads(lambda x, w, b: BACKEND.normalize_fixed(
-            x, mean.to(DEVICE), var.to(DEVICE), w, b, 1e-5, "silu"), torch.float32, DEVICE)
-        ref = penalty_grads(lambda x, w, b: torch.nn.functional.silu(
-            torch.nn.functional.batch_norm(x, mean.double(), var.double(), w, b, False, 0.0,
-                                           1e-5)), torch.float64, "cpu")
+            x, mean.to(DEVICE), var.to(DEVICE), w, b, 1e-5, act), torch.float32, DEVICE)
+        ref = penalty_grads(lambda x, w, b: _act64(act, torch.nn.functional.batch_norm(
+            x, mean.double(), var.double(), w, b, False, 0.0, 1e-5)), torch.float64, "cpu")
     else:
-        ours = penalty_grads(lambda x, w, b: BACKEND.normalize(x, 2, False, w, b, 1e-5, "silu")[0],
+        ours = penalty_grads(lambda x, w, b: BACKEND.normalize(x, 2, False, w, b, 1e-5, act)[0],
                              torch.float32, DEVICE)
-        ref = penalty_grads(lambda x, w, b: torch.nn.functional.silu(  # torch.nn, float64
-            torch.nn.functional.group_norm(x, 2, w, b, 1e-5)), torch.float64, "cpu")
+        ref = penalty_grads(lambda x, w, b: _act64(  # torch.nn, float64
+            act, torch.nn.functional.group_norm(x, 2, w, b, 1e-5)), torch.float64, "cpu")
     for a, r in zip(ours, ref):
         assert rel_err(a, r) < 1e-4
+
+
+def _act64(act, z):
+    return z if act is None else getattr(torch.nn.functional, act)(z)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_batched_grads_are_the_formulas(fixed):
+    """torch.autograd.grad(..., is_grads_batched=True) (as jacobian(vectorize=True) uses) batches
+    dy, which the backward kernels cannot read ("Cannot access storage of BatchedTensorImpl"):
+    the twins take the reference formula's gradients there. Against torch.nn in float64."""
+    x0 = off_centre(2, 4, 3, 3)  # (2, 4, 3, 3): 2 groups of 2 channels, off-centre
+    w0, b0 = torch.rand(4) + 0.5, torch.randn(4)  # random affine
+    mean, var = torch.randn(4), torch.rand(4) + 0.5
+    dys = torch.randn(5, 2, 4, 3, 3)  # 5 cotangents at once
+
+    def batched_grads(f, dtype, device):
+        x, w, b = (t.to(device, dtype).requires_grad_() for t in (x0, w0, b0))
+        got = torch.autograd.grad(f(x, w, b), [x, w, b], dys.to(device, dtype),
+                                  is_grads_batched=True)
+        assert not any(g.requires_grad for g in got)  # no graph kept: create_graph was off
+        return [g.cpu().double() for g in got]
+
+    if fixed:
+        ours = batched_grads(lambda x, w, b: BACKEND.normalize_fixed(
+            x, mean.to(DEVICE), var.to(DEVICE), w, b, 1e-5, None), torch.float32, DEVICE)
+        ref = batched_grads(lambda x, w, b: torch.nn.functional.batch_norm(
+            x, mean.double(), var.double(), w, b, False, 0.0, 1e-5), torch.float64, "cpu")
+    else:
+        ours = batched_grads(lambda x, w, b: BACKEND.normalize(x, 2, False, w, b, 1e-5, None)[0],
+                             torch.float32, DEVICE)
+        ref = batched_grads(lambda x, w, b: torch.nn.functional.group_norm(x, 2, w, b, 1e-5),
+                            torch.float64, "cpu")
+    for a, r in zip(ours, ref):
+        assert a.shape == r.shape and rel_err(a, r) < 1e-5
 
 
 @pytest.mark.parametrize("cl", [False, True])

@@ -1440,15 +1440,28 @@ triton_norm_fixed.register_autograd(_fixed_backward, setup_context=_fixed_setup_
 # silently vanish).
 
 
+def _act(code: str) -> Optional[str]:
+    """The ops' activation argument ("none" for none) as the backends take it."""
+    return None if code == "none" else code
+
+
+def _batched(dy: Tensor) -> bool:
+    """Whether the backward runs under ``torch.autograd.grad(..., is_grads_batched=True)`` (its
+    vmap batches dy), where the kernels cannot read the batched tensor."""
+    return torch._C._functorch.is_legacy_batchedtensor(dy)
+
+
 def _recorded_grads(forward, dy: Tensor, inputs: tuple) -> tuple:
     """The gradients of ``forward()`` (the reference backend's formula for what a kernel
-    computed) for the tensors of ``inputs`` that require grad (None for the others), with the
-    backward recorded: under ``create_graph=True`` (a gradient penalty) the twins' backward is
-    itself differentiated, which the backward kernels are not. Slower than the kernels; only
-    then."""
+    computed) for the tensors of ``inputs`` that require grad (None for the others): the twins'
+    backward where the kernels cannot serve. Under ``create_graph=True`` (a gradient penalty)
+    the backward is itself differentiated, which the backward kernels are not: it is recorded
+    here. Under ``torch.autograd.grad(..., is_grads_batched=True)`` dy is a batched tensor the
+    kernels cannot read. Slower than the kernels; only then."""
     wanted = [t for t in inputs if t is not None and t.requires_grad]
+    record = torch.is_grad_enabled()
     with torch.enable_grad():
-        grads = iter(torch.autograd.grad(forward(), wanted, dy, create_graph=True,
+        grads = iter(torch.autograd.grad(forward(), wanted, dy, create_graph=record,
                                          allow_unused=True)) if wanted else iter(())
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
@@ -1473,12 +1486,12 @@ class _EagerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dstats):
-        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+        if torch.is_grad_enabled() or _batched(dy):  # see _recorded_grads
             x, weight, bias, _ = ctx.saved_tensors
             num_groups, over_batch, activation, center = ctx.cfg
             return _recorded_grads(
                 lambda: _REFERENCE.normalize(x, num_groups, over_batch, weight, bias, ctx.eps,
-                                             activation, center=center)[0],
+                                             _act(activation), center=center)[0],
                 dy, (x, weight, bias)) + (None,) * 6
         with _direct_launches():
             return _fwd_backward(ctx, dy, dstats, bwd=_norm_bwd) + (None,)
@@ -1494,11 +1507,12 @@ class _EagerFixed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.is_grad_enabled():  # create_graph=True (see _recorded_grads)
+        if torch.is_grad_enabled() or _batched(dy):  # see _recorded_grads
             x, mean, var, weight, bias = ctx.saved_tensors
             eps, activation = ctx.cfg
             dx, dw, db = _recorded_grads(
-                lambda: _REFERENCE.normalize_fixed(x, mean, var, weight, bias, eps, activation),
+                lambda: _REFERENCE.normalize_fixed(x, mean, var, weight, bias, eps,
+                                                   _act(activation)),
                 dy, (x, weight, bias))
             return dx, None, None, dw, db, None, None
         with _direct_launches():
