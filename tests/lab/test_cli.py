@@ -475,6 +475,18 @@ def test_ls_lists_what_its_flags_ask_for(flags, shown, hidden):
     assert all(s in r.output for s in shown) and not any(h in r.output for h in hidden), r.output
 
 
+def test_version_names_normlab_and_torch():
+    # what a bug report needs first: `normlab --version` printed "No such option"
+    import importlib.metadata
+
+    import torch
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0, r.output
+    assert f"normlab {importlib.metadata.version('normlab')}" in r.output
+    assert f"torch {torch.__version__}" in r.output and "python " in r.output
+
+
 @pytest.mark.parametrize("cmd", ["reproduce", "train", "report", "ls", "spp"])
 def test_help(cmd):
     r = runner.invoke(app, [cmd, "--help"])
@@ -486,7 +498,7 @@ def test_each_command_is_summed_up_in_one_line_of_the_main_help():
     # `spp` had two-line summaries broken mid-sentence in `normlab --help`
     r = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
     rows = [line for line in r.output.splitlines()
-            if line.startswith("│ ") and "--help" not in line]
+            if line.startswith("│ ") and "--help" not in line and "--version" not in line]
     cmds = [row.split()[1] for row in rows]
     assert cmds == ["reproduce", "train", "report", "ls", "spp"], r.output
     assert all(row.rstrip(" │").endswith(".") for row in rows), r.output

@@ -46,6 +46,7 @@ from normlab.lab.cli.browse import ls_, report
 from normlab.lab.cli.guard import print_error
 from normlab.lab.cli.spp import parse_model_spec, spp
 from normlab.lab.cli.study import reproduce, train
+from normlab.lab.recipe import versions
 
 __all__ = ["app", "main", "parse_model_spec"]
 
@@ -58,6 +59,21 @@ def _help(command: Callable) -> str:
     terminal's width (rich keeps a docstring's line breaks inside a paragraph)."""
     paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
     return "\n\n".join(" ".join(p.split("\n")) for p in paragraphs)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        v = versions()
+        print(" ".join(f"{k} {v[k]}" for k in ("normlab", "torch", "triton", "timm", "python")
+                       if k in v))
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version,
+        help="Print the versions of normlab, torch, triton, timm and Python, and exit.")) -> None:
+    """normlab lab: reproduce the normalization papers' studies."""
 
 
 for _name, _command in (("reproduce", reproduce), ("train", train), ("report", report),
