@@ -366,3 +366,28 @@ def test_cifar_of_the_other_kind_is_named(tmp_path):
     with pytest.raises(DataError, match=r"cifar100: .* is missing train, test; it holds "
                                         r"cifar10 \(--data cifar10\)"):
         load_dataset("cifar100", str(tmp_path))
+
+
+def test_imagefolder_16_bit_images_are_scaled_not_clipped(tmp_path):
+    """Pillow opens a 16-bit grayscale PNG/TIFF as mode I;16 and its convert("RGB") clips at
+    255: every pixel above 255 of 65535 became white, so a 16-bit image (scans, microscopy)
+    came out all but black and white. It is scaled from 0..65535 now, like an 8-bit image."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    ramp16 = (np.arange(36).reshape(6, 6) * 1800).astype(np.uint16)  # 0..63000 of 65535
+    ramp8 = np.round(ramp16 / 257).astype(np.uint8)                  # the same image in 8 bits
+    Image.fromarray(ramp16).save(root / "val" / "a" / "ramp16.png")  # opens as I;16
+    Image.fromarray(ramp16).save(root / "val" / "b" / "ramp16.tif")  # TIFF: I;16 as well
+    Image.fromarray(ramp8).save(root / "val" / "b" / "ramp8.png")    # mode L, the reference
+    d = load_dataset("imagefolder", str(root), image_size=6)
+    # the 16-bit images equal the 8-bit one (they were 0 or 255 only: the two equal each other
+    # and not it); the two random RGB images equal none
+    x = d.x_test.flatten(1)
+    same = (torch.cdist(x, x) < 1e-4).sum(1) - 1  # how many other images each one equals
+    assert sorted(same.tolist()) == [0, 0, 2, 2, 2]
+    # float images have no range to scale from: refused, naming the file (were clipped too)
+    Image.fromarray(np.ones((6, 6), np.float32)).save(root / "train" / "a" / "f.tif")
+    with pytest.raises(DataError, match=r"cannot read image .*f\.tif.*mode F"):
+        load_dataset("imagefolder", str(root), image_size=5)

@@ -21,7 +21,8 @@ Datasets (nothing is ever downloaded):
   unpickler that accepts numpy arrays, lists, bytes and numbers only and refuses a file naming
   anything else (a planted pickle cannot run code through it).
 * ``imagefolder``: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or ``test``), any format
-  Pillow reads, resized to ``image_size`` (default 32); classes numbered in sorted folder-name
+  Pillow reads (converted to 8-bit RGB; 16-bit grayscale scaled from 0..65535, float pixels
+  refused), resized to ``image_size`` (default 32); classes numbered in sorted folder-name
   order, each split in a fixed random order (so a ``train_limit`` keeps every class).
 
 Every dataset is standardized per channel with the training set's mean and std.

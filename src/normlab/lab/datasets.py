@@ -183,6 +183,22 @@ def synthetic(n_train: int = 2000, n_test: int = 500, image_size: int = 16, chan
 _IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
+def _rgb8(im: Any) -> Any:
+    """``im`` (a Pillow image) as 8-bit RGB. Integer grayscale wider than 8 bits (``I;16*``, and
+    ``I``, how Pillow opens 16-bit PNGs and TIFFs) is scaled from 0..65535: Pillow's
+    ``convert("RGB")`` clips it at 255, which made a 16-bit image all but black and white."""
+    from PIL import Image
+
+    if im.mode.startswith("I"):
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"{im.mode} pixels in {a.min()}..{a.max()}, outside 0..65535")
+        im = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif im.mode == "F":  # no fixed range to scale from
+        raise ValueError("32-bit float pixels (mode F): save the images as 8- or 16-bit")
+    return im.convert("RGB")
+
+
 def imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSplit:
     hint = "expected DIR/train/<class>/<images> and DIR/val/<class>/<images> (or DIR/test/...)"
     if unknown:
@@ -220,7 +236,7 @@ def imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSpl
                     continue
                 try:
                     with Image.open(p) as im:
-                        im = im.convert("RGB").resize((image_size, image_size))
+                        im = _rgb8(im).resize((image_size, image_size))
                         xs.append(np.asarray(im, dtype=np.uint8))
                 except Exception as e:  # noqa: BLE001 - OSError, and Pillow's others: a
                     # DecompressionBombError, a SyntaxError or ValueError from a malformed file
