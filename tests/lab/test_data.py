@@ -342,6 +342,9 @@ def test_mnist5k_smaller_images_are_average_pooled():
 @pytest.mark.parametrize("kwargs,needle", [
     ({"image_size": 16}, "image_size must be 28, 14 or 7.*got 16"),  # not a divisor of 28
     ({"size": 14}, "unknown data_kwargs size"),                      # a misspelt key
+    # a float (`--set data_kwargs.image_size=14.0`, a TOML 14.0) passed `in (28, 14, 7)` and
+    # was a TypeError from avg_pool2d naming neither the key nor the value
+    ({"image_size": 14.0}, r"image_size must be 28, 14 or 7.*got 14\.0"),
 ])
 def test_mnist5k_bad_kwargs(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):

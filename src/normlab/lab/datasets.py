@@ -93,7 +93,8 @@ def mnist5k(image_size: int = 28, **unknown: Any) -> DataSplit:
     if unknown:
         raise ConfigError(f"mnist5k: unknown data_kwargs {', '.join(sorted(unknown))}",
                           hint="known: image_size (28, 14 or 7)")
-    if isinstance(image_size, bool) or image_size not in (28, 14, 7):
+    if isinstance(image_size, bool) or not isinstance(image_size, int) \
+            or image_size not in (28, 14, 7):
         raise ConfigError(f"mnist5k: image_size must be 28, 14 or 7 (average pooling by 1, 2 or "
                           f"4), got {image_size!r}")
     path = mnist5k_path()
