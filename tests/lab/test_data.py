@@ -394,3 +394,41 @@ def test_imagefolder_16_bit_images_are_scaled_not_clipped(tmp_path):
     Image.fromarray(np.ones((6, 6), np.float32)).save(root / "train" / "a" / "f.tif")
     with pytest.raises(DataError, match=r"cannot read image .*f\.tif.*mode F"):
         load_dataset("imagefolder", str(root), image_size=5)
+
+
+_PEAK_SCRIPT = """
+import sys
+from normlab.lab.data import load_dataset
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+load_dataset("digits")  # the imports and first allocations out of the measurement
+rss = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from the current size
+d = load_dataset("imagefolder", sys.argv[1], image_size=192)
+data = (d.x_train.numel() + d.x_test.numel()) * 4
+print((status("VmHWM:") - rss) / data)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's peak-RSS reset")
+def test_imagefolder_reading_peaks_near_the_documented_memory(tmp_path):
+    """docs/recipes.md sizes a run by the float32 dataset (ImageNet at 32 px: 16.4 GB a process,
+    plus the uint8 copy while reading), but reading peaked at about 3x that: the permutation
+    copied each split (x[perm]) and standardizing made two more copies ((x - mean) / std) while
+    the first was still held. Tiny PNGs upscaled to 192 px make a 64 MB float dataset here."""
+    import subprocess
+    import sys
+
+    import normlab
+
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 70, "b": 70}, "val": {"a": 10, "b": 10}})
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(normlab.__file__)),
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(root)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ratio = float(out.stdout.split()[-1])
+    assert ratio < 1.6, f"reading peaked at {ratio:.2f}x the dataset's float32 size"
