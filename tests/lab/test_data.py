@@ -432,3 +432,18 @@ def test_imagefolder_reading_peaks_near_the_documented_memory(tmp_path):
     assert out.returncode == 0, out.stderr
     ratio = float(out.stdout.split()[-1])
     assert ratio < 1.6, f"reading peaked at {ratio:.2f}x the dataset's float32 size"
+
+
+def test_imagefolder_skips_hidden_files_and_folders(tmp_path):
+    """A folder copied from a Mac holds ._<name> resource forks next to each image (named .jpg,
+    not images: 'cannot read image') and Jupyter leaves .ipynb_checkpoints folders (in train/ a
+    class without images, in val/ 'a class train/ lacks'): every such run failed to start
+    until the user found and deleted them. Hidden entries are skipped, as `ls` does."""
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    (root / "train" / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02Mac OS X")
+    (root / "train" / "b" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "val" / ".ipynb_checkpoints").mkdir()
+    d = load_dataset("imagefolder", str(root), image_size=6)
+    assert d.info["classes"] == ["a", "b"] and len(d.y_train) == 4 and len(d.y_test) == 2

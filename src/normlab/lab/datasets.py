@@ -218,12 +218,14 @@ def imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSpl
     if not train_dir.is_dir() or test_dir is None:
         raise DataError(f"imagefolder: {str(data_dir)!r} lacks a train/ and a val/ (or test/) folder",
                         hint=hint)
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    # hidden entries are skipped: macOS's ._<name> resource forks and .DS_Store, Jupyter's
+    # .ipynb_checkpoints (a hidden folder was a class, a ._x.jpg an unreadable image)
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and p.name[0] != ".")
     if len(classes) < 2:
         raise DataError(f"imagefolder: {str(train_dir)!r} has {len(classes)} class folder(s), need >= 2",
                         hint=hint)
     unknown_cls = sorted(p.name for p in test_dir.iterdir()
-                         if p.is_dir() and p.name not in classes)
+                         if p.is_dir() and p.name[0] != "." and p.name not in classes)
     if unknown_cls:  # their images would be left out without a word
         raise DataError(f"imagefolder: {str(test_dir)!r} has class folder(s) "
                         f"{', '.join(unknown_cls)} that {str(train_dir)!r} lacks", hint=hint)
@@ -235,7 +237,7 @@ def imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSpl
         for k, cls in enumerate(classes):
             n_before = len(ys)
             for p in sorted((root / cls).glob("*")) if (root / cls).is_dir() else []:
-                if p.suffix.lower() not in _IMG_EXT:
+                if p.suffix.lower() not in _IMG_EXT or p.name[0] == ".":
                     continue
                 try:
                     with Image.open(p) as im:
