@@ -447,3 +447,19 @@ def test_imagefolder_skips_hidden_files_and_folders(tmp_path):
     (root / "val" / ".ipynb_checkpoints").mkdir()
     d = load_dataset("imagefolder", str(root), image_size=6)
     assert d.info["classes"] == ["a", "b"] and len(d.y_train) == 4 and len(d.y_test) == 2
+
+
+def test_imagefolder_reads_netpbm_gray_and_bitmap_files(tmp_path):
+    """.ppm was read but its grayscale and bitmap siblings .pgm/.pbm (the ORL/AT&T faces ship
+    as .pgm; torchvision's ImageFolder reads .pgm) were skipped as non-images: a class of them
+    was 'holds no image files', and mixed with other files they were left out without a word."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 2, "b": 0}, "val": {"a": 1, "b": 1}})
+    rng = np.random.default_rng(3)
+    for i, (mode, ext) in enumerate([("L", "pgm"), ("1", "pbm"), ("L", "pnm")]):
+        Image.fromarray(rng.integers(0, 255, (6, 6), dtype=np.uint8)).convert(mode).save(
+            root / "train" / "b" / f"{i}.{ext}")
+    d = load_dataset("imagefolder", str(root), image_size=6)
+    assert d.y_train.tolist().count(1) == 3

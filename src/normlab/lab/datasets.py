@@ -183,7 +183,8 @@ def synthetic(n_train: int = 2000, n_test: int = 500, image_size: int = 16, chan
 
 
 
-_IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+_IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+            ".pbm", ".pnm"}
 
 
 def _rgb8(im: Any) -> Any:
