@@ -114,6 +114,17 @@ def test_preflight_checks_the_process_count_the_runs_will_train_on():
     preflight([cfg.replace(norm="gn")], world=1)  # GN keeps the global batch on any count
 
 
+def test_an_evonorm_b0_run_keeps_its_process_count():
+    # EvoNorm-B0 divides by a batch variance taken over each process's images, as BN does: a
+    # run defined for 2 processes x 8 images resumed on 1 process of 16 would normalize over
+    # 16 images, another run under the same id (it went through as GN does)
+    cfg = RunConfig(**{**TINY, "norm": "evonorm_b0", "batch_size": 8, "world_size": 2})
+    with pytest.raises(ConfigError, match="normalizes over each process's batch"):
+        preflight([cfg], world=1)
+    preflight([cfg], world=2)
+    preflight([cfg.replace(norm="evonorm_s0")], world=1)  # S0: per-sample group statistics
+
+
 def test_reproduce_with_a_world_size_it_cannot_train_is_refused_up_front(tmp_path):
     from typer.testing import CliRunner
 

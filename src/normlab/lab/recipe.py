@@ -31,6 +31,7 @@ from normlab.lab.config import ConfigError, RunConfig, check_model_norm, fits_in
 from normlab.lab.data import DataSplit, TensorLoader, load_dataset
 from normlab.models import is_normalizer_free
 from normlab.nn import ScaledStdConv2d, WSConv2d
+from normlab.nn.evonorm import EvoNorm2dB0
 from normlab.nn.syncbn import SyncBatchNorm
 from normlab.optim import adaptive_grad_clip_, agc_parameters, classifier_names
 
@@ -155,10 +156,11 @@ def build_loaders(cfg: RunConfig, data: DataSplit, device: torch.device, rank: i
 
 def per_process_stat_modules(model: nn.Module) -> list[str]:
     """Names of the modules whose training output depends on how the batch is split over
-    processes: BatchNorm and Batch Renorm with per-process statistics (normlab's SyncBatchNorm,
-    GN, LN, IN and frozen BN do not)."""
+    processes: BatchNorm, Batch Renorm and EvoNorm-B0 (its batch variance) with per-process
+    statistics (normlab's SyncBatchNorm, GN, LN, IN, FRN, EvoNorm-S0 and frozen BN do not)."""
     return [name or "<root>" for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, SyncBatchNorm)]
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, EvoNorm2dB0))
+            and not isinstance(m, SyncBatchNorm)]
 
 
 def per_process_batch(cfg: RunConfig, world: int, model: Optional[nn.Module] = None) -> int:
