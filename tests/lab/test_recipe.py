@@ -22,6 +22,12 @@ def test_lr_schedules():
     assert lr_at(c, 0.5) == pytest.approx(0.1 * 0.501)
     assert lr_at(c, 1) == pytest.approx(0.1) and lr_at(c, 5.5) == pytest.approx(0.05)
     assert lr_at(c, 10) == pytest.approx(0.0, abs=1e-12)
+    # a warmup shorter than the 1e-3 epoch offset (or the last of over 1000 steps per warmup
+    # epoch) started above the peak: 0.0005 warmup epochs gave 2x the peak at the first step
+    c = RunConfig(batch_size=32, epochs=10, warmup_epochs=0.0005)
+    assert lr_at(c, 0) == pytest.approx(0.1)
+    c = RunConfig(batch_size=32, epochs=10, warmup_epochs=1)
+    assert lr_at(c, 1 - 1 / 5004) <= 0.1  # ImageNet at batch 256: 5004 steps per epoch
 
 
 def test_weight_standardize_swaps_every_conv():

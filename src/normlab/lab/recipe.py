@@ -195,11 +195,12 @@ def per_process_batch(cfg: RunConfig, world: int, model: Optional[nn.Module] = N
 
 def lr_at(cfg: RunConfig, t: float) -> float:
     """Learning rate at ``t`` epochs into training (fractional): linear warmup over
-    ``warmup_epochs``, then cosine to 0, step (x0.1 at each milestone fraction) or constant."""
+    ``warmup_epochs`` (from ``peak * 1e-3 / warmup_epochs``, never above the peak), then cosine
+    to 0, step (x0.1 at each milestone fraction) or constant."""
     peak = cfg.effective_lr()
     w = cfg.warmup_epochs
     if t < w:
-        return peak * (t + 1e-3) / w
+        return peak * min(1.0, (t + 1e-3) / w)
     if cfg.schedule == "cosine":
         return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (t - w) / (cfg.epochs - w))))
     if cfg.schedule == "step":
