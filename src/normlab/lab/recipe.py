@@ -76,8 +76,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-
-
 def weight_standardize_(model: nn.Module) -> nn.Module:
     """Replace every plain ``nn.Conv2d`` in ``model`` by a :class:`normlab.nn.WSConv2d` with the
     same weights (GN+WS, Qiao et al. 2019). Collects the targets first, then swaps them. Another
