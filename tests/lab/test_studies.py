@@ -115,6 +115,16 @@ def test_the_per_device_protocol_emulates_k_devices():
     assert get_study("batch-size").protocol(4)["sgd_batch"] == "4 x N"
 
 
+@pytest.mark.parametrize("key, value", [("virtual_batch", 4), ("interleaved", False)])
+def test_a_users_ghost_batch_setting_is_refused_not_replaced(key, value):
+    # `--set norm_kwargs.virtual_batch=4` on BN under 8 emulated devices trained statistics per
+    # 32 images at x=32 (the emulation's own value replaced the user's) under the label BN
+    with pytest.raises(ConfigError, match=rf"norm_kwargs.{key}={value!r}: 8 emulated devices "
+                                          r"set BN's statistics batch themselves \(32 images"):
+        get_study("batch-size").points({"norm_kwargs": {key: value}}, "quick", 1, devices=8,
+                                       variants=["BN"])
+
+
 def test_the_stats_batch_study_holds_the_sgd_batch():
     st = get_study("stats-batch")
     pts = st.points({}, "default", 1)

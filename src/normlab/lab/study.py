@@ -281,6 +281,14 @@ def emulate_devices(cfg: RunConfig, devices: int, stats_batch: Optional[int] = N
     changes: dict[str, Any] = {"batch_size": total, "lr": paper_lr(cfg)}
     norm = canonical_name(cfg.norm)
     if norm in ("bn", "ghostbn") and stats < total:
+        given = {k: cfg.norm_kwargs[k] for k in ("virtual_batch", "interleaved")
+                 if k in cfg.norm_kwargs}
+        if given:  # replaced below: the run would train another statistics batch than asked
+            shown = ", ".join(f"norm_kwargs.{k}={v!r}" for k, v in given.items())
+            raise ConfigError(f"{shown}: {devices} emulated devices set BN's statistics batch "
+                              f"themselves ({stats} images, slices interleaved)",
+                              hint="drop it; the stats-batch study varies BN's statistics "
+                                   "batch, and --devices 1 trains one batch as given")
         changes["norm"] = "ghostbn"
         changes["norm_kwargs"] = {**cfg.norm_kwargs, "virtual_batch": stats, "interleaved": True}
     elif norm in _NO_GHOST_FORM and stats < total:
