@@ -235,9 +235,13 @@ def _build(module: nn.Module, to: NormSpec, kwargs: dict[str, Any], name: str = 
     if fused is not _NOTHING and ("activation" in kwargs or not _takes_activation(to, kwargs)):
         fused = _NOTHING
     new = _build_norm(module, to, kwargs, name, fused)
+    # a norm-act target (timm's GroupNormAct, BatchNormAct2d) runs its own drop and act
+    runs_its_own = all(isinstance(new._modules.get(k), nn.Module) for k in ("drop", "act"))
+    if act is None and runs_its_own:
+        # a plain BatchNorm applied no activation: nor does its replacement (timm's default
+        # act, ReLU, would otherwise follow every norm, a ResNet's last one before the add too)
+        new.drop, new.act = nn.Identity(), nn.Identity()
     if act is not None and fused is _NOTHING:
-        # a norm-act target (timm's GroupNormAct, BatchNormAct2d) runs its own drop and act
-        runs_its_own = all(isinstance(new._modules.get(k), nn.Module) for k in ("drop", "act"))
         new.drop, new.act = drop, act  # the same names as timm's: state_dict keys stay
         if not runs_its_own:  # (there: in its place, not a second time after it)
             new.register_forward_hook(_drop_then_act)
