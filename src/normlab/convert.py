@@ -396,6 +396,22 @@ def _warn_user_hooks(replaced: list, what: str) -> None:
     warn_dropped_hooks([r for r in replaced if not _only_carried_hooks(r[1])], what)
 
 
+def refuse_ddp(model: nn.Module, match: Any, what: str) -> None:
+    """A ValueError, before anything changes, where a module the conversion would replace lies
+    inside a DistributedDataParallel: DDP registered the parameters and buffers when it was
+    built, so it would go on reducing and broadcasting the old norm's (the next forward or
+    backward fails: an unused parameter, an internal assert in its buffer broadcast)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.parallel.DistributedDataParallel) and any(
+                match(x) for x in m.module.modules()):
+            raise ValueError(
+                f"{what}: {name or 'the model'!r} is a DistributedDataParallel, which registered "
+                "its parameters and buffers when it was built, and would not see the new norms'; "
+                f"convert the module before wrapping it ({what}(model.module, ...), then wrap "
+                "that in a new DistributedDataParallel)"
+            )
+
+
 def _already(module: nn.Module, target: str, target_cls: Optional[type]) -> bool:
     """Whether ``module`` is already what a conversion to ``target`` would build (left alone, with
     its own settings: a BatchRenorm1d's r_max/d_max survive a conversion to "brn")."""
@@ -446,11 +462,12 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
     target_cls: Optional[type] = get_norm_class(to) if isinstance(to, str) and target != "bn" else None
     summary = ConversionSummary(str(target))
     split, split_names = split_batchnorms(model)
-    model, replaced = replace_modules(
-        model,
-        lambda m: _is_source(m) and not _already(m, target, target_cls) and id(m) not in split,
-        lambda m, name: _build(m, to, kwargs, name),
-    )
+
+    def match(m: nn.Module) -> bool:
+        return _is_source(m) and not _already(m, target, target_cls) and id(m) not in split
+
+    refuse_ddp(model, match, "convert_norm")
+    model, replaced = replace_modules(model, match, lambda m, name: _build(m, to, kwargs, name))
     _warn_user_hooks(replaced, "convert_norm")
     warn_split_left(split_names, "convert_norm")
     summary.replaced = [Replacement(name, type(old).__name__, repr(new), _num_features(old))

@@ -43,7 +43,7 @@ from typing import Any, Optional
 from torch import nn
 
 from normlab import nn as nlnn
-from normlab.convert import ConversionSummary, Replacement, _warn_user_hooks
+from normlab.convert import ConversionSummary, Replacement, _warn_user_hooks, refuse_ddp
 from normlab.factory import canonical_name
 from normlab.nn._common import replace_modules
 
@@ -204,6 +204,7 @@ def convert_layer_norm(model: nn.Module, to: Any) -> nn.Module:
 
     left = [(name, _left_reason(m)) for name, m in model.named_modules()
             if is_layer_norm_family(m) and layer_norm_kind(m) is None]
+    refuse_ddp(model, replaced_here, "convert_layer_norm")
     model, replaced = replace_modules(model, replaced_here, lambda m, name: _build(m, target))
     _slow_path_for_torch_encoder_layers(model)
     _warn_user_hooks(replaced, "convert_layer_norm")
