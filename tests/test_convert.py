@@ -505,3 +505,24 @@ def test_convert_layer_norm_refuses_a_ddp_wrapped_model(one_process_group):
         convert_layer_norm(DDP(model), "rms")
     assert type(model[1]) is nn.LayerNorm
 
+
+def test_a_parametrized_batchnorm_is_named_in_a_warning():
+    # a parametrization on a BatchNorm's weight (here: kept positive) was dropped without a
+    # word: the replacement holds the weight's current value as a plain Parameter, no longer
+    # constrained, and the parametrization's original Parameter leaves the model
+    from torch.nn.utils import parametrize
+
+    class Positive(nn.Module):
+        def forward(self, w):
+            return w.abs() + 0.1
+
+    torch.manual_seed(6)
+    bn = _trained_bn(nn.BatchNorm2d, 6)
+    parametrize.register_parametrization(bn, "weight", Positive())
+    with pytest.warns(UserWarning, match=r"parametrizations of '0' \(ParametrizedBatchNorm2d: "
+                                         r"weight\) are not carried over"):
+        model = convert_norm(nn.Sequential(bn), "gn", num_groups=3)
+    x = off_centre(2, 6, 4, 4)
+    with torch.no_grad():  # the value it holds: the parametrized weight, against torch's GN
+        torch.testing.assert_close(
+            model(x), nn.functional.group_norm(x, 3, bn.weight, bn.bias, bn.eps))

@@ -36,6 +36,7 @@ import warnings
 from typing import Any, Optional, Tuple
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from normlab.factory import NORMS, NormSpec, canonical_name, create_norm, get_norm_class
 from normlab import functional as NLF
@@ -394,6 +395,14 @@ def _warn_user_hooks(replaced: list, what: str) -> None:
     """The dropped-hooks warning for the replaced modules with hooks of the user's (not for
     those :func:`_only_carried_hooks` accepts)."""
     warn_dropped_hooks([r for r in replaced if not _only_carried_hooks(r[1])], what)
+    for name, old, _ in replaced:  # torch.nn.utils.parametrize: the replacement holds values
+        if parametrize.is_parametrized(old):
+            warnings.warn(
+                f"{what}: the parametrizations of {name or 'the model'!r} "
+                f"({type(old).__name__}: {', '.join(old.parametrizations)}) are not carried "
+                "over: its replacement holds their current values as plain tensors (and the "
+                "parametrization's original parameters leave the model); register them on the "
+                "new module", stacklevel=3)
 
 
 def refuse_ddp(model: nn.Module, match: Any, what: str) -> None:
