@@ -13,8 +13,9 @@ FrozenBatchNorm2d is replaced too) and normlab BatchNorms with a fused
 ``activation`` stay whole: a ReLU, SiLU or exact GELU after no dropout is fused into the new
 norm (``activation=``) where it takes one; any other activation or a dropout stays as the same
 ``drop`` / ``act`` submodules, run after the new norm by a forward hook (or, for a norm-act
-target such as timm's GroupNormAct, in place of its own). The state_dict keys of those layers
-stay as they were.
+target such as timm's GroupNormAct, in place of its own; the replacement of a plain BatchNorm
+by such a target gets an Identity act and drop). The state_dict keys of those layers stay as
+they were.
 
 timm's ``SplitBatchNorm2d`` (what ``timm.layers.convert_splitbn_model`` makes of each BatchNorm for
 AugMix / AdvProp split-BN training: a BatchNorm2d that, in training, normalizes the first part of
@@ -451,7 +452,10 @@ def convert_norm(model: nn.Module, to: NormSpec, **kwargs: Any) -> nn.Module:
     (FrozenBatchNorm2d's buffers, a dtype change) the values are copied. Hooks registered on a
     replaced BatchNorm are not carried over (as with torch's ``convert_sync_batchnorm``: the new
     module is another kind of norm), and a warning names each such module; register them on
-    the new module.
+    the new module. So are parametrizations (``torch.nn.utils.parametrize``): the new module
+    holds their current values, and a warning names them. A model whose BatchNorms lie inside
+    a DistributedDataParallel is refused (ValueError, nothing changed): convert it before
+    wrapping it.
 
     Returns:
         The model, with ``model.normlab_conversion`` summarising the replacements.
