@@ -11,16 +11,17 @@ store and listed in the point's ``excluded``) when it
   (``100 * (1 - 1/num_classes)``; e.g. >= 81% for 10 classes).
 
 Statistics of a point (series, x) over its kept seeds: mean m, sample sd s, n, and the standard
-error ``se = max(s, SD_FLOOR) / sqrt(n)`` (n >= 2) or ``SD_ONE_SEED`` (n = 1: one seed says
-nothing about the spread, a deliberately large one is assumed). ``bar`` is ``m ± s`` clipped to
+error ``se = max(s, SD_FLOOR) / sqrt(n)`` (n >= 2) or ``SD_ONE_SEED``, infinite (n = 1: one
+seed says nothing about the spread, so no difference with such a point is decisive: an
+assumed spread was once used there, and on data with errors of 10-50% it called one-seed
+gaps of a few points decisive). ``bar`` is ``m ± s`` clipped to
 [0, 100] (an error rate has no negative values). For two points, ``d = m_b - m_a``,
 ``se_d = sqrt(se_a^2 + se_b^2)`` and the half-width ``h = t se_d``; a verdict is decisive when
 ``d ± h`` settles it. ``t`` is Student's t quantile at the one-sided tail of ``Z`` = 2 normal
 standard errors (2.28%), with Welch-Satterthwaite degrees of freedom from the two points'
 (floored) sds and seeds: 4.5 at 2 seeds per point, 2.9 at 3, 2.4 at 5, 2.0 with many (equal
 sds). A normal ``Z se_d`` at 2-3 seeds called 5-9% of equal pairs decisive where 2.3% was meant;
-with t, 0.2-2.6% (simulated: 4000 pairs of equal true means per cell, 2-8 seeds, sd 0.5-2). With
-a one-seed point (its spread assumed, no degrees of freedom) t is ``Z``.
+with t, 0.2-2.6% (simulated: 4000 pairs of equal true means per cell, 2-8 seeds, sd 0.5-2).
 
 Power rounds (lab/power.py) look at a claim again after each added seed, and every look is
 another chance to cross: judged at ``Z`` from 2 to 8 seeds one round at a time, 1.3-4.2% of
@@ -81,7 +82,7 @@ __all__ = [
 
 Z = 2.0               # the level: the one-sided tail of 2 normal standard errors (2.28%)
 SD_FLOOR = 0.25       # points of error: no spread estimate below this is trusted
-SD_ONE_SEED = 2.0     # points of error assumed for a single seed
+SD_ONE_SEED = math.inf  # a single seed's standard error: no spread, nothing decisive
 BOUNDARY = 1e-9       # points of error: a difference this close to a claim's boundary is on it
 _MANY = 10**9         # a seed count beyond any plan: a level's last-look value
 SEEDS_SHOWN = 1000    # seed counts above this are reported as "over 1000"
@@ -267,8 +268,10 @@ def half_width_text(h: float) -> str:
 
 def prob_lower(a: dict, b: dict) -> float:
     """The probability that a's error is really below b's, from the t distribution of the
-    difference (the normal one where a point has one seed)."""
+    difference; NaN where a point has one seed (no spread to tell it)."""
     d, se = difference(a, b)
+    if math.isinf(se):
+        return math.nan
     if not se > 0:
         return 1.0 if d > 0 else 0.5
     df = _df(a, b)

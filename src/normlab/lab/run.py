@@ -151,6 +151,9 @@ def _with_power(study: Study, preset: str, points: list[Point], out: Path, annou
             f"run(s); stopped: {POWER_STOPPED[record['stopped']]}")
     for o in record["open"]:
         n = o["seeds_needed"]
+        if o["seeds"] < 2:
+            say(f"open at 1 seed: {o['claim']} (one seed has no spread: --seeds 2 or more)")
+            continue
         need = ("more seeds" if not n else f"over {SEEDS_SHOWN} seeds per point"
                 if n > SEEDS_SHOWN else f"about {n} seeds per point")
         say(f"open at {o['seeds']} seeds: {o['claim']} (the spread would need {need})")

@@ -11,9 +11,9 @@ next lowest and how sure, beside the paper's.
 Confidence. At one batch size let a be the series with the lowest mean error and b the next
 lowest; ``d = m_b - m_a`` and its half-width ``h`` follow the verdicts' rule
 (:mod:`normlab.lab.analysis`: Student's t times the standard error, from the spread over seeds,
-floored, or an assumed spread for one seed). The table gives ``d ± h``, the probability that a
-is really lower (from the same t distribution), and calls the gap *decisive* when ``d > h``, as
-the verdicts do (at the study's level: the sequential one when its power rounds could look
+floored). The table gives ``d ± h``, the probability that a is really lower (from the same t
+distribution), and calls the gap *decisive* when ``d > h``, as the verdicts do (never where a
+point has one seed: no spread, only ``d`` is shown) (at the study's level: the sequential one when its power rounds could look
 after each added seed). A series whose every run at that batch size was flagged (diverged,
 unconverged) has no mean to rank: the row names it and its flags.
 
@@ -99,14 +99,11 @@ def _gap_cells(s: dict, r: dict, level: Level) -> str:
     """``d ± h | P, decisive or not``: the lowest point s against the next lowest r, h at the
     study's level."""
     d, _, h = interval(s, r, level)
+    if min(s["n"], r["n"]) < 2:  # no spread measured: nothing to weigh the gap against
+        return f"{d:.2f} | -, not decisive (a point has one seed: no spread; --seeds 2 or more)"
     p = prob_lower(s, r)
     conf = (">99.9%" if p > 0.999 else f"{p:.1%}") + ", " + (
-        "decisive" if d - h > 0 else "not decisive (gap < t SE")
-    one = min(s["n"], r["n"]) < 2  # no spread measured: the verdicts' assumed one
-    if d - h > 0:
-        conf += " (spread assumed: a point has one seed)" if one else ""
-    else:
-        conf += "; spread assumed: a point has one seed)" if one else ")"
+        "decisive" if d - h > 0 else "not decisive (gap < t SE)")
     return f"{d:.2f} ± {half_width_text(h)} | {conf}"
 
 
