@@ -59,6 +59,14 @@ def test_set_norm_none_is_the_norm_named_none():
     # started), and a negative one, outside the same [0, 2**32) rule
     ("seed=100000000000000000000", "seed must be an int in [0, 2**32), got 1000000000000000000"),
     ("seed=-1", "seed must be an int in [0, 2**32), got -1"),
+    # ints past 64 bits: epochs=10**23 was an OverflowError traceback from the store's INTEGER
+    # column once the run list was built; precise_bn=10**23 failed the run after its first
+    # epoch (islice's stop must fit sys.maxsize)
+    ("epochs=100000000000000000000000", "epochs must be at most 2**63 - 1 (a 64-bit int), got "
+                                        "100000000000000000000000"),
+    ("precise_bn=100000000000000000000000", "precise_bn must be at most 2**63 - 1 (a 64-bit "
+                                            "int), got 100000000000000000000000"),
+    ("train_limit=100000000000000000000000", "train_limit must be at most 2**63 - 1"),
 ])
 def test_bad_values_name_the_value(item, needle):
     with pytest.raises(ConfigError) as e:

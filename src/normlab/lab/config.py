@@ -74,6 +74,10 @@ _ID_DEFAULTS = {"world_size": 1, "precise_bn": 0, "optimizer": "sgd"}
 #: seeds are ints in [0, SEED_LIMIT) (numpy's rule): torch takes the per-epoch seeds derived from
 #: them (seed x 100003 + ...) only below 2**64, and a larger one failed the run after it started
 SEED_LIMIT = 2**32
+#: ints of a config are at most 2**63 - 1: the store's INTEGER column took ``epochs=10**23`` as
+#: an OverflowError traceback after the run list was built, and ``precise_bn=10**23`` failed the
+#: run after its first epoch (islice's stop is at most sys.maxsize)
+INT_LIMIT = 2**63 - 1
 
 
 class ConfigError(ValueError):
@@ -261,6 +265,9 @@ class RunConfig:
         if self.precise_bn < 0:
             raise ConfigError(f"precise_bn must be a number of batches >= 0 (0: off), got "
                               f"{self.precise_bn!r}")
+        if self.precise_bn > INT_LIMIT:
+            raise ConfigError(f"precise_bn must be at most 2**63 - 1 (a 64-bit int), got "
+                              f"{self.precise_bn!r}")
         for name in ("train_limit", "test_limit", "threads"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
@@ -354,6 +361,8 @@ def _auto_device() -> str:
 def _positive_int(name: str, v: Any) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ConfigError(f"{name} must be a positive int, got {v!r}")
+    if v > INT_LIMIT:
+        raise ConfigError(f"{name} must be at most 2**63 - 1 (a 64-bit int), got {v!r}")
 
 
 def _choice(name: str, v: Any, allowed: tuple) -> None:
