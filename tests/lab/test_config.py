@@ -67,6 +67,10 @@ def test_set_norm_none_is_the_norm_named_none():
     ("precise_bn=100000000000000000000000", "precise_bn must be at most 2**63 - 1 (a 64-bit "
                                             "int), got 100000000000000000000000"),
     ("train_limit=100000000000000000000000", "train_limit must be at most 2**63 - 1"),
+    # a blank norm (`--set norm=$NORM`, `--norm ""` with the variable unset) was create_norm's
+    # alias of "none": the run trained without normalization, recorded as norm none
+    ("norm=", "norm is empty (''); is a shell variable unset?"),
+    ("norm= ", "norm is empty"),
 ])
 def test_bad_values_name_the_value(item, needle):
     with pytest.raises(ConfigError) as e:

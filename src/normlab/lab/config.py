@@ -188,7 +188,7 @@ class RunConfig:
         # registry spells them, so `--data Digits --norm GN` is the run `--data digits --norm gn`
         # (one run id, one setup, one table); a name that is not known is left for validate()
         self.data = canonical_data(self.data)
-        if isinstance(self.norm, str):
+        if isinstance(self.norm, str) and self.norm.strip():  # a blank one: validate() says so
             with contextlib.suppress(ValueError):
                 self.norm = canonical_name(self.norm)
 
@@ -285,6 +285,10 @@ class RunConfig:
         if any(not (isinstance(m, (int, float)) and 0 < m < 1) for m in self.milestones):
             raise ConfigError(
                 f"milestones must be fractions of the run in (0, 1), got {list(self.milestones)!r}")
+        if not self.norm.strip():  # create_norm reads "" as "none": `--norm "$NORM"` with NORM
+            # unset trained without normalization, recorded as norm none
+            raise ConfigError(f"norm is empty ({self.norm!r}); is a shell variable unset?",
+                              hint="name a norm (`normlab ls --norms`; none: no normalization)")
         try:
             canonical_name(self.norm)  # the norm must be one create_norm knows
         except ValueError as e:
