@@ -183,3 +183,30 @@ def test_a_model_has_one_spelling():
     a, b = RunConfig(model=" ResNet20"), RunConfig(model="resnet20")
     assert a.model == "resnet20" and a.identity() == b.identity()
     assert RunConfig(model="TIMM:ResNet18").model == "timm:resnet18"
+
+
+def test_a_config_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    # a file without read permission (or an I/O error reading it) was a PermissionError /
+    # OSError traceback: no ConfigError caught it
+    import os
+    import pathlib
+
+    c = tmp_path / "c.toml"
+    c.write_text("epochs = 3\n")
+    read_text = pathlib.Path.read_text
+
+    def refuse(self, *a, **kw):
+        if self == c:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *a, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", refuse)
+    with pytest.raises(ConfigError, match=r"cannot read config file '.*c\.toml': Permission "
+                                          r"denied") as e:
+        load_config_file(c)
+    assert "readable" in e.value.hint
+    # a FIFO (or another file that is not a regular one) exists: it "does not exist" was wrong
+    fifo = tmp_path / "f.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_config_file(fifo)

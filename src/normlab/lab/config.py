@@ -431,7 +431,8 @@ def load_config_file(path: Union[str, Path]) -> dict[str, Any]:
         raise ConfigError(f"config file {str(p)!r} is a directory, not a .json or .toml file",
                           hint="give a .json or .toml file")
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist", hint="give a .json or .toml file")
+        what = "is not a regular file" if p.exists() else "does not exist"  # a FIFO, a device
+        raise ConfigError(f"config file {str(p)!r} {what}", hint="give a .json or .toml file")
     try:
         if p.suffix.lower() == ".toml":
             if tomllib is None:  # pragma: no cover - Python < 3.11
@@ -446,6 +447,10 @@ def load_config_file(path: Union[str, Path]) -> dict[str, Any]:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"cannot parse config file {str(p)!r}: {e}") from None
+    except OSError as e:  # no read permission, an I/O error: was a traceback
+        raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror or e}",
+                          hint="make it readable (its permissions) or give another file"
+                          ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a table of keys, got {type(data).__name__}")
     return _flatten(data)
