@@ -341,6 +341,28 @@ def test_errors_are_one_line_and_a_hint(tmp_path, args, needle):
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) <= 3
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--quick", "--seeds", "2"], "seed 4294967295 with 2 seeds per point reaches seed 4294967296"),
+    # the power rounds (on by default without --quick) add seeds up to --max-seeds (8)
+    (["--seeds", "1"], "seed 4294967295 with 8 seeds per point reaches seed 4294967302"),
+    (["--quick", "--seeds", "1", "--budget-runs", "2", "--max-seeds", "3"], "with 3 seeds"),
+])
+def test_seeds_past_2_to_the_32_are_refused_before_anything_trains(args, needle, tmp_path,
+                                                                    monkeypatch):
+    # seeds seed..seed+K-1 of a point: each run's seed was checked only when it trained, so the
+    # first seed's runs trained and the next one stopped the study with exit 2
+    import normlab.lab.cli.study as cli_study
+
+    def trained(*a, **kw):
+        raise AssertionError("the study started training")
+
+    monkeypatch.setattr(cli_study, "run_study", trained)
+    r = runner.invoke(app, ["reproduce", *args, "--set", "seed=4294967295",
+                            "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.startswith("error:") and needle in r.output, r.output
+    assert "hint: lower the seed (--set seed=) to at most" in r.output
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["reproduce", "--seeds", "abc"], "Invalid value for '--seeds'"),   # wrong type
     (["spp", "resnet20", "--batch", "x"], "Invalid value for '--batch'"),

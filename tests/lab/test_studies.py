@@ -161,6 +161,20 @@ def test_seeds_per_point_for_power_rounds():
     assert [p.cfg.seed for p in pts if p.label == "LN"] == [0]  # the preset's one seed
 
 
+def test_seeds_past_the_seed_limit_are_refused_before_any_run():
+    # seed + i for i < seeds: the last one past 2**32 was refused only when its run trained,
+    # after the earlier seeds' runs; the power rounds' counts (seeds_at) are checked too
+    last = 2**32 - 1
+    assert [p.cfg.seed for p in get_study("norms").points({"seed": last}, "quick",
+                                                           variants=["BN"])] == [last]
+    with pytest.raises(ConfigError, match=f"seed {last} with 2 seeds per point reaches seed "
+                                          f"{last + 1}") as e:
+        get_study("norms").points({"seed": last}, "quick", seeds=2)
+    assert f"at most {2**32 - 2}" in e.value.hint
+    with pytest.raises(ConfigError, match="with 3 seeds per point"):
+        get_study("norms").points({"seed": last - 1}, "quick", seeds_at={("BN", 32): 3})
+
+
 def test_norms_and_groups_keep_one_batch_of_32_by_default():
     """Their BN statistics are over 32 images either way (the paper's per-GPU batch); one
     device keeps 45 SGD steps per epoch on digits (8 devices: 5, where LN and no-norm did not

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from normlab.factory import canonical_name, did_you_mean
-from normlab.lab.config import MAX_SEEDS, ConfigError, RunConfig, apply_overrides
+from normlab.lab.config import MAX_SEEDS, SEED_LIMIT, ConfigError, RunConfig, apply_overrides
 from normlab.models import is_normalizer_free, normalizer_free_counterpart
 
 
 __all__ = ["Study", "Point", "Claim", "PRESETS", "setup_id", "PAPER_DEVICES", "emulate_devices",
-           "SERIES_KEYS", "MAX_SEEDS"]
+           "SERIES_KEYS", "MAX_SEEDS", "check_seeds_fit"]
 
 PRESETS = ("quick", "default")
 #: the GN paper's 8 GPUs (REFERENCE section 1): the devices a per-device study emulates by default
@@ -180,6 +180,7 @@ class Study:
                               hint="drop label from --set/--config (--variants picks series; "
                                    "`normlab train --set label=...` names a single run)")
         seed0 = user.pop("seed", 0)
+        check_seeds_fit(seed0, max([n_seeds, *per_point.values()]), "fewer --seeds")
         setup = setup_id(user)
         if k != 1:  # another protocol: another table
             setup = hashlib.sha256(f"{setup}|devices={k}".encode()).hexdigest()[:16]
@@ -298,6 +299,20 @@ def emulate_devices(cfg: RunConfig, devices: int, stats_batch: Optional[int] = N
                           hint="run it with --devices 1, or on real processes "
                                "(--nproc-per-node)")
     return cfg.replace(**changes).validate()
+
+
+def check_seeds_fit(seed0: Any, count: int, option: str) -> None:
+    """A ConfigError when a point's ``count`` seeds from ``seed0`` (``seed0 + count - 1`` the
+    last) pass :data:`SEED_LIMIT`: each run's seed is checked only when it trains, so the runs
+    before it trained and the rest of the study stopped. ``option`` says how to ask for fewer."""
+    if isinstance(seed0, bool) or not isinstance(seed0, int):
+        return  # not a seed: apply_overrides names it
+    last = seed0 + count - 1
+    if last >= SEED_LIMIT:
+        raise ConfigError(f"seed {seed0} with {count} seeds per point reaches seed {last}; "
+                          "seeds must be ints in [0, 2**32)",
+                          hint=f"lower the seed (--set seed=) to at most {SEED_LIMIT - count}, "
+                               f"or {option}")
 
 
 def paper_lr(cfg: RunConfig) -> float:

@@ -18,6 +18,7 @@ from normlab.lab.recipe import preflight
 from normlab.lab.run import device_of, run_single, run_study
 from normlab.lab.runner import Counts
 from normlab.lab.studies import Point, get_study
+from normlab.lab.study import check_seeds_fit
 
 __all__ = ["reproduce", "train"]
 
@@ -113,11 +114,14 @@ def reproduce(
         vs = _series(variants)
         points = st.points(user, preset, seeds, vs, devices)
         check_budget(budget_runs, budget_minutes, max_seeds)
+        default_budget = 0 if quick else len(points) // 2  # quick: a first look, no rounds
+        if (default_budget if budget_runs is None else budget_runs) > 0:  # rounds may add seeds
+            check_seeds_fit(user.get("seed", 0), max_seeds,
+                            "a smaller --max-seeds (or --budget-runs 0: no rounds)")
         preflight([p.cfg for p in points], world=job_world_size(launch))
         _check_jobs(jobs, launch)
         if must_relaunch(launch):
             return relaunch(launch, command_argv(ctx), device_of(points))
-        default_budget = 0 if quick else len(points) // 2  # quick: a first look, no rounds
         power = {"budget_runs": default_budget if budget_runs is None else budget_runs,
                  "budget_minutes": budget_minutes, "max_seeds": max_seeds}
         counts = run_study(st, preset, points, out, jobs=jobs, report=not no_report,
