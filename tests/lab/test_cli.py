@@ -363,6 +363,21 @@ def test_seeds_past_2_to_the_32_are_refused_before_anything_trains(args, needle,
     assert "hint: lower the seed (--set seed=) to at most" in r.output
 
 
+def test_spp_of_a_timm_model_without_a_working_timm_is_one_line(tmp_path, monkeypatch):
+    # train and reproduce said "importing timm failed" in one line (recipe.build_model); spp
+    # caught only ValueError/TypeError and printed the ImportError's traceback
+    import normlab.models.timm_models as tm
+
+    def broken():
+        raise ImportError("importing timm failed: operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(tm, "import_timm", broken)
+    r = runner.invoke(app, ["spp", "timm:resnet18", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: timm:resnet18: importing timm failed"), r.output
+    assert "hint: install timm" in r.output and "Traceback" not in r.output
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["reproduce", "--seeds", "abc"], "Invalid value for '--seeds'"),   # wrong type
     (["spp", "resnet20", "--batch", "x"], "Invalid value for '--batch'"),

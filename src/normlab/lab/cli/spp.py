@@ -92,6 +92,10 @@ def _records(spec: str, common: dict, norm: str, batch: int, resolution: int,
                                               seed=seed)
     except ConfigError:
         raise
+    except ImportError as e:  # timm:<name> without a working timm (was a traceback)
+        raise ConfigError(f"{spec}: {str(e).splitlines()[0]}",
+                          hint="install timm (and a torchvision built for this torch), or pick "
+                               "a normlab model (`normlab ls --models`)") from None
     except (ValueError, TypeError) as e:
         where = " (--set applies to every model; use NAME:key=value for one)" if common else ""
         hint = ("this command finds the residual blocks of normlab's models and of ResNets laid "
