@@ -378,6 +378,20 @@ def test_spp_of_a_timm_model_without_a_working_timm_is_one_line(tmp_path, monkey
     assert "hint: install timm" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("args, where", [
+    (["resnet20", "--norm", ""], "from --norm"),
+    (["resnet20:norm="], "from norm= in 'resnet20:norm='"),
+    (["resnet20", "--set", "norm= "], "from --set norm="),
+])
+def test_spp_with_an_empty_norm_is_refused(args, where, tmp_path):
+    # create_norm reads "" as "none": the model was measured without normalization and stored
+    # under its plain name (`--norm "$NORM"` with NORM unset)
+    r = runner.invoke(app, ["spp", *args, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: resnet20") and "the norm is empty" in r.output, r.output
+    assert where in r.output and not (tmp_path / "o" / "results.sqlite").exists()
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["reproduce", "--seeds", "abc"], "Invalid value for '--seeds'"),   # wrong type
     (["spp", "resnet20", "--batch", "x"], "Invalid value for '--batch'"),

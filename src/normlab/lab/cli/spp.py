@@ -65,6 +65,12 @@ def _model_kwargs(spec: str, name: str, own: dict, common: dict, norm: str) -> d
     kw = {**common, **own}
     if model_uses_norm(name):
         kw.setdefault("norm", norm)
+        if isinstance(kw["norm"], str) and not kw["norm"].strip():  # create_norm's "none"
+            where = ("norm= in " + repr(spec) if "norm" in own else
+                     "--set norm=" if "norm" in common else "--norm")
+            raise ConfigError(f"{spec}: the norm is empty ({kw['norm']!r}, from {where}); is a "
+                              "shell variable unset?", hint="name a norm (`normlab ls "
+                                                            "--norms`; none: no normalization)")
         return kw
     try:
         check_norm(name, kw.pop("norm", None))
