@@ -314,3 +314,18 @@ def test_setup_info_is_kept_per_setup_and_merged(tmp_path):
         s.export()
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["setups"][0]["info"]["protocol"]["devices"] == 8
+
+
+def test_heartbeat_beats_within_a_short_stale_limit(tmp_path, monkeypatch):
+    # $NORMLAB_STALE_AFTER below the 60 s beat (a user who wants dead owners taken over fast):
+    # the owner must still touch its run within the limit, else another process on this --out
+    # took over a live owner's run and both trained it at once (seen with two `normlab train`
+    # of one run at NORMLAB_STALE_AFTER=3: both trained all 3 epochs and wrote the store)
+    monkeypatch.setenv("NORMLAB_STALE_AFTER", "0.6")
+    with Store(tmp_path) as s:
+        s.claim("r", {"epochs": 1})
+        with heartbeat(tmp_path, "r"):
+            time.sleep(1.5)  # past the limit: only beats keep the run fresh
+            run = s.run("r")
+            assert time.time() - run["updated"] < 0.6
+            assert Store.in_training(run)  # another process would wait, not take it over

@@ -438,10 +438,13 @@ def _run_dict(path: Path, row: sqlite3.Row) -> dict[str, Any]:
 def heartbeat(out_dir: Union[str, Path], run_id: str,
               every_s: Optional[float] = None) -> Iterator[None]:
     """While the block runs, touch ``run_id``'s row every ``every_s`` seconds (default
-    :data:`HEARTBEAT_S`) from a daemon thread with its own connection, so that processes on
-    other hosts see the owner alive (:func:`_owner_alive`). A failed touch (store busy) is
-    tried again at the next beat; the thread never raises into the training."""
-    every = HEARTBEAT_S if every_s is None else every_s
+    :data:`HEARTBEAT_S`, or a quarter of ``$NORMLAB_STALE_AFTER`` when that is shorter) from a
+    daemon thread with its own connection, so that processes on other hosts see the owner
+    alive (:func:`_owner_alive`). A failed touch (store busy) is tried again at the next beat;
+    the thread never raises into the training."""
+    # a beat slower than the stale limit would let any process take over a live owner's run
+    # (and train it twice at once) whenever $NORMLAB_STALE_AFTER is set below a minute
+    every = min(HEARTBEAT_S, stale_after_s() / 4) if every_s is None else every_s
     stop = threading.Event()
 
     def beat() -> None:
