@@ -329,3 +329,45 @@ def test_heartbeat_beats_within_a_short_stale_limit(tmp_path, monkeypatch):
             run = s.run("r")
             assert time.time() - run["updated"] < 0.6
             assert Store.in_training(run)  # another process would wait, not take it over
+
+
+def test_an_owner_taken_over_writes_nothing_more(tmp_path):
+    # an owner silent past $NORMLAB_STALE_AFTER (stopped, suspended, a stalled disk) is taken
+    # over; when it wakes it must not write its stale epochs over its successor's (the DELETE
+    # of later epochs would drop the successor's)
+    from normlab.lab.store import TakenOver
+
+    with Store(tmp_path) as s:
+        s.claim("r", {"epochs": 3})
+        s.record_epochs("r", _rows(1), {"wall_time": 1.0})
+        # the successor took it over and wrote two epochs
+        s.con.execute("UPDATE runs SET owner='other-host:7', epochs_done=2 WHERE run_id='r'")
+        s.con.execute("INSERT INTO epochs (run_id, epoch, train_loss) VALUES ('r', 1, 42.0)")
+        with pytest.raises(TakenOver, match="other-host:7"):
+            s.record_epochs("r", _rows(1, base=9.0), {"wall_time": 1.0})
+        assert [e["train_loss"] for e in s.epochs("r")] == [1.0, 42.0]
+        r = s.run("r")
+        assert (r["status"], r["owner"], r["epochs_done"]) == ("running", "other-host:7", 2)
+
+
+def test_the_runner_leaves_a_run_taken_over_to_its_new_owner(tmp_path, monkeypatch):
+    # the old owner's write raises TakenOver; recording that as the run's failure would set it
+    # `failed` with no owner under the process training it, and a third process would claim
+    # and train it again at the same time
+    from normlab.lab import runner
+    from normlab.lab.config import RunConfig
+
+    class P:
+        cfg = RunConfig(norm="gn", batch_size=2, epochs=2)
+        label = "gn"
+
+    def train_run(cfg, store, progress=None):
+        store.con.execute("UPDATE runs SET owner='other-host:7' WHERE run_id=?",
+                          (cfg.run_id(),))  # taken over while this process was stopped
+        store.record_epochs(cfg.run_id(), _rows(1), {})
+
+    monkeypatch.setattr(runner, "train_run", train_run)
+    with Store(tmp_path) as s:
+        assert runner.run_points([P()], s) == {"skipped": 0, "trained": 0, "failed": 1}
+        r = s.run(P.cfg.run_id())
+        assert (r["status"], r["owner"]) == ("running", "other-host:7")

@@ -24,7 +24,7 @@ from normlab.lab.progress import (describe, epoch_lines, epoch_progress, err_con
                                   print_wait, progress_bars)
 from normlab.lab.recipe import resolve_device
 from normlab.lab.signals import raise_terminated, sigint_ignored
-from normlab.lab.store import Store, heartbeat
+from normlab.lab.store import Store, TakenOver, heartbeat
 
 __all__ = ["run_points", "run_inline", "run_parallel", "run_distributed", "Counts"]
 
@@ -106,6 +106,8 @@ def _train_point(p: Any, store: Optional[Store],
         raise
     except Exception as e:  # noqa: BLE001 - record, report and go on with the study
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+        if isinstance(e, TakenOver) and not nd.is_distributed():
+            return "failed", {"error": msg}  # another process trains it now: not ours to mark
         if nd.is_distributed():
             if writer:  # often a peer's death seen through the collective that failed
                 store.finish(rid, "failed", f"multi-process job stopped: {msg}")

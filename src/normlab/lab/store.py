@@ -66,8 +66,12 @@ from normlab.lab.store_open import (DB_NAME, EPOCH_FIELDS, EXPORTS, StoreError, 
                                     check_columns, check_writable, connect_read_only, create_schema,
                                     open_error, set_wal, unwritable)
 
-__all__ = ["Store", "StoreError", "unwritable", "DB_NAME", "EXPORTS", "EPOCH_FIELDS", "heartbeat",
+__all__ = ["Store", "StoreError", "TakenOver", "unwritable", "DB_NAME", "EXPORTS", "EPOCH_FIELDS", "heartbeat",
            "HEARTBEAT_S", "stale_after_s"]
+
+class TakenOver(RuntimeError):
+    """This process's run was taken over by another (see "Owners" above): it must stop."""
+
 
 class Store:
     """Results of every run in one output directory (see the module docstring).
@@ -259,8 +263,11 @@ class Store:
         summary (device, versions, wall_time, images_per_s, peak_memory_mb, backend) in one
         transaction. ``rows`` is the run's whole history: rows of later epochs (a run that
         started over) are deleted. A summary without a peak memory or a backend (a resumed run
-        with no epoch left to measure) keeps the recorded ones."""
+        with no epoch left to measure) keeps the recorded ones. :class:`TakenOver` when
+        another process owns the run now (this one was silent for ``$NORMLAB_STALE_AFTER``
+        s, e.g. stopped or suspended): nothing is written."""
         with self.transaction() as c:
+            self._still_ours(c, run_id)
             c.execute("DELETE FROM epochs WHERE run_id=? AND epoch>?",
                       (run_id, max((r["epoch"] for r in rows), default=-1)))
             c.executemany(
@@ -279,6 +286,14 @@ class Store:
                  summary.get("peak_memory_mb"), summary.get("backend"),
                  last.get("train_loss"), last.get("train_error"), last.get("test_loss"),
                  last.get("test_error"), time.time(), run_id))
+
+    def _still_ours(self, c: sqlite3.Connection, run_id: str) -> None:
+        """:class:`TakenOver` when another process owns ``run_id``: a silent owner taken over
+        as stale must not write over its successor's epochs."""
+        row = c.execute("SELECT owner FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is not None and row["owner"] not in (None, _me()):
+            raise TakenOver(f"run {run_id} was taken over by {row['owner']} while this process "
+                            "was silent for over $NORMLAB_STALE_AFTER s; it stops here")
 
     @_names_damage
     def touch(self, run_id: str) -> bool:
