@@ -536,6 +536,7 @@ def test_version_names_normlab_and_torch():
     assert r.exit_code == 0, r.output
     assert f"normlab {importlib.metadata.version('normlab')}" in r.output
     assert f"torch {torch.__version__}" in r.output and "python " in r.output
+    assert r.output.splitlines()[-1].startswith("timm ")  # and whether it imports
 
 
 @pytest.mark.parametrize("cmd", ["reproduce", "train", "report", "ls", "spp"])

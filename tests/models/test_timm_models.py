@@ -7,6 +7,7 @@ compute the same function as the one normlab builds by conversion; with ``norm="
 for a LayerNorm model) the model must be timm's own, layer by layer.
 """
 
+import importlib.metadata
 import sys
 
 import pytest
@@ -180,6 +181,20 @@ def test_layernorm_models_are_timms_built_with_that_norm(timm, model, norm, norm
 def test_bad_names_and_arguments(timm, name, kwargs, match):
     with pytest.raises(ValueError, match=match):
         models.create(name, **kwargs)
+
+
+def test_status_says_when_timm_is_installed_but_does_not_import(monkeypatch):
+    # `normlab --version` and `ls --models` said "timm 1.0.31 installed" from the package's
+    # metadata while every --model timm:<name> failed on a torchvision built for another torch
+    def broken():
+        raise ImportError("importing timm failed: operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.0.31")
+    monkeypatch.setattr(timm_models, "import_timm", broken)
+    assert timm_models.timm_status() == ("timm 1.0.31 installed but not importable: importing "
+                                         "timm failed: operator torchvision::nms does not exist")
+    monkeypatch.setattr(timm_models, "import_timm", lambda: None)
+    assert timm_models.timm_status() == "timm 1.0.31 installed"
 
 
 def test_without_timm_an_importerror_says_how_to_get_it(monkeypatch):

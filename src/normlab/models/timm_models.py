@@ -81,11 +81,18 @@ def import_timm() -> ModuleType:
 
 
 def timm_status() -> str:
-    """``"timm 1.0.31 installed"`` or ``"timm is not installed"`` (without importing it)."""
+    """``"timm 1.0.31 installed"``, ``"timm is not installed ..."``, or, where the package is
+    there but does not import (a torchvision built for another torch), ``"timm 1.0.31 installed
+    but not importable: ..."``: what ``--model timm:<name>`` will meet."""
     try:
-        return f"timm {importlib.metadata.version('timm')} installed"
+        version = importlib.metadata.version("timm")
     except importlib.metadata.PackageNotFoundError:
         return "timm is not installed (pip install timm)"
+    try:
+        import_timm()
+    except ImportError as e:
+        return f"timm {version} installed but not importable: {e}"
+    return f"timm {version} installed"
 
 
 def _has_batchnorm(model: nn.Module) -> bool:

@@ -47,6 +47,7 @@ from normlab.lab.cli.guard import print_error
 from normlab.lab.cli.spp import parse_model_spec, spp
 from normlab.lab.cli.study import reproduce, train
 from normlab.lab.recipe import versions
+from normlab.models.timm_models import timm_status
 
 __all__ = ["app", "main", "parse_model_spec"]
 
@@ -64,8 +65,8 @@ def _help(command: Callable) -> str:
 def _print_version(value: bool) -> None:
     if value:
         v = versions()
-        print(" ".join(f"{k} {v[k]}" for k in ("normlab", "torch", "triton", "timm", "python")
-                       if k in v))
+        print(" ".join(f"{k} {v[k]}" for k in ("normlab", "torch", "triton", "python") if k in v))
+        print(timm_status())  # whether --model timm:<name> can import it
         raise typer.Exit()
 
 
