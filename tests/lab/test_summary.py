@@ -268,3 +268,15 @@ def test_model_names_in_the_summary_are_not_code_spans_holding_escapes(tmp_path)
     assert "nf\\_resnet20 / resnet20 on digits, 3 epochs" in text, text
     assert not re.search(r"`[^`\n]*\\[^`\n]*`", text)  # no code span holds an escape
     assert "nf_resnet20 / resnet20 on digits, 3 epochs" in html_path.read_text()
+
+
+def test_a_study_whose_every_run_is_flagged_is_said_not_missing(tmp_path):
+    # four finished runs near chance (a 1-epoch study on a user's data): the summary said "No
+    # batch-size ... study has finished runs in this store: `normlab reproduce` runs the
+    # batch-size study", the command the user had just run
+    text = _fill(tmp_path, {("BN", 32): [85.0], ("GN", 32): [86.0], ("BN", 2): [87.0],
+                            ("GN", 2): [88.0]}, {"BN": (1000.0, 1.0), "GN": (900.0, 1.0)})
+    summary = text.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert ("### batch-size: 4 finished runs, every one flagged (diverged or unconverged) and "
+            "left out") in summary, summary
+    assert "has finished runs in this store" not in summary, summary

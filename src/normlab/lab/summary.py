@@ -315,6 +315,17 @@ def summary_lines(store: Store) -> list[str]:
     another)."""
     lines = ["## Summary", ""]
     seen: list[dict] = []
+    flagged_only = False
+    for name in (*SUMMARY_STUDIES, *SETTING_STUDIES):
+        runs = store.study_runs(name)
+        done = [r for r in runs if r["status"] == "done"]
+        if done and not any(s["n"] > 0 for s in point_stats(runs).values()):
+            flagged_only = True  # finished, but nothing that counts: said, not "no runs"
+            lines += [f"### {name}: {len(done)} finished run{'s' if len(done) > 1 else ''}, "
+                      "every one flagged (diverged or unconverged) and left out", "",
+                      "No verdict or ranking without a run that counts: see the study's "
+                      "section for each run's flag; longer training (`--set epochs=...`) or "
+                      "another lr (`--set base_lr=...`) may let the runs converge.", ""]
     for name in SUMMARY_STUDIES:
         runs = store.study_runs(name)
         stats = point_stats(runs)
@@ -331,7 +342,7 @@ def summary_lines(store: Store) -> list[str]:
             lines += _setting_winner(STUDIES[name], runs, stats,
                                      setup_level(store.setup_info(name)))
             answered = True
-    if not seen and not answered:
+    if not seen and not answered and not flagged_only:
         return lines + ["No batch-size, norms, nf, groups or bn-dropout study has finished runs "
                         "in this store: `normlab reproduce` runs the batch-size study.", ""]
     return lines + _groups_line(seen)  # the GN of the batch and norms tables
