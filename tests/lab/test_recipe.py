@@ -57,6 +57,14 @@ def test_preflight_names_the_problem(changes, needle):
         preflight([RunConfig(**{**TINY, **changes})])
 
 
+def test_a_batch_larger_than_the_data_names_the_ways_out():
+    # under emulated devices the 256 is 8 devices x 32 images, which the user never typed:
+    # the hint "lower the batch size" could not be followed (a study refuses --set batch_size)
+    with pytest.raises(ConfigError, match="batch_size 1000 is larger than the 96") as e:
+        preflight([RunConfig(**{**TINY, "batch_size": 1000})])
+    assert "--devices K" in e.value.hint and "train_limit" in e.value.hint
+
+
 def test_instance_norm_on_1x1_maps_is_refused_before_anything_trains(tmp_path):
     # InstanceNorm over a 1x1 map (4x4 images: ResNet-20's last stage; digits' 8x8 images under
     # a stride-32 timm model) raised at the IN run's first step, after the study's other runs

@@ -373,7 +373,10 @@ def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
             procs = f" x {cfg.world_size} processes" if cfg.world_size > 1 else ""
             raise ConfigError(f"batch_size {cfg.batch_size}{procs} is larger than the "
                               f"{len(data.y_train)} training examples of {cfg.data}",
-                              hint="lower the batch size")
+                              hint="in a study the SGD batch is the emulated devices x the "
+                                   "images per device: use fewer devices (--devices K), or more "
+                                   "training data (train_limit, another dataset); for one run, "
+                                   "lower --batch-size")
         mkey = (cfg.model, cfg.norm, repr(cfg.norm_kwargs), repr(cfg.model_kwargs), cfg.ws,
                 cfg.agc is not None, data.num_classes, data.in_chans, data.image_size)
         if mkey not in seen_model:
