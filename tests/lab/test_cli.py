@@ -526,6 +526,13 @@ def test_ls_lists_what_its_flags_ask_for(flags, shown, hidden):
     assert all(s in r.output for s in shown) and not any(h in r.output for h in hidden), r.output
 
 
+def test_a_bad_set_value_points_to_ls_keys():
+    # the hint said "see --help for the accepted values"; --help lists no --set keys or types
+    r = runner.invoke(app, ["train", "--set", "epochs=abc"])
+    assert r.exit_code == 2
+    assert "epochs must be int, got str 'abc'" in r.output and "normlab ls --keys" in r.output
+
+
 def test_version_names_normlab_and_torch():
     # what a bug report needs first: `normlab --version` printed "No such option"
     import importlib.metadata

@@ -70,6 +70,9 @@ def test_set_norm_none_is_the_norm_named_none():
     # a blank norm (`--set norm=$NORM`, `--norm ""` with the variable unset) was create_norm's
     # alias of "none": the run trained without normalization, recorded as norm none
     ("norm=", "norm is empty (''); is a shell variable unset?"),
+    # a shell-quoting slip: unquoted keys are not JSON, so the value stayed a string
+    ("model_kwargs={img_size:8}", "got str '{img_size:8}' (not valid JSON: quote the keys"),
+    ("norm_kwargs={num_groups: 4", "(not valid JSON"),
     ("norm= ", "norm is empty"),
 ])
 def test_bad_values_name_the_value(item, needle):

@@ -77,11 +77,13 @@ def _guarded(fn: Callable[[], Any]) -> Any:
         err_console.print(f"terminated; {_RESUME}")
         raise typer.Exit(int(e.code)) from None
     except ConfigError as e:
-        print_error(str(e), e.hint or "see --help for the accepted values; `normlab ls` lists "
+        print_error(str(e), e.hint or "see --help for the options; `normlab ls --keys` lists "
+                                      "the --set keys, their types and defaults; `normlab ls` "
                                       "the studies, models and norms")
         raise typer.Exit(2) from None
     except (ValueError, TypeError) as e:
-        print_error(_first_line(e), "see --help for the accepted values")
+        print_error(_first_line(e), "see --help for the options and `normlab ls --keys` for "
+                                    "the --set keys")
         raise typer.Exit(2) from None
     except typer.Exit:
         raise
