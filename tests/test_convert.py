@@ -1,6 +1,7 @@
 """convert_norm on torch-only models: replacement, carried weights, exact FrozenBN, shared modules."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -526,3 +527,18 @@ def test_a_parametrized_batchnorm_is_named_in_a_warning():
     with torch.no_grad():  # the value it holds: the parametrized weight, against torch's GN
         torch.testing.assert_close(
             model(x), nn.functional.group_norm(x, 3, bn.weight, bn.bias, bn.eps))
+
+
+def test_gn_layers_reduced_to_one_channel_per_group_are_named_in_a_warning():
+    # convert_norm(model, "gn") gave a 16-channel BatchNorm GroupNorm(16, 16) (32 groups asked,
+    # the largest divisor of 16 not above it), InstanceNorm, without a word
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.Conv2d(16, 64, 3),
+                          nn.BatchNorm2d(64))
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) have no more channels than the 32 groups "
+                                         r"asked for .* InstanceNorm: 1 \(16\)"):
+        convert_norm(copy.deepcopy(model), "gn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # several channels per group, or asked for: no warning
+        convert_norm(copy.deepcopy(model), "gn", num_groups=8)
+        convert_norm(copy.deepcopy(model), "gn", group_size=1)
+        convert_norm(copy.deepcopy(model), "gn", num_groups=16)
