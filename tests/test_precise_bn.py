@@ -405,3 +405,20 @@ def test_a_namedtuple_batch_moved_to_a_device():
                                 forward=lambda m, b: m(b.images.double()))
     assert record.recomputed == ["1"]
     _check(model, ref, ["1"])
+
+
+def test_a_model_without_batchnorm_is_said_and_runs_no_batch():
+    # after convert_norm(model, "gn") precise_bn returned an empty record without a word, after
+    # running every batch through the model for nothing
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8))
+    calls = []
+
+    def forward(m, batch):
+        calls.append(1)
+        return m(batch)
+
+    with pytest.warns(UserWarning, match="Sequential has no BatchNorm layer with running "
+                                         "statistics to recompute; nothing was changed"):
+        record = normlab.precise_bn(model, [torch.randn(2, 3, 6, 6) + 1.0] * 3, 3,
+                                    forward=forward)
+    assert record.recomputed == [] and record.batches == 0 and not calls

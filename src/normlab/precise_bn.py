@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional
 
@@ -345,6 +346,12 @@ def precise_bn(
             layers[name] = acc
         elif reason and _has_running_stats(m):
             record.skipped.append((name, reason))
+    if not layers:  # nothing to recompute: say so, and run no batch for nothing
+        why = f" ({len(record.skipped)} skipped: {record.skipped[0][1]}, ...)" if record.skipped \
+            else ""
+        warnings.warn(f"precise_bn: {type(model).__name__} has no BatchNorm layer with running "
+                      f"statistics to recompute{why}; nothing was changed", stacklevel=2)
+        return record
     modes = {m: m.training for m in model.modules()}
     saved = _Buffers(model)
     hooks = [acc.module.register_forward_pre_hook(_collector(acc), with_kwargs=True)

@@ -361,7 +361,9 @@ def _with_precise_statistics(run: _Run) -> nn.Module:
         with run.autocast():
             return m(x)
 
-    precise_bn(model, run.train_loader, run.cfg.precise_bn, forward=forward)
+    with warnings.catch_warnings():  # a model without BatchNorm (GN, LN, NF): nothing to do,
+        warnings.filterwarnings("ignore", message="precise_bn: .* has no BatchNorm")  # as meant
+        precise_bn(model, run.train_loader, run.cfg.precise_bn, forward=forward)
     return model
 
 
