@@ -637,6 +637,11 @@ def test_train_nf_model_records_norm_none(tmp_path):
     rows = _db(tmp_path).execute("SELECT status, config FROM runs").fetchall()
     assert len(rows) == 1 and rows[0][0] == "done"
     assert json.loads(rows[0][1])["norm"] == "none"
+    assert json.loads(rows[0][1])["label"] == "nf_resnet20"  # an NF model is its own label
+    # a normalized model trained without its norm is labelled "none" (it was "resnet20", as
+    # if resnet20 were a norm beside gn and bn)
+    r = runner.invoke(app, [*args[:2], "resnet20", *args[3:], "--norm", "none"])
+    assert r.exit_code == 0 and "none x=16" in r.output, r.output
 
 
 def test_a_rerun_on_another_setup_says_the_earlier_runs_leave_the_report(tmp_path):

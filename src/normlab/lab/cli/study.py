@@ -19,6 +19,7 @@ from normlab.lab.run import device_of, run_single, run_study
 from normlab.lab.runner import Counts
 from normlab.lab.studies import Point, get_study
 from normlab.lab.study import check_seeds_fit
+from normlab.models import is_normalizer_free
 
 __all__ = ["reproduce", "train"]
 
@@ -158,7 +159,9 @@ def train(
                               config=config, sets=set_, launch=launch, norm=norm,
                               batch_size=batch_size, epochs=epochs, lr=lr, seed=seed)
         cfg = apply_overrides(RunConfig(), user)
-        cfg = cfg.replace(label=cfg.label or (cfg.norm if cfg.norm != "none" else cfg.model))
+        # a normalizer-free model is its own label; a normalized one is its norm's ("none" too)
+        nf = cfg.norm == "none" and is_normalizer_free(cfg.model)
+        cfg = cfg.replace(label=cfg.label or (cfg.model if nf else cfg.norm))
         point = Point(cfg.label, cfg.batch_size, cfg)
         preflight([cfg], world=job_world_size(launch))
         if must_relaunch(launch):
