@@ -63,6 +63,11 @@ def test_rounds_add_seeds_only_to_open_claims_until_decided(tmp_path):
     assert open_claims["GN beats LN"]["seeds_needed"] > 6  # what the spread would need
     info = store.setup_info("norms")
     assert info["power"]["runs_added"] == rec["runs_added"] and info["protocol"]["devices"] == 8
+    # what the terminal prints of the decided ones (it printed only the open claims)
+    decided = {c["claim"]: c for c in rec["decided"]}
+    assert decided["GN beats IN"]["verdict"] == "reproduced" and "GN beats LN" not in decided
+    assert decided["GN beats IN"]["seeds"] == status["GN beats IN"]["seeds"]
+    assert "decided" not in info["power"]  # the terminal's, not the store's
 
 
 def test_series_that_no_claim_covers_say_so_rather_than_decided(tmp_path):

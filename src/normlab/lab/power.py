@@ -26,8 +26,8 @@ import time
 from collections import Counter
 from typing import Any, Callable, Optional
 
-from normlab.lab.analysis import (INCONCLUSIVE, NOT_RUN, Level, claims_status, level_for,
-                                  point_stats, seeds_by_claim)
+from normlab.lab.analysis import (INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED, Level,
+                                  claims_status, level_for, point_stats, seeds_by_claim)
 from normlab.lab.config import ConfigError
 from normlab.lab.store import Store
 from normlab.lab.studies import Point, Study
@@ -132,6 +132,7 @@ def run_with_power(
               "max_seeds": max_seeds, "looks": list(looks),
               "open": _open_claims(store, study, preset, level), "counts": counts}
     store.update_setup_info(study.name, preset, setup, {"power": record})
+    record["decided"] = _decided_claims(store, study, preset, level)  # for the terminal only
     return record
 
 
@@ -222,6 +223,15 @@ def _no_claim_run(store: Store, study: Study, preset: str, level: Level) -> bool
     picked leave each claim "not run"): the rounds then had nothing to add seeds to."""
     stats = point_stats(store.study_runs(study.name, preset))
     return all(c["verdict"] == NOT_RUN for c in claims_status(study, stats, level))
+
+
+def _decided_claims(store: Store, study: Study, preset: str, level: Level
+                    ) -> list[dict[str, Any]]:
+    """The study's claims with a verdict (reproduced or not), with the seeds they had."""
+    stats = point_stats(store.study_runs(study.name, preset))
+    return [{"claim": c["text"], "verdict": c["verdict"], "seeds": c["seeds"]}
+            for c in claims_status(study, stats, level)
+            if c["verdict"] in (REPRODUCED, NOT_REPRODUCED)]
 
 
 def _open_claims(store: Store, study: Study, preset: str, level: Level

@@ -149,6 +149,8 @@ def _with_power(study: Study, preset: str, points: list[Point], out: Path, annou
     if record["rounds"]:
         say(f"power: {record['rounds']} round(s) added {record['runs_added']} "
             f"run(s); stopped: {POWER_STOPPED[record['stopped']]}")
+    for c in record.get("decided", []):
+        say(f"{c['verdict']} at {c['seeds']} seed{'s' if c['seeds'] > 1 else ''}: {c['claim']}")
     for o in record["open"]:
         n = o["seeds_needed"]
         if o["seeds"] < 2:
