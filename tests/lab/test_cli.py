@@ -87,7 +87,8 @@ def _stored_study(out, study, user, preset="quick", error=lambda p: 5.0, info=No
         s.register(study, preset, [(p.cfg.run_id(), p.label, p.x) for p in points],
                    setup=points[0].setup, info=info(get_study(study)) if info else None)
         for p in points:
-            s.claim(p.cfg.run_id(), p.cfg.to_dict())
+            if s.claim(p.cfg.run_id(), p.cfg.to_dict()) == "done":
+                continue  # stored by an earlier call (a run shared by studies): skipped
             s.record_epochs(p.cfg.run_id(), [{"epoch": 0, "test_error": error(p)}], {})
             s.finish(p.cfg.run_id())
     return points

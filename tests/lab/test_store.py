@@ -224,7 +224,8 @@ def test_a_study_rerun_on_other_data_is_not_pooled_with_the_first(tmp_path):
             s.register(st.name, "quick", [(p.cfg.run_id(), p.label, p.x) for p in pts],
                        setup=pts[0].setup)
             for p in pts:
-                s.claim(p.cfg.run_id(), p.cfg.to_dict())
+                if s.claim(p.cfg.run_id(), p.cfg.to_dict()) == "done":
+                    continue  # trained by an earlier call: skipped, as a study skips it
                 s.record_epochs(p.cfg.run_id(), [{"epoch": 0, "test_error": err}], {})
                 s.finish(p.cfg.run_id())
         return pts
@@ -263,10 +264,11 @@ def test_peak_memory_and_backend_are_recorded_and_exported(tmp_path):
         s.claim("r1", {"epochs": 1})
         s.record_epochs("r1", _rows(1), {"images_per_s": 99.0, "peak_memory_mb": 123.5,
                                          "backend": "triton"})
-        s.finish("r1")
         assert (s.run("r1")["peak_memory_mb"], s.run("r1")["backend"]) == (123.5, "triton")
-        # a resumed run with no epoch left records a summary without them: they are kept
+        # a resumed run with no epoch left (killed before it was marked done) records a
+        # summary without them: they are kept
         s.record_epochs("r1", _rows(1), {"images_per_s": 99.0})
+        s.finish("r1")
         assert (s.run("r1")["peak_memory_mb"], s.run("r1")["backend"]) == (123.5, "triton")
         s.export()
     header, row = (tmp_path / "runs.csv").read_text().splitlines()[:2]
@@ -371,3 +373,28 @@ def test_the_runner_leaves_a_run_taken_over_to_its_new_owner(tmp_path, monkeypat
         assert runner.run_points([P()], s) == {"skipped": 0, "trained": 0, "failed": 1}
         r = s.run(P.cfg.run_id())
         assert (r["status"], r["owner"]) == ("running", "other-host:7")
+
+
+@pytest.mark.parametrize("successor", ["finished", "failed", "released"])
+def test_an_owner_taken_over_writes_nothing_into_a_run_its_successor_ended(tmp_path, successor):
+    # the successor may finish the run (done or failed: owner NULL) or release it (owner
+    # NULL, still running) before the old owner wakes: record_epochs checked only for another
+    # owner, so the old owner wrote its stale epochs over the finished run's (and its DELETE of
+    # later epochs dropped the successor's last ones)
+    from normlab.lab.store import TakenOver
+
+    with Store(tmp_path) as s:
+        s.claim("r", {"epochs": 3})
+        s.record_epochs("r", _rows(1), {"wall_time": 1.0})
+        # the successor took it over, trained it to the end and finished (or released) it
+        s.con.execute("INSERT INTO epochs (run_id, epoch, train_loss) VALUES ('r', 1, 42.0), "
+                      "('r', 2, 43.0)")
+        ended = {"finished": "status='done'", "failed": "status='failed'",
+                 "released": "status='running'"}[successor]
+        s.con.execute(f"UPDATE runs SET {ended}, owner=NULL, epochs_done=3 WHERE run_id='r'")
+        with pytest.raises(TakenOver, match="run r was"):
+            s.record_epochs("r", _rows(1, base=9.0), {"wall_time": 1.0})
+        with pytest.raises(TakenOver):
+            s.check_owner("r")
+        assert [e["train_loss"] for e in s.epochs("r")] == [1.0, 42.0, 43.0]
+        assert s.run("r")["epochs_done"] == 3

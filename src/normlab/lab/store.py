@@ -264,8 +264,9 @@ class Store:
         transaction. ``rows`` is the run's whole history: rows of later epochs (a run that
         started over) are deleted. A summary without a peak memory or a backend (a resumed run
         with no epoch left to measure) keeps the recorded ones. :class:`TakenOver` when
-        another process owns the run now (this one was silent for ``$NORMLAB_STALE_AFTER``
-        s, e.g. stopped or suspended): nothing is written."""
+        this process does not own the run (another process took it over while this one was silent
+        for ``$NORMLAB_STALE_AFTER`` s, e.g. stopped or suspended, and may have finished it
+        since): nothing is written."""
         with self.transaction() as c:
             self._still_ours(c, run_id)
             c.execute("DELETE FROM epochs WHERE run_id=? AND epoch>?",
@@ -288,12 +289,29 @@ class Store:
                  last.get("test_error"), time.time(), run_id))
 
     def _still_ours(self, c: sqlite3.Connection, run_id: str) -> None:
-        """:class:`TakenOver` when another process owns ``run_id``: a silent owner taken over
-        as stale must not write over its successor's epochs."""
-        row = c.execute("SELECT owner FROM runs WHERE run_id=?", (run_id,)).fetchone()
-        if row is not None and row["owner"] not in (None, _me()):
-            raise TakenOver(f"run {run_id} was taken over by {row['owner']} while this process "
-                            "was silent for over $NORMLAB_STALE_AFTER s; it stops here")
+        """:class:`TakenOver` unless this process owns ``run_id`` and it is still ``running``:
+        a silent owner taken over as stale must not write over its successor's epochs, nor into
+        the run once its successor finished it (``done`` or ``failed``, owner NULL) or released
+        it (owner NULL)."""
+        row = c.execute("SELECT status, owner FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            raise TakenOver(f"run {run_id} is not in the store (this process never claimed it)")
+        if row["owner"] == _me() and row["status"] == "running":
+            return
+        if row["owner"] not in (None, _me()):
+            who = f"was taken over by {row['owner']}"
+        elif row["status"] != "running":
+            who = f"was finished ({row['status']}) by another process"
+        else:
+            who = "was taken over and released by another process"
+        raise TakenOver(f"run {run_id} {who} while this process was silent for over "
+                        "$NORMLAB_STALE_AFTER s; it stops here")
+
+    @_names_damage
+    def check_owner(self, run_id: str) -> None:
+        """:class:`TakenOver` unless this process owns ``run_id`` and it is still ``running``
+        (what :meth:`record_epochs` checks; the loop asks before it writes the checkpoint)."""
+        self._still_ours(self.con, run_id)
 
     @_names_damage
     def touch(self, run_id: str) -> bool:
