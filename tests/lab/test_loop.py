@@ -156,3 +156,35 @@ def test_precise_bn_is_in_the_run_id_only_when_on():
                       (2.5, "precise_bn")):
         with pytest.raises(ValueError, match=kind):
             RunConfig(precise_bn=bad).validate()
+
+
+def test_an_owner_taken_over_leaves_its_successors_checkpoint(tmp_path):
+    # _write_epoch saved the checkpoint before record_epochs checked the owner: an owner taken
+    # over as stale (stopped, then woken) wrote its checkpoint over its successor's once, so a
+    # successor killed before its next epoch resumed from the old owner's state
+    from types import SimpleNamespace
+
+    from normlab.lab import checkpoint
+    from normlab.lab.loop import _write_epoch
+    from normlab.lab.store import TakenOver
+
+    cfg = RunConfig(norm="gn", batch_size=2, epochs=3)
+    model = torch.nn.Linear(2, 2)
+    with Store(tmp_path) as s:
+        s.claim(cfg.run_id(), cfg.to_dict())
+        run = SimpleNamespace(cfg=cfg, store=s, ckpt=str(s.checkpoint_path(cfg.run_id())),
+                              model=model, opt=torch.optim.SGD(model.parameters(), lr=0.1),
+                              history=[{"epoch": 0, "train_loss": 1.0}], elapsed=1.0,
+                              train_time=1.0, train_images=8, batch=2)
+        _write_epoch(run, 0, {})  # ours: written
+        assert checkpoint.read(run.ckpt)[0]["epoch"] == 0
+        # the successor took the run over and checkpointed its epoch 1
+        s.con.execute("UPDATE runs SET owner='other-host:7' WHERE run_id=?", (cfg.run_id(),))
+        theirs = {**checkpoint.read(run.ckpt)[0], "epoch": 1, "elapsed": 42.0}
+        checkpoint.save(run.ckpt, theirs)
+        run.history.append({"epoch": 1, "train_loss": 9.0})
+        with pytest.raises(TakenOver, match="other-host:7"):
+            _write_epoch(run, 1, {})
+        state, _ = checkpoint.read(run.ckpt)
+        assert (state["epoch"], state["elapsed"]) == (1, 42.0)  # the successor's, untouched
+        assert not list(s.checkpoint_dir.glob("*.tmp*"))  # the stale write removed

@@ -31,7 +31,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -44,12 +44,21 @@ REQUIRED = {"model": dict, "optimizer": dict, "epoch": int, "history": list, "el
             "train_time": float, "train_images": int}
 
 
-def save(path: Union[str, Path], state: dict[str, Any]) -> None:
+def save(path: Union[str, Path], state: dict[str, Any],
+         before_rename: Optional[Callable[[], None]] = None) -> None:
     """Write ``state`` to ``path`` through a temporary file and an atomic rename: a reader sees
-    the old or the new checkpoint, never half of one."""
+    the old or the new checkpoint, never half of one. ``before_rename`` is called once the
+    temporary file is written, just before the rename; when it raises (the loop's ownership
+    check), the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_via(path, lambda f: torch.save(state, f))  # <name>.tmp<pid>.<hex>, then renamed
+
+    def write(f: Any) -> None:
+        torch.save(state, f)
+        if before_rename is not None:
+            before_rename()
+
+    write_via(path, write)  # <name>.tmp<pid>.<hex>, then renamed
 
 
 def read(path: Union[str, Path]) -> tuple[Optional[dict[str, Any]], Optional[str]]:

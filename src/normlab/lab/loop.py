@@ -6,7 +6,15 @@ loss. What the run trains with (model, optimizer, schedule, loaders) is :mod:`no
 
 Resumability: after every epoch the loop writes a checkpoint (model, optimizer, history) to
 ``OUT/checkpoints/<run_id>.pt`` through a temporary file and an atomic rename, *then* upserts that
-epoch's rows into the store. The data order and augmentation of an epoch depend only on
+epoch's rows into the store. Both happen only while this process owns the run: an owner taken
+over as stale (silent for ``$NORMLAB_STALE_AFTER`` s: stopped, suspended) raises ``TakenOver``
+before its rename. The check and the rename are two steps: an owner suspended for the stale limit
+between them (microseconds after a written checkpoint) replaces its successor's checkpoint once
+with its own, a whole checkpoint of the same run trained on from a state the run had (the
+checkpoint the successor resumed from, or an earlier one), before its store write raises
+``TakenOver``; the successor writes its own again at its next epoch, and were it killed first,
+the run resumes from that checkpoint (its history goes into the store with it; a run's epochs
+depend only on its seed and the epoch): work may be lost or redone, runs are never mixed. The data order and augmentation of an epoch depend only on
 ``(seed, epoch)``, so a resumed run repeats the interrupted epoch exactly as it would have run.
 A SIGKILL at any point loses at most the epoch in progress. Checkpoints are read with
 ``torch.load(weights_only=True)`` (:mod:`normlab.lab.checkpoint`): one that does not load or does
@@ -166,13 +174,18 @@ def _restore(run_model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> N
 
 
 def _write_epoch(run: _Run, epoch: int, summary: dict) -> None:
-    """Rank 0: the checkpoint, then the epoch's rows in the store."""
+    """Rank 0: the checkpoint, then the epoch's rows in the store. The checkpoint is renamed
+    into place only while this process still owns the run (:meth:`Store.check_owner`, asked
+    once the file is written, just before the rename): an owner taken over as stale does not
+    write its checkpoint over its successor's (it raises :class:`TakenOver` there)."""
+    run_id = run.cfg.run_id()
     checkpoint.save(run.ckpt, {
         "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch,
         "history": run.history, "elapsed": run.elapsed, "train_time": run.train_time,
-        "train_images": run.train_images, "run_id": run.cfg.run_id(),
-        "world_size": nd.world_size(), "batch_per_process": run.batch})
-    run.store.record_epochs(run.cfg.run_id(), run.history, summary)
+        "train_images": run.train_images, "run_id": run_id,
+        "world_size": nd.world_size(), "batch_per_process": run.batch},
+        before_rename=lambda: run.store.check_owner(run_id))
+    run.store.record_epochs(run_id, run.history, summary)
 
 
 # test-only fault injection: "RANK:STEPS" makes that rank os._exit(17) after STEPS optimizer steps
