@@ -398,3 +398,65 @@ def test_an_owner_taken_over_writes_nothing_into_a_run_its_successor_ended(tmp_p
             s.check_owner("r")
         assert [e["train_loss"] for e in s.epochs("r")] == [1.0, 42.0, 43.0]
         assert s.run("r")["epochs_done"] == 3
+
+
+def _exports(d):
+    import csv
+    runs = {r["run_id"]: r for r in csv.DictReader((d / "runs.csv").open())}
+    epochs = [(r["run_id"], int(r["epoch"])) for r in csv.DictReader((d / "epochs.csv").open())]
+    doc = json.loads((d / "results.json").read_text())
+    return runs, epochs, doc
+
+
+def test_one_export_is_one_snapshot(tmp_path):
+    # runs, epochs, spp, ... were read in separate autocommit SELECTs: a writer between them
+    # made runs.csv say `running, 1 epoch` while epochs.csv and results.json held 2 epochs
+    # (or, the other way, a run `done` whose last epoch was missing). Here the other writer
+    # finishes the run right after the export read the runs table
+    with Store(tmp_path) as s, Store(tmp_path) as other:
+        s.claim("r", {"epochs": 2})
+        s.record_epochs("r", _rows(1), {"wall_time": 1.0})
+        runs = s.runs
+
+        def runs_then_a_write(*a, **kw):
+            got = runs(*a, **kw)
+            other.record_epochs("r", _rows(2), {"wall_time": 2.0})
+            other.finish("r")
+            return got
+
+        s.runs = runs_then_a_write
+        s.export()
+    csv_runs, epochs, doc = _exports(tmp_path)
+    assert (csv_runs["r"]["status"], csv_runs["r"]["epochs_done"]) == ("running", "1")
+    assert epochs == [("r", 0)]  # as the runs table was when read, not the other writer's
+    assert [len(r["history"]) for r in doc["runs"]] == [1]
+
+
+def test_an_older_export_never_replaces_a_newer_one(tmp_path):
+    # two processes exporting at once (two studies ending together on one --out): the one
+    # that read the store first renamed its files last, over the other's newer ones, and the
+    # exports said a finished run was still running. Here process A reads, then B finishes the
+    # run and exports, then A places its older snapshot
+    with Store(tmp_path) as a, Store(tmp_path) as b:
+        a.claim("r", {"epochs": 1})
+        runs = a.runs
+
+        def runs_then_another_export(*args, **kw):
+            got = runs(*args, **kw)
+            b.record_epochs("r", _rows(1), {"wall_time": 1.0})
+            b.finish("r")
+            b.export()
+            return got
+
+        a.runs = runs_then_another_export
+        a.export()
+    csv_runs, epochs, doc = _exports(tmp_path)
+    assert csv_runs["r"]["status"] == "done" and epochs == [("r", 0)]
+    assert doc["runs"][0]["status"] == "done"
+    # a store moved away and started afresh (its count from 0) replaces the old one's exports
+    generation = doc["export"]["generation"]
+    os.rename(tmp_path / "results.sqlite", tmp_path / "old.sqlite")
+    with Store(tmp_path) as s:
+        s.export()
+    runs2, epochs2, doc2 = _exports(tmp_path)
+    assert runs2 == {} and epochs2 == [] and doc2["export"]["generation"] < generation

@@ -15,6 +15,8 @@ Layout of ``OUT/results.sqlite`` (WAL journal, every write one ``BEGIN IMMEDIATE
     spp(model, depth PK, name, avg_sq_mean, avg_var, residual_var, expected_var (the analytic
         variance where the model has one), architecture (e.g. BN-ReLU-Conv), measured_on (the
         input: batch, resolution, seed))  -- signal propagation
+    meta(key PK, value)  -- 'store': the store's random id; 'generation': how many write
+        transactions it has had (each one counts itself), which orders the exports' snapshots
 
 Why this survives SIGKILL at any moment: SQLite commits are atomic (WAL), a run's per-epoch rows
 are written in one transaction after its checkpoint file was atomically renamed into place (see
@@ -59,7 +61,7 @@ from typing import Any, Iterator, Optional, Union
 
 from normlab.lab.owners import HEARTBEAT_S, _me, _my_start, _owner_alive, stale_after_s
 from normlab.lab.outfiles import a_file, a_folder, not_a_link
-from normlab.lab.store_export import write_exports
+from normlab.lab.store_export import place_exports, read_snapshot, render_exports
 from normlab.lab.store_rows import (RUN_NUMBERS, SPP_NUMBERS, epoch_row, json_object, member_x,
                                     numbers, one_kind_of_x, run_config, stored_setup_info)
 from normlab.lab.store_open import (DB_NAME, EPOCH_FIELDS, EXPORTS, StoreError, _names_damage,
@@ -172,10 +174,13 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE``: takes the write lock up front)."""
+        """One write transaction (``BEGIN IMMEDIATE``: takes the write lock up front). It counts
+        itself in the store's generation (``meta``), which orders the exports' snapshots."""
         self.con.execute("BEGIN IMMEDIATE")
         try:
             yield self.con
+            self.con.execute("INSERT INTO meta (key, value) VALUES ('generation', 1) ON "
+                             "CONFLICT (key) DO UPDATE SET value=value+1")
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
@@ -454,8 +459,41 @@ class Store:
     @_names_damage
     def export(self) -> list[Path]:
         """Write ``runs.csv``, ``epochs.csv``, ``spp.csv`` and ``results.json`` next to the
-        database (:mod:`normlab.lab.store_export`)."""
-        return write_exports(self.dir, self.con, self.runs())
+        database (:mod:`normlab.lab.store_export`): one snapshot of the store, read in one read
+        transaction, and placed under the store's write lock unless a later snapshot is in
+        place already (two processes exporting at once: the newer one stays)."""
+        self.con.execute("BEGIN")  # deferred: the first read below fixes the snapshot
+        try:
+            snap = read_snapshot(self.dir, self.con, self.runs())
+        finally:
+            self.con.execute("COMMIT")  # nothing written: ends the read
+        texts = render_exports(snap)
+        with self._write_lock():
+            return place_exports(self.dir, texts, snap)
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """Hold the store's write lock (``BEGIN IMMEDIATE`` ... ``ROLLBACK``: nothing is
+        written, a read-only store too), which every writer of the store takes; where SQLite
+        cannot take it (a read-only file, where no process writes) the block runs without."""
+        if self.read_only:
+            self.con.execute("PRAGMA query_only=OFF")  # query_only refuses BEGIN IMMEDIATE
+        try:
+            try:
+                self.con.execute("BEGIN IMMEDIATE")
+                locked = True
+            except sqlite3.OperationalError as e:
+                if "readonly" not in str(e):
+                    raise
+                locked = False
+            try:
+                yield
+            finally:
+                if locked:
+                    self.con.execute("ROLLBACK")
+        finally:
+            if self.read_only:
+                self.con.execute("PRAGMA query_only=ON")
 
 
 def _run_dict(path: Path, row: sqlite3.Row) -> dict[str, Any]:

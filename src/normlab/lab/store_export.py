@@ -1,8 +1,18 @@
 """The exports written beside a results store: ``runs.csv``, ``epochs.csv``, ``spp.csv`` (the
 signal-propagation records, one row per model and depth, as the ``spp`` table holds them) and
-``results.json`` (the runs with their histories, the study members, the setups and, under
-``spp``, the spp rows), each written to a temporary file and renamed into place, so a reader
-never sees half of one.
+``results.json`` (the runs with their histories, the study members, the setups, under ``spp``
+the spp rows, and under ``export`` which snapshot of the store it is), each written to a
+temporary file and renamed into place, so a reader never sees half of one.
+
+One export is one snapshot: :func:`read_snapshot` reads every table in one read transaction
+(the caller's), so a run ``done`` in ``runs.csv`` has all its epochs in ``epochs.csv`` and the
+same history in ``results.json``, however other processes write meanwhile. Snapshots are
+ordered by the store's generation, a counter every write transaction of
+:class:`normlab.lab.store.Store` increments under the store's write lock (so it orders writes
+from any process on any host as the store itself does, with no clock), and named by the store's
+random id (a store moved away and started afresh counts from 0 again). :func:`place_exports`
+runs under the store's write lock and leaves the exports in place when ``results.json`` holds a
+later snapshot of the same store: two studies ending together never put the older one last.
 """
 
 from __future__ import annotations
@@ -10,9 +20,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
 import sqlite3
+import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from normlab.lab.outfiles import write_text
 from normlab.lab.store_open import DB_NAME, EPOCH_FIELDS
@@ -25,56 +39,108 @@ _RUN_FIELDS = ("run_id", "status", "owner", "epochs", "epochs_done", "wall_time"
 #: the columns of spp.csv (and the keys of results.json's ``spp`` rows): the ``spp`` table's
 SPP_FIELDS = ("model", "depth", "name", "avg_sq_mean", "avg_var", "residual_var", "expected_var",
               "architecture", "measured_on")
+#: results.json's first key (keys are sorted) says which snapshot it is
+_MARKER = re.compile(rb'\A\{\s*"export": \{\s*"generation": (\d+),\s*"store": "([0-9a-f]*)"')
 
 
-def write_exports(directory: Path, con: sqlite3.Connection,
-                  runs: list[dict[str, Any]]) -> list[Path]:
-    """Write ``runs.csv``, ``epochs.csv``, ``spp.csv`` and ``results.json`` into ``directory``
-    (beside the store ``con`` reads); ``runs`` as :meth:`normlab.lab.store.Store.runs` gives
-    them."""
-    epochs = [epoch_row(directory / DB_NAME, dict(r))
+@dataclass
+class Snapshot:
+    """Every table an export writes, as one read transaction saw them."""
+
+    runs: list[dict[str, Any]]
+    epochs: list[dict[str, Any]]
+    spp: list[dict[str, Any]]
+    members: list[dict[str, Any]]
+    setups: list[dict[str, Any]]
+    generation: int   # the store's write count when read (0: a store from before it was kept)
+    store: str        # the store's id ("" for a store from before it had one)
+
+
+def read_snapshot(directory: Path, con: sqlite3.Connection,
+                  runs: list[dict[str, Any]]) -> Snapshot:
+    """The tables of the store ``con`` reads (call it inside one read transaction, ``runs`` as
+    :meth:`normlab.lab.store.Store.runs` read them in it)."""
+    path = directory / DB_NAME
+    epochs = [epoch_row(path, dict(r))
               for r in con.execute("SELECT * FROM epochs ORDER BY run_id, epoch")]
-    spp = [numbers(directory / DB_NAME, f"signal-propagation model {r['model']!r}",
+    spp = [numbers(path, f"signal-propagation model {r['model']!r}",
                    {k: r[k] for k in SPP_FIELDS}, SPP_NUMBERS)
            for r in con.execute("SELECT * FROM spp ORDER BY model, depth")]
     # x as the number (or text) it is, as `ls` and the report read it, not its JSON text
-    members = [{**dict(r), "x": member_x(directory / DB_NAME, r["study"], r["run_id"], r["x"])}
+    members = [{**dict(r), "x": member_x(path, r["study"], r["run_id"], r["x"])}
                for r in con.execute("SELECT * FROM study_runs ORDER BY study")]
-    paths = []
-    cfg_keys = sorted({k for r in runs for k in r["config"]})
-    p = directory / "runs.csv"
-    _atomic_csv(p, [*_RUN_FIELDS, *(f"config.{k}" for k in cfg_keys)],
-                [[r.get(k) for k in _RUN_FIELDS]
-                 + [_cell(r["config"].get(k)) for k in cfg_keys] for r in runs])
-    paths.append(p)
-    p = directory / "epochs.csv"
-    _atomic_csv(p, ["run_id", "epoch", *EPOCH_FIELDS],
-                [[e[k] for k in ("run_id", "epoch", *EPOCH_FIELDS)] for e in epochs])
-    paths.append(p)
-    p = directory / "spp.csv"
-    _atomic_csv(p, list(SPP_FIELDS), [[r[k] for k in SPP_FIELDS] for r in spp])
-    paths.append(p)
-    p = directory / "results.json"
-    by_run: dict[str, list] = {}
-    for e in epochs:
-        by_run.setdefault(e["run_id"], []).append({k: v for k, v in e.items() if k != "run_id"})
-    setups = [{**dict(r), "info": stored_setup_info(directory / DB_NAME, r["study"], r["info"])}
+    setups = [{**dict(r), "info": stored_setup_info(path, r["study"], r["info"])}
               for r in con.execute("SELECT * FROM setups ORDER BY study, registered")]
-    doc = {"runs": [{**r, "history": by_run.get(r["run_id"], [])} for r in runs],
-           "studies": members, "setups": setups, "spp": spp}
-    write_text(p, json.dumps(doc, indent=1, sort_keys=True, default=str))
-    paths.append(p)
+    meta: dict[str, Any] = {}
+    if con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+        meta = {r[0]: r[1] for r in con.execute("SELECT key, value FROM meta")}
+    generation = meta.get("generation")
+    store = meta.get("store")
+    return Snapshot(runs, epochs, spp, members, setups,
+                    generation if isinstance(generation, int) and generation >= 0 else 0,
+                    store if isinstance(store, str) and re.fullmatch("[0-9a-f]*", store) else "")
+
+
+def render_exports(snap: Snapshot) -> dict[str, str]:
+    """The text of each export (name -> text), ``results.json`` last."""
+    cfg_keys = sorted({k for r in snap.runs for k in r["config"]})
+    texts = {
+        "runs.csv": _csv([*_RUN_FIELDS, *(f"config.{k}" for k in cfg_keys)],
+                         [[r.get(k) for k in _RUN_FIELDS]
+                          + [_cell(r["config"].get(k)) for k in cfg_keys] for r in snap.runs]),
+        "epochs.csv": _csv(["run_id", "epoch", *EPOCH_FIELDS],
+                           [[e[k] for k in ("run_id", "epoch", *EPOCH_FIELDS)]
+                            for e in snap.epochs]),
+        "spp.csv": _csv(list(SPP_FIELDS), [[r[k] for k in SPP_FIELDS] for r in snap.spp]),
+    }
+    by_run: dict[str, list] = {}
+    for e in snap.epochs:
+        by_run.setdefault(e["run_id"], []).append({k: v for k, v in e.items() if k != "run_id"})
+    doc = {"runs": [{**r, "history": by_run.get(r["run_id"], [])} for r in snap.runs],
+           "studies": snap.members, "setups": snap.setups, "spp": snap.spp,
+           "export": {"generation": snap.generation, "store": snap.store}}
+    texts["results.json"] = json.dumps(doc, indent=1, sort_keys=True, default=str)
+    return texts
+
+
+def place_exports(directory: Path, texts: dict[str, str], snap: Snapshot) -> list[Path]:
+    """Rename the exports ``texts`` of ``snap`` into ``directory`` (``results.json`` last),
+    unless its ``results.json`` holds a later snapshot of the same store: then the newer
+    exports stay. Call it under the store's write lock. Returns the exports' paths."""
+    placed = _placed(directory / "results.json")
+    newer = placed is not None and placed[1] == snap.store and placed[0] > snap.generation
+    paths = [directory / name for name in texts]
+    if not newer:
+        for p in paths:
+            write_text(p, texts[p.name])
     return paths
+
+
+def _placed(path: Path) -> Optional[tuple[int, str]]:
+    """(generation, store id) of the exports in place, from ``results.json``'s first key; None
+    when it is missing, not a regular file, or has none (written by an earlier normlab)."""
+    try:  # a link or a FIFO planted there is neither followed nor waited on
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        m = _MARKER.match(os.read(fd, 4096))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return (int(m.group(1)), m.group(2).decode()) if m else None
 
 
 def _cell(v: Any) -> Any:
     return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
 
 
-def _atomic_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+def _csv(header: list[str], rows: list[list[Any]]) -> str:
     text = io.StringIO(newline="")
     w = csv.writer(text)
     w.writerow(header)
     w.writerows(rows)
-    write_text(path, text.getvalue())
-
+    return text.getvalue()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import sqlite3
 import tempfile
 import time
@@ -50,6 +51,7 @@ CREATE TABLE IF NOT EXISTS spp (
     model TEXT NOT NULL, depth INTEGER NOT NULL, name TEXT, avg_sq_mean REAL, avg_var REAL,
     residual_var REAL, expected_var REAL, architecture TEXT, measured_on TEXT,
     PRIMARY KEY (model, depth));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 """
 
 #: columns added since the first stores were written: (table, column, declaration, the value
@@ -74,6 +76,9 @@ def create_schema(con: sqlite3.Connection) -> None:
     for table, col, decl, _ in _ADDED_COLUMNS:  # a store written before they were
         if col not in _columns(con, table):
             con.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+    # the store's id and write count, which order its exports (normlab.lab.store_export)
+    con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store', ?)",
+                (secrets.token_hex(8),))
 
 
 class StoreError(ConfigError):
