@@ -375,6 +375,34 @@ def test_the_runner_leaves_a_run_taken_over_to_its_new_owner(tmp_path, monkeypat
         assert (r["status"], r["owner"]) == ("running", "other-host:7")
 
 
+def test_a_multi_process_job_taken_over_leaves_the_run_to_its_new_owner(tmp_path, monkeypatch):
+    # the same under torch.distributed: rank 0 (the writer) marked the new owner's run failed
+    # before raising, as for a peer's death
+    from normlab import distributed as nd
+    from normlab.lab import runner
+    from normlab.lab.config import RunConfig
+    from normlab.lab.store import TakenOver
+
+    class P:
+        cfg = RunConfig(norm="gn", batch_size=2, epochs=2)
+        label = "gn"
+
+    def train_run(cfg, store, progress=None):
+        store.con.execute("UPDATE runs SET owner='other-host:7' WHERE run_id=?",
+                          (cfg.run_id(),))
+        store.record_epochs(cfg.run_id(), _rows(1), {})
+
+    monkeypatch.setattr(runner, "train_run", train_run)
+    monkeypatch.setattr(nd, "is_distributed", lambda: True)
+    monkeypatch.setattr(runner, "is_writer", lambda: True)
+    with Store(tmp_path) as s:
+        assert s.claim(P.cfg.run_id(), P.cfg.to_dict()) == "claimed"
+        with pytest.raises(TakenOver):
+            runner._train_point(P(), s, None)
+        r = s.run(P.cfg.run_id())
+        assert (r["status"], r["owner"]) == ("running", "other-host:7")
+
+
 @pytest.mark.parametrize("successor", ["finished", "failed", "released"])
 def test_an_owner_taken_over_writes_nothing_into_a_run_its_successor_ended(tmp_path, successor):
     # the successor may finish the run (done or failed: owner NULL) or release it (owner

@@ -109,8 +109,8 @@ def _train_point(p: Any, store: Optional[Store],
         if isinstance(e, TakenOver) and not nd.is_distributed():
             return "failed", {"error": msg}  # another process trains it now: not ours to mark
         if nd.is_distributed():
-            if writer:  # often a peer's death seen through the collective that failed
-                store.finish(rid, "failed", f"multi-process job stopped: {msg}")
+            if writer and not isinstance(e, TakenOver):  # often a peer's death seen through
+                store.finish(rid, "failed", f"multi-process job stopped: {msg}")  # a collective
             raise
         store.finish(rid, "failed", msg)
         return "failed", {"error": msg}
