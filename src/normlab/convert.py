@@ -432,9 +432,9 @@ def _already(module: nn.Module, target: str, target_cls: Optional[type]) -> bool
 
 
 def _warn_instance_norm_groups(replaced: list, kwargs: dict[str, Any]) -> None:
-    """For ``"gn"``: a warning naming the GroupNorms that the group rule (:func:`resolve_groups`) reduced to
-    one channel per group, i.e. InstanceNorm (the GN paper's worst setting: 28.4 against 24.1
-    at 32 groups): a layer with no more channels than the groups asked for."""
+    """For ``"gn"``: a warning naming the GroupNorms that the group rule (:func:`resolve_groups`)
+    reduced to one channel per group, i.e. InstanceNorm (the GN paper's worst setting: 28.4
+    against 24.1 at 32 groups): a layer with no more channels than the groups asked for."""
     if "group_size" in kwargs:
         return
     asked = kwargs.get("num_groups", DEFAULT_NUM_GROUPS)

@@ -12,9 +12,9 @@ Confidence. At one batch size let a be the series with the lowest mean error and
 lowest; ``d = m_b - m_a`` and its half-width ``h`` follow the verdicts' rule
 (:mod:`normlab.lab.analysis`: Student's t times the standard error, from the spread over seeds,
 floored). The table gives ``d ± h``, the probability that a is really lower (from the same t
-distribution), and calls the gap *decisive* when ``d > h``, as the verdicts do (never where a
-point has one seed: no spread, only ``d`` is shown) (at the study's level: the sequential one when its power rounds could look
-after each added seed). A series whose every run at that batch size was flagged (diverged,
+distribution), and calls the gap *decisive* when ``d > h``, as the verdicts do, at the study's
+level (the sequential one when its power rounds could look after each added seed). Where a
+point has one seed there is no spread: only ``d`` is shown, never decisive. A series whose every run at that batch size was flagged (diverged,
 unconverged) has no mean to rank: the row names it and its flags.
 
 Cost, measured in the same runs: training images per second (the run's training images over its

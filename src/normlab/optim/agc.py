@@ -210,8 +210,8 @@ class AGC:
     """Wrap any optimizer so that each ``step()`` first clips, unit-wise, the gradients of the
     parameters the optimizer updates (its ``param_groups`` at that step, so groups added later
     with ``add_param_group`` are clipped too), except those of ``model``'s modules named in
-    ``exclude`` (default: the classifier, :func:`classifier_names`). Parameters of ``model`` that the optimizer does not hold are
-    left alone (another optimizer may own them).
+    ``exclude`` (default: the classifier, :func:`classifier_names`). Parameters of ``model``
+    that the optimizer does not hold are left alone (another optimizer may own them).
 
     Everything else (``zero_grad``, ``param_groups``, ``state_dict``, schedulers via
     ``.optimizer``) is the wrapped optimizer's; with a GradScaler, ``scaler.step(agc)`` unscales
