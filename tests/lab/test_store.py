@@ -352,36 +352,11 @@ def test_an_owner_taken_over_writes_nothing_more(tmp_path):
         assert (r["status"], r["owner"], r["epochs_done"]) == ("running", "other-host:7", 2)
 
 
-def test_the_runner_leaves_a_run_taken_over_to_its_new_owner(tmp_path, monkeypatch):
-    # the old owner's write raises TakenOver; recording that as the run's failure would set it
-    # `failed` with no owner under the process training it, and a third process would claim
-    # and train it again at the same time
+def _taken_over_while_training(monkeypatch):
+    """A point whose training is taken over by 'other-host:7' while this process was stopped,
+    then writes an epoch (the runner's train_run patched); the point."""
     from normlab.lab import runner
     from normlab.lab.config import RunConfig
-
-    class P:
-        cfg = RunConfig(norm="gn", batch_size=2, epochs=2)
-        label = "gn"
-
-    def train_run(cfg, store, progress=None):
-        store.con.execute("UPDATE runs SET owner='other-host:7' WHERE run_id=?",
-                          (cfg.run_id(),))  # taken over while this process was stopped
-        store.record_epochs(cfg.run_id(), _rows(1), {})
-
-    monkeypatch.setattr(runner, "train_run", train_run)
-    with Store(tmp_path) as s:
-        assert runner.run_points([P()], s) == {"skipped": 0, "trained": 0, "failed": 1}
-        r = s.run(P.cfg.run_id())
-        assert (r["status"], r["owner"]) == ("running", "other-host:7")
-
-
-def test_a_multi_process_job_taken_over_leaves_the_run_to_its_new_owner(tmp_path, monkeypatch):
-    # the same under torch.distributed: rank 0 (the writer) marked the new owner's run failed
-    # before raising, as for a peer's death
-    from normlab import distributed as nd
-    from normlab.lab import runner
-    from normlab.lab.config import RunConfig
-    from normlab.lab.store import TakenOver
 
     class P:
         cfg = RunConfig(norm="gn", batch_size=2, epochs=2)
@@ -393,13 +368,37 @@ def test_a_multi_process_job_taken_over_leaves_the_run_to_its_new_owner(tmp_path
         store.record_epochs(cfg.run_id(), _rows(1), {})
 
     monkeypatch.setattr(runner, "train_run", train_run)
+    return P()
+
+
+def test_the_runner_leaves_a_run_taken_over_to_its_new_owner(tmp_path, monkeypatch):
+    # the old owner's write raises TakenOver; recording that as the run's failure would set it
+    # `failed` with no owner under the process training it, and a third process would claim
+    # and train it again at the same time
+    from normlab.lab import runner
+
+    p = _taken_over_while_training(monkeypatch)
+    with Store(tmp_path) as s:
+        assert runner.run_points([p], s) == {"skipped": 0, "trained": 0, "failed": 1}
+        r = s.run(p.cfg.run_id())
+        assert (r["status"], r["owner"]) == ("running", "other-host:7")
+
+
+def test_a_multi_process_job_taken_over_leaves_the_run_to_its_new_owner(tmp_path, monkeypatch):
+    # the same under torch.distributed: rank 0 (the writer) marked the new owner's run failed
+    # before raising, as for a peer's death
+    from normlab import distributed as nd
+    from normlab.lab import runner
+    from normlab.lab.store import TakenOver
+
+    p = _taken_over_while_training(monkeypatch)
     monkeypatch.setattr(nd, "is_distributed", lambda: True)
     monkeypatch.setattr(runner, "is_writer", lambda: True)
     with Store(tmp_path) as s:
-        assert s.claim(P.cfg.run_id(), P.cfg.to_dict()) == "claimed"
+        assert s.claim(p.cfg.run_id(), p.cfg.to_dict()) == "claimed"
         with pytest.raises(TakenOver):
-            runner._train_point(P(), s, None)
-        r = s.run(P.cfg.run_id())
+            runner._train_point(p, s, None)
+        r = s.run(p.cfg.run_id())
         assert (r["status"], r["owner"]) == ("running", "other-host:7")
 
 
