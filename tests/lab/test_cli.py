@@ -993,6 +993,12 @@ def test_flags_show_no_value_in_help():
     line = next(l for l in out.splitlines() if "--quick" in l)
     assert "<bool>" not in line and "first look" in line
     assert "<bool>" not in next(l for l in out.splitlines() if "--no-report" in l)
+    # and ls's listing flags and --version (a new user's walk through the help)
+    out = runner.invoke(app, ["ls", "--help"], env={"COLUMNS": "120"}).output
+    for flag in ("--studies", "--models", "--norms", "--keys"):
+        assert "<bool>" not in next(l for l in out.splitlines() if flag in l), flag
+    out = runner.invoke(app, ["--help"], env={"COLUMNS": "120"}).output
+    assert "<bool>" not in next(l for l in out.splitlines() if "--version" in l)
 
 
 def test_jobs_follower_shows_each_workers_epochs():

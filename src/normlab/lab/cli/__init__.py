@@ -72,7 +72,7 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(version: bool = typer.Option(
-        False, "--version", is_eager=True, callback=_print_version,
+        False, "--version", metavar="", is_eager=True, callback=_print_version,
         help="Print the versions of normlab, torch, triton, timm and Python, and exit.")) -> None:
     """normlab lab: reproduce the normalization papers' studies."""
 

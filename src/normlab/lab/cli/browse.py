@@ -39,10 +39,11 @@ def report(out: Path = path_argument(..., help="an output directory of `normlab 
 
 def ls_(
     out: Optional[Path] = path_argument(None, help="an output directory: list its runs"),
-    studies: bool = typer.Option(False, "--studies", help="list the studies"),
-    models: bool = typer.Option(False, "--models", help="list the models"),
-    norms: bool = typer.Option(False, "--norms", help="list the norms"),
-    keys: bool = typer.Option(False, "--keys", help="list the --set keys and their defaults"),
+    studies: bool = typer.Option(False, "--studies", metavar="", help="list the studies"),
+    models: bool = typer.Option(False, "--models", metavar="", help="list the models"),
+    norms: bool = typer.Option(False, "--norms", metavar="", help="list the norms"),
+    keys: bool = typer.Option(False, "--keys", metavar="",
+                              help="list the --set keys and their defaults"),
 ) -> None:
     """List the runs in OUT's store, or the known studies, models and norms (and --set keys)."""
     def body() -> None:
