@@ -356,7 +356,8 @@ def _check_type(name: str, value: Any, tp: Any) -> None:
         unparsed = (isinstance(value, str) and base in (dict, tuple, list)
                     and value.strip()[:1] in ("{", "["))
         raise ConfigError(
-            f"{name} must be {getattr(base, '__name__', base)}, got {type(value).__name__} {value!r}"
+            f"{name} must be {getattr(base, '__name__', base)}, "
+            f"got {type(value).__name__} {value!r}"
             + (" (not valid JSON: quote the keys and strings, e.g. "
                "--set 'model_kwargs={\"img_size\": 8}')" if unparsed else ""))
 

@@ -14,8 +14,9 @@ with its own, a whole checkpoint of the same run trained on from a state the run
 checkpoint the successor resumed from, or an earlier one), before its store write raises
 ``TakenOver``; the successor writes its own again at its next epoch, and were it killed first,
 the run resumes from that checkpoint (its history goes into the store with it; a run's epochs
-depend only on its seed and the epoch): work may be lost or redone, runs are never mixed. The data order and augmentation of an epoch depend only on
-``(seed, epoch)``, so a resumed run repeats the interrupted epoch exactly as it would have run.
+depend only on its seed and the epoch): work may be lost or redone, runs are never mixed. The
+data order and augmentation of an epoch depend only on ``(seed, epoch)``, so a resumed run
+repeats the interrupted epoch exactly as it would have run.
 A SIGKILL at any point loses at most the epoch in progress. Checkpoints are read with
 ``torch.load(weights_only=True)`` (:mod:`normlab.lab.checkpoint`): one that does not load or does
 not fit the run (planted, damaged, another recipe's) is moved aside and the run starts over from

@@ -68,8 +68,9 @@ from normlab.lab.store_open import (DB_NAME, EPOCH_FIELDS, EXPORTS, StoreError, 
                                     check_columns, check_writable, connect_read_only, create_schema,
                                     open_error, set_wal, unwritable)
 
-__all__ = ["Store", "StoreError", "TakenOver", "unwritable", "DB_NAME", "EXPORTS", "EPOCH_FIELDS", "heartbeat",
-           "HEARTBEAT_S", "stale_after_s"]
+__all__ = ["Store", "StoreError", "TakenOver", "unwritable", "DB_NAME", "EXPORTS", "EPOCH_FIELDS",
+           "heartbeat", "HEARTBEAT_S", "stale_after_s"]
+
 
 class TakenOver(RuntimeError):
     """This process's run was taken over by another (see "Owners" above): it must stop."""

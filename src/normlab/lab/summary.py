@@ -14,8 +14,9 @@ lowest; ``d = m_b - m_a`` and its half-width ``h`` follow the verdicts' rule
 floored). The table gives ``d ± h``, the probability that a is really lower (from the same t
 distribution), and calls the gap *decisive* when ``d > h``, as the verdicts do, at the study's
 level (the sequential one when its power rounds could look after each added seed). Where a
-point has one seed there is no spread: only ``d`` is shown, never decisive. A series whose every run at that batch size was flagged (diverged,
-unconverged) has no mean to rank: the row names it and its flags.
+point has one seed there is no spread: only ``d`` is shown, never decisive. A series whose
+every run at that batch size was flagged (diverged, unconverged) has no mean to rank: the row
+names it and its flags.
 
 Cost, measured in the same runs: training images per second (the run's training images over its
 training time, mean over the seeds that count: flagged runs are left out, as in the error
