@@ -1618,8 +1618,9 @@ class TritonBackend:
         # BN's update inside the eager op (see _EagerNorm); InstanceNorm's after it, once under
         # a checkpoint's recompute, as torch's; under a trace after the op, which has no
         # mutable arguments
-        inside = running is not None and over_batch and _eager(xk)
-        if _eager(xk):
+        eager = _eager(xk)
+        inside = eager and over_batch and running is not None
+        if eager:
             y, stats = _EagerNorm.apply(*inputs, running if inside else None)
         else:
             y, stats = triton_norm_fwd(*inputs)
