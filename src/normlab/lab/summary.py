@@ -309,6 +309,19 @@ def _setting_winner(study: Study, runs: list[dict], all_stats: dict, level: Leve
             f"All, lowest error first: {order}.", ""]
 
 
+def _all_flagged(name: str, runs: list[dict]) -> list[str]:
+    """The lines for a study whose finished runs are all flagged (nothing counts: said, not
+    "no runs"); none when it has no finished run."""
+    done = [r for r in runs if r["status"] == "done"]
+    if not done:
+        return []
+    return [f"### {name}: {len(done)} finished run{'s' if len(done) > 1 else ''}, every one "
+            "flagged (diverged or unconverged) and left out", "",
+            "No verdict or ranking without a run that counts: see the study's section for each "
+            "run's flag; longer training (`--set epochs=...`) or another lr (`--set "
+            "base_lr=...`) may let the runs converge.", ""]
+
+
 def summary_lines(store: Store) -> list[str]:
     """The ``## Summary`` section of the report for ``store``, from the same point statistics
     and rules as the study tables (:mod:`normlab.lab.analysis`: the runs that count, the
@@ -317,20 +330,13 @@ def summary_lines(store: Store) -> list[str]:
     lines = ["## Summary", ""]
     seen: list[dict] = []
     flagged_only = False
-    for name in (*SUMMARY_STUDIES, *SETTING_STUDIES):
-        runs = store.study_runs(name)
-        done = [r for r in runs if r["status"] == "done"]
-        if done and not any(s["n"] > 0 for s in point_stats(runs).values()):
-            flagged_only = True  # finished, but nothing that counts: said, not "no runs"
-            lines += [f"### {name}: {len(done)} finished run{'s' if len(done) > 1 else ''}, "
-                      "every one flagged (diverged or unconverged) and left out", "",
-                      "No verdict or ranking without a run that counts: see the study's "
-                      "section for each run's flag; longer training (`--set epochs=...`) or "
-                      "another lr (`--set base_lr=...`) may let the runs converge.", ""]
     for name in SUMMARY_STUDIES:
         runs = store.study_runs(name)
         stats = point_stats(runs)
         if not any(s["n"] > 0 for s in stats.values()):
+            flagged = _all_flagged(name, runs)
+            flagged_only |= bool(flagged)
+            lines += flagged
             continue
         seen += runs
         lines += (_winners(STUDIES[name], runs, stats, setup_level(store.setup_info(name)))
@@ -343,6 +349,10 @@ def summary_lines(store: Store) -> list[str]:
             lines += _setting_winner(STUDIES[name], runs, stats,
                                      setup_level(store.setup_info(name)))
             answered = True
+        elif not any(st["n"] > 0 for st in stats.values()):
+            flagged = _all_flagged(name, runs)
+            flagged_only |= bool(flagged)
+            lines += flagged
     if not seen and not answered and not flagged_only:
         return lines + ["No batch-size, norms, nf, groups or bn-dropout study has finished runs "
                         "in this store: `normlab reproduce` runs the batch-size study.", ""]
