@@ -126,13 +126,14 @@ def run_with_power(
             counts[k] = counts.get(k, 0) + v
     if stopped == "decided" and _no_claim_run(store, study, preset, level):
         stopped = "no-claim"
+    open_claims, decided = _claims_at_end(store, study, preset, level)
     record = {"rounds": rounds, "runs_added": added, "before": _before(earlier),
               "stopped": stopped,
               "budget_runs": budget_runs, "budget_minutes": budget_minutes,
               "max_seeds": max_seeds, "looks": list(looks),
-              "open": _open_claims(store, study, preset, level), "counts": counts}
+              "open": open_claims, "counts": counts}
     store.update_setup_info(study.name, preset, setup, {"power": record})
-    record["decided"] = _decided_claims(store, study, preset, level)  # for the terminal only
+    record["decided"] = decided  # for the terminal only, not the store
     return record
 
 
@@ -225,18 +226,13 @@ def _no_claim_run(store: Store, study: Study, preset: str, level: Level) -> bool
     return all(c["verdict"] == NOT_RUN for c in claims_status(study, stats, level))
 
 
-def _decided_claims(store: Store, study: Study, preset: str, level: Level
-                    ) -> list[dict[str, Any]]:
-    """The study's claims with a verdict (reproduced or not), with the seeds they had."""
+def _claims_at_end(store: Store, study: Study, preset: str, level: Level
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(open, decided): the study's inconclusive claims with the seeds they have and need, and
+    those with a verdict (reproduced or not) with the seeds they had."""
     stats = point_stats(store.study_runs(study.name, preset))
-    return [{"claim": c["text"], "verdict": c["verdict"], "seeds": c["seeds"]}
-            for c in claims_status(study, stats, level)
-            if c["verdict"] in (REPRODUCED, NOT_REPRODUCED)]
-
-
-def _open_claims(store: Store, study: Study, preset: str, level: Level
-                 ) -> list[dict[str, Any]]:
-    """The study's inconclusive claims with the seeds they have and need."""
-    stats = point_stats(store.study_runs(study.name, preset))
-    return [{"claim": c["text"], "seeds": c["seeds"], "seeds_needed": c["seeds_needed"]}
-            for c in claims_status(study, stats, level) if c["verdict"] == INCONCLUSIVE]
+    status = claims_status(study, stats, level)
+    return ([{"claim": c["text"], "seeds": c["seeds"], "seeds_needed": c["seeds_needed"]}
+             for c in status if c["verdict"] == INCONCLUSIVE],
+            [{"claim": c["text"], "verdict": c["verdict"], "seeds": c["seeds"]}
+             for c in status if c["verdict"] in (REPRODUCED, NOT_REPRODUCED)])
