@@ -309,6 +309,8 @@ def _malformed_cifar(tmp_path):
     # training process crashed)
     (["reproduce", "--seeds", "100000000"], "seeds per point must be at most 1000, got 100000000"),
     (["reproduce", "--max-seeds", "5000"], "--max-seeds must be at most 1000, got 5000"),
+    # the rounds go from --seeds up, so a lower --max-seeds capped nothing: 5 seeds trained
+    (["reproduce", "--seeds", "5", "--max-seeds", "2"], "--max-seeds 2 is below --seeds 5"),
     (["train", "--set", "seed=100000000000000000000"],
      "seed must be an int in [0, 2**32), got 100000000000000000000"),
     (["train", "--set", "threads=100000"], "threads 100000 is more than the"),

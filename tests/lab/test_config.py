@@ -213,3 +213,53 @@ def test_a_config_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
     os.mkfifo(fifo)
     with pytest.raises(ConfigError, match="is not a regular file"):
         load_config_file(fifo)
+
+
+def test_milestones_in_any_order_are_one_run():
+    # the step schedule counts the milestones passed, so [0.75, 0.5] computes what [0.5, 0.75]
+    # does: it was another run id (trained again) and another setup
+    a = apply_overrides(RunConfig(), parse_set(["schedule=step", "milestones=[0.75, 0.5]"]))
+    b = apply_overrides(RunConfig(), parse_set(["schedule=step", "milestones=[0.5, 0.75]"]))
+    assert a.milestones == (0.5, 0.75)
+    assert a.run_id() == b.run_id()
+
+
+def test_a_step_schedule_without_milestones_is_an_error():
+    # it trained at a constant lr under the name "step"
+    with pytest.raises(ConfigError, match=r"schedule 'step' needs at least one milestone"):
+        apply_overrides(RunConfig(), parse_set(["schedule=step", "milestones=[]"]))
+    assert apply_overrides(RunConfig(), parse_set(["milestones=[]"])).milestones == ()  # cosine
+
+
+@pytest.mark.parametrize("item, path", [
+    ("norm_kwargs.momentum=NaN", "norm_kwargs.momentum"),  # trained a run of NaN statistics
+    ('model_kwargs={"widths": [16, NaN]}', "model_kwargs.widths[1]"),
+])
+def test_a_nan_in_a_table_is_an_error_naming_it(item, path):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(RunConfig(), parse_set([item]))
+    assert str(e.value) == f"{path} is NaN"
+    # an infinity may mean something (Batch Renorm's r_max = inf is plain BN): it passes
+    assert apply_overrides(RunConfig(norm="brn"), parse_set(["norm_kwargs.r_max=Infinity"]))
+
+
+def test_choices_in_any_case_are_one_run():
+    # as dataset names: `--set optimizer=SGD` was "unknown optimizer 'SGD'"
+    given = apply_overrides(RunConfig(), parse_set(
+        ["optimizer= AdamW", "schedule=Step", "device=CPU", "amp=OFF", "augment=On"]))
+    plain = apply_overrides(RunConfig(), parse_set(
+        ["optimizer=adamw", "schedule=step", "device=cpu", "amp=off", "augment=on"]))
+    assert (given.optimizer, given.schedule, given.device, given.amp, given.augment) == \
+        ("adamw", "step", "cpu", "off", "on")
+    assert given.run_id() == plain.run_id()
+
+
+def test_a_table_override_sets_its_keys_and_keeps_a_series_own():
+    # `--set 'norm_kwargs={"eps": 1e-3}'` replaced the whole table: the batch-size study's GN
+    # series lost its num_groups=8 and trained GN with 32 groups under the label GN
+    from normlab.lab.studies import get_study
+    pts = get_study("batch-size").points(parse_set(['norm_kwargs={"eps": 0.001}']), "quick",
+                                         seeds=1)
+    gn = [p.cfg.norm_kwargs for p in pts if p.label == "GN"]
+    assert gn and all(k["num_groups"] == 8 and k["eps"] == 0.001 for k in gn)
+    assert all(p.cfg.norm_kwargs["eps"] == 0.001 for p in pts if p.label == "BN")

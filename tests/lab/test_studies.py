@@ -65,7 +65,8 @@ def test_optional_series_train(tmp_path, variant):
     ("norms", {"norm": "gn"}, "norm='gn'"),                            # what names a series
     ("batch-size", {"norm": "ln"}, "norm='ln'"),
     ("groups", {"norm_kwargs.num_groups": 4}, "norm_kwargs.num_groups=4"),
-    ("groups", {"norm_kwargs": {"eps": 1e-3}}, "norm_kwargs.num_groups=(removed)"),  # whole dict
+    # a whole table sets its keys (the others are kept): naming the axis key is the override
+    ("groups", {"norm_kwargs": {"num_groups": 4, "eps": 1e-3}}, "norm_kwargs.num_groups=4"),
     ("bn-dropout", {"model_kwargs.dropout": 0.1}, "model_kwargs.dropout=0.1"),
 ])
 def test_overriding_what_the_study_varies_is_an_error(name, user, needle):

@@ -187,7 +187,12 @@ class RunConfig:
         # names in any case, spaces around them ignored (as study names): recorded as the
         # registry spells them, so `--data Digits --norm GN` is the run `--data digits --norm gn`
         # (one run id, one setup, one table); a name that is not known is left for validate()
-        self.data = canonical_data(self.data)
+        for name, _ in _CHOICES:  # data, schedule, device, amp, augment, optimizer
+            setattr(self, name, canonical_data(getattr(self, name)))
+        # the schedule counts the milestones passed (order does not matter): one order, one id
+        if isinstance(self.milestones, (list, tuple)) and all(
+                isinstance(m, (int, float)) and not isinstance(m, bool) for m in self.milestones):
+            self.milestones = tuple(sorted(self.milestones))
         if isinstance(self.norm, str) and self.norm.strip():  # a blank one: validate() says so
             with contextlib.suppress(ValueError):
                 self.norm = canonical_name(self.norm)
@@ -285,6 +290,11 @@ class RunConfig:
         if any(not (isinstance(m, (int, float)) and 0 < m < 1) for m in self.milestones):
             raise ConfigError(
                 f"milestones must be fractions of the run in (0, 1), got {list(self.milestones)!r}")
+        if self.schedule == "step" and not self.milestones:  # a constant lr, under "step"
+            raise ConfigError("schedule 'step' needs at least one milestone, got milestones=[]",
+                              hint="e.g. --set milestones=[0.5,0.75], or --set schedule=constant")
+        for name in ("norm_kwargs", "model_kwargs", "data_kwargs"):
+            _no_nan(name, getattr(self, name))
         if not self.norm.strip():  # create_norm reads "" as "none": `--norm "$NORM"` with NORM
             # unset trained without normalization, recorded as norm none
             raise ConfigError(f"norm is empty ({self.norm!r}); is a shell variable unset?",
@@ -312,9 +322,9 @@ def field_types() -> dict[str, Any]:
 
 
 def canonical_data(name: Any) -> Any:
-    """A dataset name as :data:`DATASETS` spells it: case and surrounding spaces do not matter
-    (``" MNIST5K"`` -> ``"mnist5k"``); anything but a string is returned as it is (validation
-    names it).
+    """A dataset name as :data:`DATASETS` spells it (or another choice's: schedule, device,
+    amp, augment, optimizer): case and surrounding spaces do not matter (``" MNIST5K"`` ->
+    ``"mnist5k"``); anything but a string is returned as it is (validation names it).
 
     >>> canonical_data(" CIFAR10 ")
     'cifar10'
@@ -365,6 +375,18 @@ def _check_type(name: str, value: Any, tp: Any) -> None:
 def _auto_device() -> str:
     """What device "auto" means on this machine: "cuda" when torch sees a GPU, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _no_nan(name: str, value: Any) -> None:
+    """A ConfigError naming the first NaN in ``value`` (a dict field, nested lists and dicts
+    walked): JSON reads ``NaN``, and a NaN momentum or eps trained a run of NaN statistics
+    (infinities pass: e.g. a Batch Renorm ``r_max`` of Infinity is plain BN)."""
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{name} is NaN", hint="give a number")
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, (list, tuple)) else ())
+    for k, v in items:
+        _no_nan(f"{name}.{k}" if isinstance(value, dict) else f"{name}[{k}]", v)
 
 
 def _positive_int(name: str, v: Any) -> None:
@@ -475,8 +497,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], *, norm_flag: str = ""
                     ) -> RunConfig:
-    """Return a copy of ``cfg`` with ``overrides`` applied (dotted keys go into dict fields) and
-    validated. Ints are accepted where floats are expected.
+    """Return a copy of ``cfg`` with ``overrides`` applied (dotted keys go into dict fields; a
+    dict given for a dict field sets its keys and keeps the others) and validated. Ints are accepted where floats are expected.
 
     Normalizer-free models (``nf_*``) take no norm: a ``norm`` other than ``"none"`` among the
     ``overrides`` is a ConfigError whose hint names ``norm_flag`` (where the user set it, e.g.
@@ -497,6 +519,11 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], *, norm_flag: str
             if not isinstance(d[head], dict):
                 raise ConfigError(f"{head!r} is not a table; {key!r} cannot set a sub-key")
             d[head] = {**d[head], rest: value}
+        elif isinstance(d[head], dict) and isinstance(value, dict):
+            # a table sets its keys, as the dotted form does: a study's GN series keeps its
+            # num_groups under `--set 'norm_kwargs={"eps": 1e-3}'` (a whole-table replace
+            # dropped it without a word, and trained GN with 32 groups under the series' label)
+            d[head] = {**d[head], **value}
         else:
             d[head] = value
     for name in ("base_lr", "lr", "momentum", "weight_decay", "warmup_epochs", "agc"):

@@ -95,8 +95,9 @@ def reproduce(
                                     "run list; --quick: 0, no rounds)"),
     budget_minutes: Optional[float] = typer.Option(
         None, "--budget-minutes", help="no power round starts after this many minutes"),
-    max_seeds: int = typer.Option(DEFAULT_MAX_SEEDS, "--max-seeds",
-                                  help="seeds per point the power rounds go up to"),
+    max_seeds: Optional[int] = typer.Option(
+        None, "--max-seeds",
+        help=f"seeds per point the power rounds go up to (default {DEFAULT_MAX_SEEDS})"),
     launch: LaunchSpec = LaunchSpec(),
 ) -> None:
     """Run a study, add seeds where its claims are still open, and write its report.
@@ -114,17 +115,23 @@ def reproduce(
             raise ConfigError(f"--seeds must be >= 1, got {seeds}")
         vs = _series(variants)
         points = st.points(user, preset, seeds, vs, devices)
-        check_budget(budget_runs, budget_minutes, max_seeds)
+        top = DEFAULT_MAX_SEEDS if max_seeds is None else max_seeds
+        check_budget(budget_runs, budget_minutes, top)
+        if seeds is not None and max_seeds is not None and max_seeds < seeds:
+            # the rounds go from --seeds up: --max-seeds cannot cap the first list
+            raise ConfigError(f"--max-seeds {max_seeds} is below --seeds {seeds}, the seeds "
+                              "every point trains before the power rounds",
+                              hint=f"--seeds {max_seeds}, or --max-seeds {seeds} or more")
         default_budget = 0 if quick else len(points) // 2  # quick: a first look, no rounds
         if (default_budget if budget_runs is None else budget_runs) > 0:  # rounds may add seeds
-            check_seeds_fit(user.get("seed", 0), max_seeds,
+            check_seeds_fit(user.get("seed", 0), top,
                             "a smaller --max-seeds (or --budget-runs 0: no rounds)")
         preflight([p.cfg for p in points], world=job_world_size(launch))
         _check_jobs(jobs, launch)
         if must_relaunch(launch):
             return relaunch(launch, command_argv(ctx), device_of(points))
         power = {"budget_runs": default_budget if budget_runs is None else budget_runs,
-                 "budget_minutes": budget_minutes, "max_seeds": max_seeds}
+                 "budget_minutes": budget_minutes, "max_seeds": top}
         counts = run_study(st, preset, points, out, jobs=jobs, report=not no_report,
                            more_seeds=lambda at: st.points(user, preset, seeds, vs, devices, at),
                            power=power, info={"protocol": st.protocol(
