@@ -168,3 +168,36 @@ def test_readme_table_paths_exist_and_cover_the_package_and_tests():
     tests = list((ROOT / "tests").rglob("test_*.py"))
     missing = [str(p.relative_to(ROOT)) for p in modules + tests if not covered(p.resolve())]
     assert not missing, f"the README's 'What is where' table does not name {missing}"
+
+
+def test_the_norm_map_names_every_norm_and_its_files_and_kernels_exist():
+    """The README's "Every norm: where it is" table: a row for each name of
+    ``normlab.factory.NORMS`` (but none), its files under the column's folder, and each kernel
+    or function it names defined in triton_norm.py (or reference.py, functional.py)."""
+    from normlab.factory import NORMS
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Every norm: where it is"):text.index("## The lab")]
+    rows = [r.split("|")[1:-1] for r in table.splitlines() if r.startswith("| ")][1:]
+    names = {n for r in rows for n in re.findall(r"`([a-z0-9_]+)`", r[0])}
+    assert set(NORMS) - {"none"} <= names, set(NORMS) - names
+    bases = ("src/normlab/nn", None, "tests", "benchmarks")
+    sources = "".join((ROOT / "src/normlab" / f).read_text() for f in (
+        "backends/triton_norm.py", "backends/reference.py", "functional.py"))
+    for row in rows:
+        for base, cell in zip(bases, row[1:]):
+            for name in re.findall(r"`([^`]+)`", cell):
+                if name.endswith(".py"):
+                    assert (ROOT / base / name).exists(), (base, name)
+                elif base is None and name.startswith(("_", "ROWS")):
+                    assert re.search(rf"^(def |){re.escape(name)}\b", sources, re.M), name
+
+
+def test_the_readme_contents_line_links_every_section():
+    """The contents line at the README's top: one link per ``## `` section, each to the anchor
+    GitHub makes of that heading (lower case, punctuation dropped, spaces as hyphens)."""
+    text = (ROOT / "README.md").read_text()
+    heads = re.findall(r"^## (.+)$", text, re.M)
+    anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+    contents = text[text.index("Contents:"):text.index("\n\n", text.index("Contents:"))]
+    assert set(re.findall(r"\]\(#([^)]+)\)", contents)) == anchors
