@@ -118,10 +118,10 @@ FULL_CASES = [
 # SD-UNet in channels_last (blocks of groups folded by the one-hot, split) and BN in
 # channels_last (a column is a group; eval with given statistics too)
 QUICK_CASES = [FULL_CASES[i] for i in (4, 7)]
-# REFERENCE.md section 6: the GroupNorm (G = 32) shapes the device benchmarks time
+# REFERENCE section 6 (docs/references.md): the GroupNorm (G = 32) shapes the device benchmarks time
 REF6_CASES = [
     (f"ref6 {dt} {','.join(map(str, shape))} {fmt}", shape, 32, False, fmt,
-     {"bf16": torch.bfloat16, "fp32": torch.float32}[dt], None, True, "REFERENCE.md section 6")
+     {"bf16": torch.bfloat16, "fp32": torch.float32}[dt], None, True, "REFERENCE section 6 (docs/references.md)")
     for dt, shape, fmt in (
         ("bf16", (2, 320, 64, 64), "nchw"), ("bf16", (2, 320, 64, 64), "cl"),
         ("bf16", (8, 320, 64, 64), "nchw"), ("bf16", (8, 320, 64, 64), "cl"),

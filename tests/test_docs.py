@@ -201,3 +201,22 @@ def test_the_readme_contents_line_links_every_section():
     anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
     contents = text[text.index("Contents:"):text.index("\n\n", text.index("Contents:"))]
     assert set(re.findall(r"\]\(#([^)]+)\)", contents)) == anchors
+
+
+def test_every_reference_citation_names_a_section_of_docs_references():
+    """"REFERENCE section N" (and "sections N-M", "REFERENCE N") in the code, tests, benchmarks,
+    scripts and docs: each N is a section of docs/references.md, the file that names its
+    sources (the brief it came from is not in the repository)."""
+    sections = set(re.findall(r"^## (\d+)\. ", (ROOT / "docs/references.md").read_text(), re.M))
+    assert sections == {str(n) for n in range(1, 8)}
+    cited = {}
+    for folder in ("src", "tests", "benchmarks", "scripts", "docs"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix not in (".py", ".md", ".sh") or path.name == "references.md":
+                continue
+            text = re.sub(r"\s+", " ", path.read_text())
+            for m in re.finditer(r"REFERENCE(?:'s)?(?: sections?)? (\d+)(?:-(\d+))?", text):
+                lo, hi = int(m[1]), int(m[2] or m[1])
+                cited.update({str(n): path for n in range(lo, hi + 1)})
+            assert "REFERENCE" + ".md" not in text, path  # (split: this file is read too)
+    assert cited and set(cited) <= sections, {n: p for n, p in cited.items() if n not in sections}

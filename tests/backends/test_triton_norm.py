@@ -1237,7 +1237,7 @@ def test_benchmark_impls_compute_their_norms():
     assert rel_err(impls["normlab_bn"](x, w, b, 4).cpu(), bn64) < 2e-6
 
 
-# REFERENCE.md section 6 (13 GroupNorm G = 32 shapes, bf16 and fp32, NCHW and channels_last):
+# REFERENCE section 6 (docs/references.md) (13 GroupNorm G = 32 shapes, bf16 and fp32, NCHW and channels_last):
 # the shapes the device benchmarks time, checked for correctness first (GPU-sized: CUDA only)
 _REF6 = [(dt, shape, layout) for dt, shape, layout in _load_benchmark("gpu_norm").REF6]
 
