@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from rich.markup import escape
+
 from normlab.lab.analysis import (INCONCLUSIVE, NO_USABLE_RUN, NOT_REPRODUCED, NOT_RUN,
                                   POWER_STOPPED, REPRODUCED, SD_FLOOR, SD_ONE_SEED, SEEDS_SHOWN,
                                   TAIL, UNMEASURED, Z,
@@ -30,13 +32,14 @@ from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell as _md
 from normlab.lab.outfiles import a_file, a_folder, subdir, write_text
 from normlab.lab.plots import plot_study
+from normlab.lab.progress import say
 from normlab.lab.spp_verdicts import spp_section
 from normlab.lab.store import Store, StoreError, unwritable
 from normlab.lab.studies import STUDIES, Study
 from normlab.lab.summary import config_values, precise_bn_note, precise_bn_text, summary_lines
 
 # the verdict names and rules are analysis.py's, re-exported for the report's readers
-__all__ = ["verdict", "write_report", "check_report_places", "Z", "SD_FLOOR", "SD_ONE_SEED",
+__all__ = ["verdict", "write_report", "print_report", "check_report_places", "Z", "SD_FLOOR", "SD_ONE_SEED",
            "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "NO_USABLE_RUN"]
 
 
@@ -343,6 +346,12 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
     finally:
         store.close()
     return md_path, html_path
+
+
+def print_report(out: Path, to: Optional[Path] = None) -> None:
+    """Write OUT's report (into ``to`` when given) and say where it is."""
+    md, html_path = write_report(out, to)
+    say(escape(f"report: {md} and {html_path}"))
 
 
 #: report.md's inline text, token by token: a backslash-escaped character (``\\|``, ``\\\\``:

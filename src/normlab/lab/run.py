@@ -22,12 +22,12 @@ from normlab.lab.launch import in_worker
 from normlab.lab.power import run_with_power
 from normlab.lab.progress import say
 from normlab.lab.recipe import resolve_device
-from normlab.lab.report import check_report_places, write_report
+from normlab.lab.report import check_report_places, print_report
 from normlab.lab.runner import Counts, run_distributed, run_inline, run_parallel
 from normlab.lab.store import Store
 from normlab.lab.studies import Point, Study
 
-__all__ = ["run_study", "run_single", "device_of", "jobs_for", "print_report"]
+__all__ = ["run_study", "run_single", "device_of", "jobs_for"]
 
 
 def device_of(points: list) -> Optional[torch.device]:
@@ -84,12 +84,6 @@ def _recorded(study: str, preset: str, points: list, out: Path, announce: str,
         if store is not None:
             store.export()
             store.close()
-
-
-def print_report(out: Path, to: Optional[Path] = None) -> None:
-    """Write OUT's report (into ``to`` when given) and say where it is."""
-    md, html_path = write_report(out, to)
-    say(escape(f"report: {md} and {html_path}"))
 
 
 def run_study(study: Study, preset: str, points: list[Point], out: Path, *,

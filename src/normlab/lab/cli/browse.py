@@ -16,7 +16,7 @@ from normlab.lab.cli.guard import guard
 from normlab.lab.cli.options import path_argument, path_option
 from normlab.lab.config import ConfigError, RunConfig, field_types
 from normlab.lab.progress import console, literal, say
-from normlab.lab.run import print_report
+from normlab.lab.report import print_report
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES
 from normlab.lab.summary import precise_bn_note

@@ -17,7 +17,7 @@ from normlab.lab.config import ConfigError, check_seed, fits_in_memory, parse_se
 from normlab.lab.outfiles import staged, subdir
 from normlab.lab.progress import say
 from normlab.lab.report import check_report_places
-from normlab.lab.run import print_report
+from normlab.lab.report import print_report
 from normlab.lab.spp_verdicts import OTHER_KIND
 from normlab.lab.store import Store
 from normlab.models import check_norm, create, model_uses_norm
