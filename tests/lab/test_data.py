@@ -463,3 +463,26 @@ def test_imagefolder_reads_netpbm_gray_and_bitmap_files(tmp_path):
             root / "train" / "b" / f"{i}.{ext}")
     d = load_dataset("imagefolder", str(root), image_size=6)
     assert d.y_train.tolist().count(1) == 3
+
+
+def test_imagefolder_reads_images_in_nested_folders(tmp_path):
+    """Images in folders inside a class folder (train/cat/2019/x.jpg) were left out without a
+    word, where torchvision's ImageFolder reads them (os.walk following symlinks). They are read
+    at any depth now, with their class folder's label; hidden folders are still skipped, and a
+    symlink loop is an error (it would read a folder's images again and again)."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 1, "b": 1}, "val": {"a": 1, "b": 1}})
+    for i, rel in enumerate(["train/a/2019/x.png", "train/a/2019/deep/y.png", "train/b/s/z.PNG",
+                             "val/b/s/w.png", "train/b/.cache/hidden.png"]):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((6, 6, 3), 40 + 30 * i, np.uint8)).save(root / rel, format="PNG")
+    d = load_dataset("imagefolder", str(root), image_size=6)
+    assert sorted(d.y_train.tolist()) == [0, 0, 0, 1, 1] and sorted(d.y_test.tolist()) == [0, 1, 1]
+    # the images constant in each channel are the nested ones (the others are noise)
+    nested = d.x_train.flatten(2).std(2).amax(1) < 1e-5
+    assert sorted(d.y_train[nested].tolist()) == [0, 0, 1]
+    (root / "train" / "a" / "up").symlink_to(root / "train")
+    with pytest.raises(DataError, match=r"up/a' leads to .*already read \(a symlink loop"):
+        load_dataset("imagefolder", str(root), image_size=5)

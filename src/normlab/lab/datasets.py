@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,30 @@ def _rgb8(im: Any) -> Any:
     return im.convert("RGB")
 
 
+def _image_files(class_dir: Path) -> list[Path]:
+    """The image files (by extension, any case) under ``class_dir`` at any depth, as
+    torchvision's ImageFolder finds them: ``os.walk`` following symlinks, folders and then file
+    names in sorted order. Hidden files and folders are skipped; a folder reached twice (a
+    symlink loop, or one folder linked twice: its images would be read again) is an error."""
+    seen = {os.path.realpath(class_dir)}
+    found = []
+    for top, dirs, files in os.walk(class_dir, followlinks=True):
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(top, d))
+            if real in seen and d[0] != ".":
+                raise DataError(f"imagefolder: folder {os.path.join(top, d)!r} leads to "
+                                f"{real!r}, already read (a symlink loop, or a folder linked "
+                                "twice)", hint="remove that link")
+            seen.add(real)
+        dirs[:] = [d for d in dirs if d[0] != "."]  # pruned: os.walk does not enter them
+        found.append((top, [f for f in files if f[0] != "." and _is_image_name(f)]))
+    return [Path(top, f) for top, files in sorted(found) for f in sorted(files)]
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in _IMG_EXT
+
+
 def imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSplit:
     hint = "expected DIR/train/<class>/<images> and DIR/val/<class>/<images> (or DIR/test/...)"
     if unknown:
@@ -237,9 +262,7 @@ def imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSpl
         xs, ys = [], []
         for k, cls in enumerate(classes):
             n_before = len(ys)
-            for p in sorted((root / cls).glob("*")) if (root / cls).is_dir() else []:
-                if p.suffix.lower() not in _IMG_EXT or p.name[0] == ".":
-                    continue
+            for p in _image_files(root / cls) if (root / cls).is_dir() else []:
                 try:
                     with Image.open(p) as im:
                         im = _rgb8(im).resize((image_size, image_size))
