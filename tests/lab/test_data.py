@@ -486,3 +486,30 @@ def test_imagefolder_reads_images_in_nested_folders(tmp_path):
     (root / "train" / "a" / "up").symlink_to(root / "train")
     with pytest.raises(DataError, match=r"up/a' leads to .*already read \(a symlink loop"):
         load_dataset("imagefolder", str(root), image_size=5)
+
+
+def test_imagefolder_with_val_and_test_says_which_it_tests_on(tmp_path, capsys):
+    """With both val/ and test/, val/ was tested on and test/ never read, without a word. val/
+    is still the one (timm's --val-split validation finds it; ImageNet's layout), the run says
+    so on its first lines, and data_kwargs.test_split picks the other."""
+    from normlab.lab.config import RunConfig
+    from normlab.lab.recipe import preflight
+
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1},
+                       "test": {"a": 3, "b": 3}})
+    d = load_dataset("imagefolder", str(root), image_size=6)
+    assert len(d.y_test) == 2 and d.info["test_dir"] == str(root / "val")
+    note = (f"imagefolder: testing on {root / 'val'}; {root / 'test'} is not read (--set "
+            "data_kwargs.test_split=test tests on it)")
+    assert d.info["notes"] == [note]
+    cfg = RunConfig(data="imagefolder", data_dir=str(root), data_kwargs={"image_size": 6},
+                    batch_size=2, epochs=1, threads=1)
+    preflight([cfg, cfg.replace(seed=1)])
+    assert capsys.readouterr().out.replace("\n", "") == f"note: {note}"  # once, on stdout
+    t = load_dataset("imagefolder", str(root), image_size=6, test_split="test")
+    assert sorted(t.y_test.tolist()) == [0, 0, 0, 1, 1, 1] and t.info["notes"] == []
+    for bad, needle in [("nope", r"test_split 'nope': '.*nope' is not a folder"),
+                        ("train", "test_split must name a folder of .* other than train")]:
+        with pytest.raises(DataError, match=needle):
+            load_dataset("imagefolder", str(root), image_size=6, test_split=bad)

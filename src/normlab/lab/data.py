@@ -20,9 +20,12 @@ Datasets (nothing is ever downloaded):
   These are pickles: only point ``--data-dir`` at files you trust. They are read by an
   unpickler that accepts numpy arrays, lists, bytes and numbers only and refuses a file naming
   anything else (a planted pickle cannot run code through it).
-* ``imagefolder``: ``DIR/train/<class>/**`` and ``DIR/val/<class>/**`` (or ``test``): the image
-  files at any depth inside a class folder, following symlinks, as torchvision's ImageFolder
-  reads them (a symlink loop is an error); any format Pillow reads (converted to 8-bit RGB;
+* ``imagefolder``: ``DIR/train/<class>/**``, tested on ``DIR/val/<class>/**`` (``val`` is used
+  when there is also a ``test``, as timm's ``--val-split validation`` and ImageNet's layout
+  have it, and a note says ``test`` is not read; ``test`` when there is no ``val``;
+  ``data_kwargs.test_split`` names another folder): the image files at any depth inside a
+  class folder, following symlinks, as torchvision's ImageFolder reads them (a symlink loop is
+  an error); any format Pillow reads (converted to 8-bit RGB;
   16-bit grayscale scaled from 0..65535, float pixels refused), resized to ``image_size``
   (default 32); classes numbered in sorted folder-name order, each split in a fixed random
   order (so a ``train_limit`` keeps every class); hidden files and folders (``.DS_Store``,

@@ -228,11 +228,44 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in _IMG_EXT
 
 
-def imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSplit:
+def _test_dir(data_dir: Path, test_split: Any, hint: str) -> tuple[Path, list[str]]:
+    """The folder of ``data_dir`` tested on, and the notes to say about it. ``test_split`` names
+    it; by default it is ``val/``, else ``test/``. With both, ``val/`` is tested on, as timm's
+    ``--val-split validation`` finds it and as ImageNet's layout has it (train/ and val/), and
+    a note says that ``test/`` is not read."""
+    if test_split is not None:
+        if not isinstance(test_split, str) or test_split in ("", ".", "..", "train") \
+                or "/" in test_split or os.sep in test_split:
+            raise DataError(f"imagefolder: test_split must name a folder of {str(data_dir)!r} "
+                            f"other than train, got {test_split!r}",
+                            hint="e.g. --set data_kwargs.test_split=test")
+        if not (data_dir / test_split).is_dir():
+            folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and p.name[0] != ".")
+            raise DataError(f"imagefolder: test_split {test_split!r}: "
+                            f"{str(data_dir / test_split)!r} is not a folder",
+                            hint=f"the folders of {str(data_dir)!r}: {', '.join(folders)}")
+        return data_dir / test_split, []
+    found = [data_dir / t for t in ("val", "test") if (data_dir / t).is_dir()]
+    if not (data_dir / "train").is_dir() or not found:
+        raise DataError(f"imagefolder: {str(data_dir)!r} lacks a train/ and a val/ (or test/) "
+                        "folder", hint=hint + "; or name the folder tested on: --set "
+                        "data_kwargs.test_split=NAME")
+    notes = [] if len(found) == 1 else [
+        f"imagefolder: testing on {found[0]}; {found[1]} is not read (--set "
+        "data_kwargs.test_split=test tests on it)"]
+    return found[0], notes
+
+
+def imagefolder(data_dir: Path, image_size: int = 32, test_split: Any = None,
+                **unknown: Any) -> DataSplit:
+    """``data_dir``'s train/ and val/ (or test/, or ``test_split``) as a :class:`DataSplit`,
+    read as :mod:`normlab.lab.data`'s docstring says; ``info["notes"]``: what the user should
+    be told about how the folders were read (:func:`normlab.lab.recipe.preflight` says it)."""
     hint = "expected DIR/train/<class>/<images> and DIR/val/<class>/<images> (or DIR/test/...)"
     if unknown:
         raise DataError(f"imagefolder: unknown data_kwargs {', '.join(sorted(unknown))}",
-                        hint="known: image_size (e.g. --set data_kwargs.image_size=32)")
+                        hint="known: image_size (e.g. --set data_kwargs.image_size=32), "
+                             "test_split (the folder tested on, default val, else test)")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"imagefolder: image_size must be a positive int, got {image_size!r}",
                         hint="e.g. --set data_kwargs.image_size=32")
@@ -240,10 +273,9 @@ def imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSpl
         what = "is not a directory" if data_dir.exists() else "does not exist"
         raise DataError(f"imagefolder: data directory {str(data_dir)!r} {what}", hint=hint)
     train_dir = data_dir / "train"
-    test_dir = next((data_dir / t for t in ("val", "test") if (data_dir / t).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise DataError(f"imagefolder: {str(data_dir)!r} lacks a train/ and a val/ (or test/) folder",
-                        hint=hint)
+    test_dir, notes = _test_dir(data_dir, test_split, hint)
+    if not train_dir.is_dir():
+        raise DataError(f"imagefolder: {str(data_dir)!r} lacks a train/ folder", hint=hint)
     # hidden entries are skipped: macOS's ._<name> resource forks and .DS_Store, Jupyter's
     # .ipynb_checkpoints (a hidden folder was a class, a ._x.jpg an unreadable image)
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and p.name[0] != ".")
@@ -290,5 +322,6 @@ def imagefolder(data_dir: Path, image_size: int = 32, **unknown: Any) -> DataSpl
     xte, yte = read(test_dir)
     xtr, xte = _standardize(xtr, xte)
     return DataSplit("imagefolder", xtr, ytr, xte, yte, len(classes),
-                     {"root": str(data_dir), "classes": classes, "image_size": image_size})
+                     {"root": str(data_dir), "test_dir": str(test_dir), "classes": classes,
+                      "image_size": image_size, "notes": notes})
 

@@ -29,6 +29,7 @@ from normlab import distributed as nd
 from normlab import models
 from normlab.lab.config import ConfigError, RunConfig, check_model_norm, fits_in_memory
 from normlab.lab.data import DataSplit, TensorLoader, load_dataset
+from normlab.lab.progress import literal, say
 from normlab.models import is_normalizer_free
 from normlab.nn import ScaledStdConv2d, WSConv2d
 from normlab.nn.evonorm import EvoNorm2dB0
@@ -358,17 +359,29 @@ def _train_step_check(cfg: RunConfig, model: nn.Module, data: DataSplit) -> None
         raise ConfigError(msg, hint=hint) from None
 
 
+def _say_notes(data: DataSplit, said: set[str]) -> None:
+    """Rank 0 says each note of the dataset's reader (``info["notes"]``: how an imagefolder was
+    read) once, on stdout; ``said`` holds those said already."""
+    for note in data.info.get("notes", ()):
+        if note not in said and nd.is_main_process():
+            say(literal(f"note: {note}"))
+        said.add(note)
+
+
 def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
     """Fail fast, before anything is written: load every distinct dataset and build every
     distinct model once (on the CPU), so a missing data directory or an unknown model/norm is
-    one clear ConfigError instead of a study full of failed runs. ``world``: the number of
+    one clear ConfigError instead of a study full of failed runs; the data's notes (how an
+    imagefolder was read) are said once. ``world``: the number of
     processes the runs will train on, checked against each run's own (:func:`per_process_batch`:
     a BN run defined for 2 processes cannot train on 1)."""
     seen_model: dict[tuple, Optional[nn.Module]] = {}
+    said: set[str] = set()
     for cfg in configs:
         resolve_device(cfg.device)
         _check_threads(cfg.threads)
         data = load_data(cfg)
+        _say_notes(data, said)
         if cfg.global_batch > len(data.y_train):
             procs = f" x {cfg.world_size} processes" if cfg.world_size > 1 else ""
             raise ConfigError(f"batch_size {cfg.batch_size}{procs} is larger than the "
