@@ -513,3 +513,16 @@ def test_imagefolder_with_val_and_test_says_which_it_tests_on(tmp_path, capsys):
                         ("train", "test_split must name a folder of .* other than train")]:
         with pytest.raises(DataError, match=needle):
             load_dataset("imagefolder", str(root), image_size=6, test_split=bad)
+
+
+def test_imagefolder_says_which_classes_are_not_tested(tmp_path):
+    """A class with images in train/ but no folder (or an empty one) in val/ was trained on and
+    never tested, without a word: the test error was over fewer classes than the user had.
+    The labels stay train/'s class numbers (torchvision's ImageFolder on val/ alone would
+    number val/'s classes 0, 1: 'c' would be tested as 'b')."""
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 2, "b": 2, "c": 2, "d": 2}, "val": {"a": 1, "b": 0, "c": 2}})
+    d = load_dataset("imagefolder", str(root), image_size=6)
+    assert sorted(d.y_test.tolist()) == [0, 2, 2]
+    assert d.info["notes"] == [f"imagefolder: {root / 'val'} holds no images of 2 of the 4 "
+                               "classes (b, d): they are trained on, not tested"]

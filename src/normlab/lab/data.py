@@ -28,7 +28,8 @@ Datasets (nothing is ever downloaded):
   an error); any format Pillow reads (converted to 8-bit RGB;
   16-bit grayscale scaled from 0..65535, float pixels refused), resized to ``image_size``
   (default 32); classes numbered in sorted folder-name order, each split in a fixed random
-  order (so a ``train_limit`` keeps every class); hidden files and folders (``.DS_Store``,
+  order (so a ``train_limit`` keeps every class; a class with no test images is trained on,
+  and a note says it is not tested); hidden files and folders (``.DS_Store``,
   ``._<name>``, ``.ipynb_checkpoints``) are skipped.
 
 Every dataset is standardized per channel with the training set's mean and std.

@@ -228,6 +228,49 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in _IMG_EXT
 
 
+def _class_files(root: Path, classes: list[str]) -> list[list[Path]]:
+    """Per class, in ``classes`` order, the image files under ``root/<class>`` (none where
+    ``root`` has no such folder)."""
+    return [_image_files(root / cls) if (root / cls).is_dir() else [] for cls in classes]
+
+
+def _some(names: list[str], at_most: int = 5) -> str:
+    """``names`` joined, the first ``at_most`` of them and how many more."""
+    more = f" and {len(names) - at_most} more" if len(names) > at_most else ""
+    return ", ".join(names[:at_most]) + more
+
+
+def _read_images(root: Path, files: list[list[Path]], image_size: int,
+                 hint: str) -> tuple[Tensor, Tensor]:
+    """The images ``files`` (per class) as float tensors in 0..1 and their class indices, in a
+    fixed random order."""
+    # imported here: Pillow is needed by this loader only (and is not imported by `import normlab`)
+    from PIL import Image
+
+    xs, ys = [], []
+    for k, paths in enumerate(files):
+        for p in paths:
+            try:
+                with Image.open(p) as im:
+                    im = _rgb8(im).resize((image_size, image_size))
+                    xs.append(np.asarray(im, dtype=np.uint8))
+            except Exception as e:  # noqa: BLE001 - OSError, and Pillow's others: a
+                # DecompressionBombError, a SyntaxError or ValueError from a malformed file
+                raise DataError(f"imagefolder: cannot read image {str(p)!r} "
+                                f"({type(e).__name__}: {e})", hint=hint) from None
+            ys.append(k)
+    if not xs:
+        raise DataError(f"imagefolder: no images found under {str(root)!r}", hint=hint)
+    # read class by class; a fixed permutation makes the order random like the other sets',
+    # so train_limit/test_limit (the first n) keep every class, not the first classes only;
+    # applied to the list (x[perm] was a second float copy of the split)
+    perm = torch.randperm(len(ys), generator=torch.Generator().manual_seed(12345))
+    u8 = np.stack([xs[i] for i in perm.tolist()])
+    xs.clear()
+    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div_(255)
+    return x, torch.tensor(ys, dtype=torch.int64)[perm]
+
+
 def _test_dir(data_dir: Path, test_split: Any, hint: str) -> tuple[Path, list[str]]:
     """The folder of ``data_dir`` tested on, and the notes to say about it. ``test_split`` names
     it; by default it is ``val/``, else ``test/``. With both, ``val/`` is tested on, as timm's
@@ -287,39 +330,19 @@ def imagefolder(data_dir: Path, image_size: int = 32, test_split: Any = None,
     if unknown_cls:  # their images would be left out without a word
         raise DataError(f"imagefolder: {str(test_dir)!r} has class folder(s) "
                         f"{', '.join(unknown_cls)} that {str(train_dir)!r} lacks", hint=hint)
-    # imported here: Pillow is needed by this loader only (and is not imported by `import normlab`)
-    from PIL import Image
-
-    def read(root: Path) -> tuple[Tensor, Tensor]:
-        xs, ys = [], []
-        for k, cls in enumerate(classes):
-            n_before = len(ys)
-            for p in _image_files(root / cls) if (root / cls).is_dir() else []:
-                try:
-                    with Image.open(p) as im:
-                        im = _rgb8(im).resize((image_size, image_size))
-                        xs.append(np.asarray(im, dtype=np.uint8))
-                except Exception as e:  # noqa: BLE001 - OSError, and Pillow's others: a
-                    # DecompressionBombError, a SyntaxError or ValueError from a malformed file
-                    raise DataError(f"imagefolder: cannot read image {str(p)!r} "
-                                    f"({type(e).__name__}: {e})", hint=hint) from None
-                ys.append(k)
-            if root == train_dir and len(ys) == n_before:  # a class the model would never see
-                raise DataError(f"imagefolder: class folder {cls!r} of {str(root)!r} holds no "
-                                f"image files (read: {', '.join(sorted(_IMG_EXT))})", hint=hint)
-        if not xs:
-            raise DataError(f"imagefolder: no images found under {str(root)!r}", hint=hint)
-        # read class by class; a fixed permutation makes the order random like the other sets',
-        # so train_limit/test_limit (the first n) keep every class, not the first classes only;
-        # applied to the list (x[perm] was a second float copy of the split)
-        perm = torch.randperm(len(ys), generator=torch.Generator().manual_seed(12345))
-        u8 = np.stack([xs[i] for i in perm.tolist()])
-        xs.clear()
-        x = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div_(255)
-        return x, torch.tensor(ys, dtype=torch.int64)[perm]
-
-    xtr, ytr = read(train_dir)
-    xte, yte = read(test_dir)
+    train_files = _class_files(train_dir, classes)
+    for cls, files in zip(classes, train_files):
+        if not files:  # a class the model would never see
+            raise DataError(f"imagefolder: class folder {cls!r} of {str(train_dir)!r} holds no "
+                            f"image files (read: {', '.join(sorted(_IMG_EXT))})", hint=hint)
+    test_files = _class_files(test_dir, classes)
+    untested = [cls for cls, files in zip(classes, test_files) if not files]
+    if untested and len(untested) < len(classes):
+        notes.append(f"imagefolder: {test_dir} holds no images of {len(untested)} of the "
+                     f"{len(classes)} classes ({_some(untested)}): they are trained on, not "
+                     "tested")
+    xtr, ytr = _read_images(train_dir, train_files, image_size, hint)
+    xte, yte = _read_images(test_dir, test_files, image_size, hint)
     xtr, xte = _standardize(xtr, xte)
     return DataSplit("imagefolder", xtr, ytr, xte, yte, len(classes),
                      {"root": str(data_dir), "test_dir": str(test_dir), "classes": classes,
