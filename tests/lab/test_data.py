@@ -526,3 +526,22 @@ def test_imagefolder_says_which_classes_are_not_tested(tmp_path):
     assert sorted(d.y_test.tolist()) == [0, 2, 2]
     assert d.info["notes"] == [f"imagefolder: {root / 'val'} holds no images of 2 of the 4 "
                                "classes (b, d): they are trained on, not tested"]
+
+
+def test_imagefolder_says_which_files_it_did_not_read(tmp_path):
+    """Files that are not images by their extension (an iPhone's .heic, a .jfif, notes) and
+    images outside a class folder (train/x.png) were left out without a word: a class could
+    train on a fraction of its photos. The run names them (hidden files are still skipped
+    without a word)."""
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    for rel in ["train/a/IMG_1.HEIC", "train/b/sub/p.jfif", "train/stray.png", "val/b/x.txt",
+                "train/a/.DS_Store"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"\x00not read")
+    d = load_dataset("imagefolder", str(root), image_size=6)
+    assert len(d.y_train) == 4 and len(d.y_test) == 2
+    [note] = d.info["notes"]
+    assert note.startswith("imagefolder: 4 file(s) not read, not images by their extension (.bmp")
+    assert note.endswith("or outside a class folder: train/stray.png, train/a/IMG_1.HEIC, "
+                         "train/b/sub/p.jfif and 1 more")

@@ -30,7 +30,8 @@ Datasets (nothing is ever downloaded):
   (default 32); classes numbered in sorted folder-name order, each split in a fixed random
   order (so a ``train_limit`` keeps every class; a class with no test images is trained on,
   and a note says it is not tested); hidden files and folders (``.DS_Store``,
-  ``._<name>``, ``.ipynb_checkpoints``) are skipped.
+  ``._<name>``, ``.ipynb_checkpoints``) are skipped, and a note names the other files not read
+  (not images by their extension, or outside a class folder).
 
 Every dataset is standardized per channel with the training set's mean and std.
 

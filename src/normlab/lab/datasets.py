@@ -204,11 +204,12 @@ def _rgb8(im: Any) -> Any:
     return im.convert("RGB")
 
 
-def _image_files(class_dir: Path) -> list[Path]:
+def _image_files(class_dir: Path, skipped: list[Path]) -> list[Path]:
     """The image files (by extension, any case) under ``class_dir`` at any depth, as
     torchvision's ImageFolder finds them: ``os.walk`` following symlinks, folders and then file
-    names in sorted order. Hidden files and folders are skipped; a folder reached twice (a
-    symlink loop, or one folder linked twice: its images would be read again) is an error."""
+    names in sorted order. Hidden files and folders are skipped; the other files go to
+    ``skipped``; a folder reached twice (a symlink loop, or one folder linked twice: its images
+    would be read again) is an error."""
     seen = {os.path.realpath(class_dir)}
     found = []
     for top, dirs, files in os.walk(class_dir, followlinks=True):
@@ -221,6 +222,7 @@ def _image_files(class_dir: Path) -> list[Path]:
             seen.add(real)
         dirs[:] = [d for d in dirs if d[0] != "."]  # pruned: os.walk does not enter them
         found.append((top, [f for f in files if f[0] != "." and _is_image_name(f)]))
+        skipped.extend(Path(top, f) for f in files if f[0] != "." and not _is_image_name(f))
     return [Path(top, f) for top, files in sorted(found) for f in sorted(files)]
 
 
@@ -228,10 +230,12 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in _IMG_EXT
 
 
-def _class_files(root: Path, classes: list[str]) -> list[list[Path]]:
+def _class_files(root: Path, classes: list[str], skipped: list[Path]) -> list[list[Path]]:
     """Per class, in ``classes`` order, the image files under ``root/<class>`` (none where
-    ``root`` has no such folder)."""
-    return [_image_files(root / cls) if (root / cls).is_dir() else [] for cls in classes]
+    ``root`` has no such folder); the files not read go to ``skipped``: those outside a class
+    folder and those not images by their extension (hidden files are skipped without a word)."""
+    skipped.extend(p for p in sorted(root.iterdir()) if p.name[0] != "." and not p.is_dir())
+    return [_image_files(root / cls, skipped) if (root / cls).is_dir() else [] for cls in classes]
 
 
 def _some(names: list[str], at_most: int = 5) -> str:
@@ -330,12 +334,17 @@ def imagefolder(data_dir: Path, image_size: int = 32, test_split: Any = None,
     if unknown_cls:  # their images would be left out without a word
         raise DataError(f"imagefolder: {str(test_dir)!r} has class folder(s) "
                         f"{', '.join(unknown_cls)} that {str(train_dir)!r} lacks", hint=hint)
-    train_files = _class_files(train_dir, classes)
+    skipped: list[Path] = []
+    train_files = _class_files(train_dir, classes, skipped)
     for cls, files in zip(classes, train_files):
         if not files:  # a class the model would never see
             raise DataError(f"imagefolder: class folder {cls!r} of {str(train_dir)!r} holds no "
                             f"image files (read: {', '.join(sorted(_IMG_EXT))})", hint=hint)
-    test_files = _class_files(test_dir, classes)
+    test_files = _class_files(test_dir, classes, skipped)
+    if skipped:
+        notes.append(f"imagefolder: {len(skipped)} file(s) not read, not images by their "
+                     f"extension ({', '.join(sorted(_IMG_EXT))}) or outside a class folder: "
+                     + _some([str(p.relative_to(data_dir)) for p in skipped], 3))
     untested = [cls for cls, files in zip(classes, test_files) if not files]
     if untested and len(untested) < len(classes):
         notes.append(f"imagefolder: {test_dir} holds no images of {len(untested)} of the "
