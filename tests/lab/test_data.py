@@ -545,3 +545,20 @@ def test_imagefolder_says_which_files_it_did_not_read(tmp_path):
     assert note.startswith("imagefolder: 4 file(s) not read, not images by their extension (.bmp")
     assert note.endswith("or outside a class folder: train/stray.png, train/a/IMG_1.HEIC, "
                          "train/b/sub/p.jfif and 1 more")
+
+
+def test_imagefolder_class_names_match_across_unicode_forms(tmp_path):
+    """A class folder named 'café' in train/ and its val/ twin written by macOS in decomposed
+    form (NFD: 'cafe' + a combining accent) are different names to Linux: the run refused
+    val/'s as "a class train/ lacks", naming 'café' twice to the eye. They are one class now;
+    one name in both forms inside one split is an error naming both."""
+    import unicodedata
+
+    nfc, nfd = "caf\u00e9", unicodedata.normalize("NFD", "caf\u00e9")
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {nfc: 2, "b": 2}, "val": {nfd: 2, "b": 1}})
+    d = load_dataset("imagefolder", str(root), image_size=6)
+    assert d.info["classes"] == ["b", nfc] and sorted(d.y_test.tolist()) == [0, 1, 1]
+    _image_tree(root, {"train": {nfd: 1}})
+    with pytest.raises(DataError, match="one name in two Unicode forms"):
+        load_dataset("imagefolder", str(root), image_size=5)

@@ -27,7 +27,9 @@ Datasets (nothing is ever downloaded):
   class folder, following symlinks, as torchvision's ImageFolder reads them (a symlink loop is
   an error); any format Pillow reads (converted to 8-bit RGB;
   16-bit grayscale scaled from 0..65535, float pixels refused), resized to ``image_size``
-  (default 32); classes numbered in sorted folder-name order, each split in a fixed random
+  (default 32); classes numbered in train/'s sorted folder-name order, as torchvision's
+  (string order: ``10`` before ``2``), the test folder's classes matched to them by name in
+  Unicode's composed form (NFC; macOS may write names decomposed), each split in a fixed random
   order (so a ``train_limit`` keeps every class; a class with no test images is trained on,
   and a note says it is not tested); hidden files and folders (``.DS_Store``,
   ``._<name>``, ``.ipynb_checkpoints``) are skipped, and a note names the other files not read

@@ -9,9 +9,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -230,12 +231,29 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in _IMG_EXT
 
 
-def _class_files(root: Path, classes: list[str], skipped: list[Path]) -> list[list[Path]]:
-    """Per class, in ``classes`` order, the image files under ``root/<class>`` (none where
-    ``root`` has no such folder); the files not read go to ``skipped``: those outside a class
-    folder and those not images by their extension (hidden files are skipped without a word)."""
+def _class_folders(root: Path) -> dict[str, Path]:
+    """The class folders of ``root`` by name in Unicode's composed form (NFC): macOS may have
+    written a split's ``café`` decomposed (NFD), which is another name to Linux. Hidden folders
+    are skipped (macOS's ``._<name>``, Jupyter's ``.ipynb_checkpoints``: not classes)."""
+    folders: dict[str, Path] = {}
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and p.name[0] != ".":
+            key = unicodedata.normalize("NFC", p.name)
+            if key in folders:
+                raise DataError(f"imagefolder: {str(root)!r} has class folders "
+                                f"{folders[key].name!r} and {p.name!r}, one name in two Unicode "
+                                "forms (composed and decomposed)", hint="merge them into one")
+            folders[key] = p
+    return folders
+
+
+def _class_files(root: Path, folders: list[Optional[Path]],
+                 skipped: list[Path]) -> list[list[Path]]:
+    """Per class folder of ``root`` (None: the split has none) the image files under it; the
+    files not read go to ``skipped``: those outside a class folder and those not images by
+    their extension (hidden files are skipped without a word)."""
     skipped.extend(p for p in sorted(root.iterdir()) if p.name[0] != "." and not p.is_dir())
-    return [_image_files(root / cls, skipped) if (root / cls).is_dir() else [] for cls in classes]
+    return [[] if f is None else _image_files(f, skipped) for f in folders]
 
 
 def _some(names: list[str], at_most: int = 5) -> str:
@@ -323,24 +341,24 @@ def imagefolder(data_dir: Path, image_size: int = 32, test_split: Any = None,
     test_dir, notes = _test_dir(data_dir, test_split, hint)
     if not train_dir.is_dir():
         raise DataError(f"imagefolder: {str(data_dir)!r} lacks a train/ folder", hint=hint)
-    # hidden entries are skipped: macOS's ._<name> resource forks and .DS_Store, Jupyter's
-    # .ipynb_checkpoints (a hidden folder was a class, a ._x.jpg an unreadable image)
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and p.name[0] != ".")
+    train_folders = _class_folders(train_dir)
+    classes = sorted(f.name for f in train_folders.values())  # torchvision's order
+    keys = [unicodedata.normalize("NFC", cls) for cls in classes]
     if len(classes) < 2:
         raise DataError(f"imagefolder: {str(train_dir)!r} has {len(classes)} class folder(s), need >= 2",
                         hint=hint)
-    unknown_cls = sorted(p.name for p in test_dir.iterdir()
-                         if p.is_dir() and p.name[0] != "." and p.name not in classes)
+    test_folders = _class_folders(test_dir)
+    unknown_cls = sorted(f.name for k, f in test_folders.items() if k not in train_folders)
     if unknown_cls:  # their images would be left out without a word
         raise DataError(f"imagefolder: {str(test_dir)!r} has class folder(s) "
                         f"{', '.join(unknown_cls)} that {str(train_dir)!r} lacks", hint=hint)
     skipped: list[Path] = []
-    train_files = _class_files(train_dir, classes, skipped)
+    train_files = _class_files(train_dir, [train_folders[k] for k in keys], skipped)
     for cls, files in zip(classes, train_files):
         if not files:  # a class the model would never see
             raise DataError(f"imagefolder: class folder {cls!r} of {str(train_dir)!r} holds no "
                             f"image files (read: {', '.join(sorted(_IMG_EXT))})", hint=hint)
-    test_files = _class_files(test_dir, classes, skipped)
+    test_files = _class_files(test_dir, [test_folders.get(k) for k in keys], skipped)
     if skipped:
         notes.append(f"imagefolder: {len(skipped)} file(s) not read, not images by their "
                      f"extension ({', '.join(sorted(_IMG_EXT))}) or outside a class folder: "
