@@ -562,3 +562,22 @@ def test_imagefolder_class_names_match_across_unicode_forms(tmp_path):
     _image_tree(root, {"train": {nfd: 1}})
     with pytest.raises(DataError, match="one name in two Unicode forms"):
         load_dataset("imagefolder", str(root), image_size=5)
+
+
+def test_imagefolder_says_when_test_images_are_training_images(tmp_path):
+    """val/ linked to train/ (`ln -s train val`, for a tool that wants a val/), or test images
+    linked from train/, gave a test error on the training images without a word: the study's
+    verdicts compared how well each norm fits its training set. The run says how many."""
+    import os
+
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    (root / "val" / "b" / "dup.png").symlink_to(root / "train" / "b" / "0.png")
+    os.link(root / "train" / "a" / "1.png", root / "val" / "a" / "hard.png")
+    d = load_dataset("imagefolder", str(root), image_size=6)
+    assert d.info["notes"] == [f"imagefolder: 2 of the 4 images of {root / 'val'} are training "
+                               "images too (the same files: val/a/hard.png, val/b/dup.png): the "
+                               "test error is not measured on unseen images"]
+    (root / "val" / "a" / "gone.png").symlink_to(root / "nowhere.png")  # a broken link
+    with pytest.raises(DataError, match=r"cannot read image .*gone\.png.*FileNotFoundError"):
+        load_dataset("imagefolder", str(root), image_size=5)

@@ -33,7 +33,8 @@ Datasets (nothing is ever downloaded):
   order (so a ``train_limit`` keeps every class; a class with no test images is trained on,
   and a note says it is not tested); hidden files and folders (``.DS_Store``,
   ``._<name>``, ``.ipynb_checkpoints``) are skipped, and a note names the other files not read
-  (not images by their extension, or outside a class folder).
+  (not images by their extension, or outside a class folder) and the test images that are
+  training files too (``val`` linked to ``train``; the same file, not the same pixels).
 
 Every dataset is standardized per channel with the training set's mean and std.
 

@@ -256,6 +256,20 @@ def _class_files(root: Path, folders: list[Optional[Path]],
     return [[] if f is None else _image_files(f, skipped) for f in folders]
 
 
+def _shared_files(train: list[list[Path]], test: list[list[Path]]) -> list[Path]:
+    """The test files that are training files too: the same file (device and inode) reached
+    through a symlink (``val -> train``) or a hard link."""
+    def ident(p: Path) -> Optional[tuple[int, int]]:
+        try:
+            st = p.stat()
+        except OSError:  # a broken link: said when it is read
+            return None
+        return st.st_dev, st.st_ino
+
+    seen = {ident(p) for files in train for p in files} - {None}
+    return [p for files in test for p in files if ident(p) in seen]
+
+
 def _some(names: list[str], at_most: int = 5) -> str:
     """``names`` joined, the first ``at_most`` of them and how many more."""
     more = f" and {len(names) - at_most} more" if len(names) > at_most else ""
@@ -368,6 +382,12 @@ def imagefolder(data_dir: Path, image_size: int = 32, test_split: Any = None,
         notes.append(f"imagefolder: {test_dir} holds no images of {len(untested)} of the "
                      f"{len(classes)} classes ({_some(untested)}): they are trained on, not "
                      "tested")
+    shared = _shared_files(train_files, test_files)
+    if shared:
+        notes.append(f"imagefolder: {len(shared)} of the {sum(map(len, test_files))} images of "
+                     f"{test_dir} are training images too (the same files: "
+                     f"{_some([str(p.relative_to(data_dir)) for p in shared], 3)}): the test "
+                     "error is not measured on unseen images")
     xtr, ytr = _read_images(train_dir, train_files, image_size, hint)
     xte, yte = _read_images(test_dir, test_files, image_size, hint)
     xtr, xte = _standardize(xtr, xte)
