@@ -581,3 +581,18 @@ def test_imagefolder_says_when_test_images_are_training_images(tmp_path):
     (root / "val" / "a" / "gone.png").symlink_to(root / "nowhere.png")  # a broken link
     with pytest.raises(DataError, match=r"cannot read image .*gone\.png.*FileNotFoundError"):
         load_dataset("imagefolder", str(root), image_size=5)
+
+
+def test_imagefolder_unreadable_image_says_what_to_do(tmp_path):
+    """An empty file (a failed copy) was "UnidentifiedImageError: cannot identify image file",
+    and every unreadable image's hint was the folder layout, which was not the problem."""
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    (root / "val" / "b" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"cannot read image '.*empty\.jpg' \(an empty file, "
+                                        r"0 bytes\)$") as e:
+        load_dataset("imagefolder", str(root), image_size=6)
+    assert e.value.hint.startswith("remove or replace that file")
+    (root / "val" / "b" / "empty.jpg").write_bytes(b"<html>rate limited</html>")
+    with pytest.raises(DataError, match=r"empty\.jpg' \(UnidentifiedImageError: "):
+        load_dataset("imagefolder", str(root), image_size=5)

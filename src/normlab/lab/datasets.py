@@ -292,8 +292,9 @@ def _read_images(root: Path, files: list[list[Path]], image_size: int,
                     xs.append(np.asarray(im, dtype=np.uint8))
             except Exception as e:  # noqa: BLE001 - OSError, and Pillow's others: a
                 # DecompressionBombError, a SyntaxError or ValueError from a malformed file
-                raise DataError(f"imagefolder: cannot read image {str(p)!r} "
-                                f"({type(e).__name__}: {e})", hint=hint) from None
+                raise DataError(f"imagefolder: cannot read image {str(p)!r} ({_why(p, e)})",
+                                hint="remove or replace that file: every file with an image "
+                                     "extension in a class folder is read") from None
             ys.append(k)
     if not xs:
         raise DataError(f"imagefolder: no images found under {str(root)!r}", hint=hint)
@@ -305,6 +306,16 @@ def _read_images(root: Path, files: list[list[Path]], image_size: int,
     xs.clear()
     x = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div_(255)
     return x, torch.tensor(ys, dtype=torch.int64)[perm]
+
+
+def _why(path: Path, e: Exception) -> str:
+    """Why Pillow could not read ``path``: an empty file (a failed copy), or its error."""
+    try:
+        if path.stat().st_size == 0:
+            return "an empty file, 0 bytes"
+    except OSError:
+        pass
+    return f"{type(e).__name__}: {e}"
 
 
 def _test_dir(data_dir: Path, test_split: Any, hint: str) -> tuple[Path, list[str]]:
