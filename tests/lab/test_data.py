@@ -484,8 +484,20 @@ def test_imagefolder_reads_images_in_nested_folders(tmp_path):
     nested = d.x_train.flatten(2).std(2).amax(1) < 1e-5
     assert sorted(d.y_train[nested].tolist()) == [0, 0, 1]
     (root / "train" / "a" / "up").symlink_to(root / "train")
-    with pytest.raises(DataError, match=r"up/a' leads to .*already read \(a symlink loop"):
+    with pytest.raises(DataError, match=r"train/a' is reached twice, as '.*train/a' and as "
+                                        r"'.*train/a/up/a' \(a symlink loop"):
         load_dataset("imagefolder", str(root), image_size=5)
+
+
+def test_imagefolder_a_folder_linked_into_two_classes_is_refused(tmp_path):
+    """train/a/more -> train/b (a link left from sorting photos) read b's images as class a as
+    well as b, two labels for the same images, without a word (torchvision does the same)."""
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    (root / "train" / "a" / "more").symlink_to(root / "train" / "b")
+    with pytest.raises(DataError, match=r"train/b' is reached twice, as '.*train/a/more' and "
+                                        r"as '.*train/b' \(.*read twice\)"):
+        load_dataset("imagefolder", str(root), image_size=6)
 
 
 def test_imagefolder_with_val_and_test_says_which_it_tests_on(tmp_path, capsys):

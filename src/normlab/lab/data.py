@@ -20,21 +20,24 @@ Datasets (nothing is ever downloaded):
   These are pickles: only point ``--data-dir`` at files you trust. They are read by an
   unpickler that accepts numpy arrays, lists, bytes and numbers only and refuses a file naming
   anything else (a planted pickle cannot run code through it).
-* ``imagefolder``: ``DIR/train/<class>/**``, tested on ``DIR/val/<class>/**`` (``val`` is used
-  when there is also a ``test``, as timm's ``--val-split validation`` and ImageNet's layout
-  have it, and a note says ``test`` is not read; ``test`` when there is no ``val``;
-  ``data_kwargs.test_split`` names another folder): the image files at any depth inside a
-  class folder, following symlinks, as torchvision's ImageFolder reads them (a symlink loop is
-  an error); any format Pillow reads (converted to 8-bit RGB;
-  16-bit grayscale scaled from 0..65535, float pixels refused), resized to ``image_size``
-  (default 32); classes numbered in train/'s sorted folder-name order, as torchvision's
-  (string order: ``10`` before ``2``), the test folder's classes matched to them by name in
-  Unicode's composed form (NFC; macOS may write names decomposed), each split in a fixed random
-  order (so a ``train_limit`` keeps every class; a class with no test images is trained on,
-  and a note says it is not tested); hidden files and folders (``.DS_Store``,
-  ``._<name>``, ``.ipynb_checkpoints``) are skipped, and a note names the other files not read
-  (not images by their extension, or outside a class folder) and the test images that are
-  training files too (``val`` linked to ``train``; the same file, not the same pixels).
+* ``imagefolder``: trains on ``DIR/train/<class>/**`` and tests on ``DIR/val/<class>/**``, else
+  ``DIR/test/<class>/**``; with both, ``val`` (as timm's ``--val-split validation`` and
+  ImageNet's layout have it) and a note says ``test`` is not read; ``data_kwargs.test_split``
+  names the folder tested on. As torchvision's ImageFolder: the image files at any depth inside
+  a class folder, following symlinks (a folder reached twice, by a symlink loop or linked into
+  two classes, is an error); classes numbered in sorted folder-name order (string order:
+  ``10`` before ``2``); images converted to 8-bit RGB, EXIF orientation not applied. Unlike
+  two ImageFolders, which number each split's folders on its own (a class missing from val/
+  shifts val/'s labels), the test folder's classes take train/'s numbers, matched by name (in
+  Unicode's composed form, NFC: macOS may write names decomposed). 16-bit grayscale is
+  scaled from 0..65535, float pixels are refused. Any format Pillow reads, resized to
+  ``image_size`` x ``image_size`` (default 32; the aspect ratio is not kept, nothing is
+  cropped). Each split is in a fixed random order (so a ``train_limit``
+  keeps every class). Hidden files and folders (``.DS_Store``, ``._<name>``,
+  ``.ipynb_checkpoints``) are skipped; notes (said when a run starts, ``info["notes"]``) name
+  the classes with no test images (trained on, not tested), the other files not read (not
+  images by their extension, or outside a class folder) and the test images that are training
+  files too (``val`` linked to ``train``: the same file, not the same pixels).
 
 Every dataset is standardized per channel with the training set's mean and std.
 

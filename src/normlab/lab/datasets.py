@@ -205,23 +205,22 @@ def _rgb8(im: Any) -> Any:
     return im.convert("RGB")
 
 
-def _image_files(class_dir: Path, skipped: list[Path]) -> list[Path]:
+def _image_files(class_dir: Path, skipped: list[Path], seen: dict[str, str]) -> list[Path]:
     """The image files (by extension, any case) under ``class_dir`` at any depth, as
     torchvision's ImageFolder finds them: ``os.walk`` following symlinks, folders and then file
     names in sorted order. Hidden files and folders are skipped; the other files go to
-    ``skipped``; a folder reached twice (a symlink loop, or one folder linked twice: its images
-    would be read again) is an error."""
-    seen = {os.path.realpath(class_dir)}
+    ``skipped``. ``seen``: the real path of each folder read in this split -> the path it was
+    reached by; a folder reached twice (a symlink loop, or a folder linked into two places,
+    perhaps two classes: its images would be read twice) is an error naming both paths."""
     found = []
     for top, dirs, files in os.walk(class_dir, followlinks=True):
-        for d in sorted(dirs):
-            real = os.path.realpath(os.path.join(top, d))
-            if real in seen and d[0] != ".":
-                raise DataError(f"imagefolder: folder {os.path.join(top, d)!r} leads to "
-                                f"{real!r}, already read (a symlink loop, or a folder linked "
-                                "twice)", hint="remove that link")
-            seen.add(real)
-        dirs[:] = [d for d in dirs if d[0] != "."]  # pruned: os.walk does not enter them
+        real = os.path.realpath(top)
+        if real in seen:
+            raise DataError(f"imagefolder: folder {real!r} is reached twice, as {seen[real]!r} "
+                            f"and as {top!r} (a symlink loop, or a folder linked into two "
+                            "places: its images would be read twice)", hint="remove the link")
+        seen[real] = top
+        dirs[:] = sorted(d for d in dirs if d[0] != ".")  # hidden: os.walk does not enter them
         found.append((top, [f for f in files if f[0] != "." and _is_image_name(f)]))
         skipped.extend(Path(top, f) for f in files if f[0] != "." and not _is_image_name(f))
     return [Path(top, f) for top, files in sorted(found) for f in sorted(files)]
@@ -253,7 +252,8 @@ def _class_files(root: Path, folders: list[Optional[Path]],
     files not read go to ``skipped``: those outside a class folder and those not images by
     their extension (hidden files are skipped without a word)."""
     skipped.extend(p for p in sorted(root.iterdir()) if p.name[0] != "." and not p.is_dir())
-    return [[] if f is None else _image_files(f, skipped) for f in folders]
+    seen: dict[str, str] = {}
+    return [[] if f is None else _image_files(f, skipped, seen) for f in folders]
 
 
 def _shared_files(train: list[list[Path]], test: list[list[Path]]) -> list[Path]:
