@@ -608,3 +608,29 @@ def test_imagefolder_unreadable_image_says_what_to_do(tmp_path):
     (root / "val" / "b" / "empty.jpg").write_bytes(b"<html>rate limited</html>")
     with pytest.raises(DataError, match=r"empty\.jpg' \(UnidentifiedImageError: "):
         load_dataset("imagefolder", str(root), image_size=5)
+
+
+def test_imagefolder_a_folder_it_cannot_list_is_named(tmp_path, monkeypatch):
+    """os.walk leaves out a folder it cannot list (another user's, mode 700) and every image in
+    it, without a word. Such a folder is an error naming it. (The tests may run as root, whom
+    permissions do not stop: the listing error is raised by a stand-in for os.scandir.)"""
+    import os
+
+    root = tmp_path / "images"
+    _image_tree(root, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    (root / "train" / "b" / "private").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("private"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"cannot list folder '.*train/b/private' \(Permission "
+                                        r"denied\)"):
+        load_dataset("imagefolder", str(root), image_size=6)
+    (root / "train" / "b" / "private").rmdir()
+    (root / "val").rename(root / "private")  # a test folder it cannot list (was a traceback)
+    with pytest.raises(DataError, match=r"cannot list folder '.*images/private' \(Permission"):
+        load_dataset("imagefolder", str(root), image_size=6, test_split="private")

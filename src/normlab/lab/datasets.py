@@ -12,7 +12,7 @@ import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -213,7 +213,7 @@ def _image_files(class_dir: Path, skipped: list[Path], seen: dict[str, str]) -> 
     reached by; a folder reached twice (a symlink loop, or a folder linked into two places,
     perhaps two classes: its images would be read twice) is an error naming both paths."""
     found = []
-    for top, dirs, files in os.walk(class_dir, followlinks=True):
+    for top, dirs, files in os.walk(class_dir, onerror=_unlisted, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:
             raise DataError(f"imagefolder: folder {real!r} is reached twice, as {seen[real]!r} "
@@ -226,6 +226,21 @@ def _image_files(class_dir: Path, skipped: list[Path], seen: dict[str, str]) -> 
     return [Path(top, f) for top, files in sorted(found) for f in sorted(files)]
 
 
+def _unlisted(e: OSError) -> NoReturn:
+    """A folder ``os.walk`` cannot list (its default leaves it out, and its images, silently)."""
+    raise DataError(f"imagefolder: cannot list folder {e.filename!r} ({e.strerror or e})",
+                    hint="make it readable, or move it out of the class folder")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds, sorted; a folder that cannot be listed is a DataError."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(Path(e.path) for e in it)
+    except OSError as e:
+        _unlisted(e)
+
+
 def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in _IMG_EXT
 
@@ -235,7 +250,7 @@ def _class_folders(root: Path) -> dict[str, Path]:
     written a split's ``café`` decomposed (NFD), which is another name to Linux. Hidden folders
     are skipped (macOS's ``._<name>``, Jupyter's ``.ipynb_checkpoints``: not classes)."""
     folders: dict[str, Path] = {}
-    for p in sorted(root.iterdir()):
+    for p in _entries(root):
         if p.is_dir() and p.name[0] != ".":
             key = unicodedata.normalize("NFC", p.name)
             if key in folders:
@@ -251,7 +266,7 @@ def _class_files(root: Path, folders: list[Optional[Path]],
     """Per class folder of ``root`` (None: the split has none) the image files under it; the
     files not read go to ``skipped``: those outside a class folder and those not images by
     their extension (hidden files are skipped without a word)."""
-    skipped.extend(p for p in sorted(root.iterdir()) if p.name[0] != "." and not p.is_dir())
+    skipped.extend(p for p in _entries(root) if p.name[0] != "." and not p.is_dir())
     seen: dict[str, str] = {}
     return [[] if f is None else _image_files(f, skipped, seen) for f in folders]
 
