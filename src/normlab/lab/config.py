@@ -122,8 +122,8 @@ class RunConfig:
     Data: ``data`` in :data:`DATASETS`, ``data_dir`` for files on disk, ``data_kwargs`` (mnist5k:
     ``image_size`` 28/14/7; synthetic:
     ``n_train``, ``n_test``, ``image_size``, ``channels``, ``num_classes``; imagefolder:
-    ``image_size``, ``test_split``), ``train_limit``/``test_limit`` to subsample, ``augment`` ("auto": pad-crop and
-    flip for cifar and imagefolder only, "on", "off").
+    ``image_size``, ``test_split``), ``train_limit``/``test_limit`` to subsample, ``augment``
+    ("auto": pad-crop and flip for cifar and imagefolder only, "on", "off").
     Processes: ``batch_size`` is per process; ``world_size`` is the number of processes the run is
     defined for (global batch ``batch_size * world_size``; BN statistics stay per process, SyncBN
     takes them over all). Resumed on another process count the trainer keeps the global batch.

@@ -345,7 +345,7 @@ def _test_dir(data_dir: Path, test_split: Any, hint: str) -> tuple[Path, list[st
                             f"other than train, got {test_split!r}",
                             hint="e.g. --set data_kwargs.test_split=test")
         if not (data_dir / test_split).is_dir():
-            folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and p.name[0] != ".")
+            folders = [p.name for p in _entries(data_dir) if p.is_dir() and p.name[0] != "."]
             raise DataError(f"imagefolder: test_split {test_split!r}: "
                             f"{str(data_dir / test_split)!r} is not a folder",
                             hint=f"the folders of {str(data_dir)!r}: {', '.join(folders)}")
