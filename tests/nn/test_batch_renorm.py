@@ -282,3 +282,15 @@ def test_checkpoint_gradients_are_those_of_the_forward(use_reentrant):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
     assert int(ckpt.num_batches_tracked) == 2 and int(plain.num_batches_tracked) == 1
+
+
+def test_the_repr_reads_as_a_call_that_builds_the_same_layer():
+    # it named track_running_stats=True, which the constructor does not take (a TypeError when
+    # the repr was pasted back as code)
+    brn = nlnn.BatchRenorm2d(6, eps=1e-3, momentum=0.05, r_max=2.0, d_max=1.5, warmup_steps=10,
+                        r_max_steps=20, d_max_steps=30, bias=False)
+    again = eval(repr(brn), {"BatchRenorm2d": nlnn.BatchRenorm2d})
+    assert repr(again) == repr(brn)
+    assert (again.eps, again.momentum, again.r_max, again.d_max, again.warmup_steps,
+            again.r_max_steps, again.d_max_steps, again.bias) == (1e-3, 0.05, 2.0, 1.5, 10, 20,
+                                                                   30, None)

@@ -167,8 +167,11 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         return (y + channel_view(shift.to(acc), input.dim())).to(input.dtype)
 
     def extra_repr(self) -> str:
+        # the constructor takes no track_running_stats (Batch Renorm always tracks them): the
+        # repr names only what it takes, so it reads as a call that builds the same layer
+        base = super().extra_repr().replace(", track_running_stats=True", "")
         return (
-            super().extra_repr()
+            base
             + f", r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
             f"r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}"
         )
