@@ -13,9 +13,9 @@ from formula import off_centre
 @pytest.mark.parametrize(
     "make,shape",
     [
-        (lambda: nlnn.GroupNorm(4, 16, activation="silu"), (2, 16, 6, 6)),
-        (lambda: nlnn.BatchNorm2d(8), (4, 8, 5, 5)),
-        (lambda: nlnn.LayerNorm(12), (3, 7, 12)),
+        (lambda: nlnn.GroupNorm(4, 16, activation="silu"), (2, 16, 6, 6)),  # fused activation
+        (lambda: nlnn.BatchNorm2d(8), (4, 8, 5, 5)),                     # running-stat update
+        (lambda: nlnn.LayerNorm(12), (3, 7, 12)),                        # the rows form
         (lambda: nlnn.RMSNorm(12), (3, 7, 12)),                          # center=False
         (lambda: nlnn.FilterResponseNorm2d(8), (2, 8, 5, 5)),            # center=False + TLU
         (lambda: nlnn.EvoNorm2dB0(8), (4, 8, 5, 5)),                     # moments, running var

@@ -214,7 +214,7 @@ def test_momentum_outside_0_1_behaves_as_torch(momentum, pair):
 # contain 3 elements not 4", "Expected weight to be a vector of size ..."); normlab's error is
 # a ValueError naming the shape that code written for torch also catches as RuntimeError
 @pytest.mark.parametrize("make,shape", [
-    (lambda m: m.BatchNorm2d(4), (2, 3, 4, 4)),
+    (lambda m: m.BatchNorm2d(4), (2, 3, 4, 4)),                        # running_mean's size
     (lambda m: m.BatchNorm1d(4, track_running_stats=False), (5, 3)),  # weight, not running_mean
     (lambda m: m.GroupNorm(2, 4), (2, 3, 4)),                          # 3 channels, 2 groups
     (lambda m: m.GroupNorm(1, 4), (2, 6, 4)),                          # divisible, still not 4

@@ -76,10 +76,10 @@ def test_export_matches_torch():
 
 @pytest.mark.parametrize(
     "make,shape",
-    [(lambda: nlnn.BatchNorm2d(8), (4, 8, 5, 5)),
-     (lambda: nlnn.InstanceNorm2d(8, affine=True), (2, 8, 5, 5)),
-     (lambda: nlnn.GroupNorm(4, 8), (2, 8, 5, 5)),
-     (lambda: nlnn.LayerNorm(8), (3, 5, 8))],
+    [(lambda: nlnn.BatchNorm2d(8), (4, 8, 5, 5)),  # eval: running statistics (normalize_fixed)
+     (lambda: nlnn.InstanceNorm2d(8, affine=True), (2, 8, 5, 5)),  # per sample and channel
+     (lambda: nlnn.GroupNorm(4, 8), (2, 8, 5, 5)),  # 2 channels per group
+     (lambda: nlnn.LayerNorm(8), (3, 5, 8))],  # (batch, tokens, features): the rows form
 )
 def test_modules_export_in_eval(make, shape):
     m = make().eval()

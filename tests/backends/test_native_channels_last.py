@@ -87,6 +87,7 @@ def test_float32_at_offset_matches_the_formula(shape, groups, path):
         assert rel_err(got, want) < 5e-6, (name, rel_err(got, want))
 
 
+# 2 channels per group over 256 positions; IN-like groups of 1 channel over 1024 positions
 @pytest.mark.parametrize("shape,groups", [((2, 6, 16, 16), 3), ((1, 4, 32, 32), 4)])
 def test_bfloat16_as_accurate_as_the_nchw_path(shape, groups, path):
     # bf16 input: float32 statistics; errors are bf16 rounding, no worse than contiguous input

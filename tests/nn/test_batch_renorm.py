@@ -23,7 +23,7 @@ def brn64(x, rm, rv, w, b, eps, r_max, d_max):
 
 
 @pytest.mark.parametrize(
-    "cls,shape", [(nlnn.BatchRenorm2d, (6, 4, 3, 3)), (nlnn.BatchRenorm1d, (8, 4))]
+    "cls,shape", [(nlnn.BatchRenorm2d, (6, 4, 3, 3)), (nlnn.BatchRenorm1d, (8, 4))]  # both dims
 )
 def test_matches_formula_with_active_limits(cls, shape):
     brn = cls(4, r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=0, d_max_steps=0, momentum=0.1)

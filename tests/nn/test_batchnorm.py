@@ -99,6 +99,8 @@ def test_errors():
                                            ("gelu", torch.nn.functional.gelu)])
 @pytest.mark.parametrize(
     "ours,theirs,shape",
+    # a batch-statistics norm (training), a per-sample one and a fixed one (eval statistics):
+    # the activation follows each kind of affine
     [(lambda **kw: nlnn.BatchNorm2d(5, **kw), lambda: nn.BatchNorm2d(5), (4, 5, 3, 3)),
      (lambda **kw: nlnn.InstanceNorm2d(5, affine=True, **kw),
       lambda: nn.InstanceNorm2d(5, affine=True), (2, 5, 4, 4)),

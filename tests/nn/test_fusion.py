@@ -31,6 +31,8 @@ def _pair(first, bn_torch, bn_ours, *rest):
 
 @pytest.mark.parametrize(
     "first,torch_bn,our_bn,shape,relu",
+    # each conv dims torch's fuser knows, without and with the ReLU it folds in too; small
+    # spatial sizes (a 3x3 kernel leaves a few positions), 3 -> 6 channels
     [(lambda: nn.Conv1d(3, 6, 3), nn.BatchNorm1d, nlnn.BatchNorm1d, (2, 3, 9), False),
      (lambda: nn.Conv1d(3, 6, 3), nn.BatchNorm1d, nlnn.BatchNorm1d, (2, 3, 9), True),
      (lambda: nn.Conv2d(3, 6, 3), nn.BatchNorm2d, nlnn.BatchNorm2d, (2, 3, 7, 7), False),
@@ -101,10 +103,11 @@ class _Quantizable(nn.Module):
 
 @pytest.mark.parametrize(
     "make,conv,shape",
-    [(lambda m: m.BatchNorm2d(6), lambda: nn.Conv2d(3, 6, 3), (4, 3, 7, 7)),
-     (lambda m: m.BatchNorm3d(6), lambda: nn.Conv3d(3, 6, 3), (2, 3, 5, 5, 5)),
+    [(lambda m: m.BatchNorm2d(6), lambda: nn.Conv2d(3, 6, 3), (4, 3, 7, 7)),  # batch of 4
+     (lambda m: m.BatchNorm3d(6), lambda: nn.Conv3d(3, 6, 3), (2, 3, 5, 5, 5)),  # 3-D maps
      (lambda m: m.GroupNorm(3, 6), lambda: nn.Conv2d(3, 6, 3), (4, 3, 7, 7)),  # 2 ch per group
-     (lambda m: m.InstanceNorm2d(6, affine=True), lambda: nn.Conv2d(3, 6, 3), (4, 3, 7, 7)),
+     (lambda m: m.InstanceNorm2d(6, affine=True), lambda: nn.Conv2d(3, 6, 3),
+      (4, 3, 7, 7)),  # per sample and channel: 5x5 positions each
      (lambda m: m.LayerNorm([6, 5, 5]), lambda: nn.Conv2d(3, 6, 3), (4, 3, 7, 7))],  # C, H, W
 )
 def test_eager_static_quantization_swaps_an_unfused_norm_as_torchs(make, conv, shape):

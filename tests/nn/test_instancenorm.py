@@ -11,11 +11,11 @@ from formula import assert_same_param_grads, compare_step, off_centre
 @pytest.mark.parametrize(
     "ours_cls,torch_cls,shape,c",
     [
-        (nlnn.InstanceNorm1d, nn.InstanceNorm1d, (3, 4, 9), 4),
+        (nlnn.InstanceNorm1d, nn.InstanceNorm1d, (3, 4, 9), 4),      # (N, C, L)
         (nlnn.InstanceNorm1d, nn.InstanceNorm1d, (4, 9), 4),         # unbatched (C, L)
-        (nlnn.InstanceNorm2d, nn.InstanceNorm2d, (3, 4, 5, 6), 4),
+        (nlnn.InstanceNorm2d, nn.InstanceNorm2d, (3, 4, 5, 6), 4),   # H != W
         (nlnn.InstanceNorm2d, nn.InstanceNorm2d, (4, 5, 6), 4),      # unbatched (C, H, W)
-        (nlnn.InstanceNorm3d, nn.InstanceNorm3d, (2, 4, 3, 3, 4), 4),
+        (nlnn.InstanceNorm3d, nn.InstanceNorm3d, (2, 4, 3, 3, 4), 4),  # (N, C, D, H, W)
     ],
 )
 @pytest.mark.parametrize(

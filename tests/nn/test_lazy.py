@@ -9,14 +9,17 @@ import normlab.nn as nlnn
 from formula import off_centre
 
 CASES = [  # one shape per dims, off-centre; 5 channels to infer
-    (nlnn.LazyBatchNorm1d, nn.LazyBatchNorm1d, nlnn.BatchNorm1d, (6, 5, 7), {}),
-    (nlnn.LazyBatchNorm2d, nn.LazyBatchNorm2d, nlnn.BatchNorm2d, (4, 5, 6, 6), {}),
+    (nlnn.LazyBatchNorm1d, nn.LazyBatchNorm1d, nlnn.BatchNorm1d, (6, 5, 7), {}),  # (N, C, L)
+    (nlnn.LazyBatchNorm2d, nn.LazyBatchNorm2d, nlnn.BatchNorm2d, (4, 5, 6, 6), {}),  # (N, C, H, W)
+    # 3-D, with momentum None: the cumulative average's counter is inferred too
     (nlnn.LazyBatchNorm3d, nn.LazyBatchNorm3d, nlnn.BatchNorm3d, (2, 5, 3, 4, 4), {"momentum": None}),
+    # no affine, no running statistics: nothing to infer but the channel count
     (nlnn.LazyInstanceNorm1d, nn.LazyInstanceNorm1d, nlnn.InstanceNorm1d, (3, 5, 9), {}),
+    # affine and running statistics: every lazy parameter and buffer is materialized
     (nlnn.LazyInstanceNorm2d, nn.LazyInstanceNorm2d, nlnn.InstanceNorm2d, (3, 5, 6, 6),
      {"affine": True, "track_running_stats": True}),
     (nlnn.LazyInstanceNorm3d, nn.LazyInstanceNorm3d, nlnn.InstanceNorm3d, (2, 5, 3, 4, 4),
-     {"affine": True}),
+     {"affine": True}),  # 3-D, affine without running statistics
 ]
 
 
