@@ -241,6 +241,7 @@ def _prologue(k, j, G, NGB, TPP, RT, sn, sc, Cg: tl.constexpr, OVER_BATCH: tl.co
 @triton.jit
 def _load_shift(X, base, gvalid, sc, Cg: tl.constexpr, GBP: tl.constexpr, SHIFT: tl.constexpr):
     """The shift [GBP]: each group's first element when SHIFT (centred statistics), else 0.
+    X: (N, C, *spatial) input, element strides (sn, sc, ss); ``base`` the block's first element.
 
     Shifted data: every program of a statistic subtracts the same shift, so the sums run over
     values of the spread's magnitude, not the offset's (1e4 + 0.1*randn keeps full float32
@@ -321,7 +322,9 @@ def _columns(ch0, ct, ncols, BLOCK_C: tl.constexpr):
 def _channel_vectors(W, B, MEAN, VAR, ch, cm, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                      PER_CHANNEL: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-column weight, bias (and, for given per-channel statistics, mean and rstd) of the
-    channels ch (a separate helper from ``_columns``: see ``_prologue`` on pointers)."""
+    channels ch (a separate helper from ``_columns``: see ``_prologue`` on pointers).
+    W, B: (C,) weight and bias, or dummies when not HAS_W / HAS_B; MEAN, VAR: (C,) the given
+    statistics when PER_CHANNEL, else dummies."""
     if HAS_W:
         w = tl.load(W + ch, mask=cm, other=0.0).to(tl.float32)
     else:
@@ -345,6 +348,7 @@ def _column_moments(X, base, shift_c, rt_lo, rt_hi, ct, TPS, S, ncols, sn, sc, s
                     OVER_BATCH: tl.constexpr, CENTER: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Per-column (count, mean, M2) of x - shift over row tiles [rt_lo, rt_hi) of column tile ct.
+    X: (N, C, *spatial) input, element strides (sn, sc, ss); ``base`` the block's first element.
 
     Each lane keeps its own running (mean, M2) across the tiles (Welford: one update per
     element, no reduction inside the loop, so the loads of the next tiles can be in flight);
@@ -382,7 +386,8 @@ def _column_moments(X, base, shift_c, rt_lo, rt_hi, ct, TPS, S, ncols, sn, sc, s
 
 @triton.jit
 def _store_stats(STATS, K, stat, gvalid, smean_g, shift_g, rstd_g, var_g):
-    """Rows of the (5, K) statistics buffer: mean, rstd, biased var, shifted mean, and zeros:
+    """Rows of the (5, K) float32 statistics buffer STATS (K statistics: N*G, or G over the
+    batch): mean, rstd, biased var, shifted mean, and zeros:
     row 4 holds the backward's int32 arrival counters (``_fold_rows``), zero after every
     forward and after every backward that used them."""
     tl.store(STATS + stat, smean_g + shift_g, mask=gvalid)
@@ -415,7 +420,8 @@ def _fwd_kernel(
     CENTER False: statistics about 0 (RMS: mean 0, var = mean of x^2).
 
     Every vector of statistics has one entry per group of the block ([GBP], padded to a power
-    of two); per-column moments are folded into groups once per column tile (``_to_groups``)."""
+    of two); per-column moments are folded into groups once per column tile (``_to_groups``).
+    Reference twin: ``reference.BACKEND.normalize`` (STAGE 3: ``normalize_fixed``)."""
     k = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -498,7 +504,8 @@ ROW_UNROLL = tl.constexpr(8)
 def _reduce_rows(PDW, PDB, DW, DB, ROWS, C, ch0, ncols, CT, HAS_W: tl.constexpr,
                  HAS_B: tl.constexpr, BLOCK: tl.constexpr):
     """DW[c] = sum_r PDW[r, c] (and DB likewise) for the ncols channels from ch0, rows added in
-    order 0..ROWS-1: deterministic, and the same sums wherever it runs. The rows are read from
+    order 0..ROWS-1: deterministic, and the same sums wherever it runs. PDW, PDB: (ROWS, C)
+    float32 partials; DW, DB: (C,) in the weight's dtype (dummies when not HAS_W / HAS_B). The rows are read from
     L2 (``.cg``): other programs of the same launch may have written them (``_fold_rows``).
     ROW_UNROLL (8) rows per iteration, added one after another (the same order and bits as one
     row per iteration; a row past ROWS adds an exact 0): their loads do not wait for each
@@ -529,6 +536,8 @@ def _reduce_rows(PDW, PDB, DW, DB, ROWS, C, ch0, ncols, CT, HAS_W: tl.constexpr,
 def _fold_rows(CNT, blk, PDW, PDB, DW, DB, ROWS, C, ch0, ncols, CT, HAS_W: tl.constexpr,
                HAS_B: tl.constexpr, BLOCK: tl.constexpr):
     """The last of a block's ROWS programs to arrive sums the block's dw/db rows (FOLD 2).
+    CNT: (K,) the forward's STATS[4], int32 arrival counters (``blk`` indexes them);
+    PDW, PDB, DW, DB as in ``_reduce_rows``.
 
     Each program has stored its rows of PDW/PDB. The barrier orders every thread's stores
     before the arrival; the arrival is one acq_rel atomic at GPU scope (Triton issues a scalar
@@ -578,7 +587,8 @@ def _bwd_kernel(
     STAGE 0 and 3 (the rows come from programs of one launch), by FOLD: 0, the separate
     ``_reduce_rows_kernel``; 1 (ROWS == 1: the program's own sums are the whole), DW/DB stored
     directly; 2 (STAGE 0 per sample), the last program of each block to arrive
-    (``_fold_rows``)."""
+    (``_fold_rows``). Reference twin: autograd through ``reference.BACKEND.normalize`` (STAGE
+    3: ``normalize_fixed``)."""
     k = tl.program_id(0)
     j = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -724,7 +734,8 @@ def _rows_fwd_kernel(
     """Forward of LayerNorm / RMSNorm over the features of (rows, C), a whole row in one tile:
     program p normalizes rows [p*RPP, (p+1)*RPP), loads pipelined. A row's statistics are two
     passes over it in registers (shift by its first element, mean, then the sum of squared
-    deviations: never E[x^2] - E[x]^2); the same five statistics rows as ``_fwd_kernel``."""
+    deviations: never E[x^2] - E[x]^2); the same five statistics rows as ``_fwd_kernel``.
+    Reference twin: ``reference.BACKEND.normalize`` on the (rows, C) view with G = 1."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     cm = cols < C
@@ -773,7 +784,8 @@ def _rows_bwd_kernel(
     (programs,): program p takes rows [p*RPP, (p+1)*RPP), one after another (loads pipelined),
     and keeps dbias/dweight in per-lane registers across its rows; it writes one partial row.
     So the partials are (programs, C) floats, not (R, C) (as large as the activation, in
-    float32), and ``_sum_rows_kernel`` sums a few hundred rows instead of R."""
+    float32), and ``_sum_rows_kernel`` sums a few hundred rows instead of R. Reference twin:
+    autograd through ``reference.BACKEND.normalize`` on the (rows, C) view with G = 1."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     cm = cols < C
