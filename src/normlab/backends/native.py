@@ -81,109 +81,15 @@ class NativeBackend:
         if not center:
             return _uncentered(x, num_groups, over_batch, weight, bias, eps, activation,
                                running_mean, running_var, momentum)
-        n, c = x.shape[0], x.shape[1]
-        g = num_groups
-        running = running_mean is not None or running_var is not None
-        # ATen updates the running buffers itself only when both are there in the dtype it takes
-        # (torch.batch_norm's rule); otherwise they are updated here from a var_mean pass (one
-        # buffer alone, float64 buffers with float32 input, half buffers with float32 params).
-        xdt = x.dtype
-        if (
-            (weight is None or weight.dtype is xdt)
-            and (bias is None or bias.dtype is xdt)
-            and (running_mean is None or running_mean.dtype is xdt)
-            and (running_var is None or running_var.dtype is xdt)
-        ):  # the usual case: everything in x's dtype, nothing to convert
-            pdt = xdt
-            aten_running = running_mean is not None and running_var is not None
-        else:
-            pdt = _param_dtype(x, weight, bias, running_mean, running_var)
-            weight, bias = _cast(weight, pdt), _cast(bias, pdt)
-            aten_running = (
-                running_mean is not None
-                and running_var is not None
-                and running_mean.dtype == pdt
-                and running_var.dtype == pdt
-            )
-        if not over_batch and g == 1 and x.dim() == 2 and not running and xdt not in _HALF:
-            # LayerNorm over the features of a 2-D input: ATen's own layer-norm kernel (not for
-            # half input: its weight and bias gradients are accumulated in half, 5-15x less
-            # accurate than the group-norm kernel's)
-            y, mean, rstd = torch.native_layer_norm(x, [c], weight, bias, eps)
-            return apply_activation(y, activation), mean, rstd
+        weight, bias, pdt, aten_running = _params(x, weight, bias, running_mean, running_var)
         if not over_batch:
-            # ATen's group-norm kernel reads weight and bias as dense vectors (F.group_norm makes
-            # them contiguous first): a strided or expanded one read the wrong elements
-            weight = None if weight is None else weight.contiguous()
-            bias = None if bias is None else bias.contiguous()
-            if weight is None and bias is not None:
-                # ATen's group-norm backward fails for a bias without weight ("tensor does not
-                # have a device", torch's F.group_norm too): a unit weight, no gradient
-                weight = torch.ones_like(bias)
-            hxw = math.prod(x.shape[2:])
-            if c // g * hxw == 1:
-                # one value per group: ATen's kernel returns garbage at large values (1e6: errors
-                # of 100); the reference's shifted sums give the exact answer, y = beta
-                return _REFERENCE.normalize(x, g, over_batch, weight, bias, eps, activation,
-                                            running_mean, running_var, momentum)
-            fmt = output_memory_format(x)
-            if fmt != torch.contiguous_format and under_torch_func(x):
-                # under torch.func (jvp, grad) on NCHW data: ATen's forward-AD formula for a
-                # channels_last group norm fails on a view ("view size is not compatible"),
-                # torch.nn's GroupNorm too (inside vmap, fmt is already contiguous)
-                y, mean, rstd = torch.native_group_norm(x.contiguous(), weight, bias, n, c, hxw,
-                                                        g, eps)
-                y = y.contiguous(memory_format=fmt)
-            elif fmt != torch.contiguous_format and x.is_cpu:
-                # ATen's CPU channels_last group-norm kernel is inaccurate at an offset and
-                # slow (its backward 4-100x its NCHW one); see native_channels_last
-                y, mean, rstd = group_norm_channels_last(x, weight, bias, g, eps, pdt)
-            else:  # ATen GN needs a dense layout (NCHW or channels_last)
-                xk = x if x.is_contiguous() else x.contiguous(memory_format=fmt)
-                y, mean, rstd = torch.native_group_norm(xk, weight, bias, n, c, hxw, g, eps)
-            if running:
-                _update_from_pass(x.reshape(n, g, -1), (2,), running_mean, running_var, momentum)
-            return apply_activation(y, activation), mean, rstd
-
-        if g == c:
-            y, mean, rstd = torch.native_batch_norm(
-                x, weight, bias, *((running_mean, running_var) if aten_running else (None, None)),
-                True, momentum, eps,
-            )
-            if running and not aten_running:
-                _update_from_pass(x.transpose(0, 1).reshape(c, -1), (1,), running_mean,
-                                  running_var, momentum)
-            return apply_activation(y, activation), mean, rstd
-
-        # batch-group norm: BN over the groups of a (N, G, rest) view, then the channel affine
-        fmt = output_memory_format(x)
-        xg = x.reshape(n, g, -1)
-        # unit affine in float32 so that half inputs get float32 statistics (ATen's mixed mode);
-        # running buffers in another dtype are updated from a pass of their own
-        acc = compute_dtype(x.dtype)
-        aten_running = aten_running and running_mean.dtype == acc
-        if xg.dtype != acc and not (weight is None and bias is None and activation is None):
-            # with an affine or activation after it, half input is normalized in float32 and
-            # rounded once (as _uncentered): ATen's half yg, then the affine, rounded twice (up
-            # to 35 units in the last place where the bias cancels; torch's BN: half of one)
-            xg = xg.to(acc)
-        one = torch.ones(g, device=x.device, dtype=acc)
-        yg, mean, rstd = torch.native_batch_norm(
-            xg, one, torch.zeros_like(one),
-            *((running_mean, running_var) if aten_running else (None, None)),
-            True, momentum, eps,
-        )
-        if running and not aten_running:
-            _update_from_pass(xg, (0, 2), running_mean, running_var, momentum)
-        y = yg.reshape(x.shape)
-        if weight is not None or bias is not None or activation is not None:
-            y = y.to(compute_dtype(x.dtype))
-            if weight is not None:
-                y = y * channel_view(weight.to(y.dtype), x.dim())
-            if bias is not None:
-                y = y + channel_view(bias.to(y.dtype), x.dim())
-            y = apply_activation(y, activation).to(x.dtype)
-        return y.contiguous(memory_format=fmt), mean, rstd
+            return _per_sample(x, num_groups, weight, bias, eps, activation, running_mean,
+                               running_var, momentum, pdt)
+        if num_groups == x.shape[1]:
+            return _batch(x, weight, bias, eps, activation, running_mean, running_var, momentum,
+                          aten_running)
+        return _batch_group(x, num_groups, weight, bias, eps, activation, running_mean,
+                            running_var, momentum, aten_running)
 
     def normalize_fixed(
         self,
@@ -292,6 +198,126 @@ def _update_from_pass(
     for d in dims:  # (a loop: dynamo's fullgraph does not take a generator here)
         count *= xg.shape[d]
     update_running_stats(running_mean, running_var, mu, var, count, momentum)
+
+
+
+def _params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+            running_mean: Optional[Tensor], running_var: Optional[Tensor]
+            ) -> Tuple[Optional[Tensor], Optional[Tensor], torch.dtype, bool]:
+    """``(weight, bias, pdt, aten_running)``: the affine in the dtype ATen takes with ``x``
+    (``pdt``), and whether ATen updates the running buffers itself. It does only when both are
+    there in that dtype (torch.batch_norm's rule); otherwise they are updated from a var_mean
+    pass (one buffer alone, float64 buffers with float32 input, half buffers with float32
+    params)."""
+    xdt = x.dtype
+    if (
+        (weight is None or weight.dtype is xdt)
+        and (bias is None or bias.dtype is xdt)
+        and (running_mean is None or running_mean.dtype is xdt)
+        and (running_var is None or running_var.dtype is xdt)
+    ):  # the usual case: everything in x's dtype, nothing to convert
+        return weight, bias, xdt, running_mean is not None and running_var is not None
+    pdt = _param_dtype(x, weight, bias, running_mean, running_var)
+    aten_running = (running_mean is not None and running_var is not None
+                    and running_mean.dtype == pdt and running_var.dtype == pdt)
+    return _cast(weight, pdt), _cast(bias, pdt), pdt, aten_running
+
+
+def _per_sample(x: Tensor, g: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                activation: Optional[str], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], momentum: float, pdt: torch.dtype
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    """LN, IN, GN (statistics per sample and group): ATen's layer-norm or group-norm kernels,
+    or :func:`group_norm_channels_last` for channels_last on the CPU."""
+    n, c = x.shape[0], x.shape[1]
+    running = running_mean is not None or running_var is not None
+    if g == 1 and x.dim() == 2 and not running and x.dtype not in _HALF:
+        # LayerNorm over the features of a 2-D input: ATen's own layer-norm kernel (not for
+        # half input: its weight and bias gradients are accumulated in half, 5-15x less
+        # accurate than the group-norm kernel's)
+        y, mean, rstd = torch.native_layer_norm(x, [c], weight, bias, eps)
+        return apply_activation(y, activation), mean, rstd
+    # ATen's group-norm kernel reads weight and bias as dense vectors (F.group_norm makes
+    # them contiguous first): a strided or expanded one read the wrong elements
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if weight is None and bias is not None:
+        # ATen's group-norm backward fails for a bias without weight ("tensor does not
+        # have a device", torch's F.group_norm too): a unit weight, no gradient
+        weight = torch.ones_like(bias)
+    hxw = math.prod(x.shape[2:])
+    if c // g * hxw == 1:
+        # one value per group: ATen's kernel returns garbage at large values (1e6: errors
+        # of 100); the reference's shifted sums give the exact answer, y = beta
+        return _REFERENCE.normalize(x, g, False, weight, bias, eps, activation,
+                                    running_mean, running_var, momentum)
+    fmt = output_memory_format(x)
+    if fmt != torch.contiguous_format and under_torch_func(x):
+        # under torch.func (jvp, grad) on NCHW data: ATen's forward-AD formula for a
+        # channels_last group norm fails on a view ("view size is not compatible"),
+        # torch.nn's GroupNorm too (inside vmap, fmt is already contiguous)
+        y, mean, rstd = torch.native_group_norm(x.contiguous(), weight, bias, n, c, hxw, g, eps)
+        y = y.contiguous(memory_format=fmt)
+    elif fmt != torch.contiguous_format and x.is_cpu:
+        # ATen's CPU channels_last group-norm kernel is inaccurate at an offset and
+        # slow (its backward 4-100x its NCHW one); see native_channels_last
+        y, mean, rstd = group_norm_channels_last(x, weight, bias, g, eps, pdt)
+    else:  # ATen GN needs a dense layout (NCHW or channels_last)
+        xk = x if x.is_contiguous() else x.contiguous(memory_format=fmt)
+        y, mean, rstd = torch.native_group_norm(xk, weight, bias, n, c, hxw, g, eps)
+    if running:
+        _update_from_pass(x.reshape(n, g, -1), (2,), running_mean, running_var, momentum)
+    return apply_activation(y, activation), mean, rstd
+
+
+def _batch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+           activation: Optional[str], running_mean: Optional[Tensor],
+           running_var: Optional[Tensor], momentum: float, aten_running: bool
+           ) -> Tuple[Tensor, Tensor, Tensor]:
+    """BN (statistics per channel over the batch): ATen's batch-norm kernel."""
+    y, mean, rstd = torch.native_batch_norm(
+        x, weight, bias, *((running_mean, running_var) if aten_running else (None, None)),
+        True, momentum, eps,
+    )
+    if (running_mean is not None or running_var is not None) and not aten_running:
+        _update_from_pass(x.transpose(0, 1).reshape(x.shape[1], -1), (1,), running_mean,
+                          running_var, momentum)
+    return apply_activation(y, activation), mean, rstd
+
+
+def _batch_group(x: Tensor, g: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                 eps: float, activation: Optional[str], running_mean: Optional[Tensor],
+                 running_var: Optional[Tensor], momentum: float, aten_running: bool
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Batch-group norm: BN over the groups of a (N, G, rest) view, then the channel affine."""
+    fmt = output_memory_format(x)
+    xg = x.reshape(x.shape[0], g, -1)
+    # unit affine in float32 so that half inputs get float32 statistics (ATen's mixed mode);
+    # running buffers in another dtype are updated from a pass of their own
+    acc = compute_dtype(x.dtype)
+    aten_running = aten_running and running_mean.dtype == acc
+    if xg.dtype != acc and not (weight is None and bias is None and activation is None):
+        # with an affine or activation after it, half input is normalized in float32 and
+        # rounded once (as _uncentered): ATen's half yg, then the affine, rounded twice (up
+        # to 35 units in the last place where the bias cancels; torch's BN: half of one)
+        xg = xg.to(acc)
+    one = torch.ones(g, device=x.device, dtype=acc)
+    yg, mean, rstd = torch.native_batch_norm(
+        xg, one, torch.zeros_like(one),
+        *((running_mean, running_var) if aten_running else (None, None)),
+        True, momentum, eps,
+    )
+    if (running_mean is not None or running_var is not None) and not aten_running:
+        _update_from_pass(xg, (0, 2), running_mean, running_var, momentum)
+    y = yg.reshape(x.shape)
+    if weight is not None or bias is not None or activation is not None:
+        y = y.to(compute_dtype(x.dtype))
+        if weight is not None:
+            y = y * channel_view(weight.to(y.dtype), x.dim())
+        if bias is not None:
+            y = y + channel_view(bias.to(y.dtype), x.dim())
+        y = apply_activation(y, activation).to(x.dtype)
+    return y.contiguous(memory_format=fmt), mean, rstd
 
 
 BACKEND = NativeBackend()
