@@ -47,7 +47,7 @@ from normlab.models import canonical_model, check_norm, is_normalizer_free
 
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
-    "DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed", "out_of_memory",
+    "DATASETS", "DATA_DIR_DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed", "out_of_memory",
     "fits_in_memory", "MAX_SEEDS", "canonical_data", "field_types",
 ]
 
@@ -57,6 +57,9 @@ __all__ = [
 MAX_SEEDS = 1000
 
 DATASETS = ("digits", "mnist5k", "synthetic", "cifar10", "cifar100", "imagefolder")
+#: the datasets read from ``--data-dir`` (the others ship inside a package or are generated);
+#: ``augment="auto"`` pad-crops and flips these only
+DATA_DIR_DATASETS = ("cifar10", "cifar100", "imagefolder")
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("cpu", "cuda", "auto")
@@ -304,15 +307,16 @@ class RunConfig:
         except ValueError as e:
             raise ConfigError(str(e), hint="pick a norm from `normlab ls --norms`") from None
         check_model_norm(self.model, self.norm)
-        if self.data in ("cifar10", "cifar100", "imagefolder") and not self.data_dir:
+        if self.data in DATA_DIR_DATASETS and not self.data_dir:
             raise ConfigError(f"dataset {self.data!r} reads files from disk but no --data-dir was given",
                               hint="pass --data-dir DIR (nothing is downloaded)")
-        if self.data not in ("cifar10", "cifar100", "imagefolder") and self.data_dir is not None:
+        if self.data not in DATA_DIR_DATASETS and self.data_dir is not None:
             # it would be ignored: a forgotten --data trains on the built-in set instead
             raise ConfigError(f"dataset {self.data!r} reads no files, but a data directory was "
                               f"given ({self.data_dir!r})",
-                              hint="name the dataset in it (--data cifar10, cifar100 or "
-                                   "imagefolder) or drop --data-dir")
+                              hint=f"name the dataset in it (--data "
+                                   f"{', '.join(DATA_DIR_DATASETS[:-1])} or "
+                                   f"{DATA_DIR_DATASETS[-1]}) or drop --data-dir")
         return self
 
 

@@ -27,7 +27,8 @@ from torch import nn
 
 from normlab import distributed as nd
 from normlab import models
-from normlab.lab.config import ConfigError, RunConfig, check_model_norm, fits_in_memory
+from normlab.lab.config import (DATA_DIR_DATASETS, ConfigError, RunConfig, check_model_norm,
+                                fits_in_memory)
 from normlab.lab.data import DataSplit, TensorLoader, load_dataset
 from normlab.lab.progress import literal, say
 from normlab.models import is_normalizer_free
@@ -138,8 +139,7 @@ def build_loaders(cfg: RunConfig, data: DataSplit, device: torch.device, rank: i
     epoch (equal batch counts on every rank) and of the test set (each example on one rank).
     ``batch_size`` is per process (default ``cfg.batch_size``)."""
     batch = cfg.batch_size if batch_size is None else batch_size
-    augment = cfg.augment == "on" or (cfg.augment == "auto" and cfg.data in
-                                      ("cifar10", "cifar100", "imagefolder"))
+    augment = cfg.augment == "on" or (cfg.augment == "auto" and cfg.data in DATA_DIR_DATASETS)
     train = TensorLoader(data.x_train, data.y_train, batch, shuffle=True, drop_last=True,
                          augment=augment, seed=cfg.seed, device=device, rank=rank,
                          world_size=world_size)

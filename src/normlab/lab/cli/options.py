@@ -13,7 +13,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from normlab.lab.config import ConfigError, RunConfig, apply_overrides, load_config_file, parse_set
+from normlab.lab.config import (DATA_DIR_DATASETS, DATASETS, ConfigError, RunConfig,
+                                apply_overrides, load_config_file, parse_set)
 from normlab.lab.launch import LAUNCH_FIELDS, LaunchSpec, job_world_size
 
 __all__ = ["DEFAULT_OUT", "DATA", "DATA_DIR", "MODEL", "DEVICE", "SETS", "CONFIG", "OUT",
@@ -49,9 +50,9 @@ def path_argument(default: Any, help: str) -> Any:
 
 
 # typer copies an Option given as a default, so one object serves every command
-DATA = typer.Option(None, help="digits (default) | mnist5k | synthetic | cifar10 | cifar100 | "
-                                "imagefolder")
-DATA_DIR = path_option(None, help="directory of cifar10/cifar100/imagefolder")
+DATA = typer.Option(None, help=" | ".join(f"{d} (default)" if d == RunConfig.data else d
+                                          for d in DATASETS))
+DATA_DIR = path_option(None, help=f"directory of {'/'.join(DATA_DIR_DATASETS)}")
 MODEL = typer.Option(None, help="a normlab.models name (default resnet20), or timm:<name> for "
                      "a timm model whose BatchNorms the study's norms replace (or, in a "
                      "LayerNorm model such as a ViT, whose LayerNorms ln, rms or none replace)")

@@ -17,7 +17,7 @@ from normlab.lab.power import DEFAULT_MAX_SEEDS, check_budget
 from normlab.lab.recipe import preflight
 from normlab.lab.run import device_of, run_single, run_study
 from normlab.lab.runner import Counts
-from normlab.lab.studies import Point, get_study
+from normlab.lab.studies import STUDIES, Point, get_study
 from normlab.lab.study import check_seeds_fit
 from normlab.models import is_normalizer_free
 
@@ -66,8 +66,7 @@ def _series(variants: Optional[str]) -> Optional[list[str]]:
 @with_launch_spec
 def reproduce(
     ctx: typer.Context,
-    study: str = typer.Argument("batch-size", help="batch-size | stats-batch | groups | norms | "
-                                                   "bn-dropout | nf"),
+    study: str = typer.Argument("batch-size", help=" | ".join(STUDIES)),
     quick: bool = typer.Option(False, "--quick", metavar="",  # a flag: takes no value
                                help="fewer points and seeds, converged models: a first look"),
     data: Optional[str] = DATA,
