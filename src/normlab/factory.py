@@ -252,10 +252,11 @@ def create_norm(norm: NormSpec, num_channels: int, **kwargs: Any) -> nn.Module:
             as a ``functools.partial`` (called as ``norm(num_channels, **kwargs)``). A module
             instance is a TypeError.
         num_channels: C.
-        **kwargs: passed to the module (``eps``, ``momentum``, ``affine``, ``activation`` for
-            bn/syncbn/frozenbn/in/gn/ln, ``num_groups``/``group_size`` for gn, ``dims`` for bn/in/brn). For a name, a
-            keyword the module does not take is a TypeError naming it and those it takes ("none"
-            takes and ignores any).
+        **kwargs: passed to the module (``eps``, ``momentum``, ``affine``; ``activation`` for
+            bn/syncbn/ghostbn/frozenbn/in/gn/ln; ``num_groups``/``group_size`` for gn; ``dims``
+            for bn/syncbn/ghostbn/in (1, 2, 3), brn (1, 2) and frozenbn/frn/evonorm (2 only)).
+            For a name, a keyword the module does not take is a TypeError naming it and those it
+            takes ("none" takes and ignores any).
 
     Example::
 
