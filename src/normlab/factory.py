@@ -253,8 +253,9 @@ def create_norm(norm: NormSpec, num_channels: int, **kwargs: Any) -> nn.Module:
             instance is a TypeError.
         num_channels: C.
         **kwargs: passed to the module (``eps``, ``momentum``, ``affine``; ``activation`` for
-            bn/syncbn/ghostbn/frozenbn/in/gn/ln; ``num_groups``/``group_size`` for gn; ``dims``
-            for bn/syncbn/ghostbn/in (1, 2, 3), brn (1, 2) and frozenbn/frn/evonorm (2 only)).
+            bn/syncbn/ghostbn/frozenbn/in/gn/ln; ``num_groups``/``group_size`` for gn and
+            evonorm_s0; ``dims`` for bn/syncbn/ghostbn/in (1, 2, 3), brn (1, 2) and
+            frozenbn/frn/evonorm (2 only)).
             For a name, a keyword the module does not take is a TypeError naming it and those it
             takes ("none" takes and ignores any).
 
