@@ -284,3 +284,43 @@ def test_an_interrupted_study_is_judged_at_the_level_planned_before_its_first_lo
     assert ("Power rounds: not finished (the study is still running, or was interrupted: running "
             "it again goes on from the stored runs)") in md
     assert f"({level_for((1, 6))(1):.2f} at 1, " in md
+
+
+def test_the_terminal_says_an_open_claims_seeds_and_why_no_count_as_the_report_does(tmp_path,
+                                                                                     capsys):
+    """The lines printed for open claims used the most seeds among a claim's points and called
+    every unknown count "the spread would need more seeds": with one of none's two runs flagged
+    (near chance) the terminal said "open at 2 seeds: BN beats no normalization (the spread
+    would need more seeds)" where the report said 1-2 seeds and no count (a point has one seed);
+    and GN and LN with equal means (on the claim's boundary: no count decides it) read as a
+    claim that more seeds would decide."""
+    from normlab.lab.report import write_report
+    from normlab.lab.run import _with_power
+
+    errors = {"BN": [2.0, 2.6], "GN": [2.0, 2.6], "LN": [2.6, 2.0], "IN": [5.0, 5.6],
+              "none": [89.9, 9.0]}  # none's seed 0 at chance (90%): flagged, left out
+
+    def run(points, store):
+        for p in points:
+            rid = p.cfg.run_id()
+            store.claim(rid, p.cfg.to_dict())
+            err = errors[p.label][p.cfg.seed]
+            store.record_epochs(rid, [{"epoch": 0, "train_loss": 0.1, "test_error": err}], {})
+            store.finish(rid)
+        return {"trained": len(points), "skipped": 0, "failed": 0}
+
+    study = get_study("norms")
+    points = study.points({}, "quick", seeds=2)
+    _with_power(study, "quick", points, tmp_path, "norms", run,
+                lambda at: study.points({}, "quick", seeds=2, seeds_at=at),
+                {"budget_runs": 0}, {})
+    out = capsys.readouterr().out
+    assert ("open at 1-2 seeds: BN beats no normalization (a point has one seed that counts: no "
+            "spread; unknown how many would decide it)") in out, out
+    assert ("open at 2 seeds: GN beats LN (no seed count follows from these runs: the difference "
+            "is on the claim's boundary (equal means, or a gap equal to the claim's margin))"
+            ) in out, out
+    assert "would need more seeds" not in out
+    md = write_report(tmp_path)[0].read_text()  # the report's words for the same claims
+    assert "| BN beats no normalization | **inconclusive** |" in md
+    assert "| 1-2; unknown how many would decide it (a point has one seed: no spread) |" in md

@@ -229,10 +229,13 @@ def _no_claim_run(store: Store, study: Study, preset: str, level: Level) -> bool
 def _claims_at_end(store: Store, study: Study, preset: str, level: Level
                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(open, decided): the study's inconclusive claims with the seeds they have and need, and
-    those with a verdict (reproduced or not) with the seeds they had."""
+    those with a verdict (reproduced or not) with the seeds they had (the most and the fewest
+    among a claim's points)."""
     stats = point_stats(store.study_runs(study.name, preset))
     status = claims_status(study, stats, level)
-    return ([{"claim": c["text"], "seeds": c["seeds"], "seeds_needed": c["seeds_needed"]}
+    return ([{"claim": c["text"], "seeds": c["seeds"], "fewest_seeds": c["fewest_seeds"],
+              "seeds_needed": c["seeds_needed"]}
              for c in status if c["verdict"] == INCONCLUSIVE],
-            [{"claim": c["text"], "verdict": c["verdict"], "seeds": c["seeds"]}
+            [{"claim": c["text"], "verdict": c["verdict"], "seeds": c["seeds"],
+              "fewest_seeds": c["fewest_seeds"]}
              for c in status if c["verdict"] in (REPRODUCED, NOT_REPRODUCED)])

@@ -144,16 +144,37 @@ def _with_power(study: Study, preset: str, points: list[Point], out: Path, annou
         say(f"power: {record['rounds']} round(s) added {record['runs_added']} "
             f"run(s); stopped: {POWER_STOPPED[record['stopped']]}")
     for c in record.get("decided", []):
-        say(f"{c['verdict']} at {c['seeds']} seed{'s' if c['seeds'] > 1 else ''}: {c['claim']}")
+        say(escape(f"{c['verdict']} at {_seeds_text(c)}: {c['claim']}"))
     for o in record["open"]:
-        n = o["seeds_needed"]
-        if o["seeds"] < 2:
-            say(f"open at 1 seed: {o['claim']} (one seed has no spread: --seeds 2 or more)")
-            continue
-        need = ("more seeds" if not n else f"over {SEEDS_SHOWN} seeds per point"
-                if n > SEEDS_SHOWN else f"about {n} seeds per point")
-        say(f"open at {o['seeds']} seeds: {o['claim']} (the spread would need {need})")
+        say(escape(_open_line(o)))
     return record["counts"]
+
+
+def _seeds_text(c: dict) -> str:
+    """The seeds behind a claim as the report's claims table gives them: ``2 seeds``, or
+    ``2-4 seeds`` from the fewest to the most among its points."""
+    most = c["seeds"]
+    fewest = c.get("fewest_seeds", most)
+    return f"{most} seed{'s' if most > 1 else ''}" if fewest == most else f"{fewest}-{most} seeds"
+
+
+def _open_line(o: dict) -> str:
+    """The terminal's line for a claim left open (an ``open`` item of the power record), as the
+    report's claims table says it: the seeds behind it (:func:`_seeds_text`; ``1-2`` where a
+    point's other run was flagged) and how many would decide it, or why no count is known (a
+    point with one seed, or means on the claim's boundary)."""
+    fewest = o.get("fewest_seeds", o["seeds"])
+    n = o["seeds_needed"]
+    if fewest < 2:
+        why = ("one seed has no spread: --seeds 2 or more" if o["seeds"] < 2 else
+               "a point has one seed that counts: no spread; unknown how many would decide it")
+    elif not n:
+        why = ("no seed count follows from these runs: the difference is on the claim's "
+               "boundary (equal means, or a gap equal to the claim's margin)")
+    else:
+        why = "the spread would need " + (f"over {SEEDS_SHOWN} seeds per point"
+                                          if n > SEEDS_SHOWN else f"about {n} seeds per point")
+    return f"open at {_seeds_text(o)}: {o['claim']} ({why})"
 
 
 def run_single(point: Point, out: Path) -> Counts:
