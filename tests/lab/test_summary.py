@@ -143,7 +143,8 @@ def test_one_epoch_is_said_in_the_singular(tmp_path):
 def test_summary_of_a_store_without_a_batch_study(tmp_path):
     Store(tmp_path).close()
     text = write_report(tmp_path)[0].read_text()
-    assert "## Summary" in text and "No batch-size, norms, nf, groups or bn-dropout study" in text
+    assert "## Summary" in text
+    assert "No batch-size, stats-batch, norms, nf, groups or bn-dropout study" in text
 
 
 def test_the_norms_summary_ranks_every_series(tmp_path):
@@ -280,3 +281,33 @@ def test_a_study_whose_every_run_is_flagged_is_said_not_missing(tmp_path):
     assert ("### batch-size: 4 finished runs, every one flagged (diverged or unconverged) and "
             "left out") in summary, summary
     assert "has finished runs in this store" not in summary, summary
+
+
+def test_the_stats_batch_study_is_summarized_with_gn_at_every_statistics_batch(tmp_path):
+    """A store holding only the stats-batch study opened its report with "No batch-size, norms,
+    nf, groups or bn-dropout study has finished runs in this store": the study's answer (BN or
+    GN at each statistics batch) was in no summary. GN, which takes no statistics over the
+    batch, is one run at 32; its claims compare it with BN at every statistics batch, and so
+    does the summary (its cost too)."""
+    errors = {("BN", 32): [5.0, 5.4], ("BN", 2): [9.0, 9.6], ("GN", 32): [6.0, 6.2]}
+    with Store(tmp_path) as s:
+        members = []
+        for (label, x), errs in errors.items():
+            for seed, err in enumerate(errs):
+                rid = f"{label}-{x}-{seed}"
+                s.claim(rid, {**BASE, "batch_size": 256, "seed": seed,
+                              **(GN8 if label == "GN" else {"norm": "ghostbn"})})
+                s.record_epochs(rid, [{"epoch": 0, "test_error": err}],
+                                {"images_per_s": 100.0 if label == "BN" else 80.0,
+                                 "peak_memory_mb": 10.0, "device": "cpu", "backend": "native"})
+                s.finish(rid)
+                members.append((rid, label, x))
+        s.register("stats-batch", "default", members)
+    text = write_report(tmp_path)[0].read_text()
+    assert "No batch-size" not in text
+    assert "### stats-batch: lowest test error at each BN statistics batch" in text
+    assert _row(text, "| 32 |").startswith("| 32 | **BN** 5.20 (n=2) | GN 6.10 (n=2) | 0.90 ± ")
+    assert _row(text, "| 2 |").startswith("| 2 | **GN** 6.10 (n=2) | BN 9.30 (n=2) | 3.20 ± ")
+    assert "GN takes no statistics over the batch: its runs at 32 stand in every row" in text
+    assert _row(text, "| GN |") == ("| GN | 80 img/s (0.80x), 10 MiB | 80 img/s (0.80x), 10 MiB "
+                                    "| native |")

@@ -2,8 +2,10 @@
 at each batch size measured on this data and model, by how much and with what confidence, beside
 what the papers found; and what each normalization cost in the same runs.
 
-It reads the studies whose series are normalizations and whose axis is the batch per process
-(:data:`SUMMARY_STUDIES`), one table each (their setups differ: epochs, seeds), then the answer
+It reads the studies whose series are normalizations and whose axis is the batch per process,
+or BN's statistics batch inside a fixed SGD batch (stats-batch: there GN, which takes no
+statistics over the batch, is one run that stands at every statistics batch;
+:data:`SUMMARY_STUDIES`), one table each (their setups differ: epochs, seeds), then the answer
 of each study that asks for one setting (:data:`SETTING_STUDIES`: the groups study's G groups
 or C/G channels per group, bn-dropout's configuration): the setting with the lowest error, the
 next lowest and how sure, beside the paper's.
@@ -40,9 +42,9 @@ from normlab.lab.studies import STUDIES, Study
 
 __all__ = ["summary_lines", "SUMMARY_STUDIES", "config_values"]
 
-#: studies whose series are normalizations and whose x is the batch per process, in the order
-#: the summary shows them
-SUMMARY_STUDIES = ("batch-size", "norms", "nf")
+#: studies whose series are normalizations and whose x is the batch per process (stats-batch:
+#: BN's statistics batch), in the order the summary shows them
+SUMMARY_STUDIES = ("batch-size", "stats-batch", "norms", "nf")
 
 
 
@@ -147,10 +149,34 @@ def _setup_line(runs: list[dict], stats: dict) -> str:
             f"{n} seed(s) per point" + (f"; {precise}." if precise else "."))
 
 
+def _fixed_series(study: Study) -> dict[str, Any]:
+    """The series the study runs at one x only because their runs do not depend on x
+    (:attr:`Study.series_xs`: stats-batch's GN, which takes no statistics over the batch), and
+    that x."""
+    return {lab: xs[0] for lab, xs in study.series_xs.items() if len(xs) == 1}
+
+
+def _at_every_x(study: Study, all_stats: dict) -> dict:
+    """The point statistics with each :func:`_fixed_series` standing at every x measured: the
+    claims compare it so ("GN beats BN at statistics batch 2" is GN's one run against BN's at
+    2)."""
+    fixed = _fixed_series(study)
+    xs = {x for lab, x in all_stats if lab not in fixed}
+    out = dict(all_stats)
+    for (lab, _), s in all_stats.items():
+        if lab in fixed:
+            out.update({(lab, x): s for x in xs if (lab, x) not in all_stats})
+    return out
+
+
 def _winners(study: Study, runs: list[dict], all_stats: dict, level: Level) -> list[str]:
+    all_stats = _at_every_x(study, all_stats)
     stats = {k: s for k, s in all_stats.items() if s["n"] > 0}
     xs = sorted({x for _, x in all_stats}, reverse=True)
-    lines = [f"### {study.name}: lowest test error at each batch size", "", _setup_line(runs, stats),
+    at_each = ("BN statistics batch (the SGD batch the same in every row)"
+               if study.stats_batch_axis else "batch size")
+    lines = [f"### {study.name}: lowest test error at each {at_each}", "",
+             _setup_line(runs, stats),
              "", f"| {study.axis} | lowest error % (this run) | next lowest | gap (± t SE) | "
              f"P(lowest is really lower) | the paper ({_cite(study)}) |",
              "|---|---|---|---|---|---|"]
@@ -170,6 +196,10 @@ def _winners(study: Study, runs: list[dict], all_stats: dict, level: Level) -> l
                                                              for lab, s in ranked))
     if rankings:
         lines += ["", "All series, lowest error first: " + "; ".join(rankings) + "."]
+    for lab, x in _fixed_series(study).items():
+        if any(lab == k[0] for k in stats):
+            lines += ["", f"{md_cell(lab)} takes no statistics over the batch: its runs at "
+                          f"{_fmt_x(x)} stand in every row (and every column of the costs)."]
     if not study.paper:
         lines += ["", f"The paper: {study.paper_source}."]
     return lines + [""]
@@ -194,15 +224,17 @@ def _costs(study: Study, runs: list[dict]) -> list[str]:
     labels = sorted({r["label"] for r in done},
                     key=lambda lab: order.index(lab) if lab in order else len(order))
     xs = sorted({r["x"] for r in done}, reverse=True)
+    fixed = _fixed_series(study)  # its runs at one x stand at every x (_at_every_x)
     cell: dict[tuple, tuple] = {}
     left_out: dict[tuple, str] = {}
     for lab in labels:
         for x in xs:
-            rs = [r for r in counted if r["label"] == lab and r["x"] == x]
+            at = fixed.get(lab, x)
+            rs = [r for r in counted if r["label"] == lab and r["x"] == at]
             cell[(lab, x)] = (_mean([r.get("images_per_s") for r in rs]),
                               _mean([r.get("peak_memory_mb") for r in rs]))
             left_out[(lab, x)] = flags_text([{"flag": flag[id(r)]} for r in done
-                                             if r["label"] == lab and r["x"] == x
+                                             if r["label"] == lab and r["x"] == at
                                              and flag[id(r)]])
     ref = labels[0]
     devices = sorted({str(r["device"]) for r in counted if r.get("device")}) or ["-"]
@@ -218,7 +250,8 @@ def _costs(study: Study, runs: list[dict]) -> list[str]:
         for x in xs:
             ips, mem = cell[(lab, x)]
             flagged = left_out[(lab, x)]
-            if flagged and not any(r["label"] == lab and r["x"] == x for r in counted):
+            if flagged and not any(r["label"] == lab and r["x"] == fixed.get(lab, x)
+                                   for r in counted):
                 cells.append(f"{flagged} (left out)")
                 continue
             base = cell[(ref, x)][0]
@@ -354,6 +387,7 @@ def summary_lines(store: Store) -> list[str]:
             flagged_only |= bool(flagged)
             lines += flagged
     if not seen and not answered and not flagged_only:
-        return lines + ["No batch-size, norms, nf, groups or bn-dropout study has finished runs "
-                        "in this store: `normlab reproduce` runs the batch-size study.", ""]
+        return lines + ["No batch-size, stats-batch, norms, nf, groups or bn-dropout study has "
+                        "finished runs in this store: `normlab reproduce` runs the batch-size "
+                        "study.", ""]
     return lines + _groups_line(seen)  # the GN of the batch and norms tables
