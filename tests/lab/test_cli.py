@@ -600,6 +600,20 @@ def test_reproduce_help_states_the_jobs_default_it_uses():
     assert "one per core, at most 4" in r.output and "ls --studies" in r.output
 
 
+def test_reproduce_help_states_each_studys_devices_default():
+    # --devices said "default 8, the GN paper's, for the per-device studies", but norms and
+    # groups emulate 1 device by default (their batch of 32 is the paper's statistics batch
+    # either way) and bn-dropout takes none
+    from normlab.lab.studies import get_study
+    r = runner.invoke(app, ["reproduce", "--help"], terminal_width=200)
+    text = " ".join(line.strip(" │") for line in r.output.splitlines())
+    assert ("(default: 8 for batch-size, stats-batch, nf (the GN paper's); 1 for groups, norms; "
+            "bn-dropout takes none)") in " ".join(text.split()), r.output
+    for name in ("groups", "norms"):
+        assert get_study(name).devices() == 1
+    assert get_study("nf").devices() == 8
+
+
 def test_train_one_run(tmp_path):
     r = runner.invoke(app, ["train", "--norm", "gn", "--data", "synthetic", "--batch-size", "16",
                             "--epochs", "1", "--set", f"data_kwargs={SMALL}",

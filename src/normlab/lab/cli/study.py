@@ -63,6 +63,21 @@ def _series(variants: Optional[str]) -> Optional[list[str]]:
     return list(dict.fromkeys(names))
 
 
+def _devices_help() -> str:
+    """--devices' help, with each study's default (:attr:`Study.default_devices`; none for a
+    study without a per-device batch)."""
+    by: dict[int, list[str]] = {}
+    for st in STUDIES.values():
+        if st.per_device:
+            by.setdefault(st.default_devices, []).append(st.name)
+    defaults = "; ".join(f"{k} for {', '.join(names)}" + (" (the GN paper's)" if k > 1 else "")
+                         for k, names in sorted(by.items(), reverse=True))
+    none = [st.name for st in STUDIES.values() if not st.per_device]
+    return ("devices to emulate on one process: SGD batch devices x N, BN statistics per N; 1: "
+            f"one batch of N (default: {defaults}" + (f"; {', '.join(none)} takes none"
+                                                        if none else "") + ")")
+
+
 @with_launch_spec
 def reproduce(
     ctx: typer.Context,
@@ -85,10 +100,7 @@ def reproduce(
     out: Path = OUT,
     no_report: bool = typer.Option(False, "--no-report", metavar="",
                                    help="skip writing the report"),
-    devices: Optional[int] = typer.Option(
-        None, help="devices to emulate on one process: SGD batch devices x N, BN statistics "
-                   "per N (default 8, the GN paper's, for the per-device studies; 1: one batch "
-                   "of N)"),
+    devices: Optional[int] = typer.Option(None, help=_devices_help()),
     budget_runs: Optional[int] = typer.Option(
         None, "--budget-runs", help="runs the power rounds may add (default: half the first "
                                     "run list; --quick: 0, no rounds)"),
