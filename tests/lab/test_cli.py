@@ -786,6 +786,19 @@ def test_spp_bad_specs_are_one_line(tmp_path, args, needle):
     assert needle in r.output and len(r.output.strip().splitlines()) <= 3, r.output
 
 
+def test_spp_of_a_normlab_model_without_residual_blocks_says_how_to_name_them(tmp_path):
+    # the error asks for blocks=[module names], which NAME:key=value passes to the model (an
+    # unexpected keyword); the hint said "see `normlab ls --models` and the model's keywords"
+    # for a normlab model, and named signal_propagation's blocks= for timm models only
+    r = runner.invoke(app, ["spp", "bn_dropout_cnn", "--batch", "2", "--resolution", "8",
+                            "--out", str(tmp_path)])
+    assert r.exit_code == 2 and r.output.startswith("error: bn_dropout_cnn: BNDropoutCNN has no "
+                                                    "normlab residual blocks"), r.output
+    hint = r.output.strip().splitlines()[-1]
+    assert hint.startswith("hint: ") and "signal_propagation(model, blocks=[...])" in hint, hint
+    assert len(r.output.strip().splitlines()) == 2, r.output
+
+
 def _wait_for_count(out, proc, query, at_least, timeout_s):
     """Poll the store in ``out`` until ``query`` counts ``at_least`` rows, ``proc`` ends, or
     ``timeout_s`` passes (a store still being created answers OperationalError: poll again)."""

@@ -104,10 +104,12 @@ def _records(spec: str, common: dict, norm: str, batch: int, resolution: int,
                                "a normlab model (`normlab ls --models`)") from None
     except (ValueError, TypeError) as e:
         where = " (--set applies to every model; use NAME:key=value for one)" if common else ""
-        hint = ("this command finds the residual blocks of normlab's models and of ResNets laid "
+        # a model without residual blocks (bn_dropout_cnn, a timm EfficientNet): the blocks=
+        # the error asks for are signal_propagation's, which no NAME:key=value reaches
+        hint = ("this command finds the residual blocks of normlab's ResNets and of ResNets laid "
                 "out as timm's (layer1..layer4); for another model name them from Python: "
                 "normlab.spp.signal_propagation(model, blocks=[...])"
-                if is_timm_name(name) and "blocks" in str(e) else
+                if "no normlab residual blocks" in str(e) else
                 "see `normlab ls --models` and the model's keywords")
         raise ConfigError(f"{spec}: {str(e).splitlines()[0]}{where}", hint=hint) from None
     return [r.as_dict() for r in recs], spp_mod.describe(model) or OTHER_KIND
