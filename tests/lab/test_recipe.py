@@ -112,6 +112,35 @@ def test_a_model_too_large_for_memory_is_named(monkeypatch):
     assert "lower model_kwargs" in e.value.hint
 
 
+@pytest.mark.parametrize("norm, kw, needle", [
+    ("gn", {"num_groups": 3}, "norm_kwargs.num_groups=3 does not divide the 16 channels of "
+                              "layer 'stem.1' of model 'resnet20': the group rule would train 2 "
+                              "groups there, not the 3"),
+    ("gn", {"group_size": 5}, "norm_kwargs.group_size=5 does not divide the 16 channels of "
+                              "layer 'stem.1' of model 'resnet20': the group rule would train 4 "
+                              "channels per group there"),
+    ("evonorm_s0", {"num_groups": 12}, "norm_kwargs.num_groups=12 does not divide the 16"),
+])
+def test_a_group_count_that_does_not_divide_a_layers_channels_is_refused(norm, kw, needle):
+    # GN with num_groups=3 on ResNet-20's 16/32/64 channels trained 2 groups in every layer,
+    # silently, recorded and reported as "GroupNorm with 3 groups"
+    with pytest.raises(ConfigError) as e:
+        preflight([RunConfig(**{**TINY, "norm": norm, "norm_kwargs": kw})])
+    assert needle in str(e.value), str(e.value)
+    assert "16, 32, 64 channels" in e.value.hint and "(1, 2, 4, 8, 16)" in e.value.hint
+    # a divisor trains as asked; a count at or above a layer's channels is the documented
+    # rule (one channel per group there: the groups study's G = 64 and C/G = 64)
+    for ok in ({"num_groups": 8}, {"num_groups": 64}, {"group_size": 64}, {"num_groups": 2}):
+        preflight([RunConfig(**{**TINY, "norm": norm, "norm_kwargs": ok})])
+    preflight([RunConfig(**{**TINY, "norm": "gn"})])  # create_norm's default 32: IN at 16
+    # no count asked for: the default 32 goes through the group rule as create_norm documents
+    # it (48 channels: 24 groups), on timm models with such widths too; asked for, it is refused
+    wide = {**TINY, "norm": "gn", "model_kwargs": {"width": 48}}
+    preflight([RunConfig(**wide)])
+    with pytest.raises(ConfigError, match="num_groups=32 does not divide the 48 channels"):
+        preflight([RunConfig(**{**wide, "norm_kwargs": {"num_groups": 32}})])
+
+
 def test_preflight_lets_batch_size_1_through_where_it_trains():
     preflight([RunConfig(**{**TINY, "batch_size": 1})])  # 8x8 images: 2x2 maps at the end
     preflight([RunConfig(**{**TINY, "batch_size": 1, "norm": "ln",

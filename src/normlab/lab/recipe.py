@@ -27,13 +27,15 @@ from torch import nn
 
 from normlab import distributed as nd
 from normlab import models
+from normlab.factory import canonical_name
 from normlab.lab.config import (DATA_DIR_DATASETS, ConfigError, RunConfig, check_model_norm,
                                 fits_in_memory)
 from normlab.lab.data import DataSplit, TensorLoader, load_dataset
 from normlab.lab.progress import literal, say
 from normlab.models import is_normalizer_free
 from normlab.nn import ScaledStdConv2d, WSConv2d
-from normlab.nn.evonorm import EvoNorm2dB0
+from normlab.nn.evonorm import EvoNorm2dB0, EvoNorm2dS0
+from normlab.nn.groupnorm import GroupNorm
 from normlab.nn.syncbn import SyncBatchNorm
 from normlab.optim import adaptive_grad_clip_, agc_parameters, classifier_names
 
@@ -368,6 +370,51 @@ def _say_notes(data: DataSplit, said: set[str]) -> None:
         said.add(note)
 
 
+def _grouped_layers(model: nn.Module) -> list[tuple[str, int, int]]:
+    """``(name, channels, groups)`` of each layer the group rule built: normlab's GroupNorm and
+    EvoNorm-S0 (what create_norm builds for ``gn`` and ``evonorm_s0``)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, GroupNorm):
+            out.append((name, m.num_channels, m.num_groups))
+        elif isinstance(m, EvoNorm2dS0):
+            out.append((name, m.num_features, m.num_groups))
+    return out
+
+
+def _check_group_counts(cfg: RunConfig, model: nn.Module) -> None:
+    """A ConfigError when the groups the run asks for (``norm_kwargs.num_groups``, or
+    ``group_size`` channels per group) are fewer than a layer's channels and do not divide
+    them: the group rule (:func:`normlab.resolve_groups`) would train another count there than
+    the run's config, its label and the report name (``num_groups=3`` on 16 channels trains 2
+    groups). A request at or above a layer's channels gives it one channel per group
+    (``num_groups``) or one group (``group_size``), as the groups study's G = 64 and C/G = 64 do
+    on ResNet-20's 16 channels. Without either key the norm's default (32 groups) goes through
+    the group rule as create_norm documents it (48 channels get 24 groups)."""
+    if canonical_name(cfg.norm) not in ("gn", "evonorm_s0"):
+        return
+    key = next((k for k in ("group_size", "num_groups") if k in cfg.norm_kwargs), None)
+    if key is None or not isinstance(cfg.norm_kwargs[key], int):
+        return  # the default, or a value create_norm names as bad
+    asked = cfg.norm_kwargs[key]
+    layers = _grouped_layers(model)
+    for name, c, groups in layers:
+        if 0 < asked < c and c % asked:
+            got = (f"{groups} groups" if key == "num_groups"
+                   else f"{c // groups} channels per group")
+            counts = sorted({ch for _, ch, _ in layers})
+            fit = [d for d in range(1, min(counts) + 1) if all(ch % d == 0 for ch in counts)]
+            raise ConfigError(
+                f"norm_kwargs.{key}={asked} does not divide the {c} channels of layer {name!r} "
+                f"of model {cfg.model!r}: the group rule would train {got} there, not the "
+                f"{asked} the run is recorded and reported with",
+                hint=f"its {cfg.norm} layers have {', '.join(map(str, counts))} channels: give "
+                     f"a {key} that divides them ({', '.join(map(str, fit))}), or one at or "
+                     "above a layer's channels (" + ("one channel per group there: InstanceNorm)"
+                                                    if key == "num_groups" else
+                                                    "one group there: LayerNorm)"))
+
+
 def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
     """Fail fast, before anything is written: load every distinct dataset and build every
     distinct model once (on the CPU), so a missing data directory or an unknown model/norm is
@@ -396,6 +443,7 @@ def preflight(configs: list[RunConfig], world: Optional[int] = None) -> None:
             try:
                 model = build_model(cfg, data.num_classes, data.in_chans, data.image_size)
                 agc_fn(cfg, model)  # with agc: the model must have a classifier to leave unclipped
+                _check_group_counts(cfg, model)
                 # a statistic over 1 value (IN on 1x1 maps; BN on 1 image of them) fails at
                 _train_step_check(cfg, model, data)  # the first step of the run: said now
             except ConfigError as e:
