@@ -201,3 +201,26 @@ def test_an_nf_series_on_the_users_model_trains_its_normalizer_free_twin(study):
     assert {p.cfg.model for p in get_study(study).points({"model": "timm:resnet18"},
                                                          preset="quick", variants=["BN"])
             } == {"timm:resnet18"}
+
+
+def test_the_groups_study_says_which_of_its_points_train_the_same_model():
+    # on ResNet-20's 16/32/64 channels G = 64 is InstanceNorm in every layer, as C/G = 1 is,
+    # and C/G = 64 LayerNorm, as G = 1 is: the report showed four settings where the paper's
+    # ResNet-50 has four and this model two, without saying so
+    from normlab.lab.recipe import build_model
+    from normlab.nn.groupnorm import GroupNorm
+
+    study = get_study("groups")
+    cfgs = {(p.label, p.x): p.cfg for p in study.points({}, "default", seeds=1)}
+
+    def layers(key):
+        model = build_model(cfgs[key], 10, 1, 8)
+        return [(m.num_channels, m.num_groups) for m in model.modules()
+                if isinstance(m, GroupNorm)]
+
+    assert layers(("G", 64)) == layers(("C/G", 1)) and all(c == g for c, g in layers(("G", 64)))
+    assert layers(("G", 1)) == layers(("C/G", 64)) and all(g == 1 for _, g in layers(("G", 1)))
+    assert layers(("G", 32)) != layers(("C/G", 1))
+    text = " ".join(study.description.split())
+    assert ("G = 64 and C/G = 1 train the same model (InstanceNorm in every layer), as do G = 1 "
+            "and C/G = 64 (LayerNorm in every layer)") in text

@@ -202,7 +202,11 @@ _add(Study(
     title="GroupNorm: number of groups and channels per group",
     description="GN with G = 1 (=LN) .. 64 groups, and with 1 (=IN) .. 64 channels per group, at "
                 "batch 32. With ResNet-20's 16/32/64 channels a layer gets at most C groups "
-                "(the group rule), so large G means InstanceNorm in the narrow layers.",
+                "(the group rule), so large G means InstanceNorm in the narrow layers, and C/G "
+                "at or above a layer's channels one group (LayerNorm) there: G = 64 and C/G = 1 "
+                "train the same model (InstanceNorm in every layer), as do G = 1 and C/G = 64 "
+                "(LayerNorm in every layer), where the paper's ResNet-50 (64 to 2048 channels) "
+                "kept them apart.",
     axis="G (groups) or C/G (channels per group)",
     variants={"G": {"norm": "gn"}, "C/G": {"norm": "gn"}},
     default_variants=["G", "C/G"],
