@@ -224,3 +224,16 @@ def test_the_groups_study_says_which_of_its_points_train_the_same_model():
     text = " ".join(study.description.split())
     assert ("G = 64 and C/G = 1 train the same model (InstanceNorm in every layer), as do G = 1 "
             "and C/G = 64 (LayerNorm in every layer)") in text
+
+
+def test_the_nf_study_says_whose_agc_its_nf_runs_use_and_how_to_drop_it():
+    # its NF runs clip gradients (AGC lambda 0.04) and its claims cite the ICLR 2021 NF-ResNets,
+    # which trained without AGC (it came with the NFNets paper, ICML 2021): the report read as
+    # if the paper's NF-ResNets had used it
+    study = get_study("nf")
+    text = " ".join(study.description.split())
+    assert "AGC is from the later NFNets paper (Brock, De, Smith & Simonyan, ICML 2021" in text
+    assert "ICLR 2021" in study.paper_source and "`--set agc=null` drops it" in text
+    nf = {p.label: p.cfg.agc for p in study.points({}, "quick", seeds=1)}
+    assert nf == {"BN": None, "NF": 0.04}
+    assert {p.cfg.agc for p in study.points({"agc": None}, "quick", seeds=1)} == {None}

@@ -288,8 +288,11 @@ _add(Study(
 _add(Study(
     name="nf",
     title="Normalizer-free ResNet (with AGC) vs BN-ResNet across batch sizes",
-    description="NF-ResNet-20 (Scaled WS, SkipInit-style residual scaling, AGC lambda 0.04) vs "
-                "BN-ResNet-20, lr 0.1 x N/32.",
+    description="NF-ResNet-20 (Scaled WS, SkipInit-style residual scaling) vs BN-ResNet-20, lr "
+                "0.1 x N/32. The NF runs also clip gradients (AGC, lambda 0.04): AGC is from "
+                "the later NFNets paper (Brock, De, Smith & Simonyan, ICML 2021: lambda 0.01 at "
+                "batch 1024-4096); the ICLR 2021 NF-ResNets whose claims this study checks "
+                "trained without it (`--set agc=null` drops it).",
     axis="images per process",
     variants={"BN": {"norm": "bn"}, "NF": _NF},
     default_variants=["BN", "NF"],
