@@ -31,7 +31,7 @@ shown as "-".
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 from normlab.factory import DEFAULT_NUM_GROUPS
 from normlab.lab.analysis import (Level, flags_text, half_width_text, interval, point_stats,
@@ -301,20 +301,25 @@ SETTING_STUDIES = {
 }
 
 
-def _paper_setting(study: Study, best: tuple, name: Callable[[tuple], str]) -> str:
-    """The paper's lowest two settings and whether here's lowest is the same one; the values
+def _paper_setting(study: Study, best: tuple, name: Callable[[tuple], str],
+                   measured: Collection[tuple]) -> str:
+    """The paper's lowest two of the settings ``measured`` here (as the batch tables compare the
+    series measured at each batch size) and whether here's lowest is the same one; the values
     as given where the paper's are not numbers (quoted accuracies)."""
     paper = [((lab, x), v) for lab, xs in study.paper.items() for x, v in xs.items()]
     if not paper:
         return "-"
     if not all(isinstance(v, (int, float)) for _, v in paper):
         return "; ".join(f"{name(p)}: {md_cell(str(v))}" for p, v in paper)
-    paper.sort(key=lambda kv: kv[1])
-    same = "same as here" if paper[0][0] == best else f"here: {name(best)}"
-    text = f"{name(paper[0][0])} {paper[0][1]:.1f}"
-    if len(paper) > 1:
-        text += f", next {name(paper[1][0])} {paper[1][1]:.1f}"
-    return f"{text} ({same})"
+    run = sorted(((p, v) for p, v in paper if p in measured), key=lambda kv: kv[1])
+    if not run:
+        return "-"
+    same = "same as here" if run[0][0] == best else f"here: {name(best)}"
+    text = f"{name(run[0][0])} {run[0][1]:.1f}"
+    if len(run) > 1:
+        text += f", next {name(run[1][0])} {run[1][1]:.1f}"
+    scope = "" if len(run) == len(paper) else f"; of the {len(run)} of its settings run here"
+    return f"{text} ({same}{scope})"
 
 
 def _setting_winner(study: Study, runs: list[dict], all_stats: dict, level: Level
@@ -332,7 +337,7 @@ def _setting_winner(study: Study, runs: list[dict], all_stats: dict, level: Leve
         runner, r = ranked[1]
         row += (f"{name(runner)} {r['mean']:.2f} (n={r['n']}) | "
                 f"{_gap_cells(s, r, level)} |")
-    row += f" {_paper_setting(study, best, name)} |"
+    row += f" {_paper_setting(study, best, name, stats)} |"
     order = " < ".join(f"{name(k)} {v['mean']:.2f}" for k, v in ranked)
     return [f"### {study.name}: the {what} with the lowest test error", "",
             _setup_line(runs, stats), "",
