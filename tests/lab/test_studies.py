@@ -62,6 +62,9 @@ def test_optional_series_train(tmp_path, variant):
 @pytest.mark.parametrize("name, user, needle", [
     ("batch-size", {"batch_size": 4}, "batch_size=4"),                 # the x axis itself
     ("nf", {"batch_size": 8}, "batch_size=8"),
+    # norms' x is its batch, 32 (beside the paper's batch-32 table): batch_size=16 trained at
+    # 16 under x = 32, and the summary and ls showed it as batch 32
+    ("norms", {"batch_size": 16}, "batch_size=16"),
     ("norms", {"norm": "gn"}, "norm='gn'"),                            # what names a series
     ("batch-size", {"norm": "ln"}, "norm='ln'"),
     ("groups", {"norm_kwargs.num_groups": 4}, "norm_kwargs.num_groups=4"),
