@@ -1249,3 +1249,36 @@ def test_a_users_own_model_trains_on_torchrun_processes(tmp_path):
     assert row["status"] == "done"
     cfg = json.loads(row["config"])
     assert (cfg["model"], cfg["world_size"]) == ("tinynet", 2)
+
+
+def test_the_stored_protocol_states_the_batch_and_lr_the_runs_train_with(monkeypatch, tmp_path):
+    # stats-batch with --set batch_size=16 --set lr=0.02 trained SGD batches of 8 x 16 at lr
+    # 0.02, and the report's protocol line said "SGD batch 8 x 32 images, lr base_lr (the
+    # paper's lr at 32 images per device)"; a per-device study with --set lr said "lr base_lr x
+    # N / 32"
+    import normlab.lab.cli.study as cli_study
+
+    seen = {}
+
+    def fake_run_study(study, preset, points, out, **kw):
+        seen[study.name] = (points, kw["info"]["protocol"])
+        return {"trained": 0, "skipped": 0, "failed": 0}
+
+    monkeypatch.setattr(cli_study, "run_study", fake_run_study)
+    for args in (["stats-batch", "--set", "batch_size=16", "--set", "lr=0.02"],
+                 ["nf", "--set", "lr=0.02"], ["stats-batch"]):
+        r = runner.invoke(app, ["reproduce", *args, "--quick", "--out", str(tmp_path)])
+        assert r.exit_code == 0, r.output
+        points, protocol = seen[args[0]]
+        if args[0] == "stats-batch" and len(args) > 1:
+            assert {p.cfg.batch_size for p in points} == {8 * 16}
+            assert {p.cfg.lr for p in points} == {0.02}
+            assert protocol["sgd_batch"] == "8 x 16"
+            assert protocol["lr"] == "0.02 set by hand (not scaled with the batch)"
+            assert "inside an SGD batch of 8 x 16 (the GN paper's: 8 x 32)" in protocol["source"]
+        elif args[0] == "nf":
+            assert protocol["lr"] == "0.02 set by hand (not scaled with the batch)"
+        else:  # the defaults: the texts stores already hold
+            assert protocol["sgd_batch"] == "8 x 32"
+            assert protocol["lr"] == "base_lr (the paper's lr at 32 images per device)"
+            assert protocol["source"].endswith("inside the GN paper's SGD batch of 8 x 32")

@@ -113,33 +113,44 @@ class Study:
             return devices
         return self.default_devices if self.per_device and world == 1 else 1
 
-    def protocol(self, devices: int, world: int = 1) -> dict[str, Any]:
+    def protocol(self, devices: int, world: int = 1, user: Optional[dict[str, Any]] = None
+                 ) -> dict[str, Any]:
         """What a run list with ``devices`` emulated devices on ``world`` processes computes (for
         the store and the report): ``name``, ``devices``, ``sgd_batch``, ``lr``, ``statistics``,
-        ``source``."""
+        ``source``. ``user``: the choices the points were made with (:meth:`points`), for what
+        they change of it: the stats-batch study's images per device (``batch_size``, the
+        paper's 32 by default) and a peak ``lr`` set by hand."""
         k = devices
+        user = dict(user or {})
+        lr = user.get("lr")
+        fixed = f"{lr:g} set by hand (not scaled with the batch)" if lr is not None else None
         if self.per_device and world > 1 and not self.stats_batch_axis:
             return {"name": "per device", "devices": world, "processes": world,
                     "sgd_batch": f"{world} x N",
-                    "lr": "base_lr x N / 32",
+                    "lr": fixed or "base_lr x N / 32",
                     "statistics": f"BN per process (its N images; {world} processes); SyncBN "
                                   "over all processes; GN/LN/IN per sample",
                     "source": PAPER_PROTOCOL}
         if self.stats_batch_axis:
-            return {"name": "fixed SGD batch", "devices": k, "sgd_batch": f"{k} x 32",
-                    "lr": "base_lr (the paper's lr at 32 images per device)",
+            n = user.get("batch_size", RunConfig.batch_size)
+            paper = n == 32 and k == PAPER_DEVICES
+            return {"name": "fixed SGD batch", "devices": k, "sgd_batch": f"{k} x {n}",
+                    "lr": fixed or ("base_lr (the paper's lr at 32 images per device)" if n == 32
+                                    else f"base_lr x {n} / 32 (the paper's lr at {n} images "
+                                         "per device)"),
                     "statistics": "BN per slice of x images of the SGD batch (running statistics "
                                   "of slice 0, as rank 0 keeps them); GN per sample (one run, "
                                   "the same at every x)",
-                    "source": "ghost batches (Hoffer et al., NeurIPS 2017) inside the GN "
-                              "paper's SGD batch of 8 x 32"}
+                    "source": "ghost batches (Hoffer et al., NeurIPS 2017) inside "
+                              + ("the GN paper's SGD batch of 8 x 32" if paper else
+                                 f"an SGD batch of {k} x {n} (the GN paper's: 8 x 32)")}
         if not self.per_device or k == 1:
             return {"name": "single batch", "devices": 1, "sgd_batch": "N x processes",
-                    "lr": "base_lr x N x processes / 32",
+                    "lr": fixed or "base_lr x N x processes / 32",
                     "statistics": "BN per process (its N images); SyncBN over all processes; "
                                   "GN/LN/IN per sample", "source": ""}
         return {"name": "per device", "devices": k, "sgd_batch": f"{k} x N",
-                "lr": "base_lr x N / 32",
+                "lr": fixed or "base_lr x N / 32",
                 "statistics": f"BN per N images of the {k} x N batch (ghost batches: {k}-process "
                               "DDP with per-process BN; running statistics of slice 0, as rank "
                               f"0 keeps them); SyncBN over all {k} x N; GN/LN/IN per sample",

@@ -146,7 +146,7 @@ def reproduce(
         counts = run_study(st, preset, points, out, jobs=jobs, report=not no_report,
                            more_seeds=lambda at: st.points(user, preset, seeds, vs, devices, at),
                            power=power, info={"protocol": st.protocol(
-                               st.devices(user, devices), int(user.get("world_size", 1)))})
+                               st.devices(user, devices), int(user.get("world_size", 1)), user)})
         _exit_if_failed(counts, out)
 
     guard(body)
