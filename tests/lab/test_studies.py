@@ -1,10 +1,13 @@
 """Every study's run list is well formed and buildable; every optional series trains."""
 
+import dataclasses
+
 import pytest
 
 from normlab.lab.config import ConfigError
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, get_study
+from normlab.lab.summary import SETTING_STUDIES, SUMMARY_STUDIES
 from normlab.lab.loop import train_run
 from normlab.lab.recipe import preflight
 
@@ -240,3 +243,15 @@ def test_the_nf_study_says_whose_agc_its_nf_runs_use_and_how_to_drop_it():
     nf = {p.label: p.cfg.agc for p in study.points({}, "quick", seeds=1)}
     assert nf == {"BN": None, "NF": 0.04}
     assert {p.cfg.agc for p in study.points({"agc": None}, "quick", seeds=1)} == {None}
+
+
+def test_how_the_report_shows_a_study_is_one_field_each_and_checked():
+    # the report's per-study rules (x drawn largest first, the figure, the summary's answer) live
+    # on Study; plots and summary had them as name lists of their own
+    assert [n for n, s in STUDIES.items() if s.x_descending] == ["batch-size", "nf"]
+    assert {n: s.figure for n, s in STUDIES.items() if s.figure != "lines"} == {
+        "norms": "bars", "bn-dropout": "grid"}
+    assert SUMMARY_STUDIES == ("batch-size", "stats-batch", "norms", "nf")
+    assert SETTING_STUDIES == ("groups", "bn-dropout")
+    with pytest.raises(ValueError, match="figure 'pie' is not one of"):
+        dataclasses.replace(STUDIES["norms"], figure="pie")

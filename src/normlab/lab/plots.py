@@ -163,7 +163,7 @@ def _error_plot(study: Study, runs: list[dict], stats: dict, out_dir: Path) -> l
         a.set_xlabel(study.axis)
         a.set_ylabel(ylabel)
         if study.x_log2:
-            _log2_axis(a, xs, inverted=study.name in ("batch-size", "nf"))
+            _log2_axis(a, xs, inverted=study.x_descending)
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.suptitle(study.title, fontsize=10, y=1.06)
@@ -238,7 +238,7 @@ _PANELS_PER_ROW = 6
 def _curves_plot(study: Study, runs: list[dict], out_dir: Path) -> Optional[list[Path]]:
     """Test error per epoch, a panel per x (rows of at most :data:`_PANELS_PER_ROW`: every x
     is drawn, the groups study's 7 included)."""
-    xs = sorted({r["x"] for r in runs if r["history"]}, reverse=study.name in ("batch-size", "nf"))
+    xs = sorted({r["x"] for r in runs if r["history"]}, reverse=study.x_descending)
     if not xs:
         return None
     labels = _labels(runs, study)
@@ -274,12 +274,8 @@ def plot_study(store: Store, study: Study, out_dir: Path, preset: Optional[str] 
     stats = point_stats(runs)
     if not _kept(stats):
         return []
-    if study.name == "norms":
-        paths = _bar_plot(study, runs, stats, out_dir)
-    elif study.name == "bn-dropout":
-        paths = _grid_plot(study, runs, stats, out_dir)
-    else:
-        paths = _error_plot(study, runs, stats, out_dir)
+    figure = {"bars": _bar_plot, "grid": _grid_plot, "lines": _error_plot}[study.figure]
+    paths = figure(study, runs, stats, out_dir)
     counted = [r for r in runs if r["status"] == "done" and not run_flag(r)]
     paths += _curves_plot(study, counted, out_dir) or []
     return paths

@@ -164,6 +164,7 @@ _add(Study(
     ],
     x_log2=True,
     per_device=True,
+    x_descending=True,
 ))
 
 _add(Study(
@@ -228,6 +229,8 @@ _add(Study(
     x_log2=True,
     per_device=True,
     default_devices=1,
+    answer="setting",
+    setting=("group setting", "{label} = {x}"),
 ))
 
 _add(Study(
@@ -260,6 +263,7 @@ _add(Study(
     ],
     per_device=True,
     default_devices=1,
+    figure="bars",
 ))
 
 _add(Study(
@@ -285,6 +289,9 @@ _add(Study(
         Claim("at dropout 0.4, BN on conv+dense beats no BN", "less", ("conv+dense", 0.4),
               ("none", 0.4), 0.0, "accuracy ~0.75 vs < 0.6"),
     ],
+    figure="grid",
+    answer="setting",
+    setting=("configuration", "BN {label}, dropout {x}"),
 ))
 
 _add(Study(
@@ -313,6 +320,7 @@ _add(Study(
     ],
     x_log2=True,
     per_device=True,
+    x_descending=True,
 ))
 
 

@@ -87,6 +87,23 @@ class Study:
     stats_batch_axis: bool = False
     # series run at some x only (label -> xs): a GN run does not depend on BN's statistics batch
     series_xs: dict[str, list] = field(default_factory=dict)
+    # how the report shows the study, one rule per study written here:
+    # plots draw x from largest to smallest (a batch shrinking from left to right)
+    x_descending: bool = False
+    # the error figure: "lines" (error against x, a line per series), "bars" (the series side
+    # by side at each x), "grid" (a cell per series and x)
+    figure: str = "lines"
+    # the summary's answer: "per_x" (the series with the lowest error at each x: the series are
+    # normalizations) or "setting" (the one point with the lowest error), a point named by
+    # ``setting`` = (what a point is, its text with {label} and {x})
+    answer: str = "per_x"
+    setting: tuple[str, str] = ("", "")
+
+    def __post_init__(self) -> None:
+        for name, value, known in (("figure", self.figure, ("lines", "bars", "grid")),
+                                   ("answer", self.answer, ("per_x", "setting"))):
+            if value not in known:
+                raise ValueError(f"study {self.name!r}: {name} {value!r} is not one of {known}")
 
     def default_series(self, world_size: int = 1) -> list[str]:
         """The series run when none are asked for: the defaults, plus

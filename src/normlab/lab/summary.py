@@ -43,8 +43,8 @@ from normlab.lab.studies import STUDIES, Study
 __all__ = ["summary_lines", "SUMMARY_STUDIES", "config_values"]
 
 #: studies whose series are normalizations and whose x is the batch per process (stats-batch:
-#: BN's statistics batch), in the order the summary shows them
-SUMMARY_STUDIES = ("batch-size", "stats-batch", "norms", "nf")
+#: BN's statistics batch), in the order the summary shows them (``Study.answer`` "per_x")
+SUMMARY_STUDIES = tuple(n for n, s in STUDIES.items() if s.answer == "per_x")
 
 
 
@@ -294,11 +294,14 @@ def _groups_line(runs: list[dict]) -> list[str]:
             "groups, the paper's ImageNet default. The groups study varies the count.", ""]
 
 
-#: studies whose answer is one setting (a point of series x axis), and how a point is named
-SETTING_STUDIES = {
-    "groups": ("group setting", lambda p: f"{md_cell(p[0])} = {_fmt_x(p[1])}"),
-    "bn-dropout": ("configuration", lambda p: f"BN {md_cell(p[0])}, dropout {_fmt_x(p[1])}"),
-}
+#: studies whose answer is one setting (a point of series x axis: ``Study.answer`` "setting")
+SETTING_STUDIES = tuple(n for n, s in STUDIES.items() if s.answer == "setting")
+
+
+def _setting_name(study: Study) -> tuple[str, Callable[[tuple], str]]:
+    """(what a point of the study is, how a point is named), from ``Study.setting``."""
+    what, text = study.setting
+    return what, lambda p: text.format(label=md_cell(p[0]), x=_fmt_x(p[1]))
 
 
 def _paper_setting(study: Study, best: tuple, name: Callable[[tuple], str],
@@ -326,7 +329,7 @@ def _setting_winner(study: Study, runs: list[dict], all_stats: dict, level: Leve
                     ) -> list[str]:
     """The answer of a study in :data:`SETTING_STUDIES`: the setting with the lowest error, the
     next lowest and how sure, beside the paper's."""
-    what, name = SETTING_STUDIES[study.name]
+    what, name = _setting_name(study)
     stats = {k: s for k, s in all_stats.items() if s["n"] > 0 and math.isfinite(s["mean"])}
     ranked = sorted(stats.items(), key=lambda kv: kv[1]["mean"])
     best, s = ranked[0]
@@ -392,7 +395,7 @@ def summary_lines(store: Store) -> list[str]:
             flagged_only |= bool(flagged)
             lines += flagged
     if not seen and not answered and not flagged_only:
-        return lines + ["No batch-size, stats-batch, norms, nf, groups or bn-dropout study has "
-                        "finished runs in this store: `normlab reproduce` runs the batch-size "
-                        "study.", ""]
+        names = [*SUMMARY_STUDIES, *SETTING_STUDIES]
+        return lines + [f"No {', '.join(names[:-1])} or {names[-1]} study has finished runs in "
+                        "this store: `normlab reproduce` runs the batch-size study.", ""]
     return lines + _groups_line(seen)  # the GN of the batch and norms tables
