@@ -100,30 +100,9 @@ def run_with_power(
     store.update_setup_info(study.name, preset, setup,  # report judges at it too
                             {"power": {**earlier, "looks": list(looks)}})
     counts = dict(run(points))
-    targets: dict[tuple, int] = {}
-    added, rounds, stopped = 0, 0, "decided"
-    while True:
-        runs = store.study_runs(study.name, preset)
-        claims = _wanted(runs, study, max_seeds, targets, level)
-        if not claims:
-            break
-        if budget_minutes is not None and clock() - t0 >= 60.0 * budget_minutes:
-            stopped = "budget-minutes"
-            break
-        room = None if budget_runs is None else budget_runs - added
-        known = ({p.cfg.run_id() for p in points}
-                 | {r["run_id"] for r in runs if r["status"] == "done"})
-        want, new = _next_round(known, points_for, targets, claims, room)
-        if not new:
-            stopped = "budget-runs" if want is None else stopped
-            break
-        targets.update(want)
-        rounds += 1
-        added += len(new)
-        points = points + new
-        _register(store, study, preset, new, setup, None)
-        for k, v in run(new).items():
-            counts[k] = counts.get(k, 0) + v
+    deadline = None if budget_minutes is None else t0 + 60.0 * budget_minutes
+    rounds, added, stopped = _rounds(study, preset, store, points, points_for, run, counts,
+                                     setup, level, max_seeds, budget_runs, deadline, clock)
     if stopped == "decided" and _no_claim_run(store, study, preset, level):
         stopped = "no-claim"
     open_claims, decided = _claims_at_end(store, study, preset, level)
@@ -135,6 +114,39 @@ def run_with_power(
     store.update_setup_info(study.name, preset, setup, {"power": record})
     record["decided"] = decided  # for the terminal only, not the store
     return record
+
+
+def _rounds(study: Study, preset: str, store: Store, points: list[Point],
+            points_for: Callable[[Optional[dict]], list[Point]],
+            run: Callable[[list[Point]], dict[str, int]], counts: dict[str, int], setup: str,
+            level: Level, max_seeds: int, budget_runs: Optional[int],
+            deadline: Optional[float], clock: Callable[[], float]) -> tuple[int, int, str]:
+    """The power rounds after the first run list ``points``: ``(rounds, runs added, why they
+    stopped)``; each round's outcome ``counts`` are added to those given. A round adds a seed
+    to the open claims' points (:func:`_next_round`) until none is left that more seeds could
+    decide, the run budget has no room, or ``clock()`` reaches ``deadline``."""
+    targets: dict[tuple, int] = {}
+    added, rounds = 0, 0
+    while True:
+        runs = store.study_runs(study.name, preset)
+        claims = _wanted(runs, study, max_seeds, targets, level)
+        if not claims:
+            return rounds, added, "decided"
+        if deadline is not None and clock() >= deadline:
+            return rounds, added, "budget-minutes"
+        room = None if budget_runs is None else budget_runs - added
+        known = ({p.cfg.run_id() for p in points}
+                 | {r["run_id"] for r in runs if r["status"] == "done"})
+        want, new = _next_round(known, points_for, targets, claims, room)
+        if not new:
+            return rounds, added, "budget-runs" if want is None else "decided"
+        targets.update(want)
+        rounds += 1
+        added += len(new)
+        points = points + new
+        _register(store, study, preset, new, setup, None)
+        for k, v in run(new).items():
+            counts[k] = counts.get(k, 0) + v
 
 
 def _before(earlier: dict[str, Any]) -> dict[str, int]:
