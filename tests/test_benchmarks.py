@@ -345,3 +345,84 @@ def test_cpu_layers_tiny_cases_in_both_modes(mode):
         assert r["case"].endswith("tiny") and r["mode"] == mode
         ours, theirs = r["normlab_us"], r["torch_us"]
         assert ours > 0 and theirs > 0 and r["ratio"] == pytest.approx(ours / theirs, rel=0.02)
+
+
+def test_cpu_more_norms_tiny_cases(tmp_path):
+    """cpu_more_norms.py on its per-call ("tiny") cases, one round, both modes, through main():
+    every norm gets a row (train and eval), each after its check against the formula passed
+    (max_diff within float32 rounding), with positive times and consistent ratios; the CSV has
+    the script's columns. Nothing is timed against anything."""
+    mn = _load("cpu_more_norms")
+    out = tmp_path / "more.csv"
+    threads = torch.get_num_threads()
+    try:
+        assert mn.main(["--cases", "FRN (2", "EvoS0 G32 (2", "EvoB0 (2", "BRN (2",
+                        "FrozenBN (2", "SyncBN (2", "GhostBN cons vb1 (2", "WSConv 3x3 (2",
+                        "ScaledWS 3x3 (2", "sync_batch_norm gloo1 (2", "--repeats", "1",
+                        "--target-ms", "0.5",
+                        "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == mn.FIELDS
+        rows = list(reader)
+    norms = ["FRN", "EvoS0", "EvoB0", "BRN", "FrozenBN", "SyncBN", "GhostBN", "WSConv", "ScaledWS"]
+    assert sorted((r["case"].split()[0], r["mode"]) for r in rows) == sorted(
+        [(n, m) for n in norms for m in ("train", "eval")] + [("sync_batch_norm", "train")])
+    assert not torch.distributed.is_initialized()  # the gloo group of the sync case is gone
+    for r in rows:
+        assert r["case"].endswith("tiny") and r["shape"] == "(2,64,4,4)" and r["threads"] == "1"
+        assert r["device"].startswith("cpu:") and r["torch"] == torch.__version__
+        assert float(r["max_diff"]) < 1e-3, r
+        ours, bn, formula = float(r["normlab_us"]), float(r["bn_us"]), float(r["formula_us"])
+        assert ours > 0 and bn > 0 and formula > 0
+        assert float(r["vs_bn"]) == pytest.approx(ours / bn, rel=0.02, abs=2e-3)
+        assert float(r["vs_formula"]) == pytest.approx(ours / formula, rel=0.02, abs=2e-3)
+        is_conv = r["case"].startswith(("WSConv", "ScaledWS"))
+        assert (r["conv_us"] != "") == is_conv and (r["vs_conv"] != "") == is_conv
+
+
+def test_cpu_more_norms_ghost_step_tiny(tmp_path):
+    """--ghost-step's code on a batch of 4 (2 slices of 2), one round: the four ResNet-20 steps
+    (BN, ghost BN consecutive and interleaved, GN) each get a positive time and its ratio to
+    the interleaved one."""
+    mn = _load("cpu_more_norms")
+    rows = mn.ghost_step(1, batch=4, log=lambda s: None)
+    assert [r["norm"] for r in rows] == list(mn.STEP_NORMS)
+    intl = next(r for r in rows if r["norm"] == "ghost_intl")
+    assert intl["vs_ghost_intl"] == 1.0
+    for r in rows:
+        assert r["ms"] > 0 and r["vs_ghost_intl"] == pytest.approx(r["ms"] / intl["ms"], rel=0.02)
+    out = tmp_path / "step.csv"
+    mn.write_csv(rows, str(out), mn.STEP_FIELDS)
+    with open(out, newline="") as f:
+        assert csv.DictReader(f).fieldnames == mn.STEP_FIELDS
+
+
+def test_cpu_more_norms_check_catches_a_wrong_formula():
+    """The check before timing is real: FRN's formula without its TLU, or EvoNorm-B0's with
+    the unbiased batch variance, is refused with an AssertionError naming the case."""
+    import dataclasses
+
+    mn = _load("cpu_more_norms")
+    frn = next(c for c in mn.CASES if c.label.startswith("FRN (2,"))
+
+    def no_tlu(m, x):
+        return x * torch.rsqrt(x.pow(2).mean((2, 3), keepdim=True) + m.eps) \
+            * mn._view(m.weight) + mn._view(m.bias)
+
+    with pytest.raises(AssertionError, match=r"FRN \(2,64,4,4\) tiny \(eval\): output"):
+        with torch.no_grad():
+            mn.measure_case(dataclasses.replace(frn, formula=no_tlu), "eval", 1, 1e-4)
+    b0 = next(c for c in mn.CASES if c.label.startswith("EvoB0 (2,"))
+
+    def unbiased(m, x):
+        var_b = x.var(dim=(0, 2, 3))
+        var_i = x.var(dim=(2, 3), unbiased=False, keepdim=True)
+        den = torch.max(torch.sqrt(mn._view(var_b) + m.eps),
+                        mn._view(m.v) * x + torch.sqrt(var_i + m.eps))
+        return x / den * mn._view(m.weight) + mn._view(m.bias)
+
+    with pytest.raises(AssertionError, match=r"EvoB0 \(2,64,4,4\) tiny \(train\)"):
+        mn.measure_case(dataclasses.replace(b0, formula=unbiased), "train", 1, 1e-4)
