@@ -3,7 +3,7 @@ and weight-standardized convs, against torch's BatchNorm2d and against their own
 
 Each case times, in interleaved rounds in one process (the method of ``cpu_layers.py``: on this
 shared CPU only ratios measured in one run mean anything), three or four callables on the same
-input:
+input (each sample ~20 ms of calls of one callable, after one untimed call of it):
 
 * ``normlab``: the normlab module (or function) under test;
 * ``bn``: ``torch.nn.BatchNorm2d`` at the same input shape, what the norm costs against the
@@ -14,7 +14,8 @@ input:
   WSConv2d / ScaledStdConv2d replace.
 
 Ratios are of medians: ``vs_bn`` = normlab / bn, ``vs_formula`` = normlab / formula, ``vs_conv``
-= normlab / conv. The order of the callables rotates from round to round. Before timing, every
+= normlab / conv. Each round runs the callables in another of their orders (all of them in
+turn), so that each follows each other equally often. Before timing, every
 case checks that normlab's output (train: and the gradients of x and of every trained
 parameter, and the running buffers after the step) equals the formula's within float32
 tolerances, on off-centre input (randn * 2 + 1) and random affine parameters and buffers;
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import itertools
 import math
 import os
 import platform
@@ -269,6 +271,11 @@ def build_cases() -> list[Case]:
             Case(f"SyncBN {_shape(s)}{tag}", "SyncBatchNorm (no process group)", s,
                  lambda c: nlnn.SyncBatchNorm(c), bn_formula),
         ]
+    # control: torch's BatchNorm2d in normlab's place; its vs_bn is the harness's own error
+    for s in (M, T):
+        tag = " tiny" if s is T else ""
+        cases.append(Case(f"control torchBN {_shape(s)}{tag}", "torch.nn.BatchNorm2d (control)",
+                          s, lambda c: nn.BatchNorm2d(c), bn_formula))
     # ghost BN: consecutive (default) and interleaved slices; the virtual batch per shape is a
     # per-device batch of the GN paper's kind: 4 devices x 2, 8 x 4, 8 x 8, the lab's 8 x 2, 2 x 1
     for s, vb in ((L, 2), (M, 4), (S, 8), (LAB, 2), (T, 1)):
@@ -461,13 +468,20 @@ def measure_case(case: Case, mode: str, repeats: int, target_s: float = 0.02) ->
         for _ in range(3):
             step(*runners[name], x, g)
     probe = 1 if mode == "train" else 5
-    one = max(_time_once(step, *runners[n], x, g, probe) for n in names)
-    inner = max(1, int(target_s / max(one, 1e-7)))
+    # each callable's samples take about target_s (sized by its own time: sized by the slowest,
+    # a fast callable's sample was a few calls, and its first call, after another callable had
+    # filled the caches and the heap, weighed: torch's BN against itself measured 1.2)
+    inner = {n: max(1, int(target_s / max(_time_once(step, *runners[n], x, g, probe), 1e-7)))
+             for n in names}
     times = {n: [] for n in names}
+    # round r runs the callables in the r-th of all their orders: each one follows each other
+    # one equally often (a formula's fresh buffers slow the next callable's sample by ~5-10%:
+    # with a rotation, normlab followed the formula in 2 rounds of 3, BN in 1)
+    orders = list(itertools.permutations(names))
     for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:  # the order rotates from round to round
-            times[name].append(_time_once(step, *runners[name], x, g, inner))
+        for name in orders[r % len(orders)]:
+            step(*runners[name], x, g)  # untimed: each sample starts from its own callable's state
+            times[name].append(_time_once(step, *runners[name], x, g, inner[name]))
     med = {n: statistics.median(t) for n, t in times.items()}
     row = {
         "case": case.label, "norm": case.norm, "shape": _shape(case.shape), "mode": mode,
