@@ -555,19 +555,21 @@ def ghost_step(repeats: int, batch: int = 16, side: int = 8, log=print, run: int
         for _ in range(5):
             step()
         steps[name] = step
+
     def timed(step, inner):
         t0 = time.perf_counter()
         for _ in range(inner):
             step()
         return (time.perf_counter() - t0) / inner
 
-    inner = max(1, int(0.05 / max(timed(s, 1) for s in steps.values())))
+    inner = {n: max(1, int(0.05 / timed(s, 1))) for n, s in steps.items()}
     times = {n: [] for n in steps}
     names = list(steps)
+    orders = list(itertools.permutations(names))  # as measure_case: each after each equally
     for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            times[name].append(timed(steps[name], inner))
+        for name in orders[r % len(orders)]:
+            steps[name]()  # untimed
+            times[name].append(timed(steps[name], inner[name]))
     med = {n: statistics.median(t) for n, t in times.items()}
     rows = []
     for name in names:
