@@ -82,7 +82,7 @@ def global_batch_stats(x: Tensor, group: Any = None) -> Tuple[Tensor, Tensor, Te
         mean_l = xa.sum(dim=dims, dtype=torch.float64) / n_local
         m2_l = (xa - channel_view(mean_l.to(acc), xa.dim())).square_().sum(
             dim=dims, dtype=torch.float64)
-    elif n_local > 0:  # (CUDA: var_mean is one fast pass)
+    elif n_local > 0:  # other devices keep var_mean (one pass; not measured there)
         var_l, mean_l = torch.var_mean(xd.to(acc), dim=_reduce_dims(xd), correction=0)
         m2_l = var_l.to(torch.float64) * n_local
         mean_l = mean_l.to(torch.float64)
