@@ -200,7 +200,6 @@ def _update_from_pass(
     update_running_stats(running_mean, running_var, mu, var, count, momentum)
 
 
-
 def _params(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             running_mean: Optional[Tensor], running_var: Optional[Tensor]
             ) -> Tuple[Optional[Tensor], Optional[Tensor], torch.dtype, bool]:
