@@ -1148,3 +1148,20 @@ def test_torch_op_path_is_taken_only_where_native_would_run_that_op(monkeypatch)
     finally:
         register_backend("native", builtin)
     assert replaced == [x4.shape, (32, 8)]
+
+
+def test_every_table_of_the_fused_activations_names_the_same_ones():
+    # one list (reference.FUSED_ACTIVATIONS) and the tables that map its names to the kernels'
+    # codes, torch.nn modules and torch functions: a name added to one and not the others would
+    # be accepted and then fail (or not be fused) far from the cause
+    import importlib
+
+    pytest.importorskip("triton")
+    from normlab.backends import reference, triton_norm
+    convert, optimize = (importlib.import_module(f"normlab.{m}") for m in ("convert", "optimize"))
+
+    names = set(reference.FUSED_ACTIVATIONS)
+    assert set(triton_norm.ACT_CODES) - {"none"} == names
+    assert set(convert._ACT_MODULES) == names
+    assert set(convert._FUSED_NAMES.values()) - {None} == names
+    assert set(optimize._ACT_FUNCTIONS.values()) == names
