@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -264,8 +265,9 @@ class RunConfig:
         """Check every field; raise :class:`ConfigError` naming the offending value."""
         for name, allowed in _CHOICES:  # first: "augment=yes" (read as True) names the choices
             _choice(name, getattr(self, name), allowed)
+        types_ = field_types()
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), field_types()[f.name])
+            _check_type(f.name, getattr(self, f.name), types_[f.name])
         _positive_int("batch_size", self.batch_size)
         _positive_int("world_size", self.world_size)
         _positive_int("epochs", self.epochs)
@@ -320,9 +322,14 @@ class RunConfig:
         return self
 
 
+@functools.cache
 @typing.no_type_check
-def field_types() -> dict[str, Any]:
-    return typing.get_type_hints(RunConfig)
+def field_types() -> Mapping[str, Any]:
+    """RunConfig's field types (read-only), resolved from its annotations once: that takes
+    ``typing.get_type_hints`` about 0.25 ms, and every config validated or read back from the
+    store asks for them (a study built, ran and reported thousands of configs:
+    benchmarks/NOTES.md, "The lab's training loop")."""
+    return types.MappingProxyType(typing.get_type_hints(RunConfig))
 
 
 def canonical_data(name: Any) -> Any:
