@@ -1165,3 +1165,120 @@ def test_every_table_of_the_fused_activations_names_the_same_ones():
     assert set(convert._ACT_MODULES) == names
     assert set(convert._FUSED_NAMES.values()) - {None} == names
     assert set(optimize._ACT_FUNCTIONS.values()) == names
+
+
+# --------------------------------------------------------------------------------------------
+# batch_norm in training: ATen's batch-norm op called directly where native would run it
+# --------------------------------------------------------------------------------------------
+
+# (input shape, dtype, affine, running buffers, activation, strided: every other sample, as
+# ghost BN's slice 0 of interleaved slices)
+BATCH_NORM_OP_CASES = [
+    ((4, 6, 5, 5), torch.float32, True, True, None, False),
+    ((3, 5, 7), torch.float64, False, True, "relu", False),
+    ((8, 4), torch.float32, True, False, None, False),              # (N, C): BatchNorm1d
+    ((2, 6, 3, 2, 2), torch.bfloat16, True, True, "silu", False),   # 3 spatial dims, half
+    ((8, 6, 4, 4), torch.float32, False, True, None, True),         # strided: ghost BN's slice 0
+]
+
+
+@pytest.mark.parametrize("shape,dtype,affine,running,act,strided", BATCH_NORM_OP_CASES)
+def test_batch_norm_training_op_path_equals_the_operators_native_bitwise(shape, dtype, affine,
+                                                                         running, act, strided):
+    """A training batch_norm call on the native backend runs ``torch.native_batch_norm`` itself,
+    without the operator's layers: output, every gradient and the running buffers equal, bit for
+    bit, to the operator's native path (``_dispatch``)."""
+    torch.manual_seed(0)
+    x = off_centre(*shape, dtype=dtype)
+    c = shape[1]
+    w = (torch.randn(c, dtype=dtype) * 0.5 + 1).requires_grad_() if affine else None
+    b = torch.randn(c, dtype=dtype).requires_grad_() if affine else None
+    rm0, rv0 = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
+    outs = []
+    for direct in (True, False):
+        rm, rv = (rm0.clone(), rv0.clone()) if running else (None, None)
+        xi = x.clone().requires_grad_()
+        xs = xi[::2] if strided else xi
+        if direct:
+            y = NF.batch_norm(xs, rm, rv, w, b, True, 0.1, 1e-5, activation=act)
+        else:
+            y = NF._dispatch(xs, c, True, w, b, 1e-5, act, "native", rm, rv, 0.1)
+        params = [p for p in (xi, w, b) if p is not None]
+        g = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        outs.append((y.detach(), *torch.autograd.grad(y, params, g),
+                     *([rm, rv] if running else [])))
+    for ours, operator in zip(*outs):
+        assert ours.dtype == operator.dtype and torch.equal(ours, operator)
+
+
+def test_batch_norm_training_op_path_is_taken_only_where_native_would_run_that_op(monkeypatch):
+    """Only a training call that native would hand to ``torch.native_batch_norm`` as it is skips
+    the operator; every other call reaches it (``_dispatch``), and eval never takes the path."""
+    calls = []
+    dispatch = NF._dispatch
+
+    def spy(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return dispatch(*args, **kwargs)
+
+    normlab.backends.get_backend("native")  # loaded (a process's first call loads it)
+    monkeypatch.setattr(NF, "_dispatch", spy)
+    x = off_centre(4, 3, 2, 2)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    NF.batch_norm(x, rm, rv, torch.ones(3), torch.zeros(3), True)
+    NF.batch_norm(x, None, None, None, None, True, backend="native")
+    NF.batch_norm(x[::2], rm, rv, None, None, True)                # strided: as it is
+    assert calls == []  # CPU auto and native named: ATen's op
+    NF.batch_norm(x, rm, None, None, None, True)                   # one running buffer alone
+    NF.batch_norm(x, rm.double(), rv.double(), None, None, True)   # buffers in another dtype
+    NF.batch_norm(x, None, None, torch.ones(3, dtype=torch.float64), None, True)
+    NF.batch_norm(off_centre(2, 3, 2, 1, 2, 2), None, None, None, None, True)  # 4 spatial dims
+    NF.batch_norm(torch.empty(0, 3, 2, 2), None, None, None, None, True)       # empty
+    NF.batch_norm(x, None, None, None, None, True, backend="reference")
+    with normlab.use_backend("reference"):
+        NF.batch_norm(x, None, None, None, None, True)
+    assert calls == ([(4, 3, 2, 2)] * 3 + [(2, 3, 2, 1, 2, 2), (2, 3, 8), (0, 3, 2, 2)]
+                     + [(4, 3, 2, 2)] * 2)  # (4 spatial dims: the operator flattens them)
+    NF.batch_norm(x, rm, rv, None, None, False)  # eval: running statistics, never the operator
+    assert len(calls) == 8
+    replaced = []
+
+    class Native:  # a backend registered under native's name replaces it: it is called
+        name = "native"
+
+        def available(self):
+            return True
+
+        def unsupported_reason(self, *a):
+            return None
+
+        def normalize(self, x, *args, **kwargs):
+            replaced.append(tuple(x.shape))
+            return normlab.backends.get_backend("reference").normalize(x, *args, **kwargs)
+
+    builtin = _INSTANCES["native"]
+    register_backend("native", Native())
+    try:
+        NF.batch_norm(x, rm, rv, None, None, True)
+    finally:
+        register_backend("native", builtin)
+    assert replaced == [(4, 3, 2, 2)]
+
+
+def test_batch_norm_training_op_path_keeps_the_operators_errors():
+    """The path checks what the operator checks, first: the same errors, naming the value."""
+    x = off_centre(4, 3, 2, 2)
+    with pytest.raises(NF.InputShapeError, match=r"weight must have shape \(3,\)"):
+        NF.batch_norm(x, None, None, torch.ones(4), None, True)
+    with pytest.raises(NF.InputShapeError, match=r"running_mean must have shape \(3,\)"):
+        NF.batch_norm(x, torch.zeros(2), torch.ones(3), None, None, True)
+    with pytest.raises(TypeError, match="momentum must be a float"):
+        NF.batch_norm(x, torch.zeros(3), torch.ones(3), None, None, True, None)
+    with pytest.raises(ValueError, match="eps must be a positive"):
+        NF.batch_norm(x, None, None, None, None, True, 0.1, -1.0)
+    with pytest.raises(ValueError, match="unknown activation"):
+        NF.batch_norm(x, None, None, None, None, True, activation="tanh")
+    with pytest.raises(ValueError, match="1 value per channel"):
+        NF.batch_norm(off_centre(1, 3, 1, 1), None, None, None, None, True)
+    with pytest.raises(RuntimeError, match="running_var cannot have requires_grad"):
+        NF.batch_norm(x, torch.zeros(3), torch.ones(3, requires_grad=True), None, None, True)

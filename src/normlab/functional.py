@@ -284,6 +284,21 @@ def normalize(
             running_var=running_var, momentum=momentum, return_stats=return_stats, center=center,
         )
     check_input(x)
+    num_groups, eps, activation, over_batch, center, return_stats = _check_operator_args(
+        x, num_groups, over_batch, weight, bias, eps, activation, running_mean, running_var,
+        momentum, return_stats, center,
+    )
+    return _dispatch(
+        x, num_groups, over_batch, weight, bias, eps, activation, backend, running_mean,
+        running_var, momentum, return_stats, center,
+    )
+
+
+def _check_operator_args(x, num_groups, over_batch, weight, bias, eps, activation, running_mean,
+                         running_var, momentum, return_stats, center):
+    """:func:`normalize`'s checks of its arguments on an input ``x`` that passed
+    :func:`check_input` (every message names the offending value): ``(num_groups, eps,
+    activation, over_batch, center, return_stats)`` as the operator reads them."""
     c = x.shape[1]
     num_groups = check_groups(num_groups, c, _DIVISIBLE)
     eps = check_eps(eps)
@@ -318,10 +333,7 @@ def normalize(
             raise TypeError(
                 f"momentum must be a float when running statistics are given, got {momentum!r}"
             )
-    return _dispatch(
-        x, num_groups, over_batch, weight, bias, eps, activation, backend, running_mean,
-        running_var, momentum, return_stats, center,
-    )
+    return num_groups, eps, activation, over_batch, center, return_stats
 
 
 def _dispatch(
@@ -595,14 +607,49 @@ def batch_norm(
         return input.clone()
     check_input(input)
     if training:
-        return normalize(
-            input, input.shape[1], True, weight, bias, eps, activation, backend,
-            running_mean=running_mean, running_var=running_var, momentum=momentum,
-        )
+        return _batch_norm_training(input, running_mean, running_var, weight, bias, momentum,
+                                    eps, activation, backend)
     if running_mean is None or running_var is None:
         raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
     return normalize_fixed(input, running_mean, running_var, weight, bias, eps, activation, backend)
 
+
+
+def _batch_norm_training(input: Tensor, running_mean: Optional[Tensor],
+                         running_var: Optional[Tensor], weight: Optional[Tensor],
+                         bias: Optional[Tensor], momentum: float, eps: float,
+                         activation: Optional[str], backend: Optional[str]) -> Tensor:
+    """:func:`batch_norm` with batch statistics on a checked input: the operator's checks, then
+    ATen's batch-norm op called directly where the native backend would run that op on the
+    arguments as they are (:func:`_native_runs_torchs_batch_norm`), else the operator. The
+    same kernel on the same data, without the operator's layers (``normalize`` would repeat
+    the input checks, ``_dispatch`` and the backend pick native again): a few us a call, two
+    calls a step for every ghost-BN layer (benchmarks/NOTES.md, "The lab's training loop")."""
+    c = input.shape[1]
+    _, eps, activation, _, _, _ = _check_operator_args(
+        input, c, True, weight, bias, eps, activation, running_mean, running_var, momentum,
+        False, True,
+    )
+    if (_native_runs_torchs_batch_norm(input, weight, bias, running_mean, running_var)
+            and native_in_force(backend, input)):
+        y = torch.native_batch_norm(input, weight, bias, running_mean, running_var, True,
+                                    momentum, eps)[0]
+        return apply_activation(y, activation)
+    return _dispatch(input, c, True, weight, bias, eps, activation, backend, running_mean,
+                     running_var, momentum)
+
+
+def _native_runs_torchs_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                   running_mean: Optional[Tensor],
+                                   running_var: Optional[Tensor]) -> bool:
+    """Whether the operator would hand a checked training batch-norm call to the native
+    backend's ``torch.native_batch_norm`` on ``x``, the affine and the running buffers as they
+    are (native's usual case): a non-empty input with 0 to 3 spatial dims, everything in x's
+    dtype, both running buffers or neither (native updates a lone one from a pass of its own),
+    and no torch.export or jit trace (those record ``torch.batch_norm`` or the ONNX form)."""
+    return (x.dim() <= 5 and x.numel() > 0 and (running_mean is None) == (running_var is None)
+            and _same_dtype(x, weight, bias, running_mean, running_var)
+            and not _IS_TRACING() and not (IS_EXPORTING is not None and IS_EXPORTING()))
 
 def instance_norm(
     input: Tensor,
