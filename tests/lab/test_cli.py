@@ -172,6 +172,27 @@ def test_ls_says_why_a_run_failed(tmp_path):
     assert "failed: RuntimeError: CUDA error: device-side assert triggered" in r.output, r.output
 
 
+def test_ls_reads_one_state_of_the_store(tmp_path, monkeypatch):
+    # `ls` beside a training study read the memberships and the runs at two moments: a run
+    # claimed in between was listed without its study (an empty study@x cell)
+    from normlab.lab.store import Store
+    with Store(tmp_path) as s:
+        s.claim("first", {"epochs": 1, "seed": 0})
+        s.register("train", "single", [("first", "bn", 32)])
+    memberships = Store.memberships
+
+    def memberships_then_another_run(self):
+        got = memberships(self)
+        with Store(tmp_path) as other:  # another process claims a run meanwhile
+            other.claim("late", {"epochs": 1, "seed": 1})
+            other.register("train", "single", [("late", "bn", 32)])
+        return got
+
+    monkeypatch.setattr(Store, "memberships", memberships_then_another_run)
+    r = runner.invoke(app, ["ls", str(tmp_path)], terminal_width=300)
+    assert r.exit_code == 0 and "first" in r.output and "late" not in r.output, r.output
+
+
 def test_ls_says_which_runs_were_tested_with_precise_bn_statistics(tmp_path):
     # `train` and `train --set precise_bn=B` into one --out: two rows alike but for the error
     from normlab.lab.store import Store

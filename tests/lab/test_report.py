@@ -492,3 +492,36 @@ def test_an_entity_or_a_strikethrough_in_a_label_is_literal_text(tmp_path):
     md_path, html_path = write_report(tmp_path)
     assert "| a\\&lt;b \\~\\~c\\~\\~ | 5.00 (n=1) |" in md_path.read_text()
     assert "<td>a&amp;lt;b ~~c~~</td>" in html_path.read_text()
+
+
+def test_a_report_written_while_a_study_trains_reads_one_state_of_the_store(tmp_path,
+                                                                          monkeypatch):
+    # `normlab report` beside a training study read each section at its own moment: a run
+    # finished between the summary and the study's section was counted in one and not in the
+    # other ("(4 runs)" above a "5/5 runs done" table, a summary mean of n=2 beside n=3)
+    import normlab.lab.report as report
+
+    def finish(s, rid, label, seed, err):
+        s.claim(rid, {"model": "resnet20", "data": "digits", "epochs": 1, "seed": seed})
+        s.record_epochs(rid, [{"epoch": 0, "test_error": err, "train_loss": 1.0}], {})
+        s.finish(rid)
+        s.register("batch-size", "quick", [(rid, label, 32)])
+
+    with Store(tmp_path) as s:
+        for i, (label, seed, err) in enumerate([("BN", 0, 5.0), ("BN", 1, 5.2), ("GN", 0, 6.0),
+                                                ("GN", 1, 6.4)]):
+            finish(s, f"r{i}", label, seed, err)
+    summary = report.summary_lines
+
+    def summary_then_another_run_ends(store):
+        lines = summary(store)
+        with Store(tmp_path) as other:  # another process's study finishes a run meanwhile
+            finish(other, "late", "BN", 2, 9.0)
+        return lines
+
+    monkeypatch.setattr(report, "summary_lines", summary_then_another_run_ends)
+    text = write_report(tmp_path, tmp_path / "rep")[0].read_text()
+    assert "(4 runs)" in text and "4/4 runs done" in text, text
+    assert "**BN** 5.10 (n=2)" in text and "| BN | 5.10 ± 0.14 (n=2) |" in text, text
+    with Store(tmp_path, read_only=True) as s:  # the run did land: the next report has it
+        assert s.run("late")["status"] == "done"

@@ -287,6 +287,44 @@ def check_report_places(dest: Path) -> None:
     a_folder(dest / FIGURES, dest)
 
 
+def _markdown(store: Store, fig_dir: Path) -> str:
+    """report.md's text from ``store`` (figures drawn into ``fig_dir``)."""
+    names = [s for s, _ in store.studies()]
+    lines = ["# normlab report", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{store.path.name}` "
+             f"({len(store.runs())} runs).", ""]
+    lines += summary_lines(store)
+    lines += ["Verdicts are computed from the stored numbers: a difference counts only when it "
+             "exceeds t standard errors (run-to-run spread over seeds, at least "
+             f"{SD_FLOOR} points; a point with one seed has no spread, so no difference "
+             "with it is decisive), "
+             "t being Student's at Welch's degrees of freedom for the one-sided tail of "
+             f"{Z:g} normal standard errors ({critical(2):.1f} at 2 seeds per point, "
+             f"{critical(4):.1f} at 3, {Z:g} with many; a study whose power rounds may look "
+             "again after each added seed uses "
+             "the stricter level its section names); a claimed margin (\"at least 1 point\") is met when the whole interval, "
+             "the difference less t standard errors, clears it. "
+             "The papers' numbers come from their own models and data (ImageNet ResNets "
+             "for the GN, FRN, EvoNorm and NF papers, a small CNN on CIFAR-10 for BN + "
+             "dropout); compare orderings, not values.", ""]
+    for name in dict.fromkeys(names):
+        if name not in STUDIES:
+            continue
+        lines += _study_section(store, STUDIES[name], fig_dir)[0]
+    if "train" in names:
+        lines += _single_runs_section(store)
+    spp_records = store.spp()
+    if spp_records:
+        lines += spp_section(spp_records, fig_dir)
+    runs = store.runs()
+    if not runs and not spp_records:
+        lines += ["No runs in this store yet: `normlab reproduce --out DIR` runs a study, "
+                  "`normlab spp MODEL --out DIR` records signal propagation.", ""]
+    if runs:
+        lines += _environment_lines(runs)
+    return "\n".join(lines)
+
+
 def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Path, Path]:
     """Write ``OUT/report.md``, ``OUT/report.html`` and ``OUT/figures/*`` from ``OUT``'s store
     (opened read-only), and refresh the CSV/JSON exports; with ``to``, the report and figures go
@@ -300,43 +338,8 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
             raise StoreError(f"cannot write the report into {str(dest)!r}: {why}",
                              hint="pass --to DIR to write it elsewhere (the store is only read)")
         fig_dir = subdir(dest, FIGURES)  # a real folder inside dest, not a link out of it
-        names = [s for s, _ in store.studies()]
-        lines = ["# normlab report", "",
-                 f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{store.path.name}` "
-                 f"({len(store.runs())} runs).", ""]
-        lines += summary_lines(store)
-        lines += ["Verdicts are computed from the stored numbers: a difference counts only when it "
-                 "exceeds t standard errors (run-to-run spread over seeds, at least "
-                 f"{SD_FLOOR} points; a point with one seed has no spread, so no difference "
-                 "with it is decisive), "
-                 "t being Student's at Welch's degrees of freedom for the one-sided tail of "
-                 f"{Z:g} normal standard errors ({critical(2):.1f} at 2 seeds per point, "
-                 f"{critical(4):.1f} at 3, {Z:g} with many; a study whose power rounds may look "
-                 "again after each added seed uses "
-                 "the stricter level its section names); a claimed margin (\"at least 1 point\") is met when the whole interval, "
-                 "the difference less t standard errors, clears it. "
-                 "The papers' numbers come from their own models and data (ImageNet ResNets "
-                 "for the GN, FRN, EvoNorm and NF papers, a small CNN on CIFAR-10 for BN + "
-                 "dropout); compare orderings, not values.", ""]
-        pngs: list[Path] = []
-        for name in dict.fromkeys(names):
-            if name not in STUDIES:
-                continue
-            sec, p = _study_section(store, STUDIES[name], fig_dir)
-            lines += sec
-            pngs += p
-        if "train" in names:
-            lines += _single_runs_section(store)
-        spp_records = store.spp()
-        if spp_records:
-            lines += spp_section(spp_records, fig_dir)
-        runs = store.runs()
-        if not runs and not spp_records:
-            lines += ["No runs in this store yet: `normlab reproduce --out DIR` runs a study, "
-                      "`normlab spp MODEL --out DIR` records signal propagation.", ""]
-        if runs:
-            lines += _environment_lines(runs)
-        md = "\n".join(lines)
+        with store.snapshot():  # one state of the store, however others write meanwhile
+            md = _markdown(store, fig_dir)
         md_path = dest / REPORT_FILES[0]
         write_text(md_path, md)
         html_path = dest / REPORT_FILES[1]

@@ -174,6 +174,21 @@ class Store:
         self.close()
 
     @contextlib.contextmanager
+    def snapshot(self) -> Iterator["Store"]:
+        """Every read in the block sees one state of the store (one read transaction): a report
+        or a listing written while other processes train reads no run twice in two states (a
+        summary of n seeds beside a table of n + 1). Nothing may be written in the block."""
+        self.con.execute("BEGIN")  # deferred: the first read fixes the snapshot (WAL)
+        try:
+            yield self
+        except BaseException:  # the block's error goes on (a damaged page may have ended the
+            if self.con.in_transaction:  # transaction already, and fails a COMMIT as well)
+                with contextlib.suppress(sqlite3.Error):
+                    self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")  # nothing written: ends the read
+
+    @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE``: takes the write lock up front). It counts
         itself in the store's generation (``meta``), which orders the exports' snapshots."""

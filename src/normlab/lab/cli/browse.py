@@ -92,7 +92,7 @@ def _print_keys() -> None:
 
 
 def _print_runs(out: Path) -> None:
-    with Store(out, read_only=True) as store:
+    with Store(out, read_only=True) as store, store.snapshot():  # one state, as the report
         table = Table(title=literal(store.path))
         for col in _COLUMNS:
             table.add_column(col)
