@@ -525,3 +525,31 @@ def test_a_report_written_while_a_study_trains_reads_one_state_of_the_store(tmp_
     assert "**BN** 5.10 (n=2)" in text and "| BN | 5.10 ± 0.14 (n=2) |" in text, text
     with Store(tmp_path, read_only=True) as s:  # the run did land: the next report has it
         assert s.run("late")["status"] == "done"
+
+
+def test_the_study_section_counts_and_lists_the_runs_without_a_result(tmp_path):
+    # a study stopped part-way (a failed run, one killed mid-training, two never reached):
+    # its section said "2/3 runs done, 1 failed" of 6 registered runs, the GN row was gone
+    # (no GN run had a row yet) and a failed point was a bare "-", with nothing saying which
+    # run failed, why, or that re-running the command retries it
+    with Store(tmp_path) as s:
+        cfg = lambda seed: {"model": "resnet20", "data": "digits", "epochs": 4, "seed": seed}
+        members = [("bn32", "BN", 32), ("bn2", "BN", 2), ("bn2b", "BN", 2), ("gn32", "GN", 32),
+                   ("gn2", "GN", 2), ("gn2b", "GN", 2)]
+        s.register("batch-size", "quick", members)
+        for rid, seed in (("bn32", 0), ("bn2", 0)):
+            s.claim(rid, cfg(seed))
+            s.record_epochs(rid, [{"epoch": 0, "test_error": 5.0, "train_loss": 1.0}], {})
+            s.finish(rid)
+        s.claim("bn2b", cfg(1))
+        s.finish("bn2b", "failed", "RuntimeError: boom at step 0")
+        s.claim("gn32", cfg(0))
+        s.record_epochs("gn32", [{"epoch": 0, "test_error": 9.0, "train_loss": 1.0}], {})
+        s.release("gn32")  # interrupted after its first epoch
+    text = write_report(tmp_path)[0].read_text()
+    assert "Preset `quick`: 2/6 runs done, 1 failed, 1 interrupted, 2 not started;" in text, text
+    assert "| BN | 5.00 (n=1) | 5.00 (n=1; 1 failed) |" in text, text
+    assert "| GN | 1 interrupted | 2 not started |" in text, text
+    assert "- BN at 2, seed 1 (run bn2b): failed: RuntimeError: boom at step 0" in text, text
+    assert "- GN at 32, seed 0 (run gn32): interrupted after epoch 1/4" in text, text
+    assert "- GN at 2 (run gn2b): not started" in text and "retries the failed ones" in text

@@ -43,18 +43,68 @@ __all__ = ["verdict", "write_report", "print_report", "check_report_places", "Z"
            "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "NO_USABLE_RUN"]
 
 
-def _fmt(s: Optional[dict]) -> str:
+def _fmt(s: Optional[dict], unfinished: str = "") -> str:
     """A table cell: ``mean ± sd (n=k)``, plus the flagged runs left out of it by kind
     (``; 1 unconverged left out``); a point whose every run is flagged says what they were
-    (``2 unconverged (left out)``, ``1 diverged, 1 unconverged (left out)``)."""
+    (``2 unconverged (left out)``, ``1 diverged, 1 unconverged (left out)``). ``unfinished``:
+    the point's runs that have no result yet (``1 failed, 1 not started``), said too."""
     if s is None:
-        return "-"
+        return unfinished or "-"
     flagged = flags_text(s["excluded"])
+    more = f"; {unfinished}" if unfinished else ""
     if s["n"] == 0:
-        return f"{flagged} (left out)"
+        return f"{flagged} (left out){more}"
     sd = f" ± {s['sd']:.2f}" if s["sd"] is not None else ""
     left_out = f"; {flagged} left out" if flagged else ""
-    return f"{s['mean']:.2f}{sd} (n={s['n']}{left_out})"
+    return f"{s['mean']:.2f}{sd} (n={s['n']}{left_out}{more})"
+
+
+#: the states of a study's runs that have no result yet, in the order the report counts them
+_UNFINISHED = ("failed", "interrupted", "training now", "not started")
+
+
+def _unfinished(store: Store, study: str, runs: list[dict]) -> list[dict]:
+    """The study's runs (its latest setup's) with no result yet, each as ``label``, ``x``,
+    ``state`` (one of :data:`_UNFINISHED`) and ``line`` (the note's line): failed (with
+    why), interrupted (a re-run resumes it), training now (a live owner), or registered and
+    not started (the study stopped before it reached them: no row in ``runs`` yet)."""
+    out = []
+    for r in runs:
+        if r["status"] == "done":
+            continue
+        state = ("failed" if r["status"] == "failed" else "training now"
+                 if store.in_training(r) else "interrupted")
+        why = (f": {_md(r['error'])}" if state == "failed" and r.get("error") else
+               f" after epoch {r['epochs_done']}/{r['epochs']}" if state == "interrupted"
+               else "")  # (epochs_done, epochs: numbers, checked when read)
+        out.append({"label": r["label"], "x": r["x"], "state": state,
+                    "line": f"- {_md(str(r['label']))} at {_md(r['x'])}, seed "
+                            f"{_md(r['config'].get('seed', '?'))} (run {_md(str(r['run_id']))})"
+                            f": {state}{why}"})
+    claimed = {(r["run_id"], r["label"]) for r in runs}
+    for m in store.study_members(study):
+        if (m["run_id"], m["label"]) not in claimed:
+            out.append({"label": m["label"], "x": m["x"], "state": "not started",
+                        "line": f"- {_md(str(m['label']))} at {_md(m['x'])} (run "
+                                f"{_md(str(m['run_id']))}): not started"})
+    return out
+
+
+def _count_text(rows: list[dict]) -> str:
+    """``1 failed, 2 not started``: the rows counted by state."""
+    return ", ".join(f"{n} {state}" for state in _UNFINISHED
+                     if (n := sum(r["state"] == state for r in rows)))
+
+
+def _unfinished_lines(rows: list[dict]) -> list[str]:
+    """The note under the table: each run with no result yet, and what gives it one."""
+    if not rows:
+        return []
+    return (["", "Runs without a result, not in the means, bars and verdicts (the same "
+                 "`normlab reproduce` command again retries the failed ones, resumes the "
+                 "interrupted ones from their last epoch and trains those not started; "
+                 "`normlab ls` lists the runs):", ""]
+            + [r["line"] for r in rows])
 
 
 def _flagged_lines(stats: dict) -> list[str]:
@@ -199,12 +249,13 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
     preset = runs[0]["preset"]
     cfg = runs[0]["config"]
     done = sum(r["status"] == "done" for r in runs)
-    failed = [r for r in runs if r["status"] == "failed"]
+    unfinished = _unfinished(store, study.name, runs)
+    total = done + len(unfinished)
     info = store.setup_info(study.name, preset)
     epochs = config_values(runs, "epochs")  # every run's, as model and data: not the first's
     lines = [f"## {study.name}: {study.title}", "", study.description, "",
-             f"Preset `{_md(preset)}`: {done}/{len(runs)} runs done"
-             + (f", {len(failed)} failed" if failed else "")
+             f"Preset `{_md(preset)}`: {done}/{total} runs done"
+             + (f", {_count_text(unfinished)}" if unfinished else "")
              + f"; model {config_values(runs, 'model')}, data {config_values(runs, 'data')}, "
                f"{epochs} epoch{'' if epochs == '1' else 's'}, "
                f"optimizer {config_values(runs, 'optimizer', 'sgd')}, "  # (stored before: SGD)
@@ -214,16 +265,19 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
              _protocol_line(info.get("protocol"), runs) or _processes_line(runs, cfg), ""]
     power = _power_line(info.get("power"), preset)
     lines += [power, ""] if power else []
-    present = {r["label"] for r in runs}
+    present = {r["label"] for r in runs} | {u["label"] for u in unfinished}
     labels = [v for v in study.variants if v in present] + sorted(present - set(study.variants))
-    xs = sorted({r["x"] for r in runs}, reverse=study.x_log2)
+    xs = sorted({r["x"] for r in runs} | {u["x"] for u in unfinished}, reverse=study.x_log2)
     lines += [f"### Test error (%), this run, mean ± sd over seeds ({study.axis})", "",
               "| series | " + " | ".join(_md(x) for x in xs) + " |",
               "|---|" + "---|" * len(xs)]
     for lab in labels:
-        lines.append(f"| {_md(lab)} | " + " | ".join(_fmt(stats.get((lab, x))) for x in xs)
-                     + " |")
+        lines.append(f"| {_md(lab)} | " + " | ".join(
+            _fmt(stats.get((lab, x)), _count_text([u for u in unfinished
+                                                   if (u["label"], u["x"]) == (lab, x)]))
+            for x in xs) + " |")
     lines += _flagged_lines(stats)
+    lines += _unfinished_lines(unfinished)
     if study.paper:
         pxs = sorted({x for d in study.paper.values() for x in d}, reverse=study.x_log2)
         lines += ["", f"### The paper's numbers: {study.paper_source}", "",

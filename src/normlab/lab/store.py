@@ -443,11 +443,11 @@ class Store:
                                           "study_runs ORDER BY registered, study, run_id")]
 
     @_names_damage
-    def study_runs(self, study: str, preset: Optional[str] = None) -> list[dict[str, Any]]:
-        """The runs of a study (the latest registered preset when ``preset`` is None) on the
-        setup registered last for it (runs of the same study on other data, another model or
-        other overrides are not pooled with them), each with its ``label``, ``x``, ``config``
-        and ``history`` (list of epoch rows)."""
+    def study_members(self, study: str, preset: Optional[str] = None) -> list[dict[str, Any]]:
+        """Every run registered in what :meth:`study_runs` reads (the study's latest preset when
+        ``preset`` is None, on the setup registered last), as dicts with ``run_id``, ``label``,
+        ``x``, ``preset``; with the runs not claimed yet (a study stopped before it reached them),
+        which :meth:`study_runs` does not return."""
         if preset is None:
             preset = self._latest_preset(study)
             if preset is None:
@@ -456,16 +456,25 @@ class Store:
                                   "ORDER BY registered DESC LIMIT 1", (study, preset)).fetchone()
         if latest is None:
             return []
+        return [{"run_id": m["run_id"], "label": m["label"], "preset": preset,
+                 "x": member_x(self.path, study, m["run_id"], m["x"])}
+                for m in self.con.execute(
+                    "SELECT run_id, label, x FROM study_runs WHERE study=? AND preset=? AND "
+                    "setup=? ORDER BY registered, label, run_id", (study, preset, latest[0]))]
+
+    @_names_damage
+    def study_runs(self, study: str, preset: Optional[str] = None) -> list[dict[str, Any]]:
+        """The runs of a study (the latest registered preset when ``preset`` is None) on the
+        setup registered last for it (runs of the same study on other data, another model or
+        other overrides are not pooled with them), each with its ``label``, ``x``, ``config``
+        and ``history`` (list of epoch rows). A registered run not claimed yet has no row to
+        read: :meth:`study_members` lists it."""
         out = []
-        for m in self.con.execute("SELECT run_id, label, x FROM study_runs WHERE study=? AND "
-                                  "preset=? AND setup=? ORDER BY registered, label, run_id",
-                                  (study, preset, latest[0])):
+        for m in self.study_members(study, preset):
             r = self.run(m["run_id"])
             if r is None:
                 continue
-            r["label"] = m["label"]
-            r["x"] = member_x(self.path, study, m["run_id"], m["x"])
-            r["preset"] = preset
+            r.update(m)
             r["history"] = self.epochs(m["run_id"])
             out.append(r)
         one_kind_of_x(self.path, study, out)
