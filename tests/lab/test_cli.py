@@ -109,7 +109,7 @@ def test_ls_names_each_runs_point_as_the_report_does(tmp_path):
     r = runner.invoke(app, ["ls", str(tmp_path)], terminal_width=300)
     for p in first:
         row = next(line for line in r.output.splitlines() if p.cfg.run_id() in line)
-        assert f"batch-size@{p.x} (earlier setup, not in the report)" in row, row
+        assert f"batch-size@{p.x} (earlier setup: epochs 1; not in the report)" in row, row
 
 
 def test_ls_shows_the_batch_per_device_the_report_names_its_points_by(tmp_path):
@@ -696,8 +696,9 @@ def test_a_rerun_on_another_setup_says_the_earlier_runs_leave_the_report(tmp_pat
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
     assert ("note: batch-size was last run on another setup (data, model, --set values) or "
-            "preset: its 4 runs of the earlier setup stay in the store and runs.csv, not in the "
-            "report's batch-size section") in out, out
+            "preset (earlier: weight_decay 0.0001; now: weight_decay 0.001): its 4 runs of the "
+            "earlier setup stay in the store and runs.csv, not in the report's batch-size "
+            "section") in out, out
 
 
 def test_spp_report_states_the_input_each_model_was_measured_on(tmp_path):

@@ -553,3 +553,42 @@ def test_the_study_section_counts_and_lists_the_runs_without_a_result(tmp_path):
     assert "- BN at 2, seed 1 (run bn2b): failed: RuntimeError: boom at step 0" in text, text
     assert "- GN at 32, seed 0 (run gn32): interrupted after epoch 1/4" in text, text
     assert "- GN at 2 (run gn2b): not started" in text and "retries the failed ones" in text
+
+
+def _stored_setup(out, user, err):
+    """``batch-size --quick`` on the setup ``user``, its runs finished with test error ``err``."""
+    st = get_study("batch-size")
+    pts = st.points(user, "quick", 1)
+    with Store(out) as s:
+        s.register(st.name, "quick", [(p.cfg.run_id(), p.label, p.x) for p in pts],
+                   setup=pts[0].setup)
+        for p in pts:
+            if s.claim(p.cfg.run_id(), p.cfg.to_dict()) != "done":
+                s.record_epochs(p.cfg.run_id(), [{"epoch": 0, "test_error": err,
+                                                  "train_loss": 1.0}], {})
+                s.finish(p.cfg.run_id())
+    return pts
+
+
+def test_the_section_names_the_earlier_setups_it_does_not_show(tmp_path):
+    # one --out over weeks: the study on digits, then on synthetic, then on synthetic for 2
+    # epochs. The section showed the last setup alone, with no word that the store held 8 more
+    # runs of the study, nor on what; `normlab ls` marked them all "earlier setup" alike
+    from typer.testing import CliRunner
+
+    from normlab.lab.cli import app
+
+    digits = _stored_setup(tmp_path, {"epochs": 1}, 5.0)
+    synthetic = _stored_setup(tmp_path, {"epochs": 1, "data": "synthetic"}, 40.0)
+    _stored_setup(tmp_path, {"epochs": 2, "data": "synthetic"}, 30.0)
+    text = write_report(tmp_path)[0].read_text()
+    assert ("Not in this section: 8 runs of this study that the store holds on 2 earlier "
+            "setups (data digits, epochs 1: 4 runs; data synthetic, epochs 1: 4 runs; this "
+            "section's: data synthetic, epochs 2).") in text, text
+    assert "| BN | 30.00 (n=1) | 30.00 (n=1) |" in text, text  # the last setup's runs only
+    out = CliRunner().invoke(app, ["ls", str(tmp_path)], terminal_width=300).output
+    for points, setup in ((digits, "data digits, epochs 1"),
+                          (synthetic, "data synthetic, epochs 1")):
+        for p in points:
+            row = next(line for line in out.splitlines() if p.cfg.run_id() in line)
+            assert f"(earlier setup: {setup}; not in the report)" in row, row

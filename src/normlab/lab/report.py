@@ -36,7 +36,8 @@ from normlab.lab.progress import say
 from normlab.lab.spp_verdicts import spp_section
 from normlab.lab.store import Store, StoreError, unwritable
 from normlab.lab.studies import STUDIES, Study
-from normlab.lab.summary import config_values, precise_bn_note, precise_bn_text, summary_lines
+from normlab.lab.summary import (config_values, precise_bn_note, precise_bn_text,
+                                  emulated_devices, setup_differences, summary_lines)
 
 # the verdict names and rules are analysis.py's, re-exported for the report's readers
 __all__ = ["verdict", "write_report", "print_report", "check_report_places", "Z", "SD_FLOOR", "SD_ONE_SEED",
@@ -241,6 +242,37 @@ def _level_text(looks: Optional[list[int]]) -> str:
             f"calling two equal points different at one look's {TAIL:.2%}.")
 
 
+def _earlier_setups_lines(store: Store, study: str) -> list[str]:
+    """A line naming the study's runs that the store holds on earlier setups (other data,
+    model, ``--set`` values or preset), which this section does not show, each setup by what
+    tells it from this one (:func:`normlab.lab.summary.setup_differences`); none when there
+    are none."""
+    members = [m for m in store.memberships() if m["study"] == study]
+    current = {m["run_id"] for m in members if m["current"]}
+    groups: dict[tuple, dict] = {}
+    for m in members:
+        g = groups.setdefault((m["preset"], m["setup"], m["current"]), {
+            "configs": [], "runs": set(), "preset": m["preset"], "setup": m["setup"],
+            "devices": emulated_devices(m["protocol"])})
+        r = store.run(m["run_id"])
+        if r is not None:
+            g["configs"].append(r["config"])
+        g["runs"].add(m["run_id"])
+    earlier = {k: g for k, g in groups.items() if not k[2] and g["runs"] - current}
+    if not earlier:
+        return []
+    texts = setup_differences(groups)
+    here = next((texts[k] for k in groups if k[2]), "")
+    n = len(set().union(*(g["runs"] for g in earlier.values())) - current)
+    each = "; ".join(f"{_md(texts[k])}: {len(g['runs'] - current)} runs"
+                     for k, g in earlier.items())
+    return [f"Not in this section: {n} run{'s' if n > 1 else ''} of this study that the store "
+            f"holds on {len(earlier)} earlier setup{'s' if len(earlier) > 1 else ''} ({each}; "
+            f"this section's: {_md(here)}). `normlab ls` marks them; re-running the study "
+            "with a setup's options shows that setup here again (its finished runs are "
+            "skipped), and another `--out` keeps a report per setup.", ""]
+
+
 def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str], list[Path]]:
     runs = store.study_runs(study.name)
     if not runs:
@@ -265,6 +297,7 @@ def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str]
              _protocol_line(info.get("protocol"), runs) or _processes_line(runs, cfg), ""]
     power = _power_line(info.get("power"), preset)
     lines += [power, ""] if power else []
+    lines += _earlier_setups_lines(store, study.name)
     present = {r["label"] for r in runs} | {u["label"] for u in unfinished}
     labels = [v for v in study.variants if v in present] + sorted(present - set(study.variants))
     xs = sorted({r["x"] for r in runs} | {u["x"] for u in unfinished}, reverse=study.x_log2)

@@ -26,6 +26,7 @@ from normlab.lab.report import check_report_places, print_report
 from normlab.lab.runner import Counts, run_distributed, run_inline, run_parallel
 from normlab.lab.store import Store
 from normlab.lab.studies import Point, Study
+from normlab.lab.summary import emulated_devices, setup_differences
 
 __all__ = ["run_study", "run_single", "device_of", "jobs_for"]
 
@@ -47,22 +48,36 @@ def jobs_for(points: list, jobs: Optional[int]) -> int:
     return min(jobs, len({p.cfg.run_id() for p in points}))
 
 
-def left_out_of_report(store: Store, study: str, preset: str, points: list) -> int:
+def left_out_of_report(store: Store, study: str, preset: str, points: list,
+                       protocol: Optional[dict] = None) -> tuple[int, str]:
     """How many runs the report's section of ``study`` shows now that registering ``points``
-    (``preset``, their setup) takes out of it: the study was last run on another setup (data,
-    model, --set values) or preset, and the report shows the latest one only."""
+    (``preset``, their setup, run with ``protocol``) takes out of it (the study was last run on
+    another setup (data, model, --set values) or preset, and the report shows the latest one
+    only), and what tells the two setups apart (``earlier: epochs 1; now: epochs 2``: a
+    ``data_dir`` moved is a new setup too); "" when none is left out."""
     now = [m for m in store.memberships() if m["study"] == study and m["current"]]
     if not now or not points or (now[0]["preset"], now[0]["setup"]) == (preset, points[0].setup):
-        return 0
-    return len({m["run_id"] for m in now} - {p.cfg.run_id() for p in points})
+        return 0, ""
+    gone = {m["run_id"] for m in now} - {p.cfg.run_id() for p in points}
+    if not gone:
+        return 0, ""
+    earlier = [r["config"] for r in map(store.run, {m["run_id"] for m in now}) if r]
+    texts = setup_differences({
+        "earlier": {"configs": earlier, "preset": now[0]["preset"], "setup": now[0]["setup"],
+                    "devices": emulated_devices(now[0]["protocol"])},
+        "now": {"configs": [p.cfg.to_dict() for p in points], "preset": preset,
+                "setup": points[0].setup,
+                "devices": emulated_devices(protocol or {})}})
+    return len(gone), f"earlier: {texts['earlier']}; now: {texts['now']}"
 
 
-def _say_left_out(study: str, n: int) -> None:
+def _say_left_out(study: str, left_out: tuple[int, str]) -> None:
+    n, how = left_out
     if n:
         say(escape(f"note: {study} was last run on another setup (data, model, --set values) "
-                   f"or preset: its {n} runs of the earlier setup stay in the store and "
-                   f"runs.csv, not in the report's {study} section (`normlab ls` marks them; "
-                   "another --out keeps both reports)"))
+                   f"or preset ({how}): its {n} runs of the earlier setup stay in the store "
+                   f"and runs.csv, not in the report's {study} section (`normlab ls` marks "
+                   "them; another --out keeps both reports)"))
 
 
 def _recorded(study: str, preset: str, points: list, out: Path, announce: str,
@@ -74,7 +89,8 @@ def _recorded(study: str, preset: str, points: list, out: Path, announce: str,
     store = Store(out) if nd.is_main_process() else None
     try:
         if store is not None:
-            hidden = left_out_of_report(store, study, preset, points)
+            hidden = left_out_of_report(store, study, preset, points,
+                                        (info or {}).get("protocol"))
             store.register(study, preset, [(p.cfg.run_id(), p.label, p.x) for p in points],
                            setup=points[0].setup, info=info)
             say(announce)
@@ -132,7 +148,8 @@ def _with_power(study: Study, preset: str, points: list[Point], out: Path, annou
     the store closed whatever happened. Says what the rounds did."""
     store = Store(out)
     try:
-        hidden = left_out_of_report(store, study.name, preset, points)
+        hidden = left_out_of_report(store, study.name, preset, points,
+                                    (info or {}).get("protocol"))
         record = run_with_power(
             study, preset, store, lambda at: points if at is None else more_seeds(at),
             lambda ps: run(ps, store), info=info,

@@ -30,17 +30,20 @@ shown as "-".
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Callable, Collection, Optional
+from typing import Any, Callable, Collection, Hashable, Optional
 
 from normlab.factory import DEFAULT_NUM_GROUPS
 from normlab.lab.analysis import (Level, flags_text, half_width_text, interval, point_stats,
                                   prob_lower, run_flag, setup_level)
+from normlab.lab.config import RunConfig
 from normlab.lab.markdown import md_cell
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, Study
 
-__all__ = ["summary_lines", "SUMMARY_STUDIES", "config_values"]
+__all__ = ["summary_lines", "SUMMARY_STUDIES", "config_values", "setup_differences",
+           "emulated_devices"]
 
 #: studies whose series are normalizations and whose x is the batch per process (stats-batch:
 #: BN's statistics batch), in the order the summary shows them (``Study.answer`` "per_x")
@@ -135,6 +138,59 @@ def config_values(runs: list[dict], key: str, missing: str = "?") -> str:
     resnet20`` where the series train different models (the nf study); ``missing`` (``?``)
     for a config without it."""
     return md_cell(" / ".join(sorted({str(r["config"].get(key, missing)) for r in runs})))
+
+
+#: config keys that tell no setup from another: a run's own (seed, label), a machine knob
+_NOT_SETUP = ("seed", "label", "threads")
+#: keys the emulated devices set per point (the SGD batch, ghost BN, its lr): said as "devices K"
+_BY_DEVICES = ("batch_size", "norm", "norm_kwargs", "lr")
+
+
+def _value_text(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+
+
+def emulated_devices(protocol: dict[str, Any]) -> int:
+    """The devices a setup's protocol emulated on one process (1: none; real processes are
+    the run's ``world_size``)."""
+    k = protocol.get("devices")
+    if "processes" in protocol or isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        return 1
+    return k
+
+
+def setup_differences(groups: dict[Hashable, dict[str, Any]]) -> dict[Hashable, str]:
+    """What tells each setup of a study from the others, as plain text (``data synthetic,
+    epochs 1``): ``groups`` maps a key to ``{"configs": [run configs], "preset": ...,
+    "devices": ..., "setup": id}``; a key the configs differ in is named with its values in
+    this group (a key missing from a stored config reads as its default), and the preset and
+    emulated devices where those differ. A group told from the others by nothing of that
+    (its runs not claimed yet, say) is named by its setup id."""
+    defaults = RunConfig().to_dict()
+    vals: dict[Hashable, dict[str, set]] = {}
+    for key, g in groups.items():
+        per = vals.setdefault(key, {})
+        for c in g["configs"]:
+            for k in set(c) | set(defaults):
+                if k not in _NOT_SETUP:
+                    per.setdefault(k, set()).add(_value_text(c.get(k, defaults.get(k))))
+    known = [g for g in groups.values() if g["configs"]]
+    devices_differ = len({g.get("devices") for g in groups.values()}) > 1
+    names = sorted({k for per in vals.values() for k in per})
+    differ = [k for k in names if len({frozenset(vals[key].get(k, ())) for key, g in groups.items()
+                                       if g["configs"]}) > 1
+              and not (devices_differ and k in _BY_DEVICES)]
+    out = {}
+    for key, g in groups.items():
+        parts = []
+        if len({h.get("preset") for h in groups.values()}) > 1:
+            parts.append(f"preset {g.get('preset')}")
+        if devices_differ:
+            parts.append(f"devices {g.get('devices')}")
+        if g["configs"] and len(known) > 1:
+            parts += [f"{k} {' / '.join(sorted(vals[key].get(k, ())))}" for k in differ]
+        out[key] = ", ".join(parts) or f"setup {str(g.get('setup') or '-')[:8]}"
+    return out
 
 
 def _setup_line(runs: list[dict], stats: dict) -> str:

@@ -19,7 +19,7 @@ from normlab.lab.progress import console, literal, say
 from normlab.lab.report import print_report
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES
-from normlab.lab.summary import precise_bn_note
+from normlab.lab.summary import emulated_devices, precise_bn_note, setup_differences
 from normlab.models import list_models
 from normlab.models.timm_models import timm_status
 
@@ -100,16 +100,22 @@ def _print_runs(out: Path) -> None:
             store.study_runs(s)
         member: dict = {}
         emulated: dict[str, set] = {}  # run_id -> the devices its setups emulated
-        for m in store.memberships():
+        runs = store.runs()
+        memberships = store.memberships()
+        earlier = _earlier_setups(memberships, {r["run_id"]: r["config"] for r in runs})
+        for m in memberships:
             points, _ = member.setdefault(m["run_id"], ({}, m["label"]))
             key = f"{m['study']}@{_fmt_x(m['x'])}"  # the run's point, as the report names it
-            points[key] = points.get(key, False) or m["current"]
-            emulated.setdefault(m["run_id"], set()).add(_emulated_devices(m["protocol"]))
-        for r in store.runs():
+            if m["current"] or points.get(key, "") is None:
+                points[key] = None  # in the report
+            else:  # what told its setup from the one in the report
+                points[key] = earlier[(m["study"], m["preset"], m["setup"])]
+            emulated.setdefault(m["run_id"], set()).add(emulated_devices(m["protocol"]))
+        for r in runs:
             c = r["config"]
             points, label = member.get(r["run_id"], ({}, c.get("label", "")))
-            st = [k if current else f"{k} (earlier setup, not in the report)"
-                  for k, current in points.items()]
+            st = [k if setup is None else f"{k} (earlier setup: {setup}; not in the report)"
+                  for k, setup in points.items()]
             err = r["final_test_error"]
             flag = (run_flag({**r, "history": store.epochs(r["run_id"])})
                     if r["status"] == "done" else None)
@@ -132,17 +138,24 @@ def _print_runs(out: Path) -> None:
     (console if console.is_terminal else Console(width=200)).print(table)
 
 
+def _earlier_setups(memberships: list[dict], configs: dict[str, dict]) -> dict[tuple, str]:
+    """(study, preset, setup) -> what tells that setup of the study from its others
+    (:func:`normlab.lab.summary.setup_differences`: ``data digits, epochs 1``), so that the
+    runs of two earlier setups, or an earlier one and the report's, can be told apart."""
+    groups: dict[str, dict[tuple, dict]] = {}
+    for m in memberships:
+        g = groups.setdefault(m["study"], {}).setdefault(
+            (m["study"], m["preset"], m["setup"]),
+            {"configs": [], "preset": m["preset"], "setup": m["setup"],
+             "devices": emulated_devices(m["protocol"])})
+        if m["run_id"] in configs:
+            g["configs"].append(configs[m["run_id"]])
+    return {key: text for study in groups.values()
+            for key, text in setup_differences(study).items()}
+
+
 def _fmt_x(x) -> str:
     return f"{x:g}" if isinstance(x, (int, float)) else str(x)
-
-
-def _emulated_devices(protocol: dict) -> int:
-    """The devices a setup's protocol emulated on one process (1: none; real processes are
-    the run's ``world_size``)."""
-    k = protocol.get("devices")
-    if "processes" in protocol or isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        return 1
-    return k
 
 
 def _batch_cell(c: dict, emulated: set) -> str:
