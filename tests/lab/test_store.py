@@ -487,3 +487,65 @@ def test_an_older_export_never_replaces_a_newer_one(tmp_path):
         s.export()
     runs2, epochs2, doc2 = _exports(tmp_path)
     assert runs2 == {} and epochs2 == [] and doc2["export"]["generation"] < generation
+
+
+def _legacy_store(path, members):
+    """A store as normlab wrote it before setups were kept (no ``setup`` column, no
+    ``setups`` table): ``members`` are (run_id, label, x, config, test error, registered)."""
+    con = sqlite3.connect(path / "results.sqlite")
+    con.executescript(
+        "CREATE TABLE runs (run_id TEXT PRIMARY KEY, config TEXT NOT NULL, status TEXT NOT NULL,"
+        " owner TEXT, epochs INTEGER, epochs_done INTEGER DEFAULT 0, wall_time REAL, images_per_s"
+        " REAL, device TEXT, versions TEXT, final_train_loss REAL, final_train_error REAL,"
+        " final_test_loss REAL, final_test_error REAL, error TEXT, created REAL, updated REAL);"
+        "CREATE TABLE epochs (run_id TEXT NOT NULL, epoch INTEGER NOT NULL, train_loss REAL,"
+        " train_error REAL, test_loss REAL, test_error REAL, lr REAL, wall_time REAL,"
+        " images_per_s REAL, PRIMARY KEY (run_id, epoch));"
+        "CREATE TABLE study_runs (study TEXT NOT NULL, preset TEXT NOT NULL, run_id TEXT NOT NULL,"
+        " label TEXT NOT NULL, x TEXT, registered REAL, PRIMARY KEY (study, preset, run_id, label));"
+        "CREATE TABLE spp (model TEXT NOT NULL, depth INTEGER NOT NULL, name TEXT, avg_sq_mean"
+        " REAL, avg_var REAL, residual_var REAL, PRIMARY KEY (model, depth));")
+    for rid, label, x, cfg, err, registered in members:
+        if cfg is not None:
+            con.execute("INSERT INTO runs (run_id, config, status, epochs, epochs_done, "
+                        "final_test_error) VALUES (?, ?, 'done', 1, 1, ?)",
+                        (rid, json.dumps(cfg), err))
+            con.execute("INSERT INTO epochs (run_id, epoch, test_error) VALUES (?, 0, ?)",
+                        (rid, err))
+        con.execute("INSERT INTO study_runs VALUES ('batch-size', 'quick', ?, ?, ?, ?)",
+                    (rid, label, json.dumps(x), registered))
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_a_store_from_before_setups_keeps_a_study_on_other_data_apart(tmp_path, read_only):
+    # a store written before setups were kept, where the study ran on digits and then on
+    # synthetic: every row got setup '' when opened, so the report pooled both into one mean
+    # per point (BN at 2: 5% on digits and 50% on synthetic, n=2) under "data digits /
+    # synthetic". A run of the second invocation registered but never claimed goes with it.
+    cfg = lambda data, norm, batch: {"model": "resnet20", "norm": norm, "batch_size": batch,
+                                     "data": data, "epochs": 2, "seed": 0, "label": norm.upper()}
+    _legacy_store(tmp_path, [
+        ("d-bn2", "BN", 2, cfg("digits", "bn", 2), 5.0, 1.0),
+        ("d-gn2", "GN", 2, cfg("digits", "gn", 2), 6.0, 1.0),
+        ("s-bn2", "BN", 2, cfg("synthetic", "bn", 2), 50.0, 2.0),
+        ("s-gn2", "GN", 2, None, None, 2.0)])  # the process was killed before claiming it
+    with Store(tmp_path, read_only=read_only) as s:
+        got = s.study_runs("batch-size")
+        assert [(r["run_id"], r["config"]["data"]) for r in got] == [("s-bn2", "synthetic")]
+        assert point_stats(got)[("BN", 2)]["values"] == [50.0]
+        assert [m["run_id"] for m in s.study_members("batch-size")] == ["s-bn2", "s-gn2"]
+        current = {m["run_id"]: m["current"] for m in s.memberships()}
+    assert current == {"d-bn2": False, "d-gn2": False, "s-bn2": True, "s-gn2": True}
+
+
+def test_single_runs_on_other_data_stay_one_list(tmp_path):
+    # `normlab train` registers its runs with setup '' (no table pools them): runs on other
+    # data are all in the report's single-runs table, not split as an old study's setups are
+    with Store(tmp_path) as s:
+        for rid, data in (("a", "digits"), ("b", "synthetic")):
+            s.claim(rid, {"data": data, "epochs": 1, "seed": 0})
+            s.register("train", "single", [(rid, "bn", 32)])
+        assert [r["run_id"] for r in s.study_runs("train")] == ["a", "b"]
+        assert all(m["current"] for m in s.memberships())

@@ -52,6 +52,7 @@ writes, reads) and :func:`heartbeat`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import sqlite3
 import threading
@@ -241,14 +242,11 @@ class Store:
         where the statistics run), ``power`` (the power rounds: seeds added, budget, why they
         stopped); ``{}`` for a study registered without it."""
         preset = preset or self._latest_preset(study)
-        if preset is None:
-            return {}
-        latest = self.con.execute("SELECT setup FROM study_runs WHERE study=? AND preset=? "
-                                  "ORDER BY registered DESC LIMIT 1", (study, preset)).fetchone()
+        latest = self._latest_setups(self._members(study)).get((study, preset))
         if latest is None:
             return {}
         row = self.con.execute("SELECT info FROM setups WHERE study=? AND preset=? AND setup=?",
-                               (study, preset, latest[0])).fetchone()
+                               (study, preset, latest)).fetchone()
         return stored_setup_info(self.path, study, row[0]) if row else {}
 
     def _latest_preset(self, study: str) -> Optional[str]:
@@ -429,18 +427,51 @@ class Store:
         protocols = {(r[0], r[1], r[2]): stored_setup_info(self.path, r[0], r[3]).get(
             "protocol", {}) for r in self.con.execute(
                 "SELECT study, preset, setup, info FROM setups")}
+        members = self._members()
+        setups = self._latest_setups(members)
         latest = {}
         for study, preset in self.studies():  # most recently registered last: its preset wins
-            row = self.con.execute("SELECT setup FROM study_runs WHERE study=? AND preset=? "
-                                   "ORDER BY registered DESC LIMIT 1", (study, preset)).fetchone()
-            latest[study] = (preset, row[0])
+            latest[study] = (preset, setups[(study, preset)])
         return [{"study": m["study"], "preset": m["preset"], "setup": m["setup"],
                  "run_id": m["run_id"], "label": m["label"],
                  "x": member_x(self.path, m["study"], m["run_id"], m["x"]),
                  "current": latest.get(m["study"]) == (m["preset"], m["setup"]),
                  "protocol": protocols.get((m["study"], m["preset"], m["setup"]), {})}
-                for m in self.con.execute("SELECT study, preset, run_id, label, x, setup FROM "
-                                          "study_runs ORDER BY registered, study, run_id")]
+                for m in members]
+
+    def _members(self, study: Optional[str] = None) -> list[dict[str, Any]]:
+        """The ``study_runs`` rows (of ``study``, or all), oldest registered first, each with
+        the setup it counts in: its own, or for a row registered before setups were kept (setup
+        '' with no setup info stored, any study but the single runs of ``normlab train``) one
+        derived from its run's config (:func:`_legacy_setup`), so that such a store's study run
+        on digits and then on synthetic is two setups, as it would be now, not one table
+        pooling both."""
+        rows = [dict(r) for r in self.con.execute(
+            "SELECT s.study, s.preset, s.run_id, s.label, s.x, s.setup, s.registered, "
+            "r.config FROM study_runs s LEFT JOIN runs r ON r.run_id = s.run_id"
+            + (" WHERE s.study=?" if study is not None else "")
+            + " ORDER BY s.registered, s.study, s.run_id", (study,) if study is not None else ())]
+        kept = {(r[0], r[1]) for r in self.con.execute(  # '' registered with info: a setup
+            "SELECT study, preset FROM setups WHERE setup=''")}
+        legacy = [m for m in rows if m["setup"] == "" and m["study"] != SINGLE_RUNS
+                  and (m["study"], m["preset"]) not in kept]
+        by_time: dict[tuple, str] = {}  # one invocation registered its points at one time
+        for m in legacy:
+            if m["config"] is not None:
+                m["setup"] = _legacy_setup(run_config(self.path, m["run_id"], m["config"]))
+                by_time.setdefault((m["study"], m["preset"], m["registered"]), m["setup"])
+        for m in legacy:  # registered, never claimed: the setup of the points beside it
+            if m["config"] is None:
+                m["setup"] = by_time.get((m["study"], m["preset"], m["registered"]), "legacy")
+        for m in rows:
+            del m["config"]
+        return rows
+
+    @staticmethod
+    def _latest_setups(members: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+        """(study, preset) -> the setup registered last (``members`` as :meth:`_members`
+        orders them: oldest first)."""
+        return {(m["study"], m["preset"]): m["setup"] for m in members}
 
     @_names_damage
     def study_members(self, study: str, preset: Optional[str] = None) -> list[dict[str, Any]]:
@@ -452,15 +483,17 @@ class Store:
             preset = self._latest_preset(study)
             if preset is None:
                 return []
-        latest = self.con.execute("SELECT setup FROM study_runs WHERE study=? AND preset=? "
-                                  "ORDER BY registered DESC LIMIT 1", (study, preset)).fetchone()
+        members = [m for m in self._members(study) if m["preset"] == preset]
+        latest = self._latest_setups(members).get((study, preset))
         if latest is None:
             return []
+        order: dict[Any, int] = {}  # members come oldest first: order by when registered
+        for m in members:
+            order.setdefault(m["registered"], len(order))
         return [{"run_id": m["run_id"], "label": m["label"], "preset": preset,
                  "x": member_x(self.path, study, m["run_id"], m["x"])}
-                for m in self.con.execute(
-                    "SELECT run_id, label, x FROM study_runs WHERE study=? AND preset=? AND "
-                    "setup=? ORDER BY registered, label, run_id", (study, preset, latest[0]))]
+                for m in sorted((m for m in members if m["setup"] == latest), key=lambda m: (
+                    order[m["registered"]], m["label"], m["run_id"]))]
 
     @_names_damage
     def study_runs(self, study: str, preset: Optional[str] = None) -> list[dict[str, Any]]:
@@ -519,6 +552,24 @@ class Store:
         finally:
             if self.read_only:
                 self.con.execute("PRAGMA query_only=ON")
+
+
+#: the study of ``normlab train``'s single runs, registered with setup '' (no table pools them)
+SINGLE_RUNS = "train"
+#: the config keys a study varies from point to point (series, axis, seeds), which a setup
+#: registered before setups were kept is not told apart by (:func:`_legacy_setup`)
+_PER_POINT = ("model", "norm", "norm_kwargs", "model_kwargs", "ws", "batch_size", "lr", "agc",
+              "seed", "label", "threads")
+
+
+def _legacy_setup(config: dict[str, Any]) -> str:
+    """The setup of a study member registered before setups were kept: ``legacy-`` and a hash
+    of its run's config less the keys a study varies per point (:data:`_PER_POINT`), so
+    runs on other data, epochs or ``--set`` values are other setups (a study whose series
+    differ in the model, the nf study's, stays one)."""
+    kept = {k: v for k, v in config.items() if k not in _PER_POINT}
+    blob = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
+    return "legacy-" + hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
 def _run_dict(path: Path, row: sqlite3.Row) -> dict[str, Any]:

@@ -144,6 +144,20 @@ def config_values(runs: list[dict], key: str, missing: str = "?") -> str:
 _NOT_SETUP = ("seed", "label", "threads")
 #: keys the emulated devices set per point (the SGD batch, ghost BN, its lr): said as "devices K"
 _BY_DEVICES = ("batch_size", "norm", "norm_kwargs", "lr")
+#: keys a study varies from point to point (its series and axis): two setups' runs differ in
+#: them when the setups ran other points (another preset, other --variants), said only when
+#: nothing else tells the setups apart
+_POINT_KEYS = ("batch_size", "norm", "norm_kwargs", "model_kwargs", "ws", "lr", "agc")
+
+
+def _in_order(values: Collection[str]) -> list[str]:
+    """Numbers by value (``2 / 16 / 32``), then text."""
+    def key(v: str) -> tuple:
+        try:
+            return (0, float(v), v)
+        except ValueError:
+            return (1, 0.0, v)
+    return sorted(values, key=key)
 
 
 def _value_text(v: Any) -> str:
@@ -180,6 +194,8 @@ def setup_differences(groups: dict[Hashable, dict[str, Any]]) -> dict[Hashable, 
     differ = [k for k in names if len({frozenset(vals[key].get(k, ())) for key, g in groups.items()
                                        if g["configs"]}) > 1
               and not (devices_differ and k in _BY_DEVICES)]
+    if any(k not in _POINT_KEYS for k in differ):
+        differ = [k for k in differ if k not in _POINT_KEYS]
     out = {}
     for key, g in groups.items():
         parts = []
@@ -188,7 +204,7 @@ def setup_differences(groups: dict[Hashable, dict[str, Any]]) -> dict[Hashable, 
         if devices_differ:
             parts.append(f"devices {g.get('devices')}")
         if g["configs"] and len(known) > 1:
-            parts += [f"{k} {' / '.join(sorted(vals[key].get(k, ())))}" for k in differ]
+            parts += [f"{k} {' / '.join(_in_order(vals[key].get(k, ())))}" for k in differ]
         out[key] = ", ".join(parts) or f"setup {str(g.get('setup') or '-')[:8]}"
     return out
 
