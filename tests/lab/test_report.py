@@ -592,3 +592,43 @@ def test_the_section_names_the_earlier_setups_it_does_not_show(tmp_path):
         for p in points:
             row = next(line for line in out.splitlines() if p.cfg.run_id() in line)
             assert f"(earlier setup: {setup}; not in the report)" in row, row
+
+
+def test_a_report_number_is_derived_again_from_the_csv_exports(tmp_path):
+    # runs.csv had no study, point, setup or flag: with a study on two setups and a flagged
+    # run in one --out, a user could not tell from the CSVs which runs a cell's mean is over
+    # (the mean of every BN run at 32 in runs.csv was 24.00, the report's 5.10)
+    import csv
+    import statistics
+
+    _stored_setup(tmp_path, {"epochs": 1, "data": "synthetic"}, 50.0)  # an earlier setup
+    study = get_study("batch-size")
+    pts = study.points({"epochs": 2}, "quick", 3)
+    with Store(tmp_path) as s:
+        s.register(study.name, "quick", [(p.cfg.run_id(), p.label, p.x) for p in pts],
+                   setup=pts[0].setup)
+        for p in pts:
+            s.claim(p.cfg.run_id(), p.cfg.to_dict())
+            stuck = (p.label, p.x, p.cfg.seed) == ("BN", 32, 2)  # its loss never fell
+            s.record_epochs(p.cfg.run_id(), [
+                {"epoch": e, "train_loss": 2.0 if stuck else 2.0 - e,
+                 "test_error": 5.0 + 0.1 * p.cfg.seed} for e in range(2)], {})
+            s.finish(p.cfg.run_id())
+    text = write_report(tmp_path)[0].read_text()
+    cell = "5.05 ± 0.07 (n=2; 1 unconverged left out)"
+    assert f"| BN | {cell} |" in text, text
+    with open(tmp_path / "runs.csv", newline="") as f:
+        runs = {r["run_id"]: r for r in csv.DictReader(f)}
+    with open(tmp_path / "studies.csv", newline="") as f:
+        members = list(csv.DictReader(f))
+    values = [float(runs[m["run_id"]]["final_test_error"]) for m in members
+              if (m["study"], m["in_report"], m["label"], m["x"]) == ("batch-size", "True", "BN",
+                                                                     "32")
+              and runs[m["run_id"]]["status"] == "done" and not runs[m["run_id"]]["flag"]]
+    assert f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)}" \
+        in cell
+    flagged = [r for r in runs.values() if r["flag"]]
+    assert len(flagged) == 1 and "not below its start" in flagged[0]["flag"], flagged
+    earlier = {m["setup"] for m in members if m["in_report"] == "False"}
+    assert len(earlier) == 1 and earlier != {m["setup"] for m in members
+                                              if m["in_report"] == "True"}

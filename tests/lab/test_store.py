@@ -176,7 +176,8 @@ def test_study_membership_summary_and_exports(tmp_path):
         assert stats[("BN", 2)]["mean"] == 11.0 and stats[("BN", 2)]["n"] == 2
         assert abs(stats[("BN", 2)]["sd"] - 2 ** 0.5) < 1e-12 and stats[("GN", 2)]["sd"] is None
         paths = s.export()
-    assert {p.name for p in paths} == {"runs.csv", "epochs.csv", "spp.csv", "results.json"}
+    assert {p.name for p in paths} == {"runs.csv", "epochs.csv", "studies.csv", "spp.csv",
+                                       "results.json"}
     doc = json.loads((tmp_path / "results.json").read_text())
     assert len(doc["runs"]) == 3 and doc["runs"][0]["history"][0]["test_error"] == 10.0
     assert (tmp_path / "runs.csv").read_text().count("\n") == 4

@@ -432,7 +432,7 @@ def write_report(out_dir: Path | str, to: Path | str | None = None) -> tuple[Pat
         html_path = dest / REPORT_FILES[1]
         write_text(html_path, _to_html(md, fig_dir))
         if to is None:
-            store.export()
+            store.export(flag=run_flag)
     finally:
         store.close()
     return md_path, html_path

@@ -16,7 +16,7 @@ import torch
 from rich.markup import escape
 
 from normlab import distributed as nd
-from normlab.lab.analysis import POWER_STOPPED, SEEDS_SHOWN
+from normlab.lab.analysis import POWER_STOPPED, SEEDS_SHOWN, run_flag
 from normlab.lab.config import ConfigError
 from normlab.lab.launch import in_worker
 from normlab.lab.power import run_with_power
@@ -98,7 +98,7 @@ def _recorded(study: str, preset: str, points: list, out: Path, announce: str,
         return run(points, store)
     finally:
         if store is not None:
-            store.export()
+            store.export(flag=run_flag)
             store.close()
 
 
@@ -155,7 +155,7 @@ def _with_power(study: Study, preset: str, points: list[Point], out: Path, annou
             lambda ps: run(ps, store), info=info,
             registered=lambda: (say(announce), _say_left_out(study.name, hidden)), **power)
     finally:
-        store.export()
+        store.export(flag=run_flag)
         store.close()
     if record["rounds"]:
         say(f"power: {record['rounds']} round(s) added {record['runs_added']} "

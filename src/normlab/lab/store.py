@@ -58,7 +58,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from normlab.lab.owners import HEARTBEAT_S, _me, _my_start, _owner_alive, stale_after_s
 from normlab.lab.outfiles import a_file, a_folder, not_a_link
@@ -433,7 +433,7 @@ class Store:
         for study, preset in self.studies():  # most recently registered last: its preset wins
             latest[study] = (preset, setups[(study, preset)])
         return [{"study": m["study"], "preset": m["preset"], "setup": m["setup"],
-                 "run_id": m["run_id"], "label": m["label"],
+                 "run_id": m["run_id"], "label": m["label"], "registered": m["registered"],
                  "x": member_x(self.path, m["study"], m["run_id"], m["x"]),
                  "current": latest.get(m["study"]) == (m["preset"], m["setup"]),
                  "protocol": protocols.get((m["study"], m["preset"], m["setup"]), {})}
@@ -515,17 +515,21 @@ class Store:
 
     # ------------------------------------------------------------------ exports
     @_names_damage
-    def export(self) -> list[Path]:
-        """Write ``runs.csv``, ``epochs.csv``, ``spp.csv`` and ``results.json`` next to the
-        database (:mod:`normlab.lab.store_export`): one snapshot of the store, read in one read
-        transaction, and placed under the store's write lock unless a later snapshot is in
-        place already (two processes exporting at once: the newer one stays)."""
+    def export(self, flag: Optional[Callable[[dict[str, Any]], Optional[str]]] = None
+               ) -> list[Path]:
+        """Write ``runs.csv``, ``epochs.csv``, ``studies.csv``, ``spp.csv`` and
+        ``results.json`` next to the database (:mod:`normlab.lab.store_export`): one snapshot
+        of the store, read in one read transaction, and placed under the store's write lock
+        unless a later snapshot is in place already (two processes exporting at once: the newer
+        one stays). ``flag(run)`` (a finished run with its ``history``; the lab passes
+        :func:`normlab.lab.analysis.run_flag`) says why the report leaves a run out of its
+        means, exported beside it."""
         self.con.execute("BEGIN")  # deferred: the first read below fixes the snapshot
         try:
-            snap = read_snapshot(self.dir, self.con, self.runs())
+            snap = read_snapshot(self.dir, self.con, self.runs(), self.memberships())
         finally:
             self.con.execute("COMMIT")  # nothing written: ends the read
-        texts = render_exports(snap)
+        texts = render_exports(snap, flag)
         with self._write_lock():
             return place_exports(self.dir, texts, snap)
 

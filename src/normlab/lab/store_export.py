@@ -1,8 +1,15 @@
-"""The exports written beside a results store: ``runs.csv``, ``epochs.csv``, ``spp.csv`` (the
-signal-propagation records, one row per model and depth, as the ``spp`` table holds them) and
-``results.json`` (the runs with their histories, the study members, the setups, under ``spp``
-the spp rows, and under ``export`` which snapshot of the store it is), each written to a
-temporary file and renamed into place, so a reader never sees half of one.
+"""The exports written beside a results store: ``runs.csv`` (one row per run: its status,
+final numbers, ``flag``: why the report leaves a finished run out of its means, empty when it
+counts, and its config, ``config.*``), ``epochs.csv`` (one row per run and epoch),
+``studies.csv`` (one row per study a run was registered in: ``study``, ``preset``, ``setup``,
+``in_report``: whether that setup is the one the report's section shows, ``run_id``, ``label``,
+``x``: the run's point, ``registered``), ``spp.csv`` (the signal-propagation records, one row
+per model and depth, as the ``spp`` table holds them) and ``results.json`` (the runs with their
+histories and flags, the study members, the setups, under ``spp`` the spp rows, and under
+``export`` which snapshot of the store it is), each written to a temporary file and renamed into
+place, so a reader never sees half of one. A table cell of the report is the mean of
+``final_test_error`` over the runs of ``runs.csv`` that are ``done`` with an empty ``flag``,
+joined on ``run_id`` with the rows of ``studies.csv`` of its study, ``in_report``, label and x.
 
 One export is one snapshot: :func:`read_snapshot` reads every table in one read transaction
 (the caller's), so a run ``done`` in ``runs.csv`` has all its epochs in ``epochs.csv`` and the
@@ -26,7 +33,7 @@ import sqlite3
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from normlab.lab.outfiles import write_text
 from normlab.lab.store_open import DB_NAME, EPOCH_FIELDS
@@ -36,6 +43,8 @@ from normlab.lab.store_rows import (SPP_NUMBERS, epoch_row, member_x, numbers,
 _RUN_FIELDS = ("run_id", "status", "owner", "epochs", "epochs_done", "wall_time", "images_per_s",
                "device", "final_train_loss", "final_train_error", "final_test_loss",
                "final_test_error", "error", "created", "updated", "peak_memory_mb", "backend")
+#: the columns of studies.csv (and the keys of results.json's ``studies`` rows)
+STUDY_FIELDS = ("study", "preset", "setup", "in_report", "run_id", "label", "x", "registered")
 #: the columns of spp.csv (and the keys of results.json's ``spp`` rows): the ``spp`` table's
 SPP_FIELDS = ("model", "depth", "name", "avg_sq_mean", "avg_var", "residual_var", "expected_var",
               "architecture", "measured_on")
@@ -56,19 +65,23 @@ class Snapshot:
     store: str        # the store's id ("" for a store from before it had one)
 
 
-def read_snapshot(directory: Path, con: sqlite3.Connection,
-                  runs: list[dict[str, Any]]) -> Snapshot:
-    """The tables of the store ``con`` reads (call it inside one read transaction, ``runs`` as
-    :meth:`normlab.lab.store.Store.runs` read them in it)."""
+def read_snapshot(directory: Path, con: sqlite3.Connection, runs: list[dict[str, Any]],
+                  memberships: list[dict[str, Any]]) -> Snapshot:
+    """The tables of the store ``con`` reads (call it inside one read transaction, ``runs`` and
+    ``memberships`` as :meth:`normlab.lab.store.Store.runs` and ``memberships`` read them in
+    it)."""
     path = directory / DB_NAME
     epochs = [epoch_row(path, dict(r))
               for r in con.execute("SELECT * FROM epochs ORDER BY run_id, epoch")]
     spp = [numbers(path, f"signal-propagation model {r['model']!r}",
                    {k: r[k] for k in SPP_FIELDS}, SPP_NUMBERS)
            for r in con.execute("SELECT * FROM spp ORDER BY model, depth")]
-    # x as the number (or text) it is, as `ls` and the report read it, not its JSON text
-    members = [{**dict(r), "x": member_x(path, r["study"], r["run_id"], r["x"])}
-               for r in con.execute("SELECT * FROM study_runs ORDER BY study")]
+    # x as the number (or text) it is, as `ls` and the report read it, not its JSON text; the
+    # setup each member counts in, and whether the report's section shows it
+    members = sorted(({"study": m["study"], "preset": m["preset"], "setup": m["setup"],
+                       "in_report": m["current"], "run_id": m["run_id"], "label": m["label"],
+                       "x": m["x"], "registered": m["registered"]} for m in memberships),
+                     key=lambda m: m["study"])
     setups = [{**dict(r), "info": stored_setup_info(path, r["study"], r["info"])}
               for r in con.execute("SELECT * FROM setups ORDER BY study, registered")]
     meta: dict[str, Any] = {}
@@ -81,22 +94,31 @@ def read_snapshot(directory: Path, con: sqlite3.Connection,
                     store if isinstance(store, str) and re.fullmatch("[0-9a-f]*", store) else "")
 
 
-def render_exports(snap: Snapshot) -> dict[str, str]:
-    """The text of each export (name -> text), ``results.json`` last."""
-    cfg_keys = sorted({k for r in snap.runs for k in r["config"]})
-    texts = {
-        "runs.csv": _csv([*_RUN_FIELDS, *(f"config.{k}" for k in cfg_keys)],
-                         [[r.get(k) for k in _RUN_FIELDS]
-                          + [_cell(r["config"].get(k)) for k in cfg_keys] for r in snap.runs]),
-        "epochs.csv": _csv(["run_id", "epoch", *EPOCH_FIELDS],
-                           [[e[k] for k in ("run_id", "epoch", *EPOCH_FIELDS)]
-                            for e in snap.epochs]),
-        "spp.csv": _csv(list(SPP_FIELDS), [[r[k] for k in SPP_FIELDS] for r in snap.spp]),
-    }
+def render_exports(snap: Snapshot,
+                   flag: Optional[Callable[[dict[str, Any]], Optional[str]]] = None
+                   ) -> dict[str, str]:
+    """The text of each export (name -> text), ``results.json`` last. ``flag(run)``: why a
+    finished run (with its ``history``) is left out of the report's means, or None
+    (:func:`normlab.lab.analysis.run_flag`); without it the ``flag`` column is empty."""
     by_run: dict[str, list] = {}
     for e in snap.epochs:
         by_run.setdefault(e["run_id"], []).append({k: v for k, v in e.items() if k != "run_id"})
-    doc = {"runs": [{**r, "history": by_run.get(r["run_id"], [])} for r in snap.runs],
+    runs = [{**r, "history": by_run.get(r["run_id"], [])} for r in snap.runs]
+    for r in runs:
+        r["flag"] = (flag(r) if flag and r["status"] == "done" else None) or ""
+    cfg_keys = sorted({k for r in snap.runs for k in r["config"]})
+    texts = {
+        "runs.csv": _csv([*_RUN_FIELDS, "flag", *(f"config.{k}" for k in cfg_keys)],
+                         [[r.get(k) for k in (*_RUN_FIELDS, "flag")]
+                          + [_cell(r["config"].get(k)) for k in cfg_keys] for r in runs]),
+        "epochs.csv": _csv(["run_id", "epoch", *EPOCH_FIELDS],
+                           [[e[k] for k in ("run_id", "epoch", *EPOCH_FIELDS)]
+                            for e in snap.epochs]),
+        "studies.csv": _csv(list(STUDY_FIELDS), [[m[k] for k in STUDY_FIELDS]
+                                                 for m in snap.members]),
+        "spp.csv": _csv(list(SPP_FIELDS), [[r[k] for k in SPP_FIELDS] for r in snap.spp]),
+    }
+    doc = {"runs": runs,
            "studies": snap.members, "setups": snap.setups, "spp": snap.spp,
            "export": {"generation": snap.generation, "store": snap.store}}
     texts["results.json"] = json.dumps(doc, indent=1, sort_keys=True, default=str)

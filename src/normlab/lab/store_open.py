@@ -23,7 +23,7 @@ __all__ = ["StoreError", "unwritable", "DB_NAME", "EXPORTS", "EPOCH_FIELDS"]
 
 DB_NAME = "results.sqlite"
 #: the exports written beside the store (:meth:`Store.export`)
-EXPORTS = ("runs.csv", "epochs.csv", "spp.csv", "results.json")
+EXPORTS = ("runs.csv", "epochs.csv", "studies.csv", "spp.csv", "results.json")
 _T = TypeVar("_T")
 #: the per-epoch metrics, in the order of the ``epochs`` table and ``epochs.csv``
 EPOCH_FIELDS = ("train_loss", "train_error", "test_loss", "test_error", "lr", "wall_time",
