@@ -550,3 +550,24 @@ def test_single_runs_on_other_data_stay_one_list(tmp_path):
             s.register("train", "single", [(rid, "bn", 32)])
         assert [r["run_id"] for r in s.study_runs("train")] == ["a", "b"]
         assert all(m["current"] for m in s.memberships())
+
+
+def test_a_rerun_on_a_cpu_of_a_study_run_on_a_gpu_says_so(tmp_path):
+    # a results directory copied from a GPU machine to a CPU one: device "auto" is another
+    # run there (another setup), so a re-run trains every point again, and its note told the
+    # two setups apart by nothing ("earlier: setup 6c1f2a9e; now: setup 0b7d3e41")
+    from normlab.lab.run import left_out_of_report
+    from normlab.lab.studies import get_study
+
+    st = get_study("norms")
+    pts = st.points({"epochs": 1}, "quick", 1)
+    with Store(tmp_path) as s:  # as the GPU machine stored them (its setup id was its own)
+        s.register(st.name, "quick", [(f"gpu{i}", p.label, p.x) for i, p in enumerate(pts)],
+                   setup="setup-on-the-gpu-machine")
+        for i, p in enumerate(pts):
+            s.claim(f"gpu{i}", p.cfg.to_dict())
+            s.record_epochs(f"gpu{i}", [{"epoch": 0, "test_error": 5.0}],
+                            {"device": "cuda:NVIDIA H100 80GB HBM3"})
+            s.finish(f"gpu{i}")
+        n, how = left_out_of_report(s, st.name, "quick", pts, st.protocol(1))
+    assert (n, how) == (len(pts), "earlier: ran on cuda; now: ran on cpu")

@@ -37,7 +37,8 @@ from normlab.lab.spp_verdicts import spp_section
 from normlab.lab.store import Store, StoreError, unwritable
 from normlab.lab.studies import STUDIES, Study
 from normlab.lab.summary import (config_values, precise_bn_note, precise_bn_text,
-                                  emulated_devices, setup_differences, summary_lines)
+                                  device_kind, emulated_devices, setup_differences,
+                                  summary_lines)
 
 # the verdict names and rules are analysis.py's, re-exported for the report's readers
 __all__ = ["verdict", "write_report", "print_report", "check_report_places", "Z", "SD_FLOOR", "SD_ONE_SEED",
@@ -253,10 +254,11 @@ def _earlier_setups_lines(store: Store, study: str) -> list[str]:
     for m in members:
         g = groups.setdefault((m["preset"], m["setup"], m["current"]), {
             "configs": [], "runs": set(), "preset": m["preset"], "setup": m["setup"],
-            "devices": emulated_devices(m["protocol"])})
+            "devices": emulated_devices(m["protocol"]), "ran_on": set()})
         r = store.run(m["run_id"])
         if r is not None:
             g["configs"].append(r["config"])
+            g["ran_on"] |= {device_kind(r.get("device"))} - {None}
         g["runs"].add(m["run_id"])
     earlier = {k: g for k, g in groups.items() if not k[2] and g["runs"] - current}
     if not earlier:

@@ -26,7 +26,7 @@ from normlab.lab.report import check_report_places, print_report
 from normlab.lab.runner import Counts, run_distributed, run_inline, run_parallel
 from normlab.lab.store import Store
 from normlab.lab.studies import Point, Study
-from normlab.lab.summary import emulated_devices, setup_differences
+from normlab.lab.summary import device_kind, emulated_devices, setup_differences
 
 __all__ = ["run_study", "run_single", "device_of", "jobs_for"]
 
@@ -61,13 +61,14 @@ def left_out_of_report(store: Store, study: str, preset: str, points: list,
     gone = {m["run_id"] for m in now} - {p.cfg.run_id() for p in points}
     if not gone:
         return 0, ""
-    earlier = [r["config"] for r in map(store.run, {m["run_id"] for m in now}) if r]
+    earlier = [r for r in map(store.run, {m["run_id"] for m in now}) if r]
     texts = setup_differences({
-        "earlier": {"configs": earlier, "preset": now[0]["preset"], "setup": now[0]["setup"],
-                    "devices": emulated_devices(now[0]["protocol"])},
+        "earlier": {"configs": [r["config"] for r in earlier], "preset": now[0]["preset"],
+                    "setup": now[0]["setup"], "devices": emulated_devices(now[0]["protocol"]),
+                    "ran_on": {device_kind(r.get("device")) for r in earlier} - {None}},
         "now": {"configs": [p.cfg.to_dict() for p in points], "preset": preset,
-                "setup": points[0].setup,
-                "devices": emulated_devices(protocol or {})}})
+                "setup": points[0].setup, "devices": emulated_devices(protocol or {}),
+                "ran_on": {p.cfg.identity()["device"] for p in points}}})
     return len(gone), f"earlier: {texts['earlier']}; now: {texts['now']}"
 
 

@@ -43,7 +43,7 @@ from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES, Study
 
 __all__ = ["summary_lines", "SUMMARY_STUDIES", "config_values", "setup_differences",
-           "emulated_devices"]
+           "emulated_devices", "device_kind"]
 
 #: studies whose series are normalizations and whose x is the batch per process (stats-batch:
 #: BN's statistics batch), in the order the summary shows them (``Study.answer`` "per_x")
@@ -173,13 +173,24 @@ def emulated_devices(protocol: dict[str, Any]) -> int:
     return k
 
 
+def device_kind(recorded: Any) -> Optional[str]:
+    """The kind of device a run's recorded ``device`` names (``cuda:NVIDIA H100`` -> ``cuda``,
+    ``cpu (2 cores, 1 threads)`` -> ``cpu``); None when it recorded none."""
+    if not isinstance(recorded, str) or not recorded.strip():
+        return None
+    return recorded.strip().split(":", 1)[0].split(" ", 1)[0]
+
+
 def setup_differences(groups: dict[Hashable, dict[str, Any]]) -> dict[Hashable, str]:
     """What tells each setup of a study from the others, as plain text (``data synthetic,
     epochs 1``): ``groups`` maps a key to ``{"configs": [run configs], "preset": ...,
-    "devices": ..., "setup": id}``; a key the configs differ in is named with its values in
-    this group (a key missing from a stored config reads as its default), and the preset and
-    emulated devices where those differ. A group told from the others by nothing of that
-    (its runs not claimed yet, say) is named by its setup id."""
+    "devices": ..., "setup": id, "ran_on": {"cpu"}}``; a key the configs differ in is named
+    with its values in this group (a key missing from a stored config reads as its default),
+    and the preset and emulated devices where those differ, and the kind of device the runs
+    ran on (``ran_on``, optional: ``device`` "auto" is a run on the GPU where there is one, so
+    a store copied from a GPU machine to a CPU one holds another setup than a re-run there). A
+    group told from the others by nothing of that (its runs not claimed yet, say) is named by
+    its setup id."""
     defaults = RunConfig().to_dict()
     vals: dict[Hashable, dict[str, set]] = {}
     for key, g in groups.items():
@@ -196,6 +207,8 @@ def setup_differences(groups: dict[Hashable, dict[str, Any]]) -> dict[Hashable, 
               and not (devices_differ and k in _BY_DEVICES)]
     if any(k not in _POINT_KEYS for k in differ):
         differ = [k for k in differ if k not in _POINT_KEYS]
+    ran_on_differ = "device" not in differ and len(
+        {frozenset(g["ran_on"]) for g in groups.values() if g.get("ran_on")}) > 1
     out = {}
     for key, g in groups.items():
         parts = []
@@ -205,6 +218,8 @@ def setup_differences(groups: dict[Hashable, dict[str, Any]]) -> dict[Hashable, 
             parts.append(f"devices {g.get('devices')}")
         if g["configs"] and len(known) > 1:
             parts += [f"{k} {' / '.join(_in_order(vals[key].get(k, ())))}" for k in differ]
+        if ran_on_differ and g.get("ran_on"):
+            parts.append(f"ran on {' / '.join(sorted(g['ran_on']))}")
         out[key] = ", ".join(parts) or f"setup {str(g.get('setup') or '-')[:8]}"
     return out
 

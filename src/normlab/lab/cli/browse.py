@@ -19,7 +19,8 @@ from normlab.lab.progress import console, literal, say
 from normlab.lab.report import print_report
 from normlab.lab.store import Store
 from normlab.lab.studies import STUDIES
-from normlab.lab.summary import emulated_devices, precise_bn_note, setup_differences
+from normlab.lab.summary import (device_kind, emulated_devices, precise_bn_note,
+                                  setup_differences)
 from normlab.models import list_models
 from normlab.models.timm_models import timm_status
 
@@ -102,7 +103,7 @@ def _print_runs(out: Path) -> None:
         emulated: dict[str, set] = {}  # run_id -> the devices its setups emulated
         runs = store.runs()
         memberships = store.memberships()
-        earlier = _earlier_setups(memberships, {r["run_id"]: r["config"] for r in runs})
+        earlier = _earlier_setups(memberships, {r["run_id"]: r for r in runs})
         for m in memberships:
             points, _ = member.setdefault(m["run_id"], ({}, m["label"]))
             key = f"{m['study']}@{_fmt_x(m['x'])}"  # the run's point, as the report names it
@@ -138,7 +139,7 @@ def _print_runs(out: Path) -> None:
     (console if console.is_terminal else Console(width=200)).print(table)
 
 
-def _earlier_setups(memberships: list[dict], configs: dict[str, dict]) -> dict[tuple, str]:
+def _earlier_setups(memberships: list[dict], runs: dict[str, dict]) -> dict[tuple, str]:
     """(study, preset, setup) -> what tells that setup of the study from its others
     (:func:`normlab.lab.summary.setup_differences`: ``data digits, epochs 1``), so that the
     runs of two earlier setups, or an earlier one and the report's, can be told apart."""
@@ -146,10 +147,11 @@ def _earlier_setups(memberships: list[dict], configs: dict[str, dict]) -> dict[t
     for m in memberships:
         g = groups.setdefault(m["study"], {}).setdefault(
             (m["study"], m["preset"], m["setup"]),
-            {"configs": [], "preset": m["preset"], "setup": m["setup"],
+            {"configs": [], "preset": m["preset"], "setup": m["setup"], "ran_on": set(),
              "devices": emulated_devices(m["protocol"])})
-        if m["run_id"] in configs:
-            g["configs"].append(configs[m["run_id"]])
+        if m["run_id"] in runs:
+            g["configs"].append(runs[m["run_id"]]["config"])
+            g["ran_on"] |= {device_kind(runs[m["run_id"]].get("device"))} - {None}
     return {key: text for study in groups.values()
             for key, text in setup_differences(study).items()}
 
