@@ -571,3 +571,30 @@ def test_a_rerun_on_a_cpu_of_a_study_run_on_a_gpu_says_so(tmp_path):
             s.finish(f"gpu{i}")
         n, how = left_out_of_report(s, st.name, "quick", pts, st.protocol(1))
     assert (n, how) == (len(pts), "earlier: ran on cuda; now: ran on cpu")
+
+
+def test_runs_of_an_earlier_presets_settings_are_not_pooled_into_one_setup(tmp_path):
+    # a setup id hashes the user's choices only: after an upgrade whose quick preset no longer
+    # sets train_limit 640, `reproduce --quick` on the same options registered its new runs in
+    # the setup of the old ones, and the report's BN at 32 was one mean over a run on 640
+    # images and one on all of them, both "seed 0" (n=2). A run stored by the earlier normlab
+    # with the same settings (its config lacking the keys added since) still counts.
+    old = {"model": "resnet20", "norm": "bn", "batch_size": 32, "data": "digits", "epochs": 2,
+           "device": "cpu", "label": "BN"}
+    new = {**old, "device": "auto", "optimizer": "sgd", "precise_bn": 0, "world_size": 1,
+           "threads": 1}
+    with Store(tmp_path) as s:
+        runs = [("old640", {**old, "train_limit": 640, "seed": 0}, 4.0),
+                ("old-seed1", {**old, "seed": 1}, 6.0),
+                ("new", {**new, "seed": 0}, 5.0)]
+        for rid, cfg, err in runs:
+            s.claim(rid, cfg)
+            s.record_epochs(rid, [{"epoch": 0, "test_error": err}], {})
+            s.finish(rid)
+        for rid, _, _ in runs:
+            s.register("batch-size", "quick", [(rid, "BN", 32)], setup="S")
+            time.sleep(0.01)
+        stats = point_stats(s.study_runs("batch-size"))
+        current = {m["run_id"]: m["current"] for m in s.memberships()}
+    assert stats[("BN", 32)]["values"] == [6.0, 5.0], stats
+    assert current == {"old640": False, "old-seed1": True, "new": True}

@@ -60,6 +60,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
+from normlab.lab.config import RunConfig
 from normlab.lab.owners import HEARTBEAT_S, _me, _my_start, _owner_alive, stale_after_s
 from normlab.lab.outfiles import a_file, a_folder, not_a_link
 from normlab.lab.store_export import place_exports, read_snapshot, render_exports
@@ -387,15 +388,24 @@ class Store:
             out.setdefault(d.pop("model"), []).append(d)
         return out
 
+    def _run_dict(self, row: sqlite3.Row) -> dict[str, Any]:
+        """A ``runs`` row with its JSON parsed, every value checked
+        (:mod:`normlab.lab.store_rows`)."""
+        d = numbers(self.path, f"run {row['run_id']!r}", dict(row), RUN_NUMBERS)
+        d["config"] = run_config(self.path, d["run_id"], d["config"])
+        d["versions"] = json_object(self.path, f"run {d['run_id']!r}", "versions",
+                                    d.get("versions"), empty=True)
+        return d
+
     @_names_damage
     def run(self, run_id: str) -> Optional[dict[str, Any]]:
         row = self.con.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
-        return _run_dict(self.path, row) if row else None
+        return self._run_dict(row) if row else None
 
     @_names_damage
     def runs(self, status: Optional[str] = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM runs" + (" WHERE status=?" if status else "") + " ORDER BY created"
-        return [_run_dict(self.path, r) for r in self.con.execute(q, (status,) if status else ())]
+        return [self._run_dict(r) for r in self.con.execute(q, (status,) if status else ())]
 
     @_names_damage
     def epochs(self, run_id: str) -> list[dict[str, Any]]:
@@ -441,30 +451,37 @@ class Store:
 
     def _members(self, study: Optional[str] = None) -> list[dict[str, Any]]:
         """The ``study_runs`` rows (of ``study``, or all), oldest registered first, each with
-        the setup it counts in: its own, or for a row registered before setups were kept (setup
-        '' with no setup info stored, any study but the single runs of ``normlab train``) one
-        derived from its run's config (:func:`_legacy_setup`), so that such a store's study run
-        on digits and then on synthetic is two setups, as it would be now, not one table
-        pooling both."""
+        the setup it counts in. A setup id hashes the user's choices only, so one setup can
+        hold runs whose settings differ: those an earlier normlab trained with another preset
+        (the quick preset's ``train_limit`` 640 of its day), or, in a store written before
+        setups were kept (every row's setup ''), the study's runs on other data or epochs. Its
+        runs whose settings (:func:`_settings`) are not those of the run registered last count
+        in a setup of their own, ``<setup>~<their settings' hash>``, so that no table pools
+        them (the single runs of ``normlab train``, setup '', are one list and stay one)."""
         rows = [dict(r) for r in self.con.execute(
             "SELECT s.study, s.preset, s.run_id, s.label, s.x, s.setup, s.registered, "
             "r.config FROM study_runs s LEFT JOIN runs r ON r.run_id = s.run_id"
             + (" WHERE s.study=?" if study is not None else "")
             + " ORDER BY s.registered, s.study, s.run_id", (study,) if study is not None else ())]
-        kept = {(r[0], r[1]) for r in self.con.execute(  # '' registered with info: a setup
-            "SELECT study, preset FROM setups WHERE setup=''")}
-        legacy = [m for m in rows if m["setup"] == "" and m["study"] != SINGLE_RUNS
-                  and (m["study"], m["preset"]) not in kept]
         by_time: dict[tuple, str] = {}  # one invocation registered its points at one time
-        for m in legacy:
-            if m["config"] is not None:
-                m["setup"] = _legacy_setup(run_config(self.path, m["run_id"], m["config"]))
-                by_time.setdefault((m["study"], m["preset"], m["registered"]), m["setup"])
-        for m in legacy:  # registered, never claimed: the setup of the points beside it
-            if m["config"] is None:
-                m["setup"] = by_time.get((m["study"], m["preset"], m["registered"]), "legacy")
         for m in rows:
-            del m["config"]
+            if m["config"] is not None and m["study"] != SINGLE_RUNS:
+                m["settings"] = _settings(run_config(self.path, m["run_id"],
+                                                     m.pop("config")))
+                by_time.setdefault((m["study"], m["preset"], m["setup"], m["registered"]),
+                                   m["settings"])
+        for m in rows:  # registered, never claimed: the settings of the points beside it
+            m.pop("config", None)
+            if "settings" not in m:
+                m["settings"] = by_time.get((m["study"], m["preset"], m["setup"],
+                                             m["registered"]))
+        latest = {(m["study"], m["preset"], m["setup"]): m["settings"] for m in rows
+                  if m["settings"] is not None}  # oldest first: the last one registered wins
+        for m in rows:
+            ref = latest.get((m["study"], m["preset"], m["setup"]))
+            if m["settings"] is not None and ref is not None and m["settings"] != ref:
+                m["setup"] = f"{m['setup']}~{m['settings']}"
+            del m["settings"]
         return rows
 
     @staticmethod
@@ -560,29 +577,32 @@ class Store:
 
 #: the study of ``normlab train``'s single runs, registered with setup '' (no table pools them)
 SINGLE_RUNS = "train"
-#: the config keys a study varies from point to point (series, axis, seeds), which a setup
-#: registered before setups were kept is not told apart by (:func:`_legacy_setup`)
+#: the config keys a study varies from point to point (series, axis, seeds), and those whose
+#: stored text may differ for one run (device "auto" / "cpu", a relative data_dir): not a
+#: run's settings (:func:`_settings`; the setup id holds the user's choices of the latter)
 _PER_POINT = ("model", "norm", "norm_kwargs", "model_kwargs", "ws", "batch_size", "lr", "agc",
-              "seed", "label", "threads")
+              "seed", "label", "threads", "device", "data_dir")
+_DEFAULTS = RunConfig().to_dict()
 
 
-def _legacy_setup(config: dict[str, Any]) -> str:
-    """The setup of a study member registered before setups were kept: ``legacy-`` and a hash
-    of its run's config less the keys a study varies per point (:data:`_PER_POINT`), so
-    runs on other data, epochs or ``--set`` values are other setups (a study whose series
-    differ in the model, the nf study's, stays one)."""
-    kept = {k: v for k, v in config.items() if k not in _PER_POINT}
+def _settings(config: dict[str, Any]) -> str:
+    """A hash of a run's settings: its config less the keys a study varies per point
+    (:data:`_PER_POINT`), a key a stored config lacks (written before it existed) read as its
+    default, 1 and 1.0 one number, milestones in order. Runs of one setup of a study have
+    the same settings unless an earlier normlab's preset or a store from before setups were
+    kept put other ones there (:meth:`Store._members`)."""
+    kept = {}
+    for k in sorted((set(config) | set(_DEFAULTS)) - set(_PER_POINT)):
+        v = config.get(k, _DEFAULTS.get(k))
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if k == "milestones" and isinstance(v, list):
+            v = sorted(v, key=str)
+        kept[k] = v
     blob = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
-    return "legacy-" + hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
-def _run_dict(path: Path, row: sqlite3.Row) -> dict[str, Any]:
-    """A ``runs`` row with its JSON parsed, every value checked (:mod:`normlab.lab.store_rows`)."""
-    d = numbers(path, f"run {row['run_id']!r}", dict(row), RUN_NUMBERS)
-    d["config"] = run_config(path, d["run_id"], d["config"])
-    d["versions"] = json_object(path, f"run {d['run_id']!r}", "versions", d.get("versions"),
-                                empty=True)
-    return d
 
 
 @contextlib.contextmanager

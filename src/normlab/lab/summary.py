@@ -207,6 +207,9 @@ def setup_differences(groups: dict[Hashable, dict[str, Any]]) -> dict[Hashable, 
               and not (devices_differ and k in _BY_DEVICES)]
     if any(k not in _POINT_KEYS for k in differ):
         differ = [k for k in differ if k not in _POINT_KEYS]
+    ran = [frozenset(g.get("ran_on") or ()) for g in known]
+    if "device" in differ and len(set(ran)) == 1 and ran[0]:  # "auto" and "cpu", both on the
+        differ.remove("device")  # CPU: one device (the run ids agree)
     ran_on_differ = "device" not in differ and len(
         {frozenset(g["ran_on"]) for g in groups.values() if g.get("ran_on")}) > 1
     out = {}
