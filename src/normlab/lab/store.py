@@ -90,6 +90,7 @@ class Store:
         self.dir = Path(out_dir)
         self.path = self.dir / DB_NAME
         self.read_only = read_only
+        self._checked: set[tuple[Any, Any]] = set()  # (run_id, config text) checked (_config)
         if (read_only or not create) and self.dir.name == DB_NAME and self.dir.is_file():
             raise StoreError(f"{str(self.dir)!r} is the store file, not its output directory",
                              hint=f"pass its directory: {str(self.dir.parent)!r}")
@@ -392,10 +393,20 @@ class Store:
         """A ``runs`` row with its JSON parsed, every value checked
         (:mod:`normlab.lab.store_rows`)."""
         d = numbers(self.path, f"run {row['run_id']!r}", dict(row), RUN_NUMBERS)
-        d["config"] = run_config(self.path, d["run_id"], d["config"])
+        d["config"] = self._config(d["run_id"], d["config"])
         d["versions"] = json_object(self.path, f"run {d['run_id']!r}", "versions",
                                     d.get("versions"), empty=True)
         return d
+
+    def _config(self, run_id: Any, raw: Any) -> dict[str, Any]:
+        """A run's stored config, parsed (a new dict each time) and checked
+        (:func:`normlab.lab.store_rows.run_config`) once per text while the store is open: a
+        report reads every run's config many times over."""
+        if (run_id, raw) not in self._checked:
+            config = run_config(self.path, run_id, raw)
+            self._checked.add((run_id, raw))
+            return config
+        return json.loads(raw)
 
     @_names_damage
     def run(self, run_id: str) -> Optional[dict[str, Any]]:
@@ -466,8 +477,7 @@ class Store:
         by_time: dict[tuple, str] = {}  # one invocation registered its points at one time
         for m in rows:
             if m["config"] is not None and m["study"] != SINGLE_RUNS:
-                m["settings"] = _settings(run_config(self.path, m["run_id"],
-                                                     m.pop("config")))
+                m["settings"] = _settings(self._config(m["run_id"], m.pop("config")))
                 by_time.setdefault((m["study"], m["preset"], m["setup"], m["registered"]),
                                    m["settings"])
         for m in rows:  # registered, never claimed: the settings of the points beside it
