@@ -324,3 +324,39 @@ def test_the_terminal_says_an_open_claims_seeds_and_why_no_count_as_the_report_d
     md = write_report(tmp_path)[0].read_text()  # the report's words for the same claims
     assert "| BN beats no normalization | **inconclusive** |" in md
     assert "| 1-2; unknown how many would decide it (a point has one seed: no spread) |" in md
+
+
+def test_rounds_judge_their_own_setup_while_another_process_runs_the_study_on_another(
+        tmp_path):
+    # two `reproduce norms` into one --out, on two setups: the rounds read "the setup
+    # registered last", which was the other process's once it registered, so this study's
+    # seeds were added (or not) and its claims called from the other setup's numbers
+    study = get_study("norms")
+    store = Store(tmp_path)
+    trained = []
+    run = _fake_run(store, trained)
+    other = study.points({"epochs": 3}, "quick", 3)  # no normalization best there
+    OTHER = {"BN": 10.0, "GN": 20.0, "LN": 30.0, "IN": 40.0, "none": 1.0}
+
+    def run_while_another_registers(points):
+        counts = run(points)
+        if not trained[len(points):]:  # once: the other process registers, trains, ends
+            with Store(tmp_path) as s:
+                s.register(study.name, "quick", [(p.cfg.run_id(), p.label, p.x) for p in other],
+                           setup=other[0].setup)
+                for p in other:
+                    s.claim(p.cfg.run_id(), p.cfg.to_dict())
+                    err = OTHER[p.label] + 0.1 * p.cfg.seed  # every claim decided there
+                    s.record_epochs(p.cfg.run_id(), [{"epoch": 0, "train_loss": 0.1,
+                                                      "test_error": err}], {})
+                    s.finish(p.cfg.run_id())
+        return counts
+
+    rec = run_with_power(study, "quick", store, lambda at: study.points({}, "quick", seeds_at=at),
+                         run_while_another_registers, max_seeds=6)
+    decided = {c["claim"]: c["verdict"] for c in rec["decided"]}
+    assert decided["BN beats no normalization"] == "reproduced", rec  # this setup's numbers
+    assert rec["runs_added"] > 0  # its own claims were open at one seed
+    assert store.setup_info("norms", "quick").get("power", {}).get("runs_added") == \
+        rec["runs_added"]
+    store.close()

@@ -94,7 +94,7 @@ def run_with_power(
     setup = points[0].setup if points else ""
     _register(store, study, preset, points, setup, info)
     registered()
-    earlier = store.setup_info(study.name, preset).get("power", {})
+    earlier = store.setup_info(study.name, preset, setup).get("power", {})
     looks = _looks(study, points, max_seeds, budget_runs, budget_minutes, earlier.get("looks"))
     level = level_for(looks)  # fixed, and stored, before the first look: an interrupted study's
     store.update_setup_info(study.name, preset, setup,  # report judges at it too
@@ -103,9 +103,9 @@ def run_with_power(
     deadline = None if budget_minutes is None else t0 + 60.0 * budget_minutes
     rounds, added, stopped = _rounds(study, preset, store, points, points_for, run, counts,
                                      setup, level, max_seeds, budget_runs, deadline, clock)
-    if stopped == "decided" and _no_claim_run(store, study, preset, level):
+    if stopped == "decided" and _no_claim_run(store, study, preset, setup, level):
         stopped = "no-claim"
-    open_claims, decided = _claims_at_end(store, study, preset, level)
+    open_claims, decided = _claims_at_end(store, study, preset, setup, level)
     record = {"rounds": rounds, "runs_added": added, "before": _before(earlier),
               "stopped": stopped,
               "budget_runs": budget_runs, "budget_minutes": budget_minutes,
@@ -128,7 +128,7 @@ def _rounds(study: Study, preset: str, store: Store, points: list[Point],
     targets: dict[tuple, int] = {}
     added, rounds = 0, 0
     while True:
-        runs = store.study_runs(study.name, preset)
+        runs = store.study_runs(study.name, preset, setup)  # its own: not another process's
         claims = _wanted(runs, study, max_seeds, targets, level)
         if not claims:
             return rounds, added, "decided"
@@ -231,19 +231,19 @@ def _new_points(known: set[str], candidates: list[Point], want: dict[tuple, int]
     return [p for p in candidates if (p.label, p.x) in want and p.cfg.run_id() not in known]
 
 
-def _no_claim_run(store: Store, study: Study, preset: str, level: Level) -> bool:
+def _no_claim_run(store: Store, study: Study, preset: str, setup: str, level: Level) -> bool:
     """Whether every claim of the study lacks a run of one of its points (the series the user
     picked leave each claim "not run"): the rounds then had nothing to add seeds to."""
-    stats = point_stats(store.study_runs(study.name, preset))
+    stats = point_stats(store.study_runs(study.name, preset, setup))
     return all(c["verdict"] == NOT_RUN for c in claims_status(study, stats, level))
 
 
-def _claims_at_end(store: Store, study: Study, preset: str, level: Level
+def _claims_at_end(store: Store, study: Study, preset: str, setup: str, level: Level
                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(open, decided): the study's inconclusive claims with the seeds they have and need, and
     those with a verdict (reproduced or not) with the seeds they had (the most and the fewest
     among a claim's points)."""
-    stats = point_stats(store.study_runs(study.name, preset))
+    stats = point_stats(store.study_runs(study.name, preset, setup))
     status = claims_status(study, stats, level)
     return ([{"claim": c["text"], "seeds": c["seeds"], "fewest_seeds": c["fewest_seeds"],
               "seeds_needed": c["seeds_needed"]}

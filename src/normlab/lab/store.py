@@ -238,13 +238,15 @@ class Store:
                   "VALUES (?, ?, ?, ?, ?)",
                   (study, preset, setup, json.dumps(merged, sort_keys=True, default=str), now))
 
-    def setup_info(self, study: str, preset: Optional[str] = None) -> dict[str, Any]:
-        """What the store keeps about the setup :meth:`study_runs` reads (the latest one):
-        ``protocol`` (:meth:`normlab.lab.studies.Study.protocol`: devices, SGD batch, lr rule,
-        where the statistics run), ``power`` (the power rounds: seeds added, budget, why they
-        stopped); ``{}`` for a study registered without it."""
+    def setup_info(self, study: str, preset: Optional[str] = None,
+                   setup: Optional[str] = None) -> dict[str, Any]:
+        """What the store keeps about the setup :meth:`study_runs` reads (the latest one, or
+        ``setup``): ``protocol`` (:meth:`normlab.lab.studies.Study.protocol`: devices, SGD
+        batch, lr rule, where the statistics run), ``power`` (the power rounds: seeds added,
+        budget, why they stopped); ``{}`` for a study registered without it."""
         preset = preset or self._latest_preset(study)
-        latest = self._latest_setups(self._members(study)).get((study, preset))
+        latest = (setup if setup is not None
+                  else self._latest_setups(self._members(study)).get((study, preset)))
         if latest is None:
             return {}
         row = self.con.execute("SELECT info FROM setups WHERE study=? AND preset=? AND setup=?",
@@ -501,17 +503,19 @@ class Store:
         return {(m["study"], m["preset"]): m["setup"] for m in members}
 
     @_names_damage
-    def study_members(self, study: str, preset: Optional[str] = None) -> list[dict[str, Any]]:
+    def study_members(self, study: str, preset: Optional[str] = None,
+                      setup: Optional[str] = None) -> list[dict[str, Any]]:
         """Every run registered in what :meth:`study_runs` reads (the study's latest preset when
-        ``preset`` is None, on the setup registered last), as dicts with ``run_id``, ``label``,
-        ``x``, ``preset``; with the runs not claimed yet (a study stopped before it reached them),
-        which :meth:`study_runs` does not return."""
+        ``preset`` is None, on the setup registered last or ``setup``), as dicts with
+        ``run_id``, ``label``, ``x``, ``preset``; with the runs not claimed yet (a study stopped
+        before it reached them), which :meth:`study_runs` does not return."""
         if preset is None:
             preset = self._latest_preset(study)
             if preset is None:
                 return []
         members = [m for m in self._members(study) if m["preset"] == preset]
-        latest = self._latest_setups(members).get((study, preset))
+        latest = setup if setup is not None else self._latest_setups(members).get(
+            (study, preset))
         if latest is None:
             return []
         order: dict[Any, int] = {}  # members come oldest first: order by when registered
@@ -523,14 +527,16 @@ class Store:
                     order[m["registered"]], m["label"], m["run_id"]))]
 
     @_names_damage
-    def study_runs(self, study: str, preset: Optional[str] = None) -> list[dict[str, Any]]:
+    def study_runs(self, study: str, preset: Optional[str] = None,
+                   setup: Optional[str] = None) -> list[dict[str, Any]]:
         """The runs of a study (the latest registered preset when ``preset`` is None) on the
-        setup registered last for it (runs of the same study on other data, another model or
-        other overrides are not pooled with them), each with its ``label``, ``x``, ``config``
-        and ``history`` (list of epoch rows). A registered run not claimed yet has no row to
-        read: :meth:`study_members` lists it."""
+        setup registered last for it, or on ``setup`` (a study's own power rounds: another
+        process may register the study on another setup meanwhile); runs of the same study on
+        other data, another model or other overrides are not pooled with them. Each run has
+        its ``label``, ``x``, ``config`` and ``history`` (list of epoch rows). A registered run
+        not claimed yet has no row to read: :meth:`study_members` lists it."""
         out = []
-        for m in self.study_members(study, preset):
+        for m in self.study_members(study, preset, setup):
             r = self.run(m["run_id"])
             if r is None:
                 continue
