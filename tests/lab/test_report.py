@@ -648,3 +648,18 @@ def test_a_report_checks_each_stored_config_once(tmp_path, monkeypatch):
                         lambda path, rid, raw: checked.append(rid) or check(path, rid, raw))
     write_report(tmp_path)
     assert sorted(checked) == sorted(set(checked)) and len(checked) == 8, checked
+
+
+def test_the_single_runs_table_says_why_a_run_failed_and_which_was_interrupted(tmp_path):
+    # a `normlab train` run that raised, and one killed mid-training: the table said "failed"
+    # without why, and "running" for a run no process trains (a re-run resumes it)
+    with Store(tmp_path) as s:
+        for rid in ("broken", "killed"):
+            s.claim(rid, {"model": "resnet20", "norm": "bn", "data": "digits", "batch_size": 4,
+                          "epochs": 2, "seed": 0})
+            s.register("train", "single", [(rid, "bn", 4)])
+        s.finish("broken", "failed", "RuntimeError: CUDA error: an illegal memory access")
+        s.release("killed")
+    text = write_report(tmp_path)[0].read_text()
+    assert "| 0/2 | failed: RuntimeError: CUDA error: an illegal memory access | - |" in text, text
+    assert "| 0/2 | interrupted | - |" in text, text

@@ -346,8 +346,12 @@ def _single_runs_section(store: Store) -> list[str]:
         w = int(c.get("world_size", 1))
         batch = f"{c.get('batch_size')}" + (f" x {w} processes" if w > 1 else "")
         flag = run_flag(r) if r["status"] == "done" else None  # diverged, unconverged: say so
+        status = (f"done, {flag}" if flag else  # a failed run's why; a run nobody trains
+                  f"failed: {r['error']}" if r["status"] == "failed" and r.get("error") else
+                  "interrupted" if r["status"] == "running" and not store.in_training(r)
+                  else r["status"])  # resumes when its command is run again
         cells = [r["label"], c.get("model"), c.get("norm"), c.get("data"), batch, c.get("seed"),
-                 f"{r['epochs_done']}/{r['epochs']}", f"done, {flag}" if flag else r["status"],
+                 f"{r['epochs_done']}/{r['epochs']}", status,
                  ("-" if err is None else f"{err:.2f}") + precise_bn_note(c)]
         lines.append("| " + " | ".join(_md(v) for v in cells) + " |")  # stored text: inert
     return lines + [""]
