@@ -586,6 +586,7 @@ def test_the_section_names_the_earlier_setups_it_does_not_show(tmp_path):
             "setups (data digits, epochs 1: 4 runs; data synthetic, epochs 1: 4 runs; this "
             "section's: data synthetic, epochs 2).") in text, text
     assert "| BN | 30.00 (n=1) | 30.00 (n=1) |" in text, text  # the last setup's runs only
+    assert "with a setup's options and `--budget-runs 0` shows that setup here again" in text
     out = CliRunner().invoke(app, ["ls", str(tmp_path)], terminal_width=300).output
     for points, setup in ((digits, "data digits, epochs 1"),
                           (synthetic, "data synthetic, epochs 1")):

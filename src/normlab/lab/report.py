@@ -266,13 +266,14 @@ def _earlier_setups_lines(store: Store, study: str) -> list[str]:
     texts = setup_differences(groups)
     here = next((texts[k] for k in groups if k[2]), "")
     n = len(set().union(*(g["runs"] for g in earlier.values())) - current)
-    each = "; ".join(f"{_md(texts[k])}: {len(g['runs'] - current)} runs"
-                     for k, g in earlier.items())
+    runs = lambda k: len(earlier[k]["runs"] - current)  # noqa: E731
+    each = "; ".join(f"{_md(texts[k])}: {runs(k)} run{'s' if runs(k) > 1 else ''}"
+                     for k in earlier)
     return [f"Not in this section: {n} run{'s' if n > 1 else ''} of this study that the store "
             f"holds on {len(earlier)} earlier setup{'s' if len(earlier) > 1 else ''} ({each}; "
             f"this section's: {_md(here)}). `normlab ls` marks them; re-running the study "
-            "with a setup's options shows that setup here again (its finished runs are "
-            "skipped), and another `--out` keeps a report per setup.", ""]
+            "with a setup's options and `--budget-runs 0` shows that setup here again (its "
+            "finished runs are skipped), and another `--out` keeps a report per setup.", ""]
 
 
 def _study_section(store: Store, study: Study, fig_dir: Path) -> tuple[list[str], list[Path]]:
