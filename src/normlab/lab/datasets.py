@@ -50,7 +50,6 @@ class DataSplit:
         return int(self.x_train.shape[-1])
 
 
-
 def _standardize(xtr: Tensor, xte: Tensor) -> tuple[Tensor, Tensor]:
     """Both splits standardized per channel with the training split's statistics, in place: a
     copy held three of each split at once, 3x the documented memory while reading."""
@@ -182,7 +181,6 @@ def synthetic(n_train: int = 2000, n_test: int = 500, image_size: int = 16, chan
     info = {"n_train": n_train, "n_test": n_test, "image_size": s, "channels": channels,
             "num_classes": num_classes, "seed": seed, "noise": noise}
     return DataSplit("synthetic", xtr, ytr, xte, yte, num_classes, info)
-
 
 
 _IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",

@@ -55,8 +55,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-
-
 def run_device(cfg: RunConfig) -> torch.device:
     """The device this process trains ``cfg`` on: :func:`resolve_device`, and in a multi-process
     CUDA job this rank's GPU."""
@@ -103,8 +101,6 @@ def weight_standardize_(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, ws)
     return model
-
-
 
 
 def build_model(cfg: RunConfig, num_classes: int, in_chans: int, image_size: int = 32) -> nn.Module:
@@ -260,7 +256,6 @@ def agc_fn(cfg: RunConfig, model: nn.Module) -> Optional[Callable[[], None]]:
                                "layer (timm's convention) or name that layer fc; or drop "
                                "--set agc=... for this model") from None
     return lambda: adaptive_grad_clip_(params, cfg.agc, 1e-3)
-
 
 
 def autocast_fn(cfg: RunConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:

@@ -50,7 +50,6 @@ __all__ = ["summary_lines", "SUMMARY_STUDIES", "config_values", "setup_differenc
 SUMMARY_STUDIES = tuple(n for n, s in STUDIES.items() if s.answer == "per_x")
 
 
-
 def _cite(study: Study) -> str:
     """The paper's short citation: its source text up to the first parenthesis or colon."""
     src = study.paper_source
