@@ -1,6 +1,7 @@
 """The operator (normlab.functional.normalize) and its torch-signature wrappers, on the reference and
 native backends, against the float64 formula (tests/formula.py) and torch.nn.functional."""
 
+import contextlib
 import math
 import re
 
@@ -1125,28 +1126,10 @@ def test_torch_op_path_is_taken_only_where_native_would_run_that_op(monkeypatch)
     with normlab.use_backend("reference"):
         NF.rms_norm(x3, (8,))
     assert calls == [x4.shape, (2, 8, 4, 2), (2, 8, 1, 1), x4.shape, x4.shape] + [(32, 8)] * 4
-    replaced = []
-
-    class Native:  # a backend registered under native's name replaces it: it is called
-        name = "native"
-
-        def available(self):
-            return True
-
-        def unsupported_reason(self, *a):
-            return None
-
-        def normalize(self, x, *args, **kwargs):
-            replaced.append(x.shape)
-            return normlab.backends.get_backend("reference").normalize(x, *args, **kwargs)
-
-    builtin = _INSTANCES["native"]
-    register_backend("native", Native())
-    try:
+    # a backend registered under native's name replaces it: it is called
+    with _native_replaced() as replaced:
         NF.group_norm(x4, 4)
         NF.layer_norm(x3, (8,))
-    finally:
-        register_backend("native", builtin)
     assert replaced == [x4.shape, (32, 8)]
 
 
@@ -1241,27 +1224,9 @@ def test_batch_norm_training_op_path_is_taken_only_where_native_would_run_that_o
                      + [(4, 3, 2, 2)] * 2)  # (4 spatial dims: the operator flattens them)
     NF.batch_norm(x, rm, rv, None, None, False)  # eval: running statistics, never the operator
     assert len(calls) == 8
-    replaced = []
-
-    class Native:  # a backend registered under native's name replaces it: it is called
-        name = "native"
-
-        def available(self):
-            return True
-
-        def unsupported_reason(self, *a):
-            return None
-
-        def normalize(self, x, *args, **kwargs):
-            replaced.append(tuple(x.shape))
-            return normlab.backends.get_backend("reference").normalize(x, *args, **kwargs)
-
-    builtin = _INSTANCES["native"]
-    register_backend("native", Native())
-    try:
+    # a backend registered under native's name replaces it: it is called
+    with _native_replaced() as replaced:
         NF.batch_norm(x, rm, rv, None, None, True)
-    finally:
-        register_backend("native", builtin)
     assert replaced == [(4, 3, 2, 2)]
 
 
@@ -1282,3 +1247,31 @@ def test_batch_norm_training_op_path_keeps_the_operators_errors():
         NF.batch_norm(off_centre(1, 3, 1, 1), None, None, None, None, True)
     with pytest.raises(RuntimeError, match="running_var cannot have requires_grad"):
         NF.batch_norm(x, torch.zeros(3), torch.ones(3, requires_grad=True), None, None, True)
+
+
+@contextlib.contextmanager
+def _native_replaced():
+    """A backend registered under native's name for the block (the built-in one put back after):
+    it records each input shape it normalizes, into the list yielded, and computes with the
+    reference backend."""
+    replaced = []
+
+    class Native:
+        name = "native"
+
+        def available(self):
+            return True
+
+        def unsupported_reason(self, *a):
+            return None
+
+        def normalize(self, x, *args, **kwargs):
+            replaced.append(tuple(x.shape))
+            return normlab.backends.get_backend("reference").normalize(x, *args, **kwargs)
+
+    builtin = _INSTANCES["native"]
+    register_backend("native", Native())
+    try:
+        yield replaced
+    finally:
+        register_backend("native", builtin)

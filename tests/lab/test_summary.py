@@ -182,18 +182,7 @@ def test_the_groups_study_gets_its_answer_in_the_summary(tmp_path):
     and probability, and the paper's lowest (G = 32, 24.1; next C/G = 16, 24.2)."""
     errors = {("G", 32): [1.0, 1.4, 1.2], ("G", 1): [3.0, 3.5, 3.1],
               ("C/G", 16): [1.6, 2.0, 1.5], ("C/G", 1): [4.0, 4.4, 3.9]}
-    with Store(tmp_path) as s:
-        members = []
-        for (label, x), errs in errors.items():
-            for seed, err in enumerate(errs):
-                rid = f"{label}-{x}-{seed}"
-                kw = {"num_groups": x} if label == "G" else {"group_size": x}
-                s.claim(rid, {**BASE, "batch_size": 32, "seed": seed, "norm": "gn",
-                              "norm_kwargs": kw})
-                s.record_epochs(rid, [{"epoch": 0, "test_error": err}], {})
-                s.finish(rid)
-                members.append((rid, label, x))
-        s.register("groups", "default", members)
+    _groups_store(tmp_path, errors)
     text = write_report(tmp_path)[0].read_text()
     assert "No batch-size" not in text and "GN here is GroupNorm" not in text
     row = _row(text, "| **G = 32** 1.20 (n=3) | ")
@@ -319,6 +308,15 @@ def test_the_groups_paper_cell_ranks_the_settings_run_here(tmp_path):
     G = 8, 1 and C/G = 1 (here G = 8 lowest) read "G = 32 24.1, next C/G = 16 24.2 (here:
     G = 8)", a disagreement with settings never run. Now the paper's lowest of those run."""
     errors = {("G", 8): [1.0, 1.4], ("G", 1): [3.0, 3.5], ("C/G", 1): [4.0, 4.4]}
+    _groups_store(tmp_path, errors)
+    row = _row(write_report(tmp_path)[0].read_text(), "| **G = 8** 1.20 (n=2) | ")
+    assert row.endswith("| G = 8 24.4, next G = 1 25.3 (same as here; of the 3 of its settings "
+                        "run here) |"), row
+
+
+def _groups_store(tmp_path, errors):
+    """A store holding the groups study: a finished run per seed of each (label, x) in
+    ``errors`` (G: num_groups = x; C/G: group_size = x) at the error given."""
     with Store(tmp_path) as s:
         members = []
         for (label, x), errs in errors.items():
@@ -331,6 +329,3 @@ def test_the_groups_paper_cell_ranks_the_settings_run_here(tmp_path):
                 s.finish(rid)
                 members.append((rid, label, x))
         s.register("groups", "default", members)
-    row = _row(write_report(tmp_path)[0].read_text(), "| **G = 8** 1.20 (n=2) | ")
-    assert row.endswith("| G = 8 24.4, next G = 1 25.3 (same as here; of the 3 of its settings "
-                        "run here) |"), row
