@@ -505,11 +505,11 @@ def _reduce_rows(PDW, PDB, DW, DB, ROWS, C, ch0, ncols, CT, HAS_W: tl.constexpr,
                  HAS_B: tl.constexpr, BLOCK: tl.constexpr):
     """DW[c] = sum_r PDW[r, c] (and DB likewise) for the ncols channels from ch0, rows added in
     order 0..ROWS-1: deterministic, and the same sums wherever it runs. PDW, PDB: (ROWS, C)
-    float32 partials; DW, DB: (C,) in the weight's dtype (dummies when not HAS_W / HAS_B). The rows are read from
-    L2 (``.cg``): other programs of the same launch may have written them (``_fold_rows``).
-    ROW_UNROLL (8) rows per iteration, added one after another (the same order and bits as one
-    row per iteration; a row past ROWS adds an exact 0): their loads do not wait for each
-    other, so 132 rows (BatchNorm in channels_last split over a 132-SM GPU) cost 17 L2 round
+    float32 partials; DW, DB: (C,) in the weight's dtype (dummies when not HAS_W / HAS_B). The
+    rows are read from L2 (``.cg``): other programs of the same launch may have written them
+    (``_fold_rows``). ROW_UNROLL (8) rows per iteration, added one after another (the same order
+    and bits as one row per iteration; a row past ROWS adds an exact 0): their loads do not wait
+    for each other, so 132 rows (BatchNorm in channels_last split over a 132-SM GPU) cost 17 L2 round
     trips in sequence instead of 132."""
     for ct in range(0, CT):
         cols = ch0 + ct * BLOCK + tl.arange(0, BLOCK)

@@ -48,8 +48,8 @@ from normlab.models import canonical_model, check_norm, is_normalizer_free
 
 __all__ = [
     "ConfigError", "RunConfig", "parse_set", "apply_overrides", "load_config_file",
-    "DATASETS", "DATA_DIR_DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed", "out_of_memory",
-    "fits_in_memory", "MAX_SEEDS", "canonical_data", "field_types",
+    "DATASETS", "DATA_DIR_DATASETS", "SCHEDULES", "check_model_norm", "check_field", "check_seed",
+    "out_of_memory", "fits_in_memory", "MAX_SEEDS", "canonical_data", "field_types",
 ]
 
 #: seeds per point a study builds at most (``--seeds``, ``--max-seeds``): a bound on its run
@@ -509,7 +509,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], *, norm_flag: str = ""
                     ) -> RunConfig:
     """Return a copy of ``cfg`` with ``overrides`` applied (dotted keys go into dict fields; a
-    dict given for a dict field sets its keys and keeps the others) and validated. Ints are accepted where floats are expected.
+    dict given for a dict field sets its keys and keeps the others) and validated. Ints are
+    accepted where floats are expected.
 
     Normalizer-free models (``nf_*``) take no norm: a ``norm`` other than ``"none"`` among the
     ``overrides`` is a ConfigError whose hint names ``norm_flag`` (where the user set it, e.g.

@@ -41,8 +41,8 @@ from normlab.lab.summary import (config_values, precise_bn_note, precise_bn_text
                                   summary_lines)
 
 # the verdict names and rules are analysis.py's, re-exported for the report's readers
-__all__ = ["verdict", "write_report", "print_report", "check_report_places", "Z", "SD_FLOOR", "SD_ONE_SEED",
-           "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "NO_USABLE_RUN"]
+__all__ = ["verdict", "write_report", "print_report", "check_report_places", "Z", "SD_FLOOR",
+           "SD_ONE_SEED", "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "NO_USABLE_RUN"]
 
 
 def _fmt(s: Optional[dict], unfinished: str = "") -> str:
