@@ -509,8 +509,8 @@ def _reduce_rows(PDW, PDB, DW, DB, ROWS, C, ch0, ncols, CT, HAS_W: tl.constexpr,
     rows are read from L2 (``.cg``): other programs of the same launch may have written them
     (``_fold_rows``). ROW_UNROLL (8) rows per iteration, added one after another (the same order
     and bits as one row per iteration; a row past ROWS adds an exact 0): their loads do not wait
-    for each other, so 132 rows (BatchNorm in channels_last split over a 132-SM GPU) cost 17 L2 round
-    trips in sequence instead of 132."""
+    for each other, so 132 rows (BatchNorm in channels_last split over a 132-SM GPU) cost 17 L2
+    round trips in sequence instead of 132."""
     for ct in range(0, CT):
         cols = ch0 + ct * BLOCK + tl.arange(0, BLOCK)
         cm = ct * BLOCK + tl.arange(0, BLOCK) < ncols

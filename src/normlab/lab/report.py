@@ -42,7 +42,8 @@ from normlab.lab.summary import (config_values, precise_bn_note, precise_bn_text
 
 # the verdict names and rules are analysis.py's, re-exported for the report's readers
 __all__ = ["verdict", "write_report", "print_report", "check_report_places", "Z", "SD_FLOOR",
-           "SD_ONE_SEED", "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN", "NO_USABLE_RUN"]
+           "SD_ONE_SEED", "REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "NOT_RUN",
+           "NO_USABLE_RUN"]
 
 
 def _fmt(s: Optional[dict], unfinished: str = "") -> str:
@@ -396,8 +397,9 @@ def _markdown(store: Store, fig_dir: Path) -> str:
              f"{Z:g} normal standard errors ({critical(2):.1f} at 2 seeds per point, "
              f"{critical(4):.1f} at 3, {Z:g} with many; a study whose power rounds may look "
              "again after each added seed uses "
-             "the stricter level its section names); a claimed margin (\"at least 1 point\") is met when the whole interval, "
-             "the difference less t standard errors, clears it. "
+             "the stricter level its section names); a claimed margin (\"at least 1 point\") "
+             "is met when the whole interval, the difference less t standard errors, clears "
+             "it. "
              "The papers' numbers come from their own models and data (ImageNet ResNets "
              "for the GN, FRN, EvoNorm and NF papers, a small CNN on CIFAR-10 for BN + "
              "dropout); compare orderings, not values.", ""]
