@@ -614,7 +614,6 @@ def batch_norm(
     return normalize_fixed(input, running_mean, running_var, weight, bias, eps, activation, backend)
 
 
-
 def _batch_norm_training(input: Tensor, running_mean: Optional[Tensor],
                          running_var: Optional[Tensor], weight: Optional[Tensor],
                          bias: Optional[Tensor], momentum: float, eps: float,
@@ -650,6 +649,7 @@ def _native_runs_torchs_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Op
     return (x.dim() <= 5 and x.numel() > 0 and (running_mean is None) == (running_var is None)
             and _same_dtype(x, weight, bias, running_mean, running_var)
             and not _IS_TRACING() and not (IS_EXPORTING is not None and IS_EXPORTING()))
+
 
 def instance_norm(
     input: Tensor,
