@@ -557,11 +557,8 @@ class Store:
         one stays). ``flag(run)`` (a finished run with its ``history``; the lab passes
         :func:`normlab.lab.analysis.run_flag`) says why the report leaves a run out of its
         means, exported beside it."""
-        self.con.execute("BEGIN")  # deferred: the first read below fixes the snapshot
-        try:
+        with self.snapshot():
             snap = read_snapshot(self.dir, self.con, self.runs(), self.memberships())
-        finally:
-            self.con.execute("COMMIT")  # nothing written: ends the read
         texts = render_exports(snap, flag)
         with self._write_lock():
             return place_exports(self.dir, texts, snap)
@@ -617,8 +614,6 @@ def _settings(config: dict[str, Any]) -> str:
         kept[k] = v
     blob = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
-
-
 
 
 @contextlib.contextmanager
