@@ -103,6 +103,19 @@ def test_a_series_that_cannot_take_an_override_is_named():
     assert "num_groups" in str(e.value) and "--variants" in e.value.hint
 
 
+@pytest.mark.parametrize("model", ["resnet20", "timm:resnet18"])  # a normlab model, a timm one
+def test_a_model_without_the_options_a_study_varies_is_named_as_such(model):
+    # bn-dropout varies bn_dropout_cnn's dropout/bn_conv/bn_dense: --model resnet20 failed in the
+    # model builder, naming resnet20's own keywords and not what the study needs
+    with pytest.raises(ConfigError, match=f"study 'bn-dropout' varies model_kwargs bn_conv, "
+                                          f"bn_dense, dropout of its model 'bn_dropout_cnn', and "
+                                          f"model '{model}' does not take them") as e:
+        get_study("bn-dropout").points({"model": model}, "quick")
+    assert "drop --model" in e.value.hint
+    pts = get_study("bn-dropout").points({"model": "BN_Dropout_CNN"}, "quick")  # its own model
+    assert {p.cfg.model for p in pts} == {"bn_dropout_cnn"}
+
+
 def test_the_per_device_protocol_emulates_k_devices():
     """N images per device on K devices (Wu & He section 4): SGD batch K x N, lr 0.1 x N/32,
     BN statistics per N (ghostbn); GN unchanged but for the batch and lr."""

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 from normlab.factory import canonical_name, did_you_mean
 from normlab.lab.config import MAX_SEEDS, SEED_LIMIT, ConfigError, RunConfig, apply_overrides
-from normlab.models import is_normalizer_free, normalizer_free_counterpart
+from normlab.models import is_normalizer_free, normalizer_free_counterpart, takes_options
 
 
 __all__ = ["Study", "Point", "Claim", "PRESETS", "setup_id", "PAPER_DEVICES", "emulate_devices",
@@ -235,6 +235,7 @@ class Study:
                 if "model" in user and is_normalizer_free(self.variants[label].get("model")):
                     cfg = self._normalizer_free(label, cfg)
                 self._check_not_overridden(label, x, study_cfg, cfg, user)
+                self._check_model_takes(label, x, study_cfg, cfg)
                 cfg = emulate_devices(cfg, k, x if self.stats_batch_axis else None)
                 if self.per_device and cfg.world_size > 1:
                     # real processes are the devices: the paper's lr, as on emulated ones,
@@ -258,6 +259,21 @@ class Study:
                 hint="pick a normlab ResNet (resnet20/32/56/110, resnet18/34/50/101: the series "
                      "trains its nf_ twin) or leave the series out (--variants)")
         return cfg.replace(model=nf).validate()
+
+    def _check_model_takes(self, label: str, x: Any, study_cfg: RunConfig,
+                           cfg: RunConfig) -> None:
+        """The model the user picked must take the model options the study varies (bn-dropout's
+        ``dropout``, ``bn_conv``, ``bn_dense``): a ConfigError naming the study, its model and
+        those options, rather than the model builder's list of its own keywords."""
+        keys = sorted({**self.variants[label].get("model_kwargs", {}),
+                       **self.point_overrides(label, x).get("model_kwargs", {})})
+        if not keys or cfg.model == study_cfg.model or takes_options(cfg.model, keys):
+            return
+        raise ConfigError(
+            f"study {self.name!r} varies model_kwargs {', '.join(keys)} of its model "
+            f"{study_cfg.model!r}, and model {cfg.model!r} does not take them",
+            hint=f"drop --model (the study trains {study_cfg.model}), or pick a model that takes "
+                 f"{', '.join(keys)}")
 
     def _check_not_overridden(self, label: str, x: Any, study_cfg: RunConfig, cfg: RunConfig,
                               user: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ classifier is named ``fc`` (excluded by name from adaptive gradient clipping).
 
 from normlab.models.registry import (canonical_model, check_norm, create, is_normalizer_free,
                                      list_models, model_uses_norm, normalizer_free_counterpart,
-                                     register)
+                                     register, takes_options)
 from normlab.models.residual import DropPath, ResidualBlock, residual_blocks
 from normlab.models import resnet as _resnet  # noqa: F401  (registers the ResNets)
 from normlab.models import bn_dropout_cnn as _bn_dropout_cnn  # noqa: F401
@@ -37,7 +37,7 @@ from normlab.models.bn_dropout_cnn import BNDropoutCNN
 
 __all__ = [
     "create", "list_models", "register", "model_uses_norm", "is_normalizer_free", "check_norm",
-    "canonical_model", "normalizer_free_counterpart",
+    "canonical_model", "normalizer_free_counterpart", "takes_options",
     "ResidualBlock", "DropPath",
     "residual_blocks", "ResNet", "NFResNet", "BNDropoutCNN", "activation_gamma",
 ]

@@ -136,6 +136,22 @@ def normalizer_free_counterpart(name: Any) -> Optional[str]:
     return nf if is_normalizer_free(nf) else None
 
 
+def takes_options(name: Any, keys: Iterable[str]) -> bool:
+    """Whether model ``name`` takes every keyword of ``keys`` (its registered ``options``). False
+    for ``timm:<name>`` (its keywords go to timm's builder, which takes none of normlab's model
+    options) and for unknown names; True for a registered model that declared no options.
+
+    >>> takes_options("bn_dropout_cnn", ["dropout"]), takes_options("resnet20", ["dropout"])
+    (True, False)
+    """
+    if not isinstance(name, str) or is_timm_name(name):
+        return False
+    entry = _REGISTRY.get(canonical_model(name))
+    if entry is None:
+        return False
+    return entry.options is None or set(keys) <= entry.options
+
+
 def check_norm(name: str, norm: Any) -> None:
     """The rule "normalizer-free models take no norm", written once: for a normalizer-free model
     ``norm`` must be left out, ``None`` or ``"none"``; any other value, ``"bn"`` included, is a
