@@ -583,7 +583,7 @@ def test_each_command_is_summed_up_in_one_line_of_the_main_help():
     rows = [line for line in r.output.splitlines()
             if line.startswith("│ ") and "--help" not in line and "--version" not in line]
     cmds = [row.split()[1] for row in rows]
-    assert cmds == ["reproduce", "train", "report", "ls", "spp"], r.output
+    assert cmds == ["reproduce", "train", "report", "ls", "forget", "spp"], r.output
     assert all(row.rstrip(" │").endswith(".") for row in rows), r.output
 
 

@@ -3,7 +3,7 @@
 Data flows one way, and each module imports only those below it::
 
     cli/          the ``normlab`` command: parse -> run -> print (shared options, one error guard)
-    run.py        a study or a single run end to end -> counts (what the commands call)
+    run.py / forget.py   a study or a single run end to end -> counts; runs removed on purpose
     runner.py     run points in-process, with --jobs workers, or as a torchrun rank
     signals.py    SIGTERM and SIGINT while a study runs
     launch.py     the launcher flags as one LaunchSpec; relaunching through torchrun

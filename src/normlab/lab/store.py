@@ -364,6 +364,47 @@ class Store:
                       (status, error, time.time(), run_id))
 
     @_names_damage
+    def forget(self, members: list[tuple[str, str, str, str]], runs: dict[str, str]) -> None:
+        """Remove study memberships and whole runs, in one write transaction
+        (``normlab forget``; what to remove is chosen in :mod:`normlab.lab.forget`).
+
+        ``members``: (study, preset, run_id, label) rows of ``study_runs``; a setup left with
+        no member goes too. ``runs``: run_id -> the status it was chosen in (``running`` for
+        an interrupted run): the run's row, epochs, every membership and checkpoint. A run
+        that is no longer in that status (a process claimed, finished or failed it since), or
+        that a live process trains, is a :class:`StoreError` naming it, and nothing is
+        removed. The checkpoints are deleted before the transaction commits, under its write
+        lock, so no process can resume one meanwhile."""
+        with self.transaction() as c:
+            for run_id, status in runs.items():
+                self._still_as_chosen(c, run_id, status)
+            c.executemany("DELETE FROM study_runs WHERE study=? AND preset=? AND run_id=? AND "
+                          "label=?", members)
+            for table in ("study_runs", "epochs", "runs"):
+                c.executemany(f"DELETE FROM {table} WHERE run_id=?", [(r,) for r in runs])
+            c.execute("DELETE FROM setups WHERE NOT EXISTS (SELECT 1 FROM study_runs s WHERE "
+                      "s.study=setups.study AND s.preset=setups.preset AND "
+                      "s.setup=setups.setup)")
+            for run_id in runs:
+                with contextlib.suppress(FileNotFoundError):
+                    self.checkpoint_path(run_id).unlink()
+
+    def _still_as_chosen(self, c: sqlite3.Connection, run_id: str, status: str) -> None:
+        """:meth:`forget`'s check that run ``run_id`` is still ``status`` and trained by no
+        live process."""
+        row = c.execute("SELECT status, owner, updated, owner_start FROM runs WHERE run_id=?",
+                        (run_id,)).fetchone()
+        if row is None or row["status"] != status:
+            now = "gone" if row is None else row["status"]
+            raise StoreError(f"run {run_id} changed since it was chosen ({status}, now {now})",
+                             hint="run the same command again to choose from the store as it "
+                                  "is now")
+        if status == "running" and _owner_alive(row["owner"], row["updated"],
+                                                row["owner_start"]):
+            raise StoreError(f"run {run_id} is being trained by {row['owner']}",
+                             hint="wait for it to finish, or stop that process first")
+
+    @_names_damage
     def record_spp(self, model: str, records: list[dict[str, Any]],
                    architecture: Optional[str] = None,
                    measured_on: Optional[str] = None) -> None:

@@ -10,6 +10,8 @@ Commands::
      --master-addr HOST --master-port P | --rdzv-endpoint HOST:PORT])
     normlab report DIR [--to DIR2]
     normlab ls [DIR] [--studies] [--models] [--norms]
+    normlab forget DIR [--state failed|interrupted|done] [--run ID] [--study NAME]
+                   [--earlier-setups] [--yes]
     normlab spp MODEL[:key=value,...]... [--out DIR]
 
 ``normlab reproduce`` with no argument runs the batch-size study (BN vs GN at 32..2 images per
@@ -28,7 +30,8 @@ and the command prints one error line and exits non-zero; re-running resumes. ``
 single-process runs at once) does not combine with it. Started by torchrun directly (``torchrun
 --nproc-per-node K -m normlab.lab.cli reproduce ...``) it behaves the same.
 
-Where things are: ``study.py`` (reproduce, train), ``browse.py`` (report, ls), ``spp.py`` (spp),
+Where things are: ``study.py`` (reproduce, train), ``browse.py`` (report, ls), ``forget.py``
+(forget), ``spp.py`` (spp),
 ``options.py`` (the shared options, the launcher options as one LaunchSpec, overrides),
 ``guard.py`` (the one error guard). What they call: :mod:`normlab.lab.run`.
 """
@@ -43,6 +46,7 @@ import typer
 from typer.exceptions import TyperException
 
 from normlab.lab.cli.browse import ls_, report
+from normlab.lab.cli.forget import forget_
 from normlab.lab.cli.guard import print_error
 from normlab.lab.cli.spp import parse_model_spec, spp
 from normlab.lab.cli.study import reproduce, train
@@ -78,7 +82,7 @@ def _root(version: bool = typer.Option(
 
 
 for _name, _command in (("reproduce", reproduce), ("train", train), ("report", report),
-                        ("ls", ls_), ("spp", spp)):
+                        ("ls", ls_), ("forget", forget_), ("spp", spp)):
     app.command(_name, help=_help(_command))(_command)
 
 

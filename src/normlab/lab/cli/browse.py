@@ -24,7 +24,7 @@ from normlab.lab.summary import (device_kind, emulated_devices, precise_bn_note,
 from normlab.models import list_models
 from normlab.models.timm_models import timm_status
 
-__all__ = ["report", "ls_"]
+__all__ = ["report", "ls_", "point_name"]
 
 _COLUMNS = ("run_id", "study@x", "label", "model", "norm", "batch/dev", "seed", "status",
             "epochs", "test err %", "time s", "img/s")
@@ -106,7 +106,7 @@ def _print_runs(out: Path) -> None:
         earlier = _earlier_setups(memberships, {r["run_id"]: r for r in runs})
         for m in memberships:
             points, _ = member.setdefault(m["run_id"], ({}, m["label"]))
-            key = f"{m['study']}@{_fmt_x(m['x'])}"  # the run's point, as the report names it
+            key = point_name(m)  # the run's point, as the report names it
             if m["current"] or points.get(key, "") is None:
                 points[key] = None  # in the report
             else:  # what told its setup from the one in the report
@@ -156,8 +156,10 @@ def _earlier_setups(memberships: list[dict], runs: dict[str, dict]) -> dict[tupl
             for key, text in setup_differences(study).items()}
 
 
-def _fmt_x(x) -> str:
-    return f"{x:g}" if isinstance(x, (int, float)) else str(x)
+def point_name(member: dict) -> str:
+    """A membership's point as the report names it: ``batch-size@2``."""
+    x = member["x"]
+    return f"{member['study']}@{x:g}" if isinstance(x, (int, float)) else f"{member['study']}@{x}"
 
 
 def _batch_cell(c: dict, emulated: set) -> str:
