@@ -1,10 +1,15 @@
 """outfiles.py: a killed writer's temporary files are removed by the next write of that name
-once they are old, and nothing else is."""
+once they are old, and nothing else is; a write that runs out of space says so and keeps the
+old file."""
 
+import errno
 import os
 import time
 
-from normlab.lab.outfiles import STALE_TMP_SECONDS, staged, write_text
+import pytest
+
+from normlab.lab import outfiles
+from normlab.lab.outfiles import STALE_TMP_SECONDS, DiskFull, staged, write_text, write_via
 
 
 def _aged(path, seconds):
@@ -48,3 +53,34 @@ def test_staging_removes_old_staging_folders_of_killed_writers(tmp_path):
     with staged(tmp_path) as stage:
         (stage / "fig.png").write_bytes(b"png")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".normlab-stage98.0123abcd", "fig.png"]
+
+
+
+
+def _no_space(f):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _short_write(f):  # what torch.save says when the file stops growing: no errno
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 0")
+
+
+@pytest.mark.parametrize("write, free", [(_no_space, 10 << 30),    # ENOSPC, whatever statvfs says
+                                         (_short_write, 4096)])    # no errno, 4 KiB left
+def test_a_write_that_runs_out_of_space_says_so_and_keeps_the_old_file(tmp_path, monkeypatch,
+                                                                        write, free):
+    monkeypatch.setattr(outfiles, "_free_bytes", lambda d: free)
+    path = tmp_path / "runs.csv"
+    path.write_text("the old export\n")
+    with pytest.raises(DiskFull, match=f"the disk holding '{tmp_path}' is full: writing "
+                                       "runs.csv failed"):
+        write_via(path, write)
+    assert path.read_text() == "the old export\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.csv"]  # no temporary file left
+
+
+def test_another_failed_write_with_room_left_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(outfiles, "_free_bytes", lambda d: 10 << 30)
+    with pytest.raises(RuntimeError, match="unexpected pos") as e:
+        write_via(tmp_path / "x.pt", _short_write)
+    assert not isinstance(e.value, DiskFull)

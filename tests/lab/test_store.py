@@ -598,3 +598,41 @@ def test_runs_of_an_earlier_presets_settings_are_not_pooled_into_one_setup(tmp_p
         current = {m["run_id"]: m["current"] for m in s.memberships()}
     assert stats[("BN", 32)]["values"] == [6.0, 5.0], stats
     assert current == {"old640": False, "old-seed1": True, "new": True}
+
+
+def _taken_over_then_failing(monkeypatch):
+    """A point whose training is taken over by 'other-host:7' while this process was stopped,
+    and which then fails with an error of its own before its next write; the point."""
+    from normlab.lab import runner
+    from normlab.lab.config import RunConfig
+
+    class P:
+        cfg = RunConfig(norm="gn", batch_size=3, epochs=2)
+        label = "gn"
+
+    def train_run(cfg, store, progress=None):
+        store.con.execute("UPDATE runs SET owner='other-host:7' WHERE run_id=?",
+                          (cfg.run_id(),))
+        raise MemoryError("out of memory in the stale owner")
+
+    monkeypatch.setattr(runner, "train_run", train_run)
+    return P()
+
+
+def test_an_owner_taken_over_neither_finishes_nor_fails_its_successors_run(tmp_path,
+                                                                             monkeypatch):
+    # Store.finish did not check the owner: the stale owner's failure (an error other than
+    # TakenOver, before its next write) set the successor's run `failed` with no owner, and
+    # the successor stopped at its next epoch; its last finish (a takeover between its last
+    # record_epochs and finish) marked the successor's run `done`
+    from normlab.lab import runner
+    from normlab.lab.store import TakenOver
+
+    p = _taken_over_then_failing(monkeypatch)
+    with Store(tmp_path) as s:
+        assert runner.run_points([p], s) == {"skipped": 0, "trained": 0, "failed": 1}
+        r = s.run(p.cfg.run_id())
+        assert (r["status"], r["owner"]) == ("running", "other-host:7")
+        with pytest.raises(TakenOver, match="other-host:7"):
+            s.finish(p.cfg.run_id(), "done")
+        assert s.run(p.cfg.run_id())["status"] == "running"

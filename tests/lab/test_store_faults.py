@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from normlab.lab.cli import app
 from normlab.lab.config import RunConfig
+from normlab.lab.outfiles import DiskFull
 from normlab.lab.store import Store, StoreError
 
 runner = CliRunner()
@@ -373,3 +374,16 @@ def test_a_store_name_that_is_no_file_is_one_line(tmp_path, kind):
     assert r.exit_code == 2, r.output
     _one_error(r.output, f"{str(db)!r} is not a readable results store", "left as it is")
     assert db.is_fifo() if kind == "fifo" else db.is_dir()
+
+
+def test_a_full_store_says_so(tmp_path):
+    # SQLite's "database or disk is full" (SQLITE_FULL), here from a page limit
+    with Store(tmp_path) as s:
+        s.claim("r", {"epochs": 1})
+        (pages,) = s.con.execute("PRAGMA page_count").fetchone()
+        s.con.execute(f"PRAGMA max_page_count={pages}")
+        rows = [{"epoch": e, "train_loss": float(e), "test_error": 1.5} for e in range(5000)]
+        with pytest.raises(DiskFull, match="full: writing the results store failed "
+                                           r"\(OperationalError: database or disk is full"):
+            s.record_epochs("r", rows, {})
+        assert s.epochs("r") == []  # the transaction wrote nothing

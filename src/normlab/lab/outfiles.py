@@ -26,6 +26,7 @@ removed, and a symbolic link of such a name is removed as a link, never followed
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -38,7 +39,7 @@ from typing import BinaryIO, Callable, Iterator
 from normlab.lab.config import ConfigError
 
 __all__ = ["not_a_link", "a_folder", "a_file", "subdir", "write_via", "write_text", "staged",
-           "STALE_TMP_SECONDS"]
+           "STALE_TMP_SECONDS", "DiskFull", "disk_full"]
 
 #: a temporary file or staging folder of a killed writer is removed once this old (seconds)
 STALE_TMP_SECONDS = 3600.0
@@ -81,6 +82,49 @@ def subdir(directory: Path, name: str) -> Path:
     return d
 
 
+class DiskFull(RuntimeError):
+    """A write into a results directory failed because its disk (or quota) is full. A study
+    stops at it (the run in progress is left to resume from its last checkpoint) rather than
+    failing each run after it in turn."""
+
+
+#: free bytes under which a failed write counts as one that ran out of space: torch.save
+#: reports a short write as "unexpected pos", with no errno
+_NEARLY_FULL = 1 << 20
+
+
+def disk_full(path: Path, what: str, e: BaseException) -> DiskFull | None:
+    """The :class:`DiskFull` to raise for error ``e`` of writing ``what`` at ``path``, or None
+    when ``e`` is no lack of space: ENOSPC or EDQUOT anywhere in its chain, SQLite's "database
+    or disk is full", or any failed write while under 1 MiB is left where ``path`` is."""
+    chain, seen = e, set()
+    full = False
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        full |= getattr(chain, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        full |= getattr(chain, "sqlite_errorname", "") == "SQLITE_FULL"
+        chain = chain.__cause__ or chain.__context__
+    free = _free_bytes(path.parent)
+    if not (full or (free is not None and free < _NEARLY_FULL)):
+        return None
+    left = "" if free is None else f"; {free / 2 ** 20:.1f} MiB free"
+    return DiskFull(f"the disk holding {str(path.parent)!r} is full: writing {what} failed "
+                    f"({_first_line(e)}{left})")
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):  # no statvfs (Windows), or the folder is gone
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def _place(src: Path, path: Path) -> None:
     """Rename ``src`` to ``path``; a ConfigError naming ``path`` when a folder is in the way."""
     try:
@@ -96,11 +140,18 @@ def write_via(path: Path, write: Callable[[BinaryIO], None]) -> None:
     ``open`` makes files), then rename it to ``path`` (module docstring); on an error the
     temporary file is removed and ``path`` left as it was."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             write(f)
         _place(tmp, path)
+    except Exception as e:  # noqa: BLE001 - a full disk is said as such (DiskFull)
+        full = disk_full(path, path.name, e)  # measured while the partial file still fills it
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if full is not None:
+            raise full from e
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

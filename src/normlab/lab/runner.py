@@ -19,6 +19,7 @@ import torch
 from normlab import distributed as nd
 from normlab.lab.config import ConfigError
 from normlab.lab.loop import ProgressFn, is_writer, train_run
+from normlab.lab.outfiles import DiskFull
 from normlab.lab.progress import (describe, epoch_lines, epoch_progress, err_console, literal,
                                   print_epoch, print_note, print_outcome,
                                   print_wait, progress_bars)
@@ -102,7 +103,12 @@ def _train_point(p: Any, store: Optional[Store],
                                         progress=progress_for(p) if progress_for else None)
     except ConfigError:
         if writer:
-            store.finish(rid, "failed", "configuration error")
+            _mark_failed(store, rid, "configuration error")
+        raise
+    except DiskFull:  # not the run's failure: every run after it would fail the same way
+        if writer:
+            with contextlib.suppress(Exception):  # (the store may have no room to say it)
+                store.release(rid)
         raise
     except Exception as e:  # noqa: BLE001 - record, report and go on with the study
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
@@ -110,15 +116,22 @@ def _train_point(p: Any, store: Optional[Store],
             return "failed", {"error": msg}  # another process trains it now: not ours to mark
         if nd.is_distributed():
             if writer and not isinstance(e, TakenOver):  # often a peer's death seen through
-                store.finish(rid, "failed", f"multi-process job stopped: {msg}")  # a collective
+                _mark_failed(store, rid, f"multi-process job stopped: {msg}")  # a collective
             raise
-        store.finish(rid, "failed", msg)
+        _mark_failed(store, rid, msg)
         return "failed", {"error": msg}
     except BaseException:  # Ctrl-C, SIGTERM (SystemExit): resumable, by anyone
         if writer:
             with contextlib.suppress(Exception):
                 store.release(rid)
         raise
+
+
+def _mark_failed(store: Store, rid: str, msg: str) -> None:
+    """Mark ``rid`` failed, unless another process took it over meanwhile: then the run is
+    that process's to end, and this one's failure is only reported."""
+    with contextlib.suppress(TakenOver):
+        store.finish(rid, "failed", msg)
 
 
 def run_inline(points: list, store: Optional[Store]) -> Counts:
@@ -175,10 +188,10 @@ def _worker(points: list, out: str, threads: int, parent: int, outcomes: Any,
     try:
         with Store(out) as store:
             run_points(points, store, on_run=on_run, progress_for=progress_for, poll_s=1.0)
-    except ConfigError as e:  # a damaged store, say: one line, not a worker's traceback
-        err_console.print(f"[bold red]error:[/] {literal(e)}", highlight=False,
+    except (ConfigError, DiskFull) as e:  # a damaged store, a full disk: one line, not a
+        err_console.print(f"[bold red]error:[/] {literal(e)}", highlight=False,  # traceback
                           soft_wrap=True)
-        raise SystemExit(2) from None
+        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
 
 
 def run_parallel(points: list, store: Store, jobs: int, out: Path) -> Counts:

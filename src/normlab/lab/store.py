@@ -200,10 +200,11 @@ class Store:
             yield self.con
             self.con.execute("INSERT INTO meta (key, value) VALUES ('generation', 1) ON "
                              "CONFLICT (key) DO UPDATE SET value=value+1")
+            self.con.execute("COMMIT")  # (a full disk may fail it: rolled back below)
         except BaseException:
-            self.con.execute("ROLLBACK")
+            if self.con.in_transaction:  # SQLite ends it itself on some errors (a full disk):
+                self.con.execute("ROLLBACK")  # a ROLLBACK then would hide the error
             raise
-        self.con.execute("COMMIT")
 
     # ------------------------------------------------------------------ writes
     @_names_damage
@@ -356,10 +357,13 @@ class Store:
 
     @_names_damage
     def finish(self, run_id: str, status: str = "done", error: Optional[str] = None) -> None:
-        """Mark a run ``done`` or ``failed`` (``error``: one line saying why)."""
+        """Mark a run this process owns ``done`` or ``failed`` (``error``: one line saying
+        why). :class:`TakenOver` when this process owns it no longer (see
+        :meth:`record_epochs`): an owner taken over must not end its successor's run."""
         if status not in ("done", "failed"):
             raise ValueError(f"status must be 'done' or 'failed', got {status!r}")
         with self.transaction() as c:
+            self._still_ours(c, run_id)
             c.execute("UPDATE runs SET status=?, error=?, owner=NULL, updated=? WHERE run_id=?",
                       (status, error, time.time(), run_id))
 

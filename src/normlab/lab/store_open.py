@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
 
 from normlab.lab.config import ConfigError
+from normlab.lab.outfiles import disk_full
 
 __all__ = ["StoreError", "unwritable", "DB_NAME", "EXPORTS", "EPOCH_FIELDS"]
 
@@ -123,7 +124,8 @@ def _damage_error(path: Path, e: sqlite3.DatabaseError) -> StoreError:
 
 def _names_damage(method: Callable[..., _T]) -> Callable[..., _T]:
     """A store method whose SQLite 'database disk image is malformed' becomes a
-    :class:`StoreError` naming the file and what to do."""
+    :class:`StoreError` naming the file and what to do; 'database or disk is full' (or an I/O
+    error on a disk with under 1 MiB free) a :class:`normlab.lab.outfiles.DiskFull`."""
     @functools.wraps(method)
     def wrapped(self: "Store", *args: Any, **kwargs: Any) -> _T:
         try:
@@ -131,6 +133,11 @@ def _names_damage(method: Callable[..., _T]) -> Callable[..., _T]:
         except sqlite3.DatabaseError as e:
             if _damaged(e):
                 raise _damage_error(self.path, e) from None
+            name = getattr(e, "sqlite_errorname", "")
+            full = (disk_full(self.path, "the results store", e)
+                    if name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR") else None)
+            if full is not None:
+                raise full from None
             raise
     return wrapped
 

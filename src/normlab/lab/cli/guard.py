@@ -23,6 +23,7 @@ import typer
 
 from normlab.distributed import LaunchError
 from normlab.lab.config import ConfigError
+from normlab.lab.outfiles import DiskFull
 from normlab.lab.progress import err_console, literal
 from normlab.lab.signals import Terminated, sigterm_unwinds
 
@@ -92,6 +93,10 @@ def _guarded(fn: Callable[[], Any]) -> Any:
         print_error(_first_line(e), f"{where}re-run the same command to resume (finished runs "
                                     "and epochs are kept)")
         raise typer.Exit(e.returncode if e.returncode > 0 else 1) from None
+    except DiskFull as e:  # the study stopped at it: the run in progress resumes later
+        print_error(str(e), "free some space there (or pass another --out), then re-run the "
+                            "same command to resume")
+        raise typer.Exit(1) from None
     except RuntimeError as e:  # a training process died: say so in one line, keep the store
         print_error(_first_line(e), _RESUME)
         raise typer.Exit(1) from None
