@@ -3,12 +3,14 @@ checkpoints and export rows; a dry run writes nothing; a run being trained is ne
 
 import csv
 import hashlib
+import json
 import sqlite3
 import time
 
 import pytest
+from typer.testing import CliRunner
 
-from normlab.lab.cli import main
+from normlab.lab.cli import app, main
 from normlab.lab.config import ConfigError
 from normlab.lab.forget import choose, forget
 from normlab.lab.store import Store, StoreError
@@ -170,6 +172,8 @@ def test_filters_narrow_each_other(store):
     (["--study", "nope"], 2, "no study 'nope'"),
     (["--state", "lost"], 2, "unknown state 'lost'"),
     (["--state", "failed"], 0, "would forget 1 run(s); add --yes"),
+    (["--earlier-setups", "--yes"], 0, "nothing to forget: no run or point matches"),
+    (["--study", "batch-size", "--yes"], 2, "is being trained by other-host:4242"),
     (["--state", "done", "--study", "batch-size", "--yes"], 0, "forgot 1 run(s)"),
 ])
 def test_the_command(store, capsys, argv, code, needle):
@@ -180,3 +184,47 @@ def test_the_command(store, capsys, argv, code, needle):
     cap = capsys.readouterr()
     text = " ".join((cap.out + cap.err).split())
     assert needle in text
+
+
+SMALL = json.dumps({"n_train": 128, "n_test": 64, "image_size": 8, "channels": 1,
+                    "num_classes": 4})
+
+
+def test_after_forgetting_the_report_agrees_and_a_rerun_trains_the_point_again(tmp_path):
+    # a real tiny study: one run failed; forgotten, it leaves the report, runs.csv and the
+    # store; the same command again trains that point alone, and the report has it back
+    args = ["reproduce", "--quick", "--variants", "GN", "--data", "synthetic", "--jobs", "1",
+            "--devices", "1", "--set", f"data_kwargs={SMALL}", "--set", "train_limit=32",
+            "--set", "test_limit=16", "--set", "epochs=1", "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    (failed, err), (kept, _) = con.execute(
+        "SELECT run_id, final_test_error FROM runs ORDER BY run_id").fetchall()
+    con.execute("UPDATE runs SET status='failed', error='a lost node' WHERE run_id=?", (failed,))
+    con.commit()
+    con.close()
+    assert CliRunner().invoke(app, ["report", str(tmp_path)]).exit_code == 0
+    assert f"(run {failed}): failed: a lost node" in (tmp_path / "report.md").read_text()
+    r = CliRunner().invoke(app, ["forget", str(tmp_path), "--state", "failed", "--yes"],
+                           terminal_width=200)
+    assert r.exit_code == 0 and "forgot 1 run(s)" in r.output, r.output
+    md = (tmp_path / "report.md").read_text()
+    assert failed not in md and kept in md and "Preset `quick`: 1/1 runs done" in md, md
+    with open(tmp_path / "runs.csv") as f:
+        assert [row["run_id"] for row in csv.DictReader(f)] == [kept]
+    assert _run_ids(tmp_path, "study_runs") == _run_ids(tmp_path, "epochs") == {kept}
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and "trained 1, already done 1, failed 0" in r.output, r.output
+    assert "Preset `quick`: 2/2 runs done" in (tmp_path / "report.md").read_text()
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    assert con.execute("SELECT status, final_test_error FROM runs WHERE run_id=?",
+                       (failed,)).fetchone() == ("done", err)  # the same seed, retrained
+    con.close()
+
+
+def test_the_help_says_what_each_exit_status_means():
+    r = CliRunner().invoke(app, ["forget", "--help"], terminal_width=200)
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "nothing matches" in text and "exit status 2" in text, text
+    assert "spp records are never removed" in text, text

@@ -41,8 +41,12 @@ def forget_(
     The filters narrow each other (--study S --state failed: the failed runs of S). Without
     --yes the command lists what would go and removes nothing. A run leaves with its epochs
     and checkpoint; the exports (and report.md, when OUT has one) are written again. A run
-    that a live process trains is never removed. Re-running a study trains the points it
-    lost again."""
+    that a live process trains is never removed; the spp records are never removed.
+    Re-running a study trains the points it lost again.
+
+    Exit status 0, also when nothing matches (it says so); exit status 2 when a run, study or
+    state is unknown, or when a chosen run is being trained or changed since it was listed
+    (nothing is removed)."""
     def body() -> None:
         choice = forget(out, states=state or (), run_ids=run or (), study=study,
                         earlier_setups=earlier_setups, yes=yes, show=_print_choice)
