@@ -1,8 +1,11 @@
 """Report verdicts are computed from the numbers: fed results where a claim holds, fails or is
 within the spread, the verdict follows."""
 
+import shutil
+
 import pytest
 
+import normlab.lab.store as store_mod
 from normlab.lab.report import (INCONCLUSIVE, NO_USABLE_RUN, NOT_REPRODUCED, NOT_RUN, REPRODUCED,
                                 verdict, write_report)
 from normlab.lab.store import Store
@@ -649,6 +652,45 @@ def test_a_report_checks_each_stored_config_once(tmp_path, monkeypatch):
                         lambda path, rid, raw: checked.append(rid) or check(path, rid, raw))
     write_report(tmp_path)
     assert sorted(checked) == sorted(set(checked)) and len(checked) == 8, checked
+
+
+def _report_files(out):
+    """report.md but its time line, and the exports, as text."""
+    md = [line for line in (out / "report.md").read_text().splitlines()
+          if not line.startswith("Generated ")]
+    return {"report.md": md, **{n: (out / n).read_text() for n in ("runs.csv", "studies.csv")}}
+
+
+def test_a_report_reads_the_study_members_once_per_snapshot_and_writes_the_same(tmp_path,
+                                                                                 monkeypatch):
+    # a report asked the store for a study's members O(studies) times (study_members,
+    # setup_info, memberships), each reading and hashing every member's config: 15 reads of
+    # 1000 members for 2 studies; now once per snapshot (the report's and the exports')
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    _stored_setup(out, {"epochs": 1}, 5.0)
+    _stored_setup(out, {"epochs": 2}, 6.0)  # 8 runs on 2 setups
+    st = get_study("norms")
+    pts = st.points({"epochs": 1}, "quick", 1)
+    with Store(out) as s:
+        s.register(st.name, "quick", [(p.cfg.run_id(), p.label, p.x) for p in pts],
+                   setup=pts[0].setup)
+        for k, p in enumerate(pts[:-1]):  # the last point never claimed
+            s.claim(p.cfg.run_id(), p.cfg.to_dict())
+            s.record_epochs(p.cfg.run_id(), [{"epoch": 0, "test_error": 20.0 + 3.7 * k,
+                                              "train_loss": 1.0}], {})
+            s.finish(p.cfg.run_id())
+        members = len(s.memberships())
+    shutil.copytree(out, reference)
+    hashed = []
+    settings = store_mod._settings
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "_settings", lambda c: hashed.append(1) or settings(c))
+        write_report(out)
+    assert len(hashed) == 2 * (members - 1), (len(hashed), members)  # the report, the exports
+    with monkeypatch.context() as m:  # the reference: the members read at every call
+        m.setattr(Store, "_members", lambda self, study=None: self._read_members(study))
+        write_report(reference)
+    assert _report_files(out) == _report_files(reference)
 
 
 def test_the_single_runs_table_says_why_a_run_failed_and_which_was_interrupted(tmp_path):

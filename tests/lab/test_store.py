@@ -636,3 +636,56 @@ def test_an_owner_taken_over_neither_finishes_nor_fails_its_successors_run(tmp_p
         with pytest.raises(TakenOver, match="other-host:7"):
             s.finish(p.cfg.run_id(), "done")
         assert s.run(p.cfg.run_id())["status"] == "running"
+
+
+def _two_studies_with_an_earlier_setup(s):
+    """batch-size on two setups (the second with a point never claimed) and norms on one:
+    ``(run_id, study, x)`` registered, each run finished with a random, off-centre error."""
+    rng = __import__("random").Random(7)
+    registered = []
+    for study, setup, epochs, ids in (("batch-size", "A", 1, "abc"), ("norms", "N", 1, "de"),
+                                      ("batch-size", "B", 2, "fgh")):
+        members = [(f"{study}-{i}", "BN" if k % 2 else "GN", 2 ** (k + 1))
+                   for k, i in enumerate(ids)]
+        for rid, label, x in members[:-1] if setup == "B" else members:  # h: never claimed
+            s.claim(rid, {"epochs": epochs, "seed": 0, "label": label, "batch_size": x})
+            s.record_epochs(rid, [{"epoch": 0, "test_error": 30 + 20 * rng.random()}], {})
+            s.finish(rid)
+        s.register(study, "quick", members, setup=setup, info={"protocol": {"setup": setup}})
+        registered += [(rid, study, x) for rid, _, x in members]
+        time.sleep(0.01)
+    return registered
+
+
+def _reads(s):
+    """What a report asks the store about its studies."""
+    return {"memberships": s.memberships(),
+            **{f"{study} {what}": getattr(s, what)(study) for study in ("batch-size", "norms")
+               for what in ("study_members", "setup_info", "study_runs")}}
+
+
+def test_reads_in_a_snapshot_are_those_outside_one_and_see_each_write_after_it(tmp_path):
+    # a snapshot keeps the study members it read once (a report asked for them O(studies)
+    # times, each O(runs)): inside one the answers must be those read without it, and a write
+    # after it, by this store or another process, must be seen by the next one
+    with Store(tmp_path) as s:
+        _two_studies_with_an_earlier_setup(s)
+        outside = _reads(s)
+        with s.snapshot():
+            first = _reads(s)
+            assert _reads(s) == first  # asked again in the same snapshot
+            with Store(tmp_path) as other:  # another process registers a point meanwhile
+                other.register("norms", "quick", [("norms-x", "GN", 64)], setup="N")
+            assert _reads(s) == first  # one snapshot: one state
+        assert first == outside
+        assert ("norms-x", "GN", 64) in [(m["run_id"], m["label"], m["x"])
+                                         for m in s.study_members("norms")]
+        with s.snapshot():
+            assert "norms-x" in [m["run_id"] for m in s.study_members("norms")]
+        s.register("batch-size", "quick", [("batch-size-y", "GN", 64)], setup="C")  # this store
+        with s.snapshot():
+            assert [m["run_id"] for m in s.study_members("batch-size")] == ["batch-size-y"]
+            assert s.setup_info("batch-size") == {}
+            current = {m["run_id"] for m in s.memberships() if m["current"]}
+        assert current == {"batch-size-y", "norms-d", "norms-e", "norms-x"}
+

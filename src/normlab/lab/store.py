@@ -91,6 +91,8 @@ class Store:
         self.path = self.dir / DB_NAME
         self.read_only = read_only
         self._checked: set[tuple[Any, Any]] = set()  # (run_id, config text) checked (_config)
+        # what a snapshot read once (_members: "members"), kept to its end; None outside one
+        self._snapshot_reads: Optional[dict[str, Any]] = None
         if (read_only or not create) and self.dir.name == DB_NAME and self.dir.is_file():
             raise StoreError(f"{str(self.dir)!r} is the store file, not its output directory",
                              hint=f"pass its directory: {str(self.dir.parent)!r}")
@@ -180,8 +182,10 @@ class Store:
     def snapshot(self) -> Iterator["Store"]:
         """Every read in the block sees one state of the store (one read transaction): a report
         or a listing written while other processes train reads no run twice in two states (a
-        summary of n seeds beside a table of n + 1). Nothing may be written in the block."""
+        summary of n seeds beside a table of n + 1). Nothing may be written in the block.
+        In it the study members (:meth:`_members`) are read once: one state has one list."""
         self.con.execute("BEGIN")  # deferred: the first read fixes the snapshot (WAL)
+        self._snapshot_reads = {}
         try:
             yield self
         except BaseException:  # the block's error goes on (a damaged page may have ended the
@@ -189,12 +193,16 @@ class Store:
                 with contextlib.suppress(sqlite3.Error):
                     self.con.execute("ROLLBACK")
             raise
+        finally:
+            self._snapshot_reads = None  # read again after the block: the store moves on
         self.con.execute("COMMIT")  # nothing written: ends the read
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE``: takes the write lock up front). It counts
         itself in the store's generation (``meta``), which orders the exports' snapshots."""
+        if self._snapshot_reads:  # a write makes what a snapshot read stale
+            self._snapshot_reads.clear()
         self.con.execute("BEGIN IMMEDIATE")
         try:
             yield self.con
@@ -515,7 +523,19 @@ class Store:
         setups were kept (every row's setup ''), the study's runs on other data or epochs. Its
         runs whose settings (:func:`_settings`) are not those of the run registered last count
         in a setup of their own, ``<setup>~<their settings' hash>``, so that no table pools
-        them (the single runs of ``normlab train``, setup '', are one list and stay one)."""
+        them (the single runs of ``normlab train``, setup '', are one list and stay one).
+
+        Inside :meth:`snapshot` every study's rows are read once and kept until the block ends
+        (a report asks for them several times per study); each call gets its own dicts."""
+        reads = self._snapshot_reads
+        if reads is None:
+            return self._read_members(study)
+        if "members" not in reads:
+            reads["members"] = self._read_members(None)  # a study's rows: those of all, kept
+        return [dict(m) for m in reads["members"] if study is None or m["study"] == study]
+
+    def _read_members(self, study: Optional[str]) -> list[dict[str, Any]]:
+        """:meth:`_members`, read from the store."""
         rows = [dict(r) for r in self.con.execute(
             "SELECT s.study, s.preset, s.run_id, s.label, s.x, s.setup, s.registered, "
             "r.config FROM study_runs s LEFT JOIN runs r ON r.run_id = s.run_id"
