@@ -169,6 +169,7 @@ def test_filters_narrow_each_other(store):
 @pytest.mark.parametrize("argv, code, needle", [
     ([], 2, "say which runs to forget"),                 # no filter: never "everything"
     (["--run", "nope"], 2, "no run 'nope'"),
+    (["--run", "nope", "--run", "gone", "--run", "nope"], 2, "no run 'nope', 'gone' in"),
     (["--study", "nope"], 2, "no study 'nope'"),
     (["--state", "lost"], 2, "unknown state 'lost'"),
     (["--state", "failed"], 0, "would forget 1 run(s); add --yes"),

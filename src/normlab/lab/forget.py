@@ -70,9 +70,9 @@ def _check_filters(store: Store, runs: dict[str, dict], memberships: list[dict],
     if bad:
         raise ConfigError(f"unknown state {bad[0]!r}; the states: {', '.join(STATES)}",
                           hint="--state failed (or interrupted, done)")
-    missing = [r for r in run_ids if r not in runs]
+    missing = list(dict.fromkeys(r for r in run_ids if r not in runs))
     if missing:
-        raise ConfigError(f"no run {missing[0]!r} in {store.path}",
+        raise ConfigError(f"no run {', '.join(map(repr, missing))} in {store.path}",
                           hint="`normlab ls OUT` lists its runs by run_id")
     known = sorted({m["study"] for m in memberships})
     if study is not None and study not in known:
