@@ -5,6 +5,8 @@ import csv
 import hashlib
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -229,3 +231,35 @@ def test_the_help_says_what_each_exit_status_means():
     text = " ".join(r.output.split())
     assert r.exit_code == 0 and "nothing matches" in text and "exit status 2" in text, text
     assert "spp records are never removed" in text, text
+
+
+_TRAINER = """
+import sys, time
+from normlab.lab.store import Store
+s = Store(sys.argv[1], create=False)
+assert s.claim(sys.argv[2], {"epochs": 1}) == "claimed"
+print("claimed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_a_live_local_process_claimed_is_refused_until_that_process_is_gone(store):
+    # a re-run of the study took the failed run back (a process on this host, alive): the
+    # removal names it; once that process is killed the run is interrupted and goes
+    out, ids = store
+    failed = ids[("BN", 2)]
+    trainer = subprocess.Popen([sys.executable, "-c", _TRAINER, str(out), failed],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert trainer.stdout.readline().strip() == "claimed"
+        before = _rows(out)
+        with pytest.raises(ConfigError, match=f"run {failed} is being trained by "
+                                              f".+:{trainer.pid}"):
+            forget(out, run_ids=[failed], yes=True)
+        assert _rows(out) == before and (out / "checkpoints" / f"{failed}.pt").exists()
+        assert not forget(out, states=["failed"], yes=True)  # it is not failed any more
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert [r["state"] for r in forget(out, run_ids=[failed], yes=True).runs] == ["interrupted"]
+    assert failed not in _run_ids(out)
