@@ -279,3 +279,35 @@ def test_bias_false_state_repr_reset_and_output_as_torch(ours, theirs):
     assert a.bias is None
     for (name, t), u in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(t, u, msg=name)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: m.InstanceNorm2d(6),                                    # no affine, no buffers
+    lambda m: m.InstanceNorm2d(6, affine=True, track_running_stats=True),  # both
+    lambda m: nlnn.GhostBatchNorm2d(6, virtual_batch=2) if m is nlnn else m.BatchNorm2d(6),
+])
+@pytest.mark.parametrize("shape", [(4, 6, 0, 5), (4, 6, 3, 0)])  # no position: H = 0, W = 0
+def test_a_training_input_without_positions_gives_what_torch_gives(make, shape):
+    """torch refuses exactly one value per statistic (``== 1``); an input with no position at
+    all is empty, not one value: torch's InstanceNorm and BatchNorm return an empty output and
+    leave the running statistics alone (GhostBatchNorm's reference is BatchNorm, the layer it
+    stands for). normlab raised "Expected more than 1 spatial element" / "1 value per channel
+    and slice" there."""
+    theirs, ours = make(nn).train(), make(nlnn).train()
+    with torch.no_grad():
+        for m in (theirs, ours):
+            if m.running_mean is not None:
+                m.running_mean.normal_(1.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+            if m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(*shape, requires_grad=True)
+    want = theirs(x)
+    got = ours(x)
+    assert got.shape == want.shape == shape and got.dtype == want.dtype
+    got.sum().backward()  # the graph holds: an empty input gradient, as torch's
+    assert x.grad.shape == shape
+    for (name, t), u in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(t, u, msg=name)  # buffers left alone; the batch counted

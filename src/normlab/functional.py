@@ -679,7 +679,7 @@ def instance_norm(
     check_input(input)
     if use_input_stats:
         spatial = math.prod(input.shape[2:])
-        if spatial <= 1:
+        if spatial == 1:  # torch's rule: one value is refused, none (an empty input) is not
             raise ValueError(
                 f"{_ONE_SPATIAL}, got input of shape {tuple(input.shape)} (use_input_stats=True)"
             )

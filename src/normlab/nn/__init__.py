@@ -57,7 +57,9 @@ error types, is torch's; ``tests/test_torch_parity.py`` holds both sides to it):
   buffer, as torch's; in eval they are used as given statistics and differentiated (torch
   raises there too; :func:`normlab.functional.normalize_fixed` differentiates its statistics).
 * An empty batch (N = 0) gives an empty output, as torch's BatchNorm, GroupNorm and LayerNorm
-  do; InstanceNorm with ``affine=True`` too (torch's raises IndexError).
+  do; InstanceNorm with ``affine=True`` too (torch's raises IndexError). An input with no
+  position (a spatial size 0) gives an empty output in training too, as torch's BatchNorm and
+  InstanceNorm (GhostBatchNorm as BatchNorm); the running statistics stay as they were.
 * SyncBatchNorm validates ``num_features >= 1`` and ``momentum`` in [0, 1] (torch's, and
   normlab's BatchNorm, use any momentum as given), takes 2-D to 5-D input (torch's: any
   number of spatial dims) and refuses a ``process_group`` this process is not a member of

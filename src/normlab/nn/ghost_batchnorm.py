@@ -95,7 +95,7 @@ def ghost_batch_norm(
         )
     k = b // virtual_batch
     spatial = tuple(x.shape[2:])
-    if k == 0:  # an empty batch: what BatchNorm does with it (an empty output)
+    if x.numel() == 0:  # no sample or no position: what BatchNorm does (an empty output)
         return NLF.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps,
                               activation=activation)
     if virtual_batch * math.prod(spatial) <= 1:
