@@ -1,6 +1,8 @@
 """Modules and the operator under torch.compile(fullgraph=True): backend selection must not break
 the graph (no imports or unsupported Python inside the traced dispatch)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -145,3 +147,57 @@ def test_frn_compiles_once_for_every_spatial_size():
         exact = torch.maximum(x / torch.sqrt(x.pow(2).mean(dim=(2, 3), keepdim=True) + m.eps)
                               * w + b, tau)
         torch.testing.assert_close(y.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+# every module with a torch.nn twin is compared with it; the others with one graph. Sizes: the
+# batch and H, W change from call to call, H != W and H*W differ (no duck-sized guard), the
+# batch stays a multiple of 2 above 2 (GhostBatchNorm's virtual batch of 2: a batch of one
+# slice is plain BatchNorm, another branch and so another graph)
+_DYNAMIC_SIZES = [(4, 8, 5, 7), (6, 8, 6, 9), (8, 8, 9, 4), (10, 8, 11, 3)]
+
+
+@pytest.mark.parametrize("make,twin", [
+    (lambda: nlnn.BatchNorm2d(8), lambda: torch.nn.BatchNorm2d(8)),
+    (lambda: nlnn.SyncBatchNorm(8), lambda: torch.nn.BatchNorm2d(8)),  # one process: BN's
+    (lambda: nlnn.GroupNorm(4, 8), lambda: torch.nn.GroupNorm(4, 8)),
+    (lambda: nlnn.InstanceNorm2d(8, affine=True, track_running_stats=True),
+     lambda: torch.nn.InstanceNorm2d(8, affine=True, track_running_stats=True)),
+    (lambda: nlnn.LayerNorm2d(8), None), (lambda: nlnn.RMSNorm2d(8), None),
+    (lambda: nlnn.EvoNorm2dS0(8, num_groups=4), None), (lambda: nlnn.EvoNorm2dB0(8), None),
+    (lambda: nlnn.BatchRenorm2d(8), None), (lambda: nlnn.FrozenBatchNorm2d(8), None),
+    (lambda: nlnn.GhostBatchNorm2d(8, virtual_batch=2), None),
+    (lambda: nlnn.WSConv2d(8, 8, 3, padding=1), None),
+    (lambda: nlnn.ScaledStdConv2d(8, 8, 3, padding=1), None),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_every_module_compiles_once_for_every_size_with_dynamic_true(make, twin, train):
+    """torch.compile(fullgraph=True, dynamic=True), as a detector or a variable-resolution
+    trainer compiles: one graph for every batch and spatial size (torch.nn's twin: one too),
+    outputs and buffers those of the eager module."""
+    from torch._dynamo.utils import counters
+
+    def graphs(module):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(module, backend="eager", fullgraph=True, dynamic=True)
+        return [compiled(x) for x in xs], counters["stats"]["unique_graphs"]
+
+    torch.manual_seed(0)
+    m = make().train(train)
+    with torch.no_grad():  # random affine and running statistics, not 1 and 0
+        for name, t in m.named_parameters():
+            t.copy_(torch.rand_like(t) + 0.5 if "weight" in name or name == "v" else
+                    torch.randn_like(t))
+        for name, t in m.named_buffers():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if "var" in name or "weight" in name else
+                        torch.randn_like(t))
+    eager = copy.deepcopy(m)
+    xs = [off_centre(*s) for s in _DYNAMIC_SIZES]
+    outs, got = graphs(m)
+    want = 1 if twin is None else graphs(twin().train(train))[1]
+    assert got == want == 1
+    for x, y in zip(xs, outs):
+        torch.testing.assert_close(y, eager(x))
+    for (name, t), u in zip(m.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(t, u, msg=name)
