@@ -3,6 +3,9 @@ as torch.nn.functional (issue 13 item 2): the ops dispatch ``__torch_function__`
 records them as call_function nodes; the traced programs agree with the eager module and with
 torch.nn.functional on the same input."""
 
+import copy
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -256,3 +259,39 @@ def test_channels_last_export_with_dynamic_sizes_runs_every_size(make, train, st
                   (2, 8, 40, 40)]:   # 1600 positions: ATen's vectorized forward's size
         xx = off_centre(*shape).contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(program(xx), theirs(xx), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make,train", [
+    # the modules whose exported program moves buffers, each in the mode that moves them: ATen's
+    # own update (BN, SyncBN on one process), normlab's updates written as ops (IN's running
+    # statistics, GhostBN's slice 0, Batch Renorm's r/d and step, EvoNorm-B0's variance)
+    (lambda: nlnn.BatchNorm2d(8), True),
+    (lambda: nlnn.SyncBatchNorm(8), True),
+    (lambda: nlnn.InstanceNorm2d(8, affine=True, track_running_stats=True), True),
+    (lambda: nlnn.GhostBatchNorm2d(8, virtual_batch=2), True),
+    (lambda: nlnn.BatchRenorm2d(8), True),
+    (lambda: nlnn.EvoNorm2dB0(8), True),
+    (lambda: nlnn.BatchNorm2d(8, activation="silu"), False),  # eval, a fused activation
+    (lambda: nlnn.RMSNorm2d(8), False),  # permuted rows, uncentred
+])
+def test_run_decompositions_keeps_outputs_and_buffer_updates(make, train):
+    """``ExportedProgram.run_decompositions()`` (the core ATen opset that ExecuTorch and other
+    lowerings start from): normlab's ops decompose, and the program still computes the eager
+    module's output and moves its buffers as the eager module does."""
+    torch.manual_seed(0)
+    m = make().train(train)
+    with torch.no_grad():
+        for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if "var" in name or "weight" in name
+                        or name == "v" else torch.randn_like(t))
+    twin = copy.deepcopy(m)
+    x = off_centre(4, 8, 5, 5)
+    program = torch.export.export(m, (x,)).run_decompositions()
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    targets.discard(operator.getitem)  # (the outputs of a multi-output op, as torch's BN gives)
+    assert all(isinstance(t, torch._ops.OpOverload) for t in targets), targets  # ATen ops only
+    module = program.module()
+    torch.testing.assert_close(module(x), twin(x))
+    for name, want in twin.state_dict().items():
+        torch.testing.assert_close(module.state_dict()[name], want, msg=name)
