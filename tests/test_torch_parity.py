@@ -311,3 +311,121 @@ def test_a_training_input_without_positions_gives_what_torch_gives(make, shape):
     assert x.grad.shape == shape
     for (name, t), u in zip(ours.state_dict().items(), theirs.state_dict().values()):
         torch.testing.assert_close(t, u, msg=name)  # buffers left alone; the batch counted
+
+
+# the torch.nn modules normlab's subclass, each with random affine and running statistics; the
+# keys are torch's, so the same state_dict goes into both
+_PAIRS = {
+    "bn": lambda m, **kw: m.BatchNorm2d(6, **kw),
+    "syncbn": lambda m, **kw: m.SyncBatchNorm(6, **kw),  # one process: BatchNorm's output
+    "in": lambda m, **kw: m.InstanceNorm2d(6, affine=True, track_running_stats=True, **kw),
+    "gn": lambda m, **kw: m.GroupNorm(3, 6, **kw),
+    "ln": lambda m, **kw: m.LayerNorm([6, 5, 5], **kw),
+    "rms": lambda m, **kw: m.RMSNorm([6, 5, 5], **kw),
+}
+
+
+def _random_state(module):
+    """torch.nn's module's state_dict with weights around 1, biases and means off 0."""
+    torch.manual_seed(0)
+    state = module.state_dict()
+    with torch.no_grad():
+        for name, t in state.items():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if "var" in name or "weight" in name
+                        else torch.randn_like(t))
+    return state
+
+
+@pytest.mark.parametrize("name", list(_PAIRS))
+@pytest.mark.parametrize("how", ["device=", "context"])
+def test_meta_construction_then_load_state_dict_assign_as_torch(name, how):
+    """The large-model loading path (``torch.device('meta')`` or ``device='meta'``, then
+    ``load_state_dict(state, assign=True)``): no memory until the checkpoint's tensors are
+    assigned, which become the module's Parameters and buffers; train and eval outputs are then
+    torch.nn's on the same state."""
+    theirs = _PAIRS[name](nn)
+    state = _random_state(theirs)
+    if how == "context":
+        with torch.device("meta"):
+            ours = _PAIRS[name](nlnn)
+    else:
+        ours = _PAIRS[name](nlnn, device="meta")
+    assert all(t.is_meta for t in list(ours.parameters()) + list(ours.buffers()))
+    ours.load_state_dict(state, assign=True)
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in ours.parameters())
+    assert ours.weight.data_ptr() == state["weight"].data_ptr()  # assigned, not copied
+    x = off_centre(4, 6, 5, 5)
+    for train in (False, True):  # eval first: the loaded running statistics
+        torch.testing.assert_close(ours.train(train)(x), theirs.train(train)(x))
+    for (key, t), u in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(t, u, msg=key)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nlnn.BatchNorm2d(6, activation="silu"), lambda: nlnn.GroupNorm(3, 6),
+    lambda: nlnn.InstanceNorm2d(6, track_running_stats=True), lambda: nlnn.LayerNorm2d(6),
+    lambda: nlnn.RMSNorm2d(6), lambda: nlnn.FrozenBatchNorm2d(6),
+    lambda: nlnn.GhostBatchNorm2d(6, virtual_batch=2), lambda: nlnn.BatchRenorm2d(6),
+    lambda: nlnn.FilterResponseNorm2d(6), lambda: nlnn.EvoNorm2dS0(6, num_groups=3),
+    lambda: nlnn.EvoNorm2dB0(6), lambda: nlnn.SyncBatchNorm(6), lambda: nlnn.WSConv2d(6, 6, 3),
+    lambda: nlnn.LazyBatchNorm2d(),  # becomes BatchNorm2d on its first forward
+])
+def test_whole_module_torch_save_pickle_and_deepcopy_as_torch(make, tmp_path):
+    """``torch.save(model)`` / ``torch.load(weights_only=False)``, pickle and ``copy.deepcopy``
+    of a model that holds the module after a training step (moved buffers, the lazy module
+    materialized): the same class, state and outputs in both modes, as for torch.nn's modules."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), make())
+    x = off_centre(4, 3, 5, 5)
+    model(x)  # a training step: running statistics moved, the lazy module materialized
+    torch.save(model, tmp_path / "model.pt")
+    copies = [torch.load(tmp_path / "model.pt", weights_only=False),
+              pickle.loads(pickle.dumps(model)), copy.deepcopy(model)]
+    for train in (False, True):
+        want = copy.deepcopy(model).train(train)(x)
+        for other in copies:
+            assert type(other[1]) is type(model[1])
+            torch.testing.assert_close(other.train(train)(x), want)
+            for (key, t), u in zip(other.state_dict().items(), model.state_dict().values()):
+                assert t.dtype == u.dtype, key
+
+
+@pytest.mark.parametrize("name", list(_PAIRS))
+@pytest.mark.parametrize("train", [True, False])
+def test_cpu_bfloat16_autocast_after_a_conv_as_torch(name, train):
+    """CPU autocast (the lab's ``--amp`` on the CPU): the conv before the norm gives bfloat16,
+    the norm's parameters stay float32, a mixed call torch's CPU kernels take. Output (dtype and
+    values), gradients and buffers are torch.nn's."""
+    runs = []
+    x = off_centre(4, 3, 5, 5)
+    for m in (nn, nlnn):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(3, 6, 3, padding=1)
+        norm = _PAIRS[name](m)
+        if m is nn:
+            state = {k: v.clone() for k, v in _random_state(norm).items()}
+        else:
+            norm.load_state_dict(state)
+        model = nn.Sequential(conv, norm).train(train)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        (y.float() * torch.linspace(-1, 2, y.numel()).view_as(y)).sum().backward()
+        runs.append((y, conv.weight.grad, norm.state_dict()))
+    (want, want_grad, want_state), (got, got_grad, got_state) = runs
+    assert got.dtype == want.dtype == torch.bfloat16
+    if name == "in" and train:
+        # normlab takes IN's statistics per (sample, channel), torch batch-norms the (1, N*C,
+        # ...) view: bfloat16 roundings differ (one ulp on 1 output of 600; the conv's gradient,
+        # through the bfloat16 backward, within one bfloat16 ulp of its largest value: both as
+        # far from the float64 computation, 0.106, in one check)
+        torch.testing.assert_close(got, want)
+        assert (got_grad - want_grad).abs().max() <= 2 ** -7 * want_grad.abs().max()
+    else:  # the same kernels on the same values: the same bits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+    for key in want_state:
+        torch.testing.assert_close(got_state[key], want_state[key], msg=key)
