@@ -532,3 +532,46 @@ def test_a_norm_shared_by_every_level_of_a_head_is_fused_at_every_call(relu_on_e
         assert "gn" not in fused and ("gn", "not fused: the norm is called 3 times, and the relu "
                                             "follows 1 of them") in record.skipped
     torch.testing.assert_close(out(x), ref, rtol=1e-5, atol=1e-5)
+
+
+class _TracedNet(nn.Module):
+    """Fusions only a trace finds (F.relu after a BN, SiLU written out after a GN), and a
+    conv-BN pair to fold: optimize returns a torch.fx.GraphModule whose graph calls normlab."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.gn = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        y = self.gn(self.conv2(y))
+        return y * torch.sigmoid(y)
+
+
+@pytest.mark.parametrize("passes", ["optimize", "fold_batchnorm", "both"])
+def test_a_passed_model_saves_whole_and_loads(passes, tmp_path):
+    """``torch.save(model)`` of what the passes return (a GraphModule with normlab's fused
+    norms, a folded model), ``torch.load(weights_only=False)`` in a fresh object, pickle and
+    deepcopy: the same outputs, in eval and (for optimize) in training."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = _randomize(_TracedNet()).eval()
+    if passes in ("optimize", "both"):
+        model, record = optimize(model)
+        assert isinstance(model, torch.fx.GraphModule) and isinstance(model.bn, nlnn.BatchNorm2d)
+    if passes in ("fold_batchnorm", "both"):
+        model, record = normlab.fold_batchnorm(model)
+        assert record.folded
+    torch.save(model, tmp_path / "model.pt")
+    copies = [torch.load(tmp_path / "model.pt", weights_only=False),
+              pickle.loads(pickle.dumps(model)), copy.deepcopy(model)]
+    x = torch.randn(2, 3, 6, 6) * 2 + 1
+    for train in ([False, True] if passes == "optimize" else [False]):
+        want = copy.deepcopy(model).train(train)(x)
+        for other in copies:
+            # (a GraphModule's class is made per instance: its base and the submodules' classes)
+            assert type(other).__mro__[1:] == type(model).__mro__[1:]
+            assert [type(m) for m in other.modules()][1:] == [type(m) for m in model.modules()][1:]
+            torch.testing.assert_close(other.train(train)(x), want, rtol=0, atol=0)
