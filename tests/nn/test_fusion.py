@@ -148,3 +148,82 @@ def test_eager_static_quantization_refuses_a_norm_with_fused_activation():
     prepared(off_centre(2, 3, 7, 7))
     with pytest.raises(ValueError, match="activation='silu'"):
         convert(prepared)
+
+
+def _conv_bn_relu_pair(train):
+    """conv -> BN -> ReLU -> conv with torch's BN and with normlab's, the same random state."""
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        theirs[1].running_mean.normal_()
+        theirs[1].running_var.uniform_(0.5, 2.0)
+        theirs[1].weight.uniform_(0.5, 1.5)
+        theirs[1].bias.normal_()
+    ours = copy.deepcopy(theirs)
+    ours[1] = nlnn.BatchNorm2d(8)
+    ours[1].load_state_dict(theirs[1].state_dict())
+    return theirs.train(train), ours.train(train)
+
+
+@pytest.mark.filterwarnings("ignore")  # torch 2.13 deprecates FX-mode quantization (torchao)
+def test_fx_mode_quantization_leaves_normlabs_batchnorm_unfused_and_correct():
+    """The documented limit (normlab.nn's docstring): FX-mode quantization matches modules by
+    exact type, so ``fuse_fx`` and ``prepare_fx`` leave normlab's BN unfused; the fused model
+    is still the model, and the converted one runs the BN in float32 between dequantize and
+    quantize, as far from the float model as torch's fused conv-BN-ReLU is (int8 rounding)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, fuse_fx, prepare_fx
+
+    theirs, ours = _conv_bn_relu_pair(False)
+    x = off_centre(4, 3, 8, 8)
+    fused = fuse_fx(copy.deepcopy(ours))
+    assert isinstance(fused.get_submodule("1"), nlnn.BatchNorm2d)  # left, as documented
+    torch.testing.assert_close(fused(x), ours(x))
+    errors = []
+    for model in (theirs, ours):
+        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
+        prepared(x)  # calibration
+        converted = convert_fx(prepared)
+        errors.append(((converted(x) - model(x)).norm() / model(x).norm()).item())
+    assert isinstance(converted.get_submodule("1"), nlnn.BatchNorm2d)  # float, not quantized
+    assert errors[1] < max(2 * errors[0], 0.02), errors  # int8 rounding: 1.5% in one check
+
+
+def _pt2e_flow(model, x):
+    """torchao's PT2E post-training flow with its X86 quantizer: export, prepare, calibrate,
+    convert; the prepared graph's ops (before convert, which rewrites it in place), the
+    converted graph's and its output."""
+    pytest.importorskip("torchao.quantization.pt2e")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    def ops(gm):
+        return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(copy.deepcopy(model), (x,)).module(), quantizer)
+    prepared_ops = ops(prepared)
+    prepared(x)  # calibration
+    converted = convert_pt2e(prepared)
+    return prepared_ops, ops(converted), converted(x)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_pt2e_quantization_treats_normlabs_batchnorm_as_torchs():
+    """PT2E post-training quantization (torchao's ``prepare_pt2e`` + ``convert_pt2e``, what
+    replaces FX-mode quantization): normlab's BN in eval gives the same prepared and converted
+    graphs as torch's (the BN folded into the conv) and the same quantized output, bit for bit.
+    Skips without torchao (not among the test dependencies). QAT (``prepare_qat_pt2e``, the
+    conv-BN fusion in training; about 30 s a model on the CPU, so not run here) was checked by
+    hand with torchao 0.18: the same prepared graph and output bits; its convert keeps normlab's
+    ``num_batches_tracked += 1`` (torchao removes it only where the module's recorded class
+    path is torch's BatchNorm2d), a harmless counter update. The exported ops that QAT matches
+    on are compared with torch's in tests/test_tracing.py."""
+    theirs, ours = _conv_bn_relu_pair(False)
+    x = off_centre(4, 3, 8, 8)
+    want_prepared, want_converted, want = _pt2e_flow(theirs, x)
+    got_prepared, got_converted, got = _pt2e_flow(ours, x)
+    assert got_prepared == want_prepared
+    assert got_converted == want_converted
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
