@@ -466,3 +466,93 @@ def test_a_norm_act_target_keeps_each_layers_own_activation_in_a_mixed_model():
     y = f.hardswish(f.group_norm(model[2](y), 4, model[3].weight, model[3].bias, model[3].eps))
     with torch.no_grad():
         torch.testing.assert_close(new(x), y)
+
+
+def _twin_models(norm_layer_pair, arch="resnet18"):
+    """timm's ``arch`` built with torch's norm and with normlab's (the same random init and
+    state): timm passes ``norm_layer`` to the blocks that take a plain norm class."""
+    models = []
+    for norm_layer in norm_layer_pair:
+        torch.manual_seed(0)
+        models.append(timm.create_model(arch, pretrained=False, num_classes=4,
+                                        norm_layer=norm_layer))
+    _trained_looking(models[0], 0.3)
+    models[1].load_state_dict(models[0].state_dict())
+    return models
+
+
+def test_timm_grad_checkpointing_trains_as_with_torchs_batchnorm():
+    """``model.set_grad_checkpointing()`` (timm's checkpoint_seq over the stages): a training
+    step of resnet18 built with normlab's BatchNorm2d gives torch.nn's output, gradients and
+    running statistics (the recompute moves them again, as torch's BN)."""
+    from formula import off_centre
+
+    x = off_centre(2, 3, 32, 32)
+    runs = []
+    for model in _twin_models((nn.BatchNorm2d, nlnn.BatchNorm2d)):
+        model.train().set_grad_checkpointing(True)
+        y = model(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        runs.append((y, [p.grad for p in model.parameters()], model.state_dict()))
+    assert isinstance(model.bn1, nlnn.BatchNorm2d)  # (the last model: normlab's)
+    (want, want_grads, want_state), (got, got_grads, got_state) = runs
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    for key, w in want_state.items():
+        torch.testing.assert_close(got_state[key], w, msg=key)
+
+
+def test_timm_model_ema_and_averaged_model_give_torchs_bits():
+    """The README's claim: timm's ModelEmaV3 (parameters and buffers, warmup off) and torch's
+    AveragedModel (an EMA of the parameters, buffers copied) over two SGD steps of a model
+    holding normlab's BN give the same bits as the model holding torch.nn's."""
+    from formula import off_centre
+    from timm.utils import ModelEmaV3
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    x = off_centre(4, 3, 16, 16)
+    states = []
+    for model in _twin_models((nn.BatchNorm2d, nlnn.BatchNorm2d)):
+        model.train()
+        ema = ModelEmaV3(model, decay=0.9)
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(2):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            ema.update(model, step=step)
+            averaged.update_parameters(model)
+        states.append((ema.module.state_dict(), averaged.module.state_dict()))
+    for want, got in zip(*states):
+        for key, w in want.items():
+            torch.testing.assert_close(got[key], w, rtol=0, atol=0, msg=key)
+
+
+def test_timm_param_groups_weight_decay_groups_normlabs_norms_as_torchs():
+    """The README's claim: timm's ``param_groups_weight_decay`` (parameters of at most 1 dim
+    and biases are not decayed) groups each norm's parameters as torch.nn's twin's (LayerNorm
+    and RMSNorm over (C, H, W): a 3-D weight, decayed, for both), and puts normlab's own norms'
+    parameters in the no-decay group, FRN's ``tau`` and EvoNorm's ``v`` included."""
+    from timm.optim import param_groups_weight_decay
+
+    def no_decay(model):
+        groups = param_groups_weight_decay(model, 0.05)
+        ids = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+        return {name for name, p in model.named_parameters() if id(p) in ids}
+
+    def twins(m):
+        return [m.BatchNorm2d(8), m.GroupNorm(4, 8), m.InstanceNorm2d(8, affine=True),
+                m.SyncBatchNorm(8), m.LayerNorm([8, 4, 4]), m.RMSNorm([8, 4, 4]),
+                m.LayerNorm(4), m.RMSNorm(4)]
+
+    ours, theirs = (nn.Sequential(nn.Conv2d(8, 8, 3), *twins(m)) for m in (nlnn, nn))
+    assert no_decay(ours) == no_decay(theirs)
+    own = nn.Sequential(nn.Conv2d(8, 8, 3), nlnn.LayerNorm2d(8), nlnn.RMSNorm2d(8),
+                        nlnn.FilterResponseNorm2d(8), nlnn.EvoNorm2dS0(8, num_groups=4),
+                        nlnn.EvoNorm2dB0(8), nlnn.BatchRenorm2d(8),
+                        nlnn.GhostBatchNorm2d(8, virtual_batch=2))
+    names = {name for name, _ in own.named_parameters()}
+    assert no_decay(own) == names - {"0.weight"}
+    assert {"3.tau", "4.v", "5.v"} <= names
