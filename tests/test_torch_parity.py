@@ -1,6 +1,9 @@
 """Drop-in against torch itself (issue 13, items 4-7, 9 and the running-stats edge): the same
 input and seed through torch.nn and normlab, and the float64 formula where torch is wrong."""
 
+import collections
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -429,3 +432,36 @@ def test_cpu_bfloat16_autocast_after_a_conv_as_torch(name, train):
         torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
     for key in want_state:
         torch.testing.assert_close(got_state[key], want_state[key], msg=key)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: m.BatchNorm2d(6, momentum=None),  # cumulative: the count decides the average
+    lambda m: m.SyncBatchNorm(6, momentum=None),
+    lambda m: m.InstanceNorm2d(6, momentum=None, track_running_stats=True),
+    # normlab's own: the reference is the same class given the full state with the kept count
+    lambda m: nlnn.GhostBatchNorm2d(6, virtual_batch=2, momentum=None),
+    lambda m: nlnn.BatchRenorm2d(6),  # the count drives the r, d schedule
+])
+@pytest.mark.parametrize("metadata", [True, False])
+def test_an_old_state_dict_without_num_batches_tracked_loads_as_torchs(make, metadata):
+    """A checkpoint from before torch 0.4.1 has no ``num_batches_tracked`` (its metadata says
+    version 1; a hand-built dict has none): torch's ``_load_from_state_dict`` keeps the
+    module's own count and loads strictly. normlab's BatchNorm-like modules load such a
+    checkpoint as torch's, and the next training step averages from that count."""
+    theirs = make(nn)
+    state = _random_state(theirs)
+    old = collections.OrderedDict((k, v) for k, v in state.items() if "num_batches" not in k)
+    if metadata:
+        old._metadata = copy.deepcopy(state._metadata)
+        old._metadata[""]["version"] = 1
+    state["num_batches_tracked"].fill_(3)  # (theirs's own buffer) the count to keep: 1/4 next
+    torchs = type(theirs).__module__.startswith("torch.")
+    theirs.load_state_dict(old if torchs else state, strict=True)  # torch's rule, or the rule
+    ours = make(nlnn)
+    ours.num_batches_tracked.fill_(3)
+    ours.load_state_dict(old, strict=True)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
+    x = off_centre(4, 6, 5, 5)
+    torch.testing.assert_close(ours.train()(x), theirs.train()(x))
+    for key, want in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], want, msg=key)
