@@ -3,6 +3,7 @@ input and seed through torch.nn and normlab, and the float64 formula where torch
 
 import collections
 import copy
+import pickle
 
 import pytest
 import torch
@@ -378,8 +379,6 @@ def test_whole_module_torch_save_pickle_and_deepcopy_as_torch(make, tmp_path):
     """``torch.save(model)`` / ``torch.load(weights_only=False)``, pickle and ``copy.deepcopy``
     of a model that holds the module after a training step (moved buffers, the lazy module
     materialized): the same class, state and outputs in both modes, as for torch.nn's modules."""
-    import copy
-    import pickle
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), make())
