@@ -556,3 +556,26 @@ def test_timm_param_groups_weight_decay_groups_normlabs_norms_as_torchs():
     names = {name for name, _ in own.named_parameters()}
     assert no_decay(own) == names - {"0.weight"}
     assert {"3.tau", "4.v", "5.v"} <= names
+
+
+def test_unfreezing_normlabs_frozen_batchnorm_is_convert_norm_to_bn():
+    """timm's ``unfreeze_batch_norm_2d`` turns torchvision's FrozenBatchNorm2d (what timm's
+    ``freeze_batch_norm_2d`` builds) back into BatchNorm2d, but leaves normlab's
+    FrozenBatchNorm2d (another class) frozen, without a word; ``normlab.convert_norm(model,
+    "bn")`` is its unfreeze: the same eval output, trainable affine and training step as
+    timm's freeze/unfreeze round trip on torch's BN."""
+    from formula import off_centre
+    from timm.layers import freeze_batch_norm_2d, unfreeze_batch_norm_2d
+
+    model, _ = _twin_models((nn.BatchNorm2d, nn.BatchNorm2d))
+    x = off_centre(2, 3, 32, 32)
+    theirs = unfreeze_batch_norm_2d(freeze_batch_norm_2d(copy.deepcopy(model)))
+    frozen = normlab.convert_norm(copy.deepcopy(model), "frozenbn")
+    assert isinstance(unfreeze_batch_norm_2d(frozen).bn1, nlnn.FrozenBatchNorm2d)  # left
+    ours = normlab.convert_norm(frozen, "bn")
+    assert isinstance(ours.bn1, nlnn.BatchNorm2d) and ours.bn1.weight.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
+    torch.testing.assert_close(ours.train()(x), theirs.train()(x))
+    for key, want in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], want, msg=key)
