@@ -464,3 +464,25 @@ def test_an_old_state_dict_without_num_batches_tracked_loads_as_torchs(make, met
     torch.testing.assert_close(ours.train()(x), theirs.train()(x))
     for key, want in theirs.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[key], want, msg=key)
+
+
+@pytest.mark.parametrize("make,shape", [
+    # N = 0 into IN with running statistics: torch's writes NaN into them (a mean over no
+    # instance); BatchNorm, torch's and normlab's, leaves its own alone on an empty batch
+    (lambda m: m.InstanceNorm2d(6, affine=True, track_running_stats=True), (0, 6, 4, 4)),
+    # no position into GroupNorm: torch's weight gradient is NaN (0/0); there is no value, so
+    # the gradient of a sum over no output is 0, as torch's bias gradient is
+    (lambda m: m.GroupNorm(3, 6), (2, 6, 0, 4)),
+])
+def test_an_empty_input_leaves_buffers_and_gradients_finite_where_torch_gives_nan(make, shape):
+    ours = make(nlnn).train()
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = torch.randn(*shape, requires_grad=True)
+    y = ours(x)
+    assert y.shape == shape
+    y.sum().backward()
+    for key, value in ours.state_dict().items():
+        if key != "num_batches_tracked":
+            torch.testing.assert_close(value, before[key], msg=key)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, torch.zeros_like(p), msg=name)

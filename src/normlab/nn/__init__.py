@@ -60,6 +60,9 @@ error types, is torch's; ``tests/test_torch_parity.py`` holds both sides to it):
   do; InstanceNorm with ``affine=True`` too (torch's raises IndexError). An input with no
   position (a spatial size 0) gives an empty output in training too, as torch's BatchNorm and
   InstanceNorm (GhostBatchNorm as BatchNorm); the running statistics stay as they were.
+  Where torch gives NaN on an empty input (the running statistics of InstanceNorm with
+  ``track_running_stats`` after N = 0, GroupNorm's weight gradient with no position), normlab
+  leaves the buffers as they were and gives a zero gradient.
 * SyncBatchNorm validates ``num_features >= 1`` and ``momentum`` in [0, 1] (torch's, and
   normlab's BatchNorm, use any momentum as given), takes 2-D to 5-D input (torch's: any
   number of spatial dims) and refuses a ``process_group`` this process is not a member of
