@@ -167,18 +167,20 @@ def _conv_bn_relu_pair(train):
 
 @pytest.mark.filterwarnings("ignore")  # torch 2.13 deprecates FX-mode quantization (torchao)
 def test_fx_mode_quantization_leaves_normlabs_batchnorm_unfused_and_correct():
-    """The documented limit (normlab.nn's docstring): FX-mode quantization matches modules by
-    exact type, so ``fuse_fx`` and ``prepare_fx`` leave normlab's BN unfused; the fused model
-    is still the model, and the converted one runs the BN in float32 between dequantize and
-    quantize, as far from the float model as torch's fused conv-BN-ReLU is (int8 rounding)."""
+    """The documented limit (normlab.nn's docstring): FX-mode quantization and torch.fx's
+    ``optimization.fuse`` match modules by exact type, so ``fuse_fx``, ``fuse`` and
+    ``prepare_fx`` leave normlab's BN unfused; the fused model is still the model, and the
+    converted one runs the BN in float32 between dequantize and quantize, as far from the
+    float model as torch's fused conv-BN-ReLU is (int8 rounding)."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, fuse_fx, prepare_fx
+    from torch.fx.experimental.optimization import fuse
 
     theirs, ours = _conv_bn_relu_pair(False)
     x = off_centre(4, 3, 8, 8)
-    fused = fuse_fx(copy.deepcopy(ours))
-    assert isinstance(fused.get_submodule("1"), nlnn.BatchNorm2d)  # left, as documented
-    torch.testing.assert_close(fused(x), ours(x))
+    for fused in (fuse_fx(copy.deepcopy(ours)), fuse(copy.deepcopy(ours))):
+        assert isinstance(fused.get_submodule("1"), nlnn.BatchNorm2d)  # left, as documented
+        torch.testing.assert_close(fused(x), ours(x))
     errors = []
     for model in (theirs, ours):
         prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
