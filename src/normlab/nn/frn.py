@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
+from normlab.nn._direct import frn_direct, frn_tlu, maximum
 from normlab.nn._common import (channel_view, check_count, check_num_channels, fx_leaf,
                                 not_scriptable)
 
@@ -87,11 +88,15 @@ class FilterResponseNorm2d(nn.Module):
         if isinstance(input, fx.Proxy):
             return fx_leaf(self, input)
         check_4d(self, input, self.num_features)
+        if frn_direct(input, self.weight, self.bias, self.tau):
+            # the ops native runs, without the operator's layers (the same output bits), and
+            # a closed-form backward (benchmarks/NOTES.md, "FRN, EvoNorm and FrozenBN")
+            return frn_tlu(input, self.weight, self.bias, self.tau, self.eps)
         y = NLF.normalize(input, self.num_features, False, self.weight, self.bias, self.eps,
                          center=False)
         if self.tau is None:
             return y
-        return torch.maximum(y, channel_view(self.tau, 4).to(y.dtype))
+        return maximum(y, channel_view(self.tau, 4).to(y.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, tlu={self.tau is not None}"

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
+from normlab.backends.reference import apply_activation
+from normlab.nn._direct import frozen_bn, frozen_bn_direct
 from normlab.nn._common import check_count, check_num_channels, fx_leaf, not_scriptable
 
 __all__ = ["FrozenBatchNorm2d"]
@@ -105,6 +107,11 @@ class FrozenBatchNorm2d(nn.Module):
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
         NLF.check_input(input)
         check_num_channels(self, input, self.num_features)
+        if frozen_bn_direct(input, self.running_mean, self.running_var, self.weight, self.bias):
+            # BN's eval output by the same ATen call, with a one-multiply backward
+            y = frozen_bn(input, self.running_mean, self.running_var, self.weight, self.bias,
+                          self.eps)
+            return apply_activation(y, self.activation)
         return self._normalize(input)
 
     def _normalize(self, input: Tensor) -> Tensor:
