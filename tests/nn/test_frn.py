@@ -86,3 +86,71 @@ def test_a_float_channel_count_is_a_type_error_as_in_torch(make):
         torch.nn.BatchNorm2d(4.0)
     with pytest.raises(TypeError, match=r"must be a positive int, got 4\.0"):
         make(4.0)
+
+
+def _tied(frn, n=3, c=6, hw=4):
+    """Input with zero rows (x = 0 gives y = beta there) and tau = beta on every other channel:
+    exact ties y == tau, as a bias-free conv of a zero background gives FRN at init."""
+    x = off_centre(n, c, hw, hw)
+    x[:, :, :1] = 0.0
+    with torch.no_grad():
+        frn.tau.copy_(torch.where(torch.arange(c) % 2 == 0, frn.bias, frn.bias - 1.0))
+    return x.requires_grad_()
+
+
+def _operator_route(frn, x):
+    """FRN + TLU through the operator and torch.maximum (the module's code before its direct
+    route): the reference for bits."""
+    y = normlab.functional.normalize(x, frn.num_features, False, frn.weight, frn.bias, frn.eps,
+                                     center=False)
+    return torch.maximum(y, frn.tau.reshape(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_direct_route_same_output_bits_closed_form_backward(dtype):
+    """A plain CPU call takes the direct route (one autograd node for FRN + TLU, a closed-form
+    backward); output and parameter gradients are the operator route's bits, ties included,
+    and the input gradient equals the float64 formula's."""
+    frn = _randomized(nlnn.FilterResponseNorm2d(6, dtype=dtype))
+    x = _tied(frn).to(dtype).detach().requires_grad_()
+    g = torch.randn(x.shape, dtype=dtype)
+    z = frn(x)
+    assert type(z.grad_fn).__name__ == "_FrnTluBackward"
+    params = (x, frn.weight, frn.bias, frn.tau)
+    ours = torch.autograd.grad(z, params, g)
+    ref_z = _operator_route(frn, x)
+    ref = torch.autograd.grad(ref_z, params, g)
+    assert torch.equal(z, ref_z)
+    for a, r in zip(ours[1:], ref[1:]):
+        assert torch.equal(a, r)
+    x64 = x.detach().double().requires_grad_()
+    z64 = frn64(x64, frn.weight, frn.bias, frn.tau, frn.eps)
+    (gx64,) = torch.autograd.grad(z64, x64, g.double())
+    tol = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-12)}[dtype]
+    torch.testing.assert_close(ours[0].double(), gx64, atol=tol[0], rtol=tol[1])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_tlu_gradient_at_ties_is_split_in_halves_as_torch_maximum(layout):
+    """At y == tau torch's maximum gives y and tau half of the gradient each; the TLU's own
+    backward (direct route for NCHW, the multiply-only maximum for channels_last) keeps that."""
+    frn = _randomized(nlnn.FilterResponseNorm2d(4))
+    x = torch.zeros(2, 4, 3, 3)  # y = beta everywhere
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with torch.no_grad():
+        frn.tau.copy_(frn.bias)  # every position a tie
+    g = torch.rand(2, 4, 3, 3) + 0.5
+    dbias, dtau = torch.autograd.grad(frn(x), (frn.bias, frn.tau), g)
+    half = g.sum((0, 2, 3)) / 2
+    torch.testing.assert_close(dbias, half)
+    torch.testing.assert_close(dtau, half)
+
+
+def test_second_derivative_through_the_direct_route():
+    """create_graph through the direct route (a gradient penalty): gradgradcheck in float64."""
+    frn = _randomized(nlnn.FilterResponseNorm2d(3, eps=1e-3, dtype=torch.float64))
+    x = off_centre(2, 3, 3, 3, dtype=torch.float64).requires_grad_()
+    assert type(frn(x).grad_fn).__name__ == "_FrnTluBackward"
+    assert torch.autograd.gradgradcheck(frn, (x,))

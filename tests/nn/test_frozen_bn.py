@@ -93,3 +93,40 @@ def test_from_batchnorm_keeps_normlab_fused_activation(act):
     want = {"relu": torch.relu, "silu": nn.functional.silu, "gelu": nn.functional.gelu}[act](plain)
     assert frozen.activation == act
     torch.testing.assert_close(frozen(x), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_input_one_multiply_backward(dtype):
+    """From FROZEN_BN_MIN_NUMEL elements a plain call with a gradient runs the Function whose
+    backward is dy * gamma / sqrt(var + eps): the output is BN's eval bits, the input gradient
+    the float64 formula's, and a second derivative (create_graph) still works."""
+    from normlab.nn._direct import FROZEN_BN_MIN_NUMEL
+
+    bn = _trained_bn(8).to(dtype)
+    frozen = nlnn.FrozenBatchNorm2d.from_batchnorm(bn)
+    side = int((FROZEN_BN_MIN_NUMEL // 16) ** 0.5) + 1  # (2, 8, side, side) >= the minimum
+    x = off_centre(2, 8, side, side, dtype=dtype).requires_grad_()
+    g = torch.randn(x.shape, dtype=dtype)
+    y = frozen(x)
+    assert type(y.grad_fn).__name__ == "_FrozenBatchNormBackward"
+    assert torch.equal(y, bn(x))
+    (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    tol = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-14, 1e-14)}[dtype]
+    torch.testing.assert_close(gx.double(), g.double() * scale.reshape(1, -1, 1, 1),
+                               atol=tol[0], rtol=tol[1])
+    # linear in dy: the gradient of <gx, h> with respect to g is h * scale
+    h = torch.randn_like(g)
+    g.requires_grad_()
+    (gx,) = torch.autograd.grad(frozen(x), x, g, create_graph=True)
+    (gg,) = torch.autograd.grad((gx * h).sum(), g)
+    torch.testing.assert_close(gg.double(), h.double() * scale.reshape(1, -1, 1, 1),
+                               atol=tol[0], rtol=tol[1])
+
+
+def test_small_input_keeps_atens_backward():
+    """Below FROZEN_BN_MIN_NUMEL the Function's Python costs more than it saves: ATen's own
+    eval-mode batch norm records the backward, as before."""
+    frozen = nlnn.FrozenBatchNorm2d.from_batchnorm(_trained_bn())
+    x = off_centre(2, 6, 4, 4).requires_grad_()
+    assert type(frozen(x).grad_fn).__name__ != "_FrozenBatchNormBackward"
