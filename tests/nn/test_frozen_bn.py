@@ -130,3 +130,26 @@ def test_small_input_keeps_atens_backward():
     frozen = nlnn.FrozenBatchNorm2d.from_batchnorm(_trained_bn())
     x = off_centre(2, 6, 4, 4).requires_grad_()
     assert type(frozen(x).grad_fn).__name__ != "_FrozenBatchNormBackward"
+
+
+def test_plain_call_runs_atens_batch_norm_directly(monkeypatch):
+    """Where native is in force, a plain call runs the ATen op native would (torch.batch_norm in
+    eval mode) without the operator's layers: the same bits; another backend still goes
+    through normalize_fixed."""
+    bn = _trained_bn()
+    frozen = nlnn.FrozenBatchNorm2d.from_batchnorm(bn)
+    x = off_centre(2, 6, 4, 4)
+    calls = []
+    real = normlab.functional.normalize_fixed
+    monkeypatch.setattr(normlab.functional, "normalize_fixed",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(frozen(x), bn(x)) and not calls
+    xg = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    g = torch.randn(x.shape)
+    frozen(xg).backward(g)
+    bn(xb).backward(g)
+    assert torch.equal(xg.grad, xb.grad) and not calls  # small input: ATen's backward too
+    with normlab.use_backend("reference"):
+        frozen(x)
+    assert calls

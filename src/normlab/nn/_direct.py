@@ -188,18 +188,15 @@ FROZEN_BN_MIN_NUMEL = 1 << 18
 
 
 def frozen_bn_direct(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor) -> bool:
-    """Whether FrozenBN's call on a checked ``x`` may run :func:`frozen_bn`: a gradient wanted
-    for x alone (buffers that do not require grad) on an input of at least
-    :data:`FROZEN_BN_MIN_NUMEL` elements, everything float32 or float64 in x's dtype, where the
-    native backend runs ``torch.batch_norm`` on it as it is, on a plain call."""
+    """Whether FrozenBN's call on a checked ``x`` may run :func:`frozen_bn`: where the native
+    backend runs ``torch.batch_norm`` on the arguments as they are (native in force, a
+    non-empty input, buffers in x's dtype, statistics that do not require grad), on a plain
+    call."""
     dtype = x.dtype
     # plain_call before the size test: under torch.export that would guard a symbolic batch
-    return (wants_grad(x) and plain_call(x, mean, var, weight, bias)
-            and x.numel() >= FROZEN_BN_MIN_NUMEL and dtype in _FLOATS
-            and mean.dtype == dtype and var.dtype == dtype and weight.dtype == dtype
-            and bias.dtype == dtype
-            and not (mean.requires_grad or var.requires_grad or weight.requires_grad
-                     or bias.requires_grad)
+    return (plain_call(x, mean, var, weight, bias) and mean.dtype == dtype
+            and var.dtype == dtype and weight.dtype == dtype and bias.dtype == dtype
+            and not (mean.requires_grad or var.requires_grad) and x.numel() > 0
             and native_in_force(None, x))
 
 
@@ -224,5 +221,11 @@ class _FrozenBatchNorm(torch.autograd.Function):
 def frozen_bn(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
               eps: float) -> Tensor:
     """FrozenBN's normalization (before any activation) on a call :func:`frozen_bn_direct`
-    accepted."""
-    return _FrozenBatchNorm.apply(x, mean, var, weight, bias, eps)
+    accepted: ``torch.batch_norm`` in eval mode, the op native runs (the same bits, without
+    ``batch_norm``'s and ``normalize_fixed``'s layers); through :class:`_FrozenBatchNorm` where
+    a gradient is wanted for a float32/float64 x alone of at least
+    :data:`FROZEN_BN_MIN_NUMEL` elements."""
+    if (wants_grad(x) and x.dtype in _FLOATS and x.numel() >= FROZEN_BN_MIN_NUMEL
+            and not (weight.requires_grad or bias.requires_grad)):
+        return _FrozenBatchNorm.apply(x, mean, var, weight, bias, eps)
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)

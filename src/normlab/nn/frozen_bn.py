@@ -108,7 +108,8 @@ class FrozenBatchNorm2d(nn.Module):
         NLF.check_input(input)
         check_num_channels(self, input, self.num_features)
         if frozen_bn_direct(input, self.running_mean, self.running_var, self.weight, self.bias):
-            # BN's eval output by the same ATen call, with a one-multiply backward
+            # BN's eval output by the ATen call native makes (with a one-multiply backward
+            # for large inputs; benchmarks/NOTES.md, "FRN, EvoNorm and FrozenBN")
             y = frozen_bn(input, self.running_mean, self.running_var, self.weight, self.bias,
                           self.eps)
             return apply_activation(y, self.activation)
