@@ -563,13 +563,6 @@ def moments(
     center = check_flag(center, "center")
     if over_batch:
         _check_batch_stat_size(x, num_groups)
-    return _moments(x, num_groups, over_batch, center)
-
-
-def _moments(x: Tensor, num_groups: int, over_batch: bool, center: bool = True
-             ) -> Tuple[Tensor, Tensor]:
-    """:func:`moments` on arguments that are already checked (EvoNorm's modules check their
-    input and groups themselves: ~12 us a call less; benchmarks/NOTES.md)."""
     n = x.shape[0]
     per_group = (x.shape[1] // num_groups) * math.prod(x.shape[2:])  # not -1: N may be 0
     xg = x.to(compute_dtype(x.dtype)).reshape(n, num_groups, per_group)

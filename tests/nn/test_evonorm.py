@@ -162,9 +162,9 @@ def test_b0_maximum_backward_without_bool_masks(layout):
     """B0's denominator max(batch std, v x + instance std) with a gradient on a plain call runs
     the multiply-only maximum (torch's backward: where and masked_fill on bool masks, 10x slower
     on the CPU); the gradients equal the float64 formula's."""
-    norm = _randomized(nlnn.EvoNorm2dB0(6))
+    norm = _randomized(nlnn.EvoNorm2dB0(8))
     norm.momentum = 0.0
-    x = off_centre(4, 6, 5, 5)
+    x = off_centre(8, 8, 16, 16)  # MAXIMUM_MIN_NUMEL elements: smaller ones keep torch's
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -180,13 +180,18 @@ def test_b0_maximum_backward_without_bool_masks(layout):
 
 
 def test_maximum_split_at_ties_equals_torchs():
-    """normlab.nn._direct.maximum: torch.maximum's output and gradients, at ties (half each) and
-    with broadcasting (the smaller operand's gradient summed to its shape)."""
-    from normlab.nn._direct import maximum
+    """normlab.nn._direct.maximum: torch.maximum's output and gradients, bit for bit, at ties
+    (half each) and with broadcasting (the smaller operand's gradient summed to its shape);
+    below MAXIMUM_MIN_NUMEL elements it is torch.maximum itself."""
+    from normlab.nn._direct import MAXIMUM_MIN_NUMEL, maximum
 
-    a = torch.tensor([[1.0, 2.0, 3.0], [3.0, 0.5, 2.0]], requires_grad=True)
-    b = torch.tensor([[2.0, 2.0, 2.0]], requires_grad=True)
-    g = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]])
+    torch.manual_seed(0)
+    b = torch.randn(1, 8, 1, 1, requires_grad=True)
+    a = torch.randn(8, 8, 16, 16)
+    a[:, :, :4] = b.detach()  # ties
+    a.requires_grad_()
+    assert a.numel() >= MAXIMUM_MIN_NUMEL
+    g = torch.randn(a.shape)
     z = maximum(a, b)
     assert type(z.grad_fn).__name__ == "_MaximumBackward"
     ours = torch.autograd.grad(z, (a, b), g)
@@ -195,4 +200,6 @@ def test_maximum_split_at_ties_equals_torchs():
     assert torch.equal(z, ref_z)
     for o, r in zip(ours, ref):
         assert torch.equal(o, r)
-    assert ours[1].tolist() == [[1.0, 1.0 + 16.0, 32.0 / 2]]  # ties (row 0 col 1, row 1 col 2)
+    torch.testing.assert_close(ours[0][:, :, :4], g[:, :, :4] / 2, rtol=0, atol=0)
+    small = maximum(a[:1, :1, :2], b[:, :1])
+    assert type(small.grad_fn).__name__ == "MaximumBackward0"

@@ -11,7 +11,7 @@ InstanceNorm's (``num_groups=C, over_batch=False``). Parameter and buffer names 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor, fx, nn
@@ -20,7 +20,7 @@ from normlab import functional as NLF
 from normlab.backends.reference import compute_dtype, output_memory_format
 from normlab.nn._common import (channel_view, check_count, fx_leaf, not_scriptable,
                                 update_running_stats)
-from normlab.nn._direct import maximum, plain_call
+from normlab.nn._direct import maximum
 from normlab.nn.frn import check_4d
 
 __all__ = ["EvoNorm2dS0", "EvoNorm2dB0"]
@@ -44,17 +44,6 @@ class _EvoNorm(nn.Module):
         nn.init.ones_(self.weight)
         nn.init.zeros_(self.bias)
         nn.init.ones_(self.v)
-
-    def _moments(self, x: Tensor, num_groups: int, over_batch: bool, checked: bool
-                 ) -> Tuple[Tensor, Tensor]:
-        """:func:`normlab.functional.moments` of the checked input ``x``; without its checks
-        of x and the groups on a plain call (``checked``: :func:`plain_call` said so; the same
-        reductions, the same bits). Over the batch, one value per channel stays an error."""
-        if not checked:
-            return NLF.moments(x, num_groups, over_batch)
-        if over_batch:
-            NLF._check_batch_stat_size(x, num_groups)
-        return NLF._moments(x, num_groups, over_batch)
 
     def _affine(self, z: Tensor, x: Tensor) -> Tensor:
         """gamma * z + beta, computed in z's (accumulation) dtype, returned in x's."""
@@ -106,8 +95,7 @@ class EvoNorm2dS0(_EvoNorm):
             return fx_leaf(self, input)
         check_4d(self, input, self.num_features)
         n, c = input.shape[:2]
-        checked = plain_call(input, self.weight, self.bias, self.v)
-        _, var = self._moments(input, self.num_groups, False, checked)  # (N, G), differentiable
+        _, var = NLF.moments(input, self.num_groups, False)  # (N, G), differentiable
         rstd = torch.rsqrt(var + self.eps).repeat_interleave(c // self.num_groups, dim=1)
         x = input.to(var.dtype)
         z = x * torch.sigmoid(channel_view(self.v, 4).to(x.dtype) * x) * rstd.reshape(n, c, 1, 1)
@@ -171,14 +159,13 @@ class EvoNorm2dB0(_EvoNorm):
         check_4d(self, input, self.num_features)
         n, c = input.shape[:2]
         acc = compute_dtype(input.dtype)
-        checked = plain_call(input, self.weight, self.bias, self.v)
         if self.training and n > 0:  # an empty batch has no statistics: no update (as BN)
-            mean_b, var_b = self._moments(input, c, True, checked)  # (C,), differentiable
+            mean_b, var_b = NLF.moments(input, c, True)  # (C,), differentiable
             update_running_stats(None, self.running_var, mean_b.detach(), var_b.detach(),
                                  input.numel() // c, self.momentum)
         else:
             var_b = self.running_var.to(acc)
-        _, var_i = self._moments(input, c, False, checked)  # (N, C)
+        _, var_i = NLF.moments(input, c, False)  # (N, C)
         x = input.to(acc)
         left = torch.sqrt(var_b + self.eps).reshape(1, c, 1, 1)
         right = channel_view(self.v, 4).to(acc) * x + torch.sqrt(var_i + self.eps).reshape(n, c, 1, 1)
