@@ -1,12 +1,13 @@
-"""Direct routes for the common case of FRN, EvoNorm and FrozenBN (private).
+"""Direct routes for the common case of FRN, EvoNorm-B0 and FrozenBN (private).
 
 What these modules compute is unchanged; the routes skip layers and torch's slow backward
 formulas where that gives the same output (benchmarks/NOTES.md, "FRN, EvoNorm and FrozenBN:
 where the time goes, and direct routes"):
 
-* :func:`maximum`: ``torch.maximum`` with a backward of multiplies instead of torch's ``where``
-  and ``masked_fill`` on bool masks (10-20x slower on the CPU). Ties (``a == b``) split the
-  gradient in halves, as torch's do.
+* :func:`maximum` (FRN's TLU, EvoNorm-B0's denominator): ``torch.maximum`` with a backward of
+  multiplies instead of torch's ``where`` and ``masked_fill`` on bool masks (10-20x slower on
+  the CPU), from :data:`MAXIMUM_MIN_NUMEL` elements. Ties (``a == b``) split the gradient in
+  halves, as torch's do.
 * :func:`frn_tlu`: FRN + TLU by the op the native backend runs (``torch._fused_rms_norm`` on
   the (N, C, HW) view), without the operator's layers, and with a closed-form backward.
 * :func:`frozen_bn`: ``torch.batch_norm`` in eval mode with the backward ``dy * scale``.

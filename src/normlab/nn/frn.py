@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
-from normlab.nn._direct import frn_direct, frn_tlu, maximum
 from normlab.nn._common import (channel_view, check_count, check_num_channels, fx_leaf,
                                 not_scriptable)
+from normlab.nn._direct import frn_direct, frn_tlu, maximum
 
 __all__ = ["FilterResponseNorm2d"]
 

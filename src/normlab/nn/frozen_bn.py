@@ -16,8 +16,8 @@ from torch import Tensor, fx, nn
 
 from normlab import functional as NLF
 from normlab.backends.reference import apply_activation
-from normlab.nn._direct import frozen_bn, frozen_bn_direct
 from normlab.nn._common import check_count, check_num_channels, fx_leaf, not_scriptable
+from normlab.nn._direct import frozen_bn, frozen_bn_direct
 
 __all__ = ["FrozenBatchNorm2d"]
 
