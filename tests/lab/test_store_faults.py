@@ -387,3 +387,62 @@ def test_a_full_store_says_so(tmp_path):
                                            r"\(OperationalError: database or disk is full"):
             s.record_epochs("r", rows, {})
         assert s.epochs("r") == []  # the transaction wrote nothing
+
+
+class _Killed(BaseException):
+    """What a SIGKILL between two renames would leave: the writer stops there."""
+
+
+def test_an_export_stopped_between_its_renames_is_found_and_the_next_command_repairs_it(
+        tmp_path, monkeypatch):
+    # The exports are renamed into place one by one, results.json last: a writer killed after
+    # the first rename left runs.csv of a newer snapshot beside a results.json naming an older
+    # one, and nothing (results.json's `export` key, `normlab ls`) could tell
+    from normlab.lab import outfiles
+    from normlab.lab.store_export import mixed_exports
+
+    _fill(tmp_path, n_runs=4)
+    assert mixed_exports(tmp_path) == []
+    cfg = RunConfig(norm="gn", batch_size=6, seed=7, data="synthetic", epochs=1)
+    with Store(tmp_path) as s:
+        s.claim(cfg.run_id(), cfg.to_dict())
+        s.record_epochs(cfg.run_id(), [{"epoch": 0, "test_error": 3.25, "train_loss": 0.7}], {})
+        s.finish(cfg.run_id())
+        place, placed = outfiles._place, []
+
+        def killed_after_the_first(src, path):
+            if placed:
+                raise _Killed
+            placed.append(path.name)
+            place(src, path)
+
+        monkeypatch.setattr(outfiles, "_place", killed_after_the_first)
+        with pytest.raises(_Killed):
+            s.export()
+        monkeypatch.setattr(outfiles, "_place", place)
+    assert placed == ["runs.csv"] and cfg.run_id() in (tmp_path / "runs.csv").read_text()
+    assert cfg.run_id() not in (tmp_path / "results.json").read_text()  # the older snapshot
+    assert mixed_exports(tmp_path) == ["runs.csv"]
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]  # no half file left
+    r = runner.invoke(app, ["ls", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert ("note: runs.csv in " in r.output and "are not of the snapshot results.json names"
+            in " ".join(r.output.split())), r.output
+    r = runner.invoke(app, ["report", str(tmp_path)])  # the next command writing the exports
+    assert r.exit_code == 0, r.output
+    assert mixed_exports(tmp_path) == []
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert cfg.run_id() in {run["run_id"] for run in doc["runs"]}
+    assert "note:" not in runner.invoke(app, ["ls", str(tmp_path)]).output
+
+
+def test_a_csv_edited_or_removed_after_its_export_is_named(tmp_path):
+    from normlab.lab.store_export import mixed_exports
+
+    _fill(tmp_path, n_runs=3)
+    (tmp_path / "spp.csv").unlink()
+    with open(tmp_path / "epochs.csv", "a") as f:
+        f.write("x,0,1.5\n")
+    assert mixed_exports(tmp_path) == ["epochs.csv", "spp.csv"]
+    (tmp_path / "results.json").write_text('{"runs": []}')  # an earlier normlab's: cannot tell
+    assert mixed_exports(tmp_path) == []

@@ -6,8 +6,8 @@ counts, and its config, ``config.*``), ``epochs.csv`` (one row per run and epoch
 ``x``: the run's point, ``registered``), ``spp.csv`` (the signal-propagation records, one row
 per model and depth, as the ``spp`` table holds them) and ``results.json`` (the runs with their
 histories and flags, the study members, the setups, under ``spp`` the spp rows, and under
-``export`` which snapshot of the store it is), each written to a temporary file and renamed into
-place, so a reader never sees half of one. A table cell of the report is the mean of
+``export`` which snapshot of the store it is, with the SHA-256 of each CSV of that snapshot),
+each written to a temporary file and renamed into place, so a reader never sees half of one. A table cell of the report is the mean of
 ``final_test_error`` over the runs of ``runs.csv`` that are ``done`` with an empty ``flag``,
 joined on ``run_id`` with the rows of ``studies.csv`` of its study, ``in_report``, label and x.
 
@@ -20,11 +20,19 @@ from any process on any host as the store itself does, with no clock), and named
 random id (a store moved away and started afresh counts from 0 again). :func:`place_exports`
 runs under the store's write lock and leaves the exports in place when ``results.json`` holds a
 later snapshot of the same store: two studies ending together never put the older one last.
+
+The CSVs are renamed into place first, ``results.json`` last, so a writer stopped between two
+renames (killed, or a full disk) leaves CSVs of a newer snapshot beside a ``results.json`` of an
+older one: :func:`mixed_exports` finds them (a CSV whose SHA-256 is not the one ``results.json``
+names), ``normlab ls`` says so, and the next export (any normlab command that writes the
+store, or ``normlab report``) writes them all again, since ``results.json``'s snapshot is then
+not the later one.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -50,6 +58,10 @@ SPP_FIELDS = ("model", "depth", "name", "avg_sq_mean", "avg_var", "residual_var"
               "architecture", "measured_on")
 #: results.json's first key (keys are sorted) says which snapshot it is
 _MARKER = re.compile(rb'\A\{\s*"export": \{\s*"generation": (\d+),\s*"store": "([0-9a-f]*)"')
+#: the key of results.json's ``export`` that holds each CSV's SHA-256 (sorted after ``store``)
+_SHA_KEY = "tables_sha256"
+#: how much of results.json's start holds its ``export`` key (every key's name is short)
+_HEAD_BYTES = 4096
 
 
 @dataclass
@@ -120,7 +132,8 @@ def render_exports(snap: Snapshot,
     }
     doc = {"runs": runs,
            "studies": snap.members, "setups": snap.setups, "spp": snap.spp,
-           "export": {"generation": snap.generation, "store": snap.store}}
+           "export": {"generation": snap.generation, "store": snap.store,
+                      _SHA_KEY: {name: _sha256(text) for name, text in texts.items()}}}
     texts["results.json"] = json.dumps(doc, indent=1, sort_keys=True, default=str)
     return texts
 
@@ -138,22 +151,78 @@ def place_exports(directory: Path, texts: dict[str, str], snap: Snapshot) -> lis
     return paths
 
 
+def mixed_exports(directory: Path) -> list[str]:
+    """The CSV exports in ``directory`` that are not of the snapshot its ``results.json``
+    names (a CSV whose SHA-256 differs from the one recorded there, or that is missing): an
+    export was stopped between its renames (module docstring). Empty when they agree, and
+    when ``results.json`` records no SHA-256 (missing, or written by an earlier normlab)."""
+    head = _head(directory / "results.json")
+    export = _export_key(head) if head is not None else None
+    want = export.get(_SHA_KEY) if export is not None else None
+    if not isinstance(want, dict):
+        return []
+    return [name for name, sha in sorted(want.items())
+            if _file_sha256(directory / name) != sha]
+
+
 def _placed(path: Path) -> Optional[tuple[int, str]]:
     """(generation, store id) of the exports in place, from ``results.json``'s first key; None
     when it is missing, not a regular file, or has none (written by an earlier normlab)."""
-    try:  # a link or a FIFO planted there is neither followed nor waited on
+    head = _head(path)
+    m = _MARKER.match(head) if head is not None else None
+    return (int(m.group(1)), m.group(2).decode()) if m else None
+
+
+def _head(path: Path, size: int = _HEAD_BYTES) -> Optional[bytes]:
+    """The first ``size`` bytes of the regular file ``path``; None when it is missing, or a
+    link, a FIFO (neither followed nor waited on) or anything but a regular file."""
+    try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        m = _MARKER.match(os.read(fd, 4096))
+        return os.read(fd, size) if stat.S_ISREG(os.fstat(fd).st_mode) else None
     except OSError:
         return None
     finally:
         os.close(fd)
-    return (int(m.group(1)), m.group(2).decode()) if m else None
+
+
+def _export_key(head: bytes) -> Optional[dict[str, Any]]:
+    """results.json's ``export`` object, parsed from the file's start ``head``; None when it
+    does not start with one."""
+    if _MARKER.match(head) is None:
+        return None
+    text = head.decode("utf-8", errors="replace")
+    try:
+        export, _ = json.JSONDecoder().raw_decode(text, text.index("{", 1))
+    except ValueError:
+        return None
+    return export if isinstance(export, dict) else None
+
+
+def _sha256(text: str) -> str:
+    """The SHA-256 of ``text`` as :func:`normlab.lab.outfiles.write_text` writes it (UTF-8)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _file_sha256(path: Path) -> Optional[str]:
+    """The SHA-256 of the regular file ``path``; None when it cannot be read as one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    digest = hashlib.sha256()
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 def _cell(v: Any) -> Any:

@@ -18,6 +18,7 @@ from normlab.lab.config import ConfigError, RunConfig, field_types
 from normlab.lab.progress import console, literal, say
 from normlab.lab.report import print_report
 from normlab.lab.store import Store
+from normlab.lab.store_export import mixed_exports
 from normlab.lab.studies import STUDIES
 from normlab.lab.summary import (device_kind, emulated_devices, precise_bn_note,
                                   setup_differences)
@@ -137,6 +138,17 @@ def _print_runs(out: Path) -> None:
             table.add_row(*(literal(v) for v in cells))
     # off a terminal rich assumes 80 columns; keep the table whole for logs and pipes
     (console if console.is_terminal else Console(width=200)).print(table)
+    _say_mixed_exports(out)
+
+
+def _say_mixed_exports(out: Path) -> None:
+    """A line when OUT's CSV exports are not all of the snapshot its results.json names (an
+    export stopped between its renames: :func:`normlab.lab.store_export.mixed_exports`)."""
+    mixed = mixed_exports(out)
+    if mixed:
+        say(literal(f"note: {', '.join(mixed)} in {out} are not of the snapshot results.json "
+                    f"names (an export was stopped midway); `normlab report {out}` writes "
+                    "every export again"))
 
 
 def _earlier_setups(memberships: list[dict], runs: dict[str, dict]) -> dict[tuple, str]:
