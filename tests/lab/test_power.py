@@ -360,3 +360,38 @@ def test_rounds_judge_their_own_setup_while_another_process_runs_the_study_on_an
     assert store.setup_info("norms", "quick").get("power", {}).get("runs_added") == \
         rec["runs_added"]
     store.close()
+
+
+def test_a_round_interrupted_and_run_again_counts_its_finished_runs_against_the_budget(
+        tmp_path):
+    # `reproduce --budget-runs 3` stopped (Ctrl-C) in its first round after one of the round's
+    # three runs, then run again to resume: the rerun counted the finished run as an earlier
+    # invocation's, not against its budget, and added 3 runs more, 4 in all for a budget of 3
+    study = get_study("norms")
+    store = Store(tmp_path)
+    trained = []
+    inner = _fake_run(store, trained)
+    calls = []
+
+    def stopped_in_the_first_round(points):
+        calls.append(len(points))
+        if len(calls) == 1:
+            return inner(points)
+        inner(points[:1])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_with_power(study, "quick", store, lambda at: study.points({}, "quick", seeds_at=at),
+                       stopped_in_the_first_round, budget_runs=3, max_seeds=6)
+    assert calls == [5, 3] and len(trained) == 6  # the round's first run finished
+    store.close()
+    _, store, again, rec = _study(tmp_path, budget_runs=3, max_seeds=6)
+    assert trained[5:] == [("LN", 1)] and len(again) == 2, again  # 3 in all, as unstopped
+    # the stopped round and this one's, as the invocation it resumes would have counted them
+    assert (rec["rounds"], rec["runs_added"], rec["stopped"]) == (2, 3, "budget-runs"), rec
+    assert rec["before"] == {"rounds": 0, "runs_added": 0}
+    assert store.setup_info("norms")["power"]["runs_added"] == 3
+    store.close()
+    _, store, third, rec = _study(tmp_path, budget_runs=2, max_seeds=6)  # a finished one's
+    assert len(third) == 2 and rec["before"] == {"rounds": 2, "runs_added": 3}  # not counted
+    store.close()

@@ -12,6 +12,13 @@ since the study started (a round that has started finishes). What happened is
 recorded with the setup (:meth:`Store.update_setup_info`, key ``power``), so the report can
 say which claims stayed open and why.
 
+An invocation stopped during its rounds (Ctrl-C, a kill) is resumed by the next one on the same
+setup: each round, before it trains, stores the rounds begun and the run ids they listed
+(``unfinished`` in the record, dropped once the record is complete), and the next invocation
+counts those rounds as its own and the listed runs finished meanwhile against its
+``budget_runs`` (the others are listed again where a claim still wants them). The finished
+runs of an invocation that ended are an earlier invocation's (``before``), not counted.
+
 Every look at a claim is another chance to call two equal points different, so when rounds may
 run, every verdict (the first list's included) uses the sequential level for looks after each
 seed from the first list's seeds to ``max_seeds`` (:func:`normlab.lab.analysis.level_for`): the
@@ -99,10 +106,17 @@ def run_with_power(
     level = level_for(looks)  # fixed, and stored, before the first look: an interrupted study's
     store.update_setup_info(study.name, preset, setup,  # report judges at it too
                             {"power": {**earlier, "looks": list(looks)}})
+    start = {**earlier, "looks": list(looks)}
     counts = dict(run(points))
     deadline = None if budget_minutes is None else t0 + 60.0 * budget_minutes
+
+    def begun(rounds: int, listed: set[str]) -> None:  # what a resumed invocation counts
+        store.update_setup_info(study.name, preset, setup, {"power": {
+            **start, "unfinished": {"rounds": rounds, "run_ids": sorted(listed)}}})
+
     rounds, added, stopped = _rounds(study, preset, store, points, points_for, run, counts,
-                                     setup, level, max_seeds, budget_runs, deadline, clock)
+                                     setup, level, max_seeds, budget_runs, deadline, clock,
+                                     _unfinished(earlier), begun)
     if stopped == "decided" and _no_claim_run(store, study, preset, setup, level):
         stopped = "no-claim"
     open_claims, decided = _claims_at_end(store, study, preset, setup, level)
@@ -120,15 +134,23 @@ def _rounds(study: Study, preset: str, store: Store, points: list[Point],
             points_for: Callable[[Optional[dict]], list[Point]],
             run: Callable[[list[Point]], dict[str, int]], counts: dict[str, int], setup: str,
             level: Level, max_seeds: int, budget_runs: Optional[int],
-            deadline: Optional[float], clock: Callable[[], float]) -> tuple[int, int, str]:
+            deadline: Optional[float], clock: Callable[[], float],
+            carried: tuple[int, set[str]] = (0, set()),
+            begun: Callable[[int, set[str]], None] = lambda rounds, listed: None
+            ) -> tuple[int, int, str]:
     """The power rounds after the first run list ``points``: ``(rounds, runs added, why they
     stopped)``; each round's outcome ``counts`` are added to those given. A round adds a seed
     to the open claims' points (:func:`_next_round`) until none is left that more seeds could
-    decide, the run budget has no room, or ``clock()`` reaches ``deadline``."""
+    decide, the run budget has no room, or ``clock()`` reaches ``deadline``. ``carried``: the
+    rounds begun and run ids listed by a stopped invocation this one resumes (its finished
+    runs count as added); ``begun(rounds, listed)`` is called as each round starts to train."""
     targets: dict[tuple, int] = {}
-    added, rounds = 0, 0
+    rounds, listed = carried[0], set(carried[1])
+    added: Optional[int] = None
     while True:
         runs = store.study_runs(study.name, preset, setup)  # its own: not another process's
+        if added is None:  # the stopped invocation's rounds' runs finished: spent already
+            added = sum(r["run_id"] in listed and r["status"] == "done" for r in runs)
         claims = _wanted(runs, study, max_seeds, targets, level)
         if not claims:
             return rounds, added, "decided"
@@ -144,9 +166,25 @@ def _rounds(study: Study, preset: str, store: Store, points: list[Point],
         rounds += 1
         added += len(new)
         points = points + new
+        listed |= {p.cfg.run_id() for p in new}
         _register(store, study, preset, new, setup, None)
+        begun(rounds, listed)
         for k, v in run(new).items():
             counts[k] = counts.get(k, 0) + v
+
+
+def _unfinished(earlier: dict[str, Any]) -> tuple[int, set[str]]:
+    """(rounds begun, run ids listed) of a stopped invocation, from the stored record's
+    ``unfinished`` (module docstring); ``(0, set())`` when the last invocation ended (or the
+    value is not such a record: an edited one counts as none)."""
+    u = earlier.get("unfinished")
+    if not isinstance(u, dict):
+        return 0, set()
+    rounds, ids = u.get("rounds"), u.get("run_ids")
+    if (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0
+            or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
+        return 0, set()
+    return rounds, set(ids)
 
 
 def _before(earlier: dict[str, Any]) -> dict[str, int]:
