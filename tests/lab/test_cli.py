@@ -1085,6 +1085,64 @@ def test_jobs_follower_shows_each_workers_epochs():
         "  BN x=32 seed=0: epoch 1/20, train loss 1.700, test error 40.00% (95 img/s)"]
 
 
+class _FakeWorkers:
+    """``mp.get_context("spawn")`` for run_parallel whose first worker, when started, reports
+    ``reports`` ((point, outcome) in that order) and exits at once."""
+
+    def __init__(self, reports):
+        self.reports = reports
+
+    def get_context(self, method):
+        return self
+
+    def Queue(self, maxsize=0):  # noqa: N802 - multiprocessing's spelling
+        import queue
+        return queue.Queue(maxsize)
+
+    def Process(self, target, daemon, args):  # noqa: N802
+        fake = self
+
+        class Proc:
+            exitcode = 0
+
+            def start(self):
+                outcomes = args[4]
+                for p, outcome in fake.reports:
+                    res = {"final_test_error": 7.5, "wall_time": 1.0, "images_per_s": 9.0,
+                           "resumed_from": 0} if outcome == "trained" else {}
+                    outcomes.put((p.cfg.run_id(), outcome, res))
+                fake.reports = []
+
+            def is_alive(self):
+                return False
+
+        return Proc()
+
+
+def test_jobs_print_the_runs_already_done_first_in_the_studys_order(tmp_path, monkeypatch):
+    # with --jobs the "already done" lines came after the lines of every run trained, however
+    # early in the study those runs were (the workers' skips were held to the end)
+    from normlab.lab import progress, runner as runner_mod
+    from normlab.lab.store import Store
+    from normlab.lab.studies import get_study
+
+    a, b, c, d = get_study("batch-size").points({}, "quick", 1, ["BN", "GN"])[:4]
+    with Store(tmp_path) as store:
+        for p in (a, c):  # finished by an earlier invocation
+            store.claim(p.cfg.run_id(), p.cfg.to_dict())
+            store.record_epochs(p.cfg.run_id(), [{"epoch": 0, "test_error": 4.0}], {})
+            store.finish(p.cfg.run_id())
+        monkeypatch.setattr(runner_mod, "mp", _FakeWorkers(
+            [(b, "trained"), (a, "skipped"), (d, "trained"), (c, "skipped")]))
+        with progress.console.capture() as cap:
+            counts = runner_mod.run_parallel([a, b, c, d], store, 2, tmp_path)
+    assert counts == {"skipped": 2, "trained": 2, "failed": 0}
+    names = [progress.describe(p) for p in (a, c, b, d)]
+    assert cap.get().splitlines() == [f"  {names[0]}: already done", f"  {names[1]}: already done",
+                                      f"  {names[2]}: test error 7.50% (1.0s, 9 img/s)",
+                                      f"  {names[3]}: test error 7.50% (1.0s, 9 img/s)"]
+
+
 def test_a_label_or_path_that_looks_like_rich_markup_is_printed_as_written(tmp_path):
     # rich read '[/x]' in a label as a closing tag: the run's line raised MarkupError after its
     # epoch trained, the run was marked failed, and `ls` of that store was a traceback; a

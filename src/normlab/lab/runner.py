@@ -196,7 +196,9 @@ def _worker(points: list, out: str, threads: int, parent: int, outcomes: Any,
 
 def run_parallel(points: list, store: Store, jobs: int, out: Path) -> Counts:
     """Train the points in ``jobs`` spawned processes of cores / ``jobs`` threads each; this
-    process prints a line per run its workers finished."""
+    process prints a line per run its workers finished, after those of the runs found done
+    already (in the study's order)."""
+    done = _done_already(points, store)  # read before any worker starts: none trained yet
     ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     outcomes, events = ctx.Queue(), ctx.Queue(maxsize=10_000)
@@ -207,7 +209,7 @@ def run_parallel(points: list, store: Store, jobs: int, out: Path) -> Counts:
         for pr in procs:    # reaches this process alone, which stops them (daemons: SIGTERM at
             pr.start()      # exit) instead of each printing a KeyboardInterrupt traceback
     try:
-        counts = _follow(points, procs, outcomes, jobs, events)
+        counts = _follow(points, procs, outcomes, jobs, events, done)
     except BaseException:  # Ctrl-C, SIGTERM's SystemExit, an error: the workers stop first
         _stop(procs)
         raise
@@ -229,18 +231,32 @@ def _stop(procs: list) -> None:
         pr.join(timeout=60)
 
 
-def _follow(points: list, procs: list, outcomes: Any, jobs: int, events: Any) -> Counts:
-    """Print each run the workers trained or failed as they report it, until they are gone;
-    then the runs they found done. A run counts as trained only where a worker of this process
-    trained it: one that another process (another study on this --out) finished while a worker
-    waited for it is "already done". Meanwhile a bar per run a worker trains, moved by its
-    progress ``events`` (the steps of its current epoch), and off a terminal a line per epoch."""
+def _done_already(points: list, store: Store) -> frozenset[str]:
+    """The run ids of ``points`` that ``store`` holds finished (``done``)."""
+    ids = dict.fromkeys(p.cfg.run_id() for p in points)
+    return frozenset(rid for rid in ids if (store.run(rid) or {}).get("status") == "done")
+
+
+def _follow(points: list, procs: list, outcomes: Any, jobs: int, events: Any,
+            done: frozenset[str] = frozenset()) -> Counts:
+    """Print the runs found ``done`` before the workers started ("already done", in the
+    study's order), then each run the workers trained or failed as they report it, until they
+    are gone; then the other runs they found done. A run counts as trained only where a worker
+    of this process trained it: one that another process (another study on this --out)
+    finished while a worker waited for it is "already done". Meanwhile a bar per run a worker
+    trains, moved by its progress ``events`` (the steps of its current epoch), and off a
+    terminal a line per epoch."""
     ids = {p.cfg.run_id(): p for p in points}
     final: dict[str, str] = {}   # run_id -> trained | failed (reported at once)
     skipped: set[str] = set()    # run_ids a worker found done (reported at the end)
     bars: dict[str, Any] = {}    # run_id -> its bar while a worker trains it
     with progress_bars() as prog:
         task = prog.add_task(f"runs ({jobs} processes)", total=len(ids), info="")
+        shown = [rid for rid in ids if rid in done]
+        for rid in shown:  # nothing to wait for: their lines come first
+            print_outcome(ids[rid], "skipped", None)
+            prog.advance(task)
+        skipped.update(shown)
         while True:
             alive = any(pr.is_alive() for pr in procs)
             _drain(events, lambda rid, ev, info: _on_event(prog, bars, ids, rid, ev, info))
@@ -260,8 +276,9 @@ def _follow(points: list, procs: list, outcomes: Any, jobs: int, events: Any) ->
             elif rid not in final:
                 final[rid] = outcome
                 print_outcome(ids[rid], outcome, res)
-                prog.advance(task)
-        for rid in sorted(skipped - set(final), key=list(ids).index):
+                if rid not in shown:  # (one shown done, then forgotten and trained: once)
+                    prog.advance(task)
+        for rid in sorted(skipped - set(final) - set(shown), key=list(ids).index):
             print_outcome(ids[rid], "skipped", None)
             prog.advance(task)
     counts = {"skipped": len(skipped - set(final)), "trained": 0, "failed": 0}
