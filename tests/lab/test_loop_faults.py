@@ -295,3 +295,40 @@ def test_a_study_stops_at_a_full_disk_instead_of_failing_every_run(tmp_path, mon
     states = con.execute("SELECT status, owner FROM runs").fetchall()
     con.close()
     assert _quick_gn_runs() > 1 and states == [("running", None)]  # one run began, released
+
+
+def test_train_stops_at_a_full_store_and_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
+    # SQLite's "database or disk is full" writing the second epoch's rows: one line, status 1,
+    # the run released with its first epoch, and the re-run goes on from its last checkpoint
+    from normlab.lab import store as store_mod
+    from normlab.lab.store_open import _names_damage
+
+    record, calls = store_mod.Store.record_epochs.__wrapped__, []
+
+    def full_at_the_second(self, run_id, rows, summary):
+        calls.append(1)
+        if len(calls) > 1:
+            e = sqlite3.OperationalError("database or disk is full")
+            e.sqlite_errorname = "SQLITE_FULL"
+            raise e
+        return record(self, run_id, rows, summary)
+
+    out = tmp_path / "t"
+    with monkeypatch.context() as m:
+        m.setattr(store_mod.Store, "record_epochs", _names_damage(full_at_the_second))
+        r = runner.invoke(app, _train_args(out, epochs=3))
+    assert r.exit_code == 1, r.output
+    text = " ".join(r.output.split())
+    assert f"the disk holding '{out}' is full: writing the results store failed" in text, text
+    assert "database or disk is full" in text and "failed:" not in text, text
+    rid = _the_run_id(epochs=3)
+    row = _row(out, rid)
+    assert (row["status"], row["owner"], row["epochs_done"]) == ("running", None, 1)
+    r = runner.invoke(app, _train_args(out, epochs=3))
+    assert r.exit_code == 0, r.output
+    assert "resumed at epoch 2" in " ".join(r.output.split()), r.output  # its checkpoint's
+    assert _row(out, rid)["status"] == "done"
+    con = sqlite3.connect(out / "results.sqlite")
+    assert [e for (e,) in con.execute("SELECT epoch FROM epochs WHERE run_id=? ORDER BY epoch",
+                                      (rid,))] == [0, 1, 2]
+    con.close()

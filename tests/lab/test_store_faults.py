@@ -446,3 +446,43 @@ def test_a_csv_edited_or_removed_after_its_export_is_named(tmp_path):
     assert mixed_exports(tmp_path) == ["epochs.csv", "spp.csv"]
     (tmp_path / "results.json").write_text('{"runs": []}')  # an earlier normlab's: cannot tell
     assert mixed_exports(tmp_path) == []
+
+
+def test_a_full_disk_while_the_exports_are_placed_is_one_line_and_repaired_next(tmp_path,
+                                                                               monkeypatch):
+    # ENOSPC writing epochs.csv, the second export: one line naming the folder, status 1, the
+    # old epochs.csv whole and no temporary file; runs.csv, placed before, is found mixed
+    import errno as errno_mod
+
+    from normlab.lab import outfiles
+    from normlab.lab.store_export import mixed_exports
+
+    _fill(tmp_path, n_runs=3)
+    old_epochs = (tmp_path / "epochs.csv").read_bytes()
+    with Store(tmp_path) as s:  # a fourth run since: every export changes
+        cfg = RunConfig(norm="gn", batch_size=6, seed=5, data="synthetic", epochs=1)
+        s.claim(cfg.run_id(), cfg.to_dict())
+        s.record_epochs(cfg.run_id(), [{"epoch": 0, "test_error": 2.5, "train_loss": 0.4}], {})
+        s.finish(cfg.run_id())
+    write_via = outfiles.write_via
+
+    def full_at_epochs_csv(path, write):
+        if path.name == "epochs.csv":
+            def short(f):
+                f.write(b"run_id,ep")  # part of it written, then the disk is full
+                raise OSError(errno_mod.ENOSPC, "No space left on device")
+            return write_via(path, short)
+        return write_via(path, write)
+
+    monkeypatch.setattr(outfiles, "write_via", full_at_epochs_csv)
+    r = runner.invoke(app, ["report", str(tmp_path)])
+    monkeypatch.setattr(outfiles, "write_via", write_via)
+    assert r.exit_code == 1, r.output
+    _one_error(r.output, f"the disk holding {str(tmp_path)!r} is full: writing epochs.csv failed",
+               "No space left on device", "hint: free some space there")
+    assert (tmp_path / "epochs.csv").read_bytes() == old_epochs
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert mixed_exports(tmp_path) == ["runs.csv"]
+    assert runner.invoke(app, ["report", str(tmp_path)]).exit_code == 0  # room again
+    assert mixed_exports(tmp_path) == []
+    assert cfg.run_id() in (tmp_path / "epochs.csv").read_text()
