@@ -7,9 +7,10 @@ counts, and its config, ``config.*``), ``epochs.csv`` (one row per run and epoch
 per model and depth, as the ``spp`` table holds them) and ``results.json`` (the runs with their
 histories and flags, the study members, the setups, under ``spp`` the spp rows, and under
 ``export`` which snapshot of the store it is, with the SHA-256 of each CSV of that snapshot),
-each written to a temporary file and renamed into place, so a reader never sees half of one. A table cell of the report is the mean of
-``final_test_error`` over the runs of ``runs.csv`` that are ``done`` with an empty ``flag``,
-joined on ``run_id`` with the rows of ``studies.csv`` of its study, ``in_report``, label and x.
+each written to a temporary file and renamed into place, so a reader never sees half of one.
+A table cell of the report is the mean of ``final_test_error`` over the runs of ``runs.csv``
+that are ``done`` with an empty ``flag``, joined on ``run_id`` with the rows of
+``studies.csv`` of its study, ``in_report``, label and x.
 
 One export is one snapshot: :func:`read_snapshot` reads every table in one read transaction
 (the caller's), so a run ``done`` in ``runs.csv`` has all its epochs in ``epochs.csv`` and the
