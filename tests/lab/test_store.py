@@ -353,9 +353,10 @@ def test_an_owner_taken_over_writes_nothing_more(tmp_path):
         assert (r["status"], r["owner"], r["epochs_done"]) == ("running", "other-host:7", 2)
 
 
-def _taken_over_while_training(monkeypatch):
+def _taken_over_while_training(monkeypatch, error=None):
     """A point whose training is taken over by 'other-host:7' while this process was stopped,
-    then writes an epoch (the runner's train_run patched); the point."""
+    then writes an epoch (the runner's train_run patched), or with ``error`` fails with that
+    error of its own before its next write; the point."""
     from normlab.lab import runner
     from normlab.lab.config import RunConfig
 
@@ -366,6 +367,8 @@ def _taken_over_while_training(monkeypatch):
     def train_run(cfg, store, progress=None):
         store.con.execute("UPDATE runs SET owner='other-host:7' WHERE run_id=?",
                           (cfg.run_id(),))
+        if error is not None:
+            raise error
         store.record_epochs(cfg.run_id(), _rows(1), {})
 
     monkeypatch.setattr(runner, "train_run", train_run)
@@ -600,25 +603,6 @@ def test_runs_of_an_earlier_presets_settings_are_not_pooled_into_one_setup(tmp_p
     assert current == {"old640": False, "old-seed1": True, "new": True}
 
 
-def _taken_over_then_failing(monkeypatch):
-    """A point whose training is taken over by 'other-host:7' while this process was stopped,
-    and which then fails with an error of its own before its next write; the point."""
-    from normlab.lab import runner
-    from normlab.lab.config import RunConfig
-
-    class P:
-        cfg = RunConfig(norm="gn", batch_size=3, epochs=2)
-        label = "gn"
-
-    def train_run(cfg, store, progress=None):
-        store.con.execute("UPDATE runs SET owner='other-host:7' WHERE run_id=?",
-                          (cfg.run_id(),))
-        raise MemoryError("out of memory in the stale owner")
-
-    monkeypatch.setattr(runner, "train_run", train_run)
-    return P()
-
-
 def test_an_owner_taken_over_neither_finishes_nor_fails_its_successors_run(tmp_path,
                                                                              monkeypatch):
     # Store.finish did not check the owner: the stale owner's failure (an error other than
@@ -628,7 +612,7 @@ def test_an_owner_taken_over_neither_finishes_nor_fails_its_successors_run(tmp_p
     from normlab.lab import runner
     from normlab.lab.store import TakenOver
 
-    p = _taken_over_then_failing(monkeypatch)
+    p = _taken_over_while_training(monkeypatch, MemoryError("out of memory in the stale owner"))
     with Store(tmp_path) as s:
         assert runner.run_points([p], s) == {"skipped": 0, "trained": 0, "failed": 1}
         r = s.run(p.cfg.run_id())
